@@ -1,0 +1,68 @@
+"""Save/load: lets the stock Auto classes open factorized checkpoints when hf_wsvd is imported,
+and reports what a checkpoint holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+
+from .runtime.factorized_linear import FactorizedLinear
+from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, relative_module_name, wsvd_config_class
+
+
+class WsvdCheckpointConfig(PreTrainedConfig):
+    """Registered with ``AutoConfig`` for ``model_type="hf_wsvd"``: builds the ``Wsvd<Base>Config``
+    of the checkpoint's base architecture (read from ``wsvd_base_model_type``)."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> PreTrainedConfig:
+        base_type = config_dict.get(BASE_TYPE_KEY)
+        if base_type not in CONFIG_MAPPING:
+            raise ValueError(
+                f"this hf_wsvd checkpoint's base model type {BASE_TYPE_KEY}={base_type!r} is not "
+                "known to the installed transformers; upgrade transformers"
+            )
+        return wsvd_config_class(CONFIG_MAPPING[base_type]).from_dict(config_dict, **kwargs)
+
+
+def register_with_transformers() -> None:
+    """Register the ``hf_wsvd`` model type with ``AutoConfig`` (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, WsvdCheckpointConfig, exist_ok=True)
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int | None  # None: dense
+    params: int
+    dense_params: int
+
+
+def summarize(model: nn.Module) -> list[LayerSummary]:
+    """One row per factorized layer of ``model``: shape, rank, parameters now and when dense."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            bias = module.out_features if module.bias is not None else 0
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), module.rank,
+                module.num_parameters(), module.in_features * module.out_features + bias,
+            ))
+    return rows
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters of the dense model), counting shared tensors once."""
+    now = sum(p.numel() for p in model.parameters())
+    saved = sum(row.dense_params - row.params for row in summarize(model))
+    return now, now + saved
+
+
+def recipe_of(config: PreTrainedConfig) -> dict | None:
+    """The stored ``WSVDConfig`` dict of a factorized checkpoint's config, else None."""
+    return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None

@@ -1,0 +1,132 @@
+"""Importance and evaluation data: local files read with `datasets`, tokenized for the model's task."""
+
+from __future__ import annotations
+
+import csv
+import os
+from itertools import chain
+
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from .tasks import CAUSAL_LM, CLASSIFICATION
+
+# extension → (datasets builder, builder options)
+_BUILDERS = {
+    # GLUE-style TSVs: quotes are literal text, "null" is a word, files may start with a BOM.
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False, "encoding": "utf-8-sig"}),
+    ".csv": ("csv", {"keep_default_na": False, "encoding": "utf-8-sig"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".txt": ("text", {}),
+    ".raw": ("text", {}),
+    ".tokens": ("text", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+def load_table(path: str | os.PathLike) -> Dataset:
+    """Read a TSV/CSV/JSON(L)/text/parquet file into a ``datasets.Dataset``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in _BUILDERS:
+        raise ValueError(f"data file {path!r}: unsupported extension {extension!r}; use one of {sorted(_BUILDERS)}")
+    builder, options = _BUILDERS[extension]
+    return load_dataset(builder, data_files={"data": path}, split="data", **options)
+
+
+def resolve_columns(
+    dataset: Dataset, task: str, text_columns: list[str] | None = None, label_column: str | None = None
+) -> tuple[list[str], str | None]:
+    """Check the requested columns exist; default the text column to the first string column
+    and the label column to ``label``. Causal LMs take no label column."""
+    columns = dataset.column_names
+    for column in [*(text_columns or []), *([label_column] if label_column else [])]:
+        if column not in columns:
+            raise ValueError(f"unknown column {column!r}; the data has columns {columns}")
+    if task == CAUSAL_LM:
+        if label_column is not None:
+            raise ValueError(f"label column {label_column!r} given for a causal LM, which is trained on the text alone")
+    elif label_column is None:
+        if "label" not in columns:
+            raise ValueError(f"no 'label' column in {columns}: name the label column (--label-column)")
+        label_column = "label"
+    if not text_columns:
+        strings = [c for c in columns if c != label_column and dataset.features[c].dtype in ("string", "large_string")]
+        if not strings:
+            raise ValueError(f"no text column among {columns}: name one (--text-columns)")
+        text_columns = strings[:1]
+    if len(text_columns) > 2:
+        raise ValueError(f"text_columns={text_columns}: at most two (a sentence pair) are supported")
+    return list(text_columns), label_column
+
+
+def _label_ids(values: list, label2id: dict[str, int], num_labels: int, task: str) -> list:
+    if task != CLASSIFICATION:
+        return [float(v) for v in values]
+    ids = []
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool):
+            label = value
+        elif isinstance(value, str) and value in label2id:
+            label = label2id[value]
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            label = int(value)
+        else:
+            raise ValueError(f"label {value!r} is neither a class index nor one of the model's labels {sorted(label2id)}")
+        if not 0 <= label < num_labels:
+            raise ValueError(f"label {value!r} is outside the model's {num_labels} classes")
+        ids.append(label)
+    return ids
+
+
+def tokenize(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    text_columns: list[str],
+    label_column: str | None,
+    max_length: int,
+    label2id: dict[str, int] | None = None,
+    num_labels: int = 2,
+) -> Dataset:
+    """Tokenize for the task. Classification/regression: one example per row (pairs supported).
+    Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
+    template), the standard language-modeling layout."""
+    if task == CAUSAL_LM:
+        column = text_columns[0]
+        texts = [t for t in dataset[column] if t and t.strip()]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids = list(chain.from_iterable(tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts))
+        blocks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
+        if not blocks:
+            raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of max_length={max_length}")
+        return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * max_length for _ in blocks]})
+
+    def encode(rows):
+        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = _label_ids(rows[label_column], label2id or {}, num_labels, task)
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+def sample(dataset: Dataset, num_samples: int, seed: int) -> Dataset:
+    """A seeded random subset of at most ``num_samples`` rows."""
+    if num_samples >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(num_samples))
+
+
+def make_dataloader(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int) -> DataLoader:
+    """Batches padded per batch; causal LM batches get ``labels`` = input ids (padding → -100)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == CAUSAL_LM:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)

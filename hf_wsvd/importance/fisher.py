@@ -1,0 +1,133 @@
+"""Per-example empirical Fisher information of each target weight, computed with accelerate.
+
+F = (1/N) Σ_n (∂ℓ_n/∂W)², in ``nn.Linear`` layout (out × in). Per-example gradients are rebuilt
+from each layer's input x and output gradient g (∂ℓ_n/∂W = Σ_t g_nt x_ntᵀ) by tensor hooks, so they
+are squared before anything is summed, no ``param.grad`` is needed and the model is never wrapped
+in DDP (whose gradient averaging would square the mean instead of the per-example gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..runtime.factorized_linear import linear_shape
+from ..tasks import LossFn
+
+
+@dataclass
+class FisherResult:
+    """Mean squared per-example gradient per module (out × in, float32, CPU) and the number of
+    examples it averages over (all processes together)."""
+
+    fisher: dict[str, torch.Tensor]
+    num_examples: int
+
+
+def default_accelerator() -> Accelerator:
+    """An ``Accelerator`` that never pads the last batch with repeated examples."""
+    return Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
+
+
+class _SquaredGradientHooks:
+    """Accumulates Σ_n (∂ℓ_n/∂W)² for each module from its input and output gradient."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles = [
+            module.register_forward_hook(self._forward_hook(name)) for name, module in modules.items()
+        ]
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda g: self._accumulate(name, x, g))
+            # Returning None keeps the module output unchanged.
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        x = x.float().reshape(x.shape[0], -1, x.shape[-1])
+        g = g.float().reshape(g.shape[0], -1, g.shape[-1])
+        per_example = torch.einsum("bto,bti->boi", g, x)
+        squared = per_example.square_().sum(dim=0)
+        if name in self.sums:
+            self.sums[name] += squared
+        else:
+            self.sums[name] = squared
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def compute_fisher(
+    model: nn.Module,
+    dataloader: DataLoader,
+    modules: dict[str, nn.Module],
+    loss_fn: LossFn,
+    accelerator: Accelerator | None = None,
+    show_progress: bool = True,
+) -> FisherResult:
+    """Empirical Fisher of ``loss_fn`` for each of ``modules`` (name → module) over ``dataloader``.
+
+    In several processes each one takes its shard of the batches; sums and example counts are
+    added across processes before dividing, so the result equals a single-process run.
+    """
+    accelerator = accelerator or default_accelerator()
+    if accelerator.num_processes > 1 and accelerator.even_batches:
+        raise ValueError(
+            "the Accelerator has even_batches=True, which repeats examples to even out the last "
+            "batch and would count them twice; build it with "
+            "DataLoaderConfiguration(even_batches=False) (see hf_wsvd.importance.default_accelerator)"
+        )
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(accelerator.device)
+    loader = accelerator.prepare_data_loader(dataloader) if accelerator.num_processes > 1 else dataloader
+
+    was_training = model.training
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Activations must carry gradients although no parameter does.
+    embedding_hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: output.requires_grad_(True)
+    )
+    hooks = _SquaredGradientHooks(modules)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    try:
+        for batch in tqdm(loader, desc="Fisher", disable=not (show_progress and accelerator.is_local_main_process)):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss_fn(model, batch).sum().backward()
+            count += batch["labels"].shape[0]
+    finally:
+        hooks.remove()
+        embedding_hook.remove()
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    missing = sorted(set(modules) - set(hooks.sums))
+    if missing and count > 0:
+        raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")
+    sums = {name: hooks.sums.get(name, torch.zeros(1)) for name in modules}
+    if accelerator.num_processes > 1:
+        for name, module in modules.items():
+            if name not in hooks.sums:  # a process with no batch still joins the reduction
+                in_f, out_f = linear_shape(module)
+                sums[name] = torch.zeros(out_f, in_f, device=accelerator.device)
+        reduced = accelerator.reduce({"sums": sums, "count": count}, reduction="sum")
+        sums, count = reduced["sums"], reduced["count"]
+    total = int(count.item())
+    if total == 0:
+        raise ValueError("the importance data is empty: no example reached the Fisher pass")
+    return FisherResult({name: (s / total).float().cpu() for name, s in sums.items()}, total)
+

@@ -1,0 +1,41 @@
+"""Module swap: install factors into a model and turn it into a factorized checkpoint class."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import WSVDConfig
+from .runtime.factorized_linear import FactorizedLinear
+from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, wsvd_config_class, wsvd_model_class
+
+
+def replace_with_factors(
+    model: torch.nn.Module, full_name: str, up: torch.Tensor, down: torch.Tensor
+) -> FactorizedLinear:
+    """Replace the linear-like module ``full_name`` by ``FactorizedLinear(up, down)``, keeping its
+    bias, dtype and device."""
+    module = model.get_submodule(full_name)
+    dtype, device = module.weight.dtype, module.weight.device
+    bias = module.bias.detach() if module.bias is not None else None
+    layer = FactorizedLinear.from_factors(up.to(device, dtype), down.to(device, dtype), bias)
+    layer.train(module.training)
+    model.set_submodule(full_name, layer)
+    return layer
+
+
+def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel:
+    """Make ``model`` (already holding its ``FactorizedLinear`` layers) an instance of its
+    ``Wsvd<Class>`` checkpoint class, with the recipe in its config, so that ``save_pretrained``
+    writes a checkpoint the Auto classes rebuild."""
+    config = model.config
+    if config.model_type != MODEL_TYPE:
+        base_type = config.model_type
+        # Both classes are attribute-free subclasses: switching classes keeps every reference
+        # (sub-models share this config object) and all state.
+        config.__class__ = wsvd_config_class(type(config))
+        setattr(config, BASE_TYPE_KEY, base_type)
+    setattr(config, RECIPE_KEY, recipe.to_dict())
+    if not type(model).__name__.startswith("Wsvd"):
+        model.__class__ = wsvd_model_class(type(model))
+    return model

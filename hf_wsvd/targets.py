@@ -1,0 +1,87 @@
+"""Which modules of a model to factorize."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .runtime.factorized_linear import FactorizedLinear, linear_shape
+from .runtime.modeling_wsvd import relative_module_name
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or a transformers ``Conv1D`` (GPT-2), the layers hf_wsvd can factorize."""
+    try:
+        linear_shape(module)
+    except TypeError:
+        return False
+    return not isinstance(module, FactorizedLinear)
+
+
+def _block_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of the repeated transformer blocks (children of any ``nn.ModuleList``)."""
+    return [
+        f"{name}.{index}." if name else f"{index}."
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        for index in range(len(module))
+    ]
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is shared with another parameter (e.g. an LM head tied to embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: list[str] | str | None = None,
+    exclude_modules: list[str] | str | None = None,
+) -> dict[str, str]:
+    """Base-model-relative name → full module name, for every module to factorize (see
+    ``WSVDConfig``).
+
+    Raises ``ValueError`` naming the pattern when an explicit pattern selects nothing or selects a
+    layer that cannot be factorized.
+    """
+    tied = _tied_module_names(model)
+    blocks = _block_prefixes(model)
+    selected: dict[str, str] = {}
+    for full_name, module in model.named_modules():
+        name = relative_module_name(model, full_name)
+        if target_modules is None:
+            if not (is_linear_like(module) and full_name not in tied
+                    and any(full_name.startswith(p) for p in blocks)):
+                continue
+        elif not _matches(name, target_modules):
+            continue
+        elif isinstance(module, FactorizedLinear):
+            continue
+        elif not is_linear_like(module):
+            # A regex may sweep over containers and norms; a list names layers on purpose.
+            if isinstance(target_modules, list):
+                raise ValueError(
+                    f"target_modules={target_modules!r} selects {name!r}, a {type(module).__name__}; "
+                    "only nn.Linear and Conv1D layers can be factorized"
+                )
+            continue
+        elif full_name in tied:
+            raise ValueError(f"target_modules={target_modules!r} selects {name!r}, whose weight is tied to another module")
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        selected[name] = full_name
+    if target_modules is not None and not selected:
+        raise ValueError(f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__}")
+    return selected
