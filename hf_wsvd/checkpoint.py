@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import transformers
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .runtime.factorized_linear import FactorizedLinear
-from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, relative_module_name, wsvd_config_class
+from .runtime.modeling_wsvd import (
+    BASE_TYPE_KEY,
+    CLASS_PREFIX,
+    MODEL_TYPE,
+    RECIPE_KEY,
+    relative_module_name,
+    wsvd_config_class,
+    wsvd_model_class,
+)
 
 
 class WsvdCheckpointConfig(PreTrainedConfig):
@@ -66,3 +75,15 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 def recipe_of(config: PreTrainedConfig) -> dict | None:
     """The stored ``WSVDConfig`` dict of a factorized checkpoint's config, else None."""
     return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None
+
+
+def load_factorized(path: str, **kwargs) -> PreTrainedModel:
+    """Load a factorized checkpoint with the class it was saved from (``config.architectures``)."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if config.model_type != MODEL_TYPE:
+        raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
+    architecture = (config.architectures or ["?"])[0]
+    base = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
+    if base is None:
+        raise ValueError(f"{path}: unknown architecture {architecture!r}")
+    return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

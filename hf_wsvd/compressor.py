@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from .allocation import uniform_ranks
 from .checkpoint import parameter_counts
 from .config import WSVDConfig
-from .importance import compute_fisher
+from .importance import FisherResult, compute_fisher
 from .runtime.factorized_linear import linear_shape, linear_weight
 from .runtime.modeling_wsvd import MODEL_TYPE
 from .solvers import FISHER, LayerProblem, get_solver
@@ -43,14 +43,17 @@ def compress(
     data: Iterable[dict] | None = None,
     loss_fn: LossFn | None = None,
     accelerator: Accelerator | None = None,
+    importance: FisherResult | None = None,
     show_progress: bool = True,
 ) -> tuple[PreTrainedModel, CompressionReport]:
     """Factorize ``model`` in place following ``config``; return it with a report.
 
     ``data`` yields tokenized batches with ``labels`` (see ``hf_wsvd.data``); it is needed by
     methods that use importance (``fwsvd``). ``loss_fn(model, batch) -> per-example losses``
-    defaults to the model's task loss (classification, regression or causal LM). The returned
-    model saves with ``save_pretrained`` and reloads with the stock Auto classes.
+    defaults to the model's task loss (classification, regression or causal LM). ``importance``
+    reuses a Fisher result computed earlier on the same dense model (e.g. across ratios) instead of
+    ``data``. The returned model saves with ``save_pretrained`` and reloads with the stock Auto
+    classes.
     """
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
@@ -73,7 +76,12 @@ def compress(
     seconds: dict[str, float] = {}
 
     fisher, examples = {}, 0
-    if FISHER in solver.needs:
+    if FISHER in solver.needs and importance is not None:
+        missing = sorted(set(ranks) - set(importance.fisher))
+        if missing:
+            raise ValueError(f"the given importance has no Fisher information for {missing[:3]}")
+        fisher, examples = importance.fisher, importance.num_examples
+    elif FISHER in solver.needs:
         if data is None:
             raise ValueError(f"method={config.method!r} needs importance data (task examples with labels)")
         start = time.perf_counter()

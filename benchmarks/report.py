@@ -1,0 +1,63 @@
+"""Shared benchmark reporting: JSON with the environment and the command, and markdown tables
+spliced between markers into RESULTS.md and README.md (never edited by hand)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def splice(path: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    content = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    content = pattern.sub(lambda _: block, content) if pattern.search(content) else content.rstrip() + "\n\n" + block + "\n"
+    path.write_text(content)
+
+
+def publish(name: str, payload: dict, table: str, readme: bool = True) -> None:
+    """Write ``benchmarks/results/<name>.json`` and the table into RESULTS.md (and README.md)."""
+    payload = {"environment": environment(), **payload}
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    text = f"{table}\n\nRe-run: `{payload['environment']['command']}` (results: `{out.relative_to(ROOT)}`)."
+    splice(ROOT / "benchmarks" / "RESULTS.md", name, text)
+    if readme:
+        splice(ROOT / "README.md", name, text)
+    print(table)

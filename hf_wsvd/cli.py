@@ -1,0 +1,148 @@
+"""The ``hf-wsvd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from .solvers import SOLVERS
+
+EXAMPLES = """examples:
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd \\
+      --param-ratio 0.5 --data ../shared/data/glue/SST-2/train.tsv --text-columns sentence
+  hf-wsvd inspect out/sst2-fwsvd
+"""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"param ratio {text!r} is not a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"param ratio {value} is outside (0, 1]: it is the fraction of each layer's parameters kept"
+        )
+    return value
+
+
+def _columns(text: str) -> list[str]:
+    return [c for c in text.split(",") if c]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-wsvd", description="Importance-weighted low-rank compression of transformers models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser(
+        "compress", help="compress a model and save a checkpoint", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("model", help="model folder, Hub id, or .gguf file (causal LM or sequence classifier)")
+    c.add_argument("output", help="folder to write the compressed checkpoint to (must not exist or be empty)")
+    c.add_argument("--method", default="fwsvd", choices=sorted(SOLVERS), help="factorization method (default: fwsvd)")
+    c.add_argument("--param-ratio", type=_ratio, default=0.5,
+                   help="fraction of each target layer's parameters that is KEPT, in (0, 1] (default: 0.5)")
+    c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file (needed by fwsvd)")
+    c.add_argument("--text-columns", type=_columns, help="comma-separated text column(s) (default: first text column)")
+    c.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
+    c.add_argument("--num-samples", type=int, default=512, help="examples used for importance (default: 512)")
+    c.add_argument("--batch-size", type=int, default=8, help="importance batch size (default: 8)")
+    c.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
+    c.add_argument("--fisher-axis", choices=["output", "input"], default="output",
+                   help="fwsvd: one weight per output row (default) or per input column")
+    c.add_argument("--target-modules", type=_columns, help="comma-separated module names/suffixes to factorize")
+    c.add_argument("--exclude-modules", type=_columns, help="comma-separated module names/suffixes to keep dense")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved checkpoint (default: the input checkpoint's)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (only once compression succeeded)")
+
+    i = commands.add_parser("inspect", help="print per-layer ranks and parameter counts of a compressed checkpoint")
+    i.add_argument("path", help="compressed checkpoint folder")
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from . import compress
+    from .config import WSVDConfig
+    from .solvers import FISHER, get_solver
+    from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
+
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise ValueError(f"output folder {args.output!r} is not empty; choose another or pass --overwrite")
+    config = WSVDConfig(
+        method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+    )
+    if FISHER in get_solver(args.method).needs and not args.data:
+        raise ValueError(f"--method {args.method} needs importance data: pass --data FILE")
+    if args.data and not os.path.isfile(args.data):
+        raise FileNotFoundError(f"data file {args.data!r} does not exist")
+    save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
+    # Statistics and decompositions run in float32 whatever the checkpoint stores.
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    loader = data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column) if args.data else None
+    model, report = compress(model, config, loader)
+    if save_dtype is not None:
+        model.to(save_dtype)
+
+    # Write next to the destination, then move into place: a failure leaves OUTPUT untouched.
+    parent = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".hf-wsvd-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if os.path.exists(args.output):
+            shutil.rmtree(args.output)
+        os.replace(staging, args.output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(
+        f"compressed {len(report.ranks)} layers with {report.method} (kept ratio {report.param_ratio}): "
+        f"{report.params_before:,} -> {report.params_after:,} parameters; saved to {args.output}"
+    )
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import load_factorized, parameter_counts, recipe_of, summarize
+
+    if not os.path.isdir(args.path):
+        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    model = load_factorized(args.path)
+    recipe = recipe_of(model.config)
+    rows = summarize(model)
+    width = max(len(r.name) for r in rows)
+    print(f"method={recipe['method']} param_ratio={recipe['param_ratio']} base={type(model).__name__}")
+    print(f"{'module':<{width}}  {'shape':>11}  {'rank':>5}  {'params':>10}  {'dense':>10}")
+    for r in rows:
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        print(f"{r.name:<{width}}  {shape:>11}  {r.rank:>5}  {r.params:>10,}  {r.dense_params:>10,}")
+    now, dense = parameter_counts(model)
+    print(f"total parameters: {now:,} (dense {dense:,}, kept {now / dense:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"compress": _compress, "inspect": _inspect}[args.command](args)
+    except (ValueError, OSError, KeyError) as error:
+        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""File-level steps shared by the CLI, the examples and the benchmarks: load a model and its
+tokenizer from a path, and turn a data file into an importance data loader."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import WSVDConfig
+from .data import load_table, make_dataloader, resolve_columns, sample, tokenize
+from .tasks import load_task_model, task_of
+
+
+def _source(path: str) -> tuple[str, dict]:
+    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file."""
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {path!r} does not exist")
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (None when it records none)."""
+    location, extra = _source(path)
+    return AutoConfig.from_pretrained(location, **extra).dtype
+
+
+def load_model_and_tokenizer(path: str, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM or sequence classifier (its Auto class read from the config) and its
+    tokenizer, from a folder, a Hub id or a ``.gguf`` file."""
+    location, extra = _source(path)
+    if not extra and not os.path.isdir(location) and os.path.sep in location:
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    model = load_task_model(location, **extra, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    return model, tokenizer
+
+
+def data_loader(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_path: str,
+    config: WSVDConfig,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    num_samples: int | None = None,
+    shuffle: bool = True,
+) -> DataLoader:
+    """Batches of the model's task from a data file: ``config.num_samples`` seeded random rows
+    (all rows when ``shuffle`` is False and ``num_samples`` is None), tokenized to
+    ``config.max_length``."""
+    task = task_of(model)
+    table = load_table(data_path)
+    text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
+    encoded = tokenize(
+        table, tokenizer, task, text_columns, label_column, config.max_length,
+        label2id=model.config.label2id, num_labels=model.config.num_labels,
+    )
+    if shuffle:
+        encoded = sample(encoded, num_samples or config.num_samples, config.seed)
+    elif num_samples is not None:
+        encoded = encoded.select(range(min(num_samples, len(encoded))))
+    return make_dataloader(encoded, tokenizer, task, config.batch_size)

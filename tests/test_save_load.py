@@ -1,0 +1,146 @@
+"""The save/load contract on tiny BERT, RoBERTa, DistilBERT, GPT-2 (Conv1D), Llama (GQA) and T5."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import tiny
+from helpers import main_output, run_without_hf_wsvd
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+
+ARCHS = list(tiny.CONFIGS)
+
+
+def _compressed(arch: str, path, tokenizer=None):
+    model = tiny.build(arch)
+    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    with torch.no_grad():
+        reference = main_output(model(**tiny.inputs(arch)))
+    return model, report, reference
+
+
+def _factorized(model) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stock_auto_classes_rebuild_factorized_layers(arch, tmp_path):
+    model, report, reference = _compressed(arch, tmp_path)
+    assert report.params_after < report.params_before
+    for i, auto_name in enumerate(tiny.AUTO_CLASSES[arch]):
+        loaded = getattr(transformers, auto_name).from_pretrained(tmp_path).eval()
+        assert len(_factorized(loaded)) == len(report.ranks), auto_name
+        assert loaded.config.model_type == "hf_wsvd"
+        with torch.no_grad():
+            if i == 0:  # the saved class reproduces the outputs
+                out = main_output(loaded(**tiny.inputs(arch)))
+                assert (out - reference).abs().max().item() <= 1e-6
+            elif auto_name == "AutoModel":  # the bare model reproduces the base model's hidden states
+                base = model.get_encoder() if arch == "t5" else model.base_model
+                inputs = {k: v for k, v in tiny.inputs(arch).items() if arch != "t5" or k != "decoder_input_ids"}
+                expected = base(**inputs).last_hidden_state
+                out = (loaded.get_encoder() if arch == "t5" else loaded)(**inputs).last_hidden_state
+                assert (out - expected).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_dtype_and_device_map(arch, tmp_path):
+    _, _, reference = _compressed(arch, tmp_path)
+    auto = getattr(transformers, tiny.AUTO_CLASSES[arch][0])
+    half = auto.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = main_output(half(**tiny.inputs(arch))).float()
+    assert (out - reference).abs().max().item() < 0.1 * reference.abs().max().item() + 0.05
+    mapped = auto.from_pretrained(tmp_path, device_map="auto")
+    assert len(_factorized(mapped)) > 0
+    with torch.no_grad():
+        assert (main_output(mapped(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_checkpoint_files_and_resave(arch, tmp_path):
+    _, report, reference = _compressed(arch, tmp_path / "a")
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_wsvd.py", "factorized_linear.py"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["model_type"] == "hf_wsvd" and config["wsvd_base_model_type"] == arch
+    assert config["wsvd"]["ranks"] == report.ranks
+    assert config["auto_map"]["AutoConfig"] == f"modeling_wsvd.Wsvd{type(transformers.AutoConfig.for_model(arch)).__name__}"
+    auto = getattr(transformers, tiny.AUTO_CLASSES[arch][0])
+    auto.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    again = auto.from_pretrained(tmp_path / "b")
+    with torch.no_grad():
+        assert (main_output(again(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
+
+
+def test_ranks_that_disagree_with_the_weights_fail_loudly(tmp_path):
+    _compressed("bert", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    name = next(iter(config["wsvd"]["ranks"]))
+    config["wsvd"]["ranks"][name] += 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_remote_code_loads_without_hf_wsvd(tmp_path):
+    """(b): trust_remote_code=True rebuilds every architecture from the code saved with it."""
+    expected = {}
+    for arch in ARCHS:
+        _, report, reference = _compressed(arch, tmp_path / arch)
+        torch.save({"inputs": tiny.inputs(arch), "reference": reference, "n": len(report.ranks)},
+                   tmp_path / f"{arch}.pt")
+        expected[arch] = tiny.AUTO_CLASSES[arch][0]
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        try:
+            import hf_wsvd
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit("hf_wsvd should not be importable here")
+        for arch, auto_name in {expected!r}.items():
+            saved = torch.load("{tmp_path}/" + arch + ".pt")
+            model = getattr(transformers, auto_name).from_pretrained("{tmp_path}/" + arch, trust_remote_code=True)
+            n = sum(type(m).__name__ == "FactorizedLinear" for m in model.modules())
+            assert n == saved["n"], (arch, n)
+            with torch.no_grad():
+                out = model(**saved["inputs"])
+            out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            diff = (out - saved["reference"]).abs().max().item()
+            assert diff <= 1e-6, (arch, diff)
+            model.save_pretrained("{tmp_path}/resaved-" + arch)
+            again = getattr(transformers, auto_name).from_pretrained("{tmp_path}/resaved-" + arch, trust_remote_code=True)
+            print(arch, "ok", type(model).__name__)
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok ") == len(ARCHS)
+
+
+def test_without_hf_wsvd_or_remote_code_loading_fails_clearly(tmp_path):
+    """(c): never a dense model with random weights."""
+    _compressed("bert", tmp_path / "bert")
+    _compressed("llama", tmp_path / "llama")
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        for arch, auto in [("bert", transformers.AutoModelForSequenceClassification),
+                           ("bert", transformers.AutoModel), ("llama", transformers.AutoModelForCausalLM)]:
+            try:
+                auto.from_pretrained("{tmp_path}/" + arch)
+            except ValueError as error:
+                assert "trust_remote_code" in str(error), str(error)
+                print("refused", arch)
+            else:
+                raise SystemExit("loaded a factorized checkpoint without its code")
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("refused") == 3
