@@ -35,12 +35,19 @@ def _columns(text: str) -> list[str]:
     return [c for c in text.split(",") if c]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hf-wsvd", description="Importance-weighted low-rank compression of transformers models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = commands.add_parser(
         "compress", help="compress a model and save a checkpoint", epilog=EXAMPLES,
