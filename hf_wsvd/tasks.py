@@ -56,11 +56,12 @@ def task_of(model: PreTrainedModel) -> str:
     return task
 
 
-def load_task_model(path: str, **kwargs) -> PreTrainedModel:
-    """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier)."""
+def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedModel:
+    """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
+    read from ``config.architectures`` unless ``task`` is given."""
     config = AutoConfig.from_pretrained(path, **kwargs)
     architectures = config.architectures or []
-    tasks = {_architecture_task(a, config) for a in architectures} - {None}
+    tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
     if not tasks:
         raise ValueError(
             f"{path}: architectures={architectures} is neither a causal LM nor a single-label "

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 
 from .config import WSVDConfig
 from .data import load_table, make_dataloader, resolve_columns, sample, tokenize
-from .tasks import load_task_model, task_of
+from .tasks import CAUSAL_LM, load_task_model, task_of
 
 
 def _source(path: str) -> tuple[str, dict]:
@@ -35,7 +35,15 @@ def load_model_and_tokenizer(path: str, **kwargs) -> tuple[PreTrainedModel, PreT
     location, extra = _source(path)
     if not extra and not os.path.isdir(location) and os.path.sep in location:
         raise FileNotFoundError(f"model folder {path!r} does not exist")
-    model = load_task_model(location, **extra, **kwargs)
+    if extra:
+        # transformers reads only decoder LMs from GGUF and records no architectures for them.
+        model = load_task_model(location, task=CAUSAL_LM, **extra, **kwargs)
+        # GGUF tensors are dequantized to dense ones at load; the leftover quantizer flag would
+        # only forbid save_pretrained.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    else:
+        model = load_task_model(location, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     return model, tokenizer
 

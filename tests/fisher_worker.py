@@ -1,0 +1,128 @@
+"""Tiny seeded models and data for the Fisher tests, and a worker for a multi-process run.
+
+Imported by ``test_fisher.py`` for the builders; run as a script under
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/fisher_worker.py OUTDIR``, where every
+rank computes the Fisher of the same model and data with its shard of the batches and saves what
+it got to ``OUTDIR/rank{R}.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+
+from hf_wsvd.targets import select_targets  # noqa: E402
+from hf_wsvd.tasks import per_example_loss, task_of  # noqa: E402
+
+# case → (architecture, Auto class, config overrides)
+CASES = {
+    "bert_classification": ("bert", "AutoModelForSequenceClassification", {"num_labels": 2}),
+    "bert_regression": ("bert", "AutoModelForSequenceClassification", {"num_labels": 1}),
+    "llama_causal_lm": ("llama", "AutoModelForCausalLM", {}),
+    "gpt2_causal_lm": ("gpt2", "AutoModelForCausalLM", {}),
+}
+
+# The cases and data sizes of the multi-process run: 7 examples in batches of 2 are 4 batches
+# (2, 2, 2, 1) that two processes split as 4 + 3 examples.
+DISTRIBUTED_CASES = ["bert_classification", "gpt2_causal_lm"]
+DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH = 7, 2
+# A single batch: the second process gets no batch at all and must still join the reduction.
+SINGLE_BATCH_EXAMPLES, SINGLE_BATCH = 3, 4
+
+
+def build_model(case: str, dtype: torch.dtype = torch.float32):
+    arch, auto_class, overrides = CASES[case]
+    return tiny.build(arch, auto_class, seed=0, **overrides).to(dtype)
+
+
+def make_examples(task: str, num_examples: int, length: int = 6, seed: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Fixed-length examples whose tails are padded by 0, 1 or 2 tokens; causal LM labels are the
+    ids with padding set to -100."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = len(tiny.SPECIALS), len(tiny.SPECIALS) + len(tiny.WORDS)
+    ids = torch.randint(low, high, (num_examples, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(num_examples):
+        pad = row % 3
+        if pad:
+            mask[row, -pad:] = 0
+            ids[row, -pad:] = 0  # pad_token_id of the tiny configs
+    if task == "classification":
+        labels = torch.randint(0, 2, (num_examples,), generator=generator)
+    elif task == "regression":
+        labels = torch.randn(num_examples, generator=generator)
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(num_examples)]
+
+
+def make_loader(examples: list, batch_size: int) -> DataLoader:
+    return DataLoader(examples, batch_size=batch_size, shuffle=False)
+
+
+def target_modules(model) -> dict:
+    return {name: model.get_submodule(full) for name, full in select_targets(model).items()}
+
+
+def case_inputs(case: str, num_examples: int, batch_size: int, dtype: torch.dtype = torch.float32):
+    """(model, loader, modules, loss_fn) of a case."""
+    model = build_model(case, dtype)
+    task = task_of(model)
+    loader = make_loader(make_examples(task, num_examples), batch_size)
+    return model, loader, target_modules(model), per_example_loss(task)
+
+
+def _run(outdir: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from hf_wsvd.importance import compute_fisher, default_accelerator
+
+    accelerator = default_accelerator()
+    rank = accelerator.process_index
+    result: dict = {"num_processes": accelerator.num_processes, "rank": rank}
+    try:
+        for case in DISTRIBUTED_CASES:
+            model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+            # How many examples this process's shard holds.
+            result[f"{case}/local_examples"] = sum(
+                batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
+            )
+            fisher = compute_fisher(model, loader, modules, loss_fn, accelerator, show_progress=False)
+            result[case] = {"fisher": fisher.fisher, "num_examples": fisher.num_examples}
+
+        case = DISTRIBUTED_CASES[0]
+        model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
+        result["single_batch/local_examples"] = sum(
+            batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
+        )
+        fisher = compute_fisher(model, loader, modules, loss_fn, accelerator, show_progress=False)
+        result["single_batch"] = {"fisher": fisher.fisher, "num_examples": fisher.num_examples}
+
+        # An accelerator that repeats examples to even out the last batch must be refused.
+        even = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=True))
+        result["even_batches_accelerator"] = {"num_processes": even.num_processes, "even_batches": even.even_batches}
+        model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+        try:
+            compute_fisher(model, loader, modules, loss_fn, even, show_progress=False)
+            result["even_batches_error"] = None
+        except ValueError as error:
+            result["even_batches_error"] = str(error)
+    except Exception:  # recorded so that the test shows it
+        result["exception"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(result, outdir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _run(Path(sys.argv[1]))

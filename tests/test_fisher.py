@@ -1,0 +1,199 @@
+"""compute_fisher: equal to brute-force per-example autograd, leaves the model as it found it, and
+gives the same result in two processes as in one."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fisher_worker import (
+    CASES,
+    DISTRIBUTED_BATCH,
+    DISTRIBUTED_CASES,
+    DISTRIBUTED_EXAMPLES,
+    SINGLE_BATCH,
+    SINGLE_BATCH_EXAMPLES,
+    build_model,
+    case_inputs,
+    make_examples,
+    make_loader,
+    target_modules,
+)
+from hf_wsvd.importance import FisherResult, compute_fisher, default_accelerator
+from hf_wsvd.runtime.factorized_linear import linear_shape
+from hf_wsvd.tasks import per_example_loss, task_of
+
+TESTS = Path(__file__).resolve().parent
+EXPECTED_TASK = {
+    "bert_classification": "classification",
+    "bert_regression": "regression",
+    "llama_causal_lm": "causal_lm",
+    "gpt2_causal_lm": "causal_lm",
+}
+
+
+def is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def brute_force_fisher(model, examples, modules, loss_fn) -> dict[str, torch.Tensor]:
+    """Mean over examples of the squared gradient of each weight, one example per backward pass,
+    in nn.Linear layout (out × in)."""
+    model.eval()
+    sums = {name: torch.zeros(linear_shape(m)[::-1], dtype=torch.float64) for name, m in modules.items()}
+    for example in examples:
+        batch = {key: value[None] for key, value in example.items()}
+        model.zero_grad()
+        loss_fn(model, batch).sum().backward()
+        for name, module in modules.items():
+            grad = module.weight.grad.double()
+            sums[name] += (grad.t() if is_conv1d(module) else grad) ** 2
+    model.zero_grad()
+    return {name: total / len(examples) for name, total in sums.items()}
+
+
+def max_relative_difference(actual: dict, expected: dict) -> float:
+    """max |a − e| / max |e| over the modules."""
+    return max(
+        ((actual[name].double() - expected[name].double()).abs().max() / expected[name].double().abs().max()).item()
+        for name in expected
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_per_example_autograd_and_restores_model(case):
+    model = build_model(case, torch.float64)
+    task = task_of(model)
+    assert task == EXPECTED_TASK[case]
+    modules = target_modules(model)
+    assert modules
+    if case.startswith("gpt2"):
+        # Conv1D stores (in, out); a non-square one checks the Fisher's out × in layout.
+        assert all(is_conv1d(m) for m in modules.values())
+        assert any(m.weight.shape[0] != m.weight.shape[1] for m in modules.values())
+    examples = make_examples(task, 5)
+    loss_fn = per_example_loss(task)
+
+    # compute_fisher must evaluate in eval mode (these models have dropout, except Llama), and put
+    # back training mode, requires_grad flags (some frozen here) and the weights afterwards.
+    model.train()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    next(iter(modules.values())).weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert not all(flags.values()) and any(flags.values())
+
+    result = compute_fisher(model, make_loader(examples, 2), modules, loss_fn, show_progress=False)
+
+    assert isinstance(result, FisherResult)
+    assert result.num_examples == 5
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name
+    for module in [*modules.values(), model.get_input_embeddings()]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert set(result.fisher) == set(modules)
+
+    model.requires_grad_(True)
+    expected = brute_force_fisher(model, examples, modules, loss_fn)
+    for name, module in modules.items():
+        fisher = result.fisher[name]
+        in_features, out_features = linear_shape(module)
+        assert fisher.shape == (out_features, in_features)
+        assert fisher.dtype == torch.float32 and fisher.device.type == "cpu"
+        assert expected[name].abs().max() > 0, name
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(fisher.double(), expected[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+    # Eval mode is put back too.
+    compute_fisher(model, make_loader(examples, 3), modules, loss_fn, show_progress=False)
+    assert not any(m.training for m in model.modules())
+
+
+def test_batching_does_not_change_the_fisher():
+    model, _, modules, loss_fn = case_inputs("llama_causal_lm", 5, 2)
+    examples = make_examples("causal_lm", 5)
+    by_two = compute_fisher(model, make_loader(examples, 2), modules, loss_fn, show_progress=False)
+    by_one = compute_fisher(model, make_loader(examples, 1), modules, loss_fn, show_progress=False)
+    assert by_two.num_examples == by_one.num_examples == 5
+    assert max_relative_difference(by_two.fisher, by_one.fisher) < 1e-5
+    # A different subset of the data gives a different Fisher: the comparison can fail.
+    by_three = compute_fisher(model, make_loader(examples[:3], 2), modules, loss_fn, show_progress=False)
+    assert by_three.num_examples == 3
+    assert max_relative_difference(by_three.fisher, by_one.fisher) > 1e-3
+
+
+def test_empty_dataloader_raises():
+    model, _, modules, loss_fn = case_inputs("bert_classification", 1, 1)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="empty"):
+        compute_fisher(model, DataLoader([], batch_size=2), modules, loss_fn, show_progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks for m in modules.values())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("fisher_2proc")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(TESTS / "fisher_worker.py"), str(outdir),
+    ]
+    proc = subprocess.run(command, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+    results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2) if (outdir / f"rank{r}.pt").exists()]
+    details = [r.get("exception") for r in results if r.get("exception")]
+    assert proc.returncode == 0, f"{details}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert len(results) == 2
+    return results
+
+
+def test_two_processes_equal_one(two_process_results):
+    ranks = two_process_results
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["num_processes"] == 2 for r in ranks)
+    for case in DISTRIBUTED_CASES:
+        # The shards are uneven (4 + 3 examples) and together hold every example once.
+        assert sorted(r[f"{case}/local_examples"] for r in ranks) == [3, 4]
+        model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+        single = compute_fisher(model, loader, modules, loss_fn, default_accelerator(), show_progress=False)
+        assert single.num_examples == DISTRIBUTED_EXAMPLES
+        for r in ranks:
+            assert r[case]["num_examples"] == DISTRIBUTED_EXAMPLES
+            assert set(r[case]["fisher"]) == set(single.fisher)
+            difference = max_relative_difference(r[case]["fisher"], single.fisher)
+            print(f"{case} rank {r['rank']}: max relative difference 1 vs 2 processes {difference:.3g}")
+            assert difference < 1e-5, (case, difference)
+
+
+def test_two_processes_one_batch(two_process_results):
+    """One process gets no batch; it still joins the reduction with zeros."""
+    ranks = two_process_results
+    assert sorted(r["single_batch/local_examples"] for r in ranks) == [0, SINGLE_BATCH_EXAMPLES]
+    model, loader, modules, loss_fn = case_inputs(DISTRIBUTED_CASES[0], SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
+    single = compute_fisher(model, loader, modules, loss_fn, show_progress=False)
+    for r in ranks:
+        assert r["single_batch"]["num_examples"] == SINGLE_BATCH_EXAMPLES
+        assert max_relative_difference(r["single_batch"]["fisher"], single.fisher) < 1e-5
+
+
+def test_two_processes_refuse_even_batches(two_process_results):
+    for r in two_process_results:
+        assert r["even_batches_accelerator"] == {"num_processes": 2, "even_batches": True}
+        assert r["even_batches_error"] is not None and "even_batches" in r["even_batches_error"]
