@@ -58,8 +58,12 @@ def select_targets(
     """
     tied = _tied_module_names(model)
     blocks = _block_prefixes(model)
+    # The factors (``up``/``down``) of a layer that is already factorized are never targets.
+    factorized = [f"{n}." for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     selected: dict[str, str] = {}
     for full_name, module in model.named_modules():
+        if any(full_name.startswith(prefix) for prefix in factorized):
+            continue
         name = relative_module_name(model, full_name)
         if target_modules is None:
             if not (is_linear_like(module) and full_name not in tied

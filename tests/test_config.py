@@ -1,0 +1,154 @@
+"""WSVDConfig: serialization round trips and validation with messages naming the bad value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from hf_wsvd.config import WSVDConfig
+
+
+def _custom() -> WSVDConfig:
+    return WSVDConfig(
+        method="svd",
+        param_ratio=0.3,
+        target_modules=["query", "value"],
+        exclude_modules=r".*\.layer\.0\..*",
+        fisher_axis="input",
+        num_samples=64,
+        batch_size=4,
+        max_length=32,
+        compute_dtype="float64",
+        seed=7,
+        ranks={"encoder.layer.0.attention.self.query": 4, "encoder.layer.1.attention.self.value": 3},
+    )
+
+
+@pytest.mark.parametrize("make", [WSVDConfig, _custom], ids=["default", "custom"])
+def test_json_file_round_trip(make, tmp_path):
+    config = make()
+    path = tmp_path / "wsvd.json"
+    config.to_json_file(path)
+    loaded = WSVDConfig.from_json_file(path)
+    assert loaded == config
+    assert loaded.to_dict() == config.to_dict()
+    # The file is plain JSON holding every field.
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert set(data) == {f.name for f in dataclasses.fields(WSVDConfig)}
+    assert data["method"] == config.method
+    assert data["ranks"] == config.ranks
+
+
+@pytest.mark.parametrize("make", [WSVDConfig, _custom], ids=["default", "custom"])
+def test_dict_round_trip(make):
+    config = make()
+    data = config.to_dict()
+    assert isinstance(data, dict)
+    loaded = WSVDConfig.from_dict(data)
+    assert loaded == config
+    assert loaded.to_dict() == data
+    # to_dict is a copy: mutating it does not touch the config.
+    data["ranks"]["new"] = 1
+    assert "new" not in config.ranks
+
+
+def test_json_string_round_trip():
+    config = _custom()
+    assert WSVDConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
+def test_custom_values_differ_from_defaults():
+    # Guards the round-trip tests against comparing two default configs.
+    custom, default = _custom(), WSVDConfig()
+    for field in dataclasses.fields(WSVDConfig):
+        assert getattr(custom, field.name) != getattr(default, field.name), field.name
+
+
+def test_tuple_targets_become_lists_and_round_trip(tmp_path):
+    config = WSVDConfig(target_modules=("query", "key"), exclude_modules=("key",))
+    assert config.target_modules == ["query", "key"]
+    assert config.exclude_modules == ["key"]
+    config.to_json_file(tmp_path / "c.json")
+    assert WSVDConfig.from_json_file(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("ratio", [1, 1.0, 0.5, 1e-3])
+def test_valid_param_ratios_are_accepted(ratio):
+    config = WSVDConfig(param_ratio=ratio)
+    assert config.param_ratio == ratio
+    assert isinstance(config.param_ratio, float)
+
+
+def _assert_rejected(value_repr: str, field: str | None = None, **kwargs):
+    with pytest.raises(ValueError) as info:
+        WSVDConfig(**kwargs)
+    message = str(info.value)
+    assert value_repr in message, message
+    if field is not None:
+        assert field in message, message
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "0.5", True, 0.0, float("nan")])
+def test_bad_param_ratio(ratio):
+    _assert_rejected(f"={ratio!r}", "param_ratio", param_ratio=ratio)
+
+
+def test_bad_method():
+    _assert_rejected("'nope'", "method", method="nope")
+
+
+def test_bad_fisher_axis():
+    _assert_rejected("'rows'", "fisher_axis", fisher_axis="rows")
+
+
+def test_bad_compute_dtype():
+    _assert_rejected("'float16'", "compute_dtype", compute_dtype="float16")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_samples", 0), ("num_samples", -3), ("batch_size", -1), ("batch_size", 0), ("max_length", 0),
+     ("batch_size", 2.0), ("num_samples", True)],
+)
+def test_bad_counts(field, value):
+    _assert_rejected(f"={value!r}", field, **{field: value})
+
+
+@pytest.mark.parametrize("ranks", [{"a": 0}, {"a": -2}, {"a": 1.5}])
+def test_bad_ranks(ranks):
+    (name, value), = ranks.items()
+    _assert_rejected(repr(value), "ranks", ranks=ranks)
+    _assert_rejected(repr(name), ranks=ranks)
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+@pytest.mark.parametrize("value", [[], 5, [""], ["query", 3]])
+def test_bad_module_patterns(field, value):
+    _assert_rejected(f"={value!r}", field, **{field: value})
+
+
+def test_seed_must_be_an_integer():
+    _assert_rejected("'0'", "seed", seed="0")
+
+
+def test_from_dict_rejects_an_unknown_key():
+    data = WSVDConfig().to_dict()
+    data["rank_ratio"] = 0.5
+    with pytest.raises(ValueError, match="rank_ratio"):
+        WSVDConfig.from_dict(data)
+
+
+def test_from_dict_validates_values():
+    data = WSVDConfig().to_dict()
+    data["fisher_axis"] = "columns"
+    with pytest.raises(ValueError, match="columns"):
+        WSVDConfig.from_dict(data)
+
+
+def test_from_dict_accepts_a_partial_dict():
+    config = WSVDConfig.from_dict({"method": "svd", "param_ratio": 0.25})
+    assert config.method == "svd"
+    assert config.param_ratio == 0.25
+    assert config.fisher_axis == WSVDConfig().fisher_axis

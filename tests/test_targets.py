@@ -1,0 +1,195 @@
+"""select_targets on tiny BERT (nn.Linear), GPT-2 (Conv1D, tied head) and Llama (GQA, tied head)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import tiny
+from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_shape
+from hf_wsvd.targets import select_targets
+
+BERT_LINEARS = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+]
+GPT2_LINEARS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+LLAMA_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny.build("bert", "AutoModelForSequenceClassification")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny.build("gpt2", "AutoModelForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny.build("llama", "AutoModelForCausalLM")
+
+
+def _bert_names(suffixes=BERT_LINEARS, layers=(0, 1)):
+    return {f"encoder.layer.{i}.{s}" for i in layers for s in suffixes}
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_bert_defaults_are_the_six_block_linears(bert):
+    targets = select_targets(bert)
+    assert set(targets) == _bert_names()
+    assert len(targets) == 12
+    for name, full_name in targets.items():
+        assert not name.startswith("bert.")
+        assert full_name == "bert." + name
+        assert type(bert.get_submodule(full_name)) is nn.Linear
+    # Heads and the pooler are outside the blocks: never selected by default.
+    selected = set(targets) | set(targets.values())
+    for head in ("classifier", "pooler.dense", "bert.pooler.dense"):
+        assert head not in selected
+    assert not any("pooler" in n or "classifier" in n for n in selected)
+    # ... although they are linears the model has.
+    assert isinstance(bert.classifier, nn.Linear)
+    assert isinstance(bert.bert.pooler.dense, nn.Linear)
+
+
+def test_bert_bare_model_gives_the_same_names(bert):
+    bare = tiny.build("bert", "AutoModel")
+    targets = select_targets(bare)
+    assert set(targets) == set(select_targets(bert))
+    assert all(full == name for name, full in targets.items())
+
+
+def test_gpt2_defaults_are_the_conv1d_layers_not_the_tied_head(gpt2):
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight  # the head really is tied
+    targets = select_targets(gpt2)
+    assert set(targets) == {f"h.{i}.{s}" for i in (0, 1) for s in GPT2_LINEARS}
+    for name, full_name in targets.items():
+        assert full_name == "transformer." + name
+        assert isinstance(gpt2.get_submodule(full_name), Conv1D)
+    assert "lm_head" not in targets and "lm_head" not in targets.values()
+    assert linear_shape(gpt2.get_submodule(targets["h.0.attn.c_attn"])) == (32, 96)
+    assert linear_shape(gpt2.get_submodule(targets["h.0.mlp.c_proj"])) == (128, 32)
+
+
+def test_llama_defaults_include_gqa_projections_not_the_head(llama):
+    targets = select_targets(llama)
+    assert set(targets) == {f"layers.{i}.{s}" for i in (0, 1) for s in LLAMA_LINEARS}
+    for name, full_name in targets.items():
+        assert full_name == "model." + name
+    assert "lm_head" not in targets and "lm_head" not in targets.values()
+    for i in (0, 1):
+        for proj in ("k_proj", "v_proj"):
+            module = llama.get_submodule(targets[f"layers.{i}.self_attn.{proj}"])
+            assert linear_shape(module) == (32, 16)  # in=32, out=16 (2 KV heads of 8)
+        assert linear_shape(llama.get_submodule(targets[f"layers.{i}.self_attn.q_proj"])) == (32, 32)
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+def test_naming_a_tied_head_raises(model_name, request):
+    model = request.getfixturevalue(model_name)
+    with pytest.raises(ValueError, match="lm_head"):
+        select_targets(model, ["lm_head"])
+
+
+def test_already_factorized_layers_are_skipped():
+    model = tiny.build("bert", "AutoModelForSequenceClassification")
+    full = "bert.encoder.layer.0.attention.self.query"
+    model.set_submodule(full, FactorizedLinear(32, 32, 4))
+    targets = select_targets(model)
+    assert "encoder.layer.0.attention.self.query" not in targets
+    assert set(targets) == _bert_names() - {"encoder.layer.0.attention.self.query"}
+    assert not any(name.endswith((".up", ".down")) for name in targets)
+
+
+# --------------------------------------------------------------------------- explicit targets
+
+
+def test_list_targets_match_by_suffix(bert):
+    targets = select_targets(bert, ["query", "value"])
+    assert set(targets) == _bert_names(["attention.self.query", "attention.self.value"])
+    assert all(full == "bert." + name for name, full in targets.items())
+
+
+def test_list_suffixes_match_whole_name_components(bert):
+    targets = select_targets(bert, ["output.dense"])
+    assert set(targets) == _bert_names(["attention.output.dense", "output.dense"])
+    with pytest.raises(ValueError, match="uery"):
+        select_targets(bert, ["uery"])
+
+
+def test_list_target_by_full_relative_name(bert):
+    targets = select_targets(bert, ["encoder.layer.1.intermediate.dense"])
+    assert targets == {"encoder.layer.1.intermediate.dense": "bert.encoder.layer.1.intermediate.dense"}
+
+
+def test_regex_target(bert):
+    targets = select_targets(bert, r".*\.attention\.self\.(query|key)")
+    assert set(targets) == _bert_names(["attention.self.query", "attention.self.key"])
+
+
+def test_regex_is_matched_against_the_whole_name(bert):
+    # "query" alone fully matches no name; a regex is not a suffix.
+    with pytest.raises(ValueError):
+        select_targets(bert, r"query")
+
+
+def test_regex_sweeping_non_linear_modules_keeps_only_linears(bert):
+    targets = select_targets(bert, r"encoder\.layer\.0\..*")
+    assert set(targets) == _bert_names(layers=(0,))
+
+
+def test_explicit_targets_can_reach_outside_the_blocks(bert):
+    targets = select_targets(bert, ["classifier", "pooler.dense"])
+    assert targets == {"classifier": "classifier", "pooler.dense": "bert.pooler.dense"}
+
+
+def test_exclude_modules_list(bert):
+    targets = select_targets(bert, exclude_modules=["intermediate.dense", "key"])
+    assert set(targets) == _bert_names() - _bert_names(["intermediate.dense", "attention.self.key"])
+
+
+def test_exclude_modules_regex(bert):
+    targets = select_targets(bert, exclude_modules=r"encoder\.layer\.1\..*")
+    assert set(targets) == _bert_names(layers=(0,))
+
+
+def test_exclude_with_explicit_targets(bert):
+    targets = select_targets(bert, ["query", "value"], exclude_modules=["value"])
+    assert set(targets) == _bert_names(["attention.self.query"])
+
+
+def test_listing_a_layernorm_raises(bert):
+    with pytest.raises(ValueError, match="LayerNorm"):
+        select_targets(bert, ["attention.output.LayerNorm"])
+    with pytest.raises(ValueError, match="LayerNorm"):
+        select_targets(bert, ["query", "output.LayerNorm"])
+
+
+@pytest.mark.parametrize("pattern", [["nonexistent"], r".*\.nonexistent", ["quer"]])
+def test_targets_matching_nothing_raise_naming_the_pattern(bert, pattern):
+    with pytest.raises(ValueError) as info:
+        select_targets(bert, pattern)
+    assert repr(pattern) in str(info.value)
+
+
+def test_default_selection_never_raises_on_an_empty_exclusion(bert):
+    # Excluding everything by default selects nothing without an error (no explicit targets).
+    assert select_targets(bert, exclude_modules=r".*") == {}
