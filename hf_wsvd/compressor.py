@@ -99,7 +99,7 @@ def compress(
         weight = linear_weight(model.get_submodule(full_name)).detach()
         problem = LayerProblem(
             name, weight.to(dtype), rank,
-            fisher=fisher[name].to(weight.device) if name in fisher else None, fisher_axis=config.fisher_axis,
+            fisher=fisher[name].to(weight.device) if name in fisher else None, config=config,
         )
         up, down = solver.solve(problem)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):

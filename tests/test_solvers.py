@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_wsvd import WSVDConfig
+
 from hf_wsvd.solvers import FISHER, SOLVERS, LayerProblem, get_solver
 
 OUT, IN, RANK = 24, 16, 5
@@ -28,7 +30,7 @@ def _fisher(axis: str, seed=1, out_features=OUT, in_features=IN):
 
 
 def _solve(method, weight, rank=RANK, fisher=None, axis="output"):
-    return get_solver(method).solve(LayerProblem("layer", weight, rank, fisher=fisher, fisher_axis=axis))
+    return get_solver(method).solve(LayerProblem("layer", weight, rank, fisher=fisher, config=WSVDConfig(fisher_axis=axis)))
 
 
 def _importance(fisher, axis):

@@ -29,8 +29,9 @@ def axis_weights(fisher: torch.Tensor, axis: str) -> torch.Tensor:
 
 @register_solver("fwsvd", needs=(FISHER,), description="Fisher-weighted SVD: min ‖D(W − AB)‖_F, D from row-summed Fisher")
 def solve_fwsvd(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
-    d = axis_weights(problem.fisher.to(problem.weight.dtype), problem.fisher_axis)
-    if problem.fisher_axis == "output":
+    axis = problem.config.fisher_axis
+    d = axis_weights(problem.fisher.to(problem.weight.dtype), axis)
+    if axis == "output":
         up, down = truncated_svd(d[:, None] * problem.weight, problem.rank)
         return up / d[:, None], down
     up, down = truncated_svd(problem.weight * d[None, :], problem.rank)

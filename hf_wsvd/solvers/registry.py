@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from dataclasses import field
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import WSVDConfig
 
 # Statistics a solver can ask the compressor for.
 FISHER = "fisher"
 
 
+def _default_config() -> "WSVDConfig":
+    from ..config import WSVDConfig
+
+    return WSVDConfig()
+
+
 @dataclass
 class LayerProblem:
-    """One matrix to factorize: ``weight`` (out × in, in the compute dtype) at ``rank``, with the
-    statistics its solver asked for (``fisher``: per-entry importance, out × in)."""
+    """One matrix to factorize: ``weight`` (out × in, in the compute dtype) at ``rank``, the
+    statistics its solver asked for (``fisher``: per-entry importance, out × in), and the recipe
+    (``config``), from which a solver reads its own options."""
 
     name: str
     weight: torch.Tensor
     rank: int
     fisher: torch.Tensor | None = None
-    fisher_axis: str = "output"
+    config: "WSVDConfig" = field(default_factory=_default_config)
 
 
 @dataclass(frozen=True)
