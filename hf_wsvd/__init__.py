@@ -7,6 +7,7 @@ transformers Auto classes.
 from .checkpoint import parameter_counts, register_with_transformers, summarize
 from .compressor import CompressionReport, compress
 from .config import WSVDConfig
+from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ register_with_transformers()
 
 __all__ = [
     "CompressionReport",
+    "FactorizedEmbedding",
     "FactorizedLinear",
     "WSVDConfig",
     "compress",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .runtime.factorized_linear import saves_parameters
 
 
@@ -18,4 +20,47 @@ def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float) -> dic
         rank = rank_for_ratio(in_features, out_features, param_ratio)
         if saves_parameters(in_features, out_features, rank):
             ranks[name] = rank
+    return ranks
+
+
+def max_saving_rank(in_features: int, out_features: int) -> int:
+    """The largest rank whose factors still hold fewer weights than the dense matrix."""
+    return (in_features * out_features - 1) // (in_features + out_features)
+
+
+def greedy_ranks(
+    shapes: dict[str, tuple[int, int]],
+    spectra: dict[str, torch.Tensor],
+    param_ratio: float,
+    layer_weights: dict[str, float] | None = None,
+) -> dict[str, int]:
+    """Ranks under one budget of ``param_ratio`` × (all target weights), spent one rank at a time
+    where it removes the most normalized truncation loss per parameter.
+
+    Rank i of layer l removes σ_i² / Σσ² of its weighted loss (times ``layer_weights[l]``, default 1)
+    at a cost of in+out parameters. Every layer keeps at least rank 1 and never a rank that saves
+    nothing. Deterministic: ties go to the earlier layer name and lower rank.
+    """
+    budget = param_ratio * sum(i * o for i, o in shapes.values())
+    costs = {n: i + o for n, (i, o) in shapes.items()}
+    ranks = {n: 1 for n in shapes}
+    spent = sum(costs.values())
+    if spent > budget:
+        raise ValueError(
+            f"param_ratio={param_ratio} is below the cost of rank 1 for every target layer "
+            f"({spent:,} parameters for a budget of {budget:,.0f})"
+        )
+    candidates = []
+    for name in sorted(shapes):
+        energy = spectra[name].double().square()
+        total = energy.sum().item() or 1.0
+        weight = (layer_weights or {}).get(name, 1.0)
+        limit = min(max_saving_rank(*shapes[name]), len(energy))
+        for index in range(1, limit):  # index = the rank this step reaches minus one
+            candidates.append((-weight * energy[index].item() / total / costs[name], name, index))
+    candidates.sort()
+    for _, name, index in candidates:
+        if ranks[name] == index and spent + costs[name] <= budget:
+            ranks[name] += 1
+            spent += costs[name]
     return ranks

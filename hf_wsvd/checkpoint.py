@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
 from .runtime.modeling_wsvd import (
     BASE_TYPE_KEY,
@@ -46,16 +47,25 @@ def register_with_transformers() -> None:
 @dataclass
 class LayerSummary:
     name: str
-    shape: tuple[int, int]  # (out, in)
+    shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding
     rank: int | None  # None: dense
     params: int
     dense_params: int
 
 
 def summarize(model: nn.Module) -> list[LayerSummary]:
-    """One row per factorized layer of ``model``: shape, rank, parameters now and when dense."""
-    rows = []
+    """One row per factorized layer of ``model`` (linears and the input embeddings; a head tied to
+    a factorized embedding shares its parameters and has no row): shape, rank, parameters now and
+    when dense."""
+    rows, tables = [], set()
     for name, module in model.named_modules():
+        # Embeddings tied to another (T5's per-stack token embeddings) share its table: one row.
+        if isinstance(module, FactorizedEmbedding) and id(module.weight) not in tables:
+            tables.add(id(module.weight))
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.num_embeddings, module.embedding_dim), module.rank,
+                module.num_parameters(), module.num_embeddings * module.embedding_dim,
+            ))
         if isinstance(module, FactorizedLinear):
             bias = module.out_features if module.bias is not None else 0
             rows.append(LayerSummary(

@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
     c.add_argument("--fisher-axis", choices=["output", "input"], default="output",
                    help="fwsvd: one weight per output row (default) or per input column")
+    c.add_argument("--p", type=float, default=1.0,
+                   help="lp method: the exponent p in [1, 2] of Σ_rows dist(row, subspace)^p (default: 1.0; 2 = SVD)")
+    c.add_argument("--embeddings", action="store_true",
+                   help="also factorize the input embeddings (vocab × r lookup + r → hidden projection); "
+                        "with --param-ratio 1 only the embeddings")
+    c.add_argument("--embedding-ratio", type=float, default=0.5,
+                   help="fraction of the embedding matrix's parameters KEPT, in (0, 1) (default: 0.5)")
+    c.add_argument("--embedding-method", choices=["svd", "lp"],
+                   help="method for the embeddings (default: --method, which must then be svd or lp)")
+    c.add_argument("--embedding-weighting", choices=["uniform", "frequency"], default="uniform",
+                   help="lp row weights of the embeddings: uniform, or 1 + token count in --data (default: uniform)")
     c.add_argument("--target-modules", type=_columns, help="comma-separated module names/suffixes to factorize")
     c.add_argument("--exclude-modules", type=_columns, help="comma-separated module names/suffixes to keep dense")
     c.add_argument("--seed", type=int, default=0)
@@ -89,7 +100,9 @@ def _compress(args: argparse.Namespace) -> None:
     config = WSVDConfig(
         method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
-        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, p=args.p,
+        embeddings=args.embeddings, embedding_ratio=args.embedding_ratio, embedding_method=args.embedding_method,
+        embedding_weighting=args.embedding_weighting,
     )
     if FISHER in get_solver(args.method).needs and not args.data:
         raise ValueError(f"--method {args.method} needs importance data: pass --data FILE")

@@ -10,6 +10,10 @@ from typing import Any
 
 FISHER_AXES = ("output", "input")
 COMPUTE_DTYPES = ("float32", "float64")
+# Embedding rows have no Fisher information from the importance pass: the methods usable on them.
+EMBEDDING_METHODS = ("svd", "lp")
+EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
+ALLOCATIONS = ("uniform", "greedy")
 
 
 @dataclass
@@ -34,8 +38,40 @@ class WSVDConfig:
         batch_size: batch size of the importance pass.
         max_length: token truncation length of the importance data.
         compute_dtype: dtype of the decompositions (``"float32"`` or ``"float64"``).
+        asvd_alpha: exponent of the activation scaling of ``asvd`` (0 is plain SVD).
+        allocation: how the parameter budget is spread over the layers: ``"uniform"`` (every layer
+            keeps ``param_ratio``) or ``"greedy"`` (one global budget of ``param_ratio`` of all target
+            parameters; ranks go where the method's weighted truncation loss falls most per
+            parameter, read from its spectrum).
+        sequential: compress a causal LM block by block, each block's statistics taken on the
+            inputs produced by the already compressed blocks before it (large decoders).
         seed: seed for data sampling and any randomized step.
-        ranks: filled by the compressor: base-model-relative module name → rank.
+        p: the exponent of the ``lp`` method, in [1, 2]: it minimizes Σ_rows dist(row, subspace)^p,
+            robust to outlying rows for p < 2; p = 2 is the SVD subspace.
+        embeddings: also factorize the input embeddings (``model.get_input_embeddings()``, a
+            vocab × hidden ``nn.Embedding``) into a vocab × r lookup and an r → hidden projection.
+            An output head tied to them computes its logits from the same factors, so the tie
+            survives save/load. With ``param_ratio=1`` only the embeddings are compressed.
+        embedding_ratio: the fraction of the embedding matrix's parameters that is kept, in (0, 1).
+        embedding_method: ``"svd"`` or ``"lp"`` (the robust ℓp subspace, with ``p``); None: the
+            same as ``method``, which then must be one of these two.
+        embedding_weighting: per-row importance of the embedding for ``lp``: ``"uniform"`` or
+            ``"frequency"`` (weight 1 + the token's count in the importance data).
+        solver: the element-wise solver of ``tfwsvd`` and ``rescue``: ``"als"`` (alternating weighted
+            least squares), ``"adam"`` (first order), ``"em"`` (Srebro & Jaakkola's EM) or
+            ``"hybrid"`` (Adam until it beats the FWSVD loss, then ALS). All start from FWSVD.
+        max_iterations: iteration budget per matrix of the element-wise solvers (an Adam
+            iteration is 20 steps), ≥ 0 (0 returns the FWSVD factors).
+        tolerance: the element-wise solvers stop once one iteration changes the weighted loss by
+            less than this fraction, ≥ 0.
+        time_budget: seconds per matrix after which the element-wise solvers stop, or None.
+        importance_power: the element-wise solvers weight entry (i, j) by F_ij ** importance_power,
+            in (0, 1]: 1 is the Fisher itself, smaller values temper its dynamic range.
+        risk_threshold: ``rescue`` refines with the element-wise solver only the matrices whose
+            SVD-risk (``hf_wsvd.solvers.risk.fwsvd_risk``: the share of the FWSVD solution's
+            Fisher-weighted error that the row weighting does not see) exceeds this, ≥ 0.
+        ranks: filled by the compressor: base-model-relative module name → rank (the input
+            embeddings, when compressed, are listed under their name too).
     """
 
     method: str = "fwsvd"
@@ -47,7 +83,21 @@ class WSVDConfig:
     batch_size: int = 8
     max_length: int = 128
     compute_dtype: str = "float32"
+    asvd_alpha: float = 0.5
+    allocation: str = "uniform"
+    sequential: bool = False
     seed: int = 0
+    p: float = 1.0
+    embeddings: bool = False
+    embedding_ratio: float = 0.5
+    embedding_method: str | None = None
+    embedding_weighting: str = "uniform"
+    solver: str = "hybrid"
+    max_iterations: int = 8
+    tolerance: float = 1e-4
+    time_budget: float | None = None
+    importance_power: float = 1.0
+    risk_threshold: float = 0.1
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,15 +125,71 @@ class WSVDConfig:
             raise ValueError(f"fisher_axis={self.fisher_axis!r} is not one of {FISHER_AXES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS}")
+        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 2:
+            raise ValueError(f"asvd_alpha={self.asvd_alpha!r} must be a number in [0, 2]")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential={self.sequential!r} must be True or False")
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
+        p = self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
+            raise ValueError(f"p={p!r} must be a number in [1, 2] (the exponent of the lp method)")
+        self.p = float(p)
+        if not isinstance(self.embeddings, bool):
+            raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
+        ratio = self.embedding_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(
+                f"embedding_ratio={ratio!r} must be in (0, 1): it is the fraction of the embedding "
+                "matrix's parameters that is kept"
+            )
+        self.embedding_ratio = float(ratio)
+        if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
+            raise ValueError(f"embedding_method={self.embedding_method!r} is not one of {EMBEDDING_METHODS} or None")
+        if self.embeddings and self.embedding_method is None and self.method not in EMBEDDING_METHODS:
+            raise ValueError(
+                f"embeddings=True with method={self.method!r}: embedding rows have no Fisher information; "
+                f"set embedding_method to one of {EMBEDDING_METHODS}"
+            )
+        if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
+            raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
+        self._validate_elementwise()
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
+
+    def _validate_elementwise(self) -> None:
+        """The options of the element-wise solvers (``tfwsvd``, ``rescue``)."""
+        from .solvers.elementwise import SOLVER_NAMES
+
+        def number(name: str, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+            value = getattr(self, name)
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            if bad or value > high or (value <= low if low_open else value < low):
+                bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+                raise ValueError(f"{name}={value!r} must be a number in {bound}")
+            setattr(self, name, float(value))
+
+        if self.solver not in SOLVER_NAMES:
+            raise ValueError(f"solver={self.solver!r} is not one of {SOLVER_NAMES}")
+        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 0:
+            raise ValueError(f"max_iterations={self.max_iterations!r} must be a non-negative integer")
+        number("tolerance", 0)
+        if self.time_budget is not None:
+            number("time_budget", 0, low_open=True)
+        number("importance_power", 0, 1, low_open=True)
+        number("risk_threshold", 0)
+
+    @property
+    def resolved_embedding_method(self) -> str:
+        """The method applied to the embeddings (``embedding_method``, else ``method``)."""
+        return self.embedding_method or self.method
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,8 +6,16 @@ import torch
 from transformers import PreTrainedModel
 
 from .config import WSVDConfig
+from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
-from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, wsvd_config_class, wsvd_model_class
+from .runtime.modeling_wsvd import (
+    BASE_TYPE_KEY,
+    MODEL_TYPE,
+    RECIPE_KEY,
+    tie_to_factorized_embeddings,
+    wsvd_config_class,
+    wsvd_model_class,
+)
 
 
 def replace_with_factors(
@@ -21,6 +29,23 @@ def replace_with_factors(
     layer = FactorizedLinear.from_factors(up.to(device, dtype), down.to(device, dtype), bias)
     layer.train(module.training)
     model.set_submodule(full_name, layer)
+    return layer
+
+
+def replace_embedding_with_factors(
+    model: torch.nn.Module, full_name: str, table: torch.Tensor, projection: torch.Tensor
+) -> FactorizedEmbedding:
+    """Replace the ``nn.Embedding`` ``full_name`` by ``FactorizedEmbedding(table, projection)``
+    (``W ≈ table @ projection.T``), keeping its padding index, dtype and device; modules tied to
+    it (an LM head) are rebuilt on the same factors, so the tie holds in the compressed model."""
+    module = model.get_submodule(full_name)
+    if not isinstance(module, torch.nn.Embedding):
+        raise TypeError(f"{full_name!r} is a {type(module).__name__}, not an nn.Embedding")
+    dtype, device = module.weight.dtype, module.weight.device
+    layer = FactorizedEmbedding.from_factors(table.to(device, dtype), projection.to(device, dtype), module.padding_idx)
+    layer.train(module.training)
+    model.set_submodule(full_name, layer)
+    tie_to_factorized_embeddings(model)
     return layer
 
 

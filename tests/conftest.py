@@ -1,13 +1,18 @@
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+TESTS = Path(__file__).resolve().parent
+SHARED = TESTS.parents[1] / "shared"
 
 
 @pytest.fixture
@@ -21,3 +26,26 @@ def shared() -> Path:
 @pytest.fixture
 def tokenizer():
     return tiny.tokenizer()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_process_results(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("stats_2proc")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(TESTS / "stats_worker.py"), str(outdir),
+    ]
+    proc = subprocess.run(command, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+    results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2) if (outdir / f"rank{r}.pt").exists()]
+    details = [r.get("exception") for r in results if r.get("exception")]
+    assert proc.returncode == 0, f"{details}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert len(results) == 2
+    return results

@@ -3,17 +3,11 @@ gives the same result in two processes as in one."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fisher_worker import (
+from stats_worker import (
     CASES,
     DISTRIBUTED_BATCH,
     DISTRIBUTED_CASES,
@@ -30,7 +24,6 @@ from hf_wsvd.importance import FisherResult, compute_fisher, default_accelerator
 from hf_wsvd.runtime.factorized_linear import linear_shape
 from hf_wsvd.tasks import per_example_loss, task_of
 
-TESTS = Path(__file__).resolve().parent
 EXPECTED_TASK = {
     "bert_classification": "classification",
     "bert_regression": "regression",
@@ -139,29 +132,6 @@ def test_empty_dataloader_raises():
         compute_fisher(model, DataLoader([], batch_size=2), modules, loss_fn, show_progress=False)
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(not m._forward_hooks for m in modules.values())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fisher_2proc")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(TESTS / "fisher_worker.py"), str(outdir),
-    ]
-    proc = subprocess.run(command, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
-    results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2) if (outdir / f"rank{r}.pt").exists()]
-    details = [r.get("exception") for r in results if r.get("exception")]
-    assert proc.returncode == 0, f"{details}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert len(results) == 2
-    return results
 
 
 def test_two_processes_equal_one(two_process_results):

@@ -1,5 +1,7 @@
 """Importance statistics that weight the factorization problems."""
 
-from .fisher import FisherResult, compute_fisher, default_accelerator
+from .activations import ActivationStats, collect_activation_stats
+from .fisher import FisherResult, compute_fisher
+from .passes import default_accelerator
 
-__all__ = ["FisherResult", "compute_fisher", "default_accelerator"]
+__all__ = ["ActivationStats", "FisherResult", "collect_activation_stats", "compute_fisher", "default_accelerator"]

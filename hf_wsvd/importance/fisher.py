@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..runtime.factorized_linear import linear_shape
 from ..tasks import LossFn
+from .passes import batches, default_accelerator, reduce_sums
 
 
 @dataclass
@@ -28,11 +27,6 @@ class FisherResult:
 
     fisher: dict[str, torch.Tensor]
     num_examples: int
-
-
-def default_accelerator() -> Accelerator:
-    """An ``Accelerator`` that never pads the last batch with repeated examples."""
-    return Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
 
 
 class _SquaredGradientHooks:
@@ -82,15 +76,7 @@ def compute_fisher(
     added across processes before dividing, so the result equals a single-process run.
     """
     accelerator = accelerator or default_accelerator()
-    if accelerator.num_processes > 1 and accelerator.even_batches:
-        raise ValueError(
-            "the Accelerator has even_batches=True, which repeats examples to even out the last "
-            "batch and would count them twice; build it with "
-            "DataLoaderConfiguration(even_batches=False) (see hf_wsvd.importance.default_accelerator)"
-        )
-    if getattr(model, "hf_device_map", None) is None:
-        model.to(accelerator.device)
-    loader = accelerator.prepare_data_loader(dataloader) if accelerator.num_processes > 1 else dataloader
+    loader = batches(model, dataloader, accelerator, "Fisher", show_progress)
 
     was_training = model.training
     requires_grad = {p: p.requires_grad for p in model.parameters()}
@@ -104,8 +90,7 @@ def compute_fisher(
     hooks = _SquaredGradientHooks(modules)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     try:
-        for batch in tqdm(loader, desc="Fisher", disable=not (show_progress and accelerator.is_local_main_process)):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        for batch in loader:
             loss_fn(model, batch).sum().backward()
             count += batch["labels"].shape[0]
     finally:
@@ -118,14 +103,13 @@ def compute_fisher(
     missing = sorted(set(modules) - set(hooks.sums))
     if missing and count > 0:
         raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")
-    sums = {name: hooks.sums.get(name, torch.zeros(1)) for name in modules}
-    if accelerator.num_processes > 1:
-        for name, module in modules.items():
-            if name not in hooks.sums:  # a process with no batch still joins the reduction
-                in_f, out_f = linear_shape(module)
-                sums[name] = torch.zeros(out_f, in_f, device=accelerator.device)
-        reduced = accelerator.reduce({"sums": sums, "count": count}, reduction="sum")
-        sums, count = reduced["sums"], reduced["count"]
+    # A process that got no batch still joins the reduction with zeros.
+    sums = {
+        name: hooks.sums[name] if name in hooks.sums else torch.zeros(linear_shape(m)[::-1], device=accelerator.device)
+        for name, m in modules.items()
+    }
+    sums, counts = reduce_sums(accelerator, sums, {"examples": count})
+    count = counts["examples"]
     total = int(count.item())
     if total == 0:
         raise ValueError("the importance data is empty: no example reached the Fisher pass")

@@ -8,8 +8,14 @@ thin subclass of the stock one, ``Wsvd<BaseClass>``, that swaps those modules fo
 
 The custom ``model_type`` is what keeps a checkpoint from ever loading as a dense model with random
 weights: stock transformers refuses an unknown model type unless it may run the code saved with the
-checkpoint (this file and ``factorized_linear.py``, copied by ``save_pretrained``). With hf_wsvd
-imported, the Auto classes resolve it without remote code.
+checkpoint (this file, ``factorized_linear.py`` and ``factorized_embedding.py``, copied by
+``save_pretrained``). With hf_wsvd imported, the Auto classes resolve it without remote code.
+
+The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
+the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
+Modules tied to a factorized embedding (an LM head, T5's per-stack token embeddings) are rebuilt on
+the same factors and their factor names added to the model's tied-weights keys, so the checkpoint
+stores the factors once and transformers re-ties them at load.
 
 This file ships inside every compressed checkpoint, so it may import only torch and transformers.
 """
@@ -22,6 +28,7 @@ import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
 from .factorized_linear import FactorizedLinear, linear_shape
 
 MODEL_TYPE = "hf_wsvd"
@@ -54,23 +61,66 @@ def relative_module_name(model: nn.Module, name: str) -> str:
     return name
 
 
+def empty_factorized(module: nn.Module, rank: int) -> nn.Module:
+    """An uninitialised factorized replacement of ``module`` at ``rank``, on its device and dtype:
+    a ``FactorizedEmbedding`` for an ``nn.Embedding``, else a ``FactorizedLinear``."""
+    device, dtype = module.weight.device, module.weight.dtype
+    if isinstance(module, nn.Embedding):
+        return FactorizedEmbedding(module.num_embeddings, module.embedding_dim, rank, module.padding_idx,
+                                   device=device, dtype=dtype)
+    in_features, out_features = linear_shape(module)
+    return FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None,
+                            device=device, dtype=dtype)
+
+
+def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
+    """Rebuild every module whose weight is tied to a ``FactorizedEmbedding`` on that embedding's
+    factors (an embedding becomes a ``FactorizedEmbedding``, a linear head a
+    ``FactorizedTiedHead``), and declare the projection tie next to the stock table tie.
+
+    Returns the added ``{target: source}`` tied-weights keys (full parameter names)."""
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    added = {}
+    for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+        if not (target.endswith(".weight") and source.endswith(".weight")):
+            continue
+        source_module, target_module = source[: -len(".weight")], target[: -len(".weight")]
+        embedding = model.get_submodule(source_module)
+        module = model.get_submodule(target_module)
+        if not isinstance(embedding, FactorizedEmbedding) or module is embedding:
+            continue
+        if isinstance(module, (nn.Embedding, FactorizedEmbedding)):
+            replacement = FactorizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.rank,
+                                              module.padding_idx, device="meta")
+            replacement.weight, replacement.proj.weight = embedding.weight, embedding.proj.weight
+        else:
+            replacement = FactorizedTiedHead.tied_to(embedding, getattr(module, "bias", None))
+        replacement.train(module.training)
+        model.set_submodule(target_module, replacement)
+        added[f"{target_module}.proj.weight"] = f"{source_module}.proj.weight"
+    if added:
+        # Instance-level: the stock class attribute stays untouched for dense models.
+        model._tied_weights_keys = {**(model._tied_weights_keys or {}), **added}
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys.update(added)
+    return added
+
+
 def factorize_modules(model: nn.Module, ranks: dict[str, int]) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
-    ``FactorizedLinear`` of that rank, on the module's device and dtype."""
+    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, on the module's device and
+    dtype, then rebuild the modules tied to factorized embeddings on their factors."""
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
         if key not in ranks:
             continue
         matched.add(key)
-        if isinstance(module, FactorizedLinear):
+        if isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
             continue
-        in_features, out_features = linear_shape(module)
-        replacement = FactorizedLinear(
-            in_features, out_features, int(ranks[key]), bias=module.bias is not None,
-            device=module.weight.device, dtype=module.weight.dtype,
-        )
-        model.set_submodule(name, replacement)
+        model.set_submodule(name, empty_factorized(module, int(ranks[key])))
+    tie_to_factorized_embeddings(model)
     if ranks and not matched:
         some = ", ".join(sorted(ranks)[:3])
         raise ValueError(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .registry import FISHER, LayerProblem, register_solver
-from .svd import truncated_svd
+from .registry import FISHER, LayerProblem
+from .weighting import Weighting, register_weighting, weighted_svd
 
 # Rows/columns with (near) zero importance still get this fraction of the mean importance, so the
 # unweighting never divides by zero and such rows keep a plain-SVD fit.
@@ -27,12 +27,13 @@ def axis_weights(fisher: torch.Tensor, axis: str) -> torch.Tensor:
     return totals.clamp_min(IMPORTANCE_FLOOR * mean).sqrt()
 
 
-@register_solver("fwsvd", needs=(FISHER,), description="Fisher-weighted SVD: min ‖D(W − AB)‖_F, D from row-summed Fisher")
+@register_weighting("fwsvd", needs=(FISHER,),
+                    description="Fisher-weighted SVD: min ‖D(W − AB)‖_F, D from row-summed Fisher")
+def fwsvd_weighting(problem: LayerProblem) -> Weighting:
+    d = axis_weights(problem.fisher.to(problem.weight.dtype), problem.config.fisher_axis)
+    return Weighting(rows=d) if problem.config.fisher_axis == "output" else Weighting(right=d)
+
+
 def solve_fwsvd(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
-    axis = problem.config.fisher_axis
-    d = axis_weights(problem.fisher.to(problem.weight.dtype), axis)
-    if axis == "output":
-        up, down = truncated_svd(d[:, None] * problem.weight, problem.rank)
-        return up / d[:, None], down
-    up, down = truncated_svd(problem.weight * d[None, :], problem.rank)
-    return up, down / d[None, :]
+    """The FWSVD factors (the start of the element-wise solvers)."""
+    return weighted_svd(problem, fwsvd_weighting(problem))

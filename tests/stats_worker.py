@@ -1,9 +1,9 @@
-"""Tiny seeded models and data for the Fisher tests, and a worker for a multi-process run.
+"""Tiny seeded models and data for the statistics tests, and a worker for a multi-process run.
 
-Imported by ``test_fisher.py`` for the builders; run as a script under
-``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/fisher_worker.py OUTDIR``, where every
-rank computes the Fisher of the same model and data with its shard of the batches and saves what
-it got to ``OUTDIR/rank{R}.pt``.
+Imported by ``test_fisher.py`` and ``test_activations.py`` for the builders; run as a script under
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/stats_worker.py OUTDIR``, where every
+rank computes the Fisher and activation statistics of the same model and data with its shard of
+the batches and saves what it got to ``OUTDIR/rank{R}.pt``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from hf_wsvd.importance import compute_fisher, default_accelerator
+    from hf_wsvd.importance import collect_activation_stats, compute_fisher, default_accelerator
 
     accelerator = default_accelerator()
     rank = accelerator.process_index
@@ -98,6 +98,8 @@ def _run(outdir: Path) -> None:
             )
             fisher = compute_fisher(model, loader, modules, loss_fn, accelerator, show_progress=False)
             result[case] = {"fisher": fisher.fisher, "num_examples": fisher.num_examples}
+            activations = collect_activation_stats(model, loader, modules, accelerator, show_progress=False)
+            result[f"{case}/activations"] = activations
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)

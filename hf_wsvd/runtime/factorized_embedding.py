@@ -1,0 +1,144 @@
+"""`FactorizedEmbedding` (a vocab × hidden embedding stored as a vocab × r lookup table and an
+r → hidden projection) and `FactorizedTiedHead` (an output head tied to it).
+
+Dense ``W ≈ weight @ proj.weight.T``: ``weight`` (vocab × r) is the lookup table and ``proj`` an
+``nn.Linear(r, hidden, bias=False)``. The table keeps the name ``weight`` on purpose: a tied output
+head declares its tie as ``"<head>.weight" → "<embedding>.weight"``, and with the same name the
+stock transformers tying keeps working on the factors (the tied head's logits are
+``(x @ proj.weight) @ weight.T``, both factors shared).
+
+This file ships inside every compressed checkpoint (``modeling_wsvd.py`` imports it relatively, so
+``save_pretrained`` copies it), so it may import only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _check_rank(rank: int, vocab: int, hidden: int) -> None:
+    if not 1 <= rank < hidden or rank > vocab:
+        raise ValueError(
+            f"rank={rank} is invalid for a {vocab}x{hidden} embedding: it must be between 1 and "
+            f"{min(hidden - 1, vocab)} (rank ≥ the hidden size {hidden} compresses nothing)"
+        )
+
+
+def embedding_saves_parameters(num_embeddings: int, embedding_dim: int, rank: int) -> bool:
+    """Whether a rank-``rank`` factorization holds fewer weights than the dense table."""
+    return rank * (num_embeddings + embedding_dim) < num_embeddings * embedding_dim
+
+
+class FactorizedEmbedding(nn.Module):
+    """A drop-in replacement for ``nn.Embedding(num_embeddings, embedding_dim)`` of rank ``rank``:
+    ``forward(ids) = proj(weight[ids])``.
+
+    ``padding_idx`` keeps its ``nn.Embedding`` meaning (no gradient to that row of the table).
+    ``weight`` is the vocab × rank table (not vocab × hidden); the dense table is ``to_dense()``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, num_embeddings, embedding_dim)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
+        # Not named like model projections ("*_proj"): peft matches name suffixes.
+        self.proj = nn.Linear(rank, embedding_dim, bias=False, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls, table: torch.Tensor, projection: torch.Tensor, padding_idx: int | None = None
+    ) -> "FactorizedEmbedding":
+        """Build from ``table`` (vocab × r) and ``projection`` (hidden × r): ``W ≈ table @ projection.T``."""
+        if table.dim() != 2 or projection.dim() != 2 or table.shape[1] != projection.shape[1]:
+            raise ValueError(
+                f"factor shapes do not chain: table {tuple(table.shape)} and projection {tuple(projection.shape)}"
+            )
+        layer = cls(table.shape[0], projection.shape[0], table.shape[1], padding_idx,
+                    device=table.device, dtype=table.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(table)
+            layer.proj.weight.copy_(projection.to(table.dtype))
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self.weight.shape[1]
+
+    def num_parameters(self) -> int:
+        """Number of stored parameters (table and projection)."""
+        return self.weight.numel() + self.proj.weight.numel()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.embedding(input_ids, self.weight, self.padding_idx))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Embedding:
+        """An ``nn.Embedding`` holding the product of the factors."""
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                             device=self.weight.device, dtype=self.weight.dtype)
+        dense.weight.copy_(self.weight @ self.proj.weight.T)
+        return dense
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{pad}"
+
+
+class FactorizedTiedHead(nn.Module):
+    """An output head (``nn.Linear(hidden, vocab)``) whose weight is tied to a
+    ``FactorizedEmbedding``: ``logits = (x @ proj.weight) @ weight.T + bias``.
+
+    ``weight`` (vocab × r) and ``proj.weight`` (hidden × r) are the embedding's own parameters once
+    the model ties them (the checkpoint stores them once, under the embedding's names); the
+    projection is used transposed, hidden → r.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, out_features, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.proj = nn.Linear(rank, in_features, bias=False, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def tied_to(cls, embedding: FactorizedEmbedding, bias: torch.Tensor | None = None) -> "FactorizedTiedHead":
+        """A head sharing ``embedding``'s parameters (and keeping ``bias``, a head's own bias)."""
+        head = cls(embedding.embedding_dim, embedding.num_embeddings, embedding.rank, bias=False,
+                   device="meta", dtype=embedding.weight.dtype)
+        head.weight = embedding.weight
+        head.proj.weight = embedding.proj.weight
+        head.bias = bias
+        return head
+
+    @property
+    def rank(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states @ self.proj.weight, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, tied"

@@ -1,0 +1,43 @@
+"""Activation-aware weightings: whitening (SVD-LLM), ASVD scaling, and Fisher × whitening.
+
+- ``whiten``: min ‖(W − AB)·Xᵀ‖_F over the calibration inputs X, i.e. R = chol(E[x xᵀ]); the
+  truncation is exact in that norm (truncation-aware whitening).
+- ``asvd``: min ‖(W − AB)·diag(E|x|)^α‖_F, a diagonal activation scaling (α = ``asvd_alpha``).
+- ``fisher_whiten``: min ‖D·(W − AB)·Xᵀ‖_F with D = diag √(row-summed Fisher): the output rows
+  the task loss is sensitive to, times the input directions that actually occur.
+"""
+
+from __future__ import annotations
+
+from ..linalg import gram_square_root
+from .fwsvd import axis_weights
+from .registry import ACTIVATIONS, FISHER, LayerProblem
+from .weighting import Weighting, register_weighting
+
+# Input features that never fire are scaled by this fraction of the mean activation instead of 0.
+ACTIVATION_FLOOR = 1e-6
+
+
+def _whitening(problem: LayerProblem) -> Weighting:
+    root, lower = gram_square_root(problem.gram)
+    return Weighting(right=root, lower=lower)
+
+
+@register_weighting("whiten", needs=(ACTIVATIONS,), description="whitening: min ‖(W − AB)·Xᵀ‖_F")
+def whiten_weighting(problem: LayerProblem) -> Weighting:
+    return _whitening(problem)
+
+
+@register_weighting("asvd", needs=(ACTIVATIONS,), description="ASVD: min ‖(W − AB)·diag(E|x|)^α‖_F")
+def asvd_weighting(problem: LayerProblem) -> Weighting:
+    scale = problem.mean_abs.double()
+    scale = scale.clamp_min(ACTIVATION_FLOOR * scale.mean().clamp_min(1e-30))
+    return Weighting(right=scale.pow(problem.config.asvd_alpha))
+
+
+@register_weighting("fisher_whiten", needs=(FISHER, ACTIVATIONS),
+                    description="Fisher × whitening: min ‖D·(W − AB)·Xᵀ‖_F, D = diag √(row-summed Fisher)")
+def fisher_whiten_weighting(problem: LayerProblem) -> Weighting:
+    whitening = _whitening(problem)
+    whitening.rows = axis_weights(problem.fisher, "output").double()
+    return whitening

@@ -1,0 +1,107 @@
+"""Activation-aware methods (whiten, asvd, fisher_whiten), guarded Cholesky, rank allocation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.allocation import greedy_ranks, max_saving_rank
+from hf_wsvd.linalg import gram_square_root
+from hf_wsvd.solvers import LayerProblem, get_solver
+from stats_worker import case_inputs
+
+
+def _problem(out=12, inp=8, tokens=40, rank=8, singular=False, seed=0, **config):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, inp, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, inp, dtype=torch.float64)
+    if singular:
+        x[:, -3:] = 0  # three input features never fire: a singular Gram matrix
+    fisher = torch.rand(out, inp, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, out, dtype=torch.float64)[:, None]
+    return LayerProblem("layer", weight, rank, fisher=fisher, config=WSVDConfig(**config),
+                        gram=x.T @ x / tokens, mean_abs=x.abs().mean(0)), x
+
+
+@pytest.mark.parametrize("method", ["whiten", "asvd", "fisher_whiten"])
+def test_full_rank_reproduces_the_layer(method):
+    problem, _ = _problem(rank=8)
+    up, down = get_solver(method).solve(problem)
+    torch.testing.assert_close(up @ down, problem.weight, rtol=1e-9, atol=1e-9)
+
+
+def test_whitening_minimizes_the_output_error():
+    problem, x = _problem(rank=3)
+    errors = {}
+    for method in ["svd", "whiten", "asvd"]:
+        up, down = get_solver(method).solve(problem)
+        errors[method] = ((problem.weight - up @ down) @ x.T).norm().item()
+    assert errors["whiten"] < errors["asvd"] and errors["whiten"] < errors["svd"]
+    # Eckart–Young in the whitened norm: the error is the tail of the whitened spectrum.
+    tail = get_solver("whiten").spectrum(problem)[3:].square().sum().sqrt().item()
+    assert errors["whiten"] == pytest.approx(tail * len(x) ** 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["whiten", "fisher_whiten", "asvd"])
+def test_singular_gram_gives_finite_factors(method):
+    problem, x = _problem(rank=4, singular=True)
+    up, down = get_solver(method).solve(problem)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    # Still a good fit on the inputs that occur.
+    assert ((problem.weight - up @ down) @ x.T).norm() < (problem.weight @ x.T).norm()
+
+
+def test_gram_square_root_falls_back_for_indefinite_matrices():
+    g = torch.diag(torch.tensor([4.0, 1.0, -1e-3], dtype=torch.float64))
+    root, lower = gram_square_root(g)
+    assert not lower and torch.isfinite(root).all()
+    torch.testing.assert_close(root @ root.T, g.clamp_min(0) + torch.diag(torch.tensor([0, 0, 4e-8], dtype=torch.float64)), atol=1e-7, rtol=0)
+    root, lower = gram_square_root(torch.eye(3, dtype=torch.float64) * 2)
+    assert lower
+    with pytest.raises(ValueError, match="NaN"):
+        gram_square_root(torch.full((2, 2), float("nan")))
+
+
+def test_greedy_allocation_meets_the_budget_exactly_and_is_deterministic():
+    shapes = {"a": (64, 64), "b": (64, 16), "c": (128, 32), "d": (32, 96)}
+    g = torch.Generator().manual_seed(0)
+    spectra = {n: torch.rand(min(s), generator=g).sort(descending=True).values ** (i + 1)
+               for i, (n, s) in enumerate(shapes.items())}
+    ratio = 0.4
+    ranks = greedy_ranks(shapes, spectra, ratio)
+    assert ranks == greedy_ranks(shapes, {n: s.clone() for n, s in spectra.items()}, ratio)
+    budget = ratio * sum(i * o for i, o in shapes.values())
+    spent = sum(r * (i + o) for r, (i, o) in zip(ranks.values(), shapes.values()))
+    assert spent <= budget
+    growable = [sum(shapes[n]) for n, r in ranks.items() if r < max_saving_rank(*shapes[n])]
+    assert not growable or budget - spent < min(growable)  # no further rank fits
+    for name, (i, o) in shapes.items():
+        assert 1 <= ranks[name] and ranks[name] * (i + o) < i * o  # never a rank that saves nothing
+    # Rank goes where the spectrum decays slowly: the flattest layer gets the largest share.
+    flat = {n: torch.ones(min(s)) for n, s in shapes.items()}
+    flat["b"] = torch.tensor([1.0] + [1e-6] * 15)
+    assert greedy_ranks(shapes, flat, ratio)["b"] == 1
+
+
+def test_greedy_refuses_a_budget_below_rank_one():
+    with pytest.raises(ValueError, match="param_ratio=0.01"):
+        greedy_ranks({"a": (64, 64)}, {"a": torch.ones(64)}, 0.01)
+
+
+@pytest.mark.parametrize("method", ["whiten", "asvd", "fisher_whiten"])
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_compress_llama_with_activation_methods(method, allocation):
+    """GQA k/v projections (32 → 16) get valid ranks; the budget holds; the model runs."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    dense_params = sum(p.numel() for p in model.parameters())
+    config = WSVDConfig(method=method, param_ratio=0.5, allocation=allocation)
+    model, report = compress(model, config, loader, show_progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert layers and all(m.rank * (m.in_features + m.out_features) < m.in_features * m.out_features
+                          for m in layers.values())
+    k_proj = layers["model.layers.0.self_attn.k_proj"]
+    assert (k_proj.out_features, k_proj.in_features) == (16, 32)
+    assert report.params_after < dense_params
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny.inputs("llama")).logits).all()
