@@ -1,0 +1,56 @@
+"""Sequential (block-by-block) compression of causal LMs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd import sequential as sequential_module
+from stats_worker import case_inputs
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    return {n: m.up.weight @ m.down.weight for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+@pytest.mark.parametrize("case", ["llama_causal_lm", "gpt2_causal_lm"])
+def test_full_rank_reproduces_the_logits(case, monkeypatch):
+    model, loader, _, _ = case_inputs(case, 6, 3)
+    arch = case.split("_")[0]
+    with torch.no_grad():
+        reference = model(**tiny.inputs(arch)).logits
+    monkeypatch.setattr(sequential_module, "uniform_ranks", lambda shapes, ratio: {n: min(s) for n, s in shapes.items()})
+    model, report = compress(model, WSVDConfig(method="whiten", sequential=True), loader, show_progress=False)
+    assert len(report.ranks) == len(_factors(model)) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tiny.inputs(arch)).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_come_from_the_compressed_blocks():
+    """Block 0 sees the same inputs either way; later blocks see the compressed model's outputs."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="whiten", param_ratio=0.5)
+    whole, whole_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
+    seq, seq_report = compress(model, WSVDConfig(method="whiten", param_ratio=0.5, sequential=True), loader,
+                               show_progress=False)
+    assert seq_report.ranks == whole_report.ranks
+    a, b = _factors(whole), _factors(seq)
+    for name in a:
+        same = torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+        assert same == (".layers.0." in name), name
+    assert seq.config.wsvd["sequential"] is True
+    with torch.no_grad():
+        assert torch.isfinite(seq(**tiny.inputs("llama")).logits).all()
+
+
+def test_sequential_refuses_what_it_cannot_do():
+    model, loader, _, _ = case_inputs("bert_classification", 4, 2)
+    with pytest.raises(ValueError, match="causal LM"):
+        compress(model, WSVDConfig(method="whiten", sequential=True), loader, show_progress=False)
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    with pytest.raises(ValueError, match="allocation='greedy'"):
+        compress(model, WSVDConfig(method="whiten", sequential=True, allocation="greedy"), loader, show_progress=False)
