@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
     c.add_argument("--fisher-axis", choices=["output", "input"], default="output",
                    help="fwsvd: one weight per output row (default) or per input column")
+    c.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="uniform: every layer keeps --param-ratio; greedy: one global budget spent where the "
+                        "method's weighted loss falls most per parameter")
+    c.add_argument("--sequential", action="store_true",
+                   help="causal LMs: compress block by block on the compressed model's own activations "
+                        "(one block on the device at a time)")
+    c.add_argument("--asvd-alpha", type=float, default=0.5, help="asvd: exponent of the activation scaling")
     c.add_argument("--p", type=float, default=1.0,
                    help="lp method: the exponent p in [1, 2] of Σ_rows dist(row, subspace)^p (default: 1.0; 2 = SVD)")
     c.add_argument("--embeddings", action="store_true",
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> None:
     from . import compress
     from .config import WSVDConfig
-    from .solvers import FISHER, get_solver
+    from .solvers import get_solver
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
@@ -100,12 +107,13 @@ def _compress(args: argparse.Namespace) -> None:
     config = WSVDConfig(
         method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
+        allocation=args.allocation, sequential=args.sequential, asvd_alpha=args.asvd_alpha,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, p=args.p,
         embeddings=args.embeddings, embedding_ratio=args.embedding_ratio, embedding_method=args.embedding_method,
         embedding_weighting=args.embedding_weighting,
     )
-    if FISHER in get_solver(args.method).needs and not args.data:
-        raise ValueError(f"--method {args.method} needs importance data: pass --data FILE")
+    if get_solver(args.method).needs and not args.data:
+        raise ValueError(f"--method {args.method} needs importance/calibration data: pass --data FILE")
     if args.data and not os.path.isfile(args.data):
         raise FileNotFoundError(f"data file {args.data!r} does not exist")
     save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import os
 from itertools import chain
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .tasks import CAUSAL_LM, CLASSIFICATION
+
+if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
+    from datasets import Dataset
 
 # extension → (datasets builder, builder options)
 _BUILDERS = {
@@ -26,8 +29,10 @@ _BUILDERS = {
 }
 
 
-def load_table(path: str | os.PathLike) -> Dataset:
+def load_table(path: str | os.PathLike) -> "Dataset":
     """Read a TSV/CSV/JSON(L)/text/parquet file into a ``datasets.Dataset``."""
+    from datasets import load_dataset
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
@@ -39,7 +44,7 @@ def load_table(path: str | os.PathLike) -> Dataset:
 
 
 def resolve_columns(
-    dataset: Dataset, task: str, text_columns: list[str] | None = None, label_column: str | None = None
+    dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None
 ) -> tuple[list[str], str | None]:
     """Check the requested columns exist; default the text column to the first string column
     and the label column to ``label``. Causal LMs take no label column."""
@@ -84,7 +89,7 @@ def _label_ids(values: list, label2id: dict[str, int], num_labels: int, task: st
 
 
 def tokenize(
-    dataset: Dataset,
+    dataset: "Dataset",
     tokenizer: PreTrainedTokenizerBase,
     task: str,
     text_columns: list[str],
@@ -92,19 +97,14 @@ def tokenize(
     max_length: int,
     label2id: dict[str, int] | None = None,
     num_labels: int = 2,
-) -> Dataset:
+) -> "Dataset":
     """Tokenize for the task. Classification/regression: one example per row (pairs supported).
     Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
     template), the standard language-modeling layout."""
+    from datasets import Dataset
+
     if task == CAUSAL_LM:
-        column = text_columns[0]
-        texts = [t for t in dataset[column] if t and t.strip()]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = list(chain.from_iterable(tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts))
-        blocks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
-        if not blocks:
-            raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of max_length={max_length}")
-        return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * max_length for _ in blocks]})
+        return Dataset.from_list(text_blocks(dataset[text_columns[0]], tokenizer, max_length))
 
     def encode(rows):
         encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
@@ -114,14 +114,26 @@ def tokenize(
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
 
-def sample(dataset: Dataset, num_samples: int, seed: int) -> Dataset:
+def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict[str, list[int]]]:
+    """Language-modeling examples: non-empty texts joined with EOS, cut into full blocks of
+    ``max_length`` tokens (no chat template; the remainder is dropped)."""
+    texts = [t for t in texts if t and t.strip()]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = list(chain.from_iterable(tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts))
+    blocks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
+    if not blocks:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of max_length={max_length}")
+    return [{"input_ids": block, "attention_mask": [1] * max_length} for block in blocks]
+
+
+def sample(dataset: "Dataset", num_samples: int, seed: int) -> "Dataset":
     """A seeded random subset of at most ``num_samples`` rows."""
     if num_samples >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(num_samples))
 
 
-def make_dataloader(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int) -> DataLoader:
+def make_dataloader(dataset: "Dataset | list[dict]", tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int) -> DataLoader:
     """Batches padded per batch; causal LM batches get ``labels`` = input ids (padding → -100)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

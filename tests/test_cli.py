@@ -119,3 +119,22 @@ def test_installed_entry_point(tmp_path):
     assert result.stderr.strip() == f"hf-wsvd inspect: error: checkpoint folder {str(tmp_path / 'none')!r} does not exist"
     help_text = subprocess.run(["hf-wsvd", "compress", "--help"], capture_output=True, text=True).stdout
     assert "fraction of each target layer's parameters that is KEPT" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("extra", [["--method", "whiten", "--allocation", "greedy"],
+                                   ["--method", "fisher_whiten", "--sequential"],
+                                   ["--method", "asvd", "--asvd-alpha", "1.0"]])
+def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra):
+    dense = tmp_path / "dense-lm"
+    tiny.build("llama", "AutoModelForCausalLM").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(s for s, _ in ROWS * 4))
+    out = tmp_path / "lm"
+    assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", *extra]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    recipe = model.config.wsvd
+    assert recipe["method"] == extra[1]
+    assert recipe["allocation"] == ("greedy" if "greedy" in extra else "uniform")
+    assert recipe["sequential"] == ("--sequential" in extra)
+    assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) > 0
