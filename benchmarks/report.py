@@ -51,7 +51,9 @@ def splice(path: Path, name: str, text: str) -> None:
 
 
 def publish(name: str, payload: dict, table: str, readme: bool = True) -> None:
-    """Write ``benchmarks/results/<name>.json`` and the table into RESULTS.md (and README.md)."""
+    """Write ``benchmarks/results/<name>.json`` and the table into RESULTS.md (and README.md).
+
+    A payload measured elsewhere (a GPU machine) keeps the environment it recorded there."""
     payload = {"environment": environment(), **payload}
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

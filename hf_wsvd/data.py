@@ -1,4 +1,5 @@
-"""Importance and evaluation data: local files read with `datasets`, tokenized for the model's task."""
+"""Importance and evaluation data: a `datasets.Dataset`, a `save_to_disk` folder or a local file,
+tokenized for the model's task."""
 
 from __future__ import annotations
 
@@ -29,11 +30,24 @@ _BUILDERS = {
 }
 
 
-def load_table(path: str | os.PathLike) -> "Dataset":
-    """Read a TSV/CSV/JSON(L)/text/parquet file into a ``datasets.Dataset``."""
-    from datasets import load_dataset
+def load_table(source: str | os.PathLike | Dataset, split: str | None = None) -> Dataset:
+    """A ``datasets.Dataset`` from a Dataset (returned as is), a ``save_to_disk`` folder (of a
+    Dataset, or of a DatasetDict with ``split`` naming the split unless it has only one), or a
+    TSV/CSV/JSON(L)/text/parquet file."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-    path = os.fspath(path)
+    if isinstance(source, Dataset):
+        return source
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        loaded = load_from_disk(path)
+        if isinstance(loaded, DatasetDict):
+            if split is None and len(loaded) == 1:
+                split = next(iter(loaded))
+            if split not in loaded:
+                raise ValueError(f"dataset folder {path!r} has splits {sorted(loaded)}: name one (split=..., --split)")
+            loaded = loaded[split]
+        return loaded
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     extension = os.path.splitext(path)[1].lower()

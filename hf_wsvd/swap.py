@@ -59,6 +59,8 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
         # Both classes are attribute-free subclasses: switching classes keeps every reference
         # (sub-models share this config object) and all state.
         config.__class__ = wsvd_config_class(type(config))
+        # Configs read from a file carry model_type as an instance attribute that would hide the class's.
+        config.__dict__.pop("model_type", None)
         setattr(config, BASE_TYPE_KEY, base_type)
     setattr(config, RECIPE_KEY, recipe.to_dict())
     if not type(model).__name__.startswith("Wsvd"):

@@ -81,6 +81,13 @@ def _objective(dist: torch.Tensor, p: float, weights: torch.Tensor | None) -> fl
     return float((terms if weights is None else terms * weights.double()).sum())
 
 
+def _irls_weights(dist: torch.Tensor, p: float) -> torch.Tensor:
+    """``dist^{p−2}``, with distances floored at ``DIST_FLOOR`` × their mean and scaled to a
+    maximum of 1 (scale-free weights keep the Gram matrix well within float range)."""
+    weights = dist.clamp_min(DIST_FLOOR * dist.mean()).pow(p - 2)
+    return weights / weights.max()
+
+
 def _check(matrix: torch.Tensor, rank: int, p: float, row_weights: torch.Tensor | None) -> None:
     if matrix.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
@@ -110,8 +117,9 @@ def lp_subspace(
     max_iter: int = 50,
     tol: float = 1e-4,
 ) -> LpResult:
-    """The rank-``rank`` subspace of ``matrix``'s rows minimizing ``Σ w_i dist_i^p`` (IRLS from the
-    weighted-SVD subspace, which is the exact answer for p = 2).
+    """The rank-``rank`` subspace of ``matrix``'s rows minimizing ``Σ w_i dist_i^p``: IRLS from the
+    better of the weighted-SVD subspace (the exact answer for p = 2) and the row-norm-reweighted
+    one. ``objectives[0]`` is the objective of that start.
 
     Stops after ``max_iter`` steps, when a step lowers the objective by less than ``tol``
     (relative), or when a step would raise it (that step is discarded)."""
@@ -122,12 +130,22 @@ def lp_subspace(
     result = LpResult(basis, [_objective(dist, p, weights)])
     if p == 2:
         return result
+    # IRLS is a local method and the SVD start can be a trap: a few large rows captured by the SVD
+    # subspace sit at distance 0, get the largest weights and stay captured. The other start is
+    # one IRLS step from the zero subspace (weights ‖row‖^{p−2}, for p = 1 the SVD of the
+    # normalized rows), where large rows weigh less; the better of the two starts is kept.
+    norms = matrix.norm(dim=1)
+    if norms.max() > 0:
+        start_weights = _irls_weights(norms, p)
+        other, other_complement = _eigen_split(matrix, start_weights if weights is None else start_weights * weights, rank)
+        other_dist = _distances(matrix, other_complement)
+        objective = _objective(other_dist, p, weights)
+        if objective < result.objectives[0]:
+            result, dist = LpResult(other, [objective]), other_dist
     for _ in range(max_iter):
-        mean = dist.mean()
-        if mean == 0:  # every row lies in the subspace: nothing left to improve
+        if dist.max() == 0:  # every row lies in the subspace: nothing left to improve
             break
-        irls = dist.clamp_min(DIST_FLOOR * mean).pow(p - 2)
-        irls = irls / irls.max()  # scale-free weights keep the Gram matrix well within float range
+        irls = _irls_weights(dist, p)
         candidate, complement = _eigen_split(matrix, irls if weights is None else irls * weights, rank)
         candidate_dist = _distances(matrix, complement)
         objective = _objective(candidate_dist, p, weights)

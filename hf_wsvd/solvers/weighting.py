@@ -58,10 +58,16 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``problem.rank`` factors of W minimizing the weighted loss, in the weight's dtype."""
-    up, down = truncated_svd(weighting.apply(problem.weight), problem.rank)
+    """Rank-``problem.rank`` factors of W minimizing the weighted loss, in the weight's dtype.
+
+    The weighting is applied and undone in its own precision (float64 for activation factors);
+    the SVD runs in the compute dtype (the weight's), where float32 is accurate enough and much
+    faster on GPUs.
+    """
+    dtype = problem.weight.dtype
+    up, down = truncated_svd(weighting.apply(problem.weight).to(dtype), problem.rank)
     up, down = weighting.unapply(up, down)
-    return up.to(problem.weight.dtype), down.to(problem.weight.dtype)
+    return up.to(dtype), down.to(dtype)
 
 
 def register_weighting(name: str, needs: tuple[str, ...] = (), description: str = ""):

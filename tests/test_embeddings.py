@@ -1,0 +1,253 @@
+"""FactorizedEmbedding, tied output heads, and the embedding options of WSVDConfig / compress / CLI,
+including save/load with and without hf_wsvd installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import tiny
+from helpers import main_output, run_without_hf_wsvd
+from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, compress, parameter_counts
+from hf_wsvd.cli import main as cli_main
+from hf_wsvd.embeddings import token_frequencies
+from hf_wsvd.runtime.factorized_embedding import FactorizedTiedHead
+
+# arch, Auto class, embedding name (relative to the base model), tied head (full name) or None
+TIED = {
+    "llama": ("AutoModelForCausalLM", "embed_tokens", "lm_head"),
+    "gpt2": ("AutoModelForCausalLM", "wte", "lm_head"),
+    "bert": ("AutoModelForMaskedLM", "embeddings.word_embeddings", "cls.predictions.decoder"),
+    "t5": ("AutoModelForSeq2SeqLM", "shared", "lm_head"),
+}
+
+
+def _compress_embeddings(model, ratio=0.5, **overrides):
+    config = WSVDConfig(method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=ratio, **overrides)
+    return compress(model, config, show_progress=False)
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def test_factorized_embedding_computes_the_product_of_its_factors():
+    g = torch.Generator().manual_seed(0)
+    table, projection = torch.randn(50, 6, generator=g), torch.randn(16, 6, generator=g)
+    layer = FactorizedEmbedding.from_factors(table, projection, padding_idx=0)
+    ids = torch.tensor([[0, 3, 49], [7, 7, 1]])
+    assert torch.allclose(layer(ids), (table @ projection.T)[ids], atol=1e-6)
+    assert torch.allclose(layer.to_dense()(ids), layer(ids), atol=1e-6)
+    assert (layer.rank, layer.num_embeddings, layer.embedding_dim) == (6, 50, 16)
+    assert layer.num_parameters() == 50 * 6 + 16 * 6
+    layer(ids).sum().backward()
+    assert layer.weight.grad[0].abs().max() == 0  # padding_idx keeps its nn.Embedding meaning
+    assert layer.weight.grad[3].abs().max() > 0
+
+
+@pytest.mark.parametrize("rank", [16, 17, 0])
+def test_rank_at_least_hidden_is_a_clear_error(rank):
+    with pytest.raises(ValueError, match=rf"rank={rank} is invalid for a 50x16 embedding"):
+        FactorizedEmbedding(50, 16, rank)
+
+
+def test_factor_shapes_must_chain():
+    with pytest.raises(ValueError, match="do not chain"):
+        FactorizedEmbedding.from_factors(torch.randn(50, 6), torch.randn(16, 5))
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def test_embeddings_only_compression_of_a_classifier():
+    dense = tiny.build("bert")
+    before = sum(p.numel() for p in dense.parameters())
+    table = dense.bert.embeddings.word_embeddings.weight.detach().clone()
+    with torch.no_grad():
+        reference = main_output(dense(**tiny.inputs("bert")))
+    model, report = _compress_embeddings(dense, ratio=0.5)
+    assert report.ranks == {"embeddings.word_embeddings": 10}  # ⌊0.5·64·32/96⌋
+    assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
+    assert isinstance(model.bert.embeddings.word_embeddings, FactorizedEmbedding)
+    assert report.params_before - report.params_after == 64 * 32 - 10 * (64 + 32)
+    assert parameter_counts(model) == (report.params_after, before)
+    u, sv, vh = torch.linalg.svd(table.double(), full_matrices=False)
+    best = (u[:, :10] * sv[:10]) @ vh[:10]  # Eckart–Young: the rank-10 SVD reconstruction
+    assert torch.allclose(model.bert.embeddings.word_embeddings.to_dense().weight.double(), best, atol=1e-5)
+    with torch.no_grad():
+        out = main_output(model(**tiny.inputs("bert")))
+    assert (out - reference).abs().max() > 0
+
+
+def test_linear_and_embedding_compression_combine():
+    model, report = compress(tiny.build("llama"), WSVDConfig(method="lp", p=1.25, param_ratio=0.5, embeddings=True),
+                             show_progress=False)
+    assert "embed_tokens" in report.ranks and len(report.ranks) > 1
+    assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(report.ranks) - 1
+    assert model.config.wsvd["ranks"] == report.ranks and model.config.wsvd["p"] == 1.25
+
+
+@pytest.mark.parametrize("arch", list(TIED))
+def test_tied_head_shares_the_factors(arch):
+    auto, embedding_name, head_name = TIED[arch]
+    model = tiny.build(arch, auto)
+    model, _ = _compress_embeddings(model)
+    embedding, head = model.get_input_embeddings(), model.get_submodule(head_name)
+    assert isinstance(embedding, FactorizedEmbedding) and isinstance(head, FactorizedTiedHead)
+    assert head.weight is embedding.weight and head.proj.weight is embedding.proj.weight
+    dense_head = embedding.weight.detach() @ embedding.proj.weight.detach().T
+    x = torch.randn(3, embedding.embedding_dim)
+    expected = x @ dense_head.T + (head.bias.detach() if head.bias is not None else 0)
+    assert torch.allclose(head(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(TIED))
+def test_tied_round_trip_is_exact(arch, tmp_path):
+    auto_name, embedding_name, head_name = TIED[arch]
+    model, report = _compress_embeddings(tiny.build(arch, auto_name))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reference = main_output(model(**tiny.inputs(arch)))
+    assert (tmp_path / "factorized_embedding.py").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["wsvd"]["ranks"] == report.ranks and config["tie_word_embeddings"] is not False
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    # The factors are stored once, under the embedding's names.
+    assert not any(k.startswith(head_name + ".") and not k.endswith("bias") for k in keys), sorted(keys)
+    assert any(k.endswith(embedding_name + ".proj.weight") for k in keys)
+    loaded = getattr(transformers, auto_name).from_pretrained(tmp_path).eval()
+    head = loaded.get_submodule(head_name)
+    assert head.weight is loaded.get_input_embeddings().weight
+    assert head.proj.weight is loaded.get_input_embeddings().proj.weight
+    with torch.no_grad():
+        assert (main_output(loaded(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
+    # A re-save of the loaded model loads back the same.
+    loaded.save_pretrained(tmp_path / "again")
+    again = getattr(transformers, auto_name).from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert (main_output(again(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
+
+
+def test_tie_survives_training():
+    model, _ = _compress_embeddings(tiny.build("llama"))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = tiny.inputs("llama")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = model.lm_head.proj.weight.detach().clone()
+    assert model.model.embed_tokens.proj.weight.grad is not None
+    assert torch.equal(model.model.embed_tokens.proj.weight, before)
+
+
+def test_generate_with_a_factorized_tied_head(tmp_path):
+    model, _ = _compress_embeddings(tiny.build("llama"))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = tiny.inputs("llama")["input_ids"][:1]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), loaded.generate(ids, **kwargs))
+
+
+def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
+    cases = {}
+    for arch in ("llama", "bert"):
+        auto_name = TIED[arch][0]
+        model, _ = _compress_embeddings(tiny.build(arch, auto_name))
+        model.save_pretrained(tmp_path / arch)
+        with torch.no_grad():
+            torch.save({"inputs": tiny.inputs(arch), "reference": main_output(model(**tiny.inputs(arch)))},
+                       tmp_path / f"{arch}.pt")
+        cases[arch] = (auto_name, TIED[arch][2])
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        for arch, (auto_name, head_name) in {cases!r}.items():
+            saved = torch.load("{tmp_path}/" + arch + ".pt")
+            model = getattr(transformers, auto_name).from_pretrained("{tmp_path}/" + arch, trust_remote_code=True)
+            embedding, head = model.get_input_embeddings(), model.get_submodule(head_name)
+            assert type(embedding).__name__ == "FactorizedEmbedding", type(embedding)
+            assert type(head).__name__ == "FactorizedTiedHead", type(head)
+            assert head.weight is embedding.weight and head.proj.weight is embedding.proj.weight
+            with torch.no_grad():
+                diff = (model(**saved["inputs"]).logits - saved["reference"]).abs().max().item()
+            assert diff <= 1e-6, (arch, diff)
+            print(arch, "ok")
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 2
+
+
+# --------------------------------------------------------------------------- row weights
+
+
+def test_token_frequencies_skip_padding():
+    batches = [{"input_ids": torch.tensor([[5, 5, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])},
+               {"input_ids": torch.tensor([[7, 9]])}]
+    counts = token_frequencies(batches, 12)
+    assert counts.tolist() == [0, 0, 0, 0, 0, 2, 0, 2, 0, 1, 0, 0]
+
+
+def test_frequency_weighting_needs_data_and_changes_the_factors(tokenizer):
+    with pytest.raises(ValueError, match="embedding_weighting='frequency' needs importance data"):
+        _compress_embeddings(tiny.build("bert"), embedding_method="lp", embedding_weighting="frequency")
+    frequent = tiny.inputs("bert", batch=8, length=12)
+    frequent["input_ids"][:] = 9  # one token dominates the data
+    batches = [frequent]
+    uniform, _ = _compress_embeddings(tiny.build("bert"), ratio=0.2, embedding_method="lp")
+    weighted, _ = compress(tiny.build("bert"), WSVDConfig(
+        method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=0.2, embedding_method="lp",
+        embedding_weighting="frequency"), batches, show_progress=False)
+    dense = tiny.build("bert").bert.embeddings.word_embeddings.weight.detach()
+
+    def error(model, row):
+        return (model.bert.embeddings.word_embeddings.to_dense().weight[row] - dense[row]).norm().item()
+
+    assert error(weighted, 9) < 0.5 * error(uniform, 9)
+
+
+# --------------------------------------------------------------------------- config and CLI
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(embedding_ratio=1.0), "embedding_ratio=1.0"),
+    (dict(embedding_ratio=0), "embedding_ratio=0"),
+    (dict(embedding_method="fwsvd"), "embedding_method='fwsvd'"),
+    (dict(embeddings=True, method="fwsvd"), "embeddings=True with method='fwsvd'"),
+    (dict(embeddings="yes"), "embeddings='yes'"),
+    (dict(embedding_weighting="tfidf"), "embedding_weighting='tfidf'"),
+    (dict(p=0.9), "p=0.9"),
+])
+def test_config_names_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        WSVDConfig(**kwargs)
+
+
+def test_config_round_trips_the_embedding_fields():
+    config = WSVDConfig(method="fwsvd", embeddings=True, embedding_ratio=0.72, embedding_method="lp", p=1.25,
+                        embedding_weighting="frequency")
+    again = WSVDConfig.from_dict(json.loads(config.to_json_string()))
+    assert again == config and again.resolved_embedding_method == "lp"
+    assert WSVDConfig(method="lp", embeddings=True).resolved_embedding_method == "lp"
+
+
+def test_cli_compresses_embeddings_with_lp(tmp_path, tokenizer, capsys):
+    source = tmp_path / "dense"
+    tiny.build("bert").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "out"
+    code = cli_main(["compress", str(source), str(out), "--method", "lp", "--p", "1.25", "--param-ratio", "1",
+                     "--embeddings", "--embedding-ratio", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 10}
+    assert config["wsvd"]["p"] == 1.25 and config["wsvd"]["method"] == "lp"
+    capsys.readouterr()
+    assert cli_main(["inspect", str(out)]) == 0
+    assert "embeddings.word_embeddings" in capsys.readouterr().out
+    code = cli_main(["compress", str(source), str(tmp_path / "bad"), "--method", "lp", "--p", "3"])
+    assert code == 2 and "p=3.0" in capsys.readouterr().err
