@@ -70,6 +70,13 @@ class WSVDConfig:
         risk_threshold: ``rescue`` refines with the element-wise solver only the matrices whose
             SVD-risk (``hf_wsvd.solvers.risk.fwsvd_risk``: the share of the FWSVD solution's
             Fisher-weighted error that the row weighting does not see) exceeds this, ≥ 0.
+        max_kept_ratio_for_speed: a target layer whose allocated rank keeps more than this
+            fraction of its weights (r·(in+out) / (in·out)) stays dense: factorized at that ratio it
+            runs no faster than dense (two thin matrix products instead of one). The crossing depends
+            on the device, dtype and shapes: ``benchmarks/layer_speed.py`` measures it and prints
+            the ``threshold`` to use. In (0, 1], or None (default): every layer whose rank saves
+            parameters is factorized. With ``allocation="greedy"`` the layers kept dense are not
+            re-budgeted, so the model then keeps more than ``param_ratio``.
         ranks: filled by the compressor: base-model-relative module name → rank (the input
             embeddings, when compressed, are listed under their name too).
     """
@@ -98,6 +105,7 @@ class WSVDConfig:
     time_budget: float | None = None
     importance_power: float = 1.0
     risk_threshold: float = 0.1
+    max_kept_ratio_for_speed: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -160,6 +168,14 @@ class WSVDConfig:
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
         self._validate_elementwise()
+        speed = self.max_kept_ratio_for_speed
+        if speed is not None:
+            if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:
+                raise ValueError(
+                    f"max_kept_ratio_for_speed={speed!r} must be None or in (0, 1]: layers whose rank keeps "
+                    "more than this fraction of their weights stay dense"
+                )
+            self.max_kept_ratio_for_speed = float(speed)
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")

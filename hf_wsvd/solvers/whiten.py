@@ -5,9 +5,14 @@
 - ``asvd``: min ‖(W − AB)·diag(E|x|)^α‖_F, a diagonal activation scaling (α = ``asvd_alpha``).
 - ``fisher_whiten``: min ‖D·(W − AB)·Xᵀ‖_F with D = diag √(row-summed Fisher): the output rows
   the task loss is sensitive to, times the input directions that actually occur.
+
+With a cross Gram (sequential refit), whiten and fisher_whiten fit the dense model's outputs
+instead: min ‖D·(W·X_denseᵀ − AB·Xᵀ)‖_F, the SVD of D·W·G_dc·S⁻ᵀ (G_dc = E[x_dense xᵀ], S Sᵀ = E[x xᵀ]).
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..linalg import gram_square_root
 from .fwsvd import axis_weights
@@ -20,7 +25,16 @@ ACTIVATION_FLOOR = 1e-6
 
 def _whitening(problem: LayerProblem) -> Weighting:
     root, lower = gram_square_root(problem.gram)
-    return Weighting(right=root, lower=lower)
+    weighting = Weighting(right=root, lower=lower)
+    if problem.cross_gram is not None:
+        # W·G_dc·S⁻ᵀ: solve X·Sᵀ = G_dc rather than inverting S.
+        cross = problem.cross_gram.double()
+        if lower:
+            solved = torch.linalg.solve_triangular(root.T, cross, upper=True, left=False)
+        else:
+            solved = torch.linalg.solve(root, cross.T).T
+        weighting.target = problem.weight.double() @ solved
+    return weighting
 
 
 @register_weighting("whiten", needs=(ACTIVATIONS,), description="whitening: min ‖(W − AB)·Xᵀ‖_F")

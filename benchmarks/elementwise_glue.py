@@ -1,0 +1,97 @@
+"""GLUE quality of the element-wise solvers (tfwsvd: als, adam, em, hybrid) and rescue against svd
+and fwsvd, on the shipped MiniLM task models, no re-training.
+
+One Fisher per task (512 seeded train examples) is reused by every method (``compress(...,
+importance=fisher)``). Besides dev accuracy/F1, each row reports the objective the solvers
+minimize, summed over the 36 layers: the Fisher-predicted loss increase ½ Σ F (W − AB)², so a
+solver that lowers the objective but not the task score shows it.
+
+    python benchmarks/elementwise_glue.py [--max-iterations 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.evaluation import classification_metrics, predict
+from hf_wsvd.runtime.factorized_linear import linear_weight
+
+from common import load_task
+from report import markdown_table, publish
+
+# benchmark variant → WSVDConfig options
+VARIANTS = {
+    "svd": dict(method="svd"),
+    "fwsvd": dict(method="fwsvd"),
+    "tfwsvd-als": dict(method="tfwsvd", solver="als"),
+    "tfwsvd-adam": dict(method="tfwsvd", solver="adam"),
+    "tfwsvd-em": dict(method="tfwsvd", solver="em"),
+    "tfwsvd-hybrid": dict(method="tfwsvd", solver="hybrid"),
+    "rescue": dict(method="rescue", solver="als"),
+}
+
+
+def objective(model, dense_weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], targets: dict[str, str]) -> float:
+    """Σ over layers of ½ Σ F (W − W')²: the Fisher-predicted loss increase of the compression."""
+    total = 0.0
+    for name, weight in dense_weights.items():
+        approx = linear_weight(model.get_submodule(targets[name])).detach()
+        total += 0.5 * float((fisher[name].double() * (weight.double() - approx.double()).square()).sum())
+    return total
+
+
+def run_task(task: str, ratios: list[float], variants: list[str], options: dict) -> list[dict]:
+    dense, dev, fisher, targets = load_task(task)
+    dense_weights = {n: linear_weight(dense.get_submodule(f)).detach().clone() for n, f in targets.items()}
+    rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
+    for ratio in ratios:
+        for variant in variants:
+            config = WSVDConfig(param_ratio=ratio, seed=0, **VARIANTS[variant], **options)
+            start = time.perf_counter()
+            model, report = compress(copy.deepcopy(dense), config, importance=fisher, show_progress=False)
+            seconds = time.perf_counter() - start
+            rows.append({"task": task, "method": variant, "param_ratio": ratio,
+                         **classification_metrics(*predict(model, dev)),
+                         "predicted_loss": objective(model, dense_weights, fisher.fisher, targets),
+                         "factorize_seconds": seconds, "params_after": report.params_after})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,mrpc")
+    parser.add_argument("--ratios", default="0.5,0.3")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--max-iterations", type=int, default=3)
+    parser.add_argument("--importance-power", type=float, default=None, help="default: WSVDConfig's")
+    parser.add_argument("--risk-threshold", type=float, default=None, help="default: WSVDConfig's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = {"max_iterations": args.max_iterations}
+    for key in ("importance_power", "risk_threshold"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rows = []
+    for task in args.tasks.split(","):
+        rows += run_task(task, ratios, args.variants.split(","), options)
+    headers = ["task", "method", "kept ratio", "accuracy", "F1", "majority-class share",
+               "predicted loss ½ΣF·ΔW²", "factorize s"]
+    table = markdown_table(headers, [
+        [r["task"], r["method"], r["param_ratio"], r["accuracy"], r.get("f1", float("nan")), r["majority_share"],
+         r.get("predicted_loss", 0.0), r.get("factorize_seconds", 0.0)]
+        for r in rows
+    ])
+    publish("elementwise_glue", {"options": options, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Timing helpers shared by the speed benchmarks: interleaved rounds and medians, so that a noisy
+machine slows every variant alike and ratios come from the same process and the same rounds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_seconds(
+    calls: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int, device: torch.device | str
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable, one sample per round: each round runs every callable
+    ``iters`` times in turn (after ``warmup`` untimed calls each)."""
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    call()
+                synchronize(device)
+                samples[name].append((time.perf_counter() - start) / iters)
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def speedup(baseline: list[float], other: list[float]) -> float:
+    """Median over rounds of baseline time / other time (> 1: ``other`` is faster)."""
+    return statistics.median(b / o for b, o in zip(baseline, other))
+
+
+def add_json_arguments(parser) -> None:
+    parser.add_argument("--json-out", help="measure and write the measurement here (no README/RESULTS update)")
+    parser.add_argument("--from-json", nargs="+", help="render measurement files (or a published results file)")
+
+
+def measured_runs(args, measure) -> list[dict]:
+    """``--from-json``: the measurements in those files (a published results file holds them under
+    ``"runs"``); else ``[measure(args)]``, also written to ``--json-out`` when given."""
+    if args.from_json:
+        loaded = [json.loads(Path(path).read_text()) for path in args.from_json]
+        return [run for payload in loaded for run in payload.get("runs", [payload])]
+    payload = measure(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+    return [payload]
