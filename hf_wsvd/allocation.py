@@ -12,15 +12,32 @@ def rank_for_ratio(in_features: int, out_features: int, param_ratio: float) -> i
     return max(1, int(param_ratio * in_features * out_features / (in_features + out_features)))
 
 
-def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float) -> dict[str, int]:
+def kept_ratio(in_features: int, out_features: int, rank: int) -> float:
+    """The fraction of a layer's weights its rank-``rank`` factors keep, r·(in+out) / (in·out)."""
+    return rank * (in_features + out_features) / (in_features * out_features)
+
+
+def drop_slow_layers(ranks: dict[str, int], shapes: dict[str, tuple[int, int]],
+                     max_kept_ratio: float | None) -> dict[str, int]:
+    """``ranks`` without the layers whose kept ratio exceeds ``max_kept_ratio``: factorized at that
+    ratio they would run no faster than dense (``WSVDConfig.max_kept_ratio_for_speed``), so they
+    stay dense. None keeps every layer."""
+    if max_kept_ratio is None:
+        return ranks
+    return {name: rank for name, rank in ranks.items() if kept_ratio(*shapes[name], rank) <= max_kept_ratio}
+
+
+def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float,
+                  max_kept_ratio: float | None = None) -> dict[str, int]:
     """The same kept ratio for every layer (``shapes``: name → (in, out)). Layers whose rank
-    would not save parameters are left out: they stay dense."""
+    would not save parameters, or would keep more than ``max_kept_ratio`` of them, are left out:
+    they stay dense."""
     ranks = {}
     for name, (in_features, out_features) in shapes.items():
         rank = rank_for_ratio(in_features, out_features, param_ratio)
         if saves_parameters(in_features, out_features, rank):
             ranks[name] = rank
-    return ranks
+    return drop_slow_layers(ranks, shapes, max_kept_ratio)
 
 
 def max_saving_rank(in_features: int, out_features: int) -> int:

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .allocation import greedy_ranks, uniform_ranks
+from .allocation import drop_slow_layers, greedy_ranks, uniform_ranks
 from .checkpoint import parameter_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
@@ -31,7 +31,7 @@ class CompressionReport:
     method: str
     param_ratio: float
     ranks: dict[str, int]
-    dense_targets: list[str]  # targets left dense because their rank would save nothing
+    dense_targets: list[str]  # targets left dense: their rank would save nothing or exceed max_kept_ratio_for_speed
     params_before: int
     params_after: int
     importance_examples: int = 0
@@ -94,11 +94,12 @@ def allocate(config: WSVDConfig, solver: Solver, shapes: dict[str, tuple[int, in
              problems: dict[str, LayerProblem]) -> dict[str, int]:
     """Per-layer ranks under ``config.param_ratio`` with ``config.allocation``."""
     if config.allocation == "uniform":
-        return uniform_ranks(shapes, config.param_ratio)
+        return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)
     if solver.spectrum is None:
         raise ValueError(f"allocation={config.allocation!r} needs a method with a spectrum; {solver.name!r} has none")
     spectra = {name: solver.spectrum(problem) for name, problem in problems.items()}
-    return greedy_ranks(shapes, spectra, config.param_ratio)
+    return drop_slow_layers(greedy_ranks(shapes, spectra, config.param_ratio), shapes,
+                            config.max_kept_ratio_for_speed)
 
 
 def factorize_layers(model: torch.nn.Module, solver: Solver, problems: dict[str, LayerProblem],
@@ -152,10 +153,12 @@ def compress(
     else:
         shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
         candidates = targets if config.allocation != "uniform" else {
-            n: targets[n] for n in uniform_ranks(shapes, config.param_ratio)}
+            n: targets[n] for n in uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)}
         if not candidates:
+            speed = config.max_kept_ratio_for_speed
             raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(targets)} "
-                             "target layers; lower it to compress")
+                             "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
+                             + "; lower it to compress")
         modules = {name: model.get_submodule(full) for name, full in candidates.items()}
         stats = gather_statistics(model, solver, modules, data, loss_fn, accelerator,
                                   Statistics(importance, activations), seconds, show_progress)

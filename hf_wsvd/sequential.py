@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .allocation import uniform_ranks
+from .allocation import drop_slow_layers, uniform_ranks
 from .config import WSVDConfig
 from .importance import FisherResult, compute_fisher, default_accelerator
 from .importance.activations import ActivationHooks
@@ -150,7 +150,8 @@ def compress_sequential(
             block_prefix = f"{prefix}.{index}."
             names = {n: f for n, f in targets.items() if f.startswith(block_prefix)}
             shapes = {n: linear_shape(model.get_submodule(f)) for n, f in names.items()}
-            block_ranks = uniform_ranks(shapes, config.param_ratio)
+            block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
+                                           config.max_kept_ratio_for_speed)
             if block_ranks:
                 modules = {n: model.get_submodule(names[n]) for n in block_ranks}
                 hooks = ActivationHooks(modules)

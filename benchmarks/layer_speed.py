@@ -1,0 +1,140 @@
+"""Dense ``nn.Linear`` vs ``FactorizedLinear`` forward time, per layer shape, token count and kept
+ratio, on one device: the kept ratio above which a factorized layer is no faster than dense.
+
+A factorized layer does r·(in+out) multiply-adds per token instead of in·out, the kept parameter
+ratio, but in two smaller matrix products; below some size they stop paying. The crossing (speedup
+1, interpolated between grid ratios) is measured per workload; the smallest crossing over the
+workloads is the ``threshold`` to set as ``WSVDConfig.max_kept_ratio_for_speed`` on that device.
+
+    python benchmarks/layer_speed.py --device cpu --json-out layer_speed_cpu.json
+    python benchmarks/layer_speed.py --device cuda --json-out layer_speed_gpu.json   # GPU machine
+    python benchmarks/layer_speed.py --from-json layer_speed_cpu.json layer_speed_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hf_wsvd import FactorizedLinear
+from hf_wsvd.allocation import rank_for_ratio
+from hf_wsvd.runtime.factorized_linear import saves_parameters
+from timing import add_json_arguments, interleaved_seconds, measured_runs, median, speedup
+
+# Shapes are in_features x out_features. CPU: MiniLM-L6 (attention, FFN up, FFN down) at batch
+# 32 × 128 and 1 × 128 tokens; CUDA: Llama 7B (attention, gate/up, down) at prefill 8 × 2048 and
+# decode batches 16 and 1.
+PRESETS = {
+    "cpu": {"shapes": ["384x384", "384x1536", "1536x384"], "tokens": [4096, 128], "dtype": "float32"},
+    "cuda": {"shapes": ["4096x4096", "4096x11008", "11008x4096"], "tokens": [16384, 16, 1], "dtype": "bfloat16"},
+}
+RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    in_features, out_features = (int(v) for v in text.lower().split("x"))
+    return in_features, out_features
+
+
+def crossing(points: list[dict]) -> float:
+    """The kept ratio where the speedup falls to 1, linearly interpolated between the first grid
+    point at or below 1 and the one before it (0 when the smallest ratio is already no faster,
+    1 when every ratio is faster)."""
+    points = sorted(points, key=lambda p: p["kept"])
+    for index, point in enumerate(points):
+        if point["speedup"] <= 1:
+            if index == 0:
+                return 0.0
+            before = points[index - 1]
+            slope = (point["speedup"] - before["speedup"]) / (point["kept"] - before["kept"])
+            return before["kept"] + (1 - before["speedup"]) / slope
+    return 1.0
+
+
+def time_workload(in_features: int, out_features: int, tokens: int, ratios: list[float], dtype: torch.dtype,
+                  device: torch.device, args) -> dict:
+    """Dense vs factorized at every ratio of the grid, interleaved in the same rounds."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
+    calls, layers, nominal = {"dense": lambda: dense(x)}, {}, {}
+    for ratio in ratios:
+        rank = rank_for_ratio(in_features, out_features, ratio)
+        if args.rank_multiple > 1:
+            rank = max(args.rank_multiple, rank // args.rank_multiple * args.rank_multiple)
+        if not saves_parameters(in_features, out_features, rank) or rank in layers:
+            continue
+        layers[rank] = FactorizedLinear(in_features, out_features, rank, device=device, dtype=dtype)
+        nominal[rank] = ratio
+        calls[str(rank)] = (lambda layer: lambda: layer(x))(layers[rank])
+    seconds = interleaved_seconds(calls, args.rounds, args.iters, args.warmup, device)
+    points = [
+        {"ratio": nominal[rank], "rank": rank, "kept": rank * (in_features + out_features) / (in_features * out_features),
+         "ms": 1e3 * median(seconds[str(rank)]), "speedup": speedup(seconds["dense"], seconds[str(rank)])}
+        for rank in layers
+    ]
+    return {"in": in_features, "out": out_features, "tokens": tokens, "dense_ms": 1e3 * median(seconds["dense"]),
+            "points": points, "crossing": crossing(points)}
+
+
+def measure(args) -> dict:
+    from report import environment
+
+    device = torch.device(args.device)
+    preset = PRESETS[device.type]
+    dtype = getattr(torch, args.dtype or preset["dtype"])
+    shapes = [parse_shape(s) for s in (args.shapes or preset["shapes"])]
+    workloads = [time_workload(i, o, t, args.ratios, dtype, device, args)
+                 for i, o in shapes for t in (args.tokens or preset["tokens"])]
+    return {
+        "device": device.type, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "rounds": args.rounds, "iters": args.iters, "rank_multiple": args.rank_multiple,
+        "workloads": workloads, "threshold": min(w["crossing"] for w in workloads),
+        "environment": environment(),
+    }
+
+
+def render(payloads: list[dict]) -> str:
+    from report import markdown_table
+
+    ratios = sorted({p["ratio"] for run in payloads for w in run["workloads"] for p in w["points"]})
+    rows = []
+    for run in payloads:
+        where = run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"
+        for w in run["workloads"]:
+            by_ratio = {p["ratio"]: p["speedup"] for p in w["points"]}
+            rows.append([f"{where}, {run['dtype']}", f"{w['in']}→{w['out']}", w["tokens"], w["dense_ms"],
+                         *[by_ratio.get(r, "—") for r in ratios], w["crossing"]])
+    table = markdown_table(["device", "layer", "tokens", "dense (ms)", *[f"×dense at {r:g}" for r in ratios],
+                            "crossing kept ratio"], rows)
+    thresholds = "; ".join(f"{run['environment'].get('cuda') or 'CPU'}: **{run['threshold']:.2f}**" for run in payloads)
+    return (f"{table}\n\n×dense: dense time / factorized time (median of {payloads[0]['rounds']} interleaved rounds) "
+            f"at the kept ratio of the column. Threshold (smallest crossing) per device: {thresholds}.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--shapes", nargs="+", help="in_featuresxout_features, e.g. 384x1536")
+    parser.add_argument("--tokens", nargs="+", type=int, help="rows of the input (batch × sequence length)")
+    parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
+    parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    add_json_arguments(parser)
+    args = parser.parse_args()
+
+    from report import publish
+
+    payloads = measured_runs(args, measure)
+    if args.json_out:
+        print(render(payloads))
+        return
+    publish("layer_speed", {"environment": payloads[0]["environment"], "runs": payloads}, render(payloads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Inference speed of compressed models against their dense original, checkpoint sizes, and the
+wall time of compression.
+
+``--device cpu``: the shipped MiniLM-L6 SST-2 classifier in float32, dense and compressed with
+``svd`` (speed does not depend on the method, only on the ranks) at kept ratios 0.5 and 0.3, all
+in one process and timed in interleaved rounds (medians; ×dense is the median of the per-round
+ratios): forward throughput at batch 32 × 128 tokens and latency at batch 1 × 128; the size on
+disk of each checkpoint saved in the shipped dtype against the kept parameter ratio; and the wall
+time of the real CLI, ``hf-wsvd compress`` with ``fwsvd`` (512 Fisher samples) and
+``fisher_whiten``, run as subprocesses.
+
+``--device cuda``: a Llama model of 7B shape (random bf16 weights) dense and with 20% and 40% of
+its decoder-linear parameters removed (factors of the uniform ranks, random: speed does not depend
+on their values), built, measured and freed one at a time: prefill tokens/s (8 × 2048, KV cache
+written, last logits only), greedy decode tokens/s at batch 1 and 16 (256 new tokens after a
+128-token prompt, KV cache; timed from the first new token), peak GPU memory; ``--compile``
+decodes with a static cache, which ``generate`` compiles (CUDA graphs). ``--parts svd`` times the
+SVDs of all 224 target matrices of the 7B shape in float32, one at a time and stacked by shape.
+
+    python benchmarks/speed.py --device cpu --json-out speed_cpu.json
+    python benchmarks/speed.py --from-json speed_cpu.json
+    python benchmarks/speed.py --device cuda --json-out gpu_eager.json                # GPU machine
+    python benchmarks/speed.py --device cuda --compile --json-out gpu_compiled.json
+    python benchmarks/speed.py --device cuda --parts svd --json-out gpu_svd.json
+    python benchmarks/speed.py --from-json gpu_eager.json gpu_compiled.json gpu_svd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hf_wsvd import WSVDConfig, compress, parameter_counts
+from hf_wsvd.allocation import uniform_ranks
+from hf_wsvd.runtime.factorized_linear import linear_shape
+from hf_wsvd.swap import replace_with_factors
+from hf_wsvd.targets import select_targets
+from timing import add_json_arguments, interleaved_seconds, measured_runs, median, speedup
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+MINILM = SHARED / "models" / "minilm-l6-sst2"
+SST2_TRAIN = SHARED / "data" / "glue" / "SST-2" / "train.tsv"
+# Target matrices of one Llama-7B block, out × in: q, k, v, o; gate, up; down.
+TARGETS_7B = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
+# Issue #8's targets.
+CPU_TARGET = 1.5  # MiniLM throughput at kept ratio 0.5, ×dense
+DECODE_TARGET, PREFILL_TARGET = 1.4, 1.3  # 7B shape, 40% reduction, ×dense
+SIZE_TOLERANCE = 0.02  # checkpoint size ratio vs kept parameter ratio
+CLI_TARGET_SECONDS = 60.0  # hf-wsvd compress MiniLM fwsvd 512 samples, 2-core CPU
+
+
+def label(ratio: float) -> str:
+    return "dense" if ratio == 1 else f"svd {ratio:g}"
+
+
+def token_batch(vocab_size: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(100, vocab_size, (batch, length), generator=generator, device=device)
+
+
+# ---------------------------------------------------------------------------------------- CPU
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def saved_size(model, folder: Path, dtype: torch.dtype) -> int:
+    """Bytes of the weight files of ``model`` saved in ``dtype`` (a copy is converted)."""
+    copy.deepcopy(model).to(dtype).save_pretrained(folder)
+    return safetensors_bytes(folder)
+
+
+def time_cli(method: str, samples: int, workdir: Path, args) -> dict:
+    """Wall time of ``hf-wsvd compress`` of MiniLM at kept ratio 0.5, as a subprocess."""
+    executable = shutil.which("hf-wsvd")
+    options = ["--method", method, "--param-ratio", "0.5", "--data", str(args.data), "--text-columns", "sentence",
+               "--num-samples", str(samples), "--overwrite"]
+    command = [executable] if executable else [sys.executable, "-m", "hf_wsvd.cli"]
+    command += ["compress", str(args.model), str(workdir / method), *options]
+    shown = ["hf-wsvd", "compress", os.path.relpath(args.model, ROOT), "OUT",
+             *(os.path.relpath(o, ROOT) if o == str(args.data) else o for o in options)]
+    runs = []
+    for _ in range(args.cli_repeats):
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        runs.append(time.perf_counter() - start)
+        if done.returncode:
+            raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return {"method": method, "samples": samples, "seconds": median(runs), "runs": runs, "command": shlex.join(shown)}
+
+
+def measure_cpu(args) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from report import environment
+
+    dense = AutoModelForSequenceClassification.from_pretrained(args.model, dtype=torch.float32).eval()
+    stored = AutoModelForSequenceClassification.from_pretrained(args.model).dtype
+    models = {1.0: dense}
+    for ratio in args.ratios:
+        models[ratio], _ = compress(copy.deepcopy(dense), WSVDConfig(method="svd", param_ratio=ratio),
+                                    show_progress=False)
+    vocab = dense.config.vocab_size
+    big = token_batch(vocab, args.batch, args.length, "cpu")
+    one = token_batch(vocab, 1, args.length, "cpu", seed=1)
+    throughput = interleaved_seconds({r: (lambda m: lambda: m(input_ids=big))(m) for r, m in models.items()},
+                                     args.rounds, args.iters, args.warmup, "cpu")
+    latency = interleaved_seconds({r: (lambda m: lambda: m(input_ids=one))(m) for r, m in models.items()},
+                                  args.rounds, args.latency_iters, args.warmup, "cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio, model in models.items():
+            now, dense_params = parameter_counts(model)
+            rows.append({
+                "ratio": ratio, "params": now, "param_ratio": now / dense_params,
+                "tokens_per_s": args.batch * args.length / median(throughput[ratio]),
+                "throughput_x": speedup(throughput[1.0], throughput[ratio]),
+                "latency_ms": 1e3 * median(latency[ratio]), "latency_x": speedup(latency[1.0], latency[ratio]),
+                "checkpoint_bytes": saved_size(model, Path(tmp) / label(ratio), stored),
+            })
+        cli = []
+        if args.cli_samples:
+            cli = [time_cli(method, args.cli_samples, Path(tmp), args) for method in args.cli_methods]
+    for row in rows:
+        row["size_ratio"] = row["checkpoint_bytes"] / rows[0]["checkpoint_bytes"]
+    return {
+        "device": "cpu", "model": os.path.relpath(args.model, ROOT), "dtype": "float32",
+        "checkpoint_dtype": str(stored).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "batch": args.batch, "length": args.length, "rounds": args.rounds, "models": rows, "compress_cli": cli,
+        "environment": environment(),
+    }
+
+
+def render_cpu(p: dict) -> str:
+    from report import markdown_table
+
+    rows = [[label(m["ratio"]), f"{m['params']:,}", m["param_ratio"], m["tokens_per_s"], m["throughput_x"],
+             m["latency_ms"], m["latency_x"], m["checkpoint_bytes"] / 2**20, m["size_ratio"],
+             f"{m['size_ratio'] / m['param_ratio'] - 1:+.2%}"] for m in p["models"]]
+    table = markdown_table(
+        ["MiniLM-L6 SST-2", "parameters", "kept (params)", f"tokens/s ({p['batch']}×{p['length']})", "×dense",
+         f"latency ms (1×{p['length']})", "×dense", f"checkpoint MiB ({p['checkpoint_dtype']})", "size/dense",
+         "size vs params"], rows)
+    half = next((m for m in p["models"] if m["ratio"] == 0.5), None)
+    notes = [f"CPU, {p['threads']} threads, float32, medians of {p['rounds']} interleaved rounds."]
+    if half:
+        notes.append(f"Target ≥{CPU_TARGET}× dense throughput at kept ratio 0.5: {half['throughput_x']:.2f}× "
+                     f"({'met' if half['throughput_x'] >= CPU_TARGET else 'NOT met'}).")
+    worst = max(abs(m["size_ratio"] / m["param_ratio"] - 1) for m in p["models"])
+    notes.append(f"Checkpoint size within {SIZE_TOLERANCE:.0%} of the kept parameter ratio: worst {worst:.2%} "
+                 f"({'met' if worst <= SIZE_TOLERANCE else 'NOT met'}).")
+    text = table + "\n\n" + " ".join(notes)
+    if p["compress_cli"]:
+        cli = markdown_table(["`hf-wsvd compress` (kept 0.5)", "samples", "wall time (s)", "command"],
+                             [[c["method"], c["samples"], c["seconds"], f"`{c['command']}`"] for c in p["compress_cli"]])
+        fwsvd = next((c for c in p["compress_cli"] if c["method"] == "fwsvd"), None)
+        text += "\n\n" + cli
+        if fwsvd:
+            text += (f"\n\nTarget: fwsvd with 512 samples under {CLI_TARGET_SECONDS:g} s on a 2-core CPU: "
+                     f"{fwsvd['seconds']:.1f} s with {fwsvd['samples']} samples on {p['environment']['cpus']} CPUs.")
+    return text
+
+
+# --------------------------------------------------------------------------------------- CUDA
+
+
+class FirstTokenClock:
+    """A stopping criterion that never stops: it records when the first new token exists (after
+    the prefill), so decode time excludes the prompt."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.never: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.start is None:
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+        if self.never is None or self.never.shape[0] != input_ids.shape[0]:
+            self.never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self.never
+
+
+def factorize_randomly(model, reduction: float, rank_multiple: int, seed: int = 2) -> dict[str, int]:
+    """Replace every decoder linear by random bf16 factors of the uniform rank that removes
+    ``reduction`` of its parameters (product entries of std 0.02, like the dense weights)."""
+    targets = select_targets(model, None, None)
+    shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
+    ranks = uniform_ranks(shapes, 1 - reduction)
+    if rank_multiple > 1:
+        ranks = {n: max(rank_multiple, r // rank_multiple * rank_multiple) for n, r in ranks.items()}
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, rank in ranks.items():
+        in_features, out_features = shapes[name]
+        scale = (0.02 / rank**0.5) ** 0.5
+        up = torch.randn(out_features, rank, generator=generator, device=device, dtype=torch.bfloat16).mul_(scale)
+        down = torch.randn(rank, in_features, generator=generator, device=device, dtype=torch.bfloat16).mul_(scale)
+        replace_with_factors(model, targets[name], up, down)
+    return ranks
+
+
+def decode(model, batch: int, args) -> dict:
+    """Greedy generation of ``args.new_tokens`` tokens after a random prompt (median of repeats)."""
+    from transformers import StoppingCriteriaList
+
+    ids = token_batch(model.config.vocab_size, batch, args.prompt_length, model.device, seed=batch)
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                   min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens,
+                   pad_token_id=model.config.eos_token_id)
+    if args.compile:
+        options["cache_implementation"] = "static"
+    decode_rates, total_rates = [], []
+    for attempt in range(args.decode_warmup + args.decode_repeats):
+        clock = FirstTokenClock()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **options)
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        if out.shape[1] != args.prompt_length + args.new_tokens:
+            raise RuntimeError(f"generated {out.shape[1] - args.prompt_length} tokens, not {args.new_tokens}")
+        if attempt >= args.decode_warmup:
+            decode_rates.append(batch * (args.new_tokens - 1) / (end - clock.start))
+            total_rates.append(batch * args.new_tokens / (end - start))
+    return {"tokens_per_s": median(decode_rates), "end_to_end_tokens_per_s": median(total_rates),
+            "runs": decode_rates}
+
+
+def measure_model(reduction: float, args) -> dict:
+    from sequential_7b import build
+
+    device = torch.device(args.device)
+    model = build(args.layers, device)
+    dense_params = sum(p.numel() for p in model.parameters())
+    ranks = factorize_randomly(model, reduction, args.rank_multiple) if reduction else {}
+    gc.collect()
+    torch.cuda.empty_cache()
+    params = sum(p.numel() for p in model.parameters())
+    result = {"reduction": reduction, "params": params, "param_ratio": params / dense_params,
+              "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+              "weights_gib": torch.cuda.memory_allocated() / 2**30, "factorized_layers": len(ranks),
+              "ranks": sorted(set(ranks.values()))}
+    if "prefill" in args.parts:
+        ids = token_batch(model.config.vocab_size, args.prefill_batch, args.prefill_length, device)
+        torch.cuda.reset_peak_memory_stats()
+        seconds = interleaved_seconds({"prefill": lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)},
+                                      args.rounds, 1, 1, device)["prefill"]
+        result["prefill"] = {"tokens_per_s": args.prefill_batch * args.prefill_length / median(seconds),
+                             "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del ids
+    if "decode" in args.parts:
+        result["decode"] = {}
+        for batch in args.decode_batches:
+            torch.cuda.reset_peak_memory_stats()
+            result["decode"][str(batch)] = {**decode(model, batch, args),
+                                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del model
+    if args.compile:
+        torch._dynamo.reset()  # frees the compiled graphs (and their CUDA graph pools)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def time_svds(args) -> list[dict]:
+    """Seconds for the float32 SVDs of all target matrices of the 7B shape, one matrix at a time
+    and stacked by shape (``torch.linalg.svd`` on a batch)."""
+    device = torch.device(args.device)
+    generator = torch.Generator(device=device).manual_seed(3)
+    torch.linalg.svd(torch.randn(64, 64, device=device))  # solver initialisation
+    rows = []
+    for (out_features, in_features), per_block in TARGETS_7B.items():
+        count = per_block * args.svd_layers
+        stack = torch.randn(count, out_features, in_features, generator=generator, device=device)
+        for method in args.svd_methods:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            if method == "loop":
+                for matrix in stack:
+                    torch.linalg.svd(matrix, full_matrices=False, driver=args.svd_driver)
+            else:
+                for chunk in stack.split(args.svd_chunk or count):
+                    torch.linalg.svd(chunk, full_matrices=False, driver=args.svd_driver)
+            torch.cuda.synchronize()
+            rows.append({"shape": [out_features, in_features], "matrices": count, "method": method,
+                         "driver": args.svd_driver or "default", "seconds": time.perf_counter() - start})
+        del stack
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure_cuda(args) -> dict:
+    from report import environment
+
+    payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "layers": args.layers,
+               "compile": args.compile, "parts": args.parts, "rank_multiple": args.rank_multiple,
+               "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
+               "new_tokens": args.new_tokens, "models": [], "svd": [], "environment": environment()}
+    if {"prefill", "decode"} & set(args.parts):
+        payload["models"] = [measure_model(reduction, args) for reduction in args.reductions]
+    if "svd" in args.parts:
+        payload["svd"] = time_svds(args)
+    return payload
+
+
+def render_cuda(runs: list[dict]) -> str:
+    from report import markdown_table
+
+    rows, notes = [], []
+    for run in runs:
+        base = next((m for m in run["models"] if m["reduction"] == 0), None)
+        mode = "compiled, static cache" if run["compile"] else "eager"
+
+        def rate(m, key, batch=None):
+            get = (lambda x: x["prefill"]["tokens_per_s"]) if key == "prefill" else \
+                  (lambda x: x["decode"][batch]["tokens_per_s"])
+            try:
+                value = get(m)
+            except KeyError:
+                return ["—", "—"]
+            return [value, value / get(base) if base else "—"]
+
+        for m in run["models"]:
+            decode_peak = max((d["peak_gib"] for d in m.get("decode", {}).values()), default="—")
+            rows.append([mode, f"{m['reduction']:.0%}", f"{m['params'] / 1e9:.2f}B", m["weights_bytes"] / 2**30,
+                         m["weights_bytes"] / base["weights_bytes"] if base else "—", *rate(m, "prefill"),
+                         *rate(m, "decode", "1"), *rate(m, "decode", "16"),
+                         m.get("prefill", {}).get("peak_gib", "—"), decode_peak])
+            if base and m["reduction"] == 0.4 and "decode" in m and "prefill" in m:
+                d1 = m["decode"]["1"]["tokens_per_s"] / base["decode"]["1"]["tokens_per_s"]
+                pf = m["prefill"]["tokens_per_s"] / base["prefill"]["tokens_per_s"]
+                notes.append(f"{mode}: 40% reduction decode ×{d1:.2f} at batch 1 (target ≥{DECODE_TARGET}: "
+                             f"{'met' if d1 >= DECODE_TARGET else 'NOT met'}), prefill ×{pf:.2f} (target "
+                             f"≥{PREFILL_TARGET}: {'met' if pf >= PREFILL_TARGET else 'NOT met'}).")
+    text = ""
+    if rows:
+        run = next(r for r in runs if r["models"])
+        text = markdown_table(
+            ["Llama 7B shape, bf16", "reduction", "parameters", "weights GiB", "size/dense",
+             f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
+             "decode tokens/s, batch 1", "×dense", "decode tokens/s, batch 16", "×dense",
+             "peak GiB prefill", "peak GiB decode"], rows)
+        text += (f"\n\n{run['environment'].get('cuda')}; decode: greedy, {run['new_tokens']} new tokens after a "
+                 f"{run['prompt_length']}-token prompt, timed from the first new token. " + " ".join(notes))
+    svd_rows = [[f"{s['shape'][0]}×{s['shape'][1]}", s["matrices"], f"{s['method']} ({s['driver']})", s["seconds"],
+                 s["seconds"] / s["matrices"]] for run in runs for s in run["svd"]]
+    if svd_rows:
+        total = {}
+        for run in runs:
+            for s in run["svd"]:
+                total[s["method"]] = total.get(s["method"], 0.0) + s["seconds"]
+        text += "\n\n" + markdown_table(["float32 SVD, 7B targets", "matrices", "method", "seconds", "s/matrix"],
+                                        svd_rows)
+        text += "\n\nAll target matrices: " + ", ".join(f"{k} {v:.1f} s" for k, v in total.items()) + "."
+    return text.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (medians)")
+    parser.add_argument("--warmup", type=int, default=2)
+    cpu = parser.add_argument_group("cpu")
+    cpu.add_argument("--model", type=Path, default=MINILM)
+    cpu.add_argument("--data", type=Path, default=SST2_TRAIN)
+    cpu.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3], help="kept ratios")
+    cpu.add_argument("--batch", type=int, default=32)
+    cpu.add_argument("--length", type=int, default=128)
+    cpu.add_argument("--iters", type=int, default=3, help="throughput forwards per round")
+    cpu.add_argument("--latency-iters", type=int, default=20, help="latency forwards per round")
+    cpu.add_argument("--cli-samples", type=int, default=512, help="Fisher samples of the timed CLI runs (0: skip)")
+    cpu.add_argument("--cli-methods", nargs="+", default=["fwsvd", "fisher_whiten"])
+    cpu.add_argument("--cli-repeats", type=int, default=1)
+    gpu = parser.add_argument_group("cuda")
+    gpu.add_argument("--parts", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode", "svd"])
+    gpu.add_argument("--layers", type=int, default=32)
+    gpu.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
+                     help="fractions of the decoder-linear parameters removed (0: dense)")
+    gpu.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
+    gpu.add_argument("--prefill-batch", type=int, default=8)
+    gpu.add_argument("--prefill-length", type=int, default=2048)
+    gpu.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
+    gpu.add_argument("--prompt-length", type=int, default=128)
+    gpu.add_argument("--new-tokens", type=int, default=256)
+    gpu.add_argument("--decode-repeats", type=int, default=3)
+    gpu.add_argument("--decode-warmup", type=int, default=1)
+    gpu.add_argument("--compile", action="store_true", help="decode with a static cache, compiled by generate")
+    gpu.add_argument("--svd-layers", type=int, default=32, help="blocks whose target matrices are decomposed")
+    gpu.add_argument("--svd-methods", nargs="+", default=["loop", "batched"], choices=["loop", "batched"])
+    gpu.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"], help="cuSOLVER driver (default: torch's)")
+    gpu.add_argument("--svd-chunk", type=int, help="batched: matrices per torch.linalg.svd call (default: all)")
+    add_json_arguments(parser)
+    args = parser.parse_args()
+
+    from report import publish
+
+    payloads = measured_runs(args, lambda args: measure_cuda(args) if args.device == "cuda" else measure_cpu(args))
+    devices = {p["device"] for p in payloads}
+    if len(devices) != 1:
+        raise SystemExit(f"--from-json files mix devices {sorted(devices)}: render each device separately")
+    if devices == {"cpu"}:
+        text = render_cpu(payloads[-1])
+    else:
+        text = render_cuda(payloads)
+    if args.json_out:
+        print(text)
+        return
+    payload = payloads[0] if len(payloads) == 1 else {"environment": payloads[0]["environment"], "runs": payloads}
+    publish(f"speed_{'cpu' if devices == {'cpu'} else 'gpu'}", payload, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Speed paths of compressed models: the factorized forward is two plain matrix products (no copies
+or casts), compressed models compile with torch.compile and run in bf16/fp16, and layers whose
+factorization would not be faster can be kept dense (``max_kept_ratio_for_speed``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.allocation import kept_ratio, uniform_ranks
+from hf_wsvd.cli import build_parser
+
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
+COPIES = {"_to_copy", "to", "copy_", "clone", "contiguous", "_copy_from"}
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def compressed(arch: str, ratio: float = 0.5, **config):
+    model, _ = compress(tiny.build(arch), WSVDConfig(method="svd", param_ratio=ratio, **config), show_progress=False)
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    return model.eval()
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output.float() - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factorized_forward_is_two_matmuls_without_copies(dtype, bias):
+    layer = FactorizedLinear(48, 40, 8, bias=bias, dtype=dtype)
+    x = torch.randn(3, 5, 48, dtype=dtype)
+    with torch.inference_mode(), OpLog() as log:
+        y = layer(x)
+    assert sum(op in MATMULS for op in log.ops) == 2, log.ops
+    assert not COPIES & set(log.ops), log.ops
+    assert y.dtype == dtype and y.shape == (3, 5, 40)
+    dense = layer.up.weight.double() @ layer.down.weight.double()
+    reference = x.double() @ dense.T + (layer.bias.double() if bias else 0)
+    assert relative_error(y, reference.float()) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_torch_compile_inductor_matches_eager():
+    """The default backend (inductor, C++ on CPU) on a whole compressed BERT classifier."""
+    model = compressed("bert")
+    inputs = tiny.inputs("bert")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        compiled = torch.compile(model, backend=counter)(**inputs).logits
+    assert counter.frame_count >= 1  # something was compiled, not all run eagerly
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_factorized_layer_compiles_without_graph_breaks():
+    layer = FactorizedLinear(32, 24, 6)
+    x = torch.randn(4, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x)  # fullgraph: a graph break raises
+    torch.testing.assert_close(compiled, layer(x))
+
+
+def test_torch_compile_causal_lm_matches_eager():
+    model = compressed("llama")
+    ids = tiny.inputs("llama")["input_ids"][:1]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled_model = copy.copy(model)
+        compiled_model.forward = torch.compile(model.forward, backend="aot_eager")
+        compiled = compiled_model(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_half_precision_compressed_model_matches_float32(dtype, tolerance):
+    model = compressed("llama")
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        half = copy.deepcopy(model).to(dtype)
+        output = half(**inputs).logits
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    assert output.dtype == dtype
+    assert torch.isfinite(output).all()
+    assert relative_error(output, reference) < tolerance
+
+
+def test_bf16_load_of_compressed_checkpoint(tmp_path):
+    model = compressed("llama")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    layers = [m for m in loaded.modules() if isinstance(m, FactorizedLinear)]
+    assert layers and all(m.up.weight.dtype == m.down.weight.dtype == torch.bfloat16 for m in layers)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        output = loaded(**inputs).logits
+    assert relative_error(output, reference) < 5e-2
+
+
+# ------------------------------------------------------------------- max_kept_ratio_for_speed
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, True, "0.5", float("nan")])
+def test_max_kept_ratio_for_speed_is_validated(value):
+    with pytest.raises(ValueError, match="max_kept_ratio_for_speed"):
+        WSVDConfig(max_kept_ratio_for_speed=value)
+
+
+def test_max_kept_ratio_for_speed_round_trips():
+    config = WSVDConfig(max_kept_ratio_for_speed=1)
+    assert config.max_kept_ratio_for_speed == 1.0 and isinstance(config.max_kept_ratio_for_speed, float)
+    assert WSVDConfig.from_dict(config.to_dict()).max_kept_ratio_for_speed == 1.0
+    assert WSVDConfig().max_kept_ratio_for_speed is None
+
+
+def test_uniform_ranks_drop_layers_above_the_speed_threshold():
+    shapes = {"attention": (384, 384), "ffn": (384, 1536)}
+    ranks = uniform_ranks(shapes, 0.5)
+    ratios = {name: kept_ratio(*shapes[name], rank) for name, rank in ranks.items()}
+    assert set(ranks) == set(shapes) and all(0.49 < r <= 0.5 for r in ratios.values())
+    assert uniform_ranks(shapes, 0.5, max_kept_ratio=0.5) == ranks
+    assert uniform_ranks(shapes, 0.5, max_kept_ratio=0.4) == {}
+    cut = (ratios["attention"] + ratios["ffn"]) / 2
+    kept = uniform_ranks(shapes, 0.5, max_kept_ratio=cut)
+    assert kept == {n: r for n, r in ranks.items() if ratios[n] <= cut} and len(kept) == 1
+
+
+def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
+    base = compressed("bert", allocation="greedy")
+    recipe_ranks = base.config.wsvd["ranks"]
+    shapes = {}
+    for name, module in base.named_modules():
+        if isinstance(module, FactorizedLinear):
+            shapes[name.removeprefix("bert.")] = (module.in_features, module.out_features)
+    ratios = {n: kept_ratio(*shapes[n], r) for n, r in recipe_ranks.items()}
+    cut = sorted(ratios.values())[len(ratios) // 2]
+    model, report = compress(tiny.build("bert"), WSVDConfig(method="svd", allocation="greedy",
+                                                             max_kept_ratio_for_speed=cut), show_progress=False)
+    expected = {n: r for n, r in recipe_ranks.items() if ratios[n] <= cut}
+    assert report.ranks == expected and 0 < len(expected) < len(recipe_ranks)
+    slow = sorted(set(recipe_ranks) - set(expected))
+    assert set(slow) <= set(report.dense_targets)
+    for name in slow:
+        assert type(model.bert.get_submodule(name)) is torch.nn.Linear
+
+
+def test_compressor_refuses_when_every_layer_is_too_slow():
+    with pytest.raises(ValueError, match="max_kept_ratio_for_speed=0.5"):
+        compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.7, max_kept_ratio_for_speed=0.5),
+                 show_progress=False)
+
+
+def test_cli_passes_max_kept_ratio_for_speed():
+    args = build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", "0.7"])
+    assert args.max_kept_ratio_for_speed == 0.7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", "1.5"])
