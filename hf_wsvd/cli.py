@@ -14,7 +14,14 @@ from .solvers import SOLVERS
 
 EXAMPLES = """examples:
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd \\
-      --param-ratio 0.5 --data ../shared/data/glue/SST-2/train.tsv --text-columns sentence
+      --param-ratio 0.5 --data ../shared/data/glue/SST-2/train.tsv --text-columns sentence \\
+      --eval-data ../shared/data/glue/SST-2/dev.tsv
+  hf-wsvd inspect out/sst2-fwsvd
+  hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv
+  hf-wsvd export out/sst2-fwsvd out/sst2-dense --dense
+  hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd
+"""
+INSPECT_EXAMPLES = """examples:
   hf-wsvd inspect out/sst2-fwsvd
 """
 
@@ -43,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import add_commands, add_data_arguments
+
     parser = _Parser(
         prog="hf-wsvd", description="Importance-weighted low-rank compression of transformers models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="fwsvd", choices=sorted(SOLVERS), help="factorization method (default: fwsvd)")
     c.add_argument("--param-ratio", type=_ratio, default=0.5,
                    help="fraction of each target layer's parameters that is KEPT, in (0, 1] (default: 0.5)")
-    c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file (needed by fwsvd)")
-    c.add_argument("--text-columns", type=_columns, help="comma-separated text column(s) (default: first text column)")
-    c.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
+    c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder (needed by fwsvd)")
+    add_data_arguments(c, _columns)
+    c.add_argument("--eval-data", help="evaluate the compressed model on this file/folder; results go into the model card")
+    c.add_argument("--eval-split", default="validation", help="split name of --eval-data (default: validation)")
+    c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
     c.add_argument("--num-samples", type=int, default=512, help="examples used for importance (default: 512)")
     c.add_argument("--batch-size", type=int, default=8, help="importance batch size (default: 8)")
     c.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
@@ -84,15 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method for the embeddings (default: --method, which must then be svd or lp)")
     c.add_argument("--embedding-weighting", choices=["uniform", "frequency"], default="uniform",
                    help="lp row weights of the embeddings: uniform, or 1 + token count in --data (default: uniform)")
+    c.add_argument("--solver", choices=["als", "adam", "em", "hybrid"], default="hybrid",
+                   help="tfwsvd/rescue: element-wise solver, started from fwsvd (default: hybrid = adam then als)")
+    c.add_argument("--max-iterations", type=int, default=8, help="tfwsvd/rescue: iterations per matrix (default: 8)")
+    c.add_argument("--tolerance", type=float, default=1e-4,
+                   help="tfwsvd/rescue: stop when an iteration changes the weighted loss by less than this fraction")
+    c.add_argument("--time-budget", type=float, help="tfwsvd/rescue: seconds per matrix (default: none)")
+    c.add_argument("--importance-power", type=float, default=1.0,
+                   help="tfwsvd/rescue: weight entries by Fisher**POWER, in (0, 1] (default: 1)")
+    c.add_argument("--risk-threshold", type=float, default=0.1,
+                   help="rescue: refine the matrices whose Fisher-predicted risk exceeds this (default: 0.1)")
     c.add_argument("--target-modules", type=_columns, help="comma-separated module names/suffixes to factorize")
     c.add_argument("--exclude-modules", type=_columns, help="comma-separated module names/suffixes to keep dense")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved checkpoint (default: the input checkpoint's)")
+    c.add_argument("--max-kept-ratio-for-speed", type=_ratio,
+                   help="keep dense every layer whose rank would keep more than this fraction of its weights "
+                        "(no faster factorized; measure with benchmarks/layer_speed.py; default: none)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (only once compression succeeded)")
 
-    i = commands.add_parser("inspect", help="print per-layer ranks and parameter counts of a compressed checkpoint")
+    i = commands.add_parser("inspect", help="print per-layer ranks and parameter counts of a compressed checkpoint",
+                            epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", help="compressed checkpoint folder")
+    add_commands(commands, _columns)
     return parser
 
 
@@ -100,6 +126,7 @@ def _compress(args: argparse.Namespace) -> None:
     from . import compress
     from .config import WSVDConfig
     from .solvers import get_solver
+    from .commands import card_evaluation, check_data, write_compress_card
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
@@ -110,17 +137,21 @@ def _compress(args: argparse.Namespace) -> None:
         allocation=args.allocation, sequential=args.sequential, asvd_alpha=args.asvd_alpha,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, p=args.p,
         embeddings=args.embeddings, embedding_ratio=args.embedding_ratio, embedding_method=args.embedding_method,
-        embedding_weighting=args.embedding_weighting,
+        embedding_weighting=args.embedding_weighting, max_kept_ratio_for_speed=args.max_kept_ratio_for_speed,
+        solver=args.solver, max_iterations=args.max_iterations, tolerance=args.tolerance,
+        time_budget=args.time_budget, importance_power=args.importance_power, risk_threshold=args.risk_threshold,
     )
     if get_solver(args.method).needs and not args.data:
         raise ValueError(f"--method {args.method} needs importance/calibration data: pass --data FILE")
-    if args.data and not os.path.isfile(args.data):
-        raise FileNotFoundError(f"data file {args.data!r} does not exist")
+    check_data(args.data)
+    check_data(args.eval_data)
     save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
     # Statistics and decompositions run in float32 whatever the checkpoint stores.
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
-    loader = data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column) if args.data else None
+    loader = (data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column, split=args.split)
+              if args.data else None)
     model, report = compress(model, config, loader)
+    evaluation = card_evaluation(model, tokenizer, args)  # in float32, before the dtype change
     if save_dtype is not None:
         model.to(save_dtype)
 
@@ -131,6 +162,7 @@ def _compress(args: argparse.Namespace) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_compress_card(staging, model, args, evaluation)
         if os.path.exists(args.output):
             shutil.rmtree(args.output)
         os.replace(staging, args.output)
@@ -163,8 +195,12 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
+    from .commands import run_eval, run_export, run_push
+
     try:
-        {"compress": _compress, "inspect": _inspect}[args.command](args)
+        {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
+         "push": run_push}[args.command](args)
     except (ValueError, OSError, KeyError) as error:
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)

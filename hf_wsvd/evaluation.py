@@ -1,4 +1,5 @@
-"""Task metrics of a model on a data loader: classification accuracy/F1, perplexity."""
+"""Task metrics of a model on a data loader: classification accuracy/F1/MCC, regression correlations,
+perplexity."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import metrics
+from .tasks import CAUSAL_LM, REGRESSION, task_of
+
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class ids, labels) of a sequence classifier over ``loader``."""
+def _logits(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, labels) of a sequence classifier/regressor over ``loader``."""
     model.eval()
     device = next(model.parameters()).device
-    predictions, labels = [], []
+    logits, labels = [], []
     for batch in tqdm(loader, desc="eval", disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         target = batch.pop("labels")
-        predictions.append(model(**batch).logits.argmax(dim=-1).cpu())
+        logits.append(model(**batch).logits.float().cpu())
         labels.append(target.cpu())
-    return torch.cat(predictions), torch.cat(labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class ids, labels) of a sequence classifier over ``loader``."""
+    logits, labels = _logits(model, loader, show_progress)
+    return logits.argmax(dim=-1), labels
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -51,3 +61,23 @@ def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False
         total_loss += loss.item()
         total_tokens += (targets != -100).sum().item()
     return math.exp(total_loss / total_tokens)
+
+
+def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> dict[str, float]:
+    """The metrics of the model's task over ``loader``: accuracy, F1 (binary for two classes, else
+    macro) and Matthews correlation for classifiers; Pearson and Spearman correlation for
+    regressors; perplexity for causal LMs."""
+    task = task_of(model)
+    if task == CAUSAL_LM:
+        return {"perplexity": perplexity(model, loader, show_progress)}
+    logits, labels = _logits(model, loader, show_progress)
+    if task == REGRESSION:
+        scores = logits.squeeze(-1).numpy()
+        return {"pearsonr": metrics.pearsonr(scores, labels.numpy()), "spearmanr": metrics.spearmanr(scores, labels.numpy())}
+    predictions, labels = logits.argmax(dim=-1).numpy(), labels.numpy()
+    average = "binary" if logits.shape[-1] == 2 else "macro"
+    return {
+        "accuracy": metrics.accuracy(predictions, labels),
+        "f1": metrics.f1(predictions, labels, average=average),
+        "matthews_correlation": metrics.matthews_correlation(predictions, labels),
+    }

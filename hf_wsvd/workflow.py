@@ -4,6 +4,7 @@ tokenizer from a path, and turn a data file into an importance data loader."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,6 +13,9 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from .config import WSVDConfig
 from .data import load_table, make_dataloader, resolve_columns, sample, tokenize
 from .tasks import CAUSAL_LM, load_task_model, task_of
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def _source(path: str) -> tuple[str, dict]:
@@ -51,18 +55,20 @@ def load_model_and_tokenizer(path: str, **kwargs) -> tuple[PreTrainedModel, PreT
 def data_loader(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    data_path: str,
+    data_path: "str | Dataset",
     config: WSVDConfig,
     text_columns: list[str] | None = None,
     label_column: str | None = None,
     num_samples: int | None = None,
     shuffle: bool = True,
+    split: str | None = None,
 ) -> DataLoader:
-    """Batches of the model's task from a data file: ``config.num_samples`` seeded random rows
+    """Batches of the model's task from a data file, a ``save_to_disk`` folder (``split`` picks a
+    DatasetDict's split) or a ``datasets.Dataset``: ``config.num_samples`` seeded random rows
     (all rows when ``shuffle`` is False and ``num_samples`` is None), tokenized to
     ``config.max_length``."""
     task = task_of(model)
-    table = load_table(data_path)
+    table = load_table(data_path, split)
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
     encoded = tokenize(
         table, tokenizer, task, text_columns, label_column, config.max_length,

@@ -1,10 +1,14 @@
-"""Test helpers: output extraction and a Python subprocess in which hf_wsvd cannot be imported."""
+"""Test helpers: output extraction, a Python subprocess in which hf_wsvd cannot be imported, and a
+Hub API that writes commits into a folder."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -27,3 +31,30 @@ def run_without_hf_wsvd(code: str, cwd) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter where ``import hf_wsvd`` fails."""
     script = HIDE_HF_WSVD + textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+class FolderHub:
+    """Stands in for HfApi: each commit's files are written into ``root/<repo_id>``; ``repos`` and
+    ``commits`` record the calls (repo id and options; paths and commit message)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repos: list[tuple[str, dict]] = []
+        self.commits: list[list[str]] = []
+        self.messages: list[str | None] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        paths = []
+        for op in operations:
+            target = self.root / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+            paths.append(op.path_in_repo)
+        self.commits.append(paths)
+        self.messages.append(kwargs.get("commit_message"))
+        return SimpleNamespace(commit_url=f"folder://{repo_id}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import pipeline
 
 import tiny
-from helpers import main_output, run_without_hf_wsvd
+from helpers import FolderHub, main_output, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 
 
@@ -61,28 +59,6 @@ def test_text_generation_pipeline(tmp_path, tokenizer, arch):
     ids = tokenizer("the movie", return_tensors="pt", add_special_tokens=False)
     expected = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert list(out["generated_token_ids"]) == expected[0].tolist()
-
-
-class FolderHub:
-    """Stands in for HfApi: each commit's files are written into ``root/<repo_id>``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.commits: list[list[str]] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        paths = []
-        for op in operations:
-            target = self.root / repo_id / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(op.path_or_fileobj, target)
-            paths.append(op.path_in_repo)
-        self.commits.append(paths)
-        return SimpleNamespace(commit_url=f"folder://{repo_id}")
 
 
 def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, tokenizer, monkeypatch):

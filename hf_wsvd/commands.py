@@ -1,0 +1,134 @@
+"""The ``eval``, ``export`` and ``push`` commands of ``hf-wsvd`` (registered by ``cli.build_parser``),
+and the model-card step of ``compress``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+
+EVAL_EXAMPLES = """examples:
+  hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
+  hf-wsvd eval out/smollm2-fwsvd --data ../shared/data/wikitext-2-raw/wiki.test.raw --max-length 256
+  hf-wsvd eval out/sst2-fwsvd --data glue_sst2_disk --split validation   # a save_to_disk folder
+"""
+EXPORT_EXAMPLES = """examples:
+  hf-wsvd export out/sst2-fwsvd out/sst2-fwsvd-dense --dense
+  python -c "from transformers import AutoModelForSequenceClassification as A; A.from_pretrained('out/sst2-fwsvd-dense')"
+"""
+PUSH_EXAMPLES = """examples:
+  hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd          # uses your saved Hub token
+  hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd --private --token hf_...
+"""
+
+
+def _formatter() -> dict:
+    return {"formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, columns) -> None:
+    """--split, --text-columns, --label-column shared by the commands that read data."""
+    parser.add_argument("--split", help="split of a save_to_disk DatasetDict folder (default: its only split)")
+    parser.add_argument("--text-columns", type=columns, help="comma-separated text column(s) (default: first text column)")
+    parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
+
+
+def add_commands(commands, columns) -> None:
+    """Register ``eval``, ``export`` and ``push`` on the ``hf-wsvd`` subparsers."""
+    e = commands.add_parser("eval", help="task metrics (or perplexity) of a model on a data file", epilog=EVAL_EXAMPLES,
+                            description="Accuracy, F1 and MCC for classifiers, Pearson/Spearman for regressors, "
+                                        "perplexity for causal LMs; prints one JSON object.", **_formatter())
+    e.add_argument("path", help="model folder (compressed or dense) or Hub id")
+    e.add_argument("--data", required=True, help="TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder")
+    add_data_arguments(e, columns)
+    e.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
+    e.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
+    e.add_argument("--num-samples", type=int, help="evaluate the first N rows/blocks only (default: all)")
+
+    x = commands.add_parser("export", help="merge the factors back into a stock dense checkpoint", epilog=EXPORT_EXAMPLES,
+                            description="Writes a checkpoint of the base architecture (stock model_type, no "
+                                        "custom code) that stock transformers loads with the same outputs.",
+                            **_formatter())
+    x.add_argument("path", help="compressed checkpoint folder")
+    x.add_argument("output", help="folder to write the dense checkpoint to (must not exist or be empty)")
+    x.add_argument("--dense", action="store_true", required=True, help="export as a dense checkpoint (the only format)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder")
+
+    p = commands.add_parser("push", help="upload a compressed checkpoint folder and its model card to the Hub",
+                            epilog=PUSH_EXAMPLES, **_formatter())
+    p.add_argument("path", help="compressed checkpoint folder written by hf-wsvd compress (with README.md)")
+    p.add_argument("repo_id", help="Hub repository, e.g. you/model-fwsvd (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="Hub token (default: the saved login)")
+    p.add_argument("--commit-message", help="commit message")
+
+
+def evaluate_path(model, tokenizer, data, args: argparse.Namespace, split: str | None, num_samples: int | None) -> dict:
+    """Task metrics of ``model`` on ``data`` (file, folder or Dataset), all rows in file order,
+    with the column, length and batch options of ``args``."""
+    from .config import WSVDConfig
+    from .evaluation import evaluate_model
+    from .workflow import data_loader
+
+    config = WSVDConfig(max_length=args.max_length, batch_size=args.batch_size)
+    loader = data_loader(model, tokenizer, data, config, args.text_columns, args.label_column,
+                         num_samples=num_samples, shuffle=False, split=split)
+    return evaluate_model(model, loader, show_progress=True)
+
+
+def check_data(path: str | None) -> None:
+    if path and not os.path.exists(path):
+        raise FileNotFoundError(f"data file or folder {path!r} does not exist")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .workflow import load_model_and_tokenizer
+
+    check_data(args.data)
+    model, tokenizer = load_model_and_tokenizer(args.path)
+    model.float()
+    metrics = evaluate_path(model, tokenizer, args.data, args, args.split, args.num_samples)
+    print(json.dumps({"model": args.path, "data": args.data, **metrics}, indent=2))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .export import export_dense
+
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise ValueError(f"output folder {args.output!r} is not empty; choose another or pass --overwrite")
+    if not os.path.isdir(args.path):
+        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    if os.path.isdir(args.output):
+        shutil.rmtree(args.output)
+    model = export_dense(args.path, args.output)
+    print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"model_type={model.config.model_type}) to {args.output}")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .hub import push
+
+    url = push(args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message, token=args.token)
+    print(f"pushed {args.path} to {args.repo_id}: {url}")
+
+
+def card_evaluation(model, tokenizer, args: argparse.Namespace):
+    """``compress --eval-data``: the compressed model's metrics for its card (None without it)."""
+    from .card import Evaluation
+
+    if not getattr(args, "eval_data", None):
+        return None
+    metrics = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
+    return Evaluation(dataset=os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics, split=args.eval_split)
+
+
+def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None) -> None:
+    """After ``compress``: write README.md (recipe, ranks, ``evaluation``, the command) and the rank
+    plot into ``folder``."""
+    from .card import write_card
+
+    command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
+    write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
+               evaluation=evaluation, repo_id=getattr(args, "repo_id", None))

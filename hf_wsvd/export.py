@@ -1,0 +1,86 @@
+"""Dense export: multiply the factors back into the stock modules and save a checkpoint of the base
+architecture that stock transformers loads without hf_wsvd and without remote code."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .runtime.factorized_linear import FactorizedLinear
+from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY
+
+# config attributes a factorized checkpoint adds to its base config
+_WSVD_KEYS = (RECIPE_KEY, BASE_TYPE_KEY, "auto_map")
+
+
+def _is_factorized(module: torch.nn.Module) -> bool:
+    return isinstance(module, FactorizedLinear) or type(module).__name__ in ("FactorizedEmbedding", "FactorizedTiedHead")
+
+
+def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
+    """The dense module of type ``stock_type`` computing what the factorized ``module`` does."""
+    if type(module).__name__ == "FactorizedTiedHead":  # weight tied to a FactorizedEmbedding
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(module.weight @ module.proj.weight.T)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        return dense
+    if not isinstance(module, FactorizedLinear):
+        return module.to_dense()
+    dense = module.to_dense()
+    if stock_type.__name__ != "Conv1D":
+        return dense
+    conv = stock_type(module.out_features, module.in_features)  # GPT-2 Conv1D(nf=out, nx=in), weight in × out
+    conv.to(device=dense.weight.device, dtype=dense.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(dense.weight.t())
+        conv.bias.copy_(dense.bias)
+    return conv
+
+
+def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedModel:
+    """Turn a factorized model back into an instance of its stock class, in place: every factorized
+    module becomes the module type the stock class builds there (``nn.Linear``, ``Conv1D`` or
+    ``nn.Embedding``) holding the product of its factors, and the config loses the hf_wsvd keys."""
+    config = model.config
+    if config.model_type != MODEL_TYPE:
+        raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (model_type={config.model_type!r})")
+    stock_class = type(model).__bases__[-1]
+    stock_config_class = type(config)._wsvd_base
+    # The stock class on the meta device tells which module type each factorized name had.
+    with torch.device("meta"):
+        skeleton = stock_class(stock_config_class.from_dict({k: v for k, v in config.to_dict().items()
+                                                             if k not in _WSVD_KEYS and k != "model_type"}))
+    factorized = [(name, module) for name, module in model.named_modules() if _is_factorized(module)]
+    for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
+        model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
+    config.__class__ = stock_config_class
+    for key in (*_WSVD_KEYS, "model_type"):  # an instance model_type would hide the stock class's
+        if key in config.__dict__:
+            delattr(config, key)
+    model.__class__ = stock_class
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def export_dense(source: str, output: str, dtype: torch.dtype | None = None, show_progress: bool = True) -> PreTrainedModel:
+    """Load the factorized checkpoint ``source``, densify it and save it (with its tokenizer, if
+    any) to ``output`` as a stock checkpoint; returns the dense model."""
+    from .checkpoint import load_factorized
+
+    model = densify(load_factorized(source, **({"dtype": dtype} if dtype else {})), show_progress)
+    model.save_pretrained(output)
+    leftover = [f for f in os.listdir(output) if f.endswith(".py")]
+    for name in leftover:  # never ship code with a stock checkpoint
+        os.remove(os.path.join(output, name))
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(output)
+    except (OSError, ValueError, TypeError):
+        pass  # no tokenizer saved with the checkpoint
+    return model

@@ -1,0 +1,5 @@
+"""Local evaluate module: f1 (see hf_wsvd.metrics)."""
+
+from hf_wsvd.metrics import metric_class
+
+Metric = metric_class("f1")

@@ -1,0 +1,5 @@
+"""Local evaluate module: pearsonr (see hf_wsvd.metrics)."""
+
+from hf_wsvd.metrics import metric_class
+
+Metric = metric_class("pearsonr")

@@ -1,0 +1,5 @@
+"""Local evaluate module: perplexity (see hf_wsvd.metrics)."""
+
+from hf_wsvd.metrics import metric_class
+
+Metric = metric_class("perplexity")

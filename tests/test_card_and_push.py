@@ -1,0 +1,112 @@
+"""Model cards written by `hf-wsvd compress`, and `hf-wsvd push` through a substituted Hub API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import ModelCard
+
+import tiny
+from helpers import FolderHub, run_without_hf_wsvd
+from hf_wsvd import FactorizedLinear, hub
+from hf_wsvd.cli import main
+
+ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0),
+        ("very fine film", 1), ("not great", 0)]
+
+
+@pytest.fixture
+def compressed(tmp_path, tokenizer) -> tuple[Path, list[str]]:
+    dense = tmp_path / "dense"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
+    out = tmp_path / "compressed"
+    argv = ["compress", str(dense), str(out), "--method", "fwsvd", "--param-ratio", "0.5", "--data", str(data),
+            "--num-samples", "6", "--eval-data", str(data), "--repo-id", "user/tiny-fwsvd"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_compress_writes_a_complete_card(compressed):
+    out, argv = compressed
+    card = ModelCard.load(out / "README.md")
+    text = card.text
+    assert card.data.library_name == "transformers" and "hf_wsvd" in card.data.tags
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert set(results) == {"accuracy", "f1", "matthews_correlation"}
+    assert all(r.dataset_name == "train.tsv" and r.task_type == "text-classification" for r in card.data.eval_results)
+    assert card.data.hf_wsvd["method"] == "fwsvd" and card.data.hf_wsvd["param_ratio"] == 0.5
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    now = sum(p.numel() for p in model.parameters())
+    assert card.data.hf_wsvd["params"] == now and f"{now:,}" in text
+    assert f"| base model | `{argv[1]}` |" in text and "`fwsvd`" in text and "train.tsv` (6 examples)" in text
+    assert "hf-wsvd " + " ".join(argv) in text  # the exact command
+    assert 'from_pretrained("user/tiny-fwsvd", trust_remote_code=True)' in text and "import hf_wsvd" in text
+    assert "AutoModelForSequenceClassification" in text
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            assert f"| `{name.removeprefix('bert.')}` | {module.out_features} × {module.in_features} | {module.rank} |" in text
+    assert f"{results['accuracy']:.4f}" in text
+    assert "](rank_per_layer.png)" in text
+    assert (out / "rank_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monkeypatch, capsys):
+    out, _ = compressed
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    capsys.readouterr()
+    assert main(["push", str(out), "user/tiny-fwsvd", "--private"]) == 0
+    assert "folder://user/tiny-fwsvd" in capsys.readouterr().out
+    assert api.repos == [("user/tiny-fwsvd", {"private": True, "exist_ok": True, "repo_type": "model"})]
+    (uploaded,) = api.commits
+    local = sorted(p.name for p in out.iterdir())
+    assert sorted(uploaded) == local and api.messages[0]
+    assert {"README.md", "rank_per_layer.png", "config.json", "model.safetensors", "modeling_wsvd.py",
+            "factorized_linear.py", "tokenizer.json"} <= set(uploaded)
+    repo = tmp_path / "hub" / "user" / "tiny-fwsvd"
+    for name in uploaded:
+        assert (repo / name).read_bytes() == (out / name).read_bytes(), name
+    metadata = ModelCard.load(repo / "README.md").data.to_dict()
+    assert metadata["model-index"][0]["results"][0]["metrics"] and metadata["library_name"] == "transformers"
+
+    inputs = tiny.inputs("bert")
+    with torch.no_grad():
+        reference = transformers.AutoModelForSequenceClassification.from_pretrained(out)(**inputs).logits
+        loaded = transformers.AutoModelForSequenceClassification.from_pretrained(repo)
+        assert torch.equal(loaded(**inputs).logits, reference)
+    torch.save({"inputs": inputs, "reference": reference}, tmp_path / "ref.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        saved = torch.load("{tmp_path}/ref.pt")
+        model = transformers.AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True)
+        with torch.no_grad():
+            assert torch.equal(model(**saved["inputs"]).logits, saved["reference"])
+        print("remote ok")
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_push_refuses_incomplete_folders(compressed, tmp_path, capsys):
+    out, _ = compressed
+    api = FolderHub(tmp_path / "hub")
+    (out / "README.md").unlink()
+    with pytest.raises(ValueError, match="README.md"):
+        hub.push(out, "user/x", api=api)
+    assert api.repos == [] and api.commits == []
+    assert main(["push", str(tmp_path / "nowhere"), "user/x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "eval", "export", "push"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "examples:" in printed and f"hf-wsvd {command} " in printed

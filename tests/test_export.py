@@ -1,0 +1,82 @@
+"""Dense export: a stock checkpoint that transformers loads without hf_wsvd and without remote code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from helpers import main_output, run_without_hf_wsvd
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.cli import main
+from hf_wsvd.export import densify, export_dense
+
+STOCK = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def _compressed(arch: str, path, tokenizer):
+    model = tiny.build(arch)
+    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])  # nn.Linear, GPT-2 Conv1D, tied embeddings
+def test_dense_export_loads_in_stock_transformers_with_equal_outputs(tmp_path, tokenizer, arch):
+    model = _compressed(arch, tmp_path / "factorized", tokenizer)
+    inputs = tiny.inputs(arch)
+    with torch.no_grad():
+        reference = main_output(model(**inputs))
+    dense = export_dense(str(tmp_path / "factorized"), str(tmp_path / "dense"), show_progress=False)
+    assert type(dense).__name__ == STOCK[arch] and dense.config.model_type == arch
+    files = sorted(p.name for p in (tmp_path / "dense").iterdir())
+    assert not [f for f in files if f.endswith(".py")] and "tokenizer.json" in files
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert config["model_type"] == arch and config["architectures"] == [STOCK[arch]]
+    assert not {"wsvd", "wsvd_base_model_type", "auto_map"} & set(config)
+
+    torch.save({"inputs": inputs, "reference": reference}, tmp_path / "ref.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        saved = torch.load("{tmp_path}/ref.pt")
+        model = transformers.AutoModelFor{"SequenceClassification" if arch == "bert" else "CausalLM"}.from_pretrained(
+            "{tmp_path}/dense")
+        assert type(model).__name__ == "{STOCK[arch]}", type(model)
+        assert not any("Factorized" in type(m).__name__ for m in model.modules())
+        with torch.no_grad():
+            diff = (model(**saved["inputs"]).logits - saved["reference"]).abs().max().item()
+        assert diff <= 1e-5, diff
+        print("stock ok", sum(p.numel() for p in model.parameters()))
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stock ok" in result.stdout
+
+
+def test_densify_in_memory_gives_the_stock_class(tokenizer):
+    model = tiny.build("bert")
+    dense_params = sum(p.numel() for p in model.parameters())
+    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    densify(model)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.model_type == "bert"
+    assert sum(p.numel() for p in model.parameters()) == dense_params
+    with pytest.raises(ValueError, match="not an hf_wsvd model"):
+        densify(model)
+
+
+def test_export_command(tmp_path, tokenizer, capsys):
+    _compressed("bert", tmp_path / "factorized", tokenizer)
+    out = tmp_path / "dense"
+    assert main(["export", str(tmp_path / "factorized"), str(out), "--dense"]) == 0
+    assert "model_type=bert" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    # a non-empty output needs --overwrite; an unknown folder is a one-line error
+    assert main(["export", str(tmp_path / "factorized"), str(out), "--dense"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x"), "--dense"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "factorized"), str(tmp_path / "y")])
+    assert exit_info.value.code == 2 and "--dense" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""Metrics (numpy, local evaluate modules offline), evaluation by task, data from Datasets and
+save_to_disk folders, and `hf-wsvd eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+import tiny
+from hf_wsvd import WSVDConfig, compress, metrics
+from hf_wsvd.cli import main
+from hf_wsvd.data import load_table
+from hf_wsvd.evaluation import evaluate_model
+from hf_wsvd.workflow import data_loader
+
+PRED = [1, 0, 1, 1, 0, 1, 0, 0]
+REF = [1, 0, 0, 1, 0, 1, 1, 1]
+ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0),
+        ("very fine film", 1), ("not great", 0), ("good", 1), ("awful", 0)]
+
+
+def test_metric_functions_on_known_values():
+    assert metrics.accuracy(PRED, REF) == 5 / 8
+    # tp=3, fp=1, fn=2: F1 = 6 / 9; MCC = (tp·tn - fp·fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn))
+    assert metrics.f1(PRED, REF) == pytest.approx(6 / 9)
+    assert metrics.matthews_correlation(PRED, REF) == pytest.approx((3 * 2 - 1 * 2) / math.sqrt(4 * 5 * 3 * 4))
+    assert metrics.matthews_correlation([1, 1], [1, 1]) == 0.0  # undefined -> 0
+    assert metrics.f1([0, 1, 2], [0, 1, 1], average="macro") == pytest.approx((1 + 2 / 3 + 0) / 3)
+    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 8.0]
+    assert metrics.pearsonr(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert metrics.spearmanr(x, y) == pytest.approx(0.8)
+    # ties share their average rank: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]
+    assert metrics.spearmanr([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+    assert metrics.perplexity([2.0, 4.0], [2, 4]) == pytest.approx(math.e)
+    with pytest.raises(ValueError):
+        metrics.perplexity([], [])
+
+
+@pytest.mark.parametrize("name, inputs", [
+    ("accuracy", {"predictions": PRED, "references": REF}),
+    ("f1", {"predictions": PRED, "references": REF}),
+    ("matthews_correlation", {"predictions": PRED, "references": REF}),
+    ("pearsonr", {"predictions": [0.1, 0.5, 0.3, 0.9], "references": [0.0, 1.0, 0.2, 0.7]}),
+    ("spearmanr", {"predictions": [0.1, 0.5, 0.3, 0.9], "references": [0.0, 1.0, 0.2, 0.7]}),
+    ("perplexity", {"nll": [3.0, 1.5], "tokens": [4, 2]}),
+])
+def test_local_evaluate_modules_load_offline(name, inputs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = evaluate.load(metrics.metric_path(name))
+    function = metrics.METRICS[name][0]
+    assert module.compute(**inputs) == {name: pytest.approx(function(**inputs))}
+    # incremental use, as in an evaluation loop
+    keys = list(inputs)
+    for values in zip(*inputs.values()):
+        module.add_batch(**{k: [v] for k, v in zip(keys, values)})
+    assert module.compute()[name] == pytest.approx(function(**inputs))
+
+
+def test_unknown_metric_is_named():
+    with pytest.raises(ValueError, match="available"):
+        metrics.metric_path("bleu")
+
+
+def test_data_from_a_dataset_and_from_save_to_disk_folders(tmp_path):
+    table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
+    assert load_table(table) is table
+    table.save_to_disk(tmp_path / "plain")
+    assert list(load_table(tmp_path / "plain")["sentence"]) == [s for s, _ in ROWS]
+    DatasetDict({"train": table, "validation": table.select(range(3))}).save_to_disk(tmp_path / "dict")
+    assert len(load_table(tmp_path / "dict", split="validation")) == 3
+    with pytest.raises(ValueError, match="splits"):
+        load_table(tmp_path / "dict")
+    DatasetDict({"test": table}).save_to_disk(tmp_path / "single")
+    assert len(load_table(tmp_path / "single")) == len(ROWS)
+
+
+def test_evaluate_model_follows_the_task(tokenizer):
+    table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
+    config = WSVDConfig(max_length=16, batch_size=4)
+    classifier = tiny.build("bert")
+    result = evaluate_model(classifier, data_loader(classifier, tokenizer, table, config, shuffle=False))
+    assert set(result) == {"accuracy", "f1", "matthews_correlation"}
+    with torch.no_grad():
+        encoded = tokenizer([s for s, _ in ROWS], padding=True, return_tensors="pt")
+        predicted = classifier(**encoded).logits.argmax(-1).numpy()
+    assert result["accuracy"] == pytest.approx(metrics.accuracy(predicted, [l for _, l in ROWS]))
+
+    regressor = tiny.build("bert", num_labels=1)
+    scores = Dataset.from_dict({"sentence": table["sentence"], "label": [float(i) for i in range(len(ROWS))]})
+    result = evaluate_model(regressor, data_loader(regressor, tokenizer, scores, config, shuffle=False))
+    assert set(result) == {"pearsonr", "spearmanr"} and all(-1 <= v <= 1 for v in result.values())
+
+    lm = tiny.build("llama")
+    text = Dataset.from_dict({"text": [s for s, _ in ROWS] * 3})
+    result = evaluate_model(lm, data_loader(lm, tokenizer, text, WSVDConfig(max_length=8, batch_size=2), shuffle=False))
+    assert set(result) == {"perplexity"} and 1 < result["perplexity"] < 200  # random model, vocab 64
+
+
+def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, tokenizer, capsys):
+    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
+    DatasetDict({"validation": table, "train": table}).save_to_disk(tmp_path / "glue")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "clf"), "--data", str(tmp_path / "glue"), "--split", "validation"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "f1", "matthews_correlation"} <= set(printed)
+    with torch.no_grad():
+        encoded = tokenizer([s for s, _ in ROWS], padding=True, return_tensors="pt")
+        predicted = model(**encoded).logits.argmax(-1).numpy()
+    assert printed["accuracy"] == pytest.approx(metrics.accuracy(predicted, [l for _, l in ROWS]))
+
+    lm, _ = compress(tiny.build("gpt2"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    (tmp_path / "text.txt").write_text("\n".join(s for s, _ in ROWS * 4) + "\n")
+    assert main(["eval", str(tmp_path / "lm"), "--data", str(tmp_path / "text.txt"), "--max-length", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert main(["eval", str(tmp_path / "clf"), "--data", str(tmp_path / "glue")]) == 2
+    assert "splits" in capsys.readouterr().err

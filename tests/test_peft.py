@@ -1,0 +1,108 @@
+"""LoRA on factorized models: on the inner linears, and on whole FactorizedLinear modules through
+the registered custom layer (exact merge by concatenating factors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.peft_lora import (
+    FactorizedLoraLayer,
+    factorized_module_names,
+    load_adapter,
+    merge_and_unload,
+    register_factorized_lora,
+)
+
+AUTO = transformers.AutoModelForSequenceClassification
+
+
+def _compressed_dir(tmp_path):
+    model = tiny.build("bert", "AutoModelForSequenceClassification")
+    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    path = tmp_path / "base"
+    model.save_pretrained(path)
+    return path, report.ranks
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny.inputs("bert")).logits
+
+
+def _ranks(model) -> dict[str, int]:
+    return {n.removeprefix("bert.").removesuffix(".base_layer"): m.rank
+            for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def test_lora_on_inner_linears_saves_reloads_and_merges_at_the_same_rank(tmp_path):
+    base_dir, ranks = _compressed_dir(tmp_path)
+    plain = _logits(AUTO.from_pretrained(base_dir))
+    peft_model = get_peft_model(AUTO.from_pretrained(base_dir),
+                                LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False))
+    adapted = _logits(peft_model)
+    assert (adapted - plain).abs().max() > 1e-4  # the adapters do something
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    reloaded = PeftModel.from_pretrained(AUTO.from_pretrained(base_dir), tmp_path / "adapter")
+    assert torch.allclose(_logits(reloaded), adapted, atol=1e-6)
+    merged = merge_and_unload(reloaded)
+    assert _ranks(merged) == ranks and merged.config.wsvd["ranks"] == ranks
+    assert torch.allclose(_logits(merged), adapted, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.allclose(_logits(AUTO.from_pretrained(tmp_path / "merged")), adapted, atol=1e-5)
+
+
+def test_lora_on_whole_factorized_modules_merges_exactly_into_higher_rank(tmp_path):
+    base_dir, ranks = _compressed_dir(tmp_path)
+    model = AUTO.from_pretrained(base_dir)
+    targets = factorized_module_names(model)
+    assert len(targets) == 12
+    config = register_factorized_lora(LoraConfig(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=False))
+    peft_model = get_peft_model(model, config)
+    wrapped = [m for m in peft_model.modules() if isinstance(m, FactorizedLoraLayer)]
+    assert len(wrapped) == 12
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    adapted = _logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    # The custom mapping is not saved with the adapter: plain peft cannot load it back...
+    with pytest.raises(ValueError, match="not supported"):
+        PeftModel.from_pretrained(AUTO.from_pretrained(base_dir), tmp_path / "adapter")
+    # ...re-registering the layer (load_adapter) onto a freshly loaded base can.
+    reloaded = load_adapter(AUTO.from_pretrained(base_dir), tmp_path / "adapter")
+    assert torch.allclose(_logits(reloaded), adapted, atol=1e-6)
+
+    # merge / unmerge in place: rank r -> r + 3 -> r, outputs unchanged
+    reloaded.merge_adapter()
+    assert _ranks(reloaded.base_model.model) == {k: r + 3 for k, r in ranks.items()}
+    assert torch.allclose(_logits(reloaded), adapted, atol=1e-5)
+    reloaded.unmerge_adapter()
+    assert _ranks(reloaded.base_model.model) == ranks
+    assert torch.allclose(_logits(reloaded), adapted, atol=1e-5)
+
+    merged = merge_and_unload(reloaded)
+    assert not any(isinstance(m, FactorizedLoraLayer) for m in merged.modules())
+    expected = {k: r + 3 for k, r in ranks.items()}
+    assert _ranks(merged) == expected and merged.config.wsvd["ranks"] == expected
+    assert torch.allclose(_logits(merged), adapted, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    again = AUTO.from_pretrained(tmp_path / "merged")
+    assert _ranks(again) == expected
+    assert torch.allclose(_logits(again), adapted, atol=1e-5)
+
+
+def test_a_merge_beyond_full_rank_is_refused(tmp_path):
+    base_dir, _ = _compressed_dir(tmp_path)
+    model = AUTO.from_pretrained(base_dir)
+    name = "bert.encoder.layer.0.attention.self.query"  # 32x32 at rank 8
+    config = register_factorized_lora(LoraConfig(r=30, target_modules=[name], init_lora_weights=False))
+    peft_model = get_peft_model(model, config)
+    with pytest.raises(ValueError, match="above min"):
+        peft_model.merge_and_unload()

@@ -1,0 +1,90 @@
+"""Recovery fine-tuning with the stock transformers.Trainer: the factors train, checkpoints reload
+factorized."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+
+SENTENCES = ["the movie was great", "awful plot", "really good story", "bad actor", "not a good film",
+             "very fine film", "the story is awful", "good"]
+
+
+def _dataset(tokenizer) -> list[dict]:
+    rows = [(s, int(any(w in s for w in ("great", "good", "fine")) and "not" not in s)) for s in SENTENCES] * 4
+    encoded = tokenizer([s for s, _ in rows])
+    return [{"input_ids": i, "attention_mask": m, "labels": label}
+            for i, m, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
+
+
+def test_trainer_fine_tunes_factors_and_checkpoints_reload_factorized(tmp_path, tokenizer):
+    model = tiny.build("bert", "AutoModelForSequenceClassification")
+    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    before = {"up": layer.up.weight.detach().clone(), "down": layer.down.weight.detach().clone()}
+    assert all(p.requires_grad for p in layer.parameters())
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=8,
+        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tokenizer),
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    result = trainer.train()
+
+    assert result.global_step == 4 and math.isfinite(result.training_loss)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert not torch.equal(layer.up.weight, before["up"]) and not torch.equal(layer.down.weight, before["down"])
+    assert layer.rank == report.ranks["encoder.layer.0.attention.self.query"]  # training never changes ranks
+
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "modeling_wsvd.py").exists() and (checkpoint / "optimizer.pt").exists()
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    factorized = {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, FactorizedLinear)}
+    assert len(factorized) == 12
+    inputs = tiny.inputs("bert")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-6)
+    # An intermediate checkpoint holds the intermediate factors, not the initial ones.
+    middle = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    up = middle.bert.encoder.layer[0].attention.self.query.up.weight
+    assert not torch.equal(up, before["up"]) and not torch.equal(up, layer.up.weight)
+
+
+def test_trainer_resumes_from_a_factorized_checkpoint(tmp_path, tokenizer):
+    model = tiny.build("bert", "AutoModelForSequenceClassification")
+    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    args = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, learning_rate=1e-2,
+                report_to="none", use_cpu=True, disable_tqdm=True, seed=0, save_steps=2)
+    data, collator = _dataset(tokenizer), DataCollatorWithPadding(tokenizer)
+    Trainer(model=model, args=TrainingArguments(max_steps=2, **args), train_dataset=data, data_collator=collator).train()
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    trainer = Trainer(model=fresh, args=TrainingArguments(max_steps=4, **args), train_dataset=data, data_collator=collator)
+    result = trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert result.global_step == 4
+    assert sum(isinstance(m, FactorizedLinear) for m in trainer.model.modules()) == 12
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_trainer_on_a_causal_lm(tmp_path, tokenizer, arch):
+    model = tiny.build(arch, "AutoModelForCausalLM")
+    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    ids = tokenizer(SENTENCES)["input_ids"]
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    trainer = Trainer(model=model, train_dataset=data,
+                      data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+                      args=TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no"))
+    assert math.isfinite(trainer.train().training_loss)
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) > 0
