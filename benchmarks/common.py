@@ -1,26 +1,35 @@
-"""Shared setup of the element-wise benchmarks: the shipped GLUE task models, their dev loaders,
-and one Fisher per task (the same for every method, as benchmarks/glue.py does)."""
+"""Shared setup of the GLUE benchmarks: the shipped task models, their dev loaders, and one set of
+statistics per task (Fisher, and activations when asked), reused by every method and cached on
+disk so that the GLUE benchmarks compute them once per machine."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from hf_wsvd import WSVDConfig
-from hf_wsvd.importance import FisherResult, compute_fisher
+from hf_wsvd.importance import FisherResult, collect_activation_stats, compute_fisher
+from hf_wsvd.importance.activations import ActivationStats
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import per_example_loss, task_of
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
-from glue import SHARED, TASKS
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results"
+SHARED = BENCHMARKS.parent.parent / "shared"
+# Statistics depend only on the model, the seeded train sample and the code: delete to recompute.
+CACHE = BENCHMARKS.parent / ".cache" / "benchmark_statistics"
+TASKS = {
+    "sst2": ("minilm-l6-sst2", "SST-2", ["sentence"], "label"),
+    "mrpc": ("minilm-l6-mrpc", "MRPC", ["#1 String", "#2 String"], "Quality"),
+}
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def load_task(task: str, num_samples: int = 512, shared: Path = SHARED):
+def load_task(task: str, num_samples: int = 512, shared: Path = SHARED, activations: bool = False):
     """(dense model, dev loader, Fisher of every target linear from ``num_samples`` seeded train
-    examples, target name → full module name)."""
+    examples, target name → full module name[, activation statistics of the same examples])."""
     model_dir, glue_dir, text_columns, label_column = TASKS[task]
     dense, tokenizer = load_model_and_tokenizer(str(shared / "models" / model_dir), dtype=torch.float32)
     base = WSVDConfig(num_samples=num_samples, batch_size=8, max_length=128, seed=0)
@@ -29,8 +38,23 @@ def load_task(task: str, num_samples: int = 512, shared: Path = SHARED):
     train = data_loader(dense, tokenizer, str(shared / "data/glue" / glue_dir / "train.tsv"), base,
                         text_columns, label_column)
     targets = select_targets(dense)
-    fisher: FisherResult = compute_fisher(
-        dense, train, {n: dense.get_submodule(f) for n, f in targets.items()}, per_example_loss(task_of(dense)),
-        show_progress=False,
-    )
-    return dense, dev, fisher, targets
+    modules = {n: dense.get_submodule(f) for n, f in targets.items()}
+    fisher = _cached(f"{task}-{num_samples}-fisher", lambda: asdict(compute_fisher(
+        dense, train, modules, per_example_loss(task_of(dense)), show_progress=False)))
+    result = (dense, dev, FisherResult(**fisher), targets)
+    if activations:
+        stats = _cached(f"{task}-{num_samples}-activations", lambda: asdict(collect_activation_stats(
+            dense, train, modules, show_progress=False)))
+        result += (ActivationStats(**stats),)
+    return result
+
+
+def _cached(key: str, compute) -> dict:
+    path = CACHE / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value

@@ -25,7 +25,7 @@ from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.solvers.lp import lp_subspace
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
-from glue import SHARED, TASKS
+from common import SHARED, TASKS
 from report import markdown_table, publish
 
 # variant → (embedding_method, p, embedding_weighting)

@@ -65,17 +65,20 @@ def measure(args) -> dict:
     stats_seconds = time.perf_counter() - start
     best = None
     for reduction in args.reductions:
-        variants = [(m, a, False) for m in args.methods for a in args.allocations]
-        variants += [(m, "uniform", True) for m in args.sequential_methods]
-        for method, allocation, sequential in variants:
+        # (method, allocation, sequential, refit)
+        variants = [(m, a, False, False) for m in args.methods for a in args.allocations]
+        variants += [(m, "uniform", True, False) for m in args.sequential_methods]
+        variants += [(m, "uniform", True, True) for m in args.refit_methods]
+        for method, allocation, sequential, refit in variants:
             config = WSVDConfig(method=method, param_ratio=round(1 - reduction, 4), allocation=allocation,
-                                sequential=sequential, max_length=args.calib_length)
+                                sequential=sequential, refit=refit, max_length=args.calib_length)
             start = time.perf_counter()
             model, report = compress(copy.deepcopy(dense), config, calib_loader, importance=fisher,
                                      activations=None if sequential else activations, show_progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, test_loader)
-            rows.append({"method": method + (" (sequential)" if sequential else ""), "reduction": reduction,
+            label = method + (" (sequential, refit)" if refit else " (sequential)" if sequential else "")
+            rows.append({"method": label, "reduction": reduction,
                          "allocation": allocation, "perplexity": ppl, "compress_seconds": seconds,
                          "params_after": report.params_after, "params_before": report.params_before})
             print(rows[-1], flush=True)
@@ -110,6 +113,7 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
     parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "greedy"])
     parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
+    parser.add_argument("--refit-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", help="publish measurements taken earlier")
     args = parser.parse_args()

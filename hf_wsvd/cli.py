@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", action="store_true",
                    help="causal LMs: compress block by block on the compressed model's own activations "
                         "(one block on the device at a time)")
+    c.add_argument("--refit", action="store_true",
+                   help="with --sequential and whiten/fisher_whiten: fit each layer to the dense model's outputs, "
+                        "so later blocks correct earlier blocks' error")
     c.add_argument("--asvd-alpha", type=float, default=0.5, help="asvd: exponent of the activation scaling")
     c.add_argument("--p", type=float, default=1.0,
                    help="lp method: the exponent p in [1, 2] of Σ_rows dist(row, subspace)^p (default: 1.0; 2 = SVD)")
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lp row weights of the embeddings: uniform, or 1 + token count in --data (default: uniform)")
     c.add_argument("--solver", choices=["als", "adam", "em", "hybrid"], default="hybrid",
                    help="tfwsvd/rescue: element-wise solver, started from fwsvd (default: hybrid = adam then als)")
+    c.add_argument("--refine", action="store_true",
+                   help="after --method, run the element-wise --solver from its factors on the per-entry Fisher objective")
     c.add_argument("--max-iterations", type=int, default=8, help="tfwsvd/rescue: iterations per matrix (default: 8)")
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="tfwsvd/rescue: stop when an iteration changes the weighted loss by less than this fraction")
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> None:
     from . import compress
     from .config import WSVDConfig
-    from .solvers import get_solver
+    from .solvers import solver_for
     from .commands import card_evaluation, check_data, write_compress_card
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
@@ -134,14 +139,14 @@ def _compress(args: argparse.Namespace) -> None:
     config = WSVDConfig(
         method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
-        allocation=args.allocation, sequential=args.sequential, asvd_alpha=args.asvd_alpha,
+        allocation=args.allocation, sequential=args.sequential, refit=args.refit, asvd_alpha=args.asvd_alpha,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, p=args.p,
         embeddings=args.embeddings, embedding_ratio=args.embedding_ratio, embedding_method=args.embedding_method,
         embedding_weighting=args.embedding_weighting, max_kept_ratio_for_speed=args.max_kept_ratio_for_speed,
-        solver=args.solver, max_iterations=args.max_iterations, tolerance=args.tolerance,
+        solver=args.solver, refine=args.refine, max_iterations=args.max_iterations, tolerance=args.tolerance,
         time_budget=args.time_budget, importance_power=args.importance_power, risk_threshold=args.risk_threshold,
     )
-    if get_solver(args.method).needs and not args.data:
+    if solver_for(config).needs and not args.data:
         raise ValueError(f"--method {args.method} needs importance/calibration data: pass --data FILE")
     check_data(args.data)
     check_data(args.eval_data)

@@ -18,7 +18,7 @@ from .embeddings import compress_embeddings
 from .importance import ActivationStats, FisherResult, collect_activation_stats, compute_fisher
 from .runtime.factorized_linear import linear_shape, linear_weight
 from .runtime.modeling_wsvd import MODEL_TYPE
-from .solvers import ACTIVATIONS, FISHER, LayerProblem, Solver, get_solver
+from .solvers import ACTIVATIONS, FISHER, LayerProblem, Solver, solver_for
 from .swap import attach_recipe, replace_with_factors
 from .targets import select_targets
 from .tasks import LossFn, per_example_loss, task_of
@@ -87,6 +87,7 @@ def layer_problem(model: torch.nn.Module, name: str, full_name: str, config: WSV
         name, weight, 0, fisher=fisher, config=config,
         gram=activations.gram[name].to(weight.device) if activations else None,
         mean_abs=activations.mean_abs[name].to(weight.device) if activations else None,
+        cross_gram=activations.cross_gram[name].to(weight.device) if activations and activations.cross_gram else None,
     )
 
 
@@ -98,7 +99,11 @@ def allocate(config: WSVDConfig, solver: Solver, shapes: dict[str, tuple[int, in
     if solver.spectrum is None:
         raise ValueError(f"allocation={config.allocation!r} needs a method with a spectrum; {solver.name!r} has none")
     spectra = {name: solver.spectrum(problem) for name, problem in problems.items()}
-    return drop_slow_layers(greedy_ranks(shapes, spectra, config.param_ratio), shapes,
+    layer_weights = None
+    if solver.loss_scale is not None:  # absolute predicted losses: undo greedy's normalization
+        layer_weights = {name: solver.loss_scale(problem) * float(spectra[name].double().square().sum())
+                         for name, problem in problems.items()}
+    return drop_slow_layers(greedy_ranks(shapes, spectra, config.param_ratio, layer_weights), shapes,
                             config.max_kept_ratio_for_speed)
 
 
@@ -134,7 +139,7 @@ def compress(
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     torch.manual_seed(config.seed)
-    solver = get_solver(config.method)
+    solver = solver_for(config)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
         raise ValueError(

@@ -14,6 +14,8 @@ COMPUTE_DTYPES = ("float32", "float64")
 EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
+# Methods that can fit the dense model's outputs from a cross Gram (see solvers/whiten.py).
+REFIT_METHODS = ("whiten", "fisher_whiten")
 
 
 @dataclass
@@ -45,6 +47,10 @@ class WSVDConfig:
             parameter, read from its spectrum).
         sequential: compress a causal LM block by block, each block's statistics taken on the
             inputs produced by the already compressed blocks before it (large decoders).
+        refit: with ``sequential`` and a whitening method (``whiten``, ``fisher_whiten``), fit each
+            layer to the outputs the *dense* model gives it on its own inputs, rather than to the
+            dense weights applied to the compressed model's inputs: later blocks then also correct
+            the error of earlier ones. Costs a second stream of activations.
         seed: seed for data sampling and any randomized step.
         p: the exponent of the ``lp`` method, in [1, 2]: it minimizes Σ_rows dist(row, subspace)^p,
             robust to outlying rows for p < 2; p = 2 is the SVD subspace.
@@ -60,6 +66,9 @@ class WSVDConfig:
         solver: the element-wise solver of ``tfwsvd`` and ``rescue``: ``"als"`` (alternating weighted
             least squares), ``"adam"`` (first order), ``"em"`` (Srebro & Jaakkola's EM) or
             ``"hybrid"`` (Adam until it beats the FWSVD loss, then ALS). All start from FWSVD.
+        refine: after ``method``, run the element-wise solver (``solver``) from its factors on the
+            per-entry Fisher objective Σ F_ij (W − AB)²_ij; needs importance data. For the
+            element-wise methods themselves (``tfwsvd``, ``rescue``) it adds nothing: not allowed.
         max_iterations: iteration budget per matrix of the element-wise solvers (an Adam
             iteration is 20 steps), ≥ 0 (0 returns the FWSVD factors).
         tolerance: the element-wise solvers stop once one iteration changes the weighted loss by
@@ -68,8 +77,8 @@ class WSVDConfig:
         importance_power: the element-wise solvers weight entry (i, j) by F_ij ** importance_power,
             in (0, 1]: 1 is the Fisher itself, smaller values temper its dynamic range.
         risk_threshold: ``rescue`` refines with the element-wise solver only the matrices whose
-            SVD-risk (``hf_wsvd.solvers.risk.fwsvd_risk``: the share of the FWSVD solution's
-            Fisher-weighted error that the row weighting does not see) exceeds this, ≥ 0.
+            risk (``hf_wsvd.solvers.risk.relative_risk`` of the FWSVD factors: their predicted
+            loss ½ΣF(W − AB)² over that of dropping the matrix, ½ΣF·W²) exceeds this, ≥ 0.
         max_kept_ratio_for_speed: a target layer whose allocated rank keeps more than this
             fraction of its weights (r·(in+out) / (in·out)) stays dense: factorized at that ratio it
             runs no faster than dense (two thin matrix products instead of one). The crossing depends
@@ -93,6 +102,7 @@ class WSVDConfig:
     asvd_alpha: float = 0.5
     allocation: str = "uniform"
     sequential: bool = False
+    refit: bool = False
     seed: int = 0
     p: float = 1.0
     embeddings: bool = False
@@ -100,6 +110,7 @@ class WSVDConfig:
     embedding_method: str | None = None
     embedding_weighting: str = "uniform"
     solver: str = "hybrid"
+    refine: bool = False
     max_iterations: int = 8
     tolerance: float = 1e-4
     time_budget: float | None = None
@@ -139,6 +150,16 @@ class WSVDConfig:
             raise ValueError(f"asvd_alpha={self.asvd_alpha!r} must be a number in [0, 2]")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True or False")
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine={self.refine!r} must be True or False")
+        if self.refine and self.method in ("tfwsvd", "rescue"):
+            raise ValueError(f"refine=True refines another method with the element-wise solver; "
+                             f"method={self.method!r} already is one")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit={self.refit!r} must be True or False")
+        if self.refit and not (self.sequential and self.method in REFIT_METHODS):
+            raise ValueError(f"refit=True needs sequential=True and a method in {REFIT_METHODS} "
+                             f"(got sequential={self.sequential}, method={self.method!r})")
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

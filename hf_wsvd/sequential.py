@@ -92,13 +92,22 @@ def _capture_block_inputs(model, block, batches, device) -> list[tuple[torch.Ten
     return [(hidden, kwargs, mask) for (hidden, kwargs), mask in zip(captured, masks)]
 
 
-def _run_block(block: nn.Module, inputs: list, hooks: ActivationHooks | None = None) -> list:
-    """Run ``block`` on every captured input; return the outputs as the next block's inputs."""
+def _run_block(block: nn.Module, inputs: list, hooks: ActivationHooks | None = None,
+               references: list | None = None) -> list:
+    """Run ``block`` on every captured input; return the outputs as the next block's inputs.
+
+    With ``references`` (the dense model's inputs of this block, batch for batch), each batch is
+    first run on its reference with the hooks recording, so that they also accumulate the cross
+    Gram of the dense against the compressed inputs of every layer."""
     outputs = []
     with torch.no_grad():
-        for hidden, kwargs, mask in inputs:
+        for position, (hidden, kwargs, mask) in enumerate(inputs):
             if hooks is not None:
                 hooks.new_batch(mask.to(hidden.device) if mask is not None else None)
+                if references is not None:
+                    hooks.recording = True
+                    block(references[position][0], **kwargs)
+                    hooks.recording = False
             out = block(hidden, **kwargs)
             outputs.append((out[0] if isinstance(out, tuple) else out, kwargs, mask))
     return outputs
@@ -145,6 +154,8 @@ def compress_sequential(
         block_devices = [next(b.parameters()).device for b in blocks]
         blocks[0].to(device)
         inputs = _capture_block_inputs(model, blocks[0], data, device)
+        # refit: the dense model's inputs of the current block, advanced through dense blocks.
+        dense_inputs = inputs if config.refit else None
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not show_progress)):
             block.to(device)
             block_prefix = f"{prefix}.{index}."
@@ -152,11 +163,14 @@ def compress_sequential(
             shapes = {n: linear_shape(model.get_submodule(f)) for n, f in names.items()}
             block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
                                            config.max_kept_ratio_for_speed)
+            references = dense_inputs
+            if dense_inputs is not None:  # the block's dense outputs, taken before it is factorized
+                dense_inputs = _run_block(block, dense_inputs)
             if block_ranks:
                 modules = {n: model.get_submodule(names[n]) for n in block_ranks}
                 hooks = ActivationHooks(modules)
                 try:
-                    _run_block(block, inputs, hooks)
+                    _run_block(block, inputs, hooks, references)
                 finally:
                     hooks.remove()
                 stats = Statistics(fisher, hooks.result())

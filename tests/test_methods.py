@@ -43,6 +43,31 @@ def test_whitening_minimizes_the_output_error():
     assert errors["whiten"] == pytest.approx(tail * len(x) ** 0.5, rel=1e-6)
 
 
+@pytest.mark.parametrize("method", ["whiten", "fisher_whiten"])
+def test_refit_fits_the_dense_outputs(method):
+    """With a cross Gram, the factors minimize ‖D(W·X_denseᵀ − AB·Xᵀ)‖ over rank-3 matrices: no
+    other rank-3 fit (the plain solution, random perturbations of the refit) does better."""
+    from dataclasses import replace
+
+    problem, x = _problem(rank=3)
+    g = torch.Generator().manual_seed(1)
+    x_dense = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # the dense model's inputs
+    refit = replace(problem, cross_gram=x_dense.T @ x / len(x))
+    d = problem.fisher.sum(1).sqrt() if method == "fisher_whiten" else torch.ones(len(problem.weight), dtype=torch.float64)
+
+    def error(up, down):
+        return (d[:, None] * (problem.weight @ x_dense.T - up @ down @ x.T)).norm().item()
+
+    best = error(*get_solver(method).solve(refit))
+    assert best < error(*get_solver(method).solve(problem))
+    up, down = get_solver(method).solve(refit)
+    for _ in range(5):
+        assert best <= error(up + 1e-3 * torch.randn(up.shape, generator=g, dtype=torch.float64), down) + 1e-12
+    # When the inputs agree, refit is the plain solution.
+    same = replace(problem, cross_gram=problem.gram)
+    torch.testing.assert_close(torch.mm(*get_solver(method).solve(same)), torch.mm(*get_solver(method).solve(problem)))
+
+
 @pytest.mark.parametrize("method", ["whiten", "fisher_whiten", "asvd"])
 def test_singular_gram_gives_finite_factors(method):
     problem, x = _problem(rank=4, singular=True)
@@ -84,6 +109,24 @@ def test_greedy_allocation_meets_the_budget_exactly_and_is_deterministic():
     assert greedy_ranks(shapes, flat, ratio)["b"] == 1
 
 
+@pytest.mark.parametrize("method", ["fwsvd", "fisher_whiten"])
+def test_fisher_methods_allocate_by_predicted_loss(method):
+    """Two identical layers, one with 100× the Fisher information: with a loss scale the budget
+    goes to the important one; a method without one (normalized spectra) splits it evenly."""
+    from dataclasses import replace
+
+    from hf_wsvd.compressor import allocate
+
+    problem, _ = _problem(out=16, inp=16, tokens=64, rank=0, method=method, allocation="greedy", param_ratio=0.5)
+    problems = {"a": problem, "b": replace(problem, fisher=problem.fisher * 100)}
+    shapes = {n: (16, 16) for n in problems}
+    ranks = allocate(problem.config, get_solver(method), shapes, problems)
+    assert ranks["b"] > ranks["a"]
+    plain = replace(problem.config, method="whiten")
+    even = allocate(plain, get_solver("whiten"), shapes, {n: replace(p, config=plain) for n, p in problems.items()})
+    assert even["a"] == even["b"]
+
+
 def test_greedy_refuses_a_budget_below_rank_one():
     with pytest.raises(ValueError, match="param_ratio=0.01"):
         greedy_ranks({"a": (64, 64)}, {"a": torch.ones(64)}, 0.01)
@@ -105,3 +148,26 @@ def test_compress_llama_with_activation_methods(method, allocation):
     assert report.params_after < dense_params
     with torch.no_grad():
         assert torch.isfinite(model(**tiny.inputs("llama")).logits).all()
+
+
+@pytest.mark.parametrize("method", ["whiten", "fisher_whiten", "svd"])
+def test_refine_lowers_the_elementwise_loss_from_the_method(method):
+    from hf_wsvd.solvers import solver_for
+    from hf_wsvd.solvers.elementwise import weighted_loss
+
+    problem, _ = _problem(rank=3, method=method, refine=True, solver="als", max_iterations=5)
+    solver = solver_for(problem.config)
+    assert solver.name == f"{method}+refine" and "fisher" in solver.needs
+    start = get_solver(method).solve(problem)
+    up, down = solver.solve(problem)
+    assert weighted_loss(problem.weight, problem.fisher, up, down) < weighted_loss(problem.weight, problem.fisher, *start)
+
+
+def test_refine_through_compress_and_its_validation():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="whiten", param_ratio=0.5, refine=True, max_iterations=2)
+    model, report = compress(model, config, loader, show_progress=False)
+    assert report.ranks and report.importance_examples == 6  # Fisher was computed for the refinement
+    assert model.config.wsvd["refine"] is True
+    with pytest.raises(ValueError, match="method='tfwsvd' already is one"):
+        WSVDConfig(method="tfwsvd", refine=True)

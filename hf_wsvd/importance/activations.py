@@ -54,14 +54,16 @@ class ActivationHooks:
             x = x[self.mask.bool()]
         return x.reshape(-1, x.shape[-1]).double()
 
-    def _contribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _contribution(self, x: torch.Tensor, reference: torch.Tensor | None) -> tuple:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
         # Holding the tensor in ``_last`` keeps it alive, so ``is`` cannot match a newer tensor.
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             return self._last[2]
         source, version = x, x._version
         x = self._tokens(x.detach())
-        result = (x.T @ x, x.abs().sum(dim=0), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        cross = self._tokens(reference).T @ x if reference is not None else None
+        result = (x.T @ x, x.abs().sum(dim=0), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                  cross)
         self._last = (source, version, result)
         return result
 
@@ -70,10 +72,9 @@ class ActivationHooks:
             if self.recording:
                 self.reference[name] = args[0].detach()
                 return
-            if name in self.reference:
-                cross = self._tokens(self.reference.pop(name)).T @ self._tokens(args[0].detach())
+            gram, abs_sum, count, cross = self._contribution(args[0], self.reference.pop(name, None))
+            if cross is not None:
                 self.cross[name] = self.cross[name] + cross if name in self.cross else cross
-            gram, abs_sum, count = self._contribution(args[0])
             if name in self.gram:
                 self.gram[name] += gram
                 self.abs_sum[name] += abs_sum

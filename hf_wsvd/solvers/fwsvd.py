@@ -27,7 +27,12 @@ def axis_weights(fisher: torch.Tensor, axis: str) -> torch.Tensor:
     return totals.clamp_min(IMPORTANCE_FLOOR * mean).sqrt()
 
 
-@register_weighting("fwsvd", needs=(FISHER,),
+def _fwsvd_loss_scale(problem: LayerProblem) -> float:
+    # ½ Σ F_ij ΔW_ij² ≈ ½ Σ_i (Σ_j F_ij) ‖ΔW_i‖² / in when the error spreads evenly along a row.
+    return 0.5 / problem.weight.shape[1 if problem.config.fisher_axis == "output" else 0]
+
+
+@register_weighting("fwsvd", needs=(FISHER,), loss_scale=_fwsvd_loss_scale,
                     description="Fisher-weighted SVD: min ‖D(W − AB)‖_F, D from row-summed Fisher")
 def fwsvd_weighting(problem: LayerProblem) -> Weighting:
     d = axis_weights(problem.fisher.to(problem.weight.dtype), problem.config.fisher_axis)

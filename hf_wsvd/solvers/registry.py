@@ -47,13 +47,17 @@ class LayerProblem:
 class Solver:
     """A registered method: ``solve(problem) -> (up, down)`` with ``up @ down ≈ weight``;
     ``spectrum(problem)``, where the method has one, gives the singular values of the matrix it
-    truncates, so that rank allocation can read the loss of every rank before solving."""
+    truncates, so that rank allocation can read the loss of every rank before solving.
+    ``loss_scale(problem)``, where the method weights by the Fisher information, turns a squared
+    singular value into the Fisher-predicted increase of the task loss, so that losses of
+    different layers compare (allocation then needs no per-layer normalization)."""
 
     name: str
     solve: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]
     needs: frozenset[str]
     description: str
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None
+    loss_scale: Callable[[LayerProblem], float] | None = None
 
 
 SOLVERS: dict[str, Solver] = {}
@@ -64,13 +68,15 @@ def register_solver(
     needs: tuple[str, ...] = (),
     description: str = "",
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None,
+    loss_scale: Callable[[LayerProblem], float] | None = None,
 ):
     """Decorator registering ``solve(problem) -> (up, down)`` under ``name``."""
 
     def wrap(fn: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]):
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is already registered")
-        SOLVERS[name] = Solver(name, fn, frozenset(needs), description or (fn.__doc__ or "").strip(), spectrum)
+        SOLVERS[name] = Solver(name, fn, frozenset(needs), description or (fn.__doc__ or "").strip(), spectrum,
+                               loss_scale)
         return fn
 
     return wrap

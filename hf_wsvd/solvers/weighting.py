@@ -74,13 +74,16 @@ def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Ten
     return up.to(dtype), down.to(dtype)
 
 
-def register_weighting(name: str, needs: tuple[str, ...] = (), description: str = ""):
-    """Decorator registering ``weighting(problem) -> Weighting`` as the method ``name``."""
+def register_weighting(name: str, needs: tuple[str, ...] = (), description: str = "",
+                       loss_scale: Callable[[LayerProblem], float] | None = None):
+    """Decorator registering ``weighting(problem) -> Weighting`` as the method ``name`` (see
+    ``Solver`` for ``loss_scale``)."""
 
     def wrap(weighting: Callable[[LayerProblem], Weighting]):
         register_solver(
             name, needs, description or (weighting.__doc__ or "").strip(),
             spectrum=lambda problem: torch.linalg.svdvals(weighting(problem).apply(problem.weight)),
+            loss_scale=loss_scale,
         )(lambda problem: weighted_svd(problem, weighting(problem)))
         return weighting
 

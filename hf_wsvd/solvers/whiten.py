@@ -27,13 +27,15 @@ def _whitening(problem: LayerProblem) -> Weighting:
     root, lower = gram_square_root(problem.gram)
     weighting = Weighting(right=root, lower=lower)
     if problem.cross_gram is not None:
-        # W·G_dc·S⁻ᵀ: solve X·Sᵀ = G_dc rather than inverting S.
-        cross = problem.cross_gram.double()
+        # W·(S + (G_dc − G)·S⁻ᵀ), which is W·G_dc·S⁻ᵀ when S·Sᵀ = G exactly. Written against W·S so
+        # that the jitter S·Sᵀ = G + εI keeps acting as ε‖W − AB‖², as without refit: directions
+        # the calibration never excites keep W's response instead of being shrunk to zero.
+        shift = (problem.cross_gram - problem.gram).double()
         if lower:
-            solved = torch.linalg.solve_triangular(root.T, cross, upper=True, left=False)
+            solved = torch.linalg.solve_triangular(root.T, shift, upper=True, left=False)
         else:
-            solved = torch.linalg.solve(root, cross.T).T
-        weighting.target = problem.weight.double() @ solved
+            solved = torch.linalg.solve(root, shift.T).T
+        weighting.target = problem.weight.double() @ (root + solved)
     return weighting
 
 
@@ -49,7 +51,13 @@ def asvd_weighting(problem: LayerProblem) -> Weighting:
     return Weighting(right=scale.pow(problem.config.asvd_alpha))
 
 
-@register_weighting("fisher_whiten", needs=(FISHER, ACTIVATIONS),
+def _fisher_whiten_loss_scale(problem: LayerProblem) -> float:
+    # Row-summed Fisher Σ_j E[(Σ_t g_ti x_tj)²] ≈ E[g_i²]·E‖x‖², so dividing ‖D·ΔW·S‖² by
+    # tr(G) = E‖x‖² leaves Σ_i E[g_i²]·E[(ΔW x)_i²], twice the predicted loss increase.
+    return 0.5 / max(float(problem.gram.double().trace()), torch.finfo(torch.float64).tiny)
+
+
+@register_weighting("fisher_whiten", needs=(FISHER, ACTIVATIONS), loss_scale=_fisher_whiten_loss_scale,
                     description="Fisher × whitening: min ‖D·(W − AB)·Xᵀ‖_F, D = diag √(row-summed Fisher)")
 def fisher_whiten_weighting(problem: LayerProblem) -> Weighting:
     whitening = _whitening(problem)
