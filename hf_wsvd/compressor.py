@@ -107,6 +107,29 @@ def allocate(config: WSVDConfig, solver: Solver, shapes: dict[str, tuple[int, in
                             config.max_kept_ratio_for_speed)
 
 
+def plan(model: PreTrainedModel, config: WSVDConfig, solver: Solver, targets: dict[str, str],
+         data: Iterable[dict] | None, loss_fn: LossFn | None, accelerator: Accelerator | None,
+         given: Statistics, seconds: dict[str, float], show_progress: bool,
+         ) -> tuple[dict[str, int], Statistics, dict[str, LayerProblem]]:
+    """The statistics of the candidate layers, their ranks under ``config.allocation``, and
+    their problems at those ranks."""
+    shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
+    candidates = targets if config.allocation != "uniform" else {
+        n: targets[n] for n in uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)}
+    if not candidates:
+        speed = config.max_kept_ratio_for_speed
+        raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(targets)} "
+                         "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
+                         + "; lower it to compress")
+    modules = {name: model.get_submodule(full) for name, full in candidates.items()}
+    stats = gather_statistics(model, solver, modules, data, loss_fn, accelerator, given, seconds, show_progress)
+    start = time.perf_counter()
+    problems = {name: layer_problem(model, name, targets[name], config, stats) for name in candidates}
+    ranks = allocate(config, solver, {n: shapes[n] for n in candidates}, problems)
+    seconds["allocate"] = time.perf_counter() - start
+    return ranks, stats, {name: replace(problems[name], rank=rank) for name, rank in ranks.items()}
+
+
 def factorize_layers(model: torch.nn.Module, solver: Solver, problems: dict[str, LayerProblem],
                      full_names: dict[str, str], show_progress: bool) -> None:
     """Solve each problem at its rank and swap the layer for its factors."""
@@ -153,24 +176,17 @@ def compress(
     elif config.sequential:
         from .sequential import compress_sequential
 
+        planned = None
+        if config.allocation != "uniform":  # ranks from the dense model's statistics, up front
+            planned, stats, _ = plan(model, config, solver, targets, data, loss_fn, accelerator,
+                                     Statistics(importance, activations), seconds, show_progress)
+            importance = stats.fisher
         ranks, examples = compress_sequential(model, config, solver, targets, data, importance, accelerator,
-                                              seconds, show_progress)
+                                              seconds, show_progress, planned)
     else:
-        shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
-        candidates = targets if config.allocation != "uniform" else {
-            n: targets[n] for n in uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)}
-        if not candidates:
-            speed = config.max_kept_ratio_for_speed
-            raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(targets)} "
-                             "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
-                             + "; lower it to compress")
-        modules = {name: model.get_submodule(full) for name, full in candidates.items()}
-        stats = gather_statistics(model, solver, modules, data, loss_fn, accelerator,
-                                  Statistics(importance, activations), seconds, show_progress)
+        ranks, stats, problems = plan(model, config, solver, targets, data, loss_fn, accelerator,
+                                      Statistics(importance, activations), seconds, show_progress)
         start = time.perf_counter()
-        problems = {name: layer_problem(model, name, targets[name], config, stats) for name in candidates}
-        ranks = allocate(config, solver, {n: shapes[n] for n in candidates}, problems)
-        problems = {name: replace(problems[name], rank=rank) for name, rank in ranks.items()}
         factorize_layers(model, solver, problems, targets, show_progress)
         seconds["factorize"] = time.perf_counter() - start
         examples = stats.fisher.num_examples if stats.fisher else 0

@@ -44,9 +44,12 @@ class WSVDConfig:
         allocation: how the parameter budget is spread over the layers: ``"uniform"`` (every layer
             keeps ``param_ratio``) or ``"greedy"`` (one global budget of ``param_ratio`` of all target
             parameters; ranks go where the method's weighted truncation loss falls most per
-            parameter, read from its spectrum).
+            parameter, read from its spectrum: the Fisher-predicted loss increase for the Fisher
+            methods, comparable across layers; the share of each layer's own loss otherwise).
         sequential: compress a causal LM block by block, each block's statistics taken on the
-            inputs produced by the already compressed blocks before it (large decoders).
+            inputs produced by the already compressed blocks before it (large decoders). With
+            ``allocation="greedy"`` the ranks are allocated first on the dense model's statistics
+            of all layers at once (memory: every target layer's in × in Gram together).
         refit: with ``sequential`` and a whitening method (``whiten``, ``fisher_whiten``), fit each
             layer to the outputs the *dense* model gives it on its own inputs, rather than to the
             dense weights applied to the compressed model's inputs: later blocks then also correct

@@ -123,15 +123,16 @@ def compress_sequential(
     accelerator: Accelerator | None,
     seconds: dict[str, float],
     show_progress: bool,
+    planned: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], int]:
-    """Factorize ``targets`` block by block; return the ranks and the Fisher example count."""
+    """Factorize ``targets`` block by block; return the ranks and the Fisher example count.
+
+    ``planned``: the ranks allocated beforehand (on the dense model's statistics); None: the same
+    kept ratio for every layer."""
     from .compressor import Statistics, factorize_layers, layer_problem
 
     if task_of(model) != CAUSAL_LM:
         raise ValueError(f"sequential mode is for causal LMs; {type(model).__name__} is not one")
-    if config.allocation != "uniform":
-        raise ValueError(f"allocation={config.allocation!r} needs every layer's spectrum up front; "
-                         "sequential mode supports allocation='uniform'")
     if data is None:
         raise ValueError("sequential mode needs calibration data")
     accelerator = accelerator or default_accelerator()
@@ -161,8 +162,11 @@ def compress_sequential(
             block_prefix = f"{prefix}.{index}."
             names = {n: f for n, f in targets.items() if f.startswith(block_prefix)}
             shapes = {n: linear_shape(model.get_submodule(f)) for n, f in names.items()}
-            block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
-                                           config.max_kept_ratio_for_speed)
+            if planned is None:
+                block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
+                                               config.max_kept_ratio_for_speed)
+            else:
+                block_ranks = {n: planned[n] for n in names if n in planned}
             references = dense_inputs
             if dense_inputs is not None:  # the block's dense outputs, taken before it is factorized
                 dense_inputs = _run_block(block, dense_inputs)

@@ -89,13 +89,22 @@ def test_refit_pairs_dense_and_compressed_inputs_token_by_token(monkeypatch):
     assert problems[next(k for k in problems if k.startswith("layers.0."))].cross_gram is not None
 
 
+def test_greedy_ranks_are_planned_on_the_dense_model():
+    """Sequential mode with greedy allocation keeps the ranks the dense statistics allocate."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy")
+    _, whole = compress(copy.deepcopy(model), config, loader, show_progress=False)
+    seq, report = compress(model, WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy",
+                                             sequential=True, refit=True), loader, show_progress=False)
+    assert report.ranks == whole.ranks and len(set(report.ranks.values())) > 1
+    assert report.params_after == whole.params_after
+    assert seq.config.wsvd["ranks"] == report.ranks
+
+
 def test_sequential_refuses_what_it_cannot_do():
     model, loader, _, _ = case_inputs("bert_classification", 4, 2)
     with pytest.raises(ValueError, match="causal LM"):
         compress(model, WSVDConfig(method="whiten", sequential=True), loader, show_progress=False)
-    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
-    with pytest.raises(ValueError, match="allocation='greedy'"):
-        compress(model, WSVDConfig(method="whiten", sequential=True, allocation="greedy"), loader, show_progress=False)
     with pytest.raises(ValueError, match="refit=True needs sequential=True"):
         WSVDConfig(method="whiten", refit=True)
     with pytest.raises(ValueError, match="method='fwsvd'"):
