@@ -6,6 +6,7 @@ Runs on a GPU when there is one (no `datasets` needed); measure there, then rend
 
     python benchmarks/llm.py --json-out results.json          # measure (GPU machine)
     python benchmarks/llm.py --from-json results.json         # write the tables
+    (runs of different --reductions, e.g. split over machine calls, merge: --from-json a.json b.json)
 """
 
 from __future__ import annotations
@@ -67,14 +68,14 @@ def measure(args) -> dict:
     for reduction in args.reductions:
         # (method, allocation, sequential, refit)
         variants = [(m, a, False, False) for m in args.methods for a in args.allocations]
-        variants += [(m, "uniform", True, False) for m in args.sequential_methods]
-        variants += [(m, "uniform", True, True) for m in args.refit_methods]
+        variants += [(m, a, True, False) for m in args.sequential_methods for a in args.allocations]
+        variants += [(m, a, True, True) for m in args.refit_methods for a in args.allocations]
         for method, allocation, sequential, refit in variants:
             config = WSVDConfig(method=method, param_ratio=round(1 - reduction, 4), allocation=allocation,
                                 sequential=sequential, refit=refit, max_length=args.calib_length)
             start = time.perf_counter()
             model, report = compress(copy.deepcopy(dense), config, calib_loader, importance=fisher,
-                                     activations=None if sequential else activations, show_progress=False)
+                                     activations=activations, show_progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, test_loader)
             label = method + (" (sequential, refit)" if refit else " (sequential)" if sequential else "")
@@ -115,13 +116,16 @@ def main() -> None:
     parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
     parser.add_argument("--refit-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
-    parser.add_argument("--from-json", help="publish measurements taken earlier")
+    parser.add_argument("--from-json", nargs="+",
+                        help="publish measurements taken earlier (several files: runs of other reductions, merged)")
     args = parser.parse_args()
 
     from report import markdown_table, publish
 
     if args.from_json:
-        payload = json.loads(Path(args.from_json).read_text())
+        payload, *others = [json.loads(Path(path).read_text()) for path in args.from_json]
+        for other in others:  # each run starts with its own dense row
+            payload["rows"] += other["rows"][1:]
     else:
         args.model = args.model or default_model()
         payload = measure(args)

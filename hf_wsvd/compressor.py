@@ -156,7 +156,8 @@ def compress(
     activations need it (``labels`` for Fisher). ``loss_fn(model, batch) -> per-example losses``
     defaults to the model's task loss (classification, regression or causal LM). ``importance``
     and ``activations`` reuse statistics computed earlier on the same dense model (e.g. across
-    ratios). The returned model saves with ``save_pretrained`` and reloads with the stock Auto
+    ratios); sequential mode gathers activations block by block and reads given ones only to
+    plan greedy ranks. The returned model saves with ``save_pretrained`` and reloads with the stock Auto
     classes.
     """
     if model.config.model_type == MODEL_TYPE:
