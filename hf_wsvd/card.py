@@ -13,8 +13,24 @@ from transformers import PreTrainedModel
 from .checkpoint import parameter_counts, recipe_of, summarize
 from .runtime.modeling_wsvd import _supported_auto_classes
 
-TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "template.md"
 PLOT_FILE = "rank_per_layer.png"
+
+
+def template_path() -> Path:
+    """The card template: ``model_cards/template.md`` at the repository root, installed as the
+    ``hf_wsvd.model_cards`` package data (pyproject maps the folder there)."""
+    candidates = []
+    try:
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("hf_wsvd.model_cards") / "template.md")))
+    except (ImportError, TypeError, ValueError):  # a source checkout on sys.path: no such package
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "model_cards" / "template.md")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"model card template not found (looked at {', '.join(map(str, candidates))})")
 _PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
                   "causal_lm": "text-generation"}
 
@@ -119,7 +135,7 @@ def build_card(
         hf_wsvd={"method": recipe["method"], "param_ratio": recipe["param_ratio"], "params": now, "dense_params": dense},
     )
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE), model_name=name, base_model=base_model, hf_wsvd_version=__version__,
+        card_data, template_path=str(template_path()), model_name=name, base_model=base_model, hf_wsvd_version=__version__,
         method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if recipe["method"] != "svd" else None,
         importance_data=(f"`{importance_data}` ({recipe.get('num_samples')} examples)" if importance_data else "none"),
         param_ratio=recipe["param_ratio"], params_after=f"{now:,}", params_before=f"{dense:,}",

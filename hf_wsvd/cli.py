@@ -21,6 +21,16 @@ EXAMPLES = """examples:
   hf-wsvd export out/sst2-fwsvd out/sst2-dense --dense
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd
 """
+COMPRESS_EXAMPLES = """examples:
+  # a classifier, importance from its train split; the model card gets the dev results
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd --param-ratio 0.5 \\
+      --data ../shared/data/glue/SST-2/train.tsv --eval-data ../shared/data/glue/SST-2/dev.tsv
+  # a causal LM calibrated on plain text (no chat template), block by block
+  hf-wsvd compress path/to/model.gguf out/lm-fw --method fisher_whiten --param-ratio 0.8 \\
+      --data ../shared/data/wikitext-2/wiki.valid.tokens --num-samples 64 --max-length 256 --sequential
+  # no data needed: plain truncated SVD of every block linear
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-svd --method svd --param-ratio 0.75
+"""
 INSPECT_EXAMPLES = """examples:
   hf-wsvd inspect out/sst2-fwsvd
 """
@@ -59,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = commands.add_parser(
-        "compress", help="compress a model and save a checkpoint", epilog=EXAMPLES,
+        "compress", help="compress a model and save a checkpoint (with its model card)", epilog=COMPRESS_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("model", help="model folder, Hub id, or .gguf file (causal LM or sequence classifier)")

@@ -106,3 +106,23 @@ def test_a_merge_beyond_full_rank_is_refused(tmp_path):
     peft_model = get_peft_model(model, config)
     with pytest.raises(ValueError, match="above min"):
         peft_model.merge_and_unload()
+
+
+def test_the_readme_lora_examples_run(tmp_path, monkeypatch):
+    """The README's two LoRA code blocks, as written, on a tiny compressed classifier."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### LoRA adapters (peft)", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    model = tiny.build("bert", "AutoModelForSequenceClassification")
+    model, ranks = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(tmp_path / "sst2-fwsvd")
+    monkeypatch.chdir(tmp_path)
+    inner, whole = ({}, {})
+    exec(compile(blocks[0], "README.md (LoRA, inner linears)", "exec"), inner)
+    assert _ranks(AUTO.from_pretrained("sst2-fwsvd-merged")) == ranks.ranks
+    exec(compile(blocks[1], "README.md (LoRA, whole modules)", "exec"), whole)
+    assert _ranks(whole["reloaded"]) == {k: r + 8 for k, r in ranks.ranks.items()}

@@ -88,3 +88,44 @@ def test_trainer_on_a_causal_lm(tmp_path, tokenizer, arch):
     trainer.save_model(str(tmp_path / "final"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) > 0
+
+
+def test_the_recovery_example_runs_without_datasets(tmp_path, tokenizer, monkeypatch):
+    """examples/recover_glue.py end to end on a tiny classifier and gzipped TSVs, with `datasets`
+    and `evaluate` unimportable (as on the GPU machine): compress, train, save, reload, report."""
+    import gzip
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    model_dir, data_dir = tmp_path / "model", tmp_path / "SST-2"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir.mkdir()
+    rows = "".join(f"{s}\t{int('good' in s or 'great' in s or 'fine' in s)}\n" for s in SENTENCES * 3)
+    with gzip.open(data_dir / "train.tsv.gz", "wt") as handle:
+        handle.write('sentence\tlabel\n"quoted" start\t0\n' + rows)
+    (data_dir / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+
+    for name in ("datasets", "evaluate"):
+        monkeypatch.setitem(sys.modules, name, None)
+    path = Path(__file__).resolve().parent.parent / "examples" / "recover_glue.py"
+    spec = importlib.util.spec_from_file_location("recover_glue", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.read_tsv(data_dir / "train.tsv")[0] == ('"quoted" start', 0)  # finds the .gz, keeps quotes
+
+    payload = example.main(["--model-dir", str(model_dir), "--data-dir", str(data_dir), "--output", str(tmp_path / "out"),
+                            "--method", "fwsvd", "--num-samples", "8", "--max-steps", "2", "--batch-size", "4",
+                            "--max-length", "16", "--distill", "0,0.5", "--note", "tiny test."])
+    saved = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(payload["runs"])) and len(saved["runs"]) == 2
+    assert [r["name"] for r in saved["runs"]] == ["lr0.0001", "lr0.0001-distill0.5"]
+    assert all(r["train_steps"] == 2 and r["reloaded_factorized_layers"] == 12 for r in saved["runs"])
+    assert 0 <= saved["compressed_accuracy"] <= 1 and saved["params_after"] < saved["params_before"]
+    for run in saved["runs"]:
+        reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "recovered" / run["name"])
+        assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) == 12
+    table = example.report_table(saved)
+    assert "fwsvd + 2 steps Trainer, lr 0.0001, logit distillation 0.5" in table and table.endswith("tiny test.")
