@@ -1,32 +1,27 @@
 """Time each element-wise solver on one LLaMA-7B-sized FFN matrix (4096×11008, rank 1024) with a
-random positive (log-normal) importance, on the GPU; writes benchmarks/results/solvers_gpu.json.
+random positive (log-normal) importance, on the GPU; publishes benchmarks/results/solvers_gpu.json.
+Needs only torch, transformers and hf_wsvd (no datasets, no task data).
 
-    python benchmarks/solvers_gpu.py                    # CUDA, full size
+    PYTHONPATH=.:benchmarks python benchmarks/solvers_gpu.py --json-out $OUT/solvers_gpu.json   # CUDA
+    python benchmarks/solvers_gpu.py --from-json solvers_gpu.json   # publish a measurement taken elsewhere
     python benchmarks/solvers_gpu.py --small            # quick CPU check (512×1376, rank 128)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from hf_wsvd.solvers.elementwise import SOLVER_NAMES, solve_elementwise
 
-from report import markdown_table, publish
+from report import environment, markdown_table, publish
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="512×1376 at rank 128 (a CPU smoke test)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--max-iterations", type=int, default=8)
-    parser.add_argument("--time-budget", type=float, default=300.0, help="seconds per solver")
-    parser.add_argument("--solvers", default=",".join(SOLVER_NAMES))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
-    args = parser.parse_args()
+def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_features, in_features, rank = (512, 1376, 128) if args.small else (4096, 11008, 1024)
@@ -34,7 +29,7 @@ def main() -> None:
     weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(device)
     # Heavy-tailed like a real Fisher: log-normal, several orders of magnitude.
     importance = torch.exp(2.0 * torch.randn(out_features, in_features, generator=generator)).to(device)
-    rows, runs = [], []
+    runs = []
     for solver in args.solvers.split(","):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -48,14 +43,38 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         runs.append({"solver": solver, "seconds": seconds, "history": result.history, "times": result.times,
                      "phases": result.phases, "stopped": result.stopped, "peak_gib": peak})
-        rows.append([solver, result.history[0], result.best_loss, result.best_loss / result.history[0],
-                     len(result.history) - 1, seconds, peak])
-        print(rows[-1], flush=True)
-    table = markdown_table(["solver", "FWSVD loss", "best loss", "ratio", "iterations", "seconds", "peak GPU GiB"], rows)
-    name = "solvers_gpu_small" if args.small else "solvers_gpu"
-    publish(name, {"device": str(device), "shape": [out_features, in_features], "rank": rank, "runs": runs},
-            table, readme=False)
+        print({k: v for k, v in runs[-1].items() if k not in ("history", "times", "phases")},
+              "best/start", min(result.history) / result.history[0], flush=True)
+    return {"environment": environment(), "device": str(device), "shape": [out_features, in_features],
+            "rank": rank, "max_iterations": args.max_iterations, "time_budget": args.time_budget, "runs": runs}
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="512×1376 at rank 128 (a CPU smoke test)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--max-iterations", type=int, default=8)
+    parser.add_argument("--time-budget", type=float, default=100.0,
+                        help="seconds per solver (default 100: all four fit one 10-minute device command)")
+    parser.add_argument("--solvers", default=",".join(SOLVER_NAMES))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
+    parser.add_argument("--json-out", help="also write the measurement here (e.g. $OUT on the GPU machine)")
+    parser.add_argument("--from-json", help="publish a measurement taken earlier instead of measuring")
+    args = parser.parse_args()
+    payload = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+    rows = [[r["solver"], r["history"][0], min(r["history"]), min(r["history"]) / r["history"][0],
+             len(r["history"]) - 1, r["stopped"], r["seconds"], r["peak_gib"]] for r in payload["runs"]]
+    (out_features, in_features), rank = payload["shape"], payload["rank"]
+    table = markdown_table(["solver", "FWSVD loss", "best loss", "ratio", "iterations", "stopped", "seconds",
+                            "peak GPU GiB"], rows)
+    table += (f"\n\n{out_features}×{in_features} at rank {rank}, log-normal importance, up to "
+              f"{payload['max_iterations']} iterations or {payload['time_budget']:g} s per solver; measured on "
+              f"{payload['environment'].get('cuda') or 'CPU'}.")
+    small = out_features < 4096
+    publish("solvers_gpu_small" if small else "solvers_gpu", payload, table, readme=not small)
 
 if __name__ == "__main__":
     main()

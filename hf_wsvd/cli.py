@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-budget", type=float, help="tfwsvd/rescue: seconds per matrix (default: none)")
     c.add_argument("--importance-power", type=float, default=1.0,
                    help="tfwsvd/rescue: weight entries by Fisher**POWER, in (0, 1] (default: 1)")
-    c.add_argument("--risk-threshold", type=float, default=0.1,
-                   help="rescue: refine the matrices whose Fisher-predicted risk exceeds this (default: 0.1)")
+    c.add_argument("--risk-threshold", type=float, default=1e-3,
+                   help="rescue: refine the matrices whose FWSVD predicted loss ½ΣF(W−AB)² exceeds this (default: 1e-3)")
     c.add_argument("--target-modules", type=_columns, help="comma-separated module names/suffixes to factorize")
     c.add_argument("--exclude-modules", type=_columns, help="comma-separated module names/suffixes to keep dense")
     c.add_argument("--seed", type=int, default=0)

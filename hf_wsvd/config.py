@@ -80,8 +80,8 @@ class WSVDConfig:
         importance_power: the element-wise solvers weight entry (i, j) by F_ij ** importance_power,
             in (0, 1]: 1 is the Fisher itself, smaller values temper its dynamic range.
         risk_threshold: ``rescue`` refines with the element-wise solver only the matrices whose
-            risk (``hf_wsvd.solvers.risk.relative_risk`` of the FWSVD factors: their predicted
-            loss ½ΣF(W − AB)² over that of dropping the matrix, ½ΣF·W²) exceeds this, ≥ 0.
+            risk, the Fisher-predicted loss increase of the FWSVD factors
+            (``hf_wsvd.solvers.risk.predicted_loss``, ½ΣF(W − AB)², in nats), exceeds this, ≥ 0.
         max_kept_ratio_for_speed: a target layer whose allocated rank keeps more than this
             fraction of its weights (r·(in+out) / (in·out)) stays dense: factorized at that ratio it
             runs no faster than dense (two thin matrix products instead of one). The crossing depends
@@ -118,7 +118,7 @@ class WSVDConfig:
     tolerance: float = 1e-4
     time_budget: float | None = None
     importance_power: float = 1.0
-    risk_threshold: float = 0.1
+    risk_threshold: float = 1e-3
     max_kept_ratio_for_speed: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)
 

@@ -52,6 +52,20 @@ def test_compress_and_inspect_a_classifier(tmp_path, classifier_dir, tsv, capsys
     assert "method=fwsvd" in printed and "total parameters:" in printed
 
 
+@pytest.mark.parametrize("extra", [["--method", "tfwsvd", "--solver", "hybrid", "--max-iterations", "3"],
+                                   ["--method", "rescue", "--solver", "als", "--risk-threshold", "0"]])
+def test_elementwise_methods_from_the_cli(tmp_path, classifier_dir, tsv, extra):
+    out = tmp_path / "compressed"
+    assert main(["compress", str(classifier_dir), str(out), "--param-ratio", "0.5", "--data", str(tsv),
+                 "--num-samples", "6", "--batch-size", "4", *extra]) == 0
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    recipe = model.config.wsvd
+    assert (recipe["method"], recipe["solver"]) == (extra[1], extra[3])
+    assert recipe["max_iterations"] == (3 if "--max-iterations" in extra else 8)
+    assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) == 12
+    assert main_output(model(**tiny.inputs("bert"))).isfinite().all()
+
+
 def test_compress_a_causal_lm_from_text(tmp_path, tokenizer):
     dense = tmp_path / "dense-lm"
     tiny.build("gpt2", "AutoModelForCausalLM").save_pretrained(dense)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hf_wsvd import WSVDConfig
-from hf_wsvd.cli import build_parser
 from hf_wsvd.solvers import FISHER, LayerProblem, get_solver
 from hf_wsvd.solvers import risk
 from hf_wsvd.solvers.elementwise import (
@@ -103,6 +102,18 @@ def test_float16_inputs_return_float16_factors(solver):
     assert result.best_loss <= result.start_loss
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_solvers_run_on_cuda_and_match_cpu_start(solver):
+    weight, fisher = _problem(14, out_features=96, in_features=64, dtype=torch.float32)
+    cpu = solve_elementwise(weight, fisher, 8, solver=solver, max_iterations=4, tolerance=0)
+    gpu = solve_elementwise(weight.cuda(), fisher.cuda(), 8, solver=solver, max_iterations=4, tolerance=0)
+    assert gpu.up.device.type == gpu.down.device.type == "cuda"
+    assert gpu.history[0] == pytest.approx(cpu.history[0], rel=1e-4)
+    assert gpu.best_loss < 0.99 * gpu.start_loss
+    assert gpu.best_loss == pytest.approx(cpu.best_loss, rel=0.05)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 def test_invalid_importance_raises_a_clear_error(bad):
     weight, fisher = _problem(7)
@@ -181,12 +192,3 @@ def test_risk_metrics():
     # A Fisher constant along rows is exactly what FWSVD models: no mismatch.
     row_constant = torch.rand(OUT, 1, dtype=torch.float64).expand(OUT, IN)
     assert risk.row_mismatch(weight, row_constant, up, down) == pytest.approx(0.0, abs=1e-12)
-
-
-@pytest.mark.parametrize("solver", SOLVER_NAMES)
-def test_cli_accepts_tfwsvd_solvers(solver):
-    args = build_parser().parse_args(["compress", "m", "out", "--method", "tfwsvd", "--solver", solver,
-                                      "--max-iterations", "3", "--time-budget", "2.5"])
-    assert args.method == "tfwsvd" and args.solver == solver and args.max_iterations == 3 and args.time_budget == 2.5
-    args = build_parser().parse_args(["compress", "m", "out", "--method", "rescue", "--risk-threshold", "0.2"])
-    assert args.method == "rescue" and args.risk_threshold == 0.2
