@@ -50,12 +50,26 @@ class _SquaredGradientHooks:
     def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         x = x.float().reshape(x.shape[0], -1, x.shape[-1])
         g = g.float().reshape(g.shape[0], -1, g.shape[-1])
-        per_example = torch.einsum("bto,bti->boi", g, x)
-        squared = per_example.square_().sum(dim=0)
-        if name in self.sums:
-            self.sums[name] += squared
-        else:
-            self.sums[name] = squared
+        total = self.sums.get(name)
+        if total is None:
+            total = self.sums[name] = torch.zeros(g.shape[-1], x.shape[-1], device=g.device)
+        if g.device.type != "cpu":
+            # One batched product on accelerators (few large kernels, no host syncs).
+            total += torch.einsum("bto,bti->boi", g, x).square_().sum(dim=0)
+            return
+        # CPU: one example at a time into a reused out × in buffer that stays in cache, squared
+        # and added in place (no batch × out × in intermediate), over the token rows whose output
+        # gradient is not all zero only: padding (masked keys, ignored labels) gets exact zeros
+        # and contributes exactly nothing, so dropping those rows skips work, not terms.
+        live = g.ne(0).any(dim=-1)
+        buffer = torch.empty_like(total)
+        for n in range(g.shape[0]):
+            rows = live[n]
+            if not rows.any():
+                continue
+            g_n, x_n = (g[n], x[n]) if rows.all() else (g[n][rows], x[n][rows])
+            torch.mm(g_n.t(), x_n, out=buffer)
+            total.addcmul_(buffer, buffer)
 
     def remove(self) -> None:
         for handle in self._handles:
