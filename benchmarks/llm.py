@@ -66,20 +66,17 @@ def measure(args) -> dict:
     stats_seconds = time.perf_counter() - start
     best = None
     for reduction in args.reductions:
-        # (method, allocation, sequential, refit)
-        variants = [(m, a, False, False) for m in args.methods for a in args.allocations]
-        variants += [(m, a, True, False) for m in args.sequential_methods for a in args.allocations]
-        variants += [(m, a, True, True) for m in args.refit_methods for a in args.allocations]
-        for method, allocation, sequential, refit in variants:
+        variants = [(m, a, False) for m in args.methods for a in args.allocations]
+        variants += [(m, a, True) for m in args.sequential_methods for a in args.allocations]
+        for method, allocation, sequential in variants:
             config = WSVDConfig(method=method, param_ratio=round(1 - reduction, 4), allocation=allocation,
-                                sequential=sequential, refit=refit, max_length=args.calib_length)
+                                sequential=sequential, max_length=args.calib_length)
             start = time.perf_counter()
             model, report = compress(copy.deepcopy(dense), config, calib_loader, importance=fisher,
                                      activations=activations, show_progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, test_loader)
-            label = method + (" (sequential, refit)" if refit else " (sequential)" if sequential else "")
-            rows.append({"method": label, "reduction": reduction,
+            rows.append({"method": method + (" (sequential)" if sequential else ""), "reduction": reduction,
                          "allocation": allocation, "perplexity": ppl, "compress_seconds": seconds,
                          "params_after": report.params_after, "params_before": report.params_before})
             print(rows[-1], flush=True)
@@ -114,7 +111,7 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
     parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "greedy"])
     parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
-    parser.add_argument("--refit-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
+    parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json, README marker)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", nargs="+",
                         help="publish measurements taken earlier (several files: runs of other reductions, merged)")
@@ -144,7 +141,7 @@ def main() -> None:
               f"tokens of {payload['evaluation']['file']}; measured on {payload['environment'].get('cuda') or 'CPU'}."
               f"\n\nSample (`pipeline('text-generation')`, {sample['method']}, {sample['allocation']}, "
               f"−{sample['reduction']:.0%}): {sample['text']!r}")
-    publish("llm", payload, table)
+    publish(args.name, payload, table)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def environment() -> dict:
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
+            return f"{value:.3f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.3g}"
         return str(value)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -226,9 +226,7 @@ def factorize_randomly(model, reduction: float, rank_multiple: int, seed: int = 
     ``reduction`` of its parameters (product entries of std 0.02, like the dense weights)."""
     targets = select_targets(model, None, None)
     shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
-    ranks = uniform_ranks(shapes, 1 - reduction)
-    if rank_multiple > 1:
-        ranks = {n: max(rank_multiple, r // rank_multiple * rank_multiple) for n, r in ranks.items()}
+    ranks = uniform_ranks(shapes, 1 - reduction, multiple=rank_multiple)
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, rank in ranks.items():
@@ -524,7 +522,8 @@ def render_cuda(runs: list[dict]) -> str:
         text += "\n\n" + markdown_table(
             ["float32 factorization, 7B targets", "matrices", "method", "timed", "seconds (all)", "s/matrix",
              "σ rel. error (eigh)", "tail rel. error (eigh)"], svd_rows)
-        text += (f"\n\nAll {sum(s['matrices'] for s in runs[0]['svd']) // len({s['method'] for s in runs[0]['svd']})} target matrices (timed ones extrapolated): "
+        timed = [s for run in runs for s in run["svd"]]
+        text += (f"\n\nAll {sum(s['matrices'] for s in timed) // len({s['method'] for s in timed})} target matrices (timed ones extrapolated): "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in total.items()) + ".")
     return text.strip()
 
@@ -554,7 +553,8 @@ def main() -> None:
     gpu.add_argument("--layers", type=int, default=32)
     gpu.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                      help="fractions of the decoder-linear parameters removed (0: dense)")
-    gpu.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
+    gpu.add_argument("--rank-multiple", type=int, default=WSVDConfig().rank_multiple,
+                     help="round ranks down to a multiple of this (default: WSVDConfig's; 1 = exact ranks)")
     gpu.add_argument("--prefill-batch", type=int, default=8)
     gpu.add_argument("--prefill-length", type=int, default=2048)
     gpu.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])

@@ -32,7 +32,9 @@ def smollm2_gguf() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="fwsvd", choices=sorted(SOLVERS))
+    parser.add_argument("--method", default="fisher_whiten", choices=sorted(SOLVERS),
+                        help="default: fisher_whiten, the best measured on SmolLM2 (README benchmarks)")
+    parser.add_argument("--allocation", default="greedy", choices=["uniform", "greedy"])
     parser.add_argument("--param-ratio", type=float, default=0.9, help="fraction of each decoder linear's parameters kept")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration blocks")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per calibration block")
@@ -40,8 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model_and_tokenizer(smollm2_gguf(), dtype=torch.float32)
-    config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, num_samples=args.num_samples,
-                                batch_size=4, max_length=args.max_length)
+    config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
+                                num_samples=args.num_samples, batch_size=4, max_length=args.max_length)
     calibration = data_loader(model, tokenizer, str(HERE / "data/wikitext2-calibration.txt"), config)
     heldout = data_loader(model, tokenizer, str(HERE / "data/wikitext2-heldout.txt"), config, shuffle=False)
 
@@ -54,7 +56,8 @@ def main() -> None:
     compressed_ppl = perplexity(reloaded, heldout)
     generate = pipeline("text-generation", model=reloaded, tokenizer=tokenizer)
     sample = generate("The history of the city", max_new_tokens=30, do_sample=False)[0]["generated_text"]
-    print(f"\nmethod {report.method}, kept ratio {report.param_ratio} on {len(report.ranks)} decoder linears")
+    print(f"\nmethod {report.method} ({args.allocation} ranks), kept ratio {report.param_ratio} "
+          f"on {len(report.ranks)} decoder linears")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,}")
     print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f}")
     print(f"saved to {args.output}; sample: {sample!r}")

@@ -27,14 +27,22 @@ def drop_slow_layers(ranks: dict[str, int], shapes: dict[str, tuple[int, int]],
     return {name: rank for name, rank in ranks.items() if kept_ratio(*shapes[name], rank) <= max_kept_ratio}
 
 
+def round_rank(rank: int, multiple: int) -> int:
+    """``rank`` rounded down to a multiple of ``multiple`` (ranks below it are kept as they are).
+
+    Why: GPU matrix kernels want aligned inner dimensions. Measured on an H100 in bf16 (16384
+    tokens, 4096 → r → 4096): r = 1228 takes 1.49 ms, r = 1232 0.46 ms, the dense layer 0.72 ms."""
+    return rank // multiple * multiple if rank >= multiple else rank
+
+
 def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float,
-                  max_kept_ratio: float | None = None) -> dict[str, int]:
-    """The same kept ratio for every layer (``shapes``: name → (in, out)). Layers whose rank
-    would not save parameters, or would keep more than ``max_kept_ratio`` of them, are left out:
-    they stay dense."""
+                  max_kept_ratio: float | None = None, multiple: int = 1) -> dict[str, int]:
+    """The same kept ratio for every layer (``shapes``: name → (in, out)), ranks rounded down to
+    ``multiple``. Layers whose rank would not save parameters, or would keep more than
+    ``max_kept_ratio`` of them, are left out: they stay dense."""
     ranks = {}
     for name, (in_features, out_features) in shapes.items():
-        rank = rank_for_ratio(in_features, out_features, param_ratio)
+        rank = round_rank(rank_for_ratio(in_features, out_features, param_ratio), multiple)
         if saves_parameters(in_features, out_features, rank):
             ranks[name] = rank
     return drop_slow_layers(ranks, shapes, max_kept_ratio)

@@ -93,9 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", action="store_true",
                    help="causal LMs: compress block by block on the compressed model's own activations "
                         "(one block on the device at a time)")
-    c.add_argument("--refit", action="store_true",
-                   help="with --sequential and whiten/fisher_whiten: fit each layer to the dense model's outputs, "
-                        "so later blocks correct earlier blocks' error")
     c.add_argument("--asvd-alpha", type=float, default=0.5, help="asvd: exponent of the activation scaling")
     c.add_argument("--p", type=float, default=1.0,
                    help="lp method: the exponent p in [1, 2] of Σ_rows dist(row, subspace)^p (default: 1.0; 2 = SVD)")
@@ -125,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved checkpoint (default: the input checkpoint's)")
+    c.add_argument("--rank-multiple", type=int, default=8,
+                   help="round ranks down to a multiple of this: GPU kernels want aligned shapes (default: 8; 1 = exact)")
     c.add_argument("--max-kept-ratio-for-speed", type=_ratio,
                    help="keep dense every layer whose rank would keep more than this fraction of its weights "
                         "(no faster factorized; measure with benchmarks/layer_speed.py; default: none)")
@@ -149,10 +148,11 @@ def _compress(args: argparse.Namespace) -> None:
     config = WSVDConfig(
         method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
-        allocation=args.allocation, sequential=args.sequential, refit=args.refit, asvd_alpha=args.asvd_alpha,
+        allocation=args.allocation, sequential=args.sequential, asvd_alpha=args.asvd_alpha,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, p=args.p,
         embeddings=args.embeddings, embedding_ratio=args.embedding_ratio, embedding_method=args.embedding_method,
         embedding_weighting=args.embedding_weighting, max_kept_ratio_for_speed=args.max_kept_ratio_for_speed,
+        rank_multiple=args.rank_multiple,
         solver=args.solver, refine=args.refine, max_iterations=args.max_iterations, tolerance=args.tolerance,
         time_budget=args.time_budget, importance_power=args.importance_power, risk_threshold=args.risk_threshold,
     )

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .allocation import drop_slow_layers, greedy_ranks, uniform_ranks
+from .allocation import drop_slow_layers, greedy_ranks, round_rank, uniform_ranks
 from .checkpoint import parameter_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
@@ -87,7 +87,6 @@ def layer_problem(model: torch.nn.Module, name: str, full_name: str, config: WSV
         name, weight, 0, fisher=fisher, config=config,
         gram=activations.gram[name].to(weight.device) if activations else None,
         mean_abs=activations.mean_abs[name].to(weight.device) if activations else None,
-        cross_gram=activations.cross_gram[name].to(weight.device) if activations and activations.cross_gram else None,
     )
 
 
@@ -95,7 +94,7 @@ def allocate(config: WSVDConfig, solver: Solver, shapes: dict[str, tuple[int, in
              problems: dict[str, LayerProblem]) -> dict[str, int]:
     """Per-layer ranks under ``config.param_ratio`` with ``config.allocation``."""
     if config.allocation == "uniform":
-        return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)
+        return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed, config.rank_multiple)
     if solver.spectrum is None:
         raise ValueError(f"allocation={config.allocation!r} needs a method with a spectrum; {solver.name!r} has none")
     spectra = {name: solver.spectrum(problem) for name, problem in problems.items()}
@@ -103,8 +102,9 @@ def allocate(config: WSVDConfig, solver: Solver, shapes: dict[str, tuple[int, in
     if solver.loss_scale is not None:  # absolute predicted losses: undo greedy's normalization
         layer_weights = {name: solver.loss_scale(problem) * float(spectra[name].double().square().sum())
                          for name, problem in problems.items()}
-    return drop_slow_layers(greedy_ranks(shapes, spectra, config.param_ratio, layer_weights), shapes,
-                            config.max_kept_ratio_for_speed)
+    ranks = greedy_ranks(shapes, spectra, config.param_ratio, layer_weights)
+    ranks = {name: round_rank(rank, config.rank_multiple) for name, rank in ranks.items()}
+    return drop_slow_layers(ranks, shapes, config.max_kept_ratio_for_speed)
 
 
 def plan(model: PreTrainedModel, config: WSVDConfig, solver: Solver, targets: dict[str, str],
@@ -115,7 +115,8 @@ def plan(model: PreTrainedModel, config: WSVDConfig, solver: Solver, targets: di
     their problems at those ranks."""
     shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
     candidates = targets if config.allocation != "uniform" else {
-        n: targets[n] for n in uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed)}
+        n: targets[n] for n in uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed,
+                                             config.rank_multiple)}
     if not candidates:
         speed = config.max_kept_ratio_for_speed
         raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(targets)} "

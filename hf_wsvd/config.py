@@ -14,8 +14,6 @@ COMPUTE_DTYPES = ("float32", "float64")
 EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
-# Methods that can fit the dense model's outputs from a cross Gram (see solvers/whiten.py).
-REFIT_METHODS = ("whiten", "fisher_whiten")
 
 
 @dataclass
@@ -50,10 +48,6 @@ class WSVDConfig:
             inputs produced by the already compressed blocks before it (large decoders). With
             ``allocation="greedy"`` the ranks are allocated first on the dense model's statistics
             of all layers at once (memory: every target layer's in × in Gram together).
-        refit: with ``sequential`` and a whitening method (``whiten``, ``fisher_whiten``), fit each
-            layer to the outputs the *dense* model gives it on its own inputs, rather than to the
-            dense weights applied to the compressed model's inputs: later blocks then also correct
-            the error of earlier ones. Costs a second stream of activations.
         seed: seed for data sampling and any randomized step.
         p: the exponent of the ``lp`` method, in [1, 2]: it minimizes Σ_rows dist(row, subspace)^p,
             robust to outlying rows for p < 2; p = 2 is the SVD subspace.
@@ -89,6 +83,10 @@ class WSVDConfig:
             the ``threshold`` to use. In (0, 1], or None (default): every layer whose rank saves
             parameters is factorized. With ``allocation="greedy"`` the layers kept dense are not
             re-budgeted, so the model then keeps more than ``param_ratio``.
+        rank_multiple: ranks are rounded down to a multiple of this (ranks below it are kept), ≥ 1.
+            Default 8: GPU matrix kernels want aligned inner dimensions, and an unaligned rank can
+            run slower than the dense layer (measured on an H100, bf16, 4096 → r → 4096: r = 1228
+            1.49 ms, r = 1232 0.46 ms, dense 0.72 ms). 1 keeps the exact ranks of ``param_ratio``.
         ranks: filled by the compressor: base-model-relative module name → rank (the input
             embeddings, when compressed, are listed under their name too).
     """
@@ -105,7 +103,6 @@ class WSVDConfig:
     asvd_alpha: float = 0.5
     allocation: str = "uniform"
     sequential: bool = False
-    refit: bool = False
     seed: int = 0
     p: float = 1.0
     embeddings: bool = False
@@ -120,6 +117,7 @@ class WSVDConfig:
     importance_power: float = 1.0
     risk_threshold: float = 1e-3
     max_kept_ratio_for_speed: float | None = None
+    rank_multiple: int = 8
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,11 +156,6 @@ class WSVDConfig:
         if self.refine and self.method in ("tfwsvd", "rescue"):
             raise ValueError(f"refine=True refines another method with the element-wise solver; "
                              f"method={self.method!r} already is one")
-        if not isinstance(self.refit, bool):
-            raise ValueError(f"refit={self.refit!r} must be True or False")
-        if self.refit and not (self.sequential and self.method in REFIT_METHODS):
-            raise ValueError(f"refit=True needs sequential=True and a method in {REFIT_METHODS} "
-                             f"(got sequential={self.sequential}, method={self.method!r})")
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,6 +185,8 @@ class WSVDConfig:
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
         self._validate_elementwise()
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer (8 aligns GPU kernels)")
         speed = self.max_kept_ratio_for_speed
         if speed is not None:
             if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:

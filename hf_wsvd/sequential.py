@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .allocation import drop_slow_layers, uniform_ranks
+from .allocation import drop_slow_layers, round_rank, uniform_ranks
 from .config import WSVDConfig
 from .importance import FisherResult, compute_fisher, default_accelerator
 from .importance.activations import ActivationHooks
@@ -92,22 +92,13 @@ def _capture_block_inputs(model, block, batches, device) -> list[tuple[torch.Ten
     return [(hidden, kwargs, mask) for (hidden, kwargs), mask in zip(captured, masks)]
 
 
-def _run_block(block: nn.Module, inputs: list, hooks: ActivationHooks | None = None,
-               references: list | None = None) -> list:
-    """Run ``block`` on every captured input; return the outputs as the next block's inputs.
-
-    With ``references`` (the dense model's inputs of this block, batch for batch), each batch is
-    first run on its reference with the hooks recording, so that they also accumulate the cross
-    Gram of the dense against the compressed inputs of every layer."""
+def _run_block(block: nn.Module, inputs: list, hooks: ActivationHooks | None = None) -> list:
+    """Run ``block`` on every captured input; return the outputs as the next block's inputs."""
     outputs = []
     with torch.no_grad():
-        for position, (hidden, kwargs, mask) in enumerate(inputs):
+        for hidden, kwargs, mask in inputs:
             if hooks is not None:
                 hooks.new_batch(mask.to(hidden.device) if mask is not None else None)
-                if references is not None:
-                    hooks.recording = True
-                    block(references[position][0], **kwargs)
-                    hooks.recording = False
             out = block(hidden, **kwargs)
             outputs.append((out[0] if isinstance(out, tuple) else out, kwargs, mask))
     return outputs
@@ -155,8 +146,6 @@ def compress_sequential(
         block_devices = [next(b.parameters()).device for b in blocks]
         blocks[0].to(device)
         inputs = _capture_block_inputs(model, blocks[0], data, device)
-        # refit: the dense model's inputs of the current block, advanced through dense blocks.
-        dense_inputs = inputs if config.refit else None
         for index, block in enumerate(tqdm(blocks, desc="blocks", disable=not show_progress)):
             block.to(device)
             block_prefix = f"{prefix}.{index}."
@@ -165,16 +154,14 @@ def compress_sequential(
             if planned is None:
                 block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
                                                config.max_kept_ratio_for_speed)
+                block_ranks = {n: round_rank(r, config.rank_multiple) for n, r in block_ranks.items()}
             else:
                 block_ranks = {n: planned[n] for n in names if n in planned}
-            references = dense_inputs
-            if dense_inputs is not None:  # the block's dense outputs, taken before it is factorized
-                dense_inputs = _run_block(block, dense_inputs)
             if block_ranks:
                 modules = {n: model.get_submodule(names[n]) for n in block_ranks}
                 hooks = ActivationHooks(modules)
                 try:
-                    _run_block(block, inputs, hooks, references)
+                    _run_block(block, inputs, hooks)
                 finally:
                     hooks.remove()
                 stats = Statistics(fisher, hooks.result())

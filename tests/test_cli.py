@@ -42,7 +42,7 @@ def test_compress_and_inspect_a_classifier(tmp_path, classifier_dir, tsv, capsys
     assert code == 0
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
-    assert len(ranks) == 12 and set(ranks.values()) == {8, 10}
+    assert len(ranks) == 12 and set(ranks.values()) == {8}  # 10 (intermediate) rounds down to rank_multiple 8
     assert model.config.wsvd["method"] == "fwsvd" and model.config.wsvd["num_samples"] == 6
     assert (out / "tokenizer.json").exists()
     capsys.readouterr()

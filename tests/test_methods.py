@@ -43,31 +43,6 @@ def test_whitening_minimizes_the_output_error():
     assert errors["whiten"] == pytest.approx(tail * len(x) ** 0.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["whiten", "fisher_whiten"])
-def test_refit_fits_the_dense_outputs(method):
-    """With a cross Gram, the factors minimize ‖D(W·X_denseᵀ − AB·Xᵀ)‖ over rank-3 matrices: no
-    other rank-3 fit (the plain solution, random perturbations of the refit) does better."""
-    from dataclasses import replace
-
-    problem, x = _problem(rank=3)
-    g = torch.Generator().manual_seed(1)
-    x_dense = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # the dense model's inputs
-    refit = replace(problem, cross_gram=x_dense.T @ x / len(x))
-    d = problem.fisher.sum(1).sqrt() if method == "fisher_whiten" else torch.ones(len(problem.weight), dtype=torch.float64)
-
-    def error(up, down):
-        return (d[:, None] * (problem.weight @ x_dense.T - up @ down @ x.T)).norm().item()
-
-    best = error(*get_solver(method).solve(refit))
-    assert best < error(*get_solver(method).solve(problem))
-    up, down = get_solver(method).solve(refit)
-    for _ in range(5):
-        assert best <= error(up + 1e-3 * torch.randn(up.shape, generator=g, dtype=torch.float64), down) + 1e-12
-    # When the inputs agree, refit is the plain solution.
-    same = replace(problem, cross_gram=problem.gram)
-    torch.testing.assert_close(torch.mm(*get_solver(method).solve(same)), torch.mm(*get_solver(method).solve(problem)))
-
-
 @pytest.mark.parametrize("method", ["whiten", "fisher_whiten", "asvd"])
 def test_singular_gram_gives_finite_factors(method):
     problem, x = _problem(rank=4, singular=True)

@@ -148,7 +148,8 @@ def test_uniform_ranks_drop_layers_above_the_speed_threshold():
 
 
 def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
-    base = compressed("bert", allocation="greedy")
+    # Exact ranks (rank_multiple=1): on tiny layers rounding to 8 would give every layer one ratio.
+    base = compressed("bert", allocation="greedy", rank_multiple=1)
     recipe_ranks = base.config.wsvd["ranks"]
     shapes = {}
     for name, module in base.named_modules():
@@ -156,7 +157,7 @@ def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
             shapes[name.removeprefix("bert.")] = (module.in_features, module.out_features)
     ratios = {n: kept_ratio(*shapes[n], r) for n, r in recipe_ranks.items()}
     cut = sorted(ratios.values())[len(ratios) // 2]
-    model, report = compress(tiny.build("bert"), WSVDConfig(method="svd", allocation="greedy",
+    model, report = compress(tiny.build("bert"), WSVDConfig(method="svd", allocation="greedy", rank_multiple=1,
                                                              max_kept_ratio_for_speed=cut), show_progress=False)
     expected = {n: r for n, r in recipe_ranks.items() if ratios[n] <= cut}
     assert report.ranks == expected and 0 < len(expected) < len(recipe_ranks)
@@ -168,7 +169,8 @@ def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
 
 def test_compressor_refuses_when_every_layer_is_too_slow():
     with pytest.raises(ValueError, match="max_kept_ratio_for_speed=0.5"):
-        compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.7, max_kept_ratio_for_speed=0.5),
+        compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.7, max_kept_ratio_for_speed=0.5,
+                                                rank_multiple=1),
                  show_progress=False)
 
 

@@ -17,14 +17,11 @@ from .passes import batches, default_accelerator, reduce_sums
 @dataclass
 class ActivationStats:
     """Per module: ``gram`` = mean of x xᵀ over tokens (in × in, float64), ``mean_abs`` = mean |x|
-    per input feature (float64), and the token count they average over (all processes).
-    ``cross_gram`` (sequential refit only) = mean of x_ref xᵀ, the inputs the dense model gives
-    the layer against the inputs the compressed model gives it, token by token."""
+    per input feature (float64), and the token count they average over (all processes)."""
 
     gram: dict[str, torch.Tensor]
     mean_abs: dict[str, torch.Tensor]
     tokens: dict[str, int]
-    cross_gram: dict[str, torch.Tensor] | None = None
 
 
 class ActivationHooks:
@@ -32,18 +29,13 @@ class ActivationHooks:
 
     Set ``mask`` (batch × tokens, 1 for real tokens) before each forward so padding is excluded;
     inputs whose leading shape differs from the mask (e.g. a decoder's) count every position.
-    With ``recording`` on, a forward only stores each module's input as the *reference* of the
-    batch; the next forward then also accumulates Σ x_ref xᵀ (the cross Gram).
     """
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.mask: torch.Tensor | None = None
-        self.recording = False
-        self.reference: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, torch.Tensor] = {}
-        self.cross: dict[str, torch.Tensor] = {}
         # q/k/v projections read the same tensor: compute its statistics once per forward.
         self._last: tuple | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
@@ -54,27 +46,20 @@ class ActivationHooks:
             x = x[self.mask.bool()]
         return x.reshape(-1, x.shape[-1]).double()
 
-    def _contribution(self, x: torch.Tensor, reference: torch.Tensor | None) -> tuple:
+    def _contribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
         # Holding the tensor in ``_last`` keeps it alive, so ``is`` cannot match a newer tensor.
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             return self._last[2]
         source, version = x, x._version
         x = self._tokens(x.detach())
-        cross = self._tokens(reference).T @ x if reference is not None else None
-        result = (x.T @ x, x.abs().sum(dim=0), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                  cross)
+        result = (x.T @ x, x.abs().sum(dim=0), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
         self._last = (source, version, result)
         return result
 
     def _hook(self, name: str):
         def hook(module, args):
-            if self.recording:
-                self.reference[name] = args[0].detach()
-                return
-            gram, abs_sum, count, cross = self._contribution(args[0], self.reference.pop(name, None))
-            if cross is not None:
-                self.cross[name] = self.cross[name] + cross if name in self.cross else cross
+            gram, abs_sum, count = self._contribution(args[0])
             if name in self.gram:
                 self.gram[name] += gram
                 self.abs_sum[name] += abs_sum
@@ -95,7 +80,6 @@ class ActivationHooks:
             {n: g / self.count[n].clamp_min(1) for n, g in self.gram.items()},
             {n: a / self.count[n].clamp_min(1) for n, a in self.abs_sum.items()},
             {n: int(c.item()) for n, c in self.count.items()},
-            {n: c / self.count[n].clamp_min(1) for n, c in self.cross.items()} or None,
         )
 
     def remove(self) -> None:

@@ -26,8 +26,7 @@ def _default_config() -> "WSVDConfig":
 class LayerProblem:
     """One matrix to factorize: ``weight`` (out × in, in the compute dtype) at ``rank``, the
     statistics its solver asked for (``fisher``: per-entry importance, out × in; ``gram``: input
-    E[x xᵀ], in × in; ``mean_abs``: input E|x|, in; ``cross_gram``: E[x_dense xᵀ] of a
-    sequential refit), and the recipe (``config``), from which a
+    E[x xᵀ], in × in; ``mean_abs``: input E|x|, in), and the recipe (``config``), from which a
     solver reads its own options."""
 
     name: str
@@ -37,7 +36,6 @@ class LayerProblem:
     config: "WSVDConfig" = field(default_factory=_default_config)
     gram: torch.Tensor | None = None
     mean_abs: torch.Tensor | None = None
-    cross_gram: torch.Tensor | None = None
     # Optional per-row importance (one non-negative value per row of ``weight``, e.g. the token
     # frequencies of an embedding's vocab × hidden matrix); read by the ``lp`` solver.
     row_weights: torch.Tensor | None = None

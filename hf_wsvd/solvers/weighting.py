@@ -19,20 +19,16 @@ from .registry import LayerProblem, register_solver
 @dataclass
 class Weighting:
     """``rows``: d, one positive weight per output row (or None); ``right``: R, a vector (a
-    diagonal) or an in × in matrix (or None); ``lower``: R is lower-triangular. ``target``, when
-    set, replaces W·R in the SVD (a refit towards other outputs, still unweighted by R)."""
+    diagonal) or an in × in matrix (or None); ``lower``: R is lower-triangular."""
 
     rows: torch.Tensor | None = None
     right: torch.Tensor | None = None
     lower: bool = False
-    target: torch.Tensor | None = None
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """diag(d)·W·R (or diag(d)·target) in the dtype of R (float64 for activation factors)."""
+        """diag(d)·W·R in the dtype of R (float64 for activation factors)."""
         matrix = weight
-        if self.target is not None:
-            matrix = self.target
-        elif self.right is not None:
+        if self.right is not None:
             matrix = matrix.to(self.right.dtype)
             matrix = matrix * self.right[None, :] if self.right.dim() == 1 else matrix @ self.right
         if self.rows is not None:

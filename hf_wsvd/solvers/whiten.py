@@ -5,9 +5,6 @@
 - ``asvd``: min ‖(W − AB)·diag(E|x|)^α‖_F, a diagonal activation scaling (α = ``asvd_alpha``).
 - ``fisher_whiten``: min ‖D·(W − AB)·Xᵀ‖_F with D = diag √(row-summed Fisher): the output rows
   the task loss is sensitive to, times the input directions that actually occur.
-
-With a cross Gram (sequential refit), whiten and fisher_whiten fit the dense model's outputs
-instead: min ‖D·(W·X_denseᵀ − AB·Xᵀ)‖_F, the SVD of D·W·G_dc·S⁻ᵀ (G_dc = E[x_dense xᵀ], S Sᵀ = E[x xᵀ]).
 """
 
 from __future__ import annotations
@@ -25,18 +22,7 @@ ACTIVATION_FLOOR = 1e-6
 
 def _whitening(problem: LayerProblem) -> Weighting:
     root, lower = gram_square_root(problem.gram)
-    weighting = Weighting(right=root, lower=lower)
-    if problem.cross_gram is not None:
-        # W·(S + (G_dc − G)·S⁻ᵀ), which is W·G_dc·S⁻ᵀ when S·Sᵀ = G exactly. Written against W·S so
-        # that the jitter S·Sᵀ = G + εI keeps acting as ε‖W − AB‖², as without refit: directions
-        # the calibration never excites keep W's response instead of being shrunk to zero.
-        shift = (problem.cross_gram - problem.gram).double()
-        if lower:
-            solved = torch.linalg.solve_triangular(root.T, shift, upper=True, left=False)
-        else:
-            solved = torch.linalg.solve(root, shift.T).T
-        weighting.target = problem.weight.double() @ (root + solved)
-    return weighting
+    return Weighting(right=root, lower=lower)
 
 
 @register_weighting("whiten", needs=(ACTIVATIONS,), description="whitening: min ‖(W − AB)·Xᵀ‖_F")
