@@ -79,13 +79,15 @@ def main() -> None:
     parser.add_argument("--max-iterations", type=int, default=3)
     parser.add_argument("--importance-power", type=float, default=None, help="default: WSVDConfig's")
     parser.add_argument("--risk-threshold", type=float, default=None, help="default: WSVDConfig's")
+    parser.add_argument("--rank-multiple", type=int, default=1,
+                        help="default 1 (exact ranks): the published table predates the rounding default")
     parser.add_argument("--append", action="store_true",
                         help="keep the published rows of other (task, method, ratio) and add/replace these")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {"max_iterations": args.max_iterations}
+    options = {"max_iterations": args.max_iterations, "rank_multiple": args.rank_multiple}
     for key in ("importance_power", "risk_threshold"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)

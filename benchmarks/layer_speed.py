@@ -18,9 +18,9 @@ import argparse
 import torch
 
 from hf_wsvd import FactorizedLinear
-from hf_wsvd.allocation import rank_for_ratio
+from hf_wsvd.allocation import rank_for_ratio, round_rank
 from hf_wsvd.runtime.factorized_linear import saves_parameters
-from timing import add_json_arguments, interleaved_seconds, measured_runs, median, speedup
+from timing import add_json_arguments, cuda_graphed, interleaved_seconds, measured_runs, median, speedup
 
 # Shapes are in_features x out_features. CPU: MiniLM-L6 (attention, FFN up, FFN down) at batch
 # 32 × 128 and 1 × 128 tokens; CUDA: Llama 7B (attention, gate/up, down) at prefill 8 × 2048 and
@@ -60,15 +60,18 @@ def time_workload(in_features: int, out_features: int, tokens: int, ratios: list
     dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
     calls, layers, nominal = {"dense": lambda: dense(x)}, {}, {}
     for ratio in ratios:
-        rank = rank_for_ratio(in_features, out_features, ratio)
-        if args.rank_multiple > 1:
-            rank = max(args.rank_multiple, rank // args.rank_multiple * args.rank_multiple)
+        rank = round_rank(rank_for_ratio(in_features, out_features, ratio), args.rank_multiple)
         if not saves_parameters(in_features, out_features, rank) or rank in layers:
             continue
         layers[rank] = FactorizedLinear(in_features, out_features, rank, device=device, dtype=dtype)
         nominal[rank] = ratio
         calls[str(rank)] = (lambda layer: lambda: layer(x))(layers[rank])
-    seconds = interleaved_seconds(calls, args.rounds, args.iters, args.warmup, device)
+    if args.cuda_graphs:  # one sample = one replay of a graph of `iters` calls
+        calls = {name: cuda_graphed(call, args.iters) for name, call in calls.items()}
+        seconds = {name: [t / args.iters for t in samples]
+                   for name, samples in interleaved_seconds(calls, args.rounds, 1, args.warmup, device).items()}
+    else:
+        seconds = interleaved_seconds(calls, args.rounds, args.iters, args.warmup, device)
     points = [
         {"ratio": nominal[rank], "rank": rank, "kept": rank * (in_features + out_features) / (in_features * out_features),
          "ms": 1e3 * median(seconds[str(rank)]), "speedup": speedup(seconds["dense"], seconds[str(rank)])}
@@ -76,6 +79,16 @@ def time_workload(in_features: int, out_features: int, tokens: int, ratios: list
     ]
     return {"in": in_features, "out": out_features, "tokens": tokens, "dense_ms": 1e3 * median(seconds["dense"]),
             "points": points, "crossing": crossing(points)}
+
+
+def by_shape(workloads: list[dict]) -> dict[str, float]:
+    """Per layer shape ("INxOUT"), the smallest crossing over its token counts: the per-shape
+    ``WSVDConfig.max_kept_ratio_for_speed``."""
+    limits: dict[str, float] = {}
+    for w in workloads:
+        key = f"{w['in']}x{w['out']}"
+        limits[key] = min(limits.get(key, 1.0), w["crossing"])
+    return limits
 
 
 def measure(args) -> dict:
@@ -90,9 +103,15 @@ def measure(args) -> dict:
     return {
         "device": device.type, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "rounds": args.rounds, "iters": args.iters, "rank_multiple": args.rank_multiple,
-        "workloads": workloads, "threshold": min(w["crossing"] for w in workloads),
+        "cuda_graphs": args.cuda_graphs,
+        "workloads": workloads, "threshold": min(w["crossing"] for w in workloads), "by_shape": by_shape(workloads),
         "environment": environment(),
     }
+
+
+def run_label(run: dict) -> str:
+    where = run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"
+    return where + (", CUDA graphs" if run.get("cuda_graphs") else "")
 
 
 def render(payloads: list[dict]) -> str:
@@ -101,16 +120,20 @@ def render(payloads: list[dict]) -> str:
     ratios = sorted({p["ratio"] for run in payloads for w in run["workloads"] for p in w["points"]})
     rows = []
     for run in payloads:
-        where = run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"
         for w in run["workloads"]:
             by_ratio = {p["ratio"]: p["speedup"] for p in w["points"]}
-            rows.append([f"{where}, {run['dtype']}", f"{w['in']}→{w['out']}", w["tokens"], w["dense_ms"],
+            rows.append([f"{run_label(run)}, {run['dtype']}", f"{w['in']}→{w['out']}", w["tokens"], w["dense_ms"],
                          *[by_ratio.get(r, "—") for r in ratios], w["crossing"]])
     table = markdown_table(["device", "layer", "tokens", "dense (ms)", *[f"×dense at {r:g}" for r in ratios],
                             "crossing kept ratio"], rows)
-    thresholds = "; ".join(f"{run['environment'].get('cuda') or 'CPU'}: **{run['threshold']:.2f}**" for run in payloads)
+    thresholds = "; ".join(
+        f"{run_label(run)}: **{run['threshold']:.2f}**, by shape "
+        + ", ".join(f"{shape} {limit:.2f}" for shape, limit in by_shape(run["workloads"]).items())
+        for run in payloads)
     return (f"{table}\n\n×dense: dense time / factorized time (median of {payloads[0]['rounds']} interleaved rounds) "
-            f"at the kept ratio of the column. Threshold (smallest crossing) per device: {thresholds}.")
+            f"at the kept ratio of the column; rank rounded down to a multiple of {payloads[0]['rank_multiple']}. "
+            f"Crossing 0: no kept ratio of the grid is faster. Threshold (smallest crossing) per device, and per "
+            f"layer shape (`WSVDConfig.max_kept_ratio_for_speed` as a dict): {thresholds}.")
 
 
 def main() -> None:
@@ -121,6 +144,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, help="rows of the input (batch × sequence length)")
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
     parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time replays of captured CUDA graphs (kernel time without launch overhead)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

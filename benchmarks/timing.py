@@ -38,6 +38,23 @@ def interleaved_seconds(
     return samples
 
 
+def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]:
+    """A callable that replays one captured CUDA graph of ``repeats`` calls of ``call``: it times the
+    kernels without Python and launch overhead, which is what a graph-captured model (a serving
+    engine, ``torch.compile(mode="reduce-overhead")``) runs. Outputs are overwritten in place."""
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                call()
+    return graph.replay
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

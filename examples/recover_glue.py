@@ -24,6 +24,7 @@ import argparse
 import copy
 import csv
 import gzip
+import itertools
 import json
 import random
 import sys
@@ -118,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-dir", help="where the recovered checkpoints go (default: OUTPUT/recovered-*)")
     parser.add_argument("--method", default="fisher_whiten", choices=sorted(SOLVERS))
     parser.add_argument("--param-ratio", type=float, default=0.3, help="fraction of each layer's parameters kept")
+    parser.add_argument("--allocation", default="greedy", choices=["uniform", "greedy"],
+                        help="ranks: the same kept ratio in every layer, or the greedy allocator at the same budget")
     parser.add_argument("--num-samples", type=int, default=512, help="importance examples (seeded draw from train)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (smoke runs)")
@@ -125,13 +128,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=_floats, default=[1e-4], help="one or more, comma-separated")
     parser.add_argument("--distill", type=_floats, default=[0.0],
                         help="weight(s) of logit distillation from the dense model, comma-separated (0: none)")
-    parser.add_argument("--distill-hidden", type=float, default=0.0, help="weight of hidden-state distillation (0: none)")
+    parser.add_argument("--distill-hidden", type=_floats, default=[0.0],
+                        help="weight(s) of hidden-state distillation, comma-separated (0: none)")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="hold out this many seeded train examples, score every run on them and select the "
+                             "best there (dev stays untouched by the choice)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only; default: float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", help="a sentence recorded with the results and shown under the table")
     parser.add_argument("--publish", action="store_true", help="write the table into README.md and benchmarks/RESULTS.md")
-    parser.add_argument("--publish-from", help="only publish the recovery.json of an earlier run (made elsewhere)")
+    parser.add_argument("--publish-from", nargs="+",
+                        help="only publish the recovery.json of earlier runs (made elsewhere), in one table")
     return parser.parse_args(argv)
 
 
@@ -140,9 +148,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.publish_from:
         from benchmarks.report import publish
 
-        payload = json.loads(Path(args.publish_from).read_text())
-        publish("recovery", payload, report_table(payload))
-        return payload
+        payloads = [json.loads(Path(path).read_text()) for path in args.publish_from]
+        merged = payloads[0] if len(payloads) == 1 else {
+            "environment": {**payloads[-1]["environment"],
+                            "command": " ; ".join(p["environment"]["command"] for p in payloads)},
+            "runs": payloads}
+        publish("recovery", merged, report_table(payloads))
+        return payloads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -150,12 +162,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     collator = DataCollatorWithPadding(tokenizer)
     data_dir = Path(args.data_dir)
     train = encode(tokenizer, read_tsv(data_dir / "train.tsv"), args.max_length)
+    held_out = set(random.Random(args.seed + 1).sample(range(len(train)), args.validation))
+    validation = [e for i, e in enumerate(train) if i in held_out]
+    train = [e for i, e in enumerate(train) if i not in held_out]
     dev = encode(tokenizer, read_tsv(data_dir / "dev.tsv"), args.max_length)
 
     dense = AutoModelForSequenceClassification.from_pretrained(args.model_dir, dtype=torch.float32)
     dense_accuracy = accuracy(dense, dev, collator, device)
     compressed = copy.deepcopy(dense)
-    config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, num_samples=args.num_samples,
+    config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
+                                num_samples=args.num_samples,
                                 batch_size=8, max_length=args.max_length, seed=args.seed)
     importance = random.Random(args.seed).sample(train, args.num_samples)
     start = time.perf_counter()
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                           show_progress=False)
     compress_seconds = time.perf_counter() - start
     compressed_accuracy = accuracy(compressed, dev, collator, device)
-    print(f"dense {dense_accuracy:.4f}  {args.method} at {args.param_ratio}: {compressed_accuracy:.4f} "
+    print(f"dense {dense_accuracy:.4f}  {args.method} ({args.allocation}) at {args.param_ratio}: {compressed_accuracy:.4f} "
           f"({report.params_before:,} -> {report.params_after:,} parameters, {compress_seconds:.1f} s)", flush=True)
 
     output = Path(args.output)
@@ -174,32 +190,36 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                                    "model_dir", "data_dir", "note")},
         "dense_accuracy": dense_accuracy, "compressed_accuracy": compressed_accuracy,
         "params_before": report.params_before, "params_after": report.params_after,
-        "compress_seconds": compress_seconds, "train_examples": len(train), "runs": [],
+        "compress_seconds": compress_seconds, "train_examples": len(train), "validation_examples": len(validation),
+        "runs": [],
         **({"note": args.note} if args.note else {}),
     }
-    for learning_rate in args.learning_rate:
-        for distill in args.distill:
-            payload["runs"].append(recover(args, copy.deepcopy(compressed), dense, train, dev, tokenizer, collator,
-                                           device, learning_rate, distill))
-            payload["seconds_total"] = time.perf_counter() - started
-            from benchmarks.report import environment
+    for learning_rate, distill, hidden in itertools.product(args.learning_rate, args.distill, args.distill_hidden):
+        payload["runs"].append(recover(args, copy.deepcopy(compressed), dense, train, dev, validation, tokenizer,
+                                       collator, device, learning_rate, distill, hidden))
+        if validation:
+            payload["selected"] = max(payload["runs"], key=lambda r: r["validation_accuracy"])["name"]
+        payload["seconds_total"] = time.perf_counter() - started
+        from benchmarks.report import environment
 
-            payload["environment"] = environment()
-            (output / "recovery.json").write_text(json.dumps(payload, indent=2) + "\n")  # after every run
+        payload["environment"] = environment()
+        (output / "recovery.json").write_text(json.dumps(payload, indent=2) + "\n")  # after every run
     if args.publish:
         from benchmarks.report import publish
 
-        publish("recovery", payload, report_table(payload))
+        publish("recovery", payload, report_table([payload]))
     else:
-        print(report_table(payload))
+        print(report_table([payload]))
     return payload
 
 
-def recover(args, model, dense, train, dev, tokenizer, collator, device, learning_rate: float, distill: float) -> dict:
-    """Fine-tune one copy of the compressed model, save it, reload it factorized, measure dev accuracy."""
-    name = f"lr{learning_rate:g}" + (f"-distill{distill:g}" if distill else "")
+def recover(args, model, dense, train, dev, validation, tokenizer, collator, device, learning_rate: float,
+            distill: float, hidden: float) -> dict:
+    """Fine-tune one copy of the compressed model, save it, reload it factorized, measure dev (and
+    held-out train) accuracy."""
+    name = f"lr{learning_rate:g}" + (f"-distill{distill:g}" if distill else "") + (f"-hidden{hidden:g}" if hidden else "")
     save_dir = Path(args.save_dir or Path(args.output) / "recovered") / name
-    teacher = dense.to(device).eval() if distill > 0 or args.distill_hidden > 0 else None
+    teacher = dense.to(device).eval() if distill > 0 or hidden > 0 else None
     training = TrainingArguments(
         output_dir=str(save_dir.parent / f".trainer-{name}"), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, learning_rate=learning_rate, warmup_steps=0.06,
@@ -208,7 +228,7 @@ def recover(args, model, dense, train, dev, tokenizer, collator, device, learnin
         disable_tqdm=not sys.stderr.isatty(),
     )
     trainer = DistillTrainer(model=model, args=training, train_dataset=train, data_collator=collator,
-                             teacher=teacher, logits=distill, hidden=args.distill_hidden)
+                             teacher=teacher, logits=distill, hidden=hidden)
     start = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -217,41 +237,55 @@ def recover(args, model, dense, train, dev, tokenizer, collator, device, learnin
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(save_dir), dtype=torch.float32)
     factorized = sum(isinstance(m, hf_wsvd.FactorizedLinear) for m in reloaded.modules())
     recovered_accuracy = accuracy(reloaded, dev, collator, device)
+    held_out = {"validation_accuracy": accuracy(reloaded, validation, collator, device)} if validation else {}
     print(f"{name}: recovered {recovered_accuracy:.4f} after {result.global_step} steps ({train_seconds:.0f} s); "
           f"reloaded with {factorized} factorized layers from {save_dir}", flush=True)
-    return {"name": name, "learning_rate": learning_rate, "distill": distill, "recovered_accuracy": recovered_accuracy,
+    return {"name": name, "learning_rate": learning_rate, "distill": distill, "distill_hidden": hidden,
+            "recovered_accuracy": recovered_accuracy, **held_out,
             "train_steps": result.global_step, "train_loss": result.training_loss, "train_seconds": train_seconds,
             "reloaded_factorized_layers": factorized,
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
 
 
-def report_table(payload: dict) -> str:
-    """The README table of one recovery.json."""
+def report_table(payloads: list[dict]) -> str:
+    """The README table of one or more recovery.json (same dense model and task)."""
     from benchmarks.report import markdown_table
 
-    a = payload["args"]
-    dense = payload["dense_accuracy"]
-    before, after = f"{payload['params_before']:,}", f"{payload['params_after']:,}"
-    rows = [["dense", 1.0, before, dense, 0.0],
-            [f"{a['method']}, no training", a["param_ratio"], after, payload["compressed_accuracy"],
-             payload["compressed_accuracy"] - dense]]
-    for run in payload["runs"]:
-        length = f"{run['train_steps']} steps" if a["max_steps"] > 0 else f"{a['epochs']:g} epoch"
-        label = f"{a['method']} + {length} Trainer, lr {run['learning_rate']:g}"
-        label += f", logit distillation {run['distill']:g}" if run["distill"] else ""
-        label += f", hidden-state distillation {a['distill_hidden']:g}" if a["distill_hidden"] else ""
-        rows.append([label, a["param_ratio"], after, run["recovered_accuracy"], run["recovered_accuracy"] - dense])
-    table = markdown_table(["model", "kept ratio", "parameters", "SST-2 dev accuracy", "vs dense"], rows)
+    dense = payloads[0]["dense_accuracy"]
+    held_out = any(p.get("validation_examples") for p in payloads)
+    extra = ["—"] if held_out else []
+    rows = [["dense", 1.0, f"{payloads[0]['params_before']:,}", *extra, dense, 0.0]]
+    for payload in payloads:
+        a = payload["args"]
+        method = f"{a['method']} ({a.get('allocation', 'uniform')} ranks)"
+        after = f"{payload['params_after']:,}"
+        rows.append([f"{method}, no training", a["param_ratio"], after, *extra, payload["compressed_accuracy"],
+                     payload["compressed_accuracy"] - dense])
+        for run in payload["runs"]:
+            length = f"{run['train_steps']} steps" if a["max_steps"] > 0 else f"{a['epochs']:g} epoch"
+            label = f"{method} + {length} Trainer, lr {run['learning_rate']:g}"
+            label += f", logit distillation {run['distill']:g}" if run["distill"] else ""
+            label += f", hidden-state distillation {run['distill_hidden']:g}" if run.get("distill_hidden") else ""
+            label += " **(selected)**" if payload.get("selected") == run["name"] else ""
+            rows.append([label, a["param_ratio"], after, *([run.get("validation_accuracy", "—")] if held_out else []),
+                         run["recovered_accuracy"], run["recovered_accuracy"] - dense])
+    table = markdown_table(["model", "kept ratio", "parameters", *(["held-out train accuracy"] if held_out else []),
+                            "SST-2 dev accuracy", "vs dense"], rows)
+    payload, a = payloads[0], payloads[0]["args"]
     env, first = payload["environment"], payload["runs"][0]
-    minutes = ", ".join(f"{r['train_seconds'] / 60:.1f}" for r in payload["runs"])
+    minutes = ", ".join(f"{r['train_seconds'] / 60:.1f}" for p in payloads for r in p["runs"])
+    steps = " or ".join(dict.fromkeys(str(r["train_steps"]) for p in payloads for r in p["runs"]))
+    examples = " or ".join(dict.fromkeys(f"{p['train_examples']:,}" for p in payloads))
+    notes = " ".join(dict.fromkeys(p["note"] for p in payloads if p.get("note")))
+    selection = (f"the run with the best accuracy on {max(p.get('validation_examples', 0) for p in payloads):,} "
+                 "held-out train examples is selected (the choice never sees dev); " if held_out else "")
     return table + (
         f"\n\nFine-tuned on {payload['device']} (torch {env['torch']}, transformers {env['transformers']}), "
-        f"{first['train_steps']} steps of {a['batch_size']} ({payload['train_examples']:,} examples), "
+        f"{steps} steps of {a['batch_size']} ({examples} examples), "
         f"{'bf16' if a.get('bf16') else 'float32'}, max length {a['max_length']}, linear decay with 6% warm-up, "
-        f"{minutes} min per run; importance from "
-        f"{a['num_samples']} train examples; every recovered model was saved and reloaded with "
-        f"`AutoModelForSequenceClassification` ({first['reloaded_factorized_layers']} factorized layers) before "
-        "its dev evaluation." + (f" {payload['note']}" if payload.get("note") else "")
+        f"{minutes} min per run; importance from {a['num_samples']} train examples; {selection}every recovered "
+        f"model was saved and reloaded with `AutoModelForSequenceClassification` "
+        f"({first['reloaded_factorized_layers']} factorized layers) before its evaluation." + (f" {notes}" if notes else "")
     )
 
 

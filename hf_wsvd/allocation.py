@@ -17,14 +17,28 @@ def kept_ratio(in_features: int, out_features: int, rank: int) -> float:
     return rank * (in_features + out_features) / (in_features * out_features)
 
 
+SpeedLimit = float | dict[str, float] | None  # one kept-ratio limit, or one per "INxOUT" shape
+
+
+def speed_limit(shape: tuple[int, int], max_kept_ratio: SpeedLimit) -> float | None:
+    """The kept-ratio limit of a layer of ``shape`` (in, out): the one number, or its entry in a
+    per-shape table keyed ``"INxOUT"`` (a shape not in the table has no limit)."""
+    if isinstance(max_kept_ratio, dict):
+        return max_kept_ratio.get(f"{shape[0]}x{shape[1]}")
+    return max_kept_ratio
+
+
 def drop_slow_layers(ranks: dict[str, int], shapes: dict[str, tuple[int, int]],
-                     max_kept_ratio: float | None) -> dict[str, int]:
-    """``ranks`` without the layers whose kept ratio exceeds ``max_kept_ratio``: factorized at that
-    ratio they would run no faster than dense (``WSVDConfig.max_kept_ratio_for_speed``), so they
-    stay dense. None keeps every layer."""
-    if max_kept_ratio is None:
-        return ranks
-    return {name: rank for name, rank in ranks.items() if kept_ratio(*shapes[name], rank) <= max_kept_ratio}
+                     max_kept_ratio: SpeedLimit) -> dict[str, int]:
+    """``ranks`` without the layers whose kept ratio exceeds their limit (``speed_limit``):
+    factorized at that ratio they would run no faster than dense
+    (``WSVDConfig.max_kept_ratio_for_speed``), so they stay dense. None keeps every layer."""
+    kept = {}
+    for name, rank in ranks.items():
+        limit = speed_limit(shapes[name], max_kept_ratio)
+        if limit is None or kept_ratio(*shapes[name], rank) <= limit:
+            kept[name] = rank
+    return kept
 
 
 def round_rank(rank: int, multiple: int) -> int:
@@ -36,10 +50,10 @@ def round_rank(rank: int, multiple: int) -> int:
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float,
-                  max_kept_ratio: float | None = None, multiple: int = 1) -> dict[str, int]:
+                  max_kept_ratio: SpeedLimit = None, multiple: int = 1) -> dict[str, int]:
     """The same kept ratio for every layer (``shapes``: name → (in, out)), ranks rounded down to
-    ``multiple``. Layers whose rank would not save parameters, or would keep more than
-    ``max_kept_ratio`` of them, are left out: they stay dense."""
+    ``multiple``. Layers whose rank would not save parameters, or would keep more than their
+    ``max_kept_ratio`` limit of them, are left out: they stay dense."""
     ranks = {}
     for name, (in_features, out_features) in shapes.items():
         rank = round_rank(rank_for_ratio(in_features, out_features, param_ratio), multiple)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,23 @@ COMPRESS_EXAMPLES = """examples:
 INSPECT_EXAMPLES = """examples:
   hf-wsvd inspect out/sst2-fwsvd
 """
+
+
+def _speed_limit(text: str) -> float | dict[str, float]:
+    """A kept-ratio number, or a JSON file with per-shape limits: the ``by_shape`` of a
+    ``benchmarks/layer_speed.py --json-out`` measurement, or a plain {"INxOUT": limit} mapping."""
+    if not text.lower().endswith(".json"):
+        return _ratio(text)
+    try:
+        payload = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read per-shape speed limits from {text!r}: {error}")
+    table = payload.get("by_shape", payload) if isinstance(payload, dict) else None
+    if not isinstance(table, dict) or not table or not all(isinstance(v, (int, float)) for v in table.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds no per-shape limits: expected the JSON written by benchmarks/layer_speed.py "
+            "--json-out (one measurement, with 'by_shape') or a {\"INxOUT\": limit} mapping")
+    return table
 
 
 def _ratio(text: str) -> float:
@@ -124,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved checkpoint (default: the input checkpoint's)")
     c.add_argument("--rank-multiple", type=int, default=8,
                    help="round ranks down to a multiple of this: GPU kernels want aligned shapes (default: 8; 1 = exact)")
-    c.add_argument("--max-kept-ratio-for-speed", type=_ratio,
+    c.add_argument("--max-kept-ratio-for-speed", type=_speed_limit,
                    help="keep dense every layer whose rank would keep more than this fraction of its weights "
-                        "(no faster factorized; measure with benchmarks/layer_speed.py; default: none)")
+                        "(no faster factorized): a number, or the JSON of benchmarks/layer_speed.py --json-out "
+                        "for per-shape limits (default: none)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (only once compression succeeded)")
 
     i = commands.add_parser("inspect", help="print per-layer ranks and parameter counts of a compressed checkpoint",

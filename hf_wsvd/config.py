@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,10 @@ class WSVDConfig:
             fraction of its weights (r·(in+out) / (in·out)) stays dense: factorized at that ratio it
             runs no faster than dense (two thin matrix products instead of one). The crossing depends
             on the device, dtype and shapes: ``benchmarks/layer_speed.py`` measures it and prints
-            the ``threshold`` to use. In (0, 1], or None (default): every layer whose rank saves
-            parameters is factorized. With ``allocation="greedy"`` the layers kept dense are not
+            both the ``threshold`` (one number, the smallest crossing) and ``by_shape`` (a dict of
+            ``"INxOUT"`` → crossing; shapes not in it have no limit, 0 keeps a shape dense). In
+            (0, 1], such a dict, or None (default): every layer whose rank saves parameters is
+            factorized. With ``allocation="greedy"`` the layers kept dense are not
             re-budgeted, so the model then keeps more than ``param_ratio``.
         rank_multiple: ranks are rounded down to a multiple of this (ranks below it are kept), ≥ 1.
             Default 8: GPU matrix kernels want aligned inner dimensions, and an unaligned rank can
@@ -116,7 +119,7 @@ class WSVDConfig:
     time_budget: float | None = None
     importance_power: float = 1.0
     risk_threshold: float = 1e-3
-    max_kept_ratio_for_speed: float | None = None
+    max_kept_ratio_for_speed: float | dict[str, float] | None = None
     rank_multiple: int = 8
     ranks: dict[str, int] = field(default_factory=dict)
 
@@ -187,17 +190,31 @@ class WSVDConfig:
         self._validate_elementwise()
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer (8 aligns GPU kernels)")
-        speed = self.max_kept_ratio_for_speed
-        if speed is not None:
-            if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:
-                raise ValueError(
-                    f"max_kept_ratio_for_speed={speed!r} must be None or in (0, 1]: layers whose rank keeps "
-                    "more than this fraction of their weights stay dense"
-                )
-            self.max_kept_ratio_for_speed = float(speed)
+        self._validate_speed_limit()
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
+
+    def _validate_speed_limit(self) -> None:
+        speed = self.max_kept_ratio_for_speed
+        if speed is None:
+            return
+        if isinstance(speed, dict):
+            for shape, limit in speed.items():
+                if not isinstance(shape, str) or not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape):
+                    raise ValueError(f"max_kept_ratio_for_speed key {shape!r} is not an 'INxOUT' layer shape "
+                                     "such as '4096x11008'")
+                if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit <= 1:
+                    raise ValueError(f"max_kept_ratio_for_speed[{shape!r}]={limit!r} must be in [0, 1] "
+                                     "(0: layers of that shape always stay dense)")
+            self.max_kept_ratio_for_speed = {shape: float(limit) for shape, limit in speed.items()}
+            return
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:
+            raise ValueError(
+                f"max_kept_ratio_for_speed={speed!r} must be None, in (0, 1], or a dict of 'INxOUT' shape -> "
+                "limit in [0, 1]: layers whose rank keeps more than this fraction of their weights stay dense"
+            )
+        self.max_kept_ratio_for_speed = float(speed)
 
     def _validate_elementwise(self) -> None:
         """The options of the element-wise solvers (``tfwsvd``, ``rescue``)."""

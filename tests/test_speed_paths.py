@@ -5,6 +5,7 @@ factorization would not be faster can be kept dense (``max_kept_ratio_for_speed`
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -133,6 +134,41 @@ def test_max_kept_ratio_for_speed_round_trips():
     assert config.max_kept_ratio_for_speed == 1.0 and isinstance(config.max_kept_ratio_for_speed, float)
     assert WSVDConfig.from_dict(config.to_dict()).max_kept_ratio_for_speed == 1.0
     assert WSVDConfig().max_kept_ratio_for_speed is None
+
+
+@pytest.mark.parametrize("value", [{"384": 0.5}, {"0x384": 0.5}, {"384x384": 1.5}, {"384x384": -0.1},
+                                   {"384x384": "0.5"}, {"384x384": True}])
+def test_per_shape_speed_limits_are_validated(value):
+    with pytest.raises(ValueError, match="max_kept_ratio_for_speed"):
+        WSVDConfig(max_kept_ratio_for_speed=value)
+
+
+def test_per_shape_speed_limits_round_trip_and_apply_to_their_shape_only():
+    config = WSVDConfig(max_kept_ratio_for_speed={"384x384": 0, "384x1536": 1})
+    restored = WSVDConfig.from_dict(json.loads(config.to_json_string()))
+    assert restored.max_kept_ratio_for_speed == {"384x384": 0.0, "384x1536": 1.0}
+    shapes = {"attention": (384, 384), "up": (384, 1536), "down": (1536, 384)}
+    ranks = uniform_ranks(shapes, 0.5)
+    assert uniform_ranks(shapes, 0.5, max_kept_ratio=config.max_kept_ratio_for_speed) == {
+        "up": ranks["up"], "down": ranks["down"]}  # 0: always dense; a shape not listed: no limit
+    assert uniform_ranks(shapes, 0.5, max_kept_ratio={"1536x384": 0.4}) == {
+        "attention": ranks["attention"], "up": ranks["up"]}
+
+
+def test_cli_reads_per_shape_speed_limits_from_a_layer_speed_json(tmp_path):
+    measured = tmp_path / "layer_speed_gpu.json"
+    measured.write_text(json.dumps({"threshold": 0.25, "by_shape": {"4096x4096": 0.25, "4096x11008": 0.83}}))
+    args = build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", str(measured)])
+    assert args.max_kept_ratio_for_speed == {"4096x4096": 0.25, "4096x11008": 0.83}
+    plain = tmp_path / "limits.json"
+    plain.write_text(json.dumps({"384x384": 0.7}))
+    args = build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", str(plain)])
+    assert args.max_kept_ratio_for_speed == {"384x384": 0.7}
+    for bad in (tmp_path / "missing.json", tmp_path / "runs.json"):
+        if bad.name == "runs.json":
+            bad.write_text(json.dumps({"runs": [{"by_shape": {"384x384": 0.7}}]}))
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", str(bad)])
 
 
 def test_uniform_ranks_drop_layers_above_the_speed_threshold():

@@ -118,14 +118,25 @@ def test_the_recovery_example_runs_without_datasets(tmp_path, tokenizer, monkeyp
 
     payload = example.main(["--model-dir", str(model_dir), "--data-dir", str(data_dir), "--output", str(tmp_path / "out"),
                             "--method", "fwsvd", "--num-samples", "8", "--max-steps", "2", "--batch-size", "4",
-                            "--max-length", "16", "--distill", "0,0.5", "--note", "tiny test."])
+                            "--max-length", "16", "--distill", "0,0.5", "--distill-hidden", "0,1", "--validation", "6",
+                            "--note", "tiny test."])
     saved = json.loads((tmp_path / "out" / "recovery.json").read_text())
-    assert saved["runs"] == json.loads(json.dumps(payload["runs"])) and len(saved["runs"]) == 2
-    assert [r["name"] for r in saved["runs"]] == ["lr0.0001", "lr0.0001-distill0.5"]
+    assert saved["runs"] == json.loads(json.dumps(payload["runs"])) and len(saved["runs"]) == 4
+    names = ["lr0.0001", "lr0.0001-hidden1", "lr0.0001-distill0.5", "lr0.0001-distill0.5-hidden1"]
+    assert [r["name"] for r in saved["runs"]] == names
+    assert saved["validation_examples"] == 6 and saved["train_examples"] == 3 * len(SENTENCES) + 1 - 6
+    best = max(r["validation_accuracy"] for r in saved["runs"])
+    assert saved["selected"] in names and saved["runs"][names.index(saved["selected"])]["validation_accuracy"] == best
     assert all(r["train_steps"] == 2 and r["reloaded_factorized_layers"] == 12 for r in saved["runs"])
     assert 0 <= saved["compressed_accuracy"] <= 1 and saved["params_after"] < saved["params_before"]
     for run in saved["runs"]:
         reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "recovered" / run["name"])
         assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) == 12
-    table = example.report_table(saved)
-    assert "fwsvd + 2 steps Trainer, lr 0.0001, logit distillation 0.5" in table and table.endswith("tiny test.")
+    table = example.report_table([saved])
+    assert "fwsvd (greedy ranks) + 2 steps Trainer, lr 0.0001, logit distillation 0.5, hidden-state distillation 1" in table
+    assert "held-out train accuracy" in table and table.count("**(selected)**") == 1
+    assert table.endswith("tiny test.")
+    uniform = {**saved, "args": {k: v for k, v in saved["args"].items() if k != "allocation"}, "selected": None}
+    both = example.report_table([uniform, saved])
+    assert both.count("| dense |") == 1 and "fwsvd (uniform ranks), no training" in both
+    assert "fwsvd (greedy ranks), no training" in both
