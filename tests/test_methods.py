@@ -8,7 +8,7 @@ import torch
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.allocation import greedy_ranks, max_saving_rank
-from hf_wsvd.linalg import gram_square_root
+from hf_wsvd.linalg import gram_square_root, singular_values, truncated_svd
 from hf_wsvd.solvers import LayerProblem, get_solver
 from stats_worker import case_inputs
 
@@ -61,6 +61,33 @@ def test_gram_square_root_falls_back_for_indefinite_matrices():
     assert lower
     with pytest.raises(ValueError, match="NaN"):
         gram_square_root(torch.full((2, 2), float("nan")))
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_truncated_svd_is_the_optimal_balanced_truncation(shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    matrix = (torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -3, shape[1], dtype=torch.float64)).to(dtype)
+    reference = torch.linalg.svdvals(matrix.double())
+    torch.testing.assert_close(singular_values(matrix), reference, rtol=1e-6, atol=1e-12)
+    for rank in (1, 5, 12):
+        up, down = truncated_svd(matrix, rank)
+        assert up.dtype == down.dtype == dtype and up.shape == (shape[0], rank) and down.shape == (rank, shape[1])
+        error = (matrix.double() - up.double() @ down.double()).norm().square()
+        optimum = reference[rank:].square().sum()
+        assert float(error) <= float(optimum) * (1 + 1e-5) + (1e-9 if dtype == torch.float64 else 1e-5)
+        torch.testing.assert_close(up.double().norm(dim=0), down.double().norm(dim=1), rtol=1e-5, atol=1e-7)
+
+
+def test_truncated_svd_of_rank_deficient_and_zero_matrices_is_finite_and_exact():
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 10, generator=g, dtype=torch.float64)
+    for matrix in (low, low.T, torch.zeros(6, 4, dtype=torch.float64)):
+        up, down = truncated_svd(matrix, min(matrix.shape))  # more rank than the matrix has
+        assert torch.isfinite(up).all() and torch.isfinite(down).all()
+        torch.testing.assert_close(up @ down, matrix, rtol=0, atol=1e-10)
+        assert up.abs().max() < 1e3 and down.abs().max() < 1e3  # σ ≈ 0 directions stay bounded
+        assert torch.isfinite(singular_values(matrix)).all()
 
 
 def test_greedy_allocation_meets_the_budget_exactly_and_is_deterministic():

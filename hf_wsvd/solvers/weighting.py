@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..linalg import singular_values, truncated_svd
 from .registry import LayerProblem, register_solver
 
 
@@ -49,23 +50,13 @@ class Weighting:
         return up, down
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors ``(up, down)`` of ``matrix`` in Frobenius norm, with the singular
-    values split evenly (√S on each side) so both factors have similar scale."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
-
-
 def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``problem.rank`` factors of W minimizing the weighted loss, in the weight's dtype.
 
-    The weighting is applied and undone in its own precision (float64 for activation factors);
-    the SVD runs in the compute dtype (the weight's), where float32 is accurate enough and much
-    faster on GPUs.
-    """
+    The weighting is applied and undone in its own precision (float64 for activation factors),
+    the decomposition runs in float64 (``truncated_svd``)."""
     dtype = problem.weight.dtype
-    up, down = truncated_svd(weighting.apply(problem.weight).to(dtype), problem.rank)
+    up, down = truncated_svd(weighting.apply(problem.weight), problem.rank)
     up, down = weighting.unapply(up, down)
     return up.to(dtype), down.to(dtype)
 
@@ -78,7 +69,7 @@ def register_weighting(name: str, needs: tuple[str, ...] = (), description: str 
     def wrap(weighting: Callable[[LayerProblem], Weighting]):
         register_solver(
             name, needs, description or (weighting.__doc__ or "").strip(),
-            spectrum=lambda problem: torch.linalg.svdvals(weighting(problem).apply(problem.weight)),
+            spectrum=lambda problem: singular_values(weighting(problem).apply(problem.weight)),
             loss_scale=loss_scale,
         )(lambda problem: weighted_svd(problem, weighting(problem)))
         return weighting
