@@ -1,11 +1,12 @@
 """Recovery fine-tuning with the stock `transformers.Trainer`.
 
 Compresses the shipped SST-2 MiniLM (`../shared/models/minilm-l6-sst2`, dev accuracy 0.904) at kept
-ratio 0.3 with `fisher_whiten` (the best method without retraining), fine-tunes the factors for one
-epoch on the SST-2 train split, saves the result (factorized), reloads it with
+ratio 0.3 with `fisher_whiten` and greedy ranks (the best recipe without retraining), fine-tunes the
+factors for one epoch on the SST-2 train split, saves the result (factorized), reloads it with
 `AutoModelForSequenceClassification` and reports dev accuracy of the dense, compressed and
-recovered models. Comma-separated `--learning-rate` / `--distill` values train one copy of the
-compressed model per combination (compression runs once).
+recovered models. Comma-separated `--learning-rate` / `--distill` / `--distill-hidden` values train
+one copy of the compressed model per combination (compression runs once); `--validation N` holds
+out N train examples and selects the best run on them, never on dev.
 
     python examples/recover_glue.py                           # CPU or GPU, whatever torch sees
     python examples/recover_glue.py --max-steps 20            # a smoke run
@@ -15,7 +16,7 @@ compressed model per combination (compression runs once).
 The TSVs (optionally gzipped) are read with the `csv` module (GLUE: quoting off), so the script
 needs neither `datasets` nor `evaluate` nor network access: torch, transformers and accelerate are
 enough (a GPU machine). `--distill W` mixes in logit distillation from the dense model,
-`--distill-hidden W` hidden-state distillation.
+`--distill-hidden W` hidden-state distillation (mean squared distance of every layer's output).
 """
 
 from __future__ import annotations
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     collator = DataCollatorWithPadding(tokenizer)
     data_dir = Path(args.data_dir)
     train = encode(tokenizer, read_tsv(data_dir / "train.tsv"), args.max_length)
-    held_out = set(random.Random(args.seed + 1).sample(range(len(train)), args.validation))
-    validation = [e for i, e in enumerate(train) if i in held_out]
-    train = [e for i, e in enumerate(train) if i not in held_out]
+    held_out_indices = set(random.Random(args.seed + 1).sample(range(len(train)), args.validation))
+    validation = [e for i, e in enumerate(train) if i in held_out_indices]
+    train = [e for i, e in enumerate(train) if i not in held_out_indices]
     dev = encode(tokenizer, read_tsv(data_dir / "dev.tsv"), args.max_length)
 
     dense = AutoModelForSequenceClassification.from_pretrained(args.model_dir, dtype=torch.float32)
@@ -237,11 +238,11 @@ def recover(args, model, dense, train, dev, validation, tokenizer, collator, dev
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(save_dir), dtype=torch.float32)
     factorized = sum(isinstance(m, hf_wsvd.FactorizedLinear) for m in reloaded.modules())
     recovered_accuracy = accuracy(reloaded, dev, collator, device)
-    held_out = {"validation_accuracy": accuracy(reloaded, validation, collator, device)} if validation else {}
+    validation_score = {"validation_accuracy": accuracy(reloaded, validation, collator, device)} if validation else {}
     print(f"{name}: recovered {recovered_accuracy:.4f} after {result.global_step} steps ({train_seconds:.0f} s); "
           f"reloaded with {factorized} factorized layers from {save_dir}", flush=True)
     return {"name": name, "learning_rate": learning_rate, "distill": distill, "distill_hidden": hidden,
-            "recovered_accuracy": recovered_accuracy, **held_out,
+            "recovered_accuracy": recovered_accuracy, **validation_score,
             "train_steps": result.global_step, "train_loss": result.training_loss, "train_seconds": train_seconds,
             "reloaded_factorized_layers": factorized,
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
