@@ -55,11 +55,12 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     """Best rank-``rank`` factors ``(up, down)`` of ``matrix`` in Frobenius norm, in its dtype, with
     each singular value split evenly (√σ on each side) so both factors have similar scale.
 
-    Why an eigendecomposition of the float64 Gram matrix instead of an SVD: it is 4–11× faster than
-    a float32 SVD on CPU and on an H100 (4096 × 11008: 0.13 s against 1.2 s), and float64 leaves
-    ~8 digits even for singular values at 1e-4 of the largest, where the float32 SVD already ends
-    1e-4 above the optimal truncation error. The factors are projections (U_rᵀ·M or M·V_r), so the
-    product is exactly the projection of ``matrix`` onto the kept subspace, also where σ ≈ 0.
+    Why an eigendecomposition of the float64 Gram matrix instead of an SVD: it is faster than a
+    float32 SVD, 1.4–3.7× on CPU (``benchmarks/factorization.py``) and 8× on an H100 (4096 × 4096:
+    0.13 s against 1.1 s, ``benchmarks/speed.py --parts svd``), and float64 keeps ~8 digits even
+    for singular values at 1e-4 of the largest, although the Gram matrix squares them. The factors
+    are projections (U_rᵀ·M or M·V_r), so the product is exactly the projection of ``matrix``
+    onto the kept subspace, also where σ ≈ 0.
     """
     _, vectors, rows = _gram_eigh(matrix)
     m, basis = matrix.double(), vectors[:, :rank]
