@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -160,11 +158,10 @@ def _compress(args: argparse.Namespace) -> None:
     from . import compress
     from .config import WSVDConfig
     from .solvers import solver_for
-    from .commands import card_evaluation, check_data, write_compress_card
+    from .commands import card_evaluation, check_data, check_output, staged_output, write_compress_card
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise ValueError(f"output folder {args.output!r} is not empty; choose another or pass --overwrite")
+    check_output(args.model, args.output, args.overwrite)
     config = WSVDConfig(
         method=args.method, param_ratio=args.param_ratio, target_modules=args.target_modules,
         exclude_modules=args.exclude_modules, fisher_axis=args.fisher_axis, num_samples=args.num_samples,
@@ -190,20 +187,10 @@ def _compress(args: argparse.Namespace) -> None:
     if save_dtype is not None:
         model.to(save_dtype)
 
-    # Write next to the destination, then move into place: a failure leaves OUTPUT untouched.
-    parent = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".hf-wsvd-", dir=parent)
-    try:
+    with staged_output(args.output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_compress_card(staging, model, args, evaluation)
-        if os.path.exists(args.output):
-            shutil.rmtree(args.output)
-        os.replace(staging, args.output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(
         f"compressed {len(report.ranks)} layers with {report.method} (kept ratio {report.param_ratio}): "
         f"{report.params_before:,} -> {report.params_after:,} parameters; saved to {args.output}"

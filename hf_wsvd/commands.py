@@ -4,10 +4,13 @@ and the model-card step of ``compress``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import tempfile
+from typing import Iterator
 
 EVAL_EXAMPLES = """examples:
   hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
@@ -22,6 +25,32 @@ PUSH_EXAMPLES = """examples:
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd          # uses your saved Hub token
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd --private --token hf_...
 """
+
+
+def check_output(source: str, output: str, overwrite: bool) -> None:
+    """Refuse an OUTPUT folder that would lose something: the input itself, or a non-empty folder
+    without ``--overwrite``."""
+    if os.path.exists(source) and os.path.exists(output) and os.path.samefile(source, output):
+        raise ValueError(f"output folder {output!r} is the input checkpoint; choose another folder")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise ValueError(f"output folder {output!r} is not empty; choose another or pass --overwrite")
+
+
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """A fresh folder next to ``output`` to write into; moved onto ``output`` (replacing it) only
+    when the block succeeds, so a failure leaves ``output`` untouched."""
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".hf-wsvd-", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _formatter() -> dict:
@@ -96,13 +125,11 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from .export import export_dense
 
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise ValueError(f"output folder {args.output!r} is not empty; choose another or pass --overwrite")
     if not os.path.isdir(args.path):
         raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
-    if os.path.isdir(args.output):
-        shutil.rmtree(args.output)
-    model = export_dense(args.path, args.output)
+    check_output(args.path, args.output, args.overwrite)
+    with staged_output(args.output) as staging:
+        model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"model_type={model.config.model_type}) to {args.output}")
 
