@@ -7,10 +7,14 @@ import os
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
+from .runtime import modeling_wsvd
 from .runtime.modeling_wsvd import MODEL_TYPE
 
-# files every pushed hf_wsvd checkpoint needs for both loading paths (hf_wsvd / trust_remote_code)
-REQUIRED_FILES = ("config.json", "modeling_wsvd.py", "factorized_linear.py", "README.md")
+# files every pushed hf_wsvd checkpoint needs for both loading paths (hf_wsvd / trust_remote_code):
+# every code file of the runtime package, which save_pretrained copies into the checkpoint
+RUNTIME_FILES = tuple(sorted(f for f in os.listdir(os.path.dirname(modeling_wsvd.__file__))
+                             if f.endswith(".py") and f != "__init__.py"))
+REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
 
 
 def check_folder(folder: str | os.PathLike) -> list[str]:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .allocation import drop_slow_layers, round_rank, uniform_ranks
+from .allocation import uniform_ranks
 from .config import WSVDConfig
 from .importance import FisherResult, compute_fisher, default_accelerator
 from .importance.activations import ActivationHooks
@@ -152,9 +152,8 @@ def compress_sequential(
             names = {n: f for n, f in targets.items() if f.startswith(block_prefix)}
             shapes = {n: linear_shape(model.get_submodule(f)) for n, f in names.items()}
             if planned is None:
-                block_ranks = drop_slow_layers(uniform_ranks(shapes, config.param_ratio), shapes,
-                                               config.max_kept_ratio_for_speed)
-                block_ranks = {n: round_rank(r, config.rank_multiple) for n, r in block_ranks.items()}
+                block_ranks = uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed,
+                                            config.rank_multiple)
             else:
                 block_ranks = {n: planned[n] for n in names if n in planned}
             if block_ranks:

@@ -98,6 +98,9 @@ def test_push_refuses_incomplete_folders(compressed, tmp_path, capsys):
     (out / "README.md").unlink()
     with pytest.raises(ValueError, match="README.md"):
         hub.push(out, "user/x", api=api)
+    (out / "factorized_embedding.py").unlink()  # imported by modeling_wsvd.py: needed to load
+    with pytest.raises(ValueError, match="factorized_embedding.py"):
+        hub.push(out, "user/x", api=api)
     assert api.repos == [] and api.commits == []
     assert main(["push", str(tmp_path / "nowhere"), "user/x"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def test_full_rank_reproduces_the_logits(case, monkeypatch):
     arch = case.split("_")[0]
     with torch.no_grad():
         reference = model(**tiny.inputs(arch)).logits
-    monkeypatch.setattr(sequential_module, "uniform_ranks", lambda shapes, ratio: {n: min(s) for n, s in shapes.items()})
+    monkeypatch.setattr(sequential_module, "uniform_ranks", lambda shapes, *_: {n: min(s) for n, s in shapes.items()})
     # float64 decompositions: the tiny calibration set leaves the Gram nearly singular, and undoing
     # the whitening amplifies a float32 SVD's rounding in the directions the data never excites.
     config = WSVDConfig(method="whiten", sequential=True, compute_dtype="float64")
@@ -48,6 +48,15 @@ def test_statistics_come_from_the_compressed_blocks():
     assert seq.config.wsvd["sequential"] is True
     with torch.no_grad():
         assert torch.isfinite(seq(**tiny.inputs("llama")).logits).all()
+
+
+def test_uniform_ranks_are_rounded_before_the_speed_limit_as_in_whole_model_mode():
+    """Rounding down can bring a layer under max_kept_ratio_for_speed: both modes must see that."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    options = dict(method="whiten", param_ratio=0.601, max_kept_ratio_for_speed=0.55, rank_multiple=8)
+    _, whole = compress(copy.deepcopy(model), WSVDConfig(**options), loader, show_progress=False)
+    _, seq = compress(model, WSVDConfig(**options, sequential=True), loader, show_progress=False)
+    assert seq.ranks == whole.ranks and whole.ranks and all(r % 8 == 0 for r in whole.ranks.values())
 
 
 def test_greedy_ranks_are_planned_on_the_dense_model():
