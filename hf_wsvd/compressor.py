@@ -176,13 +176,15 @@ def compress(
     if config.embeddings and config.param_ratio == 1:
         ranks, examples = {}, 0  # embeddings only: every linear layer keeps all its parameters
     elif config.sequential:
-        from .sequential import compress_sequential
+        from .sequential import check_sequential_inputs, compress_sequential
 
+        check_sequential_inputs(model, data)  # before any statistics pass
         planned = None
         if config.allocation != "uniform":  # ranks from the dense model's statistics, up front
-            planned, stats, _ = plan(model, config, solver, targets, data, loss_fn, accelerator,
-                                     Statistics(importance, activations), seconds, show_progress)
+            planned, stats, problems = plan(model, config, solver, targets, data, loss_fn, accelerator,
+                                            Statistics(importance, activations), seconds, show_progress)
             importance = stats.fisher
+            del stats, problems  # every layer's dense Gram: block-by-block mode exists not to hold them
         ranks, examples = compress_sequential(model, config, solver, targets, data, importance, accelerator,
                                               seconds, show_progress, planned)
     else:

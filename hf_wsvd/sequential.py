@@ -104,6 +104,14 @@ def _run_block(block: nn.Module, inputs: list, hooks: ActivationHooks | None = N
     return outputs
 
 
+def check_sequential_inputs(model: PreTrainedModel, data: Iterable[dict] | None) -> None:
+    """Raise unless sequential mode can run: a causal LM and calibration data."""
+    if task_of(model) != CAUSAL_LM:
+        raise ValueError(f"sequential mode is for causal LMs; {type(model).__name__} is not one")
+    if data is None:
+        raise ValueError("sequential mode needs calibration data")
+
+
 def compress_sequential(
     model: PreTrainedModel,
     config: WSVDConfig,
@@ -122,10 +130,7 @@ def compress_sequential(
     kept ratio for every layer."""
     from .compressor import Statistics, factorize_layers, layer_problem
 
-    if task_of(model) != CAUSAL_LM:
-        raise ValueError(f"sequential mode is for causal LMs; {type(model).__name__} is not one")
-    if data is None:
-        raise ValueError("sequential mode needs calibration data")
+    check_sequential_inputs(model, data)
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
     prefix, blocks = decoder_blocks(model)

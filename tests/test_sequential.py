@@ -75,3 +75,19 @@ def test_sequential_refuses_what_it_cannot_do():
     model, loader, _, _ = case_inputs("bert_classification", 4, 2)
     with pytest.raises(ValueError, match="causal LM"):
         compress(model, WSVDConfig(method="whiten", sequential=True), loader, show_progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_sequential_mode_refuses_other_models_and_missing_data_before_any_statistics(allocation, monkeypatch):
+    import hf_wsvd.compressor as compressor_module
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("statistics were gathered before the inputs were checked")
+
+    monkeypatch.setattr(compressor_module, "plan", no_statistics)
+    config = WSVDConfig(method="whiten", sequential=True, allocation=allocation)
+    _, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    with pytest.raises(ValueError, match="sequential mode is for causal LMs; BertForSequenceClassification"):
+        compress(tiny.build("bert"), config, loader, show_progress=False)
+    with pytest.raises(ValueError, match="sequential mode needs calibration data"):
+        compress(tiny.build("llama", "AutoModelForCausalLM"), config, None, show_progress=False)
