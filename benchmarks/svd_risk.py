@@ -22,7 +22,7 @@ from hf_wsvd.solvers import risk  # noqa: E402
 from hf_wsvd.solvers.elementwise import single_threaded_lapack  # noqa: E402
 from hf_wsvd.solvers.fwsvd import solve_fwsvd  # noqa: E402
 from hf_wsvd.solvers.registry import LayerProblem  # noqa: E402
-from hf_wsvd.solvers.svd import truncated_svd  # noqa: E402
+from hf_wsvd.linalg import truncated_svd  # noqa: E402
 
 from common import RESULTS, TASKS, load_task  # noqa: E402
 from report import markdown_table, publish  # noqa: E402

@@ -35,20 +35,17 @@ def gram_square_root(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return vectors * values.clamp_min(floor).sqrt(), False
 
 
-def _gram_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Eigenvalues (descending, ≥ 0) and eigenvectors of the float64 Gram matrix of ``matrix``'s
-    smaller side, and whether that side is the rows (M·Mᵀ) or the columns (Mᵀ·M)."""
+def _gram(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The float64 Gram matrix of ``matrix``'s smaller side, and whether that side is the rows
+    (M·Mᵀ) or the columns (Mᵀ·M)."""
     m = matrix.double()
     rows = m.shape[0] <= m.shape[1]
-    values, vectors = torch.linalg.eigh(m @ m.T if rows else m.T @ m)
-    return values.flip(0).clamp_min(0), vectors.flip(1), rows
+    return (m @ m.T if rows else m.T @ m), rows
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """The singular values of ``matrix``, descending, in float64 (see ``truncated_svd``)."""
-    m = matrix.double()
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(_gram(matrix)[0]).flip(0).clamp_min(0).sqrt()
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +59,9 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     are projections (U_rᵀ·M or M·V_r), so the product is exactly the projection of ``matrix``
     onto the kept subspace, also where σ ≈ 0.
     """
-    _, vectors, rows = _gram_eigh(matrix)
-    m, basis = matrix.double(), vectors[:, :rank]
+    m = matrix.double()
+    gram, rows = _gram(m)
+    basis = torch.linalg.eigh(gram)[1].flip(1)[:, :rank]
     inner = basis.T @ m if rows else m @ basis  # r × in, or out × r
     sigma = inner.norm(dim=1 if rows else 0)
     # σ ≈ 0 directions: a floor on √σ keeps both factors bounded (their product is unchanged)

@@ -11,7 +11,7 @@ from hf_wsvd.solvers import risk
 from hf_wsvd.solvers.elementwise import (
     SOLVER_NAMES, prepare_importance, solve_elementwise, weighted_loss, weighted_row_update,
 )
-from hf_wsvd.solvers.svd import truncated_svd
+from hf_wsvd.linalg import truncated_svd
 
 OUT, IN, RANK = 30, 20, 4
 

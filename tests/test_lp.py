@@ -9,7 +9,7 @@ import torch
 from hf_wsvd import WSVDConfig
 from hf_wsvd.solvers import SOLVERS, LayerProblem, get_solver
 from hf_wsvd.solvers.lp import lp_objective, lp_subspace, row_distances, subspace_factors
-from hf_wsvd.solvers.svd import truncated_svd
+from hf_wsvd.linalg import truncated_svd
 
 N, D, K = 120, 16, 4
 

@@ -28,7 +28,7 @@ import torch
 
 from .fwsvd import solve_fwsvd
 from .registry import FISHER, LayerProblem, register_solver
-from .svd import truncated_svd
+from ..linalg import truncated_svd
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .registry import LayerProblem, register_solver
-from .svd import truncated_svd
+from ..linalg import truncated_svd
 
 # A row's IRLS weight uses max(dist, DIST_FLOOR · mean dist): no division by zero for rows inside
 # the subspace (zero rows, duplicates of spanning rows), while such rows still weigh the most.

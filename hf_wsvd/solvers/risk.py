@@ -5,18 +5,18 @@ matrix will hurt the task, and whether the row-wise (FWSVD) weighting is enough.
   (large variance → plain SVD, which ignores importance, drops much accuracy);
 - ``predicted_loss``: the second-order estimate of the task-loss increase of replacing W by AB,
   ½ Σ F_ij (W − AB)²_ij (the empirical Fisher stands in for the Hessian's diagonal); at the SVD
-  factors it is ``svd_risk``, a direct alternative to the variance;
+  factors it is ``svd_risk``, a direct alternative to the variance; at the FWSVD factors it is
+  what ``rescue`` thresholds (``risk_threshold``) to choose where the element-wise solver runs;
 - ``row_mismatch``: Σ F R² / Σ F̄_row R² − 1 for the FWSVD residual R: how much of FWSVD's
   element-wise weighted error its row weights (the row means F̄_row) do not see. 0 when the
-  Fisher is constant along rows (then FWSVD is the element-wise optimum); ``rescue`` runs the
-  element-wise solver where it is large.
+  Fisher is constant along rows (then FWSVD is the element-wise optimum).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .svd import truncated_svd
+from ..linalg import truncated_svd
 
 
 def fisher_variance(fisher: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .registry import LayerProblem
-from .weighting import Weighting, register_weighting, truncated_svd  # noqa: F401  (re-exported)
+from .weighting import Weighting, register_weighting
 
 
 @register_weighting("svd", description="truncated SVD: min ‖W − AB‖_F")
