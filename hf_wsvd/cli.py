@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder (needed by fwsvd)")
     add_data_arguments(c, _columns)
     c.add_argument("--eval-data", help="evaluate the compressed model on this file/folder; results go into the model card")
-    c.add_argument("--eval-split", default="validation", help="split name of --eval-data (default: validation)")
+    c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
+                                        "also the split named in the card (default there: validation)")
     c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
     c.add_argument("--num-samples", type=int, default=512, help="examples used for importance (default: 512)")
     c.add_argument("--batch-size", type=int, default=8, help="importance batch size (default: 8)")

@@ -148,7 +148,8 @@ def card_evaluation(model, tokenizer, args: argparse.Namespace):
     if not getattr(args, "eval_data", None):
         return None
     metrics = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
-    return Evaluation(dataset=os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics, split=args.eval_split)
+    return Evaluation(dataset=os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,
+                      split=args.eval_split or "validation")
 
 
 def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None) -> None:

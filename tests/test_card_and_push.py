@@ -32,6 +32,21 @@ def compressed(tmp_path, tokenizer) -> tuple[Path, list[str]]:
     return out, argv
 
 
+def test_eval_data_may_be_a_dataset_folder_with_one_split(tmp_path, tokenizer):
+    from datasets import Dataset, DatasetDict
+
+    dense = tmp_path / "dense"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    rows = {"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]}
+    DatasetDict({"test": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "eval_disk")
+    out = tmp_path / "compressed"
+    assert main(["compress", str(dense), str(out), "--method", "svd", "--param-ratio", "0.5",
+                 "--eval-data", str(tmp_path / "eval_disk")]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} >= {"accuracy"}
+
+
 def test_compress_writes_a_complete_card(compressed):
     out, argv = compressed
     card = ModelCard.load(out / "README.md")
