@@ -37,14 +37,11 @@ def predict(model: nn.Module, loader: DataLoader, show_progress: bool = False) -
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy, binary F1 of class 1 (for two classes), and the share of the most predicted
     class (1.0 means the model collapsed to one class)."""
-    metrics = {"accuracy": (predictions == labels).float().mean().item()}
+    found = {"accuracy": metrics.accuracy(predictions.numpy(), labels.numpy())}
     if int(labels.max()) <= 1:
-        tp = ((predictions == 1) & (labels == 1)).sum().item()
-        fp = ((predictions == 1) & (labels == 0)).sum().item()
-        fn = ((predictions == 0) & (labels == 1)).sum().item()
-        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    metrics["majority_share"] = predictions.bincount().max().item() / len(predictions)
-    return metrics
+        found["f1"] = metrics.f1(predictions.numpy(), labels.numpy())
+    found["majority_share"] = predictions.bincount().max().item() / len(predictions)
+    return found
 
 
 @torch.no_grad()

@@ -125,3 +125,11 @@ def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, token
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
     assert main(["eval", str(tmp_path / "clf"), "--data", str(tmp_path / "glue")]) == 2
     assert "splits" in capsys.readouterr().err
+
+
+def test_classification_metrics_on_known_values():
+    from hf_wsvd.evaluation import classification_metrics
+
+    found = classification_metrics(torch.tensor([1, 1, 0, 0, 0]), torch.tensor([1, 0, 0, 0, 1]))
+    assert found == pytest.approx({"accuracy": 0.6, "f1": 0.5, "majority_share": 0.6})
+    assert "f1" not in classification_metrics(torch.tensor([2, 1]), torch.tensor([2, 0]))  # not binary
