@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
+from .runtime.factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
 from .runtime.factorized_linear import FactorizedLinear
 from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY
 
@@ -16,24 +17,13 @@ from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY
 _WSVD_KEYS = (RECIPE_KEY, BASE_TYPE_KEY, "auto_map")
 
 
-def _is_factorized(module: torch.nn.Module) -> bool:
-    return isinstance(module, FactorizedLinear) or type(module).__name__ in ("FactorizedEmbedding", "FactorizedTiedHead")
+FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
 
 
 def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
     """The dense module of type ``stock_type`` computing what the factorized ``module`` does."""
-    if type(module).__name__ == "FactorizedTiedHead":  # weight tied to a FactorizedEmbedding
-        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(module.weight @ module.proj.weight.T)
-            if module.bias is not None:
-                dense.bias.copy_(module.bias)
-        return dense
-    if not isinstance(module, FactorizedLinear):
-        return module.to_dense()
     dense = module.to_dense()
-    if stock_type.__name__ != "Conv1D":
+    if stock_type.__name__ != "Conv1D":  # GPT-2's Conv1D: the only stock type to_dense does not give
         return dense
     conv = stock_type(module.out_features, module.in_features)  # GPT-2 Conv1D(nf=out, nx=in), weight in × out
     conv.to(device=dense.weight.device, dtype=dense.weight.dtype)
@@ -56,7 +46,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     with torch.device("meta"):
         skeleton = stock_class(stock_config_class.from_dict({k: v for k, v in config.to_dict().items()
                                                              if k not in _WSVD_KEYS and k != "model_type"}))
-    factorized = [(name, module) for name, module in model.named_modules() if _is_factorized(module)]
+    factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
         model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
     config.__class__ = stock_config_class
@@ -64,6 +54,11 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
         if key in config.__dict__:
             delattr(config, key)
     model.__class__ = stock_class
+    # Drop the projection ties that tie_to_factorized_embeddings declared on the instance: the
+    # stock class's own ties (the dense table) apply again.
+    model.__dict__.pop("_tied_weights_keys", None)
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model

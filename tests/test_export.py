@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import tiny
 from helpers import main_output, run_without_hf_wsvd
@@ -93,3 +94,25 @@ def test_export_command(tmp_path, tokenizer, capsys):
     capsys.readouterr()
     assert (tmp_path / "mine" / "notes.txt").read_text() == "user data"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
+@pytest.mark.parametrize("arch, auto, head", [("llama", "AutoModelForCausalLM", "lm_head"),
+                                              ("bert", "AutoModelForMaskedLM", "cls.predictions.decoder")])
+def test_densify_factorized_embeddings_and_tied_heads(arch, auto, head, tmp_path):
+    model = tiny.build(arch, auto)
+    config = WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_ratio=0.5)
+    model, _ = compress(model, config, show_progress=False)
+    inputs = tiny.inputs(arch)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    densify(model)
+    embedding = model.get_input_embeddings()
+    assert type(embedding) is torch.nn.Embedding and type(model.get_submodule(head)) is torch.nn.Linear
+    assert model.get_submodule(head).weight is embedding.weight  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, auto).from_pretrained(tmp_path)
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, reference, rtol=1e-4, atol=1e-5)

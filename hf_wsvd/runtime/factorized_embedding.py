@@ -140,5 +140,15 @@ class FactorizedTiedHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states @ self.proj.weight, self.weight, self.bias)
 
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear(hidden, vocab)`` holding the product of the (shared) factors."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        dense.weight.copy_(self.weight @ self.proj.weight.T)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, tied"
