@@ -4,6 +4,7 @@ disk so that the GLUE benchmarks compute them once per machine."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,24 +28,25 @@ TASKS = {
 }
 
 
-def load_task(task: str, num_samples: int = 512, shared: Path = SHARED, activations: bool = False):
+def load_task(task: str, num_samples: int = 512, activations: bool = False):
     """(dense model, dev loader, Fisher of every target linear from ``num_samples`` seeded train
     examples, target name → full module name[, activation statistics of the same examples])."""
     model_dir, glue_dir, text_columns, label_column = TASKS[task]
-    dense, tokenizer = load_model_and_tokenizer(str(shared / "models" / model_dir), dtype=torch.float32)
+    dense, tokenizer = load_model_and_tokenizer(str(SHARED / "models" / model_dir), dtype=torch.float32)
     base = WSVDConfig(num_samples=num_samples, batch_size=8, max_length=128, seed=0)
-    dev = data_loader(dense, tokenizer, str(shared / "data/glue" / glue_dir / "dev.tsv"), base,
+    dev = data_loader(dense, tokenizer, str(SHARED / "data/glue" / glue_dir / "dev.tsv"), base,
                       text_columns, label_column, shuffle=False)
-    train = data_loader(dense, tokenizer, str(shared / "data/glue" / glue_dir / "train.tsv"), base,
-                        text_columns, label_column)
+    # tokenized only when a statistic is not cached yet
+    train = functools.cache(lambda: data_loader(dense, tokenizer, str(SHARED / "data/glue" / glue_dir / "train.tsv"),
+                                                base, text_columns, label_column))
     targets = select_targets(dense)
     modules = {n: dense.get_submodule(f) for n, f in targets.items()}
     fisher = _cached(f"{task}-{num_samples}-fisher", lambda: asdict(compute_fisher(
-        dense, train, modules, per_example_loss(task_of(dense)), show_progress=False)))
+        dense, train(), modules, per_example_loss(task_of(dense)), show_progress=False)))
     result = (dense, dev, FisherResult(**fisher), targets)
     if activations:
         stats = _cached(f"{task}-{num_samples}-activations", lambda: asdict(collect_activation_stats(
-            dense, train, modules, show_progress=False)))
+            dense, train(), modules, show_progress=False)))
         result += (ActivationStats(**stats),)
     return result
 

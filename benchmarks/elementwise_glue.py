@@ -20,7 +20,8 @@ import torch
 
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.evaluation import classification_metrics, predict
-from hf_wsvd.runtime.factorized_linear import linear_weight
+from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_weight
+from hf_wsvd.solvers.risk import predicted_loss
 
 from common import RESULTS, TASKS, load_task
 from report import markdown_table, publish
@@ -39,18 +40,21 @@ VARIANTS = {
 }
 
 
-def objective(model, dense_weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], targets: dict[str, str]) -> float:
-    """Σ over layers of ½ Σ F (W − W')²: the Fisher-predicted loss increase of the compression."""
+@torch.no_grad()
+def objective(model, dense, fisher: dict[str, torch.Tensor], targets: dict[str, str]) -> float:
+    """Σ over layers of ½ Σ F (W − W')²: the Fisher-predicted loss increase of the compression
+    (layers left dense add nothing)."""
     total = 0.0
-    for name, weight in dense_weights.items():
-        approx = linear_weight(model.get_submodule(targets[name])).detach()
-        total += 0.5 * float((fisher[name].double() * (weight.double() - approx.double()).square()).sum())
+    for name, full in targets.items():
+        module = model.get_submodule(full)
+        if isinstance(module, FactorizedLinear):
+            total += predicted_loss(linear_weight(dense.get_submodule(full)), fisher[name],
+                                    module.up.weight, module.down.weight)
     return total
 
 
 def run_task(task: str, ratios: list[float], variants: list[str], options: dict) -> list[dict]:
     dense, dev, fisher, targets = load_task(task)
-    dense_weights = {n: linear_weight(dense.get_submodule(f)).detach().clone() for n, f in targets.items()}
     rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
     for ratio in ratios:
         for variant in variants:
@@ -61,7 +65,7 @@ def run_task(task: str, ratios: list[float], variants: list[str], options: dict)
             seconds = time.perf_counter() - start
             rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": chosen,
                          **classification_metrics(*predict(model, dev)),
-                         "predicted_loss": objective(model, dense_weights, fisher.fisher, targets),
+                         "predicted_loss": objective(model, dense, fisher.fisher, targets),
                          "factorize_seconds": seconds, "params_after": report.params_after})
             print(rows[-1], flush=True)
     return rows

@@ -17,7 +17,7 @@ import torch
 
 from hf_wsvd.allocation import rank_for_ratio
 from hf_wsvd.linalg import truncated_svd
-from timing import add_json_arguments, interleaved_seconds, measured_runs, median, speedup
+from timing import add_json_arguments, device_label, interleaved_seconds, measure_or_publish, median, speedup
 
 # out × in: CPU: MiniLM-L6 and SmolLM2-135M linears; CUDA: Llama 7B linears.
 PRESETS = {
@@ -72,7 +72,7 @@ def render(payloads: list[dict]) -> str:
 
     rows = []
     for run in payloads:
-        where = run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"
+        where = device_label(run)
         for r in run["rows"]:
             rows.append([where, f"{r['out']}×{r['in']}", r["rank"], r["ms"]["svd float32"], r["ms"]["Gram float64"],
                          r["speedup"], f"{r['excess_error']['svd float32']:.2g}",
@@ -91,16 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     add_json_arguments(parser)
-    args = parser.parse_args()
-
-    from report import publish
-
-    payloads = measured_runs(args, measure)
-    if args.json_out:
-        print(render(payloads))
-        return
-    publish("factorization", {"environment": payloads[0]["environment"], "runs": payloads}, render(payloads))
-
+    measure_or_publish("factorization", parser.parse_args(), measure, render)
 
 if __name__ == "__main__":
     main()

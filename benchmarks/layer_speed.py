@@ -18,9 +18,9 @@ import argparse
 import torch
 
 from hf_wsvd import FactorizedLinear
-from hf_wsvd.allocation import rank_for_ratio, round_rank
-from hf_wsvd.runtime.factorized_linear import saves_parameters
-from timing import add_json_arguments, cuda_graphed, interleaved_seconds, measured_runs, median, speedup
+from hf_wsvd.allocation import kept_ratio, uniform_ranks
+from timing import (add_json_arguments, cuda_graphed, device_label, interleaved_seconds, measure_or_publish,
+                    median, speedup)
 
 # Shapes are in_features x out_features. CPU: MiniLM-L6 (attention, FFN up, FFN down) at batch
 # 32 × 128 and 1 × 128 tokens; CUDA: Llama 7B (attention, gate/up, down) at prefill 8 × 2048 and
@@ -60,8 +60,8 @@ def time_workload(in_features: int, out_features: int, tokens: int, ratios: list
     dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
     calls, layers, nominal = {"dense": lambda: dense(x)}, {}, {}
     for ratio in ratios:
-        rank = round_rank(rank_for_ratio(in_features, out_features, ratio), args.rank_multiple)
-        if not saves_parameters(in_features, out_features, rank) or rank in layers:
+        rank = uniform_ranks({"layer": (in_features, out_features)}, ratio, multiple=args.rank_multiple).get("layer")
+        if rank is None or rank in layers:  # saves nothing, or the same rank as a smaller ratio
             continue
         layers[rank] = FactorizedLinear(in_features, out_features, rank, device=device, dtype=dtype)
         nominal[rank] = ratio
@@ -73,7 +73,7 @@ def time_workload(in_features: int, out_features: int, tokens: int, ratios: list
     else:
         seconds = interleaved_seconds(calls, args.rounds, args.iters, args.warmup, device)
     points = [
-        {"ratio": nominal[rank], "rank": rank, "kept": rank * (in_features + out_features) / (in_features * out_features),
+        {"ratio": nominal[rank], "rank": rank, "kept": kept_ratio(in_features, out_features, rank),
          "ms": 1e3 * median(seconds[str(rank)]), "speedup": speedup(seconds["dense"], seconds[str(rank)])}
         for rank in layers
     ]
@@ -110,8 +110,7 @@ def measure(args) -> dict:
 
 
 def run_label(run: dict) -> str:
-    where = run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"
-    return where + (", CUDA graphs" if run.get("cuda_graphs") else "")
+    return device_label(run) + (", CUDA graphs" if run.get("cuda_graphs") else "")
 
 
 def render(payloads: list[dict]) -> str:
@@ -150,16 +149,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     add_json_arguments(parser)
-    args = parser.parse_args()
-
-    from report import publish
-
-    payloads = measured_runs(args, measure)
-    if args.json_out:
-        print(render(payloads))
-        return
-    publish("layer_speed", {"environment": payloads[0]["environment"], "runs": payloads}, render(payloads))
-
+    measure_or_publish("layer_speed", parser.parse_args(), measure, render)
 
 if __name__ == "__main__":
     main()

@@ -620,7 +620,9 @@ def main() -> None:
     if len(devices) != 1:
         raise SystemExit(f"--from-json files mix devices {sorted(devices)}: render each device separately")
     if devices == {"cpu"}:
-        text = render_cpu(payloads[-1])
+        if len(payloads) > 1:
+            raise SystemExit(f"--from-json got {len(payloads)} CPU measurements: the CPU table renders one")
+        text = render_cpu(payloads[0])
     else:
         text = render_cuda(payloads)
     if args.json_out:

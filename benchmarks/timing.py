@@ -79,3 +79,20 @@ def measured_runs(args, measure) -> list[dict]:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
     return [payload]
+
+
+def measure_or_publish(name: str, args, measure, render) -> None:
+    """The end of a measuring script: measure (or load ``--from-json``), then print the table
+    (``--json-out``: a run made elsewhere, published later) or publish every run as ``name``."""
+    from report import publish
+
+    payloads = measured_runs(args, measure)
+    if args.json_out:
+        print(render(payloads))
+        return
+    publish(name, {"environment": payloads[0]["environment"], "runs": payloads}, render(payloads))
+
+
+def device_label(run: dict) -> str:
+    """Where a measurement ran: the GPU's name, or the CPU with its torch thread count."""
+    return run["environment"].get("cuda") or f"CPU ({run['threads']} threads)"

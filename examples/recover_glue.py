@@ -195,15 +195,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         "runs": [],
         **({"note": args.note} if args.note else {}),
     }
+    from benchmarks.report import environment as recorded_environment
+
+    environment = recorded_environment()
     for learning_rate, distill, hidden in itertools.product(args.learning_rate, args.distill, args.distill_hidden):
         payload["runs"].append(recover(args, copy.deepcopy(compressed), dense, train, dev, validation, tokenizer,
                                        collator, device, learning_rate, distill, hidden))
         if validation:
             payload["selected"] = max(payload["runs"], key=lambda r: r["validation_accuracy"])["name"]
         payload["seconds_total"] = time.perf_counter() - started
-        from benchmarks.report import environment
-
-        payload["environment"] = environment()
+        payload["environment"] = environment
         (output / "recovery.json").write_text(json.dumps(payload, indent=2) + "\n")  # after every run
     if args.publish:
         from benchmarks.report import publish
