@@ -161,7 +161,8 @@ def test_registered_methods_and_config_options():
         assert FISHER in get_solver(method).needs
     for solver in SOLVER_NAMES:
         config = _config(solver=solver, max_iterations=2)
-        up, down = get_solver("tfwsvd").solve(LayerProblem("m", *_problem(11)[:1], RANK, fisher=_problem(11)[1], config=config))
+        weight, fisher = _problem(11)
+        up, down = get_solver("tfwsvd").solve(LayerProblem("m", weight, RANK, fisher=fisher, config=config))
         assert up.shape == (OUT, RANK) and down.shape == (RANK, IN)
     for bad in (dict(solver="lbfgs"), dict(max_iterations=-1), dict(tolerance=-1.0), dict(time_budget=0),
                 dict(importance_power=0), dict(importance_power=1.5), dict(risk_threshold=float("nan"))):

@@ -42,24 +42,26 @@ def test_metric_functions_on_known_values():
         metrics.perplexity([], [])
 
 
-@pytest.mark.parametrize("name, inputs", [
-    ("accuracy", {"predictions": PRED, "references": REF}),
-    ("f1", {"predictions": PRED, "references": REF}),
-    ("matthews_correlation", {"predictions": PRED, "references": REF}),
-    ("pearsonr", {"predictions": [0.1, 0.5, 0.3, 0.9], "references": [0.0, 1.0, 0.2, 0.7]}),
-    ("spearmanr", {"predictions": [0.1, 0.5, 0.3, 0.9], "references": [0.0, 1.0, 0.2, 0.7]}),
-    ("perplexity", {"nll": [3.0, 1.5], "tokens": [4, 2]}),
+SCORES = {"predictions": [0.1, 0.5, 0.3, 0.9], "references": [0.0, 1.0, 0.2, 0.7]}
+
+
+@pytest.mark.parametrize("name, inputs, expected", [
+    ("accuracy", {"predictions": PRED, "references": REF}, 5 / 8),
+    ("f1", {"predictions": PRED, "references": REF}, 6 / 9),
+    ("matthews_correlation", {"predictions": PRED, "references": REF}, (3 * 2 - 1 * 2) / math.sqrt(4 * 5 * 3 * 4)),
+    ("pearsonr", SCORES, np.corrcoef(SCORES["predictions"], SCORES["references"])[0, 1]),
+    ("spearmanr", SCORES, np.corrcoef([1, 3, 2, 4], [1, 4, 2, 3])[0, 1]),  # the ranks' correlation
+    ("perplexity", {"nll": [3.0, 1.5], "tokens": [4, 2]}, math.exp(4.5 / 6)),
 ])
-def test_local_evaluate_modules_load_offline(name, inputs, monkeypatch):
+def test_local_evaluate_modules_load_offline(name, inputs, expected, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = evaluate.load(metrics.metric_path(name))
-    function = metrics.METRICS[name][0]
-    assert module.compute(**inputs) == {name: pytest.approx(function(**inputs))}
+    assert module.compute(**inputs) == {name: pytest.approx(expected)}
     # incremental use, as in an evaluation loop
     keys = list(inputs)
     for values in zip(*inputs.values()):
         module.add_batch(**{k: [v] for k, v in zip(keys, values)})
-    assert module.compute()[name] == pytest.approx(function(**inputs))
+    assert module.compute()[name] == pytest.approx(expected)
 
 
 def test_unknown_metric_is_named():
@@ -94,7 +96,12 @@ def test_evaluate_model_follows_the_task(tokenizer):
     regressor = tiny.build("bert", num_labels=1)
     scores = Dataset.from_dict({"sentence": table["sentence"], "label": [float(i) for i in range(len(ROWS))]})
     result = evaluate_model(regressor, data_loader(regressor, tokenizer, scores, config, shuffle=False))
-    assert set(result) == {"pearsonr", "spearmanr"} and all(-1 <= v <= 1 for v in result.values())
+    assert set(result) == {"pearsonr", "spearmanr"}
+    with torch.no_grad():
+        predicted = regressor(**encoded).logits.squeeze(-1).numpy()
+    targets = [float(i) for i in range(len(ROWS))]
+    assert result["pearsonr"] == pytest.approx(metrics.pearsonr(predicted, targets), abs=1e-6)
+    assert result["spearmanr"] == pytest.approx(metrics.spearmanr(predicted, targets), abs=1e-6)
 
     lm = tiny.build("llama")
     text = Dataset.from_dict({"text": [s for s, _ in ROWS] * 3})

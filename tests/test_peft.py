@@ -118,11 +118,11 @@ def test_the_readme_lora_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     model = tiny.build("bert", "AutoModelForSequenceClassification")
-    model, ranks = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
     model.save_pretrained(tmp_path / "sst2-fwsvd")
     monkeypatch.chdir(tmp_path)
-    inner, whole = ({}, {})
-    exec(compile(blocks[0], "README.md (LoRA, inner linears)", "exec"), inner)
-    assert _ranks(AUTO.from_pretrained("sst2-fwsvd-merged")) == ranks.ranks
+    exec(compile(blocks[0], "README.md (LoRA, inner linears)", "exec"), {})
+    assert _ranks(AUTO.from_pretrained("sst2-fwsvd-merged")) == report.ranks
+    whole = {}
     exec(compile(blocks[1], "README.md (LoRA, whole modules)", "exec"), whole)
-    assert _ranks(whole["reloaded"]) == {k: r + 8 for k, r in ranks.ranks.items()}
+    assert _ranks(whole["reloaded"]) == {k: r + 8 for k, r in report.ranks.items()}

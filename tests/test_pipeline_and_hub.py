@@ -61,14 +61,14 @@ def test_text_generation_pipeline(tmp_path, tokenizer, arch):
     assert list(out["generated_token_ids"]) == expected[0].tolist()
 
 
-def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, tokenizer, monkeypatch):
+def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
     hub = FolderHub(tmp_path / "hub")
     monkeypatch.setattr(transformers.utils.hub, "_hf_api", hub)
     # No Hub here: the card transformers would fetch from the repo starts empty.
     monkeypatch.setattr(transformers.utils.hub, "create_and_tag_model_card",
                         lambda repo_id, tags=None, token=None: ModelCard.from_template(ModelCardData()))
     model = tiny.build("llama", "AutoModelForCausalLM")
-    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
     model.push_to_hub("user/tiny-llama-wsvd")
     uploaded = set(hub.commits[0])
     assert {"config.json", "model.safetensors", "modeling_wsvd.py", "factorized_linear.py"} <= uploaded

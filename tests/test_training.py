@@ -74,9 +74,8 @@ def test_trainer_resumes_from_a_factorized_checkpoint(tmp_path, tokenizer):
     assert sum(isinstance(m, FactorizedLinear) for m in trainer.model.modules()) == 12
 
 
-@pytest.mark.parametrize("arch", ["llama"])
-def test_trainer_on_a_causal_lm(tmp_path, tokenizer, arch):
-    model = tiny.build(arch, "AutoModelForCausalLM")
+def test_trainer_on_a_causal_lm(tmp_path, tokenizer):
+    model = tiny.build("llama", "AutoModelForCausalLM")
     model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
     ids = tokenizer(SENTENCES)["input_ids"]
     data = [{"input_ids": i, "labels": i} for i in ids]
