@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from hf_wsvd import WSVDConfig
-from hf_wsvd.importance import FisherResult, collect_activation_stats, compute_fisher
-from hf_wsvd.importance.activations import ActivationStats
+from hf_wsvd.statistics import FISHER, GRAM, MEAN_ABS, Statistics, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import per_example_loss, task_of
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
@@ -29,8 +28,9 @@ TASKS = {
 
 
 def load_task(task: str, num_samples: int = 512, activations: bool = False):
-    """(dense model, dev loader, Fisher of every target linear from ``num_samples`` seeded train
-    examples, target name → full module name[, activation statistics of the same examples])."""
+    """(dense model, dev loader, statistics of every target linear from ``num_samples`` seeded
+    train examples — the per-entry Fisher, and with ``activations`` the input Gram and mean |x| —,
+    target name → full module name)."""
     model_dir, glue_dir, text_columns, label_column = TASKS[task]
     dense, tokenizer = load_model_and_tokenizer(str(SHARED / "models" / model_dir), dtype=torch.float32)
     base = WSVDConfig(num_samples=num_samples, batch_size=8, max_length=128, seed=0)
@@ -41,14 +41,12 @@ def load_task(task: str, num_samples: int = 512, activations: bool = False):
                                                 base, text_columns, label_column))
     targets = select_targets(dense)
     modules = {n: dense.get_submodule(f) for n, f in targets.items()}
-    fisher = _cached(f"{task}-{num_samples}-fisher", lambda: asdict(compute_fisher(
-        dense, train(), modules, per_example_loss(task_of(dense)), show_progress=False)))
-    result = (dense, dev, FisherResult(**fisher), targets)
+    stats = Statistics(**_cached(f"{task}-{num_samples}-fisher", lambda: asdict(gradient_statistics(
+        dense, train(), modules, {FISHER}, per_example_loss(task_of(dense)), show_progress=False))))
     if activations:
-        stats = _cached(f"{task}-{num_samples}-activations", lambda: asdict(collect_activation_stats(
-            dense, train(), modules, show_progress=False)))
-        result += (ActivationStats(**stats),)
-    return result
+        stats = stats.merged(Statistics(**_cached(f"{task}-{num_samples}-activations", lambda: asdict(input_statistics(
+            dense, train(), modules, {GRAM, MEAN_ABS}, show_progress=False)))))
+    return dense, dev, stats, targets
 
 
 def _cached(key: str, compute) -> dict:

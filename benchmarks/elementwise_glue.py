@@ -2,7 +2,7 @@
 and fwsvd, on the shipped MiniLM task models, no re-training.
 
 One Fisher per task (512 seeded train examples) is reused by every method (``compress(...,
-importance=fisher)``). Besides dev accuracy/F1, each row reports the objective the solvers
+statistics=...)``). Besides dev accuracy/F1, each row reports the objective the solvers
 minimize, summed over the 36 layers: the Fisher-predicted loss increase ½ Σ F (W − AB)², so a
 solver that lowers the objective but not the task score shows it.
 
@@ -22,6 +22,7 @@ from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_weight
 from hf_wsvd.solvers.risk import predicted_loss
+from hf_wsvd.statistics import FISHER
 
 from common import RESULTS, TASKS, load_task
 from report import markdown_table, publish
@@ -54,18 +55,18 @@ def objective(model, dense, fisher: dict[str, torch.Tensor], targets: dict[str, 
 
 
 def run_task(task: str, ratios: list[float], variants: list[str], options: dict) -> list[dict]:
-    dense, dev, fisher, targets = load_task(task)
+    dense, dev, stats, targets = load_task(task)
     rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
     for ratio in ratios:
         for variant in variants:
             chosen = {**options, **VARIANTS[variant]}
             config = WSVDConfig(param_ratio=ratio, seed=0, **chosen)
             start = time.perf_counter()
-            model, report = compress(copy.deepcopy(dense), config, importance=fisher, show_progress=False)
+            model, report = compress(copy.deepcopy(dense), config, statistics=stats, show_progress=False)
             seconds = time.perf_counter() - start
             rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": chosen,
                          **classification_metrics(*predict(model, dev)),
-                         "predicted_loss": objective(model, dense, fisher.fisher, targets),
+                         "predicted_loss": objective(model, dense, {n: stats.get(n, FISHER) for n in targets}, targets),
                          "factorize_seconds": seconds, "params_after": report.params_after})
             print(rows[-1], flush=True)
     return rows

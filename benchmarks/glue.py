@@ -44,11 +44,11 @@ SUITES = {
 
 
 def run_task(task: str, groups: list[tuple[list[str], list[float]]], num_samples: int) -> list[dict]:
-    dense, dev, fisher, _, activations = load_task(task, num_samples, activations=True)
+    dense, dev, stats, _ = load_task(task, num_samples, activations=True)
     rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
     for variant, ratio in [(v, r) for variants, ratios in groups for v in variants for r in ratios]:
         config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **VARIANTS[variant])
-        model, report = compress(copy.deepcopy(dense), config, importance=fisher, activations=activations,
+        model, report = compress(copy.deepcopy(dense), config, statistics=stats,
                                  show_progress=False)
         metrics = classification_metrics(*predict(model, dev))
         rows.append({"task": task, "method": variant, "param_ratio": ratio, **metrics,

@@ -26,7 +26,7 @@ from transformers import DataCollatorForLanguageModeling, pipeline
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import text_blocks
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.importance import collect_activation_stats, compute_fisher
+from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
 from hf_wsvd.workflow import load_model_and_tokenizer
@@ -61,8 +61,8 @@ def measure(args) -> dict:
     print(rows[-1], flush=True)
     start = time.perf_counter()
     modules = {n: dense.get_submodule(f) for n, f in select_targets(dense).items()}
-    fisher = compute_fisher(dense, calib_loader, modules, per_example_loss(CAUSAL_LM))
-    activations = collect_activation_stats(dense, calib_loader, modules)
+    stats = gradient_statistics(dense, calib_loader, modules, {FISHER_ROWS}, per_example_loss(CAUSAL_LM)).merged(
+        input_statistics(dense, calib_loader, modules, {GRAM, MEAN_ABS}))
     stats_seconds = time.perf_counter() - start
     best = None
     for reduction in args.reductions:
@@ -72,8 +72,8 @@ def measure(args) -> dict:
             config = WSVDConfig(method=method, param_ratio=round(1 - reduction, 4), allocation=allocation,
                                 sequential=sequential, max_length=args.calib_length)
             start = time.perf_counter()
-            model, report = compress(copy.deepcopy(dense), config, calib_loader, importance=fisher,
-                                     activations=activations, show_progress=False)
+            model, report = compress(copy.deepcopy(dense), config, calib_loader, statistics=stats,
+                                     show_progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, test_loader)
             rows.append({"method": method + (" (sequential)" if sequential else ""), "reduction": reduction,

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from hf_wsvd.allocation import rank_for_ratio  # noqa: E402
 from hf_wsvd.runtime.factorized_linear import linear_weight  # noqa: E402
 from hf_wsvd.solvers.elementwise import SOLVER_NAMES, solve_elementwise  # noqa: E402
+from hf_wsvd.statistics import FISHER  # noqa: E402
 
 from common import RESULTS, load_task  # noqa: E402
 from report import markdown_table, publish  # noqa: E402
@@ -36,14 +37,14 @@ def main() -> None:
                         help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dense, _, fisher, targets = load_task("sst2")
+    dense, _, stats, targets = load_task("sst2")
     runs, table = [], []
     fig, axes = plt.subplots(1, len(LAYERS), figsize=(6 * len(LAYERS), 4))
     for ax, name in zip(axes, LAYERS):
         weight = linear_weight(dense.get_submodule(targets[name])).detach()
         rank = rank_for_ratio(weight.shape[1], weight.shape[0], args.ratio)
         for solver in SOLVER_NAMES:
-            result = solve_elementwise(weight, fisher.fisher[name], rank, solver=solver, max_iterations=10_000,
+            result = solve_elementwise(weight, stats.get(name, FISHER), rank, solver=solver, max_iterations=10_000,
                                        tolerance=0.0, time_budget=args.seconds)
             start = result.history[0]
             runs.append({"layer": name, "shape": list(weight.shape), "rank": rank, "solver": solver,

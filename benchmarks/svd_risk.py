@@ -22,6 +22,7 @@ from hf_wsvd.solvers import risk  # noqa: E402
 from hf_wsvd.solvers.elementwise import single_threaded_lapack  # noqa: E402
 from hf_wsvd.solvers.fwsvd import solve_fwsvd  # noqa: E402
 from hf_wsvd.solvers.registry import LayerProblem  # noqa: E402
+from hf_wsvd.statistics import FISHER  # noqa: E402
 from hf_wsvd.linalg import truncated_svd  # noqa: E402
 
 from common import RESULTS, TASKS, load_task  # noqa: E402
@@ -66,11 +67,11 @@ def matrix_metrics(weight: torch.Tensor, fisher: torch.Tensor, rank: int) -> tup
 
 
 def run_task(task: str, ratio: float, num_samples: int) -> list[dict]:
-    dense, dev, fisher, targets = load_task(task, num_samples)
+    dense, dev, stats, targets = load_task(task, num_samples)
     dev = [dict(b) for b in dev]
     base_accuracy, base_loss = dev_scores(dense, [dict(b) for b in dev])
     rows = []
-    for name, f in fisher.fisher.items():
+    for name, f in ((n, stats.get(n, FISHER)) for n in targets):
         layer = dense.get_submodule(targets[name])
         weight = layer.weight.data.clone()
         rank = rank_for_ratio(weight.shape[1], weight.shape[0], ratio)

@@ -9,12 +9,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FISHER_AXES = ("output", "input")
+from .solvers import SOLVERS, MethodOptions, solver_for
+
 COMPUTE_DTYPES = ("float32", "float64")
 # Embedding rows have no Fisher information from the importance pass: the methods usable on them.
 EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
+# Method options that are numbers: stored as floats whatever number type was given.
+FLOAT_FIELDS = ("asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
 
 
 @dataclass
@@ -124,8 +127,6 @@ class WSVDConfig:
     ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .solvers import SOLVERS  # solvers register themselves on import
-
         if self.method not in SOLVERS:
             raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)}")
         ratio = self.param_ratio
@@ -144,14 +145,10 @@ class WSVDConfig:
                 isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
             ):
                 raise ValueError(f"{name}={value!r} must be None, a regex string or a non-empty list of names")
-        if self.fisher_axis not in FISHER_AXES:
-            raise ValueError(f"fisher_axis={self.fisher_axis!r} is not one of {FISHER_AXES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS}")
-        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 2:
-            raise ValueError(f"asvd_alpha={self.asvd_alpha!r} must be a number in [0, 2]")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True or False")
         if not isinstance(self.refine, bool):
@@ -165,10 +162,6 @@ class WSVDConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
-        p = self.p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
-            raise ValueError(f"p={p!r} must be a number in [1, 2] (the exponent of the lp method)")
-        self.p = float(p)
         if not isinstance(self.embeddings, bool):
             raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
         ratio = self.embedding_ratio
@@ -187,7 +180,7 @@ class WSVDConfig:
             )
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
-        self._validate_elementwise()
+        self._validate_method_options()
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer (8 aligns GPU kernels)")
         self._validate_speed_limit()
@@ -216,27 +209,18 @@ class WSVDConfig:
             )
         self.max_kept_ratio_for_speed = float(speed)
 
-    def _validate_elementwise(self) -> None:
-        """The options of the element-wise solvers (``tfwsvd``, ``rescue``)."""
-        from .solvers.elementwise import SOLVER_NAMES
+    def _validate_method_options(self) -> None:
+        """Every method's options as read from this recipe (each options class validates its own
+        fields), so a bad value is refused whichever method is chosen."""
+        for options in {solver.options for solver in SOLVERS.values()}:
+            options.from_recipe(self)
+        for name in FLOAT_FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
 
-        def number(name: str, low: float, high: float = float("inf"), low_open: bool = False) -> None:
-            value = getattr(self, name)
-            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-            if bad or value > high or (value <= low if low_open else value < low):
-                bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-                raise ValueError(f"{name}={value!r} must be a number in {bound}")
-            setattr(self, name, float(value))
-
-        if self.solver not in SOLVER_NAMES:
-            raise ValueError(f"solver={self.solver!r} is not one of {SOLVER_NAMES}")
-        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 0:
-            raise ValueError(f"max_iterations={self.max_iterations!r} must be a non-negative integer")
-        number("tolerance", 0)
-        if self.time_budget is not None:
-            number("time_budget", 0, low_open=True)
-        number("importance_power", 0, 1, low_open=True)
-        number("risk_threshold", 0)
+    def method_options(self) -> MethodOptions:
+        """The options of ``method`` (with ``refine``: the refined method's) from this recipe."""
+        return solver_for(self).options.from_recipe(self)
 
     @property
     def resolved_embedding_method(self) -> str:

@@ -67,7 +67,7 @@ def compress_embeddings(
         raise ValueError(f"embedding_ratio={config.embedding_ratio} saves nothing on the {vocab_size}x{hidden} embeddings")
     solver = get_solver(config.resolved_embedding_method)
     name = relative_module_name(model, full_name)
-    problem = LayerProblem(name, weight.to(getattr(torch, config.compute_dtype)), rank, config=config,
+    problem = LayerProblem(name, weight.to(getattr(torch, config.compute_dtype)), rank, solver.options.from_recipe(config),
                            row_weights=embedding_row_weights(config, data, vocab_size))
     table, down = solver.solve(problem)
     if not (torch.isfinite(table).all() and torch.isfinite(down).all()):

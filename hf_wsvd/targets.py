@@ -6,6 +6,7 @@ import re
 
 from torch import nn
 
+from .blocks import block_prefixes
 from .runtime.factorized_linear import FactorizedLinear, linear_shape
 from .runtime.modeling_wsvd import relative_module_name
 
@@ -17,16 +18,6 @@ def is_linear_like(module: nn.Module) -> bool:
     except TypeError:
         return False
     return not isinstance(module, FactorizedLinear)
-
-
-def _block_prefixes(model: nn.Module) -> list[str]:
-    """Name prefixes of the repeated transformer blocks (children of any ``nn.ModuleList``)."""
-    return [
-        f"{name}.{index}." if name else f"{index}."
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        for index in range(len(module))
-    ]
 
 
 def _tied_module_names(model: nn.Module) -> set[str]:
@@ -57,7 +48,7 @@ def select_targets(
     layer that cannot be factorized.
     """
     tied = _tied_module_names(model)
-    blocks = _block_prefixes(model)
+    blocks = block_prefixes(model)
     # The factors (``up``/``down``) of a layer that is already factorized are never targets.
     factorized = [f"{n}." for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     selected: dict[str, str] = {}

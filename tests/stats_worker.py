@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny  # noqa: E402
 
+from hf_wsvd.statistics import FISHER, GRAM, MEAN_ABS, gradient_statistics, input_statistics  # noqa: E402
 from hf_wsvd.targets import select_targets  # noqa: E402
 from hf_wsvd.tasks import per_example_loss, task_of  # noqa: E402
 
@@ -80,11 +81,24 @@ def case_inputs(case: str, num_examples: int, batch_size: int, dtype: torch.dtyp
     return model, loader, target_modules(model), per_example_loss(task)
 
 
+def fisher_of(model, loader, modules, loss_fn, accelerator=None) -> tuple[dict[str, torch.Tensor], int]:
+    """The per-entry Fisher of every module and the number of examples it averages over."""
+    stats = gradient_statistics(model, loader, modules, {FISHER}, loss_fn, accelerator, show_progress=False)
+    return {name: values[FISHER] for name, values in stats.values.items()}, stats.examples
+
+
+def activations_of(model, loader, modules, accelerator=None) -> dict:
+    """The Gram, mean |x| and token count of every module's input, on the CPU."""
+    stats = input_statistics(model, loader, modules, {GRAM, MEAN_ABS}, accelerator, show_progress=False)
+    return {name: {**{k: v.cpu() for k, v in values.items()}, "tokens": stats.tokens[name]}
+            for name, values in stats.values.items()}
+
+
 def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from hf_wsvd.importance import collect_activation_stats, compute_fisher, default_accelerator
+    from hf_wsvd.statistics import default_accelerator
 
     accelerator = default_accelerator()
     rank = accelerator.process_index
@@ -96,25 +110,24 @@ def _run(outdir: Path) -> None:
             result[f"{case}/local_examples"] = sum(
                 batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
             )
-            fisher = compute_fisher(model, loader, modules, loss_fn, accelerator, show_progress=False)
-            result[case] = {"fisher": fisher.fisher, "num_examples": fisher.num_examples}
-            activations = collect_activation_stats(model, loader, modules, accelerator, show_progress=False)
-            result[f"{case}/activations"] = activations
+            fisher, examples = fisher_of(model, loader, modules, loss_fn, accelerator)
+            result[case] = {"fisher": fisher, "num_examples": examples}
+            result[f"{case}/activations"] = activations_of(model, loader, modules, accelerator)
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
         result["single_batch/local_examples"] = sum(
             batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
         )
-        fisher = compute_fisher(model, loader, modules, loss_fn, accelerator, show_progress=False)
-        result["single_batch"] = {"fisher": fisher.fisher, "num_examples": fisher.num_examples}
+        fisher, examples = fisher_of(model, loader, modules, loss_fn, accelerator)
+        result["single_batch"] = {"fisher": fisher, "num_examples": examples}
 
         # An accelerator that repeats examples to even out the last batch must be refused.
         even = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=True))
         result["even_batches_accelerator"] = {"num_processes": even.num_processes, "even_batches": even.even_batches}
         model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
         try:
-            compute_fisher(model, loader, modules, loss_fn, even, show_progress=False)
+            fisher_of(model, loader, modules, loss_fn, even)
             result["even_batches_error"] = None
         except ValueError as error:
             result["even_batches_error"] = str(error)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stats_worker import DISTRIBUTED_BATCH, DISTRIBUTED_CASES, DISTRIBUTED_EXAMPLES, case_inputs
-from hf_wsvd.importance import collect_activation_stats
+from stats_worker import DISTRIBUTED_BATCH, DISTRIBUTED_CASES, DISTRIBUTED_EXAMPLES, activations_of, case_inputs
 
 
 def _direct(model, loader, modules):
@@ -29,25 +28,30 @@ def _direct(model, loader, modules):
 
 def test_statistics_equal_a_direct_computation():
     model, loader, modules, _ = case_inputs("llama_causal_lm", 5, 2)
-    stats = collect_activation_stats(model, loader, modules, show_progress=False)
+    stats = activations_of(model, loader, modules)
     direct = _direct(model, loader, modules)
     real_tokens = sum(int(b["attention_mask"].sum()) for b in loader)
     assert real_tokens < 5 * 6  # some padding was excluded
     for name, (gram, mean_abs, count) in direct.items():
-        assert stats.tokens[name] == count == real_tokens
-        assert stats.gram[name].dtype == torch.float64
-        torch.testing.assert_close(stats.gram[name], gram, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.mean_abs[name], mean_abs, rtol=1e-10, atol=1e-12)
+        assert stats[name]["tokens"] == count == real_tokens
+        assert stats[name]["gram"].dtype == torch.float64
+        torch.testing.assert_close(stats[name]["gram"], gram, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats[name]["mean_abs"], mean_abs, rtol=1e-10, atol=1e-12)
     assert all(not m._forward_pre_hooks for m in modules.values())
 
 
 def test_two_processes_equal_one(two_process_results):
     for case in DISTRIBUTED_CASES:
         model, loader, modules, _ = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-        single = collect_activation_stats(model, loader, modules, show_progress=False)
+        single = activations_of(model, loader, modules)
         for result in two_process_results:
             multi = result[f"{case}/activations"]
-            assert multi.tokens == single.tokens
-            for name in single.gram:
-                torch.testing.assert_close(multi.gram[name].cpu(), single.gram[name], rtol=1e-9, atol=1e-12)
-                torch.testing.assert_close(multi.mean_abs[name].cpu(), single.mean_abs[name], rtol=1e-9, atol=1e-12)
+            assert set(multi) == set(single)
+            for name, stats in single.items():
+                assert multi[name]["tokens"] == stats["tokens"]
+                # Float64 sums of float32 activations: equal up to the summation order, which the
+                # split into shards and the thread count change (observed up to ~1e-5 relative on
+                # near-cancelling off-diagonal entries), so the bound is relative to the largest entry.
+                for key in ("gram", "mean_abs"):
+                    scale = stats[key].abs().max().item()
+                    torch.testing.assert_close(multi[name][key], stats[key], rtol=1e-6, atol=1e-6 * scale)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hf_wsvd import WSVDConfig
-from hf_wsvd.solvers import FISHER, LayerProblem, get_solver
+from hf_wsvd.solvers import LayerProblem, get_solver
+from hf_wsvd.statistics import FISHER
 from hf_wsvd.solvers import risk
 from hf_wsvd.solvers.elementwise import (
     SOLVER_NAMES, prepare_importance, solve_elementwise, weighted_loss, weighted_row_update,
@@ -121,7 +122,7 @@ def test_invalid_importance_raises_a_clear_error(bad):
     with pytest.raises(ValueError, match="NaN or inf|negative"):
         solve_elementwise(weight, fisher, RANK, solver="als")
     with pytest.raises(ValueError, match="NaN or inf|negative"):
-        get_solver("tfwsvd").solve(LayerProblem("m", weight, RANK, fisher=fisher, config=_config()))
+        get_solver("tfwsvd").solve(LayerProblem("m", weight, RANK, _config().method_options(), fisher=fisher))
 
 
 def test_stops_on_tolerance_and_time_budget():
@@ -158,11 +159,11 @@ def test_chunked_row_update_matches_unchunked(monkeypatch):
 
 def test_registered_methods_and_config_options():
     for method in ("tfwsvd", "rescue"):
-        assert FISHER in get_solver(method).needs
+        assert FISHER in get_solver(method).needs_for(get_solver(method).options())
     for solver in SOLVER_NAMES:
         config = _config(solver=solver, max_iterations=2)
         weight, fisher = _problem(11)
-        up, down = get_solver("tfwsvd").solve(LayerProblem("m", weight, RANK, fisher=fisher, config=config))
+        up, down = get_solver("tfwsvd").solve(LayerProblem("m", weight, RANK, config.method_options(), fisher=fisher))
         assert up.shape == (OUT, RANK) and down.shape == (RANK, IN)
     for bad in (dict(solver="lbfgs"), dict(max_iterations=-1), dict(tolerance=-1.0), dict(time_budget=0),
                 dict(importance_power=0), dict(importance_power=1.5), dict(risk_threshold=float("nan"))):
@@ -174,11 +175,11 @@ def test_registered_methods_and_config_options():
 def test_rescue_refines_only_risky_matrices():
     weight, fisher = _problem(12)
     fwsvd = get_solver("fwsvd").solve(LayerProblem("m", weight, RANK, fisher=fisher))
-    never = get_solver("rescue").solve(LayerProblem("m", weight, RANK, fisher=fisher, config=WSVDConfig(
-        method="rescue", risk_threshold=1e9, solver="als")))
+    never = get_solver("rescue").solve(LayerProblem("m", weight, RANK, WSVDConfig(
+        method="rescue", risk_threshold=1e9, solver="als").method_options(), fisher=fisher))
     torch.testing.assert_close(never[0] @ never[1], fwsvd[0] @ fwsvd[1])
-    always = get_solver("rescue").solve(LayerProblem("m", weight, RANK, fisher=fisher, config=WSVDConfig(
-        method="rescue", risk_threshold=0.0, solver="als")))
+    always = get_solver("rescue").solve(LayerProblem("m", weight, RANK, WSVDConfig(
+        method="rescue", risk_threshold=0.0, solver="als").method_options(), fisher=fisher))
     importance = prepare_importance(fisher)
     assert weighted_loss(weight, importance, *always) < 0.99 * weighted_loss(weight, importance, *fwsvd)
 

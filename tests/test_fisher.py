@@ -1,4 +1,4 @@
-"""compute_fisher: equal to brute-force per-example autograd, leaves the model as it found it, and
+"""gradient_statistics (per-entry Fisher): equal to brute-force per-example autograd, leaves the model as it found it, and
 gives the same result in two processes as in one."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stats_worker import (
+    fisher_of,
     CASES,
     DISTRIBUTED_BATCH,
     DISTRIBUTED_CASES,
@@ -20,7 +21,7 @@ from stats_worker import (
     make_loader,
     target_modules,
 )
-from hf_wsvd.importance import FisherResult, compute_fisher, default_accelerator
+from hf_wsvd.statistics import default_accelerator
 from hf_wsvd.runtime.factorized_linear import linear_shape
 from hf_wsvd.tasks import per_example_loss, task_of
 
@@ -83,10 +84,9 @@ def test_matches_per_example_autograd_and_restores_model(case):
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert not all(flags.values()) and any(flags.values())
 
-    result = compute_fisher(model, make_loader(examples, 2), modules, loss_fn, show_progress=False)
+    result, examples_seen = fisher_of(model, make_loader(examples, 2), modules, loss_fn)
 
-    assert isinstance(result, FisherResult)
-    assert result.num_examples == 5
+    assert examples_seen == 5
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
@@ -94,12 +94,12 @@ def test_matches_per_example_autograd_and_restores_model(case):
         assert torch.equal(p.detach(), weights[name]), name
     for module in [*modules.values(), model.get_input_embeddings()]:
         assert not module._forward_hooks and not module._forward_pre_hooks
-    assert set(result.fisher) == set(modules)
+    assert set(result) == set(modules)
 
     model.requires_grad_(True)
     expected = brute_force_fisher(model, examples, modules, loss_fn)
     for name, module in modules.items():
-        fisher = result.fisher[name]
+        fisher = result[name]
         in_features, out_features = linear_shape(module)
         assert fisher.shape == (out_features, in_features)
         assert fisher.dtype == torch.float32 and fisher.device.type == "cpu"
@@ -108,28 +108,28 @@ def test_matches_per_example_autograd_and_restores_model(case):
         torch.testing.assert_close(fisher.double(), expected[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
     # Eval mode is put back too.
-    compute_fisher(model, make_loader(examples, 3), modules, loss_fn, show_progress=False)
+    fisher_of(model, make_loader(examples, 3), modules, loss_fn)
     assert not any(m.training for m in model.modules())
 
 
 def test_batching_does_not_change_the_fisher():
     model, _, modules, loss_fn = case_inputs("llama_causal_lm", 5, 2)
     examples = make_examples("causal_lm", 5)
-    by_two = compute_fisher(model, make_loader(examples, 2), modules, loss_fn, show_progress=False)
-    by_one = compute_fisher(model, make_loader(examples, 1), modules, loss_fn, show_progress=False)
-    assert by_two.num_examples == by_one.num_examples == 5
-    assert max_relative_difference(by_two.fisher, by_one.fisher) < 1e-5
+    by_two, two = fisher_of(model, make_loader(examples, 2), modules, loss_fn)
+    by_one, one = fisher_of(model, make_loader(examples, 1), modules, loss_fn)
+    assert two == one == 5
+    assert max_relative_difference(by_two, by_one) < 1e-5
     # A different subset of the data gives a different Fisher: the comparison can fail.
-    by_three = compute_fisher(model, make_loader(examples[:3], 2), modules, loss_fn, show_progress=False)
-    assert by_three.num_examples == 3
-    assert max_relative_difference(by_three.fisher, by_one.fisher) > 1e-3
+    by_three, three = fisher_of(model, make_loader(examples[:3], 2), modules, loss_fn)
+    assert three == 3
+    assert max_relative_difference(by_three, by_one) > 1e-3
 
 
 def test_empty_dataloader_raises():
     model, _, modules, loss_fn = case_inputs("bert_classification", 1, 1)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="empty"):
-        compute_fisher(model, DataLoader([], batch_size=2), modules, loss_fn, show_progress=False)
+        fisher_of(model, DataLoader([], batch_size=2), modules, loss_fn)
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(not m._forward_hooks for m in modules.values())
 
@@ -142,12 +142,12 @@ def test_two_processes_equal_one(two_process_results):
         # The shards are uneven (4 + 3 examples) and together hold every example once.
         assert sorted(r[f"{case}/local_examples"] for r in ranks) == [3, 4]
         model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-        single = compute_fisher(model, loader, modules, loss_fn, default_accelerator(), show_progress=False)
-        assert single.num_examples == DISTRIBUTED_EXAMPLES
+        single, examples = fisher_of(model, loader, modules, loss_fn, default_accelerator())
+        assert examples == DISTRIBUTED_EXAMPLES
         for r in ranks:
             assert r[case]["num_examples"] == DISTRIBUTED_EXAMPLES
-            assert set(r[case]["fisher"]) == set(single.fisher)
-            difference = max_relative_difference(r[case]["fisher"], single.fisher)
+            assert set(r[case]["fisher"]) == set(single)
+            difference = max_relative_difference(r[case]["fisher"], single)
             print(f"{case} rank {r['rank']}: max relative difference 1 vs 2 processes {difference:.3g}")
             assert difference < 1e-5, (case, difference)
 
@@ -157,10 +157,10 @@ def test_two_processes_one_batch(two_process_results):
     ranks = two_process_results
     assert sorted(r["single_batch/local_examples"] for r in ranks) == [0, SINGLE_BATCH_EXAMPLES]
     model, loader, modules, loss_fn = case_inputs(DISTRIBUTED_CASES[0], SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
-    single = compute_fisher(model, loader, modules, loss_fn, show_progress=False)
+    single, _ = fisher_of(model, loader, modules, loss_fn)
     for r in ranks:
         assert r["single_batch"]["num_examples"] == SINGLE_BATCH_EXAMPLES
-        assert max_relative_difference(r["single_batch"]["fisher"], single.fisher) < 1e-5
+        assert max_relative_difference(r["single_batch"]["fisher"], single) < 1e-5
 
 
 def test_two_processes_refuse_even_batches(two_process_results):

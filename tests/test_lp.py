@@ -79,7 +79,7 @@ def test_p2_is_the_svd_subspace_and_the_svd_factors():
     up, down = subspace_factors(matrix, result.basis)
     svd_up, svd_down = truncated_svd(matrix, K)
     assert torch.allclose(up @ down, svd_up @ svd_down, atol=1e-10)
-    solver_up, solver_down = get_solver("lp").solve(LayerProblem("w", matrix, K, config=WSVDConfig(method="lp", p=2)))
+    solver_up, solver_down = get_solver("lp").solve(LayerProblem("w", matrix, K, WSVDConfig(method="lp", p=2).method_options()))
     assert torch.allclose(solver_up @ solver_down, svd_up @ svd_down, atol=1e-10)
     # Balanced like truncated_svd: equal column norms of up and row norms of down.
     assert torch.allclose(solver_up.norm(dim=0), solver_down.norm(dim=1), atol=1e-10)
@@ -149,12 +149,12 @@ def test_bad_row_weights_are_refused():
 def test_registered_solver_reads_p_and_row_weights_from_the_problem():
     assert "lp" in SOLVERS and not SOLVERS["lp"].needs
     matrix, planted = _planted()
-    up, down = get_solver("lp").solve(LayerProblem("w", matrix.float(), K, config=WSVDConfig(method="lp", p=1.0)))
+    up, down = get_solver("lp").solve(LayerProblem("w", matrix.float(), K, WSVDConfig(method="lp", p=1.0).method_options()))
     assert up.shape == (N, K) and down.shape == (K, D) and up.dtype == torch.float32
     basis = torch.linalg.qr(down.T.double()).Q
     assert _subspace_gap(basis, planted) < 0.05
     weights = torch.ones(N)
     weights[:3] = 1e4
     up_w, down_w = get_solver("lp").solve(
-        LayerProblem("w", matrix.float(), K, config=WSVDConfig(method="lp", p=1.0), row_weights=weights))
+        LayerProblem("w", matrix.float(), K, WSVDConfig(method="lp", p=1.0).method_options(), row_weights=weights))
     assert _subspace_gap(torch.linalg.qr(down_w.T.double()).Q, planted) > 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ def _problem(out=12, inp=8, tokens=40, rank=8, singular=False, seed=0, **config)
     if singular:
         x[:, -3:] = 0  # three input features never fire: a singular Gram matrix
     fisher = torch.rand(out, inp, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, out, dtype=torch.float64)[:, None]
-    return LayerProblem("layer", weight, rank, fisher=fisher, config=WSVDConfig(**config),
+    options = WSVDConfig(**config).method_options() if "method" in config else None  # None: the solver's defaults
+    return LayerProblem("layer", weight, rank, options, fisher=fisher,
                         gram=x.T @ x / tokens, mean_abs=x.abs().mean(0)), x
 
 
@@ -117,16 +120,23 @@ def test_fisher_methods_allocate_by_predicted_loss(method):
     goes to the important one; a method without one (normalized spectra) splits it evenly."""
     from dataclasses import replace
 
-    from hf_wsvd.compressor import allocate
+    from hf_wsvd.pipelines.step import layer_spectrum
 
-    problem, _ = _problem(out=16, inp=16, tokens=64, rank=0, method=method, allocation="greedy", param_ratio=0.5)
+    def allocate(solver, problems):
+        spectra = {n: layer_spectrum(solver, p) for n, p in problems.items()}
+        weights = {n: w for n, (_, w) in spectra.items()} if solver.loss_scale else None
+        return greedy_ranks({n: (16, 16) for n in problems}, {n: s for n, (s, _) in spectra.items()}, 0.5, weights)
+
+    problem, _ = _problem(out=16, inp=16, tokens=64, rank=0, method=method)
     problems = {"a": problem, "b": replace(problem, fisher=problem.fisher * 100)}
-    shapes = {n: (16, 16) for n in problems}
-    ranks = allocate(problem.config, get_solver(method), shapes, problems)
+    ranks = allocate(get_solver(method), problems)
     assert ranks["b"] > ranks["a"]
-    plain = replace(problem.config, method="whiten")
-    even = allocate(plain, get_solver("whiten"), shapes, {n: replace(p, config=plain) for n, p in problems.items()})
+    plain = {n: replace(p, options=None) for n, p in problems.items()}
+    even = allocate(get_solver("whiten"), plain)
     assert even["a"] == even["b"]
+    # A layer the loss does not depend on (zero Fisher) is the least important, never the most.
+    zero = allocate(get_solver(method), {"a": problem, "b": replace(problem, fisher=problem.fisher * 0)})
+    assert zero["b"] < zero["a"]
 
 
 def test_greedy_refuses_a_budget_below_rank_one():
@@ -157,10 +167,11 @@ def test_refine_lowers_the_elementwise_loss_from_the_method(method):
     from hf_wsvd.solvers import solver_for
     from hf_wsvd.solvers.elementwise import weighted_loss
 
+    config = WSVDConfig(method=method, refine=True, solver="als", max_iterations=5)
     problem, _ = _problem(rank=3, method=method, refine=True, solver="als", max_iterations=5)
-    solver = solver_for(problem.config)
-    assert solver.name == f"{method}+refine" and "fisher" in solver.needs
-    start = get_solver(method).solve(problem)
+    solver = solver_for(config)
+    assert solver.name == f"{method}+refine" and "fisher" in solver.needs_for(config.method_options())
+    start = get_solver(method).solve(replace(problem, options=None))
     up, down = solver.solve(problem)
     assert weighted_loss(problem.weight, problem.fisher, up, down) < weighted_loss(problem.weight, problem.fisher, *start)
 

@@ -9,7 +9,8 @@ import torch
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
-from hf_wsvd import sequential as sequential_module
+from hf_wsvd.pipelines import sequential as sequential_module
+from hf_wsvd.pipelines import step as step_module
 from stats_worker import case_inputs
 
 
@@ -23,7 +24,11 @@ def test_full_rank_reproduces_the_logits(case, monkeypatch):
     arch = case.split("_")[0]
     with torch.no_grad():
         reference = model(**tiny.inputs(arch)).logits
-    monkeypatch.setattr(sequential_module, "uniform_ranks", lambda shapes, *_: {n: min(s) for n, s in shapes.items()})
+    def full_ranks(job, shapes):
+        return {n: min(s) for n, s in shapes.items()}
+
+    monkeypatch.setattr(sequential_module, "uniform", full_ranks)
+    monkeypatch.setattr(step_module, "uniform", full_ranks)
     # float64 decompositions: the tiny calibration set leaves the Gram nearly singular, and undoing
     # the whitening amplifies a float32 SVD's rounding in the directions the data never excites.
     config = WSVDConfig(method="whiten", sequential=True, compute_dtype="float64")
@@ -79,12 +84,11 @@ def test_sequential_refuses_what_it_cannot_do():
 
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_sequential_mode_refuses_other_models_and_missing_data_before_any_statistics(allocation, monkeypatch):
-    import hf_wsvd.compressor as compressor_module
-
     def no_statistics(*args, **kwargs):
         raise AssertionError("statistics were gathered before the inputs were checked")
 
-    monkeypatch.setattr(compressor_module, "plan", no_statistics)
+    monkeypatch.setattr(sequential_module, "gradient_pass", no_statistics)
+    monkeypatch.setattr(sequential_module, "_stream", no_statistics)
     config = WSVDConfig(method="whiten", sequential=True, allocation=allocation)
     _, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     with pytest.raises(ValueError, match="sequential mode is for causal LMs; BertForSequenceClassification"):

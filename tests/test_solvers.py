@@ -7,7 +7,8 @@ import torch
 
 from hf_wsvd import WSVDConfig
 
-from hf_wsvd.solvers import FISHER, SOLVERS, LayerProblem, get_solver
+from hf_wsvd.solvers import SOLVERS, LayerProblem, get_solver
+from hf_wsvd.statistics import FISHER, FISHER_COLS, FISHER_ROWS
 
 OUT, IN, RANK = 24, 16, 5
 
@@ -30,7 +31,7 @@ def _fisher(axis: str, seed=1, out_features=OUT, in_features=IN):
 
 
 def _solve(method, weight, rank=RANK, fisher=None, axis="output"):
-    return get_solver(method).solve(LayerProblem("layer", weight, rank, fisher=fisher, config=WSVDConfig(fisher_axis=axis)))
+    return get_solver(method).solve(LayerProblem("layer", weight, rank, WSVDConfig(method=method, fisher_axis=axis).method_options(), fisher=fisher))
 
 
 def _importance(fisher, axis):
@@ -61,8 +62,12 @@ def test_registry_holds_svd_and_fwsvd():
     assert {"svd", "fwsvd"} <= set(SOLVERS)
     assert get_solver("svd") is SOLVERS["svd"]
     assert get_solver("fwsvd").name == "fwsvd"
-    assert FISHER in get_solver("fwsvd").needs
-    assert FISHER not in get_solver("svd").needs
+    fwsvd = get_solver("fwsvd")
+    # FWSVD reads only the summed Fisher of its axis: O(out) or O(in), never the per-entry matrix.
+    assert fwsvd.needs_for(WSVDConfig(fisher_axis="output").method_options()) == {FISHER_ROWS}
+    assert fwsvd.needs_for(WSVDConfig(fisher_axis="input").method_options()) == {FISHER_COLS}
+    assert FISHER in get_solver("tfwsvd").needs_for(get_solver("tfwsvd").options())
+    assert not get_solver("svd").needs_for(get_solver("svd").options())
     assert all(callable(solver.solve) for solver in SOLVERS.values())
 
 

@@ -22,12 +22,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import LayerProblem, register_solver
 from ..linalg import truncated_svd
+from .registry import LayerProblem, MethodOptions, register_solver
 
 # A row's IRLS weight uses max(dist, DIST_FLOOR · mean dist): no division by zero for rows inside
 # the subspace (zero rows, duplicates of spanning rows), while such rows still weigh the most.
 DIST_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class LpOptions(MethodOptions):
+    """``p``: the exponent of Σ_rows dist(row, subspace)^p, in [1, 2]."""
+
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        p = self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
+            raise ValueError(f"p={p!r} must be a number in [1, 2] (the exponent of the lp method)")
 
 
 @dataclass
@@ -172,12 +184,15 @@ def problem_row_weights(problem: LayerProblem) -> torch.Tensor | None:
     else the Fisher information summed per row when the compressor computed one, else None."""
     if problem.row_weights is not None:
         return problem.row_weights.to(problem.weight)
+    if problem.fisher_rows is not None:
+        return problem.fisher_rows.to(problem.weight)
     if problem.fisher is not None:
         return problem.fisher.sum(dim=1).to(problem.weight)
     return None
 
 
-@register_solver("lp", description="robust ℓp subspace (IRLS): min Σ_rows w·dist(row, span)^p, 1 ≤ p ≤ 2")
+@register_solver("lp", options=LpOptions,
+                 description="robust ℓp subspace (IRLS): min Σ_rows w·dist(row, span)^p, 1 ≤ p ≤ 2")
 def solve_lp(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
-    result = lp_subspace(problem.weight, problem.rank, problem.config.p, problem_row_weights(problem))
+    result = lp_subspace(problem.weight, problem.rank, problem.options.p, problem_row_weights(problem))
     return subspace_factors(problem.weight, result.basis)

@@ -1,44 +1,51 @@
-"""One registry of factorization methods: name → solver, with the statistics each one needs."""
+"""One registry of factorization methods: name → solver, its own options and the statistics it needs.
+
+A method's options are a frozen dataclass whose fields carry the names of the ``WSVDConfig`` fields
+they come from, so the recipe stays one flat, user-facing object while a solver receives only its
+own options (``MethodOptions.from_recipe``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from dataclasses import field
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
-if TYPE_CHECKING:
-    from ..config import WSVDConfig
 
-# Statistics a solver can ask the compressor for.
-FISHER = "fisher"  # per-entry empirical Fisher of the task loss
-ACTIVATIONS = "activations"  # calibration input Gram matrix and mean |x| of each layer
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options of one method; subclasses add fields named like the recipe's and validate them."""
 
-
-def _default_config() -> "WSVDConfig":
-    from ..config import WSVDConfig
-
-    return WSVDConfig()
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> "MethodOptions":
+        """The options of this method read from ``recipe`` (a ``WSVDConfig`` or any object with
+        the same attribute names)."""
+        return cls(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
 class LayerProblem:
     """One matrix to factorize: ``weight`` (out × in, in the compute dtype) at ``rank``, the
-    statistics its solver asked for (``fisher``: per-entry importance, out × in; ``gram``: input
-    E[x xᵀ], in × in; ``mean_abs``: input E|x|, in), and the recipe (``config``), from which a
-    solver reads its own options."""
+    method's ``options`` (None: its defaults) and the statistics it asked for: ``fisher``
+    (per-entry importance, out × in), ``fisher_rows`` / ``fisher_cols`` (its sums per output row /
+    input column), ``gram`` (input E[x xᵀ], in × in), ``mean_abs`` (input E|x|, in) and
+    ``row_weights`` (one non-negative value per row, e.g. an embedding's token frequencies)."""
 
     name: str
     weight: torch.Tensor
     rank: int
+    options: MethodOptions | None = None
     fisher: torch.Tensor | None = None
-    config: "WSVDConfig" = field(default_factory=_default_config)
+    fisher_rows: torch.Tensor | None = None
+    fisher_cols: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     mean_abs: torch.Tensor | None = None
-    # Optional per-row importance (one non-negative value per row of ``weight``, e.g. the token
-    # frequencies of an embedding's vocab × hidden matrix); read by the ``lp`` solver.
     row_weights: torch.Tensor | None = None
+
+
+Needs = Iterable[str] | Callable[[Any], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -48,33 +55,54 @@ class Solver:
     truncates, so that rank allocation can read the loss of every rank before solving.
     ``loss_scale(problem)``, where the method weights by the Fisher information, turns a squared
     singular value into the Fisher-predicted increase of the task loss, so that losses of
-    different layers compare (allocation then needs no per-layer normalization)."""
+    different layers compare (allocation then needs no per-layer normalization). ``options`` is
+    the method's options class; ``needs`` the statistic names it reads (or a function of its
+    options returning them)."""
 
     name: str
     solve: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]
-    needs: frozenset[str]
+    options: type[MethodOptions]
+    needs: Needs
     description: str
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None
     loss_scale: Callable[[LayerProblem], float] | None = None
+
+    def needs_for(self, options: MethodOptions) -> frozenset[str]:
+        """The statistics this method reads with ``options``."""
+        return frozenset(self.needs(options) if callable(self.needs) else self.needs)
 
 
 SOLVERS: dict[str, Solver] = {}
 
 
+def with_defaults(options: type[MethodOptions], fn: Callable[[LayerProblem], Any]) -> Callable[[LayerProblem], Any]:
+    """``fn`` applied to the problem with ``options()`` filled in where it has none."""
+
+    def call(problem: LayerProblem):
+        if problem.options is None:
+            problem = dataclasses.replace(problem, options=options())
+        return fn(problem)
+
+    return call
+
+
 def register_solver(
     name: str,
-    needs: tuple[str, ...] = (),
+    needs: Needs = (),
     description: str = "",
+    options: type[MethodOptions] = MethodOptions,
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None,
     loss_scale: Callable[[LayerProblem], float] | None = None,
 ):
-    """Decorator registering ``solve(problem) -> (up, down)`` under ``name``."""
+    """Decorator registering ``solve(problem) -> (up, down)`` under ``name`` with its options class."""
 
     def wrap(fn: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]):
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is already registered")
-        SOLVERS[name] = Solver(name, fn, frozenset(needs), description or (fn.__doc__ or "").strip(), spectrum,
-                               loss_scale)
+        SOLVERS[name] = Solver(
+            name, with_defaults(options, fn), options, needs, description or (fn.__doc__ or "").strip(),
+            spectrum and with_defaults(options, spectrum), loss_scale and with_defaults(options, loss_scale),
+        )
         return fn
 
     return wrap

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..linalg import singular_values, truncated_svd
-from .registry import LayerProblem, register_solver
+from .registry import LayerProblem, MethodOptions, Needs, register_solver
 
 
 @dataclass
@@ -61,14 +61,15 @@ def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Ten
     return up.to(dtype), down.to(dtype)
 
 
-def register_weighting(name: str, needs: tuple[str, ...] = (), description: str = "",
-                       loss_scale: Callable[[LayerProblem], float] | None = None):
+def register_weighting(name: str, needs: Needs = (), description: str = "",
+                       loss_scale: Callable[[LayerProblem], float] | None = None,
+                       options: type[MethodOptions] = MethodOptions):
     """Decorator registering ``weighting(problem) -> Weighting`` as the method ``name`` (see
-    ``Solver`` for ``loss_scale``)."""
+    ``Solver`` for ``loss_scale``, ``options`` and ``needs``)."""
 
     def wrap(weighting: Callable[[LayerProblem], Weighting]):
         register_solver(
-            name, needs, description or (weighting.__doc__ or "").strip(),
+            name, needs, description or (weighting.__doc__ or "").strip(), options,
             spectrum=lambda problem: singular_values(weighting(problem).apply(problem.weight)),
             loss_scale=loss_scale,
         )(lambda problem: weighted_svd(problem, weighting(problem)))

@@ -9,15 +9,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..linalg import gram_square_root
-from .fwsvd import axis_weights
-from .registry import ACTIVATIONS, FISHER, LayerProblem
+from ..statistics.names import FISHER_ROWS, GRAM, MEAN_ABS
+from .fwsvd import axis_weights, has_importance
+from .registry import LayerProblem, MethodOptions
 from .weighting import Weighting, register_weighting
 
 # Input features that never fire are scaled by this fraction of the mean activation instead of 0.
 ACTIVATION_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class AsvdOptions(MethodOptions):
+    """``asvd_alpha``: the exponent of the activation scaling, in [0, 2] (0 is plain SVD)."""
+
+    asvd_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        alpha = self.asvd_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 2:
+            raise ValueError(f"asvd_alpha={alpha!r} must be a number in [0, 2]")
 
 
 def _whitening(problem: LayerProblem) -> Weighting:
@@ -25,27 +40,29 @@ def _whitening(problem: LayerProblem) -> Weighting:
     return Weighting(right=root, lower=lower)
 
 
-@register_weighting("whiten", needs=(ACTIVATIONS,), description="whitening: min ‖(W − AB)·Xᵀ‖_F")
+@register_weighting("whiten", needs=(GRAM,), description="whitening: min ‖(W − AB)·Xᵀ‖_F")
 def whiten_weighting(problem: LayerProblem) -> Weighting:
     return _whitening(problem)
 
 
-@register_weighting("asvd", needs=(ACTIVATIONS,), description="ASVD: min ‖(W − AB)·diag(E|x|)^α‖_F")
+@register_weighting("asvd", needs=(MEAN_ABS,), options=AsvdOptions,
+                    description="ASVD: min ‖(W − AB)·diag(E|x|)^α‖_F")
 def asvd_weighting(problem: LayerProblem) -> Weighting:
     scale = problem.mean_abs.double()
     scale = scale.clamp_min(ACTIVATION_FLOOR * scale.mean().clamp_min(1e-30))
-    return Weighting(right=scale.pow(problem.config.asvd_alpha))
+    return Weighting(right=scale.pow(problem.options.asvd_alpha))
 
 
 def _fisher_whiten_loss_scale(problem: LayerProblem) -> float:
     # Row-summed Fisher Σ_j E[(Σ_t g_ti x_tj)²] ≈ E[g_i²]·E‖x‖², so dividing ‖D·ΔW·S‖² by
     # tr(G) = E‖x‖² leaves Σ_i E[g_i²]·E[(ΔW x)_i²], twice the predicted loss increase.
-    return 0.5 / max(float(problem.gram.double().trace()), torch.finfo(torch.float64).tiny)
+    trace = max(float(problem.gram.double().trace()), torch.finfo(torch.float64).tiny)
+    return has_importance(problem, "output") * 0.5 / trace
 
 
-@register_weighting("fisher_whiten", needs=(FISHER, ACTIVATIONS), loss_scale=_fisher_whiten_loss_scale,
+@register_weighting("fisher_whiten", needs=(FISHER_ROWS, GRAM), loss_scale=_fisher_whiten_loss_scale,
                     description="Fisher × whitening: min ‖D·(W − AB)·Xᵀ‖_F, D = diag √(row-summed Fisher)")
 def fisher_whiten_weighting(problem: LayerProblem) -> Weighting:
     whitening = _whitening(problem)
-    whitening.rows = axis_weights(problem.fisher, "output").double()
+    whitening.rows = axis_weights(problem, "output").double()
     return whitening

@@ -1,0 +1,185 @@
+"""Scale: the recommended LLM recipe — ``fisher_whiten``, greedy ranks, sequential — on Llama
+shapes with random bf16 weights: wall time and peak GPU memory per GPU.
+
+    python benchmarks/scale.py --shape 7b --json-out 7b-1gpu.json                      # one GPU
+    torchrun --nproc_per_node 2 benchmarks/scale.py --shape 7b --json-out 7b-2gpu.json \\
+        --compare 7b-1gpu.pt                                                           # data-parallel
+    python benchmarks/scale.py --shape 70b --layers 8 --placement offload --json-out 70b.json
+    python benchmarks/scale.py --shape 70b --layers 8 --placement dispatch --json-out 70b-d.json
+    python benchmarks/scale.py --device cpu                                            # small, CI-sized
+    python benchmarks/scale.py --from-json 7b-1gpu.json 7b-2gpu.json 70b.json          # publish the table
+
+Placements: ``gpu`` (the model on each process's GPU), ``offload`` (the model in CPU memory, one
+block on the GPU at a time), ``dispatch`` (blocks spread over the visible GPUs by accelerate).
+``--layers`` builds a contiguous slice of the shape's layers; the table then extrapolates the
+per-layer time to the full depth and says so. ``--save`` / ``--compare`` store and compare the
+row-summed Fisher (and the ranks) of two runs, e.g. one GPU against two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.statistics import FISHER_ROWS, default_accelerator
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=1000),
+}
+
+
+def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights built directly on ``device`` (no init pass: N(0, 0.02) filled in place)."""
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}),
+                            "max_position_embeddings": 4096})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32, device=device).mul_(0.02))
+    model.model.rotary_emb.__init__(config=config)  # buffers were left empty by to_empty
+    model.model.rotary_emb.to(device)
+    return model.eval()
+
+
+def dispatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Blocks split evenly over the visible GPUs (embeddings on the first, norm and head on the last)."""
+    from accelerate import dispatch_model
+
+    gpus, layers = torch.cuda.device_count(), len(model.model.layers)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": gpus - 1}
+    device_map.update({f"model.layers.{i}": i * gpus // layers for i in range(layers)})
+    return dispatch_model(model, device_map=device_map)
+
+
+def measure(args) -> dict:
+    accelerator = default_accelerator()
+    cuda = args.device == "cuda"
+    device = accelerator.device if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    start = time.perf_counter()
+    model = build(args.shape, args.layers, device if args.placement != "offload" else torch.device("cuda"), dtype)
+    if args.placement == "offload":
+        model.to("cpu")
+    elif args.placement == "dispatch":
+        model = dispatch(model.to("cpu"))
+    build_seconds = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.sequences, args.length), generator=generator)
+    data = DataLoader([{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids],
+                      batch_size=args.batch_size)
+    config = WSVDConfig(method="fisher_whiten", allocation="greedy", sequential=True,
+                        param_ratio=1 - args.reduction, max_length=args.length, batch_size=args.batch_size)
+    if cuda:
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model, report = compress(model, config, data, accelerator=accelerator, show_progress=accelerator.is_main_process)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peaks = [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())] if cuda else []
+    fisher = {n: report.statistics.get(n, FISHER_ROWS).float().cpu() for n in report.ranks}
+    result = {
+        "shape": args.shape, "layers": args.layers or SHAPES[args.shape]["num_hidden_layers"],
+        "full_layers": SHAPES[args.shape]["num_hidden_layers"], "placement": args.placement,
+        "processes": accelerator.num_processes, "sequences": args.sequences, "length": args.length,
+        "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
+        "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
+        "factorized_layers": len(report.ranks), "params_before": report.params_before,
+        "params_after": report.params_after,
+    }
+    if accelerator.num_processes > 1:  # every process's own peak and time
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, {"peak": peaks[accelerator.local_process_index] if cuda else None,
+                                                       "seconds": seconds})
+        result["per_process"] = gathered
+        result["peak_gib_per_gpu"] = [g["peak"] for g in gathered]
+        result["compress_seconds"] = max(g["seconds"] for g in gathered)
+    if args.compare:
+        reference = torch.load(args.compare)
+        difference = max(float((fisher[n] - reference["fisher"][n]).abs().max() / reference["fisher"][n].abs().max())
+                         for n in reference["fisher"])
+        result["compared_with"] = args.compare
+        result["fisher_rows_max_relative_difference"] = difference
+        result["ranks_equal"] = reference["ranks"] == report.ranks
+    if args.save and accelerator.is_main_process:
+        torch.save({"fisher": fisher, "ranks": report.ranks}, args.save)
+    return result
+
+
+def table(payloads: list[dict]) -> str:
+    from report import markdown_table
+
+    rows = []
+    for p in payloads:
+        per_layer = p["compress_seconds"] / p["layers"]
+        sliced = p["layers"] < p["full_layers"]
+        rows.append([
+            f"Llama {p['shape']} shape" + (f", {p['layers']} of {p['full_layers']} layers" if sliced else ""),
+            p["placement"], p["processes"], f"{p['sequences']}×{p['length']}", f"{p['reduction']:.0%}",
+            round(p["compress_seconds"], 1),
+            f"{per_layer * p['full_layers']:.0f} (extrapolated)" if sliced else "-",
+            " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"]) or "-",
+            p.get("fisher_rows_max_relative_difference", "-"),
+            p["environment"].get("cuda") or "cpu",
+        ])
+    return markdown_table(["model", "placement", "processes", "calibration", "reduction", "wall time (s)",
+                           "full depth (s)", "peak GiB per GPU", "Fisher rows vs 1 GPU (max rel.)", "device"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--layers", type=int, help="a contiguous slice of this many layers (default: all)")
+    parser.add_argument("--placement", choices=["gpu", "offload", "dispatch"], default="gpu")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--sequences", type=int, default=128)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--reduction", type=float, default=0.2)
+    parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
+    parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
+    parser.add_argument("--json-out")
+    parser.add_argument("--from-json", nargs="+")
+    args = parser.parse_args()
+
+    from report import environment, publish
+
+    if args.from_json:
+        payloads = [json.loads(Path(p).read_text()) for p in args.from_json]
+        publish("scale", {"runs": payloads}, table(payloads), readme=False)
+        return
+    if args.device == "cpu":
+        args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"
+        args.sequences, args.length = min(args.sequences, 8), min(args.length, 64)
+    payload = measure(args)
+    payload["environment"] = environment()  # with the command; "processes" says how many torchrun started
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(payload, indent=2)
+        print(text)
+        if args.json_out:
+            Path(args.json_out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

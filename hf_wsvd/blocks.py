@@ -1,0 +1,149 @@
+"""The repeated transformer blocks of a model and where each one runs.
+
+A block runs where it lives: on its accelerate hook's execution device when the model was
+dispatched (``device_map``: several GPUs, CPU or disk offload), else on the device of its weights,
+except that blocks kept in CPU memory are moved to the accelerator one at a time while they run
+(``placed``), so a model larger than the accelerator is processed block by block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: its largest ``nn.ModuleList``, with its name."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of every repeated block (children of any ``nn.ModuleList``)."""
+    return [f"{name}.{index}." if name else f"{index}." for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) for index in range(len(module))]
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether accelerate dispatched ``module`` (its hook moves inputs and, offloaded, weights)."""
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed ``model`` with a ``device_map`` (its hooks move everything)."""
+    return getattr(model, "hf_device_map", None) is not None and hooked(model)
+
+
+def home_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (CPU for an empty module)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def placed(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """Run-time placement of ``block``: yields the device its inputs should be on. A block kept in
+    CPU memory moves to ``device`` for the duration and back after; a dispatched block stays
+    under its hook; any other block runs where its weights are."""
+    if hooked(block):
+        hook = getattr(block, "_hf_hook", None)
+        yield torch.device(getattr(hook, "execution_device", None) or home_device(block))
+        return
+    home = home_device(block)
+    if home.type != "cpu" or torch.device(device).type == "cpu":
+        yield home
+        return
+    block.to(device)
+    try:
+        yield torch.device(device)
+    finally:
+        block.to(home)
+
+
+def first_output(output) -> torch.Tensor:
+    """The hidden states a block returns (alone or first of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """``output`` with its hidden states replaced by ``hidden``."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def split_hidden(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's hidden states (its first argument) and every other argument by name, so
+    that a re-run can switch off a cache passed positionally (GPT-2 blocks take it second)."""
+    signature = inspect.signature(type(block).forward)
+    bound = signature.bind(block, *args, **kwargs).arguments
+    named = {}
+    for name, value in list(bound.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"{type(block).__name__}.forward takes *{name}: cannot re-run it by keyword")
+        else:
+            named[name] = value
+    hidden_name = next(iter(named))
+    return named.pop(hidden_name), named
+
+
+# Keyword arguments through which a block would read or extend a key/value cache.
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def without_cache(kwargs: dict) -> dict:
+    """A block call's keyword arguments with any key/value cache switched off (a block re-run on
+    the same inputs must not see, or extend, what its first run cached)."""
+    kwargs = {k: (None if k in CACHE_ARGUMENTS else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _move(tensor: torch.Tensor, device: torch.device, where: dict, key: tuple) -> torch.Tensor:
+    where[key] = tensor.device
+    return tensor.to(device)
+
+
+@contextlib.contextmanager
+def outside_blocks_on(model: nn.Module, prefix: str, device: torch.device) -> Iterator[None]:
+    """Every parameter and buffer outside the blocks (``prefix``) on ``device`` for the duration
+    (embeddings, final norm, head, rotary tables); nothing moves on a dispatched model."""
+    where: dict = {}
+    if not is_dispatched(model):
+        for name, module in model.named_modules():
+            if name == prefix or name.startswith(prefix + "."):
+                continue
+            for key, tensor in module._parameters.items():
+                if tensor is not None:
+                    tensor.data = _move(tensor.data, device, where, (name, "_parameters", key))
+            for key, tensor in module._buffers.items():
+                if tensor is not None:
+                    module._buffers[key] = _move(tensor, device, where, (name, "_buffers", key))
+    try:
+        yield
+    finally:
+        for (name, kind, key), home in where.items():
+            module = model.get_submodule(name)
+            if kind == "_parameters":
+                module._parameters[key].data = module._parameters[key].data.to(home)
+            else:
+                module._buffers[key] = module._buffers[key].to(home)
+
+
+def input_device(model: nn.Module, device: torch.device) -> torch.device:
+    """Where a model's input ids go: the input embeddings' execution device."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return home_device(embeddings) if is_dispatched(model) else torch.device(device)

@@ -1,0 +1,236 @@
+"""The step both pipelines run on a group of layers — collect → allocate → solve → swap — and the
+``Job`` it runs in. Nothing here knows a method: a method is its ``Solver`` (what it needs, its
+spectrum, its loss scale, its solve) and its options.
+
+In several processes (``accelerate launch`` / ``torchrun``) each process holds the model and its
+share of the calibration data; the statistics are summed once per group, and the spectra and
+factorizations of a group are split between the processes by estimated cost, then broadcast, so
+every process swaps in the same factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import align_module_device
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..allocation import drop_slow_layers, greedy_ranks, round_rank, uniform_ranks
+from ..blocks import hooked
+from ..runtime.factorized_linear import FactorizedLinear, linear_shape, linear_weight
+from ..solvers import LayerProblem, MethodOptions, Solver
+from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
+from ..swap import replace_with_factors
+from ..tasks import LossFn, per_example_loss, task_of
+
+
+@dataclass
+class Job:
+    """One compression run: the model, the recipe's method and options, the target layers
+    (base-model-relative name → full module name) and what the passes need."""
+
+    model: PreTrainedModel
+    config: "object"  # the WSVDConfig recipe (read: allocation, param_ratio, ranks options, dtype)
+    solver: Solver
+    options: MethodOptions
+    targets: dict[str, str]
+    data: Iterable[dict] | None
+    loss_fn: LossFn | None
+    accelerator: Accelerator
+    statistics: Statistics = field(default_factory=Statistics)
+    seconds: dict[str, float] = field(default_factory=dict)
+    show_progress: bool = True
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.solver.needs_for(self.options)
+
+    @property
+    def input_needs(self) -> frozenset[str]:
+        return self.needs & INPUT_STATISTICS
+
+    @property
+    def gradient_needs(self) -> frozenset[str]:
+        return self.needs & GRADIENT_STATISTICS
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.compute_dtype)
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.model.get_submodule(self.targets[name])
+
+    def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        return {n: linear_shape(self.module(n)) for n in names}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        import time
+
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def require_data(job: Job) -> None:
+    if job.needs and job.data is None and not job.statistics.has(job.targets, job.needs):
+        raise ValueError(f"method={job.solver.name!r} needs {', '.join(sorted(job.needs))} statistics: pass importance data")
+
+
+def gradient_pass(job: Job, names: Iterable[str]) -> None:
+    """The gradient statistics the method needs, over the whole model (skipped when given)."""
+    names = list(names)
+    if not job.gradient_needs or job.statistics.has(names, job.gradient_needs):
+        return
+    with job.timed("importance"):
+        stats = gradient_statistics(job.model, job.data, {n: job.module(n) for n in names}, job.gradient_needs,
+                                    job.loss_fn or per_example_loss(task_of(job.model)), job.accelerator,
+                                    job.show_progress)
+    job.statistics = job.statistics.merged(stats)
+
+
+def uniform(job: Job, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The same kept ratio for every layer (``allocation="uniform"``), rounded, slow layers dropped."""
+    config = job.config
+    return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed, config.rank_multiple)
+
+
+def candidates(job: Job) -> dict[str, tuple[int, int]]:
+    """Shapes of the targets that can be factorized: all (greedy), or those whose uniform rank
+    saves parameters and passes the speed limit."""
+    shapes = job.shapes(job.targets)
+    if job.config.allocation == "uniform":
+        shapes = {n: shapes[n] for n in uniform(job, shapes)}
+    if not shapes:
+        speed = job.config.max_kept_ratio_for_speed
+        raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any of the {len(job.targets)} "
+                         "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
+                         + "; lower it to compress")
+    return shapes
+
+
+def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
+    """The factorization problem of one layer in the compute dtype, on the layer's device (an
+    offloaded layer's weight is read on its execution device)."""
+    module = job.module(name)
+    with align_module_device(module):
+        weight = linear_weight(module).detach().to(job.compute_dtype)
+    if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
+        weight = weight.to(job.accelerator.device)  # solve where the compute is
+    values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
+    return LayerProblem(name, weight, rank, job.options, **values)
+
+
+def _cost(shape: tuple[int, int]) -> float:
+    in_features, out_features = shape
+    return in_features ** 3 + min(in_features, out_features) ** 2 * max(in_features, out_features)
+
+
+def owners(job: Job, names: list[str]) -> dict[str, int]:
+    """Which process computes each layer: largest first onto the least loaded (deterministic)."""
+    load = [0.0] * job.accelerator.num_processes
+    owner = {}
+    for name in sorted(names, key=lambda n: (-_cost(linear_shape(job.module(n))), n)):
+        process = min(range(len(load)), key=lambda p: (load[p], p))
+        owner[name] = process
+        load[process] += _cost(linear_shape(job.module(name)))
+    return owner
+
+
+def _broadcast(job: Job, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+    buffer = tensor.to(job.accelerator.device, dtype).contiguous() if tensor is not None else \
+        torch.empty(shape, dtype=dtype, device=job.accelerator.device)
+    torch.distributed.broadcast(buffer, src=source)
+    return buffer
+
+
+def layer_spectrum(solver: Solver, problem: LayerProblem) -> tuple[torch.Tensor, float | None]:
+    """The singular values ``solver`` truncates on ``problem`` (float64) and, for a method with a
+    loss scale, the absolute weight of that layer's loss (its predicted total); None otherwise."""
+    values = solver.spectrum(problem).double()
+    if solver.loss_scale is None:
+        return values, None
+    return values, solver.loss_scale(problem) * float(values.square().sum())
+
+
+def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
+    """Each layer's spectrum (the singular values its method truncates) and, for methods with a
+    loss scale, the absolute weight of its loss; split between processes, then shared."""
+    if job.solver.spectrum is None:
+        raise ValueError(f"allocation={job.config.allocation!r} needs a method with a spectrum; {job.solver.name!r} has none")
+    owner = owners(job, names)
+    mine = [n for n in names if owner[n] == job.accelerator.process_index]
+    values, weights = {}, {}
+    for name in mine:
+        values[name], weights[name] = layer_spectrum(job.solver, problem(job, name, stats))
+    if job.accelerator.num_processes > 1:
+        for name in names:
+            length = min(linear_shape(job.module(name)))
+            values[name] = _broadcast(job, values.get(name), (length,), torch.float64, owner[name])
+            if job.solver.loss_scale is not None:
+                weight = torch.tensor(weights[name], dtype=torch.float64) if name in weights else None
+                weights[name] = float(_broadcast(job, weight, (), torch.float64, owner[name]))
+    return values, (weights if job.solver.loss_scale is not None else None)
+
+
+def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
+                      weights: dict[str, float] | None) -> dict[str, int]:
+    """Ranks under one global budget (``allocation="greedy"``), rounded, slow layers dropped."""
+    ranks = greedy_ranks(shapes, values, job.config.param_ratio, weights)
+    ranks = {name: round_rank(rank, job.config.rank_multiple) for name, rank in ranks.items()}
+    return drop_slow_layers(ranks, shapes, job.config.max_kept_ratio_for_speed)
+
+
+def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress: bool) -> None:
+    """Factorize each layer at its rank and swap it for its factors; every process solves its
+    share and receives the others' factors."""
+    names = sorted(ranks)
+    owner = owners(job, names)
+    solved = {}
+    mine = [n for n in names if owner[n] == job.accelerator.process_index]
+    bar = tqdm(mine, desc=f"{job.solver.name} factorization",
+               disable=not (progress and job.accelerator.is_local_main_process))
+    for name in bar:
+        up, down = job.solver.solve(problem(job, name, stats, ranks[name]))
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise FloatingPointError(f"{job.solver.name} produced non-finite factors for {name!r}: "
+                                     "check the layer's weights and statistics for NaN/inf")
+        solved[name] = (up, down)
+    for name in names:
+        up, down = solved.get(name, (None, None))
+        if job.accelerator.num_processes > 1:
+            in_features, out_features = linear_shape(job.module(name))
+            up = _broadcast(job, up, (out_features, ranks[name]), job.compute_dtype, owner[name])
+            down = _broadcast(job, down, (ranks[name], in_features), job.compute_dtype, owner[name])
+        swap(job, name, up, down)
+
+
+def swap(job: Job, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Install the factors of one layer where the layer lives (an accelerate-offloaded layer gets
+    its factors offloaded the same way)."""
+    module = job.module(name)
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not hooked(module):
+        replace_with_factors(job.model, job.targets[name], up, down)
+        return
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    with align_module_device(module, torch.device("cpu")):
+        bias = module.bias.detach().clone() if module.bias is not None else None
+        dtype = module.weight.dtype
+    remove_hook_from_module(module)
+    layer = FactorizedLinear.from_factors(up.cpu().to(dtype), down.cpu().to(dtype), bias)
+    layer.train(module.training)
+    job.model.set_submodule(job.targets[name], layer)
+    if getattr(hook, "offload", False):
+        cpu_offload(layer, execution_device=hook.execution_device)
+    else:
+        layer.to(hook.execution_device)

@@ -1,0 +1,135 @@
+"""Statistics of the layers' inputs (``gram``, ``mean_abs``) and their token counts, from forward
+pre-hooks, over real (non-padding) tokens."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..runtime.factorized_linear import linear_shape
+from .collectors import COLLECTORS, Collector, collectors_for
+from .passes import batches, default_accelerator, exact_16bit_products, sum_across_processes
+from .result import Statistics
+
+
+class InputHooks:
+    """Forward pre-hooks accumulating the input statistics ``needs`` of each module.
+
+    Call ``new_batch(mask)`` (batch × tokens, 1 for real tokens) before each forward so padding is
+    excluded; inputs whose leading shape differs from the mask (e.g. a decoder's) count every
+    position. Modules reading the same tensor (q/k/v projections) share one computation of each
+    contribution. Accumulators live on the device of the module's input.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str]) -> None:
+        self.modules = modules
+        self.names = collectors_for(set(needs), gradients=False)
+        self.collectors: dict[str, dict[str, Collector]] = {m: {n: COLLECTORS[n]() for n in self.names} for m in modules}
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self._last: tuple | None = None
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mask = self.mask
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x = x[mask.to(x.device).bool()]
+        return x.reshape(-1, x.shape[-1]).to(dtype)
+
+    def _contributions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
+        # Holding the tensor in ``_last`` keeps it alive, so ``is`` cannot match a newer tensor.
+        if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+            return self._last[2]
+        with exact_16bit_products(x) as dtype:
+            rows = self._rows(x.detach(), dtype)
+            # One batch in ``dtype``, the running sums in float64.
+            result = {n: COLLECTORS[n].reduce(rows).double() for n in self.names}
+        result["tokens"] = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
+        self._last = (x, x._version, result)
+        return result
+
+    def _hook(self, module_name: str):
+        def hook(module, args):
+            contributions = self._contributions(args[0])
+            for name, collector in self.collectors[module_name].items():
+                collector.add(contributions[name])
+            if module_name in self.tokens:
+                self.tokens[module_name] += contributions["tokens"]
+            else:
+                self.tokens[module_name] = contributions["tokens"].clone()
+            # Returning None leaves the module input unchanged.
+
+        return hook
+
+    def new_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+        self._last = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
+
+    def reduce(self, accelerator: Accelerator, device: torch.device) -> None:
+        """Sum the accumulators and token counts over processes (one reduction for all modules)."""
+        if accelerator.num_processes == 1:
+            return
+        for name, module in self.modules.items():
+            in_features, out_features = linear_shape(module)
+            for collector in self.collectors[name].values():
+                if collector.total is None:
+                    collector.total = collector.zeros(in_features, out_features, device)
+            if name not in self.tokens:
+                self.tokens[name] = torch.zeros((), dtype=torch.float64, device=device)
+        sum_across_processes(accelerator, [c.total for cs in self.collectors.values() for c in cs.values()]
+                             + list(self.tokens.values()))
+
+    def result(self) -> Statistics:
+        """Means over the accumulated tokens (modules that saw none get no entry)."""
+        values, tokens = {}, {}
+        for name, collectors in self.collectors.items():
+            count = float(self.tokens[name].item()) if name in self.tokens else 0.0
+            if count > 0:
+                values[name] = {n: c.result(count) for n, c in collectors.items()}
+                tokens[name] = int(count)
+        return Statistics(values, 0, tokens)
+
+
+@torch.no_grad()
+def input_statistics(
+    model: nn.Module,
+    data: Iterable[dict],
+    modules: dict[str, nn.Module],
+    needs: Iterable[str],
+    accelerator: Accelerator | None = None,
+    show_progress: bool = True,
+) -> Statistics:
+    """The input statistics ``needs`` of ``modules`` (name → module) over ``data``, in one forward
+    pass of the whole model where it is placed (or on the accelerator when it sits on CPU);
+    across processes the sums and token counts are added before dividing, so the result equals a
+    single-process run."""
+    from ..blocks import input_device, is_dispatched
+
+    accelerator = accelerator or default_accelerator()
+    if not is_dispatched(model):
+        model.to(accelerator.device)
+    device = input_device(model, accelerator.device)
+    was_training = model.training
+    model.eval()
+    hooks = InputHooks(modules, needs)
+    try:
+        for batch in batches(data, accelerator, device, "activations", show_progress):
+            hooks.new_batch(batch.get("attention_mask"))
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    hooks.reduce(accelerator, accelerator.device)
+    stats = hooks.result()
+    if not stats.tokens:
+        raise ValueError("the calibration data is empty: no token reached the target layers")
+    return stats

@@ -1,0 +1,12 @@
+"""The names of the statistics a method can declare it needs (see ``hf_wsvd.statistics``)."""
+
+FISHER = "fisher"  # per-entry empirical Fisher of the task loss, out × in
+FISHER_ROWS = "fisher_rows"  # the same summed over inputs: one value per output row, O(out)
+FISHER_COLS = "fisher_cols"  # summed over outputs: one value per input column, O(in)
+GRAM = "gram"  # input second moment E[x xᵀ], in × in
+MEAN_ABS = "mean_abs"  # input E|x| per feature, O(in)
+
+# Statistics of per-example gradients (a forward and backward pass of the task loss) and of the
+# layers' inputs (forward passes only, no labels).
+GRADIENT_STATISTICS = frozenset({FISHER, FISHER_ROWS, FISHER_COLS})
+INPUT_STATISTICS = frozenset({GRAM, MEAN_ABS})

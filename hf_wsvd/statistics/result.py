@@ -1,0 +1,46 @@
+"""``Statistics``: what the collectors produced, per layer, with the counts they average over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .names import FISHER, FISHER_COLS, FISHER_ROWS
+
+# Statistics that a per-entry Fisher holds too: the dimension it is summed over.
+SUMS_OF_ENTRIES = {FISHER_ROWS: 1, FISHER_COLS: 0}
+
+
+@dataclass
+class Statistics:
+    """``values[module][statistic]``: the mean of each collected statistic (base-model-relative
+    module names); ``examples``: how many examples the gradient statistics average over (all
+    processes); ``tokens[module]``: how many tokens its input statistics average over."""
+
+    values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    examples: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def get(self, module: str, statistic: str) -> torch.Tensor | None:
+        """The statistic, or None; Fisher row/column sums are derived from a per-entry Fisher."""
+        stats = self.values.get(module, {})
+        if statistic not in stats and statistic in SUMS_OF_ENTRIES and FISHER in stats:
+            return stats[FISHER].sum(dim=SUMS_OF_ENTRIES[statistic])
+        return stats.get(statistic)
+
+    def has(self, modules, statistics) -> bool:
+        """Whether every one of ``statistics`` is here for every one of ``modules``."""
+        return all(self.get(m, s) is not None for m in modules for s in statistics)
+
+    def merged(self, other: "Statistics") -> "Statistics":
+        """These statistics with ``other``'s added (``other`` wins where both have one)."""
+        values = {m: dict(v) for m, v in self.values.items()}
+        for module, stats in other.values.items():
+            values.setdefault(module, {}).update(stats)
+        return Statistics(values, other.examples or self.examples, {**self.tokens, **other.tokens})
+
+    def without(self, statistics) -> "Statistics":
+        """A copy that drops ``statistics`` (e.g. the dense Grams once spectra are read)."""
+        values = {m: {k: v for k, v in s.items() if k not in statistics} for m, s in self.values.items()}
+        return Statistics(values, self.examples, dict(self.tokens))
