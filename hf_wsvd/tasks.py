@@ -77,6 +77,9 @@ def per_example_loss(task: str) -> LossFn:
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "labels" not in batch:
+            raise ValueError(f"importance batches need 'labels' (the task loss reads them); this batch has "
+                             f"{sorted(batch)}: build it with hf_wsvd.workflow.data_loader or add labels")
         logits = model(**inputs).logits.float()
         labels = batch["labels"]
         if task == CLASSIFICATION:
