@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     # not converge (huge weights): both name the layer, so they are input errors, not crashes.
     except (ValueError, OSError, KeyError, FloatingPointError, torch.linalg.LinAlgError, np.linalg.LinAlgError) as error:
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        if isinstance(error, (torch.linalg.LinAlgError, np.linalg.LinAlgError)):
+            message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
         return 2
     return 0
