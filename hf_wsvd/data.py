@@ -59,7 +59,9 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     builder, options = _BUILDERS[extension]
     try:
         table = load_dataset(builder, data_files={"data": path}, split="data", **options)
-    except DatasetGenerationError as error:  # the reader's own error (a binary file, bad JSON) is the cause
+    # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
+    # header and no rows is a ValueError.
+    except (DatasetGenerationError, ValueError) as error:
         cause = error.__cause__ or error
         detail = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
