@@ -99,6 +99,13 @@ def _eval_table(evaluation: Evaluation | None) -> str:
     return "\n".join(lines)
 
 
+def _importance_data(data: str | None, examples: int | None, recipe: dict) -> str:
+    if not data:
+        return "none"
+    used = f"{examples} examples" if examples is not None else f"at most {recipe.get('num_samples')} examples"
+    return f"`{data}` ({used})"
+
+
 def build_card(
     model: PreTrainedModel,
     base_model: str,
@@ -106,12 +113,14 @@ def build_card(
     importance_data: str | None = None,
     evaluation: Evaluation | None = None,
     repo_id: str | None = None,
+    importance_examples: int | None = None,
 ) -> ModelCard:
     """The model card of a compressed model (``model`` holds its factorized layers and recipe).
 
     ``base_model``: the dense model it came from (a Hub id becomes ``base_model`` metadata);
     ``command``: the exact command that produced it; ``repo_id``: where it is (or will be) on the
-    Hub, used in the loading snippets."""
+    Hub, used in the loading snippets; ``importance_examples``: how many examples the importance
+    data held (the recipe's ``num_samples`` is only an upper bound)."""
     from . import __version__
 
     recipe = recipe_of(model.config)
@@ -137,7 +146,7 @@ def build_card(
     return ModelCard.from_template(
         card_data, template_path=str(template_path()), model_name=name, base_model=base_model, hf_wsvd_version=__version__,
         method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if recipe["method"] != "svd" else None,
-        importance_data=(f"`{importance_data}` ({recipe.get('num_samples')} examples)" if importance_data else "none"),
+        importance_data=_importance_data(importance_data, importance_examples, recipe),
         param_ratio=recipe["param_ratio"], params_after=f"{now:,}", params_before=f"{dense:,}",
         kept_percent=f"{100 * now / dense:.1f}%", num_layers=len(summarize(model)), eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .solvers import SOLVERS
@@ -40,7 +41,7 @@ def _speed_limit(text: str) -> float | dict[str, float]:
     """A kept-ratio number, or a JSON file with per-shape limits: the ``by_shape`` of a
     ``benchmarks/layer_speed.py --json-out`` measurement, or a plain {"INxOUT": limit} mapping."""
     if not text.lower().endswith(".json"):
-        return _ratio(text)
+        return _fraction(text, "max kept ratio for speed")
     try:
         payload = json.loads(Path(text).read_text())
     except (OSError, ValueError) as error:
@@ -53,16 +54,20 @@ def _speed_limit(text: str) -> float | dict[str, float]:
     return table
 
 
-def _ratio(text: str) -> float:
+def _fraction(text: str, name: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"param ratio {text!r} is not a number")
+        raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(
-            f"param ratio {value} is outside (0, 1]: it is the fraction of each layer's parameters kept"
+            f"{name} {value} is outside (0, 1]: it is a fraction of each layer's parameters kept"
         )
     return value
+
+
+def _ratio(text: str) -> float:
+    return _fraction(text, "param ratio")
 
 
 def _columns(text: str) -> list[str]:
@@ -90,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("model", help="model folder, Hub id, or .gguf file (causal LM or sequence classifier)")
-    c.add_argument("output", help="folder to write the compressed checkpoint to (must not exist or be empty)")
+    c.add_argument("output", help="folder to write the compressed checkpoint to (must not exist or be empty, or be "
+                                  "an earlier hf-wsvd output with --overwrite)")
     c.add_argument("--method", default="fwsvd", choices=sorted(SOLVERS), help="factorization method (default: fwsvd)")
     c.add_argument("--param-ratio", type=_ratio, default=0.5,
                    help="fraction of each target layer's parameters that is KEPT, in (0, 1] (default: 0.5)")
@@ -146,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep dense every layer whose rank would keep more than this fraction of its weights "
                         "(no faster factorized): a number, or the JSON of benchmarks/layer_speed.py --json-out "
                         "for per-shape limits (default: none)")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (only once compression succeeded)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-wsvd output in OUTPUT (atomically, once compression succeeded)")
 
     i = commands.add_parser("inspect", help="print per-layer ranks and parameter counts of a compressed checkpoint",
                             epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +166,8 @@ def _compress(args: argparse.Namespace) -> None:
     from . import compress
     from .config import WSVDConfig
     from .solvers import solver_for
-    from .commands import card_evaluation, check_data, check_output, staged_output, write_compress_card
+    from .commands import card_evaluation, check_data, write_compress_card
+    from .output import check_output, staged_output
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     check_output(args.model, args.output, args.overwrite)
@@ -188,10 +196,10 @@ def _compress(args: argparse.Namespace) -> None:
     if save_dtype is not None:
         model.to(save_dtype)
 
-    with staged_output(args.output) as staging:
+    with staged_output(args.output, "compress") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_compress_card(staging, model, args, evaluation)
+        write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
     print(
         f"compressed {len(report.ranks)} layers with {report.method} (kept ratio {report.param_ratio}): "
         f"{report.params_before:,} -> {report.params_after:,} parameters; saved to {args.output}"
@@ -224,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
          "push": run_push}[args.command](args)
-    except (ValueError, OSError, KeyError) as error:
+    # FloatingPointError: non-finite factors (a NaN weight); LinAlgError: a decomposition that did
+    # not converge (huge weights): both name the layer, so they are input errors, not crashes.
+    except (ValueError, OSError, KeyError, FloatingPointError, torch.linalg.LinAlgError, np.linalg.LinAlgError) as error:
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        if isinstance(error, (torch.linalg.LinAlgError, np.linalg.LinAlgError)):
+            message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -4,13 +4,9 @@ and the model-card step of ``compress``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import shutil
-import tempfile
-from typing import Iterator
 
 EVAL_EXAMPLES = """examples:
   hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
@@ -27,30 +23,15 @@ PUSH_EXAMPLES = """examples:
 """
 
 
-def check_output(source: str, output: str, overwrite: bool) -> None:
-    """Refuse an OUTPUT folder that would lose something: the input itself, or a non-empty folder
-    without ``--overwrite``."""
-    if os.path.exists(source) and os.path.exists(output) and os.path.samefile(source, output):
-        raise ValueError(f"output folder {output!r} is the input checkpoint; choose another folder")
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise ValueError(f"output folder {output!r} is not empty; choose another or pass --overwrite")
-
-
-@contextlib.contextmanager
-def staged_output(output: str) -> Iterator[str]:
-    """A fresh folder next to ``output`` to write into; moved onto ``output`` (replacing it) only
-    when the block succeeds, so a failure leaves ``output`` untouched."""
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".hf-wsvd-", dir=parent)
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
     try:
-        yield staging
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def _formatter() -> dict:
@@ -72,18 +53,20 @@ def add_commands(commands, columns) -> None:
     e.add_argument("path", help="model folder (compressed or dense) or Hub id")
     e.add_argument("--data", required=True, help="TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder")
     add_data_arguments(e, columns)
-    e.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")
-    e.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
-    e.add_argument("--num-samples", type=int, help="evaluate the first N rows/blocks only (default: all)")
+    e.add_argument("--max-length", type=positive_int, default=128, help="token truncation / block length (default: 128)")
+    e.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size (default: 32)")
+    e.add_argument("--num-samples", type=positive_int, help="evaluate the first N rows/blocks only (default: all)")
 
     x = commands.add_parser("export", help="merge the factors back into a stock dense checkpoint", epilog=EXPORT_EXAMPLES,
                             description="Writes a checkpoint of the base architecture (stock model_type, no "
                                         "custom code) that stock transformers loads with the same outputs.",
                             **_formatter())
     x.add_argument("path", help="compressed checkpoint folder")
-    x.add_argument("output", help="folder to write the dense checkpoint to (must not exist or be empty)")
+    x.add_argument("output", help="folder to write the dense checkpoint to (must not exist or be empty, or be an "
+                                  "earlier hf-wsvd output with --overwrite)")
     x.add_argument("--dense", action="store_true", required=True, help="export as a dense checkpoint (the only format)")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-wsvd output in OUTPUT (atomically, once the export succeeded)")
 
     p = commands.add_parser("push", help="upload a compressed checkpoint folder and its model card to the Hub",
                             epilog=PUSH_EXAMPLES, **_formatter())
@@ -124,19 +107,23 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     from .export import export_dense
+    from .output import check_output, staged_output
 
     if not os.path.isdir(args.path):
         raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
     check_output(args.path, args.output, args.overwrite)
-    with staged_output(args.output) as staging:
+    with staged_output(args.output, "export") as staging:
         model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"model_type={model.config.model_type}) to {args.output}")
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .hub import push
+    from .hub import check_folder, push
 
+    skipped = check_folder(args.path).skipped
+    if skipped:
+        print(f"not uploading {', '.join(skipped)}: not checkpoint files")
     url = push(args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message, token=args.token)
     print(f"pushed {args.path} to {args.repo_id}: {url}")
 
@@ -152,11 +139,12 @@ def card_evaluation(model, tokenizer, args: argparse.Namespace):
                       split=args.eval_split or "validation")
 
 
-def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None) -> None:
-    """After ``compress``: write README.md (recipe, ranks, ``evaluation``, the command) and the rank
-    plot into ``folder``."""
+def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None,
+                        importance_examples: int | None = None) -> None:
+    """After ``compress``: write README.md (recipe, ranks, ``evaluation``, the command, the number
+    of importance examples used) and the rank plot into ``folder``."""
     from .card import write_card
 
     command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
     write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
-               evaluation=evaluation, repo_id=getattr(args, "repo_id", None))
+               evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples)

@@ -35,6 +35,7 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     Dataset, or of a DatasetDict with ``split`` naming the split unless it has only one), or a
     TSV/CSV/JSON(L)/text/parquet file."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from datasets.exceptions import DatasetGenerationError
 
     if isinstance(source, Dataset):
         return source
@@ -53,8 +54,20 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     extension = os.path.splitext(path)[1].lower()
     if extension not in _BUILDERS:
         raise ValueError(f"data file {path!r}: unsupported extension {extension!r}; use one of {sorted(_BUILDERS)}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file {path!r} is empty")
     builder, options = _BUILDERS[extension]
-    return load_dataset(builder, data_files={"data": path}, split="data", **options)
+    try:
+        table = load_dataset(builder, data_files={"data": path}, split="data", **options)
+    # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
+    # header and no rows is a ValueError.
+    except (DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        detail = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
+    if len(table) == 0:
+        raise ValueError(f"data file {path!r} holds no rows")
+    return table
 
 
 def resolve_columns(

@@ -65,6 +65,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = F
     macro) and Matthews correlation for classifiers; Pearson and Spearman correlation for
     regressors; perplexity for causal LMs."""
     task = task_of(model)
+    if len(loader) == 0:
+        raise ValueError("no examples to evaluate: the data holds no rows (or no full block of max_length tokens)")
     if task == CAUSAL_LM:
         return {"perplexity": perplexity(model, loader, show_progress)}
     logits, labels = _logits(model, loader, show_progress)

@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+from dataclasses import dataclass
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
+from .card import PLOT_FILE
 from .runtime import modeling_wsvd
 from .runtime.modeling_wsvd import MODEL_TYPE
 
 # files every pushed hf_wsvd checkpoint needs for both loading paths (hf_wsvd / trust_remote_code):
 # every code file of the runtime package, which save_pretrained copies into the checkpoint
-RUNTIME_FILES = tuple(sorted(f for f in os.listdir(os.path.dirname(modeling_wsvd.__file__))
-                             if f.endswith(".py") and f != "__init__.py"))
+RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
+RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
 REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
+# What a checkpoint folder may hold besides the runtime files: weights, configs, tokenizer, card
+# and rank plot. Nothing else is uploaded (no dotfiles such as .env, no stray notes).
+CHECKPOINT_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "README.md", PLOT_FILE,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
-def check_folder(folder: str | os.PathLike) -> list[str]:
-    """The files of a checkpoint folder that :func:`push` uploads; raises if one it needs is missing."""
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is a file a checkpoint folder holds (weights, config, tokenizer, card, plot,
+    runtime code); dotfiles never are."""
+    return not name.startswith(".") and (
+        name in RUNTIME_FILES or any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_PATTERNS))
+
+
+@dataclass
+class UploadPlan:
+    """The files :func:`push` uploads from a folder, and the ones it leaves out."""
+
+    files: list[str]
+    skipped: list[str]
+
+
+def check_runtime_files(folder: str) -> None:
+    """Refuse code files that differ from the installed package's ``hf_wsvd/runtime`` (edited after
+    saving, or written by another version): a pushed checkpoint runs that code."""
+    for name in RUNTIME_FILES:
+        with open(os.path.join(folder, name), "rb") as saved, open(os.path.join(RUNTIME_DIR, name), "rb") as installed:
+            if saved.read() != installed.read():
+                raise ValueError(
+                    f"{os.path.join(folder, name)} differs from the installed hf_wsvd/runtime/{name}: re-save the "
+                    "checkpoint with this hf_wsvd (from_pretrained + save_pretrained) before pushing")
+
+
+def check_folder(folder: str | os.PathLike) -> UploadPlan:
+    """What :func:`push` uploads from a checkpoint folder (an allow-list); raises if a file it needs
+    is missing or a code file is not the installed runtime's."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
-    files = sorted(os.listdir(folder))
-    missing = [f for f in REQUIRED_FILES if f not in files]
+    entries = sorted(os.listdir(folder))
+    missing = [f for f in REQUIRED_FILES if f not in entries]
     if missing:
         hint = " (write the card with hf-wsvd compress, or hf_wsvd.card.write_card)" if "README.md" in missing else ""
         raise ValueError(f"{folder} lacks {', '.join(missing)}: not a complete hf_wsvd checkpoint{hint}")
@@ -31,9 +69,11 @@ def check_folder(folder: str | os.PathLike) -> list[str]:
         model_type = json.load(handle).get("model_type")
     if model_type != MODEL_TYPE:
         raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
-    if not any(f.endswith(".safetensors") for f in files):
+    if not any(f.endswith(".safetensors") for f in entries):
         raise ValueError(f"{folder} holds no .safetensors weights")
-    return files
+    check_runtime_files(folder)
+    files = [f for f in entries if is_checkpoint_file(f) and os.path.isfile(os.path.join(folder, f))]
+    return UploadPlan(files, [f for f in entries if f not in files])
 
 
 def push(
@@ -44,15 +84,16 @@ def push(
     commit_message: str | None = None,
     token: str | None = None,
 ) -> str:
-    """Create ``repo_id`` (if needed) and upload every file of the checkpoint ``folder`` (weights,
-    config, code, tokenizer, card, plot) in one commit; returns the commit URL. ``api`` defaults to
+    """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
+    verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit; returns the
+    commit URL. ``api`` defaults to
     ``HfApi(token=token)``; only its ``create_repo`` and ``create_commit`` are used, so tests can
     substitute them."""
     folder = os.fspath(folder)
-    files = check_folder(folder)
+    plan = check_folder(folder)
     ModelCard.load(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-                  for name in files if os.path.isfile(os.path.join(folder, name))]
+                  for name in plan.files]
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",

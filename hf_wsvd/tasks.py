@@ -60,6 +60,11 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
     """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
     read from ``config.architectures`` unless ``task`` is given."""
     config = AutoConfig.from_pretrained(path, **kwargs)
+    if getattr(config, "wsvd", None) is not None and config.model_type != "hf_wsvd":
+        # A factorized checkpoint whose model_type was edited back: the stock class would load it
+        # with random weights where the factors are (transformers only warns).
+        raise ValueError(f"{path}: config.json records an hf_wsvd recipe but model_type={config.model_type!r}; "
+                         "restore \"model_type\": \"hf_wsvd\"")
     architectures = config.architectures or []
     tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
     if not tasks:
@@ -77,6 +82,9 @@ def per_example_loss(task: str) -> LossFn:
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "labels" not in batch:
+            raise ValueError(f"importance batches need 'labels' (the task loss reads them); this batch has "
+                             f"{sorted(batch)}: build it with hf_wsvd.workflow.data_loader or add labels")
         logits = model(**inputs).logits.float()
         labels = batch["labels"]
         if task == CLASSIFICATION:

@@ -18,12 +18,22 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 
+def is_local_path(path: str) -> bool:
+    """Whether ``path`` can only mean a local folder, not a Hub id (``user/name``): it starts with
+    ``/``, ``.`` or ``~``, has more than one separator, or its first part is a local folder."""
+    separators = path.count(os.sep) + (path.count(os.altsep) if os.altsep else 0)
+    return path.startswith((os.sep, ".", "~")) or separators > 1 or (separators == 1 and os.path.isdir(os.path.dirname(path)))
+
+
 def _source(path: str) -> tuple[str, dict]:
-    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file."""
+    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file. A local path that
+    does not exist fails at once (rather than after a Hub lookup)."""
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {path!r} does not exist")
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    if not os.path.isdir(path) and is_local_path(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
     return path, {}
 
 
@@ -37,8 +47,6 @@ def load_model_and_tokenizer(path: str, **kwargs) -> tuple[PreTrainedModel, PreT
     """Load a causal LM or sequence classifier (its Auto class read from the config) and its
     tokenizer, from a folder, a Hub id or a ``.gguf`` file."""
     location, extra = _source(path)
-    if not extra and not os.path.isdir(location) and os.path.sep in location:
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
     if extra:
         # transformers reads only decoder LMs from GGUF and records no architectures for them.
         model = load_task_model(location, task=CAUSAL_LM, **extra, **kwargs)

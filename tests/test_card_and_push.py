@@ -80,7 +80,7 @@ def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monk
     assert "folder://user/tiny-fwsvd" in capsys.readouterr().out
     assert api.repos == [("user/tiny-fwsvd", {"private": True, "exist_ok": True, "repo_type": "model"})]
     (uploaded,) = api.commits
-    local = sorted(p.name for p in out.iterdir())
+    local = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert sorted(uploaded) == local and api.messages[0]
     assert {"README.md", "rank_per_layer.png", "config.json", "model.safetensors", "modeling_wsvd.py",
             "factorized_linear.py", "tokenizer.json"} <= set(uploaded)

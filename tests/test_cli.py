@@ -116,12 +116,20 @@ def test_existing_output_is_never_overwritten_without_consent(tmp_path, classifi
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("user data")
-    assert main(["compress", str(classifier_dir), str(out), "--data", str(tsv)]) == 2
-    assert "not empty" in capsys.readouterr().err
-    # A failing run with --overwrite leaves the folder as it was.
+    # A folder hf-wsvd did not write is refused, --overwrite or not.
+    for extra in [[], ["--overwrite"]]:
+        assert main(["compress", str(classifier_dir), str(out), "--data", str(tsv), *extra]) == 2
+        assert "did not write (mine.txt)" in capsys.readouterr().err
+        assert (out / "mine.txt").read_text() == "user data"
+    # An earlier hf-wsvd output needs --overwrite, and a failing run with it leaves it as it was.
+    (out / "mine.txt").unlink()
+    assert main(["compress", str(classifier_dir), str(out), "--method", "svd"]) == 0
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["compress", str(classifier_dir), str(out), "--method", "svd"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
     assert main(["compress", str(classifier_dir), str(out), "--data", str(tsv), "--text-columns", "x",
                  "--overwrite"]) == 2
-    assert (out / "mine.txt").read_text() == "user data"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
 
 

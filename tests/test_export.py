@@ -87,15 +87,15 @@ def test_export_command(tmp_path, tokenizer, capsys):
     # exporting onto the input is refused, --overwrite or not: it would lose the checkpoint
     factorized = sorted(p.name for p in (tmp_path / "factorized").iterdir())
     assert main(["export", str(tmp_path / "factorized"), str(tmp_path / "factorized"), "--dense", "--overwrite"]) == 2
-    assert "is the input checkpoint" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "factorized").iterdir()) == factorized
     # a failing export with --overwrite (the input is the dense export, not a factorized
-    # checkpoint) leaves the existing output as it was
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    # checkpoint) leaves the existing output (an earlier dense export) as it was
+    assert main(["export", str(tmp_path / "factorized"), str(tmp_path / "mine"), "--dense"]) == 0
+    mine = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
     assert main(["export", str(out), str(tmp_path / "mine"), "--dense", "--overwrite"]) == 2
     capsys.readouterr()
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "user data"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == mine
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
 
 

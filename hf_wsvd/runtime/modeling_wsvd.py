@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -121,12 +122,75 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int]) -> None:
             continue
         model.set_submodule(name, empty_factorized(module, int(ranks[key])))
     tie_to_factorized_embeddings(model)
-    if ranks and not matched:
-        some = ", ".join(sorted(ranks)[:3])
+    # A name whose top-level part this class lacks belongs to a head of another class (loading a
+    # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
+    # another architecture.
+    roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
+    unknown = sorted(name for name in set(ranks) - matched if name.split(".")[0] in roots)
+    if unknown or (ranks and not matched):
+        name = (unknown or sorted(ranks))[0]
         raise ValueError(
-            f"none of the factorized modules recorded in the config ({some}, ...) exists in "
-            f"{type(model).__name__}: the checkpoint does not belong to this architecture"
+            f"config.json {RECIPE_KEY}['ranks'] names {name!r}, which is no module of {type(model).__name__}: "
+            "the config was edited or belongs to another architecture"
         )
+
+
+def check_recipe(config: PreTrainedConfig) -> dict[str, int]:
+    """The ``ranks`` of a factorized config after a minimal check of its recipe and base type (this
+    file cannot import hf_wsvd's full recipe validation): ranks a non-empty name → positive int
+    map, ``method`` a string, ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config
+    class's base."""
+    recipe = getattr(config, RECIPE_KEY, None)
+    where = f"config.json {RECIPE_KEY!r}"
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
+    ranks = recipe.get("ranks")
+    if not isinstance(ranks, dict) or not ranks:
+        raise ValueError(f"{where}['ranks'] must map each factorized module to its rank; got {ranks!r}")
+    for name, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}['ranks'][{name!r}]={rank!r} is not a positive integer")
+    if not isinstance(recipe.get("method"), str):
+        raise ValueError(f"{where}['method']={recipe.get('method')!r} is not a method name")
+    ratio = recipe.get("param_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{where}['param_ratio']={ratio!r} is not a kept fraction in (0, 1]")
+    base = getattr(type(config), "_wsvd_base", None)
+    recorded = getattr(config, BASE_TYPE_KEY, None)
+    if base is not None and recorded != base.model_type:
+        raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
+                         f"({type(config).__name__}, model type {base.model_type!r})")
+    return ranks
+
+
+FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
+
+
+def check_loaded(model: PreTrainedModel, info: dict) -> None:
+    """After ``from_pretrained``: raise unless every factorized module got each of its tensors from
+    the file at the right shape, no tensor in the file for a module of this class went unused (the
+    factors of a module the recipe does not list), and every factor is finite. ``info`` is the
+    ``output_loading_info`` dict."""
+    factorized = {name: m for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
+    owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
+    missing = sorted(k for k in info["missing_keys"] if k in owned)
+    mismatched = sorted(k[0] for k in info["mismatched_keys"] if k[0] in owned)
+    if missing or mismatched:
+        key = (missing or mismatched)[0]
+        problem = "is missing from" if missing else "has the wrong shape in"
+        raise ValueError(f"the factor {key!r} {problem} the checkpoint's weights ({len(missing) + len(mismatched)} "
+                         "factor tensors affected): the file is damaged or belongs to another recipe")
+    modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
+    for key in sorted(info["unexpected_keys"]):
+        parts = relative_module_name(model, key).split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if owner is not None:
+            raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
+                             f"in config.json {RECIPE_KEY}['ranks'] (edited, or another checkpoint's config)")
+    for name, module in factorized.items():
+        for pname, tensor in module.named_parameters():
+            if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -154,17 +218,19 @@ class _WsvdConfigMixin:
 
 
 class _WsvdModelMixin:
-    """Factorizes the modules listed in the config before the stock ``post_init``."""
+    """Factorizes the modules listed in the config before the stock ``post_init``, and checks after
+    loading that the file filled every factor (see :func:`check_loaded`)."""
 
     def post_init(self) -> None:
-        recipe = getattr(self.config, RECIPE_KEY, None)
-        if not isinstance(recipe, dict) or "ranks" not in recipe:
-            raise ValueError(
-                f"{type(self).__name__} needs config.{RECIPE_KEY}['ranks'] (the factorized modules "
-                f"and their ranks); this config has {RECIPE_KEY}={recipe!r}"
-            )
-        factorize_modules(self, recipe["ranks"])
+        factorize_modules(self, check_recipe(self.config))
         super().post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded(model, info)
+        return (model, info) if wants_info else model
 
 
 def wsvd_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:

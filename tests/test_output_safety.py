@@ -1,0 +1,264 @@
+"""Misuse of the CLI: outputs that would lose user files, killed --overwrite runs, pushes of stray
+files, and bad input reported as one line (exit 2) naming the value."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import tiny
+from helpers import FolderHub
+from hf_wsvd import WSVDConfig, compress, hub
+from hf_wsvd.cli import main
+from hf_wsvd.output import MARKER, check_output
+
+ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0)]
+
+
+def run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def one_error(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("hf-wsvd") and len(errors[0]) < 400, errors
+    return errors[0]
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project(tmp_path, tokenizer):
+    """proj/models/tiny (a dense classifier), proj/notes.txt and proj/train.tsv."""
+    root = tmp_path / "proj"
+    tiny.build("bert").save_pretrained(root / "models" / "tiny")
+    tokenizer.save_pretrained(root / "models" / "tiny")
+    (root / "notes.txt").write_text("mine")
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
+    return root
+
+
+def _checkpoint(path, seed: int = 0) -> None:
+    model, _ = compress(tiny.build("bert", seed=seed), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("output, overwrite, message", [
+    (".", True, "contains the input"),  # also the current directory
+    ("models", True, "contains the input"),
+    ("models/tiny", True, "is the input"),
+    ("models/tiny/out", False, "lies inside the input"),
+    ("..", True, "contains the input"),
+])
+def test_output_that_would_lose_the_input_or_the_cwd_is_refused(project, monkeypatch, capsys, output, overwrite, message):
+    monkeypatch.chdir(project)
+    before = snapshot(project)
+    argv = ["compress", "models/tiny", output, "--method", "svd", *(["--overwrite"] if overwrite else [])]
+    assert run(argv) == 2
+    assert message in one_error(capsys)
+    assert snapshot(project) == before
+
+
+def test_output_that_is_the_current_directory_is_refused(project, monkeypatch, capsys):
+    _checkpoint(project / "ckpt")
+    monkeypatch.chdir(project / "models")
+    before = snapshot(project)
+    assert run(["export", str(project / "ckpt"), ".", "--dense", "--overwrite"]) == 2
+    assert "is the current directory" in one_error(capsys)
+    assert snapshot(project) == before
+
+
+def test_file_or_unwritable_output_is_refused_before_any_work(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("hf_wsvd.workflow.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
+    assert run(["compress", "models/tiny", "notes.txt", "--method", "svd"]) == 2
+    assert "'notes.txt' is a file" in one_error(capsys)
+    assert run(["compress", "models/tiny", "notes.txt/out", "--method", "svd"]) == 2
+    assert "is a file" in one_error(capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        (project / "locked").mkdir(mode=0o500)
+        assert run(["compress", "models/tiny", "locked/out", "--method", "svd"]) == 2
+        assert "is not writable" in one_error(capsys)
+
+
+def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert run(["compress", "models/tiny", "out/a", "--method", "svd"]) == 0
+    mode = os.stat(project / "out" / "a").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask
+    assert (project / "out" / "a" / MARKER).is_file()
+    # an hf-wsvd output with a file the user added is not replaced
+    (project / "out" / "a" / "my-notes.md").write_text("mine")
+    assert run(["compress", "models/tiny", "out/a", "--method", "svd", "--overwrite"]) == 2
+    assert "did not write (my-notes.md)" in one_error(capsys)
+    (project / "out" / "a" / "my-notes.md").unlink()
+    # a dense export is recognized as an hf-wsvd output too
+    assert run(["export", "out/a", "out/dense", "--dense"]) == 0
+    assert run(["export", "out/a", "out/dense", "--dense", "--overwrite"]) == 0
+    # a save_pretrained checkpoint without the marker is recognized by its model_type and files
+    _checkpoint(project / "out" / "api")
+    assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 0
+    assert (project / "out" / "api" / "config.json").read_text().count('"model_type": "bert"') == 1
+    assert [p.name for p in (project / "out").iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
+KILL_AFTER_ASIDE = """
+import os, signal, sys
+from hf_wsvd.cli import main
+
+output, real_replace = os.path.abspath(sys.argv[2]), os.replace
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if os.path.abspath(src) == output:  # the old output has just been renamed aside
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+main(["export", sys.argv[1], sys.argv[2], "--dense", "--overwrite"])
+"""
+
+
+def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys):
+    _checkpoint(tmp_path / "a", seed=0)
+    _checkpoint(tmp_path / "b", seed=1)
+    out = tmp_path / "dense"
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense"]) == 0
+    old = snapshot(out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_ASIDE, str(tmp_path / "b"), str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # killed between the two renames: the old output is complete beside OUTPUT, the new one too
+    assert not out.exists()
+    leftovers = {p.name.split("-")[4]: p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")}
+    assert sorted(leftovers) == ["new", "old"] and snapshot(leftovers["old"]) == old
+    # the next run for OUTPUT puts the old output back and removes the leftovers
+    check_output(str(tmp_path / "b"), str(out), overwrite=True)
+    assert snapshot(out) == old
+    assert "restored" in capsys.readouterr().err
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+    assert main(["export", str(tmp_path / "b"), str(out), "--dense", "--overwrite"]) == 0
+    assert snapshot(out) != old and set(snapshot(out)) == set(old)
+
+
+def test_stale_staging_folders_are_cleaned_and_live_ones_kept(tmp_path):
+    _checkpoint(tmp_path / "a")
+    out = tmp_path / "dense"
+    main(["export", str(tmp_path / "a"), str(out), "--dense"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from hf_wsvd.output import _target_id
+
+    target = _target_id(str(out))
+    stale = [tmp_path / f".hf-wsvd-{dead.pid}-ab12-{kind}-{target}" for kind in ("new", "old")]
+    live = tmp_path / f".hf-wsvd-{os.getppid()}-cd34-new-{target}"  # the parent process is alive
+    other = tmp_path / f".hf-wsvd-{dead.pid}-ef56-new-{_target_id(str(tmp_path / 'elsewhere'))}"
+    for folder in [*stale, live, other]:
+        folder.mkdir()
+    check_output(str(tmp_path / "a"), str(out), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == sorted([live.name, other.name])
+    assert (out / "config.json").is_file()  # OUTPUT existed: the stale "old" folder was deleted, not restored
+
+
+def test_push_uploads_an_allow_list_and_verifies_the_code(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ckpt"
+    _checkpoint(out)
+    ModelCard("---\nlibrary_name: transformers\n---\n# card").save(out / "README.md")
+    (out / ".env").write_text("HF_TOKEN=secret")
+    (out / "notes.txt").write_text("private")
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    assert main(["push", str(out), "user/x"]) == 0
+    assert "not uploading .env, notes.txt" in capsys.readouterr().out
+    (uploaded,) = api.commits
+    assert ".env" not in uploaded and "notes.txt" not in uploaded
+    assert {"config.json", "model.safetensors", "modeling_wsvd.py", "README.md"} <= set(uploaded)
+    with open(out / "factorized_linear.py", "a") as handle:
+        handle.write("\n# edited after saving\n")
+    assert main(["push", str(out), "user/x"]) == 2
+    assert "factorized_linear.py differs from the installed hf_wsvd/runtime/factorized_linear.py" in one_error(capsys)
+    assert len(api.commits) == 1
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (bytes(range(256)) * 8, "cannot be read as tsv")])
+def test_empty_or_binary_data_file(project, capsys, content, message):
+    (project / "bad.tsv").write_bytes(content)
+    assert run(["compress", str(project / "models" / "tiny"), str(project / "out"), "--data", str(project / "bad.tsv")]) == 2
+    error = one_error(capsys)
+    assert message in error and "bad.tsv" in error
+
+
+def test_nan_weight_names_the_layer(project, capsys):
+    model = tiny.build("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
+    model.save_pretrained(project / "nan")
+    tiny.tokenizer().save_pretrained(project / "nan")
+    assert run(["compress", str(project / "nan"), str(project / "out"), "--method", "svd"]) == 2
+    assert "non-finite factors for 'encoder.layer.1.output.dense'" in one_error(capsys)
+    assert not (project / "out").exists()
+
+
+def test_batches_without_labels_through_the_api():
+    model = tiny.build("bert")
+    batch = {k: v for k, v in tiny.inputs("bert").items()}
+    with pytest.raises(ValueError, match="need 'labels'"):
+        compress(model, WSVDConfig(method="fwsvd", param_ratio=0.5), [batch], show_progress=False)
+
+
+def test_mistyped_local_model_path_fails_at_once(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    for path in ["./models/tinyy", "models/tinyy", "../proj/models/tinyy"]:
+        start = time.monotonic()
+        assert run(["compress", path, "out", "--method", "svd"]) == 2
+        assert time.monotonic() - start < 5
+        assert f"model folder {path!r} does not exist" in one_error(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "M", "--data", "D", "--num-samples", "0"], "argument --num-samples: 0 is not a positive integer"),
+    (["compress", "M", "O", "--max-kept-ratio-for-speed", "2"], "max kept ratio for speed 2.0 is outside (0, 1]"),
+])
+def test_bad_numbers_are_named(capsys, argv, message):
+    assert run(argv) == 2
+    assert message in one_error(capsys)
+
+
+def test_eval_of_an_empty_split_is_one_line(project, capsys):
+    (project / "header.tsv").write_text("sentence\tlabel\n")
+    assert run(["eval", str(project / "models" / "tiny"), "--data", str(project / "header.tsv")]) == 2
+    error = one_error(capsys)
+    assert "header.tsv" in error and "cannot be read as tsv" in error
+
+
+def test_card_states_the_examples_actually_used(project):
+    out = project / "out"
+    assert main(["compress", str(project / "models" / "tiny"), str(out), "--data", str(project / "train.tsv"),
+                 "--num-samples", "512"]) == 0
+    text = (out / "README.md").read_text()
+    assert f"train.tsv` ({len(ROWS)} examples)" in text and "512 examples" not in text
+
+
+def test_huge_weights_with_lp_are_one_line(project, capsys):
+    model = tiny.build("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = 3e38
+    model.save_pretrained(project / "huge")
+    tiny.tokenizer().save_pretrained(project / "huge")
+    assert run(["compress", str(project / "huge"), str(project / "out"), "--method", "lp"]) == 2
+    error = one_error(capsys)
+    assert "decomposition failed" in error or "NaN or inf" in error, error

@@ -1,0 +1,169 @@
+"""Damaged or edited factorized checkpoints never load as a model with random weights: each case
+builds a checkpoint, edits it, and expects a clear error, with hf_wsvd and through the saved code."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import tiny
+from helpers import run_without_hf_wsvd
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.cli import main
+
+QUERY = "encoder.layer.0.attention.self.query"
+AUTO = transformers.AutoModelForSequenceClassification
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer):
+    path = tmp_path / "ckpt"
+    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def edit_config(path, change) -> None:
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(path, change) -> None:
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _rename(ranks: dict) -> None:
+    ranks[QUERY.replace("query", "querx")] = ranks.pop(QUERY)
+
+
+def _set_nan(tensors: dict) -> None:
+    tensors[f"bert.{QUERY}.down.weight"][0, 0] = float("nan")
+
+
+def _set_inf(tensors: dict) -> None:
+    tensors[f"bert.{QUERY}.up.weight"][1, 0] = float("inf")
+
+
+# (case, config edit, weights edit, message with hf_wsvd, message through the saved code)
+CASES = [
+    ("empty ranks", lambda c: c["wsvd"].update(ranks={}), None, r"\['ranks'\] must map", r"\['ranks'\] must map"),
+    ("module dropped from ranks", lambda c: c["wsvd"]["ranks"].pop(QUERY), None,
+     f"module '{QUERY}' is not factorized", f"module '{QUERY}' is not factorized"),
+    ("module renamed in ranks", lambda c: _rename(c["wsvd"]["ranks"]), None, "names '.*querx'", "names '.*querx'"),
+    ("base type of another architecture", lambda c: c.update(wsvd_base_model_type="gpt2"), None,
+     "'gpt2' does not match its architecture", "'gpt2' does not match the checkpoint's architecture"),
+    ("base type hf_wsvd", lambda c: c.update(wsvd_base_model_type="hf_wsvd"), None,
+     "not hf_wsvd itself", "'hf_wsvd' does not match"),
+    ("base type missing", lambda c: c.pop("wsvd_base_model_type"), None,
+     "lacks wsvd_base_model_type", "None does not match"),
+    ("bogus method", lambda c: c["wsvd"].update(method="bogus"), None, "'bogus' is not one of", None),
+    ("method not a string", lambda c: c["wsvd"].update(method=3), None, "method'\\]=3", "method'\\]=3"),
+    ("param_ratio 7", lambda c: c["wsvd"].update(param_ratio=7), None, "param_ratio'\\]=7", "param_ratio'\\]=7"),
+    ("fractional rank", lambda c: c["wsvd"]["ranks"].update({QUERY: 8.5}), None,
+     "=8.5 is not a positive integer", "=8.5 is not a positive integer"),
+    ("string rank", lambda c: c["wsvd"]["ranks"].update({QUERY: "8"}), None,
+     "='8' is not a positive integer", "='8' is not a positive integer"),
+    ("factor missing from the file", None, lambda t: t.pop(f"bert.{QUERY}.down.weight"),
+     "down.weight' is missing", "down.weight' is missing"),
+    ("NaN factor", None, _set_nan, "NaN or infinite", "NaN or infinite"),
+    ("inf factor", None, _set_inf, "NaN or infinite", "NaN or infinite"),
+]
+
+
+def _damage(path, config_edit, weights_edit) -> None:
+    if config_edit:
+        edit_config(path, config_edit)
+    if weights_edit:
+        edit_weights(path, weights_edit)
+
+
+@pytest.mark.parametrize("case, config_edit, weights_edit, message, _", CASES, ids=[c[0] for c in CASES])
+def test_damaged_checkpoint_fails_clearly_with_hf_wsvd(checkpoint, case, config_edit, weights_edit, message, _, capsys):
+    before = AUTO.from_pretrained(checkpoint)  # the undamaged checkpoint loads
+    assert before.config.model_type == "hf_wsvd"
+    _damage(checkpoint, config_edit, weights_edit)
+    with pytest.raises(ValueError, match=message):
+        AUTO.from_pretrained(checkpoint)
+    # the CLI's loaders report it as the one-line exit-2 error
+    assert main(["inspect", str(checkpoint)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("hf-wsvd inspect: error:"), errors
+    assert re.search(message, errors[0]), errors
+
+
+def test_damaged_checkpoints_fail_clearly_through_the_saved_code(tmp_path, tokenizer):
+    """The same cases in an interpreter without hf_wsvd (trust_remote_code=True). A bogus method
+    name passes there: the saved code cannot know the package's method list."""
+    folders = {}
+    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    for i, (case, config_edit, weights_edit, _, message) in enumerate(CASES):
+        path = tmp_path / f"case{i}"
+        model.save_pretrained(path)
+        _damage(path, config_edit, weights_edit)
+        folders[str(path)] = message
+    result = run_without_hf_wsvd(f"""
+        import re, transformers
+        for path, message in {folders!r}.items():
+            try:
+                transformers.AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+            except ValueError as error:
+                assert message and re.search(message, str(error)), (path, message, str(error))
+                print("refused")
+            else:
+                assert message is None, (path, "loaded")
+                print("loaded")
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["loaded" if c[4] is None else "refused" for c in CASES]
+
+
+def test_model_type_edited_back_to_the_base_type(checkpoint, capsys):
+    """What a hand-edited model_type can and cannot be protected against (README, save/load)."""
+    edit_config(checkpoint, lambda c: c.update(model_type="bert"))
+    # hf_wsvd's own loaders (CLI eval/compress/inspect/export) refuse it ...
+    assert main(["inspect", str(checkpoint)]) == 2
+    assert "not an hf_wsvd checkpoint (model_type='bert')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="records an hf_wsvd recipe but model_type='bert'"):
+        from hf_wsvd.tasks import load_task_model
+
+        load_task_model(str(checkpoint))
+    # ... the stock class only reports the factor tensors as unexpected and the dense weights as
+    # missing (a warning): the report is how to detect it.
+    _, info = AUTO.from_pretrained(checkpoint, output_loading_info=True)
+    assert f"bert.{QUERY}.down.weight" in info["unexpected_keys"]
+    assert f"bert.{QUERY}.weight" in info["missing_keys"]
+    # with trust_remote_code=True, the saved auto_map still rebuilds the factorized model
+    model = AUTO.from_pretrained(checkpoint, trust_remote_code=True)
+    assert type(model).__name__ == "WsvdBertForSequenceClassification"
+
+
+def test_model_type_edited_back_fails_loudly_with_a_factorized_embedding(tmp_path):
+    """A factorized embedding's table (vocab × r) has the dense table's name, so a stock load
+    raises on the shape."""
+    config = WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_ratio=0.5)
+    model, _ = compress(tiny.build("bert"), config, show_progress=False)
+    model.save_pretrained(tmp_path)
+    edit_config(tmp_path, lambda c: c.update(model_type="bert"))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AUTO.from_pretrained(tmp_path)
+
+
+def test_ignore_mismatched_sizes_does_not_hide_wrong_factor_shapes(checkpoint):
+    edit_config(checkpoint, lambda c: c["wsvd"]["ranks"].update({QUERY: c["wsvd"]["ranks"][QUERY] - 1}))
+    with pytest.raises(ValueError, match="down.weight' has the wrong shape"):
+        AUTO.from_pretrained(checkpoint, ignore_mismatched_sizes=True)
+
+
+def test_loading_info_is_still_returned_on_request(checkpoint):
+    model, info = AUTO.from_pretrained(checkpoint, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert torch.isfinite(model.bert.encoder.layer[0].attention.self.query.up.weight).all()
