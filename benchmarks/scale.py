@@ -136,10 +136,10 @@ def table(payloads: list[dict]) -> str:
         sliced = p["layers"] < p["full_layers"]
         rows.append([
             f"Llama {p['shape']} shape" + (f", {p['layers']} of {p['full_layers']} layers" if sliced else ""),
-            p["placement"], p["processes"], f"{p['sequences']}×{p['length']}", f"{p['reduction']:.0%}",
+            p["placement"], p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
             round(p["compress_seconds"], 1),
             f"{per_layer * p['full_layers']:.0f} (extrapolated)" if sliced else "-",
-            " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"]) or "-",
+            " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"] if g is not None) or "-",
             p.get("fisher_rows_max_relative_difference", "-"),
             p["environment"].get("cuda") or "cpu",
         ])

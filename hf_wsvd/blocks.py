@@ -36,8 +36,9 @@ def hooked(module: nn.Module) -> bool:
 
 
 def is_dispatched(model: nn.Module) -> bool:
-    """Whether accelerate placed ``model`` with a ``device_map`` (its hooks move everything)."""
-    return getattr(model, "hf_device_map", None) is not None and hooked(model)
+    """Whether accelerate placed ``model`` or part of it (``device_map``, ``cpu_offload``): its
+    hooks move weights and inputs, so nothing may move the model as a whole."""
+    return hooked(model)
 
 
 def home_device(module: nn.Module) -> torch.device:
@@ -47,14 +48,24 @@ def home_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def execution_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where accelerate's hooks run ``module``: the first execution device among its hooks (a
+    block offloaded with ``cpu_offload`` has it on its layers only), else ``default``."""
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or [hook]:
+            if getattr(part, "execution_device", None) is not None:
+                return torch.device(part.execution_device)
+    return torch.device(default)
+
+
 @contextlib.contextmanager
 def placed(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
     """Run-time placement of ``block``: yields the device its inputs should be on. A block kept in
     CPU memory moves to ``device`` for the duration and back after; a dispatched block stays
     under its hook; any other block runs where its weights are."""
     if hooked(block):
-        hook = getattr(block, "_hf_hook", None)
-        yield torch.device(getattr(hook, "execution_device", None) or home_device(block))
+        yield execution_device(block, device)
         return
     home = home_device(block)
     if home.type != "cpu" or torch.device(device).type == "cpu":
@@ -143,7 +154,6 @@ def outside_blocks_on(model: nn.Module, prefix: str, device: torch.device) -> It
 def input_device(model: nn.Module, device: torch.device) -> torch.device:
     """Where a model's input ids go: the input embeddings' execution device."""
     embeddings = model.get_input_embeddings()
-    hook = getattr(embeddings, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    return home_device(embeddings) if is_dispatched(model) else torch.device(device)
+    if not is_dispatched(model):
+        return torch.device(device)
+    return execution_device(embeddings, home_device(embeddings)) if hooked(embeddings) else home_device(embeddings)

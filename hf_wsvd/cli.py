@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep dense every layer whose rank would keep more than this fraction of its weights "
                         "(no faster factorized): a number, or the JSON of benchmarks/layer_speed.py --json-out "
                         "for per-shape limits (default: none)")
+    c.add_argument("--device-map", choices=["auto"],
+                   help="auto: load the model dispatched by accelerate over every GPU (and CPU memory past them), "
+                        "for models larger than one GPU; each block is computed where it lives (default: the "
+                        "model in CPU memory, moved to the GPU, or one block at a time with --sequential)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an earlier hf-wsvd output in OUTPUT (atomically, once compression succeeded)")
 
@@ -168,6 +172,7 @@ def _compress(args: argparse.Namespace) -> None:
     from .solvers import solver_for
     from .commands import card_evaluation, check_data, write_compress_card
     from .output import check_output, staged_output
+    from .statistics import default_accelerator
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     check_output(args.model, args.output, args.overwrite)
@@ -188,10 +193,17 @@ def _compress(args: argparse.Namespace) -> None:
     check_data(args.eval_data)
     save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
     # Statistics and decompositions run in float32 whatever the checkpoint stores.
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    placement = {"device_map": args.device_map} if args.device_map else {}
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
     loader = (data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column, split=args.split)
               if args.data else None)
-    model, report = compress(model, config, loader)
+    # Under torchrun / accelerate launch every process takes its share of the data and ends with
+    # the same model; process 0 alone evaluates and writes.
+    accelerator = default_accelerator()
+    model, report = compress(model, config, loader, accelerator=accelerator,
+                             show_progress=accelerator.is_main_process)
+    if not accelerator.is_main_process:
+        return
     evaluation = card_evaluation(model, tokenizer, args)  # in float32, before the dtype change
     if save_dtype is not None:
         model.to(save_dtype)
@@ -201,7 +213,8 @@ def _compress(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(staging)
         write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
     print(
-        f"compressed {len(report.ranks)} layers with {report.method} (kept ratio {report.param_ratio}): "
+        f"compressed {len(report.ranks)} layers with {report.method} ({report.allocation} ranks, {report.pipeline} "
+        f"pipeline, kept ratio {report.param_ratio}): "
         f"{report.params_before:,} -> {report.params_after:,} parameters; saved to {args.output}"
     )
 

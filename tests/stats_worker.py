@@ -94,6 +94,21 @@ def activations_of(model, loader, modules, accelerator=None) -> dict:
             for name, values in stats.values.items()}
 
 
+# The recommended LLM recipe, run by the compression pipeline in one and in two processes.
+PIPELINE_RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=True, param_ratio=0.5,
+                       compute_dtype="float64")
+
+
+def pipeline_result(accelerator=None) -> dict:
+    """Ranks and factor products of the tiny Llama compressed with ``PIPELINE_RECIPE``."""
+    from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+    model, report = compress(model, WSVDConfig(**PIPELINE_RECIPE), loader, accelerator=accelerator, show_progress=False)
+    products = {n: (m.up.weight @ m.down.weight).detach() for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    return {"ranks": report.ranks, "products": products, "examples": report.importance_examples}
+
+
 def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -113,6 +128,8 @@ def _run(outdir: Path) -> None:
             fisher, examples = fisher_of(model, loader, modules, loss_fn, accelerator)
             result[case] = {"fisher": fisher, "num_examples": examples}
             result[f"{case}/activations"] = activations_of(model, loader, modules, accelerator)
+
+        result["pipeline"] = pipeline_result(accelerator)
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)

@@ -1,0 +1,98 @@
+"""The scale layout: collectors gather only what a method needs, the Fisher pass backpropagates one
+block at a time, both pipelines are registered, a model dispatched by accelerate (blocks offloaded)
+compresses like a plain one, and two processes compress like one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.pipelines import PIPELINES, get_pipeline
+from hf_wsvd.statistics import COLLECTORS, FISHER, FISHER_COLS, FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics
+from stats_worker import case_inputs, pipeline_result
+
+
+def test_every_statistic_has_a_collector():
+    assert set(COLLECTORS) == {FISHER, FISHER_ROWS, FISHER_COLS, GRAM, MEAN_ABS}
+    assert set(PIPELINES) == {"whole_model", "sequential"}
+    with pytest.raises(ValueError, match="unknown pipeline 'bogus'"):
+        get_pipeline("bogus")
+
+
+def test_summed_fisher_equals_the_sums_of_the_entries_and_nothing_else_is_collected():
+    model, loader, modules, loss_fn = case_inputs("llama_causal_lm", 5, 2)
+    every = gradient_statistics(model, loader, modules, {FISHER, FISHER_ROWS, FISHER_COLS}, loss_fn, show_progress=False)
+    rows = gradient_statistics(model, loader, modules, {FISHER_ROWS}, loss_fn, show_progress=False)
+    for name, module in modules.items():
+        entry = every.values[name][FISHER]
+        assert entry.abs().max() > 0
+        torch.testing.assert_close(every.values[name][FISHER_ROWS], entry.sum(dim=1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(every.values[name][FISHER_COLS], entry.sum(dim=0), rtol=1e-5, atol=0)
+        # Only the row sums were asked for: O(out) memory, no out × in accumulator.
+        assert set(rows.values[name]) == {FISHER_ROWS}
+        assert rows.values[name][FISHER_ROWS].shape == (module.out_features,)
+        torch.testing.assert_close(rows.values[name][FISHER_ROWS], entry.sum(dim=1), rtol=1e-5, atol=0)
+
+
+def test_blockwise_backward_equals_the_whole_backward():
+    """With a module outside the blocks (the head) the pass falls back to one whole backward; the
+    blocks' Fisher is the same either way."""
+    model, loader, modules, loss_fn = case_inputs("llama_causal_lm", 5, 2)
+    blockwise = gradient_statistics(model, loader, modules, {FISHER}, loss_fn, show_progress=False)
+    whole = gradient_statistics(model, loader, {**modules, "lm_head": model.lm_head}, {FISHER}, loss_fn,
+                                show_progress=False)
+    for name in modules:
+        scale = whole.values[name][FISHER].abs().max()
+        torch.testing.assert_close(blockwise.values[name][FISHER], whole.values[name][FISHER], rtol=1e-4, atol=1e-6 * scale)
+    assert all(not getattr(b, "forward").__qualname__.startswith("BlockwiseBackward") for b in model.model.layers)
+
+
+def _products(model) -> dict[str, torch.Tensor]:
+    """up @ down of every factorized layer (offloaded factors read where they are executed)."""
+    from accelerate.utils import align_module_device
+
+    products = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            with align_module_device(module.up), align_module_device(module.down):
+                products[name] = (module.up.weight @ module.down.weight).detach()
+    return products
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_model_with_offloaded_blocks_compresses_like_a_plain_one(sequential):
+    """accelerate's CPU offload keeps block 1's weights on the meta device outside forward: the
+    statistics read them where they are executed, and the factors are offloaded the same way."""
+    from accelerate import cpu_offload
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="fisher_whiten", allocation="greedy", sequential=sequential, param_ratio=0.5,
+                        compute_dtype="float64")
+    plain, plain_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
+    cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    offloaded, report = compress(model, config, loader, show_progress=False)
+    assert offloaded.model.layers[1].self_attn.q_proj.up.weight.device.type == "meta"  # still offloaded
+    assert report.ranks == plain_report.ranks
+    expected = _products(plain)
+    for name, product in _products(offloaded).items():
+        torch.testing.assert_close(product, expected[name], rtol=1e-6, atol=1e-8, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**tiny.inputs("llama")).logits, plain(**tiny.inputs("llama")).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_compress_like_one(two_process_results):
+    """Each process takes its share of the calibration data and solves its share of the layers;
+    both end with the factors one process computes."""
+    single = pipeline_result()
+    for result in two_process_results:
+        multi = result["pipeline"]
+        assert multi["ranks"] == single["ranks"] and multi["examples"] == single["examples"]
+        for name, product in single["products"].items():
+            scale = product.abs().max().item()
+            torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)
