@@ -109,7 +109,12 @@ def test_duplicate_rows_equal_integer_row_weights():
     weights[20:40] = 3
     a = lp_subspace(doubled, K, 1.25, max_iter=30, tol=0)
     b = lp_subspace(matrix, K, 1.25, row_weights=weights, max_iter=30, tol=0)
-    assert a.objectives == pytest.approx(b.objectives, rel=1e-8)
+    # With tol=0 each run stops at its first non-decreasing step, which rounding (thread count,
+    # summation order) can move by an iteration or two near convergence: compare the steps both
+    # took and where both ended, not the number of steps.
+    common = min(len(a.objectives), len(b.objectives))
+    assert a.objectives[:common] == pytest.approx(b.objectives[:common], rel=1e-8)
+    assert a.objectives[-1] == pytest.approx(b.objectives[-1], rel=1e-6)
     assert _subspace_gap(a.basis, b.basis) < 1e-6
 
 
