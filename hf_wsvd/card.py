@@ -4,6 +4,7 @@ plot), evaluation results as a ``model-index``, the producing command, and how t
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,3 +162,16 @@ def write_card(folder: str | os.PathLike, model: PreTrainedModel, **kwargs) -> M
     plot_ranks(model, Path(folder) / PLOT_FILE)
     card.save(Path(folder) / "README.md")
     return card
+
+
+def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: str, command: str) -> None:
+    """Copy ``source``'s model card and rank plot into ``folder`` with a "Healing" section (``summary``
+    and the ``command``) appended and the ``healed`` tag; a source without a card gets one with
+    only that section."""
+    source, folder = Path(source), Path(folder)
+    card = ModelCard.load(source / "README.md") if (source / "README.md").is_file() else ModelCard("")
+    card.data.tags = sorted(set(card.data.tags or []) | {"healed"})
+    card.text = card.text.rstrip() + f"\n\n## Healing\n\n{summary}.\n\n```bash\n{command}\n```\n"
+    card.save(folder / "README.md")
+    if (source / PLOT_FILE).is_file():
+        shutil.copyfile(source / PLOT_FILE, folder / PLOT_FILE)

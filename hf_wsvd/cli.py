@@ -240,11 +240,11 @@ def _inspect(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
-    from .commands import run_eval, run_export, run_push
+    from .commands import run_eval, run_export, run_heal, run_push
 
     try:
         {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
-         "push": run_push}[args.command](args)
+         "heal": run_heal, "push": run_push}[args.command](args)
     # FloatingPointError: non-finite factors (a NaN weight); LinAlgError: a decomposition that did
     # not converge (huge weights): both name the layer, so they are input errors, not crashes.
     except (ValueError, OSError, KeyError, FloatingPointError, torch.linalg.LinAlgError, np.linalg.LinAlgError) as error:

@@ -17,6 +17,11 @@ EXPORT_EXAMPLES = """examples:
   hf-wsvd export out/sst2-fwsvd out/sst2-fwsvd-dense --dense
   python -c "from transformers import AutoModelForSequenceClassification as A; A.from_pretrained('out/sst2-fwsvd-dense')"
 """
+HEAL_EXAMPLES = """examples:
+  hf-wsvd heal out/lm-fw out/lm-fw-healed --teacher path/to/model.gguf \\
+      --data ../shared/data/wikitext-2/wiki.valid.tokens --steps 300
+  hf-wsvd heal out/lm-fw out/lm-fw-healed --teacher path/to/model --data train.txt --lora-rank 16
+"""
 PUSH_EXAMPLES = """examples:
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd          # uses your saved Hub token
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd --private --token hf_...
@@ -67,6 +72,27 @@ def add_commands(commands, columns) -> None:
     x.add_argument("--dense", action="store_true", required=True, help="export as a dense checkpoint (the only format)")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier hf-wsvd output in OUTPUT (atomically, once the export succeeded)")
+
+    h = commands.add_parser("heal", help="distill a compressed causal LM toward its dense teacher (short training)",
+                            epilog=HEAL_EXAMPLES, description="KL distillation of the logits with the stock Trainer: "
+                            "the factors train (or LoRA adapters on them, merged exactly); the output is an ordinary "
+                            "factorized checkpoint with its card updated.", **_formatter())
+    h.add_argument("path", help="compressed checkpoint folder (written by hf-wsvd compress)")
+    h.add_argument("output", help="folder to write the healed checkpoint to (must not exist or be empty, or be an "
+                                  "earlier hf-wsvd output with --overwrite)")
+    h.add_argument("--teacher", required=True, help="the dense model it was compressed from: folder, Hub id or .gguf")
+    h.add_argument("--data", required=True, help="plain text file to distill on (e.g. the calibration text)")
+    h.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: 200)")
+    h.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine decay (default: 1e-4)")
+    h.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank on the factors instead "
+                                                          "of the factors themselves (merged into them at the end)")
+    h.add_argument("--batch-size", type=positive_int, default=8, help="blocks per step (default: 8)")
+    h.add_argument("--max-length", type=positive_int, default=512, help="tokens per block (default: 512)")
+    h.add_argument("--heldout-blocks", type=positive_int, default=16,
+                   help="blocks of --data held out to measure the loss and perplexity before/after (default: 16)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-wsvd output in OUTPUT (atomically, once healing succeeded)")
 
     p = commands.add_parser("push", help="upload a compressed checkpoint folder and its model card to the Hub",
                             epilog=PUSH_EXAMPLES, **_formatter())
@@ -148,3 +174,55 @@ def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation
     command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
     write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
                evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples)
+
+
+def run_heal(args: argparse.Namespace) -> None:
+    import random
+    from pathlib import Path
+
+    import torch
+
+    from .card import add_healing
+    from .data import make_dataloader, text_blocks
+    from .evaluation import perplexity
+    from .healing import HealConfig, heal
+    from .output import check_output, staged_output
+    from .tasks import CAUSAL_LM
+    from .workflow import load_model_and_tokenizer, stored_dtype
+
+    if not os.path.isdir(args.path):
+        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    check_data(args.data)
+    check_output(args.path, args.output, args.overwrite)
+    config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                        lora_rank=args.lora_rank, seed=args.seed)
+    student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
+    teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"--teacher {args.teacher!r} has a vocabulary of {teacher.config.vocab_size} tokens, the "
+                         f"compressed model {student.config.vocab_size}: pass the model it was compressed from")
+    blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length)
+    random.Random(args.seed).shuffle(blocks)
+    if len(blocks) <= args.heldout_blocks:
+        raise ValueError(f"--data {args.data!r} holds {len(blocks)} blocks of {args.max_length} tokens: more than "
+                         f"--heldout-blocks {args.heldout_blocks} are needed (lower either, or give more text)")
+    heldout, train = blocks[: args.heldout_blocks], blocks[args.heldout_blocks:]
+    heldout_loader = make_dataloader(heldout, tokenizer, CAUSAL_LM, args.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    before = perplexity(student.to(device), heldout_loader, show_progress=True)
+    student, report = heal(student, teacher, train, heldout, config)
+    after = perplexity(student, heldout_loader, show_progress=True)
+    dense = perplexity(teacher, heldout_loader, show_progress=True)
+    save_dtype = stored_dtype(args.path)
+    if save_dtype is not None:
+        student.to(save_dtype)
+    summary = (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}` "
+               f"({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
+               f"learning rate {args.learning_rate:g}, {report.seconds / 60:.1f} min); held-out perplexity "
+               f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
+               f"{report.kl_after:.4f}")
+    with staged_output(args.output, "heal") as staging:
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        add_healing(args.path, staging, summary, "hf-wsvd " + shlex.join(getattr(args, "argv", None) or []))
+    print(f"{summary}; saved to {args.output}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .solvers import SOLVERS, MethodOptions, solver_for
+from .statistics.names import GRAM
 
 COMPUTE_DTYPES = ("float32", "float64")
 # Embedding rows have no Fisher information from the importance pass: the methods usable on them.
@@ -17,7 +18,7 @@ EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 # Method options that are numbers: stored as floats whatever number type was given.
-FLOAT_FIELDS = ("asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
+FLOAT_FIELDS = ("compensation_ridge", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
 
 
 @dataclass
@@ -52,6 +53,12 @@ class WSVDConfig:
             inputs produced by the already compressed blocks before it (large decoders). With
             ``allocation="greedy"`` the ranks are allocated first on the dense model's statistics
             of all layers at once (memory: every target layer's in × in Gram together).
+        compensate: sequential mode: factorize each layer so that its outputs on the compressed
+            model's inputs match the dense layer's outputs on the dense model's inputs (absorbing
+            the error of the layers before it), layer group by layer group within each block; for
+            the methods that read the activation Gram (``whiten``, ``fisher_whiten``).
+        compensation_ridge: ``compensate``'s pull toward the dense weight, λ = this × the mean
+            diagonal of the layer's input Gram, > 0 (larger: closer to the uncompensated fit).
         seed: seed for data sampling and any randomized step.
         p: the exponent of the ``lp`` method, in [1, 2]: it minimizes Σ_rows dist(row, subspace)^p,
             robust to outlying rows for p < 2; p = 2 is the SVD subspace.
@@ -109,6 +116,8 @@ class WSVDConfig:
     asvd_alpha: float = 0.5
     allocation: str = "uniform"
     sequential: bool = False
+    compensate: bool = False
+    compensation_ridge: float = 1e-2
     seed: int = 0
     p: float = 1.0
     embeddings: bool = False
@@ -151,6 +160,7 @@ class WSVDConfig:
             raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS}")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True or False")
+        self._validate_compensation()
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
         if self.refine and self.method in ("tfwsvd", "rescue"):
@@ -187,6 +197,19 @@ class WSVDConfig:
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
+
+    def _validate_compensation(self) -> None:
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"compensate={self.compensate!r} must be True or False")
+        ridge = self.compensation_ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"compensation_ridge={ridge!r} must be a number > 0")
+        if self.compensate and not self.sequential:
+            raise ValueError("compensate=True refits layers on the compressed model's inputs block by block: "
+                             "it needs sequential=True")
+        if self.compensate and GRAM not in solver_for(self).needs_for(self.method_options()):
+            raise ValueError(f"compensate=True needs a method that reads the activation Gram (whiten, fisher_whiten); "
+                             f"method={self.method!r} does not")
 
     def _validate_speed_limit(self) -> None:
         speed = self.max_kept_ratio_for_speed

@@ -50,10 +50,9 @@ def load_model_and_tokenizer(path: str, **kwargs) -> tuple[PreTrainedModel, PreT
     if extra:
         # transformers reads only decoder LMs from GGUF and records no architectures for them.
         model = load_task_model(location, task=CAUSAL_LM, **extra, **kwargs)
-        # GGUF tensors are dequantized to dense ones at load; the leftover quantizer flag would
-        # only forbid save_pretrained.
-        model.hf_quantizer = None
-        del model.config.quantization_config
+        # GGUF tensors are dequantized to dense ones at load; the leftover quantizer flags would
+        # only forbid save_pretrained and training.
+        model.hf_quantizer.remove_quantization_config(model)
     else:
         model = load_task_model(location, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)

@@ -1,4 +1,4 @@
-"""The save/load contract on tiny BERT, RoBERTa, DistilBERT, GPT-2 (Conv1D), Llama (GQA) and T5."""
+"""The save/load contract on tiny BERT, RoBERTa, DistilBERT, GPT-2 (Conv1D), Llama (GQA), Qwen2 (GQA, q/k/v biases, untied head) and T5."""
 
 from __future__ import annotations
 

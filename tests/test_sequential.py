@@ -95,3 +95,66 @@ def test_sequential_mode_refuses_other_models_and_missing_data_before_any_statis
         compress(tiny.build("bert"), config, loader, show_progress=False)
     with pytest.raises(ValueError, match="sequential mode needs calibration data"):
         compress(tiny.build("llama", "AutoModelForCausalLM"), config, None, show_progress=False)
+
+
+def _layer_output_errors(dense, compressed, loader) -> dict[str, float]:
+    """Per factorized layer: ‖W·x_dense − W'·x_compressed‖² / ‖W·x_dense‖² over the calibration
+    tokens, each model run on its own inputs (the error compensation minimizes)."""
+    names = [n for n, m in compressed.named_modules() if isinstance(m, FactorizedLinear)]
+    outputs = {"dense": {}, "compressed": {}}
+
+    def keep(side, name):
+        def hook(module, args, output):
+            outputs[side].setdefault(name, []).append(output.detach())
+        return hook
+
+    handles = [dense.get_submodule(n).register_forward_hook(keep("dense", n)) for n in names]
+    handles += [compressed.get_submodule(n).register_forward_hook(keep("compressed", n)) for n in names]
+    with torch.no_grad():
+        for batch in loader:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            dense(**inputs)
+            compressed(**inputs)
+    for handle in handles:
+        handle.remove()
+    errors = {}
+    for name in names:
+        target, got = torch.cat(outputs["dense"][name]), torch.cat(outputs["compressed"][name])
+        errors[name] = float((target - got).square().sum() / target.square().sum())
+    return errors
+
+
+def test_compensation_lowers_the_layers_output_error_against_the_dense_model():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 24, 4)
+    plain_config = WSVDConfig(method="fisher_whiten", param_ratio=0.4, sequential=True, rank_multiple=1,
+                              compute_dtype="float64")
+    plain, plain_report = compress(copy.deepcopy(model), plain_config, loader, show_progress=False)
+    compensated, report = compress(copy.deepcopy(model), WSVDConfig(**{**plain_config.to_dict(), "compensate": True,
+                                                                       "compensation_ridge": 1e-3}),
+                                   loader, show_progress=False)
+    assert report.ranks == plain_report.ranks
+    before, after = _layer_output_errors(model, plain, loader), _layer_output_errors(model, compensated, loader)
+    # The first block's first stage (q/k/v) sees the same inputs either way: the same fit up to the ridge.
+    first = [n for n in before if ".layers.0.self_attn." in n and not n.endswith("o_proj")]
+    for name in first:
+        assert after[name] == pytest.approx(before[name], rel=0.05, abs=1e-6), name
+    # Later layers absorb the error of the layers before them: the last one most, and the total falls.
+    last = list(before)[-1]
+    assert after[last] < 0.9 * before[last], (before[last], after[last])
+    assert sum(after.values()) < 0.95 * sum(before.values()), (before, after)
+    with torch.no_grad():
+        batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
+        reference = model(**batch).logits
+        error_plain = (plain(**batch).logits - reference).square().mean()
+        error_compensated = (compensated(**batch).logits - reference).square().mean()
+    assert error_compensated < error_plain
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="fisher_whiten", compensate=True), "needs sequential=True"),
+    (dict(method="fwsvd", sequential=True, compensate=True), "reads the activation Gram"),
+    (dict(method="whiten", sequential=True, compensate=True, compensation_ridge=0.0), "compensation_ridge=0.0"),
+])
+def test_compensation_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WSVDConfig(**kwargs)

@@ -9,6 +9,7 @@ from transformers import (
     DistilBertConfig,
     GPT2Config,
     LlamaConfig,
+    Qwen2Config,
     PreTrainedTokenizerFast,
     RobertaConfig,
     T5Config,
@@ -44,6 +45,10 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  intermediate_size=64, max_position_embeddings=64, bos_token_id=5, eos_token_id=6,
                                  tie_word_embeddings=True, **COMMON),
+    # Qwen2: GQA, biases on q/k/v, an untied output head.
+    "qwen2": lambda: Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64, bos_token_id=5, eos_token_id=6,
+                                 tie_word_embeddings=False, **COMMON),
     "t5": lambda: T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                            decoder_start_token_id=0, eos_token_id=6, **COMMON),
 }
@@ -55,6 +60,7 @@ AUTO_CLASSES = {
     "distilbert": ["AutoModelForSequenceClassification", "AutoModel"],
     "gpt2": ["AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification"],
     "llama": ["AutoModelForCausalLM", "AutoModel"],
+    "qwen2": ["AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification"],
     "t5": ["AutoModelForSeq2SeqLM", "AutoModel"],
 }
 

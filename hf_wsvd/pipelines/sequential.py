@@ -16,6 +16,7 @@ layer input).
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
 import torch
@@ -25,7 +26,7 @@ from ..blocks import block_list, first_output, input_device, outside_blocks_on, 
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
-from . import register_pipeline
+from . import compensation, register_pipeline
 from .step import Job, candidates, gradient_pass, greedy_allocation, require_data, solve_and_swap, spectra, uniform
 
 
@@ -114,6 +115,38 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
                     _run(block, inputs, block_device)
 
 
+def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
+    """Factorize block by block with compensation (``hf_wsvd.pipelines.compensation``): two streams
+    of hidden states advance together, the dense model's and the compressed model's, and within a
+    block each stage of layers is fitted to a dense copy of the block before the next stage's
+    inputs are taken."""
+    prefix, blocks = block_list(job.model)
+    device = job.accelerator.device
+    with outside_blocks_on(job.model, prefix, device):
+        current = _capture(job, blocks[0])
+    dense = [(hidden.clone(), kwargs, mask) for hidden, kwargs, mask in current]
+    show = job.show_progress and job.accelerator.is_local_main_process
+    for index, (block, names) in enumerate(zip(tqdm(blocks, desc="blocks (compensated)", disable=not show), groups)):
+        with placed(block, device) as block_device:
+            if not names:
+                _run(block, current, block_device)
+                _run(block, dense, block_device)
+                continue
+            if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in block.modules()):
+                raise ValueError("compensate=True keeps a dense copy of each block: it does not support blocks "
+                                 "offloaded by accelerate (load the model in CPU memory or on GPUs instead)")
+            reference = copy.deepcopy(block)  # the dense block: what every stage is fitted to
+            paths = {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names}
+            hidden, kwargs, _ = current[0]
+            for stage in compensation.stages(reference, paths, hidden.to(block_device), kwargs):
+                stats = job.statistics.merged(compensation.paired_statistics(
+                    reference, block, {n: paths[n] for n in stage}, dense, current, block_device, job.accelerator))
+                solve_and_swap(job, {n: ranks[n] for n in stage}, stats, progress=False)
+            _run(reference, dense, block_device)
+            del reference
+            _run(block, current, block_device)
+
+
 @register_pipeline("sequential")
 def run(job: Job) -> dict[str, int]:
     check_inputs(job)
@@ -137,8 +170,11 @@ def run(job: Job) -> dict[str, int]:
             ranks = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None)
     with job.timed("factorize"):
         groups = [[n for n in names if n in ranks] for names in groups]
-        for names, stats in _stream(job, groups, refresh=True, desc="blocks"):
-            solve_and_swap(job, {n: ranks[n] for n in names}, stats, progress=False)
+        if job.config.compensate:
+            _compensate(job, groups, ranks)
+        else:
+            for names, stats in _stream(job, groups, refresh=True, desc="blocks"):
+                solve_and_swap(job, {n: ranks[n] for n in names}, stats, progress=False)
     if not ranks:
         raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any target layer; lower it to compress")
     return ranks

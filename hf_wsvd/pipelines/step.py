@@ -24,9 +24,11 @@ from ..allocation import drop_slow_layers, greedy_ranks, round_rank, uniform_ran
 from ..blocks import hooked
 from ..runtime.factorized_linear import FactorizedLinear, linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
-from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
+from ..statistics import GRADIENT_STATISTICS, GRAM, INPUT_STATISTICS, Statistics, gradient_statistics
+from ..statistics.names import CROSS
 from ..swap import replace_with_factors
 from ..tasks import LossFn, per_example_loss, task_of
+from .compensation import compensated
 
 
 @dataclass
@@ -125,7 +127,11 @@ def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProbl
     if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
         weight = weight.to(job.accelerator.device)  # solve where the compute is
     values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
-    return LayerProblem(name, weight, rank, job.options, **values)
+    layer = LayerProblem(name, weight, rank, job.options, **values)
+    cross = stats.get(name, CROSS)
+    if cross is not None:  # compensation (sequential mode): fit the dense layer's outputs
+        layer = compensated(layer, stats.get(name, GRAM), cross, job.config.compensation_ridge)
+    return layer
 
 
 def _cost(shape: tuple[int, int]) -> float:

@@ -1,0 +1,84 @@
+"""Compensation (``WSVDConfig.compensate``, sequential mode): each layer is factorized so that its
+outputs on the *compressed* model's inputs match the *dense* layer's outputs on the dense model's
+inputs, which absorbs the error the layers before it left.
+
+With X the layer's inputs in the compressed model and X_d in the dense one (token by token), the
+target is min ‖W·X_d − W'·X‖² + λ‖W' − W‖² over rank-r W' (the ridge pulls W' toward the dense
+weight where the inputs carry little signal). Its minimizer without the rank limit is
+W* = W·(M + λI)·(C + λI)⁻¹ with C = E[x xᵀ], M = E[x_d xᵀ], and the objective equals
+‖(W' − W*)·S‖² + const with S·Sᵀ = C + λI. So the method solves the ordinary problem with W*
+in place of W and C + λI in place of the Gram: ``whiten`` and ``fisher_whiten`` find its exact
+rank-r optimum. Within a block the layers are compensated in the order they run (q/k/v, then
+o, then gate/up, then down), each stage seeing the stages before it already compressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..solvers import LayerProblem
+from ..statistics import Statistics
+from ..statistics.paired import PairedInputHooks
+
+
+def compensated(problem: LayerProblem, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> LayerProblem:
+    """``problem`` with the compensated target weight W* and the ridge-raised Gram (see the module)."""
+    gram = gram.double().to(problem.weight.device)
+    cross = cross.double().to(problem.weight.device)
+    gram = (gram + gram.T) / 2
+    size = gram.shape[0]
+    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+    lam = ridge * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    raised = gram + lam * eye
+    # W* = W·(M + λI)·(C + λI)⁻¹, i.e. W*ᵀ = (C + λI)⁻¹·(M + λI)ᵀ·Wᵀ, C symmetric.
+    target = torch.linalg.solve(raised, (cross + lam * eye).T @ problem.weight.double().T).T
+    if not torch.isfinite(target).all():
+        raise FloatingPointError(f"{problem.name}: the compensated weight is not finite; raise compensation_ridge")
+    return dataclasses.replace(problem, weight=target.to(problem.weight.dtype), gram=raised.to(problem.weight.dtype))
+
+
+def stages(block: torch.nn.Module, names: dict[str, str], hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """``names`` (layer name → module path inside ``block``) grouped in the order the block calls
+    them, layers reading the same input tensor together; found by running ``block`` once."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [block.get_submodule(path).register_forward_pre_hook(
+        lambda module, args, name=name: calls.append((name, args[0]))) for name, path in names.items()]
+    try:
+        with torch.no_grad():
+            block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    last = None
+    seen = set()
+    for name, tensor in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and tensor is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = tensor
+    return groups + [[n] for n in names if n not in seen]  # layers the forward never reached, last
+
+
+def paired_statistics(reference: torch.nn.Module, block: torch.nn.Module, names: dict[str, str],
+                      dense: list, current: list, device: torch.device, accelerator) -> Statistics:
+    """The Gram of ``names``' inputs in ``block`` on the ``current`` (compressed) hidden states and
+    their cross moment with the inputs of the same layers in ``reference`` on the ``dense`` ones."""
+    hooks = PairedInputHooks({n: reference.get_submodule(p) for n, p in names.items()},
+                             {n: block.get_submodule(p) for n, p in names.items()})
+    try:
+        with torch.no_grad():
+            for (dense_hidden, kwargs, mask), (hidden, _, _) in zip(dense, current):
+                hooks.new_batch(mask)
+                reference(dense_hidden.to(device), **kwargs)
+                block(hidden.to(device), **kwargs)
+    finally:
+        hooks.remove()
+    return hooks.result(accelerator)
+

@@ -1,0 +1,96 @@
+"""Inputs of the same layers in two copies of a block, token by token: the dense reference and the
+block being compressed. Their moments let a layer's factors be refit so that its outputs on the
+compressed model's inputs match the dense layer's outputs on the dense model's inputs."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..runtime.factorized_linear import linear_shape
+
+from .names import CROSS, GRAM
+from .passes import exact_16bit_products, sum_across_processes
+from .result import Statistics
+
+
+class PairedInputHooks:
+    """Forward pre-hooks on ``reference[name]`` and ``current[name]`` (the same layers of a dense and
+    a compressed block). Run the reference block, then the current block, on the same batch: the
+    current layers accumulate ``gram`` = E[x xᵀ] of their own inputs and ``cross`` = E[x_ref xᵀ].
+
+    ``new_batch(mask)`` before each pair of runs excludes padding (batch × tokens, 1 = real)."""
+
+    def __init__(self, reference: dict[str, nn.Module], current: dict[str, nn.Module]) -> None:
+        self.current = current
+        self.stash: dict[str, torch.Tensor] = {}
+        self.totals: dict[str, dict[str, torch.Tensor]] = {}
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self._last: tuple | None = None
+        self._handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in reference.items()]
+        self._handles += [m.register_forward_pre_hook(self._pair(n)) for n, m in current.items()]
+
+    def new_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+        self.stash.clear()
+        self._last = None
+
+    def _rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mask = self.mask
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x = x[mask.to(x.device).bool()]
+        return x.reshape(-1, x.shape[-1]).to(dtype)
+
+    def _keep(self, name: str):
+        def hook(module, args):
+            self.stash[name] = args[0].detach()
+
+        return hook
+
+    def _moments(self, x: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Layers reading the same pair of tensors (q/k/v, gate/up) share one computation.
+        if self._last is not None and self._last[0] is x and self._last[1] is reference:
+            return self._last[2]
+        with exact_16bit_products(x) as dtype:
+            rows = self._rows(x.detach(), dtype)
+            ref = self._rows(reference.to(x.device), dtype)
+            moments = {GRAM: (rows.T @ rows).double(), CROSS: (ref.T @ rows).double(),
+                       "tokens": torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
+        self._last = (x, reference, moments)
+        return moments
+
+    def _pair(self, name: str):
+        def hook(module, args):
+            if name not in self.stash:
+                raise RuntimeError(f"run the reference block before the current one: {name!r} has no reference input")
+            moments = self._moments(args[0], self.stash[name])
+            totals = self.totals.setdefault(name, {})
+            for key in (GRAM, CROSS):
+                totals[key] = totals[key] + moments[key] if key in totals else moments[key].clone()
+            self.tokens[name] = self.tokens[name] + moments["tokens"] if name in self.tokens else moments["tokens"].clone()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.stash.clear()
+        self._last = None
+
+    def result(self, accelerator: Accelerator) -> Statistics:
+        """The means over every process's tokens."""
+        names = sorted(self.current)
+        if accelerator.num_processes > 1:
+            for name in names:  # a process whose share reached no token still joins the sums
+                if name not in self.totals:
+                    size = linear_shape(self.current[name])[0]
+                    zeros = torch.zeros(size, size, dtype=torch.float64, device=accelerator.device)
+                    self.totals[name] = {GRAM: zeros, CROSS: zeros.clone()}
+                    self.tokens[name] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            sum_across_processes(accelerator, [self.totals[n][k] for n in names for k in (GRAM, CROSS)]
+                                 + [self.tokens[n] for n in names])
+        values = {n: {k: self.totals[n][k] / self.tokens[n] for k in (GRAM, CROSS)}
+                  for n in names if n in self.tokens and float(self.tokens[n]) > 0}
+        return Statistics(values, 0, {n: int(float(self.tokens[n])) for n in values})

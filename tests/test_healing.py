@@ -1,0 +1,129 @@
+"""Healing: distillation of a compressed causal LM toward its dense teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.healing import HealConfig, heal, token_kl
+from transformers import AutoModelForCausalLM
+
+
+def _blocks(count: int, length: int = 12, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (count, length), generator=generator)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+
+
+def _compressed():
+    # A larger initialization than the default: sharper next-token distributions to distill.
+    teacher = tiny.build("llama", initializer_range=0.3)
+    blocks = _blocks(16)
+    loader = torch.utils.data.DataLoader([{**b, "labels": b["input_ids"]} for b in blocks], batch_size=4)
+    student, _ = compress(copy.deepcopy(teacher), WSVDConfig(method="whiten", param_ratio=0.4, rank_multiple=1),
+                          loader, show_progress=False)
+    return teacher, student
+
+
+def _ranks(model) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def test_token_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5)
+    assert float(token_kl(logits, logits, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(token_kl(logits + torch.randn(2, 5, 11), logits, mask)) > 0
+    # Padding positions do not count.
+    noisy = logits.clone()
+    noisy[:, -1] += 10 * torch.randn(2, 11)
+    mask[:, -1] = 0
+    assert float(token_kl(noisy, logits, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_heal_lowers_the_heldout_distillation_loss_and_keeps_the_ranks(lora_rank, tmp_path):
+    teacher, student = _compressed()
+    ranks = _ranks(student)
+    config = HealConfig(steps=30, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank)
+    healed, report = heal(student, teacher, _blocks(32, seed=1), _blocks(8, seed=2), config, show_progress=False)
+    assert report.kl_after < 0.9 * report.kl_before, report
+    assert _ranks(healed) == ranks
+    assert not any("lora" in name for name, _ in healed.named_modules())
+    assert report.trainable_parameters > 0
+    # The healed model is an ordinary factorized checkpoint: it saves and reloads unchanged.
+    healed.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, healed(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_heal_trains_only_the_factors():
+    teacher, student = _compressed()
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".up." not in n and ".down." not in n}
+    healed, _ = heal(student, teacher, _blocks(16, seed=1), _blocks(4, seed=2),
+                     HealConfig(steps=5, learning_rate=1e-2, batch_size=4), show_progress=False)
+    for name, value in healed.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("learning_rate", -1.0), ("lora_rank", 0),
+                                          ("temperature", 0.0), ("hidden_weight", -1.0)])
+def test_bad_heal_options_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        HealConfig(**{field: value})
+
+
+def test_a_dense_model_is_refused():
+    teacher = tiny.build("llama")
+    with pytest.raises(ValueError, match="no FactorizedLinear"):
+        heal(copy.deepcopy(teacher), teacher, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
+
+
+def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path):
+    from hf_wsvd.cli import main
+
+    teacher, student = _compressed()
+    tokenizer = tiny.tokenizer()
+    teacher.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    student.save_pretrained(tmp_path / "compressed")
+    tokenizer.save_pretrained(tmp_path / "compressed")
+    words = tiny.WORDS
+    text = "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(60))
+    (tmp_path / "text.txt").write_text(text)
+    out = tmp_path / "healed"
+    code = main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
+                 "--data", str(tmp_path / "text.txt"), "--steps", "4", "--max-length", "8", "--batch-size", "4",
+                 "--heldout-blocks", "4"])
+    assert code == 0
+    healed = AutoModelForCausalLM.from_pretrained(out)
+    assert _ranks(healed) == _ranks(student)
+    card = (out / "README.md").read_text()
+    assert "## Healing" in card and "healed 4 steps" in card
+    # Nothing was written into the inputs, and the output refuses to be overwritten silently.
+    assert not (tmp_path / "compressed" / "README.md").exists()
+    assert main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
+                 "--data", str(tmp_path / "text.txt"), "--steps", "1"]) == 2
+
+
+def test_cli_heal_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
+    from hf_wsvd.cli import main
+
+    teacher, student = _compressed()
+    other = tiny.build("llama", vocab_size=tiny.VOCAB_SIZE + 8)
+    tokenizer = tiny.tokenizer()
+    for folder, model in (("other", other), ("compressed", student)):
+        model.save_pretrained(tmp_path / folder)
+        tokenizer.save_pretrained(tmp_path / folder)
+    (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
+    code = main(["heal", str(tmp_path / "compressed"), str(tmp_path / "out"), "--teacher", str(tmp_path / "other"),
+                 "--data", str(tmp_path / "text.txt")])
+    assert code == 2
+    assert "vocabulary" in capsys.readouterr().err
