@@ -16,7 +16,7 @@ import tiny
 from hf_wsvd import WSVDConfig, compress, metrics
 from hf_wsvd.cli import main
 from hf_wsvd.data import load_table
-from hf_wsvd.evaluation import evaluate_model
+from hf_wsvd.evaluation import evaluate_model, perplexity
 from hf_wsvd.workflow import data_loader
 
 PRED = [1, 0, 1, 1, 0, 1, 0, 0]
@@ -107,6 +107,15 @@ def test_evaluate_model_follows_the_task(tokenizer):
     text = Dataset.from_dict({"text": [s for s, _ in ROWS] * 3})
     result = evaluate_model(lm, data_loader(lm, tokenizer, text, WSVDConfig(max_length=8, batch_size=2), shuffle=False))
     assert set(result) == {"perplexity"} and 1 < result["perplexity"] < 200  # random model, vocab 64
+
+
+def test_perplexity_is_the_exponential_of_the_models_own_mean_token_loss():
+    lm = tiny.build("llama")
+    batch = tiny.inputs("llama", batch=3, length=9)  # the first row's padded tail is not predicted
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = math.exp(lm(**batch).loss.item())
+    assert perplexity(lm, [batch]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, tokenizer, capsys):
