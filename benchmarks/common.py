@@ -4,13 +4,16 @@ disk so that the GLUE benchmarks compute them once per machine."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
-from hf_wsvd import WSVDConfig
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.statistics import FISHER, GRAM, MEAN_ABS, Statistics, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import per_example_loss, task_of
@@ -47,6 +50,27 @@ def load_task(task: str, num_samples: int = 512, activations: bool = False):
         stats = stats.merged(Statistics(**_cached(f"{task}-{num_samples}-activations", lambda: asdict(input_statistics(
             dense, train(), modules, {GRAM, MEAN_ABS}, show_progress=False)))))
     return dense, dev, stats, targets
+
+
+def compare_methods(
+    task: str, runs: Iterable[tuple[str, float, dict]], num_samples: int = 512, activations: bool = False,
+    measure: Callable[..., dict] | None = None,
+) -> list[dict]:
+    """Dev scores of the task's dense model, then of it compressed by each run ``(variant, kept
+    ratio, WSVDConfig settings)`` from the task's shared statistics (``load_task``); ``measure(model,
+    dense, statistics, targets)`` adds its entries to a run's row."""
+    dense, dev, stats, targets = load_task(task, num_samples, activations)
+    rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
+    for variant, ratio, settings in runs:
+        config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **settings)
+        model, report = compress(copy.deepcopy(dense), config, statistics=stats, show_progress=False)
+        rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": settings,
+                     **classification_metrics(*predict(model, dev)),
+                     **(measure(model, dense, stats, targets) if measure else {}),
+                     "params_after": report.params_after, "params_before": report.params_before,
+                     "factorize_seconds": report.seconds["factorize"]})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _cached(key: str, compute) -> dict:

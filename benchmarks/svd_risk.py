@@ -8,7 +8,6 @@ and rank-correlate them (Spearman) with each metric computed from the Fisher.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
@@ -25,7 +24,7 @@ from hf_wsvd.solvers.risk import predicted_loss  # noqa: E402
 from hf_wsvd.statistics import FISHER  # noqa: E402
 from hf_wsvd.linalg import truncated_svd  # noqa: E402
 
-from common import RESULTS, TASKS, load_task  # noqa: E402
+from common import RESULTS, load_task  # noqa: E402
 from report import markdown_table, publish  # noqa: E402
 
 METRICS = {
