@@ -1,6 +1,7 @@
 """Shared setup of the GLUE benchmarks: the shipped task models, their dev loaders, and one set of
 statistics per task (Fisher, and activations when asked), reused by every method and cached on
-disk so that the GLUE benchmarks compute them once per machine."""
+disk so that the GLUE benchmarks compute them once per machine; the MiniLM SST-2 classifier and
+its ``svd`` compressions for the CPU speed and size benchmarks."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from hf_wsvd.tasks import per_example_loss, task_of
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 SHARED = BENCHMARKS.parent.parent / "shared"
 # Statistics depend only on the model, the seeded train sample and the code: delete to recompute.
 CACHE = BENCHMARKS.parent / ".cache" / "benchmark_statistics"
+MINILM = SHARED / "models" / "minilm-l6-sst2"
+SST2_TRAIN = SHARED / "data" / "glue" / "SST-2" / "train.tsv"
 TASKS = {
     "sst2": ("minilm-l6-sst2", "SST-2", ["sentence"], "label"),
     "mrpc": ("minilm-l6-mrpc", "MRPC", ["#1 String", "#2 String"], "Quality"),
@@ -71,6 +75,23 @@ def compare_methods(
                      "factorize_seconds": report.seconds["factorize"]})
         print(rows[-1], flush=True)
     return rows
+
+
+def ratio_label(ratio: float) -> str:
+    return "dense" if ratio == 1 else f"svd {ratio:g}"
+
+
+def svd_variants(model_dir: Path, ratios: list[float]) -> dict[float, torch.nn.Module]:
+    """The float32 classifier in ``model_dir`` (under 1.0) and its ``svd`` compressions at each
+    kept ratio: speed and size depend on the ranks only, not on the method."""
+    from transformers import AutoModelForSequenceClassification
+
+    dense = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    models = {1.0: dense}
+    for ratio in ratios:
+        models[ratio], _ = compress(copy.deepcopy(dense), WSVDConfig(method="svd", param_ratio=ratio),
+                                    show_progress=False)
+    return models
 
 
 def _cached(key: str, compute) -> dict:
