@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import tiny
-from hf_wsvd import WSVDConfig, compress, metrics
+from hf_wsvd import WSVDConfig, metrics
 from hf_wsvd.cli import main
 from hf_wsvd.data import load_table
 from hf_wsvd.evaluation import evaluate_model, perplexity
@@ -119,9 +119,7 @@ def test_perplexity_is_the_exponential_of_the_models_own_mean_token_loss():
 
 
 def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, tokenizer, capsys):
-    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(tmp_path / "clf")
-    tokenizer.save_pretrained(tmp_path / "clf")
+    model, _ = tiny.save_compressed(tmp_path / "clf", "bert")
     table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
     DatasetDict({"validation": table, "train": table}).save_to_disk(tmp_path / "glue")
     capsys.readouterr()
@@ -133,9 +131,7 @@ def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, token
         predicted = model(**encoded).logits.argmax(-1).numpy()
     assert printed["accuracy"] == pytest.approx(metrics.accuracy(predicted, [l for _, l in ROWS]))
 
-    lm, _ = compress(tiny.build("gpt2"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    lm.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+    tiny.save_compressed(tmp_path / "lm", "gpt2")
     (tmp_path / "text.txt").write_text("\n".join(s for s, _ in ROWS * 4) + "\n")
     assert main(["eval", str(tmp_path / "lm"), "--data", str(tmp_path / "text.txt"), "--max-length", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
