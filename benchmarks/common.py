@@ -1,26 +1,33 @@
 """Shared setup of the GLUE benchmarks: the shipped task models, their dev loaders, and one set of
 statistics per task (Fisher, and activations when asked), reused by every method and cached on
-disk so that the GLUE benchmarks compute them once per machine."""
+disk so that the GLUE benchmarks compute them once per machine; the MiniLM SST-2 classifier and
+its ``svd`` compressions for the CPU speed and size benchmarks."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
-from hf_wsvd import WSVDConfig
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.statistics import FISHER, GRAM, MEAN_ABS, Statistics, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import per_example_loss, task_of
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 SHARED = BENCHMARKS.parent.parent / "shared"
 # Statistics depend only on the model, the seeded train sample and the code: delete to recompute.
 CACHE = BENCHMARKS.parent / ".cache" / "benchmark_statistics"
+MINILM = SHARED / "models" / "minilm-l6-sst2"
+SST2_TRAIN = SHARED / "data" / "glue" / "SST-2" / "train.tsv"
 TASKS = {
     "sst2": ("minilm-l6-sst2", "SST-2", ["sentence"], "label"),
     "mrpc": ("minilm-l6-mrpc", "MRPC", ["#1 String", "#2 String"], "Quality"),
@@ -47,6 +54,44 @@ def load_task(task: str, num_samples: int = 512, activations: bool = False):
         stats = stats.merged(Statistics(**_cached(f"{task}-{num_samples}-activations", lambda: asdict(input_statistics(
             dense, train(), modules, {GRAM, MEAN_ABS}, show_progress=False)))))
     return dense, dev, stats, targets
+
+
+def compare_methods(
+    task: str, runs: Iterable[tuple[str, float, dict]], num_samples: int = 512, activations: bool = False,
+    measure: Callable[..., dict] | None = None,
+) -> list[dict]:
+    """Dev scores of the task's dense model, then of it compressed by each run ``(variant, kept
+    ratio, WSVDConfig settings)`` from the task's shared statistics (``load_task``); ``measure(model,
+    dense, statistics, targets)`` adds its entries to a run's row."""
+    dense, dev, stats, targets = load_task(task, num_samples, activations)
+    rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
+    for variant, ratio, settings in runs:
+        config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **settings)
+        model, report = compress(copy.deepcopy(dense), config, statistics=stats, show_progress=False)
+        rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": settings,
+                     **classification_metrics(*predict(model, dev)),
+                     **(measure(model, dense, stats, targets) if measure else {}),
+                     "params_after": report.params_after, "params_before": report.params_before,
+                     "factorize_seconds": report.seconds["factorize"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def ratio_label(ratio: float) -> str:
+    return "dense" if ratio == 1 else f"svd {ratio:g}"
+
+
+def svd_variants(model_dir: Path, ratios: list[float]) -> dict[float, torch.nn.Module]:
+    """The float32 classifier in ``model_dir`` (under 1.0) and its ``svd`` compressions at each
+    kept ratio: speed and size depend on the ranks only, not on the method."""
+    from transformers import AutoModelForSequenceClassification
+
+    dense = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    models = {1.0: dense}
+    for ratio in ratios:
+        models[ratio], _ = compress(copy.deepcopy(dense), WSVDConfig(method="svd", param_ratio=ratio),
+                                    show_progress=False)
+    return models
 
 
 def _cached(key: str, compute) -> dict:

@@ -12,19 +12,15 @@ solver that lowers the objective but not the task score shows it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 
 import torch
 
-from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_weight
 from hf_wsvd.solvers.risk import predicted_loss
 from hf_wsvd.statistics import FISHER
 
-from common import RESULTS, TASKS, load_task
+from common import RESULTS, TASKS, compare_methods
 from report import markdown_table, publish
 
 # benchmark variant → WSVDConfig options
@@ -42,34 +38,16 @@ VARIANTS = {
 
 
 @torch.no_grad()
-def objective(model, dense, fisher: dict[str, torch.Tensor], targets: dict[str, str]) -> float:
+def objective(model, dense, stats, targets: dict[str, str]) -> dict[str, float]:
     """Σ over layers of ½ Σ F (W − W')²: the Fisher-predicted loss increase of the compression
     (layers left dense add nothing)."""
     total = 0.0
     for name, full in targets.items():
         module = model.get_submodule(full)
         if isinstance(module, FactorizedLinear):
-            total += predicted_loss(linear_weight(dense.get_submodule(full)), fisher[name],
+            total += predicted_loss(linear_weight(dense.get_submodule(full)), stats.get(name, FISHER),
                                     module.up.weight, module.down.weight)
-    return total
-
-
-def run_task(task: str, ratios: list[float], variants: list[str], options: dict) -> list[dict]:
-    dense, dev, stats, targets = load_task(task)
-    rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
-    for ratio in ratios:
-        for variant in variants:
-            chosen = {**options, **VARIANTS[variant]}
-            config = WSVDConfig(param_ratio=ratio, seed=0, **chosen)
-            start = time.perf_counter()
-            model, report = compress(copy.deepcopy(dense), config, statistics=stats, show_progress=False)
-            seconds = time.perf_counter() - start
-            rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": chosen,
-                         **classification_metrics(*predict(model, dev)),
-                         "predicted_loss": objective(model, dense, {n: stats.get(n, FISHER) for n in targets}, targets),
-                         "factorize_seconds": seconds, "params_after": report.params_after})
-            print(rows[-1], flush=True)
-    return rows
+    return {"predicted_loss": total}
 
 
 def method_order(method: str) -> int:
@@ -97,9 +75,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     ratios = [float(r) for r in args.ratios.split(",")]
-    rows = []
-    for task in args.tasks.split(","):
-        rows += run_task(task, ratios, args.variants.split(","), options)
+    runs = [(variant, ratio, {**options, **VARIANTS[variant]}) for ratio in ratios for variant in args.variants.split(",")]
+    rows = [row for task in args.tasks.split(",") for row in compare_methods(task, runs, measure=objective)]
     if args.append:
         key = lambda r: (r["task"], r["method"], r["param_ratio"])  # noqa: E731
         new = {key(r) for r in rows}

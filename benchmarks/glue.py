@@ -13,12 +13,8 @@ them), dev scores. Suites:
 from __future__ import annotations
 
 import argparse
-import copy
 
-from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.evaluation import classification_metrics, predict
-
-from common import load_task
+from common import compare_methods
 from report import markdown_table, publish
 
 # benchmark variant → WSVDConfig settings
@@ -43,30 +39,15 @@ SUITES = {
 }
 
 
-def run_task(task: str, groups: list[tuple[list[str], list[float]]], num_samples: int) -> list[dict]:
-    dense, dev, stats, _ = load_task(task, num_samples, activations=True)
-    rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
-    for variant, ratio in [(v, r) for variants, ratios in groups for v in variants for r in ratios]:
-        config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **VARIANTS[variant])
-        model, report = compress(copy.deepcopy(dense), config, statistics=stats,
-                                 show_progress=False)
-        metrics = classification_metrics(*predict(model, dev))
-        rows.append({"task": task, "method": variant, "param_ratio": ratio, **metrics,
-                     "params_after": report.params_after, "params_before": report.params_before,
-                     "factorize_seconds": report.seconds["factorize"]})
-        print(rows[-1], flush=True)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="core")
     parser.add_argument("--tasks", default="sst2,mrpc")
     parser.add_argument("--num-samples", type=int, default=512)
     args = parser.parse_args()
-    rows = []
-    for task in args.tasks.split(","):
-        rows += run_task(task, SUITES[args.suite], args.num_samples)
+    runs = [(v, r, VARIANTS[v]) for variants, ratios in SUITES[args.suite] for v in variants for r in ratios]
+    rows = [row for task in args.tasks.split(",")
+            for row in compare_methods(task, runs, args.num_samples, activations=True)]
     headers = ["task", "method", "kept ratio", "accuracy", "F1", "majority-class share"]
     table = markdown_table(headers, [
         [r["task"], r["method"], r["param_ratio"], r["accuracy"], r.get("f1", float("nan")), r["majority_share"]]

@@ -8,7 +8,6 @@ and rank-correlate them (Spearman) with each metric computed from the Fisher.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
@@ -18,14 +17,14 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from hf_wsvd.allocation import rank_for_ratio  # noqa: E402
-from hf_wsvd.solvers import risk  # noqa: E402
 from hf_wsvd.solvers.elementwise import single_threaded_lapack  # noqa: E402
 from hf_wsvd.solvers.fwsvd import solve_fwsvd  # noqa: E402
 from hf_wsvd.solvers.registry import LayerProblem  # noqa: E402
+from hf_wsvd.solvers.risk import predicted_loss  # noqa: E402
 from hf_wsvd.statistics import FISHER  # noqa: E402
 from hf_wsvd.linalg import truncated_svd  # noqa: E402
 
-from common import RESULTS, TASKS, load_task  # noqa: E402
+from common import RESULTS, load_task  # noqa: E402
 from report import markdown_table, publish  # noqa: E402
 
 METRICS = {
@@ -35,6 +34,26 @@ METRICS = {
     "svd_risk_relative": "½ΣF·(W−SVD)² / ½ΣF·W²",
     "fwsvd_risk_relative": "½ΣF·(W−FWSVD)² / ½ΣF·W²",
 }
+
+
+def fisher_variance(fisher: torch.Tensor) -> float:
+    """Variance of the Fisher entries: the TFWSVD study's predictor (large variance → plain SVD,
+    which ignores importance, drops much accuracy), in the Fisher's own units."""
+    return float(fisher.double().var())
+
+
+def fisher_cv2(fisher: torch.Tensor) -> float:
+    """Squared coefficient of variation of the Fisher entries: the variance without its scale."""
+    f = fisher.double()
+    mean = f.mean()
+    return float(f.var() / mean.square()) if mean > 0 else 0.0
+
+
+def relative_risk(weight: torch.Tensor, fisher: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """``predicted_loss`` of the factors over that of dropping the matrix (½ Σ F W²): the share of
+    the matrix's Fisher-weighted content the factorization loses, scale-free across tasks."""
+    energy = 0.5 * float((fisher.double() * weight.double().square()).sum())
+    return predicted_loss(weight, fisher, up, down) / energy if energy > 0 else 0.0
 
 
 @torch.no_grad()
@@ -56,13 +75,13 @@ def matrix_metrics(weight: torch.Tensor, fisher: torch.Tensor, rank: int) -> tup
     with single_threaded_lapack(weight.device):
         up, down = truncated_svd(weight.double(), rank)
         fw = solve_fwsvd(LayerProblem("m", weight.double(), rank, fisher=fisher.double()))
-    svd = risk.predicted_loss(weight, fisher, up, down)
+    svd = predicted_loss(weight, fisher, up, down)
     return {
-        "fisher_variance": risk.fisher_variance(fisher),
-        "fisher_cv2": risk.fisher_cv2(fisher),
+        "fisher_variance": fisher_variance(fisher),
+        "fisher_cv2": fisher_cv2(fisher),
         "svd_risk": svd,
-        "svd_risk_relative": risk.relative_risk(weight, fisher, up, down),
-        "fwsvd_risk_relative": risk.relative_risk(weight, fisher, *fw),
+        "svd_risk_relative": relative_risk(weight, fisher, up, down),
+        "fwsvd_risk_relative": relative_risk(weight, fisher, *fw),
     }, (up @ down).float()
 
 

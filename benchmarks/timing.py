@@ -55,6 +55,22 @@ def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]
     return graph.replay
 
 
+def token_batch(vocab_size: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    """Random token ids (above the low ids where tokenizers keep their specials)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(100, vocab_size, (batch, length), generator=generator, device=device)
+
+
+def verdict(met: bool) -> str:
+    """How a table note states whether a target was reached."""
+    return "met" if met else "NOT met"
+
+
+def load_range(loadavg: list[float]) -> str:
+    """The 1-minute load average before–after a measurement (``os.getloadavg()``)."""
+    return "–".join(f"{v:.1f}" for v in loadavg)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -67,6 +83,15 @@ def speedup(baseline: list[float], other: list[float]) -> float:
 def add_json_arguments(parser) -> None:
     parser.add_argument("--json-out", help="measure and write the measurement here (no README/RESULTS update)")
     parser.add_argument("--from-json", nargs="+", help="render measurement files (or a published results file)")
+
+
+def with_key(runs: list[dict], key: str) -> list[dict]:
+    """The runs that measured ``key`` (a ``--from-json`` file may hold other benchmarks' runs too,
+    as the results of the former all-in-one ``speed.py`` do)."""
+    found = [run for run in runs if run.get(key)]
+    if not found:
+        raise SystemExit(f"no {key!r} measurements in these runs: measure them, or pass --from-json files that hold them")
+    return found
 
 
 def measured_runs(args, measure) -> list[dict]:

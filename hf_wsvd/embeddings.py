@@ -13,7 +13,7 @@ from torch import nn
 
 from .allocation import rank_for_ratio
 from .config import WSVDConfig
-from .runtime.factorized_embedding import embedding_saves_parameters
+from .runtime.factorized_linear import saves_parameters
 from .runtime.modeling_wsvd import relative_module_name
 from .solvers import LayerProblem, get_solver
 from .swap import replace_embedding_with_factors
@@ -63,7 +63,7 @@ def compress_embeddings(
     weight = model.get_submodule(full_name).weight.detach()
     vocab_size, hidden = weight.shape
     rank = rank_for_ratio(vocab_size, hidden, config.embedding_ratio)
-    if not embedding_saves_parameters(vocab_size, hidden, rank):
+    if not saves_parameters(vocab_size, hidden, rank):
         raise ValueError(f"embedding_ratio={config.embedding_ratio} saves nothing on the {vocab_size}x{hidden} embeddings")
     solver = get_solver(config.resolved_embedding_method)
     name = relative_module_name(model, full_name)

@@ -3,15 +3,13 @@ perplexity."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
-from .tasks import CAUSAL_LM, REGRESSION, task_of
+from .tasks import CAUSAL_LM, REGRESSION, causal_lm_nll, task_of
 
 
 @torch.no_grad()
@@ -49,15 +47,14 @@ def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False
     """Token-level perplexity of a causal LM over ``loader`` (batches with ``labels``)."""
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
+    nll, tokens = [], []
     for batch in tqdm(loader, desc="perplexity", disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        total_loss += loss.item()
-        total_tokens += (targets != -100).sum().item()
-    return math.exp(total_loss / total_tokens)
+        sequence_nll, sequence_tokens = causal_lm_nll(logits, batch["labels"])
+        nll += sequence_nll.tolist()
+        tokens += sequence_tokens.tolist()
+    return metrics.perplexity(nll, tokens)
 
 
 def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> dict[str, float]:

@@ -54,7 +54,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
     Why an eigendecomposition of the float64 Gram matrix instead of an SVD: it is faster than a
     float32 SVD, 1.4–3.7× on CPU (``benchmarks/factorization.py``) and 8× on an H100 (4096 × 4096:
-    0.13 s against 1.1 s, ``benchmarks/speed.py --parts svd``), and float64 keeps ~8 digits even
+    0.13 s against 1.1 s, ``benchmarks/speed_svd.py``), and float64 keeps ~8 digits even
     for singular values at 1e-4 of the largest, although the Gram matrix squares them. The factors
     are projections (U_rᵀ·M or M·V_r), so the product is exactly the projection of ``matrix``
     onto the kept subspace, also where σ ≈ 0.

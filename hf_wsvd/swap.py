@@ -10,6 +10,7 @@ from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
 from .runtime.modeling_wsvd import (
     BASE_TYPE_KEY,
+    CLASS_PREFIX,
     MODEL_TYPE,
     RECIPE_KEY,
     tie_to_factorized_embeddings,
@@ -63,6 +64,6 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
         config.__dict__.pop("model_type", None)
         setattr(config, BASE_TYPE_KEY, base_type)
     setattr(config, RECIPE_KEY, recipe.to_dict())
-    if not type(model).__name__.startswith("Wsvd"):
+    if not type(model).__name__.startswith(CLASS_PREFIX):
         model.__class__ = wsvd_model_class(type(model))
     return model

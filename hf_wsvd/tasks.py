@@ -14,6 +14,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from .runtime.modeling_wsvd import CLASS_PREFIX
+
 CAUSAL_LM = "causal_lm"
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -33,7 +35,7 @@ _CLASSIFIER_CLASSES = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAM
 
 
 def _architecture_task(architecture: str, config) -> str | None:
-    architecture = architecture.removeprefix("Wsvd")
+    architecture = architecture.removeprefix(CLASS_PREFIX)
     if architecture in _CAUSAL_CLASSES:
         return CAUSAL_LM
     if architecture in _CLASSIFIER_CLASSES:
@@ -91,12 +93,15 @@ def per_example_loss(task: str) -> LossFn:
             return F.cross_entropy(logits, labels, reduction="none")
         if task == REGRESSION:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
-        # Causal LM: mean token loss of each sequence, next-token targets, -100 ignored.
-        targets = labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )
-        counts = (targets != -100).sum(dim=1).clamp_min(1)
-        return token_loss.sum(dim=1) / counts
+        nll, tokens = causal_lm_nll(logits, labels)  # causal LM: mean token loss of each sequence
+        return nll / tokens.clamp_min(1)
 
     return loss
+
+
+def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token negative log-likelihood, number of predicted tokens) of each sequence of a
+    causal LM batch; labels of -100 are not predicted."""
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return token_loss.sum(dim=1), (targets != -100).sum(dim=1)

@@ -19,10 +19,8 @@ ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1),
 
 
 @pytest.fixture
-def compressed(tmp_path, tokenizer) -> tuple[Path, list[str]]:
-    dense = tmp_path / "dense"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
+def compressed(tmp_path) -> tuple[Path, list[str]]:
+    dense = tiny.save(tiny.build("bert"), tmp_path / "dense")
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
     out = tmp_path / "compressed"
@@ -32,12 +30,10 @@ def compressed(tmp_path, tokenizer) -> tuple[Path, list[str]]:
     return out, argv
 
 
-def test_eval_data_may_be_a_dataset_folder_with_one_split(tmp_path, tokenizer):
+def test_eval_data_may_be_a_dataset_folder_with_one_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    dense = tmp_path / "dense"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
+    dense = tiny.save(tiny.build("bert"), tmp_path / "dense")
     rows = {"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]}
     DatasetDict({"test": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "eval_disk")
     out = tmp_path / "compressed"

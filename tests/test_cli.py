@@ -20,11 +20,8 @@ ROWS = [
 
 
 @pytest.fixture
-def classifier_dir(tmp_path, tokenizer):
-    path = tmp_path / "dense-classifier"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def classifier_dir(tmp_path):
+    return tiny.save(tiny.build("bert"), tmp_path / "dense-classifier")
 
 
 @pytest.fixture
@@ -65,10 +62,8 @@ def test_elementwise_methods_from_the_cli(tmp_path, classifier_dir, tsv, extra):
     assert main_output(model(**tiny.inputs("bert"))).isfinite().all()
 
 
-def test_compress_a_causal_lm_from_text(tmp_path, tokenizer):
-    dense = tmp_path / "dense-lm"
-    tiny.build("gpt2", "AutoModelForCausalLM").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
+def test_compress_a_causal_lm_from_text(tmp_path):
+    dense = tiny.save(tiny.build("gpt2"), tmp_path / "dense-lm")
     text = tmp_path / "calibration.txt"
     text.write_text("\n".join(s for s, _ in ROWS * 4) + "\n\n")
     out = tmp_path / "lm"
@@ -145,10 +140,8 @@ def test_installed_entry_point(tmp_path):
 @pytest.mark.parametrize("extra", [["--method", "whiten", "--allocation", "greedy"],
                                    ["--method", "fisher_whiten", "--sequential"],
                                    ["--method", "asvd", "--asvd-alpha", "1.0"]])
-def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra):
-    dense = tmp_path / "dense-lm"
-    tiny.build("llama", "AutoModelForCausalLM").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
+def test_activation_methods_from_the_cli(tmp_path, extra):
+    dense = tiny.save(tiny.build("llama"), tmp_path / "dense-lm")
     text = tmp_path / "calibration.txt"
     text.write_text("\n".join(s for s, _ in ROWS * 4))
     out = tmp_path / "lm"

@@ -1,4 +1,4 @@
-"""Element-wise weighted low-rank solvers (tfwsvd, rescue) and the risk metrics."""
+"""Element-wise weighted low-rank solvers (tfwsvd, rescue) and the predicted loss that rescue thresholds."""
 
 from __future__ import annotations
 
@@ -184,13 +184,12 @@ def test_rescue_refines_only_risky_matrices():
     assert weighted_loss(weight, importance, *always) < 0.99 * weighted_loss(weight, importance, *fwsvd)
 
 
-def test_risk_metrics():
+def test_predicted_loss():
     weight, fisher = _problem(13)
-    assert risk.fisher_cv2(torch.ones_like(fisher)) == 0.0
-    assert risk.fisher_variance(fisher) > 0
-    assert risk.svd_risk(weight, fisher, IN) == pytest.approx(0.0, abs=1e-20)
-    assert risk.svd_risk(weight, fisher, 1) > risk.svd_risk(weight, fisher, RANK) > 0
-    up, down = truncated_svd(weight, RANK)
-    # A Fisher constant along rows is exactly what FWSVD models: no mismatch.
-    row_constant = torch.rand(OUT, 1, dtype=torch.float64).expand(OUT, IN)
-    assert risk.row_mismatch(weight, row_constant, up, down) == pytest.approx(0.0, abs=1e-12)
+    assert risk.predicted_loss(weight, fisher, *truncated_svd(weight, IN)) == pytest.approx(0.0, abs=1e-20)
+    assert (risk.predicted_loss(weight, fisher, *truncated_svd(weight, 1))
+            > risk.predicted_loss(weight, fisher, *truncated_svd(weight, RANK)) > 0)
+    # A constant Fisher c weighs every entry alike: c/2 times the energy the truncated SVD drops.
+    tail = float(torch.linalg.svdvals(weight)[RANK:].square().sum())
+    constant = torch.full_like(fisher, 3.0)
+    assert risk.predicted_loss(weight, constant, *truncated_svd(weight, RANK)) == pytest.approx(1.5 * tail, rel=1e-9)

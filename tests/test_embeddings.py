@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import tiny
 from helpers import main_output, run_without_hf_wsvd
-from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, compress, parameter_counts
+from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, parameter_counts
 from hf_wsvd.cli import main as cli_main
 from hf_wsvd.embeddings import token_frequencies
 from hf_wsvd.runtime.factorized_embedding import FactorizedTiedHead
@@ -26,9 +26,8 @@ TIED = {
 }
 
 
-def _compress_embeddings(model, ratio=0.5, **overrides):
-    config = WSVDConfig(method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=ratio, **overrides)
-    return compress(model, config, show_progress=False)
+def _compress_embeddings(arch: str, auto_class: str | None = None, ratio=0.5, **overrides):
+    return tiny.compressed(arch, auto_class, param_ratio=1.0, embeddings=True, embedding_ratio=ratio, **overrides)
 
 
 # --------------------------------------------------------------------------- the module
@@ -68,7 +67,7 @@ def test_embeddings_only_compression_of_a_classifier():
     table = dense.bert.embeddings.word_embeddings.weight.detach().clone()
     with torch.no_grad():
         reference = main_output(dense(**tiny.inputs("bert")))
-    model, report = _compress_embeddings(dense, ratio=0.5)
+    model, report = _compress_embeddings("bert", ratio=0.5)
     assert report.ranks == {"embeddings.word_embeddings": 10}  # ⌊0.5·64·32/96⌋
     assert not any(isinstance(m, FactorizedLinear) for m in model.modules())
     assert isinstance(model.bert.embeddings.word_embeddings, FactorizedEmbedding)
@@ -83,8 +82,7 @@ def test_embeddings_only_compression_of_a_classifier():
 
 
 def test_linear_and_embedding_compression_combine():
-    model, report = compress(tiny.build("llama"), WSVDConfig(method="lp", p=1.25, param_ratio=0.5, embeddings=True),
-                             show_progress=False)
+    model, report = tiny.compressed("llama", method="lp", p=1.25, embeddings=True)
     assert "embed_tokens" in report.ranks and len(report.ranks) > 1
     assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(report.ranks) - 1
     assert model.config.wsvd["ranks"] == report.ranks and model.config.wsvd["p"] == 1.25
@@ -93,8 +91,7 @@ def test_linear_and_embedding_compression_combine():
 @pytest.mark.parametrize("arch", list(TIED))
 def test_tied_head_shares_the_factors(arch):
     auto, embedding_name, head_name = TIED[arch]
-    model = tiny.build(arch, auto)
-    model, _ = _compress_embeddings(model)
+    model, _ = _compress_embeddings(arch, auto)
     embedding, head = model.get_input_embeddings(), model.get_submodule(head_name)
     assert isinstance(embedding, FactorizedEmbedding) and isinstance(head, FactorizedTiedHead)
     assert head.weight is embedding.weight and head.proj.weight is embedding.proj.weight
@@ -107,7 +104,7 @@ def test_tied_head_shares_the_factors(arch):
 @pytest.mark.parametrize("arch", list(TIED))
 def test_tied_round_trip_is_exact(arch, tmp_path):
     auto_name, embedding_name, head_name = TIED[arch]
-    model, report = _compress_embeddings(tiny.build(arch, auto_name))
+    model, report = _compress_embeddings(arch, auto_name)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         reference = main_output(model(**tiny.inputs(arch)))
@@ -133,7 +130,7 @@ def test_tied_round_trip_is_exact(arch, tmp_path):
 
 
 def test_tie_survives_training():
-    model, _ = _compress_embeddings(tiny.build("llama"))
+    model, _ = _compress_embeddings("llama")
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     inputs = tiny.inputs("llama")
@@ -146,7 +143,7 @@ def test_tie_survives_training():
 
 
 def test_generate_with_a_factorized_tied_head(tmp_path):
-    model, _ = _compress_embeddings(tiny.build("llama"))
+    model, _ = _compress_embeddings("llama")
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = tiny.inputs("llama")["input_ids"][:1]
@@ -158,7 +155,7 @@ def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
     cases = {}
     for arch in ("llama", "bert"):
         auto_name = TIED[arch][0]
-        model, _ = _compress_embeddings(tiny.build(arch, auto_name))
+        model, _ = _compress_embeddings(arch, auto_name)
         model.save_pretrained(tmp_path / arch)
         with torch.no_grad():
             torch.save({"inputs": tiny.inputs(arch), "reference": main_output(model(**tiny.inputs(arch)))},
@@ -192,16 +189,15 @@ def test_token_frequencies_skip_padding():
     assert counts.tolist() == [0, 0, 0, 0, 0, 2, 0, 2, 0, 1, 0, 0]
 
 
-def test_frequency_weighting_needs_data_and_changes_the_factors(tokenizer):
+def test_frequency_weighting_needs_data_and_changes_the_factors():
     with pytest.raises(ValueError, match="embedding_weighting='frequency' needs importance data"):
-        _compress_embeddings(tiny.build("bert"), embedding_method="lp", embedding_weighting="frequency")
+        _compress_embeddings("bert", embedding_method="lp", embedding_weighting="frequency")
     frequent = tiny.inputs("bert", batch=8, length=12)
     frequent["input_ids"][:] = 9  # one token dominates the data
     batches = [frequent]
-    uniform, _ = _compress_embeddings(tiny.build("bert"), ratio=0.2, embedding_method="lp")
-    weighted, _ = compress(tiny.build("bert"), WSVDConfig(
-        method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=0.2, embedding_method="lp",
-        embedding_weighting="frequency"), batches, show_progress=False)
+    uniform, _ = _compress_embeddings("bert", ratio=0.2, embedding_method="lp")
+    weighted, _ = _compress_embeddings("bert", ratio=0.2, embedding_method="lp", embedding_weighting="frequency",
+                                       data=batches)
     dense = tiny.build("bert").bert.embeddings.word_embeddings.weight.detach()
 
     def error(model, row):
@@ -235,10 +231,8 @@ def test_config_round_trips_the_embedding_fields():
     assert WSVDConfig(method="lp", embeddings=True).resolved_embedding_method == "lp"
 
 
-def test_cli_compresses_embeddings_with_lp(tmp_path, tokenizer, capsys):
-    source = tmp_path / "dense"
-    tiny.build("bert").save_pretrained(source)
-    tokenizer.save_pretrained(source)
+def test_cli_compresses_embeddings_with_lp(tmp_path, capsys):
+    source = tiny.save(tiny.build("bert"), tmp_path / "dense")
     out = tmp_path / "out"
     code = cli_main(["compress", str(source), str(out), "--method", "lp", "--p", "1.25", "--param-ratio", "1",
                      "--embeddings", "--embedding-ratio", "0.5"])

@@ -10,26 +10,17 @@ import transformers
 
 import tiny
 from helpers import main_output, run_without_hf_wsvd
-from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.cli import main
 from hf_wsvd.export import densify, export_dense
 
 STOCK = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
-def _compressed(arch: str, path, tokenizer):
-    model = tiny.build(arch)
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
-
-
 def test_dense_export_loads_in_stock_transformers_with_equal_outputs(tmp_path, tokenizer):
     # bert: nn.Linear; gpt2: GPT-2 Conv1D; llama: tied embeddings. One interpreter without hf_wsvd
     # checks all three (starting one costs seconds).
     for arch in STOCK:
-        model = _compressed(arch, tmp_path / arch / "factorized", tokenizer)
+        model, _ = tiny.save_compressed(tmp_path / arch / "factorized", arch)
         inputs = tiny.inputs(arch)
         with torch.no_grad():
             reference = main_output(model(**inputs))
@@ -60,9 +51,8 @@ def test_dense_export_loads_in_stock_transformers_with_equal_outputs(tmp_path, t
 
 
 def test_densify_in_memory_gives_the_stock_class():
-    model = tiny.build("bert")
-    dense_params = sum(p.numel() for p in model.parameters())
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    dense_params = sum(p.numel() for p in tiny.build("bert").parameters())
+    model, _ = tiny.compressed("bert")
     densify(model)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.model_type == "bert"
     assert sum(p.numel() for p in model.parameters()) == dense_params
@@ -71,7 +61,7 @@ def test_densify_in_memory_gives_the_stock_class():
 
 
 def test_export_command(tmp_path, tokenizer, capsys):
-    _compressed("bert", tmp_path / "factorized", tokenizer)
+    tiny.save_compressed(tmp_path / "factorized", "bert")
     out = tmp_path / "dense"
     assert main(["export", str(tmp_path / "factorized"), str(out), "--dense"]) == 0
     assert "model_type=bert" in capsys.readouterr().out
@@ -102,9 +92,7 @@ def test_export_command(tmp_path, tokenizer, capsys):
 @pytest.mark.parametrize("arch, auto, head", [("llama", "AutoModelForCausalLM", "lm_head"),
                                               ("bert", "AutoModelForMaskedLM", "cls.predictions.decoder")])
 def test_densify_factorized_embeddings_and_tied_heads(arch, auto, head, tmp_path):
-    model = tiny.build(arch, auto)
-    config = WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_ratio=0.5)
-    model, _ = compress(model, config, show_progress=False)
+    model, _ = tiny.compressed(arch, auto, embeddings=True, embedding_ratio=0.5)
     inputs = tiny.inputs(arch)
     with torch.no_grad():
         reference = model(**inputs).logits

@@ -315,7 +315,7 @@ def test_rank_for_ratio_is_at_least_one():
 
 
 def test_ranks_round_down_to_the_rank_multiple():
-    from hf_wsvd import WSVDConfig, compress
+    from hf_wsvd import WSVDConfig
     import tiny
     from hf_wsvd.allocation import round_rank
 
@@ -324,10 +324,9 @@ def test_ranks_round_down_to_the_rank_multiple():
     exact, aligned = uniform_ranks(shapes, 0.6), uniform_ranks(shapes, 0.6, multiple=8)
     assert exact == {"a": 1228, "b": 1791, "c": 4} and aligned == {"a": 1224, "b": 1784, "c": 4}
     assert aligned == {n: round_rank(r, 8) for n, r in exact.items()}
-    _, report = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.6), show_progress=False)
+    _, report = tiny.compressed("bert", param_ratio=0.6)
     assert report.ranks and all(r % 8 == 0 for r in report.ranks.values())
-    _, report = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.6, rank_multiple=1),
-                         show_progress=False)
+    _, report = tiny.compressed("bert", param_ratio=0.6, rank_multiple=1)
     assert any(r % 8 for r in report.ranks.values())
     with pytest.raises(ValueError, match="rank_multiple=0"):
         WSVDConfig(rank_multiple=0)

@@ -13,10 +13,10 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import tiny
-from hf_wsvd import WSVDConfig, compress, metrics
+from hf_wsvd import WSVDConfig, metrics
 from hf_wsvd.cli import main
 from hf_wsvd.data import load_table
-from hf_wsvd.evaluation import evaluate_model
+from hf_wsvd.evaluation import evaluate_model, perplexity
 from hf_wsvd.workflow import data_loader
 
 PRED = [1, 0, 1, 1, 0, 1, 0, 0]
@@ -109,10 +109,17 @@ def test_evaluate_model_follows_the_task(tokenizer):
     assert set(result) == {"perplexity"} and 1 < result["perplexity"] < 200  # random model, vocab 64
 
 
+def test_perplexity_is_the_exponential_of_the_models_own_mean_token_loss():
+    lm = tiny.build("llama")
+    batch = tiny.inputs("llama", batch=3, length=9)  # the first row's padded tail is not predicted
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = math.exp(lm(**batch).loss.item())
+    assert perplexity(lm, [batch]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, tokenizer, capsys):
-    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(tmp_path / "clf")
-    tokenizer.save_pretrained(tmp_path / "clf")
+    model, _ = tiny.save_compressed(tmp_path / "clf", "bert")
     table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
     DatasetDict({"validation": table, "train": table}).save_to_disk(tmp_path / "glue")
     capsys.readouterr()
@@ -124,9 +131,7 @@ def test_eval_command_on_a_compressed_classifier_and_a_causal_lm(tmp_path, token
         predicted = model(**encoded).logits.argmax(-1).numpy()
     assert printed["accuracy"] == pytest.approx(metrics.accuracy(predicted, [l for _, l in ROWS]))
 
-    lm, _ = compress(tiny.build("gpt2"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    lm.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+    tiny.save_compressed(tmp_path / "lm", "gpt2")
     (tmp_path / "text.txt").write_text("\n".join(s for s, _ in ROWS * 4) + "\n")
     assert main(["eval", str(tmp_path / "lm"), "--data", str(tmp_path / "text.txt"), "--max-length", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1

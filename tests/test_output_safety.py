@@ -40,19 +40,17 @@ def snapshot(folder) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def project(tmp_path, tokenizer):
+def project(tmp_path):
     """proj/models/tiny (a dense classifier), proj/notes.txt and proj/train.tsv."""
     root = tmp_path / "proj"
-    tiny.build("bert").save_pretrained(root / "models" / "tiny")
-    tokenizer.save_pretrained(root / "models" / "tiny")
+    tiny.save(tiny.build("bert"), root / "models" / "tiny")
     (root / "notes.txt").write_text("mine")
     (root / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
     return root
 
 
 def _checkpoint(path, seed: int = 0) -> None:
-    model, _ = compress(tiny.build("bert", seed=seed), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(path)
+    tiny.save_compressed(path, "bert", seed=seed, with_tokenizer=False)
 
 
 @pytest.mark.parametrize("output, overwrite, message", [
@@ -206,8 +204,7 @@ def test_nan_weight_names_the_layer(project, capsys):
     model = tiny.build("bert")
     with torch.no_grad():
         model.bert.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
-    model.save_pretrained(project / "nan")
-    tiny.tokenizer().save_pretrained(project / "nan")
+    tiny.save(model, project / "nan")
     assert run(["compress", str(project / "nan"), str(project / "out"), "--method", "svd"]) == 2
     assert "non-finite factors for 'encoder.layer.1.output.dense'" in one_error(capsys)
     assert not (project / "out").exists()
@@ -257,8 +254,7 @@ def test_huge_weights_with_lp_are_one_line(project, capsys):
     model = tiny.build("bert")
     with torch.no_grad():
         model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = 3e38
-    model.save_pretrained(project / "huge")
-    tiny.tokenizer().save_pretrained(project / "huge")
+    tiny.save(model, project / "huge")
     assert run(["compress", str(project / "huge"), str(project / "out"), "--method", "lp"]) == 2
     error = one_error(capsys)
     assert "decomposition failed" in error or "NaN or inf" in error, error

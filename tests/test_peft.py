@@ -9,7 +9,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import tiny
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd import FactorizedLinear
 from hf_wsvd.peft_lora import (
     FactorizedLoraLayer,
     factorized_module_names,
@@ -22,11 +22,8 @@ AUTO = transformers.AutoModelForSequenceClassification
 
 
 def _compressed_dir(tmp_path):
-    model = tiny.build("bert", "AutoModelForSequenceClassification")
-    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    path = tmp_path / "base"
-    model.save_pretrained(path)
-    return path, report.ranks
+    _, report = tiny.save_compressed(tmp_path / "base", "bert", with_tokenizer=False)
+    return tmp_path / "base", report.ranks
 
 
 def _logits(model) -> torch.Tensor:
@@ -117,9 +114,7 @@ def test_the_readme_lora_examples_run(tmp_path, monkeypatch):
     section = readme.split("### LoRA adapters (peft)", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
-    model = tiny.build("bert", "AutoModelForSequenceClassification")
-    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(tmp_path / "sst2-fwsvd")
+    _, report = tiny.save_compressed(tmp_path / "sst2-fwsvd", "bert", with_tokenizer=False)
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README.md (LoRA, inner linears)", "exec"), {})
     assert _ranks(AUTO.from_pretrained("sst2-fwsvd-merged")) == report.ranks

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -12,15 +10,7 @@ from transformers import pipeline
 
 import tiny
 from helpers import FolderHub, main_output, run_without_hf_wsvd
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress
-
-
-def _save_compressed(arch: str, auto_class: str, path: Path, tokenizer) -> torch.nn.Module:
-    model = tiny.build(arch, auto_class)
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
+from hf_wsvd import FactorizedLinear
 
 
 def _n_factorized(model) -> int:
@@ -28,7 +18,7 @@ def _n_factorized(model) -> int:
 
 
 def test_text_classification_pipeline(tmp_path, tokenizer):
-    model = _save_compressed("bert", "AutoModelForSequenceClassification", tmp_path, tokenizer)
+    model, _ = tiny.save_compressed(tmp_path, "bert")
     classify = pipeline("text-classification", model=str(tmp_path), top_k=None)
     assert _n_factorized(classify.model) == 12
     scores = classify(["the movie was great"])[0]
@@ -39,7 +29,7 @@ def test_text_classification_pipeline(tmp_path, tokenizer):
 
 
 def test_fill_mask_pipeline(tmp_path, tokenizer):
-    model = _save_compressed("bert", "AutoModelForMaskedLM", tmp_path, tokenizer)
+    model, _ = tiny.save_compressed(tmp_path, "bert", "AutoModelForMaskedLM")
     fill = pipeline("fill-mask", model=str(tmp_path))
     assert _n_factorized(fill.model) == 12
     predictions = fill("the movie was [MASK]")
@@ -52,7 +42,7 @@ def test_fill_mask_pipeline(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_text_generation_pipeline(tmp_path, tokenizer, arch):
-    model = _save_compressed(arch, "AutoModelForCausalLM", tmp_path, tokenizer)
+    model, _ = tiny.save_compressed(tmp_path, arch, "AutoModelForCausalLM")
     generate = pipeline("text-generation", model=str(tmp_path))
     assert _n_factorized(generate.model) == _n_factorized(model) > 0
     out = generate("the movie", max_new_tokens=5, do_sample=False, return_tensors=True)[0]
@@ -67,8 +57,7 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
     # No Hub here: the card transformers would fetch from the repo starts empty.
     monkeypatch.setattr(transformers.utils.hub, "create_and_tag_model_card",
                         lambda repo_id, tags=None, token=None: ModelCard.from_template(ModelCardData()))
-    model = tiny.build("llama", "AutoModelForCausalLM")
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, _ = tiny.compressed("llama")
     model.push_to_hub("user/tiny-llama-wsvd")
     uploaded = set(hub.commits[0])
     assert {"config.json", "model.safetensors", "modeling_wsvd.py", "factorized_linear.py"} <= uploaded

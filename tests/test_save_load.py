@@ -10,17 +10,13 @@ import transformers
 
 import tiny
 from helpers import main_output, run_without_hf_wsvd
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd import FactorizedLinear
 
 ARCHS = list(tiny.CONFIGS)
 
 
-def _compressed(arch: str, path, tokenizer=None):
-    model = tiny.build(arch)
-    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+def _compressed(arch: str, path):
+    model, report = tiny.save_compressed(path, arch, with_tokenizer=False)
     with torch.no_grad():
         reference = main_output(model(**tiny.inputs(arch)))
     return model, report, reference

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import tiny
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd import FactorizedLinear, WSVDConfig
 from hf_wsvd.allocation import kept_ratio, uniform_ranks
 from hf_wsvd.cli import build_parser
 
@@ -35,7 +35,7 @@ class OpLog(TorchDispatchMode):
 
 
 def compressed(arch: str, ratio: float = 0.5, **config):
-    model, _ = compress(tiny.build(arch), WSVDConfig(method="svd", param_ratio=ratio, **config), show_progress=False)
+    model, _ = tiny.compressed(arch, param_ratio=ratio, **config)
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())
     return model.eval()
 
@@ -193,8 +193,7 @@ def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
             shapes[name.removeprefix("bert.")] = (module.in_features, module.out_features)
     ratios = {n: kept_ratio(*shapes[n], r) for n, r in recipe_ranks.items()}
     cut = sorted(ratios.values())[len(ratios) // 2]
-    model, report = compress(tiny.build("bert"), WSVDConfig(method="svd", allocation="greedy", rank_multiple=1,
-                                                             max_kept_ratio_for_speed=cut), show_progress=False)
+    model, report = tiny.compressed("bert", allocation="greedy", rank_multiple=1, max_kept_ratio_for_speed=cut)
     expected = {n: r for n, r in recipe_ranks.items() if ratios[n] <= cut}
     assert report.ranks == expected and 0 < len(expected) < len(recipe_ranks)
     slow = sorted(set(recipe_ranks) - set(expected))
@@ -205,9 +204,7 @@ def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
 
 def test_compressor_refuses_when_every_layer_is_too_slow():
     with pytest.raises(ValueError, match="max_kept_ratio_for_speed=0.5"):
-        compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.7, max_kept_ratio_for_speed=0.5,
-                                                rank_multiple=1),
-                 show_progress=False)
+        tiny.compressed("bert", param_ratio=0.7, max_kept_ratio_for_speed=0.5, rank_multiple=1)
 
 
 def test_cli_passes_max_kept_ratio_for_speed():

@@ -11,7 +11,7 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 import tiny
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd import FactorizedLinear
 
 SENTENCES = ["the movie was great", "awful plot", "really good story", "bad actor", "not a good film",
              "very fine film", "the story is awful", "good"]
@@ -25,8 +25,7 @@ def _dataset(tokenizer) -> list[dict]:
 
 
 def test_trainer_fine_tunes_factors_and_checkpoints_reload_factorized(tmp_path, tokenizer):
-    model = tiny.build("bert", "AutoModelForSequenceClassification")
-    model, report = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, report = tiny.compressed("bert")
     layer = model.bert.encoder.layer[0].attention.self.query
     before = {"up": layer.up.weight.detach().clone(), "down": layer.down.weight.detach().clone()}
     assert all(p.requires_grad for p in layer.parameters())
@@ -61,8 +60,7 @@ def test_trainer_fine_tunes_factors_and_checkpoints_reload_factorized(tmp_path, 
 
 
 def test_trainer_resumes_from_a_factorized_checkpoint(tmp_path, tokenizer):
-    model = tiny.build("bert", "AutoModelForSequenceClassification")
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, _ = tiny.compressed("bert")
     args = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, learning_rate=1e-2,
                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0, save_steps=2)
     data, collator = _dataset(tokenizer), DataCollatorWithPadding(tokenizer)
@@ -75,8 +73,7 @@ def test_trainer_resumes_from_a_factorized_checkpoint(tmp_path, tokenizer):
 
 
 def test_trainer_on_a_causal_lm(tmp_path, tokenizer):
-    model = tiny.build("llama", "AutoModelForCausalLM")
-    model, _ = compress(model, WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, _ = tiny.compressed("llama")
     ids = tokenizer(SENTENCES)["input_ids"]
     data = [{"input_ids": i, "labels": i} for i in ids]
     trainer = Trainer(model=model, train_dataset=data,
@@ -99,8 +96,7 @@ def test_the_recovery_example_runs_without_datasets(tmp_path, tokenizer, monkeyp
     from pathlib import Path
 
     model_dir, data_dir = tmp_path / "model", tmp_path / "SST-2"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    tiny.save(tiny.build("bert"), model_dir)
     data_dir.mkdir()
     rows = "".join(f"{s}\t{int('good' in s or 'great' in s or 'fine' in s)}\n" for s in SENTENCES * 3)
     with gzip.open(data_dir / "train.tsv.gz", "wt") as handle:

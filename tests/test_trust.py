@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from helpers import run_without_hf_wsvd
-from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.cli import main
 
 QUERY = "encoder.layer.0.attention.self.query"
@@ -21,12 +20,9 @@ AUTO = transformers.AutoModelForSequenceClassification
 
 
 @pytest.fixture
-def checkpoint(tmp_path, tokenizer):
-    path = tmp_path / "ckpt"
-    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def checkpoint(tmp_path):
+    tiny.save_compressed(tmp_path / "ckpt", "bert")
+    return tmp_path / "ckpt"
 
 
 def edit_config(path, change) -> None:
@@ -104,7 +100,7 @@ def test_damaged_checkpoints_fail_clearly_through_the_saved_code(tmp_path, token
     """The same cases in an interpreter without hf_wsvd (trust_remote_code=True). A bogus method
     name passes there: the saved code cannot know the package's method list."""
     folders = {}
-    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model, _ = tiny.compressed("bert")
     for i, (case, config_edit, weights_edit, _, message) in enumerate(CASES):
         path = tmp_path / f"case{i}"
         model.save_pretrained(path)
@@ -149,9 +145,7 @@ def test_model_type_edited_back_to_the_base_type(checkpoint, capsys):
 def test_model_type_edited_back_fails_loudly_with_a_factorized_embedding(tmp_path):
     """A factorized embedding's table (vocab × r) has the dense table's name, so a stock load
     raises on the shape."""
-    config = WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_ratio=0.5)
-    model, _ = compress(tiny.build("bert"), config, show_progress=False)
-    model.save_pretrained(tmp_path)
+    tiny.save_compressed(tmp_path, "bert", with_tokenizer=False, embeddings=True, embedding_ratio=0.5)
     edit_config(tmp_path, lambda c: c.update(model_type="bert"))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AUTO.from_pretrained(tmp_path)

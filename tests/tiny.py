@@ -87,3 +87,29 @@ def inputs(arch: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict[st
     if arch == "t5":
         result["decoder_input_ids"] = ids[:, :4]
     return result
+
+
+def compressed(arch: str = "bert", auto_class: str | None = None, seed: int = 0, data=None, **config):
+    """``(model, report)``: a tiny model of ``arch`` compressed with ``svd`` at kept ratio 0.5, or
+    with the ``WSVDConfig`` fields in ``config`` (and importance ``data``)."""
+    from hf_wsvd import WSVDConfig, compress
+
+    config = {"method": "svd", "param_ratio": 0.5, **config}
+    return compress(build(arch, auto_class, seed), WSVDConfig(**config), data, show_progress=False)
+
+
+def save(model, path, with_tokenizer: bool = True):
+    """``model`` saved to ``path`` with the tiny tokenizer (what the CLI and pipelines load);
+    returns ``path``."""
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer().save_pretrained(path)
+    return path
+
+
+def save_compressed(path, arch: str = "bert", auto_class: str | None = None, with_tokenizer: bool = True, **config):
+    """``compressed(arch, auto_class, **config)`` saved to ``path`` (with the tokenizer); returns
+    ``(model, report)``."""
+    model, report = compressed(arch, auto_class, **config)
+    save(model, path, with_tokenizer)
+    return model, report

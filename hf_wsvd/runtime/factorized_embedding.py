@@ -26,11 +26,6 @@ def _check_rank(rank: int, vocab: int, hidden: int) -> None:
         )
 
 
-def embedding_saves_parameters(num_embeddings: int, embedding_dim: int, rank: int) -> bool:
-    """Whether a rank-``rank`` factorization holds fewer weights than the dense table."""
-    return rank * (num_embeddings + embedding_dim) < num_embeddings * embedding_dim
-
-
 class FactorizedEmbedding(nn.Module):
     """A drop-in replacement for ``nn.Embedding(num_embeddings, embedding_dim)`` of rank ``rank``:
     ``forward(ids) = proj(weight[ids])``.

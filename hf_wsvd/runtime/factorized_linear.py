@@ -33,7 +33,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
-    """Whether rank ``rank`` factors hold fewer weights than the dense ``out × in`` matrix."""
+    """Whether rank ``rank`` factors hold fewer weights than the dense ``out × in`` matrix (or
+    embedding table: the rule is symmetric in the two sides)."""
     return rank * (in_features + out_features) < in_features * out_features
 
 
