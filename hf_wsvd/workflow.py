@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import WSVDConfig
-from .data import load_table, make_dataloader, resolve_columns, sample, tokenize
+from .data import load_table, make_dataloader, resolve_columns, subset, tokenize
 from .tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -72,18 +72,20 @@ def data_loader(
     split: str | None = None,
 ) -> DataLoader:
     """Batches of the model's task from a data file, a ``save_to_disk`` folder (``split`` picks a
-    DatasetDict's split) or a ``datasets.Dataset``: ``config.num_samples`` seeded random rows
-    (all rows when ``shuffle`` is False and ``num_samples`` is None), tokenized to
-    ``config.max_length``."""
+    DatasetDict's split) or a ``datasets.Dataset``: ``config.num_samples`` seeded random examples
+    (the first ``num_samples``, or all, when ``shuffle`` is False), tokenized to
+    ``config.max_length``. A classifier's examples are rows, sampled before tokenizing; a causal
+    LM's are blocks of the whole text, sampled after."""
     task = task_of(model)
     table = load_table(data_path, split)
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
+    count = num_samples or config.num_samples if shuffle else num_samples
+    if task != CAUSAL_LM:
+        table = subset(table, count, config.seed, shuffle)
     encoded = tokenize(
         table, tokenizer, task, text_columns, label_column, config.max_length,
         label2id=model.config.label2id, num_labels=model.config.num_labels,
     )
-    if shuffle:
-        encoded = sample(encoded, num_samples or config.num_samples, config.seed)
-    elif num_samples is not None:
-        encoded = encoded.select(range(min(num_samples, len(encoded))))
+    if task == CAUSAL_LM:
+        encoded = subset(encoded, count, config.seed, shuffle)
     return make_dataloader(encoded, tokenizer, task, config.batch_size)

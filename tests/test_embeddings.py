@@ -27,6 +27,7 @@ TIED = {
 
 
 def _compress_embeddings(model, ratio=0.5, **overrides):
+    overrides.setdefault("rank_multiple", 1)  # the exact ranks of the tiny 64 × 32 tables
     config = WSVDConfig(method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=ratio, **overrides)
     return compress(model, config, show_progress=False)
 
@@ -201,7 +202,7 @@ def test_frequency_weighting_needs_data_and_changes_the_factors(tokenizer):
     uniform, _ = _compress_embeddings(tiny.build("bert"), ratio=0.2, embedding_method="lp")
     weighted, _ = compress(tiny.build("bert"), WSVDConfig(
         method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=0.2, embedding_method="lp",
-        embedding_weighting="frequency"), batches, show_progress=False)
+        embedding_weighting="frequency", rank_multiple=1), batches, show_progress=False)
     dense = tiny.build("bert").bert.embeddings.word_embeddings.weight.detach()
 
     def error(model, row):
@@ -244,7 +245,7 @@ def test_cli_compresses_embeddings_with_lp(tmp_path, tokenizer, capsys):
                      "--embeddings", "--embedding-ratio", "0.5"])
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
-    assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 10}
+    assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 8}  # ⌊0.5·64·32/96⌋ = 10 → --rank-multiple 8
     assert config["wsvd"]["p"] == 1.25 and config["wsvd"]["method"] == "lp"
     capsys.readouterr()
     assert cli_main(["inspect", str(out)]) == 0
