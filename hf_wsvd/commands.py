@@ -50,7 +50,9 @@ def add_commands(commands, columns) -> None:
     e = commands.add_parser("eval", help="task metrics (or perplexity) of a model on a data file", epilog=EVAL_EXAMPLES,
                             description="Accuracy, F1 and MCC for classifiers, Pearson/Spearman for regressors, "
                                         "perplexity for causal LMs; prints one JSON object.", **_formatter())
-    e.add_argument("path", help="model folder (compressed or dense) or Hub id")
+    e.add_argument("path", help="model folder (compressed or dense), Hub id, or .gguf file (evaluated dense: a "
+                                "baseline for compress)")
+    e.add_argument("--tokenizer", help="folder or Hub id of the tokenizer (default: the model's own)")
     e.add_argument("--data", required=True, help="TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder")
     add_data_arguments(e, columns)
     e.add_argument("--max-length", type=positive_int, default=128, help="token truncation / block length (default: 128)")
@@ -96,11 +98,13 @@ def check_data(path: str | None) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .workflow import load_model_and_tokenizer
 
     check_data(args.data)
-    model, tokenizer = load_model_and_tokenizer(args.path)
-    model.float()
+    # As compress loads its input: the same sources (folder, Hub id, .gguf), in float32.
+    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, dtype=torch.float32)
     metrics = evaluate_path(model, tokenizer, args.data, args, args.split, args.num_samples)
     print(json.dumps({"model": args.path, "data": args.data, **metrics}, indent=2))
 
