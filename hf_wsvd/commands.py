@@ -45,6 +45,22 @@ def add_data_arguments(parser: argparse.ArgumentParser, columns) -> None:
     parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
 
 
+def _hub_model_id(text: str) -> str:
+    """An argparse type: a Hub model id (``user/name``), never a local path."""
+    from .card import hub_id
+
+    if hub_id(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub model id (user/name)")
+    return text
+
+
+def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """``compress``'s model-card options beyond --repo-id and --eval-data."""
+    parser.add_argument("--base-model", type=_hub_model_id,
+                        help="Hub id of the dense model, recorded as the card's base_model when MODEL is a local "
+                             "copy (default: MODEL, or the _name_or_path its config records, if a Hub id; else none)")
+
+
 def add_commands(commands, columns) -> None:
     """Register ``eval``, ``export`` and ``push`` on the ``hf-wsvd`` subparsers."""
     e = commands.add_parser("eval", help="task metrics (or perplexity) of a model on a data file", epilog=EVAL_EXAMPLES,
@@ -151,4 +167,5 @@ def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation
 
     command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
     write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
-               evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples)
+               evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples,
+               base_model_hub_id=getattr(args, "base_model", None))
