@@ -38,13 +38,52 @@ _PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-c
 
 @dataclass
 class Evaluation:
-    """Metrics of the compressed model on one dataset split (``metrics``: name → value)."""
+    """Metrics of the compressed model on one dataset split (``metrics``: name → value).
+
+    ``dataset`` names the data in the card's text (a local file's name); only with
+    ``dataset_type``, a Hub dataset id (and ``dataset_config``, its configuration), do the results
+    become ``model-index`` metadata, which the Hub requires to name a dataset it knows."""
 
     dataset: str
     metrics: dict[str, float]
     split: str = "validation"
-    dataset_type: str | None = None  # Hub dataset id; defaults to ``dataset``
+    dataset_type: str | None = None
+    dataset_config: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def hub_id(name: str | None) -> str | None:
+    """``name`` if it can only be a Hub repository id: a valid id that is no local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.exists(name) or name.endswith(".gguf"):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def base_model_id(source: str, model: PreTrainedModel, given: str | None = None) -> str | None:
+    """The Hub id of the dense model a compressed one came from: ``given`` (checked), else
+    ``source`` (what was loaded) if it is a Hub id, else the ``_name_or_path`` the model's config
+    or the source folder's ``config.json`` records, if that is one; None when none is (a local
+    path is never a ``base_model``)."""
+    import json
+
+    if given is not None:
+        if hub_id(given) is None:
+            raise ValueError(f"base model {given!r} is not a Hub model id (user/name)")
+        return given
+    recorded = [source, getattr(model.config, "_name_or_path", None)]
+    config_file = os.path.join(source, "config.json")
+    if os.path.isfile(config_file):
+        try:
+            recorded.append(json.loads(Path(config_file).read_text()).get("_name_or_path"))
+        except (OSError, ValueError):
+            pass  # an unreadable config records nothing; the model itself loaded from it
+    return next((found for found in map(hub_id, recorded) if found), None)
 
 
 def _task(model: PreTrainedModel) -> str | None:
@@ -104,7 +143,7 @@ def _importance_data(data: str | None, examples: int | None, recipe: dict) -> st
     if not data:
         return "none"
     used = f"{examples} examples" if examples is not None else f"at most {recipe.get('num_samples')} examples"
-    return f"`{data}` ({used})"
+    return f"`{os.path.basename(os.path.normpath(data))}` ({used}, local data)"
 
 
 def build_card(
@@ -115,13 +154,16 @@ def build_card(
     evaluation: Evaluation | None = None,
     repo_id: str | None = None,
     importance_examples: int | None = None,
+    base_model_hub_id: str | None = None,
 ) -> ModelCard:
     """The model card of a compressed model (``model`` holds its factorized layers and recipe).
 
-    ``base_model``: the dense model it came from (a Hub id becomes ``base_model`` metadata);
-    ``command``: the exact command that produced it; ``repo_id``: where it is (or will be) on the
-    Hub, used in the loading snippets; ``importance_examples``: how many examples the importance
-    data held (the recipe's ``num_samples`` is only an upper bound)."""
+    ``base_model``: the dense model it came from, as loaded (folder, Hub id or .gguf file);
+    ``base_model_hub_id``: its Hub id when ``base_model`` is a local copy (see
+    :func:`base_model_id`; only a Hub id becomes ``base_model`` metadata); ``command``: the exact
+    command that produced it; ``repo_id``: where it is (or will be) on the Hub, used in the loading
+    snippets; ``importance_examples``: how many examples the importance data held (the recipe's
+    ``num_samples`` is only an upper bound)."""
     from . import __version__
 
     recipe = recipe_of(model.config)
@@ -129,23 +171,28 @@ def build_card(
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model: no card to write")
     now, dense = parameter_counts(model)
     task = _task(model)
-    name = repo_id or os.path.basename(os.path.normpath(base_model)) + f"-{recipe['method']}"
+    hub_base = base_model_id(base_model, model, base_model_hub_id)
+    name = repo_id or os.path.basename(os.path.normpath(hub_base or base_model)) + f"-{recipe['method']}"
     eval_results = None
-    if evaluation is not None:
+    if evaluation is not None and evaluation.dataset_type:
         eval_results = [
-            EvalResult(task_type=_PIPELINE_TAGS.get(task, "other"), dataset_type=evaluation.dataset_type or evaluation.dataset,
-                       dataset_name=evaluation.dataset, dataset_split=evaluation.split, metric_type=metric,
-                       metric_name=metric, metric_value=float(value))
+            EvalResult(task_type=_PIPELINE_TAGS.get(task, "other"), dataset_type=evaluation.dataset_type,
+                       dataset_name=evaluation.dataset, dataset_config=evaluation.dataset_config,
+                       dataset_split=evaluation.split, metric_type=metric, metric_name=metric,
+                       metric_value=float(value))
             for metric, value in evaluation.metrics.items()
         ]
-    hub_base = base_model if not os.path.exists(base_model) and base_model.count("/") == 1 else None
     card_data = ModelCardData(
         model_name=name, base_model=hub_base, library_name="transformers", pipeline_tag=_PIPELINE_TAGS.get(task),
-        tags=["hf_wsvd", "low-rank", "compressed", recipe["method"]], eval_results=eval_results,
+        tags=["hf_wsvd", "compressed", "low-rank", recipe["method"]], eval_results=eval_results,
+        datasets=[evaluation.dataset_type] if eval_results else None,
         hf_wsvd={"method": recipe["method"], "param_ratio": recipe["param_ratio"], "params": now, "dense_params": dense},
     )
+    shown_base = (f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base
+                  else f"`{os.path.basename(os.path.normpath(base_model))}` (a local checkpoint)")
     return ModelCard.from_template(
-        card_data, template_path=str(template_path()), model_name=name, base_model=base_model, hf_wsvd_version=__version__,
+        card_data, template_path=str(template_path()), model_name=name, base_model=shown_base,
+        hf_wsvd_version=__version__,
         method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if recipe["method"] != "svd" else None,
         importance_data=_importance_data(importance_data, importance_examples, recipe),
         param_ratio=recipe["param_ratio"], params_after=f"{now:,}", params_before=f"{dense:,}",

@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import add_commands, add_data_arguments
+    from .commands import add_card_arguments, add_commands, add_data_arguments
 
     parser = _Parser(
         prog="hf-wsvd", description="Importance-weighted low-rank compression of transformers models.",
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
                                         "also the split named in the card (default there: validation)")
     c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
+    add_card_arguments(c)
     c.add_argument("--num-samples", type=int, default=512, help="examples used for importance (default: 512)")
     c.add_argument("--batch-size", type=int, default=8, help="importance batch size (default: 8)")
     c.add_argument("--max-length", type=int, default=128, help="token truncation / block length (default: 128)")

@@ -50,12 +50,30 @@ def add_data_arguments(parser: argparse.ArgumentParser, columns) -> None:
     parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
 
 
+def _hub_model_id(text: str) -> str:
+    """An argparse type: a Hub model id (``user/name``), never a local path."""
+    from .card import hub_id
+
+    if hub_id(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub model id (user/name)")
+    return text
+
+
+def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """``compress``'s model-card options beyond --repo-id and --eval-data."""
+    parser.add_argument("--base-model", type=_hub_model_id,
+                        help="Hub id of the dense model, recorded as the card's base_model when MODEL is a local "
+                             "copy (default: MODEL, or the _name_or_path its config records, if a Hub id; else none)")
+
+
 def add_commands(commands, columns) -> None:
     """Register ``eval``, ``export`` and ``push`` on the ``hf-wsvd`` subparsers."""
     e = commands.add_parser("eval", help="task metrics (or perplexity) of a model on a data file", epilog=EVAL_EXAMPLES,
                             description="Accuracy, F1 and MCC for classifiers, Pearson/Spearman for regressors, "
                                         "perplexity for causal LMs; prints one JSON object.", **_formatter())
-    e.add_argument("path", help="model folder (compressed or dense) or Hub id")
+    e.add_argument("path", help="model folder (compressed or dense), Hub id, or .gguf file (evaluated dense: a "
+                                "baseline for compress)")
+    e.add_argument("--tokenizer", help="folder or Hub id of the tokenizer (default: the model's own)")
     e.add_argument("--data", required=True, help="TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder")
     add_data_arguments(e, columns)
     e.add_argument("--max-length", type=positive_int, default=128, help="token truncation / block length (default: 128)")
@@ -122,11 +140,13 @@ def check_data(path: str | None) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .workflow import load_model_and_tokenizer
 
     check_data(args.data)
-    model, tokenizer = load_model_and_tokenizer(args.path)
-    model.float()
+    # As compress loads its input: the same sources (folder, Hub id, .gguf), in float32.
+    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, dtype=torch.float32)
     metrics = evaluate_path(model, tokenizer, args.data, args, args.split, args.num_samples)
     print(json.dumps({"model": args.path, "data": args.data, **metrics}, indent=2))
 
@@ -173,7 +193,8 @@ def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation
 
     command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
     write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
-               evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples)
+               evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples,
+               base_model_hub_id=getattr(args, "base_model", None))
 
 
 def run_heal(args: argparse.Namespace) -> None:

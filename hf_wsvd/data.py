@@ -4,6 +4,7 @@ tokenized for the model's task."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from .tasks import CAUSAL_LM, CLASSIFICATION
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
     from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 # extension → (datasets builder, builder options)
 _BUILDERS = {
@@ -73,8 +76,11 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
 def resolve_columns(
     dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None
 ) -> tuple[list[str], str | None]:
-    """Check the requested columns exist; default the text column to the first string column
-    and the label column to ``label``. Causal LMs take no label column."""
+    """Check the requested columns exist; default the label column to ``label`` and the text
+    columns to the string columns: for classifiers/regressors two of them (and no third) are a
+    sentence pair (``sentence1``/``sentence2``, MRPC's ``#1 String``/``#2 String``), else the
+    first one. A notice names the columns chosen when there was a choice. Causal LMs take no
+    label column."""
     columns = dataset.column_names
     for column in [*(text_columns or []), *([label_column] if label_column else [])]:
         if column not in columns:
@@ -90,7 +96,13 @@ def resolve_columns(
         strings = [c for c in columns if c != label_column and dataset.features[c].dtype in ("string", "large_string")]
         if not strings:
             raise ValueError(f"no text column among {columns}: name one (--text-columns)")
-        text_columns = strings[:1]
+        text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]
+        if len(text_columns) == 2:
+            logger.warning("using the text columns %r and %r as a sentence pair (--text-columns to choose)",
+                           *text_columns)
+        elif len(strings) > 1:
+            logger.warning("using the text column %r; not using %s (--text-columns to choose, two for a pair)",
+                           text_columns[0], ", ".join(map(repr, strings[1:])))
     if len(text_columns) > 2:
         raise ValueError(f"text_columns={text_columns}: at most two (a sentence pair) are supported")
     return list(text_columns), label_column
@@ -146,7 +158,7 @@ def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length
     ``max_length`` tokens (no chat template; the remainder is dropped)."""
     texts = [t for t in texts if t and t.strip()]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = list(chain.from_iterable(tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in texts))
+    ids = list(chain.from_iterable(row + eos for row in tokenizer(texts, add_special_tokens=False)["input_ids"]))
     blocks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
     if not blocks:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of max_length={max_length}")
@@ -158,6 +170,14 @@ def sample(dataset: "Dataset", num_samples: int, seed: int) -> "Dataset":
     if num_samples >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(num_samples))
+
+
+def subset(dataset: "Dataset", num_samples: int | None, seed: int, shuffle: bool) -> "Dataset":
+    """``sample`` of ``num_samples`` rows when ``shuffle``, else the first ``num_samples`` rows in
+    order (all rows when None)."""
+    if shuffle:
+        return sample(dataset, num_samples or len(dataset), seed)
+    return dataset if num_samples is None else dataset.select(range(min(num_samples, len(dataset))))
 
 
 def make_dataloader(dataset: "Dataset | list[dict]", tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int) -> DataLoader:

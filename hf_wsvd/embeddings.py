@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .allocation import rank_for_ratio
+from .allocation import rank_for_ratio, round_rank
 from .config import WSVDConfig
 from .runtime.factorized_linear import saves_parameters
 from .runtime.modeling_wsvd import relative_module_name
@@ -62,7 +62,10 @@ def compress_embeddings(
     full_name = input_embedding_name(model)
     weight = model.get_submodule(full_name).weight.detach()
     vocab_size, hidden = weight.shape
-    rank = rank_for_ratio(vocab_size, hidden, config.embedding_ratio)
+    rank = round_rank(rank_for_ratio(vocab_size, hidden, config.embedding_ratio), config.rank_multiple)
+    if rank == 0:
+        raise ValueError(f"embedding_ratio={config.embedding_ratio} gives the {vocab_size}x{hidden} embeddings a rank "
+                         f"below rank_multiple={config.rank_multiple}: raise embedding_ratio or lower rank_multiple")
     if not saves_parameters(vocab_size, hidden, rank):
         raise ValueError(f"embedding_ratio={config.embedding_ratio} saves nothing on the {vocab_size}x{hidden} embeddings")
     solver = get_solver(config.resolved_embedding_method)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from huggingface_hub import ModelCard
 import tiny
 from helpers import FolderHub, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, hub
+from hf_wsvd.card import Evaluation, build_card
 from hf_wsvd.cli import main
 
 ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0),
@@ -40,31 +43,78 @@ def test_eval_data_may_be_a_dataset_folder_with_one_split(tmp_path):
     assert main(["compress", str(dense), str(out), "--method", "svd", "--param-ratio", "0.5",
                  "--eval-data", str(tmp_path / "eval_disk")]) == 0
     card = ModelCard.load(out / "README.md")
-    assert {r.metric_type for r in card.data.eval_results} >= {"accuracy"}
+    assert "| eval_disk | validation | accuracy |" in card.text
+    assert card.data.eval_results is None  # a local folder is no Hub dataset id: text only
 
 
 def test_compress_writes_a_complete_card(compressed):
     out, argv = compressed
     card = ModelCard.load(out / "README.md")
     text = card.text
-    assert card.data.library_name == "transformers" and "hf_wsvd" in card.data.tags
-    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert card.data.library_name == "transformers" and {"hf_wsvd", "compressed", "low-rank"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-classification"
+    # Local input and data: no base_model, datasets or model-index metadata, which must name Hub ids.
+    assert card.data.base_model is None and card.data.datasets is None and card.data.eval_results is None
+    assert "base_model" not in (out / "README.md").read_text().split("---")[1]
+    results = dict(re.findall(r"\| train\.tsv \| validation \| (\w+) \| (-?[0-9.]+) \|", text))
     assert set(results) == {"accuracy", "f1", "matthews_correlation"}
-    assert all(r.dataset_name == "train.tsv" and r.task_type == "text-classification" for r in card.data.eval_results)
     assert card.data.hf_wsvd["method"] == "fwsvd" and card.data.hf_wsvd["param_ratio"] == 0.5
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     now = sum(p.numel() for p in model.parameters())
     assert card.data.hf_wsvd["params"] == now and f"{now:,}" in text
-    assert f"| base model | `{argv[1]}` |" in text and "`fwsvd`" in text and "train.tsv` (6 examples)" in text
+    assert "| base model | `dense` (a local checkpoint) |" in text and "`fwsvd`" in text
+    assert "`train.tsv` (6 examples, local data)" in text
     assert "hf-wsvd " + " ".join(argv) in text  # the exact command
     assert 'from_pretrained("user/tiny-fwsvd", trust_remote_code=True)' in text and "import hf_wsvd" in text
+    assert 'AutoTokenizer.from_pretrained("user/tiny-fwsvd", trust_remote_code=False)' in text
     assert "AutoModelForSequenceClassification" in text
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):
             assert f"| `{name.removeprefix('bert.')}` | {module.out_features} × {module.in_features} | {module.rank} |" in text
-    assert f"{results['accuracy']:.4f}" in text
     assert "](rank_per_layer.png)" in text
     assert (out / "rank_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_card_base_model_is_a_hub_id_or_absent(compressed, tmp_path, capsys):
+    """From the input if it is a Hub id, else the _name_or_path a config records, else --base-model;
+    a local path never."""
+    out, _ = compressed
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    local = str(tmp_path / "dense")
+    assert build_card(model, base_model=local, command="c").data.base_model is None
+    model.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"  # as loaded from the Hub
+    card = build_card(model, base_model=local, command="c")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "[`sentence-transformers/all-MiniLM-L6-v2`](https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2)" in card.text
+    model.config._name_or_path = local
+    # An older checkpoint's config.json records the Hub id it was saved from.
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    (tmp_path / "dense" / "config.json").write_text(json.dumps({**config, "_name_or_path": "google/bert_uncased_L-2_H-128_A-2"}))
+    assert build_card(model, base_model=local, command="c").data.base_model == "google/bert_uncased_L-2_H-128_A-2"
+    assert build_card(model, base_model="you/dense", command="c", base_model_hub_id="me/other").data.base_model == "me/other"
+    with pytest.raises(ValueError, match="'../x' is not a Hub model id"):
+        build_card(model, base_model=local, command="c", base_model_hub_id="../x")
+    argv = ["compress", local, str(tmp_path / "o"), "--method", "svd", "--base-model"]
+    assert main([*argv, "user/dense-model"]) == 0
+    assert ModelCard.load(tmp_path / "o" / "README.md").data.base_model == "user/dense-model"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "dense"), "--overwrite"])
+    assert "is not a Hub model id" in capsys.readouterr().err
+
+
+def test_card_model_index_names_a_hub_dataset(compressed):
+    out, _ = compressed
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    evaluation = Evaluation(dataset="GLUE SST-2", metrics={"accuracy": 0.875}, dataset_type="nyu-mll/glue",
+                            dataset_config="sst2")
+    card = build_card(model, base_model="user/dense", command="c", evaluation=evaluation)
+    card.save(out / "hub.md")
+    loaded = ModelCard.load(out / "hub.md").data
+    assert loaded.datasets == ["nyu-mll/glue"] and loaded.base_model == "user/dense"
+    [result] = loaded.eval_results
+    assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("nyu-mll/glue", "sst2", "validation")
+    assert (result.metric_type, result.metric_value, result.task_type) == ("accuracy", 0.875, "text-classification")
 
 
 def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monkeypatch, capsys):
@@ -84,7 +134,7 @@ def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monk
     for name in uploaded:
         assert (repo / name).read_bytes() == (out / name).read_bytes(), name
     metadata = ModelCard.load(repo / "README.md").data.to_dict()
-    assert metadata["model-index"][0]["results"][0]["metrics"] and metadata["library_name"] == "transformers"
+    assert metadata["hf_wsvd"]["method"] == "fwsvd" and metadata["library_name"] == "transformers"
 
     inputs = tiny.inputs("bert")
     with torch.no_grad():

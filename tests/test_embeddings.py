@@ -27,6 +27,7 @@ TIED = {
 
 
 def _compress_embeddings(arch: str, auto_class: str | None = None, ratio=0.5, **overrides):
+    overrides.setdefault("rank_multiple", 1)  # the exact ranks of the tiny 64 × 32 tables
     return tiny.compressed(arch, auto_class, param_ratio=1.0, embeddings=True, embedding_ratio=ratio, **overrides)
 
 
@@ -238,7 +239,7 @@ def test_cli_compresses_embeddings_with_lp(tmp_path, capsys):
                      "--embeddings", "--embedding-ratio", "0.5"])
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
-    assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 10}
+    assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 8}  # ⌊0.5·64·32/96⌋ = 10 → --rank-multiple 8
     assert config["wsvd"]["p"] == 1.25 and config["wsvd"]["method"] == "lp"
     capsys.readouterr()
     assert cli_main(["inspect", str(out)]) == 0

@@ -139,6 +139,41 @@ def test_fisher_methods_allocate_by_predicted_loss(method):
     assert zero["b"] < zero["a"]
 
 
+def test_greedy_ranks_are_positive_multiples_of_rank_multiple():
+    """Steps of ``multiple`` ranks: every rank a positive multiple, the budget met with no step
+    left that fits; a layer where no multiple saves parameters stays dense (left out)."""
+    shapes = {"a": (256, 256), "b": (256, 64), "c": (512, 128), "d": (128, 384), "tiny": (8, 8)}
+    g = torch.Generator().manual_seed(0)
+    spectra = {n: torch.rand(min(s), generator=g).sort(descending=True).values ** (i + 1)
+               for i, (n, s) in enumerate(shapes.items())}
+    ratio = 0.4
+    ranks = greedy_ranks(shapes, spectra, ratio, multiple=8)
+    assert set(ranks) == {"a", "b", "c", "d"}  # 8 × (8 + 8) ≥ 8 × 8: "tiny" saves nothing at rank 8
+    assert all(r > 0 and r % 8 == 0 and r * sum(shapes[n]) < shapes[n][0] * shapes[n][1] for n, r in ranks.items())
+    budget = ratio * sum(shapes[n][0] * shapes[n][1] for n in ranks)
+    spent = sum(r * sum(shapes[n]) for n, r in ranks.items())
+    assert spent <= budget
+    growable = [8 * sum(shapes[n]) for n, r in ranks.items() if r + 8 <= max_saving_rank(*shapes[n])]
+    assert not growable or budget - spent < min(growable)
+    assert len(set(ranks.values())) > 1  # still allocated by importance, not uniform
+    with pytest.raises(ValueError, match="rank_multiple=256"):  # no layer saves parameters at rank 256
+        greedy_ranks(shapes, spectra, ratio, multiple=256)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_every_factorized_rank_is_a_positive_multiple_of_rank_multiple(allocation):
+    """Under the default rank_multiple=8 no layer gets an unaligned rank: the GQA k/v projections
+    (32 → 16), whose uniform rank at 0.5 would be 5, stay dense instead."""
+    model, report = compress(tiny.build("llama"), WSVDConfig(method="svd", param_ratio=0.5, allocation=allocation),
+                             show_progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert layers and len(layers) == len(report.ranks)
+    assert all(m.rank > 0 and m.rank % 8 == 0 for m in layers.values())
+    assert all(r > 0 and r % 8 == 0 for r in report.ranks.values())
+    if allocation == "uniform":
+        assert report.dense_targets and all(n.endswith(("k_proj", "v_proj")) for n in report.dense_targets)
+
+
 def test_greedy_refuses_a_budget_below_rank_one():
     with pytest.raises(ValueError, match="param_ratio=0.01"):
         greedy_ranks({"a": (64, 64)}, {"a": torch.ones(64)}, 0.01)
@@ -147,10 +182,11 @@ def test_greedy_refuses_a_budget_below_rank_one():
 @pytest.mark.parametrize("method", ["whiten", "asvd", "fisher_whiten"])
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_compress_llama_with_activation_methods(method, allocation):
-    """GQA k/v projections (32 → 16) get valid ranks; the budget holds; the model runs."""
+    """GQA k/v projections (32 → 16) get valid ranks; the budget holds; the model runs. (Exact
+    ranks: rank_multiple=8 would leave the k/v projections dense.)"""
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     dense_params = sum(p.numel() for p in model.parameters())
-    config = WSVDConfig(method=method, param_ratio=0.5, allocation=allocation)
+    config = WSVDConfig(method=method, param_ratio=0.5, allocation=allocation, rank_multiple=1)
     model, report = compress(model, config, loader, show_progress=False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert layers and all(m.rank * (m.in_features + m.out_features) < m.in_features * m.out_features

@@ -247,7 +247,7 @@ def test_card_states_the_examples_actually_used(project):
     assert main(["compress", str(project / "models" / "tiny"), str(out), "--data", str(project / "train.tsv"),
                  "--num-samples", "512"]) == 0
     text = (out / "README.md").read_text()
-    assert f"train.tsv` ({len(ROWS)} examples)" in text and "512 examples" not in text
+    assert f"train.tsv` ({len(ROWS)} examples," in text and "512 examples" not in text
 
 
 def test_huge_weights_with_lp_are_one_line(project, capsys):

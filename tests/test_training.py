@@ -113,6 +113,8 @@ def test_the_recovery_example_runs_without_datasets(tmp_path, tokenizer, monkeyp
 
     payload = example.main(["--model-dir", str(model_dir), "--data-dir", str(data_dir), "--output", str(tmp_path / "out"),
                             "--method", "fwsvd", "--num-samples", "8", "--max-steps", "2", "--batch-size", "4",
+                            # 0.5: the default 0.3 is below rank 8 (the rank multiple) in every 32-wide layer
+                            "--param-ratio", "0.5",
                             "--max-length", "16", "--distill", "0,0.5", "--distill-hidden", "0,1", "--validation", "6",
                             "--note", "tiny test."])
     saved = json.loads((tmp_path / "out" / "recovery.json").read_text())

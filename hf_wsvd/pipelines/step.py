@@ -20,7 +20,7 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import drop_slow_layers, greedy_ranks, round_rank, uniform_ranks
+from ..allocation import drop_slow_layers, greedy_ranks, uniform_ranks
 from ..blocks import hooked
 from ..runtime.factorized_linear import FactorizedLinear, linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
@@ -188,9 +188,8 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
 
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
                       weights: dict[str, float] | None) -> dict[str, int]:
-    """Ranks under one global budget (``allocation="greedy"``), rounded, slow layers dropped."""
-    ranks = greedy_ranks(shapes, values, job.config.param_ratio, weights)
-    ranks = {name: round_rank(rank, job.config.rank_multiple) for name, rank in ranks.items()}
+    """Ranks under one global budget (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped."""
+    ranks = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple)
     return drop_slow_layers(ranks, shapes, job.config.max_kept_ratio_for_speed)
 
 

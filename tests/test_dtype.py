@@ -1,0 +1,43 @@
+"""The dtype of a compressed checkpoint: factors computed in float32, stored in the dtype of the layer
+they replace — the same checkpoint from the API (model loaded in its own dtype) and from the CLI."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.cli import main
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_api_keeps_the_dtype_of_the_replaced_layers_and_matches_the_cli(tmp_path, tokenizer, dtype):
+    tiny.build("bert").to(dtype).save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense")
+    assert model.dtype == dtype
+    upcast = copy.deepcopy(model).float()
+    config = WSVDConfig(method="svd", param_ratio=0.5)
+    model, report = compress(model, config, show_progress=False)
+    reference, _ = compress(upcast, config, show_progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert len(layers) == len(report.ranks) > 0
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    for name, layer in layers.items():
+        # Computed in float32 (the float32 run's factors), stored in the layer's dtype.
+        exact = reference.get_submodule(name)
+        assert torch.equal(layer.up.weight, exact.up.weight.to(dtype))
+        assert torch.equal(layer.down.weight, exact.down.weight.to(dtype))
+    model.save_pretrained(tmp_path / "api")
+    assert main(["compress", str(tmp_path / "dense"), str(tmp_path / "cli"), "--method", "svd",
+                 "--param-ratio", "0.5"]) == 0
+    api, cli = load_file(tmp_path / "api" / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert api.keys() == cli.keys()
+    assert all(api[k].dtype == dtype and torch.equal(api[k], cli[k]) for k in api)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "api")
+    assert reloaded.dtype == dtype
