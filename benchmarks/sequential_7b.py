@@ -53,7 +53,7 @@ def measure(args) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    config = WSVDConfig(method="whiten", param_ratio=1 - args.reduction, sequential=True)
+    config = WSVDConfig(method="whiten", param_ratio=1 - args.reduction, allocation="uniform", sequential=True)
     start = time.perf_counter()
     model, report = compress(model, config, data)
     if cuda:
