@@ -12,7 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
 from .checkpoint import parameter_counts, recipe_of, summarize
-from .runtime.modeling_wsvd import _supported_auto_classes
+from .runtime.modeling_wsvd import CLASS_PREFIX, _supported_auto_classes
 
 PLOT_FILE = "rank_per_layer.png"
 
@@ -97,7 +97,7 @@ def _task(model: PreTrainedModel) -> str | None:
 
 def auto_class_name(model: PreTrainedModel) -> str:
     """The Auto class that loads the model as its own class (``AutoModel`` if none does)."""
-    stock = type(model).__bases__[-1] if type(model).__name__.startswith("Wsvd") else type(model)
+    stock = type(model).__bases__[-1] if type(model).__name__.startswith(CLASS_PREFIX) else type(model)
     found = _supported_auto_classes(type(model.config)._wsvd_base) if hasattr(type(model.config), "_wsvd_base") else {}
     return next((name for name, cls in found.items() if cls is stock and name != "AutoModel"), "AutoModel")
 

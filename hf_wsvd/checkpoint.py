@@ -1,5 +1,4 @@
-"""Save/load: lets the stock Auto classes open factorized checkpoints when hf_wsvd is imported,
-and reports what a checkpoint holds."""
+"""Loading factorized checkpoints with their own class, and what a checkpoint holds."""
 
 from __future__ import annotations
 
@@ -7,65 +6,11 @@ from dataclasses import dataclass
 
 import transformers
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
-from .solvers import SOLVERS
 from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
-from .runtime.modeling_wsvd import (
-    BASE_TYPE_KEY,
-    CLASS_PREFIX,
-    MODEL_TYPE,
-    RECIPE_KEY,
-    check_recipe,
-    relative_module_name,
-    wsvd_config_class,
-    wsvd_model_class,
-)
-
-
-class WsvdCheckpointConfig(PreTrainedConfig):
-    """Registered with ``AutoConfig`` for ``model_type="hf_wsvd"``: builds the ``Wsvd<Base>Config``
-    of the checkpoint's base architecture (read from ``wsvd_base_model_type``)."""
-
-    model_type = MODEL_TYPE
-
-    @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs) -> PreTrainedConfig:
-        base_type = base_model_type(config_dict)
-        loaded = wsvd_config_class(CONFIG_MAPPING[base_type]).from_dict(config_dict, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused) with return_unused_kwargs
-        check_recipe(config)
-        method = getattr(config, RECIPE_KEY)["method"]
-        if method not in SOLVERS:
-            raise ValueError(f"config.json {RECIPE_KEY}['method']={method!r} is not one of {sorted(SOLVERS)}")
-        return loaded
-
-
-def base_model_type(config_dict: dict) -> str:
-    """The stock model type a factorized config records, checked against its architectures."""
-    base_type = config_dict.get(BASE_TYPE_KEY)
-    if not isinstance(base_type, str) or not base_type:
-        raise ValueError(f"config.json lacks {BASE_TYPE_KEY} (the base architecture's model_type, e.g. 'bert'): "
-                         "the checkpoint's config is damaged")
-    if base_type == MODEL_TYPE:
-        raise ValueError(f"config.json {BASE_TYPE_KEY}={base_type!r} must name the base architecture "
-                         "(e.g. 'bert'), not hf_wsvd itself")
-    if base_type not in CONFIG_MAPPING:
-        raise ValueError(f"config.json {BASE_TYPE_KEY}={base_type!r} is not a model type known to transformers "
-                         f"{transformers.__version__} (a newer architecture: upgrade transformers)")
-    for architecture in config_dict.get("architectures") or []:
-        stock = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
-        stock_type = getattr(getattr(stock, "config_class", None), "model_type", None)
-        if stock_type and stock_type != base_type:
-            raise ValueError(f"config.json {BASE_TYPE_KEY}={base_type!r} does not match its architecture "
-                             f"{architecture!r} (model type {stock_type!r})")
-    return base_type
-
-
-def register_with_transformers() -> None:
-    """Register the ``hf_wsvd`` model type with ``AutoConfig`` (idempotent)."""
-    AutoConfig.register(MODEL_TYPE, WsvdCheckpointConfig, exist_ok=True)
+from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, relative_module_name, wsvd_model_class
 
 
 @dataclass

@@ -8,13 +8,15 @@ import json
 import os
 import shlex
 
+from .argtypes import positive_int
+
 EVAL_EXAMPLES = """examples:
   hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
   hf-wsvd eval out/smollm2-fwsvd --data ../shared/data/wikitext-2-raw/wiki.test.raw --max-length 256
   hf-wsvd eval out/sst2-fwsvd --data glue_sst2_disk --split validation   # a save_to_disk folder
 """
 EXPORT_EXAMPLES = """examples:
-  hf-wsvd export out/sst2-fwsvd out/sst2-fwsvd-dense --dense
+  hf-wsvd export out/sst2-fwsvd out/sst2-fwsvd-dense
   python -c "from transformers import AutoModelForSequenceClassification as A; A.from_pretrained('out/sst2-fwsvd-dense')"
 """
 HEAL_EXAMPLES = """examples:
@@ -26,17 +28,6 @@ PUSH_EXAMPLES = """examples:
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd          # uses your saved Hub token
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd --private --token hf_...
 """
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def _formatter() -> dict:
@@ -87,7 +78,8 @@ def add_commands(commands, columns) -> None:
     x.add_argument("path", help="compressed checkpoint folder")
     x.add_argument("output", help="folder to write the dense checkpoint to (must not exist or be empty, or be an "
                                   "earlier hf-wsvd output with --overwrite)")
-    x.add_argument("--dense", action="store_true", required=True, help="export as a dense checkpoint (the only format)")
+    x.add_argument("--dense", action="store_true", help="a dense checkpoint: the only format, accepted for older "
+                                                        "command lines")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier hf-wsvd output in OUTPUT (atomically, once the export succeeded)")
 

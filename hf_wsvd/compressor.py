@@ -13,6 +13,7 @@ from .checkpoint import parameter_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
 from .pipelines import Job, get_pipeline
+from .recipes import resolve
 from .runtime.modeling_wsvd import MODEL_TYPE
 from .solvers import solver_for
 from .statistics import Statistics, default_accelerator
@@ -38,6 +39,8 @@ class CompressionReport:
     # The statistics gathered over the whole model (sequential mode: the gradient statistics
     # only), reusable as ``compress(..., statistics=)`` on the same dense model.
     statistics: Statistics = field(default_factory=Statistics, repr=False)
+    # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``).
+    notices: list[str] = field(default_factory=list)
 
 
 def pipeline_name(config: WSVDConfig) -> str:
@@ -57,8 +60,11 @@ def compress(
     """Factorize ``model`` in place following ``config``; return it with a report.
 
     ``data`` yields tokenized batches (see ``hf_wsvd.data``); methods that use importance or
-    activations need it (``labels`` for Fisher). ``loss_fn(model, batch) -> per-example losses``
-    defaults to the model's task loss (classification, regression or causal LM). ``statistics``
+    activations need it (``labels`` for Fisher). The recipe's fields left None (``method``,
+    ``allocation``, ``sequential``) are resolved to the recommended recipe for ``model`` and
+    ``data`` (``hf_wsvd.recipes``); the report and the saved checkpoint hold the resolved values.
+    ``loss_fn(model, batch) -> per-example losses`` defaults to the model's task loss
+    (classification, regression or causal LM). ``statistics``
     reuses statistics computed earlier on the same dense model (e.g. across ratios); sequential
     mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
     ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
@@ -67,6 +73,9 @@ def compress(
     """
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    if data is not None and iter(data) is data:
+        data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
+    config, notices = resolve(config, model, data)
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
@@ -85,6 +94,6 @@ def compress(
     report = CompressionReport(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - set(ranks)),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
-        job.statistics,
+        job.statistics, notices,
     )
     return model, report

@@ -1,144 +1,155 @@
-"""`WSVDConfig`: the compression recipe and, once compressed, the per-module ranks it produced."""
+"""`WSVDConfig`: the compression recipe and, once compressed, the per-module ranks it produced.
+
+Each field's description, choices and command-line type live in its ``metadata`` (one source for
+the API docstring and ``hf-wsvd compress --help``). This module imports no torch: the solvers'
+registry is read only when a recipe is validated.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .solvers import SOLVERS, MethodOptions, solver_for
-from .statistics.names import GRAM
+from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
 
+if TYPE_CHECKING:
+    from .solvers import MethodOptions
+
+# The methods hf_wsvd registers in ``hf_wsvd.solvers.SOLVERS`` (the command line's choices; a test
+# keeps them equal). The API also accepts methods registered by other packages.
+METHODS = ("asvd", "fisher_whiten", "fwsvd", "lp", "rescue", "svd", "tfwsvd", "whiten")
 COMPUTE_DTYPES = ("float32", "float64")
 # Embedding rows have no Fisher information from the importance pass: the methods usable on them.
 EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
+FISHER_AXES = ("output", "input")
+SOLVER_NAMES = ("als", "adam", "em", "hybrid")
 # Method options that are numbers: stored as floats whatever number type was given.
 FLOAT_FIELDS = ("compensation_ridge", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
+
+
+def recipe_field(default: Any, help: str, **cli: Any) -> Any:
+    """A recipe field whose metadata holds its ``help`` text and its argparse options ``cli``
+    (``type``, ``choices``, ``action``) for ``hf-wsvd compress``."""
+    return field(default=default, metadata={"help": help, "cli": cli})
 
 
 @dataclass
 class WSVDConfig:
     """How to compress a model, serialized into the checkpoint's ``config.json`` under ``"wsvd"``.
 
-    Args:
-        method: factorization method, a name registered in ``hf_wsvd.solvers`` (``"svd"``,
-            ``"fwsvd"``, ...).
-        param_ratio: the fraction of each target layer's parameters that is *kept*, in (0, 1].
-            0.3 keeps 30% of a layer's weights (rank ``r = ⌊0.3·in·out/(in+out)⌋``). A layer whose
-            rank would not save parameters stays dense.
-        target_modules: modules to factorize, by name relative to the base model: a list of names
-            or name suffixes (``["query", "value"]``), or one regular expression matched against the
-            whole name. Default: every ``nn.Linear`` (and GPT-2 ``Conv1D``) inside the transformer
-            blocks; tied modules and heads outside the blocks are never selected by default.
-        exclude_modules: names, suffixes or a regular expression removed from the targets.
-        fisher_axis: how ``fwsvd`` collapses the Fisher information into one weight per row:
-            ``"output"`` sums over inputs (one weight per output row of ``nn.Linear.weight``),
-            ``"input"`` sums over outputs (one weight per input column).
-        num_samples: examples used to estimate importance.
-        batch_size: batch size of the importance pass.
-        max_length: token truncation length of the importance data.
-        compute_dtype: dtype of the decompositions (``"float32"`` or ``"float64"``).
-        asvd_alpha: exponent of the activation scaling of ``asvd`` (0 is plain SVD).
-        allocation: how the parameter budget is spread over the layers: ``"uniform"`` (every layer
-            keeps ``param_ratio``) or ``"greedy"`` (one global budget of ``param_ratio`` of all target
-            parameters; ranks go where the method's weighted truncation loss falls most per
-            parameter, read from its spectrum: the Fisher-predicted loss increase for the Fisher
-            methods, comparable across layers; the share of each layer's own loss otherwise).
-        sequential: compress a causal LM block by block, each block's statistics taken on the
-            inputs produced by the already compressed blocks before it (large decoders). With
-            ``allocation="greedy"`` the ranks are allocated first on the dense model's statistics
-            of all layers at once (memory: every target layer's in × in Gram together).
-        compensate: sequential mode: factorize each layer so that its outputs on the compressed
-            model's inputs match the dense layer's outputs on the dense model's inputs (absorbing
-            the error of the layers before it), layer group by layer group within each block; for
-            the methods that read the activation Gram (``whiten``, ``fisher_whiten``).
-        compensation_ridge: ``compensate``'s pull toward the dense weight, λ = this × the mean
-            diagonal of the layer's input Gram, > 0 (larger: closer to the uncompensated fit).
-        seed: seed for data sampling and any randomized step.
-        p: the exponent of the ``lp`` method, in [1, 2]: it minimizes Σ_rows dist(row, subspace)^p,
-            robust to outlying rows for p < 2; p = 2 is the SVD subspace.
-        embeddings: also factorize the input embeddings (``model.get_input_embeddings()``, a
-            vocab × hidden ``nn.Embedding``) into a vocab × r lookup and an r → hidden projection.
-            An output head tied to them computes its logits from the same factors, so the tie
-            survives save/load. With ``param_ratio=1`` only the embeddings are compressed.
-        embedding_ratio: the fraction of the embedding matrix's parameters that is kept, in (0, 1).
-        embedding_method: ``"svd"`` or ``"lp"`` (the robust ℓp subspace, with ``p``); None: the
-            same as ``method``, which then must be one of these two.
-        embedding_weighting: per-row importance of the embedding for ``lp``: ``"uniform"`` or
-            ``"frequency"`` (weight 1 + the token's count in the importance data).
-        solver: the element-wise solver of ``tfwsvd`` and ``rescue``: ``"als"`` (alternating weighted
-            least squares), ``"adam"`` (first order), ``"em"`` (Srebro & Jaakkola's EM) or
-            ``"hybrid"`` (Adam until it beats the FWSVD loss, then ALS). All start from FWSVD.
-        refine: after ``method``, run the element-wise solver (``solver``) from its factors on the
-            per-entry Fisher objective Σ F_ij (W − AB)²_ij; needs importance data. For the
-            element-wise methods themselves (``tfwsvd``, ``rescue``) it adds nothing: not allowed.
-        max_iterations: iteration budget per matrix of the element-wise solvers (an Adam
-            iteration is 20 steps), ≥ 0 (0 returns the FWSVD factors).
-        tolerance: the element-wise solvers stop once one iteration changes the weighted loss by
-            less than this fraction, ≥ 0.
-        time_budget: seconds per matrix after which the element-wise solvers stop, or None.
-        importance_power: the element-wise solvers weight entry (i, j) by F_ij ** importance_power,
-            in (0, 1]: 1 is the Fisher itself, smaller values temper its dynamic range.
-        risk_threshold: ``rescue`` refines with the element-wise solver only the matrices whose
-            risk, the Fisher-predicted loss increase of the FWSVD factors
-            (``hf_wsvd.solvers.risk.predicted_loss``, ½ΣF(W − AB)², in nats), exceeds this, ≥ 0.
-        max_kept_ratio_for_speed: a target layer whose allocated rank keeps more than this
-            fraction of its weights (r·(in+out) / (in·out)) stays dense: factorized at that ratio it
-            runs no faster than dense (two thin matrix products instead of one). The crossing depends
-            on the device, dtype and shapes: ``benchmarks/layer_speed.py`` measures it and prints
-            both the ``threshold`` (one number, the smallest crossing) and ``by_shape`` (a dict of
-            ``"INxOUT"`` → crossing; shapes not in it have no limit, 0 keeps a shape dense). In
-            (0, 1], such a dict, or None (default): every layer whose rank saves parameters is
-            factorized. With ``allocation="greedy"`` the layers kept dense are not
-            re-budgeted, so the model then keeps more than ``param_ratio``.
-        rank_multiple: every rank is a multiple of this, ≥ 1 (uniform: rounded down; greedy: allocated
-            in steps of it); a layer that cannot get one stays dense.
-            Default 8: GPU matrix kernels want aligned inner dimensions, and an unaligned rank can
-            run slower than the dense layer (measured on an H100, bf16, 4096 → r → 4096: r = 1228
-            1.49 ms, r = 1232 0.46 ms, dense 0.72 ms). 1 keeps the exact ranks of ``param_ratio``.
-        ranks: filled by the compressor: base-model-relative module name → rank (the input
-            embeddings, when compressed, are listed under their name too).
+    ``method``, ``allocation`` and ``sequential`` left None are resolved by ``compress`` to the
+    recommended recipe for the model and data (``hf_wsvd.recipes``); the checkpoint stores the
+    resolved values.
     """
 
-    method: str = "fwsvd"
-    param_ratio: float = 0.5
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    fisher_axis: str = "output"
-    num_samples: int = 512
-    batch_size: int = 8
-    max_length: int = 128
-    compute_dtype: str = "float32"
-    asvd_alpha: float = 0.5
-    allocation: str = "uniform"
-    sequential: bool = False
-    compensate: bool = False
-    compensation_ridge: float = 1e-2
-    seed: int = 0
-    p: float = 1.0
-    embeddings: bool = False
-    embedding_ratio: float = 0.5
-    embedding_method: str | None = None
-    embedding_weighting: str = "uniform"
-    solver: str = "hybrid"
-    refine: bool = False
-    max_iterations: int = 8
-    tolerance: float = 1e-4
-    time_budget: float | None = None
-    importance_power: float = 1.0
-    risk_threshold: float = 1e-3
-    max_kept_ratio_for_speed: float | dict[str, float] | None = None
-    rank_multiple: int = 8
-    ranks: dict[str, int] = field(default_factory=dict)
+    method: str | None = recipe_field(
+        None, "factorization method, a name registered in hf_wsvd.solvers. Unset (None): the recommended one for the "
+        "data given: fisher_whiten when its batches carry labels (a classifier's labels, or a causal LM's "
+        "text), whiten (activations only) for unlabeled data, svd without data", choices=METHODS)
+    param_ratio: float = recipe_field(
+        0.5, "fraction of each target layer's parameters that is KEPT, in (0, 1]: 0.3 keeps 30% of a layer's "
+        "weights (rank r = floor(0.3*in*out/(in+out))); a layer whose rank would save nothing stays dense",
+        type=fraction)
+    target_modules: list[str] | str | None = recipe_field(
+        None, "modules to factorize, by name relative to the base model: names or name suffixes (on the command "
+        "line comma-separated: query,value), or one regular expression matched against the whole name. "
+        "Unset (None): every nn.Linear (and GPT-2 Conv1D) inside the transformer blocks; tied modules and heads "
+        "outside the blocks are never selected by default", type=names)
+    exclude_modules: list[str] | str | None = recipe_field(
+        None, "names, suffixes (comma-separated) or a regular expression removed from the targets", type=names)
+    fisher_axis: str = recipe_field(
+        "output", "how fwsvd (and the element-wise solvers' start) collapses the Fisher information: 'output' "
+        "gives one weight per output row, 'input' one per input column", choices=FISHER_AXES)
+    num_samples: int = recipe_field(512, "examples used to estimate importance", type=positive_int)
+    batch_size: int = recipe_field(8, "batch size of the importance pass", type=positive_int)
+    max_length: int = recipe_field(128, "token truncation / block length of the importance data", type=positive_int)
+    compute_dtype: str = recipe_field("float32", "dtype of the decompositions", choices=COMPUTE_DTYPES)
+    asvd_alpha: float = recipe_field(0.5, "asvd: exponent of the activation scaling (0 is plain SVD)", type=float)
+    allocation: str | None = recipe_field(
+        None, "how the parameter budget is spread over the layers: 'uniform' (every layer keeps param_ratio) "
+        "or 'greedy' (one global budget of param_ratio of all target parameters; ranks go where the "
+        "method's weighted truncation loss falls most per parameter, the Fisher-predicted loss increase "
+        "for the Fisher methods). Unset (None): greedy with data, uniform without", choices=ALLOCATIONS)
+    sequential: bool | None = recipe_field(
+        None, "compress a causal LM block by block, each block's statistics taken on the inputs produced by "
+        "the already compressed blocks before it (one block on the device at a time); with greedy "
+        "allocation the ranks are planned first on the dense model's statistics. Unset (None): on for a causal "
+        "LM given data, else off", action=argparse.BooleanOptionalAction)
+    compensate: bool | None = recipe_field(
+        None, "sequential mode: factorize each layer so that its outputs on the compressed model's inputs match "
+        "the dense layer's outputs on the dense model's inputs (absorbing the error of the layers before it), "
+        "layer group by layer group within each block; for the methods that read the activation Gram (whiten, "
+        "fisher_whiten). Unset (None): on in sequential mode with such a method", action=argparse.BooleanOptionalAction)
+    compensation_ridge: float = recipe_field(
+        0.1, "compensate: pull toward the dense weight, lambda = this x the mean diagonal of the layer's input "
+        "Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
+    seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
+    p: float = recipe_field(
+        1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
+        "for p < 2; 2 is the SVD subspace", type=float)
+    embeddings: bool = recipe_field(
+        False, "also factorize the input embeddings (a vocab x hidden nn.Embedding) into a vocab x r lookup and "
+        "an r -> hidden projection; a head tied to them computes its logits from the same factors. With "
+        "param_ratio 1 only the embeddings are compressed")
+    embedding_ratio: float = recipe_field(
+        0.5, "fraction of the embedding matrix's parameters that is KEPT, in (0, 1)", type=float)
+    embedding_method: str | None = recipe_field(
+        None, "method for the embeddings: svd or lp (with p). Unset (None): the same as method, which must then be "
+        "one of these two", choices=EMBEDDING_METHODS)
+    embedding_weighting: str = recipe_field(
+        "uniform", "lp row weights of the embeddings: 'uniform', or 'frequency' (1 + the token's count in the "
+        "importance data)", choices=EMBEDDING_WEIGHTINGS)
+    solver: str = recipe_field(
+        "hybrid", "element-wise solver of tfwsvd, rescue and refine, started from fwsvd: 'als' (alternating "
+        "weighted least squares), 'adam', 'em' (Srebro & Jaakkola) or 'hybrid' (adam until it beats the "
+        "fwsvd loss, then als)", choices=SOLVER_NAMES)
+    refine: bool = recipe_field(
+        False, "after method, run the element-wise solver from its factors on the per-entry Fisher objective "
+        "sum F_ij (W - AB)^2_ij (needs importance data; not with tfwsvd or rescue, which already are)")
+    max_iterations: int = recipe_field(
+        8, "element-wise solvers: iteration budget per matrix (an adam iteration is 20 steps); 0 returns the "
+        "fwsvd factors", type=non_negative_int)
+    tolerance: float = recipe_field(
+        1e-4, "element-wise solvers: stop once an iteration changes the weighted loss by less than this "
+        "fraction, >= 0", type=float)
+    time_budget: float | None = recipe_field(
+        None, "element-wise solvers: seconds per matrix after which they stop (unset, None: no limit)", type=float)
+    importance_power: float = recipe_field(
+        1.0, "element-wise solvers: weight entry (i, j) by F_ij ** importance_power, in (0, 1]; smaller values "
+        "temper the Fisher's dynamic range", type=float)
+    risk_threshold: float = recipe_field(
+        1e-3, "rescue: refine with the element-wise solver only the matrices whose risk, the Fisher-predicted "
+        "loss increase 1/2 sum F (W - AB)^2 of the fwsvd factors (in nats), exceeds this, >= 0", type=float)
+    max_kept_ratio_for_speed: float | dict[str, float] | None = recipe_field(
+        None, "keep dense every target layer whose rank keeps more than this fraction of its weights "
+        "(r*(in+out)/(in*out)): factorized it runs no faster than dense. A number in (0, 1], or per "
+        "shape a dict 'INxOUT' -> limit (on the command line: the JSON of benchmarks/layer_speed.py "
+        "--json-out, whose by_shape it reads; shapes not in it have no limit, 0 keeps a shape dense). "
+        "Unset (None): every layer whose rank saves parameters is factorized. With greedy allocation the layers "
+        "kept dense are not re-budgeted", type=speed_limit)
+    # Measured on an H100, bf16, 4096 -> r -> 4096: r = 1228 1.49 ms, r = 1232 0.46 ms, dense 0.72 ms.
+    rank_multiple: int = recipe_field(
+        8, "every rank is a multiple of this, >= 1 (uniform: rounded down; greedy: allocated in steps of it); a "
+        "layer that cannot get one stays dense. GPU matrix kernels want aligned inner dimensions, and an "
+        "unaligned rank can run slower than the dense layer; 1 keeps the exact ranks of param_ratio",
+        type=positive_int)
+    ranks: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "filled by the compressor: base-model-relative module name -> rank (the input embeddings, when "
+                "compressed, are listed under their name too)", "cli": None})
 
     def __post_init__(self) -> None:
-        if self.method not in SOLVERS:
-            raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)}")
+        from .solvers import SOLVERS
+
+        if self.method is not None and self.method not in SOLVERS:
+            raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)} (or None: the recommended one)")
         ratio = self.param_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(
@@ -157,10 +168,10 @@ class WSVDConfig:
                 raise ValueError(f"{name}={value!r} must be None, a regex string or a non-empty list of names")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS}")
-        if not isinstance(self.sequential, bool):
-            raise ValueError(f"sequential={self.sequential!r} must be True or False")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS} (or None: the recommended one)")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential={self.sequential!r} must be True, False or None (on for causal LMs with data)")
         self._validate_compensation()
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
@@ -200,15 +211,20 @@ class WSVDConfig:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
 
     def _validate_compensation(self) -> None:
-        if not isinstance(self.compensate, bool):
-            raise ValueError(f"compensate={self.compensate!r} must be True or False")
+        if self.compensate is not None and not isinstance(self.compensate, bool):
+            raise ValueError(f"compensate={self.compensate!r} must be True, False or None (on in sequential mode)")
         ridge = self.compensation_ridge
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
             raise ValueError(f"compensation_ridge={ridge!r} must be a number > 0")
-        if self.compensate and not self.sequential:
+        if not self.compensate:
+            return
+        if self.sequential is False:
             raise ValueError("compensate=True refits layers on the compressed model's inputs block by block: "
                              "it needs sequential=True")
-        if self.compensate and GRAM not in solver_for(self).needs_for(self.method_options()):
+        from .solvers import solver_for
+        from .statistics.names import GRAM
+
+        if self.method is not None and GRAM not in solver_for(self).needs_for(self.method_options()):
             raise ValueError(f"compensate=True needs a method that reads the activation Gram (whiten, fisher_whiten); "
                              f"method={self.method!r} does not")
 
@@ -236,6 +252,8 @@ class WSVDConfig:
     def _validate_method_options(self) -> None:
         """Every method's options as read from this recipe (each options class validates its own
         fields), so a bad value is refused whichever method is chosen."""
+        from .solvers import SOLVERS
+
         for options in {solver.options for solver in SOLVERS.values()}:
             options.from_recipe(self)
         for name in FLOAT_FIELDS:
@@ -244,6 +262,10 @@ class WSVDConfig:
 
     def method_options(self) -> MethodOptions:
         """The options of ``method`` (with ``refine``: the refined method's) from this recipe."""
+        from .solvers import solver_for
+
+        if self.method is None:
+            raise ValueError("method=None is resolved by compress (hf_wsvd.recipes.resolve); name a method here")
         return solver_for(self).options.from_recipe(self)
 
     @property
@@ -273,3 +295,17 @@ class WSVDConfig:
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
+
+
+def _document_fields(cls: type) -> None:
+    """Append every field's ``help`` metadata to the class docstring (``help(WSVDConfig)``)."""
+    if cls.__doc__ is None:  # python -OO strips docstrings
+        return
+    lines = ["", "    Args:"]
+    for f in dataclasses.fields(cls):
+        lines.append(textwrap.fill(f"{f.name}: {f.metadata['help']}.", width=100, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 12))
+    cls.__doc__ += "\n".join(lines) + "\n"
+
+
+_document_fields(WSVDConfig)

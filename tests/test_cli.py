@@ -1,7 +1,11 @@
-"""The hf-wsvd command line: compress, inspect, and one-line errors for bad input."""
+"""The hf-wsvd command line: compress, inspect, the recipe options generated from WSVDConfig, lazy imports,
+what compress prints, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import subprocess
 import sys
 
@@ -10,8 +14,9 @@ import transformers
 
 import tiny
 from helpers import main_output
-from hf_wsvd import FactorizedLinear
-from hf_wsvd.cli import main
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.cli import build_parser, main, recipe_from_args
+from hf_wsvd.config import METHODS
 
 ROWS = [
     ("the movie was great", 1), ('"not" a good film', 1), ("awful plot", 0), ("null", 0),
@@ -20,8 +25,11 @@ ROWS = [
 
 
 @pytest.fixture
-def classifier_dir(tmp_path):
-    return tiny.save(tiny.build("bert"), tmp_path / "dense-classifier")
+def classifier_dir(tmp_path, tokenizer):
+    path = tmp_path / "dense-classifier"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture
@@ -31,10 +39,20 @@ def tsv(tmp_path):
     return path
 
 
+def _causal_lm_and_text(tmp_path, tokenizer, arch: str) -> tuple:
+    """A saved tiny causal LM (with its tokenizer) and a calibration text file."""
+    dense = tmp_path / "dense-lm"
+    tiny.build(arch, "AutoModelForCausalLM").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(s for s, _ in ROWS * 4) + "\n\n")
+    return dense, text
+
+
 def test_compress_and_inspect_a_classifier(tmp_path, classifier_dir, tsv, capsys):
     out = tmp_path / "compressed"
-    code = main(["compress", str(classifier_dir), str(out), "--method", "fwsvd", "--param-ratio", "0.5",
-                 "--data", str(tsv), "--num-samples", "6", "--batch-size", "4"])
+    code = main(["compress", str(classifier_dir), str(out), "--method", "fwsvd", "--allocation", "uniform",
+                 "--param-ratio", "0.5", "--data", str(tsv), "--num-samples", "6", "--batch-size", "4"])
     assert code == 0
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
@@ -45,7 +63,8 @@ def test_compress_and_inspect_a_classifier(tmp_path, classifier_dir, tsv, capsys
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "encoder.layer.1.intermediate.dense" in printed and "64x32" in printed
-    assert "method=fwsvd" in printed and "total parameters:" in printed
+    assert "method=fwsvd allocation=uniform pipeline=whole_model param_ratio=0.5" in printed
+    assert "base=BertForSequenceClassification (bert)" in printed and "total parameters:" in printed
 
 
 @pytest.mark.parametrize("extra", [["--method", "tfwsvd", "--solver", "hybrid", "--max-iterations", "3"],
@@ -62,18 +81,25 @@ def test_elementwise_methods_from_the_cli(tmp_path, classifier_dir, tsv, extra):
     assert main_output(model(**tiny.inputs("bert"))).isfinite().all()
 
 
-def test_compress_a_causal_lm_from_text(tmp_path):
-    dense = tiny.save(tiny.build("gpt2"), tmp_path / "dense-lm")
-    text = tmp_path / "calibration.txt"
-    text.write_text("\n".join(s for s, _ in ROWS * 4) + "\n\n")
+def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, tokenizer, capsys):
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "gpt2")
     out = tmp_path / "lm"
     assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8",
-                 "--param-ratio", "0.4"]) == 0
+                 "--param-ratio", "0.4", "--eval-data", str(text)]) == 0
+    printed = capsys.readouterr()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
-    # attn.c_proj (32 × 32) would get rank 6 < --rank-multiple 8: it stays dense.
-    assert len(layers) == 6 and all(m.rank == 8 for m in layers)
+    recipe = model.config.wsvd
+    # The text makes the labels: Fisher-weighted whitening, greedy ranks, block by block.
+    assert (recipe["method"], recipe["allocation"], recipe["sequential"]) == ("fisher_whiten", "greedy", True)
+    assert "compressed with fisher_whiten: greedy allocation, sequential pipeline, param_ratio 0.4" in printed.out
+    assert "note:" not in printed.err
+    assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) > 0
     assert main_output(model(**tiny.inputs("gpt2"))).isfinite().all()
+    # Perplexity before and after, and their ratio.
+    before, after, ratio = re.search(r"perplexity (\S+) -> (\S+) \(x(\S+)\)", printed.out).groups()
+    assert float(ratio) == pytest.approx(float(after) / float(before), rel=2e-3)
+    assert main(["eval", str(out), "--data", str(text), "--max-length", "8"]) == 0
+    assert float(after) == pytest.approx(json.loads(capsys.readouterr().out)["perplexity"], rel=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -84,7 +110,7 @@ def test_compress_a_causal_lm_from_text(tmp_path):
     (["--param-ratio", "1.5"], "outside (0, 1]"),
     (["--param-ratio", "half"], "'half'"),
     (["--target-modules", "nonexistent"], "matches no linear layer"),
-    (["--param-ratio", "1", "--target-modules", "query,key,value"], "saves nothing"),
+    (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
     (["--method", "nope"], "'nope'"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
@@ -139,18 +165,174 @@ def test_installed_entry_point(tmp_path):
     assert "fraction of each target layer's parameters that is KEPT" in " ".join(help_text.split())
 
 
-@pytest.mark.parametrize("extra", [["--method", "whiten", "--allocation", "greedy"],
-                                   ["--method", "fisher_whiten", "--sequential"],
-                                   ["--method", "asvd", "--asvd-alpha", "1.0"]])
-def test_activation_methods_from_the_cli(tmp_path, extra):
-    dense = tiny.save(tiny.build("llama"), tmp_path / "dense-lm")
-    text = tmp_path / "calibration.txt"
-    text.write_text("\n".join(s for s, _ in ROWS * 4))
+@pytest.mark.parametrize("extra, allocation, sequential", [
+    (["--method", "whiten", "--allocation", "greedy", "--no-sequential"], "greedy", False),
+    (["--method", "fisher_whiten", "--sequential"], "greedy", True),  # greedy: the default with data
+    (["--method", "asvd", "--asvd-alpha", "1.0", "--allocation", "uniform"], "uniform", True),
+])
+def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra, allocation, sequential):
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
     out = tmp_path / "lm"
     assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", *extra]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     recipe = model.config.wsvd
     assert recipe["method"] == extra[1]
-    assert recipe["allocation"] == ("greedy" if "greedy" in extra else "uniform")
-    assert recipe["sequential"] == ("--sequential" in extra)
+    assert (recipe["allocation"], recipe["sequential"]) == (allocation, sequential)
     assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) > 0
+
+
+# --------------------------------------------------------------------------- the recipe options: WSVDConfig's fields
+
+
+def _recipe_fields() -> list:
+    return [f for f in dataclasses.fields(WSVDConfig) if f.name != "ranks"]
+
+
+def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse re-wraps the help
+    for f in _recipe_fields():
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+        assert "".join(f.metadata["help"].split()) in text, f.name
+    assert "--ranks" not in text  # filled by the compressor, not an option
+
+
+def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
+    parse = build_parser().parse_args
+    assert recipe_from_args(parse(["compress", "m", "o"])) == WSVDConfig()
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"by_shape": {"32x64": 0.4}}))
+    argv = ["--method", "fwsvd", "--param-ratio", "0.3", "--target-modules", "query,value", "--exclude-modules", "key",
+            "--fisher-axis", "input", "--num-samples", "64", "--batch-size", "4", "--max-length", "32",
+            "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--no-sequential",
+            "--no-compensate", "--compensation-ridge", "0.05", "--seed", "7", "--p", "1.5", "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
+            "--embedding-weighting", "frequency", "--solver", "als", "--refine", "--max-iterations", "3",
+            "--tolerance", "0.01", "--time-budget", "2", "--importance-power", "0.5", "--risk-threshold", "0.1",
+            "--max-kept-ratio-for-speed", str(speed), "--rank-multiple", "4"]
+    expected = WSVDConfig(
+        method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
+        fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
+        allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, seed=7, p=1.5, embeddings=True, embedding_ratio=0.25,
+        embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,
+        tolerance=0.01, time_budget=2.0, importance_power=0.5, risk_threshold=0.1,
+        max_kept_ratio_for_speed={"32x64": 0.4}, rank_multiple=4)
+    assert recipe_from_args(parse(["compress", "m", "o", *argv])) == expected
+    # every field differs from its default, so none was dropped on the way
+    assert all(getattr(expected, f.name) != f.default for f in _recipe_fields())
+
+
+def test_the_command_line_methods_are_the_registered_ones():
+    registered = subprocess.run(
+        [sys.executable, "-c", "from hf_wsvd.solvers import SOLVERS; print(' '.join(sorted(SOLVERS)))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert registered == sorted(METHODS)
+
+
+# --------------------------------------------------------------------------- lazy imports
+
+PARSE_ONLY = """
+import sys
+from hf_wsvd.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+print("imported:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv, code, shown", [
+    (["--help"], 0, "compress"),
+    (["compress", "--help"], 0, "KEPT"),
+    (["export", "--help"], 0, "dense"),
+    (["compress", "model", "out", "--param-ratio", "2"], 2, "param ratio 2.0 is outside (0, 1]"),
+    (["compress", "model", "out", "--method", "nope"], 2, "invalid choice: 'nope'"),
+    (["compress", "model", "out", "--num-samples", "0"], 2, "0 is not a positive integer"),
+])
+def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, code, shown):
+    result = subprocess.run([sys.executable, "-c", PARSE_ONLY.format(argv=argv)], capture_output=True, text=True)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "imported: []" in result.stdout
+    assert shown in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("first", [
+    "import hf_wsvd",
+    "from hf_wsvd import summarize",  # transformers first imported half-way through hf_wsvd's own modules
+    "import hf_wsvd.autoconfig",  # ... by the registering module itself
+])
+def test_importing_hf_wsvd_registers_the_model_type_whenever_transformers_comes(tmp_path, first):
+    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+    script = f"""
+import sys
+{first}
+light = "torch" not in sys.modules and "transformers" not in sys.modules
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'ckpt')!r})
+print(light, sum(type(m).__name__ == "FactorizedLinear" for m in model.modules()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(first == "import hf_wsvd"), str(factorized)]
+
+
+def test_the_registered_model_type_is_the_checkpoints():
+    from hf_wsvd import autoconfig
+    from hf_wsvd.runtime import modeling_wsvd
+
+    assert autoconfig.MODEL_TYPE == modeling_wsvd.MODEL_TYPE
+
+
+# --------------------------------------------------------------------------- what compress and inspect print
+
+
+def test_compress_prints_the_recipe_sizes_and_scores_before_and_after(tmp_path, classifier_dir, tsv, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(classifier_dir), str(out), "--data", str(tsv), "--eval-data", str(tsv),
+                 "--num-samples", "6", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr()
+    assert "note:" not in printed.err  # labelled data: the recommended recipe, no fallback
+    assert "compressed with fisher_whiten: greedy allocation, whole_model pipeline, param_ratio 0.5" in printed.out
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+    layers = re.search(r"(\d+) layers factorized, (\d+) kept dense", printed.out).groups()
+    assert int(layers[0]) == factorized and factorized + int(layers[1]) == 12  # tiny BERT: 12 block linears
+    dense_params = sum(p.numel() for p in tiny.build("bert", "AutoModelForSequenceClassification").parameters())
+    now = sum(p.numel() for p in model.parameters())
+    assert f"parameters {dense_params:,} -> {now:,} (kept {now / dense_params:.3f})" in printed.out
+    assert f"saved to {out}" in printed.out
+    before, after, change = map(float, re.search(r"accuracy (\S+) -> (\S+) \((\S+)\)", printed.out).groups())
+    scores = {}
+    for path in (classifier_dir, out):
+        assert main(["eval", str(path), "--data", str(tsv), "--batch-size", "4"]) == 0
+        scores[path] = json.loads(capsys.readouterr().out)["accuracy"]
+    assert (before, after) == (pytest.approx(scores[classifier_dir], abs=1e-4), pytest.approx(scores[out], abs=1e-4))
+    assert change == pytest.approx(after - before, abs=1e-4)
+
+
+def test_a_fallback_notice_is_printed_once(tmp_path, classifier_dir, capsys):
+    assert main(["compress", str(classifier_dir), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.count("hf-wsvd: note: no data: method=svd") == 1
+    assert "compressed with svd: uniform allocation, whole_model pipeline" in printed.out
+
+
+def test_inspect_shows_the_base_architecture_and_the_recipe_of_old_checkpoints_too(tmp_path, tokenizer, capsys):
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    out = tmp_path / "lm"
+    assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "base=LlamaForCausalLM (llama)" in printed
+    assert "method=fisher_whiten allocation=greedy pipeline=sequential param_ratio=0.5" in printed
+    # A checkpoint saved before allocation and sequential were recorded: uniform, whole-model.
+    config = json.loads((out / "config.json").read_text())
+    del config["wsvd"]["allocation"], config["wsvd"]["sequential"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(out)]) == 0
+    assert "allocation=uniform pipeline=whole_model" in capsys.readouterr().out

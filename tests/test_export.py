@@ -71,9 +71,10 @@ def test_export_command(tmp_path, tokenizer, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x"), "--dense"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(tmp_path / "factorized"), str(tmp_path / "y")])
-    assert exit_info.value.code == 2 and "--dense" in capsys.readouterr().err
+    # --dense, the only format, may be left out
+    assert main(["export", str(tmp_path / "factorized"), str(tmp_path / "y")]) == 0
+    assert "model_type=bert" in capsys.readouterr().out
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "bert"
     # exporting onto the input is refused, --overwrite or not: it would lose the checkpoint
     factorized = sorted(p.name for p in (tmp_path / "factorized").iterdir())
     assert main(["export", str(tmp_path / "factorized"), str(tmp_path / "factorized"), "--dense", "--overwrite"]) == 2

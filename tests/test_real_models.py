@@ -16,7 +16,7 @@ def test_cli_compress_reproduces_fwsvd_on_sst2(shared, tmp_path):
     source = shared / "models" / "minilm-l6-sst2"
     glue = shared / "data" / "glue" / "SST-2"
     out = tmp_path / "sst2-fwsvd"
-    assert main(["compress", str(source), str(out), "--method", "fwsvd", "--param-ratio", "0.5",
+    assert main(["compress", str(source), str(out), "--method", "fwsvd", "--allocation", "uniform", "--param-ratio", "0.5",
                  "--data", str(glue / "train.tsv"), "--text-columns", "sentence", "--num-samples", "512"]) == 0
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
     stored = transformers.AutoConfig.from_pretrained(out)
@@ -35,7 +35,7 @@ def test_cli_compress_reproduces_fwsvd_on_mrpc(shared, tmp_path):
     glue = shared / "data" / "glue" / "MRPC"
     out = tmp_path / "mrpc-fwsvd"
     columns = ["#1 String", "#2 String"]
-    assert main(["compress", str(source), str(out), "--method", "fwsvd", "--param-ratio", "0.5",
+    assert main(["compress", str(source), str(out), "--method", "fwsvd", "--allocation", "uniform", "--param-ratio", "0.5",
                  "--data", str(glue / "train.tsv"), "--text-columns", ",".join(columns),
                  "--label-column", "Quality", "--num-samples", "512"]) == 0
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)

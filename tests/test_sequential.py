@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_full_rank_reproduces_the_logits(case, monkeypatch):
     monkeypatch.setattr(step_module, "uniform", full_ranks)
     # float64 decompositions: the tiny calibration set leaves the Gram nearly singular, and undoing
     # the whitening amplifies a float32 SVD's rounding in the directions the data never excites.
-    config = WSVDConfig(method="whiten", sequential=True, compute_dtype="float64")
+    config = WSVDConfig(method="whiten", allocation="uniform", sequential=True, compute_dtype="float64")
     model, report = compress(model, config, loader, show_progress=False)
     assert len(report.ranks) == len(_factors(model)) > 0
     with torch.no_grad():
@@ -41,10 +42,9 @@ def test_full_rank_reproduces_the_logits(case, monkeypatch):
 def test_statistics_come_from_the_compressed_blocks():
     """Block 0 sees the same inputs either way; later blocks see the compressed model's outputs."""
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
-    config = WSVDConfig(method="whiten", param_ratio=0.5)
+    config = WSVDConfig(method="whiten", param_ratio=0.5, allocation="uniform", sequential=False)
     whole, whole_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    seq, seq_report = compress(model, WSVDConfig(method="whiten", param_ratio=0.5, sequential=True), loader,
-                               show_progress=False)
+    seq, seq_report = compress(model, replace(config, sequential=True, compensate=False), loader, show_progress=False)
     assert seq_report.ranks == whole_report.ranks
     a, b = _factors(whole), _factors(seq)
     for name in a:
@@ -58,8 +58,8 @@ def test_statistics_come_from_the_compressed_blocks():
 def test_uniform_ranks_are_rounded_before_the_speed_limit_as_in_whole_model_mode():
     """Rounding down can bring a layer under max_kept_ratio_for_speed: both modes must see that."""
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
-    options = dict(method="whiten", param_ratio=0.601, max_kept_ratio_for_speed=0.55, rank_multiple=8)
-    _, whole = compress(copy.deepcopy(model), WSVDConfig(**options), loader, show_progress=False)
+    options = dict(method="whiten", param_ratio=0.601, max_kept_ratio_for_speed=0.55, rank_multiple=8, allocation="uniform")
+    _, whole = compress(copy.deepcopy(model), WSVDConfig(**options, sequential=False), loader, show_progress=False)
     _, seq = compress(model, WSVDConfig(**options, sequential=True), loader, show_progress=False)
     assert seq.ranks == whole.ranks and whole.ranks and all(r % 8 == 0 for r in whole.ranks.values())
 
@@ -67,10 +67,9 @@ def test_uniform_ranks_are_rounded_before_the_speed_limit_as_in_whole_model_mode
 def test_greedy_ranks_are_planned_on_the_dense_model():
     """Sequential mode with greedy allocation keeps the ranks the dense statistics allocate."""
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
-    config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy")
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy", sequential=False)
     _, whole = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    seq, report = compress(model, WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy",
-                                             sequential=True), loader, show_progress=False)
+    seq, report = compress(model, replace(config, sequential=True), loader, show_progress=False)
     assert report.ranks == whole.ranks and len(set(report.ranks.values())) > 1
     assert report.params_after == whole.params_after
     assert seq.config.wsvd["ranks"] == report.ranks
@@ -126,8 +125,8 @@ def _layer_output_errors(dense, compressed, loader) -> dict[str, float]:
 
 def test_compensation_lowers_the_layers_output_error_against_the_dense_model():
     model, loader, _, _ = case_inputs("llama_causal_lm", 24, 4)
-    plain_config = WSVDConfig(method="fisher_whiten", param_ratio=0.4, sequential=True, rank_multiple=1,
-                              compute_dtype="float64")
+    plain_config = WSVDConfig(method="fisher_whiten", param_ratio=0.4, allocation="uniform", sequential=True,
+                              compensate=False, rank_multiple=1, compute_dtype="float64")
     plain, plain_report = compress(copy.deepcopy(model), plain_config, loader, show_progress=False)
     compensated, report = compress(copy.deepcopy(model), WSVDConfig(**{**plain_config.to_dict(), "compensate": True,
                                                                        "compensation_ridge": 1e-3}),
@@ -151,7 +150,7 @@ def test_compensation_lowers_the_layers_output_error_against_the_dense_model():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="fisher_whiten", compensate=True), "needs sequential=True"),
+    (dict(method="fisher_whiten", sequential=False, compensate=True), "needs sequential=True"),
     (dict(method="fwsvd", sequential=True, compensate=True), "reads the activation Gram"),
     (dict(method="whiten", sequential=True, compensate=True, compensation_ridge=0.0), "compensation_ridge=0.0"),
 ])

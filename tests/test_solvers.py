@@ -64,8 +64,8 @@ def test_registry_holds_svd_and_fwsvd():
     assert get_solver("fwsvd").name == "fwsvd"
     fwsvd = get_solver("fwsvd")
     # FWSVD reads only the summed Fisher of its axis: O(out) or O(in), never the per-entry matrix.
-    assert fwsvd.needs_for(WSVDConfig(fisher_axis="output").method_options()) == {FISHER_ROWS}
-    assert fwsvd.needs_for(WSVDConfig(fisher_axis="input").method_options()) == {FISHER_COLS}
+    assert fwsvd.needs_for(WSVDConfig(method="fwsvd", fisher_axis="output").method_options()) == {FISHER_ROWS}
+    assert fwsvd.needs_for(WSVDConfig(method="fwsvd", fisher_axis="input").method_options()) == {FISHER_COLS}
     assert FISHER in get_solver("tfwsvd").needs_for(get_solver("tfwsvd").options())
     assert not get_solver("svd").needs_for(get_solver("svd").options())
     assert all(callable(solver.solve) for solver in SOLVERS.values())

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import SOLVER_NAMES
 from ..linalg import truncated_svd
 from ..statistics.names import FISHER
 from .fwsvd import FwsvdOptions, solve_fwsvd
@@ -33,7 +34,6 @@ from .registry import LayerProblem, register_solver
 
 logger = logging.getLogger(__name__)
 
-SOLVER_NAMES = ("als", "adam", "em", "hybrid")
 # Prepared importance never falls below this fraction of its mean: zero-importance entries still
 # pull (weakly) toward their weight, so no row/column normal equation is singular.
 IMPORTANCE_FLOOR = 1e-4

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import FISHER_AXES
 from ..statistics.names import FISHER_COLS, FISHER_ROWS
 from .registry import LayerProblem, MethodOptions
 from .weighting import Weighting, register_weighting, weighted_svd
 
-FISHER_AXES = ("output", "input")
 # Rows/columns with (near) zero importance still get this fraction of the mean importance, so the
 # unweighting never divides by zero and such rows keep a plain-SVD fit.
 IMPORTANCE_FLOOR = 1e-6

@@ -1,0 +1,62 @@
+"""Command-line value types (argparse ``type=`` functions), importable without torch so that the
+``hf-wsvd`` parser answers ``--help`` and argument errors at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def fraction(text: str, name: str = "param ratio") -> float:
+    """A number in (0, 1]: a fraction of parameters kept."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{name} {value} is outside (0, 1]: it is a fraction of each layer's parameters kept"
+        )
+    return value
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list (``query,value``)."""
+    return [c for c in text.split(",") if c]
+
+
+def speed_limit(text: str) -> float | dict[str, float]:
+    """A kept-ratio number, or a JSON file with per-shape limits: the ``by_shape`` of a
+    ``benchmarks/layer_speed.py --json-out`` measurement, or a plain {"INxOUT": limit} mapping."""
+    if not text.lower().endswith(".json"):
+        return fraction(text, "max kept ratio for speed")
+    try:
+        payload = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read per-shape speed limits from {text!r}: {error}")
+    table = payload.get("by_shape", payload) if isinstance(payload, dict) else None
+    if not isinstance(table, dict) or not table or not all(isinstance(v, (int, float)) for v in table.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds no per-shape limits: expected the JSON written by benchmarks/layer_speed.py "
+            "--json-out (one measurement, with 'by_shape') or a {\"INxOUT\": limit} mapping")
+    return table

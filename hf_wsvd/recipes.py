@@ -1,0 +1,90 @@
+"""The recommended recipe: the ``WSVDConfig`` fields left None, resolved from the model and the data.
+
+Each resolvable field has one rule, ``rule(recipe, evidence) -> (value, notice or None)``, applied in
+``RULES`` order to the recipe resolved so far; an explicit value is always kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from .blocks import block_list
+from .config import WSVDConfig
+from .solvers import solver_for
+from .statistics.names import GRAM
+from .tasks import CAUSAL_LM, task_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the recipe is resolved from."""
+
+    data: bool  # calibration data was given
+    labels: bool  # its batches carry labels: the Fisher information can be estimated
+    causal_lm: bool  # a causal LM with a stack of repeated blocks (what sequential mode walks)
+
+
+def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
+    if evidence.labels:
+        return "fisher_whiten", None
+    if evidence.data:
+        return "whiten", ("the data's batches carry no labels, so there is no Fisher information: method=whiten "
+                          "(activations only); for fisher_whiten give labels (--label-column, or 'labels' in "
+                          "each batch)")
+    return "svd", ("no data: method=svd (plain truncated SVD); importance data (--data) gives far better "
+                   "results at the same size")
+
+
+def _allocation(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
+    # Greedy reads every layer's loss from the method's spectrum (lp and the element-wise methods have none).
+    greedy = evidence.data and solver_for(recipe).spectrum is not None
+    return ("greedy" if greedy else "uniform"), None
+
+
+def _sequential(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    return evidence.data and evidence.causal_lm, None
+
+
+def _compensate(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Compensation fits each layer through its input Gram: the methods that read one can use it.
+    return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
+
+
+Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
+RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential,
+                          "compensate": _compensate}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM with a stack of transformer blocks."""
+    try:  # both raise for models without a known task loss / without repeated blocks
+        return task_of(model) == CAUSAL_LM and bool(block_list(model))
+    except ValueError:
+        return False
+
+
+def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None) -> tuple[WSVDConfig, list[str]]:
+    """``config`` with its None fields (``RULES``) resolved for ``model`` and ``data``, and the
+    notices explaining a fallback from the best recipe (each logged once as a warning). ``data``
+    must be re-iterable (its first batch is read to look for labels)."""
+    unresolved = [name for name in RULES if getattr(config, name) is None]
+    if not unresolved:
+        return config, []
+    first = next(iter(data), None) if data is not None else None
+    evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
+                        causal_lm=is_causal_lm(model))
+    notices = []
+    for name in unresolved:
+        value, notice = RULES[name](config, evidence)
+        config = dataclasses.replace(config, **{name: value})
+        if notice:
+            logger.warning(notice)
+            notices.append(notice)
+    return config, notices

@@ -1,0 +1,87 @@
+"""The recommended recipe by default: WSVDConfig fields left None resolved from the model and data."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import transformers
+
+import tiny
+from hf_wsvd import WSVDConfig, compress
+from stats_worker import case_inputs
+
+
+def _unlabelled(loader) -> list[dict]:
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
+
+
+def test_the_default_recipe_is_unset():
+    config = WSVDConfig()
+    assert (config.method, config.allocation, config.sequential) == (None, None, None)
+
+
+def test_labelled_classifier_data_gets_fisher_whiten_and_greedy_ranks(tmp_path, caplog):
+    model, loader, _, _ = case_inputs("bert_classification", 6, 3)
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, report = compress(model, WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    assert (report.method, report.allocation, report.pipeline) == ("fisher_whiten", "greedy", "whole_model")
+    assert report.notices == [] and not caplog.records
+    assert report.importance_examples == 6  # the first batch was only peeked at, not consumed
+    # The checkpoint stores the resolved recipe.
+    model.save_pretrained(tmp_path)
+    recipe = transformers.AutoConfig.from_pretrained(tmp_path).wsvd
+    assert (recipe["method"], recipe["allocation"], recipe["sequential"]) == ("fisher_whiten", "greedy", False)
+
+
+def test_causal_lm_text_gets_the_sequential_fisher_recipe():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    model, report = compress(model, WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    assert (report.method, report.allocation, report.pipeline) == ("fisher_whiten", "greedy", "sequential")
+    assert model.config.wsvd["sequential"] is True and report.notices == []
+
+
+def test_unlabelled_data_falls_back_to_whiten_with_one_notice(caplog):
+    model, loader, _, _ = case_inputs("bert_classification", 6, 3)
+    # A one-shot iterator: its first batch is read for labels and still takes part in the pass.
+    batches = iter(_unlabelled(loader))
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, report = compress(model, WSVDConfig(param_ratio=0.5), batches, show_progress=False)
+    assert (report.method, report.allocation) == ("whiten", "greedy")
+    assert len(report.notices) == 1 and "no labels" in report.notices[0] and "--label-column" in report.notices[0]
+    assert [r.getMessage() for r in caplog.records] == report.notices
+    assert model.config.wsvd["method"] == "whiten"
+
+
+def test_no_data_gets_svd_with_uniform_ranks_and_a_notice():
+    _, report = compress(tiny.build("bert"), WSVDConfig(param_ratio=0.5), show_progress=False)
+    assert (report.method, report.allocation, report.pipeline) == ("svd", "uniform", "whole_model")
+    assert len(report.notices) == 1 and "no data" in report.notices[0]
+
+
+def test_explicit_values_are_kept():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    _, report = compress(model, WSVDConfig(method="fwsvd", allocation="uniform", sequential=False), loader,
+                         show_progress=False)
+    assert (report.method, report.allocation, report.pipeline) == ("fwsvd", "uniform", "whole_model")
+    assert report.notices == []  # an explicit method is never second-guessed
+
+
+@pytest.mark.parametrize("method, allocation", [("whiten", "greedy"), ("lp", "uniform"), ("tfwsvd", "uniform")])
+def test_allocation_is_greedy_only_for_methods_with_a_spectrum(method, allocation):
+    model, loader, _, _ = case_inputs("bert_classification", 6, 3)
+    _, report = compress(model, WSVDConfig(method=method, param_ratio=0.5, max_iterations=1), loader,
+                         show_progress=False)
+    assert report.allocation == allocation
+
+
+def test_a_third_party_method_is_accepted_by_the_api():
+    from hf_wsvd.solvers import SOLVERS, get_solver, register_solver
+
+    register_solver("third_party_svd")(get_solver("svd").solve)
+    try:
+        _, report = compress(tiny.build("bert"), WSVDConfig(method="third_party_svd", param_ratio=0.5),
+                             show_progress=False)
+        assert report.method == "third_party_svd" and report.ranks
+    finally:
+        del SOLVERS["third_party_svd"]
