@@ -1,5 +1,5 @@
 """Shared benchmark reporting: JSON with the environment and the command, and markdown tables
-spliced between markers into RESULTS.md and README.md (never edited by hand)."""
+spliced between markers into the benchmark's page under docs/ (never edited by hand)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,20 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
+# The page under docs/ of each results name that does not have its own docs/benchmarks/<name>.md:
+# one page per benchmark script.
+PAGES = {
+    "glue_activation": "benchmarks/glue.md",
+    "llm_64": "benchmarks/llm.md",
+    "speed_cpu": "benchmarks/speed.md",
+    "speed_gpu": "benchmarks/speed.md",
+    "solvers_gpu_small": "benchmarks/solvers_gpu.md",
+}
+
+
+def page(name: str) -> Path:
+    """The docs page that shows the table of results ``name``."""
+    return ROOT / "docs" / PAGES.get(name, f"benchmarks/{name}.md")
 
 
 def environment() -> dict:
@@ -50,8 +64,9 @@ def splice(path: Path, name: str, text: str) -> None:
     path.write_text(content)
 
 
-def publish(name: str, payload: dict, table: str, readme: bool = True) -> None:
-    """Write ``benchmarks/results/<name>.json`` and the table into RESULTS.md (and README.md).
+def publish(name: str, payload: dict, table: str) -> None:
+    """Write ``benchmarks/results/<name>.json`` and the table between the ``name`` markers of its
+    docs page (see :func:`page`).
 
     A payload measured elsewhere (a GPU machine) keeps the environment it recorded there."""
     payload = {"environment": environment(), **payload}
@@ -59,7 +74,5 @@ def publish(name: str, payload: dict, table: str, readme: bool = True) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     text = f"{table}\n\nRe-run: `{payload['environment']['command']}` (results: `{out.relative_to(ROOT)}`)."
-    splice(ROOT / "benchmarks" / "RESULTS.md", name, text)
-    if readme:
-        splice(ROOT / "README.md", name, text)
+    splice(page(name), name, text)
     print(table)

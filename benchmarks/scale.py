@@ -167,7 +167,7 @@ def main() -> None:
 
     if args.from_json:
         payloads = [json.loads(Path(p).read_text()) for p in args.from_json]
-        publish("scale", {"runs": payloads}, table(payloads), readme=False)
+        publish("scale", {"runs": payloads}, table(payloads))
         return
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"

@@ -67,7 +67,7 @@ def main() -> None:
     fig.savefig(RESULTS / "solver_curves.png", dpi=110)
     text = markdown_table(["layer", "solver", "best loss / FWSVD loss", "iterations", "seconds",
                            "s to 99% of its gain"], table)
-    text += "\n\n![weighted loss vs time](benchmarks/results/solver_curves.png)"
+    text += "\n\n![weighted loss vs time](../../benchmarks/results/solver_curves.png)"
     publish("solver_curves", {"seconds": args.seconds, "ratio": args.ratio, "runs": runs}, text)
 
 

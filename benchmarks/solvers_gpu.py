@@ -74,7 +74,7 @@ def main() -> None:
               f"{payload['max_iterations']} iterations or {payload['time_budget']:g} s per solver; measured on "
               f"{payload['environment'].get('cuda') or 'CPU'}.")
     small = out_features < 4096
-    publish("solvers_gpu_small" if small else "solvers_gpu", payload, table, readme=not small)
+    publish("solvers_gpu_small" if small else "solvers_gpu", payload, table)
 
 if __name__ == "__main__":
     main()

@@ -125,7 +125,7 @@ def main() -> None:
             table_rows.append([task, label, acc, loss])
     plot(rows, args.tasks.split(","))
     table = markdown_table(["task", "metric", "Spearman ρ vs accuracy drop", "Spearman ρ vs dev-loss increase"], table_rows)
-    table += f"\n\n![metric vs drop](benchmarks/results/svd_risk.png)"
+    table += f"\n\n![metric vs drop](../../benchmarks/results/svd_risk.png)"
     publish("svd_risk", {"ratio": args.ratio, "rows": rows, "correlations": correlations}, table)
 
 

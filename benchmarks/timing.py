@@ -81,7 +81,7 @@ def speedup(baseline: list[float], other: list[float]) -> float:
 
 
 def add_json_arguments(parser) -> None:
-    parser.add_argument("--json-out", help="measure and write the measurement here (no README/RESULTS update)")
+    parser.add_argument("--json-out", help="measure and write the measurement here (no docs update)")
     parser.add_argument("--from-json", nargs="+", help="render measurement files (or a published results file)")
 
 

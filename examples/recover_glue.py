@@ -10,7 +10,7 @@ out N train examples and selects the best run on them, never on dev.
 
     python examples/recover_glue.py                           # CPU or GPU, whatever torch sees
     python examples/recover_glue.py --max-steps 20            # a smoke run
-    python examples/recover_glue.py --output out/rec --publish    # also write the README table
+    python examples/recover_glue.py --output out/rec --publish    # also write the table into docs/benchmarks/recovery.md
     python examples/recover_glue.py --publish-from out/rec/recovery.json   # publish a run made elsewhere
 
 The TSVs (optionally gzipped) are read with the `csv` module (GLUE: quoting off), so the script
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only; default: float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", help="a sentence recorded with the results and shown under the table")
-    parser.add_argument("--publish", action="store_true", help="write the table into README.md and benchmarks/RESULTS.md")
+    parser.add_argument("--publish", action="store_true", help="write the table into docs/benchmarks/recovery.md")
     parser.add_argument("--publish-from", nargs="+",
                         help="only publish the recovery.json of earlier runs (made elsewhere), in one table")
     return parser.parse_args(argv)
@@ -250,7 +250,7 @@ def recover(args, model, dense, train, dev, validation, tokenizer, collator, dev
 
 
 def report_table(payloads: list[dict]) -> str:
-    """The README table of one or more recovery.json (same dense model and task)."""
+    """The table of one or more recovery.json (same dense model and task)."""
     from benchmarks.report import markdown_table
 
     dense = payloads[0]["dense_accuracy"]

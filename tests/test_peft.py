@@ -105,19 +105,19 @@ def test_a_merge_beyond_full_rank_is_refused(tmp_path):
         peft_model.merge_and_unload()
 
 
-def test_the_readme_lora_examples_run(tmp_path, monkeypatch):
-    """The README's two LoRA code blocks, as written, on a tiny compressed classifier."""
+def test_the_docs_lora_examples_run(tmp_path, monkeypatch):
+    """The two LoRA code blocks of docs/training.md, as written, on a tiny compressed classifier."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### LoRA adapters (peft)", 1)[1].split("\n### ", 1)[0]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    section = page.split("## LoRA adapters (peft)", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     _, report = tiny.save_compressed(tmp_path / "sst2-fwsvd", "bert", with_tokenizer=False)
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "README.md (LoRA, inner linears)", "exec"), {})
+    exec(compile(blocks[0], "docs/training.md (LoRA, inner linears)", "exec"), {})
     assert _ranks(AUTO.from_pretrained("sst2-fwsvd-merged")) == report.ranks
     whole = {}
-    exec(compile(blocks[1], "README.md (LoRA, whole modules)", "exec"), whole)
+    exec(compile(blocks[1], "docs/training.md (LoRA, whole modules)", "exec"), whole)
     assert _ranks(whole["reloaded"]) == {k: r + 8 for k, r in report.ranks.items()}

@@ -1,0 +1,102 @@
+"""The user-facing pages: links resolve, the code they show runs, and benchmark tables land in them."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import tiny
+from hf_wsvd.solvers import SOLVERS
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def code_blocks(page: Path, language: str, section: str | None = None) -> list[str]:
+    text = page.read_text()
+    if section:
+        text = text.split(section, 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s):, mailto:
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target} (no heading #{anchor} in {file.name})")
+    assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+def test_the_readme_keeps_the_test_command_and_stays_short():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("<!-- test-command:start -->", 1)[1].split("<!-- test-command:end -->", 1)[0]
+    assert "python -m pytest" in command and 'pip install torch==2.13.0 -e ".[test]"' in command
+    assert len(readme.splitlines()) <= 300
+
+
+def test_the_readme_api_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, on a tiny classifier and a small train.tsv."""
+    (block,) = code_blocks(ROOT / "README.md", "python", "## Python API")
+    source = tmp_path / "path" / "to" / "sst2-model"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(source)
+    tiny.tokenizer().save_pretrained(source)
+    rows = [f"the movie was {word}\t{label}" for word, label in [("great", 1), ("bad", 0), ("good", 1), ("awful", 0)]]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md (Python API)", "exec"), scope)
+    assert scope["config"].method == "fisher_whiten" and scope["config"].allocation == "greedy"
+    assert type(scope["model"]).__name__.startswith("Wsvd") and scope["report"].ranks
+    assert (tmp_path / "sst2-compressed" / "tokenizer.json").is_file()
+
+
+def test_the_design_page_adds_a_method():
+    (block,) = code_blocks(ROOT / "docs" / "design.md", "python", "## Adding a method")
+    scope = {}
+    try:
+        exec(compile(block, "docs/design.md (adding a method)", "exec"), scope)
+        assert scope["config"].method == "rownorm"
+        model = tiny.build("bert", "AutoModelForSequenceClassification")
+        _, report = scope["hf_wsvd"].compress(model, scope["config"], show_progress=False)
+        assert report.ranks and report.params_after < report.params_before
+    finally:
+        SOLVERS.pop("rownorm", None)  # other tests iterate over the registered methods
+
+
+def test_publish_writes_the_table_into_its_docs_page(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    page = tmp_path / "docs" / "benchmarks" / "glue.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("# GLUE\n\nprose before\n\n<!-- glue_activation:start -->\nold\n<!-- glue_activation:end -->\n\nafter\n")
+    payload = {"environment": {"command": "python benchmarks/glue.py --suite activation"}, "rows": [1]}
+    report.publish("glue_activation", payload, "| a |\n|---|\n| 1 |")
+    text = page.read_text()
+    assert "old" not in text and "| 1 |" in text and text.startswith("# GLUE\n\nprose before") and text.endswith("after\n")
+    assert "Re-run: `python benchmarks/glue.py --suite activation`" in text
+    assert json.loads((tmp_path / "benchmarks" / "results" / "glue_activation.json").read_text())["rows"] == [1]
+    report.publish("factorization", payload, "| b |")  # a name without its page yet: the page is created
+    assert "<!-- factorization:start -->\n| b |" in (tmp_path / "docs" / "benchmarks" / "factorization.md").read_text()
