@@ -153,6 +153,8 @@ def table(payloads: list[dict]) -> str:
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
                      "the best recipe by validation perplexity; measured on "
                      f"{payload['environment'].get('cuda') or 'CPU'} in {payload.get('minutes', 0):.1f} minutes.\n")
+        lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
+        lines.append("\nSamples (greedy decoding):\n")
         lines += [f"- {name}: {text!r}" for name, text in payload.get("samples", {}).items()]
         lines.append("")
     return "\n".join(lines)
@@ -182,13 +184,15 @@ def main() -> None:
     parser.add_argument("--heal-learning-rate", type=float, default=1e-4)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
-    parser.add_argument("--from-json", nargs="+", help="publish measurements taken earlier (one file per model)")
+    parser.add_argument("--from-json", nargs="+",
+                        help="publish measurements taken earlier (one file per model, or a published llm.json)")
     args = parser.parse_args()
 
     from report import publish
 
     if args.from_json:
-        payloads = [json.loads(Path(path).read_text()) for path in args.from_json]
+        loaded = [json.loads(Path(path).read_text()) for path in args.from_json]
+        payloads = [p for data in loaded for p in (data["models"] if "models" in data else [data])]
     else:
         payloads = [measure(args)]
         if args.json_out:

