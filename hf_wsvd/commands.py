@@ -96,6 +96,8 @@ def add_commands(commands, columns) -> None:
     h.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine decay (default: 1e-4)")
     h.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank on the factors instead "
                                                           "of the factors themselves (merged into them at the end)")
+    h.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="add this weight times the MSE of the last hidden states to the logit KL (default: 0)")
     h.add_argument("--batch-size", type=positive_int, default=8, help="blocks per step (default: 8)")
     h.add_argument("--max-length", type=positive_int, default=512, help="tokens per block (default: 512)")
     h.add_argument("--heldout-blocks", type=positive_int, default=16,
@@ -208,7 +210,7 @@ def run_heal(args: argparse.Namespace) -> None:
     check_data(args.data)
     check_output(args.path, args.output, args.overwrite)
     config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                        lora_rank=args.lora_rank, seed=args.seed)
+                        lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed)
     student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
     teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
     if teacher.config.vocab_size != student.config.vocab_size:

@@ -101,7 +101,7 @@ def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path):
     out = tmp_path / "healed"
     code = main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
                  "--data", str(tmp_path / "text.txt"), "--steps", "4", "--max-length", "8", "--batch-size", "4",
-                 "--heldout-blocks", "4"])
+                 "--heldout-blocks", "4", "--hidden-weight", "0.5"])
     assert code == 0
     healed = AutoModelForCausalLM.from_pretrained(out)
     assert _ranks(healed) == _ranks(student)

@@ -120,6 +120,10 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> Non
     of hidden states advance together, the dense model's and the compressed model's, and within a
     block each stage of layers is fitted to a dense copy of the block before the next stage's
     inputs are taken."""
+    processes = job.accelerator.num_processes
+    if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
+        raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
+                         f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     with outside_blocks_on(job.model, prefix, device):
@@ -132,10 +136,9 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> Non
                 _run(block, current, block_device)
                 _run(block, dense, block_device)
                 continue
-            if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in block.modules()):
-                raise ValueError("compensate=True keeps a dense copy of each block: it does not support blocks "
-                                 "offloaded by accelerate (load the model in CPU memory or on GPUs instead)")
-            reference = copy.deepcopy(block)  # the dense block: what every stage is fitted to
+            # The dense block, what every stage is fitted to (an offloaded block's copy keeps its
+            # own copy of the offloaded weights).
+            reference = copy.deepcopy(block)
             paths = {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names}
             hidden, kwargs, _ = current[0]
             for stage in compensation.stages(reference, paths, hidden.to(block_device), kwargs):
