@@ -32,7 +32,7 @@ VARIANTS = {
     "tfwsvd-em": dict(method="tfwsvd", solver="em"),
     "tfwsvd-hybrid": dict(method="tfwsvd", solver="hybrid"),
     "rescue": dict(method="rescue", solver="hybrid"),
-    # the tuning row: more iterations of the best solver (README: target status)
+    # the tuning row: more iterations of the best solver (docs/benchmarks/elementwise_glue.md: target status)
     "tfwsvd-hybrid-8it": dict(method="tfwsvd", solver="hybrid", max_iterations=8),
 }
 

@@ -48,10 +48,10 @@ def main() -> None:
                         help="calibrate block by block on the compressed blocks' outputs (default for causal LMs)")
     parser.add_argument("--compensate", action=argparse.BooleanOptionalAction,
                         help="fit each layer to the dense layer's outputs (default in sequential mode)")
-    parser.add_argument("--param-ratio", type=float, default=0.9,
-                        help="fraction of the decoder linears' parameters kept (default 0.9: -10%%)")
-    parser.add_argument("--num-samples", type=int, default=16,
-                        help="calibration blocks (default 16: what fits in minutes on a 2-core CPU; more is better)")
+    parser.add_argument("--param-ratio", type=float, default=0.8,
+                        help="fraction of the decoder linears' parameters kept (default 0.8: -20%%)")
+    parser.add_argument("--num-samples", type=int, default=32,
+                        help="calibration blocks (default 32: what fits in minutes on a 2-core CPU; more is better)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per calibration and evaluation block")
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for perplexity (default 16; 0: all 38)")
     parser.add_argument("--new-tokens", type=int, default=30, help="tokens generated for each sample")
