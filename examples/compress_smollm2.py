@@ -80,7 +80,6 @@ def main() -> None:
     print("\ncompressing with the recommended recipe" if None in (config.method, config.allocation, config.sequential)
           else f"\ncompressing: {config.method}, {config.allocation} ranks", flush=True)
     model, report = hf_wsvd.compress(model, config, calibration)
-    recipe = model.config.wsvd
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.seconds.items())
     print(f"compressed in {sum(report.seconds.values()):.0f} s ({stages})", flush=True)
     with staged_output(args.output, "python examples/compress_smollm2.py") as folder:
@@ -97,7 +96,7 @@ def main() -> None:
 
     removed = 1 - report.params_after / report.params_before
     print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}"
-          f"{', compensated' if recipe.get('compensate') else ''}: kept {report.param_ratio:.0%} of "
+          f"{', compensated' if report.compensated else ''}: kept {report.param_ratio:.0%} of "
           f"{len(report.ranks)} decoder linears' parameters")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")
     print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f} "

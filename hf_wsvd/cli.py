@@ -166,8 +166,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
     if report.dense_targets:
         layers += " (at their rank they would save nothing or run no faster)"
     lines = [
-        f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline, "
-        f"param_ratio {report.param_ratio}",
+        f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline"
+        f"{' (compensated)' if report.compensated else ''}, param_ratio {report.param_ratio}",
         f"  {layers}",
         f"  parameters {report.params_before:,} -> {report.params_after:,} "
         f"(kept {report.params_after / report.params_before:.3f})",

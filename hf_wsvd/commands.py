@@ -231,7 +231,7 @@ def run_heal(args: argparse.Namespace) -> None:
     save_dtype = stored_dtype(args.path)
     if save_dtype is not None:
         student.to(save_dtype)
-    summary = (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}` "
+    summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}` "
                f"({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
                f"learning rate {args.learning_rate:g}, {report.seconds / 60:.1f} min); held-out perplexity "
                f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "

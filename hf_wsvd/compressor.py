@@ -41,6 +41,7 @@ class CompressionReport:
     statistics: Statistics = field(default_factory=Statistics, repr=False)
     # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``).
     notices: list[str] = field(default_factory=list)
+    compensated: bool = False  # sequential mode fitted each layer to the dense layer's outputs
 
 
 def pipeline_name(config: WSVDConfig) -> str:
@@ -94,6 +95,6 @@ def compress(
     report = CompressionReport(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - set(ranks)),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
-        job.statistics, notices,
+        job.statistics, notices, bool(config.compensate),
     )
     return model, report

@@ -10,6 +10,7 @@ same ranks.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
 from .runtime.factorized_linear import FactorizedLinear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +68,8 @@ class HealConfig:
 @dataclass
 class HealReport:
     """What healing did: the held-out distillation loss (mean token KL to the teacher, nats) before
-    and after, the steps taken, the trainable parameters and the seconds spent."""
+    and after, the steps taken, the trainable parameters and the seconds spent; ``kept``: whether
+    the trained weights were kept (False: they raised the held-out loss, so the student was restored)."""
 
     kl_before: float
     kl_after: float
@@ -73,6 +77,7 @@ class HealReport:
     trainable_parameters: int
     seconds: float
     config: dict
+    kept: bool = True
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -164,6 +169,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         teacher.to("cuda")
     evaluation_batch = config.batch_size
     before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+    # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
+    initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
     trained = _trainable_factors(student, config.lora_rank)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     start = time.perf_counter()
@@ -184,4 +191,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         student = trained.merge_and_unload()
     student.requires_grad_(False)
     after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
-    return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config))
+    kept = after <= before
+    if not kept:
+        logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
+                       "compressed weights are kept; heal with more steps or a lower learning rate")
+        student.load_state_dict(initial)
+    return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept)

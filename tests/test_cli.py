@@ -91,7 +91,7 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     recipe = model.config.wsvd
     # The text makes the labels: Fisher-weighted whitening, greedy ranks, block by block.
     assert (recipe["method"], recipe["allocation"], recipe["sequential"]) == ("fisher_whiten", "greedy", True)
-    assert "compressed with fisher_whiten: greedy allocation, sequential pipeline, param_ratio 0.4" in printed.out
+    assert "compressed with fisher_whiten: greedy allocation, sequential pipeline (compensated), param_ratio 0.4" in printed.out
     assert "note:" not in printed.err
     assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) > 0
     assert main_output(model(**tiny.inputs("gpt2"))).isfinite().all()

@@ -127,3 +127,14 @@ def test_cli_heal_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
                  "--data", str(tmp_path / "text.txt")])
     assert code == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
+    teacher, student = _compressed()
+    before = {n: v.clone() for n, v in student.state_dict().items()}
+    # A learning rate far too high for these factors: the held-out loss rises.
+    healed, report = heal(student, teacher, _blocks(16, seed=1), _blocks(4, seed=2),
+                          HealConfig(steps=5, learning_rate=10.0, batch_size=4), show_progress=False)
+    assert report.kl_after > report.kl_before and not report.kept
+    for name, value in healed.state_dict().items():
+        assert torch.equal(value, before[name]), name
