@@ -15,6 +15,14 @@ from .passes import batches, default_accelerator, exact_16bit_products, sum_acro
 from .result import Statistics
 
 
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A layer input as (tokens × features) rows in ``dtype``, padding removed where ``mask``
+    (batch × tokens, 1 = real) matches its leading shape (a decoder's inputs count every position)."""
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1]).to(dtype)
+
+
 class InputHooks:
     """Forward pre-hooks accumulating the input statistics ``needs`` of each module.
 
@@ -33,11 +41,6 @@ class InputHooks:
         self._last: tuple | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
-    def _rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        mask = self.mask
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-            x = x[mask.to(x.device).bool()]
-        return x.reshape(-1, x.shape[-1]).to(dtype)
 
     def _contributions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
@@ -45,7 +48,7 @@ class InputHooks:
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             return self._last[2]
         with exact_16bit_products(x) as dtype:
-            rows = self._rows(x.detach(), dtype)
+            rows = token_rows(x.detach(), self.mask, dtype)
             # One batch in ``dtype``, the running sums in float64.
             result = {n: COLLECTORS[n].reduce(rows).double() for n in self.names}
         result["tokens"] = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)

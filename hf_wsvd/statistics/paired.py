@@ -10,6 +10,7 @@ from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
 
+from .inputs import token_rows
 from .names import CROSS, GRAM
 from .passes import exact_16bit_products, sum_across_processes
 from .result import Statistics
@@ -37,12 +38,6 @@ class PairedInputHooks:
         self.stash.clear()
         self._last = None
 
-    def _rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        mask = self.mask
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-            x = x[mask.to(x.device).bool()]
-        return x.reshape(-1, x.shape[-1]).to(dtype)
-
     def _keep(self, name: str):
         def hook(module, args):
             self.stash[name] = args[0].detach()
@@ -54,8 +49,8 @@ class PairedInputHooks:
         if self._last is not None and self._last[0] is x and self._last[1] is reference:
             return self._last[2]
         with exact_16bit_products(x) as dtype:
-            rows = self._rows(x.detach(), dtype)
-            ref = self._rows(reference.to(x.device), dtype)
+            rows = token_rows(x.detach(), self.mask, dtype)
+            ref = token_rows(reference.to(x.device), self.mask, dtype)
             moments = {GRAM: (rows.T @ rows).double(), CROSS: (ref.T @ rows).double(),
                        "tokens": torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
         self._last = (x, reference, moments)
