@@ -43,11 +43,14 @@ def loader(blocks, tokenizer, batch_size):
 
 def recipes(args) -> list[dict]:
     """The recipes of one reduction: each method × allocation in whole-model mode, the sequential
-    methods, and the compensated sequential methods at each ridge."""
-    rows = [dict(method=m, allocation=a) for m in args.methods for a in args.allocations]
-    rows += [dict(method=m, allocation=a, sequential=True) for m in args.sequential_methods for a in args.allocations]
-    rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r)
-             for m in args.compensated_methods for a in args.allocations for r in args.compensation_ridges]
+    methods, the compensated sequential methods at each ridge, and the same with MLP pruning (every
+    lever named, so that a row means the same whatever the defaults)."""
+    rows = [dict(method=m, allocation=a, sequential=False) for m in args.methods for a in args.allocations]
+    rows += [dict(method=m, allocation=a, sequential=True, compensate=False, mlp_pruning=False)
+             for m in args.sequential_methods for a in args.allocations]
+    for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
+        rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned)
+                 for m in methods for a in args.allocations for r in args.compensation_ridges]
     return rows
 
 
@@ -55,6 +58,8 @@ def label(recipe: dict) -> str:
     name = recipe["method"] + (" (sequential" if recipe.get("sequential") else "")
     if recipe.get("compensate"):
         name += f", compensated λ={recipe['compensation_ridge']:g}"
+    if recipe.get("mlp_pruning"):
+        name += ", MLPs pruned"
     return name + (")" if recipe.get("sequential") else "")
 
 
@@ -179,7 +184,9 @@ def main() -> None:
                         default=["whiten", "fisher_whiten"])
     parser.add_argument("--compensated-methods", type=lambda s: [x for x in s.split(",") if x],
                         default=["fisher_whiten"])
-    parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-2])
+    parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
+                        help="compensated sequential methods with MLP pruning (hf_wsvd.mlp_pruning)")
+    parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
     parser.add_argument("--heal-steps", type=int, default=0, help="heal the best recipe of each reduction (0: no)")
     parser.add_argument("--heal-learning-rate", type=float, default=1e-4)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")

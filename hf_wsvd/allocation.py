@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .runtime.factorized_linear import saves_parameters
@@ -67,12 +69,24 @@ def max_saving_rank(in_features: int, out_features: int) -> int:
     return (in_features * out_features - 1) // (in_features + out_features)
 
 
+@dataclass(frozen=True)
+class Budgeted:
+    """A layer as the greedy allocation sees it: the parameters one unit costs (a rank: in + out;
+    an MLP channel: its rows and column in the MLP's linears), its dense parameter count, and the
+    most units it may keep."""
+
+    unit_params: int
+    dense_params: int
+    limit: int
+
+
 def greedy_ranks(
     shapes: dict[str, tuple[int, int]],
     spectra: dict[str, torch.Tensor],
     param_ratio: float,
     layer_weights: dict[str, float] | None = None,
     multiple: int = 1,
+    extra: dict[str, Budgeted] | None = None,
 ) -> dict[str, int]:
     """Ranks, all multiples of ``multiple``, under one budget of ``param_ratio`` × (the weights of
     the layers that can be factorized), spent ``multiple`` ranks at a time where they remove the
@@ -81,16 +95,20 @@ def greedy_ranks(
     Ranks i of layer l remove σ_i² / Σσ² of its weighted loss (times ``layer_weights[l]``, default
     1) at a cost of in+out parameters each. Every layer keeps at least rank ``multiple`` and never
     a rank that saves nothing; a layer where no multiple of ``multiple`` saves parameters is left
-    out (it stays dense). Deterministic: ties go to the earlier layer name and lower rank.
+    out (it stays dense). ``extra`` adds layers counted in other units (the MLP channels of
+    ``hf_wsvd.mlp_pruning``, whose ``spectra`` entry holds √ of each channel's loss, largest first;
+    an MLP that keeps all its channels stays dense). Deterministic: ties go to the earlier layer name and lower rank.
     """
-    limits = {n: min(max_saving_rank(*s), len(spectra[n])) // multiple * multiple for n, s in shapes.items()}
-    shapes = {n: s for n, s in shapes.items() if limits[n] > 0}
-    if not shapes:
+    items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), len(spectra[n]))) for n, (i, o) in shapes.items()}
+    items.update(extra or {})
+    limits = {n: item.limit // multiple * multiple for n, item in items.items()}
+    items = {n: item for n, item in items.items() if limits[n] > 0}
+    if not items:
         raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple} and saves "
                          "parameters; lower rank_multiple")
-    budget = param_ratio * sum(i * o for i, o in shapes.values())
-    costs = {n: multiple * (i + o) for n, (i, o) in shapes.items()}  # one step of ``multiple`` ranks
-    ranks = {n: multiple for n in shapes}
+    budget = param_ratio * sum(item.dense_params for item in items.values())
+    costs = {n: multiple * item.unit_params for n, item in items.items()}  # one step of ``multiple`` units
+    ranks = {n: multiple for n in items}
     spent = sum(costs.values())
     if spent > budget:
         raise ValueError(
@@ -98,7 +116,7 @@ def greedy_ranks(
             f"({spent:,} parameters for a budget of {budget:,.0f})"
         )
     candidates = []
-    for name in sorted(shapes):
+    for name in sorted(items):
         energy = spectra[name].double().square()
         total = energy.sum().item() or 1.0
         weight = (layer_weights or {}).get(name, 1.0)

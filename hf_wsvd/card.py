@@ -109,7 +109,7 @@ def plot_ranks(model: PreTrainedModel, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summarize(model)
+    rows = [r for r in summarize(model) if r.rank is not None]
     figure, axes = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 3.6))
     positions = range(len(rows))
     axes.bar(positions, [min(r.shape) for r in rows], color="#dddddd", label="full rank")
@@ -125,7 +125,7 @@ def plot_ranks(model: PreTrainedModel, path: str | os.PathLike) -> None:
 
 def _rank_table(model: PreTrainedModel) -> str:
     lines = ["| layer | shape (out × in) | rank | parameters | dense parameters |", "|---|---|---|---|---|"]
-    lines += [f"| `{r.name}` | {r.shape[0]} × {r.shape[1]} | {r.rank} | {r.params:,} | {r.dense_params:,} |"
+    lines += [f"| `{r.name}` | {r.shape[0]} × {r.shape[1]} | {r.kind} | {r.params:,} | {r.dense_params:,} |"
               for r in summarize(model)]
     return "\n".join(lines)
 

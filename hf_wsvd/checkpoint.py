@@ -15,19 +15,35 @@ from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, relativ
 
 @dataclass
 class LayerSummary:
+    """One compressed layer of a model."""
+
     name: str
     shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding
-    rank: int | None  # None: dense
+    rank: int | None  # None: a dense layer cut by MLP pruning (its shape is the cut one)
     params: int
     dense_params: int
 
+    @property
+    def kind(self) -> str:
+        """The rank, or "pruned" for a layer cut by MLP pruning."""
+        return "pruned" if self.rank is None else str(self.rank)
+
 
 def summarize(model: nn.Module) -> list[LayerSummary]:
-    """One row per factorized layer of ``model`` (linears and the input embeddings; a head tied to
-    a factorized embedding shares its parameters and has no row): shape, rank, parameters now and
-    when dense."""
+    """One row per factorized or pruned layer of ``model`` (linears and the input embeddings; a
+    head tied to a factorized embedding shares its parameters and has no row): shape, rank (None:
+    a pruned dense layer), parameters now and when dense."""
     rows, tables = [], set()
+    config = getattr(model, "config", None)
+    pruned = (recipe_of(config) or {}).get("pruned", {}) if config is not None else {}
     for name, module in model.named_modules():
+        entry = pruned.get(relative_module_name(model, name))
+        if entry is not None:
+            (dense_in, dense_out), bias = entry["dense_shape"], module.bias is not None
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), None,
+                sum(p.numel() for p in module.parameters()), dense_in * dense_out + (dense_out if bias else 0),
+            ))
         # Embeddings tied to another (T5's per-stack token embeddings) share its table: one row.
         if isinstance(module, FactorizedEmbedding) and id(module.weight) not in tables:
             tables.add(id(module.weight))

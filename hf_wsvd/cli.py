@@ -158,11 +158,19 @@ def _compress(args: argparse.Namespace) -> None:
     print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None))
 
 
+def _channel_range(pruned: dict, consumers: list[str]) -> str:
+    kept = sorted({pruned[n]["shape"][0] for n in consumers})
+    dense = sorted({pruned[n]["dense_shape"][0] for n in consumers})
+    return "/".join(map(str, dense)) + " -> " + (f"{kept[0]}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}")
+
+
 def compress_summary(report, output: str, dense: dict[str, float] | None = None,
                      compressed: dict[str, float] | None = None) -> str:
     """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
     and kept dense, the parameters before and after, the scores before and after, the output."""
-    layers = f"{len(report.ranks)} layers factorized, {len(report.dense_targets)} kept dense"
+    pruned = [n for n, entry in report.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]  # consumers
+    mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
+    layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
     if report.dense_targets:
         layers += " (at their rank they would save nothing or run no faster)"
     lines = [
@@ -198,10 +206,10 @@ def _inspect(args: argparse.Namespace) -> None:
     pipeline = "sequential" if recipe.get("sequential") else "whole_model"
     print(f"method={recipe['method']} allocation={recipe.get('allocation') or 'uniform'} pipeline={pipeline} "
           f"param_ratio={recipe['param_ratio']}")
-    print(f"{'module':<{width}}  {'shape':>11}  {'rank':>5}  {'params':>10}  {'dense':>10}")
+    print(f"{'module':<{width}}  {'shape':>11}  {'rank':>6}  {'params':>10}  {'dense':>10}")
     for r in rows:
         shape = f"{r.shape[0]}x{r.shape[1]}"
-        print(f"{r.name:<{width}}  {shape:>11}  {r.rank:>5}  {r.params:>10,}  {r.dense_params:>10,}")
+        print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
     now, dense = parameter_counts(model)
     print(f"total parameters: {now:,} (dense {dense:,}, kept {now / dense:.3f})")
 

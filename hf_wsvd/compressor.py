@@ -29,7 +29,7 @@ class CompressionReport:
     method: str
     param_ratio: float
     ranks: dict[str, int]
-    dense_targets: list[str]  # targets left dense: their rank would save nothing or exceed max_kept_ratio_for_speed
+    dense_targets: list[str]  # targets neither factorized nor pruned (their rank would save nothing or be slow)
     params_before: int
     params_after: int
     importance_examples: int = 0
@@ -42,6 +42,8 @@ class CompressionReport:
     # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``).
     notices: list[str] = field(default_factory=list)
     compensated: bool = False  # sequential mode fitted each layer to the dense layer's outputs
+    # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
+    pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 def pipeline_name(config: WSVDConfig) -> str:
@@ -90,11 +92,11 @@ def compress(
     ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)
     if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
         ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
-    attach_recipe(model, replace(config, ranks=dict(ranks)))
+    attach_recipe(model, replace(config, ranks=dict(ranks), pruned=dict(job.pruned)))
     params_after, _ = parameter_counts(model)
     report = CompressionReport(
-        config.method, config.param_ratio, dict(ranks), sorted(set(targets) - set(ranks)),
+        config.method, config.param_ratio, dict(ranks), sorted(set(targets) - set(ranks) - set(job.pruned)),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
-        job.statistics, notices, bool(config.compensate),
+        job.statistics, notices, bool(config.compensate), dict(job.pruned),
     )
     return model, report

@@ -91,6 +91,12 @@ class WSVDConfig:
     compensation_ridge: float = recipe_field(
         0.1, "compensate: pull toward the dense weight, lambda = this x the mean diagonal of the layer's input "
         "Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
+    mlp_pruning: bool | None = recipe_field(
+        None, "sequential mode: shrink each MLP (gate/up -> down, fc1 -> fc2) to param_ratio of its intermediate "
+        "channels, those of largest ridge leverage, the consumer refitted on them (MoDeGPT's module-pair "
+        "compression), instead of factorizing its linears; the other target layers are factorized. For the "
+        "methods that read the activation Gram. Unset (None): on in sequential mode with such a method",
+        action=argparse.BooleanOptionalAction)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(
         1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
@@ -144,6 +150,9 @@ class WSVDConfig:
     ranks: dict[str, int] = field(default_factory=dict, metadata={
         "help": "filled by the compressor: base-model-relative module name -> rank (the input embeddings, when "
                 "compressed, are listed under their name too)", "cli": None})
+    pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict, metadata={
+        "help": "filled by the compressor: base-model-relative name of each layer cut by mlp_pruning -> "
+                "{'shape': [in, out], 'dense_shape': [in, out]}", "cli": None})
 
     def __post_init__(self) -> None:
         from .solvers import SOLVERS
@@ -173,6 +182,7 @@ class WSVDConfig:
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True, False or None (on for causal LMs with data)")
         self._validate_compensation()
+        self._validate_mlp_pruning()
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
         if self.refine and self.method in ("tfwsvd", "rescue"):
@@ -209,6 +219,10 @@ class WSVDConfig:
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
+        if self.pruned:
+            from .runtime.modeling_wsvd import check_pruned
+
+            check_pruned(self.pruned, "pruned")
 
     def _validate_compensation(self) -> None:
         if self.compensate is not None and not isinstance(self.compensate, bool):
@@ -227,6 +241,20 @@ class WSVDConfig:
         if self.method is not None and GRAM not in solver_for(self).needs_for(self.method_options()):
             raise ValueError(f"compensate=True needs a method that reads the activation Gram (whiten, fisher_whiten); "
                              f"method={self.method!r} does not")
+
+    def _validate_mlp_pruning(self) -> None:
+        if self.mlp_pruning is not None and not isinstance(self.mlp_pruning, bool):
+            raise ValueError(f"mlp_pruning={self.mlp_pruning!r} must be True, False or None (on in sequential mode)")
+        if not self.mlp_pruning:
+            return
+        if self.sequential is False:
+            raise ValueError("mlp_pruning=True chooses each MLP's channels block by block: it needs sequential=True")
+        from .solvers import solver_for
+        from .statistics.names import GRAM
+
+        if self.method is not None and GRAM not in solver_for(self).needs_for(self.method_options()):
+            raise ValueError(f"mlp_pruning=True reads the MLP's activation Gram, which only whiten and fisher_whiten "
+                             f"collect; method={self.method!r} does not: choose one of those or --no-mlp-pruning")
 
     def _validate_speed_limit(self) -> None:
         speed = self.max_kept_ratio_for_speed

@@ -33,6 +33,27 @@ def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
     return conv
 
 
+def _pruned_sizes(recipe: dict) -> dict[str, int]:
+    """The stock config value a model whose MLPs were all pruned to one size needs
+    (``intermediate_size``), else nothing."""
+    kept = {entry["shape"][0] for entry in recipe.get("pruned", {}).values() if entry["shape"][0] < entry["dense_shape"][0]}
+    return {"intermediate_size": kept.pop()} if len(kept) == 1 else {}
+
+
+def _check_pruned_shapes(model: PreTrainedModel, skeleton: PreTrainedModel) -> None:
+    """Raise unless every plain linear of a model with pruned MLPs has the shape the stock class
+    builds there."""
+    if not getattr(model.config, RECIPE_KEY).get("pruned"):
+        return
+    for name, stock in skeleton.named_modules():
+        module = model.get_submodule(name)
+        if type(module) is torch.nn.Linear and module.weight.shape != stock.weight.shape:
+            raise ValueError(f"{name!r} has shape {tuple(module.weight.shape)}, but the stock {type(skeleton).__name__} "
+                             f"builds {tuple(stock.weight.shape)} there (its config has one size for every MLP): a dense export needs "
+                             "every MLP pruned to the same size; use the compressed checkpoint, which loads with "
+                             "the Auto classes")
+
+
 def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedModel:
     """Turn a factorized model back into an instance of its stock class, in place: every factorized
     module becomes the module type the stock class builds there (``nn.Linear``, ``Conv1D`` or
@@ -42,13 +63,17 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (model_type={config.model_type!r})")
     stock_class = type(model).__bases__[-1]
     stock_config_class = type(config)._wsvd_base
+    stock = {k: v for k, v in config.to_dict().items() if k not in _WSVD_KEYS and k != "model_type"}
+    stock.update(_pruned_sizes(getattr(config, RECIPE_KEY)))
     # The stock class on the meta device tells which module type each factorized name had.
     with torch.device("meta"):
-        skeleton = stock_class(stock_config_class.from_dict({k: v for k, v in config.to_dict().items()
-                                                             if k not in _WSVD_KEYS and k != "model_type"}))
+        skeleton = stock_class(stock_config_class.from_dict(stock))
+    _check_pruned_shapes(model, skeleton)
     factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
         model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
+    for key, value in _pruned_sizes(getattr(config, RECIPE_KEY)).items():
+        setattr(config, key, value)
     config.__class__ = stock_config_class
     for key in (*_WSVD_KEYS, "model_type"):  # an instance model_type would hide the stock class's
         if key in config.__dict__:

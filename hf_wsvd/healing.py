@@ -3,9 +3,9 @@
 
 The student learns the teacher's next-token distribution (KL divergence on the logits, computed on
 the fly from the teacher, optionally plus the mean squared error of the last hidden states). Only
-the factors of the ``FactorizedLinear`` layers train — or, with ``lora_rank``, LoRA adapters on
-them, merged back exactly afterwards — so the result is an ordinary factorized checkpoint with the
-same ranks.
+the compressed layers train (the factors of the ``FactorizedLinear`` layers and the linears cut by
+MLP pruning) — or, with ``lora_rank``, LoRA adapters on them, merged back exactly afterwards — so
+the result is an ordinary compressed checkpoint with the same ranks and shapes.
 """
 
 from __future__ import annotations
@@ -134,21 +134,37 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
     return total / max(tokens, 1.0)
 
 
+def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """The trainable weights' modules of the compressed layers: each ``FactorizedLinear``'s two
+    factors, and the linears cut by MLP pruning (full module names)."""
+    from .runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
+
+    pruned = getattr(model.config, RECIPE_KEY, {}).get("pruned", {})
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            found.update({f"{name}.up": module.up, f"{name}.down": module.down})
+        elif relative_module_name(model, name) in pruned:
+            found[name] = module
+    return found
+
+
 def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrainedModel:
-    """Freeze everything but the factors (or put LoRA adapters on them); returns the model to train."""
-    if not any(isinstance(m, FactorizedLinear) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no FactorizedLinear layers: heal a model compressed by hf_wsvd")
+    """Freeze everything but the compressed layers' weights (or put LoRA adapters on them); returns
+    the model to train."""
+    modules = _compressed_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no factorized or pruned layers: heal a model compressed by hf_wsvd")
     model.requires_grad_(False)
     if lora_rank is None:
-        for module in model.modules():
-            if isinstance(module, FactorizedLinear):
-                module.up.weight.requires_grad_(True)
-                module.down.weight.requires_grad_(True)
+        for module in modules.values():
+            module.weight.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    # Adapters on the inner linears: merging adds B·A to each factor, so every rank is kept.
-    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=["up", "down"],
+    # Adapters on the factors and the pruned linears: merging adds B·A to each weight, so every
+    # rank and shape is kept.
+    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
                                             lora_dropout=0.0))
 
 

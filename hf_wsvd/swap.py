@@ -19,16 +19,21 @@ from .runtime.modeling_wsvd import (
 )
 
 
-def replace_with_factors(
-    model: torch.nn.Module, full_name: str, up: torch.Tensor, down: torch.Tensor
-) -> FactorizedLinear:
-    """Replace the linear-like module ``full_name`` by ``FactorizedLinear(up, down)``, keeping its
-    bias, dtype and device."""
-    module = model.get_submodule(full_name)
+def factors_like(module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor) -> FactorizedLinear:
+    """``FactorizedLinear(up, down)`` standing in for the linear-like ``module``: its bias, dtype,
+    device and training mode."""
     dtype, device = module.weight.dtype, module.weight.device
     bias = module.bias.detach() if module.bias is not None else None
     layer = FactorizedLinear.from_factors(up.to(device, dtype), down.to(device, dtype), bias)
     layer.train(module.training)
+    return layer
+
+
+def replace_with_factors(
+    model: torch.nn.Module, full_name: str, up: torch.Tensor, down: torch.Tensor
+) -> FactorizedLinear:
+    """Replace the linear-like module ``full_name`` by ``FactorizedLinear(up, down)`` (``factors_like``)."""
+    layer = factors_like(model.get_submodule(full_name), up, down)
     model.set_submodule(full_name, layer)
     return layer
 

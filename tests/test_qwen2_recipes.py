@@ -13,9 +13,10 @@ from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
 from hf_wsvd.solvers import SOLVERS
 
-# Recipes beyond one method each: the LLM recipe with compensation, and greedy allocation.
+# Recipes beyond one method each (whose defaults for whiten and fisher_whiten prune the MLPs): the
+# LLM recipe with compensation and factorized MLPs, and greedy allocation.
 EXTRA = {"fisher_whiten-sequential-compensated": ["--method", "fisher_whiten", "--sequential", "--compensate",
-                                                  "--allocation", "greedy"],
+                                                  "--allocation", "greedy", "--no-mlp-pruning"],
          "whiten-greedy": ["--method", "whiten", "--allocation", "greedy"]}
 RECIPES = {**{m: ["--method", m] for m in sorted(SOLVERS)}, **EXTRA}
 
@@ -43,6 +44,8 @@ def test_every_recipe_compresses_qwen2_from_the_cli_and_reloads(dense_and_text):
         counts[name] = sum(isinstance(m, FactorizedLinear) for m in model.modules())
         assert counts[name] > 0, name
         assert model.config.wsvd["method"] == flags[1]
+        pruned = model.model.layers[0].mlp.down_proj.in_features < 64
+        assert pruned == (flags[1] in ("whiten", "fisher_whiten") and "--no-mlp-pruning" not in flags), name
         with torch.no_grad():
             assert torch.isfinite(model(**tiny.inputs("qwen2")).logits).all(), name
     result = run_without_hf_wsvd(f"""

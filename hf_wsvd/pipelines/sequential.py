@@ -27,7 +27,9 @@ from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from . import compensation, register_pipeline
-from .step import Job, candidates, gradient_pass, greedy_allocation, require_data, solve_and_swap, spectra, uniform
+from ..mlp_pruning import MlpPair, find_pairs, kept_channels
+from .step import (Job, candidates, channel_spectra, gradient_pass, greedy_allocation, prune_and_swap, require_data,
+                   solve_and_swap, spectra, uniform)
 
 
 class _Captured(Exception):
@@ -115,15 +117,17 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
                     _run(block, inputs, block_device)
 
 
-def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
-    """Factorize block by block with compensation (``hf_wsvd.pipelines.compensation``): two streams
-    of hidden states advance together, the dense model's and the compressed model's, and within a
-    block each stage of layers is fitted to a dense copy of the block before the next stage's
-    inputs are taken."""
+def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], pairs: list[MlpPair],
+                channels: dict[str, int]) -> None:
+    """Factorize (and prune the MLPs of ``pairs``) block by block with compensation
+    (``hf_wsvd.pipelines.compensation``): two streams of hidden states advance together, the dense
+    model's and the compressed model's, and within a block each stage of layers is fitted to a
+    dense copy of the block before the next stage's inputs are taken."""
     processes = job.accelerator.num_processes
     if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
         raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
                          f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
+    consumers = {pair.consumer: pair for pair in pairs}
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     with outside_blocks_on(job.model, prefix, device):
@@ -142,12 +146,22 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> Non
             paths = {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names}
             hidden, kwargs, _ = current[0]
             for stage in compensation.stages(reference, paths, hidden.to(block_device), kwargs):
+                # An MLP's producers are cut when its consumer's stage comes: they need no statistics.
+                fitted = [n for n in stage if n in ranks or n in consumers]
+                if not fitted:
+                    continue
                 stats = job.statistics.merged(compensation.paired_statistics(
-                    reference, block, {n: paths[n] for n in stage}, dense, current, block_device, job.accelerator))
-                solve_and_swap(job, {n: ranks[n] for n in stage}, stats, progress=False)
+                    reference, block, {n: paths[n] for n in fitted}, dense, current, block_device, job.accelerator))
+                solve_and_swap(job, {n: ranks[n] for n in fitted if n in ranks}, stats, progress=False)
+                prune_and_swap(job, [consumers[n] for n in fitted if n in consumers], channels, stats)
             _run(reference, dense, block_device)
             del reference
             _run(block, current, block_device)
+
+
+def _members(pairs: list[MlpPair]) -> tuple[set[str], dict[str, MlpPair]]:
+    """The layers of ``pairs``, and each pair by its consumer."""
+    return {name for pair in pairs for name in pair.members}, {pair.consumer: pair for pair in pairs}
 
 
 @register_pipeline("sequential")
@@ -157,27 +171,38 @@ def run(job: Job) -> dict[str, int]:
     job.model.eval()
     prefix, blocks = block_list(job.model)
     shapes = candidates(job)
-    groups = [[n for n in sorted(shapes) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
-    gradient_pass(job, shapes)
+    pairs = find_pairs(shapes) if job.config.mlp_pruning else []
+    paired, consumers = _members(pairs)
+    shapes = {n: shape for n, shape in shapes.items() if n not in paired}  # the layers to factorize
+    in_block = [[n for n in sorted(job.targets) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    gradient_pass(job, [*shapes, *consumers])  # a consumer's loss weighs its MLP's channels
 
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
-            ranks = uniform(job, shapes)
+            ranks = uniform(job, shapes) if shapes else {}
+            channels = {c: kept_channels(p.channels, job.config.param_ratio, job.config.rank_multiple)
+                        for c, p in consumers.items()}
         else:
             values, weights = {}, {}
-            for names, stats in _stream(job, groups, refresh=False, desc="planning"):
-                if names:
-                    group_values, group_weights = spectra(job, names, stats)
+            planned = [[n for n in names if n in shapes or n in consumers] for names in in_block]
+            for names, stats in _stream(job, planned, refresh=False, desc="planning"):
+                layers, mlps = [n for n in names if n in shapes], [consumers[n] for n in names if n in consumers]
+                for group_values, group_weights in (spectra(job, layers, stats) if layers else ({}, {}),
+                                                    channel_spectra(job, mlps, stats)):
                     values.update(group_values)
                     weights.update(group_weights or {})
-            ranks = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None)
+            ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None, pairs)
+    pairs = [pair for pair in pairs if channels[pair.consumer] < pair.channels]  # the others stay dense
+    paired, consumers = _members(pairs)
     with job.timed("factorize"):
-        groups = [[n for n in names if n in ranks] for names in groups]
         if job.config.compensate:
-            _compensate(job, groups, ranks)
+            _compensate(job, [[n for n in names if n in ranks or n in paired] for names in in_block], ranks, pairs,
+                        channels)
         else:
-            for names, stats in _stream(job, groups, refresh=True, desc="blocks"):
-                solve_and_swap(job, {n: ranks[n] for n in names}, stats, progress=False)
-    if not ranks:
+            for names, stats in _stream(job, [[n for n in names if n in ranks or n in consumers] for names in in_block],
+                                        refresh=True, desc="blocks"):
+                solve_and_swap(job, {n: ranks[n] for n in names if n in ranks}, stats, progress=False)
+                prune_and_swap(job, [consumers[n] for n in names if n in consumers], channels, stats)
+    if not ranks and not pairs:
         raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any target layer; lower it to compress")
     return ranks

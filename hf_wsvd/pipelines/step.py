@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -20,13 +20,14 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import drop_slow_layers, greedy_ranks, uniform_ranks
+from ..allocation import Budgeted, drop_slow_layers, greedy_ranks, uniform_ranks
 from ..blocks import hooked
-from ..runtime.factorized_linear import FactorizedLinear, linear_shape, linear_weight
+from ..mlp_pruning import MlpPair, channel_spectrum, select_channels, shrunk
+from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
 from ..statistics import GRADIENT_STATISTICS, GRAM, INPUT_STATISTICS, Statistics, gradient_statistics
 from ..statistics.names import CROSS
-from ..swap import replace_with_factors
+from ..swap import factors_like
 from ..tasks import LossFn, per_example_loss, task_of
 from .compensation import compensated
 
@@ -47,6 +48,8 @@ class Job:
     statistics: Statistics = field(default_factory=Statistics)
     seconds: dict[str, float] = field(default_factory=dict)
     show_progress: bool = True
+    # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
+    pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -187,10 +190,35 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
 
 
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
-                      weights: dict[str, float] | None) -> dict[str, int]:
-    """Ranks under one global budget (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped."""
-    ranks = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple)
-    return drop_slow_layers(ranks, shapes, job.config.max_kept_ratio_for_speed)
+                      weights: dict[str, float] | None, pairs: list[MlpPair] = ()) -> tuple[dict[str, int], dict[str, int]]:
+    """(ranks, kept channels of each MLP of ``pairs`` by consumer) under one global budget
+    (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped. ``values`` holds
+    the layers' spectra and the MLPs' channel spectra."""
+    units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
+                         {pair.consumer: channel_budget(job, pair) for pair in pairs})
+    channels = {pair.consumer: units.pop(pair.consumer) for pair in pairs if pair.consumer in units}
+    return drop_slow_layers(units, shapes, job.config.max_kept_ratio_for_speed), channels
+
+
+def channel_budget(job: Job, pair: MlpPair) -> Budgeted:
+    """An MLP as the greedy allocation sees it: one channel costs its producer rows and its
+    consumer column."""
+    unit = sum(linear_shape(job.module(n))[0] for n in pair.producers) + linear_shape(job.module(pair.consumer))[1]
+    return Budgeted(unit, unit * pair.channels, pair.channels)
+
+
+def channel_spectra(job: Job, pairs: list[MlpPair], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each MLP's channel spectrum (``hf_wsvd.mlp_pruning.channel_spectrum``, keyed by consumer)
+    and, for methods with a loss scale, the absolute weight of its loss: the consumer's, as if it
+    were factorized. Every process computes them from the reduced statistics."""
+    values, weights = {}, {}
+    for pair in pairs:
+        layer = problem(job, pair.consumer, stats)
+        values[pair.consumer] = channel_spectrum(layer.weight, stats.get(pair.consumer, GRAM),
+                                                 job.config.compensation_ridge)
+        if job.solver.loss_scale is not None:
+            weights[pair.consumer] = layer_spectrum(job.solver, layer)[1]
+    return values, weights
 
 
 def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress: bool) -> None:
@@ -218,24 +246,45 @@ def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress:
 
 
 def swap(job: Job, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Install the factors of one layer where the layer lives (an accelerate-offloaded layer gets
-    its factors offloaded the same way)."""
+    """Install the factors of one layer where the layer lives."""
+    install(job, name, lambda module: factors_like(module, up, down))
+
+
+def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    """Replace layer ``name`` by ``build(layer)`` where the layer lives: ``build`` sees the layer's
+    weights in memory, and the replacement of an accelerate-offloaded layer is offloaded the same
+    way."""
     module = job.module(name)
     hook = getattr(module, "_hf_hook", None)
     if hook is None or not hooked(module):
-        replace_with_factors(job.model, job.targets[name], up, down)
+        job.model.set_submodule(job.targets[name], build(module))
         return
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
 
     with align_module_device(module, torch.device("cpu")):
-        bias = module.bias.detach().clone() if module.bias is not None else None
-        dtype = module.weight.dtype
+        layer = build(module)
     remove_hook_from_module(module)
-    layer = FactorizedLinear.from_factors(up.cpu().to(dtype), down.cpu().to(dtype), bias)
-    layer.train(module.training)
     job.model.set_submodule(job.targets[name], layer)
     if getattr(hook, "offload", False):
         cpu_offload(layer, execution_device=hook.execution_device)
     else:
         layer.to(hook.execution_device)
+
+
+def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], stats: Statistics) -> None:
+    """Cut each MLP of ``pairs`` to ``channels[consumer]`` channels chosen on the consumer's input
+    statistics (``hf_wsvd.mlp_pruning``), swap in the smaller layers and record their shapes in
+    ``job.pruned``. Every process computes the same selection from the reduced statistics."""
+    for pair in pairs:
+        consumer = job.module(pair.consumer)
+        with align_module_device(consumer):
+            weight = consumer.weight.detach().to(job.compute_dtype)
+        if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
+            weight = weight.to(job.accelerator.device)
+        kept, refit = select_channels(weight, stats.get(pair.consumer, GRAM), stats.get(pair.consumer, CROSS),
+                                      channels[pair.consumer], job.config.compensation_ridge)
+        for name in pair.members:
+            dense_shape = linear_shape(job.module(name))
+            install(job, name, lambda module, name=name: shrunk(module, kept, refit if name == pair.consumer else None))
+            job.pruned[name] = {"shape": list(linear_shape(job.module(name))), "dense_shape": list(dense_shape)}

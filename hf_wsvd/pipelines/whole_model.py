@@ -26,7 +26,7 @@ def run(job: Job) -> dict[str, int]:
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes)
         else:
-            ranks = greedy_allocation(job, shapes, *spectra(job, sorted(shapes), job.statistics))
+            ranks, _ = greedy_allocation(job, shapes, *spectra(job, sorted(shapes), job.statistics))
     with job.timed("factorize"):
         solve_and_swap(job, ranks, job.statistics, job.show_progress)
     return ranks

@@ -11,6 +11,9 @@ weights: stock transformers refuses an unknown model type unless it may run the 
 checkpoint (this file, ``factorized_linear.py`` and ``factorized_embedding.py``, copied by
 ``save_pretrained``). With hf_wsvd imported, the Auto classes resolve it without remote code.
 
+Layers cut by MLP pruning are recorded with their shape (``pruned``) and rebuilt as ``nn.Linear``
+layers of that shape before the weights load.
+
 The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
 the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
 Modules tied to a factorized embedding (an LM head, T5's per-stack token embeddings) are rebuilt on
@@ -108,13 +111,18 @@ def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
     return added
 
 
-def factorize_modules(model: nn.Module, ranks: dict[str, int]) -> None:
+def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
-    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, on the module's device and
-    dtype, then rebuild the modules tied to factorized embeddings on their factors."""
+    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, and each linear named in
+    ``pruned`` by an uninitialised ``nn.Linear`` of its recorded shape, on the module's device and
+    dtype; then rebuild the modules tied to factorized embeddings on their factors."""
+    pruned = pruned or {}
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
+        if key in pruned:
+            matched.add(key)
+            model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
         if key not in ranks:
             continue
         matched.add(key)
@@ -126,26 +134,54 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int]) -> None:
     # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
     # another architecture.
     roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
-    unknown = sorted(name for name in set(ranks) - matched if name.split(".")[0] in roots)
-    if unknown or (ranks and not matched):
-        name = (unknown or sorted(ranks))[0]
+    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}}
+    unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
+    if unknown or (recorded and not matched):
+        name = (unknown or sorted(recorded))[0]
         raise ValueError(
-            f"config.json {RECIPE_KEY}['ranks'] names {name!r}, which is no module of {type(model).__name__}: "
+            f"config.json {RECIPE_KEY}[{recorded[name]!r}] names {name!r}, which is no module of {type(model).__name__}: "
             "the config was edited or belongs to another architecture"
         )
 
 
-def check_recipe(config: PreTrainedConfig) -> dict[str, int]:
-    """The ``ranks`` of a factorized config after a minimal check of its recipe and base type (this
-    file cannot import hf_wsvd's full recipe validation): ranks a non-empty name → positive int
-    map, ``method`` a string, ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config
-    class's base."""
+def _empty_pruned(module: nn.Module, key: str, entry: dict) -> nn.Linear:
+    """The uninitialised ``nn.Linear`` of the recorded pruned ``entry`` standing in for ``module``."""
+    found = tuple(linear_shape(module)) if isinstance(module, nn.Linear) else None
+    if found not in (tuple(entry["dense_shape"]), tuple(entry["shape"])):
+        raise ValueError(f"config.json {RECIPE_KEY}['pruned'][{key!r}] records a linear of (in, out) "
+                         f"{tuple(entry['dense_shape'])}, but the module there is {type(module).__name__} {found}: "
+                         "the config was edited or belongs to another architecture")
+    in_features, out_features = entry["shape"]
+    return nn.Linear(in_features, out_features, bias=module.bias is not None, device=module.weight.device,
+                     dtype=module.weight.dtype)
+
+
+def check_pruned(pruned: object, where: str) -> dict[str, dict]:
+    """``pruned`` after checking it maps names to ``{"shape": [in, out], "dense_shape": [in, out]}``
+    of positive integers, no side larger than dense."""
+    if not isinstance(pruned, dict):
+        raise ValueError(f"{where} must map each pruned layer to its shapes; got {pruned!r}")
+    for name, entry in pruned.items():
+        shapes = [entry.get(k) if isinstance(entry, dict) else None for k in ("shape", "dense_shape")]
+        valid = all(isinstance(s, list) and len(s) == 2 and all(type(v) is int and v > 0 for v in s) for s in shapes)
+        if not valid or any(a > b for a, b in zip(*shapes)):
+            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'shape': [in, out], 'dense_shape': [in, out]}} "
+                             "of positive integers with shape <= dense_shape")
+    return pruned
+
+
+def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict]]:
+    """The ``ranks`` and ``pruned`` shapes of a factorized config after a minimal check of its
+    recipe and base type (this file cannot import hf_wsvd's full recipe validation): ranks a
+    name → positive int map, pruned (``check_pruned``), not both empty, ``method`` a string,
+    ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base."""
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
     if not isinstance(recipe, dict):
         raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
     ranks = recipe.get("ranks")
-    if not isinstance(ranks, dict) or not ranks:
+    pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
+    if not isinstance(ranks, dict) or not (ranks or pruned):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank; got {ranks!r}")
     for name, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -160,18 +196,20 @@ def check_recipe(config: PreTrainedConfig) -> dict[str, int]:
     if base is not None and recorded != base.model_type:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
                          f"({type(config).__name__}, model type {base.model_type!r})")
-    return ranks
+    return ranks, pruned
 
 
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
 
 
 def check_loaded(model: PreTrainedModel, info: dict) -> None:
-    """After ``from_pretrained``: raise unless every factorized module got each of its tensors from
-    the file at the right shape, no tensor in the file for a module of this class went unused (the
-    factors of a module the recipe does not list), and every factor is finite. ``info`` is the
-    ``output_loading_info`` dict."""
-    factorized = {name: m for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
+    """After ``from_pretrained``: raise unless every factorized or pruned module got each of its
+    tensors from the file at the right shape, no tensor in the file for a module of this class went
+    unused (the factors of a module the recipe does not list), and those tensors are finite.
+    ``info`` is the ``output_loading_info`` dict."""
+    pruned = getattr(model.config, RECIPE_KEY, {}).get("pruned", {})
+    factorized = {name: m for name, m in model.named_modules()
+                  if isinstance(m, FACTORIZED) or relative_module_name(model, name) in pruned}
     owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
     missing = sorted(k for k in info["missing_keys"] if k in owned)
     mismatched = sorted(k[0] for k in info["mismatched_keys"] if k[0] in owned)
@@ -222,7 +260,7 @@ class _WsvdModelMixin:
     loading that the file filled every factor (see :func:`check_loaded`)."""
 
     def post_init(self) -> None:
-        factorize_modules(self, check_recipe(self.config))
+        factorize_modules(self, *check_recipe(self.config))
         super().post_init()
 
     @classmethod

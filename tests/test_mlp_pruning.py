@@ -1,0 +1,240 @@
+"""MLP pruning: each MLP keeps its most useful intermediate channels, the consumer refitted on them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+import transformers
+
+import tiny
+from helpers import run_without_hf_wsvd
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.cli import main
+from hf_wsvd.export import densify
+from hf_wsvd.healing import HealConfig, heal
+from hf_wsvd.mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels
+from stats_worker import case_inputs
+
+
+def _gram_and_cross(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gram = channels.T @ channels / len(channels)
+    return gram, gram
+
+
+def test_pairs_are_found_by_layout_and_matching_sizes():
+    shapes = {"layers.0.mlp.gate_proj": (8, 20), "layers.0.mlp.up_proj": (8, 20), "layers.0.mlp.down_proj": (20, 8),
+              "layers.0.fc1": (8, 16), "layers.0.fc2": (16, 8),
+              "layers.1.mlp.up_proj": (8, 20), "layers.1.mlp.down_proj": (20, 8),  # no gate_proj: not a pair
+              "layers.2.mlp.gate_proj": (8, 12), "layers.2.mlp.up_proj": (8, 20),  # sizes differ
+              "layers.2.mlp.down_proj": (20, 8), "layers.0.self_attn.o_proj": (8, 8)}
+    assert find_pairs(shapes) == [MlpPair(("layers.0.fc1",), "layers.0.fc2", 16),
+                                  MlpPair(("layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"), "layers.0.mlp.down_proj", 20)]
+
+
+@pytest.mark.parametrize("channels, ratio, multiple, kept", [(64, 0.8, 1, 51), (64, 0.8, 8, 48), (64, 0.01, 8, 8),
+                                                             (6, 0.5, 8, 6)])
+def test_kept_channels_round_down_to_the_multiple_within_the_mlp(channels, ratio, multiple, kept):
+    assert kept_channels(channels, ratio, multiple) == kept
+
+
+def test_the_refit_carries_a_removed_channels_contribution():
+    """Channel 3 is channel 0 + channel 1: keeping 0, 1, 2 loses nothing once the consumer is refitted."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    channels = torch.cat([base, base[:, :1] + base[:, 1:2]], dim=1)
+    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    kept, refit = select_channels(weight, *_gram_and_cross(channels), keep=3, ridge=1e-9)
+    assert kept.tolist() == [0, 1, 2]  # channel 2, alone in its direction, has the largest leverage
+    torch.testing.assert_close(channels[:, kept] @ refit.T, channels @ weight.T, rtol=1e-6, atol=1e-6)
+    # Dropping channels without the refit leaves the removed channel's part out.
+    assert (channels[:, kept] @ weight[:, kept].T - channels @ weight.T).abs().max() > 0.1
+
+
+def test_dead_channels_go_first_and_rank_deficient_statistics_stay_finite():
+    generator = torch.Generator().manual_seed(1)
+    channels = torch.zeros(50, 6, dtype=torch.float64)
+    channels[:, [1, 4]] = torch.randn(50, 2, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    kept, refit = select_channels(weight, *_gram_and_cross(channels), keep=2, ridge=0.1)
+    assert kept.tolist() == [1, 4] and torch.isfinite(refit).all()
+    kept, refit = select_channels(weight, torch.zeros(6, 6), None, keep=3, ridge=0.1)  # no signal at all
+    assert kept.tolist() == [0, 1, 2] and torch.isfinite(refit).all()
+
+
+def _pruned_model(compensate: bool = True, ratio: float = 0.6, allocation: str = "uniform"):
+    model, loader, _, _ = case_inputs("llama_causal_lm", 12, 4)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=ratio, sequential=True, compensate=compensate,
+                        rank_multiple=1, mlp_pruning=True, allocation=allocation)
+    dense = copy.deepcopy(model)
+    model, report = compress(model, config, loader, show_progress=False)
+    return dense, model, report, loader
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_mlps_are_cut_to_param_ratio_of_their_channels_and_attention_is_factorized(compensate):
+    dense, model, report, _ = _pruned_model(compensate)
+    keep = kept_channels(64, 0.6, 1)
+    for layer in model.model.layers:
+        assert (layer.mlp.gate_proj.out_features, layer.mlp.up_proj.out_features, layer.mlp.down_proj.in_features) \
+            == (keep, keep, keep)
+        assert isinstance(layer.self_attn.q_proj, FactorizedLinear)
+    assert set(report.pruned) == {f"layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert report.pruned["layers.0.mlp.down_proj"] == {"shape": [keep, 32], "dense_shape": [64, 32]}
+    assert not set(report.ranks) & set(report.pruned) and report.dense_targets == []
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < report.params_before
+    # Producers keep their rows: the kept channels of the first MLP compute what they did.
+    first, reference = model.model.layers[0].mlp, dense.model.layers[0].mlp
+    rows = [(first.gate_proj.weight[i] == reference.gate_proj.weight).all(dim=1).nonzero().item()
+            for i in range(keep)]
+    assert rows == sorted(rows) and len(set(rows)) == keep
+
+
+def test_greedy_allocation_spends_one_budget_on_ranks_and_channels():
+    dense, model, report, _ = _pruned_model(allocation="greedy", ratio=0.5)
+    targets = [*report.ranks, *report.pruned]
+    before = {n: m.weight.numel() for n, m in dense.model.named_modules() if n in targets}
+    after = {n: sum(p.numel() for p in m.parameters()) for n, m in model.model.named_modules() if n in targets}
+    assert sum(after.values()) <= 0.5 * sum(before.values())
+    kept = {n: e["shape"][0] for n, e in report.pruned.items() if n.endswith("down_proj")}
+    assert kept and all(0 < k < 64 for k in kept.values())
+
+
+def test_the_channel_spectrum_is_the_loss_each_kept_channel_removes():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 3, generator=generator, dtype=torch.float64)
+    channels = torch.cat([base, base[:, :1] + base[:, 1:2]], dim=1)  # channel 3 adds nothing new
+    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    gram, _ = _gram_and_cross(channels)
+    values = channel_spectrum(weight, gram, ridge=1e-9)
+    assert values.tolist() == sorted(values.tolist(), reverse=True)
+    energy = values.square()
+    torch.testing.assert_close(energy.sum(), torch.trace(weight @ gram @ weight.T), rtol=1e-6, atol=0)
+    assert energy[-1] < 1e-6 * energy.sum()
+
+
+def test_pruning_beats_dropping_channels_without_the_refit():
+    dense, model, _, loader = _pruned_model()
+    batch = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
+    crude = copy.deepcopy(model)
+    for pruned, original in zip(crude.model.layers, dense.model.layers):  # the same channels, the dense consumer
+        rows = [(pruned.mlp.gate_proj.weight[i] == original.mlp.gate_proj.weight).all(dim=1).nonzero().item()
+                for i in range(pruned.mlp.gate_proj.out_features)]
+        pruned.mlp.down_proj.weight.data = original.mlp.down_proj.weight[:, rows].clone()
+    with torch.no_grad():
+        reference = dense(**batch).logits
+        refitted = (model(**batch).logits - reference).square().mean()
+        dropped = (crude(**batch).logits - reference).square().mean()
+    assert refitted < dropped
+
+
+def test_a_pruned_checkpoint_reloads_with_and_without_hf_wsvd_and_exports_dense(tmp_path):
+    _, model, report, _ = _pruned_model()
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    tiny.save(model, tmp_path / "pruned")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
+    assert reloaded.config.wsvd["pruned"] == report.pruned
+    densify(reloaded)
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    assert reloaded.config.intermediate_size == kept_channels(64, 0.6, 1)
+    reloaded.save_pretrained(tmp_path / "dense")
+    torch.save({"inputs": inputs, "reference": reference}, tmp_path / "ref.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        saved = torch.load("{tmp_path}/ref.pt")
+        for folder, remote in (("pruned", True), ("dense", False)):
+            model = transformers.AutoModelForCausalLM.from_pretrained("{tmp_path}/" + folder, trust_remote_code=remote)
+            with torch.no_grad():
+                diff = (model(**saved["inputs"]).logits - saved["reference"]).abs().max().item()
+            assert diff <= 1e-5, (folder, diff)
+            print(folder, "ok", model.model.layers[0].mlp.down_proj.in_features)
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    keep = kept_channels(64, 0.6, 1)
+    assert result.stdout.split() == ["pruned", "ok", str(keep), "dense", "ok", str(keep)]
+
+
+def _edit_pruned(folder, edit) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["wsvd"]["pruned"])
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("layers.1.mlp.down_proj"), "has the wrong shape|mismatch|size"),
+    (lambda p: p["layers.0.mlp.up_proj"].update(shape=[32, 70]), "shape <= dense_shape"),
+    (lambda p: p.update({"layers.0.mlp.nothing": {"shape": [2, 2], "dense_shape": [2, 2]}}), "no module"),
+    (lambda p: p["layers.0.mlp.gate_proj"].update(dense_shape=[32, 48]), "records a linear"),
+])
+def test_a_hand_edited_pruned_record_never_loads_silently(tmp_path, edit, message):
+    _, model, _, _ = _pruned_model()
+    tiny.save(model, tmp_path)
+    _edit_pruned(tmp_path, edit)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_dense_export_refuses_mlps_of_different_sizes():
+    _, model, _, _ = _pruned_model()
+    layer = model.model.layers[1].mlp
+    layer.gate_proj = torch.nn.Linear(32, 64, bias=False)  # as if this MLP had stayed whole
+    layer.up_proj = torch.nn.Linear(32, 64, bias=False)
+    layer.down_proj = torch.nn.Linear(64, 32, bias=False)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        model.config.wsvd["pruned"].pop(f"layers.1.mlp.{name}")
+    with pytest.raises(ValueError, match="every MLP pruned to the same size"):
+        densify(model)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_healing_trains_the_pruned_linears_and_keeps_their_shapes(lora_rank):
+    dense, model, _, _ = _pruned_model()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (12, 10), generator=generator)
+    blocks = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    pruned = [n for n in shapes if ".mlp." in n]
+    healed, report = heal(model, dense, blocks[:8], blocks[8:],
+                          HealConfig(steps=3, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank), show_progress=False)
+    assert {n: tuple(p.shape) for n, p in healed.named_parameters()} == shapes  # LoRA merged, shapes kept
+    compressed = sum(shapes[n][0] * shapes[n][1] for n in shapes if ".mlp." in n or ".up." in n or ".down." in n)
+    if lora_rank is None:
+        assert report.trainable_parameters == compressed
+    else:  # adapters on every pruned linear and factor: r·(in + out) each
+        layers = [n for n in shapes if ".mlp." in n or ".up." in n or ".down." in n]
+        assert report.trainable_parameters == sum(lora_rank * sum(shapes[n]) for n in layers)
+    assert pruned
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="fisher_whiten", sequential=False, mlp_pruning=True), "needs sequential=True"),
+    (dict(method="asvd", sequential=True, compensate=False, mlp_pruning=True), "only whiten and fisher_whiten"),
+    (dict(mlp_pruning="yes"), "mlp_pruning='yes'"),
+])
+def test_mlp_pruning_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WSVDConfig(**kwargs)
+
+
+def test_the_cli_prints_and_inspect_shows_the_pruned_mlps(tmp_path, capsys):
+    tiny.save(tiny.build("llama"), tmp_path / "dense")
+    words = tiny.WORDS
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(words[(i * 3 + j) % len(words)] for j in range(9))
+                                                 for i in range(30)))
+    code = main(["compress", str(tmp_path / "dense"), str(tmp_path / "out"), "--param-ratio", "0.5",
+                 "--data", str(tmp_path / "text.txt"), "--num-samples", "8", "--max-length", "8", "--batch-size", "4",
+                 "--rank-multiple", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\d+ layers factorized, 2 MLPs pruned to 64 -> \d+(-\d+)? channels", printed), printed
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "layers.0.mlp.down_proj" in table and "pruned" in table
