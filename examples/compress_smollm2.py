@@ -95,9 +95,11 @@ def main() -> None:
     sample(reloaded, tokenizer, "compressed", args.new_tokens)
 
     removed = 1 - report.params_after / report.params_before
-    print(f"\n{report.method}, {report.allocation} ranks, {report.pipeline}"
-          f"{', compensated' if report.compensated else ''}{', MLPs pruned' if report.pruned else ''}: kept "
-          f"{report.param_ratio:.0%} of {len(report.ranks) + len(report.pruned)} decoder linears' parameters")
+    targets = len(report.ranks) + len(report.pruned) + len(report.dense_targets)
+    print(f"\n{report.method}, {report.allocation} allocation, {report.pipeline}"
+          f"{', compensated' if report.compensated else ''}: kept {report.param_ratio:.0%} of {targets} decoder linears' "
+          f"parameters: {len(report.ranks)} factorized, {len(report.pruned_mlps)} MLPs pruned "
+          f"({len(report.pruned)} linears), {len(report.dense_targets)} left dense")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")
     print(f"held-out perplexity: dense {dense_ppl:.1f} -> compressed {compressed_ppl:.1f} "
           f"({compressed_ppl / dense_ppl:.2f}x)")

@@ -168,7 +168,7 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
                      compressed: dict[str, float] | None = None) -> str:
     """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
     and kept dense, the parameters before and after, the scores before and after, the output."""
-    pruned = [n for n, entry in report.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]  # consumers
+    pruned = report.pruned_mlps
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
     if report.dense_targets:

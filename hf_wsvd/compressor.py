@@ -45,6 +45,11 @@ class CompressionReport:
     # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
+    @property
+    def pruned_mlps(self) -> list[str]:
+        """The consumer layer of each pruned MLP (its input side was cut)."""
+        return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
+
 
 def pipeline_name(config: WSVDConfig) -> str:
     """The calibration pipeline of a recipe."""
