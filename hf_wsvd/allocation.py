@@ -112,7 +112,8 @@ def greedy_ranks(
     spent = sum(costs.values())
     if spent > budget:
         raise ValueError(
-            f"param_ratio={param_ratio} is below the cost of rank {multiple} for every target layer "
+            f"param_ratio={param_ratio} is below the cost of rank {multiple} ({multiple} channels for a pruned MLP) for "
+            "every target layer "
             f"({spent:,} parameters for a budget of {budget:,.0f})"
         )
     candidates = []

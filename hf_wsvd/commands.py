@@ -85,8 +85,8 @@ def add_commands(commands, columns) -> None:
 
     h = commands.add_parser("heal", help="distill a compressed causal LM toward its dense teacher (short training)",
                             epilog=HEAL_EXAMPLES, description="KL distillation of the logits with the stock Trainer: "
-                            "the factors train (or LoRA adapters on them, merged exactly); the output is an ordinary "
-                            "factorized checkpoint with its card updated.", **_formatter())
+                            "the compressed layers train (factors and pruned MLP linears, or LoRA adapters on them, merged "
+                            "exactly); the output is an ordinary compressed checkpoint with its card updated.", **_formatter())
     h.add_argument("path", help="compressed checkpoint folder (written by hf-wsvd compress)")
     h.add_argument("output", help="folder to write the healed checkpoint to (must not exist or be empty, or be an "
                                   "earlier hf-wsvd output with --overwrite)")

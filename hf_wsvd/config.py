@@ -89,13 +89,14 @@ class WSVDConfig:
         "layer group by layer group within each block; for the methods that read the activation Gram (whiten, "
         "fisher_whiten). Unset (None): on in sequential mode with such a method", action=argparse.BooleanOptionalAction)
     compensation_ridge: float = recipe_field(
-        0.1, "compensate: pull toward the dense weight, lambda = this x the mean diagonal of the layer's input "
-        "Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
+        0.1, "compensate and mlp_pruning: pull toward the dense weight, lambda = this x the mean diagonal of the "
+        "layer's input Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
     mlp_pruning: bool | None = recipe_field(
-        None, "sequential mode: shrink each MLP (gate/up -> down, fc1 -> fc2) to param_ratio of its intermediate "
-        "channels, those of largest ridge leverage, the consumer refitted on them (MoDeGPT's module-pair "
-        "compression), instead of factorizing its linears; the other target layers are factorized. For the "
-        "methods that read the activation Gram. Unset (None): on in sequential mode with such a method",
+        None, "sequential mode: shrink each MLP (gate/up -> down, fc1 -> fc2) to its most useful intermediate "
+        "channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of factorizing its "
+        "linears; the other target layers are factorized (greedy: one budget for ranks and channels; uniform: "
+        "every MLP keeps param_ratio of its channels). For the methods that read the activation Gram. Unset "
+        "(None): on in sequential mode with such a method",
         action=argparse.BooleanOptionalAction)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(

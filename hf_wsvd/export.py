@@ -33,10 +33,14 @@ def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
     return conv
 
 
-def _pruned_sizes(recipe: dict) -> dict[str, int]:
+def _pruned_sizes(config) -> dict[str, int]:
     """The stock config value a model whose MLPs were all pruned to one size needs
     (``intermediate_size``), else nothing."""
-    kept = {entry["shape"][0] for entry in recipe.get("pruned", {}).values() if entry["shape"][0] < entry["dense_shape"][0]}
+    pruned = getattr(config, RECIPE_KEY).get("pruned", {})
+    if pruned and not isinstance(getattr(config, "intermediate_size", None), int):
+        raise ValueError(f"{type(config).__name__} has no intermediate_size to give the pruned MLPs' size: a dense "
+                         "export cannot describe them; use the compressed checkpoint, which loads with the Auto classes")
+    kept = {entry["shape"][0] for entry in pruned.values() if entry["shape"][0] < entry["dense_shape"][0]}
     return {"intermediate_size": kept.pop()} if len(kept) == 1 else {}
 
 
@@ -64,7 +68,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     stock_class = type(model).__bases__[-1]
     stock_config_class = type(config)._wsvd_base
     stock = {k: v for k, v in config.to_dict().items() if k not in _WSVD_KEYS and k != "model_type"}
-    stock.update(_pruned_sizes(getattr(config, RECIPE_KEY)))
+    stock.update(_pruned_sizes(config))
     # The stock class on the meta device tells which module type each factorized name had.
     with torch.device("meta"):
         skeleton = stock_class(stock_config_class.from_dict(stock))
@@ -72,7 +76,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
         model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
-    for key, value in _pruned_sizes(getattr(config, RECIPE_KEY)).items():
+    for key, value in _pruned_sizes(config).items():
         setattr(config, key, value)
     config.__class__ = stock_config_class
     for key in (*_WSVD_KEYS, "model_type"):  # an instance model_type would hide the stock class's

@@ -42,13 +42,14 @@ def test_kept_channels_round_down_to_the_multiple_within_the_mlp(channels, ratio
 
 
 def test_the_refit_carries_a_removed_channels_contribution():
-    """Channel 3 is channel 0 + channel 1: keeping 0, 1, 2 loses nothing once the consumer is refitted."""
+    """Channel 3 is channel 0 + channel 1: keeping three channels that span the four loses nothing
+    once the consumer is refitted."""
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(200, 3, generator=generator, dtype=torch.float64)
     channels = torch.cat([base, base[:, :1] + base[:, 1:2]], dim=1)
     weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     kept, refit = select_channels(weight, *_gram_and_cross(channels), keep=3, ridge=1e-9)
-    assert kept.tolist() == [0, 1, 2]  # channel 2, alone in its direction, has the largest leverage
+    assert 2 in kept.tolist()  # the only channel carrying base[:, 2]
     torch.testing.assert_close(channels[:, kept] @ refit.T, channels @ weight.T, rtol=1e-6, atol=1e-6)
     # Dropping channels without the refit leaves the removed channel's part out.
     assert (channels[:, kept] @ weight[:, kept].T - channels @ weight.T).abs().max() > 0.1
@@ -62,7 +63,41 @@ def test_dead_channels_go_first_and_rank_deficient_statistics_stay_finite():
     kept, refit = select_channels(weight, *_gram_and_cross(channels), keep=2, ridge=0.1)
     assert kept.tolist() == [1, 4] and torch.isfinite(refit).all()
     kept, refit = select_channels(weight, torch.zeros(6, 6), None, keep=3, ridge=0.1)  # no signal at all
-    assert kept.tolist() == [0, 1, 2] and torch.isfinite(refit).all()
+    largest = weight.square().sum(dim=0).topk(3).indices.sort().values  # the consumer's largest columns, kept as is
+    assert kept.tolist() == largest.tolist()
+    torch.testing.assert_close(refit, weight[:, largest], rtol=1e-12, atol=0)
+
+
+def _swiglu_channels(seed: int = 0, tokens: int = 3000, hidden: int = 24, channels: int = 96):
+    """SwiGLU activations of random data and a consumer whose columns differ widely in size."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator, dtype=torch.float64)
+    gate, up = (torch.randn(channels, hidden, generator=generator, dtype=torch.float64) / hidden ** 0.5 for _ in "gu")
+    h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    scale = torch.logspace(0, 1.5, channels, dtype=torch.float64)[torch.randperm(channels, generator=generator)]
+    return h, torch.randn(hidden, channels, generator=generator, dtype=torch.float64) * scale
+
+
+def test_the_channel_spectrum_predicts_the_output_error_of_the_kept_channels():
+    """What greedy allocation reads (the tail of the channel spectrum) is the refitted MLP's error."""
+    h, weight = _swiglu_channels()
+    gram = h.T @ h / len(h)
+    energy = channel_spectrum(weight, gram, ridge=1e-9).square()
+    assert energy.tolist() == sorted(energy.tolist(), reverse=True)
+    total = torch.trace(weight @ gram @ weight.T)
+    assert float(energy.sum()) == pytest.approx(float(total), rel=1e-3)
+    for keep in (24, 48, 72):
+        kept, refit = select_channels(weight, gram, None, keep, ridge=1e-9)
+        error = (h @ weight.T - h[:, kept] @ refit.T).square().sum(dim=1).mean()
+        assert float(energy[keep:].sum()) == pytest.approx(float(error), rel=0.02, abs=1e-6 * float(total)), keep
+
+
+def test_the_consumers_weights_choose_the_channels():
+    """Of two equally active, independent channel sets, the one the consumer reads is kept."""
+    h, weight = _swiglu_channels(channels=32)
+    weight[:, :16] *= 1e-3
+    kept, _ = select_channels(weight, h.T @ h / len(h), None, 16, ridge=1e-3)
+    assert kept.tolist() == list(range(16, 32))
 
 
 def _pruned_model(compensate: bool = True, ratio: float = 0.6, allocation: str = "uniform"):
@@ -103,17 +138,22 @@ def test_greedy_allocation_spends_one_budget_on_ranks_and_channels():
     assert kept and all(0 < k < 64 for k in kept.values())
 
 
-def test_the_channel_spectrum_is_the_loss_each_kept_channel_removes():
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(300, 3, generator=generator, dtype=torch.float64)
-    channels = torch.cat([base, base[:, :1] + base[:, 1:2]], dim=1)  # channel 3 adds nothing new
-    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
-    gram, _ = _gram_and_cross(channels)
-    values = channel_spectrum(weight, gram, ridge=1e-9)
-    assert values.tolist() == sorted(values.tolist(), reverse=True)
-    energy = values.square()
-    torch.testing.assert_close(energy.sum(), torch.trace(weight @ gram @ weight.T), rtol=1e-6, atol=0)
-    assert energy[-1] < 1e-6 * energy.sum()
+def test_an_mlp_below_one_step_of_rank_multiple_stays_whole():
+    _, loader, _, _ = case_inputs("llama_causal_lm", 8, 4)
+    model = tiny.build("llama", intermediate_size=6)  # 6 channels: not one step of rank_multiple=8
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.6, sequential=True, mlp_pruning=True, rank_multiple=8)
+    model, report = compress(model, config, loader, show_progress=False)
+    assert not report.pruned and report.ranks
+    assert model.model.layers[0].mlp.down_proj.in_features == 6
+
+
+def test_uniform_pruning_ignores_the_factorization_speed_limit():
+    """max_kept_ratio_for_speed keeps slow factorized layers dense; it says nothing of pruned MLPs."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 8, 4)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.8, allocation="uniform", sequential=True,
+                        mlp_pruning=True, rank_multiple=1, max_kept_ratio_for_speed=0.5)
+    _, report = compress(model, config, loader, show_progress=False)
+    assert len(report.pruned_mlps) == 2 and not report.ranks
 
 
 def test_pruning_beats_dropping_channels_without_the_refit():
@@ -166,6 +206,14 @@ def _edit_pruned(folder, edit) -> None:
     config = json.loads(path.read_text())
     edit(config["wsvd"]["pruned"])
     path.write_text(json.dumps(config))
+
+
+def test_a_deleted_pruned_record_fails_even_with_ignore_mismatched_sizes(tmp_path):
+    _, model, _, _ = _pruned_model()
+    tiny.save(model, tmp_path)
+    _edit_pruned(tmp_path, lambda p: p.pop("layers.1.mlp.down_proj"))
+    with pytest.raises(ValueError, match="wrong shape"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
 
 
 @pytest.mark.parametrize("edit, message", [

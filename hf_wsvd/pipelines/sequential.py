@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..blocks import block_list, first_output, input_device, outside_blocks_on, placed, split_hidden, without_cache
+from ..mlp_pruning import MlpPair, find_pairs, kept_channels
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from . import compensation, register_pipeline
-from ..mlp_pruning import MlpPair, find_pairs, kept_channels
 from .step import (Job, candidates, channel_spectra, gradient_pass, greedy_allocation, prune_and_swap, require_data,
                    solve_and_swap, spectra, uniform)
 
@@ -127,7 +127,7 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], pairs:
     if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
         raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
                          f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
-    consumers = {pair.consumer: pair for pair in pairs}
+    _, consumers = _members(pairs)
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     with outside_blocks_on(job.model, prefix, device):
@@ -159,6 +159,12 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], pairs:
             _run(block, current, block_device)
 
 
+def _pairs(job: Job) -> list[MlpPair]:
+    """The MLPs among the targets whose layers are all ``nn.Linear``."""
+    return [pair for pair in find_pairs(job.shapes(job.targets))
+            if all(type(job.module(n)) is torch.nn.Linear for n in pair.members)]
+
+
 def _members(pairs: list[MlpPair]) -> tuple[set[str], dict[str, MlpPair]]:
     """The layers of ``pairs``, and each pair by its consumer."""
     return {name for pair in pairs for name in pair.members}, {pair.consumer: pair for pair in pairs}
@@ -170,10 +176,9 @@ def run(job: Job) -> dict[str, int]:
     require_data(job)
     job.model.eval()
     prefix, blocks = block_list(job.model)
-    shapes = candidates(job)
-    pairs = find_pairs(shapes) if job.config.mlp_pruning else []
+    pairs = _pairs(job) if job.config.mlp_pruning else []
     paired, consumers = _members(pairs)
-    shapes = {n: shape for n, shape in shapes.items() if n not in paired}  # the layers to factorize
+    shapes = candidates(job, skip=frozenset(paired))  # the layers to factorize
     in_block = [[n for n in sorted(job.targets) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     gradient_pass(job, [*shapes, *consumers])  # a consumer's loss weighs its MLP's channels
 

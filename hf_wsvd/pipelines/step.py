@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -107,13 +107,13 @@ def uniform(job: Job, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed, config.rank_multiple)
 
 
-def candidates(job: Job) -> dict[str, tuple[int, int]]:
-    """Shapes of the targets that can be factorized: all (greedy), or those whose uniform rank
-    saves parameters and passes the speed limit."""
-    shapes = job.shapes(job.targets)
+def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
+    """Shapes of the targets (but ``skip``, layers compressed otherwise) that can be factorized: all
+    (greedy), or those whose uniform rank saves parameters and passes the speed limit."""
+    shapes = job.shapes(n for n in job.targets if n not in skip)
     if job.config.allocation == "uniform":
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
-    if not shapes:
+    if not shapes and not skip:
         speed = job.config.max_kept_ratio_for_speed
         raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any of the {len(job.targets)} "
                          "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
@@ -190,13 +190,14 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
 
 
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
-                      weights: dict[str, float] | None, pairs: list[MlpPair] = ()) -> tuple[dict[str, int], dict[str, int]]:
+                      weights: dict[str, float] | None, pairs: Sequence[MlpPair] = ()) -> tuple[dict[str, int], dict[str, int]]:
     """(ranks, kept channels of each MLP of ``pairs`` by consumer) under one global budget
     (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped. ``values`` holds
     the layers' spectra and the MLPs' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
                          {pair.consumer: channel_budget(job, pair) for pair in pairs})
-    channels = {pair.consumer: units.pop(pair.consumer) for pair in pairs if pair.consumer in units}
+    # An MLP too small for one step of rank_multiple channels is not in ``units``: it stays whole.
+    channels = {pair.consumer: units.pop(pair.consumer, pair.channels) for pair in pairs}
     return drop_slow_layers(units, shapes, job.config.max_kept_ratio_for_speed), channels
 
 
@@ -210,14 +211,23 @@ def channel_budget(job: Job, pair: MlpPair) -> Budgeted:
 def channel_spectra(job: Job, pairs: list[MlpPair], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each MLP's channel spectrum (``hf_wsvd.mlp_pruning.channel_spectrum``, keyed by consumer)
     and, for methods with a loss scale, the absolute weight of its loss: the consumer's, as if it
-    were factorized. Every process computes them from the reduced statistics."""
+    were factorized. Split between processes like the layers' spectra, then shared."""
+    consumers = [pair.consumer for pair in pairs]
+    owner = owners(job, consumers)
     values, weights = {}, {}
-    for pair in pairs:
-        layer = problem(job, pair.consumer, stats)
-        values[pair.consumer] = channel_spectrum(layer.weight, stats.get(pair.consumer, GRAM),
-                                                 job.config.compensation_ridge)
-        if job.solver.loss_scale is not None:
-            weights[pair.consumer] = layer_spectrum(job.solver, layer)[1]
+    for name in consumers:
+        if owner[name] == job.accelerator.process_index:
+            layer = problem(job, name, stats)
+            values[name] = channel_spectrum(layer.weight, stats.get(name, GRAM), job.config.compensation_ridge)
+            if job.solver.loss_scale is not None:
+                weights[name] = layer_spectrum(job.solver, layer)[1]
+    if job.accelerator.num_processes > 1:
+        for pair in pairs:
+            name = pair.consumer
+            values[name] = _broadcast(job, values.get(name), (pair.channels,), torch.float64, owner[name])
+            if job.solver.loss_scale is not None:
+                weight = torch.tensor(weights[name], dtype=torch.float64) if name in weights else None
+                weights[name] = float(_broadcast(job, weight, (), torch.float64, owner[name]))
     return values, weights
 
 
@@ -275,15 +285,21 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
 def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], stats: Statistics) -> None:
     """Cut each MLP of ``pairs`` to ``channels[consumer]`` channels chosen on the consumer's input
     statistics (``hf_wsvd.mlp_pruning``), swap in the smaller layers and record their shapes in
-    ``job.pruned``. Every process computes the same selection from the reduced statistics."""
+    ``job.pruned``. Each MLP is solved by one process and shared, like a factorization."""
+    owner = owners(job, [pair.consumer for pair in pairs])
     for pair in pairs:
-        consumer = job.module(pair.consumer)
-        with align_module_device(consumer):
-            weight = consumer.weight.detach().to(job.compute_dtype)
-        if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
-            weight = weight.to(job.accelerator.device)
-        kept, refit = select_channels(weight, stats.get(pair.consumer, GRAM), stats.get(pair.consumer, CROSS),
-                                      channels[pair.consumer], job.config.compensation_ridge)
+        consumer, keep = job.module(pair.consumer), channels[pair.consumer]
+        kept = refit = None
+        if owner[pair.consumer] == job.accelerator.process_index:
+            with align_module_device(consumer):
+                weight = consumer.weight.detach().to(job.compute_dtype)
+            if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
+                weight = weight.to(job.accelerator.device)
+            kept, refit = select_channels(weight, stats.get(pair.consumer, GRAM), stats.get(pair.consumer, CROSS),
+                                          keep, job.config.compensation_ridge)
+        if job.accelerator.num_processes > 1:
+            kept = _broadcast(job, kept, (keep,), torch.int64, owner[pair.consumer])
+            refit = _broadcast(job, refit, (linear_shape(consumer)[1], keep), torch.float64, owner[pair.consumer])
         for name in pair.members:
             dense_shape = linear_shape(job.module(name))
             install(job, name, lambda module, name=name: shrunk(module, kept, refit if name == pair.consumer else None))

@@ -182,7 +182,11 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
     if not isinstance(ranks, dict) or not (ranks or pruned):
-        raise ValueError(f"{where}['ranks'] must map each factorized module to its rank; got {ranks!r}")
+        raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
+                         f"the pruned layers); got ranks={ranks!r}")
+    both = sorted(set(ranks) & set(pruned))
+    if both:
+        raise ValueError(f"{where} lists {both[0]!r} under both 'ranks' and 'pruned': the config was edited")
     for name, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"{where}['ranks'][{name!r}]={rank!r} is not a positive integer")
@@ -212,19 +216,25 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
                   if isinstance(m, FACTORIZED) or relative_module_name(model, name) in pruned}
     owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
     missing = sorted(k for k in info["missing_keys"] if k in owned)
-    mismatched = sorted(k[0] for k in info["mismatched_keys"] if k[0] in owned)
+    # A tensor of the wrong shape inside the base model, even under ignore_mismatched_sizes=True
+    # (which re-initializes it): a pruned layer whose record was deleted would otherwise load at its
+    # dense shape with random weights. A head outside it may be re-initialized (a new label count).
+    prefix = getattr(model, "base_model_prefix", "")
+    inside = (lambda key: key.startswith(prefix + ".")) if prefix and hasattr(model, prefix) else (lambda key: True)
+    mismatched = sorted(k[0] for k in info["mismatched_keys"] if k[0] in owned or inside(k[0]))
     if missing or mismatched:
         key = (missing or mismatched)[0]
         problem = "is missing from" if missing else "has the wrong shape in"
-        raise ValueError(f"the factor {key!r} {problem} the checkpoint's weights ({len(missing) + len(mismatched)} "
-                         "factor tensors affected): the file is damaged or belongs to another recipe")
+        raise ValueError(f"the tensor {key!r} {problem} the checkpoint's weights ({len(missing) + len(mismatched)} "
+                         "tensors affected): the file is damaged or belongs to another recipe")
     modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
     for key in sorted(info["unexpected_keys"]):
         parts = relative_module_name(model, key).split(".")
         owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
         if owner is not None:
             raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
-                             f"in config.json {RECIPE_KEY}['ranks'] (edited, or another checkpoint's config)")
+                             f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] (edited, or "
+                             "another checkpoint's config)")
     for name, module in factorized.items():
         for pname, tensor in module.named_parameters():
             if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
