@@ -67,8 +67,8 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (model_type={config.model_type!r})")
     stock_class = type(model).__bases__[-1]
     stock_config_class = type(config)._wsvd_base
-    stock = {k: v for k, v in config.to_dict().items() if k not in _WSVD_KEYS and k != "model_type"}
-    stock.update(_pruned_sizes(config))
+    sizes = _pruned_sizes(config)
+    stock = {k: v for k, v in config.to_dict().items() if k not in _WSVD_KEYS and k != "model_type"} | sizes
     # The stock class on the meta device tells which module type each factorized name had.
     with torch.device("meta"):
         skeleton = stock_class(stock_config_class.from_dict(stock))
@@ -76,7 +76,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
         model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
-    for key, value in _pruned_sizes(config).items():
+    for key, value in sizes.items():
         setattr(config, key, value)
     config.__class__ = stock_config_class
     for key in (*_WSVD_KEYS, "model_type"):  # an instance model_type would hide the stock class's

@@ -137,9 +137,10 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
     """The trainable weights' modules of the compressed layers: each ``FactorizedLinear``'s two
     factors, and the linears cut by MLP pruning (full module names)."""
-    from .runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
+    from .checkpoint import recipe_of
+    from .runtime.modeling_wsvd import relative_module_name
 
-    pruned = getattr(model.config, RECIPE_KEY, {}).get("pruned", {})
+    pruned = (recipe_of(model.config) or {}).get("pruned", {})
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):

@@ -35,6 +35,15 @@ def gram_square_root(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return vectors * values.clamp_min(floor).sqrt(), False
 
 
+def ridged(gram: torch.Tensor, ridge: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``gram`` symmetrized in float64 on ``device``, and λ = ``ridge`` × its mean diagonal (×1 for
+    an all-zero Gram: the ridge then holds the solution at the unweighted weight)."""
+    gram = gram.double().to(device)
+    gram = (gram + gram.T) / 2
+    scale = float(gram.diagonal().mean())
+    return gram, ridge * (scale if scale > 0 else 1.0)
+
+
 def _gram(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The float64 Gram matrix of ``matrix``'s smaller side, and whether that side is the rows
     (M·Mᵀ) or the columns (Mᵀ·M)."""

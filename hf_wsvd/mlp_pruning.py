@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .allocation import round_rank
+from .linalg import ridged
 
 # Steps of the greedy channel order: one channel a step costs n rank-1 updates of an n × n matrix
 # (hours for a 70B model's 28672 channels), 256 steps about one Cholesky.
@@ -75,11 +76,6 @@ def kept_channels(channels: int, param_ratio: float, multiple: int) -> int:
     return min(channels, max(multiple, round_rank(int(param_ratio * channels), multiple)))
 
 
-def _ridge(gram: torch.Tensor, ridge: float) -> float:
-    scale = float(gram.diagonal().mean())
-    return ridge * (scale if scale > 0 else 1.0)  # an MLP that never fired: keep W on the first channels
-
-
 def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> torch.Tensor:
     """The channels in the order that lowers the consumer's output error most: at each step those
     whose part not explained by the channels already taken carries most of W·h, score
@@ -103,19 +99,13 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> torc
     return torch.tensor(order, device=gram.device)
 
 
-def _symmetric(gram: torch.Tensor, device: torch.device) -> torch.Tensor:
-    gram = gram.double().to(device)
-    return (gram + gram.T) / 2
-
-
 def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, keep: int,
                     ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(the ``keep`` kept channel indices, ascending; the refitted consumer weight, out × keep) for a
     consumer ``weight`` (out × channels) with input Gram ``gram`` and, compensated, the cross
     moment ``cross`` = E[h_dense hᵀ] (see the module). Computed in float64."""
-    gram = _symmetric(gram, weight.device)
+    gram, lam = ridged(gram, ridge, weight.device)
     cross = gram if cross is None else cross.double().to(weight.device)
-    lam = _ridge(gram, ridge)
     kept = _channel_order(weight, gram, lam)[:keep].sort().values
     dense = weight.double()
     target = dense @ cross[:, kept] + lam * dense[:, kept]
@@ -132,8 +122,7 @@ def channel_spectrum(weight: torch.Tensor, gram: torch.Tensor, ridge: float) -> 
     allocation reads, as it reads a layer's singular values): with C + λI = L·Lᵀ in that order,
     ‖W·L[:, i]‖² is what channel i adds beyond the channels before it, made non-increasing (a
     later channel never counts more than an earlier one). Float64."""
-    gram = _symmetric(gram, weight.device)
-    lam = _ridge(gram, ridge)
+    gram, lam = ridged(gram, ridge, weight.device)
     order = _channel_order(weight, gram, lam)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor = torch.linalg.cholesky(gram[order][:, order] + lam * eye)

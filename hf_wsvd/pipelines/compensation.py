@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from ..linalg import ridged
 from ..solvers import LayerProblem
 from ..statistics import Statistics
 from ..statistics.paired import PairedInputHooks
@@ -25,12 +26,9 @@ from ..statistics.paired import PairedInputHooks
 
 def compensated(problem: LayerProblem, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> LayerProblem:
     """``problem`` with the compensated target weight W* and the ridge-raised Gram (see the module)."""
-    gram = gram.double().to(problem.weight.device)
+    gram, lam = ridged(gram, ridge, problem.weight.device)
     cross = cross.double().to(problem.weight.device)
-    gram = (gram + gram.T) / 2
-    size = gram.shape[0]
-    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
-    lam = ridge * float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     raised = gram + lam * eye
     # W* = W·(M + λI)·(C + λI)⁻¹, i.e. W*ᵀ = (C + λI)⁻¹·(M + λI)ᵀ·Wᵀ, C symmetric.
     target = torch.linalg.solve(raised, (cross + lam * eye).T @ problem.weight.double().T).T

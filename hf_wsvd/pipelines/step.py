@@ -121,14 +121,21 @@ def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[
     return shapes
 
 
-def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
-    """The factorization problem of one layer in the compute dtype, on the layer's device (an
-    offloaded layer's weight is read on its execution device)."""
+def layer_weight(job: Job, name: str) -> torch.Tensor:
+    """One layer's dense weight (out × in) in the compute dtype, where the solve runs: on the
+    accelerator, an offloaded layer's weight read on its execution device."""
     module = job.module(name)
     with align_module_device(module):
         weight = linear_weight(module).detach().to(job.compute_dtype)
     if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
         weight = weight.to(job.accelerator.device)  # solve where the compute is
+    return weight
+
+
+def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
+    """The factorization problem of one layer (``layer_weight``, the method's statistics, and the
+    compensated target in sequential mode)."""
+    weight = layer_weight(job, name)
     values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
     layer = LayerProblem(name, weight, rank, job.options, **values)
     cross = stats.get(name, CROSS)
@@ -291,12 +298,8 @@ def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], sta
         consumer, keep = job.module(pair.consumer), channels[pair.consumer]
         kept = refit = None
         if owner[pair.consumer] == job.accelerator.process_index:
-            with align_module_device(consumer):
-                weight = consumer.weight.detach().to(job.compute_dtype)
-            if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
-                weight = weight.to(job.accelerator.device)
-            kept, refit = select_channels(weight, stats.get(pair.consumer, GRAM), stats.get(pair.consumer, CROSS),
-                                          keep, job.config.compensation_ridge)
+            kept, refit = select_channels(layer_weight(job, pair.consumer), stats.get(pair.consumer, GRAM),
+                                          stats.get(pair.consumer, CROSS), keep, job.config.compensation_ridge)
         if job.accelerator.num_processes > 1:
             kept = _broadcast(job, kept, (keep,), torch.int64, owner[pair.consumer])
             refit = _broadcast(job, refit, (linear_shape(consumer)[1], keep), torch.float64, owner[pair.consumer])
