@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -27,7 +28,7 @@ from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.healing import HealConfig, heal
+from hf_wsvd.healing import HealConfig, heal, teacher_samples
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
@@ -35,6 +36,7 @@ from hf_wsvd.workflow import load_model_and_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
+PROBE_STEPS = 40  # healing steps timed to turn --heal-seconds into a step count
 
 
 def loader(blocks, tokenizer, batch_size):
@@ -113,14 +115,25 @@ def measure(args) -> dict:
                 del model
         chosen, model = best
         samples[f"-{reduction:.0%} {chosen['method']}, {chosen['allocation']}"] = generate(model, tokenizer, device)
-        if args.heal_steps:
-            config = HealConfig(steps=args.heal_steps, learning_rate=args.heal_learning_rate,
-                                batch_size=args.batch_size)
-            model, report = heal(model, dense, healing, validation, config, show_progress=False)
+        if args.heal_steps or args.heal_seconds:
+            config = HealConfig(steps=args.heal_steps or PROBE_STEPS, learning_rate=args.heal_learning_rate,
+                                batch_size=args.heal_batch_size or args.batch_size,
+                                hidden_weight=args.heal_hidden_weight, seed=args.heal_seed)
+            start = time.perf_counter()
+            written = teacher_samples(dense, healing, args.heal_generated, batch_size=args.generation_batch_size,
+                                      seed=args.heal_seed, show_progress=False)
+            writing = time.perf_counter() - start
+            if args.heal_seconds:
+                steps = steps_within(args.heal_seconds - writing, model, dense, healing, config)
+                config = dataclasses.replace(config, steps=steps)
+            model, report = heal(model, dense, healing + written, validation, config, show_progress=False)
             model.to(device)
-            rows.append(row(chosen["method"] + f", healed {args.heal_steps} steps", reduction, chosen["allocation"],
-                            model, heal_seconds=report.seconds, kl_before=report.kl_before, kl_after=report.kl_after,
-                            heal_tokens=args.heal_steps * args.batch_size * args.calib_length))
+            name = f", healed {config.steps} steps" + (f", {len(written)} teacher-written blocks" if written else "")
+            rows.append(row(chosen["method"] + name, reduction, chosen["allocation"], model,
+                            heal_seconds=writing + report.seconds, generation_seconds=writing,
+                            kl_before=report.kl_before, kl_after=report.kl_after,
+                            heal_tokens=config.steps * config.batch_size * args.calib_length, heal_config=report.config,
+                            heal_blocks=len(healing), heal_generated=len(written), heal_kept=report.kept))
             samples[f"-{reduction:.0%} healed"] = generate(model, tokenizer, device)
         del model, best
     return {
@@ -135,6 +148,14 @@ def measure(args) -> dict:
         "samples": samples,
         "environment": __import__("report").environment(),
     }
+
+
+def steps_within(seconds: float, model, dense, healing, config: HealConfig) -> int:
+    """The healing steps that fit in ``seconds`` on this machine, from the time of a short probe run
+    (which includes the Trainer's start-up, so the estimate errs on the short side)."""
+    probe = dataclasses.replace(config, steps=PROBE_STEPS)
+    _, report = heal(copy.deepcopy(model), dense, healing, healing[:1], probe, show_progress=False)
+    return max(1, int(seconds * PROBE_STEPS / report.seconds))
 
 
 def generate(model, tokenizer, device) -> str:
@@ -155,11 +176,30 @@ def merged(payloads: list[dict]) -> list[dict]:
                                         "samples": dict(payload.get("samples", {}))}
             continue
         model = models[payload["model"]]
-        model["rows"] += [row for row in rows if row["method"] != "dense"]
+        seen = {_identity(row) for row in model["rows"]}  # runs repeat the compression rows before healing
+        model["rows"] += [row for row in rows if row["method"] != "dense" and _identity(row) not in seen]
         model["runs"] += runs
         model["minutes"] = model.get("minutes", 0) + payload.get("minutes", 0)
         model["samples"].update(payload.get("samples", {}))
     return list(models.values())
+
+
+def _identity(row: dict) -> tuple:
+    return row["method"], row["reduction"], row["allocation"], row["calibration_blocks"], round(row["perplexity"], 6)
+
+
+def healing_table(rows: list[dict], dense: float) -> str:
+    """The healed rows with their healing settings and time (teacher-written blocks included)."""
+    from report import markdown_table
+
+    return markdown_table(
+        ["reduction", "teacher-written blocks", "batch", "learning rate", "hidden-state weight", "seed", "steps",
+         "writing s", "healing s (all)", "validation perplexity", "perplexity", "× dense"],
+        [[f"{r['reduction']:.0%}", r.get("heal_generated", 0), r["heal_config"]["batch_size"],
+          f"{r['heal_config']['learning_rate']:g}", f"{r['heal_config']['hidden_weight']:g}", r["heal_config"]["seed"],
+          r["heal_config"]["steps"], round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
+          r["validation_perplexity"], r["perplexity"], r["perplexity"] / dense]
+         for r in rows if "heal_config" in r])
 
 
 def table(payloads: list[dict]) -> str:
@@ -174,11 +214,16 @@ def table(payloads: list[dict]) -> str:
             [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r.get("calibration_blocks", "-"), r["perplexity"],
               r["perplexity"] / dense, round(r["heal_seconds"]) if "heal_seconds" in r else "-"]
              for r in payload["rows"]]))
+        if any("heal_config" in r for r in payload["rows"]):
+            lines.append("\nHealing runs (factors and pruned linears trained, KL to the dense model's logits plus "
+                         "the hidden-state weight times the MSE of the last hidden states; cosine schedule):\n")
+            lines.append(healing_table(payload["rows"], dense))
         ev = payload["evaluation"]
         lines.append(f"\nCalibration blocks of {payload['calibration']['tokens_per_block']} tokens of wiki.valid.tokens; "
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
                      "the best recipe of its run by validation perplexity; measured on "
-                     f"{payload['environment'].get('cuda') or 'CPU'} in {payload.get('minutes', 0):.1f} minutes.\n")
+                     f"{payload['environment'].get('cuda') or 'CPU'}, one per run, "
+                     f"{payload.get('minutes', 0):.1f} minutes in all.\n")
         lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
         lines.append("\nSamples (greedy decoding):\n")
         lines += [f"- {name}: {text!r}" for name, text in payload.get("samples", {}).items()]
@@ -209,7 +254,17 @@ def main() -> None:
                         help="compensated sequential methods with MLP pruning (hf_wsvd.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
     parser.add_argument("--heal-steps", type=int, default=0, help="heal the best recipe of each reduction (0: no)")
-    parser.add_argument("--heal-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--heal-seconds", type=float, default=0,
+                        help="heal for as many steps as fit in this many seconds (timed by a short probe; "
+                             "overrides --heal-steps)")
+    parser.add_argument("--heal-learning-rate", type=float, default=HealConfig.learning_rate)
+    parser.add_argument("--heal-batch-size", type=int, default=0, help="0: --batch-size")
+    parser.add_argument("--heal-hidden-weight", type=float, default=HealConfig.hidden_weight)
+    parser.add_argument("--heal-generated", type=int, default=0,
+                        help="add this many blocks written by the dense model (continuations of healing blocks) to the "
+                             "healing text; their writing time counts as healing time")
+    parser.add_argument("--generation-batch-size", type=int, default=256)
+    parser.add_argument("--heal-seed", type=int, default=0)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", nargs="+",

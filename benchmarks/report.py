@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = {
     "glue_activation": "benchmarks/glue.md",
     "llm_64": "benchmarks/llm.md",
+    "llm_healing": "benchmarks/llm.md",
     "speed_cpu": "benchmarks/speed.md",
     "speed_gpu": "benchmarks/speed.md",
     "speed_svd": "benchmarks/speed.md",

@@ -7,8 +7,9 @@ import argparse
 import json
 import os
 import shlex
+import time
 
-from .argtypes import positive_int
+from .argtypes import non_negative_int, positive_int
 
 EVAL_EXAMPLES = """examples:
   hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
@@ -23,6 +24,9 @@ HEAL_EXAMPLES = """examples:
   hf-wsvd heal out/lm-fw out/lm-fw-healed --teacher path/to/model.gguf \\
       --data ../shared/data/wikitext-2/wiki.valid.tokens --steps 300
   hf-wsvd heal out/lm-fw out/lm-fw-healed --teacher path/to/model --data train.txt --lora-rank 16
+  # on a GPU, with little text: SmolLM2-135M at -40% went from 2.07x to 1.39x the dense perplexity in 7 min
+  hf-wsvd heal out/lm-fw out/lm-fw-healed --teacher path/to/model.gguf --data wiki.valid.tokens \
+      --steps 1000 --batch-size 32 --learning-rate 3e-4 --hidden-weight 1 --teacher-samples 2048
 """
 PUSH_EXAMPLES = """examples:
   hf-wsvd push out/sst2-fwsvd you/minilm-sst2-fwsvd          # uses your saved Hub token
@@ -98,6 +102,9 @@ def add_commands(commands, columns) -> None:
                                                           "of the factors themselves (merged into them at the end)")
     h.add_argument("--hidden-weight", type=float, default=0.0,
                    help="add this weight times the MSE of the last hidden states to the logit KL (default: 0)")
+    h.add_argument("--teacher-samples", type=non_negative_int, default=0, metavar="N",
+                   help="add N blocks written by the teacher (continuations of --data's blocks) to the training text: "
+                        "more varied text when --data is small (default: 0)")
     h.add_argument("--batch-size", type=positive_int, default=8, help="blocks per step (default: 8)")
     h.add_argument("--max-length", type=positive_int, default=512, help="tokens per block (default: 512)")
     h.add_argument("--heldout-blocks", type=positive_int, default=16,
@@ -200,7 +207,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from .card import add_healing
     from .data import make_dataloader, text_blocks
     from .evaluation import perplexity
-    from .healing import HealConfig, heal
+    from .healing import HealConfig, heal, teacher_samples
     from .output import check_output, staged_output
     from .tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype
@@ -225,15 +232,20 @@ def run_heal(args: argparse.Namespace) -> None:
     heldout_loader = make_dataloader(heldout, tokenizer, CAUSAL_LM, args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     before = perplexity(student.to(device), heldout_loader, show_progress=True)
-    student, report = heal(student, teacher, train, heldout, config)
+    start = time.perf_counter()
+    written = teacher_samples(teacher.to(device), train, args.teacher_samples, seed=args.seed)
+    writing = time.perf_counter() - start
+    student, report = heal(student, teacher, train + written, heldout, config)
     after = perplexity(student, heldout_loader, show_progress=True)
     dense = perplexity(teacher, heldout_loader, show_progress=True)
     save_dtype = stored_dtype(args.path)
     if save_dtype is not None:
         student.to(save_dtype)
-    summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}` "
-               f"({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
-               f"learning rate {args.learning_rate:g}, {report.seconds / 60:.1f} min); held-out perplexity "
+    summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
+               + (f" and {len(written)} written by the teacher" if written else "")
+               + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
+               f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
+               f"{(writing + report.seconds) / 60:.1f} min); held-out perplexity "
                f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
                f"{report.kl_after:.4f}")
     with staged_output(args.output, "heal") as staging:

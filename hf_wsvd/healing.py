@@ -5,13 +5,15 @@ The student learns the teacher's next-token distribution (KL divergence on the l
 the fly from the teacher, optionally plus the mean squared error of the last hidden states). Only
 the compressed layers train (the factors of the ``FactorizedLinear`` layers and the linears cut by
 MLP pruning) — or, with ``lora_rank``, LoRA adapters on them, merged back exactly afterwards — so
-the result is an ordinary compressed checkpoint with the same ranks and shapes.
+the result is an ordinary compressed checkpoint with the same ranks and shapes. ``teacher_samples``
+adds healing text written by the teacher, for when the real text is small.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
 from .runtime.factorized_linear import FactorizedLinear
 
@@ -132,6 +134,43 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
         total += float(token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"])) * count
         tokens += count
     return total / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
+                    batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> list[dict[str, list[int]]]:
+    """``count`` blocks written by ``teacher``: each continues the first ``prompt_length`` tokens
+    (None: a quarter of the block, at most 32) of a block drawn (seeded) from ``blocks``, sampled at
+    temperature 1 up to the blocks' length (the same for the same seed and ``batch_size``). Added to
+    the healing data, they give the student text it has not seen when the real text is small."""
+    if count < 1:
+        return []
+    length = len(blocks[0]["input_ids"])
+    prompt_length = max(1, min(32, length // 4)) if prompt_length is None else prompt_length
+    if not 0 < prompt_length < length:
+        raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
+                         f"{length} tokens)")
+    generator = random.Random(seed)
+    prompts = torch.stack([torch.as_tensor(generator.choice(blocks)["input_ids"][:prompt_length])
+                           for _ in range(count)])
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    new_tokens = length - prompt_length
+    # Every sampling knob set explicitly: a checkpoint's generation_config (top_p, repetition
+    # penalty…) would otherwise bend the samples away from the teacher's own distribution.
+    eos = teacher.config.eos_token_id
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, eos_token_id=eos,
+                                pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
+    written = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, count, batch_size), desc="teacher samples", disable=not show_progress):
+            ids = prompts[start : start + batch_size].to(device)
+            output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings)
+            written += [{"input_ids": row, "attention_mask": [1] * length} for row in output[:, :length].tolist()]
+    return written
 
 
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:

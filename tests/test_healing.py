@@ -9,7 +9,7 @@ import torch
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
-from hf_wsvd.healing import HealConfig, heal, token_kl
+from hf_wsvd.healing import HealConfig, heal, teacher_samples, token_kl
 from transformers import AutoModelForCausalLM
 
 
@@ -103,12 +103,12 @@ def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path):
     out = tmp_path / "healed"
     code = main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
                  "--data", str(tmp_path / "text.txt"), "--steps", "4", "--max-length", "8", "--batch-size", "4",
-                 "--heldout-blocks", "4", "--hidden-weight", "0.5"])
+                 "--heldout-blocks", "4", "--hidden-weight", "0.5", "--teacher-samples", "3"])
     assert code == 0
     healed = AutoModelForCausalLM.from_pretrained(out)
     assert _ranks(healed) == _ranks(student)
     card = (out / "README.md").read_text()
-    assert "## Healing" in card and "healed 4 steps" in card
+    assert "## Healing" in card and "healed 4 steps" in card and "and 3 written by the teacher" in card
     # Nothing was written into the inputs, and the output refuses to be overwritten silently.
     assert not (tmp_path / "compressed" / "README.md").exists()
     assert main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
@@ -140,3 +140,51 @@ def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
     assert report.kl_after > report.kl_before and not report.kept
     for name, value in healed.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_teacher_samples_continue_the_blocks_to_their_length_seeded():
+    teacher = tiny.build("llama", initializer_range=0.3)
+    blocks = _blocks(6, length=12, seed=3)
+    state = torch.random.get_rng_state()
+    written = teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=7, show_progress=False)
+    # The caller's random stream is untouched.
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(written) == 5
+    prompts = {tuple(b["input_ids"][:4].tolist()) for b in blocks}
+    for block in written:
+        assert len(block["input_ids"]) == 12 and block["attention_mask"] == [1] * 12
+        assert tuple(block["input_ids"][:4]) in prompts
+    # Sampled, not copied: the continuations are the teacher's, and the seed fixes them.
+    assert any(block["input_ids"] != b["input_ids"].tolist() for block in written for b in blocks)
+    again = teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=7, show_progress=False)
+    assert again == written
+    assert teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=8, show_progress=False) != written
+    assert teacher_samples(teacher, blocks, 0, show_progress=False) == []
+
+
+def test_teacher_samples_ignore_the_checkpoint_generation_settings():
+    teacher = tiny.build("llama", initializer_range=0.3)
+    blocks = _blocks(4, length=10)
+    plain = teacher_samples(teacher, blocks, 4, prompt_length=3, seed=1, show_progress=False)
+    teacher.generation_config.do_sample = False
+    teacher.generation_config.repetition_penalty = 5.0
+    teacher.generation_config.max_new_tokens = 2
+    assert teacher_samples(teacher, blocks, 4, prompt_length=3, seed=1, show_progress=False) == plain
+    # Several end-of-text tokens (as Llama 3 configs have): writing still runs to the full length.
+    teacher.config.eos_token_id = [6, 7]
+    assert all(len(b["input_ids"]) == 10 for b in teacher_samples(teacher, blocks, 2, seed=1, show_progress=False))
+
+
+@pytest.mark.parametrize("prompt_length", [0, 10, 11])
+def test_teacher_samples_refuse_a_prompt_that_leaves_nothing_to_write(prompt_length):
+    with pytest.raises(ValueError, match=f"prompt_length={prompt_length}"):
+        teacher_samples(tiny.build("llama"), _blocks(2, length=10), 1, prompt_length=prompt_length,
+                        show_progress=False)
+
+
+def test_healing_on_teacher_written_blocks_alone_lowers_the_heldout_loss():
+    teacher, student = _compressed()
+    written = teacher_samples(teacher, _blocks(8, seed=1), 32, prompt_length=3, batch_size=16, show_progress=False)
+    _, report = heal(student, teacher, written, _blocks(8, seed=2),
+                     HealConfig(steps=30, learning_rate=1e-2, batch_size=4), show_progress=False)
+    assert report.kept and report.kl_after < 0.9 * report.kl_before, report
