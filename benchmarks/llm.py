@@ -124,6 +124,9 @@ def measure(args) -> dict:
                                       seed=args.heal_seed, show_progress=False)
             writing = time.perf_counter() - start
             if args.heal_seconds:
+                if writing >= args.heal_seconds:
+                    raise SystemExit(f"writing {len(written)} blocks took {writing:.0f} s, all of --heal-seconds "
+                                     f"{args.heal_seconds:g}: lower --heal-generated or raise --heal-seconds")
                 steps = steps_within(args.heal_seconds - writing, model, dense, healing, config)
                 config = dataclasses.replace(config, steps=steps)
             model, report = heal(model, dense, healing + written, validation, config, show_progress=False)
@@ -222,7 +225,7 @@ def table(payloads: list[dict]) -> str:
         lines.append(f"\nCalibration blocks of {payload['calibration']['tokens_per_block']} tokens of wiki.valid.tokens; "
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
                      "the best recipe of its run by validation perplexity; measured on "
-                     f"{payload['environment'].get('cuda') or 'CPU'}, one per run, "
+                     f"{payload['environment'].get('cuda') or 'CPU'} (one per run), "
                      f"{payload.get('minutes', 0):.1f} minutes in all.\n")
         lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
         lines.append("\nSamples (greedy decoding):\n")

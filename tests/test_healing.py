@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path):
     out = tmp_path / "healed"
     code = main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
                  "--data", str(tmp_path / "text.txt"), "--steps", "4", "--max-length", "8", "--batch-size", "4",
-                 "--heldout-blocks", "4", "--hidden-weight", "0.5", "--teacher-samples", "3"])
+                 "--heldout-blocks", "4", "--hidden-weight", "0.5", "--teacher-samples", "3", "--teacher-batch-size", "2"])
     assert code == 0
     healed = AutoModelForCausalLM.from_pretrained(out)
     assert _ranks(healed) == _ranks(student)
@@ -144,18 +145,20 @@ def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
 
 def test_teacher_samples_continue_the_blocks_to_their_length_seeded():
     teacher = tiny.build("llama", initializer_range=0.3)
-    blocks = _blocks(6, length=12, seed=3)
+    blocks = [{k: v.tolist() for k, v in block.items()} for block in _blocks(6, length=12, seed=3)]
     state = torch.random.get_rng_state()
     written = teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=7, show_progress=False)
     # The caller's random stream is untouched.
     assert torch.equal(torch.random.get_rng_state(), state)
     assert len(written) == 5
-    prompts = {tuple(b["input_ids"][:4].tolist()) for b in blocks}
     for block in written:
         assert len(block["input_ids"]) == 12 and block["attention_mask"] == [1] * 12
-        assert tuple(block["input_ids"][:4]) in prompts
-    # Sampled, not copied: the continuations are the teacher's, and the seed fixes them.
-    assert any(block["input_ids"] != b["input_ids"].tolist() for block in written for b in blocks)
+        sources = [b["input_ids"] for b in blocks if b["input_ids"][:4] == block["input_ids"][:4]]
+        assert sources, "each written block continues the start of a given block"
+        # Written by the teacher, not copied: the continuation is not its source's, and the text
+        # does not end before the block does.
+        assert all(block["input_ids"][4:] != source[4:] for source in sources)
+        assert teacher.config.eos_token_id not in block["input_ids"][4:]
     again = teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=7, show_progress=False)
     assert again == written
     assert teacher_samples(teacher, blocks, 5, prompt_length=4, batch_size=2, seed=8, show_progress=False) != written
@@ -166,12 +169,16 @@ def test_teacher_samples_ignore_the_checkpoint_generation_settings():
     teacher = tiny.build("llama", initializer_range=0.3)
     blocks = _blocks(4, length=10)
     plain = teacher_samples(teacher, blocks, 4, prompt_length=3, seed=1, show_progress=False)
-    teacher.generation_config.do_sample = False
-    teacher.generation_config.repetition_penalty = 5.0
-    teacher.generation_config.max_new_tokens = 2
-    assert teacher_samples(teacher, blocks, 4, prompt_length=3, seed=1, show_progress=False) == plain
+    settings = dict(do_sample=False, repetition_penalty=5.0, max_new_tokens=2, min_p=0.5, no_repeat_ngram_size=1,
+                    num_beams=2, suppress_tokens=[10, 11, 12], bad_words_ids=[[13]])
+    for name, value in settings.items():
+        setattr(teacher.generation_config, name, value)
+    again = teacher_samples(teacher, blocks, 4, prompt_length=3, seed=1, show_progress=False)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, plain))
+    # The checkpoint keeps its own settings.
+    assert {name: getattr(teacher.generation_config, name) for name in settings} == settings
     # Several end-of-text tokens (as Llama 3 configs have): writing still runs to the full length.
-    teacher.config.eos_token_id = [6, 7]
+    teacher.generation_config.eos_token_id = [6, 7]
     assert all(len(b["input_ids"]) == 10 for b in teacher_samples(teacher, blocks, 2, seed=1, show_progress=False))
 
 
@@ -182,9 +189,27 @@ def test_teacher_samples_refuse_a_prompt_that_leaves_nothing_to_write(prompt_len
                         show_progress=False)
 
 
+def test_teacher_samples_refuse_no_blocks_or_blocks_of_several_lengths():
+    teacher = tiny.build("llama")
+    with pytest.raises(ValueError, match="none were given"):
+        teacher_samples(teacher, [], 1, show_progress=False)
+    with pytest.raises(ValueError, match="one length"):
+        teacher_samples(teacher, _blocks(2, length=10) + _blocks(2, length=8), 1, show_progress=False)
+
+
 def test_healing_on_teacher_written_blocks_alone_lowers_the_heldout_loss():
     teacher, student = _compressed()
     written = teacher_samples(teacher, _blocks(8, seed=1), 32, prompt_length=3, batch_size=16, show_progress=False)
     _, report = heal(student, teacher, written, _blocks(8, seed=2),
                      HealConfig(steps=30, learning_rate=1e-2, batch_size=4), show_progress=False)
     assert report.kept and report.kl_after < 0.9 * report.kl_before, report
+
+
+def test_written_blocks_mix_with_the_real_ones_in_their_format():
+    teacher, student = _compressed()
+    real = _blocks(8, seed=1)
+    written = teacher_samples(teacher, real, 8, prompt_length=3, show_progress=False)
+    assert all(torch.is_tensor(b["input_ids"]) and torch.is_tensor(b["attention_mask"]) for b in written)
+    _, report = heal(student, teacher, real + written, _blocks(4, seed=2), HealConfig(steps=2, batch_size=16),
+                     show_progress=False)
+    assert math.isfinite(report.kl_after)
