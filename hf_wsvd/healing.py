@@ -263,6 +263,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
                                       data_collator=default_data_collator, teacher=teacher,
                                       temperature=config.temperature, hidden_weight=config.hidden_weight)
         trainer.train()
+        # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
+        # healed model computes in its own precision again (evaluation, saving, later use).
+        trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
     seconds = time.perf_counter() - start
     if config.lora_rank is not None:
         student = trained.merge_and_unload()

@@ -213,3 +213,14 @@ def test_written_blocks_mix_with_the_real_ones_in_their_format():
     _, report = heal(student, teacher, real + written, _blocks(4, seed=2), HealConfig(steps=2, batch_size=16),
                      show_progress=False)
     assert math.isfinite(report.kl_after)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_a_model_healed_in_bf16_computes_in_float32_again(lora_rank):
+    teacher, student = _compressed()
+    healed, _ = heal(student, teacher, _blocks(16, seed=1), _blocks(4, seed=2),
+                     HealConfig(steps=2, batch_size=4, bf16=True, lora_rank=lora_rank), show_progress=False)
+    ids = torch.stack([b["input_ids"] for b in _blocks(2, seed=5)])
+    # The class's own forward, run outside any autocast, against the model's bound forward.
+    expected = type(healed).forward(healed, input_ids=ids).logits
+    assert torch.equal(healed(input_ids=ids).logits, expected)
