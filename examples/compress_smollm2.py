@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 import hf_wsvd
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.output import check_output, staged_output
+from hf_wsvd.output import check_output
 from hf_wsvd.solvers import SOLVERS
 from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
 
@@ -58,33 +58,33 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/smollm2-compressed",
                         help="checkpoint folder (an earlier output of this script is replaced; any other non-empty folder is refused)")
     args = parser.parse_args()
-    check_output(None, args.output, overwrite=True)
-    start = time.perf_counter()
+    with check_output(None, args.output, overwrite=True) as claim:
+        start = time.perf_counter()
 
-    path = demo_model(args.model) if args.model in DEMO_MODELS else args.model
-    print(f"loading {path}", flush=True)
-    model, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)
-    # Fields left None resolve to the recommended recipe for this model and data inside compress().
-    config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
-                                sequential=args.sequential, compensate=args.compensate,
-                                num_samples=args.num_samples, batch_size=4, max_length=args.max_length)
-    calibration = data_loader(model, tokenizer, str(DATA / "wikitext2-calibration.txt"), config)
-    heldout = data_loader(model, tokenizer, str(DATA / "wikitext2-heldout.txt"), config, shuffle=False,
-                          num_samples=args.eval_blocks or None)
+        path = demo_model(args.model) if args.model in DEMO_MODELS else args.model
+        print(f"loading {path}", flush=True)
+        model, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)
+        # Fields left None resolve to the recommended recipe for this model and data inside compress().
+        config = hf_wsvd.WSVDConfig(method=args.method, param_ratio=args.param_ratio, allocation=args.allocation,
+                                    sequential=args.sequential, compensate=args.compensate,
+                                    num_samples=args.num_samples, batch_size=4, max_length=args.max_length)
+        calibration = data_loader(model, tokenizer, str(DATA / "wikitext2-calibration.txt"), config)
+        heldout = data_loader(model, tokenizer, str(DATA / "wikitext2-heldout.txt"), config, shuffle=False,
+                              num_samples=args.eval_blocks or None)
 
-    print(f"\ndense model: perplexity on {len(heldout.dataset)} held-out blocks of {args.max_length} tokens", flush=True)
-    dense_ppl = perplexity(model, heldout, show_progress=True)
-    print(f"dense perplexity: {dense_ppl:.1f}", flush=True)
-    sample(model, tokenizer, "dense", args.new_tokens)
+        print(f"\ndense model: perplexity on {len(heldout.dataset)} held-out blocks of {args.max_length} tokens", flush=True)
+        dense_ppl = perplexity(model, heldout, show_progress=True)
+        print(f"dense perplexity: {dense_ppl:.1f}", flush=True)
+        sample(model, tokenizer, "dense", args.new_tokens)
 
-    print("\ncompressing with the recommended recipe" if None in (config.method, config.allocation, config.sequential)
-          else f"\ncompressing: {config.method}, {config.allocation} ranks", flush=True)
-    model, report = hf_wsvd.compress(model, config, calibration)
-    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.seconds.items())
-    print(f"compressed in {sum(report.seconds.values()):.0f} s ({stages})", flush=True)
-    with staged_output(args.output, "python examples/compress_smollm2.py") as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        print("\ncompressing with the recommended recipe" if None in (config.method, config.allocation, config.sequential)
+              else f"\ncompressing: {config.method}, {config.allocation} ranks", flush=True)
+        model, report = hf_wsvd.compress(model, config, calibration)
+        stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report.seconds.items())
+        print(f"compressed in {sum(report.seconds.values()):.0f} s ({stages})", flush=True)
+        with claim.write("python examples/compress_smollm2.py") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     del model
 
     reloaded = AutoModelForCausalLM.from_pretrained(args.output)  # the stock Auto class

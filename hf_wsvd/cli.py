@@ -120,41 +120,41 @@ def _compress(args: argparse.Namespace) -> None:
 
     from . import compress
     from .commands import card_evaluation, check_data, evaluate_path, write_compress_card
-    from .output import check_output, staged_output
+    from .output import check_output
     from .solvers import solver_for
     from .statistics import default_accelerator
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
-    check_output(args.model, args.output, args.overwrite)
-    config = recipe_from_args(args)
-    if config.method is not None and solver_for(config).needs and not args.data:
-        raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
-    check_data(args.data)
-    check_data(args.eval_data)
-    save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
-    # Statistics and decompositions run in float32 whatever the checkpoint stores.
-    placement = {"device_map": args.device_map} if args.device_map else {}
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
-    loader = (data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column, split=args.split)
-              if args.data else None)
-    dense_scores = None
-    if args.eval_data:  # the dense baseline, before compress factorizes the model in place
-        dense_scores = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
-    # Under torchrun / accelerate launch every process takes its share of the data and ends with
-    # the same model; process 0 alone evaluates and writes.
-    accelerator = default_accelerator()
-    model, report = compress(model, config, loader, accelerator=accelerator,
-                             show_progress=accelerator.is_main_process)
-    if not accelerator.is_main_process:
-        return
-    evaluation = card_evaluation(model, tokenizer, args)  # in float32, before the dtype change
-    if save_dtype is not None:
-        model.to(save_dtype)
+    with check_output(args.model, args.output, args.overwrite) as claim:
+        config = recipe_from_args(args)
+        if config.method is not None and solver_for(config).needs and not args.data:
+            raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
+        check_data(args.data)
+        check_data(args.eval_data)
+        save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
+        # Statistics and decompositions run in float32 whatever the checkpoint stores.
+        placement = {"device_map": args.device_map} if args.device_map else {}
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
+        loader = (data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column, split=args.split)
+                  if args.data else None)
+        dense_scores = None
+        if args.eval_data:  # the dense baseline, before compress factorizes the model in place
+            dense_scores = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
+        # Under torchrun / accelerate launch every process takes its share of the data and ends with
+        # the same model; process 0 alone evaluates and writes.
+        accelerator = default_accelerator()
+        model, report = compress(model, config, loader, accelerator=accelerator,
+                                 show_progress=accelerator.is_main_process)
+        if not accelerator.is_main_process:
+            return
+        evaluation = card_evaluation(model, tokenizer, args)  # in float32, before the dtype change
+        if save_dtype is not None:
+            model.to(save_dtype)
 
-    with staged_output(args.output, "compress") as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
+        with claim.write("compress") as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
     print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None))
 
 

@@ -157,12 +157,11 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     from .export import export_dense
-    from .output import check_output, staged_output
+    from .output import check_output
 
     if not os.path.isdir(args.path):
         raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
-    check_output(args.path, args.output, args.overwrite)
-    with staged_output(args.output, "export") as staging:
+    with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging:
         model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"model_type={model.config.model_type}) to {args.output}")
@@ -211,49 +210,50 @@ def run_heal(args: argparse.Namespace) -> None:
     from .data import make_dataloader, text_blocks
     from .evaluation import perplexity
     from .healing import HealConfig, heal, teacher_samples
-    from .output import check_output, staged_output
+    from .output import check_output
     from .tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype
 
     if not os.path.isdir(args.path):
         raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
     check_data(args.data)
-    check_output(args.path, args.output, args.overwrite)
-    config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                        lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed)
-    student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
-    teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(f"--teacher {args.teacher!r} has a vocabulary of {teacher.config.vocab_size} tokens, the "
-                         f"compressed model {student.config.vocab_size}: pass the model it was compressed from")
-    blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length)
-    random.Random(args.seed).shuffle(blocks)
-    if len(blocks) <= args.heldout_blocks:
-        raise ValueError(f"--data {args.data!r} holds {len(blocks)} blocks of {args.max_length} tokens: more than "
-                         f"--heldout-blocks {args.heldout_blocks} are needed (lower either, or give more text)")
-    heldout, train = blocks[: args.heldout_blocks], blocks[args.heldout_blocks:]
-    heldout_loader = make_dataloader(heldout, tokenizer, CAUSAL_LM, args.batch_size)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    before = perplexity(student.to(device), heldout_loader, show_progress=True)
-    start = time.perf_counter()
-    written = teacher_samples(teacher.to(device), train, args.teacher_samples, batch_size=args.teacher_batch_size,
-                              seed=args.seed)
-    writing = time.perf_counter() - start
-    student, report = heal(student, teacher, train + written, heldout, config)
-    after = perplexity(student, heldout_loader, show_progress=True)
-    dense = perplexity(teacher, heldout_loader, show_progress=True)
-    save_dtype = stored_dtype(args.path)
-    if save_dtype is not None:
-        student.to(save_dtype)
-    summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
-               + (f" and {len(written)} written by the teacher" if written else "")
-               + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
-               f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
-               f"{(writing + report.seconds) / 60:.1f} min); held-out perplexity "
-               f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
-               f"{report.kl_after:.4f}")
-    with staged_output(args.output, "heal") as staging:
-        student.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        add_healing(args.path, staging, summary, "hf-wsvd " + shlex.join(getattr(args, "argv", None) or []))
+    # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
+    with check_output([args.path, args.teacher], args.output, args.overwrite) as claim:
+        config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                            lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed)
+        student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
+        teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
+        if teacher.config.vocab_size != student.config.vocab_size:
+            raise ValueError(f"--teacher {args.teacher!r} has a vocabulary of {teacher.config.vocab_size} tokens, the "
+                             f"compressed model {student.config.vocab_size}: pass the model it was compressed from")
+        blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length)
+        random.Random(args.seed).shuffle(blocks)
+        if len(blocks) <= args.heldout_blocks:
+            raise ValueError(f"--data {args.data!r} holds {len(blocks)} blocks of {args.max_length} tokens: more than "
+                             f"--heldout-blocks {args.heldout_blocks} are needed (lower either, or give more text)")
+        heldout, train = blocks[: args.heldout_blocks], blocks[args.heldout_blocks:]
+        heldout_loader = make_dataloader(heldout, tokenizer, CAUSAL_LM, args.batch_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        before = perplexity(student.to(device), heldout_loader, show_progress=True)
+        start = time.perf_counter()
+        written = teacher_samples(teacher.to(device), train, args.teacher_samples, batch_size=args.teacher_batch_size,
+                                  seed=args.seed)
+        writing = time.perf_counter() - start
+        student, report = heal(student, teacher, train + written, heldout, config)
+        after = perplexity(student, heldout_loader, show_progress=True)
+        dense = perplexity(teacher, heldout_loader, show_progress=True)
+        save_dtype = stored_dtype(args.path)
+        if save_dtype is not None:
+            student.to(save_dtype)
+        summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
+                   + (f" and {len(written)} written by the teacher" if written else "")
+                   + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
+                   f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
+                   f"{(writing + report.seconds) / 60:.1f} min); held-out perplexity "
+                   f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
+                   f"{report.kl_after:.4f}")
+        with claim.write("heal") as staging:
+            student.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            add_healing(args.path, staging, summary, "hf-wsvd " + shlex.join(getattr(args, "argv", None) or []))
     print(f"{summary}; saved to {args.output}")

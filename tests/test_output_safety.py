@@ -145,7 +145,7 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     leftovers = {p.name.split("-")[4]: p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")}
     assert sorted(leftovers) == ["new", "old"] and snapshot(leftovers["old"]) == old
     # the next run for OUTPUT puts the old output back and removes the leftovers
-    check_output(str(tmp_path / "b"), str(out), overwrite=True)
+    check_output(str(tmp_path / "b"), str(out), overwrite=True).release()
     assert snapshot(out) == old
     assert "restored" in capsys.readouterr().err
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
@@ -153,7 +153,7 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     assert snapshot(out) != old and set(snapshot(out)) == set(old)
 
 
-def test_stale_staging_folders_are_cleaned_and_live_ones_kept(tmp_path):
+def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp_path, capsys):
     _checkpoint(tmp_path / "a")
     out = tmp_path / "dense"
     main(["export", str(tmp_path / "a"), str(out), "--dense"])
@@ -163,13 +163,105 @@ def test_stale_staging_folders_are_cleaned_and_live_ones_kept(tmp_path):
 
     target = _target_id(str(out))
     stale = [tmp_path / f".hf-wsvd-{dead.pid}-ab12-{kind}-{target}" for kind in ("new", "old")]
-    live = tmp_path / f".hf-wsvd-{os.getppid()}-cd34-new-{target}"  # the parent process is alive
     other = tmp_path / f".hf-wsvd-{dead.pid}-ef56-new-{_target_id(str(tmp_path / 'elsewhere'))}"
-    for folder in [*stale, live, other]:
+    for folder in [*stale, other]:
         folder.mkdir()
-    check_output(str(tmp_path / "a"), str(out), overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == sorted([live.name, other.name])
+    with check_output(str(tmp_path / "a"), str(out), overwrite=True):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == [other.name]
     assert (out / "config.json").is_file()  # OUTPUT existed: the stale "old" folder was deleted, not restored
+    # a live run's staging folder (the parent process is alive) claims OUTPUT: a second run is refused
+    live = tmp_path / f".hf-wsvd-{os.getppid()}-cd34-new-{target}"
+    live.mkdir()
+    before = snapshot(out)
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
+    assert f"another hf-wsvd run (pid {os.getppid()}) is writing" in one_error(capsys)
+    assert snapshot(out) == before and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == sorted([live.name, other.name])
+
+
+def _kept_results(folder) -> list:
+    return sorted(p for p in folder.parent.iterdir() if p.name.startswith(folder.name + ".hf-wsvd-result-"))
+
+
+def test_files_added_to_output_during_a_compress_are_kept_and_the_run_fails(project, monkeypatch, capsys):
+    """mkdir o/u; hf-wsvd compress M o/u & -- then the user puts o/u/mine/run1.csv there."""
+    import hf_wsvd
+
+    out = project / "o" / "u"
+    out.mkdir(parents=True)
+    real = hf_wsvd.compress
+
+    def compress_while_the_user_writes(*args, **kwargs):
+        (out / "mine").mkdir()
+        (out / "mine" / "run1.csv").write_text("r")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_wsvd, "compress", compress_while_the_user_writes)
+    assert run(["compress", str(project / "models" / "tiny"), str(out), "--method", "svd"]) == 2
+    error = one_error(capsys)
+    assert "changed while hf-wsvd ran (added: 'mine'" in error
+    assert snapshot(out) == {"mine/run1.csv": b"r"}
+    (kept,) = _kept_results(out)
+    assert f"saved to {str(kept)!r}" in error and (kept / "config.json").is_file() and (kept / MARKER).is_file()
+    assert [p for p in out.parent.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
+def test_a_replaced_output_changed_during_the_run_is_not_deleted(tmp_path, capsys):
+    """heal/compress --overwrite of an earlier output: a notes.txt added meanwhile survives."""
+    _checkpoint(tmp_path / "a")
+    out = tmp_path / "dense"
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense"]) == 0
+    with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+        (out / "notes.txt").write_text("mine")
+        before = snapshot(out)
+        with pytest.raises(FileExistsError, match="changed while hf-wsvd ran \\(added: 'notes.txt'\\)"):
+            with claim.write("test") as staging:
+                open(os.path.join(staging, "result.txt"), "w").write("new")
+    assert snapshot(out) == before
+    (kept,) = _kept_results(out)
+    assert (kept / "result.txt").read_text() == "new"
+    # an edited file (same name, new content) is a change too
+    (out / "notes.txt").unlink()
+    with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+        time.sleep(0.01)
+        (out / "config.json").write_text((out / "config.json").read_text() + " ")
+        with pytest.raises(FileExistsError, match="changed: 'config.json'"):
+            with claim.write("test"):
+                pass
+    assert (out / "config.json").read_text().endswith(" ")
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
+def test_two_runs_into_one_output_do_not_both_succeed(tmp_path, capsys):
+    _checkpoint(tmp_path / "a")
+    out = tmp_path / "dense"
+    with check_output(str(tmp_path / "a"), str(out), overwrite=False) as first:
+        assert main(["export", str(tmp_path / "a"), str(out), "--dense"]) == 2
+        assert "another hf-wsvd run" in one_error(capsys) and not out.exists()
+        with first.write("export") as staging:
+            open(os.path.join(staging, "config.json"), "w").write("{}")
+    assert snapshot(out).keys() == {"config.json", MARKER}
+    # two processes racing at the swap: whichever comes second finds OUTPUT taken and keeps its result
+    second = check_output(str(tmp_path / "a"), str(tmp_path / "race"), overwrite=False)
+    (tmp_path / "race").mkdir()
+    (tmp_path / "race" / "theirs.txt").write_text("first")
+    with second, pytest.raises(FileExistsError, match="added: 'theirs.txt'"):
+        with second.write("export"):
+            pass
+    assert snapshot(tmp_path / "race") == {"theirs.txt": b"first"}
+
+
+def test_heal_never_writes_into_or_replaces_its_teacher(tmp_path, capsys):
+    _checkpoint(tmp_path / "student")
+    _checkpoint(tmp_path / "teacher", seed=1)
+    (tmp_path / "text.txt").write_text("some words " * 100)
+    before = snapshot(tmp_path / "teacher")
+    for output, relation in [("teacher/healed", "lies inside"), ("teacher", "is")]:
+        assert run(["heal", str(tmp_path / "student"), str(tmp_path / output), "--teacher", str(tmp_path / "teacher"),
+                    "--data", str(tmp_path / "text.txt"), "--overwrite"]) == 2
+        assert f"{relation} the input {str(tmp_path / 'teacher')!r}" in one_error(capsys)
+    assert snapshot(tmp_path / "teacher") == before
 
 
 def test_push_uploads_an_allow_list_and_verifies_the_code(tmp_path, capsys, monkeypatch):
