@@ -1,14 +1,17 @@
-"""GPU generation speed of compressed LLMs against their dense original: a Llama model of 7B shape
-(random bf16 weights) dense and with 20% and 40% of its decoder-linear parameters removed (factors
-of the uniform ranks, random: speed does not depend on their values), built, measured and freed
-one at a time: prefill tokens/s (8 × 2048, KV cache written, last logits only), greedy decode
-tokens/s at batch 1 and 16 (256 new tokens after a 128-token prompt, KV cache; timed from the
-first new token), decode replayed from a captured CUDA graph (``--parts graph``), peak GPU memory;
-``--compile`` decodes with a static cache, which ``generate`` compiles (CUDA graphs).
+"""GPU generation speed of what ``compress`` outputs against the dense original: a Llama model of 7B
+shape (random bf16 weights) dense and compressed by the recommended recipe (``WSVDConfig(param_ratio=
+1 - reduction)``, calibrated on random token sequences: its structure — cut attentions, pruned MLPs,
+factorized or dense layers — is the one the recipe chooses for this model), built, measured and
+freed one at a time: prefill tokens/s (8 × 2048, KV cache written, last logits only), greedy decode
+tokens/s at batch 1 and 16 with ``generate`` (256 new tokens after a 128-token prompt, KV cache;
+timed from the first new token), decode replayed from a captured CUDA graph (``graph``), and
+``generate`` with a static cache compiled by ``torch.compile`` (``compile``; its tokens checked
+against eager greedy decoding), peak GPU memory. Beside each model: the bytes one decode step reads
+(weights, and the KV cache at the mean context of the decode), whose ratio to dense bounds the
+decode speed-up where decode is bound by memory traffic.
 
-    python benchmarks/speed_gpu.py --json-out gpu_eager.json                # GPU machine
-    python benchmarks/speed_gpu.py --compile --json-out gpu_compiled.json
-    python benchmarks/speed_gpu.py --from-json gpu_eager.json gpu_compiled.json
+    python benchmarks/speed_gpu.py --json-out gpu.json                      # GPU machine
+    python benchmarks/speed_gpu.py --from-json gpu.json                      # publish the table
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ from pathlib import Path
 import torch
 
 from hf_wsvd import WSVDConfig
-from hf_wsvd.allocation import uniform_ranks
-from hf_wsvd.runtime.factorized_linear import linear_shape
-from hf_wsvd.swap import replace_with_factors
-from hf_wsvd.targets import select_targets
 from timing import (add_json_arguments, interleaved_seconds, measure_or_publish, median, token_batch, verdict,
                     with_key)
 
-DECODE_TARGET, PREFILL_TARGET = 1.4, 1.3  # issue #8: 7B shape, 40% reduction, ×dense
+# Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
+TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None): 1.17},
+           0.4: {("graph", "1"): 1.20, ("graph", "16"): 1.15, ("prefill", None): 1.39}}
 
 
 class FirstTokenClock:
@@ -50,32 +51,57 @@ class FirstTokenClock:
         return self.never
 
 
-def factorize_randomly(model, reduction: float, rank_multiple: int, seed: int = 2) -> dict[str, int]:
-    """Replace every decoder linear by random bf16 factors of the uniform rank that removes
-    ``reduction`` of its parameters (product entries of std 0.02, like the dense weights)."""
-    targets = select_targets(model, None, None)
-    shapes = {name: linear_shape(model.get_submodule(full)) for name, full in targets.items()}
-    ranks = uniform_ranks(shapes, 1 - reduction, multiple=rank_multiple)
-    device = model.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, rank in ranks.items():
-        in_features, out_features = shapes[name]
-        scale = (0.02 / rank**0.5) ** 0.5
-        up = torch.randn(out_features, rank, generator=generator, device=device, dtype=torch.bfloat16).mul_(scale)
-        down = torch.randn(rank, in_features, generator=generator, device=device, dtype=torch.bfloat16).mul_(scale)
-        replace_with_factors(model, targets[name], up, down)
-    return ranks
+def compress_with_recipe(model, reduction: float, args) -> dict:
+    """Compress ``model`` in place with the recommended recipe (plus ``args.recipe``'s fields) at
+    ``reduction`` of its decoder-linear parameters, calibrated on ``args.calibration`` random
+    sequences; returns what it chose and how long it took."""
+    from torch.utils.data import DataLoader
+
+    from hf_wsvd import compress
+
+    sequences, length = args.calibration
+    ids = token_batch(model.config.vocab_size, sequences, length, "cpu", seed=7)
+    data = DataLoader([{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids],
+                      batch_size=args.calibration_batch)
+    config = WSVDConfig(param_ratio=1 - reduction, max_length=length, batch_size=args.calibration_batch,
+                        **json.loads(args.recipe))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model, report = compress(model, config, data, show_progress=False)
+    torch.cuda.synchronize()
+    head_dims = sorted({entry["head_dim"] for entry in report.attention.values()})
+    return {"compress_seconds": time.perf_counter() - start, "factorized_layers": len(report.ranks),
+            "ranks": sorted(set(report.ranks.values())), "pruned_mlps": len(report.pruned_mlps),
+            "mlp_channels": sorted({report.pruned[n]["shape"][0] for n in report.pruned_mlps}),
+            "cut_attentions": len(report.attention), "head_dims": head_dims,
+            "dense_layers": len(report.dense_targets), "recipe": {k: v for k, v in config.to_dict().items()
+                                                                   if k in ("param_ratio", *json.loads(args.recipe))}}
 
 
-def decode(model, batch: int, args) -> dict:
-    """Greedy generation of ``args.new_tokens`` tokens after a random prompt (median of repeats)."""
+def step_bytes(model, batch: int, context: int) -> int:
+    """The bytes one decode step reads: every weight once, and the KV cache of ``batch`` sequences
+    of ``context`` tokens (each layer's keys and values at its own head size)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = 0
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        cache += 2 * attention.k_proj.out_features * context * batch * attention.k_proj.weight.element_size()
+    return weights + cache
+
+
+def decode(model, batch: int, args, compiled: bool = False) -> dict:
+    """Greedy generation of ``args.new_tokens`` tokens after a random prompt (median of repeats);
+    ``compiled``: with a static cache, which ``generate`` compiles with ``torch.compile``, and the
+    tokens compared with eager greedy decoding."""
     from transformers import StoppingCriteriaList
 
     ids = token_batch(model.config.vocab_size, batch, args.prompt_length, model.device, seed=batch)
     options = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
                    min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens,
                    pad_token_id=model.config.eos_token_id)
-    if args.compile:
+    extra = {}
+    if compiled:
+        eager = model.generate(ids, **options)
         options["cache_implementation"] = "static"
     for _ in range(args.decode_warmup):  # short: warms kernels (and compiles) without a full run
         model.generate(ids, **{**options, "min_new_tokens": 8, "max_new_tokens": 8})
@@ -91,8 +117,11 @@ def decode(model, batch: int, args) -> dict:
             raise RuntimeError(f"generated {out.shape[1] - args.prompt_length} tokens, not {args.new_tokens}")
         decode_rates.append(batch * (args.new_tokens - 1) / (end - clock.start))
         total_rates.append(batch * args.new_tokens / (end - start))
+        if compiled:
+            extra = {"tokens_equal_eager": bool(torch.equal(out, eager)),
+                     "tokens_matching_eager": float((out == eager).float().mean())}
     return {"tokens_per_s": median(decode_rates), "end_to_end_tokens_per_s": median(total_rates),
-            "runs": decode_rates}
+            "runs": decode_rates, **extra}
 
 
 def rewind(cache, length: int) -> None:
@@ -183,14 +212,17 @@ def measure_model(reduction: float, args) -> dict:
     device = torch.device("cuda")
     model = build("7b", args.layers, device, torch.bfloat16)
     dense_params = sum(p.numel() for p in model.parameters())
-    ranks = factorize_randomly(model, reduction, args.rank_multiple) if reduction else {}
+    result = {"reduction": reduction}
+    if reduction:
+        result.update(compress_with_recipe(model, reduction, args))
     gc.collect()
     torch.cuda.empty_cache()
     params = sum(p.numel() for p in model.parameters())
-    result = {"reduction": reduction, "params": params, "param_ratio": params / dense_params,
-              "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-              "weights_gib": torch.cuda.memory_allocated() / 2**30, "factorized_layers": len(ranks),
-              "ranks": sorted(set(ranks.values()))}
+    context = args.prompt_length + args.new_tokens // 2
+    result.update({"params": params, "param_ratio": params / dense_params,
+                   "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                   "weights_gib": torch.cuda.memory_allocated() / 2**30,
+                   "step_bytes": {str(b): step_bytes(model, b, context) for b in args.decode_batches}})
     if "prefill" in args.parts:
         def prefill() -> dict:
             ids = token_batch(model.config.vocab_size, args.prefill_batch, args.prefill_length, device)
@@ -202,7 +234,9 @@ def measure_model(reduction: float, args) -> dict:
                     "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
         guarded(result, "prefill", prefill)
-    for part, run in (("decode", decode), ("graph", graph_decode)):
+    parts = (("decode", decode), ("graph", graph_decode),
+             ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)))
+    for part, run in parts:
         if part not in args.parts:
             continue
         result[part] = {}
@@ -214,12 +248,11 @@ def measure_model(reduction: float, args) -> dict:
             guarded(result[part], str(batch), measured)
         print(f"reduction {reduction}: {part} done", file=sys.stderr)
     del model
-    if args.compile:
+    if "compile" in args.parts:
         torch._dynamo.reset()  # frees the compiled graphs (and their CUDA graph pools)
     gc.collect()
     torch.cuda.empty_cache()
     return result
-
 
 
 def measure(args) -> dict:
@@ -228,7 +261,7 @@ def measure(args) -> dict:
     from report import environment
 
     payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "layers": args.layers,
-               "compile": args.compile, "parts": args.parts, "rank_multiple": args.rank_multiple,
+               "parts": args.parts, "recipe": json.loads(args.recipe), "calibration": args.calibration,
                "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
                "new_tokens": args.new_tokens, "models": [], "environment": environment()}
     start = time.perf_counter()
@@ -254,61 +287,82 @@ def render(runs: list[dict]) -> str:
     rows, notes = [], []
     for run in runs:
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
-        mode = "compiled generate" if run["compile"] else "CUDA graph" if run["parts"] == ["graph"] else "eager"
-        columns = [("prefill", None), ("decode", "1"), ("decode", "16"), ("graph", "1"), ("graph", "16")]
+        recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
+        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("decode", "1"), ("decode", "16"),
+                   ("compile", "1"), ("compile", "16")]
         for m in run["models"]:
             cells = []
             for part, batch in columns:
                 now, dense = value(m, part, batch), value(base, part, batch) if base else None
                 cells += [now if now is not None else "—", now / dense if now and dense else "—"]
-            peaks = [d.get("peak_gib") for part in ("decode", "graph") for d in m.get(part, {}).values()
+            bounds = [base["step_bytes"][b] / m["step_bytes"][b] if base and b in m["step_bytes"] else "—"
+                      for b in ("1", "16")]
+            peaks = [d.get("peak_gib") for part in ("decode", "graph", "compile") for d in m.get(part, {}).values()
                      if isinstance(d, dict) and "peak_gib" in d]
-            rows.append([mode, f"{m['reduction']:.0%}", f"{m['params'] / 1e9:.2f}B", m["weights_bytes"] / 2**30,
-                         m["weights_bytes"] / base["weights_bytes"] if base else "—", *cells,
-                         (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—")])
-            if base and m["reduction"] == 0.4:
-                for part in ("decode", "graph"):
-                    d1, d0 = value(m, part, "1"), value(base, part, "1")
-                    if d1 and d0:
-                        name = "CUDA-graph decode" if part == "graph" else mode if mode.endswith("generate") else f"{mode} generate"
-                        notes.append(f"{name}: 40% reduction decode ×{d1 / d0:.2f} at batch 1 (target "
-                                     f"≥{DECODE_TARGET}: {verdict(d1 / d0 >= DECODE_TARGET)}).")
-                pf, p0 = value(m, "prefill"), value(base, "prefill")
-                if pf and p0:
-                    notes.append(f"40% reduction prefill ×{pf / p0:.2f} (target ≥{PREFILL_TARGET}: "
-                                 f"{verdict(pf / p0 >= PREFILL_TARGET)}).")
+            structure = "dense" if not m["reduction"] else (
+                f"{m['cut_attentions']} attentions cut to head dim {'/'.join(map(str, m['head_dims'])) or '-'}, "
+                f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
+                f"channels, {m['factorized_layers']} factorized, {m['dense_layers']} dense")
+            rows.append([f"{m['reduction']:.0%}" + ("" if not m["reduction"] else f" ({recipe})"), structure,
+                         f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds, *cells,
+                         (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
+                         m.get("compress_seconds", "—")])
+            for batch, entry in m.get("compile", {}).items():
+                if isinstance(entry, dict) and entry.get("tokens_equal_eager") is False:
+                    notes.append(f"{m['reduction']:.0%}, compiled batch {batch}: {entry['tokens_matching_eager']:.1%} of "
+                                 "the tokens equal eager greedy decoding (bf16 rounding differs between the compiled "
+                                 "and eager kernels; a near-tie then picks another token).")
             mismatched = {batch: entry for batch, entry in m.get("graph", {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}
             notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from eager steps (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
                       f"{e.get('first_step_min_top2_margin', float('nan')):.3g})." for b, e in mismatched.items()]
-            errors = [f"{part} {batch}: {entry['error']}" for part in ("decode", "graph")
+            errors = [f"{part} {batch}: {entry['error']}" for part in ("decode", "graph", "compile")
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
             notes += [f"{m['reduction']:.0%} failed: {e[:200]}" for e in errors]
+        for reduction, targets in TARGETS.items():
+            m = next((m for m in run["models"] if m["reduction"] == reduction), None)
+            if m is None or base is None:
+                continue
+            for (part, batch), target in targets.items():
+                now, dense = value(m, part, batch), value(base, part, batch)
+                if now and dense:
+                    name = "prefill" if part == "prefill" else f"CUDA-graph decode, batch {batch}"
+                    notes.append(f"{reduction:.0%}: {name} ×{now / dense:.2f} (target ≥{target}: "
+                                 f"{verdict(now / dense >= target)}).")
     run = runs[0]
     text = markdown_table(
-        ["Llama 7B shape, bf16", "reduction", "parameters", "weights GiB", "size/dense",
+        ["Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
+         "bound b1 (dense bytes/bytes)", "bound b16",
          f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
-         "generate tokens/s, batch 1", "×dense", "generate, batch 16", "×dense",
-         "CUDA-graph decode, batch 1", "×dense", "CUDA-graph decode, batch 16", "×dense",
-         "peak GiB prefill", "peak GiB decode"], rows)
-    return text + (f"\n\n{run['environment'].get('cuda')}; decode: greedy, {run['new_tokens']} new tokens after a "
-                   f"{run['prompt_length']}-token prompt, KV cache; generate is timed from the first new token; "
-                   "CUDA-graph decode replays one captured step (static cache) per token. " + " ".join(notes))
+         "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
+         "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
+         "compiled generate b16", "×dense", "peak GiB prefill", "peak GiB decode", "compress s"], rows)
+    return text + (f"\n\n{run['environment'].get('cuda')}; calibration {run['calibration'][0]}×{run['calibration'][1]} "
+                   f"random tokens; decode: greedy, {run['new_tokens']} new tokens after a {run['prompt_length']}-token "
+                   "prompt, KV cache; generate is timed from the first new token; CUDA-graph decode replays one "
+                   "captured step (static cache) per token; compiled generate uses a static cache and torch.compile. "
+                   "Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
+                   "compressed. " + " ".join(notes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
-    parser.add_argument("--parts", nargs="+", default=["prefill", "decode", "graph"], choices=["prefill", "decode", "graph"],
-                        help="graph: decode replayed from a CUDA graph (static cache)")
+    parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile"],
+                        choices=["prefill", "decode", "graph", "compile"],
+                        help="graph: decode replayed from a CUDA graph (static cache); compile: generate with a static "
+                             "cache and torch.compile")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")
-    parser.add_argument("--rank-multiple", type=int, default=WSVDConfig().rank_multiple,
-                        help="round ranks down to a multiple of this (default: WSVDConfig's; 1 = exact ranks)")
+    parser.add_argument("--recipe", default="{}", help="WSVDConfig fields set on top of the recommended recipe, as "
+                                                       "JSON (e.g. '{\"attention_pruning\": false}')")
+    parser.add_argument("--calibration", nargs=2, type=int, default=[16, 512], metavar=("SEQUENCES", "LENGTH"),
+                        help="random calibration tokens of the recipe (default: 16 x 512)")
+    parser.add_argument("--calibration-batch", type=int, default=4)
     parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--prefill-length", type=int, default=2048)
     parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
@@ -316,7 +370,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--decode-warmup", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="decode with a static cache, compiled by generate")
     add_json_arguments(parser)
     measure_or_publish("speed_gpu", parser.parse_args(), measure, render)
 

@@ -10,7 +10,8 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear
-from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, relative_module_name, wsvd_model_class
+from .runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name,
+                                    wsvd_model_class)
 
 
 @dataclass
@@ -19,13 +20,13 @@ class LayerSummary:
 
     name: str
     shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding
-    rank: int | None  # None: a dense layer cut by MLP pruning (its shape is the cut one)
+    rank: int | None  # None: a dense layer cut by MLP or attention pruning (its shape is the cut one)
     params: int
     dense_params: int
 
     @property
     def kind(self) -> str:
-        """The rank, or "pruned" for a layer cut by MLP pruning."""
+        """The rank, or "pruned" for a layer cut by MLP or attention pruning."""
         return "pruned" if self.rank is None else str(self.rank)
 
 
@@ -35,11 +36,11 @@ def summarize(model: nn.Module) -> list[LayerSummary]:
     a pruned dense layer), parameters now and when dense."""
     rows, tables = [], set()
     config = getattr(model, "config", None)
-    pruned = (recipe_of(config) or {}).get("pruned", {}) if config is not None else {}
+    recipe = (recipe_of(config) or {}) if config is not None else {}
     for name, module in model.named_modules():
-        entry = pruned.get(relative_module_name(model, name))
-        if entry is not None:
-            (dense_in, dense_out), bias = entry["dense_shape"], module.bias is not None
+        shape = dense_shape(recipe, relative_module_name(model, name), module) if type(module) is nn.Linear else None
+        if shape is not None:
+            (dense_in, dense_out), bias = shape, module.bias is not None
             rows.append(LayerSummary(
                 relative_module_name(model, name), (module.out_features, module.in_features), None,
                 sum(p.numel() for p in module.parameters()), dense_in * dense_out + (dense_out if bias else 0),

@@ -14,7 +14,7 @@ from .config import WSVDConfig
 from .embeddings import compress_embeddings
 from .pipelines import Job, get_pipeline
 from .recipes import resolve
-from .runtime.modeling_wsvd import MODEL_TYPE
+from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .statistics import Statistics, default_accelerator
 from .swap import attach_recipe
@@ -29,7 +29,7 @@ class CompressionReport:
     method: str
     param_ratio: float
     ranks: dict[str, int]
-    dense_targets: list[str]  # targets neither factorized nor pruned (their rank would save nothing or be slow)
+    dense_targets: list[str]  # targets neither factorized nor cut (their rank would save nothing or be slow)
     params_before: int
     params_after: int
     importance_examples: int = 0
@@ -44,6 +44,8 @@ class CompressionReport:
     compensated: bool = False  # sequential mode fitted each layer to the dense layer's outputs
     # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
+    attention: dict[str, dict] = field(default_factory=dict)
 
     @property
     def pruned_mlps(self) -> list[str]:
@@ -97,11 +99,13 @@ def compress(
     ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)
     if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
         ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
-    attach_recipe(model, replace(config, ranks=dict(ranks), pruned=dict(job.pruned)))
+    recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention))
+    attach_recipe(model, recipe)
     params_after, _ = parameter_counts(model)
+    changed = set(ranks) | reshaped_layers(recipe.to_dict())
     report = CompressionReport(
-        config.method, config.param_ratio, dict(ranks), sorted(set(targets) - set(ranks) - set(job.pruned)),
+        config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
-        job.statistics, notices, bool(config.compensate), dict(job.pruned),
+        job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
     )
     return model, report

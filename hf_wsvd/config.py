@@ -98,6 +98,13 @@ class WSVDConfig:
         "every MLP keeps param_ratio of its channels). For the methods that read the activation Gram. Unset "
         "(None): on in sequential mode with such a method",
         action=argparse.BooleanOptionalAction)
+    attention_pruning: bool | None = recipe_field(
+        None, "sequential mode: shrink each attention's head dimension (queries/keys keep their most useful rotary "
+        "pairs, values/outputs a weighted subspace per key/value head) instead of factorizing its projections: "
+        "q/k/v/o stay four ordinary matrix products, the KV cache shrinks with them (Llama, Mistral, Qwen2 "
+        "attentions; others are factorized). Greedy: one budget with ranks and MLP channels; uniform: every "
+        "attention keeps param_ratio of its head dimensions. For the methods that read the activation Gram. "
+        "Unset (None): on in sequential mode with such a method", action=argparse.BooleanOptionalAction)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(
         1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
@@ -154,6 +161,9 @@ class WSVDConfig:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict, metadata={
         "help": "filled by the compressor: base-model-relative name of each layer cut by mlp_pruning -> "
                 "{'shape': [in, out], 'dense_shape': [in, out]}", "cli": None})
+    attention: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "filled by the compressor: base-model-relative name of each attention cut by attention_pruning -> "
+                "{'head_dim': kept, 'dense_head_dim': dense, 'rotary': [kept rotary pair indices]}", "cli": None})
 
     def __post_init__(self) -> None:
         from .solvers import SOLVERS
@@ -183,7 +193,8 @@ class WSVDConfig:
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True, False or None (on for causal LMs with data)")
         self._validate_compensation()
-        self._validate_mlp_pruning()
+        for name in ("mlp_pruning", "attention_pruning"):
+            self._validate_pruning(name)
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
         if self.refine and self.method in ("tfwsvd", "rescue"):
@@ -220,10 +231,11 @@ class WSVDConfig:
         for module, rank in self.ranks.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
-        if self.pruned:
-            from .runtime.modeling_wsvd import check_pruned
+        if self.pruned or self.attention:
+            from .runtime.modeling_wsvd import check_attention, check_pruned
 
             check_pruned(self.pruned, "pruned")
+            check_attention(self.attention, "attention")
 
     def _validate_compensation(self) -> None:
         if self.compensate is not None and not isinstance(self.compensate, bool):
@@ -243,19 +255,20 @@ class WSVDConfig:
             raise ValueError(f"compensate=True needs a method that reads the activation Gram (whiten, fisher_whiten); "
                              f"method={self.method!r} does not")
 
-    def _validate_mlp_pruning(self) -> None:
-        if self.mlp_pruning is not None and not isinstance(self.mlp_pruning, bool):
-            raise ValueError(f"mlp_pruning={self.mlp_pruning!r} must be True, False or None (on in sequential mode)")
-        if not self.mlp_pruning:
+    def _validate_pruning(self, name: str) -> None:
+        """``mlp_pruning`` / ``attention_pruning``: a bool (or None), with a Gram method."""
+        value = getattr(self, name)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True, False or None (on in sequential mode)")
+        if not value:
             return
-        if self.sequential is False:
-            raise ValueError("mlp_pruning=True chooses each MLP's channels block by block: it needs sequential=True")
         from .solvers import solver_for
         from .statistics.names import GRAM
 
         if self.method is not None and GRAM not in solver_for(self).needs_for(self.method_options()):
-            raise ValueError(f"mlp_pruning=True reads the MLP's activation Gram, which only whiten and fisher_whiten "
-                             f"collect; method={self.method!r} does not: choose one of those or --no-mlp-pruning")
+            flag = "--no-" + name.replace("_", "-")
+            raise ValueError(f"{name}=True reads activation Grams, which only whiten and fisher_whiten collect; "
+                             f"method={self.method!r} does not: choose one of those or {flag}")
 
     def _validate_speed_limit(self) -> None:
         speed = self.max_kept_ratio_for_speed

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from .runtime.factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
 from .runtime.factorized_linear import FactorizedLinear
-from .runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY
+from .attention_pruning import rotary_index
+from .runtime.modeling_wsvd import ATTENTION_KEY, BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, attention_layout, cut_shape
 
 # config attributes a factorized checkpoint adds to its base config
 _WSVD_KEYS = (RECIPE_KEY, BASE_TYPE_KEY, "auto_map")
@@ -58,6 +59,41 @@ def _check_pruned_shapes(model: PreTrainedModel, skeleton: PreTrainedModel) -> N
                              "the Auto classes")
 
 
+def _uncut_attention(model: PreTrainedModel, key: str, entry: dict) -> None:
+    """Give the attention ``key`` cut by attention pruning its dense head size back, computing the
+    same function: each head's cut query/key features return to their rotary positions (or take
+    the first ones) and its values and output columns the first ones, zeros elsewhere."""
+    prefix = f"{model.base_model_prefix}." if hasattr(model, model.base_model_prefix) else ""
+    attention = model.get_submodule(prefix + key)
+    dense, cut = entry["dense_head_dim"], entry["head_dim"]
+    first = torch.arange(cut)
+    query_key = rotary_index(entry["rotary"], dense) if entry.get("rotary") else first
+    for role, name in zip("qkvo", entry["projections"]):
+        old = model.get_submodule(prefix + name)
+        in_features, out_features = cut_shape(role, (old.in_features, old.out_features), dense, cut)
+        layer = torch.nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
+                                dtype=old.weight.dtype)
+        place = (query_key if role in "qk" else first).to(old.weight.device)
+        with torch.no_grad():
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+            if role == "o":
+                layer.weight.view(out_features, -1, dense)[:, :, place] = old.weight.view(out_features, -1, cut)
+                if old.bias is not None:
+                    layer.bias.copy_(old.bias)
+            else:
+                layer.weight.view(-1, dense, in_features)[:, place] = old.weight.view(-1, cut, in_features)
+                if old.bias is not None:
+                    layer.bias.view(-1, dense)[:, place] = old.bias.view(-1, cut)
+        model.set_submodule(prefix + name, layer)
+    setattr(attention, attention_layout(attention)[2], dense)
+    del attention.wsvd_dense_head_dim
+    if entry.get("rotary"):
+        attention.wsvd_rotary_hook.remove()
+        del attention.wsvd_rotary_hook, attention._buffers["wsvd_rotary_index"]
+
+
 def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedModel:
     """Turn a factorized model back into an instance of its stock class, in place: every factorized
     module becomes the module type the stock class builds there (``nn.Linear``, ``Conv1D`` or
@@ -72,6 +108,8 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     # The stock class on the meta device tells which module type each factorized name had.
     with torch.device("meta"):
         skeleton = stock_class(stock_config_class.from_dict(stock))
+    for key, entry in getattr(config, RECIPE_KEY).get(ATTENTION_KEY, {}).items():
+        _uncut_attention(model, key, entry)
     _check_pruned_shapes(model, skeleton)
     factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):

@@ -196,11 +196,11 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
 
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
     """The trainable weights' modules of the compressed layers: each ``FactorizedLinear``'s two
-    factors, and the linears cut by MLP pruning (full module names)."""
+    factors, and the linears cut by MLP or attention pruning (full module names)."""
     from .checkpoint import recipe_of
-    from .runtime.modeling_wsvd import relative_module_name
+    from .runtime.modeling_wsvd import relative_module_name, reshaped_layers
 
-    pruned = (recipe_of(model.config) or {}).get("pruned", {})
+    pruned = reshaped_layers(recipe_of(model.config) or {})
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):

@@ -44,6 +44,16 @@ def ridged(gram: torch.Tensor, ridge: float, device: torch.device) -> tuple[torc
     return gram, ridge * (scale if scale > 0 else 1.0)
 
 
+def refitted(reference: torch.Tensor, start: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+             lam: float) -> torch.Tensor:
+    """argmin over W' of ‖R·x_d − W'·x‖² + λ‖W' − W₀‖² = (R·M + λ·W₀)·(C + λI)⁻¹ in float64: the
+    weight W' (out × in) whose outputs on the inputs x (Gram C = E[x xᵀ]) best match those of
+    ``reference`` R on the inputs x_d (cross moment M = E[x_d xᵀ]), pulled toward ``start`` W₀."""
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    target = reference.double() @ cross.double() + lam * start.double()
+    return torch.linalg.solve(gram.double() + lam * eye, target.T).T
+
+
 def _gram(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The float64 Gram matrix of ``matrix``'s smaller side, and whether that side is the rows
     (M·Mᵀ) or the columns (Mᵀ·M)."""

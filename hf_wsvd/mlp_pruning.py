@@ -25,17 +25,19 @@ import torch
 from torch import nn
 
 from .allocation import round_rank
-from .linalg import ridged
+from .linalg import refitted, ridged
 
 # Steps of the greedy channel order: one channel a step costs n rank-1 updates of an n × n matrix
 # (hours for a 70B model's 28672 channels), 256 steps about one Cholesky.
 ORDER_STEPS = 256
 
-# (producers, consumer) child names of the MLPs found: Llama, Mistral, Qwen2, Gemma (gated); OPT,
-# Phi (fc1/fc2).
+# (producers, consumer) paths of the MLPs found, relative to a common parent: Llama, Mistral, Qwen2,
+# Gemma (gated); OPT, Phi (fc1/fc2); BERT, RoBERTa (intermediate.dense -> output.dense, an element-wise
+# activation inside BertIntermediate).
 MLP_LAYOUTS = (
     (("gate_proj", "up_proj"), "down_proj"),
     (("fc1",), "fc2"),
+    (("intermediate.dense",), "output.dense"),
 )
 
 
@@ -58,11 +60,10 @@ def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
     matching intermediate size, in name order."""
     pairs = []
     for name in sorted(shapes):
-        parent, _, child = name.rpartition(".")
         for producers, consumer in MLP_LAYOUTS:
-            if child != consumer:
+            if name != consumer and not name.endswith("." + consumer):
                 continue
-            prefix = f"{parent}." if parent else ""
+            prefix = name[: len(name) - len(consumer)]
             names = tuple(prefix + p for p in producers)
             channels = shapes[name][0]
             if all(n in shapes and shapes[n][1] == channels for n in names):
@@ -108,9 +109,7 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     cross = gram if cross is None else cross.double().to(weight.device)
     kept = _channel_order(weight, gram, lam)[:keep].sort().values
     dense = weight.double()
-    target = dense @ cross[:, kept] + lam * dense[:, kept]
-    eye = torch.eye(keep, dtype=gram.dtype, device=gram.device)
-    refit = torch.linalg.solve(gram[kept][:, kept] + lam * eye, target.T).T
+    refit = refitted(dense, dense[:, kept], gram[kept][:, kept], cross[:, kept], lam)
     if not torch.isfinite(refit).all():
         raise FloatingPointError("the refitted MLP consumer is not finite: check the layer's weights and statistics "
                                  "for NaN/inf, or raise compensation_ridge")

@@ -53,14 +53,15 @@ def _sequential(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
 
 
 def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
-    # Compensation fits each layer through its input Gram, MLP pruning chooses channels on it: the
-    # methods that read one can use them.
+    # Compensation fits each layer through its input Gram, MLP and attention pruning choose what
+    # they keep on it: the methods that read one can use them.
     return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
 
 
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential,
-                          "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence}
+                          "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
+                          "attention_pruning": _reads_gram_in_sequence}
 
 
 def is_causal_lm(model: nn.Module) -> bool:

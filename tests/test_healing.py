@@ -25,9 +25,9 @@ def _compressed():
     teacher = tiny.build("llama", initializer_range=0.3)
     blocks = _blocks(16)
     loader = torch.utils.data.DataLoader([{**b, "labels": b["input_ids"]} for b in blocks], batch_size=4)
-    # Factorized MLPs: healing of pruned ones is tested in test_mlp_pruning.py.
+    # Factorized layers: healing of pruned ones is tested in test_mlp_pruning.py.
     student, _ = compress(copy.deepcopy(teacher), WSVDConfig(method="whiten", param_ratio=0.4, rank_multiple=1,
-                                                             mlp_pruning=False),
+                                                             mlp_pruning=False, attention_pruning=False),
                           loader, show_progress=False)
     return teacher, student
 

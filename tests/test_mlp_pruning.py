@@ -103,7 +103,8 @@ def test_the_consumers_weights_choose_the_channels():
 def _pruned_model(compensate: bool = True, ratio: float = 0.6, allocation: str = "uniform"):
     model, loader, _, _ = case_inputs("llama_causal_lm", 12, 4)
     config = WSVDConfig(method="fisher_whiten", param_ratio=ratio, sequential=True, compensate=compensate,
-                        rank_multiple=1, mlp_pruning=True, allocation=allocation)
+                        rank_multiple=1, mlp_pruning=True, allocation=allocation,
+                        attention_pruning=False)
     dense = copy.deepcopy(model)
     model, report = compress(model, config, loader, show_progress=False)
     return dense, model, report, loader
@@ -141,7 +142,8 @@ def test_greedy_allocation_spends_one_budget_on_ranks_and_channels():
 def test_an_mlp_below_one_step_of_rank_multiple_stays_whole():
     _, loader, _, _ = case_inputs("llama_causal_lm", 8, 4)
     model = tiny.build("llama", intermediate_size=6)  # 6 channels: not one step of rank_multiple=8
-    config = WSVDConfig(method="fisher_whiten", param_ratio=0.6, sequential=True, mlp_pruning=True, rank_multiple=8)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.6, sequential=True, mlp_pruning=True, rank_multiple=8,
+                        attention_pruning=False)
     model, report = compress(model, config, loader, show_progress=False)
     assert not report.pruned and report.ranks
     assert model.model.layers[0].mlp.down_proj.in_features == 6
@@ -151,7 +153,7 @@ def test_uniform_pruning_ignores_the_factorization_speed_limit():
     """max_kept_ratio_for_speed keeps slow factorized layers dense; it says nothing of pruned MLPs."""
     model, loader, _, _ = case_inputs("llama_causal_lm", 8, 4)
     config = WSVDConfig(method="fisher_whiten", param_ratio=0.8, allocation="uniform", sequential=True,
-                        mlp_pruning=True, rank_multiple=1, max_kept_ratio_for_speed=0.5)
+                        mlp_pruning=True, rank_multiple=1, max_kept_ratio_for_speed=0.5, attention_pruning=False)
     _, report = compress(model, config, loader, show_progress=False)
     assert len(report.pruned_mlps) == 2 and not report.ranks
 
@@ -263,7 +265,6 @@ def test_healing_trains_the_pruned_linears_and_keeps_their_shapes(lora_rank):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="fisher_whiten", sequential=False, mlp_pruning=True), "needs sequential=True"),
     (dict(method="asvd", sequential=True, compensate=False, mlp_pruning=True), "only whiten and fisher_whiten"),
     (dict(mlp_pruning="yes"), "mlp_pruning='yes'"),
 ])

@@ -13,10 +13,11 @@ from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
 from hf_wsvd.solvers import SOLVERS
 
-# Recipes beyond one method each (whose defaults for whiten and fisher_whiten prune the MLPs): the
-# LLM recipe with compensation and factorized MLPs, and greedy allocation.
+# Recipes beyond one method each (whose defaults for whiten and fisher_whiten prune the MLPs and cut
+# the attentions): the LLM recipe with compensation and factorized layers, and greedy allocation.
 EXTRA = {"fisher_whiten-sequential-compensated": ["--method", "fisher_whiten", "--sequential", "--compensate",
-                                                  "--allocation", "greedy", "--no-mlp-pruning"],
+                                                  "--allocation", "greedy", "--no-mlp-pruning",
+                                                  "--no-attention-pruning"],
          "whiten-greedy": ["--method", "whiten", "--allocation", "greedy"]}
 RECIPES = {**{m: ["--method", m] for m in sorted(SOLVERS)}, **EXTRA}
 
@@ -42,10 +43,14 @@ def test_every_recipe_compresses_qwen2_from_the_cli_and_reloads(dense_and_text):
         assert code == 0, name
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
         counts[name] = sum(isinstance(m, FactorizedLinear) for m in model.modules())
-        assert counts[name] > 0, name
         assert model.config.wsvd["method"] == flags[1]
-        pruned = model.model.layers[0].mlp.down_proj.in_features < 64
-        assert pruned == (flags[1] in ("whiten", "fisher_whiten") and "--no-mlp-pruning" not in flags), name
+        gram = flags[1] in ("whiten", "fisher_whiten")
+        pruned = any(layer.mlp.down_proj.in_features < 64 for layer in model.model.layers)
+        assert pruned == (gram and "--no-mlp-pruning" not in flags), name
+        # Greedy allocation decides whether an attention is cut; the recipe says whether it may be.
+        assert model.config.wsvd["attention_pruning"] == (gram and "--no-attention-pruning" not in flags), name
+        cut = any(layer.self_attn.head_dim < 8 for layer in model.model.layers)
+        assert counts[name] > 0 or pruned or cut, name
         with torch.no_grad():
             assert torch.isfinite(model(**tiny.inputs("qwen2")).logits).all(), name
     result = run_without_hf_wsvd(f"""

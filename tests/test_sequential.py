@@ -33,7 +33,7 @@ def test_full_rank_reproduces_the_logits(case, monkeypatch):
     # float64 decompositions: the tiny calibration set leaves the Gram nearly singular, and undoing
     # the whitening amplifies a float32 SVD's rounding in the directions the data never excites.
     config = WSVDConfig(method="whiten", allocation="uniform", sequential=True, compute_dtype="float64",
-                        mlp_pruning=False)
+                        mlp_pruning=False, attention_pruning=False)
     model, report = compress(model, config, loader, show_progress=False)
     assert len(report.ranks) == len(_factors(model)) > 0
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_statistics_come_from_the_compressed_blocks():
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     config = WSVDConfig(method="whiten", param_ratio=0.5, allocation="uniform", sequential=False)
     whole, whole_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    seq, seq_report = compress(model, replace(config, sequential=True, compensate=False, mlp_pruning=False), loader,
+    seq, seq_report = compress(model, replace(config, sequential=True, compensate=False, mlp_pruning=False, attention_pruning=False), loader,
                                show_progress=False)
     assert seq_report.ranks == whole_report.ranks
     a, b = _factors(whole), _factors(seq)
@@ -62,7 +62,7 @@ def test_uniform_ranks_are_rounded_before_the_speed_limit_as_in_whole_model_mode
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     options = dict(method="whiten", param_ratio=0.601, max_kept_ratio_for_speed=0.55, rank_multiple=8, allocation="uniform")
     _, whole = compress(copy.deepcopy(model), WSVDConfig(**options, sequential=False), loader, show_progress=False)
-    _, seq = compress(model, WSVDConfig(**options, sequential=True, mlp_pruning=False), loader, show_progress=False)
+    _, seq = compress(model, WSVDConfig(**options, sequential=True, mlp_pruning=False, attention_pruning=False), loader, show_progress=False)
     assert seq.ranks == whole.ranks and whole.ranks and all(r % 8 == 0 for r in whole.ranks.values())
 
 
@@ -71,7 +71,7 @@ def test_greedy_ranks_are_planned_on_the_dense_model():
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, allocation="greedy", sequential=False)
     _, whole = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    seq, report = compress(model, replace(config, sequential=True, mlp_pruning=False), loader, show_progress=False)
+    seq, report = compress(model, replace(config, sequential=True, mlp_pruning=False, attention_pruning=False), loader, show_progress=False)
     assert report.ranks == whole.ranks and len(set(report.ranks.values())) > 1
     assert report.params_after == whole.params_after
     assert seq.config.wsvd["ranks"] == report.ranks

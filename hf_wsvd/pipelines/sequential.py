@@ -23,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..blocks import block_list, first_output, input_device, outside_blocks_on, placed, split_hidden, without_cache
-from ..mlp_pruning import MlpPair, find_pairs, kept_channels
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from . import compensation, register_pipeline
-from .step import (Job, candidates, channel_spectra, gradient_pass, greedy_allocation, prune_and_swap, require_data,
-                   solve_and_swap, spectra, uniform)
+from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
+                   prune_and_swap, refit_cut_output, require_data, solve_and_swap, spectra, uniform, uniform_channels,
+                   unit_key)
 
 
 class _Captured(Exception):
@@ -117,23 +117,25 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
                     _run(block, inputs, block_device)
 
 
-def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], pairs: list[MlpPair],
-                channels: dict[str, int]) -> None:
-    """Factorize (and prune the MLPs of ``pairs``) block by block with compensation
+def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: Cuts, channels: dict[str, int]) -> None:
+    """Factorize (and cut the MLPs and attentions of ``cuts``) block by block with compensation
     (``hf_wsvd.pipelines.compensation``): two streams of hidden states advance together, the dense
     model's and the compressed model's, and within a block each stage of layers is fitted to a
-    dense copy of the block before the next stage's inputs are taken."""
+    dense copy of the block before the next stage's inputs are taken. An attention is cut at the
+    stage of its q/k/v projections (its output projection's statistics taken in the same pass),
+    and its output projection refitted at its own stage."""
     processes = job.accelerator.num_processes
     if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
         raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
                          f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
-    _, consumers = _members(pairs)
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     with outside_blocks_on(job.model, prefix, device):
         current = _capture(job, blocks[0])
     dense = [(hidden.clone(), kwargs, mask) for hidden, kwargs, mask in current]
     show = job.show_progress and job.accelerator.is_local_main_process
+    by_query = {group.q: group for group in cuts.attentions}
+    outputs = {group.o for group in cuts.attentions}
     for index, (block, names) in enumerate(zip(tqdm(blocks, desc="blocks (compensated)", disable=not show), groups)):
         with placed(block, device) as block_device:
             if not names:
@@ -146,28 +148,24 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], pairs:
             paths = {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names}
             hidden, kwargs, _ = current[0]
             for stage in compensation.stages(reference, paths, hidden.to(block_device), kwargs):
-                # An MLP's producers are cut when its consumer's stage comes: they need no statistics.
-                fitted = [n for n in stage if n in ranks or n in consumers]
-                if not fitted:
+                # An MLP's producers are cut when its consumer's stage comes, an attention's o with
+                # its q/k/v: they need no statistics of their own then.
+                fitted = [n for n in stage if n in ranks or n in cuts.consumers]
+                attentions = [by_query[n] for n in stage if n in by_query]
+                refit = [n for n in stage if n in outputs and n not in (g.o for g in attentions)]
+                observed = fitted + [n for g in attentions for n in g.members] + refit
+                if not observed:
                     continue
                 stats = job.statistics.merged(compensation.paired_statistics(
-                    reference, block, {n: paths[n] for n in fitted}, dense, current, block_device, job.accelerator))
+                    reference, block, {n: paths[n] for n in observed}, dense, current, block_device, job.accelerator))
                 solve_and_swap(job, {n: ranks[n] for n in fitted if n in ranks}, stats, progress=False)
-                prune_and_swap(job, [consumers[n] for n in fitted if n in consumers], channels, stats)
+                prune_and_swap(job, [cuts.consumers[n] for n in fitted if n in cuts.consumers], channels, stats)
+                cut_attentions_and_swap(job, attentions, channels, stats)
+                for name in refit:
+                    refit_cut_output(job, name, reference.get_submodule(paths[name]), stats)
             _run(reference, dense, block_device)
             del reference
             _run(block, current, block_device)
-
-
-def _pairs(job: Job) -> list[MlpPair]:
-    """The MLPs among the targets whose layers are all ``nn.Linear``."""
-    return [pair for pair in find_pairs(job.shapes(job.targets))
-            if all(type(job.module(n)) is torch.nn.Linear for n in pair.members)]
-
-
-def _members(pairs: list[MlpPair]) -> tuple[set[str], dict[str, MlpPair]]:
-    """The layers of ``pairs``, and each pair by its consumer."""
-    return {name for pair in pairs for name in pair.members}, {pair.consumer: pair for pair in pairs}
 
 
 @register_pipeline("sequential")
@@ -176,38 +174,40 @@ def run(job: Job) -> dict[str, int]:
     require_data(job)
     job.model.eval()
     prefix, blocks = block_list(job.model)
-    pairs = _pairs(job) if job.config.mlp_pruning else []
-    paired, consumers = _members(pairs)
-    shapes = candidates(job, skip=frozenset(paired))  # the layers to factorize
+    cuts = Cuts.of(job)
+    shapes = candidates(job, skip=frozenset(cuts.members))  # the layers to factorize
     in_block = [[n for n in sorted(job.targets) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
-    gradient_pass(job, [*shapes, *consumers])  # a consumer's loss weighs its MLP's channels
+    gradient_pass(job, [*shapes, *sorted(cuts.observed())])  # a consumer's loss weighs its MLP's channels
 
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes) if shapes else {}
-            channels = {c: kept_channels(p.channels, job.config.param_ratio, job.config.rank_multiple)
-                        for c, p in consumers.items()}
+            channels = {unit_key(group): uniform_channels(job, group) for group in cuts.groups}
         else:
             values, weights = {}, {}
-            planned = [[n for n in names if n in shapes or n in consumers] for names in in_block]
+            observed = cuts.observed()
+            planned = [[n for n in names if n in shapes or n in observed] for names in in_block]
             for names, stats in _stream(job, planned, refresh=False, desc="planning"):
-                layers, mlps = [n for n in names if n in shapes], [consumers[n] for n in names if n in consumers]
+                layers = [n for n in names if n in shapes]
                 for group_values, group_weights in (spectra(job, layers, stats) if layers else ({}, {}),
-                                                    channel_spectra(job, mlps, stats)):
+                                                    channel_spectra(job, cuts.in_block(names), stats)):
                     values.update(group_values)
                     weights.update(group_weights or {})
-            ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None, pairs)
-    pairs = [pair for pair in pairs if channels[pair.consumer] < pair.channels]  # the others stay dense
-    paired, consumers = _members(pairs)
+            ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None,
+                                                cuts.groups)
+    cuts = cuts.kept(channels)
+    members = cuts.members
     with job.timed("factorize"):
         if job.config.compensate:
-            _compensate(job, [[n for n in names if n in ranks or n in paired] for names in in_block], ranks, pairs,
+            _compensate(job, [[n for n in names if n in ranks or n in members] for names in in_block], ranks, cuts,
                         channels)
         else:
-            for names, stats in _stream(job, [[n for n in names if n in ranks or n in consumers] for names in in_block],
+            observed = cuts.observed()
+            for names, stats in _stream(job, [[n for n in names if n in ranks or n in observed] for names in in_block],
                                         refresh=True, desc="blocks"):
                 solve_and_swap(job, {n: ranks[n] for n in names if n in ranks}, stats, progress=False)
-                prune_and_swap(job, [consumers[n] for n in names if n in consumers], channels, stats)
-    if not ranks and not pairs:
+                prune_and_swap(job, [cuts.consumers[n] for n in names if n in cuts.consumers], channels, stats)
+                cut_attentions_and_swap(job, [g for g in cuts.attentions if g.q in names], channels, stats)
+    if not ranks and not cuts.groups:
         raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any target layer; lower it to compress")
     return ranks

@@ -21,8 +21,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..allocation import Budgeted, drop_slow_layers, greedy_ranks, uniform_ranks
+from ..attention_pruning import (AttentionGroup, CutAttention, attention_groups, cut_attention, cut_bias, cut_linear,
+                                 head_spectrum)
 from ..blocks import hooked
-from ..mlp_pruning import MlpPair, channel_spectrum, select_channels, shrunk
+from ..linalg import refitted, ridged
+from ..mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels, shrunk
+from ..runtime.modeling_wsvd import cut_heads, cut_shape
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
 from ..statistics import GRADIENT_STATISTICS, GRAM, INPUT_STATISTICS, Statistics, gradient_statistics
@@ -50,6 +54,8 @@ class Job:
     show_progress: bool = True
     # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
+    attention: dict[str, dict] = field(default_factory=dict)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -196,46 +202,132 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
     return values, (weights if job.solver.loss_scale is not None else None)
 
 
+Cut = MlpPair | AttentionGroup  # a module group compressed by keeping some of its channels
+
+
+class Cuts:
+    """The module groups a recipe compresses by keeping channels: MLPs (``mlp_pruning``) and
+    attentions (``attention_pruning``)."""
+
+    def __init__(self, pairs: list[MlpPair], attentions: list[AttentionGroup]) -> None:
+        self.pairs, self.attentions = pairs, attentions
+        self.consumers = {pair.consumer: pair for pair in pairs}
+
+    @classmethod
+    def of(cls, job: Job) -> "Cuts":
+        """The groups of the job's targets the recipe cuts, whose layers are all ``nn.Linear``."""
+        def plain(group: Cut) -> bool:
+            return all(type(job.module(n)) is torch.nn.Linear for n in group.members)
+
+        pairs = find_pairs(job.shapes(job.targets)) if job.config.mlp_pruning else []
+        attentions = attention_groups(job.model, job.targets) if job.config.attention_pruning else []
+        return cls([p for p in pairs if plain(p)], [a for a in attentions if plain(a)])
+
+    @property
+    def groups(self) -> list[Cut]:
+        return [*self.pairs, *self.attentions]
+
+    @property
+    def members(self) -> set[str]:
+        return {name for group in self.groups for name in group.members}
+
+    def observed(self) -> set[str]:
+        """The layers whose statistics price and cut the groups: MLP consumers, attention projections."""
+        return set(self.consumers) | {name for group in self.attentions for name in group.members}
+
+    def in_block(self, names: list[str]) -> list[Cut]:
+        """The groups whose channels are priced from the layers ``names``."""
+        return [g for g in self.groups if (g.consumer if isinstance(g, MlpPair) else g.o) in names]
+
+    def kept(self, channels: dict[str, int]) -> "Cuts":
+        """The groups that keep fewer channels than they have (the others stay dense)."""
+        return Cuts([p for p in self.pairs if channels[unit_key(p)] < p.channels],
+                     [a for a in self.attentions if channels[unit_key(a)] < a.channels])
+
+
+def unit_key(group: Cut) -> str:
+    """The name a cut group goes by in allocation and spectra: an MLP's consumer, an attention's name."""
+    return group.consumer if isinstance(group, MlpPair) else group.name
+
+
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
-                      weights: dict[str, float] | None, pairs: Sequence[MlpPair] = ()) -> tuple[dict[str, int], dict[str, int]]:
-    """(ranks, kept channels of each MLP of ``pairs`` by consumer) under one global budget
-    (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped. ``values`` holds
-    the layers' spectra and the MLPs' channel spectra."""
+                      weights: dict[str, float] | None, groups: Sequence[Cut] = ()) -> tuple[dict[str, int], dict[str, int]]:
+    """(ranks, kept channels of each group of ``groups`` by ``unit_key``: an MLP's intermediate
+    channels, an attention's head dimensions) under one global budget (``allocation="greedy"``)
+    in steps of ``rank_multiple``, slow layers dropped. ``values`` holds the layers' spectra and
+    the groups' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
-                         {pair.consumer: channel_budget(job, pair) for pair in pairs})
-    # An MLP too small for one step of rank_multiple channels is not in ``units``: it stays whole.
-    channels = {pair.consumer: units.pop(pair.consumer, pair.channels) for pair in pairs}
+                         {unit_key(group): channel_budget(job, group) for group in groups})
+    # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
+    channels = {unit_key(group): _even(group, units.pop(unit_key(group), group.channels)) for group in groups}
     return drop_slow_layers(units, shapes, job.config.max_kept_ratio_for_speed), channels
 
 
-def channel_budget(job: Job, pair: MlpPair) -> Budgeted:
-    """An MLP as the greedy allocation sees it: one channel costs its producer rows and its
-    consumer column."""
-    unit = sum(linear_shape(job.module(n))[0] for n in pair.producers) + linear_shape(job.module(pair.consumer))[1]
-    return Budgeted(unit, unit * pair.channels, pair.channels)
+def _even(group: Cut, channels: int) -> int:
+    """An attention keeps whole rotary pairs: an even number of head dimensions."""
+    return channels if isinstance(group, MlpPair) else max(2, channels - channels % 2)
 
 
-def channel_spectra(job: Job, pairs: list[MlpPair], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each MLP's channel spectrum (``hf_wsvd.mlp_pruning.channel_spectrum``, keyed by consumer)
-    and, for methods with a loss scale, the absolute weight of its loss: the consumer's, as if it
-    were factorized. Split between processes like the layers' spectra, then shared."""
-    consumers = [pair.consumer for pair in pairs]
-    owner = owners(job, consumers)
+def uniform_channels(job: Job, group: Cut) -> int:
+    """The channels ``group`` keeps under uniform allocation: ``param_ratio`` of them, rounded."""
+    return _even(group, kept_channels(group.channels, job.config.param_ratio, job.config.rank_multiple))
+
+
+def channel_budget(job: Job, group: Cut) -> Budgeted:
+    """A cut group as the greedy allocation sees it: an MLP channel costs its producer rows and
+    its consumer column; an attention head dimension its rows of q/k/v (with their biases) in every
+    head and its columns of o."""
+    if isinstance(group, MlpPair):
+        unit = sum(linear_shape(job.module(n))[0] for n in group.producers) + linear_shape(job.module(group.consumer))[1]
+        return Budgeted(unit, unit * group.channels, group.channels)
+    unit = 0
+    for name in group.members:
+        module = job.module(name)
+        bias = module.bias is not None and name != group.o  # o's bias does not shrink
+        unit += (module.weight.numel() + (module.bias.numel() if bias else 0)) // group.head_dim
+    return Budgeted(unit, unit * group.head_dim, group.head_dim)
+
+
+def loss_scale(job: Job, layer: LayerProblem) -> float:
+    """The method's loss scale of ``layer`` (1 for a method without one)."""
+    return job.solver.loss_scale(layer) if job.solver.loss_scale is not None else 1.0
+
+
+def _group_spectrum(job: Job, group: Cut, stats: Statistics) -> tuple[torch.Tensor, float | None]:
+    """A cut group's channel spectrum and, for methods with a loss scale, its absolute loss: an
+    MLP's channels weigh its consumer's loss as if it were factorized (``mlp_pruning``); an
+    attention's head dimensions carry their predicted losses (``attention_pruning``)."""
+    if isinstance(group, MlpPair):
+        layer = problem(job, group.consumer, stats)
+        values = channel_spectrum(layer.weight, stats.get(group.consumer, GRAM), job.config.compensation_ridge)
+        return values, layer_spectrum(job.solver, layer)[1] if job.solver.loss_scale is not None else None
+    q, k, o = (problem(job, n, stats) for n in (group.q, group.k, group.o))
+    values = head_spectrum(group, q, k, o, (loss_scale(job, q), loss_scale(job, k), loss_scale(job, o)))
+    return values, float(values.square().sum()) if job.solver.loss_scale is not None else None
+
+
+def channel_spectra(job: Job, groups: Sequence[Cut], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each cut group's channel spectrum and loss weight (``_group_spectrum``), keyed by
+    ``unit_key``; split between processes like the layers' spectra, then shared."""
+    keys = {unit_key(group): group for group in groups}
+    owner = owners(job, [_solve_owner(group) for group in groups])
     values, weights = {}, {}
-    for name in consumers:
-        if owner[name] == job.accelerator.process_index:
-            layer = problem(job, name, stats)
-            values[name] = channel_spectrum(layer.weight, stats.get(name, GRAM), job.config.compensation_ridge)
-            if job.solver.loss_scale is not None:
-                weights[name] = layer_spectrum(job.solver, layer)[1]
+    for key, group in keys.items():
+        if owner[_solve_owner(group)] == job.accelerator.process_index:
+            values[key], weights[key] = _group_spectrum(job, group, stats)
     if job.accelerator.num_processes > 1:
-        for pair in pairs:
-            name = pair.consumer
-            values[name] = _broadcast(job, values.get(name), (pair.channels,), torch.float64, owner[name])
+        for key, group in keys.items():
+            source = owner[_solve_owner(group)]
+            values[key] = _broadcast(job, values.get(key), (group.channels,), torch.float64, source)
             if job.solver.loss_scale is not None:
-                weight = torch.tensor(weights[name], dtype=torch.float64) if name in weights else None
-                weights[name] = float(_broadcast(job, weight, (), torch.float64, owner[name]))
-    return values, weights
+                weight = torch.tensor(weights[key], dtype=torch.float64) if key in weights else None
+                weights[key] = float(_broadcast(job, weight, (), torch.float64, source))
+    return values, {k: w for k, w in weights.items() if w is not None}
+
+
+def _solve_owner(group: Cut) -> str:
+    """The layer whose cost places a cut group's work on a process: an MLP's consumer, an attention's o."""
+    return group.consumer if isinstance(group, MlpPair) else group.o
 
 
 def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress: bool) -> None:
@@ -287,6 +379,64 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
         cpu_offload(layer, execution_device=hook.execution_device)
     else:
         layer.to(hook.execution_device)
+
+
+def cut_attentions_and_swap(job: Job, groups: list[AttentionGroup], dims: dict[str, int], stats: Statistics) -> None:
+    """Cut each attention of ``groups`` to ``dims[name]`` head dimensions chosen on its statistics
+    (``hf_wsvd.attention_pruning``; compensated, from the compensated q/k/v weights), swap in the
+    smaller projections where they live and record the cut in ``job.attention``. Each attention is
+    solved by one process and shared."""
+    owner = owners(job, [group.o for group in groups])
+    for group in groups:
+        keep, source = dims[group.name], owner[group.o]
+        cut = None
+        if source == job.accelerator.process_index:
+            q, k, v, o = (problem(job, n, stats) for n in group.members)
+            cut = cut_attention(group, q, k, v, o, keep, (loss_scale(job, q), loss_scale(job, k), loss_scale(job, o)))
+        if job.accelerator.num_processes > 1:
+            cut = _broadcast_cut(job, group, keep, cut, source)
+        for role, name in zip("qkvo", group.members):
+            install(job, name, lambda module, role=role: cut_linear(
+                module, getattr(cut, role), cut_bias(group, cut, role, module.bias)))
+        cut_heads(job.model.get_submodule(job.targets[group.q].rpartition(".")[0]), keep, cut.rotary)
+        job.attention[group.name] = {"head_dim": keep, "dense_head_dim": group.head_dim,
+                                     "projections": list(group.members),
+                                     **({"rotary": list(cut.rotary)} if group.rotary else {})}
+
+
+def _broadcast_cut(job: Job, group: AttentionGroup, keep: int, cut: CutAttention | None, source: int) -> CutAttention:
+    """``cut`` as computed by process ``source``, on every process."""
+    tensors = {}
+    for role, name in zip("qkvo", group.members):
+        in_features, out_features = cut_shape(role, linear_shape(job.module(name)), keep, group.head_dim)
+        tensors[role] = _broadcast(job, getattr(cut, role) if cut else None, (out_features, in_features),
+                                   torch.float64, source)
+    maps = {role: _broadcast(job, cut.maps[role] if cut else None, (group.kv_heads, keep, group.head_dim),
+                             torch.float64, source) for role in "qkv"}
+    rotary = None
+    if group.rotary:
+        rotary = _broadcast(job, torch.tensor(cut.rotary) if cut else None, (keep // 2,), torch.int64, source).tolist()
+    return CutAttention(keep, rotary, **tensors, maps=maps)
+
+
+def refit_cut_output(job: Job, name: str, reference: torch.nn.Module, stats: Statistics) -> None:
+    """Compensation of a cut attention's output projection: refit it so that its outputs on the
+    cut attention's outputs match the dense ``reference`` projection's on the dense ones. Solved
+    by one process and shared."""
+    source = owners(job, [name])[name]
+    shape = linear_shape(job.module(name))
+    weight = None
+    if source == job.accelerator.process_index:
+        current = layer_weight(job, name)
+        with align_module_device(reference):
+            dense = linear_weight(reference).detach().to(current.device)
+        gram, lam = ridged(stats.get(name, GRAM), job.config.compensation_ridge, current.device)
+        weight = refitted(dense, current, gram, stats.get(name, CROSS).to(current.device), lam)
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError(f"the refitted {name!r} is not finite: raise compensation_ridge")
+    if job.accelerator.num_processes > 1:
+        weight = _broadcast(job, weight, (shape[1], shape[0]), torch.float64, source)
+    install(job, name, lambda module: cut_linear(module, weight, module.bias))
 
 
 def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], stats: Statistics) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from . import register_pipeline
-from .step import Job, candidates, gradient_pass, greedy_allocation, require_data, solve_and_swap, spectra, uniform
+from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
+                   prune_and_swap, require_data, solve_and_swap, spectra, uniform, uniform_channels, unit_key)
 
 
 @register_pipeline("whole_model")
@@ -15,18 +16,27 @@ def run(job: Job) -> dict[str, int]:
     require_data(job)
     if not is_dispatched(job.model):
         job.model.to(job.accelerator.device)
-    shapes = candidates(job)
-    gradient_pass(job, shapes)
-    if job.input_needs and not job.statistics.has(shapes, job.input_needs):
+    cuts = Cuts.of(job)
+    shapes = candidates(job, skip=frozenset(cuts.members))
+    observed = [*shapes, *sorted(cuts.observed())]
+    gradient_pass(job, observed)
+    if job.input_needs and not job.statistics.has(observed, job.input_needs):
         with job.timed("activations"):
             job.statistics = job.statistics.merged(input_statistics(
-                job.model, job.data, {n: job.module(n) for n in shapes}, job.input_needs, job.accelerator,
+                job.model, job.data, {n: job.module(n) for n in observed}, job.input_needs, job.accelerator,
                 job.show_progress))
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes)
+            channels = {unit_key(group): uniform_channels(job, group) for group in cuts.groups}
         else:
-            ranks, _ = greedy_allocation(job, shapes, *spectra(job, sorted(shapes), job.statistics))
+            values, weights = spectra(job, sorted(shapes), job.statistics) if shapes else ({}, {})
+            group_values, group_weights = channel_spectra(job, cuts.groups, job.statistics)
+            values, weights = {**values, **group_values}, ({**weights, **group_weights} if weights is not None else None)
+            ranks, channels = greedy_allocation(job, shapes, values, weights, cuts.groups)
+    cuts = cuts.kept(channels)
     with job.timed("factorize"):
         solve_and_swap(job, ranks, job.statistics, job.show_progress)
+        prune_and_swap(job, cuts.pairs, channels, job.statistics)
+        cut_attentions_and_swap(job, cuts.attentions, channels, job.statistics)
     return ranks

@@ -12,7 +12,12 @@ checkpoint (this file, ``factorized_linear.py`` and ``factorized_embedding.py``,
 ``save_pretrained``). With hf_wsvd imported, the Auto classes resolve it without remote code.
 
 Layers cut by MLP pruning are recorded with their shape (``pruned``) and rebuilt as ``nn.Linear``
-layers of that shape before the weights load.
+layers of that shape before the weights load. An attention cut by attention pruning is recorded
+under ``attention`` (its head size, the dense one, its four projections and, for a rotary
+attention, the kept rotary pairs): the projections are rebuilt at the cut size, the head size its
+forward reshapes with set, and for a rotary attention a forward pre-hook cuts the rotary tables it
+receives to the kept pairs. (Kept apart from ``pruned`` so that a loader that does not know
+attention pruning fails on the shapes instead of running the dense head size.)
 
 The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
 the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
@@ -40,6 +45,14 @@ CLASS_PREFIX = "Wsvd"
 # config.json keys: the compression recipe (with its per-module ranks) and the base model type.
 RECIPE_KEY = "wsvd"
 BASE_TYPE_KEY = "wsvd_base_model_type"
+# The recipe key of the attentions whose head dimension was cut, and the attentions that can be:
+# (q, k, v children of the attention module; its output projection, relative to the module's
+# parent, "{}" standing for the module's own name; the attribute its forward reshapes heads with).
+ATTENTION_KEY = "attention"
+ATTENTION_LAYOUTS = (
+    (("q_proj", "k_proj", "v_proj"), "{}.o_proj", "head_dim"),  # Llama, Mistral, Qwen2 (rotary)
+    (("query", "key", "value"), "output.dense", "attention_head_size"),  # BERT, RoBERTa
+)
 # Auto classes a factorized checkpoint can be loaded with, when its base architecture has them.
 AUTO_CLASSES = (
     "AutoModel",
@@ -111,15 +124,126 @@ def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
     return added
 
 
-def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None) -> None:
+def attention_layout(module: nn.Module) -> tuple[tuple[str, str, str], str, str] | None:
+    """The entry of ``ATTENTION_LAYOUTS`` that ``module`` follows (its q/k/v children plain linears,
+    an integer head-size attribute), else None."""
+    for projections, output, attribute in ATTENTION_LAYOUTS:
+        if all(type(getattr(module, p, None)) is nn.Linear for p in projections) \
+                and type(getattr(module, attribute, None)) is int:
+            return projections, output, attribute
+    return None
+
+
+def _cut_rotary(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a cut rotary attention: its rotary tables, to the kept pairs' features."""
+    if kwargs.get("position_embeddings") is None:
+        raise ValueError(f"{type(module).__name__} was called without position_embeddings: its head dimension was "
+                         "cut by attention pruning, which needs the rotary tables passed by keyword")
+    cos, sin = kwargs["position_embeddings"]
+    if cos.shape[-1] != module.wsvd_dense_head_dim:
+        raise ValueError(f"{type(module).__name__}: rotary tables of {cos.shape[-1]} features for a head dimension of "
+                         f"{module.wsvd_dense_head_dim}: attention pruning needs rotary over the whole head")
+    index = module.wsvd_rotary_index.to(cos.device)
+    return args, {**kwargs, "position_embeddings": (cos.index_select(-1, index), sin.index_select(-1, index))}
+
+
+def cut_shape(role: str, shape: tuple[int, int], head_dim: int, dense_head_dim: int) -> tuple[int, int]:
+    """The (in, out) of projection ``role`` (q, k, v: heads on the output side; o: on the input
+    side) of dense (in, out) ``shape`` once its heads keep ``head_dim`` of ``dense_head_dim``."""
+    in_features, out_features = shape
+    if role == "o":
+        return in_features // dense_head_dim * head_dim, out_features
+    return in_features, out_features // dense_head_dim * head_dim
+
+
+def cut_heads(attention: nn.Module, head_dim: int, rotary: list[int] | None) -> None:
+    """Set the head size the stock ``attention`` forward reshapes with to ``head_dim``; for a
+    rotary attention (``rotary``: the kept pairs) also cut the rotary tables it receives to the
+    kept pairs' features (``rotate_half`` layout: first halves, then second halves) with a forward
+    pre-hook. The projections are replaced apart."""
+    if hasattr(attention, "wsvd_dense_head_dim"):
+        raise ValueError(f"{type(attention).__name__}: its head dimension was already cut")
+    attribute = attention_layout(attention)[2]
+    dense = getattr(attention, attribute)
+    setattr(attention, attribute, head_dim)
+    attention.wsvd_dense_head_dim = dense
+    if rotary is None:
+        return
+    # Saved with the weights (transformers re-creates non-persistent buffers empty at load), and a
+    # loader that does not know it finds an unexpected tensor instead of running the dense head size.
+    index = torch.tensor(list(rotary) + [r + dense // 2 for r in rotary], dtype=torch.long, device="cpu")
+    attention.register_buffer("wsvd_rotary_index", index)
+    attention.wsvd_rotary_hook = attention.register_forward_pre_hook(_cut_rotary, with_kwargs=True)
+
+
+def _cut_attention_modules(model: nn.Module, prefix: str, key: str, entry: dict) -> None:
+    """Rebuild the attention ``key`` (base-model-relative; ``prefix`` + key is its full name) as
+    ``entry`` records it: its four projections uninitialised ``nn.Linear`` layers of the cut size,
+    its head size cut (``cut_heads``)."""
+    attention = model.get_submodule(prefix + key)
+    layout = attention_layout(attention)
+    dense = getattr(attention, layout[2]) if layout else None
+    names = entry["projections"]
+    modules = [model.get_submodule(prefix + n) if _has_module(model, prefix + n) else None for n in names]
+    if dense != entry["dense_head_dim"] or not all(type(m) is nn.Linear for m in modules) \
+            or (entry.get("rotary") and max(entry["rotary"]) >= dense // 2):
+        raise ValueError(f"config.json {RECIPE_KEY}[{ATTENTION_KEY!r}][{key!r}] records an attention of head dimension "
+                         f"{entry['dense_head_dim']} with projections {names}, but the module there is "
+                         f"{type(attention).__name__} (head size {dense}): the config was edited or belongs to another "
+                         "architecture")
+    for role, name, old in zip("qkvo", names, modules):
+        in_features, out_features = cut_shape(role, (old.in_features, old.out_features), entry["head_dim"], dense)
+        layer = nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
+                          dtype=old.weight.dtype)
+        layer.train(old.training)
+        model.set_submodule(prefix + name, layer)
+    cut_heads(attention, entry["head_dim"], entry.get("rotary"))
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def reshaped_layers(recipe: dict) -> set[str]:
+    """The base-model-relative names of the plain linears whose shape the recipe changed: the
+    layers cut by MLP pruning and the projections of the cut attentions."""
+    cut = {name for entry in recipe.get(ATTENTION_KEY, {}).values() for name in entry["projections"]}
+    return set(recipe.get("pruned", {})) | cut
+
+
+def dense_shape(recipe: dict, key: str, module: nn.Module) -> tuple[int, int] | None:
+    """The dense (in, out) of ``module``, the plain linear named ``key`` (base-model-relative),
+    when the recipe changed its shape; else None."""
+    entry = recipe.get("pruned", {}).get(key)
+    if entry is not None:
+        return tuple(entry["dense_shape"])
+    for entry in recipe.get(ATTENTION_KEY, {}).values():
+        if key in entry["projections"]:
+            role = "qkvo"[entry["projections"].index(key)]
+            return cut_shape(role, (module.in_features, module.out_features), entry["dense_head_dim"],
+                             entry["head_dim"])
+    return None
+
+
+def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None,
+                      attention: dict[str, dict] | None = None) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
-    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, and each linear named in
-    ``pruned`` by an uninitialised ``nn.Linear`` of its recorded shape, on the module's device and
-    dtype; then rebuild the modules tied to factorized embeddings on their factors."""
-    pruned = pruned or {}
+    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, each linear named in ``pruned``
+    by an uninitialised ``nn.Linear`` of its recorded shape, and cut the head dimension of each
+    attention named in ``attention`` (its projections rebuilt at the cut size, ``cut_heads``), on
+    the module's device and dtype; then
+    rebuild the modules tied to factorized embeddings on their factors."""
+    pruned, attention = pruned or {}, attention or {}
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
+        if key in attention:
+            matched.add(key)
+            _cut_attention_modules(model, name[: len(name) - len(key)], key, attention[key])
         if key in pruned:
             matched.add(key)
             model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
@@ -134,7 +258,7 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
     # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
     # another architecture.
     roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
-    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}}
+    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}, **{n: ATTENTION_KEY for n in attention}}
     unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
     if unknown or (recorded and not matched):
         name = (unknown or sorted(recorded))[0]
@@ -142,6 +266,30 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
             f"config.json {RECIPE_KEY}[{recorded[name]!r}] names {name!r}, which is no module of {type(model).__name__}: "
             "the config was edited or belongs to another architecture"
         )
+
+
+def check_attention(attention: object, where: str) -> dict[str, dict]:
+    """``attention`` after checking it maps names to ``{"head_dim": d', "dense_head_dim": d,
+    "projections": [q, k, v, o names], "rotary": [d'/2 distinct pair indices, ascending] (rotary
+    attentions only)}`` with 0 < d' ≤ d, even where rotary."""
+    if not isinstance(attention, dict):
+        raise ValueError(f"{where} must map each cut attention to its head dimensions; got {attention!r}")
+    for name, entry in attention.items():
+        values = [entry.get(k) if isinstance(entry, dict) else None
+                  for k in ("head_dim", "dense_head_dim", "projections", "rotary")]
+        head_dim, dense, projections, rotary = values
+        valid = (all(type(v) is int and v > 0 for v in (head_dim, dense)) and head_dim <= dense
+                 and isinstance(projections, list) and len(projections) == 4
+                 and all(isinstance(p, str) and p for p in projections))
+        if rotary is not None:
+            valid = valid and head_dim % 2 == 0 and dense % 2 == 0 and isinstance(rotary, list) \
+                and all(type(r) is int and r >= 0 for r in rotary) and len(rotary) == head_dim // 2 \
+                and rotary == sorted(set(rotary))
+        if not valid:
+            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'head_dim': d', 'dense_head_dim': d, 'projections': "
+                             "[q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary attentions)}} with "
+                             "0 < d' <= d, both even where rotary")
+    return attention
 
 
 def _empty_pruned(module: nn.Module, key: str, entry: dict) -> nn.Linear:
@@ -170,10 +318,11 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
     return pruned
 
 
-def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict]]:
-    """The ``ranks`` and ``pruned`` shapes of a factorized config after a minimal check of its
-    recipe and base type (this file cannot import hf_wsvd's full recipe validation): ranks a
-    name → positive int map, pruned (``check_pruned``), not both empty, ``method`` a string,
+def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict], dict[str, dict]]:
+    """The ``ranks``, ``pruned`` shapes and cut ``attention`` of a factorized config after a
+    minimal check of its recipe and base type (this file cannot import hf_wsvd's full recipe
+    validation): ranks a name → positive int map, pruned (``check_pruned``), attention
+    (``check_attention``), not all empty, ``method`` a string,
     ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base."""
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
@@ -181,12 +330,15 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
         raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
-    if not isinstance(ranks, dict) or not (ranks or pruned):
+    attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
+    if not isinstance(ranks, dict) or not (ranks or pruned or attention):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
                          f"the pruned layers); got ranks={ranks!r}")
-    both = sorted(set(ranks) & set(pruned))
+    cut = {name for entry in attention.values() for name in entry["projections"]}
+    both = sorted((set(ranks) & set(pruned)) | ((set(ranks) | set(pruned)) & cut))
     if both:
-        raise ValueError(f"{where} lists {both[0]!r} under both 'ranks' and 'pruned': the config was edited")
+        raise ValueError(f"{where} lists {both[0]!r} under more than one of 'ranks', 'pruned' and "
+                         f"{ATTENTION_KEY!r}: the config was edited")
     for name, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"{where}['ranks'][{name!r}]={rank!r} is not a positive integer")
@@ -200,7 +352,7 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
     if base is not None and recorded != base.model_type:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
                          f"({type(config).__name__}, model type {base.model_type!r})")
-    return ranks, pruned
+    return ranks, pruned, attention
 
 
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
@@ -211,9 +363,9 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
     tensors from the file at the right shape, no tensor in the file for a module of this class went
     unused (the factors of a module the recipe does not list), and those tensors are finite.
     ``info`` is the ``output_loading_info`` dict."""
-    pruned = getattr(model.config, RECIPE_KEY, {}).get("pruned", {})
+    reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
     factorized = {name: m for name, m in model.named_modules()
-                  if isinstance(m, FACTORIZED) or relative_module_name(model, name) in pruned}
+                  if isinstance(m, FACTORIZED) or relative_module_name(model, name) in reshaped}
     owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
     missing = sorted(k for k in info["missing_keys"] if k in owned)
     # A tensor of the wrong shape inside the base model, even under ignore_mismatched_sizes=True
@@ -233,8 +385,18 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
         owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
         if owner is not None:
             raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
-                             f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] (edited, or "
-                             "another checkpoint's config)")
+                             f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] or "
+                             f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
+    attention = getattr(model.config, RECIPE_KEY, {}).get(ATTENTION_KEY, {})
+    for name, module in model.named_modules():
+        entry = attention.get(relative_module_name(model, name))
+        index = getattr(module, "wsvd_rotary_index", None)
+        if entry is None or entry.get("rotary") is None or index is None or index.device.type == "meta":
+            continue
+        half = entry["dense_head_dim"] // 2
+        if index.tolist() != entry["rotary"] + [r + half for r in entry["rotary"]]:
+            raise ValueError(f"the tensor {name}.wsvd_rotary_index does not hold the rotary pairs config.json records "
+                             f"for {relative_module_name(model, name)!r}: the checkpoint was edited or is damaged")
     for name, module in factorized.items():
         for pname, tensor in module.named_parameters():
             if tensor.device.type != "meta" and not torch.isfinite(tensor).all():

@@ -1,0 +1,254 @@
+"""Attention pruning: each attention keeps d' of its head dimensions (whole rotary pairs for queries
+and keys, a weighted subspace per key/value head for values and outputs), its projections plain
+(smaller) linears, its cache smaller."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+import tiny
+from helpers import run_without_hf_wsvd
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, head_spectrum
+from hf_wsvd.cli import main
+from hf_wsvd.export import densify
+from hf_wsvd.runtime.modeling_wsvd import cut_heads
+from hf_wsvd.solvers import LayerProblem
+
+GEOMETRY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _data(seed: int = 0, batches: int = 4) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, 23, (2 * batches, 16), generator=generator)
+    return [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2]), "labels": ids[i:i + 2]}
+            for i in range(0, 2 * batches, 2)]
+
+
+def _compressed(arch: str = "llama", **config):
+    dense = tiny.build(arch, **GEOMETRY)
+    options = {"param_ratio": 0.7, "allocation": "uniform", "rank_multiple": 2, **config}
+    model, report = compress(copy.deepcopy(dense), WSVDConfig(**options), _data(), show_progress=False)
+    return dense, model, report
+
+
+def _problems(model, layer: int = 0):
+    """Problems of the four projections of ``layer``'s attention with the Grams of their inputs on
+    random token sequences."""
+    attention = model.model.layers[layer].self_attn
+    seen = {}
+    handles = [getattr(attention, f"{short}_proj").register_forward_pre_hook(
+        lambda module, args, short=short: seen.setdefault(short, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for short in "qo"]
+    ids = torch.randint(7, 23, (8, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    grams = {short: torch.cat(rows).double().T @ torch.cat(rows).double() / len(torch.cat(rows))
+             for short, rows in seen.items()}
+    return [LayerProblem(short, getattr(attention, f"{short}_proj").weight.detach().double(), 0,
+                         gram=grams["o" if short == "o" else "q"]) for short in "qkvo"]
+
+
+def _group(model) -> AttentionGroup:
+    name = "layers.0.self_attn"
+    return AttentionGroup(name, *(f"{name}.{p}_proj" for p in "qkvo"), 4, 2, 16, True)
+
+
+def _apply(attention: torch.nn.Module, cut) -> None:
+    for short in "qkvo":
+        old = getattr(attention, f"{short}_proj")
+        weight = getattr(cut, short)
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=old.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        setattr(attention, f"{short}_proj", layer)
+    cut_heads(attention, cut.head_dim, cut.rotary)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_attentions_of_llama_and_qwen2_are_found(arch):
+    model = tiny.build(arch, **GEOMETRY)
+    targets = {f"layers.{i}.self_attn.{p}": f"model.layers.{i}.self_attn.{p}"
+               for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert attention_groups(model, targets) == [
+        AttentionGroup(f"layers.{i}.self_attn", *(f"layers.{i}.self_attn.{p}_proj" for p in "qkvo"), 4, 2, 16, True)
+        for i in range(2)]
+    del targets["layers.1.self_attn.o_proj"]  # a projection that is not a target: the attention is left alone
+    assert [g.name for g in attention_groups(model, targets)] == ["layers.0.self_attn"]
+
+
+def test_keeping_every_dimension_is_exact():
+    model = tiny.build("llama", **GEOMETRY).double()
+    attention = model.model.layers[0].self_attn
+    q, k, v, o = _problems(model)
+    cut = cut_attention(_group(model), q, k, v, o, 16, (1.0, 1.0, 1.0))
+    x = tiny.inputs("llama")
+    with torch.no_grad():
+        before = model(**x).logits
+        _apply(attention, cut)
+        after = model(**x).logits
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+
+
+def test_values_in_a_small_subspace_and_dead_pairs_lose_nothing():
+    """Values of rank 12 per key/value head keep 12 dimensions exactly; query/key pairs that are
+    zero are the ones dropped, so the logits do not change."""
+    model = tiny.build("llama", **GEOMETRY).double()
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for g in range(2):  # each key/value head's values span 12 directions
+            rows = attention.v_proj.weight[g * 16:(g + 1) * 16]
+            basis = torch.randn(16, 12, generator=generator, dtype=torch.float64)
+            rows.copy_(basis @ torch.linalg.lstsq(basis, rows).solution)
+        for proj, heads in ((attention.q_proj, 4), (attention.k_proj, 2)):  # pairs 1 and 5 are dead
+            view = proj.weight.view(heads, 16, -1)
+            view[:, [1, 9, 5, 13]] = 0
+    q, k, v, o = _problems(model)
+    cut = cut_attention(_group(model), q, k, v, o, 12, (1.0, 1.0, 1.0))
+    assert cut.rotary == [0, 2, 3, 4, 6, 7]
+    x = tiny.inputs("llama")
+    with torch.no_grad():
+        before = model(**x).logits
+        _apply(attention, cut)
+        after = model(**x).logits
+    torch.testing.assert_close(after, before, rtol=1e-8, atol=1e-8)
+
+
+def test_the_spectrum_is_non_increasing_and_prices_both_halves():
+    model = tiny.build("llama", **GEOMETRY).double()
+    q, k, v, o = _problems(model)
+    spectrum = head_spectrum(_group(model), q, k, o, (1.0, 1.0, 1.0))
+    assert spectrum.shape == (16,) and torch.isfinite(spectrum).all()
+    assert spectrum.tolist() == sorted(spectrum.tolist(), reverse=True)
+    zero_o = LayerProblem("o", torch.zeros_like(o.weight), 0, gram=o.gram)
+    assert (head_spectrum(_group(model), q, k, zero_o, (1.0, 1.0, 1.0)) <= spectrum + 1e-12).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("compensate", [True, False])
+def test_the_recommended_recipe_cuts_the_attentions(arch, compensate):
+    dense, model, report = _compressed(arch, compensate=compensate)
+    assert set(report.attention) == {"layers.0.self_attn", "layers.1.self_attn"}
+    for i, layer in enumerate(model.model.layers):
+        entry = report.attention[f"layers.{i}.self_attn"]
+        keep = entry["head_dim"]
+        assert keep < 16 and keep % 2 == 0 and len(entry["rotary"]) == keep // 2
+        attention = layer.self_attn
+        assert attention.head_dim == keep and type(attention.q_proj) is torch.nn.Linear
+        assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features,
+                attention.o_proj.in_features) == (4 * keep, 2 * keep, 2 * keep, 4 * keep)
+        assert (attention.q_proj.bias is not None) == (arch == "qwen2")
+    assert not report.ranks and report.dense_targets == []
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < report.params_before
+    x = tiny.inputs(arch)
+    with torch.no_grad():
+        error = (model(**x).logits - dense(**x).logits).abs().max()
+    assert torch.isfinite(error) and error < dense(**x).logits.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_cut_attention_decodes_with_dynamic_and_static_caches(arch):
+    _, model, report = _compressed(arch)
+    sequence = torch.randint(7, 23, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(sequence).logits
+        for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=16)):
+            steps = [model(sequence[:, :6], past_key_values=cache, cache_position=torch.arange(6)).logits]
+            steps += [model(sequence[:, t:t + 1], past_key_values=cache, cache_position=torch.tensor([t])).logits
+                      for t in range(6, 12)]
+            torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+            keep = report.attention["layers.0.self_attn"]["head_dim"]
+            assert cache.layers[0].keys.shape[-1] == keep  # the cache shrinks with the heads
+
+
+def test_a_cut_checkpoint_reloads_with_and_without_hf_wsvd_and_exports_dense(tmp_path):
+    _, model, report = _compressed("qwen2")
+    tiny.save(model, tmp_path / "cut")
+    x = tiny.inputs("qwen2")
+    with torch.no_grad():
+        expected = model(**x).logits
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).logits, expected)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained("{tmp_path}/cut", trust_remote_code=True)
+        x, expected = torch.load("{tmp_path}/x.pt"), torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, expected)
+        print("remote ok", model.model.layers[0].self_attn.head_dim)
+    """, tmp_path)
+    assert "remote ok" in result.stdout, result.stderr[-3000:]
+    dense = densify(reloaded)
+    assert type(dense) is transformers.Qwen2ForCausalLM and dense.model.layers[0].self_attn.head_dim == 16
+    assert dense.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda recipe: recipe.pop("attention"), "wrong shape|ignore_mismatched_sizes"),  # as an older hf_wsvd would
+    (lambda recipe: recipe["attention"]["layers.0.self_attn"].update(rotary=[0, 1, 2, 3, 4, 5, 6][:len(
+        recipe["attention"]["layers.0.self_attn"]["rotary"])]), "wsvd_rotary_index does not hold"),
+    (lambda recipe: recipe["attention"]["layers.0.self_attn"].update(head_dim=3), "both even"),
+    (lambda recipe: recipe["attention"]["layers.0.self_attn"].update(dense_head_dim=32), "head dimension 32"),
+])
+def test_an_edited_attention_record_never_loads_silently(tmp_path, edit, message):
+    _, model, _ = _compressed("llama")
+    tiny.save(model, tmp_path / "cut")
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    before = json.dumps(config["wsvd"]["attention"])
+    edit(config["wsvd"])
+    assert json.dumps(config["wsvd"].get("attention")) != before
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+
+
+def test_greedy_allocation_spends_one_budget_on_head_dimensions_and_channels():
+    dense, model, report = _compressed("llama", allocation="greedy", param_ratio=0.6)
+    targets = {n for n in dict(dense.model.named_modules()) if n.startswith("layers.") and n.count(".") == 3}
+    before = sum(dense.model.get_submodule(n).weight.numel() for n in targets if "proj" in n)
+    after = sum(model.model.get_submodule(n).weight.numel() for n in targets if "proj" in n)
+    assert after <= 0.6 * before
+    assert report.attention or report.pruned_mlps
+
+
+def test_the_compressed_model_compiles_and_gives_the_eager_outputs():
+    _, model, _ = _compressed("llama")
+    x = tiny.inputs("llama")
+    with torch.no_grad():
+        eager = model(**x).logits
+        compiled = torch.compile(model, backend="eager")(**x).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_pruning_options_are_checked():
+    with pytest.raises(ValueError, match="--no-attention-pruning"):
+        WSVDConfig(attention_pruning=True, method="svd")
+    with pytest.raises(ValueError, match="attention_pruning='yes' must be True, False or None"):
+        WSVDConfig(attention_pruning="yes")
+
+
+def test_off_the_attentions_are_factorized():
+    _, model, report = _compressed("llama", attention_pruning=False)
+    assert not report.attention and any(n.endswith("q_proj") for n in report.ranks)
+
+
+def test_inspect_lists_the_cut_projections(tmp_path, capsys):
+    _, model, _ = _compressed("llama")
+    tiny.save(model, tmp_path / "cut")
+    assert main(["inspect", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.self_attn.q_proj" in out and "pruned" in out
