@@ -237,8 +237,21 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
                              "another checkpoint's config)")
     for name, module in factorized.items():
         for pname, tensor in module.named_parameters():
-            if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            if tensor.device.type != "meta" and not all_finite(tensor):
                 raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value ``tensor`` stores is finite, for plain tensors and quantized tensor
+    subclasses alike."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        # A quantized wrapper subclass (torchao's Int8Tensor, IntxUnpackedToInt8Tensor, ...) implements
+        # only the ops its kernels need, not isfinite; what it stores is its flattened components
+        # (integer data, float scales and zero points), so a NaN or inf can only hide in those.
+        names, _ = tensor.__tensor_flatten__()
+        return all(all_finite(getattr(tensor, inner)) for inner in names)
+    # Integer data (a quantizer's packed weights) is finite by construction.
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -279,6 +292,30 @@ class _WsvdModelMixin:
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_loaded(model, info)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
+        # (torchao's) among the load-time weight conversions and fails to reverse it at save
+        # (NotImplementedError), for stock models too. The quantizer already writes its own
+        # serialized form (get_state_dict_and_metadata), so the irreversible conversions are left
+        # out of the save.
+        conversions = getattr(self, "_weight_conversions", None)
+        if not conversions or getattr(self, "hf_quantizer", None) is None:
+            return super().save_pretrained(*args, **kwargs)
+        self._weight_conversions = [c for c in conversions if _reversible(c)]
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self._weight_conversions = conversions
+
+
+def _reversible(conversion: Any) -> bool:
+    """Whether a transformers weight conversion can be undone at save."""
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def wsvd_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
