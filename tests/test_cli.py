@@ -185,7 +185,7 @@ def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra, allocation,
 
 
 def _recipe_fields() -> list:
-    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in ("ranks", "pruned")]
+    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in ("ranks", "pruned", "residual")]
 
 
 def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):

@@ -4,6 +4,8 @@ statistics at once (for ``whiten``/``fisher_whiten``, an in × in Gram per layer
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from . import register_pipeline
@@ -16,12 +18,7 @@ def run(job: Job) -> dict[str, int]:
     if not is_dispatched(job.model):
         job.model.to(job.accelerator.device)
     shapes = candidates(job)
-    gradient_pass(job, shapes)
-    if job.input_needs and not job.statistics.has(shapes, job.input_needs):
-        with job.timed("activations"):
-            job.statistics = job.statistics.merged(input_statistics(
-                job.model, job.data, {n: job.module(n) for n in shapes}, job.input_needs, job.accelerator,
-                job.show_progress))
+    collect(job, shapes)
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes)
@@ -30,3 +27,15 @@ def run(job: Job) -> dict[str, int]:
     with job.timed("factorize"):
         solve_and_swap(job, ranks, job.statistics, job.show_progress)
     return ranks
+
+
+def collect(job: Job, names: Iterable[str]) -> None:
+    """The statistics the method needs for the layers ``names``, from passes over the whole model
+    (those already in ``job.statistics`` are kept)."""
+    names = list(names)
+    gradient_pass(job, names)
+    if job.input_needs and not job.statistics.has(names, job.input_needs):
+        with job.timed("activations"):
+            job.statistics = job.statistics.merged(input_statistics(
+                job.model, job.data, {n: job.module(n) for n in names}, job.input_needs, job.accelerator,
+                job.show_progress))

@@ -12,7 +12,13 @@ checkpoint (this file, ``factorized_linear.py`` and ``factorized_embedding.py``,
 ``save_pretrained``). With hf_wsvd imported, the Auto classes resolve it without remote code.
 
 Layers cut by MLP pruning are recorded with their shape (``pruned``) and rebuilt as ``nn.Linear``
-layers of that shape before the weights load.
+layers of that shape before the weights load. Layers stored quantized with a low-rank correction
+of their quantization error (``residual``: name → rank) are rebuilt as ``LowRankCorrectedLinear``;
+such a checkpoint loads only with its quantization config and quantized base weights.
+
+Under a quantization config, a factor or pruned linear whose shape the quantizer cannot take (an
+input size that is not a multiple of its group size) becomes a ``FullPrecisionLinear``, which no
+quantizer converts, and keeps its dtype.
 
 The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
 the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
@@ -33,7 +39,9 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
-from .factorized_linear import FactorizedLinear, linear_shape
+from .factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 MODEL_TYPE = "hf_wsvd"
 CLASS_PREFIX = "Wsvd"
@@ -111,18 +119,27 @@ def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
     return added
 
 
-def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None) -> None:
+def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None,
+                      residual: dict[str, int] | None = None) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
-    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, and each linear named in
-    ``pruned`` by an uninitialised ``nn.Linear`` of its recorded shape, on the module's device and
-    dtype; then rebuild the modules tied to factorized embeddings on their factors."""
-    pruned = pruned or {}
+    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, each linear named in ``pruned``
+    by an uninitialised ``nn.Linear`` of its recorded shape and each linear named in ``residual``
+    by an uninitialised ``LowRankCorrectedLinear`` of that rank, on the module's device and dtype;
+    then rebuild the modules tied to factorized embeddings on their factors."""
+    pruned, residual = pruned or {}, residual or {}
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
         if key in pruned:
             matched.add(key)
             model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
+        if key in residual:
+            matched.add(key)
+            if not isinstance(module, LowRankCorrectedLinear):
+                in_features, out_features = linear_shape(module)
+                model.set_submodule(name, LowRankCorrectedLinear(
+                    in_features, out_features, int(residual[key]), bias=module.bias is not None,
+                    device=module.weight.device, dtype=module.weight.dtype))
         if key not in ranks:
             continue
         matched.add(key)
@@ -134,7 +151,7 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
     # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
     # another architecture.
     roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
-    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}}
+    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}, **{n: "residual" for n in residual}}
     unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
     if unknown or (recorded and not matched):
         name = (unknown or sorted(recorded))[0]
@@ -170,26 +187,37 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
     return pruned
 
 
-def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict]]:
-    """The ``ranks`` and ``pruned`` shapes of a factorized config after a minimal check of its
-    recipe and base type (this file cannot import hf_wsvd's full recipe validation): ranks a
-    name → positive int map, pruned (``check_pruned``), not both empty, ``method`` a string,
-    ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base."""
+def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict], dict[str, int]]:
+    """The ``ranks``, ``pruned`` shapes and ``residual`` ranks of a factorized config after a
+    minimal check of its recipe and base type (this file cannot import hf_wsvd's full recipe
+    validation): ranks and residual name → positive int maps, pruned (``check_pruned``), not all
+    empty, ``method`` a string, ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config
+    class's base, and a quantization config wherever ``residual`` is set."""
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
     if not isinstance(recipe, dict):
         raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
-    if not isinstance(ranks, dict) or not (ranks or pruned):
+    residual = recipe.get("residual", {})
+    if not isinstance(residual, dict):
+        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {residual!r}")
+    if not isinstance(ranks, dict) or not (ranks or pruned or residual):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
                          f"the pruned layers); got ranks={ranks!r}")
-    both = sorted(set(ranks) & set(pruned))
-    if both:
-        raise ValueError(f"{where} lists {both[0]!r} under both 'ranks' and 'pruned': the config was edited")
-    for name, rank in ranks.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"{where}['ranks'][{name!r}]={rank!r} is not a positive integer")
+    for first, second in (("ranks", "pruned"), ("ranks", "residual"), ("pruned", "residual")):
+        both = sorted(set(recipe.get(first) or {}) & set(recipe.get(second) or {}))
+        if both:
+            raise ValueError(f"{where} lists {both[0]!r} under both {first!r} and {second!r}: the config was edited")
+    for key, entries in (("ranks", ranks), ("residual", residual)):
+        for name, rank in entries.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"{where}[{key!r}][{name!r}]={rank!r} is not a positive integer")
+    if residual and getattr(config, "quantization_config", None) is None:
+        # Its base weights are stored quantized and its corrections fit that quantization's error:
+        # without the quantizer they cannot load (nor would W + correction mean anything).
+        raise ValueError(f"{where}['residual'] lists layers stored quantized with a low-rank correction, but the "
+                         "config has no quantization_config: the checkpoint was edited (restore config.json)")
     if not isinstance(recipe.get("method"), str):
         raise ValueError(f"{where}['method']={recipe.get('method')!r} is not a method name")
     ratio = recipe.get("param_ratio")
@@ -200,10 +228,10 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
     if base is not None and recorded != base.model_type:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
                          f"({type(config).__name__}, model type {base.model_type!r})")
-    return ranks, pruned
+    return ranks, pruned, residual
 
 
-FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
+FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
 
 
 def check_loaded(model: PreTrainedModel, info: dict) -> None:
@@ -239,6 +267,61 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
         for pname, tensor in module.named_parameters():
             if tensor.device.type != "meta" and not all_finite(tensor):
                 raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
+        if isinstance(module, LowRankCorrectedLinear) and _plain_float(module.base):
+            # The correction fits the quantization error of the stored base: on a full-precision
+            # base (W + correction) it would be wrong.
+            raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
+                             "quantization: load the checkpoint with its own quantization_config")
+
+
+def _plain_float(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` holding a plain floating-point weight (unquantized)."""
+    weight = getattr(module, "weight", None)
+    return type(module) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+
+
+def quantization_group_size(config: PreTrainedConfig) -> int | None:
+    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
+    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    found = [quantization.to_dict() if hasattr(quantization, "to_dict") else quantization]
+    while found:
+        item = found.pop(0)
+        if isinstance(item, dict):
+            if type(item.get("group_size")) is int:
+                return item["group_size"]
+            found.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            found.extend(item)
+    return None
+
+
+def keep_unquantizable(model: PreTrainedModel) -> list[str]:
+    """Under a quantization config with a group size, make each factor or pruned linear whose input
+    size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
+    dtype), said in one log line. Returns their names."""
+    group = quantization_group_size(model.config)
+    if not group:
+        return []
+    pruned = getattr(model.config, RECIPE_KEY, {}).get("pruned", {})
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            linears += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
+        elif relative_module_name(model, name) in pruned:
+            linears.append((name, module))
+    kept = [name for name, module in linears if type(module) is nn.Linear and module.in_features % group]
+    for name in kept:
+        module = model.get_submodule(name)
+        model.set_submodule(name, FullPrecisionLinear(module.in_features, module.out_features, module.bias is not None,
+                                                      device=module.weight.device, dtype=module.weight.dtype))
+    if kept:
+        logger.warning(f"hf_wsvd: {len(kept)} of the {len(linears)} factor and pruned linears stay unquantized in "
+                       f"the model's dtype: their input size is not a multiple of the quantization group size "
+                       f"{group} (first: {kept[0]})")
+    return kept
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -284,6 +367,7 @@ class _WsvdModelMixin:
 
     def post_init(self) -> None:
         factorize_modules(self, *check_recipe(self.config))
+        keep_unquantizable(self)
         super().post_init()
 
     @classmethod
