@@ -238,6 +238,10 @@ class _NoticeHandler(logging.Handler):
 
 
 def _show_notices() -> None:
+    # torchao 0.18 under a CPU (or other-CUDA) torch build warns on import that its CUDA kernels do
+    # not load, and triggers a torch deprecation warning: noise for every command that loads a model.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     logger = logging.getLogger("hf_wsvd")
     if not any(isinstance(handler, _NoticeHandler) for handler in logger.handlers):
         logger.addHandler(_NoticeHandler(logging.WARNING))
