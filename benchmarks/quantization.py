@@ -233,8 +233,9 @@ def render(payload: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=lambda s: s.split(","), default=["smollm2-135m", "qwen2.5-coder-0.5b"],
-                        help=f"comma-separated: {sorted(DEMO_MODELS)}, folders or .gguf files")
+    parser.add_argument("--models", type=lambda s: [x for x in s.split(",") if x],
+                        default=["smollm2-135m", "qwen2.5-coder-0.5b"],
+                        help=f"comma-separated: {sorted(DEMO_MODELS)}, folders or .gguf files ('': none, --speed only)")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--test", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--calib-samples", type=int, default=64)

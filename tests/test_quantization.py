@@ -260,3 +260,20 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
     assert f"{weight_bits(model).block_bits_per_weight:.2f} bits per weight" in line
     card = (out / "README.md").read_text()
     assert "| quantization | torchao: " in card and "bits per weight in the block linears" in card
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA")
+@pytest.mark.parametrize("spec", ["nf4", "bnb-int8"])
+def test_bitsandbytes_round_trip_on_cuda(tmp_path, spec):
+    pytest.importorskip("bitsandbytes")
+    tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
+    quantized = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=quantization_config(spec), device_map="cuda")
+    assert type(quantized.model.layers[0].mlp.up_proj.down).__name__ in ("Linear4bit", "Linear8bitLt")
+    inputs = {k: v.cuda() for k, v in tiny.inputs("llama").items()}
+    with torch.no_grad():
+        before = quantized(**inputs).logits
+    quantized.save_pretrained(tmp_path / "q")
+    reloaded = CAUSAL.from_pretrained(tmp_path / "q", device_map="cuda")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, before)
+    assert 0 < weight_bits(reloaded).block_bits_per_weight < 16
