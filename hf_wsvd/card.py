@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .checkpoint import parameter_counts, recipe_of, summarize
+from .checkpoint import parameter_counts, quantization_summary, recipe_of, summarize
 from .runtime.modeling_wsvd import CLASS_PREFIX, _supported_auto_classes
 
 PLOT_FILE = "rank_per_layer.png"
@@ -198,7 +198,7 @@ def build_card(
         param_ratio=recipe["param_ratio"], params_after=f"{now:,}", params_before=f"{dense:,}",
         kept_percent=f"{100 * now / dense:.1f}%", num_layers=len(summarize(model)), eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",
-        plot_file=PLOT_FILE, rank_table=_rank_table(model),
+        plot_file=PLOT_FILE, rank_table=_rank_table(model), quantization=quantization_summary(model),
     )
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from .runtime.factorized_embedding import FactorizedEmbedding
-from .runtime.factorized_linear import FactorizedLinear
+from .runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
 from .runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name,
                                     wsvd_model_class)
 
@@ -52,6 +52,12 @@ def summarize(model: nn.Module) -> list[LayerSummary]:
                 relative_module_name(model, name), (module.num_embeddings, module.embedding_dim), module.rank,
                 module.num_parameters(), module.num_embeddings * module.embedding_dim,
             ))
+        if isinstance(module, LowRankCorrectedLinear):  # quantized base plus its correction
+            dense_params = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), module.rank,
+                dense_params + module.rank * (module.in_features + module.out_features), dense_params,
+            ))
         if isinstance(module, FactorizedLinear):
             bias = module.out_features if module.bias is not None else 0
             rows.append(LayerSummary(
@@ -66,6 +72,18 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     now = sum(p.numel() for p in model.parameters())
     saved = sum(row.dense_params - row.params for row in summarize(model))
     return now, now + saved
+
+
+def quantization_summary(model: nn.Module) -> str | None:
+    """What a quantized model's weights cost (``hf_wsvd.quantization.WeightBits.describe``), with
+    its quantization method; None for an unquantized model."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        return None
+    from .quantization import weight_bits
+
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return f"{getattr(method, 'value', method)}: {weight_bits(model).describe()}"
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

@@ -33,6 +33,12 @@ COMPRESS_EXAMPLES = """examples:
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd --allocation uniform \\
       --data ../shared/data/glue/SST-2/train.tsv
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-svd --param-ratio 0.75
+  # compressed, then saved int4-quantized (torchao, groups of 64: ranks in multiples of 64 quantize whole)
+  hf-wsvd compress path/to/model.gguf out/lm-fw-int4 --param-ratio 0.8 --data wiki.valid.tokens \
+      --quantize int4 --rank-multiple 64
+  # int4 plus a rank-32 correction of its error, weighted like fisher_whiten (LQER/QERA)
+  hf-wsvd compress path/to/model.gguf out/lm-int4-qr --method quantized_residual --quantize int4 \
+      --residual-rank 32 --data wiki.valid.tokens
 """
 INSPECT_EXAMPLES = """examples:
   hf-wsvd inspect out/sst2-fw
@@ -144,11 +150,17 @@ def _compress(args: argparse.Namespace) -> None:
         # the same model; process 0 alone evaluates and writes.
         accelerator = default_accelerator()
         model, report = compress(model, config, loader, accelerator=accelerator,
-                                 show_progress=accelerator.is_main_process)
+                                 show_progress=accelerator.is_main_process, dtype=save_dtype)
         if not accelerator.is_main_process:
             return
-        evaluation = card_evaluation(model, tokenizer, args)  # in float32, before the dtype change
-        if save_dtype is not None:
+        if config.quantize and config.method != "quantized_residual":
+            from .quantization import quantization_config, quantize
+
+            # Quantized from the stored dtype, as from_pretrained(OUTPUT, quantization_config=...) would.
+            model = quantize(model.to(save_dtype or model.dtype),
+                             quantization_config(config.quantize, config.quantize_group_size))
+        evaluation = card_evaluation(model, tokenizer, args)  # before the dtype change (float32 unless quantized)
+        if save_dtype is not None and not config.quantize:
             model.to(save_dtype)
 
         with claim.write("compress") as staging:
@@ -191,7 +203,7 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import load_factorized, parameter_counts, recipe_of, summarize
+    from .checkpoint import load_factorized, parameter_counts, quantization_summary, recipe_of, summarize
     from .runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
     if not os.path.isdir(args.path):
@@ -212,6 +224,9 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
     now, dense = parameter_counts(model)
     print(f"total parameters: {now:,} (dense {dense:,}, kept {now / dense:.3f})")
+    quantization = quantization_summary(model)
+    if quantization:
+        print(f"quantized with {quantization}")
 
 
 class _NoticeHandler(logging.Handler):
@@ -223,6 +238,10 @@ class _NoticeHandler(logging.Handler):
 
 
 def _show_notices() -> None:
+    # torchao 0.18 under a CPU (or other-CUDA) torch build warns on import that its CUDA kernels do
+    # not load, and triggers a torch deprecation warning: noise for every command that loads a model.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     logger = logging.getLogger("hf_wsvd")
     if not any(isinstance(handler, _NoticeHandler) for handler in logger.handlers):
         logger.addHandler(_NoticeHandler(logging.WARNING))

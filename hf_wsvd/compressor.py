@@ -16,6 +16,7 @@ from .pipelines import Job, get_pipeline
 from .recipes import resolve
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
+from .solvers.quantized_residual import quantized_residual
 from .statistics import Statistics, default_accelerator
 from .swap import attach_recipe
 from .targets import select_targets
@@ -66,6 +67,7 @@ def compress(
     accelerator: Accelerator | None = None,
     statistics: Statistics | None = None,
     show_progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, CompressionReport]:
     """Factorize ``model`` in place following ``config``; return it with a report.
 
@@ -80,12 +82,17 @@ def compress(
     ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
     ``even_batches=False``, or none); every process ends with the same model. The returned model
     saves with ``save_pretrained`` and reloads with the stock Auto classes.
+
+    ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
+    and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
+    model's) with a low-rank correction of each target's quantization error.
     """
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
-    config, notices = resolve(config, model, data)
+    if config.method != "quantized_residual":
+        config, notices = resolve(config, model, data)
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
@@ -94,6 +101,13 @@ def compress(
             "to compress; name the layers with target_modules"
         )
     params_before = sum(p.numel() for p in model.parameters())
+    if config.method == "quantized_residual":
+        quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
+                                                      show_progress, dtype)
+        attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual))
+        report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
+                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics)
+        return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
     ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # The methods hf_wsvd registers in ``hf_wsvd.solvers.SOLVERS`` (the command line's choices; a test
 # keeps them equal). The API also accepts methods registered by other packages.
-METHODS = ("asvd", "fisher_whiten", "fwsvd", "lp", "rescue", "svd", "tfwsvd", "whiten")
+METHODS = ("asvd", "fisher_whiten", "fwsvd", "lp", "quantized_residual", "rescue", "svd", "tfwsvd", "whiten")
 COMPUTE_DTYPES = ("float32", "float64")
 # Embedding rows have no Fisher information from the importance pass: the methods usable on them.
 EMBEDDING_METHODS = ("svd", "lp")
@@ -31,6 +31,10 @@ EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 FISHER_AXES = ("output", "input")
 SOLVER_NAMES = ("als", "adam", "em", "hybrid")
+# Weight-only quantizations (hf_wsvd.quantization.quantization_config says what each one is).
+QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
+# The weightings the quantized residual fits its correction with.
+RESIDUAL_METHODS = ("fisher_whiten", "whiten", "svd")
 # Method options that are numbers: stored as floats whatever number type was given.
 FLOAT_FIELDS = ("compensation_ridge", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
 
@@ -155,6 +159,19 @@ class WSVDConfig:
         "layer that cannot get one stays dense. GPU matrix kernels want aligned inner dimensions, and an "
         "unaligned rank can run slower than the dense layer; 1 keeps the exact ranks of param_ratio",
         type=positive_int)
+    quantize: str | None = recipe_field(
+        None, "weight-only quantization of the result (int8, int2-int7 grouped, int4-gpu, nf4, bnb-int8; see "
+        "docs/quantization.md): the compressed checkpoint is saved quantized, and method quantized_residual "
+        "corrects this quantization's error. Unset (None): not quantized", choices=QUANTIZE_SPECS)
+    quantize_group_size: int = recipe_field(
+        64, "quantize int2-int7 and int4-gpu: one scale and zero point per this many input weights; a factor whose "
+        "input size is not a multiple of it stays unquantized (set rank_multiple to it)", type=positive_int)
+    residual_method: str = recipe_field(
+        "fisher_whiten", "quantized_residual: the weighting of its low-rank correction of the quantization error",
+        choices=RESIDUAL_METHODS)
+    residual_rank: int = recipe_field(
+        32, "quantized_residual: rank of each layer's correction (extra weights r*(in+out) per layer)",
+        type=positive_int)
     ranks: dict[str, int] = field(default_factory=dict, metadata={
         "help": "filled by the compressor: base-model-relative module name -> rank (the input embeddings, when "
                 "compressed, are listed under their name too)", "cli": None})
@@ -163,7 +180,11 @@ class WSVDConfig:
                 "{'shape': [in, out], 'dense_shape': [in, out]}", "cli": None})
     attention: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
         "help": "filled by the compressor: base-model-relative name of each attention cut by attention_pruning -> "
-                "{'head_dim': kept, 'dense_head_dim': dense, 'rotary': [kept rotary pair indices]}", "cli": None})
+                "{'head_dim': kept, 'dense_head_dim': dense, 'projections': [q, k, v, o], 'rotary': [kept rotary pair "
+                "indices] (rotary attentions)}", "cli": None})
+    residual: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "filled by quantized_residual: base-model-relative name of each quantized layer -> the rank of its "
+                "correction", "cli": None})
 
     def __post_init__(self) -> None:
         from .solvers import SOLVERS
@@ -236,6 +257,20 @@ class WSVDConfig:
 
             check_pruned(self.pruned, "pruned")
             check_attention(self.attention, "attention")
+        self._validate_quantization()
+
+    def _validate_quantization(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_SPECS:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {QUANTIZE_SPECS} (or None)")
+        for name in ("quantize_group_size", "residual_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.method == "quantized_residual" and self.quantize is None:
+            raise ValueError("method='quantized_residual' corrects a quantization's error: set quantize (e.g. 'int4')")
+        for module, rank in self.residual.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"residual[{module!r}]={rank!r} must be a positive integer")
 
     def _validate_compensation(self) -> None:
         if self.compensate is not None and not isinstance(self.compensate, bool):

@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from .blocks import block_prefixes
-from .runtime.factorized_linear import FactorizedLinear, linear_shape
+from .runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear, linear_shape
 from .runtime.modeling_wsvd import relative_module_name
 
 
@@ -17,7 +17,7 @@ def is_linear_like(module: nn.Module) -> bool:
         linear_shape(module)
     except TypeError:
         return False
-    return not isinstance(module, FactorizedLinear)
+    return not isinstance(module, (FactorizedLinear, LowRankCorrectedLinear))
 
 
 def _tied_module_names(model: nn.Module) -> set[str]:

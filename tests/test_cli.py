@@ -185,7 +185,7 @@ def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra, allocation,
 
 
 def _recipe_fields() -> list:
-    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in ("ranks", "pruned")]
+    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in ("ranks", "pruned", "residual")]
 
 
 def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):
@@ -209,14 +209,16 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
             "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--seed", "7", "--p", "1.5", "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
             "--embedding-weighting", "frequency", "--solver", "als", "--refine", "--max-iterations", "3",
             "--tolerance", "0.01", "--time-budget", "2", "--importance-power", "0.5", "--risk-threshold", "0.1",
-            "--max-kept-ratio-for-speed", str(speed), "--rank-multiple", "4"]
+            "--max-kept-ratio-for-speed", str(speed), "--rank-multiple", "4", "--quantize", "int4",
+            "--quantize-group-size", "32", "--residual-method", "whiten", "--residual-rank", "16"]
     expected = WSVDConfig(
         method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
         fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
         allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, mlp_pruning=False, seed=7, p=1.5, embeddings=True, embedding_ratio=0.25,
         embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,
         tolerance=0.01, time_budget=2.0, importance_power=0.5, risk_threshold=0.1,
-        max_kept_ratio_for_speed={"32x64": 0.4}, rank_multiple=4)
+        max_kept_ratio_for_speed={"32x64": 0.4}, rank_multiple=4, quantize="int4", quantize_group_size=32,
+        residual_method="whiten", residual_rank=16)
     assert recipe_from_args(parse(["compress", "m", "o", *argv])) == expected
     # every field differs from its default, so none was dropped on the way
     assert all(getattr(expected, f.name) != f.default for f in _recipe_fields())

@@ -9,7 +9,6 @@ import transformers
 
 import tiny
 from helpers import run_without_hf_wsvd
-from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
 from hf_wsvd.solvers import SOLVERS
 
@@ -20,6 +19,9 @@ EXTRA = {"fisher_whiten-sequential-compensated": ["--method", "fisher_whiten", "
                                                   "--no-attention-pruning"],
          "whiten-greedy": ["--method", "whiten", "--allocation", "greedy"]}
 RECIPES = {**{m: ["--method", m] for m in sorted(SOLVERS)}, **EXTRA}
+# int8 per row: any layer shape quantizes (tests/test_quantization.py covers the grouped formats)
+RECIPES["quantized_residual"] += ["--quantize", "int8", "--residual-rank", "2"]
+LOW_RANK = ("FactorizedLinear", "LowRankCorrectedLinear")
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +44,13 @@ def test_every_recipe_compresses_qwen2_from_the_cli_and_reloads(dense_and_text):
                      "--batch-size", "4", "--max-iterations", "2", *flags])
         assert code == 0, name
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
-        counts[name] = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+        counts[name] = sum(type(m).__name__ in LOW_RANK for m in model.modules())
         assert model.config.wsvd["method"] == flags[1]
         gram = flags[1] in ("whiten", "fisher_whiten")
         pruned = any(layer.mlp.down_proj.in_features < 64 for layer in model.model.layers)
         assert pruned == (gram and "--no-mlp-pruning" not in flags), name
         # Greedy allocation decides whether an attention is cut; the recipe says whether it may be.
-        assert model.config.wsvd["attention_pruning"] == (gram and "--no-attention-pruning" not in flags), name
+        assert bool(model.config.wsvd["attention_pruning"]) == (gram and "--no-attention-pruning" not in flags), name
         cut = any(layer.self_attn.head_dim < 8 for layer in model.model.layers)
         assert counts[name] > 0 or pruned or cut, name
         with torch.no_grad():
@@ -57,7 +59,7 @@ def test_every_recipe_compresses_qwen2_from_the_cli_and_reloads(dense_and_text):
         import transformers
         for name, count in {counts!r}.items():
             model = transformers.AutoModelForCausalLM.from_pretrained("{root}/" + name, trust_remote_code=True)
-            found = sum(type(m).__name__ == "FactorizedLinear" for m in model.modules())
+            found = sum(type(m).__name__ in {LOW_RANK!r} for m in model.modules())
             assert found == count, (name, found, count)
             print(name, "ok")
     """, cwd=root)

@@ -4,6 +4,8 @@ statistics at once (for ``whiten``/``fisher_whiten``, an in × in Gram per layer
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from . import register_pipeline
@@ -18,13 +20,7 @@ def run(job: Job) -> dict[str, int]:
         job.model.to(job.accelerator.device)
     cuts = Cuts.of(job)
     shapes = candidates(job, skip=frozenset(cuts.members))
-    observed = [*shapes, *sorted(cuts.observed())]
-    gradient_pass(job, observed)
-    if job.input_needs and not job.statistics.has(observed, job.input_needs):
-        with job.timed("activations"):
-            job.statistics = job.statistics.merged(input_statistics(
-                job.model, job.data, {n: job.module(n) for n in observed}, job.input_needs, job.accelerator,
-                job.show_progress))
+    collect(job, [*shapes, *sorted(cuts.observed())])
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes)
@@ -40,3 +36,15 @@ def run(job: Job) -> dict[str, int]:
         prune_and_swap(job, cuts.pairs, channels, job.statistics)
         cut_attentions_and_swap(job, cuts.attentions, channels, job.statistics)
     return ranks
+
+
+def collect(job: Job, names: Iterable[str]) -> None:
+    """The statistics the method needs for the layers ``names``, from passes over the whole model
+    (those already in ``job.statistics`` are kept)."""
+    names = list(names)
+    gradient_pass(job, names)
+    if job.input_needs and not job.statistics.has(names, job.input_needs):
+        with job.timed("activations"):
+            job.statistics = job.statistics.merged(input_statistics(
+                job.model, job.data, {n: job.module(n) for n in names}, job.input_needs, job.accelerator,
+                job.show_progress))

@@ -18,6 +18,13 @@ attention, the kept rotary pairs): the projections are rebuilt at the cut size, 
 forward reshapes with set, and for a rotary attention a forward pre-hook cuts the rotary tables it
 receives to the kept pairs. (Kept apart from ``pruned`` so that a loader that does not know
 attention pruning fails on the shapes instead of running the dense head size.)
+Layers stored quantized with a low-rank correction of their quantization error (``residual``:
+name → rank) are rebuilt as ``LowRankCorrectedLinear``; such a checkpoint loads only with its
+quantization config and quantized base weights.
+
+Under a quantization config, a factor or pruned linear whose shape the quantizer cannot take (an
+input size that is not a multiple of its group size) becomes a ``FullPrecisionLinear``, which no
+quantizer converts, and keeps its dtype.
 
 The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
 the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
@@ -38,7 +45,9 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
-from .factorized_linear import FactorizedLinear, linear_shape
+from .factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape
+
+logger = transformers.utils.logging.get_logger(__name__)
 
 MODEL_TYPE = "hf_wsvd"
 CLASS_PREFIX = "Wsvd"
@@ -230,14 +239,15 @@ def dense_shape(recipe: dict, key: str, module: nn.Module) -> tuple[int, int] | 
 
 
 def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None,
-                      attention: dict[str, dict] | None = None) -> None:
+                      attention: dict[str, dict] | None = None, residual: dict[str, int] | None = None) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
     ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, each linear named in ``pruned``
-    by an uninitialised ``nn.Linear`` of its recorded shape, and cut the head dimension of each
-    attention named in ``attention`` (its projections rebuilt at the cut size, ``cut_heads``), on
-    the module's device and dtype; then
-    rebuild the modules tied to factorized embeddings on their factors."""
-    pruned, attention = pruned or {}, attention or {}
+    by an uninitialised ``nn.Linear`` of its recorded shape, cut the head dimension of each
+    attention named in ``attention`` (its projections rebuilt at the cut size, ``cut_heads``) and
+    replace each linear named in ``residual`` by an uninitialised ``LowRankCorrectedLinear`` of that
+    rank, on the module's device and dtype; then rebuild the modules tied to factorized embeddings
+    on their factors."""
+    pruned, attention, residual = pruned or {}, attention or {}, residual or {}
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
@@ -247,6 +257,13 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
         if key in pruned:
             matched.add(key)
             model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
+        if key in residual:
+            matched.add(key)
+            if not isinstance(module, LowRankCorrectedLinear):
+                in_features, out_features = linear_shape(module)
+                model.set_submodule(name, LowRankCorrectedLinear(
+                    in_features, out_features, int(residual[key]), bias=module.bias is not None,
+                    device=module.weight.device, dtype=module.weight.dtype))
         if key not in ranks:
             continue
         matched.add(key)
@@ -258,7 +275,8 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
     # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
     # another architecture.
     roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
-    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned}, **{n: ATTENTION_KEY for n in attention}}
+    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned},
+                **{n: ATTENTION_KEY for n in attention}, **{n: "residual" for n in residual}}
     unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
     if unknown or (recorded and not matched):
         name = (unknown or sorted(recorded))[0]
@@ -318,12 +336,14 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
     return pruned
 
 
-def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, dict], dict[str, dict]]:
-    """The ``ranks``, ``pruned`` shapes and cut ``attention`` of a factorized config after a
-    minimal check of its recipe and base type (this file cannot import hf_wsvd's full recipe
-    validation): ranks a name → positive int map, pruned (``check_pruned``), attention
-    (``check_attention``), not all empty, ``method`` a string,
-    ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base."""
+def check_recipe(config: PreTrainedConfig
+                 ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict], dict[str, int]]:
+    """The ``ranks``, ``pruned`` shapes, cut ``attention`` and ``residual`` ranks of a factorized
+    config after a minimal check of its recipe and base type (this file cannot import hf_wsvd's
+    full recipe validation): ranks and residual name → positive int maps, pruned
+    (``check_pruned``), attention (``check_attention``), not all empty, ``method`` a string,
+    ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base, and a
+    quantization config wherever ``residual`` is set."""
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
     if not isinstance(recipe, dict):
@@ -331,17 +351,28 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
     attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
-    if not isinstance(ranks, dict) or not (ranks or pruned or attention):
+    residual = recipe.get("residual", {})
+    if not isinstance(residual, dict):
+        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {residual!r}")
+    if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
                          f"the pruned layers); got ranks={ranks!r}")
-    cut = {name for entry in attention.values() for name in entry["projections"]}
-    both = sorted((set(ranks) & set(pruned)) | ((set(ranks) | set(pruned)) & cut))
-    if both:
-        raise ValueError(f"{where} lists {both[0]!r} under more than one of 'ranks', 'pruned' and "
-                         f"{ATTENTION_KEY!r}: the config was edited")
-    for name, rank in ranks.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"{where}['ranks'][{name!r}]={rank!r} is not a positive integer")
+    cut = {name: None for entry in attention.values() for name in entry["projections"]}
+    sections = {"ranks": ranks, "pruned": pruned, ATTENTION_KEY: cut, "residual": residual}
+    for first, second in (("ranks", "pruned"), ("ranks", ATTENTION_KEY), ("pruned", ATTENTION_KEY),
+                          ("ranks", "residual"), ("pruned", "residual"), (ATTENTION_KEY, "residual")):
+        both = sorted(set(sections[first]) & set(sections[second]))
+        if both:
+            raise ValueError(f"{where} lists {both[0]!r} under both {first!r} and {second!r}: the config was edited")
+    for key, entries in (("ranks", ranks), ("residual", residual)):
+        for name, rank in entries.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"{where}[{key!r}][{name!r}]={rank!r} is not a positive integer")
+    if residual and getattr(config, "quantization_config", None) is None:
+        # Its base weights are stored quantized and its corrections fit that quantization's error:
+        # without the quantizer they cannot load (nor would W + correction mean anything).
+        raise ValueError(f"{where}['residual'] lists layers stored quantized with a low-rank correction, but the "
+                         "config has no quantization_config: the checkpoint was edited (restore config.json)")
     if not isinstance(recipe.get("method"), str):
         raise ValueError(f"{where}['method']={recipe.get('method')!r} is not a method name")
     ratio = recipe.get("param_ratio")
@@ -352,10 +383,10 @@ def check_recipe(config: PreTrainedConfig) -> tuple[dict[str, int], dict[str, di
     if base is not None and recorded != base.model_type:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
                          f"({type(config).__name__}, model type {base.model_type!r})")
-    return ranks, pruned, attention
+    return ranks, pruned, attention, residual
 
 
-FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
+FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
 
 
 def check_loaded(model: PreTrainedModel, info: dict) -> None:
@@ -399,8 +430,76 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
                              f"for {relative_module_name(model, name)!r}: the checkpoint was edited or is damaged")
     for name, module in factorized.items():
         for pname, tensor in module.named_parameters():
-            if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            if tensor.device.type != "meta" and not all_finite(tensor):
                 raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
+        if isinstance(module, LowRankCorrectedLinear) and _plain_float(module.base):
+            # The correction fits the quantization error of the stored base: on a full-precision
+            # base (W + correction) it would be wrong.
+            raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
+                             "quantization: load the checkpoint with its own quantization_config")
+
+
+def _plain_float(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` holding a plain floating-point weight (unquantized)."""
+    weight = getattr(module, "weight", None)
+    return type(module) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+
+
+def quantization_group_size(config: PreTrainedConfig) -> int | None:
+    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
+    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    found = [quantization.to_dict() if hasattr(quantization, "to_dict") else quantization]
+    while found:
+        item = found.pop(0)
+        if isinstance(item, dict):
+            if type(item.get("group_size")) is int:
+                return item["group_size"]
+            found.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            found.extend(item)
+    return None
+
+
+def keep_unquantizable(model: PreTrainedModel) -> list[str]:
+    """Under a quantization config with a group size, make each factor or pruned linear whose input
+    size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
+    dtype), said in one log line. Returns their names."""
+    group = quantization_group_size(model.config)
+    if not group:
+        return []
+    reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            linears += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
+        elif relative_module_name(model, name) in reshaped:
+            linears.append((name, module))
+    kept = [name for name, module in linears if type(module) is nn.Linear and module.in_features % group]
+    for name in kept:
+        module = model.get_submodule(name)
+        model.set_submodule(name, FullPrecisionLinear(module.in_features, module.out_features, module.bias is not None,
+                                                      device=module.weight.device, dtype=module.weight.dtype))
+    if kept:
+        logger.warning(f"hf_wsvd: {len(kept)} of the {len(linears)} factor and pruned linears stay unquantized in "
+                       f"the model's dtype: their input size is not a multiple of the quantization group size "
+                       f"{group} (first: {kept[0]})")
+    return kept
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value ``tensor`` stores is finite, for plain tensors and quantized tensor
+    subclasses alike."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        # A quantized wrapper subclass (torchao's Int8Tensor, IntxUnpackedToInt8Tensor, ...) implements
+        # only the ops its kernels need, not isfinite; what it stores is its flattened components
+        # (integer data, float scales and zero points), so a NaN or inf can only hide in those.
+        names, _ = tensor.__tensor_flatten__()
+        return all(all_finite(getattr(tensor, inner)) for inner in names)
+    # Integer data (a quantizer's packed weights) is finite by construction.
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -433,6 +532,7 @@ class _WsvdModelMixin:
 
     def post_init(self) -> None:
         factorize_modules(self, *check_recipe(self.config))
+        keep_unquantizable(self)
         super().post_init()
 
     @classmethod
@@ -441,6 +541,30 @@ class _WsvdModelMixin:
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_loaded(model, info)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
+        # (torchao's) among the load-time weight conversions and fails to reverse it at save
+        # (NotImplementedError), for stock models too. The quantizer already writes its own
+        # serialized form (get_state_dict_and_metadata), so the irreversible conversions are left
+        # out of the save.
+        conversions = getattr(self, "_weight_conversions", None)
+        if not conversions or getattr(self, "hf_quantizer", None) is None:
+            return super().save_pretrained(*args, **kwargs)
+        self._weight_conversions = [c for c in conversions if _reversible(c)]
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self._weight_conversions = conversions
+
+
+def _reversible(conversion: Any) -> bool:
+    """Whether a transformers weight conversion can be undone at save."""
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def wsvd_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:

@@ -31,7 +31,9 @@ class LayerProblem:
     method's ``options`` (None: its defaults) and the statistics it asked for: ``fisher``
     (per-entry importance, out × in), ``fisher_rows`` / ``fisher_cols`` (its sums per output row /
     input column), ``gram`` (input E[x xᵀ], in × in), ``mean_abs`` (input E|x|, in) and
-    ``row_weights`` (one non-negative value per row, e.g. an embedding's token frequencies)."""
+    ``row_weights`` (one non-negative value per row, e.g. an embedding's token frequencies);
+    ``quantized``: the weight as its quantization stores it (dequantized), for a method that corrects
+    the quantization error."""
 
     name: str
     weight: torch.Tensor
@@ -43,6 +45,7 @@ class LayerProblem:
     gram: torch.Tensor | None = None
     mean_abs: torch.Tensor | None = None
     row_weights: torch.Tensor | None = None
+    quantized: torch.Tensor | None = None
 
 
 Needs = Iterable[str] | Callable[[Any], Iterable[str]]

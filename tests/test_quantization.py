@@ -1,0 +1,293 @@
+"""Quantized compressed checkpoints: the stock ``from_pretrained(dir, quantization_config=...)``
+quantizes the factors and pruned layers, the load-time integrity check reads quantized tensors,
+and a quantized checkpoint saves and reloads with the same outputs (with hf_wsvd and through the
+saved code)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from torchao.quantization import Int8WeightOnlyConfig
+from transformers import TorchAoConfig
+
+import hf_wsvd
+import tiny
+from helpers import main_output, run_without_hf_wsvd
+from hf_wsvd import FactorizedLinear
+from hf_wsvd.quantization import quantization_config, quantize, weight_bits
+from hf_wsvd.runtime.modeling_wsvd import all_finite
+from test_trust import edit_config, edit_weights
+
+CAUSAL = transformers.AutoModelForCausalLM
+
+
+def _outputs(model, arch: str = "llama") -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model(**tiny.inputs(arch)))
+
+
+def _factor_weights(model) -> list[torch.Tensor]:
+    return [m.weight for layer in model.modules() if isinstance(layer, FactorizedLinear) for m in (layer.up, layer.down)]
+
+
+def _saved_code_outputs(path, tmp_path) -> tuple[str, torch.Tensor]:
+    """The class of the first q_proj's ``up`` and the logits of ``path`` loaded without hf_wsvd
+    (``trust_remote_code=True``), computed in that interpreter."""
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor({tiny.inputs("llama")["input_ids"].tolist()}),
+                        attention_mask=torch.tensor({tiny.inputs("llama")["attention_mask"].tolist()})).logits
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        model.save_pretrained({str(tmp_path / "resaved")!r})  # a pre-quantized load saves again
+        print(type(model.model.layers[0].self_attn.q_proj.up).__name__)
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip(), torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("arch, auto_class", [("llama", "AutoModelForCausalLM"),
+                                              ("bert", "AutoModelForSequenceClassification")])
+def test_torchao_int8_load_quantizes_the_factors(tmp_path, arch, auto_class):
+    """The regression of issue 22: the integrity check crashed on torchao's tensor subclass."""
+    model, _ = tiny.save_compressed(tmp_path, arch, auto_class, with_tokenizer=False)
+    auto = getattr(transformers, auto_class)
+    quantized = auto.from_pretrained(tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    weights = _factor_weights(quantized)
+    assert weights and all(type(w).__name__ == "Int8Tensor" for w in weights)
+    reference, out = _outputs(model, arch), _outputs(quantized, arch)
+    # int8 per-row weights: about 0.4% relative error per weight, far below the outputs' scale
+    assert (out - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (out - reference).abs().max() > 0  # quantized for real
+
+
+def test_the_integrity_check_reads_quantized_factors(tmp_path):
+    tiny.save_compressed(tmp_path, "llama", with_tokenizer=False)
+    edit_weights(tmp_path, lambda t: t["model.layers.0.mlp.up_proj.down.weight"].__setitem__((0, 0), float("nan")))
+    with pytest.raises(ValueError, match="layers.0.mlp.up_proj.down.weight holds NaN or infinite"):
+        CAUSAL.from_pretrained(tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    with pytest.raises(ValueError, match="NaN or infinite"):  # plain tensors are still checked
+        CAUSAL.from_pretrained(tmp_path)
+
+
+def test_all_finite_on_plain_and_quantized_tensors():
+    plain = torch.ones(4, 8)
+    assert all_finite(plain) and all_finite(torch.nn.Parameter(plain)) and all_finite(torch.ones(3, dtype=torch.int8))
+    plain[1, 2] = float("inf")
+    assert not all_finite(plain) and not all_finite(torch.nn.Parameter(plain))
+    linear = torch.nn.Linear(8, 4)
+    from torchao.quantization import quantize_
+
+    quantize_(linear, Int8WeightOnlyConfig())
+    assert type(linear.weight).__name__ == "Int8Tensor" and all_finite(linear.weight)
+    linear.weight.scale[0] = float("nan")
+    assert not all_finite(linear.weight)
+
+
+def test_quantized_checkpoint_round_trip(tmp_path):
+    tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
+    quantized = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    quantized.save_pretrained(tmp_path / "q")
+    reloaded = CAUSAL.from_pretrained(tmp_path / "q")
+    assert [type(w).__name__ for w in _factor_weights(reloaded)] == [type(w).__name__ for w in _factor_weights(quantized)]
+    assert torch.equal(_outputs(reloaded), _outputs(quantized))
+    reloaded.save_pretrained(tmp_path / "q-again")  # a pre-quantized load saves again (transformers could not)
+    assert torch.equal(_outputs(CAUSAL.from_pretrained(tmp_path / "q-again")), _outputs(quantized))
+    kind, out = _saved_code_outputs(tmp_path / "q", tmp_path)
+    assert kind == "Linear" and torch.equal(out, _outputs(quantized))
+    assert type(CAUSAL.from_pretrained(tmp_path / "resaved").model.layers[0].mlp.up_proj.up.weight).__name__ == "Int8Tensor"
+
+
+def test_factors_the_quantizer_refuses_stay_unquantized_and_round_trip(tmp_path, caplog):
+    """Rank 8 up factors cannot be grouped by 32 inputs: they keep the model's dtype (one log
+    line), the rest is int4; saved and reloaded, with hf_wsvd and through the saved code."""
+    model, _ = tiny.compressed("llama")
+    config = quantization_config("int4", 32)
+    with caplog.at_level(logging.WARNING):
+        quantized = quantize(model, config)
+    lines = [r.getMessage() for r in caplog.records if "stay unquantized" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("hf_wsvd: 10 of the 20 factor and pruned linears"), lines
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert type(layer.up).__name__ == "FullPrecisionLinear" and type(layer.up.weight) is torch.nn.Parameter
+    assert type(layer.down.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert torch.equal(layer.up.weight, model.model.layers[0].self_attn.q_proj.up.weight)  # kept as is
+    bits = weight_bits(quantized)
+    assert 0 < bits.full_weights < bits.quantized_weights
+    # int4 values, a float32 scale and an int8 zero point per 32 weights; the unquantized up factors at 32 bits
+    expected = (bits.quantized_weights * (4 + 40 / 32) + bits.full_weights * 32) / (bits.quantized_weights + bits.full_weights)
+    assert bits.block_bits_per_weight == pytest.approx(expected)
+    quantized.save_pretrained(tmp_path / "q")
+    reloaded = CAUSAL.from_pretrained(tmp_path / "q")
+    assert type(reloaded.model.layers[0].self_attn.q_proj.up).__name__ == "FullPrecisionLinear"
+    assert torch.equal(_outputs(reloaded), _outputs(quantized))
+    kind, out = _saved_code_outputs(tmp_path / "q", tmp_path)
+    assert kind == "FullPrecisionLinear" and torch.equal(out, _outputs(quantized))
+
+
+def test_pruned_layers_are_quantized(tmp_path):
+    model, report = tiny.compressed("llama", data=_lm_batches(), method="fisher_whiten", param_ratio=0.6,
+                                    sequential=True, mlp_pruning=True, rank_multiple=8)
+    assert report.pruned
+    quantized = quantize(model, quantization_config("int8"))
+    name = next(iter(report.pruned))
+    assert type(quantized.model.get_submodule(name).weight).__name__ == "Int8Tensor"
+    quantized.save_pretrained(tmp_path)
+    assert torch.equal(_outputs(CAUSAL.from_pretrained(tmp_path)), _outputs(quantized))
+
+
+def test_cut_attentions_are_quantized_and_round_trip(tmp_path):
+    model, report = tiny.compressed("llama", data=_lm_batches(), method="fisher_whiten", param_ratio=0.6,
+                                    sequential=True, attention_pruning=True, allocation="uniform", rank_multiple=2)
+    name = next(iter(report.attention))
+    quantized = quantize(model, quantization_config("int8"))
+    attention = quantized.model.get_submodule(name)
+    assert attention.head_dim < 8 and type(attention.q_proj.weight).__name__ == "Int8Tensor"
+    quantized.save_pretrained(tmp_path)
+    reloaded = CAUSAL.from_pretrained(tmp_path)
+    assert reloaded.model.get_submodule(name).head_dim == attention.head_dim
+    assert torch.equal(_outputs(reloaded), _outputs(quantized))
+
+
+def _lm_batches(count: int = 4, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(len(tiny.SPECIALS), len(tiny.SPECIALS) + len(tiny.WORDS), (2, length), generator=generator)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return batches
+
+
+QUANTIZE = dict(quantize="int3", quantize_group_size=16)
+
+
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory):
+    """A tiny dense Llama (saved), its int3 quantization alone, and Q + L at rank 8 (saved)."""
+    folder = tmp_path_factory.mktemp("residual")
+    dense = tiny.build("llama")
+    dense.save_pretrained(folder / "dense")
+    quantized = quantize(dense, quantization_config("int3", 16))
+    model, report = hf_wsvd.compress(dense, hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8, **QUANTIZE),
+                                     _lm_batches(8), show_progress=False)
+    model.save_pretrained(folder / "qlr")
+    return folder, dense, quantized, model, report
+
+
+def test_quantized_residual_beats_quantization_alone(residual):
+    _, dense, quantized, model, report = residual
+    assert report.pipeline == "quantized_residual" and len(report.ranks) == 14  # every block linear
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "LowRankCorrectedLinear" and layer.rank == 8
+    assert type(layer.base.weight).__name__ == "IntxUnpackedToInt8Tensor"  # Q, as the stock quantizer stores it
+    assert torch.equal(layer.base.weight.dequantize(), quantized.model.layers[0].self_attn.q_proj.weight.dequantize())
+    reference = _outputs(dense)
+    error_q = (_outputs(quantized) - reference).pow(2).mean()
+    error_ql = (_outputs(model) - reference).pow(2).mean()
+    assert error_ql < 0.5 * error_q, (error_ql, error_q)
+    assert weight_bits(model).full_weights == sum(8 * (m.in_features + m.out_features) for m in
+                                                  model.modules() if type(m).__name__ == "LowRankCorrectedLinear")
+
+
+def test_quantized_residual_round_trip(residual, tmp_path):
+    folder, _, _, model, _ = residual
+    reloaded = CAUSAL.from_pretrained(folder / "qlr")
+    assert type(reloaded.model.layers[1].mlp.up_proj).__name__ == "LowRankCorrectedLinear"
+    assert torch.equal(_outputs(reloaded), _outputs(model))
+    kind, out = _saved_code_outputs(folder / "qlr", tmp_path)
+    assert kind == "FullPrecisionLinear" and torch.equal(out, _outputs(model))  # the correction's up factor
+
+
+def test_quantized_residual_never_loads_as_w_plus_l_or_q_alone(residual, tmp_path):
+    folder, dense, _, _, _ = residual
+    import shutil
+
+    shutil.copytree(folder / "qlr", tmp_path / "no-config")
+    edit_config(tmp_path / "no-config", lambda c: c.pop("quantization_config"))
+    with pytest.raises(ValueError, match="has no quantization_config"):
+        CAUSAL.from_pretrained(tmp_path / "no-config")
+    shutil.copytree(folder / "qlr", tmp_path / "no-correction")
+    _edit_keeping_metadata(tmp_path / "no-correction", lambda t: t.pop("model.layers.0.self_attn.q_proj.up.weight"))
+    with pytest.raises(ValueError, match="q_proj.up.weight' is missing"):
+        CAUSAL.from_pretrained(tmp_path / "no-correction")
+    # W + L: full-precision base weights under the residual recipe (saved through the quantizer)
+    model = CAUSAL.from_pretrained(folder / "qlr")
+    weights = dense.state_dict()
+    for name in model.config.wsvd["residual"]:
+        model.get_submodule(f"model.{name}").base.weight = torch.nn.Parameter(weights[f"model.{name}.weight"])
+    model.save_pretrained(tmp_path / "w-plus-l")
+    with pytest.raises(ValueError, match="base loaded unquantized"):
+        CAUSAL.from_pretrained(tmp_path / "w-plus-l")
+
+
+def _edit_keeping_metadata(path, change) -> None:
+    """``edit_weights`` for a quantized checkpoint: its safetensors metadata (torchao's) is kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata=metadata)
+
+
+def test_quantized_residual_exports_a_peft_adapter(residual, tmp_path):
+    from peft import PeftModel
+
+    from hf_wsvd.solvers.quantized_residual import residual_adapter
+
+    folder, _, _, model, _ = residual
+    residual_adapter(model, tmp_path / "adapter", str(folder / "dense"))
+    base = CAUSAL.from_pretrained(folder / "dense", quantization_config=quantization_config("int3", 16))
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert torch.allclose(_outputs(with_adapter), _outputs(model), atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, kind", [
+    (["--param-ratio", "0.5", "--quantize", "int4", "--quantize-group-size", "8", "--no-mlp-pruning",
+      "--no-attention-pruning"], "FactorizedLinear"),
+    (["--method", "quantized_residual", "--quantize", "int4", "--quantize-group-size", "16", "--residual-rank", "4"],
+     "LowRankCorrectedLinear"),
+])
+def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tokenizer, capsys, extra, kind):
+    from test_cli import _causal_lm_and_text
+
+    from hf_wsvd.cli import main
+
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    out = tmp_path / "lm"
+    assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", *extra]) == 0
+    model = CAUSAL.from_pretrained(out)
+    assert model.config.quantization_config.quant_method == "torchao"
+    layer = next(m for m in model.modules() if type(m).__name__ == kind)
+    inner = layer.base if kind == "LowRankCorrectedLinear" else layer.down
+    assert type(inner.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("quantized with torchao: "))
+    assert "bits per weight in the block linears" in line
+    assert f"{weight_bits(model).block_bits_per_weight:.2f} bits per weight" in line
+    card = (out / "README.md").read_text()
+    assert "| quantization | torchao: " in card and "bits per weight in the block linears" in card
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA")
+@pytest.mark.parametrize("spec", ["nf4", "bnb-int8"])
+def test_bitsandbytes_round_trip_on_cuda(tmp_path, spec):
+    pytest.importorskip("bitsandbytes")
+    tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
+    quantized = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=quantization_config(spec), device_map="cuda")
+    assert type(quantized.model.layers[0].mlp.up_proj.down).__name__ in ("Linear4bit", "Linear8bitLt")
+    inputs = {k: v.cuda() for k, v in tiny.inputs("llama").items()}
+    with torch.no_grad():
+        before = quantized(**inputs).logits
+    quantized.save_pretrained(tmp_path / "q")
+    reloaded = CAUSAL.from_pretrained(tmp_path / "q", device_map="cuda")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, before)
+    assert 0 < weight_bits(reloaded).block_bits_per_weight < 16
