@@ -169,11 +169,12 @@ def value_subspaces(group: AttentionGroup, o: LayerProblem,
 
 
 def _whitened_query_keys(group: AttentionGroup, q: LayerProblem, k: LayerProblem, scales: tuple[float, float]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A non-rotary attention's logits per key/value head: with S_q, S_k square roots of the
-    (group-mean) query and key covariances, the SVD U·Σ·Vᵀ of S_qᵀ·S_k. Returns the costs per
-    dimension (kv × d: 2·√(scale_q·scale_k)·σ, the Fisher means included) and S_q, S_k, U, Σ, V
-    stacked over the key/value heads (Σ: kv × d)."""
+    (group-mean) query and key covariances, the SVD U·Σ·Vᵀ of S_qᵀ·S_k; the kept dimensions are its
+    leading ones. A dimension's cost is priced as a rotary pair's, 2·√(L_q·L_k), with L the
+    predicted loss of the query (key) part it carries, scale·D̄²·‖S_q·u_i‖² (‖S_k·v_i‖²).
+    Returns the costs (kv × d) and S_q, S_k, U, Σ, V stacked over the key/value heads."""
     d, size = group.head_dim, group.heads // group.kv_heads
 
     def covariance(problem: LayerProblem, heads: range) -> tuple[torch.Tensor, float]:
@@ -189,8 +190,10 @@ def _whitened_query_keys(group: AttentionGroup, q: LayerProblem, k: LayerProblem
         ck, fk = covariance(k, range(g, g + 1))
         sq, sk = gram_square_root(cq)[0], gram_square_root(ck)[0]
         u, sigma, vh = torch.linalg.svd(sq.T @ sk)
+        query = scales[0] * fq * (sq @ u).square().sum(dim=0)
+        key = scales[1] * fk * (sk @ vh.T).square().sum(dim=0)
         roots_q.append(sq), roots_k.append(sk), lefts.append(u), sigmas.append(sigma), rights.append(vh.T)
-        costs.append(2 * (scales[0] * scales[1] * fq * fk) ** 0.5 * sigma)
+        costs.append(2 * (query * key).sqrt())
     return (torch.stack(costs), torch.stack(roots_q), torch.stack(roots_k), torch.stack(lefts),
             torch.stack(sigmas), torch.stack(rights))
 
@@ -259,8 +262,8 @@ def cut_attention(group: AttentionGroup, q: LayerProblem, k: LayerProblem, v: La
         _, root_q, root_k, left, sigma, right = _whitened_query_keys(group, q, k, scales[:2])
         half = sigma[:, None, :keep].sqrt()
         # q' = Aᵀ·q, k' = Bᵀ·k with A = S_q⁻ᵀ·U·√Σ, B = S_k⁻ᵀ·V·√Σ: q'ᵀ·k' = qᵀ·S_q⁻ᵀ·U·Σ·Vᵀ·S_k⁻¹·k.
-        query_map = torch.linalg.solve(root_q, left[:, :, :keep] * half).transpose(1, 2)
-        key_map = torch.linalg.solve(root_k, right[:, :, :keep] * half).transpose(1, 2)
+        query_map = torch.linalg.solve(root_q.transpose(1, 2), left[:, :, :keep] * half).transpose(1, 2)
+        key_map = torch.linalg.solve(root_k.transpose(1, 2), right[:, :, :keep] * half).transpose(1, 2)
     _, bases, factors = value_subspaces(group, o, scales[2])
     value_map = bases[:, :, :keep].transpose(1, 2) @ factors.transpose(1, 2)  # Uᵀ·Lᵀ: kv × d' × d
     up = torch.linalg.solve(factors.transpose(1, 2), bases[:, :, :keep])  # L⁻ᵀ·U: kv × d × d'

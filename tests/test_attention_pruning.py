@@ -15,7 +15,7 @@ from transformers import DynamicCache, StaticCache
 import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, head_spectrum
+from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
 from hf_wsvd.cli import main
 from hf_wsvd.export import densify
 from hf_wsvd.runtime.modeling_wsvd import cut_heads
@@ -252,3 +252,73 @@ def test_inspect_lists_the_cut_projections(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "cut")]) == 0
     out = capsys.readouterr().out
     assert "layers.0.self_attn.q_proj" in out and "pruned" in out
+
+
+def test_a_bert_attention_is_cut_without_rotary_and_reloads_and_exports(tmp_path):
+    """BERT's attention (no rotary: queries and keys keep a subspace of their logits) in the
+    whole-model pipeline: exact at full size, reloads by both paths, exports dense."""
+    dense = tiny.build("bert", hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 23, (16, 12), generator=generator)
+    data = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]),
+             "labels": torch.randint(0, 2, (4,), generator=generator)} for i in range(0, 16, 4)]
+    config = dict(method="fisher_whiten", allocation="uniform", attention_pruning=True, rank_multiple=2)
+    full, report = compress(copy.deepcopy(dense), WSVDConfig(param_ratio=1.0, **config), data, show_progress=False)
+    assert not report.attention  # every dimension kept: nothing cut
+    model, report = compress(copy.deepcopy(dense), WSVDConfig(param_ratio=0.6, **config), data, show_progress=False)
+    entry = report.attention["encoder.layer.0.attention.self"]
+    assert "rotary" not in entry and entry["projections"][3] == "encoder.layer.0.attention.output.dense"
+    attention = model.bert.encoder.layer[0].attention.self
+    assert attention.attention_head_size == entry["head_dim"] < 16
+    assert attention.query.out_features == 4 * entry["head_dim"]
+    x = tiny.inputs("bert")
+    with torch.no_grad():
+        expected = model(**x).logits
+    tiny.save(model, tmp_path / "cut")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cut")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).logits, expected)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        model = transformers.AutoModelForSequenceClassification.from_pretrained("{tmp_path}/cut", trust_remote_code=True)
+        x, expected = torch.load("{tmp_path}/x.pt"), torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, expected)
+        print("remote ok")
+    """, tmp_path)
+    assert "remote ok" in result.stdout, result.stderr[-3000:]
+    exported = densify(reloaded)
+    assert exported.bert.encoder.layer[0].attention.self.attention_head_size == 16
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bert_attention_at_full_size_is_exact():
+    model = tiny.build("bert", hidden_size=64, num_attention_heads=4, intermediate_size=128).double()
+    attention = model.bert.encoder.layer[0].attention
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda module, args, key=key: seen.setdefault(key, []).append(
+        args[0].reshape(-1, args[0].shape[-1]))) for key, m in (("q", attention.self.query), ("o", attention.output.dense))]
+    # continuous inputs: token ids of a 16-word vocabulary would leave the Grams singular
+    embeds = torch.randn(8, 24, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        model(inputs_embeds=embeds)
+    for handle in handles:
+        handle.remove()
+    grams = {k: torch.cat(v).T @ torch.cat(v) / len(torch.cat(v)) for k, v in seen.items()}
+    linears = {"q": attention.self.query, "k": attention.self.key, "v": attention.self.value, "o": attention.output.dense}
+    problems = [LayerProblem(r, linears[r].weight.detach().double(), 0, gram=grams["o" if r == "o" else "q"])
+                for r in "qkvo"]
+    group = AttentionGroup("encoder.layer.0.attention.self", *(f"q{r}" for r in "qkvo"), 4, 4, 16, False)
+    cut = cut_attention(group, *problems, 16, (1.0, 1.0, 1.0))
+    x = {"inputs_embeds": embeds[:2, :7]}
+    with torch.no_grad():
+        before = model(**x).logits
+        for role, module in linears.items():
+            module.weight.copy_(getattr(cut, role))
+        for role in "qkv":
+            linears[role].bias.copy_(cut_bias(group, cut, role, linears[role].bias))
+        after = model(**x).logits
+    torch.testing.assert_close(after, before, rtol=1e-8, atol=1e-8)
