@@ -96,19 +96,18 @@ class WSVDConfig:
         0.1, "compensate and mlp_pruning: pull toward the dense weight, lambda = this x the mean diagonal of the "
         "layer's input Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
     mlp_pruning: bool | None = recipe_field(
-        None, "sequential mode: shrink each MLP (gate/up -> down, fc1 -> fc2) to its most useful intermediate "
-        "channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of factorizing its "
-        "linears; the other target layers are factorized (greedy: one budget for ranks and channels; uniform: "
-        "every MLP keeps param_ratio of its channels). For the methods that read the activation Gram. Unset "
-        "(None): on in sequential mode with such a method",
+        None, "shrink each MLP (gate/up -> down, fc1 -> fc2, BERT's intermediate -> output) to its most useful "
+        "intermediate channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of "
+        "factorizing its linears (greedy: one budget for ranks and channels; uniform: every MLP keeps param_ratio "
+        "of its channels). For the methods that read the activation Gram. Unset (None): on with such a method",
         action=argparse.BooleanOptionalAction)
     attention_pruning: bool | None = recipe_field(
-        None, "sequential mode: shrink each attention's head dimension (queries/keys keep their most useful rotary "
-        "pairs, values/outputs a weighted subspace per key/value head) instead of factorizing its projections: "
-        "q/k/v/o stay four ordinary matrix products, the KV cache shrinks with them (Llama, Mistral, Qwen2 "
+        None, "shrink each attention's head dimension (queries/keys keep their most useful rotary pairs or logit "
+        "subspace, values/outputs a weighted subspace per key/value head) instead of factorizing its projections: "
+        "q/k/v/o stay four ordinary matrix products, the KV cache shrinks with them (Llama, Mistral, Qwen2, BERT "
         "attentions; others are factorized). Greedy: one budget with ranks and MLP channels; uniform: every "
         "attention keeps param_ratio of its head dimensions. For the methods that read the activation Gram. "
-        "Unset (None): on in sequential mode with such a method", action=argparse.BooleanOptionalAction)
+        "Unset (None): on with such a method", action=argparse.BooleanOptionalAction)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(
         1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
@@ -294,7 +293,7 @@ class WSVDConfig:
         """``mlp_pruning`` / ``attention_pruning``: a bool (or None), with a Gram method."""
         value = getattr(self, name)
         if value is not None and not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be True, False or None (on in sequential mode)")
+            raise ValueError(f"{name}={value!r} must be True, False or None (on with whiten or fisher_whiten)")
         if not value:
             return
         from .solvers import solver_for

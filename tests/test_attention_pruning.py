@@ -322,3 +322,9 @@ def test_a_bert_attention_at_full_size_is_exact():
             linears[role].bias.copy_(cut_bias(group, cut, role, linears[role].bias))
         after = model(**x).logits
     torch.testing.assert_close(after, before, rtol=1e-8, atol=1e-8)
+
+
+def test_an_attention_with_no_step_to_cut_is_factorized():
+    """rank_multiple=16 at head size 16: no cut is possible, so the projections are factorized."""
+    _, model, report = _compressed("llama", rank_multiple=16, param_ratio=0.5)
+    assert not report.attention and any(n.endswith("self_attn.q_proj") for n in report.ranks)

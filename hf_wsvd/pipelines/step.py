@@ -215,13 +215,16 @@ class Cuts:
 
     @classmethod
     def of(cls, job: Job) -> "Cuts":
-        """The groups of the job's targets the recipe cuts, whose layers are all ``nn.Linear``."""
+        """The groups of the job's targets the recipe cuts, whose layers are all ``nn.Linear``. An
+        attention whose head size leaves no step of ``rank_multiple`` to cut (64 at 64) is left to
+        factorization."""
         def plain(group: Cut) -> bool:
             return all(type(job.module(n)) is torch.nn.Linear for n in group.members)
 
         pairs = find_pairs(job.shapes(job.targets)) if job.config.mlp_pruning else []
         attentions = attention_groups(job.model, job.targets) if job.config.attention_pruning else []
-        return cls([p for p in pairs if plain(p)], [a for a in attentions if plain(a)])
+        return cls([p for p in pairs if plain(p)],
+                   [a for a in attentions if plain(a) and a.head_dim > job.config.rank_multiple])
 
     @property
     def groups(self) -> list[Cut]:
