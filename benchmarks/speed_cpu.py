@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import MINILM, ROOT, SHARED, SST2_TRAIN, ratio_label
+from common import MINILM, ROOT, SHARED, SST2_TRAIN
 from timing import (add_json_arguments, interleaved_seconds, load_range, measure_or_publish, median, speedup,
                     token_batch, verdict, with_key)
 
@@ -54,7 +55,8 @@ def _compressed(dense, config, data) -> tuple[torch.nn.Module, dict]:
 
 
 def _minilm(args) -> dict:
-    """The classifier and its compressions: (models by kept ratio, structures, accuracies)."""
+    """The classifier and its compressions by each recipe variant at each kept ratio: (models,
+    structures, accuracies), keyed "ratio" (the recommended recipe) or "ratio variant"."""
     from hf_wsvd import WSVDConfig
     from hf_wsvd.evaluation import evaluate_model
     from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
@@ -64,9 +66,12 @@ def _minilm(args) -> dict:
     train = data_loader(dense, tokenizer, str(SST2_TRAIN), base, ["sentence"], "label")
     dev = data_loader(dense, tokenizer, str(SST2_TRAIN.parent / "dev.tsv"), base, ["sentence"], "label", shuffle=False)
     models, structures, accuracy = {1.0: dense.eval()}, {}, {}
-    for ratio in args.ratios:
-        config = WSVDConfig(param_ratio=ratio, num_samples=args.samples, batch_size=8, max_length=128)
-        models[ratio], structures[ratio] = _compressed(dense, config, train)
+    for variant in args.variants:
+        for ratio in args.ratios:
+            key = ratio if variant == "{}" else f"{ratio} {variant}"
+            config = WSVDConfig(param_ratio=ratio, num_samples=args.samples, batch_size=8, max_length=128,
+                                **json.loads(variant))
+            models[key], structures[key] = _compressed(dense, config, train)
     for ratio, model in models.items():
         accuracy[ratio] = evaluate_model(model, dev, show_progress=False)["accuracy"]
     return models, structures, accuracy
@@ -165,7 +170,9 @@ def render(runs: list[dict]) -> str:
                 shape = "dense" if structure is None else (
                     f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
                     f"{structure['factorized']} factorized")
-                rows.append([timing["threads"], load_range(timing["loadavg_1min"]), ratio_label(m["ratio"]), shape,
+                ratio, _, variant = str(m["ratio"]).partition(" ")
+                label = "dense" if float(ratio) == 1.0 else f"kept {float(ratio):g}" + (f", {variant}" if variant else "")
+                rows.append([timing["threads"], load_range(timing["loadavg_1min"]), label, shape,
                              dense_bytes / run["weight_bytes"][key], m["tokens_per_s"], m["tokens_x"],
                              1e3 / m["latency_per_s"], m["latency_x"], run.get("accuracy", {}).get(key, "—")])
             half = next((m for m in timing["rows"] if m["ratio"] == 0.5), None)
@@ -173,7 +180,7 @@ def render(runs: list[dict]) -> str:
                 notes.append(f"Target ≥{CPU_TARGET}× dense throughput at kept ratio 0.5, 2 threads: "
                              f"{half['tokens_x']:.2f}× ({verdict(half['tokens_x'] >= CPU_TARGET)}).")
     text = markdown_table(
-        ["threads", "load (1 min)", "MiniLM-L6 SST-2, float32", "structure (recommended recipe)",
+        ["threads", "load (1 min)", "MiniLM-L6 SST-2, float32 (recommended recipe)", "structure",
          "bound (dense bytes/bytes)", f"tokens/s ({p['batch']}×{p['length']})", "×dense",
          f"latency ms (1×{p['length']})", "×dense", "SST-2 dev accuracy"], rows)
     notes.insert(0, f"CPU ({p['environment']['cpus']} cores), medians of {p['rounds']} interleaved rounds; ×dense is "
@@ -208,6 +215,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=MINILM)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3], help="kept ratios")
     parser.add_argument("--samples", type=int, default=512, help="SST-2 training examples of the recipe")
+    parser.add_argument("--variants", nargs="+", default=["{}", '{"mlp_pruning": true, "attention_pruning": true}'],
+                        help="WSVDConfig fields set on the recommended recipe, as JSON, one compression each ({}: "
+                             "the recommended recipe)")
     parser.add_argument("--llm", help="also time a causal LM: a demo model name, folder or .gguf")
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4], help="of the LM's decoder linears")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))

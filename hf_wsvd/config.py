@@ -99,7 +99,8 @@ class WSVDConfig:
         None, "shrink each MLP (gate/up -> down, fc1 -> fc2, BERT's intermediate -> output) to its most useful "
         "intermediate channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of "
         "factorizing its linears (greedy: one budget for ranks and channels; uniform: every MLP keeps param_ratio "
-        "of its channels). For the methods that read the activation Gram. Unset (None): on with such a method",
+        "of its channels). For the methods that read the activation Gram. Unset (None): on with such a method in "
+        "sequential mode",
         action=argparse.BooleanOptionalAction)
     attention_pruning: bool | None = recipe_field(
         None, "shrink each attention's head dimension (queries/keys keep their most useful rotary pairs or logit "
@@ -107,7 +108,7 @@ class WSVDConfig:
         "q/k/v/o stay four ordinary matrix products, the KV cache shrinks with them (Llama, Mistral, Qwen2, BERT "
         "attentions; others are factorized). Greedy: one budget with ranks and MLP channels; uniform: every "
         "attention keeps param_ratio of its head dimensions. For the methods that read the activation Gram. "
-        "Unset (None): on with such a method", action=argparse.BooleanOptionalAction)
+        "Unset (None): on with such a method in sequential mode", action=argparse.BooleanOptionalAction)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(
         1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
