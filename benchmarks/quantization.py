@@ -1,6 +1,7 @@
 """Weight bytes against WikiText-2 perplexity: quantization alone, the recommended low-rank recipe
-followed by quantization, and the weighted residual (quantized_residual: Q + L), on real LLMs; and
-the decode speed of a quantized compressed Llama-7B shape against quantized dense.
+followed by quantization, and the weighted residual (quantized_residual: Q + L), on real LLMs. (The
+decode speed of the quantized compressed Llama-7B shape against quantized dense is a part of
+``benchmarks/speed_gpu.py``: ``--parts int8``.)
 
 Quantizer: torchao ``IntxWeightOnlyConfig`` (``hf_wsvd.quantization.quantization_config``: int8
 per row, int4/int3 asymmetric per group of 64) for the whole curve: one family at every bit width,
@@ -11,7 +12,7 @@ and every other parameter (embeddings, norms, head: bf16, stated apart); torchao
 holds int4/int3 values one per byte in memory. Calibration (recipes and corrections): seeded
 blocks of wiki.valid.tokens; test: the whole wiki.test.raw in non-overlapping blocks.
 
-    python benchmarks/quantization.py --json-out quant.json            # GPU machine (~8 min with --speed)
+    python benchmarks/quantization.py --json-out quant.json            # GPU machine
     python benchmarks/quantization.py --from-json quant.json            # table, plot, results JSON
 """
 
@@ -117,39 +118,9 @@ def measure_model(name: str, args) -> list[dict]:
     return rows
 
 
-def measure_speed(args) -> dict:
-    """Decode tokens/s of the Llama-7B shape (random bf16 weights), torchao int8 weight-only, dense
-    and with 40% of its decoder-linear parameters removed (random factors of the uniform ranks)."""
-    from scale import build
-    from speed_gpu import decode, factorize_randomly
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    result = {}
-    for reduction in (0.0, args.speed_reduction):
-        model = build("7b", args.speed_layers, torch.device("cuda"), torch.bfloat16)
-        if reduction:
-            factorize_randomly(model, reduction, args.group_size)
-        # the torchao op TorchAoConfig runs at load (the 7B shape is not saved and reloaded: 13 GB)
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
-        gc.collect()
-        torch.cuda.empty_cache()
-        entry = {"weights_gib": torch.cuda.memory_allocated() / 2**30}
-        for batch in args.decode_batches:
-            entry[str(batch)] = decode(model, batch, args)
-            print(f"int8, reduction {reduction}, batch {batch}: {entry[str(batch)]['tokens_per_s']:.1f} tokens/s",
-                  file=sys.stderr, flush=True)
-        result[str(reduction)] = entry
-        del model
-        torch._dynamo.reset()
-        gc.collect()
-        torch.cuda.empty_cache()
-    return result
-
-
 def measure(args) -> dict:
     rows = [r for name in args.models for r in measure_model(name, args)]
-    speed = measure_speed(args) if args.speed else None
-    return {"environment": environment(), "rows": rows, "speed": speed,
+    return {"environment": environment(), "rows": rows,
             "options": {k: v for k, v in vars(args).items() if k != "from_json"}}
 
 
@@ -217,16 +188,6 @@ def render(payload: dict) -> str:
             if share is not None:
                 lines.append(f"{model}: the correction recovers {share:.0%} of the perplexity gap between int{bits} "
                              "alone and the dense model.")
-    speed = payload.get("speed")
-    if speed:
-        dense_key, *compressed = speed
-        for batch in [k for k in speed[dense_key] if k != "weights_gib"]:
-            base = speed[dense_key][batch]["tokens_per_s"]
-            for key in compressed:
-                rate = speed[key][batch]["tokens_per_s"]
-                lines.append(f"Llama-7B shape, torchao int8 weight-only, decode at batch {batch}: -{float(key):.0%} "
-                             f"{rate:.1f} tokens/s vs dense {base:.1f} ({rate / base:.2f}×; weights "
-                             f"{speed[key]['weights_gib']:.2f} vs {speed[dense_key]['weights_gib']:.2f} GiB).")
     lines.append(f"\n![weight bytes against perplexity]({PLOT})")
     return "\n".join(lines)
 
@@ -235,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=lambda s: [x for x in s.split(",") if x],
                         default=["smollm2-135m", "qwen2.5-coder-0.5b"],
-                        help=f"comma-separated: {sorted(DEMO_MODELS)}, folders or .gguf files ('': none, --speed only)")
+                        help=f"comma-separated: {sorted(DEMO_MODELS)}, folders or .gguf files")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--test", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
     parser.add_argument("--calib-samples", type=int, default=64)
@@ -249,15 +210,6 @@ def main() -> None:
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")
-    parser.add_argument("--speed", action="store_true", help="also the decode speed of the 7B shape (CUDA)")
-    parser.add_argument("--speed-layers", type=int, default=32)
-    parser.add_argument("--speed-reduction", type=float, default=0.4)
-    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--decode-repeats", type=int, default=2)
-    parser.add_argument("--decode-warmup", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", default=True, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", help="publish measurements written by --json-out")
     args = parser.parse_args()

@@ -235,8 +235,20 @@ def measure_model(reduction: float, args) -> dict:
 
         guarded(result, "prefill", prefill)
     parts = (("decode", decode), ("graph", graph_decode),
-             ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)))
+             ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
+             ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)))
     for part, run in parts:
+        if part == "int8" and part in args.parts:
+            # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
+            # block linears, then compiled decoding, which its kernels need to be fast.
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            torch._dynamo.reset()  # the bf16 model's compiled graphs
+            quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: type(m) is torch.nn.Linear
+                      and "lm_head" not in name)
+            gc.collect()
+            torch.cuda.empty_cache()
+            result["int8_weights_gib"] = torch.cuda.memory_allocated() / 2**30
         if part not in args.parts:
             continue
         result[part] = {}
@@ -248,7 +260,7 @@ def measure_model(reduction: float, args) -> dict:
             guarded(result[part], str(batch), measured)
         print(f"reduction {reduction}: {part} done", file=sys.stderr)
     del model
-    if "compile" in args.parts:
+    if {"compile", "int8"} & set(args.parts):
         torch._dynamo.reset()  # frees the compiled graphs (and their CUDA graph pools)
     gc.collect()
     torch.cuda.empty_cache()
@@ -289,7 +301,7 @@ def render(runs: list[dict]) -> str:
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("decode", "1"), ("decode", "16"),
-                   ("compile", "1"), ("compile", "16")]
+                   ("compile", "1"), ("compile", "16"), ("int8", "1"), ("int8", "16")]
         for m in run["models"]:
             cells = []
             for part, batch in columns:
@@ -297,7 +309,7 @@ def render(runs: list[dict]) -> str:
                 cells += [now if now is not None else "—", now / dense if now and dense else "—"]
             bounds = [base["step_bytes"][b] / m["step_bytes"][b] if base and b in m["step_bytes"] else "—"
                       for b in ("1", "16")]
-            peaks = [d.get("peak_gib") for part in ("decode", "graph", "compile") for d in m.get(part, {}).values()
+            peaks = [d.get("peak_gib") for part in ("decode", "graph", "compile", "int8") for d in m.get(part, {}).values()
                      if isinstance(d, dict) and "peak_gib" in d]
             structure = "dense" if not m["reduction"] else (
                 f"{m['cut_attentions']} attentions cut to head dim {'/'.join(map(str, m['head_dims'])) or '-'}, "
@@ -317,7 +329,7 @@ def render(runs: list[dict]) -> str:
             notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from eager steps (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
                       f"{e.get('first_step_min_top2_margin', float('nan')):.3g})." for b, e in mismatched.items()]
-            errors = [f"{part} {batch}: {entry['error']}" for part in ("decode", "graph", "compile")
+            errors = [f"{part} {batch}: {entry['error']}" for part in ("decode", "graph", "compile", "int8")
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
@@ -339,11 +351,13 @@ def render(runs: list[dict]) -> str:
          f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
          "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
          "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
-         "compiled generate b16", "×dense", "peak GiB prefill", "peak GiB decode", "compress s"], rows)
+         "compiled generate b16", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16", "×int8 dense",
+         "peak GiB prefill", "peak GiB decode", "compress s"], rows)
     return text + (f"\n\n{run['environment'].get('cuda')}; calibration {run['calibration'][0]}×{run['calibration'][1]} "
                    f"random tokens; decode: greedy, {run['new_tokens']} new tokens after a {run['prompt_length']}-token "
                    "prompt, KV cache; generate is timed from the first new token; CUDA-graph decode replays one "
-                   "captured step (static cache) per token; compiled generate uses a static cache and torch.compile. "
+                   "captured step (static cache) per token; compiled generate uses a static cache and torch.compile; int8: "
+                   "the same model with torchao int8 weight-only block linears, compiled generate, against int8 dense. "
                    "Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
                    "compressed. " + " ".join(notes))
 
@@ -351,10 +365,11 @@ def render(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
-    parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile"],
-                        choices=["prefill", "decode", "graph", "compile"],
+    parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
+                        choices=["prefill", "decode", "graph", "compile", "int8"],
                         help="graph: decode replayed from a CUDA graph (static cache); compile: generate with a static "
-                             "cache and torch.compile")
+                             "cache and torch.compile; int8: the same after torchao int8 weight-only quantization "
+                             "(last: it quantizes the model)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")
