@@ -113,6 +113,9 @@ def compress(
     ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)
     if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
         ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
+    if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
+        raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
+                         "nothing: lower it to compress")
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention))
     attach_recipe(model, recipe)
     params_after, _ = parameter_counts(model)

@@ -111,6 +111,7 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     (["--param-ratio", "half"], "'half'"),
     (["--target-modules", "nonexistent"], "matches no linear layer"),
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
+    (["--param-ratio", "1"], "param_ratio=1 keeps every parameter of the target layers, which saves nothing"),
     (["--method", "nope"], "'nope'"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
