@@ -350,3 +350,66 @@ def test_huge_weights_with_lp_are_one_line(project, capsys):
     assert run(["compress", str(project / "huge"), str(project / "out"), "--method", "lp"]) == 2
     error = one_error(capsys)
     assert "decomposition failed" in error or "NaN or inf" in error, error
+
+
+def _causal_lm(root, arch: str = "gpt2", **overrides):
+    """A tiny dense causal LM and a compressed copy of it, saved under ``root``; returns their paths."""
+    import copy
+
+    dense = tiny.build(arch, **overrides)
+    ids = torch.randint(len(tiny.SPECIALS), dense.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long), "labels": ids[i:i + 4]}
+               for i in (0, 4)]
+    compressed, _ = compress(copy.deepcopy(dense), WSVDConfig(method="whiten", param_ratio=0.5), batches,
+                             show_progress=False)
+    return tiny.save(dense, root / f"{arch}-dense"), tiny.save(compressed, root / f"{arch}-compressed")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n\t\n"], ids=["empty", "blank lines"])
+def test_text_without_words_names_the_file_for_a_causal_lm(tmp_path, capsys, content):
+    dense, _ = _causal_lm(tmp_path, "llama")
+    (tmp_path / "blank.txt").write_text(content)
+    for argv in (["compress", str(dense), str(tmp_path / "out"), "--data"], ["eval", str(dense), "--data"]):
+        assert run([*argv, str(tmp_path / "blank.txt")]) == 2
+        error = one_error(capsys)
+        assert f"data file {str(tmp_path / 'blank.txt')!r}" in error and ("holds no text" in error or "is empty" in error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequences_longer_than_the_position_table_are_named(tmp_path, capsys):
+    """GPT-2 learns 64 positions here: --max-length 100 is refused before any forward pass, in
+    compress, eval and heal."""
+    dense, compressed = _causal_lm(tmp_path)
+    (tmp_path / "text.txt").write_text("the movie was good and the plot was great\n" * 200)
+    text = ["--data", str(tmp_path / "text.txt"), "--max-length", "100"]
+    for argv in (["compress", str(dense), str(tmp_path / "out")], ["eval", str(dense)],
+                 ["heal", str(compressed), str(tmp_path / "out"), "--teacher", str(dense), "--heldout-blocks", "1"]):
+        assert run([*argv, *text]) == 2
+        error = one_error(capsys)
+        assert "--max-length 100 exceeds the model's 64 positions (max_position_embeddings)" in error, error
+    assert run(["eval", str(dense), *text[:2], "--max-length", "64"]) == 0  # the whole table is usable
+
+
+def test_token_ids_beyond_the_embeddings_are_named(tmp_path, capsys):
+    """A model with fewer token embeddings than its tokenizer's ids (or eval --tokenizer of another
+    vocabulary) fails with the two numbers, not an IndexError."""
+    dense, _ = _causal_lm(tmp_path, vocab_size=20)
+    (tmp_path / "text.txt").write_text("the movie was good and the plot was great\n" * 20)
+    assert run(["eval", str(dense), "--data", str(tmp_path / "text.txt"), "--max-length", "8"]) == 2
+    largest = max(tiny.tokenizer()("the movie was good and the plot was great")["input_ids"] + [tiny.tokenizer().eos_token_id])
+    assert f"the tokenizer's ids go up to {largest} but the model has 20 token embeddings" in one_error(capsys)
+    # a classifier without its own tokenizer, given one of another vocabulary
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngreat plot\t1\nawful\t0\n")
+    tiny.save(tiny.build("bert", vocab_size=20), tmp_path / "small-bert", with_tokenizer=False)
+    tiny.tokenizer().save_pretrained(tmp_path / "tokenizer")
+    assert run(["eval", str(tmp_path / "small-bert"), "--data", str(tmp_path / "dev.tsv"),
+                "--tokenizer", str(tmp_path / "tokenizer")]) == 2
+    assert "but the model has 20 token embeddings: use the model's own tokenizer" in one_error(capsys)
+
+
+@pytest.mark.parametrize("arch, positions", [("bert", 64), ("roberta", 69), ("gpt2", 64), ("llama", None)])
+def test_position_limit_reads_the_learned_table(arch, positions):
+    from hf_wsvd.data import position_limit
+
+    assert position_limit(tiny.build(arch)) == positions
+    assert position_limit(tiny.compressed(arch)[0]) == positions  # factorized models keep their table
