@@ -3,6 +3,7 @@ files, and bad input reported as one line (exit 2) naming the value."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -107,8 +108,13 @@ def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project
     # a dense export is recognized as an hf-wsvd output too
     assert run(["export", "out/a", "out/dense", "--dense"]) == 0
     assert run(["export", "out/a", "out/dense", "--dense", "--overwrite"]) == 0
-    # a save_pretrained checkpoint without the marker is recognized by its model_type and files
+    # a save_pretrained checkpoint without the marker is recognized by its model_type and files,
+    # not counting a .safetensors file its weights are not (activations the user saved there)
     _checkpoint(project / "out" / "api")
+    (project / "out" / "api" / "activations.safetensors").write_bytes(b"mine")
+    assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 2
+    assert "did not write (activations.safetensors)" in one_error(capsys)
+    (project / "out" / "api" / "activations.safetensors").unlink()
     assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 0
     assert (project / "out" / "api" / "config.json").read_text().count('"model_type": "bert"') == 1
     assert [p.name for p in (project / "out").iterdir() if p.name.startswith(".hf-wsvd-")] == []
@@ -282,6 +288,60 @@ def test_push_uploads_an_allow_list_and_verifies_the_code(tmp_path, capsys, monk
     assert main(["push", str(out), "user/x"]) == 2
     assert "factorized_linear.py differs from the installed hf_wsvd/runtime/factorized_linear.py" in one_error(capsys)
     assert len(api.commits) == 1
+
+
+def _pushable(path, **save) -> None:
+    model, _ = tiny.compressed("bert")
+    model.save_pretrained(path, **save)
+    ModelCard("---\nlibrary_name: transformers\n---\n# card").save(path / "README.md")
+
+
+def test_push_uploads_only_the_weights_the_index_names(tmp_path, capsys, monkeypatch):
+    """Other .safetensors files (activations saved next to the model) are never uploaded."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    _pushable(tmp_path / "single")
+    _pushable(tmp_path / "sharded", max_shard_size="20KB")
+    for folder in ("single", "sharded"):
+        (tmp_path / folder / "private-activations.safetensors").write_bytes(b"secret")
+        assert main(["push", str(tmp_path / folder), f"user/{folder}"]) == 0
+        assert "not uploading private-activations.safetensors" in capsys.readouterr().out
+    single, sharded = api.commits
+    assert [f for f in single if f.endswith(".safetensors")] == ["model.safetensors"]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(f for f in sharded if "safetensors" in f) == [*shards, "model.safetensors.index.json"]
+    # an index naming a file outside the folder is refused
+    index["weight_map"][next(iter(index["weight_map"]))] = "../single/model.safetensors"
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["push", str(tmp_path / "sharded"), "user/sharded"]) == 2
+    assert "names the weights file '../single/model.safetensors', not a .safetensors file of the folder" in one_error(capsys)
+    assert len(api.commits) == 2
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "config.json", "model.safetensors", "notes.txt"])
+def test_push_never_follows_a_symbolic_link(tmp_path, capsys, monkeypatch, name):
+    """A link in the folder (here to a file outside it) is refused if it would be uploaded, and
+    left out otherwise: its target is never read into a commit."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    out = tmp_path / "ckpt"
+    _pushable(out)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / name
+    if (out / name).exists():
+        (out / name).rename(target)
+    else:
+        target.write_text("private")
+    (out / name).symlink_to(target)
+    code = main(["push", str(out), "user/x"])
+    if name == "notes.txt":
+        assert code == 0 and "not uploading notes.txt" in capsys.readouterr().out
+        assert "notes.txt" not in api.commits[0]
+    else:
+        assert code == 2 and api.commits == []
+        assert f"{out / name} is a symbolic link (to {target}): push uploads plain files only" in one_error(capsys)
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (bytes(range(256)) * 8, "cannot be read as tsv")])
