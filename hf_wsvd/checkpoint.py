@@ -26,6 +26,7 @@ class LayerSummary:
     rank: int | None  # None: a dense layer cut by MLP or attention pruning (its shape is the cut one)
     params: int
     dense_params: int
+    embedding: bool = False  # the input embeddings (not a target layer)
 
     @property
     def kind(self) -> str:
@@ -53,7 +54,7 @@ def summarize(model: nn.Module) -> list[LayerSummary]:
             tables.add(id(module.weight))
             rows.append(LayerSummary(
                 relative_module_name(model, name), (module.num_embeddings, module.embedding_dim), module.rank,
-                module.num_parameters(), module.num_embeddings * module.embedding_dim,
+                module.num_parameters(), module.num_embeddings * module.embedding_dim, embedding=True,
             ))
         if isinstance(module, LowRankCorrectedLinear):  # quantized base plus its correction
             dense_params = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
@@ -87,6 +88,24 @@ def quantization_summary(model: nn.Module) -> str | None:
 
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
     return f"{getattr(method, 'value', method)}: {weight_bits(model).describe()}"
+
+
+def target_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters when dense) of a compressed model's target layers: its
+    factorized and pruned linears, and the targets of its recipe (``target_modules`` /
+    ``exclude_modules``) that stayed dense. What ``param_ratio`` budgets, as kept."""
+    from .targets import select_targets
+
+    recipe = recipe_of(model.config) or {}
+    rows = [row for row in summarize(model) if not row.embedding]
+    compressed = {row.name for row in rows}
+    try:
+        targets = select_targets(model, recipe.get("target_modules"), recipe.get("exclude_modules"))
+    except ValueError:  # named targets that are all factorized now: none stayed dense
+        targets = {}
+    dense = sum(p.numel() for name, full in targets.items() if name not in compressed
+                for p in model.get_submodule(full).parameters())
+    return sum(row.params for row in rows) + dense, sum(row.dense_params for row in rows) + dense
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

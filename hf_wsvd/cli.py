@@ -176,6 +176,12 @@ def _channel_range(pruned: dict, consumers: list[str]) -> str:
     return "/".join(map(str, dense)) + " -> " + (f"{kept[0]}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}")
 
 
+def kept_ratios(target: float, model: float) -> str:
+    """The two kept fractions, each named: of the target layers' parameters (what param_ratio
+    budgets) and of the whole model's."""
+    return f"target layers kept {target:.3f} of their parameters; whole model kept {model:.3f}"
+
+
 def compress_summary(report, output: str, dense: dict[str, float] | None = None,
                      compressed: dict[str, float] | None = None) -> str:
     """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
@@ -184,13 +190,14 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
     if report.dense_targets:
-        layers += " (at their rank they would save nothing or run no faster)"
+        layers += (" (whole, they lose less per parameter, or factorized they would run no faster)"
+                   if report.allocation == "greedy" else " (at their rank they would save nothing or run no faster)")
     lines = [
         f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline"
         f"{' (compensated)' if report.compensated else ''}, param_ratio {report.param_ratio}",
         f"  {layers}",
-        f"  parameters {report.params_before:,} -> {report.params_after:,} "
-        f"(kept {report.params_after / report.params_before:.3f})",
+        f"  {kept_ratios(report.target_kept, report.model_kept)} "
+        f"(parameters {report.params_before:,} -> {report.params_after:,})",
     ]
     for name, before in (dense or {}).items():
         after = (compressed or {})[name]
@@ -203,7 +210,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import load_factorized, parameter_counts, quantization_summary, recipe_of, summarize
+    from .checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, summarize,
+                             target_counts)
     from .runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
     if not os.path.isdir(args.path):
@@ -223,7 +231,9 @@ def _inspect(args: argparse.Namespace) -> None:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
     now, dense = parameter_counts(model)
-    print(f"total parameters: {now:,} (dense {dense:,}, kept {now / dense:.3f})")
+    target_now, target_dense = target_counts(model)
+    print(f"total parameters: {now:,} (dense {dense:,})")
+    print(kept_ratios(target_now / target_dense, now / dense))
     quantization = quantization_summary(model)
     if quantization:
         print(f"quantized with {quantization}")

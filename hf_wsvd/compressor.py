@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .checkpoint import parameter_counts
+from .checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
 from .pipelines import Job, get_pipeline
@@ -47,6 +47,19 @@ class CompressionReport:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
     attention: dict[str, dict] = field(default_factory=dict)
+    # Parameters of the target layers (``hf_wsvd.checkpoint.target_counts``) after and before.
+    target_params_after: int = 0
+    target_params_before: int = 0
+
+    @property
+    def target_kept(self) -> float:
+        """The fraction of the target layers' parameters kept (what ``param_ratio`` budgets)."""
+        return self.target_params_after / self.target_params_before
+
+    @property
+    def model_kept(self) -> float:
+        """The fraction of the whole model's parameters kept."""
+        return self.params_after / self.params_before
 
     @property
     def pruned_mlps(self) -> list[str]:
@@ -124,5 +137,6 @@ def compress(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
         job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
+        *target_counts(model),
     )
     return model, report

@@ -164,8 +164,16 @@ def test_greedy_ranks_are_positive_multiples_of_rank_multiple():
 def test_every_factorized_rank_is_a_positive_multiple_of_rank_multiple(allocation):
     """Under the default rank_multiple=8 no layer gets an unaligned rank: the GQA k/v projections
     (32 → 16), whose uniform rank at 0.5 would be 5, stay dense instead."""
+    dense = tiny.build("llama")
+    targets = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    target_params = sum(p.numel() for n in targets for p in dense.get_submodule(n).parameters())
     model, report = compress(tiny.build("llama"), WSVDConfig(method="svd", param_ratio=0.5, allocation=allocation),
                              show_progress=False)
+    # the target layers' parameters, the dense ones included, before and after
+    assert report.target_params_before == target_params
+    assert report.target_params_after == sum(p.numel() for n in targets for p in model.get_submodule(n).parameters())
+    if allocation == "greedy":  # one budget for all, the dense layers included
+        assert report.target_kept <= 0.5
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert layers and len(layers) == len(report.ranks)
     assert all(m.rank > 0 and m.rank % 8 == 0 for m in layers.values())
