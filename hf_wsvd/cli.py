@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .argtypes import names
+from .argtypes import hub_dataset, names
 from .config import WSVDConfig
 
 EXAMPLES = """examples:
@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(needed by every method but svd and lp)")
     add_data_arguments(c, names)
     c.add_argument("--eval-data", help="evaluate the dense and the compressed model on this file/folder: both "
-                                       "scores are printed, the compressed one goes into the model card")
+                                       "scores are printed, the compressed one goes into the model card (as text; "
+                                       "as model-index metadata with --eval-dataset-id)")
+    c.add_argument("--eval-dataset-id", type=hub_dataset, metavar="HUB_ID[:CONFIG]",
+                   help="the Hub dataset --eval-data comes from (e.g. nyu-mll/glue:sst2): the card's scores then "
+                        "become model-index metadata naming it, which the Hub shows as evaluation results")
     c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
                                         "also the split named in the card (default there: validation)")
     c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
@@ -137,6 +141,8 @@ def _compress(args: argparse.Namespace) -> None:
             raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
         check_data(args.data)
         check_data(args.eval_data)
+        if args.eval_dataset_id and not args.eval_data:
+            raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
         save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}

@@ -178,14 +178,17 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def card_evaluation(model, tokenizer, args: argparse.Namespace):
-    """``compress --eval-data``: the compressed model's metrics for its card (None without it)."""
+    """``compress --eval-data``: the compressed model's metrics for its card (None without it),
+    named after the Hub dataset of ``--eval-dataset-id`` when given (then ``model-index`` metadata)."""
     from .card import Evaluation
 
     if not getattr(args, "eval_data", None):
         return None
     metrics = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
-    return Evaluation(dataset=os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,
-                      split=args.eval_split or "validation")
+    hub_id, config = getattr(args, "eval_dataset_id", None) or (None, None)
+    name = f"{hub_id} {config}" if config else hub_id
+    return Evaluation(dataset=name or os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,
+                      split=args.eval_split or "validation", dataset_type=hub_id, dataset_config=config)
 
 
 def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None,
