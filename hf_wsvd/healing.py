@@ -251,10 +251,13 @@ def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrai
         return model
     from peft import LoraConfig, get_peft_model
 
+    from .peft_lora import peft_wrapping
+
     # Adapters on the factors and the pruned linears: merging adds B·A to each weight, so every
     # rank and shape is kept.
-    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
-                                            lora_dropout=0.0))
+    with peft_wrapping():
+        return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
+                                                lora_dropout=0.0))
 
 
 def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Sequence[dict],

@@ -71,6 +71,9 @@ def test_compress_writes_a_complete_card(compressed):
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):
             assert f"| `{name.removeprefix('bert.')}` | {module.out_features} × {module.in_features} | {module.rank} |" in text
+    # hf_wsvd is installed from a clone (no such PyPI package), and export has no --dense to give
+    assert "pip install hf_wsvd" not in text and "pip install -e ." in text
+    assert "--dense" not in text and "`hf-wsvd export FOLDER dense-copy`" in text
     assert "](rank_per_layer.png)" in text
     assert (out / "rank_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
