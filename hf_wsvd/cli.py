@@ -196,7 +196,7 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
     if report.dense_targets:
-        layers += (" (whole, they lose less per parameter, or factorized they would run no faster)"
+        layers += (" (the greedy allocation kept them whole, or factorized they would run no faster)"
                    if report.allocation == "greedy" else " (at their rank they would save nothing or run no faster)")
     lines = [
         f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline"
