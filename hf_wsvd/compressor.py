@@ -118,8 +118,10 @@ def compress(
         quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
                                                       show_progress, dtype)
         attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual))
+        target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
-                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics)
+                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
+                                   target_params_after=target_after, target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)

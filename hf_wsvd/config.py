@@ -237,7 +237,8 @@ class WSVDConfig:
                 "matrix's parameters that is kept"
             )
         self.embedding_ratio = float(ratio)
-        if self.param_ratio == 1 and not self.embeddings:
+        # quantized_residual records 1: it keeps every weight (quantized) and factorizes none.
+        if self.param_ratio == 1 and not self.embeddings and self.method != "quantized_residual":
             raise ValueError("param_ratio=1 keeps every parameter of the target layers, which saves nothing: nothing "
                              "to compress; lower it (with embeddings=True, 1 compresses only the embeddings)")
         if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
