@@ -211,7 +211,7 @@ def test_the_recommended_recipe_near_ratio_1_leaves_whole_layers_untouched(seque
     dense = copy.deepcopy(model)
     config = WSVDConfig(param_ratio=0.95, rank_multiple=1, **({"mlp_pruning": False} if sequential else {}))
     compressed, report = compress(model, config, loader, show_progress=False)
-    assert report.allocation == "greedy" and report.dense_targets and report.ranks
+    assert report.allocation == "greedy" and report.dense_targets and (report.ranks or report.pruned or report.attention)
     for name in report.dense_targets:
         full = next(n for n, _ in dense.named_modules() if n.endswith(name))
         assert torch.equal(compressed.get_submodule(full).weight, dense.get_submodule(full).weight), name
