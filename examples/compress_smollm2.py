@@ -97,7 +97,7 @@ def main() -> None:
     removed = 1 - report.params_after / report.params_before
     targets = len(report.ranks) + len(report.pruned) + len(report.dense_targets)
     print(f"\n{report.method}, {report.allocation} allocation, {report.pipeline}"
-          f"{', compensated' if report.compensated else ''}: kept {report.param_ratio:.0%} of {targets} decoder linears' "
+          f"{', compensated' if report.compensated else ''}: kept {report.target_kept:.1%} of {targets} decoder linears' "
           f"parameters: {len(report.ranks)} factorized, {len(report.pruned_mlps)} MLPs pruned "
           f"({len(report.pruned)} linears), {len(report.dense_targets)} left dense")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")

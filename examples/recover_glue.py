@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                                    "model_dir", "data_dir", "note")},
         "dense_accuracy": dense_accuracy, "compressed_accuracy": compressed_accuracy,
         "params_before": report.params_before, "params_after": report.params_after,
-        "compress_seconds": compress_seconds, "train_examples": len(train), "validation_examples": len(validation),
+        "factorized_layers": len(report.ranks), "compress_seconds": compress_seconds, "train_examples": len(train), "validation_examples": len(validation),
         "runs": [],
         **({"note": args.note} if args.note else {}),
     }

@@ -90,14 +90,17 @@ def greedy_ranks(
 ) -> dict[str, int]:
     """Ranks, all multiples of ``multiple``, under one budget of ``param_ratio`` × (the weights of
     the layers that can be factorized), spent ``multiple`` ranks at a time where they remove the
-    most normalized truncation loss per parameter.
+    most normalized truncation loss per parameter; layers left out stay dense.
 
     Ranks i of layer l remove σ_i² / Σσ² of its weighted loss (times ``layer_weights[l]``, default
     1) at a cost of in+out parameters each. Every layer keeps at least rank ``multiple`` and never
-    a rank that saves nothing; a layer where no multiple of ``multiple`` saves parameters is left
-    out (it stays dense). ``extra`` adds layers counted in other units (the MLP channels of
-    ``hf_wsvd.mlp_pruning``, whose ``spectra`` entry holds √ of each channel's loss, largest first;
-    an MLP that keeps all its channels stays dense). Deterministic: ties go to the earlier layer name and lower rank.
+    a rank that saves nothing; from its largest rank that saves parameters, the last step keeps the
+    layer dense (it removes the rest of the loss for the rest of the dense weights), so a budget of
+    all the weights (``param_ratio`` 1) leaves every layer dense. A layer where no multiple of
+    ``multiple`` saves parameters is left out. ``extra`` adds layers counted in other units (the MLP
+    channels of ``hf_wsvd.mlp_pruning``, whose ``spectra`` entry holds √ of each channel's loss,
+    largest first; an MLP that keeps all its channels stays dense). Deterministic: ties go to the
+    earlier layer name and lower rank.
     """
     items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), len(spectra[n]))) for n, (i, o) in shapes.items()}
     items.update(extra or {})
@@ -116,17 +119,27 @@ def greedy_ranks(
             "every target layer "
             f"({spent:,} parameters for a budget of {budget:,.0f})"
         )
-    candidates = []
+    candidates = []  # (sort key: minus the loss removed per parameter, layer, units before the step, its cost)
     for name in sorted(items):
         energy = spectra[name].double().square()
         total = energy.sum().item() or 1.0
         weight = (layer_weights or {}).get(name, 1.0)
+        key = None
         for start in range(multiple, limits[name], multiple):  # the step from rank ``start`` to start + multiple
-            gain = energy[start:start + multiple].sum().item()
-            candidates.append((-weight * gain / total / costs[name], name, start))
+            key = -weight * energy[start:start + multiple].sum().item() / total / costs[name]
+            candidates.append((key, name, start, costs[name]))
+        # The dense step, never before the layer's last rank step (it needs that rank first).
+        dense_cost = items[name].dense_params - limits[name] * items[name].unit_params
+        if dense_cost > 0:
+            dense_key = -weight * energy[limits[name]:].sum().item() / total / dense_cost
+            candidates.append((dense_key if key is None else max(key, dense_key), name, limits[name], dense_cost))
     candidates.sort()
-    for _, name, start in candidates:
-        if ranks[name] == start and spent + costs[name] <= budget:
-            ranks[name] += multiple
-            spent += costs[name]
-    return ranks
+    dense = set()
+    for _, name, start, cost in candidates:
+        if ranks[name] == start and spent + cost <= budget:
+            spent += cost
+            if start == limits[name]:
+                dense.add(name)
+            else:
+                ranks[name] += multiple
+    return {n: r for n, r in ranks.items() if n not in dense}

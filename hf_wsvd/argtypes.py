@@ -60,3 +60,18 @@ def speed_limit(text: str) -> float | dict[str, float]:
             f"{text!r} holds no per-shape limits: expected the JSON written by benchmarks/layer_speed.py "
             "--json-out (one measurement, with 'by_shape') or a {\"INxOUT\": limit} mapping")
     return table
+
+
+def hub_dataset(text: str) -> tuple[str, str | None]:
+    """``HUB_ID[:CONFIG]`` (``nyu-mll/glue:sst2``): a Hub dataset id and its configuration, if any."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    dataset, _, config = text.partition(":")
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(f"{dataset!r} is not a Hub dataset id (name or user/name, then "
+                                         ":CONFIG if it has configurations)") from None
+    if ":" in text and not config:
+        raise argparse.ArgumentTypeError(f"{text!r} names no configuration after ':'")
+    return dataset, config or None

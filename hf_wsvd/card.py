@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .checkpoint import parameter_counts, quantization_summary, recipe_of, summarize
+from .checkpoint import parameter_counts, quantization_summary, recipe_of, summarize, target_counts
 from .runtime.modeling_wsvd import CLASS_PREFIX, _supported_auto_classes
 
 PLOT_FILE = "rank_per_layer.png"
@@ -139,6 +139,14 @@ def _eval_table(evaluation: Evaluation | None) -> str:
     return "\n".join(lines)
 
 
+def _allocation(recipe: dict) -> str:
+    # Recipes saved before allocation was recorded were uniform.
+    if (recipe.get("allocation") or "uniform") == "greedy":
+        return (f"`greedy`: one budget of param_ratio {recipe['param_ratio']} over all target layers, spent where "
+                "it removes the most loss (ranks differ per layer; some may stay dense)")
+    return f"`uniform`: every target layer keeps param_ratio {recipe['param_ratio']} of its parameters"
+
+
 def _importance_data(data: str | None, examples: int | None, recipe: dict) -> str:
     if not data:
         return "none"
@@ -170,6 +178,7 @@ def build_card(
     if recipe is None:
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model: no card to write")
     now, dense = parameter_counts(model)
+    target_now, target_dense = target_counts(model)
     task = _task(model)
     hub_base = base_model_id(base_model, model, base_model_hub_id)
     name = repo_id or os.path.basename(os.path.normpath(hub_base or base_model)) + f"-{recipe['method']}"
@@ -186,7 +195,9 @@ def build_card(
         model_name=name, base_model=hub_base, library_name="transformers", pipeline_tag=_PIPELINE_TAGS.get(task),
         tags=["hf_wsvd", "compressed", "low-rank", recipe["method"]], eval_results=eval_results,
         datasets=[evaluation.dataset_type] if eval_results else None,
-        hf_wsvd={"method": recipe["method"], "param_ratio": recipe["param_ratio"], "params": now, "dense_params": dense},
+        hf_wsvd={"method": recipe["method"], "allocation": recipe.get("allocation") or "uniform",
+                 "param_ratio": recipe["param_ratio"], "target_kept": round(target_now / target_dense, 4),
+                 "params": now, "dense_params": dense},
     )
     shown_base = (f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base
                   else f"`{os.path.basename(os.path.normpath(base_model))}` (a local checkpoint)")
@@ -195,8 +206,9 @@ def build_card(
         hf_wsvd_version=__version__,
         method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if recipe["method"] != "svd" else None,
         importance_data=_importance_data(importance_data, importance_examples, recipe),
-        param_ratio=recipe["param_ratio"], params_after=f"{now:,}", params_before=f"{dense:,}",
-        kept_percent=f"{100 * now / dense:.1f}%", num_layers=len(summarize(model)), eval_table=_eval_table(evaluation),
+        allocation=_allocation(recipe), target_kept=f"{target_now / target_dense:.3f}", model_kept=f"{now / dense:.3f}",
+        params_after=f"{now:,}", params_before=f"{dense:,}", num_layers=len(summarize(model)),
+        eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",
         plot_file=PLOT_FILE, rank_table=_rank_table(model), quantization=quantization_summary(model),
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import transformers
 from torch import nn
@@ -23,6 +26,7 @@ class LayerSummary:
     rank: int | None  # None: a dense layer cut by MLP or attention pruning (its shape is the cut one)
     params: int
     dense_params: int
+    embedding: bool = False  # the input embeddings (not a target layer)
 
     @property
     def kind(self) -> str:
@@ -50,7 +54,7 @@ def summarize(model: nn.Module) -> list[LayerSummary]:
             tables.add(id(module.weight))
             rows.append(LayerSummary(
                 relative_module_name(model, name), (module.num_embeddings, module.embedding_dim), module.rank,
-                module.num_parameters(), module.num_embeddings * module.embedding_dim,
+                module.num_parameters(), module.num_embeddings * module.embedding_dim, embedding=True,
             ))
         if isinstance(module, LowRankCorrectedLinear):  # quantized base plus its correction
             dense_params = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
@@ -86,9 +90,56 @@ def quantization_summary(model: nn.Module) -> str | None:
     return f"{getattr(method, 'value', method)}: {weight_bits(model).describe()}"
 
 
+def target_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters when dense) of a compressed model's target layers: its
+    factorized and pruned linears, and the targets of its recipe (``target_modules`` /
+    ``exclude_modules``) that stayed dense. What ``param_ratio`` budgets, as kept."""
+    from .targets import select_targets
+
+    recipe = recipe_of(model.config) or {}
+    rows = [row for row in summarize(model) if not row.embedding]
+    compressed = {row.name for row in rows}
+    try:
+        targets = select_targets(model, recipe.get("target_modules"), recipe.get("exclude_modules"))
+    except ValueError:  # named targets that are all factorized now: none stayed dense
+        targets = {}
+    dense = sum(p.numel() for name, full in targets.items() if name not in compressed
+                for p in model.get_submodule(full).parameters())
+    return sum(row.params for row in rows) + dense, sum(row.dense_params for row in rows) + dense
+
+
 def recipe_of(config: PreTrainedConfig) -> dict | None:
     """The stored ``WSVDConfig`` dict of a factorized checkpoint's config, else None."""
     return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None
+
+
+def _unreadable_file(path: str) -> str:
+    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged, else
+    a description of its weights."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(path, name), "pt"):
+                    pass
+            except (SafetensorError, OSError):
+                return os.path.join(path, name)
+    return f"the weights of {path}"
+
+
+@contextmanager
+def readable_weights(path: str) -> Iterator[None]:
+    """Report a weights file that cannot be read (truncated, or written by a run whose disk filled)
+    as a one-line ``ValueError`` naming the file, instead of safetensors' own error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{_unreadable_file(path)} cannot be read ({detail}): the file is damaged or incomplete; "
+                         "write or download it again") from error
 
 
 def load_factorized(path: str, **kwargs) -> PreTrainedModel:
@@ -100,4 +151,5 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
     base = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
     if base is None:
         raise ValueError(f"{path}: unknown architecture {architecture!r}")
-    return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)
+    with readable_weights(path):
+        return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

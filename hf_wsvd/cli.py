@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .argtypes import names
+from .argtypes import hub_dataset, names
 from .config import WSVDConfig
 
 EXAMPLES = """examples:
@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(needed by every method but svd and lp)")
     add_data_arguments(c, names)
     c.add_argument("--eval-data", help="evaluate the dense and the compressed model on this file/folder: both "
-                                       "scores are printed, the compressed one goes into the model card")
+                                       "scores are printed, the compressed one goes into the model card (as text; "
+                                       "as model-index metadata with --eval-dataset-id)")
+    c.add_argument("--eval-dataset-id", type=hub_dataset, metavar="HUB_ID[:CONFIG]",
+                   help="the Hub dataset --eval-data comes from (e.g. nyu-mll/glue:sst2): the card's scores then "
+                        "become model-index metadata naming it, which the Hub shows as evaluation results")
     c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
                                         "also the split named in the card (default there: validation)")
     c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
@@ -137,6 +141,8 @@ def _compress(args: argparse.Namespace) -> None:
             raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
         check_data(args.data)
         check_data(args.eval_data)
+        if args.eval_dataset_id and not args.eval_data:
+            raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
         save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}
@@ -176,6 +182,12 @@ def _channel_range(pruned: dict, consumers: list[str]) -> str:
     return "/".join(map(str, dense)) + " -> " + (f"{kept[0]}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}")
 
 
+def kept_ratios(target: float, model: float) -> str:
+    """The two kept fractions, each named: of the target layers' parameters (what param_ratio
+    budgets) and of the whole model's."""
+    return f"target layers kept {target:.3f} of their parameters; whole model kept {model:.3f}"
+
+
 def compress_summary(report, output: str, dense: dict[str, float] | None = None,
                      compressed: dict[str, float] | None = None) -> str:
     """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
@@ -184,13 +196,14 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
     if report.dense_targets:
-        layers += " (at their rank they would save nothing or run no faster)"
+        layers += (" (the greedy allocation kept them whole, or factorized they would run no faster)"
+                   if report.allocation == "greedy" else " (at their rank they would save nothing or run no faster)")
     lines = [
         f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline"
         f"{' (compensated)' if report.compensated else ''}, param_ratio {report.param_ratio}",
         f"  {layers}",
-        f"  parameters {report.params_before:,} -> {report.params_after:,} "
-        f"(kept {report.params_after / report.params_before:.3f})",
+        f"  {kept_ratios(report.target_kept, report.model_kept)} "
+        f"(parameters {report.params_before:,} -> {report.params_after:,})",
     ]
     for name, before in (dense or {}).items():
         after = (compressed or {})[name]
@@ -203,7 +216,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import load_factorized, parameter_counts, quantization_summary, recipe_of, summarize
+    from .checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, summarize,
+                             target_counts)
     from .runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
     if not os.path.isdir(args.path):
@@ -223,7 +237,9 @@ def _inspect(args: argparse.Namespace) -> None:
         shape = f"{r.shape[0]}x{r.shape[1]}"
         print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
     now, dense = parameter_counts(model)
-    print(f"total parameters: {now:,} (dense {dense:,}, kept {now / dense:.3f})")
+    target_now, target_dense = target_counts(model)
+    print(f"total parameters: {now:,} (dense {dense:,})")
+    print(kept_ratios(target_now / target_dense, now / dense))
     quantization = quantization_summary(model)
     if quantization:
         print(f"quantized with {quantization}")

@@ -178,14 +178,17 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def card_evaluation(model, tokenizer, args: argparse.Namespace):
-    """``compress --eval-data``: the compressed model's metrics for its card (None without it)."""
+    """``compress --eval-data``: the compressed model's metrics for its card (None without it),
+    named after the Hub dataset of ``--eval-dataset-id`` when given (then ``model-index`` metadata)."""
     from .card import Evaluation
 
     if not getattr(args, "eval_data", None):
         return None
     metrics = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
-    return Evaluation(dataset=os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,
-                      split=args.eval_split or "validation")
+    hub_id, config = getattr(args, "eval_dataset_id", None) or (None, None)
+    name = f"{hub_id} {config}" if config else hub_id
+    return Evaluation(dataset=name or os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,
+                      split=args.eval_split or "validation", dataset_type=hub_id, dataset_config=config)
 
 
 def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None,
@@ -207,9 +210,9 @@ def run_heal(args: argparse.Namespace) -> None:
     import torch
 
     from .card import add_healing
-    from .data import make_dataloader, text_blocks
+    from .data import check_fits, make_dataloader, text_blocks
     from .evaluation import perplexity
-    from .healing import HealConfig, heal, teacher_samples
+    from .healing import HealConfig, check_student, check_teacher, heal, teacher_samples
     from .output import check_output
     from .tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype
@@ -222,11 +225,13 @@ def run_heal(args: argparse.Namespace) -> None:
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                             lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed)
         student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
+        check_student(student)
         teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
-        if teacher.config.vocab_size != student.config.vocab_size:
-            raise ValueError(f"--teacher {args.teacher!r} has a vocabulary of {teacher.config.vocab_size} tokens, the "
-                             f"compressed model {student.config.vocab_size}: pass the model it was compressed from")
-        blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length)
+        check_teacher(student, teacher, f"--teacher {args.teacher!r}")
+        blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length,
+                             f"--data {args.data!r}")
+        for model in (student, teacher):
+            check_fits(model, [block["input_ids"] for block in blocks], args.max_length)
         random.Random(args.seed).shuffle(blocks)
         if len(blocks) <= args.heldout_blocks:
             raise ValueError(f"--data {args.data!r} holds {len(blocks)} blocks of {args.max_length} tokens: more than "

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .checkpoint import parameter_counts
+from .checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
 from .pipelines import Job, get_pipeline
@@ -47,6 +47,19 @@ class CompressionReport:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
     attention: dict[str, dict] = field(default_factory=dict)
+    # Parameters of the target layers (``hf_wsvd.checkpoint.target_counts``) after and before.
+    target_params_after: int = 0
+    target_params_before: int = 0
+
+    @property
+    def target_kept(self) -> float:
+        """The fraction of the target layers' parameters kept (what ``param_ratio`` budgets)."""
+        return self.target_params_after / self.target_params_before
+
+    @property
+    def model_kept(self) -> float:
+        """The fraction of the whole model's parameters kept."""
+        return self.params_after / self.params_before
 
     @property
     def pruned_mlps(self) -> list[str]:
@@ -105,14 +118,19 @@ def compress(
         quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
                                                       show_progress, dtype)
         attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual))
+        target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
-                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics)
+                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
+                                   target_params_after=target_after, target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
     ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)
     if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
         ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
+    if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
+        raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
+                         "nothing: lower it to compress")
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention))
     attach_recipe(model, recipe)
     params_after, _ = parameter_counts(model)
@@ -121,5 +139,6 @@ def compress(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
         job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
+        *target_counts(model),
     )
     return model, report

@@ -60,8 +60,8 @@ class WSVDConfig:
         "text), whiten (activations only) for unlabeled data, svd without data", choices=METHODS)
     param_ratio: float = recipe_field(
         0.5, "fraction of each target layer's parameters that is KEPT, in (0, 1]: 0.3 keeps 30% of a layer's "
-        "weights (rank r = floor(0.3*in*out/(in+out))); a layer whose rank would save nothing stays dense",
-        type=fraction)
+        "weights (rank r = floor(0.3*in*out/(in+out))); a layer whose rank would save nothing stays dense. 1 "
+        "saves nothing: only with embeddings=True", type=fraction)
     target_modules: list[str] | str | None = recipe_field(
         None, "modules to factorize, by name relative to the base model: names or name suffixes (on the command "
         "line comma-separated: query,value), or one regular expression matched against the whole name. "
@@ -81,7 +81,8 @@ class WSVDConfig:
         None, "how the parameter budget is spread over the layers: 'uniform' (every layer keeps param_ratio) "
         "or 'greedy' (one global budget of param_ratio of all target parameters; ranks go where the "
         "method's weighted truncation loss falls most per parameter, the Fisher-predicted loss increase "
-        "for the Fisher methods). Unset (None): greedy with data, uniform without", choices=ALLOCATIONS)
+        "for the Fisher methods; keeping a layer dense is one of its choices). Unset (None): greedy with data, "
+        "uniform without", choices=ALLOCATIONS)
     sequential: bool | None = recipe_field(
         None, "compress a causal LM block by block, each block's statistics taken on the inputs produced by "
         "the already compressed blocks before it (one block on the device at a time); with greedy "
@@ -236,6 +237,10 @@ class WSVDConfig:
                 "matrix's parameters that is kept"
             )
         self.embedding_ratio = float(ratio)
+        # quantized_residual records 1: it keeps every weight (quantized) and factorizes none.
+        if self.param_ratio == 1 and not self.embeddings and self.method != "quantized_residual":
+            raise ValueError("param_ratio=1 keeps every parameter of the target layers, which saves nothing: nothing "
+                             "to compress; lower it (with embeddings=True, 1 compresses only the embeddings)")
         if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
             raise ValueError(f"embedding_method={self.embedding_method!r} is not one of {EMBEDDING_METHODS} or None")
         if self.embeddings and self.embedding_method is None and self.method not in EMBEDDING_METHODS:

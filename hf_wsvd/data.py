@@ -7,8 +7,9 @@ import csv
 import logging
 import os
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Sequence
 
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -136,14 +137,15 @@ def tokenize(
     max_length: int,
     label2id: dict[str, int] | None = None,
     num_labels: int = 2,
+    source: str = "the text",
 ) -> "Dataset":
     """Tokenize for the task. Classification/regression: one example per row (pairs supported).
     Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
-    template), the standard language-modeling layout."""
+    template), the standard language-modeling layout; ``source`` names the data in errors."""
     from datasets import Dataset
 
     if task == CAUSAL_LM:
-        return Dataset.from_list(text_blocks(dataset[text_columns[0]], tokenizer, max_length))
+        return Dataset.from_list(text_blocks(dataset[text_columns[0]], tokenizer, max_length, source))
 
     def encode(rows):
         encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
@@ -153,16 +155,52 @@ def tokenize(
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
 
-def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict[str, list[int]]]:
+def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                source: str = "the text") -> list[dict[str, list[int]]]:
     """Language-modeling examples: non-empty texts joined with EOS, cut into full blocks of
-    ``max_length`` tokens (no chat template; the remainder is dropped)."""
+    ``max_length`` tokens (no chat template; the remainder is dropped). ``source`` names the text in
+    errors (``"data file 'x.txt'"``)."""
     texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"{source} holds no text: its lines are empty or blank")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = list(chain.from_iterable(row + eos for row in tokenizer(texts, add_special_tokens=False)["input_ids"]))
     blocks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
     if not blocks:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of max_length={max_length}")
+        raise ValueError(f"{source} has {len(ids)} tokens, fewer than one block of max_length={max_length}")
     return [{"input_ids": block, "attention_mask": [1] * max_length} for block in blocks]
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model's learned position table takes (``max_position_embeddings``,
+    less RoBERTa's offset past its padding index); None without such a table (rotary or relative
+    positions)."""
+    count = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if (isinstance(module, nn.Embedding) and module.num_embeddings == count and module is not words
+                and module.weight is not getattr(words, "weight", None)):
+            return count - (0 if module.padding_idx is None else module.padding_idx + 1)
+    return None
+
+
+def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length: int,
+               extra_ids: Iterable[int | None] = ()) -> None:
+    """Raise unless every token id (of ``input_ids`` and ``extra_ids``, e.g. the padding id) has a
+    row in the model's token embeddings and every sequence fits its position table: a one-line
+    error naming the value rather than an IndexError deep in the forward pass."""
+    rows = [list(ids) for ids in input_ids]
+    largest = max((max(ids) for ids in rows if ids), default=-1)
+    largest = max([largest, *(i for i in extra_ids if i is not None)])
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if largest >= vocabulary:
+        raise ValueError(f"the tokenizer's ids go up to {largest} but the model has {vocabulary} token embeddings: "
+                         "use the model's own tokenizer")
+    positions, longest = position_limit(model), max(map(len, rows), default=0)
+    if positions is not None and longest > positions:
+        raise ValueError(f"--max-length {max_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings): the data holds sequences of {longest} tokens; lower it to "
+                         f"{positions} or less")
 
 
 def sample(dataset: "Dataset", num_samples: int, seed: int) -> "Dataset":

@@ -194,6 +194,34 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     return written
 
 
+# What a teacher shares with the model compressed from it (config attributes, with their names in errors).
+_TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size", "num_hidden_layers": "layer count"}
+
+
+def check_student(student: PreTrainedModel) -> None:
+    """Raise unless ``student`` is a causal LM, the models healing distills."""
+    from .tasks import CAUSAL_LM, task_of
+
+    if task_of(student) != CAUSAL_LM:
+        raise ValueError(f"heal works on causal LMs; {type(student).__name__} is not one")
+
+
+def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
+    """Raise unless ``teacher`` (called ``name`` in the error) has the base architecture of the
+    compressed ``student``: its model type, vocabulary size, hidden size and layer count."""
+    from .runtime.modeling_wsvd import BASE_TYPE_KEY
+
+    def described(config) -> dict:
+        return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,
+                **{label: getattr(config, key, None) for key, label in _TEACHER_MATCH.items()}}
+
+    ours, theirs = described(student.config), described(teacher.config)
+    for label, value in ours.items():
+        if theirs[label] != value:
+            raise ValueError(f"{name} has {label} {theirs[label]!r}, the compressed model {value!r}: the teacher "
+                             "must be the dense model it was compressed from")
+
+
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
     """The trainable weights' modules of the compressed layers: each ``FactorizedLinear``'s two
     factors, and the linears cut by MLP or attention pruning (full module names)."""
@@ -223,10 +251,13 @@ def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrai
         return model
     from peft import LoraConfig, get_peft_model
 
+    from .peft_lora import peft_wrapping
+
     # Adapters on the factors and the pruned linears: merging adds B·A to each weight, so every
     # rank and shape is kept.
-    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
-                                            lora_dropout=0.0))
+    with peft_wrapping():
+        return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
+                                                lora_dropout=0.0))
 
 
 def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Sequence[dict],
@@ -237,6 +268,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     loss is measured on ``heldout_blocks`` before and after. Returns the healed student (LoRA
     merged) and a report."""
     config = config or HealConfig()
+    check_student(student)
+    check_teacher(student, teacher)
     if not train_blocks or not heldout_blocks:
         raise ValueError("healing needs training blocks and held-out blocks: the data holds too few tokens")
     use_cuda = torch.cuda.is_available()

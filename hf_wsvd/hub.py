@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 from dataclasses import dataclass
@@ -18,21 +17,56 @@ from .runtime.modeling_wsvd import MODEL_TYPE
 RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
 RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
 REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
-# What a checkpoint folder may hold besides the runtime files: weights, configs, tokenizer, card
-# and rank plot. Nothing else is uploaded (no dotfiles such as .env, no stray notes).
-CHECKPOINT_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "README.md", PLOT_FILE,
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# What a checkpoint folder may hold besides the runtime files and its weights (the one file
+# save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
+# Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "README.md", PLOT_FILE,
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "chat_template.jinja", "chat_template.json",
 )
 
 
+def weight_files(folder: str) -> list[str]:
+    """The weight files of a checkpoint folder: the shards its ``model.safetensors.index.json``
+    names (and the index), else ``model.safetensors``. Raises if one is missing or is no plain
+    file name of the folder."""
+    index = os.path.join(folder, WEIGHTS_INDEX)
+    if not os.path.lexists(index):
+        if not os.path.lexists(os.path.join(folder, WEIGHTS_FILE)):
+            raise ValueError(f"{folder} holds no {WEIGHTS_FILE} (nor a {WEIGHTS_INDEX} naming its shards)")
+        return [WEIGHTS_FILE]
+    try:
+        with open(index) as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor -> file): {error}") from None
+    for name in shards:
+        if not isinstance(name, str) or os.path.basename(name) != name or name.startswith(".") \
+                or not name.endswith(".safetensors"):
+            raise ValueError(f"{index} names the weights file {name!r}, not a .safetensors file of the folder")
+        if not os.path.lexists(os.path.join(folder, name)):
+            raise ValueError(f"{index} names {name}, which {folder} lacks")
+    return [*shards, WEIGHTS_INDEX]
+
+
 def is_checkpoint_file(name: str) -> bool:
-    """Whether ``name`` is a file a checkpoint folder holds (weights, config, tokenizer, card, plot,
-    runtime code); dotfiles never are."""
-    return not name.startswith(".") and (
-        name in RUNTIME_FILES or any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_PATTERNS))
+    """Whether ``name`` is a file every checkpoint folder may hold (config, tokenizer, card, plot,
+    runtime code), its weights aside (see :func:`weight_files`); dotfiles never are."""
+    return not name.startswith(".") and (name in RUNTIME_FILES or name in CHECKPOINT_FILES)
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """The entries of a checkpoint folder that belong to the checkpoint: its weights (see
+    :func:`weight_files`; none when those are missing or misnamed) and the files
+    :func:`is_checkpoint_file` allows."""
+    try:
+        weights = weight_files(folder)
+    except (ValueError, OSError):
+        weights = []
+    return sorted({*weights, *(f for f in os.listdir(folder) if is_checkpoint_file(f))})
 
 
 @dataclass
@@ -41,6 +75,15 @@ class UploadPlan:
 
     files: list[str]
     skipped: list[str]
+
+
+def _refuse_links(folder: str, names: list[str]) -> None:
+    """Refuse to upload a symbolic link: its target may lie anywhere (a system file, another folder)."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): push uploads plain files only; "
+                             "replace it with the file itself (save_pretrained writes one)")
 
 
 def check_runtime_files(folder: str) -> None:
@@ -55,8 +98,9 @@ def check_runtime_files(folder: str) -> None:
 
 
 def check_folder(folder: str | os.PathLike) -> UploadPlan:
-    """What :func:`push` uploads from a checkpoint folder (an allow-list); raises if a file it needs
-    is missing or a code file is not the installed runtime's."""
+    """What :func:`push` uploads from a checkpoint folder (an allow-list: its weights as the index
+    names them, configs, tokenizer, card, plot, runtime code; never a symbolic link); raises if a
+    file it needs is missing or a link, or a code file is not the installed runtime's."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
@@ -65,14 +109,15 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     if missing:
         hint = " (write the card with hf-wsvd compress, or hf_wsvd.card.write_card)" if "README.md" in missing else ""
         raise ValueError(f"{folder} lacks {', '.join(missing)}: not a complete hf_wsvd checkpoint{hint}")
+    weight_files(folder)  # raises if the weights are missing
+    files = checkpoint_files(folder)
+    _refuse_links(folder, files)
+    files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
     with open(os.path.join(folder, "config.json")) as handle:
         model_type = json.load(handle).get("model_type")
     if model_type != MODEL_TYPE:
         raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
-    if not any(f.endswith(".safetensors") for f in entries):
-        raise ValueError(f"{folder} holds no .safetensors weights")
     check_runtime_files(folder)
-    files = [f for f in entries if is_checkpoint_file(f) and os.path.isfile(os.path.join(folder, f))]
     return UploadPlan(files, [f for f in entries if f not in files])
 
 

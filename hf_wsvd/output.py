@@ -88,14 +88,14 @@ def foreign_files(folder: str) -> list[str]:
         with open(os.path.join(folder, MARKER)) as handle:
             written = set(json.load(handle)["files"]) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):
-        from .hub import is_checkpoint_file
+        from .hub import checkpoint_files
 
         try:
             with open(os.path.join(folder, "config.json")) as handle:
                 factorized = json.load(handle).get("model_type") == "hf_wsvd"
         except (OSError, ValueError, AttributeError):
             factorized = False
-        written = {e for e in entries if is_checkpoint_file(e)} if factorized else set()
+        written = set(checkpoint_files(folder)) if factorized else set()
     return [e for e in entries if e not in written]
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -65,6 +67,10 @@ class FactorizedLoraLayer(LoraLinear):
     @property
     def lora_variants(self) -> dict:
         return {(): None}
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # peft's own lookup knows only its layer types and warns "Unsupported layer type" on others.
+        return module.in_features, module.out_features
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
@@ -138,8 +144,18 @@ def merge_and_unload(model: PeftModel, **kwargs) -> PreTrainedModel:
     return merged
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around wrapping a model with peft: peft (0.21) reads transformers' deprecated
+    ``is_gradient_checkpointing``, whose FutureWarning a user of hf_wsvd cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_adapter(base: PreTrainedModel, adapter: str | os.PathLike, **kwargs) -> PeftModel:
     """``PeftModel.from_pretrained(base, adapter)`` with :class:`FactorizedLoraLayer` registered, so
     adapters trained on whole ``FactorizedLinear`` modules load (harmless for others)."""
     config = register_factorized_lora(LoraConfig.from_pretrained(os.fspath(adapter)))
-    return PeftModel.from_pretrained(base, os.fspath(adapter), config=config, **kwargs)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(base, os.fspath(adapter), config=config, **kwargs)

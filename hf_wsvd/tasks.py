@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from .checkpoint import readable_weights
 from .runtime.modeling_wsvd import CLASS_PREFIX
 
 CAUSAL_LM = "causal_lm"
@@ -75,7 +76,8 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
             "sequence classifier, the tasks the CLI can compute a loss for"
         )
     auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
-    return auto.from_pretrained(path, config=config, **kwargs)
+    with readable_weights(path):
+        return auto.from_pretrained(path, config=config, **kwargs)
 
 
 def per_example_loss(task: str) -> LossFn:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import WSVDConfig
-from .data import load_table, make_dataloader, resolve_columns, subset, tokenize
+from .data import check_fits, load_table, make_dataloader, resolve_columns, subset, tokenize
 from .tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -129,10 +129,14 @@ def data_loader(
     count = num_samples or config.num_samples if shuffle else num_samples
     if task != CAUSAL_LM:
         table = subset(table, count, config.seed, shuffle)
+    source = "the data" if not isinstance(data_path, (str, os.PathLike)) else (
+        f"{'dataset folder' if os.path.isdir(data_path) else 'data file'} {os.fspath(data_path)!r}")
     encoded = tokenize(
         table, tokenizer, task, text_columns, label_column, config.max_length,
-        label2id=model.config.label2id, num_labels=model.config.num_labels,
+        label2id=model.config.label2id, num_labels=model.config.num_labels, source=source,
     )
     if task == CAUSAL_LM:
         encoded = subset(encoded, count, config.seed, shuffle)
-    return make_dataloader(encoded, tokenizer, task, config.batch_size)
+    loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
+    check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
+    return loader

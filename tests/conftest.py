@@ -12,14 +12,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-SHARED = TESTS.parents[1] / "shared"
+# The project's assets beside the repository (HF_WSVD_SHARED: elsewhere); a clone alone lacks them.
+SHARED = Path(os.environ.get("HF_WSVD_SHARED") or TESTS.parents[1] / "shared")
 
 
 @pytest.fixture
 def shared() -> Path:
-    """The ../shared assets folder (real models and GLUE data)."""
+    """The ../shared assets folder (real models and GLUE data). Tests that need it skip, saying so,
+    where it is absent (a fresh clone); HF_WSVD_REQUIRE_SHARED=1 (CI, which has it) makes that a
+    failure instead, so that they cannot silently stop running there."""
     if not SHARED.is_dir():
-        pytest.fail(f"the shared assets folder {SHARED} is missing")
+        message = f"needs the shared assets folder {SHARED} (GLUE data, MiniLM models) beside the repository"
+        if os.environ.get("HF_WSVD_REQUIRE_SHARED") == "1":
+            pytest.fail(message + ": HF_WSVD_REQUIRE_SHARED=1 and it is missing")
+        pytest.skip(message)
     return SHARED
 
 

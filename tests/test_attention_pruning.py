@@ -263,8 +263,8 @@ def test_a_bert_attention_is_cut_without_rotary_and_reloads_and_exports(tmp_path
     data = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]),
              "labels": torch.randint(0, 2, (4,), generator=generator)} for i in range(0, 16, 4)]
     config = dict(method="fisher_whiten", allocation="uniform", attention_pruning=True, rank_multiple=2)
-    full, report = compress(copy.deepcopy(dense), WSVDConfig(param_ratio=1.0, **config), data, show_progress=False)
-    assert not report.attention  # every dimension kept: nothing cut
+    with pytest.raises(ValueError, match="param_ratio=1 keeps every parameter"):  # every dimension kept: nothing to cut
+        WSVDConfig(param_ratio=1.0, **config)
     model, report = compress(copy.deepcopy(dense), WSVDConfig(param_ratio=0.6, **config), data, show_progress=False)
     entry = report.attention["encoder.layer.0.attention.self"]
     assert "rotary" not in entry and entry["projections"][3] == "encoder.layer.0.attention.output.dense"

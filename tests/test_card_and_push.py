@@ -71,6 +71,9 @@ def test_compress_writes_a_complete_card(compressed):
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):
             assert f"| `{name.removeprefix('bert.')}` | {module.out_features} × {module.in_features} | {module.rank} |" in text
+    # hf_wsvd is installed from a clone (no such PyPI package), and export has no --dense to give
+    assert "pip install hf_wsvd" not in text and "pip install -e ." in text
+    assert "--dense" not in text and "`hf-wsvd export FOLDER dense-copy`" in text
     assert "](rank_per_layer.png)" in text
     assert (out / "rank_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -115,6 +118,39 @@ def test_card_model_index_names_a_hub_dataset(compressed):
     [result] = loaded.eval_results
     assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("nyu-mll/glue", "sst2", "validation")
     assert (result.metric_type, result.metric_value, result.task_type) == ("accuracy", 0.875, "text-classification")
+
+
+def test_eval_dataset_id_turns_the_scores_into_model_index_metadata(tmp_path, capsys):
+    """--eval-data alone gives a text table (a local file is no Hub dataset); with the Hub dataset
+    it comes from, the scores become model-index metadata that huggingface_hub reads back."""
+    dense = tiny.save(tiny.build("bert"), tmp_path / "dense")
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
+    out = tmp_path / "out"
+    assert main(["compress", str(dense), str(out), "--method", "svd", "--eval-data", str(data),
+                 "--eval-dataset-id", "nyu-mll/glue:sst2"]) == 0
+    printed = dict(re.findall(r"  (\w+) \S+ -> (\S+) ", capsys.readouterr().out))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets == ["nyu-mll/glue"]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"accuracy", "f1", "matthews_correlation"}
+    for name, result in results.items():
+        assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("nyu-mll/glue", "sst2", "validation")
+        assert (result.dataset_name, result.task_type) == ("nyu-mll/glue sst2", "text-classification")
+        assert result.metric_value == pytest.approx(float(printed[name]), abs=1e-4)
+    assert "| nyu-mll/glue sst2 | validation | accuracy |" in card.text
+    # without a configuration, and refused without --eval-data or with a name that is no Hub id
+    assert main(["compress", str(dense), str(tmp_path / "o2"), "--method", "svd", "--eval-data", str(data),
+                 "--eval-dataset-id", "imdb"]) == 0
+    [result, *_] = ModelCard.load(tmp_path / "o2" / "README.md").data.eval_results
+    assert (result.dataset_type, result.dataset_config) == ("imdb", None)
+    capsys.readouterr()
+    assert main(["compress", str(dense), str(tmp_path / "o3"), "--method", "svd", "--eval-dataset-id", "imdb"]) == 2
+    assert "--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", str(dense), str(tmp_path / "o3"), "--eval-data", str(data), "--eval-dataset-id", "../dev"])
+    assert "'../dev' is not a Hub dataset id" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
 
 
 def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
 import tiny
@@ -111,6 +112,7 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     (["--param-ratio", "half"], "'half'"),
     (["--target-modules", "nonexistent"], "matches no linear layer"),
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
+    (["--param-ratio", "1"], "param_ratio=1 keeps every parameter of the target layers, which saves nothing"),
     (["--method", "nope"], "'nope'"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
@@ -167,7 +169,8 @@ def test_installed_entry_point(tmp_path):
 
 @pytest.mark.parametrize("extra, allocation, sequential", [
     (["--method", "whiten", "--allocation", "greedy", "--no-sequential"], "greedy", False),
-    (["--method", "fisher_whiten", "--sequential"], "greedy", True),  # greedy: the default with data
+    # greedy: the default with data; without the prunings, which may take the whole budget on a tiny model
+    (["--method", "fisher_whiten", "--sequential", "--no-mlp-pruning", "--no-attention-pruning"], "greedy", True),
     (["--method", "asvd", "--asvd-alpha", "1.0", "--allocation", "uniform"], "uniform", True),
 ])
 def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra, allocation, sequential):
@@ -303,10 +306,25 @@ def test_compress_prints_the_recipe_sizes_and_scores_before_and_after(tmp_path, 
     factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
     layers = re.search(r"(\d+) layers factorized, (\d+) kept dense", printed.out).groups()
     assert int(layers[0]) == factorized and factorized + int(layers[1]) == 12  # tiny BERT: 12 block linears
-    dense_params = sum(p.numel() for p in tiny.build("bert", "AutoModelForSequenceClassification").parameters())
-    now = sum(p.numel() for p in model.parameters())
-    assert f"parameters {dense_params:,} -> {now:,} (kept {now / dense_params:.3f})" in printed.out
+    dense = tiny.build("bert", "AutoModelForSequenceClassification")
+    dense_params, now = sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in model.parameters())
+    # the target layers (the 12 block linears) before and after, counted on the two models
+    targets = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n]
+    assert len(targets) == 12
+    target_dense, target_now = (sum(p.numel() for n in targets for p in m.get_submodule(n).parameters())
+                                for m in (dense, model))
+    ratios = f"target layers kept {target_now / target_dense:.3f} of their parameters; whole model kept " \
+             f"{now / dense_params:.3f}"
+    assert f"  {ratios} (parameters {dense_params:,} -> {now:,})" in printed.out
     assert f"saved to {out}" in printed.out
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0  # inspect says the same
+    assert ratios in capsys.readouterr().out
+    # the card too, and never "per target layer" under greedy allocation
+    card = (out / "README.md").read_text()
+    assert f"| target layers kept | {target_now / target_dense:.3f} of their parameters |" in card
+    assert f"| whole model kept | {now / dense_params:.3f} of its parameters ({now:,} of {dense_params:,}) |" in card
+    assert "per target layer" not in card and "| allocation | `greedy`: one budget of param_ratio 0.5" in card
     before, after, change = map(float, re.search(r"accuracy (\S+) -> (\S+) \((\S+)\)", printed.out).groups())
     scores = {}
     for path in (classifier_dir, out):

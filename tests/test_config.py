@@ -83,9 +83,15 @@ def test_tuple_targets_become_lists_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("ratio", [1, 1.0, 0.5, 1e-3])
 def test_valid_param_ratios_are_accepted(ratio):
-    config = WSVDConfig(param_ratio=ratio)
+    # 1 keeps every target layer whole: a recipe only when the embeddings are compressed
+    config = WSVDConfig(param_ratio=ratio, embeddings=ratio == 1, embedding_method="svd")
     assert config.param_ratio == ratio
     assert isinstance(config.param_ratio, float)
+
+
+def test_param_ratio_1_without_embeddings_is_refused_as_nothing_to_compress():
+    with pytest.raises(ValueError, match="param_ratio=1 keeps every parameter .* nothing to compress"):
+        WSVDConfig(param_ratio=1)
 
 
 def _assert_rejected(value_repr: str, field: str | None = None, **kwargs):

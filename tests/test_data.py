@@ -88,7 +88,8 @@ def test_mrpc_pairs_are_found_without_text_columns(shared):
     """MRPC's #1/#2 String columns (IDs are numbers) pair up as with --text-columns."""
     source = shared / "models" / "minilm-l6-mrpc"
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = tiny.build("bert", label2id={"0": 0, "1": 1})
+    # a tiny model with the tokenizer's vocabulary and room for its 128 tokens
+    model = tiny.build("bert", label2id={"0": 0, "1": 1}, vocab_size=len(tokenizer), max_position_embeddings=128)
     dev = str(shared / "data" / "glue" / "MRPC" / "dev.tsv")
     config = WSVDConfig(max_length=128)
     found = data_loader(model, tokenizer, dev, config, None, "Quality", num_samples=32, shuffle=False)

@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,17 @@ def test_publish_writes_the_table_into_its_docs_page(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "benchmarks" / "results" / "glue_activation.json").read_text())["rows"] == [1]
     report.publish("factorization", payload, "| b |")  # a name without its page yet: the page is created
     assert "<!-- factorization:start -->\n| b |" in (tmp_path / "docs" / "benchmarks" / "factorization.md").read_text()
+
+
+def test_tests_needing_the_shared_assets_skip_with_the_reason_without_them(tmp_path):
+    """The README's test command on a fresh clone (no ../shared beside it): those tests skip and
+    say why; where the assets are required (HF_WSVD_REQUIRE_SHARED=1) their absence fails."""
+    test = "tests/test_data.py::test_mrpc_pairs_are_found_without_text_columns"
+    env = {**os.environ, "HF_WSVD_SHARED": str(tmp_path / "no-shared"), "HF_WSVD_REQUIRE_SHARED": ""}
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "1 skipped" in result.stdout, result.stdout[-2000:]
+    assert f"needs the shared assets folder {tmp_path / 'no-shared'}" in result.stdout
+    result = subprocess.run(command, cwd=ROOT, env={**env, "HF_WSVD_REQUIRE_SHARED": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "HF_WSVD_REQUIRE_SHARED=1 and it is missing" in result.stdout

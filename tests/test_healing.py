@@ -52,7 +52,7 @@ def test_token_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_heal_lowers_the_heldout_distillation_loss_and_keeps_the_ranks(lora_rank, tmp_path):
     teacher, student = _compressed()
     ranks = _ranks(student)
-    config = HealConfig(steps=30, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank)
+    config = HealConfig(steps=60, learning_rate=2e-2, batch_size=4, lora_rank=lora_rank)
     healed, report = heal(student, teacher, _blocks(32, seed=1), _blocks(8, seed=2), config, show_progress=False)
     assert report.kl_after < 0.9 * report.kl_before, report
     assert _ranks(healed) == ranks
@@ -116,20 +116,62 @@ def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path):
                  "--data", str(tmp_path / "text.txt"), "--steps", "1"]) == 2
 
 
-def test_cli_heal_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
+def _saved(tmp_path, **models) -> None:
+    for folder, model in models.items():
+        model.save_pretrained(tmp_path / folder)
+        tiny.tokenizer().save_pretrained(tmp_path / folder)
+
+
+def _heal(tmp_path, student: str, teacher: str, data: str = "text.txt", *extra: str) -> int:
     from hf_wsvd.cli import main
 
-    teacher, student = _compressed()
-    other = tiny.build("llama", vocab_size=tiny.VOCAB_SIZE + 8)
-    tokenizer = tiny.tokenizer()
-    for folder, model in (("other", other), ("compressed", student)):
-        model.save_pretrained(tmp_path / folder)
-        tokenizer.save_pretrained(tmp_path / folder)
+    return main(["heal", str(tmp_path / student), str(tmp_path / "out"), "--teacher", str(tmp_path / teacher),
+                 "--data", str(tmp_path / data), *extra])
+
+
+def _one_error(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("hf-wsvd heal: error:"), errors
+    return errors[0]
+
+
+@pytest.mark.parametrize("teacher, message", [
+    (lambda: tiny.build("llama", vocab_size=tiny.VOCAB_SIZE + 8), "vocabulary size 72, the compressed model 64"),
+    (lambda: tiny.build("llama", hidden_size=48), "hidden size 48, the compressed model 32"),
+    (lambda: tiny.build("llama", num_hidden_layers=3), "layer count 3, the compressed model 2"),
+    (lambda: tiny.build("qwen2"), "model type 'qwen2', the compressed model 'llama'"),
+], ids=["vocabulary", "hidden size", "depth", "architecture"])
+def test_cli_heal_refuses_a_teacher_of_another_architecture(tmp_path, capsys, teacher, message):
+    """The teacher must be the dense model the student was compressed from: checked up front (the
+    hidden-state term would otherwise crash, the logit term distill from another model silently)."""
+    _, student = _compressed()
+    _saved(tmp_path, other=teacher(), compressed=student)
     (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
-    code = main(["heal", str(tmp_path / "compressed"), str(tmp_path / "out"), "--teacher", str(tmp_path / "other"),
-                 "--data", str(tmp_path / "text.txt")])
-    assert code == 2
-    assert "vocabulary" in capsys.readouterr().err
+    assert _heal(tmp_path, "compressed", "other", "text.txt", "--hidden-weight", "1", "--max-length", "8") == 2
+    error = _one_error(capsys)
+    assert f"--teacher {str(tmp_path / 'other')!r} has {message}" in error, error
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=message):  # the API checks the same
+        heal(student, teacher(), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n\t\n"], ids=["empty", "blank lines"])
+def test_cli_heal_names_a_text_file_without_text(tmp_path, capsys, content):
+    teacher, student = _compressed()
+    _saved(tmp_path, dense=teacher, compressed=student)
+    (tmp_path / "blank.txt").write_text(content)
+    assert _heal(tmp_path, "compressed", "dense", "blank.txt") == 2
+    assert f"--data {str(tmp_path / 'blank.txt')!r} holds no text: its lines are empty or blank" in _one_error(capsys)
+
+
+def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
+    student, _ = tiny.compressed("bert")
+    _saved(tmp_path, dense=tiny.build("bert"), compressed=student)
+    (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
+    assert _heal(tmp_path, "compressed", "dense", "text.txt", "--max-length", "8") == 2
+    assert "heal works on causal LMs; WsvdBertForSequenceClassification is not one" in _one_error(capsys)
+    with pytest.raises(ValueError, match="heal works on causal LMs"):
+        heal(student, tiny.build("bert"), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
 
 
 def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():

@@ -164,14 +164,59 @@ def test_greedy_ranks_are_positive_multiples_of_rank_multiple():
 def test_every_factorized_rank_is_a_positive_multiple_of_rank_multiple(allocation):
     """Under the default rank_multiple=8 no layer gets an unaligned rank: the GQA k/v projections
     (32 → 16), whose uniform rank at 0.5 would be 5, stay dense instead."""
+    dense = tiny.build("llama")
+    targets = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    target_params = sum(p.numel() for n in targets for p in dense.get_submodule(n).parameters())
     model, report = compress(tiny.build("llama"), WSVDConfig(method="svd", param_ratio=0.5, allocation=allocation),
                              show_progress=False)
+    # the target layers' parameters, the dense ones included, before and after
+    assert report.target_params_before == target_params
+    assert report.target_params_after == sum(p.numel() for n in targets for p in model.get_submodule(n).parameters())
+    if allocation == "greedy":  # one budget for all, the dense layers included
+        assert report.target_kept <= 0.5
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert layers and len(layers) == len(report.ranks)
     assert all(m.rank > 0 and m.rank % 8 == 0 for m in layers.values())
     assert all(r > 0 and r % 8 == 0 for r in report.ranks.values())
     if allocation == "uniform":
         assert report.dense_targets and all(n.endswith(("k_proj", "v_proj")) for n in report.dense_targets)
+
+
+def test_greedy_keeps_a_layer_dense_where_that_removes_the_most_loss_per_parameter():
+    """Keeping a layer dense is one of greedy's steps (after its largest rank that saves
+    parameters): a budget of all the weights keeps every layer whole, MLPs keep all their
+    channels, and a nearly full budget goes to whole layers where the spectrum is flat."""
+    from hf_wsvd.allocation import Budgeted
+
+    shapes = {"flat": (64, 64), "steep": (64, 64)}
+    spectra = {"flat": torch.ones(64), "steep": torch.logspace(0, -8, 64)}
+    mlp = {"mlp": Budgeted(96, 96 * 40, 40)}
+    spectra["mlp"] = torch.linspace(1, 0.1, 40)
+    for multiple in (1, 8):
+        assert greedy_ranks(shapes, spectra, 1.0, multiple=multiple, extra=mlp) == {"mlp": 40}  # all channels
+        ranks = greedy_ranks(shapes, spectra, 0.8, multiple=multiple)
+        assert "flat" not in ranks and ranks["steep"] < max_saving_rank(64, 64)  # dense where nothing is cheap
+    # the budget holds with the dense layer counted whole
+    ranks = greedy_ranks(shapes, spectra, 0.6)
+    assert sum(r * 128 if n in ranks else 64 * 64 for n, r in ranks.items()) <= 0.6 * 2 * 64 * 64
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_recommended_recipe_near_ratio_1_leaves_whole_layers_untouched(sequential):
+    """Under greedy allocation a layer kept dense is the dense layer, bit for bit; and a ratio of
+    1 is refused before anything is touched."""
+    import copy
+
+    model, loader, _, _ = case_inputs("llama_causal_lm" if sequential else "bert_classification", 6, 3)
+    dense = copy.deepcopy(model)
+    config = WSVDConfig(param_ratio=0.95, rank_multiple=1, **({"mlp_pruning": False} if sequential else {}))
+    compressed, report = compress(model, config, loader, show_progress=False)
+    assert report.allocation == "greedy" and report.dense_targets and (report.ranks or report.pruned or report.attention)
+    for name in report.dense_targets:
+        full = next(n for n, _ in dense.named_modules() if n.endswith(name))
+        assert torch.equal(compressed.get_submodule(full).weight, dense.get_submodule(full).weight), name
+    with pytest.raises(ValueError, match="param_ratio=1 keeps every parameter .* nothing to compress"):
+        WSVDConfig(param_ratio=1, allocation="greedy")
 
 
 def test_greedy_refuses_a_budget_below_rank_one():
@@ -191,8 +236,11 @@ def test_compress_llama_with_activation_methods(method, allocation):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert layers and all(m.rank * (m.in_features + m.out_features) < m.in_features * m.out_features
                           for m in layers.values())
-    k_proj = layers["model.layers.0.self_attn.k_proj"]
-    assert (k_proj.out_features, k_proj.in_features) == (16, 32)
+    k_proj = layers.get("model.layers.0.self_attn.k_proj")
+    if k_proj is None:  # greedy may keep it whole: its largest saving rank saves 32 of its 512 weights
+        assert allocation == "greedy" and "layers.0.self_attn.k_proj" in report.dense_targets
+    else:
+        assert (k_proj.out_features, k_proj.in_features) == (16, 32)
     assert report.params_after < dense_params
     with torch.no_grad():
         assert torch.isfinite(model(**tiny.inputs("llama")).logits).all()
@@ -214,7 +262,9 @@ def test_refine_lowers_the_elementwise_loss_from_the_method(method):
 
 def test_refine_through_compress_and_its_validation():
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
-    config = WSVDConfig(method="whiten", param_ratio=0.5, refine=True, max_iterations=2)
+    # factorized layers to refine: the prunings could take the whole budget of a tiny model
+    config = WSVDConfig(method="whiten", param_ratio=0.5, refine=True, max_iterations=2, mlp_pruning=False,
+                        attention_pruning=False)
     model, report = compress(model, config, loader, show_progress=False)
     assert report.ranks and report.importance_examples == 6  # Fisher was computed for the refinement
     assert model.config.wsvd["refine"] is True

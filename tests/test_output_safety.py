@@ -3,6 +3,7 @@ files, and bad input reported as one line (exit 2) naming the value."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -107,8 +108,13 @@ def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project
     # a dense export is recognized as an hf-wsvd output too
     assert run(["export", "out/a", "out/dense", "--dense"]) == 0
     assert run(["export", "out/a", "out/dense", "--dense", "--overwrite"]) == 0
-    # a save_pretrained checkpoint without the marker is recognized by its model_type and files
+    # a save_pretrained checkpoint without the marker is recognized by its model_type and files,
+    # not counting a .safetensors file its weights are not (activations the user saved there)
     _checkpoint(project / "out" / "api")
+    (project / "out" / "api" / "activations.safetensors").write_bytes(b"mine")
+    assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 2
+    assert "did not write (activations.safetensors)" in one_error(capsys)
+    (project / "out" / "api" / "activations.safetensors").unlink()
     assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 0
     assert (project / "out" / "api" / "config.json").read_text().count('"model_type": "bert"') == 1
     assert [p.name for p in (project / "out").iterdir() if p.name.startswith(".hf-wsvd-")] == []
@@ -284,6 +290,60 @@ def test_push_uploads_an_allow_list_and_verifies_the_code(tmp_path, capsys, monk
     assert len(api.commits) == 1
 
 
+def _pushable(path, **save) -> None:
+    model, _ = tiny.compressed("bert")
+    model.save_pretrained(path, **save)
+    ModelCard("---\nlibrary_name: transformers\n---\n# card").save(path / "README.md")
+
+
+def test_push_uploads_only_the_weights_the_index_names(tmp_path, capsys, monkeypatch):
+    """Other .safetensors files (activations saved next to the model) are never uploaded."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    _pushable(tmp_path / "single")
+    _pushable(tmp_path / "sharded", max_shard_size="20KB")
+    for folder in ("single", "sharded"):
+        (tmp_path / folder / "private-activations.safetensors").write_bytes(b"secret")
+        assert main(["push", str(tmp_path / folder), f"user/{folder}"]) == 0
+        assert "not uploading private-activations.safetensors" in capsys.readouterr().out
+    single, sharded = api.commits
+    assert [f for f in single if f.endswith(".safetensors")] == ["model.safetensors"]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(f for f in sharded if "safetensors" in f) == [*shards, "model.safetensors.index.json"]
+    # an index naming a file outside the folder is refused
+    index["weight_map"][next(iter(index["weight_map"]))] = "../single/model.safetensors"
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["push", str(tmp_path / "sharded"), "user/sharded"]) == 2
+    assert "names the weights file '../single/model.safetensors', not a .safetensors file of the folder" in one_error(capsys)
+    assert len(api.commits) == 2
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "config.json", "model.safetensors", "notes.txt"])
+def test_push_never_follows_a_symbolic_link(tmp_path, capsys, monkeypatch, name):
+    """A link in the folder (here to a file outside it) is refused if it would be uploaded, and
+    left out otherwise: its target is never read into a commit."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    out = tmp_path / "ckpt"
+    _pushable(out)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / name
+    if (out / name).exists():
+        (out / name).rename(target)
+    else:
+        target.write_text("private")
+    (out / name).symlink_to(target)
+    code = main(["push", str(out), "user/x"])
+    if name == "notes.txt":
+        assert code == 0 and "not uploading notes.txt" in capsys.readouterr().out
+        assert "notes.txt" not in api.commits[0]
+    else:
+        assert code == 2 and api.commits == []
+        assert f"{out / name} is a symbolic link (to {target}): push uploads plain files only" in one_error(capsys)
+
+
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (bytes(range(256)) * 8, "cannot be read as tsv")])
 def test_empty_or_binary_data_file(project, capsys, content, message):
     (project / "bad.tsv").write_bytes(content)
@@ -350,3 +410,66 @@ def test_huge_weights_with_lp_are_one_line(project, capsys):
     assert run(["compress", str(project / "huge"), str(project / "out"), "--method", "lp"]) == 2
     error = one_error(capsys)
     assert "decomposition failed" in error or "NaN or inf" in error, error
+
+
+def _causal_lm(root, arch: str = "gpt2", **overrides):
+    """A tiny dense causal LM and a compressed copy of it, saved under ``root``; returns their paths."""
+    import copy
+
+    dense = tiny.build(arch, **overrides)
+    ids = torch.randint(len(tiny.SPECIALS), dense.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long), "labels": ids[i:i + 4]}
+               for i in (0, 4)]
+    compressed, _ = compress(copy.deepcopy(dense), WSVDConfig(method="whiten", param_ratio=0.5), batches,
+                             show_progress=False)
+    return tiny.save(dense, root / f"{arch}-dense"), tiny.save(compressed, root / f"{arch}-compressed")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n\t\n"], ids=["empty", "blank lines"])
+def test_text_without_words_names_the_file_for_a_causal_lm(tmp_path, capsys, content):
+    dense, _ = _causal_lm(tmp_path, "llama")
+    (tmp_path / "blank.txt").write_text(content)
+    for argv in (["compress", str(dense), str(tmp_path / "out"), "--data"], ["eval", str(dense), "--data"]):
+        assert run([*argv, str(tmp_path / "blank.txt")]) == 2
+        error = one_error(capsys)
+        assert f"data file {str(tmp_path / 'blank.txt')!r}" in error and ("holds no text" in error or "is empty" in error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequences_longer_than_the_position_table_are_named(tmp_path, capsys):
+    """GPT-2 learns 64 positions here: --max-length 100 is refused before any forward pass, in
+    compress, eval and heal."""
+    dense, compressed = _causal_lm(tmp_path)
+    (tmp_path / "text.txt").write_text("the movie was good and the plot was great\n" * 200)
+    text = ["--data", str(tmp_path / "text.txt"), "--max-length", "100"]
+    for argv in (["compress", str(dense), str(tmp_path / "out")], ["eval", str(dense)],
+                 ["heal", str(compressed), str(tmp_path / "out"), "--teacher", str(dense), "--heldout-blocks", "1"]):
+        assert run([*argv, *text]) == 2
+        error = one_error(capsys)
+        assert "--max-length 100 exceeds the model's 64 positions (max_position_embeddings)" in error, error
+    assert run(["eval", str(dense), *text[:2], "--max-length", "64"]) == 0  # the whole table is usable
+
+
+def test_token_ids_beyond_the_embeddings_are_named(tmp_path, capsys):
+    """A model with fewer token embeddings than its tokenizer's ids (or eval --tokenizer of another
+    vocabulary) fails with the two numbers, not an IndexError."""
+    dense, _ = _causal_lm(tmp_path, vocab_size=20)
+    (tmp_path / "text.txt").write_text("the movie was good and the plot was great\n" * 20)
+    assert run(["eval", str(dense), "--data", str(tmp_path / "text.txt"), "--max-length", "8"]) == 2
+    largest = max(tiny.tokenizer()("the movie was good and the plot was great")["input_ids"] + [tiny.tokenizer().eos_token_id])
+    assert f"the tokenizer's ids go up to {largest} but the model has 20 token embeddings" in one_error(capsys)
+    # a classifier without its own tokenizer, given one of another vocabulary
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngreat plot\t1\nawful\t0\n")
+    tiny.save(tiny.build("bert", vocab_size=20), tmp_path / "small-bert", with_tokenizer=False)
+    tiny.tokenizer().save_pretrained(tmp_path / "tokenizer")
+    assert run(["eval", str(tmp_path / "small-bert"), "--data", str(tmp_path / "dev.tsv"),
+                "--tokenizer", str(tmp_path / "tokenizer")]) == 2
+    assert "but the model has 20 token embeddings: use the model's own tokenizer" in one_error(capsys)
+
+
+@pytest.mark.parametrize("arch, positions", [("bert", 64), ("roberta", 69), ("gpt2", 64), ("llama", None)])
+def test_position_limit_reads_the_learned_table(arch, positions):
+    from hf_wsvd.data import position_limit
+
+    assert position_limit(tiny.build(arch)) == positions
+    assert position_limit(tiny.compressed(arch)[0]) == positions  # factorized models keep their table

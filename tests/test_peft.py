@@ -121,3 +121,29 @@ def test_the_docs_lora_examples_run(tmp_path, monkeypatch):
     whole = {}
     exec(compile(blocks[1], "docs/training.md (LoRA, whole modules)", "exec"), whole)
     assert _ranks(whole["reloaded"]) == {k: r + 8 for k, r in report.ranks.items()}
+
+
+def test_lora_on_factorized_modules_and_hf_wsvd_peft_paths_warn_nothing_users_cannot_act_on(tmp_path):
+    """No "Unsupported layer type FactorizedLinear ... at your own risk" from peft (the layer tells
+    peft its sizes), and no transformers FutureWarning about is_gradient_checkpointing (which peft
+    reads) from hf_wsvd's own peft calls: load_adapter and healing with LoRA."""
+    import warnings
+
+    from hf_wsvd.healing import HealConfig, heal
+
+    base, _ = _compressed_dir(tmp_path)
+    model = AUTO.from_pretrained(base)
+    config = register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(model)))
+    with warnings.catch_warnings(record=True) as user_call:
+        warnings.simplefilter("always")
+        get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    assert not [w for w in user_call if "Unsupported layer type" in str(w.message)], [str(w.message) for w in user_call]
+    student, _ = tiny.compressed("llama")
+    blocks = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in torch.randint(7, 60, (6, 8))]
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        load_adapter(AUTO.from_pretrained(base), tmp_path / "adapter")
+        heal(student, tiny.build("llama"), blocks[:4], blocks[4:], HealConfig(steps=1, lora_rank=2), show_progress=False)
+    noise = [str(w.message) for w in ours if "Unsupported layer type" in str(w.message)
+             or "is_gradient_checkpointing" in str(w.message)]
+    assert not noise, noise

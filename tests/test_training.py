@@ -124,11 +124,13 @@ def test_the_recovery_example_runs_without_datasets(tmp_path, tokenizer, monkeyp
     assert saved["validation_examples"] == 6 and saved["train_examples"] == 3 * len(SENTENCES) + 1 - 6
     best = max(r["validation_accuracy"] for r in saved["runs"])
     assert saved["selected"] in names and saved["runs"][names.index(saved["selected"])]["validation_accuracy"] == best
-    assert all(r["train_steps"] == 2 and r["reloaded_factorized_layers"] == 12 for r in saved["runs"])
+    factorized = saved["factorized_layers"]  # greedy allocation may keep some of the 12 dense
+    assert 0 < factorized <= 12
+    assert all(r["train_steps"] == 2 and r["reloaded_factorized_layers"] == factorized for r in saved["runs"])
     assert 0 <= saved["compressed_accuracy"] <= 1 and saved["params_after"] < saved["params_before"]
     for run in saved["runs"]:
         reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "recovered" / run["name"])
-        assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) == 12
+        assert sum(isinstance(m, FactorizedLinear) for m in reloaded.modules()) == factorized
     table = example.report_table([saved])
     assert "fwsvd (greedy ranks) + 2 steps Trainer, lr 0.0001, logit distillation 0.5, hidden-state distillation 1" in table
     assert "held-out train accuracy" in table and table.count("**(selected)**") == 1

@@ -72,6 +72,11 @@ CASES = [
      "down.weight' is missing", "down.weight' is missing"),
     ("NaN factor", None, _set_nan, "NaN or infinite", "NaN or infinite"),
     ("inf factor", None, _set_inf, "NaN or infinite", "NaN or infinite"),
+    ("rank edited", lambda c: c["wsvd"]["ranks"].update({QUERY: c["wsvd"]["ranks"][QUERY] - 1}), None,
+     f"{QUERY}.down.weight' has the wrong shape .*: \\(8, 32\\) in the file, \\(7, 32\\) in the model",
+     f"{QUERY}.down.weight' has the wrong shape"),
+    ("factor truncated", None, lambda t: t.update({f"bert.{QUERY}.down.weight": t[f"bert.{QUERY}.down.weight"][:-1]}),
+     f"{QUERY}.down.weight' has the wrong shape .*: \\(7, 32\\) in the file", f"{QUERY}.down.weight' has the wrong shape"),
 ]
 
 
@@ -94,6 +99,96 @@ def test_damaged_checkpoint_fails_clearly_with_hf_wsvd(checkpoint, case, config_
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("hf-wsvd inspect: error:"), errors
     assert re.search(message, errors[0]), errors
+
+
+def cli_errors(capsys, path, *commands: str) -> list[str]:
+    """The one error line of each of ``commands`` (inspect, export, eval) run on ``path``; each exits 2."""
+    data = path.parent / "text.txt"
+    data.write_text("the movie was great\tand the plot was good\n" * 20)
+    argv = {"inspect": ["inspect", str(path)], "export": ["export", str(path), str(path.parent / "exported")],
+            "eval": ["eval", str(path), "--data", str(data), "--max-length", "8"]}
+    found = []
+    for command in commands:
+        capsys.readouterr()
+        assert main(argv[command]) == 2, command
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"hf-wsvd {command}: error:"), errors
+        found.append(errors[0])
+    assert not (path.parent / "exported").exists()
+    return found
+
+
+def _pruned_llama():
+    """A tiny Llama compressed with pruned MLPs (and factorized attention)."""
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]), "labels": ids[i:i + 4]}
+            for i in (0, 4)]
+    model, report = tiny.compressed("llama", data=data, method="whiten", param_ratio=0.6, sequential=True,
+                                    mlp_pruning=True, allocation="uniform")
+    assert DOWN in report.pruned
+    return model
+
+
+DOWN = "layers.0.mlp.down_proj"
+
+
+def _shrink(tensors: dict) -> None:
+    key = f"model.{DOWN}.weight"
+    tensors[key] = tensors[key][:, :-1].contiguous()
+
+
+def _edit_pruned(config: dict) -> None:
+    config["wsvd"]["pruned"][DOWN]["shape"][0] -= 1
+
+
+# (case, config edit, weights edit, shape in the file, shape in the model)
+PRUNED_CASES = [
+    ("pruned shape edited", _edit_pruned, None, "(32, 32)", "(32, 31)"),
+    ("pruned record deleted", lambda c: c["wsvd"]["pruned"].pop(DOWN), None, "(32, 32)", "(32, 64)"),
+    ("pruned tensor truncated", None, _shrink, "(32, 31)", "(32, 32)"),
+]
+
+
+@pytest.mark.parametrize("case, config_edit, weights_edit, in_file, in_model", PRUNED_CASES,
+                         ids=[c[0] for c in PRUNED_CASES])
+def test_wrong_shapes_of_pruned_layers_are_named_in_both_load_paths(tmp_path, tokenizer, capsys, case, config_edit,
+                                                                   weights_edit, in_file, in_model):
+    """Not transformers' RuntimeError: the documented ValueError naming the tensor, with hf_wsvd,
+    through the saved code, and as the CLI's one line."""
+    path = tiny.save(_pruned_llama(), tmp_path / "ckpt")
+    _damage(path, config_edit, weights_edit)
+    message = f"'model.{DOWN}.weight' has the wrong shape in the checkpoint's weights: {in_file} in the file, {in_model} in the model"
+    with pytest.raises(ValueError) as error:
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert message in str(error.value)
+    assert all(message in line for line in cli_errors(capsys, path, "inspect", "export", "eval"))
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+    """, cwd=tmp_path)
+    assert result.returncode == 0 and message in result.stdout, result.stderr[-3000:]
+
+
+def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):
+    """A model.safetensors cut short (a copy interrupted, a disk that filled): one line naming the
+    file from inspect, export and eval of a checkpoint, and from compress of a dense model."""
+    def truncate(path):
+        weights = path / "model.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+        return weights
+
+    tiny.save_compressed(tmp_path / "ckpt", "bert")
+    weights = truncate(tmp_path / "ckpt")
+    for line in cli_errors(capsys, tmp_path / "ckpt", "inspect", "export", "eval"):
+        assert f"{weights} cannot be read (" in line and "the file is damaged or incomplete" in line, line
+    dense = truncate(tiny.save(tiny.build("bert"), tmp_path / "dense"))
+    assert main(["compress", str(tmp_path / "dense"), str(tmp_path / "out"), "--method", "svd"]) == 2
+    assert f"hf-wsvd compress: error: {dense} cannot be read (" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_damaged_checkpoints_fail_clearly_through_the_saved_code(tmp_path, tokenizer):
@@ -155,6 +250,16 @@ def test_ignore_mismatched_sizes_does_not_hide_wrong_factor_shapes(checkpoint):
     edit_config(checkpoint, lambda c: c["wsvd"]["ranks"].update({QUERY: c["wsvd"]["ranks"][QUERY] - 1}))
     with pytest.raises(ValueError, match="down.weight' has the wrong shape"):
         AUTO.from_pretrained(checkpoint, ignore_mismatched_sizes=True)
+
+
+def test_a_new_head_size_is_a_named_error_unless_mismatches_are_allowed(checkpoint):
+    """A head of another size outside the base model (a new label count): a ValueError naming it,
+    and re-initialized with ignore_mismatched_sizes=True, as transformers does."""
+    with pytest.raises(ValueError, match="'classifier.bias' has the wrong shape .*: \\(2,\\) in the file, "
+                                         "\\(5,\\) in the model .*ignore_mismatched_sizes=True"):
+        AUTO.from_pretrained(checkpoint, num_labels=5)
+    model = AUTO.from_pretrained(checkpoint, num_labels=5, ignore_mismatched_sizes=True)
+    assert model.classifier.weight.shape == (5, 32)
 
 
 def test_loading_info_is_still_returned_on_request(checkpoint):

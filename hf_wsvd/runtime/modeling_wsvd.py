@@ -389,11 +389,12 @@ def check_recipe(config: PreTrainedConfig
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
 
 
-def check_loaded(model: PreTrainedModel, info: dict) -> None:
+def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bool = False) -> None:
     """After ``from_pretrained``: raise unless every factorized or pruned module got each of its
-    tensors from the file at the right shape, no tensor in the file for a module of this class went
-    unused (the factors of a module the recipe does not list), and those tensors are finite.
-    ``info`` is the ``output_loading_info`` dict."""
+    tensors from the file at the right shape (every tensor, unless ``ignore_mismatched_sizes`` lets
+    a head outside the base model be re-initialized), no tensor in the file for a module of this
+    class went unused (the factors of a module the recipe does not list), and those tensors are
+    finite. ``info`` is the ``output_loading_info`` dict."""
     reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
     factorized = {name: m for name, m in model.named_modules()
                   if isinstance(m, FACTORIZED) or relative_module_name(model, name) in reshaped}
@@ -404,12 +405,19 @@ def check_loaded(model: PreTrainedModel, info: dict) -> None:
     # dense shape with random weights. A head outside it may be re-initialized (a new label count).
     prefix = getattr(model, "base_model_prefix", "")
     inside = (lambda key: key.startswith(prefix + ".")) if prefix and hasattr(model, prefix) else (lambda key: True)
-    mismatched = sorted(k[0] for k in info["mismatched_keys"] if k[0] in owned or inside(k[0]))
-    if missing or mismatched:
-        key = (missing or mismatched)[0]
-        problem = "is missing from" if missing else "has the wrong shape in"
-        raise ValueError(f"the tensor {key!r} {problem} the checkpoint's weights ({len(missing) + len(mismatched)} "
-                         "tensors affected): the file is damaged or belongs to another recipe")
+    mismatched = sorted((tuple(k) for k in info["mismatched_keys"]
+                         if not ignore_mismatched_sizes or k[0] in owned or inside(k[0])), key=lambda k: k[0])
+    if missing:
+        raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights ({len(missing)} tensors "
+                         "affected): the file is damaged or belongs to another recipe")
+    if mismatched:
+        key, *shapes = mismatched[0]
+        found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
+        why = (f"the file is damaged, or config.json's {RECIPE_KEY} ranks or pruned or attention shapes were edited"
+               if key in owned or inside(key) else "pass ignore_mismatched_sizes=True to re-initialize a head of "
+               "another size")
+        raise ValueError(f"the tensor {key!r} has the wrong shape in the checkpoint's weights{found} "
+                         f"({len(mismatched)} tensors affected); {why}")
     modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
     for key in sorted(info["unexpected_keys"]):
         parts = relative_module_name(model, key).split(".")
@@ -538,8 +546,11 @@ class _WsvdModelMixin:
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loaded(model, info)
+        # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
+        # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it.
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        check_loaded(model, info, ignore)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
