@@ -188,7 +188,10 @@ def test_activation_methods_from_the_cli(tmp_path, tokenizer, extra, allocation,
 
 
 def _recipe_fields() -> list:
-    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in ("ranks", "pruned", "residual")]
+    return [f for f in dataclasses.fields(WSVDConfig) if f.name not in FILLED]
+
+
+FILLED = ("ranks", "pruned", "attention", "residual")  # filled by the compressor, not options
 
 
 def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):
@@ -198,7 +201,9 @@ def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):
     for f in _recipe_fields():
         assert f"--{f.name.replace('_', '-')}" in text, f.name
         assert "".join(f.metadata["help"].split()) in text, f.name
-    assert "--ranks" not in text and "--pruned" not in text  # filled by the compressor, not options
+    compress = next(a for a in build_parser()._actions if a.dest == "command").choices["compress"]
+    options = {option for action in compress._actions for option in action.option_strings}
+    assert not {f"--{name}" for name in FILLED} & options
 
 
 def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
@@ -209,7 +214,7 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     argv = ["--method", "fwsvd", "--param-ratio", "0.3", "--target-modules", "query,value", "--exclude-modules", "key",
             "--fisher-axis", "input", "--num-samples", "64", "--batch-size", "4", "--max-length", "32",
             "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--no-sequential",
-            "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--seed", "7", "--p", "1.5", "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
+            "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--no-attention-pruning", "--seed", "7", "--p", "1.5", "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
             "--embedding-weighting", "frequency", "--solver", "als", "--refine", "--max-iterations", "3",
             "--tolerance", "0.01", "--time-budget", "2", "--importance-power", "0.5", "--risk-threshold", "0.1",
             "--max-kept-ratio-for-speed", str(speed), "--rank-multiple", "4", "--quantize", "int4",
@@ -217,7 +222,8 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     expected = WSVDConfig(
         method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
         fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
-        allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, mlp_pruning=False, seed=7, p=1.5, embeddings=True, embedding_ratio=0.25,
+        allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, mlp_pruning=False,
+        attention_pruning=False, seed=7, p=1.5, embeddings=True, embedding_ratio=0.25,
         embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,
         tolerance=0.01, time_budget=2.0, importance_power=0.5, risk_threshold=0.1,
         max_kept_ratio_for_speed={"32x64": 0.4}, rank_multiple=4, quantize="int4", quantize_group_size=32,
