@@ -19,16 +19,19 @@ import json
 import random
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
 from hf_wsvd.healing import HealConfig, heal, teacher_samples
+from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
@@ -45,14 +48,19 @@ def loader(blocks, tokenizer, batch_size):
 
 def recipes(args) -> list[dict]:
     """The recipes of one reduction: each method × allocation in whole-model mode, the sequential
-    methods, the compensated sequential methods at each ridge, and the same with MLP pruning (every
-    lever named, so that a row means the same whatever the defaults)."""
+    methods, the compensated sequential methods at each ridge, and the same with MLP pruning, each
+    compensated one at each block refinement setting (every lever named, so that a row means the
+    same whatever the defaults)."""
     rows = [dict(method=m, allocation=a, sequential=False) for m in args.methods for a in args.allocations]
     rows += [dict(method=m, allocation=a, sequential=True, compensate=False, mlp_pruning=False)
              for m in args.sequential_methods for a in args.allocations]
+    refinements = [dict(block_refine_steps=0)] if 0 in args.refine_steps else []
+    refinements += [dict(block_refine_steps=s, block_refine_learning_rate=r)
+                    for s in args.refine_steps if s for r in args.refine_learning_rates]
     for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
-        rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned)
-                 for m in methods for a in args.allocations for r in args.compensation_ridges]
+        rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned,
+                      **refine)
+                 for m in methods for a in args.allocations for r in args.compensation_ridges for refine in refinements]
     return rows
 
 
@@ -62,7 +70,16 @@ def label(recipe: dict) -> str:
         name += f", compensated λ={recipe['compensation_ridge']:g}"
     if recipe.get("mlp_pruning"):
         name += ", MLPs pruned"
+    if recipe.get("block_refine_steps"):
+        name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
     return name + (")" if recipe.get("sequential") else "")
+
+
+def refinement(refined: dict[str, list[float]]) -> dict:
+    """Per-block relative errors of block refinement and the median, least and most fall (1 − after / before)."""
+    falls = error_falls(refined)
+    return {"refined_blocks": refined, "error_fall": {"median": median(falls), "min": falls[0], "max": falls[-1]}} \
+        if falls else {}
 
 
 def measure(args) -> dict:
@@ -108,7 +125,8 @@ def measure(args) -> dict:
             model, report = compress(copy.deepcopy(dense), config, calib_loader, statistics=stats, show_progress=False)
             seconds = time.perf_counter() - start
             rows.append(row(label(recipe), reduction, recipe["allocation"], model, compress_seconds=seconds,
-                            params_after=report.params_after, params_before=report.params_before))
+                            params_after=report.params_after, params_before=report.params_before,
+                            **refinement(report.refined)))
             if best is None or rows[-1]["validation_perplexity"] < best[0]["validation_perplexity"]:
                 best = (rows[-1], model)
             else:
@@ -213,9 +231,12 @@ def table(payloads: list[dict]) -> str:
         dense = payload["rows"][0]["perplexity"]
         lines.append(f"#### {payload['model']}\n")
         lines.append(markdown_table(
-            ["recipe", "reduction", "allocation", "calibration blocks", "perplexity", "× dense", "healing s"],
+            ["recipe", "reduction", "allocation", "calibration blocks", "perplexity", "× dense", "compression s",
+             "block error fall (median)", "healing s"],
             [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r.get("calibration_blocks", "-"), r["perplexity"],
-              r["perplexity"] / dense, round(r["heal_seconds"]) if "heal_seconds" in r else "-"]
+              r["perplexity"] / dense, round(r["compress_seconds"]) if "compress_seconds" in r else "-",
+              f"{r['error_fall']['median']:.0%}" if "error_fall" in r else "-",
+              round(r["heal_seconds"]) if "heal_seconds" in r else "-"]
              for r in payload["rows"]]))
         if any("heal_config" in r for r in payload["rows"]):
             lines.append("\nHealing runs (factors and pruned linears trained, KL to the dense model's logits plus "
@@ -256,6 +277,14 @@ def main() -> None:
     parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
                         help="compensated sequential methods with MLP pruning (hf_wsvd.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
+    parser.add_argument("--refine-steps", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[0, DEFAULT_BLOCK_REFINE_STEPS],
+                        help="block refinement steps of the compensated rows, each a row (0: without refinement)")
+    parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[WSVDConfig.block_refine_learning_rate])
+    parser.add_argument("--only-recommended", action="store_true",
+                        help="only the recommended recipe's rows (fisher_whiten, greedy, sequential, compensated "
+                             "λ=0.1, MLPs pruned) at each --refine-steps: the other recipe lists are emptied")
     parser.add_argument("--heal-steps", type=int, default=0, help="heal the best recipe of each reduction (0: no)")
     parser.add_argument("--heal-seconds", type=float, default=0,
                         help="heal for as many steps as fit in this many seconds (timed by a short probe; "
@@ -274,6 +303,9 @@ def main() -> None:
                         help="publish measurements taken earlier (one file per run, or a published llm.json); the "
                              "runs of one model make one table")
     args = parser.parse_args()
+    if args.only_recommended:
+        args.methods, args.sequential_methods, args.compensated_methods = [], [], []
+        args.pruned_methods, args.allocations, args.compensation_ridges = ["fisher_whiten"], ["greedy"], [0.1]
 
     from report import publish
 

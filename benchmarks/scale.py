@@ -1,7 +1,8 @@
-"""Scale: the recommended LLM recipe — ``fisher_whiten``, greedy ranks, sequential — on Llama
-shapes with random bf16 weights: wall time and peak GPU memory per GPU.
+"""Scale: the recommended LLM recipe — ``fisher_whiten``, greedy ranks, sequential (compensated, MLPs
+pruned, blocks refined) — on Llama shapes with random bf16 weights: wall time and peak GPU memory per GPU.
 
     python benchmarks/scale.py --shape 7b --json-out 7b-1gpu.json                      # one GPU
+    python benchmarks/scale.py --shape 7b --block-refine-steps 0 --json-out 7b-off.json  # without block refinement
     torchrun --nproc_per_node 2 benchmarks/scale.py --shape 7b --json-out 7b-2gpu.json \\
         --compare 7b-1gpu.pt                                                           # data-parallel
     python benchmarks/scale.py --shape 70b --layers 8 --placement offload --json-out 70b.json
@@ -87,7 +88,8 @@ def measure(args) -> dict:
     data = DataLoader([{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids],
                       batch_size=args.batch_size)
     config = WSVDConfig(method="fisher_whiten", allocation="greedy", sequential=True,
-                        param_ratio=1 - args.reduction, max_length=args.length, batch_size=args.batch_size)
+                        param_ratio=1 - args.reduction, max_length=args.length, batch_size=args.batch_size,
+                        block_refine_steps=args.block_refine_steps)
     if cuda:
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
@@ -106,7 +108,8 @@ def measure(args) -> dict:
         "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
         "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
         "factorized_layers": len(report.ranks), "params_before": report.params_before,
-        "params_after": report.params_after,
+        "params_after": report.params_after, "block_refine_steps": model.config.wsvd["block_refine_steps"],
+        "refined": report.refined,
     }
     if accelerator.num_processes > 1:  # every process's own peak and time
         gathered = [None] * accelerator.num_processes
@@ -137,13 +140,14 @@ def table(payloads: list[dict]) -> str:
         rows.append([
             f"Llama {p['shape']} shape" + (f", {p['layers']} of {p['full_layers']} layers" if sliced else ""),
             p["placement"], p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
-            round(p["compress_seconds"], 1),
+            p.get("block_refine_steps", 0), round(p["compress_seconds"], 1),
             f"{per_layer * p['full_layers']:.0f} (extrapolated)" if sliced else "-",
             " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"] if g is not None) or "-",
             p.get("fisher_rows_max_relative_difference", "-"),
             p["environment"].get("cuda") or "cpu",
         ])
-    return markdown_table(["model", "placement", "processes", "calibration", "reduction", "wall time (s)",
+    return markdown_table(["model", "placement", "processes", "calibration", "reduction", "refinement steps",
+                           "wall time (s)",
                            "full depth (s)", "peak GiB per GPU", "Fisher rows vs 1 GPU (max rel.)", "device"], rows)
 
 
@@ -157,6 +161,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--reduction", type=float, default=0.2)
+    parser.add_argument("--block-refine-steps", type=int,
+                        help="block refinement steps per block (0: off; default: the recommended recipe's)")
     parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
     parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
     parser.add_argument("--json-out")

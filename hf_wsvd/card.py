@@ -11,7 +11,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .checkpoint import parameter_counts, quantization_summary, recipe_of, summarize, target_counts
+from .checkpoint import (parameter_counts, quantization_summary, recipe_of, refinement_summary, summarize,
+                         target_counts)
 from .runtime.modeling_wsvd import CLASS_PREFIX, _supported_auto_classes
 
 PLOT_FILE = "rank_per_layer.png"
@@ -211,6 +212,7 @@ def build_card(
         eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",
         plot_file=PLOT_FILE, rank_table=_rank_table(model), quantization=quantization_summary(model),
+        refinement=refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps")),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from statistics import median
 from typing import Iterator
 
 import transformers
@@ -106,6 +107,20 @@ def target_counts(model: nn.Module) -> tuple[int, int]:
     dense = sum(p.numel() for name, full in targets.items() if name not in compressed
                 for p in model.get_submodule(full).parameters())
     return sum(row.params for row in rows) + dense, sum(row.dense_params for row in rows) + dense
+
+
+def error_falls(refined: dict[str, list[float]]) -> list[float]:
+    """Block refinement's fall of each block's relative output error, 1 − after / before, sorted."""
+    return sorted(1 - after / before if before > 0 else 0.0 for before, after in refined.values())
+
+
+def refinement_summary(refined: dict[str, list[float]], steps: int | None = None) -> str | None:
+    """One line on block refinement (``refined``: a recipe's per-block errors; None if it refined nothing)."""
+    if not refined:
+        return None
+    falls = error_falls(refined)
+    return (f"{len(falls)} blocks refined{f' ({steps} steps each)' if steps else ''}: relative output error fell "
+            f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

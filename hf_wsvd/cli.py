@@ -205,6 +205,10 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
         f"  {kept_ratios(report.target_kept, report.model_kept)} "
         f"(parameters {report.params_before:,} -> {report.params_after:,})",
     ]
+    if report.refined:
+        from .checkpoint import refinement_summary
+
+        lines.append(f"  {refinement_summary(report.refined)}")
     for name, before in (dense or {}).items():
         after = (compressed or {})[name]
         if name == "perplexity":  # a ratio: perplexities multiply
@@ -216,8 +220,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, summarize,
-                             target_counts)
+    from .checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, refinement_summary,
+                             summarize, target_counts)
     from .runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
     if not os.path.isdir(args.path):
@@ -232,6 +236,9 @@ def _inspect(args: argparse.Namespace) -> None:
     pipeline = "sequential" if recipe.get("sequential") else "whole_model"
     print(f"method={recipe['method']} allocation={recipe.get('allocation') or 'uniform'} pipeline={pipeline} "
           f"param_ratio={recipe['param_ratio']}")
+    refinement = refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"))
+    if refinement:
+        print(f"block refinement: {refinement}")
     print(f"{'module':<{width}}  {'shape':>11}  {'rank':>6}  {'params':>10}  {'dense':>10}")
     for r in rows:
         shape = f"{r.shape[0]}x{r.shape[1]}"

@@ -47,6 +47,8 @@ class CompressionReport:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
     attention: dict[str, dict] = field(default_factory=dict)
+    # Blocks trained by block refinement: index → [relative output error before, after].
+    refined: dict[str, list[float]] = field(default_factory=dict)
     # Parameters of the target layers (``hf_wsvd.checkpoint.target_counts``) after and before.
     target_params_after: int = 0
     target_params_before: int = 0
@@ -131,14 +133,15 @@ def compress(
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")
-    recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention))
+    recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
+                     refined=dict(job.refined))
     attach_recipe(model, recipe)
     params_after, _ = parameter_counts(model)
     changed = set(ranks) | reshaped_layers(recipe.to_dict())
     report = CompressionReport(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
-        job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
+        job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention), dict(job.refined),
         *target_counts(model),
     )
     return model, report

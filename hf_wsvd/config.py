@@ -36,7 +36,7 @@ QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-
 # The weightings the quantized residual fits its correction with.
 RESIDUAL_METHODS = ("fisher_whiten", "whiten", "svd")
 # Method options that are numbers: stored as floats whatever number type was given.
-FLOAT_FIELDS = ("compensation_ridge", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
+FLOAT_FIELDS = ("compensation_ridge", "block_refine_learning_rate", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
 
 
 def recipe_field(default: Any, help: str, **cli: Any) -> Any:
@@ -110,6 +110,15 @@ class WSVDConfig:
         "attentions; others are factorized). Greedy: one budget with ranks and MLP channels; uniform: every "
         "attention keeps param_ratio of its head dimensions. For the methods that read the activation Gram. "
         "Unset (None): on with such a method in sequential mode", action=argparse.BooleanOptionalAction)
+    block_refine_steps: int | None = recipe_field(
+        None, "compensated sequential mode: after each block is compressed, train its compressed layers (factors, "
+        "pruned linears) for this many Adam steps, one stored calibration batch each, so that its outputs on the "
+        "compressed model's hidden states match the dense block's outputs on the dense model's (block refinement; "
+        "not the element-wise refine); kept only where the block's error on the calibration data falls; 0: off. "
+        "Unset (None): on in compensated sequential mode", type=non_negative_int)
+    block_refine_learning_rate: float = recipe_field(
+        1e-3, "block refinement: Adam's step size relative to each tensor's root mean square, > 0, decayed to 0 on a "
+        "cosine over the steps", type=float)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     p: float = recipe_field(
         1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
@@ -183,6 +192,10 @@ class WSVDConfig:
         "help": "filled by the compressor: base-model-relative name of each attention cut by attention_pruning -> "
                 "{'head_dim': kept, 'dense_head_dim': dense, 'projections': [q, k, v, o], 'rotary': [kept rotary pair "
                 "indices] (rotary attentions)}", "cli": None})
+    refined: dict[str, list[float]] = field(default_factory=dict, metadata={
+        "help": "filled by the compressor: index of each block trained by block refinement -> [error before, error "
+                "after], its relative output error against the dense block on the calibration data, the mean over tokens of "
+                "||y - y'||^2 / ||y||^2 (after = before where training did not lower it and was undone)", "cli": None})
     residual: dict[str, int] = field(default_factory=dict, metadata={
         "help": "filled by quantized_residual: base-model-relative name of each quantized layer -> the rank of its "
                 "correction", "cli": None})
@@ -217,6 +230,7 @@ class WSVDConfig:
         self._validate_compensation()
         for name in ("mlp_pruning", "attention_pruning"):
             self._validate_pruning(name)
+        self._validate_block_refinement()
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
         if self.refine and self.method in ("tfwsvd", "rescue"):
@@ -309,6 +323,24 @@ class WSVDConfig:
             flag = "--no-" + name.replace("_", "-")
             raise ValueError(f"{name}=True reads activation Grams, which only whiten and fisher_whiten collect; "
                              f"method={self.method!r} does not: choose one of those or {flag}")
+
+    def _validate_block_refinement(self) -> None:
+        steps, rate = self.block_refine_steps, self.block_refine_learning_rate
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"block_refine_steps={steps!r} must be an integer >= 0 (0: off) or None (on in compensated "
+                             "sequential mode)")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+            raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
+        if steps and (self.compensate is False or self.sequential is False):
+            raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
+                             "only compensation computes: it needs compensate=True (sequential mode with whiten or "
+                             "fisher_whiten), or block_refine_steps=0")
+        if not isinstance(self.refined, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2
+                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in v)
+                for k, v in self.refined.items()):
+            raise ValueError(f"refined={self.refined!r} must map block indices to [error before, error after], "
+                             "two numbers >= 0")
 
     def _validate_speed_limit(self) -> None:
         speed = self.max_kept_ratio_for_speed

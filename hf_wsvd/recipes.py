@@ -21,6 +21,9 @@ from .tasks import CAUSAL_LM, task_of
 
 logger = logging.getLogger(__name__)
 
+# Measured (docs/benchmarks/llm.md, block refinement): what the default recipe's refinement costs and gains.
+DEFAULT_BLOCK_REFINE_STEPS = 64
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -60,10 +63,16 @@ def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[boo
     return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
 
 
+def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, None]:
+    # Refinement trains each block toward the dense stream that compensation keeps.
+    return (DEFAULT_BLOCK_REFINE_STEPS if recipe.compensate else 0), None
+
+
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
-                          "attention_pruning": _reads_gram_in_sequence}
+                          "attention_pruning": _reads_gram_in_sequence,
+                          "block_refine_steps": _block_refine_steps}
 
 
 def is_causal_lm(model: nn.Module) -> bool:

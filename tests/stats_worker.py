@@ -94,7 +94,8 @@ def activations_of(model, loader, modules, accelerator=None) -> dict:
             for name, values in stats.values.items()}
 
 
-# The recommended LLM recipe, run by the compression pipeline in one and in two processes.
+# The recommended LLM recipe (block refinement included), run by the compression pipeline in one and
+# in two processes.
 PIPELINE_RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=True, param_ratio=0.5,
                        compute_dtype="float64")
 
@@ -106,7 +107,8 @@ def pipeline_result(accelerator=None) -> dict:
     model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
     model, report = compress(model, WSVDConfig(**PIPELINE_RECIPE), loader, accelerator=accelerator, show_progress=False)
     products = {n: (m.up.weight @ m.down.weight).detach() for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
-    return {"ranks": report.ranks, "products": products, "examples": report.importance_examples}
+    return {"ranks": report.ranks, "products": products, "examples": report.importance_examples,
+            "refined": report.refined}
 
 
 def _run(outdir: Path) -> None:

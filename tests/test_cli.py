@@ -18,6 +18,7 @@ from helpers import main_output
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.cli import build_parser, main, recipe_from_args
 from hf_wsvd.config import METHODS
+from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
 
 ROWS = [
     ("the movie was great", 1), ('"not" a good film', 1), ("awful plot", 0), ("null", 0),
@@ -93,6 +94,11 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     # The text makes the labels: Fisher-weighted whitening, greedy ranks, block by block.
     assert (recipe["method"], recipe["allocation"], recipe["sequential"]) == ("fisher_whiten", "greedy", True)
     assert "compressed with fisher_whiten: greedy allocation, sequential pipeline (compensated), param_ratio 0.4" in printed.out
+    # Each block refined toward the dense block: the summary and the card say how much its error fell.
+    assert re.search(r"2 blocks refined: relative output error fell by a median \d+%", printed.out), printed.out
+    steps = DEFAULT_BLOCK_REFINE_STEPS
+    assert f"| block refinement | 2 blocks refined ({steps} steps each)" in (out / "README.md").read_text()
+    assert recipe["block_refine_steps"] == steps and sorted(recipe["refined"]) == ["0", "1"]
     assert "note:" not in printed.err
     assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == len(recipe["ranks"]) > 0
     assert main_output(model(**tiny.inputs("gpt2"))).isfinite().all()
@@ -191,7 +197,7 @@ def _recipe_fields() -> list:
     return [f for f in dataclasses.fields(WSVDConfig) if f.name not in FILLED]
 
 
-FILLED = ("ranks", "pruned", "attention", "residual")  # filled by the compressor, not options
+FILLED = ("ranks", "pruned", "attention", "refined", "residual")  # filled by the compressor, not options
 
 
 def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):
@@ -214,7 +220,9 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     argv = ["--method", "fwsvd", "--param-ratio", "0.3", "--target-modules", "query,value", "--exclude-modules", "key",
             "--fisher-axis", "input", "--num-samples", "64", "--batch-size", "4", "--max-length", "32",
             "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--no-sequential",
-            "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--no-attention-pruning", "--seed", "7", "--p", "1.5", "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
+            "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--no-attention-pruning",
+            "--block-refine-steps", "0", "--block-refine-learning-rate", "0.01", "--seed", "7", "--p", "1.5",
+            "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
             "--embedding-weighting", "frequency", "--solver", "als", "--refine", "--max-iterations", "3",
             "--tolerance", "0.01", "--time-budget", "2", "--importance-power", "0.5", "--risk-threshold", "0.1",
             "--max-kept-ratio-for-speed", str(speed), "--rank-multiple", "4", "--quantize", "int4",
@@ -223,7 +231,8 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
         method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
         fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
         allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, mlp_pruning=False,
-        attention_pruning=False, seed=7, p=1.5, embeddings=True, embedding_ratio=0.25,
+        attention_pruning=False, block_refine_steps=0, block_refine_learning_rate=0.01, seed=7, p=1.5, embeddings=True,
+        embedding_ratio=0.25,
         embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,
         tolerance=0.01, time_budget=2.0, importance_power=0.5, risk_threshold=0.1,
         max_kept_ratio_for_speed={"32x64": 0.4}, rank_multiple=4, quantize="int4", quantize_group_size=32,
@@ -356,9 +365,13 @@ def test_inspect_shows_the_base_architecture_and_the_recipe_of_old_checkpoints_t
     printed = capsys.readouterr().out
     assert "base=LlamaForCausalLM (llama)" in printed
     assert "method=fisher_whiten allocation=greedy pipeline=sequential param_ratio=0.5" in printed
-    # A checkpoint saved before allocation and sequential were recorded: uniform, whole-model.
+    assert re.search(rf"block refinement: 2 blocks refined \({DEFAULT_BLOCK_REFINE_STEPS} steps each\): relative "
+                     r"output error fell by a median \d+% \(least \d+%, most \d+%\)", printed), printed
+    # A checkpoint saved before allocation, sequential and refinement were recorded: uniform, whole-model.
     config = json.loads((out / "config.json").read_text())
-    del config["wsvd"]["allocation"], config["wsvd"]["sequential"]
+    for key in ("allocation", "sequential", "block_refine_steps", "block_refine_learning_rate", "refined"):
+        del config["wsvd"][key]
     (out / "config.json").write_text(json.dumps(config))
     assert main(["inspect", str(out)]) == 0
-    assert "allocation=uniform pipeline=whole_model" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "allocation=uniform pipeline=whole_model" in printed and "block refinement" not in printed

@@ -89,11 +89,20 @@ def test_a_model_with_offloaded_blocks_compresses_like_a_plain_one(sequential):
 
 def test_two_processes_compress_like_one(two_process_results):
     """Each process takes its share of the calibration data and solves its share of the layers;
-    both end with the factors one process computes."""
+    both end with the factors one process computes, block refinement's steps included (its
+    gradients summed across processes)."""
     single = pipeline_result()
+    assert sorted(single["refined"]) == ["0", "1"]
+    assert all(after < before for before, after in single["refined"].values()), single["refined"]
+    for process in two_process_results[1]["pipeline"]["products"]:  # the very same weights in both processes
+        assert torch.equal(two_process_results[0]["pipeline"]["products"][process],
+                           two_process_results[1]["pipeline"]["products"][process]), process
     for result in two_process_results:
         multi = result["pipeline"]
         assert multi["ranks"] == single["ranks"] and multi["examples"] == single["examples"]
+        assert multi["refined"].keys() == single["refined"].keys()
+        for block, errors in single["refined"].items():
+            assert multi["refined"][block] == pytest.approx(errors, rel=1e-5), block
         for name, product in single["products"].items():
             scale = product.abs().max().item()
             torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)

@@ -27,6 +27,7 @@ from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from . import compensation, register_pipeline
+from .refinement import refine_block, refined_layers
 from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
                    prune_and_swap, refit_cut_output, require_data, solve_and_swap, spectra, uniform, uniform_channels,
                    unit_key)
@@ -123,7 +124,8 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: 
     model's and the compressed model's, and within a block each stage of layers is fitted to a
     dense copy of the block before the next stage's inputs are taken. An attention is cut at the
     stage of its q/k/v projections (its output projection's statistics taken in the same pass),
-    and its output projection refitted at its own stage."""
+    and its output projection refitted at its own stage. Then, with ``block_refine_steps``, the
+    compressed block is trained toward the dense block's outputs (``hf_wsvd.pipelines.refinement``)."""
     processes = job.accelerator.num_processes
     if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
         raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
@@ -163,8 +165,12 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: 
                 cut_attentions_and_swap(job, attentions, channels, stats)
                 for name in refit:
                     refit_cut_output(job, name, reference.get_submodule(paths[name]), stats)
-            _run(reference, dense, block_device)
+            _run(reference, dense, block_device)  # the dense stream advances: the block's targets
             del reference
+            layers = refined_layers(job, paths) if job.config.block_refine_steps else {}
+            if layers:
+                with job.timed("refine"):
+                    job.refined[str(index)] = refine_block(job, block, index, layers, current, dense, block_device)
             _run(block, current, block_device)
 
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..allocation import Budgeted, drop_slow_layers, greedy_ranks, uniform_ranks
 from ..attention_pruning import (AttentionGroup, CutAttention, attention_groups, cut_attention, cut_bias, cut_linear,
                                  head_spectrum)
-from ..blocks import hooked
+from ..blocks import execution_device, hooked, loaded, offloaded
 from ..linalg import refitted, ridged
 from ..mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels, shrunk
 from ..runtime.modeling_wsvd import cut_heads, cut_shape
@@ -56,6 +56,9 @@ class Job:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
     attention: dict[str, dict] = field(default_factory=dict)
+    # Blocks trained by block refinement: index → [relative error before, after].
+    refined: dict[str, list[float]] = field(default_factory=dict)
+    _open_stages: list[list[float]] = field(default_factory=list, repr=False)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -81,13 +84,20 @@ class Job:
 
     @contextlib.contextmanager
     def timed(self, stage: str):
+        """Add the seconds spent in ``stage`` to ``seconds``, less those of stages timed inside it (so
+        that the stages add up to the whole)."""
         import time
 
-        start = time.perf_counter()
+        frame = [time.perf_counter(), 0.0]  # start, seconds of the stages nested in this one
+        self._open_stages.append(frame)
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            self._open_stages.pop()
+            elapsed = time.perf_counter() - frame[0]
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed - frame[1]
+            if self._open_stages:
+                self._open_stages[-1][1] += elapsed
 
 
 def require_data(job: Job) -> None:
@@ -367,21 +377,21 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
     weights in memory, and the replacement of an accelerate-offloaded layer is offloaded the same
     way."""
     module = job.module(name)
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None or not hooked(module):
+    if not hooked(module):
         job.model.set_submodule(job.targets[name], build(module))
         return
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
 
-    with align_module_device(module, torch.device("cpu")):
+    device, offload = execution_device(module, torch.device("cpu")), offloaded(module)
+    with loaded(module, torch.device("cpu")):
         layer = build(module)
-    remove_hook_from_module(module)
+    remove_hook_from_module(module, recurse=True)
     job.model.set_submodule(job.targets[name], layer)
-    if getattr(hook, "offload", False):
-        cpu_offload(layer, execution_device=hook.execution_device)
+    if offload:
+        cpu_offload(layer, execution_device=device)
     else:
-        layer.to(hook.execution_device)
+        layer.to(device)
 
 
 def cut_attentions_and_swap(job: Job, groups: list[AttentionGroup], dims: dict[str, int], stats: Statistics) -> None:

@@ -1,0 +1,155 @@
+"""Block refinement (``WSVDConfig.block_refine_steps``, compensated sequential mode): after a block
+is compressed and compensated, its compressed layers — the factors of its factorized layers and its
+pruned linears, biases included — are trained with Adam so that the block's outputs on the
+*compressed* model's hidden states match the dense block's outputs on the *dense* model's hidden
+states (the same targets compensation fits layer by layer, here for the whole block at once: the
+layers learn to work together and to undo what the blocks before them left). Shapes and ranks do
+not change.
+
+Loss: the squared error of the block's outputs over the real tokens, each token's error relative to
+its target's squared norm (hidden states carry a few tokens of huge norm that would otherwise take
+the whole loss). Optimizer: Adam, each tensor's step size ``block_refine_learning_rate`` times its
+root mean square (factors are scaled however the factorization split them), decayed to 0 on a
+cosine. Each step reads ``BATCHES_PER_STEP`` stored calibration batches, in order, cycling.
+
+The block trains as a float32 copy on the device where it runs (bf16 autocast on CUDA); its layers
+are written back, in the model's dtype and offloaded again where accelerate offloaded them, only if
+the loss over all calibration data fell (the relative error recorded for each block, before and after). Several processes: process p holds the
+global batches p, p + P, ... (accelerate's sharding); a step reads the same global batches whatever
+the number of processes and the gradients are summed across processes, so every process takes the
+steps one process would take, and ends with the same weights (broadcast from process 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import send_to_device
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..blocks import detached_copy, first_output
+from ..runtime.factorized_linear import FactorizedLinear
+from .step import Job, install
+
+BATCHES_PER_STEP = 1
+
+
+def refined_layers(job: Job, paths: dict[str, str]) -> dict[str, str]:
+    """The compressed layers among ``paths`` (layer name → module path inside its block): factorized,
+    cut by MLP pruning, or projections of a cut attention."""
+    cut = {name for entry in job.attention.values() for name in entry["projections"]}
+    return {n: p for n, p in paths.items()
+            if n in job.pruned or n in cut or isinstance(job.module(n), FactorizedLinear)}
+
+
+def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str, str], inputs: list, targets: list,
+                 device: torch.device) -> list[float]:
+    """Train ``layers`` (name → path inside ``block``, the block's compressed layers) so that ``block``
+    maps ``inputs`` (the compressed stream: hidden states, keyword arguments, mask) to ``targets``
+    (the dense block's outputs on the dense stream); returns the block's relative error over the
+    calibration data before and after (equal where training did not lower it and was undone)."""
+    work = detached_copy(block, device, torch.float32).eval().requires_grad_(False)
+    params = [p for path in layers.values() for p in work.get_submodule(path).parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    pairs = [(hidden, kwargs, mask, target) for (hidden, kwargs, mask), (target, _, _) in zip(inputs, targets)]
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    indices, tokens = _global_batches(pairs, device, job.accelerator)
+    before = _error(work, pairs, tokens, device, amp, job.accelerator)
+    _train(job, work, params, pairs, indices, tokens, device, amp, f"refining block {index}")
+    after = _error(work, pairs, tokens, device, amp, job.accelerator)
+    if not after < before:  # never worse than compensation alone on its own data (nor NaN)
+        return [before, before]
+    for name, path in layers.items():
+        install(job, name, lambda module, trained=work.get_submodule(path): _like(trained.requires_grad_(False), module))
+    return [before, after]
+
+
+def _like(layer: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
+    """``layer`` with the device, dtype and ``requires_grad`` of ``module``'s weights."""
+    reference = next(module.parameters())
+    return layer.to(reference.device, reference.dtype).requires_grad_(reference.requires_grad)
+
+
+def _sums(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (batch × tokens, float32): the squared error and the target's squared norm; padding zeroed."""
+    target = target.float()
+    error = (output.float() - target).square().sum(dim=-1)
+    energy = target.square().sum(dim=-1)
+    if mask is not None:
+        keep = mask.to(error.device, error.dtype)
+        error, energy = error * keep, energy * keep
+    return error, energy
+
+
+def _token_losses(error: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Each token's loss: its squared error relative to its target's squared norm (padding: 0)."""
+    return error / energy.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _forward(work: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device, amp: dict) -> torch.Tensor:
+    with torch.autocast(**amp):
+        return first_output(work(hidden.to(device), **send_to_device(kwargs, device)))
+
+
+@torch.no_grad()
+def _error(work: torch.nn.Module, pairs: list, tokens: torch.Tensor, device: torch.device, amp: dict,
+           accelerator) -> float:
+    """The loss over every process's batches: the mean over real tokens of ‖y − ŷ‖² / ‖y‖²."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for hidden, kwargs, mask, target in pairs:
+        total += _token_losses(*_sums(_forward(work, hidden, kwargs, device, amp), target.to(device), mask)).sum().double()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(total)
+    return float(total) / max(float(tokens.sum()), 1.0)
+
+
+def _global_batches(pairs: list, device: torch.device, accelerator) -> tuple[list[int], torch.Tensor]:
+    """The global index of each of this process's batches (accelerate's round-robin sharding) and
+    the real tokens of every global batch."""
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    indices = [i * processes + rank for i in range(len(pairs))]
+    count = torch.tensor([len(pairs)], dtype=torch.int64, device=device)
+    if processes > 1:
+        torch.distributed.all_reduce(count)
+    tokens = torch.zeros(int(count), dtype=torch.float64, device=device)
+    for index, (hidden, _, mask, _) in zip(indices, pairs):
+        tokens[index] = float(mask.sum()) if mask is not None else hidden.shape[0] * hidden.shape[1]
+    if processes > 1:
+        torch.distributed.all_reduce(tokens)
+    return indices, tokens.cpu()
+
+
+def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pairs: list, indices: list[int],
+           tokens: torch.Tensor, device: torch.device, amp: dict, desc: str) -> None:
+    """``block_refine_steps`` Adam steps on ``params`` (see the module), gradients summed across
+    processes; ``indices``: the global index of each of ``pairs``, ``tokens``: every global batch's
+    real tokens."""
+    config, accelerator = job.config, job.accelerator
+    steps = config.block_refine_steps
+    optimizer = torch.optim.Adam([{"params": [p], "lr": config.block_refine_learning_rate * float(
+        p.detach().square().mean().sqrt().clamp_min(1e-12))} for p in params], fused=device.type == "cuda")
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, steps)
+    mine = {g: i for i, g in enumerate(indices)}
+    total = len(tokens)
+    show = job.show_progress and accelerator.is_local_main_process
+    for step in tqdm(range(steps), desc=desc, leave=False, disable=not show):
+        group = sorted({(step * BATCHES_PER_STEP + j) % total for j in range(BATCHES_PER_STEP)})
+        count = float(tokens[group].sum())
+        for g in group:
+            if g in mine:
+                hidden, kwargs, mask, target = pairs[mine[g]]
+                error, energy = _sums(_forward(work, hidden, kwargs, device, amp), target.to(device), mask)
+                _token_losses(error, energy).sum().div(max(count, 1.0)).backward()
+        if accelerator.num_processes > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            for p, grad in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(grad.view_as(p))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=False)
+    if accelerator.num_processes > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)

@@ -1,0 +1,242 @@
+"""Block refinement (``block_refine_steps``): each compressed block trained toward the dense block's
+outputs in compensated sequential mode."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import tiny
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.evaluation import perplexity
+from hf_wsvd.pipelines import sequential as sequential_module
+from hf_wsvd.pipelines import step as step_module
+from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
+from stats_worker import case_inputs
+
+# Strong compression of a tiny trained model: the blocks' errors are large enough to train away.
+RECIPE = dict(method="fisher_whiten", param_ratio=0.3, compute_dtype="float64", block_refine_learning_rate=1e-2)
+
+
+def _language(count: int, seed: int, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Sequences of a fixed Markov chain over the tiny vocabulary's words: each word is followed by
+    one word with probability 0.8, by another one otherwise."""
+    words, low = len(tiny.WORDS), len(tiny.SPECIALS)
+    chain = torch.Generator().manual_seed(99)
+    likely, other = torch.randperm(words, generator=chain), torch.randperm(words, generator=chain)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.empty(count, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, words, (count,), generator=generator)
+    for t in range(1, length):
+        coin = torch.rand(count, generator=generator) < 0.8
+        ids[:, t] = torch.where(coin, likely[ids[:, t - 1]], other[ids[:, t - 1]])
+    ids += low
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()} for row in ids]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Llama trained on the chain (dense perplexity near the chain's), its calibration data
+    and held-out sequences."""
+    model = tiny.build("llama", "AutoModelForCausalLM", seed=0).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(6):
+        for batch in DataLoader(_language(512, seed=1), batch_size=32, shuffle=True,
+                                generator=torch.Generator().manual_seed(0)):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval(), DataLoader(_language(32, seed=2), batch_size=4), DataLoader(_language(64, seed=3), batch_size=16)
+
+
+def _block_outputs(model, loader) -> list[torch.Tensor]:
+    """Each block's output hidden states over ``loader``, concatenated."""
+    outputs = [[] for _ in model.model.layers]
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(
+        (out[0] if isinstance(out, tuple) else out).detach())) for i, block in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for batch in loader:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    return [torch.cat(o) for o in outputs]
+
+
+def _relative_errors(dense, compressed, loader) -> list[float]:
+    """Per block: the mean over tokens of ‖y − ŷ‖² / ‖y‖², the compressed model's block outputs
+    against the dense model's."""
+    return [float(((got - want).square().sum(-1) / want.square().sum(-1)).mean())
+            for want, got in zip(_block_outputs(dense, loader), _block_outputs(compressed, loader))]
+
+
+def test_refinement_lowers_the_block_errors_and_the_heldout_perplexity_reproducibly(trained):
+    dense, calibration, heldout = trained
+    plain, plain_report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, block_refine_steps=0), calibration,
+                                   show_progress=False)
+    config = WSVDConfig(**RECIPE, block_refine_steps=32)
+    start = time.perf_counter()
+    refined, report = compress(copy.deepcopy(dense), config, calibration, show_progress=False)
+    # Refinement's time is a stage of its own, not counted again in "factorize".
+    assert report.seconds["refine"] > 0 and sum(report.seconds.values()) <= time.perf_counter() - start
+    again, again_report = compress(copy.deepcopy(dense), config, calibration, show_progress=False)
+    # Shapes and ranks are the allocation's; MLPs stay pruned to the same channels.
+    assert report.ranks == plain_report.ranks and report.pruned == plain_report.pruned and report.pruned_mlps
+    assert report.params_after == plain_report.params_after
+    assert plain_report.refined == {} and plain.config.wsvd["block_refine_steps"] == 0
+    # Every block was refined and its error on the calibration data fell.
+    assert sorted(report.refined) == ["0", "1"]
+    assert all(after < 0.95 * before for before, after in report.refined.values()), report.refined
+    assert refined.config.wsvd["refined"] == report.refined and refined.config.wsvd["block_refine_steps"] == 32
+    # The reported errors are the models' own: block 0 sees the same inputs with or without refinement.
+    plain_errors, errors = _relative_errors(dense, plain, calibration), _relative_errors(dense, refined, calibration)
+    assert report.refined["0"][0] == pytest.approx(plain_errors[0], rel=1e-4)
+    for index, error in enumerate(errors):
+        assert report.refined[str(index)][1] == pytest.approx(error, rel=1e-4)
+    assert errors[-1] < 0.8 * plain_errors[-1]
+    # Held-out sequences of the same language: closer to the dense model's perplexity.
+    dense_ppl, plain_ppl, refined_ppl = (perplexity(m, heldout) for m in (dense, plain, refined))
+    assert refined_ppl < plain_ppl - 0.5 * (plain_ppl - dense_ppl), (dense_ppl, plain_ppl, refined_ppl)
+    # The same seed gives the very same model.
+    assert again_report.refined == report.refined
+    for (name, a), b in zip(refined.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_refinement_that_would_raise_the_error_is_undone(trained, monkeypatch):
+    """At full rank the compressed blocks are the dense blocks: training can only add error, so the
+    compensated factors stay."""
+    def full_ranks(job, shapes):
+        return {n: min(s) for n, s in shapes.items()}
+
+    monkeypatch.setattr(sequential_module, "uniform", full_ranks)
+    monkeypatch.setattr(step_module, "uniform", full_ranks)
+    dense, calibration, _ = trained
+    config = WSVDConfig(**RECIPE, allocation="uniform", mlp_pruning=False, block_refine_steps=8)
+    model, report = compress(copy.deepcopy(dense), config, calibration, show_progress=False)
+    assert report.ranks and sorted(report.refined) == ["0", "1"]
+    assert all(before == after < 1e-8 for before, after in report.refined.values()), report.refined
+    batch = next(iter(calibration))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, dense(input_ids=batch["input_ids"]).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_diverging_refinement_is_undone(trained):
+    """A step size that blows the weights up (to NaN or worse errors) leaves the compensated model."""
+    dense, calibration, _ = trained
+    plain, _ = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, block_refine_steps=0), calibration,
+                        show_progress=False)
+    diverged, report = compress(copy.deepcopy(dense), WSVDConfig(**{**RECIPE, "block_refine_learning_rate": 1e4},
+                                                                 block_refine_steps=4), calibration, show_progress=False)
+    assert sorted(report.refined) == ["0", "1"] and all(b == a for b, a in report.refined.values()), report.refined
+    for (name, a), b in zip(plain.state_dict().items(), diverged.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_recommended_recipe_refines_compensated_sequential_runs_only():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    _, report = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    assert report.compensated and report.refined
+    lm, _ = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.5, compensate=False), loader, show_progress=False)
+    assert lm.config.wsvd["block_refine_steps"] == 0 and lm.config.wsvd["refined"] == {}
+    default, _ = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    assert default.config.wsvd["block_refine_steps"] == DEFAULT_BLOCK_REFINE_STEPS
+    classifier, loader, _, _ = case_inputs("bert_classification", 6, 3)
+    classifier, _ = compress(classifier, WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    assert classifier.config.wsvd["block_refine_steps"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(block_refine_steps=-1), "block_refine_steps=-1"),
+    (dict(block_refine_steps=True), "block_refine_steps=True"),
+    (dict(block_refine_steps=2.5), "block_refine_steps=2.5"),
+    (dict(block_refine_learning_rate=0), "block_refine_learning_rate=0"),
+    (dict(block_refine_learning_rate=float("nan")), "block_refine_learning_rate=nan"),
+    (dict(method="whiten", sequential=True, compensate=False, block_refine_steps=8), "needs compensate=True"),
+    (dict(method="whiten", sequential=False, block_refine_steps=8), "needs compensate=True"),
+    (dict(refined={"0": [0.5]}), "refined="),
+    (dict(refined={"0": [0.5, -1.0]}), "refined="),
+])
+def test_refinement_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WSVDConfig(**kwargs)
+
+
+def test_refinement_is_refused_where_compensation_resolves_off():
+    """Explicit steps on a model whose recipe resolves to no compensation (a classifier)."""
+    classifier, loader, _, _ = case_inputs("bert_classification", 6, 3)
+    with pytest.raises(ValueError, match="needs compensate=True"):
+        compress(classifier, WSVDConfig(param_ratio=0.5, block_refine_steps=8), loader, show_progress=False)
+
+
+def test_an_offloaded_block_refines_like_a_plain_one():
+    """accelerate keeps block 1's weights off the model (meta) outside forward: refinement trains a
+    copy of the real weights and installs its layers offloaded again."""
+    from accelerate import cpu_offload
+    from accelerate.utils import align_module_device
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, compute_dtype="float64", block_refine_steps=8,
+                        block_refine_learning_rate=1e-2)
+    plain, plain_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
+    cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    offloaded, report = compress(model, config, loader, show_progress=False)
+    assert report.refined == plain_report.refined and report.refined["1"][1] < report.refined["1"][0]
+    layer = offloaded.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, FactorizedLinear) and layer.up.weight.device.type == "meta"  # still offloaded
+    for name, module in plain.named_modules():
+        if isinstance(module, FactorizedLinear):
+            other = offloaded.get_submodule(name)
+            with align_module_device(other.up), align_module_device(other.down):
+                torch.testing.assert_close(other.up.weight @ other.down.weight, module.up.weight @ module.down.weight,
+                                           rtol=1e-6, atol=1e-8, msg=name)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**inputs).logits, plain(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_model_refines_in_float32_and_keeps_its_dtype():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3, dtype=torch.bfloat16)
+    config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, block_refine_steps=8, block_refine_learning_rate=1e-2)
+    model, report = compress(model, config, loader, show_progress=False)
+    assert any(after < before for before, after in report.refined.values()), report.refined
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_refined_model_saves_loads_both_ways_and_heals(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_without_hf_wsvd
+    from hf_wsvd.healing import HealConfig, heal
+
+    dense, calibration, heldout = trained
+    model, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, block_refine_steps=16), calibration,
+                             show_progress=False)
+    tiny.save(model, tmp_path / "refined")
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save({"inputs": inputs, "logits": expected}, tmp_path / "expected.pt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "refined")
+    assert loaded.config.wsvd["refined"] == report.refined
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained("{tmp_path}/refined", trust_remote_code=True)
+        saved = torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**saved["inputs"]).logits, saved["logits"], rtol=1e-5, atol=1e-6)
+        print("same logits")
+    """, cwd=tmp_path)
+    assert result.returncode == 0 and "same logits" in result.stdout, result.stderr[-3000:]
+    blocks = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in heldout.dataset]
+    shapes = {n: p.shape for n, p in loaded.named_parameters()}  # ranks and pruned shapes
+    healed, heal_report = heal(loaded, dense, blocks[:48], blocks[48:],
+                               HealConfig(steps=8, batch_size=8, learning_rate=1e-3), show_progress=False)
+    assert heal_report.kept and heal_report.kl_after < heal_report.kl_before
+    assert {n: p.shape for n, p in healed.named_parameters()} == shapes
