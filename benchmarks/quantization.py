@@ -204,9 +204,9 @@ def main() -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--eval-blocks", type=int, default=0, help="0: the whole test file")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[8, 4, 3])
+    parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 4, 3])
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
+    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.2, 0.4])
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")

@@ -18,7 +18,7 @@ from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
 from hf_wsvd.cli import main
 from hf_wsvd.export import densify
-from hf_wsvd.runtime.modeling_wsvd import cut_heads
+from hf_wsvd.runtime.modeling_wsvd import _cut_rotary, cut_heads
 from hf_wsvd.solvers import LayerProblem
 
 GEOMETRY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -328,3 +328,31 @@ def test_an_attention_with_no_step_to_cut_is_factorized():
     """rank_multiple=16 at head size 16: no cut is possible, so the projections are factorized."""
     _, model, report = _compressed("llama", rank_multiple=16, param_ratio=0.5)
     assert not report.attention and any(n.endswith("self_attn.q_proj") for n in report.ranks)
+
+
+def test_the_rotary_index_moves_once_to_the_tables_device():
+    # A copy of the index in every step would sync each decode step and break CUDA-graph capture.
+    _, model, report = _compressed("llama")
+    name = next(n for n, r in report.attention.items() if r.get("rotary"))
+    attention = model.get_submodule("model." + name)
+    cos = torch.zeros(1, 4, attention.wsvd_dense_head_dim, device="meta")
+    _, kwargs = _cut_rotary(attention, (), {"position_embeddings": (cos, cos)})
+    assert attention.wsvd_rotary_index.device.type == "meta"  # the buffer itself moved
+    assert kwargs["position_embeddings"][0].shape[-1] == attention.wsvd_rotary_index.numel()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
+def test_a_cut_model_decodes_in_a_captured_cuda_graph():
+    _, model, _ = _compressed("llama")
+    model = model.cuda()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    sequence = torch.randint(7, 23, (1, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    with torch.no_grad():
+        model(sequence[:, :7], past_key_values=cache, cache_position=torch.arange(7, device="cuda"))
+        step, position = sequence[:, 7:8].clone(), torch.tensor([7], device="cuda")
+        eager = model(step, past_key_values=cache, cache_position=position).logits.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(step, past_key_values=cache, cache_position=position).logits
+        graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)

@@ -152,7 +152,9 @@ def _cut_rotary(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     if cos.shape[-1] != module.wsvd_dense_head_dim:
         raise ValueError(f"{type(module).__name__}: rotary tables of {cos.shape[-1]} features for a head dimension of "
                          f"{module.wsvd_dense_head_dim}: attention pruning needs rotary over the whole head")
-    index = module.wsvd_rotary_index.to(cos.device)
+    index = module.wsvd_rotary_index
+    if index.device != cos.device:  # moved once: a copy in every step would sync decoding and break CUDA-graph capture
+        index = module.wsvd_rotary_index = index.to(cos.device)
     return args, {**kwargs, "position_embeddings": (cos.index_select(-1, index), sin.index_select(-1, index))}
 
 
@@ -180,7 +182,8 @@ def cut_heads(attention: nn.Module, head_dim: int, rotary: list[int] | None) -> 
         return
     # Saved with the weights (transformers re-creates non-persistent buffers empty at load), and a
     # loader that does not know it finds an unexpected tensor instead of running the dense head size.
-    index = torch.tensor(list(rotary) + [r + dense // 2 for r in rotary], dtype=torch.long, device="cpu")
+    device = next((p.device for p in attention.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    index = torch.tensor(list(rotary) + [r + dense // 2 for r in rotary], dtype=torch.long, device=device)
     attention.register_buffer("wsvd_rotary_index", index)
     attention.wsvd_rotary_hook = attention.register_forward_pre_hook(_cut_rotary, with_kwargs=True)
 
