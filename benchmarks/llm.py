@@ -57,10 +57,12 @@ def recipes(args) -> list[dict]:
     refinements = [dict(block_refine_steps=0)] if 0 in args.refine_steps else []
     refinements += [dict(block_refine_steps=s, block_refine_learning_rate=r)
                     for s in args.refine_steps if s for r in args.refine_learning_rates]
+    cut = [False, True] if args.attention_pruning else [False]
     for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
         rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned,
-                      **refine)
-                 for m in methods for a in args.allocations for r in args.compensation_ridges for refine in refinements]
+                      attention_pruning=attention, **refine)
+                 for m in methods for a in args.allocations for r in args.compensation_ridges
+                 for attention in (cut if pruned else [False]) for refine in refinements]
     return rows
 
 
@@ -70,6 +72,8 @@ def label(recipe: dict) -> str:
         name += f", compensated λ={recipe['compensation_ridge']:g}"
     if recipe.get("mlp_pruning"):
         name += ", MLPs pruned"
+    if recipe.get("attention_pruning"):
+        name += ", attentions cut"
     if recipe.get("block_refine_steps"):
         name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
     return name + (")" if recipe.get("sequential") else "")
@@ -282,6 +286,8 @@ def main() -> None:
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])
+    parser.add_argument("--attention-pruning", action="store_true",
+                        help="also the MLP-pruned rows with attention pruning (head dimensions cut)")
     parser.add_argument("--only-recommended", action="store_true",
                         help="only the recommended recipe's rows (fisher_whiten, greedy, sequential, compensated "
                              "λ=0.1, MLPs pruned) at each --refine-steps: the other recipe lists are emptied")

@@ -109,7 +109,7 @@ class WSVDConfig:
         "q/k/v/o stay four ordinary matrix products, the KV cache shrinks with them (Llama, Mistral, Qwen2, BERT "
         "attentions; others are factorized). Greedy: one budget with ranks and MLP channels; uniform: every "
         "attention keeps param_ratio of its head dimensions. For the methods that read the activation Gram. "
-        "Unset (None): on with such a method in sequential mode", action=argparse.BooleanOptionalAction)
+        "The fastest output, at a cost in quality (docs/benchmarks/speed.md, llm.md). Unset (None): off", action=argparse.BooleanOptionalAction)
     block_refine_steps: int | None = recipe_field(
         None, "compensated sequential mode: after each block is compressed, train its compressed layers (factors, "
         "pruned linears) for this many Adam steps, one stored calibration batch each, so that its outputs on the "

@@ -63,6 +63,15 @@ def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[boo
     return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
 
 
+def _attention_pruning(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Off unless asked: it makes the output fastest (Llama-7B shape, one H200, CUDA-graph decode at
+    # batch 1: 1.08x / 1.20x dense at -20% / -40%, against about 1.02x / 1.11x with factorized
+    # attentions), but its query/key cuts cost quality the factorized attentions do not (SmolLM2-135M,
+    # whole WikiText-2 test: 1.35x / 2.29x dense perplexity with it, 1.22x / 1.89x without;
+    # docs/benchmarks/llm.md).
+    return False, None
+
+
 def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, None]:
     # Refinement trains each block toward the dense stream that compensation keeps.
     return (DEFAULT_BLOCK_REFINE_STEPS if recipe.compensate else 0), None
@@ -71,7 +80,7 @@ def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, No
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
-                          "attention_pruning": _reads_gram_in_sequence,
+                          "attention_pruning": _attention_pruning,
                           "block_refine_steps": _block_refine_steps}
 
 

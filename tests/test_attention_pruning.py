@@ -33,7 +33,7 @@ def _data(seed: int = 0, batches: int = 4) -> list[dict]:
 
 def _compressed(arch: str = "llama", **config):
     dense = tiny.build(arch, **GEOMETRY)
-    options = {"param_ratio": 0.7, "allocation": "uniform", "rank_multiple": 2, **config}
+    options = {"param_ratio": 0.7, "allocation": "uniform", "rank_multiple": 2, "attention_pruning": True, **config}
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**options), _data(), show_progress=False)
     return dense, model, report
 
@@ -135,7 +135,7 @@ def test_the_spectrum_is_non_increasing_and_prices_both_halves():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("compensate", [True, False])
-def test_the_recommended_recipe_cuts_the_attentions(arch, compensate):
+def test_asked_the_recipe_cuts_the_attentions(arch, compensate):
     dense, model, report = _compressed(arch, compensate=compensate)
     assert set(report.attention) == {"layers.0.self_attn", "layers.1.self_attn"}
     for i, layer in enumerate(model.model.layers):
@@ -241,9 +241,11 @@ def test_attention_pruning_options_are_checked():
         WSVDConfig(attention_pruning="yes")
 
 
-def test_off_the_attentions_are_factorized():
-    _, model, report = _compressed("llama", attention_pruning=False)
+@pytest.mark.parametrize("asked", [False, None])
+def test_off_or_by_default_the_attentions_are_factorized(asked):
+    _, model, report = _compressed("llama", attention_pruning=asked)
     assert not report.attention and any(n.endswith("q_proj") for n in report.ranks)
+    assert model.config.wsvd["attention_pruning"] is False  # the resolved recipe says so
 
 
 def test_inspect_lists_the_cut_projections(tmp_path, capsys):
