@@ -14,27 +14,18 @@ import os
 import re
 import textwrap
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
+from .solvers.options import FISHER_AXES, RESIDUAL_METHODS, SOLVER_NAMES, MethodOptions
+from .solvers.registry import SOLVERS
 
-if TYPE_CHECKING:
-    from .solvers import MethodOptions
-
-# The methods hf_wsvd registers in ``hf_wsvd.solvers.SOLVERS`` (the command line's choices; a test
-# keeps them equal). The API also accepts methods registered by other packages.
-METHODS = ("asvd", "fisher_whiten", "fwsvd", "lp", "quantized_residual", "rescue", "svd", "tfwsvd", "whiten")
 COMPUTE_DTYPES = ("float32", "float64")
-# Embedding rows have no Fisher information from the importance pass: the methods usable on them.
-EMBEDDING_METHODS = ("svd", "lp")
 EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
-FISHER_AXES = ("output", "input")
-SOLVER_NAMES = ("als", "adam", "em", "hybrid")
 # Weight-only quantizations (hf_wsvd.quantization.quantization_config says what each one is).
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
-# The weightings the quantized residual fits its correction with.
-RESIDUAL_METHODS = ("fisher_whiten", "whiten", "svd")
 # Method options that are numbers: stored as floats whatever number type was given.
 FLOAT_FIELDS = ("compensation_ridge", "block_refine_learning_rate", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
 
@@ -57,7 +48,7 @@ class WSVDConfig:
     method: str | None = recipe_field(
         None, "factorization method, a name registered in hf_wsvd.solvers. Unset (None): the recommended one for the "
         "data given: fisher_whiten when its batches carry labels (a classifier's labels, or a causal LM's "
-        "text), whiten (activations only) for unlabeled data, svd without data", choices=METHODS)
+        "text), whiten (activations only) for unlabeled data, svd without data", choices=SOLVERS)
     param_ratio: float = recipe_field(
         0.5, "fraction of each target layer's parameters that is KEPT, in (0, 1]: 0.3 keeps 30% of a layer's "
         "weights (rank r = floor(0.3*in*out/(in+out))); a layer whose rank would save nothing stays dense. 1 "
@@ -130,8 +121,8 @@ class WSVDConfig:
     embedding_ratio: float = recipe_field(
         0.5, "fraction of the embedding matrix's parameters that is KEPT, in (0, 1)", type=float)
     embedding_method: str | None = recipe_field(
-        None, "method for the embeddings: svd or lp (with p). Unset (None): the same as method, which must then be "
-        "one of these two", choices=EMBEDDING_METHODS)
+        None, "method for the embeddings, one usable on embedding rows (which have no Fisher information): svd or lp "
+        "(with p). Unset (None): the same as method, which must then be one of these")
     embedding_weighting: str = recipe_field(
         "uniform", "lp row weights of the embeddings: 'uniform', or 'frequency' (1 + the token's count in the "
         "importance data)", choices=EMBEDDING_WEIGHTINGS)
@@ -201,8 +192,6 @@ class WSVDConfig:
                 "correction", "cli": None})
 
     def __post_init__(self) -> None:
-        from .solvers import SOLVERS
-
         if self.method is not None and self.method not in SOLVERS:
             raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)} (or None: the recommended one)")
         ratio = self.param_ratio
@@ -233,7 +222,7 @@ class WSVDConfig:
         self._validate_block_refinement()
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine={self.refine!r} must be True or False")
-        if self.refine and self.method in ("tfwsvd", "rescue"):
+        if self.refine and self.method is not None and SOLVERS[self.method].elementwise:
             raise ValueError(f"refine=True refines another method with the element-wise solver; "
                              f"method={self.method!r} already is one")
         for name in ("num_samples", "batch_size", "max_length"):
@@ -255,12 +244,12 @@ class WSVDConfig:
         if self.param_ratio == 1 and not self.embeddings and self.method != "quantized_residual":
             raise ValueError("param_ratio=1 keeps every parameter of the target layers, which saves nothing: nothing "
                              "to compress; lower it (with embeddings=True, 1 compresses only the embeddings)")
-        if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
-            raise ValueError(f"embedding_method={self.embedding_method!r} is not one of {EMBEDDING_METHODS} or None")
-        if self.embeddings and self.embedding_method is None and self.method not in EMBEDDING_METHODS:
+        if self.embedding_method is not None and not _embeddable(self.embedding_method):
+            raise ValueError(f"embedding_method={self.embedding_method!r} is not one of {_embeddable_methods()} or None")
+        if self.embeddings and self.embedding_method is None and not _embeddable(self.method):
             raise ValueError(
                 f"embeddings=True with method={self.method!r}: embedding rows have no Fisher information; "
-                f"set embedding_method to one of {EMBEDDING_METHODS}"
+                f"set embedding_method to one of {_embeddable_methods()}"
             )
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
@@ -366,8 +355,6 @@ class WSVDConfig:
     def _validate_method_options(self) -> None:
         """Every method's options as read from this recipe (each options class validates its own
         fields), so a bad value is refused whichever method is chosen."""
-        from .solvers import SOLVERS
-
         for options in {solver.options for solver in SOLVERS.values()}:
             options.from_recipe(self)
         for name in FLOAT_FIELDS:
@@ -409,6 +396,27 @@ class WSVDConfig:
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
+
+
+def _embeddable(method: str | None) -> bool:
+    return method in SOLVERS and SOLVERS[method].embeddable
+
+
+def _embeddable_methods() -> list[str]:
+    return [name for name, solver in SOLVERS.items() if solver.embeddable]
+
+
+# Names this module exported before the method lists moved to the solvers: name → (its value, where it is now).
+_MOVED = {"METHODS": (lambda: tuple(SOLVERS), "hf_wsvd.solvers.SOLVERS"),
+          "EMBEDDING_METHODS": (lambda: tuple(_embeddable_methods()), "the solvers' `embeddable` attribute")}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value, where = _MOVED[name]
+    warnings.warn(f"hf_wsvd.config.{name} is deprecated: use {where}", DeprecationWarning, stacklevel=2)
+    return value()
 
 
 def _document_fields(cls: type) -> None:

@@ -85,3 +85,28 @@ def test_a_third_party_method_is_accepted_by_the_api():
         assert report.method == "third_party_svd" and report.ranks
     finally:
         del SOLVERS["third_party_svd"]
+
+
+def test_a_third_party_methods_attributes_decide_embeddings_and_refinement():
+    from hf_wsvd.solvers import SOLVERS, get_solver, register_solver
+
+    register_solver("third_party_rows", embeddable=True)(get_solver("svd").solve)
+    register_solver("third_party_entries", needs=("fisher",), elementwise=True)(get_solver("svd").solve)
+    try:
+        assert WSVDConfig(method="third_party_rows", embeddings=True).resolved_embedding_method == "third_party_rows"
+        with pytest.raises(ValueError, match="'third_party_entries' already is one"):
+            WSVDConfig(method="third_party_entries", refine=True)
+        with pytest.raises(ValueError, match=r"embedding_method='fwsvd' is not one of \[.*'third_party_rows'\]"):
+            WSVDConfig(embedding_method="fwsvd")
+    finally:
+        del SOLVERS["third_party_rows"], SOLVERS["third_party_entries"]
+
+
+def test_the_method_lists_that_left_the_config_still_import_with_a_warning():
+    from hf_wsvd.solvers import SOLVERS
+
+    with pytest.warns(DeprecationWarning, match="hf_wsvd.solvers.SOLVERS"):
+        from hf_wsvd.config import METHODS
+    with pytest.warns(DeprecationWarning, match="embeddable"):
+        from hf_wsvd.config import EMBEDDING_METHODS
+    assert METHODS == tuple(SOLVERS) and EMBEDDING_METHODS == ("lp", "svd")

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import SOLVER_NAMES
 from ..linalg import truncated_svd
 from ..statistics.names import FISHER
-from .fwsvd import FwsvdOptions, solve_fwsvd
+from .fwsvd import solve_fwsvd
+from .options import SOLVER_NAMES, ElementwiseOptions
 from .registry import LayerProblem, register_solver
 
 logger = logging.getLogger(__name__)
@@ -49,36 +49,6 @@ ADAM_LR = 2e-3
 ADAM_STEPS_PER_ITERATION = 20
 # hybrid: the Adam phase uses at most this share of the iteration budget.
 HYBRID_FIRST_ORDER_SHARE = 0.25
-
-
-def _check_number(name: str, value, low: float, high: float = float("inf"), low_open: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-    if bad or value > high or (value <= low if low_open else value < low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be a number in {bound}")
-
-
-@dataclass(frozen=True)
-class ElementwiseOptions(FwsvdOptions):
-    """Options of the element-wise solvers (``tfwsvd``, ``rescue``, ``refine``; ``fisher_axis``
-    is the axis of their FWSVD start): see ``WSVDConfig``."""
-
-    solver: str = "hybrid"
-    max_iterations: int = 8
-    tolerance: float = 1e-4
-    time_budget: float | None = None
-    importance_power: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.solver not in SOLVER_NAMES:
-            raise ValueError(f"solver={self.solver!r} is not one of {SOLVER_NAMES}")
-        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 0:
-            raise ValueError(f"max_iterations={self.max_iterations!r} must be a non-negative integer")
-        _check_number("tolerance", self.tolerance, 0)
-        if self.time_budget is not None:
-            _check_number("time_budget", self.time_budget, 0, low_open=True)
-        _check_number("importance_power", self.importance_power, 0, 1, low_open=True)
 
 
 @dataclass
@@ -348,7 +318,7 @@ def solve_problem(
 
 
 @register_solver(
-    "tfwsvd", needs=(FISHER,), options=ElementwiseOptions,
+    "tfwsvd", needs=(FISHER,), options=ElementwiseOptions, elementwise=True,
     description="element-wise Fisher-weighted low rank min Σ F_ij (W − AB)²_ij from FWSVD (solver: als/adam/em/hybrid)",
 )
 def solve_tfwsvd(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:

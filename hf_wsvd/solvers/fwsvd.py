@@ -7,29 +7,16 @@ O(in) per layer, never the out × in per-entry matrix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..config import FISHER_AXES
 from ..statistics.names import FISHER_COLS, FISHER_ROWS
-from .registry import LayerProblem, MethodOptions
+from .options import FwsvdOptions
+from .registry import LayerProblem
 from .weighting import Weighting, register_weighting, weighted_svd
 
 # Rows/columns with (near) zero importance still get this fraction of the mean importance, so the
 # unweighting never divides by zero and such rows keep a plain-SVD fit.
 IMPORTANCE_FLOOR = 1e-6
-
-
-@dataclass(frozen=True)
-class FwsvdOptions(MethodOptions):
-    """``fisher_axis``: ``"output"`` (one weight per output row) or ``"input"`` (per input column)."""
-
-    fisher_axis: str = "output"
-
-    def __post_init__(self) -> None:
-        if self.fisher_axis not in FISHER_AXES:
-            raise ValueError(f"fisher_axis={self.fisher_axis!r} is not one of {FISHER_AXES}")
 
 
 def axis_totals(problem: LayerProblem, axis: str) -> torch.Tensor:

@@ -23,23 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..linalg import truncated_svd
-from .registry import LayerProblem, MethodOptions, register_solver
+from .options import LpOptions
+from .registry import LayerProblem, register_solver
 
 # A row's IRLS weight uses max(dist, DIST_FLOOR · mean dist): no division by zero for rows inside
 # the subspace (zero rows, duplicates of spanning rows), while such rows still weigh the most.
 DIST_FLOOR = 1e-6
-
-
-@dataclass(frozen=True)
-class LpOptions(MethodOptions):
-    """``p``: the exponent of Σ_rows dist(row, subspace)^p, in [1, 2]."""
-
-    p: float = 1.0
-
-    def __post_init__(self) -> None:
-        p = self.p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
-            raise ValueError(f"p={p!r} must be a number in [1, 2] (the exponent of the lp method)")
 
 
 @dataclass
@@ -191,7 +180,7 @@ def problem_row_weights(problem: LayerProblem) -> torch.Tensor | None:
     return None
 
 
-@register_solver("lp", options=LpOptions,
+@register_solver("lp", options=LpOptions, embeddable=True,
                  description="robust ℓp subspace (IRLS): min Σ_rows w·dist(row, span)^p, 1 ≤ p ≤ 2")
 def solve_lp(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
     result = lp_subspace(problem.weight, problem.rank, problem.options.p, problem_row_weights(problem))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -28,20 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..config import RESIDUAL_METHODS
 from ..runtime.factorized_linear import FullPrecisionLinear, LowRankCorrectedLinear, linear_shape, linear_weight
-from .registry import LayerProblem, MethodOptions, get_solver, register_solver
-
-
-@dataclass(frozen=True)
-class QuantizedResidualOptions(MethodOptions):
-    """``residual_method``: the weighting of the correction (one of ``RESIDUAL_METHODS``)."""
-
-    residual_method: str = "fisher_whiten"
-
-    def __post_init__(self) -> None:
-        if self.residual_method not in RESIDUAL_METHODS:
-            raise ValueError(f"residual_method={self.residual_method!r} is not one of {RESIDUAL_METHODS}")
+from .options import QuantizedResidualOptions
+from .registry import LayerProblem, get_solver, register_solver
 
 
 def _inner(problem: LayerProblem) -> tuple[Any, LayerProblem]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..statistics.names import FISHER
-from .elementwise import ElementwiseOptions, solve_problem
+from .elementwise import solve_problem
+from .options import ElementwiseOptions
 from .registry import LayerProblem, MethodOptions, Solver, get_solver
 
 

@@ -1,28 +1,30 @@
-"""One registry of factorization methods: name → solver, its own options and the statistics it needs.
+"""One registry of factorization methods: name → solver, its own options, the statistics it needs
+and what it can be used for. ``SOLVERS`` is the one list of method names: the built-in ones are
+known without importing their modules (so the command line lists them without importing torch),
+and a module is imported the first time its method is used.
 
 A method's options are a frozen dataclass whose fields carry the names of the ``WSVDConfig`` fields
-they come from, so the recipe stays one flat, user-facing object while a solver receives only its
-own options (``MethodOptions.from_recipe``).
+they come from (``options.py``), so the recipe stays one flat, user-facing object while a solver
+receives only its own options (``MethodOptions.from_recipe``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-import torch
+from .options import MethodOptions
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass(frozen=True)
-class MethodOptions:
-    """The options of one method; subclasses add fields named like the recipe's and validate them."""
-
-    @classmethod
-    def from_recipe(cls, recipe: Any) -> "MethodOptions":
-        """The options of this method read from ``recipe`` (a ``WSVDConfig`` or any object with
-        the same attribute names)."""
-        return cls(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(cls)})
+# The built-in methods: name → the module of ``hf_wsvd.solvers`` that registers it.
+BUILTIN_METHODS = {"asvd": "whiten", "fisher_whiten": "whiten", "fwsvd": "fwsvd", "lp": "lp",
+                   "quantized_residual": "quantized_residual", "rescue": "rescue", "svd": "svd",
+                   "tfwsvd": "elementwise", "whiten": "whiten"}
 
 
 @dataclass
@@ -69,13 +71,45 @@ class Solver:
     description: str
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None
     loss_scale: Callable[[LayerProblem], float] | None = None
+    embeddable: bool = False
+    elementwise: bool = False
 
     def needs_for(self, options: MethodOptions) -> frozenset[str]:
         """The statistics this method reads with ``options``."""
         return frozenset(self.needs(options) if callable(self.needs) else self.needs)
 
 
-SOLVERS: dict[str, Solver] = {}
+class Registry(MutableMapping[str, Solver]):
+    """Method name → ``Solver``: the built-in methods (loaded on first use) and those registered
+    with ``register_solver`` (which a test may delete again)."""
+
+    def __init__(self) -> None:
+        self._solvers: dict[str, Solver] = {}
+
+    def __getitem__(self, name: str) -> Solver:
+        if name not in self._solvers and name in BUILTIN_METHODS:
+            importlib.import_module(f"{__package__}.{BUILTIN_METHODS[name]}")
+        return self._solvers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in BUILTIN_METHODS or name in self._solvers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*BUILTIN_METHODS, *(name for name in self._solvers if name not in BUILTIN_METHODS)])
+
+    def __len__(self) -> int:
+        return len(set(BUILTIN_METHODS) | set(self._solvers))
+
+    def __setitem__(self, name: str, solver: Solver) -> None:
+        if name in self._solvers:
+            raise ValueError(f"solver {name!r} is already registered")
+        self._solvers[name] = solver
+
+    def __delitem__(self, name: str) -> None:
+        del self._solvers[name]
+
+
+SOLVERS = Registry()
 
 
 def with_defaults(options: type[MethodOptions], fn: Callable[[LayerProblem], Any]) -> Callable[[LayerProblem], Any]:
@@ -96,15 +130,17 @@ def register_solver(
     options: type[MethodOptions] = MethodOptions,
     spectrum: Callable[[LayerProblem], torch.Tensor] | None = None,
     loss_scale: Callable[[LayerProblem], float] | None = None,
+    embeddable: bool = False,
+    elementwise: bool = False,
 ):
-    """Decorator registering ``solve(problem) -> (up, down)`` under ``name`` with its options class."""
+    """Decorator registering ``solve(problem) -> (up, down)`` under ``name`` with its options class
+    (see ``Solver`` for the rest)."""
 
     def wrap(fn: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]):
-        if name in SOLVERS:
-            raise ValueError(f"solver {name!r} is already registered")
         SOLVERS[name] = Solver(
             name, with_defaults(options, fn), options, needs, description or (fn.__doc__ or "").strip(),
             spectrum and with_defaults(options, spectrum), loss_scale and with_defaults(options, loss_scale),
+            embeddable, elementwise,
         )
         return fn
 

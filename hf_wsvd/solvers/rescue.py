@@ -11,32 +11,20 @@ here anyway.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from ..statistics.names import FISHER
-from .elementwise import ElementwiseOptions, _check_number, single_threaded_lapack, solve_problem
+from .elementwise import single_threaded_lapack, solve_problem
 from .fwsvd import solve_fwsvd
+from .options import RescueOptions
 from .registry import LayerProblem, register_solver
 from .risk import predicted_loss
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RescueOptions(ElementwiseOptions):
-    """The element-wise options and ``risk_threshold`` (nats, ≥ 0)."""
-
-    risk_threshold: float = 1e-3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_number("risk_threshold", self.risk_threshold, 0)
-
-
 @register_solver(
-    "rescue", needs=(FISHER,), options=RescueOptions,
+    "rescue", needs=(FISHER,), options=RescueOptions, elementwise=True,
     description="fwsvd, refined by the element-wise solver where its Fisher-predicted loss ½ΣF(W−AB)² exceeds risk_threshold",
 )
 def solve_rescue(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,6 @@ from .registry import LayerProblem
 from .weighting import Weighting, register_weighting
 
 
-@register_weighting("svd", description="truncated SVD: min ‖W − AB‖_F")
+@register_weighting("svd", embeddable=True, description="truncated SVD: min ‖W − AB‖_F")
 def svd_weighting(problem: LayerProblem) -> Weighting:
     return Weighting()

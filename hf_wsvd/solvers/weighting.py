@@ -63,7 +63,7 @@ def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Ten
 
 def register_weighting(name: str, needs: Needs = (), description: str = "",
                        loss_scale: Callable[[LayerProblem], float] | None = None,
-                       options: type[MethodOptions] = MethodOptions):
+                       options: type[MethodOptions] = MethodOptions, embeddable: bool = False):
     """Decorator registering ``weighting(problem) -> Weighting`` as the method ``name`` (see
     ``Solver`` for ``loss_scale``, ``options`` and ``needs``)."""
 
@@ -71,7 +71,7 @@ def register_weighting(name: str, needs: Needs = (), description: str = "",
         register_solver(
             name, needs, description or (weighting.__doc__ or "").strip(), options,
             spectrum=lambda problem: singular_values(weighting(problem).apply(problem.weight)),
-            loss_scale=loss_scale,
+            loss_scale=loss_scale, embeddable=embeddable,
         )(lambda problem: weighted_svd(problem, weighting(problem)))
         return weighting
 

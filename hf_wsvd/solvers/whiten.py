@@ -9,30 +9,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..linalg import gram_square_root
 from ..statistics.names import FISHER_ROWS, GRAM, MEAN_ABS
 from .fwsvd import axis_weights, has_importance
-from .registry import LayerProblem, MethodOptions
+from .options import AsvdOptions
+from .registry import LayerProblem
 from .weighting import Weighting, register_weighting
 
 # Input features that never fire are scaled by this fraction of the mean activation instead of 0.
 ACTIVATION_FLOOR = 1e-6
-
-
-@dataclass(frozen=True)
-class AsvdOptions(MethodOptions):
-    """``asvd_alpha``: the exponent of the activation scaling, in [0, 2] (0 is plain SVD)."""
-
-    asvd_alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        alpha = self.asvd_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 2:
-            raise ValueError(f"asvd_alpha={alpha!r} must be a number in [0, 2]")
 
 
 def _whitening(problem: LayerProblem) -> Weighting:
