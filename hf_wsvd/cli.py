@@ -147,7 +147,8 @@ def _compress(args: argparse.Namespace) -> None:
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
-        loader = (data_loader(model, tokenizer, args.data, config, args.text_columns, args.label_column, split=args.split)
+        loader = (data_loader(model, tokenizer, args.data, config.calibration, args.text_columns, args.label_column,
+                              split=args.split)
                   if args.data else None)
         dense_scores = None
         if args.eval_data:  # the dense baseline, before compress factorizes the model in place

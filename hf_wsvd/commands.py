@@ -128,11 +128,11 @@ def add_commands(commands, columns) -> None:
 def evaluate_path(model, tokenizer, data, args: argparse.Namespace, split: str | None, num_samples: int | None) -> dict:
     """Task metrics of ``model`` on ``data`` (file, folder or Dataset), all rows in file order,
     with the column, length and batch options of ``args``."""
-    from .config import WSVDConfig
+    from .config import CalibrationConfig
     from .evaluation import evaluate_model
     from .workflow import data_loader
 
-    config = WSVDConfig(max_length=args.max_length, batch_size=args.batch_size)
+    config = CalibrationConfig(max_length=args.max_length, batch_size=args.batch_size)
     loader = data_loader(model, tokenizer, data, config, args.text_columns, args.label_column,
                          num_samples=num_samples, shuffle=False, split=split)
     return evaluate_model(model, loader, show_progress=True)

@@ -1,8 +1,12 @@
-"""`WSVDConfig`: the compression recipe and, once compressed, the per-module ranks it produced.
+"""`WSVDConfig`: the compression recipe and, once compressed, the per-module ranks it produced;
+`CalibrationConfig`: how the calibration data is sampled and batched.
 
 Each field's description, choices and command-line type live in its ``metadata`` (one source for
-the API docstring and ``hf-wsvd compress --help``). This module imports no torch: the solvers'
-registry is read only when a recipe is validated.
+the API docstring and ``hf-wsvd compress --help``); a method's options are written once, in its
+options class (``hf_wsvd.solvers.options``), and the calibration settings in ``CalibrationConfig``:
+the recipe takes their fields from there. The recipe saved in a checkpoint carries
+``recipe_version``. This module imports no torch: the solvers are loaded only when a recipe is
+validated.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import json
 import os
 import re
 import textwrap
-from dataclasses import dataclass, field
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
-from .solvers.options import FISHER_AXES, RESIDUAL_METHODS, SOLVER_NAMES, MethodOptions
+from .fields import field_of, recipe_field
+from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
+                              QuantizedResidualOptions, RescueOptions)
 from .solvers.registry import SOLVERS
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -26,14 +32,30 @@ EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 # Weight-only quantizations (hf_wsvd.quantization.quantization_config says what each one is).
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
-# Method options that are numbers: stored as floats whatever number type was given.
-FLOAT_FIELDS = ("compensation_ridge", "block_refine_learning_rate", "asvd_alpha", "p", "tolerance", "time_budget", "importance_power", "risk_threshold")
+# The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
+# an older release reading the recipe knows the keys it does not know are newer, not mistakes.
+RECIPE_VERSION = 1
+VERSION_KEY = "recipe_version"
 
 
-def recipe_field(default: Any, help: str, **cli: Any) -> Any:
-    """A recipe field whose metadata holds its ``help`` text and its argparse options ``cli``
-    (``type``, ``choices``, ``action``) for ``hf-wsvd compress``."""
-    return field(default=default, metadata={"help": help, "cli": cli})
+@dataclass
+class CalibrationConfig:
+    """How the calibration (importance) data is sampled, tokenized and batched. ``WSVDConfig``
+    repeats these fields, so a recipe keeps accepting them; ``WSVDConfig.calibration`` reads them
+    back."""
+
+    num_samples: int = recipe_field(512, "examples used to estimate importance", type=positive_int)
+    batch_size: int = recipe_field(8, "batch size of the importance pass", type=positive_int)
+    max_length: int = recipe_field(128, "token truncation / block length of the importance data", type=positive_int)
+    seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
 
 
 @dataclass
@@ -60,14 +82,12 @@ class WSVDConfig:
         "outside the blocks are never selected by default", type=names)
     exclude_modules: list[str] | str | None = recipe_field(
         None, "names, suffixes (comma-separated) or a regular expression removed from the targets", type=names)
-    fisher_axis: str = recipe_field(
-        "output", "how fwsvd (and the element-wise solvers' start) collapses the Fisher information: 'output' "
-        "gives one weight per output row, 'input' one per input column", choices=FISHER_AXES)
-    num_samples: int = recipe_field(512, "examples used to estimate importance", type=positive_int)
-    batch_size: int = recipe_field(8, "batch size of the importance pass", type=positive_int)
-    max_length: int = recipe_field(128, "token truncation / block length of the importance data", type=positive_int)
+    fisher_axis: str = field_of(FwsvdOptions, "fisher_axis")
+    num_samples: int = field_of(CalibrationConfig, "num_samples")
+    batch_size: int = field_of(CalibrationConfig, "batch_size")
+    max_length: int = field_of(CalibrationConfig, "max_length")
     compute_dtype: str = recipe_field("float32", "dtype of the decompositions", choices=COMPUTE_DTYPES)
-    asvd_alpha: float = recipe_field(0.5, "asvd: exponent of the activation scaling (0 is plain SVD)", type=float)
+    asvd_alpha: float = field_of(AsvdOptions, "asvd_alpha")
     allocation: str | None = recipe_field(
         None, "how the parameter budget is spread over the layers: 'uniform' (every layer keeps param_ratio) "
         "or 'greedy' (one global budget of param_ratio of all target parameters; ranks go where the "
@@ -110,10 +130,8 @@ class WSVDConfig:
     block_refine_learning_rate: float = recipe_field(
         1e-3, "block refinement: Adam's step size relative to each tensor's root mean square, > 0, decayed to 0 on a "
         "cosine over the steps", type=float)
-    seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
-    p: float = recipe_field(
-        1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
-        "for p < 2; 2 is the SVD subspace", type=float)
+    seed: int = field_of(CalibrationConfig, "seed")
+    p: float = field_of(LpOptions, "p")
     embeddings: bool = recipe_field(
         False, "also factorize the input embeddings (a vocab x hidden nn.Embedding) into a vocab x r lookup and "
         "an r -> hidden projection; a head tied to them computes its logits from the same factors. With "
@@ -126,27 +144,15 @@ class WSVDConfig:
     embedding_weighting: str = recipe_field(
         "uniform", "lp row weights of the embeddings: 'uniform', or 'frequency' (1 + the token's count in the "
         "importance data)", choices=EMBEDDING_WEIGHTINGS)
-    solver: str = recipe_field(
-        "hybrid", "element-wise solver of tfwsvd, rescue and refine, started from fwsvd: 'als' (alternating "
-        "weighted least squares), 'adam', 'em' (Srebro & Jaakkola) or 'hybrid' (adam until it beats the "
-        "fwsvd loss, then als)", choices=SOLVER_NAMES)
+    solver: str = field_of(ElementwiseOptions, "solver")
     refine: bool = recipe_field(
         False, "after method, run the element-wise solver from its factors on the per-entry Fisher objective "
         "sum F_ij (W - AB)^2_ij (needs importance data; not with tfwsvd or rescue, which already are)")
-    max_iterations: int = recipe_field(
-        8, "element-wise solvers: iteration budget per matrix (an adam iteration is 20 steps); 0 returns the "
-        "fwsvd factors", type=non_negative_int)
-    tolerance: float = recipe_field(
-        1e-4, "element-wise solvers: stop once an iteration changes the weighted loss by less than this "
-        "fraction, >= 0", type=float)
-    time_budget: float | None = recipe_field(
-        None, "element-wise solvers: seconds per matrix after which they stop (unset, None: no limit)", type=float)
-    importance_power: float = recipe_field(
-        1.0, "element-wise solvers: weight entry (i, j) by F_ij ** importance_power, in (0, 1]; smaller values "
-        "temper the Fisher's dynamic range", type=float)
-    risk_threshold: float = recipe_field(
-        1e-3, "rescue: refine with the element-wise solver only the matrices whose risk, the Fisher-predicted "
-        "loss increase 1/2 sum F (W - AB)^2 of the fwsvd factors (in nats), exceeds this, >= 0", type=float)
+    max_iterations: int = field_of(ElementwiseOptions, "max_iterations")
+    tolerance: float = field_of(ElementwiseOptions, "tolerance")
+    time_budget: float | None = field_of(ElementwiseOptions, "time_budget")
+    importance_power: float = field_of(ElementwiseOptions, "importance_power")
+    risk_threshold: float = field_of(RescueOptions, "risk_threshold")
     max_kept_ratio_for_speed: float | dict[str, float] | None = recipe_field(
         None, "keep dense every target layer whose rank keeps more than this fraction of its weights "
         "(r*(in+out)/(in*out)): factorized it runs no faster than dense. A number in (0, 1], or per "
@@ -167,9 +173,7 @@ class WSVDConfig:
     quantize_group_size: int = recipe_field(
         64, "quantize int2-int7 and int4-gpu: one scale and zero point per this many input weights; a factor whose "
         "input size is not a multiple of it stays unquantized (set rank_multiple to it)", type=positive_int)
-    residual_method: str = recipe_field(
-        "fisher_whiten", "quantized_residual: the weighting of its low-rank correction of the quantization error",
-        choices=RESIDUAL_METHODS)
+    residual_method: str = field_of(QuantizedResidualOptions, "residual_method")
     residual_rank: int = recipe_field(
         32, "quantized_residual: rank of each layer's correction (extra weights r*(in+out) per layer)",
         type=positive_int)
@@ -225,12 +229,7 @@ class WSVDConfig:
         if self.refine and self.method is not None and SOLVERS[self.method].elementwise:
             raise ValueError(f"refine=True refines another method with the element-wise solver; "
                              f"method={self.method!r} already is one")
-        for name in ("num_samples", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
+        self.calibration  # noqa: B018  (validates the calibration fields)
         if not isinstance(self.embeddings, bool):
             raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
         ratio = self.embedding_ratio
@@ -357,7 +356,7 @@ class WSVDConfig:
         fields), so a bad value is refused whichever method is chosen."""
         for options in {solver.options for solver in SOLVERS.values()}:
             options.from_recipe(self)
-        for name in FLOAT_FIELDS:
+        for name in _FLOAT_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, float(getattr(self, name)))
 
@@ -370,18 +369,36 @@ class WSVDConfig:
         return solver_for(self).options.from_recipe(self)
 
     @property
+    def calibration(self) -> CalibrationConfig:
+        """The calibration settings of this recipe."""
+        return CalibrationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CalibrationConfig)})
+
+    @property
     def resolved_embedding_method(self) -> str:
         """The method applied to the embeddings (``embedding_method``, else ``method``)."""
         return self.embedding_method or self.method
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe's fields and its ``recipe_version`` (what a checkpoint stores)."""
+        return {**dataclasses.asdict(self), VERSION_KEY: RECIPE_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WSVDConfig":
+        """The recipe of ``data`` (``to_dict``'s output, a checkpoint's ``"wsvd"``, or any subset
+        of the fields). Keys unknown to this release are dropped with one warning naming them when
+        ``data`` comes from a newer recipe version; otherwise (no version: an older release or a
+        hand-written recipe) they are refused as mistakes."""
+        data = dict(data)
+        version = data.pop(VERSION_KEY, None)
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise ValueError(f"{VERSION_KEY}={version!r} must be a positive integer")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        if unknown:
+        if unknown and version is not None and version > RECIPE_VERSION:
+            warnings.warn(f"this recipe (version {version}) comes from a newer hf_wsvd release than this one "
+                          f"(recipe version {RECIPE_VERSION}): its keys {unknown} are ignored", stacklevel=2)
+            data = {key: value for key, value in data.items() if key in known}
+        elif unknown:
             raise ValueError(f"unknown WSVDConfig keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
@@ -431,3 +448,6 @@ def _document_fields(cls: type) -> None:
 
 
 _document_fields(WSVDConfig)
+_document_fields(CalibrationConfig)
+# The number fields: stored as floats whatever number type was given.
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(WSVDConfig) if (f.metadata["cli"] or {}).get("type") is float)

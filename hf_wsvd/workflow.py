@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import WSVDConfig
+from .config import CalibrationConfig, WSVDConfig
 from .data import check_fits, load_table, make_dataloader, resolve_columns, subset, tokenize
 from .tasks import CAUSAL_LM, load_task_model, task_of
 
@@ -111,7 +111,7 @@ def data_loader(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     data_path: "str | Dataset",
-    config: WSVDConfig,
+    config: CalibrationConfig | WSVDConfig,
     text_columns: list[str] | None = None,
     label_column: str | None = None,
     num_samples: int | None = None,
@@ -119,7 +119,8 @@ def data_loader(
     split: str | None = None,
 ) -> DataLoader:
     """Batches of the model's task from a data file, a ``save_to_disk`` folder (``split`` picks a
-    DatasetDict's split) or a ``datasets.Dataset``: ``config.num_samples`` seeded random examples
+    DatasetDict's split) or a ``datasets.Dataset``, sampled and batched as the calibration settings
+    ``config`` say (a recipe's will do): ``config.num_samples`` seeded random examples
     (the first ``num_samples``, or all, when ``shuffle`` is False), tokenized to
     ``config.max_length``. A classifier's examples are rows, sampled before tokenizing; a causal
     LM's are blocks of the whole text, sampled after."""

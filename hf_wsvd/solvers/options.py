@@ -2,7 +2,9 @@
 line read their fields from here, and each method's solver module imports its class from here.
 
 An options class is a frozen dataclass whose fields are named like the ``WSVDConfig`` fields they
-come from (``MethodOptions.from_recipe``); it validates its own values.
+come from (``MethodOptions.from_recipe``); each field carries its help text and command-line
+options, which ``WSVDConfig`` takes from here (``fields.field_of``), and the class validates its
+own values.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from ..argtypes import non_negative_int
+from ..fields import recipe_field
 
 # fwsvd (and the element-wise solvers' start): the axis the Fisher information is summed over.
 FISHER_AXES = ("output", "input")
@@ -40,9 +45,11 @@ def check_number(name: str, value: Any, low: float, high: float = float("inf"), 
 
 @dataclass(frozen=True)
 class FwsvdOptions(MethodOptions):
-    """``fisher_axis``: ``"output"`` (one weight per output row) or ``"input"`` (per input column)."""
+    """fwsvd's options."""
 
-    fisher_axis: str = "output"
+    fisher_axis: str = recipe_field(
+        "output", "how fwsvd (and the element-wise solvers' start) collapses the Fisher information: 'output' "
+        "gives one weight per output row, 'input' one per input column", choices=FISHER_AXES)
 
     def __post_init__(self) -> None:
         if self.fisher_axis not in FISHER_AXES:
@@ -52,13 +59,23 @@ class FwsvdOptions(MethodOptions):
 @dataclass(frozen=True)
 class ElementwiseOptions(FwsvdOptions):
     """Options of the element-wise solvers (``tfwsvd``, ``rescue``, ``refine``; ``fisher_axis``
-    is the axis of their FWSVD start): see ``WSVDConfig``."""
+    is the axis of their FWSVD start)."""
 
-    solver: str = "hybrid"
-    max_iterations: int = 8
-    tolerance: float = 1e-4
-    time_budget: float | None = None
-    importance_power: float = 1.0
+    solver: str = recipe_field(
+        "hybrid", "element-wise solver of tfwsvd, rescue and refine, started from fwsvd: 'als' (alternating "
+        "weighted least squares), 'adam', 'em' (Srebro & Jaakkola) or 'hybrid' (adam until it beats the "
+        "fwsvd loss, then als)", choices=SOLVER_NAMES)
+    max_iterations: int = recipe_field(
+        8, "element-wise solvers: iteration budget per matrix (an adam iteration is 20 steps); 0 returns the "
+        "fwsvd factors", type=non_negative_int)
+    tolerance: float = recipe_field(
+        1e-4, "element-wise solvers: stop once an iteration changes the weighted loss by less than this "
+        "fraction, >= 0", type=float)
+    time_budget: float | None = recipe_field(
+        None, "element-wise solvers: seconds per matrix after which they stop (unset, None: no limit)", type=float)
+    importance_power: float = recipe_field(
+        1.0, "element-wise solvers: weight entry (i, j) by F_ij ** importance_power, in (0, 1]; smaller values "
+        "temper the Fisher's dynamic range", type=float)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,9 +91,11 @@ class ElementwiseOptions(FwsvdOptions):
 
 @dataclass(frozen=True)
 class RescueOptions(ElementwiseOptions):
-    """The element-wise options and ``risk_threshold`` (nats, ≥ 0)."""
+    """rescue's options: the element-wise ones and ``risk_threshold``."""
 
-    risk_threshold: float = 1e-3
+    risk_threshold: float = recipe_field(
+        1e-3, "rescue: refine with the element-wise solver only the matrices whose risk, the Fisher-predicted "
+        "loss increase 1/2 sum F (W - AB)^2 of the fwsvd factors (in nats), exceeds this, >= 0", type=float)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,9 +104,9 @@ class RescueOptions(ElementwiseOptions):
 
 @dataclass(frozen=True)
 class AsvdOptions(MethodOptions):
-    """``asvd_alpha``: the exponent of the activation scaling, in [0, 2] (0 is plain SVD)."""
+    """asvd's options."""
 
-    asvd_alpha: float = 0.5
+    asvd_alpha: float = recipe_field(0.5, "asvd: exponent of the activation scaling (0 is plain SVD)", type=float)
 
     def __post_init__(self) -> None:
         alpha = self.asvd_alpha
@@ -97,9 +116,11 @@ class AsvdOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class LpOptions(MethodOptions):
-    """``p``: the exponent of Σ_rows dist(row, subspace)^p, in [1, 2]."""
+    """lp's options."""
 
-    p: float = 1.0
+    p: float = recipe_field(
+        1.0, "lp: the exponent p in [1, 2] of sum over rows of dist(row, subspace)^p, robust to outlying rows "
+        "for p < 2; 2 is the SVD subspace", type=float)
 
     def __post_init__(self) -> None:
         p = self.p
@@ -109,9 +130,11 @@ class LpOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class QuantizedResidualOptions(MethodOptions):
-    """``residual_method``: the weighting of the correction (one of ``RESIDUAL_METHODS``)."""
+    """quantized_residual's options."""
 
-    residual_method: str = "fisher_whiten"
+    residual_method: str = recipe_field(
+        "fisher_whiten", "quantized_residual: the weighting of its low-rank correction of the quantization error",
+        choices=RESIDUAL_METHODS)
 
     def __post_init__(self) -> None:
         if self.residual_method not in RESIDUAL_METHODS:
