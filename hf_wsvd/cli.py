@@ -233,8 +233,9 @@ def _inspect(args: argparse.Namespace) -> None:
     width = max(len(r.name) for r in rows)
     architecture = (model.config.architectures or [type(model).__name__])[0].removeprefix(CLASS_PREFIX)
     print(f"base={architecture} ({getattr(model.config, BASE_TYPE_KEY)})")
-    # Recipes saved before allocation/sequential existed were uniform and whole-model.
-    pipeline = "sequential" if recipe.get("sequential") else "whole_model"
+    # Recipes saved before allocation/sequential existed were uniform and whole-model; before the
+    # pipeline was recorded, sequential named it.
+    pipeline = recipe.get("pipeline") or ("sequential" if recipe.get("sequential") else "whole_model")
     print(f"method={recipe['method']} allocation={recipe.get('allocation') or 'uniform'} pipeline={pipeline} "
           f"param_ratio={recipe['param_ratio']}")
     refinement = refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"))

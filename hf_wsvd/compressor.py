@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 from .checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .embeddings import compress_embeddings
-from .pipelines import Job, get_pipeline
+from .pipelines import get_pipeline
+from .pipelines.step import Job
 from .recipes import resolve
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
@@ -69,11 +70,6 @@ class CompressionReport:
         return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
 
 
-def pipeline_name(config: WSVDConfig) -> str:
-    """The calibration pipeline of a recipe."""
-    return "sequential" if config.sequential else "whole_model"
-
-
 def compress(
     model: PreTrainedModel,
     config: WSVDConfig,
@@ -127,7 +123,7 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
-    ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(pipeline_name(config))(job)
+    ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(config.pipeline)(job)
     if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
         ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
@@ -140,7 +136,7 @@ def compress(
     changed = set(ranks) | reshaped_layers(recipe.to_dict())
     report = CompressionReport(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
-        params_before, params_after, job.statistics.examples, job.seconds, config.allocation, pipeline_name(config),
+        params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
         job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention), dict(job.refined),
         *target_counts(model),
     )

@@ -25,6 +25,7 @@ from .argtypes import fraction, names, non_negative_int, positive_int, speed_lim
 from .fields import field_of, recipe_field
 from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
                               QuantizedResidualOptions, RescueOptions)
+from .pipelines.registry import PIPELINES
 from .solvers.registry import SOLVERS
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -99,6 +100,10 @@ class WSVDConfig:
         "the already compressed blocks before it (one block on the device at a time); with greedy "
         "allocation the ranks are planned first on the dense model's statistics. Unset (None): on for a causal "
         "LM given data, else off", action=argparse.BooleanOptionalAction)
+    pipeline: str | None = recipe_field(
+        None, "calibration pipeline, a name registered in hf_wsvd.pipelines: 'whole_model' (statistics from passes "
+        "over the whole model) or 'sequential' (block by block, see sequential). Unset (None): 'sequential' when "
+        "sequential is on, else 'whole_model'", choices=PIPELINES)
     compensate: bool | None = recipe_field(
         None, "sequential mode: factorize each layer so that its outputs on the compressed model's inputs match "
         "the dense layer's outputs on the dense model's inputs (absorbing the error of the layers before it), "
@@ -220,6 +225,11 @@ class WSVDConfig:
             raise ValueError(f"allocation={self.allocation!r} is not one of {ALLOCATIONS} (or None: the recommended one)")
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ValueError(f"sequential={self.sequential!r} must be True, False or None (on for causal LMs with data)")
+        if self.pipeline is not None and self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline={self.pipeline!r} is not one of {sorted(PIPELINES)} (or None: from sequential)")
+        if self.sequential is not None and self.pipeline in ("sequential", "whole_model") and \
+                self.sequential != (self.pipeline == "sequential"):
+            raise ValueError(f"pipeline={self.pipeline!r} contradicts sequential={self.sequential}: set one of them")
         self._validate_compensation()
         for name in ("mlp_pruning", "attention_pruning"):
             self._validate_pruning(name)

@@ -52,7 +52,13 @@ def _allocation(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
 
 
 def _sequential(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    if recipe.pipeline is not None:
+        return recipe.pipeline == "sequential", None
     return evidence.data and evidence.causal_lm, None
+
+
+def _pipeline(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
+    return ("sequential" if recipe.sequential else "whole_model"), None
 
 
 def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
@@ -69,7 +75,7 @@ def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, No
 
 
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
-RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential,
+RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
                           "attention_pruning": _reads_gram_in_sequence,
                           "block_refine_steps": _block_refine_steps}

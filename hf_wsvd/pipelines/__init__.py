@@ -4,36 +4,24 @@
 ``sequential`` is one group per transformer block, each block's statistics taken on the outputs
 of the already compressed blocks before it. Both run the same step (``step.py``: collect →
 allocate → solve → swap) and know no method. A pipeline is a function ``run(job) -> ranks``
-registered by name.
+registered by name (``registry.py``); importing this package imports no torch.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
-from .step import Job
+from .registry import PIPELINES, get_pipeline, register_pipeline
 
-PIPELINES: dict[str, Callable[[Job], dict[str, int]]] = {}
-
-
-def register_pipeline(name: str):
-    """Decorator registering ``run(job) -> {layer: rank}`` as the pipeline ``name``."""
-
-    def wrap(run: Callable[[Job], dict[str, int]]):
-        if name in PIPELINES:
-            raise ValueError(f"pipeline {name!r} is already registered")
-        PIPELINES[name] = run
-        return run
-
-    return wrap
-
-
-def get_pipeline(name: str) -> Callable[[Job], dict[str, int]]:
-    if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; available: {sorted(PIPELINES)}")
-    return PIPELINES[name]
-
-
-from . import sequential, whole_model  # noqa: E402,F401  (registration)
+if TYPE_CHECKING:
+    from .step import Job
 
 __all__ = ["Job", "PIPELINES", "get_pipeline", "register_pipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Job":  # the step imports torch
+        from .step import Job
+
+        return Job
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

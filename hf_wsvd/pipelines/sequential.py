@@ -26,7 +26,8 @@ from ..blocks import block_list, first_output, input_device, outside_blocks_on, 
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
-from . import compensation, register_pipeline
+from . import compensation
+from .registry import register_pipeline
 from .refinement import refine_block, refined_layers
 from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
                    prune_and_swap, refit_cut_output, require_data, solve_and_swap, spectra, uniform, uniform_channels,

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
-from . import register_pipeline
+from .registry import register_pipeline
 from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
                    prune_and_swap, require_data, solve_and_swap, spectra, uniform, uniform_channels, unit_key)
 

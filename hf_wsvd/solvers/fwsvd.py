@@ -70,5 +70,4 @@ def fwsvd_weighting(problem: LayerProblem) -> Weighting:
 def solve_fwsvd(problem: LayerProblem, fisher_axis: str = "output") -> tuple[torch.Tensor, torch.Tensor]:
     """The FWSVD factors along ``fisher_axis`` (the start of the element-wise solvers)."""
     return weighted_svd(problem, fwsvd_weighting(
-        LayerProblem(problem.name, problem.weight, problem.rank, FwsvdOptions(fisher_axis), problem.fisher,
-                     problem.fisher_rows, problem.fisher_cols)))
+        LayerProblem(problem.name, problem.weight, problem.rank, FwsvdOptions(fisher_axis), problem.statistics)))

@@ -11,11 +11,10 @@ receives only its own options (``MethodOptions.from_recipe``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from ..registry import Registry
 from .options import MethodOptions
 
 if TYPE_CHECKING:
@@ -27,27 +26,40 @@ BUILTIN_METHODS = {"asvd": "whiten", "fisher_whiten": "whiten", "fwsvd": "fwsvd"
                    "tfwsvd": "elementwise", "whiten": "whiten"}
 
 
-@dataclass
+@dataclass(init=False)
 class LayerProblem:
     """One matrix to factorize: ``weight`` (out × in, in the compute dtype) at ``rank``, the
-    method's ``options`` (None: its defaults) and the statistics it asked for: ``fisher``
-    (per-entry importance, out × in), ``fisher_rows`` / ``fisher_cols`` (its sums per output row /
-    input column), ``gram`` (input E[x xᵀ], in × in), ``mean_abs`` (input E|x|, in) and
-    ``row_weights`` (one non-negative value per row, e.g. an embedding's token frequencies);
-    ``quantized``: the weight as its quantization stores it (dequantized), for a method that corrects
-    the quantization error."""
+    method's ``options`` (None: its defaults) and the ``statistics`` it asked for, by name
+    (``hf_wsvd.statistics.names``: ``fisher``, ``fisher_rows``, ``gram``, ...; a registered
+    collector's name), read as attributes too (``problem.gram``; None when not given). Other inputs
+    ride along the same way: ``row_weights`` (one non-negative value per row, e.g. an embedding's
+    token frequencies), ``quantized`` (the weight as its quantization stores it, for a method that
+    corrects the quantization error).
+
+    Statistics may be given as keywords (``LayerProblem(name, w, r, fisher=f)``); a keyword set to
+    None removes that statistic (``dataclasses.replace(problem, quantized=None)``)."""
 
     name: str
     weight: torch.Tensor
     rank: int
     options: MethodOptions | None = None
-    fisher: torch.Tensor | None = None
-    fisher_rows: torch.Tensor | None = None
-    fisher_cols: torch.Tensor | None = None
-    gram: torch.Tensor | None = None
-    mean_abs: torch.Tensor | None = None
-    row_weights: torch.Tensor | None = None
-    quantized: torch.Tensor | None = None
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __init__(self, name: str, weight: torch.Tensor, rank: int, options: MethodOptions | None = None,
+                 statistics: dict[str, torch.Tensor] | None = None, **named: torch.Tensor | None) -> None:
+        self.name, self.weight, self.rank, self.options = name, weight, rank, options
+        self.statistics = dict(statistics or {})
+        for key, value in named.items():
+            if value is None:
+                self.statistics.pop(key, None)
+            else:
+                self.statistics[key] = value
+
+    def __getattr__(self, name: str) -> torch.Tensor | None:
+        # Only reached for names that are no attribute: a statistic, or None when it was not given.
+        if name.startswith("_") or "statistics" not in self.__dict__:
+            raise AttributeError(name)
+        return self.statistics.get(name)
 
 
 Needs = Iterable[str] | Callable[[Any], Iterable[str]]
@@ -62,7 +74,9 @@ class Solver:
     singular value into the Fisher-predicted increase of the task loss, so that losses of
     different layers compare (allocation then needs no per-layer normalization). ``options`` is
     the method's options class; ``needs`` the statistic names it reads (or a function of its
-    options returning them)."""
+    options returning them). ``embeddable``: usable on embedding rows, which get no Fisher
+    information; ``elementwise``: it already minimizes the per-entry Fisher objective, so
+    ``refine`` has nothing to add."""
 
     name: str
     solve: Callable[[LayerProblem], tuple[torch.Tensor, torch.Tensor]]
@@ -79,37 +93,7 @@ class Solver:
         return frozenset(self.needs(options) if callable(self.needs) else self.needs)
 
 
-class Registry(MutableMapping[str, Solver]):
-    """Method name → ``Solver``: the built-in methods (loaded on first use) and those registered
-    with ``register_solver`` (which a test may delete again)."""
-
-    def __init__(self) -> None:
-        self._solvers: dict[str, Solver] = {}
-
-    def __getitem__(self, name: str) -> Solver:
-        if name not in self._solvers and name in BUILTIN_METHODS:
-            importlib.import_module(f"{__package__}.{BUILTIN_METHODS[name]}")
-        return self._solvers[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in BUILTIN_METHODS or name in self._solvers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([*BUILTIN_METHODS, *(name for name in self._solvers if name not in BUILTIN_METHODS)])
-
-    def __len__(self) -> int:
-        return len(set(BUILTIN_METHODS) | set(self._solvers))
-
-    def __setitem__(self, name: str, solver: Solver) -> None:
-        if name in self._solvers:
-            raise ValueError(f"solver {name!r} is already registered")
-        self._solvers[name] = solver
-
-    def __delitem__(self, name: str) -> None:
-        del self._solvers[name]
-
-
-SOLVERS = Registry()
+SOLVERS: Registry[Solver] = Registry("method", __package__, BUILTIN_METHODS)
 
 
 def with_defaults(options: type[MethodOptions], fn: Callable[[LayerProblem], Any]) -> Callable[[LayerProblem], Any]:
@@ -148,6 +132,5 @@ def register_solver(
 
 
 def get_solver(name: str) -> Solver:
-    if name not in SOLVERS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(SOLVERS)}")
-    return SOLVERS[name]
+    """The registered method ``name``."""
+    return SOLVERS.lookup(name)
