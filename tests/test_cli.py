@@ -287,7 +287,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, co
 @pytest.mark.parametrize("first", [
     "import hf_wsvd",
     "from hf_wsvd import summarize",  # transformers first imported half-way through hf_wsvd's own modules
-    "import hf_wsvd.autoconfig",  # ... by the registering module itself
+    "import hf_wsvd.integrations.autoconfig",  # ... by the registering module itself
 ])
 def test_importing_hf_wsvd_registers_the_model_type_whenever_transformers_comes(tmp_path, first):
     model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
@@ -307,7 +307,7 @@ print(light, sum(type(m).__name__ == "FactorizedLinear" for m in model.modules()
 
 
 def test_the_registered_model_type_is_the_checkpoints():
-    from hf_wsvd import autoconfig
+    from hf_wsvd.integrations import autoconfig
     from hf_wsvd.runtime import modeling_wsvd
 
     assert autoconfig.MODEL_TYPE == modeling_wsvd.MODEL_TYPE
