@@ -169,7 +169,7 @@ def test_from_dict_accepts_a_partial_dict():
 
 
 def test_a_recipe_from_a_newer_release_loads_without_its_new_keys_and_says_which():
-    data = {**WSVDConfig(method="svd").to_dict(), "recipe_version": RECIPE_VERSION + 1, "rank_schedule": "cosine",
+    data = {**WSVDConfig(method="svd").to_versioned_dict(), "recipe_version": RECIPE_VERSION + 1, "rank_schedule": "cosine",
             "dither": True}
     with pytest.warns(UserWarning, match=r"newer hf_wsvd release.*\['dither', 'rank_schedule'\] are ignored") as caught:
         config = WSVDConfig.from_dict(data)
@@ -177,8 +177,8 @@ def test_a_recipe_from_a_newer_release_loads_without_its_new_keys_and_says_which
 
 
 def test_a_saved_recipe_records_its_version_and_an_unversioned_old_one_loads_unchanged():
-    saved = WSVDConfig(method="fwsvd", num_samples=64).to_dict()
-    assert saved["recipe_version"] == RECIPE_VERSION
+    saved = WSVDConfig(method="fwsvd", num_samples=64).to_versioned_dict()
+    assert saved["recipe_version"] == RECIPE_VERSION and WSVDConfig(**WSVDConfig().to_dict()) == WSVDConfig()
     old = {key: value for key, value in saved.items() if key != "recipe_version"}
     assert WSVDConfig.from_dict(old) == WSVDConfig.from_dict(saved) == WSVDConfig(method="fwsvd", num_samples=64)
     with pytest.raises(ValueError, match="recipe_version='1' must be a positive integer"):

@@ -389,12 +389,16 @@ class WSVDConfig:
         return self.embedding_method or self.method
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe's fields and its ``recipe_version`` (what a checkpoint stores)."""
-        return {**dataclasses.asdict(self), VERSION_KEY: RECIPE_VERSION}
+        """The recipe's fields (``WSVDConfig(**config.to_dict())`` rebuilds it)."""
+        return dataclasses.asdict(self)
+
+    def to_versioned_dict(self) -> dict[str, Any]:
+        """The fields and the ``recipe_version``: what a checkpoint and a recipe file store."""
+        return {**self.to_dict(), VERSION_KEY: RECIPE_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WSVDConfig":
-        """The recipe of ``data`` (``to_dict``'s output, a checkpoint's ``"wsvd"``, or any subset
+        """The recipe of ``data`` (``to_versioned_dict``'s output, a checkpoint's ``"wsvd"``, or any subset
         of the fields). Keys unknown to this release are dropped with one warning naming them when
         ``data`` comes from a newer recipe version; otherwise (no version: an older release or a
         hand-written recipe) they are refused as mistakes."""
@@ -413,7 +417,7 @@ class WSVDConfig:
         return cls(**data)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_versioned_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "WSVDConfig":

@@ -68,7 +68,7 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
         # Configs read from a file carry model_type as an instance attribute that would hide the class's.
         config.__dict__.pop("model_type", None)
         setattr(config, BASE_TYPE_KEY, base_type)
-    setattr(config, RECIPE_KEY, recipe.to_dict())
+    setattr(config, RECIPE_KEY, recipe.to_versioned_dict())
     if not type(model).__name__.startswith(CLASS_PREFIX):
         model.__class__ = wsvd_model_class(type(model))
     return model
