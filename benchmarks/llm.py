@@ -26,16 +26,16 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.checkpoint import error_falls
+from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.healing import HealConfig, heal, teacher_samples
+from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples
 from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
-from hf_wsvd.workflow import load_model_and_tokenizer
+from hf_wsvd.cli.workflow import load_model_and_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--compensated-methods", type=lambda s: [x for x in s.split(",") if x],
                         default=["fisher_whiten"])
     parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
-                        help="compensated sequential methods with MLP pruning (hf_wsvd.mlp_pruning)")
+                        help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
     parser.add_argument("--refine-steps", type=lambda s: [int(x) for x in s.split(",")],
                         default=[0, DEFAULT_BLOCK_REFINE_STEPS],

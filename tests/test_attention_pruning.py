@@ -15,9 +15,9 @@ from transformers import DynamicCache, StaticCache
 import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
+from hf_wsvd.methods.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
 from hf_wsvd.cli import main
-from hf_wsvd.export import densify
+from hf_wsvd.integrations.export import densify
 from hf_wsvd.runtime.modeling_wsvd import _cut_rotary, cut_heads
 from hf_wsvd.solvers import LayerProblem
 
