@@ -12,9 +12,10 @@ from helpers import run_without_hf_wsvd
 from hf_wsvd.cli import main
 from hf_wsvd.solvers import SOLVERS
 
-# Recipes beyond one method each (whose defaults for whiten and fisher_whiten prune the MLPs and cut
-# the attentions): the LLM recipe with compensation and factorized layers, and greedy allocation.
-EXTRA = {"fisher_whiten-sequential-compensated": ["--method", "fisher_whiten", "--sequential", "--compensate",
+# Recipes beyond one method each (whose defaults for whiten and fisher_whiten prune the MLPs): the
+# LLM recipe with compensation and factorized layers, greedy allocation, and attention pruning asked for.
+EXTRA = {"fisher_whiten-attention-pruning": ["--method", "fisher_whiten", "--attention-pruning"],
+         "fisher_whiten-sequential-compensated": ["--method", "fisher_whiten", "--sequential", "--compensate",
                                                   "--allocation", "greedy", "--no-mlp-pruning",
                                                   "--no-attention-pruning"],
          "whiten-greedy": ["--method", "whiten", "--allocation", "greedy"]}
@@ -49,8 +50,8 @@ def test_every_recipe_compresses_qwen2_from_the_cli_and_reloads(dense_and_text):
         gram = flags[1] in ("whiten", "fisher_whiten")
         pruned = any(layer.mlp.down_proj.in_features < 64 for layer in model.model.layers)
         assert pruned == (gram and "--no-mlp-pruning" not in flags), name
-        # Greedy allocation decides whether an attention is cut; the recipe says whether it may be.
-        assert bool(model.config.wsvd["attention_pruning"]) == (gram and "--no-attention-pruning" not in flags), name
+        # Greedy allocation decides whether an attention is cut; the recipe says whether it may be (asked only).
+        assert bool(model.config.wsvd["attention_pruning"]) == (gram and "--attention-pruning" in flags), name
         cut = any(layer.self_attn.head_dim < 8 for layer in model.model.layers)
         assert counts[name] > 0 or pruned or cut, name
         with torch.no_grad():
