@@ -21,10 +21,10 @@ Every run also samples this process's resident host memory (every 2 ms on a thre
 the peak above the level at the start of ``compress`` as a multiple of the model's size (on CPU the
 working set of the sequential walk beyond the model; with ``--placement offload`` the host memory
 the run needs is the peak itself). ``--shape probe`` is a float32 Llama of 404 MiB on CPU (8 blocks
-of 768 × 2048) whose blocks are large enough for that multiple to be the pipeline's own. On CPU,
-glibc is told to serve every allocation of 4 MiB or more by ``mmap`` (``probe_allocator``), so that
-freed tensors leave the resident set as a large model's do (glibc's default threshold, up to 32
-MiB, keeps the probe's freed tensors in its heap: the resident peak would then be the allocator's).
+of 768 × 2048) whose blocks are large enough for that multiple to be the pipeline's own. Where glibc
+tells (``mallinfo2``), the bytes malloc has handed out are sampled too: the live peak, without the
+freed memory that glibc keeps in its heap (tensors under its mmap threshold, up to 32 MiB, go there,
+and fragmentation keeps the resident set at the heap's high-water mark).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import sys
 import threading
@@ -113,25 +115,58 @@ def dispatch(model: torch.nn.Module) -> torch.nn.Module:
     return dispatch_model(model, device_map=device_map)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """A function giving the bytes glibc's malloc has handed out and not had back (heap and mmap),
+    or None where there is no glibc ``mallinfo2``."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = function()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def _main_frames(thread: int) -> list[str]:
+    """The hf_wsvd frames of ``thread``'s stack, innermost first."""
+    frame, where = sys._current_frames().get(thread), []
+    while frame is not None:
+        if "hf_wsvd" in frame.f_code.co_filename:
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return where
+
+
 @contextlib.contextmanager
 def host_memory(interval: float = 0.002):
-    """Samples this process's resident memory on a thread while the block runs; yields a dict that
-    holds, afterwards, ``start`` and ``peak`` (bytes) and ``where``: the hf_wsvd frames of the main
-    thread when the peak was sampled (which step holds it)."""
+    """Samples this process's host memory on a thread while the block runs; yields a dict that holds,
+    afterwards, the resident memory at the ``start`` and its ``peak``, and, where glibc tells, the
+    bytes malloc had handed out (``live``: what the process holds, without what the allocator keeps
+    of freed memory) at the start and at their peak (``live_start``, ``live_peak``); ``where`` and
+    ``live_where``: the hf_wsvd frames running at each peak."""
     process, main = psutil.Process(), threading.get_ident()
-    found = {"start": process.memory_info().rss, "peak": 0, "where": []}
+    in_use = _malloc_in_use()
+    found = {"start": process.memory_info().rss, "peak": 0, "where": [],
+             "live_start": in_use() if in_use else None, "live_peak": 0, "live_where": []}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             rss = process.memory_info().rss
             if rss > found["peak"]:
-                frame, where = sys._current_frames().get(main), []
-                while frame is not None:
-                    if "hf_wsvd" in frame.f_code.co_filename:
-                        where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
-                    frame = frame.f_back
-                found["peak"], found["where"] = rss, where
+                found["peak"], found["where"] = rss, _main_frames(main)
+            live = in_use() if in_use else 0
+            if live > found["live_peak"]:
+                found["live_peak"], found["live_where"] = live, _main_frames(main)
             done.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -141,19 +176,6 @@ def host_memory(interval: float = 0.002):
     finally:
         done.set()
         thread.join()
-
-
-def probe_allocator() -> bool:
-    """Have glibc serve allocations of 4 MiB or more by ``mmap`` (returned to the system when freed);
-    False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(-3, 4 << 20))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def measure(args) -> dict:
@@ -201,6 +223,8 @@ def measure(args) -> dict:
         "full_model_gib": full_depth_bytes(args.shape, dtype) / 2**30,
         "host_start_gib": host["start"] / 2**30, "host_peak_gib": host["peak"] / 2**30,
         "host_peak_over_model": (host["peak"] - host["start"]) / model_bytes, "host_peak_in": host["where"][::-1],
+        "host_live_peak_over_model": (host["live_peak"] - host["live_start"]) / model_bytes
+        if host["live_start"] is not None else None, "host_live_peak_in": host["live_where"][::-1],
     }
     if accelerator.num_processes > 1:  # every process's own peak and time
         gathered = [None] * accelerator.num_processes
@@ -283,13 +307,10 @@ def main() -> None:
         payloads = [json.loads(Path(p).read_text()) for p in args.from_json]
         publish("scale", {"runs": payloads}, table(payloads))
         return
-    mmap_threshold = None
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"
         args.sequences, args.length = min(args.sequences, 8), min(args.length, 64)
-        mmap_threshold = "4 MiB" if probe_allocator() else None
     payload = measure(args)
-    payload["mmap_threshold"] = mmap_threshold
     payload["environment"] = environment()  # with the command; "processes" says how many torchrun started
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(payload, indent=2)

@@ -104,10 +104,9 @@ class _Staged:
 
     def install(self) -> list:
         """Point the block's weights at the device copies (after the copies end, on this stream);
-        returns what ``restore`` needs."""
-        if self.event is not None:
-            stream = torch.cuda.current_stream(self.entries[0][4].device)
-            stream.wait_event(self.event)
+        returns what ``_restore`` needs."""
+        if self.event is not None and self.entries:
+            torch.cuda.current_stream(self.entries[0][4].device).wait_event(self.event)
         installed = []
         for module, kind, key, source, copy_ in self.entries:
             if self.event is not None:  # allocated on the side stream, used on this one
