@@ -5,14 +5,15 @@ pruned, blocks refined) — on Llama shapes with random bf16 weights: wall time 
     python benchmarks/scale.py --shape 7b --block-refine-steps 0 --json-out 7b-off.json  # without block refinement
     torchrun --nproc_per_node 2 benchmarks/scale.py --shape 7b --json-out 7b-2gpu.json \\
         --compare 7b-1gpu.pt                                                           # data-parallel
-    python benchmarks/scale.py --shape 70b --layers 8 --placement offload --json-out 70b.json
+    python benchmarks/scale.py --shape 70b --layers 2 --placement offload --json-out 70b.json   # one GPU, model in CPU memory
     python benchmarks/scale.py --shape 70b --layers 8 --placement dispatch --json-out 70b-d.json
     python benchmarks/scale.py --device cpu                                            # small, CI-sized
     python benchmarks/scale.py --device cpu --shape probe                              # host-memory probe
     python benchmarks/scale.py --from-json 7b-1gpu.json 7b-2gpu.json 70b.json          # publish the table
 
-Placements: ``gpu`` (the model on each process's GPU), ``offload`` (the model in CPU memory, one
-block on the GPU at a time), ``dispatch`` (blocks spread over the visible GPUs by accelerate).
+Placements: ``gpu`` (the model on each process's GPU), ``offload`` (the model in CPU memory, pinned:
+one block computing on the GPU while the next one's weights arrive; ``--no-prefetch``: each block
+moved when its visit starts), ``dispatch`` (blocks spread over the visible GPUs by accelerate).
 ``--layers`` builds a contiguous slice of the shape's layers; the table then extrapolates the
 per-layer time to the full depth and says so. ``--save`` / ``--compare`` store and compare the
 row-summed Fisher (and the ranks) of two runs, e.g. one GPU against two.
@@ -216,6 +217,7 @@ def measure(args) -> dict:
         "full_layers": SHAPES[args.shape]["num_hidden_layers"], "placement": args.placement,
         "processes": accelerator.num_processes, "sequences": args.sequences, "length": args.length,
         "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
+        "prefetch": args.placement == "offload" and not args.no_prefetch,
         "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
         "factorized_layers": len(report.ranks), "params_before": report.params_before,
         "params_after": report.params_after, "block_refine_steps": model.config.wsvd["block_refine_steps"],
@@ -295,6 +297,8 @@ def main() -> None:
                         help="block refinement steps per block (0: off; default: the recommended recipe's)")
     parser.add_argument("--extrapolate-sequences", type=int, default=128,
                         help="extrapolate a slice, or a run with fewer sequences, to full depth and this many")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="offload: move each block when its visit starts (hf_wsvd.blocks.PREFETCH off), to compare")
     parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
     parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
     parser.add_argument("--json-out")
@@ -310,6 +314,10 @@ def main() -> None:
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"
         args.sequences, args.length = min(args.sequences, 8), min(args.length, 64)
+    if args.no_prefetch:
+        import hf_wsvd.blocks
+
+        hf_wsvd.blocks.PREFETCH = False
     payload = measure(args)
     payload["environment"] = environment()  # with the command; "processes" says how many torchrun started
     if int(os.environ.get("RANK", "0")) == 0:
