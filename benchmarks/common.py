@@ -18,7 +18,7 @@ from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.statistics import FISHER, GRAM, MEAN_ABS, Statistics, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import per_example_loss, task_of
-from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
+from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent

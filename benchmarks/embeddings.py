@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.embeddings import input_embedding_name
+from hf_wsvd.methods.embeddings import input_embedding_name
 from hf_wsvd.evaluation import classification_metrics, predict
 from hf_wsvd.solvers.lp import lp_subspace
-from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
+from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
 from common import SHARED, TASKS
 from report import markdown_table, publish

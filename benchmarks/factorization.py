@@ -17,13 +17,11 @@ import torch
 
 from hf_wsvd.allocation import rank_for_ratio
 from hf_wsvd.linalg import truncated_svd
-from timing import add_json_arguments, device_label, interleaved_seconds, measure_or_publish, median, speedup
+from timing import (LLAMA_7B_LINEARS, MINILM_LINEARS, SMOLLM2_LINEARS, add_shape_arguments, device_label,
+                    interleaved_seconds, measure_or_publish, median, parse_shapes, run_header, speedup)
 
 # out × in: CPU: MiniLM-L6 and SmolLM2-135M linears; CUDA: Llama 7B linears.
-PRESETS = {
-    "cpu": ["384x384", "1536x384", "384x1536", "576x576", "1536x576", "576x1536"],
-    "cuda": ["4096x4096", "11008x4096", "4096x11008"],
-}
+PRESETS = {"cpu": [*MINILM_LINEARS, *SMOLLM2_LINEARS], "cuda": list(LLAMA_7B_LINEARS)}
 KEPT = 0.6
 
 
@@ -59,12 +57,9 @@ def measure_shape(out_features: int, in_features: int, device: torch.device, arg
 
 
 def measure(args) -> dict:
-    from report import environment
-
     device = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or PRESETS[device.type])]
-    return {"device": device.type, "threads": torch.get_num_threads(), "rounds": args.rounds,
-            "rows": [measure_shape(o, i, device, args) for o, i in shapes], "environment": environment()}
+    shapes = parse_shapes(args.shapes) if args.shapes else PRESETS[device.type]
+    return {**run_header(device, args), "rows": [measure_shape(o, i, device, args) for o, i in shapes]}
 
 
 def render(payloads: list[dict]) -> str:
@@ -86,11 +81,7 @@ def render(payloads: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shapes", nargs="+", help="out_featuresxin_features (default: the device's preset)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=2)
-    add_json_arguments(parser)
+    add_shape_arguments(parser, rounds=5, iters=2, shapes_help="out_featuresxin_features (default: the device's preset)")
     measure_or_publish("factorization", parser.parse_args(), measure, render)
 
 if __name__ == "__main__":

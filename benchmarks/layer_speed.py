@@ -19,22 +19,17 @@ import torch
 
 from hf_wsvd import FactorizedLinear
 from hf_wsvd.allocation import kept_ratio, uniform_ranks
-from timing import (add_json_arguments, cuda_graphed, device_label, interleaved_seconds, measure_or_publish,
-                    median, speedup)
+from timing import (LLAMA_7B_LINEARS, MINILM_LINEARS, add_shape_arguments, cuda_graphed, device_label,
+                    interleaved_seconds, measure_or_publish, median, parse_shapes, run_header, speedup)
 
 # Shapes are in_features x out_features. CPU: MiniLM-L6 (attention, FFN up, FFN down) at batch
 # 32 × 128 and 1 × 128 tokens; CUDA: Llama 7B (attention, gate/up, down) at prefill 8 × 2048 and
 # decode batches 16 and 1.
 PRESETS = {
-    "cpu": {"shapes": ["384x384", "384x1536", "1536x384"], "tokens": [4096, 128], "dtype": "float32"},
-    "cuda": {"shapes": ["4096x4096", "4096x11008", "11008x4096"], "tokens": [16384, 16, 1], "dtype": "bfloat16"},
+    "cpu": {"shapes": [(i, o) for o, i in MINILM_LINEARS], "tokens": [4096, 128], "dtype": "float32"},
+    "cuda": {"shapes": [(i, o) for o, i in LLAMA_7B_LINEARS], "tokens": [16384, 16, 1], "dtype": "bfloat16"},
 }
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    in_features, out_features = (int(v) for v in text.lower().split("x"))
-    return in_features, out_features
 
 
 def crossing(points: list[dict]) -> float:
@@ -92,20 +87,16 @@ def by_shape(workloads: list[dict]) -> dict[str, float]:
 
 
 def measure(args) -> dict:
-    from report import environment
-
     device = torch.device(args.device)
     preset = PRESETS[device.type]
     dtype = getattr(torch, args.dtype or preset["dtype"])
-    shapes = [parse_shape(s) for s in (args.shapes or preset["shapes"])]
+    shapes = parse_shapes(args.shapes) if args.shapes else preset["shapes"]
     workloads = [time_workload(i, o, t, args.ratios, dtype, device, args)
                  for i, o in shapes for t in (args.tokens or preset["tokens"])]
     return {
-        "device": device.type, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "rounds": args.rounds, "iters": args.iters, "rank_multiple": args.rank_multiple,
-        "cuda_graphs": args.cuda_graphs,
+        **run_header(device, args), "dtype": str(dtype).removeprefix("torch."), "iters": args.iters,
+        "rank_multiple": args.rank_multiple, "cuda_graphs": args.cuda_graphs,
         "workloads": workloads, "threshold": min(w["crossing"] for w in workloads), "by_shape": by_shape(workloads),
-        "environment": environment(),
     }
 
 
@@ -137,18 +128,14 @@ def render(payloads: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--shapes", nargs="+", help="in_featuresxout_features, e.g. 384x1536")
     parser.add_argument("--tokens", nargs="+", type=int, help="rows of the input (batch × sequence length)")
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
     parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time replays of captured CUDA graphs (kernel time without launch overhead)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    add_json_arguments(parser)
+    add_shape_arguments(parser, rounds=7, iters=10, shapes_help="in_featuresxout_features, e.g. 384x1536")
     measure_or_publish("layer_speed", parser.parse_args(), measure, render)
 
 if __name__ == "__main__":

@@ -26,16 +26,16 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.checkpoint import error_falls
+from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.healing import HealConfig, heal, teacher_samples
+from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples
 from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
-from hf_wsvd.workflow import load_model_and_tokenizer
+from hf_wsvd.cli.workflow import load_model_and_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
@@ -57,10 +57,12 @@ def recipes(args) -> list[dict]:
     refinements = [dict(block_refine_steps=0)] if 0 in args.refine_steps else []
     refinements += [dict(block_refine_steps=s, block_refine_learning_rate=r)
                     for s in args.refine_steps if s for r in args.refine_learning_rates]
+    cut = [False, True] if args.attention_pruning else [False]
     for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
         rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned,
-                      **refine)
-                 for m in methods for a in args.allocations for r in args.compensation_ridges for refine in refinements]
+                      attention_pruning=attention, **refine)
+                 for m in methods for a in args.allocations for r in args.compensation_ridges
+                 for attention in (cut if pruned else [False]) for refine in refinements]
     return rows
 
 
@@ -70,6 +72,8 @@ def label(recipe: dict) -> str:
         name += f", compensated λ={recipe['compensation_ridge']:g}"
     if recipe.get("mlp_pruning"):
         name += ", MLPs pruned"
+    if recipe.get("attention_pruning"):
+        name += ", attentions cut"
     if recipe.get("block_refine_steps"):
         name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
     return name + (")" if recipe.get("sequential") else "")
@@ -275,13 +279,15 @@ def main() -> None:
     parser.add_argument("--compensated-methods", type=lambda s: [x for x in s.split(",") if x],
                         default=["fisher_whiten"])
     parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
-                        help="compensated sequential methods with MLP pruning (hf_wsvd.mlp_pruning)")
+                        help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
     parser.add_argument("--refine-steps", type=lambda s: [int(x) for x in s.split(",")],
                         default=[0, DEFAULT_BLOCK_REFINE_STEPS],
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])
+    parser.add_argument("--attention-pruning", action="store_true",
+                        help="also the MLP-pruned rows with attention pruning (head dimensions cut)")
     parser.add_argument("--only-recommended", action="store_true",
                         help="only the recommended recipe's rows (fisher_whiten, greedy, sequential, compensated "
                              "λ=0.1, MLPs pruned) at each --refine-steps: the other recipe lists are emptied")

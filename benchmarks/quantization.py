@@ -3,7 +3,7 @@ followed by quantization, and the weighted residual (quantized_residual: Q + L),
 decode speed of the quantized compressed Llama-7B shape against quantized dense is a part of
 ``benchmarks/speed_gpu.py``: ``--parts int8``.)
 
-Quantizer: torchao ``IntxWeightOnlyConfig`` (``hf_wsvd.quantization.quantization_config``: int8
+Quantizer: torchao ``IntxWeightOnlyConfig`` (``hf_wsvd.integrations.quantization.quantization_config``: int8
 per row, int4/int3 asymmetric per group of 64) for the whole curve: one family at every bit width,
 through the stock ``TorchAoConfig``, on CPU and GPU alike (transformers 5.x cannot load with
 ``HqqConfig``: its HQQ quantizer raises NotImplementedError). Bytes are counted packed: each value
@@ -32,12 +32,12 @@ from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.quantization import quantization_config, quantize, weight_bits
+from hf_wsvd.integrations.quantization import quantization_config, quantize, weight_bits
 from hf_wsvd.runtime.factorized_linear import linear_shape
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
-from hf_wsvd.workflow import load_model_and_tokenizer
+from hf_wsvd.cli.workflow import load_model_and_tokenizer
 from llm import SHARED, loader
 from report import environment, markdown_table, page, publish
 
@@ -204,9 +204,9 @@ def main() -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--eval-blocks", type=int, default=0, help="0: the whole test file")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[8, 4, 3])
+    parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 4, 3])
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
+    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.2, 0.4])
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")

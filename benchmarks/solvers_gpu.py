@@ -2,7 +2,7 @@
 random positive (log-normal) importance, on the GPU; publishes benchmarks/results/solvers_gpu.json.
 Needs only torch, transformers and hf_wsvd (no datasets, no task data).
 
-    PYTHONPATH=.:benchmarks python benchmarks/solvers_gpu.py --json-out $OUT/solvers_gpu.json   # CUDA
+    PYTHONPATH=src:benchmarks python benchmarks/solvers_gpu.py --json-out $OUT/solvers_gpu.json   # CUDA
     python benchmarks/solvers_gpu.py --from-json solvers_gpu.json   # publish a measurement taken elsewhere
     python benchmarks/solvers_gpu.py --small            # quick CPU check (512×1376, rank 128)
 """

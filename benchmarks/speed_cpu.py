@@ -59,7 +59,7 @@ def _minilm(args) -> dict:
     structures, accuracies), keyed "ratio" (the recommended recipe) or "ratio variant"."""
     from hf_wsvd import WSVDConfig
     from hf_wsvd.evaluation import evaluate_model
-    from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
+    from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
     dense, tokenizer = load_model_and_tokenizer(str(args.model), dtype=torch.float32)
     base = WSVDConfig(num_samples=args.samples, batch_size=8, max_length=128, seed=0)
@@ -85,7 +85,7 @@ def _llm(args) -> tuple[dict, dict]:
     from hf_wsvd import WSVDConfig
     from hf_wsvd.data import text_blocks
     from hf_wsvd.demo_models import DEMO_MODELS, demo_model
-    from hf_wsvd.workflow import load_model_and_tokenizer
+    from hf_wsvd.cli.workflow import load_model_and_tokenizer
 
     path = demo_model(args.llm) if args.llm in DEMO_MODELS else args.llm
     dense, tokenizer = load_model_and_tokenizer(str(path), dtype=torch.float32)

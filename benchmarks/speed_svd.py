@@ -17,10 +17,7 @@ import torch
 
 from hf_wsvd.allocation import rank_for_ratio
 from hf_wsvd.linalg import truncated_svd
-from timing import add_json_arguments, measure_or_publish, synchronize, with_key
-
-# Target matrices of one Llama-7B block, out × in: q, k, v, o; gate, up; down.
-TARGETS_7B = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
+from timing import LLAMA_7B_LINEARS, add_json_arguments, measure_or_publish, synchronize, with_key
 
 
 def time_svds(args) -> list[dict]:
@@ -40,10 +37,10 @@ def time_svds(args) -> list[dict]:
     generator = torch.Generator(device=device).manual_seed(3)
     torch.linalg.svd(torch.randn(64, 64, device=device))  # solver initialisation
     torch.linalg.eigh(torch.randn(64, 64, device=device))
-    share = args.svd_seconds / (len(TARGETS_7B) * len(args.svd_methods))
+    share = args.svd_seconds / (len(LLAMA_7B_LINEARS) * len(args.svd_methods))
     chunk = max(1, args.svd_chunk or 4)
     rows = []
-    for (out_features, in_features), per_block in TARGETS_7B.items():
+    for (out_features, in_features), per_block in LLAMA_7B_LINEARS.items():
         count = per_block * args.svd_layers
         stack = torch.randn(chunk, out_features, in_features, generator=generator, device=device).mul_(0.02)
         reference = torch.linalg.svdvals(stack[0]).double() if "eigh" in args.svd_methods else None

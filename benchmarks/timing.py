@@ -11,6 +11,13 @@ from typing import Callable
 
 import torch
 
+# The target linears (out × in) of one transformer block and how many of each it holds: MiniLM-L6
+# (query/key/value/output, FFN up, FFN down), SmolLM2-135M (the same roles; its key/value are
+# narrower and left out) and Llama 7B (q/k/v/o, gate/up, down).
+MINILM_LINEARS = {(384, 384): 4, (1536, 384): 1, (384, 1536): 1}
+SMOLLM2_LINEARS = {(576, 576): 2, (1536, 576): 2, (576, 1536): 1}
+LLAMA_7B_LINEARS = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
+
 
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
@@ -78,6 +85,29 @@ def median(values: list[float]) -> float:
 def speedup(baseline: list[float], other: list[float]) -> float:
     """Median over rounds of baseline time / other time (> 1: ``other`` is faster)."""
     return statistics.median(b / o for b, o in zip(baseline, other))
+
+
+def add_shape_arguments(parser, rounds: int, iters: int, shapes_help: str) -> None:
+    """The options of a per-shape timing benchmark: ``--device``, ``--shapes``, ``--rounds``,
+    ``--iters`` (and the JSON options)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", help=shapes_help)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--iters", type=int, default=iters)
+    add_json_arguments(parser)
+
+
+def parse_shapes(texts: list[str]) -> list[tuple[int, int]]:
+    """``"AxB"`` strings as ``(A, B)`` (the script says which side is which)."""
+    return [tuple(int(v) for v in text.lower().split("x")) for text in texts]
+
+
+def run_header(device: torch.device, args) -> dict:
+    """What every run of a per-shape benchmark records besides its rows."""
+    from report import environment
+
+    return {"device": device.type, "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "environment": environment()}
 
 
 def add_json_arguments(parser) -> None:

@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, TextStreamer, pipeline
 import hf_wsvd
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.output import check_output
+from hf_wsvd.cli.output import check_output
 from hf_wsvd.solvers import SOLVERS
-from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
+from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"
 PROMPT = "The history of the city"

@@ -45,7 +45,7 @@ from transformers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))  # benchmarks.report, and hf_wsvd from a plain checkout
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # benchmarks.report, and hf_wsvd from a plain checkout
 
 import hf_wsvd  # noqa: E402
 from hf_wsvd.evaluation import classification_metrics, predict  # noqa: E402

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Python subprocesses of the tests import this checkout's package too (pyproject's pytest
+# ``pythonpath`` covers this process only), whatever is installed.
+SRC = Path(__file__).resolve().parent.parent / "src"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import tiny  # noqa: E402
 

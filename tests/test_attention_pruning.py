@@ -15,10 +15,10 @@ from transformers import DynamicCache, StaticCache
 import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
+from hf_wsvd.methods.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
 from hf_wsvd.cli import main
-from hf_wsvd.export import densify
-from hf_wsvd.runtime.modeling_wsvd import cut_heads
+from hf_wsvd.integrations.export import densify
+from hf_wsvd.runtime.modeling_wsvd import _cut_rotary, cut_heads
 from hf_wsvd.solvers import LayerProblem
 
 GEOMETRY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -33,7 +33,7 @@ def _data(seed: int = 0, batches: int = 4) -> list[dict]:
 
 def _compressed(arch: str = "llama", **config):
     dense = tiny.build(arch, **GEOMETRY)
-    options = {"param_ratio": 0.7, "allocation": "uniform", "rank_multiple": 2, **config}
+    options = {"param_ratio": 0.7, "allocation": "uniform", "rank_multiple": 2, "attention_pruning": True, **config}
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**options), _data(), show_progress=False)
     return dense, model, report
 
@@ -135,7 +135,7 @@ def test_the_spectrum_is_non_increasing_and_prices_both_halves():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("compensate", [True, False])
-def test_the_recommended_recipe_cuts_the_attentions(arch, compensate):
+def test_asked_the_recipe_cuts_the_attentions(arch, compensate):
     dense, model, report = _compressed(arch, compensate=compensate)
     assert set(report.attention) == {"layers.0.self_attn", "layers.1.self_attn"}
     for i, layer in enumerate(model.model.layers):
@@ -241,9 +241,11 @@ def test_attention_pruning_options_are_checked():
         WSVDConfig(attention_pruning="yes")
 
 
-def test_off_the_attentions_are_factorized():
-    _, model, report = _compressed("llama", attention_pruning=False)
+@pytest.mark.parametrize("asked", [False, None])
+def test_off_or_by_default_the_attentions_are_factorized(asked):
+    _, model, report = _compressed("llama", attention_pruning=asked)
     assert not report.attention and any(n.endswith("q_proj") for n in report.ranks)
+    assert model.config.wsvd["attention_pruning"] is False  # the resolved recipe says so
 
 
 def test_inspect_lists_the_cut_projections(tmp_path, capsys):
@@ -328,3 +330,31 @@ def test_an_attention_with_no_step_to_cut_is_factorized():
     """rank_multiple=16 at head size 16: no cut is possible, so the projections are factorized."""
     _, model, report = _compressed("llama", rank_multiple=16, param_ratio=0.5)
     assert not report.attention and any(n.endswith("self_attn.q_proj") for n in report.ranks)
+
+
+def test_the_rotary_index_moves_once_to_the_tables_device():
+    # A copy of the index in every step would sync each decode step and break CUDA-graph capture.
+    _, model, report = _compressed("llama")
+    name = next(n for n, r in report.attention.items() if r.get("rotary"))
+    attention = model.get_submodule("model." + name)
+    cos = torch.zeros(1, 4, attention.wsvd_dense_head_dim, device="meta")
+    _, kwargs = _cut_rotary(attention, (), {"position_embeddings": (cos, cos)})
+    assert attention.wsvd_rotary_index.device.type == "meta"  # the buffer itself moved
+    assert kwargs["position_embeddings"][0].shape[-1] == attention.wsvd_rotary_index.numel()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
+def test_a_cut_model_decodes_in_a_captured_cuda_graph():
+    _, model, _ = _compressed("llama")
+    model = model.cuda()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    sequence = torch.randint(7, 23, (1, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    with torch.no_grad():
+        model(sequence[:, :7], past_key_values=cache, cache_position=torch.arange(7, device="cuda"))
+        step, position = sequence[:, 7:8].clone(), torch.tensor([7], device="cuda")
+        eager = model(step, past_key_values=cache, cache_position=position).logits.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(step, past_key_values=cache, cache_position=position).logits
+        graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 import tiny
 from helpers import FolderHub, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, hub
-from hf_wsvd.card import Evaluation, build_card
+from hf_wsvd.integrations.card import Evaluation, build_card
 from hf_wsvd.cli import main
 
 ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0),

@@ -17,7 +17,7 @@ import tiny
 from helpers import main_output
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.cli import build_parser, main, recipe_from_args
-from hf_wsvd.config import METHODS
+
 from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
 
 ROWS = [
@@ -220,6 +220,7 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     argv = ["--method", "fwsvd", "--param-ratio", "0.3", "--target-modules", "query,value", "--exclude-modules", "key",
             "--fisher-axis", "input", "--num-samples", "64", "--batch-size", "4", "--max-length", "32",
             "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--no-sequential",
+            "--pipeline", "whole_model",
             "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--no-attention-pruning",
             "--block-refine-steps", "0", "--block-refine-learning-rate", "0.01", "--seed", "7", "--p", "1.5",
             "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
@@ -230,7 +231,7 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     expected = WSVDConfig(
         method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
         fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
-        allocation="greedy", sequential=False, compensate=False, compensation_ridge=0.05, mlp_pruning=False,
+        allocation="greedy", sequential=False, pipeline="whole_model", compensate=False, compensation_ridge=0.05, mlp_pruning=False,
         attention_pruning=False, block_refine_steps=0, block_refine_learning_rate=0.01, seed=7, p=1.5, embeddings=True,
         embedding_ratio=0.25,
         embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,
@@ -242,11 +243,16 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     assert all(getattr(expected, f.name) != f.default for f in _recipe_fields())
 
 
-def test_the_command_line_methods_are_the_registered_ones():
-    registered = subprocess.run(
-        [sys.executable, "-c", "from hf_wsvd.solvers import SOLVERS; print(' '.join(sorted(SOLVERS)))"],
-        capture_output=True, text=True, check=True).stdout.split()
-    assert registered == sorted(METHODS)
+def test_the_command_line_lists_the_registered_methods_without_importing_torch():
+    script = ("import sys; from hf_wsvd.cli import build_parser; from hf_wsvd.solvers import SOLVERS; "
+              "[method] = [a for a in build_parser()._subparsers._group_actions[0].choices['compress']._actions "
+              "if a.dest == 'method']; print(' '.join(method.choices), 'torch' in sys.modules); "
+              "print(' '.join(name for name, solver in SOLVERS.items() if solver.name == name))")
+    listed, loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                    check=True).stdout.splitlines()
+    assert listed.split() == [*sorted(listed.split()[:-1]), "False"]
+    # every built-in name is registered by the module the registry names for it
+    assert loaded.split() == listed.split()[:-1]
 
 
 # --------------------------------------------------------------------------- lazy imports
@@ -281,7 +287,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, co
 @pytest.mark.parametrize("first", [
     "import hf_wsvd",
     "from hf_wsvd import summarize",  # transformers first imported half-way through hf_wsvd's own modules
-    "import hf_wsvd.autoconfig",  # ... by the registering module itself
+    "import hf_wsvd.integrations.autoconfig",  # ... by the registering module itself
 ])
 def test_importing_hf_wsvd_registers_the_model_type_whenever_transformers_comes(tmp_path, first):
     model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
@@ -301,7 +307,7 @@ print(light, sum(type(m).__name__ == "FactorizedLinear" for m in model.modules()
 
 
 def test_the_registered_model_type_is_the_checkpoints():
-    from hf_wsvd import autoconfig
+    from hf_wsvd.integrations import autoconfig
     from hf_wsvd.runtime import modeling_wsvd
 
     assert autoconfig.MODEL_TYPE == modeling_wsvd.MODEL_TYPE
@@ -369,7 +375,7 @@ def test_inspect_shows_the_base_architecture_and_the_recipe_of_old_checkpoints_t
                      r"output error fell by a median \d+% \(least \d+%, most \d+%\)", printed), printed
     # A checkpoint saved before allocation, sequential and refinement were recorded: uniform, whole-model.
     config = json.loads((out / "config.json").read_text())
-    for key in ("allocation", "sequential", "block_refine_steps", "block_refine_learning_rate", "refined"):
+    for key in ("allocation", "sequential", "pipeline", "recipe_version", "block_refine_steps", "block_refine_learning_rate", "refined"):
         del config["wsvd"][key]
     (out / "config.json").write_text(json.dumps(config))
     assert main(["inspect", str(out)]) == 0

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from hf_wsvd.config import WSVDConfig
+from hf_wsvd.config import RECIPE_VERSION, CalibrationConfig, WSVDConfig
+from hf_wsvd.solvers.options import ElementwiseOptions, FwsvdOptions, RescueOptions
 
 
 CUSTOM = dict(
@@ -40,9 +41,9 @@ def test_json_file_round_trip(make, tmp_path):
     loaded = WSVDConfig.from_json_file(path)
     assert loaded == config
     assert loaded.to_dict() == config.to_dict()
-    # The file is plain JSON holding every field.
+    # The file is plain JSON holding every field and the recipe's version.
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert set(data) == {f.name for f in dataclasses.fields(WSVDConfig)}
+    assert set(data) == {f.name for f in dataclasses.fields(WSVDConfig)} | {"recipe_version"}
     assert data["method"] == config.method
     assert data["ranks"] == config.ranks
 
@@ -165,3 +166,32 @@ def test_from_dict_accepts_a_partial_dict():
     assert config.method == "svd"
     assert config.param_ratio == 0.25
     assert config.fisher_axis == WSVDConfig().fisher_axis
+
+
+def test_a_recipe_from_a_newer_release_loads_without_its_new_keys_and_says_which():
+    data = {**WSVDConfig(method="svd").to_versioned_dict(), "recipe_version": RECIPE_VERSION + 1, "rank_schedule": "cosine",
+            "dither": True}
+    with pytest.warns(UserWarning, match=r"newer hf_wsvd release.*\['dither', 'rank_schedule'\] are ignored") as caught:
+        config = WSVDConfig.from_dict(data)
+    assert len(caught) == 1 and config == WSVDConfig(method="svd")
+
+
+def test_a_saved_recipe_records_its_version_and_an_unversioned_old_one_loads_unchanged():
+    saved = WSVDConfig(method="fwsvd", num_samples=64).to_versioned_dict()
+    assert saved["recipe_version"] == RECIPE_VERSION and WSVDConfig(**WSVDConfig().to_dict()) == WSVDConfig()
+    old = {key: value for key, value in saved.items() if key != "recipe_version"}
+    assert WSVDConfig.from_dict(old) == WSVDConfig.from_dict(saved) == WSVDConfig(method="fwsvd", num_samples=64)
+    with pytest.raises(ValueError, match="recipe_version='1' must be a positive integer"):
+        WSVDConfig.from_dict({**old, "recipe_version": "1"})
+
+
+def test_a_methods_options_and_the_calibration_settings_are_written_once():
+    # the recipe's field carries the very metadata of the options class that owns it
+    for owner in (FwsvdOptions, ElementwiseOptions, RescueOptions, CalibrationConfig):
+        for f in dataclasses.fields(owner):
+            mine = {g.name: g for g in dataclasses.fields(WSVDConfig)}[f.name]
+            assert mine.metadata["help"] is f.metadata["help"] and mine.default == f.default
+    config = WSVDConfig(num_samples=7, batch_size=3, max_length=9, seed=4)
+    assert config.calibration == CalibrationConfig(num_samples=7, batch_size=3, max_length=9, seed=4)
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+        CalibrationConfig(batch_size=0)

@@ -13,7 +13,7 @@ import tiny
 from hf_wsvd import WSVDConfig
 from hf_wsvd.data import sample, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
-from hf_wsvd.workflow import data_loader
+from hf_wsvd.cli.workflow import data_loader
 
 WORDS = tiny.WORDS
 

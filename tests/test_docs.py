@@ -78,7 +78,7 @@ def test_the_readme_api_example_runs(tmp_path, monkeypatch):
 
 
 def test_the_design_page_adds_a_method():
-    (block,) = code_blocks(ROOT / "docs" / "design.md", "python", "## Adding a method")
+    (block,) = code_blocks(ROOT / "docs" / "design.md", "python", "## Extending hf_wsvd")
     scope = {}
     try:
         exec(compile(block, "docs/design.md (adding a method)", "exec"), scope)

@@ -14,7 +14,7 @@ import tiny
 from helpers import main_output, run_without_hf_wsvd
 from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, parameter_counts
 from hf_wsvd.cli import main as cli_main
-from hf_wsvd.embeddings import token_frequencies
+from hf_wsvd.methods.embeddings import token_frequencies
 from hf_wsvd.runtime.factorized_embedding import FactorizedTiedHead
 
 # arch, Auto class, embedding name (relative to the base model), tied head (full name) or None

@@ -11,7 +11,7 @@ import transformers
 import tiny
 from helpers import main_output, run_without_hf_wsvd
 from hf_wsvd.cli import main
-from hf_wsvd.export import densify, export_dense
+from hf_wsvd.integrations.export import densify, export_dense
 
 STOCK = {"bert": "BertForSequenceClassification", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 

@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
-from hf_wsvd.healing import HealConfig, heal, teacher_samples, token_kl
+from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples, token_kl
 from transformers import AutoModelForCausalLM
 
 

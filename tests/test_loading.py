@@ -16,7 +16,7 @@ from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.cli import main
 from hf_wsvd.evaluation import evaluate_model
-from hf_wsvd.workflow import data_loader, load_model_and_tokenizer
+from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
 TEXT = "abc de ab\nc d e ab abc\n" * 40
 

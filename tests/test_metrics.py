@@ -17,7 +17,7 @@ from hf_wsvd import WSVDConfig, metrics
 from hf_wsvd.cli import main
 from hf_wsvd.data import load_table
 from hf_wsvd.evaluation import evaluate_model, perplexity
-from hf_wsvd.workflow import data_loader
+from hf_wsvd.cli.workflow import data_loader
 
 PRED = [1, 0, 1, 1, 0, 1, 0, 0]
 REF = [1, 0, 0, 1, 0, 1, 1, 1]

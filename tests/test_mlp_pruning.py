@@ -14,9 +14,9 @@ import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.cli import main
-from hf_wsvd.export import densify
-from hf_wsvd.healing import HealConfig, heal
-from hf_wsvd.mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels
+from hf_wsvd.integrations.export import densify
+from hf_wsvd.integrations.healing import HealConfig, heal
+from hf_wsvd.methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels
 from stats_worker import case_inputs
 
 

@@ -18,7 +18,7 @@ import tiny
 from helpers import FolderHub
 from hf_wsvd import WSVDConfig, compress, hub
 from hf_wsvd.cli import main
-from hf_wsvd.output import MARKER, check_output
+from hf_wsvd.cli.output import MARKER, check_output
 
 ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0)]
 
@@ -81,7 +81,7 @@ def test_output_that_is_the_current_directory_is_refused(project, monkeypatch, c
 
 def test_file_or_unwritable_output_is_refused_before_any_work(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
-    monkeypatch.setattr("hf_wsvd.workflow.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("hf_wsvd.cli.workflow.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
     assert run(["compress", "models/tiny", "notes.txt", "--method", "svd"]) == 2
     assert "'notes.txt' is a file" in one_error(capsys)
     assert run(["compress", "models/tiny", "notes.txt/out", "--method", "svd"]) == 2
@@ -165,7 +165,7 @@ def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp
     main(["export", str(tmp_path / "a"), str(out), "--dense"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from hf_wsvd.output import _target_id
+    from hf_wsvd.cli.output import _target_id
 
     target = _target_id(str(out))
     stale = [tmp_path / f".hf-wsvd-{dead.pid}-ab12-{kind}-{target}" for kind in ("new", "old")]

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import tiny
 from hf_wsvd import FactorizedLinear
-from hf_wsvd.peft_lora import (
+from hf_wsvd.integrations.peft_lora import (
     FactorizedLoraLayer,
     factorized_module_names,
     load_adapter,
@@ -129,7 +129,7 @@ def test_lora_on_factorized_modules_and_hf_wsvd_peft_paths_warn_nothing_users_ca
     reads) from hf_wsvd's own peft calls: load_adapter and healing with LoRA."""
     import warnings
 
-    from hf_wsvd.healing import HealConfig, heal
+    from hf_wsvd.integrations.healing import HealConfig, heal
 
     base, _ = _compressed_dir(tmp_path)
     model = AUTO.from_pretrained(base)

@@ -17,7 +17,7 @@ import hf_wsvd
 import tiny
 from helpers import main_output, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear
-from hf_wsvd.quantization import quantization_config, quantize, weight_bits
+from hf_wsvd.integrations.quantization import quantization_config, quantize, weight_bits
 from hf_wsvd.runtime.modeling_wsvd import all_finite
 from test_trust import edit_config, edit_weights
 

@@ -9,7 +9,7 @@ import transformers
 from hf_wsvd import WSVDConfig
 from hf_wsvd.cli import main
 from hf_wsvd.evaluation import classification_metrics, predict
-from hf_wsvd.workflow import data_loader
+from hf_wsvd.cli.workflow import data_loader
 
 
 def test_cli_compress_reproduces_fwsvd_on_sst2(shared, tmp_path):

@@ -9,6 +9,7 @@ import transformers
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.recipes import resolve
 from stats_worker import case_inputs
 
 
@@ -85,3 +86,53 @@ def test_a_third_party_method_is_accepted_by_the_api():
         assert report.method == "third_party_svd" and report.ranks
     finally:
         del SOLVERS["third_party_svd"]
+
+
+def test_a_third_party_methods_attributes_decide_embeddings_and_refinement():
+    from hf_wsvd.solvers import SOLVERS, get_solver, register_solver
+
+    register_solver("third_party_rows", embeddable=True)(get_solver("svd").solve)
+    register_solver("third_party_entries", needs=("fisher",), elementwise=True)(get_solver("svd").solve)
+    try:
+        assert WSVDConfig(method="third_party_rows", embeddings=True).resolved_embedding_method == "third_party_rows"
+        with pytest.raises(ValueError, match="'third_party_entries' already is one"):
+            WSVDConfig(method="third_party_entries", refine=True)
+        with pytest.raises(ValueError, match=r"embedding_method='fwsvd' is not one of \[.*'third_party_rows'\]"):
+            WSVDConfig(embedding_method="fwsvd")
+    finally:
+        del SOLVERS["third_party_rows"], SOLVERS["third_party_entries"]
+
+
+def test_the_method_lists_that_left_the_config_still_import_with_a_warning():
+    from hf_wsvd.solvers import SOLVERS
+
+    with pytest.warns(DeprecationWarning, match="hf_wsvd.solvers.SOLVERS"):
+        from hf_wsvd.config import METHODS
+    with pytest.warns(DeprecationWarning, match="embeddable"):
+        from hf_wsvd.config import EMBEDDING_METHODS
+    assert METHODS == tuple(SOLVERS) and EMBEDDING_METHODS == ("lp", "svd")
+
+
+def test_the_recipe_names_its_pipeline_and_the_registry_runs_a_registered_one():
+    from hf_wsvd.pipelines import PIPELINES, get_pipeline, register_pipeline
+
+    assert resolve(WSVDConfig(method="svd", allocation="uniform"), tiny.build("bert"), None)[0].pipeline == "whole_model"
+    assert resolve(WSVDConfig(method="whiten", allocation="uniform", pipeline="sequential"), tiny.build("llama"),
+                   None)[0].sequential is True
+    with pytest.raises(ValueError, match="pipeline='sequential' contradicts sequential=False"):
+        WSVDConfig(pipeline="sequential", sequential=False)
+    with pytest.raises(ValueError, match="pipeline='nope' is not one of"):
+        WSVDConfig(pipeline="nope")
+    calls = []
+
+    @register_pipeline("logged_whole_model")
+    def logged(job):
+        calls.append(sorted(job.targets))
+        return get_pipeline("whole_model")(job)
+
+    try:
+        _, report = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5, pipeline="logged_whole_model"),
+                             show_progress=False)
+        assert report.pipeline == "logged_whole_model" and report.ranks and set(report.ranks) <= set(*calls)
+    finally:
+        del PIPELINES["logged_whole_model"]

@@ -211,7 +211,7 @@ def test_a_refined_model_saves_loads_both_ways_and_heals(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from helpers import run_without_hf_wsvd
-    from hf_wsvd.healing import HealConfig, heal
+    from hf_wsvd.integrations.healing import HealConfig, heal
 
     dense, calibration, heldout = trained
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, block_refine_steps=16), calibration,

@@ -1,0 +1,7 @@
+"""``python -m hf_wsvd.cli``: the ``hf-wsvd`` command line."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""The ``hf-wsvd`` command line. Parsing imports neither torch nor transformers, so ``--help`` and
+argument errors answer at once; the recipe options are generated from ``WSVDConfig``'s fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from ..argtypes import hub_dataset, names
+from ..config import WSVDConfig
+
+EXAMPLES = """examples:
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fw --param-ratio 0.5 \\
+      --data ../shared/data/glue/SST-2/train.tsv --text-columns sentence \\
+      --eval-data ../shared/data/glue/SST-2/dev.tsv
+  hf-wsvd inspect out/sst2-fw
+  hf-wsvd eval out/sst2-fw --data ../shared/data/glue/SST-2/dev.tsv
+  hf-wsvd export out/sst2-fw out/sst2-dense
+  hf-wsvd push out/sst2-fw you/minilm-sst2-fw
+"""
+COMPRESS_EXAMPLES = """examples:
+  # a classifier, importance from its train split (labels: fisher_whiten, greedy ranks);
+  # prints the dev score before and after, the model card gets the compressed one
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fw --param-ratio 0.5 \\
+      --data ../shared/data/glue/SST-2/train.tsv --eval-data ../shared/data/glue/SST-2/dev.tsv
+  # a causal LM calibrated on plain text (no chat template): fisher_whiten, greedy, block by block
+  hf-wsvd compress path/to/model.gguf out/lm-fw --param-ratio 0.8 \\
+      --data ../shared/data/wikitext-2/wiki.valid.tokens --num-samples 64 --max-length 256
+  # a chosen recipe; without data only svd (plain truncated SVD of every block linear)
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd --allocation uniform \\
+      --data ../shared/data/glue/SST-2/train.tsv
+  hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-svd --param-ratio 0.75
+  # compressed, then saved int4-quantized (torchao, groups of 64: ranks in multiples of 64 quantize whole)
+  hf-wsvd compress path/to/model.gguf out/lm-fw-int4 --param-ratio 0.8 --data wiki.valid.tokens \
+      --quantize int4 --rank-multiple 64
+  # int4 plus a rank-32 correction of its error, weighted like fisher_whiten (LQER/QERA)
+  hf-wsvd compress path/to/model.gguf out/lm-int4-qr --method quantized_residual --quantize int4 \
+      --residual-rank 32 --data wiki.valid.tokens
+"""
+INSPECT_EXAMPLES = """examples:
+  hf-wsvd inspect out/sst2-fw
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per ``WSVDConfig`` field with command-line metadata: its help, type, choices."""
+    group = parser.add_argument_group("recipe", "the WSVDConfig fields (help(hf_wsvd.WSVDConfig) documents the same)")
+    for f in _recipe_fields():
+        options = dict(f.metadata["cli"])
+        if f.default is False:
+            options.setdefault("action", "store_true")
+        text = f.metadata["help"]
+        if f.default is not None and not isinstance(f.default, bool):
+            text += f" (default: {f.default})"
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                           help=text.replace("%", "%%"), **options)
+
+
+def recipe_from_args(args: argparse.Namespace) -> WSVDConfig:
+    """The ``WSVDConfig`` of the parsed recipe options."""
+    return WSVDConfig(**{f.name: getattr(args, f.name) for f in _recipe_fields()})
+
+
+def _recipe_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(WSVDConfig) if f.metadata.get("cli") is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import add_card_arguments, add_commands, add_data_arguments
+
+    parser = _Parser(
+        prog="hf-wsvd", description="Importance-weighted low-rank compression of transformers models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = commands.add_parser(
+        "compress", help="compress a model and save a checkpoint (with its model card)", epilog=COMPRESS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Unless --method, --allocation or --sequential say otherwise, the recommended recipe for\n"
+                    "the data: fisher_whiten with greedy ranks given labelled data (a classifier's labels, a\n"
+                    "causal LM's text; block by block for a causal LM), whiten for unlabelled data, svd without.",
+    )
+    c.add_argument("model", help="model folder, Hub id, or .gguf file (causal LM or sequence classifier)")
+    c.add_argument("output", help="folder to write the compressed checkpoint to (must not exist or be empty, or be "
+                                  "an earlier hf-wsvd output with --overwrite)")
+    c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder "
+                                  "(needed by every method but svd and lp)")
+    add_data_arguments(c, names)
+    c.add_argument("--eval-data", help="evaluate the dense and the compressed model on this file/folder: both "
+                                       "scores are printed, the compressed one goes into the model card (as text; "
+                                       "as model-index metadata with --eval-dataset-id)")
+    c.add_argument("--eval-dataset-id", type=hub_dataset, metavar="HUB_ID[:CONFIG]",
+                   help="the Hub dataset --eval-data comes from (e.g. nyu-mll/glue:sst2): the card's scores then "
+                        "become model-index metadata naming it, which the Hub shows as evaluation results")
+    c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
+                                        "also the split named in the card (default there: validation)")
+    c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
+    add_card_arguments(c)
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved checkpoint (default: the input checkpoint's)")
+    c.add_argument("--device-map", choices=["auto"],
+                   help="auto: load the model dispatched by accelerate over every GPU (and CPU memory past them), "
+                        "for models larger than one GPU; each block is computed where it lives (default: the "
+                        "model in CPU memory, moved to the GPU, or one block at a time with --sequential)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-wsvd output in OUTPUT (atomically, once compression succeeded)")
+    add_recipe_arguments(c)
+
+    i = commands.add_parser("inspect", help="print the recipe, base architecture and per-layer ranks of a compressed "
+                                            "checkpoint", epilog=INSPECT_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path", help="compressed checkpoint folder")
+    add_commands(commands, names)
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> None:
+    import torch
+
+    from .. import compress
+    from .commands import card_evaluation, check_data, evaluate_path, write_compress_card
+    from .output import check_output
+    from ..solvers import solver_for
+    from ..statistics import default_accelerator
+    from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
+
+    with check_output(args.model, args.output, args.overwrite) as claim:
+        config = recipe_from_args(args)
+        if config.method is not None and solver_for(config).needs and not args.data:
+            raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
+        check_data(args.data)
+        check_data(args.eval_data)
+        if args.eval_dataset_id and not args.eval_data:
+            raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
+        save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
+        # Statistics and decompositions run in float32 whatever the checkpoint stores.
+        placement = {"device_map": args.device_map} if args.device_map else {}
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
+        loader = (data_loader(model, tokenizer, args.data, config.calibration, args.text_columns, args.label_column,
+                              split=args.split)
+                  if args.data else None)
+        dense_scores = None
+        if args.eval_data:  # the dense baseline, before compress factorizes the model in place
+            dense_scores = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
+        # Under torchrun / accelerate launch every process takes its share of the data and ends with
+        # the same model; process 0 alone evaluates and writes.
+        accelerator = default_accelerator()
+        model, report = compress(model, config, loader, accelerator=accelerator,
+                                 show_progress=accelerator.is_main_process, dtype=save_dtype)
+        if not accelerator.is_main_process:
+            return
+        if config.quantize and config.method != "quantized_residual":
+            from ..integrations.quantization import quantization_config, quantize
+
+            # Quantized from the stored dtype, as from_pretrained(OUTPUT, quantization_config=...) would.
+            model = quantize(model.to(save_dtype or model.dtype),
+                             quantization_config(config.quantize, config.quantize_group_size))
+        evaluation = card_evaluation(model, tokenizer, args)  # before the dtype change (float32 unless quantized)
+        if save_dtype is not None and not config.quantize:
+            model.to(save_dtype)
+
+        with claim.write("compress") as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
+    print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None))
+
+
+def _channel_range(pruned: dict, consumers: list[str]) -> str:
+    kept = sorted({pruned[n]["shape"][0] for n in consumers})
+    dense = sorted({pruned[n]["dense_shape"][0] for n in consumers})
+    return "/".join(map(str, dense)) + " -> " + (f"{kept[0]}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}")
+
+
+def kept_ratios(target: float, model: float) -> str:
+    """The two kept fractions, each named: of the target layers' parameters (what param_ratio
+    budgets) and of the whole model's."""
+    return f"target layers kept {target:.3f} of their parameters; whole model kept {model:.3f}"
+
+
+def compress_summary(report, output: str, dense: dict[str, float] | None = None,
+                     compressed: dict[str, float] | None = None) -> str:
+    """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
+    and kept dense, the parameters before and after, the scores before and after, the output."""
+    pruned = report.pruned_mlps
+    mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
+    layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
+    if report.dense_targets:
+        layers += (" (the greedy allocation kept them whole, or factorized they would run no faster)"
+                   if report.allocation == "greedy" else " (at their rank they would save nothing or run no faster)")
+    lines = [
+        f"compressed with {report.method}: {report.allocation} allocation, {report.pipeline} pipeline"
+        f"{' (compensated)' if report.compensated else ''}, param_ratio {report.param_ratio}",
+        f"  {layers}",
+        f"  {kept_ratios(report.target_kept, report.model_kept)} "
+        f"(parameters {report.params_before:,} -> {report.params_after:,})",
+    ]
+    if report.refined:
+        from ..integrations.checkpoint import refinement_summary
+
+        lines.append(f"  {refinement_summary(report.refined)}")
+    for name, before in (dense or {}).items():
+        after = (compressed or {})[name]
+        if name == "perplexity":  # a ratio: perplexities multiply
+            lines.append(f"  perplexity {before:.2f} -> {after:.2f} (x{after / before:.3f})")
+        else:
+            lines.append(f"  {name} {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    lines.append(f"  saved to {output}")
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from ..integrations.checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, refinement_summary,
+                             summarize, target_counts)
+    from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
+
+    if not os.path.isdir(args.path):
+        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    model = load_factorized(args.path)
+    recipe = recipe_of(model.config)
+    rows = summarize(model)
+    width = max(len(r.name) for r in rows)
+    architecture = (model.config.architectures or [type(model).__name__])[0].removeprefix(CLASS_PREFIX)
+    print(f"base={architecture} ({getattr(model.config, BASE_TYPE_KEY)})")
+    # Recipes saved before allocation/sequential existed were uniform and whole-model; before the
+    # pipeline was recorded, sequential named it.
+    pipeline = recipe.get("pipeline") or ("sequential" if recipe.get("sequential") else "whole_model")
+    print(f"method={recipe['method']} allocation={recipe.get('allocation') or 'uniform'} pipeline={pipeline} "
+          f"param_ratio={recipe['param_ratio']}")
+    refinement = refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"))
+    if refinement:
+        print(f"block refinement: {refinement}")
+    print(f"{'module':<{width}}  {'shape':>11}  {'rank':>6}  {'params':>10}  {'dense':>10}")
+    for r in rows:
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
+    now, dense = parameter_counts(model)
+    target_now, target_dense = target_counts(model)
+    print(f"total parameters: {now:,} (dense {dense:,})")
+    print(kept_ratios(target_now / target_dense, now / dense))
+    quantization = quantization_summary(model)
+    if quantization:
+        print(f"quantized with {quantization}")
+
+
+class _NoticeHandler(logging.Handler):
+    """Prints hf_wsvd's warnings (e.g. why the recipe fell back from the recommended one) to the
+    current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"hf-wsvd: note: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_notices() -> None:
+    # torchao 0.18 under a CPU (or other-CUDA) torch build warns on import that its CUDA kernels do
+    # not load, and triggers a torch deprecation warning: noise for every command that loads a model.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logger = logging.getLogger("hf_wsvd")
+    if not any(isinstance(handler, _NoticeHandler) for handler in logger.handlers):
+        logger.addHandler(_NoticeHandler(logging.WARNING))
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the input's fault, reported in one line. FloatingPointError: non-finite
+    factors (a NaN weight); LinAlgError: a decomposition that did not converge (huge weights)."""
+    return (ValueError, OSError, KeyError, FloatingPointError, *_linalg_errors())
+
+
+def _linalg_errors() -> tuple[type[Exception], ...]:
+    # Only a module already imported can have raised: looking imports nothing.
+    return tuple(sys.modules[name].linalg.LinAlgError for name in ("torch", "numpy") if name in sys.modules)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
+    from .commands import run_eval, run_export, run_heal, run_push
+
+    _show_notices()
+    try:
+        {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
+         "heal": run_heal, "push": run_push}[args.command](args)
+    except _input_errors() as error:
+        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        if isinstance(error, _linalg_errors()):
+            message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"
+        print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0

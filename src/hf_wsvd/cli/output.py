@@ -1,0 +1,302 @@
+"""Where ``hf-wsvd compress``, ``heal`` and ``export`` write: refuse an OUTPUT that would lose
+something the user owns, replace an earlier hf-wsvd output atomically, never replace one that
+changed while the run worked, refuse two runs into one OUTPUT, and recover from a replacement that
+was killed midway.
+
+A run claims OUTPUT at its start by creating its staging folder
+``.hf-wsvd-<pid>-<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name; a second run
+seeing a live one is refused) and writes the result there. To replace OUTPUT it renames OUTPUT
+aside to ``...-old-<h>``, checks that the folder renamed aside is exactly what was checked at the
+start (else puts it back and keeps the result under a visible name), renames the new folder in,
+then deletes the old one. Killed at any point, the folders say what happened: a later run for the
+same OUTPUT puts the old folder back if OUTPUT is missing, and deletes the leftovers of dead
+processes (the pid in the name tells which are live).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import sys
+import time
+from typing import Iterator, Sequence
+
+# Written last into every output, so that --overwrite can tell an hf-wsvd output from a user's
+# folder; it lists the files the output held when written.
+MARKER = ".hf-wsvd-output.json"
+_STAGING = re.compile(r"\.hf-wsvd-(?P<pid>\d+)-[0-9a-f]+-(?P<kind>new|old)-(?P<target>[0-9a-f]{12})")
+_active: set[str] = set()  # staging folders of this process in use
+
+
+def _target_id(output: str) -> str:
+    """Names the staging folders of ``output`` (any length of name fits in a file name)."""
+    return hashlib.sha1(os.path.basename(output).encode()).hexdigest()[:12]
+
+
+def _is_live(pid: int, path: str) -> bool:
+    if pid == os.getpid():
+        return path in _active
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _stale(output: str) -> dict[str, list[str]]:
+    """The staging folders of ``output`` left by dead processes, by kind (``new``/``old``)."""
+    parent, target = os.path.dirname(output), _target_id(output)
+    found: dict[str, list[str]] = {"new": [], "old": []}
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = _STAGING.fullmatch(name)
+        path = os.path.join(parent, name)
+        if match and match["target"] == target and not _is_live(int(match["pid"]), path):
+            found[match["kind"]].append(path)
+    return found
+
+
+def recover(output: str | os.PathLike) -> None:
+    """Finish what a killed replacement of ``output`` left: put the old output back if ``output``
+    is missing, and delete the staging folders of dead processes."""
+    output = os.path.abspath(output)
+    stale = _stale(output)
+    if stale["old"] and not os.path.lexists(output):
+        os.replace(stale["old"].pop(), output)
+        print(f"hf-wsvd: restored {output} from an interrupted --overwrite", file=sys.stderr)
+    for path in stale["new"] + stale["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return os.path.commonpath([outer, inner]) == outer
+
+
+def foreign_files(folder: str) -> list[str]:
+    """The entries of ``folder`` that hf-wsvd did not write (all of them when it holds no
+    hf-wsvd output). An output is recognized by its marker file, or, for a checkpoint written by
+    ``save_pretrained`` alone, by ``model_type: "hf_wsvd"`` and files of a checkpoint only."""
+    entries = sorted(os.listdir(folder))
+    try:
+        with open(os.path.join(folder, MARKER)) as handle:
+            written = set(json.load(handle)["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        from ..integrations.hub import checkpoint_files
+
+        try:
+            with open(os.path.join(folder, "config.json")) as handle:
+                factorized = json.load(handle).get("model_type") == "hf_wsvd"
+        except (OSError, ValueError, AttributeError):
+            factorized = False
+        written = set(checkpoint_files(folder)) if factorized else set()
+    return [e for e in entries if e not in written]
+
+
+def _state(path: str) -> tuple:
+    """What is at ``path``, to tell later whether it changed: ``()`` for nothing or an empty
+    folder; else every entry below it with its type, size, modification time and inode."""
+    if not os.path.lexists(path):
+        return ()
+    if os.path.islink(path) or not os.path.isdir(path):
+        info = os.lstat(path)
+        return (("", stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, info.st_ino),)
+    entries = []
+    for root, folders, files in os.walk(path):
+        for name in folders + files:
+            full = os.path.join(root, name)
+            info = os.lstat(full)
+            entries.append((os.path.relpath(full, path), stat.S_IFMT(info.st_mode), info.st_size,
+                            info.st_mtime_ns, info.st_ino))
+    return tuple(sorted(entries))
+
+
+def _difference(before: tuple, after: tuple) -> str:
+    """``after`` against ``before`` (see :func:`_state`) in a few words, naming an entry."""
+    old, new = {e[0]: e for e in before}, {e[0]: e for e in after}
+    for what, names in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+                        ("changed", sorted(n for n in set(old) & set(new) if old[n] != new[n]))):
+        if names:
+            shown = ", ".join(repr(n or ".") for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            return f"{what}: {shown}"
+    return "changed"
+
+
+class OutputChanged(FileExistsError):
+    """OUTPUT changed while a run worked: it is left alone and the new result kept beside it."""
+
+
+def _live_claims(output: str, own: str | None) -> list[int]:
+    """The pids of live hf-wsvd runs, other than the folder ``own``, staging ``output``."""
+    parent, target = os.path.dirname(output), _target_id(output)
+    pids = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        match = _STAGING.fullmatch(name)
+        path = os.path.join(parent, name)
+        if match and match["target"] == target and path != own and _is_live(int(match["pid"]), path):
+            pids.append(int(match["pid"]))
+    return pids
+
+
+class OutputClaim:
+    """An OUTPUT checked for a run (see :func:`check_output`): what was there then, and the staging
+    folder next to it that the run writes into. While the claim lasts, other runs into the same
+    OUTPUT are refused; :meth:`write` swaps the result in only if OUTPUT is as it was checked.
+    Use it as a context manager: leaving it removes a staging folder that was not swapped in."""
+
+    def __init__(self, output: str, state: tuple, writer: bool) -> None:
+        self.output, self.state = output, state
+        self.staging = _staging_path(output, "new") if writer else None
+        if self.staging:
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            os.mkdir(self.staging)
+            _active.add(self.staging)
+            others = _live_claims(output, self.staging)
+            if others:
+                self.release()
+                raise FileExistsError(f"another hf-wsvd run (pid {others[0]}) is writing {output!r}; wait for it "
+                                      "to end or choose another output folder")
+
+    def __enter__(self) -> "OutputClaim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """End the claim: delete the staging folder unless it was swapped in or kept."""
+        if self.staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            _active.discard(self.staging)
+
+    @contextlib.contextmanager
+    def write(self, command: str) -> Iterator[str]:
+        """The staging folder to write the result into; when the block succeeds it gets the marker
+        file and takes OUTPUT's place, atomically, if OUTPUT is still what was checked. Otherwise
+        :class:`OutputChanged` is raised, OUTPUT is left untouched and the result kept beside it."""
+        if not self.staging:
+            raise RuntimeError("only the process that claimed the output (rank 0) writes it")
+        yield self.staging
+        _write_marker(self.staging, command)
+        self._swap_in()
+
+    def _swap_in(self) -> None:
+        now = _state(self.output)
+        if now != self.state:
+            self._refuse(now)
+        if not self.state:
+            try:  # renaming onto nothing or an empty folder: it fails if entries appeared since
+                os.replace(self.staging, self.output)
+            except OSError:
+                self._refuse(_state(self.output))
+            return
+        aside = _staging_path(self.output, "old")
+        _active.add(aside)
+        try:
+            os.replace(self.output, aside)
+            moved = _state(aside)  # renamed aside, nothing can be added to it any more by its path
+            if moved != self.state:
+                self._put_back(aside)
+                self._refuse(moved)
+            try:
+                os.replace(self.staging, self.output)
+            except BaseException:
+                self._put_back(aside)
+                raise
+        finally:
+            _active.discard(aside)
+        shutil.rmtree(aside)
+
+    def _put_back(self, aside: str) -> None:
+        """Return the folder renamed aside to OUTPUT; if OUTPUT was taken meanwhile, to a visible
+        name that no later run deletes."""
+        try:
+            os.replace(aside, self.output)
+        except OSError:
+            kept = _kept_path(self.output, "previous")
+            os.replace(aside, kept)
+            print(f"hf-wsvd: {self.output!r} was recreated meanwhile; its previous content is in {kept!r}",
+                  file=sys.stderr)
+
+    def _refuse(self, now: tuple) -> None:
+        kept, staging, self.staging = _kept_path(self.output, "result"), self.staging, None
+        os.replace(staging, kept)
+        _active.discard(staging)
+        raise OutputChanged(f"output folder {self.output!r} changed while hf-wsvd ran ({_difference(self.state, now)}); "
+                            f"it was left as it is and the new result saved to {kept!r}: move it where you want it")
+
+
+def _kept_path(output: str, what: str) -> str:
+    """A visible, unused name beside ``output`` for a folder hf-wsvd must not delete."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = f"{output}.hf-wsvd-{what}-{stamp}"
+    suffix = 1
+    while os.path.lexists(path):
+        path, suffix = f"{output}.hf-wsvd-{what}-{stamp}-{suffix}", suffix + 1
+    return path
+
+
+def _is_writer() -> bool:
+    # Under torchrun / accelerate launch only rank 0 writes; the launcher sets RANK.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_output(sources: str | Sequence[str | None] | None, output: str | os.PathLike, overwrite: bool) -> OutputClaim:
+    """Refuse, before any work, an OUTPUT that would lose something or cannot be written: one that
+    is, contains or lies inside one of the inputs ``sources``; that is or contains the current
+    directory; a non-empty folder that is not an earlier hf-wsvd output (or one without
+    ``overwrite``); a file, a symlink, or a place whose parent cannot be created or written; one
+    that another hf-wsvd run is writing. Returns the claim to write through (rank 0 only)."""
+    output = str(output)
+    path = os.path.abspath(output)
+    real = os.path.realpath(path)
+    named = [sources] if isinstance(sources, str) or sources is None else list(sources)
+    guarded = [(s, f"the input {s!r}", True) for s in named if s] + [(os.getcwd(), "the current directory", False)]
+    for name, what, may_hold_output in guarded:
+        if not os.path.exists(name):
+            continue  # a Hub id
+        source = os.path.realpath(name)
+        inside = may_hold_output and os.path.isdir(source) and _contains(source, real)
+        if _contains(real, source) or inside:
+            relation = "is" if real == source else "lies inside" if inside else "contains"
+            raise ValueError(f"output folder {output!r} {relation} {what}; choose a folder outside it")
+    recover(path)
+    if os.path.islink(path):
+        raise ValueError(f"output {output!r} is a symbolic link; name the real folder")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"output {output!r} is a file, not a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        foreign = foreign_files(path)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"output folder {output!r} holds files hf-wsvd did not write ({shown}); "
+                             "choose another folder (--overwrite replaces only earlier hf-wsvd outputs)")
+        if not overwrite:
+            raise ValueError(f"output folder {output!r} is not empty; choose another or pass --overwrite")
+    existing = os.path.dirname(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot create output folder {output!r}: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write output folder {output!r}: {existing!r} is not writable")
+    return OutputClaim(path, _state(path), _is_writer())
+
+
+def _write_marker(folder: str, command: str) -> None:
+    from .. import __version__
+
+    record = {"written_by": f"hf-wsvd {__version__}", "command": command, "files": sorted(os.listdir(folder))}
+    with open(os.path.join(folder, MARKER), "w") as handle:
+        json.dump(record, handle, indent=1)
+
+
+def _staging_path(output: str, kind: str) -> str:
+    name = f".hf-wsvd-{os.getpid()}-{secrets.token_hex(4)}-{kind}-{_target_id(output)}"
+    return os.path.join(os.path.dirname(output), name)

@@ -1,0 +1,143 @@
+"""File-level steps shared by the CLI, the examples and the benchmarks: load a model and its
+tokenizer from a path, and turn a data file into an importance data loader."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import CalibrationConfig, WSVDConfig
+from ..data import check_fits, load_table, make_dataloader, resolve_columns, subset, tokenize
+from ..tasks import CAUSAL_LM, load_task_model, task_of
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+def is_local_path(path: str) -> bool:
+    """Whether ``path`` can only mean a local folder, not a Hub id (``user/name``): it starts with
+    ``/``, ``.`` or ``~``, has more than one separator, or its first part is a local folder."""
+    separators = path.count(os.sep) + (path.count(os.altsep) if os.altsep else 0)
+    return path.startswith((os.sep, ".", "~")) or separators > 1 or (separators == 1 and os.path.isdir(os.path.dirname(path)))
+
+
+def model_source(path: str) -> tuple[str, dict]:
+    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file. A local path that
+    does not exist, or a name that cannot be a Hub id, fails at once (rather than after a Hub lookup)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {path!r} does not exist")
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    if os.path.isdir(path):
+        return path, {}
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"model folder {path!r} does not exist") from None
+    if is_local_path(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    return path, {}
+
+
+@contextmanager
+def _hub_errors(path: str) -> Iterator[None]:
+    """Name both readings of a path that is not a local folder when loading it fails: no such
+    folder, and a Hub id that could not be loaded (offline, private, or no such repository)."""
+    try:
+        yield
+    except OSError as error:
+        if os.path.exists(path):
+            raise
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise OSError(f"model folder {path!r} does not exist, and as a Hub id it could not be loaded: {detail}") from error
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (None when it records none)."""
+    location, extra = model_source(path)
+    with _hub_errors(path):
+        return AutoConfig.from_pretrained(location, **extra).dtype
+
+
+# The files one of which every saved tokenizer has (fast, sentencepiece, WordPiece, BPE).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                    "vocab.json")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, Hub id or ``.gguf`` file. A folder without one is a
+    one-line error naming it (``AutoTokenizer``'s own message lists every class it tried)."""
+    location, extra = model_source(path)
+    if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
+                                                         for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r}), "
+            "or name a folder that has one (eval --tokenizer PATH)")
+    with _hub_errors(path):
+        return AutoTokenizer.from_pretrained(location, **extra)
+
+
+def load_model(path: str, **kwargs) -> PreTrainedModel:
+    """A causal LM or sequence classifier (its Auto class read from the config) from a folder, a
+    Hub id or a ``.gguf`` file (dequantized to a dense model); ``kwargs`` go to ``from_pretrained``."""
+    location, extra = model_source(path)
+    with _hub_errors(path):
+        if not extra:
+            return load_task_model(location, **kwargs)
+        # transformers reads only decoder LMs from GGUF and records no architectures for them.
+        model = load_task_model(location, task=CAUSAL_LM, **extra, **kwargs)
+    # GGUF tensors are dequantized to dense ones at load; the leftover quantizer flags would only
+    # forbid save_pretrained, .float() and .half().
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
+
+
+def load_model_and_tokenizer(path: str, tokenizer: str | None = None, **kwargs
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``load_model(path, **kwargs)`` and the tokenizer of ``tokenizer`` (default: ``path``)."""
+    loaded_tokenizer = load_tokenizer(tokenizer or path)  # first: a missing tokenizer fails before a long load
+    return load_model(path, **kwargs), loaded_tokenizer
+
+
+def data_loader(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_path: "str | Dataset",
+    config: CalibrationConfig | WSVDConfig,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    num_samples: int | None = None,
+    shuffle: bool = True,
+    split: str | None = None,
+) -> DataLoader:
+    """Batches of the model's task from a data file, a ``save_to_disk`` folder (``split`` picks a
+    DatasetDict's split) or a ``datasets.Dataset``, sampled and batched as the calibration settings
+    ``config`` say (a recipe's will do): ``config.num_samples`` seeded random examples
+    (the first ``num_samples``, or all, when ``shuffle`` is False), tokenized to
+    ``config.max_length``. A classifier's examples are rows, sampled before tokenizing; a causal
+    LM's are blocks of the whole text, sampled after."""
+    task = task_of(model)
+    table = load_table(data_path, split)
+    text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
+    count = num_samples or config.num_samples if shuffle else num_samples
+    if task != CAUSAL_LM:
+        table = subset(table, count, config.seed, shuffle)
+    source = "the data" if not isinstance(data_path, (str, os.PathLike)) else (
+        f"{'dataset folder' if os.path.isdir(data_path) else 'data file'} {os.fspath(data_path)!r}")
+    encoded = tokenize(
+        table, tokenizer, task, text_columns, label_column, config.max_length,
+        label2id=model.config.label2id, num_labels=model.config.num_labels, source=source,
+    )
+    if task == CAUSAL_LM:
+        encoded = subset(encoded, count, config.seed, shuffle)
+    loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
+    check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
+    return loader

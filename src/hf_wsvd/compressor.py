@@ -1,0 +1,143 @@
+"""``compress(model, config, data)``: pick the targets, run the recipe's pipeline, record the recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel
+
+from .integrations.checkpoint import parameter_counts, target_counts
+from .config import WSVDConfig
+from .methods.embeddings import compress_embeddings
+from .pipelines import get_pipeline
+from .pipelines.step import Job
+from .recipes import resolve
+from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
+from .solvers import solver_for
+from .solvers.quantized_residual import quantized_residual
+from .statistics import Statistics, default_accelerator
+from .swap import attach_recipe
+from .targets import select_targets
+from .tasks import LossFn
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress`` did and measured."""
+
+    method: str
+    param_ratio: float
+    ranks: dict[str, int]
+    dense_targets: list[str]  # targets neither factorized nor cut (their rank would save nothing or be slow)
+    params_before: int
+    params_after: int
+    importance_examples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    allocation: str = "uniform"
+    pipeline: str = "whole_model"
+    # The statistics gathered over the whole model (sequential mode: the gradient statistics
+    # only), reusable as ``compress(..., statistics=)`` on the same dense model.
+    statistics: Statistics = field(default_factory=Statistics, repr=False)
+    # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``).
+    notices: list[str] = field(default_factory=list)
+    compensated: bool = False  # sequential mode fitted each layer to the dense layer's outputs
+    # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
+    pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
+    attention: dict[str, dict] = field(default_factory=dict)
+    # Blocks trained by block refinement: index → [relative output error before, after].
+    refined: dict[str, list[float]] = field(default_factory=dict)
+    # Parameters of the target layers (``hf_wsvd.integrations.checkpoint.target_counts``) after and before.
+    target_params_after: int = 0
+    target_params_before: int = 0
+
+    @property
+    def target_kept(self) -> float:
+        """The fraction of the target layers' parameters kept (what ``param_ratio`` budgets)."""
+        return self.target_params_after / self.target_params_before
+
+    @property
+    def model_kept(self) -> float:
+        """The fraction of the whole model's parameters kept."""
+        return self.params_after / self.params_before
+
+    @property
+    def pruned_mlps(self) -> list[str]:
+        """The consumer layer of each pruned MLP (its input side was cut)."""
+        return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
+
+
+def compress(
+    model: PreTrainedModel,
+    config: WSVDConfig,
+    data: Iterable[dict] | None = None,
+    loss_fn: LossFn | None = None,
+    accelerator: Accelerator | None = None,
+    statistics: Statistics | None = None,
+    show_progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, CompressionReport]:
+    """Factorize ``model`` in place following ``config``; return it with a report.
+
+    ``data`` yields tokenized batches (see ``hf_wsvd.data``); methods that use importance or
+    activations need it (``labels`` for Fisher). The recipe's fields left None (``method``,
+    ``allocation``, ``sequential``) are resolved to the recommended recipe for ``model`` and
+    ``data`` (``hf_wsvd.recipes``); the report and the saved checkpoint hold the resolved values.
+    ``loss_fn(model, batch) -> per-example losses`` defaults to the model's task loss
+    (classification, regression or causal LM). ``statistics``
+    reuses statistics computed earlier on the same dense model (e.g. across ratios); sequential
+    mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
+    ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
+    ``even_batches=False``, or none); every process ends with the same model. The returned model
+    saves with ``save_pretrained`` and reloads with the stock Auto classes.
+
+    ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
+    and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
+    model's) with a low-rank correction of each target's quantization error.
+    """
+    if model.config.model_type == MODEL_TYPE:
+        raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    if data is not None and iter(data) is data:
+        data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
+    if config.method != "quantized_residual":
+        config, notices = resolve(config, model, data)
+    torch.manual_seed(config.seed)
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
+            "to compress; name the layers with target_modules"
+        )
+    params_before = sum(p.numel() for p in model.parameters())
+    if config.method == "quantized_residual":
+        quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
+                                                      show_progress, dtype)
+        attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual))
+        target_after, target_before = target_counts(quantized)
+        report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
+                                   job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
+                                   target_params_after=target_after, target_params_before=target_before)
+        return quantized, report
+    job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
+              accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
+    ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(config.pipeline)(job)
+    if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
+        ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
+    if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
+        raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
+                         "nothing: lower it to compress")
+    recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
+                     refined=dict(job.refined))
+    attach_recipe(model, recipe)
+    params_after, _ = parameter_counts(model)
+    changed = set(ranks) | reshaped_layers(recipe.to_dict())
+    report = CompressionReport(
+        config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
+        params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
+        job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention), dict(job.refined),
+        *target_counts(model),
+    )
+    return model, report

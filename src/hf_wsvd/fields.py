@@ -1,0 +1,21 @@
+"""Dataclass fields that carry their help text and command-line options, so that one string feeds
+the API docstring and ``hf-wsvd compress --help``; importable without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+
+def recipe_field(default: Any, help: str, **cli: Any) -> Any:
+    """A field whose metadata holds its ``help`` text and its argparse options ``cli`` (``type``,
+    ``choices``, ``action``) for ``hf-wsvd compress``."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+def field_of(owner: type, name: str) -> Any:
+    """A field with the default, help and command-line options of ``owner``'s field ``name``: the
+    recipe repeats a method's option (or a calibration setting) without writing its help twice."""
+    [source] = [f for f in dataclasses.fields(owner) if f.name == name]
+    return field(default=source.default, metadata=source.metadata)

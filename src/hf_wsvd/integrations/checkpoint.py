@@ -1,0 +1,170 @@
+"""Loading factorized checkpoints with their own class, and what a checkpoint holds."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import median
+from typing import Iterator
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+
+from ..runtime.factorized_embedding import FactorizedEmbedding
+from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
+from ..runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name,
+                                    wsvd_model_class)
+
+
+@dataclass
+class LayerSummary:
+    """One compressed layer of a model."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding
+    rank: int | None  # None: a dense layer cut by MLP or attention pruning (its shape is the cut one)
+    params: int
+    dense_params: int
+    embedding: bool = False  # the input embeddings (not a target layer)
+
+    @property
+    def kind(self) -> str:
+        """The rank, or "pruned" for a layer cut by MLP or attention pruning."""
+        return "pruned" if self.rank is None else str(self.rank)
+
+
+def summarize(model: nn.Module) -> list[LayerSummary]:
+    """One row per factorized or pruned layer of ``model`` (linears and the input embeddings; a
+    head tied to a factorized embedding shares its parameters and has no row): shape, rank (None:
+    a pruned dense layer), parameters now and when dense."""
+    rows, tables = [], set()
+    config = getattr(model, "config", None)
+    recipe = (recipe_of(config) or {}) if config is not None else {}
+    for name, module in model.named_modules():
+        shape = dense_shape(recipe, relative_module_name(model, name), module) if type(module) is nn.Linear else None
+        if shape is not None:
+            (dense_in, dense_out), bias = shape, module.bias is not None
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), None,
+                sum(p.numel() for p in module.parameters()), dense_in * dense_out + (dense_out if bias else 0),
+            ))
+        # Embeddings tied to another (T5's per-stack token embeddings) share its table: one row.
+        if isinstance(module, FactorizedEmbedding) and id(module.weight) not in tables:
+            tables.add(id(module.weight))
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.num_embeddings, module.embedding_dim), module.rank,
+                module.num_parameters(), module.num_embeddings * module.embedding_dim, embedding=True,
+            ))
+        if isinstance(module, LowRankCorrectedLinear):  # quantized base plus its correction
+            dense_params = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), module.rank,
+                dense_params + module.rank * (module.in_features + module.out_features), dense_params,
+            ))
+        if isinstance(module, FactorizedLinear):
+            bias = module.out_features if module.bias is not None else 0
+            rows.append(LayerSummary(
+                relative_module_name(model, name), (module.out_features, module.in_features), module.rank,
+                module.num_parameters(), module.in_features * module.out_features + bias,
+            ))
+    return rows
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters of the dense model), counting shared tensors once."""
+    now = sum(p.numel() for p in model.parameters())
+    saved = sum(row.dense_params - row.params for row in summarize(model))
+    return now, now + saved
+
+
+def quantization_summary(model: nn.Module) -> str | None:
+    """What a quantized model's weights cost (``hf_wsvd.integrations.quantization.WeightBits.describe``), with
+    its quantization method; None for an unquantized model."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        return None
+    from .quantization import weight_bits
+
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return f"{getattr(method, 'value', method)}: {weight_bits(model).describe()}"
+
+
+def target_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters when dense) of a compressed model's target layers: its
+    factorized and pruned linears, and the targets of its recipe (``target_modules`` /
+    ``exclude_modules``) that stayed dense. What ``param_ratio`` budgets, as kept."""
+    from ..targets import select_targets
+
+    recipe = recipe_of(model.config) or {}
+    rows = [row for row in summarize(model) if not row.embedding]
+    compressed = {row.name for row in rows}
+    try:
+        targets = select_targets(model, recipe.get("target_modules"), recipe.get("exclude_modules"))
+    except ValueError:  # named targets that are all factorized now: none stayed dense
+        targets = {}
+    dense = sum(p.numel() for name, full in targets.items() if name not in compressed
+                for p in model.get_submodule(full).parameters())
+    return sum(row.params for row in rows) + dense, sum(row.dense_params for row in rows) + dense
+
+
+def error_falls(refined: dict[str, list[float]]) -> list[float]:
+    """Block refinement's fall of each block's relative output error, 1 − after / before, sorted."""
+    return sorted(1 - after / before if before > 0 else 0.0 for before, after in refined.values())
+
+
+def refinement_summary(refined: dict[str, list[float]], steps: int | None = None) -> str | None:
+    """One line on block refinement (``refined``: a recipe's per-block errors; None if it refined nothing)."""
+    if not refined:
+        return None
+    falls = error_falls(refined)
+    return (f"{len(falls)} blocks refined{f' ({steps} steps each)' if steps else ''}: relative output error fell "
+            f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
+
+
+def recipe_of(config: PreTrainedConfig) -> dict | None:
+    """The stored ``WSVDConfig`` dict of a factorized checkpoint's config, else None."""
+    return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None
+
+
+def _unreadable_file(path: str) -> str:
+    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged, else
+    a description of its weights."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(path, name), "pt"):
+                    pass
+            except (SafetensorError, OSError):
+                return os.path.join(path, name)
+    return f"the weights of {path}"
+
+
+@contextmanager
+def readable_weights(path: str) -> Iterator[None]:
+    """Report a weights file that cannot be read (truncated, or written by a run whose disk filled)
+    as a one-line ``ValueError`` naming the file, instead of safetensors' own error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{_unreadable_file(path)} cannot be read ({detail}): the file is damaged or incomplete; "
+                         "write or download it again") from error
+
+
+def load_factorized(path: str, **kwargs) -> PreTrainedModel:
+    """Load a factorized checkpoint with the class it was saved from (``config.architectures``)."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if config.model_type != MODEL_TYPE:
+        raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
+    architecture = (config.architectures or ["?"])[0]
+    base = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
+    if base is None:
+        raise ValueError(f"{path}: unknown architecture {architecture!r}")
+    with readable_weights(path):
+        return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

@@ -1,0 +1,312 @@
+"""Healing: a short distillation of a compressed causal LM toward its dense teacher, with the stock
+``transformers.Trainer``.
+
+The student learns the teacher's next-token distribution (KL divergence on the logits, computed on
+the fly from the teacher, optionally plus the mean squared error of the last hidden states). Only
+the compressed layers train (the factors of the ``FactorizedLinear`` layers and the linears cut by
+MLP pruning) — or, with ``lora_rank``, LoRA adapters on them, merged back exactly afterwards — so
+the result is an ordinary compressed checkpoint with the same ranks and shapes. ``teacher_samples``
+adds healing text written by the teacher, for when the real text is small.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+
+from ..runtime.factorized_linear import FactorizedLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HealConfig:
+    """How to heal: optimizer ``steps`` of ``batch_size`` blocks at ``learning_rate`` (cosine decay
+    after ``warmup_ratio`` of the steps); ``lora_rank``: train LoRA adapters of this rank on the
+    factors instead of the factors themselves; ``temperature`` of the distillation; ``hidden_weight``:
+    weight of the last-hidden-state MSE added to the KL (0: logits only); ``bf16``: mixed precision
+    (None: on when CUDA is used); ``seed``."""
+
+    steps: int = 200
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    warmup_ratio: float = 0.05
+    lora_rank: int | None = None
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    bf16: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive integer or None")
+        for name, low in (("learning_rate", 0.0), ("temperature", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number > {low}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if not 0 <= self.hidden_weight or not math.isfinite(self.hidden_weight):
+            raise ValueError(f"hidden_weight={self.hidden_weight!r} must be a finite number ≥ 0")
+
+
+@dataclass
+class HealReport:
+    """What healing did: the held-out distillation loss (mean token KL to the teacher, nats) before
+    and after, the steps taken, the trainable parameters and the seconds spent; ``kept``: whether
+    the trained weights were kept (False: they raised the held-out loss, so the student was restored)."""
+
+    kl_before: float
+    kl_after: float
+    steps: int
+    trainable_parameters: int
+    seconds: float
+    config: dict
+    kept: bool = True
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+             temperature: float = 1.0) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher ‖ student) of the next-token distributions at
+    ``temperature`` (scaled by T² so that gradients keep their size across temperatures)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1) * temperature**2
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose loss is the distillation loss toward ``teacher`` (run without gradients)."""
+
+    def __init__(self, *args, teacher: PreTrainedModel, temperature: float, hidden_weight: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature = temperature
+        self.hidden_weight = hidden_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        hidden = self.hidden_weight > 0
+        if next(self.teacher.parameters()).device != inputs["input_ids"].device:
+            self.teacher.to(inputs["input_ids"].device)
+        with torch.no_grad():
+            target = self.teacher(**inputs, output_hidden_states=hidden)
+        output = model(**inputs, output_hidden_states=hidden)
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+        loss = token_kl(output.logits, target.logits, mask, self.temperature)
+        if hidden:
+            error = (output.hidden_states[-1].float() - target.hidden_states[-1].float()).square().mean(dim=-1)
+            loss = loss + self.hidden_weight * (error * mask).sum() / mask.sum().clamp_min(1)
+        return (loss, output) if return_outputs else loss
+
+
+@torch.no_grad()
+def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dict], batch_size: int,
+                    show_progress: bool = False) -> float:
+    """The mean token KL(teacher ‖ student) over ``blocks`` (dicts of ``input_ids``/``attention_mask``)."""
+    student.eval()
+    teacher.eval()
+    device = next(student.parameters()).device
+    teacher.to(device)
+    total, tokens = 0.0, 0.0
+    loader = DataLoader(list(blocks), batch_size=batch_size, collate_fn=default_data_collator)
+    for batch in tqdm(loader, desc="distillation loss", disable=not show_progress):
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        count = float(batch["attention_mask"].sum())
+        total += float(token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"])) * count
+        tokens += count
+    return total / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
+                    batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> list[dict]:
+    """``count`` blocks written by ``teacher``: each continues the first ``prompt_length`` tokens
+    (None: a quarter of the block, at most 32) of a block drawn (seeded) from ``blocks``, sampled at
+    temperature 1 up to the blocks' length without ending the text (the same for the same seed and
+    ``batch_size``), in the blocks' format (lists or tensors). Added to the healing data, they give
+    the student text it has not seen when the real text is small."""
+    if count < 1:
+        return []
+    if not blocks:
+        raise ValueError("teacher_samples needs blocks to take its prompts from: none were given")
+    length = len(blocks[0]["input_ids"])
+    if any(len(block["input_ids"]) != length for block in blocks):
+        raise ValueError(f"teacher_samples needs blocks of one length: the first holds {length} tokens, others differ")
+    prompt_length = max(1, min(32, length // 4)) if prompt_length is None else prompt_length
+    if not 0 < prompt_length < length:
+        raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
+                         f"{length} tokens)")
+    generator = random.Random(seed)
+    prompts = torch.stack([torch.as_tensor(generator.choice(blocks)["input_ids"][:prompt_length])
+                           for _ in range(count)])
+    as_tensors = torch.is_tensor(blocks[0]["input_ids"])
+    device = next(teacher.parameters()).device
+    eos = getattr(teacher.generation_config, "eos_token_id", None) or getattr(teacher.config, "eos_token_id", None)
+    # The checkpoint's generation_config is swapped out for the call: generate() fills every field
+    # left unset from it, and its settings (top_p, beams, banned words…) would bend the samples away
+    # from the teacher's own distribution.
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                max_new_tokens=length - prompt_length, min_new_tokens=length - prompt_length,
+                                eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
+    saved, teacher.generation_config = teacher.generation_config, settings
+    was_training = teacher.training
+    written = []
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        teacher.eval()
+        # Seeded on a fork of the random streams it uses: the caller's streams are left as they were.
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            for start in tqdm(range(0, count, batch_size), desc="teacher samples", disable=not show_progress):
+                ids = prompts[start : start + batch_size].to(device)
+                output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+                if output.shape[1] < length:
+                    raise RuntimeError(f"the teacher wrote {output.shape[1]} of {length} tokens: its generate() "
+                                       "stopped early")
+                for row in output[:, :length].cpu():
+                    written.append({"input_ids": row if as_tensors else row.tolist(),
+                                    "attention_mask": torch.ones_like(row) if as_tensors else [1] * length})
+    finally:
+        teacher.generation_config = saved
+        teacher.train(was_training)
+    return written
+
+
+# What a teacher shares with the model compressed from it (config attributes, with their names in errors).
+_TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size", "num_hidden_layers": "layer count"}
+
+
+def check_student(student: PreTrainedModel) -> None:
+    """Raise unless ``student`` is a causal LM, the models healing distills."""
+    from ..tasks import CAUSAL_LM, task_of
+
+    if task_of(student) != CAUSAL_LM:
+        raise ValueError(f"heal works on causal LMs; {type(student).__name__} is not one")
+
+
+def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
+    """Raise unless ``teacher`` (called ``name`` in the error) has the base architecture of the
+    compressed ``student``: its model type, vocabulary size, hidden size and layer count."""
+    from ..runtime.modeling_wsvd import BASE_TYPE_KEY
+
+    def described(config) -> dict:
+        return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,
+                **{label: getattr(config, key, None) for key, label in _TEACHER_MATCH.items()}}
+
+    ours, theirs = described(student.config), described(teacher.config)
+    for label, value in ours.items():
+        if theirs[label] != value:
+            raise ValueError(f"{name} has {label} {theirs[label]!r}, the compressed model {value!r}: the teacher "
+                             "must be the dense model it was compressed from")
+
+
+def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """The trainable weights' modules of the compressed layers: each ``FactorizedLinear``'s two
+    factors, and the linears cut by MLP or attention pruning (full module names)."""
+    from .checkpoint import recipe_of
+    from ..runtime.modeling_wsvd import relative_module_name, reshaped_layers
+
+    pruned = reshaped_layers(recipe_of(model.config) or {})
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            found.update({f"{name}.up": module.up, f"{name}.down": module.down})
+        elif relative_module_name(model, name) in pruned:
+            found[name] = module
+    return found
+
+
+def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrainedModel:
+    """Freeze everything but the compressed layers' weights (or put LoRA adapters on them); returns
+    the model to train."""
+    modules = _compressed_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no factorized or pruned layers: heal a model compressed by hf_wsvd")
+    model.requires_grad_(False)
+    if lora_rank is None:
+        for module in modules.values():
+            module.weight.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    from .peft_lora import peft_wrapping
+
+    # Adapters on the factors and the pruned linears: merging adds B·A to each weight, so every
+    # rank and shape is kept.
+    with peft_wrapping():
+        return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=sorted(modules),
+                                                lora_dropout=0.0))
+
+
+def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Sequence[dict],
+         heldout_blocks: Sequence[dict], config: HealConfig | None = None,
+         show_progress: bool = True) -> tuple[PreTrainedModel, HealReport]:
+    """Distill ``teacher`` into the compressed ``student`` on ``train_blocks`` (dicts of equal-length
+    ``input_ids`` and ``attention_mask``, e.g. from ``hf_wsvd.data.text_blocks``); the distillation
+    loss is measured on ``heldout_blocks`` before and after. Returns the healed student (LoRA
+    merged) and a report."""
+    config = config or HealConfig()
+    check_student(student)
+    check_teacher(student, teacher)
+    if not train_blocks or not heldout_blocks:
+        raise ValueError("healing needs training blocks and held-out blocks: the data holds too few tokens")
+    use_cuda = torch.cuda.is_available()
+    bf16 = use_cuda if config.bf16 is None else config.bf16
+    if use_cuda:
+        student.to("cuda")
+        teacher.to("cuda")
+    evaluation_batch = config.batch_size
+    before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+    # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
+    initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
+    trained = _trainable_factors(student, config.lora_rank)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
+        arguments = TrainingArguments(
+            output_dir=scratch, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+            weight_decay=0.0, bf16=bf16, save_strategy="no", report_to=[], logging_steps=max(1, config.steps // 10),
+            disable_tqdm=not show_progress, remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
+            use_cpu=not use_cuda, dataloader_pin_memory=use_cuda,
+        )
+        trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
+                                      data_collator=default_data_collator, teacher=teacher,
+                                      temperature=config.temperature, hidden_weight=config.hidden_weight)
+        trainer.train()
+        # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
+        # healed model computes in its own precision again (evaluation, saving, later use).
+        trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
+    seconds = time.perf_counter() - start
+    if config.lora_rank is not None:
+        student = trained.merge_and_unload()
+    student.requires_grad_(False)
+    after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+    kept = after <= before
+    if not kept:
+        logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
+                       "compressed weights are kept; heal with more steps or a lower learning rate")
+        student.load_state_dict(initial)
+    return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept)

@@ -1,0 +1,146 @@
+"""Upload a compressed checkpoint folder (weights, config, code files, model card, plot) to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+from .card import PLOT_FILE
+from ..runtime import modeling_wsvd
+from ..runtime.modeling_wsvd import MODEL_TYPE
+
+# files every pushed hf_wsvd checkpoint needs for both loading paths (hf_wsvd / trust_remote_code):
+# every code file of the runtime package, which save_pretrained copies into the checkpoint
+RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
+RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
+REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# What a checkpoint folder may hold besides the runtime files and its weights (the one file
+# save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
+# Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "README.md", PLOT_FILE,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files of a checkpoint folder: the shards its ``model.safetensors.index.json``
+    names (and the index), else ``model.safetensors``. Raises if one is missing or is no plain
+    file name of the folder."""
+    index = os.path.join(folder, WEIGHTS_INDEX)
+    if not os.path.lexists(index):
+        if not os.path.lexists(os.path.join(folder, WEIGHTS_FILE)):
+            raise ValueError(f"{folder} holds no {WEIGHTS_FILE} (nor a {WEIGHTS_INDEX} naming its shards)")
+        return [WEIGHTS_FILE]
+    try:
+        with open(index) as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor -> file): {error}") from None
+    for name in shards:
+        if not isinstance(name, str) or os.path.basename(name) != name or name.startswith(".") \
+                or not name.endswith(".safetensors"):
+            raise ValueError(f"{index} names the weights file {name!r}, not a .safetensors file of the folder")
+        if not os.path.lexists(os.path.join(folder, name)):
+            raise ValueError(f"{index} names {name}, which {folder} lacks")
+    return [*shards, WEIGHTS_INDEX]
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is a file every checkpoint folder may hold (config, tokenizer, card, plot,
+    runtime code), its weights aside (see :func:`weight_files`); dotfiles never are."""
+    return not name.startswith(".") and (name in RUNTIME_FILES or name in CHECKPOINT_FILES)
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """The entries of a checkpoint folder that belong to the checkpoint: its weights (see
+    :func:`weight_files`; none when those are missing or misnamed) and the files
+    :func:`is_checkpoint_file` allows."""
+    try:
+        weights = weight_files(folder)
+    except (ValueError, OSError):
+        weights = []
+    return sorted({*weights, *(f for f in os.listdir(folder) if is_checkpoint_file(f))})
+
+
+@dataclass
+class UploadPlan:
+    """The files :func:`push` uploads from a folder, and the ones it leaves out."""
+
+    files: list[str]
+    skipped: list[str]
+
+
+def _refuse_links(folder: str, names: list[str]) -> None:
+    """Refuse to upload a symbolic link: its target may lie anywhere (a system file, another folder)."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}): push uploads plain files only; "
+                             "replace it with the file itself (save_pretrained writes one)")
+
+
+def check_runtime_files(folder: str) -> None:
+    """Refuse code files that differ from the installed package's ``hf_wsvd/runtime`` (edited after
+    saving, or written by another version): a pushed checkpoint runs that code."""
+    for name in RUNTIME_FILES:
+        with open(os.path.join(folder, name), "rb") as saved, open(os.path.join(RUNTIME_DIR, name), "rb") as installed:
+            if saved.read() != installed.read():
+                raise ValueError(
+                    f"{os.path.join(folder, name)} differs from the installed hf_wsvd/runtime/{name}: re-save the "
+                    "checkpoint with this hf_wsvd (from_pretrained + save_pretrained) before pushing")
+
+
+def check_folder(folder: str | os.PathLike) -> UploadPlan:
+    """What :func:`push` uploads from a checkpoint folder (an allow-list: its weights as the index
+    names them, configs, tokenizer, card, plot, runtime code; never a symbolic link); raises if a
+    file it needs is missing or a link, or a code file is not the installed runtime's."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    entries = sorted(os.listdir(folder))
+    missing = [f for f in REQUIRED_FILES if f not in entries]
+    if missing:
+        hint = " (write the card with hf-wsvd compress, or hf_wsvd.integrations.card.write_card)" if "README.md" in missing else ""
+        raise ValueError(f"{folder} lacks {', '.join(missing)}: not a complete hf_wsvd checkpoint{hint}")
+    weight_files(folder)  # raises if the weights are missing
+    files = checkpoint_files(folder)
+    _refuse_links(folder, files)
+    files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+    with open(os.path.join(folder, "config.json")) as handle:
+        model_type = json.load(handle).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
+    check_runtime_files(folder)
+    return UploadPlan(files, [f for f in entries if f not in files])
+
+
+def push(
+    folder: str | os.PathLike,
+    repo_id: str,
+    api: HfApi | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
+    verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit; returns the
+    commit URL. ``api`` defaults to
+    ``HfApi(token=token)``; only its ``create_repo`` and ``create_commit`` are used, so tests can
+    substitute them."""
+    folder = os.fspath(folder)
+    plan = check_folder(folder)
+    ModelCard.load(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                  for name in plan.files]
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
+                             commit_message=commit_message or "Upload hf_wsvd compressed checkpoint")
+    return getattr(info, "commit_url", str(info))

@@ -1,0 +1,161 @@
+"""LoRA (peft) on factorized models.
+
+Two ways to put adapters on a compressed model:
+
+* on the inner linears of each ``FactorizedLinear`` — ``LoraConfig(target_modules=["up", "down"])``:
+  stock peft, and merging keeps every rank;
+* on each ``FactorizedLinear`` as a whole, through :class:`FactorizedLoraLayer`, registered with
+  :func:`register_factorized_lora` (peft's experimental ``_register_custom_module``). Its merge is
+  exact: the LoRA factors are appended to the layer's own (``up ← [up | s·B]``,
+  ``down ← [down ; A]``), so rank ``r`` becomes ``r + lora_r``; :func:`merge_and_unload` then
+  records the new ranks in ``config.wsvd`` so that the merged model saves and reloads.
+
+peft does not save the custom-layer mapping in ``adapter_config.json``: reload adapters with
+:func:`load_adapter`, which registers it again before ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..runtime.factorized_linear import FactorizedLinear
+from ..runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
+
+
+def _set_factors(layer: FactorizedLinear, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Give ``layer`` new factors (any rank up to min(in, out)), keeping dtype, device and
+    ``requires_grad`` of the old ones."""
+    rank = down.shape[0]
+    if not 1 <= rank <= min(layer.in_features, layer.out_features):
+        raise ValueError(
+            f"merging gives rank {rank} for a {layer.out_features}x{layer.in_features} layer, above "
+            f"min(in, out)={min(layer.in_features, layer.out_features)}: merge into the inner linears "
+            "instead (target_modules=['up', 'down']) or export the model dense"
+        )
+    old_up, old_down = layer.up, layer.down
+    kwargs = {"device": old_up.weight.device, "dtype": old_up.weight.dtype}
+    new_up = nn.Linear(rank, layer.out_features, bias=old_up.bias is not None, **kwargs)
+    new_down = nn.Linear(layer.in_features, rank, bias=False, **kwargs)
+    with torch.no_grad():
+        new_up.weight.copy_(up)
+        new_down.weight.copy_(down)
+        if bias is not None:
+            new_up.bias.copy_(bias)
+    for new, old in ((new_up, old_up), (new_down, old_down)):
+        new.requires_grad_(old.weight.requires_grad)
+        new.train(old.training)
+    layer.up, layer.down = new_up, new_down
+
+
+class FactorizedLoraLayer(LoraLinear):
+    """peft LoRA layer for a whole ``FactorizedLinear``: ``y = up(down(x)) + s·B(A(x))``.
+
+    ``merge`` appends the LoRA factors to the layer's factors (exact, rank ``r → r + lora_r``);
+    ``unmerge`` removes them again. DoRA and other LoRA variants are not supported.
+    """
+
+    @property
+    def lora_variants(self) -> dict:
+        return {(): None}
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # peft's own lookup knows only its layer types and warns "Unsupported layer type" on others.
+        return module.in_features, module.out_features
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            dtype = base.up.weight.dtype
+            scaling = self.scaling[name]
+            lora_b = self.lora_B[name]
+            up = torch.cat([base.up.weight, (lora_b.weight * scaling).to(dtype)], dim=1)
+            down = torch.cat([base.down.weight, self.lora_A[name].weight.to(dtype)], dim=0)
+            bias = base.up.bias
+            if self.lora_bias[name]:
+                if bias is None:
+                    raise RuntimeError("cannot merge a LoRA bias into a layer without bias")
+                bias = bias + (lora_b.bias * scaling).to(dtype)
+            if safe_merge and not all(torch.isfinite(t).all() for t in (up, down) + ((bias,) if bias is not None else ())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            _set_factors(base, up.detach(), down.detach(), None if bias is None else bias.detach())
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.lora_A:
+                continue
+            keep = base.rank - self.r[name]
+            bias = base.up.bias
+            if self.lora_bias[name]:
+                bias = bias - (self.lora_B[name].bias * self.scaling[name]).to(bias.dtype)
+            _set_factors(base, base.up.weight[:, :keep].detach(), base.down.weight[:keep].detach(),
+                         None if bias is None else bias.detach())
+
+    def __repr__(self) -> str:
+        return "factorized_" + super().__repr__()
+
+
+def register_factorized_lora(config: LoraConfig) -> LoraConfig:
+    """Let ``config`` put LoRA on ``FactorizedLinear`` modules (peft's experimental custom-module
+    API); returns ``config``. Needed again before ``PeftModel.from_pretrained``."""
+    config._register_custom_module({FactorizedLinear: FactorizedLoraLayer})
+    return config
+
+
+def factorized_module_names(model: nn.Module) -> list[str]:
+    """Full names of the model's ``FactorizedLinear`` modules, usable as LoRA ``target_modules``."""
+    return [name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)]
+
+
+def sync_recipe_ranks(model: PreTrainedModel) -> dict[str, int]:
+    """Record the current rank of every ``FactorizedLinear`` in ``config.wsvd["ranks"]`` (after a
+    merge changed them), so that ``save_pretrained`` writes a checkpoint that reloads. Returns the
+    ranks."""
+    recipe = getattr(model.config, RECIPE_KEY, None)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (no config.{RECIPE_KEY})")
+    ranks = {**recipe.get("ranks", {}), **{relative_module_name(model, name): int(module.rank)
+                                           for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}}
+    setattr(model.config, RECIPE_KEY, {**recipe, "ranks": ranks})
+    return ranks
+
+
+def merge_and_unload(model: PeftModel, **kwargs) -> PreTrainedModel:
+    """``model.merge_and_unload(**kwargs)`` with the factorized ranks recorded in the config."""
+    merged = model.merge_and_unload(**kwargs)
+    sync_recipe_ranks(merged)
+    return merged
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around wrapping a model with peft: peft (0.21) reads transformers' deprecated
+    ``is_gradient_checkpointing``, whose FutureWarning a user of hf_wsvd cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_adapter(base: PreTrainedModel, adapter: str | os.PathLike, **kwargs) -> PeftModel:
+    """``PeftModel.from_pretrained(base, adapter)`` with :class:`FactorizedLoraLayer` registered, so
+    adapters trained on whole ``FactorizedLinear`` modules load (harmless for others)."""
+    config = register_factorized_lora(LoraConfig.from_pretrained(os.fspath(adapter)))
+    with peft_wrapping():
+        return PeftModel.from_pretrained(base, os.fspath(adapter), config=config, **kwargs)

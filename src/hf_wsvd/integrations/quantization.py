@@ -1,0 +1,172 @@
+"""Quantizing models (compressed or dense) the stock way, and what their weights cost in bits.
+
+A compressed checkpoint takes the quantization configs of transformers like any model:
+``from_pretrained(dir, quantization_config=...)`` quantizes the factors' and pruned layers' inner
+``nn.Linear`` modules (a factor whose input size is not a multiple of the group size stays in the
+model's dtype, said in one log line), and ``save_pretrained`` writes a quantized checkpoint.
+``quantization_config(spec)`` names the tested configs; ``quantize`` does that round trip in memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..blocks import block_prefixes
+from ..config import QUANTIZE_SPECS
+
+
+def quantization_config(spec: str, group_size: int = 64) -> Any:
+    """The transformers quantization config of ``spec``, grouped by ``group_size`` input columns
+    where the format has groups:
+
+    - int8: torchao ``Int8WeightOnlyConfig``, one scale per output row (fast on GPU under torch.compile);
+    - int2..int7: torchao ``IntxWeightOnlyConfig``, asymmetric affine per group (a scale in the
+      weight's dtype and an int8 zero point per group); runs on CPU and GPU;
+    - int4-gpu: torchao ``Int4WeightOnlyConfig`` (its packed int4 GPU kernels: CUDA and their kernel package);
+    - nf4, bnb-int8: bitsandbytes 4-bit NormalFloat (blocks of 64) and LLM.int8 (CUDA)."""
+    if spec not in QUANTIZE_SPECS:
+        raise ValueError(f"quantize={spec!r} is not one of {QUANTIZE_SPECS}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"quantize_group_size={group_size!r} must be a positive integer")
+    if spec in ("nf4", "bnb-int8"):
+        from transformers import BitsAndBytesConfig
+
+        if spec == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup
+    except ImportError as error:
+        raise ImportError(f"quantize={spec!r} needs torchao: pip install 'hf_wsvd[quant]'") from error
+    from transformers import TorchAoConfig
+
+    if spec == "int8":
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if spec == "int4-gpu":
+        return TorchAoConfig(Int4WeightOnlyConfig(group_size=group_size))
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=getattr(torch, spec), granularity=PerGroup(group_size),
+                                              mapping_type=MappingType.ASYMMETRIC))
+
+
+def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:
+    """``model`` quantized by the transformers quantization ``config`` exactly as
+    ``from_pretrained(dir, quantization_config=config)`` does it: saved to a temporary folder and
+    loaded back with its own class, in ``dtype`` (default: the model's); ``kwargs`` go to
+    ``from_pretrained`` (e.g. ``device_map``). The result saves with ``save_pretrained``."""
+    with tempfile.TemporaryDirectory(prefix="hf_wsvd-quantize-") as folder:
+        model.save_pretrained(folder)
+        return type(model).from_pretrained(folder, quantization_config=config, dtype=dtype or model.dtype, **kwargs)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight (out × in) a linear-like module computes with, in float32: a quantized weight
+    dequantized (torchao's ``dequantize()``, else read through the module on the identity)."""
+    weight = module.weight
+    if hasattr(weight, "__tensor_flatten__") and hasattr(weight, "dequantize"):
+        return weight.dequantize().float()
+    if type(weight) is nn.Parameter or type(weight) is torch.Tensor:
+        return weight.detach().float()
+    # Other quantized modules (bitsandbytes): their forward on the identity, less the bias.
+    in_features = module.in_features
+    with torch.no_grad():
+        probe = torch.eye(in_features, device=weight.device, dtype=getattr(module, "compute_dtype", None) or torch.float16)
+        out = module(probe).float()
+        if getattr(module, "bias", None) is not None:
+            out = out - module.bias.float()
+    return out.T.contiguous()
+
+
+def _dtype_bits(dtype: torch.dtype) -> int:
+    name = str(dtype).removeprefix("torch.")
+    if name.startswith(("int", "uint")) and name.lstrip("uint").isdigit():
+        return int(name.lstrip("uint"))
+    return torch.empty((), dtype=dtype).element_size() * 8
+
+
+def tensor_bits(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(weights, bits)``: how many values ``tensor`` represents and the bits it stores, packed: a
+    torchao tensor's components (its values at their bit width, scales and zero points), a
+    bitsandbytes 4-bit weight's packed bytes and block scales, a plain tensor's bytes."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        target = getattr(tensor, "target_dtype", None)  # torchao intx: values of `target` bits held in int8
+        bits = 0
+        for name in names:
+            inner = getattr(tensor, name)
+            width = _dtype_bits(target) if name == "qdata" and target is not None else None
+            bits += inner.numel() * width if width else tensor_bits(inner)[1]
+        return tensor.numel(), bits
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:  # bitsandbytes Params4bit: shape and block scales in its quant state
+        scales = [s.absmax for s in (state, getattr(state, "state2", None)) if s is not None]
+        return int(torch.Size(state.shape).numel()), tensor.numel() * tensor.element_size() * 8 + sum(
+            s.numel() * s.element_size() * 8 for s in scales)
+    scb = getattr(tensor, "SCB", None)  # bitsandbytes Int8Params: one float scale per row
+    return tensor.numel(), tensor.numel() * tensor.element_size() * 8 + (
+        scb.numel() * scb.element_size() * 8 if isinstance(scb, torch.Tensor) else 0)
+
+
+def _quantized(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter)
+
+
+@dataclass
+class WeightBits:
+    """The weights of a model's block linears (every linear inside its repeated blocks: factors,
+    pruned layers, corrections) and the rest (embeddings, norms, head): weights and stored bits."""
+
+    quantized_weights: int = 0
+    quantized_bits: int = 0
+    full_weights: int = 0  # block linear weights kept in the model's dtype (refused factors, corrections)
+    full_bits: int = 0
+    other_weights: int = 0
+    other_bits: int = 0
+
+    @property
+    def block_bits_per_weight(self) -> float:
+        """Bits per stored weight of the block linears (scales, zero points and unquantized factors included)."""
+        return (self.quantized_bits + self.full_bits) / max(self.quantized_weights + self.full_weights, 1)
+
+    @property
+    def total_bytes(self) -> float:
+        return (self.quantized_bits + self.full_bits + self.other_bits) / 8
+
+    def describe(self) -> str:
+        """One line: bits per weight of the block linears, and what the rest of the model costs."""
+        linears = self.quantized_weights + self.full_weights
+        text = (f"{self.block_bits_per_weight:.2f} bits per weight in the block linears ({linears:,} weights, "
+                f"{(self.quantized_bits + self.full_bits) / 8e6:.2f} MB")
+        if self.full_weights:
+            text += f"; {self.full_weights / linears:.1%} of them unquantized"
+        return text + f"); other parameters (embeddings, norms, head) {self.other_bits / 8e6:.2f} MB"
+
+
+def weight_bits(model: nn.Module) -> WeightBits:
+    """The stored bits of ``model``'s parameters (shared tensors once), block linears apart."""
+    prefixes = tuple(block_prefixes(model))
+    linears = {id(m) for name, m in model.named_modules()
+               if name.startswith(prefixes) and isinstance(getattr(m, "weight", None), torch.Tensor)
+               and getattr(m, "in_features", None) is not None}
+    result, seen = WeightBits(), set()
+    for module in model.modules():
+        for tensor in module.parameters(recurse=False):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            weights, bits = tensor_bits(tensor)
+            if id(module) not in linears:
+                result.other_weights += weights
+                result.other_bits += bits
+            elif _quantized(tensor):
+                result.quantized_weights += weights
+                result.quantized_bits += bits
+            else:
+                result.full_weights += weights
+                result.full_bits += bits
+    return result

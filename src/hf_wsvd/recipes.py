@@ -1,0 +1,118 @@
+"""The recommended recipe: the ``WSVDConfig`` fields left None, resolved from the model and the data.
+
+Each resolvable field has one rule, ``rule(recipe, evidence) -> (value, notice or None)``, applied in
+``RULES`` order to the recipe resolved so far; an explicit value is always kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from .blocks import block_list
+from .config import WSVDConfig
+from .solvers import solver_for
+from .statistics.names import GRAM
+from .tasks import CAUSAL_LM, task_of
+
+logger = logging.getLogger(__name__)
+
+# Measured (docs/benchmarks/llm.md, block refinement): what the default recipe's refinement costs and gains.
+DEFAULT_BLOCK_REFINE_STEPS = 64
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the recipe is resolved from."""
+
+    data: bool  # calibration data was given
+    labels: bool  # its batches carry labels: the Fisher information can be estimated
+    causal_lm: bool  # a causal LM with a stack of repeated blocks (what sequential mode walks)
+
+
+def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
+    if evidence.labels:
+        return "fisher_whiten", None
+    if evidence.data:
+        return "whiten", ("the data's batches carry no labels, so there is no Fisher information: method=whiten "
+                          "(activations only); for fisher_whiten give labels (--label-column, or 'labels' in "
+                          "each batch)")
+    return "svd", ("no data: method=svd (plain truncated SVD); importance data (--data) gives far better "
+                   "results at the same size")
+
+
+def _allocation(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
+    # Greedy reads every layer's loss from the method's spectrum (lp and the element-wise methods have none).
+    greedy = evidence.data and solver_for(recipe).spectrum is not None
+    return ("greedy" if greedy else "uniform"), None
+
+
+def _sequential(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    if recipe.pipeline is not None:
+        return recipe.pipeline == "sequential", None
+    return evidence.data and evidence.causal_lm, None
+
+
+def _pipeline(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
+    return ("sequential" if recipe.sequential else "whole_model"), None
+
+
+def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Compensation fits each layer through its input Gram, MLP and attention pruning choose what
+    # they keep on it: the methods that read one can use them. Block by block only: in whole-model
+    # mode on MiniLM at kept 0.5, MLP pruning (with or without attention pruning) cost MRPC 2.4
+    # points of accuracy against factorizing (SST-2 gained 0.5), so classifiers stay factorized.
+    return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
+
+
+def _attention_pruning(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Off unless asked: it makes the output fastest (Llama-7B shape, one H200, CUDA-graph decode at
+    # batch 1: 1.08x / 1.20x dense at -20% / -40%, against about 1.02x / 1.11x with factorized
+    # attentions), but its query/key cuts cost quality the factorized attentions do not (SmolLM2-135M,
+    # whole WikiText-2 test: 1.35x / 2.29x dense perplexity with it, 1.22x / 1.89x without;
+    # docs/benchmarks/llm.md).
+    return False, None
+
+
+def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, None]:
+    # Refinement trains each block toward the dense stream that compensation keeps.
+    return (DEFAULT_BLOCK_REFINE_STEPS if recipe.compensate else 0), None
+
+
+Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
+RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
+                          "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
+                          "attention_pruning": _attention_pruning,
+                          "block_refine_steps": _block_refine_steps}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM with a stack of transformer blocks."""
+    try:  # both raise for models without a known task loss / without repeated blocks
+        return task_of(model) == CAUSAL_LM and bool(block_list(model))
+    except ValueError:
+        return False
+
+
+def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None) -> tuple[WSVDConfig, list[str]]:
+    """``config`` with its None fields (``RULES``) resolved for ``model`` and ``data``, and the
+    notices explaining a fallback from the best recipe (each logged once as a warning). ``data``
+    must be re-iterable (its first batch is read to look for labels)."""
+    unresolved = [name for name in RULES if getattr(config, name) is None]
+    if not unresolved:
+        return config, []
+    first = next(iter(data), None) if data is not None else None
+    evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
+                        causal_lm=is_causal_lm(model))
+    notices = []
+    for name in unresolved:
+        value, notice = RULES[name](config, evidence)
+        config = dataclasses.replace(config, **{name: value})
+        if notice:
+            logger.warning(notice)
+            notices.append(notice)
+    return config, notices

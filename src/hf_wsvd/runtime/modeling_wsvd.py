@@ -1,0 +1,618 @@
+"""Config and model classes of factorized checkpoints (``model_type: "hf_wsvd"``).
+
+A compressed checkpoint keeps its base architecture (say ``BertForSequenceClassification``) and
+records in ``config.json`` which modules are factorized and at which rank. Its model class is a
+thin subclass of the stock one, ``Wsvd<BaseClass>``, that swaps those modules for empty
+``FactorizedLinear`` layers before the weights load, so loading goes through the stock
+``from_pretrained`` (``dtype=``, ``device_map=``, sharding, offload).
+
+The custom ``model_type`` is what keeps a checkpoint from ever loading as a dense model with random
+weights: stock transformers refuses an unknown model type unless it may run the code saved with the
+checkpoint (this file, ``factorized_linear.py`` and ``factorized_embedding.py``, copied by
+``save_pretrained``). With hf_wsvd imported, the Auto classes resolve it without remote code.
+
+Layers cut by MLP pruning are recorded with their shape (``pruned``) and rebuilt as ``nn.Linear``
+layers of that shape before the weights load. An attention cut by attention pruning is recorded
+under ``attention`` (its head size, the dense one, its four projections and, for a rotary
+attention, the kept rotary pairs): the projections are rebuilt at the cut size, the head size its
+forward reshapes with set, and for a rotary attention a forward pre-hook cuts the rotary tables it
+receives to the kept pairs. (Kept apart from ``pruned`` so that a loader that does not know
+attention pruning fails on the shapes instead of running the dense head size.)
+Layers stored quantized with a low-rank correction of their quantization error (``residual``:
+name → rank) are rebuilt as ``LowRankCorrectedLinear``; such a checkpoint loads only with its
+quantization config and quantized base weights.
+
+Under a quantization config, a factor or pruned linear whose shape the quantizer cannot take (an
+input size that is not a multiple of its group size) becomes a ``FullPrecisionLinear``, which no
+quantizer converts, and keeps its dtype.
+
+The recorded ranks may name an embedding (``nn.Embedding``) as well as linear layers: the type of
+the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
+Modules tied to a factorized embedding (an LM head, T5's per-stack token embeddings) are rebuilt on
+the same factors and their factor names added to the model's tied-weights keys, so the checkpoint
+stores the factors once and transformers re-ties them at load.
+
+This file ships inside every compressed checkpoint, so it may import only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
+from .factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape
+
+logger = transformers.utils.logging.get_logger(__name__)
+
+MODEL_TYPE = "hf_wsvd"
+CLASS_PREFIX = "Wsvd"
+# config.json keys: the compression recipe (with its per-module ranks) and the base model type.
+RECIPE_KEY = "wsvd"
+BASE_TYPE_KEY = "wsvd_base_model_type"
+# The recipe key of the attentions whose head dimension was cut, and the attentions that can be:
+# (q, k, v children of the attention module; its output projection, relative to the module's
+# parent, "{}" standing for the module's own name; the attribute its forward reshapes heads with).
+ATTENTION_KEY = "attention"
+ATTENTION_LAYOUTS = (
+    (("q_proj", "k_proj", "v_proj"), "{}.o_proj", "head_dim"),  # Llama, Mistral, Qwen2 (rotary)
+    (("query", "key", "value"), "output.dense", "attention_head_size"),  # BERT, RoBERTa
+)
+# Auto classes a factorized checkpoint can be loaded with, when its base architecture has them.
+AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForPreTraining",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForMultipleChoice",
+)
+
+_config_classes: dict[type, type] = {}
+_model_classes: dict[type, type] = {}
+
+
+def relative_module_name(model: nn.Module, name: str) -> str:
+    """``name`` relative to the base model, so that heads and bare models share module names."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + "."):
+        return name[len(prefix) + 1 :]
+    return name
+
+
+def empty_factorized(module: nn.Module, rank: int) -> nn.Module:
+    """An uninitialised factorized replacement of ``module`` at ``rank``, on its device and dtype:
+    a ``FactorizedEmbedding`` for an ``nn.Embedding``, else a ``FactorizedLinear``."""
+    device, dtype = module.weight.device, module.weight.dtype
+    if isinstance(module, nn.Embedding):
+        return FactorizedEmbedding(module.num_embeddings, module.embedding_dim, rank, module.padding_idx,
+                                   device=device, dtype=dtype)
+    in_features, out_features = linear_shape(module)
+    return FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None,
+                            device=device, dtype=dtype)
+
+
+def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
+    """Rebuild every module whose weight is tied to a ``FactorizedEmbedding`` on that embedding's
+    factors (an embedding becomes a ``FactorizedEmbedding``, a linear head a
+    ``FactorizedTiedHead``), and declare the projection tie next to the stock table tie.
+
+    Returns the added ``{target: source}`` tied-weights keys (full parameter names)."""
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    added = {}
+    for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+        if not (target.endswith(".weight") and source.endswith(".weight")):
+            continue
+        source_module, target_module = source[: -len(".weight")], target[: -len(".weight")]
+        embedding = model.get_submodule(source_module)
+        module = model.get_submodule(target_module)
+        if not isinstance(embedding, FactorizedEmbedding) or module is embedding:
+            continue
+        if isinstance(module, (nn.Embedding, FactorizedEmbedding)):
+            replacement = FactorizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.rank,
+                                              module.padding_idx, device="meta")
+            replacement.weight, replacement.proj.weight = embedding.weight, embedding.proj.weight
+        else:
+            replacement = FactorizedTiedHead.tied_to(embedding, getattr(module, "bias", None))
+        replacement.train(module.training)
+        model.set_submodule(target_module, replacement)
+        added[f"{target_module}.proj.weight"] = f"{source_module}.proj.weight"
+    if added:
+        # Instance-level: the stock class attribute stays untouched for dense models.
+        model._tied_weights_keys = {**(model._tied_weights_keys or {}), **added}
+        if hasattr(model, "all_tied_weights_keys"):
+            model.all_tied_weights_keys.update(added)
+    return added
+
+
+def attention_layout(module: nn.Module) -> tuple[tuple[str, str, str], str, str] | None:
+    """The entry of ``ATTENTION_LAYOUTS`` that ``module`` follows (its q/k/v children plain linears,
+    an integer head-size attribute), else None."""
+    for projections, output, attribute in ATTENTION_LAYOUTS:
+        if all(type(getattr(module, p, None)) is nn.Linear for p in projections) \
+                and type(getattr(module, attribute, None)) is int:
+            return projections, output, attribute
+    return None
+
+
+def _cut_rotary(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a cut rotary attention: its rotary tables, to the kept pairs' features."""
+    if kwargs.get("position_embeddings") is None:
+        raise ValueError(f"{type(module).__name__} was called without position_embeddings: its head dimension was "
+                         "cut by attention pruning, which needs the rotary tables passed by keyword")
+    cos, sin = kwargs["position_embeddings"]
+    if cos.shape[-1] != module.wsvd_dense_head_dim:
+        raise ValueError(f"{type(module).__name__}: rotary tables of {cos.shape[-1]} features for a head dimension of "
+                         f"{module.wsvd_dense_head_dim}: attention pruning needs rotary over the whole head")
+    index = module.wsvd_rotary_index
+    if index.device != cos.device:  # moved once: a copy in every step would sync decoding and break CUDA-graph capture
+        index = module.wsvd_rotary_index = index.to(cos.device)
+    return args, {**kwargs, "position_embeddings": (cos.index_select(-1, index), sin.index_select(-1, index))}
+
+
+def cut_shape(role: str, shape: tuple[int, int], head_dim: int, dense_head_dim: int) -> tuple[int, int]:
+    """The (in, out) of projection ``role`` (q, k, v: heads on the output side; o: on the input
+    side) of dense (in, out) ``shape`` once its heads keep ``head_dim`` of ``dense_head_dim``."""
+    in_features, out_features = shape
+    if role == "o":
+        return in_features // dense_head_dim * head_dim, out_features
+    return in_features, out_features // dense_head_dim * head_dim
+
+
+def cut_heads(attention: nn.Module, head_dim: int, rotary: list[int] | None) -> None:
+    """Set the head size the stock ``attention`` forward reshapes with to ``head_dim``; for a
+    rotary attention (``rotary``: the kept pairs) also cut the rotary tables it receives to the
+    kept pairs' features (``rotate_half`` layout: first halves, then second halves) with a forward
+    pre-hook. The projections are replaced apart."""
+    if hasattr(attention, "wsvd_dense_head_dim"):
+        raise ValueError(f"{type(attention).__name__}: its head dimension was already cut")
+    attribute = attention_layout(attention)[2]
+    dense = getattr(attention, attribute)
+    setattr(attention, attribute, head_dim)
+    attention.wsvd_dense_head_dim = dense
+    if rotary is None:
+        return
+    # Saved with the weights (transformers re-creates non-persistent buffers empty at load), and a
+    # loader that does not know it finds an unexpected tensor instead of running the dense head size.
+    device = next((p.device for p in attention.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    index = torch.tensor(list(rotary) + [r + dense // 2 for r in rotary], dtype=torch.long, device=device)
+    attention.register_buffer("wsvd_rotary_index", index)
+    attention.wsvd_rotary_hook = attention.register_forward_pre_hook(_cut_rotary, with_kwargs=True)
+
+
+def _cut_attention_modules(model: nn.Module, prefix: str, key: str, entry: dict) -> None:
+    """Rebuild the attention ``key`` (base-model-relative; ``prefix`` + key is its full name) as
+    ``entry`` records it: its four projections uninitialised ``nn.Linear`` layers of the cut size,
+    its head size cut (``cut_heads``)."""
+    attention = model.get_submodule(prefix + key)
+    layout = attention_layout(attention)
+    dense = getattr(attention, layout[2]) if layout else None
+    names = entry["projections"]
+    modules = [model.get_submodule(prefix + n) if _has_module(model, prefix + n) else None for n in names]
+    if dense != entry["dense_head_dim"] or not all(type(m) is nn.Linear for m in modules) \
+            or (entry.get("rotary") and max(entry["rotary"]) >= dense // 2):
+        raise ValueError(f"config.json {RECIPE_KEY}[{ATTENTION_KEY!r}][{key!r}] records an attention of head dimension "
+                         f"{entry['dense_head_dim']} with projections {names}, but the module there is "
+                         f"{type(attention).__name__} (head size {dense}): the config was edited or belongs to another "
+                         "architecture")
+    for role, name, old in zip("qkvo", names, modules):
+        in_features, out_features = cut_shape(role, (old.in_features, old.out_features), entry["head_dim"], dense)
+        layer = nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
+                          dtype=old.weight.dtype)
+        layer.train(old.training)
+        model.set_submodule(prefix + name, layer)
+    cut_heads(attention, entry["head_dim"], entry.get("rotary"))
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def reshaped_layers(recipe: dict) -> set[str]:
+    """The base-model-relative names of the plain linears whose shape the recipe changed: the
+    layers cut by MLP pruning and the projections of the cut attentions."""
+    cut = {name for entry in recipe.get(ATTENTION_KEY, {}).values() for name in entry["projections"]}
+    return set(recipe.get("pruned", {})) | cut
+
+
+def dense_shape(recipe: dict, key: str, module: nn.Module) -> tuple[int, int] | None:
+    """The dense (in, out) of ``module``, the plain linear named ``key`` (base-model-relative),
+    when the recipe changed its shape; else None."""
+    entry = recipe.get("pruned", {}).get(key)
+    if entry is not None:
+        return tuple(entry["dense_shape"])
+    for entry in recipe.get(ATTENTION_KEY, {}).values():
+        if key in entry["projections"]:
+            role = "qkvo"[entry["projections"].index(key)]
+            return cut_shape(role, (module.in_features, module.out_features), entry["dense_head_dim"],
+                             entry["head_dim"])
+    return None
+
+
+def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None,
+                      attention: dict[str, dict] | None = None, residual: dict[str, int] | None = None) -> None:
+    """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
+    ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, each linear named in ``pruned``
+    by an uninitialised ``nn.Linear`` of its recorded shape, cut the head dimension of each
+    attention named in ``attention`` (its projections rebuilt at the cut size, ``cut_heads``) and
+    replace each linear named in ``residual`` by an uninitialised ``LowRankCorrectedLinear`` of that
+    rank, on the module's device and dtype; then rebuild the modules tied to factorized embeddings
+    on their factors."""
+    pruned, attention, residual = pruned or {}, attention or {}, residual or {}
+    matched = set()
+    for name, module in list(model.named_modules()):
+        key = relative_module_name(model, name)
+        if key in attention:
+            matched.add(key)
+            _cut_attention_modules(model, name[: len(name) - len(key)], key, attention[key])
+        if key in pruned:
+            matched.add(key)
+            model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
+        if key in residual:
+            matched.add(key)
+            if not isinstance(module, LowRankCorrectedLinear):
+                in_features, out_features = linear_shape(module)
+                model.set_submodule(name, LowRankCorrectedLinear(
+                    in_features, out_features, int(residual[key]), bias=module.bias is not None,
+                    device=module.weight.device, dtype=module.weight.dtype))
+        if key not in ranks:
+            continue
+        matched.add(key)
+        if isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
+            continue
+        model.set_submodule(name, empty_factorized(module, int(ranks[key])))
+    tie_to_factorized_embeddings(model)
+    # A name whose top-level part this class lacks belongs to a head of another class (loading a
+    # classifier checkpoint with AutoModel); any other unmatched name was edited or belongs to
+    # another architecture.
+    roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
+    recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned},
+                **{n: ATTENTION_KEY for n in attention}, **{n: "residual" for n in residual}}
+    unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
+    if unknown or (recorded and not matched):
+        name = (unknown or sorted(recorded))[0]
+        raise ValueError(
+            f"config.json {RECIPE_KEY}[{recorded[name]!r}] names {name!r}, which is no module of {type(model).__name__}: "
+            "the config was edited or belongs to another architecture"
+        )
+
+
+def check_attention(attention: object, where: str) -> dict[str, dict]:
+    """``attention`` after checking it maps names to ``{"head_dim": d', "dense_head_dim": d,
+    "projections": [q, k, v, o names], "rotary": [d'/2 distinct pair indices, ascending] (rotary
+    attentions only)}`` with 0 < d' ≤ d, even where rotary."""
+    if not isinstance(attention, dict):
+        raise ValueError(f"{where} must map each cut attention to its head dimensions; got {attention!r}")
+    for name, entry in attention.items():
+        values = [entry.get(k) if isinstance(entry, dict) else None
+                  for k in ("head_dim", "dense_head_dim", "projections", "rotary")]
+        head_dim, dense, projections, rotary = values
+        valid = (all(type(v) is int and v > 0 for v in (head_dim, dense)) and head_dim <= dense
+                 and isinstance(projections, list) and len(projections) == 4
+                 and all(isinstance(p, str) and p for p in projections))
+        if rotary is not None:
+            valid = valid and head_dim % 2 == 0 and dense % 2 == 0 and isinstance(rotary, list) \
+                and all(type(r) is int and r >= 0 for r in rotary) and len(rotary) == head_dim // 2 \
+                and rotary == sorted(set(rotary))
+        if not valid:
+            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'head_dim': d', 'dense_head_dim': d, 'projections': "
+                             "[q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary attentions)}} with "
+                             "0 < d' <= d, both even where rotary")
+    return attention
+
+
+def _empty_pruned(module: nn.Module, key: str, entry: dict) -> nn.Linear:
+    """The uninitialised ``nn.Linear`` of the recorded pruned ``entry`` standing in for ``module``."""
+    found = tuple(linear_shape(module)) if isinstance(module, nn.Linear) else None
+    if found not in (tuple(entry["dense_shape"]), tuple(entry["shape"])):
+        raise ValueError(f"config.json {RECIPE_KEY}['pruned'][{key!r}] records a linear of (in, out) "
+                         f"{tuple(entry['dense_shape'])}, but the module there is {type(module).__name__} {found}: "
+                         "the config was edited or belongs to another architecture")
+    in_features, out_features = entry["shape"]
+    return nn.Linear(in_features, out_features, bias=module.bias is not None, device=module.weight.device,
+                     dtype=module.weight.dtype)
+
+
+def check_pruned(pruned: object, where: str) -> dict[str, dict]:
+    """``pruned`` after checking it maps names to ``{"shape": [in, out], "dense_shape": [in, out]}``
+    of positive integers, no side larger than dense."""
+    if not isinstance(pruned, dict):
+        raise ValueError(f"{where} must map each pruned layer to its shapes; got {pruned!r}")
+    for name, entry in pruned.items():
+        shapes = [entry.get(k) if isinstance(entry, dict) else None for k in ("shape", "dense_shape")]
+        valid = all(isinstance(s, list) and len(s) == 2 and all(type(v) is int and v > 0 for v in s) for s in shapes)
+        if not valid or any(a > b for a, b in zip(*shapes)):
+            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'shape': [in, out], 'dense_shape': [in, out]}} "
+                             "of positive integers with shape <= dense_shape")
+    return pruned
+
+
+def check_recipe(config: PreTrainedConfig
+                 ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict], dict[str, int]]:
+    """The ``ranks``, ``pruned`` shapes, cut ``attention`` and ``residual`` ranks of a factorized
+    config after a minimal check of its recipe and base type (this file cannot import hf_wsvd's
+    full recipe validation): ranks and residual name → positive int maps, pruned
+    (``check_pruned``), attention (``check_attention``), not all empty, ``method`` a string,
+    ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base, and a
+    quantization config wherever ``residual`` is set."""
+    recipe = getattr(config, RECIPE_KEY, None)
+    where = f"config.json {RECIPE_KEY!r}"
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
+    ranks = recipe.get("ranks")
+    pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
+    attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
+    residual = recipe.get("residual", {})
+    if not isinstance(residual, dict):
+        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {residual!r}")
+    if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual):
+        raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
+                         f"the pruned layers); got ranks={ranks!r}")
+    cut = {name: None for entry in attention.values() for name in entry["projections"]}
+    sections = {"ranks": ranks, "pruned": pruned, ATTENTION_KEY: cut, "residual": residual}
+    for first, second in (("ranks", "pruned"), ("ranks", ATTENTION_KEY), ("pruned", ATTENTION_KEY),
+                          ("ranks", "residual"), ("pruned", "residual"), (ATTENTION_KEY, "residual")):
+        both = sorted(set(sections[first]) & set(sections[second]))
+        if both:
+            raise ValueError(f"{where} lists {both[0]!r} under both {first!r} and {second!r}: the config was edited")
+    for key, entries in (("ranks", ranks), ("residual", residual)):
+        for name, rank in entries.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"{where}[{key!r}][{name!r}]={rank!r} is not a positive integer")
+    if residual and getattr(config, "quantization_config", None) is None:
+        # Its base weights are stored quantized and its corrections fit that quantization's error:
+        # without the quantizer they cannot load (nor would W + correction mean anything).
+        raise ValueError(f"{where}['residual'] lists layers stored quantized with a low-rank correction, but the "
+                         "config has no quantization_config: the checkpoint was edited (restore config.json)")
+    if not isinstance(recipe.get("method"), str):
+        raise ValueError(f"{where}['method']={recipe.get('method')!r} is not a method name")
+    ratio = recipe.get("param_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{where}['param_ratio']={ratio!r} is not a kept fraction in (0, 1]")
+    base = getattr(type(config), "_wsvd_base", None)
+    recorded = getattr(config, BASE_TYPE_KEY, None)
+    if base is not None and recorded != base.model_type:
+        raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
+                         f"({type(config).__name__}, model type {base.model_type!r})")
+    return ranks, pruned, attention, residual
+
+
+FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
+
+
+def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bool = False) -> None:
+    """After ``from_pretrained``: raise unless every factorized or pruned module got each of its
+    tensors from the file at the right shape (every tensor, unless ``ignore_mismatched_sizes`` lets
+    a head outside the base model be re-initialized), no tensor in the file for a module of this
+    class went unused (the factors of a module the recipe does not list), and those tensors are
+    finite. ``info`` is the ``output_loading_info`` dict."""
+    reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
+    factorized = {name: m for name, m in model.named_modules()
+                  if isinstance(m, FACTORIZED) or relative_module_name(model, name) in reshaped}
+    owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
+    missing = sorted(k for k in info["missing_keys"] if k in owned)
+    # A tensor of the wrong shape inside the base model, even under ignore_mismatched_sizes=True
+    # (which re-initializes it): a pruned layer whose record was deleted would otherwise load at its
+    # dense shape with random weights. A head outside it may be re-initialized (a new label count).
+    prefix = getattr(model, "base_model_prefix", "")
+    inside = (lambda key: key.startswith(prefix + ".")) if prefix and hasattr(model, prefix) else (lambda key: True)
+    mismatched = sorted((tuple(k) for k in info["mismatched_keys"]
+                         if not ignore_mismatched_sizes or k[0] in owned or inside(k[0])), key=lambda k: k[0])
+    if missing:
+        raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights ({len(missing)} tensors "
+                         "affected): the file is damaged or belongs to another recipe")
+    if mismatched:
+        key, *shapes = mismatched[0]
+        found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
+        why = (f"the file is damaged, or config.json's {RECIPE_KEY} ranks or pruned or attention shapes were edited"
+               if key in owned or inside(key) else "pass ignore_mismatched_sizes=True to re-initialize a head of "
+               "another size")
+        raise ValueError(f"the tensor {key!r} has the wrong shape in the checkpoint's weights{found} "
+                         f"({len(mismatched)} tensors affected); {why}")
+    modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
+    for key in sorted(info["unexpected_keys"]):
+        parts = relative_module_name(model, key).split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if owner is not None:
+            raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
+                             f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] or "
+                             f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
+    attention = getattr(model.config, RECIPE_KEY, {}).get(ATTENTION_KEY, {})
+    for name, module in model.named_modules():
+        entry = attention.get(relative_module_name(model, name))
+        index = getattr(module, "wsvd_rotary_index", None)
+        if entry is None or entry.get("rotary") is None or index is None or index.device.type == "meta":
+            continue
+        half = entry["dense_head_dim"] // 2
+        if index.tolist() != entry["rotary"] + [r + half for r in entry["rotary"]]:
+            raise ValueError(f"the tensor {name}.wsvd_rotary_index does not hold the rotary pairs config.json records "
+                             f"for {relative_module_name(model, name)!r}: the checkpoint was edited or is damaged")
+    for name, module in factorized.items():
+        for pname, tensor in module.named_parameters():
+            if tensor.device.type != "meta" and not all_finite(tensor):
+                raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
+        if isinstance(module, LowRankCorrectedLinear) and _plain_float(module.base):
+            # The correction fits the quantization error of the stored base: on a full-precision
+            # base (W + correction) it would be wrong.
+            raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
+                             "quantization: load the checkpoint with its own quantization_config")
+
+
+def _plain_float(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` holding a plain floating-point weight (unquantized)."""
+    weight = getattr(module, "weight", None)
+    return type(module) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+
+
+def quantization_group_size(config: PreTrainedConfig) -> int | None:
+    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
+    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    found = [quantization.to_dict() if hasattr(quantization, "to_dict") else quantization]
+    while found:
+        item = found.pop(0)
+        if isinstance(item, dict):
+            if type(item.get("group_size")) is int:
+                return item["group_size"]
+            found.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            found.extend(item)
+    return None
+
+
+def keep_unquantizable(model: PreTrainedModel) -> list[str]:
+    """Under a quantization config with a group size, make each factor or pruned linear whose input
+    size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
+    dtype), said in one log line. Returns their names."""
+    group = quantization_group_size(model.config)
+    if not group:
+        return []
+    reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            linears += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
+        elif relative_module_name(model, name) in reshaped:
+            linears.append((name, module))
+    kept = [name for name, module in linears if type(module) is nn.Linear and module.in_features % group]
+    for name in kept:
+        module = model.get_submodule(name)
+        model.set_submodule(name, FullPrecisionLinear(module.in_features, module.out_features, module.bias is not None,
+                                                      device=module.weight.device, dtype=module.weight.dtype))
+    if kept:
+        logger.warning(f"hf_wsvd: {len(kept)} of the {len(linears)} factor and pruned linears stay unquantized in "
+                       f"the model's dtype: their input size is not a multiple of the quantization group size "
+                       f"{group} (first: {kept[0]})")
+    return kept
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value ``tensor`` stores is finite, for plain tensors and quantized tensor
+    subclasses alike."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        # A quantized wrapper subclass (torchao's Int8Tensor, IntxUnpackedToInt8Tensor, ...) implements
+        # only the ops its kernels need, not isfinite; what it stores is its flattened components
+        # (integer data, float scales and zero points), so a NaN or inf can only hide in those.
+        names, _ = tensor.__tensor_flatten__()
+        return all(all_finite(getattr(tensor, inner)) for inner in names)
+    # Integer data (a quantizer's packed weights) is finite by construction.
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
+    """Auto class name → stock model class, for the Auto classes that support this config."""
+    found = {}
+    for auto_name in AUTO_CLASSES:
+        mapping = getattr(transformers, auto_name)._model_mapping
+        if base_config_class in mapping:
+            model_class = mapping[base_config_class]
+            found[auto_name] = model_class[0] if isinstance(model_class, tuple) else model_class
+    return found
+
+
+class _WsvdConfigMixin:
+    """Writes an ``auto_map`` covering every Auto class of the base architecture."""
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        module = __name__.rsplit(".", 1)[-1]
+        auto_map = {"AutoConfig": f"{module}.{type(self).__name__}"}
+        for auto_name, model_class in _supported_auto_classes(self._wsvd_base).items():
+            auto_map[auto_name] = f"{module}.{CLASS_PREFIX}{model_class.__name__}"
+        output["auto_map"] = auto_map
+        return output
+
+
+class _WsvdModelMixin:
+    """Factorizes the modules listed in the config before the stock ``post_init``, and checks after
+    loading that the file filled every factor (see :func:`check_loaded`)."""
+
+    def post_init(self) -> None:
+        factorize_modules(self, *check_recipe(self.config))
+        keep_unquantizable(self)
+        super().post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        wants_info = kwargs.pop("output_loading_info", False)
+        # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
+        # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it.
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        check_loaded(model, info, ignore)
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
+        # (torchao's) among the load-time weight conversions and fails to reverse it at save
+        # (NotImplementedError), for stock models too. The quantizer already writes its own
+        # serialized form (get_state_dict_and_metadata), so the irreversible conversions are left
+        # out of the save.
+        conversions = getattr(self, "_weight_conversions", None)
+        if not conversions or getattr(self, "hf_quantizer", None) is None:
+            return super().save_pretrained(*args, **kwargs)
+        self._weight_conversions = [c for c in conversions if _reversible(c)]
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self._weight_conversions = conversions
+
+
+def _reversible(conversion: Any) -> bool:
+    """Whether a transformers weight conversion can be undone at save."""
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def wsvd_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """The ``Wsvd<Base>Config`` class for a stock config class; registers its model classes with
+    the Auto classes on first use."""
+    if base not in _config_classes:
+        name = CLASS_PREFIX + base.__name__
+        cls = type(name, (_WsvdConfigMixin, base), {
+            "model_type": MODEL_TYPE, "_auto_class": "AutoConfig", "_wsvd_base": base,
+            "__module__": __name__, "__qualname__": name,
+        })
+        _config_classes[base] = cls
+        for auto_name, model_class in _supported_auto_classes(base).items():
+            getattr(transformers, auto_name).register(cls, wsvd_model_class(model_class), exist_ok=True)
+    return _config_classes[base]
+
+
+def wsvd_model_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The ``Wsvd<Base>`` model class for a stock model class."""
+    if base not in _model_classes:
+        name = CLASS_PREFIX + base.__name__
+        _model_classes[base] = type(name, (_WsvdModelMixin, base), {
+            "config_class": wsvd_config_class(base.config_class),
+            "__module__": __name__, "__qualname__": name,
+        })
+    return _model_classes[base]
+
+
+def __getattr__(name: str) -> type:
+    # Resolves the class names written in auto_map ("WsvdBertForSequenceClassification") when
+    # transformers loads this file as remote code.
+    base = getattr(transformers, name[len(CLASS_PREFIX):], None) if name.startswith(CLASS_PREFIX) else None
+    if isinstance(base, type) and issubclass(base, PreTrainedConfig):
+        return wsvd_config_class(base)
+    if isinstance(base, type) and issubclass(base, PreTrainedModel):
+        return wsvd_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

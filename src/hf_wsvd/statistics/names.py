@@ -1,0 +1,14 @@
+"""The names of the statistics a method can declare it needs (see ``hf_wsvd.statistics``)."""
+
+FISHER = "fisher"  # per-entry empirical Fisher of the task loss, out × in
+FISHER_ROWS = "fisher_rows"  # the same summed over inputs: one value per output row, O(out)
+FISHER_COLS = "fisher_cols"  # summed over outputs: one value per input column, O(in)
+GRAM = "gram"  # input second moment E[x xᵀ], in × in
+MEAN_ABS = "mean_abs"  # input E|x| per feature, O(in)
+CROSS = "cross"  # E[x_dense x_compressedᵀ]: a layer's inputs in the dense and the compressed model, in × in
+
+# Statistics of per-example gradients (a forward and backward pass of the task loss) and of the
+# layers' inputs (forward passes only, no labels): the built-in ones, and each statistic registered
+# later joins its kind (``collectors.register_collector``).
+GRADIENT_STATISTICS = {FISHER, FISHER_ROWS, FISHER_COLS}
+INPUT_STATISTICS = {GRAM, MEAN_ABS}

@@ -1,0 +1,109 @@
+"""The training objective of a model, read from its class and config: per-example losses for
+importance estimation, and which Auto class loads a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from .integrations.checkpoint import readable_weights
+from .runtime.modeling_wsvd import CLASS_PREFIX
+
+CAUSAL_LM = "causal_lm"
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def _class_names(mapping: dict) -> set[str]:
+    names = set()
+    for value in mapping.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+_CAUSAL_CLASSES = _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+_CLASSIFIER_CLASSES = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+
+def _architecture_task(architecture: str, config) -> str | None:
+    architecture = architecture.removeprefix(CLASS_PREFIX)
+    if architecture in _CAUSAL_CLASSES:
+        return CAUSAL_LM
+    if architecture in _CLASSIFIER_CLASSES:
+        regression = config.problem_type == "regression" or (config.problem_type is None and config.num_labels == 1)
+        if config.problem_type == "multi_label_classification":
+            return None
+        return REGRESSION if regression else CLASSIFICATION
+    return None
+
+
+def task_of(model: PreTrainedModel) -> str:
+    """``"causal_lm"``, ``"classification"`` or ``"regression"`` for a loaded model."""
+    task = _architecture_task(type(model).__name__, model.config)
+    if task is None:
+        raise ValueError(
+            f"cannot derive a task loss for {type(model).__name__} (problem_type="
+            f"{model.config.problem_type!r}): hf_wsvd estimates importance for causal LMs and "
+            "single-label sequence classifiers/regressors; pass your own loss_fn"
+        )
+    return task
+
+
+def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedModel:
+    """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
+    read from ``config.architectures`` unless ``task`` is given."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if getattr(config, "wsvd", None) is not None and config.model_type != "hf_wsvd":
+        # A factorized checkpoint whose model_type was edited back: the stock class would load it
+        # with random weights where the factors are (transformers only warns).
+        raise ValueError(f"{path}: config.json records an hf_wsvd recipe but model_type={config.model_type!r}; "
+                         "restore \"model_type\": \"hf_wsvd\"")
+    architectures = config.architectures or []
+    tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
+    if not tasks:
+        raise ValueError(
+            f"{path}: architectures={architectures} is neither a causal LM nor a single-label "
+            "sequence classifier, the tasks the CLI can compute a loss for"
+        )
+    auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
+    with readable_weights(path):
+        return auto.from_pretrained(path, config=config, **kwargs)
+
+
+def per_example_loss(task: str) -> LossFn:
+    """``loss(model, batch) -> Tensor[batch]``: the loss of each example, so that their sum's
+    gradient holds one per-example gradient per row of the batch."""
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "labels" not in batch:
+            raise ValueError(f"importance batches need 'labels' (the task loss reads them); this batch has "
+                             f"{sorted(batch)}: build it with hf_wsvd.cli.workflow.data_loader or add labels")
+        logits = model(**inputs).logits.float()
+        labels = batch["labels"]
+        if task == CLASSIFICATION:
+            return F.cross_entropy(logits, labels, reduction="none")
+        if task == REGRESSION:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+        nll, tokens = causal_lm_nll(logits, labels)  # causal LM: mean token loss of each sequence
+        return nll / tokens.clamp_min(1)
+
+    return loss
+
+
+def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token negative log-likelihood, number of predicted tokens) of each sequence of a
+    causal LM batch; labels of -100 are not predicted."""
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return token_loss.sum(dim=1), (targets != -100).sum(dim=1)
