@@ -5,26 +5,43 @@ pruned, blocks refined) — on Llama shapes with random bf16 weights: wall time 
     python benchmarks/scale.py --shape 7b --block-refine-steps 0 --json-out 7b-off.json  # without block refinement
     torchrun --nproc_per_node 2 benchmarks/scale.py --shape 7b --json-out 7b-2gpu.json \\
         --compare 7b-1gpu.pt                                                           # data-parallel
-    python benchmarks/scale.py --shape 70b --layers 8 --placement offload --json-out 70b.json
+    python benchmarks/scale.py --shape 70b --layers 2 --placement offload --json-out 70b.json   # one GPU, model in CPU memory
     python benchmarks/scale.py --shape 70b --layers 8 --placement dispatch --json-out 70b-d.json
     python benchmarks/scale.py --device cpu                                            # small, CI-sized
+    python benchmarks/scale.py --device cpu --shape probe                              # host-memory probe
     python benchmarks/scale.py --from-json 7b-1gpu.json 7b-2gpu.json 70b.json          # publish the table
 
-Placements: ``gpu`` (the model on each process's GPU), ``offload`` (the model in CPU memory, one
-block on the GPU at a time), ``dispatch`` (blocks spread over the visible GPUs by accelerate).
+Placements: ``gpu`` (the model on each process's GPU), ``offload`` (the model in CPU memory, pinned:
+one block computing on the GPU while the next one's weights arrive; ``--no-prefetch``: each block
+moved when its visit starts), ``dispatch`` (blocks spread over the visible GPUs by accelerate).
 ``--layers`` builds a contiguous slice of the shape's layers; the table then extrapolates the
 per-layer time to the full depth and says so. ``--save`` / ``--compare`` store and compare the
 row-summed Fisher (and the ranks) of two runs, e.g. one GPU against two.
+
+Every run also samples this process's resident host memory (every 2 ms on a thread): its peak, and
+the peak above the level at the start of ``compress`` as a multiple of the model's size (on CPU the
+working set of the sequential walk beyond the model; with ``--placement offload`` the host memory
+the run needs is the peak itself). ``--shape probe`` is a float32 Llama of 404 MiB on CPU (8 blocks
+of 768 × 2048) whose blocks are large enough for that multiple to be the pipeline's own. Where glibc
+tells (``mallinfo2``), the bytes malloc has handed out are sampled too: the live peak, without the
+freed memory that glibc keeps in its heap (tensors under its mmap threshold, up to 32 MiB, go there,
+and fragmentation keeps the resident set at the heap's high-water mark).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -37,6 +54,8 @@ SHAPES = {
                num_key_value_heads=32, vocab_size=32000),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000),
+    "probe": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                  num_key_value_heads=12, vocab_size=32000),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=1000),
 }
@@ -61,6 +80,32 @@ def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
+def full_depth_bytes(shape: str, dtype: torch.dtype) -> int:
+    """The size of the shape's weights at full depth in ``dtype`` (counted on the meta device)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def extrapolate(result: dict, sequences: int) -> dict:
+    """The full-depth run with ``sequences`` calibration sequences, from a slice or fewer sequences:
+    time per layer × full depth × ``sequences`` / sequences run (linear: an upper bound, as the
+    per-layer solves do not grow with the tokens); host memory: the run's peak less the slice's
+    weights plus the full model's (with ``--placement offload`` the weights are in host memory; the
+    working set beyond them is one block's); GPU peak: the run's plus the two hidden-state streams
+    of the extra tokens (compressed and dense, T × hidden each in bf16)."""
+    scale_tokens = sequences / result["sequences"]
+    extra_tokens = (sequences - result["sequences"]) * result["length"]
+    streams = 2 * extra_tokens * SHAPES[result["shape"]]["hidden_size"] * 2 / 2**30
+    host = result["host_peak_gib"] - (result["model_gib"] if result["placement"] == "offload" else 0)
+    return {
+        "sequences": sequences,
+        "seconds": result["compress_seconds"] / result["layers"] * result["full_layers"] * scale_tokens,
+        "host_gib": host + (result["full_model_gib"] if result["placement"] == "offload" else 0),
+        "peak_gib_per_gpu": [g + streams for g in result["peak_gib_per_gpu"] if g is not None],
+    }
+
+
 def dispatch(model: torch.nn.Module) -> torch.nn.Module:
     """Blocks split evenly over the visible GPUs (embeddings on the first, norm and head on the last)."""
     from accelerate import dispatch_model
@@ -69,6 +114,69 @@ def dispatch(model: torch.nn.Module) -> torch.nn.Module:
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": gpus - 1}
     device_map.update({f"model.layers.{i}": i * gpus // layers for i in range(layers)})
     return dispatch_model(model, device_map=device_map)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """A function giving the bytes glibc's malloc has handed out and not had back (heap and mmap),
+    or None where there is no glibc ``mallinfo2``."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = function()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def _main_frames(thread: int) -> list[str]:
+    """The hf_wsvd frames of ``thread``'s stack, innermost first."""
+    frame, where = sys._current_frames().get(thread), []
+    while frame is not None:
+        if "hf_wsvd" in frame.f_code.co_filename:
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return where
+
+
+@contextlib.contextmanager
+def host_memory(interval: float = 0.002):
+    """Samples this process's host memory on a thread while the block runs; yields a dict that holds,
+    afterwards, the resident memory at the ``start`` and its ``peak``, and, where glibc tells, the
+    bytes malloc had handed out (``live``: what the process holds, without what the allocator keeps
+    of freed memory) at the start and at their peak (``live_start``, ``live_peak``); ``where`` and
+    ``live_where``: the hf_wsvd frames running at each peak."""
+    process, main = psutil.Process(), threading.get_ident()
+    in_use = _malloc_in_use()
+    found = {"start": process.memory_info().rss, "peak": 0, "where": [],
+             "live_start": in_use() if in_use else None, "live_peak": 0, "live_where": []}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = process.memory_info().rss
+            if rss > found["peak"]:
+                found["peak"], found["where"] = rss, _main_frames(main)
+            live = in_use() if in_use else 0
+            if live > found["live_peak"]:
+                found["live_peak"], found["live_where"] = live, _main_frames(main)
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        done.set()
+        thread.join()
 
 
 def measure(args) -> dict:
@@ -94,11 +202,14 @@ def measure(args) -> dict:
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    model, report = compress(model, config, data, accelerator=accelerator, show_progress=accelerator.is_main_process)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    with host_memory() as host:
+        start = time.perf_counter()
+        model, report = compress(model, config, data, accelerator=accelerator,
+                                 show_progress=accelerator.is_main_process)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     peaks = [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())] if cuda else []
     fisher = {n: report.statistics.get(n, FISHER_ROWS).float().cpu() for n in report.ranks}
     result = {
@@ -106,10 +217,16 @@ def measure(args) -> dict:
         "full_layers": SHAPES[args.shape]["num_hidden_layers"], "placement": args.placement,
         "processes": accelerator.num_processes, "sequences": args.sequences, "length": args.length,
         "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
+        "prefetch": args.placement == "offload" and not args.no_prefetch,
         "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
         "factorized_layers": len(report.ranks), "params_before": report.params_before,
         "params_after": report.params_after, "block_refine_steps": model.config.wsvd["block_refine_steps"],
-        "refined": report.refined,
+        "refined": report.refined, "model_gib": model_bytes / 2**30,
+        "full_model_gib": full_depth_bytes(args.shape, dtype) / 2**30,
+        "host_start_gib": host["start"] / 2**30, "host_peak_gib": host["peak"] / 2**30,
+        "host_peak_over_model": (host["peak"] - host["start"]) / model_bytes, "host_peak_in": host["where"][::-1],
+        "host_live_peak_over_model": (host["live_peak"] - host["live_start"]) / model_bytes
+        if host["live_start"] is not None else None, "host_live_peak_in": host["live_where"][::-1],
     }
     if accelerator.num_processes > 1:  # every process's own peak and time
         gathered = [None] * accelerator.num_processes
@@ -125,6 +242,8 @@ def measure(args) -> dict:
         result["compared_with"] = args.compare
         result["fisher_rows_max_relative_difference"] = difference
         result["ranks_equal"] = reference["ranks"] == report.ranks
+    if cuda and (result["layers"] < result["full_layers"] or args.sequences < args.extrapolate_sequences):
+        result["extrapolated"] = extrapolate(result, args.extrapolate_sequences)
     if args.save and accelerator.is_main_process:
         torch.save({"fisher": fisher, "ranks": report.ranks}, args.save)
     return result
@@ -135,20 +254,33 @@ def table(payloads: list[dict]) -> str:
 
     rows = []
     for p in payloads:
-        per_layer = p["compress_seconds"] / p["layers"]
         sliced = p["layers"] < p["full_layers"]
         rows.append([
             f"Llama {p['shape']} shape" + (f", {p['layers']} of {p['full_layers']} layers" if sliced else ""),
             p["placement"], p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
             p.get("block_refine_steps", 0), round(p["compress_seconds"], 1),
-            f"{per_layer * p['full_layers']:.0f} (extrapolated)" if sliced else "-",
+            _extrapolated(p) if sliced or "extrapolated" in p else "-",
             " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"] if g is not None) or "-",
+            f"{p['host_peak_gib']:.1f} ({p['host_peak_over_model']:.2f}× the model above the start)"
+            if "host_peak_gib" in p else "-",
             p.get("fisher_rows_max_relative_difference", "-"),
             p["environment"].get("cuda") or "cpu",
         ])
     return markdown_table(["model", "placement", "processes", "calibration", "reduction", "refinement steps",
                            "wall time (s)",
-                           "full depth (s)", "peak GiB per GPU", "Fisher rows vs 1 GPU (max rel.)", "device"], rows)
+                           "full depth (s)", "peak GiB per GPU", "host peak GiB", "Fisher rows vs 1 GPU (max rel.)",
+                           "device"], rows)
+
+
+def _extrapolated(p: dict) -> str:
+    """A slice's full-depth time: per layer × depth, and (``extrapolate``) with the sequences and the
+    host memory and GPU peak of the full run."""
+    text = f"{p['compress_seconds'] / p['layers'] * p['full_layers']:.0f} (extrapolated)"
+    if "extrapolated" in p:
+        e = p["extrapolated"]
+        gpu = " / ".join(f"{g:.1f}" for g in e["peak_gib_per_gpu"]) or "-"
+        text += f"; {e['sequences']} sequences: {e['seconds']:.0f} s, host {e['host_gib']:.0f} GiB, GPU {gpu} GiB"
+    return text
 
 
 def main() -> None:
@@ -163,6 +295,10 @@ def main() -> None:
     parser.add_argument("--reduction", type=float, default=0.2)
     parser.add_argument("--block-refine-steps", type=int,
                         help="block refinement steps per block (0: off; default: the recommended recipe's)")
+    parser.add_argument("--extrapolate-sequences", type=int, default=128,
+                        help="extrapolate a slice, or a run with fewer sequences, to full depth and this many")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="offload: move each block when its visit starts (hf_wsvd.blocks.PREFETCH off), to compare")
     parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
     parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
     parser.add_argument("--json-out")
@@ -178,6 +314,10 @@ def main() -> None:
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"
         args.sequences, args.length = min(args.sequences, 8), min(args.length, 64)
+    if args.no_prefetch:
+        import hf_wsvd.blocks
+
+        hf_wsvd.blocks.PREFETCH = False
     payload = measure(args)
     payload["environment"] = environment()  # with the command; "processes" says how many torchrun started
     if int(os.environ.get("RANK", "0")) == 0:

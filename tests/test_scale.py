@@ -106,3 +106,39 @@ def test_two_processes_compress_like_one(two_process_results):
         for name, product in single["products"].items():
             scale = product.abs().max().item()
             torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_layers_reading_one_tensor_share_their_sums_and_a_diverging_layer_splits_off_exactly():
+    """``SharedSums`` keeps one copy for layers given the same contributions (q/k/v) and gives each
+    layer exactly the sums of its own contributions, also when one layer's inputs diverge."""
+    from hf_wsvd.statistics.shared import SharedSums
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        [("q", 0), ("k", 0), ("v", 0), ("o", 1)],
+        [("q", 0), ("k", 0), ("v", 0), ("o", 1)],
+        [("q", 0), ("k", 0), ("v", 1), ("o", 2), ("o", 2)],  # v reads another tensor, o runs twice
+        [("q", 0), ("k", 0), ("v", 0)],  # o not reached
+    ]
+    sums, expected = SharedSums(), {}
+    for batch in batches:
+        contributions = {}
+        for name, source in batch:
+            if source not in contributions:
+                contributions[source] = {"gram": torch.randn(3, 3, generator=generator, dtype=torch.float64),
+                                         "tokens": torch.tensor(1.0, dtype=torch.float64)}
+            sums.add(name, contributions[source])
+            expected[name] = [*expected.get(name, []), contributions[source]["gram"].clone()]  # the sums may own it
+        if batch is batches[1]:
+            assert sums.totals("q") is sums.totals("k") is sums.totals("v")  # one copy for q/k/v
+            assert sums.totals("o") is not sums.totals("q")
+        sums.finish()
+    for name, parts in expected.items():
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        assert torch.equal(sums.totals(name)["gram"], total), name
+        assert float(sums.totals(name)["tokens"]) == len(parts)
+    assert sums.totals("q") is sums.totals("k") and sums.totals("v") is not sums.totals("q")
+    stats = sums.statistics(["q", "k", "v", "o"])
+    assert stats.values["q"]["gram"] is stats.values["k"]["gram"] and stats.tokens == {"q": 4, "k": 4, "v": 4, "o": 4}

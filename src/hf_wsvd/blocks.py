@@ -60,23 +60,134 @@ def execution_device(module: nn.Module, default: torch.device) -> torch.device:
     return torch.device(default)
 
 
+# Blocks kept in CPU memory travel to an accelerator from pinned memory, and the next block of a
+# walk is copied on a side CUDA stream while the current one computes (False: each block is moved
+# when its visit starts; the same weights either way).
+PREFETCH = True
+
+
+def _cpu_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    """(module, "_parameters"/"_buffers", key, tensor) of every weight of ``block`` in CPU memory."""
+    return [(module, kind, key, tensor) for module in block.modules() for kind in ("_parameters", "_buffers")
+            for key, tensor in getattr(module, kind).items() if tensor is not None and tensor.device.type == "cpu"]
+
+
+def _copy(source: torch.Tensor, device: torch.device, cuda: bool) -> torch.Tensor:
+    """``source``'s copy on ``device`` (asynchronous from pinned memory on CUDA)."""
+    return source.to(device, non_blocking=cuda)
+
+
+class _Staged:
+    """Device copies of one CPU-resident block's weights: (module, kind, key, the CPU tensor copied,
+    its device copy), and the CUDA event marking the end of the copies."""
+
+    def __init__(self, block: nn.Module, device: torch.device, stream) -> None:
+        self.block, self.entries, self.event = block, [], None
+        cuda = torch.device(device).type == "cuda"
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for module, kind, key, tensor in _cpu_tensors(block):
+                source = tensor.data
+                if cuda and not source.is_pinned():  # pinned once: every later visit copies asynchronously
+                    source = source.pin_memory()
+                    tensor.data = source
+                self.entries.append((module, kind, key, source, _copy(source, device, cuda)))
+            if stream is not None:
+                self.event = torch.cuda.Event()
+                self.event.record(stream)
+
+    def current(self) -> bool:
+        """Whether the block holds just the CPU tensors that were copied (nothing swapped in since)."""
+        now = _cpu_tensors(self.block)
+        return len(now) == len(self.entries) and all(
+            m is module and k == kind and n == key and t.data.data_ptr() == source.data_ptr()
+            for (m, k, n, t), (module, kind, key, source, _) in zip(now, self.entries))
+
+    def install(self) -> list:
+        """Point the block's weights at the device copies (after the copies end, on this stream);
+        returns what ``_restore`` needs."""
+        if self.event is not None and self.entries:
+            torch.cuda.current_stream(self.entries[0][4].device).wait_event(self.event)
+        installed = []
+        for module, kind, key, source, copy_ in self.entries:
+            if self.event is not None:  # allocated on the side stream, used on this one
+                copy_.record_stream(torch.cuda.current_stream(copy_.device))
+            tensor = getattr(module, kind)[key]
+            tensor.data = copy_
+            installed.append((tensor, source, copy_, tensor._version))
+        self.entries = []
+        return installed
+
+
+def _restore(block: nn.Module, installed: list, home: torch.device) -> None:
+    """Back to CPU memory after a visit: a weight left as installed and unmodified gets its CPU
+    tensor back (no copy); one modified in place, and every weight added during the visit (layers
+    swapped in), is copied home."""
+    for tensor, source, copy_, version in installed:
+        if tensor.data.data_ptr() == copy_.data_ptr() and tensor._version == version:
+            tensor.data = source
+    block.to(home)
+
+
+class Prefetcher:
+    """The block staged for the next visit of a walk over CPU-resident blocks (one at a time, so at
+    most two blocks are on the accelerator: the current one and the next)."""
+
+    def __init__(self) -> None:
+        self.staged: _Staged | None = None
+        self.streams: dict = {}
+
+    def stage(self, block: nn.Module, device: torch.device) -> None:
+        """Start copying ``block``'s weights to ``device`` (on a side stream on CUDA)."""
+        device = torch.device(device)
+        stream = None
+        if device.type == "cuda":
+            stream = self.streams.get(device) or self.streams.setdefault(device, torch.cuda.Stream(device))
+            stream.wait_stream(torch.cuda.current_stream(device))  # copies into memory freed by this stream
+        self.staged = _Staged(block, device, stream)
+
+    def take(self, block: nn.Module, device: torch.device) -> _Staged:
+        """``block``'s staged copies if they are for it and still current, else copies made now."""
+        staged, self.staged = self.staged, None
+        if staged is None or staged.block is not block or not staged.current():
+            staged = _Staged(block, device, None)
+        return staged
+
+
+_PREFETCHER = Prefetcher()
+
+
+def _resident(block: nn.Module, device: torch.device) -> bool:
+    """Whether ``block`` is kept in CPU memory and visits ``device`` (an accelerator) to run."""
+    return not hooked(block) and home_device(block).type == "cpu" and torch.device(device).type != "cpu"
+
+
 @contextlib.contextmanager
-def placed(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
+def placed(block: nn.Module, device: torch.device, upcoming: nn.Module | None = None) -> Iterator[torch.device]:
     """Run-time placement of ``block``: yields the device its inputs should be on. A block kept in
     CPU memory moves to ``device`` for the duration and back after; a dispatched block stays
-    under its hook; any other block runs where its weights are."""
+    under its hook; any other block runs where its weights are. ``upcoming``: the block the walk
+    visits next, whose weights are copied while this one runs (``PREFETCH``)."""
     if hooked(block):
         yield execution_device(block, device)
         return
     home = home_device(block)
-    if home.type != "cpu" or torch.device(device).type == "cpu":
+    if not _resident(block, device):
         yield home
         return
-    block.to(device)
+    if not PREFETCH:
+        block.to(device)
+        try:
+            yield torch.device(device)
+        finally:
+            block.to(home)
+        return
+    installed = _PREFETCHER.take(block, device).install()
+    if upcoming is not None and upcoming is not block and _resident(upcoming, device):
+        _PREFETCHER.stage(upcoming, device)
     try:
         yield torch.device(device)
     finally:
-        block.to(home)
+        _restore(block, installed, home)
 
 
 def _hook_parts(module: nn.Module) -> list:

@@ -21,12 +21,11 @@ def gram_square_root(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if not torch.isfinite(gram).all():
         raise ValueError("the activation Gram matrix contains NaN or inf values")
     g = gram.double()
-    g = (g + g.T) / 2
+    g = (g + g.T).div_(2)
     scale = g.diagonal().abs().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     jitter = 0.0
     for attempt in range(JITTER_TRIES):
-        factor, info = torch.linalg.cholesky_ex(g + jitter * eye)
+        factor, info = torch.linalg.cholesky_ex(plus_diagonal(g, jitter) if jitter else g)
         if info.item() == 0 and torch.isfinite(factor).all():
             return factor, True
         jitter = scale * JITTER_START * 10**attempt
@@ -39,7 +38,7 @@ def ridged(gram: torch.Tensor, ridge: float, device: torch.device) -> tuple[torc
     """``gram`` symmetrized in float64 on ``device``, and λ = ``ridge`` × its mean diagonal (×1 for
     an all-zero Gram: the ridge then holds the solution at the unweighted weight)."""
     gram = gram.double().to(device)
-    gram = (gram + gram.T) / 2
+    gram = (gram + gram.T).div_(2)  # one n × n temporary, not two
     scale = float(gram.diagonal().mean())
     return gram, ridge * (scale if scale > 0 else 1.0)
 
@@ -49,9 +48,15 @@ def refitted(reference: torch.Tensor, start: torch.Tensor, gram: torch.Tensor, c
     """argmin over W' of ‖R·x_d − W'·x‖² + λ‖W' − W₀‖² = (R·M + λ·W₀)·(C + λI)⁻¹ in float64: the
     weight W' (out × in) whose outputs on the inputs x (Gram C = E[x xᵀ]) best match those of
     ``reference`` R on the inputs x_d (cross moment M = E[x_d xᵀ]), pulled toward ``start`` W₀."""
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     target = reference.double() @ cross.double() + lam * start.double()
-    return torch.linalg.solve(gram.double() + lam * eye, target.T).T
+    return torch.linalg.solve(plus_diagonal(gram.double(), lam), target.T).T
+
+
+def plus_diagonal(matrix: torch.Tensor, value: float) -> torch.Tensor:
+    """``matrix + value·I`` as a new tensor, without an n × n identity beside it."""
+    result = matrix.clone()
+    result.diagonal().add_(value)
+    return result
 
 
 def _gram(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:

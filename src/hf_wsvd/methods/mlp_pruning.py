@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..allocation import round_rank
-from ..linalg import refitted, ridged
+from ..linalg import plus_diagonal, refitted, ridged
 
 # Steps of the greedy channel order: one channel a step costs n rank-1 updates of an n × n matrix
 # (hours for a 70B model's 28672 channels), 256 steps about one Cholesky.
@@ -83,7 +83,7 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> torc
     ‖W·R[:, j]‖² / R_jj with R the residual covariance of C + λI, taken ``ceil(n / ORDER_STEPS)``
     at a time; ties to the lower index."""
     size = gram.shape[0]
-    residual = gram + lam * torch.eye(size, dtype=gram.dtype, device=gram.device)
+    residual = plus_diagonal(gram, lam)
     projected = weight.double() @ residual
     free = torch.ones(size, dtype=torch.bool, device=gram.device)
     block = -(-size // ORDER_STEPS)
@@ -108,8 +108,10 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     gram, lam = ridged(gram, ridge, weight.device)
     cross = gram if cross is None else cross.double().to(weight.device)
     kept = _channel_order(weight, gram, lam)[:keep].sort().values
+    kept_gram, kept_cross = gram[kept[:, None], kept], cross[:, kept]
+    del gram, cross  # the n × n matrices: only their kept parts are needed from here
     dense = weight.double()
-    refit = refitted(dense, dense[:, kept], gram[kept][:, kept], cross[:, kept], lam)
+    refit = refitted(dense, dense[:, kept], kept_gram, kept_cross, lam)
     if not torch.isfinite(refit).all():
         raise FloatingPointError("the refitted MLP consumer is not finite: check the layer's weights and statistics "
                                  "for NaN/inf, or raise compensation_ridge")
@@ -123,8 +125,7 @@ def channel_spectrum(weight: torch.Tensor, gram: torch.Tensor, ridge: float) -> 
     later channel never counts more than an earlier one). Float64."""
     gram, lam = ridged(gram, ridge, weight.device)
     order = _channel_order(weight, gram, lam)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factor = torch.linalg.cholesky(gram[order][:, order] + lam * eye)
+    factor = torch.linalg.cholesky(plus_diagonal(gram[order[:, None], order], lam))
     gains = (weight.double()[:, order] @ factor).square().sum(dim=0)
     return gains.cummin(dim=0).values.sqrt()
 

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from ..linalg import ridged
+from ..linalg import plus_diagonal, ridged
 from ..solvers import LayerProblem
 from ..statistics import Statistics
 from ..statistics.paired import PairedInputHooks
@@ -28,10 +28,10 @@ def compensated(problem: LayerProblem, gram: torch.Tensor, cross: torch.Tensor, 
     """``problem`` with the compensated target weight W* and the ridge-raised Gram (see the module)."""
     gram, lam = ridged(gram, ridge, problem.weight.device)
     cross = cross.double().to(problem.weight.device)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    raised = gram + lam * eye
+    raised = plus_diagonal(gram, lam)
+    del gram
     # W* = W·(M + λI)·(C + λI)⁻¹, i.e. W*ᵀ = (C + λI)⁻¹·(M + λI)ᵀ·Wᵀ, C symmetric.
-    target = torch.linalg.solve(raised, (cross + lam * eye).T @ problem.weight.double().T).T
+    target = torch.linalg.solve(raised, plus_diagonal(cross, lam).T @ problem.weight.double().T).T
     if not torch.isfinite(target).all():
         raise FloatingPointError(f"{problem.name}: the compensated weight is not finite; raise compensation_ridge")
     return dataclasses.replace(problem, weight=target.to(problem.weight.dtype), gram=raised.to(problem.weight.dtype))

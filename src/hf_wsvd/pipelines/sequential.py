@@ -85,6 +85,11 @@ def _run(block: torch.nn.Module, inputs: list, device: torch.device, hooks: Inpu
             inputs[index] = (output, kwargs, mask)
 
 
+def _next(blocks: torch.nn.ModuleList, index: int) -> torch.nn.Module | None:
+    """The block a walk visits after block ``index`` (its weights are copied meanwhile)."""
+    return blocks[index + 1] if index + 1 < len(blocks) else None
+
+
 def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iterator[tuple[list[str], Statistics]]:
     """For each block in turn: its layers and their statistics (the gradient statistics plus the
     block's input statistics on the current inputs), with the block placed on its device while
@@ -97,8 +102,8 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
         with outside_blocks_on(job.model, prefix, device):
             inputs = _capture(job, blocks[0])
     show = job.show_progress and job.accelerator.is_local_main_process
-    for block, names in zip(tqdm(blocks, desc=desc, disable=not show), groups):
-        with placed(block, device) as block_device:
+    for index, (block, names) in enumerate(zip(tqdm(blocks, desc=desc, disable=not show), groups)):
+        with placed(block, device, _next(blocks, index)) as block_device:
             stats = job.statistics
             if names and inputs is not None:
                 hooks = InputHooks({n: job.module(n) for n in names}, job.input_needs)
@@ -111,6 +116,7 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
                 if not stats.has(names, job.input_needs):
                     raise ValueError("the calibration data is empty: no token reached the target layers")
                 yield names, stats
+                del stats  # the block's Grams: not held while the next block's are collected
                 if refresh:
                     _run(block, inputs, block_device)
             else:
@@ -140,7 +146,7 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: 
     by_query = {group.q: group for group in cuts.attentions}
     outputs = {group.o for group in cuts.attentions}
     for index, (block, names) in enumerate(zip(tqdm(blocks, desc="blocks (compensated)", disable=not show), groups)):
-        with placed(block, device) as block_device:
+        with placed(block, device, _next(blocks, index)) as block_device:
             if not names:
                 _run(block, current, block_device)
                 _run(block, dense, block_device)
@@ -166,6 +172,7 @@ def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: 
                 cut_attentions_and_swap(job, attentions, channels, stats)
                 for name in refit:
                     refit_cut_output(job, name, reference.get_submodule(paths[name]), stats)
+                del stats  # this stage's Grams and cross moments: not held through the next stage's
             _run(reference, dense, block_device)  # the dense stream advances: the block's targets
             del reference
             layers = refined_layers(job, paths) if job.config.block_refine_steps else {}
@@ -200,6 +207,7 @@ def run(job: Job) -> dict[str, int]:
                                                     channel_spectra(job, cuts.in_block(names), stats)):
                     values.update(group_values)
                     weights.update(group_weights or {})
+                del stats  # the block's Grams (the loop variable would hold the last block's to the end)
             ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None,
                                                 cuts.groups)
     cuts = cuts.kept(channels)
@@ -215,4 +223,5 @@ def run(job: Job) -> dict[str, int]:
                 solve_and_swap(job, {n: ranks[n] for n in names if n in ranks}, stats, progress=False)
                 prune_and_swap(job, [cuts.consumers[n] for n in names if n in cuts.consumers], channels, stats)
                 cut_attentions_and_swap(job, [g for g in cuts.attentions if g.q in names], channels, stats)
+                del stats
     return ranks

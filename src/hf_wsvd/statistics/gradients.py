@@ -113,10 +113,11 @@ class BlockwiseBackward:
         self._restore: list[tuple] = []
 
     def __enter__(self) -> "BlockwiseBackward":
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             original = block.forward
             self._restore.append((block, "forward" in block.__dict__, original))
-            block.forward = self._forward(block, original)
+            # the walk goes on to the next block, and from the last into the backward pass
+            block.forward = self._forward(block, original, self.blocks[min(index + 1, len(self.blocks) - 1)])
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,11 +129,11 @@ class BlockwiseBackward:
         self._restore.clear()
         self.records.clear()
 
-    def _forward(self, block: nn.Module, original):
+    def _forward(self, block: nn.Module, original, upcoming: nn.Module):
         def forward(*args, **kwargs):
             hidden, kw = split_hidden(block, args, kwargs)
             kw = without_cache(kw)
-            with torch.no_grad(), placed(block, self.device) as device:
+            with torch.no_grad(), placed(block, self.device, upcoming) as device:
                 out = original(hidden.to(device), **kw)
             self.records.append((block, original, hidden.detach(), kw))
             self.output = first_output(out).detach().requires_grad_()
@@ -145,8 +146,10 @@ class BlockwiseBackward:
         grad = self.output.grad if self.output is not None else None
         if grad is None:
             raise RuntimeError("the loss does not depend on the last block's output; pass a loss_fn that uses it")
-        for block, original, hidden, kw in reversed(self.records):
-            with torch.enable_grad(), placed(block, self.device) as device:
+        records = self.records[::-1]
+        for index, (block, original, hidden, kw) in enumerate(records):
+            upcoming = records[index + 1][0] if index + 1 < len(records) else None  # the block before
+            with torch.enable_grad(), placed(block, self.device, upcoming) as device:
                 leaf = hidden.to(device).requires_grad_()
                 out = first_output(original(leaf, **kw))
                 torch.autograd.backward(out, grad.to(out.device))

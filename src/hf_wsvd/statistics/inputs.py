@@ -10,9 +10,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
-from .collectors import COLLECTORS, Collector, collectors_for
-from .passes import batches, default_accelerator, exact_16bit_products, sum_across_processes
+from .collectors import COLLECTORS, collectors_for
+from .passes import batches, default_accelerator, exact_16bit_products
 from .result import Statistics
+from .shared import TOKENS, SharedSums
 
 
 def token_rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -29,14 +30,14 @@ class InputHooks:
     Call ``new_batch(mask)`` (batch × tokens, 1 for real tokens) before each forward so padding is
     excluded; inputs whose leading shape differs from the mask (e.g. a decoder's) count every
     position. Modules reading the same tensor (q/k/v projections) share one computation of each
-    contribution. Accumulators live on the device of the module's input.
+    contribution and one copy of the sums (``SharedSums``). Accumulators live on the device of the
+    module's input.
     """
 
     def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str]) -> None:
         self.modules = modules
         self.names = collectors_for(set(needs), gradients=False)
-        self.collectors: dict[str, dict[str, Collector]] = {m: {n: COLLECTORS[n]() for n in self.names} for m in modules}
-        self.tokens: dict[str, torch.Tensor] = {}
+        self.sums = SharedSums()
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
@@ -51,19 +52,13 @@ class InputHooks:
             rows = token_rows(x.detach(), self.mask, dtype)
             # One batch in ``dtype``, the running sums in float64.
             result = {n: COLLECTORS[n].reduce(rows).double() for n in self.names}
-        result["tokens"] = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
+        result[TOKENS] = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
         self._last = (x, x._version, result)
         return result
 
     def _hook(self, module_name: str):
         def hook(module, args):
-            contributions = self._contributions(args[0])
-            for name, collector in self.collectors[module_name].items():
-                collector.add(contributions[name])
-            if module_name in self.tokens:
-                self.tokens[module_name] += contributions["tokens"]
-            else:
-                self.tokens[module_name] = contributions["tokens"].clone()
+            self.sums.add(module_name, self._contributions(args[0]))
             # Returning None leaves the module input unchanged.
 
         return hook
@@ -71,6 +66,7 @@ class InputHooks:
     def new_batch(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
         self._last = None
+        self.sums.finish()  # the last batch's contributions become sums (the first batch's, without a copy)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -79,27 +75,17 @@ class InputHooks:
 
     def reduce(self, accelerator: Accelerator, device: torch.device) -> None:
         """Sum the accumulators and token counts over processes (one reduction for all modules)."""
-        if accelerator.num_processes == 1:
-            return
-        for name, module in self.modules.items():
-            in_features, out_features = linear_shape(module)
-            for collector in self.collectors[name].values():
-                if collector.total is None:
-                    collector.total = collector.zeros(in_features, out_features, device)
-            if name not in self.tokens:
-                self.tokens[name] = torch.zeros((), dtype=torch.float64, device=device)
-        sum_across_processes(accelerator, [c.total for cs in self.collectors.values() for c in cs.values()]
-                             + list(self.tokens.values()))
+        def zeros(name: str) -> dict[str, torch.Tensor]:
+            in_features, out_features = linear_shape(self.modules[name])
+            return {**{n: COLLECTORS[n]().zeros(in_features, out_features, device) for n in self.names},
+                    TOKENS: torch.zeros((), dtype=torch.float64, device=device)}
+
+        self.sums.reduce(accelerator, list(self.modules), zeros)
 
     def result(self) -> Statistics:
-        """Means over the accumulated tokens (modules that saw none get no entry)."""
-        values, tokens = {}, {}
-        for name, collectors in self.collectors.items():
-            count = float(self.tokens[name].item()) if name in self.tokens else 0.0
-            if count > 0:
-                values[name] = {n: c.result(count) for n, c in collectors.items()}
-                tokens[name] = int(count)
-        return Statistics(values, 0, tokens)
+        """Means over the accumulated tokens (modules that saw none get no entry); the sums are
+        divided in place, so the hooks are spent."""
+        return self.sums.statistics(list(self.modules))
 
 
 @torch.no_grad()

@@ -12,8 +12,9 @@ from ..runtime.factorized_linear import linear_shape
 
 from .inputs import token_rows
 from .names import CROSS, GRAM
-from .passes import exact_16bit_products, sum_across_processes
+from .passes import exact_16bit_products
 from .result import Statistics
+from .shared import TOKENS, SharedSums
 
 
 class PairedInputHooks:
@@ -26,8 +27,7 @@ class PairedInputHooks:
     def __init__(self, reference: dict[str, nn.Module], current: dict[str, nn.Module]) -> None:
         self.current = current
         self.stash: dict[str, torch.Tensor] = {}
-        self.totals: dict[str, dict[str, torch.Tensor]] = {}
-        self.tokens: dict[str, torch.Tensor] = {}
+        self.sums = SharedSums()  # one copy for layers reading the same pair of tensors (q/k/v)
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None
         self._handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in reference.items()]
@@ -37,6 +37,7 @@ class PairedInputHooks:
         self.mask = mask
         self.stash.clear()
         self._last = None
+        self.sums.finish()  # the last batch's contributions become sums (the first batch's, without a copy)
 
     def _keep(self, name: str):
         def hook(module, args):
@@ -52,7 +53,7 @@ class PairedInputHooks:
             rows = token_rows(x.detach(), self.mask, dtype)
             ref = token_rows(reference.to(x.device), self.mask, dtype)
             moments = {GRAM: (rows.T @ rows).double(), CROSS: (ref.T @ rows).double(),
-                       "tokens": torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
+                       TOKENS: torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)}
         self._last = (x, reference, moments)
         return moments
 
@@ -60,11 +61,7 @@ class PairedInputHooks:
         def hook(module, args):
             if name not in self.stash:
                 raise RuntimeError(f"run the reference block before the current one: {name!r} has no reference input")
-            moments = self._moments(args[0], self.stash[name])
-            totals = self.totals.setdefault(name, {})
-            for key in (GRAM, CROSS):
-                totals[key] = totals[key] + moments[key] if key in totals else moments[key].clone()
-            self.tokens[name] = self.tokens[name] + moments["tokens"] if name in self.tokens else moments["tokens"].clone()
+            self.sums.add(name, self._moments(args[0], self.stash[name]))
 
         return hook
 
@@ -75,17 +72,13 @@ class PairedInputHooks:
         self._last = None
 
     def result(self, accelerator: Accelerator) -> Statistics:
-        """The means over every process's tokens."""
+        """The means over every process's tokens (the sums are divided in place: the hooks are spent)."""
         names = sorted(self.current)
-        if accelerator.num_processes > 1:
-            for name in names:  # a process whose share reached no token still joins the sums
-                if name not in self.totals:
-                    size = linear_shape(self.current[name])[0]
-                    zeros = torch.zeros(size, size, dtype=torch.float64, device=accelerator.device)
-                    self.totals[name] = {GRAM: zeros, CROSS: zeros.clone()}
-                    self.tokens[name] = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            sum_across_processes(accelerator, [self.totals[n][k] for n in names for k in (GRAM, CROSS)]
-                                 + [self.tokens[n] for n in names])
-        values = {n: {k: self.totals[n][k] / self.tokens[n] for k in (GRAM, CROSS)}
-                  for n in names if n in self.tokens and float(self.tokens[n]) > 0}
-        return Statistics(values, 0, {n: int(float(self.tokens[n])) for n in values})
+
+        def zeros(name: str) -> dict[str, torch.Tensor]:  # a process whose share reached no token still joins the sums
+            size = linear_shape(self.current[name])[0]
+            zero = torch.zeros(size, size, dtype=torch.float64, device=accelerator.device)
+            return {GRAM: zero, CROSS: zero.clone(), TOKENS: torch.zeros((), dtype=torch.float64, device=accelerator.device)}
+
+        self.sums.reduce(accelerator, names, zeros)
+        return self.sums.statistics(names)
