@@ -26,6 +26,7 @@ from torch import nn
 
 from ..allocation import round_rank
 from ..linalg import plus_diagonal, refitted, ridged
+from .attention_pruning import cut_linear
 
 # Steps of the greedy channel order: one channel a step costs n rank-1 updates of an n × n matrix
 # (hours for a 70B model's 28672 channels), 256 steps about one Cholesky.
@@ -141,11 +142,5 @@ def shrunk(module: nn.Linear, kept: torch.Tensor, consumer_weight: torch.Tensor 
     if consumer_weight is None:
         weight, bias = weight[kept], bias[kept] if bias is not None else None
     else:
-        weight = consumer_weight.to(weight.device, weight.dtype)
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.train(module.training)
-    return layer
+        weight = consumer_weight
+    return cut_linear(module, weight, bias)
