@@ -192,6 +192,17 @@ def test_quantized_residual_beats_quantization_alone(residual):
                                                   model.modules() if type(m).__name__ == "LowRankCorrectedLinear")
 
 
+def test_quantized_residual_in_bfloat16_keeps_its_corrections_in_the_model_dtype():
+    # The solver works in float32; a bf16 model whose layers have no bias once kept float32
+    # corrections and failed at its first forward (a dtype mismatch in the correction).
+    dense = tiny.build("llama")
+    model, _ = hf_wsvd.compress(dense, hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8, **QUANTIZE),
+                                _lm_batches(4), show_progress=False, dtype=torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.base.bias is None and layer.up.weight.dtype == layer.down.weight.dtype == torch.bfloat16
+    assert torch.isfinite(_outputs(model).float()).all()
+
+
 def test_quantized_residual_round_trip(residual, tmp_path):
     folder, _, _, model, _ = residual
     reloaded = CAUSAL.from_pretrained(folder / "qlr")

@@ -54,13 +54,12 @@ def solve_residual(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
     return solver.solve(residual)
 
 
-def corrected(base: nn.Module, up: torch.Tensor, down: torch.Tensor) -> LowRankCorrectedLinear:
+def corrected(base: nn.Module, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> LowRankCorrectedLinear:
     """A ``LowRankCorrectedLinear`` around the (quantized) linear ``base`` with the correction
-    ``up @ down``, in the dtype of ``base``'s bias or, without one, of ``up``."""
+    ``up @ down`` stored in ``dtype`` (the dtype the quantized model computes in)."""
     in_features, out_features = linear_shape(base)
     layer = LowRankCorrectedLinear(in_features, out_features, up.shape[1], bias=base.bias is not None, device="meta")
     layer.base = base
-    dtype = base.bias.dtype if base.bias is not None else up.dtype
     device = next(base.parameters()).device
     for name, factor in (("down", down), ("up", up)):
         linear = FullPrecisionLinear(factor.shape[1], factor.shape[0], bias=False, device="meta")
@@ -122,7 +121,7 @@ def quantized_residual(
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise FloatingPointError(f"quantized_residual produced non-finite factors for {name!r}: "
                                          "check the layer's weights and statistics for NaN/inf")
-            quantized.set_submodule(targets[name], corrected(base, up, down))
+            quantized.set_submodule(targets[name], corrected(base, up, down, quantized.dtype))
             ranks[name] = config.residual_rank
     return quantized, ranks, job
 
