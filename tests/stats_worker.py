@@ -111,6 +111,24 @@ def pipeline_result(accelerator=None) -> dict:
             "refined": report.refined}
 
 
+# Every built-in modifier at once (both prunings, compensation, refinement, lp embeddings), run in
+# one and in two processes.
+MODIFIERS_RECIPE = dict(method="whiten", param_ratio=0.3, sequential=True, mlp_pruning=True, attention_pruning=True,
+                        block_refine_steps=2, embeddings=True, embedding_method="lp", embedding_ratio=0.5,
+                        rank_multiple=2, compute_dtype="float64")
+
+
+def modifiers_result(accelerator=None) -> dict:
+    """The weights of the tiny Llama compressed with ``MODIFIERS_RECIPE`` and what the report recorded."""
+    from hf_wsvd import WSVDConfig, compress
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+    model, report = compress(model, WSVDConfig(**MODIFIERS_RECIPE), loader, accelerator=accelerator,
+                             show_progress=False)
+    return {"weights": {n: t.detach().clone() for n, t in model.state_dict().items()}, "ranks": report.ranks,
+            "pruned": report.pruned, "attention": report.attention, "refined": report.refined}
+
+
 def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -132,6 +150,7 @@ def _run(outdir: Path) -> None:
             result[f"{case}/activations"] = activations_of(model, loader, modules, accelerator)
 
         result["pipeline"] = pipeline_result(accelerator)
+        result["modifiers"] = modifiers_result(accelerator)
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)

@@ -16,6 +16,7 @@ from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, parameter
 from hf_wsvd.cli import main as cli_main
 from hf_wsvd.methods.embeddings import token_frequencies
 from hf_wsvd.runtime.factorized_embedding import FactorizedTiedHead
+from hf_wsvd.solvers import LayerProblem, get_solver
 
 # arch, Auto class, embedding name (relative to the base model), tied head (full name) or None
 TIED = {
@@ -205,6 +206,25 @@ def test_frequency_weighting_needs_data_and_changes_the_factors():
         return (model.bert.embeddings.word_embeddings.to_dense().weight[row] - dense[row]).norm().item()
 
     assert error(weighted, 9) < 0.5 * error(uniform, 9)
+
+
+def test_the_embeddings_modifier_installs_what_the_solver_computes():
+    """After the pipeline, the ``embeddings`` modifier factorizes the table its solver's way, to the
+    bit: lp on the frequency-weighted rows, the factors in the model's dtype."""
+    data = [tiny.inputs("bert", batch=4, length=12)]
+    model, report = _compress_embeddings("bert", ratio=0.3, embedding_method="lp", embedding_weighting="frequency",
+                                         data=data, compute_dtype="float64")
+    dense = tiny.build("bert").bert.embeddings.word_embeddings.weight.detach()
+    config = WSVDConfig(param_ratio=1.0, embeddings=True, embedding_ratio=0.3, embedding_method="lp",
+                        embedding_weighting="frequency", rank_multiple=1, compute_dtype="float64")
+    rank = report.ranks["embeddings.word_embeddings"]
+    solver = get_solver("lp")
+    table, down = solver.solve(LayerProblem("embeddings.word_embeddings", dense.double(), rank,
+                                            solver.options.from_recipe(config),
+                                            row_weights=1 + token_frequencies(data, dense.shape[0])))
+    factorized = model.bert.embeddings.word_embeddings
+    assert torch.equal(factorized.weight, table.float()) and torch.equal(factorized.proj.weight, down.T.float())
+    assert "embeddings" in report.seconds
 
 
 # --------------------------------------------------------------------------- config and CLI

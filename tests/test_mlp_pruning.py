@@ -13,10 +13,12 @@ import transformers
 import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+from hf_wsvd.allocation import kept_channels
 from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
 from hf_wsvd.integrations.healing import HealConfig, heal
-from hf_wsvd.methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels
+from hf_wsvd.methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, select_channels
+from hf_wsvd.statistics import GRAM, input_statistics
 from stats_worker import case_inputs
 
 
@@ -128,6 +130,26 @@ def test_mlps_are_cut_to_param_ratio_of_their_channels_and_attention_is_factoriz
     rows = [(first.gate_proj.weight[i] == reference.gate_proj.weight).all(dim=1).nonzero().item()
             for i in range(keep)]
     assert rows == sorted(rows) and len(set(rows)) == keep
+
+
+def test_the_pipeline_installs_what_select_channels_chooses_on_the_whole_models_gram():
+    """The ``mlp_pruning`` modifier in the whole-model pipeline, against the maths called by hand:
+    the producers keep the rows ``select_channels`` chooses on the consumer's input Gram, the
+    consumer its refitted weight, to the bit."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 12, 4)
+    dense = copy.deepcopy(model)
+    config = WSVDConfig(method="whiten", param_ratio=0.6, pipeline="whole_model", rank_multiple=1, mlp_pruning=True,
+                        allocation="uniform", compute_dtype="float64")
+    model, report = compress(model, config, loader, show_progress=False)
+    keep = kept_channels(64, 0.6, 1)
+    for index in range(2):
+        mlp, reference = model.model.layers[index].mlp, dense.model.layers[index].mlp
+        gram = input_statistics(dense, loader, {"down": reference.down_proj}, {GRAM}, show_progress=False).get("down", GRAM)
+        kept, refit = select_channels(reference.down_proj.weight.double(), gram, None, keep, config.compensation_ridge)
+        assert torch.equal(mlp.gate_proj.weight, reference.gate_proj.weight[kept])
+        assert torch.equal(mlp.up_proj.weight, reference.up_proj.weight[kept])
+        assert torch.equal(mlp.down_proj.weight, refit.float())
+    assert len(report.pruned) == 6
 
 
 def test_greedy_allocation_spends_one_budget_on_ranks_and_channels():

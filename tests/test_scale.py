@@ -13,7 +13,7 @@ import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.pipelines import PIPELINES, get_pipeline
 from hf_wsvd.statistics import COLLECTORS, FISHER, FISHER_COLS, FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics
-from stats_worker import case_inputs, pipeline_result
+from stats_worker import case_inputs, modifiers_result, pipeline_result
 
 
 def test_every_statistic_has_a_collector():
@@ -106,6 +106,21 @@ def test_two_processes_compress_like_one(two_process_results):
         for name, product in single["products"].items():
             scale = product.abs().max().item()
             torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_two_processes_run_every_modifier_like_one(two_process_results):
+    """Both prunings, compensation, refinement and the embeddings, each solved by one process and
+    shared: both processes end with the very same weights, those one process computes."""
+    single = modifiers_result()
+    assert single["pruned"] and single["attention"] and single["refined"] and "embed_tokens" in single["ranks"]
+    first, second = (result["modifiers"] for result in two_process_results)
+    assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
+    for key in ("ranks", "pruned", "attention"):
+        assert first[key] == single[key], key
+    assert first["weights"].keys() == single["weights"].keys()
+    for name, weight in single["weights"].items():
+        scale = weight.abs().max().item() if weight.is_floating_point() and weight.numel() else 1.0
+        torch.testing.assert_close(first["weights"][name], weight, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_layers_reading_one_tensor_share_their_sums_and_a_diverging_layer_splits_off_exactly():

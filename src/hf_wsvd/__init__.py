@@ -30,8 +30,8 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-# Modules that moved into the subpackages (release 0.1 had them at the top level): old name → new
-# name. The old names still import, with a DeprecationWarning (``_MovedModules``).
+# Modules that moved into the subpackages (release 0.1 had most of them at the top level): old name
+# → new name, relative to this package. The old names still import, with a DeprecationWarning (``_MovedModules``).
 MOVED_MODULES = {
     "commands": "cli.commands", "output": "cli.output", "workflow": "cli.workflow",
     "autoconfig": "integrations.autoconfig", "card": "integrations.card", "checkpoint": "integrations.checkpoint",
@@ -39,6 +39,8 @@ MOVED_MODULES = {
     "peft_lora": "integrations.peft_lora", "quantization": "integrations.quantization",
     "attention_pruning": "methods.attention_pruning", "embeddings": "methods.embeddings",
     "mlp_pruning": "methods.mlp_pruning",
+    # Moved when compensation and refinement became modifiers.
+    "pipelines.compensation": "pipelines.modifiers.compensation", "pipelines.refinement": "pipelines.modifiers.refinement",
 }
 
 if TYPE_CHECKING:
@@ -69,13 +71,12 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     module object, so patching either name patches both), warning once per import."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        package, _, old = name.rpartition(".")
-        if package != __name__ or old not in MOVED_MODULES:
+        if not name.startswith(f"{__name__}.") or name[len(__name__) + 1:] not in MOVED_MODULES:
             return None
         return importlib.util.spec_from_loader(name, self)
 
     def create_module(self, spec: Any) -> Any:
-        old = spec.name.rpartition(".")[2]
+        old = spec.name[len(__name__) + 1:]
         new = f"{__name__}.{MOVED_MODULES[old]}"
         warnings.warn(f"{spec.name} moved to {new}; import it from there (the old name will be removed)",
                       DeprecationWarning, stacklevel=2)

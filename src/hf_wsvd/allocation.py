@@ -51,6 +51,13 @@ def round_rank(rank: int, multiple: int) -> int:
     return rank // multiple * multiple
 
 
+def kept_channels(channels: int, param_ratio: float, multiple: int) -> int:
+    """The channels a group of ``channels`` (an MLP's, an attention's head dimensions) keeps at
+    ``param_ratio`` (uniform allocation): rounded down to ``multiple``, at least ``multiple`` (never
+    more than all)."""
+    return min(channels, max(multiple, round_rank(int(param_ratio * channels), multiple)))
+
+
 def uniform_ranks(shapes: dict[str, tuple[int, int]], param_ratio: float,
                   max_kept_ratio: SpeedLimit = None, multiple: int = 1) -> dict[str, int]:
     """The same kept ratio for every layer (``shapes``: name → (in, out)), ranks rounded down to

@@ -247,6 +247,19 @@ def with_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list, device: torch.device, hooks=None, in_place: bool = True) -> None:
+    """Run ``block`` on every captured input (hidden states, keyword arguments, 2-D mask) on
+    ``device``, calling ``hooks.new_batch(mask)`` before each when given (statistics hooks);
+    ``in_place``: the outputs replace the inputs, ready for the next block."""
+    for index, (hidden, kwargs, mask) in enumerate(inputs):
+        if hooks is not None:
+            hooks.new_batch(mask)
+        output = first_output(block(hidden.to(device), **kwargs))
+        if in_place:
+            inputs[index] = (output, kwargs, mask)
+
+
 def split_hidden(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     """A block call's hidden states (its first argument) and every other argument by name, so
     that a re-run can switch off a cache passed positionally (GPT-2 blocks take it second)."""

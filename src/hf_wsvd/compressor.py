@@ -1,4 +1,4 @@
-"""``compress(model, config, data)``: pick the targets, run the recipe's pipeline, record the recipe."""
+"""``compress(model, config, data)``: pick the targets, run the recipe's pipeline and modifiers, record the recipe."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from transformers import PreTrainedModel
 
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
-from .methods.embeddings import compress_embeddings
-from .pipelines import get_pipeline
-from .pipelines.step import Job
+from .pipelines.step import Job, run
 from .recipes import resolve
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
@@ -123,9 +121,7 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
-    ranks = {} if config.embeddings and config.param_ratio == 1 else get_pipeline(config.pipeline)(job)
-    if config.embeddings:  # embeddings only: every linear layer keeps all its parameters
-        ranks = {**ranks, **compress_embeddings(model, config, data, job.seconds)}
+    ranks = run(job)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")

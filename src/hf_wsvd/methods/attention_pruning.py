@@ -68,6 +68,20 @@ class AttentionGroup:
         """The units greedy allocation counts: head dimensions."""
         return self.head_dim
 
+    @property
+    def key(self) -> str:
+        """Its name in the allocation: the attention's."""
+        return self.name
+
+    @property
+    def anchor(self) -> str:
+        """The layer whose block prices it and whose cost places its cut on a process: the output projection."""
+        return self.o
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        return self.members
+
 
 def unsupported(module: nn.Module) -> str | None:
     """Why the head size of ``module`` cannot be cut (None when it can): it needs a layout of

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..allocation import round_rank
 from ..linalg import plus_diagonal, refitted, ridged
 from .attention_pruning import cut_linear
 
@@ -55,6 +54,20 @@ class MlpPair:
     def members(self) -> tuple[str, ...]:
         return (*self.producers, self.consumer)
 
+    @property
+    def key(self) -> str:
+        """Its name in the allocation: the consumer's."""
+        return self.consumer
+
+    @property
+    def anchor(self) -> str:
+        """The layer whose statistics choose its channels: the consumer."""
+        return self.consumer
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        return (self.consumer,)
+
 
 def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
     """The MLPs whose producers and consumer are all among ``shapes`` (name → (in, out)) with
@@ -70,12 +83,6 @@ def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
             if all(n in shapes and shapes[n][1] == channels for n in names):
                 pairs.append(MlpPair(names, name, channels))
     return pairs
-
-
-def kept_channels(channels: int, param_ratio: float, multiple: int) -> int:
-    """The channels an MLP of ``channels`` keeps at ``param_ratio``: rounded down to ``multiple``,
-    at least ``multiple`` (never more than all)."""
-    return min(channels, max(multiple, round_rank(int(param_ratio * channels), multiple)))
 
 
 def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> torch.Tensor:

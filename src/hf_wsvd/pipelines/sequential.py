@@ -3,10 +3,12 @@ calibration pattern).
 
 The inputs of the first block are captured once; then, block after block, the block's input
 statistics are taken on inputs produced by the *already compressed* blocks before it, the block
-is factorized, and the compressed block is re-run in place to feed the next. Each block runs where
-it lives (``hf_wsvd.blocks.placed``): a block in CPU memory visits the accelerator alone, a block
-dispatched by accelerate runs on its own GPU. With ``allocation="greedy"`` the ranks are planned
-first by streaming the *dense* blocks the same way, keeping only each layer's spectrum.
+is compressed (factorized, and what the recipe's modifiers do: ``hf_wsvd.pipelines.modifiers``),
+and the compressed block is re-run in place to feed the next. A modifier may split a block into
+stages compressed one after another and take their statistics itself (compensation). Each block
+runs where it lives (``hf_wsvd.blocks.placed``): a block in CPU memory visits the accelerator alone,
+a block dispatched by accelerate runs on its own GPU. With ``allocation="greedy"`` the ranks are
+planned first by streaming the *dense* blocks the same way, keeping only each layer's spectrum.
 
 Memory on the accelerator: one block (when the model sits in CPU memory), the calibration
 activations of this process's share of the data (tokens × hidden, in the model's dtype, updated in
@@ -16,22 +18,19 @@ layer input).
 
 from __future__ import annotations
 
-import copy
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import block_list, first_output, input_device, outside_blocks_on, placed, split_hidden, without_cache
+from ..blocks import block_list, input_device, outside_blocks_on, placed, run_block, split_hidden, without_cache
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
-from . import compensation
+from .modifiers import Block, first
 from .registry import register_pipeline
-from .refinement import refine_block, refined_layers
-from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
-                   prune_and_swap, refit_cut_output, require_data, solve_and_swap, spectra, uniform, uniform_channels,
-                   unit_key)
+from .step import (Cuts, Job, candidates, channel_spectra, compress_group, gradient_pass, greedy_allocation, observed,
+                   require_data, spectra, uniform)
 
 
 class _Captured(Exception):
@@ -72,29 +71,15 @@ def _capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict,
     return [(hidden, kwargs, mask) for (hidden, kwargs), mask in zip(captured, masks)]
 
 
-@torch.no_grad()
-def _run(block: torch.nn.Module, inputs: list, device: torch.device, hooks: InputHooks | None = None,
-         in_place: bool = True) -> None:
-    """Run ``block`` on every captured input (statistics into ``hooks``); ``in_place``: the
-    outputs replace the inputs, ready for the next block."""
-    for index, (hidden, kwargs, mask) in enumerate(inputs):
-        if hooks is not None:
-            hooks.new_batch(mask)
-        output = first_output(block(hidden.to(device), **kwargs))
-        if in_place:
-            inputs[index] = (output, kwargs, mask)
-
-
 def _next(blocks: torch.nn.ModuleList, index: int) -> torch.nn.Module | None:
     """The block a walk visits after block ``index`` (its weights are copied meanwhile)."""
     return blocks[index + 1] if index + 1 < len(blocks) else None
 
 
-def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iterator[tuple[list[str], Statistics]]:
-    """For each block in turn: its layers and their statistics (the gradient statistics plus the
-    block's input statistics on the current inputs), with the block placed on its device while
-    the consumer works; then the inputs advance through the block (re-run when ``refresh``: the
-    consumer changed it)."""
+def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Statistics]]:
+    """For each dense block in turn (greedy planning): its layers and their statistics (the
+    gradient statistics plus the block's input statistics), with the block placed on its device
+    while the consumer works; the inputs advance through the block in the same pass."""
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     inputs = None
@@ -102,84 +87,71 @@ def _stream(job: Job, groups: list[list[str]], refresh: bool, desc: str) -> Iter
         with outside_blocks_on(job.model, prefix, device):
             inputs = _capture(job, blocks[0])
     show = job.show_progress and job.accelerator.is_local_main_process
-    for index, (block, names) in enumerate(zip(tqdm(blocks, desc=desc, disable=not show), groups)):
+    for index, (block, names) in enumerate(zip(tqdm(blocks, desc="planning", disable=not show), groups)):
         with placed(block, device, _next(blocks, index)) as block_device:
-            stats = job.statistics
             if names and inputs is not None:
-                hooks = InputHooks({n: job.module(n) for n in names}, job.input_needs)
-                try:
-                    _run(block, inputs, block_device, hooks, in_place=not refresh)
-                finally:
-                    hooks.remove()
-                hooks.reduce(job.accelerator, device)
-                stats = stats.merged(hooks.result())
-                if not stats.has(names, job.input_needs):
-                    raise ValueError("the calibration data is empty: no token reached the target layers")
+                stats = _input_statistics(job, block, names, inputs, block_device, in_place=True)
                 yield names, stats
                 del stats  # the block's Grams: not held while the next block's are collected
-                if refresh:
-                    _run(block, inputs, block_device)
             else:
-                yield names, stats
+                yield names, job.statistics
                 if inputs is not None:
-                    _run(block, inputs, block_device)
+                    run_block(block, inputs, block_device)
 
 
-def _compensate(job: Job, groups: list[list[str]], ranks: dict[str, int], cuts: Cuts, channels: dict[str, int]) -> None:
-    """Factorize (and cut the MLPs and attentions of ``cuts``) block by block with compensation
-    (``hf_wsvd.pipelines.compensation``): two streams of hidden states advance together, the dense
-    model's and the compressed model's, and within a block each stage of layers is fitted to a
-    dense copy of the block before the next stage's inputs are taken. An attention is cut at the
-    stage of its q/k/v projections (its output projection's statistics taken in the same pass),
-    and its output projection refitted at its own stage. Then, with ``block_refine_steps``, the
-    compressed block is trained toward the dense block's outputs (``hf_wsvd.pipelines.refinement``)."""
-    processes = job.accelerator.num_processes
-    if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
-        raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
-                         f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
+def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs: list, device: torch.device,
+                      in_place: bool) -> Statistics:
+    """The gradient statistics plus the input statistics of ``names`` from running ``block`` on
+    ``inputs`` (``in_place``: its outputs replace them)."""
+    hooks = InputHooks({n: job.module(n) for n in names}, job.input_needs)
+    try:
+        run_block(block, inputs, device, hooks, in_place=in_place)
+    finally:
+        hooks.remove()
+    hooks.reduce(job.accelerator, job.accelerator.device)
+    stats = job.statistics.merged(hooks.result())
+    if not stats.has(names, job.input_needs):
+        raise ValueError("the calibration data is empty: no token reached the target layers")
+    return stats
+
+
+def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
+    """Compress block by block: each block's layers ``groups[i]`` in the stages a modifier splits
+    them into (else the whole block), each stage on the statistics a modifier takes (else the
+    block's input statistics on the compressed model's inputs), then the block re-run on them."""
+    modifiers = job.modifiers
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
-    with outside_blocks_on(job.model, prefix, device):
-        current = _capture(job, blocks[0])
-    dense = [(hidden.clone(), kwargs, mask) for hidden, kwargs, mask in current]
+    inputs = None
+    if job.input_needs or any(m.needs_activations for m in modifiers):
+        with outside_blocks_on(job.model, prefix, device):
+            inputs = _capture(job, blocks[0])
+    for modifier in modifiers:
+        modifier.on_walk_start(job, inputs)
+    labels = [m.walk_label for m in modifiers if m.walk_label]
+    desc = "blocks" + "".join(f" ({label})" for label in labels)
     show = job.show_progress and job.accelerator.is_local_main_process
-    by_query = {group.q: group for group in cuts.attentions}
-    outputs = {group.o for group in cuts.attentions}
-    for index, (block, names) in enumerate(zip(tqdm(blocks, desc="blocks (compensated)", disable=not show), groups)):
-        with placed(block, device, _next(blocks, index)) as block_device:
-            if not names:
-                _run(block, current, block_device)
-                _run(block, dense, block_device)
-                continue
-            # The dense block, what every stage is fitted to (an offloaded block's copy keeps its
-            # own copy of the offloaded weights).
-            reference = copy.deepcopy(block)
-            paths = {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names}
-            hidden, kwargs, _ = current[0]
-            for stage in compensation.stages(reference, paths, hidden.to(block_device), kwargs):
-                # An MLP's producers are cut when its consumer's stage comes, an attention's o with
-                # its q/k/v: they need no statistics of their own then.
-                fitted = [n for n in stage if n in ranks or n in cuts.consumers]
-                attentions = [by_query[n] for n in stage if n in by_query]
-                refit = [n for n in stage if n in outputs and n not in (g.o for g in attentions)]
-                observed = fitted + [n for g in attentions for n in g.members] + refit
-                if not observed:
+    for index, (module, names) in enumerate(zip(tqdm(blocks, desc=desc, disable=not show), groups)):
+        with placed(module, device, _next(blocks, index)) as block_device:
+            block = Block(index, module, block_device, {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names},
+                          inputs)
+            for modifier in modifiers:
+                modifier.on_block_start(job, block)
+            stages = (first(modifiers, lambda m: m.stages(job, block)) or [names]) if names else []
+            for stage in stages:
+                layers = observed(job, ranks, stage)
+                if not layers:
                     continue
-                stats = job.statistics.merged(compensation.paired_statistics(
-                    reference, block, {n: paths[n] for n in observed}, dense, current, block_device, job.accelerator))
-                solve_and_swap(job, {n: ranks[n] for n in fitted if n in ranks}, stats, progress=False)
-                prune_and_swap(job, [cuts.consumers[n] for n in fitted if n in cuts.consumers], channels, stats)
-                cut_attentions_and_swap(job, attentions, channels, stats)
-                for name in refit:
-                    refit_cut_output(job, name, reference.get_submodule(paths[name]), stats)
-                del stats  # this stage's Grams and cross moments: not held through the next stage's
-            _run(reference, dense, block_device)  # the dense stream advances: the block's targets
-            del reference
-            layers = refined_layers(job, paths) if job.config.block_refine_steps else {}
-            if layers:
-                with job.timed("refine"):
-                    job.refined[str(index)] = refine_block(job, block, index, layers, current, dense, block_device)
-            _run(block, current, block_device)
+                stats = first(modifiers, lambda m: m.collect(job, block, layers))
+                if stats is None:
+                    stats = _input_statistics(job, module, layers, inputs, block_device, in_place=False) \
+                        if inputs is not None else job.statistics
+                compress_group(job, ranks, stage, stats, block)
+                del stats  # this stage's Grams (and cross moments): not held through the next stage's
+            for modifier in modifiers:
+                modifier.on_block_end(job, block)
+            if inputs is not None:
+                run_block(module, inputs, block_device)
 
 
 @register_pipeline("sequential")
@@ -196,32 +168,20 @@ def run(job: Job) -> dict[str, int]:
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes) if shapes else {}
-            channels = {unit_key(group): uniform_channels(job, group) for group in cuts.groups}
+            channels = cuts.uniform(job)
         else:
             values, weights = {}, {}
-            observed = cuts.observed()
-            planned = [[n for n in names if n in shapes or n in observed] for names in in_block]
-            for names, stats in _stream(job, planned, refresh=False, desc="planning"):
+            observed_layers = cuts.observed()
+            planned = [[n for n in names if n in shapes or n in observed_layers] for names in in_block]
+            for names, stats in _stream(job, planned):
                 layers = [n for n in names if n in shapes]
                 for group_values, group_weights in (spectra(job, layers, stats) if layers else ({}, {}),
                                                     channel_spectra(job, cuts.in_block(names), stats)):
                     values.update(group_values)
                     weights.update(group_weights or {})
                 del stats  # the block's Grams (the loop variable would hold the last block's to the end)
-            ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None,
-                                                cuts.groups)
-    cuts = cuts.kept(channels)
-    members = cuts.members
+            ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None, cuts)
+    members = cuts.hand_out(job, channels).members
     with job.timed("factorize"):
-        if job.config.compensate:
-            _compensate(job, [[n for n in names if n in ranks or n in members] for names in in_block], ranks, cuts,
-                        channels)
-        else:
-            observed = cuts.observed()
-            for names, stats in _stream(job, [[n for n in names if n in ranks or n in observed] for names in in_block],
-                                        refresh=True, desc="blocks"):
-                solve_and_swap(job, {n: ranks[n] for n in names if n in ranks}, stats, progress=False)
-                prune_and_swap(job, [cuts.consumers[n] for n in names if n in cuts.consumers], channels, stats)
-                cut_attentions_and_swap(job, [g for g in cuts.attentions if g.q in names], channels, stats)
-                del stats
+        _walk(job, [[n for n in names if n in ranks or n in members] for names in in_block], ranks)
     return ranks

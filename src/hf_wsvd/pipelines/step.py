@@ -1,6 +1,8 @@
 """The step both pipelines run on a group of layers — collect → allocate → solve → swap — and the
-``Job`` it runs in. Nothing here knows a method: a method is its ``Solver`` (what it needs, its
-spectrum, its loss scale, its solve) and its options.
+``Job`` it runs in. Nothing here knows a method nor a modifier: a method is its ``Solver`` (what it
+needs, its spectrum, its loss scale, its solve) and its options; a modifier (MLP or attention
+pruning, compensation, refinement, embeddings: ``hf_wsvd.pipelines.modifiers``) is called through
+its hooks.
 
 In several processes (``accelerate launch`` / ``torchrun``) each process holds the model and its
 share of the calibration data; the statistics are summed once per group, and the spectra and
@@ -11,6 +13,7 @@ every process swaps in the same factors.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -20,20 +23,15 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import Budgeted, drop_slow_layers, greedy_ranks, uniform_ranks
-from ..methods.attention_pruning import (AttentionGroup, CutAttention, attention_groups, cut_attention, cut_bias, cut_linear,
-                                 head_spectrum)
+from ..allocation import drop_slow_layers, greedy_ranks, kept_channels, uniform_ranks
 from ..blocks import execution_device, hooked, loaded, offloaded
-from ..linalg import refitted, ridged
-from ..methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, kept_channels, select_channels, shrunk
-from ..runtime.modeling_wsvd import cut_heads, cut_shape
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
-from ..statistics import GRADIENT_STATISTICS, GRAM, INPUT_STATISTICS, Statistics, gradient_statistics
-from ..statistics.names import CROSS
+from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
 from ..swap import factors_like
 from ..tasks import LossFn, per_example_loss, task_of
-from .compensation import compensated
+from .modifiers import Block, ChannelGroup, Modifier, enabled_modifiers
+from .registry import get_pipeline
 
 
 @dataclass
@@ -59,6 +57,11 @@ class Job:
     # Blocks trained by block refinement: index → [relative error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
     _open_stages: list[list[float]] = field(default_factory=list, repr=False)
+
+    @functools.cached_property
+    def modifiers(self) -> list[Modifier]:
+        """The modifiers the recipe turns on, in the order they are called."""
+        return enabled_modifiers(self.config)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -149,14 +152,13 @@ def layer_weight(job: Job, name: str) -> torch.Tensor:
 
 
 def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
-    """The factorization problem of one layer (``layer_weight``, the method's statistics, and the
-    compensated target in sequential mode)."""
+    """The factorization problem of one layer: ``layer_weight`` and the method's statistics, as
+    each modifier sets it (``Modifier.problem``: compensation's target in sequential mode)."""
     weight = layer_weight(job, name)
     values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
     layer = LayerProblem(name, weight, rank, job.options, **values)
-    cross = stats.get(name, CROSS)
-    if cross is not None:  # compensation (sequential mode): fit the dense layer's outputs
-        layer = compensated(layer, stats.get(name, GRAM), cross, job.config.compensation_ridge)
+    for modifier in job.modifiers:
+        layer = modifier.problem(job, layer, stats)
     return layer
 
 
@@ -176,7 +178,33 @@ def owners(job: Job, names: list[str]) -> dict[str, int]:
     return owner
 
 
-def _broadcast(job: Job, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+def run(job: Job) -> dict[str, int]:
+    """Compress: the recipe's pipeline over the target layers (none at ``param_ratio`` 1, where only
+    what the modifiers compress outside it is), then each modifier's ``on_end``; the ranks."""
+    ranks = get_pipeline(job.config.pipeline)(job) if job.config.param_ratio < 1 else {}
+    for modifier in job.modifiers:
+        ranks = {**ranks, **modifier.on_end(job)}
+    return ranks
+
+
+def observed(job: Job, ranks: dict[str, int], names: Sequence[str]) -> list[str]:
+    """The layers among ``names`` whose statistics their compression reads: those factorized, and
+    those the modifiers read."""
+    return list(dict.fromkeys([*(n for n in names if n in ranks),
+                               *(n for modifier in job.modifiers for n in modifier.observed(names))]))
+
+
+def compress_group(job: Job, ranks: dict[str, int], names: Sequence[str], stats: Statistics,
+                   block: Block | None = None, progress: bool = False) -> None:
+    """Factorize the layers of ``names`` that have a rank, then let each modifier compress what is
+    its own among them."""
+    solve_and_swap(job, {n: ranks[n] for n in names if n in ranks}, stats, progress)
+    for modifier in job.modifiers:
+        modifier.compress(job, names, stats, block)
+
+
+def broadcast(job: Job, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+    """``tensor`` of process ``source`` (``shape``, ``dtype``) on every process."""
     buffer = tensor.to(job.accelerator.device, dtype).contiguous() if tensor is not None else \
         torch.empty(shape, dtype=dtype, device=job.accelerator.device)
     torch.distributed.broadcast(buffer, src=source)
@@ -205,100 +233,67 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
     if job.accelerator.num_processes > 1:
         for name in names:
             length = min(linear_shape(job.module(name)))
-            values[name] = _broadcast(job, values.get(name), (length,), torch.float64, owner[name])
+            values[name] = broadcast(job, values.get(name), (length,), torch.float64, owner[name])
             if job.solver.loss_scale is not None:
                 weight = torch.tensor(weights[name], dtype=torch.float64) if name in weights else None
-                weights[name] = float(_broadcast(job, weight, (), torch.float64, owner[name]))
+                weights[name] = float(broadcast(job, weight, (), torch.float64, owner[name]))
     return values, (weights if job.solver.loss_scale is not None else None)
 
 
-Cut = MlpPair | AttentionGroup  # a module group compressed by keeping some of its channels
-
-
 class Cuts:
-    """The module groups a recipe compresses by keeping channels: MLPs (``mlp_pruning``) and
-    attentions (``attention_pruning``)."""
+    """The layer groups the recipe's modifiers compress by keeping channels, each with its modifier
+    (``hf_wsvd.pipelines.modifiers``), in modifier order."""
 
-    def __init__(self, pairs: list[MlpPair], attentions: list[AttentionGroup]) -> None:
-        self.pairs, self.attentions = pairs, attentions
-        self.consumers = {pair.consumer: pair for pair in pairs}
+    def __init__(self, owned: list[tuple[Modifier, ChannelGroup]]) -> None:
+        self.owned = owned
 
     @classmethod
     def of(cls, job: Job) -> "Cuts":
-        """The groups of the job's targets the recipe cuts, whose layers are all ``nn.Linear``. An
-        attention whose head size leaves no step of ``rank_multiple`` to cut (64 at 64) is left to
-        factorization."""
-        def plain(group: Cut) -> bool:
-            return all(type(job.module(n)) is torch.nn.Linear for n in group.members)
-
-        pairs = find_pairs(job.shapes(job.targets)) if job.config.mlp_pruning else []
-        attentions = attention_groups(job.model, job.targets) if job.config.attention_pruning else []
-        return cls([p for p in pairs if plain(p)],
-                   [a for a in attentions if plain(a) and a.head_dim > job.config.rank_multiple])
+        """The groups the job's modifiers find among its targets whose layers are all ``nn.Linear``."""
+        return cls([(modifier, group) for modifier in job.modifiers for group in modifier.groups(job)
+                    if all(type(job.module(n)) is torch.nn.Linear for n in group.members)])
 
     @property
-    def groups(self) -> list[Cut]:
-        return [*self.pairs, *self.attentions]
+    def groups(self) -> list[ChannelGroup]:
+        return [group for _, group in self.owned]
 
     @property
     def members(self) -> set[str]:
         return {name for group in self.groups for name in group.members}
 
     def observed(self) -> set[str]:
-        """The layers whose statistics price and cut the groups: MLP consumers, attention projections."""
-        return set(self.consumers) | {name for group in self.attentions for name in group.members}
+        """The layers whose statistics price and cut the groups."""
+        return {name for group in self.groups for name in group.observed}
 
-    def in_block(self, names: list[str]) -> list[Cut]:
-        """The groups whose channels are priced from the layers ``names``."""
-        return [g for g in self.groups if (g.consumer if isinstance(g, MlpPair) else g.o) in names]
+    def in_block(self, names: list[str]) -> "Cuts":
+        """The groups priced from the layers ``names``."""
+        return Cuts([(m, g) for m, g in self.owned if g.anchor in names])
 
-    def kept(self, channels: dict[str, int]) -> "Cuts":
-        """The groups that keep fewer channels than they have (the others stay dense)."""
-        return Cuts([p for p in self.pairs if channels[unit_key(p)] < p.channels],
-                     [a for a in self.attentions if channels[unit_key(a)] < a.channels])
+    def uniform(self, job: Job) -> dict[str, int]:
+        """The channels each group keeps under uniform allocation: ``param_ratio`` of them, rounded."""
+        config = job.config
+        return {g.key: m.even(g, kept_channels(g.channels, config.param_ratio, config.rank_multiple))
+                for m, g in self.owned}
 
-
-def unit_key(group: Cut) -> str:
-    """The name a cut group goes by in allocation and spectra: an MLP's consumer, an attention's name."""
-    return group.consumer if isinstance(group, MlpPair) else group.name
+    def hand_out(self, job: Job, channels: dict[str, int]) -> "Cuts":
+        """The groups that keep fewer channels than they have (the others stay dense), each handed
+        to its modifier with every group's channels."""
+        kept = Cuts([(m, g) for m, g in self.owned if channels[g.key] < g.channels])
+        for modifier in job.modifiers:
+            modifier.on_allocated(job, [g for m, g in kept.owned if m is modifier], channels)
+        return kept
 
 
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
-                      weights: dict[str, float] | None, groups: Sequence[Cut] = ()) -> tuple[dict[str, int], dict[str, int]]:
-    """(ranks, kept channels of each group of ``groups`` by ``unit_key``: an MLP's intermediate
-    channels, an attention's head dimensions) under one global budget (``allocation="greedy"``)
-    in steps of ``rank_multiple``, slow layers dropped. ``values`` holds the layers' spectra and
-    the groups' channel spectra."""
+                      weights: dict[str, float] | None, cuts: Cuts) -> tuple[dict[str, int], dict[str, int]]:
+    """(ranks, kept channels of each group of ``cuts`` by key) under one global budget
+    (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped. ``values`` holds
+    the layers' spectra and the groups' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
-                         {unit_key(group): channel_budget(job, group) for group in groups})
+                         {g.key: m.budget(job, g) for m, g in cuts.owned})
     # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
-    channels = {unit_key(group): _even(group, units.pop(unit_key(group), group.channels)) for group in groups}
+    channels = {g.key: m.even(g, units.pop(g.key, g.channels)) for m, g in cuts.owned}
     return drop_slow_layers(units, shapes, job.config.max_kept_ratio_for_speed), channels
-
-
-def _even(group: Cut, channels: int) -> int:
-    """An attention keeps whole rotary pairs: an even number of head dimensions."""
-    return channels if isinstance(group, MlpPair) else max(2, channels - channels % 2)
-
-
-def uniform_channels(job: Job, group: Cut) -> int:
-    """The channels ``group`` keeps under uniform allocation: ``param_ratio`` of them, rounded."""
-    return _even(group, kept_channels(group.channels, job.config.param_ratio, job.config.rank_multiple))
-
-
-def channel_budget(job: Job, group: Cut) -> Budgeted:
-    """A cut group as the greedy allocation sees it: an MLP channel costs its producer rows and
-    its consumer column; an attention head dimension its rows of q/k/v (with their biases) in every
-    head and its columns of o."""
-    if isinstance(group, MlpPair):
-        unit = sum(linear_shape(job.module(n))[0] for n in group.producers) + linear_shape(job.module(group.consumer))[1]
-        return Budgeted(unit, unit * group.channels, group.channels)
-    unit = 0
-    for name in group.members:
-        module = job.module(name)
-        bias = module.bias is not None and name != group.o  # o's bias does not shrink
-        unit += (module.weight.numel() + (module.bias.numel() if bias else 0)) // group.head_dim
-    return Budgeted(unit, unit * group.head_dim, group.head_dim)
 
 
 def loss_scale(job: Job, layer: LayerProblem) -> float:
@@ -306,41 +301,22 @@ def loss_scale(job: Job, layer: LayerProblem) -> float:
     return job.solver.loss_scale(layer) if job.solver.loss_scale is not None else 1.0
 
 
-def _group_spectrum(job: Job, group: Cut, stats: Statistics) -> tuple[torch.Tensor, float | None]:
-    """A cut group's channel spectrum and, for methods with a loss scale, its absolute loss: an
-    MLP's channels weigh its consumer's loss as if it were factorized (``mlp_pruning``); an
-    attention's head dimensions carry their predicted losses (``attention_pruning``)."""
-    if isinstance(group, MlpPair):
-        layer = problem(job, group.consumer, stats)
-        values = channel_spectrum(layer.weight, stats.get(group.consumer, GRAM), job.config.compensation_ridge)
-        return values, layer_spectrum(job.solver, layer)[1] if job.solver.loss_scale is not None else None
-    q, k, o = (problem(job, n, stats) for n in (group.q, group.k, group.o))
-    values = head_spectrum(group, q, k, o, (loss_scale(job, q), loss_scale(job, k), loss_scale(job, o)))
-    return values, float(values.square().sum()) if job.solver.loss_scale is not None else None
-
-
-def channel_spectra(job: Job, groups: Sequence[Cut], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each cut group's channel spectrum and loss weight (``_group_spectrum``), keyed by
-    ``unit_key``; split between processes like the layers' spectra, then shared."""
-    keys = {unit_key(group): group for group in groups}
-    owner = owners(job, [_solve_owner(group) for group in groups])
+def channel_spectra(job: Job, cuts: Cuts, stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each group's channel spectrum and loss weight (its modifier's ``spectrum``), keyed by the
+    group's key; split between processes like the layers' spectra, then shared."""
+    owner = owners(job, [g.anchor for g in cuts.groups])
     values, weights = {}, {}
-    for key, group in keys.items():
-        if owner[_solve_owner(group)] == job.accelerator.process_index:
-            values[key], weights[key] = _group_spectrum(job, group, stats)
+    for modifier, group in cuts.owned:
+        if owner[group.anchor] == job.accelerator.process_index:
+            values[group.key], weights[group.key] = modifier.spectrum(job, group, stats)
     if job.accelerator.num_processes > 1:
-        for key, group in keys.items():
-            source = owner[_solve_owner(group)]
-            values[key] = _broadcast(job, values.get(key), (group.channels,), torch.float64, source)
+        for group in cuts.groups:
+            source = owner[group.anchor]
+            values[group.key] = broadcast(job, values.get(group.key), (group.channels,), torch.float64, source)
             if job.solver.loss_scale is not None:
-                weight = torch.tensor(weights[key], dtype=torch.float64) if key in weights else None
-                weights[key] = float(_broadcast(job, weight, (), torch.float64, source))
+                weight = torch.tensor(weights[group.key], dtype=torch.float64) if group.key in weights else None
+                weights[group.key] = float(broadcast(job, weight, (), torch.float64, source))
     return values, {k: w for k, w in weights.items() if w is not None}
-
-
-def _solve_owner(group: Cut) -> str:
-    """The layer whose cost places a cut group's work on a process: an MLP's consumer, an attention's o."""
-    return group.consumer if isinstance(group, MlpPair) else group.o
 
 
 def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress: bool) -> None:
@@ -362,8 +338,8 @@ def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress:
         up, down = solved.get(name, (None, None))
         if job.accelerator.num_processes > 1:
             in_features, out_features = linear_shape(job.module(name))
-            up = _broadcast(job, up, (out_features, ranks[name]), job.compute_dtype, owner[name])
-            down = _broadcast(job, down, (ranks[name], in_features), job.compute_dtype, owner[name])
+            up = broadcast(job, up, (out_features, ranks[name]), job.compute_dtype, owner[name])
+            down = broadcast(job, down, (ranks[name], in_features), job.compute_dtype, owner[name])
         swap(job, name, up, down)
 
 
@@ -392,81 +368,3 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
         cpu_offload(layer, execution_device=device)
     else:
         layer.to(device)
-
-
-def cut_attentions_and_swap(job: Job, groups: list[AttentionGroup], dims: dict[str, int], stats: Statistics) -> None:
-    """Cut each attention of ``groups`` to ``dims[name]`` head dimensions chosen on its statistics
-    (``hf_wsvd.methods.attention_pruning``; compensated, from the compensated q/k/v weights), swap in the
-    smaller projections where they live and record the cut in ``job.attention``. Each attention is
-    solved by one process and shared."""
-    owner = owners(job, [group.o for group in groups])
-    for group in groups:
-        keep, source = dims[group.name], owner[group.o]
-        cut = None
-        if source == job.accelerator.process_index:
-            q, k, v, o = (problem(job, n, stats) for n in group.members)
-            cut = cut_attention(group, q, k, v, o, keep, (loss_scale(job, q), loss_scale(job, k), loss_scale(job, o)))
-        if job.accelerator.num_processes > 1:
-            cut = _broadcast_cut(job, group, keep, cut, source)
-        for role, name in zip("qkvo", group.members):
-            install(job, name, lambda module, role=role: cut_linear(
-                module, getattr(cut, role), cut_bias(group, cut, role, module.bias)))
-        cut_heads(job.model.get_submodule(job.targets[group.q].rpartition(".")[0]), keep, cut.rotary)
-        job.attention[group.name] = {"head_dim": keep, "dense_head_dim": group.head_dim,
-                                     "projections": list(group.members),
-                                     **({"rotary": list(cut.rotary)} if group.rotary else {})}
-
-
-def _broadcast_cut(job: Job, group: AttentionGroup, keep: int, cut: CutAttention | None, source: int) -> CutAttention:
-    """``cut`` as computed by process ``source``, on every process."""
-    tensors = {}
-    for role, name in zip("qkvo", group.members):
-        in_features, out_features = cut_shape(role, linear_shape(job.module(name)), keep, group.head_dim)
-        tensors[role] = _broadcast(job, getattr(cut, role) if cut else None, (out_features, in_features),
-                                   torch.float64, source)
-    maps = {role: _broadcast(job, cut.maps[role] if cut else None, (group.kv_heads, keep, group.head_dim),
-                             torch.float64, source) for role in "qkv"}
-    rotary = None
-    if group.rotary:
-        rotary = _broadcast(job, torch.tensor(cut.rotary) if cut else None, (keep // 2,), torch.int64, source).tolist()
-    return CutAttention(keep, rotary, **tensors, maps=maps)
-
-
-def refit_cut_output(job: Job, name: str, reference: torch.nn.Module, stats: Statistics) -> None:
-    """Compensation of a cut attention's output projection: refit it so that its outputs on the
-    cut attention's outputs match the dense ``reference`` projection's on the dense ones. Solved
-    by one process and shared."""
-    source = owners(job, [name])[name]
-    shape = linear_shape(job.module(name))
-    weight = None
-    if source == job.accelerator.process_index:
-        current = layer_weight(job, name)
-        with align_module_device(reference):
-            dense = linear_weight(reference).detach().to(current.device)
-        gram, lam = ridged(stats.get(name, GRAM), job.config.compensation_ridge, current.device)
-        weight = refitted(dense, current, gram, stats.get(name, CROSS).to(current.device), lam)
-        if not torch.isfinite(weight).all():
-            raise FloatingPointError(f"the refitted {name!r} is not finite: raise compensation_ridge")
-    if job.accelerator.num_processes > 1:
-        weight = _broadcast(job, weight, (shape[1], shape[0]), torch.float64, source)
-    install(job, name, lambda module: cut_linear(module, weight, module.bias))
-
-
-def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], stats: Statistics) -> None:
-    """Cut each MLP of ``pairs`` to ``channels[consumer]`` channels chosen on the consumer's input
-    statistics (``hf_wsvd.methods.mlp_pruning``), swap in the smaller layers and record their shapes in
-    ``job.pruned``. Each MLP is solved by one process and shared, like a factorization."""
-    owner = owners(job, [pair.consumer for pair in pairs])
-    for pair in pairs:
-        consumer, keep = job.module(pair.consumer), channels[pair.consumer]
-        kept = refit = None
-        if owner[pair.consumer] == job.accelerator.process_index:
-            kept, refit = select_channels(layer_weight(job, pair.consumer), stats.get(pair.consumer, GRAM),
-                                          stats.get(pair.consumer, CROSS), keep, job.config.compensation_ridge)
-        if job.accelerator.num_processes > 1:
-            kept = _broadcast(job, kept, (keep,), torch.int64, owner[pair.consumer])
-            refit = _broadcast(job, refit, (linear_shape(consumer)[1], keep), torch.float64, owner[pair.consumer])
-        for name in pair.members:
-            dense_shape = linear_shape(job.module(name))
-            install(job, name, lambda module, name=name: shrunk(module, kept, refit if name == pair.consumer else None))
-            job.pruned[name] = {"shape": list(linear_shape(job.module(name))), "dense_shape": list(dense_shape)}

@@ -9,8 +9,8 @@ from typing import Iterable
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from .registry import register_pipeline
-from .step import (Cuts, Job, candidates, channel_spectra, cut_attentions_and_swap, gradient_pass, greedy_allocation,
-                   prune_and_swap, require_data, solve_and_swap, spectra, uniform, uniform_channels, unit_key)
+from .step import (Cuts, Job, candidates, channel_spectra, compress_group, gradient_pass, greedy_allocation,
+                   require_data, spectra, uniform)
 
 
 @register_pipeline("whole_model")
@@ -24,17 +24,15 @@ def run(job: Job) -> dict[str, int]:
     with job.timed("allocate"):
         if job.config.allocation == "uniform":
             ranks = uniform(job, shapes)
-            channels = {unit_key(group): uniform_channels(job, group) for group in cuts.groups}
+            channels = cuts.uniform(job)
         else:
             values, weights = spectra(job, sorted(shapes), job.statistics) if shapes else ({}, {})
-            group_values, group_weights = channel_spectra(job, cuts.groups, job.statistics)
+            group_values, group_weights = channel_spectra(job, cuts, job.statistics)
             values, weights = {**values, **group_values}, ({**weights, **group_weights} if weights is not None else None)
-            ranks, channels = greedy_allocation(job, shapes, values, weights, cuts.groups)
-    cuts = cuts.kept(channels)
+            ranks, channels = greedy_allocation(job, shapes, values, weights, cuts)
+    cuts.hand_out(job, channels)
     with job.timed("factorize"):
-        solve_and_swap(job, ranks, job.statistics, job.show_progress)
-        prune_and_swap(job, cuts.pairs, channels, job.statistics)
-        cut_attentions_and_swap(job, cuts.attentions, channels, job.statistics)
+        compress_group(job, ranks, sorted(job.targets), job.statistics, progress=job.show_progress)
     return ranks
 
 

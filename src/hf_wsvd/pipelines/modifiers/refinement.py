@@ -1,4 +1,4 @@
-"""Block refinement (``WSVDConfig.block_refine_steps``, compensated sequential mode): after a block
+"""The ``block_refinement`` modifier (``WSVDConfig.block_refine_steps``, compensated sequential mode): after a block
 is compressed and compensated, its compressed layers — the factors of its factorized layers and its
 pruned linears, biases included — are trained with Adam so that the block's outputs on the
 *compressed* model's hidden states match the dense block's outputs on the *dense* model's hidden
@@ -22,16 +22,39 @@ steps one process would take, and ends with the same weights (broadcast from pro
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..blocks import detached_copy, first_output
-from ..runtime.factorized_linear import FactorizedLinear
-from .step import Job, install
+from ...blocks import detached_copy, first_output
+from ...runtime.factorized_linear import FactorizedLinear
+from ..step import Job, install
+from . import Block, Modifier, register_modifier
 
 BATCHES_PER_STEP = 1
+
+
+@register_modifier
+class BlockRefinement(Modifier):
+    """At the end of each block (after compensation has advanced the dense stream to the block's
+    targets), train the block's compressed layers toward them."""
+
+    name = "block_refinement"
+    field = "block_refine_steps"
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return bool(config.block_refine_steps) and bool(config.compensate)
+
+    def on_block_end(self, job: Job, block: Block) -> None:
+        layers = refined_layers(job, block.paths)
+        if layers:
+            with job.timed("refine"):
+                job.refined[str(block.index)] = refine_block(job, block.module, block.index, layers, block.inputs,
+                                                             block.targets, block.device)
 
 
 def refined_layers(job: Job, paths: dict[str, str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Compensation (``WSVDConfig.compensate``, sequential mode): each layer is factorized so that its
+"""The ``compensation`` modifier (``WSVDConfig.compensate``, sequential mode): each layer is factorized so that its
 outputs on the *compressed* model's inputs match the *dense* layer's outputs on the dense model's
 inputs, which absorbs the error the layers before it left.
 
@@ -14,14 +14,18 @@ o, then gate/up, then down), each stage seeing the stages before it already comp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-
 import torch
 
-from ..linalg import plus_diagonal, ridged
-from ..solvers import LayerProblem
-from ..statistics import Statistics
-from ..statistics.paired import PairedInputHooks
+from ...blocks import run_block
+from ...linalg import plus_diagonal, ridged
+from ...solvers import LayerProblem
+from ...statistics import GRAM, Statistics
+from ...statistics.names import CROSS
+from ...statistics.paired import PairedInputHooks
+from ..step import Job
+from . import Block, Modifier, register_modifier
 
 
 def compensated(problem: LayerProblem, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> LayerProblem:
@@ -80,3 +84,48 @@ def paired_statistics(reference: torch.nn.Module, block: torch.nn.Module, names:
         hooks.remove()
     return hooks.result(accelerator)
 
+
+@register_modifier
+class Compensation(Modifier):
+    """Two streams of hidden states advance together through the walk, the dense model's and the
+    compressed model's; within a block each stage of layers (``stages``) is fitted to a dense copy
+    of the block before the next stage's inputs are taken. An attention is cut at the stage of its
+    q/k/v projections and its output projection refitted at its own stage (``attention_pruning``)."""
+
+    name = "compensation"
+    field = "compensate"
+    needs_activations = True
+    walk_label = "compensated"
+
+    def __init__(self) -> None:
+        self.dense: list = []  # the dense model's (hidden, kwargs, mask) entering the current block
+
+    def problem(self, job: Job, layer: LayerProblem, stats: Statistics) -> LayerProblem:
+        cross = stats.get(layer.name, CROSS)
+        if cross is None:  # statistics of the dense model (greedy planning): nothing to compensate
+            return layer
+        return compensated(layer, stats.get(layer.name, GRAM), cross, job.config.compensation_ridge)
+
+    def on_walk_start(self, job: Job, inputs: list | None) -> None:
+        processes = job.accelerator.num_processes
+        if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
+            raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
+                             f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
+        self.dense = [(hidden.clone(), kwargs, mask) for hidden, kwargs, mask in inputs]
+
+    def on_block_start(self, job: Job, block: Block) -> None:
+        if block.paths:  # the dense block, what every stage is fitted to (an offloaded block's copy
+            block.reference = copy.deepcopy(block.module)  # keeps its own copy of the offloaded weights)
+
+    def stages(self, job: Job, block: Block) -> list[list[str]]:
+        hidden, kwargs, _ = block.inputs[0]
+        return stages(block.reference, block.paths, hidden.to(block.device), kwargs)
+
+    def collect(self, job: Job, block: Block, names: list[str]) -> Statistics:
+        return job.statistics.merged(paired_statistics(block.reference, block.module, {n: block.paths[n] for n in names},
+                                                       self.dense, block.inputs, block.device, job.accelerator))
+
+    def on_block_end(self, job: Job, block: Block) -> None:
+        # The dense stream advances: the block's targets.
+        run_block(block.reference if block.reference is not None else block.module, self.dense, block.device)
+        block.reference, block.targets = None, self.dense

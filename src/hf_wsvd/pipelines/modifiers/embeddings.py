@@ -1,0 +1,45 @@
+"""The ``embeddings`` modifier (``WSVDConfig.embeddings``): after the pipeline, factorize the input
+embeddings at ``embedding_ratio`` with ``resolved_embedding_method`` (the maths:
+``hf_wsvd.methods.embeddings``). Solved by one process and shared, like a layer."""
+
+from __future__ import annotations
+
+import torch
+
+from ...methods.embeddings import embedding_rank, embedding_row_weights, input_embedding_name
+from ...runtime.modeling_wsvd import relative_module_name
+from ...solvers import LayerProblem, get_solver
+from ...swap import replace_embedding_with_factors
+from ..step import Job, broadcast
+from . import Modifier, register_modifier
+
+SOURCE = 0  # the process that solves the embeddings
+
+
+@register_modifier
+class Embeddings(Modifier):
+    name = "embeddings"
+    field = "embeddings"
+
+    def on_end(self, job: Job) -> dict[str, int]:
+        """Factorize the input embeddings in place; their base-model-relative name → rank."""
+        with job.timed("embeddings"):
+            config, model = job.config, job.model
+            full_name = input_embedding_name(model)
+            weight = model.get_submodule(full_name).weight.detach()
+            vocab_size, hidden = weight.shape
+            rank = embedding_rank(config, vocab_size, hidden)
+            solver = get_solver(config.resolved_embedding_method)
+            name = relative_module_name(model, full_name)
+            table = down = None
+            if job.accelerator.process_index == SOURCE:
+                problem = LayerProblem(name, weight.to(job.compute_dtype), rank, solver.options.from_recipe(config),
+                                       row_weights=embedding_row_weights(config, job.data, vocab_size))
+                table, down = solver.solve(problem)
+                if not (torch.isfinite(table).all() and torch.isfinite(down).all()):
+                    raise FloatingPointError(f"{solver.name} produced non-finite factors for the embeddings {name!r}")
+            if job.accelerator.num_processes > 1:  # float64: exact for every dtype a solver returns
+                table = broadcast(job, table, (vocab_size, rank), torch.float64, SOURCE)
+                down = broadcast(job, down, (rank, hidden), torch.float64, SOURCE)
+            replace_embedding_with_factors(model, full_name, table, down.T)
+        return {name: rank}
