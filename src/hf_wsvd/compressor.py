@@ -15,6 +15,7 @@ from .methods.embeddings import compress_embeddings
 from .pipelines import get_pipeline
 from .pipelines.step import Job
 from .recipes import resolve
+from .runtime.factorized_linear import share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
@@ -92,7 +93,8 @@ def compress(
     mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
     ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
     ``even_batches=False``, or none); every process ends with the same model. The returned model
-    saves with ``save_pretrained`` and reloads with the stock Auto classes.
+    saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
+    that read the same input share their down matmul at inference (``share_input_factors``).
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
@@ -132,6 +134,7 @@ def compress(
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
                      refined=dict(job.refined))
     attach_recipe(model, recipe)
+    share_input_factors(model)
     params_after, _ = parameter_counts(model)
     changed = set(ranks) | reshaped_layers(recipe.to_dict())
     report = CompressionReport(
