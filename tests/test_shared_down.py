@@ -192,6 +192,10 @@ def test_conversions_and_copies_share_again():
         unshare_input_factors(model)
         torch.testing.assert_close(out, model(**ids).logits, **TOLERANCES[torch.bfloat16])
     assert calls and not any(".q_proj" in c or ".gate_proj" in c for c in calls)
+    layer = copy.deepcopy(copied.model.layers[1].mlp.up_proj)  # a layer alone: it brings its siblings along
+    group = layer.shared_down
+    assert group.layers[1] is layer and group.owner.up_proj is layer and group.owner is not copied.model.layers[1].mlp
+    assert layer.down.weight.data_ptr() == group.weight[group.ranks[0]:].data_ptr()
 
 
 def test_torch_compile_traces_the_shared_matmul_in_one_graph():

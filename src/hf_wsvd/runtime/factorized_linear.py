@@ -130,7 +130,7 @@ class FactorizedLinear(_RankedFactors, nn.Module):
         if self.shared_down is not None:
             down = self.shared_down.down_output(self, x)
             if down is not None:
-                return self.up(down)
+                return self.up(down).reshape(*x.shape[:-1], -1)
         return self.up(self.down(x))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -166,60 +166,71 @@ class SharedDown:
     its own ``down`` instead while autograd needs a down factor's gradient (training them), and
     outside a call of ``owner``. Once a factor is no longer a view of ``weight`` (a module
     replaced by peft, a quantizer, an offload hook or a LoRA merge; ``.to``) the group releases
-    itself, in eager mode (storage pointers cannot be read under ``torch.compile``, which guards
-    the identity checks instead).
+    itself, in eager mode (data pointers cannot be read under ``torch.compile``, which guards the
+    identity checks instead).
     """
 
     def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
         self.owner, self.layers = owner, tuple(layers)
-        self._stack(tuple(layer.down.weight for layer in layers))
+        self._stack(tuple(layer.down for layer in layers))
         owner.register_forward_pre_hook(self._enter)
         owner.register_forward_hook(self._exit, always_call=True)
         for layer in layers:
             layer.shared_down = self
 
-    def _stack(self, params: tuple[nn.Parameter, ...]) -> None:
-        """Copy ``params`` into one tensor, ``weight``, and make each a view of its rows."""
-        self.params, self.weight = params, torch.cat([param.detach() for param in params])
-        self.ranks, self._input, self._outputs, self._open = [param.shape[0] for param in params], None, None, False
+    def _stack(self, downs: tuple[nn.Linear, ...]) -> None:
+        """Copy the weights of the layers' ``downs`` into one tensor, ``weight``, and make each a
+        view of its rows."""
+        self._downs, self.params = downs, tuple(down.weight for down in downs)
+        params = self.params
+        self.weight = torch.cat([param.detach() for param in params])
+        self.ranks, self._product, self._open = [param.shape[0] for param in params], None, False
         start = 0
         for param in params:
             param.data = self.weight[start : start + param.shape[0]]
             start += param.shape[0]
+        # Where each view starts: a factor given other storage (``.data`` set, by hand or by a
+        # sharding library) starts elsewhere, since ``weight`` keeps this memory allocated.
+        self._pointers = tuple(param.data_ptr() for param in params)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        self._open, self._input, self._outputs = True, None, None
+        self._open, self._product = True, None
 
     def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._open, self._input, self._outputs = False, None, None
+        self._open, self._product = False, None
 
     def down_output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer.down(x)`` taken from the shared matmul, or None where ``layer`` computes its own."""
+        """``layer.down(x)`` taken from the shared matmul, as rows (tokens × rank), or None where
+        ``layer`` computes its own."""
+        # (input, outputs) in one attribute: read at once, a pair is never mixed from two calls
+        # (two threads calling the owner at the same time recompute, never read each other's).
+        product = self._product
         if not self._open:
             return None
-        if x is not self._input:
+        if product is None or product[0] is not x:
             if not self._usable():
                 return None
-            self._input = x
-            self._outputs = torch.nn.functional.linear(x, self.weight).split(self.ranks, dim=-1)
-        return self._outputs[self.layers.index(layer)]
+            # Rows: a layer's columns are strided, and a linear of strided 2-D rows is one addmm where
+            # one of a strided 3-D batch is a matmul plus a bias add (slower, and one more launch).
+            rows = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
+            product = self._product = (x, rows.split_with_sizes(self.ranks, dim=1))
+        return product[1][self.layers.index(layer)]
 
     def _usable(self) -> bool:
         """Whether the shared matmul may stand for the layers' own: no down factor needs a gradient
         and each is still the view made by ``_stack`` (else the group is released)."""
         if torch.is_grad_enabled() and any(param.requires_grad for param in self.params):
             return False  # autograd must reach each layer's own parameter
-        linked = all(type(layer.down) is nn.Linear and layer.down.weight is param
-                     for layer, param in zip(self.layers, self.params))
+        # The dicts behind ``layer.down.weight`` directly: nn.Module.__getattr__ would cost more than
+        # the launches saved at batch 1.
+        linked = all(layer._modules.get("down") is down and down._parameters.get("weight") is param
+                     for layer, down, param in zip(self.layers, self._downs, self.params))
         if torch.compiler.is_compiling():
             return linked
-        storage, start = self.weight.untyped_storage().data_ptr(), self.weight.storage_offset()
-        for param, rank in zip(self.params, self.ranks):
-            linked = linked and param.untyped_storage().data_ptr() == storage and param.storage_offset() == start
-            start += rank * self.weight.shape[1]
-        if not linked:
+        if not (linked and all(param.data_ptr() == pointer for param, pointer in zip(self.params, self._pointers))):
             self.release()
-        return linked
+            return False
+        return True
 
     def release(self) -> None:
         """Stop sharing: each layer computes its own ``down`` again (its factor is left as it is)."""
@@ -230,14 +241,15 @@ class SharedDown:
             for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
                 del hooks[key]
                 self.owner._forward_hooks_always_called.pop(key, None)
-        self._open, self._input, self._outputs = False, None, None
+        self._open, self._product = False, None
 
     def __deepcopy__(self, memo: dict) -> "SharedDown":
         # A deep-copied parameter gets storage of its own: stack the copies again so that the copy
-        # shares too (its owner and layers may still be under construction: only referenced here).
+        # shares too. The owner and layers may still be under construction (deepcopy fills their
+        # attributes last): only referenced here; their downs are complete.
         copied = memo[id(self)] = object.__new__(SharedDown)
         copied.owner, copied.layers = copy.deepcopy((self.owner, self.layers), memo)
-        copied._stack(copy.deepcopy(self.params, memo))
+        copied._stack(copy.deepcopy(self._downs, memo))
         return copied
 
 
