@@ -53,10 +53,11 @@ def _compressed(dense, config, data, unshared: bool) -> tuple[torch.nn.Module, d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     model, report = compress(copy.deepcopy(dense).to(device), config, data, show_progress=False)
+    seconds = time.perf_counter() - start
     model = model.to("cpu", torch.float32).eval()
     if unshared:
         unshare_input_factors(model)
-    structure = {"compress_seconds": time.perf_counter() - start, "factorized": len(report.ranks),
+    structure = {"compress_seconds": seconds, "factorized": len(report.ranks),
                  "pruned_mlps": len(report.pruned_mlps), "cut_attentions": len(report.attention),
                  "dense_layers": len(report.dense_targets), "shared_down_groups": shared_down_groups(model)}
     return model, structure
