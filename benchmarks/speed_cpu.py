@@ -12,6 +12,10 @@ thread count:
 
 Beside each row: the bytes of its weights against dense, which bounds the speed-up where the
 forward is bound by reading them. Compression runs on the GPU when there is one; timing on the CPU.
+The compressed models are timed as ``compress`` returns them: factorized layers that read the same
+input (query/key/value, gate/up) compute their down factors in one matmul
+(``hf_wsvd.share_input_factors``; ``shared_down_groups`` in the JSON); ``--unshared`` times each
+layer's own two matmuls instead.
 
     python benchmarks/speed_cpu.py --threads 2 1 --llm smollm2-135m --json-out speed_cpu.json
     python benchmarks/speed_cpu.py --from-json speed_cpu.json
@@ -30,8 +34,8 @@ from pathlib import Path
 import torch
 
 from common import MINILM, ROOT, SHARED, SST2_TRAIN
-from timing import (add_json_arguments, interleaved_seconds, load_range, measure_or_publish, median, speedup,
-                    token_batch, verdict, with_key)
+from timing import (add_json_arguments, interleaved_seconds, load_range, measure_or_publish, median,
+                    shared_down_groups, speedup, token_batch, verdict, with_key)
 
 CPU_TARGET = 1.6  # issue 21: MiniLM SST-2 throughput at kept ratio 0.5, 2 threads, ×dense
 
@@ -40,18 +44,23 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _compressed(dense, config, data) -> tuple[torch.nn.Module, dict]:
+def _compressed(dense, config, data, unshared: bool) -> tuple[torch.nn.Module, dict]:
     """``dense`` compressed by ``config`` on ``data`` (on the GPU when there is one), back on the
-    CPU in float32, and what the recipe chose."""
-    from hf_wsvd import compress
+    CPU in float32 (with its down factors shared as ``compress`` leaves them, unless ``unshared``),
+    and what the recipe chose."""
+    from hf_wsvd import compress, unshare_input_factors
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     model, report = compress(copy.deepcopy(dense).to(device), config, data, show_progress=False)
-    structure = {"compress_seconds": time.perf_counter() - start, "factorized": len(report.ranks),
+    seconds = time.perf_counter() - start
+    model = model.to("cpu", torch.float32).eval()
+    if unshared:
+        unshare_input_factors(model)
+    structure = {"compress_seconds": seconds, "factorized": len(report.ranks),
                  "pruned_mlps": len(report.pruned_mlps), "cut_attentions": len(report.attention),
-                 "dense_layers": len(report.dense_targets)}
-    return model.to("cpu", torch.float32).eval(), structure
+                 "dense_layers": len(report.dense_targets), "shared_down_groups": shared_down_groups(model)}
+    return model, structure
 
 
 def _minilm(args) -> dict:
@@ -71,7 +80,7 @@ def _minilm(args) -> dict:
             key = ratio if variant == "{}" else f"{ratio} {variant}"
             config = WSVDConfig(param_ratio=ratio, num_samples=args.samples, batch_size=8, max_length=128,
                                 **json.loads(variant))
-            models[key], structures[key] = _compressed(dense, config, train)
+            models[key], structures[key] = _compressed(dense, config, train, args.unshared)
     for ratio, model in models.items():
         accuracy[ratio] = evaluate_model(model, dev, show_progress=False)["accuracy"]
     return models, structures, accuracy
@@ -95,7 +104,8 @@ def _llm(args) -> tuple[dict, dict]:
                       collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     models, structures = {1.0: dense.eval()}, {}
     for reduction in args.reductions:
-        models[1 - reduction], structures[1 - reduction] = _compressed(dense, WSVDConfig(param_ratio=1 - reduction), data)
+        config = WSVDConfig(param_ratio=1 - reduction)
+        models[1 - reduction], structures[1 - reduction] = _compressed(dense, config, data, args.unshared)
     return models, structures
 
 
@@ -169,7 +179,8 @@ def render(runs: list[dict]) -> str:
                 structure = run.get("structures", {}).get(key)
                 shape = "dense" if structure is None else (
                     f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
-                    f"{structure['factorized']} factorized")
+                    f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups "
+                    "shared)")
                 ratio, _, variant = str(m["ratio"]).partition(" ")
                 label = "dense" if float(ratio) == 1.0 else f"kept {float(ratio):g}" + (f", {variant}" if variant else "")
                 rows.append([timing["threads"], load_range(timing["loadavg_1min"]), label, shape,
@@ -199,7 +210,8 @@ def render(runs: list[dict]) -> str:
                     structure = llm["structures"].get(key)
                     shape = "dense" if structure is None else (
                         f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
-                        f"{structure['factorized']} factorized")
+                        f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups "
+                        "shared)")
                     llm_rows.append([timing["threads"], load_range(timing["loadavg_1min"]), f"{1 - m['ratio']:.0%}",
                                      shape, dense_bytes / llm["weight_bytes"][key], m["prefill_per_s"], m["prefill_x"],
                                      m["decode_per_s"], m["decode_x"]])
@@ -218,6 +230,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["{}", '{"mlp_pruning": true, "attention_pruning": true}'],
                         help="WSVDConfig fields set on the recommended recipe, as JSON, one compression each ({}: "
                              "the recommended recipe)")
+    parser.add_argument("--unshared", action="store_true",
+                        help="time each factorized layer's own down matmul (compress shares query/key/value's)")
     parser.add_argument("--llm", help="also time a causal LM: a demo model name, folder or .gguf")
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4], help="of the LM's decoder linears")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))

@@ -8,7 +8,10 @@ timed from the first new token), decode replayed from a captured CUDA graph (``g
 ``generate`` with a static cache compiled by ``torch.compile`` (``compile``; its tokens checked
 against eager greedy decoding), peak GPU memory. Beside each model: the bytes one decode step reads
 (weights, and the KV cache at the mean context of the decode), whose ratio to dense bounds the
-decode speed-up where decode is bound by memory traffic.
+decode speed-up where decode is bound by memory traffic. The compressed models are timed as
+``compress`` returns them: factorized layers that read the same input (q/k/v, gate/up) compute
+their down factors in one matmul (``hf_wsvd.share_input_factors``; ``shared_down_groups`` in the
+JSON); ``--unshared`` times each layer's own two matmuls instead.
 
     python benchmarks/speed_gpu.py --json-out gpu.json                      # GPU machine
     python benchmarks/speed_gpu.py --from-json gpu.json                      # publish the table
@@ -25,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from hf_wsvd import WSVDConfig
-from timing import (add_json_arguments, interleaved_seconds, measure_or_publish, median, token_batch, verdict,
-                    with_key)
+from hf_wsvd import WSVDConfig, unshare_input_factors
+from timing import (add_json_arguments, interleaved_seconds, measure_or_publish, median, shared_down_groups,
+                    token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
 TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None): 1.17},
@@ -69,13 +72,15 @@ def compress_with_recipe(model, reduction: float, args) -> dict:
     start = time.perf_counter()
     model, report = compress(model, config, data, show_progress=False)
     torch.cuda.synchronize()
+    if args.unshared:
+        unshare_input_factors(model)
     head_dims = sorted({entry["head_dim"] for entry in report.attention.values()})
     return {"compress_seconds": time.perf_counter() - start, "factorized_layers": len(report.ranks),
             "ranks": sorted(set(report.ranks.values())), "pruned_mlps": len(report.pruned_mlps),
             "mlp_channels": sorted({report.pruned[n]["shape"][0] for n in report.pruned_mlps}),
             "cut_attentions": len(report.attention), "head_dims": head_dims,
-            "dense_layers": len(report.dense_targets), "recipe": {k: v for k, v in config.to_dict().items()
-                                                                   if k in ("param_ratio", *json.loads(args.recipe))}}
+            "dense_layers": len(report.dense_targets), "shared_down_groups": shared_down_groups(model),
+            "recipe": {k: v for k, v in config.to_dict().items() if k in ("param_ratio", *json.loads(args.recipe))}}
 
 
 def step_bytes(model, batch: int, context: int) -> int:
@@ -244,6 +249,7 @@ def measure_model(reduction: float, args) -> dict:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
             torch._dynamo.reset()  # the bf16 model's compiled graphs
+            unshare_input_factors(model)  # the int8 down factors replace the shared bf16 ones: free those
             quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: type(m) is torch.nn.Linear
                       and "lm_head" not in name)
             gc.collect()
@@ -314,7 +320,8 @@ def render(runs: list[dict]) -> str:
             structure = "dense" if not m["reduction"] else (
                 f"{m['cut_attentions']} attentions cut to head dim {'/'.join(map(str, m['head_dims'])) or '-'}, "
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
-                f"channels, {m['factorized_layers']} factorized, {m['dense_layers']} dense")
+                f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
+                f"shared), {m['dense_layers']} dense")
             rows.append([f"{m['reduction']:.0%}" + ("" if not m["reduction"] else f" ({recipe})"), structure,
                          f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds, *cells,
                          (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
@@ -375,6 +382,8 @@ def main() -> None:
                         help="fractions of the decoder-linear parameters removed (0: dense)")
     parser.add_argument("--recipe", default="{}", help="WSVDConfig fields set on top of the recommended recipe, as "
                                                        "JSON (e.g. '{\"attention_pruning\": false}')")
+    parser.add_argument("--unshared", action="store_true",
+                        help="time each factorized layer's own down matmul (compress shares q/k/v and gate/up's)")
     parser.add_argument("--calibration", nargs=2, type=int, default=[16, 512], metavar=("SEQUENCES", "LENGTH"),
                         help="random calibration tokens of the recipe (default: 16 x 512)")
     parser.add_argument("--calibration-batch", type=int, default=4)

@@ -62,6 +62,12 @@ def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]
     return graph.replay
 
 
+def shared_down_groups(model: torch.nn.Module) -> int:
+    """How many groups of factorized layers of ``model`` share one down matmul (q/k/v, gate/up:
+    ``hf_wsvd.share_input_factors``, which ``compress`` and loading apply)."""
+    return len({id(m.shared_down) for m in model.modules() if getattr(m, "shared_down", None) is not None})
+
+
 def token_batch(vocab_size: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
     """Random token ids (above the low ids where tokenizers keep their specials)."""
     generator = torch.Generator(device=device).manual_seed(seed)

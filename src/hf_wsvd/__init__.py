@@ -24,6 +24,8 @@ _EXPORTS = {
     "WSVDConfig": "config",
     "FactorizedEmbedding": "runtime.factorized_embedding",
     "FactorizedLinear": "runtime.factorized_linear",
+    "share_input_factors": "runtime.factorized_linear",
+    "unshare_input_factors": "runtime.factorized_linear",
     "parameter_counts": "integrations.checkpoint",
     "summarize": "integrations.checkpoint",
     "register_with_transformers": "integrations.autoconfig",
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from .compressor import CompressionReport, compress
     from .config import WSVDConfig
     from .runtime.factorized_embedding import FactorizedEmbedding
-    from .runtime.factorized_linear import FactorizedLinear
+    from .runtime.factorized_linear import FactorizedLinear, share_input_factors, unshare_input_factors
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .pipelines.step import Job, run
 from .recipes import resolve
+from .runtime.factorized_linear import share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
@@ -90,7 +91,8 @@ def compress(
     mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
     ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
     ``even_batches=False``, or none); every process ends with the same model. The returned model
-    saves with ``save_pretrained`` and reloads with the stock Auto classes.
+    saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
+    that read the same input share their down matmul at inference (``share_input_factors``).
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
@@ -128,6 +130,7 @@ def compress(
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
                      refined=dict(job.refined))
     attach_recipe(model, recipe)
+    share_input_factors(model)
     params_after, _ = parameter_counts(model)
     changed = set(ranks) | reshaped_layers(recipe.to_dict())
     report = CompressionReport(

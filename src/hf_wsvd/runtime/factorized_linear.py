@@ -1,4 +1,5 @@
-"""`FactorizedLinear`: a linear layer stored as two thin factors, ``W ≈ up.weight @ down.weight``.
+"""`FactorizedLinear`: a linear layer stored as two thin factors, ``W ≈ up.weight @ down.weight``;
+`SharedDown`: one matmul for the down factors of sibling layers that read the same input.
 
 This file ships inside every compressed checkpoint (it is copied next to ``config.json`` so that
 ``trust_remote_code=True`` works without hf_wsvd), so it may import only torch and transformers.
@@ -6,8 +7,15 @@ This file ships inside every compressed checkpoint (it is copied next to ``confi
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+# Children of one module that read the same input in the architectures transformers ships
+# (attention projections; a gated MLP's two input projections): their factorized ones share one
+# down matmul at inference (``share_input_factors``).
+SHARED_INPUT_CHILDREN = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -67,8 +75,11 @@ class FactorizedLinear(_RankedFactors, nn.Module):
 
     ``forward(x) = up(down(x))`` with ``down: in → rank`` (no bias) and ``up: rank → out`` carrying
     the original bias. ``weight`` and ``bias`` are read-only stand-ins for dtype/device probes done
-    by model code and libraries; the dense matrix is ``to_dense()``.
+    by model code and libraries; the dense matrix is ``to_dense()``. ``shared_down``: the
+    :class:`SharedDown` computing ``down`` together with its siblings', if any.
     """
+
+    shared_down: "SharedDown | None" = None
 
     def __init__(
         self,
@@ -116,7 +127,18 @@ class FactorizedLinear(_RankedFactors, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_down is not None:
+            down = self.shared_down.down_output(self, x)
+            if down is not None:
+                return self.up(down).reshape(*x.shape[:-1], -1)
         return self.up(self.down(x))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # A conversion (.to, .half, ...) gives each factor a tensor of its own: a shared weight would
+        # go stale. (A Wsvd model shares again after its own conversion.)
+        if self.shared_down is not None:
+            self.shared_down.release()
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
@@ -130,6 +152,142 @@ class FactorizedLinear(_RankedFactors, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SharedDown:
+    """One matmul for the down factors of sibling ``FactorizedLinear`` layers that read the same input.
+
+    ``weight`` stacks their down factors' rows and each layer's ``down.weight`` becomes a view of
+    its rows: the parameters (so ``state_dict``, checkpoints, optimizers) are unchanged, no memory
+    is added, and an in-place update of a factor is an update of ``weight``. Within one call of
+    ``owner`` (the module whose children they are; its forward hooks open and close the call), the
+    first layer called computes ``input @ weight.T`` for all of them, and each layer then called
+    with that same input tensor takes its columns; no product outlives the call. A layer computes
+    its own ``down`` instead while autograd needs a down factor's gradient (training them), and
+    outside a call of ``owner``. Once a factor is no longer a view of ``weight`` (a module
+    replaced by peft, a quantizer, an offload hook or a LoRA merge; ``.to``) the group releases
+    itself, in eager mode (data pointers cannot be read under ``torch.compile``, which guards the
+    identity checks instead).
+    """
+
+    def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
+        self.owner, self.layers = owner, tuple(layers)
+        self._stack(tuple(layer.down for layer in layers))
+        owner.register_forward_pre_hook(self._enter)
+        owner.register_forward_hook(self._exit, always_call=True)
+        for layer in layers:
+            layer.shared_down = self
+
+    def _stack(self, downs: tuple[nn.Linear, ...]) -> None:
+        """Copy the weights of the layers' ``downs`` into one tensor, ``weight``, and make each a
+        view of its rows."""
+        self._downs, self.params = downs, tuple(down.weight for down in downs)
+        params = self.params
+        self.weight = torch.cat([param.detach() for param in params])
+        self.ranks, self._product, self._open = [param.shape[0] for param in params], None, False
+        start = 0
+        for param in params:
+            param.data = self.weight[start : start + param.shape[0]]
+            start += param.shape[0]
+        # Where each view starts: a factor given other storage (``.data`` set, by hand or by a
+        # sharding library) starts elsewhere, since ``weight`` keeps this memory allocated.
+        self._pointers = tuple(param.data_ptr() for param in params)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._open, self._product = True, None
+
+    def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._open, self._product = False, None
+
+    def down_output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer.down(x)`` taken from the shared matmul, as rows (tokens × rank), or None where
+        ``layer`` computes its own."""
+        # (input, outputs) in one attribute: read at once, a pair is never mixed from two calls
+        # (two threads calling the owner at the same time recompute, never read each other's).
+        product = self._product
+        if not self._open:
+            return None
+        if product is None or product[0] is not x:
+            if not self._usable():
+                return None
+            # Rows: a layer's columns are strided, and a linear of strided 2-D rows is one addmm where
+            # one of a strided 3-D batch is a matmul plus a bias add (slower, and one more launch).
+            rows = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
+            product = self._product = (x, rows.split_with_sizes(self.ranks, dim=1))
+        return product[1][self.layers.index(layer)]
+
+    def _usable(self) -> bool:
+        """Whether the shared matmul may stand for the layers' own: no down factor needs a gradient
+        and each is still the view made by ``_stack`` (else the group is released)."""
+        if torch.is_grad_enabled() and any(param.requires_grad for param in self.params):
+            return False  # autograd must reach each layer's own parameter
+        # The dicts behind ``layer.down.weight`` directly: nn.Module.__getattr__ would cost more than
+        # the launches saved at batch 1.
+        linked = all(layer._modules.get("down") is down and down._parameters.get("weight") is param
+                     for layer, down, param in zip(self.layers, self._downs, self.params))
+        if torch.compiler.is_compiling():
+            return linked
+        if not (linked and all(param.data_ptr() == pointer for param, pointer in zip(self.params, self._pointers))):
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Stop sharing: each layer computes its own ``down`` again (its factor is left as it is)."""
+        for layer in self.layers:
+            if layer.shared_down is self:
+                layer.shared_down = None
+        for hooks in (self.owner._forward_pre_hooks, self.owner._forward_hooks):
+            for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
+                del hooks[key]
+                self.owner._forward_hooks_always_called.pop(key, None)
+        self._open, self._product = False, None
+
+    def __deepcopy__(self, memo: dict) -> "SharedDown":
+        # A deep-copied parameter gets storage of its own: stack the copies again so that the copy
+        # shares too. The owner and layers may still be under construction (deepcopy fills their
+        # attributes last): only referenced here; their downs are complete.
+        copied = memo[id(self)] = object.__new__(SharedDown)
+        copied.owner, copied.layers = copy.deepcopy((self.owner, self.layers), memo)
+        copied._stack(copy.deepcopy(self._downs, memo))
+        return copied
+
+
+def _shareable(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a ``FactorizedLinear`` not yet sharing whose down factor is a plain
+    ``nn.Linear`` with a floating-point weight on a real device (not quantized, offloaded, wrapped
+    by peft) and under no accelerate hook."""
+    if type(module) is not FactorizedLinear or module.shared_down is not None or type(module.down) is not nn.Linear:
+        return False
+    weight = module.down.weight
+    return (type(weight) is nn.Parameter and weight.is_floating_point() and weight.device.type != "meta"
+            and not any(hasattr(m, "_hf_hook") for m in (module, module.down)))
+
+
+def share_input_factors(model: nn.Module) -> int:
+    """Let the factorized children of each module of ``model`` that read the same input
+    (``SHARED_INPUT_CHILDREN``: q/k/v, gate/up) compute their down factors as one matmul
+    (:class:`SharedDown`); returns how many groups now share. Layers already sharing, or whose down
+    factor is quantized, offloaded or wrapped by peft, are left alone."""
+    groups = 0
+    for owner in list(model.modules()):
+        for names in SHARED_INPUT_CHILDREN:
+            layers = [child for child in (owner._modules.get(name) for name in names) if _shareable(child)]
+            if len(layers) > 1 and len({(layer.in_features, layer.down.weight.dtype, layer.down.weight.device)
+                                        for layer in layers}) == 1:
+                SharedDown(owner, layers)
+                groups += 1
+    return groups
+
+
+def unshare_input_factors(model: nn.Module) -> int:
+    """Undo ``share_input_factors``: every ``FactorizedLinear`` of ``model`` computes its own down
+    factor again; returns how many groups were released."""
+    groups = {id(m.shared_down): m.shared_down for m in model.modules()
+              if isinstance(m, FactorizedLinear) and m.shared_down is not None}
+    for group in groups.values():
+        group.release()
+    return len(groups)
 
 
 class FullPrecisionLinear(nn.Module):

@@ -45,7 +45,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
-from .factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape
+from .factorized_linear import (FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape,
+                                share_input_factors)
 
 logger = transformers.utils.logging.get_logger(__name__)
 
@@ -538,8 +539,10 @@ class _WsvdConfigMixin:
 
 
 class _WsvdModelMixin:
-    """Factorizes the modules listed in the config before the stock ``post_init``, and checks after
-    loading that the file filled every factor (see :func:`check_loaded`)."""
+    """Factorizes the modules listed in the config before the stock ``post_init``, checks after
+    loading that the file filled every factor (see :func:`check_loaded`), then lets factorized
+    layers that read the same input share their down matmul (``share_input_factors``), again
+    after each conversion (``.to``, ``.half``)."""
 
     def post_init(self) -> None:
         factorize_modules(self, *check_recipe(self.config))
@@ -554,7 +557,16 @@ class _WsvdModelMixin:
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         check_loaded(model, info, ignore)
+        share_input_factors(model)
         return (model, info) if wants_info else model
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # A conversion releases the shared down factors (FactorizedLinear._apply): stack them again.
+        shared = any(isinstance(m, FactorizedLinear) and m.shared_down is not None for m in self.modules())
+        result = super()._apply(fn, recurse)
+        if shared:
+            share_input_factors(self)
+        return result
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
