@@ -121,3 +121,20 @@ def test_offloaded_compression_with_prefetch_equals_the_one_without(monkeypatch)
     assert any(t.is_pinned() for t in results[1][2].values())  # the dense blocks travelled from pinned memory
     for name, tensor in results[0][2].items():
         assert torch.equal(tensor, results[1][2][name]), name
+
+
+def test_a_tied_weight_moves_out_and_home_once(monkeypatch):
+    """The input embeddings and a tied head are one parameter: moved once, so its home is where it
+    was (a second visit recorded the device it had just been moved to, and it stayed there)."""
+    from hf_wsvd.blocks import outside_blocks_on
+
+    model, _, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    moved = []
+    original = blocks_module._move
+    monkeypatch.setattr(blocks_module, "_move", lambda tensor, device, where, key: (moved.append(key),
+                                                                                   original(tensor, device, where, key))[1])
+    with outside_blocks_on(model, "model.layers", torch.device("cpu")):
+        pass
+    weights = [key for key in moved if key[1] == "_parameters" and key[0] in ("model.embed_tokens", "lm_head")]
+    assert weights == [("model.embed_tokens", "_parameters", "weight")]

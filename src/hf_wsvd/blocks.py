@@ -302,14 +302,18 @@ def outside_blocks_on(model: nn.Module, prefix: str, device: torch.device) -> It
     """Every parameter and buffer outside the blocks (``prefix``) on ``device`` for the duration
     (embeddings, final norm, head, rotary tables); nothing moves on a dispatched model."""
     where: dict = {}
+    # A tied weight (input embeddings and head) is one parameter: moved, and restored, once (its
+    # second visit would record the device it was just moved to as its home).
+    seen: set[int] = set()
     if not is_dispatched(model):
         for name, module in model.named_modules():
             if name == prefix or name.startswith(prefix + "."):
                 continue
             for key, tensor in module._parameters.items():
-                if tensor is not None:
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
                     tensor.data = _move(tensor.data, device, where, (name, "_parameters", key))
-            for key, tensor in module._buffers.items():
+            for key, tensor in module._buffers.items():  # each slot gets a moved tensor of its own
                 if tensor is not None:
                     module._buffers[key] = _move(tensor, device, where, (name, "_buffers", key))
     try:
