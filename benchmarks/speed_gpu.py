@@ -241,8 +241,12 @@ def measure_model(reduction: float, args) -> dict:
         guarded(result, "prefill", prefill)
     parts = (("decode", decode), ("graph", graph_decode),
              ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
+             ("graph_unshared", graph_decode),
              ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)))
     for part, run in parts:
+        if part == "graph_unshared" and part in args.parts:
+            torch._dynamo.reset()
+            unshare_input_factors(model)  # the same model, each factorized layer with its own down matmul
         if part == "int8" and part in args.parts:
             # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
             # block linears, then compiled decoding, which its kernels need to be fast.
@@ -306,7 +310,8 @@ def render(runs: list[dict]) -> str:
     for run in runs:
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
-        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("decode", "1"), ("decode", "16"),
+        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("graph_unshared", "1"), ("graph_unshared", "16"),
+                   ("decode", "1"), ("decode", "16"),
                    ("compile", "1"), ("compile", "16"), ("int8", "1"), ("int8", "16")]
         for m in run["models"]:
             cells = []
@@ -357,6 +362,7 @@ def render(runs: list[dict]) -> str:
          "bound b1 (dense bytes/bytes)", "bound b16",
          f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
          "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
+         "same, downs unshared b1", "×dense", "same, downs unshared b16", "×dense",
          "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
          "compiled generate b16", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16", "×int8 dense",
          "peak GiB prefill", "peak GiB decode", "compress s"], rows)
@@ -373,10 +379,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
     parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
-                        choices=["prefill", "decode", "graph", "compile", "int8"],
+                        choices=["prefill", "decode", "graph", "compile", "graph_unshared", "int8"],
                         help="graph: decode replayed from a CUDA graph (static cache); compile: generate with a static "
-                             "cache and torch.compile; int8: the same after torchao int8 weight-only quantization "
-                             "(last: it quantizes the model)")
+                             "cache and torch.compile; graph_unshared: graph again after unshare_input_factors (each "
+                             "layer its own down matmul); int8: compiled decoding after torchao int8 weight-only "
+                             "quantization (last: it quantizes the model)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")
