@@ -165,6 +165,14 @@ def measure(args) -> dict:
     return payload
 
 
+def _structure(structure: dict | None) -> str:
+    """What a compressed model's recipe chose, in words ("dense" for none)."""
+    if structure is None:
+        return "dense"
+    return (f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
+            f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups shared)")
+
+
 def render(runs: list[dict]) -> str:
     from report import markdown_table
 
@@ -177,10 +185,7 @@ def render(runs: list[dict]) -> str:
             for m in timing["rows"]:
                 key = str(m["ratio"])
                 structure = run.get("structures", {}).get(key)
-                shape = "dense" if structure is None else (
-                    f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
-                    f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups "
-                    "shared)")
+                shape = _structure(structure)
                 ratio, _, variant = str(m["ratio"]).partition(" ")
                 label = "dense" if float(ratio) == 1.0 else f"kept {float(ratio):g}" + (f", {variant}" if variant else "")
                 rows.append([timing["threads"], load_range(timing["loadavg_1min"]), label, shape,
@@ -208,10 +213,7 @@ def render(runs: list[dict]) -> str:
                 for m in timing["rows"]:
                     key = str(m["ratio"])
                     structure = llm["structures"].get(key)
-                    shape = "dense" if structure is None else (
-                        f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
-                        f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups "
-                        "shared)")
+                    shape = _structure(structure)
                     llm_rows.append([timing["threads"], load_range(timing["loadavg_1min"]), f"{1 - m['ratio']:.0%}",
                                      shape, dense_bytes / llm["weight_bytes"][key], m["prefill_per_s"], m["prefill_x"],
                                      m["decode_per_s"], m["decode_x"]])
