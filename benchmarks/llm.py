@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.argtypes import speed_limit
 from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
@@ -60,9 +61,10 @@ def recipes(args) -> list[dict]:
     cut = [False, True] if args.attention_pruning else [False]
     for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
         rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned,
-                      attention_pruning=attention, **refine)
+                      attention_pruning=attention, max_kept_ratio_for_speed=limit, **refine)
                  for m in methods for a in args.allocations for r in args.compensation_ridges
-                 for attention in (cut if pruned else [False]) for refine in refinements]
+                 for attention in (cut if pruned else [False]) for refine in refinements
+                 for limit in (args.speed_limits if pruned else [None])]
     return rows
 
 
@@ -74,6 +76,10 @@ def label(recipe: dict) -> str:
         name += ", MLPs pruned"
     if recipe.get("attention_pruning"):
         name += ", attentions cut"
+    limit = recipe.get("max_kept_ratio_for_speed")
+    if limit is not None:
+        shown = f"{limit:g}" if isinstance(limit, float) else ", ".join(f"{k} {v:g}" for k, v in sorted(limit.items()))
+        name += f", kept ratio ≤ {shown} per layer"
     if recipe.get("block_refine_steps"):
         name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
     return name + (")" if recipe.get("sequential") else "")
@@ -286,6 +292,9 @@ def main() -> None:
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])
+    parser.add_argument("--speed-limits", nargs="+", type=lambda t: None if t == "none" else speed_limit(t),
+                        default=[None], help="max_kept_ratio_for_speed of the MLP-pruned rows, each a row: a number, "
+                        "a per-shape JSON file (as --max-kept-ratio-for-speed takes) or 'none' (off)")
     parser.add_argument("--attention-pruning", action="store_true",
                         help="also the MLP-pruned rows with attention pruning (head dimensions cut)")
     parser.add_argument("--only-recommended", action="store_true",

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig
-from hf_wsvd.allocation import kept_ratio, uniform_ranks
+from hf_wsvd.allocation import greedy_ranks, kept_ratio, uniform_ranks
 from hf_wsvd.cli import build_parser
 
 MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
@@ -194,12 +194,33 @@ def test_compressor_keeps_slow_layers_dense_with_greedy_allocation():
     ratios = {n: kept_ratio(*shapes[n], r) for n, r in recipe_ranks.items()}
     cut = sorted(ratios.values())[len(ratios) // 2]
     model, report = tiny.compressed("bert", allocation="greedy", rank_multiple=1, max_kept_ratio_for_speed=cut)
-    expected = {n: r for n, r in recipe_ranks.items() if ratios[n] <= cut}
-    assert report.ranks == expected and 0 < len(expected) < len(recipe_ranks)
-    slow = sorted(set(recipe_ranks) - set(expected))
-    assert set(slow) <= set(report.dense_targets)
+    assert report.ranks and all(kept_ratio(*shapes.get(n, (0, 0)), r) <= cut + 1e-12 for n, r in report.ranks.items())
+    slow = sorted(n for n in recipe_ranks if ratios[n] > cut and n not in report.ranks)
+    assert slow and set(slow) <= set(report.dense_targets)
     for name in slow:
         assert type(model.bert.get_submodule(name)) is torch.nn.Linear
+    # The budget is spent around the limit (not by dropping layers after allocation, which would keep
+    # more weights than param_ratio allows): the compressed model is no larger than the uncapped one.
+    params = sum(p.numel() for p in model.parameters())
+    assert params <= sum(p.numel() for p in base.parameters()) + sum(in_ + out for in_, out in shapes.values())
+
+
+def test_greedy_ranks_cap_ranks_at_the_speed_limit_and_spend_the_budget_elsewhere():
+    shapes = {"fast": (64, 64), "slow": (64, 256), "square": (128, 128)}
+    spectra = {n: torch.linspace(2.0, 0.1, min(s)) for n, s in shapes.items()}
+    dense = {n: i * o for n, (i, o) in shapes.items()}
+    free = greedy_ranks(shapes, spectra, 0.6)
+    capped = greedy_ranks(shapes, spectra, 0.6, max_kept_ratio={"128x128": 0.3, "64x256": 0})
+    assert "slow" not in capped  # no rank allowed: dense, its weights inside the budget
+    assert kept_ratio(128, 128, capped["square"]) <= 0.3 < kept_ratio(128, 128, free["square"])
+    def kept(ranks, names):  # weights kept by ``names`` under ``ranks`` (dense where unranked)
+        return sum(ranks[n] * sum(shapes[n]) if n in ranks else dense[n] for n in names)
+
+    assert kept(capped, shapes) <= 0.6 * sum(dense.values())
+    # The others pay for the layer the limit keeps dense.
+    assert kept(capped, ["fast", "square"]) < kept(free, ["fast", "square"])
+    with pytest.raises(ValueError, match="max_kept_ratio_for_speed"):
+        greedy_ranks(shapes, spectra, 0.2, max_kept_ratio={"64x256": 0, "128x128": 0})
 
 
 def test_compressor_refuses_when_every_layer_is_too_slow():

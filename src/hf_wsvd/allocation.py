@@ -94,6 +94,7 @@ def greedy_ranks(
     layer_weights: dict[str, float] | None = None,
     multiple: int = 1,
     extra: dict[str, Budgeted] | None = None,
+    max_kept_ratio: SpeedLimit = None,
 ) -> dict[str, int]:
     """Ranks, all multiples of ``multiple``, under one budget of ``param_ratio`` × (the weights of
     the layers that can be factorized), spent ``multiple`` ranks at a time where they remove the
@@ -106,25 +107,35 @@ def greedy_ranks(
     all the weights (``param_ratio`` 1) leaves every layer dense. A layer where no multiple of
     ``multiple`` saves parameters is left out. ``extra`` adds layers counted in other units (the MLP
     channels of ``hf_wsvd.methods.mlp_pruning``, whose ``spectra`` entry holds √ of each channel's loss,
-    largest first; an MLP that keeps all its channels stays dense). Deterministic: ties go to the
-    earlier layer name and lower rank.
+    largest first; an MLP that keeps all its channels stays dense). ``max_kept_ratio`` (``speed_limit``)
+    caps each layer's rank at its limit, so that from there the next step keeps it dense; a layer
+    whose limit allows no rank stays dense and its weights count against the budget, which the
+    other layers then meet. Deterministic: ties go to the earlier layer name and lower rank.
     """
     items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), len(spectra[n]))) for n, (i, o) in shapes.items()}
     items.update(extra or {})
     limits = {n: item.limit // multiple * multiple for n, item in items.items()}
+    slow = {}  # layers that save parameters but whose speed limit allows no rank: dense, inside the budget
+    for name, (i, o) in shapes.items():
+        limit = speed_limit((i, o), max_kept_ratio)
+        if limit is not None and limits[name] > 0:
+            limits[name] = min(limits[name], int(limit * i * o / (i + o)) // multiple * multiple)
+            if limits[name] == 0:
+                slow[name] = items[name].dense_params
     items = {n: item for n, item in items.items() if limits[n] > 0}
     if not items:
-        raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple} and saves "
-                         "parameters; lower rank_multiple")
-    budget = param_ratio * sum(item.dense_params for item in items.values())
+        raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple}, saves "
+                         "parameters" + (f" and keeps at most max_kept_ratio_for_speed={max_kept_ratio}"
+                                         if max_kept_ratio is not None else "") + "; lower rank_multiple")
+    budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
     costs = {n: multiple * item.unit_params for n, item in items.items()}  # one step of ``multiple`` units
     ranks = {n: multiple for n in items}
-    spent = sum(costs.values())
+    spent = sum(costs.values()) + sum(slow.values())
     if spent > budget:
         raise ValueError(
             f"param_ratio={param_ratio} is below the cost of rank {multiple} ({multiple} channels for a pruned MLP) for "
-            "every target layer "
-            f"({spent:,} parameters for a budget of {budget:,.0f})"
+            "every target layer" + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}"
+                                    if slow else "") + f" ({spent:,} parameters for a budget of {budget:,.0f})"
         )
     candidates = []  # (sort key: minus the loss removed per parameter, layer, units before the step, its cost)
     for name in sorted(items):

@@ -165,8 +165,9 @@ class WSVDConfig:
         "(r*(in+out)/(in*out)): factorized it runs no faster than dense. A number in (0, 1], or per "
         "shape a dict 'INxOUT' -> limit (on the command line: the JSON of benchmarks/layer_speed.py "
         "--json-out, whose by_shape it reads; shapes not in it have no limit, 0 keeps a shape dense). "
-        "Unset (None): every layer whose rank saves parameters is factorized. With greedy allocation the layers "
-        "kept dense are not re-budgeted", type=speed_limit)
+        "Unset (None): every layer whose rank saves parameters is factorized. Greedy allocation spends its budget "
+        "within the limits (a layer keeps at most its limit or stays dense, and the others meet param_ratio)",
+        type=speed_limit)
     # Measured on an H100, bf16, 4096 -> r -> 4096: r = 1228 1.49 ms, r = 1232 0.46 ms, dense 0.72 ms.
     rank_multiple: int = recipe_field(
         8, "every rank is a multiple of this, >= 1 (uniform: rounded down; greedy: allocated in steps of it); a "

@@ -85,13 +85,17 @@ def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
     return pairs
 
 
-def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> torch.Tensor:
+def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume: bool = False) -> torch.Tensor:
     """The channels in the order that lowers the consumer's output error most: at each step those
     whose part not explained by the channels already taken carries most of W·h, score
     ‖W·R[:, j]‖² / R_jj with R the residual covariance of C + λI, taken ``ceil(n / ORDER_STEPS)``
-    at a time; ties to the lower index."""
+    at a time; ties to the lower index. ``consume``: ``gram`` is overwritten (no n × n copy)."""
     size = gram.shape[0]
-    residual = plus_diagonal(gram, lam)
+    if consume:
+        residual = gram
+        residual.diagonal().add_(lam)
+    else:
+        residual = plus_diagonal(gram, lam)
     projected = weight.double() @ residual
     free = torch.ones(size, dtype=torch.bool, device=gram.device)
     block = -(-size // ORDER_STEPS)
@@ -113,11 +117,16 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     """(the ``keep`` kept channel indices, ascending; the refitted consumer weight, out × keep) for a
     consumer ``weight`` (out × channels) with input Gram ``gram`` and, compensated, the cross
     moment ``cross`` = E[h_dense hᵀ] (see the module). Computed in float64."""
-    gram, lam = ridged(gram, ridge, weight.device)
-    cross = gram if cross is None else cross.double().to(weight.device)
-    kept = _channel_order(weight, gram, lam)[:keep].sort().values
-    kept_gram, kept_cross = gram[kept[:, None], kept], cross[:, kept]
-    del gram, cross  # the n × n matrices: only their kept parts are needed from here
+    symmetric, lam = ridged(gram, ridge, weight.device)
+    # The order consumes the symmetrized copy (one n × n float64 matrix less at this step's peak); the
+    # kept parts are then taken from the caller's matrices, symmetrized alike.
+    kept = _channel_order(weight, symmetric, lam, consume=True)[:keep].sort().values
+    del symmetric
+    index = kept.to(gram.device)
+    columns = (gram[:, index].double() + gram[index].double().T).div_(2).to(weight.device)  # C[:, kept]
+    kept_gram = columns[kept]
+    kept_cross = columns if cross is None else cross[:, kept.to(cross.device)].double().to(weight.device)
+    del gram, cross  # the caller's n × n matrices, if it no longer holds them: only their kept parts from here
     dense = weight.double()
     refit = refitted(dense, dense[:, kept], kept_gram, kept_cross, lam)
     if not torch.isfinite(refit).all():

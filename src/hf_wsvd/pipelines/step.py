@@ -23,7 +23,7 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import drop_slow_layers, greedy_ranks, kept_channels, uniform_ranks
+from ..allocation import greedy_ranks, kept_channels, uniform_ranks
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
@@ -287,13 +287,13 @@ class Cuts:
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
                       weights: dict[str, float] | None, cuts: Cuts) -> tuple[dict[str, int], dict[str, int]]:
     """(ranks, kept channels of each group of ``cuts`` by key) under one global budget
-    (``allocation="greedy"``) in steps of ``rank_multiple``, slow layers dropped. ``values`` holds
+    (``allocation="greedy"``) in steps of ``rank_multiple``, no rank above its speed limit. ``values`` holds
     the layers' spectra and the groups' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
-                         {g.key: m.budget(job, g) for m, g in cuts.owned})
+                         {g.key: m.budget(job, g) for m, g in cuts.owned}, job.config.max_kept_ratio_for_speed)
     # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
     channels = {g.key: m.even(g, units.pop(g.key, g.channels)) for m, g in cuts.owned}
-    return drop_slow_layers(units, shapes, job.config.max_kept_ratio_for_speed), channels
+    return units, channels
 
 
 def loss_scale(job: Job, layer: LayerProblem) -> float:

@@ -29,6 +29,12 @@ class Statistics:
             return stats[FISHER].sum(dim=SUMS_OF_ENTRIES[statistic])
         return stats.get(statistic)
 
+    def pop(self, module: str, statistic: str) -> torch.Tensor | None:
+        """The statistic (as ``get``), removed from here: its last user lets it go early."""
+        value = self.get(module, statistic)
+        self.values.get(module, {}).pop(statistic, None)
+        return value
+
     def has(self, modules, statistics) -> bool:
         """Whether every one of ``statistics`` is here for every one of ``modules``."""
         return all(self.get(m, s) is not None for m in modules for s in statistics)

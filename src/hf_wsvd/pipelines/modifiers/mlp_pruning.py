@@ -51,9 +51,14 @@ def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], sta
     for pair in pairs:
         consumer, keep = job.module(pair.consumer), channels[pair.consumer]
         kept = refit = None
+        # Popped, never held here: select_channels frees the consumer's n × n Gram and cross moment
+        # once it has their kept parts (nothing after the cut reads them), lowering the step's peak.
         if owner[pair.consumer] == job.accelerator.process_index:
-            kept, refit = select_channels(layer_weight(job, pair.consumer), stats.get(pair.consumer, GRAM),
-                                          stats.get(pair.consumer, CROSS), keep, job.config.compensation_ridge)
+            kept, refit = select_channels(layer_weight(job, pair.consumer), stats.pop(pair.consumer, GRAM),
+                                          stats.pop(pair.consumer, CROSS), keep, job.config.compensation_ridge)
+        else:
+            for statistic in (GRAM, CROSS):
+                stats.pop(pair.consumer, statistic)
         if job.accelerator.num_processes > 1:
             kept = broadcast(job, kept, (keep,), torch.int64, owner[pair.consumer])
             refit = broadcast(job, refit, (linear_shape(consumer)[1], keep), torch.float64, owner[pair.consumer])
