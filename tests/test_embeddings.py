@@ -14,7 +14,7 @@ import tiny
 from helpers import main_output, run_without_hf_wsvd
 from hf_wsvd import FactorizedEmbedding, FactorizedLinear, WSVDConfig, parameter_counts
 from hf_wsvd.cli import main as cli_main
-from hf_wsvd.methods.embeddings import token_frequencies
+from hf_wsvd.statistics import TOKEN_COUNTS, Statistics, default_accelerator, token_counts
 from hf_wsvd.runtime.factorized_embedding import FactorizedTiedHead
 from hf_wsvd.solvers import LayerProblem, get_solver
 
@@ -187,8 +187,28 @@ def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
 def test_token_frequencies_skip_padding():
     batches = [{"input_ids": torch.tensor([[5, 5, 0], [7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])},
                {"input_ids": torch.tensor([[7, 9]])}]
-    counts = token_frequencies(batches, 12)
+    counts = token_counts(batches, 12, default_accelerator())
     assert counts.tolist() == [0, 0, 0, 0, 0, 2, 0, 2, 0, 1, 0, 0]
+    with pytest.raises(ValueError, match="token id 12 of the data is outside the embeddings' vocabulary of 12"):
+        token_counts([{"input_ids": torch.tensor([[3, 12]])}], 12, default_accelerator())
+
+
+def test_frequency_weighting_reads_token_counts_from_the_statistics():
+    """The row weights are a statistic like the others: counted on the data once (and kept in the
+    job's statistics), or given precomputed, with the same factors either way."""
+    from hf_wsvd import compress
+
+    data = [tiny.inputs("bert", batch=4, length=12)]
+    recipe = dict(param_ratio=1.0, embeddings=True, embedding_ratio=0.3, embedding_method="lp",
+                  embedding_weighting="frequency", rank_multiple=1)
+    counted, _ = compress(tiny.build("bert"), WSVDConfig(**recipe), data, show_progress=False)
+    counts = token_counts(data, tiny.build("bert").config.vocab_size, default_accelerator())
+    given, _ = compress(tiny.build("bert"), WSVDConfig(**recipe), None,
+                        statistics=Statistics({"embeddings.word_embeddings": {TOKEN_COUNTS: counts}}), show_progress=False)
+    assert torch.equal(counted.bert.embeddings.word_embeddings.weight, given.bert.embeddings.word_embeddings.weight)
+    other, _ = compress(tiny.build("bert"), WSVDConfig(**recipe), None, show_progress=False,
+                        statistics=Statistics({"embeddings.word_embeddings": {TOKEN_COUNTS: counts.flip(0)}}))
+    assert not torch.equal(other.bert.embeddings.word_embeddings.weight, given.bert.embeddings.word_embeddings.weight)
 
 
 def test_frequency_weighting_needs_data_and_changes_the_factors():
@@ -221,7 +241,7 @@ def test_the_embeddings_modifier_installs_what_the_solver_computes():
     solver = get_solver("lp")
     table, down = solver.solve(LayerProblem("embeddings.word_embeddings", dense.double(), rank,
                                             solver.options.from_recipe(config),
-                                            row_weights=1 + token_frequencies(data, dense.shape[0])))
+                                            row_weights=1 + token_counts(data, dense.shape[0], default_accelerator())))
     factorized = model.bert.embeddings.word_embeddings
     assert torch.equal(factorized.weight, table.float()) and torch.equal(factorized.proj.weight, down.T.float())
     assert "embeddings" in report.seconds

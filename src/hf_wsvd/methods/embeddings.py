@@ -6,8 +6,6 @@ frequency in the importance data. Run by the ``embeddings`` modifier
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -27,26 +25,15 @@ def input_embedding_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is embedding)
 
 
-def token_frequencies(data: Iterable[dict], vocab_size: int) -> torch.Tensor:
-    """How often each token id occurs in ``data``'s ``input_ids`` (padding excluded by the
-    ``attention_mask`` when there is one)."""
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for batch in data:
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        ids = ids[mask.bool()] if mask is not None else ids.reshape(-1)
-        counts += torch.bincount(ids.cpu().reshape(-1), minlength=vocab_size)[:vocab_size].double()
-    return counts
-
-
-def embedding_row_weights(config: WSVDConfig, data: Iterable[dict] | None, vocab_size: int) -> torch.Tensor | None:
+def embedding_row_weights(config: WSVDConfig, counts: torch.Tensor | None) -> torch.Tensor | None:
     """Per-token weights of the ℓp objective: None (uniform), or 1 + the token's count in the
-    importance data — tokens never seen keep weight 1 rather than 0, so their rows are still fit."""
+    importance data (``counts``, the ``token_counts`` statistic) — tokens never seen keep weight 1
+    rather than 0, so their rows are still fit."""
     if config.embedding_weighting == "uniform":
         return None
-    if data is None:
+    if counts is None:
         raise ValueError(f"embedding_weighting={config.embedding_weighting!r} needs importance data (token counts)")
-    return 1 + token_frequencies(data, vocab_size)
+    return 1 + counts
 
 
 def embedding_rank(config: WSVDConfig, vocab_size: int, hidden: int) -> int:

@@ -5,6 +5,7 @@ FISHER_ROWS = "fisher_rows"  # the same summed over inputs: one value per output
 FISHER_COLS = "fisher_cols"  # summed over outputs: one value per input column, O(in)
 GRAM = "gram"  # input second moment E[x xᵀ], in × in
 MEAN_ABS = "mean_abs"  # input E|x| per feature, O(in)
+TOKEN_COUNTS = "token_counts"  # how often each token id occurs in the data: vocab-sized, of an input embedding
 CROSS = "cross"  # E[x_dense x_compressedᵀ]: a layer's inputs in the dense and the compressed model, in × in
 
 # Statistics of per-example gradients (a forward and backward pass of the task loss) and of the

@@ -1,6 +1,8 @@
 """The ``embeddings`` modifier (``WSVDConfig.embeddings``): after the pipeline, factorize the input
 embeddings at ``embedding_ratio`` with ``resolved_embedding_method`` (the maths:
-``hf_wsvd.methods.embeddings``). Solved by one process and shared, like a layer."""
+``hf_wsvd.methods.embeddings``), its rows weighted by the ``token_counts`` statistic where the recipe
+asks (given in the statistics, or counted on the data, each process its share). Solved by one
+process and shared, like a layer."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 from ...methods.embeddings import embedding_rank, embedding_row_weights, input_embedding_name
 from ...runtime.modeling_wsvd import relative_module_name
 from ...solvers import LayerProblem, get_solver
+from ...statistics import TOKEN_COUNTS, Statistics, token_counts
 from ...swap import replace_embedding_with_factors
 from ..step import Job, broadcast
 from . import Modifier, register_modifier
@@ -31,10 +34,17 @@ class Embeddings(Modifier):
             rank = embedding_rank(config, vocab_size, hidden)
             solver = get_solver(config.resolved_embedding_method)
             name = relative_module_name(model, full_name)
+            counts = None
+            if config.embedding_weighting != "uniform":
+                counts = job.statistics.get(name, TOKEN_COUNTS)
+                if counts is None and job.data is not None:  # every process counts its share
+                    counts = token_counts(job.data, vocab_size, job.accelerator, job.show_progress)
+                    job.statistics = job.statistics.merged(Statistics({name: {TOKEN_COUNTS: counts}}))
+            row_weights = embedding_row_weights(config, counts)
             table = down = None
             if job.accelerator.process_index == SOURCE:
                 problem = LayerProblem(name, weight.to(job.compute_dtype), rank, solver.options.from_recipe(config),
-                                       row_weights=embedding_row_weights(config, job.data, vocab_size))
+                                       row_weights=row_weights)
                 table, down = solver.solve(problem)
                 if not (torch.isfinite(table).all() and torch.isfinite(down).all()):
                     raise FloatingPointError(f"{solver.name} produced non-finite factors for the embeddings {name!r}")
