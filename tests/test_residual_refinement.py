@@ -33,7 +33,7 @@ def corrected(trained):  # noqa: F811
     return plain, plain_report, refined, report, again, again_report
 
 
-def test_refinement_lowers_the_block_errors_and_the_heldout_perplexity_reproducibly(trained, corrected):  # noqa: F811
+def test_refinement_lowers_the_block_errors_and_the_heldout_distillation_loss_reproducibly(trained, corrected):  # noqa: F811
     dense, calibration, heldout = trained
     plain, plain_report, refined, report, again, again_report = corrected
     assert plain_report.refined == {} and plain.config.wsvd["block_refine_steps"] == 0
@@ -97,3 +97,14 @@ def test_quantized_residual_refines_a_causal_lm_by_default_and_not_without_data(
     assert model.config.wsvd["block_refine_steps"] == DEFAULT_BLOCK_REFINE_STEPS and sorted(report.refined) == ["0", "1"]
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, residual_method="svd"), show_progress=False)
     assert model.config.wsvd["block_refine_steps"] == 0 and report.refined == {}
+
+
+def test_a_diverging_refinement_keeps_the_per_layer_corrections(trained, corrected):  # noqa: F811
+    dense, calibration, _ = trained
+    plain = corrected[0]
+    diverged, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, block_refine_steps=4,
+                                                                 block_refine_learning_rate=1e4),
+                                calibration, show_progress=False)
+    assert sorted(report.refined) == ["0", "1"] and all(b == a for b, a in report.refined.values()), report.refined
+    for (name, a), b in zip(_corrections(plain).items(), _corrections(diverged).values()):
+        assert torch.equal(a, b), name

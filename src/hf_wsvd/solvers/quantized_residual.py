@@ -143,8 +143,6 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
     (see the module); returns block index → the block's relative output error before and after
     (equal where training did not lower it and was undone). Both models run on the job's device
     for the duration."""
-    from dataclasses import replace
-
     from ..blocks import block_list, detached_copy, home_device, run_block
     from ..integrations.quantization import dequantized_modules
     from ..pipelines.modifiers.refinement import train_block
@@ -157,7 +155,7 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
         for model, _ in homes:
             model.to(device)
         dense_blocks, blocks = block_list(job.model)[1], block_list(quantized)[1]
-        dense_stream, stream = capture(job, dense_blocks[0]), capture(replace(job, model=quantized), blocks[0])
+        dense_stream, stream = capture(job, dense_blocks[0]), capture(dataclasses.replace(job, model=quantized), blocks[0])
         show = job.show_progress and job.accelerator.is_local_main_process
         for index, (dense_block, block) in enumerate(zip(dense_blocks, tqdm(blocks, desc="blocks (refining corrections)",
                                                                              disable=not show))):
@@ -174,7 +172,6 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
                         for path, layer in layers.items():
                             for factor in ("up", "down"):
                                 getattr(layer, factor).weight.copy_(getattr(work.get_submodule(path), factor).weight)
-                del work, params
             run_block(block, stream, device)
             dense_stream = targets
     finally:

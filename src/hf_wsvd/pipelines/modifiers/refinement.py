@@ -18,6 +18,8 @@ the loss over all calibration data fell (the relative error recorded for each bl
 global batches p, p + P, ... (accelerate's sharding); a step reads the same global batches whatever
 the number of processes and the gradients are summed across processes, so every process takes the
 steps one process would take, and ends with the same weights (broadcast from process 0).
+
+``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
 
 from __future__ import annotations
