@@ -1,5 +1,6 @@
 """Weight bytes against WikiText-2 perplexity: quantization alone, the recommended low-rank recipe
-followed by quantization, and the weighted residual (quantized_residual: Q + L), on real LLMs. (The
+followed by quantization, and the weighted residual (quantized_residual: Q + L, one row per ``--residual-refine-steps``: 0 for
+the per-layer corrections alone, else refined block by block), on real LLMs. (The
 decode speed of the quantized compressed Llama-7B shape against quantized dense is a part of
 ``benchmarks/speed_gpu.py``: ``--parts int8``.)
 
@@ -106,14 +107,17 @@ def measure_model(name: str, args) -> list[dict]:
         del compressed
     for bits in args.residual_bits:
         rank = residual_rank(dense, alone[bits], args.residual_extra)
-        config = WSVDConfig(method="quantized_residual", quantize=f"int{bits}", quantize_group_size=args.group_size,
-                            residual_rank=rank, max_length=args.calib_length)
-        start = time.perf_counter()
-        model, _ = compress(dense.to(device), config, calibration, statistics=stats, show_progress=False, dtype=dtype)
-        dense.to("cpu")
-        row(f"int{bits} + correction (rank {rank})", "residual", bits, 0.0, model, rank=rank,
-            compress_seconds=time.perf_counter() - start)
-        del model
+        for steps in args.residual_refine_steps:
+            config = WSVDConfig(method="quantized_residual", quantize=f"int{bits}", quantize_group_size=args.group_size,
+                                residual_rank=rank, max_length=args.calib_length, block_refine_steps=steps)
+            start = time.perf_counter()
+            model, report = compress(dense.to(device), config, calibration, statistics=stats, show_progress=False,
+                                     dtype=dtype)
+            dense.to("cpu")
+            label = f"int{bits} + correction (rank {rank})" + (f", refined {steps} steps" if steps else "")
+            row(label, "residual", bits, 0.0, model, rank=rank, refine_steps=steps, refined=report.refined,
+                compress_seconds=time.perf_counter() - start)
+            del model
     gc.collect()
     return rows
 
@@ -133,12 +137,13 @@ def below_curve(rows: list[dict]) -> list[dict]:
                     for a in alone)]
 
 
-def gap_recovered(rows: list[dict], model: str, bits: int) -> float | None:
-    """Fraction of the perplexity gap between int``bits`` alone and the dense row that Q + L closes."""
+def gap_recovered(rows: list[dict], fixed: dict) -> float | None:
+    """Fraction of the perplexity gap between quantization alone at the bits of the Q + L row
+    ``fixed`` and the dense row that it closes."""
+    model, bits = fixed["model"], fixed["bits"]
     dense = next(r for r in rows if r["model"] == model and r["kind"] == "dense")
     alone = next((r for r in rows if r["model"] == model and r["kind"] == "quantized" and r["bits"] == bits), None)
-    fixed = next((r for r in rows if r["model"] == model and r["kind"] == "residual" and r["bits"] == bits), None)
-    if alone is None or fixed is None or alone["perplexity"] <= dense["perplexity"]:
+    if alone is None or alone["perplexity"] <= dense["perplexity"]:
         return None
     return (alone["perplexity"] - fixed["perplexity"]) / (alone["perplexity"] - dense["perplexity"])
 
@@ -182,12 +187,11 @@ def render(payload: dict) -> str:
     below = below_curve(rows)
     lines.append("Below the quantization-only curve (lower perplexity at no more bytes than a quantization-only "
                  "row): " + (", ".join(f"{r['model']} {r['row']}" for r in below) or "none") + ".")
-    for model in dense:
-        for bits in sorted({r["bits"] for r in rows if r["kind"] == "residual" and r["model"] == model}):
-            share = gap_recovered(rows, model, bits)
-            if share is not None:
-                lines.append(f"{model}: the correction recovers {share:.0%} of the perplexity gap between int{bits} "
-                             "alone and the dense model.")
+    for fixed in (r for r in rows if r["kind"] == "residual"):
+        share = gap_recovered(rows, fixed)
+        if share is not None:
+            lines.append(f"{fixed['model']}: {fixed['row']} recovers {share:.0%} of the perplexity gap between "
+                         f"int{fixed['bits']} alone and the dense model.")
     lines.append(f"\n![weight bytes against perplexity]({PLOT})")
     return "\n".join(lines)
 
@@ -210,6 +214,9 @@ def main() -> None:
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")
+    parser.add_argument("--residual-refine-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 64],
+                        help="comma-separated block_refine_steps of the Q + L rows, one row each (0: per-layer "
+                             "corrections only; default 0,64)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", help="publish measurements written by --json-out")
     args = parser.parse_args()

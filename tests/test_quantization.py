@@ -283,6 +283,9 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
     line = next(line for line in printed.splitlines() if line.startswith("quantized with torchao: "))
     assert "bits per weight in the block linears" in line
     assert f"{weight_bits(model).block_bits_per_weight:.2f} bits per weight" in line
+    # A causal LM with data: its blocks refined by default (Q + L: its corrections), said by inspect.
+    assert sorted(model.config.wsvd["refined"]) == ["0", "1"]
+    assert "block refinement: 2 blocks refined (64 steps each)" in printed
     card = (out / "README.md").read_text()
     assert "| quantization | torchao: " in card and "bits per weight in the block linears" in card
 

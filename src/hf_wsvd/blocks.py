@@ -223,11 +223,14 @@ def loaded(module: nn.Module, device: torch.device | None = None) -> Iterator[No
         yield
 
 
-def detached_copy(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def detached_copy(block: nn.Module, device: torch.device, dtype: torch.dtype,
+                  substitutes: dict[nn.Module, nn.Module] | None = None) -> nn.Module:
     """A copy of ``block`` on ``device`` in ``dtype`` holding its own weights, without accelerate's
-    hooks (weights offloaded by them are read from where accelerate keeps them)."""
+    hooks (weights offloaded by them are read from where accelerate keeps them); each of
+    ``substitutes``' keys (a submodule) is replaced by its value in the copy."""
     # Hooks are not copied: an offload hook's weight map can hold the whole model's weights.
     memo = {id(m._hf_hook): None for m in block.modules() if hasattr(m, "_hf_hook")}
+    memo.update({id(module): substitute for module, substitute in (substitutes or {}).items()})
     with loaded(block):
         copied = copy.deepcopy(block, memo)
     for module in copied.modules():

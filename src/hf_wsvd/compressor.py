@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .pipelines.step import Job, run
-from .recipes import resolve
+from .recipes import residual_block_refine_steps, resolve
 from .runtime.factorized_linear import share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
@@ -104,6 +104,8 @@ def compress(
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
     if config.method != "quantized_residual":
         config, notices = resolve(config, model, data)
+    else:
+        config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data))
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
@@ -115,11 +117,12 @@ def compress(
     if config.method == "quantized_residual":
         quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
                                                       show_progress, dtype)
-        attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual))
+        attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual, refined=dict(job.refined)))
         target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
                                    job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
-                                   target_params_after=target_after, target_params_before=target_before)
+                                   refined=dict(job.refined), target_params_after=target_after,
+                                   target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)

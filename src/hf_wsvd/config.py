@@ -132,7 +132,9 @@ class WSVDConfig:
         "pruned linears) for this many Adam steps, one stored calibration batch each, so that its outputs on the "
         "compressed model's hidden states match the dense block's outputs on the dense model's (block refinement; "
         "not the element-wise refine); kept only where the block's error on the calibration data falls; 0: off. "
-        "Unset (None): on in compensated sequential mode", type=non_negative_int)
+        "Method quantized_residual: after the per-layer corrections are fitted, train each block's corrections "
+        "(Q frozen) the same way, on the corrected quantized model's hidden states. Unset (None): on in compensated "
+        "sequential mode and for quantized_residual on a causal LM with data", type=non_negative_int)
     # Measured (docs/benchmarks/llm.md, refinement sweep): 1e-2 beats 3e-3 and 1e-3 at 64 and 256 steps.
     block_refine_learning_rate: float = recipe_field(
         1e-2, "block refinement: Adam's step size relative to each tensor's root mean square, > 0, decayed to 0 on a "
@@ -332,7 +334,7 @@ class WSVDConfig:
                              "sequential mode)")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
             raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
-        if steps and (self.compensate is False or self.sequential is False):
+        if steps and self.method != "quantized_residual" and (self.compensate is False or self.sequential is False):
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
                              "only compensation computes: it needs compensate=True (sequential mode with whiten or "
                              "fisher_whiten), or block_refine_steps=0")

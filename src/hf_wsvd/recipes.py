@@ -83,6 +83,14 @@ def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, No
     return (DEFAULT_BLOCK_REFINE_STEPS if recipe.compensate else 0), None
 
 
+def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None) -> int:
+    """``block_refine_steps`` of a ``quantized_residual`` recipe: as given, else on for a causal LM
+    with calibration data (``DEFAULT_BLOCK_REFINE_STEPS``; the other fields of ``RULES`` do not apply)."""
+    if config.block_refine_steps is not None:
+        return config.block_refine_steps
+    return DEFAULT_BLOCK_REFINE_STEPS if data is not None and is_causal_lm(model) else 0
+
+
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,

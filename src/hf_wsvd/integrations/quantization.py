@@ -82,6 +82,25 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return out.T.contiguous()
 
 
+def dequantized_linear(module: nn.Module) -> nn.Linear:
+    """A float32 ``nn.Linear`` computing what the (quantized) linear ``module`` computes, with
+    its dequantized weight: gradients flow through it, which quantized kernels may not allow."""
+    weight = dequantized_weight(module)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+    return linear
+
+
+def dequantized_modules(module: nn.Module) -> dict[nn.Module, nn.Linear]:
+    """Each quantized linear inside ``module`` → its ``dequantized_linear`` (for
+    ``hf_wsvd.blocks.detached_copy``'s ``substitutes``: a float32 working copy of a quantized block)."""
+    return {m: dequantized_linear(m) for m in module.modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and getattr(m, "in_features", None) is not None
+            and _quantized(m.weight)}
+
+
 def _dtype_bits(dtype: torch.dtype) -> int:
     name = str(dtype).removeprefix("torch.")
     if name.startswith(("int", "uint")) and name.lstrip("uint").isdigit():

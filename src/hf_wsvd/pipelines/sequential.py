@@ -45,7 +45,7 @@ def check_inputs(job: Job) -> None:
         raise ValueError("sequential mode needs calibration data")
 
 
-def _capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
+def capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
     """(hidden states, keyword arguments, 2-D attention mask) of the first block for each of this
     process's batches."""
     captured = []
@@ -85,7 +85,7 @@ def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Stat
     inputs = None
     if job.input_needs:
         with outside_blocks_on(job.model, prefix, device):
-            inputs = _capture(job, blocks[0])
+            inputs = capture(job, blocks[0])
     show = job.show_progress and job.accelerator.is_local_main_process
     for index, (block, names) in enumerate(zip(tqdm(blocks, desc="planning", disable=not show), groups)):
         with placed(block, device, _next(blocks, index)) as block_device:
@@ -125,7 +125,7 @@ def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
     inputs = None
     if job.input_needs or any(m.needs_activations for m in modifiers):
         with outside_blocks_on(job.model, prefix, device):
-            inputs = _capture(job, blocks[0])
+            inputs = capture(job, blocks[0])
     for modifier in modifiers:
         modifier.on_walk_start(job, inputs)
     labels = [m.walk_label for m in modifiers if m.walk_label]

@@ -7,6 +7,15 @@ of ``residual_method`` (``fisher_whiten``: D from the row-summed Fisher, R the i
 root; ``whiten``: R only; ``svd``: neither), so the correction spends its rank where the task loss
 and the calibration inputs make the quantization error cost most.
 
+Block refinement (``block_refine_steps``, ``block_refine_learning_rate``; the sequential pipeline's
+``hf_wsvd.pipelines.modifiers.refinement``): each layer's L is fitted alone, blind to how the errors
+of a block's layers add up, so the blocks are then walked in order with two streams of hidden
+states over the calibration data, the dense model's and the corrected quantized model's; each
+block's corrections (``up``/``down``; Q frozen) are trained so that the corrected block's outputs on
+its own stream match the dense block's outputs on the dense stream, on a float32 working copy whose
+base weights are Q dequantized (gradients reach the earlier layers of the block through it), and
+kept where the block's error over the calibration data fell (``refined``: per block, before and after).
+
 The checkpoint stores Q quantized and L in full precision (``LowRankCorrectedLinear``, recorded
 under ``residual``): it loads only with its own quantization config and quantized base weights,
 never as W + L nor as Q without L. ``residual_adapter`` writes L as a peft LoRA adapter for the
@@ -123,7 +132,52 @@ def quantized_residual(
                                          "check the layer's weights and statistics for NaN/inf")
             quantized.set_submodule(targets[name], corrected(base, up, down, quantized.dtype))
             ranks[name] = config.residual_rank
+    if config.block_refine_steps:
+        with job.timed("refine"):
+            job.refined = refine_corrections(job, quantized)
     return quantized, ranks, job
+
+
+def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[float]]:
+    """Block refinement of ``quantized``'s corrections toward the dense ``job.model`` on ``job.data``
+    (see the module); returns block index → the block's relative output error before and after
+    (equal where training did not lower it and was undone). Both models run on the job's device
+    for the duration."""
+    from ..blocks import block_list, detached_copy, home_device, run_block
+    from ..integrations.quantization import dequantized_modules
+    from ..pipelines.modifiers.refinement import train_block
+    from ..pipelines.sequential import capture
+
+    device = job.accelerator.device
+    homes = [(m, home_device(m)) for m in (job.model, quantized)]
+    refined = {}
+    try:
+        for model, _ in homes:
+            model.to(device)
+        dense_blocks, blocks = block_list(job.model)[1], block_list(quantized)[1]
+        dense_stream, stream = capture(job, dense_blocks[0]), capture(dataclasses.replace(job, model=quantized), blocks[0])
+        show = job.show_progress and job.accelerator.is_local_main_process
+        for index, (dense_block, block) in enumerate(zip(dense_blocks, tqdm(blocks, desc="blocks (refining corrections)",
+                                                                             disable=not show))):
+            targets = list(dense_stream)
+            run_block(dense_block, targets, device)
+            layers = {path: m for path, m in block.named_modules() if isinstance(m, LowRankCorrectedLinear)}
+            if layers:
+                work = detached_copy(block, device, torch.float32, dequantized_modules(block)).eval().requires_grad_(False)
+                params = [getattr(work.get_submodule(path), factor).weight for path in layers for factor in ("up", "down")]
+                before, after = train_block(job, work, params, stream, targets, device, f"refining block {index}")
+                refined[str(index)] = [before, after] if after < before else [before, before]
+                if after < before:  # kept only where the block's error over the calibration data fell
+                    with torch.no_grad():
+                        for path, layer in layers.items():
+                            for factor in ("up", "down"):
+                                getattr(layer, factor).weight.copy_(getattr(work.get_submodule(path), factor).weight)
+            run_block(block, stream, device)
+            dense_stream = targets
+    finally:
+        for model, home in homes:
+            model.to(home)
+    return refined
 
 
 def residual_adapter(model: PreTrainedModel, folder: str | os.PathLike, base_model: str | None = None) -> None:

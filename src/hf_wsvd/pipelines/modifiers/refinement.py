@@ -18,6 +18,8 @@ the loss over all calibration data fell (the relative error recorded for each bl
 global batches p, p + P, ... (accelerate's sharding); a step reads the same global batches whatever
 the number of processes and the gradients are summed across processes, so every process takes the
 steps one process would take, and ends with the same weights (broadcast from process 0).
+
+``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
 
 from __future__ import annotations
@@ -73,6 +75,20 @@ def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str,
     calibration data before and after (equal where training did not lower it and was undone)."""
     work = detached_copy(block, device, torch.float32).eval().requires_grad_(False)
     params = [p for path in layers.values() for p in work.get_submodule(path).parameters()]
+    before, after = train_block(job, work, params, inputs, targets, device, f"refining block {index}")
+    if not after < before:  # never worse than compensation alone on its own data (nor NaN)
+        return [before, before]
+    for name, path in layers.items():
+        install(job, name, lambda module, trained=work.get_submodule(path): _like(trained.requires_grad_(False), module))
+    return [before, after]
+
+
+def train_block(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], inputs: list, targets: list,
+                device: torch.device, desc: str) -> tuple[float, float]:
+    """Train ``params`` of ``work`` (a float32 working copy of a block on ``device``) for
+    ``job.config.block_refine_steps`` Adam steps so that it maps ``inputs`` (hidden states, keyword
+    arguments, mask) to ``targets`` (outputs first); returns the relative error over the
+    calibration data before and after. Whether to keep the result is the caller's choice."""
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
@@ -80,13 +96,8 @@ def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str,
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     indices, tokens = _global_batches(pairs, device, job.accelerator)
     before = _error(work, pairs, tokens, device, amp, job.accelerator)
-    _train(job, work, params, pairs, indices, tokens, device, amp, f"refining block {index}")
-    after = _error(work, pairs, tokens, device, amp, job.accelerator)
-    if not after < before:  # never worse than compensation alone on its own data (nor NaN)
-        return [before, before]
-    for name, path in layers.items():
-        install(job, name, lambda module, trained=work.get_submodule(path): _like(trained.requires_grad_(False), module))
-    return [before, after]
+    _train(job, work, params, pairs, indices, tokens, device, amp, desc)
+    return before, _error(work, pairs, tokens, device, amp, job.accelerator)
 
 
 def _like(layer: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
