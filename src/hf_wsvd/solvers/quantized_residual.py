@@ -166,8 +166,9 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
                 work = detached_copy(block, device, torch.float32, dequantized_modules(block)).eval().requires_grad_(False)
                 params = [getattr(work.get_submodule(path), factor).weight for path in layers for factor in ("up", "down")]
                 before, after = train_block(job, work, params, stream, targets, device, f"refining block {index}")
-                refined[str(index)] = [before, after] if after < before else [before, before]
-                if after < before:  # kept only where the block's error over the calibration data fell
+                fell = after < before  # kept only where the block's error over the calibration data fell
+                refined[str(index)] = [before, after if fell else before]
+                if fell:
                     with torch.no_grad():
                         for path, layer in layers.items():
                             for factor in ("up", "down"):

@@ -20,9 +20,11 @@ def token_counts(data: Iterable[dict], vocab_size: int, accelerator: Accelerator
     for batch in batches(data, accelerator, device, "token counts", show_progress):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         ids = ids[mask.bool()] if mask is not None else ids.reshape(-1)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"token id {int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())} of the "
-                             f"data is outside the embeddings' vocabulary of {vocab_size}: check the tokenizer")
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())  # one device sync each
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"token id {high if high >= vocab_size else low} of the data is outside the "
+                                 f"embeddings' vocabulary of {vocab_size}: check the tokenizer")
         counts += torch.bincount(ids, minlength=vocab_size).double()
     sum_across_processes(accelerator, [counts])
     return counts.cpu()
