@@ -114,14 +114,29 @@ def measure(args) -> dict:
                   "perplexity": perplexity(model, test_loader), "validation_perplexity": perplexity(model, valid_loader),
                   **extra}
         print(result, flush=True)
-        if args.json_out:  # rows so far, in case a later step fails or the run is cut off
-            Path(args.json_out + ".partial").write_text(json.dumps([*rows, result], indent=2))
+        if args.json_out:  # a publishable payload of the rows so far, in case a later step fails or the run is cut off
+            Path(args.json_out + ".partial").write_text(json.dumps(payload([*rows, result], cut_off=True), indent=2))
         return result
 
+    def payload(rows: list[dict], cut_off: bool = False) -> dict:
+        return {
+            "rows": rows,
+            "model": args.model,
+            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length},
+            "validation": {"blocks": len(validation)},
+            "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
+            "statistics_seconds": stats_seconds,
+            "minutes": (time.perf_counter() - started) / 60,
+            "prompt": PROMPT,
+            "samples": samples,
+            "environment": __import__("report").environment(),
+            **({"cut_off": True} if cut_off else {}),
+        }
+
     started = time.perf_counter()
-    rows = []
+    rows, samples, stats_seconds = [], {}, None
     rows.append(row("dense", 0.0, "-", dense))
-    samples = {"dense": generate(dense, tokenizer, device)}
+    samples["dense"] = generate(dense, tokenizer, device)
     start = time.perf_counter()
     modules = {n: dense.get_submodule(f) for n, f in select_targets(dense).items()}
     stats = gradient_statistics(dense, calib_loader, modules, {FISHER_ROWS}, per_example_loss(CAUSAL_LM)).merged(
@@ -167,18 +182,7 @@ def measure(args) -> dict:
                             heal_blocks=len(healing), heal_generated=len(written), heal_kept=report.kept))
             samples[f"-{reduction:.0%} healed"] = generate(model, tokenizer, device)
         del model, best
-    return {
-        "rows": rows,
-        "model": args.model,
-        "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length},
-        "validation": {"blocks": len(validation)},
-        "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
-        "statistics_seconds": stats_seconds,
-        "minutes": (time.perf_counter() - started) / 60,
-        "prompt": PROMPT,
-        "samples": samples,
-        "environment": __import__("report").environment(),
-    }
+    return payload(rows)
 
 
 def steps_within(seconds: float, model, dense, healing, config: HealConfig) -> int:
@@ -201,7 +205,8 @@ def merged(payloads: list[dict]) -> list[dict]:
     for payload in payloads:
         rows = [{**row, "calibration_blocks": row.get("calibration_blocks", payload["calibration"]["blocks"])}
                 for row in payload["rows"]]
-        runs = payload.get("runs", [payload["environment"]["command"]])
+        runs = payload.get("runs", [payload["environment"]["command"] + (" (cut off after its last row here)"
+                                                                          if payload.get("cut_off") else "")])
         if payload["model"] not in models:
             models[payload["model"]] = {**payload, "rows": rows, "runs": list(runs),
                                         "samples": dict(payload.get("samples", {}))}
@@ -256,11 +261,12 @@ def table(payloads: list[dict]) -> str:
         lines.append(f"\nCalibration blocks of {payload['calibration']['tokens_per_block']} tokens of wiki.valid.tokens; "
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
                      "the best recipe of its run by validation perplexity; measured on "
-                     f"{payload['environment'].get('cuda') or 'CPU'} (one per run), "
-                     f"{payload.get('minutes', 0):.1f} minutes in all.\n")
+                     f"{payload['environment'].get('cuda') or 'CPU'} (one per run)"
+                     + (f", {payload['minutes']:.1f} minutes in all.\n" if payload.get("minutes") else ".\n"))
         lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
-        lines.append("\nSamples (greedy decoding):\n")
-        lines += [f"- {name}: {text!r}" for name, text in payload.get("samples", {}).items()]
+        if payload.get("samples"):
+            lines.append("\nSamples (greedy decoding):\n")
+            lines += [f"- {name}: {text!r}" for name, text in payload["samples"].items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -77,8 +77,8 @@ def measure_model(name: str, args) -> list[dict]:
         model.to("cpu")
         print(json.dumps(result), flush=True)
         rows.append(result)
-        if args.json_out:
-            Path(args.json_out + ".partial").write_text(json.dumps(rows, indent=2))
+        if args.json_out:  # a publishable payload of the rows so far, in case the run is cut off
+            Path(args.json_out + ".partial").write_text(json.dumps({**payload(args, rows), "cut_off": True}, indent=2))
         return result
 
     def quantized(model, bits: int):
@@ -122,10 +122,29 @@ def measure_model(name: str, args) -> list[dict]:
     return rows
 
 
-def measure(args) -> dict:
-    rows = [r for name in args.models for r in measure_model(name, args)]
+def payload(args, rows: list[dict]) -> dict:
     return {"environment": environment(), "rows": rows,
             "options": {k: v for k, v in vars(args).items() if k != "from_json"}}
+
+
+def measure(args) -> dict:
+    return payload(args, [r for name in args.models for r in measure_model(name, args)])
+
+
+KINDS = ("dense", "quantized", "compressed", "compressed+quantized", "residual")
+
+
+def combined(payloads: list[dict]) -> dict:
+    """One payload of several runs: their rows grouped by model and kind, a row measured again (same
+    model and label) replaced by the later run's; the runs' commands in order."""
+    rows: dict[tuple[str, str], dict] = {}
+    for p in payloads:
+        rows.update({(r["model"], r["row"]): r for r in p["rows"]})
+    models = list(dict.fromkeys(model for model, _ in rows))
+    ordered = sorted(rows.values(), key=lambda r: (models.index(r["model"]), KINDS.index(r["kind"])))
+    commands = [p["environment"]["command"] + (" (cut off after its last row)" if p.get("cut_off") else "")
+                for p in payloads]
+    return {**payloads[-1], "rows": ordered, "environment": {**payloads[-1]["environment"], "command": "; ".join(commands)}}
 
 
 def below_curve(rows: list[dict]) -> list[dict]:
@@ -214,24 +233,24 @@ def main() -> None:
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")
-    parser.add_argument("--residual-refine-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 64],
+    parser.add_argument("--residual-refine-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 64, 256],
                         help="comma-separated block_refine_steps of the Q + L rows, one row each (0: per-layer "
-                             "corrections only; default 0,64)")
+                             "corrections only; default 0,64,256)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
-    parser.add_argument("--from-json", help="publish measurements written by --json-out")
+    parser.add_argument("--from-json", nargs="+",
+                        help="publish measurements written by --json-out (several runs: combined, a row measured "
+                             "again taken from the later file)")
     args = parser.parse_args()
     if args.from_json:
-        payload = json.loads(Path(args.from_json).read_text())
-        plot(payload["rows"], page(NAME).parent / PLOT)
-        publish(NAME, payload, render(payload))
-        return
-    payload = measure(args)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(payload, indent=2))
-        print(render(payload))
+        measured = combined([json.loads(Path(path).read_text()) for path in args.from_json])
     else:
-        plot(payload["rows"], page(NAME).parent / PLOT)
-        publish(NAME, payload, render(payload))
+        measured = measure(args)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(measured, indent=2))
+            print(render(measured))
+            return
+    plot(measured["rows"], page(NAME).parent / PLOT)
+    publish(NAME, measured, render(measured))
 
 
 if __name__ == "__main__":

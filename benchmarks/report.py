@@ -21,6 +21,7 @@ PAGES = {
     "glue_activation": "benchmarks/glue.md",
     "llm_64": "benchmarks/llm.md",
     "llm_healing": "benchmarks/llm.md",
+    "llm_refine": "benchmarks/llm.md",
     "speed_cpu": "benchmarks/speed.md",
     "speed_gpu": "benchmarks/speed.md",
     "speed_svd": "benchmarks/speed.md",

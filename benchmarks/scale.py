@@ -153,11 +153,15 @@ def host_memory(interval: float = 0.002):
     afterwards, the resident memory at the ``start`` and its ``peak``, and, where glibc tells, the
     bytes malloc had handed out (``live``: what the process holds, without what the allocator keeps
     of freed memory) at the start and at their peak (``live_start``, ``live_peak``); ``where`` and
-    ``live_where``: the hf_wsvd frames running at each peak."""
+    ``live_where``: the hf_wsvd frames running at each peak; on CUDA, the highest sampled bytes
+    allocated on the current GPU (``gpu_peak``) and the frames running then (``gpu_where``: the
+    step that holds the GPU peak, which ``max_memory_allocated`` does not name)."""
     process, main = psutil.Process(), threading.get_ident()
     in_use = _malloc_in_use()
+    cuda = torch.cuda.is_available()
     found = {"start": process.memory_info().rss, "peak": 0, "where": [],
-             "live_start": in_use() if in_use else None, "live_peak": 0, "live_where": []}
+             "live_start": in_use() if in_use else None, "live_peak": 0, "live_where": [],
+             "gpu_peak": 0, "gpu_where": []}
     done = threading.Event()
 
     def sample() -> None:
@@ -168,6 +172,9 @@ def host_memory(interval: float = 0.002):
             live = in_use() if in_use else 0
             if live > found["live_peak"]:
                 found["live_peak"], found["live_where"] = live, _main_frames(main)
+            allocated = torch.cuda.memory_allocated() if cuda else 0
+            if allocated > found["gpu_peak"]:
+                found["gpu_peak"], found["gpu_where"] = allocated, _main_frames(main)
             done.wait(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -227,6 +234,7 @@ def measure(args) -> dict:
         "host_peak_over_model": (host["peak"] - host["start"]) / model_bytes, "host_peak_in": host["where"][::-1],
         "host_live_peak_over_model": (host["live_peak"] - host["live_start"]) / model_bytes
         if host["live_start"] is not None else None, "host_live_peak_in": host["live_where"][::-1],
+        "gpu_sampled_peak_gib": host["gpu_peak"] / 2**30, "gpu_peak_in": host["gpu_where"][::-1],
     }
     if accelerator.num_processes > 1:  # every process's own peak and time
         gathered = [None] * accelerator.num_processes

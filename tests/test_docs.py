@@ -120,3 +120,20 @@ def test_tests_needing_the_shared_assets_skip_with_the_reason_without_them(tmp_p
     result = subprocess.run(command, cwd=ROOT, env={**env, "HF_WSVD_REQUIRE_SHARED": "1"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1 and "HF_WSVD_REQUIRE_SHARED=1 and it is missing" in result.stdout
+
+
+def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from quantization import combined
+
+    def row(model, label, kind, perplexity):
+        return {"model": model, "row": label, "kind": kind, "perplexity": perplexity}
+
+    first = {"environment": {"command": "run 1"}, "rows": [row("a", "bf16", "dense", 1.0), row("a", "int4 + L", "residual", 3.0),
+                                                           row("b", "bf16", "dense", 2.0)]}
+    second = {"environment": {"command": "run 2"}, "cut_off": True,
+              "rows": [row("b", "bf16", "dense", 2.5), row("a", "int4 alone", "quantized", 4.0)]}
+    result = combined([first, second])
+    assert [(r["model"], r["row"], r["perplexity"]) for r in result["rows"]] == [
+        ("a", "bf16", 1.0), ("a", "int4 alone", 4.0), ("a", "int4 + L", 3.0), ("b", "bf16", 2.5)]
+    assert result["environment"]["command"] == "run 1; run 2 (cut off after its last row)"

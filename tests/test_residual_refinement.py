@@ -108,3 +108,13 @@ def test_a_diverging_refinement_keeps_the_per_layer_corrections(trained, correct
     assert sorted(report.refined) == ["0", "1"] and all(b == a for b, a in report.refined.values()), report.refined
     for (name, a), b in zip(_corrections(plain).items(), _corrections(diverged).values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_on_the_gpu_comes_back_quantized_and_refined_on_the_gpu(trained):  # noqa: F811
+    dense, calibration, _ = trained
+    data = [{k: v.cuda() for k, v in batch.items()} for batch in calibration]
+    model, report = compress(copy.deepcopy(dense).cuda(), WSVDConfig(**RECIPE, block_refine_steps=4), data,
+                             show_progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cuda"} and sorted(report.refined) == ["0", "1"]
+    assert torch.isfinite(model(input_ids=data[0]["input_ids"]).logits).all()

@@ -115,8 +115,10 @@ def quantized_residual(
     model.to(job.accelerator.device)
     collect(job, targets)
     model.to(device)
+    # from_pretrained loads on the CPU unless told: the quantized model goes where the dense one was
+    placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     with job.timed("quantize"):
-        quantized = quantize(model, quantization_config(config.quantize, group), dtype=dtype)
+        quantized = quantize(model, quantization_config(config.quantize, group), dtype=dtype, **placement)
     ranks = {}
     bar = tqdm(sorted(targets), desc="quantized_residual correction", disable=not show_progress)
     with job.timed("factorize"):
