@@ -32,7 +32,7 @@ from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
 from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples
-from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
+from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
@@ -294,7 +294,8 @@ def main() -> None:
                         help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
     parser.add_argument("--refine-steps", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[0, DEFAULT_BLOCK_REFINE_STEPS],
+                        default=[0, default_block_refine_steps(
+                            torch.device("cuda" if torch.cuda.is_available() else "cpu"))],
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])

@@ -18,7 +18,8 @@ from helpers import main_output
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.cli import build_parser, main, recipe_from_args
 
-from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
+from hf_wsvd.recipes import default_block_refine_steps
+from hf_wsvd.statistics import default_accelerator
 
 ROWS = [
     ("the movie was great", 1), ('"not" a good film', 1), ("awful plot", 0), ("null", 0),
@@ -96,7 +97,7 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     assert "compressed with fisher_whiten: greedy allocation, sequential pipeline (compensated), param_ratio 0.4" in printed.out
     # Each block refined toward the dense block: the summary and the card say how much its error fell.
     assert re.search(r"2 blocks refined: relative output error fell by a median \d+%", printed.out), printed.out
-    steps = DEFAULT_BLOCK_REFINE_STEPS
+    steps = default_block_refine_steps(default_accelerator().device)
     assert f"| block refinement | 2 blocks refined ({steps} steps each)" in (out / "README.md").read_text()
     assert recipe["block_refine_steps"] == steps and sorted(recipe["refined"]) == ["0", "1"]
     assert "note:" not in printed.err
@@ -371,7 +372,8 @@ def test_inspect_shows_the_base_architecture_and_the_recipe_of_old_checkpoints_t
     printed = capsys.readouterr().out
     assert "base=LlamaForCausalLM (llama)" in printed
     assert "method=fisher_whiten allocation=greedy pipeline=sequential param_ratio=0.5" in printed
-    assert re.search(rf"block refinement: 2 blocks refined \({DEFAULT_BLOCK_REFINE_STEPS} steps each\): relative "
+    steps = default_block_refine_steps(default_accelerator().device)
+    assert re.search(rf"block refinement: 2 blocks refined \({steps} steps each\): relative "
                      r"output error fell by a median \d+% \(least \d+%, most \d+%\)", printed), printed
     # A checkpoint saved before allocation, sequential and refinement were recorded: uniform, whole-model.
     config = json.loads((out / "config.json").read_text())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import transformers
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.recipes import resolve
+from hf_wsvd.recipes import ACCELERATOR_BLOCK_REFINE_STEPS, CPU_BLOCK_REFINE_STEPS, resolve
 from stats_worker import case_inputs
 
 
@@ -116,9 +117,11 @@ def test_the_method_lists_that_left_the_config_still_import_with_a_warning():
 def test_the_recipe_names_its_pipeline_and_the_registry_runs_a_registered_one():
     from hf_wsvd.pipelines import PIPELINES, get_pipeline, register_pipeline
 
-    assert resolve(WSVDConfig(method="svd", allocation="uniform"), tiny.build("bert"), None)[0].pipeline == "whole_model"
+    cpu = torch.device("cpu")
+    assert resolve(WSVDConfig(method="svd", allocation="uniform"), tiny.build("bert"), None, cpu)[0].pipeline == \
+        "whole_model"
     assert resolve(WSVDConfig(method="whiten", allocation="uniform", pipeline="sequential"), tiny.build("llama"),
-                   None)[0].sequential is True
+                   None, cpu)[0].sequential is True
     with pytest.raises(ValueError, match="pipeline='sequential' contradicts sequential=False"):
         WSVDConfig(pipeline="sequential", sequential=False)
     with pytest.raises(ValueError, match="pipeline='nope' is not one of"):
@@ -136,3 +139,15 @@ def test_the_recipe_names_its_pipeline_and_the_registry_runs_a_registered_one():
         assert report.pipeline == "logged_whole_model" and report.ranks and set(report.ranks) <= set(*calls)
     finally:
         del PIPELINES["logged_whole_model"]
+
+
+def test_block_refinement_takes_more_steps_where_the_blocks_compute_on_an_accelerator():
+    # Resolved, not run: no GPU is needed to see which step count a GPU run would get.
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    steps = {device: resolve(WSVDConfig(param_ratio=0.5), model, loader, torch.device(device))[0].block_refine_steps
+             for device in ("cpu", "cuda", "xpu")}
+    assert steps == {"cpu": CPU_BLOCK_REFINE_STEPS, "cuda": ACCELERATOR_BLOCK_REFINE_STEPS,
+                     "xpu": ACCELERATOR_BLOCK_REFINE_STEPS}
+    assert CPU_BLOCK_REFINE_STEPS < ACCELERATOR_BLOCK_REFINE_STEPS
+    given = resolve(WSVDConfig(param_ratio=0.5, block_refine_steps=8), model, loader, torch.device("cuda"))[0]
+    assert given.block_refine_steps == 8

@@ -15,7 +15,8 @@ from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.evaluation import perplexity
 from hf_wsvd.pipelines import sequential as sequential_module
 from hf_wsvd.pipelines import step as step_module
-from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
+from hf_wsvd.recipes import default_block_refine_steps
+from hf_wsvd.statistics import default_accelerator
 from stats_worker import case_inputs
 
 # Strong compression of a tiny trained model: the blocks' errors are large enough to train away.
@@ -144,7 +145,7 @@ def test_the_recommended_recipe_refines_compensated_sequential_runs_only():
     lm, _ = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.5, compensate=False), loader, show_progress=False)
     assert lm.config.wsvd["block_refine_steps"] == 0 and lm.config.wsvd["refined"] == {}
     default, _ = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.5), loader, show_progress=False)
-    assert default.config.wsvd["block_refine_steps"] == DEFAULT_BLOCK_REFINE_STEPS
+    assert default.config.wsvd["block_refine_steps"] == default_block_refine_steps(default_accelerator().device)
     classifier, loader, _, _ = case_inputs("bert_classification", 6, 3)
     classifier, _ = compress(classifier, WSVDConfig(param_ratio=0.5), loader, show_progress=False)
     assert classifier.config.wsvd["block_refine_steps"] == 0

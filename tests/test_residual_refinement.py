@@ -10,7 +10,8 @@ import torch
 
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.integrations.healing import distillation_kl
-from hf_wsvd.recipes import DEFAULT_BLOCK_REFINE_STEPS
+from hf_wsvd.recipes import default_block_refine_steps
+from hf_wsvd.statistics import default_accelerator
 from test_refinement import _relative_errors, trained  # noqa: F401  (trained: the fixture)
 
 # int2 in groups of 32 and rank-8 corrections on a tiny trained Llama: errors left to train away.
@@ -94,7 +95,8 @@ def test_refined_corrections_save_reload_and_export_as_a_peft_adapter(trained, c
 def test_quantized_residual_refines_a_causal_lm_by_default_and_not_without_data(trained):  # noqa: F811
     dense, calibration, _ = trained
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE), calibration, show_progress=False)
-    assert model.config.wsvd["block_refine_steps"] == DEFAULT_BLOCK_REFINE_STEPS and sorted(report.refined) == ["0", "1"]
+    steps = default_block_refine_steps(default_accelerator().device)
+    assert model.config.wsvd["block_refine_steps"] == steps and sorted(report.refined) == ["0", "1"]
     model, report = compress(copy.deepcopy(dense), WSVDConfig(**RECIPE, residual_method="svd"), show_progress=False)
     assert model.config.wsvd["block_refine_steps"] == 0 and report.refined == {}
 

@@ -102,10 +102,12 @@ def compress(
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
+    accelerator = accelerator or default_accelerator()
     if config.method != "quantized_residual":
-        config, notices = resolve(config, model, data)
+        config, notices = resolve(config, model, data, accelerator.device)
     else:
-        config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data))
+        config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
+                                                                                accelerator.device))
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:
@@ -125,7 +127,7 @@ def compress(
                                    target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
-              accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
+              accelerator, statistics or Statistics(), {}, show_progress)
     ranks = run(job)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from .blocks import block_list
@@ -21,8 +22,18 @@ from .tasks import CAUSAL_LM, task_of
 
 logger = logging.getLogger(__name__)
 
-# Measured (docs/benchmarks/llm.md, block refinement): what the default recipe's refinement costs and gains.
-DEFAULT_BLOCK_REFINE_STEPS = 64  # at the default learning rate 1e-2; 256 gains more at 4x the time
+# Block refinement steps by where the blocks compute, at the default learning rate 1e-2. Measured
+# (docs/benchmarks/llm.md, quantization.md): 256 steps beat 64 wherever both ran (SmolLM2-135M -40%:
+# 1.55x against 1.66x dense perplexity; Qwen2.5-0.5B int4 Q + L: 54% against 47% of the gap closed).
+# The time is linear in the steps: on an H200 64 steps cost 40 s of the 7B shape's 203 s, so 256 stay
+# within issue 23's 2x of the unrefined time; on a CPU 64 already cost ~25 minutes for SmolLM2.
+ACCELERATOR_BLOCK_REFINE_STEPS = 256
+CPU_BLOCK_REFINE_STEPS = 64
+
+
+def default_block_refine_steps(device: torch.device) -> int:
+    """The default ``block_refine_steps`` where the blocks compute on ``device``."""
+    return CPU_BLOCK_REFINE_STEPS if torch.device(device).type == "cpu" else ACCELERATOR_BLOCK_REFINE_STEPS
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Evidence:
     data: bool  # calibration data was given
     labels: bool  # its batches carry labels: the Fisher information can be estimated
     causal_lm: bool  # a causal LM with a stack of repeated blocks (what sequential mode walks)
+    device: torch.device  # where the blocks compute (the accelerator's device)
 
 
 def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
@@ -80,15 +92,17 @@ def _attention_pruning(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, No
 
 def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, None]:
     # Refinement trains each block toward the dense stream that compensation keeps.
-    return (DEFAULT_BLOCK_REFINE_STEPS if recipe.compensate else 0), None
+    return (default_block_refine_steps(evidence.device) if recipe.compensate else 0), None
 
 
-def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None) -> int:
-    """``block_refine_steps`` of a ``quantized_residual`` recipe: as given, else on for a causal LM
-    with calibration data (``DEFAULT_BLOCK_REFINE_STEPS``; the other fields of ``RULES`` do not apply)."""
+def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
+                                device: torch.device) -> int:
+    """``block_refine_steps`` of a ``quantized_residual`` recipe whose blocks compute on ``device``: as
+    given, else on for a causal LM with calibration data (``default_block_refine_steps``; the other
+    fields of ``RULES`` do not apply)."""
     if config.block_refine_steps is not None:
         return config.block_refine_steps
-    return DEFAULT_BLOCK_REFINE_STEPS if data is not None and is_causal_lm(model) else 0
+    return default_block_refine_steps(device) if data is not None and is_causal_lm(model) else 0
 
 
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
@@ -106,16 +120,18 @@ def is_causal_lm(model: nn.Module) -> bool:
         return False
 
 
-def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None) -> tuple[WSVDConfig, list[str]]:
-    """``config`` with its None fields (``RULES``) resolved for ``model`` and ``data``, and the
-    notices explaining a fallback from the best recipe (each logged once as a warning). ``data``
-    must be re-iterable (its first batch is read to look for labels)."""
+def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
+            device: torch.device) -> tuple[WSVDConfig, list[str]]:
+    """``config`` with its None fields (``RULES``) resolved for ``model``, ``data`` and the
+    ``device`` the blocks compute on, and the notices explaining a fallback from the best recipe
+    (each logged once as a warning). ``data`` must be re-iterable (its first batch is read to look
+    for labels)."""
     unresolved = [name for name in RULES if getattr(config, name) is None]
     if not unresolved:
         return config, []
     first = next(iter(data), None) if data is not None else None
     evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
-                        causal_lm=is_causal_lm(model))
+                        causal_lm=is_causal_lm(model), device=torch.device(device))
     notices = []
     for name in unresolved:
         value, notice = RULES[name](config, evidence)
