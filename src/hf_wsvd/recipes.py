@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 # Block refinement steps by where the blocks compute, at the default learning rate 1e-2. Measured
 # (docs/benchmarks/llm.md, quantization.md): 256 steps beat 64 wherever both ran (SmolLM2-135M -40%:
 # 1.55x against 1.66x dense perplexity; Qwen2.5-0.5B int4 Q + L: 54% against 47% of the gap closed).
-# The time is linear in the steps: on an H200 64 steps cost 40 s of the 7B shape's 203 s, so 256 stay
-# within issue 23's 2x of the unrefined time; on a CPU 64 already cost ~25 minutes for SmolLM2.
+# The time is linear in the steps: on an H200 64 steps cost 40 s of the 7B shape's 203 s, so 256 keep
+# it under twice the unrefined compression's time; on a CPU 64 already cost ~25 minutes for SmolLM2.
 ACCELERATOR_BLOCK_REFINE_STEPS = 256
 CPU_BLOCK_REFINE_STEPS = 64
 
