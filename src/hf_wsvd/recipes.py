@@ -131,7 +131,7 @@ def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
         return config, []
     first = next(iter(data), None) if data is not None else None
     evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
-                        causal_lm=is_causal_lm(model), device=torch.device(device))
+                        causal_lm=is_causal_lm(model), device=device)
     notices = []
     for name in unresolved:
         value, notice = RULES[name](config, evidence)

@@ -57,8 +57,13 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
 def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:
     """``model`` quantized by the transformers quantization ``config`` exactly as
     ``from_pretrained(dir, quantization_config=config)`` does it: saved to a temporary folder and
-    loaded back with its own class, in ``dtype`` (default: the model's); ``kwargs`` go to
-    ``from_pretrained`` (e.g. ``device_map``). The result saves with ``save_pretrained``."""
+    loaded back with its own class, in ``dtype`` (default: the model's), on the model's accelerator
+    when it sits on one (else on the CPU); ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``).
+    The result saves with ``save_pretrained``."""
+    device = next(model.parameters()).device
+    # from_pretrained loads on the CPU unless told; a dispatched or offloaded model is left to it
+    if "device_map" not in kwargs and device.type not in ("cpu", "meta") and not getattr(model, "hf_device_map", None):
+        kwargs["device_map"] = {"": str(device)}
     with tempfile.TemporaryDirectory(prefix="hf_wsvd-quantize-") as folder:
         model.save_pretrained(folder)
         return type(model).from_pretrained(folder, quantization_config=config, dtype=dtype or model.dtype, **kwargs)

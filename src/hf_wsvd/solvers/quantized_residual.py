@@ -115,12 +115,8 @@ def quantized_residual(
     model.to(job.accelerator.device)
     collect(job, targets)
     model.to(device)
-    # from_pretrained loads on the CPU unless told: a model on one accelerator gets its quantized
-    # copy there (a dispatched or offloaded one is loaded on the CPU, as before)
-    on_one_device = device.type not in ("cpu", "meta") and not getattr(model, "hf_device_map", None)
-    placement = {"device_map": {"": str(device)}} if on_one_device else {}
     with job.timed("quantize"):
-        quantized = quantize(model, quantization_config(config.quantize, group), dtype=dtype, **placement)
+        quantized = quantize(model, quantization_config(config.quantize, group), dtype=dtype)
     ranks = {}
     bar = tqdm(sorted(targets), desc="quantized_residual correction", disable=not show_progress)
     with job.timed("factorize"):
