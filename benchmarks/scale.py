@@ -204,7 +204,7 @@ def measure(args) -> dict:
                       batch_size=args.batch_size)
     config = WSVDConfig(method="fisher_whiten", allocation="greedy", sequential=True,
                         param_ratio=1 - args.reduction, max_length=args.length, batch_size=args.batch_size,
-                        block_refine_steps=args.block_refine_steps)
+                        block_refine_steps=args.block_refine_steps, offload_activations=args.offload_activations)
     if cuda:
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
@@ -225,6 +225,7 @@ def measure(args) -> dict:
         "processes": accelerator.num_processes, "sequences": args.sequences, "length": args.length,
         "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
         "prefetch": args.placement == "offload" and not args.no_prefetch,
+        "offload_activations": args.offload_activations,
         "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
         "factorized_layers": len(report.ranks), "params_before": report.params_before,
         "params_after": report.params_after, "block_refine_steps": model.config.wsvd["block_refine_steps"],
@@ -265,7 +266,8 @@ def table(payloads: list[dict]) -> str:
         sliced = p["layers"] < p["full_layers"]
         rows.append([
             f"Llama {p['shape']} shape" + (f", {p['layers']} of {p['full_layers']} layers" if sliced else ""),
-            p["placement"], p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
+            p["placement"] + (", hidden states in CPU memory" if p.get("offload_activations") else ""),
+            p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
             p.get("block_refine_steps", 0), round(p["compress_seconds"], 1),
             _extrapolated(p) if sliced or "extrapolated" in p else "-",
             " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"] if g is not None) or "-",
@@ -307,6 +309,8 @@ def main() -> None:
                         help="extrapolate a slice, or a run with fewer sequences, to full depth and this many")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="offload: move each block when its visit starts (hf_wsvd.blocks.PREFETCH off), to compare")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="keep the walk's hidden states in CPU memory (WSVDConfig.offload_activations)")
     parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
     parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
     parser.add_argument("--json-out")

@@ -220,8 +220,8 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     speed.write_text(json.dumps({"by_shape": {"32x64": 0.4}}))
     argv = ["--method", "fwsvd", "--param-ratio", "0.3", "--target-modules", "query,value", "--exclude-modules", "key",
             "--fisher-axis", "input", "--num-samples", "64", "--batch-size", "4", "--max-length", "32",
-            "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--no-sequential",
-            "--pipeline", "whole_model",
+            "--compute-dtype", "float64", "--asvd-alpha", "1", "--allocation", "greedy", "--sequential",
+            "--pipeline", "sequential", "--offload-activations",
             "--no-compensate", "--compensation-ridge", "0.05", "--no-mlp-pruning", "--no-attention-pruning",
             "--block-refine-steps", "0", "--block-refine-learning-rate", "0.003", "--seed", "7", "--p", "1.5",
             "--embeddings", "--embedding-ratio", "0.25", "--embedding-method", "lp",
@@ -232,7 +232,8 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     expected = WSVDConfig(
         method="fwsvd", param_ratio=0.3, target_modules=["query", "value"], exclude_modules=["key"],
         fisher_axis="input", num_samples=64, batch_size=4, max_length=32, compute_dtype="float64", asvd_alpha=1.0,
-        allocation="greedy", sequential=False, pipeline="whole_model", compensate=False, compensation_ridge=0.05, mlp_pruning=False,
+        allocation="greedy", sequential=True, pipeline="sequential", offload_activations=True, compensate=False,
+        compensation_ridge=0.05, mlp_pruning=False,
         attention_pruning=False, block_refine_steps=0, block_refine_learning_rate=0.003, seed=7, p=1.5, embeddings=True,
         embedding_ratio=0.25,
         embedding_method="lp", embedding_weighting="frequency", solver="als", refine=True, max_iterations=3,

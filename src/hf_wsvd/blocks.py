@@ -250,17 +250,47 @@ def with_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+def on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` in CPU memory, pinned where CUDA is present so that the later copies to
+    and from the accelerator run asynchronously (``tensor`` itself if it is there already). The copy
+    is complete on return: the CPU may read it."""
+    pin = torch.cuda.is_available()
+    if tensor.device.type == "cpu" and (tensor.is_pinned() or not pin):
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)
+
+
+def host_clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` where it is, pinned again if it was pinned (an offloaded stream's copy;
+    the CPU reads it, so no asynchronous copy into it may be pending)."""
+    if tensor.device.type == "cpu" and tensor.is_pinned():
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return tensor.clone()
+
+
+def stored_like(output: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``output`` kept where ``stored`` (the hidden states it replaces) was kept: hidden states
+    offloaded to CPU memory stay there, written into their own buffer when the shapes agree."""
+    if output.device == stored.device:
+        return output
+    if stored.shape == output.shape and stored.dtype == output.dtype:
+        # Ordered on the current stream after the read of ``stored`` that produced ``output``.
+        return stored.copy_(output, non_blocking=stored.is_pinned())
+    return on_host(output)
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list, device: torch.device, hooks=None, in_place: bool = True) -> None:
     """Run ``block`` on every captured input (hidden states, keyword arguments, 2-D mask) on
     ``device``, calling ``hooks.new_batch(mask)`` before each when given (statistics hooks);
-    ``in_place``: the outputs replace the inputs, ready for the next block."""
+    ``in_place``: the outputs replace the inputs, ready for the next block, kept where the inputs
+    were (CPU memory for offloaded hidden states)."""
     for index, (hidden, kwargs, mask) in enumerate(inputs):
         if hooks is not None:
             hooks.new_batch(mask)
-        output = first_output(block(hidden.to(device), **kwargs))
+        output = first_output(block(hidden.to(device, non_blocking=True), **kwargs))
         if in_place:
-            inputs[index] = (output, kwargs, mask)
+            inputs[index] = (stored_like(output, hidden), kwargs, mask)
 
 
 def split_hidden(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:

@@ -35,7 +35,7 @@ ALLOCATIONS = ("uniform", "greedy")
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 VERSION_KEY = "recipe_version"
 
 
@@ -140,6 +140,11 @@ class WSVDConfig:
     block_refine_learning_rate: float = recipe_field(
         1e-2, "block refinement: Adam's step size relative to each tensor's root mean square, > 0, decayed to 0 on a "
         "cosine over the steps", type=float)
+    offload_activations: bool = recipe_field(
+        False, "sequential mode: keep the calibration hidden states (two streams with compensation: tokens x hidden "
+        "each, 4 GiB for 128 x 2048 tokens of a 7B model) in pinned CPU memory, each batch copied to the "
+        "accelerator when it is used; same result, less accelerator memory, more time in copies",
+        action=argparse.BooleanOptionalAction)
     seed: int = field_of(CalibrationConfig, "seed")
     p: float = field_of(LpOptions, "p")
     embeddings: bool = recipe_field(
@@ -248,6 +253,11 @@ class WSVDConfig:
         self.calibration  # noqa: B018  (validates the calibration fields)
         if not isinstance(self.embeddings, bool):
             raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
+        if not isinstance(self.offload_activations, bool):
+            raise ValueError(f"offload_activations={self.offload_activations!r} must be True or False")
+        if self.offload_activations and (self.sequential is False or self.pipeline == "whole_model"):
+            raise ValueError("offload_activations=True keeps the sequential walk's hidden states in CPU memory; this "
+                             "recipe is not sequential: drop it or set sequential=True")
         ratio = self.embedding_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ValueError(

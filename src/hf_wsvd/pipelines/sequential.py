@@ -12,8 +12,10 @@ planned first by streaming the *dense* blocks the same way, keeping only each la
 
 Memory on the accelerator: one block (when the model sits in CPU memory), the calibration
 activations of this process's share of the data (tokens × hidden, in the model's dtype, updated in
-place) and one block's statistics (for ``whiten``/``fisher_whiten``: an in × in Gram per distinct
-layer input).
+place; two streams with compensation) and one block's statistics (for ``whiten``/``fisher_whiten``:
+an in × in Gram per distinct layer input). ``offload_activations`` keeps the activations in pinned
+CPU memory instead, each batch copied to the accelerator when it is used and its outputs copied
+back.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import block_list, input_device, outside_blocks_on, placed, run_block, split_hidden, without_cache
+from ..blocks import (block_list, input_device, on_host, outside_blocks_on, placed, run_block, split_hidden,
+                      without_cache)
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
@@ -52,7 +55,8 @@ def capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict, 
 
     def hook(module, args, kwargs):
         hidden, kw = split_hidden(module, args, kwargs)
-        captured.append((hidden, {**without_cache(kw), "use_cache": False}))
+        captured.append((on_host(hidden) if job.config.offload_activations else hidden,
+                         {**without_cache(kw), "use_cache": False}))
         raise _Captured
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

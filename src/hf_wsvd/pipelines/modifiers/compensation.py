@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import torch
 
-from ...blocks import run_block
+from ...blocks import host_clone, run_block
 from ...linalg import plus_diagonal, ridged
 from ...solvers import LayerProblem
 from ...statistics import GRAM, Statistics
@@ -78,8 +78,8 @@ def paired_statistics(reference: torch.nn.Module, block: torch.nn.Module, names:
         with torch.no_grad():
             for (dense_hidden, kwargs, mask), (hidden, _, _) in zip(dense, current):
                 hooks.new_batch(mask)
-                reference(dense_hidden.to(device), **kwargs)
-                block(hidden.to(device), **kwargs)
+                reference(dense_hidden.to(device, non_blocking=True), **kwargs)
+                block(hidden.to(device, non_blocking=True), **kwargs)
     finally:
         hooks.remove()
     return hooks.result(accelerator)
@@ -111,7 +111,7 @@ class Compensation(Modifier):
         if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
             raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
                              f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
-        self.dense = [(hidden.clone(), kwargs, mask) for hidden, kwargs, mask in inputs]
+        self.dense = [(host_clone(hidden), kwargs, mask) for hidden, kwargs, mask in inputs]
 
     def on_block_start(self, job: Job, block: Block) -> None:
         if block.paths:  # the dense block, what every stage is fitted to (an offloaded block's copy
@@ -119,7 +119,7 @@ class Compensation(Modifier):
 
     def stages(self, job: Job, block: Block) -> list[list[str]]:
         hidden, kwargs, _ = block.inputs[0]
-        return stages(block.reference, block.paths, hidden.to(block.device), kwargs)
+        return stages(block.reference, block.paths, hidden.to(block.device, non_blocking=True), kwargs)
 
     def collect(self, job: Job, block: Block, names: list[str]) -> Statistics:
         return job.statistics.merged(paired_statistics(block.reference, block.module, {n: block.paths[n] for n in names},

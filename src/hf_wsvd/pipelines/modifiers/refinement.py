@@ -124,7 +124,7 @@ def _token_losses(error: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
 
 def _forward(work: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device, amp: dict) -> torch.Tensor:
     with torch.autocast(**amp):
-        return first_output(work(hidden.to(device), **send_to_device(kwargs, device)))
+        return first_output(work(hidden.to(device, non_blocking=True), **send_to_device(kwargs, device)))
 
 
 @torch.no_grad()
@@ -133,7 +133,7 @@ def _error(work: torch.nn.Module, pairs: list, tokens: torch.Tensor, device: tor
     """The loss over every process's batches: the mean over real tokens of ‖y − ŷ‖² / ‖y‖²."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for hidden, kwargs, mask, target in pairs:
-        total += _token_losses(*_sums(_forward(work, hidden, kwargs, device, amp), target.to(device), mask)).sum().double()
+        total += _token_losses(*_sums(_forward(work, hidden, kwargs, device, amp), target.to(device, non_blocking=True), mask)).sum().double()
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(total)
     return float(total) / max(float(tokens.sum()), 1.0)
@@ -174,7 +174,7 @@ def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pa
         for g in group:
             if g in mine:
                 hidden, kwargs, mask, target = pairs[mine[g]]
-                error, energy = _sums(_forward(work, hidden, kwargs, device, amp), target.to(device), mask)
+                error, energy = _sums(_forward(work, hidden, kwargs, device, amp), target.to(device, non_blocking=True), mask)
                 _token_losses(error, energy).sum().div(max(count, 1.0)).backward()
         if accelerator.num_processes > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
