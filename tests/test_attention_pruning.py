@@ -352,9 +352,35 @@ def test_a_cut_model_decodes_in_a_captured_cuda_graph():
     with torch.no_grad():
         model(sequence[:, :7], past_key_values=cache, cache_position=torch.arange(7, device="cuda"))
         step, position = sequence[:, 7:8].clone(), torch.tensor([7], device="cuda")
-        eager = model(step, past_key_values=cache, cache_position=position).logits.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # the eager step doubles as the warm-up off the default stream capture needs
+            eager = model(step, past_key_values=cache, cache_position=position).logits.clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        # transformers 5's static layers write where their own counter points, not at cache_position:
+        # back to 7 cached tokens, so that the replayed step sees the cache the eager one saw
+        cache.crop(-1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = model(step, past_key_values=cache, cache_position=position).logits
+        captured.zero_()  # the replay, not the capture, must write the logits
         graph.replay()
+        torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_repeated_decode_step_needs_the_static_cache_rewound():
+    """What the CUDA-graph test above relies on, checked on any device: a static-cache step run again
+    without rewinding writes one slot further and gives other logits; after ``crop(-1)`` it repeats."""
+    _, model, _ = _compressed("llama")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    sequence = torch.randint(7, 23, (1, 8), generator=torch.Generator().manual_seed(5))
+    step, position = sequence[:, 7:8], torch.tensor([7])
+    with torch.no_grad():
+        model(sequence[:, :7], past_key_values=cache, cache_position=torch.arange(7))
+        first = model(step, past_key_values=cache, cache_position=position).logits.clone()
+        cache.crop(-1)
+        again = model(step, past_key_values=cache, cache_position=position).logits
+        assert torch.equal(again, first)
+        unrewound = model(step, past_key_values=cache, cache_position=position).logits
+    assert (unrewound - first).abs().max() > 1e-3
