@@ -18,7 +18,7 @@ RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=True, para
 
 
 def test_the_flag_is_checked_and_saved_with_the_recipe():
-    with pytest.raises(ValueError, match="offload_activations='yes' must be True or False"):
+    with pytest.raises(ValueError, match="offload_activations='yes' must be True, False or None"):
         WSVDConfig(offload_activations="yes")
     with pytest.raises(ValueError, match="offload_activations=True .* not sequential"):
         WSVDConfig(offload_activations=True, sequential=False)

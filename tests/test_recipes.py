@@ -151,3 +151,14 @@ def test_block_refinement_takes_more_steps_where_the_blocks_compute_on_an_accele
     assert CPU_BLOCK_REFINE_STEPS < ACCELERATOR_BLOCK_REFINE_STEPS
     given = resolve(WSVDConfig(param_ratio=0.5, block_refine_steps=8), model, loader, torch.device("cuda"))[0]
     assert given.block_refine_steps == 8
+
+
+def test_the_hidden_states_stay_in_cpu_memory_where_the_blocks_compute_on_an_accelerator():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    offload = {device: resolve(WSVDConfig(param_ratio=0.5), model, loader, torch.device(device))[0].offload_activations
+               for device in ("cpu", "cuda", "xpu")}
+    assert offload == {"cpu": False, "cuda": True, "xpu": True}
+    assert resolve(WSVDConfig(param_ratio=0.5, offload_activations=False), model, loader,
+                   torch.device("cuda"))[0].offload_activations is False
+    bert, bert_loader, _, _ = case_inputs("bert_classification", 4, 2)  # not sequential: nothing to offload
+    assert resolve(WSVDConfig(param_ratio=0.5), bert, bert_loader, torch.device("cuda"))[0].offload_activations is False

@@ -95,6 +95,13 @@ def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, No
     return (default_block_refine_steps(evidence.device) if recipe.compensate else 0), None
 
 
+def _offload_activations(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Measured (docs/scale.md, one H200, Llama-7B shape, 128 x 2048 tokens): the walk's two hidden-state
+    # streams are 3.9 GiB of its 22.3 GiB peak; in pinned CPU memory the peak falls by that much for 8%
+    # more time. On a CPU they are in CPU memory already.
+    return bool(recipe.sequential) and evidence.device.type != "cpu", None
+
+
 def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
                                 device: torch.device) -> int:
     """``block_refine_steps`` of a ``quantized_residual`` recipe whose blocks compute on ``device``: as
@@ -109,7 +116,7 @@ Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
                           "attention_pruning": _attention_pruning,
-                          "block_refine_steps": _block_refine_steps}
+                          "block_refine_steps": _block_refine_steps, "offload_activations": _offload_activations}
 
 
 def is_causal_lm(model: nn.Module) -> bool:
