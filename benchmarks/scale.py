@@ -225,7 +225,7 @@ def measure(args) -> dict:
         "processes": accelerator.num_processes, "sequences": args.sequences, "length": args.length,
         "batch_size": args.batch_size, "reduction": args.reduction, "compress_seconds": seconds,
         "prefetch": args.placement == "offload" and not args.no_prefetch,
-        "offload_activations": args.offload_activations,
+        "offload_activations": model.config.wsvd["offload_activations"],
         "stage_seconds": report.seconds, "build_seconds": build_seconds, "peak_gib_per_gpu": peaks,
         "factorized_layers": len(report.ranks), "params_before": report.params_before,
         "params_after": report.params_after, "block_refine_steps": model.config.wsvd["block_refine_steps"],
@@ -309,8 +309,9 @@ def main() -> None:
                         help="extrapolate a slice, or a run with fewer sequences, to full depth and this many")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="offload: move each block when its visit starts (hf_wsvd.blocks.PREFETCH off), to compare")
-    parser.add_argument("--offload-activations", action="store_true",
-                        help="keep the walk's hidden states in CPU memory (WSVDConfig.offload_activations)")
+    parser.add_argument("--offload-activations", action=argparse.BooleanOptionalAction,
+                        help="keep the walk's hidden states in CPU memory or on the GPU (WSVDConfig.offload_activations; "
+                             "default: the recommended recipe's, in CPU memory on a GPU)")
     parser.add_argument("--save", help="store the row-summed Fisher and ranks here (.pt)")
     parser.add_argument("--compare", help="compare the row-summed Fisher and ranks with a --save file")
     parser.add_argument("--json-out")
