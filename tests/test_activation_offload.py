@@ -52,6 +52,54 @@ def test_the_result_is_the_one_without_offload():
     _same(_compress(model, loader, False), _compress(model, loader, True))
 
 
+def _stored_apart_and_written_in_place(monkeypatch) -> list:
+    """On a CPU, stand in for pinned storage: streams stored as copies of their own, each output
+    written into the buffer of the hidden states it replaces (what CUDA does), so that a walk that
+    still needed a buffer after it is overwritten would see the change. Returns the writes' log."""
+    writes = []
+    monkeypatch.setattr(blocks_module, "on_host", lambda tensor: tensor.clone())
+
+    def in_place(output, stored):
+        writes.append(stored.data_ptr())
+        return stored.copy_(output) if stored.shape == output.shape else output.clone()
+
+    monkeypatch.setattr(blocks_module, "stored_like", in_place)
+    return writes
+
+
+def test_streams_overwritten_in_place_give_the_same_result(monkeypatch):
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    plain = _compress(model, loader, False)
+    writes = _stored_apart_and_written_in_place(monkeypatch)
+    _same(plain, _compress(model, loader, True))
+    assert writes and len(set(writes)) < len(writes)  # the buffers were reused block after block
+
+
+def test_quantized_residual_refinement_with_streams_overwritten_in_place(monkeypatch):
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    recipe = dict(method="quantized_residual", quantize="int4", quantize_group_size=32, residual_rank=4,
+                  block_refine_steps=2)
+    results = []
+    for offload in (False, True):
+        if offload:
+            writes = _stored_apart_and_written_in_place(monkeypatch)
+        results.append(compress(copy.deepcopy(model), WSVDConfig(**recipe, offload_activations=offload), loader,
+                                show_progress=False))
+    assert writes
+    (plain, plain_report), (offloaded, report) = results
+    assert plain_report.refined == report.refined and report.refined
+    corrections = {k: v for k, v in offloaded.state_dict().items() if k.endswith((".up.weight", ".down.weight"))}
+    assert corrections and all(torch.equal(plain.state_dict()[k], v) for k, v in corrections.items())
+
+
+def test_outputs_stay_where_the_stream_is_kept_and_clones_are_apart():
+    stored, output = torch.zeros(2, 3), torch.ones(2, 3)
+    assert blocks_module.stored_like(output, stored) is output  # a walk all in CPU memory copies nothing
+    assert torch.equal(stored, torch.zeros(2, 3))
+    clone = blocks_module.host_clone(output)
+    assert torch.equal(clone, output) and clone.data_ptr() != output.data_ptr()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and asynchronous copies need CUDA")
 def test_on_cuda_the_streams_live_in_pinned_host_memory_with_the_same_result(monkeypatch):
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)

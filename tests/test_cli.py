@@ -243,6 +243,10 @@ def test_recipe_options_parse_to_the_config_the_api_builds(tmp_path):
     assert recipe_from_args(parse(["compress", "m", "o", *argv])) == expected
     # every field differs from its default, so none was dropped on the way
     assert all(getattr(expected, f.name) != f.default for f in _recipe_fields())
+    # the other value of the switches set above
+    other = ["--no-sequential", "--pipeline", "whole_model", "--no-offload-activations"]
+    assert recipe_from_args(parse(["compress", "m", "o", *other])) == WSVDConfig(
+        sequential=False, pipeline="whole_model", offload_activations=False)
 
 
 def test_the_command_line_lists_the_registered_methods_without_importing_torch():

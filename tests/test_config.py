@@ -183,6 +183,9 @@ def test_a_saved_recipe_records_its_version_and_an_unversioned_old_one_loads_unc
     assert WSVDConfig.from_dict(old) == WSVDConfig.from_dict(saved) == WSVDConfig(method="fwsvd", num_samples=64)
     with pytest.raises(ValueError, match="recipe_version='1' must be a positive integer"):
         WSVDConfig.from_dict({**old, "recipe_version": "1"})
+    # a version-1 recipe (before offload_activations) loads with the field unset, i.e. resolved at compression
+    first = {key: value for key, value in saved.items() if key != "offload_activations"}
+    assert WSVDConfig.from_dict({**first, "recipe_version": 1}).offload_activations is None
 
 
 def test_a_methods_options_and_the_calibration_settings_are_written_once():

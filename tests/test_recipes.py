@@ -157,7 +157,7 @@ def test_the_hidden_states_stay_in_cpu_memory_where_the_blocks_compute_on_an_acc
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     offload = {device: resolve(WSVDConfig(param_ratio=0.5), model, loader, torch.device(device))[0].offload_activations
                for device in ("cpu", "cuda", "xpu")}
-    assert offload == {"cpu": False, "cuda": True, "xpu": True}
+    assert offload == {"cpu": False, "cuda": True, "xpu": False}  # pinned memory, and the measured trade: CUDA
     assert resolve(WSVDConfig(param_ratio=0.5, offload_activations=False), model, loader,
                    torch.device("cuda"))[0].offload_activations is False
     bert, bert_loader, _, _ = case_inputs("bert_classification", 4, 2)  # not sequential: nothing to offload

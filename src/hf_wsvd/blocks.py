@@ -270,12 +270,13 @@ def host_clone(tensor: torch.Tensor) -> torch.Tensor:
 
 def stored_like(output: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """``output`` kept where ``stored`` (the hidden states it replaces) was kept: hidden states
-    offloaded to CPU memory stay there, written into their own buffer when the shapes agree."""
-    if output.device == stored.device:
-        return output
+    offloaded to pinned CPU memory stay there, written into their own buffer when the shapes agree
+    (asynchronously from CUDA: ``run_block`` waits for those copies)."""
+    if not stored.is_pinned() and (stored.device.type != "cpu" or output.device.type == "cpu"):
+        return output  # kept on an accelerator, or a walk all in CPU memory
     if stored.shape == output.shape and stored.dtype == output.dtype:
-        # Ordered on the current stream after the read of ``stored`` that produced ``output``.
-        return stored.copy_(output, non_blocking=stored.is_pinned())
+        # On the output's stream, after the block's read of ``stored`` that produced ``output``.
+        return stored.copy_(output, non_blocking=output.device.type == "cuda")
     return on_host(output)
 
 
@@ -285,12 +286,27 @@ def run_block(block: nn.Module, inputs: list, device: torch.device, hooks=None, 
     ``device``, calling ``hooks.new_batch(mask)`` before each when given (statistics hooks);
     ``in_place``: the outputs replace the inputs, ready for the next block, kept where the inputs
     were (CPU memory for offloaded hidden states)."""
+    copied_from = set()
     for index, (hidden, kwargs, mask) in enumerate(inputs):
         if hooks is not None:
             hooks.new_batch(mask)
         output = first_output(block(hidden.to(device, non_blocking=True), **kwargs))
         if in_place:
-            inputs[index] = (stored_like(output, hidden), kwargs, mask)
+            kept = stored_like(output, hidden)
+            if kept is not output and output.device.type == "cuda":
+                copied_from.add(output.device)
+            inputs[index] = (kept, kwargs, mask)
+    # The next reader may be another GPU (a dispatched model), whose stream does not wait for this one's copies.
+    for source in copied_from:
+        torch.cuda.current_stream(source).synchronize()
+
+
+def release_host_cache() -> None:
+    """Hand the pinned CPU memory that offloaded hidden states occupied back to the system (torch
+    keeps freed pinned blocks for reuse, rounded up to powers of two)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # torch >= 2.10
+    if empty is not None and torch.cuda.is_available():
+        empty()
 
 
 def split_hidden(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:

@@ -143,8 +143,8 @@ class WSVDConfig:
     offload_activations: bool | None = recipe_field(
         None, "sequential mode: keep the calibration hidden states (two streams with compensation: tokens x hidden "
         "each, 3.9 GiB for 128 x 2048 tokens of a 7B model) in pinned CPU memory, each batch copied to the "
-        "accelerator when it is used: the same result with less accelerator memory, in a little more time. Unset "
-        "(None): on in sequential mode where the blocks compute on an accelerator", action=argparse.BooleanOptionalAction)
+        "GPU when it is used: the same result with less GPU memory, in a little more time. Unset (None): on in "
+        "sequential mode where the blocks compute on a CUDA GPU", action=argparse.BooleanOptionalAction)
     seed: int = field_of(CalibrationConfig, "seed")
     p: float = field_of(LpOptions, "p")
     embeddings: bool = recipe_field(
@@ -255,10 +255,11 @@ class WSVDConfig:
             raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
         if self.offload_activations is not None and not isinstance(self.offload_activations, bool):
             raise ValueError(f"offload_activations={self.offload_activations!r} must be True, False or None (on in "
-                             "sequential mode on an accelerator)")
+                             "sequential mode on a CUDA GPU)")
         if self.offload_activations and (self.sequential is False or self.pipeline == "whole_model"):
             raise ValueError("offload_activations=True keeps the sequential walk's hidden states in CPU memory; this "
-                             "recipe is not sequential: drop it or set sequential=True")
+                             "recipe is not sequential (sequential mode is for causal LMs with calibration data): "
+                             "drop offload_activations")
         ratio = self.embedding_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ValueError(

@@ -98,8 +98,9 @@ def _block_refine_steps(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, No
 def _offload_activations(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
     # Measured (docs/scale.md, one H200, Llama-7B shape, 128 x 2048 tokens): the walk's two hidden-state
     # streams are 3.9 GiB of its 22.3 GiB peak; in pinned CPU memory the peak falls by that much for 8%
-    # more time. On a CPU they are in CPU memory already.
-    return bool(recipe.sequential) and evidence.device.type != "cpu", None
+    # more time. On a CPU they are in CPU memory already; elsewhere no pinned memory makes the copies
+    # asynchronous, and the trade was measured on CUDA only.
+    return bool(recipe.sequential) and evidence.device.type == "cuda", None
 
 
 def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,

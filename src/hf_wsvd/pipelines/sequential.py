@@ -25,8 +25,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import (block_list, input_device, on_host, outside_blocks_on, placed, run_block, split_hidden,
-                      without_cache)
+from ..blocks import (block_list, input_device, on_host, outside_blocks_on, placed, release_host_cache, run_block,
+                      split_hidden, without_cache)
 from ..statistics import InputHooks, Statistics
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
@@ -101,6 +101,8 @@ def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Stat
                 yield names, job.statistics
                 if inputs is not None:
                     run_block(block, inputs, block_device)
+    inputs = None
+    release_host_cache()
 
 
 def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs: list, device: torch.device,
@@ -156,6 +158,10 @@ def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
                 modifier.on_block_end(job, block)
             if inputs is not None:
                 run_block(module, inputs, block_device)
+    for modifier in modifiers:
+        modifier.on_walk_end(job)
+    inputs = block = None  # the streams (a block holds its inputs and targets): their pinned memory goes back
+    release_host_cache()
 
 
 @register_pipeline("sequential")

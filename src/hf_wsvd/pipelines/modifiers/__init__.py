@@ -11,8 +11,8 @@ modifier, in ``MODIFIERS`` order, at each point of its walk:
   allocation prices them with the layers' ranks (``budget``, ``spectrum``, ``even``) and hands the
   kept ones back with their channels (``on_allocated``);
 - ``on_walk_start(job, inputs)``, ``on_block_start(job, block)``, ``stages(job, block)``,
-  ``collect(job, block, names)``, ``on_block_end(job, block)``: the sequential walk over the
-  transformer blocks (``Block``);
+  ``collect(job, block, names)``, ``on_block_end(job, block)``, ``on_walk_end(job)``: the
+  sequential walk over the transformer blocks (``Block``);
 - ``observed(names)`` and ``compress(job, names, stats, block)``: each group of layers the
   pipeline factorizes (a block's stage, a block, or the whole model) — the layers whose statistics
   it reads there, then its own compression of them;
@@ -136,6 +136,9 @@ class Modifier:
 
     def on_block_end(self, job: "Job", block: Block) -> None:
         """``block``'s layers are all compressed; the walk advances its inputs through it next."""
+
+    def on_walk_end(self, job: "Job") -> None:
+        """The sequential walk is over: drop what it kept of the hidden states."""
 
     def on_end(self, job: "Job") -> dict[str, int]:
         """The pipeline is done: compress what lies outside it; return those layers' ranks."""

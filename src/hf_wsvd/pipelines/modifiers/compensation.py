@@ -129,3 +129,6 @@ class Compensation(Modifier):
         # The dense stream advances: the block's targets.
         run_block(block.reference if block.reference is not None else block.module, self.dense, block.device)
         block.reference, block.targets = None, self.dense
+
+    def on_walk_end(self, job: Job) -> None:
+        self.dense = []
