@@ -133,7 +133,8 @@ def _error(work: torch.nn.Module, pairs: list, tokens: torch.Tensor, device: tor
     """The loss over every process's batches: the mean over real tokens of ‖y − ŷ‖² / ‖y‖²."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for hidden, kwargs, mask, target in pairs:
-        total += _token_losses(*_sums(_forward(work, hidden, kwargs, device, amp), target.to(device, non_blocking=True), mask)).sum().double()
+        output = _forward(work, hidden, kwargs, device, amp)
+        total += _token_losses(*_sums(output, target.to(device, non_blocking=True), mask)).sum().double()
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(total)
     return float(total) / max(float(tokens.sum()), 1.0)
@@ -174,7 +175,8 @@ def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pa
         for g in group:
             if g in mine:
                 hidden, kwargs, mask, target = pairs[mine[g]]
-                error, energy = _sums(_forward(work, hidden, kwargs, device, amp), target.to(device, non_blocking=True), mask)
+                output = _forward(work, hidden, kwargs, device, amp)
+                error, energy = _sums(output, target.to(device, non_blocking=True), mask)
                 _token_losses(error, energy).sum().div(max(count, 1.0)).backward()
         if accelerator.num_processes > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
