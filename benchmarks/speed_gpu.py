@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -215,7 +216,9 @@ def guarded(result: dict, key: str, work) -> None:
     torch.cuda.empty_cache()
 
 
-def measure_model(reduction: float, args) -> dict:
+def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = lambda result: None) -> dict:
+    """One model (dense, or compressed at ``reduction``), its parts in turn; ``checkpoint`` sees the
+    result so far once the model is built (and compressed) and after each part."""
     from scale import build
 
     device = torch.device("cuda")
@@ -232,6 +235,7 @@ def measure_model(reduction: float, args) -> dict:
                    "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                    "weights_gib": torch.cuda.memory_allocated() / 2**30,
                    "step_bytes": {str(b): step_bytes(model, b, context) for b in args.decode_batches}})
+    checkpoint(result)
     if "prefill" in args.parts:
         def prefill() -> dict:
             ids = token_batch(model.config.vocab_size, args.prefill_batch, args.prefill_length, device)
@@ -243,6 +247,7 @@ def measure_model(reduction: float, args) -> dict:
                     "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
         guarded(result, "prefill", prefill)
+        checkpoint(result)
     parts = (("decode", decode), ("graph", graph_decode),
              ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("graph_unshared", graph_decode),
@@ -272,6 +277,7 @@ def measure_model(reduction: float, args) -> dict:
                 return {**run(model, batch, args), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
             guarded(result[part], str(batch), measured)
+        checkpoint(result)
         print(f"reduction {reduction}: {part} done", file=sys.stderr)
     del model
     if {"compile", "int8"} & set(args.parts):
@@ -282,8 +288,9 @@ def measure_model(reduction: float, args) -> dict:
 
 
 def measure(args) -> dict:
-    """Each model in turn; with ``--json-out`` the file is rewritten after each, so a run cut off
-    by a time limit still leaves what it measured."""
+    """Each model in turn; with ``--json-out`` the file is rewritten after each model and each of
+    its parts (the model in progress marked ``incomplete``), so a run cut off by a time limit still
+    leaves what it measured."""
     from report import environment
 
     payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "layers": args.layers,
@@ -291,11 +298,16 @@ def measure(args) -> dict:
                "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
                "new_tokens": args.new_tokens, "models": [], "environment": environment()}
     start = time.perf_counter()
-    for reduction in args.reductions:
-        payload["models"].append(measure_model(reduction, args))
+
+    def write(models: list[dict]) -> None:
         payload["seconds"] = time.perf_counter() - start
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps(payload, indent=2))
+            Path(args.json_out).write_text(json.dumps({**payload, "models": models}, indent=2))
+
+    for reduction in args.reductions:
+        payload["models"].append(measure_model(
+            reduction, args, lambda result: write([*payload["models"], {**result, "incomplete": True}])))
+        write(payload["models"])
     return payload
 
 
@@ -350,6 +362,8 @@ def render(runs: list[dict]) -> str:
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
             notes += [f"{m['reduction']:.0%} failed: {e[:200]}" for e in errors]
+            if m.get("incomplete"):
+                notes.append(f"{m['reduction']:.0%}: the run was cut off before all its parts were measured.")
         for reduction, targets in TARGETS.items():
             m = next((m for m in run["models"] if m["reduction"] == reduction), None)
             if m is None or base is None:

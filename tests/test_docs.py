@@ -1,5 +1,6 @@
 """The user-facing pages: links resolve, the code they show runs, and benchmark tables land in them."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tiny
 from hf_wsvd.runtime.modeling_wsvd import CLASS_PREFIX
@@ -137,3 +139,29 @@ def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(monk
     assert [(r["model"], r["row"], r["perplexity"]) for r in result["rows"]] == [
         ("a", "bf16", 1.0), ("a", "int4 alone", 4.0), ("a", "int4 + L", 3.0), ("b", "bf16", 2.5)]
     assert result["environment"]["command"] == "run 1; run 2 (cut off after its last row)"
+
+
+def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import speed_gpu
+
+    def measure_model(reduction, args, checkpoint):
+        result = {"reduction": reduction, "step_bytes": {"1": 2.0 - reduction}, "params": 1, "param_ratio": 1 - reduction,
+                  "cut_attentions": 0, "head_dims": [], "pruned_mlps": 1, "mlp_channels": [8], "factorized_layers": 2,
+                  "dense_layers": 3, "compile": {"1": {"tokens_per_s": 10.0 + reduction}}}
+        checkpoint(result)
+        if reduction:
+            raise KeyboardInterrupt  # the time limit strikes before the next part
+        return result
+
+    monkeypatch.setattr(speed_gpu, "measure_model", measure_model)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
+    out = tmp_path / "speed.json"
+    args = argparse.Namespace(layers=2, parts=["compile", "int8"], recipe="{}", calibration=[1, 8], prefill_batch=1,
+                              prefill_length=8, prompt_length=4, new_tokens=4, reductions=[0.0, 0.5], json_out=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        speed_gpu.measure(args)
+    saved = json.loads(out.read_text())
+    assert [(m["reduction"], m.get("incomplete", False)) for m in saved["models"]] == [(0.0, False), (0.5, True)]
+    assert saved["models"][1]["compile"]["1"]["tokens_per_s"] == 10.5
+    assert "50%: the run was cut off before all its parts were measured." in speed_gpu.render([saved])
