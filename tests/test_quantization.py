@@ -305,3 +305,39 @@ def test_bitsandbytes_round_trip_on_cuda(tmp_path, spec):
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, before)
     assert 0 < weight_bits(reloaded).block_bits_per_weight < 16
+
+
+def test_int8_warns_once_of_the_factors_a_compiled_cpu_model_would_compute_wrong(caplog):
+    """PyTorch 2.13's CPU kernel behind compiled torchao int8 (``_weight_int8pack_mm``) is wrong for
+    input sizes that are not multiples of 16; rank 8 factors are such, rank 16 ones are not."""
+    for multiple, ratio, warned in ((8, 0.5, True), (16, 0.8, False)):
+        model, report = tiny.compressed("llama", rank_multiple=multiple, param_ratio=ratio)
+        assert report.ranks and {rank % multiple for rank in report.ranks.values()} == {0}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            quantized = quantize(model, quantization_config("int8"))
+        lines = [r.getMessage() for r in caplog.records if "torch.compile on a CPU" in r.getMessage()]
+        unaligned = sum(rank % 16 != 0 for rank in report.ranks.values())  # the up factors' input size
+        assert (unaligned > 0) == warned and len(lines) == int(warned), lines
+        if warned:
+            assert lines[0].startswith(f"hf_wsvd: {unaligned} of the {2 * len(report.ranks)} factor and pruned linears "
+                                       "have an input size that is not a multiple of 16 (first: model.layers.")
+            assert lines[0].endswith("compress with rank_multiple=16 to compile it there")
+        # Warned, not kept: every factor is int8 all the same.
+        assert all(type(w).__name__ == "Int8Tensor" for w in _factor_weights(quantized))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled int8 kernels of a GPU")
+def test_compiled_int8_of_factor_sized_layers_matches_eager_on_cuda():
+    """Whether the CPU kernel's fault (input sizes not a multiple of 16) exists on CUDA too: a rank 24
+    factor and a 4096-wide one, torchao int8, compiled against eager."""
+    from torchao.quantization import quantize_
+
+    for width in (24, 4096):
+        layer = torch.nn.Sequential(torch.nn.Linear(width, 256, bias=False)).to("cuda", torch.bfloat16)
+        quantize_(layer, Int8WeightOnlyConfig())
+        x = torch.randn(1, 3, width, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            eager, compiled = layer(x).float(), torch.compile(layer, fullgraph=True)(x).float()
+        torch._dynamo.reset()
+        assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max(), width

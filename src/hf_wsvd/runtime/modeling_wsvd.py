@@ -457,30 +457,43 @@ def _plain_float(module: nn.Module) -> bool:
     return type(module) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
 
 
-def quantization_group_size(config: PreTrainedConfig) -> int | None:
-    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
-    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
+# torchao's int8 weight-only (one scale per row) takes any shape, but torch.compile on a CPU lowers its
+# matmul to aten._weight_int8pack_mm, which computes wrong values or reads out of bounds where the input
+# size is not a multiple of 16 (PyTorch 2.13: a 24-wide input gave 1e19; eager, and 16, 32, 64, were
+# exact). Factor ranks and pruned widths are multiples of rank_multiple (8 unless set).
+TORCHAO_INT8_ALIGNMENT = 16
+
+
+def _quantization_dicts(config: PreTrainedConfig) -> list[dict]:
+    """Every dict nested in the config's quantization config, outermost first."""
     quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
-        return None
-    found = [quantization.to_dict() if hasattr(quantization, "to_dict") else quantization]
+    found = [] if quantization is None else [quantization.to_dict() if hasattr(quantization, "to_dict") else quantization]
+    dicts = []
     while found:
         item = found.pop(0)
         if isinstance(item, dict):
-            if type(item.get("group_size")) is int:
-                return item["group_size"]
+            dicts.append(item)
             found.extend(item.values())
         elif isinstance(item, (list, tuple)):
             found.extend(item)
-    return None
+    return dicts
+
+
+def quantization_group_size(config: PreTrainedConfig) -> int | None:
+    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
+    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
+    return next((item["group_size"] for item in _quantization_dicts(config) if type(item.get("group_size")) is int),
+                None)
 
 
 def keep_unquantizable(model: PreTrainedModel) -> list[str]:
     """Under a quantization config with a group size, make each factor or pruned linear whose input
     size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
-    dtype), said in one log line. Returns their names."""
+    dtype), said in one log line. Returns their names. Under torchao's int8, warns once of the layers
+    that a compiled CPU model would compute wrong (``TORCHAO_INT8_ALIGNMENT``)."""
     group = quantization_group_size(model.config)
-    if not group:
+    int8 = any(item.get("_type") == "Int8WeightOnlyConfig" for item in _quantization_dicts(model.config))
+    if not group and not int8:
         return []
     reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
     linears = []
@@ -489,7 +502,14 @@ def keep_unquantizable(model: PreTrainedModel) -> list[str]:
             linears += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
         elif relative_module_name(model, name) in reshaped:
             linears.append((name, module))
-    kept = [name for name, module in linears if type(module) is nn.Linear and module.in_features % group]
+    linears = [(name, module) for name, module in linears if type(module) is nn.Linear]
+    unaligned = [name for name, module in linears if module.in_features % TORCHAO_INT8_ALIGNMENT]
+    if int8 and unaligned:
+        logger.warning(f"hf_wsvd: {len(unaligned)} of the {len(linears)} factor and pruned linears have an input size "
+                       f"that is not a multiple of {TORCHAO_INT8_ALIGNMENT} (first: {unaligned[0]}): torchao int8 computes them "
+                       f"right in eager mode, but wrong under torch.compile on a CPU (PyTorch's _weight_int8pack_mm); "
+                       f"compress with rank_multiple={TORCHAO_INT8_ALIGNMENT} to compile it there")
+    kept = [name for name, module in linears if group and module.in_features % group]
     for name in kept:
         module = model.get_submodule(name)
         model.set_submodule(name, FullPrecisionLinear(module.in_features, module.out_features, module.bias is not None,
