@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import hf_wsvd
 import tiny
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.recipes import ACCELERATOR_BLOCK_REFINE_STEPS, CPU_BLOCK_REFINE_STEPS, resolve
@@ -162,3 +163,28 @@ def test_the_hidden_states_stay_in_cpu_memory_where_the_blocks_compute_on_an_acc
                    torch.device("cuda"))[0].offload_activations is False
     bert, bert_loader, _, _ = case_inputs("bert_classification", 4, 2)  # not sequential: nothing to offload
     assert resolve(WSVDConfig(param_ratio=0.5), bert, bert_loader, torch.device("cuda"))[0].offload_activations is False
+
+
+@pytest.mark.parametrize("fields, multiple", [({}, 8), ({"quantize": "nf4"}, 8), ({"quantize": "int8"}, 16),
+                                              ({"quantize": "int4"}, 64), ({"quantize": "int3", "quantize_group_size": 32}, 32),
+                                              ({"quantize": "int4", "rank_multiple": 8}, 8)])
+def test_ranks_step_by_what_the_quantization_needs_to_take_every_factor(fields, multiple):
+    config = resolve(WSVDConfig(method="svd", allocation="uniform", **fields), tiny.build("llama"), None,
+                     torch.device("cpu"))[0]
+    assert config.rank_multiple == multiple
+
+
+def test_a_compressed_model_quantizes_whole_with_the_resolved_rank_multiple(caplog):
+    """int3 in groups of 16 with rank_multiple unset: every rank steps by 16, so every factor is
+    quantized (with 8, half the up factors would stay in the model's dtype)."""
+    from hf_wsvd.integrations.quantization import quantization_config, quantize
+
+    model, report = compress(tiny.build("llama"), WSVDConfig(method="svd", param_ratio=0.8, quantize="int3",
+                                                             quantize_group_size=16), None, show_progress=False)
+    assert report.ranks and all(rank % 16 == 0 for rank in report.ranks.values())
+    assert model.config.wsvd["rank_multiple"] == 16
+    with caplog.at_level(logging.WARNING):
+        quantized = quantize(model, quantization_config("int3", 16))
+    assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
+    factors = [m for layer in quantized.modules() if isinstance(layer, hf_wsvd.FactorizedLinear) for m in (layer.up, layer.down)]
+    assert factors and all(type(m.weight).__name__ == "IntxUnpackedToInt8Tensor" for m in factors)

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .pipelines.step import Job, run
-from .recipes import residual_block_refine_steps, resolve
+from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
 from .runtime.factorized_linear import share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
@@ -107,7 +107,8 @@ def compress(
         config, notices = resolve(config, model, data, accelerator.device)
     else:
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
-                                                                                accelerator.device))
+                                                                                accelerator.device),
+                         rank_multiple=config.rank_multiple or default_rank_multiple(config))
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets:

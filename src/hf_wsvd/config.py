@@ -33,6 +33,8 @@ EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 # Weight-only quantizations (hf_wsvd.integrations.quantization.quantization_config says what each one is).
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
+# The specs with one scale (and zero point) per quantize_group_size input weights.
+GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
 RECIPE_VERSION = 2
@@ -177,18 +179,19 @@ class WSVDConfig:
         "within the limits (a layer keeps at most its limit or stays dense, and the others meet param_ratio)",
         type=speed_limit)
     # Measured on an H100, bf16, 4096 -> r -> 4096: r = 1228 1.49 ms, r = 1232 0.46 ms, dense 0.72 ms.
-    rank_multiple: int = recipe_field(
-        8, "every rank is a multiple of this, >= 1 (uniform: rounded down; greedy: allocated in steps of it); a "
-        "layer that cannot get one stays dense. GPU matrix kernels want aligned inner dimensions, and an "
-        "unaligned rank can run slower than the dense layer; 1 keeps the exact ranks of param_ratio",
-        type=positive_int)
+    rank_multiple: int | None = recipe_field(
+        None, "every rank (and kept channel count) is a multiple of this, >= 1 (uniform: rounded down; greedy: "
+        "allocated in steps of it); a layer that cannot get one stays dense. GPU matrix kernels want aligned inner "
+        "dimensions, and an unaligned rank can run slower than the dense layer; 1 keeps the exact ranks of "
+        "param_ratio. Unset (None): 8, or what quantize needs to take every factor (int2-int7, int4-gpu: "
+        "quantize_group_size; int8: 16)", type=positive_int)
     quantize: str | None = recipe_field(
         None, "weight-only quantization of the result (int8, int2-int7 grouped, int4-gpu, nf4, bnb-int8; see "
         "docs/quantization.md): the compressed checkpoint is saved quantized, and method quantized_residual "
         "corrects this quantization's error. Unset (None): not quantized", choices=QUANTIZE_SPECS)
     quantize_group_size: int = recipe_field(
         64, "quantize int2-int7 and int4-gpu: one scale and zero point per this many input weights; a factor whose "
-        "input size is not a multiple of it stays unquantized (set rank_multiple to it)", type=positive_int)
+        "input size is not a multiple of it stays unquantized (rank_multiple unset: it)", type=positive_int)
     residual_method: str = field_of(QuantizedResidualOptions, "residual_method")
     residual_rank: int = recipe_field(
         32, "quantized_residual: rank of each layer's correction (extra weights r*(in+out) per layer)",
@@ -281,7 +284,8 @@ class WSVDConfig:
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
         self._validate_method_options()
-        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+        if self.rank_multiple is not None and (isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int)
+                                               or self.rank_multiple < 1):
             raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer (8 aligns GPU kernels)")
         self._validate_speed_limit()
         for module, rank in self.ranks.items():

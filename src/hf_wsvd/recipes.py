@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from .blocks import block_list
-from .config import WSVDConfig
+from .config import GROUPED_QUANTIZE_SPECS, WSVDConfig
+from .runtime.modeling_wsvd import TORCHAO_INT8_ALIGNMENT
 from .solvers import solver_for
 from .statistics.names import GRAM
 from .tasks import CAUSAL_LM, task_of
@@ -103,6 +105,26 @@ def _offload_activations(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, 
     return bool(recipe.sequential) and evidence.device.type == "cuda", None
 
 
+# Ranks in steps of 8 align GPU matrix kernels. A quantizer takes a factor only where its input size
+# (the rank, for an up factor) is a multiple of its group size; torchao's int8 needs 16 to compile on
+# a CPU (runtime.modeling_wsvd.TORCHAO_INT8_ALIGNMENT).
+DEFAULT_RANK_MULTIPLE = 8
+
+
+def default_rank_multiple(config: WSVDConfig) -> int:
+    """The ``rank_multiple`` of ``config`` when unset: 8, or the input-size multiple that its
+    ``quantize`` needs to take every factor and pruned layer."""
+    if config.quantize == "int8":
+        return math.lcm(DEFAULT_RANK_MULTIPLE, TORCHAO_INT8_ALIGNMENT)
+    if config.quantize in GROUPED_QUANTIZE_SPECS:
+        return config.quantize_group_size
+    return DEFAULT_RANK_MULTIPLE
+
+
+def _rank_multiple(recipe: WSVDConfig, evidence: Evidence) -> tuple[int, None]:
+    return default_rank_multiple(recipe), None
+
+
 def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
                                 device: torch.device) -> int:
     """``block_refine_steps`` of a ``quantized_residual`` recipe whose blocks compute on ``device``: as
@@ -117,7 +139,8 @@ Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
                           "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
                           "attention_pruning": _attention_pruning,
-                          "block_refine_steps": _block_refine_steps, "offload_activations": _offload_activations}
+                          "block_refine_steps": _block_refine_steps, "offload_activations": _offload_activations,
+                          "rank_multiple": _rank_multiple}
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -93,6 +93,7 @@ def quantized_residual(
     ``config.quantize`` the stock way in ``dtype`` (default: its own), each of ``targets``
     (base-model-relative name → module name) with its correction fitted on ``data``."""
     from ..pipelines.step import Job
+    from ..config import GROUPED_QUANTIZE_SPECS
     from ..pipelines.whole_model import collect
     from ..integrations.quantization import dequantized_weight, quantization_config, quantize
     from ..statistics import Statistics, default_accelerator
@@ -100,7 +101,7 @@ def quantized_residual(
     group = config.quantize_group_size
     for name, full_name in targets.items():
         in_features, out_features = linear_shape(model.get_submodule(full_name))
-        if config.quantize not in ("int8", "nf4", "bnb-int8") and in_features % group:
+        if config.quantize in GROUPED_QUANTIZE_SPECS and in_features % group:
             raise ValueError(f"{name!r} has {in_features} inputs, not a multiple of quantize_group_size={group}: "
                              "choose a group size that divides every target's input size")
         if not 1 <= config.residual_rank <= min(in_features, out_features):
