@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -301,8 +302,10 @@ def measure(args) -> dict:
 
     def write(models: list[dict]) -> None:
         payload["seconds"] = time.perf_counter() - start
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps({**payload, "models": models}, indent=2))
+        if args.json_out:  # whole or not at all: a kill while writing must not lose the earlier models
+            partial = Path(f"{args.json_out}.tmp")
+            partial.write_text(json.dumps({**payload, "models": models}, indent=2))
+            os.replace(partial, args.json_out)
 
     for reduction in args.reductions:
         payload["models"].append(measure_model(

@@ -5,6 +5,7 @@ and keys, a weighted subspace per key/value head for values and outputs), its pr
 from __future__ import annotations
 
 import copy
+import logging
 import json
 
 import pytest
@@ -384,3 +385,17 @@ def test_a_repeated_decode_step_needs_the_static_cache_rewound():
         assert torch.equal(again, first)
         unrewound = model(step, past_key_values=cache, cache_position=position).logits
     assert (unrewound - first).abs().max() > 1e-3
+
+
+def test_attentions_no_wider_than_one_rank_step_are_factorized_and_said_once(caplog):
+    """Head size 16 at rank_multiple 16 (as quantize=int8 resolves it) leaves nothing to cut."""
+    with caplog.at_level(logging.WARNING):
+        _, model, report = _compressed(rank_multiple=16, param_ratio=0.8)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention_pruning:")]
+    assert lines == ["attention_pruning: 2 of 2 attentions have a head size of at most rank_multiple=16, which leaves no "
+                     "step to cut: they are factorized instead (a smaller rank_multiple cuts them)"]
+    assert report.attention == {}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, _, cut = _compressed()  # rank_multiple 2: cut, and nothing said
+    assert cut.attention and not [r for r in caplog.records if r.getMessage().startswith("attention_pruning:")]

@@ -65,9 +65,9 @@ class CalibrationConfig:
 class WSVDConfig:
     """How to compress a model, serialized into the checkpoint's ``config.json`` under ``"wsvd"``.
 
-    ``method``, ``allocation`` and ``sequential`` left None are resolved by ``compress`` to the
-    recommended recipe for the model and data (``hf_wsvd.recipes``); the checkpoint stores the
-    resolved values.
+    The fields left None (``method``, ``allocation``, ``sequential``, ``rank_multiple``, ...) are
+    resolved by ``compress`` to the recommended recipe for the model, the data and the device
+    (``hf_wsvd.recipes``); the checkpoint stores the resolved values.
     """
 
     method: str | None = recipe_field(
@@ -184,7 +184,7 @@ class WSVDConfig:
         "allocated in steps of it); a layer that cannot get one stays dense. GPU matrix kernels want aligned inner "
         "dimensions, and an unaligned rank can run slower than the dense layer; 1 keeps the exact ranks of "
         "param_ratio. Unset (None): 8, or what quantize needs to take every factor (int2-int7, int4-gpu: "
-        "quantize_group_size; int8: 16)", type=positive_int)
+        "the least multiple of 8 and quantize_group_size; int8: 16)", type=positive_int)
     quantize: str | None = recipe_field(
         None, "weight-only quantization of the result (int8, int2-int7 grouped, int4-gpu, nf4, bnb-int8; see "
         "docs/quantization.md): the compressed checkpoint is saved quantized, and method quantized_residual "

@@ -112,12 +112,12 @@ DEFAULT_RANK_MULTIPLE = 8
 
 
 def default_rank_multiple(config: WSVDConfig) -> int:
-    """The ``rank_multiple`` of ``config`` when unset: 8, or the input-size multiple that its
-    ``quantize`` needs to take every factor and pruned layer."""
+    """The ``rank_multiple`` of ``config`` when unset: 8, or the multiple of 8 that its ``quantize``
+    needs to take every factor and pruned layer (its group size, 16 for int8)."""
     if config.quantize == "int8":
         return math.lcm(DEFAULT_RANK_MULTIPLE, TORCHAO_INT8_ALIGNMENT)
     if config.quantize in GROUPED_QUANTIZE_SPECS:
-        return config.quantize_group_size
+        return math.lcm(DEFAULT_RANK_MULTIPLE, config.quantize_group_size)
     return DEFAULT_RANK_MULTIPLE
 
 

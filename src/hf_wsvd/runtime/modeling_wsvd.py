@@ -460,7 +460,7 @@ def _plain_float(module: nn.Module) -> bool:
 # torchao's int8 weight-only (one scale per row) takes any shape, but torch.compile on a CPU lowers its
 # matmul to aten._weight_int8pack_mm, which computes wrong values or reads out of bounds where the input
 # size is not a multiple of 16 (PyTorch 2.13: a 24-wide input gave 1e19; eager, and 16, 32, 64, were
-# exact). Factor ranks and pruned widths are multiples of rank_multiple (8 unless set).
+# exact). Factor ranks and pruned widths are multiples of the recipe's rank_multiple (8 without quantize).
 TORCHAO_INT8_ALIGNMENT = 16
 
 
