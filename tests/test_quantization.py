@@ -277,6 +277,10 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
     layer = next(m for m in model.modules() if type(m).__name__ == kind)
     inner = layer.base if kind == "LowRankCorrectedLinear" else layer.down
     assert type(inner.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    # Ranks resolved to step by the group: no factor is left out of the quantization (Q + L keeps its
+    # corrections in full precision by design).
+    assert model.config.wsvd["rank_multiple"] == (8 if kind == "FactorizedLinear" else 16)
+    assert kind != "FactorizedLinear" or not [m for m in model.modules() if type(m).__name__ == "FullPrecisionLinear"]
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
