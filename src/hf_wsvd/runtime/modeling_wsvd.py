@@ -479,20 +479,16 @@ def _quantization_dicts(config: PreTrainedConfig) -> list[dict]:
     return dicts
 
 
-def quantization_group_size(config: PreTrainedConfig) -> int | None:
-    """The group size of the config's quantization (the first ``group_size`` in its dict: torchao's
-    ``PerGroup`` granularity or ``group_size``, HQQ's weight parameters), else None."""
-    return next((item["group_size"] for item in _quantization_dicts(config) if type(item.get("group_size")) is int),
-                None)
-
-
 def keep_unquantizable(model: PreTrainedModel) -> list[str]:
     """Under a quantization config with a group size, make each factor or pruned linear whose input
     size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
     dtype), said in one log line. Returns their names. Under torchao's int8, warns once of the layers
     that a compiled CPU model would compute wrong (``TORCHAO_INT8_ALIGNMENT``)."""
-    group = quantization_group_size(model.config)
-    int8 = any(item.get("_type") == "Int8WeightOnlyConfig" for item in _quantization_dicts(model.config))
+    quantization = _quantization_dicts(model.config)
+    # The group size: the first ``group_size`` (torchao's ``PerGroup`` granularity or ``group_size``, HQQ's
+    # weight parameters).
+    group = next((item["group_size"] for item in quantization if type(item.get("group_size")) is int), None)
+    int8 = any(item.get("_type") == "Int8WeightOnlyConfig" for item in quantization)
     if not group and not int8:
         return []
     reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
@@ -503,8 +499,8 @@ def keep_unquantizable(model: PreTrainedModel) -> list[str]:
         elif relative_module_name(model, name) in reshaped:
             linears.append((name, module))
     linears = [(name, module) for name, module in linears if type(module) is nn.Linear]
-    unaligned = [name for name, module in linears if module.in_features % TORCHAO_INT8_ALIGNMENT]
-    if int8 and unaligned:
+    unaligned = [name for name, module in linears if int8 and module.in_features % TORCHAO_INT8_ALIGNMENT]
+    if unaligned:
         logger.warning(f"hf_wsvd: {len(unaligned)} of the {len(linears)} factor and pruned linears have an input size "
                        f"that is not a multiple of {TORCHAO_INT8_ALIGNMENT} (first: {unaligned[0]}): torchao int8 computes them "
                        f"right in eager mode, but wrong under torch.compile on a CPU (PyTorch's _weight_int8pack_mm); "
