@@ -35,6 +35,8 @@ from timing import (add_json_arguments, interleaved_seconds, measure_or_publish,
                     token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
+# The parts that time decoding, each a {batch: result} dict in a model's JSON.
+DECODE_PARTS = ("decode", "graph", "graph_unshared", "compile", "compile_unshared", "int8")
 TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None): 1.17},
            0.4: {("graph", "1"): 1.20, ("graph", "16"): 1.15, ("prefill", None): 1.39}}
 
@@ -252,9 +254,10 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
     parts = (("decode", decode), ("graph", graph_decode),
              ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("graph_unshared", graph_decode),
+             ("compile_unshared", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)))
     for part, run in parts:
-        if part == "graph_unshared" and part in args.parts:
+        if part.endswith("_unshared") and part in args.parts:
             torch._dynamo.reset()
             unshare_input_factors(model)  # the same model, each factorized layer with its own down matmul
         if part == "int8" and part in args.parts:
@@ -327,11 +330,12 @@ def render(runs: list[dict]) -> str:
     runs = with_key(runs, "models")
     rows, notes = [], []
     for run in runs:
+        notes += [run["note"].rstrip(".") + "."] if run.get("note") else []
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("graph_unshared", "1"), ("graph_unshared", "16"),
                    ("decode", "1"), ("decode", "16"),
-                   ("compile", "1"), ("compile", "16"), ("int8", "1"), ("int8", "16")]
+                   ("compile", "1"), ("compile", "16"), ("compile_unshared", "1"), ("int8", "1"), ("int8", "16")]
         for m in run["models"]:
             cells = []
             for part, batch in columns:
@@ -339,7 +343,7 @@ def render(runs: list[dict]) -> str:
                 cells += [now if now is not None else "—", now / dense if now and dense else "—"]
             bounds = [base["step_bytes"][b] / m["step_bytes"][b] if base and b in m["step_bytes"] else "—"
                       for b in ("1", "16")]
-            peaks = [d.get("peak_gib") for part in ("decode", "graph", "compile", "int8") for d in m.get(part, {}).values()
+            peaks = [d.get("peak_gib") for part in DECODE_PARTS for d in m.get(part, {}).values()
                      if isinstance(d, dict) and "peak_gib" in d]
             structure = "dense" if not m["reduction"] else (
                 f"{m['cut_attentions']} attentions cut to head dim {'/'.join(map(str, m['head_dims'])) or '-'}, "
@@ -350,9 +354,9 @@ def render(runs: list[dict]) -> str:
                          f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds, *cells,
                          (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
                          m.get("compress_seconds", "—")])
-            for batch, entry in m.get("compile", {}).items():
+            for part, batch, entry in [(p, b, e) for p in ("compile", "compile_unshared") for b, e in m.get(p, {}).items()]:
                 if isinstance(entry, dict) and entry.get("tokens_equal_eager") is False:
-                    notes.append(f"{m['reduction']:.0%}, compiled batch {batch}: {entry['tokens_matching_eager']:.1%} of "
+                    notes.append(f"{m['reduction']:.0%}, {part} batch {batch}: {entry['tokens_matching_eager']:.1%} of "
                                  "the tokens equal eager greedy decoding (bf16 rounding differs between the compiled "
                                  "and eager kernels; a near-tie then picks another token).")
             mismatched = {batch: entry for batch, entry in m.get("graph", {}).items()
@@ -360,13 +364,20 @@ def render(runs: list[dict]) -> str:
             notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from eager steps (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
                       f"{e.get('first_step_min_top2_margin', float('nan')):.3g})." for b, e in mismatched.items()]
-            errors = [f"{part} {batch}: {entry['error']}" for part in ("decode", "graph", "compile", "int8")
+            errors = [f"{part} {batch}: {entry['error']}" for part in DECODE_PARTS
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
             notes += [f"{m['reduction']:.0%} failed: {e[:200]}" for e in errors]
             if m.get("incomplete"):
                 notes.append(f"{m['reduction']:.0%}: the run was cut off before all its parts were measured.")
+        for m in run["models"] if base else []:
+            for batch in m.get("compile", {}):
+                ratios = [value(m, part, batch) / value(base, part, batch)
+                          for part in ("compile", "decode") if value(m, part, batch) and value(base, part, batch)]
+                if m["reduction"] and len(ratios) == 2:  # issue 21: compiling must not close the eager gap
+                    notes.append(f"{m['reduction']:.0%}, batch {batch}: compiled ×{ratios[0]:.2f} against eager "
+                                 f"×{ratios[1]:.2f} (target: no lower: {verdict(ratios[0] >= ratios[1])}).")
         for reduction, targets in TARGETS.items():
             m = next((m for m in run["models"] if m["reduction"] == reduction), None)
             if m is None or base is None:
@@ -385,7 +396,7 @@ def render(runs: list[dict]) -> str:
          "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
          "same, downs unshared b1", "×dense", "same, downs unshared b16", "×dense",
          "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
-         "compiled generate b16", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16", "×int8 dense",
+         "compiled generate b16", "×dense", "same, downs unshared b1", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16", "×int8 dense",
          "peak GiB prefill", "peak GiB decode", "compress s"], rows)
     return text + (f"\n\n{run['environment'].get('cuda')}; calibration {run['calibration'][0]}×{run['calibration'][1]} "
                    f"random tokens; decode: greedy, {run['new_tokens']} new tokens after a {run['prompt_length']}-token "
@@ -400,11 +411,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
     parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
-                        choices=["prefill", "decode", "graph", "compile", "graph_unshared", "int8"],
+                        choices=["prefill", "decode", "graph", "compile", "graph_unshared", "compile_unshared", "int8"],
                         help="graph: decode replayed from a CUDA graph (static cache); compile: generate with a static "
-                             "cache and torch.compile; graph_unshared: graph again after unshare_input_factors (each "
-                             "layer its own down matmul); int8: compiled decoding after torchao int8 weight-only "
-                             "quantization (last: it quantizes the model)")
+                             "cache and torch.compile; graph_unshared / compile_unshared: graph / compile again after "
+                             "unshare_input_factors (each layer its own down matmul); int8: compiled decoding after "
+                             "torchao int8 weight-only quantization (last: it quantizes the model)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")

@@ -165,3 +165,22 @@ def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(monkeyp
     assert [(m["reduction"], m.get("incomplete", False)) for m in saved["models"]] == [(0.0, False), (0.5, True)]
     assert saved["models"][1]["compile"]["1"]["tokens_per_s"] == 10.5
     assert "50%: the run was cut off before all its parts were measured." in speed_gpu.render([saved])
+
+
+def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypatch):
+    """Issue 21: compiling must not close the eager gap; the table says whether it did, and the run's note."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import speed_gpu
+
+    def model(reduction, eager, compiled):
+        return {"reduction": reduction, "step_bytes": {"1": 2.0 - reduction}, "params": 1, "param_ratio": 1 - reduction,
+                "cut_attentions": 0, "head_dims": [], "pruned_mlps": 1, "mlp_channels": [8], "factorized_layers": 2,
+                "dense_layers": 3, "decode": {"1": {"tokens_per_s": eager}}, "compile": {"1": {"tokens_per_s": compiled}}}
+
+    run = {"environment": {"cuda": "gpu", "command": "c"}, "calibration": [1, 8], "new_tokens": 4, "prompt_length": 4,
+           "prefill_shape": [1, 8], "note": "Two machines", "models": [model(0.0, 20.0, 100.0), model(0.4, 24.0, 102.0)]}
+    text = speed_gpu.render([run])
+    assert "40%, batch 1: compiled ×1.02 against eager ×1.20 (target: no lower: NOT met)." in text
+    assert "Two machines." in text
+    run["models"][1]["compile"]["1"]["tokens_per_s"] = 130.0
+    assert "compiled ×1.30 against eager ×1.20 (target: no lower: met)." in speed_gpu.render([run])
