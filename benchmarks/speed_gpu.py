@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 
 from hf_wsvd import WSVDConfig, unshare_input_factors
-from timing import (add_json_arguments, interleaved_seconds, measure_or_publish, median, shared_down_groups,
-                    token_batch, verdict, with_key)
+from timing import (add_json_arguments, cuda_kernel_seconds, interleaved_seconds, measure_or_publish, median,
+                    shared_down_groups, token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
 # The parts that time decoding, each a {batch: result} dict in a model's JSON.
@@ -133,8 +133,13 @@ def decode(model, batch: int, args, compiled: bool = False) -> dict:
         if compiled:
             extra = {"tokens_equal_eager": bool(torch.equal(out, eager)),
                      "tokens_matching_eager": float((out == eager).float().mean())}
+    # Where the time goes: the GPU's kernel time in one more generation against the timed wall time
+    # (a share well below 1 means the host, not the model's bytes, sets the pace).
+    kernels = cuda_kernel_seconds(lambda: model.generate(ids, **options))
+    wall = batch * args.new_tokens / median(total_rates)
     return {"tokens_per_s": median(decode_rates), "end_to_end_tokens_per_s": median(total_rates),
-            "runs": decode_rates, **extra}
+            "runs": decode_rates, "kernel_ms_per_token": 1e3 * kernels / args.new_tokens,
+            "kernel_share_of_wall": kernels / wall, **extra}
 
 
 def rewind(cache, length: int) -> None:
@@ -359,6 +364,10 @@ def render(runs: list[dict]) -> str:
                     notes.append(f"{m['reduction']:.0%}, {part} batch {batch}: {entry['tokens_matching_eager']:.1%} of "
                                  "the tokens equal eager greedy decoding (bf16 rounding differs between the compiled "
                                  "and eager kernels; a near-tie then picks another token).")
+            notes += [f"{m['reduction']:.0%}, {part} batch {b}: GPU kernels {e['kernel_share_of_wall']:.0%} of the wall "
+                      f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
+                      for part in ("decode", "compile", "compile_unshared", "int8") for b, e in m.get(part, {}).items()
+                      if isinstance(e, dict) and "kernel_share_of_wall" in e]
             mismatched = {batch: entry for batch, entry in m.get("graph", {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}
             notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from eager steps (first step: "

@@ -62,6 +62,19 @@ def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]
     return graph.replay
 
 
+def cuda_kernel_seconds(call: Callable[[], object]) -> float:
+    """Seconds the GPU spent in kernels (and copies) while ``call()`` ran, those replayed from CUDA
+    graphs included (the profiler's device records): set against the wall time, it tells a run bound
+    by the GPU from one bound by the host (Python, launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+
+
 def shared_down_groups(model: torch.nn.Module) -> int:
     """How many groups of factorized layers of ``model`` share one down matmul (q/k/v, gate/up:
     ``hf_wsvd.share_input_factors``, which ``compress`` and loading apply)."""

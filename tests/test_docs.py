@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,21 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypat
     assert "Two machines." in text
     run["models"][1]["compile"]["1"]["tokens_per_s"] = 130.0
     assert "compiled ×1.30 against eager ×1.20 (target: no lower: met)." in speed_gpu.render([run])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_seconds_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
+    """The speed benchmark's host-or-GPU diagnosis: kernels replayed from a CUDA graph are counted,
+    and their time is within the call's wall time."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from timing import cuda_graphed, cuda_kernel_seconds
+
+    a = torch.randn(4096, 4096, device="cuda")
+    replay = cuda_graphed(lambda: a @ a, repeats=20)
+    replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    kernels = cuda_kernel_seconds(replay)
+    wall = time.perf_counter() - start
+    assert 0 < kernels <= wall
+    assert kernels > 20 * 2 * 4096**3 / 2e15  # 20 products at no more than 2 PFLOP/s: all of them counted

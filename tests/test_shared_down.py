@@ -219,6 +219,26 @@ def test_torch_compile_traces_the_shared_matmul_in_one_graph():
     torch.testing.assert_close(results[0], results[1], **TOLERANCES[torch.float32])
 
 
+def test_compiled_static_cache_generation_compiles_once_and_gives_the_eager_tokens():
+    """What ``generate`` compiles with a static cache (as on a GPU): one graph for every decoding step
+    of every call — a recompilation per step would time compilation, not decoding — and the
+    eager greedy tokens."""
+    model = tiny_llama().eval()
+    assert any(isinstance(m, FactorizedLinear) and m.shared_down is not None for m in model.modules())
+    ids = tiny.inputs("llama")["input_ids"][:1, :6]
+    options = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    compile_config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = model.generate(ids, **options)
+        first = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+        second = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
 def test_peft_lora_on_shared_layers():
     """LoRA on the inner linears releases the group (its down is wrapped); LoRA on whole factorized
     modules keeps the shared base matmul; both give the unshared model's outputs."""
