@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from hf_wsvd import WSVDConfig, unshare_input_factors
-from timing import (add_json_arguments, cuda_kernel_seconds, interleaved_seconds, measure_or_publish, median,
+from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, measure_or_publish, median,
                     shared_down_groups, token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
@@ -135,11 +135,11 @@ def decode(model, batch: int, args, compiled: bool = False) -> dict:
                      "tokens_matching_eager": float((out == eager).float().mean())}
     # Where the time goes: the GPU's kernel time in one more generation against the timed wall time
     # (a share well below 1 means the host, not the model's bytes, sets the pace).
-    kernels = cuda_kernel_seconds(lambda: model.generate(ids, **options))
+    kernels, top = cuda_kernels(lambda: model.generate(ids, **options))
     wall = batch * args.new_tokens / median(total_rates)
     return {"tokens_per_s": median(decode_rates), "end_to_end_tokens_per_s": median(total_rates),
             "runs": decode_rates, "kernel_ms_per_token": 1e3 * kernels / args.new_tokens,
-            "kernel_share_of_wall": kernels / wall, **extra}
+            "kernel_share_of_wall": kernels / wall, "top_kernels_ms": top, **extra}
 
 
 def rewind(cache, length: int) -> None:

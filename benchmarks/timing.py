@@ -62,17 +62,26 @@ def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]
     return graph.replay
 
 
-def cuda_kernel_seconds(call: Callable[[], object]) -> float:
+def cuda_kernels(call: Callable[[], object], top: int = 12) -> tuple[float, list[list]]:
     """Seconds the GPU spent in kernels (and copies) while ``call()`` ran, those replayed from CUDA
-    graphs included (the profiler's device records): set against the wall time, it tells a run bound
-    by the GPU from one bound by the host (Python, launches)."""
+    graphs included (the profiler's device records), and the ``top`` kernels by time as
+    ``[name, milliseconds, count]``: set against the wall time, it tells a run bound by the GPU from
+    one bound by the host (Python, launches), and which kernels take the GPU's time."""
+    from collections import defaultdict
+
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            by_name[event.name][0] += event.time_range.elapsed_us() / 1e3
+            by_name[event.name][1] += 1
+    ranked = sorted(([name, ms, count] for name, (ms, count) in by_name.items()), key=lambda row: -row[1])
+    return sum(ms for ms, _ in by_name.values()) / 1e3, ranked[:top]
 
 
 def shared_down_groups(model: torch.nn.Module) -> int:

@@ -188,18 +188,19 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kernel_seconds_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
+def test_cuda_kernels_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
     """The speed benchmark's host-or-GPU diagnosis: kernels replayed from a CUDA graph are counted,
     and their time is within the call's wall time."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from timing import cuda_graphed, cuda_kernel_seconds
+    from timing import cuda_graphed, cuda_kernels
 
     a = torch.randn(4096, 4096, device="cuda")
     replay = cuda_graphed(lambda: a @ a, repeats=20)
     replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    kernels = cuda_kernel_seconds(replay)
+    kernels, top = cuda_kernels(replay)
     wall = time.perf_counter() - start
     assert 0 < kernels <= wall
+    assert sum(count for _, _, count in top) >= 20  # every replayed product's kernel(s)
     assert kernels > 20 * 2 * 4096**3 / 2e15  # 20 products at no more than 2 PFLOP/s: all of them counted
