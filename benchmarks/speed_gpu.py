@@ -36,7 +36,7 @@ from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, measu
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
 # The parts that time decoding, each a {batch: result} dict in a model's JSON.
-DECODE_PARTS = ("decode", "graph", "graph_unshared", "compile", "compile_unshared", "int8")
+DECODE_PARTS = ("decode", "graph", "graph_compiled", "graph_unshared", "compile", "compile_unshared", "int8")
 TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None): 1.17},
            0.4: {("graph", "1"): 1.20, ("graph", "16"): 1.15, ("prefill", None): 1.39}}
 
@@ -153,14 +153,17 @@ def rewind(cache, length: int) -> None:
         layer.cumulative_length.fill_(length)
 
 
-def graph_decode(model, batch: int, args) -> dict:
+def graph_decode(model, batch: int, args, compiled: bool = False) -> dict:
     """Greedy decode with a static KV cache, each step (forward, argmax) replayed from one captured
     CUDA graph: the GPU time of decoding without Python or launch overhead, which is what serving
     engines see (eager ``generate`` at batch 1 is bound by launches, and a factorized layer launches
     two kernels). Timed over ``args.new_tokens`` steps after the prompt; the replayed tokens are
-    checked against the same steps run eagerly."""
+    checked against the same steps run unreplayed. ``compiled``: the step's forward is inductor's
+    (``torch.compile``, no CUDA graphs of its own), so its kernels are timed without ``generate``'s
+    host work between steps."""
     from transformers import StaticCache
 
+    forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
     ids = token_batch(model.config.vocab_size, batch, args.prompt_length, model.device, seed=batch)
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_length + args.new_tokens)
     with torch.inference_mode():
@@ -169,7 +172,7 @@ def graph_decode(model, batch: int, args) -> dict:
         logits = torch.empty(batch, model.config.vocab_size, device=model.device, dtype=torch.float32)
 
         def step() -> None:
-            logits.copy_(model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1])
+            logits.copy_(forward(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1])
             step_ids.copy_(logits.argmax(-1, keepdim=True))
 
         def decode_pass(run, steps: int, keep: int = 0) -> list[torch.Tensor]:
@@ -257,6 +260,7 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
         guarded(result, "prefill", prefill)
         checkpoint(result)
     parts = (("decode", decode), ("graph", graph_decode),
+             ("graph_compiled", lambda model, batch, args: graph_decode(model, batch, args, compiled=True)),
              ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("graph_unshared", graph_decode),
              ("compile_unshared", lambda model, batch, args: decode(model, batch, args, compiled=True)),
@@ -338,7 +342,8 @@ def render(runs: list[dict]) -> str:
         notes += [run["note"].rstrip(".") + "."] if run.get("note") else []
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
-        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("graph_unshared", "1"), ("graph_unshared", "16"),
+        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("graph_compiled", "1"), ("graph_compiled", "16"),
+                   ("graph_unshared", "1"), ("graph_unshared", "16"),
                    ("decode", "1"), ("decode", "16"),
                    ("compile", "1"), ("compile", "16"), ("compile_unshared", "1"), ("int8", "1"), ("int8", "16")]
         for m in run["models"]:
@@ -368,7 +373,8 @@ def render(runs: list[dict]) -> str:
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
                       for part in ("decode", "compile", "compile_unshared", "int8") for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
-            mismatched = {batch: entry for batch, entry in m.get("graph", {}).items()
+            mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"))
+                          for batch, entry in m.get(part, {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}
             notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from eager steps (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
@@ -403,6 +409,7 @@ def render(runs: list[dict]) -> str:
          "bound b1 (dense bytes/bytes)", "bound b16",
          f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
          "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
+         "same, inductor's kernels b1", "×dense", "same, inductor's kernels b16", "×dense",
          "same, downs unshared b1", "×dense", "same, downs unshared b16", "×dense",
          "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
          "compiled generate b16", "×dense", "same, downs unshared b1", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16", "×int8 dense",
@@ -410,7 +417,8 @@ def render(runs: list[dict]) -> str:
     return text + (f"\n\n{run['environment'].get('cuda')}; calibration {run['calibration'][0]}×{run['calibration'][1]} "
                    f"random tokens; decode: greedy, {run['new_tokens']} new tokens after a {run['prompt_length']}-token "
                    "prompt, KV cache; generate is timed from the first new token; CUDA-graph decode replays one "
-                   "captured step (static cache) per token; compiled generate uses a static cache and torch.compile; int8: "
+                   "captured step (static cache) per token (inductor's kernels: the step's forward compiled by torch.compile, then "
+                   "captured); compiled generate uses a static cache and torch.compile; int8: "
                    "the same model with torchao int8 weight-only block linears, compiled generate, against int8 dense. "
                    "Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
                    "compressed. " + " ".join(notes))
@@ -420,8 +428,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
     parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
-                        choices=["prefill", "decode", "graph", "compile", "graph_unshared", "compile_unshared", "int8"],
-                        help="graph: decode replayed from a CUDA graph (static cache); compile: generate with a static "
+                        choices=["prefill", "decode", "graph", "graph_compiled", "compile", "graph_unshared",
+                                 "compile_unshared", "int8"],
+                        help="graph: decode replayed from a CUDA graph (static cache); graph_compiled: the same with "
+                             "the step's forward compiled by inductor; compile: generate with a static "
                              "cache and torch.compile; graph_unshared / compile_unshared: graph / compile again after "
                              "unshare_input_factors (each layer its own down matmul); int8: compiled decoding after "
                              "torchao int8 weight-only quantization (last: it quantizes the model)")

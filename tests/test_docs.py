@@ -204,3 +204,19 @@ def test_cuda_kernels_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
     assert 0 < kernels <= wall
     assert sum(count for _, _, count in top) >= 20  # every replayed product's kernel(s)
     assert kernels > 20 * 2 * 4096**3 / 2e15  # 20 products at no more than 2 PFLOP/s: all of them counted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(monkeypatch, compiled):
+    """The CUDA-graph decode of the speed benchmark, with eager kernels and with inductor's: the
+    replayed steps give the tokens of the same steps run unreplayed (float32: no near-tie flips)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import speed_gpu
+
+    model = tiny.build("llama").cuda().eval()
+    args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_repeats=1)
+    torch._dynamo.reset()
+    result = speed_gpu.graph_decode(model, 2, args, compiled=compiled)
+    assert result["replay_matches_eager_tokens"] and result["checked_tokens"] == 8
+    assert result["tokens_per_s"] > 0
