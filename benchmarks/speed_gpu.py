@@ -266,6 +266,8 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
              ("compile_unshared", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)))
     for part, run in parts:
+        if part == "compile" and part in args.parts:
+            torch._dynamo.reset()  # graph_compiled's graphs: generate compiles its own
         if part.endswith("_unshared") and part in args.parts:
             torch._dynamo.reset()
             unshare_input_factors(model)  # the same model, each factorized layer with its own down matmul
