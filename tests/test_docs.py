@@ -220,3 +220,18 @@ def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(monkeypatch
     result = speed_gpu.graph_decode(model, 2, args, compiled=compiled)
     assert result["replay_matches_eager_tokens"] and result["checked_tokens"] == 8
     assert result["tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speed_benchmark_decode_says_where_the_time_goes(monkeypatch):
+    """Eager ``generate`` of a tiny model on the GPU: its kernels are a part of the wall time, the
+    rest the host's, and the profiler's record of them does not replace the timings."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import speed_gpu
+
+    model = tiny.build("llama").cuda().eval()
+    args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_warmup=1, decode_repeats=2)
+    result = speed_gpu.decode(model, 1, args)
+    assert "profile_error" not in result, result.get("profile_error")
+    assert 0 < result["kernel_share_of_wall"] < 1.5 and result["top_kernels_ms"]
+    assert result["tokens_per_s"] > 0 and len(result["runs"]) == 2
