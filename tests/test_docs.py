@@ -214,7 +214,7 @@ def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(monkeypatch
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import speed_gpu
 
-    model = tiny.build("llama").cuda().eval()
+    model = tiny.build("llama", vocab_size=256).cuda().eval()  # token_batch draws ids from 100 up
     args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_repeats=1)
     torch._dynamo.reset()
     result = speed_gpu.graph_decode(model, 2, args, compiled=compiled)
@@ -229,7 +229,7 @@ def test_gpu_speed_benchmark_decode_says_where_the_time_goes(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import speed_gpu
 
-    model = tiny.build("llama").cuda().eval()
+    model = tiny.build("llama", vocab_size=256).cuda().eval()  # token_batch draws ids from 100 up
     args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_warmup=1, decode_repeats=2)
     result = speed_gpu.decode(model, 1, args)
     assert "profile_error" not in result, result.get("profile_error")
