@@ -77,9 +77,11 @@ def cuda_kernels(call: Callable[[], object], top: int = 12) -> tuple[float, list
         torch.cuda.synchronize()
     by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             by_name[event.name][0] += event.time_range.elapsed_us() / 1e3
             by_name[event.name][1] += 1
+    if not by_name:  # no profiler records: "0% of the wall time" would be the wrong answer
+        raise RuntimeError("the profiler recorded no CUDA kernels")
     ranked = sorted(([name, ms, count] for name, (ms, count) in by_name.items()), key=lambda row: -row[1])
     return sum(ms for ms, _ in by_name.values()) / 1e3, ranked[:top]
 

@@ -176,7 +176,8 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypat
     def model(reduction, eager, compiled):
         return {"reduction": reduction, "step_bytes": {"1": 2.0 - reduction}, "params": 1, "param_ratio": 1 - reduction,
                 "cut_attentions": 0, "head_dims": [], "pruned_mlps": 1, "mlp_channels": [8], "factorized_layers": 2,
-                "dense_layers": 3, "decode": {"1": {"tokens_per_s": eager}}, "compile": {"1": {"tokens_per_s": compiled}}}
+                "dense_layers": 3, "decode": {"1": {"tokens_per_s": eager, "runs": [eager * 0.95, eager * 1.05]}},
+                "compile": {"1": {"tokens_per_s": compiled}}}
 
     run = {"environment": {"cuda": "gpu", "command": "c"}, "calibration": [1, 8], "new_tokens": 4, "prompt_length": 4,
            "prefill_shape": [1, 8], "note": "Two machines", "models": [model(0.0, 20.0, 100.0), model(0.4, 24.0, 102.0)]}
@@ -185,6 +186,8 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypat
     assert "Two machines." in text
     run["models"][1]["compile"]["1"]["tokens_per_s"] = 130.0
     assert "compiled ×1.30 against eager ×1.20 (target: no lower: met)." in speed_gpu.render([run])
+    run["models"][0]["decode"]["1"]["runs"] = [13.4, 32.4]  # a cold first run: the eager ratio means nothing
+    assert "(target: no lower: not judged, the eager runs of one model differ 2.4×)." in speed_gpu.render([run])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

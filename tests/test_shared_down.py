@@ -231,16 +231,11 @@ def test_compiled_static_cache_generation_compiles_once_and_gives_the_eager_toke
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    graphs = []
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises
         eager = model.generate(ids, **options)
         first = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         second = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    # transformers 5.24 compiles the decoding step only (one graph); a prefill graph would make two,
-    # a recompilation per step at least five
-    assert 1 <= graphs[0] <= 2 and graphs[1] == graphs[0], graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
     assert torch.equal(first, eager) and torch.equal(second, eager)
 
 
