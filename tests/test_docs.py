@@ -125,8 +125,13 @@ def test_tests_needing_the_shared_assets_skip_with_the_reason_without_them(tmp_p
     assert result.returncode == 1 and "HF_WSVD_REQUIRE_SHARED=1 and it is missing" in result.stdout
 
 
-def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    """The benchmark scripts importable (they live outside the package, in benchmarks/)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(benchmarks_on_path):
     from quantization import combined
 
     def row(model, label, kind, perplexity):
@@ -142,8 +147,7 @@ def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(monk
     assert result["environment"]["command"] == "run 1; run 2 (cut off after its last row)"
 
 
-def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchmarks_on_path, monkeypatch, tmp_path):
     import speed_gpu
 
     def measure_model(reduction, args, checkpoint):
@@ -168,9 +172,8 @@ def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(monkeyp
     assert "50%: the run was cut off before all its parts were measured." in speed_gpu.render([saved])
 
 
-def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypatch):
+def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmarks_on_path):
     """Issue 21: compiling must not close the eager gap; the table says whether it did, and the run's note."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import speed_gpu
 
     def model(reduction, eager, compiled):
@@ -191,10 +194,9 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kernels_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
+def test_cuda_kernels_counts_the_kernels_of_a_replayed_cuda_graph(benchmarks_on_path):
     """The speed benchmark's host-or-GPU diagnosis: kernels replayed from a CUDA graph are counted,
     and their time is within the call's wall time."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from timing import cuda_graphed, cuda_kernels
 
     a = torch.randn(4096, 4096, device="cuda")
@@ -211,10 +213,9 @@ def test_cuda_kernels_counts_the_kernels_of_a_replayed_cuda_graph(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(monkeypatch, compiled):
+def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(benchmarks_on_path, compiled):
     """The CUDA-graph decode of the speed benchmark, with eager kernels and with inductor's: the
     replayed steps give the tokens of the same steps run unreplayed (float32: no near-tie flips)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import speed_gpu
 
     model = tiny.build("llama", vocab_size=256).cuda().eval()  # token_batch draws ids from 100 up
@@ -226,10 +227,9 @@ def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(monkeypatch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_speed_benchmark_decode_says_where_the_time_goes(monkeypatch):
+def test_gpu_speed_benchmark_decode_says_where_the_time_goes(benchmarks_on_path):
     """Eager ``generate`` of a tiny model on the GPU: its kernels are a part of the wall time, the
     rest the host's, and the profiler's record of them does not replace the timings."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import speed_gpu
 
     model = tiny.build("llama", vocab_size=256).cuda().eval()  # token_batch draws ids from 100 up
