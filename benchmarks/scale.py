@@ -319,9 +319,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from report import environment, publish
+    from timing import measured_runs
 
-    if args.from_json:
-        payloads = [json.loads(Path(p).read_text()) for p in args.from_json]
+    if args.from_json:  # measurement files, or the published results file (its "runs")
+        payloads = measured_runs(args, measure)
         publish("scale", {"runs": payloads}, table(payloads))
         return
     if args.device == "cpu":

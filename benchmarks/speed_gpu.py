@@ -113,14 +113,21 @@ def decode(model, batch: int, args, compiled: bool = False) -> dict:
                    pad_token_id=model.config.eos_token_id)
     extra = {}
     if compiled:
+        started = time.perf_counter()
         eager = model.generate(ids, **options)
+        extra["eager_reference_seconds"] = time.perf_counter() - started
+        print(f"batch {batch}: eager reference in {extra['eager_reference_seconds']:.0f} s; compiling", file=sys.stderr)
         options["cache_implementation"] = "static"
     # The warm-up runs the timed length. Compiled: the static cache is sized by the generation's
     # length, so a shorter warm-up compiles other shapes and the timed run recompiles (measured on an
     # H200: 1.4 tokens/s for dense and compressed alike, compilation rather than decoding). Eager: with an
     # 8-token warm-up, dense 7B's two timed 64-token runs went at 13.4 and 32.4 tokens/s (H200).
+    started = time.perf_counter()
     for _ in range(args.decode_warmup):
         model.generate(ids, **options)
+    # Compiled: mostly compilation (a cut-off run's log says whether it got past it).
+    extra["warmup_seconds"] = time.perf_counter() - started
+    print(f"batch {batch}: warm-up in {extra['warmup_seconds']:.0f} s", file=sys.stderr)
     decode_rates, total_rates = [], []
     for _ in range(args.decode_repeats):
         clock = FirstTokenClock()
@@ -134,8 +141,8 @@ def decode(model, batch: int, args, compiled: bool = False) -> dict:
         decode_rates.append(batch * (args.new_tokens - 1) / (end - clock.start))
         total_rates.append(batch * args.new_tokens / (end - start))
         if compiled:
-            extra = {"tokens_equal_eager": bool(torch.equal(out, eager)),
-                     "tokens_matching_eager": float((out == eager).float().mean())}
+            extra.update({"tokens_equal_eager": bool(torch.equal(out, eager)),
+                          "tokens_matching_eager": float((out == eager).float().mean())})
     # Where the time goes: the GPU's kernel time in one more generation against the timed wall time
     # (a share well below 1 means the host, not the model's bytes, sets the pace).
     try:
@@ -384,6 +391,9 @@ def render(runs: list[dict]) -> str:
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
                       for part in ("decode", "compile", "compile_unshared", "int8") for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
+            notes += [f"{m['reduction']:.0%}, {part} batch {b}: the first compiled generation (compilation included) "
+                      f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
+                      for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
             mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"))
                           for batch, entry in m.get(part, {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}

@@ -191,6 +191,8 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "compiled ×1.30 against eager ×1.20 (target: no lower: met)." in speed_gpu.render([run])
     run["models"][0]["decode"]["1"]["runs"] = [13.4, 32.4]  # a cold first run: the eager ratio means nothing
     assert "(target: no lower: not judged, the eager runs of one model differ 2.4×)." in speed_gpu.render([run])
+    run["models"][1]["compile"]["1"]["warmup_seconds"] = 95.4  # compilation, which a cut-off run must show
+    assert "40%, compile batch 1: the first compiled generation (compilation included) took 95 s." in speed_gpu.render([run])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -238,3 +240,25 @@ def test_gpu_speed_benchmark_decode_says_where_the_time_goes(benchmarks_on_path)
     assert "profile_error" not in result, result.get("profile_error")
     assert 0 < result["kernel_share_of_wall"] < 1.5 and result["top_kernels_ms"]
     assert result["tokens_per_s"] > 0 and len(result["runs"]) == 2
+    assert result["warmup_seconds"] > 0 and "eager_reference_seconds" not in result  # eager: no reference run
+
+
+def test_scale_benchmark_publishes_from_its_published_results_and_new_runs(benchmarks_on_path, monkeypatch, tmp_path):
+    """``scale.py --from-json`` takes the published file (its runs) beside new measurement files, as the
+    other benchmarks do: republishing keeps every earlier row."""
+    import report
+    import scale
+
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
+    results = ROOT / "benchmarks" / "results"
+    earlier = [json.loads((results / name).read_text()) for name in ("scale_7b_256.json", "scale_7b_slice4.json")]
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps({"environment": earlier[0]["environment"], "runs": earlier}))
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--from-json", str(published),
+                                      str(results / "scale_70b_slice2_offload.json")])
+    scale.main()
+    runs = json.loads((tmp_path / "benchmarks" / "results" / "scale.json").read_text())["runs"]
+    assert [(run["shape"], run["layers"]) for run in runs] == [("7b", 32), ("7b", 4), ("70b", 2)]
+    table = (tmp_path / "docs" / "benchmarks" / "scale.md").read_text()
+    assert "| Llama 70b shape, 2 of 80 layers | offload, hidden states in CPU memory |" in table
