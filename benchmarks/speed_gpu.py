@@ -125,9 +125,9 @@ def decode(model, batch: int, args, compiled: bool = False) -> dict:
     started = time.perf_counter()
     for _ in range(args.decode_warmup):
         model.generate(ids, **options)
-    # Compiled: mostly compilation (a cut-off run's log says whether it got past it).
-    extra["warmup_seconds"] = time.perf_counter() - started
-    print(f"batch {batch}: warm-up in {extra['warmup_seconds']:.0f} s", file=sys.stderr)
+    if args.decode_warmup:  # compiled: mostly compilation (a cut-off run's log says whether it got past it)
+        extra["warmup_seconds"] = time.perf_counter() - started
+        print(f"batch {batch}: warm-up in {extra['warmup_seconds']:.0f} s", file=sys.stderr)
     decode_rates, total_rates = [], []
     for _ in range(args.decode_repeats):
         clock = FirstTokenClock()
