@@ -310,3 +310,13 @@ def test_the_cli_prints_and_inspect_shows_the_pruned_mlps(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "out")]) == 0
     table = capsys.readouterr().out
     assert "layers.0.mlp.down_proj" in table and "pruned" in table
+
+
+def test_a_consumer_that_cannot_be_refitted_is_named_in_the_error():
+    generator = torch.Generator().manual_seed(2)
+    channels = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    weight[0, 2] = float("inf")  # a hand-edited checkpoint
+    with pytest.raises(FloatingPointError, match=r"^the refitted 'layers.1.mlp.down_proj' is not finite: .*"
+                                                 r"compensation_ridge$"):
+        select_channels(weight, *_gram_and_cross(channels), keep=3, ridge=0.1, name="layers.1.mlp.down_proj")

@@ -53,8 +53,7 @@ def execution_device(module: nn.Module, default: torch.device) -> torch.device:
     """Where accelerate's hooks run ``module``: the first execution device among its hooks (a
     block offloaded with ``cpu_offload`` has it on its layers only), else ``default``."""
     for submodule in module.modules():
-        hook = getattr(submodule, "_hf_hook", None)
-        for part in getattr(hook, "hooks", None) or [hook]:
+        for part in _hook_parts(submodule):
             if getattr(part, "execution_device", None) is not None:
                 return torch.device(part.execution_device)
     return torch.device(default)

@@ -29,15 +29,6 @@ def factors_like(module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor) 
     return layer
 
 
-def replace_with_factors(
-    model: torch.nn.Module, full_name: str, up: torch.Tensor, down: torch.Tensor
-) -> FactorizedLinear:
-    """Replace the linear-like module ``full_name`` by ``FactorizedLinear(up, down)`` (``factors_like``)."""
-    layer = factors_like(model.get_submodule(full_name), up, down)
-    model.set_submodule(full_name, layer)
-    return layer
-
-
 def replace_embedding_with_factors(
     model: torch.nn.Module, full_name: str, table: torch.Tensor, projection: torch.Tensor
 ) -> FactorizedEmbedding:

@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .integrations.checkpoint import readable_weights
-from .runtime.modeling_wsvd import CLASS_PREFIX
+from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY
 
 CAUSAL_LM = "causal_lm"
 CLASSIFICATION = "classification"
@@ -63,11 +63,11 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
     """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
     read from ``config.architectures`` unless ``task`` is given."""
     config = AutoConfig.from_pretrained(path, **kwargs)
-    if getattr(config, "wsvd", None) is not None and config.model_type != "hf_wsvd":
+    if getattr(config, RECIPE_KEY, None) is not None and config.model_type != MODEL_TYPE:
         # A factorized checkpoint whose model_type was edited back: the stock class would load it
         # with random weights where the factors are (transformers only warns).
         raise ValueError(f"{path}: config.json records an hf_wsvd recipe but model_type={config.model_type!r}; "
-                         "restore \"model_type\": \"hf_wsvd\"")
+                         f"restore \"model_type\": \"{MODEL_TYPE}\"")
     architectures = config.architectures or []
     tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
     if not tasks:

@@ -113,10 +113,11 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume
 
 
 def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, keep: int,
-                    ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    ridge: float, name: str = "MLP consumer") -> tuple[torch.Tensor, torch.Tensor]:
     """(the ``keep`` kept channel indices, ascending; the refitted consumer weight, out × keep) for a
     consumer ``weight`` (out × channels) with input Gram ``gram`` and, compensated, the cross
-    moment ``cross`` = E[h_dense hᵀ] (see the module). Computed in float64."""
+    moment ``cross`` = E[h_dense hᵀ] (see the module). Computed in float64; ``name`` names the layer
+    in errors."""
     symmetric, lam = ridged(gram, ridge, weight.device)
     # The order consumes the symmetrized copy (one n × n float64 matrix less at this step's peak); the
     # kept parts are then taken from the caller's matrices, symmetrized alike.
@@ -130,7 +131,7 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     dense = weight.double()
     refit = refitted(dense, dense[:, kept], kept_gram, kept_cross, lam)
     if not torch.isfinite(refit).all():
-        raise FloatingPointError("the refitted MLP consumer is not finite: check the layer's weights and statistics "
+        raise FloatingPointError(f"the refitted {name!r} is not finite: check the layer's weights and statistics "
                                  "for NaN/inf, or raise compensation_ridge")
     return kept, refit
 

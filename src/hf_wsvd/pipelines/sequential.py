@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..blocks import (block_list, input_device, on_host, outside_blocks_on, placed, release_host_cache, run_block,
                       split_hidden, without_cache)
 from ..statistics import InputHooks, Statistics
+from ..statistics.inputs import EMPTY_DATA_MESSAGE
 from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
@@ -117,7 +118,7 @@ def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs
     hooks.reduce(job.accelerator, job.accelerator.device)
     stats = job.statistics.merged(hooks.result())
     if not stats.has(names, job.input_needs):
-        raise ValueError("the calibration data is empty: no token reached the target layers")
+        raise ValueError(EMPTY_DATA_MESSAGE)
     return stats
 
 

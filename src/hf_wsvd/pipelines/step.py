@@ -329,10 +329,7 @@ def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress:
     bar = tqdm(mine, desc=f"{job.solver.name} factorization",
                disable=not (progress and job.accelerator.is_local_main_process))
     for name in bar:
-        up, down = job.solver.solve(problem(job, name, stats, ranks[name]))
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise FloatingPointError(f"{job.solver.name} produced non-finite factors for {name!r}: "
-                                     "check the layer's weights and statistics for NaN/inf")
+        up, down = job.solver.finite_solve(problem(job, name, stats, ranks[name]))
         solved[name] = (up, down)
     for name in names:
         up, down = solved.get(name, (None, None))

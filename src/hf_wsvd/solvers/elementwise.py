@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # Prepared importance never falls below this fraction of its mean: zero-importance entries still
 # pull (weakly) toward their weight, so no row/column normal equation is singular.
-IMPORTANCE_FLOOR = 1e-4
+ENTRY_IMPORTANCE_FLOOR = 1e-4
 # Ridge added to each ALS normal equation, relative to its mean diagonal: bounds the condition
 # number (about 1/RIDGE) so float32 Cholesky never fails, at a negligible bias.
 RIDGE = 1e-6
@@ -73,7 +73,7 @@ class ElementwiseResult:
         return min(self.history)
 
 
-def prepare_importance(fisher: torch.Tensor, power: float = 1.0, floor: float = IMPORTANCE_FLOOR) -> torch.Tensor:
+def prepare_importance(fisher: torch.Tensor, power: float = 1.0, floor: float = ENTRY_IMPORTANCE_FLOOR) -> torch.Tensor:
     """Per-entry weights from the Fisher information: ``F^power``, scaled to mean 1, floored at
     ``floor`` (float32, or float64 for float64 input). An all-zero Fisher gives uniform weights."""
     if not torch.isfinite(fisher).all():

@@ -127,10 +127,7 @@ def quantized_residual(
             values = {k: job.statistics.get(name, k).to(weight.device) for k in job.needs}
             problem = LayerProblem(name, weight, config.residual_rank, job.options,
                                    quantized=dequantized_weight(base).to(weight.device), **values)
-            up, down = solver.solve(problem)
-            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise FloatingPointError(f"quantized_residual produced non-finite factors for {name!r}: "
-                                         "check the layer's weights and statistics for NaN/inf")
+            up, down = solver.finite_solve(problem)
             quantized.set_submodule(targets[name], corrected(base, up, down, quantized.dtype))
             ranks[name] = config.residual_rank
     if config.block_refine_steps:

@@ -92,6 +92,16 @@ class Solver:
         """The statistics this method reads with ``options``."""
         return frozenset(self.needs(options) if callable(self.needs) else self.needs)
 
+    def finite_solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        """``solve(problem)``; a FloatingPointError naming the layer where a factor is not finite."""
+        import torch  # here, not at the top: listing the methods must not import torch (see the module)
+
+        up, down = self.solve(problem)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise FloatingPointError(f"{self.name} produced non-finite factors for {problem.name!r}: check the "
+                                     "layer's weights and statistics for NaN/inf")
+        return up, down
+
 
 SOLVERS: Registry[Solver] = Registry("method", __package__, BUILTIN_METHODS)
 

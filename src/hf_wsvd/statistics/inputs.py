@@ -15,6 +15,9 @@ from .passes import batches, default_accelerator, exact_16bit_products
 from .result import Statistics
 from .shared import TOKENS, SharedSums
 
+# Said wherever a pass over the calibration data brought no token to the layers it observes.
+EMPTY_DATA_MESSAGE = "the calibration data is empty: no token reached the target layers"
+
 
 def token_rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """A layer input as (tokens × features) rows in ``dtype``, padding removed where ``mask``
@@ -120,5 +123,5 @@ def input_statistics(
     hooks.reduce(accelerator, accelerator.device)
     stats = hooks.result()
     if not stats.tokens:
-        raise ValueError("the calibration data is empty: no token reached the target layers")
+        raise ValueError(EMPTY_DATA_MESSAGE)
     return stats

@@ -45,8 +45,3 @@ class Statistics:
         for module, stats in other.values.items():
             values.setdefault(module, {}).update(stats)
         return Statistics(values, other.examples or self.examples, {**self.tokens, **other.tokens})
-
-    def without(self, statistics) -> "Statistics":
-        """A copy that drops ``statistics`` (e.g. the dense Grams once spectra are read)."""
-        values = {m: {k: v for k, v in s.items() if k not in statistics} for m, s in self.values.items()}
-        return Statistics(values, self.examples, dict(self.tokens))

@@ -45,9 +45,7 @@ class Embeddings(Modifier):
             if job.accelerator.process_index == SOURCE:
                 problem = LayerProblem(name, weight.to(job.compute_dtype), rank, solver.options.from_recipe(config),
                                        row_weights=row_weights)
-                table, down = solver.solve(problem)
-                if not (torch.isfinite(table).all() and torch.isfinite(down).all()):
-                    raise FloatingPointError(f"{solver.name} produced non-finite factors for the embeddings {name!r}")
+                table, down = solver.finite_solve(problem)
             if job.accelerator.num_processes > 1:  # float64: exact for every dtype a solver returns
                 table = broadcast(job, table, (vocab_size, rank), torch.float64, SOURCE)
                 down = broadcast(job, down, (rank, hidden), torch.float64, SOURCE)

@@ -55,7 +55,8 @@ def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], sta
         # once it has their kept parts (nothing after the cut reads them), lowering the step's peak.
         if owner[pair.consumer] == job.accelerator.process_index:
             kept, refit = select_channels(layer_weight(job, pair.consumer), stats.pop(pair.consumer, GRAM),
-                                          stats.pop(pair.consumer, CROSS), keep, job.config.compensation_ridge)
+                                          stats.pop(pair.consumer, CROSS), keep, job.config.compensation_ridge,
+                                          pair.consumer)
         else:
             for statistic in (GRAM, CROSS):
                 stats.pop(pair.consumer, statistic)
