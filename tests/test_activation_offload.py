@@ -20,8 +20,10 @@ RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=True, para
 def test_the_flag_is_checked_and_saved_with_the_recipe():
     with pytest.raises(ValueError, match="offload_activations='yes' must be True, False or None"):
         WSVDConfig(offload_activations="yes")
-    with pytest.raises(ValueError, match="offload_activations=True .* not sequential"):
+    with pytest.raises(ValueError, match=r"offload_activations=True .* not sequential \(sequential=False;"):
         WSVDConfig(offload_activations=True, sequential=False)
+    with pytest.raises(ValueError, match=r"not sequential \(pipeline='whole_model';"):
+        WSVDConfig(offload_activations=True, pipeline="whole_model")
     assert WSVDConfig.from_dict(WSVDConfig(offload_activations=True).to_dict()).offload_activations is True
 
 

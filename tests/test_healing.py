@@ -266,3 +266,9 @@ def test_a_model_healed_in_bf16_computes_in_float32_again(lora_rank):
     # The class's own forward, run outside any autocast, against the model's bound forward.
     expected = type(healed).forward(healed, input_ids=ids).logits
     assert torch.equal(healed(input_ids=ids).logits, expected)
+
+
+def test_too_little_data_for_a_held_out_block_says_how_many_blocks_there_are():
+    teacher, student = _compressed()
+    with pytest.raises(ValueError, match=r"^healing needs training blocks and held-out blocks, got 4 and 0: "):
+        heal(student, teacher, _blocks(4), [], HealConfig(steps=1), show_progress=False)

@@ -32,7 +32,7 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-# Modules that moved into the subpackages (release 0.1 had most of them at the top level): old name
+# Modules that moved into the subpackages (before the redesign most were at the top level): old name
 # → new name, relative to this package. The old names still import, with a DeprecationWarning (``_MovedModules``).
 MOVED_MODULES = {
     "commands": "cli.commands", "output": "cli.output", "workflow": "cli.workflow",

@@ -260,9 +260,10 @@ class WSVDConfig:
             raise ValueError(f"offload_activations={self.offload_activations!r} must be True, False or None (on in "
                              "sequential mode on a CUDA GPU)")
         if self.offload_activations and (self.sequential is False or self.pipeline == "whole_model"):
-            raise ValueError("offload_activations=True keeps the sequential walk's hidden states in CPU memory; this "
-                             "recipe is not sequential (sequential mode is for causal LMs with calibration data): "
-                             "drop offload_activations")
+            cause = "sequential=False" if self.sequential is False else "pipeline='whole_model'"
+            raise ValueError(f"offload_activations=True keeps the sequential walk's hidden states in CPU memory; this "
+                             f"recipe is not sequential ({cause}; sequential mode is for causal LMs with calibration "
+                             "data): drop offload_activations")
         ratio = self.embedding_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ValueError(

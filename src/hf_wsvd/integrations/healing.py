@@ -271,7 +271,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     check_student(student)
     check_teacher(student, teacher)
     if not train_blocks or not heldout_blocks:
-        raise ValueError("healing needs training blocks and held-out blocks: the data holds too few tokens")
+        raise ValueError(f"healing needs training blocks and held-out blocks, got {len(train_blocks)} and "
+                         f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda if config.bf16 is None else config.bf16
     if use_cuda:
