@@ -232,12 +232,17 @@ def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, to
         values[name], weights[name] = layer_spectrum(job.solver, problem(job, name, stats))
     if job.accelerator.num_processes > 1:
         for name in names:
-            length = min(linear_shape(job.module(name)))
-            values[name] = broadcast(job, values.get(name), (length,), torch.float64, owner[name])
-            if job.solver.loss_scale is not None:
-                weight = torch.tensor(weights[name], dtype=torch.float64) if name in weights else None
-                weights[name] = float(broadcast(job, weight, (), torch.float64, owner[name]))
+            _share_spectrum(job, values, weights, name, min(linear_shape(job.module(name))), owner[name])
     return values, (weights if job.solver.loss_scale is not None else None)
+
+
+def _share_spectrum(job: Job, values: dict, weights: dict, key: str, length: int, source: int) -> None:
+    """Give every process ``values[key]`` (a spectrum of ``length`` values) and, for a method with a
+    loss scale, ``weights[key]``, as process ``source`` computed them."""
+    values[key] = broadcast(job, values.get(key), (length,), torch.float64, source)
+    if job.solver.loss_scale is not None:
+        weight = torch.tensor(weights[key], dtype=torch.float64) if key in weights else None
+        weights[key] = float(broadcast(job, weight, (), torch.float64, source))
 
 
 class Cuts:
@@ -311,11 +316,7 @@ def channel_spectra(job: Job, cuts: Cuts, stats: Statistics) -> tuple[dict[str, 
             values[group.key], weights[group.key] = modifier.spectrum(job, group, stats)
     if job.accelerator.num_processes > 1:
         for group in cuts.groups:
-            source = owner[group.anchor]
-            values[group.key] = broadcast(job, values.get(group.key), (group.channels,), torch.float64, source)
-            if job.solver.loss_scale is not None:
-                weight = torch.tensor(weights[group.key], dtype=torch.float64) if group.key in weights else None
-                weights[group.key] = float(broadcast(job, weight, (), torch.float64, source))
+            _share_spectrum(job, values, weights, group.key, group.channels, owner[group.anchor])
     return values, {k: w for k, w in weights.items() if w is not None}
 
 
