@@ -198,3 +198,12 @@ def test_a_methods_options_and_the_calibration_settings_are_written_once():
     assert config.calibration == CalibrationConfig(num_samples=7, batch_size=3, max_length=9, seed=4)
     with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
         CalibrationConfig(batch_size=0)
+
+
+def test_the_shared_type_checks_refuse_bools_which_python_counts_as_ints():
+    from hf_wsvd.fields import is_integer, is_number
+
+    assert is_integer(3) and is_integer(0) and not any(map(is_integer, (True, 3.0, "3", None)))
+    assert is_number(2.5) and is_number(2) and not any(map(is_number, (False, "2.5", None, 1j)))
+    with pytest.raises(ValueError, match=r"^rank_multiple=True "):
+        WSVDConfig(rank_multiple=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
-from .fields import field_of, recipe_field
+from .fields import field_of, is_integer, is_number, recipe_field
 from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
                               QuantizedResidualOptions, RescueOptions)
 from .pipelines.registry import PIPELINES
@@ -55,9 +55,9 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_integer(self.seed):
             raise ValueError(f"seed={self.seed!r} must be an integer")
 
 
@@ -218,7 +218,7 @@ class WSVDConfig:
         if self.method is not None and self.method not in SOLVERS:
             raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)} (or None: the recommended one)")
         ratio = self.param_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if not is_number(ratio) or not 0 < ratio <= 1:
             raise ValueError(
                 f"param_ratio={ratio!r} must be in (0, 1]: it is the fraction of each layer's "
                 "parameters that is kept"
@@ -265,7 +265,7 @@ class WSVDConfig:
                              f"recipe is not sequential ({cause}; sequential mode is for causal LMs with calibration "
                              "data): drop offload_activations")
         ratio = self.embedding_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        if not is_number(ratio) or not 0 < ratio < 1:
             raise ValueError(
                 f"embedding_ratio={ratio!r} must be in (0, 1): it is the fraction of the embedding "
                 "matrix's parameters that is kept"
@@ -285,12 +285,12 @@ class WSVDConfig:
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
         self._validate_method_options()
-        if self.rank_multiple is not None and (isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int)
+        if self.rank_multiple is not None and (not is_integer(self.rank_multiple)
                                                or self.rank_multiple < 1):
             raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer (8 aligns GPU kernels)")
         self._validate_speed_limit()
         for module, rank in self.ranks.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            if not is_integer(rank) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
         if self.pruned or self.attention:
             from .runtime.modeling_wsvd import check_attention, check_pruned
@@ -304,19 +304,19 @@ class WSVDConfig:
             raise ValueError(f"quantize={self.quantize!r} is not one of {QUANTIZE_SPECS} (or None)")
         for name in ("quantize_group_size", "residual_rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.method == "quantized_residual" and self.quantize is None:
             raise ValueError("method='quantized_residual' corrects a quantization's error: set quantize (e.g. 'int4')")
         for module, rank in self.residual.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            if not is_integer(rank) or rank < 1:
                 raise ValueError(f"residual[{module!r}]={rank!r} must be a positive integer")
 
     def _validate_compensation(self) -> None:
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise ValueError(f"compensate={self.compensate!r} must be True, False or None (on in sequential mode)")
         ridge = self.compensation_ridge
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+        if not is_number(ridge) or not ridge > 0:
             raise ValueError(f"compensation_ridge={ridge!r} must be a number > 0")
         if not self.compensate:
             return
@@ -347,10 +347,10 @@ class WSVDConfig:
 
     def _validate_block_refinement(self) -> None:
         steps, rate = self.block_refine_steps, self.block_refine_learning_rate
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        if steps is not None and (not is_integer(steps) or steps < 0):
             raise ValueError(f"block_refine_steps={steps!r} must be an integer >= 0 (0: off) or None (on in compensated "
                              "sequential mode)")
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+        if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
         if steps and self.method != "quantized_residual" and (self.compensate is False or self.sequential is False):
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
@@ -372,12 +372,12 @@ class WSVDConfig:
                 if not isinstance(shape, str) or not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape):
                     raise ValueError(f"max_kept_ratio_for_speed key {shape!r} is not an 'INxOUT' layer shape "
                                      "such as '4096x11008'")
-                if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit <= 1:
+                if not is_number(limit) or not 0 <= limit <= 1:
                     raise ValueError(f"max_kept_ratio_for_speed[{shape!r}]={limit!r} must be in [0, 1] "
                                      "(0: layers of that shape always stay dense)")
             self.max_kept_ratio_for_speed = {shape: float(limit) for shape, limit in speed.items()}
             return
-        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:
+        if not is_number(speed) or not 0 < speed <= 1:
             raise ValueError(
                 f"max_kept_ratio_for_speed={speed!r} must be None, in (0, 1], or a dict of 'INxOUT' shape -> "
                 "limit in [0, 1]: layers whose rank keeps more than this fraction of their weights stay dense"
@@ -427,7 +427,7 @@ class WSVDConfig:
         hand-written recipe) they are refused as mistakes."""
         data = dict(data)
         version = data.pop(VERSION_KEY, None)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        if version is not None and (not is_integer(version) or version < 1):
             raise ValueError(f"{VERSION_KEY}={version!r} must be a positive integer")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -1,5 +1,6 @@
 """Dataclass fields that carry their help text and command-line options, so that one string feeds
-the API docstring and ``hf-wsvd compress --help``; importable without torch."""
+the API docstring and ``hf-wsvd compress --help``, and the type checks their values share;
+importable without torch."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ def field_of(owner: type, name: str) -> Any:
     recipe repeats a method's option (or a calibration setting) without writing its help twice."""
     [source] = [f for f in dataclasses.fields(owner) if f.name == name]
     return field(default=source.default, metadata=source.metadata)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` (a bool is not, though Python counts it as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` or a ``float`` (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
+from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,14 @@ class HealConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+        if self.lora_rank is not None and (not is_integer(self.lora_rank)
                                            or self.lora_rank < 1):
             raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive integer or None")
         for name, low in (("learning_rate", 0.0), ("temperature", 0.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or not math.isfinite(value):
+            if not is_number(value) or not value > low or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be a finite number > {low}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")

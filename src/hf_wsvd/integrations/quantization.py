@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from ..blocks import block_prefixes
 from ..config import QUANTIZE_SPECS
+from ..fields import is_integer
 
 
 def quantization_config(spec: str, group_size: int = 64) -> Any:
@@ -32,7 +33,7 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
     - nf4, bnb-int8: bitsandbytes 4-bit NormalFloat (blocks of 64) and LLM.int8 (CUDA)."""
     if spec not in QUANTIZE_SPECS:
         raise ValueError(f"quantize={spec!r} is not one of {QUANTIZE_SPECS}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    if not is_integer(group_size) or group_size < 1:
         raise ValueError(f"quantize_group_size={group_size!r} must be a positive integer")
     if spec in ("nf4", "bnb-int8"):
         from transformers import BitsAndBytesConfig

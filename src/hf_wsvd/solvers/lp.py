@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..linalg import truncated_svd
-from .options import LpOptions
+from .options import LpOptions, check_number
 from .registry import LayerProblem, register_solver
 
 # A row's IRLS weight uses max(dist, DIST_FLOOR · mean dist): no division by zero for rows inside
@@ -98,8 +98,7 @@ def _check(matrix: torch.Tensor, rank: int, p: float, row_weights: torch.Tensor 
             f"rank={rank} is invalid for a {n}x{d} matrix: the subspace of its rows must have a "
             f"dimension between 1 and {min(d - 1, n)} (rank ≥ the row length {d} compresses nothing)"
         )
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
-        raise ValueError(f"p={p!r} must be a number in [1, 2]")
+    check_number("p", p, 1, 2)
     if not torch.isfinite(matrix).all():
         raise ValueError("the matrix contains NaN or inf values")
     if row_weights is not None and (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..argtypes import non_negative_int
-from ..fields import recipe_field
+from ..fields import is_integer, is_number, recipe_field
 
 # fwsvd (and the element-wise solvers' start): the axis the Fisher information is summed over.
 FISHER_AXES = ("output", "input")
@@ -37,7 +37,7 @@ class MethodOptions:
 
 def check_number(name: str, value: Any, low: float, high: float = float("inf"), low_open: bool = False) -> None:
     """Raise unless ``value`` is a (non-bool, non-NaN) number in [low, high] (``low_open``: (low, high])."""
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+    bad = not is_number(value) or value != value
     if bad or value > high or (value <= low if low_open else value < low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ValueError(f"{name}={value!r} must be a number in {bound}")
@@ -81,7 +81,7 @@ class ElementwiseOptions(FwsvdOptions):
         super().__post_init__()
         if self.solver not in SOLVER_NAMES:
             raise ValueError(f"solver={self.solver!r} is not one of {SOLVER_NAMES}")
-        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 0:
+        if not is_integer(self.max_iterations) or self.max_iterations < 0:
             raise ValueError(f"max_iterations={self.max_iterations!r} must be a non-negative integer")
         check_number("tolerance", self.tolerance, 0)
         if self.time_budget is not None:
@@ -110,7 +110,7 @@ class AsvdOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         alpha = self.asvd_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 2:
+        if not is_number(alpha) or not 0 <= alpha <= 2:
             raise ValueError(f"asvd_alpha={alpha!r} must be a number in [0, 2]")
 
 
@@ -124,7 +124,7 @@ class LpOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         p = self.p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p <= 2:
+        if not is_number(p) or not 1 <= p <= 2:
             raise ValueError(f"p={p!r} must be a number in [1, 2] (the exponent of the lp method)")
 
 
