@@ -242,3 +242,13 @@ def test_solvers_do_not_modify_their_inputs():
     _solve("svd", weight)
     assert torch.equal(weight, weight_copy)
     assert torch.equal(fisher, fisher_copy)
+
+
+def test_a_solver_error_about_a_layer_names_the_layer():
+    """The activation Gram check inside whitening knows no layer name; the solve says which."""
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[1, 1] = float("nan")
+    problem = LayerProblem("layers.3.self_attn.q_proj", weight, 2, get_solver("whiten").options(), gram=gram)
+    with pytest.raises(ValueError, match=r"^'layers.3.self_attn.q_proj': the activation Gram matrix contains NaN or inf"):
+        get_solver("whiten").finite_solve(problem)

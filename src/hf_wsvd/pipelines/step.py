@@ -27,6 +27,7 @@ from ..allocation import greedy_ranks, kept_channels, uniform_ranks
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..solvers import LayerProblem, MethodOptions, Solver
+from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
 from ..swap import factors_like
 from ..tasks import LossFn, per_example_loss, task_of
@@ -214,7 +215,8 @@ def broadcast(job: Job, tensor: torch.Tensor | None, shape: tuple[int, ...], dty
 def layer_spectrum(solver: Solver, problem: LayerProblem) -> tuple[torch.Tensor, float | None]:
     """The singular values ``solver`` truncates on ``problem`` (float64) and, for a method with a
     loss scale, the absolute weight of that layer's loss (its predicted total); None otherwise."""
-    values = solver.spectrum(problem).double()
+    with naming_the_layer(problem.name):
+        values = solver.spectrum(problem).double()
     if solver.loss_scale is None:
         return values, None
     return values, solver.loss_scale(problem) * float(values.square().sum())

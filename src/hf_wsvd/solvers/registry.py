@@ -11,8 +11,9 @@ receives only its own options (``MethodOptions.from_recipe``).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..registry import Registry
 from .options import MethodOptions
@@ -96,7 +97,8 @@ class Solver:
         """``solve(problem)``; a FloatingPointError naming the layer where a factor is not finite."""
         import torch  # here, not at the top: listing the methods must not import torch (see the module)
 
-        up, down = self.solve(problem)
+        with naming_the_layer(problem.name):
+            up, down = self.solve(problem)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise FloatingPointError(f"{self.name} produced non-finite factors for {problem.name!r}: check the "
                                      "layer's weights and statistics for NaN/inf")
@@ -104,6 +106,18 @@ class Solver:
 
 
 SOLVERS: Registry[Solver] = Registry("method", __package__, BUILTIN_METHODS)
+
+
+@contextmanager
+def naming_the_layer(name: str) -> Iterator[None]:
+    """A solver's error about the layer ``name`` (its data: NaN statistics, a rank it cannot take)
+    says which layer, where the message does not already."""
+    try:
+        yield
+    except (ValueError, FloatingPointError) as error:
+        if name in str(error):
+            raise
+        raise type(error)(f"{name!r}: {error}") from error
 
 
 def with_defaults(options: type[MethodOptions], fn: Callable[[LayerProblem], Any]) -> Callable[[LayerProblem], Any]:
