@@ -20,6 +20,13 @@ TESTS = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("HF_WSVD_SHARED") or TESTS.parents[1] / "shared")
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global random state, so what one test draws does not depend
+    on which tests ran before it (a test that passed alone once failed after others)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def shared() -> Path:
     """The ../shared assets folder (real models and GLUE data). Tests that need it skip, saying so,
