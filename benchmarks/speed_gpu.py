@@ -391,7 +391,7 @@ def render(runs: list[dict]) -> str:
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
                       for part in ("decode", "compile", "compile_unshared", "int8") for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
-            notes += [f"{m['reduction']:.0%}, {part} batch {b}: the first compiled generation (compilation included) "
+            notes += [f"{m['reduction']:.0%}, {part} batch {b}: the compiled warm-up (compilation included) "
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
                       for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
             mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"))

@@ -192,7 +192,7 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     run["models"][0]["decode"]["1"]["runs"] = [13.4, 32.4]  # a cold first run: the eager ratio means nothing
     assert "(target: no lower: not judged, the eager runs of one model differ 2.4×)." in speed_gpu.render([run])
     run["models"][1]["compile"]["1"]["warmup_seconds"] = 95.4  # compilation, which a cut-off run must show
-    assert "40%, compile batch 1: the first compiled generation (compilation included) took 95 s." in speed_gpu.render([run])
+    assert "40%, compile batch 1: the compiled warm-up (compilation included) took 95 s." in speed_gpu.render([run])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -7,6 +7,7 @@ import torch
 
 from hf_wsvd import WSVDConfig
 
+from hf_wsvd.pipelines.step import layer_spectrum
 from hf_wsvd.solvers import SOLVERS, LayerProblem, get_solver
 from hf_wsvd.statistics import FISHER, FISHER_COLS, FISHER_ROWS
 
@@ -252,3 +253,19 @@ def test_a_solver_error_about_a_layer_names_the_layer():
     problem = LayerProblem("layers.3.self_attn.q_proj", weight, 2, get_solver("whiten").options(), gram=gram)
     with pytest.raises(ValueError, match=r"^'layers.3.self_attn.q_proj': the activation Gram matrix contains NaN or inf"):
         get_solver("whiten").finite_solve(problem)
+    with pytest.raises(ValueError, match=r"^'layers.3.self_attn.q_proj': the activation Gram"):  # what allocation reads
+        layer_spectrum(get_solver("whiten"), problem)
+    fisher_rows = torch.full((6,), float("nan"), dtype=torch.float64)  # fwsvd names the layer itself: not twice
+    problem = LayerProblem("layers.3.mlp.up_proj", weight, 2, get_solver("fwsvd").options(), fisher_rows=fisher_rows)
+    with pytest.raises(ValueError, match=r"^layers.3.mlp.up_proj: the Fisher information contains NaN or inf values$"):
+        get_solver("fwsvd").finite_solve(problem)
+
+
+def test_an_error_that_takes_more_than_a_message_passes_unchanged():
+    from hf_wsvd.solvers.registry import naming_the_layer
+
+    error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    with pytest.raises(UnicodeDecodeError) as raised:
+        with naming_the_layer("layers.0.mlp.down_proj"):
+            raise error
+    assert raised.value is error

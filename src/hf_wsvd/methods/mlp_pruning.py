@@ -113,7 +113,7 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume
 
 
 def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, keep: int,
-                    ridge: float, name: str = "MLP consumer") -> tuple[torch.Tensor, torch.Tensor]:
+                    ridge: float, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the ``keep`` kept channel indices, ascending; the refitted consumer weight, out × keep) for a
     consumer ``weight`` (out × channels) with input Gram ``gram`` and, compensated, the cross
     moment ``cross`` = E[h_dense hᵀ] (see the module). Computed in float64; ``name`` names the layer
@@ -131,7 +131,8 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     dense = weight.double()
     refit = refitted(dense, dense[:, kept], kept_gram, kept_cross, lam)
     if not torch.isfinite(refit).all():
-        raise FloatingPointError(f"the refitted {name!r} is not finite: check the layer's weights and statistics "
+        layer = repr(name) if name else "MLP consumer"
+        raise FloatingPointError(f"the refitted {layer} is not finite: check the layer's weights and statistics "
                                  "for NaN/inf, or raise compensation_ridge")
     return kept, refit
 

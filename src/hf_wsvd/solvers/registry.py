@@ -117,7 +117,13 @@ def naming_the_layer(name: str) -> Iterator[None]:
     except (ValueError, FloatingPointError) as error:
         if name in str(error):
             raise
-        raise type(error)(f"{name!r}: {error}") from error
+        try:
+            named = type(error)(f"{name!r}: {error}")
+        except TypeError:  # an error type whose constructor takes more than a message: as it is
+            named = None
+        if named is None:
+            raise
+        raise named from error
 
 
 def with_defaults(options: type[MethodOptions], fn: Callable[[LayerProblem], Any]) -> Callable[[LayerProblem], Any]:
