@@ -282,25 +282,26 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
              ("compile_unshared", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)))
     for part, run in parts:
-        if part in ("graph_compiled", "compile") and part in args.parts:
-            torch._dynamo.reset()  # each compiled part from an empty cache (and within the recompile limit)
-        if part.endswith("_unshared") and part in args.parts:
+        if part not in args.parts:
+            continue
+        if part not in ("decode", "graph"):
+            # Compiled, or the model changes: each such part from an empty dynamo cache (the earlier
+            # graphs freed, and within the recompile limit).
             torch._dynamo.reset()
-            unshare_input_factors(model)  # the same model, each factorized layer with its own down matmul
-        if part == "int8" and part in args.parts:
+        if part.endswith("_unshared") or part == "int8":
+            # Each factorized layer its own down matmul; for int8, the int8 down factors replace the
+            # shared bf16 ones, which are freed.
+            unshare_input_factors(model)
+        if part == "int8":
             # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
             # block linears, then compiled decoding, which its kernels need to be fast.
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-            torch._dynamo.reset()  # the bf16 model's compiled graphs
-            unshare_input_factors(model)  # the int8 down factors replace the shared bf16 ones: free those
             quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: type(m) is torch.nn.Linear
                       and "lm_head" not in name)
             gc.collect()
             torch.cuda.empty_cache()
             result["int8_weights_gib"] = torch.cuda.memory_allocated() / 2**30
-        if part not in args.parts:
-            continue
         result[part] = {}
         for batch in args.decode_batches:
             def measured(batch=batch, run=run) -> dict:
@@ -389,7 +390,7 @@ def render(runs: list[dict]) -> str:
                                  "and eager kernels; a near-tie then picks another token).")
             notes += [f"{m['reduction']:.0%}, {part} batch {b}: GPU kernels {e['kernel_share_of_wall']:.0%} of the wall "
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
-                      for part in ("decode", "compile", "compile_unshared", "int8") for b, e in m.get(part, {}).items()
+                      for part in DECODE_PARTS for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
             notes += [f"{m['reduction']:.0%}, {part} batch {b}: the compiled warm-up (compilation included) "
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
