@@ -193,6 +193,13 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "(target: no lower: not judged, the eager runs of one model differ 2.4×)." in speed_gpu.render([run])
     run["models"][1]["compile"]["1"]["warmup_seconds"] = 95.4  # compilation, which a cut-off run must show
     assert "40%, compile batch 1: the compiled warm-up (compilation included) took 95 s." in speed_gpu.render([run])
+    # The same judgement without generate's host loop: inductor's kernels against the eager ones, both replayed.
+    for m, eager, compiled in zip(run["models"], (100.0, 120.0), (110.0, 126.5)):
+        m["graph"] = {"1": {"tokens_per_s": eager, "runs": [eager, eager * 1.01]}}
+        m["graph_compiled"] = {"1": {"tokens_per_s": compiled, "runs": [compiled]}}
+    text = speed_gpu.render([run])
+    assert "40%, batch 1: inductor's kernels replayed ×1.15 against eager kernels replayed ×1.20 (target: no lower: NOT met)." in text
+    assert "| 1.150 |" in text  # the column of inductor's kernels replayed, ×dense
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -241,6 +248,26 @@ def test_gpu_speed_benchmark_decode_says_where_the_time_goes(benchmarks_on_path)
     assert 0 < result["kernel_share_of_wall"] < 1.5 and result["top_kernels_ms"]
     assert result["tokens_per_s"] > 0 and len(result["runs"]) == 2
     assert result["warmup_seconds"] > 0 and "eager_reference_seconds" not in result  # eager: no reference run
+
+
+def test_republished_table_says_the_command_that_republishes_it(benchmarks_on_path, monkeypatch, tmp_path):
+    """``--from-json`` of the published results file (here the GPU speed table's) keeps every run with
+    the command that measured it, and the table's Re-run line is the publishing command, not the
+    first run's (which would measure one run again, not give the table)."""
+    import report
+    import speed_gpu
+
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
+    published = ROOT / "benchmarks" / "results" / "speed_gpu.json"
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "benchmarks" / "speed_gpu.py"), "--from-json", str(published)])
+    speed_gpu.main()
+    before = json.loads(published.read_text())["runs"]
+    after = json.loads((tmp_path / "benchmarks" / "results" / "speed_gpu.json").read_text())
+    assert [run["environment"]["command"] for run in after["runs"]] == [run["environment"]["command"] for run in before]
+    command = f"python benchmarks/speed_gpu.py --from-json {published}"
+    assert after["environment"]["command"] == command
+    assert f"Re-run: `{command}`" in (tmp_path / "docs" / "benchmarks" / "speed.md").read_text()
 
 
 def test_scale_benchmark_publishes_from_its_published_results_and_new_runs(benchmarks_on_path, monkeypatch, tmp_path):
