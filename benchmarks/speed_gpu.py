@@ -48,6 +48,19 @@ TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None):
            0.4: {("graph", "1"): 1.20, ("graph", "16"): 1.15, ("prefill", None): 1.39}}
 
 
+# How the table names each timed part, in its order, and what each means.
+PART_NAMES = {"prefill": "prefill", "graph": "CUDA-graph decode", "graph_compiled": "CUDA-graph decode, inductor's kernels",
+              "graph_unshared": "CUDA-graph decode, downs unshared", "decode": "generate",
+              "compile": "compiled generate", "compile_unshared": "compiled generate, downs unshared",
+              "int8": "int8 compiled generate", "int8_graph": "int8 CUDA-graph decode, inductor's kernels"}
+PART_NOTES = ("generate is timed from the first new token;",
+              "CUDA-graph decode replays one captured step (static cache) per token (inductor's kernels: the step's "
+              "forward compiled by torch.compile, then captured);",
+              "compiled generate uses a static cache and torch.compile;",
+              "downs unshared: each factorized layer its own down matmul;",
+              "int8: the same model with torchao int8 weight-only block linears.")
+
+
 class FirstTokenClock:
     """A stopping criterion that never stops: it records when the first new token exists (after
     the prefill), so decode time excludes the prompt."""
@@ -361,21 +374,14 @@ def render(runs: list[dict]) -> str:
             return None
 
     runs = with_key(runs, "models")
-    rows, notes = [], []
-    for run in runs:
+    models, timings, notes = [], [], []
+    for number, run in enumerate(runs, 1):
         notes += [run["note"].rstrip(".") + "."] if run.get("note") else []
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
-        columns = [("prefill", None), ("graph", "1"), ("graph", "16"), ("graph_compiled", "1"), ("graph_compiled", "16"),
-                   ("graph_unshared", "1"), ("graph_unshared", "16"),
-                   ("decode", "1"), ("decode", "16"),
-                   ("compile", "1"), ("compile", "16"), ("compile_unshared", "1"), ("compile_unshared", "16"),
-                   ("int8", "1"), ("int8", "16"), ("int8_graph", "1"), ("int8_graph", "16")]
         for m in run["models"]:
-            cells = []
-            for part, batch in columns:
-                now, dense = value(m, part, batch), value(base, part, batch) if base else None
-                cells += [now if now is not None else "—", now / dense if now and dense else "—"]
+            label = f"{m['reduction']:.0%}" + ("" if not m["reduction"] else f" ({recipe})")
+            where = f"run {number}, {m['reduction']:.0%}"
             bounds = [base["step_bytes"][b] / m["step_bytes"][b] if base and b in m["step_bytes"] else "—"
                       for b in ("1", "16")]
             peaks = [d.get("peak_gib") for part in DECODE_PARTS for d in m.get(part, {}).values()
@@ -385,35 +391,44 @@ def render(runs: list[dict]) -> str:
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
                 f"shared), {m['dense_layers']} dense")
-            rows.append([f"{m['reduction']:.0%}" + ("" if not m["reduction"] else f" ({recipe})"), structure,
-                         f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds, *cells,
-                         (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
-                         m.get("compress_seconds", "—")])
+            models.append([number, label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds,
+                           (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
+                           m.get("compress_seconds", "—")])
+            for part, name in PART_NAMES.items():
+                cells = []
+                for batch in ("1", "16"):
+                    key = None if part == "prefill" else batch  # prefill: its own shape, in the first columns
+                    now = value(m, part, key) if key or batch == "1" else None
+                    dense = value(base, part, key) if base and now else None
+                    cells += [now if now is not None else "—", now / dense if now and dense else "—"]
+                if any(cell != "—" for cell in cells):
+                    timings.append([number, f"{m['reduction']:.0%}", name, *cells])
             for part, batch, entry in [(p, b, e) for p in ("compile", "compile_unshared") for b, e in m.get(p, {}).items()]:
                 if isinstance(entry, dict) and entry.get("tokens_equal_eager") is False:
-                    notes.append(f"{m['reduction']:.0%}, {part} batch {batch}: {entry['tokens_matching_eager']:.1%} of "
+                    notes.append(f"{where}, {part} batch {batch}: {entry['tokens_matching_eager']:.1%} of "
                                  "the tokens equal eager greedy decoding (bf16 rounding differs between the compiled "
                                  "and eager kernels; a near-tie then picks another token).")
-            notes += [f"{m['reduction']:.0%}, {part} batch {b}: GPU kernels {e['kernel_share_of_wall']:.0%} of the wall "
+            notes += [f"{where}, {part} batch {b}: GPU kernels {e['kernel_share_of_wall']:.0%} of the wall "
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
                       for part in DECODE_PARTS for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
-            notes += [f"{m['reduction']:.0%}, {part} batch {b}: the compiled warm-up (compilation included) "
+            notes += [f"{where}, {part} batch {b}: the compiled warm-up (compilation included) "
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
                       for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
-            mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"))
+            mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"),
+                                                                    ("int8_graph", " (int8, inductor's kernels)"))
                           for batch, entry in m.get(part, {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}
-            notes += [f"{m['reduction']:.0%}, batch {b}: replayed tokens differ from the same steps unreplayed (first step: "
+            notes += [f"{where}, batch {b}: replayed tokens differ from the same steps unreplayed (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
                       f"{e.get('first_step_min_top2_margin', float('nan')):.3g})." for b, e in mismatched.items()]
             errors = [f"{part} {batch}: {entry['error']}" for part in DECODE_PARTS
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
-            notes += [f"{m['reduction']:.0%} failed: {e[:200]}" for e in errors]
+            notes += [f"{where} failed: {e[:200]}" for e in errors]
             if m.get("incomplete"):
-                notes.append(f"{m['reduction']:.0%}: the run was cut off before all its parts were measured.")
+                notes.append(f"{where}: the run was cut off before all its parts were measured.")
             for compiled, eager, compiled_name, eager_name in COMPILED_PAIRS if base and m["reduction"] else ():
                 for batch in m.get(compiled, {}):
                     ratios = [value(m, part, batch) / value(base, part, batch)
@@ -423,40 +438,32 @@ def render(runs: list[dict]) -> str:
                     spread = max(max(runs) / min(runs) for runs in (m[eager][batch]["runs"], base[eager][batch]["runs"]))
                     judged = (verdict(ratios[0] >= ratios[1]) if spread <= SPREAD_TO_JUDGE else
                               f"not judged, the eager runs of one model differ {spread:.1f}×")
-                    notes.append(f"{m['reduction']:.0%}, batch {batch}: {compiled_name} ×{ratios[0]:.2f} against "
+                    notes.append(f"{where}, batch {batch}: {compiled_name} ×{ratios[0]:.2f} against "
                                  f"{eager_name} ×{ratios[1]:.2f} (target: no lower: {judged}).")
         for reduction, targets in TARGETS.items():
             m = next((m for m in run["models"] if m["reduction"] == reduction), None)
             if m is None or base is None:
                 continue
+            where = f"run {number}, {reduction:.0%}"
             for (part, batch), target in targets.items():
                 now, dense = value(m, part, batch), value(base, part, batch)
                 if now and dense:
                     name = "prefill" if part == "prefill" else f"CUDA-graph decode, batch {batch}"
-                    notes.append(f"{reduction:.0%}: {name} ×{now / dense:.2f} (target ≥{target}: "
+                    notes.append(f"{where}: {name} ×{now / dense:.2f} (target ≥{target}: "
                                  f"{verdict(now / dense >= target)}).")
     run = runs[0]
-    text = markdown_table(
-        ["Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
-         "bound b1 (dense bytes/bytes)", "bound b16",
-         f"prefill tokens/s ({run['prefill_shape'][0]}×{run['prefill_shape'][1]})", "×dense",
-         "CUDA-graph decode b1", "×dense", "CUDA-graph decode b16", "×dense",
-         "same, inductor's kernels b1", "×dense", "same, inductor's kernels b16", "×dense",
-         "CUDA-graph decode, downs unshared b1", "×dense", "CUDA-graph decode, downs unshared b16", "×dense",
-         "generate b1", "×dense", "generate b16", "×dense", "compiled generate b1", "×dense",
-         "compiled generate b16", "×dense", "compiled generate, downs unshared b1", "×dense",
-         "compiled generate, downs unshared b16", "×dense", "int8 compiled b1", "×int8 dense", "int8 compiled b16",
-         "×int8 dense", "int8, inductor's kernels replayed b1", "×int8 dense", "same b16", "×int8 dense",
-         "peak GiB prefill", "peak GiB decode", "compress s"], rows)
-    return text + (f"\n\n{run['environment'].get('cuda')}; calibration {run['calibration'][0]}×{run['calibration'][1]} "
-                   f"random tokens; decode: greedy, {run['new_tokens']} new tokens after a {run['prompt_length']}-token "
-                   "prompt, KV cache; generate is timed from the first new token; CUDA-graph decode replays one "
-                   "captured step (static cache) per token (inductor's kernels: the step's forward compiled by torch.compile, then "
-                   "captured); compiled generate uses a static cache and torch.compile; int8: "
-                   "the same model with torchao int8 weight-only block linears, compiled generate (and inductor's "
-                   "kernels replayed from a CUDA graph), against int8 dense. "
-                   "Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
-                   "compressed. " + " ".join(notes))
+    model_table = markdown_table(
+        ["run", "Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
+         "bound b1 (dense bytes/bytes)", "bound b16", "peak GiB prefill", "peak GiB decode", "compress s"], models)
+    timing_table = markdown_table(
+        ["run", "reduction", "part", f"tokens/s, batch 1 (prefill: {run['prefill_shape'][0]}×{run['prefill_shape'][1]})",
+         "×dense", "tokens/s, batch 16", "×dense"], timings)
+    return (f"{model_table}\n\n{timing_table}\n\n{run['environment'].get('cuda')}; each run's models, then their "
+            "timings (×dense: against the dense model of the same run; int8 rows against int8 dense); calibration "
+            f"{run['calibration'][0]}×{run['calibration'][1]} random tokens; decode: greedy, {run['new_tokens']} new "
+            f"tokens after a {run['prompt_length']}-token prompt, KV cache. " + " ".join(PART_NOTES) +
+            " Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
+            "compressed. " + " ".join(notes))
 
 
 def main() -> None:
