@@ -69,11 +69,18 @@ def splice(path: Path, name: str, text: str) -> None:
     path.write_text(content)
 
 
+def republished(name: str) -> dict:
+    """The environment of a table published from earlier runs (``--from-json``): this machine, and the
+    command that gives the table again from ``benchmarks/results/<name>.json``, which then holds every run."""
+    return {**environment(), "command": f"python benchmarks/{name}.py --from-json benchmarks/results/{name}.json"}
+
+
 def publish(name: str, payload: dict, table: str) -> None:
     """Write ``benchmarks/results/<name>.json`` and the table between the ``name`` markers of its
     docs page (see :func:`page`).
 
-    A payload measured elsewhere (a GPU machine) keeps the environment it recorded there."""
+    A payload with an environment of its own (measured on another machine, or :func:`republished`)
+    keeps it; the table's Re-run line is its command."""
     payload = {"environment": environment(), **payload}
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

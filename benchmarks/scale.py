@@ -92,17 +92,19 @@ def extrapolate(result: dict, sequences: int) -> dict:
     time per layer × full depth × ``sequences`` / sequences run (linear: an upper bound, as the
     per-layer solves do not grow with the tokens); host memory: the run's peak less the slice's
     weights plus the full model's (with ``--placement offload`` the weights are in host memory; the
-    working set beyond them is one block's); GPU peak: the run's plus the two hidden-state streams
-    of the extra tokens (compressed and dense, T × hidden each in bf16)."""
+    working set beyond them is one block's); the two hidden-state streams of the extra tokens
+    (compressed and dense, T × hidden each in bf16) are added where they wait: in host memory with
+    ``offload_activations``, else on the GPU."""
     scale_tokens = sequences / result["sequences"]
     extra_tokens = (sequences - result["sequences"]) * result["length"]
     streams = 2 * extra_tokens * SHAPES[result["shape"]]["hidden_size"] * 2 / 2**30
+    on_host = bool(result.get("offload_activations"))  # runs from before the option kept them on the GPU
     host = result["host_peak_gib"] - (result["model_gib"] if result["placement"] == "offload" else 0)
     return {
         "sequences": sequences,
         "seconds": result["compress_seconds"] / result["layers"] * result["full_layers"] * scale_tokens,
-        "host_gib": host + (result["full_model_gib"] if result["placement"] == "offload" else 0),
-        "peak_gib_per_gpu": [g + streams for g in result["peak_gib_per_gpu"] if g is not None],
+        "host_gib": host + (result["full_model_gib"] if result["placement"] == "offload" else 0) + on_host * streams,
+        "peak_gib_per_gpu": [g + (not on_host) * streams for g in result["peak_gib_per_gpu"] if g is not None],
     }
 
 
@@ -284,10 +286,11 @@ def table(payloads: list[dict]) -> str:
 
 def _extrapolated(p: dict) -> str:
     """A slice's full-depth time: per layer × depth, and (``extrapolate``) with the sequences and the
-    host memory and GPU peak of the full run."""
+    host memory and GPU peak of the full run, computed again from the measurement (so that a
+    corrected rule reaches the rows already published)."""
     text = f"{p['compress_seconds'] / p['layers'] * p['full_layers']:.0f} (extrapolated)"
     if "extrapolated" in p:
-        e = p["extrapolated"]
+        e = extrapolate(p, p["extrapolated"]["sequences"])
         gpu = " / ".join(f"{g:.1f}" for g in e["peak_gib_per_gpu"]) or "-"
         text += f"; {e['sequences']} sequences: {e['seconds']:.0f} s, host {e['host_gib']:.0f} GiB, GPU {gpu} GiB"
     return text
@@ -318,12 +321,12 @@ def main() -> None:
     parser.add_argument("--from-json", nargs="+")
     args = parser.parse_args()
 
-    from report import environment, publish
+    from report import environment, publish, republished
     from timing import measured_runs
 
     if args.from_json:  # measurement files, or the published results file (its "runs")
         payloads = measured_runs(args, measure)
-        publish("scale", {"runs": payloads}, table(payloads))
+        publish("scale", {"environment": republished("scale"), "runs": payloads}, table(payloads))
         return
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"

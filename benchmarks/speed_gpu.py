@@ -391,7 +391,8 @@ def render(runs: list[dict]) -> str:
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
                 f"shared), {m['dense_layers']} dense")
-            models.append([number, label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"], *bounds,
+            models.append([number, label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"],
+                           "×".join(map(str, run["calibration"])), f"{run['prompt_length']} + {run['new_tokens']}", *bounds,
                            (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
                            m.get("compress_seconds", "—")])
             for part, name in PART_NAMES.items():
@@ -402,8 +403,10 @@ def render(runs: list[dict]) -> str:
                     dense = value(base, part, key) if base and now else None
                     cells += [now if now is not None else "—", now / dense if now and dense else "—"]
                 if any(cell != "—" for cell in cells):
+                    if part == "prefill":
+                        name += f" ({run['prefill_shape'][0]}×{run['prefill_shape'][1]} tokens)"
                     timings.append([number, f"{m['reduction']:.0%}", name, *cells])
-            for part, batch, entry in [(p, b, e) for p in ("compile", "compile_unshared") for b, e in m.get(p, {}).items()]:
+            for part, batch, entry in [(p, b, e) for p in ("compile", "compile_unshared", "int8") for b, e in m.get(p, {}).items()]:
                 if isinstance(entry, dict) and entry.get("tokens_equal_eager") is False:
                     notes.append(f"{where}, {part} batch {batch}: {entry['tokens_matching_eager']:.1%} of "
                                  "the tokens equal eager greedy decoding (bf16 rounding differs between the compiled "
@@ -426,7 +429,7 @@ def render(runs: list[dict]) -> str:
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:
                 errors.append(f"prefill: {m['prefill']['error']}")
-            notes += [f"{where} failed: {e[:200]}" for e in errors]
+            notes += [f"{where} failed: {e[:200].rstrip('.')}." for e in errors]
             if m.get("incomplete"):
                 notes.append(f"{where}: the run was cut off before all its parts were measured.")
             for compiled, eager, compiled_name, eager_name in COMPILED_PAIRS if base and m["reduction"] else ():
@@ -454,14 +457,14 @@ def render(runs: list[dict]) -> str:
     run = runs[0]
     model_table = markdown_table(
         ["run", "Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
-         "bound b1 (dense bytes/bytes)", "bound b16", "peak GiB prefill", "peak GiB decode", "compress s"], models)
+         "calibration (random tokens)", "decode: prompt + new tokens", "bound b1 (dense bytes/bytes)", "bound b16",
+         "peak GiB prefill", "peak GiB decode", "compress s"], models)
     timing_table = markdown_table(
-        ["run", "reduction", "part", f"tokens/s, batch 1 (prefill: {run['prefill_shape'][0]}×{run['prefill_shape'][1]})",
+        ["run", "reduction", "part", "tokens/s, batch 1 (prefill: the shape named)",
          "×dense", "tokens/s, batch 16", "×dense"], timings)
     return (f"{model_table}\n\n{timing_table}\n\n{run['environment'].get('cuda')}; each run's models, then their "
-            "timings (×dense: against the dense model of the same run; int8 rows against int8 dense); calibration "
-            f"{run['calibration'][0]}×{run['calibration'][1]} random tokens; decode: greedy, {run['new_tokens']} new "
-            f"tokens after a {run['prompt_length']}-token prompt, KV cache. " + " ".join(PART_NOTES) +
+            "timings (×dense: against the dense model of the same run; int8 rows against int8 dense); decode: "
+            "greedy, KV cache. " + " ".join(PART_NOTES) +
             " Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "
             "compressed. " + " ".join(notes))
 

@@ -168,16 +168,16 @@ def measured_runs(args, measure) -> list[dict]:
 
 def measure_or_publish(name: str, args, measure, render) -> None:
     """The end of a measuring script: measure (or load ``--from-json``), then print the table
-    (``--json-out``: a run made elsewhere, published later) or publish every run as ``name``. The
-    results file's environment is this process's, so its Re-run line regenerates the table; each
-    run keeps the environment (and command) it was measured in."""
-    from report import publish
+    (``--json-out``: a run made elsewhere, published later) or publish every run as ``name``. Each
+    run keeps the environment (and command) it was measured in; a table published from files says
+    how to publish it again from its results file."""
+    from report import publish, republished
 
     payloads = measured_runs(args, measure)
     if args.json_out:
         print(render(payloads))
         return
-    publish(name, {"runs": payloads}, render(payloads))
+    publish(name, {**({"environment": republished(name)} if args.from_json else {}), "runs": payloads}, render(payloads))
 
 
 def device_label(run: dict) -> str:

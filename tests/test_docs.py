@@ -197,9 +197,12 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     for m, eager, compiled in zip(run["models"], (100.0, 120.0), (110.0, 126.5)):
         m["graph"] = {"1": {"tokens_per_s": eager, "runs": [eager, eager * 1.01]}}
         m["graph_compiled"] = {"1": {"tokens_per_s": compiled, "runs": [compiled]}}
-    text = speed_gpu.render([run])
-    assert "40%, batch 1: inductor's kernels replayed ×1.15 against eager kernels replayed ×1.20 (target: no lower: NOT met)." in text
-    assert "| 1.150 |" in text  # the column of inductor's kernels replayed, ×dense
+    run["models"][0]["prefill"] = {"tokens_per_s": 1000.0}
+    run["models"][1]["prefill"] = {"tokens_per_s": 1300.0}
+    text = speed_gpu.render([run, run])
+    assert "run 2, 40%, batch 1: inductor's kernels replayed ×1.15 against eager kernels replayed ×1.20 (target: no lower: NOT met)." in text
+    assert "| 2 | 40% | CUDA-graph decode, inductor's kernels | 126.500 | 1.150 | — | — |" in text
+    assert "| 1 | 40% | prefill (1×8 tokens) | 1300.000 | 1.300 | — | — |" in text  # no batch: the first columns
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -251,23 +254,46 @@ def test_gpu_speed_benchmark_decode_says_where_the_time_goes(benchmarks_on_path)
 
 
 def test_republished_table_says_the_command_that_republishes_it(benchmarks_on_path, monkeypatch, tmp_path):
-    """``--from-json`` of the published results file (here the GPU speed table's) keeps every run with
-    the command that measured it, and the table's Re-run line is the publishing command, not the
-    first run's (which would measure one run again, not give the table)."""
+    """``--from-json`` of the published results file (here the GPU speed table's) and a new run keeps
+    every run with the command that measured it, and the table's Re-run line publishes it again from
+    its results file — not the first run's command (which would measure one run, not give the table),
+    nor the files just given (which need not stay)."""
     import report
     import speed_gpu
 
     monkeypatch.setattr(report, "ROOT", tmp_path)
     (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
-    published = ROOT / "benchmarks" / "results" / "speed_gpu.json"
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / "benchmarks" / "speed_gpu.py"), "--from-json", str(published)])
+    results = ROOT / "benchmarks" / "results"
+    new = tmp_path / "new.json"
+    new.write_text((results / "speed_gpu_compile_int8_cut.json").read_text())
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "benchmarks" / "speed_gpu.py"), "--from-json",
+                                      str(results / "speed_gpu.json"), str(new)])
     speed_gpu.main()
-    before = json.loads(published.read_text())["runs"]
+    before = json.loads((results / "speed_gpu.json").read_text())["runs"] + [json.loads(new.read_text())]
     after = json.loads((tmp_path / "benchmarks" / "results" / "speed_gpu.json").read_text())
     assert [run["environment"]["command"] for run in after["runs"]] == [run["environment"]["command"] for run in before]
-    command = f"python benchmarks/speed_gpu.py --from-json {published}"
+    command = "python benchmarks/speed_gpu.py --from-json benchmarks/results/speed_gpu.json"
     assert after["environment"]["command"] == command
     assert f"Re-run: `{command}`" in (tmp_path / "docs" / "benchmarks" / "speed.md").read_text()
+
+
+def test_scale_extrapolation_puts_the_hidden_states_where_they_wait(benchmarks_on_path):
+    """The 70B slice at 32 sequences, extrapolated to 128, predicts what the slice at 128 measured (one
+    H200): with the hidden states in CPU memory their growth is host memory, not GPU memory; kept on
+    the GPU, the same growth is GPU memory."""
+    import scale
+
+    results = ROOT / "benchmarks" / "results"
+    small = json.loads((results / "scale_70b_slice2_offload.json").read_text())
+    measured = json.loads((results / "scale_70b_slice2_offload_128.json").read_text())
+    assert small["offload_activations"] and small["sequences"] == 32 and measured["sequences"] == 128
+    predicted = scale.extrapolate(small, 128)
+    assert predicted["peak_gib_per_gpu"] == pytest.approx(measured["peak_gib_per_gpu"], abs=0.5)
+    assert predicted["host_gib"] == pytest.approx(measured["extrapolated"]["host_gib"], abs=1.0)
+    on_gpu = scale.extrapolate({**small, "offload_activations": False}, 128)
+    streams = 2 * 96 * 2048 * scale.SHAPES["70b"]["hidden_size"] * 2 / 2**30  # 96 more sequences, two streams, bf16
+    assert on_gpu["peak_gib_per_gpu"][0] == pytest.approx(small["peak_gib_per_gpu"][0] + streams)
+    assert on_gpu["host_gib"] == pytest.approx(predicted["host_gib"] - streams)
 
 
 def test_scale_benchmark_publishes_from_its_published_results_and_new_runs(benchmarks_on_path, monkeypatch, tmp_path):
@@ -289,3 +315,4 @@ def test_scale_benchmark_publishes_from_its_published_results_and_new_runs(bench
     assert [(run["shape"], run["layers"]) for run in runs] == [("7b", 32), ("7b", 4), ("70b", 2)]
     table = (tmp_path / "docs" / "benchmarks" / "scale.md").read_text()
     assert "| Llama 70b shape, 2 of 80 layers | offload, hidden states in CPU memory |" in table
+    assert "Re-run: `python benchmarks/scale.py --from-json benchmarks/results/scale.json`" in table
