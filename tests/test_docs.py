@@ -239,6 +239,27 @@ def test_gpu_speed_benchmark_replays_eager_and_inductor_decode_steps(benchmarks_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speed_benchmark_replays_inductor_decode_steps_of_an_int8_model(benchmarks_on_path):
+    """The int8_graph part: a compressed model's block linears in torchao int8 weight-only, the step's
+    forward compiled by inductor and replayed from a CUDA graph, gives the tokens of the same steps
+    run unreplayed."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    import speed_gpu
+    from hf_wsvd import WSVDConfig, compress, unshare_input_factors
+
+    model = compress(tiny.build("llama", vocab_size=256).eval(), WSVDConfig(param_ratio=0.5),
+                     show_progress=False)[0].cuda().to(torch.bfloat16)
+    unshare_input_factors(model)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: type(m) is torch.nn.Linear and "lm_head" not in name)
+    args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_repeats=1)
+    torch._dynamo.reset()
+    result = speed_gpu.graph_decode(model, 1, args, compiled=True)
+    assert result["checked_tokens"] == 8 and result["tokens_per_s"] > 0
+    assert result["replay_matches_eager_tokens"] or result["first_step_min_top2_margin"] < 0.1  # bf16 near-ties only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_speed_benchmark_decode_says_where_the_time_goes(benchmarks_on_path):
     """Eager ``generate`` of a tiny model on the GPU: its kernels are a part of the wall time, the
     rest the host's, and the profiler's record of them does not replace the timings."""
