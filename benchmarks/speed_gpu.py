@@ -396,12 +396,12 @@ def render(runs: list[dict]) -> str:
                            (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
                            m.get("compress_seconds", "—")])
             for part, name in PART_NAMES.items():
+                batches = (None,) if part == "prefill" else ("1", "16")  # prefill: its own shape, first columns
                 cells = []
-                for batch in ("1", "16"):
-                    key = None if part == "prefill" else batch  # prefill: its own shape, in the first columns
-                    now = value(m, part, key) if key or batch == "1" else None
-                    dense = value(base, part, key) if base and now else None
+                for batch in batches:
+                    now, dense = value(m, part, batch), value(base, part, batch) if base else None
                     cells += [now if now is not None else "—", now / dense if now and dense else "—"]
+                cells += ["—", "—"] * (2 - len(batches))
                 if any(cell != "—" for cell in cells):
                     if part == "prefill":
                         name += f" ({run['prefill_shape'][0]}×{run['prefill_shape'][1]} tokens)"
