@@ -98,13 +98,14 @@ def extrapolate(result: dict, sequences: int) -> dict:
     scale_tokens = sequences / result["sequences"]
     extra_tokens = (sequences - result["sequences"]) * result["length"]
     streams = 2 * extra_tokens * SHAPES[result["shape"]]["hidden_size"] * 2 / 2**30
-    on_host = bool(result.get("offload_activations"))  # runs from before the option kept them on the GPU
+    # runs from before offload_activations existed kept the streams on the GPU
+    host_streams, gpu_streams = (streams, 0.0) if result.get("offload_activations") else (0.0, streams)
     host = result["host_peak_gib"] - (result["model_gib"] if result["placement"] == "offload" else 0)
     return {
         "sequences": sequences,
         "seconds": result["compress_seconds"] / result["layers"] * result["full_layers"] * scale_tokens,
-        "host_gib": host + (result["full_model_gib"] if result["placement"] == "offload" else 0) + on_host * streams,
-        "peak_gib_per_gpu": [g + (not on_host) * streams for g in result["peak_gib_per_gpu"] if g is not None],
+        "host_gib": host + (result["full_model_gib"] if result["placement"] == "offload" else 0) + host_streams,
+        "peak_gib_per_gpu": [g + gpu_streams for g in result["peak_gib_per_gpu"] if g is not None],
     }
 
 

@@ -36,9 +36,6 @@ from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, measu
                     shared_down_groups, token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
-# The parts that time decoding, each a {batch: result} dict in a model's JSON.
-DECODE_PARTS = ("decode", "graph", "graph_compiled", "graph_unshared", "compile", "compile_unshared", "int8",
-                "int8_graph")
 # Issue 21: a compiled runtime must not close the eager gap: (compiled part, its eager counterpart, what the note calls them).
 COMPILED_PAIRS = (("compile", "decode", "compiled", "eager"),
                   ("graph_compiled", "graph", "inductor's kernels replayed", "eager kernels replayed"))
@@ -53,6 +50,8 @@ PART_NAMES = {"prefill": "prefill", "graph": "CUDA-graph decode", "graph_compile
               "graph_unshared": "CUDA-graph decode, downs unshared", "decode": "generate",
               "compile": "compiled generate", "compile_unshared": "compiled generate, downs unshared",
               "int8": "int8 compiled generate", "int8_graph": "int8 CUDA-graph decode, inductor's kernels"}
+# The parts that time decoding, each a {batch: result} dict in a model's JSON.
+DECODE_PARTS = tuple(part for part in PART_NAMES if part != "prefill")
 PART_NOTES = ("generate is timed from the first new token;",
               "CUDA-graph decode replays one captured step (static cache) per token (inductor's kernels: the step's "
               "forward compiled by torch.compile, then captured);",

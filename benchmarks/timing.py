@@ -177,7 +177,8 @@ def measure_or_publish(name: str, args, measure, render) -> None:
     if args.json_out:
         print(render(payloads))
         return
-    publish(name, {**({"environment": republished(name)} if args.from_json else {}), "runs": payloads}, render(payloads))
+    environment = republished(name) if args.from_json else payloads[0]["environment"]  # measured here: this run's
+    publish(name, {"environment": environment, "runs": payloads}, render(payloads))
 
 
 def device_label(run: dict) -> str:
