@@ -312,11 +312,13 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             unshare_input_factors(model)
         if int8 and "int8_weights_gib" not in result:  # the int8 parts share one quantization
             # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
-            # block linears, then compiled decoding, which its kernels need to be fast.
+            # block linears, then compiled decoding, which its kernels need to be fast: torchao sets
+            # inductor's coordinate-descent tuning for them (untuned, dense int8 decodes 4.7x slower),
+            # which tunes each distinct kernel shape in turn.
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-            quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: type(m) is torch.nn.Linear
-                      and "lm_head" not in name)
+            quantize_(model, Int8WeightOnlyConfig(set_inductor_config=not args.int8_untuned),
+                      filter_fn=lambda m, name: type(m) is torch.nn.Linear and "lm_head" not in name)
             gc.collect()
             torch.cuda.empty_cache()
             result["int8_weights_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -345,7 +347,8 @@ def measure(args) -> dict:
     payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "layers": args.layers,
                "parts": args.parts, "recipe": json.loads(args.recipe), "calibration": args.calibration,
                "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
-               "new_tokens": args.new_tokens, "models": [], "environment": environment()}
+               "new_tokens": args.new_tokens, "int8_untuned": args.int8_untuned, "models": [],
+               "environment": environment()}
     start = time.perf_counter()
 
     def write(models: list[dict]) -> None:
@@ -376,6 +379,9 @@ def render(runs: list[dict]) -> str:
     models, timings, notes = [], [], []
     for number, run in enumerate(runs, 1):
         notes += [run["note"].rstrip(".") + "."] if run.get("note") else []
+        if run.get("int8_untuned"):
+            notes.append(f"run {number}: int8 parts without torchao's inductor settings (no coordinate-descent "
+                         "tuning of the kernels).")
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         for m in run["models"]:
@@ -451,7 +457,7 @@ def render(runs: list[dict]) -> str:
                 now, dense = value(m, part, batch), value(base, part, batch)
                 if now and dense:
                     name = "prefill" if part == "prefill" else f"CUDA-graph decode, batch {batch}"
-                    notes.append(f"{where}: {name} ×{now / dense:.2f} (target ≥{target}: "
+                    notes.append(f"{where}: {name} ×{now / dense:.3f} (target ≥{target}: "
                                  f"{verdict(now / dense >= target)}).")
     run = runs[0]
     model_table = markdown_table(
@@ -479,6 +485,9 @@ def main() -> None:
                              "unshare_input_factors (each layer its own down matmul); int8: compiled decoding after "
                              "torchao int8 weight-only quantization; int8_graph: graph_compiled after it (the int8 "
                              "parts come last: they quantize the model)")
+    parser.add_argument("--int8-untuned", action="store_true",
+                        help="the int8 parts without torchao's inductor settings (its coordinate-descent tuning of "
+                             "each kernel shape, which makes the first compilation of a compressed model long)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")

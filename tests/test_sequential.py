@@ -167,3 +167,15 @@ def test_compensation_lowers_the_layers_output_error_against_the_dense_model():
 def test_compensation_options_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WSVDConfig(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pipelines move a CPU model only to a CUDA accelerator")
+@pytest.mark.parametrize("sequential", [False, True])
+def test_compress_gives_the_model_back_on_the_device_it_came_on(sequential):
+    """The whole-model pipeline works with the model on the accelerator, the sequential one moves
+    blocks there; either way a model given on the CPU comes back on the CPU and runs on CPU inputs."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    config = WSVDConfig(method="whiten", param_ratio=0.6, sequential=sequential)
+    model, _ = compress(model, config, loader, show_progress=False)
+    assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"cpu"}
+    assert torch.isfinite(model(**tiny.inputs("llama")).logits).all()

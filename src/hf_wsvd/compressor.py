@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from .integrations.checkpoint import parameter_counts, target_counts
+from .blocks import home_device, is_dispatched
 from .config import WSVDConfig
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
@@ -92,7 +93,9 @@ def compress(
     ``torchrun`` each process takes its share of ``data`` (pass an ``accelerator`` built with
     ``even_batches=False``, or none); every process ends with the same model. The returned model
     saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
-    that read the same input share their down matmul at inference (``share_input_factors``).
+    that read the same input share their down matmul at inference (``share_input_factors``). The
+    work runs on the accelerator; the model ends on the device it came on (a dispatched model keeps
+    its placement).
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
@@ -129,7 +132,12 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics or Statistics(), {}, show_progress)
-    ranks = run(job)
+    home = None if is_dispatched(model) else home_device(model)
+    try:
+        ranks = run(job)
+    finally:
+        if home is not None:  # the pipelines work on the accelerator; the model goes back where it was given
+            model.to(home)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")
