@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from .integrations.checkpoint import parameter_counts, target_counts
-from .blocks import home_device, is_dispatched
+from .blocks import is_dispatched
 from .config import WSVDConfig
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
@@ -94,7 +94,7 @@ def compress(
     ``even_batches=False``, or none); every process ends with the same model. The returned model
     saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
     that read the same input share their down matmul at inference (``share_input_factors``). The
-    work runs on the accelerator; the model ends on the device it came on (a dispatched model keeps
+    work runs on the accelerator; a model given on one device ends on it (a dispatched model keeps
     its placement).
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
@@ -132,7 +132,9 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics or Statistics(), {}, show_progress)
-    home = None if is_dispatched(model) else home_device(model)
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    # one device: where the model goes back; placed by accelerate or by hand over several: left as the pipeline leaves it
+    home = devices.pop() if len(devices) == 1 and not is_dispatched(model) else None
     try:
         ranks = run(job)
     finally:
