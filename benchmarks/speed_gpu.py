@@ -312,9 +312,9 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             unshare_input_factors(model)
         if int8 and "int8_weights_gib" not in result:  # the int8 parts share one quantization
             # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
-            # block linears, then compiled decoding, which its kernels need to be fast: torchao sets
-            # inductor's coordinate-descent tuning for them (untuned, dense int8 decodes 4.7x slower),
-            # which tunes each distinct kernel shape in turn.
+            # block linears, then compiled decoding, which its kernels need to be fast: torchao turns on
+            # inductor's coordinate-descent tuning for the process (untuned, dense int8 decodes 4.4-4.7x
+            # slower), which tunes each distinct kernel shape in turn.
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
             quantize_(model, Int8WeightOnlyConfig(set_inductor_config=not args.int8_untuned),
@@ -359,8 +359,13 @@ def measure(args) -> dict:
             os.replace(partial, args.json_out)
 
     for reduction in args.reductions:
-        payload["models"].append(measure_model(
-            reduction, args, lambda result: write([*payload["models"], {**result, "incomplete": True}])))
+        # torchao's int8 settings change inductor's config for the process: each model from the same one
+        inductor = torch._inductor.config.save_config()
+        try:
+            payload["models"].append(measure_model(
+                reduction, args, lambda result: write([*payload["models"], {**result, "incomplete": True}])))
+        finally:
+            torch._inductor.config.load_config(inductor)
         write(payload["models"])
     return payload
 
@@ -379,9 +384,10 @@ def render(runs: list[dict]) -> str:
     models, timings, notes = [], [], []
     for number, run in enumerate(runs, 1):
         notes += [run["note"].rstrip(".") + "."] if run.get("note") else []
-        if run.get("int8_untuned"):
-            notes.append(f"run {number}: int8 parts without torchao's inductor settings (no coordinate-descent "
-                         "tuning of the kernels).")
+        untuned = run.get("int8_untuned") and any(part.startswith("int8") for part in run["parts"])
+        if untuned:
+            notes.append(f"run {number}: int8 parts untuned, without torchao's inductor settings (no "
+                         "coordinate-descent tuning of the kernels).")
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         for m in run["models"]:
@@ -410,6 +416,8 @@ def render(runs: list[dict]) -> str:
                 if any(cell != "—" for cell in cells):
                     if part == "prefill":
                         name += f" ({run['prefill_shape'][0]}×{run['prefill_shape'][1]} tokens)"
+                    if untuned and part.startswith("int8"):
+                        name += " (untuned)"
                     timings.append([number, f"{m['reduction']:.0%}", name, *cells])
             for part, batch, entry in [(p, b, e) for p in ("compile", "compile_unshared", "int8") for b, e in m.get(p, {}).items()]:
                 if isinstance(entry, dict) and entry.get("tokens_equal_eager") is False:

@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .integrations.checkpoint import parameter_counts, target_counts
 from .blocks import is_dispatched
+from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
@@ -94,8 +94,8 @@ def compress(
     ``even_batches=False``, or none); every process ends with the same model. The returned model
     saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
     that read the same input share their down matmul at inference (``share_input_factors``). The
-    work runs on the accelerator; a model given on one device ends on it (a dispatched model keeps
-    its placement).
+    work runs on the accelerator; a model given on one device ends on it, a dispatched model keeps
+    its placement, and one spread by hand over several devices may end on the accelerator.
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
@@ -132,13 +132,14 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics or Statistics(), {}, show_progress)
+    # a model on one device goes back there; accelerate's placement, or one made by hand over several
+    # devices, is left as the pipeline leaves it
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
-    # one device: where the model goes back; placed by accelerate or by hand over several: left as the pipeline leaves it
     home = devices.pop() if len(devices) == 1 and not is_dispatched(model) else None
     try:
         ranks = run(job)
     finally:
-        if home is not None:  # the pipelines work on the accelerator; the model goes back where it was given
+        if home is not None:
             model.to(home)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "

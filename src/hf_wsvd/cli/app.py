@@ -129,6 +129,7 @@ def _compress(args: argparse.Namespace) -> None:
     import torch
 
     from .. import compress
+    from ..blocks import is_dispatched
     from .commands import card_evaluation, check_data, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
@@ -163,9 +164,13 @@ def _compress(args: argparse.Namespace) -> None:
         if config.quantize and config.method != "quantized_residual":
             from ..integrations.quantization import quantization_config, quantize
 
-            # Quantized from the stored dtype, as from_pretrained(OUTPUT, quantization_config=...) would.
+            # Quantized from the stored dtype, as from_pretrained(OUTPUT, quantization_config=...) would,
+            # onto the accelerator (compress gives the model back on the CPU it was loaded on; some
+            # formats' kernels are GPU-only, and the evaluation below runs where the model is).
+            on_accelerator = accelerator.device.type != "cpu" and not is_dispatched(model)
+            placement = {"device_map": {"": str(accelerator.device)}} if on_accelerator else {}
             model = quantize(model.to(save_dtype or model.dtype),
-                             quantization_config(config.quantize, config.quantize_group_size))
+                             quantization_config(config.quantize, config.quantize_group_size), **placement)
         evaluation = card_evaluation(model, tokenizer, args)  # before the dtype change (float32 unless quantized)
         if save_dtype is not None and not config.quantize:
             model.to(save_dtype)
