@@ -204,6 +204,13 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "run 2, 40%, batch 1: inductor's kernels replayed ×1.15 against eager kernels replayed ×1.20 (target: no lower: NOT met)." in text
     assert "| 2 | 40% | CUDA-graph decode, inductor's kernels | 126.500 | 1.150 | — | — |" in text
     assert "| 1 | 40% | prefill (1×8 tokens) | 1300.000 | 1.300 | — | — |" in text  # no batch: the first columns
+    # int8 measured without torchao's tuning: its rows say so, and the run's notes
+    for m, tokens in zip(run["models"], (16.9, 21.6)):
+        m["int8_graph"] = {"1": {"tokens_per_s": tokens}}
+    text = speed_gpu.render([{**run, "parts": ["int8_graph"], "int8_untuned": True}])
+    assert "| 1 | 40% | int8 CUDA-graph decode, inductor's kernels (untuned) | 21.600 | 1.278 | — | — |" in text
+    assert "run 1: int8 parts untuned" in text
+    assert "(untuned)" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
