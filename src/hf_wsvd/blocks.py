@@ -42,6 +42,20 @@ def is_dispatched(model: nn.Module) -> bool:
     return hooked(model)
 
 
+@contextlib.contextmanager
+def given_back(model: nn.Module) -> Iterator[None]:
+    """Whatever moves ``model`` for the duration, it ends on the device it was on: a model on one
+    device that accelerate did not place goes back there (also after an error); a dispatched model
+    keeps its placement, and one spread by hand over several devices stays where it was moved."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    home = devices.pop() if len(devices) == 1 and not is_dispatched(model) else None
+    try:
+        yield
+    finally:
+        if home is not None:
+            model.to(home)
+
+
 def home_device(module: nn.Module) -> torch.device:
     """The device of ``module``'s first parameter or buffer (CPU for an empty module)."""
     for tensor in (*module.parameters(), *module.buffers()):

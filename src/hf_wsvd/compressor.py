@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .blocks import is_dispatched
+from .blocks import given_back
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
 from .pipelines.step import Job, run
@@ -132,15 +132,8 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics or Statistics(), {}, show_progress)
-    # a model on one device goes back there; accelerate's placement, or one made by hand over several
-    # devices, is left as the pipeline leaves it
-    devices = {t.device for t in (*model.parameters(), *model.buffers())}
-    home = devices.pop() if len(devices) == 1 and not is_dispatched(model) else None
-    try:
+    with given_back(model):
         ranks = run(job)
-    finally:
-        if home is not None:
-            model.to(home)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")

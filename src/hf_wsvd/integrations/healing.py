@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
+from ..blocks import given_back
 from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
 
@@ -126,14 +127,16 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
     student.eval()
     teacher.eval()
     device = next(student.parameters()).device
-    teacher.to(device)
     total, tokens = 0.0, 0.0
     loader = DataLoader(list(blocks), batch_size=batch_size, collate_fn=default_data_collator)
-    for batch in tqdm(loader, desc="distillation loss", disable=not show_progress):
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        count = float(batch["attention_mask"].sum())
-        total += float(token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"])) * count
-        tokens += count
+    with given_back(teacher):  # computed beside the student, then back where it was
+        teacher.to(device)
+        for batch in tqdm(loader, desc="distillation loss", disable=not show_progress):
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            count = float(batch["attention_mask"].sum())
+            kl = token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"])
+            total += float(kl) * count
+            tokens += count
     return total / max(tokens, 1.0)
 
 
@@ -267,7 +270,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     """Distill ``teacher`` into the compressed ``student`` on ``train_blocks`` (dicts of equal-length
     ``input_ids`` and ``attention_mask``, e.g. from ``hf_wsvd.data.text_blocks``); the distillation
     loss is measured on ``heldout_blocks`` before and after. Returns the healed student (LoRA
-    merged) and a report."""
+    merged) and a report. Both models train on the GPU where there is one and end on the devices
+    they came on."""
     config = config or HealConfig()
     check_student(student)
     check_teacher(student, teacher)
@@ -276,39 +280,41 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
                          f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda if config.bf16 is None else config.bf16
-    if use_cuda:
-        student.to("cuda")
-        teacher.to("cuda")
-    evaluation_batch = config.batch_size
-    before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
-    # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
-    initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
-    trained = _trainable_factors(student, config.lora_rank)
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
-        arguments = TrainingArguments(
-            output_dir=scratch, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
-            weight_decay=0.0, bf16=bf16, save_strategy="no", report_to=[], logging_steps=max(1, config.steps // 10),
-            disable_tqdm=not show_progress, remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
-            use_cpu=not use_cuda, dataloader_pin_memory=use_cuda,
-        )
-        trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
-                                      data_collator=default_data_collator, teacher=teacher,
-                                      temperature=config.temperature, hidden_weight=config.hidden_weight)
-        trainer.train()
-        # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
-        # healed model computes in its own precision again (evaluation, saving, later use).
-        trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
-    seconds = time.perf_counter() - start
-    if config.lora_rank is not None:
-        student = trained.merge_and_unload()
-    student.requires_grad_(False)
-    after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
-    kept = after <= before
-    if not kept:
-        logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
-                       "compressed weights are kept; heal with more steps or a lower learning rate")
-        student.load_state_dict(initial)
-    return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept)
+    # both train on the GPU where there is one, and go back where they were
+    with given_back(student), given_back(teacher):
+        if use_cuda:
+            student.to("cuda")
+            teacher.to("cuda")
+        evaluation_batch = config.batch_size
+        before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+        # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
+        initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
+        trained = _trainable_factors(student, config.lora_rank)
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
+            arguments = TrainingArguments(
+                output_dir=scratch, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+                learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+                weight_decay=0.0, bf16=bf16, save_strategy="no", report_to=[], logging_steps=max(1, config.steps // 10),
+                disable_tqdm=not show_progress, remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
+                use_cpu=not use_cuda, dataloader_pin_memory=use_cuda,
+            )
+            trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
+                                          data_collator=default_data_collator, teacher=teacher,
+                                          temperature=config.temperature, hidden_weight=config.hidden_weight)
+            trainer.train()
+            # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
+            # healed model computes in its own precision again (evaluation, saving, later use).
+            trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
+        seconds = time.perf_counter() - start
+        if config.lora_rank is not None:
+            student = trained.merge_and_unload()
+        student.requires_grad_(False)
+        after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+        kept = after <= before
+        if not kept:
+            logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
+                           "compressed weights are kept; heal with more steps or a lower learning rate")
+            student.load_state_dict(initial)
+        return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept)

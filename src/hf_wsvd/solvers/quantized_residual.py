@@ -92,6 +92,7 @@ def quantized_residual(
     """``(quantized model, residual ranks, job)``: ``model`` (dense, left unchanged) quantized by
     ``config.quantize`` the stock way in ``dtype`` (default: its own), each of ``targets``
     (base-model-relative name → module name) with its correction fitted on ``data``."""
+    from ..blocks import given_back
     from ..pipelines.step import Job
     from ..config import GROUPED_QUANTIZE_SPECS
     from ..pipelines.whole_model import collect
@@ -112,10 +113,9 @@ def quantized_residual(
     if job.needs and data is None and not job.statistics.has(targets, job.needs):
         raise ValueError(f"quantized_residual with residual_method={config.residual_method!r} needs "
                          f"{', '.join(sorted(job.needs))} statistics: pass calibration data")
-    device = next(model.parameters()).device
-    model.to(job.accelerator.device)
-    collect(job, targets)
-    model.to(device)
+    with given_back(model):  # statistics on the accelerator; quantized from the model's own device
+        model.to(job.accelerator.device)
+        collect(job, targets)
     with job.timed("quantize"):
         quantized = quantize(model, quantization_config(config.quantize, group), dtype=dtype)
     ranks = {}
@@ -141,16 +141,15 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
     (see the module); returns block index → the block's relative output error before and after
     (equal where training did not lower it and was undone). Both models run on the job's device
     for the duration."""
-    from ..blocks import block_list, detached_copy, home_device, run_block
+    from ..blocks import block_list, detached_copy, given_back, run_block
     from ..integrations.quantization import dequantized_modules
     from ..pipelines.modifiers.refinement import train_block
     from ..pipelines.sequential import capture
 
     device = job.accelerator.device
-    homes = [(m, home_device(m)) for m in (job.model, quantized)]
     refined = {}
-    try:
-        for model, _ in homes:
+    with given_back(job.model), given_back(quantized):
+        for model in (job.model, quantized):
             model.to(device)
         dense_blocks, blocks = block_list(job.model)[1], block_list(quantized)[1]
         dense_stream, stream = capture(job, dense_blocks[0]), capture(dataclasses.replace(job, model=quantized), blocks[0])
@@ -173,9 +172,6 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
                                 getattr(layer, factor).weight.copy_(getattr(work.get_submodule(path), factor).weight)
             run_block(block, stream, device)
             dense_stream = targets
-    finally:
-        for model, home in homes:
-            model.to(home)
     return refined
 
 

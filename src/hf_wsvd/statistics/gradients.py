@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..blocks import (
-    block_list, first_output, input_device, is_dispatched, outside_blocks_on, placed, split_hidden, with_hidden,
+    block_list, first_output, given_back, input_device, is_dispatched, outside_blocks_on, placed, split_hidden,
+    with_hidden,
     without_cache,
 )
 from ..runtime.factorized_linear import linear_shape
@@ -176,9 +177,10 @@ def gradient_statistics(
     ``loss_fn`` for each of ``modules`` (name → module) over ``data`` (batches with ``labels``).
 
     In several processes each one takes its share of the batches; sums and example counts are
-    added across processes before dividing, so the result equals a single-process run. The model
-    stays where it is (blocks kept in CPU memory visit the accelerator one at a time) when every
-    module lies in its block list; otherwise it moves to the accelerator unless dispatched.
+    added across processes before dividing, so the result equals a single-process run. The
+    statistics are on the accelerator. The model stays where it is (blocks kept in CPU memory visit
+    the accelerator one at a time) when every module lies in its block list; otherwise, unless
+    dispatched, it visits the accelerator and goes back.
     """
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
@@ -187,39 +189,38 @@ def gradient_statistics(
     except ValueError:
         prefix, blocks = "", None
     streamed = blocks is not None and _inside(modules, blocks)
-    if not streamed and not is_dispatched(model):
-        model.to(device)
-
-    was_training = model.training
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    hooks = GradientHooks(modules, needs)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    with contextlib.ExitStack() as stack:
-        stack.callback(hooks.remove)
-        if streamed:
-            stack.enter_context(outside_blocks_on(model, prefix, device))
-            replay = stack.enter_context(BlockwiseBackward(blocks, device))
-        else:
-            # Activations must carry gradients although no parameter does.
-            handle = model.get_input_embeddings().register_forward_hook(
-                lambda module, args, output: output.requires_grad_(True))
-            stack.callback(handle.remove)
-        try:
-            for batch in batches(data, accelerator, input_device(model, device), "Fisher", show_progress):
-                if "labels" not in batch:
-                    raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
-                                     "information needs the task loss; give labels (causal LMs: the input ids)")
-                losses = loss_fn(model, batch).sum()
-                replay.backward(losses) if streamed else losses.backward()
-                count += batch["labels"].shape[0]
-        finally:
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-            model.train(was_training)
-
+    with given_back(model):  # a model moved to the accelerator goes back where it was
+        if not streamed and not is_dispatched(model):
+            model.to(device)
+        was_training = model.training
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        hooks = GradientHooks(modules, needs)
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        with contextlib.ExitStack() as stack:
+            stack.callback(hooks.remove)
+            if streamed:
+                stack.enter_context(outside_blocks_on(model, prefix, device))
+                replay = stack.enter_context(BlockwiseBackward(blocks, device))
+            else:
+                # Activations must carry gradients although no parameter does.
+                handle = model.get_input_embeddings().register_forward_hook(
+                    lambda module, args, output: output.requires_grad_(True))
+                stack.callback(handle.remove)
+            try:
+                for batch in batches(data, accelerator, input_device(model, device), "Fisher", show_progress):
+                    if "labels" not in batch:
+                        raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
+                                         "information needs the task loss; give labels (causal LMs: the input ids)")
+                    losses = loss_fn(model, batch).sum()
+                    replay.backward(losses) if streamed else losses.backward()
+                    count += batch["labels"].shape[0]
+            finally:
+                for p, flag in requires_grad.items():
+                    p.requires_grad_(flag)
+                model.train(was_training)
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
         raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")

@@ -100,26 +100,27 @@ def input_statistics(
     accelerator: Accelerator | None = None,
     show_progress: bool = True,
 ) -> Statistics:
-    """The input statistics ``needs`` of ``modules`` (name → module) over ``data``, in one forward
-    pass of the whole model where it is placed (or on the accelerator when it sits on CPU);
-    across processes the sums and token counts are added before dividing, so the result equals a
-    single-process run."""
-    from ..blocks import input_device, is_dispatched
+    """The input statistics ``needs`` of ``modules`` (name → module) over ``data``, on the accelerator,
+    in one forward pass of the whole model where it is placed (a model on one device visits the
+    accelerator and goes back); across processes the sums and token counts are added before
+    dividing, so the result equals a single-process run."""
+    from ..blocks import given_back, input_device, is_dispatched
 
     accelerator = accelerator or default_accelerator()
-    if not is_dispatched(model):
-        model.to(accelerator.device)
-    device = input_device(model, accelerator.device)
-    was_training = model.training
-    model.eval()
-    hooks = InputHooks(modules, needs)
-    try:
-        for batch in batches(data, accelerator, device, "activations", show_progress):
-            hooks.new_batch(batch.get("attention_mask"))
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        hooks.remove()
-        model.train(was_training)
+    with given_back(model):
+        if not is_dispatched(model):
+            model.to(accelerator.device)
+        device = input_device(model, accelerator.device)
+        was_training = model.training
+        model.eval()
+        hooks = InputHooks(modules, needs)
+        try:
+            for batch in batches(data, accelerator, device, "activations", show_progress):
+                hooks.new_batch(batch.get("attention_mask"))
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            hooks.remove()
+            model.train(was_training)
     hooks.reduce(accelerator, accelerator.device)
     stats = hooks.result()
     if not stats.tokens:
