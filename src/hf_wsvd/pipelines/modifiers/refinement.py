@@ -14,10 +14,12 @@ cosine. Each step reads ``BATCHES_PER_STEP`` stored calibration batches, in orde
 
 The block trains as a float32 copy on the device where it runs (bf16 autocast on CUDA); its layers
 are written back, in the model's dtype and offloaded again where accelerate offloaded them, only if
-the loss over all calibration data fell (the relative error recorded for each block, before and after). Several processes: process p holds the
-global batches p, p + P, ... (accelerate's sharding); a step reads the same global batches whatever
-the number of processes and the gradients are summed across processes, so every process takes the
-steps one process would take, and ends with the same weights (broadcast from process 0).
+the loss over all calibration data fell (the relative error recorded for each block, before and after,
+measured in the model's own precision: bf16 autocast on CUDA only for a half-precision model).
+Several processes: process p holds the global batches p, p + P, ... (accelerate's sharding); a step
+reads the same global batches whatever the number of processes and the gradients are summed across
+processes, so every process takes the steps one process would take, and ends with the same weights
+(broadcast from process 0).
 
 ``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
@@ -94,10 +96,14 @@ def train_block(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter
         p.grad = torch.zeros_like(p)
     pairs = [(hidden, kwargs, mask, target) for (hidden, kwargs, mask), (target, _, _) in zip(inputs, targets)]
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # The errors that decide whether the training is kept are the model's own: in bf16 only for a
+    # model that computes in half precision (a float32 block's error under bf16 autocast is mostly
+    # rounding, and at full rank training on it would replace exact factors with worse ones).
+    measured = dict(amp, enabled=amp["enabled"] and job.model.dtype in (torch.bfloat16, torch.float16))
     indices, tokens = _global_batches(pairs, device, job.accelerator)
-    before = _error(work, pairs, tokens, device, amp, job.accelerator)
+    before = _error(work, pairs, tokens, device, measured, job.accelerator)
     _train(job, work, params, pairs, indices, tokens, device, amp, desc)
-    return before, _error(work, pairs, tokens, device, amp, job.accelerator)
+    return before, _error(work, pairs, tokens, device, measured, job.accelerator)
 
 
 def _like(layer: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
