@@ -358,8 +358,25 @@ def test_nan_weight_names_the_layer(project, capsys):
         model.bert.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
     tiny.save(model, project / "nan")
     assert run(["compress", str(project / "nan"), str(project / "out"), "--method", "svd"]) == 2
-    assert "non-finite factors for 'encoder.layer.1.output.dense'" in one_error(capsys)
+    # said before any decomposition, the same on every device (CUDA's eigh raises on NaN)
+    assert "layer 'encoder.layer.1.output.dense' has non-finite weights (NaN or inf)" in one_error(capsys)
     assert not (project / "out").exists()
+
+
+def test_a_failed_or_non_finite_decomposition_names_the_layer():
+    """Statistics or weights that a decomposition cannot take: the error says which layer, whether
+    the decomposition raises (CUDA's eigh on NaN; CPU's here) or returns non-finite factors."""
+    import dataclasses
+
+    from hf_wsvd.solvers import SOLVERS, LayerProblem
+
+    svd, problem = SOLVERS["svd"], LayerProblem("layers.0.fc", torch.randn(6, 5, dtype=torch.float64), 2, None)
+    raising = dataclasses.replace(svd, solve=lambda problem: torch.linalg.cholesky(-torch.eye(2)))
+    with pytest.raises(torch.linalg.LinAlgError, match=r"^'layers.0.fc': linalg\.cholesky"):
+        raising.finite_solve(problem)
+    silent = dataclasses.replace(svd, solve=lambda problem: (torch.full((6, 2), float("nan")), torch.ones(2, 5)))
+    with pytest.raises(FloatingPointError, match="svd produced non-finite factors for 'layers.0.fc'"):
+        silent.finite_solve(problem)
 
 
 def test_batches_without_labels_through_the_api():

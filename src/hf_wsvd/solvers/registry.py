@@ -110,11 +110,13 @@ SOLVERS: Registry[Solver] = Registry("method", __package__, BUILTIN_METHODS)
 
 @contextmanager
 def naming_the_layer(name: str) -> Iterator[None]:
-    """A solver's error about the layer ``name`` (its data: NaN statistics, a rank it cannot take)
-    says which layer, where the message does not already."""
+    """A solver's error about the layer ``name`` (its data: NaN statistics, a rank it cannot take, a
+    decomposition that fails on them) says which layer, where the message does not already."""
+    import torch  # here, not at the top (see the module)
+
     try:
         yield
-    except (ValueError, FloatingPointError) as error:
+    except (ValueError, FloatingPointError, torch.linalg.LinAlgError) as error:  # LinAlgError: CUDA's on NaN
         if name in str(error):
             raise
         try:
