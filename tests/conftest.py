@@ -4,8 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tests never reach the Hub: with transformers' default hub kernels (the `kernels` package) a CUDA
+# machine would fetch kernel code at load and train time, and offline fail there, not here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("USE_HUB_KERNELS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Python subprocesses of the tests import this checkout's package too (pyproject's pytest
@@ -51,18 +56,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def two_process_results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("stats_2proc")
+def _worker_results(tmp_path_factory, processes: int) -> list[dict]:
+    """stats_worker.py run by torchrun in ``processes`` CPU processes: each process's results."""
+    outdir = tmp_path_factory.mktemp(f"stats_{processes}proc")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         str(TESTS / "stats_worker.py"), str(outdir),
     ]
     proc = subprocess.run(command, env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
-    results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2) if (outdir / f"rank{r}.pt").exists()]
+    results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(processes)
+               if (outdir / f"rank{r}.pt").exists()]
     details = [r.get("exception") for r in results if r.get("exception")]
     assert proc.returncode == 0, f"{details}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert len(results) == 2
+    assert len(results) == processes
     return results
+
+
+@pytest.fixture(scope="session")
+def two_process_results(tmp_path_factory):
+    return _worker_results(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="session")
+def one_process_result(tmp_path_factory):
+    """What the two processes must equal: the same worker in one process, on the CPU like them (in
+    the test's own process the pipeline would run on a GPU where there is one)."""
+    return _worker_results(tmp_path_factory, 1)[0]

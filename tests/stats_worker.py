@@ -94,6 +94,20 @@ def activations_of(model, loader, modules, accelerator=None) -> dict:
             for name, values in stats.values.items()}
 
 
+def offload_one_block(model) -> torch.device:
+    """The tiny Llama on the accelerator (where compress computes; the CPU here) with block 1's
+    weights kept off it by accelerate's CPU offload (meta outside forward, executed there); returns
+    that device."""
+    from accelerate import cpu_offload
+
+    from hf_wsvd.statistics import default_accelerator
+
+    device = default_accelerator().device
+    model.to(device)
+    cpu_offload(model.model.layers[1], execution_device=device)
+    return device
+
+
 # The recommended LLM recipe (block refinement included), run by the compression pipeline in one and
 # in two processes.
 PIPELINE_RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=True, param_ratio=0.5,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from stats_worker import DISTRIBUTED_BATCH, DISTRIBUTED_CASES, DISTRIBUTED_EXAMPLES, activations_of, case_inputs
+from stats_worker import DISTRIBUTED_CASES, activations_of, case_inputs
+
+from hf_wsvd.statistics import default_accelerator
 
 
-def _direct(model, loader, modules):
+def _direct(model, loader, modules, device):
     """Inputs of every target captured by plain hooks, padding dropped, statistics in float64."""
     captured = {name: [] for name in modules}
     masks = []
@@ -15,21 +17,22 @@ def _direct(model, loader, modules):
                for name, m in modules.items()]
     with torch.no_grad():
         for batch in loader:
-            masks.append(batch["attention_mask"].bool())
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            masks.append(batch["attention_mask"].bool().to(device))
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     for h in handles:
         h.remove()
     result = {}
     for name, inputs in captured.items():
         x = torch.cat([i[m].double() for i, m in zip(inputs, masks)])
-        result[name] = (x.T @ x / len(x), x.abs().mean(0), len(x))
+        result[name] = ((x.T @ x / len(x)).cpu(), x.abs().mean(0).cpu(), len(x))
     return result
 
 
 def test_statistics_equal_a_direct_computation():
     model, loader, modules, _ = case_inputs("llama_causal_lm", 5, 2)
-    stats = activations_of(model, loader, modules)
-    direct = _direct(model, loader, modules)
+    device = default_accelerator().device  # where the statistics are computed: the direct maths too, to the bit
+    stats = activations_of(model.to(device), loader, modules)
+    direct = _direct(model, loader, modules, device)
     real_tokens = sum(int(b["attention_mask"].sum()) for b in loader)
     assert real_tokens < 5 * 6  # some padding was excluded
     for name, (gram, mean_abs, count) in direct.items():
@@ -40,10 +43,9 @@ def test_statistics_equal_a_direct_computation():
     assert all(not m._forward_pre_hooks for m in modules.values())
 
 
-def test_two_processes_equal_one(two_process_results):
+def test_two_processes_equal_one(two_process_results, one_process_result):
     for case in DISTRIBUTED_CASES:
-        model, loader, modules, _ = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-        single = activations_of(model, loader, modules)
+        single = one_process_result[f"{case}/activations"]
         for result in two_process_results:
             multi = result[f"{case}/activations"]
             assert set(multi) == set(single)

@@ -10,10 +10,8 @@ from torch.utils.data import DataLoader
 from stats_worker import (
     fisher_of,
     CASES,
-    DISTRIBUTED_BATCH,
     DISTRIBUTED_CASES,
     DISTRIBUTED_EXAMPLES,
-    SINGLE_BATCH,
     SINGLE_BATCH_EXAMPLES,
     build_model,
     case_inputs,
@@ -102,10 +100,11 @@ def test_matches_per_example_autograd_and_restores_model(case):
         fisher = result[name]
         in_features, out_features = linear_shape(module)
         assert fisher.shape == (out_features, in_features)
-        assert fisher.dtype == torch.float32 and fisher.device.type == "cpu"
+        # computed on the accelerator and left there (the model, on the CPU, stays there)
+        assert fisher.dtype == torch.float32 and fisher.device.type == default_accelerator().device.type
         assert expected[name].abs().max() > 0, name
         scale = expected[name].abs().max().item()
-        torch.testing.assert_close(fisher.double(), expected[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+        torch.testing.assert_close(fisher.double().cpu(), expected[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
     # Eval mode is put back too.
     fisher_of(model, make_loader(examples, 3), modules, loss_fn)
@@ -134,15 +133,14 @@ def test_empty_dataloader_raises():
     assert all(not m._forward_hooks for m in modules.values())
 
 
-def test_two_processes_equal_one(two_process_results):
+def test_two_processes_equal_one(two_process_results, one_process_result):
     ranks = two_process_results
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["num_processes"] == 2 for r in ranks)
+    assert all(r["num_processes"] == 2 for r in ranks) and one_process_result["num_processes"] == 1
     for case in DISTRIBUTED_CASES:
         # The shards are uneven (4 + 3 examples) and together hold every example once.
         assert sorted(r[f"{case}/local_examples"] for r in ranks) == [3, 4]
-        model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-        single, examples = fisher_of(model, loader, modules, loss_fn, default_accelerator())
+        single, examples = one_process_result[case]["fisher"], one_process_result[case]["num_examples"]
         assert examples == DISTRIBUTED_EXAMPLES
         for r in ranks:
             assert r[case]["num_examples"] == DISTRIBUTED_EXAMPLES
@@ -152,12 +150,11 @@ def test_two_processes_equal_one(two_process_results):
             assert difference < 1e-5, (case, difference)
 
 
-def test_two_processes_one_batch(two_process_results):
+def test_two_processes_one_batch(two_process_results, one_process_result):
     """One process gets no batch; it still joins the reduction with zeros."""
     ranks = two_process_results
     assert sorted(r["single_batch/local_examples"] for r in ranks) == [0, SINGLE_BATCH_EXAMPLES]
-    model, loader, modules, loss_fn = case_inputs(DISTRIBUTED_CASES[0], SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
-    single, _ = fisher_of(model, loader, modules, loss_fn)
+    single = one_process_result["single_batch"]["fisher"]
     for r in ranks:
         assert r["single_batch"]["num_examples"] == SINGLE_BATCH_EXAMPLES
         assert max_relative_difference(r["single_batch"]["fisher"], single) < 1e-5

@@ -18,7 +18,7 @@ from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
 from hf_wsvd.integrations.healing import HealConfig, heal
 from hf_wsvd.methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, select_channels
-from hf_wsvd.statistics import GRAM, input_statistics
+from hf_wsvd.statistics import GRAM, default_accelerator, input_statistics
 from stats_worker import case_inputs
 
 
@@ -137,7 +137,8 @@ def test_the_pipeline_installs_what_select_channels_chooses_on_the_whole_models_
     the producers keep the rows ``select_channels`` chooses on the consumer's input Gram, the
     consumer its refitted weight, to the bit."""
     model, loader, _, _ = case_inputs("llama_causal_lm", 12, 4)
-    dense = copy.deepcopy(model)
+    # where the pipeline computes (the CPU here): the maths by hand there too, to the bit
+    dense = copy.deepcopy(model).to(default_accelerator().device)
     config = WSVDConfig(method="whiten", param_ratio=0.6, pipeline="whole_model", rank_multiple=1, mlp_pruning=True,
                         allocation="uniform", compute_dtype="float64")
     model, report = compress(model, config, loader, show_progress=False)
@@ -146,9 +147,9 @@ def test_the_pipeline_installs_what_select_channels_chooses_on_the_whole_models_
         mlp, reference = model.model.layers[index].mlp, dense.model.layers[index].mlp
         gram = input_statistics(dense, loader, {"down": reference.down_proj}, {GRAM}, show_progress=False).get("down", GRAM)
         kept, refit = select_channels(reference.down_proj.weight.double(), gram, None, keep, config.compensation_ridge)
-        assert torch.equal(mlp.gate_proj.weight, reference.gate_proj.weight[kept])
-        assert torch.equal(mlp.up_proj.weight, reference.up_proj.weight[kept])
-        assert torch.equal(mlp.down_proj.weight, refit.float())
+        assert torch.equal(mlp.gate_proj.weight, reference.gate_proj.weight[kept].cpu())
+        assert torch.equal(mlp.up_proj.weight, reference.up_proj.weight[kept].cpu())
+        assert torch.equal(mlp.down_proj.weight, refit.float().cpu())
     assert len(report.pruned) == 6
 
 

@@ -17,7 +17,7 @@ from hf_wsvd.pipelines import sequential as sequential_module
 from hf_wsvd.pipelines import step as step_module
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import default_accelerator
-from stats_worker import case_inputs
+from stats_worker import case_inputs, offload_one_block
 
 # Strong compression of a tiny trained model: the blocks' errors are large enough to train away.
 RECIPE = dict(method="fisher_whiten", param_ratio=0.3, compute_dtype="float64", block_refine_learning_rate=1e-2)
@@ -177,14 +177,13 @@ def test_refinement_is_refused_where_compensation_resolves_off():
 def test_an_offloaded_block_refines_like_a_plain_one():
     """accelerate keeps block 1's weights off the model (meta) outside forward: refinement trains a
     copy of the real weights and installs its layers offloaded again."""
-    from accelerate import cpu_offload
     from accelerate.utils import align_module_device
 
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, compute_dtype="float64", block_refine_steps=8,
                         block_refine_learning_rate=1e-2)
     plain, plain_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    device = offload_one_block(model)
     offloaded, report = compress(model, config, loader, show_progress=False)
     assert report.refined == plain_report.refined and report.refined["1"][1] < report.refined["1"][0]
     layer = offloaded.model.layers[1].self_attn.q_proj
@@ -193,11 +192,12 @@ def test_an_offloaded_block_refines_like_a_plain_one():
         if isinstance(module, FactorizedLinear):
             other = offloaded.get_submodule(name)
             with align_module_device(other.up), align_module_device(other.down):
-                torch.testing.assert_close(other.up.weight @ other.down.weight, module.up.weight @ module.down.weight,
-                                           rtol=1e-6, atol=1e-8, msg=name)
+                torch.testing.assert_close((other.up.weight @ other.down.weight).cpu(),
+                                           module.up.weight @ module.down.weight, rtol=1e-6, atol=1e-8, msg=name)
     inputs = tiny.inputs("llama")
     with torch.no_grad():
-        torch.testing.assert_close(offloaded(**inputs).logits, plain(**inputs).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(offloaded(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu(),
+                                   plain(**inputs).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_a_bf16_model_refines_in_float32_and_keeps_its_dtype():

@@ -13,7 +13,7 @@ import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.pipelines import PIPELINES, get_pipeline
 from hf_wsvd.statistics import COLLECTORS, FISHER, FISHER_COLS, FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics
-from stats_worker import MODIFIERS_RECIPE, case_inputs, modifiers_result, pipeline_result
+from stats_worker import MODIFIERS_RECIPE, case_inputs, offload_one_block
 
 
 def test_every_statistic_has_a_collector():
@@ -59,7 +59,7 @@ def _products(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):
             with align_module_device(module.up), align_module_device(module.down):
-                products[name] = (module.up.weight @ module.down.weight).detach()
+                products[name] = (module.up.weight @ module.down.weight).detach().cpu()
     return products
 
 
@@ -67,14 +67,12 @@ def _products(model) -> dict[str, torch.Tensor]:
 def test_a_model_with_offloaded_blocks_compresses_like_a_plain_one(sequential):
     """accelerate's CPU offload keeps block 1's weights on the meta device outside forward: the
     statistics read them where they are executed, and the factors are offloaded the same way."""
-    from accelerate import cpu_offload
-
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     # factorized layers (the prunings could take the whole budget of a tiny model)
     config = WSVDConfig(method="fisher_whiten", allocation="greedy", sequential=sequential, param_ratio=0.5,
                         compute_dtype="float64", mlp_pruning=False, attention_pruning=False)
     plain, plain_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
-    cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    device = offload_one_block(model)
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     offloaded, report = compress(model, config, loader, show_progress=False)
     assert offloaded.model.layers[1].self_attn.q_proj.up.weight.device.type == "meta"  # still offloaded
@@ -82,16 +80,17 @@ def test_a_model_with_offloaded_blocks_compresses_like_a_plain_one(sequential):
     expected = _products(plain)
     for name, product in _products(offloaded).items():
         torch.testing.assert_close(product, expected[name], rtol=1e-6, atol=1e-8, msg=name)
+    inputs = tiny.inputs("llama")
     with torch.no_grad():
-        torch.testing.assert_close(offloaded(**tiny.inputs("llama")).logits, plain(**tiny.inputs("llama")).logits,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(offloaded(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu(),
+                                   plain(**inputs).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_compress_like_one(two_process_results):
+def test_two_processes_compress_like_one(two_process_results, one_process_result):
     """Each process takes its share of the calibration data and solves its share of the layers;
     both end with the factors one process computes, block refinement's steps included (its
     gradients summed across processes)."""
-    single = pipeline_result()
+    single = one_process_result["pipeline"]
     assert sorted(single["refined"]) == ["0", "1"]
     assert all(after < before for before, after in single["refined"].values()), single["refined"]
     for process in two_process_results[1]["pipeline"]["products"]:  # the very same weights in both processes
@@ -108,10 +107,10 @@ def test_two_processes_compress_like_one(two_process_results):
             torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
-def test_two_processes_run_every_modifier_like_one(two_process_results):
+def test_two_processes_run_every_modifier_like_one(two_process_results, one_process_result):
     """Both prunings, compensation, refinement and the embeddings, each solved by one process and
     shared: both processes end with the very same weights, those one process computes."""
-    single = modifiers_result()
+    single = one_process_result["modifiers"]
     assert single["pruned"] and single["attention"] and single["refined"] and "embed_tokens" in single["ranks"]
     first, second = (result["modifiers"] for result in two_process_results)
     assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
