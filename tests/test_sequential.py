@@ -177,5 +177,61 @@ def test_compress_gives_the_model_back_on_the_device_it_came_on(sequential):
     model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
     config = WSVDConfig(method="whiten", param_ratio=0.6, sequential=sequential)
     model, _ = compress(model, config, loader, show_progress=False)
-    assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"cpu"}
+    assert _device_types(model) == {"cpu"}
     assert torch.isfinite(model(**tiny.inputs("llama")).logits).all()
+
+
+def _device_types(model) -> set[str]:
+    return {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+
+
+def test_given_back_restores_a_model_on_one_device_even_after_an_error_and_leaves_placements_alone():
+    """What compress, the statistics passes and heal rely on, checked where there is no second device:
+    the move back is asked for (after an error too), and never for a model spread over two devices
+    or placed by accelerate."""
+    from accelerate import cpu_offload
+
+    from hf_wsvd.blocks import given_back
+
+    moves = []
+
+    class Spy(torch.nn.Sequential):
+        def to(self, *args, **kwargs):
+            moves.append(args)
+            return super().to(*args, **kwargs)
+
+    model = Spy(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="boom"), given_back(model):
+        raise RuntimeError("boom")
+    assert moves == [(torch.device("cpu"),)]
+    moves.clear()
+    spread = Spy(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to("meta"))
+    with given_back(spread):
+        pass
+    placed = Spy(torch.nn.Linear(2, 2))
+    cpu_offload(placed, execution_device=torch.device("cpu"))
+    with given_back(placed):
+        pass
+    assert moves == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the passes move a CPU model only to a CUDA accelerator")
+def test_the_statistics_passes_and_heal_give_a_cpu_model_back_on_the_cpu():
+    """Each visits the GPU: the statistics stay there, the models come back (on the first GPU run of
+    the suite these all left them on the GPU)."""
+    from hf_wsvd.integrations.healing import HealConfig, heal
+    from hf_wsvd.statistics import FISHER, GRAM, gradient_statistics, input_statistics
+    from stats_worker import target_modules
+    from test_healing import _blocks, _compressed
+
+    model, loader, _, loss_fn = case_inputs("llama_causal_lm", 6, 3)
+    modules = target_modules(model)
+    everything = {**modules, "lm_head": model.lm_head}  # a module outside the blocks: the whole model moves
+    for stats in (input_statistics(model, loader, modules, {GRAM}, show_progress=False),
+                  gradient_statistics(model, loader, everything, {FISHER}, loss_fn, show_progress=False)):
+        assert _device_types(model) == {"cpu"}
+        assert {t.device.type for values in stats.values.values() for t in values.values()} == {"cuda"}
+    teacher, student = _compressed()
+    healed, _ = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2), HealConfig(steps=2, batch_size=4),
+                     show_progress=False)
+    assert _device_types(healed) == _device_types(teacher) == {"cpu"}
