@@ -30,7 +30,7 @@ def _direct(model, loader, modules, device):
 
 def test_statistics_equal_a_direct_computation():
     model, loader, modules, _ = case_inputs("llama_causal_lm", 5, 2)
-    device = default_accelerator().device  # where the statistics are computed: the direct maths too, to the bit
+    device = default_accelerator().device  # where the statistics are computed: the direct maths there too
     stats = activations_of(model.to(device), loader, modules)
     direct = _direct(model, loader, modules, device)
     real_tokens = sum(int(b["attention_mask"].sum()) for b in loader)
@@ -38,8 +38,12 @@ def test_statistics_equal_a_direct_computation():
     for name, (gram, mean_abs, count) in direct.items():
         assert stats[name]["tokens"] == count == real_tokens
         assert stats[name]["gram"].dtype == torch.float64
-        torch.testing.assert_close(stats[name]["gram"], gram, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats[name]["mean_abs"], mean_abs, rtol=1e-10, atol=1e-12)
+        # Each batch's products in float64 on the CPU; on a GPU in float32 (summed in float64), so
+        # there the float32 rounding of a batch's products is the bound.
+        exact = device.type == "cpu"
+        for key, value in (("gram", gram), ("mean_abs", mean_abs)):
+            rtol, atol = (1e-10, 1e-12) if exact else (1e-5, 1e-5 * value.abs().max().item())
+            torch.testing.assert_close(stats[name][key], value, rtol=rtol, atol=atol)
     assert all(not m._forward_pre_hooks for m in modules.values())
 
 

@@ -185,7 +185,10 @@ def test_an_offloaded_block_refines_like_a_plain_one():
     plain, plain_report = compress(copy.deepcopy(model), config, loader, show_progress=False)
     device = offload_one_block(model)
     offloaded, report = compress(model, config, loader, show_progress=False)
-    assert report.refined == plain_report.refined and report.refined["1"][1] < report.refined["1"][0]
+    # the same errors (to rounding: on a GPU the bf16 attention backward may sum in another order)
+    assert report.refined.keys() == plain_report.refined.keys() and report.refined["1"][1] < report.refined["1"][0]
+    for block, errors in plain_report.refined.items():
+        assert report.refined[block] == pytest.approx(errors, rel=1e-5), block
     layer = offloaded.model.layers[1].self_attn.q_proj
     assert isinstance(layer, FactorizedLinear) and layer.up.weight.device.type == "meta"  # still offloaded
     for name, module in plain.named_modules():

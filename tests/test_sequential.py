@@ -204,6 +204,13 @@ def test_given_back_restores_a_model_on_one_device_even_after_an_error_and_leave
     with pytest.raises(RuntimeError, match="boom"), given_back(model):
         raise RuntimeError("boom")
     assert moves == [(torch.device("cpu"),)]
+
+    class Stuck(torch.nn.Linear):  # a move back that fails too (a CUDA error sticks): the first error wins
+        def to(self, *args, **kwargs):
+            raise RuntimeError("the device is gone")
+
+    with pytest.raises(RuntimeError, match="boom"), given_back(Stuck(2, 2)):
+        raise RuntimeError("boom")
     moves.clear()
     spread = Spy(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to("meta"))
     with given_back(spread):

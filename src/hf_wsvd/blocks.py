@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 from typing import Iterator
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -51,9 +54,15 @@ def given_back(model: nn.Module) -> Iterator[None]:
     home = devices.pop() if len(devices) == 1 and not is_dispatched(model) else None
     try:
         yield
-    finally:
+    except BaseException:
         if home is not None:
-            model.to(home)
+            try:
+                model.to(home)
+            except Exception as error:  # (a CUDA error that sticks): the first error is the one to see
+                logger.warning(f"could not move the model back to {home} after an error: {error}")
+        raise
+    if home is not None:
+        model.to(home)
 
 
 def home_device(module: nn.Module) -> torch.device:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
 
-from ..blocks import given_back
+from ..blocks import given_back, is_dispatched
 from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
 
@@ -130,11 +130,12 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
     total, tokens = 0.0, 0.0
     loader = DataLoader(list(blocks), batch_size=batch_size, collate_fn=default_data_collator)
     with given_back(teacher):  # computed beside the student, then back where it was
-        teacher.to(device)
+        if not is_dispatched(teacher):
+            teacher.to(device)
         for batch in tqdm(loader, desc="distillation loss", disable=not show_progress):
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             count = float(batch["attention_mask"].sum())
-            kl = token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"])
+            kl = token_kl(student(**batch).logits, teacher(**batch).logits.to(device), batch["attention_mask"])
             total += float(kl) * count
             tokens += count
     return total / max(tokens, 1.0)
@@ -270,8 +271,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     """Distill ``teacher`` into the compressed ``student`` on ``train_blocks`` (dicts of equal-length
     ``input_ids`` and ``attention_mask``, e.g. from ``hf_wsvd.data.text_blocks``); the distillation
     loss is measured on ``heldout_blocks`` before and after. Returns the healed student (LoRA
-    merged) and a report. Both models train on the GPU where there is one and end on the devices
-    they came on."""
+    merged) and a report. Both models train on the GPU where there is one; a model on one device
+    ends on it again (one placed by accelerate keeps its placement)."""
     config = config or HealConfig()
     check_student(student)
     check_teacher(student, teacher)
@@ -282,9 +283,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     bf16 = use_cuda if config.bf16 is None else config.bf16
     # both train on the GPU where there is one, and go back where they were
     with given_back(student), given_back(teacher):
-        if use_cuda:
-            student.to("cuda")
-            teacher.to("cuda")
+        for model in (student, teacher) if use_cuda else ():
+            if not is_dispatched(model):  # accelerate's placement moves what it placed
+                model.to("cuda")
         evaluation_batch = config.batch_size
         before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
         # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.

@@ -147,11 +147,11 @@ def layer_weight(job: Job, name: str) -> torch.Tensor:
     module = job.module(name)
     with align_module_device(module):
         weight = linear_weight(module).detach().to(job.compute_dtype)
+    if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
+        weight = weight.to(job.accelerator.device)  # solve where the compute is
     if not torch.isfinite(weight).all():  # said as such on every device (CUDA's decompositions raise on NaN)
         raise FloatingPointError(f"layer {name!r} has non-finite weights (NaN or inf): the checkpoint is damaged; "
                                  "compress an intact copy")
-    if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
-        weight = weight.to(job.accelerator.device)  # solve where the compute is
     return weight
 
 

@@ -162,7 +162,8 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
             if layers:
                 work = detached_copy(block, device, torch.float32, dequantized_modules(block)).eval().requires_grad_(False)
                 params = [getattr(work.get_submodule(path), factor).weight for path in layers for factor in ("up", "down")]
-                before, after = train_block(job, work, params, stream, targets, device, f"refining block {index}")
+                before, after = train_block(job, work, params, stream, targets, device, f"refining block {index}",
+                                            quantized.dtype)
                 fell = after < before  # kept only where the block's error over the calibration data fell
                 refined[str(index)] = [before, after if fell else before]
                 if fell:

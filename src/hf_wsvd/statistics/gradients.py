@@ -180,7 +180,7 @@ def gradient_statistics(
     added across processes before dividing, so the result equals a single-process run. The
     statistics are on the accelerator. The model stays where it is (blocks kept in CPU memory visit
     the accelerator one at a time) when every module lies in its block list; otherwise, unless
-    dispatched, it visits the accelerator and goes back.
+    dispatched, it moves to the accelerator, and back where it was on one device.
     """
     accelerator = accelerator or default_accelerator()
     device = accelerator.device

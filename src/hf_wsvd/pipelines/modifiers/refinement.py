@@ -15,7 +15,7 @@ cosine. Each step reads ``BATCHES_PER_STEP`` stored calibration batches, in orde
 The block trains as a float32 copy on the device where it runs (bf16 autocast on CUDA); its layers
 are written back, in the model's dtype and offloaded again where accelerate offloaded them, only if
 the loss over all calibration data fell (the relative error recorded for each block, before and after,
-measured in the model's own precision: bf16 autocast on CUDA only for a half-precision model).
+measured in the block's own precision: autocast on CUDA only for a bf16 or fp16 block).
 Several processes: process p holds the global batches p, p + P, ... (accelerate's sharding); a step
 reads the same global batches whatever the number of processes and the gradients are summed across
 processes, so every process takes the steps one process would take, and ends with the same weights
@@ -75,9 +75,10 @@ def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str,
     maps ``inputs`` (the compressed stream: hidden states, keyword arguments, mask) to ``targets``
     (the dense block's outputs on the dense stream); returns the block's relative error over the
     calibration data before and after (equal where training did not lower it and was undone)."""
+    precision = next(block.parameters()).dtype  # an offloaded block's (meta) weights keep theirs
     work = detached_copy(block, device, torch.float32).eval().requires_grad_(False)
     params = [p for path in layers.values() for p in work.get_submodule(path).parameters()]
-    before, after = train_block(job, work, params, inputs, targets, device, f"refining block {index}")
+    before, after = train_block(job, work, params, inputs, targets, device, f"refining block {index}", precision)
     if not after < before:  # never worse than compensation alone on its own data (nor NaN)
         return [before, before]
     for name, path in layers.items():
@@ -86,20 +87,22 @@ def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str,
 
 
 def train_block(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], inputs: list, targets: list,
-                device: torch.device, desc: str) -> tuple[float, float]:
+                device: torch.device, desc: str, precision: torch.dtype) -> tuple[float, float]:
     """Train ``params`` of ``work`` (a float32 working copy of a block on ``device``) for
     ``job.config.block_refine_steps`` Adam steps so that it maps ``inputs`` (hidden states, keyword
     arguments, mask) to ``targets`` (outputs first); returns the relative error over the
-    calibration data before and after. Whether to keep the result is the caller's choice."""
+    calibration data before and after, measured in ``precision`` (the dtype the block computes in).
+    Whether to keep the result is the caller's choice."""
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
     pairs = [(hidden, kwargs, mask, target) for (hidden, kwargs, mask), (target, _, _) in zip(inputs, targets)]
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # The errors that decide whether the training is kept are the model's own: in bf16 only for a
-    # model that computes in half precision (a float32 block's error under bf16 autocast is mostly
+    # The errors that decide whether the training is kept are the block's own: under autocast only
+    # where it computes in half precision (a float32 block's error under bf16 autocast is mostly
     # rounding, and at full rank training on it would replace exact factors with worse ones).
-    measured = dict(amp, enabled=amp["enabled"] and job.model.dtype in (torch.bfloat16, torch.float16))
+    half = precision in (torch.bfloat16, torch.float16)
+    measured = dict(amp, dtype=precision if half else amp["dtype"], enabled=amp["enabled"] and half)
     indices, tokens = _global_batches(pairs, device, job.accelerator)
     before = _error(work, pairs, tokens, device, measured, job.accelerator)
     _train(job, work, params, pairs, indices, tokens, device, amp, desc)
