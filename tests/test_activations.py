@@ -61,3 +61,14 @@ def test_two_processes_equal_one(two_process_results, one_process_result):
                 for key in ("gram", "mean_abs"):
                     scale = stats[key].abs().max().item()
                     torch.testing.assert_close(multi[name][key], stats[key], rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_products_keep_float64_activations_in_float64_off_the_cpu():
+    """Off the CPU (the meta device stands in for a GPU here) float32 activations multiply in float32,
+    float64 ones in float64: a float64 model's statistics keep its precision on a GPU."""
+    from hf_wsvd.statistics.passes import exact_16bit_products
+
+    for tensor, expected in ((torch.zeros(2), torch.float64), (torch.zeros(2, device="meta"), torch.float32),
+                             (torch.zeros(2, dtype=torch.float64, device="meta"), torch.float64)):
+        with exact_16bit_products(tensor) as dtype:
+            assert dtype == expected, tensor

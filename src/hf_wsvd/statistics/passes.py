@@ -46,9 +46,9 @@ def exact_16bit_products(tensor: torch.Tensor) -> Iterator[torch.dtype]:
     """The dtype in which to multiply ``tensor`` (and tensors like it): float32 with TF32 tensor
     cores for CUDA bf16/fp16 activations — their 8- and 11-bit significands fit TF32's exactly, so
     the products are exact and the sums float32, at tensor-core speed (7× float64 on an H100) —
-    else float64 on the CPU path."""
+    float64 on the CPU path and for float64 activations anywhere, else float32."""
     if tensor.device.type != "cuda" or tensor.dtype not in (torch.bfloat16, torch.float16):
-        yield torch.float64 if tensor.device.type == "cpu" else torch.float32
+        yield torch.float64 if tensor.device.type == "cpu" or tensor.dtype == torch.float64 else torch.float32
         return
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
