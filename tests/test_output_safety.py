@@ -363,6 +363,27 @@ def test_nan_weight_names_the_layer(project, capsys):
     assert not (project / "out").exists()
 
 
+def test_a_non_finite_weight_is_refused_before_any_pass():
+    """Found before the statistics' time is spent, and by every process at once (one process's solve
+    finding it would leave the others waiting in its broadcast)."""
+    from stats_worker import case_inputs
+
+    from hf_wsvd.tasks import per_example_loss, task_of
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(batch)
+        return per_example_loss(task_of(model))(model, batch)
+
+    with pytest.raises(FloatingPointError, match=r"^layer 'layers.1.mlp.down_proj' has non-finite weights \(NaN or inf\)"):
+        compress(model, WSVDConfig(method="fisher_whiten", param_ratio=0.5), loader, loss_fn=loss_fn, show_progress=False)
+    assert calls == []
+
+
 def test_a_failed_or_non_finite_decomposition_names_the_layer():
     """Statistics or weights that a decomposition cannot take: the error says which layer, whether
     the decomposition raises (CUDA's eigh on NaN; CPU's here) or returns non-finite factors."""

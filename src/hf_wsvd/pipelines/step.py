@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from ..allocation import greedy_ranks, kept_channels, uniform_ranks
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
+from ..runtime.modeling_wsvd import all_finite
 from ..solvers import LayerProblem, MethodOptions, Solver
 from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
@@ -149,10 +150,24 @@ def layer_weight(job: Job, name: str) -> torch.Tensor:
         weight = linear_weight(module).detach().to(job.compute_dtype)
     if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
         weight = weight.to(job.accelerator.device)  # solve where the compute is
-    if not torch.isfinite(weight).all():  # said as such on every device (CUDA's decompositions raise on NaN)
-        raise FloatingPointError(f"layer {name!r} has non-finite weights (NaN or inf): the checkpoint is damaged; "
-                                 "compress an intact copy")
+    if not all_finite(weight):  # said as such on every device (CUDA's decompositions raise on NaN)
+        raise _non_finite(name)
     return weight
+
+
+def _non_finite(name: str) -> FloatingPointError:
+    return FloatingPointError(f"layer {name!r} has non-finite weights (NaN or inf): the checkpoint is damaged; "
+                              "compress an intact copy")
+
+
+def refuse_non_finite_weights(job: Job) -> None:
+    """Refuse a damaged model before any pass, in every process at once (a NaN found by one
+    process's solve would leave the others waiting in its broadcast, after the statistics' time):
+    the target weights held in memory; offloaded ones are checked where they are read."""
+    for name in job.targets:
+        weight = job.module(name).weight
+        if weight.device.type != "meta" and not all_finite(weight):
+            raise _non_finite(name)
 
 
 def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
@@ -185,6 +200,7 @@ def owners(job: Job, names: list[str]) -> dict[str, int]:
 def run(job: Job) -> dict[str, int]:
     """Compress: the recipe's pipeline over the target layers (none at ``param_ratio`` 1, where only
     what the modifiers compress outside it is), then each modifier's ``on_end``; the ranks."""
+    refuse_non_finite_weights(job)
     ranks = get_pipeline(job.config.pipeline)(job) if job.config.param_ratio < 1 else {}
     for modifier in job.modifiers:
         ranks = {**ranks, **modifier.on_end(job)}
