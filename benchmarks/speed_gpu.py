@@ -11,7 +11,9 @@ against eager greedy decoding), peak GPU memory. Beside each model: the bytes on
 decode speed-up where decode is bound by memory traffic. The compressed models are timed as
 ``compress`` returns them: factorized layers that read the same input (q/k/v, gate/up) compute
 their down factors in one matmul (``hf_wsvd.share_input_factors``; ``shared_down_groups`` in the
-JSON); ``--unshared`` times each layer's own two matmuls instead.
+JSON); ``--unshared`` times each layer's own two matmuls instead. Quantized parts time the same
+model after torchao int8 weight-only (``int8``, ``int8_graph``: compiled) or bitsandbytes nf4
+(``nf4_graph``: its own kernels) quantization of the block linears.
 
     python benchmarks/speed_gpu.py --json-out gpu.json                      # GPU machine
     python benchmarks/speed_gpu.py --from-json gpu.json                      # publish the table
@@ -49,7 +51,8 @@ TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None):
 PART_NAMES = {"prefill": "prefill", "graph": "CUDA-graph decode", "graph_compiled": "CUDA-graph decode, inductor's kernels",
               "graph_unshared": "CUDA-graph decode, downs unshared", "decode": "generate",
               "compile": "compiled generate", "compile_unshared": "compiled generate, downs unshared",
-              "int8": "int8 compiled generate", "int8_graph": "int8 CUDA-graph decode, inductor's kernels"}
+              "int8": "int8 compiled generate", "int8_graph": "int8 CUDA-graph decode, inductor's kernels",
+              "nf4_graph": "nf4 CUDA-graph decode"}
 # The parts that time decoding, each a {batch: result} dict in a model's JSON.
 DECODE_PARTS = tuple(part for part in PART_NAMES if part != "prefill")
 PART_NOTES = ("generate is timed from the first new token;",
@@ -297,7 +300,8 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
              ("graph_unshared", graph_decode),
              ("compile_unshared", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("int8", lambda model, batch, args: decode(model, batch, args, compiled=True)),
-             ("int8_graph", lambda model, batch, args: graph_decode(model, batch, args, compiled=True)))
+             ("int8_graph", lambda model, batch, args: graph_decode(model, batch, args, compiled=True)),
+             ("nf4_graph", graph_decode))
     for part, run in parts:
         if part not in args.parts:
             continue
@@ -306,9 +310,9 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             # graphs freed, and within the recompile limit).
             torch._dynamo.reset()
         int8 = part.startswith("int8")
-        if part.endswith("_unshared") or int8:
-            # Each factorized layer its own down matmul; for int8, the int8 down factors replace the
-            # shared bf16 ones, which are freed.
+        if part.endswith("_unshared") or int8 or part == "nf4_graph":
+            # Each factorized layer its own down matmul; quantized, the quantized down factors replace
+            # the shared bf16 ones, which are freed.
             unshare_input_factors(model)
         if int8 and "int8_weights_gib" not in result:  # the int8 parts share one quantization
             # Deployers quantize: torchao int8 weight-only (what TorchAoConfig applies at load) on the
@@ -322,6 +326,11 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             gc.collect()
             torch.cuda.empty_cache()
             result["int8_weights_gib"] = torch.cuda.memory_allocated() / 2**30
+        if part == "nf4_graph":
+            nf4_(model)
+            gc.collect()
+            torch.cuda.empty_cache()
+            result["nf4_weights_gib"] = torch.cuda.memory_allocated() / 2**30
         result[part] = {}
         for batch in args.decode_batches:
             def measured(batch=batch, run=run) -> dict:
@@ -336,6 +345,26 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def nf4_(model: torch.nn.Module) -> None:
+    """The block linears (not the head) in bitsandbytes 4-bit NormalFloat, in place: what
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` gives at load, computing in
+    the weights' dtype with bitsandbytes' own kernels (a batch-1 step is its 4-bit GEMV), which need
+    no compilation."""
+    import bitsandbytes as bnb
+
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or f"{name}.{child_name}".endswith("lm_head"):
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=child.weight.dtype, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             quant_type="nf4").to(child.weight.device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, layer)
 
 
 def measure(args) -> dict:
@@ -388,6 +417,9 @@ def render(runs: list[dict]) -> str:
         if untuned:
             notes.append(f"run {number}: int8 parts untuned, without torchao's inductor settings (no "
                          "coordinate-descent tuning of the kernels).")
+        if "nf4_graph" in run.get("parts", ()):
+            notes.append(f"run {number}: nf4: the same model with bitsandbytes 4-bit NormalFloat block linears "
+                         "(its own kernels, replayed from a CUDA graph); nf4 rows against nf4 dense.")
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         for m in run["models"]:
@@ -492,7 +524,8 @@ def main() -> None:
                              "cache and torch.compile; graph_unshared / compile_unshared: graph / compile again after "
                              "unshare_input_factors (each layer its own down matmul); int8: compiled decoding after "
                              "torchao int8 weight-only quantization; int8_graph: graph_compiled after it (the int8 "
-                             "parts come last: they quantize the model)")
+                             "parts come last: they quantize the model); nf4_graph: graph after bitsandbytes nf4 "
+                             "quantization (alone: it quantizes the model too)")
     parser.add_argument("--int8-untuned", action="store_true",
                         help="the int8 parts without torchao's inductor settings (its coordinate-descent tuning of "
                              "each kernel shape, which makes the first compilation of a compressed model long)")
@@ -514,7 +547,10 @@ def main() -> None:
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--decode-warmup", type=int, default=1)
     add_json_arguments(parser)
-    measure_or_publish("speed_gpu", parser.parse_args(), measure, render)
+    args = parser.parse_args()
+    if "nf4_graph" in args.parts and any(part.startswith("int8") for part in args.parts):
+        parser.error("--parts: nf4_graph and the int8 parts each quantize the model: run them separately")
+    measure_or_publish("speed_gpu", args, measure, render)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,24 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "| 1 | 40% | int8 CUDA-graph decode, inductor's kernels (untuned) | 21.600 | 1.278 | — | — |" in text
     assert "run 1: int8 parts untuned" in text
     assert "(untuned)" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
+    # nf4 (bitsandbytes): its rows against nf4 dense, and the run says what they are
+    for m, tokens in zip(run["models"], (200.0, 250.0)):
+        m["nf4_graph"] = {"1": {"tokens_per_s": tokens}}
+    text = speed_gpu.render([{**run, "parts": ["nf4_graph"]}])
+    assert "| 1 | 40% | nf4 CUDA-graph decode | 250.000 | 1.250 | — | — |" in text
+    assert "run 1: nf4: the same model with bitsandbytes 4-bit NormalFloat block linears" in text
+    assert "bitsandbytes" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
+
+
+def test_gpu_speed_benchmark_refuses_nf4_beside_the_int8_parts(benchmarks_on_path, monkeypatch, capsys):
+    """Both quantize the one model in place: asked together, a one-line refusal before any work."""
+    import speed_gpu
+
+    monkeypatch.setattr(sys, "argv", ["speed_gpu.py", "--parts", "graph", "nf4_graph", "int8_graph"])
+    with pytest.raises(SystemExit) as refused:
+        speed_gpu.main()
+    assert refused.value.code == 2
+    assert "--parts: nf4_graph and the int8 parts each quantize the model: run them separately" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -263,6 +281,27 @@ def test_gpu_speed_benchmark_replays_inductor_decode_steps_of_an_int8_model(benc
     args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_repeats=1)
     torch._dynamo.reset()
     result = speed_gpu.graph_decode(model, 1, args, compiled=True)
+    assert result["checked_tokens"] == 8 and result["tokens_per_s"] > 0
+    assert result["replay_matches_eager_tokens"] or result["first_step_min_top2_margin"] < 0.1  # bf16 near-ties only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speed_benchmark_replays_the_decode_steps_of_an_nf4_model(benchmarks_on_path):
+    """The nf4_graph part: a compressed model's block linears (factors and pruned layers) in
+    bitsandbytes nf4, its own kernels replayed from a CUDA graph, give the tokens of the same steps
+    run unreplayed; the head stays as it was."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the nf4 part needs bitsandbytes (its CUDA kernels)")
+    import speed_gpu
+    from hf_wsvd import WSVDConfig, compress, unshare_input_factors
+
+    model = compress(tiny.build("llama", vocab_size=256).eval(), WSVDConfig(param_ratio=0.5),
+                     show_progress=False)[0].cuda().to(torch.bfloat16)
+    unshare_input_factors(model)
+    speed_gpu.nf4_(model)
+    plain = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert plain == ["lm_head"] and any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    args = argparse.Namespace(prompt_length=8, new_tokens=8, decode_repeats=1)
+    result = speed_gpu.graph_decode(model, 1, args)
     assert result["checked_tokens"] == 8 and result["tokens_per_s"] > 0
     assert result["replay_matches_eager_tokens"] or result["first_step_min_top2_margin"] < 0.1  # bf16 near-ties only
 
