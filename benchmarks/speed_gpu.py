@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
+import importlib.util
 import inspect
 import json
 import os
@@ -349,9 +351,9 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
 
 def nf4_(model: torch.nn.Module) -> None:
     """The block linears (not the head) in bitsandbytes 4-bit NormalFloat, in place: what
-    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` gives at load, computing in
-    the weights' dtype with bitsandbytes' own kernels (a batch-1 step is its 4-bit GEMV), which need
-    no compilation."""
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`` gives at load (blocks of 64,
+    scales not quantized again), computing in the weights' dtype with bitsandbytes' own kernels,
+    which need no compilation."""
     import bitsandbytes as bnb
 
     for name, parent in list(model.named_modules()):
@@ -360,8 +362,8 @@ def nf4_(model: torch.nn.Module) -> None:
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=child.weight.dtype, quant_type="nf4", device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                             quant_type="nf4").to(child.weight.device)
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=False).to(child.weight.device)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, layer)
@@ -378,6 +380,8 @@ def measure(args) -> dict:
                "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
                "new_tokens": args.new_tokens, "int8_untuned": args.int8_untuned, "models": [],
                "environment": environment()}
+    if "nf4_graph" in args.parts:
+        payload["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
     start = time.perf_counter()
 
     def write(models: list[dict]) -> None:
@@ -464,7 +468,8 @@ def render(runs: list[dict]) -> str:
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
                       for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
             mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"),
-                                                                    ("int8_graph", " (int8, inductor's kernels)"))
+                                                                    ("int8_graph", " (int8, inductor's kernels)"),
+                                                                    ("nf4_graph", " (nf4)"))
                           for batch, entry in m.get(part, {}).items()
                           if isinstance(entry, dict) and entry.get("replay_matches_eager_tokens") is False}
             notes += [f"{where}, batch {b}: replayed tokens differ from the same steps unreplayed (first step: "
@@ -548,8 +553,17 @@ def main() -> None:
     parser.add_argument("--decode-warmup", type=int, default=1)
     add_json_arguments(parser)
     args = parser.parse_args()
-    if "nf4_graph" in args.parts and any(part.startswith("int8") for part in args.parts):
-        parser.error("--parts: nf4_graph and the int8 parts each quantize the model: run them separately")
+    if "nf4_graph" in args.parts and not args.from_json:
+        if any(part.startswith("int8") for part in args.parts):
+            parser.error("--parts: nf4_graph and the int8 parts each quantize the model: run them separately")
+        # bitsandbytes' 4-bit kernels take input widths in multiples of 64; narrower or odd ones fall
+        # back to dequantizing the whole weight each step, which would time that, not nf4
+        multiple = json.loads(args.recipe).get("rank_multiple")
+        if not multiple or multiple % 64:
+            parser.error(f"--parts nf4_graph needs ranks and MLP widths in multiples of 64 for bitsandbytes' 4-bit "
+                         f"kernels (rank_multiple={multiple}): add \"rank_multiple\": 64 (or a multiple) to --recipe")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            parser.error("--parts nf4_graph needs bitsandbytes: pip install -e '.[bnb]'")
     measure_or_publish("speed_gpu", args, measure, render)
 
 

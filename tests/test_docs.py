@@ -220,8 +220,9 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "bitsandbytes" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
 
 
-def test_gpu_speed_benchmark_refuses_nf4_beside_the_int8_parts(benchmarks_on_path, monkeypatch, capsys):
-    """Both quantize the one model in place: asked together, a one-line refusal before any work."""
+def test_gpu_speed_benchmark_refuses_nf4_beside_int8_or_with_widths_its_kernels_do_not_take(benchmarks_on_path, monkeypatch, capsys):
+    """A one-line refusal before any work: nf4 and int8 both quantize the one model in place, and
+    widths that bitsandbytes' 4-bit kernels do not take would time its fallback."""
     import speed_gpu
 
     monkeypatch.setattr(sys, "argv", ["speed_gpu.py", "--parts", "graph", "nf4_graph", "int8_graph"])
@@ -229,6 +230,13 @@ def test_gpu_speed_benchmark_refuses_nf4_beside_the_int8_parts(benchmarks_on_pat
         speed_gpu.main()
     assert refused.value.code == 2
     assert "--parts: nf4_graph and the int8 parts each quantize the model: run them separately" in capsys.readouterr().err
+    # widths bitsandbytes' 4-bit kernels do not take would time its fallback (the whole weight dequantized)
+    for recipe in ("{}", '{"rank_multiple": 96}'):
+        monkeypatch.setattr(sys, "argv", ["speed_gpu.py", "--parts", "graph", "nf4_graph", "--recipe", recipe])
+        with pytest.raises(SystemExit) as refused:
+            speed_gpu.main()
+        assert refused.value.code == 2
+        assert "--parts nf4_graph needs ranks and MLP widths in multiples of 64" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -379,9 +379,26 @@ def test_a_non_finite_weight_is_refused_before_any_pass():
         calls.append(batch)
         return per_example_loss(task_of(model))(model, batch)
 
-    with pytest.raises(FloatingPointError, match=r"^layer 'layers.1.mlp.down_proj' has non-finite weights \(NaN or inf\)"):
+    refused = r"^layer 'layers.1.mlp.down_proj' has non-finite weights \(NaN or inf\)"
+    with pytest.raises(FloatingPointError, match=refused):
         compress(model, WSVDConfig(method="fisher_whiten", param_ratio=0.5), loader, loss_fn=loss_fn, show_progress=False)
+    with pytest.raises(FloatingPointError, match=refused):  # Q + L takes its own path, checked the same
+        compress(model, WSVDConfig(method="quantized_residual", quantize="int4", quantize_group_size=16, residual_rank=4),
+                 loader, loss_fn=loss_fn, show_progress=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_sees_one_nan_or_inf_anywhere(dtype):
+    """What the load check and compress read: a single bad value, at either end or inside."""
+    from hf_wsvd.runtime.modeling_wsvd import all_finite
+
+    weight = torch.randn(5, 7).to(dtype)
+    assert all_finite(weight) and all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.ones(3, dtype=torch.int8))
+    for index, value in (((0, 0), float("inf")), ((4, 6), float("-inf")), ((2, 3), float("nan"))):
+        bad = weight.clone()
+        bad[index] = value
+        assert not all_finite(bad), (index, value)
 
 
 def test_a_failed_or_non_finite_decomposition_names_the_layer():
