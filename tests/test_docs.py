@@ -220,7 +220,8 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "bitsandbytes" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
 
 
-def test_gpu_speed_benchmark_refuses_nf4_beside_int8_or_with_widths_its_kernels_do_not_take(benchmarks_on_path, monkeypatch, capsys):
+def test_gpu_speed_benchmark_refuses_nf4_beside_int8_or_with_widths_its_kernels_do_not_take(benchmarks_on_path,
+                                                                                            monkeypatch, capsys):
     """A one-line refusal before any work: nf4 and int8 both quantize the one model in place, and
     widths that bitsandbytes' 4-bit kernels do not take would time its fallback."""
     import speed_gpu
