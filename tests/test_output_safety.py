@@ -388,6 +388,19 @@ def test_a_non_finite_weight_is_refused_before_any_pass():
     assert calls == []
 
 
+def test_a_non_finite_offloaded_weight_is_refused_where_it_is_read():
+    """accelerate keeps an offloaded block's weights off the model (meta) until they are read: the
+    up-front check cannot see them, the solve's read does, with the same message."""
+    from stats_worker import case_inputs, offload_one_block
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    offload_one_block(model)
+    with pytest.raises(FloatingPointError, match=r"^layer 'layers.1.self_attn.o_proj' has non-finite weights"):
+        compress(model, WSVDConfig(method="svd", param_ratio=0.5, allocation="uniform"), show_progress=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_all_finite_sees_one_nan_or_inf_anywhere(dtype):
     """What the load check and compress read: a single bad value, at either end or inside."""

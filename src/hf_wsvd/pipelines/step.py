@@ -146,11 +146,12 @@ def layer_weight(job: Job, name: str) -> torch.Tensor:
     """One layer's dense weight (out × in) in the compute dtype, where the solve runs: on the
     accelerator, an offloaded layer's weight read on its execution device."""
     module = job.module(name)
+    offloaded = module.weight.device.type == "meta"  # weights held in memory were checked up front (run)
     with align_module_device(module):
         weight = linear_weight(module).detach().to(job.compute_dtype)
     if weight.device.type == "cpu" and job.accelerator.device.type != "cpu":
         weight = weight.to(job.accelerator.device)  # solve where the compute is
-    if not all_finite(weight):  # said as such on every device (CUDA's decompositions raise on NaN)
+    if offloaded and not all_finite(weight):  # said as such on every device (CUDA's decompositions raise on NaN)
         raise _non_finite(name)
     return weight
 
