@@ -57,8 +57,12 @@ def test_dtype_and_device_map(arch, tmp_path):
     assert (out - reference).abs().max().item() < 0.1 * reference.abs().max().item() + 0.05
     mapped = auto.from_pretrained(tmp_path, device_map="auto")
     assert len(_factorized(mapped)) > 0
+    assert mapped.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # where accelerate places it
     with torch.no_grad():
-        assert (main_output(mapped(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
+        out = main_output(mapped(**{k: v.to(mapped.device) for k, v in tiny.inputs(arch).items()})).cpu()
+    # On a GPU the same float32 model runs other kernels (other summation orders) than the reference on the CPU.
+    tolerance = 1e-6 if mapped.device.type == "cpu" else 1e-5 * reference.abs().max().item()
+    assert (out - reference).abs().max().item() <= tolerance
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])

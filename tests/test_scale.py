@@ -100,11 +100,14 @@ def test_two_processes_compress_like_one(two_process_results, one_process_result
         multi = result["pipeline"]
         assert multi["ranks"] == single["ranks"] and multi["examples"] == single["examples"]
         assert multi["refined"].keys() == single["refined"].keys()
+        # The statistics summed in another order differ by float32 rounding (~1e-7), which refinement's
+        # float32 Adam steps carry to ~4e-6 of a product's largest entry (measured across CPU kernels:
+        # ATEN_CPU_CAPABILITY default against avx2); the steps themselves move the products by ~20%.
         for block, errors in single["refined"].items():
-            assert multi["refined"][block] == pytest.approx(errors, rel=1e-5), block
+            assert multi["refined"][block] == pytest.approx(errors, rel=1e-4), block
         for name, product in single["products"].items():
             scale = product.abs().max().item()
-            torch.testing.assert_close(multi["products"][name], product, rtol=1e-5, atol=1e-6 * scale, msg=name)
+            torch.testing.assert_close(multi["products"][name], product, rtol=0, atol=1e-4 * scale, msg=name)
 
 
 def test_two_processes_run_every_modifier_like_one(two_process_results, one_process_result):
