@@ -174,15 +174,24 @@ def measure(args) -> dict:
                 config = dataclasses.replace(config, steps=steps)
             model, report = heal(model, dense, healing + written, validation, config, show_progress=False)
             model.to(device)
-            name = f", healed {config.steps} steps" + (f", {len(written)} teacher-written blocks" if written else "")
+            name = (f", healed {config.steps} steps" + (f", {len(written)} teacher-written blocks" if written else "")
+                    + healed_weights(report.kept, report.best_step, config.steps))
             rows.append(row(chosen["method"] + name, reduction, chosen["allocation"], model,
                             heal_seconds=writing + report.seconds, generation_seconds=writing,
                             kl_before=report.kl_before, kl_after=report.kl_after,
                             heal_tokens=config.steps * config.batch_size * args.calib_length, heal_config=report.config,
-                            heal_blocks=len(healing), heal_generated=len(written), heal_kept=report.kept))
+                            heal_blocks=len(healing), heal_generated=len(written), heal_kept=report.kept,
+                            heal_best_step=report.best_step, heal_losses=report.losses))
             samples[f"-{reduction:.0%} healed"] = generate(model, tokenizer, device)
         del model, best
     return payload(rows)
+
+
+def healed_weights(kept: bool, best_step: int, steps: int) -> str:
+    """What a healed row's weights are, when not its last step's: undone, or an earlier step's."""
+    if not kept:
+        return " (undone: the held-out loss rose)"
+    return f" (the weights of step {best_step})" if best_step < steps else ""
 
 
 def steps_within(seconds: float, model, dense, healing, config: HealConfig) -> int:
@@ -230,12 +239,20 @@ def healing_table(rows: list[dict], dense: float) -> str:
 
     return markdown_table(
         ["reduction", "teacher-written blocks", "batch", "learning rate", "hidden-state weight", "seed", "steps",
-         "writing s", "healing s (all)", "validation perplexity", "perplexity", "× dense"],
+         "weights kept", "writing s", "healing s (all)", "validation perplexity", "perplexity", "× dense"],
         [[f"{r['reduction']:.0%}", r.get("heal_generated", 0), r["heal_config"]["batch_size"],
           f"{r['heal_config']['learning_rate']:g}", f"{r['heal_config']['hidden_weight']:g}", r["heal_config"]["seed"],
-          r["heal_config"]["steps"], round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
+          r["heal_config"]["steps"], _kept_weights(r), round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
           r["validation_perplexity"], r["perplexity"], r["perplexity"] / dense]
          for r in rows if "heal_config" in r])
+
+
+def _kept_weights(row: dict) -> str:
+    """Which step's weights a healed row has (rows from before evaluations during healing: the last
+    step's where healing was kept)."""
+    if not row.get("heal_kept", True):
+        return "none (undone)"
+    return f"step {row.get('heal_best_step') or row['heal_config']['steps']}"
 
 
 def table(payloads: list[dict]) -> str:

@@ -147,6 +147,24 @@ def test_quantization_benchmark_combines_runs_replacing_rows_measured_again(benc
     assert result["environment"]["command"] == "run 1; run 2 (cut off after its last row)"
 
 
+def test_llm_benchmark_says_which_weights_a_healed_row_has(benchmarks_on_path):
+    """A healing that was undone, or whose lowest held-out loss came before its last step, says so in
+    the row's name and in the healing table; rows from before evaluations during healing read as the
+    last step's."""
+    from llm import healed_weights, healing_table
+
+    assert healed_weights(False, 0, 1000) == " (undone: the held-out loss rose)"
+    assert healed_weights(True, 300, 1000) == " (the weights of step 300)"
+    assert healed_weights(True, 1000, 1000) == ""
+    config = {"batch_size": 8, "learning_rate": 1e-4, "hidden_weight": 0.0, "seed": 0, "steps": 1000}
+    base = {"reduction": 0.4, "heal_config": config, "heal_seconds": 10.0, "validation_perplexity": 2.0,
+            "perplexity": 3.0}
+    rows = [{**base, "heal_kept": False, "heal_best_step": 0}, {**base, "heal_kept": True, "heal_best_step": 300},
+            {**base, "heal_kept": True}, base]
+    lines = healing_table(rows, dense=2.0).splitlines()[2:]
+    assert [line.split(" | ")[7] for line in lines] == ["none (undone)", "step 300", "step 1000", "step 1000"]
+
+
 def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchmarks_on_path, monkeypatch, tmp_path):
     import speed_gpu
 

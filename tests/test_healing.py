@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -77,7 +78,8 @@ def test_heal_trains_only_the_factors():
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("learning_rate", -1.0), ("lora_rank", 0),
-                                          ("temperature", 0.0), ("hidden_weight", -1.0)])
+                                          ("temperature", 0.0), ("hidden_weight", -1.0), ("evaluations", -1),
+                                          ("evaluations", 2.5)])
 def test_bad_heal_options_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         HealConfig(**{field: value})
@@ -177,12 +179,34 @@ def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
 def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
     teacher, student = _compressed()
     before = {n: v.clone() for n, v in student.state_dict().items()}
-    # A learning rate far too high for these factors: the held-out loss rises.
+    # A learning rate far too high for these factors: the held-out loss rises (measured at the end
+    # only: measured during training, the lowest point would be the first step's, still warming up).
     healed, report = heal(student, teacher, _blocks(16, seed=1), _blocks(4, seed=2),
-                          HealConfig(steps=5, learning_rate=10.0, batch_size=4), show_progress=False)
+                          HealConfig(steps=5, learning_rate=10.0, batch_size=4, evaluations=0), show_progress=False)
     assert report.kl_after > report.kl_before and not report.kept
     for name, value in healed.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_heal_keeps_the_weights_where_the_heldout_loss_was_lowest(lora_rank):
+    """Many epochs over two blocks overfit them: the held-out loss falls, then rises past where it
+    began. The weights of its lowest measurement are returned, where the last step's would be undone."""
+    teacher, student = _compressed()
+    train, heldout = _blocks(2, seed=1), _blocks(8, seed=2)
+    config = HealConfig(steps=60, learning_rate=2e-2, batch_size=4, lora_rank=lora_rank, evaluations=30)
+    healed, report = heal(copy.deepcopy(student), teacher, train, heldout, config, show_progress=False)
+    assert sorted(report.losses) == list(range(2, 61, 2))
+    lowest = min(report.losses, key=report.losses.get)
+    assert report.kept and report.best_step == lowest and 0 < lowest < 60, report.losses
+    assert report.losses[60] > max(1.1 * report.losses[lowest], report.kl_before), report.losses
+    # kl_after is measured on the returned model: the lowest point's weights (the CPU trains in float32)
+    assert report.kl_after == pytest.approx(report.losses[lowest], rel=1e-5) and report.kl_after < report.kl_before
+    assert _ranks(healed) == _ranks(student)
+    # Measured only at the last step, the overfit weights are the candidates, and they are undone.
+    last = dataclasses.replace(config, evaluations=0)
+    _, report = heal(copy.deepcopy(student), teacher, train, heldout, last, show_progress=False)
+    assert not report.kept and report.best_step == 0 and report.losses == {}
 
 
 def test_teacher_samples_continue_the_blocks_to_their_length_seeded():

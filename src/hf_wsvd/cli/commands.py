@@ -112,6 +112,9 @@ def add_commands(commands, columns) -> None:
     h.add_argument("--max-length", type=positive_int, default=512, help="tokens per block (default: 512)")
     h.add_argument("--heldout-blocks", type=positive_int, default=16,
                    help="blocks of --data held out to measure the loss and perplexity before/after (default: 16)")
+    h.add_argument("--evaluations", type=non_negative_int, default=10,
+                   help="measure the held-out loss this many times during training and keep the weights where it "
+                        "was lowest (default: 10; 0: the last step's)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--overwrite", action="store_true",
                    help="replace an earlier hf-wsvd output in OUTPUT (atomically, once healing succeeded)")
@@ -223,7 +226,8 @@ def run_heal(args: argparse.Namespace) -> None:
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher], args.output, args.overwrite) as claim:
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                            lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed)
+                            lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed,
+                            evaluations=args.evaluations)
         student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
         check_student(student)
         teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
@@ -250,13 +254,16 @@ def run_heal(args: argparse.Namespace) -> None:
         save_dtype = stored_dtype(args.path)
         if save_dtype is not None:
             student.to(save_dtype)
-        summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (f"healed {args.steps} steps on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
-                   + (f" and {len(written)} written by the teacher" if written else "")
-                   + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
-                   f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
-                   f"{(writing + report.seconds) / 60:.1f} min); held-out perplexity "
-                   f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
-                   f"{report.kl_after:.4f}")
+        lowest = (f" (the weights of step {report.best_step}, where the held-out loss was lowest)"
+                  if report.kept and report.best_step < args.steps else "")
+        summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (
+            f"healed {args.steps} steps{lowest} on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
+            + (f" and {len(written)} written by the teacher" if written else "")
+            + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
+            f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
+            f"{(writing + report.seconds) / 60:.1f} min); held-out perplexity "
+            f"{before:.2f} -> {after:.2f} (dense teacher {dense:.2f}); distillation KL {report.kl_before:.4f} -> "
+            f"{report.kl_after:.4f}")
         with claim.write("heal") as staging:
             student.save_pretrained(staging)
             tokenizer.save_pretrained(staging)

@@ -5,8 +5,10 @@ The student learns the teacher's next-token distribution (KL divergence on the l
 the fly from the teacher, optionally plus the mean squared error of the last hidden states). Only
 the compressed layers train (the factors of the ``FactorizedLinear`` layers and the linears cut by
 MLP pruning) — or, with ``lora_rank``, LoRA adapters on them, merged back exactly afterwards — so
-the result is an ordinary compressed checkpoint with the same ranks and shapes. ``teacher_samples``
-adds healing text written by the teacher, for when the real text is small.
+the result is an ordinary compressed checkpoint with the same ranks and shapes. The held-out loss is
+measured a few times during training and the weights of its lowest point are the ones returned:
+distilling many epochs over a small text overfits it, and the last step is then not the best.
+``teacher_samples`` adds healing text written by the teacher, for when the real text is small.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import (GenerationConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
+                          default_data_collator)
 
 from ..blocks import given_back, is_dispatched
 from ..fields import is_integer, is_number
@@ -39,7 +42,8 @@ class HealConfig:
     after ``warmup_ratio`` of the steps); ``lora_rank``: train LoRA adapters of this rank on the
     factors instead of the factors themselves; ``temperature`` of the distillation; ``hidden_weight``:
     weight of the last-hidden-state MSE added to the KL (0: logits only); ``bf16``: mixed precision
-    (None: on when CUDA is used); ``seed``."""
+    (None: on when CUDA is used); ``seed``; ``evaluations``: how many times, evenly spaced, the
+    held-out loss is measured during training; the weights at its lowest are kept (0: the last step's)."""
 
     steps: int = 200
     learning_rate: float = 1e-4
@@ -50,12 +54,15 @@ class HealConfig:
     hidden_weight: float = 0.0
     bf16: bool | None = None
     seed: int = 0
+    evaluations: int = 10
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not is_integer(self.evaluations) or self.evaluations < 0:
+            raise ValueError(f"evaluations={self.evaluations!r} must be a non-negative integer")
         if self.lora_rank is not None and (not is_integer(self.lora_rank)
                                            or self.lora_rank < 1):
             raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive integer or None")
@@ -73,7 +80,9 @@ class HealConfig:
 class HealReport:
     """What healing did: the held-out distillation loss (mean token KL to the teacher, nats) before
     and after, the steps taken, the trainable parameters and the seconds spent; ``kept``: whether
-    the trained weights were kept (False: they raised the held-out loss, so the student was restored)."""
+    the trained weights were kept (False: they raised the held-out loss, so the student was restored);
+    ``best_step``: the step whose weights the healed student has (0: none, the student was restored);
+    ``losses``: the held-out loss measured during training, by step (in the training's precision)."""
 
     kl_before: float
     kl_after: float
@@ -82,6 +91,8 @@ class HealReport:
     seconds: float
     config: dict
     kept: bool = True
+    best_step: int = 0
+    losses: dict[int, float] = field(default_factory=dict)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -243,6 +254,29 @@ def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
     return found
 
 
+class _KeepLowest(TrainerCallback):
+    """Every ``every`` steps and at the last, ``measure()`` (the held-out loss); a CPU copy of
+    ``params`` at the lowest is kept for ``restore``."""
+
+    def __init__(self, measure, params: list[nn.Parameter], every: int) -> None:
+        self.measure, self.params, self.every = measure, params, every
+        self.losses: dict[int, float] = {}
+        self.loss, self.step, self.weights = math.inf, 0, None
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if state.global_step % self.every and state.global_step < state.max_steps:
+            return
+        loss = self.losses[state.global_step] = self.measure()
+        if loss < self.loss:  # a NaN loss is never the lowest
+            self.loss, self.step = loss, state.global_step
+            self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, weight in zip(self.params, self.weights):
+            param.copy_(weight)
+
+
 def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrainedModel:
     """Freeze everything but the compressed layers' weights (or put LoRA adapters on them); returns
     the model to train."""
@@ -304,10 +338,23 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
             trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
                                           data_collator=default_data_collator, teacher=teacher,
                                           temperature=config.temperature, hidden_weight=config.hidden_weight)
+            lowest = None
+            if config.evaluations:
+                def measured() -> float:  # in the training's precision, like every other measurement of the run
+                    loss = distillation_kl(trained, teacher, heldout_blocks, evaluation_batch)
+                    trained.train()
+                    return loss
+
+                lowest = _KeepLowest(measured, [p for p in trained.parameters() if p.requires_grad],
+                                     max(1, config.steps // config.evaluations))
+                trainer.add_callback(lowest)
             trainer.train()
             # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
             # healed model computes in its own precision again (evaluation, saving, later use).
             trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
+            best_step = config.steps if lowest is None or lowest.weights is None else lowest.step
+            if best_step < config.steps:
+                lowest.restore()
         seconds = time.perf_counter() - start
         if config.lora_rank is not None:
             student = trained.merge_and_unload()
@@ -316,6 +363,10 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         kept = after <= before
         if not kept:
             logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
-                           "compressed weights are kept; heal with more steps or a lower learning rate")
+                           "compressed weights are kept; heal with a lower learning rate or on more text")
             student.load_state_dict(initial)
-        return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept)
+        elif best_step < config.steps:
+            logger.info(f"the held-out distillation loss was lowest at step {best_step} of {config.steps}: its "
+                        "weights are kept (later steps overfit the healing text)")
+        return student, HealReport(before, after, config.steps, trainable, seconds, asdict(config), kept,
+                                   best_step if kept else 0, lowest.losses if lowest else {})
