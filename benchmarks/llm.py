@@ -31,7 +31,7 @@ from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples
+from hf_wsvd.integrations.healing import HealConfig, distillation_kl, heal, teacher_samples
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets
@@ -170,7 +170,7 @@ def measure(args) -> dict:
                 if writing >= args.heal_seconds:
                     raise SystemExit(f"writing {len(written)} blocks took {writing:.0f} s, all of --heal-seconds "
                                      f"{args.heal_seconds:g}: lower --heal-generated or raise --heal-seconds")
-                steps = steps_within(args.heal_seconds - writing, model, dense, healing, config)
+                steps = steps_within(args.heal_seconds - writing, model, dense, healing, validation, config)
                 config = dataclasses.replace(config, steps=steps)
             model, report = heal(model, dense, healing + written, validation, config, show_progress=False)
             model.to(device)
@@ -194,12 +194,17 @@ def healed_weights(kept: bool, best_step: int, steps: int) -> str:
     return f" (the weights of step {best_step})" if best_step < steps else ""
 
 
-def steps_within(seconds: float, model, dense, healing, config: HealConfig) -> int:
+def steps_within(seconds: float, model, dense, healing, validation, config: HealConfig) -> int:
     """The healing steps that fit in ``seconds`` on this machine, from the time of a short probe run
-    (which includes the Trainer's start-up, so the estimate errs on the short side)."""
-    probe = dataclasses.replace(config, steps=PROBE_STEPS)
+    (which includes the Trainer's start-up, so the estimate errs on the short side); the held-out
+    evaluations during healing (``config.evaluations`` passes over ``validation``) are timed apart
+    and taken from the budget."""
+    probe = dataclasses.replace(config, steps=PROBE_STEPS, evaluations=0)
     _, report = heal(copy.deepcopy(model), dense, healing, healing[:1], probe, show_progress=False)
-    return max(1, int(seconds * PROBE_STEPS / report.seconds))
+    start = time.perf_counter()
+    distillation_kl(model, dense, validation, config.batch_size)
+    evaluating = config.evaluations * (time.perf_counter() - start)
+    return max(1, int((seconds - evaluating) * PROBE_STEPS / report.seconds))
 
 
 def generate(model, tokenizer, device) -> str:

@@ -254,10 +254,10 @@ def run_heal(args: argparse.Namespace) -> None:
         save_dtype = stored_dtype(args.path)
         if save_dtype is not None:
             student.to(save_dtype)
-        lowest = (f" (the weights of step {report.best_step}, where the held-out loss was lowest)"
-                  if report.kept and report.best_step < args.steps else "")
+        earlier = (f" (the weights of step {report.best_step}, where the held-out loss was lowest)"
+                   if report.kept and report.best_step < args.steps else "")
         summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (
-            f"healed {args.steps} steps{lowest} on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
+            f"healed {args.steps} steps{earlier} on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
             + (f" and {len(written)} written by the teacher" if written else "")
             + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
             f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "

@@ -19,7 +19,7 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -255,21 +255,27 @@ def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
 
 
 class _KeepLowest(TrainerCallback):
-    """Every ``every`` steps and at the last, ``measure()`` (the held-out loss); a CPU copy of
-    ``params`` at the lowest is kept for ``restore``."""
+    """At ``evaluations`` steps of ``steps``, evenly spaced and the last among them, ``measure()``
+    (the held-out loss); a CPU copy of ``params`` at the lowest is kept for ``restore``."""
 
-    def __init__(self, measure, params: list[nn.Parameter], every: int) -> None:
-        self.measure, self.params, self.every = measure, params, every
+    def __init__(self, measure: Callable[[], float], params: list[nn.Parameter], steps: int, evaluations: int) -> None:
+        self.measure, self.params = measure, params
+        count = min(evaluations, steps)
+        self.at = {round(k * steps / count) for k in range(1, count + 1)}
         self.losses: dict[int, float] = {}
-        self.loss, self.step, self.weights = math.inf, 0, None
+        self.loss, self.step = math.inf, 0
+        # One buffer per parameter, filled at each new lowest: no second copy while the first is held.
+        self.weights = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda) for p in params]
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        if state.global_step % self.every and state.global_step < state.max_steps:
+        if state.global_step not in self.at:
             return
         loss = self.losses[state.global_step] = self.measure()
         if loss < self.loss:  # a NaN loss is never the lowest
             self.loss, self.step = loss, state.global_step
-            self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
+            with torch.no_grad():
+                for weight, param in zip(self.weights, self.params):
+                    weight.copy_(param)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -346,13 +352,13 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
                     return loss
 
                 lowest = _KeepLowest(measured, [p for p in trained.parameters() if p.requires_grad],
-                                     max(1, config.steps // config.evaluations))
+                                     config.steps, config.evaluations)
                 trainer.add_callback(lowest)
             trainer.train()
             # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
             # healed model computes in its own precision again (evaluation, saving, later use).
             trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
-            best_step = config.steps if lowest is None or lowest.weights is None else lowest.step
+            best_step = config.steps if lowest is None or not lowest.step else lowest.step
             if best_step < config.steps:
                 lowest.restore()
         seconds = time.perf_counter() - start
