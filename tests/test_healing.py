@@ -85,6 +85,22 @@ def test_bad_heal_options_are_refused_by_name(field, value):
         HealConfig(**{field: value})
 
 
+def test_an_offloaded_student_is_refused_by_name_and_an_offloaded_teacher_is_used():
+    from accelerate import cpu_offload
+
+    teacher, student = _compressed()
+    offloaded = copy.deepcopy(student)
+    cpu_offload(offloaded.model.layers[1], execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="'model.layers.1.self_attn.q_proj.down.weight' is offloaded"):
+        heal(offloaded, teacher, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
+    # A teacher offloaded whole (its first weights on the meta device too) distills as it is, hooks and all.
+    cpu_offload(teacher, execution_device=torch.device("cpu"))
+    _, report = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
+                     HealConfig(steps=2, batch_size=4, hidden_weight=0.5), show_progress=False)
+    assert math.isfinite(report.kl_before) and math.isfinite(report.kl_after)
+    assert teacher.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded
+
+
 def test_a_dense_model_is_refused():
     teacher = tiny.build("llama")
     with pytest.raises(ValueError, match="no factorized or pruned layers"):

@@ -118,15 +118,18 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         hidden = self.hidden_weight > 0
-        if next(self.teacher.parameters()).device != inputs["input_ids"].device:
-            self.teacher.to(inputs["input_ids"].device)
+        # accelerate's hooks move a dispatched (offloaded) teacher's weights and outputs; a plain one follows the inputs
+        device = inputs["input_ids"].device
+        if not is_dispatched(self.teacher) and next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
         with torch.no_grad():
             target = self.teacher(**inputs, output_hidden_states=hidden)
         output = model(**inputs, output_hidden_states=hidden)
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-        loss = token_kl(output.logits, target.logits, mask, self.temperature)
+        loss = token_kl(output.logits, target.logits.to(output.logits.device), mask, self.temperature)
         if hidden:
-            error = (output.hidden_states[-1].float() - target.hidden_states[-1].float()).square().mean(dim=-1)
+            taught = target.hidden_states[-1].to(output.hidden_states[-1].device)
+            error = (output.hidden_states[-1].float() - taught.float()).square().mean(dim=-1)
             loss = loss + self.hidden_weight * (error * mask).sum() / mask.sum().clamp_min(1)
         return (loss, output) if return_outputs else loss
 
@@ -316,6 +319,10 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     config = config or HealConfig()
     check_student(student)
     check_teacher(student, teacher)
+    offloaded = next((name for name, p in student.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
+        raise ValueError(f"the student's weight {offloaded!r} is offloaded (on the meta device): heal trains weights "
+                         "held in memory; load the student without CPU or disk offload (the teacher may be offloaded)")
     if not train_blocks or not heldout_blocks:
         raise ValueError(f"healing needs training blocks and held-out blocks, got {len(train_blocks)} and "
                          f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
