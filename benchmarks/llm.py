@@ -174,8 +174,7 @@ def measure(args) -> dict:
                 config = dataclasses.replace(config, steps=steps)
             model, report = heal(model, dense, healing + written, validation, config, show_progress=False)
             model.to(device)
-            name = (f", healed {config.steps} steps" + (f", {len(written)} teacher-written blocks" if written else "")
-                    + healed_weights(report.kept, report.best_step, config.steps))
+            name = f", healed {config.steps} steps" + (f", {len(written)} teacher-written blocks" if written else "")
             rows.append(row(chosen["method"] + name, reduction, chosen["allocation"], model,
                             heal_seconds=writing + report.seconds, generation_seconds=writing,
                             kl_before=report.kl_before, kl_after=report.kl_after,
@@ -187,11 +186,23 @@ def measure(args) -> dict:
     return payload(rows)
 
 
-def healed_weights(kept: bool, best_step: int, steps: int) -> str:
-    """What a healed row's weights are, when not its last step's: undone, or an earlier step's."""
-    if not kept:
+def _kept_step(row: dict) -> int | None:
+    """The step whose weights a healed row has (None: healing was undone); rows from before
+    evaluations during healing have no best step: their last step's where kept."""
+    if not row.get("heal_kept", True):
+        return None
+    return row.get("heal_best_step") or row["heal_config"]["steps"]
+
+
+def healed_weights(row: dict) -> str:
+    """What a row's name adds when its weights are not its healing's last step's: undone, or an
+    earlier step's."""
+    if "heal_config" not in row:
+        return ""
+    step = _kept_step(row)
+    if step is None:
         return " (undone: the held-out loss rose)"
-    return f" (the weights of step {best_step})" if best_step < steps else ""
+    return f" (the weights of step {step})" if step < row["heal_config"]["steps"] else ""
 
 
 def steps_within(seconds: float, model, dense, healing, validation, config: HealConfig) -> int:
@@ -247,17 +258,9 @@ def healing_table(rows: list[dict], dense: float) -> str:
          "weights kept", "writing s", "healing s (all)", "validation perplexity", "perplexity", "× dense"],
         [[f"{r['reduction']:.0%}", r.get("heal_generated", 0), r["heal_config"]["batch_size"],
           f"{r['heal_config']['learning_rate']:g}", f"{r['heal_config']['hidden_weight']:g}", r["heal_config"]["seed"],
-          r["heal_config"]["steps"], _kept_weights(r), round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
+          r["heal_config"]["steps"], "none (undone)" if _kept_step(r) is None else f"step {_kept_step(r)}", round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
           r["validation_perplexity"], r["perplexity"], r["perplexity"] / dense]
          for r in rows if "heal_config" in r])
-
-
-def _kept_weights(row: dict) -> str:
-    """Which step's weights a healed row has (rows from before evaluations during healing: the last
-    step's where healing was kept)."""
-    if not row.get("heal_kept", True):
-        return "none (undone)"
-    return f"step {row.get('heal_best_step') or row['heal_config']['steps']}"
 
 
 def table(payloads: list[dict]) -> str:
@@ -270,7 +273,7 @@ def table(payloads: list[dict]) -> str:
         lines.append(markdown_table(
             ["recipe", "reduction", "allocation", "calibration blocks", "perplexity", "× dense", "compression s",
              "block error fall (median)", "healing s"],
-            [[r["method"], f"{r['reduction']:.0%}", r["allocation"], r.get("calibration_blocks", "-"), r["perplexity"],
+            [[r["method"] + healed_weights(r), f"{r['reduction']:.0%}", r["allocation"], r.get("calibration_blocks", "-"), r["perplexity"],
               r["perplexity"] / dense, round(r["compress_seconds"]) if "compress_seconds" in r else "-",
               f"{r['error_fall']['median']:.0%}" if "error_fall" in r else "-",
               round(r["heal_seconds"]) if "heal_seconds" in r else "-"]

@@ -153,14 +153,13 @@ def test_llm_benchmark_says_which_weights_a_healed_row_has(benchmarks_on_path):
     last step's."""
     from llm import healed_weights, healing_table
 
-    assert healed_weights(False, 0, 1000) == " (undone: the held-out loss rose)"
-    assert healed_weights(True, 300, 1000) == " (the weights of step 300)"
-    assert healed_weights(True, 1000, 1000) == ""
     config = {"batch_size": 8, "learning_rate": 1e-4, "hidden_weight": 0.0, "seed": 0, "steps": 1000}
     base = {"reduction": 0.4, "heal_config": config, "heal_seconds": 10.0, "validation_perplexity": 2.0,
             "perplexity": 3.0}
     rows = [{**base, "heal_kept": False, "heal_best_step": 0}, {**base, "heal_kept": True, "heal_best_step": 300},
             {**base, "heal_kept": True}, base]
+    assert [healed_weights(r) for r in rows] == [" (undone: the held-out loss rose)", " (the weights of step 300)", "", ""]
+    assert healed_weights({"method": "dense"}) == ""
     lines = healing_table(rows, dense=2.0).splitlines()[2:]
     assert [line.split(" | ")[7] for line in lines] == ["none (undone)", "step 300", "step 1000", "step 1000"]
 
