@@ -35,8 +35,11 @@ CASES = {
 # (2, 2, 2, 1) that two processes split as 4 + 3 examples.
 DISTRIBUTED_CASES = ["bert_classification", "gpt2_causal_lm"]
 DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH = 7, 2
-# A single batch: the second process gets no batch at all and must still join the reduction.
-SINGLE_BATCH_EXAMPLES, SINGLE_BATCH = 3, 4
+# A single batch, of an odd size (not sliced): the second process gets no batch at all and must
+# still join the reduction.
+SINGLE_BATCH_EXAMPLES, SINGLE_BATCH = 3, 3
+# Batches of an odd size, which two processes cannot slice evenly: whole batches in turn, (3, 1) and (3,).
+WHOLE_BATCH = 3
 
 
 def build_model(case: str, dtype: torch.dtype = torch.float32):
@@ -133,10 +136,11 @@ MODIFIERS_RECIPE = dict(method="whiten", param_ratio=0.3, sequential=True, mlp_p
 
 
 def modifiers_result(accelerator=None) -> dict:
-    """The weights of the tiny Llama compressed with ``MODIFIERS_RECIPE`` and what the report recorded."""
+    """The weights of the tiny Llama compressed with ``MODIFIERS_RECIPE`` and what the report recorded;
+    in batches of ``WHOLE_BATCH`` (``pipeline_result``'s are sliced between two processes)."""
     from hf_wsvd import WSVDConfig, compress
 
-    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, WHOLE_BATCH)
     model, report = compress(model, WSVDConfig(**MODIFIERS_RECIPE), loader, accelerator=accelerator,
                              show_progress=False)
     return {"weights": {n: t.detach().clone() for n, t in model.state_dict().items()}, "ranks": report.ranks,
@@ -147,7 +151,9 @@ def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from hf_wsvd import WSVDConfig, compress
     from hf_wsvd.statistics import default_accelerator
+    from hf_wsvd.statistics.passes import shard
 
     accelerator = default_accelerator()
     rank = accelerator.process_index
@@ -157,11 +163,17 @@ def _run(outdir: Path) -> None:
             model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
             # How many examples this process's shard holds.
             result[f"{case}/local_examples"] = sum(
-                batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
+                batch["labels"].shape[0] for batch in shard(loader, accelerator)
             )
             fisher, examples = fisher_of(model, loader, modules, loss_fn, accelerator)
             result[case] = {"fisher": fisher, "num_examples": examples}
             result[f"{case}/activations"] = activations_of(model, loader, modules, accelerator)
+
+        # The examples of each batch this process's share holds: slices of every batch where the batch
+        # size is a multiple of the process count, else whole batches in turn.
+        for size in (DISTRIBUTED_BATCH, WHOLE_BATCH):
+            loader = make_loader(make_examples("classification", DISTRIBUTED_EXAMPLES), size)
+            result[f"shard/{size}"] = [len(batch["labels"]) for batch in shard(loader, accelerator)]
 
         result["pipeline"] = pipeline_result(accelerator)
         result["modifiers"] = modifiers_result(accelerator)
@@ -169,10 +181,18 @@ def _run(outdir: Path) -> None:
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)
         result["single_batch/local_examples"] = sum(
-            batch["labels"].shape[0] for batch in accelerator.prepare_data_loader(loader)
+            batch["labels"].shape[0] for batch in shard(loader, accelerator)
         )
         fisher, examples = fisher_of(model, loader, modules, loss_fn, accelerator)
         result["single_batch"] = {"fisher": fisher, "num_examples": examples}
+
+        # Compensation with a process that holds no calibration data: refused in every process.
+        model, loader, _, _ = case_inputs("llama_causal_lm", 1, DISTRIBUTED_BATCH)
+        try:
+            compress(model, WSVDConfig(**PIPELINE_RECIPE), loader, accelerator=accelerator, show_progress=False)
+            result["no_data_error"] = None
+        except ValueError as error:
+            result["no_data_error"] = str(error)
 
         # An accelerator that repeats examples to even out the last batch must be refused.
         even = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=True))

@@ -13,7 +13,7 @@ import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.pipelines import PIPELINES, get_pipeline
 from hf_wsvd.statistics import COLLECTORS, FISHER, FISHER_COLS, FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics
-from stats_worker import MODIFIERS_RECIPE, case_inputs, offload_one_block
+from stats_worker import DISTRIBUTED_BATCH, MODIFIERS_RECIPE, WHOLE_BATCH, case_inputs, offload_one_block
 
 
 def test_every_statistic_has_a_collector():
@@ -110,6 +110,41 @@ def test_two_processes_compress_like_one(two_process_results, one_process_result
             torch.testing.assert_close(multi["products"][name], product, rtol=0, atol=1e-4 * scale, msg=name)
 
 
+def test_processes_take_a_slice_of_every_batch_where_it_divides_evenly_else_whole_batches(two_process_results):
+    """7 examples: in batches of 2 each process holds half of every batch (block refinement's steps,
+    one batch each, then run in both); in batches of 3, whole batches in turn."""
+    first, second = two_process_results
+    assert first[f"shard/{DISTRIBUTED_BATCH}"] == [1, 1, 1, 1] and second[f"shard/{DISTRIBUTED_BATCH}"] == [1, 1, 1]
+    assert first[f"shard/{WHOLE_BATCH}"] == [3, 1] and second[f"shard/{WHOLE_BATCH}"] == [3]
+
+
+def test_several_processes_refuse_a_loader_already_split_or_over_an_iterable_dataset():
+    """Either would lose or repeat examples silently: accelerate's loader is split again, an iterable
+    dataset's last batch is padded with repeated examples."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from hf_wsvd.statistics.passes import shard
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from ({"input_ids": torch.tensor([i])} for i in range(7))
+
+    accelerator = SimpleNamespace(num_processes=2, process_index=0, even_batches=False)
+    prepared = DataLoader([{"input_ids": torch.tensor([i])} for i in range(7)], batch_size=2)
+    prepared._is_accelerate_prepared = True  # what accelerator.prepare marks
+    with pytest.raises(ValueError, match="already prepared by accelerate"):
+        shard(prepared, accelerator)
+    with pytest.raises(ValueError, match="map-style dataset.*Stream"):
+        shard(DataLoader(Stream(), batch_size=2), accelerator)
+
+
+def test_compensation_with_a_process_without_data_is_refused_in_every_process(two_process_results):
+    for result in two_process_results:
+        assert "needs calibration data in every process" in result["no_data_error"], result["no_data_error"]
+
+
 def test_two_processes_run_every_modifier_like_one(two_process_results, one_process_result):
     """Both prunings, compensation, refinement and the embeddings, each solved by one process and
     shared: both processes end with the very same weights, those one process computes."""
@@ -119,6 +154,10 @@ def test_two_processes_run_every_modifier_like_one(two_process_results, one_proc
     assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
     for key in ("ranks", "pruned", "attention"):
         assert first[key] == single[key], key
+    # Whole batches in turn (batches of 3): each step in the process that holds its batch.
+    assert first["refined"].keys() == single["refined"].keys()
+    for block, errors in single["refined"].items():
+        assert first["refined"][block] == pytest.approx(errors, rel=1e-4), block
     assert first["weights"].keys() == single["weights"].keys()
     # Refinement trains in float32 with Adam, which scales each element's step to about lr × RMS
     # whatever its gradient: where a gradient is a near-cancellation, the summation order that the

@@ -8,8 +8,9 @@ from typing import Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 
@@ -18,8 +19,16 @@ def default_accelerator() -> Accelerator:
     return Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
 
 
+def splits_batches(data: Iterable[dict], accelerator: Accelerator) -> bool:
+    """Whether each process takes a slice of every batch (several processes, a ``DataLoader`` whose
+    batch size is a multiple of their count) rather than whole batches in turn."""
+    return (accelerator.num_processes > 1 and isinstance(data, DataLoader) and data.batch_size is not None
+            and data.batch_size % accelerator.num_processes == 0)
+
+
 def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
-    """This process's share of the batches (all of them in one process)."""
+    """This process's share of the batches (all of them in one process): a slice of every batch
+    where ``splits_batches`` (each slice collated on its own), else every P-th batch."""
     if accelerator.num_processes == 1:
         return data
     if accelerator.even_batches:
@@ -30,7 +39,19 @@ def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
         )
     if not isinstance(data, DataLoader):
         raise ValueError(f"several processes split a torch DataLoader among them; got a {type(data).__name__}")
-    return accelerator.prepare_data_loader(data)
+    if getattr(data, "_is_accelerate_prepared", False):
+        raise ValueError("the DataLoader is already prepared by accelerate (split between the processes); "
+                         "pass the plain DataLoader: hf_wsvd gives each process its share")
+    if isinstance(data.dataset, IterableDataset):
+        raise ValueError("several processes need a DataLoader over a map-style dataset: accelerate evens out an "
+                         f"iterable one ({type(data.dataset).__name__}) by repeating examples, which would count twice")
+    # Slices of every batch where they can be even: then a step that reads one batch (block
+    # refinement) keeps every process busy; the statistics are sums, the same in either layout.
+    return prepare_data_loader(data, accelerator.device, num_processes=accelerator.num_processes,
+                               process_index=accelerator.process_index, split_batches=splits_batches(data, accelerator),
+                               put_on_device=False, rng_types=accelerator.rng_types.copy(), dispatch_batches=False,
+                               even_batches=False, use_seedable_sampler=accelerator.use_seedable_sampler,
+                               data_seed=accelerator.dataloader_config.data_seed)
 
 
 def batches(data: Iterable[dict], accelerator: Accelerator, device: torch.device, desc: str,

@@ -108,9 +108,12 @@ class Compensation(Modifier):
 
     def on_walk_start(self, job: Job, inputs: list | None) -> None:
         processes = job.accelerator.num_processes
-        if processes > 1 and len(job.data) < processes:  # each process finds the block's stages on its own batch
-            raise ValueError(f"compensate=True in {processes} processes needs at least one calibration batch per "
-                             f"process; the data has {len(job.data)}: give more data or a smaller batch_size")
+        if processes > 1:  # each process finds the block's stages on its own batch
+            fewest = torch.tensor([len(inputs)], device=job.accelerator.device)
+            torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+            if not int(fewest):
+                raise ValueError(f"compensate=True in {processes} processes needs calibration data in every process; "
+                                 f"one has none of the {len(job.data)} batches: give more data or a smaller batch_size")
         self.dense = [(host_clone(hidden), kwargs, mask) for hidden, kwargs, mask in inputs]
 
     def on_block_start(self, job: Job, block: Block) -> None:

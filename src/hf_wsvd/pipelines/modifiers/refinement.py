@@ -16,10 +16,11 @@ The block trains as a float32 copy on the device where it runs (bf16 autocast on
 are written back, in the model's dtype and offloaded again where accelerate offloaded them, only if
 the loss over all calibration data fell (the relative error recorded for each block, before and after,
 measured in the block's own precision: autocast on CUDA only for a bf16 or fp16 block).
-Several processes: process p holds the global batches p, p + P, ... (accelerate's sharding); a step
+Several processes: each holds a slice of every global batch where the batch size is a multiple of
+their count, else the global batches p, p + P, ... (``hf_wsvd.statistics.passes.shard``); a step
 reads the same global batches whatever the number of processes and the gradients are summed across
 processes, so every process takes the steps one process would take, and ends with the same weights
-(broadcast from process 0).
+(broadcast from process 0). With slices, every process computes on every step.
 
 ``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
@@ -35,6 +36,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ...blocks import detached_copy, first_output
 from ...runtime.factorized_linear import FactorizedLinear
+from ...statistics.passes import splits_batches
 from ..step import Job, install
 from . import Block, Modifier, register_modifier
 
@@ -103,7 +105,7 @@ def train_block(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter
     # rounding, and at full rank training on it would replace exact factors with worse ones).
     half = precision in (torch.bfloat16, torch.float16)
     measured = dict(amp, dtype=precision if half else amp["dtype"], enabled=amp["enabled"] and half)
-    indices, tokens = _global_batches(pairs, device, job.accelerator)
+    indices, tokens = _global_batches(pairs, device, job.accelerator, splits_batches(job.data, job.accelerator))
     before = _error(work, pairs, tokens, device, measured, job.accelerator)
     _train(job, work, params, pairs, indices, tokens, device, amp, desc)
     return before, _error(work, pairs, tokens, device, measured, job.accelerator)
@@ -149,14 +151,14 @@ def _error(work: torch.nn.Module, pairs: list, tokens: torch.Tensor, device: tor
     return float(total) / max(float(tokens.sum()), 1.0)
 
 
-def _global_batches(pairs: list, device: torch.device, accelerator) -> tuple[list[int], torch.Tensor]:
-    """The global index of each of this process's batches (accelerate's round-robin sharding) and
-    the real tokens of every global batch."""
+def _global_batches(pairs: list, device: torch.device, accelerator, split: bool) -> tuple[list[int], torch.Tensor]:
+    """The global index of each of this process's batches (its slice of every batch where ``split``,
+    else accelerate's round-robin share) and the real tokens of every global batch."""
     processes, rank = accelerator.num_processes, accelerator.process_index
-    indices = [i * processes + rank for i in range(len(pairs))]
+    indices = list(range(len(pairs))) if split else [i * processes + rank for i in range(len(pairs))]
     count = torch.tensor([len(pairs)], dtype=torch.int64, device=device)
-    if processes > 1:
-        torch.distributed.all_reduce(count)
+    if processes > 1:  # with slices, a process may lack only the last batch (one smaller than the others)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX if split else torch.distributed.ReduceOp.SUM)
     tokens = torch.zeros(int(count), dtype=torch.float64, device=device)
     for index, (hidden, _, mask, _) in zip(indices, pairs):
         tokens[index] = float(mask.sum()) if mask is not None else hidden.shape[0] * hidden.shape[1]
