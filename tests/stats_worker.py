@@ -194,15 +194,13 @@ def _run(outdir: Path) -> None:
         except ValueError as error:
             result["no_data_error"] = str(error)
 
-        # An accelerator that repeats examples to even out the last batch must be refused.
+        # An accelerator that would even out the last batch by repeating examples: its setting is not
+        # used, no example counts twice.
         even = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=True))
         result["even_batches_accelerator"] = {"num_processes": even.num_processes, "even_batches": even.even_batches}
-        model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-        try:
-            fisher_of(model, loader, modules, loss_fn, even)
-            result["even_batches_error"] = None
-        except ValueError as error:
-            result["even_batches_error"] = str(error)
+        model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, WHOLE_BATCH)
+        fisher, examples = fisher_of(model, loader, modules, loss_fn, even)
+        result["even_batches"] = {"fisher": fisher, "num_examples": examples}
     except Exception:  # recorded so that the test shows it
         result["exception"] = traceback.format_exc()
         raise

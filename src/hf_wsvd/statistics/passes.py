@@ -31,12 +31,6 @@ def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
     where ``splits_batches`` (each slice collated on its own), else every P-th batch."""
     if accelerator.num_processes == 1:
         return data
-    if accelerator.even_batches:
-        raise ValueError(
-            "the Accelerator has even_batches=True, which repeats examples to even out the last "
-            "batch and would count them twice; build it with "
-            "DataLoaderConfiguration(even_batches=False) (see hf_wsvd.statistics.default_accelerator)"
-        )
     if not isinstance(data, DataLoader):
         raise ValueError(f"several processes split a torch DataLoader among them; got a {type(data).__name__}")
     if getattr(data, "_is_accelerate_prepared", False):
@@ -46,7 +40,8 @@ def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
         raise ValueError("several processes need a DataLoader over a map-style dataset: accelerate evens out an "
                          f"iterable one ({type(data.dataset).__name__}) by repeating examples, which would count twice")
     # Slices of every batch where they can be even: then a step that reads one batch (block
-    # refinement) keeps every process busy; the statistics are sums, the same in either layout.
+    # refinement) keeps every process busy; the statistics are sums, the same in either layout. Never
+    # the accelerator's even_batches: evening out the last batch repeats examples, counted twice.
     return prepare_data_loader(data, accelerator.device, num_processes=accelerator.num_processes,
                                process_index=accelerator.process_index, split_batches=splits_batches(data, accelerator),
                                put_on_device=False, rng_types=accelerator.rng_types.copy(), dispatch_batches=False,
