@@ -33,8 +33,8 @@ from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
 from .registry import register_pipeline
-from .step import (Cuts, Job, candidates, channel_spectra, compress_group, gradient_pass, greedy_allocation, observed,
-                   require_data, spectra, uniform)
+from .step import (Cuts, Job, candidates, compress_group, gradient_pass, greedy_allocation, observed, require_data,
+                   spectra, uniform)
 
 
 class _Captured(Exception):
@@ -181,15 +181,18 @@ def run(job: Job) -> dict[str, int]:
             ranks = uniform(job, shapes) if shapes else {}
             channels = cuts.uniform(job)
         else:
-            values, weights = {}, {}
+            values, weights, window = {}, {}, []
             observed_layers = cuts.observed()
             planned = [[n for n in names if n in shapes or n in observed_layers] for names in in_block]
-            for names, stats in _stream(job, planned):
-                layers = [n for n in names if n in shapes]
-                for group_values, group_weights in (spectra(job, layers, stats) if layers else ({}, {}),
-                                                    channel_spectra(job, cuts.in_block(names), stats)):
-                    values.update(group_values)
-                    weights.update(group_weights or {})
+            for index, (names, stats) in enumerate(_stream(job, planned)):
+                # As many blocks as processes share one split of their solves: one block's largest solve
+                # (an MLP's channels) would otherwise keep the other processes waiting.
+                window.append(([n for n in names if n in shapes], cuts.in_block(names), stats))
+                if len(window) == job.accelerator.num_processes or index == len(planned) - 1:
+                    block_values, block_weights = spectra(job, window)
+                    values.update(block_values)
+                    weights.update(block_weights or {})
+                    window = []
                 del stats  # the block's Grams (the loop variable would hold the last block's to the end)
             ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None, cuts)
     members = cuts.hand_out(job, channels).members

@@ -242,20 +242,33 @@ def layer_spectrum(solver: Solver, problem: LayerProblem) -> tuple[torch.Tensor,
     return values, solver.loss_scale(problem) * float(values.square().sum())
 
 
-def spectra(job: Job, names: list[str], stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
-    """Each layer's spectrum (the singular values its method truncates) and, for methods with a
-    loss scale, the absolute weight of its loss; split between processes, then shared."""
-    if job.solver.spectrum is None:
+def spectra(job: Job, items: list[tuple[list[str], Cuts, Statistics]]) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, float] | None]:
+    """The spectra of ``items`` — (layers, channel groups, their statistics), e.g. of several blocks:
+    each layer's singular values its method truncates, each group's channel spectrum (its modifier's
+    ``spectrum``, keyed by the group's key) — and, for methods with a loss scale, the absolute weight
+    of each one's loss. Split between processes by cost over all of them at once, then shared."""
+    if job.solver.spectrum is None and any(layers for layers, _, _ in items):
         raise ValueError(f"allocation={job.config.allocation!r} needs a method with a spectrum; {job.solver.name!r} has none")
-    owner = owners(job, names)
-    mine = [n for n in names if owner[n] == job.accelerator.process_index]
+    owner = owners(job, [key for layers, cuts, _ in items for key in (*layers, *(g.anchor for g in cuts.groups))])
+    mine = job.accelerator.process_index
     values, weights = {}, {}
-    for name in mine:
-        values[name], weights[name] = layer_spectrum(job.solver, problem(job, name, stats))
+    for layers, cuts, stats in items:
+        for name in layers:
+            if owner[name] == mine:
+                values[name], weights[name] = layer_spectrum(job.solver, problem(job, name, stats))
+        for modifier, group in cuts.owned:
+            if owner[group.anchor] == mine:
+                values[group.key], weights[group.key] = modifier.spectrum(job, group, stats)
     if job.accelerator.num_processes > 1:
-        for name in names:
-            _share_spectrum(job, values, weights, name, min(linear_shape(job.module(name))), owner[name])
-    return values, (weights if job.solver.loss_scale is not None else None)
+        for layers, cuts, _ in items:
+            for name in layers:
+                _share_spectrum(job, values, weights, name, min(linear_shape(job.module(name))), owner[name])
+            for group in cuts.groups:
+                _share_spectrum(job, values, weights, group.key, group.channels, owner[group.anchor])
+    if job.solver.loss_scale is None:
+        return values, None
+    return values, {k: w for k, w in weights.items() if w is not None}
 
 
 def _share_spectrum(job: Job, values: dict, weights: dict, key: str, length: int, source: int) -> None:
@@ -326,20 +339,6 @@ def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict
 def loss_scale(job: Job, layer: LayerProblem) -> float:
     """The method's loss scale of ``layer`` (1 for a method without one)."""
     return job.solver.loss_scale(layer) if job.solver.loss_scale is not None else 1.0
-
-
-def channel_spectra(job: Job, cuts: Cuts, stats: Statistics) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each group's channel spectrum and loss weight (its modifier's ``spectrum``), keyed by the
-    group's key; split between processes like the layers' spectra, then shared."""
-    owner = owners(job, [g.anchor for g in cuts.groups])
-    values, weights = {}, {}
-    for modifier, group in cuts.owned:
-        if owner[group.anchor] == job.accelerator.process_index:
-            values[group.key], weights[group.key] = modifier.spectrum(job, group, stats)
-    if job.accelerator.num_processes > 1:
-        for group in cuts.groups:
-            _share_spectrum(job, values, weights, group.key, group.channels, owner[group.anchor])
-    return values, {k: w for k, w in weights.items() if w is not None}
 
 
 def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress: bool) -> None:

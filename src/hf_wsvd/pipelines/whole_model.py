@@ -9,7 +9,7 @@ from typing import Iterable
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from .registry import register_pipeline
-from .step import (Cuts, Job, candidates, channel_spectra, compress_group, gradient_pass, greedy_allocation,
+from .step import (Cuts, Job, candidates, compress_group, gradient_pass, greedy_allocation,
                    require_data, spectra, uniform)
 
 
@@ -26,9 +26,7 @@ def run(job: Job) -> dict[str, int]:
             ranks = uniform(job, shapes)
             channels = cuts.uniform(job)
         else:
-            values, weights = spectra(job, sorted(shapes), job.statistics) if shapes else ({}, {})
-            group_values, group_weights = channel_spectra(job, cuts, job.statistics)
-            values, weights = {**values, **group_values}, ({**weights, **group_weights} if weights is not None else None)
+            values, weights = spectra(job, [(sorted(shapes), cuts, job.statistics)])
             ranks, channels = greedy_allocation(job, shapes, values, weights, cuts)
     cuts.hand_out(job, channels)
     with job.timed("factorize"):
