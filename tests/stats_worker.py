@@ -117,11 +117,14 @@ PIPELINE_RECIPE = dict(method="fisher_whiten", allocation="greedy", sequential=T
                        compute_dtype="float64")
 
 
-def pipeline_result(accelerator=None) -> dict:
-    """Ranks and factor products of the tiny Llama compressed with ``PIPELINE_RECIPE``."""
+def pipeline_result(accelerator=None, layers: int | None = None) -> dict:
+    """Ranks and factor products of the tiny Llama (``layers`` blocks: default its own) compressed with
+    ``PIPELINE_RECIPE``."""
     from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 
     model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+    if layers is not None:
+        model = tiny.build("llama", CASES["llama_causal_lm"][1], seed=0, num_hidden_layers=layers)
     model, report = compress(model, WSVDConfig(**PIPELINE_RECIPE), loader, accelerator=accelerator, show_progress=False)
     products = {n: (m.up.weight @ m.down.weight).detach() for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     return {"ranks": report.ranks, "products": products, "examples": report.importance_examples,
@@ -176,6 +179,9 @@ def _run(outdir: Path) -> None:
             result[f"shard/{size}"] = [len(batch["labels"]) for batch in shard(loader, accelerator)]
 
         result["pipeline"] = pipeline_result(accelerator)
+        # Three blocks: greedy planning splits two blocks' solves at once between two processes, then
+        # the last block's alone.
+        result["pipeline3"] = pipeline_result(accelerator, layers=3)
         result["modifiers"] = modifiers_result(accelerator)
 
         case = DISTRIBUTED_CASES[0]

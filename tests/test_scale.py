@@ -110,6 +110,18 @@ def test_two_processes_compress_like_one(two_process_results, one_process_result
             torch.testing.assert_close(multi["products"][name], product, rtol=0, atol=1e-4 * scale, msg=name)
 
 
+def test_two_processes_plan_three_blocks_like_one(two_process_results, one_process_result):
+    """Greedy planning in two processes takes two blocks' solves at once, then the third's alone: the
+    ranks and factors one process computes."""
+    single = one_process_result["pipeline3"]
+    assert {name.split(".")[1] for name in single["ranks"]} == {"0", "1", "2"}  # layers factorized in every block
+    for result in two_process_results:
+        assert result["pipeline3"]["ranks"] == single["ranks"]
+        for name, product in single["products"].items():
+            torch.testing.assert_close(result["pipeline3"]["products"][name], product, rtol=0,
+                                       atol=1e-4 * product.abs().max().item(), msg=name)
+
+
 def test_processes_take_a_slice_of_every_batch_where_it_divides_evenly_else_whole_batches(two_process_results):
     """7 examples: in batches of 2 each process holds half of every batch (block refinement's steps,
     one batch each, then run in both); in batches of 3, whole batches in turn."""

@@ -84,7 +84,8 @@ def _next(blocks: torch.nn.ModuleList, index: int) -> torch.nn.Module | None:
 def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Statistics]]:
     """For each dense block in turn (greedy planning): its layers and their statistics (the
     gradient statistics plus the block's input statistics), with the block placed on its device
-    while the consumer works; the inputs advance through the block in the same pass."""
+    until the consumer asks for the next (its weights may be read later, wherever they are); the
+    inputs advance through the block in the same pass."""
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
     inputs = None
@@ -104,6 +105,16 @@ def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Stat
                     run_block(block, inputs, block_device)
     inputs = None
     release_host_cache()
+
+
+def _planned_spectra(job: Job, window: list, values: dict, weights: dict) -> None:
+    """Add the spectra and loss weights of the blocks in ``window`` to ``values`` and ``weights``, and
+    empty it."""
+    if window:
+        block_values, block_weights = spectra(job, window)
+        values.update(block_values)
+        weights.update(block_weights or {})
+        window.clear()
 
 
 def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs: list, device: torch.device,
@@ -184,16 +195,15 @@ def run(job: Job) -> dict[str, int]:
             values, weights, window = {}, {}, []
             observed_layers = cuts.observed()
             planned = [[n for n in names if n in shapes or n in observed_layers] for names in in_block]
-            for index, (names, stats) in enumerate(_stream(job, planned)):
+            for names, stats in _stream(job, planned):
                 # As many blocks as processes share one split of their solves: one block's largest solve
-                # (an MLP's channels) would otherwise keep the other processes waiting.
+                # (an MLP's channels) would otherwise keep the other processes waiting. Each process then
+                # holds that many blocks' statistics.
                 window.append(([n for n in names if n in shapes], cuts.in_block(names), stats))
-                if len(window) == job.accelerator.num_processes or index == len(planned) - 1:
-                    block_values, block_weights = spectra(job, window)
-                    values.update(block_values)
-                    weights.update(block_weights or {})
-                    window = []
+                if len(window) == job.accelerator.num_processes:
+                    _planned_spectra(job, window, values, weights)
                 del stats  # the block's Grams (the loop variable would hold the last block's to the end)
+            _planned_spectra(job, window, values, weights)
             ranks, channels = greedy_allocation(job, shapes, values, weights if job.solver.loss_scale else None, cuts)
     members = cuts.hand_out(job, channels).members
     with job.timed("factorize"):
