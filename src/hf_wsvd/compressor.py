@@ -92,8 +92,9 @@ def compress(
     mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
     ``torchrun`` each process takes its share of ``data``, a plain ``DataLoader`` over a map-style
     dataset (a slice of every batch where the batch size is a multiple of the process count, never
-    an example twice); every process ends with the same model. The returned model saves with ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers
-    that read the same input share their down matmul at inference (``share_input_factors``). The
+    an example twice); every process ends with the same model. The returned model saves with
+    ``save_pretrained`` and reloads with the stock Auto classes; its factorized layers that read the
+    same input share their down matmul at inference (``share_input_factors``). The
     work runs on the accelerator; a model given on one device ends on it, a dispatched model keeps
     its placement, and one spread by hand over several devices may end on the accelerator.
 
