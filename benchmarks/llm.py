@@ -194,6 +194,12 @@ def _kept_step(row: dict) -> int | None:
     return row.get("heal_best_step") or row["heal_config"]["steps"]
 
 
+def _kept_label(row: dict) -> str:
+    """The healing table's "weights kept" cell."""
+    step = _kept_step(row)
+    return "none (undone)" if step is None else f"step {step}"
+
+
 def healed_weights(row: dict) -> str:
     """What a row's name adds when its weights are not its healing's last step's: undone, or an
     earlier step's."""
@@ -258,7 +264,7 @@ def healing_table(rows: list[dict], dense: float) -> str:
          "weights kept", "writing s", "healing s (all)", "validation perplexity", "perplexity", "× dense"],
         [[f"{r['reduction']:.0%}", r.get("heal_generated", 0), r["heal_config"]["batch_size"],
           f"{r['heal_config']['learning_rate']:g}", f"{r['heal_config']['hidden_weight']:g}", r["heal_config"]["seed"],
-          r["heal_config"]["steps"], "none (undone)" if _kept_step(r) is None else f"step {_kept_step(r)}", round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
+          r["heal_config"]["steps"], _kept_label(r), round(r.get("generation_seconds", 0)), round(r["heal_seconds"]),
           r["validation_perplexity"], r["perplexity"], r["perplexity"] / dense]
          for r in rows if "heal_config" in r])
 

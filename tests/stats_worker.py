@@ -42,9 +42,10 @@ SINGLE_BATCH_EXAMPLES, SINGLE_BATCH = 3, 3
 WHOLE_BATCH = 3
 
 
-def build_model(case: str, dtype: torch.dtype = torch.float32):
+def build_model(case: str, dtype: torch.dtype = torch.float32, **config):
+    """The case's tiny model; ``config``: more config overrides (e.g. ``num_hidden_layers``)."""
     arch, auto_class, overrides = CASES[case]
-    return tiny.build(arch, auto_class, seed=0, **overrides).to(dtype)
+    return tiny.build(arch, auto_class, seed=0, **overrides, **config).to(dtype)
 
 
 def make_examples(task: str, num_examples: int, length: int = 6, seed: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -76,9 +77,9 @@ def target_modules(model) -> dict:
     return {name: model.get_submodule(full) for name, full in select_targets(model).items()}
 
 
-def case_inputs(case: str, num_examples: int, batch_size: int, dtype: torch.dtype = torch.float32):
-    """(model, loader, modules, loss_fn) of a case."""
-    model = build_model(case, dtype)
+def case_inputs(case: str, num_examples: int, batch_size: int, dtype: torch.dtype = torch.float32, **config):
+    """(model, loader, modules, loss_fn) of a case (``config``: more config overrides of its model)."""
+    model = build_model(case, dtype, **config)
     task = task_of(model)
     loader = make_loader(make_examples(task, num_examples), batch_size)
     return model, loader, target_modules(model), per_example_loss(task)
@@ -122,9 +123,8 @@ def pipeline_result(accelerator=None, layers: int | None = None) -> dict:
     ``PIPELINE_RECIPE``."""
     from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 
-    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
-    if layers is not None:
-        model = tiny.build("llama", CASES["llama_causal_lm"][1], seed=0, num_hidden_layers=layers)
+    config = {} if layers is None else {"num_hidden_layers": layers}
+    model, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH, **config)
     model, report = compress(model, WSVDConfig(**PIPELINE_RECIPE), loader, accelerator=accelerator, show_progress=False)
     products = {n: (m.up.weight @ m.down.weight).detach() for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     return {"ranks": report.ranks, "products": products, "examples": report.importance_examples,
