@@ -240,10 +240,10 @@ def measure(args) -> dict:
         if host["live_start"] is not None else None, "host_live_peak_in": host["live_where"][::-1],
         "gpu_sampled_peak_gib": host["gpu_peak"] / 2**30, "gpu_peak_in": host["gpu_where"][::-1],
     }
-    if accelerator.num_processes > 1:  # every process's own peak and time
+    if accelerator.num_processes > 1:  # every process's own peak, time and stages (waits show where work is uneven)
         gathered = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(gathered, {"peak": peaks[accelerator.local_process_index] if cuda else None,
-                                                       "seconds": seconds})
+                                                       "seconds": seconds, "stage_seconds": report.seconds})
         result["per_process"] = gathered
         result["peak_gib_per_gpu"] = [g["peak"] for g in gathered]
         result["compress_seconds"] = max(g["seconds"] for g in gathered)
@@ -272,6 +272,7 @@ def table(payloads: list[dict]) -> str:
             p["placement"] + (", hidden states in CPU memory" if p.get("offload_activations") else ""),
             p["processes"], f"{p['sequences']}×{p['length']}, batch {p['batch_size']}", f"{p['reduction']:.0%}",
             p.get("block_refine_steps", 0), round(p["compress_seconds"], 1),
+            ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in p.get("stage_seconds", {}).items()) or "-",
             _extrapolated(p) if sliced or "extrapolated" in p else "-",
             " / ".join(f"{g:.1f}" for g in p["peak_gib_per_gpu"] if g is not None) or "-",
             f"{p['host_peak_gib']:.1f} ({p['host_peak_over_model']:.2f}× the model above the start)"
@@ -280,7 +281,7 @@ def table(payloads: list[dict]) -> str:
             p["environment"].get("cuda") or "cpu",
         ])
     return markdown_table(["model", "placement", "processes", "calibration", "reduction", "refinement steps",
-                           "wall time (s)",
+                           "wall time (s)", "stages (s; process 0)",
                            "full depth (s)", "peak GiB per GPU", "host peak GiB", "Fisher rows vs 1 GPU (max rel.)",
                            "device"], rows)
 

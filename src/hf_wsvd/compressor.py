@@ -35,6 +35,9 @@ class CompressionReport:
     params_before: int
     params_after: int
     importance_examples: int = 0
+    # Wall seconds by stage, each counted once: "importance" (the Fisher pass), "statistics" (the
+    # sequential walks' block input statistics), "allocate", "factorize", "prune" (MLP and attention
+    # cuts), "refine", ... (the stages a recipe runs).
     seconds: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"
     pipeline: str = "whole_model"

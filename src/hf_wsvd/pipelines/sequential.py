@@ -96,7 +96,8 @@ def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Stat
     for index, (block, names) in enumerate(zip(tqdm(blocks, desc="planning", disable=not show), groups)):
         with placed(block, device, _next(blocks, index)) as block_device:
             if names and inputs is not None:
-                stats = _input_statistics(job, block, names, inputs, block_device, in_place=True)
+                with job.timed("statistics"):
+                    stats = _input_statistics(job, block, names, inputs, block_device, in_place=True)
                 yield names, stats
                 del stats  # the block's Grams: not held while the next block's are collected
             else:
@@ -160,10 +161,11 @@ def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
                 layers = observed(job, ranks, stage)
                 if not layers:
                     continue
-                stats = first(modifiers, lambda m: m.collect(job, block, layers))
-                if stats is None:
-                    stats = _input_statistics(job, module, layers, inputs, block_device, in_place=False) \
-                        if inputs is not None else job.statistics
+                with job.timed("statistics"):
+                    stats = first(modifiers, lambda m: m.collect(job, block, layers))
+                    if stats is None:
+                        stats = _input_statistics(job, module, layers, inputs, block_device, in_place=False) \
+                            if inputs is not None else job.statistics
                 compress_group(job, ranks, stage, stats, block)
                 del stats  # this stage's Grams (and cross moments): not held through the next stage's
             for modifier in modifiers:

@@ -72,9 +72,10 @@ class AttentionPruning(ChannelModifier):
         return [n for group in self._cut_in(names) for n in group.members] + [g.o for g in self._refit_in(names)]
 
     def compress(self, job: Job, names: Sequence[str], stats: Statistics, block: Block | None) -> None:
-        cut_attentions_and_swap(job, self._cut_in(names), self.channels, stats)
-        for group in self._refit_in(names):
-            refit_cut_output(job, group.o, block.reference.get_submodule(block.paths[group.o]), stats)
+        with job.timed("prune"):
+            cut_attentions_and_swap(job, self._cut_in(names), self.channels, stats)
+            for group in self._refit_in(names):
+                refit_cut_output(job, group.o, block.reference.get_submodule(block.paths[group.o]), stats)
 
 
 def cut_attentions_and_swap(job: Job, groups: list[AttentionGroup], dims: dict[str, int], stats: Statistics) -> None:

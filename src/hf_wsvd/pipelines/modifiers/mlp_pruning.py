@@ -40,7 +40,8 @@ class MlpPruning(ChannelModifier):
         return [pair.consumer for pair in self.kept if pair.consumer in names]
 
     def compress(self, job: Job, names: Sequence[str], stats: Statistics, block: Block | None) -> None:
-        prune_and_swap(job, [pair for pair in self.kept if pair.consumer in names], self.channels, stats)
+        with job.timed("prune"):
+            prune_and_swap(job, [pair for pair in self.kept if pair.consumer in names], self.channels, stats)
 
 
 def prune_and_swap(job: Job, pairs: list[MlpPair], channels: dict[str, int], stats: Statistics) -> None:
