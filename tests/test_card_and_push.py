@@ -203,6 +203,29 @@ def test_push_refuses_incomplete_folders(compressed, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 3 // 5]), "model.safetensors"),
+    (lambda path: path.write_bytes(b""), "model.safetensors"),
+    (lambda path: _edit_rank(path.parent), "has the wrong shape"),
+    (lambda path: (path.parent / "config.json").write_text("{'wsvd': 1}"), "config.json is not a JSON object"),
+])
+def test_push_refuses_a_checkpoint_that_would_not_load(compressed, tmp_path, capsys, damage, message):
+    """Nothing reaches the Hub (not even an empty repository) that the load-time checks refuse."""
+    out, _ = compressed
+    api = FolderHub(tmp_path / "hub")
+    damage(out / "model.safetensors")
+    with pytest.raises((ValueError, OSError), match=message):
+        hub.push(out, "user/x", api=api)
+    assert api.repos == [] and api.commits == []
+
+
+def _edit_rank(folder) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    name, rank = next(iter(config["wsvd"]["ranks"].items()))
+    config["wsvd"]["ranks"][name] = rank - 1
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("command", ["compress", "inspect", "eval", "export", "push"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
+import torch
 
+import hf_wsvd
+import tiny
 from hf_wsvd.config import RECIPE_VERSION, CalibrationConfig, WSVDConfig
 from hf_wsvd.solvers.options import ElementwiseOptions, FwsvdOptions, RescueOptions
 
@@ -137,14 +141,31 @@ def test_bad_ranks(ranks):
     _assert_rejected(repr(name), ranks=ranks)
 
 
+@pytest.mark.parametrize("field", ["ranks", "pruned", "attention", "refined", "residual"])
+@pytest.mark.parametrize("value", [None, [1], "q_proj"])
+def test_recorded_entries_must_be_dicts(field, value):
+    _assert_rejected(f"{field}={value!r} must be a dict", **{field: value})
+
+
 @pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
-@pytest.mark.parametrize("value", [[], 5, [""], ["query", 3]])
+@pytest.mark.parametrize("value", [[], 5, [""], ["query", 3], "(", "[a-"])
 def test_bad_module_patterns(field, value):
     _assert_rejected(f"={value!r}", field, **{field: value})
 
 
-def test_seed_must_be_an_integer():
-    _assert_rejected("'0'", "seed", seed="0")
+def test_a_comma_separated_string_of_names_gets_a_hint():
+    with pytest.raises(ValueError, match="matches no linear layer .*for several names pass a list"):
+        hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", target_modules="query,value"))
+
+
+@pytest.mark.parametrize("seed", ["0", -1, 2**32, 2**70, 1.0])
+def test_seed_must_be_an_integer_that_every_generator_takes(seed):
+    _assert_rejected(f"seed={seed!r} must be an integer in [0, 2**32)", seed=seed)
+
+
+@pytest.mark.parametrize("ridge", [0, -1, float("inf"), float("nan"), "0.1"])
+def test_compensation_ridge_must_be_finite_and_positive(ridge):
+    _assert_rejected(f"compensation_ridge={ridge!r} must be a finite number > 0", compensation_ridge=ridge)
 
 
 def test_from_dict_rejects_an_unknown_key():
@@ -207,3 +228,19 @@ def test_the_shared_type_checks_refuse_bools_which_python_counts_as_ints():
     assert is_number(2.5) and is_number(2) and not any(map(is_number, (False, "2.5", None, 1j)))
     with pytest.raises(ValueError, match=r"^rank_multiple=True "):
         WSVDConfig(rank_multiple=True)
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("data", "train.txt", "data is a str: pass an iterable of tokenized batches"),
+    ("data", {"input_ids": torch.ones(2, 3, dtype=torch.long)}, "data is a dict"),
+    ("data", torch.ones(2), "data is a Tensor"),
+    ("data", 5, "data is a int"),
+    ("config", {"method": "svd"}, "config is a dict: pass a WSVDConfig"),
+    ("config", None, "config is a NoneType"),
+    ("accelerator", "cpu", "accelerator='cpu': pass an accelerate.Accelerator"),
+    ("model", torch.nn.Linear(2, 2), "model is a Linear: compress takes a transformers PreTrainedModel"),
+])
+def test_compress_refuses_arguments_of_the_wrong_kind(argument, value, message):
+    arguments = {"model": tiny.build("bert"), "config": WSVDConfig(method="svd"), argument: value}
+    with pytest.raises(TypeError, match=re.escape(message)):
+        hf_wsvd.compress(**arguments, show_progress=False)

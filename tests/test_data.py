@@ -4,13 +4,15 @@ blocks come from the whole text."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
+import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 import tiny
-from hf_wsvd import WSVDConfig
+from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.data import sample, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
 from hf_wsvd.cli.workflow import data_loader
@@ -97,3 +99,46 @@ def test_mrpc_pairs_are_found_without_text_columns(shared):
                         shuffle=False)
     assert found.dataset["input_ids"] == named.dataset["input_ids"]
     assert tokenizer.sep_token_id in found.dataset["input_ids"][0][1:-1]  # two segments
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    ({"sentence": ["good film", "", "bad"], "label": [1, 0, 1]}, None, "row 2 of the data has no text in 'sentence'"),
+    ({"sentence": ["good film", "bad"], "label": [1, 0]}, ["label"], "column 'label' of the data is not text (row 1: 1)"),
+    ({"sentence": ["good film", None], "label": [1, 0]}, None, "column 'sentence' of the data is not text (row 2: None)"),
+])
+def test_rows_without_text_are_named(tokenizer, rows, columns, message):
+    """The tiny tokenizer adds no special tokens: an empty text would be an example of no token."""
+    assert tokenizer("")["input_ids"] == []
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data_loader(tiny.build("bert"), tokenizer, Dataset.from_dict(rows), WSVDConfig(max_length=8), columns,
+                    shuffle=False)
+
+
+def _batch(arch: str, **changes) -> dict:
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone() if arch == "llama" else torch.tensor([0, 1])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **changes}
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("llama", {"input_ids": torch.full((2, 8), 1000)}, "input_ids go from 1000 to 1000, outside the model's 64 token"),
+    ("bert", {"input_ids": torch.ones(2, 100, dtype=torch.long), "attention_mask": torch.ones(2, 100)},
+     "holds sequences of 100 tokens, more than the model's 64 positions"),
+    ("llama", {"input_ids": torch.ones(2, 8)}, "input_ids must be a 2-D integer tensor (examples × tokens), not a "
+                                                "torch.float32 tensor of shape (2, 8)"),
+    ("llama", {"input_ids": torch.ones(8, dtype=torch.long)}, "not a torch.int64 tensor of shape (8,)"),
+    ("llama", {"input_ids": [[5, 6, 7]]}, "input_ids must be a 2-D integer tensor (examples × tokens), not a list"),
+    ("llama", {"attention_mask": torch.ones(2, 5)}, "attention_mask is a torch.float32 tensor of shape (2, 5)"),
+    ("llama", {"labels": torch.ones(2, 5, dtype=torch.long)}, "a causal LM's labels are its input ids ((2, 8) integers"),
+    ("bert", {"labels": torch.tensor([0, 6])}, "label 6 is outside the model's 2 classes"),
+    ("bert", {"labels": torch.tensor([0.0, 1.0])}, "a classifier's labels are one class index per example"),
+    ("bert", {"labels": torch.ones(2, 8, dtype=torch.long)}, "not a torch.int64 tensor of shape (2, 8)"),
+])
+def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, message):
+    good = _batch(arch)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [good, _batch(arch, **changes)],
+                 loss_fn=lambda *a: pytest.fail("a pass ran"), show_progress=False)
+    assert str(error.value).startswith("calibration batch 1")
+    with pytest.raises(TypeError, match="calibration batch 0 is a list: each batch must be a dict of tensors"):
+        compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [[good]], show_progress=False)

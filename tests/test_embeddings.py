@@ -286,3 +286,17 @@ def test_cli_compresses_embeddings_with_lp(tmp_path, capsys):
     assert "embeddings.word_embeddings" in capsys.readouterr().out
     code = cli_main(["compress", str(source), str(tmp_path / "bad"), "--method", "lp", "--p", "3"])
     assert code == 2 and "p=3.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [2.5, True, 0])
+def test_a_factorized_embedding_refuses_a_rank_that_is_no_count(rank):
+    with pytest.raises(ValueError, match=f"rank={rank} is invalid for a 10x4 embedding"):
+        FactorizedEmbedding(10, 4, rank)
+
+
+def test_a_factorized_embedding_takes_padding_idx_as_nn_embedding_does():
+    stock = torch.nn.Embedding(10, 4, padding_idx=-1)
+    assert FactorizedEmbedding(10, 4, 2, padding_idx=-1).padding_idx == stock.padding_idx == 9
+    for index in (10, -11):
+        with pytest.raises(ValueError, match=f"padding_idx={index} is outside the 10 embeddings"):
+            FactorizedEmbedding(10, 4, 2, padding_idx=index)

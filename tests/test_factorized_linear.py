@@ -173,7 +173,7 @@ def test_rank_features_and_num_parameters(in_features, out_features, rank, with_
     assert f"rank={rank}" in repr(layer)
 
 
-@pytest.mark.parametrize("rank", [0, -1, 5, 7])
+@pytest.mark.parametrize("rank", [0, -1, 5, 7, 2.5, True])
 def test_invalid_rank_raises_naming_the_rank(rank):
     # A 4 x 6 layer: ranks must be in 1..4.
     with pytest.raises(ValueError) as info:

@@ -124,6 +124,17 @@ def test_batching_does_not_change_the_fisher():
     assert max_relative_difference(by_three, by_one) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["bert_classification", "llama_causal_lm"])
+def test_data_that_gives_the_loss_no_target_raises(case):
+    """Labels all ignored (-100): every Fisher would be 0 and the allocation a matter of ties."""
+    model, _, modules, loss_fn = case_inputs(case, 4, 2)
+    examples = make_examples(task_of(model), 4)
+    for example in examples:
+        example["labels"] = torch.full_like(torch.as_tensor(example["labels"]), -100)
+    with pytest.raises(ValueError, match="Fisher information of all .* layers is zero: none of the 4 examples"):
+        fisher_of(model, make_loader(examples, 2), modules, loss_fn)
+
+
 def test_empty_dataloader_raises():
     model, _, modules, loss_fn = case_inputs("bert_classification", 1, 1)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -169,3 +180,11 @@ def test_two_processes_ignore_an_accelerator_that_evens_out_batches(two_process_
         assert r["even_batches_accelerator"] == {"num_processes": 2, "even_batches": True}
         assert r["even_batches"]["num_examples"] == DISTRIBUTED_EXAMPLES
         assert max_relative_difference(r["even_batches"]["fisher"], single) < 1e-5
+
+
+@pytest.mark.parametrize("returned, message", [(None, "loss_fn returned None"),
+                                               (torch.ones(2), "loss_fn returned a tensor without gradient")])
+def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message):
+    model, _, modules, _ = case_inputs("bert_classification", 4, 2)
+    with pytest.raises(ValueError, match=message):
+        fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, lambda model, batch: returned)

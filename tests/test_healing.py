@@ -193,6 +193,19 @@ def test_cli_heal_names_a_text_file_without_text(tmp_path, capsys, content):
     assert f"--data {str(tmp_path / 'blank.txt')!r} holds no text: its lines are empty or blank" in _one_error(capsys)
 
 
+def test_cli_heal_refuses_a_compressed_teacher_and_unreadable_text_before_loading(tmp_path, capsys, monkeypatch):
+    teacher, student = _compressed()
+    _saved(tmp_path, dense=teacher, compressed=student)
+    (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
+    assert _heal(tmp_path, "compressed", "compressed", "text.txt", "--max-length", "8") == 2
+    assert f"--teacher {str(tmp_path / 'compressed')!r} is a compressed hf_wsvd checkpoint" in _one_error(capsys)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 4)
+    monkeypatch.setattr("hf_wsvd.cli.workflow.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
+    assert _heal(tmp_path, "compressed", "dense", "binary.txt") == 2
+    assert f"--data {str(tmp_path / 'binary.txt')!r} cannot be read as UTF-8 text" in _one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
     student, _ = tiny.compressed("bert")
     _saved(tmp_path, dense=tiny.build("bert"), compressed=student)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 
 import pytest
@@ -321,3 +322,17 @@ def test_a_consumer_that_cannot_be_refitted_is_named_in_the_error():
     with pytest.raises(FloatingPointError, match=r"^the refitted 'layers.1.mlp.down_proj' is not finite: .*"
                                                  r"compensation_ridge$"):
         select_channels(weight, *_gram_and_cross(channels), keep=3, ridge=0.1, name="layers.1.mlp.down_proj")
+
+
+def test_mlp_pruning_says_once_when_it_finds_no_mlp_it_can_cut(caplog):
+    """GPT-2's MLP (Conv1D c_fc -> c_proj) is no layout MLP pruning knows: factorized, and said."""
+    from stats_worker import case_inputs
+
+    model, loader, _, _ = case_inputs("gpt2_causal_lm", 4, 2)
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, report = compress(model, WSVDConfig(method="whiten", param_ratio=0.6, mlp_pruning=True,
+                                                   block_refine_steps=0), loader, show_progress=False)
+    assert not report.pruned and any(".mlp.c_fc" in name for name in report.ranks)
+    said = [r.message for r in caplog.records if "mlp_pruning finds no layers" in r.message]
+    assert said == ["mlp_pruning finds no layers of a layout it knows among the targets of GPT2LMHeadModel: they "
+                    "are factorized instead"]

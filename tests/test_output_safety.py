@@ -90,6 +90,24 @@ def test_file_or_unwritable_output_is_refused_before_any_work(project, monkeypat
         (project / "locked").mkdir(mode=0o500)
         assert run(["compress", "models/tiny", "locked/out", "--method", "svd"]) == 2
         assert "is not writable" in one_error(capsys)
+    # a name the file system cannot hold, or too long for the names a run gives folders beside it
+    for name in ("a" * 300, "b" * 250, f"{'c' * 300}/out"):
+        assert run(["compress", "models/tiny", name, "--method", "svd"]) == 2
+        assert "bytes long, at most" in one_error(capsys)
+    assert sorted(p.name for p in project.iterdir()) == ["locked", "models", "notes.txt", "train.tsv"][
+        os.geteuid() == 0:]
+
+
+def test_a_failed_run_leaves_no_folder_it_made(project, monkeypatch, capsys):
+    """The parents of OUTPUT that the run created are removed with its staging folder when it fails."""
+    monkeypatch.chdir(project)
+    assert run(["compress", "models/tiny", "new/a/b/out", "--method", "fwsvd", "--data", "missing.txt"]) == 2
+    assert "missing.txt" in one_error(capsys)
+    assert not (project / "new").exists()
+    (project / "kept").mkdir()
+    assert run(["compress", "models/tiny", "kept/a/out", "--method", "fwsvd", "--data", "missing.txt"]) == 2
+    one_error(capsys)
+    assert list((project / "kept").iterdir()) == []  # the user's own folder stays
 
 
 def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project, monkeypatch, capsys):
@@ -363,6 +381,19 @@ def test_nan_weight_names_the_layer(project, capsys):
     assert not (project / "out").exists()
 
 
+@pytest.mark.parametrize("deleted", ["bert.embeddings.word_embeddings.weight", "classifier.weight"])
+def test_a_dense_model_missing_a_tensor_is_refused_not_compressed_with_random_weights(project, capsys, deleted):
+    from safetensors.torch import load_file, save_file
+
+    weights = project / "models" / "tiny" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[deleted]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert run(["compress", str(project / "models" / "tiny"), str(project / "out"), "--method", "svd"]) == 2
+    assert f"the tensor '{deleted}' is missing from the checkpoint's weights" in one_error(capsys)
+    assert not (project / "out").exists()
+
+
 def test_a_non_finite_weight_is_refused_before_any_pass():
     """Found before the statistics' time is spent, and by every process at once (one process's solve
     finding it would leave the others waiting in its broadcast)."""
@@ -385,6 +416,14 @@ def test_a_non_finite_weight_is_refused_before_any_pass():
     with pytest.raises(FloatingPointError, match=refused):  # Q + L takes its own path, checked the same
         compress(model, WSVDConfig(method="quantized_residual", quantize="int4", quantize_group_size=16, residual_rank=4),
                  loader, loss_fn=loss_fn, show_progress=False)
+    # A damaged parameter outside the target layers is named too, not blamed on a layer's statistics.
+    for name in ("model.embed_tokens.weight", "model.layers.1.post_attention_layernorm.weight"):
+        model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+        with torch.no_grad():
+            model.get_parameter(name).view(-1)[3] = float("nan")
+        with pytest.raises(FloatingPointError, match=f"^the parameter '{name}' has non-finite values"):
+            compress(model, WSVDConfig(method="fisher_whiten", param_ratio=0.5), loader, loss_fn=loss_fn,
+                     show_progress=False)
     assert calls == []
 
 

@@ -17,6 +17,8 @@ import hf_wsvd
 import tiny
 from helpers import main_output, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear
+from hf_wsvd.cli import main
+from hf_wsvd.integrations.export import densify
 from hf_wsvd.integrations.quantization import quantization_config, quantize, weight_bits
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import default_accelerator
@@ -90,7 +92,16 @@ def test_all_finite_on_plain_and_quantized_tensors():
     assert not all_finite(linear.weight)
 
 
-def test_quantized_checkpoint_round_trip(tmp_path):
+def _export_error(capsys, source, output) -> str:
+    """The one error line of ``hf-wsvd export source output``, which exits 2 and writes nothing."""
+    capsys.readouterr()
+    assert main(["export", str(source), str(output)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("hf-wsvd export: error:") and not output.exists(), errors
+    return errors[0]
+
+
+def test_quantized_checkpoint_round_trip(tmp_path, capsys):
     tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
     quantized = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     quantized.save_pretrained(tmp_path / "q")
@@ -101,6 +112,10 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     assert torch.equal(_outputs(CAUSAL.from_pretrained(tmp_path / "q-again")), _outputs(quantized))
     kind, out = _saved_code_outputs(tmp_path / "q", tmp_path)
     assert kind == "Linear" and torch.equal(out, _outputs(quantized))
+    # A dense export cannot multiply quantized factors out: one line, nothing written.
+    assert _export_error(capsys, tmp_path / "q", tmp_path / "dense").endswith(
+        "loaded quantized (torchao): export the checkpoint as saved before quantization, then quantize the dense "
+        "model at load")
     assert type(CAUSAL.from_pretrained(tmp_path / "resaved").model.layers[0].mlp.up_proj.up.weight).__name__ == "Int8Tensor"
 
 
@@ -205,13 +220,17 @@ def test_quantized_residual_in_bfloat16_keeps_its_corrections_in_the_model_dtype
     assert torch.isfinite(_outputs(model).float()).all()
 
 
-def test_quantized_residual_round_trip(residual, tmp_path):
+def test_quantized_residual_round_trip(residual, tmp_path, capsys):
     folder, _, _, model, _ = residual
     reloaded = CAUSAL.from_pretrained(folder / "qlr")
     assert type(reloaded.model.layers[1].mlp.up_proj).__name__ == "LowRankCorrectedLinear"
     assert torch.equal(_outputs(reloaded), _outputs(model))
     kind, out = _saved_code_outputs(folder / "qlr", tmp_path)
     assert kind == "FullPrecisionLinear" and torch.equal(out, _outputs(model))  # the correction's up factor
+    # Q + L has no dense form: refused, in memory and from the checkpoint, never a stock model with L left in
+    with pytest.raises(ValueError, match=r"quantized_residual \(Q \+ L\) model has no dense form"):
+        densify(reloaded)
+    assert "no dense form" in _export_error(capsys, folder / "qlr", tmp_path / "dense")
 
 
 def test_quantized_residual_never_loads_as_w_plus_l_or_q_alone(residual, tmp_path):

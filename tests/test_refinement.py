@@ -205,12 +205,13 @@ def test_an_offloaded_block_refines_like_a_plain_one():
                                    plain(**inputs).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_a_bf16_model_refines_in_float32_and_keeps_its_dtype():
-    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_bf16_or_float64_model_refines_in_at_least_float32_and_keeps_its_dtype(dtype):
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3, dtype=dtype)
     config = WSVDConfig(method="fisher_whiten", param_ratio=0.5, block_refine_steps=8, block_refine_learning_rate=1e-2)
     model, report = compress(model, config, loader, show_progress=False)
     assert any(after < before for before, after in report.refined.values()), report.refined
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {dtype}
 
 
 def test_a_refined_model_saves_loads_both_ways_and_heals(trained, tmp_path):

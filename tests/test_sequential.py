@@ -97,7 +97,7 @@ def test_sequential_mode_refuses_other_models_and_missing_data_before_any_statis
     monkeypatch.setattr(sequential_module, "gradient_pass", no_statistics)
     monkeypatch.setattr(sequential_module, "_stream", no_statistics)
     config = WSVDConfig(method="whiten", sequential=True, allocation=allocation)
-    _, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    _, loader, _, _ = case_inputs("bert_classification", 6, 3)
     with pytest.raises(ValueError, match="sequential mode is for causal LMs; BertForSequenceClassification"):
         compress(tiny.build("bert"), config, loader, show_progress=False)
     with pytest.raises(ValueError, match="sequential mode needs calibration data"):
@@ -242,3 +242,44 @@ def test_the_statistics_passes_and_heal_give_a_cpu_model_back_on_the_cpu():
     healed, _ = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2), HealConfig(steps=2, batch_size=4),
                      show_progress=False)
     assert _device_types(healed) == _device_types(teacher) == {"cpu"}
+
+
+@pytest.mark.parametrize("recipe", [dict(mlp_pruning=True, block_refine_steps=2, embeddings=True, embedding_method="svd"),
+                                    dict(sequential=False, method="whiten")])
+def test_the_model_comes_back_in_its_training_mode_and_a_frozen_one_stays_frozen(recipe):
+    """The passes run in eval mode without gradients on the weights; what the caller set is restored,
+    and the layers swapped in take the frozen flag of those they replace."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    model.train().requires_grad_(False)
+    model, report = compress(model, WSVDConfig(param_ratio=0.5, **recipe), loader, show_progress=False)
+    assert report.ranks and (report.pruned or not recipe.get("mlp_pruning"))
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    model.eval()
+    model, _ = compress(model, WSVDConfig(param_ratio=0.5, **recipe), loader, show_progress=False)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(param_ratio=0.01), "param_ratio=0.01 is below the cost of rank 8"),
+    (dict(param_ratio=0.5, rank_multiple=64), "below the cost of rank 64"),
+    (dict(param_ratio=0.5, rank_multiple=10**9), "no target layer has a rank that is a multiple of rank_multiple"),
+    (dict(param_ratio=0.5, sequential=False, rank_multiple=64), "rank_multiple=64"),
+    (dict(param_ratio=0.5, embeddings=True, embedding_method="svd", embedding_ratio=0.01),
+     "embedding_ratio=0.01 gives the 64x32 embeddings a rank below rank_multiple=8"),
+])
+def test_what_the_shapes_alone_rule_out_is_refused_before_any_pass(recipe, message):
+    from hf_wsvd.tasks import per_example_loss, task_of
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(batch)
+        return per_example_loss(task_of(model))(model, batch)
+
+    with pytest.raises(ValueError, match=message):
+        compress(model, WSVDConfig(method="fisher_whiten", allocation="greedy", **recipe), loader, loss_fn=loss_fn,
+                 show_progress=False)
+    assert calls == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import tiny
 from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_shape
+from hf_wsvd.argtypes import names
 from hf_wsvd.targets import select_targets
 
 BERT_LINEARS = [
@@ -193,3 +196,20 @@ def test_targets_matching_nothing_raise_naming_the_pattern(bert, pattern):
 def test_default_selection_never_raises_on_an_empty_exclusion(bert):
     # Excluding everything by default selects nothing without an error (no explicit targets).
     assert select_targets(bert, exclude_modules=r".*") == {}
+
+
+@pytest.mark.parametrize("pattern", [["quer"], ["q_proj"], r"encoder\.layer\.9\..*"])
+def test_an_exclusion_matching_no_target_raises_naming_the_pattern(bert, pattern):
+    """A typo in an exclusion would otherwise compress the layers it meant to keep."""
+    with pytest.raises(ValueError, match=re.escape(f"exclude_modules={pattern!r} matches none of the 12 target")):
+        select_targets(bert, exclude_modules=pattern)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("query,value", ["query", "value"]), ("layers.0.mlp.down_proj", ["layers.0.mlp.down_proj"]), ("q_proj", ["q_proj"]),
+    (r"encoder\.layer\.1\..*", r"encoder\.layer\.1\..*"), (".*_proj", ".*_proj"), ("(query|value)", "(query|value)"),
+])
+def test_the_command_line_reads_names_or_one_regex(text, parsed):
+    assert names(text) == parsed
+    assert set(select_targets(tiny.build("bert"), exclude_modules=names(r"encoder\.layer\.1\..*"))) == \
+        _bert_names(layers=(0,))

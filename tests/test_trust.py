@@ -70,6 +70,17 @@ CASES = [
      "='8' is not a positive integer", "='8' is not a positive integer"),
     ("factor missing from the file", None, lambda t: t.pop(f"bert.{QUERY}.down.weight"),
      "down.weight' is missing", "down.weight' is missing"),
+    ("dense tensor missing from the file", None, lambda t: t.pop("bert.encoder.layer.0.attention.output.LayerNorm.weight"),
+     "LayerNorm.weight' is missing", "LayerNorm.weight' is missing"),
+    ("head missing from the file", None, lambda t: t.pop("classifier.weight"), "'classifier.weight' is missing",
+     "'classifier.weight' is missing"),
+    ("block added in config.json", lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 1), None,
+     r"encoder\.layer\.\d\..*' is missing", r"encoder\.layer\.\d\..*' is missing"),
+    ("extra tensor of a block the model lacks", None,
+     lambda t: t.update({"bert.encoder.layer.7.attention.self.query.weight": torch.zeros(32, 32)}),
+     "has no place in this model .*'7.attention.self.query.weight'", "has no place in this model"),
+    ("extra bias on a factor", None, lambda t: t.update({f"bert.{QUERY}.down.bias": torch.zeros(8)}),
+     f"module '{QUERY}.down' has no 'bias'", "has no place in this model"),
     ("NaN factor", None, _set_nan, "NaN or infinite", "NaN or infinite"),
     ("inf factor", None, _set_inf, "NaN or infinite", "NaN or infinite"),
     ("rank edited", lambda c: c["wsvd"]["ranks"].update({QUERY: c["wsvd"]["ranks"][QUERY] - 1}), None,
@@ -260,6 +271,18 @@ def test_a_new_head_size_is_a_named_error_unless_mismatches_are_allowed(checkpoi
         AUTO.from_pretrained(checkpoint, num_labels=5)
     model = AUTO.from_pretrained(checkpoint, num_labels=5, ignore_mismatched_sizes=True)
     assert model.classifier.weight.shape == (5, 32)
+
+
+def test_another_task_class_gets_a_new_head_but_never_a_random_base_tensor(checkpoint):
+    """Loading a checkpoint into another task's class (the stock way to start a new head) leaves only
+    that head new; a base-model tensor missing is still an error."""
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(checkpoint, output_loading_info=True)
+    assert info["missing_keys"] and all(k.startswith("cls.predictions.") for k in info["missing_keys"])
+    saved = load_file(checkpoint / "model.safetensors")
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.up.weight, saved[f"bert.{QUERY}.up.weight"])
+    edit_weights(checkpoint, lambda t: t.pop("bert.embeddings.word_embeddings.weight"))
+    with pytest.raises(ValueError, match="'bert.embeddings.word_embeddings.weight' is missing"):
+        transformers.AutoModelForMaskedLM.from_pretrained(checkpoint)
 
 
 def test_loading_info_is_still_returned_on_request(checkpoint):

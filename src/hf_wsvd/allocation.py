@@ -87,6 +87,42 @@ class Budgeted:
     limit: int
 
 
+def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multiple: int = 1,
+                 extra: dict[str, Budgeted] | None = None, max_kept_ratio: SpeedLimit = None,
+                 lengths: dict[str, int] | None = None) -> tuple[dict[str, Budgeted], dict[str, int], float, int]:
+    """Where ``greedy_ranks`` starts: (the layers and groups it allocates, each one's largest rank
+    or channel count short of dense, the budget, the parameters spent with every layer at its first
+    step and those its speed limit keeps dense); raises if no layer can be cut or the
+    first steps exceed the budget. Shapes alone decide it (``lengths``: each spectrum's length, by
+    default the full rank), so it can be checked before any pass over the data."""
+    lengths = lengths or {}
+    items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), lengths.get(n, min(i, o))))
+             for n, (i, o) in shapes.items()}
+    items.update(extra or {})
+    limits = {n: item.limit // multiple * multiple for n, item in items.items()}
+    slow = {}  # layers that save parameters but whose speed limit allows no rank: dense, inside the budget
+    for name, (i, o) in shapes.items():
+        limit = speed_limit((i, o), max_kept_ratio)
+        if limit is not None and limits[name] > 0:
+            limits[name] = min(limits[name], int(limit * i * o / (i + o)) // multiple * multiple)
+            if limits[name] == 0:
+                slow[name] = items[name].dense_params
+    items = {n: item for n, item in items.items() if limits[n] > 0}
+    if not items:
+        raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple}, saves "
+                         "parameters" + (f" and keeps at most max_kept_ratio_for_speed={max_kept_ratio}"
+                                         if max_kept_ratio is not None else "") + "; lower rank_multiple")
+    budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
+    spent = sum(multiple * item.unit_params for item in items.values()) + sum(slow.values())
+    if spent > budget:
+        raise ValueError(
+            f"param_ratio={param_ratio} is below the cost of rank {multiple} ({multiple} channels for a pruned MLP) for "
+            "every target layer" + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}"
+                                    if slow else "") + f" ({spent:,} parameters for a budget of {budget:,.0f})"
+        )
+    return items, {n: limits[n] for n in items}, budget, spent
+
+
 def greedy_ranks(
     shapes: dict[str, tuple[int, int]],
     spectra: dict[str, torch.Tensor],
@@ -112,31 +148,10 @@ def greedy_ranks(
     whose limit allows no rank stays dense and its weights count against the budget, which the
     other layers then meet. Deterministic: ties go to the earlier layer name and lower rank.
     """
-    items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), len(spectra[n]))) for n, (i, o) in shapes.items()}
-    items.update(extra or {})
-    limits = {n: item.limit // multiple * multiple for n, item in items.items()}
-    slow = {}  # layers that save parameters but whose speed limit allows no rank: dense, inside the budget
-    for name, (i, o) in shapes.items():
-        limit = speed_limit((i, o), max_kept_ratio)
-        if limit is not None and limits[name] > 0:
-            limits[name] = min(limits[name], int(limit * i * o / (i + o)) // multiple * multiple)
-            if limits[name] == 0:
-                slow[name] = items[name].dense_params
-    items = {n: item for n, item in items.items() if limits[n] > 0}
-    if not items:
-        raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple}, saves "
-                         "parameters" + (f" and keeps at most max_kept_ratio_for_speed={max_kept_ratio}"
-                                         if max_kept_ratio is not None else "") + "; lower rank_multiple")
-    budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
+    lengths = {n: len(values) for n, values in spectra.items()}
+    items, limits, budget, spent = greedy_start(shapes, param_ratio, multiple, extra, max_kept_ratio, lengths)
     costs = {n: multiple * item.unit_params for n, item in items.items()}  # one step of ``multiple`` units
     ranks = {n: multiple for n in items}
-    spent = sum(costs.values()) + sum(slow.values())
-    if spent > budget:
-        raise ValueError(
-            f"param_ratio={param_ratio} is below the cost of rank {multiple} ({multiple} channels for a pruned MLP) for "
-            "every target layer" + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}"
-                                    if slow else "") + f" ({spent:,} parameters for a budget of {budget:,.0f})"
-        )
     candidates = []  # (sort key: minus the loss removed per parameter, layer, units before the step, its cost)
     for name in sorted(items):
         energy = spectra[name].double().square()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -12,6 +14,7 @@ from transformers import PreTrainedModel
 from .blocks import given_back
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
+from .data import check_batch
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
 from .runtime.factorized_linear import share_input_factors
@@ -73,6 +76,22 @@ class CompressionReport:
         return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
 
 
+def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> None:
+    """Raise a one-line TypeError for an argument of the wrong kind, before any work."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model is a {type(model).__name__}: compress takes a transformers PreTrainedModel "
+                        "(e.g. from AutoModelForCausalLM.from_pretrained)")
+    if not isinstance(config, WSVDConfig):
+        raise TypeError(f"config is a {type(config).__name__}: pass a WSVDConfig (WSVDConfig(**fields) or "
+                        "WSVDConfig.from_dict)")
+    if isinstance(data, (str, bytes, os.PathLike, dict, torch.Tensor)) or \
+            (data is not None and not isinstance(data, Iterable)):
+        raise TypeError(f"data is a {type(data).__name__}: pass an iterable of tokenized batches (dicts of tensors: "
+                        "a DataLoader or a list; hf_wsvd.cli.workflow.data_loader reads files)")
+    if accelerator is not None and not isinstance(accelerator, Accelerator):
+        raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
+
+
 def compress(
     model: PreTrainedModel,
     config: WSVDConfig,
@@ -105,10 +124,13 @@ def compress(
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
     model's) with a low-rank correction of each target's quantization error.
     """
+    _check_arguments(model, config, data, accelerator)
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
+    for index, batch in enumerate(data or []):  # a bad batch named now, not as an IndexError mid-pass
+        check_batch(model, batch, index)
     accelerator = accelerator or default_accelerator()
     if config.method != "quantized_residual":
         config, notices = resolve(config, model, data, accelerator.device)
@@ -136,8 +158,12 @@ def compress(
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics or Statistics(), {}, show_progress)
-    with given_back(model):
-        ranks = run(job)
+    training = model.training  # the walks run in eval mode: the model comes back in the mode it came in
+    try:
+        with given_back(model):
+            ranks = run(job)
+    finally:
+        model.train(training)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")

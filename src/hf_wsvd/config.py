@@ -47,9 +47,11 @@ class CalibrationConfig:
     repeats these fields, so a recipe keeps accepting them; ``WSVDConfig.calibration`` reads them
     back."""
 
-    num_samples: int = recipe_field(512, "examples used to estimate importance", type=positive_int)
-    batch_size: int = recipe_field(8, "batch size of the importance pass", type=positive_int)
-    max_length: int = recipe_field(128, "token truncation / block length of the importance data", type=positive_int)
+    num_samples: int = recipe_field(512, "examples used to estimate importance (the CLI and data_loader sample "
+                                    "them; batches given to compress are used as they are)", type=positive_int)
+    batch_size: int = recipe_field(8, "batch size of the importance pass (data_loader's)", type=positive_int)
+    max_length: int = recipe_field(128, "token truncation / block length of the importance data (data_loader's)",
+                                   type=positive_int)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
 
     def __post_init__(self) -> None:
@@ -57,8 +59,8 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not is_integer(self.seed):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what numpy's and every generator's seeding takes
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
 
 @dataclass
@@ -215,6 +217,10 @@ class WSVDConfig:
                 "correction", "cli": None})
 
     def __post_init__(self) -> None:
+        for name in ("ranks", "pruned", "attention", "refined", "residual"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a dict (module name → entry); "
+                                 "an empty dict: none")
         if self.method is not None and self.method not in SOLVERS:
             raise ValueError(f"method={self.method!r} is not one of {sorted(SOLVERS)} (or None: the recommended one)")
         ratio = self.param_ratio
@@ -233,6 +239,12 @@ class WSVDConfig:
                 isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
             ):
                 raise ValueError(f"{name}={value!r} must be None, a regex string or a non-empty list of names")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as error:
+                    raise ValueError(f"{name}={value!r} is not a regular expression ({error}): a string is matched "
+                                     "against whole module names; a list gives names or name suffixes") from None
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
@@ -316,8 +328,8 @@ class WSVDConfig:
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise ValueError(f"compensate={self.compensate!r} must be True, False or None (on in sequential mode)")
         ridge = self.compensation_ridge
-        if not is_number(ridge) or not ridge > 0:
-            raise ValueError(f"compensation_ridge={ridge!r} must be a number > 0")
+        if not is_number(ridge) or not 0 < ridge < float("inf"):
+            raise ValueError(f"compensation_ridge={ridge!r} must be a finite number > 0")
         if not self.compensate:
             return
         if self.sequential is False:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Mapping
 from itertools import chain
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from .tasks import CAUSAL_LM, CLASSIFICATION
+from .tasks import CAUSAL_LM, CLASSIFICATION, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
     from datasets import Dataset
@@ -147,12 +149,21 @@ def tokenize(
     if task == CAUSAL_LM:
         return Dataset.from_list(text_blocks(dataset[text_columns[0]], tokenizer, max_length, source))
 
-    def encode(rows):
+    def encode(rows, indices):
+        for column in text_columns:
+            for index, value in zip(indices, rows[column]):
+                if not isinstance(value, str):
+                    raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
+                                     "the text columns (--text-columns)")
         encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
+        for index, ids in zip(indices, encoded["input_ids"]):
+            if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
+                raise ValueError(f"row {index + 1} of {source} has no text in {', '.join(map(repr, text_columns))}: "
+                                 "remove the empty rows")
         encoded["labels"] = _label_ids(rows[label_column], label2id or {}, num_labels, task)
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names)
 
 
 def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -201,6 +212,57 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
         raise ValueError(f"--max-length {max_length} exceeds the model's {positions} positions "
                          f"(max_position_embeddings): the data holds sequences of {longest} tokens; lower it to "
                          f"{positions} or less")
+
+
+def check_batch(model: nn.Module, batch: Any, index: int) -> None:
+    """Raise a one-line error naming the value unless ``batch`` (the ``index``-th calibration batch,
+    from 0) is what the passes feed ``model``: a dict with 2-D integer ``input_ids`` inside its
+    vocabulary and position table, a matching ``attention_mask``, and ``labels`` of the model's task
+    (a causal LM: the ids' shape; a classifier: one class index or -100 per example)."""
+    where = f"calibration batch {index}"
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{where} is a {type(batch).__name__}: each batch must be a dict of tensors "
+                        "(input_ids, attention_mask, labels)")
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: input_ids must be a 2-D integer tensor (examples × tokens), not {_shown(ids)}")
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
+        raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                         f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+    positions = position_limit(model)
+    if positions is not None and ids.shape[1] > positions:
+        raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
+                         "positions (max_position_embeddings): cut them shorter")
+    mask = batch.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
+        raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
+    labels = batch.get("labels")
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{where}: labels must be a tensor, not {_shown(labels)}")
+    try:
+        task = task_of(model)
+    except ValueError:  # a model of no task hf_wsvd knows: its loss_fn reads the labels
+        return
+    if task == CAUSAL_LM and (labels.shape != ids.shape or labels.is_floating_point()):
+        raise ValueError(f"{where}: a causal LM's labels are its input ids ({tuple(ids.shape)} integers, -100 where "
+                         f"not predicted), not {_shown(labels)}")
+    if task == CLASSIFICATION:
+        classes = model.config.num_labels
+        if labels.shape != ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"{where}: a classifier's labels are one class index per example ({ids.shape[0]} "
+                             f"integers), not {_shown(labels)}")
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
+        if wrong.numel():
+            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {classes} classes")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def sample(dataset: "Dataset", num_samples: int, seed: int) -> "Dataset":

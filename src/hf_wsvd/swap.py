@@ -40,7 +40,7 @@ def replace_embedding_with_factors(
         raise TypeError(f"{full_name!r} is a {type(module).__name__}, not an nn.Embedding")
     dtype, device = module.weight.dtype, module.weight.device
     layer = FactorizedEmbedding.from_factors(table.to(device, dtype), projection.to(device, dtype), module.padding_idx)
-    layer.train(module.training)
+    layer.train(module.training).requires_grad_(module.weight.requires_grad)
     model.set_submodule(full_name, layer)
     tie_to_factorized_embeddings(model)
     return layer

@@ -52,6 +52,7 @@ def select_targets(
     # The factors (``up``/``down``) of a layer that is already factorized are never targets.
     factorized = [f"{n}." for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     selected: dict[str, str] = {}
+    excluded = False
     for full_name, module in model.named_modules():
         if any(full_name.startswith(prefix) for prefix in factorized):
             continue
@@ -75,8 +76,15 @@ def select_targets(
         elif full_name in tied:
             raise ValueError(f"target_modules={target_modules!r} selects {name!r}, whose weight is tied to another module")
         if exclude_modules is not None and _matches(name, exclude_modules):
+            excluded = True
             continue
         selected[name] = full_name
+    if exclude_modules is not None and not excluded:  # a typo would otherwise compress what it meant to keep
+        raise ValueError(f"exclude_modules={exclude_modules!r} matches none of the {len(selected)} target layers of "
+                         f"{type(model).__name__} (e.g. {next(iter(selected), '-')!r}): names, suffixes, or one regex "
+                         "over whole names")
     if target_modules is not None and not selected:
-        raise ValueError(f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__}")
+        hint = " (a string is one regex over whole names: for several names pass a list)" \
+            if isinstance(target_modules, str) and "," in target_modules else ""
+        raise ValueError(f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__}{hint}")
     return selected

@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .integrations.checkpoint import readable_weights
-from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY
+from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, random_weights_error, unloaded
 
 CAUSAL_LM = "causal_lm"
 CLASSIFICATION = "classification"
@@ -77,7 +77,11 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
         )
     auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
     with readable_weights(path):
-        return auto.from_pretrained(path, config=config, **kwargs)
+        model, info = auto.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    random = unloaded(model, info["missing_keys"])  # a compressed checkpoint's load checked its own
+    if random:
+        raise random_weights_error(random, f"{path}: ")
+    return model
 
 
 def per_example_loss(task: str) -> LossFn:

@@ -223,6 +223,10 @@ def run_heal(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.path):
         raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
     check_data(args.data)
+    try:  # read before any model loads
+        text = Path(args.data).read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"--data {args.data!r} cannot be read as UTF-8 text ({error})") from None
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher], args.output, args.overwrite) as claim:
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -232,8 +236,7 @@ def run_heal(args: argparse.Namespace) -> None:
         check_student(student)
         teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
         check_teacher(student, teacher, f"--teacher {args.teacher!r}")
-        blocks = text_blocks(Path(args.data).read_text(encoding="utf-8").splitlines(), tokenizer, args.max_length,
-                             f"--data {args.data!r}")
+        blocks = text_blocks(text.splitlines(), tokenizer, args.max_length, f"--data {args.data!r}")
         for model in (student, teacher):
             check_fits(model, [block["input_ids"] for block in blocks], args.max_length)
         random.Random(args.seed).shuffle(blocks)

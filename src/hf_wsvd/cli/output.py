@@ -153,7 +153,12 @@ class OutputClaim:
     def __init__(self, output: str, state: tuple, writer: bool) -> None:
         self.output, self.state = output, state
         self.staging = _staging_path(output, "new") if writer else None
+        self.created: list[str] = []  # the parent folders this claim made, outermost first
         if self.staging:
+            parent = os.path.dirname(output)
+            while not os.path.lexists(parent):
+                self.created.insert(0, parent)
+                parent = os.path.dirname(parent)
             os.makedirs(os.path.dirname(output), exist_ok=True)
             os.mkdir(self.staging)
             _active.add(self.staging)
@@ -170,10 +175,17 @@ class OutputClaim:
         self.release()
 
     def release(self) -> None:
-        """End the claim: delete the staging folder unless it was swapped in or kept."""
+        """End the claim: delete the staging folder unless it was swapped in or kept, and the parent
+        folders the claim made that stayed empty (a run that failed leaves no trace)."""
         if self.staging:
             shutil.rmtree(self.staging, ignore_errors=True)
             _active.discard(self.staging)
+        for folder in reversed(self.created):
+            try:
+                os.rmdir(folder)  # only if empty: OUTPUT or a user's file there keeps it
+            except OSError:
+                break
+        self.created = []
 
     @contextlib.contextmanager
     def write(self, command: str) -> Iterator[str]:
@@ -286,7 +298,21 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
         raise ValueError(f"cannot create output folder {output!r}: {existing!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write output folder {output!r}: {existing!r} is not writable")
+    _check_name_lengths(path, existing)
     return OutputClaim(path, _state(path), _is_writer())
+
+
+def _check_name_lengths(path: str, existing: str) -> None:
+    """Refuse a folder name the file system cannot hold, or too long to leave room for the names a
+    run may give a folder beside it (``_kept_path``) — found now, not when the result is saved."""
+    limit = os.pathconf(existing, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    names = os.path.relpath(path, existing).split(os.sep)
+    for index, name in enumerate(names):
+        allowed = limit - len(".hf-wsvd-previous-YYYYmmdd-HHMMSS-99") if index == len(names) - 1 else limit
+        if len(os.fsencode(name)) > allowed:
+            shown = name if len(name) <= 40 else f"{name[:40]}..."
+            raise ValueError(f"cannot create the output folder: its name {shown!r} is {len(os.fsencode(name))} "
+                             f"bytes long, at most {allowed} here")
 
 
 def _write_marker(folder: str, command: str) -> None:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..runtime.factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
-from ..runtime.factorized_linear import FactorizedLinear
+from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
 from ..methods.attention_pruning import rotary_index
 from ..runtime.modeling_wsvd import ATTENTION_KEY, BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, attention_layout, cut_shape
 
@@ -94,6 +94,20 @@ def _uncut_attention(model: PreTrainedModel, key: str, entry: dict) -> None:
         del attention.wsvd_rotary_hook, attention._buffers["wsvd_rotary_index"]
 
 
+def _refuse_quantized(model: PreTrainedModel) -> None:
+    """Raise if ``model`` holds quantized weights: its factors can neither be multiplied out as they are
+    nor stored back quantized in a stock checkpoint."""
+    if any(isinstance(m, LowRankCorrectedLinear) for m in model.modules()):
+        raise ValueError("a quantized_residual (Q + L) model has no dense form (its low-rank terms correct its "
+                         "quantization): use the compressed checkpoint as it is; it loads with the Auto classes")
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", None)
+        raise ValueError(f"the model was loaded quantized ({getattr(method, 'value', method)}): export the checkpoint "
+                         "as saved before quantization, then quantize the dense model at load")
+
+
 def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedModel:
     """Turn a factorized model back into an instance of its stock class, in place: every factorized
     module becomes the module type the stock class builds there (``nn.Linear``, ``Conv1D`` or
@@ -101,6 +115,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     config = model.config
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (model_type={config.model_type!r})")
+    _refuse_quantized(model)
     stock_class = type(model).__bases__[-1]
     stock_config_class = type(config)._wsvd_base
     sizes = _pruned_sizes(config)

@@ -228,7 +228,11 @@ def check_student(student: PreTrainedModel) -> None:
 def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
     """Raise unless ``teacher`` (called ``name`` in the error) has the base architecture of the
     compressed ``student``: its model type, vocabulary size, hidden size and layer count."""
-    from ..runtime.modeling_wsvd import BASE_TYPE_KEY
+    from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
+
+    if teacher.config.model_type == MODEL_TYPE:
+        raise ValueError(f"{name} is a compressed hf_wsvd checkpoint: the teacher must be the dense model it was "
+                         "compressed from")
 
     def described(config) -> dict:
         return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 from .card import PLOT_FILE
+from .checkpoint import load_factorized
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -113,8 +114,12 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     files = checkpoint_files(folder)
     _refuse_links(folder, files)
     files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
-    with open(os.path.join(folder, "config.json")) as handle:
-        model_type = json.load(handle).get("model_type")
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            model_type = json.load(handle).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as error:  # not JSON, or JSON but not an object
+        raise ValueError(f"{folder}/config.json is not a JSON object ({error}): the checkpoint was edited or is "
+                         "damaged") from None
     if model_type != MODEL_TYPE:
         raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
     check_runtime_files(folder)
@@ -137,6 +142,9 @@ def push(
     folder = os.fspath(folder)
     plan = check_folder(folder)
     ModelCard.load(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
+    # Nothing reaches the Hub that would not load: the load-time integrity checks (every tensor there,
+    # at its shape, finite; the recipe readable), offline, before the repository is created.
+    load_factorized(folder)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
                   for name in plan.files]
     api = api or HfApi(token=token)

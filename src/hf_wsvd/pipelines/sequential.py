@@ -33,8 +33,8 @@ from ..statistics.passes import batches
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
 from .registry import register_pipeline
-from .step import (Cuts, Job, candidates, compress_group, gradient_pass, greedy_allocation, observed, require_data,
-                   spectra, uniform)
+from .step import (Cuts, Job, candidates, check_allocation, compress_group, gradient_pass, greedy_allocation,
+                   observed, require_data, spectra, uniform)
 
 
 class _Captured(Exception):
@@ -186,6 +186,7 @@ def run(job: Job) -> dict[str, int]:
     prefix, blocks = block_list(job.model)
     cuts = Cuts.of(job)
     shapes = candidates(job, skip=frozenset(cuts.members))  # the layers to factorize
+    check_allocation(job, shapes, cuts)
     in_block = [[n for n in sorted(job.targets) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     gradient_pass(job, [*shapes, *sorted(cuts.observed())])  # a consumer's loss weighs its MLP's channels
 

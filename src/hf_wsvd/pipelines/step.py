@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -23,7 +24,7 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import greedy_ranks, kept_channels, uniform_ranks
+from ..allocation import Budgeted, greedy_ranks, greedy_start, kept_channels, uniform_ranks
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..runtime.modeling_wsvd import all_finite
@@ -32,8 +33,10 @@ from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
 from ..swap import factors_like
 from ..tasks import LossFn, per_example_loss, task_of
-from .modifiers import Block, ChannelGroup, Modifier, enabled_modifiers
+from .modifiers import Block, ChannelGroup, ChannelModifier, Modifier, enabled_modifiers
 from .registry import get_pipeline
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,11 +167,15 @@ def _non_finite(name: str) -> FloatingPointError:
 def refuse_non_finite_weights(job: Job) -> None:
     """Refuse a damaged model before any pass, in every process at once (a NaN found by one
     process's solve would leave the others waiting in its broadcast, after the statistics' time):
-    the target weights held in memory; offloaded ones are checked where they are read."""
-    for name in job.targets:
-        weight = job.module(name).weight
+    the weights held in memory, named (a NaN elsewhere, e.g. in the embeddings, would surface as a
+    target layer's NaN statistics); offloaded target weights are checked where they are read."""
+    targets = {full: name for name, full in job.targets.items()}
+    for name, weight in job.model.named_parameters():
         if weight.device.type != "meta" and not all_finite(weight):
-            raise _non_finite(name)
+            module = name.rpartition(".")[0]
+            raise _non_finite(targets[module]) if module in targets else FloatingPointError(
+                f"the parameter {name!r} has non-finite values (NaN or inf): the checkpoint is damaged; compress an "
+                "intact copy")
 
 
 def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
@@ -202,6 +209,8 @@ def run(job: Job) -> dict[str, int]:
     """Compress: the recipe's pipeline over the target layers (none at ``param_ratio`` 1, where only
     what the modifiers compress outside it is), then each modifier's ``on_end``; the ranks."""
     refuse_non_finite_weights(job)
+    for modifier in job.modifiers:
+        modifier.on_start(job)
     ranks = get_pipeline(job.config.pipeline)(job) if job.config.param_ratio < 1 else {}
     for modifier in job.modifiers:
         ranks = {**ranks, **modifier.on_end(job)}
@@ -289,9 +298,22 @@ class Cuts:
 
     @classmethod
     def of(cls, job: Job) -> "Cuts":
-        """The groups the job's modifiers find among its targets whose layers are all ``nn.Linear``."""
-        return cls([(modifier, group) for modifier in job.modifiers for group in modifier.groups(job)
-                    if all(type(job.module(n)) is torch.nn.Linear for n in group.members)])
+        """The groups the job's modifiers find among its targets whose layers are all ``nn.Linear``
+        (the others, e.g. GPT-2's ``Conv1D`` MLPs, are factorized instead, said once)."""
+        owned = []
+        for modifier in (m for m in job.modifiers if isinstance(m, ChannelModifier)):
+            found = modifier.groups(job)
+            kept = [g for g in found if all(type(job.module(n)) is torch.nn.Linear for n in g.members)]
+            if not found:
+                logger.warning("%s finds no layers of a layout it knows among the targets of %s: they are "
+                               "factorized instead", modifier.name, type(job.model).__name__)
+            elif len(kept) < len(found):
+                other = next(g for g in found if g not in kept)
+                logger.warning("%s cuts nn.Linear layers only: %d of its %d groups (first: %r, of %s layers) are "
+                               "factorized instead", modifier.name, len(found) - len(kept), len(found), other.key,
+                               type(job.module(other.members[0])).__name__)
+            owned += [(modifier, group) for group in kept]
+        return cls(owned)
 
     @property
     def groups(self) -> list[ChannelGroup]:
@@ -324,13 +346,25 @@ class Cuts:
         return kept
 
 
+def _budgeted(job: Job, cuts: Cuts) -> dict[str, Budgeted]:
+    return {g.key: m.budget(job, g) for m, g in cuts.owned}
+
+
+def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -> None:
+    """Raise, before any pass over the data, where the layers' shapes alone make the greedy budget
+    impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank)."""
+    if job.config.allocation == "greedy":
+        greedy_start(shapes, job.config.param_ratio, job.config.rank_multiple, _budgeted(job, cuts),
+                     job.config.max_kept_ratio_for_speed)
+
+
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
                       weights: dict[str, float] | None, cuts: Cuts) -> tuple[dict[str, int], dict[str, int]]:
     """(ranks, kept channels of each group of ``cuts`` by key) under one global budget
     (``allocation="greedy"``) in steps of ``rank_multiple``, no rank above its speed limit. ``values`` holds
     the layers' spectra and the groups' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
-                         {g.key: m.budget(job, g) for m, g in cuts.owned}, job.config.max_kept_ratio_for_speed)
+                         _budgeted(job, cuts), job.config.max_kept_ratio_for_speed)
     # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
     channels = {g.key: m.even(g, units.pop(g.key, g.channels)) for m, g in cuts.owned}
     return units, channels
@@ -372,15 +406,16 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
     weights in memory, and the replacement of an accelerate-offloaded layer is offloaded the same
     way."""
     module = job.module(name)
+    trainable = next(module.parameters()).requires_grad  # a frozen layer's replacement stays frozen
     if not hooked(module):
-        job.model.set_submodule(job.targets[name], build(module))
+        job.model.set_submodule(job.targets[name], build(module).requires_grad_(trainable))
         return
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
 
     device, offload = execution_device(module, torch.device("cpu")), offloaded(module)
     with loaded(module, torch.device("cpu")):
-        layer = build(module)
+        layer = build(module).requires_grad_(trainable)
     remove_hook_from_module(module, recurse=True)
     job.model.set_submodule(job.targets[name], layer)
     if offload:

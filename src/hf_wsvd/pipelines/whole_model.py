@@ -9,7 +9,7 @@ from typing import Iterable
 from ..blocks import is_dispatched
 from ..statistics import input_statistics
 from .registry import register_pipeline
-from .step import (Cuts, Job, candidates, compress_group, gradient_pass, greedy_allocation,
+from .step import (Cuts, Job, candidates, check_allocation, compress_group, gradient_pass, greedy_allocation,
                    require_data, spectra, uniform)
 
 
@@ -20,6 +20,7 @@ def run(job: Job) -> dict[str, int]:
         job.model.to(job.accelerator.device)
     cuts = Cuts.of(job)
     shapes = candidates(job, skip=frozenset(cuts.members))
+    check_allocation(job, shapes, cuts)
     collect(job, [*shapes, *sorted(cuts.observed())])
     with job.timed("allocate"):
         if job.config.allocation == "uniform":

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 
 def _check_rank(rank: int, vocab: int, hidden: int) -> None:
-    if not 1 <= rank < hidden or rank > vocab:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < hidden or rank > vocab:
         raise ValueError(
             f"rank={rank} is invalid for a {vocab}x{hidden} embedding: it must be between 1 and "
             f"{min(hidden - 1, vocab)} (rank ≥ the hidden size {hidden} compresses nothing)"
@@ -45,6 +45,10 @@ class FactorizedEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         _check_rank(rank, num_embeddings, embedding_dim)
+        if padding_idx is not None:  # as nn.Embedding takes it: within the table, a negative one from its end
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx={padding_idx} is outside the {num_embeddings} embeddings")
+            padding_idx %= num_embeddings
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx

@@ -50,7 +50,7 @@ def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
 
 def check_rank(rank: int, in_features: int, out_features: int) -> None:
     """Raise unless ``rank`` fits an ``out_features × in_features`` layer."""
-    if not 1 <= rank <= min(in_features, out_features):
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(in_features, out_features):
         raise ValueError(
             f"rank={rank} is invalid for a {out_features}x{in_features} layer: "
             f"it must be between 1 and {min(in_features, out_features)}"

@@ -37,7 +37,7 @@ This file ships inside every compressed checkpoint, so it may import only torch 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import transformers
@@ -403,33 +403,45 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     factorized = {name: m for name, m in model.named_modules()
                   if isinstance(m, FACTORIZED) or relative_module_name(model, name) in reshaped}
     owned = {f"{name}.{p}" for name, m in factorized.items() for p, _ in m.named_parameters(remove_duplicate=False)}
-    missing = sorted(k for k in info["missing_keys"] if k in owned)
+    absent = unloaded(model, [k for k in info["missing_keys"] if k not in owned])
     # A tensor of the wrong shape inside the base model, even under ignore_mismatched_sizes=True
     # (which re-initializes it): a pruned layer whose record was deleted would otherwise load at its
     # dense shape with random weights. A head outside it may be re-initialized (a new label count).
-    prefix = getattr(model, "base_model_prefix", "")
-    inside = (lambda key: key.startswith(prefix + ".")) if prefix and hasattr(model, prefix) else (lambda key: True)
-    mismatched = sorted((tuple(k) for k in info["mismatched_keys"]
-                         if not ignore_mismatched_sizes or k[0] in owned or inside(k[0])), key=lambda k: k[0])
+    mismatched = sorted((tuple(k) for k in info["mismatched_keys"] if not ignore_mismatched_sizes or k[0] in owned
+                         or _in_base_model(model, k[0])), key=lambda k: k[0])
+    missing = sorted(k for k in info["missing_keys"] if k in owned)
     if missing:
-        raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights ({len(missing)} tensors "
-                         "affected): the file is damaged or belongs to another recipe")
+        stored = sorted(info["unexpected_keys"])
+        # e.g. a quantized checkpoint whose config.json lost its quantization_config: other names
+        instead = f" (it holds {stored[0]!r}, which this model has no place for)" if stored else ""
+        raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
+                         "tensors affected): the file is damaged or belongs to another recipe")
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
         why = (f"the file is damaged, or config.json's {RECIPE_KEY} ranks or pruned or attention shapes were edited"
-               if key in owned or inside(key) else "pass ignore_mismatched_sizes=True to re-initialize a head of "
+               if key in owned or _in_base_model(model, key) else "pass ignore_mismatched_sizes=True to re-initialize a head of "
                "another size")
         raise ValueError(f"the tensor {key!r} has the wrong shape in the checkpoint's weights{found} "
                          f"({len(mismatched)} tensors affected); {why}")
     modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
+    compressed = {relative_module_name(model, name) for name in factorized}
     for key in sorted(info["unexpected_keys"]):
         parts = relative_module_name(model, key).split(".")
-        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
-        if owner is not None:
-            raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
-                             f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] or "
-                             f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
+        depth = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if depth is None:
+            continue
+        owner = ".".join(parts[:depth])
+        if any(owner == c or owner.startswith(c + ".") for c in compressed) or len(parts) - depth > 2:
+            # not a compressed layer's factors that the recipe lost: a tensor this model has no place for
+            raise ValueError(f"the checkpoint's tensor {key!r} has no place in this model (module {owner!r} has no "
+                             f"{'.'.join(parts[depth:])!r}): the weights file holds extra tensors, or config.json's "
+                             "sizes were edited")
+        raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
+                         f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] or "
+                         f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
+    if absent:
+        raise random_weights_error(absent)
     attention = getattr(model.config, RECIPE_KEY, {}).get(ATTENTION_KEY, {})
     for name, module in model.named_modules():
         entry = attention.get(relative_module_name(model, name))
@@ -449,6 +461,38 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
             # base (W + correction) it would be wrong.
             raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
                              "quantization: load the checkpoint with its own quantization_config")
+
+
+def unloaded(model: PreTrainedModel, missing: Iterable[str]) -> list[str]:
+    """The keys among ``missing`` (a load's missing keys) that the class the checkpoint was saved as
+    holds, base model first: loaded, they hold random values. A module only this class has (another
+    task's head or pooler: the stock way to start one, with transformers' warning) is not among them;
+    where the saved class is unknown, those outside the base model are taken to be such."""
+    missing = list(missing)
+    names = getattr(model.config, "architectures", None) or [""]
+    if missing and type(model).__name__ != names[0]:
+        wsvd = names[0].startswith(CLASS_PREFIX)
+        base = getattr(transformers, names[0][len(CLASS_PREFIX):] if wsvd else names[0], None)
+        if isinstance(base, type) and issubclass(base, PreTrainedModel):
+            with torch.device("meta"):  # its names only
+                saved = (wsvd_model_class(base) if wsvd else base)(model.config)
+            keys = {relative_module_name(saved, key) for key in saved.state_dict()}
+            missing = [k for k in missing if relative_module_name(model, k) in keys]
+        else:
+            missing = [k for k in missing if _in_base_model(model, k)]
+    return sorted(missing, key=lambda k: (not _in_base_model(model, k), k))
+
+
+def random_weights_error(keys: list[str], where: str = "") -> ValueError:
+    """The error for a load that left ``keys`` (``unloaded``) at random values."""
+    return ValueError(f"{where}the tensor {keys[0]!r} is missing from the checkpoint's weights ({len(keys)} tensors "
+                      "affected) and would load with random values: the file is damaged, or config.json was edited "
+                      "(its layer count, sizes or tie_word_embeddings)")
+
+
+def _in_base_model(model: PreTrainedModel, key: str) -> bool:
+    prefix = getattr(model, "base_model_prefix", "")
+    return not (prefix and hasattr(model, prefix)) or key.startswith(prefix + ".")
 
 
 def _plain_float(module: nn.Module) -> bool:

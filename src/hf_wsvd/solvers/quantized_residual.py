@@ -161,7 +161,8 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
             run_block(dense_block, targets, device)
             layers = {path: m for path, m in block.named_modules() if isinstance(m, LowRankCorrectedLinear)}
             if layers:
-                work = detached_copy(block, device, torch.float32, dequantized_modules(block)).eval().requires_grad_(False)
+                work = detached_copy(block, device, torch.promote_types(quantized.dtype, torch.float32),
+                                     dequantized_modules(block)).eval().requires_grad_(False)
                 params = [getattr(work.get_submodule(path), factor).weight for path in layers for factor in ("up", "down")]
                 before, after = train_block(job, work, params, stream, targets, device, f"refining block {index}",
                                             quantized.dtype)

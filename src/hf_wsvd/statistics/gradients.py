@@ -214,7 +214,12 @@ def gradient_statistics(
                     if "labels" not in batch:
                         raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
                                          "information needs the task loss; give labels (causal LMs: the input ids)")
-                    losses = loss_fn(model, batch).sum()
+                    losses = loss_fn(model, batch)
+                    if not isinstance(losses, torch.Tensor) or not losses.requires_grad:
+                        shown = "a tensor without gradient" if isinstance(losses, torch.Tensor) else repr(losses)
+                        raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
+                                         "computed from the model's outputs")
+                    losses = losses.sum()
                     replay.backward(losses) if streamed else losses.backward()
                     count += batch["labels"].shape[0]
             finally:
@@ -235,5 +240,9 @@ def gradient_statistics(
     total = int(count.item())
     if total == 0:
         raise ValueError("the importance data is empty: no example reached the Fisher pass")
+    if not any(bool(t.any()) for t in totals):  # every importance would be 0: ranks settled by ties
+        raise ValueError(f"the Fisher information of all {len(modules)} layers is zero: none of the {total} examples "
+                         "gave the loss a target (labels all -100, or causal-LM sequences of one token); give "
+                         "labelled data, or method='whiten', which needs none")
     values = {name: {n: c.result(total) for n, c in collectors.items()} for name, collectors in hooks.collectors.items()}
     return Statistics(values, total, {})

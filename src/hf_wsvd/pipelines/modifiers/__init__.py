@@ -85,6 +85,9 @@ class Modifier:
         """Whether the recipe ``config`` turns this modifier on: its ``field`` is set."""
         return bool(getattr(config, cls.field))
 
+    def on_start(self, job: "Job") -> None:
+        """Before any pass over the data: raise for what the recipe and the model's shapes rule out."""
+
     def groups(self, job: "Job") -> list[ChannelGroup]:
         """The groups of ``job.targets`` it compresses by keeping channels."""
         return []

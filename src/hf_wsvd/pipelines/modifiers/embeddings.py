@@ -24,6 +24,9 @@ class Embeddings(Modifier):
     name = "embeddings"
     field = "embeddings"
 
+    def on_start(self, job: Job) -> None:
+        embedding_rank(job.config, *job.model.get_submodule(input_embedding_name(job.model)).weight.shape)
+
     def on_end(self, job: Job) -> dict[str, int]:
         """Factorize the input embeddings in place; their base-model-relative name → rank."""
         with job.timed("embeddings"):

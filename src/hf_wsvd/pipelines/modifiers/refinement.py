@@ -78,7 +78,8 @@ def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str,
     (the dense block's outputs on the dense stream); returns the block's relative error over the
     calibration data before and after (equal where training did not lower it and was undone)."""
     precision = next(block.parameters()).dtype  # an offloaded block's (meta) weights keep theirs
-    work = detached_copy(block, device, torch.float32).eval().requires_grad_(False)
+    # float32 at least (a half-precision block trains in float32), a float64 block as it is
+    work = detached_copy(block, device, torch.promote_types(precision, torch.float32)).eval().requires_grad_(False)
     params = [p for path in layers.values() for p in work.get_submodule(path).parameters()]
     before, after = train_block(job, work, params, inputs, targets, device, f"refining block {index}", precision)
     if not after < before:  # never worse than compensation alone on its own data (nor NaN)
