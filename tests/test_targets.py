@@ -213,3 +213,13 @@ def test_the_command_line_reads_names_or_one_regex(text, parsed):
     assert names(text) == parsed
     assert set(select_targets(tiny.build("bert"), exclude_modules=names(r"encoder\.layer\.1\..*"))) == \
         _bert_names(layers=(0,))
+
+
+@pytest.mark.parametrize("command", [["compress", "m", "out"], ["eval", "m", "--data", "d.tsv"]])
+def test_column_names_are_never_read_as_a_regex(command):
+    """Only the module options take a regex: a column may be named "review (en)"."""
+    from hf_wsvd.cli.app import build_parser
+
+    args = build_parser().parse_args([*command, "--text-columns", "review (en)"])
+    assert args.text_columns == ["review (en)"]
+    assert build_parser().parse_args([*command, "--text-columns", "a,b"]).text_columns == ["a", "b"]

@@ -40,12 +40,17 @@ def fraction(text: str, name: str = "param ratio") -> float:
     return value
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated list (``sentence1,sentence2``)."""
+    return [c for c in text.split(",") if c]
+
+
 def names(text: str) -> list[str] | str:
-    """A comma-separated list of names or suffixes (``query,value``), or one regular expression
+    """Module names or suffixes, comma-separated (``query,value``), or one regular expression
     (``layers\\.0\\..*``: a value with a regex operator and no comma; a dot alone is part of a name)."""
     if "," not in text and any(c in text for c in "*+?[](){}|\\^$"):
         return text
-    return [c for c in text.split(",") if c]
+    return comma_list(text)
 
 
 def speed_limit(text: str) -> float | dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,8 @@ from .statistics import Statistics, default_accelerator
 from .swap import attach_recipe
 from .targets import select_targets
 from .tasks import LossFn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,9 +132,13 @@ def compress(
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
-    for index, batch in enumerate(data or []):  # a bad batch named now, not as an IndexError mid-pass
-        check_batch(model, batch, index)
+    for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
+        check_batch(model, batch, index, task_labels=loss_fn is None)
     accelerator = accelerator or default_accelerator()
+    if data is None and statistics is not None and config.method is None and config.param_ratio < 1:
+        raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
+                         "one the statistics were computed for (method=..., e.g. 'fisher_whiten' with "
+                         "sequential=False)")
     if config.method != "quantized_residual":
         config, notices = resolve(config, model, data, accelerator.device)
     else:
@@ -179,4 +186,11 @@ def compress(
         job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention), dict(job.refined),
         *target_counts(model),
     )
+    if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said
+        notice = (f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio="
+                  f"{config.param_ratio}: a cut layer or MLP keeps at least rank_multiple={config.rank_multiple} "
+                  "ranks or channels, and a layer stays dense where a rank would save nothing or be slow; lower "
+                  "rank_multiple, or use allocation='greedy', which meets the budget")
+        logger.warning(notice)
+        report.notices.append(notice)
     return model, report

@@ -214,16 +214,19 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
                          f"{positions} or less")
 
 
-def check_batch(model: nn.Module, batch: Any, index: int) -> None:
+def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = True) -> None:
     """Raise a one-line error naming the value unless ``batch`` (the ``index``-th calibration batch,
-    from 0) is what the passes feed ``model``: a dict with 2-D integer ``input_ids`` inside its
-    vocabulary and position table, a matching ``attention_mask``, and ``labels`` of the model's task
-    (a causal LM: the ids' shape; a classifier: one class index or -100 per example)."""
+    from 0) is what the passes feed ``model``: a dict; its ``input_ids``, if any, 2-D integers inside
+    the vocabulary and position table, with a matching ``attention_mask``; where ``task_labels`` (the
+    task's own loss reads them), ``labels`` of the model's task (a causal LM: the ids' shape; a
+    classifier: one class index or -100 per example)."""
     where = f"calibration batch {index}"
     if not isinstance(batch, Mapping):
         raise TypeError(f"{where} is a {type(batch).__name__}: each batch must be a dict of tensors "
                         "(input_ids, attention_mask, labels)")
-    ids = batch.get("input_ids")
+    if "input_ids" not in batch:  # a model of other inputs (pixel_values, ...): the forward pass names them
+        return
+    ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{where}: input_ids must be a 2-D integer tensor (examples × tokens), not {_shown(ids)}")
     vocabulary = model.get_input_embeddings().num_embeddings
@@ -238,7 +241,7 @@ def check_batch(model: nn.Module, batch: Any, index: int) -> None:
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
         raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
     labels = batch.get("labels")
-    if labels is None:
+    if labels is None or not task_labels:
         return
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{where}: labels must be a tensor, not {_shown(labels)}")

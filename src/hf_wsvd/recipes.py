@@ -17,9 +17,12 @@ from torch import nn
 
 from .blocks import block_list
 from .config import GROUPED_QUANTIZE_SPECS, WSVDConfig
+from .methods.mlp_pruning import find_pairs
+from .runtime.factorized_linear import linear_shape
 from .runtime.modeling_wsvd import TORCHAO_INT8_ALIGNMENT
 from .solvers import solver_for
 from .statistics.names import GRAM
+from .targets import select_targets
 from .tasks import CAUSAL_LM, task_of
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class Evidence:
     labels: bool  # its batches carry labels: the Fisher information can be estimated
     causal_lm: bool  # a causal LM with a stack of repeated blocks (what sequential mode walks)
     device: torch.device  # where the blocks compute (the accelerator's device)
+    mlps: bool = True  # the targets hold an MLP that MLP pruning can cut (nn.Linear producers and consumer)
 
 
 def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
@@ -81,6 +85,11 @@ def _reads_gram_in_sequence(recipe: WSVDConfig, evidence: Evidence) -> tuple[boo
     # mode on MiniLM at kept 0.5, MLP pruning (with or without attention pruning) cost MRPC 2.4
     # points of accuracy against factorizing (SST-2 gained 0.5), so classifiers stay factorized.
     return bool(recipe.sequential) and GRAM in solver_for(recipe).needs_for(recipe.method_options()), None
+
+
+def _mlp_pruning(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
+    # Off where there is no MLP it can cut (GPT-2's Conv1D MLP): the recipe records what was done.
+    return _reads_gram_in_sequence(recipe, evidence)[0] and evidence.mlps, None
 
 
 def _attention_pruning(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, None]:
@@ -137,7 +146,7 @@ def residual_block_refine_steps(config: WSVDConfig, model: nn.Module, data: Iter
 
 Rule = Callable[[WSVDConfig, Evidence], tuple[Any, "str | None"]]
 RULES: dict[str, Rule] = {"method": _method, "allocation": _allocation, "sequential": _sequential, "pipeline": _pipeline,
-                          "compensate": _reads_gram_in_sequence, "mlp_pruning": _reads_gram_in_sequence,
+                          "compensate": _reads_gram_in_sequence, "mlp_pruning": _mlp_pruning,
                           "attention_pruning": _attention_pruning,
                           "block_refine_steps": _block_refine_steps, "offload_activations": _offload_activations,
                           "rank_multiple": _rank_multiple}
@@ -151,6 +160,13 @@ def is_causal_lm(model: nn.Module) -> bool:
         return False
 
 
+def _has_cuttable_mlps(model: nn.Module, config: WSVDConfig) -> bool:
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    linears = {n: linear_shape(model.get_submodule(f)) for n, f in targets.items()
+               if type(model.get_submodule(f)) is nn.Linear}
+    return bool(find_pairs(linears))
+
+
 def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
             device: torch.device) -> tuple[WSVDConfig, list[str]]:
     """``config`` with its None fields (``RULES``) resolved for ``model``, ``data`` and the
@@ -162,7 +178,8 @@ def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
         return config, []
     first = next(iter(data), None) if data is not None else None
     evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
-                        causal_lm=is_causal_lm(model), device=device)
+                        causal_lm=is_causal_lm(model), device=device,
+                        mlps=config.mlp_pruning is not None or _has_cuttable_mlps(model, config))
     notices = []
     for name in unresolved:
         value, notice = RULES[name](config, evidence)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ..argtypes import hub_dataset, names
+from ..argtypes import comma_list, hub_dataset
 from ..config import WSVDConfig
 
 EXAMPLES = """examples:
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "an earlier hf-wsvd output with --overwrite)")
     c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder "
                                   "(needed by every method but svd and lp)")
-    add_data_arguments(c, names)
+    add_data_arguments(c, comma_list)
     c.add_argument("--eval-data", help="evaluate the dense and the compressed model on this file/folder: both "
                                        "scores are printed, the compressed one goes into the model card (as text; "
                                        "as model-index metadata with --eval-dataset-id)")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "checkpoint", epilog=INSPECT_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", help="compressed checkpoint folder")
-    add_commands(commands, names)
+    add_commands(commands, comma_list)
     return parser
 
 

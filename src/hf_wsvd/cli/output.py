@@ -4,13 +4,14 @@ changed while the run worked, refuse two runs into one OUTPUT, and recover from 
 was killed midway.
 
 A run claims OUTPUT at its start by creating its staging folder
-``.hf-wsvd-<pid>-<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name; a second run
-seeing a live one is refused) and writes the result there. To replace OUTPUT it renames OUTPUT
+``.hf-wsvd-<space>-<pid>-<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name, ``<space>``
+the machine and pid namespace where ``<pid>`` lives; a second run seeing a live one, or one of
+another space, whose pid it cannot check, is refused) and writes the result there. To replace OUTPUT it renames OUTPUT
 aside to ``...-old-<h>``, checks that the folder renamed aside is exactly what was checked at the
 start (else puts it back and keeps the result under a visible name), renames the new folder in,
 then deletes the old one. Killed at any point, the folders say what happened: a later run for the
 same OUTPUT puts the old folder back if OUTPUT is missing, and deletes the leftovers of dead
-processes (the pid in the name tells which are live).
+processes of this space (the pid in the name tells which are live).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import sys
 import time
@@ -30,7 +32,8 @@ from typing import Iterator, Sequence
 # Written last into every output, so that --overwrite can tell an hf-wsvd output from a user's
 # folder; it lists the files the output held when written.
 MARKER = ".hf-wsvd-output.json"
-_STAGING = re.compile(r"\.hf-wsvd-(?P<pid>\d+)-[0-9a-f]+-(?P<kind>new|old)-(?P<target>[0-9a-f]{12})")
+_STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-[0-9a-f]+-(?P<kind>new|old)-"
+                      r"(?P<target>[0-9a-f]{12})")
 _active: set[str] = set()  # staging folders of this process in use
 
 
@@ -39,7 +42,22 @@ def _target_id(output: str) -> str:
     return hashlib.sha1(os.path.basename(output).encode()).hexdigest()[:12]
 
 
-def _is_live(pid: int, path: str) -> bool:
+def _process_space() -> str:
+    """Names where this process's pids mean something: the machine and its pid namespace (another
+    container, another host sharing the folder over NFS: their pids cannot be checked from here)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+
+
+def _is_live(match: re.Match, path: str) -> bool:
+    """Whether the run that made the staging folder ``path`` (its name parsed by ``_STAGING``) may
+    still live: a run of another machine or container counts as live (it cannot be checked)."""
+    if match["host"] not in (None, _process_space()):
+        return True
+    pid = int(match["pid"])
     if pid == os.getpid():
         return path in _active
     try:
@@ -58,7 +76,7 @@ def _stale(output: str) -> dict[str, list[str]]:
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         match = _STAGING.fullmatch(name)
         path = os.path.join(parent, name)
-        if match and match["target"] == target and not _is_live(int(match["pid"]), path):
+        if match and match["target"] == target and not _is_live(match, path):
             found[match["kind"]].append(path)
     return found
 
@@ -132,16 +150,17 @@ class OutputChanged(FileExistsError):
     """OUTPUT changed while a run worked: it is left alone and the new result kept beside it."""
 
 
-def _live_claims(output: str, own: str | None) -> list[int]:
-    """The pids of live hf-wsvd runs, other than the folder ``own``, staging ``output``."""
+def _live_claims(output: str, own: str | None) -> list[str]:
+    """The staging folders of live hf-wsvd runs (or runs that cannot be checked), other than the
+    folder ``own``, staging ``output``."""
     parent, target = os.path.dirname(output), _target_id(output)
-    pids = []
+    found = []
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         match = _STAGING.fullmatch(name)
         path = os.path.join(parent, name)
-        if match and match["target"] == target and path != own and _is_live(int(match["pid"]), path):
-            pids.append(int(match["pid"]))
-    return pids
+        if match and match["target"] == target and path != own and _is_live(match, path):
+            found.append(path)
+    return found
 
 
 class OutputClaim:
@@ -165,8 +184,13 @@ class OutputClaim:
             others = _live_claims(output, self.staging)
             if others:
                 self.release()
-                raise FileExistsError(f"another hf-wsvd run (pid {others[0]}) is writing {output!r}; wait for it "
-                                      "to end or choose another output folder")
+                match = _STAGING.fullmatch(os.path.basename(others[0]))
+                if match["host"] not in (None, _process_space()):  # its pid means nothing here
+                    raise FileExistsError(f"a hf-wsvd run of another machine or container (pid {match['pid']} "
+                                          f"there) is writing {output!r}, or was killed: wait for it, or delete "
+                                          f"{others[0]!r} if none runs")
+                raise FileExistsError(f"another hf-wsvd run (pid {match['pid']}) is writing {output!r}; wait for "
+                                      "it to end or choose another output folder")
 
     def __enter__(self) -> "OutputClaim":
         return self
@@ -324,5 +348,5 @@ def _write_marker(folder: str, command: str) -> None:
 
 
 def _staging_path(output: str, kind: str) -> str:
-    name = f".hf-wsvd-{os.getpid()}-{secrets.token_hex(4)}-{kind}-{_target_id(output)}"
+    name = f".hf-wsvd-{_process_space()}-{os.getpid()}-{secrets.token_hex(4)}-{kind}-{_target_id(output)}"
     return os.path.join(os.path.dirname(output), name)

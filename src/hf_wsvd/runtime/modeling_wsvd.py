@@ -37,6 +37,7 @@ This file ships inside every compressed checkpoint, so it may import only torch 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
@@ -474,8 +475,8 @@ def unloaded(model: PreTrainedModel, missing: Iterable[str]) -> list[str]:
         wsvd = names[0].startswith(CLASS_PREFIX)
         base = getattr(transformers, names[0][len(CLASS_PREFIX):] if wsvd else names[0], None)
         if isinstance(base, type) and issubclass(base, PreTrainedModel):
-            with torch.device("meta"):  # its names only
-                saved = (wsvd_model_class(base) if wsvd else base)(model.config)
+            with torch.device("meta"):  # its names only; a copy of the config, which some classes edit
+                saved = (wsvd_model_class(base) if wsvd else base)(copy.deepcopy(model.config))
             keys = {relative_module_name(saved, key) for key in saved.state_dict()}
             missing = [k for k in missing if relative_module_name(model, k) in keys]
         else:
