@@ -12,6 +12,7 @@ import torch
 import hf_wsvd
 import tiny
 from hf_wsvd.config import RECIPE_VERSION, CalibrationConfig, WSVDConfig
+from hf_wsvd.statistics import TOKEN_COUNTS, Statistics
 from hf_wsvd.solvers.options import ElementwiseOptions, FwsvdOptions, RescueOptions
 
 
@@ -255,3 +256,9 @@ def test_statistics_without_data_need_the_method_they_were_computed_for():
         hf_wsvd.compress(tiny.build("bert"), WSVDConfig(param_ratio=0.3), statistics=report.statistics)
     again, _ = hf_wsvd.compress(tiny.build("bert"), recipe, statistics=report.statistics, show_progress=False)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # statistics of no target layer (the embeddings' token counts) leave the recipe to resolve: svd for the layers
+    counts = Statistics({"embeddings.word_embeddings": {TOKEN_COUNTS: torch.arange(1.0, 65.0)}})
+    _, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(param_ratio=0.5, embeddings=True, embedding_method="lp",
+                                                                embedding_weighting="frequency"),
+                                 statistics=counts, show_progress=False)
+    assert report.method == "svd" and report.ranks

@@ -213,7 +213,13 @@ def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp
     assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
     error = one_error(capsys)
     assert "a hf-wsvd run of another machine or container" in error and foreign.name in error
+    assert error.endswith(f"if none runs, delete {foreign.name!r} beside it")
     assert snapshot(out) == before and foreign.is_dir()
+    # its "old" folder holds what OUTPUT held: never to be deleted on our word while OUTPUT is missing
+    foreign.rename(aside := tmp_path / f".hf-wsvd-0000dead-{dead.pid}-cd34-old-{target}")
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
+    assert f"{aside.name!r} beside it holds its previous content: rename it back if it is missing" in one_error(capsys)
+    assert snapshot(out) == before and aside.is_dir()
 
 
 def _kept_results(folder) -> list:

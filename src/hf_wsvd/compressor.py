@@ -135,7 +135,8 @@ def compress(
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
     accelerator = accelerator or default_accelerator()
-    if data is None and statistics is not None and config.method is None and config.param_ratio < 1:
+    if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
+            set(statistics.values) & set(select_targets(model, config.target_modules, config.exclude_modules)):
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
                          "one the statistics were computed for (method=..., e.g. 'fisher_whiten' with "
                          "sequential=False)")

@@ -5,13 +5,15 @@ was killed midway.
 
 A run claims OUTPUT at its start by creating its staging folder
 ``.hf-wsvd-<space>-<pid>-<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name, ``<space>``
-the machine and pid namespace where ``<pid>`` lives; a second run seeing a live one, or one of
-another space, whose pid it cannot check, is refused) and writes the result there. To replace OUTPUT it renames OUTPUT
+the machine where ``<pid>`` lives; a second run seeing a live one, or one of another machine or
+container, whose pid it cannot check, is refused and told what that folder holds) and writes the
+result there. To replace OUTPUT it renames OUTPUT
 aside to ``...-old-<h>``, checks that the folder renamed aside is exactly what was checked at the
 start (else puts it back and keeps the result under a visible name), renames the new folder in,
 then deletes the old one. Killed at any point, the folders say what happened: a later run for the
 same OUTPUT puts the old folder back if OUTPUT is missing, and deletes the leftovers of dead
-processes of this space (the pid in the name tells which are live).
+processes of this machine (the pid in the name tells which are live; a container restarted under
+its name recovers what its killed run left).
 """
 
 from __future__ import annotations
@@ -43,13 +45,10 @@ def _target_id(output: str) -> str:
 
 
 def _process_space() -> str:
-    """Names where this process's pids mean something: the machine and its pid namespace (another
-    container, another host sharing the folder over NFS: their pids cannot be checked from here)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+    """Names where this process's pids can be checked: its machine (another container, another host
+    sharing the folder over NFS, has another name). Not the pid namespace: a restarted container keeps
+    its name and must recover what its killed run left."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _is_live(match: re.Match, path: str) -> bool:
@@ -186,9 +185,12 @@ class OutputClaim:
                 self.release()
                 match = _STAGING.fullmatch(os.path.basename(others[0]))
                 if match["host"] not in (None, _process_space()):  # its pid means nothing here
+                    folder = os.path.basename(others[0])
+                    left = (f"{folder!r} beside it holds its previous content: rename it back if it is missing, "
+                            "else delete it") if match["kind"] == "old" else f"delete {folder!r} beside it"
                     raise FileExistsError(f"a hf-wsvd run of another machine or container (pid {match['pid']} "
-                                          f"there) is writing {output!r}, or was killed: wait for it, or delete "
-                                          f"{others[0]!r} if none runs")
+                                          f"there) is writing {output!r} or was killed: wait for it; if none runs, "
+                                          f"{left}")
                 raise FileExistsError(f"another hf-wsvd run (pid {match['pid']}) is writing {output!r}; wait for "
                                       "it to end or choose another output folder")
 
