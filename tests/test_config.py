@@ -262,3 +262,13 @@ def test_statistics_without_data_need_the_method_they_were_computed_for():
                                                                 embedding_weighting="frequency"),
                                  statistics=counts, show_progress=False)
     assert report.method == "svd" and report.ranks
+
+
+def test_statistics_of_another_model_are_named_by_layer():
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    recipe = WSVDConfig(method="fisher_whiten", allocation="greedy", param_ratio=0.5)
+    _, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
+    wide = tiny.build("bert", hidden_size=48, intermediate_size=96)
+    with pytest.raises(ValueError, match=r"statistics of 'encoder\.layer\.0\.[^']*': \w+ has shape .* takes .*: "
+                                         "statistics of another model"):
+        hf_wsvd.compress(wide, recipe, statistics=report.statistics, show_progress=False)

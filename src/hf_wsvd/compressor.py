@@ -18,11 +18,12 @@ from .config import WSVDConfig
 from .data import check_batch
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
-from .runtime.factorized_linear import share_input_factors
+from .runtime.factorized_linear import linear_shape, share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
 from .statistics import Statistics, default_accelerator
+from .statistics.names import SHAPES
 from .swap import attach_recipe
 from .targets import select_targets
 from .tasks import LossFn
@@ -95,6 +96,19 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> No
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
 
 
+def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistics: Statistics) -> None:
+    """Raise, naming the layer, where reused ``statistics`` do not fit a target layer's shape (they were
+    taken on another model)."""
+    for name in sorted(set(targets) & set(statistics.values)):
+        in_features, out_features = linear_shape(model.get_submodule(targets[name]))
+        for statistic, value in statistics.values[name].items():
+            shape = SHAPES.get(statistic)
+            if shape is not None and tuple(value.shape) != shape(in_features, out_features):
+                raise ValueError(f"statistics of {name!r}: {statistic} has shape {tuple(value.shape)}, the layer "
+                                 f"({in_features} inputs, {out_features} outputs) takes "
+                                 f"{shape(in_features, out_features)}: statistics of another model")
+
+
 def compress(
     model: PreTrainedModel,
     config: WSVDConfig,
@@ -148,6 +162,8 @@ def compress(
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
     torch.manual_seed(config.seed)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
+    if statistics is not None:
+        _check_statistics(model, targets, statistics)
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "

@@ -13,3 +13,8 @@ CROSS = "cross"  # E[x_dense x_compressedᵀ]: a layer's inputs in the dense and
 # later joins its kind (``collectors.register_collector``).
 GRADIENT_STATISTICS = {FISHER, FISHER_ROWS, FISHER_COLS}
 INPUT_STATISTICS = {GRAM, MEAN_ABS}
+
+# The shape of each built-in statistic of a layer of ``in_features`` inputs and ``out_features``
+# outputs (what statistics reused from another run must have).
+SHAPES = {FISHER: lambda i, o: (o, i), FISHER_ROWS: lambda i, o: (o,), FISHER_COLS: lambda i, o: (i,),
+          GRAM: lambda i, o: (i, i), MEAN_ABS: lambda i, o: (i,), CROSS: lambda i, o: (i, i)}
