@@ -149,19 +149,20 @@ def compress(
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
     accelerator = accelerator or default_accelerator()
+    # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
     if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
-            set(statistics.values) & set(select_targets(model, config.target_modules, config.exclude_modules)):
+            set(statistics.values) & set(targets):
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
                          "one the statistics were computed for (method=..., e.g. 'fisher_whiten' with "
                          "sequential=False)")
     if config.method != "quantized_residual":
-        config, notices = resolve(config, model, data, accelerator.device)
+        config, notices = resolve(config, model, data, accelerator.device, targets)
     else:
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
     torch.manual_seed(config.seed)
-    targets = select_targets(model, config.target_modules, config.exclude_modules)
     if statistics is not None:
         _check_statistics(model, targets, statistics)
     if not targets:

@@ -160,26 +160,26 @@ def is_causal_lm(model: nn.Module) -> bool:
         return False
 
 
-def _has_cuttable_mlps(model: nn.Module, config: WSVDConfig) -> bool:
-    targets = select_targets(model, config.target_modules, config.exclude_modules)
+def _has_cuttable_mlps(model: nn.Module, targets: dict[str, str]) -> bool:
     linears = {n: linear_shape(model.get_submodule(f)) for n, f in targets.items()
                if type(model.get_submodule(f)) is nn.Linear}
     return bool(find_pairs(linears))
 
 
-def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None,
-            device: torch.device) -> tuple[WSVDConfig, list[str]]:
+def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None, device: torch.device,
+            targets: dict[str, str] | None = None) -> tuple[WSVDConfig, list[str]]:
     """``config`` with its None fields (``RULES``) resolved for ``model``, ``data`` and the
     ``device`` the blocks compute on, and the notices explaining a fallback from the best recipe
     (each logged once as a warning). ``data`` must be re-iterable (its first batch is read to look
-    for labels)."""
+    for labels); ``targets``: the recipe's target layers, if already found (``select_targets``)."""
     unresolved = [name for name in RULES if getattr(config, name) is None]
     if not unresolved:
         return config, []
     first = next(iter(data), None) if data is not None else None
     evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
                         causal_lm=is_causal_lm(model), device=device,
-                        mlps=config.mlp_pruning is not None or _has_cuttable_mlps(model, config))
+                        mlps=config.mlp_pruning is not None or _has_cuttable_mlps(
+                            model, targets or select_targets(model, config.target_modules, config.exclude_modules)))
     notices = []
     for name in unresolved:
         value, notice = RULES[name](config, evidence)
