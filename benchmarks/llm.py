@@ -56,8 +56,8 @@ def recipes(args) -> list[dict]:
     rows += [dict(method=m, allocation=a, sequential=True, compensate=False, mlp_pruning=False)
              for m in args.sequential_methods for a in args.allocations]
     refinements = [dict(block_refine_steps=0)] if 0 in args.refine_steps else []
-    refinements += [dict(block_refine_steps=s, block_refine_learning_rate=r)
-                    for s in args.refine_steps if s for r in args.refine_learning_rates]
+    refinements += [dict(block_refine_steps=s, block_refine_learning_rate=r, block_refine_batches=b)
+                    for s in args.refine_steps if s for r in args.refine_learning_rates for b in args.refine_batches]
     cut = [False, True] if args.attention_pruning else [False]
     for pruned, methods in ((False, args.compensated_methods), (True, args.pruned_methods)):
         rows += [dict(method=m, allocation=a, sequential=True, compensate=True, compensation_ridge=r, mlp_pruning=pruned,
@@ -82,6 +82,8 @@ def label(recipe: dict) -> str:
         name += f", kept ratio ≤ {shown} per layer"
     if recipe.get("block_refine_steps"):
         name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
+        if recipe.get("block_refine_batches", 1) > 1:
+            name += f" of {recipe['block_refine_batches']} batches"
     return name + (")" if recipe.get("sequential") else "")
 
 
@@ -330,6 +332,9 @@ def main() -> None:
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])
+    parser.add_argument("--refine-batches", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[WSVDConfig.block_refine_batches],
+                        help="calibration batches per block refinement step (block_refine_batches), each a row")
     parser.add_argument("--speed-limits", nargs="+", type=lambda t: None if t == "none" else speed_limit(t),
                         default=[None], help="max_kept_ratio_for_speed of the MLP-pruned rows, each a row: a number, "
                         "a per-shape JSON file (as --max-kept-ratio-for-speed takes) or 'none' (off)")

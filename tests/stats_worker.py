@@ -134,8 +134,8 @@ def pipeline_result(accelerator=None, layers: int | None = None) -> dict:
 # Every built-in modifier at once (both prunings, compensation, refinement, lp embeddings), run in
 # one and in two processes.
 MODIFIERS_RECIPE = dict(method="whiten", param_ratio=0.3, sequential=True, mlp_pruning=True, attention_pruning=True,
-                        block_refine_steps=2, embeddings=True, embedding_method="lp", embedding_ratio=0.5,
-                        rank_multiple=2, compute_dtype="float64")
+                        block_refine_steps=2, block_refine_batches=2, embeddings=True, embedding_method="lp",
+                        embedding_ratio=0.5, rank_multiple=2, compute_dtype="float64")
 
 
 def modifiers_result(accelerator=None) -> dict:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.evaluation import perplexity
+from hf_wsvd.integrations.checkpoint import refinement_summary
 from hf_wsvd.pipelines import sequential as sequential_module
 from hf_wsvd.pipelines import step as step_module
 from hf_wsvd.recipes import default_block_refine_steps
@@ -109,6 +110,38 @@ def test_refinement_lowers_the_block_errors_and_the_heldout_perplexity_reproduci
         assert torch.equal(a, b), name
 
 
+def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens():
+    """``block_refine_batches=2`` over batches of 4 takes the steps that one batch of 8 a step takes
+    (the same sequences, the same gradient), and other steps than one batch of 4 a step."""
+    model = tiny.build("llama", "AutoModelForCausalLM", seed=0).eval()
+    data = _language(32, seed=2)
+
+    def refined(batch_size: int, batches: int):
+        config = WSVDConfig(**RECIPE, block_refine_steps=6, block_refine_batches=batches)
+        compressed, report = compress(copy.deepcopy(model), config, DataLoader(data, batch_size=batch_size),
+                                      show_progress=False)
+        assert compressed.config.wsvd["block_refine_batches"] == batches
+        return compressed.state_dict(), report.refined
+
+    (pairs, pairs_errors), (eights, eights_errors), (fours, _) = refined(4, 2), refined(8, 1), refined(4, 1)
+    assert pairs_errors.keys() == eights_errors.keys() == {"0", "1"}
+    for block, errors in eights_errors.items():
+        assert pairs_errors[block] == pytest.approx(errors, rel=1e-5), block
+    # float32 Adam steps: the summation order of the batches' gradients moves weights by ~1e-7 of their scale
+    distance = {name: float((pairs[name] - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
+                for name, weight in eights.items() if weight.is_floating_point()}
+    assert max(distance.values()) < 1e-5, max(distance.items(), key=lambda item: item[1])
+    assert max(float((pairs[name] - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
+               for name, weight in fours.items() if weight.is_floating_point()) > 1e-3
+
+
+def test_the_summary_names_the_batches_of_a_step_where_there_are_several():
+    refined = {"0": [1.0, 0.5], "1": [1.0, 0.9]}
+    assert refinement_summary(refined, 8).startswith("2 blocks refined (8 steps each): ")
+    assert refinement_summary(refined, 8, 4).startswith("2 blocks refined (8 steps each of 4 batches): ")
+    assert "median 30% (least 10%, most 50%)" in refinement_summary(refined, 8, 4)
+
+
 def test_refinement_that_would_raise_the_error_is_undone(trained, monkeypatch):
     """At full rank the compressed blocks are the dense blocks: training can only add error, so the
     compensated factors stay."""
@@ -159,6 +192,9 @@ def test_the_recommended_recipe_refines_compensated_sequential_runs_only():
     (dict(block_refine_steps=2.5), "block_refine_steps=2.5"),
     (dict(block_refine_learning_rate=0), "block_refine_learning_rate=0"),
     (dict(block_refine_learning_rate=float("nan")), "block_refine_learning_rate=nan"),
+    (dict(block_refine_batches=0), "block_refine_batches=0"),
+    (dict(block_refine_batches=1.5), "block_refine_batches=1.5"),
+    (dict(block_refine_batches=True), "block_refine_batches=True"),
     (dict(method="whiten", sequential=True, compensate=False, block_refine_steps=8), "needs compensate=True"),
     (dict(method="whiten", sequential=False, block_refine_steps=8), "needs compensate=True"),
     (dict(refined={"0": [0.5]}), "refined="),

@@ -166,7 +166,8 @@ def test_two_processes_run_every_modifier_like_one(two_process_results, one_proc
     assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
     for key in ("ranks", "pruned", "attention"):
         assert first[key] == single[key], key
-    # Whole batches in turn (batches of 3): each step in the process that holds its batch.
+    # Whole batches in turn (batches of 3, two a step: batches 0 and 1 held by one process each, then 2
+    # and 0 both held by the first): each batch's gradient computed where it is held, then summed.
     assert first["refined"].keys() == single["refined"].keys()
     for block, errors in single["refined"].items():
         assert first["refined"][block] == pytest.approx(errors, rel=1e-4), block

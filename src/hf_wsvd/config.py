@@ -144,6 +144,10 @@ class WSVDConfig:
     block_refine_learning_rate: float = recipe_field(
         1e-2, "block refinement: Adam's step size relative to each tensor's root mean square, > 0, decayed to 0 on a "
         "cosine over the steps", type=float)
+    block_refine_batches: int = recipe_field(
+        1, "block refinement: stored calibration batches read by each Adam step (its gradient is their mean over "
+        "their real tokens), taken in order, cycling; several processes holding whole batches in turn all compute "
+        "on a step once it reads at least as many batches as there are processes", type=positive_int)
     offload_activations: bool | None = recipe_field(
         None, "sequential mode: keep the calibration hidden states (two streams with compensation: tokens x hidden "
         "each, 3.9 GiB for 128 x 2048 tokens of a 7B model) in pinned CPU memory, each batch copied to the "
@@ -364,6 +368,9 @@ class WSVDConfig:
                              "sequential mode)")
         if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
+        batches = self.block_refine_batches
+        if not is_integer(batches) or batches < 1:
+            raise ValueError(f"block_refine_batches={batches!r} must be an integer >= 1 (calibration batches per step)")
         if steps and self.method != "quantized_residual" and (self.compensate is False or self.sequential is False):
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
                              "only compensation computes: it needs compensate=True (sequential mode with whiten or "

@@ -243,7 +243,8 @@ def _inspect(args: argparse.Namespace) -> None:
     pipeline = recipe.get("pipeline") or ("sequential" if recipe.get("sequential") else "whole_model")
     print(f"method={recipe['method']} allocation={recipe.get('allocation') or 'uniform'} pipeline={pipeline} "
           f"param_ratio={recipe['param_ratio']}")
-    refinement = refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"))
+    refinement = refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"),
+                                    recipe.get("block_refine_batches", 1))
     if refinement:
         print(f"block refinement: {refinement}")
     print(f"{'module':<{width}}  {'shape':>11}  {'rank':>6}  {'params':>10}  {'dense':>10}")

@@ -202,7 +202,8 @@ def build_card(
         eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",
         plot_file=PLOT_FILE, rank_table=_rank_table(model), quantization=quantization_summary(model),
-        refinement=refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps")),
+        refinement=refinement_summary(recipe.get("refined") or {}, recipe.get("block_refine_steps"),
+                                      recipe.get("block_refine_batches", 1)),
     )
 
 

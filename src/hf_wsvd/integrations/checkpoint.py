@@ -114,12 +114,14 @@ def error_falls(refined: dict[str, list[float]]) -> list[float]:
     return sorted(1 - after / before if before > 0 else 0.0 for before, after in refined.values())
 
 
-def refinement_summary(refined: dict[str, list[float]], steps: int | None = None) -> str | None:
-    """One line on block refinement (``refined``: a recipe's per-block errors; None if it refined nothing)."""
+def refinement_summary(refined: dict[str, list[float]], steps: int | None = None, batches: int = 1) -> str | None:
+    """One line on block refinement (``refined``: a recipe's per-block errors, ``steps`` and ``batches``
+    a step: its settings; None if it refined nothing)."""
     if not refined:
         return None
     falls = error_falls(refined)
-    return (f"{len(falls)} blocks refined{f' ({steps} steps each)' if steps else ''}: relative output error fell "
+    each = f" ({steps} steps each{f' of {batches} batches' if batches > 1 else ''})" if steps else ""
+    return (f"{len(falls)} blocks refined{each}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
 

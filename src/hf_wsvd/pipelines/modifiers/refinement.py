@@ -10,7 +10,7 @@ Loss: the squared error of the block's outputs over the real tokens, each token'
 its target's squared norm (hidden states carry a few tokens of huge norm that would otherwise take
 the whole loss). Optimizer: Adam, each tensor's step size ``block_refine_learning_rate`` times its
 root mean square (factors are scaled however the factorization split them), decayed to 0 on a
-cosine. Each step reads ``BATCHES_PER_STEP`` stored calibration batches, in order, cycling.
+cosine. Each step reads ``block_refine_batches`` stored calibration batches, in order, cycling.
 
 The block trains as a float32 copy on the device where it runs (bf16 autocast on CUDA); its layers
 are written back, in the model's dtype and offloaded again where accelerate offloaded them, only if
@@ -20,7 +20,9 @@ Several processes: each holds a slice of every global batch where the batch size
 their count, else the global batches p, p + P, ... (``hf_wsvd.statistics.passes.shard``); a step
 reads the same global batches whatever the number of processes and the gradients are summed across
 processes, so every process takes the steps one process would take, and ends with the same weights
-(broadcast from process 0). With slices, every process computes on every step.
+(broadcast from process 0). With slices, every process computes on every step; with whole batches in
+turn, those holding one of the step's batches (all of them from ``block_refine_batches`` ≥ the number of
+processes on).
 
 ``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
@@ -39,9 +41,6 @@ from ...runtime.factorized_linear import FactorizedLinear
 from ...statistics.passes import splits_batches
 from ..step import Job, install
 from . import Block, Modifier, register_modifier
-
-BATCHES_PER_STEP = 1
-
 
 @register_modifier
 class BlockRefinement(Modifier):
@@ -174,7 +173,7 @@ def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pa
     processes; ``indices``: the global index of each of ``pairs``, ``tokens``: every global batch's
     real tokens."""
     config, accelerator = job.config, job.accelerator
-    steps = config.block_refine_steps
+    steps, per_step = config.block_refine_steps, config.block_refine_batches
     optimizer = torch.optim.Adam([{"params": [p], "lr": config.block_refine_learning_rate * float(
         p.detach().square().mean().sqrt().clamp_min(1e-12))} for p in params], fused=device.type == "cuda")
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, steps)
@@ -182,7 +181,7 @@ def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pa
     total = len(tokens)
     show = job.show_progress and accelerator.is_local_main_process
     for step in tqdm(range(steps), desc=desc, leave=False, disable=not show):
-        group = sorted({(step * BATCHES_PER_STEP + j) % total for j in range(BATCHES_PER_STEP)})
+        group = sorted({(step * per_step + j) % total for j in range(per_step)})
         count = float(tokens[group].sum())
         for g in group:
             if g in mine:
