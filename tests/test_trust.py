@@ -196,6 +196,18 @@ def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):
     weights = truncate(tmp_path / "ckpt")
     for line in cli_errors(capsys, tmp_path / "ckpt", "inspect", "export", "eval"):
         assert f"{weights} cannot be read (" in line and "the file is damaged or incomplete" in line, line
+    # The stock Auto classes name it too, with hf_wsvd imported and through the saved code without it.
+    with pytest.raises(ValueError, match=re.escape(f"{weights} cannot be read (")):
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        try:
+            transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ckpt")!r},
+                                                                            trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+    """, cwd=tmp_path)
+    assert result.returncode == 0 and f"{weights} cannot be read (" in result.stdout, result.stderr[-3000:]
     dense = truncate(tiny.save(tiny.build("bert"), tmp_path / "dense"))
     assert main(["compress", str(tmp_path / "dense"), str(tmp_path / "out"), "--method", "svd"]) == 2
     assert f"hf-wsvd compress: error: {dense} cannot be read (" in capsys.readouterr().err

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import median
-from typing import Iterator
 
 import transformers
 from torch import nn
@@ -130,35 +127,6 @@ def recipe_of(config: PreTrainedConfig) -> dict | None:
     return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None
 
 
-def _unreadable_file(path: str) -> str:
-    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged, else
-    a description of its weights."""
-    from safetensors import SafetensorError, safe_open
-
-    if os.path.isdir(path):
-        for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-            try:
-                with safe_open(os.path.join(path, name), "pt"):
-                    pass
-            except (SafetensorError, OSError):
-                return os.path.join(path, name)
-    return f"the weights of {path}"
-
-
-@contextmanager
-def readable_weights(path: str) -> Iterator[None]:
-    """Report a weights file that cannot be read (truncated, or written by a run whose disk filled)
-    as a one-line ``ValueError`` naming the file, instead of safetensors' own error."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as error:
-        detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{_unreadable_file(path)} cannot be read ({detail}): the file is damaged or incomplete; "
-                         "write or download it again") from error
-
-
 def load_factorized(path: str, **kwargs) -> PreTrainedModel:
     """Load a factorized checkpoint with the class it was saved from (``config.architectures``)."""
     config = AutoConfig.from_pretrained(path, **kwargs)
@@ -168,5 +136,4 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
     base = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
     if base is None:
         raise ValueError(f"{path}: unknown architecture {architecture!r}")
-    with readable_weights(path):
-        return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)
+    return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

@@ -38,7 +38,9 @@ This file ships inside every compressed checkpoint, so it may import only torch 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+import os
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 import transformers
@@ -579,6 +581,35 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _damaged_file(path: str) -> str:
+    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged, else
+    a description of its weights."""
+    from safetensors import SafetensorError, safe_open  # transformers' own dependency
+
+    if os.path.isdir(path):
+        for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(path, name), "pt"):
+                    pass
+            except (SafetensorError, OSError):
+                return os.path.join(path, name)
+    return f"the weights of {path}"
+
+
+@contextmanager
+def readable_weights(path: str | os.PathLike) -> Iterator[None]:
+    """Report a weights file that cannot be read (truncated, or written by a run whose disk filled)
+    as a one-line ``ValueError`` naming the file, instead of safetensors' own error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{_damaged_file(os.fspath(path))} cannot be read ({detail}): the file is damaged or "
+                         "incomplete; write or download it again") from error
+
+
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
     """Auto class name → stock model class, for the Auto classes that support this config."""
     found = {}
@@ -620,7 +651,10 @@ class _WsvdModelMixin:
         # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
         # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it.
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        with readable_weights(path):
+            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
         check_loaded(model, info, ignore)
         share_input_factors(model)
         return (model, info) if wants_info else model
