@@ -18,7 +18,7 @@ from hf_wsvd.allocation import kept_channels
 from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
 from hf_wsvd.integrations.healing import HealConfig, heal
-from hf_wsvd.methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, select_channels
+from hf_wsvd.methods.mlp_pruning import ORDER_STEPS, MlpPair, _channel_order, channel_spectrum, find_pairs, select_channels
 from hf_wsvd.statistics import GRAM, default_accelerator, input_statistics
 from stats_worker import case_inputs
 
@@ -93,6 +93,38 @@ def test_the_channel_spectrum_predicts_the_output_error_of_the_kept_channels():
         kept, refit = select_channels(weight, gram, None, keep, ridge=1e-9)
         error = (h @ weight.T - h[:, kept] @ refit.T).square().sum(dim=1).mean()
         assert float(energy[keep:].sum()) == pytest.approx(float(error), rel=0.02, abs=1e-6 * float(total)), keep
+
+
+def _reference_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> list[int]:
+    """The greedy channel order as its docstring states it, on the whole n × n residual every step."""
+    size = len(gram)
+    residual = gram + lam * torch.eye(size, dtype=torch.float64)
+    projected = weight @ residual
+    free, block, order = torch.ones(size, dtype=torch.bool), -(-size // ORDER_STEPS), []
+    while len(order) < size:
+        score = projected.square().sum(dim=0) / residual.diagonal()
+        score[~free] = -torch.inf
+        chosen = torch.sort(score, descending=True, stable=True).indices[:min(block, size - len(order))]
+        update = torch.linalg.solve(residual[chosen][:, chosen], residual[chosen])
+        residual = residual - residual[:, chosen] @ update
+        projected = projected - projected[:, chosen] @ update
+        free[chosen] = False
+        order += chosen.tolist()
+    return order
+
+
+def test_the_channel_order_takes_several_channels_a_step_as_the_whole_residual_would():
+    """Above ORDER_STEPS channels each step takes several; the order, computed on the channels still
+    free only, is the one the whole residual gives, ties to the lower channel."""
+    h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 88)  # 600 channels: 3 a step
+    gram = h.T @ h / len(h)
+    lam = 1e-3 * float(gram.diagonal().mean())
+    order = _channel_order(weight, gram, lam)
+    assert sorted(order.tolist()) == list(range(len(gram)))
+    assert order.tolist() == _reference_order(weight, gram, lam)
+    # Every channel dead and read alike: all tied at every step, taken in channel order.
+    tied = _channel_order(torch.ones(4, 600, dtype=torch.float64), torch.zeros(600, 600, dtype=torch.float64), 0.1)
+    assert tied.tolist() == list(range(600))
 
 
 def test_the_consumers_weights_choose_the_channels():

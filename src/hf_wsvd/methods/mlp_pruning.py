@@ -97,19 +97,41 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume
     else:
         residual = plus_diagonal(gram, lam)
     projected = weight.double() @ residual
-    free = torch.ones(size, dtype=torch.bool, device=gram.device)
+    # The channels not taken yet are kept in the leading ``active`` rows and columns (those taken are
+    # swapped behind them, as pivoted Cholesky does): each step updates only what is still free, in
+    # place, and no n × n temporary is made (fresh pages written twice were most of a CPU's time).
+    channel = torch.arange(size, device=gram.device)  # the channel at each position
     block = -(-size // ORDER_STEPS)
     order = []
-    while len(order) < size:
-        score = projected.square().sum(dim=0) / residual.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
-        score[~free] = -torch.inf
-        chosen = torch.sort(score, descending=True, stable=True).indices[: min(block, size - len(order))]
-        update = torch.linalg.solve(residual[chosen][:, chosen], residual[chosen])  # R_BB⁻¹·R_B:
-        residual -= residual[:, chosen] @ update  # the Schur complement: what the chosen leave unexplained
-        projected -= projected[:, chosen] @ update
-        free[chosen] = False
-        order += chosen.tolist()
+    for active in range(size, 0, -block):
+        free, scores = residual[:active, :active], projected[:, :active]
+        score = scores.square().sum(dim=0) / free.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
+        by_channel = channel[:active].argsort()  # so that the stable sort breaks ties to the lower channel
+        chosen = by_channel[torch.sort(score[by_channel], descending=True, stable=True).indices[:min(block, active)]]
+        update = torch.linalg.solve(free[chosen][:, chosen], free[chosen])  # R_BB⁻¹·R_B:
+        free.addmm_(free[:, chosen], update, alpha=-1)  # the Schur complement: what the chosen leave unexplained
+        scores.addmm_(scores[:, chosen], update, alpha=-1)
+        order += channel[chosen].tolist()
+        _swap_behind(chosen, active, free, scores, channel)
     return torch.tensor(order, device=gram.device)
+
+
+def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, scores: torch.Tensor,
+                 channel: torch.Tensor) -> None:
+    """Move the ``chosen`` positions of the first ``active`` to its end, swapping them with the free
+    positions there: rows and columns of ``free`` (active × active), columns of ``scores``, ``channel``."""
+    tail = active - len(chosen)
+    taken = torch.zeros(active, dtype=torch.bool, device=channel.device)
+    taken[chosen] = True
+    ahead = taken[:tail].nonzero().squeeze(1)  # chosen positions before the tail
+    behind = (~taken[tail:]).nonzero().squeeze(1) + tail  # free positions in the tail, as many
+    if not len(ahead):
+        return
+    both, swapped = torch.cat([ahead, behind]), torch.cat([behind, ahead])
+    free[both] = free[swapped]
+    free[:, both] = free[:, swapped]
+    scores[:, both] = scores[:, swapped]
+    channel[both] = channel[swapped]
 
 
 def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor | None, keep: int,
