@@ -104,22 +104,22 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume
     block = -(-size // ORDER_STEPS)
     order = []
     for active in range(size, 0, -block):
-        free, scores = residual[:active, :active], projected[:, :active]
-        score = scores.square().sum(dim=0) / free.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
+        free, weighted = residual[:active, :active], projected[:, :active]
+        score = weighted.square().sum(dim=0) / free.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
         by_channel = channel[:active].argsort()  # so that the stable sort breaks ties to the lower channel
         chosen = by_channel[torch.sort(score[by_channel], descending=True, stable=True).indices[:min(block, active)]]
         update = torch.linalg.solve(free[chosen][:, chosen], free[chosen])  # R_BB⁻¹·R_B:
         free.addmm_(free[:, chosen], update, alpha=-1)  # the Schur complement: what the chosen leave unexplained
-        scores.addmm_(scores[:, chosen], update, alpha=-1)
+        weighted.addmm_(weighted[:, chosen], update, alpha=-1)
         order += channel[chosen].tolist()
-        _swap_behind(chosen, active, free, scores, channel)
+        _swap_behind(chosen, active, free, weighted, channel)
     return torch.tensor(order, device=gram.device)
 
 
-def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, scores: torch.Tensor,
+def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, weighted: torch.Tensor,
                  channel: torch.Tensor) -> None:
     """Move the ``chosen`` positions of the first ``active`` to its end, swapping them with the free
-    positions there: rows and columns of ``free`` (active × active), columns of ``scores``, ``channel``."""
+    positions there: rows and columns of ``free`` (active × active), columns of ``weighted``, ``channel``."""
     tail = active - len(chosen)
     taken = torch.zeros(active, dtype=torch.bool, device=channel.device)
     taken[chosen] = True
@@ -130,7 +130,7 @@ def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, scores: 
     both, swapped = torch.cat([ahead, behind]), torch.cat([behind, ahead])
     free[both] = free[swapped]
     free[:, both] = free[:, swapped]
-    scores[:, both] = scores[:, swapped]
+    weighted[:, both] = weighted[:, swapped]
     channel[both] = channel[swapped]
 
 
