@@ -140,6 +140,8 @@ def test_the_summary_names_the_batches_of_a_step_where_there_are_several():
     assert refinement_summary(refined, 8).startswith("2 blocks refined (8 steps each): ")
     assert refinement_summary(refined, 8, 4).startswith("2 blocks refined (8 steps each of 4 batches): ")
     assert "median 30% (least 10%, most 50%)" in refinement_summary(refined, 8, 4)
+    # a hand-edited record is shown without it, not compared with 1
+    assert refinement_summary(refined, 8, "4").startswith("2 blocks refined (8 steps each): ")
 
 
 def test_refinement_that_would_raise_the_error_is_undone(trained, monkeypatch):

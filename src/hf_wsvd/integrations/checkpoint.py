@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from ..fields import is_integer
 from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
 from ..runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name,
@@ -117,7 +118,8 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
     if not refined:
         return None
     falls = error_falls(refined)
-    each = f" ({steps} steps each{f' of {batches} batches' if batches > 1 else ''})" if steps else ""
+    several = is_integer(batches) and batches > 1  # a hand-edited value is left out, not compared
+    each = f" ({steps} steps each{f' of {batches} batches' if several else ''})" if steps else ""
     return (f"{len(falls)} blocks refined{each}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
