@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.argtypes import speed_limit
+from hf_wsvd.argtypes import positive_int, speed_limit
 from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
@@ -81,9 +81,9 @@ def label(recipe: dict) -> str:
         shown = f"{limit:g}" if isinstance(limit, float) else ", ".join(f"{k} {v:g}" for k, v in sorted(limit.items()))
         name += f", kept ratio ≤ {shown} per layer"
     if recipe.get("block_refine_steps"):
-        name += f", refined {recipe['block_refine_steps']} steps at {recipe['block_refine_learning_rate']:g}"
-        if recipe.get("block_refine_batches", 1) > 1:
-            name += f" of {recipe['block_refine_batches']} batches"
+        batches = recipe.get("block_refine_batches", 1)
+        name += (f", refined {recipe['block_refine_steps']} steps{f' of {batches} batches' if batches > 1 else ''} "
+                 f"at {recipe['block_refine_learning_rate']:g}")
     return name + (")" if recipe.get("sequential") else "")
 
 
@@ -332,7 +332,7 @@ def main() -> None:
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
     parser.add_argument("--refine-learning-rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_learning_rate])
-    parser.add_argument("--refine-batches", type=lambda s: [int(x) for x in s.split(",")],
+    parser.add_argument("--refine-batches", type=lambda s: [positive_int(x) for x in s.split(",")],
                         default=[WSVDConfig.block_refine_batches],
                         help="calibration batches per block refinement step (block_refine_batches), each a row")
     parser.add_argument("--speed-limits", nargs="+", type=lambda t: None if t == "none" else speed_limit(t),

@@ -208,6 +208,9 @@ def test_a_saved_recipe_records_its_version_and_an_unversioned_old_one_loads_unc
     # a version-1 recipe (before offload_activations) loads with the field unset, i.e. resolved at compression
     first = {key: value for key, value in saved.items() if key != "offload_activations"}
     assert WSVDConfig.from_dict({**first, "recipe_version": 1}).offload_activations is None
+    # a version-2 recipe (before block_refine_batches) refines one batch a step, as that release did
+    second = {key: value for key, value in saved.items() if key != "block_refine_batches"}
+    assert WSVDConfig.from_dict({**second, "recipe_version": 2}).block_refine_batches == 1
 
 
 def test_a_methods_options_and_the_calibration_settings_are_written_once():

@@ -116,15 +116,15 @@ def _reference_order(weight: torch.Tensor, gram: torch.Tensor, lam: float) -> li
 def test_the_channel_order_takes_several_channels_a_step_as_the_whole_residual_would():
     """Above ORDER_STEPS channels each step takes several; the order, computed on the channels still
     free only, is the one the whole residual gives, ties to the lower channel."""
-    h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 88)  # 600 channels: 3 a step
+    h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 89)  # 601 channels: 3 a step, 1 the last
     gram = h.T @ h / len(h)
     lam = 1e-3 * float(gram.diagonal().mean())
     order = _channel_order(weight, gram, lam)
     assert sorted(order.tolist()) == list(range(len(gram)))
     assert order.tolist() == _reference_order(weight, gram, lam)
     # Every channel dead and read alike: all tied at every step, taken in channel order.
-    tied = _channel_order(torch.ones(4, 600, dtype=torch.float64), torch.zeros(600, 600, dtype=torch.float64), 0.1)
-    assert tied.tolist() == list(range(600))
+    tied = _channel_order(torch.ones(4, 601, dtype=torch.float64), torch.zeros(601, 601, dtype=torch.float64), 0.1)
+    assert tied.tolist() == list(range(601))
 
 
 def test_the_consumers_weights_choose_the_channels():

@@ -112,9 +112,13 @@ def test_refinement_lowers_the_block_errors_and_the_heldout_perplexity_reproduci
 
 def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens():
     """``block_refine_batches=2`` over batches of 4 takes the steps that one batch of 8 a step takes
-    (the same sequences, the same gradient), and other steps than one batch of 4 a step."""
+    (the same sequences, the same gradient: padded sequences of different lengths, so a mean of the
+    batches' means would differ), and other steps than one batch of 4 a step."""
     model = tiny.build("llama", "AutoModelForCausalLM", seed=0).eval()
     data = _language(32, seed=2)
+    for index, example in enumerate(data):  # 6 to 16 real tokens, padding after them
+        example["attention_mask"][6 + index * 5 % 11:] = 0
+        example["labels"][example["attention_mask"] == 0] = -100
 
     def refined(batch_size: int, batches: int):
         config = WSVDConfig(**RECIPE, block_refine_steps=6, block_refine_batches=batches)
@@ -138,7 +142,7 @@ def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens(
 def test_the_summary_names_the_batches_of_a_step_where_there_are_several():
     refined = {"0": [1.0, 0.5], "1": [1.0, 0.9]}
     assert refinement_summary(refined, 8).startswith("2 blocks refined (8 steps each): ")
-    assert refinement_summary(refined, 8, 4).startswith("2 blocks refined (8 steps each of 4 batches): ")
+    assert refinement_summary(refined, 8, 4).startswith("2 blocks refined (8 steps of 4 batches each): ")
     assert "median 30% (least 10%, most 50%)" in refinement_summary(refined, 8, 4)
     # a hand-edited record is shown without it, not compared with 1
     assert refinement_summary(refined, 8, "4").startswith("2 blocks refined (8 steps each): ")

@@ -214,6 +214,20 @@ def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_other_safetensors_errors_pass_as_they_are(tmp_path):
+    """Only a file that cannot be opened is reported as damaged: another safetensors error, or one
+    where no local folder is named, passes unchanged (never blamed on a healthy file)."""
+    from safetensors import SafetensorError
+
+    from hf_wsvd.runtime.modeling_wsvd import readable_weights
+
+    tiny.save_compressed(tmp_path / "ckpt", "bert")
+    for path in (tmp_path / "ckpt", "org/hub-model", None):
+        with pytest.raises(SafetensorError, match="device meta is invalid"):
+            with readable_weights(path):
+                raise SafetensorError("device meta is invalid")
+
+
 def test_damaged_checkpoints_fail_clearly_through_the_saved_code(tmp_path, tokenizer):
     """The same cases in an interpreter without hf_wsvd (trust_remote_code=True). A bogus method
     name passes there: the saved code cannot know the package's method list."""

@@ -37,7 +37,7 @@ QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-
 GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 2: offload_activations; 3: block_refine_batches
 VERSION_KEY = "recipe_version"
 
 
@@ -146,8 +146,9 @@ class WSVDConfig:
         "cosine over the steps", type=float)
     block_refine_batches: int = recipe_field(
         1, "block refinement: stored calibration batches read by each Adam step (its gradient is their mean over "
-        "their real tokens), taken in order, cycling; several processes holding whole batches in turn all compute "
-        "on a step once it reads at least as many batches as there are processes", type=positive_int)
+        "their real tokens), taken in order, cycling; as many as there are or more: all of them every step. Several "
+        "processes holding whole batches in turn all compute on a step that reads at least as many batches as there "
+        "are processes (the batch count a multiple of theirs)", type=positive_int)
     offload_activations: bool | None = recipe_field(
         None, "sequential mode: keep the calibration hidden states (two streams with compensation: tokens x hidden "
         "each, 3.9 GiB for 128 x 2048 tokens of a 7B model) in pinned CPU memory, each batch copied to the "

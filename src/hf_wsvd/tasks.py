@@ -14,8 +14,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from .runtime.modeling_wsvd import readable_weights
-from .runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, random_weights_error, unloaded
+from .runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, random_weights_error, readable_weights,
+                                    unloaded)
 
 CAUSAL_LM = "causal_lm"
 CLASSIFICATION = "classification"

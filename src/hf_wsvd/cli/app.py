@@ -280,8 +280,11 @@ def _show_notices() -> None:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that are the input's fault, reported in one line. FloatingPointError: non-finite
-    factors (a NaN weight); LinAlgError: a decomposition that did not converge (huge weights)."""
-    return (ValueError, OSError, KeyError, FloatingPointError, *_linalg_errors())
+    factors (a NaN weight); LinAlgError: a decomposition that did not converge (huge weights);
+    SafetensorError: a weights file that cannot be read (named by the loaders where it is local)."""
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, KeyError, FloatingPointError, SafetensorError, *_linalg_errors())
 
 
 def _linalg_errors() -> tuple[type[Exception], ...]:

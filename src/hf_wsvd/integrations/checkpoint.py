@@ -119,7 +119,7 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
         return None
     falls = error_falls(refined)
     several = is_integer(batches) and batches > 1  # a hand-edited value is left out, not compared
-    each = f" ({steps} steps each{f' of {batches} batches' if several else ''})" if steps else ""
+    each = f" ({steps} steps {f'of {batches} batches ' if several else ''}each)" if steps else ""
     return (f"{len(falls)} blocks refined{each}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 

@@ -581,9 +581,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _damaged_file(path: str) -> str:
-    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged, else
-    a description of its weights."""
+def _damaged_file(path: str) -> str | None:
+    """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged (None:
+    none is, or ``path`` is no folder here)."""
     from safetensors import SafetensorError, safe_open  # transformers' own dependency
 
     if os.path.isdir(path):
@@ -593,21 +593,25 @@ def _damaged_file(path: str) -> str:
                     pass
             except (SafetensorError, OSError):
                 return os.path.join(path, name)
-    return f"the weights of {path}"
+    return None
 
 
 @contextmanager
-def readable_weights(path: str | os.PathLike) -> Iterator[None]:
-    """Report a weights file that cannot be read (truncated, or written by a run whose disk filled)
-    as a one-line ``ValueError`` naming the file, instead of safetensors' own error."""
+def readable_weights(path: str | os.PathLike | None) -> Iterator[None]:
+    """Report a weights file of the folder ``path`` that cannot be read (truncated, or written by a
+    run whose disk filled) as a one-line ``ValueError`` naming the file, instead of safetensors' own
+    error; safetensors' other errors pass as they are."""
     from safetensors import SafetensorError
 
     try:
         yield
     except SafetensorError as error:
+        damaged = _damaged_file(os.fspath(path)) if path is not None else None
+        if damaged is None:
+            raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{_damaged_file(os.fspath(path))} cannot be read ({detail}): the file is damaged or "
-                         "incomplete; write or download it again") from error
+        raise ValueError(f"{damaged} cannot be read ({detail}): the file is damaged or incomplete; write or "
+                         "download it again") from error
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -651,7 +655,7 @@ class _WsvdModelMixin:
         # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
         # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it.
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
-        path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         with readable_weights(path):
             model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
                                                   **kwargs)

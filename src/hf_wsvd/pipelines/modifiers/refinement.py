@@ -21,8 +21,8 @@ their count, else the global batches p, p + P, ... (``hf_wsvd.statistics.passes.
 reads the same global batches whatever the number of processes and the gradients are summed across
 processes, so every process takes the steps one process would take, and ends with the same weights
 (broadcast from process 0). With slices, every process computes on every step; with whole batches in
-turn, those holding one of the step's batches (all of them from ``block_refine_batches`` ≥ the number of
-processes on).
+turn, those holding one of the step's batches (all of them where ``block_refine_batches`` is at least
+the number of processes and the number of batches a multiple of it).
 
 ``train_block`` is the training alone; ``quantized_residual`` trains its corrections with it too.
 """
@@ -181,7 +181,7 @@ def _train(job: Job, work: torch.nn.Module, params: list[torch.nn.Parameter], pa
     total = len(tokens)
     show = job.show_progress and accelerator.is_local_main_process
     for step in tqdm(range(steps), desc=desc, leave=False, disable=not show):
-        group = sorted({(step * per_step + j) % total for j in range(per_step)})
+        group = sorted({(step * per_step + j) % total for j in range(min(per_step, total))})
         count = float(tokens[group].sum())
         for g in group:
             if g in mine:
