@@ -127,6 +127,16 @@ def test_the_channel_order_takes_several_channels_a_step_as_the_whole_residual_w
     assert tied.tolist() == list(range(601))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_channel_order_on_cuda_is_the_whole_residual_order():
+    """The in-place updates of strided blocks and the swaps, on the GPU (cuBLAS, CUDA indexing)."""
+    h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 89)
+    gram = h.T @ h / len(h)
+    lam = 1e-3 * float(gram.diagonal().mean())
+    order = _channel_order(weight.cuda(), gram.cuda(), lam, consume=True)
+    assert order.device.type == "cuda" and order.tolist() == _reference_order(weight, gram, lam)
+
+
 def test_the_consumers_weights_choose_the_channels():
     """Of two equally active, independent channel sets, the one the consumer reads is kept."""
     h, weight = _swiglu_channels(channels=32)
