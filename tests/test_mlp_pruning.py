@@ -119,12 +119,16 @@ def test_the_channel_order_takes_several_channels_a_step_as_the_whole_residual_w
     h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 89)  # 601 channels: 3 a step, 1 the last
     gram = h.T @ h / len(h)
     lam = 1e-3 * float(gram.diagonal().mean())
-    order = _channel_order(weight, gram, lam)
+    order, gains = _channel_order(weight, gram.clone(), lam, gains=True)
     assert sorted(order.tolist()) == list(range(len(gram)))
     assert order.tolist() == _reference_order(weight, gram, lam)
+    # Each channel's gain is its column of the Cholesky factor of C + λI in that order, read by W.
+    factor = torch.linalg.cholesky(gram[order[:, None], order] + lam * torch.eye(len(gram), dtype=torch.float64))
+    expected = (weight[:, order] @ factor).square().sum(dim=0)
+    torch.testing.assert_close(gains, expected, rtol=1e-10, atol=1e-12 * float(expected.max()))
     # Every channel dead and read alike: all tied at every step, taken in channel order.
-    tied = _channel_order(torch.ones(4, 601, dtype=torch.float64), torch.zeros(601, 601, dtype=torch.float64), 0.1)
-    assert tied.tolist() == list(range(601))
+    tied, none = _channel_order(torch.ones(4, 601, dtype=torch.float64), torch.zeros(601, 601, dtype=torch.float64), 0.1)
+    assert tied.tolist() == list(range(601)) and none is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -133,7 +137,7 @@ def test_the_channel_order_on_cuda_is_the_whole_residual_order():
     h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 89)
     gram = h.T @ h / len(h)
     lam = 1e-3 * float(gram.diagonal().mean())
-    order = _channel_order(weight.cuda(), gram.cuda(), lam, consume=True)
+    order, _ = _channel_order(weight.cuda(), gram.cuda(), lam)
     assert order.device.type == "cuda" and order.tolist() == _reference_order(weight, gram, lam)
 
 

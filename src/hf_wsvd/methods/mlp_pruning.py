@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import plus_diagonal, refitted, ridged
+from ..linalg import refitted, ridged
 from .attention_pruning import cut_linear
 
 # Steps of the greedy channel order: one channel a step costs n rank-1 updates of an n × n matrix
@@ -85,35 +85,38 @@ def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
     return pairs
 
 
-def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float, consume: bool = False) -> torch.Tensor:
+def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float,
+                   gains: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The channels in the order that lowers the consumer's output error most: at each step those
     whose part not explained by the channels already taken carries most of W·h, score
     ‖W·R[:, j]‖² / R_jj with R the residual covariance of C + λI, taken ``ceil(n / ORDER_STEPS)``
-    at a time; ties to the lower index. ``consume``: ``gram`` is overwritten (no n × n copy)."""
+    at a time; ties to the lower index. ``gram`` (C, float64, symmetric) is overwritten. With
+    ``gains``, also ‖W·L[:, i]‖² for each position i of the order, L·Lᵀ = C + λI in that order: what
+    each channel adds beyond those before it (else None)."""
     size = gram.shape[0]
-    if consume:
-        residual = gram
-        residual.diagonal().add_(lam)
-    else:
-        residual = plus_diagonal(gram, lam)
+    residual = gram
+    residual.diagonal().add_(lam)
     projected = weight.double() @ residual
     # The channels not taken yet are kept in the leading ``active`` rows and columns (those taken are
     # swapped behind them, as pivoted Cholesky does): each step updates only what is still free, in
     # place, and no n × n temporary is made (fresh pages written twice were most of a CPU's time).
     channel = torch.arange(size, device=gram.device)  # the channel at each position
     block = -(-size // ORDER_STEPS)
-    order = []
+    order, added = [], []
     for active in range(size, 0, -block):
         free, weighted = residual[:active, :active], projected[:, :active]
         score = weighted.square().sum(dim=0) / free.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
         by_channel = channel[:active].argsort()  # so that the stable sort breaks ties to the lower channel
         chosen = by_channel[torch.sort(score[by_channel], descending=True, stable=True).indices[:min(block, active)]]
+        if gains:  # L's columns of the chosen: R[:, B]·L_BBᵀ⁻¹ (R: the Schur complement so far, a blocked Cholesky)
+            factor = torch.linalg.cholesky(free[chosen][:, chosen])
+            added.append(torch.linalg.solve_triangular(factor, weighted[:, chosen].T, upper=False).square().sum(dim=1))
         update = torch.linalg.solve(free[chosen][:, chosen], free[chosen])  # R_BB⁻¹·R_B:
         free.addmm_(free[:, chosen], update, alpha=-1)  # the Schur complement: what the chosen leave unexplained
         weighted.addmm_(weighted[:, chosen], update, alpha=-1)
         order += channel[chosen].tolist()
         _swap_behind(chosen, active, free, weighted, channel)
-    return torch.tensor(order, device=gram.device)
+    return torch.tensor(order, device=gram.device), (torch.cat(added) if added else projected.new_zeros(0)) if gains else None
 
 
 def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, weighted: torch.Tensor,
@@ -143,7 +146,7 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     symmetric, lam = ridged(gram, ridge, weight.device)
     # The order consumes the symmetrized copy (one n × n float64 matrix less at this step's peak); the
     # kept parts are then taken from the caller's matrices, symmetrized alike.
-    kept = _channel_order(weight, symmetric, lam, consume=True)[:keep].sort().values
+    kept = _channel_order(weight, symmetric, lam)[0][:keep].sort().values
     del symmetric
     index = kept.to(gram.device)
     columns = (gram[:, index].double() + gram[index].double().T).div_(2).to(weight.device)  # C[:, kept]
@@ -164,10 +167,8 @@ def channel_spectrum(weight: torch.Tensor, gram: torch.Tensor, ridge: float) -> 
     allocation reads, as it reads a layer's singular values): with C + λI = L·Lᵀ in that order,
     ‖W·L[:, i]‖² is what channel i adds beyond the channels before it, made non-increasing (a
     later channel never counts more than an earlier one). Float64."""
-    gram, lam = ridged(gram, ridge, weight.device)
-    order = _channel_order(weight, gram, lam)
-    factor = torch.linalg.cholesky(plus_diagonal(gram[order[:, None], order], lam))
-    gains = (weight.double()[:, order] @ factor).square().sum(dim=0)
+    symmetric, lam = ridged(gram, ridge, weight.device)
+    _, gains = _channel_order(weight, symmetric, lam, gains=True)  # consumes the symmetrized copy
     return gains.cummin(dim=0).values.sqrt()
 
 
