@@ -116,7 +116,9 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float,
         weighted.addmm_(weighted[:, chosen], update, alpha=-1)
         order += channel[chosen].tolist()
         _swap_behind(chosen, active, free, weighted, channel)
-    return torch.tensor(order, device=gram.device), (torch.cat(added) if added else projected.new_zeros(0)) if gains else None
+    if not gains:
+        return torch.tensor(order, device=gram.device), None
+    return torch.tensor(order, device=gram.device), torch.cat(added) if added else projected.new_zeros(0)
 
 
 def _swap_behind(chosen: torch.Tensor, active: int, free: torch.Tensor, weighted: torch.Tensor,

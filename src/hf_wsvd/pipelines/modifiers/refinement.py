@@ -42,6 +42,7 @@ from ...statistics.passes import splits_batches
 from ..step import Job, install
 from . import Block, Modifier, register_modifier
 
+
 @register_modifier
 class BlockRefinement(Modifier):
     """At the end of each block (after compensation has advanced the dense stream to the block's
