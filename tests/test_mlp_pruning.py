@@ -133,12 +133,15 @@ def test_the_channel_order_takes_several_channels_a_step_as_the_whole_residual_w
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_channel_order_on_cuda_is_the_whole_residual_order():
-    """The in-place updates of strided blocks and the swaps, on the GPU (cuBLAS, CUDA indexing)."""
+    """The in-place updates of strided blocks, the swaps and the gains, on the GPU (cuBLAS, CUDA
+    indexing and factorizations)."""
     h, weight = _swiglu_channels(channels=2 * ORDER_STEPS + 89)
     gram = h.T @ h / len(h)
     lam = 1e-3 * float(gram.diagonal().mean())
-    order, _ = _channel_order(weight.cuda(), gram.cuda(), lam)
+    order, gains = _channel_order(weight.cuda(), gram.cuda(), lam, gains=True)
     assert order.device.type == "cuda" and order.tolist() == _reference_order(weight, gram, lam)
+    _, expected = _channel_order(weight, gram.clone(), lam, gains=True)  # the CPU's (checked above)
+    torch.testing.assert_close(gains.cpu(), expected, rtol=1e-10, atol=1e-12 * float(expected.max()))
 
 
 def test_the_consumers_weights_choose_the_channels():
