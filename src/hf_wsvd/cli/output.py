@@ -149,16 +149,16 @@ class OutputChanged(FileExistsError):
     """OUTPUT changed while a run worked: it is left alone and the new result kept beside it."""
 
 
-def _live_claims(output: str, own: str | None) -> list[str]:
-    """The staging folders of live hf-wsvd runs (or runs that cannot be checked), other than the
-    folder ``own``, staging ``output``."""
+def _live_claims(output: str, own: str | None) -> list[re.Match]:
+    """The staging folders (their names parsed by ``_STAGING``) of live hf-wsvd runs (or runs that
+    cannot be checked), other than the folder ``own``, staging ``output``."""
     parent, target = os.path.dirname(output), _target_id(output)
     found = []
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         match = _STAGING.fullmatch(name)
         path = os.path.join(parent, name)
         if match and match["target"] == target and path != own and _is_live(match, path):
-            found.append(path)
+            found.append(match)
     return found
 
 
@@ -183,9 +183,9 @@ class OutputClaim:
             others = _live_claims(output, self.staging)
             if others:
                 self.release()
-                match = _STAGING.fullmatch(os.path.basename(others[0]))
+                match = others[0]
                 if match["host"] not in (None, _process_space()):  # its pid means nothing here
-                    folder = os.path.basename(others[0])
+                    folder = match.string
                     left = (f"{folder!r} beside it holds its previous content: rename it back if it is missing, "
                             "else delete it") if match["kind"] == "old" else f"delete {folder!r} beside it"
                     raise FileExistsError(f"a hf-wsvd run of another machine or container (pid {match['pid']} "
