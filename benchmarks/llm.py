@@ -105,9 +105,11 @@ def measure(args) -> dict:
     random.Random(0).shuffle(blocks)
     validation, calibration = blocks[: args.validation_blocks], blocks[args.validation_blocks:][: args.calib_samples]
     healing = blocks[args.validation_blocks:]  # the validation blocks stay held out of healing too
+    calib_written = teacher_samples(dense, calibration, args.calib_generated, batch_size=args.generation_batch_size,
+                              seed=args.heal_seed, show_progress=False)
     test = text_blocks([Path(args.test).read_text(encoding="utf-8")], tokenizer, args.eval_length)
     test = test[: args.eval_blocks] if args.eval_blocks else test
-    calib_loader = loader(calibration, tokenizer, args.batch_size)
+    calib_loader = loader(calibration + calib_written, tokenizer, args.batch_size)
     test_loader = loader(test, tokenizer, args.batch_size)
     valid_loader = loader(validation, tokenizer, args.batch_size)
 
@@ -124,7 +126,8 @@ def measure(args) -> dict:
         return {
             "rows": rows,
             "model": args.model,
-            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length},
+            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length,
+                            **({"teacher_written": len(calib_written)} if calib_written else {})},
             "validation": {"blocks": len(validation)},
             "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
             "statistics_seconds": stats_seconds,
@@ -249,7 +252,10 @@ def merged(payloads: list[dict]) -> list[dict]:
         model["rows"] += [row for row in rows if row["method"] != "dense" and _identity(row) not in seen]
         model["runs"] += runs
         model["minutes"] = model.get("minutes", 0) + payload.get("minutes", 0)
-        model["samples"].update(payload.get("samples", {}))
+        blocks = payload["calibration"]["blocks"]  # a run on other data keeps its samples apart
+        suffix = "" if blocks == model["calibration"]["blocks"] else f", {blocks} calibration blocks"
+        model["samples"].update({name + ("" if name == "dense" else suffix): text
+                                 for name, text in payload.get("samples", {}).items()})
     return list(models.values())
 
 
@@ -353,6 +359,9 @@ def main() -> None:
     parser.add_argument("--heal-generated", type=int, default=0,
                         help="add this many blocks written by the dense model (continuations of healing blocks) to the "
                              "healing text; their writing time counts as healing time")
+    parser.add_argument("--calib-generated", type=int, default=0,
+                        help="add this many blocks written by the dense model (continuations of calibration blocks) "
+                             "to the calibration data")
     parser.add_argument("--generation-batch-size", type=int, default=256)
     parser.add_argument("--heal-seed", type=int, default=0)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")

@@ -164,6 +164,20 @@ def test_llm_benchmark_says_which_weights_a_healed_row_has(benchmarks_on_path):
     assert [line.split(" | ")[7] for line in lines] == ["none (undone)", "step 300", "step 1000", "step 1000"]
 
 
+def test_llm_benchmark_keeps_the_samples_of_runs_on_other_calibration_data_apart(benchmarks_on_path):
+    """Two runs of one recipe on different calibration data both keep their sample, each under its own
+    name (the later one no longer replaces the earlier); the dense sample is the same model's."""
+    from llm import merged
+
+    def run(blocks, text):
+        return {"model": "m", "calibration": {"blocks": blocks}, "environment": {"command": f"run {blocks}"},
+                "rows": [{"method": "dense", "reduction": 0.0, "allocation": "-", "perplexity": 1.0}],
+                "samples": {"dense": "d", "-40% r, greedy": text}}
+
+    samples = merged([run(256, "first"), run(501, "second"), run(256, "third")])[0]["samples"]
+    assert samples == {"dense": "d", "-40% r, greedy": "third", "-40% r, greedy, 501 calibration blocks": "second"}
+
+
 def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchmarks_on_path, monkeypatch, tmp_path):
     import speed_gpu
 
