@@ -105,11 +105,11 @@ def measure(args) -> dict:
     random.Random(0).shuffle(blocks)
     validation, calibration = blocks[: args.validation_blocks], blocks[args.validation_blocks:][: args.calib_samples]
     healing = blocks[args.validation_blocks:]  # the validation blocks stay held out of healing too
-    calib_written = teacher_samples(dense, calibration, args.calib_generated, batch_size=args.generation_batch_size,
-                              seed=args.heal_seed, show_progress=False)
+    calib_blocks, written_record = with_teacher_blocks(dense, calibration, args.calib_generated,
+                                                       args.generation_batch_size, args.heal_seed)
     test = text_blocks([Path(args.test).read_text(encoding="utf-8")], tokenizer, args.eval_length)
     test = test[: args.eval_blocks] if args.eval_blocks else test
-    calib_loader = loader(calibration + calib_written, tokenizer, args.batch_size)
+    calib_loader = loader(calib_blocks, tokenizer, args.batch_size)
     test_loader = loader(test, tokenizer, args.batch_size)
     valid_loader = loader(validation, tokenizer, args.batch_size)
 
@@ -126,8 +126,7 @@ def measure(args) -> dict:
         return {
             "rows": rows,
             "model": args.model,
-            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length,
-                            **({"teacher_written": len(calib_written)} if calib_written else {})},
+            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length, **written_record},
             "validation": {"blocks": len(validation)},
             "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
             "statistics_seconds": stats_seconds,
@@ -239,8 +238,8 @@ def merged(payloads: list[dict]) -> list[dict]:
     calibration size), the runs' commands, their minutes and samples."""
     models: dict[str, dict] = {}
     for payload in payloads:
-        rows = [{**row, "calibration_blocks": row.get("calibration_blocks", payload["calibration"]["blocks"])}
-                for row in payload["rows"]]
+        data = calibration_data(payload["calibration"])
+        rows = [{**row, "calibration_blocks": row.get("calibration_blocks", data)} for row in payload["rows"]]
         runs = payload.get("runs", [payload["environment"]["command"] + (" (cut off after its last row here)"
                                                                           if payload.get("cut_off") else "")])
         if payload["model"] not in models:
@@ -252,11 +251,27 @@ def merged(payloads: list[dict]) -> list[dict]:
         model["rows"] += [row for row in rows if row["method"] != "dense" and _identity(row) not in seen]
         model["runs"] += runs
         model["minutes"] = model.get("minutes", 0) + payload.get("minutes", 0)
-        blocks = payload["calibration"]["blocks"]  # a run on other data keeps its samples apart
-        suffix = "" if blocks == model["calibration"]["blocks"] else f", {blocks} calibration blocks"
+        # a run on other data keeps its samples apart
+        suffix = "" if data == calibration_data(model["calibration"]) else f", {data} calibration blocks"
         model["samples"].update({name + ("" if name == "dense" else suffix): text
                                  for name, text in payload.get("samples", {}).items()})
     return list(models.values())
+
+
+def calibration_data(calibration: dict) -> int | str:
+    """A run's calibration data as its rows name it: the blocks, and the teacher-written ones added."""
+    written = calibration.get("teacher_written")
+    return f"{calibration['blocks']} + {written} teacher-written" if written else calibration["blocks"]
+
+
+def with_teacher_blocks(dense: torch.nn.Module, calibration: list[dict], count: int, batch_size: int,
+                        seed: int) -> tuple[list[dict], dict]:
+    """The calibration blocks with ``count`` blocks written by the dense model added (continuations
+    of calibration blocks), and what the payload records of them (their number and writing time)."""
+    start = time.perf_counter()
+    written = teacher_samples(dense, calibration, count, batch_size=batch_size, seed=seed, show_progress=False)
+    record = {"teacher_written": len(written), "writing_seconds": time.perf_counter() - start} if written else {}
+    return calibration + written, record
 
 
 def _identity(row: dict) -> tuple:

@@ -174,8 +174,27 @@ def test_llm_benchmark_keeps_the_samples_of_runs_on_other_calibration_data_apart
                 "rows": [{"method": "dense", "reduction": 0.0, "allocation": "-", "perplexity": 1.0}],
                 "samples": {"dense": "d", "-40% r, greedy": text}}
 
-    samples = merged([run(256, "first"), run(501, "second"), run(256, "third")])[0]["samples"]
-    assert samples == {"dense": "d", "-40% r, greedy": "third", "-40% r, greedy, 501 calibration blocks": "second"}
+    written = run(256, "fourth")
+    written["calibration"]["teacher_written"] = 32
+    model = merged([run(256, "first"), run(501, "second"), run(256, "third"), written])[0]
+    assert model["samples"] == {"dense": "d", "-40% r, greedy": "third", "-40% r, greedy, 501 calibration blocks": "second",
+                                "-40% r, greedy, 256 + 32 teacher-written calibration blocks": "fourth"}
+
+
+def test_llm_benchmark_adds_teacher_written_calibration_blocks_and_records_them(benchmarks_on_path):
+    """``--calib-generated``: the dense model's blocks follow the real ones in the calibration data, and
+    the payload records how many and how long they took; none asked, the data and record are as before."""
+    from llm import calibration_data, with_teacher_blocks
+
+    dense = tiny.build("llama", initializer_range=0.3)
+    blocks = [{"input_ids": list(range(10 * i + 3, 10 * i + 15)), "attention_mask": [1] * 12} for i in range(4)]
+    data, record = with_teacher_blocks(dense, blocks, 3, batch_size=2, seed=0)
+    assert data[:4] == blocks and len(data) == 7
+    assert all(len(b["input_ids"]) == 12 and b not in blocks for b in data[4:])
+    assert record["teacher_written"] == 3 and record["writing_seconds"] > 0
+    assert calibration_data({"blocks": 4, **record}) == "4 + 3 teacher-written"
+    assert with_teacher_blocks(dense, blocks, 0, batch_size=2, seed=0) == (blocks, {})
+    assert calibration_data({"blocks": 4}) == 4
 
 
 def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchmarks_on_path, monkeypatch, tmp_path):
