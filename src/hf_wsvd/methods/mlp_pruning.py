@@ -108,10 +108,11 @@ def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float,
         score = weighted.square().sum(dim=0) / free.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
         by_channel = channel[:active].argsort()  # so that the stable sort breaks ties to the lower channel
         chosen = by_channel[torch.sort(score[by_channel], descending=True, stable=True).indices[:min(block, active)]]
+        pivot = free[chosen][:, chosen]  # R_BB
         if gains:  # L's columns of the chosen: R[:, B]·L_BBᵀ⁻¹ (R: the Schur complement so far, a blocked Cholesky)
-            factor = torch.linalg.cholesky(free[chosen][:, chosen])
+            factor = torch.linalg.cholesky(pivot)
             added.append(torch.linalg.solve_triangular(factor, weighted[:, chosen].T, upper=False).square().sum(dim=1))
-        update = torch.linalg.solve(free[chosen][:, chosen], free[chosen])  # R_BB⁻¹·R_B:
+        update = torch.linalg.solve(pivot, free[chosen])  # R_BB⁻¹·R_B:
         free.addmm_(free[:, chosen], update, alpha=-1)  # the Schur complement: what the chosen leave unexplained
         weighted.addmm_(weighted[:, chosen], update, alpha=-1)
         order += channel[chosen].tolist()
