@@ -28,10 +28,10 @@ from transformers import DataCollatorForLanguageModeling, pipeline
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.argtypes import positive_int, speed_limit
 from hf_wsvd.integrations.checkpoint import error_falls
-from hf_wsvd.data import text_blocks
+from hf_wsvd.data import teacher_samples, text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
-from hf_wsvd.integrations.healing import HealConfig, distillation_kl, heal, teacher_samples
+from hf_wsvd.integrations.healing import HealConfig, distillation_kl, heal
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics, input_statistics
 from hf_wsvd.targets import select_targets

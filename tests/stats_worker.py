@@ -150,6 +150,25 @@ def modifiers_result(accelerator=None) -> dict:
             "pruned": report.pruned, "attention": report.attention, "refined": report.refined}
 
 
+def written_calibration() -> dict:
+    """A causal LM's calibration blocks with 3 it writes itself (``data_loader``), and how many
+    times this process called ``generate``."""
+    from datasets import Dataset
+
+    from hf_wsvd import WSVDConfig
+    from hf_wsvd.cli.workflow import data_loader
+
+    model = build_model("llama_causal_lm")
+    calls = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
+    text = Dataset.from_dict({"text": [" ".join(tiny.WORDS[(7 * i + j) % len(tiny.WORDS)] for j in range(5))
+                                       for i in range(40)]})
+    config = WSVDConfig(num_samples=4, max_length=8, generated_samples=3)
+    loader = data_loader(model, tiny.tokenizer(), text, config)
+    return {"blocks": loader.dataset["input_ids"], "generate_calls": len(calls)}
+
+
 def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -207,6 +226,7 @@ def _run(outdir: Path) -> None:
         model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, WHOLE_BATCH)
         fisher, examples = fisher_of(model, loader, modules, loss_fn, even)
         result["even_batches"] = {"fisher": fisher, "num_examples": examples}
+        result["written"] = written_calibration()
     except Exception:  # recorded so that the test shows it
         result["exception"] = traceback.format_exc()
         raise

@@ -110,6 +110,19 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     assert float(after) == pytest.approx(json.loads(capsys.readouterr().out)["perplexity"], rel=1e-3)
 
 
+def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, tokenizer, capsys):
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    out = tmp_path / "lm"
+    assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", "--num-samples", "4",
+                 "--generated-samples", "3", "--block-refine-steps", "2", "--param-ratio", "0.6"]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.wsvd["generated_samples"] == 3
+    assert "(7 examples, 3 of them written by the model itself, local data)" in (out / "README.md").read_text()
+    # Without data there is nothing to continue: one line, before any model loads.
+    assert run(["compress", str(dense), str(tmp_path / "none"), "--generated-samples", "3"]) == 2
+    assert "--generated-samples 3 continues blocks of the calibration text: pass --data FILE" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "MISSING.tsv"], "MISSING.tsv"),
     (["--text-columns", "review"], "'review'"),
@@ -121,6 +134,8 @@ def test_compress_a_causal_lm_from_text_with_the_recommended_recipe(tmp_path, to
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
     (["--param-ratio", "1"], "param_ratio=1 keeps every parameter of the target layers, which saves nothing"),
     (["--method", "nope"], "'nope'"),
+    (["--generated-samples", "-2"], "-2 is negative"),
+    (["--generated-samples", "2"], "only a causal LM writes calibration text"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
     argv = ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv), *args]

@@ -3,6 +3,7 @@ blocks come from the whole text."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -176,3 +177,46 @@ def test_batches_that_worked_before_the_check_still_do():
     pixels = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}]
     _, report = compress(vit, WSVDConfig(method="whiten", param_ratio=0.6), pixels, show_progress=False)
     assert report.ranks
+
+
+def test_a_causal_lm_adds_blocks_it_writes_itself_to_its_calibration_data(tokenizer):
+    texts = _sentences(60)
+    real = data_loader(tiny.build("llama"), tokenizer, Dataset.from_dict({"text": texts}),
+                       WSVDConfig(num_samples=4, max_length=8, seed=1)).dataset
+    config = WSVDConfig(num_samples=4, max_length=8, seed=1, generated_samples=3)
+    model = tiny.build("llama")
+    loader = data_loader(model, tokenizer, Dataset.from_dict({"text": texts}), config)
+    blocks = loader.dataset["input_ids"]
+    assert len(blocks) == 7 and blocks[:4] == real["input_ids"]
+    written = blocks[4:]
+    # Full blocks continuing the first two tokens (a quarter of 8) of a real block, not copies of one.
+    assert all(len(ids) == 8 for ids in written) and loader.dataset["attention_mask"][4:] == [[1] * 8] * 3
+    assert all(any(ids[:2] == r[:2] for r in real["input_ids"]) for ids in written)
+    assert all(ids not in real["input_ids"] for ids in written)
+    assert next(model.parameters()).device.type == "cpu"  # back where it was
+    again = data_loader(model, tokenizer, Dataset.from_dict({"text": texts}), config).dataset["input_ids"]
+    assert again == blocks  # seeded
+    other = dataclasses.replace(config, seed=2)
+    assert data_loader(model, tokenizer, Dataset.from_dict({"text": texts}), other).dataset["input_ids"][-3:] != written
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (7, 8)
+
+
+def test_only_a_causal_lm_writes_calibration_blocks(tokenizer):
+    table = Dataset.from_dict({"sentence": _sentences(8), "label": [i % 2 for i in range(8)]})
+    with pytest.raises(ValueError, match=r"generated_samples=2: only a causal LM writes calibration text; "
+                                         r"BertForSequenceClassification is not one"):
+        data_loader(tiny.build("bert", "AutoModelForSequenceClassification"), tokenizer, table,
+                    WSVDConfig(max_length=8, generated_samples=2))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_generated_samples_is_a_count(value):
+    with pytest.raises(ValueError, match=re.escape(f"generated_samples={value!r} must be a non-negative integer")):
+        WSVDConfig(generated_samples=value)
+
+
+def test_several_processes_calibrate_on_the_blocks_the_first_one_writes(two_process_results, one_process_result):
+    first, second = (r["written"] for r in two_process_results)
+    assert len(first["blocks"]) == 7 and second["blocks"] == first["blocks"] == one_process_result["written"]["blocks"]
+    assert first["generate_calls"] >= 1 and second["generate_calls"] == 0

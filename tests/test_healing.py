@@ -11,7 +11,8 @@ import torch
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
-from hf_wsvd.integrations.healing import HealConfig, heal, teacher_samples, token_kl
+from hf_wsvd.data import teacher_samples
+from hf_wsvd.integrations.healing import HealConfig, heal, token_kl
 from transformers import AutoModelForCausalLM
 
 

@@ -37,7 +37,7 @@ QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-
 GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
-RECIPE_VERSION = 3  # 2: offload_activations; 3: block_refine_batches
+RECIPE_VERSION = 4  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples
 VERSION_KEY = "recipe_version"
 
 
@@ -53,12 +53,18 @@ class CalibrationConfig:
     max_length: int = recipe_field(128, "token truncation / block length of the importance data (data_loader's)",
                                    type=positive_int)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
+    generated_samples: int = recipe_field(
+        0, "blocks a causal LM writes itself (continuations of calibration blocks, sampled at temperature 1) "
+        "added to its calibration data by the CLI and data_loader: more varied text when the data is small",
+        type=non_negative_int)
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not is_integer(self.generated_samples) or self.generated_samples < 0:
+            raise ValueError(f"generated_samples={self.generated_samples!r} must be a non-negative integer")
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what numpy's and every generator's seeding takes
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
@@ -155,6 +161,7 @@ class WSVDConfig:
         "GPU when it is used: the same result with less GPU memory, in a little more time. Unset (None): on in "
         "sequential mode where the blocks compute on a CUDA GPU", action=argparse.BooleanOptionalAction)
     seed: int = field_of(CalibrationConfig, "seed")
+    generated_samples: int = field_of(CalibrationConfig, "generated_samples")
     p: float = field_of(LpOptions, "p")
     embeddings: bool = recipe_field(
         False, "also factorize the input embeddings (a vocab x hidden nn.Embedding) into a vocab x r lookup and "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 from collections.abc import Mapping
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerBase
+from tqdm.auto import tqdm
+from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from .tasks import CAUSAL_LM, CLASSIFICATION, task_of
 
@@ -180,6 +183,64 @@ def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length
     if not blocks:
         raise ValueError(f"{source} has {len(ids)} tokens, fewer than one block of max_length={max_length}")
     return [{"input_ids": block, "attention_mask": [1] * max_length} for block in blocks]
+
+
+@torch.no_grad()
+def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
+                    batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> list[dict]:
+    """``count`` blocks written by ``teacher``: each continues the first ``prompt_length`` tokens
+    (None: a quarter of the block, at most 32) of a block drawn (seeded) from ``blocks``, sampled at
+    temperature 1 up to the blocks' length without ending the text (the same for the same seed and
+    ``batch_size``), in the blocks' format (lists or tensors). Added to calibration or healing data,
+    they give text the real data does not hold when it is small."""
+    if count < 1:
+        return []
+    if not blocks:
+        raise ValueError("teacher_samples needs blocks to take its prompts from: none were given")
+    length = len(blocks[0]["input_ids"])
+    if any(len(block["input_ids"]) != length for block in blocks):
+        raise ValueError(f"teacher_samples needs blocks of one length: the first holds {length} tokens, others differ")
+    prompt_length = max(1, min(32, length // 4)) if prompt_length is None else prompt_length
+    if not 0 < prompt_length < length:
+        raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
+                         f"{length} tokens)")
+    generator = random.Random(seed)
+    prompts = torch.stack([torch.as_tensor(generator.choice(blocks)["input_ids"][:prompt_length])
+                           for _ in range(count)])
+    as_tensors = torch.is_tensor(blocks[0]["input_ids"])
+    device = next(teacher.parameters()).device
+    eos = getattr(teacher.generation_config, "eos_token_id", None) or getattr(teacher.config, "eos_token_id", None)
+    # The checkpoint's generation_config is swapped out for the call: generate() fills every field
+    # left unset from it, and its settings (top_p, beams, banned words…) would bend the samples away
+    # from the teacher's own distribution.
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                max_new_tokens=length - prompt_length, min_new_tokens=length - prompt_length,
+                                eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
+    saved, teacher.generation_config = teacher.generation_config, settings
+    was_training = teacher.training
+    written = []
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        teacher.eval()
+        # Seeded on a fork of the random streams it uses: the caller's streams are left as they were.
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            for start in tqdm(range(0, count, batch_size), desc="writing blocks", disable=not show_progress):
+                ids = prompts[start : start + batch_size].to(device)
+                output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
+                if output.shape[1] < length:
+                    raise RuntimeError(f"the teacher wrote {output.shape[1]} of {length} tokens: its generate() "
+                                       "stopped early")
+                for row in output[:, :length].cpu():
+                    written.append({"input_ids": row if as_tensors else row.tolist(),
+                                    "attention_mask": torch.ones_like(row) if as_tensors else [1] * length})
+    finally:
+        teacher.generation_config = saved
+        teacher.train(was_training)
+    return written
 
 
 def position_limit(model: nn.Module) -> int | None:

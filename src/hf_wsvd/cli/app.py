@@ -140,6 +140,9 @@ def _compress(args: argparse.Namespace) -> None:
         config = recipe_from_args(args)
         if config.method is not None and solver_for(config).needs and not args.data:
             raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
+        if config.generated_samples and not args.data:
+            raise ValueError(f"--generated-samples {config.generated_samples} continues blocks of the calibration "
+                             "text: pass --data FILE")
         check_data(args.data)
         check_data(args.eval_data)
         if args.eval_dataset_id and not args.eval_data:

@@ -213,9 +213,9 @@ def run_heal(args: argparse.Namespace) -> None:
     import torch
 
     from ..integrations.card import add_healing
-    from ..data import check_fits, make_dataloader, text_blocks
+    from ..data import check_fits, make_dataloader, teacher_samples, text_blocks
     from ..evaluation import perplexity
-    from ..integrations.healing import HealConfig, check_student, check_teacher, heal, teacher_samples
+    from ..integrations.healing import HealConfig, check_student, check_teacher, heal
     from .output import check_output
     from ..tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype

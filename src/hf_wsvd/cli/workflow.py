@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
-from ..data import check_fits, load_table, make_dataloader, resolve_columns, subset, tokenize
+from ..blocks import given_back, is_dispatched
+from ..data import check_fits, load_table, make_dataloader, resolve_columns, subset, teacher_samples, tokenize
 from ..tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -123,8 +124,13 @@ def data_loader(
     ``config`` say (a recipe's will do): ``config.num_samples`` seeded random examples
     (the first ``num_samples``, or all, when ``shuffle`` is False), tokenized to
     ``config.max_length``. A classifier's examples are rows, sampled before tokenizing; a causal
-    LM's are blocks of the whole text, sampled after."""
+    LM's are blocks of the whole text, sampled after, followed by ``config.generated_samples``
+    blocks the model writes itself (``written_blocks``)."""
     task = task_of(model)
+    generated = config.generated_samples
+    if generated and task != CAUSAL_LM:
+        raise ValueError(f"generated_samples={generated}: only a causal LM writes calibration text; "
+                         f"{type(model).__name__} is not one (set it to 0)")
     table = load_table(data_path, split)
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
     count = num_samples or config.num_samples if shuffle else num_samples
@@ -138,6 +144,32 @@ def data_loader(
     )
     if task == CAUSAL_LM:
         encoded = subset(encoded, count, config.seed, shuffle)
+        if generated:
+            from datasets import Dataset, concatenate_datasets
+
+            written = written_blocks(model, encoded, generated, config.batch_size, config.seed)
+            encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
     loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
     check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
     return loader
+
+
+def written_blocks(model: PreTrainedModel, blocks: "Dataset | list[dict]", count: int, batch_size: int,
+                   seed: int) -> list[dict]:
+    """``count`` blocks written by the causal LM ``model`` (``hf_wsvd.data.teacher_samples``:
+    continuations of prompts drawn from ``blocks``, seeded), ``batch_size`` at a time on the
+    accelerator where there is one (the model goes back where it was). Under several processes the
+    first one writes and the others receive its blocks, so that all calibrate on the same text."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    written: list = [None]
+    if state.is_main_process:
+        with given_back(model):
+            if not is_dispatched(model):
+                model.to(state.device)
+            written[0] = teacher_samples(model, blocks, count, batch_size=batch_size, seed=seed)
+    if state.num_processes > 1:
+        broadcast_object_list(written)
+    return written[0]

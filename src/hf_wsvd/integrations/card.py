@@ -141,7 +141,11 @@ def _allocation(recipe: dict) -> str:
 def _importance_data(data: str | None, examples: int | None, recipe: dict) -> str:
     if not data:
         return "none"
-    used = f"{examples} examples" if examples is not None else f"at most {recipe.get('num_samples')} examples"
+    written = recipe.get("generated_samples") or 0  # recipes saved before the field lack it
+    used = (f"{examples} examples" if examples is not None
+            else f"at most {recipe.get('num_samples') + written} examples")
+    if written:
+        used += f", {written} of them written by the model itself"
     return f"`{os.path.basename(os.path.normpath(data))}` ({used}, local data)"
 
 

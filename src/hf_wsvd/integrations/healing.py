@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (GenerationConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
+from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched
+from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
 
@@ -153,64 +153,6 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
             total += float(kl) * count
             tokens += count
     return total / max(tokens, 1.0)
-
-
-@torch.no_grad()
-def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
-                    batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> list[dict]:
-    """``count`` blocks written by ``teacher``: each continues the first ``prompt_length`` tokens
-    (None: a quarter of the block, at most 32) of a block drawn (seeded) from ``blocks``, sampled at
-    temperature 1 up to the blocks' length without ending the text (the same for the same seed and
-    ``batch_size``), in the blocks' format (lists or tensors). Added to the healing data, they give
-    the student text it has not seen when the real text is small."""
-    if count < 1:
-        return []
-    if not blocks:
-        raise ValueError("teacher_samples needs blocks to take its prompts from: none were given")
-    length = len(blocks[0]["input_ids"])
-    if any(len(block["input_ids"]) != length for block in blocks):
-        raise ValueError(f"teacher_samples needs blocks of one length: the first holds {length} tokens, others differ")
-    prompt_length = max(1, min(32, length // 4)) if prompt_length is None else prompt_length
-    if not 0 < prompt_length < length:
-        raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
-                         f"{length} tokens)")
-    generator = random.Random(seed)
-    prompts = torch.stack([torch.as_tensor(generator.choice(blocks)["input_ids"][:prompt_length])
-                           for _ in range(count)])
-    as_tensors = torch.is_tensor(blocks[0]["input_ids"])
-    device = next(teacher.parameters()).device
-    eos = getattr(teacher.generation_config, "eos_token_id", None) or getattr(teacher.config, "eos_token_id", None)
-    # The checkpoint's generation_config is swapped out for the call: generate() fills every field
-    # left unset from it, and its settings (top_p, beams, banned words…) would bend the samples away
-    # from the teacher's own distribution.
-    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                max_new_tokens=length - prompt_length, min_new_tokens=length - prompt_length,
-                                eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
-    saved, teacher.generation_config = teacher.generation_config, settings
-    was_training = teacher.training
-    written = []
-    cuda = [device] if device.type == "cuda" else []
-    try:
-        teacher.eval()
-        # Seeded on a fork of the random streams it uses: the caller's streams are left as they were.
-        with torch.random.fork_rng(devices=cuda):
-            torch.default_generator.manual_seed(seed)
-            for index in cuda:
-                with torch.cuda.device(index):
-                    torch.cuda.manual_seed(seed)
-            for start in tqdm(range(0, count, batch_size), desc="teacher samples", disable=not show_progress):
-                ids = prompts[start : start + batch_size].to(device)
-                output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
-                if output.shape[1] < length:
-                    raise RuntimeError(f"the teacher wrote {output.shape[1]} of {length} tokens: its generate() "
-                                       "stopped early")
-                for row in output[:, :length].cpu():
-                    written.append({"input_ids": row if as_tensors else row.tolist(),
-                                    "attention_mask": torch.ones_like(row) if as_tensors else [1] * length})
-    finally:
-        teacher.generation_config = saved
-        teacher.train(was_training)
-    return written
 
 
 # What a teacher shares with the model compressed from it (config attributes, with their names in errors).
