@@ -220,3 +220,16 @@ def test_several_processes_calibrate_on_the_blocks_the_first_one_writes(two_proc
     first, second = (r["written"] for r in two_process_results)
     assert len(first["blocks"]) == 7 and second["blocks"] == first["blocks"] == one_process_result["written"]["blocks"]
     assert first["generate_calls"] >= 1 and second["generate_calls"] == 0
+
+
+def test_running_out_of_memory_while_writing_calibration_blocks_says_what_to_lower(tokenizer, monkeypatch):
+    import hf_wsvd.cli.workflow as workflow
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(workflow, "teacher_samples", out_of_memory)
+    with pytest.raises(ValueError, match=r"writing generated_samples=3 calibration blocks ran out of memory on cpu: "
+                                         r"lower batch_size .* \(--device-map auto\)$"):
+        data_loader(tiny.build("llama"), tokenizer, Dataset.from_dict({"text": _sentences(60)}),
+                    WSVDConfig(num_samples=4, max_length=8, generated_samples=3))

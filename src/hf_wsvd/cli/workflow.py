@@ -166,10 +166,15 @@ def written_blocks(model: PreTrainedModel, blocks: "Dataset | list[dict]", count
     state = PartialState()
     written: list = [None]
     if state.is_main_process:
-        with given_back(model):
-            if not is_dispatched(model):
-                model.to(state.device)
-            written[0] = teacher_samples(model, blocks, count, batch_size=batch_size, seed=seed)
+        try:
+            with given_back(model):
+                if not is_dispatched(model):
+                    model.to(state.device)
+                written[0] = teacher_samples(model, blocks, count, batch_size=batch_size, seed=seed)
+        except torch.OutOfMemoryError:
+            raise ValueError(f"writing generated_samples={count} calibration blocks ran out of memory on "
+                             f"{state.device}: lower batch_size (the blocks written at once) or load the model "
+                             "dispatched (--device-map auto)") from None
     if state.num_processes > 1:
         broadcast_object_list(written)
     return written[0]
