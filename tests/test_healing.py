@@ -313,6 +313,9 @@ def test_teacher_samples_refuse_no_blocks_or_blocks_of_several_lengths():
         teacher_samples(teacher, [], 1, show_progress=False)
     with pytest.raises(ValueError, match="one length"):
         teacher_samples(teacher, _blocks(2, length=10) + _blocks(2, length=8), 1, show_progress=False)
+    with pytest.raises(ValueError, match=r"blocks of 1 token leave nothing to write after a prompt: they need at "
+                                         r"least 2 \(raise max_length\)"):
+        teacher_samples(teacher, _blocks(2, length=1), 1, show_progress=False)
 
 
 def test_healing_on_teacher_written_blocks_alone_lowers_the_heldout_loss():

@@ -200,6 +200,9 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     length = len(blocks[0]["input_ids"])
     if any(len(block["input_ids"]) != length for block in blocks):
         raise ValueError(f"teacher_samples needs blocks of one length: the first holds {length} tokens, others differ")
+    if length < 2:
+        raise ValueError(f"blocks of {length} token leave nothing to write after a prompt: they need at least 2 "
+                         "(raise max_length)")
     prompt_length = max(1, min(32, length // 4)) if prompt_length is None else prompt_length
     if not 0 < prompt_length < length:
         raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
