@@ -151,8 +151,8 @@ def modifiers_result(accelerator=None) -> dict:
 
 
 def written_calibration() -> dict:
-    """A causal LM's calibration blocks with 3 it writes itself (``data_loader``), and how many
-    times this process called ``generate``."""
+    """A causal LM's calibration blocks with 3 it writes itself, 2 at a time (``data_loader``), and
+    how many times this process called ``generate``."""
     from datasets import Dataset
 
     from hf_wsvd import WSVDConfig
@@ -164,7 +164,7 @@ def written_calibration() -> dict:
     model.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
     text = Dataset.from_dict({"text": [" ".join(tiny.WORDS[(7 * i + j) % len(tiny.WORDS)] for j in range(5))
                                        for i in range(40)]})
-    config = WSVDConfig(num_samples=4, max_length=8, generated_samples=3)
+    config = WSVDConfig(num_samples=4, max_length=8, batch_size=2, generated_samples=3)
     loader = data_loader(model, tiny.tokenizer(), text, config)
     return {"blocks": loader.dataset["input_ids"], "generate_calls": len(calls)}
 
@@ -177,9 +177,11 @@ def _run(outdir: Path) -> None:
     from hf_wsvd.statistics import default_accelerator
     from hf_wsvd.statistics.passes import shard
 
+    # First, before anything sets up the processes: writing calibration blocks must do it itself.
+    written = written_calibration()
     accelerator = default_accelerator()
     rank = accelerator.process_index
-    result: dict = {"num_processes": accelerator.num_processes, "rank": rank}
+    result: dict = {"num_processes": accelerator.num_processes, "rank": rank, "written": written}
     try:
         for case in DISTRIBUTED_CASES:
             model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
@@ -226,7 +228,6 @@ def _run(outdir: Path) -> None:
         model, loader, modules, loss_fn = case_inputs(case, DISTRIBUTED_EXAMPLES, WHOLE_BATCH)
         fisher, examples = fisher_of(model, loader, modules, loss_fn, even)
         result["even_batches"] = {"fisher": fisher, "num_examples": examples}
-        result["written"] = written_calibration()
     except Exception:  # recorded so that the test shows it
         result["exception"] = traceback.format_exc()
         raise

@@ -211,6 +211,9 @@ def test_a_saved_recipe_records_its_version_and_an_unversioned_old_one_loads_unc
     # a version-2 recipe (before block_refine_batches) refines one batch a step, as that release did
     second = {key: value for key, value in saved.items() if key != "block_refine_batches"}
     assert WSVDConfig.from_dict({**second, "recipe_version": 2}).block_refine_batches == 1
+    # a version-3 recipe (before generated_samples) calibrated on real text only
+    third = {key: value for key, value in saved.items() if key != "generated_samples"}
+    assert WSVDConfig.from_dict({**third, "recipe_version": 3}).generated_samples == 0
 
 
 def test_a_methods_options_and_the_calibration_settings_are_written_once():

@@ -4,6 +4,7 @@ blocks come from the whole text."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 
@@ -14,7 +15,7 @@ from transformers import AutoTokenizer
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.data import sample, text_blocks, tokenize
+from hf_wsvd.data import sample, teacher_samples, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
 from hf_wsvd.cli.workflow import data_loader
 
@@ -194,6 +195,7 @@ def test_a_causal_lm_adds_blocks_it_writes_itself_to_its_calibration_data(tokeni
     assert all(any(ids[:2] == r[:2] for r in real["input_ids"]) for ids in written)
     assert all(ids not in real["input_ids"] for ids in written)
     assert next(model.parameters()).device.type == "cpu"  # back where it was
+    assert loader.generated_samples == 3  # what compress records
     again = data_loader(model, tokenizer, Dataset.from_dict({"text": texts}), config).dataset["input_ids"]
     assert again == blocks  # seeded
     other = dataclasses.replace(config, seed=2)
@@ -204,8 +206,8 @@ def test_a_causal_lm_adds_blocks_it_writes_itself_to_its_calibration_data(tokeni
 
 def test_only_a_causal_lm_writes_calibration_blocks(tokenizer):
     table = Dataset.from_dict({"sentence": _sentences(8), "label": [i % 2 for i in range(8)]})
-    with pytest.raises(ValueError, match=r"generated_samples=2: only a causal LM writes calibration text; "
-                                         r"BertForSequenceClassification is not one"):
+    with pytest.raises(ValueError, match=r"generated_samples=2 \(--generated-samples\): only a causal LM writes "
+                                         r"calibration text; BertForSequenceClassification is not one"):
         data_loader(tiny.build("bert", "AutoModelForSequenceClassification"), tokenizer, table,
                     WSVDConfig(max_length=8, generated_samples=2))
 
@@ -216,10 +218,54 @@ def test_generated_samples_is_a_count(value):
         WSVDConfig(generated_samples=value)
 
 
-def test_several_processes_calibrate_on_the_blocks_the_first_one_writes(two_process_results, one_process_result):
+def test_several_processes_write_their_share_and_calibrate_on_the_blocks_one_process_writes(two_process_results,
+                                                                                           one_process_result):
     first, second = (r["written"] for r in two_process_results)
     assert len(first["blocks"]) == 7 and second["blocks"] == first["blocks"] == one_process_result["written"]["blocks"]
-    assert first["generate_calls"] >= 1 and second["generate_calls"] == 0
+    # Two batches of written blocks: one each, where one process writes both.
+    assert (first["generate_calls"], second["generate_calls"], one_process_result["written"]["generate_calls"]) == (1, 1, 2)
+
+
+def test_shares_of_the_written_batches_are_the_batches_one_writer_writes():
+    model, blocks = tiny.build("llama"), [{"input_ids": list(range(5 + i, 13 + i))} for i in range(6)]
+    write = functools.partial(teacher_samples, model, blocks, 5, batch_size=2, seed=3, show_progress=False)
+    whole, first, second = write(), write(share=(0, 2)), write(share=(1, 2))
+    assert len(whole) == 5 and first == whole[0:2] + whole[4:5] and second == whole[2:4]
+    assert write(share=(2, 3)) == whole[4:5]
+    with pytest.raises(ValueError, match=re.escape("share=(2, 2) must be (index, processes) with 0 <= index < processes")):
+        write(share=(2, 2))
+
+
+def test_held_out_data_holds_no_written_blocks(tokenizer):
+    config = WSVDConfig(max_length=8, generated_samples=3)
+    loader = data_loader(tiny.build("llama"), tokenizer, Dataset.from_dict({"text": _sentences(60)}), config,
+                         num_samples=5, shuffle=False)
+    assert len(loader.dataset) == 5 and loader.generated_samples == 0
+
+
+def test_blocks_longer_than_the_model_takes_are_refused_before_it_writes(tokenizer):
+    model = tiny.build("gpt2")  # 64 positions
+    with pytest.raises(ValueError, match="exceeds"):
+        data_loader(model, tokenizer, Dataset.from_dict({"text": _sentences(200)}),
+                    WSVDConfig(num_samples=2, max_length=80, generated_samples=2))
+
+
+def test_a_dispatched_model_writes_where_it_is_and_a_plain_one_on_the_accelerator(tokenizer, monkeypatch):
+    from accelerate import cpu_offload
+
+    from hf_wsvd.statistics import default_accelerator
+
+    moves = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: moves.append(args) or self)
+    text = Dataset.from_dict({"text": _sentences(60)})
+    config = WSVDConfig(num_samples=4, max_length=8, generated_samples=2)
+    assert len(data_loader(tiny.build("llama"), tokenizer, text, config).dataset) == 6
+    assert (default_accelerator().device,) in moves
+    moves.clear()
+    dispatched = tiny.build("llama")
+    cpu_offload(dispatched.model.layers[1], execution_device=torch.device("cpu"))  # one block's weights offloaded
+    assert len(data_loader(dispatched, tokenizer, text, config).dataset) == 6
+    assert moves == []  # accelerate's hooks place it: nothing may move it as a whole
 
 
 def test_running_out_of_memory_while_writing_calibration_blocks_says_what_to_lower(tokenizer, monkeypatch):
@@ -233,3 +279,18 @@ def test_running_out_of_memory_while_writing_calibration_blocks_says_what_to_low
                                          r"lower batch_size .* \(--device-map auto\)$"):
         data_loader(tiny.build("llama"), tokenizer, Dataset.from_dict({"text": _sentences(60)}),
                     WSVDConfig(num_samples=4, max_length=8, generated_samples=3))
+
+
+def test_compress_records_the_written_blocks_its_data_holds(tokenizer, caplog):
+    text = Dataset.from_dict({"text": _sentences(60)})
+    quick = dict(method="whiten", allocation="uniform", sequential=False, param_ratio=0.5)
+    loader = data_loader(tiny.build("llama"), tokenizer, text, WSVDConfig(num_samples=4, max_length=8, generated_samples=2))
+    model, _ = compress(tiny.build("llama"), WSVDConfig(**quick), loader, show_progress=False)
+    assert model.config.wsvd["generated_samples"] == 2
+    # Batches of its own: compress writes nothing, says so once, and the recipe says 0.
+    batches = list(data_loader(tiny.build("llama"), tokenizer, text, WSVDConfig(num_samples=4, max_length=8)))
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, _ = compress(tiny.build("llama"), WSVDConfig(**quick, generated_samples=3), batches, show_progress=False)
+    assert model.config.wsvd["generated_samples"] == 0
+    notes = [r.getMessage() for r in caplog.records if "generated_samples=3" in r.getMessage()]
+    assert len(notes) == 1 and "none of them was written by the model" in notes[0]

@@ -96,6 +96,17 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> No
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
 
 
+def _recorded_generated_samples(config: WSVDConfig, data: Any) -> WSVDConfig:
+    """``config`` recording the blocks the model wrote itself that ``data`` holds (``data_loader``
+    marks its loaders with their number): the recipe says what the calibration data was."""
+    written = getattr(data, "generated_samples", 0)
+    if config.generated_samples and not written:
+        logger.warning(f"generated_samples={config.generated_samples}: compress uses the batches it is given as they "
+                       "are and none of them was written by the model (hf_wsvd.cli.workflow.data_loader writes them); "
+                       "the recipe records 0")
+    return replace(config, generated_samples=written) if written != config.generated_samples else config
+
+
 def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistics: Statistics) -> None:
     """Raise, naming the layer, where reused ``statistics`` do not fit a target layer's shape (they were
     taken on another model)."""
@@ -144,6 +155,7 @@ def compress(
     _check_arguments(model, config, data, accelerator)
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    config = _recorded_generated_samples(config, data)
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass

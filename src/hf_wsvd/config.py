@@ -54,8 +54,9 @@ class CalibrationConfig:
                                    type=positive_int)
     seed: int = recipe_field(0, "seed for data sampling and any randomized step", type=int)
     generated_samples: int = recipe_field(
-        0, "blocks a causal LM writes itself (continuations of calibration blocks, sampled at temperature 1) "
-        "added to its calibration data by the CLI and data_loader: more varied text when the data is small",
+        0, "blocks a causal LM writes itself (continuations of calibration blocks, sampled at temperature 1, "
+        "batch_size at a time) added to its calibration data by the CLI and data_loader: more varied text when the "
+        "data is small. compress records how many its data holds",
         type=non_negative_int)
 
     def __post_init__(self) -> None:

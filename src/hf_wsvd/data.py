@@ -187,12 +187,15 @@ def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length
 
 @torch.no_grad()
 def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
-                    batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> list[dict]:
+                    batch_size: int = 64, seed: int = 0, show_progress: bool = True,
+                    share: tuple[int, int] = (0, 1)) -> list[dict]:
     """``count`` blocks written by ``teacher``: each continues the first ``prompt_length`` tokens
     (None: a quarter of the block, at most 32) of a block drawn (seeded) from ``blocks``, sampled at
-    temperature 1 up to the blocks' length without ending the text (the same for the same seed and
-    ``batch_size``), in the blocks' format (lists or tensors). Added to calibration or healing data,
-    they give text the real data does not hold when it is small."""
+    temperature 1 up to the blocks' length without ending the text, ``batch_size`` at a time, in the
+    blocks' format (lists or tensors). Added to calibration or healing data, they give text the real
+    data does not hold when it is small. The same for the same seed, ``batch_size`` and device type:
+    each batch is sampled from a seed of its own, so ``share=(p, P)`` writes batches p, p + P, ...
+    alone (a process's share), as one process writing all of them would."""
     if count < 1:
         return []
     if not blocks:
@@ -207,6 +210,9 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     if not 0 < prompt_length < length:
         raise ValueError(f"prompt_length={prompt_length} must be between 1 and {length - 1} (the blocks hold "
                          f"{length} tokens)")
+    index, processes = share
+    if not 0 <= index < processes:
+        raise ValueError(f"share={share!r} must be (index, processes) with 0 <= index < processes")
     generator = random.Random(seed)
     prompts = torch.stack([torch.as_tensor(generator.choice(blocks)["input_ids"][:prompt_length])
                            for _ in range(count)])
@@ -227,15 +233,17 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
         teacher.eval()
         # Seeded on a fork of the random streams it uses: the caller's streams are left as they were.
         with torch.random.fork_rng(devices=cuda):
-            torch.default_generator.manual_seed(seed)
-            for index in cuda:
-                with torch.cuda.device(index):
-                    torch.cuda.manual_seed(seed)
-            for start in tqdm(range(0, count, batch_size), desc="writing blocks", disable=not show_progress):
+            starts = range(index * batch_size, count, processes * batch_size)
+            for start in tqdm(starts, desc="writing blocks", disable=not show_progress):
+                batch_seed = random.Random(f"{seed}/{start // batch_size}").getrandbits(63)
+                torch.default_generator.manual_seed(batch_seed)
+                if cuda:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(batch_seed)
                 ids = prompts[start : start + batch_size].to(device)
                 output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
                 if output.shape[1] < length:
-                    raise RuntimeError(f"the teacher wrote {output.shape[1]} of {length} tokens: its generate() "
+                    raise RuntimeError(f"the model wrote {output.shape[1]} of {length} tokens: its generate() "
                                        "stopped early")
                 for row in output[:, :length].cpu():
                     written.append({"input_ids": row if as_tensors else row.tolist(),

@@ -127,10 +127,10 @@ def data_loader(
     LM's are blocks of the whole text, sampled after, followed by ``config.generated_samples``
     blocks the model writes itself (``written_blocks``)."""
     task = task_of(model)
-    generated = config.generated_samples
+    generated = config.generated_samples if shuffle else 0  # calibration only: never in held-out data
     if generated and task != CAUSAL_LM:
-        raise ValueError(f"generated_samples={generated}: only a causal LM writes calibration text; "
-                         f"{type(model).__name__} is not one (set it to 0)")
+        raise ValueError(f"generated_samples={generated} (--generated-samples): only a causal LM writes calibration "
+                         f"text; {type(model).__name__} is not one (set it to 0)")
     table = load_table(data_path, split)
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
     count = num_samples or config.num_samples if shuffle else num_samples
@@ -142,15 +142,18 @@ def data_loader(
         table, tokenizer, task, text_columns, label_column, config.max_length,
         label2id=model.config.label2id, num_labels=model.config.num_labels, source=source,
     )
+    written = []
     if task == CAUSAL_LM:
         encoded = subset(encoded, count, config.seed, shuffle)
         if generated:
             from datasets import Dataset, concatenate_datasets
 
+            check_fits(model, encoded["input_ids"], config.max_length)  # before the model runs on them
             written = written_blocks(model, encoded, generated, config.batch_size, config.seed)
             encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
     loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
     check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
+    loader.generated_samples = len(written)  # what compress records of them
     return loader
 
 
@@ -158,23 +161,40 @@ def written_blocks(model: PreTrainedModel, blocks: "Dataset | list[dict]", count
                    seed: int) -> list[dict]:
     """``count`` blocks written by the causal LM ``model`` (``hf_wsvd.data.teacher_samples``:
     continuations of prompts drawn from ``blocks``, seeded), ``batch_size`` at a time on the
-    accelerator where there is one (the model goes back where it was). Under several processes the
-    first one writes and the others receive its blocks, so that all calibrate on the same text."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    accelerator where there is one (the model goes back where it was). Under several processes
+    each writes its share of the batches and all end with the same blocks, those one process writes."""
+    from accelerate.utils import gather_object
 
-    state = PartialState()
-    written: list = [None]
-    if state.is_main_process:
-        try:
-            with given_back(model):
-                if not is_dispatched(model):
-                    model.to(state.device)
-                written[0] = teacher_samples(model, blocks, count, batch_size=batch_size, seed=seed)
-        except torch.OutOfMemoryError:
-            raise ValueError(f"writing generated_samples={count} calibration blocks ran out of memory on "
-                             f"{state.device}: lower batch_size (the blocks written at once) or load the model "
-                             "dispatched (--device-map auto)") from None
-    if state.num_processes > 1:
-        broadcast_object_list(written)
-    return written[0]
+    from ..statistics import default_accelerator
+
+    accelerator = default_accelerator()
+    processes = accelerator.num_processes
+    try:
+        with given_back(model):
+            if not is_dispatched(model):
+                model.to(accelerator.device)
+            mine, failure = teacher_samples(model, blocks, count, batch_size=batch_size, seed=seed,
+                                            show_progress=accelerator.is_local_main_process,
+                                            share=(accelerator.process_index, processes)), None
+    except torch.OutOfMemoryError:
+        mine, failure = [], ValueError(
+            f"writing generated_samples={count} calibration blocks ran out of memory on {accelerator.device}: lower "
+            "batch_size (the blocks written at once) or load the model dispatched (--device-map auto)")
+    except Exception as error:
+        if processes == 1:
+            raise
+        mine, failure = [], error
+    if processes == 1:
+        if failure is not None:
+            raise failure from None
+        return mine
+    # Every process waits for the others' blocks, or learns that one of them failed.
+    shares = gather_object([(mine, None if failure is None else f"{type(failure).__name__}: {failure}")])
+    if failure is not None:
+        raise failure
+    for rank, (_, message) in enumerate(shares):
+        if message is not None:
+            raise RuntimeError(f"process {rank} failed to write its calibration blocks ({message})")
+    # Batch b is the (b // P)-th that process b % P wrote.
+    return [row for b in range(-(-count // batch_size))
+            for row in shares[b % processes][0][b // processes * batch_size : (b // processes + 1) * batch_size]]

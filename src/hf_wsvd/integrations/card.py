@@ -142,8 +142,9 @@ def _importance_data(data: str | None, examples: int | None, recipe: dict) -> st
     if not data:
         return "none"
     written = recipe.get("generated_samples") or 0  # recipes saved before the field lack it
+    limit = recipe.get("num_samples")
     used = (f"{examples} examples" if examples is not None
-            else f"at most {recipe.get('num_samples') + written} examples")
+            else f"at most {limit + written if isinstance(limit, int) else limit} examples")
     if written:
         used += f", {written} of them written by the model itself"
     return f"`{os.path.basename(os.path.normpath(data))}` ({used}, local data)"
