@@ -294,3 +294,18 @@ def test_compress_records_the_written_blocks_its_data_holds(tokenizer, caplog):
     assert model.config.wsvd["generated_samples"] == 0
     notes = [r.getMessage() for r in caplog.records if "generated_samples=3" in r.getMessage()]
     assert len(notes) == 1 and "none of them was written by the model" in notes[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_cpu_model_writes_its_blocks_on_the_gpu_and_comes_back(tokenizer, monkeypatch):
+    model = tiny.build("llama")
+    devices = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: devices.append(model.device) or generate(*args, **kwargs))
+    text = Dataset.from_dict({"text": _sentences(60)})
+    config = WSVDConfig(num_samples=4, max_length=8, batch_size=2, generated_samples=3)
+    blocks = data_loader(model, tokenizer, text, config).dataset["input_ids"]
+    assert len(blocks) == 7 and all(len(ids) == 8 for ids in blocks)
+    assert {d.type for d in devices} == {"cuda"} and len(devices) == 2
+    assert next(model.parameters()).device.type == "cpu"
+    assert data_loader(model, tokenizer, text, config).dataset["input_ids"] == blocks  # seeded on the GPU too
