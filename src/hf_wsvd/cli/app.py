@@ -29,6 +29,9 @@ COMPRESS_EXAMPLES = """examples:
   # a causal LM calibrated on plain text (no chat template): fisher_whiten, greedy, block by block
   hf-wsvd compress path/to/model.gguf out/lm-fw --param-ratio 0.8 \\
       --data ../shared/data/wikitext-2/wiki.valid.tokens --num-samples 64 --max-length 256
+  # little text: the model writes as many blocks again (continuations of the real ones) to calibrate on
+  hf-wsvd compress path/to/model.gguf out/lm-fw --param-ratio 0.6 --data small.txt --num-samples 64 \\
+      --max-length 256 --generated-samples 64 --batch-size 32
   # a chosen recipe; without data only svd (plain truncated SVD of every block linear)
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fwsvd --method fwsvd --allocation uniform \\
       --data ../shared/data/glue/SST-2/train.tsv
