@@ -95,6 +95,20 @@ def test_valid_param_ratios_are_accepted(ratio):
     assert isinstance(config.param_ratio, float)
 
 
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
+    import numpy as np
+
+    config = WSVDConfig(param_ratio=np.float32(0.5), num_samples=np.int64(64), seed=np.uint32(3),
+                        block_refine_steps=np.int16(8))
+    assert (config.param_ratio, config.num_samples, config.seed, config.block_refine_steps) == (0.5, 64, 3, 8)
+    assert [type(v) for v in (config.param_ratio, config.num_samples, config.seed)] == [float, int, int]
+    config.to_json_file(tmp_path / "c.json")  # numpy integers are not JSON
+    assert WSVDConfig.from_json_file(tmp_path / "c.json") == config
+    assert CalibrationConfig(num_samples=np.int32(8)).num_samples == 8
+    with pytest.raises(ValueError, match=r"param_ratio=1.5 must be in \(0, 1\]"):
+        WSVDConfig(param_ratio=np.float32(1.5))
+
+
 def test_param_ratio_1_without_embeddings_is_refused_as_nothing_to_compress():
     with pytest.raises(ValueError, match="param_ratio=1 keeps every parameter .* nothing to compress"):
         WSVDConfig(param_ratio=1)

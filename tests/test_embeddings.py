@@ -181,6 +181,45 @@ def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
     assert result.stdout.count(" ok") == 2
 
 
+def _without(folder, dropped: str, into):
+    """A copy of the checkpoint ``folder`` in ``into`` whose weights lack the tensor ``dropped``."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, into)
+    tensors = load_file(into / "model.safetensors")
+    del tensors[dropped]
+    save_file(tensors, into / "model.safetensors", metadata={"format": "pt"})
+    return into
+
+
+@pytest.mark.parametrize("arch", list(TIED))
+def test_a_stored_factor_of_a_tied_embedding_missing_is_refused(arch, tmp_path):
+    """The file stores a tied factor once, under the embedding's name: without it neither end of the
+    tie has values, and the load must say so (it once loaded, the factor left on "meta")."""
+    auto_name, embedding_name, _ = TIED[arch]
+    model, _ = _compress_embeddings(arch, auto_name)
+    model.save_pretrained(tmp_path / "ok")
+    with safe_open(tmp_path / "ok" / "model.safetensors", "pt") as f:
+        stored = sorted(k for k in f.keys() if k.endswith((embedding_name + ".weight", embedding_name + ".proj.weight")))
+    assert len(stored) == 2, stored
+    for key in stored:
+        bad = _without(tmp_path / "ok", key, tmp_path / key)
+        with pytest.raises(ValueError, match=rf"the tensor '{key}' is missing from the checkpoint's weights"):
+            getattr(transformers, auto_name).from_pretrained(bad)
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        for key in {stored!r}:
+            try:
+                transformers.{auto_name}.from_pretrained("{tmp_path}/" + key, trust_remote_code=True)
+            except ValueError as error:
+                assert "is missing from the checkpoint's weights" in str(error) and key in str(error), error
+                print(key, "refused")
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" refused") == 2, result.stdout
+
+
 # --------------------------------------------------------------------------- row weights
 
 

@@ -66,6 +66,27 @@ def test_dtype_and_device_map(arch, tmp_path):
     assert (out - reference).abs().max().item() <= tolerance
 
 
+def test_disk_offload_loads_and_a_tensor_without_values_is_refused(tmp_path):
+    """Offloaded tensors wait on "meta" behind accelerate's hooks and load fine; a tensor on "meta"
+    that nothing will fill is refused, whatever the load's report says."""
+    from hf_wsvd.runtime.modeling_wsvd import check_loaded
+
+    model, _, reference = _compressed("llama", tmp_path / "ckpt")
+    layers = {f"model.layers.{i}": "disk" if i else "cpu" for i in range(model.config.num_hidden_layers)}
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **layers}
+    offloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "offload", output_loading_info=True)
+    assert any(p.is_meta for p in offloaded.parameters())  # the disk layers' weights wait in the folder
+    with torch.no_grad():
+        assert (main_output(offloaded(**tiny.inputs("llama"))) - reference).abs().max().item() <= 1e-6
+    check_loaded(offloaded, info)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    name, factor = next((n, m) for n, m in loaded.named_modules() if isinstance(m, FactorizedLinear))
+    factor.up.weight = torch.nn.Parameter(torch.empty_like(factor.up.weight, device="meta"))
+    with pytest.raises(ValueError, match=rf"the tensor '{name}.up.weight' was not filled by the checkpoint's weights"):
+        check_loaded(loaded, info)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_checkpoint_files_and_resave(arch, tmp_path):
     _, report, reference = _compressed(arch, tmp_path / "a")

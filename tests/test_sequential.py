@@ -283,3 +283,20 @@ def test_what_the_shapes_alone_rule_out_is_refused_before_any_pass(recipe, messa
         compress(model, WSVDConfig(method="fisher_whiten", allocation="greedy", **recipe), loader, loss_fn=loss_fn,
                  show_progress=False)
     assert calls == []
+
+
+def test_uniform_ranks_rounded_down_to_zero_ask_for_more_not_less():
+    model, _, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    with pytest.raises(ValueError) as error:
+        compress(model, WSVDConfig(method="svd", allocation="uniform", param_ratio=0.02), None, show_progress=False)
+    assert ("param_ratio=0.02 rounds the rank of every one of the 14 target layers down to 0 (rank_multiple=8; first: "
+            "'layers.0.self_attn.q_proj'); raise param_ratio or lower rank_multiple") in str(error.value)
+
+
+def test_compress_leaves_the_callers_random_streams_as_they_were():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    compress(model, WSVDConfig(param_ratio=0.5, block_refine_steps=2), loader, show_progress=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -129,6 +129,13 @@ def cli_errors(capsys, path, *commands: str) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("refined", [{"0": [None, None]}, "x", [[1, 2]], {"0": [1]}, {"0": [1.0, -0.5]}])
+def test_an_edited_refinement_record_is_one_line_in_inspect(checkpoint, refined, capsys):
+    edit_config(checkpoint, lambda config: config["wsvd"].update(refined=refined))
+    (error,) = cli_errors(capsys, checkpoint, "inspect")
+    assert "config.json 'wsvd'['refined']=" in error and "[error before, error after]" in error, error
+
+
 def _pruned_llama():
     """A tiny Llama compressed with pruned MLPs (and factorized attention)."""
     ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (8, 16), generator=torch.Generator().manual_seed(0))

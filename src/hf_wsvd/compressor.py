@@ -151,8 +151,20 @@ def compress(
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
     model's) with a low-rank correction of each target's quantization error.
+
+    The work is seeded by ``config.seed`` on a fork of torch's random streams (the CPU's and the
+    accelerator's): the caller's streams come back as they were.
     """
     _check_arguments(model, config, data, accelerator)
+    accelerator = accelerator or default_accelerator()
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _compress(model, config, data, loss_fn, accelerator, statistics, show_progress, dtype)
+
+
+def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] | None, loss_fn: LossFn | None,
+              accelerator: Accelerator, statistics: Statistics | None, show_progress: bool, dtype: torch.dtype | None,
+              ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     config = _recorded_generated_samples(config, data)
@@ -160,7 +172,6 @@ def compress(
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
-    accelerator = accelerator or default_accelerator()
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \

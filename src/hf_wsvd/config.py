@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
-from .fields import field_of, is_integer, is_number, recipe_field
+from .fields import field_of, is_integer, is_number, plain_numbers, recipe_field
 from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
                               QuantizedResidualOptions, RescueOptions)
 from .pipelines.registry import PIPELINES
@@ -60,6 +60,7 @@ class CalibrationConfig:
         type=non_negative_int)
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
@@ -230,6 +231,7 @@ class WSVDConfig:
                 "correction", "cli": None})
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("ranks", "pruned", "attention", "refined", "residual"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a dict (module name → entry); "
@@ -384,12 +386,7 @@ class WSVDConfig:
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
                              "only compensation computes: it needs compensate=True (sequential mode with whiten or "
                              "fisher_whiten), or block_refine_steps=0")
-        if not isinstance(self.refined, dict) or not all(
-                isinstance(k, str) and isinstance(v, list) and len(v) == 2
-                and all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in v)
-                for k, v in self.refined.items()):
-            raise ValueError(f"refined={self.refined!r} must map block indices to [error before, error after], "
-                             "two numbers >= 0")
+        check_refined(self.refined, "refined")
 
     def _validate_speed_limit(self) -> None:
         speed = self.max_kept_ratio_for_speed
@@ -478,6 +475,16 @@ class WSVDConfig:
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
+
+
+def check_refined(refined: Any, where: str) -> dict[str, list[float]]:
+    """``refined`` (a recipe's per-block refinement errors, named ``where`` in the error) after
+    checking it maps block indices to [error before, error after], two numbers >= 0."""
+    if not isinstance(refined, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(is_number(e) and 0 <= e < float("inf") for e in v)
+            for k, v in refined.items()):
+        raise ValueError(f"{where}={refined!r} must map block indices to [error before, error after], two finite numbers >= 0")
+    return refined
 
 
 def _embeddable(method: str | None) -> bool:

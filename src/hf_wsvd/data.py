@@ -301,8 +301,10 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{where}: input_ids must be a 2-D integer tensor (examples × tokens), not {_shown(ids)}")
+    if not ids.numel():
+        raise ValueError(f"{where} holds no tokens (input_ids of shape {tuple(ids.shape)}): leave empty batches out")
     vocabulary = model.get_input_embeddings().num_embeddings
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
+    if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
         raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
                          f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
     positions = position_limit(model)

@@ -5,6 +5,7 @@ importable without torch."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import field
 from typing import Any
 
@@ -30,3 +31,13 @@ def is_integer(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """Whether ``value`` is an ``int`` or a ``float`` (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plain_numbers(instance: Any) -> None:
+    """Set each field of the dataclass ``instance`` holding another type's number (a numpy scalar)
+    to the built-in ``int`` or ``float`` of its value, which the checks and the JSON recipe take."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
+            continue
+        setattr(instance, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))

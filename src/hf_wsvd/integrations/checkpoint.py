@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from ..config import check_refined
 from ..fields import is_integer
 from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
@@ -117,7 +118,7 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
     a step: its settings; None if it refined nothing)."""
     if not refined:
         return None
-    falls = error_falls(refined)
+    falls = error_falls(check_refined(refined, f"config.json {RECIPE_KEY!r}['refined']"))
     several = is_integer(batches) and batches > 1  # a hand-edited value is left out, not compared
     each = f" ({steps} steps {f'of {batches} batches ' if several else ''}each)" if steps else ""
     return (f"{len(falls)} blocks refined{each}: relative output error fell "

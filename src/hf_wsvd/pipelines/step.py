@@ -24,7 +24,8 @@ from accelerate.utils import align_module_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..allocation import Budgeted, greedy_ranks, greedy_start, kept_channels, uniform_ranks
+from ..allocation import (Budgeted, greedy_ranks, greedy_start, kept_channels, rank_for_ratio, round_rank,
+                          uniform_ranks)
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
 from ..runtime.modeling_wsvd import all_finite
@@ -138,8 +139,17 @@ def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[
     if job.config.allocation == "uniform":
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
     if not shapes and not skip:
-        speed = job.config.max_kept_ratio_for_speed
-        raise ValueError(f"param_ratio={job.config.param_ratio} saves nothing on any of the {len(job.targets)} "
+        config = job.config
+        speed = config.max_kept_ratio_for_speed
+        zero = [n for n, (i, o) in job.shapes(job.targets).items()
+                if round_rank(rank_for_ratio(i, o, config.param_ratio), config.rank_multiple) == 0]
+        if zero:  # too little kept: rounded down to rank 0, the layer would vanish
+            which = "every one" if len(zero) == len(job.targets) else str(len(zero))
+            others = "" if len(zero) == len(job.targets) else " and saves nothing on the others"
+            raise ValueError(f"param_ratio={config.param_ratio} rounds the rank of {which} of the {len(job.targets)} "
+                             f"target layers down to 0 (rank_multiple={config.rank_multiple}; first: {zero[0]!r})"
+                             f"{others}; raise param_ratio or lower rank_multiple")
+        raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(job.targets)} "
                          "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
                          + "; lower it to compress")
     return shapes

@@ -122,16 +122,6 @@ class FactorizedTiedHead(nn.Module):
         self.proj = nn.Linear(rank, in_features, bias=False, device=device, dtype=dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
-    @classmethod
-    def tied_to(cls, embedding: FactorizedEmbedding, bias: torch.Tensor | None = None) -> "FactorizedTiedHead":
-        """A head sharing ``embedding``'s parameters (and keeping ``bias``, a head's own bias)."""
-        head = cls(embedding.embedding_dim, embedding.num_embeddings, embedding.rank, bias=False,
-                   device="meta", dtype=embedding.weight.dtype)
-        head.weight = embedding.weight
-        head.proj.weight = embedding.proj.weight
-        head.bias = bias
-        return head
-
     @property
     def rank(self) -> int:
         return self.weight.shape[1]

@@ -30,7 +30,8 @@ The recorded ranks may name an embedding (``nn.Embedding``) as well as linear la
 the module found at that name decides between ``FactorizedEmbedding`` and ``FactorizedLinear``.
 Modules tied to a factorized embedding (an LM head, T5's per-stack token embeddings) are rebuilt on
 the same factors and their factor names added to the model's tied-weights keys, so the checkpoint
-stores the factors once and transformers re-ties them at load.
+stores the factors once and transformers re-ties them at load (an empty model about to load gets
+them untied, so that a factor missing from the file is reported missing).
 
 This file ships inside every compressed checkpoint, so it may import only torch and transformers.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 import copy
 import os
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -122,10 +124,16 @@ def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
             continue
         if isinstance(module, (nn.Embedding, FactorizedEmbedding)):
             replacement = FactorizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.rank,
-                                              module.padding_idx, device="meta")
-            replacement.weight, replacement.proj.weight = embedding.weight, embedding.proj.weight
+                                              module.padding_idx, device="meta", dtype=embedding.weight.dtype)
         else:
-            replacement = FactorizedTiedHead.tied_to(embedding, getattr(module, "bias", None))
+            replacement = FactorizedTiedHead(embedding.embedding_dim, embedding.num_embeddings, embedding.rank,
+                                             device="meta", dtype=embedding.weight.dtype)
+            replacement.bias = getattr(module, "bias", None)
+        if not embedding.weight.is_meta:
+            replacement.weight, replacement.proj.weight = embedding.weight, embedding.proj.weight
+        # else: an empty model about to load. Its ties are left to from_pretrained (the keys declared
+        # below): a tensor shared already would count as loaded once its tied twin is marked
+        # initialized, and a checkpoint lacking it would load with the tensor still on "meta".
         replacement.train(module.training)
         model.set_submodule(target_module, replacement)
         added[f"{target_module}.proj.weight"] = f"{source_module}.proj.weight"
@@ -412,7 +420,9 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     # dense shape with random weights. A head outside it may be re-initialized (a new label count).
     mismatched = sorted((tuple(k) for k in info["mismatched_keys"] if not ignore_mismatched_sizes or k[0] in owned
                          or _in_base_model(model, k[0])), key=lambda k: k[0])
-    missing = sorted(k for k in info["missing_keys"] if k in owned)
+    # The file stores a tie once, under its source: name that tensor before the ties' other ends.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = sorted((k for k in info["missing_keys"] if k in owned), key=lambda k: (k in tied, k))
     if missing:
         stored = sorted(info["unexpected_keys"])
         # e.g. a quantized checkpoint whose config.json lost its quantization_config: other names
@@ -445,6 +455,13 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                          f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
     if absent:
         raise random_weights_error(absent)
+    stranded = next((name for name, tensor in chain(model.named_parameters(), model.named_buffers())
+                     if tensor.is_meta and not _offloaded(model, name)), None)
+    if stranded is not None:
+        # Whatever the load's report said (a tie can hide a missing tensor from it): a tensor left on
+        # "meta" has no values, and the model would compute garbage with it.
+        raise ValueError(f"the tensor {stranded!r} was not filled by the checkpoint's weights (it has no values): the "
+                         "file is damaged or belongs to another recipe")
     attention = getattr(model.config, RECIPE_KEY, {}).get(ATTENTION_KEY, {})
     for name, module in model.named_modules():
         entry = attention.get(relative_module_name(model, name))
@@ -464,6 +481,18 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
             # base (W + correction) it would be wrong.
             raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
                              "quantization: load the checkpoint with its own quantization_config")
+
+
+def _offloaded(model: nn.Module, name: str) -> bool:
+    """Whether the tensor ``name`` is held off the model by an offloading hook (accelerate's, under
+    ``device_map`` with CPU or disk offload), which puts its values in place at each forward."""
+    parts = name.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:depth])), "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or [hook]:
+            if getattr(one, "offload", False) or getattr(one, "weights_map", None) is not None:
+                return True
+    return False
 
 
 def unloaded(model: PreTrainedModel, missing: Iterable[str]) -> list[str]:
