@@ -70,6 +70,18 @@ def speed_limit(text: str) -> float | dict[str, float]:
     return table
 
 
+def hub_model_id(text: str) -> str:
+    """A Hub repository id (``name`` or ``user/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repository id (name or user/name: letters, digits, "
+                                         "'-', '_' and '.')") from None
+    return text
+
+
 def hub_dataset(text: str) -> tuple[str, str | None]:
     """``HUB_ID[:CONFIG]`` (``nyu-mll/glue:sst2``): a Hub dataset id and its configuration, if any."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -39,6 +39,11 @@ _BUILDERS = {
 }
 
 
+# The files one of which every saved tokenizer has (fast, sentencepiece, WordPiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "vocab.json")
+
+
 def load_table(source: str | os.PathLike | Dataset, split: str | None = None) -> Dataset:
     """A ``datasets.Dataset`` from a Dataset (returned as is), a ``save_to_disk`` folder (of a
     Dataset, or of a DatasetDict with ``split`` naming the split unless it has only one), or a
@@ -50,16 +55,26 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
         return source
     path = os.fspath(source)
     if os.path.isdir(path):
-        loaded = load_from_disk(path)
+        try:
+            loaded = load_from_disk(path)
+        except IndexError as error:  # datasets' own failure on a dataset of no rows
+            raise ValueError(f"dataset folder {path!r} holds no rows (or no table)") from error
         if isinstance(loaded, DatasetDict):
             if split is None and len(loaded) == 1:
                 split = next(iter(loaded))
             if split not in loaded:
                 raise ValueError(f"dataset folder {path!r} has splits {sorted(loaded)}: name one (split=..., --split)")
             loaded = loaded[split]
+        elif split is not None:
+            raise ValueError(f"split={split!r}: dataset folder {path!r} holds one dataset, not splits; leave split out")
+        if len(loaded) == 0:
+            raise ValueError(f"dataset folder {path!r} holds no rows")
         return loaded
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
+    if split is not None:
+        raise ValueError(f"split={split!r} names a split of a save_to_disk DatasetDict folder, but {path!r} is a file; "
+                         "leave split out")
     extension = os.path.splitext(path)[1].lower()
     if extension not in _BUILDERS:
         raise ValueError(f"data file {path!r}: unsupported extension {extension!r}; use one of {sorted(_BUILDERS)}")
@@ -99,7 +114,8 @@ def resolve_columns(
             raise ValueError(f"no 'label' column in {columns}: name the label column (--label-column)")
         label_column = "label"
     if not text_columns:
-        strings = [c for c in columns if c != label_column and dataset.features[c].dtype in ("string", "large_string")]
+        strings = [c for c in columns if c != label_column
+                   and getattr(dataset.features[c], "dtype", None) in ("string", "large_string")]
         if not strings:
             raise ValueError(f"no text column among {columns}: name one (--text-columns)")
         text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]
@@ -166,7 +182,10 @@ def tokenize(
         encoded["labels"] = _label_ids(rows[label_column], label2id or {}, num_labels, task)
         return encoded
 
-    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names)
+    # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written
+    # into that folder, which is the user's.
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       keep_in_memory=True)
 
 
 def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -346,7 +365,7 @@ def sample(dataset: "Dataset", num_samples: int, seed: int) -> "Dataset":
     """A seeded random subset of at most ``num_samples`` rows."""
     if num_samples >= len(dataset):
         return dataset
-    return dataset.shuffle(seed=seed).select(range(num_samples))
+    return dataset.shuffle(seed=seed, keep_in_memory=True).select(range(num_samples))  # no file (tokenize)
 
 
 def subset(dataset: "Dataset", num_samples: int | None, seed: int, shuffle: bool) -> "Dataset":

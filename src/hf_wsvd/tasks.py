@@ -43,6 +43,9 @@ def _architecture_task(architecture: str, config) -> str | None:
         regression = config.problem_type == "regression" or (config.problem_type is None and config.num_labels == 1)
         if config.problem_type == "multi_label_classification":
             return None
+        if regression and config.num_labels != 1:
+            raise ValueError(f"config problem_type='regression' with num_labels={config.num_labels}: a regressor has "
+                             "one output; set num_labels to 1, or problem_type to 'single_label_classification'")
         return REGRESSION if regression else CLASSIFICATION
     return None
 
@@ -76,8 +79,18 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
             "sequence classifier, the tasks the CLI can compute a loss for"
         )
     auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
+    dense = config.model_type != MODEL_TYPE  # a compressed checkpoint's load checks its own shapes and tensors
+    # A dense tensor of another shape than config.json says: named below, not transformers' RuntimeError.
+    allowed = kwargs.pop("ignore_mismatched_sizes", False)
     with readable_weights(path):
-        model, info = auto.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+        model, info = auto.from_pretrained(path, config=config, output_loading_info=True,
+                                           ignore_mismatched_sizes=allowed or dense, **kwargs)
+    if dense and not allowed and info["mismatched_keys"]:
+        key, *shapes = sorted(info["mismatched_keys"], key=lambda k: k[0])[0]
+        found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
+        raise ValueError(f"{path}: the tensor {key!r} has another shape in the weights than config.json gives it{found} "
+                         f"({len(info['mismatched_keys'])} tensors affected): config.json was edited or belongs to "
+                         "another model")
     random = unloaded(model, info["missing_keys"])  # a compressed checkpoint's load checked its own
     if random:
         raise random_weights_error(random, f"{path}: ")

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ..argtypes import comma_list, hub_dataset
+from ..argtypes import comma_list, hub_dataset, hub_model_id
 from ..config import WSVDConfig
 
 EXAMPLES = """examples:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "become model-index metadata naming it, which the Hub shows as evaluation results")
     c.add_argument("--eval-split", help="split of a --eval-data dataset folder (default: its only split); "
                                         "also the split named in the card (default there: validation)")
-    c.add_argument("--repo-id", help="Hub id the model will be pushed to (used in the model card's loading snippets)")
+    c.add_argument("--repo-id", type=hub_model_id, help="Hub id the model will be pushed to (used in the model card's loading snippets)")
     add_card_arguments(c)
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved checkpoint (default: the input checkpoint's)")
@@ -154,6 +154,10 @@ def _compress(args: argparse.Namespace) -> None:
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
+        if config.quantize and config.method != "quantized_residual":  # refused now, not after the work
+            from ..integrations.quantization import check_quantizable
+
+            check_quantizable(model, config.quantize, config.quantize_group_size)
         loader = (data_loader(model, tokenizer, args.data, config.calibration, args.text_columns, args.label_column,
                               split=args.split)
                   if args.data else None)
@@ -232,12 +236,12 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from ..integrations.checkpoint import (load_factorized, parameter_counts, quantization_summary, recipe_of, refinement_summary,
-                             summarize, target_counts)
+    from ..integrations.checkpoint import (check_checkpoint_folder, load_factorized, parameter_counts,
+                                           quantization_summary, recipe_of, refinement_summary, summarize,
+                                           target_counts)
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
-    if not os.path.isdir(args.path):
-        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    check_checkpoint_folder(args.path)
     model = load_factorized(args.path)
     recipe = recipe_of(model.config)
     rows = summarize(model)
@@ -313,4 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: check_output has put the output back as it was; no traceback
+        print(f"hf-wsvd {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0

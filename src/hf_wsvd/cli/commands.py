@@ -9,7 +9,7 @@ import os
 import shlex
 import time
 
-from ..argtypes import non_negative_int, positive_int
+from ..argtypes import hub_model_id, non_negative_int, positive_int
 
 EVAL_EXAMPLES = """examples:
   hf-wsvd eval out/sst2-fwsvd --data ../shared/data/glue/SST-2/dev.tsv --text-columns sentence
@@ -122,7 +122,7 @@ def add_commands(commands, columns) -> None:
     p = commands.add_parser("push", help="upload a compressed checkpoint folder and its model card to the Hub",
                             epilog=PUSH_EXAMPLES, **_formatter())
     p.add_argument("path", help="compressed checkpoint folder written by hf-wsvd compress (with README.md)")
-    p.add_argument("repo_id", help="Hub repository, e.g. you/model-fwsvd (created if missing)")
+    p.add_argument("repo_id", type=hub_model_id, help="Hub repository, e.g. you/model-fwsvd (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", help="Hub token (default: the saved login)")
     p.add_argument("--commit-message", help="commit message")
@@ -147,23 +147,22 @@ def check_data(path: str | None) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    import torch
-
-    from .workflow import load_model_and_tokenizer
+    from .workflow import load_dtype, load_model_and_tokenizer
 
     check_data(args.data)
-    # As compress loads its input: the same sources (folder, Hub id, .gguf), in float32.
-    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, dtype=torch.float32)
+    # As compress loads its input: the same sources (folder, Hub id, .gguf), in float32 (a quantized
+    # checkpoint in its own dtype).
+    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, dtype=load_dtype(args.path))
     metrics = evaluate_path(model, tokenizer, args.data, args, args.split, args.num_samples)
     print(json.dumps({"model": args.path, "data": args.data, **metrics}, indent=2))
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from ..integrations.checkpoint import check_checkpoint_folder
     from ..integrations.export import export_dense
     from .output import check_output
 
-    if not os.path.isdir(args.path):
-        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    check_checkpoint_folder(args.path)
     with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging:
         model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -212,7 +211,8 @@ def run_heal(args: argparse.Namespace) -> None:
 
     import torch
 
-    from ..integrations.card import add_healing
+    from ..integrations.card import add_healing, load_card
+    from ..integrations.checkpoint import check_checkpoint_folder
     from ..data import check_fits, make_dataloader, teacher_samples, text_blocks
     from ..evaluation import perplexity
     from ..integrations.healing import HealConfig, check_student, check_teacher, heal
@@ -220,13 +220,14 @@ def run_heal(args: argparse.Namespace) -> None:
     from ..tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype
 
-    if not os.path.isdir(args.path):
-        raise FileNotFoundError(f"checkpoint folder {args.path!r} does not exist")
+    check_checkpoint_folder(args.path)
     check_data(args.data)
     try:  # read before any model loads
         text = Path(args.data).read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
         raise ValueError(f"--data {args.data!r} cannot be read as UTF-8 text ({error})") from None
+    if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
+        load_card(Path(args.path) / "README.md")
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher], args.output, args.overwrite) as claim:
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 
 from ..config import CalibrationConfig, WSVDConfig
 from ..blocks import given_back, is_dispatched
-from ..data import check_fits, load_table, make_dataloader, resolve_columns, subset, teacher_samples, tokenize
+from ..data import (TOKENIZER_FILES, check_fits, load_table, make_dataloader, resolve_columns, subset, teacher_samples,
+                    tokenize)
 from ..tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -48,9 +49,11 @@ def model_source(path: str) -> tuple[str, dict]:
 
 
 @contextmanager
-def _hub_errors(path: str) -> Iterator[None]:
+def _load_errors(path: str, what: str = "model") -> Iterator[None]:
     """Name both readings of a path that is not a local folder when loading it fails: no such
-    folder, and a Hub id that could not be loaded (offline, private, or no such repository)."""
+    folder, and a Hub id that could not be loaded (offline, private, or no such repository). Any
+    other error but a ValueError (already one line) is one naming the path: what a hand-edited
+    config or a cut file makes transformers raise (AttributeError, AssertionError, struct.error...)."""
     try:
         yield
     except OSError as error:
@@ -58,18 +61,32 @@ def _hub_errors(path: str) -> Iterator[None]:
             raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise OSError(f"model folder {path!r} does not exist, and as a Hub id it could not be loaded: {detail}") from error
+    except ValueError:
+        raise
+    except Exception as error:
+        detail = (str(error).splitlines() or [""])[0]
+        raise ValueError(f"the {what} in {path!r} cannot be loaded ({type(error).__name__}: {detail}): its config.json "
+                         "or files are damaged or were edited") from error
 
 
 def stored_dtype(path: str) -> torch.dtype | None:
     """The dtype a checkpoint's config records (None when it records none)."""
     location, extra = model_source(path)
-    with _hub_errors(path):
+    with _load_errors(path):
         return AutoConfig.from_pretrained(location, **extra).dtype
 
 
-# The files one of which every saved tokenizer has (fast, sentencepiece, WordPiece, BPE).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
-                    "vocab.json")
+def load_dtype(path: str) -> torch.dtype:
+    """The dtype to load ``path`` in for statistics and metrics: float32, but a quantized
+    checkpoint's stored dtype (its scales are stored in it, and its kernels compute in it)."""
+    location, extra = model_source(path)
+    if extra:  # a .gguf file: dequantized at load
+        return torch.float32
+    with _load_errors(path):
+        config = AutoConfig.from_pretrained(location)
+    if getattr(config, "quantization_config", None) is None:
+        return torch.float32
+    return config.dtype or torch.float32
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -77,11 +94,11 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     one-line error naming it (``AutoTokenizer``'s own message lists every class it tried)."""
     location, extra = model_source(path)
     if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
-                                                         for f in _TOKENIZER_FILES):
+                                                         for f in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"model folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r}), "
             "or name a folder that has one (eval --tokenizer PATH)")
-    with _hub_errors(path):
+    with _load_errors(path, "tokenizer"):
         return AutoTokenizer.from_pretrained(location, **extra)
 
 
@@ -89,7 +106,7 @@ def load_model(path: str, **kwargs) -> PreTrainedModel:
     """A causal LM or sequence classifier (its Auto class read from the config) from a folder, a
     Hub id or a ``.gguf`` file (dequantized to a dense model); ``kwargs`` go to ``from_pretrained``."""
     location, extra = model_source(path)
-    with _hub_errors(path):
+    with _load_errors(path):
         if not extra:
             return load_task_model(location, **kwargs)
         # transformers reads only decoder LMs from GGUF and records no architectures for them.
@@ -105,7 +122,17 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, **kwargs
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``load_model(path, **kwargs)`` and the tokenizer of ``tokenizer`` (default: ``path``)."""
     loaded_tokenizer = load_tokenizer(tokenizer or path)  # first: a missing tokenizer fails before a long load
-    return load_model(path, **kwargs), loaded_tokenizer
+    model = load_model(path, **kwargs)
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    # Fewer tokens than the table is common (tables padded to a round size), but not a quarter: a
+    # tokenizer whose vocabulary files are gone loads with its few special tokens, and every word
+    # would become the unknown token.
+    if rows and 4 * len(loaded_tokenizer) < rows:
+        raise ValueError(f"the tokenizer of {tokenizer or path!r} knows {len(loaded_tokenizer)} tokens, the model "
+                         f"{rows} token embeddings: its vocabulary files (tokenizer.json, vocab.txt, ...) are missing "
+                         "or belong to another model: restore them (eval also takes --tokenizer PATH)")
+    return model, loaded_tokenizer
 
 
 def data_loader(

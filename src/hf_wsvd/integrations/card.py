@@ -221,12 +221,25 @@ def write_card(folder: str | os.PathLike, model: PreTrainedModel, **kwargs) -> M
     return card
 
 
+def load_card(path: str | os.PathLike) -> ModelCard:
+    """The model card at ``path``; one whose YAML header does not parse is a one-line ValueError
+    naming the file."""
+    import yaml  # huggingface_hub's own dependency, which parses the header
+
+    try:
+        return ModelCard.load(path)
+    except yaml.YAMLError as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"the model card {os.fspath(path)!r} has a YAML header that does not parse ({detail}): "
+                         "fix or delete its metadata between the --- lines") from None
+
+
 def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: str, command: str) -> None:
     """Copy ``source``'s model card and rank plot into ``folder`` with a "Healing" section (``summary``
     and the ``command``) appended and the ``healed`` tag; a source without a card gets one with
     only that section."""
     source, folder = Path(source), Path(folder)
-    card = ModelCard.load(source / "README.md") if (source / "README.md").is_file() else ModelCard("")
+    card = load_card(source / "README.md") if (source / "README.md").is_file() else ModelCard("")
     card.data.tags = sorted(set(card.data.tags or []) | {"healed"})
     card.text = card.text.rstrip() + f"\n\n## Healing\n\n{summary}.\n\n```bash\n{command}\n```\n"
     card.save(folder / "README.md")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from statistics import median
 
@@ -123,6 +124,15 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
     each = f" ({steps} steps {f'of {batches} batches ' if several else ''}each)" if steps else ""
     return (f"{len(falls)} blocks refined{each}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> None:
+    """Raise a one-line OSError unless ``path`` is a folder (a checkpoint's)."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{os.fspath(path)!r} is a file, not a checkpoint folder")
+    raise FileNotFoundError(f"checkpoint folder {os.fspath(path)!r} does not exist")
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

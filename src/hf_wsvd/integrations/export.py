@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from ..runtime.factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
 from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
+from ..data import TOKENIZER_FILES
 from ..methods.attention_pruning import rotary_index
 from ..runtime.modeling_wsvd import ATTENTION_KEY, BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, attention_layout, cut_shape
 
@@ -151,13 +152,19 @@ def export_dense(source: str, output: str, dtype: torch.dtype | None = None, sho
     any) to ``output`` as a stock checkpoint; returns the dense model."""
     from .checkpoint import load_factorized
 
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as error:  # whatever the damaged file made the tokenizer class raise
+            detail = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"the tokenizer saved in {source!r} cannot be loaded ({type(error).__name__}: {detail}): "
+                             "restore its files or delete them to export without one") from error
     model = densify(load_factorized(source, **({"dtype": dtype} if dtype else {})), show_progress)
     model.save_pretrained(output)
     leftover = [f for f in os.listdir(output) if f.endswith(".py")]
     for name in leftover:  # never ship code with a stock checkpoint
         os.remove(os.path.join(output, name))
-    try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(output)
-    except (OSError, ValueError, TypeError):
-        pass  # no tokenizer saved with the checkpoint
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
     return model

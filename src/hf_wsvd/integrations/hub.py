@@ -6,10 +6,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi
 
-from .card import PLOT_FILE
-from .checkpoint import load_factorized
+from .card import PLOT_FILE, load_card
+from .checkpoint import check_checkpoint_folder, load_factorized
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -103,8 +103,7 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     names them, configs, tokenizer, card, plot, runtime code; never a symbolic link); raises if a
     file it needs is missing or a link, or a code file is not the installed runtime's."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    check_checkpoint_folder(folder)
     entries = sorted(os.listdir(folder))
     missing = [f for f in REQUIRED_FILES if f not in entries]
     if missing:
@@ -141,7 +140,7 @@ def push(
     substitute them."""
     folder = os.fspath(folder)
     plan = check_folder(folder)
-    ModelCard.load(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
+    load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
     # Nothing reaches the Hub that would not load: the load-time integrity checks (every tensor there,
     # at its shape, finite; the recipe readable), offline, before the repository is created.
     load_factorized(folder)

@@ -9,6 +9,7 @@ model's dtype, said in one log line), and ``save_pretrained`` writes a quantized
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..blocks import block_prefixes
-from ..config import QUANTIZE_SPECS
+from ..config import GROUPED_QUANTIZE_SPECS, QUANTIZE_SPECS
 from ..fields import is_integer
 
 
@@ -53,6 +54,30 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
         return TorchAoConfig(Int4WeightOnlyConfig(group_size=group_size))
     return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=getattr(torch, spec), granularity=PerGroup(group_size),
                                               mapping_type=MappingType.ASYMMETRIC))
+
+
+def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None:
+    """Raise a one-line ValueError, before any work, where ``spec`` could not quantize ``model``
+    (dense or about to be compressed): its package missing, a CUDA-only format without CUDA, or a
+    linear outside the output head whose input size the format's groups do not divide (a factor or
+    pruned linear of another size is kept unquantized at load instead)."""
+    try:
+        quantization_config(spec, group_size)
+    except ImportError as error:
+        raise ValueError(str(error)) from None
+    if spec in ("nf4", "bnb-int8") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize={spec!r} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes")
+    if spec == "int4-gpu" and not torch.cuda.is_available():
+        raise ValueError("quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU; "
+                         "on this machine use int4")
+    if spec not in GROUPED_QUANTIZE_SPECS:
+        return
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module is not head and module.in_features % group_size:
+            raise ValueError(f"quantize={spec!r} groups every {group_size} inputs of a weight, but {name!r} has "
+                             f"{module.in_features} inputs: pick a quantize_group_size that divides it "
+                             f"(--quantize-group-size)")
 
 
 def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:

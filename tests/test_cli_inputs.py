@@ -1,0 +1,202 @@
+"""One-line errors, before any work, for what the command line reads that a user may have broken or
+chosen wrong: tokenizers, dataset folders, hand-edited dense configs, quantization formats, model
+cards, Hub ids; and inputs it must leave as they were."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import tiny
+from hf_wsvd.cli import main
+
+ROWS = "sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in [("the movie was great", 1), ("awful plot", 0)] * 4)
+
+
+def run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def one_error(capsys, argv: list[str], code: int = 2) -> str:
+    """The one error line ``hf-wsvd argv`` prints, exiting with ``code``."""
+    capsys.readouterr()
+    assert run(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"hf-wsvd {argv[0]}"), err
+    return errors[0]
+
+
+@pytest.fixture
+def classifier(tmp_path, tokenizer):
+    path = tmp_path / "dense"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tsv(tmp_path):
+    (tmp_path / "data.tsv").write_text(ROWS)
+    return tmp_path / "data.tsv"
+
+
+def test_a_tokenizer_far_smaller_than_the_embeddings_is_refused(tmp_path, tokenizer, tsv, capsys):
+    """A tokenizer whose vocabulary files are gone loads with its special tokens alone, and every word
+    would become the unknown token: eval and compress would run on that, quietly."""
+    config = tiny.CONFIGS["bert"]()
+    config.vocab_size = 4 * len(tokenizer) + 1
+    path = tmp_path / "model"
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    error = one_error(capsys, ["eval", str(path), "--data", str(tsv)])
+    assert f"the tokenizer of {str(path)!r} knows {len(tokenizer)} tokens, the model {config.vocab_size} token " \
+           "embeddings" in error
+    one_error(capsys, ["compress", str(path), str(tmp_path / "out"), "--data", str(tsv)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_hand_edited_dense_configs_are_one_line(classifier, tsv, capsys):
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    error = one_error(capsys, ["eval", str(classifier), "--data", str(tsv)])
+    assert "the tensor 'bert.embeddings.word_embeddings.weight' has another shape in the weights than config.json " \
+           "gives it: (64, 32) in the file, (100, 32) in the model" in error
+    (classifier / "config.json").write_text(json.dumps({**config, "dtype": "foo"}))
+    assert "cannot be loaded (AttributeError: module 'torch' has no attribute 'foo')" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(tsv)])
+    (classifier / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
+    assert "problem_type='regression' with num_labels=2: a regressor has one output" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(tsv)])
+
+
+def test_a_cut_gguf_file_is_one_line(tmp_path, tsv, capsys):
+    cut = tmp_path / "model.gguf"
+    # a version-3 header announcing one tensor and five metadata entries, cut in the first entry
+    cut.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"\x01")
+    assert f"{str(cut)!r} cannot be loaded" in one_error(capsys, ["eval", str(cut), "--data", str(tsv)])
+
+
+def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path, classifier, tsv, capsys):
+    from datasets import Dataset
+
+    folder = tmp_path / "ds"
+    Dataset.from_dict({"sentence": ["good movie", "bad movie"] * 4, "label": [1, 0] * 4}).save_to_disk(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    assert run(["eval", str(classifier), "--data", str(folder)]) == 0
+    assert run(["eval", str(classifier), "--data", str(folder), "--max-length", "8"]) == 0
+    assert run(["compress", str(classifier), str(tmp_path / "out"), "--data", str(folder), "--num-samples", "4"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == before  # no cache files in the user's folder
+    assert "'bogus' names a split of a save_to_disk DatasetDict folder, but" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(tsv), "--split", "bogus"])
+    assert "holds one dataset, not splits" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(folder), "--split", "bogus"])
+    Dataset.from_dict({"sentence": [], "label": []}).save_to_disk(tmp_path / "empty")
+    assert "holds no rows" in one_error(capsys, ["eval", str(classifier), "--data", str(tmp_path / "empty")])
+    listed = tmp_path / "lists.jsonl"
+    listed.write_text('{"sentence": ["a good movie"], "label": 1}\n')
+    assert "no text column among ['sentence', 'label']" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(listed)])
+    assert "column 'sentence' of" in one_error(
+        capsys, ["eval", str(classifier), "--data", str(listed), "--text-columns", "sentence"])
+
+
+@pytest.mark.parametrize("spec, group, message", [
+    ("int4", "64", "quantize='int4' groups every 64 inputs of a weight, but 'bert.encoder.layer.0.attention.self.query' "
+                   "has 32 inputs: pick a quantize_group_size that divides it"),
+    ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
+    ("nf4", "64", "quantize='nf4' needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"),
+])
+def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier, tsv, capsys,
+                                                                               monkeypatch, spec, group, message):
+    from hf_wsvd import compressor
+
+    if spec == "int4-gpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if spec == "nf4":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(compressor, "_compress", lambda *a, **k: pytest.fail("compressed before refusing"))
+    error = one_error(capsys, ["compress", str(classifier), str(tmp_path / "out"), "--data", str(tsv), "--quantize", spec,
+                               "--quantize-group-size", group])
+    assert message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_reads_an_int4_checkpoint_of_a_half_precision_model(tmp_path, tokenizer, tsv, capsys):
+    """Its scales are stored in float16: loaded in float32, the int4 matmul mixed the two."""
+    half = tmp_path / "half"
+    tiny.build("bert", "AutoModelForSequenceClassification").half().save_pretrained(half)
+    tokenizer.save_pretrained(half)
+    out = tmp_path / "q"
+    assert run(["compress", str(half), str(out), "--param-ratio", "0.5", "--quantize", "int4",
+                "--quantize-group-size", "16", "--rank-multiple", "8"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    capsys.readouterr()
+    assert run(["eval", str(out), "--data", str(tsv)]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+
+
+def test_a_card_whose_header_does_not_parse_is_one_line_before_any_work(tmp_path, classifier, tsv, tokenizer,
+                                                                         capsys, monkeypatch):
+    out = tmp_path / "c"
+    assert run(["compress", str(classifier), str(out), "--param-ratio", "0.5"]) == 0
+    card = out / "README.md"
+    lines = card.read_text().splitlines()
+    card.write_text("\n".join([lines[0], "library_name: [unclosed", *lines[2:]]) + "\n")
+    assert "has a YAML header that does not parse" in one_error(capsys, ["push", str(out), "me/x"])
+    # heal reads the card before it trains (it used to fail after training, losing it)
+    from hf_wsvd.integrations import healing
+
+    dense, _ = tmp_path / "lm", None
+    tiny.build("llama", "AutoModelForCausalLM").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    student = tmp_path / "lmc"
+    assert run(["compress", str(dense), str(student), "--method", "svd", "--param-ratio", "0.5"]) == 0
+    (student / "README.md").write_text("---\nlibrary_name: [unclosed\n---\ncard\n")
+    text = tmp_path / "text.txt"
+    text.write_text("the movie was great and the plot was good\n" * 40)
+    monkeypatch.setattr(healing, "heal", lambda *a, **k: pytest.fail("trained before reading the card"))
+    error = one_error(capsys, ["heal", str(student), str(tmp_path / "healed"), "--teacher", str(dense), "--data",
+                               str(text), "--steps", "2", "--max-length", "8"])
+    assert f"the model card {str(student / 'README.md')!r} has a YAML header that does not parse" in error
+
+
+def test_export_refuses_a_damaged_tokenizer_and_a_file_for_a_folder(tmp_path, classifier, tsv, capsys):
+    out = tmp_path / "c"
+    assert run(["compress", str(classifier), str(out), "--param-ratio", "0.5"]) == 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "tokenizer.json").write_bytes((damaged / "tokenizer.json").read_bytes()[:100])
+    error = one_error(capsys, ["export", str(damaged), str(tmp_path / "exported")])
+    assert f"the tokenizer saved in {str(damaged)!r} cannot be loaded" in error
+    assert not (tmp_path / "exported").exists()
+    assert f"{str(tsv)!r} is a file, not a checkpoint folder" in one_error(
+        capsys, ["export", str(tsv), str(tmp_path / "exported")])
+    assert run(["export", str(out), str(tmp_path / "exported")]) == 0  # the intact one keeps its tokenizer
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+def test_hub_ids_are_checked_and_ctrl_c_is_one_line(tmp_path, classifier, capsys, monkeypatch):
+    assert "'not a repo!!' is not a Hub repository id" in one_error(
+        capsys, ["compress", str(classifier), str(tmp_path / "out"), "--repo-id", "not a repo!!"])
+    assert "is not a Hub repository id" in one_error(capsys, ["push", str(classifier), "bad id!"])
+    from hf_wsvd.cli import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "run_eval", interrupted)
+    capsys.readouterr()
+    assert run(["eval", str(classifier), "--data", "x.tsv"]) == 130
+    assert capsys.readouterr().err.strip() == "hf-wsvd eval: interrupted"
