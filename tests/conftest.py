@@ -50,6 +50,25 @@ def tokenizer():
     return tiny.tokenizer()
 
 
+@pytest.fixture
+def classifier_dir(tmp_path, tokenizer):
+    """A saved tiny dense BERT sequence classifier with its tokenizer."""
+    path = tmp_path / "dense-classifier"
+    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tsv(tmp_path):
+    """A TSV of labelled sentences (``helpers.ROWS``)."""
+    from helpers import ROWS
+
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
+    return path
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

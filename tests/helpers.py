@@ -58,3 +58,21 @@ class FolderHub:
         self.commits.append(paths)
         self.messages.append(kwargs.get("commit_message"))
         return SimpleNamespace(commit_url=f"folder://{repo_id}")
+
+
+# Labelled sentences: the classifier data of the command-line tests (the `tsv` fixture).
+ROWS = [
+    ("the movie was great", 1), ('"not" a good film', 1), ("awful plot", 0), ("null", 0),
+    ("the actor was very good", 1), ("really bad story", 0), ("fine film", 1), ("not great", 0),
+]
+
+
+def run_cli(argv: list[str]) -> int:
+    """The exit code of ``hf-wsvd argv``, whether argparse exits or main returns."""
+    from hf_wsvd.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+

@@ -14,33 +14,12 @@ import torch
 import transformers
 
 import tiny
-from helpers import main_output
+from helpers import ROWS, main_output, run_cli as run
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.cli import build_parser, main, recipe_from_args
 
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import default_accelerator
-
-ROWS = [
-    ("the movie was great", 1), ('"not" a good film', 1), ("awful plot", 0), ("null", 0),
-    ("the actor was very good", 1), ("really bad story", 0), ("fine film", 1), ("not great", 0),
-]
-
-
-@pytest.fixture
-def classifier_dir(tmp_path, tokenizer):
-    path = tmp_path / "dense-classifier"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def tsv(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in ROWS))
-    return path
-
 
 def _causal_lm_and_text(tmp_path, tokenizer, arch: str) -> tuple:
     """A saved tiny causal LM (with its tokenizer) and a calibration text file."""
@@ -144,14 +123,6 @@ def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, ar
     assert len(errors) == 1 and message in errors[0], errors
     assert errors[0].startswith("hf-wsvd") and len(errors[0]) < 300
     assert not (tmp_path / "out").exists()
-
-
-def run(argv: list[str]) -> int:
-    """The exit code of ``hf-wsvd argv``, whether argparse exits or main returns."""
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
 
 
 def test_fwsvd_without_data_is_refused(tmp_path, classifier_dir, capsys):

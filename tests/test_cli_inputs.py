@@ -13,17 +13,7 @@ import torch
 import transformers
 
 import tiny
-from hf_wsvd.cli import main
-
-ROWS = "sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in [("the movie was great", 1), ("awful plot", 0)] * 4)
-
-
-def run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
-
+from helpers import run_cli as run
 
 def one_error(capsys, argv: list[str], code: int = 2) -> str:
     """The one error line ``hf-wsvd argv`` prints, exiting with ``code``."""
@@ -34,20 +24,6 @@ def one_error(capsys, argv: list[str], code: int = 2) -> str:
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"hf-wsvd {argv[0]}"), err
     return errors[0]
-
-
-@pytest.fixture
-def classifier(tmp_path, tokenizer):
-    path = tmp_path / "dense"
-    tiny.build("bert", "AutoModelForSequenceClassification").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def tsv(tmp_path):
-    (tmp_path / "data.tsv").write_text(ROWS)
-    return tmp_path / "data.tsv"
 
 
 def test_a_tokenizer_far_smaller_than_the_embeddings_is_refused(tmp_path, tokenizer, tsv, capsys):
@@ -65,18 +41,18 @@ def test_a_tokenizer_far_smaller_than_the_embeddings_is_refused(tmp_path, tokeni
     assert not (tmp_path / "out").exists()
 
 
-def test_hand_edited_dense_configs_are_one_line(classifier, tsv, capsys):
-    config = json.loads((classifier / "config.json").read_text())
-    (classifier / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
-    error = one_error(capsys, ["eval", str(classifier), "--data", str(tsv)])
+def test_hand_edited_dense_configs_are_one_line(classifier_dir, tsv, capsys):
+    config = json.loads((classifier_dir / "config.json").read_text())
+    (classifier_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    error = one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
     assert "the tensor 'bert.embeddings.word_embeddings.weight' has another shape in the weights than config.json " \
            "gives it: (64, 32) in the file, (100, 32) in the model" in error
-    (classifier / "config.json").write_text(json.dumps({**config, "dtype": "foo"}))
+    (classifier_dir / "config.json").write_text(json.dumps({**config, "dtype": "foo"}))
     assert "cannot be loaded (AttributeError: module 'torch' has no attribute 'foo')" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(tsv)])
-    (classifier / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
+        capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
+    (classifier_dir / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
     assert "problem_type='regression' with num_labels=2: a regressor has one output" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(tsv)])
+        capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
 
 
 def test_a_cut_gguf_file_is_one_line(tmp_path, tsv, capsys):
@@ -86,29 +62,29 @@ def test_a_cut_gguf_file_is_one_line(tmp_path, tsv, capsys):
     assert f"{str(cut)!r} cannot be loaded" in one_error(capsys, ["eval", str(cut), "--data", str(tsv)])
 
 
-def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path, classifier, tsv, capsys):
+def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path, classifier_dir, tsv, capsys):
     from datasets import Dataset
 
     folder = tmp_path / "ds"
     Dataset.from_dict({"sentence": ["good movie", "bad movie"] * 4, "label": [1, 0] * 4}).save_to_disk(folder)
     before = sorted(p.name for p in folder.iterdir())
     capsys.readouterr()
-    assert run(["eval", str(classifier), "--data", str(folder)]) == 0
-    assert run(["eval", str(classifier), "--data", str(folder), "--max-length", "8"]) == 0
-    assert run(["compress", str(classifier), str(tmp_path / "out"), "--data", str(folder), "--num-samples", "4"]) == 0
+    assert run(["eval", str(classifier_dir), "--data", str(folder)]) == 0
+    assert run(["eval", str(classifier_dir), "--data", str(folder), "--max-length", "8"]) == 0
+    assert run(["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(folder), "--num-samples", "4"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == before  # no cache files in the user's folder
     assert "'bogus' names a split of a save_to_disk DatasetDict folder, but" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(tsv), "--split", "bogus"])
+        capsys, ["eval", str(classifier_dir), "--data", str(tsv), "--split", "bogus"])
     assert "holds one dataset, not splits" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(folder), "--split", "bogus"])
+        capsys, ["eval", str(classifier_dir), "--data", str(folder), "--split", "bogus"])
     Dataset.from_dict({"sentence": [], "label": []}).save_to_disk(tmp_path / "empty")
-    assert "holds no rows" in one_error(capsys, ["eval", str(classifier), "--data", str(tmp_path / "empty")])
+    assert "holds no rows" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tmp_path / "empty")])
     listed = tmp_path / "lists.jsonl"
     listed.write_text('{"sentence": ["a good movie"], "label": 1}\n')
     assert "no text column among ['sentence', 'label']" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(listed)])
+        capsys, ["eval", str(classifier_dir), "--data", str(listed)])
     assert "column 'sentence' of" in one_error(
-        capsys, ["eval", str(classifier), "--data", str(listed), "--text-columns", "sentence"])
+        capsys, ["eval", str(classifier_dir), "--data", str(listed), "--text-columns", "sentence"])
 
 
 @pytest.mark.parametrize("spec, group, message", [
@@ -117,7 +93,7 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
     ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
     ("nf4", "64", "quantize='nf4' needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"),
 ])
-def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier, tsv, capsys,
+def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier_dir, tsv, capsys,
                                                                                monkeypatch, spec, group, message):
     from hf_wsvd import compressor
 
@@ -127,7 +103,7 @@ def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(t
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     monkeypatch.setattr(compressor, "_compress", lambda *a, **k: pytest.fail("compressed before refusing"))
-    error = one_error(capsys, ["compress", str(classifier), str(tmp_path / "out"), "--data", str(tsv), "--quantize", spec,
+    error = one_error(capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv), "--quantize", spec,
                                "--quantize-group-size", group])
     assert message in error
     assert not (tmp_path / "out").exists()
@@ -147,10 +123,10 @@ def test_eval_reads_an_int4_checkpoint_of_a_half_precision_model(tmp_path, token
     assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
 
 
-def test_a_card_whose_header_does_not_parse_is_one_line_before_any_work(tmp_path, classifier, tsv, tokenizer,
+def test_a_card_whose_header_does_not_parse_is_one_line_before_any_work(tmp_path, classifier_dir, tsv, tokenizer,
                                                                          capsys, monkeypatch):
     out = tmp_path / "c"
-    assert run(["compress", str(classifier), str(out), "--param-ratio", "0.5"]) == 0
+    assert run(["compress", str(classifier_dir), str(out), "--param-ratio", "0.5"]) == 0
     card = out / "README.md"
     lines = card.read_text().splitlines()
     card.write_text("\n".join([lines[0], "library_name: [unclosed", *lines[2:]]) + "\n")
@@ -172,9 +148,9 @@ def test_a_card_whose_header_does_not_parse_is_one_line_before_any_work(tmp_path
     assert f"the model card {str(student / 'README.md')!r} has a YAML header that does not parse" in error
 
 
-def test_export_refuses_a_damaged_tokenizer_and_a_file_for_a_folder(tmp_path, classifier, tsv, capsys):
+def test_export_refuses_a_damaged_tokenizer_and_a_file_for_a_folder(tmp_path, classifier_dir, tsv, capsys):
     out = tmp_path / "c"
-    assert run(["compress", str(classifier), str(out), "--param-ratio", "0.5"]) == 0
+    assert run(["compress", str(classifier_dir), str(out), "--param-ratio", "0.5"]) == 0
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     (damaged / "tokenizer.json").write_bytes((damaged / "tokenizer.json").read_bytes()[:100])
@@ -187,10 +163,10 @@ def test_export_refuses_a_damaged_tokenizer_and_a_file_for_a_folder(tmp_path, cl
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
 
 
-def test_hub_ids_are_checked_and_ctrl_c_is_one_line(tmp_path, classifier, capsys, monkeypatch):
+def test_hub_ids_are_checked_and_ctrl_c_is_one_line(tmp_path, classifier_dir, capsys, monkeypatch):
     assert "'not a repo!!' is not a Hub repository id" in one_error(
-        capsys, ["compress", str(classifier), str(tmp_path / "out"), "--repo-id", "not a repo!!"])
-    assert "is not a Hub repository id" in one_error(capsys, ["push", str(classifier), "bad id!"])
+        capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--repo-id", "not a repo!!"])
+    assert "is not a Hub repository id" in one_error(capsys, ["push", str(classifier_dir), "bad id!"])
     from hf_wsvd.cli import commands
 
     def interrupted(args):
@@ -198,5 +174,5 @@ def test_hub_ids_are_checked_and_ctrl_c_is_one_line(tmp_path, classifier, capsys
 
     monkeypatch.setattr(commands, "run_eval", interrupted)
     capsys.readouterr()
-    assert run(["eval", str(classifier), "--data", "x.tsv"]) == 130
+    assert run(["eval", str(classifier_dir), "--data", "x.tsv"]) == 130
     assert capsys.readouterr().err.strip() == "hf-wsvd eval: interrupted"

@@ -15,19 +15,12 @@ import torch
 from huggingface_hub import ModelCard
 
 import tiny
-from helpers import FolderHub
+from helpers import FolderHub, run_cli as run
 from hf_wsvd import WSVDConfig, compress, hub
 from hf_wsvd.cli import main
 from hf_wsvd.cli.output import MARKER, check_output
 
 ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0)]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
 
 
 def one_error(capsys) -> str:
