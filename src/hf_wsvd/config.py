@@ -105,8 +105,8 @@ class WSVDConfig:
         None, "how the parameter budget is spread over the layers: 'uniform' (every layer keeps param_ratio) "
         "or 'greedy' (one global budget of param_ratio of all target parameters; ranks go where the "
         "method's weighted truncation loss falls most per parameter, the Fisher-predicted loss increase "
-        "for the Fisher methods; keeping a layer dense is one of its choices). Unset (None): greedy with data, "
-        "uniform without", choices=ALLOCATIONS)
+        "for the Fisher methods; keeping a layer dense is one of its choices). Unset (None): greedy with data "
+        "for the methods with a spectrum to budget, else uniform (lp, tfwsvd, rescue, or no data)", choices=ALLOCATIONS)
     sequential: bool | None = recipe_field(
         None, "compress a causal LM block by block, each block's statistics taken on the inputs produced by "
         "the already compressed blocks before it (one block on the device at a time); with greedy "

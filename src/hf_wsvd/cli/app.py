@@ -37,10 +37,10 @@ COMPRESS_EXAMPLES = """examples:
       --data ../shared/data/glue/SST-2/train.tsv
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-svd --param-ratio 0.75
   # compressed, then saved int4-quantized (torchao, groups of 64; ranks step by 64 so all quantize)
-  hf-wsvd compress path/to/model.gguf out/lm-fw-int4 --param-ratio 0.8 --data wiki.valid.tokens \
+  hf-wsvd compress path/to/model.gguf out/lm-fw-int4 --param-ratio 0.8 --data wiki.valid.tokens \\
       --quantize int4
   # int4 plus a rank-32 correction of its error, weighted like fisher_whiten (LQER/QERA)
-  hf-wsvd compress path/to/model.gguf out/lm-int4-qr --method quantized_residual --quantize int4 \
+  hf-wsvd compress path/to/model.gguf out/lm-int4-qr --method quantized_residual --quantize int4 \\
       --residual-rank 32 --data wiki.valid.tokens
 """
 INSPECT_EXAMPLES = """examples:

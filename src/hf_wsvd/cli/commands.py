@@ -42,7 +42,8 @@ def _formatter() -> dict:
 def add_data_arguments(parser: argparse.ArgumentParser, columns) -> None:
     """--split, --text-columns, --label-column shared by the commands that read data."""
     parser.add_argument("--split", help="split of a save_to_disk DatasetDict folder (default: its only split)")
-    parser.add_argument("--text-columns", type=columns, help="comma-separated text column(s) (default: first text column)")
+    parser.add_argument("--text-columns", type=columns, help="comma-separated text column(s) (default: the first text column; "
+                        "for a classifier, the data's two text columns if it has exactly two: a sentence pair)")
     parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
 
 
