@@ -289,3 +289,17 @@ def test_a_refined_model_saves_loads_both_ways_and_heals(trained, tmp_path):
                                HealConfig(steps=8, batch_size=8, learning_rate=1e-3), show_progress=False)
     assert heal_report.kept and heal_report.kl_after < heal_report.kl_before
     assert {n: p.shape for n, p in healed.named_parameters()} == shapes
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_refines_on_a_cpu(arch, dtype):
+    """The block trains in float32 and takes its inputs in float32 where no autocast runs: a
+    LayerNorm block (GPT-2) refused bf16 hidden states against its float32 weights."""
+    model = tiny.build(arch, "AutoModelForCausalLM", seed=0).to(dtype)
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for ids in (tiny.inputs("llama", batch=2, length=16, seed=s)["input_ids"] for s in range(2))]
+    model, report = compress(model, WSVDConfig(param_ratio=0.5, block_refine_steps=4), data, show_progress=False)
+    assert sorted(report.refined) == ["0", "1"]
+    assert all(0 < after <= before for before, after in report.refined.values()), report.refined
+    assert {p.dtype for p in model.parameters()} == {dtype}

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import recursively_apply, send_to_device
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -135,8 +135,15 @@ def _token_losses(error: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(work: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device, amp: dict) -> torch.Tensor:
+    hidden, kwargs = hidden.to(device, non_blocking=True), send_to_device(kwargs, device)
+    if not amp["enabled"]:
+        # Without autocast (a CPU) the float32 copy of a half-precision block takes its inputs in
+        # float32: a LayerNorm (GPT-2, OPT) would refuse bf16 hidden states against float32 weights.
+        dtype = next(work.parameters()).dtype
+        hidden, kwargs = recursively_apply(lambda t: t.to(dtype), (hidden, kwargs),
+                                           test_type=lambda t: torch.is_tensor(t) and t.is_floating_point())
     with torch.autocast(**amp):
-        return first_output(work(hidden.to(device, non_blocking=True), **send_to_device(kwargs, device)))
+        return first_output(work(hidden, **kwargs))
 
 
 @torch.no_grad()
