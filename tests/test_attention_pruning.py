@@ -16,7 +16,8 @@ from transformers import DynamicCache, StaticCache
 import tiny
 from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.methods.attention_pruning import AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum
+from hf_wsvd.methods.attention_pruning import (AttentionGroup, attention_groups, cut_attention, cut_bias, head_spectrum,
+                                              unsupported)
 from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
 from hf_wsvd.runtime.modeling_wsvd import _cut_rotary, cut_heads
@@ -84,6 +85,42 @@ def test_the_attentions_of_llama_and_qwen2_are_found(arch):
         for i in range(2)]
     del targets["layers.1.self_attn.o_proj"]  # a projection that is not a target: the attention is left alone
     assert [g.name for g in attention_groups(model, targets)] == ["layers.0.self_attn"]
+
+
+@pytest.mark.parametrize("config, reason", [
+    (lambda: transformers.CohereConfig(partial_rotary_factor=1.0), "its rotary pairs are not (i, i + d/2)"),
+    (lambda: transformers.StableLmConfig(partial_rotary_factor=0.5), "it rotates part of each head only"),
+    (lambda: transformers.Qwen3Config(), "it normalizes queries/keys over the head dimension"),
+    (lambda: transformers.LlamaConfig(), None),
+])
+def test_attentions_whose_rotary_layout_the_cut_cannot_keep_are_refused(config, reason):
+    """Cohere rotates interleaved pairs (2i, 2i + 1) and StableLM part of each head: the kept pairs
+    (i, i + d/2) would rotate other features (the cut model changed with a shift of positions), or
+    the cut failed in the middle of compress."""
+    settings = config()
+    settings.update(dict(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, head_dim=16))
+    model = transformers.AutoModelForCausalLM.from_config(settings)
+    attention = model.model.layers[0].self_attn
+    found = unsupported(attention)
+    assert (found is None) if reason is None else (reason in found), found
+    targets = {f"layers.0.self_attn.{p}": f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert len(attention_groups(model, targets)) == (reason is None)
+
+
+def test_asked_to_cut_an_attention_it_cannot_the_recipe_factorizes_it_and_says_why(caplog):
+    config = transformers.StableLmConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, partial_rotary_factor=0.5)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for ids in (tiny.inputs("llama", batch=2, length=16, seed=s)["input_ids"] for s in range(2))]
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, report = compress(model, WSVDConfig(param_ratio=0.5, attention_pruning=True, block_refine_steps=2),
+                                 data, show_progress=False)
+    assert not report.attention and any(n.endswith("self_attn.q_proj") for n in report.ranks)
+    assert ("attention_pruning finds no attention it can cut (StableLmAttention: it rotates part of each head only "
+            "(partial_rotary_factor))") in caplog.text
+    model(**data[0])  # the model still runs
 
 
 def test_keeping_every_dimension_is_exact():

@@ -33,6 +33,7 @@ dimension at that index, summed over the key/value heads).
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,45 @@ class AttentionGroup:
 def unsupported(module: nn.Module) -> str | None:
     """Why the head size of ``module`` cannot be cut (None when it can): it needs a layout of
     ``ATTENTION_LAYOUTS``, no normalization over the head dimension, and for a rotary attention an
-    even head size and rotary tables passed as ``position_embeddings``."""
+    even head size, rotary tables passed as ``position_embeddings`` over the whole head, and
+    rotary pairs (i, i + d/2), the ones the kept pairs are cut by."""
     layout = attention_layout(module)
     if layout is None:
         return "its projections and head size attribute follow no known layout"
     if any(hasattr(module, norm) for norm in ("q_norm", "k_norm")):
         return "it normalizes queries/keys over the head dimension"
-    if _is_rotary(module) and getattr(module, layout[2]) % 2:
+    if not _is_rotary(module):
+        return None
+    if getattr(module, layout[2]) % 2:
         return "its rotary head size is odd"
+    if _partial_rotary(module, getattr(module, layout[2])):
+        return "it rotates part of each head only (partial_rotary_factor)"
+    if not _rotates_halves(module):
+        return "its rotary pairs are not (i, i + d/2) (interleaved, or a rotate_half of its own)"
     return None
+
+
+def _partial_rotary(module: nn.Module, head_dim: int) -> bool:
+    """Whether ``module`` rotates fewer features than its ``head_dim``: its ``rotary_ndims``, or a
+    ``partial_rotary_factor`` of its config (transformers 5 keeps it in ``rope_parameters``, per
+    attention type in some models)."""
+    if getattr(module, "rotary_ndims", head_dim) != head_dim:
+        return True
+    config = getattr(module, "config", None)
+    rope = getattr(config, "rope_parameters", None)
+    places = [config, rope, *(rope.values() if isinstance(rope, dict) else [])]
+    factors = [p.get("partial_rotary_factor") if isinstance(p, dict) else getattr(p, "partial_rotary_factor", None)
+               for p in places]
+    return any(f not in (None, 1, 1.0) for f in factors)
+
+
+def _rotates_halves(module: nn.Module) -> bool:
+    """Whether the modeling file of ``module`` rotates the two halves of a head (``rotate_half`` of
+    Llama and its copies), not interleaved pairs (Cohere) or an unknown scheme."""
+    rotate = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
+    if not callable(rotate):
+        return False
+    return torch.equal(rotate(torch.arange(1.0, 5.0)), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
 
 
 def _is_rotary(module: nn.Module) -> bool:

@@ -315,8 +315,8 @@ class Cuts:
             found = modifier.groups(job)
             kept = [g for g in found if all(type(job.module(n)) is torch.nn.Linear for n in g.members)]
             if not found:
-                logger.warning("%s finds no layers of a layout it knows among the targets of %s: they are "
-                               "factorized instead", modifier.name, type(job.model).__name__)
+                logger.warning("%s finds %s among the targets of %s: they are factorized instead", modifier.name,
+                               modifier.none_found(job), type(job.model).__name__)
             elif len(kept) < len(found):
                 other = next(g for g in found if g not in kept)
                 logger.warning("%s cuts nn.Linear layers only: %d of its %d groups (first: %r, of %s layers) are "

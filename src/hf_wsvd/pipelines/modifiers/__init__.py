@@ -159,6 +159,11 @@ class ChannelModifier(Modifier):
     def on_allocated(self, job: "Job", kept: list[ChannelGroup], channels: dict[str, int]) -> None:
         self.kept, self.channels = kept, channels
 
+    def none_found(self, job: "Job") -> str:
+        """What it finds among the targets when it finds no group, for the notice that they are
+        factorized instead."""
+        return "no layers of a layout it knows"
+
 
 # The built-in modifiers, in the order they are called: name → the module of this package that
 # registers it. MLP then attention pruning (their cuts follow the factorization of a group),

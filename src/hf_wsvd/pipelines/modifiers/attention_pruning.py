@@ -15,9 +15,9 @@ from accelerate.utils import align_module_device
 from ...allocation import Budgeted
 from ...linalg import refitted, ridged
 from ...methods.attention_pruning import AttentionGroup, CutAttention, attention_groups, cut_attention, cut_bias, \
-    cut_linear, head_spectrum
+    cut_linear, head_spectrum, unsupported
 from ...runtime.factorized_linear import linear_shape, linear_weight
-from ...runtime.modeling_wsvd import cut_heads, cut_shape
+from ...runtime.modeling_wsvd import attention_layout, cut_heads, cut_shape
 from ...statistics import GRAM, Statistics
 from ...statistics.names import CROSS
 from ..step import Job, broadcast, install, layer_weight, loss_scale, owners, problem
@@ -41,6 +41,11 @@ class AttentionPruning(ChannelModifier):
                            f"of at most rank_multiple={job.config.rank_multiple}, which leaves no step to cut: they "
                            "are factorized instead (a smaller rank_multiple cuts them)")
         return kept
+
+    def none_found(self, job: Job) -> str:
+        reason = next((f"{type(m).__name__}: {why}" for m in job.model.modules()
+                       if attention_layout(m) is not None and (why := unsupported(m)) is not None), None)
+        return f"no attention it can cut ({reason})" if reason else super().none_found(job)
 
     def budget(self, job: Job, group: AttentionGroup) -> Budgeted:
         """A head dimension costs its rows of q/k/v (with their biases) in every head and its columns of o."""
