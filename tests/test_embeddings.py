@@ -339,3 +339,16 @@ def test_a_factorized_embedding_takes_padding_idx_as_nn_embedding_does():
     for index in (10, -11):
         with pytest.raises(ValueError, match=f"padding_idx={index} is outside the 10 embeddings"):
             FactorizedEmbedding(10, 4, 2, padding_idx=index)
+
+
+def test_offloaded_input_embeddings_are_refused_before_any_pass(tmp_path):
+    from hf_wsvd import compress
+
+    tiny.build("llama", "AutoModelForCausalLM", seed=0).save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk",
+                  "model.layers.0": "cpu", "model.layers.1": "cpu"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                                             offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match="embeddings=True factorizes the input embeddings, which this model keeps "
+                                         r"offloaded \('model.embed_tokens', device_map\)"):
+        compress(model, WSVDConfig(method="svd", param_ratio=0.5, embeddings=True), None, show_progress=False)

@@ -179,3 +179,41 @@ def test_loading_into_another_task_class_leaves_the_config_as_asked(tmp_path):
     classifier.save_pretrained(tmp_path / "classifier")
     again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
     assert torch.equal(again.score.weight, classifier.score.weight)
+
+
+@pytest.mark.parametrize("recipe", [dict(mlp_pruning=True, attention_pruning=True, rank_multiple=2, allocation="uniform",
+                                         param_ratio=0.7), dict(mlp_pruning=False, param_ratio=0.5)])
+def test_a_disk_offloaded_model_compresses_saves_and_reloads_as_the_same_model_in_memory(tmp_path, recipe):
+    """Layers replaced in offloaded blocks get one offload hook each, as device_map dispatch makes them:
+    cpu_offload's pair of hooks on a pruned linear broke save_pretrained, and hid the layer's weights
+    from the attention cut's refit."""
+    from accelerate.hooks import AlignDevicesHook
+
+    from hf_wsvd import WSVDConfig, compress
+
+    dense = tiny.build("llama", "AutoModelForCausalLM", seed=0, hidden_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16)
+    dense.save_pretrained(tmp_path / "dense")
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for ids in (tiny.inputs("llama", batch=2, length=16, seed=s)["input_ids"] for s in range(2))]
+    config = WSVDConfig(block_refine_steps=2, **recipe)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "cpu", "model.layers.1": "disk"}
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                                                 offload_folder=tmp_path / "offload")
+    offloaded, report = compress(offloaded, config, data, show_progress=False)
+    plain, plain_report = compress(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), config, data,
+                                   show_progress=False)
+    assert report.ranks == plain_report.ranks and report.pruned == plain_report.pruned
+    assert report.attention == plain_report.attention and bool(report.pruned) == recipe["mlp_pruning"]
+    assert bool(report.attention) == recipe.get("attention_pruning", False)
+    hooks = [m._hf_hook for m in offloaded.model.layers[1].modules() if hasattr(m, "_hf_hook")]
+    assert hooks and all(type(h) is AlignDevicesHook for h in hooks)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        reference = plain(**inputs).logits
+        assert (offloaded(**inputs).logits - reference).abs().max().item() <= 1e-5
+    offloaded.save_pretrained(tmp_path / "compressed")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - reference).abs().max().item() <= 1e-5

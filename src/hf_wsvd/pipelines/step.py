@@ -420,8 +420,7 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
     if not hooked(module):
         job.model.set_submodule(job.targets[name], build(module).requires_grad_(trainable))
         return
-    from accelerate import cpu_offload
-    from accelerate.hooks import remove_hook_from_module
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_module
 
     device, offload = execution_device(module, torch.device("cpu")), offloaded(module)
     with loaded(module, torch.device("cpu")):
@@ -429,6 +428,10 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
     remove_hook_from_module(module, recurse=True)
     job.model.set_submodule(job.targets[name], layer)
     if offload:
-        cpu_offload(layer, execution_device=device)
+        # One offload hook per module holding weights, as device_map dispatch makes them (not
+        # cpu_offload's pair of hooks on a plain linear, which transformers' save_pretrained cannot
+        # read). The new weights wait in CPU memory, also where the layer's were on disk.
+        attach_align_device_hook(layer, execution_device=device, offload=True,
+                                 weights_map={k: v.to("cpu") for k, v in layer.state_dict().items()})
     else:
         layer.to(device)

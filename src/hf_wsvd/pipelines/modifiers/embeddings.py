@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ...blocks import offloaded
 from ...methods.embeddings import embedding_rank, embedding_row_weights, input_embedding_name
 from ...runtime.modeling_wsvd import relative_module_name
 from ...solvers import LayerProblem, get_solver
@@ -25,7 +26,12 @@ class Embeddings(Modifier):
     field = "embeddings"
 
     def on_start(self, job: Job) -> None:
-        embedding_rank(job.config, *job.model.get_submodule(input_embedding_name(job.model)).weight.shape)
+        name = input_embedding_name(job.model)
+        embedding = job.model.get_submodule(name)
+        if offloaded(embedding):
+            raise ValueError(f"embeddings=True factorizes the input embeddings, which this model keeps offloaded "
+                             f"({name!r}, device_map): give them a device in the device_map, or leave embeddings off")
+        embedding_rank(job.config, *embedding.weight.shape)
 
     def on_end(self, job: Job) -> dict[str, int]:
         """Factorize the input embeddings in place; their base-model-relative name → rank."""
