@@ -51,7 +51,8 @@ def test_hand_edited_dense_configs_are_one_line(classifier_dir, tsv, capsys):
     assert "cannot be loaded (AttributeError: module 'torch' has no attribute 'foo')" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
     (classifier_dir / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
-    assert "problem_type='regression' with num_labels=2: a regressor has one output" in one_error(
+    assert "problem_type='regression' with num_labels=2: hf_wsvd's regression loss (and the command line's labels) " \
+           "take one number per example" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
 
 
@@ -75,6 +76,10 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == before  # no cache files in the user's folder
     assert "'bogus' names a split of a save_to_disk DatasetDict folder, but" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(tsv), "--split", "bogus"])
+    # compress --eval-split of an eval file is the split its card names, not one to read
+    assert run(["compress", str(classifier_dir), str(tmp_path / "carded"), "--param-ratio", "0.5", "--eval-data", str(tsv),
+                "--eval-split", "test", "--eval-dataset-id", "nyu-mll/glue:sst2"]) == 0
+    assert "split: test" in (tmp_path / "carded" / "README.md").read_text()
     assert "holds one dataset, not splits" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(folder), "--split", "bogus"])
     Dataset.from_dict({"sentence": [], "label": []}).save_to_disk(tmp_path / "empty")
@@ -88,8 +93,8 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
 
 
 @pytest.mark.parametrize("spec, group, message", [
-    ("int4", "64", "quantize='int4' groups every 64 inputs of a weight, but 'bert.encoder.layer.0.attention.self.query' "
-                   "has 32 inputs: pick a quantize_group_size that divides it"),
+    ("int4", "64", "quantize='int4' groups every 64 inputs of a weight, but 'bert.pooler.dense' has 32 inputs: pick a "
+                   "quantize_group_size that divides it"),
     ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
     ("nf4", "64", "quantize='nf4' needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"),
 ])

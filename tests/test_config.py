@@ -98,10 +98,12 @@ def test_valid_param_ratios_are_accepted(ratio):
 def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
     import numpy as np
 
-    config = WSVDConfig(param_ratio=np.float32(0.5), num_samples=np.int64(64), seed=np.uint32(3),
-                        block_refine_steps=np.int16(8))
-    assert (config.param_ratio, config.num_samples, config.seed, config.block_refine_steps) == (0.5, 64, 3, 8)
-    assert [type(v) for v in (config.param_ratio, config.num_samples, config.seed)] == [float, int, int]
+    config = WSVDConfig(param_ratio=np.float32(0.8), num_samples=np.int64(64), seed=np.uint32(3),
+                        block_refine_steps=np.int16(8), sequential=np.bool_(True), compensation_ridge=np.float64(0.3))
+    assert (config.param_ratio, config.num_samples, config.seed, config.block_refine_steps) == (0.8, 64, 3, 8)
+    assert (config.sequential, config.compensation_ridge) == (True, 0.3)
+    assert [type(v) for v in (config.param_ratio, config.num_samples, config.seed, config.sequential)] == [
+        float, int, int, bool]
     config.to_json_file(tmp_path / "c.json")  # numpy integers are not JSON
     assert WSVDConfig.from_json_file(tmp_path / "c.json") == config
     assert CalibrationConfig(num_samples=np.int32(8)).num_samples == 8

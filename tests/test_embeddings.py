@@ -352,3 +352,19 @@ def test_offloaded_input_embeddings_are_refused_before_any_pass(tmp_path):
     with pytest.raises(ValueError, match="embeddings=True factorizes the input embeddings, which this model keeps "
                                          r"offloaded \('model.embed_tokens', device_map\)"):
         compress(model, WSVDConfig(method="svd", param_ratio=0.5, embeddings=True), None, show_progress=False)
+
+
+def test_a_tied_factorized_head_offloaded_to_disk_computes_with_its_weights(tmp_path):
+    """The head uses its projection transposed, so the projection's own forward (which accelerate's
+    offload hook wraps) never ran: offloaded, it computed with a weight left on "meta"."""
+    model, _ = _compress_embeddings("llama", "AutoModelForCausalLM")
+    model.save_pretrained(tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk",
+                  "model.layers.0": "cpu", "model.layers.1": "cpu"}
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                                 offload_folder=tmp_path / "offload")
+    assert offloaded.lm_head.proj.weight.is_meta  # waits in the offload folder
+    with torch.no_grad():
+        expected = model(**tiny.inputs("llama")).logits
+        assert (offloaded(**tiny.inputs("llama")).logits - expected).abs().max().item() <= 1e-6
+    assert offloaded.lm_head.proj.weight.is_meta  # and goes back there

@@ -119,6 +119,20 @@ def test_quantized_checkpoint_round_trip(tmp_path, capsys):
     assert type(CAUSAL.from_pretrained(tmp_path / "resaved").model.layers[0].mlp.up_proj.up.weight).__name__ == "Int8Tensor"
 
 
+def test_dense_block_linears_the_groups_do_not_divide_stay_unquantized(tmp_path):
+    """A target layer left dense whose input size the groups do not divide (32 inputs, groups of 64)
+    is kept in the model's dtype, as factors are: the quantizer used to fail on it after the work."""
+    model, report = tiny.compressed("llama")
+    assert report.dense_targets
+    quantized = quantize(model, quantization_config("int4", 64))
+    for name in report.dense_targets:
+        layer = quantized.model.get_submodule(name)
+        assert type(layer).__name__ == "FullPrecisionLinear" and type(layer.weight) is torch.nn.Parameter, name
+        assert torch.equal(layer.weight, model.model.get_submodule(name).weight)
+    with torch.no_grad():
+        assert torch.isfinite(quantized(**tiny.inputs("llama")).logits).all()
+
+
 def test_factors_the_quantizer_refuses_stay_unquantized_and_round_trip(tmp_path, caplog):
     """Rank 8 up factors cannot be grouped by 32 inputs: they keep the model's dtype (one log
     line), the rest is int4; saved and reloaded, with hf_wsvd and through the saved code."""
@@ -127,7 +141,7 @@ def test_factors_the_quantizer_refuses_stay_unquantized_and_round_trip(tmp_path,
     with caplog.at_level(logging.WARNING):
         quantized = quantize(model, config)
     lines = [r.getMessage() for r in caplog.records if "stay unquantized" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].startswith("hf_wsvd: 10 of the 20 factor and pruned linears"), lines
+    assert len(lines) == 1 and lines[0].startswith("hf_wsvd: 10 of the 24 factor, pruned and dense block linears"), lines
     layer = quantized.model.layers[0].self_attn.q_proj
     assert type(layer.up).__name__ == "FullPrecisionLinear" and type(layer.up.weight) is torch.nn.Parameter
     assert type(layer.down.weight).__name__ == "IntxUnpackedToInt8Tensor"

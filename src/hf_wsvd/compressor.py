@@ -152,13 +152,18 @@ def compress(
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
     model's) with a low-rank correction of each target's quantization error.
 
-    The work is seeded by ``config.seed`` on a fork of torch's random streams (the CPU's and the
-    accelerator's): the caller's streams come back as they were.
+    The work is seeded by ``config.seed``: the CPU's random stream and the accelerator's, on a fork
+    of them (the caller's streams come back as they were; no other device's is touched).
     """
     _check_arguments(model, config, data, accelerator)
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(config.seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(config.seed)
         return _compress(model, config, data, loss_fn, accelerator, statistics, show_progress, dtype)
 
 
@@ -185,7 +190,6 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
-    torch.manual_seed(config.seed)
     if statistics is not None:
         _check_statistics(model, targets, statistics)
     if not targets:

@@ -34,10 +34,19 @@ def is_number(value: Any) -> bool:
 
 
 def plain_numbers(instance: Any) -> None:
-    """Set each field of the dataclass ``instance`` holding another type's number (a numpy scalar)
-    to the built-in ``int`` or ``float`` of its value, which the checks and the JSON recipe take."""
+    """Set each field of the dataclass ``instance`` holding another type's number or truth value (a
+    numpy scalar) to the built-in ``int``, ``float`` or ``bool`` of its value, which the checks and
+    the JSON recipe take; a float32 as it prints (0.8, not 0.800000011920929)."""
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
-        if type(value) in (int, float, bool) or not isinstance(value, numbers.Real):
+        if type(value) in (int, float, bool):
             continue
-        setattr(instance, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
+        if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0:
+            setattr(instance, f.name, bool(value))
+        elif isinstance(value, numbers.Integral):
+            setattr(instance, f.name, int(value))
+        elif isinstance(value, numbers.Real):
+            try:
+                setattr(instance, f.name, float(str(value)))
+            except ValueError:  # a Real whose text is no float literal (a Fraction's "1/2")
+                setattr(instance, f.name, float(value))

@@ -44,8 +44,10 @@ def _architecture_task(architecture: str, config) -> str | None:
         if config.problem_type == "multi_label_classification":
             return None
         if regression and config.num_labels != 1:
-            raise ValueError(f"config problem_type='regression' with num_labels={config.num_labels}: a regressor has "
-                             "one output; set num_labels to 1, or problem_type to 'single_label_classification'")
+            raise ValueError(f"config problem_type='regression' with num_labels={config.num_labels}: hf_wsvd's regression "
+                             "loss (and the command line's labels) take one number per example; pass a loss_fn of your "
+                             "own for several outputs, or set num_labels to 1 (or problem_type to "
+                             "'single_label_classification' if config.json was edited)")
         return REGRESSION if regression else CLASSIFICATION
     return None
 

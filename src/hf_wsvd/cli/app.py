@@ -133,7 +133,7 @@ def _compress(args: argparse.Namespace) -> None:
 
     from .. import compress
     from ..blocks import is_dispatched
-    from .commands import card_evaluation, check_data, evaluate_path, write_compress_card
+    from .commands import card_evaluation, check_data, eval_folder_split, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
     from ..statistics import default_accelerator
@@ -163,7 +163,7 @@ def _compress(args: argparse.Namespace) -> None:
                   if args.data else None)
         dense_scores = None
         if args.eval_data:  # the dense baseline, before compress factorizes the model in place
-            dense_scores = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
+            dense_scores = evaluate_path(model, tokenizer, args.eval_data, args, eval_folder_split(args), None)
         # Under torchrun / accelerate launch every process takes its share of the data and ends with
         # the same model; process 0 alone evaluates and writes.
         accelerator = default_accelerator()

@@ -180,6 +180,12 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.path} to {args.repo_id}: {url}")
 
 
+def eval_folder_split(args: argparse.Namespace) -> str | None:
+    """``compress --eval-split``: the split to read where ``--eval-data`` is a dataset folder; of a
+    file it is only the split the card names."""
+    return args.eval_split if os.path.isdir(args.eval_data) else None
+
+
 def card_evaluation(model, tokenizer, args: argparse.Namespace):
     """``compress --eval-data``: the compressed model's metrics for its card (None without it),
     named after the Hub dataset of ``--eval-dataset-id`` when given (then ``model-index`` metadata)."""
@@ -187,7 +193,7 @@ def card_evaluation(model, tokenizer, args: argparse.Namespace):
 
     if not getattr(args, "eval_data", None):
         return None
-    metrics = evaluate_path(model, tokenizer, args.eval_data, args, args.eval_split, None)
+    metrics = evaluate_path(model, tokenizer, args.eval_data, args, eval_folder_split(args), None)
     hub_id, config = getattr(args, "eval_dataset_id", None) or (None, None)
     name = f"{hub_id} {config}" if config else hub_id
     return Evaluation(dataset=name or os.path.basename(os.path.normpath(args.eval_data)), metrics=metrics,

@@ -4,10 +4,12 @@ tokenizer from a path, and turn a data file into an importance data loader."""
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -48,12 +50,17 @@ def model_source(path: str) -> tuple[str, dict]:
     return path, {}
 
 
+# What transformers raises on a hand-edited config.json (an unknown dtype, a padding index outside the
+# vocabulary, a string for a count) or a file cut short (a .gguf header): not ValueErrors.
+DAMAGED_FILE_ERRORS = (AttributeError, AssertionError, KeyError, IndexError, struct.error, StrictDataclassError)
+
+
 @contextmanager
 def _load_errors(path: str, what: str = "model") -> Iterator[None]:
     """Name both readings of a path that is not a local folder when loading it fails: no such
-    folder, and a Hub id that could not be loaded (offline, private, or no such repository). Any
-    other error but a ValueError (already one line) is one naming the path: what a hand-edited
-    config or a cut file makes transformers raise (AttributeError, AssertionError, struct.error...)."""
+    folder, and a Hub id that could not be loaded (offline, private, or no such repository). What a
+    hand-edited config or a cut file makes transformers raise (``DAMAGED_FILE_ERRORS``) is one line
+    naming the path; anything else (a missing package, out of memory) passes as it is."""
     try:
         yield
     except OSError as error:
@@ -61,9 +68,7 @@ def _load_errors(path: str, what: str = "model") -> Iterator[None]:
             raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise OSError(f"model folder {path!r} does not exist, and as a Hub id it could not be loaded: {detail}") from error
-    except ValueError:
-        raise
-    except Exception as error:
+    except DAMAGED_FILE_ERRORS as error:
         detail = (str(error).splitlines() or [""])[0]
         raise ValueError(f"the {what} in {path!r} cannot be loaded ({type(error).__name__}: {detail}): its config.json "
                          "or files are damaged or were edited") from error

@@ -59,8 +59,9 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
 def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None:
     """Raise a one-line ValueError, before any work, where ``spec`` could not quantize ``model``
     (dense or about to be compressed): its package missing, a CUDA-only format without CUDA, or a
-    linear outside the output head whose input size the format's groups do not divide (a factor or
-    pruned linear of another size is kept unquantized at load instead)."""
+    linear outside the repeated blocks and the output head (a classifier, a pooler) whose input size
+    the format's groups do not divide (a linear of the blocks, factor, pruned or dense, of such a
+    size is kept unquantized at load instead: ``keep_unquantizable``)."""
     try:
         quantization_config(spec, group_size)
     except ImportError as error:
@@ -73,8 +74,10 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
     if spec not in GROUPED_QUANTIZE_SPECS:
         return
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    blocks = tuple(block_prefixes(model))
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module is not head and module.in_features % group_size:
+        if (type(module) is nn.Linear and module is not head and not name.startswith(blocks)
+                and module.in_features % group_size):
             raise ValueError(f"quantize={spec!r} groups every {group_size} inputs of a weight, but {name!r} has "
                              f"{module.in_features} inputs: pick a quantize_group_size that divides it "
                              f"(--quantize-group-size)")

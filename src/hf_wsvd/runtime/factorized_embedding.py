@@ -127,7 +127,17 @@ class FactorizedTiedHead(nn.Module):
         return self.weight.shape[1]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states @ self.proj.weight, self.weight, self.bias)
+        # proj is used transposed, so its own forward never runs: an offload hook on it (accelerate,
+        # under a device_map with offload) is run here around the read of its weight.
+        hook = getattr(self.proj, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(self.proj)
+        try:
+            projected = hidden_states @ self.proj.weight
+        finally:
+            if hook is not None:
+                hook.post_forward(self.proj, None)
+        return F.linear(projected, self.weight, self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

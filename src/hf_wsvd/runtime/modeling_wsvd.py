@@ -556,9 +556,10 @@ def _quantization_dicts(config: PreTrainedConfig) -> list[dict]:
 
 
 def keep_unquantizable(model: PreTrainedModel) -> list[str]:
-    """Under a quantization config with a group size, make each factor or pruned linear whose input
-    size is not a multiple of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its
-    dtype), said in one log line. Returns their names. Under torchao's int8, warns once of the layers
+    """Under a quantization config with a group size, make each factor or pruned linear, and each
+    dense linear of a repeated block (a target layer left dense), whose input size is not a multiple
+    of it a ``FullPrecisionLinear`` (no quantizer converts it: it keeps its dtype), said in one log
+    line. Returns their names. Under torchao's int8, warns once of the layers
     that a compiled CPU model would compute wrong (``TORCHAO_INT8_ALIGNMENT``)."""
     quantization = _quantization_dicts(model.config)
     # The group size: the first ``group_size`` (torchao's ``PerGroup`` granularity or ``group_size``, HQQ's
@@ -568,26 +569,34 @@ def keep_unquantizable(model: PreTrainedModel) -> list[str]:
     if not group and not int8:
         return []
     reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
-    linears = []
+    blocks = tuple(f"{name}.{index}." for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+                   for index in range(len(module)))
+    owned = tuple(f"{name}." for name, module in model.named_modules()
+                  if isinstance(module, (FactorizedLinear, LowRankCorrectedLinear)))
+    compressed, dense = [], []
     for name, module in model.named_modules():
         if isinstance(module, FactorizedLinear):
-            linears += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
+            compressed += [(f"{name}.down", module.down), (f"{name}.up", module.up)]
         elif relative_module_name(model, name) in reshaped:
-            linears.append((name, module))
-    linears = [(name, module) for name, module in linears if type(module) is nn.Linear]
-    unaligned = [name for name, module in linears if int8 and module.in_features % TORCHAO_INT8_ALIGNMENT]
+            compressed.append((name, module))
+        elif type(module) is nn.Linear and name.startswith(blocks) and not name.startswith(owned):
+            dense.append((name, module))  # a target layer left dense
+    compressed = [(name, module) for name, module in compressed if type(module) is nn.Linear]
+    unaligned = [name for name, module in compressed if int8 and module.in_features % TORCHAO_INT8_ALIGNMENT]
     if unaligned:
-        logger.warning(f"hf_wsvd: {len(unaligned)} of the {len(linears)} factor and pruned linears have an input size "
+        logger.warning(f"hf_wsvd: {len(unaligned)} of the {len(compressed)} factor and pruned linears have an input size "
                        f"that is not a multiple of {TORCHAO_INT8_ALIGNMENT} (first: {unaligned[0]}): torchao int8 computes them "
                        f"right in eager mode, but wrong under torch.compile on a CPU (PyTorch's _weight_int8pack_mm); "
                        f"compress with rank_multiple={TORCHAO_INT8_ALIGNMENT} to compile it there")
+    linears = compressed + dense
     kept = [name for name, module in linears if group and module.in_features % group]
     for name in kept:
         module = model.get_submodule(name)
         model.set_submodule(name, FullPrecisionLinear(module.in_features, module.out_features, module.bias is not None,
                                                       device=module.weight.device, dtype=module.weight.dtype))
     if kept:
-        logger.warning(f"hf_wsvd: {len(kept)} of the {len(linears)} factor and pruned linears stay unquantized in "
+        what = "factor and pruned linears" if not dense else "factor, pruned and dense block linears"
+        logger.warning(f"hf_wsvd: {len(kept)} of the {len(linears)} {what} stay unquantized in "
                        f"the model's dtype: their input size is not a multiple of the quantization group size "
                        f"{group} (first: {kept[0]})")
     return kept
