@@ -203,6 +203,43 @@ def test_push_refuses_incomplete_folders(compressed, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_push_refuses_a_card_folder_and_weights_saved_twice(compressed, tmp_path, capsys, monkeypatch):
+    """A README.md that is a folder; model.safetensors beside a shard index (an unsharded and a
+    sharded save into one folder): transformers would check the one and push uploaded the other.
+    A connection that fails is one line."""
+    import json
+
+    out, _ = compressed
+    api = FolderHub(tmp_path / "hub")
+    (out / "README.md").rename(tmp_path / "card.md")
+    (out / "README.md").mkdir()
+    with pytest.raises(ValueError, match="lacks README.md"):
+        hub.push(out, "user/x", api=api)
+    (out / "README.md").rmdir()
+    (tmp_path / "card.md").rename(out / "README.md")
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "model-00001-of-00001.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index.json"):
+        hub.push(out, "user/x", api=api)
+    assert api.repos == [] and api.commits == []
+    (out / "model.safetensors.index.json").unlink()
+    (out / "model-00001-of-00001.safetensors").unlink()
+
+    class Unreachable(Exception):
+        pass
+
+    Unreachable.__module__ = "httpx._exceptions"
+
+    def refused(*args, **kwargs):
+        raise Unreachable("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(hub, "push", refused)
+    capsys.readouterr()
+    assert main(["push", str(out), "user/x"]) == 2
+    assert "cannot reach the Hub to push" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 3 // 5]), "model.safetensors"),
     (lambda path: path.write_bytes(b""), "model.safetensors"),

@@ -181,3 +181,41 @@ def test_hub_ids_are_checked_and_ctrl_c_is_one_line(tmp_path, classifier_dir, ca
     capsys.readouterr()
     assert run(["eval", str(classifier_dir), "--data", "x.tsv"]) == 130
     assert capsys.readouterr().err.strip() == "hf-wsvd eval: interrupted"
+
+
+def test_heal_refuses_what_it_cannot_heal_before_loading_or_training(tmp_path, tokenizer, capsys, monkeypatch):
+    from hf_wsvd.integrations import healing
+
+    dense = tmp_path / "lm"
+    tiny.build("llama", "AutoModelForCausalLM").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    student = tmp_path / "lmc"
+    assert run(["compress", str(dense), str(student), "--method", "svd", "--param-ratio", "0.5"]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("the movie was great and the plot was good\n" * 40)
+    monkeypatch.setattr(healing, "heal", lambda *a, **k: pytest.fail("trained"))
+
+    def heal(path, teacher, *extra):
+        return one_error(capsys, ["heal", str(path), str(tmp_path / "healed"), "--teacher", str(teacher), "--data",
+                                  str(text), "--steps", "2", "--max-length", "8", *extra])
+
+    assert "seed=-1 must be an integer in [0, 2**32)" in heal(student, dense, "--seed", "-1")
+    assert f"{str(dense)!r} is a dense checkpoint (model_type 'llama')" in heal(dense, dense)
+    classifier = tmp_path / "cls"
+    tiny.build("llama", "AutoModelForSequenceClassification").save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    assert "is a LlamaForSequenceClassification, not a causal LM" in heal(student, classifier)
+    other = tmp_path / "other-tokens"
+    tiny.build("llama", "AutoModelForCausalLM").save_pretrained(other)
+    words = dict(reversed(list(tokenizer.get_vocab().items())))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(sorted(words, reverse=True))},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                         eos_token="</s>").save_pretrained(other)
+    assert "has another tokenizer than" in heal(student, other)
+    quantized = tmp_path / "q"
+    assert run(["compress", str(dense), str(quantized), "--method", "svd", "--param-ratio", "0.9", "--quantize", "int8"]) == 0
+    assert "stores quantized: heal the unquantized compressed checkpoint, then quantize it" in heal(quantized, dense)

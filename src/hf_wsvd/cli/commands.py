@@ -176,7 +176,13 @@ def run_push(args: argparse.Namespace) -> None:
     skipped = check_folder(args.path).skipped
     if skipped:
         print(f"not uploading {', '.join(skipped)}: not checkpoint files")
-    url = push(args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message, token=args.token)
+    try:
+        url = push(args.path, args.repo_id, private=args.private or None, commit_message=args.commit_message,
+                   token=args.token)
+    except Exception as error:  # the HTTP client's connection errors are not OSErrors (its HTTP errors are)
+        if not type(error).__module__.startswith("httpx") and not isinstance(error, (ConnectionError, TimeoutError)):
+            raise
+        raise OSError(f"cannot reach the Hub to push {args.path!r} ({type(error).__name__}: {error})") from error
     print(f"pushed {args.path} to {args.repo_id}: {url}")
 
 
@@ -217,6 +223,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import torch
+    from transformers import AutoConfig
 
     from ..integrations.card import add_healing, load_card
     from ..integrations.checkpoint import check_checkpoint_folder
@@ -224,6 +231,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from ..evaluation import perplexity
     from ..integrations.healing import HealConfig, check_student, check_teacher, heal
     from .output import check_output
+    from ..runtime.modeling_wsvd import MODEL_TYPE
     from ..tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_dtype
 
@@ -235,6 +243,10 @@ def run_heal(args: argparse.Namespace) -> None:
         raise ValueError(f"--data {args.data!r} cannot be read as UTF-8 text ({error})") from None
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")
+    recorded = AutoConfig.from_pretrained(args.path).model_type
+    if recorded != MODEL_TYPE:  # said before two models load and the teacher writes
+        raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {recorded!r}): heal trains a model "
+                         "compressed by hf-wsvd compress toward its dense teacher")
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher], args.output, args.overwrite) as claim:
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -242,8 +254,11 @@ def run_heal(args: argparse.Namespace) -> None:
                             evaluations=args.evaluations)
         student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
         check_student(student)
-        teacher, _ = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
+        teacher, teacher_tokenizer = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
         check_teacher(student, teacher, f"--teacher {args.teacher!r}")
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():  # distilled toward other tokens' logits
+            raise ValueError(f"--teacher {args.teacher!r} has another tokenizer than {args.path!r} (its vocabulary "
+                             "maps tokens to other ids): the teacher must be the dense model it was compressed from")
         blocks = text_blocks(text.splitlines(), tokenizer, args.max_length, f"--data {args.data!r}")
         for model in (student, teacher):
             check_fits(model, [block["input_ids"] for block in blocks], args.max_length)

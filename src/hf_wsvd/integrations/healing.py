@@ -74,6 +74,8 @@ class HealConfig:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if not 0 <= self.hidden_weight or not math.isfinite(self.hidden_weight):
             raise ValueError(f"hidden_weight={self.hidden_weight!r} must be a finite number ≥ 0")
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what every generator's seeding takes
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
 
 @dataclass
@@ -160,11 +162,15 @@ _TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size",
 
 
 def check_student(student: PreTrainedModel) -> None:
-    """Raise unless ``student`` is a causal LM, the models healing distills."""
+    """Raise unless ``student`` is a causal LM, the models healing distills, and not quantized (its
+    quantized weights cannot be trained here)."""
     from ..tasks import CAUSAL_LM, task_of
 
     if task_of(student) != CAUSAL_LM:
         raise ValueError(f"heal works on causal LMs; {type(student).__name__} is not one")
+    if getattr(student.config, "quantization_config", None) is not None:
+        raise ValueError("heal trains the compressed model's weights, which this checkpoint stores quantized: heal "
+                         "the unquantized compressed checkpoint, then quantize it")
 
 
 def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
@@ -172,9 +178,14 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
     compressed ``student``: its model type, vocabulary size, hidden size and layer count."""
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
 
+    from ..tasks import CAUSAL_LM, task_of
+
     if teacher.config.model_type == MODEL_TYPE:
         raise ValueError(f"{name} is a compressed hf_wsvd checkpoint: the teacher must be the dense model it was "
                          "compressed from")
+    if task_of(teacher) != CAUSAL_LM:
+        raise ValueError(f"{name} is a {type(teacher).__name__}, not a causal LM: the teacher must be the dense model "
+                         "the student was compressed from")
 
     def described(config) -> dict:
         return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,

@@ -39,6 +39,11 @@ def weight_files(folder: str) -> list[str]:
         if not os.path.lexists(os.path.join(folder, WEIGHTS_FILE)):
             raise ValueError(f"{folder} holds no {WEIGHTS_FILE} (nor a {WEIGHTS_INDEX} naming its shards)")
         return [WEIGHTS_FILE]
+    if os.path.lexists(os.path.join(folder, WEIGHTS_FILE)):
+        # transformers loads model.safetensors before an index: the weights checked would not be those uploaded
+        raise ValueError(f"{folder} holds both {WEIGHTS_FILE} and {WEIGHTS_INDEX} (an unsharded and a sharded save "
+                         "into one folder): remove the one that is not the checkpoint's, or save it again into an "
+                         "empty folder")
     try:
         with open(index) as handle:
             shards = sorted(set(json.load(handle)["weight_map"].values()))
@@ -105,7 +110,7 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     folder = os.fspath(folder)
     check_checkpoint_folder(folder)
     entries = sorted(os.listdir(folder))
-    missing = [f for f in REQUIRED_FILES if f not in entries]
+    missing = [f for f in REQUIRED_FILES if f not in entries or not os.path.isfile(os.path.join(folder, f))]
     if missing:
         hint = " (write the card with hf-wsvd compress, or hf_wsvd.integrations.card.write_card)" if "README.md" in missing else ""
         raise ValueError(f"{folder} lacks {', '.join(missing)}: not a complete hf_wsvd checkpoint{hint}")
