@@ -174,10 +174,10 @@ def check_student(student: PreTrainedModel) -> None:
 
 
 def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
-    """Raise unless ``teacher`` (called ``name`` in the error) has the base architecture of the
-    compressed ``student``: its model type, vocabulary size, hidden size and layer count."""
+    """Raise unless ``teacher`` (called ``name`` in the error) is a dense causal LM of the base
+    architecture of the compressed ``student``: its model type, vocabulary size, hidden size and
+    layer count."""
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
-
     from ..tasks import CAUSAL_LM, task_of
 
     if teacher.config.model_type == MODEL_TYPE:
