@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from .blocks import given_back
 from .integrations.checkpoint import parameter_counts, target_counts
 from .config import WSVDConfig
-from .data import check_batch
+from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
 from .runtime.factorized_linear import linear_shape, share_input_factors
@@ -157,13 +157,8 @@ def compress(
     """
     _check_arguments(model, config, data, accelerator)
     accelerator = accelerator or default_accelerator()
-    device = accelerator.device
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(config.seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(config.seed)
+    with forked_streams(accelerator.device):
+        seed_streams(config.seed, accelerator.device)
         return _compress(model, config, data, loss_fn, accelerator, statistics, show_progress, dtype)
 
 

@@ -3,6 +3,7 @@ tokenized for the model's task."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -204,6 +205,20 @@ def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length
     return [{"input_ids": block, "attention_mask": [1] * max_length} for block in blocks]
 
 
+def forked_streams(device: torch.device) -> contextlib.AbstractContextManager:
+    """A fork of torch's random streams that ``seed_streams`` seeds (the CPU's and, on CUDA,
+    ``device``'s): the caller's come back as they were when it ends; no other device's is touched."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def seed_streams(seed: int, device: torch.device) -> None:
+    """Seed torch's CPU random stream and, on CUDA, ``device``'s."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 @torch.no_grad()
 def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int, prompt_length: int | None = None,
                     batch_size: int = 64, seed: int = 0, show_progress: bool = True,
@@ -247,18 +262,12 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     saved, teacher.generation_config = teacher.generation_config, settings
     was_training = teacher.training
     written = []
-    cuda = [device] if device.type == "cuda" else []
     try:
         teacher.eval()
-        # Seeded on a fork of the random streams it uses: the caller's streams are left as they were.
-        with torch.random.fork_rng(devices=cuda):
+        with forked_streams(device):
             starts = range(index * batch_size, count, processes * batch_size)
             for start in tqdm(starts, desc="writing blocks", disable=not show_progress):
-                batch_seed = random.Random(f"{seed}/{start // batch_size}").getrandbits(63)
-                torch.default_generator.manual_seed(batch_seed)
-                if cuda:
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(batch_seed)
+                seed_streams(random.Random(f"{seed}/{start // batch_size}").getrandbits(63), device)
                 ids = prompts[start : start + batch_size].to(device)
                 output = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
                 if output.shape[1] < length:

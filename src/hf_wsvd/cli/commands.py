@@ -223,7 +223,6 @@ def run_heal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import torch
-    from transformers import AutoConfig
 
     from ..integrations.card import add_healing, load_card
     from ..integrations.checkpoint import check_checkpoint_folder
@@ -233,7 +232,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from .output import check_output
     from ..runtime.modeling_wsvd import MODEL_TYPE
     from ..tasks import CAUSAL_LM
-    from .workflow import load_model_and_tokenizer, stored_dtype
+    from .workflow import load_model_and_tokenizer, stored_config, stored_dtype
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
@@ -243,7 +242,7 @@ def run_heal(args: argparse.Namespace) -> None:
         raise ValueError(f"--data {args.data!r} cannot be read as UTF-8 text ({error})") from None
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")
-    recorded = AutoConfig.from_pretrained(args.path).model_type
+    recorded = stored_config(args.path).model_type
     if recorded != MODEL_TYPE:  # said before two models load and the teacher writes
         raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {recorded!r}): heal trains a model "
                          "compressed by hf-wsvd compress toward its dense teacher")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
 from ..blocks import given_back, is_dispatched
@@ -74,22 +74,24 @@ def _load_errors(path: str, what: str = "model") -> Iterator[None]:
                          "or files are damaged or were edited") from error
 
 
-def stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype a checkpoint's config records (None when it records none)."""
+def stored_config(path: str) -> PreTrainedConfig:
+    """The config of a model folder, Hub id or ``.gguf`` file."""
     location, extra = model_source(path)
     with _load_errors(path):
-        return AutoConfig.from_pretrained(location, **extra).dtype
+        return AutoConfig.from_pretrained(location, **extra)
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (None when it records none)."""
+    return stored_config(path).dtype
 
 
 def load_dtype(path: str) -> torch.dtype:
     """The dtype to load ``path`` in for statistics and metrics: float32, but a quantized
-    checkpoint's stored dtype (its scales are stored in it, and its kernels compute in it)."""
-    location, extra = model_source(path)
-    if extra:  # a .gguf file: dequantized at load
-        return torch.float32
-    with _load_errors(path):
-        config = AutoConfig.from_pretrained(location)
-    if getattr(config, "quantization_config", None) is None:
+    checkpoint's stored dtype (its scales are stored in it, and its kernels compute in it; a
+    ``.gguf`` file is dequantized at load)."""
+    config = stored_config(path)
+    if model_source(path)[1] or getattr(config, "quantization_config", None) is None:
         return torch.float32
     return config.dtype or torch.float32
 
