@@ -235,6 +235,44 @@ def test_a_cut_checkpoint_reloads_with_and_without_hf_wsvd_and_exports_dense(tmp
         torch.testing.assert_close(dense(**x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cut_sequence_classifier_reloads_and_a_cut_lm_loads_as_a_task_model(tmp_path):
+    # transformers' generic task heads build their base model through AutoModel, whose own post_init
+    # cuts the attentions before the task model's does: the second pass must not refuse them.
+    dense = tiny.build("qwen2", "AutoModelForSequenceClassification", **GEOMETRY)
+    data = [{**batch, "labels": batch["input_ids"][:, 0] % 2} for batch in _data()]
+    model, report = compress(dense, WSVDConfig(param_ratio=0.7, allocation="uniform", rank_multiple=2,
+                                               attention_pruning=True), data, show_progress=False)
+    assert report.attention
+    tiny.save(model, tmp_path / "classifier")
+    x = tiny.inputs("qwen2")
+    with torch.no_grad():
+        expected = model(**x).logits
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).logits, expected)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        model = transformers.AutoModelForSequenceClassification.from_pretrained("{tmp_path}/classifier",
+                                                                                trust_remote_code=True)
+        x, expected = torch.load("{tmp_path}/x.pt"), torch.load("{tmp_path}/expected.pt")
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, expected)
+        print("remote ok")
+    """, tmp_path)
+    assert "remote ok" in result.stdout, result.stderr[-3000:]
+
+    _, lm, _ = _compressed("qwen2")
+    tiny.save(lm, tmp_path / "lm")
+    with torch.no_grad():
+        hidden = lm.model(**x).last_hidden_state
+    for auto_class in (transformers.AutoModelForSequenceClassification, transformers.AutoModelForTokenClassification):
+        task = auto_class.from_pretrained(tmp_path / "lm")
+        with torch.no_grad():
+            assert torch.equal(task.model(**x).last_hidden_state, hidden)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda recipe: recipe.pop("attention"), "wrong shape"),  # as an older hf_wsvd would
     (lambda recipe: recipe["attention"]["layers.0.self_attn"].update(rotary=[0, 1, 2, 3, 4, 5, 6][:len(

@@ -208,6 +208,11 @@ def _cut_attention_modules(model: nn.Module, prefix: str, key: str, entry: dict)
     layout = attention_layout(attention)
     dense = getattr(attention, layout[2]) if layout else None
     names = entry["projections"]
+    if getattr(attention, "wsvd_dense_head_dim", None) == entry["dense_head_dim"] and dense == entry["head_dim"]:
+        # Already cut as recorded: transformers' generic task heads (sequence and token
+        # classification, question answering) build their base model through AutoModel, whose own
+        # post_init has rebuilt it before the task model's.
+        return
     modules = [model.get_submodule(prefix + n) if _has_module(model, prefix + n) else None for n in names]
     if dense != entry["dense_head_dim"] or not all(type(m) is nn.Linear for m in modules) \
             or (entry.get("rotary") and max(entry["rotary"]) >= dense // 2):
