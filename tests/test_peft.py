@@ -147,3 +147,24 @@ def test_lora_on_factorized_modules_and_hf_wsvd_peft_paths_warn_nothing_users_ca
     noise = [str(w.message) for w in ours if "Unsupported layer type" in str(w.message)
              or "is_gradient_checkpointing" in str(w.message)]
     assert not noise, noise
+
+
+def test_lora_on_a_checkpoint_quantized_at_load_trains_and_refuses_to_merge_into_quantized_factors(tmp_path):
+    from hf_wsvd.integrations.quantization import quantization_config
+
+    model, _ = tiny.compressed("llama", method="svd", param_ratio=0.5)
+    model.save_pretrained(tmp_path)
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        tmp_path, quantization_config=quantization_config("int4", 32))
+    quantized = load()
+    kept = [name for name, m in quantized.named_modules() if type(m).__name__ == "FullPrecisionLinear"]
+    assert kept  # factors whose input size the groups do not divide stay in the model's dtype
+    inner = get_peft_model(quantized, register_factorized_lora(LoraConfig(r=2, target_modules=["up", "down"])))
+    x = tiny.inputs("llama")
+    inner(**x, labels=x["input_ids"]).loss.backward()
+    lora = {type(m).__name__ for m in inner.modules()}
+    assert "FullPrecisionLoraLayer" in lora
+    assert all(p.grad is not None for n, p in inner.named_parameters() if "lora_" in n and any(k in n for k in kept))
+    whole = get_peft_model(load(), register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(load()))))
+    with pytest.raises(ValueError, match="cannot merge LoRA into quantized factors"):
+        merge_and_unload(whole)

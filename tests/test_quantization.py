@@ -15,7 +15,7 @@ from transformers import TorchAoConfig
 
 import hf_wsvd
 import tiny
-from helpers import main_output, run_without_hf_wsvd
+from helpers import main_output, run_cli, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
@@ -381,3 +381,46 @@ def test_compiled_int8_of_factor_sized_layers_matches_eager_on_cuda():
             eager, compiled = layer(x).float(), torch.compile(layer, fullgraph=True)(x).float()
         torch._dynamo.reset()
         assert (compiled - eager).abs().max() <= 0.02 * eager.abs().max(), width
+
+
+def test_a_quantized_checkpoint_is_refused_as_input_in_one_line(tmp_path, capsys):
+    dense = tiny.build("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    int4 = CAUSAL.from_pretrained(tmp_path / "dense", quantization_config=quantization_config("int4", 16))
+    with pytest.raises(ValueError, match="'layers.0.self_attn.q_proj' holds a quantized weight"):
+        hf_wsvd.compress(int4, hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5), None, show_progress=False)
+    int4.save_pretrained(tmp_path / "int4")
+    tiny.tokenizer().save_pretrained(tmp_path / "int4")
+    (tmp_path / "text.txt").write_text("\n".join(" ".join(tiny.WORDS) for _ in range(8)))
+    code = run_cli(["compress", str(tmp_path / "int4"), str(tmp_path / "out"), "--param-ratio", "0.6", "--data",
+                    str(tmp_path / "text.txt"), "--max-length", "16", "--num-samples", "4", "--block-refine-steps", "0"])
+    assert code == 2 and "holds a quantized weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_residual_refuses_layers_the_quantizer_leaves_and_checks_the_format_first():
+    gpt2 = tiny.build("gpt2")  # Conv1D layers: the stock quantizers convert nn.Linear only
+    with pytest.raises(ValueError, match="'h.0.attn.c_proj' is a Conv1D, which 'int8' leaves unquantized"):
+        hf_wsvd.compress(gpt2, hf_wsvd.WSVDConfig(method="quantized_residual", quantize="int8", residual_rank=4,
+                                                  target_modules=["attn.c_proj"]), _lm_batches(2), show_progress=False)
+    if not torch.cuda.is_available():  # a format that cannot apply is refused before the statistics pass
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="quantized_residual", quantize="int4-gpu"),
+                             iter(_broken_batches()), show_progress=False)
+
+
+def _broken_batches():
+    raise AssertionError("the data was read before the format was checked")
+    yield
+
+
+def test_bits_per_weight_count_gpt2_conv1d_block_weights_and_leave_biases_out():
+    gpt2 = tiny.build("gpt2")
+    bits = weight_bits(gpt2)
+    conv1d = [m.weight for m in gpt2.modules() if type(m).__name__ == "Conv1D"]
+    assert conv1d and bits.full_weights == sum(w.numel() for w in conv1d)  # biases are "other" parameters
+    assert bits.quantized_weights == 0 and bits.block_bits_per_weight == 32
+    model, _ = hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5, rank_multiple=8),
+                                None, show_progress=False)
+    quantized = weight_bits(quantize(model, quantization_config("int4", 8)))
+    assert quantized.full_weights == 0 and quantized.quantized_weights > 0  # every factor quantized

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from .blocks import given_back
 from .integrations.checkpoint import parameter_counts, target_counts
+from .integrations.quantization import check_quantizable, is_quantized_tensor
 from .config import WSVDConfig
 from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
@@ -96,6 +97,17 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> No
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
 
 
+def _refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
+    """Raise, naming the layer, where a target's weight is quantized (a checkpoint loaded with its
+    quantization config): the solvers read float weights, and the result is quantized after."""
+    for name, full_name in targets.items():
+        weight = getattr(model.get_submodule(full_name), "weight", None)
+        if isinstance(weight, torch.Tensor) and is_quantized_tensor(weight):
+            raise ValueError(f"{name!r} holds a quantized weight ({type(weight).__name__}, {weight.dtype}): compress the "
+                             "dense float checkpoint (loaded without its quantization_config) and quantize the result "
+                             "(WSVDConfig.quantize, --quantize)")
+
+
 def _recorded_generated_samples(config: WSVDConfig, data: Any) -> WSVDConfig:
     """``config`` recording the blocks the model wrote itself that ``data`` holds (``data_loader``
     marks its loaders with their number): the recipe says what the calibration data was."""
@@ -167,6 +179,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
               ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    if config.quantize:  # refused now, not after the work
+        check_quantizable(model, config.quantize, config.quantize_group_size)
     config = _recorded_generated_samples(config, data)
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
@@ -174,6 +188,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         check_batch(model, batch, index, task_labels=loss_fn is None)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
+    _refuse_quantized_targets(model, targets)
     if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
             set(statistics.values) & set(targets):
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "

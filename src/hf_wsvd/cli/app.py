@@ -154,7 +154,7 @@ def _compress(args: argparse.Namespace) -> None:
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
-        if config.quantize and config.method != "quantized_residual":  # refused now, not after the work
+        if config.quantize:  # refused now, not after reading the data (compress checks it again)
             from ..integrations.quantization import check_quantizable
 
             check_quantizable(model, config.quantize, config.quantize_group_size)

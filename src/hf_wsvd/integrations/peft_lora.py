@@ -28,7 +28,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..runtime.factorized_linear import FactorizedLinear
+from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear
+from .quantization import is_quantized_tensor
 from ..runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
 
 
@@ -57,7 +58,20 @@ def _set_factors(layer: FactorizedLinear, up: torch.Tensor, down: torch.Tensor, 
     layer.up, layer.down = new_up, new_down
 
 
-class FactorizedLoraLayer(LoraLinear):
+class _SizedLoraLinear(LoraLinear):
+    """peft's LoRA layer on a base it does not know, which gives its sizes as ``nn.Linear`` does."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # peft's own lookup knows only its layer types and warns "Unsupported layer type" on others.
+        return module.in_features, module.out_features
+
+
+class FullPrecisionLoraLayer(_SizedLoraLinear):
+    """peft LoRA layer for a ``FullPrecisionLinear`` (a factor a quantized checkpoint keeps in its
+    dtype): stock LoRA, merged into its weight."""
+
+
+class FactorizedLoraLayer(_SizedLoraLinear):
     """peft LoRA layer for a whole ``FactorizedLinear``: ``y = up(down(x)) + s·B(A(x))``.
 
     ``merge`` appends the LoRA factors to the layer's factors (exact, rank ``r → r + lora_r``);
@@ -68,12 +82,11 @@ class FactorizedLoraLayer(LoraLinear):
     def lora_variants(self) -> dict:
         return {(): None}
 
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        # peft's own lookup knows only its layer types and warns "Unsupported layer type" on others.
-        return module.in_features, module.out_features
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
+        if any(is_quantized_tensor(factor.weight) for factor in (base.up, base.down)):
+            raise ValueError("cannot merge LoRA into quantized factors: merge the adapter into the checkpoint loaded "
+                             "without its quantization_config, then quantize the merged model")
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue
@@ -113,9 +126,10 @@ class FactorizedLoraLayer(LoraLinear):
 
 
 def register_factorized_lora(config: LoraConfig) -> LoraConfig:
-    """Let ``config`` put LoRA on ``FactorizedLinear`` modules (peft's experimental custom-module
+    """Let ``config`` put LoRA on ``FactorizedLinear`` modules, and on the ``FullPrecisionLinear``
+    factors a checkpoint quantized at load keeps in its dtype (peft's experimental custom-module
     API); returns ``config``. Needed again before ``PeftModel.from_pretrained``."""
-    config._register_custom_module({FactorizedLinear: FactorizedLoraLayer})
+    config._register_custom_module({FactorizedLinear: FactorizedLoraLayer, FullPrecisionLinear: FullPrecisionLoraLayer})
     return config
 
 

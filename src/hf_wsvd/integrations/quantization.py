@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from ..blocks import block_prefixes
 from ..config import GROUPED_QUANTIZE_SPECS, QUANTIZE_SPECS
 from ..fields import is_integer
+from ..runtime.factorized_linear import linear_shape, linear_weight
 
 
 def quantization_config(spec: str, group_size: int = 64) -> Any:
@@ -104,8 +105,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     if hasattr(weight, "__tensor_flatten__") and hasattr(weight, "dequantize"):
         return weight.dequantize().float()
-    if type(weight) is nn.Parameter or type(weight) is torch.Tensor:
-        return weight.detach().float()
+    if not is_quantized_tensor(weight):
+        return linear_weight(module).detach().float()  # a Conv1D stores its weight in × out
     # Other quantized modules (bitsandbytes): their forward on the identity, less the bias.
     in_features = module.in_features
     with torch.no_grad():
@@ -132,7 +133,7 @@ def dequantized_modules(module: nn.Module) -> dict[nn.Module, nn.Linear]:
     ``hf_wsvd.blocks.detached_copy``'s ``substitutes``: a float32 working copy of a quantized block)."""
     return {m: dequantized_linear(m) for m in module.modules()
             if isinstance(getattr(m, "weight", None), torch.Tensor) and getattr(m, "in_features", None) is not None
-            and _quantized(m.weight)}
+            and is_quantized_tensor(m.weight)}
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:
@@ -165,14 +166,16 @@ def tensor_bits(tensor: torch.Tensor) -> tuple[int, int]:
         scb.numel() * scb.element_size() * 8 if isinstance(scb, torch.Tensor) else 0)
 
 
-def _quantized(tensor: torch.Tensor) -> bool:
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` stores a quantized weight: integer storage or a quantizer's tensor subclass."""
     return not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter)
 
 
 @dataclass
 class WeightBits:
     """The weights of a model's block linears (every linear inside its repeated blocks: factors,
-    pruned layers, corrections) and the rest (embeddings, norms, head): weights and stored bits."""
+    pruned layers, corrections, GPT-2 Conv1D) and the rest (embeddings, norms, biases, head): weights and
+    stored bits."""
 
     quantized_weights: int = 0
     quantized_bits: int = 0
@@ -197,15 +200,16 @@ class WeightBits:
                 f"{(self.quantized_bits + self.full_bits) / 8e6:.2f} MB")
         if self.full_weights:
             text += f"; {self.full_weights / linears:.1%} of them unquantized"
-        return text + f"); other parameters (embeddings, norms, head) {self.other_bits / 8e6:.2f} MB"
+        return text + f"); other parameters (embeddings, norms, biases, head) {self.other_bits / 8e6:.2f} MB"
 
 
 def weight_bits(model: nn.Module) -> WeightBits:
     """The stored bits of ``model``'s parameters (shared tensors once), block linears apart."""
     prefixes = tuple(block_prefixes(model))
-    linears = {id(m) for name, m in model.named_modules()
-               if name.startswith(prefixes) and isinstance(getattr(m, "weight", None), torch.Tensor)
-               and getattr(m, "in_features", None) is not None}
+    # the weights of the block linears (GPT-2's Conv1D too; biases count with the rest)
+    linear_weights = {id(m.weight) for name, m in model.named_modules()
+                      if name.startswith(prefixes) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                      and _linear_like(m)}
     result, seen = WeightBits(), set()
     for module in model.modules():
         for tensor in module.parameters(recurse=False):
@@ -213,13 +217,21 @@ def weight_bits(model: nn.Module) -> WeightBits:
                 continue
             seen.add(id(tensor))
             weights, bits = tensor_bits(tensor)
-            if id(module) not in linears:
+            if id(tensor) not in linear_weights:
                 result.other_weights += weights
                 result.other_bits += bits
-            elif _quantized(tensor):
+            elif is_quantized_tensor(tensor):
                 result.quantized_weights += weights
                 result.quantized_bits += bits
             else:
                 result.full_weights += weights
                 result.full_bits += bits
     return result
+
+
+def _linear_like(module: nn.Module) -> bool:
+    try:
+        linear_shape(module)
+    except TypeError:
+        return getattr(module, "in_features", None) is not None  # a quantizer's own linear (bitsandbytes)
+    return True

@@ -96,12 +96,17 @@ def quantized_residual(
     from ..pipelines.step import Job, refuse_non_finite_weights
     from ..config import GROUPED_QUANTIZE_SPECS
     from ..pipelines.whole_model import collect
-    from ..integrations.quantization import dequantized_weight, quantization_config, quantize
+    from ..integrations.quantization import dequantized_weight, is_quantized_tensor, quantization_config, quantize
     from ..statistics import Statistics, default_accelerator
 
     group = config.quantize_group_size
     for name, full_name in targets.items():
-        in_features, out_features = linear_shape(model.get_submodule(full_name))
+        module = model.get_submodule(full_name)
+        if type(module) is not nn.Linear:  # what the stock quantizers convert
+            raise ValueError(f"quantized_residual corrects quantized nn.Linear layers, and {name!r} is a "
+                             f"{type(module).__name__}, which {config.quantize!r} leaves unquantized: exclude it "
+                             "(exclude_modules) or compress with a low-rank method")
+        in_features, out_features = linear_shape(module)
         if config.quantize in GROUPED_QUANTIZE_SPECS and in_features % group:
             raise ValueError(f"{name!r} has {in_features} inputs, not a multiple of quantize_group_size={group}: "
                              "choose a group size that divides every target's input size")
@@ -124,6 +129,9 @@ def quantized_residual(
     with job.timed("factorize"):
         for name in bar:
             base = quantized.get_submodule(targets[name])
+            if not is_quantized_tensor(base.weight):
+                raise ValueError(f"{config.quantize!r} left {name!r} unquantized (the quantization config skips it): "
+                                 "exclude it from the targets (exclude_modules)")
             weight = linear_weight(model.get_submodule(targets[name])).detach().to(job.compute_dtype)
             values = {k: job.statistics.get(name, k).to(weight.device) for k in job.needs}
             problem = LayerProblem(name, weight, config.residual_rank, job.options,
