@@ -165,6 +165,7 @@ def test_lora_on_a_checkpoint_quantized_at_load_trains_and_refuses_to_merge_into
     lora = {type(m).__name__ for m in inner.modules()}
     assert "FullPrecisionLoraLayer" in lora
     assert all(p.grad is not None for n, p in inner.named_parameters() if "lora_" in n and any(k in n for k in kept))
-    whole = get_peft_model(load(), register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(load()))))
+    quantized = load()
+    whole = get_peft_model(quantized, register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(quantized))))
     with pytest.raises(ValueError, match="cannot merge LoRA into quantized factors"):
         merge_and_unload(whole)

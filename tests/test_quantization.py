@@ -19,7 +19,7 @@ from helpers import main_output, run_cli, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
 from hf_wsvd.integrations.export import densify
-from hf_wsvd.integrations.quantization import quantization_config, quantize, weight_bits
+from hf_wsvd.integrations.quantization import is_quantized_tensor, quantization_config, quantize, weight_bits
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import default_accelerator
 from hf_wsvd.runtime.modeling_wsvd import all_finite
@@ -400,13 +400,17 @@ def test_a_quantized_checkpoint_is_refused_as_input_in_one_line(tmp_path, capsys
 
 def test_quantized_residual_refuses_layers_the_quantizer_leaves_and_checks_the_format_first():
     gpt2 = tiny.build("gpt2")  # Conv1D layers: the stock quantizers convert nn.Linear only
-    with pytest.raises(ValueError, match="'h.0.attn.c_proj' is a Conv1D, which 'int8' leaves unquantized"):
+    with pytest.raises(ValueError, match="'h.0.attn.c_proj' is a Conv1D: exclude it"):
         hf_wsvd.compress(gpt2, hf_wsvd.WSVDConfig(method="quantized_residual", quantize="int8", residual_rank=4,
                                                   target_modules=["attn.c_proj"]), _lm_batches(2), show_progress=False)
     if not torch.cuda.is_available():  # a format that cannot apply is refused before the statistics pass
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="quantized_residual", quantize="int4-gpu"),
                              iter(_broken_batches()), show_progress=False)
+    # a low-rank recipe only aligns its ranks for the format here: it compresses for a GPU to quantize later
+    model, _ = hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5, quantize="int4-gpu",
+                                                                        quantize_group_size=8), None, show_progress=False)
+    assert model.config.wsvd["ranks"] and all(rank % 8 == 0 for rank in model.config.wsvd["ranks"].values())
 
 
 def _broken_batches():
@@ -424,3 +428,5 @@ def test_bits_per_weight_count_gpt2_conv1d_block_weights_and_leave_biases_out():
                                 None, show_progress=False)
     quantized = weight_bits(quantize(model, quantization_config("int4", 8)))
     assert quantized.full_weights == 0 and quantized.quantized_weights > 0  # every factor quantized
+    assert is_quantized_tensor(torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float8_e4m3fn), requires_grad=False))
+    assert not is_quantized_tensor(torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.bfloat16)))

@@ -97,9 +97,11 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> No
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
 
 
-def _refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
+def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
     """Raise, naming the layer, where a target's weight is quantized (a checkpoint loaded with its
     quantization config): the solvers read float weights, and the result is quantized after."""
+    # The weights, not config.quantization_config: a GGUF checkpoint keeps its quantizer's record
+    # but loads dequantized to float, and compresses as it is.
     for name, full_name in targets.items():
         weight = getattr(model.get_submodule(full_name), "weight", None)
         if isinstance(weight, torch.Tensor) and is_quantized_tensor(weight):
@@ -179,7 +181,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
               ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
-    if config.quantize:  # refused now, not after the work
+    if config.quantize and config.method == "quantized_residual":  # it quantizes: refused now, not after the work
         check_quantizable(model, config.quantize, config.quantize_group_size)
     config = _recorded_generated_samples(config, data)
     if data is not None and iter(data) is data:
@@ -188,7 +190,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         check_batch(model, batch, index, task_labels=loss_fn is None)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
-    _refuse_quantized_targets(model, targets)
+    refuse_quantized_targets(model, targets)
     if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
             set(statistics.values) & set(targets):
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "

@@ -133,10 +133,12 @@ def _compress(args: argparse.Namespace) -> None:
 
     from .. import compress
     from ..blocks import is_dispatched
+    from ..compressor import refuse_quantized_targets
     from .commands import card_evaluation, check_data, eval_folder_split, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
     from ..statistics import default_accelerator
+    from ..targets import select_targets
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     with check_output(args.model, args.output, args.overwrite) as claim:
@@ -154,7 +156,9 @@ def _compress(args: argparse.Namespace) -> None:
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
-        if config.quantize:  # refused now, not after reading the data (compress checks it again)
+        # refused now, not after reading the data and the dense baseline (compress checks them again)
+        refuse_quantized_targets(model, select_targets(model, config.target_modules, config.exclude_modules))
+        if config.quantize:
             from ..integrations.quantization import check_quantizable
 
             check_quantizable(model, config.quantize, config.quantize_group_size)

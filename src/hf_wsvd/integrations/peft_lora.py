@@ -29,8 +29,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear
-from .quantization import is_quantized_tensor
 from ..runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
+from .quantization import is_quantized_tensor
 
 
 def _set_factors(layer: FactorizedLinear, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -167,8 +167,10 @@ def tensor_bits(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def is_quantized_tensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` stores a quantized weight: integer storage or a quantizer's tensor subclass."""
-    return not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter)
+    """Whether ``tensor`` stores a quantized weight: integer or 8-bit float storage (FP8 checkpoints) or a
+    quantizer's tensor subclass."""
+    return (not tensor.is_floating_point() or tensor.element_size() < 2
+            or type(tensor) not in (torch.Tensor, nn.Parameter))
 
 
 @dataclass

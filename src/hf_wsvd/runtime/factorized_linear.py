@@ -292,7 +292,8 @@ def unshare_input_factors(model: nn.Module) -> int:
 
 class FullPrecisionLinear(nn.Module):
     """``nn.Linear``'s computation under another class. Quantizers (torchao, bitsandbytes, HQQ)
-    convert ``nn.Linear`` modules only, so this one keeps its dtype under a quantization config:
+    convert ``nn.Linear`` modules (bitsandbytes GPT-2's ``Conv1D`` too), so this one keeps its dtype under a
+    quantization config:
     a factor whose shape the quantizer's kernels refuse, or a low-rank correction."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,

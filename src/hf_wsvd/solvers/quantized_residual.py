@@ -102,10 +102,9 @@ def quantized_residual(
     group = config.quantize_group_size
     for name, full_name in targets.items():
         module = model.get_submodule(full_name)
-        if type(module) is not nn.Linear:  # what the stock quantizers convert
+        if not isinstance(module, nn.Linear):  # torchao, for one, leaves GPT-2's Conv1D unquantized
             raise ValueError(f"quantized_residual corrects quantized nn.Linear layers, and {name!r} is a "
-                             f"{type(module).__name__}, which {config.quantize!r} leaves unquantized: exclude it "
-                             "(exclude_modules) or compress with a low-rank method")
+                             f"{type(module).__name__}: exclude it (exclude_modules) or compress with a low-rank method")
         in_features, out_features = linear_shape(module)
         if config.quantize in GROUPED_QUANTIZE_SPECS and in_features % group:
             raise ValueError(f"{name!r} has {in_features} inputs, not a multiple of quantize_group_size={group}: "
