@@ -208,31 +208,39 @@ def test_a_cut_attention_decodes_with_dynamic_and_static_caches(arch):
             assert cache.layers[0].keys.shape[-1] == keep  # the cache shrinks with the heads
 
 
-def test_a_cut_checkpoint_reloads_with_and_without_hf_wsvd_and_exports_dense(tmp_path):
-    _, model, report = _compressed("qwen2")
-    tiny.save(model, tmp_path / "cut")
+def _reloads_both_ways(model, folder, auto_class: str):
+    """``model`` saved to ``folder`` and reloaded with ``auto_class``, with hf_wsvd and through
+    ``trust_remote_code`` without it, each giving the same logits on tiny Qwen2 inputs; the first reload."""
+    tiny.save(model, folder)
     x = tiny.inputs("qwen2")
     with torch.no_grad():
         expected = model(**x).logits
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    reloaded = getattr(transformers, auto_class).from_pretrained(folder)
     with torch.no_grad():
         assert torch.equal(reloaded(**x).logits, expected)
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(expected, tmp_path / "expected.pt")
+    torch.save(x, folder / "x.pt")
+    torch.save(expected, folder / "expected.pt")
     result = run_without_hf_wsvd(f"""
         import torch, transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained("{tmp_path}/cut", trust_remote_code=True)
-        x, expected = torch.load("{tmp_path}/x.pt"), torch.load("{tmp_path}/expected.pt")
+        model = transformers.{auto_class}.from_pretrained("{folder}", trust_remote_code=True)
+        x, expected = torch.load("{folder}/x.pt"), torch.load("{folder}/expected.pt")
         with torch.no_grad():
             assert torch.equal(model(**x).logits, expected)
-        print("remote ok", model.model.layers[0].self_attn.head_dim)
-    """, tmp_path)
+        print("remote ok")
+    """, folder)
     assert "remote ok" in result.stdout, result.stderr[-3000:]
+    return reloaded
+
+
+def test_a_cut_checkpoint_reloads_with_and_without_hf_wsvd_and_exports_dense(tmp_path):
+    _, model, _ = _compressed("qwen2")
+    reloaded = _reloads_both_ways(model, tmp_path / "cut", "AutoModelForCausalLM")
     dense = densify(reloaded)
     assert type(dense) is transformers.Qwen2ForCausalLM and dense.model.layers[0].self_attn.head_dim == 16
     assert dense.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+    x = tiny.inputs("qwen2")
     with torch.no_grad():
-        torch.testing.assert_close(dense(**x).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dense(**x).logits, model(**x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_cut_sequence_classifier_reloads_and_a_cut_lm_loads_as_a_task_model(tmp_path):
@@ -243,28 +251,11 @@ def test_a_cut_sequence_classifier_reloads_and_a_cut_lm_loads_as_a_task_model(tm
     model, report = compress(dense, WSVDConfig(param_ratio=0.7, allocation="uniform", rank_multiple=2,
                                                attention_pruning=True), data, show_progress=False)
     assert report.attention
-    tiny.save(model, tmp_path / "classifier")
-    x = tiny.inputs("qwen2")
-    with torch.no_grad():
-        expected = model(**x).logits
-    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
-    with torch.no_grad():
-        assert torch.equal(reloaded(**x).logits, expected)
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    result = run_without_hf_wsvd(f"""
-        import torch, transformers
-        model = transformers.AutoModelForSequenceClassification.from_pretrained("{tmp_path}/classifier",
-                                                                                trust_remote_code=True)
-        x, expected = torch.load("{tmp_path}/x.pt"), torch.load("{tmp_path}/expected.pt")
-        with torch.no_grad():
-            assert torch.equal(model(**x).logits, expected)
-        print("remote ok")
-    """, tmp_path)
-    assert "remote ok" in result.stdout, result.stderr[-3000:]
+    _reloads_both_ways(model, tmp_path / "classifier", "AutoModelForSequenceClassification")
 
     _, lm, _ = _compressed("qwen2")
     tiny.save(lm, tmp_path / "lm")
+    x = tiny.inputs("qwen2")
     with torch.no_grad():
         hidden = lm.model(**x).last_hidden_state
     for auto_class in (transformers.AutoModelForSequenceClassification, transformers.AutoModelForTokenClassification):
