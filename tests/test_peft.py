@@ -154,8 +154,9 @@ def test_lora_on_a_checkpoint_quantized_at_load_trains_and_refuses_to_merge_into
 
     model, _ = tiny.compressed("llama", method="svd", param_ratio=0.5)
     model.save_pretrained(tmp_path)
-    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        tmp_path, quantization_config=quantization_config("int4", 32))
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization_config("int4", 32))
+
     quantized = load()
     kept = [name for name, m in quantized.named_modules() if type(m).__name__ == "FullPrecisionLinear"]
     assert kept  # factors whose input size the groups do not divide stay in the model's dtype

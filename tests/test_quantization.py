@@ -399,7 +399,7 @@ def test_a_quantized_checkpoint_is_refused_as_input_in_one_line(tmp_path, capsys
 
 
 def test_quantized_residual_refuses_layers_the_quantizer_leaves_and_checks_the_format_first():
-    gpt2 = tiny.build("gpt2")  # Conv1D layers: the stock quantizers convert nn.Linear only
+    gpt2 = tiny.build("gpt2")  # Conv1D layers, which torchao leaves unquantized
     with pytest.raises(ValueError, match="'h.0.attn.c_proj' is a Conv1D: exclude it"):
         hf_wsvd.compress(gpt2, hf_wsvd.WSVDConfig(method="quantized_residual", quantize="int8", residual_rank=4,
                                                   target_modules=["attn.c_proj"]), _lm_batches(2), show_progress=False)
