@@ -240,13 +240,16 @@ def merged(payloads: list[dict]) -> list[dict]:
     for payload in payloads:
         data = calibration_data(payload["calibration"])
         rows = [{**row, "calibration_blocks": row.get("calibration_blocks", data)} for row in payload["rows"]]
-        runs = payload.get("runs", [payload["environment"]["command"] + (" (cut off after its last row here)"
-                                                                          if payload.get("cut_off") else "")])
+        device = payload["environment"].get("cuda") or "CPU"
+        runs = payload.get("runs", [f"{payload['environment']['command']} ({device}"
+                                    + ("; cut off after its last row here)" if payload.get("cut_off") else ")")])
+        devices = payload.get("devices", [device])
         if payload["model"] not in models:
-            models[payload["model"]] = {**payload, "rows": rows, "runs": list(runs),
+            models[payload["model"]] = {**payload, "rows": rows, "runs": list(runs), "devices": list(devices),
                                         "samples": dict(payload.get("samples", {}))}
             continue
         model = models[payload["model"]]
+        model["devices"] = list(dict.fromkeys(model["devices"] + devices))
         seen = {_identity(row) for row in model["rows"]}  # runs repeat the compression rows before healing
         model["rows"] += [row for row in rows if row["method"] != "dense" and _identity(row) not in seen]
         model["runs"] += runs
@@ -315,7 +318,8 @@ def table(payloads: list[dict]) -> str:
         lines.append(f"\nCalibration blocks of {payload['calibration']['tokens_per_block']} tokens of wiki.valid.tokens; "
                      f"evaluation {ev['blocks']}×{ev['tokens_per_block']} tokens of {ev['file']}; healed from "
                      "the best recipe of its run by validation perplexity; measured on "
-                     f"{payload['environment'].get('cuda') or 'CPU'} (one per run)"
+                     f"{' / '.join(payload.get('devices') or [payload['environment'].get('cuda') or 'CPU'])} "
+                     "(one per run, named after its command)"
                      + (f", {payload['minutes']:.1f} minutes in all.\n" if payload.get("minutes") else ".\n"))
         lines += [f"Measured by: {run}" for run in payload.get("runs", [payload["environment"]["command"]])]
         if payload.get("samples"):

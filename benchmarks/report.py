@@ -22,6 +22,7 @@ PAGES = {
     "llm_64": "benchmarks/llm.md",
     "llm_healing": "benchmarks/llm.md",
     "llm_refine": "benchmarks/llm.md",
+    "sibling_speed": "benchmarks/layer_speed.md",
     "speed_cpu": "benchmarks/speed.md",
     "speed_gpu": "benchmarks/speed.md",
     "speed_svd": "benchmarks/speed.md",

@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -242,6 +243,13 @@ def graph_decode(model, batch: int, args, compiled: bool = False) -> dict:
             decode_pass(graph.replay, args.new_tokens)
             torch.cuda.synchronize()
             rates.append(batch * args.new_tokens / (time.perf_counter() - start))
+        # where a replayed step's GPU time goes (kernels and their count a token): tells the thin
+        # factor products' latency floor from the bytes they read
+        try:
+            kernels, top = cuda_kernels(lambda: decode_pass(graph.replay, args.new_tokens), top=24)
+            profile = {"kernel_ms_per_token": 1e3 * kernels / args.new_tokens, "top_kernels_ms": top}
+        except Exception as error:  # noqa: BLE001 - a profiler failure must not lose the timings above
+            profile = {"profile_error": f"{type(error).__name__}: {error}"[:500]}
         same = bool(torch.equal(torch.cat(eager[:-1], 1), torch.cat(replayed[:-1], 1)))
         # the same first step, eager vs replayed: bf16 rounding differences, if any, show here
         first_step_diff = float((eager[-1] - replayed[-1]).abs().max())
@@ -250,7 +258,7 @@ def graph_decode(model, batch: int, args, compiled: bool = False) -> dict:
     del graph, cache
     return {"tokens_per_s": median(rates[1:]), "runs": rates[1:], "replay_matches_eager_tokens": same,
             "checked_tokens": check, "first_step_max_logit_diff": first_step_diff,
-            "first_step_min_top2_margin": margin}
+            "first_step_min_top2_margin": margin, **profile}
 
 
 def guarded(result: dict, key: str, work) -> None:
@@ -403,6 +411,15 @@ def measure(args) -> dict:
     return payload
 
 
+# cuBLAS / cuBLASLt kernel names (Hopper's nvjet, older gemm and gemv kernels, their split-K reduction)
+MATMUL_KERNEL = re.compile(r"gemm|gemv|nvjet|splitKreduce", re.IGNORECASE)
+
+
+def matmul_ms(top_kernels: list[list], tokens: int) -> float:
+    """Milliseconds a token of the profiled kernels that are matrix products."""
+    return sum(ms for name, ms, _ in top_kernels if MATMUL_KERNEL.search(name)) / tokens
+
+
 def render(runs: list[dict]) -> str:
     from report import markdown_table
 
@@ -438,7 +455,7 @@ def render(runs: list[dict]) -> str:
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
                 f"shared), {m['dense_layers']} dense")
-            models.append([number, label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"],
+            models.append([number, run["environment"].get("cuda") or "—", label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"],
                            "×".join(map(str, run["calibration"])), f"{run['prompt_length']} + {run['new_tokens']}", *bounds,
                            (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
                            m.get("compress_seconds", "—")])
@@ -464,6 +481,10 @@ def render(runs: list[dict]) -> str:
                       f"time ({e['kernel_ms_per_token']:.2f} ms a new token, prompt included)."
                       for part in DECODE_PARTS for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
+            notes += [f"{where}, {part} batch {b}: replayed, GPU kernels {e['kernel_ms_per_token']:.2f} ms a token, "
+                      f"of which matrix products {matmul_ms(e['top_kernels_ms'], run['new_tokens']):.2f} ms."
+                      for part in ("graph", "graph_unshared") for b, e in m.get(part, {}).items()
+                      if isinstance(e, dict) and "top_kernels_ms" in e]
             notes += [f"{where}, {part} batch {b}: the compiled warm-up (compilation included) "
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
                       for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
@@ -504,15 +525,15 @@ def render(runs: list[dict]) -> str:
                     name = "prefill" if part == "prefill" else f"CUDA-graph decode, batch {batch}"
                     notes.append(f"{where}: {name} ×{now / dense:.3f} (target ≥{target}: "
                                  f"{verdict(now / dense >= target)}).")
-    run = runs[0]
     model_table = markdown_table(
-        ["run", "Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
+        ["run", "GPU", "Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
          "calibration (random tokens)", "decode: prompt + new tokens", "bound b1 (dense bytes/bytes)", "bound b16",
          "peak GiB prefill", "peak GiB decode", "compress s"], models)
     timing_table = markdown_table(
         ["run", "reduction", "part", "tokens/s, batch 1 (prefill: the shape named)",
          "×dense", "tokens/s, batch 16", "×dense"], timings)
-    return (f"{model_table}\n\n{timing_table}\n\n{run['environment'].get('cuda')}; each run's models, then their "
+    gpus = " / ".join(dict.fromkeys(r["environment"].get("cuda") or "—" for r in runs))
+    return (f"{model_table}\n\n{timing_table}\n\n{gpus} (each run's GPU: first table); each run's models, then their "
             "timings (×dense: against the dense model of the same run; int8 rows against int8 dense); decode: "
             "greedy, KV cache. " + " ".join(PART_NOTES) +
             " Bound: the bytes one decode step reads (weights + KV cache at the mean context), dense over "

@@ -254,6 +254,12 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "run 2, 40%, batch 1: inductor's kernels replayed ×1.15 against eager kernels replayed ×1.20 (target: no lower: NOT met)." in text
     assert "| 2 | 40% | CUDA-graph decode, inductor's kernels | 126.500 | 1.150 | — | — |" in text
     assert "| 1 | 40% | prefill (1×8 tokens) | 1300.000 | 1.300 | — | — |" in text  # no batch: the first columns
+    # where a replayed step's GPU time goes: its kernels a token, and of them the matrix products
+    run["models"][1]["graph"]["1"].update({"kernel_ms_per_token": 3.0, "top_kernels_ms": [
+        ["nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", 6.0, 8], ["cublasLt::splitKreduce_kernel", 2.0, 8],
+        ["at::native::vectorized_elementwise_kernel", 4.0, 40]]})
+    assert "run 1, 40%, graph batch 1: replayed, GPU kernels 3.00 ms a token, of which matrix products 2.00 ms." in speed_gpu.render([run])
+    assert "| 1 | gpu | 40% (recommended) |" in text  # each run's GPU, beside its models
     # int8 measured without torchao's tuning: its rows say so, and the run's notes
     for m, tokens in zip(run["models"], (16.9, 21.6)):
         m["int8_graph"] = {"1": {"tokens_per_s": tokens}}
@@ -268,6 +274,22 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "| 1 | 40% | nf4 CUDA-graph decode | 250.000 | 1.250 | — | — |" in text
     assert "run 1: nf4: the same model with bitsandbytes 4-bit NormalFloat block linears" in text
     assert "bitsandbytes" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
+
+
+def test_sibling_speed_table_shows_each_variant_where_it_ran(benchmarks_on_path):
+    """A variant a group cannot take (grouped_mm needs one output width) reads as a dash, not a number."""
+    import sibling_speed
+
+    def row(group, us):
+        return {"group": group, "tokens": 1, "ratio": 0.5, "us": us,
+                "x_dense": {v: us["dense"] / t for v, t in us.items()}}
+
+    run = {"environment": {"cuda": "gpu"}, "threads": 1, "rounds": 7, "iters": 20,
+           "rows": [row("q/k/v", {"dense": 50.0, "shared": 25.0, "grouped_mm": 40.0}),
+                    row("q/kv", {"dense": 30.0, "shared": 20.0})]}
+    text = sibling_speed.render([run])
+    assert "| gpu | q/k/v | 1 | 0.500 | 50.0 (1.00) | 25.0 (2.00) | 40.0 (1.25) |" in text
+    assert "| gpu | q/kv | 1 | 0.500 | 30.0 (1.00) | 20.0 (1.50) | — |" in text
 
 
 def test_gpu_speed_benchmark_refuses_nf4_beside_int8_or_with_widths_its_kernels_do_not_take(benchmarks_on_path,

@@ -97,15 +97,60 @@ class HealReport:
     losses: dict[int, float] = field(default_factory=dict)
 
 
+# Logit elements per chunk of token_kl: its float32 intermediates (log-softmaxes, probabilities) are
+# this size each, whatever the batch (one float32 copy of a 150k-vocabulary model's logits at batch
+# 32 × 512 is 10 GB, and autograd through the whole batch at once kept about six).
+KL_CHUNK_ELEMENTS = 2**26
+
+
+def _kl_chunks(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float,
+               chunk_elements: int, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over tokens of weight × KL(teacher ‖ student) at ``temperature``, ``chunk_elements`` logits
+    at a time; ``grad``, when given, receives its gradient with respect to ``student``."""
+    vocab = student.shape[-1]
+    rows = max(1, chunk_elements // vocab)
+    total = torch.zeros((), device=student.device, dtype=torch.float32)
+    for start in range(0, student.shape[0], rows):
+        part = slice(start, start + rows)
+        log_student = F.log_softmax(student[part].float() / temperature, dim=-1)
+        log_teacher = F.log_softmax(teacher[part].float() / temperature, dim=-1)
+        taught = log_teacher.exp()
+        total += ((taught * (log_teacher - log_student)).sum(dim=-1) * weights[part]).sum()
+        if grad is not None:
+            grad[part] = (log_student.exp() - taught) * (weights[part] / temperature)[:, None]
+    return total
+
+
+class _TokenKL(torch.autograd.Function):
+    """``_kl_chunks`` whose gradient is computed with it, chunk by chunk: backward then needs one
+    tensor of the logits' size, not autograd's record of every chunk's intermediates."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, temperature, chunk_elements):
+        grad = torch.empty_like(student)
+        ctx.save_for_backward(grad)
+        return _kl_chunks(student, teacher, weights, temperature, chunk_elements, grad)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None
+
+
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-             temperature: float = 1.0) -> torch.Tensor:
+             temperature: float = 1.0, chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean over real tokens of KL(teacher ‖ student) of the next-token distributions at
-    ``temperature`` (scaled by T² so that gradients keep their size across temperatures)."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)
-    weights = mask.to(per_token.dtype)
-    return (per_token * weights).sum() / weights.sum().clamp_min(1) * temperature**2
+    ``temperature`` (scaled by T² so that gradients keep their size across temperatures), computed
+    ``chunk_elements`` logits at a time so that its memory does not grow with the batch. The
+    teacher's logits are a fixed target: no gradient flows to them."""
+    vocab = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
+    weights = mask.reshape(-1).to(device=student.device, dtype=torch.float32)
+    if torch.is_grad_enabled() and student.requires_grad:
+        total = _TokenKL.apply(student, teacher, weights, temperature, chunk_elements)
+    else:
+        total = _kl_chunks(student, teacher, weights, temperature, chunk_elements)
+    return total / weights.sum().clamp_min(1) * temperature**2
 
 
 class DistillationTrainer(Trainer):
