@@ -67,15 +67,20 @@ def test_token_kl_in_chunks_equals_the_whole_batch_loss_and_its_gradient(chunk_e
     (grad,) = torch.autograd.grad(loss, student)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
-    with torch.no_grad():  # the evaluation path: no recomputation, the same value
+    with torch.no_grad():  # the evaluation path: no gradient computed, the same value
         torch.testing.assert_close(token_kl(student, teacher, mask, 2.0, chunk_elements), loss.detach())
+    # the gradient is scaled in place, once: a second pass through the same graph is refused, not wrong
+    loss = token_kl(student, teacher, mask, temperature=2.0, chunk_elements=chunk_elements)
+    torch.testing.assert_close(torch.autograd.grad(3 * loss, student, retain_graph=True)[0], 3 * expected_grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, student)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_token_kl_memory_does_not_grow_with_copies_of_a_large_vocabulary_batch():
     """Healing Qwen2.5 (151,936 tokens) at batch 32 × 512 ran out of an 80 GB GPU in this loss, which
-    held about six float32 copies of the logits: now its gradient and its product with the upstream
-    one are the only tensors of the logits' size, the rest is one chunk's."""
+    held about six float32 copies of the logits: now its gradient is the only tensor of the logits'
+    size, the rest is one chunk's."""
     torch.manual_seed(0)
     shape = (32, 512, 151936)
     student = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -88,7 +93,7 @@ def test_token_kl_memory_does_not_grow_with_copies_of_a_large_vocabulary_batch()
     token_kl(student, teacher, mask).backward()
     torch.cuda.synchronize()
     chunk_bytes = 6 * KL_CHUNK_ELEMENTS * 4  # a chunk's float32 intermediates
-    assert torch.cuda.max_memory_allocated() - before <= 2 * logits_bytes + chunk_bytes + 2**26
+    assert torch.cuda.max_memory_allocated() - before <= logits_bytes + chunk_bytes + 2**26
     assert torch.isfinite(student.grad).all()
 
 

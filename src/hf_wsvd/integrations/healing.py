@@ -123,7 +123,9 @@ def _kl_chunks(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tens
 
 class _TokenKL(torch.autograd.Function):
     """``_kl_chunks`` whose gradient is computed with it, chunk by chunk: backward then needs one
-    tensor of the logits' size, not autograd's record of every chunk's intermediates."""
+    tensor of the logits' size, not autograd's record of every chunk's intermediates. Backward
+    scales that tensor in place and hands it on (a second backward through the same graph is
+    refused by autograd's check of saved tensors)."""
 
     @staticmethod
     def forward(ctx, student, teacher, weights, temperature, chunk_elements):
@@ -134,7 +136,7 @@ class _TokenKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
