@@ -145,7 +145,17 @@ def main() -> None:
     parser.add_argument("--triton-blocks", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
                         default=[(32, 128), (64, 64), (64, 128), (16, 256)], metavar="NxK")
     add_json_arguments(parser)
-    measure_or_publish("sibling_speed", parser.parse_args(), measure, render)
+    args = parser.parse_args()
+    if args.triton and not args.from_json:
+        # the kernel has one row tile of 16 tokens and no mask on output columns
+        if max(args.tokens) > 16:
+            parser.error(f"--triton takes at most 16 tokens (its one row tile), not {max(args.tokens)}")
+        widths = {n for _, ns in GROUPS.values() for n in ns}
+        for block_n, _ in args.triton_blocks:
+            if any(n % block_n for n in widths):
+                parser.error(f"--triton-blocks {block_n}x…: every output width ({sorted(widths)}) must be a multiple "
+                             f"of the tile's {block_n} columns")
+    measure_or_publish("sibling_speed", args, measure, render)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def cuda_graphed(call: Callable[[], object], repeats: int) -> Callable[[], None]
     return graph.replay
 
 
-def cuda_kernels(call: Callable[[], object], top: int = 12) -> tuple[float, list[list]]:
+def cuda_kernels(call: Callable[[], object], top: int | None = 12) -> tuple[float, list[list]]:
     """Seconds the GPU spent in kernels (and copies) while ``call()`` ran, those replayed from CUDA
-    graphs included (the profiler's device records), and the ``top`` kernels by time as
+    graphs included (the profiler's device records), and the ``top`` kernels by time (None: all) as
     ``[name, milliseconds, count]``: set against the wall time, it tells a run bound by the GPU from
     one bound by the host (Python, launches), and which kernels take the GPU's time."""
     from collections import defaultdict

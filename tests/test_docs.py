@@ -255,10 +255,16 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "| 2 | 40% | CUDA-graph decode, inductor's kernels | 126.500 | 1.150 | — | — |" in text
     assert "| 1 | 40% | prefill (1×8 tokens) | 1300.000 | 1.300 | — | — |" in text  # no batch: the first columns
     # where a replayed step's GPU time goes: its kernels a token, and of them the matrix products
-    run["models"][1]["graph"]["1"].update({"kernel_ms_per_token": 3.0, "top_kernels_ms": [
-        ["nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", 6.0, 8], ["cublasLt::splitKreduce_kernel", 2.0, 8],
-        ["at::native::vectorized_elementwise_kernel", 4.0, 40]]})
-    assert "run 1, 40%, graph batch 1: replayed, GPU kernels 3.00 ms a token, of which matrix products 2.00 ms." in speed_gpu.render([run])
+    kernels = [["nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT", 6.0, 8], ["cublasLt::splitKreduce_kernel", 2.0, 8],
+               ["at::native::vectorized_elementwise_kernel", 3.0, 40], ["gemv2T_kernel_val", 1.0, 4]]
+    assert speed_gpu.matmul_ms(kernels, steps=4) == 2.25  # cuBLAS's names: nvjet, split-K reduction, gemv
+    graph = run["models"][1]["graph"]["1"]
+    graph.update({"kernel_ms_per_step": 3.0, "matmul_ms_per_step": 2.25, "top_kernels_ms": kernels})
+    assert ("run 1, 40%, graph batch 1: replayed, GPU kernels 3.00 ms a decode step, of which matrix products "
+            "2.25 ms.") in speed_gpu.render([run])
+    del graph["matmul_ms_per_step"]  # a run that kept only its largest kernels: a lower bound, and what it leaves
+    graph["top_kernels_ms"] = kernels[:3]
+    assert ("of which matrix products at least 2.00 ms (of the 3 largest kernels; the others 0.25 ms).") in speed_gpu.render([run])
     assert "| 1 | gpu | 40% (recommended) |" in text  # each run's GPU, beside its models
     # int8 measured without torchao's tuning: its rows say so, and the run's notes
     for m, tokens in zip(run["models"], (16.9, 21.6)):
@@ -290,6 +296,18 @@ def test_sibling_speed_table_shows_each_variant_where_it_ran(benchmarks_on_path)
     text = sibling_speed.render([run])
     assert "| gpu | q/k/v | 1 | 0.500 | 50.0 (1.00) | 25.0 (2.00) | 40.0 (1.25) |" in text
     assert "| gpu | q/kv | 1 | 0.500 | 30.0 (1.00) | 20.0 (1.50) | — |" in text
+
+
+@pytest.mark.parametrize("options, says", [(["--tokens", "1", "32"], "at most 16 tokens"),
+                                           (["--triton-blocks", "48x64"], "must be a multiple of the tile's 48 columns")])
+def test_sibling_speed_refuses_sizes_its_triton_kernel_would_compute_wrong(benchmarks_on_path, monkeypatch, capsys,
+                                                                           options, says):
+    import sibling_speed
+
+    monkeypatch.setattr(sys, "argv", ["sibling_speed.py", "--triton", *options])
+    with pytest.raises(SystemExit):
+        sibling_speed.main()
+    assert says in capsys.readouterr().err
 
 
 def test_gpu_speed_benchmark_refuses_nf4_beside_int8_or_with_widths_its_kernels_do_not_take(benchmarks_on_path,

@@ -76,6 +76,36 @@ def test_token_kl_in_chunks_equals_the_whole_batch_loss_and_its_gradient(chunk_e
         torch.autograd.grad(loss, student)
 
 
+def test_token_kl_gradient_reaches_half_precision_and_strided_logits():
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 6, 50)
+    mask = torch.ones(3, 6)
+    wide = torch.randn(3, 6, 64, requires_grad=True)  # a strided view: the gradient goes back through reshape
+    student = wide[..., :50]
+    (grad,) = torch.autograd.grad(token_kl(student, teacher, mask, chunk_elements=70), wide)
+    plain = student.detach().clone().requires_grad_()
+    (plain_grad,) = torch.autograd.grad(token_kl(plain, teacher, mask, chunk_elements=10**9), plain)
+    torch.testing.assert_close(grad[..., :50], plain_grad)
+    assert not grad[..., 50:].any()
+    # bfloat16 logits (mixed-precision training): a bfloat16 gradient of the float32 one's values
+    low = student.detach().bfloat16().requires_grad_()
+    (low_grad,) = torch.autograd.grad(token_kl(low, teacher, mask, chunk_elements=70), low)
+    assert low_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low_grad.float(), plain_grad, atol=1e-4, rtol=2e-2)
+    # float16 under a loss scaler: gradients far below float16's range survive until the scale reaches them
+    half = torch.randn(2, 4, 16).half().requires_grad_()
+    near = half.detach().float() + 1e-6 * torch.randn(2, 4, 16)
+    (half_grad,) = torch.autograd.grad(2.0**16 * token_kl(half, near, torch.ones(2, 4)), half)
+    assert half_grad.dtype == torch.float16 and (half_grad != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("chunk_elements", [0, -5, 1e9, True])
+def test_token_kl_refuses_a_chunk_size_that_is_not_a_positive_whole_number(chunk_elements):
+    logits = torch.randn(1, 2, 5)
+    with pytest.raises(ValueError, match=f"chunk_elements={chunk_elements!r} must be a whole number"):
+        token_kl(logits, logits, torch.ones(1, 2), chunk_elements=chunk_elements)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_token_kl_memory_does_not_grow_with_copies_of_a_large_vocabulary_batch():
     """Healing Qwen2.5 (151,936 tokens) at batch 32 × 512 ran out of an 80 GB GPU in this loss, which

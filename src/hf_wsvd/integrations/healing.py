@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
@@ -125,15 +126,18 @@ class _TokenKL(torch.autograd.Function):
     """``_kl_chunks`` whose gradient is computed with it, chunk by chunk: backward then needs one
     tensor of the logits' size, not autograd's record of every chunk's intermediates. Backward
     scales that tensor in place and hands it on (a second backward through the same graph is
-    refused by autograd's check of saved tensors)."""
+    refused by autograd's check of saved tensors; a gradient of the gradient, by
+    ``once_differentiable``)."""
 
     @staticmethod
     def forward(ctx, student, teacher, weights, temperature, chunk_elements):
-        grad = torch.empty_like(student)
+        # float16 would flush small gradients to zero before a loss scaler's factor reaches them
+        grad = torch.empty_like(student, dtype=torch.float32 if student.dtype == torch.float16 else None)
         ctx.save_for_backward(grad)
         return _kl_chunks(student, teacher, weights, temperature, chunk_elements, grad)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_output), None, None, None, None
@@ -143,8 +147,11 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
              temperature: float = 1.0, chunk_elements: int = KL_CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean over real tokens of KL(teacher ‖ student) of the next-token distributions at
     ``temperature`` (scaled by T² so that gradients keep their size across temperatures), computed
-    ``chunk_elements`` logits at a time so that its memory does not grow with the batch. The
-    teacher's logits are a fixed target: no gradient flows to them."""
+    ``chunk_elements`` logits at a time so that its float32 intermediates do not grow with the batch
+    (its gradient is one tensor of the logits' size). The teacher's logits are a fixed target: no
+    gradient flows to them."""
+    if not is_integer(chunk_elements) or chunk_elements < 1:
+        raise ValueError(f"chunk_elements={chunk_elements!r} must be a whole number ≥ 1 (logits computed at a time)")
     vocab = student_logits.shape[-1]
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
     weights = mask.reshape(-1).to(device=student.device, dtype=torch.float32)
