@@ -7,8 +7,10 @@ Variants, per sibling group, token count and kept ratio (each sibling's rank at 
 - ``shared``: the runtime today: one down matmul for the group, then one up matmul per sibling;
 - ``grouped_mm``: the shared down, then ``torch.nn.functional.grouped_mm`` for every up at once
   (siblings of one output width only);
-- ``triton``: the shared down, then one Triton kernel for every up (``--triton``).
-Each variant's output is checked against ``shared``'s.
+- ``triton``: the shared down, then one Triton kernel for every up (``--triton``);
+- ``dense, streams`` / ``shared, up streams``: the dense products, or the shared down's ups, each on
+  a CUDA stream of its own, so that their kernels may run at once (``--streams``).
+Each variant's output is checked against ``shared``'s (``dense, streams`` against ``dense``'s).
 
     python benchmarks/sibling_speed.py --json-out sibling_speed.json     # a CUDA machine
     python benchmarks/sibling_speed.py --from-json sibling_speed.json
@@ -79,6 +81,25 @@ def time_group(name: str, in_features: int, widths: list[int], tokens: int, rati
         return [F.linear(part, up) for part, up in zip(z.split(ranks, dim=1), ups)]
 
     calls["shared"] = shared
+    if args.streams:
+        side = [torch.cuda.Stream() for _ in widths]
+
+        def concurrently(products: list) -> list[torch.Tensor]:
+            """Each ``() -> tensor`` on its own stream, joined back: parallel branches of a CUDA graph."""
+            main, outputs = torch.cuda.current_stream(), []
+            for stream, product in zip(side, products):
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    outputs.append(product())
+            for stream, output in zip(side, outputs):
+                main.wait_stream(stream)
+                output.record_stream(main)
+            return outputs
+
+        calls["dense, streams"] = lambda: concurrently([lambda layer=layer: layer(x) for layer in dense])
+        calls["shared, up streams"] = lambda: (lambda z: concurrently(
+            [lambda part=part, up=up: F.linear(part, up) for part, up in zip(z.split(ranks, dim=1), ups)]))(
+            F.linear(x, down))
     if len(set(widths)) == 1:
         cat = torch.cat(ups, dim=1).contiguous()  # width × Σranks; each sibling's up is a block of columns
         offs = torch.tensor(ranks, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -96,24 +117,23 @@ def time_group(name: str, in_features: int, widths: list[int], tokens: int, rati
             calls[f"triton {block_n}x{block_k}"] = (
                 lambda meta, bn, bk: lambda: launch(F.linear(x, down), flat, meta, out, bn, bk).split(widths, dim=1)
             )(meta, block_n, block_k)
-    reference = [y.float() for y in shared()]
-    errors = {}
-    for variant, call in list(calls.items()):
-        if variant in ("dense", "shared"):
-            continue
+    references = {"dense": [y.float() for y in calls["dense"]()], "shared": [y.float() for y in shared()]}
+    errors, graphed = {}, {}
+    for variant, call in calls.items():
         try:
-            got = call()
-            errors[variant] = max(float((g.float() - r).abs().max() / r.abs().max()) for g, r in zip(got, reference))
+            if variant not in references:  # dense variants against the dense layers, the others against the factors
+                expected = references["dense" if variant.startswith("dense") else "shared"]
+                errors[variant] = max(float((g.float() - r).abs().max() / r.abs().max())
+                                      for g, r in zip(call(), expected))
+            graphed[variant] = cuda_graphed(call, args.iters)
         except Exception as error:  # noqa: BLE001 - a variant this torch or GPU lacks is recorded, not fatal
             errors[variant] = f"{type(error).__name__}: {error}"[:300]
-            del calls[variant]
-    graphed = {variant: cuda_graphed(call, args.iters) for variant, call in calls.items()}
     seconds = {variant: [t / args.iters for t in samples]
                for variant, samples in interleaved_seconds(graphed, args.rounds, 1, 3, device).items()}
     return {"group": name, "in": in_features, "widths": widths, "ranks": ranks, "ratio": ratio, "tokens": tokens,
             "us": {v: 1e6 * median(s) for v, s in seconds.items()},
             "x_dense": {v: speedup(seconds["dense"], s) for v, s in seconds.items()},
-            "relative_error_vs_shared": errors}
+            "relative_error": errors}
 
 
 def measure(args) -> dict:
@@ -142,6 +162,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel")
+    parser.add_argument("--streams", action="store_true",
+                        help="also time the siblings' products on one CUDA stream each (dense, and the shared "
+                             "down's ups): parallel branches of the captured graph")
     parser.add_argument("--triton-blocks", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
                         default=[(32, 128), (64, 64), (64, 128), (16, 256)], metavar="NxK")
     add_json_arguments(parser)
