@@ -466,7 +466,8 @@ def render(runs: list[dict]) -> str:
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
                 f"shared), {m['dense_layers']} dense")
-            models.append([number, run["environment"].get("cuda") or "—", label, structure, f"{m['params'] / 1e9:.2f}B", m["param_ratio"],
+            models.append([number, run["environment"].get("cuda") or "—", label, structure, f"{m['params'] / 1e9:.2f}B",
+                           m["param_ratio"],
                            "×".join(map(str, run["calibration"])), f"{run['prompt_length']} + {run['new_tokens']}", *bounds,
                            (m.get("prefill") or {}).get("peak_gib", "—"), max(peaks, default="—"),
                            m.get("compress_seconds", "—")])
