@@ -151,8 +151,9 @@ def render(payloads: list[dict]) -> str:
         [[device_label(run), row["group"], row["tokens"], row["ratio"],
           *[f"{row['us'][v]:.1f} ({row['x_dense'][v]:.2f})" if v in row["us"] else "—" for v in variants]]
          for run in payloads for row in run["rows"]])
+    rounds = " / ".join(str(run["rounds"]) for run in payloads)
     return (f"{table}\n\nOne CUDA graph of {payloads[0]['iters']} calls per sample, medians of "
-            f"{payloads[0]['rounds']} interleaved rounds; bf16.")
+            f"{rounds} interleaved rounds (in the order of the rows' runs); bf16.")
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ shape (random bf16 weights) dense and compressed by the recommended recipe (``WS
 factorized or dense layers — is the one the recipe chooses for this model), built, measured and
 freed one at a time: prefill tokens/s (8 × 2048, KV cache written, last logits only), greedy decode
 tokens/s at batch 1 and 16 with ``generate`` (256 new tokens after a 128-token prompt, KV cache;
-timed from the first new token), decode replayed from a captured CUDA graph (``graph``), and
+timed from the first new token), decode replayed from a captured CUDA graph (``graph``; ``graph_overlap``:
+with the up products of sibling layers on parallel streams, ``overlap_sibling_products``), and
 ``generate`` with a static cache compiled by ``torch.compile`` (``compile``; its tokens checked
 against eager greedy decoding), peak GPU memory. Beside each model: the bytes one decode step reads
 (weights, and the KV cache at the mean context of the decode), whose ratio to dense bounds the
@@ -36,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from hf_wsvd import WSVDConfig, unshare_input_factors
+from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
 from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, measure_or_publish, median,
                     shared_down_groups, token_batch, verdict, with_key)
 
@@ -51,7 +52,8 @@ TARGETS = {0.2: {("graph", "1"): 1.10, ("graph", "16"): 1.09, ("prefill", None):
 
 
 # How the table names each timed part, in its order, and what each means.
-PART_NAMES = {"prefill": "prefill", "graph": "CUDA-graph decode", "graph_compiled": "CUDA-graph decode, inductor's kernels",
+PART_NAMES = {"prefill": "prefill", "graph": "CUDA-graph decode",
+              "graph_overlap": "CUDA-graph decode, sibling ups overlapped", "graph_compiled": "CUDA-graph decode, inductor's kernels",
               "graph_unshared": "CUDA-graph decode, downs unshared", "decode": "generate",
               "compile": "compiled generate", "compile_unshared": "compiled generate, downs unshared",
               "int8": "int8 compiled generate", "int8_graph": "int8 CUDA-graph decode, inductor's kernels",
@@ -62,6 +64,8 @@ PART_NOTES = ("generate is timed from the first new token;",
               "CUDA-graph decode replays one captured step (static cache) per token (inductor's kernels: the step's "
               "forward compiled by torch.compile, then captured);",
               "compiled generate uses a static cache and torch.compile;",
+              "sibling ups overlapped: the up products of layers sharing a down matmul each on a CUDA stream of its "
+              "own (overlap_sibling_products);",
               "downs unshared: each factorized layer its own down matmul;",
               "int8: the same model with torchao int8 weight-only block linears.")
 
@@ -305,7 +309,7 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
 
         guarded(result, "prefill", prefill)
         checkpoint(result)
-    parts = (("decode", decode), ("graph", graph_decode),
+    parts = (("decode", decode), ("graph", graph_decode), ("graph_overlap", graph_decode),
              ("graph_compiled", lambda model, batch, args: graph_decode(model, batch, args, compiled=True)),
              ("compile", lambda model, batch, args: decode(model, batch, args, compiled=True)),
              ("graph_unshared", graph_decode),
@@ -342,6 +346,7 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             gc.collect()
             torch.cuda.empty_cache()
             result["nf4_weights_gib"] = torch.cuda.memory_allocated() / 2**30
+        overlap_sibling_products(model, part == "graph_overlap")
         result[part] = {}
         for batch in args.decode_batches:
             def measured(batch=batch, run=run) -> dict:
@@ -495,12 +500,13 @@ def render(runs: list[dict]) -> str:
                       if isinstance(e, dict) and "kernel_share_of_wall" in e]
             notes += [f"{where}, {part} batch {b}: replayed, GPU kernels {e['kernel_ms_per_step']:.2f} ms a decode "
                       f"step, of which matrix products {step_matmuls(e, run['new_tokens'])}."
-                      for part in ("graph", "graph_unshared") for b, e in m.get(part, {}).items()
+                      for part in ("graph", "graph_overlap", "graph_unshared") for b, e in m.get(part, {}).items()
                       if isinstance(e, dict) and "kernel_ms_per_step" in e]
             notes += [f"{where}, {part} batch {b}: the compiled warm-up (compilation included) "
                       f"took {e['warmup_seconds']:.0f} s." for part in ("compile", "compile_unshared", "int8")
                       for b, e in m.get(part, {}).items() if isinstance(e, dict) and "warmup_seconds" in e]
-            mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_compiled", " (inductor's kernels)"),
+            mismatched = {batch + suffix: entry for part, suffix in (("graph", ""), ("graph_overlap", " (sibling ups overlapped)"),
+                                                                    ("graph_compiled", " (inductor's kernels)"),
                                                                     ("int8_graph", " (int8, inductor's kernels)"),
                                                                     ("nf4_graph", " (nf4)"))
                           for batch, entry in m.get(part, {}).items()
@@ -557,7 +563,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
     parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
                         choices=["prefill", *DECODE_PARTS],
-                        help="graph: decode replayed from a CUDA graph (static cache); graph_compiled: the same with "
+                        help="graph: decode replayed from a CUDA graph (static cache); graph_overlap: the same with "
+                             "overlap_sibling_products (sibling up products on parallel streams); graph_compiled: the same with "
                              "the step's forward compiled by inductor; compile: generate with a static "
                              "cache and torch.compile; graph_unshared / compile_unshared: graph / compile again after "
                              "unshare_input_factors (each layer its own down matmul); int8: compiled decoding after "

@@ -16,7 +16,8 @@ from torch import nn
 
 import tiny
 from helpers import run_without_hf_wsvd
-from hf_wsvd import FactorizedLinear, WSVDConfig, compress, share_input_factors, unshare_input_factors
+from hf_wsvd import (FactorizedLinear, WSVDConfig, compress, overlap_sibling_products, share_input_factors,
+                     unshare_input_factors)
 from hf_wsvd.integrations.peft_lora import register_factorized_lora
 
 # float32: each output element is the same length-`in` dot product shared or not; only the BLAS
@@ -285,12 +286,40 @@ def test_trust_remote_code_shares(tmp_path):
     assert module.startswith("transformers_modules") and released and groups == 4 and diff < 1e-5, result.stdout
 
 
+def test_overlap_reaches_every_group_and_changes_nothing_outside_a_graph_capture():
+    """``overlap_sibling_products`` sets every group (and survives a deep copy); outside a CUDA graph
+    capture the layers compute as before: the same outputs, each layer its own up product."""
+    model, plain = tiny_llama(), tiny_llama()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        expected = plain(ids, use_cache=False).logits
+        assert overlap_sibling_products(model) == 4
+        groups = {id(m.shared_down): m.shared_down for m in model.modules()
+                  if isinstance(m, FactorizedLinear) and m.shared_down is not None}
+        assert len(groups) == 4 and all(group.overlap for group in groups.values())
+        ups = []
+        for module in model.modules():
+            if isinstance(module, FactorizedLinear) and module.shared_down is not None:
+                module.up.register_forward_hook(lambda *_: ups.append(1))
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, **TOLERANCES[torch.float32])
+        assert len(ups) == sum(len(group.layers) for group in groups.values())
+        assert all(group._streams is None for group in groups.values())  # no stream made on the CPU
+        copied = copy.deepcopy(model)
+        assert all(m.shared_down.overlap for m in copied.modules()
+                   if isinstance(m, FactorizedLinear) and m.shared_down is not None)
+        assert overlap_sibling_products(model, False) == 4 and not any(g.overlap for g in groups.values())
+    with pytest.raises(ValueError, match="enabled='yes' must be True or False"):
+        overlap_sibling_products(model, "yes")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_of_a_shared_model():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cuda_graph_replay_of_a_shared_model(overlap):
     """A forward captured in a CUDA graph (as benchmarks/speed_gpu.py captures decode steps) replays
     the eager shared forward, which equals the unshared one."""
     model = tiny_llama().to("cuda", torch.bfloat16)
     assert model.model.layers[0].self_attn.q_proj.shared_down.weight.is_cuda
+    assert overlap_sibling_products(model, overlap) == 4
     ids = torch.tensor([[7, 8, 9, 10, 11]], device="cuda")
     with torch.inference_mode():
         eager = model(ids, use_cache=False).logits.clone()
@@ -306,5 +335,7 @@ def test_cuda_graph_replay_of_a_shared_model():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, eager, **TOLERANCES[torch.bfloat16])
+        # the siblings' up products ran on streams of their own in the captured graph, only if asked
+        assert (model.model.layers[0].self_attn.q_proj.shared_down._streams is not None) == overlap
         unshare_input_factors(model)
         torch.testing.assert_close(model(ids, use_cache=False).logits, eager, **TOLERANCES[torch.bfloat16])

@@ -24,6 +24,7 @@ _EXPORTS = {
     "WSVDConfig": "config",
     "FactorizedEmbedding": "runtime.factorized_embedding",
     "FactorizedLinear": "runtime.factorized_linear",
+    "overlap_sibling_products": "runtime.factorized_linear",
     "share_input_factors": "runtime.factorized_linear",
     "unshare_input_factors": "runtime.factorized_linear",
     "parameter_counts": "integrations.checkpoint",
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
     from .compressor import CompressionReport, compress
     from .config import WSVDConfig
     from .runtime.factorized_embedding import FactorizedEmbedding
-    from .runtime.factorized_linear import FactorizedLinear, share_input_factors, unshare_input_factors
+    from .runtime.factorized_linear import (FactorizedLinear, overlap_sibling_products, share_input_factors,
+                                            unshare_input_factors)
 
 
 def __getattr__(name: str) -> Any:

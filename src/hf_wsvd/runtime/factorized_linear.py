@@ -128,9 +128,9 @@ class FactorizedLinear(_RankedFactors, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_down is not None:
-            down = self.shared_down.down_output(self, x)
-            if down is not None:
-                return self.up(down).reshape(*x.shape[:-1], -1)
+            output = self.shared_down.output(self, x)
+            if output is not None:
+                return output
         return self.up(self.down(x))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -164,7 +164,9 @@ class SharedDown:
     first layer called computes ``input @ weight.T`` for all of them, and each layer then called
     with that same input tensor takes its columns; no product outlives the call. A layer computes
     its own ``down`` instead while autograd needs a down factor's gradient (training them), and
-    outside a call of ``owner``. Once a factor is no longer a view of ``weight`` (a module
+    outside a call of ``owner``. With ``overlap`` set (:func:`overlap_sibling_products`), while a
+    CUDA graph is being captured the first layer called also computes every layer's ``up``, each on
+    a CUDA stream of its own (parallel branches of the graph), and the others take their output. Once a factor is no longer a view of ``weight`` (a module
     replaced by peft, a quantizer, an offload hook or a LoRA merge; ``.to``) the group releases
     itself, in eager mode (data pointers cannot be read under ``torch.compile``, which guards the
     identity checks instead).
@@ -172,6 +174,7 @@ class SharedDown:
 
     def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
         self.owner, self.layers = owner, tuple(layers)
+        self.overlap, self._streams = False, None
         self._stack(tuple(layer.down for layer in layers))
         owner.register_forward_pre_hook(self._enter)
         owner.register_forward_hook(self._exit, always_call=True)
@@ -199,10 +202,9 @@ class SharedDown:
     def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
         self._open, self._product = False, None
 
-    def down_output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer.down(x)`` taken from the shared matmul, as rows (tokens × rank), or None where
-        ``layer`` computes its own."""
-        # (input, outputs) in one attribute: read at once, a pair is never mixed from two calls
+    def output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer(x)`` computed from the shared matmul, or None where ``layer`` computes its own."""
+        # (input, down rows, up outputs) in one attribute: read at once, never mixed from two calls
         # (two threads calling the owner at the same time recompute, never read each other's).
         product = self._product
         if not self._open:
@@ -213,8 +215,33 @@ class SharedDown:
             # Rows: a layer's columns are strided, and a linear of strided 2-D rows is one addmm where
             # one of a strided 3-D batch is a matmul plus a bias add (slower, and one more launch).
             rows = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
-            product = self._product = (x, rows.split_with_sizes(self.ranks, dim=1))
-        return product[1][self.layers.index(layer)]
+            rows = rows.split_with_sizes(self.ranks, dim=1)
+            # Streams only inside a graph capture: in eager decoding their switches cost host time,
+            # which is what bounds it at small batches.
+            ups = (self._ups_on_streams(rows, x.shape[:-1])
+                   if self.overlap and x.is_cuda and not torch.compiler.is_compiling()
+                   and torch.cuda.is_current_stream_capturing() else None)
+            product = self._product = (x, rows, ups)
+        index = self.layers.index(layer)
+        if product[2] is not None:
+            return product[2][index]
+        return layer.up(product[1][index]).reshape(*x.shape[:-1], -1)
+
+    def _ups_on_streams(self, rows: tuple[torch.Tensor, ...], lead: torch.Size) -> tuple[torch.Tensor, ...]:
+        """Every layer's ``up`` of its rows, each on a stream of its own forked from the current
+        one and joined back before returning."""
+        main = torch.cuda.current_stream(rows[0].device)
+        if self._streams is None or self._streams[0].device != main.device:
+            self._streams = tuple(torch.cuda.Stream(main.device) for _ in self.layers)
+        outputs = []
+        for stream, layer, part in zip(self._streams, self.layers, rows):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outputs.append(layer.up(part).reshape(*lead, -1))
+        for stream, output in zip(self._streams, outputs):
+            main.wait_stream(stream)
+            output.record_stream(main)  # made on its stream, read on the current one
+        return tuple(outputs)
 
     def _usable(self) -> bool:
         """Whether the shared matmul may stand for the layers' own: no down factor needs a gradient
@@ -248,6 +275,7 @@ class SharedDown:
         # shares too. The owner and layers may still be under construction (deepcopy fills their
         # attributes last): only referenced here; their downs are complete.
         copied = memo[id(self)] = object.__new__(SharedDown)
+        copied.overlap, copied._streams = self.overlap, None
         copied.owner, copied.layers = copy.deepcopy((self.owner, self.layers), memo)
         copied._stack(copy.deepcopy(self._downs, memo))
         return copied
@@ -280,12 +308,28 @@ def share_input_factors(model: nn.Module) -> int:
     return groups
 
 
+def _groups(model: nn.Module) -> list[SharedDown]:
+    return list({id(m.shared_down): m.shared_down for m in model.modules()
+                 if isinstance(m, FactorizedLinear) and m.shared_down is not None}.values())
+
+
+def overlap_sibling_products(model: nn.Module, enabled: bool = True) -> int:
+    """Let the sibling layers of each :class:`SharedDown` group of ``model`` run their up products
+    on parallel CUDA streams in CUDA graphs captured from now on (the outputs are the same);
+    returns how many groups the setting reached. Off by default."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled={enabled!r} must be True or False")
+    groups = _groups(model)
+    for group in groups:
+        group.overlap = enabled
+    return len(groups)
+
+
 def unshare_input_factors(model: nn.Module) -> int:
     """Undo ``share_input_factors``: every ``FactorizedLinear`` of ``model`` computes its own down
     factor again; returns how many groups were released."""
-    groups = {id(m.shared_down): m.shared_down for m in model.modules()
-              if isinstance(m, FactorizedLinear) and m.shared_down is not None}
-    for group in groups.values():
+    groups = _groups(model)
+    for group in groups:
         group.release()
     return len(groups)
 
