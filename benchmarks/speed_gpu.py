@@ -532,6 +532,13 @@ def render(runs: list[dict]) -> str:
                               f"not judged, the eager runs of one model differ {spread:.1f}×")
                     notes.append(f"{where}, batch {batch}: {compiled_name} ×{ratios[0]:.2f} against "
                                  f"{eager_name} ×{ratios[1]:.2f} (target: no lower: {judged}).")
+            for batch in m.get("graph_overlap", {}) if base and m["reduction"] else ():
+                # both against dense's plain replay: the difference is the compressed model's own
+                ratios = [value(m, part, batch) / value(base, "graph", batch)
+                          for part in ("graph_overlap", "graph") if value(m, part, batch) and value(base, "graph", batch)]
+                if len(ratios) == 2:
+                    notes.append(f"{where}, batch {batch}: sibling ups overlapped ×{ratios[0]:.3f} dense against "
+                                 f"×{ratios[1]:.3f} without (replayed; both against dense's plain replay).")
         for reduction, targets in TARGETS.items():
             m = next((m for m in run["models"] if m["reduction"] == reduction), None)
             if m is None or base is None:

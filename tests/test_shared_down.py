@@ -4,6 +4,7 @@ peft, conversions, copies and ``torch.compile`` keep working."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -19,6 +20,7 @@ from helpers import run_without_hf_wsvd
 from hf_wsvd import (FactorizedLinear, WSVDConfig, compress, overlap_sibling_products, share_input_factors,
                      unshare_input_factors)
 from hf_wsvd.integrations.peft_lora import register_factorized_lora
+from hf_wsvd.runtime import factorized_linear
 
 # float32: each output element is the same length-`in` dot product shared or not; only the BLAS
 # kernel's blocking (its summation order) may change with the matrix width: a few ulps.
@@ -286,40 +288,120 @@ def test_trust_remote_code_shares(tmp_path):
     assert module.startswith("transformers_modules") and released and groups == 4 and diff < 1e-5, result.stdout
 
 
-def test_overlap_reaches_every_group_and_changes_nothing_outside_a_graph_capture():
-    """``overlap_sibling_products`` sets every group (and survives a deep copy); outside a CUDA graph
-    capture the layers compute as before: the same outputs, each layer its own up product."""
-    model, plain = tiny_llama(), tiny_llama()
-    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+class FakeStream:
+    """Stands for a CUDA stream on the CPU: records what waits on what and which ups run on it."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other: "FakeStream") -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """A CUDA graph capture on the CPU: ``_capturing`` true, streams that log their use."""
+    log, current = [], []
+    main = FakeStream("main", log)
+    sides = [FakeStream(f"side{i}", log) for i in range(3)]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(factorized_linear, "_capturing", lambda x: True)
+    monkeypatch.setattr(factorized_linear, "_side_streams", lambda main, count: sides[:count])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: log.append(f"read on {stream.name}"))
+    return log, current
+
+
+def up_log(model: nn.Module, log: list, current: list) -> None:
+    """Log each call of a factorized layer and of its up factor (with the stream it runs on)."""
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            module.register_forward_pre_hook(lambda *_, name=name: log.append(f"{name} called"))
+            module.up.register_forward_hook(
+                lambda *_, name=name: log.append(f"{name}.up on {current[-1].name if current else 'main'}"))
+
+
+def test_overlapped_ups_run_on_side_streams_under_a_capture_with_the_same_outputs(fake_capture):
+    """Under a (faked) graph capture, the first sibling called runs every sibling's up on a stream of
+    its own, forked from and joined back to the current one; the outputs are exactly those without."""
+    log, current = fake_capture
+    model = attention((3, 5, 7))
+    share_input_factors(model)
+    x = torch.randn(2, 5, 16)
     with torch.no_grad():
-        expected = plain(ids, use_cache=False).logits
-        assert overlap_sibling_products(model) == 4
-        groups = {id(m.shared_down): m.shared_down for m in model.modules()
-                  if isinstance(m, FactorizedLinear) and m.shared_down is not None}
-        assert len(groups) == 4 and all(group.overlap for group in groups.values())
-        ups = []
-        for module in model.modules():
-            if isinstance(module, FactorizedLinear) and module.shared_down is not None:
-                module.up.register_forward_hook(lambda *_: ups.append(1))
-        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, **TOLERANCES[torch.float32])
-        assert len(ups) == sum(len(group.layers) for group in groups.values())
-        assert all(group._streams is None for group in groups.values())  # no stream made on the CPU
-        copied = copy.deepcopy(model)
-        assert all(m.shared_down.overlap for m in copied.modules()
-                   if isinstance(m, FactorizedLinear) and m.shared_down is not None)
-        assert overlap_sibling_products(model, False) == 4 and not any(g.overlap for g in groups.values())
+        expected = model(x)
+        assert overlap_sibling_products(model) == 1 and model.q_proj.overlap_products
+        up_log(model, log, current)
+        assert torch.equal(model(x), expected)
+    assert log == ["q_proj called", "side0 waits main", "q_proj.up on side0", "side1 waits main", "k_proj.up on side1",
+                   "side2 waits main", "v_proj.up on side2", "main waits side0", "read on main", "main waits side1",
+                   "read on main", "main waits side2", "read on main", "k_proj called", "v_proj called",
+                   "o_proj called", "o_proj.up on main"]
+    log.clear()
+    overlap_sibling_products(model, False)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert log == ["q_proj called", "q_proj.up on main", "k_proj called", "k_proj.up on main", "v_proj called",
+                   "v_proj.up on main", "o_proj called", "o_proj.up on main"]
+
+
+class CrossAttention(Attention):
+    """The query reads one input, key and value another."""
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x).flatten(), self.k_proj(memory).flatten(), self.v_proj(memory).flatten()])
+
+
+def test_a_group_whose_layers_read_different_inputs_stops_overlapping(fake_capture):
+    log, current = fake_capture
+    torch.manual_seed(0)
+    model = CrossAttention(*(FactorizedLinear(16, out, 4) for out in (12, 8, 8))).eval()
+    reference = copy.deepcopy(model)
+    share_input_factors(model)
+    share_input_factors(reference)
+    x, memory = torch.randn(1, 3, 16), torch.randn(1, 6, 16)
+    with torch.no_grad():
+        expected = reference(x, memory)
+        overlap_sibling_products(model)
+        assert torch.equal(model(x, memory), expected)  # the first call: k/v ups also ran on x, unused
+        assert model.q_proj.shared_down._mixed_inputs
+        up_log(model, log, current)
+        assert torch.equal(model(x, memory), expected)
+    assert [entry for entry in log if ".up" in entry] == ["q_proj.up on main", "k_proj.up on main", "v_proj.up on main"]
+
+
+def test_overlap_is_kept_through_conversions_and_copies_and_checked():
+    model = tiny_llama()
+    assert overlap_sibling_products(model) == 4
+    model.to(torch.float64)  # the groups are stacked again
+    groups = {id(m.shared_down): m.shared_down for m in model.modules()
+              if isinstance(m, FactorizedLinear) and m.shared_down is not None}
+    assert len(groups) == 4 and all(layer.overlap_products for group in groups.values() for layer in group.layers)
+    assert all(m.overlap_products for m in copy.deepcopy(model).modules() if isinstance(m, FactorizedLinear))
+    assert overlap_sibling_products(model, False) == 4
+    assert not any(m.overlap_products for m in model.modules() if isinstance(m, FactorizedLinear))
     with pytest.raises(ValueError, match="enabled='yes' must be True or False"):
         overlap_sibling_products(model, "yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("overlap", [False, True])
-def test_cuda_graph_replay_of_a_shared_model(overlap):
+def test_cuda_graph_replay_of_a_shared_model(overlap, monkeypatch):
     """A forward captured in a CUDA graph (as benchmarks/speed_gpu.py captures decode steps) replays
     the eager shared forward, which equals the unshared one."""
     model = tiny_llama().to("cuda", torch.bfloat16)
     assert model.model.layers[0].self_attn.q_proj.shared_down.weight.is_cuda
     assert overlap_sibling_products(model, overlap) == 4
+    forks = []
+    side_streams = factorized_linear._side_streams
+    monkeypatch.setattr(factorized_linear, "_side_streams", lambda *a: forks.append(a) or side_streams(*a))
     ids = torch.tensor([[7, 8, 9, 10, 11]], device="cuda")
     with torch.inference_mode():
         eager = model(ids, use_cache=False).logits.clone()
@@ -336,6 +418,6 @@ def test_cuda_graph_replay_of_a_shared_model(overlap):
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, eager, **TOLERANCES[torch.bfloat16])
         # the siblings' up products ran on streams of their own in the captured graph, only if asked
-        assert (model.model.layers[0].self_attn.q_proj.shared_down._streams is not None) == overlap
+        assert len(forks) == (4 if overlap else 0)  # each of the 4 groups (2 blocks' q/k/v, gate/up) once
         unshare_input_factors(model)
         torch.testing.assert_close(model(ids, use_cache=False).logits, eager, **TOLERANCES[torch.bfloat16])

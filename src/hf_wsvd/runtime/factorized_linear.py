@@ -76,10 +76,13 @@ class FactorizedLinear(_RankedFactors, nn.Module):
     ``forward(x) = up(down(x))`` with ``down: in → rank`` (no bias) and ``up: rank → out`` carrying
     the original bias. ``weight`` and ``bias`` are read-only stand-ins for dtype/device probes done
     by model code and libraries; the dense matrix is ``to_dense()``. ``shared_down``: the
-    :class:`SharedDown` computing ``down`` together with its siblings', if any.
+    :class:`SharedDown` computing ``down`` together with its siblings', if any; ``overlap_products``:
+    set by :func:`overlap_sibling_products`.
     """
 
     shared_down: "SharedDown | None" = None
+    # Kept by the layer, not its group, so that a group stacked again after a conversion keeps it.
+    overlap_products: bool = False
 
     def __init__(
         self,
@@ -164,17 +167,19 @@ class SharedDown:
     first layer called computes ``input @ weight.T`` for all of them, and each layer then called
     with that same input tensor takes its columns; no product outlives the call. A layer computes
     its own ``down`` instead while autograd needs a down factor's gradient (training them), and
-    outside a call of ``owner``. With ``overlap`` set (:func:`overlap_sibling_products`), while a
-    CUDA graph is being captured the first layer called also computes every layer's ``up``, each on
-    a CUDA stream of its own (parallel branches of the graph), and the others take their output. Once a factor is no longer a view of ``weight`` (a module
-    replaced by peft, a quantizer, an offload hook or a LoRA merge; ``.to``) the group releases
-    itself, in eager mode (data pointers cannot be read under ``torch.compile``, which guards the
-    identity checks instead).
+    outside a call of ``owner``. With ``overlap_products`` set on every layer
+    (:func:`overlap_sibling_products`), while a CUDA graph is being captured the first layer called
+    also computes every layer's ``up`` (their hooks fire then), each on a CUDA stream of its own
+    (parallel branches of the graph), and the others take their output; a group whose layers are
+    called with different inputs within one call (a cross-attention) stops doing so. Once a
+    factor is no longer a view of ``weight`` (a module replaced by peft, a quantizer, an offload
+    hook or a LoRA merge; ``.to``) the group releases itself, in eager mode (data pointers cannot
+    be read under ``torch.compile``, which guards the identity checks instead).
     """
 
     def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
         self.owner, self.layers = owner, tuple(layers)
-        self.overlap, self._streams = False, None
+        self._mixed_inputs = False
         self._stack(tuple(layer.down for layer in layers))
         owner.register_forward_pre_hook(self._enter)
         owner.register_forward_hook(self._exit, always_call=True)
@@ -216,11 +221,11 @@ class SharedDown:
             # one of a strided 3-D batch is a matmul plus a bias add (slower, and one more launch).
             rows = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
             rows = rows.split_with_sizes(self.ranks, dim=1)
-            # Streams only inside a graph capture: in eager decoding their switches cost host time,
-            # which is what bounds it at small batches.
+            if product is not None:  # a second input within one call: the ups would be wasted
+                self._mixed_inputs = True
             ups = (self._ups_on_streams(rows, x.shape[:-1])
-                   if self.overlap and x.is_cuda and not torch.compiler.is_compiling()
-                   and torch.cuda.is_current_stream_capturing() else None)
+                   if not self._mixed_inputs and _capturing(x) and all(m.overlap_products for m in self.layers)
+                   else None)
             product = self._product = (x, rows, ups)
         index = self.layers.index(layer)
         if product[2] is not None:
@@ -231,14 +236,13 @@ class SharedDown:
         """Every layer's ``up`` of its rows, each on a stream of its own forked from the current
         one and joined back before returning."""
         main = torch.cuda.current_stream(rows[0].device)
-        if self._streams is None or self._streams[0].device != main.device:
-            self._streams = tuple(torch.cuda.Stream(main.device) for _ in self.layers)
+        streams = _side_streams(main, len(self.layers))
         outputs = []
-        for stream, layer, part in zip(self._streams, self.layers, rows):
+        for stream, layer, part in zip(streams, self.layers, rows):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 outputs.append(layer.up(part).reshape(*lead, -1))
-        for stream, output in zip(self._streams, outputs):
+        for stream, output in zip(streams, outputs):
             main.wait_stream(stream)
             output.record_stream(main)  # made on its stream, read on the current one
         return tuple(outputs)
@@ -275,10 +279,32 @@ class SharedDown:
         # shares too. The owner and layers may still be under construction (deepcopy fills their
         # attributes last): only referenced here; their downs are complete.
         copied = memo[id(self)] = object.__new__(SharedDown)
-        copied.overlap, copied._streams = self.overlap, None
+        copied._mixed_inputs = False
         copied.owner, copied.layers = copy.deepcopy((self.owner, self.layers), memo)
         copied._stack(copy.deepcopy(self._downs, memo))
         return copied
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s kernels are being captured into a CUDA graph (not traced by dynamo). Streams
+    only there: in eager decoding their switches cost host time, which bounds it at small batches."""
+    return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+
+
+# Side streams per device, shared by every group (each new stream gets a cuBLAS workspace of its own).
+_SIDE_STREAMS: dict[torch.device, list] = {}
+
+
+def _side_streams(main: "torch.cuda.Stream", count: int) -> list:
+    """``count`` streams of ``main``'s device other than ``main`` (a branch on the capturing stream
+    itself would run in turn, not at once)."""
+    streams = _SIDE_STREAMS.setdefault(main.device, [])
+    streams[:] = [stream for stream in streams if stream != main]
+    while len(streams) < count:
+        stream = torch.cuda.Stream(main.device)
+        if stream != main:
+            streams.append(stream)
+    return streams[:count]
 
 
 def _shareable(module: nn.Module | None) -> bool:
@@ -315,14 +341,14 @@ def _groups(model: nn.Module) -> list[SharedDown]:
 
 def overlap_sibling_products(model: nn.Module, enabled: bool = True) -> int:
     """Let the sibling layers of each :class:`SharedDown` group of ``model`` run their up products
-    on parallel CUDA streams in CUDA graphs captured from now on (the outputs are the same);
-    returns how many groups the setting reached. Off by default."""
+    on parallel CUDA streams in CUDA graphs captured from now on (the outputs are the same); kept
+    through conversions such as ``.to()``; returns how many groups share now. Off by default."""
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled={enabled!r} must be True or False")
-    groups = _groups(model)
-    for group in groups:
-        group.overlap = enabled
-    return len(groups)
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            module.overlap_products = enabled
+    return len(_groups(model))
 
 
 def unshare_input_factors(model: nn.Module) -> int:
