@@ -371,10 +371,45 @@ def test_a_group_whose_layers_read_different_inputs_stops_overlapping(fake_captu
         expected = reference(x, memory)
         overlap_sibling_products(model)
         assert torch.equal(model(x, memory), expected)  # the first call: k/v ups also ran on x, unused
-        assert model.q_proj.shared_down._mixed_inputs
+        assert model.q_proj.shared_down._ahead_wasted
         up_log(model, log, current)
         assert torch.equal(model(x, memory), expected)
     assert [entry for entry in log if ".up" in entry] == ["q_proj.up on main", "k_proj.up on main", "v_proj.up on main"]
+
+
+class QueryOnly(Attention):
+    """Only the query is computed (a layer reusing another's keys and values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x)
+
+
+def test_a_group_whose_siblings_are_not_all_called_stops_overlapping(fake_capture):
+    log, current = fake_capture
+    model = QueryOnly(*(FactorizedLinear(16, out, 4) for out in (12, 8, 8))).eval()
+    share_input_factors(model)
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        expected = model(x)
+        overlap_sibling_products(model)
+        assert torch.equal(model(x), expected)  # k/v ups computed ahead, never taken
+        assert model.q_proj.shared_down._ahead_wasted and copy.deepcopy(model).q_proj.shared_down._ahead_wasted
+        up_log(model, log, current)
+        assert torch.equal(model(x), expected)
+    assert [entry for entry in log if ".up" in entry] == ["q_proj.up on main"]
+
+
+def test_side_streams_are_shared_and_never_the_current_stream(monkeypatch):
+    log = []
+    main = FakeStream("main", log)
+    made = iter([main, *(FakeStream(f"side{i}", log) for i in range(4))])  # the pool may hand out main itself
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: next(made))
+    monkeypatch.setattr(factorized_linear, "_SIDE_STREAMS", {})
+    first = factorized_linear._side_streams(main, 3)
+    assert [stream.name for stream in first] == ["side0", "side1", "side2"]
+    assert factorized_linear._side_streams(main, 2) == first[:2]  # shared: no new stream
+    other = first[0]  # a capture on one of them: it is dropped from the branches
+    assert [stream.name for stream in factorized_linear._side_streams(other, 3)] == ["side1", "side2", "side3"]
 
 
 def test_overlap_is_kept_through_conversions_and_copies_and_checked():
@@ -401,7 +436,8 @@ def test_cuda_graph_replay_of_a_shared_model(overlap, monkeypatch):
     assert overlap_sibling_products(model, overlap) == 4
     forks = []
     side_streams = factorized_linear._side_streams
-    monkeypatch.setattr(factorized_linear, "_side_streams", lambda *a: forks.append(a) or side_streams(*a))
+    monkeypatch.setattr(factorized_linear, "_side_streams",
+                        lambda main, count: forks.append((main, side_streams(main, count))) or forks[-1][1])
     ids = torch.tensor([[7, 8, 9, 10, 11]], device="cuda")
     with torch.inference_mode():
         eager = model(ids, use_cache=False).logits.clone()
@@ -419,5 +455,6 @@ def test_cuda_graph_replay_of_a_shared_model(overlap, monkeypatch):
         torch.testing.assert_close(captured, eager, **TOLERANCES[torch.bfloat16])
         # the siblings' up products ran on streams of their own in the captured graph, only if asked
         assert len(forks) == (4 if overlap else 0)  # each of the 4 groups (2 blocks' q/k/v, gate/up) once
+        assert all(main not in streams and len(set(streams)) == len(streams) for main, streams in forks)
         unshare_input_factors(model)
         torch.testing.assert_close(model(ids, use_cache=False).logits, eager, **TOLERANCES[torch.bfloat16])

@@ -170,8 +170,9 @@ class SharedDown:
     outside a call of ``owner``. With ``overlap_products`` set on every layer
     (:func:`overlap_sibling_products`), while a CUDA graph is being captured the first layer called
     also computes every layer's ``up`` (their hooks fire then), each on a CUDA stream of its own
-    (parallel branches of the graph), and the others take their output; a group whose layers are
-    called with different inputs within one call (a cross-attention) stops doing so. Once a
+    (parallel branches of the graph), and the others take their output; a group where a call left
+    some of them untaken (a layer not called, or called with another input: a cross-attention)
+    stops doing so. Once a
     factor is no longer a view of ``weight`` (a module replaced by peft, a quantizer, an offload
     hook or a LoRA merge; ``.to``) the group releases itself, in eager mode (data pointers cannot
     be read under ``torch.compile``, which guards the identity checks instead).
@@ -179,7 +180,7 @@ class SharedDown:
 
     def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
         self.owner, self.layers = owner, tuple(layers)
-        self._mixed_inputs = False
+        self._ahead_wasted = False
         self._stack(tuple(layer.down for layer in layers))
         owner.register_forward_pre_hook(self._enter)
         owner.register_forward_hook(self._exit, always_call=True)
@@ -205,12 +206,16 @@ class SharedDown:
         self._open, self._product = True, None
 
     def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
+        product = self._product
+        if product is not None and product[2] is not None and not all(product[3]):
+            self._ahead_wasted = True  # some sibling was not called (or with another input)
         self._open, self._product = False, None
 
     def output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``layer(x)`` computed from the shared matmul, or None where ``layer`` computes its own."""
-        # (input, down rows, up outputs) in one attribute: read at once, never mixed from two calls
-        # (two threads calling the owner at the same time recompute, never read each other's).
+        # (input, down rows, up outputs, which were taken) in one attribute: read at once, never
+        # mixed from two calls (two threads calling the owner at the same time recompute, never read
+        # each other's, though they may stop the group computing ahead).
         product = self._product
         if not self._open:
             return None
@@ -221,14 +226,16 @@ class SharedDown:
             # one of a strided 3-D batch is a matmul plus a bias add (slower, and one more launch).
             rows = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
             rows = rows.split_with_sizes(self.ranks, dim=1)
-            if product is not None:  # a second input within one call: the ups would be wasted
-                self._mixed_inputs = True
+            if product is not None:  # a second input within one call: ups computed ahead are wasted
+                self._ahead_wasted = True
+            # The flags first: the capture query is a CUDA call, and eager decoding is host-bound.
             ups = (self._ups_on_streams(rows, x.shape[:-1])
-                   if not self._mixed_inputs and _capturing(x) and all(m.overlap_products for m in self.layers)
+                   if not self._ahead_wasted and all(m.overlap_products for m in self.layers) and _capturing(x)
                    else None)
-            product = self._product = (x, rows, ups)
+            product = self._product = (x, rows, ups, [False] * len(self.layers))
         index = self.layers.index(layer)
-        if product[2] is not None:
+        if product[2] is not None and not product[3][index]:
+            product[3][index] = True  # once: a second call gets a tensor of its own
             return product[2][index]
         return layer.up(product[1][index]).reshape(*x.shape[:-1], -1)
 
@@ -279,7 +286,7 @@ class SharedDown:
         # shares too. The owner and layers may still be under construction (deepcopy fills their
         # attributes last): only referenced here; their downs are complete.
         copied = memo[id(self)] = object.__new__(SharedDown)
-        copied._mixed_inputs = False
+        copied._ahead_wasted = self._ahead_wasted
         copied.owner, copied.layers = copy.deepcopy((self.owner, self.layers), memo)
         copied._stack(copy.deepcopy(self._downs, memo))
         return copied
