@@ -8,6 +8,7 @@ This file ships inside every compressed checkpoint (it is copied next to ``confi
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -157,6 +158,16 @@ class FactorizedLinear(_RankedFactors, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class _Product(NamedTuple):
+    """One call's shared down product: the input it was computed from, each layer's rows, each
+    layer's up output when computed ahead (else None), and which of those a layer has taken."""
+
+    input: torch.Tensor
+    rows: tuple[torch.Tensor, ...]
+    ups: tuple[torch.Tensor, ...] | None
+    taken: list[bool]
+
+
 class SharedDown:
     """One matmul for the down factors of sibling ``FactorizedLinear`` layers that read the same input.
 
@@ -172,10 +183,10 @@ class SharedDown:
     also computes every layer's ``up`` (their hooks fire then), each on a CUDA stream of its own
     (parallel branches of the graph), and the others take their output; a group where a call left
     some of them untaken (a layer not called, or called with another input: a cross-attention)
-    stops doing so. Once a
-    factor is no longer a view of ``weight`` (a module replaced by peft, a quantizer, an offload
-    hook or a LoRA merge; ``.to``) the group releases itself, in eager mode (data pointers cannot
-    be read under ``torch.compile``, which guards the identity checks instead).
+    stops doing so. Once a factor is no longer a view of ``weight`` (a module replaced by peft, a
+    quantizer, an offload hook or a LoRA merge; ``.to``) the group releases itself, in eager mode
+    (data pointers cannot be read under ``torch.compile``, which guards the identity checks
+    instead).
     """
 
     def __init__(self, owner: nn.Module, layers: list[FactorizedLinear]) -> None:
@@ -207,19 +218,19 @@ class SharedDown:
 
     def _exit(self, module: nn.Module, args: tuple, output: object) -> None:
         product = self._product
-        if product is not None and product[2] is not None and not all(product[3]):
+        if product is not None and product.ups is not None and not all(product.taken):
             self._ahead_wasted = True  # some sibling was not called (or with another input)
         self._open, self._product = False, None
 
     def output(self, layer: FactorizedLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``layer(x)`` computed from the shared matmul, or None where ``layer`` computes its own."""
-        # (input, down rows, up outputs, which were taken) in one attribute: read at once, never
-        # mixed from two calls (two threads calling the owner at the same time recompute, never read
-        # each other's, though they may stop the group computing ahead).
+        # One attribute: read at once, never mixed from two calls (two threads calling the owner at
+        # the same time recompute, never read each other's, though they may stop the group
+        # computing ahead).
         product = self._product
         if not self._open:
             return None
-        if product is None or product[0] is not x:
+        if product is None or product.input is not x:
             if not self._usable():
                 return None
             # Rows: a layer's columns are strided, and a linear of strided 2-D rows is one addmm where
@@ -232,12 +243,12 @@ class SharedDown:
             ups = (self._ups_on_streams(rows, x.shape[:-1])
                    if not self._ahead_wasted and all(m.overlap_products for m in self.layers) and _capturing(x)
                    else None)
-            product = self._product = (x, rows, ups, [False] * len(self.layers))
+            product = self._product = _Product(x, rows, ups, [False] * len(self.layers))
         index = self.layers.index(layer)
-        if product[2] is not None and not product[3][index]:
-            product[3][index] = True  # once: a second call gets a tensor of its own
-            return product[2][index]
-        return layer.up(product[1][index]).reshape(*x.shape[:-1], -1)
+        if product.ups is not None and not product.taken[index]:
+            product.taken[index] = True  # once: a second call gets a tensor of its own
+            return product.ups[index]
+        return layer.up(product.rows[index]).reshape(*x.shape[:-1], -1)
 
     def _ups_on_streams(self, rows: tuple[torch.Tensor, ...], lead: torch.Size) -> tuple[torch.Tensor, ...]:
         """Every layer's ``up`` of its rows, each on a stream of its own forked from the current
@@ -369,9 +380,9 @@ def unshare_input_factors(model: nn.Module) -> int:
 
 class FullPrecisionLinear(nn.Module):
     """``nn.Linear``'s computation under another class. Quantizers (torchao, bitsandbytes, HQQ)
-    convert ``nn.Linear`` modules (bitsandbytes GPT-2's ``Conv1D`` too), so this one keeps its dtype under a
-    quantization config:
-    a factor whose shape the quantizer's kernels refuse, or a low-rank correction."""
+    convert ``nn.Linear`` modules (bitsandbytes GPT-2's ``Conv1D`` too), so this one keeps its dtype
+    under a quantization config: a factor whose shape the quantizer's kernels refuse, or a low-rank
+    correction."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
