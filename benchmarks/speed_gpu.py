@@ -2,7 +2,8 @@
 shape (random bf16 weights) dense and compressed by the recommended recipe (``WSVDConfig(param_ratio=
 1 - reduction)``, calibrated on random token sequences: its structure — cut attentions, pruned MLPs,
 factorized or dense layers — is the one the recipe chooses for this model), built, measured and
-freed one at a time: prefill tokens/s (8 × 2048, KV cache written, last logits only), greedy decode
+freed one at a time: prefill tokens/s (8 × 2048, KV cache written, last logits only; one more pass
+profiled: its kernels, and its matrix products by shape with the rate each reached), greedy decode
 tokens/s at batch 1 and 16 with ``generate`` (256 new tokens after a 128-token prompt, KV cache;
 timed from the first new token), decode replayed from a captured CUDA graph (``graph``; ``graph_overlap``:
 with the up products of sibling layers on parallel streams, ``overlap_sibling_products``), and
@@ -38,7 +39,7 @@ from typing import Callable
 import torch
 
 from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
-from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, measure_or_publish, median,
+from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, matmul_shapes, measure_or_publish, median,
                     shared_down_groups, token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
@@ -306,8 +307,19 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
             seconds = interleaved_seconds(
                 {"prefill": lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)},
                 args.rounds, 1, 1, device)["prefill"]
-            return {"tokens_per_s": args.prefill_batch * args.prefill_length / median(seconds),
-                    "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            timed = {"tokens_per_s": args.prefill_batch * args.prefill_length / median(seconds),
+                     "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            # where a pass's GPU time goes, and which product shapes run below the rate of the others
+            try:
+                with torch.inference_mode():
+                    kernels, _ = cuda_kernels(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+                    shapes = matmul_shapes(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device)
+                ms = sum(row["ms"] for row in shapes)
+                flops = sum(2 * row["m"] * row["k"] * row["n"] * row["count"] for row in shapes)
+                return {**timed, "kernel_ms": 1e3 * kernels, "matmul_ms": ms, "matmul_tflops": flops / ms / 1e9,
+                        "matmul_shapes": shapes[:32]}
+            except Exception as error:  # noqa: BLE001 - a profiler failure must not lose the timings above
+                return {**timed, "profile_error": f"{type(error).__name__}: {error}"[:500]}
 
         guarded(result, "prefill", prefill)
         checkpoint(result)
@@ -438,6 +450,22 @@ def step_matmuls(entry: dict, steps: int) -> str:
             f"largest kernels; the others {entry['kernel_ms_per_step'] - named:.2f} ms)")
 
 
+def prefill_profile(where: str, entry: dict | None, dense: dict | None) -> list[str]:
+    """A note on a profiled prefill pass: its kernels, its matrix products and their rate, and the
+    product shapes that take at least 5% of that time at under 0.9 of the dense model's rate."""
+    if not isinstance(entry, dict) or "matmul_ms" not in entry:
+        return []
+    note = (f"{where}, prefill: GPU kernels {entry['kernel_ms']:.1f} ms a pass, of which matrix products "
+            f"{entry['matmul_ms']:.1f} ms at {entry['matmul_tflops']:.0f} TFLOP/s")
+    rate = dense.get("matmul_tflops") if isinstance(dense, dict) else None
+    slow = [row for row in entry["matmul_shapes"] if rate and entry is not dense and row["tflops"]
+            and row["ms"] >= 0.05 * entry["matmul_ms"] and row["tflops"] < 0.9 * rate]
+    if slow:
+        note += (f"; below 0.9 of dense's {rate:.0f}: " + ", ".join(
+            f"{r['m']}×{r['k']}×{r['n']} ({r['count']}×) {r['tflops']:.0f} TFLOP/s, {r['ms']:.1f} ms" for r in slow))
+    return [note + "."]
+
+
 def render(runs: list[dict]) -> str:
     from report import markdown_table
 
@@ -516,6 +544,7 @@ def render(runs: list[dict]) -> str:
             notes += [f"{where}, batch {b}: replayed tokens differ from the same steps unreplayed (first step: "
                       f"max |Δlogit| {e.get('first_step_max_logit_diff', float('nan')):.3g}, smallest top-2 margin "
                       f"{e.get('first_step_min_top2_margin', float('nan')):.3g})." for b, e in mismatched.items()]
+            notes += prefill_profile(where, m.get("prefill"), (base or {}).get("prefill"))
             errors = [f"{part} {batch}: {entry['error']}" for part in DECODE_PARTS
                       for batch, entry in m.get(part, {}).items() if isinstance(entry, dict) and "error" in entry]
             if isinstance(m.get("prefill"), dict) and "error" in m["prefill"]:

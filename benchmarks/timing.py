@@ -86,6 +86,31 @@ def cuda_kernels(call: Callable[[], object], top: int | None = 12) -> tuple[floa
     return sum(ms for ms, _ in by_name.values()) / 1e3, ranked[:top]
 
 
+def matmul_shapes(call: Callable[[], object], device: torch.device | str) -> list[dict]:
+    """The matrix products ``call()`` ran, one row per shape (an ``m`` × ``k`` by ``k`` × ``n``
+    product): how many, their milliseconds (the GPU's kernels on CUDA, else the CPU's) and the rate
+    they reached in TFLOP/s, slowest in total first: it tells which product shapes run below the
+    rate of the others."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=True) as prof:
+        call()
+        synchronize(device)
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key not in ("aten::mm", "aten::addmm"):
+            continue
+        (m, k), (_, n) = [shape for shape in event.input_shapes if len(shape) == 2][-2:]  # addmm: the bias first
+        ms = (event.device_time_total if cuda else event.cpu_time_total) / 1e3
+        rows.append({"m": m, "k": k, "n": n, "count": event.count, "ms": ms,
+                     "tflops": 2 * m * k * n * event.count / ms / 1e9 if ms else None})
+    if not rows:
+        raise RuntimeError("the profiler recorded no matrix products")
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
 def shared_down_groups(model: torch.nn.Module) -> int:
     """How many groups of factorized layers of ``model`` share one down matmul (q/k/v, gate/up:
     ``hf_wsvd.share_input_factors``, which ``compress`` and loading apply)."""

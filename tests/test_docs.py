@@ -282,6 +282,42 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
     assert "bitsandbytes" not in speed_gpu.render([{**run, "parts": ["int8_graph"]}])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_matmul_shapes_names_each_product_shape_with_its_count_and_rate(benchmarks_on_path, device):
+    """The prefill profile's product shapes: each (m × k by k × n) once, with how many ran and their
+    rate (on CUDA, from the GPU's kernel times)."""
+    from timing import matmul_shapes
+
+    wide = torch.nn.Linear(64, 48, bias=False, device=device)
+    thin = torch.nn.Linear(64, 8, device=device)  # with a bias: addmm
+    x = torch.randn(2, 5, 64, device=device)
+    rows = matmul_shapes(lambda: (wide(x), thin(x), wide(x)), device)
+    assert sorted((r["m"], r["k"], r["n"], r["count"]) for r in rows) == [(10, 64, 8, 1), (10, 64, 48, 2)]
+    for r in rows:
+        assert r["ms"] > 0 and r["tflops"] == pytest.approx(2 * r["m"] * r["k"] * r["n"] * r["count"] / r["ms"] / 1e9)
+    with pytest.raises(RuntimeError, match="no matrix products"):
+        matmul_shapes(lambda: x.relu(), device)
+
+
+def test_gpu_speed_notes_name_the_prefill_shapes_slower_than_dense(benchmarks_on_path):
+    """Issue 21's prefill gap: the note names the compressed model's product shapes that run below dense's rate."""
+    import speed_gpu
+
+    dense = {"kernel_ms": 900.0, "matmul_ms": 800.0, "matmul_tflops": 600.0,
+             "matmul_shapes": [{"m": 16384, "k": 4096, "n": 4096, "count": 128, "ms": 800.0, "tflops": 600.0}]}
+    compressed = {"kernel_ms": 800.0, "matmul_ms": 700.0, "matmul_tflops": 500.0, "matmul_shapes": [
+        {"m": 16384, "k": 4096, "n": 11008, "count": 30, "ms": 500.0, "tflops": 590.0},   # at dense's rate
+        {"m": 16384, "k": 4096, "n": 384, "count": 40, "ms": 150.0, "tflops": 300.0},     # slow and large: named
+        {"m": 16384, "k": 384, "n": 4096, "count": 4, "ms": 20.0, "tflops": 100.0}]}      # slow but < 5%: left out
+    notes = speed_gpu.prefill_profile("run 1, 20%", compressed, dense)
+    assert notes == ["run 1, 20%, prefill: GPU kernels 800.0 ms a pass, of which matrix products 700.0 ms at 500 "
+                     "TFLOP/s; below 0.9 of dense's 600: 16384×4096×384 (40×) 300 TFLOP/s, 150.0 ms."]
+    assert speed_gpu.prefill_profile("run 1, 0%", dense, dense) == [
+        "run 1, 0%, prefill: GPU kernels 900.0 ms a pass, of which matrix products 800.0 ms at 600 TFLOP/s."]
+    assert speed_gpu.prefill_profile("run 1, 20%", {"tokens_per_s": 1.0}, dense) == []  # not profiled: no note
+
+
 def test_sibling_speed_table_shows_each_variant_where_it_ran(benchmarks_on_path):
     """A variant a group cannot take (grouped_mm needs one output width) reads as a dash, not a number."""
     import sibling_speed
