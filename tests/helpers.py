@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from huggingface_hub import CommitOperationDelete
 
 HIDE_HF_WSVD = """
 import importlib.abc, sys
@@ -35,23 +36,42 @@ def run_without_hf_wsvd(code: str, cwd) -> subprocess.CompletedProcess:
 
 class FolderHub:
     """Stands in for HfApi: each commit's files are written into ``root/<repo_id>``; ``repos`` and
-    ``commits`` record the calls (repo id and options; paths and commit message)."""
+    ``commits`` record the calls (repo id and options; paths and commit message), ``deleted`` the
+    files commits removed, ``private`` each repository's visibility."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.repos: list[tuple[str, dict]] = []
         self.commits: list[list[str]] = []
         self.messages: list[str | None] = []
+        self.private: dict[str, bool] = {}  # each repository's visibility, set when created
+        self.deleted: list[str] = []
 
     def create_repo(self, repo_id, **kwargs):
         self.repos.append((repo_id, kwargs))
+        if not (self.root / repo_id).exists():
+            self.private[repo_id] = bool(kwargs.get("private"))
         (self.root / repo_id).mkdir(parents=True, exist_ok=True)
         return SimpleNamespace(repo_id=repo_id)
+
+    def repo_exists(self, repo_id, **kwargs):
+        return (self.root / repo_id).is_dir()
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(id=repo_id, private=self.private.get(repo_id, False))
+
+    def list_repo_files(self, repo_id, **kwargs):
+        repo = self.root / repo_id
+        return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
 
     def create_commit(self, repo_id, operations, **kwargs):
         paths = []
         for op in operations:
             target = self.root / repo_id / op.path_in_repo
+            if isinstance(op, CommitOperationDelete):
+                target.unlink()
+                self.deleted.append(op.path_in_repo)
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(op.path_or_fileobj, target)
             paths.append(op.path_in_repo)

@@ -348,6 +348,62 @@ def test_push_uploads_only_the_weights_the_index_names(tmp_path, capsys, monkeyp
     assert len(api.commits) == 2
 
 
+def test_a_second_push_replaces_the_earlier_weights_and_keeps_the_repository_s_other_files(tmp_path, capsys, monkeypatch):
+    """A sharded upload after an unsharded one (and back): the earlier weight files are removed in the
+    same commit (transformers would load a stale model.safetensors before the new index), with a
+    warning naming them; files of the repository that are not weights stay."""
+    import transformers
+
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    warned = []
+    monkeypatch.setattr(hub.logger, "warning", warned.append)
+    first, _ = tiny.compressed("bert")
+    second, _ = tiny.compressed("bert")
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(1.25)
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second", max_shard_size="20KB")
+    for folder in ("first", "second"):
+        ModelCard("---\nlibrary_name: transformers\n---\n# card").save(tmp_path / folder / "README.md")
+    repo = tmp_path / "hub" / "user" / "m"
+    inputs = tiny.inputs("bert")
+
+    def served() -> torch.Tensor:
+        with torch.no_grad():
+            return transformers.AutoModelForSequenceClassification.from_pretrained(repo)(**inputs).logits
+
+    assert main(["push", str(tmp_path / "first"), "user/m"]) == 0 and not warned and not api.deleted
+    (repo / "notes.md").write_text("the user's own file")
+    (repo / "adapter_model.safetensors").write_bytes(b"an adapter the user keeps here")
+    assert main(["push", str(tmp_path / "second"), "user/m"]) == 0
+    assert api.deleted == ["model.safetensors"] and "model.safetensors" in warned[0]
+    with torch.no_grad():
+        assert torch.equal(served(), second(**inputs).logits)
+    shards = sorted(p.name for p in repo.glob("model-*.safetensors"))
+    assert main(["push", str(tmp_path / "first"), "user/m"]) == 0  # and back: the index and its shards go
+    assert sorted(api.deleted[1:]) == sorted([*shards, "model.safetensors.index.json"])
+    with torch.no_grad():
+        assert torch.equal(served(), first(**inputs).logits)
+    assert (repo / "notes.md").exists() and (repo / "adapter_model.safetensors").exists()
+
+
+def test_push_private_refuses_an_existing_public_repository(tmp_path, capsys, monkeypatch):
+    """``create_repo`` leaves an existing repository's visibility as it is: --private must not upload
+    into a public one; a new repository is created private, and pushing to it again is fine."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    _pushable(tmp_path / "ckpt")
+    assert main(["push", str(tmp_path / "ckpt"), "user/public"]) == 0
+    assert main(["push", str(tmp_path / "ckpt"), "user/public", "--private"]) == 2
+    assert "user/public exists and is public: private=True (--private) does not make" in one_error(capsys)
+    assert len(api.commits) == 1
+    for _ in range(2):
+        assert main(["push", str(tmp_path / "ckpt"), "user/secret", "--private"]) == 0
+    assert api.private == {"user/public": False, "user/secret": True} and len(api.commits) == 3
+
+
 @pytest.mark.parametrize("name", ["vocab.txt", "config.json", "model.safetensors", "notes.txt"])
 def test_push_never_follows_a_symbolic_link(tmp_path, capsys, monkeypatch, name):
     """A link in the folder (here to a file outside it) is refused if it would be uploaded, and

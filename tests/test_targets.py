@@ -198,6 +198,14 @@ def test_default_selection_never_raises_on_an_empty_exclusion(bert):
     assert select_targets(bert, exclude_modules=r".*") == {}
 
 
+def test_compressing_with_every_target_excluded_names_the_exclusion(bert):
+    """compress then has nothing to do, and says that the exclusion is why (not that the model has no linears)."""
+    from hf_wsvd import WSVDConfig, compress
+
+    with pytest.raises(ValueError, match=r"exclude_modules='\.\*' excludes every target layer of BertForSequenceClassification"):
+        compress(bert, WSVDConfig(method="svd", param_ratio=0.5, exclude_modules=".*"), show_progress=False)
+
+
 @pytest.mark.parametrize("pattern", [["quer"], ["q_proj"], r"encoder\.layer\.9\..*"])
 def test_an_exclusion_matching_no_target_raises_naming_the_pattern(bert, pattern):
     """A typo in an exclusion would otherwise compress the layers it meant to keep."""

@@ -136,6 +136,21 @@ def test_an_edited_refinement_record_is_one_line_in_inspect(checkpoint, refined,
     assert "config.json 'wsvd'['refined']=" in error and "[error before, error after]" in error, error
 
 
+@pytest.mark.parametrize("architectures, message", [
+    (["AutoModelForSequenceClassification"], "'AutoModelForSequenceClassification' is not a transformers model class"),
+    (["BertTokenizer"], "'BertTokenizer' is not a transformers model class"),
+    ("WsvdBertForSequenceClassification", "must be a list of model class names"),
+    ([1], r"architectures=\[1\] must be a list"),
+    (None, "architectures=None, not a list naming the model class"),
+])
+def test_hand_edited_architectures_are_one_line(checkpoint, capsys, architectures, message):
+    """Any transformers attribute (an Auto class, a tokenizer) or a value of the wrong type where the
+    model class belongs: inspect and export name it, no traceback."""
+    edit_config(checkpoint, lambda config: config.update(architectures=architectures))
+    for error in cli_errors(capsys, checkpoint, "inspect", "export"):
+        assert re.search(message, error), error
+
+
 def _pruned_llama():
     """A tiny Llama compressed with pruned MLPs (and factorized attention)."""
     ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (8, 16), generator=torch.Generator().manual_seed(0))

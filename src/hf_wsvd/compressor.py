@@ -204,6 +204,9 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
     if statistics is not None:
         _check_statistics(model, targets, statistics)
+    if not targets and config.exclude_modules is not None:
+        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
+                         f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "

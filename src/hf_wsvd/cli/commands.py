@@ -124,7 +124,8 @@ def add_commands(commands, columns) -> None:
                             epilog=PUSH_EXAMPLES, **_formatter())
     p.add_argument("path", help="compressed checkpoint folder written by hf-wsvd compress (with README.md)")
     p.add_argument("repo_id", type=hub_model_id, help="Hub repository, e.g. you/model-fwsvd (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--private", action="store_true",
+                   help="create the repository private (an existing public repository is refused)")
     p.add_argument("--token", help="Hub token (default: the saved login)")
     p.add_argument("--commit-message", help="commit message")
 

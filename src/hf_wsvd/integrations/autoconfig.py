@@ -47,7 +47,12 @@ def base_model_type(config_dict: dict) -> str:
     if base_type not in CONFIG_MAPPING:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={base_type!r} is not a model type known to transformers "
                          f"{transformers.__version__} (a newer architecture: upgrade transformers)")
-    for architecture in config_dict.get("architectures") or []:
+    architectures = config_dict.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f"config.json architectures={architectures!r} must be a list of model class names "
+                         "(such as ['WsvdLlamaForCausalLM']): the checkpoint's config is damaged")
+    for architecture in architectures or []:
         stock = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
         stock_type = getattr(getattr(stock, "config_class", None), "model_type", None)
         if stock_type and stock_type != base_type:

@@ -122,7 +122,13 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
     falls = error_falls(check_refined(refined, f"config.json {RECIPE_KEY!r}['refined']"))
     several = is_integer(batches) and batches > 1  # a hand-edited value is left out, not compared
     each = f" ({steps} steps {f'of {batches} batches ' if several else ''}each)" if steps else ""
-    return (f"{len(falls)} blocks refined{each}: relative output error fell "
+    # a block whose training did not lower its error keeps its compensated weights (a fall of 0)
+    kept = sum(after < before for before, after in refined.values())
+    if not kept:
+        return (f"{len(falls)} blocks refined{each}, none kept: training lowered no block's error (a smaller "
+                "block_refine_learning_rate may)")
+    undone = f", {kept} kept (training did not lower the others' error)" if kept < len(falls) else ""
+    return (f"{len(falls)} blocks refined{each}{undone}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
 
@@ -145,8 +151,13 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path, **kwargs)
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
-    architecture = (config.architectures or ["?"])[0]
-    base = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
-    if base is None:
-        raise ValueError(f"{path}: unknown architecture {architecture!r}")
+    architectures = config.architectures
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise ValueError(f"{path}/config.json has architectures={architectures!r}, not a list naming the model "
+                         "class: the checkpoint was edited or is damaged")
+    base = getattr(transformers, architectures[0].removeprefix(CLASS_PREFIX), None)
+    # a hand-edited name can be any transformers attribute (an Auto class, a tokenizer): only a model class loads
+    if not (isinstance(base, type) and issubclass(base, PreTrainedModel)) or base is PreTrainedModel:
+        raise ValueError(f"{path}/config.json has architectures={architectures!r}: {architectures[0]!r} is not a "
+                         "transformers model class (such as WsvdLlamaForCausalLM)")
     return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from transformers.utils import logging
 
 from .card import PLOT_FILE, load_card
 from .checkpoint import check_checkpoint_folder, load_factorized
@@ -28,6 +30,11 @@ CHECKPOINT_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "chat_template.jinja", "chat_template.json",
 )
+# Weight files transformers would read as a model's, at the top of a repository: an earlier upload's
+# left there beside the new ones could be loaded instead (model.safetensors before an index).
+REPO_WEIGHTS = re.compile(r"(pytorch_)?model(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+
+logger = logging.get_logger(__name__)
 
 
 def weight_files(folder: str) -> list[str]:
@@ -139,20 +146,37 @@ def push(
     token: str | None = None,
 ) -> str:
     """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
-    verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit; returns the
-    commit URL. ``api`` defaults to
-    ``HfApi(token=token)``; only its ``create_repo`` and ``create_commit`` are used, so tests can
-    substitute them."""
+    verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit, which also removes
+    the weight files of an earlier upload that the new ones replace (they stay in the repository's
+    history); returns the commit URL. ``private`` applies to a new repository: an existing public one
+    is refused. ``api`` defaults to ``HfApi(token=token)``; only its ``repo_exists``, ``repo_info``,
+    ``list_repo_files``, ``create_repo`` and ``create_commit`` are used, so tests can substitute them."""
     folder = os.fspath(folder)
     plan = check_folder(folder)
     load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
     # Nothing reaches the Hub that would not load: the load-time integrity checks (every tensor there,
     # at its shape, finite; the recipe readable), offline, before the repository is created.
     load_factorized(folder)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-                  for name in plan.files]
     api = api or HfApi(token=token)
+    stale = [name for name in _repo_files(api, repo_id, private)
+             if REPO_WEIGHTS.fullmatch(name) and name not in plan.files]
+    if stale:
+        logger.warning(f"{repo_id}: removing the weights of an earlier upload, which the new ones replace (the "
+                       f"repository's history keeps them): {', '.join(stale)}")
+    operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                    for name in plan.files), *(CommitOperationDelete(path_in_repo=name) for name in stale)]
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
                              commit_message=commit_message or "Upload hf_wsvd compressed checkpoint")
     return getattr(info, "commit_url", str(info))
+
+
+def _repo_files(api: HfApi, repo_id: str, private: bool | None) -> list[str]:
+    """The files ``repo_id`` holds (none where it does not exist yet); refuses ``private`` for an
+    existing public repository, whose visibility ``create_repo`` would leave as it is."""
+    if not api.repo_exists(repo_id, repo_type="model"):
+        return []
+    if private and not api.repo_info(repo_id, repo_type="model").private:
+        raise ValueError(f"{repo_id} exists and is public: private=True (--private) does not make an existing "
+                         "repository private; change its visibility on the Hub first, or push without it")
+    return api.list_repo_files(repo_id, repo_type="model")
