@@ -86,11 +86,16 @@ def cuda_kernels(call: Callable[[], object], top: int | None = 12) -> tuple[floa
     return sum(ms for ms, _ in by_name.values()) / 1e3, ranked[:top]
 
 
+# The two matrices of each product op among its recorded inputs (addmm: the bias first; an ``out=``
+# tensor is recorded after them)
+PRODUCT_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2)}
+
+
 def matmul_shapes(call: Callable[[], object], device: torch.device | str) -> list[dict]:
     """The matrix products ``call()`` ran, one row per shape (an ``m`` × ``k`` by ``k`` × ``n``
-    product): how many, their milliseconds (the GPU's kernels on CUDA, else the CPU's) and the rate
-    they reached in TFLOP/s, slowest in total first: it tells which product shapes run below the
-    rate of the others."""
+    product, with or without a bias): how many, their milliseconds (the GPU's kernels on CUDA, else
+    the CPU's) and the rate they reached in TFLOP/s, slowest in total first: it tells which product
+    shapes run below the rate of the others."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
@@ -98,16 +103,18 @@ def matmul_shapes(call: Callable[[], object], device: torch.device | str) -> lis
     with profile(activities=activities, record_shapes=True) as prof:
         call()
         synchronize(device)
-    rows = []
+    totals: dict[tuple[int, int, int], list] = {}
     for event in prof.key_averages(group_by_input_shape=True):
-        if event.key not in ("aten::mm", "aten::addmm"):
-            continue
-        (m, k), (_, n) = [shape for shape in event.input_shapes if len(shape) == 2][-2:]  # addmm: the bias first
-        ms = (event.device_time_total if cuda else event.cpu_time_total) / 1e3
-        rows.append({"m": m, "k": k, "n": n, "count": event.count, "ms": ms,
-                     "tflops": 2 * m * k * n * event.count / ms / 1e9 if ms else None})
-    if not rows:
+        if event.key in PRODUCT_OPERANDS:
+            left, right = (event.input_shapes[i] for i in PRODUCT_OPERANDS[event.key])
+            shape = (left[0], left[1], right[1])
+            entry = totals.setdefault(shape, [0, 0.0])
+            entry[0] += event.count
+            entry[1] += (event.device_time_total if cuda else event.cpu_time_total) / 1e3
+    if not totals:
         raise RuntimeError("the profiler recorded no matrix products")
+    rows = [{"m": m, "k": k, "n": n, "count": count, "ms": ms,
+             "tflops": 2 * m * k * n * count / ms / 1e9 if ms else None} for (m, k, n), (count, ms) in totals.items()]
     return sorted(rows, key=lambda row: -row["ms"])
 
 

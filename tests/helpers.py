@@ -36,8 +36,8 @@ def run_without_hf_wsvd(code: str, cwd) -> subprocess.CompletedProcess:
 
 class FolderHub:
     """Stands in for HfApi: each commit's files are written into ``root/<repo_id>``; ``repos`` and
-    ``commits`` record the calls (repo id and options; paths and commit message), ``deleted`` the
-    files commits removed, ``private`` each repository's visibility."""
+    ``commits`` record the calls (repo id and options; paths, commit message and parent commit),
+    ``deleted`` the files commits removed, ``private`` each repository's visibility."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -46,6 +46,7 @@ class FolderHub:
         self.messages: list[str | None] = []
         self.private: dict[str, bool] = {}  # each repository's visibility, set when created
         self.deleted: list[str] = []
+        self.parents: list[str | None] = []  # each commit's parent_commit (None: the repository's first)
 
     def create_repo(self, repo_id, **kwargs):
         self.repos.append((repo_id, kwargs))
@@ -58,11 +59,10 @@ class FolderHub:
         return (self.root / repo_id).is_dir()
 
     def repo_info(self, repo_id, **kwargs):
-        return SimpleNamespace(id=repo_id, private=self.private.get(repo_id, False))
-
-    def list_repo_files(self, repo_id, **kwargs):
         repo = self.root / repo_id
-        return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+        files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+        return SimpleNamespace(id=repo_id, private=self.private.get(repo_id, False), sha=f"commit-{len(self.commits)}",
+                               siblings=[SimpleNamespace(rfilename=name) for name in files])
 
     def create_commit(self, repo_id, operations, **kwargs):
         paths = []
@@ -77,6 +77,7 @@ class FolderHub:
             paths.append(op.path_in_repo)
         self.commits.append(paths)
         self.messages.append(kwargs.get("commit_message"))
+        self.parents.append(kwargs.get("parent_commit"))
         return SimpleNamespace(commit_url=f"folder://{repo_id}")
 
 

@@ -291,9 +291,12 @@ def test_matmul_shapes_names_each_product_shape_with_its_count_and_rate(benchmar
 
     wide = torch.nn.Linear(64, 48, bias=False, device=device)
     thin = torch.nn.Linear(64, 8, device=device)  # with a bias: addmm
+    biased = torch.nn.Linear(64, 48, device=device)  # wide's shape through addmm: the same row
     x = torch.randn(2, 5, 64, device=device)
-    rows = matmul_shapes(lambda: (wide(x), thin(x), wide(x)), device)
-    assert sorted((r["m"], r["k"], r["n"], r["count"]) for r in rows) == [(10, 64, 8, 1), (10, 64, 48, 2)]
+    out = torch.empty(10, 48, device=device)  # an out= tensor is recorded among the inputs too
+    rows = matmul_shapes(lambda: (wide(x), thin(x), biased(x), torch.mm(x[0], wide.weight.detach().t(), out=out[:5])), device)
+    assert sorted((r["m"], r["k"], r["n"], r["count"]) for r in rows) == [(5, 64, 48, 1), (10, 64, 8, 1),
+                                                                         (10, 64, 48, 2)]
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] == pytest.approx(2 * r["m"] * r["k"] * r["n"] * r["count"] / r["ms"] / 1e9)
     with pytest.raises(RuntimeError, match="no matrix products"):

@@ -349,15 +349,16 @@ def test_push_uploads_only_the_weights_the_index_names(tmp_path, capsys, monkeyp
 
 
 def test_a_second_push_replaces_the_earlier_weights_and_keeps_the_repository_s_other_files(tmp_path, capsys, monkeypatch):
-    """A sharded upload after an unsharded one (and back): the earlier weight files are removed in the
-    same commit (transformers would load a stale model.safetensors before the new index), with a
-    warning naming them; files of the repository that are not weights stay."""
+    """A sharded upload after an unsharded one (and back): the earlier weight files (transformers would
+    load a stale model.safetensors before the new index) and generation config are removed in the same
+    commit, made on the head the listing saw, then named in a warning; the repository's other files
+    (the user's, a tokenizer file the new upload lacks) stay."""
     import transformers
 
     api = FolderHub(tmp_path / "hub")
     monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
     warned = []
-    monkeypatch.setattr(hub.logger, "warning", warned.append)
+    monkeypatch.setattr(hub.logger, "warning", lambda message, *args: warned.append(message % args))
     first, _ = tiny.compressed("bert")
     second, _ = tiny.compressed("bert")
     with torch.no_grad():
@@ -367,6 +368,8 @@ def test_a_second_push_replaces_the_earlier_weights_and_keeps_the_repository_s_o
     second.save_pretrained(tmp_path / "second", max_shard_size="20KB")
     for folder in ("first", "second"):
         ModelCard("---\nlibrary_name: transformers\n---\n# card").save(tmp_path / folder / "README.md")
+    (tmp_path / "first" / "generation_config.json").write_text("{}")
+    (tmp_path / "first" / "vocab.txt").write_text("[PAD]\n")
     repo = tmp_path / "hub" / "user" / "m"
     inputs = tiny.inputs("bert")
 
@@ -376,17 +379,31 @@ def test_a_second_push_replaces_the_earlier_weights_and_keeps_the_repository_s_o
 
     assert main(["push", str(tmp_path / "first"), "user/m"]) == 0 and not warned and not api.deleted
     (repo / "notes.md").write_text("the user's own file")
-    (repo / "adapter_model.safetensors").write_bytes(b"an adapter the user keeps here")
+    (repo / "extra.safetensors").write_bytes(b"a file the user keeps here")
     assert main(["push", str(tmp_path / "second"), "user/m"]) == 0
-    assert api.deleted == ["model.safetensors"] and "model.safetensors" in warned[0]
+    assert sorted(api.deleted) == ["generation_config.json", "model.safetensors"]
+    assert "removed the files of an earlier upload" in warned[0] and "model.safetensors" in warned[0]
+    assert api.parents == [None, "commit-1"]  # the second commit on the head its listing saw
     with torch.no_grad():
         assert torch.equal(served(), second(**inputs).logits)
     shards = sorted(p.name for p in repo.glob("model-*.safetensors"))
     assert main(["push", str(tmp_path / "first"), "user/m"]) == 0  # and back: the index and its shards go
-    assert sorted(api.deleted[1:]) == sorted([*shards, "model.safetensors.index.json"])
+    assert sorted(api.deleted[2:]) == sorted([*shards, "model.safetensors.index.json"])
     with torch.no_grad():
         assert torch.equal(served(), first(**inputs).logits)
-    assert (repo / "notes.md").exists() and (repo / "adapter_model.safetensors").exists()
+    assert all((repo / name).exists() for name in ("notes.md", "extra.safetensors", "vocab.txt"))
+
+
+def test_push_refuses_a_repository_holding_a_peft_adapter(tmp_path, capsys, monkeypatch):
+    """transformers (with peft) would load the adapter and its base model from it, not the pushed model."""
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    _pushable(tmp_path / "ckpt")
+    assert main(["push", str(tmp_path / "ckpt"), "user/m"]) == 0
+    (tmp_path / "hub" / "user" / "m" / "adapter_config.json").write_text("{}")
+    assert main(["push", str(tmp_path / "ckpt"), "user/m"]) == 2
+    assert "user/m holds adapter_config.json (a peft adapter)" in one_error(capsys)
+    assert len(api.commits) == 1
 
 
 def test_push_private_refuses_an_existing_public_repository(tmp_path, capsys, monkeypatch):

@@ -151,12 +151,14 @@ def test_the_summary_names_the_batches_of_a_step_where_there_are_several():
 def test_the_summary_says_which_refinements_were_kept():
     """A block whose training did not lower its error keeps its compensated weights ([e, e]): the
     summary does not count it as refined, and says when none was kept."""
-    assert refinement_summary({"0": [1.0, 0.5], "1": [1.0, 1.0]}, 8).startswith(
-        "2 blocks refined (8 steps each), 1 kept (training did not lower the others' error): relative output error "
-        "fell by a median 25%")
+    assert refinement_summary({"0": [1.0, 0.5], "1": [1.0, 1.0], "2": [1.0, 0.7]}, 8) == (
+        "3 blocks refined (8 steps each), 2 kept (training did not lower the others' error): relative output error "
+        "fell by a median 40% (least 30%, most 50%)")  # of the blocks kept
     assert refinement_summary({"0": [1.0, 1.0], "1": [2.0, 2.0]}, 8) == (
         "2 blocks refined (8 steps each), none kept: training lowered no block's error (a smaller "
         "block_refine_learning_rate may)")
+    # exact blocks (no error to lower) are not training that failed
+    assert refinement_summary({"0": [0.0, 0.0], "1": [1.0, 0.5]}, 8).startswith("2 blocks refined (8 steps each): ")
 
 
 def test_refinement_that_would_raise_the_error_is_undone(trained, monkeypatch):

@@ -137,11 +137,12 @@ def test_an_edited_refinement_record_is_one_line_in_inspect(checkpoint, refined,
 
 
 @pytest.mark.parametrize("architectures, message", [
-    (["AutoModelForSequenceClassification"], "'AutoModelForSequenceClassification' is not a transformers model class"),
-    (["BertTokenizer"], "'BertTokenizer' is not a transformers model class"),
+    (["AutoModelForSequenceClassification"], r"\['AutoModelForSequenceClassification'\], which names no transformers model"),
+    (["BertTokenizer"], r"\['BertTokenizer'\], which names no transformers model class"),
     ("WsvdBertForSequenceClassification", "must be a list of model class names"),
     ([1], r"architectures=\[1\] must be a list"),
-    (None, "architectures=None, not a list naming the model class"),
+    (None, "architectures=None, which names no transformers model class"),
+    (["PreTrainedModel"], r"\['PreTrainedModel'\], which names no transformers model class"),
 ])
 def test_hand_edited_architectures_are_one_line(checkpoint, capsys, architectures, message):
     """Any transformers attribute (an Auto class, a tokenizer) or a value of the wrong type where the

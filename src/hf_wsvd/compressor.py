@@ -190,6 +190,9 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         check_batch(model, batch, index, task_labels=loss_fn is None)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
+    if not targets and config.exclude_modules is not None:  # before resolving the recipe, which reads the data
+        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
+                         f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     refuse_quantized_targets(model, targets)
     if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
             set(statistics.values) & set(targets):
@@ -204,9 +207,6 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
     if statistics is not None:
         _check_statistics(model, targets, statistics)
-    if not targets and config.exclude_modules is not None:
-        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
-                         f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "

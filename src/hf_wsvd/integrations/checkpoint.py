@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from statistics import median
 
-import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
@@ -14,7 +13,7 @@ from ..config import check_refined
 from ..fields import is_integer
 from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
-from ..runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name,
+from ..runtime.modeling_wsvd import (MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name, stock_model_class,
                                     wsvd_model_class)
 
 
@@ -119,16 +118,18 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
     a step: its settings; None if it refined nothing)."""
     if not refined:
         return None
-    falls = error_falls(check_refined(refined, f"config.json {RECIPE_KEY!r}['refined']"))
+    check_refined(refined, f"config.json {RECIPE_KEY!r}['refined']")
     several = is_integer(batches) and batches > 1  # a hand-edited value is left out, not compared
     each = f" ({steps} steps {f'of {batches} batches ' if several else ''}each)" if steps else ""
-    # a block whose training did not lower its error keeps its compensated weights (a fall of 0)
-    kept = sum(after < before for before, after in refined.values())
+    # A block whose training did not lower its error keeps its compensated weights ([e, e]); one
+    # without error (an exact block) had nothing to lower.
+    kept = {block: errors for block, errors in refined.items() if errors[1] < errors[0] or errors[0] == 0}
     if not kept:
-        return (f"{len(falls)} blocks refined{each}, none kept: training lowered no block's error (a smaller "
+        return (f"{len(refined)} blocks refined{each}, none kept: training lowered no block's error (a smaller "
                 "block_refine_learning_rate may)")
-    undone = f", {kept} kept (training did not lower the others' error)" if kept < len(falls) else ""
-    return (f"{len(falls)} blocks refined{each}{undone}: relative output error fell "
+    falls = error_falls(kept)
+    undone = f", {len(kept)} kept (training did not lower the others' error)" if len(kept) < len(refined) else ""
+    return (f"{len(refined)} blocks refined{each}{undone}: relative output error fell "
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
 
@@ -152,12 +153,8 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
     architectures = config.architectures
-    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
-        raise ValueError(f"{path}/config.json has architectures={architectures!r}, not a list naming the model "
-                         "class: the checkpoint was edited or is damaged")
-    base = getattr(transformers, architectures[0].removeprefix(CLASS_PREFIX), None)
-    # a hand-edited name can be any transformers attribute (an Auto class, a tokenizer): only a model class loads
-    if not (isinstance(base, type) and issubclass(base, PreTrainedModel)) or base is PreTrainedModel:
-        raise ValueError(f"{path}/config.json has architectures={architectures!r}: {architectures[0]!r} is not a "
-                         "transformers model class (such as WsvdLlamaForCausalLM)")
+    base = stock_model_class(architectures[0]) if isinstance(architectures, list) and architectures else None
+    if base is None:
+        raise ValueError(f"{path}/config.json has architectures={architectures!r}, which names no transformers model "
+                         "class (such as ['WsvdLlamaForCausalLM']): the checkpoint was edited or is damaged")
     return wsvd_model_class(base).from_pretrained(path, config=config, **kwargs)

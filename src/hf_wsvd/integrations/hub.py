@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-from transformers.utils import logging
 
 from .card import PLOT_FILE, load_card
 from .checkpoint import check_checkpoint_folder, load_factorized
@@ -33,8 +33,12 @@ CHECKPOINT_FILES = (
 # Weight files transformers would read as a model's, at the top of a repository: an earlier upload's
 # left there beside the new ones could be loaded instead (model.safetensors before an index).
 REPO_WEIGHTS = re.compile(r"(pytorch_)?model(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+# Files of an earlier upload that describe that model, not this one (tokenizer files may be shared: kept).
+MODEL_SPECIFIC = ("generation_config.json", PLOT_FILE)
+# A peft adapter's config makes transformers load the adapter and its base model instead of the model.
+ADAPTER_CONFIG = "adapter_config.json"
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def weight_files(folder: str) -> list[str]:
@@ -147,10 +151,11 @@ def push(
 ) -> str:
     """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
     verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit, which also removes
-    the weight files of an earlier upload that the new ones replace (they stay in the repository's
-    history); returns the commit URL. ``private`` applies to a new repository: an existing public one
-    is refused. ``api`` defaults to ``HfApi(token=token)``; only its ``repo_exists``, ``repo_info``,
-    ``list_repo_files``, ``create_repo`` and ``create_commit`` are used, so tests can substitute them."""
+    the weights, generation config and plot of an earlier upload that the new files do not replace
+    (the repository's history keeps them; its other files stay); returns the commit URL. ``private``
+    applies to a new repository: an existing public one is refused. ``api`` defaults to
+    ``HfApi(token=token)``; only its ``repo_exists``, ``repo_info``, ``create_repo`` and
+    ``create_commit`` are used, so tests can substitute them."""
     folder = os.fspath(folder)
     plan = check_folder(folder)
     load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
@@ -158,25 +163,34 @@ def push(
     # at its shape, finite; the recipe readable), offline, before the repository is created.
     load_factorized(folder)
     api = api or HfApi(token=token)
-    stale = [name for name in _repo_files(api, repo_id, private)
-             if REPO_WEIGHTS.fullmatch(name) and name not in plan.files]
-    if stale:
-        logger.warning(f"{repo_id}: removing the weights of an earlier upload, which the new ones replace (the "
-                       f"repository's history keeps them): {', '.join(stale)}")
+    existing, head = _repository(api, repo_id, private)
+    stale = [name for name in existing if name not in plan.files
+             and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC)]
     operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
                     for name in plan.files), *(CommitOperationDelete(path_in_repo=name) for name in stale)]
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
+    # parent_commit: a push that landed since the listing fails this commit instead of mixing with it
+    info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", parent_commit=head,
                              commit_message=commit_message or "Upload hf_wsvd compressed checkpoint")
+    if stale:
+        logger.warning("%s: removed the files of an earlier upload that this one does not replace (the "
+                       "repository's history keeps them): %s", repo_id, ", ".join(stale))
     return getattr(info, "commit_url", str(info))
 
 
-def _repo_files(api: HfApi, repo_id: str, private: bool | None) -> list[str]:
-    """The files ``repo_id`` holds (none where it does not exist yet); refuses ``private`` for an
-    existing public repository, whose visibility ``create_repo`` would leave as it is."""
+def _repository(api: HfApi, repo_id: str, private: bool | None) -> tuple[list[str], str | None]:
+    """The files ``repo_id`` holds and its head commit (none, None where it does not exist yet).
+    Refuses ``private`` for an existing public repository (``create_repo`` would leave it public)
+    and a repository holding a peft adapter (transformers would load that in place of the model)."""
     if not api.repo_exists(repo_id, repo_type="model"):
-        return []
-    if private and not api.repo_info(repo_id, repo_type="model").private:
+        return [], None
+    info = api.repo_info(repo_id, repo_type="model")
+    if private and not info.private:
         raise ValueError(f"{repo_id} exists and is public: private=True (--private) does not make an existing "
                          "repository private; change its visibility on the Hub first, or push without it")
-    return api.list_repo_files(repo_id, repo_type="model")
+    files = [sibling.rfilename for sibling in info.siblings or []]
+    if ADAPTER_CONFIG in files:
+        raise ValueError(f"{repo_id} holds {ADAPTER_CONFIG} (a peft adapter): with peft installed, transformers "
+                         "would load that adapter and its base model from this repository instead of the pushed "
+                         "checkpoint; push to another repository, or delete the adapter's files there first")
+    return files, info.sha

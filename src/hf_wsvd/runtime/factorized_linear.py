@@ -361,7 +361,7 @@ def overlap_sibling_products(model: nn.Module, enabled: bool = True) -> int:
     """Let the sibling layers of each :class:`SharedDown` group of ``model`` run their up products
     on parallel CUDA streams in CUDA graphs captured from now on (the outputs are the same); kept
     through conversions such as ``.to()``; returns how many groups share now. Off by default: a
-    whole replayed decode step gained under 1% (docs/benchmarks/speed.md)."""
+    whole replayed decode step gained at most 1% (docs/benchmarks/speed.md)."""
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled={enabled!r} must be True or False")
     for module in model.modules():

@@ -500,6 +500,14 @@ def _offloaded(model: nn.Module, name: str) -> bool:
     return False
 
 
+def stock_model_class(name: object) -> type[PreTrainedModel] | None:
+    """The transformers model class an ``architectures`` entry names (``WsvdLlamaForCausalLM`` or
+    ``LlamaForCausalLM``), else None (a hand edit can name an Auto class, a tokenizer, anything)."""
+    base = getattr(transformers, name.removeprefix(CLASS_PREFIX), None) if isinstance(name, str) else None
+    usable = isinstance(base, type) and issubclass(base, PreTrainedModel) and base is not PreTrainedModel
+    return base if usable else None
+
+
 def unloaded(model: PreTrainedModel, missing: Iterable[str]) -> list[str]:
     """The keys among ``missing`` (a load's missing keys) that the class the checkpoint was saved as
     holds, base model first: loaded, they hold random values. A module only this class has (another
@@ -508,10 +516,10 @@ def unloaded(model: PreTrainedModel, missing: Iterable[str]) -> list[str]:
     missing = list(missing)
     names = getattr(model.config, "architectures", None) or [""]
     if missing and type(model).__name__ != names[0]:
-        wsvd = names[0].startswith(CLASS_PREFIX)
-        base = getattr(transformers, names[0][len(CLASS_PREFIX):] if wsvd else names[0], None)
-        if isinstance(base, type) and issubclass(base, PreTrainedModel):
+        base = stock_model_class(names[0])
+        if base is not None:
             with torch.device("meta"):  # its names only; a copy of the config, which some classes edit
+                wsvd = names[0].startswith(CLASS_PREFIX)
                 saved = (wsvd_model_class(base) if wsvd else base)(copy.deepcopy(model.config))
             keys = {relative_module_name(saved, key) for key in saved.state_dict()}
             missing = [k for k in missing if relative_module_name(model, k) in keys]
