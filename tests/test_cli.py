@@ -113,7 +113,7 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
     (["--param-ratio", "1"], "param_ratio=1 keeps every parameter of the target layers, which saves nothing"),
     (["--method", "nope"], "'nope'"),
-    (["--generated-samples", "-2"], "-2 is negative"),
+    (["--generated-samples", "-2"], "-2 is not an integer >= 0"),
     (["--generated-samples", "2"], "only a causal LM writes calibration text"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
@@ -271,6 +271,7 @@ sys.exit(code)
     (["compress", "model", "out", "--param-ratio", "2"], 2, "param ratio 2.0 is outside (0, 1]"),
     (["compress", "model", "out", "--method", "nope"], 2, "invalid choice: 'nope'"),
     (["compress", "model", "out", "--num-samples", "0"], 2, "0 is not a positive integer"),
+    (["compress", "model", "out", "--num-samples", "-3"], 2, "-3 is not a positive integer"),  # worded as 0 is
 ])
 def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, code, shown):
     result = subprocess.run([sys.executable, "-c", PARSE_ONLY.format(argv=argv)], capture_output=True, text=True)

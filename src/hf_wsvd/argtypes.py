@@ -10,20 +10,21 @@ from pathlib import Path
 
 def positive_int(text: str) -> int:
     """An integer ≥ 1."""
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An integer ≥ 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
     return value
 
 
