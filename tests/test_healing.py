@@ -294,7 +294,11 @@ def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
         heal(student, tiny.build("bert"), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
 
 
-def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
+def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights(monkeypatch):
+    from hf_wsvd.integrations import healing
+
+    warned = []
+    monkeypatch.setattr(healing.logger, "warning", warned.append)
     teacher, student = _compressed()
     before = {n: v.clone() for n, v in student.state_dict().items()}
     # A learning rate far too high for these factors: the held-out loss rises (measured at the end
@@ -302,6 +306,8 @@ def test_a_heal_that_raises_the_heldout_loss_keeps_the_compressed_weights():
     healed, report = heal(student, teacher, _blocks(16, seed=1), _blocks(4, seed=2),
                           HealConfig(steps=5, learning_rate=10.0, batch_size=4, evaluations=0), show_progress=False)
     assert report.kl_after > report.kl_before and not report.kept
+    # the message says which step size to try next
+    assert "heal with a lower learning rate (this run: 10; try 3.3) or on more text" in warned[-1], warned
     for name, value in healed.state_dict().items():
         assert torch.equal(value, before[name]), name
 

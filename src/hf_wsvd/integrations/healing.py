@@ -386,8 +386,11 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
         kept = after <= before
         if not kept:
+            # Measured: a block-refined model starts close to its teacher and needed a third of the
+            # step size (Qwen2.5-0.5B at -40%: undone at 1e-4, healed at 3e-5; docs/training.md).
             logger.warning(f"healing raised the held-out distillation loss ({before:.4f} -> {after:.4f}): the "
-                           "compressed weights are kept; heal with a lower learning rate or on more text")
+                           f"compressed weights are kept; heal with a lower learning rate (this run: "
+                           f"{config.learning_rate:g}; try {config.learning_rate / 3:.2g}) or on more text")
             student.load_state_dict(initial)
         elif best_step < config.steps:
             logger.info(f"the held-out distillation loss was lowest at step {best_step} of {config.steps}: its "
