@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 
 from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
-from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, matmul_shapes, measure_or_publish, median,
-                    shared_down_groups, token_batch, verdict, with_key)
+from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, kernel_times, matmul_shapes,
+                    measure_or_publish, median, shapes_profile, shared_down_groups, token_batch, verdict, with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
 # Parts a note sets against another of the same model: (part, its counterpart, what the note calls them, whether
@@ -303,17 +303,20 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
     if "prefill" in args.parts:
         def prefill() -> dict:
             ids = token_batch(model.config.vocab_size, args.prefill_batch, args.prefill_length, device)
+
+            def one_pass() -> object:
+                return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
             torch.cuda.reset_peak_memory_stats()
-            seconds = interleaved_seconds(
-                {"prefill": lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)},
-                args.rounds, 1, 1, device)["prefill"]
+            seconds = interleaved_seconds({"prefill": one_pass}, args.rounds, 1, 1, device)["prefill"]
             timed = {"tokens_per_s": args.prefill_batch * args.prefill_length / median(seconds),
                      "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             # where a pass's GPU time goes, and which product shapes run below the rate of the others
             try:
                 with torch.inference_mode():
-                    kernels, _ = cuda_kernels(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-                    shapes = matmul_shapes(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device)
+                    profiled = shapes_profile(one_pass, device)
+                kernels, _ = kernel_times(profiled)
+                shapes = matmul_shapes(profiled, device)
                 ms = sum(row["ms"] for row in shapes)
                 flops = sum(2 * row["m"] * row["k"] * row["n"] * row["count"] for row in shapes)
                 return {**timed, "kernel_ms": 1e3 * kernels, "matmul_ms": ms, "matmul_tflops": flops / ms / 1e9,

@@ -67,14 +67,22 @@ def cuda_kernels(call: Callable[[], object], top: int | None = 12) -> tuple[floa
     graphs included (the profiler's device records), and the ``top`` kernels by time (None: all) as
     ``[name, milliseconds, count]``: set against the wall time, it tells a run bound by the GPU from
     one bound by the host (Python, launches), and which kernels take the GPU's time."""
-    from collections import defaultdict
-
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
+    seconds, ranked = kernel_times(prof)
+    return seconds, ranked[:top]
+
+
+def kernel_times(prof: "torch.profiler.profile") -> tuple[float, list[list]]:
+    """The GPU's kernel seconds in a profile, and every kernel as ``[name, milliseconds, count]``,
+    slowest first (see :func:`cuda_kernels`)."""
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
     by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
@@ -83,19 +91,12 @@ def cuda_kernels(call: Callable[[], object], top: int | None = 12) -> tuple[floa
     if not by_name:  # no profiler records: "0% of the wall time" would be the wrong answer
         raise RuntimeError("the profiler recorded no CUDA kernels")
     ranked = sorted(([name, ms, count] for name, (ms, count) in by_name.items()), key=lambda row: -row[1])
-    return sum(ms for ms, _ in by_name.values()) / 1e3, ranked[:top]
+    return sum(ms for ms, _ in by_name.values()) / 1e3, ranked
 
 
-# The two matrices of each product op among its recorded inputs (addmm: the bias first; an ``out=``
-# tensor is recorded after them)
-PRODUCT_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2)}
-
-
-def matmul_shapes(call: Callable[[], object], device: torch.device | str) -> list[dict]:
-    """The matrix products ``call()`` ran, one row per shape (an ``m`` × ``k`` by ``k`` × ``n``
-    product, with or without a bias): how many, their milliseconds (the GPU's kernels on CUDA, else
-    the CPU's) and the rate they reached in TFLOP/s, slowest in total first: it tells which product
-    shapes run below the rate of the others."""
+def shapes_profile(call: Callable[[], object], device: torch.device | str) -> "torch.profiler.profile":
+    """The profile of one ``call()`` with its ops' input shapes (and the GPU's kernels on CUDA): what
+    :func:`matmul_shapes` and, on CUDA, :func:`kernel_times` read."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
@@ -103,6 +104,20 @@ def matmul_shapes(call: Callable[[], object], device: torch.device | str) -> lis
     with profile(activities=activities, record_shapes=True) as prof:
         call()
         synchronize(device)
+    return prof
+
+
+# The two matrices of each product op among its recorded inputs (addmm: the bias first; an ``out=``
+# tensor is recorded after them)
+PRODUCT_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2)}
+
+
+def matmul_shapes(prof: "torch.profiler.profile", device: torch.device | str) -> list[dict]:
+    """The matrix products of a :func:`shapes_profile` of ``device``, one row per shape (an ``m`` ×
+    ``k`` by ``k`` × ``n`` product, with or without a bias): how many, their milliseconds (the GPU's
+    kernels on CUDA, else the CPU's) and the rate they reached in TFLOP/s, slowest in total first: it
+    tells which product shapes run below the rate of the others."""
+    cuda = torch.device(device).type == "cuda"
     totals: dict[tuple[int, int, int], list] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         if event.key in PRODUCT_OPERANDS:

@@ -287,20 +287,24 @@ def test_gpu_speed_table_sets_the_compiled_ratio_against_the_eager_one(benchmark
 def test_matmul_shapes_names_each_product_shape_with_its_count_and_rate(benchmarks_on_path, device):
     """The prefill profile's product shapes: each (m × k by k × n) once, with how many ran and their
     rate (on CUDA, from the GPU's kernel times)."""
-    from timing import matmul_shapes
+    from timing import kernel_times, matmul_shapes, shapes_profile
 
     wide = torch.nn.Linear(64, 48, bias=False, device=device)
     thin = torch.nn.Linear(64, 8, device=device)  # with a bias: addmm
     biased = torch.nn.Linear(64, 48, device=device)  # wide's shape through addmm: the same row
     x = torch.randn(2, 5, 64, device=device)
     out = torch.empty(10, 48, device=device)  # an out= tensor is recorded among the inputs too
-    rows = matmul_shapes(lambda: (wide(x), thin(x), biased(x), torch.mm(x[0], wide.weight.detach().t(), out=out[:5])), device)
+    profiled = shapes_profile(lambda: (wide(x), thin(x), biased(x), torch.mm(x[0], wide.weight.detach().t(),
+                                                                             out=out[:5])), device)
+    rows = matmul_shapes(profiled, device)
+    if device == "cuda":  # the same profile gives the pass's kernel time
+        assert kernel_times(profiled)[0] > 0
     assert sorted((r["m"], r["k"], r["n"], r["count"]) for r in rows) == [(5, 64, 48, 1), (10, 64, 8, 1),
                                                                          (10, 64, 48, 2)]
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] == pytest.approx(2 * r["m"] * r["k"] * r["n"] * r["count"] / r["ms"] / 1e9)
     with pytest.raises(RuntimeError, match="no matrix products"):
-        matmul_shapes(lambda: x.relu(), device)
+        matmul_shapes(shapes_profile(lambda: x.relu(), device), device)
 
 
 def test_gpu_speed_notes_name_the_prefill_shapes_slower_than_dense(benchmarks_on_path):
