@@ -320,7 +320,7 @@ def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = l
                 ms = sum(row["ms"] for row in shapes)
                 flops = sum(2 * row["m"] * row["k"] * row["n"] * row["count"] for row in shapes)
                 return {**timed, "kernel_ms": 1e3 * kernels, "matmul_ms": ms, "matmul_tflops": flops / ms / 1e9,
-                        "matmul_shapes": shapes[:32], "kernels": ranked[:16]}
+                        "matmul_shapes": shapes, "kernels": ranked[:16]}
             except Exception as error:  # noqa: BLE001 - a profiler failure must not lose the timings above
                 return {**timed, "profile_error": f"{type(error).__name__}: {error}"[:500]}
 
@@ -455,15 +455,16 @@ def step_matmuls(entry: dict, steps: int) -> str:
 
 def prefill_profile(where: str, entry: dict | None, dense: dict | None) -> list[str]:
     """A note on a profiled prefill pass: its kernels, its matrix products and their rate, the other
-    kernels' time (beside dense's: the part no weight structure removes), and the product shapes that
-    take at least 5% of the products' time at under 0.9 of the dense model's rate."""
+    kernels' time (beside dense's: the part factorizing the weights does not shrink), and the product
+    shapes that take at least 5% of the products' time at under 0.9 of the dense model's rate."""
     if not isinstance(entry, dict) or "matmul_ms" not in entry:
         return []
     profiled = isinstance(dense, dict) and "matmul_ms" in dense and entry is not dense
     note = (f"{where}, prefill: GPU kernels {entry['kernel_ms']:.1f} ms a pass, of which matrix products "
             f"{entry['matmul_ms']:.1f} ms at {entry['matmul_tflops']:.0f} TFLOP/s, other kernels "
             f"{entry['kernel_ms'] - entry['matmul_ms']:.1f} ms"
-            + (f" (dense: {dense['matmul_ms']:.1f} and {dense['kernel_ms'] - dense['matmul_ms']:.1f} ms)" if profiled else ""))
+            + (f" (dense: products {dense['matmul_ms']:.1f}, other {dense['kernel_ms'] - dense['matmul_ms']:.1f} ms)"
+               if profiled else ""))
     rate = dense.get("matmul_tflops") if isinstance(dense, dict) else None
     slow = [row for row in entry["matmul_shapes"] if rate and entry is not dense and row["tflops"]
             and row["ms"] >= 0.05 * entry["matmul_ms"] and row["tflops"] < 0.9 * rate]
