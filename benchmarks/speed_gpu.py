@@ -455,8 +455,9 @@ def step_matmuls(entry: dict, steps: int) -> str:
 
 def prefill_profile(where: str, entry: dict | None, dense: dict | None) -> list[str]:
     """A note on a profiled prefill pass: its kernels, its matrix products and their rate, the other
-    kernels' time (beside dense's: the part factorizing the weights does not shrink), and the product
-    shapes that take at least 5% of the products' time at under 0.9 of the dense model's rate."""
+    kernels' time (beside dense's: the part factorizing the weights does not shrink), how much shorter
+    its products would be at dense's rate, and the product shapes that take at least 5% of the
+    products' time at under 0.9 of the dense model's rate."""
     if not isinstance(entry, dict) or "matmul_ms" not in entry:
         return []
     profiled = isinstance(dense, dict) and "matmul_ms" in dense and entry is not dense
@@ -466,6 +467,10 @@ def prefill_profile(where: str, entry: dict | None, dense: dict | None) -> list[
             + (f" (dense: products {dense['matmul_ms']:.1f}, other {dense['kernel_ms'] - dense['matmul_ms']:.1f} ms)"
                if profiled else ""))
     rate = dense.get("matmul_tflops") if isinstance(dense, dict) else None
+    # what the products' rate costs: the same FLOPs at dense's rate (the rest of the pass unchanged)
+    slower = entry["matmul_ms"] * (1 - entry["matmul_tflops"] / rate) if profiled and rate else 0.0
+    if slower >= 0.05:
+        note += f"; at dense's rate its products would take {slower:.1f} ms less"
     slow = [row for row in entry["matmul_shapes"] if rate and entry is not dense and row["tflops"]
             and row["ms"] >= 0.05 * entry["matmul_ms"] and row["tflops"] < 0.9 * rate]
     if slow:

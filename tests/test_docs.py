@@ -321,12 +321,17 @@ def test_gpu_speed_notes_name_the_prefill_shapes_slower_than_dense(benchmarks_on
         {"m": 16384, "k": 384, "n": 4096, "count": 4, "ms": 20.0, "tflops": 100.0}]}      # slow but < 5%: left out
     notes = speed_gpu.prefill_profile("run 1, 20%", compressed, dense)
     assert notes == ["run 1, 20%, prefill: GPU kernels 790.0 ms a pass, of which matrix products 700.0 ms at 500 "
-                     "TFLOP/s, other kernels 90.0 ms (dense: products 800.0, other 100.0 ms); below 0.9 of dense's 600: "
+                     "TFLOP/s, other kernels 90.0 ms (dense: products 800.0, other 100.0 ms); at dense's rate its "
+                     "products would take 116.7 ms less; below 0.9 of dense's 600: "
                      "16384×4096×384 (40×) 300 TFLOP/s, 150.0 ms."]
     assert speed_gpu.prefill_profile("run 1, 0%", dense, dense) == [
         "run 1, 0%, prefill: GPU kernels 900.0 ms a pass, of which matrix products 800.0 ms at 600 TFLOP/s, "
         "other kernels 100.0 ms."]
     assert speed_gpu.prefill_profile("run 1, 20%", {"tokens_per_s": 1.0}, dense) == []  # not profiled: no note
+    faster = {**compressed, "matmul_tflops": 650.0, "matmul_shapes": []}  # products above dense's rate: nothing to gain
+    assert speed_gpu.prefill_profile("run 1, 40%", faster, dense) == [
+        "run 1, 40%, prefill: GPU kernels 790.0 ms a pass, of which matrix products 700.0 ms at 650 TFLOP/s, "
+        "other kernels 90.0 ms (dense: products 800.0, other 100.0 ms)."]
 
 
 def test_sibling_speed_table_shows_each_variant_where_it_ran(benchmarks_on_path):
