@@ -35,7 +35,7 @@ class WsvdCheckpointConfig(PreTrainedConfig):
 
 def base_model_type(config_dict: dict) -> str:
     """The stock model type a factorized config records, checked against its architectures."""
-    from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
+    from ..runtime.modeling_wsvd import BASE_TYPE_KEY, stock_model_class
 
     base_type = config_dict.get(BASE_TYPE_KEY)
     if not isinstance(base_type, str) or not base_type:
@@ -53,8 +53,7 @@ def base_model_type(config_dict: dict) -> str:
         raise ValueError(f"config.json architectures={architectures!r} must be a list of model class names "
                          "(such as ['WsvdLlamaForCausalLM']): the checkpoint's config is damaged")
     for architecture in architectures or []:
-        stock = getattr(transformers, architecture.removeprefix(CLASS_PREFIX), None)
-        stock_type = getattr(getattr(stock, "config_class", None), "model_type", None)
+        stock_type = getattr(getattr(stock_model_class(architecture), "config_class", None), "model_type", None)
         if stock_type and stock_type != base_type:
             raise ValueError(f"config.json {BASE_TYPE_KEY}={base_type!r} does not match its architecture "
                              f"{architecture!r} (model type {stock_type!r})")
