@@ -466,12 +466,12 @@ def prefill_profile(where: str, entry: dict | None, dense: dict | None) -> list[
             f"{entry['kernel_ms'] - entry['matmul_ms']:.1f} ms"
             + (f" (dense: products {dense['matmul_ms']:.1f}, other {dense['kernel_ms'] - dense['matmul_ms']:.1f} ms)"
                if profiled else ""))
-    rate = dense.get("matmul_tflops") if isinstance(dense, dict) else None
+    rate = dense["matmul_tflops"] if profiled else None
     # what the products' rate costs: the same FLOPs at dense's rate (the rest of the pass unchanged)
-    slower = entry["matmul_ms"] * (1 - entry["matmul_tflops"] / rate) if profiled and rate else 0.0
+    slower = entry["matmul_ms"] * (1 - entry["matmul_tflops"] / rate) if rate else 0.0
     if slower >= 0.05:
         note += f"; at dense's rate its products would take {slower:.1f} ms less"
-    slow = [row for row in entry["matmul_shapes"] if rate and entry is not dense and row["tflops"]
+    slow = [row for row in entry["matmul_shapes"] if rate and row["tflops"]
             and row["ms"] >= 0.05 * entry["matmul_ms"] and row["tflops"] < 0.9 * rate]
     if slow:
         note += (f"; below 0.9 of dense's {rate:.0f}: " + ", ".join(
