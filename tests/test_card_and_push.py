@@ -216,6 +216,9 @@ def test_push_refuses_a_card_folder_and_weights_saved_twice(compressed, tmp_path
     with pytest.raises(ValueError, match="lacks README.md"):
         hub.push(out, "user/x", api=api)
     (out / "README.md").rmdir()
+    tiny.save(tiny.build("llama"), tmp_path / "dense")  # a dense folder is named as such, not as files it lacks
+    with pytest.raises(ValueError, match="has model_type='llama', not an hf_wsvd checkpoint"):
+        hub.push(tmp_path / "dense", "user/x", api=api)
     (tmp_path / "card.md").rename(out / "README.md")
     index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -137,7 +137,7 @@ def test_existing_output_is_never_overwritten_without_consent(tmp_path, classifi
     # A folder hf-wsvd did not write is refused, --overwrite or not.
     for extra in [[], ["--overwrite"]]:
         assert main(["compress", str(classifier_dir), str(out), "--data", str(tsv), *extra]) == 2
-        assert "did not write (mine.txt)" in capsys.readouterr().err
+        assert "did not write or that changed since it wrote them (mine.txt)" in capsys.readouterr().err
         assert (out / "mine.txt").read_text() == "user data"
     # An earlier hf-wsvd output needs --overwrite, and a failing run with it leaves it as it was.
     (out / "mine.txt").unlink()

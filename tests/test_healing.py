@@ -185,7 +185,7 @@ def test_a_dense_model_is_refused():
         heal(copy.deepcopy(teacher), teacher, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
 
 
-def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path, monkeypatch):
+def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path, monkeypatch, caplog):
     from hf_wsvd.cli import main
     from hf_wsvd.integrations import healing
 
@@ -217,6 +217,7 @@ def test_cli_heal_writes_a_factorized_checkpoint_with_its_card(tmp_path, monkeyp
     assert _ranks(healed) == _ranks(student)
     card = (out / "README.md").read_text()
     assert "## Healing" in card and "healed 4 steps" in card and "and 3 written by the teacher" in card
+    assert not [r for r in caplog.records if "metadata block was not found" in r.getMessage()]  # no card: no noise
     # Nothing was written into the inputs, and the output refuses to be overwritten silently.
     assert not (tmp_path / "compressed" / "README.md").exists()
     assert main(["heal", str(tmp_path / "compressed"), str(out), "--teacher", str(tmp_path / "dense"),
@@ -282,6 +283,30 @@ def test_cli_heal_refuses_a_compressed_teacher_and_unreadable_text_before_loadin
     assert _heal(tmp_path, "compressed", "dense", "binary.txt") == 2
     assert f"--data {str(tmp_path / 'binary.txt')!r} cannot be read as UTF-8 text" in _one_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("text.txt", "the movie was good\na bad plot\n"),
+    ("text.jsonl", '{"text": "the movie was good", "id": 0}\n{"text": "a bad plot", "id": 1}\n'),
+    ("text.tsv", "sentence\tlabel\nthe movie was good\t1\na bad plot\t0\n"),
+], ids=["txt", "jsonl", "tsv"])
+def test_cli_heal_reads_a_table_s_text_column_as_compress_does(tmp_path, capsys, monkeypatch, name, content):
+    """The calibration file given to compress heals on its text, not on its JSON or TSV syntax."""
+    import hf_wsvd.data
+
+    teacher, student = _compressed()
+    _saved(tmp_path, dense=teacher, compressed=student)
+    (tmp_path / name).write_text(content)
+    seen = []
+
+    def spied(texts, *args, **kwargs):
+        seen.append(list(texts))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(hf_wsvd.data, "text_blocks", spied)
+    assert _heal(tmp_path, "compressed", "dense", name) == 2
+    assert "stop here" in _one_error(capsys)
+    assert seen == [["the movie was good", "a bad plot"]]
 
 
 def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):

@@ -82,6 +82,34 @@ def test_data_from_a_dataset_and_from_save_to_disk_folders(tmp_path):
     assert len(load_table(tmp_path / "single")) == len(ROWS)
 
 
+@pytest.mark.parametrize("name", ["dev?.tsv", "data[1].tsv", "st*r.tsv"])
+def test_a_data_file_name_with_glob_characters_reads_that_file_alone(tmp_path, name):
+    rows = "".join(f"{s}\t{l}\n" for s, l in ROWS)
+    (tmp_path / name).write_text("sentence\tlabel\n" + rows)
+    for neighbour in ("dev1.tsv", "data1.tsv", "star.tsv"):  # what the name would match as a pattern
+        (tmp_path / neighbour).write_text("sentence\tlabel\nnot mine\t0\n")
+    assert list(load_table(tmp_path / name)["sentence"]) == [s for s, _ in ROWS]
+
+
+def test_data_loader_names_what_it_cannot_take(tokenizer):
+    """The public data_loader says, in one line, what it takes instead of failing deep inside."""
+    table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
+    config, classifier = WSVDConfig(max_length=16, batch_size=4), tiny.build("bert")
+    cases = [(dict(data_path=DatasetDict({"train": table})), r"DatasetDict \(pick one split: data\['train'\]\)"),
+             (dict(data_path=table.to_list()), "data of type list: pass a datasets.Dataset"),
+             (dict(num_samples=-1), "num_samples=-1 must be a positive integer"),
+             (dict(num_samples=0), "num_samples=0 must be a positive integer"),
+             (dict(tokenizer=None), "tokenizer=None: pass the model's tokenizer"),
+             (dict(config=None), "config=None: pass a WSVDConfig or a CalibrationConfig")]
+    for changed, message in cases:
+        arguments = {**dict(model=classifier, tokenizer=tokenizer, data_path=table, config=config), **changed}
+        with pytest.raises(ValueError, match=message):
+            data_loader(**arguments)
+    # one text column may be named alone
+    loader = data_loader(classifier, tokenizer, table, config, text_columns="sentence", shuffle=False)
+    assert sum(len(batch["input_ids"]) for batch in loader) == len(ROWS)
+
+
 def test_evaluate_model_follows_the_task(tokenizer):
     table = Dataset.from_dict({"sentence": [s for s, _ in ROWS], "label": [l for _, l in ROWS]})
     config = WSVDConfig(max_length=16, batch_size=4)

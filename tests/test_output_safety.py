@@ -110,11 +110,13 @@ def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o777 & ~umask
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (project / "out" / "a").iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in (project / "out" / "a").iterdir()}  # the weights too (safetensors: 0600)
     assert (project / "out" / "a" / MARKER).is_file()
     # an hf-wsvd output with a file the user added is not replaced
     (project / "out" / "a" / "my-notes.md").write_text("mine")
     assert run(["compress", "models/tiny", "out/a", "--method", "svd", "--overwrite"]) == 2
-    assert "did not write (my-notes.md)" in one_error(capsys)
+    assert "did not write or that changed since it wrote them (my-notes.md)" in one_error(capsys)
     (project / "out" / "a" / "my-notes.md").unlink()
     # a dense export is recognized as an hf-wsvd output too
     assert run(["export", "out/a", "out/dense", "--dense"]) == 0
@@ -124,11 +126,32 @@ def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project
     _checkpoint(project / "out" / "api")
     (project / "out" / "api" / "activations.safetensors").write_bytes(b"mine")
     assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 2
-    assert "did not write (activations.safetensors)" in one_error(capsys)
+    assert "did not write or that changed since it wrote them (activations.safetensors)" in one_error(capsys)
     (project / "out" / "api" / "activations.safetensors").unlink()
     assert run(["export", "out/a", "out/api", "--dense", "--overwrite"]) == 0
     assert (project / "out" / "api" / "config.json").read_text().count('"model_type": "bert"') == 1
     assert [p.name for p in (project / "out").iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
+def test_overwrite_refuses_an_output_whose_files_were_saved_over(project, monkeypatch, capsys):
+    """A model fine-tuned and saved back into an earlier output keeps the files' names but is the
+    user's: --overwrite refuses it, naming the file, and leaves it as it is."""
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.chdir(project)
+    assert run(["compress", "models/tiny", "out", "--method", "svd"]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(project / "out")
+    with torch.no_grad():
+        model.classifier.weight.mul_(3)
+    model.save_pretrained(project / "out")
+    before = snapshot(project / "out")
+    assert run(["compress", "models/tiny", "out", "--method", "svd", "--param-ratio", "0.6", "--overwrite"]) == 2
+    error = one_error(capsys)  # save_pretrained rewrote every file: each is named, the weights among them
+    assert "changed since it wrote them (" in error and "model.safetensors" in error
+    assert snapshot(project / "out") == before
+    # an output left as hf-wsvd wrote it is still replaced
+    assert run(["compress", "models/tiny", "out2", "--method", "svd"]) == 0
+    assert run(["compress", "models/tiny", "out2", "--method", "svd", "--param-ratio", "0.6", "--overwrite"]) == 0
 
 
 KILL_AFTER_ASIDE = """
@@ -172,6 +195,31 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     assert snapshot(out) != old and set(snapshot(out)) == set(old)
 
 
+TERMINATE_WHEN_WRITTEN = """
+import os, signal, sys, time
+import hf_wsvd.cli.output as output
+from hf_wsvd.cli import main
+
+def terminated(folder, command):  # the result is complete in the staging folder: SIGTERM now
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+output._write_marker = terminated
+sys.exit(main(["export", sys.argv[1], sys.argv[2], "--dense"]))
+"""
+
+
+def test_a_terminated_run_leaves_no_staging_folder_and_says_so(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: exit 143, one line, nothing left."""
+    _checkpoint(tmp_path / "a")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
+    ended = subprocess.run([sys.executable, "-c", TERMINATE_WHEN_WRITTEN, str(tmp_path / "a"), str(tmp_path / "out")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 128 + signal.SIGTERM, ended.stderr[-2000:]
+    assert ended.stderr.strip().splitlines()[-1] == "hf-wsvd export: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
 def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp_path, capsys):
     _checkpoint(tmp_path / "a")
     out = tmp_path / "dense"
@@ -194,11 +242,29 @@ def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp
     live.mkdir()
     before = snapshot(out)
     assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
-    assert f"another hf-wsvd run (pid {os.getppid()}) is writing" in one_error(capsys)
+    error_line = one_error(capsys)
+    assert f"another hf-wsvd run (pid {os.getppid()}) is writing" in error_line
     assert snapshot(out) == before and live.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")) == sorted([live.name, other.name])
-    # (those names are of an earlier release, without the space: still read.) A staging folder of another
-    # machine or container (another pid namespace): its pid cannot be checked here, so it is never
+    assert f"delete {live.name!r} beside it" in error_line  # what to do if no run is working
+    live.rmdir()
+    # (those names are of an earlier release, without the space or the start.) Today's names record when
+    # their process started: a live process of another start has taken a dead run's pid over
+    from hf_wsvd.cli.output import _start_ticks
+
+    started = _start_ticks(os.getppid())
+    assert started is not None or not sys.platform.startswith("linux")  # /proc says, where there is one
+    if started is not None:  # elsewhere a live pid counts as the run's, as before
+        taken = tmp_path / f".hf-wsvd-{os.getppid()}-{started + 1:x}tcd34-new-{target}"
+        taken.mkdir()
+        assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 0
+        assert not taken.exists()
+    live = tmp_path / f".hf-wsvd-{os.getppid()}-{started or 0:x}tcd34-new-{target}"
+    live.mkdir()
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense", "--overwrite"]) == 2
+    assert f"another hf-wsvd run (pid {os.getppid()}) is writing" in one_error(capsys)
+    before = snapshot(out)
+    # A staging folder of another machine or container (another pid namespace): its pid cannot be checked here, so it is never
     # taken for stale: refused, named, left in place
     live.rmdir()
     foreign = tmp_path / f".hf-wsvd-0000dead-{dead.pid}-cd34-new-{target}"
@@ -582,7 +648,7 @@ def test_eval_of_an_empty_split_is_one_line(project, capsys):
     (project / "header.tsv").write_text("sentence\tlabel\n")
     assert run(["eval", str(project / "models" / "tiny"), "--data", str(project / "header.tsv")]) == 2
     error = one_error(capsys)
-    assert "header.tsv" in error and "cannot be read as tsv" in error
+    assert "header.tsv" in error and "holds no rows, only a header" in error
 
 
 def test_card_states_the_examples_actually_used(project):

@@ -75,6 +75,9 @@ def test_lora_on_whole_factorized_modules_merges_exactly_into_higher_rank(tmp_pa
     # ...re-registering the layer (load_adapter) onto a freshly loaded base can.
     reloaded = load_adapter(AUTO.from_pretrained(base_dir), tmp_path / "adapter")
     assert torch.allclose(_logits(reloaded), adapted, atol=1e-6)
+    # the dense model has layers of the same names and shapes: refused, not loaded onto the wrong base
+    with pytest.raises(ValueError, match="was trained on a model compressed by hf_wsvd .*not onto the dense"):
+        load_adapter(tiny.build("bert"), tmp_path / "adapter")
 
     # merge / unmerge in place: rank r -> r + 3 -> r, outputs unchanged
     reloaded.merge_adapter()
@@ -92,6 +95,23 @@ def test_lora_on_whole_factorized_modules_merges_exactly_into_higher_rank(tmp_pa
     merged.save_pretrained(tmp_path / "merged")
     again = AUTO.from_pretrained(tmp_path / "merged")
     assert _ranks(again) == expected
+    assert torch.allclose(_logits(again), adapted, atol=1e-5)
+
+
+def test_peft_s_own_merge_and_unload_saves_a_checkpoint_that_reloads(tmp_path):
+    """Stock ``PeftModel.merge_and_unload`` (not hf_wsvd's) changes the ranks without telling the
+    config: ``save_pretrained`` records the ranks the saved factors have."""
+    base_dir, ranks = _compressed_dir(tmp_path)
+    model = AUTO.from_pretrained(base_dir)
+    config = register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(model), init_lora_weights=False))
+    peft_model = get_peft_model(model, config)
+    adapted = _logits(peft_model)
+    merged = peft_model.merge_and_unload()
+    assert merged.config.wsvd["ranks"] == ranks  # stale: peft knows nothing of it
+    merged.save_pretrained(tmp_path / "merged")
+    expected = {k: r + 2 for k, r in ranks.items()}
+    again = AUTO.from_pretrained(tmp_path / "merged")
+    assert _ranks(again) == expected and again.config.wsvd["ranks"] == expected
     assert torch.allclose(_logits(again), adapted, atol=1e-5)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import logging
 import os
 import random
@@ -54,6 +55,10 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
 
     if isinstance(source, Dataset):
         return source
+    if not isinstance(source, (str, os.PathLike)):
+        what = " (pick one split: data['train'])" if isinstance(source, DatasetDict) else ""
+        raise ValueError(f"data of type {type(source).__name__}{what}: pass a datasets.Dataset, or the path of a "
+                         "data file or save_to_disk folder")
     path = os.fspath(source)
     if os.path.isdir(path):
         try:
@@ -83,16 +88,42 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
         raise ValueError(f"data file {path!r} is empty")
     builder, options = _BUILDERS[extension]
     try:
-        table = load_dataset(builder, data_files={"data": path}, split="data", **options)
+        # escaped: datasets reads data_files as glob patterns, so 'dev?.tsv' would also read dev1.tsv
+        table = load_dataset(builder, data_files={"data": glob.escape(path)}, split="data", **options)
     # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
     # header and no rows is a ValueError.
     except (DatasetGenerationError, ValueError) as error:
+        if builder == "csv" and _lines_at_most(path, 1):
+            raise ValueError(f"data file {path!r} holds no rows, only a header") from error
         cause = error.__cause__ or error
         detail = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
     if len(table) == 0:
         raise ValueError(f"data file {path!r} holds no rows")
     return table
+
+
+def _lines_at_most(path: str, count: int) -> bool:
+    """Whether the file ``path`` has at most ``count`` non-blank lines."""
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip()) <= count
+
+
+def read_texts(path: str, source: str) -> list[str]:
+    """The texts a language model is trained on from the file or folder ``path``, as ``compress``
+    reads them: the rows of a table's text column (TSV/CSV/JSON(L)/parquet or a ``save_to_disk``
+    folder; its first string column) or the lines of any other file, read as UTF-8 text. ``source``
+    names it in errors."""
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path) or _BUILDERS.get(extension, ("text",))[0] != "text":
+        table = load_table(path)
+        (column, *_), _ = resolve_columns(table, CAUSAL_LM)
+        return [text for text in table[column] if isinstance(text, str)]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except (UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"{source} cannot be read as UTF-8 text ({error})") from None
 
 
 def resolve_columns(

@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ..argtypes import comma_list, hub_dataset, hub_model_id
 from ..config import WSVDConfig
@@ -306,9 +308,30 @@ def _linalg_errors() -> tuple[type[Exception], ...]:
     return tuple(sys.modules[name].linalg.LinAlgError for name in ("torch", "numpy") if name in sys.modules)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``), unwound like Ctrl-C so that the
+    run's staging folder is removed and OUTPUT left as it was."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
+    # Only the main thread may set a handler; the previous one comes back when main returns.
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .commands import run_eval, run_export, run_heal, run_push
 
     _show_notices()
@@ -324,4 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: check_output has put the output back as it was; no traceback
         print(f"hf-wsvd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"hf-wsvd {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0

@@ -97,7 +97,8 @@ def add_commands(commands, columns) -> None:
     h.add_argument("output", help="folder to write the healed checkpoint to (must not exist or be empty, or be an "
                                   "earlier hf-wsvd output with --overwrite)")
     h.add_argument("--teacher", required=True, help="the dense model it was compressed from: folder, Hub id or .gguf")
-    h.add_argument("--data", required=True, help="plain text file to distill on (e.g. the calibration text)")
+    h.add_argument("--data", required=True, help="text to distill on, e.g. the calibration text: a plain text file "
+                   "(its lines), or a TSV/CSV/JSON(L)/parquet file or save_to_disk folder (its text column, as compress reads it)")
     h.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: 200)")
     h.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine decay (default: 1e-4)")
     h.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank on the factors instead "
@@ -227,7 +228,7 @@ def run_heal(args: argparse.Namespace) -> None:
 
     from ..integrations.card import add_healing, load_card
     from ..integrations.checkpoint import check_checkpoint_folder
-    from ..data import check_fits, make_dataloader, teacher_samples, text_blocks
+    from ..data import check_fits, make_dataloader, read_texts, teacher_samples, text_blocks
     from ..evaluation import perplexity
     from ..integrations.healing import HealConfig, check_student, check_teacher, heal
     from .output import check_output
@@ -237,10 +238,7 @@ def run_heal(args: argparse.Namespace) -> None:
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
-    try:  # read before any model loads
-        text = Path(args.data).read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"--data {args.data!r} cannot be read as UTF-8 text ({error})") from None
+    texts = read_texts(args.data, f"--data {args.data!r}")  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")
     recorded = stored_config(args.path).model_type
@@ -259,7 +257,7 @@ def run_heal(args: argparse.Namespace) -> None:
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():  # distilled toward other tokens' logits
             raise ValueError(f"--teacher {args.teacher!r} has another tokenizer than {args.path!r} (its vocabulary "
                              "maps tokens to other ids): the teacher must be the dense model it was compressed from")
-        blocks = text_blocks(text.splitlines(), tokenizer, args.max_length, f"--data {args.data!r}")
+        blocks = text_blocks(texts, tokenizer, args.max_length, f"--data {args.data!r}")
         for model in (student, teacher):
             check_fits(model, [block["input_ids"] for block in blocks], args.max_length)
         random.Random(args.seed).shuffle(blocks)

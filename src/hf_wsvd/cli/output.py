@@ -4,11 +4,11 @@ changed while the run worked, refuse two runs into one OUTPUT, and recover from 
 was killed midway.
 
 A run claims OUTPUT at its start by creating its staging folder
-``.hf-wsvd-<space>-<pid>-<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name, ``<space>``
-the machine where ``<pid>`` lives; a second run seeing a live one, or one of another machine or
-container, whose pid it cannot check, is refused and told what that folder holds) and writes the
-result there. To replace OUTPUT it renames OUTPUT
-aside to ``...-old-<h>``, checks that the folder renamed aside is exactly what was checked at the
+``.hf-wsvd-<space>-<pid>-<started>t<token>-new-<h>`` next to it (``<h>`` identifies OUTPUT's name,
+``<space>`` the machine where ``<pid>`` lives, ``<started>`` when that process started, so that a
+pid taken over by another process is not mistaken for the run; a second run seeing a live one, or
+one of another machine or container, whose pid it cannot check, is refused and told what that
+folder holds) and writes the result there. To replace OUTPUT it renames OUTPUT aside to ``...-old-<h>``, checks that the folder renamed aside is exactly what was checked at the
 start (else puts it back and keeps the result under a visible name), renames the new folder in,
 then deletes the old one. Killed at any point, the folders say what happened: a later run for the
 same OUTPUT puts the old folder back if OUTPUT is missing, and deletes the leftovers of dead
@@ -32,10 +32,11 @@ import time
 from typing import Iterator, Sequence
 
 # Written last into every output, so that --overwrite can tell an hf-wsvd output from a user's
-# folder; it lists the files the output held when written.
+# folder; it lists the files the output held when written, each with a fingerprint of its sizes and
+# modification times, so that a file the user saved over since (a fine-tune saved back) is theirs.
 MARKER = ".hf-wsvd-output.json"
-_STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-[0-9a-f]+-(?P<kind>new|old)-"
-                      r"(?P<target>[0-9a-f]{12})")
+_STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-(?:(?P<started>[0-9a-f]+)t)?[0-9a-f]+-"
+                      r"(?P<kind>new|old)-(?P<target>[0-9a-f]{12})")
 _active: set[str] = set()  # staging folders of this process in use
 
 
@@ -65,7 +66,18 @@ def _is_live(match: re.Match, path: str) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    # The name records when its run started: a process started at another time took a dead run's pid.
+    started = _start_ticks(pid)
+    return match["started"] is None or started is None or int(match["started"], 16) == started
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot, where ``/proc`` says; else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stale(output: str) -> dict[str, list[str]]:
@@ -97,14 +109,18 @@ def _contains(outer: str, inner: str) -> bool:
 
 
 def foreign_files(folder: str) -> list[str]:
-    """The entries of ``folder`` that hf-wsvd did not write (all of them when it holds no
-    hf-wsvd output). An output is recognized by its marker file, or, for a checkpoint written by
-    ``save_pretrained`` alone, by ``model_type: "hf_wsvd"`` and files of a checkpoint only."""
+    """The entries of ``folder`` that hf-wsvd did not write, or that changed since it wrote them (all
+    of them when it holds no hf-wsvd output). An output is recognized by its marker file, or, for a
+    checkpoint written by ``save_pretrained`` alone, by ``model_type: "hf_wsvd"`` and files of a
+    checkpoint only."""
     entries = sorted(os.listdir(folder))
     try:
         with open(os.path.join(folder, MARKER)) as handle:
-            written = set(json.load(handle)["files"]) | {MARKER}
-    except (OSError, ValueError, KeyError, TypeError):
+            record = json.load(handle)
+        written = set(record["files"]) | {MARKER}
+        stamps = record.get("fingerprints") or {}  # absent from markers written before they were recorded
+        written -= {n for n in written & set(stamps) if _fingerprint(os.path.join(folder, n)) != stamps[n]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         from ..integrations.hub import checkpoint_files
 
         try:
@@ -132,6 +148,12 @@ def _state(path: str) -> tuple:
             entries.append((os.path.relpath(full, path), stat.S_IFMT(info.st_mode), info.st_size,
                             info.st_mtime_ns, info.st_ino))
     return tuple(sorted(entries))
+
+
+def _fingerprint(path: str) -> str:
+    """The types, sizes and modification times of what is at ``path`` (not inodes: the output is
+    renamed into place after its marker is written), hashed."""
+    return hashlib.sha1(repr([entry[:4] for entry in _state(path)]).encode()).hexdigest()
 
 
 def _difference(before: tuple, after: tuple) -> str:
@@ -192,7 +214,8 @@ class OutputClaim:
                                           f"there) is writing {output!r} or was killed: wait for it; if none runs, "
                                           f"{left}")
                 raise FileExistsError(f"another hf-wsvd run (pid {match['pid']}) is writing {output!r}; wait for "
-                                      "it to end or choose another output folder")
+                                      f"it to end or choose another output folder (if no hf-wsvd run is working, "
+                                      f"delete {match.string!r} beside it)")
 
     def __enter__(self) -> "OutputClaim":
         return self
@@ -221,6 +244,7 @@ class OutputClaim:
         if not self.staging:
             raise RuntimeError("only the process that claimed the output (rank 0) writes it")
         yield self.staging
+        _usual_permissions(self.staging)
         _write_marker(self.staging, command)
         self._swap_in()
 
@@ -313,7 +337,8 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
         foreign = foreign_files(path)
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ValueError(f"output folder {output!r} holds files hf-wsvd did not write ({shown}); "
+            raise ValueError(f"output folder {output!r} holds files hf-wsvd did not write or that changed since "
+                             f"it wrote them ({shown}); "
                              "choose another folder (--overwrite replaces only earlier hf-wsvd outputs)")
         if not overwrite:
             raise ValueError(f"output folder {output!r} is not empty; choose another or pass --overwrite")
@@ -341,14 +366,30 @@ def _check_name_lengths(path: str, existing: str) -> None:
                              f"bytes long, at most {allowed} here")
 
 
+def _usual_permissions(folder: str) -> None:
+    """Give the files written into ``folder`` the permissions the umask gives new files: safetensors
+    (0.8) writes its weights readable by their owner alone, which a shared model folder must not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 def _write_marker(folder: str, command: str) -> None:
     from .. import __version__
 
-    record = {"written_by": f"hf-wsvd {__version__}", "command": command, "files": sorted(os.listdir(folder))}
+    files = sorted(os.listdir(folder))
+    record = {"written_by": f"hf-wsvd {__version__}", "command": command, "files": files,
+              "fingerprints": {name: _fingerprint(os.path.join(folder, name)) for name in files}}
     with open(os.path.join(folder, MARKER), "w") as handle:
         json.dump(record, handle, indent=1)
 
 
 def _staging_path(output: str, kind: str) -> str:
-    name = f".hf-wsvd-{_process_space()}-{os.getpid()}-{secrets.token_hex(4)}-{kind}-{_target_id(output)}"
+    started = _start_ticks(os.getpid())
+    token = secrets.token_hex(4) if started is None else f"{started:x}t{secrets.token_hex(4)}"
+    name = f".hf-wsvd-{_process_space()}-{os.getpid()}-{token}-{kind}-{_target_id(output)}"
     return os.path.join(os.path.dirname(output), name)

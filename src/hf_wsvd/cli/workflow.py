@@ -147,7 +147,7 @@ def data_loader(
     tokenizer: PreTrainedTokenizerBase,
     data_path: "str | Dataset",
     config: CalibrationConfig | WSVDConfig,
-    text_columns: list[str] | None = None,
+    text_columns: list[str] | str | None = None,
     label_column: str | None = None,
     num_samples: int | None = None,
     shuffle: bool = True,
@@ -160,6 +160,15 @@ def data_loader(
     ``config.max_length``. A classifier's examples are rows, sampled before tokenizing; a causal
     LM's are blocks of the whole text, sampled after, followed by ``config.generated_samples``
     blocks the model writes itself (``written_blocks``)."""
+    if not isinstance(config, (CalibrationConfig, WSVDConfig)):
+        raise ValueError(f"config={config!r}: pass a WSVDConfig or a CalibrationConfig (its sampling settings)")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ValueError(f"tokenizer={tokenizer!r}: pass the model's tokenizer (AutoTokenizer.from_pretrained)")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples={num_samples!r} must be a positive integer, or None (the config's; all "
+                         "without shuffle)")
+    if isinstance(text_columns, str):
+        text_columns = [text_columns]  # one column, named alone
     task = task_of(model)
     generated = config.generated_samples if shuffle else 0  # calibration only: never in held-out data
     if generated and task != CAUSAL_LM:

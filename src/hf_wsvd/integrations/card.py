@@ -239,7 +239,8 @@ def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: s
     and the ``command``) appended and the ``healed`` tag; a source without a card gets one with
     only that section."""
     source, folder = Path(source), Path(folder)
-    card = load_card(source / "README.md") if (source / "README.md").is_file() else ModelCard("")
+    # A card of no metadata block is parsed with a warning the user cannot act on: start from an empty one.
+    card = load_card(source / "README.md") if (source / "README.md").is_file() else ModelCard("---\ntags: []\n---\n")
     card.data.tags = sorted(set(card.data.tags or []) | {"healed"})
     card.text = card.text.rstrip() + f"\n\n## Healing\n\n{summary}.\n\n```bash\n{command}\n```\n"
     card.save(folder / "README.md")

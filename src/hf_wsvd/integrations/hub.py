@@ -122,6 +122,15 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     check_checkpoint_folder(folder)
     entries = sorted(os.listdir(folder))
     missing = [f for f in REQUIRED_FILES if f not in entries or not os.path.isfile(os.path.join(folder, f))]
+    if "config.json" not in missing:  # its model type is said first: a dense folder lacks the runtime files too
+        try:
+            with open(os.path.join(folder, "config.json")) as handle:
+                model_type = json.load(handle).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as error:  # not JSON, or JSON but not an object
+            raise ValueError(f"{folder}/config.json is not a JSON object ({error}): the checkpoint was edited or is "
+                             "damaged") from None
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
     if missing:
         hint = " (write the card with hf-wsvd compress, or hf_wsvd.integrations.card.write_card)" if "README.md" in missing else ""
         raise ValueError(f"{folder} lacks {', '.join(missing)}: not a complete hf_wsvd checkpoint{hint}")
@@ -129,14 +138,6 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     files = checkpoint_files(folder)
     _refuse_links(folder, files)
     files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
-    try:
-        with open(os.path.join(folder, "config.json")) as handle:
-            model_type = json.load(handle).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as error:  # not JSON, or JSON but not an object
-        raise ValueError(f"{folder}/config.json is not a JSON object ({error}): the checkpoint was edited or is "
-                         "damaged") from None
-    if model_type != MODEL_TYPE:
-        raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
     check_runtime_files(folder)
     return UploadPlan(files, [f for f in entries if f not in files])
 

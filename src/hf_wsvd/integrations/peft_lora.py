@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear
-from ..runtime.modeling_wsvd import RECIPE_KEY, relative_module_name
+from ..runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, factorized_ranks
 from .quantization import is_quantized_tensor
 
 
@@ -145,8 +145,7 @@ def sync_recipe_ranks(model: PreTrainedModel) -> dict[str, int]:
     recipe = getattr(model.config, RECIPE_KEY, None)
     if not isinstance(recipe, dict):
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (no config.{RECIPE_KEY})")
-    ranks = {**recipe.get("ranks", {}), **{relative_module_name(model, name): int(module.rank)
-                                           for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}}
+    ranks = {**recipe.get("ranks", {}), **factorized_ranks(model)}
     setattr(model.config, RECIPE_KEY, {**recipe, "ranks": ranks})
     return ranks
 
@@ -171,5 +170,11 @@ def load_adapter(base: PreTrainedModel, adapter: str | os.PathLike, **kwargs) ->
     """``PeftModel.from_pretrained(base, adapter)`` with :class:`FactorizedLoraLayer` registered, so
     adapters trained on whole ``FactorizedLinear`` modules load (harmless for others)."""
     config = register_factorized_lora(LoraConfig.from_pretrained(os.fspath(adapter)))
+    trained_on = (config.auto_mapping or {}).get("base_model_class", "")
+    if trained_on.startswith(CLASS_PREFIX) and getattr(base.config, "model_type", None) != MODEL_TYPE:
+        # its layers' shapes fit the dense model's too: peft would load it there without a word
+        raise ValueError(f"the adapter {os.fspath(adapter)!r} was trained on a model compressed by hf_wsvd "
+                         f"({trained_on}): load it onto that compressed checkpoint, not onto the dense "
+                         f"{type(base).__name__}")
     with peft_wrapping():
         return PeftModel.from_pretrained(base, os.fspath(adapter), config=config, **kwargs)

@@ -93,6 +93,13 @@ def relative_module_name(model: nn.Module, name: str) -> str:
     return name
 
 
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    """The current rank of every ``FactorizedLinear`` of ``model``, by module name relative to the
+    base model (the names of ``config.wsvd["ranks"]``)."""
+    return {relative_module_name(model, name): int(module.rank)
+            for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
+
+
 def empty_factorized(module: nn.Module, rank: int) -> nn.Module:
     """An uninitialised factorized replacement of ``module`` at ``rank``, on its device and dtype:
     a ``FactorizedEmbedding`` for an ``nn.Embedding``, else a ``FactorizedLinear``."""
@@ -723,6 +730,14 @@ class _WsvdModelMixin:
         return result
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        # A LoRA merged into whole factorized layers by peft's own merge_and_unload changed their
+        # ranks: the config must say the ranks the saved factors have, or the checkpoint never reloads.
+        recipe = getattr(self.config, RECIPE_KEY, None)
+        if isinstance(recipe, dict) and isinstance(recipe.get("ranks"), dict):
+            current = factorized_ranks(self)
+            ranks = {name: current.get(name, rank) for name, rank in recipe["ranks"].items()}
+            if ranks != recipe["ranks"]:
+                setattr(self.config, RECIPE_KEY, {**recipe, "ranks": ranks})
         # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
         # (torchao's) among the load-time weight conversions and fails to reverse it at save
         # (NotImplementedError), for stock models too. The quantizer already writes its own
