@@ -309,6 +309,30 @@ def test_cli_heal_reads_a_table_s_text_column_as_compress_does(tmp_path, capsys,
     assert seen == [["the movie was good", "a bad plot"]]
 
 
+def test_cli_heal_takes_a_split_and_a_text_column_as_compress_does(tmp_path, capsys, monkeypatch):
+    import hf_wsvd.data
+    from datasets import Dataset, DatasetDict
+
+    teacher, student = _compressed()
+    _saved(tmp_path, dense=teacher, compressed=student)
+    table = Dataset.from_dict({"title": ["A", "B"], "text": ["the movie was good", "a bad plot"]})
+    DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(tmp_path / "corpus")
+    seen = []
+
+    def spied(texts, *args, **kwargs):
+        seen.append(list(texts))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(hf_wsvd.data, "text_blocks", spied)
+    assert _heal(tmp_path, "compressed", "dense", "corpus") == 2
+    assert "has splits ['test', 'train']: name one (split=..., --split)" in _one_error(capsys)
+    assert _heal(tmp_path, "compressed", "dense", "corpus", "--split", "train", "--text-columns", "text") == 2
+    assert "stop here" in _one_error(capsys) and seen == [["the movie was good", "a bad plot"]]
+    (tmp_path / "text.txt").write_text("the movie was good\n")
+    assert _heal(tmp_path, "compressed", "dense", "text.txt", "--split", "train") == 2
+    assert "is a plain text file: --split and --text-columns name parts of a table" in _one_error(capsys)
+
+
 def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
     student, _ = tiny.compressed("bert")
     _saved(tmp_path, dense=tiny.build("bert"), compressed=student)

@@ -105,9 +105,11 @@ def test_data_loader_names_what_it_cannot_take(tokenizer):
         arguments = {**dict(model=classifier, tokenizer=tokenizer, data_path=table, config=config), **changed}
         with pytest.raises(ValueError, match=message):
             data_loader(**arguments)
-    # one text column may be named alone
+    # one text column may be named alone; a NumPy integer is a count
     loader = data_loader(classifier, tokenizer, table, config, text_columns="sentence", shuffle=False)
     assert sum(len(batch["input_ids"]) for batch in loader) == len(ROWS)
+    loader = data_loader(classifier, tokenizer, table, config, num_samples=np.int64(3), shuffle=False)
+    assert sum(len(batch["input_ids"]) for batch in loader) == 3
 
 
 def test_evaluate_model_follows_the_task(tokenizer):

@@ -78,6 +78,13 @@ def test_lora_on_whole_factorized_modules_merges_exactly_into_higher_rank(tmp_pa
     # the dense model has layers of the same names and shapes: refused, not loaded onto the wrong base
     with pytest.raises(ValueError, match="was trained on a model compressed by hf_wsvd .*not onto the dense"):
         load_adapter(tiny.build("bert"), tmp_path / "adapter")
+    # with a task type peft records no base class: the base folder's config says it instead
+    typed = get_peft_model(AUTO.from_pretrained(base_dir), register_factorized_lora(
+        LoraConfig(r=2, target_modules=targets, task_type="SEQ_CLS")))
+    typed.save_pretrained(tmp_path / "typed")
+    with pytest.raises(ValueError, match="model_type 'hf_wsvd'.*not onto the dense"):
+        load_adapter(tiny.build("bert"), tmp_path / "typed")
+    assert isinstance(load_adapter(AUTO.from_pretrained(base_dir), tmp_path / "typed"), PeftModel)
 
     # merge / unmerge in place: rank r -> r + 3 -> r, outputs unchanged
     reloaded.merge_adapter()

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping
-from itertools import chain
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -104,21 +104,24 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
 
 
 def _lines_at_most(path: str, count: int) -> bool:
-    """Whether the file ``path`` has at most ``count`` non-blank lines."""
+    """Whether the file ``path`` has at most ``count`` non-blank lines (read until it has more)."""
     with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip()) <= count
+        lines = (line for line in iter(lambda: handle.readline(1 << 16), b"") if line.strip())
+        return len(list(islice(lines, count + 1))) <= count
 
 
-def read_texts(path: str, source: str) -> list[str]:
+def read_texts(path: str, source: str, text_columns: list[str] | None = None, split: str | None = None) -> list[str]:
     """The texts a language model is trained on from the file or folder ``path``, as ``compress``
     reads them: the rows of a table's text column (TSV/CSV/JSON(L)/parquet or a ``save_to_disk``
-    folder; its first string column) or the lines of any other file, read as UTF-8 text. ``source``
-    names it in errors."""
+    folder, ``split`` of a DatasetDict; ``text_columns``' one, else its first string column) or the
+    lines of any other file, read as UTF-8 text. ``source`` names it in errors."""
     extension = os.path.splitext(path)[1].lower()
     if os.path.isdir(path) or _BUILDERS.get(extension, ("text",))[0] != "text":
-        table = load_table(path)
-        (column, *_), _ = resolve_columns(table, CAUSAL_LM)
+        table = load_table(path, split)
+        (column, *_), _ = resolve_columns(table, CAUSAL_LM, text_columns)
         return [text for text in table[column] if isinstance(text, str)]
+    if split is not None or text_columns:
+        raise ValueError(f"{source} is a plain text file: --split and --text-columns name parts of a table or dataset folder")
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read().splitlines()

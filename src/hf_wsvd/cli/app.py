@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
+    except _Terminated:  # before or after the command itself
+        print(f"hf-wsvd {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -347,7 +350,4 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C: check_output has put the output back as it was; no traceback
         print(f"hf-wsvd {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
-        print(f"hf-wsvd {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
     return 0

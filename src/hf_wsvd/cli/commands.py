@@ -39,12 +39,13 @@ def _formatter() -> dict:
     return {"formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, columns) -> None:
-    """--split, --text-columns, --label-column shared by the commands that read data."""
+def add_data_arguments(parser: argparse.ArgumentParser, columns, labels: bool = True) -> None:
+    """--split, --text-columns (and, with ``labels``, --label-column) shared by the commands that read data."""
     parser.add_argument("--split", help="split of a save_to_disk DatasetDict folder (default: its only split)")
     parser.add_argument("--text-columns", type=columns, help="comma-separated text column(s) (default: the first text column; "
                         "for a classifier, the data's two text columns if it has exactly two: a sentence pair)")
-    parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
+    if labels:
+        parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
 
 
 def _hub_model_id(text: str) -> str:
@@ -99,6 +100,7 @@ def add_commands(commands, columns) -> None:
     h.add_argument("--teacher", required=True, help="the dense model it was compressed from: folder, Hub id or .gguf")
     h.add_argument("--data", required=True, help="text to distill on, e.g. the calibration text: a plain text file "
                    "(its lines), or a TSV/CSV/JSON(L)/parquet file or save_to_disk folder (its text column, as compress reads it)")
+    add_data_arguments(h, columns, labels=False)
     h.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: 200)")
     h.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine decay (default: 1e-4)")
     h.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank on the factors instead "
@@ -238,7 +240,7 @@ def run_heal(args: argparse.Namespace) -> None:
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
-    texts = read_texts(args.data, f"--data {args.data!r}")  # before any model loads
+    texts = read_texts(args.data, f"--data {args.data!r}", args.text_columns, args.split)  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")
     recorded = stored_config(args.path).model_type

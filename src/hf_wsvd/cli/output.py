@@ -338,8 +338,8 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ValueError(f"output folder {output!r} holds files hf-wsvd did not write or that changed since "
-                             f"it wrote them ({shown}); "
-                             "choose another folder (--overwrite replaces only earlier hf-wsvd outputs)")
+                             f"it wrote them ({shown}); choose another folder, or delete it yourself to replace it "
+                             "(--overwrite replaces only earlier hf-wsvd outputs as written)")
         if not overwrite:
             raise ValueError(f"output folder {output!r} is not empty; choose another or pass --overwrite")
     existing = os.path.dirname(path)
@@ -369,13 +369,24 @@ def _check_name_lengths(path: str, existing: str) -> None:
 def _usual_permissions(folder: str) -> None:
     """Give the files written into ``folder`` the permissions the umask gives new files: safetensors
     (0.8) writes its weights readable by their owner alone, which a shared model folder must not be."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~umask)
+
+
+def _umask() -> int:
+    """This process's umask; read from ``/proc`` where it can be (setting it to read it would, for an
+    instant, give other threads' new files no mask)."""
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1], 8) for line in handle if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+        return umask
 
 
 def _write_marker(folder: str, command: str) -> None:

@@ -3,6 +3,7 @@ tokenizer from a path, and turn a data file into an importance data loader."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import struct
 from contextlib import contextmanager
@@ -164,9 +165,11 @@ def data_loader(
         raise ValueError(f"config={config!r}: pass a WSVDConfig or a CalibrationConfig (its sampling settings)")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise ValueError(f"tokenizer={tokenizer!r}: pass the model's tokenizer (AutoTokenizer.from_pretrained)")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral)
+                                    or num_samples < 1):
         raise ValueError(f"num_samples={num_samples!r} must be a positive integer, or None (the config's; all "
                          "without shuffle)")
+    num_samples = None if num_samples is None else int(num_samples)
     if isinstance(text_columns, str):
         text_columns = [text_columns]  # one column, named alone
     task = task_of(model)

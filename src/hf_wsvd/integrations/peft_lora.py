@@ -16,6 +16,7 @@ peft does not save the custom-layer mapping in ``adapter_config.json``: reload a
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear
-from ..runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, factorized_ranks
+from ..runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, record_ranks
 from .quantization import is_quantized_tensor
 
 
@@ -142,12 +143,9 @@ def sync_recipe_ranks(model: PreTrainedModel) -> dict[str, int]:
     """Record the current rank of every ``FactorizedLinear`` in ``config.wsvd["ranks"]`` (after a
     merge changed them), so that ``save_pretrained`` writes a checkpoint that reloads. Returns the
     ranks."""
-    recipe = getattr(model.config, RECIPE_KEY, None)
-    if not isinstance(recipe, dict):
+    if not isinstance(getattr(model.config, RECIPE_KEY, None), dict):
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (no config.{RECIPE_KEY})")
-    ranks = {**recipe.get("ranks", {}), **factorized_ranks(model)}
-    setattr(model.config, RECIPE_KEY, {**recipe, "ranks": ranks})
-    return ranks
+    return record_ranks(model)
 
 
 def merge_and_unload(model: PeftModel, **kwargs) -> PreTrainedModel:
@@ -166,12 +164,27 @@ def peft_wrapping() -> Iterator[None]:
         yield
 
 
+def _compressed_base(config: LoraConfig) -> str | None:
+    """What says the adapter of ``config`` was trained on an hf_wsvd model, if anything does: the
+    base class peft records (only for adapters of no task type), or the base folder's config.json."""
+    trained_on = (config.auto_mapping or {}).get("base_model_class") or ""
+    if trained_on.startswith(CLASS_PREFIX):
+        return trained_on
+    base = config.base_model_name_or_path
+    try:
+        with open(os.path.join(base, "config.json")) as handle:
+            model_type = json.load(handle).get("model_type")
+    except (TypeError, OSError, ValueError, AttributeError):  # no local base folder, or no config there
+        return None
+    return f"{base}, model_type {model_type!r}" if model_type == MODEL_TYPE else None
+
+
 def load_adapter(base: PreTrainedModel, adapter: str | os.PathLike, **kwargs) -> PeftModel:
     """``PeftModel.from_pretrained(base, adapter)`` with :class:`FactorizedLoraLayer` registered, so
     adapters trained on whole ``FactorizedLinear`` modules load (harmless for others)."""
     config = register_factorized_lora(LoraConfig.from_pretrained(os.fspath(adapter)))
-    trained_on = (config.auto_mapping or {}).get("base_model_class", "")
-    if trained_on.startswith(CLASS_PREFIX) and getattr(base.config, "model_type", None) != MODEL_TYPE:
+    trained_on = _compressed_base(config)
+    if trained_on and getattr(base.config, "model_type", None) != MODEL_TYPE:
         # its layers' shapes fit the dense model's too: peft would load it there without a word
         raise ValueError(f"the adapter {os.fspath(adapter)!r} was trained on a model compressed by hf_wsvd "
                          f"({trained_on}): load it onto that compressed checkpoint, not onto the dense "

@@ -93,11 +93,19 @@ def relative_module_name(model: nn.Module, name: str) -> str:
     return name
 
 
-def factorized_ranks(model: nn.Module) -> dict[str, int]:
-    """The current rank of every ``FactorizedLinear`` of ``model``, by module name relative to the
-    base model (the names of ``config.wsvd["ranks"]``)."""
-    return {relative_module_name(model, name): int(module.rank)
-            for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
+def record_ranks(model: PreTrainedModel) -> dict[str, int]:
+    """Write over ``config.wsvd["ranks"]`` the current rank of each module it names (a LoRA merged
+    into whole factorized layers changes them); returns the ranks. Names it lacks are not added: a
+    layer still wrapped by peft is found under another name (``….base_layer``)."""
+    recipe = getattr(model.config, RECIPE_KEY, None)
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("ranks"), dict):
+        return {}
+    current = {relative_module_name(model, name): int(module.rank)
+               for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
+    ranks = {name: current.get(name, rank) for name, rank in recipe["ranks"].items()}
+    if ranks != recipe["ranks"]:
+        setattr(model.config, RECIPE_KEY, {**recipe, "ranks": ranks})
+    return ranks
 
 
 def empty_factorized(module: nn.Module, rank: int) -> nn.Module:
@@ -732,12 +740,7 @@ class _WsvdModelMixin:
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         # A LoRA merged into whole factorized layers by peft's own merge_and_unload changed their
         # ranks: the config must say the ranks the saved factors have, or the checkpoint never reloads.
-        recipe = getattr(self.config, RECIPE_KEY, None)
-        if isinstance(recipe, dict) and isinstance(recipe.get("ranks"), dict):
-            current = factorized_ranks(self)
-            ranks = {name: current.get(name, rank) for name, rank in recipe["ranks"].items()}
-            if ranks != recipe["ranks"]:
-                setattr(self.config, RECIPE_KEY, {**recipe, "ranks": ranks})
+        record_ranks(self)
         # transformers 5.x records a quantizer's deserialization of a pre-quantized checkpoint
         # (torchao's) among the load-time weight conversions and fails to reverse it at save
         # (NotImplementedError), for stock models too. The quantizer already writes its own
