@@ -140,9 +140,8 @@ def factorized_module_names(model: nn.Module) -> list[str]:
 
 
 def sync_recipe_ranks(model: PreTrainedModel) -> dict[str, int]:
-    """Record the current rank of every ``FactorizedLinear`` in ``config.wsvd["ranks"]`` (after a
-    merge changed them), so that ``save_pretrained`` writes a checkpoint that reloads. Returns the
-    ranks."""
+    """Record in ``config.wsvd["ranks"]`` the current rank of each module it names (after a merge
+    changed them; ``save_pretrained`` does it too, so the checkpoint reloads). Returns the ranks."""
     if not isinstance(getattr(model.config, RECIPE_KEY, None), dict):
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (no config.{RECIPE_KEY})")
     return record_ranks(model)
