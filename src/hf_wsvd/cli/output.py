@@ -121,12 +121,13 @@ def foreign_files(folder: str) -> list[str]:
         stamps = record.get("fingerprints") or {}  # absent from markers written before they were recorded
         written -= {n for n in written & set(stamps) if _fingerprint(os.path.join(folder, n)) != stamps[n]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        from ..integrations.checkpoint import folder_model_type
         from ..integrations.hub import checkpoint_files
+        from ..runtime.modeling_wsvd import MODEL_TYPE
 
         try:
-            with open(os.path.join(folder, "config.json")) as handle:
-                factorized = json.load(handle).get("model_type") == "hf_wsvd"
-        except (OSError, ValueError, AttributeError):
+            factorized = folder_model_type(folder) == MODEL_TYPE
+        except ValueError:  # a damaged config.json: not recognized as an output
             factorized = False
         written = set(checkpoint_files(folder)) if factorized else set()
     return [e for e in entries if e not in written]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from statistics import median
@@ -140,6 +141,24 @@ def check_checkpoint_folder(path: str | os.PathLike) -> None:
     if os.path.exists(path):
         raise NotADirectoryError(f"{os.fspath(path)!r} is a file, not a checkpoint folder")
     raise FileNotFoundError(f"checkpoint folder {os.fspath(path)!r} does not exist")
+
+
+def folder_model_type(folder: str | os.PathLike) -> str | None:
+    """The ``model_type`` the ``config.json`` of ``folder`` records (None without a readable one);
+    a ``config.json`` that is not a JSON object is a one-line ValueError naming it."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    try:
+        with open(path) as handle:
+            recorded = json.load(handle)
+    except OSError:
+        return None
+    except ValueError as error:  # not JSON, or not text
+        recorded, detail = None, str(error)
+    else:
+        detail = f"a JSON {type(recorded).__name__}"
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} is not a JSON object ({detail}): the checkpoint was edited or is damaged")
+    return recorded.get("model_type")
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

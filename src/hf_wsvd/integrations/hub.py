@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 from .card import PLOT_FILE, load_card
-from .checkpoint import check_checkpoint_folder, load_factorized
+from .checkpoint import check_checkpoint_folder, folder_model_type, load_factorized
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -123,12 +123,7 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     entries = sorted(os.listdir(folder))
     missing = [f for f in REQUIRED_FILES if f not in entries or not os.path.isfile(os.path.join(folder, f))]
     if "config.json" not in missing:  # its model type is said first: a dense folder lacks the runtime files too
-        try:
-            with open(os.path.join(folder, "config.json")) as handle:
-                model_type = json.load(handle).get("model_type")
-        except (json.JSONDecodeError, AttributeError) as error:  # not JSON, or JSON but not an object
-            raise ValueError(f"{folder}/config.json is not a JSON object ({error}): the checkpoint was edited or is "
-                             "damaged") from None
+        model_type = folder_model_type(folder)
         if model_type != MODEL_TYPE:
             raise ValueError(f"{folder}/config.json has model_type={model_type!r}, not an hf_wsvd checkpoint")
     if missing:

@@ -16,7 +16,6 @@ peft does not save the custom-layer mapping in ``adapter_config.json``: reload a
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from transformers import PreTrainedModel
 
 from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear
 from ..runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, record_ranks
+from .checkpoint import folder_model_type
 from .quantization import is_quantized_tensor
 
 
@@ -171,9 +171,8 @@ def _compressed_base(config: LoraConfig) -> str | None:
         return trained_on
     base = config.base_model_name_or_path
     try:
-        with open(os.path.join(base, "config.json")) as handle:
-            model_type = json.load(handle).get("model_type")
-    except (TypeError, OSError, ValueError, AttributeError):  # no local base folder, or no config there
+        model_type = folder_model_type(base) if isinstance(base, str) and os.path.isdir(base) else None
+    except ValueError:  # a damaged base config says nothing
         return None
     return f"{base}, model_type {model_type!r}" if model_type == MODEL_TYPE else None
 
