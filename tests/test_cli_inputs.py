@@ -86,7 +86,7 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
     assert "holds no rows" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tmp_path / "empty")])
     listed = tmp_path / "lists.jsonl"
     listed.write_text('{"sentence": ["a good movie"], "label": 1}\n')
-    assert "no text column among ['sentence', 'label']" in one_error(
+    assert "(columns ['sentence', 'label']) besides the label column 'label': name one" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(listed)])
     assert "column 'sentence' of" in one_error(
         capsys, ["eval", str(classifier_dir), "--data", str(listed), "--text-columns", "sentence"])
@@ -97,6 +97,7 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
                    "quantize_group_size that divides it"),
     ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
     ("nf4", "64", "quantize='nf4' needs bitsandbytes and a CUDA GPU: pip install bitsandbytes"),
+    ("int8", "7", "quantize_group_size=7 (--quantize-group-size): quantize='int8' does not group its weights' inputs"),
 ])
 def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier_dir, tsv, capsys,
                                                                                monkeypatch, spec, group, message):
@@ -219,3 +220,33 @@ def test_heal_refuses_what_it_cannot_heal_before_loading_or_training(tmp_path, t
     quantized = tmp_path / "q"
     assert run(["compress", str(dense), str(quantized), "--method", "svd", "--param-ratio", "0.9", "--quantize", "int8"]) == 0
     assert "stores quantized: heal the unquantized compressed checkpoint, then quantize it" in heal(quantized, dense)
+
+
+@pytest.mark.parametrize("option, value", [("--text-columns", ""), ("--text-columns", "sentence,"),
+                                           ("--exclude-modules", ""), ("--target-modules", "query,,value")])
+def test_a_list_option_with_an_empty_name_is_refused(tmp_path, classifier_dir, tsv, capsys, option, value):
+    """An empty name would be dropped, and the option silently mean its default."""
+    error = one_error(capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv),
+                               option, value])
+    assert f"{value!r} holds an empty name: give comma-separated names (a,b)" in error
+
+
+def test_a_model_path_that_is_a_file_or_an_empty_output_is_named(tmp_path, classifier_dir, tsv, capsys):
+    config = str(classifier_dir / "config.json")
+    assert f"model {config!r} is a file: name the model's folder (or a .gguf file)" in one_error(
+        capsys, ["eval", config, "--data", str(tsv)])
+    assert "output folder '' is empty: name a folder" in one_error(
+        capsys, ["compress", str(classifier_dir), "", "--data", str(tsv)])
+
+
+def test_an_output_inside_a_data_folder_is_refused(tmp_path, classifier_dir, capsys):
+    """A save_to_disk folder is the user's input, as the model is."""
+    from datasets import Dataset
+
+    folder = tmp_path / "rows"
+    Dataset.from_dict({"sentence": ["good film", "bad plot"], "label": [1, 0]}).save_to_disk(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    error = one_error(capsys, ["compress", str(classifier_dir), str(folder / "out"), "--data", str(folder)])
+    assert f"output folder {str(folder / 'out')!r} lies inside the input {str(folder)!r}" in error
+    assert sorted(p.name for p in folder.iterdir()) == before
+

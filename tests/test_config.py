@@ -294,3 +294,51 @@ def test_statistics_of_another_model_are_named_by_layer():
     with pytest.raises(ValueError, match=r"statistics of 'encoder\.layer\.0\.[^']*': \w+ has shape .* takes .*: "
                                          "statistics of another model"):
         hf_wsvd.compress(wide, recipe, statistics=report.statistics, show_progress=False)
+
+
+def test_statistics_of_other_weights_of_the_same_shapes_are_refused():
+    """Statistics record a sample of the weights they were taken on: another model of the same
+    architecture is refused; the same model, even loaded in bf16, is not."""
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    recipe = WSVDConfig(method="fisher_whiten", allocation="greedy", param_ratio=0.5)
+    _, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
+    assert set(report.statistics.weights) == set(report.statistics.values)
+    with pytest.raises(ValueError, match=r"statistics of 'encoder\.layer\.0\.[^']*' were taken on other weights than "
+                                         r"this model's: statistics of another model"):
+        hf_wsvd.compress(tiny.build("bert", seed=1), recipe, statistics=report.statistics, show_progress=False)
+    rounded = tiny.build("bert").to(torch.bfloat16).float()
+    _, again = hf_wsvd.compress(rounded, recipe, statistics=report.statistics, show_progress=False)
+    assert again.ranks
+
+
+@pytest.mark.parametrize("statistics", [{"a": 1}, [1, 2], "stats"])
+def test_statistics_of_the_wrong_kind_are_a_type_error(statistics):
+    with pytest.raises(TypeError, match=f"statistics is a {type(statistics).__name__}: pass the report.statistics of "):
+        hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), statistics=statistics)
+
+
+@pytest.mark.parametrize("field, value", [("ranks", {"encoder.layer.0.attention.self.query": 3}),
+                                          ("pruned", {"x": {"shape": [4, 4], "dense_shape": [8, 4]}}),
+                                          ("refined", {"0": [0.5, 0.25]})])
+def test_what_compress_records_is_not_an_input(field, value):
+    """ranks, pruned, ... record what an earlier compress did: given to compress they would be ignored."""
+    config = WSVDConfig(method="svd", param_ratio=0.5, **{field: value})
+    with pytest.raises(ValueError, match=re.escape(f"config.{field} is filled: it records what an earlier compress did "
+                                                   f"and is not an input (pass dataclasses.replace(config, {field}={{}}))")):
+        hf_wsvd.compress(tiny.build("bert"), config)
+
+
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        model = tiny.build("bert")
+    with pytest.raises(ValueError, match=r"the model's weights are not loaded \('[^']+' is on the meta device\): load "
+                                         "it with from_pretrained"):
+        hf_wsvd.compress(model, WSVDConfig(method="svd", param_ratio=0.5))
+
+
+@pytest.mark.parametrize("data", [[1, 2], "recipe.json", 3])
+def test_from_dict_takes_a_mapping(data):
+    with pytest.raises(TypeError, match=f"WSVDConfig.from_dict takes a mapping of recipe fields, not a "
+                                        f"{type(data).__name__}"):
+        WSVDConfig.from_dict(data)
+

@@ -105,15 +105,64 @@ def test_mrpc_pairs_are_found_without_text_columns(shared):
 
 @pytest.mark.parametrize("rows, columns, message", [
     ({"sentence": ["good film", "", "bad"], "label": [1, 0, 1]}, None, "row 2 of the data has no text in 'sentence'"),
-    ({"sentence": ["good film", "bad"], "label": [1, 0]}, ["label"], "column 'label' of the data is not text (row 1: 1)"),
+    ({"sentence": ["good film", "bad"], "score": [3, 4], "label": [1, 0]}, ["score"],
+     "column 'score' of the data is not text (row 1: 3)"),
+    ({"sentence": ["good film", " \t "], "label": [1, 0]}, None, "row 2 of the data has no text in 'sentence'"),
+    ({"a": ["good film", ""], "b": ["nice", "  "], "label": [1, 0]}, None, "row 2 of the data has no text in 'a', 'b'"),
+    ({"sentence": ["good film", "bad"], "label": [1, 0]}, ["sentence", "sentence"],
+     "text_columns=['sentence', 'sentence'] names 'sentence' twice"),
+    ({"sentence": ["good film", "bad"], "label": ["1", "0"]}, ["label"],
+     "column 'label' is named both the label column and a text column"),
     ({"sentence": ["good film", None], "label": [1, 0]}, None, "column 'sentence' of the data is not text (row 2: None)"),
 ])
 def test_rows_without_text_are_named(tokenizer, rows, columns, message):
-    """The tiny tokenizer adds no special tokens: an empty text would be an example of no token."""
+    """The tiny tokenizer adds no special tokens: an empty text would be an example of no token (one
+    that adds them would give a classifier an example of them alone, as blank text does)."""
     assert tokenizer("")["input_ids"] == []
     with pytest.raises(ValueError, match=re.escape(message)):
         data_loader(tiny.build("bert"), tokenizer, Dataset.from_dict(rows), WSVDConfig(max_length=8), columns,
                     shuffle=False)
+
+
+@pytest.mark.parametrize("num_labels, labels, message", [
+    (1, [1.5, float("nan")], "label nan (row 2 of the data) is not a finite number"),
+    (1, [1.5, float("inf")], "label inf (row 2 of the data) is not a finite number"),
+    (1, ["1.5", "high"], "label 'high' (row 2 of the data) is not a number"),
+    (2, [0, 5], "label 5 (row 2 of the data) is outside the model's 2 classes"),
+])
+def test_a_bad_label_is_named_with_its_row(tokenizer, num_labels, labels, message):
+    """A regressor's labels are finite numbers (NaN would reach the Fisher and the metrics), a classifier's
+    class indices; the error names the row."""
+    rows = Dataset.from_dict({"sentence": _sentences(2), "label": labels})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data_loader(tiny.build("bert", num_labels=num_labels), tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
+
+
+def test_a_max_length_with_no_room_for_text_is_refused(tmp_path):
+    """A tokenizer that adds special tokens does not truncate, without a word, to fewer than them."""
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(tiny.SPECIALS + WORDS) + "\n")
+    bert_tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    rows = Dataset.from_dict({"a": _sentences(2), "b": _sentences(2, 3), "label": [0, 1]})
+    model = tiny.build("bert")
+    with pytest.raises(ValueError, match=re.escape("max_length=2 (--max-length) leaves no room for text: the "
+                                                   "tokenizer adds 2 special tokens to each example; use at least 3")):
+        data_loader(model, bert_tokenizer, rows, WSVDConfig(max_length=2), ["a"], shuffle=False)
+    with pytest.raises(ValueError, match=re.escape("adds 3 special tokens to each example; use at least 4")):
+        data_loader(model, bert_tokenizer, rows, WSVDConfig(max_length=3), ["a", "b"], shuffle=False)
+    loader = data_loader(model, bert_tokenizer, rows, WSVDConfig(max_length=3), ["a"], shuffle=False)
+    assert [len(ids) for ids in loader.dataset["input_ids"]] == [3, 3]  # [CLS] word [SEP]
+
+
+def test_the_recipe_records_the_examples_the_data_held(tokenizer):
+    """num_samples above what the data holds: every example is used, and the recipe says how many."""
+    rows = Dataset.from_dict({"sentence": _sentences(6), "label": [i % 2 for i in range(6)]})
+    loader = data_loader(tiny.build("bert"), tokenizer, rows, WSVDConfig(num_samples=1000, max_length=8))
+    assert loader.num_samples == len(loader.dataset) == 6
+    model, _ = compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5, num_samples=1000), loader,
+                        show_progress=False)
+    assert model.config.wsvd["num_samples"] == 6
 
 
 def _batch(arch: str, **changes) -> dict:
@@ -290,7 +339,7 @@ def test_compress_records_the_written_blocks_its_data_holds(tokenizer, caplog):
     quick = dict(method="whiten", allocation="uniform", sequential=False, param_ratio=0.5)
     loader = data_loader(tiny.build("llama"), tokenizer, text, WSVDConfig(num_samples=4, max_length=8, generated_samples=2))
     model, _ = compress(tiny.build("llama"), WSVDConfig(**quick), loader, show_progress=False)
-    assert model.config.wsvd["generated_samples"] == 2
+    assert model.config.wsvd["generated_samples"] == 2 and model.config.wsvd["num_samples"] == 4
     # Batches of its own: compress writes nothing, says so once, and the recipe says 0.
     batches = list(data_loader(tiny.build("llama"), tokenizer, text, WSVDConfig(num_samples=4, max_length=8)))
     with caplog.at_level(logging.WARNING, logger="hf_wsvd"):

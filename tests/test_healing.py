@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -143,6 +144,14 @@ def test_heal_lowers_the_heldout_distillation_loss_and_keeps_the_ranks(lora_rank
     inputs = tiny.inputs("llama")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, healed(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_rank_above_every_compressed_layer_is_refused():
+    teacher, student = _compressed()
+    largest = max(min(m.weight.shape) for n, m in student.named_modules() if n.endswith((".up", ".down")))
+    with pytest.raises(ValueError, match=re.escape(f"lora_rank={largest + 1} (--lora-rank) exceeds every compressed "
+                                                   f"layer's smaller side (at most {largest})")):
+        heal(student, teacher, _blocks(4), _blocks(2), HealConfig(steps=1, lora_rank=largest + 1), show_progress=False)
 
 
 def test_heal_trains_only_the_factors():
@@ -315,7 +324,7 @@ def test_cli_heal_takes_a_split_and_a_text_column_as_compress_does(tmp_path, cap
 
     teacher, student = _compressed()
     _saved(tmp_path, dense=teacher, compressed=student)
-    table = Dataset.from_dict({"title": ["A", "B"], "text": ["the movie was good", "a bad plot"]})
+    table = Dataset.from_dict({"title": ["A", "B"], "text": ["the movie was good", "a bad plot"], "score": [1, 2]})
     DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(tmp_path / "corpus")
     seen = []
 
@@ -325,9 +334,11 @@ def test_cli_heal_takes_a_split_and_a_text_column_as_compress_does(tmp_path, cap
 
     monkeypatch.setattr(hf_wsvd.data, "text_blocks", spied)
     assert _heal(tmp_path, "compressed", "dense", "corpus") == 2
-    assert "has splits ['test', 'train']: name one (split=..., --split)" in _one_error(capsys)
+    assert "has splits ['test', 'train'] and no split is named: name one (split=..., --split)" in _one_error(capsys)
     assert _heal(tmp_path, "compressed", "dense", "corpus", "--split", "train", "--text-columns", "text") == 2
     assert "stop here" in _one_error(capsys) and seen == [["the movie was good", "a bad plot"]]
+    assert _heal(tmp_path, "compressed", "dense", "corpus", "--split", "train", "--text-columns", "score") == 2
+    assert f"column 'score' of --data {str(tmp_path / 'corpus')!r} is not text (row 1: 1)" in _one_error(capsys)
     (tmp_path / "text.txt").write_text("the movie was good\n")
     assert _heal(tmp_path, "compressed", "dense", "text.txt", "--split", "train") == 2
     assert "is a plain text file: --split and --text-columns name parts of a table" in _one_error(capsys)

@@ -12,14 +12,14 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .blocks import given_back
+from .blocks import given_back, is_dispatched
 from .integrations.checkpoint import parameter_counts, target_counts
 from .integrations.quantization import check_quantizable, is_quantized_tensor
-from .config import WSVDConfig
+from .config import RESULT_FIELDS, WSVDConfig
 from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
-from .runtime.factorized_linear import linear_shape, share_input_factors
+from .runtime.factorized_linear import linear_shape, linear_weight, share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
@@ -81,7 +81,7 @@ class CompressionReport:
         return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
 
 
-def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> None:
+def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, statistics: Any) -> None:
     """Raise a one-line TypeError for an argument of the wrong kind, before any work."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model is a {type(model).__name__}: compress takes a transformers PreTrainedModel "
@@ -95,6 +95,9 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any) -> No
                         "a DataLoader or a list; hf_wsvd.cli.workflow.data_loader reads files)")
     if accelerator is not None and not isinstance(accelerator, Accelerator):
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
+    if statistics is not None and not isinstance(statistics, Statistics):
+        raise TypeError(f"statistics is a {type(statistics).__name__}: pass the report.statistics of an earlier "
+                        "compress of the same dense model, or None")
 
 
 def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
@@ -110,20 +113,36 @@ def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) ->
                              "(WSVDConfig.quantize, --quantize)")
 
 
-def _recorded_generated_samples(config: WSVDConfig, data: Any) -> WSVDConfig:
-    """``config`` recording the blocks the model wrote itself that ``data`` holds (``data_loader``
-    marks its loaders with their number): the recipe says what the calibration data was."""
+def _recorded_calibration(config: WSVDConfig, data: Any) -> WSVDConfig:
+    """``config`` recording the examples sampled from the data and the blocks the model wrote itself
+    that ``data`` holds (``data_loader`` marks its loaders with their numbers): the recipe says what
+    the calibration data was."""
     written = getattr(data, "generated_samples", 0)
     if config.generated_samples and not written:
         logger.warning(f"generated_samples={config.generated_samples}: compress uses the batches it is given as they "
                        "are and none of them was written by the model (hf_wsvd.cli.workflow.data_loader writes them); "
                        "the recipe records 0")
-    return replace(config, generated_samples=written) if written != config.generated_samples else config
+    sampled = getattr(data, "num_samples", config.num_samples)
+    changed = {name: value for name, value in (("generated_samples", written), ("num_samples", sampled))
+               if value != getattr(config, name)}
+    return replace(config, **changed) if changed else config
 
 
-def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistics: Statistics) -> None:
-    """Raise, naming the layer, where reused ``statistics`` do not fit a target layer's shape (they were
-    taken on another model)."""
+def _weight_samples(model: PreTrainedModel, targets: dict[str, str]) -> dict[str, torch.Tensor]:
+    """16 entries of each target's dense weight at fixed places (float32, CPU): what statistics taken
+    on ``model`` record of it (``Statistics.weights``). Weights offloaded to the meta device are left out."""
+    samples = {}
+    for name, path in targets.items():
+        flat = linear_weight(model.get_submodule(path)).detach().reshape(-1)
+        if not flat.is_meta:
+            samples[name] = flat[torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()].float().cpu()
+    return samples
+
+
+def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistics: Statistics,
+                      samples: dict[str, torch.Tensor]) -> None:
+    """Raise, naming the layer, where reused ``statistics`` do not fit a target layer's shape, or were
+    taken on other weights (``samples``: this model's, ``_weight_samples``): another model's."""
     for name in sorted(set(targets) & set(statistics.values)):
         in_features, out_features = linear_shape(model.get_submodule(targets[name]))
         for statistic, value in statistics.values[name].items():
@@ -132,6 +151,12 @@ def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistic
                 raise ValueError(f"statistics of {name!r}: {statistic} has shape {tuple(value.shape)}, the layer "
                                  f"({in_features} inputs, {out_features} outputs) takes "
                                  f"{shape(in_features, out_features)}: statistics of another model")
+    for name in sorted(set(targets) & set(statistics.weights) & set(samples)):
+        taken, now = statistics.weights[name], samples[name]
+        # loose enough for the same weights loaded in another dtype (bf16 rounds to 0.4%)
+        if taken.shape != now.shape or not torch.allclose(now, taken, rtol=1e-2, atol=1e-2 * float(taken.abs().max())):
+            raise ValueError(f"statistics of {name!r} were taken on other weights than this model's: statistics of "
+                             "another model (reuse them only on the dense model they came from)")
 
 
 def compress(
@@ -169,7 +194,7 @@ def compress(
     The work is seeded by ``config.seed``: the CPU's random stream and the accelerator's, on a fork
     of them (the caller's streams come back as they were; no other device's is touched).
     """
-    _check_arguments(model, config, data, accelerator)
+    _check_arguments(model, config, data, accelerator, statistics)
     accelerator = accelerator or default_accelerator()
     with forked_streams(accelerator.device):
         seed_streams(config.seed, accelerator.device)
@@ -181,9 +206,17 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
               ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    recorded = [name for name in RESULT_FIELDS if getattr(config, name)]
+    if recorded:
+        raise ValueError(f"config.{recorded[0]} is filled: it records what an earlier compress did and is not an input "
+                         f"(pass dataclasses.replace(config, {', '.join(n + '={}' for n in recorded)}))")
+    unloaded = None if is_dispatched(model) else next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if unloaded is not None:  # built on the meta device: nothing to read (a dispatched model's hooks load them)
+        raise ValueError(f"the model's weights are not loaded ({unloaded!r} is on the meta device): load it with "
+                         "from_pretrained (or dispatch it with a device_map) before compressing")
     if config.quantize and config.method == "quantized_residual":  # it quantizes: refused now, not after the work
         check_quantizable(model, config.quantize, config.quantize_group_size)
-    config = _recorded_generated_samples(config, data)
+    config = _recorded_calibration(config, data)
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
@@ -205,8 +238,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
+    samples = _weight_samples(model, targets)
     if statistics is not None:
-        _check_statistics(model, targets, statistics)
+        _check_statistics(model, targets, statistics, samples)
+    statistics = (statistics or Statistics()).merged(Statistics(weights=samples))
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
@@ -224,7 +259,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                                    target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
-              accelerator, statistics or Statistics(), {}, show_progress)
+              accelerator, statistics, {}, show_progress)
     training = model.training  # the walks run in eval mode: the model comes back in the mode it came in
     try:
         with given_back(model):

@@ -18,6 +18,7 @@ import os
 import re
 import textwrap
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
 RECIPE_VERSION = 4  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples
 VERSION_KEY = "recipe_version"
+# The fields compress fills with what it did (a checkpoint's record), never read as its input.
+RESULT_FIELDS = ("ranks", "pruned", "attention", "refined", "residual")
 
 
 @dataclass
@@ -232,7 +235,7 @@ class WSVDConfig:
 
     def __post_init__(self) -> None:
         plain_numbers(self)
-        for name in ("ranks", "pruned", "attention", "refined", "residual"):
+        for name in RESULT_FIELDS:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a dict (module name → entry); "
                                  "an empty dict: none")
@@ -450,6 +453,8 @@ class WSVDConfig:
         of the fields). Keys unknown to this release are dropped with one warning naming them when
         ``data`` comes from a newer recipe version; otherwise (no version: an older release or a
         hand-written recipe) they are refused as mistakes."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"WSVDConfig.from_dict takes a mapping of recipe fields, not a {type(data).__name__}")
         data = dict(data)
         version = data.pop(VERSION_KEY, None)
         if version is not None and (not is_integer(version) or version < 1):

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import glob
 import logging
+import math
 import os
 import random
 from collections.abc import Mapping
@@ -69,7 +70,9 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
             if split is None and len(loaded) == 1:
                 split = next(iter(loaded))
             if split not in loaded:
-                raise ValueError(f"dataset folder {path!r} has splits {sorted(loaded)}: name one (split=..., --split)")
+                given = "no split is named" if split is None else f"split={split!r} is not one of them"
+                raise ValueError(f"dataset folder {path!r} has splits {sorted(loaded)} and {given}: name one "
+                                 "(split=..., --split)")
             loaded = loaded[split]
         elif split is not None:
             raise ValueError(f"split={split!r}: dataset folder {path!r} holds one dataset, not splits; leave split out")
@@ -118,8 +121,10 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
     extension = os.path.splitext(path)[1].lower()
     if os.path.isdir(path) or _BUILDERS.get(extension, ("text",))[0] != "text":
         table = load_table(path, split)
-        (column, *_), _ = resolve_columns(table, CAUSAL_LM, text_columns)
-        return [text for text in table[column] if isinstance(text, str)]
+        (column, *_), _ = resolve_columns(table, CAUSAL_LM, text_columns, source=source)
+        texts = table[column]
+        _check_text(column, source, range(len(texts)), texts)
+        return [text for text in texts if text is not None]
     if split is not None or text_columns:
         raise ValueError(f"{source} is a plain text file: --split and --text-columns name parts of a table or dataset folder")
     try:
@@ -129,30 +134,45 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
         raise ValueError(f"{source} cannot be read as UTF-8 text ({error})") from None
 
 
+def _check_text(column: str, source: str, indices: Iterable[int], values: Iterable, missing: bool = True) -> None:
+    """Refuse a value of the text column ``column`` that is not a string (``None`` where ``missing``)."""
+    for index, value in zip(indices, values):
+        if not isinstance(value, str) and not (missing and value is None):
+            raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
+                             "the text columns (--text-columns)")
+
+
 def resolve_columns(
-    dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None
+    dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None,
+    source: str = "the data",
 ) -> tuple[list[str], str | None]:
     """Check the requested columns exist; default the label column to ``label`` and the text
     columns to the string columns: for classifiers/regressors two of them (and no third) are a
     sentence pair (``sentence1``/``sentence2``, MRPC's ``#1 String``/``#2 String``), else the
     first one. A notice names the columns chosen when there was a choice. Causal LMs take no
-    label column."""
+    label column. ``source`` names the data in errors."""
     columns = dataset.column_names
+    repeated = sorted({c for c in text_columns or [] if text_columns.count(c) > 1})
+    if repeated:
+        raise ValueError(f"text_columns={text_columns} names {repeated[0]!r} twice: a sentence pair is two columns")
     for column in [*(text_columns or []), *([label_column] if label_column else [])]:
         if column not in columns:
-            raise ValueError(f"unknown column {column!r}; the data has columns {columns}")
+            raise ValueError(f"unknown column {column!r}: {source} has columns {columns}")
     if task == CAUSAL_LM:
         if label_column is not None:
             raise ValueError(f"label column {label_column!r} given for a causal LM, which is trained on the text alone")
     elif label_column is None:
         if "label" not in columns:
-            raise ValueError(f"no 'label' column in {columns}: name the label column (--label-column)")
+            raise ValueError(f"no 'label' column in {source} (columns {columns}): name the label column (--label-column)")
         label_column = "label"
+    if label_column is not None and label_column in (text_columns or []):
+        raise ValueError(f"column {label_column!r} is named both the label column and a text column: name each once")
     if not text_columns:
         strings = [c for c in columns if c != label_column
                    and getattr(dataset.features[c], "dtype", None) in ("string", "large_string")]
         if not strings:
-            raise ValueError(f"no text column among {columns}: name one (--text-columns)")
+            besides = f" besides the label column {label_column!r}" if label_column in columns else ""
+            raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
         text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]
         if len(text_columns) == 2:
             logger.warning("using the text columns %r and %r as a sentence pair (--text-columns to choose)",
@@ -165,11 +185,21 @@ def resolve_columns(
     return list(text_columns), label_column
 
 
-def _label_ids(values: list, label2id: dict[str, int], num_labels: int, task: str) -> list:
-    if task != CLASSIFICATION:
-        return [float(v) for v in values]
+def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_labels: int, task: str,
+               source: str) -> list:
+    """The task's labels of rows ``indices`` (class indices, or finite numbers for a regressor)."""
     ids = []
-    for value in values:
+    for index, value in zip(indices, values):
+        where = f"label {value!r} (row {index + 1} of {source})"
+        if task != CLASSIFICATION:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where} is not a number, which a regressor's labels are") from None
+            if not math.isfinite(number):
+                raise ValueError(f"{where} is not a finite number: fix or remove the row")
+            ids.append(number)
+            continue
         if isinstance(value, int) and not isinstance(value, bool):
             label = value
         elif isinstance(value, str) and value in label2id:
@@ -177,9 +207,9 @@ def _label_ids(values: list, label2id: dict[str, int], num_labels: int, task: st
         elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
             label = int(value)
         else:
-            raise ValueError(f"label {value!r} is neither a class index nor one of the model's labels {sorted(label2id)}")
+            raise ValueError(f"{where} is neither a class index nor one of the model's labels {sorted(label2id)}")
         if not 0 <= label < num_labels:
-            raise ValueError(f"label {value!r} is outside the model's {num_labels} classes")
+            raise ValueError(f"{where} is outside the model's {num_labels} classes")
         ids.append(label)
     return ids
 
@@ -201,20 +231,28 @@ def tokenize(
     from datasets import Dataset
 
     if task == CAUSAL_LM:
-        return Dataset.from_list(text_blocks(dataset[text_columns[0]], tokenizer, max_length, source))
+        texts = dataset[text_columns[0]]
+        _check_text(text_columns[0], source, range(len(texts)), texts)
+        return Dataset.from_list(text_blocks([t for t in texts if t is not None], tokenizer, max_length, source))
+
+    # The tokenizer skips truncation, without a word, where its special tokens leave no room for text.
+    special = tokenizer.num_special_tokens_to_add(pair=len(text_columns) == 2)
+    if max_length <= special:
+        raise ValueError(f"max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds {special} "
+                         f"special tokens to each example; use at least {special + 1}")
 
     def encode(rows, indices):
         for column in text_columns:
-            for index, value in zip(indices, rows[column]):
-                if not isinstance(value, str):
-                    raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
-                                     "the text columns (--text-columns)")
-        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
-        for index, ids in zip(indices, encoded["input_ids"]):
-            if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
+            _check_text(column, source, indices, rows[column], missing=False)
+        for index, *texts in zip(indices, *(rows[c] for c in text_columns)):
+            if not any(text.strip() for text in texts):
                 raise ValueError(f"row {index + 1} of {source} has no text in {', '.join(map(repr, text_columns))}: "
                                  "remove the empty rows")
-        encoded["labels"] = _label_ids(rows[label_column], label2id or {}, num_labels, task)
+        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
+        for index, ids in zip(indices, encoded["input_ids"]):
+            if not ids:  # a text of characters the tokenizer drops, with no special token added
+                raise ValueError(f"row {index + 1} of {source} gives no token: remove it")
+        encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source)
         return encoded
 
     # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written

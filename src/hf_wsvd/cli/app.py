@@ -143,7 +143,7 @@ def _compress(args: argparse.Namespace) -> None:
     from ..targets import select_targets
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
-    with check_output(args.model, args.output, args.overwrite) as claim:
+    with check_output([args.model, args.data, args.eval_data], args.output, args.overwrite) as claim:
         config = recipe_from_args(args)
         if config.method is not None and solver_for(config).needs and not args.data:
             raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")

@@ -317,6 +317,8 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
     ``overwrite``); a file, a symlink, or a place whose parent cannot be created or written; one
     that another hf-wsvd run is writing. Returns the claim to write through (rank 0 only)."""
     output = str(output)
+    if not output.strip():
+        raise ValueError(f"output folder {output!r} is empty: name a folder")
     path = os.path.abspath(output)
     real = os.path.realpath(path)
     named = [sources] if isinstance(sources, str) or sources is None else list(sources)

@@ -42,6 +42,8 @@ def model_source(path: str) -> tuple[str, dict]:
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
         return path, {}
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"model {path!r} is a file: name the model's folder (or a .gguf file)")
     try:
         validate_repo_id(path)
     except HFValidationError:
@@ -178,28 +180,29 @@ def data_loader(
         raise ValueError(f"generated_samples={generated} (--generated-samples): only a causal LM writes calibration "
                          f"text; {type(model).__name__} is not one (set it to 0)")
     table = load_table(data_path, split)
-    text_columns, label_column = resolve_columns(table, task, text_columns, label_column)
+    source = "the data" if not isinstance(data_path, (str, os.PathLike)) else (
+        f"{'dataset folder' if os.path.isdir(data_path) else 'data file'} {os.fspath(data_path)!r}")
+    text_columns, label_column = resolve_columns(table, task, text_columns, label_column, source)
     count = num_samples or config.num_samples if shuffle else num_samples
     if task != CAUSAL_LM:
         table = subset(table, count, config.seed, shuffle)
-    source = "the data" if not isinstance(data_path, (str, os.PathLike)) else (
-        f"{'dataset folder' if os.path.isdir(data_path) else 'data file'} {os.fspath(data_path)!r}")
     encoded = tokenize(
         table, tokenizer, task, text_columns, label_column, config.max_length,
         label2id=model.config.label2id, num_labels=model.config.num_labels, source=source,
     )
-    written = []
     if task == CAUSAL_LM:
         encoded = subset(encoded, count, config.seed, shuffle)
-        if generated:
-            from datasets import Dataset, concatenate_datasets
+    sampled = len(encoded)  # fewer than num_samples where the data holds fewer: what compress records
+    written = []
+    if generated:  # a causal LM's (refused above for other tasks)
+        from datasets import Dataset, concatenate_datasets
 
-            check_fits(model, encoded["input_ids"], config.max_length)  # before the model runs on them
-            written = written_blocks(model, encoded, generated, config.batch_size, config.seed)
-            encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
+        check_fits(model, encoded["input_ids"], config.max_length)  # before the model runs on them
+        written = written_blocks(model, encoded, generated, config.batch_size, config.seed)
+        encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
     loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
     check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
-    loader.generated_samples = len(written)  # what compress records of them
+    loader.num_samples, loader.generated_samples = sampled, len(written)
     return loader
 
 

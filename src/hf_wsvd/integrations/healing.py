@@ -308,6 +308,10 @@ def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrai
         for module in modules.values():
             module.weight.requires_grad_(True)
         return model
+    largest = max(min(module.weight.shape) for module in modules.values())
+    if lora_rank > largest:  # the adapter of a layer can hold at most min(in, out) directions
+        raise ValueError(f"lora_rank={lora_rank} (--lora-rank) exceeds every compressed layer's smaller side (at most "
+                         f"{largest}): lower it, or train the layers themselves (leave it unset)")
     from peft import LoraConfig, get_peft_model
 
     from .peft_lora import peft_wrapping

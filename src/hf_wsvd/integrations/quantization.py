@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..blocks import block_prefixes
-from ..config import GROUPED_QUANTIZE_SPECS, QUANTIZE_SPECS
+from ..config import GROUPED_QUANTIZE_SPECS, QUANTIZE_SPECS, WSVDConfig
 from ..fields import is_integer
 from ..runtime.factorized_linear import linear_shape, linear_weight
 
@@ -73,6 +73,11 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
         raise ValueError("quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU; "
                          "on this machine use int4")
     if spec not in GROUPED_QUANTIZE_SPECS:
+        default = WSVDConfig.__dataclass_fields__["quantize_group_size"].default
+        if group_size != default:  # the recipe would record a group size nothing used
+            raise ValueError(f"quantize_group_size={group_size} (--quantize-group-size): quantize={spec!r} does not "
+                             f"group its weights' inputs (only {', '.join(GROUPED_QUANTIZE_SPECS)} do): leave it at "
+                             f"{default}")
         return
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     blocks = tuple(block_prefixes(model))

@@ -21,6 +21,9 @@ class Statistics:
     values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     examples: int = 0
     tokens: dict[str, int] = field(default_factory=dict)
+    # A fixed sample of each module's dense weight where they were taken (``compress`` records it), so
+    # that statistics reused on another model of the same shapes are refused.
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def get(self, module: str, statistic: str) -> torch.Tensor | None:
         """The statistic, or None; Fisher row/column sums are derived from a per-entry Fisher."""
@@ -44,4 +47,5 @@ class Statistics:
         values = {m: dict(v) for m, v in self.values.items()}
         for module, stats in other.values.items():
             values.setdefault(module, {}).update(stats)
-        return Statistics(values, other.examples or self.examples, {**self.tokens, **other.tokens})
+        return Statistics(values, other.examples or self.examples, {**self.tokens, **other.tokens},
+                          {**self.weights, **other.weights})
