@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.config import GROUPED_QUANTIZE_SPECS
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
 from hf_wsvd.evaluation import perplexity
@@ -108,7 +109,9 @@ def measure_model(name: str, args) -> list[dict]:
     for bits in args.residual_bits:
         rank = residual_rank(dense, alone[bits], args.residual_extra)
         for steps in args.residual_refine_steps:
-            config = WSVDConfig(method="quantized_residual", quantize=f"int{bits}", quantize_group_size=args.group_size,
+            # int8 has one scale per row: a group size is refused for it
+            grouped = {"quantize_group_size": args.group_size} if f"int{bits}" in GROUPED_QUANTIZE_SPECS else {}
+            config = WSVDConfig(method="quantized_residual", quantize=f"int{bits}", **grouped,
                                 residual_rank=rank, max_length=args.calib_length, block_refine_steps=steps)
             start = time.perf_counter()
             model, report = compress(dense.to(device), config, calibration, statistics=stats, show_progress=False,

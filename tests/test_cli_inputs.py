@@ -222,7 +222,13 @@ def test_heal_refuses_what_it_cannot_heal_before_loading_or_training(tmp_path, t
     assert "stores quantized: heal the unquantized compressed checkpoint, then quantize it" in heal(quantized, dense)
 
 
-@pytest.mark.parametrize("option, value", [("--text-columns", ""), ("--text-columns", "sentence,"),
+def test_a_list_option_may_end_with_a_comma():
+    from hf_wsvd.argtypes import comma_list, names
+
+    assert comma_list("sentence1,sentence2,") == ["sentence1", "sentence2"] and names("query,") == ["query"]
+
+
+@pytest.mark.parametrize("option, value", [("--text-columns", ""), ("--text-columns", ","),
                                            ("--exclude-modules", ""), ("--target-modules", "query,,value")])
 def test_a_list_option_with_an_empty_name_is_refused(tmp_path, classifier_dir, tsv, capsys, option, value):
     """An empty name would be dropped, and the option silently mean its default."""

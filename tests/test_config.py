@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 
 import pytest
@@ -317,15 +318,16 @@ def test_statistics_of_the_wrong_kind_are_a_type_error(statistics):
         hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5), statistics=statistics)
 
 
-@pytest.mark.parametrize("field, value", [("ranks", {"encoder.layer.0.attention.self.query": 3}),
-                                          ("pruned", {"x": {"shape": [4, 4], "dense_shape": [8, 4]}}),
-                                          ("refined", {"0": [0.5, 0.25]})])
-def test_what_compress_records_is_not_an_input(field, value):
-    """ranks, pruned, ... record what an earlier compress did: given to compress they would be ignored."""
-    config = WSVDConfig(method="svd", param_ratio=0.5, **{field: value})
-    with pytest.raises(ValueError, match=re.escape(f"config.{field} is filled: it records what an earlier compress did "
-                                                   f"and is not an input (pass dataclasses.replace(config, {field}={{}}))")):
-        hf_wsvd.compress(tiny.build("bert"), config)
+def test_a_checkpoints_recipe_given_again_compresses_anew_and_says_so(caplog):
+    """ranks, pruned, ... record what an earlier compress did: given back to compress (a checkpoint's
+    recipe), they are not read, and a notice says so."""
+    model, _ = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5, rank_multiple=1))
+    again = WSVDConfig.from_dict({**model.config.wsvd, "param_ratio": 0.3})
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        _, report = hf_wsvd.compress(tiny.build("bert"), again, show_progress=False)
+    assert report.ranks != again.ranks and max(report.ranks.values()) < max(again.ranks.values())
+    notes = [r.getMessage() for r in caplog.records if "config.ranks" in r.getMessage()]
+    assert len(notes) == 1 and "not an input; compress ignores it and records its own" in notes[0]
 
 
 def test_a_model_without_weights_is_refused():
@@ -341,4 +343,14 @@ def test_from_dict_takes_a_mapping(data):
     with pytest.raises(TypeError, match=f"WSVDConfig.from_dict takes a mapping of recipe fields, not a "
                                         f"{type(data).__name__}"):
         WSVDConfig.from_dict(data)
+
+
+def test_weight_samples_stay_inside_a_weight_of_more_than_2_to_the_24_entries():
+    """Float positions past 2**24 round up to the end (a 7B MLP has 45M entries): the places are integers."""
+    from hf_wsvd.compressor import _weight_samples
+
+    layer = torch.nn.Linear(4097, 4097, bias=False)
+    samples = _weight_samples(torch.nn.Sequential(layer), {"0": "0"})["0"]
+    flat = layer.weight.detach().reshape(-1)
+    assert samples.shape == (16,) and samples[0] == flat[0] and samples[-1] == flat[-1]
 

@@ -138,12 +138,26 @@ def test_a_bad_label_is_named_with_its_row(tokenizer, num_labels, labels, messag
         data_loader(tiny.build("bert", num_labels=num_labels), tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
 
 
-def test_a_max_length_with_no_room_for_text_is_refused(tmp_path):
-    """A tokenizer that adds special tokens does not truncate, without a word, to fewer than them."""
+@pytest.fixture
+def bert_tokenizer(tmp_path):
+    """A tokenizer that adds special tokens ([CLS] ... [SEP]), unlike the tiny one."""
     from transformers import BertTokenizerFast
 
     (tmp_path / "vocab.txt").write_text("\n".join(tiny.SPECIALS + WORDS) + "\n")
-    bert_tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+
+
+def test_a_blank_row_is_an_example_of_special_tokens_but_blank_data_is_refused(bert_tokenizer):
+    rows = Dataset.from_dict({"sentence": ["good film", " "], "label": [1, 0]})
+    loader = data_loader(tiny.build("bert"), bert_tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
+    assert loader.dataset["input_ids"][1] == [bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id]
+    blank = Dataset.from_dict({"sentence": ["", " \t"], "label": [1, 0]})
+    with pytest.raises(ValueError, match=re.escape("the data holds no text in 'sentence': every row is empty or blank")):
+        data_loader(tiny.build("bert"), bert_tokenizer, blank, WSVDConfig(max_length=8), shuffle=False)
+
+
+def test_a_max_length_with_no_room_for_text_is_refused(bert_tokenizer):
+    """A tokenizer that adds special tokens does not truncate, without a word, to fewer than them."""
     rows = Dataset.from_dict({"a": _sentences(2), "b": _sentences(2, 3), "label": [0, 1]})
     model = tiny.build("bert")
     with pytest.raises(ValueError, match=re.escape("max_length=2 (--max-length) leaves no room for text: the "

@@ -42,8 +42,11 @@ def fraction(text: str, name: str = "param ratio") -> float:
 
 
 def comma_list(text: str) -> list[str]:
-    """A comma-separated list of names (``sentence1,sentence2``), none of them empty."""
+    """A comma-separated list of names (``sentence1,sentence2``; a trailing comma is allowed), none
+    of them empty."""
     parts = text.split(",")
+    if len(parts) > 1 and not parts[-1]:
+        parts.pop()
     if not all(part.strip() for part in parts):
         raise argparse.ArgumentTypeError(f"{text!r} holds an empty name: give comma-separated names (a,b)")
     return parts

@@ -19,7 +19,7 @@ from .config import RESULT_FIELDS, WSVDConfig
 from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
-from .runtime.factorized_linear import linear_shape, linear_weight, share_input_factors
+from .runtime.factorized_linear import linear_shape, share_input_factors
 from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
@@ -133,9 +133,10 @@ def _weight_samples(model: PreTrainedModel, targets: dict[str, str]) -> dict[str
     on ``model`` record of it (``Statistics.weights``). Weights offloaded to the meta device are left out."""
     samples = {}
     for name, path in targets.items():
-        flat = linear_weight(model.get_submodule(path)).detach().reshape(-1)
+        flat = model.get_submodule(path).weight.detach().reshape(-1)  # its own layout: no copy of a Conv1D
         if not flat.is_meta:
-            samples[name] = flat[torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()].float().cpu()
+            # integer places: float32 positions past 2**24 entries would round off the end (a 7B MLP)
+            samples[name] = flat[torch.arange(16, device=flat.device) * (flat.numel() - 1) // 15].float().cpu()
     return samples
 
 
@@ -207,9 +208,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
     recorded = [name for name in RESULT_FIELDS if getattr(config, name)]
-    if recorded:
-        raise ValueError(f"config.{recorded[0]} is filled: it records what an earlier compress did and is not an input "
-                         f"(pass dataclasses.replace(config, {', '.join(n + '={}' for n in recorded)}))")
+    if recorded:  # a checkpoint's recipe given again: what it records of its own result is not an input
+        logger.warning(f"config.{', config.'.join(recorded)}: what an earlier compress recorded of its result, not an "
+                       "input; compress ignores it and records its own")
+        config = replace(config, **{name: {} for name in recorded})
     unloaded = None if is_dispatched(model) else next((n for n, p in model.named_parameters() if p.is_meta), None)
     if unloaded is not None:  # built on the meta device: nothing to read (a dispatched model's hooks load them)
         raise ValueError(f"the model's weights are not loaded ({unloaded!r} is on the meta device): load it with "

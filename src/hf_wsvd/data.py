@@ -241,17 +241,20 @@ def tokenize(
         raise ValueError(f"max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds {special} "
                          f"special tokens to each example; use at least {special + 1}")
 
+    named = ", ".join(map(repr, text_columns))
+    texts = [dataset[column] for column in text_columns]
+    for column, values in zip(text_columns, texts):
+        _check_text(column, source, range(len(values)), values, missing=False)
+    # A blank row is an example of the special tokens alone, as the tokenizer makes it; data that is
+    # all blank would calibrate or score on nothing else.
+    if not any(text.strip() for values in texts for text in values):
+        raise ValueError(f"{source} holds no text in {named}: every row is empty or blank")
+
     def encode(rows, indices):
-        for column in text_columns:
-            _check_text(column, source, indices, rows[column], missing=False)
-        for index, *texts in zip(indices, *(rows[c] for c in text_columns)):
-            if not any(text.strip() for text in texts):
-                raise ValueError(f"row {index + 1} of {source} has no text in {', '.join(map(repr, text_columns))}: "
-                                 "remove the empty rows")
         encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
         for index, ids in zip(indices, encoded["input_ids"]):
-            if not ids:  # a text of characters the tokenizer drops, with no special token added
-                raise ValueError(f"row {index + 1} of {source} gives no token: remove it")
+            if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
+                raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
         encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source)
         return encoded
 
