@@ -138,6 +138,15 @@ def test_a_bad_label_is_named_with_its_row(tokenizer, num_labels, labels, messag
         data_loader(tiny.build("bert", num_labels=num_labels), tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
 
 
+def test_a_bad_row_is_named_by_its_place_in_the_data_sampled_or_not(tokenizer):
+    """Rows are checked before sampling: the row named is the file's, not the sample's."""
+    labels = [i % 2 for i in range(50)]
+    labels[39] = 7
+    rows = Dataset.from_dict({"sentence": _sentences(50), "label": labels})
+    with pytest.raises(ValueError, match=re.escape("label 7 (row 40 of the data) is outside the model's 2 classes")):
+        data_loader(tiny.build("bert"), tokenizer, rows, WSVDConfig(num_samples=5, max_length=8))
+
+
 @pytest.fixture
 def bert_tokenizer(tmp_path):
     """A tokenizer that adds special tokens ([CLS] ... [SEP]), unlike the tiny one."""

@@ -214,6 +214,18 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
     return ids
 
 
+def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_column: str | None,
+               label2id: dict[str, int] | None = None, num_labels: int = 2, source: str = "the data") -> None:
+    """Refuse, naming its row, a classifier's or regressor's text that is not a string or label the
+    model cannot take, over the whole of ``dataset`` (before sampling: the row is the file's)."""
+    for column in text_columns:
+        values = dataset[column]
+        _check_text(column, source, range(len(values)), values, missing=False)
+    if label_column is not None:
+        values = dataset[label_column]
+        _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source)
+
+
 def tokenize(
     dataset: "Dataset",
     tokenizer: PreTrainedTokenizerBase,
