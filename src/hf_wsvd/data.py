@@ -122,9 +122,7 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
     if os.path.isdir(path) or _BUILDERS.get(extension, ("text",))[0] != "text":
         table = load_table(path, split)
         (column, *_), _ = resolve_columns(table, CAUSAL_LM, text_columns, source=source)
-        texts = table[column]
-        _check_text(column, source, range(len(texts)), texts)
-        return [text for text in texts if text is not None]
+        return _texts(table, column, source)
     if split is not None or text_columns:
         raise ValueError(f"{source} is a plain text file: --split and --text-columns name parts of a table or dataset folder")
     try:
@@ -134,12 +132,19 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
         raise ValueError(f"{source} cannot be read as UTF-8 text ({error})") from None
 
 
-def _check_text(column: str, source: str, indices: Iterable[int], values: Iterable, missing: bool = True) -> None:
+def _check_text(column: str, source: str, values: list, missing: bool = False) -> None:
     """Refuse a value of the text column ``column`` that is not a string (``None`` where ``missing``)."""
-    for index, value in zip(indices, values):
+    for index, value in enumerate(values):
         if not isinstance(value, str) and not (missing and value is None):
             raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
                              "the text columns (--text-columns)")
+
+
+def _texts(dataset: "Dataset", column: str, source: str) -> list[str]:
+    """A language model's texts: the strings of ``column``, its missing values left out."""
+    values = dataset[column]
+    _check_text(column, source, values, missing=True)
+    return [value for value in values if value is not None]
 
 
 def resolve_columns(
@@ -217,10 +222,15 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
 def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_column: str | None,
                label2id: dict[str, int] | None = None, num_labels: int = 2, source: str = "the data") -> None:
     """Refuse, naming its row, a classifier's or regressor's text that is not a string or label the
-    model cannot take, over the whole of ``dataset`` (before sampling: the row is the file's)."""
-    for column in text_columns:
-        values = dataset[column]
-        _check_text(column, source, range(len(values)), values, missing=False)
+    model cannot take, and text columns that are blank in every row (``data_loader`` checks the whole
+    table before sampling, so that the row named is the file's)."""
+    texts = [dataset[column] for column in text_columns]
+    for column, values in zip(text_columns, texts):
+        _check_text(column, source, values)
+    # A blank row is an example of the special tokens alone, as the tokenizer makes it; data that is
+    # all blank would calibrate or score on nothing else.
+    if not any(text.strip() for values in texts for text in values):
+        raise ValueError(f"{source} holds no text in {', '.join(map(repr, text_columns))}: every row is empty or blank")
     if label_column is not None:
         values = dataset[label_column]
         _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source)
@@ -243,9 +253,7 @@ def tokenize(
     from datasets import Dataset
 
     if task == CAUSAL_LM:
-        texts = dataset[text_columns[0]]
-        _check_text(text_columns[0], source, range(len(texts)), texts)
-        return Dataset.from_list(text_blocks([t for t in texts if t is not None], tokenizer, max_length, source))
+        return Dataset.from_list(text_blocks(_texts(dataset, text_columns[0], source), tokenizer, max_length, source))
 
     # The tokenizer skips truncation, without a word, where its special tokens leave no room for text.
     special = tokenizer.num_special_tokens_to_add(pair=len(text_columns) == 2)
@@ -253,14 +261,8 @@ def tokenize(
         raise ValueError(f"max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds {special} "
                          f"special tokens to each example; use at least {special + 1}")
 
+    check_rows(dataset, task, text_columns, label_column, label2id, num_labels, source)
     named = ", ".join(map(repr, text_columns))
-    texts = [dataset[column] for column in text_columns]
-    for column, values in zip(text_columns, texts):
-        _check_text(column, source, range(len(values)), values, missing=False)
-    # A blank row is an example of the special tokens alone, as the tokenizer makes it; data that is
-    # all blank would calibrate or score on nothing else.
-    if not any(text.strip() for values in texts for text in values):
-        raise ValueError(f"{source} holds no text in {named}: every row is empty or blank")
 
     def encode(rows, indices):
         encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
