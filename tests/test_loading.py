@@ -102,9 +102,13 @@ def test_a_model_folder_without_tokenizer_is_named_and_eval_takes_one(tmp_path, 
     assert main(["eval", str(tmp_path / "compressed"), *data]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and f"model folder '{tmp_path / 'compressed'}' has no tokenizer" in error
-    assert "save_pretrained" in error and "--tokenizer" in error
+    assert "save_pretrained" in error and error.endswith("(--tokenizer PATH)")
     assert main(["eval", str(tmp_path / "compressed"), *data, "--tokenizer", str(tmp_path / "tokenizer")]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] in (0.0, 0.5, 1.0)
+    # compress takes the model's own tokenizer only: its hint names no option
+    assert main(["compress", str(tmp_path / "compressed"), str(tmp_path / "out"), *data]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "has no tokenizer: save one there with tokenizer.save_pretrained(" in error and "--tokenizer" not in error
 
 
 @pytest.mark.parametrize("path", ["missing-folder/", "my model", "a/b/c", "./nothing", "missing.gguf"])

@@ -157,7 +157,7 @@ def run_eval(args: argparse.Namespace) -> None:
     check_data(args.data)
     # As compress loads its input: the same sources (folder, Hub id, .gguf), in float32 (a quantized
     # checkpoint in its own dtype).
-    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, dtype=load_dtype(args.path))
+    model, tokenizer = load_model_and_tokenizer(args.path, args.tokenizer, "--tokenizer", dtype=load_dtype(args.path))
     metrics = evaluate_path(model, tokenizer, args.data, args, args.split, args.num_samples)
     print(json.dumps({"model": args.path, "data": args.data, **metrics}, indent=2))
 

@@ -99,15 +99,16 @@ def load_dtype(path: str) -> torch.dtype:
     return config.dtype or torch.float32
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, option: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, Hub id or ``.gguf`` file. A folder without one is a
-    one-line error naming it (``AutoTokenizer``'s own message lists every class it tried)."""
+    one-line error naming it (``AutoTokenizer``'s own message lists every class it tried) and
+    ``option``, the command's option that names another tokenizer, where it has one."""
     location, extra = model_source(path)
     if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
                                                          for f in TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"model folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r}), "
-            "or name a folder that has one (eval --tokenizer PATH)")
+            f"model folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r})"
+            + (f", or name a folder that has one ({option} PATH)" if option else ""))
     with _load_errors(path, "tokenizer"):
         return AutoTokenizer.from_pretrained(location, **extra)
 
@@ -128,10 +129,11 @@ def load_model(path: str, **kwargs) -> PreTrainedModel:
     return model
 
 
-def load_model_and_tokenizer(path: str, tokenizer: str | None = None, **kwargs
+def load_model_and_tokenizer(path: str, tokenizer: str | None = None, option: str | None = None, **kwargs
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``load_model(path, **kwargs)`` and the tokenizer of ``tokenizer`` (default: ``path``)."""
-    loaded_tokenizer = load_tokenizer(tokenizer or path)  # first: a missing tokenizer fails before a long load
+    """``load_model(path, **kwargs)`` and the tokenizer of ``tokenizer`` (default: ``path``);
+    ``option`` is the command's option that names the tokenizer, for the errors' hints."""
+    loaded_tokenizer = load_tokenizer(tokenizer or path, option)  # first: a missing tokenizer fails before a long load
     model = load_model(path, **kwargs)
     embeddings = model.get_input_embeddings()
     rows = getattr(embeddings, "num_embeddings", None)
@@ -141,7 +143,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, **kwargs
     if rows and 4 * len(loaded_tokenizer) < rows:
         raise ValueError(f"the tokenizer of {tokenizer or path!r} knows {len(loaded_tokenizer)} tokens, the model "
                          f"{rows} token embeddings: its vocabulary files (tokenizer.json, vocab.txt, ...) are missing "
-                         "or belong to another model: restore them (eval also takes --tokenizer PATH)")
+                         "or belong to another model: restore them"
+                         + (f", or name the model's own tokenizer ({option} PATH)" if option else ""))
     return model, loaded_tokenizer
 
 
