@@ -111,7 +111,10 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     (["--param-ratio", "half"], "'half'"),
     (["--target-modules", "nonexistent"], "matches no linear layer"),
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
-    (["--param-ratio", "1"], "param_ratio=1 keeps every parameter of the target layers, which saves nothing"),
+    # the recipe's checks name the options given, not the WSVDConfig fields they set
+    (["--param-ratio", "1"], "--param-ratio=1 keeps every parameter of the target layers, which saves nothing"),
+    (["--embeddings", "--method", "fwsvd"], "--embeddings=True with --method='fwsvd': embedding rows have no Fisher "
+                                            "information; set --embedding-method to one of"),
     (["--method", "nope"], "'nope'"),
     (["--generated-samples", "-2"], "-2 is not an integer >= 0"),
     (["--generated-samples", "2"], "only a causal LM writes calibration text"),

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -72,8 +73,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> WSVDConfig:
-    """The ``WSVDConfig`` of the parsed recipe options."""
-    return WSVDConfig(**{f.name: getattr(args, f.name) for f in _recipe_fields()})
+    """The ``WSVDConfig`` of the parsed recipe options; a refused combination's error names them as
+    options (``--embedding-method``), not as the fields they set (``embedding_method``)."""
+    try:
+        return WSVDConfig(**{f.name: getattr(args, f.name) for f in _recipe_fields()})
+    except ValueError as error:
+        names = "|".join(sorted((f.name for f in _recipe_fields()), key=len, reverse=True))
+        message = re.sub(rf"(?<![\w.-])({names})(?==)|(?<=\bset )({names})\b",
+                         lambda m: "--" + m.group(0).replace("_", "-"), str(error))
+        raise ValueError(message) from error
 
 
 def _recipe_fields() -> list[dataclasses.Field]:
