@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def test_compress_writes_a_complete_card(compressed):
     assert card.data.hf_wsvd["params"] == now and f"{now:,}" in text
     assert "| base model | `dense` (a local checkpoint) |" in text and "`fwsvd`" in text
     assert "`train.tsv` (6 examples, local data)" in text
-    assert "hf-wsvd " + " ".join(argv) in text  # the exact command
+    # the exact command, its paths outside the working folder by their last part (the card is published)
+    shown = [os.path.basename(a) if os.path.isabs(a) else a for a in argv]
+    assert "hf-wsvd " + " ".join(shown) in text and str(out.parent) not in text
     assert 'from_pretrained("user/tiny-fwsvd", trust_remote_code=True)' in text and "import hf_wsvd" in text
     assert 'AutoTokenizer.from_pretrained("user/tiny-fwsvd", trust_remote_code=False)' in text
     assert "AutoModelForSequenceClassification" in text
@@ -273,3 +276,17 @@ def test_every_command_has_help_with_examples(command, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "examples:" in printed and f"hf-wsvd {command} " in printed
+
+
+@pytest.mark.parametrize("argument, shown", [
+    ("/home/alice/models/dense", "dense"), ("~/data/train.tsv", "train.tsv"), ("../alice/train.tsv", "train.tsv"),
+    ("--data=/home/alice/train.tsv", "--data=train.tsv"), ("out/sst2", "out/sst2"), ("user/name", "user/name"),
+    ("0.5", "0.5"), ("/", "/"),
+])
+def test_a_cards_command_shows_outside_paths_by_their_last_part(argument, shown):
+    """A card goes to the Hub with the model: the folder names of the machine it was made on stay there."""
+    import argparse
+
+    from hf_wsvd.cli.commands import card_command
+
+    assert card_command(argparse.Namespace(argv=["compress", argument])) == f"hf-wsvd compress {shown}"

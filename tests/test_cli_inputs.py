@@ -58,6 +58,41 @@ def test_hand_edited_dense_configs_are_one_line(classifier_dir, tsv, capsys):
         capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("model.safetensors.index.json", "[]", "is not a JSON object (it holds an array)"),
+    ("model.safetensors.index.json", "", "is not a JSON object (Expecting value"),
+    ("model.safetensors.index.json", '{"weight_map": []}', "is not a safetensors index (its 'weight_map' of tensor -> "
+                                                         "file is an array)"),
+    ("model.safetensors.index.json", "{}", "is not a safetensors index (its 'weight_map' of tensor -> file is missing)"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": 5}}', "names the weights file 5, not a .safetensors file"),
+    ("config.json", "null", "is not a JSON object (it holds null)"),
+    ("config.json", "{", "is not a JSON object (Expecting property name"),
+    ("tokenizer.json", "[]", "is not a JSON object (it holds an array)"),
+    ("tokenizer_config.json", "", "is not a JSON object (Expecting value"),
+])
+def test_a_hand_edited_json_file_is_named_by_every_command(tmp_path, classifier_dir, tsv, capsys, name, text, message):
+    """Read unchecked, such files ended in a type error inside transformers, or in a message without
+    the file's name (export blamed the tokenizer for a damaged config.json)."""
+    out = tmp_path / "c"
+    assert run(["compress", str(classifier_dir), str(out), "--method", "svd", "--param-ratio", "0.5"]) == 0
+    (out / name).write_text(text)
+    for argv in (["inspect", str(out)], ["eval", str(out), "--data", str(tsv)],
+                 ["export", str(out), str(tmp_path / "exported")],
+                 ["compress", str(out), str(tmp_path / "again"), "--method", "svd"]):
+        assert f"{out / name} {message}" in one_error(capsys, argv), argv
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "again").exists()
+
+
+def test_a_config_that_breaks_the_model_class_is_one_line_in_inspect_and_export(tmp_path, classifier_dir, capsys):
+    out = tmp_path / "c"
+    assert run(["compress", str(classifier_dir), str(out), "--method", "svd", "--param-ratio", "0.5"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
+    for argv in (["inspect", str(out)], ["export", str(out), str(tmp_path / "exported")]):
+        assert f"the checkpoint in {str(out)!r} cannot be loaded (KeyError: 'nope'): its config.json or files are " \
+               "damaged or were edited" in one_error(capsys, argv)
+
+
 def test_a_cut_gguf_file_is_one_line(tmp_path, tsv, capsys):
     cut = tmp_path / "model.gguf"
     # a version-3 header announcing one tensor and five metadata entries, cut in the first entry
@@ -162,6 +197,9 @@ def test_export_refuses_a_damaged_tokenizer_and_a_file_for_a_folder(tmp_path, cl
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     (damaged / "tokenizer.json").write_bytes((damaged / "tokenizer.json").read_bytes()[:100])
+    error = one_error(capsys, ["export", str(damaged), str(tmp_path / "exported")])
+    assert f"{damaged / 'tokenizer.json'} is not a JSON object (Expecting value: line" in error  # cut short: named
+    (damaged / "tokenizer.json").write_text("{}")  # JSON, but no tokenizer
     error = one_error(capsys, ["export", str(damaged), str(tmp_path / "exported")])
     assert f"the tokenizer saved in {str(damaged)!r} cannot be loaded" in error
     assert not (tmp_path / "exported").exists()

@@ -13,6 +13,7 @@ import torch
 import hf_wsvd
 import tiny
 from hf_wsvd.config import RECIPE_VERSION, CalibrationConfig, WSVDConfig
+from hf_wsvd.runtime.factorized_linear import FactorizedLinear
 from hf_wsvd.statistics import TOKEN_COUNTS, Statistics
 from hf_wsvd.solvers.options import ElementwiseOptions, FwsvdOptions, RescueOptions
 
@@ -285,6 +286,43 @@ def test_statistics_without_data_need_the_method_they_were_computed_for():
                                                                 embedding_weighting="frequency"),
                                  statistics=counts, show_progress=False)
     assert report.method == "svd" and report.ranks
+
+
+def test_statistics_given_again_allocate_as_the_data_did():
+    """Statistics given without data stand for the data they came from: the recipe's allocation
+    resolves as it did with the data (greedy), and the result is the same model."""
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    model, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), data,
+                                     show_progress=False)
+    again, second = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5),
+                                     statistics=report.statistics, show_progress=False)
+    assert report.allocation == second.allocation == "greedy" and second.ranks == report.ranks
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_batches_given_as_they_are_are_recorded_by_their_examples():
+    """The recipe's num_samples says how many examples the calibration held: batches given to
+    compress hold theirs (a one-shot iterator's too), not the sample size data_loader would draw."""
+    batch = {**tiny.inputs("bert", batch=3, length=8), "labels": torch.tensor([0, 1, 1])}
+    model, _ = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), [batch, batch],
+                                show_progress=False)
+    assert model.config.wsvd["num_samples"] == 6
+    model, _ = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), iter([batch]),
+                                show_progress=False)
+    assert model.config.wsvd["num_samples"] == 3
+
+
+@pytest.mark.parametrize("method, dtype, error, message", [
+    ("svd", torch.float16, ValueError, "dtype=torch.float16: only method='quantized_residual' reads it"),
+    (None, torch.bfloat16, ValueError, "method=None factorizes the model in its own dtype: cast the result"),
+    ("svd", "float16", TypeError, "dtype='float16': pass a floating-point torch.dtype"),
+    ("svd", torch.int8, TypeError, "dtype=torch.int8: pass a floating-point torch.dtype"),
+])
+def test_compress_refuses_a_dtype_it_would_not_apply(method, dtype, error, message):
+    model = tiny.build("bert")
+    with pytest.raises(error, match=re.escape(message)):
+        hf_wsvd.compress(model, WSVDConfig(method=method, param_ratio=0.5), dtype=dtype, show_progress=False)
+    assert not isinstance(model.bert.encoder.layer[0].attention.self.query, FactorizedLinear)  # before any work
 
 
 def test_statistics_of_another_model_are_named_by_layer():

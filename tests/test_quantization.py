@@ -114,8 +114,9 @@ def test_quantized_checkpoint_round_trip(tmp_path, capsys):
     assert kind == "Linear" and torch.equal(out, _outputs(quantized))
     # A dense export cannot multiply quantized factors out: one line, nothing written.
     assert _export_error(capsys, tmp_path / "q", tmp_path / "dense").endswith(
-        "loaded quantized (torchao): export the checkpoint as saved before quantization, then quantize the dense "
-        "model at load")
+        "is quantized (torchao), which has no exact dense form: export a checkpoint saved unquantized (compress "
+        "without --quantize, or the model loaded without its quantization_config), then quantize the dense model at "
+        "load")
     assert type(CAUSAL.from_pretrained(tmp_path / "resaved").model.layers[0].mlp.up_proj.up.weight).__name__ == "Int8Tensor"
 
 

@@ -97,7 +97,7 @@ def hub_dataset(text: str) -> tuple[str, str | None]:
     try:
         validate_repo_id(dataset)
     except HFValidationError:
-        raise argparse.ArgumentTypeError(f"{dataset!r} is not a Hub dataset id (name or user/name, then "
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub dataset id (name or user/name, then "
                                          ":CONFIG if it has configurations)") from None
     if ":" in text and not config:
         raise argparse.ArgumentTypeError(f"{text!r} names no configuration after ':'")

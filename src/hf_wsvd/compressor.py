@@ -81,7 +81,7 @@ class CompressionReport:
         return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
 
 
-def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, statistics: Any) -> None:
+def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, statistics: Any, dtype: Any) -> None:
     """Raise a one-line TypeError for an argument of the wrong kind, before any work."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model is a {type(model).__name__}: compress takes a transformers PreTrainedModel "
@@ -98,6 +98,12 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, stati
     if statistics is not None and not isinstance(statistics, Statistics):
         raise TypeError(f"statistics is a {type(statistics).__name__}: pass the report.statistics of an earlier "
                         "compress of the same dense model, or None")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r}: pass a floating-point torch.dtype (e.g. torch.bfloat16) or None")
+    if dtype is not None and config.method != "quantized_residual":
+        raise ValueError(f"dtype={dtype}: only method='quantized_residual' reads it (the dtype of the quantized model "
+                         f"it returns); method={config.method!r} factorizes the model in its own dtype: cast the "
+                         "result instead (model.to(dtype))")
 
 
 def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
@@ -113,16 +119,16 @@ def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) ->
                              "(WSVDConfig.quantize, --quantize)")
 
 
-def _recorded_calibration(config: WSVDConfig, data: Any) -> WSVDConfig:
+def _recorded_calibration(config: WSVDConfig, data: Any, examples: int) -> WSVDConfig:
     """``config`` recording the examples sampled from the data and the blocks the model wrote itself
-    that ``data`` holds (``data_loader`` marks its loaders with their numbers): the recipe says what
-    the calibration data was."""
+    that ``data`` holds (``data_loader`` marks its loaders with their numbers; batches given as they
+    are hold ``examples``): the recipe says what the calibration data was."""
     written = getattr(data, "generated_samples", 0)
     if config.generated_samples and not written:
         logger.warning(f"generated_samples={config.generated_samples}: compress uses the batches it is given as they "
                        "are and none of them was written by the model (hf_wsvd.cli.workflow.data_loader writes them); "
                        "the recipe records 0")
-    sampled = getattr(data, "num_samples", config.num_samples)
+    sampled = getattr(data, "num_samples", examples or config.num_samples)
     changed = {name: value for name, value in (("generated_samples", written), ("num_samples", sampled))
                if value != getattr(config, name)}
     return replace(config, **changed) if changed else config
@@ -190,12 +196,12 @@ def compress(
 
     ``method="quantized_residual"`` (``hf_wsvd.solvers.quantized_residual``) leaves ``model`` dense
     and returns a new model: ``model`` quantized by ``config.quantize`` in ``dtype`` (default: the
-    model's) with a low-rank correction of each target's quantization error.
+    model's) with a low-rank correction of each target's quantization error; no other method takes ``dtype``.
 
     The work is seeded by ``config.seed``: the CPU's random stream and the accelerator's, on a fork
     of them (the caller's streams come back as they were; no other device's is touched).
     """
-    _check_arguments(model, config, data, accelerator, statistics)
+    _check_arguments(model, config, data, accelerator, statistics, dtype)
     accelerator = accelerator or default_accelerator()
     with forked_streams(accelerator.device):
         seed_streams(config.seed, accelerator.device)
@@ -218,24 +224,27 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                          "from_pretrained (or dispatch it with a device_map) before compressing")
     if config.quantize and config.method == "quantized_residual":  # it quantizes: refused now, not after the work
         check_quantizable(model, config.quantize, config.quantize_group_size)
-    config = _recorded_calibration(config, data)
+    given = data  # data_loader marks the loader itself with what it sampled and wrote
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
+    examples = 0
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
+        examples += len(batch["input_ids"]) if "input_ids" in batch else 0
+    config = _recorded_calibration(config, given, examples)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     if not targets and config.exclude_modules is not None:  # before resolving the recipe, which reads the data
         raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
                          f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     refuse_quantized_targets(model, targets)
-    if data is None and statistics is not None and config.method is None and config.param_ratio < 1 and \
-            set(statistics.values) & set(targets):
+    reused = statistics is not None and bool(set(statistics.values) & set(targets))
+    if data is None and reused and config.method is None and config.param_ratio < 1:
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
                          "one the statistics were computed for (method=..., e.g. 'fisher_whiten' with "
                          "sequential=False)")
     if config.method != "quantized_residual":
-        config, notices = resolve(config, model, data, accelerator.device, targets)
+        config, notices = resolve(config, model, data, accelerator.device, targets, reused)
     else:
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),

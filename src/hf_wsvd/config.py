@@ -244,8 +244,8 @@ class WSVDConfig:
         ratio = self.param_ratio
         if not is_number(ratio) or not 0 < ratio <= 1:
             raise ValueError(
-                f"param_ratio={ratio!r} must be in (0, 1]: it is the fraction of each layer's "
-                "parameters that is kept"
+                f"param_ratio={ratio!r} {'must be' if is_number(ratio) else 'is not a number: pass one'} in (0, 1]: "
+                "it is the fraction of each layer's parameters that is kept"
             )
         self.param_ratio = float(ratio)
         for name in ("target_modules", "exclude_modules"):
@@ -308,10 +308,10 @@ class WSVDConfig:
         if self.embedding_method is not None and not _embeddable(self.embedding_method):
             raise ValueError(f"embedding_method={self.embedding_method!r} is not one of {_embeddable_methods()} or None")
         if self.embeddings and self.embedding_method is None and not _embeddable(self.method):
-            raise ValueError(
-                f"embeddings=True with method={self.method!r}: embedding rows have no Fisher information; "
-                f"set embedding_method to one of {_embeddable_methods()}"
-            )
+            chosen = (f"method={self.method!r}" if self.method is not None
+                      else "method unset (the recommended one reads Fisher information given labelled data)")
+            raise ValueError(f"embeddings=True with {chosen}: embedding rows have no Fisher information; "
+                             f"set embedding_method to one of {_embeddable_methods()}")
         if self.embedding_weighting not in EMBEDDING_WEIGHTINGS:
             raise ValueError(f"embedding_weighting={self.embedding_weighting!r} is not one of {EMBEDDING_WEIGHTINGS}")
         self._validate_method_options()

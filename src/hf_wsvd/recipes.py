@@ -50,6 +50,7 @@ class Evidence:
     causal_lm: bool  # a causal LM with a stack of repeated blocks (what sequential mode walks)
     device: torch.device  # where the blocks compute (the accelerator's device)
     mlps: bool = True  # the targets hold an MLP that MLP pruning can cut (nn.Linear producers and consumer)
+    statistics: bool = False  # statistics of the targets taken earlier were given (compress(statistics=))
 
 
 def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
@@ -64,8 +65,9 @@ def _method(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, str | None]:
 
 
 def _allocation(recipe: WSVDConfig, evidence: Evidence) -> tuple[str, None]:
-    # Greedy reads every layer's loss from the method's spectrum (lp and the element-wise methods have none).
-    greedy = evidence.data and solver_for(recipe).spectrum is not None
+    # Greedy reads every layer's loss from the method's spectrum (lp and the element-wise methods have none),
+    # which the data's statistics give, or those given again.
+    greedy = (evidence.data or evidence.statistics) and solver_for(recipe).spectrum is not None
     return ("greedy" if greedy else "uniform"), None
 
 
@@ -167,17 +169,18 @@ def _has_cuttable_mlps(model: nn.Module, targets: dict[str, str]) -> bool:
 
 
 def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None, device: torch.device,
-            targets: dict[str, str] | None = None) -> tuple[WSVDConfig, list[str]]:
+            targets: dict[str, str] | None = None, statistics: bool = False) -> tuple[WSVDConfig, list[str]]:
     """``config`` with its None fields (``RULES``) resolved for ``model``, ``data`` and the
     ``device`` the blocks compute on, and the notices explaining a fallback from the best recipe
     (each logged once as a warning). ``data`` must be re-iterable (its first batch is read to look
-    for labels); ``targets``: the recipe's target layers, if already found (``select_targets``)."""
+    for labels); ``targets``: the recipe's target layers, if already found (``select_targets``);
+    ``statistics``: whether statistics of the targets taken earlier are given."""
     unresolved = [name for name in RULES if getattr(config, name) is None]
     if not unresolved:
         return config, []
     first = next(iter(data), None) if data is not None else None
     evidence = Evidence(data=data is not None, labels=first is not None and first.get("labels") is not None,
-                        causal_lm=is_causal_lm(model), device=device,
+                        causal_lm=is_causal_lm(model), device=device, statistics=statistics,
                         mlps=config.mlp_pruning is not None or _has_cuttable_mlps(
                             model, targets or select_targets(model, config.target_modules, config.exclude_modules)))
     notices = []

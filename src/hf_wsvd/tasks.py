@@ -76,10 +76,10 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
     architectures = config.architectures or []
     tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
     if not tasks:
-        raise ValueError(
-            f"{path}: architectures={architectures} is neither a causal LM nor a single-label "
-            "sequence classifier, the tasks the CLI can compute a loss for"
-        )
+        what = (f"problem_type={config.problem_type!r}" if config.problem_type == "multi_label_classification"
+                else f"architectures={architectures}")
+        raise ValueError(f"{path}: {what} is neither a causal LM nor a single-label sequence classifier, the tasks "
+                         "the CLI can compute a loss for")
     auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
     dense = config.model_type != MODEL_TYPE  # a compressed checkpoint's load checks its own shapes and tensors
     # A dense tensor of another shape than config.json says: named below, not transformers' RuntimeError.

@@ -182,7 +182,8 @@ def _compress(args: argparse.Namespace) -> None:
         # the same model; process 0 alone evaluates and writes.
         accelerator = default_accelerator()
         model, report = compress(model, config, loader, accelerator=accelerator,
-                                 show_progress=accelerator.is_main_process, dtype=save_dtype)
+                                 show_progress=accelerator.is_main_process,
+                                 dtype=save_dtype if config.method == "quantized_residual" else None)
         if not accelerator.is_main_process:
             return
         if config.quantize and config.method != "quantized_residual":
@@ -255,8 +256,11 @@ def _inspect(args: argparse.Namespace) -> None:
                                            target_counts)
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
+    from .workflow import load_errors
+
     check_checkpoint_folder(args.path)
-    model = load_factorized(args.path)
+    with load_errors(args.path, "checkpoint"):
+        model = load_factorized(args.path)
     recipe = recipe_of(model.config)
     rows = summarize(model)
     width = max(len(r.name) for r in rows)

@@ -149,6 +149,9 @@ def evaluate_path(model, tokenizer, data, args: argparse.Namespace, split: str |
 def check_data(path: str | None) -> None:
     if path and not os.path.exists(path):
         raise FileNotFoundError(f"data file or folder {path!r} does not exist")
+    if path and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ValueError(f"data {path!r} is neither a file nor a folder (a device or a pipe): name a data file or "
+                         "dataset folder")
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -166,9 +169,11 @@ def run_export(args: argparse.Namespace) -> None:
     from ..integrations.checkpoint import check_checkpoint_folder
     from ..integrations.export import export_dense
     from .output import check_output
+    from .workflow import load_errors
 
     check_checkpoint_folder(args.path)
-    with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging:
+    with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging, \
+            load_errors(args.path, "checkpoint"):
         model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"model_type={model.config.model_type}) to {args.output}")
@@ -210,14 +215,31 @@ def card_evaluation(model, tokenizer, args: argparse.Namespace):
                       split=args.eval_split or "validation", dataset_type=hub_id, dataset_config=config)
 
 
+def card_command(args: argparse.Namespace) -> str:
+    """The command that made a checkpoint, as its card shows it: a path outside the working folder
+    (absolute, from ``~`` or ``..``) by its last part, since a card is published with the model and
+    the folders of the machine it was made on are nobody else's business."""
+    return "hf-wsvd " + shlex.join(_shown(a) for a in getattr(args, "argv", None) or [])
+
+
+def _shown(argument: str) -> str:
+    option, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+    return option + equals + shown_path(value)
+
+
+def shown_path(path: str) -> str:
+    """``path`` as a model card shows it (see :func:`card_command`)."""
+    outside = os.path.isabs(path) or path.startswith("~") or path.split(os.sep)[0] == ".."
+    return os.path.basename(os.path.normpath(path)) or path if outside else path
+
+
 def write_compress_card(folder: str, model, args: argparse.Namespace, evaluation=None,
                         importance_examples: int | None = None) -> None:
     """After ``compress``: write README.md (recipe, ranks, ``evaluation``, the command, the number
     of importance examples used) and the rank plot into ``folder``."""
     from ..integrations.card import write_card
 
-    command = "hf-wsvd " + shlex.join(getattr(args, "argv", None) or [])
-    write_card(folder, model, base_model=args.model, command=command, importance_data=args.data,
+    write_card(folder, model, base_model=args.model, command=card_command(args), importance_data=args.data,
                evaluation=evaluation, repo_id=getattr(args, "repo_id", None), importance_examples=importance_examples,
                base_model_hub_id=getattr(args, "base_model", None))
 
@@ -283,7 +305,8 @@ def run_heal(args: argparse.Namespace) -> None:
         earlier = (f" (the weights of step {report.best_step}, where the held-out loss was lowest)"
                    if report.kept and report.best_step < args.steps else "")
         summary = ("" if report.kept else "healing did not help, the compressed weights are kept: ") + (
-            f"healed {args.steps} steps{earlier} on {len(train)} blocks of {args.max_length} tokens of `{args.data}`"
+            f"healed {args.steps} steps{earlier} on {len(train)} blocks of {args.max_length} tokens of "
+            f"`{shown_path(args.data)}`"
             + (f" and {len(written)} written by the teacher" if written else "")
             + f" ({'LoRA rank ' + str(args.lora_rank) + ', merged' if args.lora_rank else 'factors trained'}, "
             f"learning rate {args.learning_rate:g}, batch {args.batch_size}, "
@@ -293,5 +316,5 @@ def run_heal(args: argparse.Namespace) -> None:
         with claim.write("heal") as staging:
             student.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            add_healing(args.path, staging, summary, "hf-wsvd " + shlex.join(getattr(args, "argv", None) or []))
+            add_healing(args.path, staging, summary, card_command(args))
     print(f"{summary}; saved to {args.output}")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
+from ..integrations.checkpoint import check_folder_files
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
@@ -31,25 +32,29 @@ def is_local_path(path: str) -> bool:
     return path.startswith((os.sep, ".", "~")) or separators > 1 or (separators == 1 and os.path.isdir(os.path.dirname(path)))
 
 
-def model_source(path: str) -> tuple[str, dict]:
-    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file. A local path that
-    does not exist, or a name that cannot be a Hub id, fails at once (rather than after a Hub lookup)."""
+def model_source(path: str, what: str = "model") -> tuple[str, dict]:
+    """``from_pretrained`` arguments for a folder, a Hub id, or a ``.gguf`` file (of a ``what``: a
+    model or a tokenizer). A local path that does not exist, or a name that cannot be a Hub id,
+    fails at once (rather than after a Hub lookup)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"model file {path!r} does not exist")
+            raise FileNotFoundError(f"{what} file {path!r} does not exist")
+        if not os.path.getsize(path):
+            raise ValueError(f"{what} file {path!r} is empty: download or convert it again")
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
+        check_folder_files(path)
         return path, {}
     if os.path.isfile(path):
-        raise FileNotFoundError(f"model {path!r} is a file: name the model's folder (or a .gguf file)")
+        raise FileNotFoundError(f"{what} {path!r} is a file: name the {what}'s folder (or a .gguf file)")
     try:
         validate_repo_id(path)
     except HFValidationError:
-        raise FileNotFoundError(f"model folder {path!r} does not exist") from None
+        raise FileNotFoundError(f"{what} folder {path!r} does not exist") from None
     if is_local_path(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
+        raise FileNotFoundError(f"{what} folder {path!r} does not exist")
     return path, {}
 
 
@@ -59,7 +64,7 @@ DAMAGED_FILE_ERRORS = (AttributeError, AssertionError, KeyError, IndexError, str
 
 
 @contextmanager
-def _load_errors(path: str, what: str = "model") -> Iterator[None]:
+def load_errors(path: str, what: str = "model") -> Iterator[None]:
     """Name both readings of a path that is not a local folder when loading it fails: no such
     folder, and a Hub id that could not be loaded (offline, private, or no such repository). What a
     hand-edited config or a cut file makes transformers raise (``DAMAGED_FILE_ERRORS``) is one line
@@ -73,14 +78,16 @@ def _load_errors(path: str, what: str = "model") -> Iterator[None]:
         raise OSError(f"model folder {path!r} does not exist, and as a Hub id it could not be loaded: {detail}") from error
     except DAMAGED_FILE_ERRORS as error:
         detail = (str(error).splitlines() or [""])[0]
-        raise ValueError(f"the {what} in {path!r} cannot be loaded ({type(error).__name__}: {detail}): its config.json "
-                         "or files are damaged or were edited") from error
+        damaged = ("the file is damaged or cut short" if path.endswith(".gguf")
+                   else "its config.json or files are damaged or were edited")
+        raise ValueError(f"the {what} in {path!r} cannot be loaded ({type(error).__name__}: {detail}): {damaged}") \
+            from error
 
 
 def stored_config(path: str) -> PreTrainedConfig:
     """The config of a model folder, Hub id or ``.gguf`` file."""
     location, extra = model_source(path)
-    with _load_errors(path):
+    with load_errors(path):
         return AutoConfig.from_pretrained(location, **extra)
 
 
@@ -99,17 +106,17 @@ def load_dtype(path: str) -> torch.dtype:
     return config.dtype or torch.float32
 
 
-def load_tokenizer(path: str, option: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, option: str | None = None, what: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, Hub id or ``.gguf`` file. A folder without one is a
-    one-line error naming it (``AutoTokenizer``'s own message lists every class it tried) and
-    ``option``, the command's option that names another tokenizer, where it has one."""
-    location, extra = model_source(path)
+    one-line error naming it as a ``what`` folder (``AutoTokenizer``'s own message lists every
+    class it tried) and ``option``, the command's option that names another tokenizer, where it has one."""
+    location, extra = model_source(path, "tokenizer")
     if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
                                                          for f in TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"model folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r})"
+            f"{what} folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r})"
             + (f", or name a folder that has one ({option} PATH)" if option else ""))
-    with _load_errors(path, "tokenizer"):
+    with load_errors(path, "tokenizer"):
         return AutoTokenizer.from_pretrained(location, **extra)
 
 
@@ -117,7 +124,7 @@ def load_model(path: str, **kwargs) -> PreTrainedModel:
     """A causal LM or sequence classifier (its Auto class read from the config) from a folder, a
     Hub id or a ``.gguf`` file (dequantized to a dense model); ``kwargs`` go to ``from_pretrained``."""
     location, extra = model_source(path)
-    with _load_errors(path):
+    with load_errors(path):
         if not extra:
             return load_task_model(location, **kwargs)
         # transformers reads only decoder LMs from GGUF and records no architectures for them.
@@ -133,7 +140,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, option: st
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``load_model(path, **kwargs)`` and the tokenizer of ``tokenizer`` (default: ``path``);
     ``option`` is the command's option that names the tokenizer, for the errors' hints."""
-    loaded_tokenizer = load_tokenizer(tokenizer or path, option)  # first: a missing tokenizer fails before a long load
+    # First: a missing tokenizer fails before a long load. The option is a hint only where it was not given.
+    loaded_tokenizer = (load_tokenizer(tokenizer, what="tokenizer") if tokenizer else load_tokenizer(path, option))
     model = load_model(path, **kwargs)
     embeddings = model.get_input_embeddings()
     rows = getattr(embeddings, "num_embeddings", None)
@@ -144,7 +152,7 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, option: st
         raise ValueError(f"the tokenizer of {tokenizer or path!r} knows {len(loaded_tokenizer)} tokens, the model "
                          f"{rows} token embeddings: its vocabulary files (tokenizer.json, vocab.txt, ...) are missing "
                          "or belong to another model: restore them"
-                         + (f", or name the model's own tokenizer ({option} PATH)" if option else ""))
+                         + (f", or name the model's own tokenizer ({option} PATH)" if option and not tokenizer else ""))
     return model, loaded_tokenizer
 
 

@@ -134,31 +134,80 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
             f"by a median {median(falls):.0%} (least {falls[0]:.0%}, most {falls[-1]:.0%})")
 
 
+WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# The JSON files transformers reads from a model folder; each must hold a JSON object.
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", WEIGHTS_INDEX)
+
+
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
-    """Raise a one-line OSError unless ``path`` is a folder (a checkpoint's)."""
+    """Raise a one-line error unless ``path`` is a folder with a ``config.json`` whose JSON files
+    (``check_folder_files``) are sound."""
     if os.path.isdir(path):
-        return
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{os.fspath(path)!r} holds no config.json: not a checkpoint folder")
+        return check_folder_files(path)
     if os.path.exists(path):
         raise NotADirectoryError(f"{os.fspath(path)!r} is a file, not a checkpoint folder")
     raise FileNotFoundError(f"checkpoint folder {os.fspath(path)!r} does not exist")
 
 
-def folder_model_type(folder: str | os.PathLike) -> str | None:
-    """The ``model_type`` the ``config.json`` of ``folder`` records (None without a readable one);
-    a ``config.json`` that is not a JSON object is a one-line ValueError naming it."""
-    path = os.path.join(os.fspath(folder), "config.json")
+def check_folder_files(folder: str | os.PathLike) -> None:
+    """Raise a one-line ValueError naming the file where a JSON file a model folder may hold
+    (``JSON_FILES``) is not a JSON object, or its safetensors index names no weight files: read
+    unchecked, a hand-edited or cut file ends in a type error deep inside transformers."""
+    for name in JSON_FILES:
+        json_object(os.path.join(os.fspath(folder), name))
+    index_shards(folder)
+
+
+def json_object(path: str) -> dict | None:
+    """The JSON object in the file ``path`` (None where there is no such file); a file that holds
+    anything else is a one-line ValueError naming it."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             recorded = json.load(handle)
-    except OSError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
     except ValueError as error:  # not JSON, or not text
         recorded, detail = None, str(error)
     else:
-        detail = f"a JSON {type(recorded).__name__}"
+        detail = f"it holds {_json_kind(recorded)}"
     if not isinstance(recorded, dict):
         raise ValueError(f"{path} is not a JSON object ({detail}): the checkpoint was edited or is damaged")
-    return recorded.get("model_type")
+    return recorded
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+def index_shards(folder: str | os.PathLike) -> list[str] | None:
+    """The weight files the ``model.safetensors.index.json`` of ``folder`` names (None without
+    one); an index that is no ``weight_map`` of tensor → .safetensors file of the folder is a
+    one-line ValueError naming it."""
+    index = os.path.join(os.fspath(folder), WEIGHTS_INDEX)
+    recorded = json_object(index)
+    if recorded is None:
+        return None
+    weight_map = recorded.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} is not a safetensors index (its 'weight_map' of tensor -> file is "
+                         f"{'missing' if weight_map is None else _json_kind(weight_map)})")
+    for name in weight_map.values():
+        if not isinstance(name, str) or os.path.basename(name) != name or name.startswith(".") \
+                or not name.endswith(".safetensors"):
+            raise ValueError(f"{index} names the weights file {name!r}, not a .safetensors file of the folder")
+    return sorted(set(weight_map.values()))
+
+
+def folder_model_type(folder: str | os.PathLike) -> str | None:
+    """The ``model_type`` the ``config.json`` of ``folder`` records (None without one); a
+    ``config.json`` that is not a JSON object is a one-line ValueError naming it."""
+    return (json_object(os.path.join(os.fspath(folder), "config.json")) or {}).get("model_type")
 
 
 def recipe_of(config: PreTrainedConfig) -> dict | None:

@@ -105,8 +105,9 @@ def _refuse_quantized(model: PreTrainedModel) -> None:
     if quantization is not None:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", None)
-        raise ValueError(f"the model was loaded quantized ({getattr(method, 'value', method)}): export the checkpoint "
-                         "as saved before quantization, then quantize the dense model at load")
+        raise ValueError(f"the model is quantized ({getattr(method, 'value', method)}), which has no exact dense form: "
+                         "export a checkpoint saved unquantized (compress without --quantize, or the model loaded "
+                         "without its quantization_config), then quantize the dense model at load")
 
 
 def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedModel:
@@ -152,6 +153,8 @@ def export_dense(source: str, output: str, dtype: torch.dtype | None = None, sho
     any) to ``output`` as a stock checkpoint; returns the dense model."""
     from .checkpoint import load_factorized
 
+    # The model first: the tokenizer's loader reads config.json too, and would take the blame for it.
+    model = load_factorized(source, **({"dtype": dtype} if dtype else {}))
     tokenizer = None
     if any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
         try:
@@ -160,7 +163,7 @@ def export_dense(source: str, output: str, dtype: torch.dtype | None = None, sho
             detail = (str(error).splitlines() or [type(error).__name__])[0]
             raise ValueError(f"the tokenizer saved in {source!r} cannot be loaded ({type(error).__name__}: {detail}): "
                              "restore its files or delete them to export without one") from error
-    model = densify(load_factorized(source, **({"dtype": dtype} if dtype else {})), show_progress)
+    model = densify(model, show_progress)
     model.save_pretrained(output)
     leftover = [f for f in os.listdir(output) if f.endswith(".py")]
     for name in leftover:  # never ship code with a stock checkpoint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 from .card import PLOT_FILE, load_card
-from .checkpoint import check_checkpoint_folder, folder_model_type, load_factorized
+from .checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type, index_shards, load_factorized
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -20,7 +19,6 @@ from ..runtime.modeling_wsvd import MODEL_TYPE
 RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
 RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
 REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
-WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 # What a checkpoint folder may hold besides the runtime files and its weights (the one file
 # save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
 # Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
@@ -55,15 +53,8 @@ def weight_files(folder: str) -> list[str]:
         raise ValueError(f"{folder} holds both {WEIGHTS_FILE} and {WEIGHTS_INDEX} (an unsharded and a sharded save "
                          "into one folder): remove the one that is not the checkpoint's, or save it again into an "
                          "empty folder")
-    try:
-        with open(index) as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor -> file): {error}") from None
+    shards = index_shards(folder)
     for name in shards:
-        if not isinstance(name, str) or os.path.basename(name) != name or name.startswith(".") \
-                or not name.endswith(".safetensors"):
-            raise ValueError(f"{index} names the weights file {name!r}, not a .safetensors file of the folder")
         if not os.path.lexists(os.path.join(folder, name)):
             raise ValueError(f"{index} names {name}, which {folder} lacks")
     return [*shards, WEIGHTS_INDEX]
