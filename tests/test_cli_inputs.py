@@ -296,3 +296,26 @@ def test_an_output_inside_a_data_folder_is_refused(tmp_path, classifier_dir, cap
     assert f"output folder {str(folder / 'out')!r} lies inside the input {str(folder)!r}" in error
     assert sorted(p.name for p in folder.iterdir()) == before
 
+
+
+def test_misread_paths_are_named_for_what_they_are(tmp_path, classifier_dir, tsv, capsys):
+    """Each of these once gave a message about something else: a folder without config.json
+    ("Unrecognized model"), a device as data ("does not exist"), a tokenizer path called a model's."""
+    (tmp_path / "empty").mkdir()
+    assert f"{str(tmp_path / 'empty')!r} holds no config.json: not a checkpoint folder" in one_error(
+        capsys, ["inspect", str(tmp_path / "empty")])
+    assert "data '/dev/null' is neither a file nor a folder (a device or a pipe)" in one_error(
+        capsys, ["eval", str(classifier_dir), "--data", "/dev/null"])
+    assert f"tokenizer {str(tsv)!r} is a file: name the tokenizer's folder" in one_error(
+        capsys, ["eval", str(classifier_dir), "--data", str(tsv), "--tokenizer", str(tsv)])
+    error = one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv), "--tokenizer", str(tmp_path / "empty")])
+    assert f"tokenizer folder {str(tmp_path / 'empty')!r} has no tokenizer" in error and "--tokenizer" not in error
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    assert f"model file {str(tmp_path / 'empty.gguf')!r} is empty" in one_error(
+        capsys, ["eval", str(tmp_path / "empty.gguf"), "--data", str(tsv)])
+    config = json.loads((classifier_dir / "config.json").read_text())
+    (classifier_dir / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    assert "problem_type='multi_label_classification' is neither a causal LM nor a single-label sequence " \
+           "classifier" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
+    assert "':::' is not a Hub dataset id" in one_error(
+        capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--eval-dataset-id", ":::"])

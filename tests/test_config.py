@@ -392,3 +392,8 @@ def test_weight_samples_stay_inside_a_weight_of_more_than_2_to_the_24_entries():
     flat = layer.weight.detach().reshape(-1)
     assert samples.shape == (16,) and samples[0] == flat[0] and samples[-1] == flat[-1]
 
+
+
+def test_a_ratio_given_as_text_is_named_as_not_a_number():
+    with pytest.raises(ValueError, match=re.escape("param_ratio='0.5' is not a number: pass one in (0, 1]")):
+        WSVDConfig(param_ratio="0.5")
