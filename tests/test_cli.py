@@ -99,6 +99,8 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     # Without data there is nothing to continue: one line, before any model loads.
     assert run(["compress", str(dense), str(tmp_path / "none"), "--generated-samples", "3"]) == 2
     assert "--generated-samples 3 continues blocks of the calibration text: pass --data FILE" in capsys.readouterr().err
+    assert run(["compress", str(dense), str(tmp_path / "none"), "--split", "train"]) == 2  # a split of no data
+    assert "--split train picks a split of --data's dataset folder: pass --data FOLDER" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
 

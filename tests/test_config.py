@@ -397,3 +397,17 @@ def test_weight_samples_stay_inside_a_weight_of_more_than_2_to_the_24_entries():
 def test_a_ratio_given_as_text_is_named_as_not_a_number():
     with pytest.raises(ValueError, match=re.escape("param_ratio='0.5' is not a number: pass one in (0, 1]")):
         WSVDConfig(param_ratio="0.5")
+
+
+def test_an_option_of_another_method_is_said_not_read():
+    """p, solver, ... set for a method that is not the one run were recorded as if they had shaped the result."""
+    _, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5, p=1.5, solver="als"),
+                                 show_progress=False)
+    assert "p=1.5 is an option of lp; solver='als' is an option of rescue, tfwsvd, refine=True: method='svd' does not " \
+           "read them" in report.notices
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    for recipe in (WSVDConfig(method="lp", param_ratio=0.5, p=1.5),
+                   WSVDConfig(method="fwsvd", refine=True, solver="als", max_iterations=1, param_ratio=0.5),
+                   WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_method="lp", p=1.5)):
+        _, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
+        assert not any("is an option of" in n for n in report.notices), (recipe, report.notices)

@@ -320,7 +320,7 @@ def test_cli_compresses_embeddings_with_lp(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["wsvd"]["ranks"] == {"embeddings.word_embeddings": 8}  # ⌊0.5·64·32/96⌋ = 10 → --rank-multiple 8
     assert config["wsvd"]["p"] == 1.25 and config["wsvd"]["method"] == "lp"
-    capsys.readouterr()
+    assert "kept dense (--param-ratio 1 keeps them whole)" in capsys.readouterr().out  # not "they would save nothing"
     assert cli_main(["inspect", str(out)]) == 0
     assert "embeddings.word_embeddings" in capsys.readouterr().out
     code = cli_main(["compress", str(source), str(tmp_path / "bad"), "--method", "lp", "--p", "3"])

@@ -245,6 +245,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                          "sequential=False)")
     if config.method != "quantized_residual":
         config, notices = resolve(config, model, data, accelerator.device, targets, reused)
+        unread = config.unread_options()
+        if unread:  # set for another method: said, not silently recorded as if it had shaped the result
+            notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"
+                               for name, methods in unread.items()) + \
+                f": method={config.method!r} does not read {'it' if len(unread) == 1 else 'them'}"
+            logger.warning(notice)
+            notices.append(notice)
     else:
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),

@@ -429,6 +429,25 @@ class WSVDConfig:
             raise ValueError("method=None is resolved by compress (hf_wsvd.recipes.resolve); name a method here")
         return solver_for(self).options.from_recipe(self)
 
+    def unread_options(self) -> dict[str, list[str]]:
+        """The method options set away from their defaults that the resolved ``method`` (refined,
+        and the embeddings' method) does not read → the methods that would read each; ``method``
+        quantized_residual is left out (it reads its residual method's options by that method)."""
+        from .solvers import solver_for
+
+        if self.method is None or self.method == "quantized_residual":
+            return {}
+        read = _option_names(self.method_options())
+        if self.embeddings:
+            read |= _option_names(SOLVERS[self.resolved_embedding_method].options.from_recipe(self))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        readers: dict[str, list[str]] = {}
+        for name, options in [*sorted((n, s.options()) for n, s in SOLVERS.items()), ("refine=True", ElementwiseOptions())]:
+            for option in _option_names(options) - read:
+                if getattr(self, option) != defaults[option]:
+                    readers.setdefault(option, []).append(name)
+        return readers
+
     @property
     def calibration(self) -> CalibrationConfig:
         """The calibration settings of this recipe."""
@@ -490,6 +509,15 @@ def check_refined(refined: Any, where: str) -> dict[str, list[float]]:
             for k, v in refined.items()):
         raise ValueError(f"{where}={refined!r} must map block indices to [error before, error after], two finite numbers >= 0")
     return refined
+
+
+def _option_names(options: MethodOptions) -> set[str]:
+    """The recipe fields ``options`` holds, through nested options (a refined method's)."""
+    names = set()
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        names |= _option_names(value) if isinstance(value, MethodOptions) else {f.name}
+    return names
 
 
 def _embeddable(method: str | None) -> bool:

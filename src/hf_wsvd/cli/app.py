@@ -160,6 +160,8 @@ def _compress(args: argparse.Namespace) -> None:
                              "text: pass --data FILE")
         check_data(args.data)
         check_data(args.eval_data)
+        if args.split and not args.data:
+            raise ValueError(f"--split {args.split} picks a split of --data's dataset folder: pass --data FOLDER")
         if args.eval_dataset_id and not args.eval_data:
             raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
         save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
@@ -226,7 +228,9 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
     pruned = report.pruned_mlps
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
-    if report.dense_targets:
+    if report.dense_targets and report.param_ratio == 1:
+        layers += " (--param-ratio 1 keeps them whole)"
+    elif report.dense_targets:
         layers += (" (the greedy allocation kept them whole, or factorized they would run no faster)"
                    if report.allocation == "greedy" else " (at their rank they would save nothing or run no faster)")
     lines = [
