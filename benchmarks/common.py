@@ -66,7 +66,8 @@ def compare_methods(
     dense, dev, stats, targets = load_task(task, num_samples, activations)
     rows = [{"task": task, "method": "dense", "param_ratio": 1.0, **classification_metrics(*predict(dense, dev))}]
     for variant, ratio, settings in runs:
-        config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **settings)
+        # uniform unless the variant says otherwise (given statistics again, the recipe's default is greedy)
+        config = WSVDConfig(param_ratio=ratio, num_samples=num_samples, seed=0, **{"allocation": "uniform", **settings})
         model, report = compress(copy.deepcopy(dense), config, statistics=stats, show_progress=False)
         rows.append({"task": task, "method": variant, "param_ratio": ratio, "options": settings,
                      **classification_metrics(*predict(model, dev)),

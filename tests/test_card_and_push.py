@@ -281,7 +281,7 @@ def test_every_command_has_help_with_examples(command, capsys):
 @pytest.mark.parametrize("argument, shown", [
     ("/home/alice/models/dense", "dense"), ("~/data/train.tsv", "train.tsv"), ("../alice/train.tsv", "train.tsv"),
     ("--data=/home/alice/train.tsv", "--data=train.tsv"), ("out/sst2", "out/sst2"), ("user/name", "user/name"),
-    ("0.5", "0.5"), ("/", "/"),
+    ("0.5", "0.5"), ("/", "/"), ("./../alice/t.tsv", "t.tsv"), ("a/../../alice/t.tsv", "t.tsv"), ("a/../b", "a/../b"),
 ])
 def test_a_cards_command_shows_outside_paths_by_their_last_part(argument, shown):
     """A card goes to the Hub with the model: the folder names of the machine it was made on stay there."""

@@ -115,8 +115,11 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     (["--param-ratio", "1", "--target-modules", "query,key,value", "--allocation", "uniform"], "saves nothing"),
     # the recipe's checks name the options given, not the WSVDConfig fields they set
     (["--param-ratio", "1"], "--param-ratio=1 keeps every parameter of the target layers, which saves nothing"),
-    (["--embeddings", "--method", "fwsvd"], "--embeddings=True with --method='fwsvd': embedding rows have no Fisher "
+    (["--embeddings", "--method", "fwsvd"], "--embeddings with --method='fwsvd': embedding rows have no Fisher "
                                             "information; set --embedding-method to one of"),
+    (["--offload-activations", "--no-sequential"], "this recipe is not sequential (--no-sequential; sequential mode is "
+                                                   "for causal LMs with calibration data): drop --offload-activations"),
+    (["--target-modules", "method=("], "--target-modules='method=(' is not a regular expression"),  # a value: as given
     (["--method", "nope"], "'nope'"),
     (["--generated-samples", "-2"], "-2 is not an integer >= 0"),
     (["--generated-samples", "2"], "only a causal LM writes calibration text"),

@@ -75,6 +75,10 @@ def test_a_hand_edited_json_file_is_named_by_every_command(tmp_path, classifier_
     the file's name (export blamed the tokenizer for a damaged config.json)."""
     out = tmp_path / "c"
     assert run(["compress", str(classifier_dir), str(out), "--method", "svd", "--param-ratio", "0.5"]) == 0
+    if name == "model.safetensors.index.json":
+        (out / name).write_text(text)  # beside model.safetensors an index is not read: the folder still loads
+        assert run(["eval", str(out), "--data", str(tsv)]) == 0
+        (out / "model.safetensors").unlink()  # a sharded checkpoint's, which the loader reads
     (out / name).write_text(text)
     for argv in (["inspect", str(out)], ["eval", str(out), "--data", str(tsv)],
                  ["export", str(out), str(tmp_path / "exported")],
@@ -242,6 +246,7 @@ def test_heal_refuses_what_it_cannot_heal_before_loading_or_training(tmp_path, t
 
     assert "seed=-1 must be an integer in [0, 2**32)" in heal(student, dense, "--seed", "-1")
     assert f"{str(dense)!r} is a dense checkpoint (model_type 'llama')" in heal(dense, dense)
+    assert f"model folder {str(tmp_path / 'gone')!r} does not exist" in heal(student, tmp_path / "gone")  # a teacher
     classifier = tmp_path / "cls"
     tiny.build("llama", "AutoModelForSequenceClassification").save_pretrained(classifier)
     tokenizer.save_pretrained(classifier)

@@ -405,6 +405,10 @@ def test_an_option_of_another_method_is_said_not_read():
                                  show_progress=False)
     assert "p=1.5 is an option of lp; solver='als' is an option of rescue, tfwsvd, refine=True: method='svd' does not " \
            "read them" in report.notices
+    # quantized_residual reads its own option only: its residual method runs with that method's defaults
+    assert WSVDConfig(method="quantized_residual", quantize="int8", p=1.7,
+                      residual_method="whiten").unread_options() == {"p": ["lp"]}
+    assert WSVDConfig(method="svd", residual_method="whiten").unread_options() == {"residual_method": ["quantized_residual"]}
     data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
     for recipe in (WSVDConfig(method="lp", param_ratio=0.5, p=1.5),
                    WSVDConfig(method="fwsvd", refine=True, solver="als", max_iterations=1, param_ratio=0.5),

@@ -52,7 +52,7 @@ class CompressionReport:
     # The statistics gathered over the whole model (sequential mode: the gradient statistics
     # only), reusable as ``compress(..., statistics=)`` on the same dense model.
     statistics: Statistics = field(default_factory=Statistics, repr=False)
-    # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``).
+    # Why the recipe fell back from the recommended one (see ``hf_wsvd.recipes``), and options it did not read.
     notices: list[str] = field(default_factory=list)
     compensated: bool = False  # sequential mode fitted each layer to the dense layer's outputs
     # Layers cut by MLP pruning: name → {"shape": [in, out], "dense_shape": [in, out]}.
@@ -82,7 +82,8 @@ class CompressionReport:
 
 
 def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, statistics: Any, dtype: Any) -> None:
-    """Raise a one-line TypeError for an argument of the wrong kind, before any work."""
+    """Raise a one-line TypeError for an argument of the wrong kind (a ValueError for a ``dtype``
+    the method would not read), before any work."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model is a {type(model).__name__}: compress takes a transformers PreTrainedModel "
                         "(e.g. from AutoModelForCausalLM.from_pretrained)")
@@ -231,6 +232,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
         examples += len(batch["input_ids"]) if "input_ids" in batch else 0
+    if data is None and statistics is not None:  # statistics given again: the examples they were taken on
+        examples = statistics.examples
     config = _recorded_calibration(config, given, examples)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = select_targets(model, config.target_modules, config.exclude_modules)
@@ -243,19 +246,20 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
                          "one the statistics were computed for (method=..., e.g. 'fisher_whiten' with "
                          "sequential=False)")
+    notices: list[str] = []
     if config.method != "quantized_residual":
         config, notices = resolve(config, model, data, accelerator.device, targets, reused)
-        unread = config.unread_options()
-        if unread:  # set for another method: said, not silently recorded as if it had shaped the result
-            notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"
-                               for name, methods in unread.items()) + \
-                f": method={config.method!r} does not read {'it' if len(unread) == 1 else 'them'}"
-            logger.warning(notice)
-            notices.append(notice)
     else:
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
+    unread = config.unread_options()
+    if unread:  # set for another method: said, not silently recorded as if it had shaped the result
+        notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"
+                           for name, methods in unread.items()) + \
+            f": method={config.method!r} does not read {'it' if len(unread) == 1 else 'them'}"
+        logger.warning(notice)
+        notices.append(notice)
     samples = _weight_samples(model, targets)
     if statistics is not None:
         _check_statistics(model, targets, statistics, samples)
@@ -273,7 +277,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
                                    job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
-                                   refined=dict(job.refined), target_params_after=target_after,
+                                   notices, refined=dict(job.refined), target_params_after=target_after,
                                    target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,

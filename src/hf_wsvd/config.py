@@ -109,7 +109,8 @@ class WSVDConfig:
         "or 'greedy' (one global budget of param_ratio of all target parameters; ranks go where the "
         "method's weighted truncation loss falls most per parameter, the Fisher-predicted loss increase "
         "for the Fisher methods; keeping a layer dense is one of its choices). Unset (None): greedy with data "
-        "for the methods with a spectrum to budget, else uniform (lp, tfwsvd, rescue, or no data)", choices=ALLOCATIONS)
+        "(or statistics of it given again) for the methods with a spectrum to budget, else uniform (lp, tfwsvd, "
+        "rescue, or no data)", choices=ALLOCATIONS)
     sequential: bool | None = recipe_field(
         None, "compress a causal LM block by block, each block's statistics taken on the inputs produced by "
         "the already compressed blocks before it (one block on the device at a time); with greedy "
@@ -431,11 +432,9 @@ class WSVDConfig:
 
     def unread_options(self) -> dict[str, list[str]]:
         """The method options set away from their defaults that the resolved ``method`` (refined,
-        and the embeddings' method) does not read → the methods that would read each; ``method``
-        quantized_residual is left out (it reads its residual method's options by that method)."""
-        from .solvers import solver_for
-
-        if self.method is None or self.method == "quantized_residual":
+        and the embeddings' method) does not read → the methods that would read each (quantized_residual
+        reads its own: its residual method runs with that method's defaults)."""
+        if self.method is None:
             return {}
         read = _option_names(self.method_options())
         if self.embeddings:

@@ -78,10 +78,24 @@ def recipe_from_args(args: argparse.Namespace) -> WSVDConfig:
     try:
         return WSVDConfig(**{f.name: getattr(args, f.name) for f in _recipe_fields()})
     except ValueError as error:
-        names = "|".join(sorted((f.name for f in _recipe_fields()), key=len, reverse=True))
-        message = re.sub(rf"(?<![\w.-])({names})(?==)|(?<=\bset )({names})\b",
-                         lambda m: "--" + m.group(0).replace("_", "-"), str(error))
-        raise ValueError(message) from error
+        raise ValueError(_as_options(str(error))) from error
+
+
+def _as_options(message: str) -> str:
+    """``message`` with the recipe fields it names as ``field=value``, ``set field`` or ``drop
+    field`` written as the options that set them (``sequential=True``: ``--sequential``); quoted
+    values (a user's pattern) are left as they are."""
+    names = "|".join(sorted((f.name for f in _recipe_fields()), key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w.-])({names})=(True|False)\b|(?<![\w.-])({names})(?==)|(?:(?<=\bset )|(?<=\bdrop ))({names})\b")
+
+    def option(match: re.Match) -> str:
+        name = match.group(1) or match.group(3) or match.group(4)
+        flag = name.replace("_", "-")
+        return f"--{'no-' if match.group(2) == 'False' else ''}{flag}"
+
+    # Odd parts are quoted spans (an apostrophe after a letter opens none): values given, not names.
+    parts = re.split(r"((?<!\w)'(?:[^'\\]|\\.)*'|(?<!\w)\"(?:[^\"\\]|\\.)*\")", message)
+    return "".join(part if i % 2 else pattern.sub(option, part) for i, part in enumerate(parts))
 
 
 def _recipe_fields() -> list[dataclasses.Field]:
@@ -260,11 +274,8 @@ def _inspect(args: argparse.Namespace) -> None:
                                            target_counts)
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
-    from .workflow import load_errors
-
     check_checkpoint_folder(args.path)
-    with load_errors(args.path, "checkpoint"):
-        model = load_factorized(args.path)
+    model = load_factorized(args.path)
     recipe = recipe_of(model.config)
     rows = summarize(model)
     width = max(len(r.name) for r in rows)

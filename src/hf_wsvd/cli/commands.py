@@ -169,11 +169,9 @@ def run_export(args: argparse.Namespace) -> None:
     from ..integrations.checkpoint import check_checkpoint_folder
     from ..integrations.export import export_dense
     from .output import check_output
-    from .workflow import load_errors
 
     check_checkpoint_folder(args.path)
-    with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging, \
-            load_errors(args.path, "checkpoint"):
+    with check_output(args.path, args.output, args.overwrite) as claim, claim.write("export") as staging:
         model = export_dense(args.path, staging)
     print(f"exported {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"model_type={model.config.model_type}) to {args.output}")
@@ -229,7 +227,7 @@ def _shown(argument: str) -> str:
 
 def shown_path(path: str) -> str:
     """``path`` as a model card shows it (see :func:`card_command`)."""
-    outside = os.path.isabs(path) or path.startswith("~") or path.split(os.sep)[0] == ".."
+    outside = os.path.isabs(path) or path.startswith("~") or os.path.normpath(path).split(os.sep)[0] == ".."
     return os.path.basename(os.path.normpath(path)) or path if outside else path
 
 

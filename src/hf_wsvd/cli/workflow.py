@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import numbers
 import os
-import struct
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
-from ..integrations.checkpoint import check_folder_files
+from ..integrations.checkpoint import check_folder_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
@@ -58,30 +56,20 @@ def model_source(path: str, what: str = "model") -> tuple[str, dict]:
     return path, {}
 
 
-# What transformers raises on a hand-edited config.json (an unknown dtype, a padding index outside the
-# vocabulary, a string for a count) or a file cut short (a .gguf header): not ValueErrors.
-DAMAGED_FILE_ERRORS = (AttributeError, AssertionError, KeyError, IndexError, struct.error, StrictDataclassError)
-
-
 @contextmanager
 def load_errors(path: str, what: str = "model") -> Iterator[None]:
     """Name both readings of a path that is not a local folder when loading it fails: no such
     folder, and a Hub id that could not be loaded (offline, private, or no such repository). What a
-    hand-edited config or a cut file makes transformers raise (``DAMAGED_FILE_ERRORS``) is one line
-    naming the path; anything else (a missing package, out of memory) passes as it is."""
+    hand-edited config or a cut file makes transformers raise is one line naming the path
+    (``damaged_files_named``); anything else (a missing package, out of memory) passes as it is."""
     try:
-        yield
+        with damaged_files_named(path, what):
+            yield
     except OSError as error:
         if os.path.exists(path):
             raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise OSError(f"model folder {path!r} does not exist, and as a Hub id it could not be loaded: {detail}") from error
-    except DAMAGED_FILE_ERRORS as error:
-        detail = (str(error).splitlines() or [""])[0]
-        damaged = ("the file is damaged or cut short" if path.endswith(".gguf")
-                   else "its config.json or files are damaged or were edited")
-        raise ValueError(f"the {what} in {path!r} cannot be loaded ({type(error).__name__}: {detail}): {damaged}") \
-            from error
 
 
 def stored_config(path: str) -> PreTrainedConfig:
@@ -110,7 +98,7 @@ def load_tokenizer(path: str, option: str | None = None, what: str = "model") ->
     """The tokenizer of a model folder, Hub id or ``.gguf`` file. A folder without one is a
     one-line error naming it as a ``what`` folder (``AutoTokenizer``'s own message lists every
     class it tried) and ``option``, the command's option that names another tokenizer, where it has one."""
-    location, extra = model_source(path, "tokenizer")
+    location, extra = model_source(path, what)
     if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
                                                          for f in TOKENIZER_FILES):
         raise FileNotFoundError(
@@ -151,7 +139,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, option: st
     if rows and 4 * len(loaded_tokenizer) < rows:
         raise ValueError(f"the tokenizer of {tokenizer or path!r} knows {len(loaded_tokenizer)} tokens, the model "
                          f"{rows} token embeddings: its vocabulary files (tokenizer.json, vocab.txt, ...) are missing "
-                         "or belong to another model: restore them"
+                         "or belong to another model: "
+                         + ("name the model's own tokenizer" if tokenizer else "restore them")
                          + (f", or name the model's own tokenizer ({option} PATH)" if option and not tokenizer else ""))
     return model, loaded_tokenizer
 

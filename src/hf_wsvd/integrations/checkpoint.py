@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import median
+from typing import Iterator
+
+from huggingface_hub.errors import StrictDataclassError
 
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
@@ -135,9 +140,9 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
 
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
-# The JSON files transformers reads from a model folder; each must hold a JSON object.
-JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", WEIGHTS_INDEX)
+# The JSON files a model folder's loaders cannot do without (transformers reads an unreadable
+# generation_config.json as none); each must hold a JSON object.
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
@@ -154,11 +159,12 @@ def check_checkpoint_folder(path: str | os.PathLike) -> None:
 
 def check_folder_files(folder: str | os.PathLike) -> None:
     """Raise a one-line ValueError naming the file where a JSON file a model folder may hold
-    (``JSON_FILES``) is not a JSON object, or its safetensors index names no weight files: read
-    unchecked, a hand-edited or cut file ends in a type error deep inside transformers."""
+    (``JSON_FILES``) is not a JSON object, or the safetensors index it loads from names no weight
+    files: read unchecked, a hand-edited or cut file ends in a type error deep inside transformers."""
     for name in JSON_FILES:
         json_object(os.path.join(os.fspath(folder), name))
-    index_shards(folder)
+    if not os.path.exists(os.path.join(os.fspath(folder), WEIGHTS_FILE)):  # else the index is not read
+        index_shards(folder)
 
 
 def json_object(path: str) -> dict | None:
@@ -167,7 +173,7 @@ def json_object(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as handle:
             recorded = json.load(handle)
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:  # no such file (or none to read): what it holds is the loader's to say
         return None
     except ValueError as error:  # not JSON, or not text
         recorded, detail = None, str(error)
@@ -215,8 +221,33 @@ def recipe_of(config: PreTrainedConfig) -> dict | None:
     return getattr(config, RECIPE_KEY, None) if config.model_type == MODEL_TYPE else None
 
 
+# What transformers raises on a hand-edited config.json (an unknown dtype or activation, a padding
+# index outside the vocabulary, a string for a count) or a file cut short (a .gguf header): not ValueErrors.
+DAMAGED_FILE_ERRORS = (AttributeError, AssertionError, KeyError, IndexError, struct.error, StrictDataclassError)
+
+
+@contextmanager
+def damaged_files_named(path: str, what: str = "model") -> Iterator[None]:
+    """Loading ``path`` (a ``what``) within: what a hand-edited or cut file makes transformers raise
+    (``DAMAGED_FILE_ERRORS``) becomes a one-line ValueError naming the path."""
+    try:
+        yield
+    except DAMAGED_FILE_ERRORS as error:
+        detail = (str(error).splitlines() or [""])[0]
+        damaged = ("the file is damaged or cut short" if str(path).endswith(".gguf")
+                   else "its config.json or files are damaged or were edited")
+        raise ValueError(f"the {what} in {str(path)!r} cannot be loaded ({type(error).__name__}: {detail}): "
+                         f"{damaged}") from error
+
+
 def load_factorized(path: str, **kwargs) -> PreTrainedModel:
-    """Load a factorized checkpoint with the class it was saved from (``config.architectures``)."""
+    """Load a factorized checkpoint with the class it was saved from (``config.architectures``); a
+    damaged or hand-edited file is a one-line ValueError naming the path (``damaged_files_named``)."""
+    with damaged_files_named(path, "checkpoint"):
+        return _load_factorized(path, **kwargs)
+
+
+def _load_factorized(path: str, **kwargs) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path, **kwargs)
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
