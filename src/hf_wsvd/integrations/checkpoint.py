@@ -11,7 +11,6 @@ from statistics import median
 from typing import Iterator
 
 from huggingface_hub.errors import StrictDataclassError
-
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
