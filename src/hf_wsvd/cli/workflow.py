@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
-from ..integrations.checkpoint import check_folder_files, damaged_files_named
+from ..integrations.checkpoint import check_model_files, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
@@ -43,7 +43,7 @@ def model_source(path: str, what: str = "model") -> tuple[str, dict]:
             raise ValueError(f"{what} file {path!r} is empty: download or convert it again")
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
-        check_folder_files(path)
+        check_model_files(path)
         return path, {}
     if os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} is a file: name the {what}'s folder (or a .gguf file)")
@@ -99,11 +99,12 @@ def load_tokenizer(path: str, option: str | None = None, what: str = "model") ->
     one-line error naming it as a ``what`` folder (``AutoTokenizer``'s own message lists every
     class it tried) and ``option``, the command's option that names another tokenizer, where it has one."""
     location, extra = model_source(path, what)
-    if not extra and os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f))
-                                                         for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{what} folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r})"
-            + (f", or name a folder that has one ({option} PATH)" if option else ""))
+    if not extra and os.path.isdir(location):
+        if not any(os.path.isfile(os.path.join(location, f)) for f in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{what} folder {path!r} has no tokenizer: save one there with tokenizer.save_pretrained({path!r})"
+                + (f", or name a folder that has one ({option} PATH)" if option else ""))
+        check_tokenizer_files(location)
     with load_errors(path, "tokenizer"):
         return AutoTokenizer.from_pretrained(location, **extra)
 

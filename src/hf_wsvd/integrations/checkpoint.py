@@ -139,31 +139,39 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
 
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
-# The JSON files a model folder's loaders cannot do without (transformers reads an unreadable
-# generation_config.json as none); each must hold a JSON object.
-JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The JSON files a tokenizer's loader cannot do without; each must hold a JSON object, as must
+# config.json (transformers reads an unreadable generation_config.json as none).
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_checkpoint_folder(path: str | os.PathLike) -> None:
     """Raise a one-line error unless ``path`` is a folder with a ``config.json`` whose JSON files
-    (``check_folder_files``) are sound."""
+    (``check_model_files``, ``check_tokenizer_files``) are sound."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{os.fspath(path)!r} holds no config.json: not a checkpoint folder")
-        return check_folder_files(path)
+        check_model_files(path)
+        return check_tokenizer_files(path)
     if os.path.exists(path):
         raise NotADirectoryError(f"{os.fspath(path)!r} is a file, not a checkpoint folder")
     raise FileNotFoundError(f"checkpoint folder {os.fspath(path)!r} does not exist")
 
 
-def check_folder_files(folder: str | os.PathLike) -> None:
-    """Raise a one-line ValueError naming the file where a JSON file a model folder may hold
-    (``JSON_FILES``) is not a JSON object, or the safetensors index it loads from names no weight
-    files: read unchecked, a hand-edited or cut file ends in a type error deep inside transformers."""
-    for name in JSON_FILES:
-        json_object(os.path.join(os.fspath(folder), name))
+def check_model_files(folder: str | os.PathLike) -> None:
+    """Raise a one-line ValueError naming the file where the ``config.json`` of a model folder is
+    not a JSON object, or the safetensors index it loads from names no weight files: read unchecked,
+    a hand-edited or cut file ends in a type error deep inside transformers."""
+    json_object(os.path.join(os.fspath(folder), "config.json"))
     if not os.path.exists(os.path.join(os.fspath(folder), WEIGHTS_FILE)):  # else the index is not read
         index_shards(folder)
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """Raise a one-line ValueError naming the file where a tokenizer's JSON file in ``folder``
+    (``TOKENIZER_JSON_FILES``) is not a JSON object (a large tokenizer.json is read once, where the
+    tokenizer loads, not by every look at the folder's config)."""
+    for name in TOKENIZER_JSON_FILES:
+        json_object(os.path.join(os.fspath(folder), name))
 
 
 def json_object(path: str) -> dict | None:
