@@ -4,6 +4,7 @@ builds a checkpoint, edits it, and expects a clear error, with hf_wsvd and throu
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -204,6 +205,41 @@ def test_wrong_shapes_of_pruned_layers_are_named_in_both_load_paths(tmp_path, to
             print(error)
     """, cwd=tmp_path)
     assert result.returncode == 0 and message in result.stdout, result.stderr[-3000:]
+    assert "LOAD REPORT" not in result.stderr  # the one line, not transformers' table before it
+
+
+@pytest.fixture
+def load_records():
+    """The records transformers logs at warning level while these tests load (its load report among them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log, level = logging.getLogger("transformers"), transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+    transformers.logging.set_verbosity(level)
+
+
+def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(checkpoint, load_records):
+    """transformers' multi-line load report would come before the one-line error naming the same
+    tensors; an accepted load (a new head of another size) still logs it, and so does a load that
+    transformers itself refuses."""
+    def reports():
+        found = [r.getMessage() for r in load_records if "LOAD REPORT" in r.getMessage()]
+        load_records.clear()
+        return found
+
+    AUTO.from_pretrained(checkpoint, num_labels=5, ignore_mismatched_sizes=True)
+    found = reports()
+    assert len(found) == 1 and "classifier.weight" in found[0], found
+    edit_config(checkpoint, lambda c: c["wsvd"]["ranks"].update({QUERY: c["wsvd"]["ranks"][QUERY] - 1}))
+    with pytest.raises(ValueError, match="down.weight' has the wrong shape"):
+        AUTO.from_pretrained(checkpoint)
+    assert reports() == []
+    logging.getLogger("transformers.modeling_utils").warning("after the load")  # nothing is held back any more
+    assert [r.getMessage() for r in load_records] == ["after the load"]
 
 
 def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):

@@ -39,6 +39,7 @@ This file ships inside every compressed checkpoint, so it may import only torch 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from contextlib import contextmanager
 from itertools import chain
@@ -680,6 +681,30 @@ def readable_weights(path: str | os.PathLike | None) -> Iterator[None]:
                          "download it again") from error
 
 
+@contextmanager
+def held_load_report() -> Iterator[Any]:
+    """Within: what transformers logs while loading a model (its load report) is held back; the
+    function yielded logs it. Called where the load is accepted or failed in transformers; not called
+    where ``check_loaded`` raises, whose one-line error names the tensors the report would list."""
+    log = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    def replay() -> None:
+        log.removeFilter(hold)
+        while held:
+            log.handle(held.pop(0))
+
+    log.addFilter(hold)
+    try:
+        yield replay
+    finally:
+        log.removeFilter(hold)
+
+
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
     """Auto class name → stock model class, for the Auto classes that support this config."""
     found = {}
@@ -719,13 +744,19 @@ class _WsvdModelMixin:
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         wants_info = kwargs.pop("output_loading_info", False)
         # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
-        # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it.
+        # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it,
+        # and the report, held back meanwhile, is logged only where the load is accepted.
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_weights(path):
-            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)
+        with readable_weights(path), held_load_report() as replay:
+            try:
+                model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                      **kwargs)
+            except BaseException:
+                replay()
+                raise
         check_loaded(model, info, ignore)
+        replay()
         share_input_factors(model)
         return (model, info) if wants_info else model
 
