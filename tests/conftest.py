@@ -1,3 +1,4 @@
+import logging
 import os
 import socket
 import subprocess
@@ -43,6 +44,27 @@ def shared() -> Path:
             pytest.fail(message + ": HF_WSVD_REQUIRE_SHARED=1 and it is missing")
         pytest.skip(message)
     return SHARED
+
+
+@pytest.fixture
+def logged():
+    """The records transformers and datasets log at warning level and above during the test, as
+    their own handlers receive them (they do not propagate to the root logger, so not to caplog)."""
+    import datasets
+    import transformers
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    libraries = [(transformers.logging, logging.getLogger("transformers")), (datasets.logging, logging.getLogger("datasets"))]
+    levels = [library.get_verbosity() for library, _ in libraries]
+    for library, log in libraries:
+        library.set_verbosity_warning()
+        log.addHandler(handler)
+    yield records
+    for (library, log), level in zip(libraries, levels):
+        log.removeHandler(handler)
+        library.set_verbosity(level)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.data import sample, teacher_samples, text_blocks, tokenize
+from hf_wsvd.data import load_table, sample, teacher_samples, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
 from hf_wsvd.cli.workflow import data_loader
 
@@ -122,6 +122,19 @@ def test_rows_without_text_are_named(tokenizer, rows, columns, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         data_loader(tiny.build("bert"), tokenizer, Dataset.from_dict(rows), WSVDConfig(max_length=8), columns,
                     shuffle=False)
+
+
+def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tmp_path, logged):
+    """datasets' CSV reader logs its failure before raising: that record is dropped for the one-line
+    error saying the same; a good file still loads."""
+    (tmp_path / "bad.csv").write_text("sentence,label\ngood film,1\nbad,0,extra,cols\n")
+    with pytest.raises(ValueError, match="data file '.*bad.csv' cannot be read as csv: .*Expected 2 fields in line 3"):
+        load_table(tmp_path / "bad.csv")
+    assert [r.getMessage() for r in logged if "bad.csv" in r.getMessage()] == []
+    (tmp_path / "good.csv").write_text("sentence,label\ngood film,1\nbad,0\n")
+    assert load_table(tmp_path / "good.csv")["label"] == [1, 0]
+    logging.getLogger("datasets.packaged_modules.csv.csv").error("after the load")  # nothing held back any more
+    assert [r.getMessage() for r in logged] == ["after the load"]
 
 
 @pytest.mark.parametrize("num_labels, labels, message", [

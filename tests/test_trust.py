@@ -208,27 +208,13 @@ def test_wrong_shapes_of_pruned_layers_are_named_in_both_load_paths(tmp_path, to
     assert "LOAD REPORT" not in result.stderr  # the one line, not transformers' table before it
 
 
-@pytest.fixture
-def load_records():
-    """The records transformers logs at warning level while these tests load (its load report among them)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log, level = logging.getLogger("transformers"), transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_warning()
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
-    transformers.logging.set_verbosity(level)
-
-
-def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(checkpoint, load_records):
+def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(checkpoint, logged):
     """transformers' multi-line load report would come before the one-line error naming the same
     tensors; an accepted load (a new head of another size) still logs it, and so does a load that
     transformers itself refuses."""
     def reports():
-        found = [r.getMessage() for r in load_records if "LOAD REPORT" in r.getMessage()]
-        load_records.clear()
+        found = [r.getMessage() for r in logged if "LOAD REPORT" in r.getMessage()]
+        logged.clear()
         return found
 
     AUTO.from_pretrained(checkpoint, num_labels=5, ignore_mismatched_sizes=True)
@@ -239,7 +225,7 @@ def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(chec
         AUTO.from_pretrained(checkpoint)
     assert reports() == []
     logging.getLogger("transformers.modeling_utils").warning("after the load")  # nothing is held back any more
-    assert [r.getMessage() for r in load_records] == ["after the load"]
+    assert [r.getMessage() for r in logged] == ["after the load"]
 
 
 def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):

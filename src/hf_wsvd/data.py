@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from .runtime.modeling_wsvd import held_records
 from .tasks import CAUSAL_LM, CLASSIFICATION, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
@@ -90,17 +91,19 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     if os.path.getsize(path) == 0:
         raise ValueError(f"data file {path!r} is empty")
     builder, options = _BUILDERS[extension]
-    try:
-        # escaped: datasets reads data_files as glob patterns, so 'dev?.tsv' would also read dev1.tsv
-        table = load_dataset(builder, data_files={"data": glob.escape(path)}, split="data", **options)
-    # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
-    # header and no rows is a ValueError.
-    except (DatasetGenerationError, ValueError) as error:
-        if builder == "csv" and _lines_at_most(path, 1):
-            raise ValueError(f"data file {path!r} holds no rows, only a header") from error
-        cause = error.__cause__ or error
-        detail = (str(cause).splitlines() or [type(cause).__name__])[0]
-        raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
+    with held_records(f"datasets.packaged_modules.{builder}.{builder}") as drop:
+        try:
+            # escaped: datasets reads data_files as glob patterns, so 'dev?.tsv' would also read dev1.tsv
+            table = load_dataset(builder, data_files={"data": glob.escape(path)}, split="data", **options)
+        # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
+        # header and no rows is a ValueError.
+        except (DatasetGenerationError, ValueError) as error:
+            drop()  # the reader logged its failure, which the one line below says
+            if builder == "csv" and _lines_at_most(path, 1):
+                raise ValueError(f"data file {path!r} holds no rows, only a header") from error
+            cause = error.__cause__ or error
+            detail = (str(cause).splitlines() or [type(cause).__name__])[0]
+            raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
     if len(table) == 0:
         raise ValueError(f"data file {path!r} holds no rows")
     return table

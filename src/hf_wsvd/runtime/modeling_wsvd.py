@@ -43,7 +43,7 @@ import logging
 import os
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import transformers
@@ -682,27 +682,24 @@ def readable_weights(path: str | os.PathLike | None) -> Iterator[None]:
 
 
 @contextmanager
-def held_load_report() -> Iterator[Any]:
-    """Within: what transformers logs while loading a model (its load report) is held back; the
-    function yielded logs it. Called where the load is accepted or failed in transformers; not called
-    where ``check_loaded`` raises, whose one-line error names the tensors the report would list."""
-    log = logging.getLogger("transformers.modeling_utils")
+def held_records(name: str) -> Iterator[Callable[[], None]]:
+    """Within: the records the logger ``name`` logs are held back, and logged when the block ends,
+    unless the function yielded was called: a caller whose own one-line error says what they would
+    (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
+    log = logging.getLogger(name)
     held: list[logging.LogRecord] = []
 
     def hold(record: logging.LogRecord) -> bool:
         held.append(record)
         return False
 
-    def replay() -> None:
-        log.removeFilter(hold)
-        while held:
-            log.handle(held.pop(0))
-
     log.addFilter(hold)
     try:
-        yield replay
+        yield held.clear
     finally:
         log.removeFilter(hold)
+        for record in held:
+            log.handle(record)
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -745,18 +742,17 @@ class _WsvdModelMixin:
         wants_info = kwargs.pop("output_loading_info", False)
         # transformers would raise a RuntimeError naming no tensor on a wrong shape (after logging
         # its report); loaded with the mismatch allowed, check_loaded raises the ValueError naming it,
-        # and the report, held back meanwhile, is logged only where the load is accepted.
+        # in place of the report.
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_weights(path), held_load_report() as replay:
+        with readable_weights(path), held_records("transformers.modeling_utils") as drop:
+            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
             try:
-                model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                      **kwargs)
-            except BaseException:
-                replay()
+                check_loaded(model, info, ignore)
+            except ValueError:
+                drop()
                 raise
-        check_loaded(model, info, ignore)
-        replay()
         share_input_factors(model)
         return (model, info) if wants_info else model
 
