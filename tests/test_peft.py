@@ -197,3 +197,47 @@ def test_lora_on_a_checkpoint_quantized_at_load_trains_and_refuses_to_merge_into
     whole = get_peft_model(quantized, register_factorized_lora(LoraConfig(r=2, target_modules=factorized_module_names(quantized))))
     with pytest.raises(ValueError, match="cannot merge LoRA into quantized factors"):
         merge_and_unload(whole)
+
+
+def test_a_folder_holding_a_peft_adapter_is_refused_by_every_command_before_any_work(tmp_path, capsys):
+    """transformers would load an adapter saved beside a model onto it (counted by inspect, applied
+    by eval, failing compress and heal only where they save): each command refuses the folder in one
+    line; a folder of the adapter alone is named as one, not as a model."""
+    from hf_wsvd.cli import main
+
+    base_dir, _ = _compressed_dir(tmp_path)
+    get_peft_model(AUTO.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["up", "down"])).save_pretrained(
+        tmp_path / "adapter")
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for folder in (base_dir, tmp_path / "adapter"):
+        for item in folder.iterdir():
+            (beside / item.name).write_bytes(item.read_bytes())
+    dense = tiny.save(tiny.build("bert"), tmp_path / "dense")
+    (dense / "adapter_config.json").write_bytes((tmp_path / "adapter" / "adapter_config.json").read_bytes())
+    data = tmp_path / "text.tsv"
+    data.write_text("sentence\tlabel\n" + "the movie was great\t1\nthe plot was bad\t0\n" * 10)
+    commands = {"inspect": ["inspect", str(beside)], "export": ["export", str(beside), str(tmp_path / "out")],
+                "eval": ["eval", str(beside), "--data", str(data), "--max-length", "8"],
+                "compress": ["compress", str(dense), str(tmp_path / "out"), "--method", "svd"],
+                "push": ["push", str(beside), "user/x"]}
+    for command, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 2, command
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "holds a peft adapter beside the model (adapter_config.json, for the base " \
+            "model " in errors[0] and "merge_and_unload" in errors[0], (command, errors)
+    assert not (tmp_path / "out").exists()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 2
+    assert f"{str(tmp_path / 'adapter')!r} holds a peft adapter (adapter_config.json, for the base model " \
+        f"{str(base_dir)!r}), not a model" in capsys.readouterr().err
+
+
+def test_compress_refuses_a_model_holding_peft_adapter_layers():
+    """Its target layers would be peft's wrappers, left dense, and its save would not reload."""
+    from hf_wsvd import WSVDConfig, compress
+
+    wrapped = get_peft_model(tiny.build("bert"), LoraConfig(r=2, target_modules=["query"])).base_model.model
+    with pytest.raises(ValueError, match="peft adapter layers \\(the first: 'bert.encoder.layer.0.attention.self."
+                                         "query'\\): merge them first"):
+        compress(wrapped, WSVDConfig(method="svd", param_ratio=0.9))

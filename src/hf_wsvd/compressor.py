@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from .blocks import given_back, is_dispatched
@@ -214,6 +215,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
               ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
+    adapted = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    if adapted is not None:  # its targets are peft's wrappers: they would be left dense, and the save unloadable
+        raise ValueError(f"the model holds peft adapter layers (the first: {adapted!r}): merge them first "
+                         "(merge_and_unload()) and compress the merged model")
     recorded = [name for name in RESULT_FIELDS if getattr(config, name)]
     if recorded:  # a checkpoint's recipe given again: what it records of its own result is not an input
         logger.warning(f"config.{', config.'.join(recorded)}: what an earlier compress recorded of its result, not an "

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import CalibrationConfig, WSVDConfig
-from ..integrations.checkpoint import check_model_files, check_tokenizer_files, damaged_files_named
+from ..integrations.checkpoint import check_model_files, check_no_adapter, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
@@ -43,6 +43,8 @@ def model_source(path: str, what: str = "model") -> tuple[str, dict]:
             raise ValueError(f"{what} file {path!r} is empty: download or convert it again")
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
+        if what != "tokenizer":  # only its tokenizer files are read
+            check_no_adapter(path)
         check_model_files(path)
         return path, {}
     if os.path.isfile(path):

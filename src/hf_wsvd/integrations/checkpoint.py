@@ -139,6 +139,8 @@ def refinement_summary(refined: dict[str, list[float]], steps: int | None = None
 
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# A peft adapter's config: transformers loads the adapter (alone in a folder, with its base model) from it.
+ADAPTER_CONFIG = "adapter_config.json"
 # The JSON files a tokenizer's loader cannot do without; each must hold a JSON object, as must
 # config.json (transformers reads an unreadable generation_config.json as none).
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -148,6 +150,7 @@ def check_checkpoint_folder(path: str | os.PathLike) -> None:
     """Raise a one-line error unless ``path`` is a folder with a ``config.json`` whose JSON files
     (``check_model_files``, ``check_tokenizer_files``) are sound."""
     if os.path.isdir(path):
+        check_no_adapter(path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{os.fspath(path)!r} holds no config.json: not a checkpoint folder")
         check_model_files(path)
@@ -164,6 +167,24 @@ def check_model_files(folder: str | os.PathLike) -> None:
     json_object(os.path.join(os.fspath(folder), "config.json"))
     if not os.path.exists(os.path.join(os.fspath(folder), WEIGHTS_FILE)):  # else the index is not read
         index_shards(folder)
+
+
+def check_no_adapter(folder: str | os.PathLike) -> None:
+    """Refuse a folder holding a peft adapter (``adapter_config.json``): transformers would load it
+    onto the model, or onto its base model in place of the model, and a command would then count,
+    compress or save the adapter's layers with it (or fail at the end, where it saves)."""
+    folder = os.fspath(folder)
+    adapter = json_object(os.path.join(folder, ADAPTER_CONFIG))
+    if adapter is None:
+        return
+    base = adapter.get("base_model_name_or_path")
+    of = f", for the base model {base!r}" if base else ""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder!r} holds a peft adapter beside the model ({ADAPTER_CONFIG}{of}), which transformers "
+                         "would load onto it: merge it into the model and save that (peft's merge_and_unload, then "
+                         "save_pretrained into a new folder), or move the adapter's files to a folder of their own")
+    raise ValueError(f"{folder!r} holds a peft adapter ({ADAPTER_CONFIG}{of}), not a model: load its base model with "
+                     "the adapter, merge it (peft's merge_and_unload) and save that with save_pretrained")
 
 
 def check_tokenizer_files(folder: str | os.PathLike) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 from .card import PLOT_FILE, load_card
-from .checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type, index_shards, load_factorized
+from .checkpoint import (ADAPTER_CONFIG, WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type,
+                         index_shards, load_factorized)
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -33,8 +34,6 @@ CHECKPOINT_FILES = (
 REPO_WEIGHTS = re.compile(r"(pytorch_)?model(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 # Files of an earlier upload that describe that model, not this one (tokenizer files may be shared: kept).
 MODEL_SPECIFIC = ("generation_config.json", PLOT_FILE)
-# A peft adapter's config makes transformers load the adapter and its base model instead of the model.
-ADAPTER_CONFIG = "adapter_config.json"
 
 logger = logging.getLogger(__name__)
 
