@@ -137,6 +137,33 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
     assert [r.getMessage() for r in logged] == ["after the load"]
 
 
+def test_class_label_indices_follow_the_model_s_class_names(tokenizer, tmp_path):
+    """A ClassLabel column's indices are renumbered to the model's classes of the same names (as a
+    file's label names are); names the model lacks are refused; a model of default names (LABEL_0,
+    ...) takes the indices as they are. A save_to_disk folder gets no cache file written into it."""
+    from datasets import ClassLabel, Features, Value, load_from_disk
+
+    texts, indices = ["good film", "bad film", "fine", "awful"], [0, 1, 0, 1]
+
+    def labels(model, names: list[str]) -> list[int]:
+        features = Features({"sentence": Value("string"), "label": ClassLabel(names=names)})
+        folder = tmp_path / "_".join(names)
+        Dataset.from_dict({"sentence": texts, "label": indices}, features=features).save_to_disk(folder)
+        files = sorted(p.name for p in folder.iterdir())
+        loader = data_loader(model, tokenizer, str(folder), WSVDConfig(max_length=8), shuffle=False)
+        assert sorted(p.name for p in folder.iterdir()) == files
+        assert load_from_disk(folder)["label"] == indices
+        return [int(i) for batch in loader for i in batch["labels"]]
+
+    named = tiny.build("bert", id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    assert labels(named, ["positive", "negative"]) == [1, 0, 1, 0]
+    assert labels(named, ["Negative", "POSITIVE"]) == indices
+    with pytest.raises(ValueError, match=re.escape("names its classes ['bad', 'good'] (its 'label' column), and 'bad' "
+                                                   "is none of the model's labels ['negative', 'positive']")):
+        labels(named, ["bad", "good"])
+    assert labels(tiny.build("bert"), ["positive", "negative"]) == indices  # LABEL_0, LABEL_1
+
+
 @pytest.mark.parametrize("num_labels, labels, message", [
     (1, [1.5, float("nan")], "label nan (row 2 of the data) is not a finite number"),
     (1, [1.5, float("inf")], "label inf (row 2 of the data) is not a finite number"),

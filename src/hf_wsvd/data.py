@@ -222,6 +222,37 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
     return ids
 
 
+def model_class_ids(dataset: "Dataset", label_column: str | None, label2id: dict[str, int] | None,
+                    source: str = "the data") -> "Dataset":
+    """``dataset`` with the class indices of a ``ClassLabel`` label column renumbered to the model's
+    classes of the same names (case aside, as datasets' ``align_labels_with_mapping``), where the
+    model names its classes: the data's order of classes need not be the model's. A class the model
+    does not name is a one-line error; a model of transformers' default names (LABEL_0, ...) takes
+    the indices as they are."""
+    from datasets import ClassLabel, Value
+
+    feature = dataset.features.get(label_column) if label_column is not None else None
+    named = {str(name).lower(): index for name, index in (label2id or {}).items()}
+    if not isinstance(feature, ClassLabel) or all(name == f"label_{index}" for name, index in named.items()):
+        return dataset
+    unknown = [name for name in feature.names if name.lower() not in named]
+    if unknown:
+        raise ValueError(f"{source} names its classes {feature.names} (its {label_column!r} column), and {unknown[0]!r} "
+                         f"is none of the model's labels {sorted(label2id)}: name the data's classes as the model does "
+                         "(or the model's, config.id2label and label2id, as the data does)")
+    ids = [named[name.lower()] for name in feature.names]
+    if ids == list(range(len(ids))):
+        return dataset
+    features = dataset.features.copy()
+    features[label_column] = Value("int64")
+
+    def renumber(rows: dict) -> dict:  # an index outside the data's classes (-1: unlabelled) stays, to be refused
+        return {label_column: [ids[i] if i is not None and 0 <= i < len(ids) else i for i in rows[label_column]]}
+
+    # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written there.
+    return dataset.map(renumber, batched=True, features=features, keep_in_memory=True)
+
+
 def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_column: str | None,
                label2id: dict[str, int] | None = None, num_labels: int = 2, source: str = "the data") -> None:
     """Refuse, naming its row, a classifier's or regressor's text that is not a string or label the

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrained
 from ..config import CalibrationConfig, WSVDConfig
 from ..integrations.checkpoint import check_model_files, check_no_adapter, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
-from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
-                    teacher_samples, tokenize)
+from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, model_class_ids,
+                    resolve_columns, subset, teacher_samples, tokenize)
 from ..tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -188,6 +188,7 @@ def data_loader(
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column, source)
     count = num_samples or config.num_samples if shuffle else num_samples
     if task != CAUSAL_LM:
+        table = model_class_ids(table, label_column, model.config.label2id, source)
         check_rows(table, task, text_columns, label_column, model.config.label2id, model.config.num_labels, source)
         table = subset(table, count, config.seed, shuffle)
     encoded = tokenize(
