@@ -460,6 +460,27 @@ def test_a_second_push_replaces_the_earlier_weights_and_keeps_the_repository_s_o
     assert all((repo / name).exists() for name in ("notes.md", "extra.safetensors", "vocab.txt"))
 
 
+def test_a_push_with_a_tokenizer_removes_the_earlier_upload_s_other_tokenizer_files(tmp_path, monkeypatch):
+    """An earlier upload's added_tokens.json or chat template left beside the new tokenizer would
+    change it (a token past the new model's embeddings, another model's template)."""
+    from transformers import AutoTokenizer
+
+    api = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    _pushable(tmp_path / "ckpt")
+    tokenizer = tiny.tokenizer()
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    repo = tmp_path / "hub" / "user" / "m"
+    repo.mkdir(parents=True)
+    (repo / "added_tokens.json").write_text('{"zzznewtoken": 64}')
+    (repo / "chat_template.jinja").write_text("{% for m in messages %}OLD {{ m.content }}{% endfor %}")
+    (repo / "notes.md").write_text("the user's own file")
+    assert main(["push", str(tmp_path / "ckpt"), "user/m"]) == 0
+    assert sorted(api.deleted) == ["added_tokens.json", "chat_template.jinja"] and (repo / "notes.md").exists()
+    served = AutoTokenizer.from_pretrained(repo)
+    assert len(served) == len(tokenizer) and served.chat_template == tokenizer.chat_template
+
+
 def test_push_refuses_a_repository_holding_a_peft_adapter(tmp_path, capsys, monkeypatch):
     """transformers (with peft) would load the adapter and its base model from it, not the pushed model."""
     api = FolderHub(tmp_path / "hub")

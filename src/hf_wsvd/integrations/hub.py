@@ -23,16 +23,17 @@ REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
 # What a checkpoint folder may hold besides the runtime files and its weights (the one file
 # save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
 # Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
-CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "README.md", PLOT_FILE,
+TOKENIZER_UPLOAD = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "chat_template.jinja", "chat_template.json",
 )
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "README.md", PLOT_FILE, *TOKENIZER_UPLOAD)
 # Weight files transformers would read as a model's, at the top of a repository: an earlier upload's
 # left there beside the new ones could be loaded instead (model.safetensors before an index).
 REPO_WEIGHTS = re.compile(r"(pytorch_)?model(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-# Files of an earlier upload that describe that model, not this one (tokenizer files may be shared: kept).
+# Files of an earlier upload that describe that model, not this one; its tokenizer files too where
+# this upload has a tokenizer (an earlier added_tokens.json or chat template would change this one's).
 MODEL_SPECIFIC = ("generation_config.json", PLOT_FILE)
 
 logger = logging.getLogger(__name__)
@@ -137,8 +138,9 @@ def push(
 ) -> str:
     """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
     verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit, which also removes
-    the weights, generation config and plot of an earlier upload that the new files do not replace
-    (the repository's history keeps them; its other files stay); returns the commit URL. ``private``
+    the weights, generation config and plot of an earlier upload that the new files do not replace,
+    and its tokenizer files where the folder has a tokenizer (the repository's history keeps them; its
+    other files stay); returns the commit URL. ``private``
     applies to a new repository: an existing public one is refused. ``api`` defaults to
     ``HfApi(token=token)``; only its ``repo_exists``, ``repo_info``, ``create_repo`` and
     ``create_commit`` are used, so tests can substitute them."""
@@ -150,8 +152,9 @@ def push(
     load_factorized(folder)
     api = api or HfApi(token=token)
     existing, head = _repository(api, repo_id, private)
+    tokenizer = any(name in TOKENIZER_UPLOAD for name in plan.files)
     stale = [name for name in existing if name not in plan.files
-             and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC)]
+             and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC or tokenizer and name in TOKENIZER_UPLOAD)]
     operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
                     for name in plan.files), *(CommitOperationDelete(path_in_repo=name) for name in stale)]
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
