@@ -212,7 +212,12 @@ def distillation_kl(student: nn.Module, teacher: nn.Module, blocks: Sequence[dic
 
 
 # What a teacher shares with the model compressed from it (config attributes, with their names in errors).
-_TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size", "num_hidden_layers": "layer count"}
+_TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size", "num_hidden_layers": "layer count",
+                  "num_attention_heads": "attention head count", "num_key_value_heads": "key/value head count",
+                  "intermediate_size": "MLP width"}
+# How far (relative, in norm) a tensor that compression leaves as it is may differ from the teacher's:
+# bfloat16 rounding (one of the two stored or loaded in it) stays well below it.
+_UNCHANGED_TOLERANCE = 1e-2
 
 
 def check_student(student: PreTrainedModel) -> None:
@@ -229,8 +234,9 @@ def check_student(student: PreTrainedModel) -> None:
 
 def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
     """Raise unless ``teacher`` (called ``name`` in the error) is a dense causal LM of the base
-    architecture of the compressed ``student``: its model type, vocabulary size, hidden size and
-    layer count."""
+    architecture of the compressed ``student`` (its model type and sizes) holding the student's
+    weights where compression left them as they were (embeddings, norms, layers kept dense): another
+    model of the same architecture would be distilled into the student without a word."""
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
     from ..tasks import CAUSAL_LM, task_of
 
@@ -250,6 +256,30 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
         if theirs[label] != value:
             raise ValueError(f"{name} has {label} {theirs[label]!r}, the compressed model {value!r}: the teacher "
                              "must be the dense model it was compressed from")
+    differs = _first_unchanged_tensor_that_differs(student, teacher)
+    if differs is not None:
+        tensor, distance = differs
+        raise ValueError(f"{name} differs from the compressed model in {tensor!r} (relative difference {distance:.2g}), "
+                         "a tensor compression leaves as it was: the teacher must be the dense model it was compressed "
+                         "from, not another model of its architecture")
+
+
+@torch.no_grad()
+def _first_unchanged_tensor_that_differs(student: PreTrainedModel, teacher: PreTrainedModel) -> tuple[str, float] | None:
+    """The first tensor of ``student`` outside its compressed layers (which compression and healing
+    train) that ``teacher`` holds at the same name and shape but with other values, and how far
+    apart they are; None where there is none. Offloaded tensors (not loaded) are skipped."""
+    trained = tuple(f"{name}." for name in _compressed_modules(student))
+    theirs = dict(teacher.named_parameters())
+    for name, ours in student.named_parameters():
+        other = theirs.get(name)
+        if other is None or other.shape != ours.shape or ours.is_meta or other.is_meta or name.startswith(trained):
+            continue
+        reference = other.to(ours.device, torch.float32)
+        distance = float((ours.float() - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny))
+        if not distance <= _UNCHANGED_TOLERANCE:
+            return name, distance
+    return None
 
 
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
