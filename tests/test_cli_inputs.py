@@ -178,6 +178,12 @@ def test_a_card_whose_header_does_not_parse_is_one_line_before_any_work(tmp_path
     lines = card.read_text().splitlines()
     card.write_text("\n".join([lines[0], "library_name: [unclosed", *lines[2:]]) + "\n")
     assert "has a YAML header that does not parse" in one_error(capsys, ["push", str(out), "me/x"])
+    card.write_text("---\n- a list\n- not metadata\n---\ncard\n")
+    assert (f"the model card {str(card)!r} has a YAML header that does not parse as metadata (repo card metadata "
+            "block should be a dict)") in one_error(capsys, ["push", str(out), "me/x"])
+    card.write_bytes(b"\x96\xff binary")
+    assert f"the model card {str(card)!r} is not UTF-8 text (invalid start byte at byte 0)" in one_error(
+        capsys, ["push", str(out), "me/x"])
     # heal reads the card before it trains (it used to fail after training, losing it)
     from hf_wsvd.integrations import healing
 

@@ -65,6 +65,13 @@ def test_causal_lm_blocks_come_from_the_whole_text_then_are_sampled(tokenizer):
     assert all(len(ids) == 8 for ids in loader.dataset["input_ids"])
 
 
+def test_causal_lm_blocks_of_one_token_are_refused_naming_the_option(tokenizer):
+    """Each token predicts the next: a block of one would give perplexity and the loss nothing."""
+    with pytest.raises(ValueError, match=re.escape("max_length=1 (--max-length) leaves a causal LM no token to predict")):
+        text_blocks(_sentences(4), tokenizer, 1)
+    assert all(len(block["input_ids"]) == 2 for block in text_blocks(_sentences(4), tokenizer, 2))
+
+
 def test_two_text_columns_are_a_sentence_pair_for_a_classifier(tokenizer, caplog):
     first, second = _sentences(6), _sentences(6, offset=3)
     table = Dataset.from_dict({"sentence1": first, "sentence2": second, "label": ["yes", "no"] * 3})

@@ -317,6 +317,9 @@ def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length
     """Language-modeling examples: non-empty texts joined with EOS, cut into full blocks of
     ``max_length`` tokens (no chat template; the remainder is dropped). ``source`` names the text in
     errors (``"data file 'x.txt'"``)."""
+    if max_length < 2:  # each token predicts the next: a block of one predicts nothing
+        raise ValueError(f"max_length={max_length} (--max-length) leaves a causal LM no token to predict in a block; "
+                         "use at least 2")
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError(f"{source} holds no text: its lines are empty or blank")

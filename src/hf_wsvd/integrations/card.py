@@ -222,16 +222,22 @@ def write_card(folder: str | os.PathLike, model: PreTrainedModel, **kwargs) -> M
 
 
 def load_card(path: str | os.PathLike) -> ModelCard:
-    """The model card at ``path``; one whose YAML header does not parse is a one-line ValueError
-    naming the file."""
+    """The model card at ``path``; one that is not UTF-8 text, or whose YAML header does not parse
+    or is not a mapping, is a one-line ValueError naming the file."""
     import yaml  # huggingface_hub's own dependency, which parses the header
 
     try:
         return ModelCard.load(path)
-    except yaml.YAMLError as error:
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the model card {os.fspath(path)!r} is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start}): write it again as text, or delete it") from None
+    except (yaml.YAMLError, ValueError) as error:
+        # huggingface_hub's own ValueError: a header that parses to something else than a mapping
+        if not isinstance(error, yaml.YAMLError) and "metadata block" not in str(error):
+            raise
         detail = " ".join(str(error).split())
-        raise ValueError(f"the model card {os.fspath(path)!r} has a YAML header that does not parse ({detail}): "
-                         "fix or delete its metadata between the --- lines") from None
+        raise ValueError(f"the model card {os.fspath(path)!r} has a YAML header that does not parse as metadata "
+                         f"({detail}): fix or delete its metadata between the --- lines") from None
 
 
 def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: str, command: str) -> None:
