@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 
 import tiny
@@ -278,6 +279,27 @@ def test_cli_heal_refuses_a_teacher_of_another_architecture(tmp_path, capsys, te
         heal(student, teacher(), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
 
 
+@pytest.mark.parametrize("arch, recipe", [
+    ("llama", dict(param_ratio=0.5, block_refine_steps=4, attention_pruning=True)),  # pruned, compensated, refined
+    ("qwen2", dict(method="svd", param_ratio=0.5, embeddings=True)),  # factorized embeddings, an untied head
+], ids=["recommended recipe", "embeddings"])
+def test_the_dense_model_is_accepted_as_teacher_in_its_own_and_in_another_precision(tmp_path, arch, recipe):
+    """Compression leaves the tensors the check compares as they were: the teacher passes in float32
+    and bfloat16, before and after the student is saved, reloaded and healed."""
+    from hf_wsvd.integrations.healing import check_teacher
+
+    teacher = tiny.build(arch, initializer_range=0.3)
+    loader = torch.utils.data.DataLoader([{**b, "labels": b["input_ids"]} for b in _blocks(16)], batch_size=4)
+    student, _ = compress(copy.deepcopy(teacher), WSVDConfig(rank_multiple=1, **recipe), loader, show_progress=False)
+    student.save_pretrained(tmp_path / "student")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    healed, _ = heal(copy.deepcopy(reloaded), teacher, _blocks(8, seed=1), _blocks(4, seed=2),
+                     HealConfig(steps=2, batch_size=4, learning_rate=1e-2), show_progress=False)
+    for model in (student, reloaded, healed):
+        for dense in (teacher, copy.deepcopy(teacher).to(torch.bfloat16)):
+            check_teacher(model, dense)
+
+
 @pytest.mark.parametrize("content", ["", "\n\n   \n\t\n"], ids=["empty", "blank lines"])
 def test_cli_heal_names_a_text_file_without_text(tmp_path, capsys, content):
     teacher, student = _compressed()
@@ -297,6 +319,8 @@ def test_cli_heal_refuses_a_compressed_teacher_and_unreadable_text_before_loadin
     monkeypatch.setattr("hf_wsvd.cli.workflow.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
     assert _heal(tmp_path, "compressed", "dense", "binary.txt") == 2
     assert f"--data {str(tmp_path / 'binary.txt')!r} cannot be read as UTF-8 text" in _one_error(capsys)
+    assert _heal(tmp_path, "compressed", "dense", "text.txt", "--max-length", "1") == 2
+    assert "max_length=1 (--max-length) leaves a causal LM no token to predict" in _one_error(capsys)
     assert not (tmp_path / "out").exists()
 
 

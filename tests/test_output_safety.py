@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -474,11 +475,27 @@ def test_a_push_with_a_tokenizer_removes_the_earlier_upload_s_other_tokenizer_fi
     repo.mkdir(parents=True)
     (repo / "added_tokens.json").write_text('{"zzznewtoken": 64}')
     (repo / "chat_template.jinja").write_text("{% for m in messages %}OLD {{ m.content }}{% endfor %}")
+    (repo / "additional_chat_templates").mkdir()
+    (repo / "additional_chat_templates" / "old.jinja").write_text("OLD")
     (repo / "notes.md").write_text("the user's own file")
+    # transformers 5 saves named chat templates in a folder of their own: uploaded with the tokenizer
+    (tmp_path / "ckpt" / "additional_chat_templates").mkdir()
+    (tmp_path / "ckpt" / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
     assert main(["push", str(tmp_path / "ckpt"), "user/m"]) == 0
-    assert sorted(api.deleted) == ["added_tokens.json", "chat_template.jinja"] and (repo / "notes.md").exists()
-    served = AutoTokenizer.from_pretrained(repo)
-    assert len(served) == len(tokenizer) and served.chat_template == tokenizer.chat_template
+    assert sorted(api.deleted) == ["added_tokens.json", "additional_chat_templates/old.jinja", "chat_template.jinja"]
+    assert (repo / "notes.md").exists() and (repo / "additional_chat_templates" / "tool_use.jinja").read_text() == \
+        "{{ messages }}"
+    served, pushed = AutoTokenizer.from_pretrained(repo), AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert len(served) == len(pushed) == len(tokenizer) and served.chat_template == pushed.chat_template
+    # a folder with no vocabulary of its own (a template alone) keeps the repository's tokenizer
+    for name in os.listdir(tmp_path / "ckpt"):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "additional")):
+            shutil.rmtree(tmp_path / "ckpt" / name) if name.startswith("additional") else os.remove(tmp_path / "ckpt" / name)
+    (tmp_path / "ckpt" / "chat_template.jinja").write_text("{{ messages }}")
+    before = {p.name for p in repo.iterdir()}
+    assert main(["push", str(tmp_path / "ckpt"), "user/m"]) == 0
+    assert {p.name for p in repo.iterdir()} == before | {"chat_template.jinja"} and len(api.deleted) == 3
+    assert len(AutoTokenizer.from_pretrained(repo)) == len(tokenizer)
 
 
 def test_push_refuses_a_repository_holding_a_peft_adapter(tmp_path, capsys, monkeypatch):

@@ -210,8 +210,7 @@ def test_wrong_shapes_of_pruned_layers_are_named_in_both_load_paths(tmp_path, to
 
 def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(checkpoint, logged):
     """transformers' multi-line load report would come before the one-line error naming the same
-    tensors; an accepted load (a new head of another size) still logs it, and so does a load that
-    transformers itself refuses."""
+    tensors; an accepted load (a new head of another size) still logs it."""
     def reports():
         found = [r.getMessage() for r in logged if "LOAD REPORT" in r.getMessage()]
         logged.clear()
@@ -226,6 +225,36 @@ def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(chec
     assert reports() == []
     logging.getLogger("transformers.modeling_utils").warning("after the load")  # nothing is held back any more
     assert [r.getMessage() for r in logged] == ["after the load"]
+
+
+def test_held_records_nest_and_hold_only_their_own_thread():
+    """An inner block's dropped records stay dropped under an outer block, its kept ones are held by
+    the outer one in order; another thread's records (a load beside this one) pass at once."""
+    import threading
+
+    from hf_wsvd.runtime.modeling_wsvd import held_records
+
+    log, seen = logging.getLogger("hf_wsvd.tests.held"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with held_records(log.name):
+            log.warning("outer")
+            with held_records(log.name) as drop:
+                log.warning("inner, dropped")
+                drop()
+            with held_records(log.name):
+                log.warning("inner, kept")
+            other = threading.Thread(target=log.warning, args=("another thread",))
+            other.start()
+            other.join()
+            assert seen == ["another thread"]
+        assert seen == ["another thread", "outer", "inner, kept"]
+        assert log.filters == []
+    finally:
+        log.removeHandler(handler)
 
 
 def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from .blocks import given_back, is_dispatched
@@ -215,7 +215,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
               ) -> tuple[PreTrainedModel, CompressionReport]:
     if model.config.model_type == MODEL_TYPE:
         raise ValueError("this model is already factorized by hf_wsvd; compress its dense original instead")
-    adapted = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    # A model holds peft's layers only where peft is imported: compress itself does not import it.
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    adapted = tuners and next((name for name, module in model.named_modules()
+                               if isinstance(module, tuners.BaseTunerLayer)), None)
     if adapted is not None:  # its targets are peft's wrappers: they would be left dense, and the save unloadable
         raise ValueError(f"the model holds peft adapter layers (the first: {adapted!r}): merge them first "
                          "(merge_and_unload()) and compress the merged model")

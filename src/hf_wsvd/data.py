@@ -222,24 +222,26 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
     return ids
 
 
-def model_class_ids(dataset: "Dataset", label_column: str | None, label2id: dict[str, int] | None,
-                    source: str = "the data") -> "Dataset":
+def _model_class_ids(dataset: "Dataset", label_column: str | None, label2id: dict[str, int] | None,
+                     source: str) -> "Dataset":
     """``dataset`` with the class indices of a ``ClassLabel`` label column renumbered to the model's
-    classes of the same names (case aside, as datasets' ``align_labels_with_mapping``), where the
-    model names its classes: the data's order of classes need not be the model's. A class the model
-    does not name is a one-line error; a model of transformers' default names (LABEL_0, ...) takes
-    the indices as they are."""
+    classes of the same names (case aside, as datasets' ``align_labels_with_mapping``) where both
+    name their classes: the data's order of classes need not be the model's. A class the model does
+    not name is a one-line error. Where either side's names are only numbers (transformers' default
+    LABEL_0, ..., or a ClassLabel of num_classes alone) the indices are taken as they are."""
     from datasets import ClassLabel, Value
 
     feature = dataset.features.get(label_column) if label_column is not None else None
     named = {str(name).lower(): index for name, index in (label2id or {}).items()}
-    if not isinstance(feature, ClassLabel) or all(name == f"label_{index}" for name, index in named.items()):
+    if (not isinstance(feature, ClassLabel) or all(name in (f"label_{i}", str(i)) for name, i in named.items())
+            or feature.names == [str(i) for i in range(feature.num_classes)]):
         return dataset
     unknown = [name for name in feature.names if name.lower() not in named]
     if unknown:
         raise ValueError(f"{source} names its classes {feature.names} (its {label_column!r} column), and {unknown[0]!r} "
                          f"is none of the model's labels {sorted(label2id)}: name the data's classes as the model does "
-                         "(or the model's, config.id2label and label2id, as the data does)")
+                         "(dataset.cast_column with a ClassLabel of its names) or the model's as the data does "
+                         "(config.id2label and label2id)")
     ids = [named[name.lower()] for name in feature.names]
     if ids == list(range(len(ids))):
         return dataset
@@ -281,8 +283,8 @@ def tokenize(
     num_labels: int = 2,
     source: str = "the text",
 ) -> "Dataset":
-    """Tokenize for the task. Classification/regression: one example per row (pairs supported).
-    Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
+    """Tokenize for the task. Classification/regression: one example per row (pairs supported; a
+    ClassLabel column's indices follow the model's class names, ``label2id``). Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
     template), the standard language-modeling layout; ``source`` names the data in errors."""
     from datasets import Dataset
 
@@ -295,6 +297,7 @@ def tokenize(
         raise ValueError(f"max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds {special} "
                          f"special tokens to each example; use at least {special + 1}")
 
+    dataset = _model_class_ids(dataset, label_column, label2id, source)
     check_rows(dataset, task, text_columns, label_column, label2id, num_labels, source)
     named = ", ".join(map(repr, text_columns))
 
@@ -312,14 +315,20 @@ def tokenize(
                        keep_in_memory=True)
 
 
+def check_block_length(max_length: int) -> None:
+    """Refuse blocks of fewer than two tokens: each token predicts the next, so a causal LM's block
+    of one predicts nothing (no loss, no perplexity)."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} (--max-length) leaves a causal LM no token to predict in a block; "
+                         "use at least 2")
+
+
 def text_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
                 source: str = "the text") -> list[dict[str, list[int]]]:
     """Language-modeling examples: non-empty texts joined with EOS, cut into full blocks of
     ``max_length`` tokens (no chat template; the remainder is dropped). ``source`` names the text in
     errors (``"data file 'x.txt'"``)."""
-    if max_length < 2:  # each token predicts the next: a block of one predicts nothing
-        raise ValueError(f"max_length={max_length} (--max-length) leaves a causal LM no token to predict in a block; "
-                         "use at least 2")
+    check_block_length(max_length)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError(f"{source} holds no text: its lines are empty or blank")

@@ -250,7 +250,7 @@ def run_heal(args: argparse.Namespace) -> None:
 
     from ..integrations.card import add_healing, load_card
     from ..integrations.checkpoint import check_checkpoint_folder
-    from ..data import check_fits, make_dataloader, read_texts, teacher_samples, text_blocks
+    from ..data import check_block_length, check_fits, make_dataloader, read_texts, teacher_samples, text_blocks
     from ..evaluation import perplexity
     from ..integrations.healing import HealConfig, check_student, check_teacher, heal
     from .output import check_output
@@ -260,6 +260,7 @@ def run_heal(args: argparse.Namespace) -> None:
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
+    check_block_length(args.max_length)
     texts = read_texts(args.data, f"--data {args.data!r}", args.text_columns, args.split)  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")

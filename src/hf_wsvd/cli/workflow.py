@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrained
 from ..config import CalibrationConfig, WSVDConfig
 from ..integrations.checkpoint import check_model_files, check_no_adapter, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
-from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, model_class_ids,
-                    resolve_columns, subset, teacher_samples, tokenize)
+from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
+                    teacher_samples, tokenize)
 from ..tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -41,7 +41,10 @@ def model_source(path: str, what: str = "model") -> tuple[str, dict]:
             raise FileNotFoundError(f"{what} file {path!r} does not exist")
         if not os.path.getsize(path):
             raise ValueError(f"{what} file {path!r} is empty: download or convert it again")
-        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+        folder = os.path.dirname(os.path.abspath(path))
+        if what != "tokenizer":
+            check_no_adapter(folder)  # transformers would look for one beside the file
+        return folder, {"gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
         if what != "tokenizer":  # only its tokenizer files are read
             check_no_adapter(path)
@@ -188,7 +191,6 @@ def data_loader(
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column, source)
     count = num_samples or config.num_samples if shuffle else num_samples
     if task != CAUSAL_LM:
-        table = model_class_ids(table, label_column, model.config.label2id, source)
         check_rows(table, task, text_columns, label_column, model.config.label2id, model.config.num_labels, source)
         table = subset(table, count, config.seed, shuffle)
     encoded = tokenize(

@@ -33,6 +33,7 @@ from ..blocks import given_back, is_dispatched
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
+from .quantization import is_quantized_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -268,18 +269,31 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
 def _first_unchanged_tensor_that_differs(student: PreTrainedModel, teacher: PreTrainedModel) -> tuple[str, float] | None:
     """The first tensor of ``student`` outside its compressed layers (which compression and healing
     train) that ``teacher`` holds at the same name and shape but with other values, and how far
-    apart they are; None where there is none. Offloaded tensors (not loaded) are skipped."""
+    apart they are; None where there is none. Offloaded tensors (not loaded) and quantized ones
+    (whose stored values are not the weights) are skipped."""
     trained = tuple(f"{name}." for name in _compressed_modules(student))
     theirs = dict(teacher.named_parameters())
     for name, ours in student.named_parameters():
         other = theirs.get(name)
-        if other is None or other.shape != ours.shape or ours.is_meta or other.is_meta or name.startswith(trained):
+        if (other is None or other.shape != ours.shape or ours.is_meta or other.is_meta or name.startswith(trained)
+                or is_quantized_tensor(ours) or is_quantized_tensor(other)):
             continue
-        reference = other.to(ours.device, torch.float32)
-        distance = float((ours.float() - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny))
+        distance = _relative_distance(ours, other)
         if not distance <= _UNCHANGED_TOLERANCE:
             return name, distance
     return None
+
+
+def _relative_distance(ours: torch.Tensor, other: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """‖ours − other‖ / ‖other‖ in float64 sums, read ``chunk`` elements at a time (a large
+    vocabulary's embedding would otherwise take several float32 copies of itself)."""
+    ours, other = ours.detach().reshape(-1), other.detach().reshape(-1)
+    error = energy = 0.0
+    for start in range(0, ours.numel(), chunk):
+        reference = other[start:start + chunk].to(ours.device, torch.float32)
+        error += float((ours[start:start + chunk].float() - reference).square().sum(dtype=torch.float64))
+        energy += float(reference.square().sum(dtype=torch.float64))
+    return math.sqrt(error / max(energy, torch.finfo(torch.float64).tiny))
 
 
 def _compressed_modules(model: PreTrainedModel) -> dict[str, nn.Module]:

@@ -23,11 +23,13 @@ REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
 # What a checkpoint folder may hold besides the runtime files and its weights (the one file
 # save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
 # Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
-TOKENIZER_UPLOAD = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "chat_template.jinja", "chat_template.json",
-)
+# A tokenizer's vocabulary: a folder with one of these has a tokenizer of its own.
+TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                        "sentencepiece.bpe.model")
+TOKENIZER_UPLOAD = (*TOKENIZER_VOCABULARY, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "merges.txt", "chat_template.jinja", "chat_template.json")
+# transformers 5 saves a tokenizer's named chat templates besides the default one in this folder.
+TEMPLATES_DIR = "additional_chat_templates"
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "README.md", PLOT_FILE, *TOKENIZER_UPLOAD)
 # Weight files transformers would read as a model's, at the top of a repository: an earlier upload's
 # left there beside the new ones could be loaded instead (model.safetensors before an index).
@@ -68,13 +70,16 @@ def is_checkpoint_file(name: str) -> bool:
 
 def checkpoint_files(folder: str) -> list[str]:
     """The entries of a checkpoint folder that belong to the checkpoint: its weights (see
-    :func:`weight_files`; none when those are missing or misnamed) and the files
-    :func:`is_checkpoint_file` allows."""
+    :func:`weight_files`; none when those are missing or misnamed), the files
+    :func:`is_checkpoint_file` allows and the tokenizer's named chat templates (``TEMPLATES_DIR``)."""
     try:
         weights = weight_files(folder)
     except (ValueError, OSError):
         weights = []
-    return sorted({*weights, *(f for f in os.listdir(folder) if is_checkpoint_file(f))})
+    templates = os.path.join(folder, TEMPLATES_DIR)
+    named = ([f"{TEMPLATES_DIR}/{f}" for f in os.listdir(templates) if f.endswith(".jinja")]
+             if os.path.isdir(templates) and not os.path.islink(templates) else [])
+    return sorted({*weights, *named, *(f for f in os.listdir(folder) if is_checkpoint_file(f))})
 
 
 @dataclass
@@ -125,7 +130,7 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     _refuse_links(folder, files)
     files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
     check_runtime_files(folder)
-    return UploadPlan(files, [f for f in entries if f not in files])
+    return UploadPlan(files, [f for f in entries if f not in files and not any(n.startswith(f"{f}/") for n in files)])
 
 
 def push(
@@ -152,9 +157,10 @@ def push(
     load_factorized(folder)
     api = api or HfApi(token=token)
     existing, head = _repository(api, repo_id, private)
-    tokenizer = any(name in TOKENIZER_UPLOAD for name in plan.files)
+    tokenizer = any(name in TOKENIZER_VOCABULARY for name in plan.files)
     stale = [name for name in existing if name not in plan.files
-             and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC or tokenizer and name in TOKENIZER_UPLOAD)]
+             and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC
+                  or tokenizer and (name in TOKENIZER_UPLOAD or name.startswith(f"{TEMPLATES_DIR}/")))]
     operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
                     for name in plan.files), *(CommitOperationDelete(path_in_repo=name) for name in stale)]
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
@@ -683,17 +684,22 @@ def readable_weights(path: str | os.PathLike | None) -> Iterator[None]:
 
 @contextmanager
 def held_records(name: str) -> Iterator[Callable[[], None]]:
-    """Within: the records the logger ``name`` logs are held back, and logged when the block ends,
-    unless the function yielded was called: a caller whose own one-line error says what they would
-    (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
+    """Within: the records the logger ``name`` logs from this thread are held back, and logged when
+    the block ends, unless the function yielded was called: a caller whose own one-line error says
+    what they would (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
     log = logging.getLogger(name)
     held: list[logging.LogRecord] = []
+    thread = threading.get_ident()
 
     def hold(record: logging.LogRecord) -> bool:
+        if record.thread != thread:  # another thread's load: not this block's to hold
+            return True
         held.append(record)
         return False
 
-    log.addFilter(hold)
+    # First: an inner block holds before an outer one (a logger stops at the first filter refusing),
+    # and its records, logged at its end, pass through the outer block's.
+    log.filters.insert(0, hold)
     try:
         yield held.clear
     finally:
