@@ -284,8 +284,9 @@ def tokenize(
     source: str = "the text",
 ) -> "Dataset":
     """Tokenize for the task. Classification/regression: one example per row (pairs supported; a
-    ClassLabel column's indices follow the model's class names, ``label2id``). Causal LM: rows are joined with EOS and cut into blocks of ``max_length`` tokens (no chat
-    template), the standard language-modeling layout; ``source`` names the data in errors."""
+    ClassLabel column's indices follow the model's class names, ``label2id``). Causal LM: rows are
+    joined with EOS and cut into blocks of ``max_length`` tokens (no chat template), the standard
+    language-modeling layout; ``source`` names the data in errors."""
     from datasets import Dataset
 
     if task == CAUSAL_LM:

@@ -20,9 +20,6 @@ from ..runtime.modeling_wsvd import MODEL_TYPE
 RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
 RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
 REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
-# What a checkpoint folder may hold besides the runtime files and its weights (the one file
-# save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
-# Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
 # A tokenizer's vocabulary: a folder with one of these has a tokenizer of its own.
 TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                         "sentencepiece.bpe.model")
@@ -30,6 +27,9 @@ TOKENIZER_UPLOAD = (*TOKENIZER_VOCABULARY, "tokenizer_config.json", "special_tok
                     "merges.txt", "chat_template.jinja", "chat_template.json")
 # transformers 5 saves a tokenizer's named chat templates besides the default one in this folder.
 TEMPLATES_DIR = "additional_chat_templates"
+# What a checkpoint folder may hold besides the runtime files and its weights (the one file
+# save_pretrained writes, or the shards its index names): configs, tokenizer, card and rank plot.
+# Nothing else is uploaded (no dotfiles such as .env, no stray notes, no other .safetensors file).
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "README.md", PLOT_FILE, *TOKENIZER_UPLOAD)
 # Weight files transformers would read as a model's, at the top of a repository: an earlier upload's
 # left there beside the new ones could be loaded instead (model.safetensors before an index).
@@ -144,11 +144,11 @@ def push(
     """Create ``repo_id`` (if needed) and upload the checkpoint files of ``folder`` (weights, config,
     verified code, tokenizer, card, plot; see :func:`check_folder`) in one commit, which also removes
     the weights, generation config and plot of an earlier upload that the new files do not replace,
-    and its tokenizer files where the folder has a tokenizer (the repository's history keeps them; its
-    other files stay); returns the commit URL. ``private``
-    applies to a new repository: an existing public one is refused. ``api`` defaults to
-    ``HfApi(token=token)``; only its ``repo_exists``, ``repo_info``, ``create_repo`` and
-    ``create_commit`` are used, so tests can substitute them."""
+    and its tokenizer files where the folder has a tokenizer vocabulary (the repository's history
+    keeps them; its other files stay); returns the commit URL. ``private`` applies to a new
+    repository: an existing public one is refused. ``api`` defaults to ``HfApi(token=token)``; only
+    its ``repo_exists``, ``repo_info``, ``create_repo`` and ``create_commit`` are used, so tests can
+    substitute them."""
     folder = os.fspath(folder)
     plan = check_folder(folder)
     load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
