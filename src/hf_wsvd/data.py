@@ -43,9 +43,11 @@ _BUILDERS = {
 }
 
 
-# The files one of which every saved tokenizer has (fast, sentencepiece, WordPiece, BPE).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt",
-                   "vocab.json")
+# A tokenizer's vocabulary (fast, sentencepiece, WordPiece, BPE): a folder with one has a tokenizer of its own.
+TOKENIZER_VOCABULARY = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                        "vocab.json")
+# The files one of which every saved tokenizer has.
+TOKENIZER_FILES = (*TOKENIZER_VOCABULARY, "tokenizer_config.json")
 
 
 def load_table(source: str | os.PathLike | Dataset, split: str | None = None) -> Dataset:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+from ..data import TOKENIZER_FILES, TOKENIZER_VOCABULARY
 from .card import PLOT_FILE, load_card
 from .checkpoint import (ADAPTER_CONFIG, WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type,
                          index_shards, load_factorized)
@@ -20,11 +21,9 @@ from ..runtime.modeling_wsvd import MODEL_TYPE
 RUNTIME_DIR = os.path.dirname(modeling_wsvd.__file__)
 RUNTIME_FILES = tuple(sorted(f for f in os.listdir(RUNTIME_DIR) if f.endswith(".py") and f != "__init__.py"))
 REQUIRED_FILES = ("config.json", *RUNTIME_FILES, "README.md")
-# A tokenizer's vocabulary: a folder with one of these has a tokenizer of its own.
-TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                        "sentencepiece.bpe.model")
-TOKENIZER_UPLOAD = (*TOKENIZER_VOCABULARY, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "merges.txt", "chat_template.jinja", "chat_template.json")
+# A tokenizer's files (those every tokenizer has one of, and the rest it may save).
+TOKENIZER_UPLOAD = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json")
 # transformers 5 saves a tokenizer's named chat templates besides the default one in this folder.
 TEMPLATES_DIR = "additional_chat_templates"
 # What a checkpoint folder may hold besides the runtime files and its weights (the one file
