@@ -296,6 +296,7 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
             model.set_submodule(name, _empty_pruned(module, key, pruned[key]))
         if key in residual:
             matched.add(key)
+            _check_linear(module, key, "residual")
             if not isinstance(module, LowRankCorrectedLinear):
                 in_features, out_features = linear_shape(module)
                 model.set_submodule(name, LowRankCorrectedLinear(
@@ -306,6 +307,8 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
         matched.add(key)
         if isinstance(module, (FactorizedLinear, FactorizedEmbedding)):
             continue
+        if not isinstance(module, nn.Embedding):
+            _check_linear(module, key, "ranks")
         model.set_submodule(name, empty_factorized(module, int(ranks[key])))
     tie_to_factorized_embeddings(model)
     # A name whose top-level part this class lacks belongs to a head of another class (loading a
@@ -345,6 +348,16 @@ def check_attention(attention: object, where: str) -> dict[str, dict]:
                              "[q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary attentions)}} with "
                              "0 < d' <= d, both even where rotary")
     return attention
+
+
+def _check_linear(module: nn.Module, key: str, field: str) -> None:
+    """Raise unless ``module``, which config.json's ``field`` names ``key``, is a linear layer."""
+    try:
+        linear_shape(module)
+    except TypeError:
+        raise ValueError(f"config.json {RECIPE_KEY}[{field!r}] names {key!r}, a {type(module).__name__}, not a linear "
+                         "layer (or input embedding) that compression replaces: the config was edited or belongs to "
+                         "another architecture") from None
 
 
 def _empty_pruned(module: nn.Module, key: str, entry: dict) -> nn.Linear:
@@ -430,7 +443,7 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     """After ``from_pretrained``: raise unless every factorized or pruned module got each of its
     tensors from the file at the right shape (every tensor, unless ``ignore_mismatched_sizes`` lets
     a head outside the base model be re-initialized), no tensor in the file for a module of this
-    class went unused (the factors of a module the recipe does not list), and those tensors are
+    class went unused (the factors of a module the recipe does not list), and every loaded weight is
     finite. ``info`` is the ``output_loading_info`` dict."""
     reshaped = reshaped_layers(getattr(model.config, RECIPE_KEY, {}))
     factorized = {name: m for name, m in model.named_modules()
@@ -494,10 +507,12 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
         if index.tolist() != entry["rotary"] + [r + half for r in entry["rotary"]]:
             raise ValueError(f"the tensor {name}.wsvd_rotary_index does not hold the rotary pairs config.json records "
                              f"for {relative_module_name(model, name)!r}: the checkpoint was edited or is damaged")
+    # Every weight, not only the factors: a NaN in a norm or a layer kept dense spoils every output
+    # as surely, and would otherwise load, evaluate, export and push without a word.
+    for name, tensor in model.named_parameters():
+        if tensor.device.type != "meta" and not all_finite(tensor):
+            raise ValueError(f"the tensor {name} holds NaN or infinite values: the checkpoint is damaged")
     for name, module in factorized.items():
-        for pname, tensor in module.named_parameters():
-            if tensor.device.type != "meta" and not all_finite(tensor):
-                raise ValueError(f"the factor {name}.{pname} holds NaN or infinite values: the checkpoint is damaged")
         if isinstance(module, LowRankCorrectedLinear) and _plain_float(module.base):
             # The correction fits the quantization error of the stored base: on a full-precision
             # base (W + correction) it would be wrong.
