@@ -262,6 +262,40 @@ def test_push_refuses_a_checkpoint_that_would_not_load(compressed, tmp_path, cap
     assert api.repos == [] and api.commits == []
 
 
+def _edit_auto_map(folder, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change", [
+    lambda config: config.pop("auto_map"),
+    lambda config: config["auto_map"].pop("AutoConfig"),
+    lambda config: config["auto_map"].pop("AutoModelForSequenceClassification"),  # the saved class's
+    lambda config: config["auto_map"].update(AutoModel="someone/repo--modeling_wsvd.WsvdBertModel"),
+    lambda config: config["auto_map"].update(AutoModel="modeling_other.WsvdBertModel"),
+    lambda config: config.update(auto_map=["modeling_wsvd.WsvdBertConfig"]),
+], ids=["deleted", "no AutoConfig", "no saved class", "another repository's code", "another module", "a list"])
+def test_push_refuses_an_edited_auto_map(compressed, tmp_path, change):
+    """hf_wsvd ignores auto_map, so such a folder loads here; pushed, it would fail to load without
+    hf_wsvd (trust_remote_code=True), or run other code than the verified files."""
+    out, _ = compressed
+    api = FolderHub(tmp_path / "hub")
+    hub.push(out, "user/kept", api=api)  # as saved, it goes up
+    _edit_auto_map(out, change)
+    with pytest.raises(ValueError, match=r"config.json has auto_map=.*not the classes' own \(AutoConfig: "
+                                         r"modeling_wsvd.WsvdBertConfig, .*trust_remote_code=True"):
+        hub.push(out, "user/x", api=api)
+    assert [repo for repo, _ in api.repos] == ["user/kept"]
+
+
+def test_push_accepts_an_auto_map_with_an_auto_class_less(compressed, tmp_path):
+    """Another transformers version may list one Auto class less for the architecture."""
+    out, _ = compressed
+    _edit_auto_map(out, lambda config: config["auto_map"].pop("AutoModelForMaskedLM"))
+    hub.push(out, "user/x", api=FolderHub(tmp_path / "hub"))
+
+
 def _edit_rank(folder) -> None:
     config = json.loads((folder / "config.json").read_text())
     name, rank = next(iter(config["wsvd"]["ranks"].items()))

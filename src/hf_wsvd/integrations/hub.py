@@ -8,11 +8,12 @@ import re
 from dataclasses import dataclass
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from transformers import PreTrainedConfig
 
 from ..data import TOKENIZER_FILES, TOKENIZER_VOCABULARY
 from .card import PLOT_FILE, load_card
 from .checkpoint import (ADAPTER_CONFIG, WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type,
-                         index_shards, load_factorized)
+                         index_shards, json_object, load_factorized)
 from ..runtime import modeling_wsvd
 from ..runtime.modeling_wsvd import MODEL_TYPE
 
@@ -132,6 +133,25 @@ def check_folder(folder: str | os.PathLike) -> UploadPlan:
     return UploadPlan(files, [f for f in entries if f not in files and not any(n.startswith(f"{f}/") for n in files)])
 
 
+def check_auto_map(folder: str, config: PreTrainedConfig) -> None:
+    """Refuse a ``config.json`` whose ``auto_map`` is not what its classes write (``config``: the
+    loaded one): with ``trust_remote_code=True`` and without hf_wsvd, the pushed checkpoint would not
+    load (an entry missing), or would run code other than its verified files (an entry edited to
+    another module, or to another repository's code). Each entry it has must be the class's own, and
+    those of the config and of the saved model class must be there (another transformers version
+    may know one Auto class more or less)."""
+    recorded = (json_object(os.path.join(folder, "config.json")) or {}).get("auto_map")
+    expected = config.to_dict()["auto_map"]
+    saved = next((auto for auto, target in expected.items() if target.endswith(f".{config.architectures[0]}")), None)
+    needed = {"AutoConfig", *([saved] if saved else [])}
+    if not isinstance(recorded, dict) or not needed <= set(recorded) \
+            or any(expected.get(auto) != target for auto, target in recorded.items()):
+        raise ValueError(f"{folder}/config.json has auto_map={recorded!r}, not the classes' own "
+                         f"({', '.join(f'{a}: {t}' for a, t in expected.items() if a in needed)}, ...): loaded with "
+                         "trust_remote_code=True without hf_wsvd, the pushed checkpoint would fail or run other "
+                         "code; restore it (load the checkpoint and save it again with save_pretrained)")
+
+
 def push(
     folder: str | os.PathLike,
     repo_id: str,
@@ -153,7 +173,7 @@ def push(
     load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
     # Nothing reaches the Hub that would not load: the load-time integrity checks (every tensor there,
     # at its shape, finite; the recipe readable), offline, before the repository is created.
-    load_factorized(folder)
+    check_auto_map(folder, load_factorized(folder).config)
     api = api or HfApi(token=token)
     existing, head = _repository(api, repo_id, private)
     tokenizer = any(name in TOKENIZER_VOCABULARY for name in plan.files)
