@@ -69,6 +69,8 @@ def test_hand_edited_dense_configs_are_one_line(classifier_dir, tsv, capsys):
     ("config.json", "{", "is not a JSON object (Expecting property name"),
     ("tokenizer.json", "[]", "is not a JSON object (it holds an array)"),
     ("tokenizer_config.json", "", "is not a JSON object (Expecting value"),
+    # transformers reads a damaged one as none: the output would lack the model's generation settings
+    ("generation_config.json", "{bad", "is not a JSON object (Expecting property name"),
 ])
 def test_a_hand_edited_json_file_is_named_by_every_command(tmp_path, classifier_dir, tsv, capsys, name, text, message):
     """Read unchecked, such files ended in a type error inside transformers, or in a message without

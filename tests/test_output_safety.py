@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,20 @@ def test_a_failed_run_leaves_no_folder_it_made(project, monkeypatch, capsys):
     assert run(["compress", "models/tiny", "kept/a/out", "--method", "fwsvd", "--data", "missing.txt"]) == 2
     one_error(capsys)
     assert list((project / "kept").iterdir()) == []  # the user's own folder stays
+
+
+def test_a_full_disk_while_the_tokenizer_saves_is_one_line(project, monkeypatch, capsys):
+    """The tokenizers library reports a failed write as a plain Exception ending in "(os error N)"."""
+    import transformers
+
+    def full_disk(*args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    assert run(["compress", "models/tiny", "out/a", "--method", "svd"]) == 2
+    assert re.search(r"error: \[Errno 28\] No space left on device while writing '.*out/a'$", one_error(capsys))
+    assert not (project / "out").exists()  # the staging folder and the parent the run made are gone
 
 
 def test_overwrite_replaces_only_earlier_outputs_with_normal_permissions(project, monkeypatch, capsys):

@@ -141,6 +141,38 @@ def cli_errors(capsys, path, *commands: str) -> list[str]:
     return found
 
 
+def test_a_foreign_model_type_never_runs_the_folders_code(checkpoint, capsys, tmp_path):
+    """config.json's model_type edited while its auto_map stays: transformers would ask whether to
+    run the folder's modeling_wsvd.py (and run it on "y"); the commands refuse in one line instead."""
+    ran = tmp_path / "code-ran"
+    code = checkpoint / "modeling_wsvd.py"
+    code.write_text(f"open({str(ran)!r}, 'w').close()\n" + code.read_text())
+    edit_config(checkpoint, lambda config: config.update(model_type="nosuch"))
+    inspected, exported, evaluated = cli_errors(capsys, checkpoint, "inspect", "export", "eval")
+    assert "is not an hf_wsvd checkpoint (model_type='nosuch')" in inspected and "model_type='nosuch'" in exported
+    assert "contains custom code" in evaluated
+    assert not ran.exists()
+
+
+def test_non_finite_outputs_are_an_error_not_a_metric(tmp_path, capsys):
+    """A dense model whose weights hold a NaN: eval refuses to print a perplexity of NaN (not JSON)
+    or an accuracy read off NaN logits."""
+    (tmp_path / "text.txt").write_text("the movie was great and the plot was good\n" * 20)
+    (tmp_path / "labelled.tsv").write_text("sentence\tlabel\n" + "the movie was great\t1\nthe plot was bad\t0\n" * 10)
+    for kind, weight, data in (("bert", "bert.embeddings.LayerNorm.weight", tmp_path / "labelled.tsv"),
+                               ("llama", "model.norm.weight", tmp_path / "text.txt")):
+        model = tiny.build(kind)
+        with torch.no_grad():
+            model.get_parameter(weight)[0] = float("nan")
+        tiny.save(model, tmp_path / kind)
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / kind), "--data", str(data), "--max-length", "8"]) == 2
+        captured = capsys.readouterr()
+        assert "NaN" not in captured.out, captured.out
+        (error,) = [line for line in captured.err.splitlines() if "error:" in line]
+        assert error.startswith("hf-wsvd eval: error: the model's outputs hold NaN or infinite values"), error
+
+
 @pytest.mark.parametrize("refined", [{"0": [None, None]}, "x", [[1, 2]], {"0": [1]}, {"0": [1.0, -0.5]}])
 def test_an_edited_refinement_record_is_one_line_in_inspect(checkpoint, refined, capsys):
     edit_config(checkpoint, lambda config: config["wsvd"].update(refined=refined))

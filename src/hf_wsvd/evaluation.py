@@ -3,6 +3,8 @@ perplexity."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -57,6 +59,12 @@ def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False
     return metrics.perplexity(nll, tokens)
 
 
+def _not_finite(model: nn.Module) -> ValueError:
+    dtype = next(model.parameters()).dtype
+    return ValueError(f"the model's outputs hold NaN or infinite values (a damaged weight, or an overflow in {dtype}): "
+                      "its metrics would mean nothing")
+
+
 def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> dict[str, float]:
     """The metrics of the model's task over ``loader``: accuracy, F1 (binary for two classes, else
     macro) and Matthews correlation for classifiers; Pearson and Spearman correlation for
@@ -65,8 +73,13 @@ def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = F
     if len(loader) == 0:
         raise ValueError("no examples to evaluate: the data holds no rows (or no full block of max_length tokens)")
     if task == CAUSAL_LM:
-        return {"perplexity": perplexity(model, loader, show_progress)}
+        value = perplexity(model, loader, show_progress)
+        if not math.isfinite(value):  # float32 log-softmax of finite logits is finite
+            raise _not_finite(model)
+        return {"perplexity": value}
     logits, labels = _logits(model, loader, show_progress)
+    if not torch.isfinite(logits).all():  # argmax would still pick a class, and the metrics look real
+        raise _not_finite(model)
     if task == REGRESSION:
         scores = logits.squeeze(-1).numpy()
         return {"pearsonr": metrics.pearsonr(scores, labels.numpy()), "spearmanr": metrics.spearmanr(scores, labels.numpy())}

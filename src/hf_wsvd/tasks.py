@@ -66,7 +66,9 @@ def task_of(model: PreTrainedModel) -> str:
 
 def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedModel:
     """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
-    read from ``config.architectures`` unless ``task`` is given."""
+    read from ``config.architectures`` unless ``task`` is given. A folder's own code runs only under
+    ``trust_remote_code=True`` (transformers would otherwise ask on a terminal)."""
+    kwargs.setdefault("trust_remote_code", False)
     config = AutoConfig.from_pretrained(path, **kwargs)
     if getattr(config, RECIPE_KEY, None) is not None and config.model_type != MODEL_TYPE:
         # A factorized checkpoint whose model_type was edited back: the stock class would load it

@@ -38,6 +38,8 @@ MARKER = ".hf-wsvd-output.json"
 _STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-(?:(?P<started>[0-9a-f]+)t)?[0-9a-f]+-"
                       r"(?P<kind>new|old)-(?P<target>[0-9a-f]{12})")
 _active: set[str] = set()  # staging folders of this process in use
+# How the tokenizers library ends the message of a failed system call: "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def _target_id(output: str) -> str:
@@ -244,7 +246,15 @@ class OutputClaim:
         :class:`OutputChanged` is raised, OUTPUT is left untouched and the result kept beside it."""
         if not self.staging:
             raise RuntimeError("only the process that claimed the output (rank 0) writes it")
-        yield self.staging
+        try:
+            yield self.staging
+        except Exception as error:
+            # The tokenizers library (Rust) reports a failed write (a full disk) as a plain Exception.
+            found = _RUST_OS_ERROR.search(str(error)) if type(error) is Exception else None
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, f"{os.strerror(code)} while writing {self.output!r}") from error
         _usual_permissions(self.staging)
         _write_marker(self.staging, command)
         self._swap_in()

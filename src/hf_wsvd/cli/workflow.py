@@ -81,7 +81,7 @@ def stored_config(path: str) -> PreTrainedConfig:
     """The config of a model folder, Hub id or ``.gguf`` file."""
     location, extra = model_source(path)
     with load_errors(path):
-        return AutoConfig.from_pretrained(location, **extra)
+        return AutoConfig.from_pretrained(location, trust_remote_code=False, **extra)
 
 
 def stored_dtype(path: str) -> torch.dtype | None:
@@ -111,7 +111,7 @@ def load_tokenizer(path: str, option: str | None = None, what: str = "model") ->
                 + (f", or name a folder that has one ({option} PATH)" if option else ""))
         check_tokenizer_files(location)
     with load_errors(path, "tokenizer"):
-        return AutoTokenizer.from_pretrained(location, **extra)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
 
 
 def load_model(path: str, **kwargs) -> PreTrainedModel:

@@ -142,7 +142,7 @@ WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json
 # A peft adapter's config: transformers loads the adapter (alone in a folder, with its base model) from it.
 ADAPTER_CONFIG = "adapter_config.json"
 # The JSON files a tokenizer's loader cannot do without; each must hold a JSON object, as must
-# config.json (transformers reads an unreadable generation_config.json as none).
+# config.json and generation_config.json.
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -161,10 +161,13 @@ def check_checkpoint_folder(path: str | os.PathLike) -> None:
 
 
 def check_model_files(folder: str | os.PathLike) -> None:
-    """Raise a one-line ValueError naming the file where the ``config.json`` of a model folder is
-    not a JSON object, or the safetensors index it loads from names no weight files: read unchecked,
-    a hand-edited or cut file ends in a type error deep inside transformers."""
-    json_object(os.path.join(os.fspath(folder), "config.json"))
+    """Raise a one-line ValueError naming the file where the ``config.json`` or
+    ``generation_config.json`` of a model folder is not a JSON object, or the safetensors index it
+    loads from names no weight files: read unchecked, a hand-edited or cut config ends in a type
+    error deep inside transformers, and a generation config in silence as none (a saved copy then
+    lacks the model's end-of-text ids and sampling defaults)."""
+    for name in ("config.json", "generation_config.json"):
+        json_object(os.path.join(os.fspath(folder), name))
     if not os.path.exists(os.path.join(os.fspath(folder), WEIGHTS_FILE)):  # else the index is not read
         index_shards(folder)
 
@@ -276,7 +279,12 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
 
 
 def _load_factorized(path: str, **kwargs) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    # Read first from the file: another model type would have AutoConfig run the folder's own code
+    # (its auto_map), or ask whether to.
+    recorded = folder_model_type(path)
+    if os.path.isdir(path) and recorded != MODEL_TYPE:
+        raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={recorded!r})")
+    config = AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")
     architectures = config.architectures
