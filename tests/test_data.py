@@ -267,6 +267,8 @@ def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, m
     assert str(error.value).startswith("calibration batch 1")  # checked before the first batch's pass
     with pytest.raises(TypeError, match="calibration batch 0 is a list: each batch must be a dict of tensors"):
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [[good]], show_progress=False)
+    with pytest.raises(ValueError, match="calibration batch 0 is an empty dict: each batch must hold the model's"):
+        compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [{}], show_progress=False)
 
 
 class _Stream(torch.utils.data.IterableDataset):

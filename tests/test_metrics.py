@@ -80,6 +80,10 @@ def test_data_from_a_dataset_and_from_save_to_disk_folders(tmp_path):
         load_table(tmp_path / "dict")
     DatasetDict({"test": table}).save_to_disk(tmp_path / "single")
     assert len(load_table(tmp_path / "single")) == len(ROWS)
+    (tmp_path / "files").mkdir()  # a folder of data files, or an empty one: not a dataset
+    (tmp_path / "files" / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    with pytest.raises(ValueError, match="data folder '.*files' is not a dataset saved with save_to_disk"):
+        load_table(tmp_path / "files")
 
 
 @pytest.mark.parametrize("name", ["dev?.tsv", "data[1].tsv", "st*r.tsv"])

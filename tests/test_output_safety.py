@@ -105,6 +105,25 @@ def test_a_failed_run_leaves_no_folder_it_made(project, monkeypatch, capsys):
     assert list((project / "kept").iterdir()) == []  # the user's own folder stays
 
 
+def test_a_staging_folder_that_cannot_be_made_is_named_by_output(project, monkeypatch, capsys):
+    """Where no folder can be made beside OUTPUT (/proc, a read-only mount), the error names OUTPUT,
+    not the hidden staging folder, and removes the parents the run made."""
+    mkdir = os.mkdir
+
+    def refused(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".hf-wsvd-"):
+            raise PermissionError(13, "Permission denied", path)
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(os, "mkdir", refused)
+    assert run(["compress", "models/tiny", "new/out", "--method", "svd"]) == 2
+    error = one_error(capsys)
+    assert re.search(r"error: \[Errno 13\] cannot write '.*new/out' \(a folder beside it could not be made: "
+                     r"Permission denied\)$", error) and ".hf-wsvd-" not in error, error
+    assert not (project / "new").exists()
+
+
 def test_a_full_disk_while_the_tokenizer_saves_is_one_line(project, monkeypatch, capsys):
     """The tokenizers library reports a failed write as a plain Exception ending in "(os error N)"."""
     import transformers

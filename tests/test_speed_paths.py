@@ -164,8 +164,11 @@ def test_cli_reads_per_shape_speed_limits_from_a_layer_speed_json(tmp_path):
     plain.write_text(json.dumps({"384x384": 0.7}))
     args = build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", str(plain)])
     assert args.max_kept_ratio_for_speed == {"384x384": 0.7}
-    for bad in (tmp_path / "missing.json", tmp_path / "runs.json"):
-        if bad.name == "runs.json":
+    # the same mapping given inline
+    args = build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", ' {"384x384": 0.7}'])
+    assert args.max_kept_ratio_for_speed == {"384x384": 0.7}
+    for bad in (tmp_path / "missing.json", tmp_path / "runs.json", '{"384x384": }'):
+        if getattr(bad, "name", None) == "runs.json":
             bad.write_text(json.dumps({"runs": [{"by_shape": {"384x384": 0.7}}]}))
         with pytest.raises(SystemExit):
             build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", str(bad)])

@@ -61,12 +61,14 @@ def names(text: str) -> list[str] | str:
 
 
 def speed_limit(text: str) -> float | dict[str, float]:
-    """A kept-ratio number, or a JSON file with per-shape limits: the ``by_shape`` of a
-    ``benchmarks/layer_speed.py --json-out`` measurement, or a plain {"INxOUT": limit} mapping."""
-    if not text.lower().endswith(".json"):
+    """A kept-ratio number, or per-shape limits: a {"INxOUT": limit} JSON object, given inline or in
+    a JSON file (which may also be a ``benchmarks/layer_speed.py --json-out`` measurement, whose
+    ``by_shape`` is read)."""
+    inline = text.lstrip().startswith("{")
+    if not inline and not text.lower().endswith(".json"):
         return fraction(text, "max kept ratio for speed")
     try:
-        payload = json.loads(Path(text).read_text())
+        payload = json.loads(text if inline else Path(text).read_text())
     except (OSError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"cannot read per-shape speed limits from {text!r}: {error}")
     table = payload.get("by_shape", payload) if isinstance(payload, dict) else None

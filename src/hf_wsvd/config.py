@@ -193,8 +193,9 @@ class WSVDConfig:
     max_kept_ratio_for_speed: float | dict[str, float] | None = recipe_field(
         None, "keep dense every target layer whose rank keeps more than this fraction of its weights "
         "(r*(in+out)/(in*out)): factorized it runs no faster than dense. A number in (0, 1], or per "
-        "shape a dict 'INxOUT' -> limit (on the command line: the JSON of benchmarks/layer_speed.py "
-        "--json-out, whose by_shape it reads; shapes not in it have no limit, 0 keeps a shape dense). "
+        "shape a dict 'INxOUT' -> limit (on the command line: that JSON object, or a .json file holding it or "
+        "the output of benchmarks/layer_speed.py --json-out, whose by_shape it reads; shapes not in it have no "
+        "limit, 0 keeps a shape dense). "
         "Unset (None): every layer whose rank saves parameters is factorized. Greedy allocation spends its budget "
         "within the limits (a layer keeps at most its limit or stays dense, and the others meet param_ratio)",
         type=speed_limit)

@@ -65,6 +65,9 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
                          "data file or save_to_disk folder")
     path = os.fspath(source)
     if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")):
+            raise ValueError(f"data folder {path!r} is not a dataset saved with save_to_disk (it has no state.json or "
+                             "dataset_dict.json): name a data file, or such a folder")
         try:
             loaded = load_from_disk(path)
         except IndexError as error:  # datasets' own failure on a dataset of no rows
@@ -462,6 +465,9 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if not isinstance(batch, Mapping):
         raise TypeError(f"{where} is a {type(batch).__name__}: each batch must be a dict of tensors "
                         "(input_ids, attention_mask, labels)")
+    if not batch:
+        raise ValueError(f"{where} is an empty dict: each batch must hold the model's inputs (input_ids, "
+                         "attention_mask, labels)")
     if "input_ids" not in batch:  # a model of other inputs (pixel_values, ...): the forward pass names them
         return
     ids = batch["input_ids"]

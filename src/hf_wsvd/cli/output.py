@@ -202,8 +202,14 @@ class OutputClaim:
             while not os.path.lexists(parent):
                 self.created.insert(0, parent)
                 parent = os.path.dirname(parent)
-            os.makedirs(os.path.dirname(output), exist_ok=True)
-            os.mkdir(self.staging)
+            try:
+                os.makedirs(os.path.dirname(output), exist_ok=True)
+                os.mkdir(self.staging)
+            except OSError as error:  # named by OUTPUT: the staging folder's name means nothing to the user
+                self.staging = None
+                self.release()
+                raise OSError(error.errno, f"cannot write {output!r} (a folder beside it could not be made: "
+                                           f"{error.strerror})") from None
             _active.add(self.staging)
             others = _live_claims(output, self.staging)
             if others:
