@@ -289,10 +289,15 @@ def test_push_refuses_an_edited_auto_map(compressed, tmp_path, change):
     assert [repo for repo, _ in api.repos] == ["user/kept"]
 
 
-def test_push_accepts_an_auto_map_with_an_auto_class_less(compressed, tmp_path):
-    """Another transformers version may list one Auto class less for the architecture."""
+@pytest.mark.parametrize("change", [
+    lambda config: config["auto_map"].pop("AutoModelForMaskedLM"),
+    lambda config: config["auto_map"].update(AutoModelForNextSentencePrediction="modeling_wsvd.WsvdBertForNextSentencePrediction"),
+], ids=["one less", "one more"])
+def test_push_accepts_an_auto_map_of_another_transformers_version(compressed, tmp_path, change):
+    """Another transformers version may list one Auto class less or more for the architecture,
+    each naming a class the saved code builds."""
     out, _ = compressed
-    _edit_auto_map(out, lambda config: config["auto_map"].pop("AutoModelForMaskedLM"))
+    _edit_auto_map(out, change)
     hub.push(out, "user/x", api=FolderHub(tmp_path / "hub"))
 
 

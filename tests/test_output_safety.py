@@ -662,17 +662,40 @@ def test_a_non_finite_offloaded_weight_is_refused_where_it_is_read():
         compress(model, WSVDConfig(method="svd", param_ratio=0.5, allocation="uniform"), show_progress=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
 def test_all_finite_sees_one_nan_or_inf_anywhere(dtype):
     """What the load check and compress read: a single bad value, at either end or inside."""
     from hf_wsvd.runtime.modeling_wsvd import all_finite
 
     weight = torch.randn(5, 7).to(dtype)
     assert all_finite(weight) and all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.ones(3, dtype=torch.int8))
-    for index, value in (((0, 0), float("inf")), ((4, 6), float("-inf")), ((2, 3), float("nan"))):
-        bad = weight.clone()
+    cases = (((0, 0), float("inf")), ((4, 6), float("-inf")), ((2, 3), float("nan")))
+    for index, value in cases[2:] if dtype == torch.float8_e4m3fn else cases:  # it has no infinity (saturates)
+        bad = weight.float()
         bad[index] = value
-        assert not all_finite(bad), (index, value)
+        assert not all_finite(bad.to(dtype)), (index, value)
+
+
+def test_all_finite_reads_packed_4bit_weights_through_their_scales():
+    """bitsandbytes' Params4bit holds packed codes, stored in any dtype (bfloat16 under FSDP-QLoRA),
+    where a bit pattern can read as NaN: what says whether its values are finite is the scales of its
+    quant_state (double quantization: those of state2 too)."""
+    from types import SimpleNamespace
+
+    from hf_wsvd.runtime.modeling_wsvd import all_finite
+
+    class Packed(torch.nn.Parameter):  # stands in for bitsandbytes' Params4bit (needs CUDA)
+        pass
+
+    packed = Packed(torch.full((4, 2), float("nan"), dtype=torch.bfloat16), requires_grad=False)
+    packed.quant_state = SimpleNamespace(absmax=torch.ones(2), state2=None)
+    assert all_finite(packed)
+    packed.quant_state.absmax[1] = float("inf")
+    assert not all_finite(packed)
+    packed.quant_state = SimpleNamespace(absmax=torch.ones(2, dtype=torch.uint8),
+                                         state2=SimpleNamespace(absmax=torch.tensor([1.0, float("nan")])))
+    assert not all_finite(packed)
 
 
 def test_a_failed_or_non_finite_decomposition_names_the_layer():

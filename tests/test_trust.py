@@ -141,17 +141,37 @@ def cli_errors(capsys, path, *commands: str) -> list[str]:
     return found
 
 
-def test_a_foreign_model_type_never_runs_the_folders_code(checkpoint, capsys, tmp_path):
+def test_a_foreign_model_type_never_runs_the_folders_code(checkpoint, capsys, tmp_path, monkeypatch):
     """config.json's model_type edited while its auto_map stays: transformers would ask whether to
     run the folder's modeling_wsvd.py (and run it on "y"); the commands refuse in one line instead."""
+    import builtins
+
     ran = tmp_path / "code-ran"
     code = checkpoint / "modeling_wsvd.py"
-    code.write_text(f"open({str(ran)!r}, 'w').close()\n" + code.read_text())
+    code.write_text(code.read_text() + f"\nopen({str(ran)!r}, 'w').close()\n")
+    monkeypatch.setattr(builtins, "input", lambda *args: "y")  # a user who answers the prompt with yes
     edit_config(checkpoint, lambda config: config.update(model_type="nosuch"))
     inspected, exported, evaluated = cli_errors(capsys, checkpoint, "inspect", "export", "eval")
-    assert "is not an hf_wsvd checkpoint (model_type='nosuch')" in inspected and "model_type='nosuch'" in exported
-    assert "contains custom code" in evaluated
     assert not ran.exists()
+    assert "is not an hf_wsvd checkpoint (model_type='nosuch')" in inspected and "model_type='nosuch'" in exported
+    assert "needs code of its own to load" in evaluated and "hf-wsvd never runs" in evaluated
+
+
+def test_a_tokenizer_of_custom_code_is_never_run(checkpoint, capsys, tmp_path, monkeypatch):
+    """A tokenizer_config.json whose auto_map names a tokenizer class of the folder's own code."""
+    import builtins
+
+    ran = tmp_path / "code-ran"
+    (checkpoint / "tokenization_evil.py").write_text(
+        f"open({str(ran)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as EvilTok\n")
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTok"]})
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(builtins, "input", lambda *args: "y")
+    exported, evaluated = cli_errors(capsys, checkpoint, "export", "eval")
+    assert not ran.exists()
+    assert "the tokenizer saved in" in exported and "contains custom code" in exported, exported
+    assert "tokenizer" in evaluated and "needs code of its own to load" in evaluated, evaluated
 
 
 def test_non_finite_outputs_are_an_error_not_a_metric(tmp_path, capsys):

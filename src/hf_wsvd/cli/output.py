@@ -206,9 +206,11 @@ class OutputClaim:
                 os.makedirs(os.path.dirname(output), exist_ok=True)
                 os.mkdir(self.staging)
             except OSError as error:  # named by OUTPUT: the staging folder's name means nothing to the user
+                made = error.filename if error.filename not in (None, self.staging) else None
                 self.staging = None
                 self.release()
-                raise OSError(error.errno, f"cannot write {output!r} (a folder beside it could not be made: "
+                what = f"the folder {made!r}" if made else "a folder beside it"
+                raise OSError(error.errno, f"cannot write {output!r} ({what} could not be made: "
                                            f"{error.strerror})") from None
             _active.add(self.staging)
             others = _live_claims(output, self.staging)

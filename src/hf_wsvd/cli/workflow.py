@@ -66,10 +66,17 @@ def load_errors(path: str, what: str = "model") -> Iterator[None]:
     """Name both readings of a path that is not a local folder when loading it fails: no such
     folder, and a Hub id that could not be loaded (offline, private, or no such repository). What a
     hand-edited config or a cut file makes transformers raise is one line naming the path
-    (``damaged_files_named``); anything else (a missing package, out of memory) passes as it is."""
+    (``damaged_files_named``), as is a model that needs its own code; anything else (a missing
+    package, out of memory) passes as it is."""
     try:
         with damaged_files_named(path, what):
             yield
+    except ValueError as error:  # transformers' refusal under trust_remote_code=False, made actionable
+        if "trust_remote_code=True" not in str(error):
+            raise
+        raise ValueError(f"{what} {path!r} needs code of its own to load (its auto_map), which hf-wsvd never runs: "
+                         "load it in Python with trust_remote_code=True and pass it to hf_wsvd's functions "
+                         "(hf_wsvd.compress, ...)") from None
     except OSError as error:
         if os.path.exists(path):
             raise

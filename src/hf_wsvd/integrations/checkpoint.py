@@ -281,9 +281,13 @@ def load_factorized(path: str, **kwargs) -> PreTrainedModel:
 def _load_factorized(path: str, **kwargs) -> PreTrainedModel:
     # Read first from the file: another model type would have AutoConfig run the folder's own code
     # (its auto_map), or ask whether to.
-    recorded = folder_model_type(path)
-    if os.path.isdir(path) and recorded != MODEL_TYPE:
-        raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={recorded!r})")
+    folder = os.path.join(path, kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder!r} holds no config.json: not a checkpoint folder")
+        recorded = folder_model_type(folder)
+        if recorded != MODEL_TYPE:
+            raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={recorded!r})")
     config = AutoConfig.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{path} is not an hf_wsvd checkpoint (model_type={config.model_type!r})")

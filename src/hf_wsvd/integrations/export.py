@@ -158,7 +158,7 @@ def export_dense(source: str, output: str, dtype: torch.dtype | None = None, sho
     tokenizer = None
     if any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never the folder's own code
         except Exception as error:  # whatever the damaged file made the tokenizer class raise
             detail = (str(error).splitlines() or [type(error).__name__])[0]
             raise ValueError(f"the tokenizer saved in {source!r} cannot be loaded ({type(error).__name__}: {detail}): "

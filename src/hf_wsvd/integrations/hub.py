@@ -15,7 +15,7 @@ from .card import PLOT_FILE, load_card
 from .checkpoint import (ADAPTER_CONFIG, WEIGHTS_FILE, WEIGHTS_INDEX, check_checkpoint_folder, folder_model_type,
                          index_shards, json_object, load_factorized)
 from ..runtime import modeling_wsvd
-from ..runtime.modeling_wsvd import MODEL_TYPE
+from ..runtime.modeling_wsvd import CLASS_PREFIX, MODEL_TYPE, stock_model_class
 
 # files every pushed hf_wsvd checkpoint needs for both loading paths (hf_wsvd / trust_remote_code):
 # every code file of the runtime package, which save_pretrained copies into the checkpoint
@@ -137,15 +137,24 @@ def check_auto_map(folder: str, config: PreTrainedConfig) -> None:
     """Refuse a ``config.json`` whose ``auto_map`` is not what its classes write (``config``: the
     loaded one): with ``trust_remote_code=True`` and without hf_wsvd, the pushed checkpoint would not
     load (an entry missing), or would run code other than its verified files (an entry edited to
-    another module, or to another repository's code). Each entry it has must be the class's own, and
-    those of the config and of the saved model class must be there (another transformers version
-    may know one Auto class more or less)."""
+    another module, or to another repository's code). The entries of the config and of the saved
+    model class must be there, each the class's own; another transformers version may have written
+    one Auto class more or less, each naming a class of the saved code."""
     recorded = (json_object(os.path.join(folder, "config.json")) or {}).get("auto_map")
     expected = config.to_dict()["auto_map"]
+    module = expected["AutoConfig"].split(".")[0]
     saved = next((auto for auto, target in expected.items() if target.endswith(f".{config.architectures[0]}")), None)
     needed = {"AutoConfig", *([saved] if saved else [])}
+
+    def own(auto: str, target: object) -> bool:
+        if auto in needed or auto in expected:
+            return expected.get(auto) == target
+        # a model class the saved code resolves by name (WsvdLlamaForCausalLM)
+        name = target.removeprefix(f"{module}.") if isinstance(target, str) else ""
+        return name != target and name.startswith(CLASS_PREFIX) and stock_model_class(name) is not None
+
     if not isinstance(recorded, dict) or not needed <= set(recorded) \
-            or any(expected.get(auto) != target for auto, target in recorded.items()):
+            or not all(own(auto, target) for auto, target in recorded.items()):
         raise ValueError(f"{folder}/config.json has auto_map={recorded!r}, not the classes' own "
                          f"({', '.join(f'{a}: {t}' for a, t in expected.items() if a in needed)}, ...): loaded with "
                          "trust_remote_code=True without hf_wsvd, the pushed checkpoint would fail or run other "

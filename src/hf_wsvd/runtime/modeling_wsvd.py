@@ -656,10 +656,21 @@ def all_finite(tensor: torch.Tensor) -> bool:
         # (integer data, float scales and zero points), so a NaN or inf can only hide in those.
         names, _ = tensor.__tensor_flatten__()
         return all(all_finite(getattr(tensor, inner)) for inner in names)
-    # Integer data (a quantizer's packed weights) is finite by construction. The extremes carry any
-    # NaN or inf, read in one pass without a mask the size of the tensor (checked on every load).
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        # bitsandbytes 4-bit: the data are packed codes, stored in any dtype (bfloat16 under FSDP-QLoRA),
+        # whose values are read through the scales of the quantization state (double quantization:
+        # quantized scales, with their own state2).
+        scales = (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None))
+        return all(all_finite(s) for s in scales if isinstance(s, torch.Tensor))
+    # Integer data (a quantizer's packed weights) is finite by construction.
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    if tensor.element_size() == 1:  # float8: no aminmax kernel on every device; read in float32 chunks
+        flat = tensor.detach().reshape(-1)
+        return all(bool(torch.isfinite(flat[i:i + (1 << 24)].float()).all()) for i in range(0, flat.numel(), 1 << 24))
+    # The extremes carry any NaN or inf, read in one pass without a mask the size of the tensor
+    # (checked on every load).
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
