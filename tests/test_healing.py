@@ -147,6 +147,20 @@ def test_heal_lowers_the_heldout_distillation_loss_and_keeps_the_ranks(lora_rank
         torch.testing.assert_close(reloaded(**inputs).logits, healed(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_heal_is_the_same_for_the_same_seed_whatever_the_random_state_before(lora_rank):
+    """LoRA's initial weights come from HealConfig.seed (peft draws them from the global random state)."""
+    healed = []
+    for state in (1, 2):
+        teacher, student = _compressed()
+        torch.manual_seed(state)
+        config = HealConfig(steps=4, learning_rate=2e-2, batch_size=4, lora_rank=lora_rank, evaluations=0)
+        model, _ = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2), config, show_progress=False)
+        healed.append(model.state_dict())
+    for name, value in healed[0].items():
+        assert torch.equal(value, healed[1][name]), name
+
+
 def test_a_lora_rank_above_every_compressed_layer_is_refused():
     teacher, student = _compressed()
     largest = max(min(m.weight.shape) for n, m in student.named_modules() if n.endswith((".up", ".down")))

@@ -396,7 +396,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
         # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
         initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
-        trained = _trainable_factors(student, config.lora_rank)
+        with torch.random.fork_rng():  # LoRA's initial weights (peft draws them globally) from the seed
+            torch.manual_seed(config.seed)
+            trained = _trainable_factors(student, config.lora_rank)
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
