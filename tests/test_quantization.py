@@ -6,6 +6,7 @@ saved code)."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -118,6 +119,29 @@ def test_quantized_checkpoint_round_trip(tmp_path, capsys):
         "without --quantize, or the model loaded without its quantization_config), then quantize the dense model at "
         "load")
     assert type(CAUSAL.from_pretrained(tmp_path / "resaved").model.layers[0].mlp.up_proj.up.weight).__name__ == "Int8Tensor"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("quantization_config"), "the weights file holds quantized tensors .*_weight_qdata.*, but config.json "
+                                              "has no quantization_config that transformers reads them with"),
+    (lambda c: c["quantization_config"].update(quant_method="nonsense"), "holds quantized tensors"),
+])
+def test_a_quantized_checkpoint_whose_quantization_config_was_edited_is_named(tmp_path, capsys, change, message):
+    tiny.save_compressed(tmp_path / "bf", "llama")
+    CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(
+        tmp_path / "q")
+    edit_config(tmp_path / "q", change)
+    with pytest.raises(ValueError, match=message):
+        CAUSAL.from_pretrained(tmp_path / "q")
+    # and an unquantized checkpoint given a torchao quantization_config
+    edit_config(tmp_path / "bf", lambda c: c.update(quantization_config={
+        "quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig", "_version": 2,
+                                                              "_data": {}}}}))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "bf")]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "(Invalid torchao safetensors metadata): config.json has a torchao quantization_config, but the weights " \
+           "were not saved quantized by torchao" in error, error
 
 
 def test_dense_block_linears_the_groups_do_not_divide_stay_unquantized(tmp_path):
@@ -307,8 +331,11 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
 
     dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
     out = tmp_path / "lm"
+    capsys.readouterr()
     assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", *extra]) == 0
+    said = capsys.readouterr().out
     model = CAUSAL.from_pretrained(out)
+    assert f"\n  quantized with torchao: {weight_bits(model).describe()}\n  saved to" in said, said
     assert model.config.quantization_config.quant_method == "torchao"
     layer = next(m for m in model.modules() if type(m).__name__ == kind)
     inner = layer.base if kind == "LowRankCorrectedLinear" else layer.down
@@ -329,6 +356,32 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
     assert f"block refinement: 2 blocks refined ({steps} steps each)" in printed
     card = (out / "README.md").read_text()
     assert "| quantization | torchao: " in card and "bits per weight in the block linears" in card
+
+
+@pytest.mark.parametrize("spec", ["int4-gpu", "nf4", "bnb-int8"])
+def test_the_python_helper_refuses_a_cuda_format_without_cuda(spec, monkeypatch):
+    """Loading with it would print one traceback per weight (int4-gpu) before failing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=f"quantize={spec!r} runs .* CUDA kernels and needs a CUDA GPU"):
+        quantization_config(spec, 32)
+
+
+def test_compress_refuses_a_quantization_that_quantizes_no_block_linear(tmp_path, tokenizer, capsys):
+    """A group size that divides no input size of the blocks (ranks in steps of 4, sizes up to 64):
+    the output would carry a quantization config and not one quantized weight."""
+    from test_cli import _causal_lm_and_text
+
+    from hf_wsvd.cli import main
+
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    capsys.readouterr()
+    argv = ["compress", str(dense), str(tmp_path / "lm"), "--data", str(text), "--max-length", "8", "--quantize", "int4",
+            "--quantize-group-size", "128", "--rank-multiple", "4", "--block-refine-steps", "0"]
+    assert main(argv) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert re.search(r"quantize='int4' quantized none of the \d+ linears of the blocks: .* multiple of "
+                     r"quantize_group_size=128: lower --quantize-group-size", error), error
+    assert not (tmp_path / "lm").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA")

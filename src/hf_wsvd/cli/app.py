@@ -158,6 +158,7 @@ def _compress(args: argparse.Namespace) -> None:
     from .. import compress
     from ..blocks import is_dispatched
     from ..compressor import refuse_quantized_targets
+    from ..integrations.checkpoint import quantization_summary
     from .commands import card_evaluation, check_data, eval_folder_split, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
@@ -203,7 +204,7 @@ def _compress(args: argparse.Namespace) -> None:
         if not accelerator.is_main_process:
             return
         if config.quantize and config.method != "quantized_residual":
-            from ..integrations.quantization import quantization_config, quantize
+            from ..integrations.quantization import check_quantized, quantization_config, quantize
 
             # Quantized from the stored dtype, as from_pretrained(OUTPUT, quantization_config=...) would,
             # onto the accelerator (compress gives the model back on the CPU it was loaded on; some
@@ -212,6 +213,7 @@ def _compress(args: argparse.Namespace) -> None:
             placement = {"device_map": {"": str(accelerator.device)}} if on_accelerator else {}
             model = quantize(model.to(save_dtype or model.dtype),
                              quantization_config(config.quantize, config.quantize_group_size), **placement)
+            check_quantized(model, config.quantize, config.quantize_group_size)
         evaluation = card_evaluation(model, tokenizer, args)  # before the dtype change (float32 unless quantized)
         if save_dtype is not None and not config.quantize:
             model.to(save_dtype)
@@ -220,7 +222,8 @@ def _compress(args: argparse.Namespace) -> None:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
-    print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None))
+    print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None,
+                           quantization_summary(model)))
 
 
 def _channel_range(pruned: dict, consumers: list[str]) -> str:
@@ -236,9 +239,10 @@ def kept_ratios(target: float, model: float) -> str:
 
 
 def compress_summary(report, output: str, dense: dict[str, float] | None = None,
-                     compressed: dict[str, float] | None = None) -> str:
+                     compressed: dict[str, float] | None = None, quantization: str | None = None) -> str:
     """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
-    and kept dense, the parameters before and after, the scores before and after, the output."""
+    and kept dense, the parameters before and after, the scores before and after, the quantization
+    (``quantization_summary``) and the output."""
     pruned = report.pruned_mlps
     mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
     layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
@@ -264,6 +268,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
             lines.append(f"  perplexity {before:.2f} -> {after:.2f} (x{after / before:.3f})")
         else:
             lines.append(f"  {name} {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    if quantization:
+        lines.append(f"  quantized with {quantization}")
     lines.append(f"  saved to {output}")
     return "\n".join(lines)
 

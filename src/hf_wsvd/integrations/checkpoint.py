@@ -263,6 +263,13 @@ def damaged_files_named(path: str, what: str = "model") -> Iterator[None]:
     (``DAMAGED_FILE_ERRORS``) becomes a one-line ValueError naming the path."""
     try:
         yield
+    except ValueError as error:
+        if not str(error).startswith("Invalid torchao safetensors metadata"):
+            raise
+        # torchao's reader, under a torchao quantization_config, of weights it did not write
+        raise ValueError(f"the {what} in {str(path)!r} cannot be loaded ({error}): config.json has a torchao "
+                         "quantization_config, but the weights were not saved quantized by torchao; the config was "
+                         "edited (remove its quantization_config)") from error
     except DAMAGED_FILE_ERRORS as error:
         detail = (str(error).splitlines() or [""])[0]
         damaged = ("the file is damaged or cut short" if str(path).endswith(".gguf")

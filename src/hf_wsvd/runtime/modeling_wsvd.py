@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import threading
 from contextlib import contextmanager
 from itertools import chain
@@ -437,6 +438,9 @@ def check_recipe(config: PreTrainedConfig
 
 
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
+# Names under which quantizers store a weight's parts: torchao (``_weight_qdata``), bitsandbytes
+# 4-bit (the weight's ``absmax``, ``quant_map``, ``quant_state.*``) and 8-bit (``SCB``).
+_QUANTIZED_KEY = re.compile(r"\._weight_qdata$|\.weight\.(absmax|nested_absmax|quant_map|quant_state\..+)$|\.SCB$")
 
 
 def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bool = False) -> None:
@@ -460,6 +464,11 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     missing = sorted((k for k in info["missing_keys"] if k in owned), key=lambda k: (k in tied, k))
     if missing:
         stored = sorted(info["unexpected_keys"])
+        quantized = next((k for k in stored if _QUANTIZED_KEY.search(k)), None)
+        if quantized is not None and getattr(model, "hf_quantizer", None) is None:
+            raise ValueError(f"the weights file holds quantized tensors (such as {quantized!r}), but config.json has no "
+                             "quantization_config that transformers reads them with (missing, or of an unknown "
+                             "quant_method): the config was edited; restore its quantization_config")
         # e.g. a quantized checkpoint whose config.json lost its quantization_config: other names
         instead = f" (it holds {stored[0]!r}, which this model has no place for)" if stored else ""
         raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
