@@ -4,6 +4,7 @@ files, and bad input reported as one line (exit 2) naming the value."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -424,6 +425,26 @@ def _pushable(path, **save) -> None:
     model, _ = tiny.compressed("bert")
     model.save_pretrained(path, **save)
     ModelCard("---\nlibrary_name: transformers\n---\n# card").save(path / "README.md")
+
+
+def test_a_push_that_leaves_the_repository_without_a_tokenizer_says_so(tmp_path, caplog):
+    """pipeline() and AutoTokenizer on the Hub copy need one; a tokenizer of an earlier upload is kept."""
+    api = FolderHub(tmp_path / "hub")
+    _pushable(tmp_path / "ckpt")
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        hub.push(tmp_path / "ckpt", "user/a", api=api)
+    assert [r.getMessage() for r in caplog.records if "has no tokenizer" in r.getMessage()] == [
+        f"user/a has no tokenizer ({tmp_path / 'ckpt'} held none): AutoTokenizer and pipeline() cannot load the model "
+        "from it; save one into the folder (tokenizer.save_pretrained) and push again"]
+    tiny.tokenizer().save_pretrained(tmp_path / "ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        hub.push(tmp_path / "ckpt", "user/b", api=api)  # with one
+        for name in os.listdir(tmp_path / "ckpt"):
+            if name.startswith("tokenizer"):
+                os.remove(tmp_path / "ckpt" / name)
+        hub.push(tmp_path / "ckpt", "user/b", api=api)  # without, where the repository keeps the earlier one
+    assert not [r for r in caplog.records if "has no tokenizer" in r.getMessage()]
 
 
 def test_push_uploads_only_the_weights_the_index_names(tmp_path, capsys, monkeypatch):

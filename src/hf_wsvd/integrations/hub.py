@@ -198,6 +198,9 @@ def push(
     if stale:
         logger.warning("%s: removed the files of an earlier upload that this one does not replace (the "
                        "repository's history keeps them): %s", repo_id, ", ".join(stale))
+    if not tokenizer and not any(name in TOKENIZER_VOCABULARY for name in existing):
+        logger.warning("%s has no tokenizer (%s held none): AutoTokenizer and pipeline() cannot load the model from "
+                       "it; save one into the folder (tokenizer.save_pretrained) and push again", repo_id, folder)
     return getattr(info, "commit_url", str(info))
 
 
