@@ -139,17 +139,17 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
     ("int4", "64", "quantize='int4' groups every 64 inputs of a weight, but 'bert.pooler.dense' has 32 inputs: pick a "
                    "quantize_group_size that divides it"),
     ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
-    ("nf4", "64", "quantize='nf4' runs bitsandbytes' CUDA kernels and needs a CUDA GPU; on this machine use int8"),
-    ("bnb-int8", "64", "quantize='bnb-int8' needs bitsandbytes: pip install bitsandbytes"),  # CUDA present
+    ("nf4", "64", "quantize='nf4' needs bitsandbytes (pip install bitsandbytes; the devices its kernels run on are in "
+                  "its documentation)"),
     ("int8", "7", "quantize_group_size=7 (--quantize-group-size): quantize='int8' does not group its weights' inputs"),
 ])
 def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier_dir, tsv, capsys,
                                                                                monkeypatch, spec, group, message):
     from hf_wsvd import compressor
 
-    if spec in ("int4-gpu", "nf4", "bnb-int8"):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: spec == "bnb-int8")
-    if spec == "bnb-int8":
+    if spec == "int4-gpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if spec == "nf4":
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     monkeypatch.setattr(compressor, "_compress", lambda *a, **k: pytest.fail("compressed before refusing"))

@@ -82,6 +82,12 @@ CASES = [
      "has no place in this model .*'7.attention.self.query.weight'", "has no place in this model"),
     ("extra bias on a factor", None, lambda t: t.update({f"bert.{QUERY}.down.bias": torch.zeros(8)}),
      f"module '{QUERY}.down' has no 'bias'", "has no place in this model"),
+    # bitsandbytes 4-bit keeps its packed data under the weight's own name, its scales beside it
+    ("4-bit tensors without a quantization_config", None,
+     lambda t: t.update({f"bert.{QUERY}.down.weight": torch.zeros(128, 1, dtype=torch.uint8),
+                         f"bert.{QUERY}.down.weight.absmax": torch.ones(4)}),
+     "holds quantized tensors \\(such as '.*down.weight.absmax'\\), but config.json has no quantization_config",
+     "holds quantized tensors"),
     ("NaN factor", None, _set_nan, "NaN or infinite", "NaN or infinite"),
     ("inf factor", None, _set_inf, "NaN or infinite", "NaN or infinite"),
     # Weights outside the compressed layers are checked as well: a NaN there spoils every output too.

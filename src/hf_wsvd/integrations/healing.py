@@ -30,6 +30,7 @@ from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArg
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched
+from ..data import forked_streams, seed_streams
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import is_integer, is_number
 from ..runtime.factorized_linear import FactorizedLinear
@@ -396,8 +397,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
         # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
         initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
-        with torch.random.fork_rng():  # LoRA's initial weights (peft draws them globally) from the seed
-            torch.manual_seed(config.seed)
+        cpu = torch.device("cpu")  # peft draws LoRA's initial weights from the CPU's global stream
+        with forked_streams(cpu):
+            seed_streams(config.seed, cpu)
             trained = _trainable_factors(student, config.lora_rank)
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         start = time.perf_counter()

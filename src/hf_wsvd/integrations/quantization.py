@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from ..blocks import block_prefixes
 from ..config import GROUPED_QUANTIZE_SPECS, QUANTIZE_SPECS, WSVDConfig
 from ..fields import is_integer
-from ..runtime.factorized_linear import FullPrecisionLinear, linear_shape, linear_weight
+from ..runtime.factorized_linear import linear_shape, linear_weight
 
 
 def quantization_config(spec: str, group_size: int = 64) -> Any:
@@ -37,13 +37,10 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
         raise ValueError(f"quantize={spec!r} is not one of {QUANTIZE_SPECS}")
     if not is_integer(group_size) or group_size < 1:
         raise ValueError(f"quantize_group_size={group_size!r} must be a positive integer")
-    # Else the load fails late (int4-gpu: after one traceback a weight).
+    # Else the load fails late, after one traceback a weight.
     if spec == "int4-gpu" and not torch.cuda.is_available():
         raise ValueError("quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU; "
                          "on this machine use int4")
-    if spec in ("nf4", "bnb-int8") and not torch.cuda.is_available():
-        raise ValueError(f"quantize={spec!r} runs bitsandbytes' CUDA kernels and needs a CUDA GPU; on this machine "
-                         "use int8 or int2-int7")
     if spec in ("nf4", "bnb-int8"):
         from transformers import BitsAndBytesConfig
 
@@ -75,7 +72,8 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
     except ImportError as error:
         raise ValueError(str(error)) from None
     if spec in ("nf4", "bnb-int8") and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"quantize={spec!r} needs bitsandbytes: pip install bitsandbytes")
+        raise ValueError(f"quantize={spec!r} needs bitsandbytes (pip install bitsandbytes; the devices its kernels run "
+                         "on are in its documentation)")
     if spec not in GROUPED_QUANTIZE_SPECS:
         default = WSVDConfig.__dataclass_fields__["quantize_group_size"].default
         if group_size != default:  # the recipe would record a group size nothing used
@@ -94,17 +92,14 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
 
 
 def check_quantized(model: nn.Module, spec: str, group_size: int) -> None:
-    """Raise a one-line ValueError where quantizing ``model`` by ``spec`` left every linear of its
-    repeated blocks unquantized (none of their input sizes a multiple of the group size): the
-    checkpoint would be quantized in name only."""
-    blocks = tuple(block_prefixes(model))
-    linears = [m for n, m in model.named_modules()
-               if n.startswith(blocks) and isinstance(m, (nn.Linear, FullPrecisionLinear))]
-    if linears and not any(isinstance(m, nn.Linear) and is_quantized_tensor(m.weight) for m in linears):
-        raise ValueError(f"quantize={spec!r} quantized none of the {len(linears)} linears of the blocks: no input "
-                         f"size among them (the hidden size, MLP widths, ranks) is a multiple of quantize_group_size="
-                         f"{group_size}: lower --quantize-group-size, or leave --rank-multiple unset (ranks then "
-                         "follow the group size)")
+    """Raise a one-line ValueError where quantizing ``model`` by ``spec`` left every weight of its
+    block linears unquantized (``weight_bits``): the checkpoint would be quantized in name only."""
+    bits = weight_bits(model)
+    if bits.full_weights and not bits.quantized_weights:
+        grouped = f" in groups of quantize_group_size={group_size}" if spec in GROUPED_QUANTIZE_SPECS else ""
+        raise ValueError(f"quantize={spec!r} quantized none of the {bits.full_weights:,} weights of the block linears"
+                         f"{grouped} (their input sizes: the hidden size, MLP widths, ranks): lower "
+                         "--quantize-group-size, or give a --rank-multiple that is a multiple of it")
 
 
 def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:

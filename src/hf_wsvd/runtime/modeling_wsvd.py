@@ -462,14 +462,16 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     # The file stores a tie once, under its source: name that tensor before the ties' other ends.
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing = sorted((k for k in info["missing_keys"] if k in owned), key=lambda k: (k in tied, k))
+    # Before the missing and mismatched tensors these leave (torchao stores other names, bitsandbytes
+    # packed data under the weight's own name and its scales beside it).
+    quantized = next((k for k in sorted(info["unexpected_keys"]) if _QUANTIZED_KEY.search(k)), None)
+    if quantized is not None and getattr(model, "hf_quantizer", None) is None:
+        raise ValueError(f"the weights file holds quantized tensors (such as {quantized!r}), but config.json has no "
+                         "quantization_config that transformers reads them with (missing, or of an unknown "
+                         "quant_method): the config was edited; restore its quantization_config")
     if missing:
         stored = sorted(info["unexpected_keys"])
-        quantized = next((k for k in stored if _QUANTIZED_KEY.search(k)), None)
-        if quantized is not None and getattr(model, "hf_quantizer", None) is None:
-            raise ValueError(f"the weights file holds quantized tensors (such as {quantized!r}), but config.json has no "
-                             "quantization_config that transformers reads them with (missing, or of an unknown "
-                             "quant_method): the config was edited; restore its quantization_config")
-        # e.g. a quantized checkpoint whose config.json lost its quantization_config: other names
+        # e.g. a file of another recipe, or with other names
         instead = f" (it holds {stored[0]!r}, which this model has no place for)" if stored else ""
         raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
                          "tensors affected): the file is damaged or belongs to another recipe")
