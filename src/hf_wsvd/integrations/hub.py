@@ -147,8 +147,8 @@ def check_auto_map(folder: str, config: PreTrainedConfig) -> None:
     needed = {"AutoConfig", *([saved] if saved else [])}
 
     def own(auto: str, target: object) -> bool:
-        if auto in needed or auto in expected:
-            return expected.get(auto) == target
+        if auto in expected:
+            return expected[auto] == target
         # a model class the saved code resolves by name (WsvdLlamaForCausalLM)
         name = target.removeprefix(f"{module}.") if isinstance(target, str) else ""
         return name != target and name.startswith(CLASS_PREFIX) and stock_model_class(name) is not None
