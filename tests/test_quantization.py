@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -274,8 +275,6 @@ def test_quantized_residual_round_trip(residual, tmp_path, capsys):
 
 def test_quantized_residual_never_loads_as_w_plus_l_or_q_alone(residual, tmp_path):
     folder, dense, _, _, _ = residual
-    import shutil
-
     shutil.copytree(folder / "qlr", tmp_path / "no-config")
     edit_config(tmp_path / "no-config", lambda c: c.pop("quantization_config"))
     with pytest.raises(ValueError, match="has no quantization_config"):
@@ -398,6 +397,31 @@ def test_bitsandbytes_round_trip_on_cuda(tmp_path, spec):
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, before)
     assert 0 < weight_bits(reloaded).block_bits_per_weight < 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA")
+def test_bitsandbytes_4bit_weights_are_checked_through_their_scales_on_cuda(tmp_path):
+    """bfloat16 storage (FSDP-QLoRA) holds packed codes that may read as NaN: it loads; a NaN planted
+    in a scale (absmax) is refused; so is the quantized file without its quantization_config."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    quantized = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=config, device_map="cuda")
+    assert {p.dtype for p in quantized.parameters() if type(p).__name__ == "Params4bit"} == {torch.bfloat16}
+    quantized.save_pretrained(tmp_path / "q")
+    CAUSAL.from_pretrained(tmp_path / "q", device_map="cuda")
+    shutil.copytree(tmp_path / "q", tmp_path / "nan")
+    _edit_keeping_metadata(tmp_path / "nan", lambda t: next(t[k] for k in sorted(t) if k.endswith(".absmax")
+                                                            and t[k].is_floating_point()).view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        CAUSAL.from_pretrained(tmp_path / "nan", device_map="cuda")
+    shutil.copytree(tmp_path / "q", tmp_path / "no-config")
+    edit_config(tmp_path / "no-config", lambda c: c.pop("quantization_config"))
+    with pytest.raises(ValueError, match=r"holds quantized tensors \(such as '.*\.absmax'\), but config.json has no"):
+        CAUSAL.from_pretrained(tmp_path / "no-config", device_map="cuda")
 
 
 def test_int8_warns_once_of_the_factors_a_compiled_cpu_model_would_compute_wrong(caplog):
