@@ -158,3 +158,16 @@ def test_the_tokenizer_of_a_compressed_folder_loads_without_remote_code(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(tokenizer("the movie")["input_ids"])
     assert sys.modules.get("hf_wsvd") is not None
+
+
+def test_load_factorized_reads_a_subfolder_and_names_a_folder_without_config(tmp_path):
+    """The model type is read from the file before AutoConfig (never the folder's own code), in the
+    subfolder given; a folder without config.json is named as such."""
+    from hf_wsvd.integrations.checkpoint import load_factorized
+
+    model, _ = tiny.compressed("llama")
+    model.save_pretrained(tmp_path / "repo" / "sub")
+    loaded = load_factorized(str(tmp_path / "repo"), subfolder="sub")
+    assert loaded.config.model_type == "hf_wsvd" and loaded.config.wsvd["ranks"] == model.config.wsvd["ranks"]
+    with pytest.raises(FileNotFoundError, match="holds no config.json: not a checkpoint folder"):
+        load_factorized(str(tmp_path / "repo"))
