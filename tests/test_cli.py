@@ -280,6 +280,15 @@ sys.exit(code)
     (["compress", "model", "out", "--method", "nope"], 2, "invalid choice: 'nope'"),
     (["compress", "model", "out", "--num-samples", "0"], 2, "0 is not a positive integer"),
     (["compress", "model", "out", "--num-samples", "-3"], 2, "-3 is not a positive integer"),  # worded as 0 is
+    # past C's int, tqdm and islice would fail in their own words after the statistics
+    (["compress", "model", "out", "--block-refine-steps", "99999999999999999999"], 2,
+     "argument --block-refine-steps: 99999999999999999999 is too large (at most 2147483647)"),
+    (["compress", "model", "out", "--batch-size", "2147483648"], 2, "2147483648 is too large (at most 2147483647)"),
+    (["heal", "model", "out", "--teacher", "t", "--data", "d", "--teacher-samples", str(2**64)], 2,
+     f"argument --teacher-samples: {2**64} is too large"),
+    # a byte that is not UTF-8 in a path (Python keeps it as a lone surrogate): refused before any file is read
+    (["compress", "model", "out\udce9"], 2, "output 'out\\udce9' is not valid UTF-8"),
+    (["inspect", "m\udce9"], 2, "is not valid UTF-8, which safetensors and tokenizers need in paths"),
 ])
 def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, code, shown):
     result = subprocess.run([sys.executable, "-c", PARSE_ONLY.format(argv=argv)], capture_output=True, text=True)

@@ -242,7 +242,7 @@ def test_a_methods_options_and_the_calibration_settings_are_written_once():
             assert mine.metadata["help"] is f.metadata["help"] and mine.default == f.default
     config = WSVDConfig(num_samples=7, batch_size=3, max_length=9, seed=4)
     assert config.calibration == CalibrationConfig(num_samples=7, batch_size=3, max_length=9, seed=4)
-    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size=0 must be an integer from 1 to 2147483647"):
         CalibrationConfig(batch_size=0)
 
 

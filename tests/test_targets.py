@@ -179,6 +179,13 @@ def test_exclude_with_explicit_targets(bert):
     assert set(targets) == _bert_names(["attention.self.query"])
 
 
+def test_excluding_every_explicit_target_names_the_exclusion(bert):
+    """Not "matches no linear layer": the targets did match, and the exclusion removed them all."""
+    with pytest.raises(ValueError, match=re.escape("exclude_modules=['query'] excludes every layer "
+                                                   "target_modules=['query'] selects")):
+        select_targets(bert, ["query"], exclude_modules=["query"])
+
+
 def test_listing_a_layernorm_raises(bert):
     with pytest.raises(ValueError, match="LayerNorm"):
         select_targets(bert, ["attention.output.LayerNorm"])

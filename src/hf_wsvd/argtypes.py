@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .fields import MAX_COUNT
+
 
 def positive_int(text: str) -> int:
     """An integer ≥ 1."""
@@ -25,6 +27,8 @@ def _int_at_least(text: str, least: int, what: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
     if value < least:
         raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is too large (at most {MAX_COUNT})")
     return value
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
-from .fields import field_of, is_integer, is_number, plain_numbers, recipe_field
+from .fields import MAX_COUNT, field_of, is_count, is_integer, is_number, plain_numbers, recipe_field
 from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
                               QuantizedResidualOptions, RescueOptions)
 from .pipelines.registry import PIPELINES
@@ -66,10 +66,10 @@ class CalibrationConfig:
         plain_numbers(self)
         for name in ("num_samples", "batch_size", "max_length"):
             value = getattr(self, name)
-            if not is_integer(value) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not is_integer(self.generated_samples) or self.generated_samples < 0:
-            raise ValueError(f"generated_samples={self.generated_samples!r} must be a non-negative integer")
+            if not is_count(value, 1):
+                raise ValueError(f"{name}={value!r} must be an integer from 1 to {MAX_COUNT}")
+        if not is_count(self.generated_samples, 0):
+            raise ValueError(f"generated_samples={self.generated_samples!r} must be an integer from 0 to {MAX_COUNT}")
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what numpy's and every generator's seeding takes
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
@@ -379,14 +379,15 @@ class WSVDConfig:
 
     def _validate_block_refinement(self) -> None:
         steps, rate = self.block_refine_steps, self.block_refine_learning_rate
-        if steps is not None and (not is_integer(steps) or steps < 0):
-            raise ValueError(f"block_refine_steps={steps!r} must be an integer >= 0 (0: off) or None (on in compensated "
-                             "sequential mode)")
+        if steps is not None and not is_count(steps, 0):
+            raise ValueError(f"block_refine_steps={steps!r} must be an integer from 0 (off) to {MAX_COUNT}, or "
+                             "None (on in compensated sequential mode)")
         if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
         batches = self.block_refine_batches
-        if not is_integer(batches) or batches < 1:
-            raise ValueError(f"block_refine_batches={batches!r} must be an integer >= 1 (calibration batches per step)")
+        if not is_count(batches, 1):
+            raise ValueError(f"block_refine_batches={batches!r} must be an integer from 1 to {MAX_COUNT} (calibration "
+                             "batches per step)")
         if steps and self.method != "quantized_residual" and (self.compensate is False or self.sequential is False):
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
                              "only compensation computes: it needs compensate=True (sequential mode with whiten or "

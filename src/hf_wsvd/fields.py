@@ -28,6 +28,16 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The largest count (samples, steps, batch sizes, lengths) anything takes: C's 32-bit int, past
+# which tqdm, islice and the tensor shapes fail in their own words.
+MAX_COUNT = 2**31 - 1
+
+
+def is_count(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer from ``least`` to ``MAX_COUNT``."""
+    return is_integer(value) and least <= value <= MAX_COUNT
+
+
 def is_number(value: Any) -> bool:
     """Whether ``value`` is an ``int`` or a ``float`` (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -83,6 +83,9 @@ def select_targets(
         raise ValueError(f"exclude_modules={exclude_modules!r} matches none of the {len(selected)} target layers of "
                          f"{type(model).__name__} (e.g. {next(iter(selected), '-')!r}): names, suffixes, or one regex "
                          "over whole names")
+    if target_modules is not None and not selected and excluded:
+        raise ValueError(f"exclude_modules={exclude_modules!r} excludes every layer target_modules={target_modules!r} "
+                         "selects: nothing is left to compress; exclude fewer layers")
     if target_modules is not None and not selected:
         hint = " (a string is one regex over whole names: for several names pass a list)" \
             if isinstance(target_modules, str) and "," in target_modules else ""

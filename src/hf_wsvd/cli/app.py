@@ -351,7 +351,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unreadable = _not_utf8(args)
+    if unreadable:  # the file formats' libraries (safetensors, tokenizers) take UTF-8 paths only
+        parser.error(f"{unreadable[0]} {unreadable[1]!r} is not valid UTF-8, which safetensors and tokenizers need in "
+                     "paths: rename it")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
     # Only the main thread may set a handler; the previous one comes back when main returns.
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -365,6 +370,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _not_utf8(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The first argument (its name, its value) holding bytes that are not UTF-8 (Python keeps them
+    as lone surrogates), or None."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return name, text
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
