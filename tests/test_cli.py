@@ -287,8 +287,9 @@ sys.exit(code)
     (["heal", "model", "out", "--teacher", "t", "--data", "d", "--teacher-samples", str(2**64)], 2,
      f"argument --teacher-samples: {2**64} is too large"),
     # a byte that is not UTF-8 in a path (Python keeps it as a lone surrogate): refused before any file is read
-    (["compress", "model", "out\udce9"], 2, "output 'out\\udce9' is not valid UTF-8"),
-    (["inspect", "m\udce9"], 2, "is not valid UTF-8, which safetensors and tokenizers need in paths"),
+    (["compress", "model", "out\udce9"], 2, "argument b'out\\xe9' is not valid UTF-8, which model cards"),
+    (["compress", "model", "out", "--target-modules", "q\udce9"], 2, "--target-modules b'q\\xe9' is not valid UTF-8"),
+    (["inspect", "m\udce9"], 2, "argument b'm\\xe9' is not valid UTF-8"),
 ])
 def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, code, shown):
     result = subprocess.run([sys.executable, "-c", PARSE_ONLY.format(argv=argv)], capture_output=True, text=True)

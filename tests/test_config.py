@@ -415,3 +415,19 @@ def test_an_option_of_another_method_is_said_not_read():
                    WSVDConfig(method="svd", param_ratio=0.5, embeddings=True, embedding_method="lp", p=1.5)):
         _, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
         assert not any("is an option of" in n for n in report.notices), (recipe, report.notices)
+
+
+def test_counts_are_bounded_at_c_int_and_the_bound_itself_is_taken():
+    """2**31 - 1 is the largest count; a truncation length is not bounded (tokenizers that record no
+    limit report 1e30 as their model_max_length)."""
+    import numpy as np
+
+    from hf_wsvd.integrations.healing import HealConfig
+
+    config = WSVDConfig(num_samples=2**31 - 1, block_refine_steps=2**31 - 1, max_length=int(1e30))
+    assert config.num_samples == config.block_refine_steps == 2**31 - 1
+    with pytest.raises(ValueError, match="num_samples=2147483648 must be an integer from 1 to 2147483647"):
+        WSVDConfig(num_samples=2**31)
+    assert HealConfig(steps=np.int64(200), evaluations=2**31 - 1).steps == 200  # a numpy count is a count
+    with pytest.raises(ValueError, match="steps=2147483648 must be an integer from 1 to 2147483647"):
+        HealConfig(steps=2**31)

@@ -209,6 +209,7 @@ def test_the_recommended_recipe_refines_compensated_sequential_runs_only():
     (dict(block_refine_steps=-1), "block_refine_steps=-1"),
     (dict(block_refine_steps=True), "block_refine_steps=True"),
     (dict(block_refine_steps=2.5), "block_refine_steps=2.5"),
+    (dict(block_refine_batches=2**31), "block_refine_batches=2147483648 must be an integer from 1 to 2147483647"),
     (dict(block_refine_steps=2**63), "block_refine_steps=9223372036854775808 must be an integer from 0 .off. to 2147483647"),
     (dict(block_refine_learning_rate=0), "block_refine_learning_rate=0"),
     (dict(block_refine_learning_rate=float("nan")), "block_refine_learning_rate=nan"),

@@ -64,10 +64,13 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         plain_numbers(self)
-        for name in ("num_samples", "batch_size", "max_length"):
+        for name in ("num_samples", "batch_size"):
             value = getattr(self, name)
             if not is_count(value, 1):
                 raise ValueError(f"{name}={value!r} must be an integer from 1 to {MAX_COUNT}")
+        # only a truncation length: a tokenizer that records none gives transformers' 1e30
+        if not is_integer(self.max_length) or self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length!r} must be a positive integer")
         if not is_count(self.generated_samples, 0):
             raise ValueError(f"generated_samples={self.generated_samples!r} must be an integer from 0 to {MAX_COUNT}")
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what numpy's and every generator's seeding takes

@@ -28,8 +28,9 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# The largest count (samples, steps, batch sizes, lengths) anything takes: C's 32-bit int, past
-# which tqdm, islice and the tensor shapes fail in their own words.
+# The largest count (samples, steps, batch sizes) the recipes and flags take: C's 32-bit int. Past
+# sys.maxsize tqdm and islice fail in their own words after the statistics; well below it a run
+# would go on for ever or fill memory before its first progress bar.
 MAX_COUNT = 2**31 - 1
 
 

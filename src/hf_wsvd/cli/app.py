@@ -353,11 +353,10 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    unreadable = _not_utf8(args)
-    if unreadable:  # the file formats' libraries (safetensors, tokenizers) take UTF-8 paths only
-        parser.error(f"{unreadable[0]} {unreadable[1]!r} is not valid UTF-8, which safetensors and tokenizers need in "
-                     "paths: rename it")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
+    unreadable = _not_utf8(args.argv)
+    if unreadable:
+        parser.error(unreadable)
     # Only the main thread may set a handler; the previous one comes back when main returns.
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if previous is not None:
@@ -372,16 +371,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _not_utf8(args: argparse.Namespace) -> tuple[str, str] | None:
-    """The first argument (its name, its value) holding bytes that are not UTF-8 (Python keeps them
-    as lone surrogates), or None."""
-    for name, value in vars(args).items():
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    return name, text
+def _not_utf8(argv: list[str]) -> str | None:
+    """Why ``argv`` cannot be taken, naming its first argument that holds bytes that are not UTF-8
+    (Python keeps them as lone surrogates), or None. The arguments are written into UTF-8 model cards,
+    and safetensors and tokenizers take UTF-8 paths only."""
+    for position, token in enumerate(argv):
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            option = argv[position - 1] if position and argv[position - 1].startswith("-") else "argument"
+            return (f"{option} {os.fsencode(token)!r} is not valid UTF-8, which model cards and the weights' and "
+                    "tokenizers' libraries need: rename it")
     return None
 
 

@@ -32,7 +32,7 @@ from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArg
 from ..blocks import given_back, is_dispatched
 from ..data import forked_streams, seed_streams
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
-from ..fields import MAX_COUNT, is_count, is_integer, is_number
+from ..fields import MAX_COUNT, is_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
 from .quantization import is_quantized_tensor
 
@@ -60,6 +60,7 @@ class HealConfig:
     evaluations: int = 10
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not is_count(value, 1):
