@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .argtypes import fraction, names, non_negative_int, positive_int, speed_limit
-from .fields import MAX_COUNT, field_of, is_count, is_integer, is_number, plain_numbers, recipe_field
+from .fields import MAX_COUNT, check_count, field_of, is_count, is_integer, is_number, plain_numbers, recipe_field
 from .solvers.options import (AsvdOptions, ElementwiseOptions, FwsvdOptions, LpOptions, MethodOptions,
                               QuantizedResidualOptions, RescueOptions)
 from .pipelines.registry import PIPELINES
@@ -65,14 +65,11 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         plain_numbers(self)
         for name in ("num_samples", "batch_size"):
-            value = getattr(self, name)
-            if not is_count(value, 1):
-                raise ValueError(f"{name}={value!r} must be an integer from 1 to {MAX_COUNT}")
+            check_count(name, getattr(self, name), 1)
         # only a truncation length: a tokenizer that records none gives transformers' 1e30
         if not is_integer(self.max_length) or self.max_length < 1:
             raise ValueError(f"max_length={self.max_length!r} must be a positive integer")
-        if not is_count(self.generated_samples, 0):
-            raise ValueError(f"generated_samples={self.generated_samples!r} must be an integer from 0 to {MAX_COUNT}")
+        check_count("generated_samples", self.generated_samples, 0)
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what numpy's and every generator's seeding takes
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
@@ -387,10 +384,7 @@ class WSVDConfig:
                              "None (on in compensated sequential mode)")
         if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"block_refine_learning_rate={rate!r} must be a finite number > 0")
-        batches = self.block_refine_batches
-        if not is_count(batches, 1):
-            raise ValueError(f"block_refine_batches={batches!r} must be an integer from 1 to {MAX_COUNT} (calibration "
-                             "batches per step)")
+        check_count("block_refine_batches", self.block_refine_batches, 1, "(calibration batches per step)")
         if steps and self.method != "quantized_residual" and (self.compensate is False or self.sequential is False):
             raise ValueError(f"block_refine_steps={steps} trains each block toward the dense block's outputs, which "
                              "only compensation computes: it needs compensate=True (sequential mode with whiten or "

@@ -39,6 +39,14 @@ def is_count(value: Any, least: int) -> bool:
     return is_integer(value) and least <= value <= MAX_COUNT
 
 
+def check_count(name: str, value: Any, least: int, meaning: str = "") -> None:
+    """Raise a one-line ValueError naming ``name`` unless ``value`` is a count from ``least`` to
+    ``MAX_COUNT``; ``meaning`` (e.g. "(0: off)") follows the range in the message."""
+    if not is_count(value, least):
+        raise ValueError(f"{name}={value!r} must be an integer from {least} to {MAX_COUNT}"
+                         + (f" {meaning}" if meaning else ""))
+
+
 def is_number(value: Any) -> bool:
     """Whether ``value`` is an ``int`` or a ``float`` (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -32,7 +32,7 @@ from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArg
 from ..blocks import given_back, is_dispatched
 from ..data import forked_streams, seed_streams
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
-from ..fields import MAX_COUNT, is_count, is_integer, is_number, plain_numbers
+from ..fields import check_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
 from .quantization import is_quantized_tensor
 
@@ -62,11 +62,8 @@ class HealConfig:
     def __post_init__(self) -> None:
         plain_numbers(self)
         for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not is_count(value, 1):
-                raise ValueError(f"{name}={value!r} must be an integer from 1 to {MAX_COUNT}")
-        if not is_count(self.evaluations, 0):
-            raise ValueError(f"evaluations={self.evaluations!r} must be an integer from 0 to {MAX_COUNT}")
+            check_count(name, getattr(self, name), 1)
+        check_count("evaluations", self.evaluations, 0)
         if self.lora_rank is not None and (not is_integer(self.lora_rank)
                                            or self.lora_rank < 1):
             raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive integer or None")
