@@ -181,6 +181,27 @@ def test_loading_into_another_task_class_leaves_the_config_as_asked(tmp_path):
     assert torch.equal(again.score.weight, classifier.score.weight)
 
 
+def test_a_config_object_shared_with_another_model_stays_the_callers(tmp_path):
+    """Models built from one config object hold that object: compressing one (in place) gives it its
+    own config, held by all of its modules, and leaves the other model dense, compressible, saved as
+    a stock checkpoint."""
+    shared = tiny.CONFIGS["llama"]()
+    student, teacher = (transformers.LlamaForCausalLM(shared).eval() for _ in range(2))
+    model, _ = hf_wsvd.compress(student, hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    assert type(shared) is transformers.LlamaConfig and shared.model_type == "llama" and not hasattr(shared, "wsvd")
+    assert teacher.config is shared and type(teacher).__name__ == "LlamaForCausalLM"
+    assert model.config is not shared and model.config.model_type == "hf_wsvd"
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    assert json.loads((tmp_path / "teacher" / "config.json").read_text())["model_type"] == "llama"
+    model.save_pretrained(tmp_path / "student")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    ids = tiny.inputs("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
+    hf_wsvd.compress(teacher, hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+
+
 @pytest.mark.parametrize("recipe", [dict(mlp_pruning=True, attention_pruning=True, rank_multiple=2, allocation="uniform",
                                          param_ratio=0.7), dict(mlp_pruning=False, param_ratio=0.5)])
 def test_a_disk_offloaded_model_compresses_saves_and_reloads_as_the_same_model_in_memory(tmp_path, recipe):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import PreTrainedModel
 
@@ -53,8 +55,13 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
     config = model.config
     if config.model_type != MODEL_TYPE:
         base_type = config.model_type
-        # Both classes are attribute-free subclasses: switching classes keeps every reference
-        # (sub-models share this config object) and all state.
+        # The model gets its own copy, held by every module that held the old one (sub-models share
+        # it): a config object the caller also built other models from (a teacher beside its
+        # student) stays as it was. Both classes are attribute-free subclasses, so switching keeps all state.
+        shared, config = config, copy.copy(config)
+        for module in model.modules():
+            if getattr(module, "config", None) is shared:
+                module.config = config
         config.__class__ = wsvd_config_class(type(config))
         # Configs read from a file carry model_type as an instance attribute that would hide the class's.
         config.__dict__.pop("model_type", None)
