@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -355,6 +356,31 @@ def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "dense"), str(tmp_path / "out"), "--method", "svd"]) == 2
     assert f"hf-wsvd compress: error: {dense} cannot be read (" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stale_single_weights_file_beside_a_sharded_save_is_named(tmp_path):
+    """An older save's model.safetensors left beside a sharded compressed save: transformers reads
+    it, the factors are missing, and the error says that the folder holds both, through both paths."""
+    model, _ = tiny.compressed("llama")
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    shutil.copy(tiny.save(tiny.build("llama"), tmp_path / "dense", with_tokenizer=False) / "model.safetensors",
+                tmp_path / "ckpt")
+    both = "the folder holds both model.safetensors and a sharded save's model.safetensors.index.json"
+    with pytest.raises(ValueError, match=r"is missing from the checkpoint's weights .*; " + re.escape(both)):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+    """, cwd=tmp_path)
+    assert result.returncode == 0 and both in result.stdout, result.stderr[-3000:]
+    (tmp_path / "ckpt" / "model.safetensors").unlink()  # the sharded save alone loads
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids = tiny.inputs("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
 def test_other_safetensors_errors_pass_as_they_are(tmp_path):

@@ -719,6 +719,18 @@ def readable_weights(path: str | os.PathLike | None) -> Iterator[None]:
                          "download it again") from error
 
 
+def _both_weights_files(path: str | os.PathLike | None) -> str | None:
+    """Where the folder ``path`` holds a single weights file beside a sharded save's index (an older
+    save left in place), the clause saying which one was read; else None."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return None
+    names = set(os.listdir(path))
+    if {"model.safetensors", "model.safetensors.index.json"} <= names:
+        return ("the folder holds both model.safetensors and a sharded save's model.safetensors.index.json, and "
+                "transformers read model.safetensors: delete whichever an older save left")
+    return None
+
+
 @contextmanager
 def held_records(name: str) -> Iterator[Callable[[], None]]:
     """Within: the records the logger ``name`` logs from this thread are held back, and logged when
@@ -793,8 +805,11 @@ class _WsvdModelMixin:
                                                   **kwargs)
             try:
                 check_loaded(model, info, ignore)
-            except ValueError:
+            except ValueError as error:
                 drop()
+                both = _both_weights_files(path)
+                if both:
+                    raise ValueError(f"{error}; {both}") from error
                 raise
         share_input_factors(model)
         return (model, info) if wants_info else model
