@@ -123,6 +123,9 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     (["--method", "nope"], "'nope'"),
     (["--generated-samples", "-2"], "-2 is not an integer >= 0"),
     (["--generated-samples", "2"], "only a causal LM writes calibration text"),
+    # a rank multiple the quantizer's group size set: the error names the option the user gave
+    (["--quantize", "int4", "--quantize-group-size", "32"], "lower --rank-multiple (--rank-multiple=32 follows "
+                                                              "--quantize-group-size=32: --quantize='int4' takes a"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
     argv = ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv), *args]

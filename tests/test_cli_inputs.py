@@ -135,13 +135,24 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
         capsys, ["eval", str(classifier_dir), "--data", str(listed), "--text-columns", "sentence"])
 
 
+def test_an_exclusion_of_every_default_target_is_refused_before_the_data_is_read(tmp_path, classifier_dir, tsv, capsys,
+                                                                                   monkeypatch):
+    from hf_wsvd.cli import workflow
+
+    monkeypatch.setattr(workflow, "data_loader", lambda *a, **k: pytest.fail("read the data before refusing"))
+    error = one_error(capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv),
+                               "--exclude-modules", ".*"])
+    assert "--exclude-modules='.*' excludes every target layer of BertForSequenceClassification" in error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spec, group, message", [
-    ("int4", "64", "quantize='int4' groups every 64 inputs of a weight, but 'bert.pooler.dense' has 32 inputs: pick a "
-                   "quantize_group_size that divides it"),
+    ("int4", "64", "--quantize='int4' groups every 64 inputs of a weight, but 'bert.pooler.dense' has 32 inputs: set "
+                   "--quantize-group-size to a divisor of it"),
     ("int4-gpu", "16", "quantize='int4-gpu' runs torchao's packed int4 CUDA kernels and needs a CUDA GPU"),
     ("nf4", "64", "quantize='nf4' needs bitsandbytes (pip install bitsandbytes; the devices its kernels run on are in "
                   "its documentation)"),
-    ("int8", "7", "quantize_group_size=7 (--quantize-group-size): quantize='int8' does not group its weights' inputs"),
+    ("int8", "7", "--quantize-group-size=7: --quantize='int8' does not group its weights' inputs"),
 ])
 def test_a_quantization_format_that_cannot_apply_is_refused_before_compressing(tmp_path, classifier_dir, tsv, capsys,
                                                                                monkeypatch, spec, group, message):

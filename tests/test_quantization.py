@@ -377,9 +377,20 @@ def test_compress_refuses_a_quantization_that_quantizes_no_block_linear(tmp_path
             "--quantize-group-size", "128", "--rank-multiple", "4", "--block-refine-steps", "0"]
     assert main(argv) == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert re.search(r"quantize='int4' quantized none of the [\d,]+ weights of the block linears in groups of "
-                     r"quantize_group_size=128 .*: lower --quantize-group-size", error), error
+    assert re.search(r"--quantize='int4' quantized none of the [\d,]+ weights of the block linears in groups of "
+                     r"--quantize-group-size=128 .*: lower --quantize-group-size, or set --rank-multiple", error), error
     assert not (tmp_path / "lm").exists()
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_an_error_naming_rank_multiple_says_when_the_group_size_set_it(allocation):
+    """The tiny layers (sizes up to 64) have no rank in steps of 128: with int4 in groups of 128 the
+    multiple was never given, so the error names where it came from; given by hand, it does not."""
+    with pytest.raises(ValueError, match=r"lower rank_multiple \(rank_multiple=128 follows quantize_group_size=128: "
+                                         r"quantize='int4' takes a factor whose rank is a multiple"):
+        tiny.compressed("llama", quantize="int4", quantize_group_size=128, allocation=allocation)
+    with pytest.raises(ValueError, match=r"lower rank_multiple$"):
+        tiny.compressed("llama", rank_multiple=128, allocation=allocation)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA")

@@ -108,9 +108,14 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, stati
                          "result instead (model.to(dtype))")
 
 
-def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) -> None:
-    """Raise, naming the layer, where a target's weight is quantized (a checkpoint loaded with its
-    quantization config): the solvers read float weights, and the result is quantized after."""
+def recipe_targets(model: PreTrainedModel, config: WSVDConfig) -> dict[str, str]:
+    """The target layers of ``config`` in ``model`` (``select_targets``); raises where its exclusion
+    leaves none, or a target's weight is quantized (a checkpoint loaded with its quantization
+    config: the solvers read float weights, and the result is quantized after)."""
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    if not targets and config.exclude_modules is not None:
+        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
+                         f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     # The weights, not config.quantization_config: a GGUF checkpoint keeps its quantizer's record
     # but loads dequantized to float, and compresses as it is.
     for name, full_name in targets.items():
@@ -119,6 +124,7 @@ def refuse_quantized_targets(model: PreTrainedModel, targets: dict[str, str]) ->
             raise ValueError(f"{name!r} holds a quantized weight ({type(weight).__name__}, {weight.dtype}): compress the "
                              "dense float checkpoint (loaded without its quantization_config) and quantize the result "
                              "(WSVDConfig.quantize, --quantize)")
+    return targets
 
 
 def _recorded_calibration(config: WSVDConfig, data: Any, examples: int) -> WSVDConfig:
@@ -244,11 +250,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         examples = statistics.examples
     config = _recorded_calibration(config, given, examples)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
-    targets = select_targets(model, config.target_modules, config.exclude_modules)
-    if not targets and config.exclude_modules is not None:  # before resolving the recipe, which reads the data
-        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
-                         f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
-    refuse_quantized_targets(model, targets)
+    targets = recipe_targets(model, config)  # before resolving the recipe, which reads the data
     reused = statistics is not None and bool(set(statistics.values) & set(targets))
     if data is None and reused and config.method is None and config.param_ratio < 1:
         raise ValueError("statistics given without data: the recommended recipe is chosen from the data, so name the "
@@ -315,7 +317,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         notice = (f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio="
                   f"{config.param_ratio}: a cut layer or MLP keeps at least rank_multiple={config.rank_multiple} "
                   "ranks or channels, and a layer stays dense where a rank would save nothing or be slow; lower "
-                  "rank_multiple, or use allocation='greedy', which meets the budget")
+                  f"rank_multiple, or use allocation='greedy', which meets the budget{config.rank_multiple_origin()}")
         logger.warning(notice)
         report.notices.append(notice)
     return model, report

@@ -34,6 +34,9 @@ EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 # Weight-only quantizations (hf_wsvd.integrations.quantization.quantization_config says what each one is).
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
+# Ranks in steps of 8 align GPU matrix kernels. A quantizer takes a factor only where its input size
+# (the rank, for an up factor) is a multiple of its group size (recipes.default_rank_multiple).
+DEFAULT_RANK_MULTIPLE = 8
 # The specs with one scale (and zero point) per quantize_group_size input weights.
 GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
@@ -428,6 +431,16 @@ class WSVDConfig:
         if self.method is None:
             raise ValueError("method=None is resolved by compress (hf_wsvd.recipes.resolve); name a method here")
         return solver_for(self).options.from_recipe(self)
+
+    def rank_multiple_origin(self) -> str:
+        """For an error that names ``rank_multiple``: where a grouped ``quantize`` asks for it, a clause
+        saying so and how to lower it; "" otherwise."""
+        group = self.quantize_group_size
+        if (self.quantize not in GROUPED_QUANTIZE_SPECS or group <= DEFAULT_RANK_MULTIPLE or not self.rank_multiple
+                or self.rank_multiple % group):
+            return ""
+        return (f" (rank_multiple={self.rank_multiple} follows quantize_group_size={group}: quantize={self.quantize!r} "
+                "takes a factor whose rank is a multiple of the group size; lower quantize_group_size)")
 
     def unread_options(self) -> dict[str, list[str]]:
         """The method options set away from their defaults that the resolved ``method`` (refined,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import block_list
-from .config import GROUPED_QUANTIZE_SPECS, WSVDConfig
+from .config import DEFAULT_RANK_MULTIPLE, GROUPED_QUANTIZE_SPECS, WSVDConfig
 from .methods.mlp_pruning import find_pairs
 from .runtime.factorized_linear import linear_shape
 from .runtime.modeling_wsvd import TORCHAO_INT8_ALIGNMENT
@@ -116,15 +116,10 @@ def _offload_activations(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, 
     return bool(recipe.sequential) and evidence.device.type == "cuda", None
 
 
-# Ranks in steps of 8 align GPU matrix kernels. A quantizer takes a factor only where its input size
-# (the rank, for an up factor) is a multiple of its group size; torchao's int8 needs 16 to compile on
-# a CPU (runtime.modeling_wsvd.TORCHAO_INT8_ALIGNMENT).
-DEFAULT_RANK_MULTIPLE = 8
-
-
 def default_rank_multiple(config: WSVDConfig) -> int:
     """The ``rank_multiple`` of ``config`` when unset: 8, or the multiple of 8 that its ``quantize``
-    needs to take every factor and pruned layer (its group size, 16 for int8)."""
+    needs to take every factor and pruned layer (its group size, 16 for int8: torchao's int8 compiles
+    on a CPU only then, ``runtime.modeling_wsvd.TORCHAO_INT8_ALIGNMENT``)."""
     if config.quantize == "int8":
         return math.lcm(DEFAULT_RANK_MULTIPLE, TORCHAO_INT8_ALIGNMENT)
     if config.quantize in GROUPED_QUANTIZE_SPECS:

@@ -82,11 +82,12 @@ def recipe_from_args(args: argparse.Namespace) -> WSVDConfig:
 
 
 def _as_options(message: str) -> str:
-    """``message`` with the recipe fields it names as ``field=value``, ``set field`` or ``drop
-    field`` written as the options that set them (``sequential=True``: ``--sequential``); quoted
-    values (a user's pattern) are left as they are."""
+    """``message`` with the recipe fields it names as ``field=value`` or after ``set``, ``drop``,
+    ``lower`` or ``raise`` written as the options that set them (``sequential=True``:
+    ``--sequential``); quoted values (a user's pattern) are left as they are."""
     names = "|".join(sorted((f.name for f in _recipe_fields()), key=len, reverse=True))
-    pattern = re.compile(rf"(?<![\w.-])({names})=(True|False)\b|(?<![\w.-])({names})(?==)|(?:(?<=\bset )|(?<=\bdrop ))({names})\b")
+    pattern = re.compile(rf"(?<![\w.-])({names})=(True|False)\b|(?<![\w.-])({names})(?==)"
+                         rf"|(?:(?<=\bset )|(?<=\bdrop )|(?<=\blower )|(?<=\braise ))({names})\b")
 
     def option(match: re.Match) -> str:
         name = match.group(1) or match.group(3) or match.group(4)
@@ -157,13 +158,12 @@ def _compress(args: argparse.Namespace) -> None:
 
     from .. import compress
     from ..blocks import is_dispatched
-    from ..compressor import refuse_quantized_targets
+    from ..compressor import recipe_targets
     from ..integrations.checkpoint import quantization_summary
     from .commands import card_evaluation, check_data, eval_folder_split, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
     from ..statistics import default_accelerator
-    from ..targets import select_targets
     from .workflow import data_loader, load_model_and_tokenizer, stored_dtype
 
     with check_output([args.model, args.data, args.eval_data], args.output, args.overwrite) as claim:
@@ -184,7 +184,7 @@ def _compress(args: argparse.Namespace) -> None:
         placement = {"device_map": args.device_map} if args.device_map else {}
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, **placement)
         # refused now, not after reading the data and the dense baseline (compress checks them again)
-        refuse_quantized_targets(model, select_targets(model, config.target_modules, config.exclude_modules))
+        recipe_targets(model, config)
         if config.quantize:
             from ..integrations.quantization import check_quantizable
 
@@ -396,6 +396,8 @@ def _run(args: argparse.Namespace) -> int:
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
         if isinstance(error, _linalg_errors()):
             message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"
+        if args.command == "compress":  # the recipe's checks inside compress name fields: said as the options
+            message = _as_options(message)
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: check_output has put the output back as it was; no traceback

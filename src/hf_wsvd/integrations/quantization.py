@@ -77,7 +77,7 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
     if spec not in GROUPED_QUANTIZE_SPECS:
         default = WSVDConfig.__dataclass_fields__["quantize_group_size"].default
         if group_size != default:  # the recipe would record a group size nothing used
-            raise ValueError(f"quantize_group_size={group_size} (--quantize-group-size): quantize={spec!r} does not "
+            raise ValueError(f"quantize_group_size={group_size}: quantize={spec!r} does not "
                              f"group its weights' inputs (only {', '.join(GROUPED_QUANTIZE_SPECS)} do): leave it at "
                              f"{default}")
         return
@@ -87,8 +87,7 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None
         if (type(module) is nn.Linear and module is not head and not name.startswith(blocks)
                 and module.in_features % group_size):
             raise ValueError(f"quantize={spec!r} groups every {group_size} inputs of a weight, but {name!r} has "
-                             f"{module.in_features} inputs: pick a quantize_group_size that divides it "
-                             f"(--quantize-group-size)")
+                             f"{module.in_features} inputs: set quantize_group_size to a divisor of it")
 
 
 def check_quantized(model: nn.Module, spec: str, group_size: int) -> None:
@@ -99,7 +98,7 @@ def check_quantized(model: nn.Module, spec: str, group_size: int) -> None:
         grouped = f" in groups of quantize_group_size={group_size}" if spec in GROUPED_QUANTIZE_SPECS else ""
         raise ValueError(f"quantize={spec!r} quantized none of the {bits.full_weights:,} weights of the block linears"
                          f"{grouped} (their input sizes: the hidden size, MLP widths, ranks): lower "
-                         "--quantize-group-size, or give a --rank-multiple that is a multiple of it")
+                         "quantize_group_size, or set rank_multiple to a multiple of it")
 
 
 def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:
