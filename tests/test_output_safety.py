@@ -231,6 +231,46 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     assert snapshot(out) != old and set(snapshot(out)) == set(old)
 
 
+def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tmp_path, monkeypatch):
+    """A Ctrl-C (or a kill) landing while OUTPUT is renamed aside, before the result takes its place,
+    or while a failed run's staging folder is deleted, waits until that is done: OUTPUT is never left
+    missing, and no staging folder is left half deleted."""
+    from hf_wsvd.cli import output
+
+    _checkpoint(tmp_path / "a")
+    out = tmp_path / "dense"
+    assert main(["export", str(tmp_path / "a"), str(out), "--dense"]) == 0
+    state, interrupted = output._state, []
+
+    def interrupting_state(path):  # read right after OUTPUT was renamed aside
+        if os.path.basename(path).startswith(".hf-wsvd-") and not interrupted:
+            interrupted.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+        return state(path)
+
+    monkeypatch.setattr(output, "_state", interrupting_state)
+    with pytest.raises(KeyboardInterrupt):
+        with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+            with claim.write("test") as staging:
+                open(os.path.join(staging, "result.txt"), "w").write("new")
+    assert interrupted and (out / "result.txt").read_text() == "new"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+    before, rmtree = snapshot(out), shutil.rmtree
+
+    def interrupting_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupting_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+            with claim.write("test") as staging:
+                open(os.path.join(staging, "result.txt"), "w").write("newer")
+                raise ValueError("the run failed")
+    assert snapshot(out) == before
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+
 TERMINATE_WHEN_WRITTEN = """
 import os, signal, sys, time
 import hf_wsvd.cli.output as output

@@ -25,9 +25,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -237,6 +239,10 @@ class OutputClaim:
     def release(self) -> None:
         """End the claim: delete the staging folder unless it was swapped in or kept, and the parent
         folders the claim made that stayed empty (a run that failed leaves no trace)."""
+        with _signals_held():
+            self._release()
+
+    def _release(self) -> None:
         if self.staging:
             shutil.rmtree(self.staging, ignore_errors=True)
             _active.discard(self.staging)
@@ -268,6 +274,10 @@ class OutputClaim:
         self._swap_in()
 
     def _swap_in(self) -> None:
+        with _signals_held():  # OUTPUT renamed aside and the result not yet in its place: not left so
+            self._swap()
+
+    def _swap(self) -> None:
         now = _state(self.output)
         if now != self.state:
             self._refuse(now)
@@ -311,6 +321,26 @@ class OutputClaim:
         _active.discard(staging)
         raise OutputChanged(f"output folder {self.output!r} changed while hf-wsvd ran ({_difference(self.state, now)}); "
                             f"it was left as it is and the new result saved to {kept!r}: move it where you want it")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM are held and raised again when the block ends, so that a second
+    Ctrl-C or a kill during a cleanup or a swap does not cut it short. Python runs signal handlers in
+    the main thread only, so elsewhere nothing is held (a thread-level mask would not do: the kernel
+    hands a process's signal to any thread that does not block it)."""
+    kinds = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        kinds = []
+    caught: list[int] = []
+    previous = {kind: signal.signal(kind, lambda number, frame: caught.append(number)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def _kept_path(output: str, what: str) -> str:
