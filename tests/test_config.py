@@ -134,6 +134,8 @@ def test_bad_param_ratio(ratio):
 
 def test_bad_method():
     _assert_rejected("'nope'", "method", method="nope")
+    _assert_rejected("['svd']", "method", method=["svd"])  # a list is no name (not an unhashable-type TypeError)
+    _assert_rejected("{'name': 'svd'}", "method", method={"name": "svd"})
 
 
 def test_bad_fisher_axis():
@@ -257,7 +259,8 @@ def test_the_shared_type_checks_refuse_bools_which_python_counts_as_ints():
 
 @pytest.mark.parametrize("argument, value, message", [
     ("data", "train.txt", "data is a str: pass an iterable of tokenized batches"),
-    ("data", {"input_ids": torch.ones(2, 3, dtype=torch.long)}, "data is a dict"),
+    ("data", {"input_ids": torch.ones(2, 3, dtype=torch.long)}, "data is one batch (a dict): pass an iterable of "
+                                                                "batches, e.g. [batch]"),
     ("data", torch.ones(2), "data is a Tensor"),
     ("data", 5, "data is a int"),
     ("config", {"method": "svd"}, "config is a dict: pass a WSVDConfig"),

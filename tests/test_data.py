@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.data import load_table, sample, teacher_samples, text_blocks, tokenize
+from hf_wsvd.data import load_table, read_texts, sample, teacher_samples, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
 from hf_wsvd.cli.workflow import data_loader
 
@@ -138,6 +138,16 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
     with pytest.raises(ValueError, match="data file '.*bad.csv' cannot be read as csv: .*Expected 2 fields in line 3"):
         load_table(tmp_path / "bad.csv")
     assert [r.getMessage() for r in logged if "bad.csv" in r.getMessage()] == []
+    # JSON lines: the first line that is not an object, counted from 1 (arrow's reader counts rows from 0)
+    (tmp_path / "bad.jsonl").write_text('{"text": "good film"}\n{"text": "bad"}\nnot json\n')
+    (tmp_path / "list.jsonl").write_text('{"text": "good film"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"cannot be read as jsonl: line 3 is not JSON \(Expecting value"):
+        load_table(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match=r"cannot be read as jsonl: line 2 is a JSON list, not an object"):
+        load_table(tmp_path / "list.jsonl")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "good film"}\n{"text": 5}\n')  # loads, its column of two types
+    with pytest.raises(ValueError, match=r"column 'text' of the data is not text \(row 2: 5\)"):
+        read_texts(str(tmp_path / "mixed.jsonl"), "the data")
     (tmp_path / "good.csv").write_text("sentence,label\ngood film,1\nbad,0\n")
     assert load_table(tmp_path / "good.csv")["label"] == [1, 0]
     logging.getLogger("datasets.packaged_modules.csv.csv").error("after the load")  # nothing held back any more
@@ -258,6 +268,12 @@ def _batch(arch: str, **changes) -> dict:
     ("bert", {"labels": torch.tensor([0, 6])}, "label 6 is outside the model's 2 classes"),
     ("bert", {"labels": torch.tensor([0.0, 1.0])}, "a classifier's labels are one class index per example"),
     ("bert", {"labels": torch.ones(2, 8, dtype=torch.long)}, "not a torch.int64 tensor of shape (2, 8)"),
+    ("llama", {"labels": torch.full((2, 8), 999)}, "label 999 is outside the model's 64 token embeddings"),
+    ("llama", {"labels": torch.full((2, 8), -5)}, "label -5 is outside the model's 64 token embeddings"),
+    ("llama", {"labels": torch.ones(2, 8, dtype=torch.bool)}, "a causal LM's labels are its input ids"),
+    # refinement weighs each token's error by its mask: a mask is 0 or 1
+    ("llama", {"attention_mask": -torch.ones(2, 8, dtype=torch.long)}, "attention_mask holds -1; it marks each token"),
+    ("llama", {"attention_mask": torch.full((2, 8), 0.5)}, "attention_mask holds 0.5; it marks each token"),
 ])
 def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, message):
     good = _batch(arch)
@@ -278,6 +294,42 @@ class _Stream(torch.utils.data.IterableDataset):
         for seed in range(4):
             ids = tiny.inputs("llama", batch=1, length=8, seed=seed)["input_ids"][0]
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_integer_labels_of_any_width_and_the_usual_mistakes_around_the_call():
+    """int32 labels (numpy's default on Windows) give the int64 result; a no_grad() around compress
+    changes nothing; one batch (a tokenizer's output) and inference_mode() are refused by name."""
+    config = WSVDConfig(method="fwsvd", param_ratio=0.5)
+    int64, _ = compress(tiny.build("llama"), config, [_batch("llama")], show_progress=False)
+    int32, _ = compress(tiny.build("bert"), config, [_batch("bert", labels=torch.tensor([0, 1], dtype=torch.int32))],
+                        show_progress=False)
+    bert64, _ = compress(tiny.build("bert"), config, [_batch("bert")], show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(int32.state_dict().values(), bert64.state_dict().values()))
+    batch = _batch("llama")
+    with torch.no_grad():
+        quiet, _ = compress(tiny.build("llama"), config, [dict(batch, labels=batch["labels"].int())],
+                            show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), int64.state_dict().values()))
+    encoded = tiny.tokenizer()(["good film", "bad"], return_tensors="pt", padding=True)
+    with pytest.raises(TypeError, match=r"data is one batch \(a BatchEncoding\): pass an iterable of batches, e.g. "
+                                        r"\[batch\]"):
+        compress(tiny.build("llama"), config, encoded, show_progress=False)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"compress was called under "
+                                                                    r"torch.inference_mode\(\)"):
+        compress(tiny.build("llama"), config, [batch], show_progress=False)
+
+
+def test_a_float64_default_dtype_does_not_reach_the_fisher_pass():
+    """torch.set_default_dtype(torch.float64) (scientific code): the statistics are the same."""
+    config = WSVDConfig(method="fwsvd", param_ratio=0.5)
+    expected, _ = compress(tiny.build("llama"), config, [_batch("llama")], show_progress=False)
+    model = tiny.build("llama")
+    torch.set_default_dtype(torch.float64)
+    try:
+        got, _ = compress(model, config, [_batch("llama")], show_progress=False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), expected.state_dict().values()))
 
 
 def test_batches_that_worked_before_the_check_still_do():

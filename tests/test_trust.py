@@ -480,6 +480,20 @@ def test_another_task_class_gets_a_new_head_but_never_a_random_base_tensor(check
         transformers.AutoModelForMaskedLM.from_pretrained(checkpoint)
 
 
+def test_a_class_that_names_the_layers_otherwise_is_refused_as_such_not_as_damage(tmp_path):
+    """LlamaForQuestionAnswering keeps its base model under 'transformer.', the saved LlamaForCausalLM
+    under 'model.': the file is intact, and the error says which class to load it with."""
+    model, _ = tiny.compressed("llama")
+    model.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"\(it holds 'model\.[^)]*\) \(\d+ tensors affected\): LlamaForQuestionAnswering "
+                                         r"keeps its layers under other names than LlamaForCausalLM, the class the "
+                                         r"checkpoint was saved as: load it as that class"):
+        transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "lm")
+    edit_weights(tmp_path / "lm", lambda t: t.pop("model.layers.0.mlp.down_proj.down.weight"))
+    with pytest.raises(ValueError, match="the file is damaged or belongs to another recipe"):  # damage is still damage
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+
+
 def test_loading_info_is_still_returned_on_request(checkpoint):
     model, info = AUTO.from_pretrained(checkpoint, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()

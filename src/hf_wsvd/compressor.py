@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -91,10 +91,16 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, stati
     if not isinstance(config, WSVDConfig):
         raise TypeError(f"config is a {type(config).__name__}: pass a WSVDConfig (WSVDConfig(**fields) or "
                         "WSVDConfig.from_dict)")
-    if isinstance(data, (str, bytes, os.PathLike, dict, torch.Tensor)) or \
+    if isinstance(data, Mapping):  # one batch (a dict, a tokenizer's BatchEncoding) iterates as its keys
+        raise TypeError(f"data is one batch (a {type(data).__name__}): pass an iterable of batches, e.g. [batch] or "
+                        "a DataLoader")
+    if isinstance(data, (str, bytes, os.PathLike, torch.Tensor)) or \
             (data is not None and not isinstance(data, Iterable)):
         raise TypeError(f"data is a {type(data).__name__}: pass an iterable of tokenized batches (dicts of tensors: "
                         "a DataLoader or a list; hf_wsvd.cli.workflow.data_loader reads files)")
+    if torch.is_inference_mode_enabled():  # its tensors never take gradients, nor could the weights made there
+        raise RuntimeError("compress was called under torch.inference_mode(): the Fisher pass and block refinement "
+                           "take gradients, and the weights made there could never be trained; call it outside")
     if accelerator is not None and not isinstance(accelerator, Accelerator):
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
     if statistics is not None and not isinstance(statistics, Statistics):
@@ -211,7 +217,9 @@ def compress(
     """
     _check_arguments(model, config, data, accelerator, statistics, dtype)
     accelerator = accelerator or default_accelerator()
-    with forked_streams(accelerator.device):
+    # The Fisher pass and block refinement take gradients, wherever compress is called from
+    # (a caller's torch.no_grad() is a common habit around "inference-like" work).
+    with forked_streams(accelerator.device), torch.enable_grad():
         seed_streams(config.seed, accelerator.device)
         return _compress(model, config, data, loss_fn, accelerator, statistics, show_progress, dtype)
 

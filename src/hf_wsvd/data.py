@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import json
 import logging
 import math
 import os
@@ -108,10 +109,28 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
                 raise ValueError(f"data file {path!r} holds no rows, only a header") from error
             cause = error.__cause__ or error
             detail = (str(cause).splitlines() or [type(cause).__name__])[0]
+            if builder == "json":  # arrow's reader counts rows from 0 within a chunk: the line, counted from 1
+                detail = _bad_json_line(path) or detail
             raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {detail}") from error
     if len(table) == 0:
         raise ValueError(f"data file {path!r} holds no rows")
     return table
+
+
+def _bad_json_line(path: str) -> str | None:
+    """Where ``path`` is JSON lines (its first line an object), its first line that is not a JSON
+    object, said with its number (from 1); else None."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as error:
+                return None if number == 1 else f"line {number} is not JSON ({error})"
+            if not isinstance(value, dict):
+                return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def _lines_at_most(path: str, count: int) -> bool:
@@ -184,6 +203,9 @@ def resolve_columns(
         strings = [c for c in columns if c != label_column
                    and getattr(dataset.features[c], "dtype", None) in ("string", "large_string")]
         if not strings:
+            for column in columns:  # values of several types (datasets' Json feature): the first odd one, named
+                if column != label_column and type(dataset.features[column]).__name__ == "Json":
+                    _check_text(column, source, dataset[column], missing=True)
             besides = f" besides the label column {label_column!r}" if label_column in columns else ""
             raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
         text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]
@@ -486,6 +508,9 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     mask = batch.get("attention_mask")
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
         raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
+    if mask is not None and not ((mask == 0) | (mask == 1)).all():  # refinement would weigh tokens by it
+        odd = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(f"{where}: attention_mask holds {odd!r}; it marks each token 1 (real) or 0 (padding)")
     labels = batch.get("labels")
     if labels is None or not task_labels:
         return
@@ -495,9 +520,14 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         task = task_of(model)
     except ValueError:  # a model of no task hf_wsvd knows: its loss_fn reads the labels
         return
-    if task == CAUSAL_LM and (labels.shape != ids.shape or labels.is_floating_point()):
+    if task == CAUSAL_LM and (labels.shape != ids.shape or labels.is_floating_point() or labels.dtype == torch.bool):
         raise ValueError(f"{where}: a causal LM's labels are its input ids ({tuple(ids.shape)} integers, -100 where "
                          f"not predicted), not {_shown(labels)}")
+    if task == CAUSAL_LM:
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= vocabulary))]
+        if wrong.numel():
+            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} token embeddings "
+                             "(a causal LM's labels are its input ids, -100 where not predicted)")
     if task == CLASSIFICATION:
         classes = model.config.num_labels
         if labels.shape != ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:

@@ -25,7 +25,8 @@ class Registry(MutableMapping[str, T]):
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self.builtins or name in self._entries
+        # a list or dict given for a name is simply not one (not a TypeError naming no field)
+        return isinstance(name, str) and (name in self.builtins or name in self._entries)
 
     def __iter__(self) -> Iterator[str]:
         return iter([*self.builtins, *(name for name in self._entries if name not in self.builtins)])

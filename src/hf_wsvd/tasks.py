@@ -113,7 +113,7 @@ def per_example_loss(task: str) -> LossFn:
         logits = model(**inputs).logits.float()
         labels = batch["labels"]
         if task == CLASSIFICATION:
-            return F.cross_entropy(logits, labels, reduction="none")
+            return F.cross_entropy(logits, labels.long(), reduction="none")
         if task == REGRESSION:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
         nll, tokens = causal_lm_nll(logits, labels)  # causal LM: mean token loss of each sequence
@@ -125,6 +125,6 @@ def per_example_loss(task: str) -> LossFn:
 def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token negative log-likelihood, number of predicted tokens) of each sequence of a
     causal LM batch; labels of -100 are not predicted."""
-    targets = labels[:, 1:]
+    targets = labels[:, 1:].long()  # any integer dtype (numpy's default is int32 on Windows)
     token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return token_loss.sum(dim=1), (targets != -100).sum(dim=1)

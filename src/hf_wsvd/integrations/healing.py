@@ -375,6 +375,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     merged) and a report. Both models train on the GPU where there is one; a model on one device
     ends on it again (one placed by accelerate keeps its placement)."""
     config = config or HealConfig()
+    if torch.is_inference_mode_enabled():  # no tensor made there ever takes a gradient
+        raise RuntimeError("heal was called under torch.inference_mode(), where nothing can be trained; call it outside")
     check_student(student)
     check_teacher(student, teacher)
     offloaded = next((name for name, p in student.named_parameters() if p.device.type == "meta"), None)
@@ -386,8 +388,9 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
                          f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
     use_cuda = torch.cuda.is_available()
     bf16 = use_cuda if config.bf16 is None else config.bf16
-    # both train on the GPU where there is one, and go back where they were
-    with given_back(student), given_back(teacher):
+    # both train on the GPU where there is one, and go back where they were; a caller's no_grad
+    # would leave the training without gradients
+    with given_back(student), given_back(teacher), torch.enable_grad():
         for model in (student, teacher) if use_cuda else ():
             if not is_dispatched(model):  # accelerate's placement moves what it placed
                 model.to("cuda")

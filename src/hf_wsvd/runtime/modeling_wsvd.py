@@ -473,8 +473,15 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
         stored = sorted(info["unexpected_keys"])
         # e.g. a file of another recipe, or with other names
         instead = f" (it holds {stored[0]!r}, which this model has no place for)" if stored else ""
+        why = "the file is damaged or belongs to another recipe"
+        tops = {name for name, _ in model.named_children()}
+        if stored and all(key.split(".")[0] not in tops for key in stored):  # another class's layout of the same weights
+            saved = (getattr(model.config, "architectures", None) or ["?"])[0].removeprefix(CLASS_PREFIX)
+            why = (f"{type(model).__name__.removeprefix(CLASS_PREFIX)} keeps its layers under other names than "
+                   f"{saved}, the class the checkpoint was saved as: load it as that class (its Auto class) or with "
+                   "AutoModel")
         raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
-                         "tensors affected): the file is damaged or belongs to another recipe")
+                         f"tensors affected): {why}")
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""

@@ -88,7 +88,7 @@ def _squared_gradients(x: torch.Tensor, g: torch.Tensor) -> Iterator[torch.Tenso
     # exact zeros and contributes exactly nothing, so dropping those rows skips work, not terms.
     x, g = x.float(), g.float()
     live = g.ne(0).any(dim=-1)
-    buffer = torch.empty(g.shape[-1], x.shape[-1])
+    buffer = torch.empty(g.shape[-1], x.shape[-1], dtype=torch.float32)  # whatever the default dtype
     for n in range(g.shape[0]):
         rows = live[n]
         if not rows.any():
