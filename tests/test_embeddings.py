@@ -153,6 +153,19 @@ def test_generate_with_a_factorized_tied_head(tmp_path):
     assert torch.equal(model.generate(ids, **kwargs), loaded.generate(ids, **kwargs))
 
 
+def test_resizing_a_factorized_table_is_refused_and_a_dense_one_still_resizes():
+    """transformers' resize copies rows of an nn.Embedding: a factorized table gets a one-line error
+    saying what to do; a compressed model whose embeddings stayed dense resizes as a stock one."""
+    model, _ = tiny.compressed("llama", embeddings=True, embedding_ratio=0.5)
+    with pytest.raises(ValueError, match=r"resize_token_embeddings cannot resize a factorized embedding table .*: "
+                                         r"resize the dense model before compressing it"):
+        model.resize_token_embeddings(80)
+    assert model.get_input_embeddings().num_embeddings == tiny.VOCAB_SIZE
+    dense_table, _ = tiny.compressed("llama")
+    dense_table.resize_token_embeddings(80)
+    assert dense_table.get_input_embeddings().num_embeddings == dense_table.config.vocab_size == 80
+
+
 def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
     cases = {}
     for arch in ("llama", "bert"):

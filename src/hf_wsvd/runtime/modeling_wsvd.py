@@ -821,6 +821,14 @@ class _WsvdModelMixin:
         share_input_factors(model)
         return (model, info) if wants_info else model
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers' resize copies rows of an nn.Embedding; a factorized table has none to copy
+        if isinstance(self.get_input_embeddings(), FactorizedEmbedding):
+            raise ValueError("resize_token_embeddings cannot resize a factorized embedding table (compressed with "
+                             "embeddings=True): resize the dense model before compressing it, or export this one dense "
+                             "(hf-wsvd export) and resize that")
+        return super().resize_token_embeddings(*args, **kwargs)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # A conversion releases the shared down factors (FactorizedLinear._apply): stack them again.
         shared = any(isinstance(m, FactorizedLinear) and m.shared_down is not None for m in self.modules())

@@ -36,13 +36,16 @@ class AttentionPruning(ChannelModifier):
         cut (64 at 64) is left to factorization, said in one log line."""
         groups = attention_groups(job.model, job.targets)
         kept = [group for group in groups if group.head_dim > job.config.rank_multiple]
-        if len(kept) < len(groups):  # e.g. quantize=int4 steps ranks by its group of 64: as wide as a head
+        if kept and len(kept) < len(groups):  # e.g. quantize=int4 steps ranks by its group of 64: as wide as a head
             logger.warning(f"attention_pruning: {len(groups) - len(kept)} of {len(groups)} attentions have a head size "
                            f"of at most rank_multiple={job.config.rank_multiple}, which leaves no step to cut: they "
                            "are factorized instead (a smaller rank_multiple cuts them)")
         return kept
 
     def none_found(self, job: Job) -> str:
+        if attention_groups(job.model, job.targets):  # found, and every one too narrow (groups)
+            return (f"no attention it can cut (every head size is at most rank_multiple={job.config.rank_multiple}, "
+                    "which leaves no step to cut; a smaller rank_multiple cuts them)")
         reason = next((f"{type(m).__name__}: {why}" for m in job.model.modules()
                        if attention_layout(m) is not None and (why := unsupported(m)) is not None), None)
         return f"no attention it can cut ({reason})" if reason else super().none_found(job)
