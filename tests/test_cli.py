@@ -124,8 +124,8 @@ def test_compress_calibrates_a_causal_lm_on_blocks_it_writes_too(tmp_path, token
     (["--generated-samples", "-2"], "-2 is not an integer >= 0"),
     (["--generated-samples", "2"], "only a causal LM writes calibration text"),
     # a rank multiple the quantizer's group size set: the error names the option the user gave
-    (["--quantize", "int4", "--quantize-group-size", "32"], "lower --rank-multiple (--rank-multiple=32 follows "
-                                                              "--quantize-group-size=32: --quantize='int4' takes a"),
+    (["--quantize", "int4", "--quantize-group-size", "32"], "; lower --quantize-group-size (--rank-multiple=32 "
+                                                              "follows it: --quantize='int4' takes a factor whose"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, args, message):
     argv = ["compress", str(classifier_dir), str(tmp_path / "out"), "--data", str(tsv), *args]
@@ -133,6 +133,7 @@ def test_bad_input_exits_with_one_line(tmp_path, classifier_dir, tsv, capsys, ar
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert errors[0].startswith("hf-wsvd") and len(errors[0]) < 300
+    assert not re.search(r"--([\w-]+)=\S+ \(--\1\)", errors[0]), errors[0]
     assert not (tmp_path / "out").exists()
 
 

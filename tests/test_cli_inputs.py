@@ -135,6 +135,17 @@ def test_dataset_folders_are_read_not_written_and_bad_ones_are_one_line(tmp_path
         capsys, ["eval", str(classifier_dir), "--data", str(listed), "--text-columns", "sentence"])
 
 
+def test_a_message_written_for_the_api_and_the_cli_names_the_option_once(tmp_path, tokenizer, capsys):
+    """data.py says "max_length=1 (--max-length)"; compress's errors name options: said once."""
+    from test_cli import _causal_lm_and_text
+
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    capsys.readouterr()
+    error = one_error(capsys, ["compress", str(dense), str(tmp_path / "lm"), "--data", str(text), "--max-length", "1"])
+    assert "error: --max-length=1 leaves a causal LM no token to predict in a block" in error, error
+    assert not (tmp_path / "lm").exists()
+
+
 def test_an_exclusion_of_every_default_target_is_refused_before_the_data_is_read(tmp_path, classifier_dir, tsv, capsys,
                                                                                    monkeypatch):
     from hf_wsvd.cli import workflow

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 
+import datasets
 import pytest
 import torch
 
@@ -262,6 +263,8 @@ def test_the_shared_type_checks_refuse_bools_which_python_counts_as_ints():
     ("data", {"input_ids": torch.ones(2, 3, dtype=torch.long)}, "data is one batch (a dict): pass an iterable of "
                                                                 "batches, e.g. [batch]"),
     ("data", torch.ones(2), "data is a Tensor"),
+    ("data", datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}),
+     "data is a DatasetDict of splits ['train']: pass tokenized batches of one split"),
     ("data", 5, "data is a int"),
     ("config", {"method": "svd"}, "config is a dict: pass a WSVDConfig"),
     ("config", None, "config is a NoneType"),

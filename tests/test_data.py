@@ -268,8 +268,8 @@ def _batch(arch: str, **changes) -> dict:
     ("bert", {"labels": torch.tensor([0, 6])}, "label 6 is outside the model's 2 classes"),
     ("bert", {"labels": torch.tensor([0.0, 1.0])}, "a classifier's labels are one class index per example"),
     ("bert", {"labels": torch.ones(2, 8, dtype=torch.long)}, "not a torch.int64 tensor of shape (2, 8)"),
-    ("llama", {"labels": torch.full((2, 8), 999)}, "label 999 is outside the model's 64 token embeddings"),
-    ("llama", {"labels": torch.full((2, 8), -5)}, "label -5 is outside the model's 64 token embeddings"),
+    ("llama", {"labels": torch.full((2, 8), 999)}, "label 999 is outside the model's 64 output tokens"),
+    ("llama", {"labels": torch.full((2, 8), -5)}, "label -5 is outside the model's 64 output tokens"),
     ("llama", {"labels": torch.ones(2, 8, dtype=torch.bool)}, "a causal LM's labels are its input ids"),
     # refinement weighs each token's error by its mask: a mask is 0 or 1
     ("llama", {"attention_mask": -torch.ones(2, 8, dtype=torch.long)}, "attention_mask holds -1; it marks each token"),

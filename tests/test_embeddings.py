@@ -155,8 +155,13 @@ def test_generate_with_a_factorized_tied_head(tmp_path):
 
 def test_resizing_a_factorized_table_is_refused_and_a_dense_one_still_resizes():
     """transformers' resize copies rows of an nn.Embedding: a factorized table gets a one-line error
-    saying what to do; a compressed model whose embeddings stayed dense resizes as a stock one."""
+    saying what to do, unless the size stays (a getter, or len(tokenizer) in a fine-tuning script); a
+    compressed model whose embeddings stayed dense resizes as a stock one."""
     model, _ = tiny.compressed("llama", embeddings=True, embedding_ratio=0.5)
+    table = model.get_input_embeddings()
+    assert model.resize_token_embeddings() is table
+    assert model.resize_token_embeddings(tiny.VOCAB_SIZE) is table
+    assert model.resize_token_embeddings(tiny.VOCAB_SIZE - 3, pad_to_multiple_of=8) is table
     with pytest.raises(ValueError, match=r"resize_token_embeddings cannot resize a factorized embedding table .*: "
                                          r"resize the dense model before compressing it"):
         model.resize_token_embeddings(80)

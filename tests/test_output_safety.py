@@ -231,10 +231,18 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
     assert snapshot(out) != old and set(snapshot(out)) == set(old)
 
 
-def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tmp_path, monkeypatch):
+class _Killed(Exception):
+    pass
+
+
+def _killed(number, frame):  # the CLI's SIGTERM handler raises too; the default would end pytest
+    raise _Killed
+
+
+def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tmp_path, monkeypatch, capsys):
     """A Ctrl-C (or a kill) landing while OUTPUT is renamed aside, before the result takes its place,
     or while a failed run's staging folder is deleted, waits until that is done: OUTPUT is never left
-    missing, and no staging folder is left half deleted."""
+    missing, and no staging folder is left half deleted. Before the swap begins one aborts it."""
     from hf_wsvd.cli import output
 
     _checkpoint(tmp_path / "a")
@@ -242,19 +250,36 @@ def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tm
     assert main(["export", str(tmp_path / "a"), str(out), "--dense"]) == 0
     state, interrupted = output._state, []
 
-    def interrupting_state(path):  # read right after OUTPUT was renamed aside
-        if os.path.basename(path).startswith(".hf-wsvd-") and not interrupted:
-            interrupted.append(path)
-            os.kill(os.getpid(), signal.SIGINT)
-        return state(path)
+    def interrupting(kinds, when):
+        def read(path):
+            if when(os.path.basename(path)) and not interrupted:
+                interrupted.append(path)
+                for kind in kinds:
+                    os.kill(os.getpid(), kind)
+            return state(path)
+        return read
 
-    monkeypatch.setattr(output, "_state", interrupting_state)
-    with pytest.raises(KeyboardInterrupt):
-        with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
-            with claim.write("test") as staging:
-                open(os.path.join(staging, "result.txt"), "w").write("new")
-    assert interrupted and (out / "result.txt").read_text() == "new"
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+    def replace(kinds, when, expected):
+        interrupted.clear()
+        monkeypatch.setattr(output, "_state", interrupting(kinds, when))
+        with pytest.raises(expected):
+            with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+                with claim.write("test") as staging:
+                    open(os.path.join(staging, "result.txt"), "w").write("new")
+        assert interrupted and [p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")] == []
+
+    before = snapshot(out)
+    replace([signal.SIGINT], lambda name: name == "dense", KeyboardInterrupt)  # OUTPUT read before the renames
+    assert snapshot(out) == before and "already held" not in capsys.readouterr().err
+    replace([signal.SIGINT], lambda name: name.startswith(".hf-wsvd-"), KeyboardInterrupt)  # read once renamed aside
+    assert (out / "result.txt").read_text() == "new"
+    assert f"hf-wsvd: {str(out)!r} already held the new result when the signal came" in capsys.readouterr().err
+    previous = signal.signal(signal.SIGTERM, _killed)
+    try:  # a Ctrl-C and a kill: the kill wins (exit 143, not 130)
+        replace([signal.SIGINT, signal.SIGTERM], lambda name: name.startswith(".hf-wsvd-"), _Killed)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before, rmtree = snapshot(out), shutil.rmtree
 
     def interrupting_rmtree(path, *args, **kwargs):

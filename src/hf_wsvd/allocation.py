@@ -89,12 +89,14 @@ class Budgeted:
 
 def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multiple: int = 1,
                  extra: dict[str, Budgeted] | None = None, max_kept_ratio: SpeedLimit = None,
-                 lengths: dict[str, int] | None = None) -> tuple[dict[str, Budgeted], dict[str, int], float, int]:
+                 lengths: dict[str, int] | None = None, remedy: str = "lower rank_multiple",
+                 ) -> tuple[dict[str, Budgeted], dict[str, int], float, int]:
     """Where ``greedy_ranks`` starts: (the layers and groups it allocates, each one's largest rank
     or channel count short of dense, the budget, the parameters spent with every layer at its first
     step and those its speed limit keeps dense); raises if no layer can be cut or the
     first steps exceed the budget. Shapes alone decide it (``lengths``: each spectrum's length, by
-    default the full rank), so it can be checked before any pass over the data."""
+    default the full rank), so it can be checked before any pass over the data. ``remedy`` ends the
+    error where ``multiple`` leaves no rank (``WSVDConfig.rank_multiple_remedy``)."""
     lengths = lengths or {}
     items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), lengths.get(n, min(i, o))))
              for n, (i, o) in shapes.items()}
@@ -111,7 +113,7 @@ def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multipl
     if not items:
         raise ValueError(f"no target layer has a rank that is a multiple of rank_multiple={multiple}, saves "
                          "parameters" + (f" and keeps at most max_kept_ratio_for_speed={max_kept_ratio}"
-                                         if max_kept_ratio is not None else "") + "; lower rank_multiple")
+                                         if max_kept_ratio is not None else "") + f"; {remedy}")
     budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
     spent = sum(multiple * item.unit_params for item in items.values()) + sum(slow.values())
     if spent > budget:

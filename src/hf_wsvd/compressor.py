@@ -91,6 +91,10 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, stati
     if not isinstance(config, WSVDConfig):
         raise TypeError(f"config is a {type(config).__name__}: pass a WSVDConfig (WSVDConfig(**fields) or "
                         "WSVDConfig.from_dict)")
+    datasets = sys.modules.get("datasets")  # a DatasetDict is a dict too: not a batch
+    if datasets is not None and isinstance(data, datasets.DatasetDict):
+        raise TypeError(f"data is a DatasetDict of splits {sorted(data)}: pass tokenized batches of one split "
+                        "(hf_wsvd.cli.workflow.data_loader(model, tokenizer, data['train'], ...))")
     if isinstance(data, Mapping):  # one batch (a dict, a tokenizer's BatchEncoding) iterates as its keys
         raise TypeError(f"data is one batch (a {type(data).__name__}): pass an iterable of batches, e.g. [batch] or "
                         "a DataLoader")
@@ -324,8 +328,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said
         notice = (f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio="
                   f"{config.param_ratio}: a cut layer or MLP keeps at least rank_multiple={config.rank_multiple} "
-                  "ranks or channels, and a layer stays dense where a rank would save nothing or be slow; lower "
-                  f"rank_multiple, or use allocation='greedy', which meets the budget{config.rank_multiple_origin()}")
+                  "ranks or channels, and a layer stays dense where a rank would save nothing or be slow; "
+                  f"{config.rank_multiple_remedy()}, or use allocation='greedy', which meets the budget")
         logger.warning(notice)
         report.notices.append(notice)
     return model, report

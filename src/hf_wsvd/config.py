@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import textwrap
@@ -376,9 +377,8 @@ class WSVDConfig:
         from .statistics.names import GRAM
 
         if self.method is not None and GRAM not in solver_for(self).needs_for(self.method_options()):
-            flag = "--no-" + name.replace("_", "-")
             raise ValueError(f"{name}=True reads activation Grams, which only whiten and fisher_whiten collect; "
-                             f"method={self.method!r} does not: choose one of those or {flag}")
+                             f"method={self.method!r} does not: choose one of those or {name}=False")
 
     def _validate_block_refinement(self) -> None:
         steps, rate = self.block_refine_steps, self.block_refine_learning_rate
@@ -432,15 +432,15 @@ class WSVDConfig:
             raise ValueError("method=None is resolved by compress (hf_wsvd.recipes.resolve); name a method here")
         return solver_for(self).options.from_recipe(self)
 
-    def rank_multiple_origin(self) -> str:
-        """For an error that names ``rank_multiple``: where a grouped ``quantize`` asks for it, a clause
-        saying so and how to lower it; "" otherwise."""
+    def rank_multiple_remedy(self) -> str:
+        """How to lower ``rank_multiple``, for an error it causes: where a grouped ``quantize`` chose it
+        (``recipes.default_rank_multiple``), by lowering the group size; else by lowering it."""
         group = self.quantize_group_size
-        if (self.quantize not in GROUPED_QUANTIZE_SPECS or group <= DEFAULT_RANK_MULTIPLE or not self.rank_multiple
-                or self.rank_multiple % group):
-            return ""
-        return (f" (rank_multiple={self.rank_multiple} follows quantize_group_size={group}: quantize={self.quantize!r} "
-                "takes a factor whose rank is a multiple of the group size; lower quantize_group_size)")
+        if self.quantize in GROUPED_QUANTIZE_SPECS and self.rank_multiple == math.lcm(DEFAULT_RANK_MULTIPLE, group) \
+                and self.rank_multiple != DEFAULT_RANK_MULTIPLE:
+            return (f"lower quantize_group_size (rank_multiple={self.rank_multiple} follows it: quantize="
+                    f"{self.quantize!r} takes a factor whose rank is a multiple of the group size)")
+        return "lower rank_multiple"
 
     def unread_options(self) -> dict[str, list[str]]:
         """The method options set away from their defaults that the resolved ``method`` (refined,

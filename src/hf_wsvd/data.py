@@ -203,8 +203,11 @@ def resolve_columns(
         strings = [c for c in columns if c != label_column
                    and getattr(dataset.features[c], "dtype", None) in ("string", "large_string")]
         if not strings:
-            for column in columns:  # values of several types (datasets' Json feature): the first odd one, named
-                if column != label_column and type(dataset.features[column]).__name__ == "Json":
+            # A column of strings and other values (datasets 5's Json feature; named, since older releases
+            # lack the class) was meant as text: its first odd value is named.
+            for column in columns:
+                if column != label_column and type(dataset.features[column]).__name__ == "Json" and \
+                        any(isinstance(value, str) for value in dataset[column]):
                     _check_text(column, source, dataset[column], missing=True)
             besides = f" besides the label column {label_column!r}" if label_column in columns else ""
             raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
@@ -524,10 +527,11 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         raise ValueError(f"{where}: a causal LM's labels are its input ids ({tuple(ids.shape)} integers, -100 where "
                          f"not predicted), not {_shown(labels)}")
     if task == CAUSAL_LM:
-        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= vocabulary))]
+        scores = getattr(model.get_output_embeddings(), "out_features", None) or vocabulary  # what the loss reads
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= scores))]
         if wrong.numel():
-            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} token embeddings "
-                             "(a causal LM's labels are its input ids, -100 where not predicted)")
+            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {scores} output tokens (a causal "
+                             "LM's labels are its input ids, -100 where not predicted)")
     if task == CLASSIFICATION:
         classes = model.config.num_labels
         if labels.shape != ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:

@@ -55,9 +55,11 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
     config = model.config
     if config.model_type != MODEL_TYPE:
         base_type = config.model_type
-        # The model gets its own copy, held by every module that held the old one (sub-models share
-        # it): a config object the caller also built other models from (a teacher beside its
-        # student) stays as it was. Both classes are attribute-free subclasses, so switching keeps all state.
+        # The model gets its own copy of the top-level config, held by every module that held the old
+        # one (sub-models share it): the object the caller also built other models from (a teacher
+        # beside its student) keeps its class and fields; what it holds (sub-configs, id2label) is
+        # shared, as sub-models' links to it need, and nothing here edits it. Both classes are
+        # attribute-free subclasses, so switching keeps all state.
         shared, config = config, copy.copy(config)
         for module in model.modules():
             if getattr(module, "config", None) is shared:

@@ -96,7 +96,9 @@ def _as_options(message: str) -> str:
 
     # Odd parts are quoted spans (an apostrophe after a letter opens none): values given, not names.
     parts = re.split(r"((?<!\w)'(?:[^'\\]|\\.)*'|(?<!\w)\"(?:[^\"\\]|\\.)*\")", message)
-    return "".join(part if i % 2 else pattern.sub(option, part) for i, part in enumerate(parts))
+    written = "".join(part if i % 2 else pattern.sub(option, part) for i, part in enumerate(parts))
+    # A message written for both audiences ("max_length=1 (--max-length)") names the option once.
+    return re.sub(r"(--(?P<flag>[a-z][\w-]*)=(?:'[^']*'|\"[^\"]*\"|[^\s()]+)) \(--(?P=flag)\)", r"\1", written)
 
 
 def _recipe_fields() -> list[dataclasses.Field]:
@@ -400,7 +402,7 @@ def _run(args: argparse.Namespace) -> int:
             message = _as_options(message)
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: check_output has put the output back as it was; no traceback
+    except KeyboardInterrupt:  # Ctrl-C: check_output left the output as it was (or, mid-swap, finished and said so)
         print(f"hf-wsvd {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -274,10 +274,6 @@ class OutputClaim:
         self._swap_in()
 
     def _swap_in(self) -> None:
-        with _signals_held():  # OUTPUT renamed aside and the result not yet in its place: not left so
-            self._swap()
-
-    def _swap(self) -> None:
         now = _state(self.output)
         if now != self.state:
             self._refuse(now)
@@ -289,20 +285,23 @@ class OutputClaim:
             return
         aside = _staging_path(self.output, "old")
         _active.add(aside)
-        try:
-            os.replace(self.output, aside)
-            moved = _state(aside)  # renamed aside, nothing can be added to it any more by its path
-            if moved != self.state:
-                self._put_back(aside)
-                self._refuse(moved)
+        # From the first rename to the second OUTPUT is missing: a signal then waits until the new
+        # result is in place (and says so), or the old one back.
+        with _signals_held(f"hf-wsvd: {self.output!r} already held the new result when the signal came"):
             try:
-                os.replace(self.staging, self.output)
-            except BaseException:
-                self._put_back(aside)
-                raise
-        finally:
-            _active.discard(aside)
-        shutil.rmtree(aside)
+                os.replace(self.output, aside)
+                moved = _state(aside)  # renamed aside, nothing can be added to it any more by its path
+                if moved != self.state:
+                    self._put_back(aside)
+                    self._refuse(moved)
+                try:
+                    os.replace(self.staging, self.output)
+                except BaseException:
+                    self._put_back(aside)
+                    raise
+            finally:
+                _active.discard(aside)
+            shutil.rmtree(aside)
 
     def _put_back(self, aside: str) -> None:
         """Return the folder renamed aside to OUTPUT; if OUTPUT was taken meanwhile, to a visible
@@ -324,23 +323,24 @@ class OutputClaim:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are held and raised again when the block ends, so that a second
-    Ctrl-C or a kill during a cleanup or a swap does not cut it short. Python runs signal handlers in
-    the main thread only, so elsewhere nothing is held (a thread-level mask would not do: the kernel
-    hands a process's signal to any thread that does not block it)."""
-    kinds = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
-    if threading.current_thread() is not threading.main_thread():
-        kinds = []
+def _signals_held(done: str | None = None) -> Iterator[None]:
+    """Within: SIGINT and SIGTERM are held; when the block ends normally the one that came (SIGTERM if
+    both did) is raised again, after ``done`` is printed. Python runs signal handlers in the main
+    thread only, so elsewhere nothing is held (a thread's signal mask would not do: the kernel hands
+    a process's signal to any thread that does not block it)."""
     caught: list[int] = []
-    previous = {kind: signal.signal(kind, lambda number, frame: caught.append(number)) for kind in kinds}
-    try:
+    with contextlib.ExitStack() as restore:
+        if threading.current_thread() is threading.main_thread():
+            for kind in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(kind)
+                if handler is not None:  # None: set outside Python, not swapped
+                    restore.callback(signal.signal, kind, handler)  # first: restored whatever comes next
+                    signal.signal(kind, lambda number, frame: caught.append(number))
         yield
-    finally:
-        for kind, handler in previous.items():
-            signal.signal(kind, handler)
-        for number in dict.fromkeys(caught):
-            signal.raise_signal(number)
+    if caught:  # an error in the block ends the run anyway: its exception is not replaced
+        if done:
+            print(done, file=sys.stderr)
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in caught else signal.SIGINT)
 
 
 def _kept_path(output: str, what: str) -> str:

@@ -42,8 +42,8 @@ def embedding_rank(config: WSVDConfig, vocab_size: int, hidden: int) -> int:
     rank = round_rank(rank_for_ratio(vocab_size, hidden, config.embedding_ratio), config.rank_multiple)
     if rank == 0:
         raise ValueError(f"embedding_ratio={config.embedding_ratio} gives the {vocab_size}x{hidden} embeddings a rank "
-                         f"below rank_multiple={config.rank_multiple}: raise embedding_ratio or lower rank_multiple"
-                         f"{config.rank_multiple_origin()}")
+                         f"below rank_multiple={config.rank_multiple}: raise embedding_ratio or "
+                         f"{config.rank_multiple_remedy()}")
     if not saves_parameters(vocab_size, hidden, rank):
         raise ValueError(f"embedding_ratio={config.embedding_ratio} saves nothing on the {vocab_size}x{hidden} embeddings")
     return rank

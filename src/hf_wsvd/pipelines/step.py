@@ -148,7 +148,7 @@ def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[
             others = "" if len(zero) == len(job.targets) else " and saves nothing on the others"
             raise ValueError(f"param_ratio={config.param_ratio} rounds the rank of {which} of the {len(job.targets)} "
                              f"target layers down to 0 (rank_multiple={config.rank_multiple}; first: {zero[0]!r})"
-                             f"{others}; raise param_ratio or lower rank_multiple{config.rank_multiple_origin()}")
+                             f"{others}; raise param_ratio or {config.rank_multiple_remedy()}")
         raise ValueError(f"param_ratio={config.param_ratio} saves nothing on any of the {len(job.targets)} "
                          "target layers" + (f" or keeps more than max_kept_ratio_for_speed={speed}" if speed else "")
                          + "; lower it to compress")
@@ -365,11 +365,8 @@ def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -
     impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank)."""
     config = job.config
     if config.allocation == "greedy":
-        try:
-            greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
-                         config.max_kept_ratio_for_speed)
-        except ValueError as error:
-            raise ValueError(f"{error}{config.rank_multiple_origin()}") from None
+        greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
+                     config.max_kept_ratio_for_speed, remedy=config.rank_multiple_remedy())
 
 
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],

@@ -475,11 +475,12 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
         instead = f" (it holds {stored[0]!r}, which this model has no place for)" if stored else ""
         why = "the file is damaged or belongs to another recipe"
         tops = {name for name, _ in model.named_children()}
-        if stored and all(key.split(".")[0] not in tops for key in stored):  # another class's layout of the same weights
-            saved = (getattr(model.config, "architectures", None) or ["?"])[0].removeprefix(CLASS_PREFIX)
-            why = (f"{type(model).__name__.removeprefix(CLASS_PREFIX)} keeps its layers under other names than "
-                   f"{saved}, the class the checkpoint was saved as: load it as that class (its Auto class) or with "
-                   "AutoModel")
+        ours = type(model).__name__.removeprefix(CLASS_PREFIX)
+        saved = (getattr(model.config, "architectures", None) or [ours])[0].removeprefix(CLASS_PREFIX)
+        if stored and saved != ours and all(key.split(".")[0] not in tops for key in stored):
+            # another class's layout of the same weights, not a damaged file
+            why = (f"{ours} keeps its layers under other names than {saved}, the class the checkpoint was saved as: "
+                   "load it as that class (its Auto class)")
         raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
                          f"tensors affected): {why}")
     if mismatched:
@@ -821,13 +822,19 @@ class _WsvdModelMixin:
         share_input_factors(model)
         return (model, info) if wants_info else model
 
-    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
-        # transformers' resize copies rows of an nn.Embedding; a factorized table has none to copy
-        if isinstance(self.get_input_embeddings(), FactorizedEmbedding):
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                **kwargs: Any) -> Any:
+        # transformers' resize copies rows of an nn.Embedding; a factorized table has none to copy.
+        # A call that keeps the size (a getter, or len(tokenizer) in a fine-tuning script) passes.
+        table = self.get_input_embeddings()
+        size = new_num_tokens
+        if size is not None and pad_to_multiple_of:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if isinstance(table, FactorizedEmbedding) and size not in (None, table.num_embeddings):
             raise ValueError("resize_token_embeddings cannot resize a factorized embedding table (compressed with "
                              "embeddings=True): resize the dense model before compressing it, or export this one dense "
                              "(hf-wsvd export) and resize that")
-        return super().resize_token_embeddings(*args, **kwargs)
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # A conversion releases the shared down factors (FactorizedLinear._apply): stack them again.
