@@ -239,7 +239,20 @@ def _killed(number, frame):  # the CLI's SIGTERM handler raises too; the default
     raise _Killed
 
 
-def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def python_handlers():
+    """Python's own SIGINT handler (a run started in the background by a script inherits SIGINT
+    ignored) and a SIGTERM handler that raises, for the test; the previous ones after."""
+    previous = {kind: signal.getsignal(kind) for kind in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _killed)
+    yield
+    for kind, handler in previous.items():
+        signal.signal(kind, handler)
+
+
+def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tmp_path, monkeypatch, capsys,
+                                                                              python_handlers):
     """A Ctrl-C (or a kill) landing while OUTPUT is renamed aside, before the result takes its place,
     or while a failed run's staging folder is deleted, waits until that is done: OUTPUT is never left
     missing, and no staging folder is left half deleted. Before the swap begins one aborts it."""
@@ -274,12 +287,18 @@ def test_a_signal_during_the_swap_or_the_cleanup_is_delivered_when_it_is_done(tm
     replace([signal.SIGINT], lambda name: name.startswith(".hf-wsvd-"), KeyboardInterrupt)  # read once renamed aside
     assert (out / "result.txt").read_text() == "new"
     assert f"hf-wsvd: {str(out)!r} already held the new result when the signal came" in capsys.readouterr().err
-    previous = signal.signal(signal.SIGTERM, _killed)
-    try:  # a Ctrl-C and a kill: the kill wins (exit 143, not 130)
-        replace([signal.SIGINT, signal.SIGTERM], lambda name: name.startswith(".hf-wsvd-"), _Killed)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a Ctrl-C and a kill: the kill wins (exit 143, not 130), and the handlers are the ones before
+    replace([signal.SIGINT, signal.SIGTERM], lambda name: name.startswith(".hf-wsvd-"), _Killed)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is _killed
+    assert "already held the new result" in capsys.readouterr().err
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored (a background run): still ignored during the swap
+    interrupted.clear()
+    monkeypatch.setattr(output, "_state", interrupting([signal.SIGINT], lambda name: name.startswith(".hf-wsvd-")))
+    with check_output(str(tmp_path / "a"), str(out), overwrite=True) as claim:
+        with claim.write("test") as staging:
+            open(os.path.join(staging, "result.txt"), "w").write("quiet")
+    assert interrupted and (out / "result.txt").read_text() == "quiet" and "already held" not in capsys.readouterr().err
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     before, rmtree = snapshot(out), shutil.rmtree
 
     def interrupting_rmtree(path, *args, **kwargs):

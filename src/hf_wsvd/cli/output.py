@@ -333,7 +333,7 @@ def _signals_held(done: str | None = None) -> Iterator[None]:
         if threading.current_thread() is threading.main_thread():
             for kind in (signal.SIGINT, signal.SIGTERM):
                 handler = signal.getsignal(kind)
-                if handler is not None:  # None: set outside Python, not swapped
+                if handler not in (None, signal.SIG_IGN):  # set outside Python, or ignored: left as it is
                     restore.callback(signal.signal, kind, handler)  # first: restored whatever comes next
                     signal.signal(kind, lambda number, frame: caught.append(number))
         yield
