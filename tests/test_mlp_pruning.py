@@ -385,3 +385,4 @@ def test_mlp_pruning_says_once_when_it_finds_no_mlp_it_can_cut(caplog):
     said = [r.message for r in caplog.records if "mlp_pruning finds no layers" in r.message]
     assert said == ["mlp_pruning finds no layers of a layout it knows among the targets of GPT2LMHeadModel: they "
                     "are factorized instead"]
+    assert said[0] in report.notices

@@ -299,7 +299,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
                                    job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
-                                   notices, refined=dict(job.refined), target_params_after=target_after,
+                                   notices + job.notices, refined=dict(job.refined), target_params_after=target_after,
                                    target_params_before=target_before)
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
@@ -322,7 +322,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     report = CompressionReport(
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
-        job.statistics, notices, bool(config.compensate), dict(job.pruned), dict(job.attention), dict(job.refined),
+        job.statistics, notices + job.notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
+        dict(job.refined),
         *target_counts(model),
     )
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said

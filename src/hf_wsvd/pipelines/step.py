@@ -62,6 +62,8 @@ class Job:
     attention: dict[str, dict] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
+    # What the run did otherwise than the recipe asked, for the report (``notice``).
+    notices: list[str] = field(default_factory=list)
     _open_stages: list[list[float]] = field(default_factory=list, repr=False)
 
     @functools.cached_property
@@ -90,6 +92,11 @@ class Job:
 
     def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         return {n: linear_shape(self.module(n)) for n in names}
+
+    def notice(self, message: str) -> None:
+        """Log ``message`` as a warning and keep it for the report's ``notices``."""
+        logger.warning(message)
+        self.notices.append(message)
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -315,13 +322,13 @@ class Cuts:
             found = modifier.groups(job)
             kept = [g for g in found if all(type(job.module(n)) is torch.nn.Linear for n in g.members)]
             if not found:
-                logger.warning("%s finds %s among the targets of %s: they are factorized instead", modifier.name,
-                               modifier.none_found(job), type(job.model).__name__)
+                job.notice(f"{modifier.name} finds {modifier.none_found(job)} among the targets of "
+                           f"{type(job.model).__name__}: they are factorized instead")
             elif len(kept) < len(found):
                 other = next(g for g in found if g not in kept)
-                logger.warning("%s cuts nn.Linear layers only: %d of its %d groups (first: %r, of %s layers) are "
-                               "factorized instead", modifier.name, len(found) - len(kept), len(found), other.key,
-                               type(job.module(other.members[0])).__name__)
+                job.notice(f"{modifier.name} cuts nn.Linear layers only: {len(found) - len(kept)} of its {len(found)} "
+                           f"groups (first: {other.key!r}, of {type(job.module(other.members[0])).__name__} layers) "
+                           "are factorized instead")
             owned += [(modifier, group) for group in kept]
         return cls(owned)
 

@@ -6,7 +6,6 @@ stage to the dense block's outputs."""
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
@@ -23,8 +22,6 @@ from ...statistics.names import CROSS
 from ..step import Job, broadcast, install, layer_weight, loss_scale, owners, problem
 from . import Block, ChannelModifier, register_modifier
 
-logger = logging.getLogger(__name__)
-
 
 @register_modifier
 class AttentionPruning(ChannelModifier):
@@ -33,13 +30,13 @@ class AttentionPruning(ChannelModifier):
 
     def groups(self, job: Job) -> list[AttentionGroup]:
         """The attentions of the targets; one whose head size leaves no step of ``rank_multiple`` to
-        cut (64 at 64) is left to factorization, said in one log line."""
+        cut (64 at 64) is left to factorization, said in one notice."""
         groups = attention_groups(job.model, job.targets)
         kept = [group for group in groups if group.head_dim > job.config.rank_multiple]
         if kept and len(kept) < len(groups):  # e.g. quantize=int4 steps ranks by its group of 64: as wide as a head
-            logger.warning(f"attention_pruning: {len(groups) - len(kept)} of {len(groups)} attentions have a head size "
-                           f"of at most rank_multiple={job.config.rank_multiple}, which leaves no step to cut: they "
-                           "are factorized instead (a smaller rank_multiple cuts them)")
+            job.notice(f"attention_pruning: {len(groups) - len(kept)} of {len(groups)} attentions have a head size of "
+                       f"at most rank_multiple={job.config.rank_multiple}, which leaves no step to cut: they are "
+                       "factorized instead (a smaller rank_multiple cuts them)")
         return kept
 
     def none_found(self, job: Job) -> str:
