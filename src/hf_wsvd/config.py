@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import textwrap
@@ -35,9 +34,6 @@ EMBEDDING_WEIGHTINGS = ("uniform", "frequency")
 ALLOCATIONS = ("uniform", "greedy")
 # Weight-only quantizations (hf_wsvd.integrations.quantization.quantization_config says what each one is).
 QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu", "nf4", "bnb-int8")
-# Ranks in steps of 8 align GPU matrix kernels. A quantizer takes a factor only where its input size
-# (the rank, for an up factor) is a multiple of its group size (recipes.default_rank_multiple).
-DEFAULT_RANK_MULTIPLE = 8
 # The specs with one scale (and zero point) per quantize_group_size input weights.
 GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
@@ -435,9 +431,10 @@ class WSVDConfig:
     def rank_multiple_remedy(self) -> str:
         """How to lower ``rank_multiple``, for an error it causes: where a grouped ``quantize`` chose it
         (``recipes.default_rank_multiple``), by lowering the group size; else by lowering it."""
-        group = self.quantize_group_size
-        if self.quantize in GROUPED_QUANTIZE_SPECS and self.rank_multiple == math.lcm(DEFAULT_RANK_MULTIPLE, group) \
-                and self.rank_multiple != DEFAULT_RANK_MULTIPLE:
+        from .recipes import DEFAULT_RANK_MULTIPLE, default_rank_multiple
+
+        if self.quantize in GROUPED_QUANTIZE_SPECS and self.rank_multiple == default_rank_multiple(self) \
+                != DEFAULT_RANK_MULTIPLE:
             return (f"lower quantize_group_size (rank_multiple={self.rank_multiple} follows it: quantize="
                     f"{self.quantize!r} takes a factor whose rank is a multiple of the group size)")
         return "lower rank_multiple"

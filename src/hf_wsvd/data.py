@@ -206,9 +206,10 @@ def resolve_columns(
             # A column of strings and other values (datasets 5's Json feature; named, since older releases
             # lack the class) was meant as text: its first odd value is named.
             for column in columns:
-                if column != label_column and type(dataset.features[column]).__name__ == "Json" and \
-                        any(isinstance(value, str) for value in dataset[column]):
-                    _check_text(column, source, dataset[column], missing=True)
+                if column != label_column and type(dataset.features[column]).__name__ == "Json":
+                    values = dataset[column]
+                    if any(isinstance(value, str) for value in values):
+                        _check_text(column, source, values, missing=True)
             besides = f" besides the label column {label_column!r}" if label_column in columns else ""
             raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
         text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocks import block_list
-from .config import DEFAULT_RANK_MULTIPLE, GROUPED_QUANTIZE_SPECS, WSVDConfig
+from .config import GROUPED_QUANTIZE_SPECS, WSVDConfig
 from .methods.mlp_pruning import find_pairs
 from .runtime.factorized_linear import linear_shape
 from .runtime.modeling_wsvd import TORCHAO_INT8_ALIGNMENT
@@ -114,6 +114,11 @@ def _offload_activations(recipe: WSVDConfig, evidence: Evidence) -> tuple[bool, 
     # more time. On a CPU they are in CPU memory already; elsewhere no pinned memory makes the copies
     # asynchronous, and the trade was measured on CUDA only.
     return bool(recipe.sequential) and evidence.device.type == "cuda", None
+
+
+# Ranks in steps of 8 align GPU matrix kernels. A quantizer takes a factor only where its input size
+# (the rank, for an up factor) is a multiple of its group size.
+DEFAULT_RANK_MULTIPLE = 8
 
 
 def default_rank_multiple(config: WSVDConfig) -> int:

@@ -239,19 +239,16 @@ class OutputClaim:
     def release(self) -> None:
         """End the claim: delete the staging folder unless it was swapped in or kept, and the parent
         folders the claim made that stayed empty (a run that failed leaves no trace)."""
-        with _signals_held():
-            self._release()
-
-    def _release(self) -> None:
-        if self.staging:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            _active.discard(self.staging)
-        for folder in reversed(self.created):
-            try:
-                os.rmdir(folder)  # only if empty: OUTPUT or a user's file there keeps it
-            except OSError:
-                break
-        self.created = []
+        with _signals_held():  # a second Ctrl-C or a kill does not cut the cleanup short
+            if self.staging:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                _active.discard(self.staging)
+            for folder in reversed(self.created):
+                try:
+                    os.rmdir(folder)  # only if empty: OUTPUT or a user's file there keeps it
+                except OSError:
+                    break
+            self.created = []
 
     @contextlib.contextmanager
     def write(self, command: str) -> Iterator[str]:
