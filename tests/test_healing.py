@@ -25,9 +25,9 @@ def _blocks(count: int, length: int = 12, seed: int = 0) -> list[dict]:
     return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
 
 
-def _compressed():
+def _compressed(arch: str = "llama"):
     # A larger initialization than the default: sharper next-token distributions to distill.
-    teacher = tiny.build("llama", initializer_range=0.3)
+    teacher = tiny.build(arch, initializer_range=0.3)
     blocks = _blocks(16)
     loader = torch.utils.data.DataLoader([{**b, "labels": b["input_ids"]} for b in blocks], batch_size=4)
     # Factorized layers: healing of pruned ones is tested in test_mlp_pruning.py.
@@ -538,3 +538,91 @@ def test_too_little_data_for_a_held_out_block_says_how_many_blocks_there_are():
     teacher, student = _compressed()
     with pytest.raises(ValueError, match=r"^healing needs training blocks and held-out blocks, got 4 and 0: "):
         heal(student, teacher, _blocks(4), [], HealConfig(steps=1), show_progress=False)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_heal_gives_both_models_back_in_their_modes_with_their_trainable_weights_and_random_streams(lora_rank):
+    import random
+
+    import numpy
+
+    teacher, student = _compressed()
+    student.train()
+    student.lm_head.eval()  # a mode set module by module comes back as it was too
+    frozen = "model.layers.0.self_attn.q_proj.up.weight"  # a factor the user froze: healing trains it, then
+    student.get_parameter(frozen).requires_grad_(False)
+    trainable = {n: p.requires_grad for n, p in student.named_parameters()}
+    modes = {n: m.training for n, m in student.named_modules()}
+    teacher.train()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    expected = random.random(), numpy.random.rand(), torch.rand(()).item()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    before = student.get_parameter(frozen).detach().clone()
+    healed, _ = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
+                     HealConfig(steps=3, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank), show_progress=False)
+    assert healed is student
+    assert not torch.equal(healed.get_parameter(frozen), before)  # trained all the same
+    assert {n: p.requires_grad for n, p in healed.named_parameters()} == trainable
+    assert {n: m.training for n, m in healed.named_modules()} == modes
+    assert all(m.training for m in teacher.modules()) and all(p.requires_grad for p in teacher.parameters())
+    assert (random.random(), numpy.random.rand(), torch.rand(()).item()) == expected
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, monkeypatch):
+    from hf_wsvd.integrations import healing
+
+    teacher, student = _compressed()
+    weights = {n: v.clone() for n, v in student.state_dict().items()}
+    trainable = {n: p.requires_grad for n, p in student.named_parameters()}
+    calls = []
+
+    def failing(*args, **kwargs):  # the second held-out measurement fails (after some training steps)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return original(*args, **kwargs)
+
+    original = healing.distillation_kl
+    monkeypatch.setattr(healing, "distillation_kl", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
+             HealConfig(steps=4, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank, evaluations=2),
+             show_progress=False)
+    assert student.state_dict().keys() == weights.keys()  # no adapters left on it
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == trainable
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ([torch.arange(12)], "train_blocks[0] is a Tensor: each block must be a dict of input_ids and attention_mask"),
+    ([{"input_ids": [5] * 12}, {"input_ids": [5] * 10}], r"train_blocks hold blocks of [10, 12] tokens"),
+    ([{"input_ids": [5, 6, tiny.VOCAB_SIZE]}], f"train_blocks[0]: input_ids go from 5 to {tiny.VOCAB_SIZE}, outside "
+                                               f"the model's {tiny.VOCAB_SIZE} token embeddings"),
+    ([{"input_ids": [[5, 6]]}], "train_blocks[0]: input_ids must be one non-empty sequence of integer token ids, not "
+                                "torch.int64 of shape (1, 2)"),
+    ([{"input_ids": [5, 6], "attention_mask": [1, 2]}], "train_blocks[0]: attention_mask must hold a 0 or 1 for each "
+                                                        "of its 2 tokens"),
+    ([{"input_ids": [5, 6], "attention_mask": [0, 0]}], "train_blocks hold no real token"),
+], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "padding only"])
+def test_heal_names_bad_blocks_before_anything_trains(blocks, message):
+    teacher, student = _compressed()
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        heal(student, teacher, blocks, _blocks(2), HealConfig(steps=1), show_progress=False)
+    with pytest.raises((TypeError, ValueError), match=re.escape(message.replace("train_blocks", "heldout_blocks"))):
+        heal(student, teacher, _blocks(2), blocks, HealConfig(steps=1), show_progress=False)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_heal_names_blocks_longer_than_the_position_table():
+    teacher, student = _compressed("gpt2")
+    with pytest.raises(ValueError, match=re.escape("train_blocks hold blocks of 65 tokens, more than the model's 64 "
+                                                   "positions (max_position_embeddings): cut shorter blocks")):
+        heal(student, teacher, [{"input_ids": [5] * 65}], _blocks(2), HealConfig(steps=1), show_progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_weight", "1"), ("warmup_ratio", "0.1"), ("bf16", "yes")])
+def test_heal_options_of_the_wrong_type_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+        HealConfig(**{field: value})

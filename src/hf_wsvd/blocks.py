@@ -65,6 +65,21 @@ def given_back(model: nn.Module) -> Iterator[None]:
         model.to(home)
 
 
+@contextlib.contextmanager
+def kept_flags(model: nn.Module) -> Iterator[None]:
+    """Each of ``model``'s modules comes back in the train or eval mode it had, and each of its
+    parameters with the ``requires_grad`` it had (also after an error), whatever the body set."""
+    modes = {module: module.training for module in model.modules()}
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+
+
 def home_device(module: nn.Module) -> torch.device:
     """The device of ``module``'s first parameter or buffer (CPU for an empty module)."""
     for tensor in (*module.parameters(), *module.buffers()):

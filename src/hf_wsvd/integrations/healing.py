@@ -13,13 +13,17 @@ distilling many epochs over a small text overfits it, and the last step is then 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
                           default_data_collator)
 
-from ..blocks import given_back, is_dispatched
-from ..data import forked_streams, seed_streams
+from ..blocks import given_back, is_dispatched, kept_flags
+from ..data import forked_streams, position_limit, seed_streams
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import check_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
@@ -71,10 +75,12 @@ class HealConfig:
             value = getattr(self, name)
             if not is_number(value) or not value > low or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be a finite number > {low}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
-        if not 0 <= self.hidden_weight or not math.isfinite(self.hidden_weight):
+        if not is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be a number in [0, 1)")
+        if not is_number(self.hidden_weight) or not 0 <= self.hidden_weight or not math.isfinite(self.hidden_weight):
             raise ValueError(f"hidden_weight={self.hidden_weight!r} must be a finite number ≥ 0")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16={self.bf16!r} must be True, False or None (on where CUDA is used)")
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # what every generator's seeding takes
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
 
@@ -366,6 +372,90 @@ def _trainable_factors(model: PreTrainedModel, lora_rank: int | None) -> PreTrai
                                                 lora_dropout=0.0))
 
 
+@contextlib.contextmanager
+def _kept_random_state() -> Iterator[None]:
+    """Python's, NumPy's and torch's global random streams (the CPU's and every GPU's) come back as
+    they were: the ``Trainer`` seeds all of them."""
+    python, numpys = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            numpy.random.set_state(numpys)
+
+
+def _check_blocks(model: PreTrainedModel, blocks: Sequence[dict], name: str) -> None:
+    """Raise a one-line error naming the value unless ``blocks`` (the argument ``name``) are dicts
+    of one sequence of ``input_ids`` each, all of one length, inside ``model``'s token embeddings and
+    position table, with an ``attention_mask`` of 0s and 1s (if any) and at least one real token."""
+    vocabulary, lengths, real = model.get_input_embeddings().num_embeddings, set(), 0
+    for index, block in enumerate(blocks):
+        where = f"{name}[{index}]"
+        if not isinstance(block, Mapping) or "input_ids" not in block:
+            raise TypeError(f"{where} is a {type(block).__name__}: each block must be a dict of input_ids and "
+                            "attention_mask (hf_wsvd.data.text_blocks makes them from text)")
+        ids = torch.as_tensor(block["input_ids"])
+        if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool or not ids.numel():
+            raise ValueError(f"{where}: input_ids must be one non-empty sequence of integer token ids, not "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")
+        if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
+            raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                             f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+        mask = torch.as_tensor(block.get("attention_mask", torch.ones_like(ids)))
+        if mask.shape != ids.shape or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{where}: attention_mask must hold a 0 or 1 for each of its {ids.numel()} tokens")
+        lengths.add(ids.numel())
+        real += int(mask.sum())
+    if len(lengths) > 1:
+        raise ValueError(f"{name} hold blocks of {sorted(lengths)} tokens: every block must have the same length "
+                         "(text_blocks cuts text so)")
+    positions = position_limit(model)
+    if positions is not None and max(lengths) > positions:
+        raise ValueError(f"{name} hold blocks of {max(lengths)} tokens, more than the model's {positions} positions "
+                         "(max_position_embeddings): cut shorter blocks")
+    if not real:
+        raise ValueError(f"{name} hold no real token (every attention_mask is 0): there is nothing to distill")
+
+
+def _distill(trained: nn.Module, teacher: PreTrainedModel, train_blocks: Sequence[dict],
+            heldout_blocks: Sequence[dict], config: HealConfig, use_cuda: bool,
+            show_progress: bool) -> tuple[_KeepLowest | None, int]:
+    """Train ``trained`` (the student, or its LoRA wrapping) toward ``teacher`` with the stock
+    ``Trainer``; returns the callback that kept the lowest held-out loss (None without evaluations)
+    and the step whose weights ``trained`` now has."""
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
+        arguments = TrainingArguments(
+            output_dir=scratch, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+            weight_decay=0.0, bf16=use_cuda if config.bf16 is None else config.bf16, save_strategy="no",
+            report_to=[], logging_steps=max(1, config.steps // 10), disable_tqdm=not show_progress,
+            remove_unused_columns=False, seed=config.seed, data_seed=config.seed, use_cpu=not use_cuda,
+            dataloader_pin_memory=use_cuda,
+        )
+        trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
+                                      data_collator=default_data_collator, teacher=teacher,
+                                      temperature=config.temperature, hidden_weight=config.hidden_weight)
+        lowest = None
+        if config.evaluations:
+            def measured() -> float:  # in the training's precision, like every other measurement of the run
+                loss = distillation_kl(trained, teacher, heldout_blocks, config.batch_size)
+                trained.train()
+                return loss
+
+            lowest = _KeepLowest(measured, [p for p in trained.parameters() if p.requires_grad],
+                                 config.steps, config.evaluations)
+            trainer.add_callback(lowest)
+        trainer.train()
+        # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
+        # healed model computes in its own precision again (evaluation, saving, later use).
+        trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
+    best_step = config.steps if lowest is None or not lowest.step else lowest.step
+    if best_step < config.steps:
+        lowest.restore()
+    return lowest, best_step
+
+
 def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Sequence[dict],
          heldout_blocks: Sequence[dict], config: HealConfig | None = None,
          show_progress: bool = True) -> tuple[PreTrainedModel, HealReport]:
@@ -386,17 +476,20 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     if not train_blocks or not heldout_blocks:
         raise ValueError(f"healing needs training blocks and held-out blocks, got {len(train_blocks)} and "
                          f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
+    for name, blocks in (("train_blocks", train_blocks), ("heldout_blocks", heldout_blocks)):
+        _check_blocks(student, blocks, name)
     use_cuda = torch.cuda.is_available()
-    bf16 = use_cuda if config.bf16 is None else config.bf16
-    # both train on the GPU where there is one, and go back where they were; a caller's no_grad
-    # would leave the training without gradients
-    with given_back(student), given_back(teacher), torch.enable_grad():
+    # Both train on the GPU where there is one, and come back where they were, in the modes and with
+    # the trainable weights they had; the Trainer seeds every global random stream, the caller's
+    # come back too. A caller's no_grad would leave the training without gradients.
+    with given_back(student), given_back(teacher), kept_flags(student), kept_flags(teacher), _kept_random_state(), \
+            torch.enable_grad():
         for model in (student, teacher) if use_cuda else ():
             if not is_dispatched(model):  # accelerate's placement moves what it placed
                 model.to("cuda")
         evaluation_batch = config.batch_size
         before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
-        # Kept aside (on the CPU) so that a run that makes the model worse never replaces it.
+        # Kept aside (on the CPU) so that a run that makes the model worse, or fails, never replaces it.
         initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
         cpu = torch.device("cpu")  # peft draws LoRA's initial weights from the CPU's global stream
         with forked_streams(cpu):
@@ -404,38 +497,17 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
             trained = _trainable_factors(student, config.lora_rank)
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
-            arguments = TrainingArguments(
-                output_dir=scratch, max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-                learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
-                weight_decay=0.0, bf16=bf16, save_strategy="no", report_to=[], logging_steps=max(1, config.steps // 10),
-                disable_tqdm=not show_progress, remove_unused_columns=False, seed=config.seed, data_seed=config.seed,
-                use_cpu=not use_cuda, dataloader_pin_memory=use_cuda,
-            )
-            trainer = DistillationTrainer(model=trained, args=arguments, train_dataset=list(train_blocks),
-                                          data_collator=default_data_collator, teacher=teacher,
-                                          temperature=config.temperature, hidden_weight=config.hidden_weight)
-            lowest = None
-            if config.evaluations:
-                def measured() -> float:  # in the training's precision, like every other measurement of the run
-                    loss = distillation_kl(trained, teacher, heldout_blocks, evaluation_batch)
-                    trained.train()
-                    return loss
-
-                lowest = _KeepLowest(measured, [p for p in trained.parameters() if p.requires_grad],
-                                     config.steps, config.evaluations)
-                trainer.add_callback(lowest)
-            trainer.train()
-            # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
-            # healed model computes in its own precision again (evaluation, saving, later use).
-            trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
-            best_step = config.steps if lowest is None or not lowest.step else lowest.step
-            if best_step < config.steps:
-                lowest.restore()
+        try:
+            lowest, best_step = _distill(trained, teacher, train_blocks, heldout_blocks, config, use_cuda,
+                                         show_progress)
+        except BaseException:
+            if trained is not student:  # the adapters come off
+                trained.unload()
+            student.load_state_dict(initial)
+            raise
         seconds = time.perf_counter() - start
         if config.lora_rank is not None:
             student = trained.merge_and_unload()
-        student.requires_grad_(False)
         after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
         kept = after <= before
         if not kept:
