@@ -131,6 +131,22 @@ def test_tied_round_trip_is_exact(arch, tmp_path):
         assert (main_output(again(**tiny.inputs(arch))) - reference).abs().max().item() <= 1e-6
 
 
+def test_lora_on_all_linear_layers_leaves_a_tied_factorized_embedding_alone_and_merges_exactly():
+    """A dense embedding is no linear layer to peft's "all-linear"; nor is its factorization: an adapter
+    on the projection the tied head shares would reach the head only once merged."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny.compressed("llama", TIED["llama"][0], embeddings=True, embedding_ratio=0.5, rank_multiple=1)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    wrapped = {n for n, m in adapted.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped and not any("embed_tokens" in n or "lm_head" in n for n in wrapped), sorted(wrapped)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        before = adapted(**inputs).logits
+        after = adapted.merge_and_unload()(**inputs).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 def test_tie_survives_training():
     model, _ = _compress_embeddings("llama")
     model.train()

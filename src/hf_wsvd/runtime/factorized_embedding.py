@@ -1,11 +1,14 @@
 """`FactorizedEmbedding` (a vocab × hidden embedding stored as a vocab × r lookup table and an
 r → hidden projection) and `FactorizedTiedHead` (an output head tied to it).
 
-Dense ``W ≈ weight @ proj.weight.T``: ``weight`` (vocab × r) is the lookup table and ``proj`` an
-``nn.Linear(r, hidden, bias=False)``. The table keeps the name ``weight`` on purpose: a tied output
-head declares its tie as ``"<head>.weight" → "<embedding>.weight"``, and with the same name the
+Dense ``W ≈ weight @ proj.weight.T``: ``weight`` (vocab × r) is the lookup table and ``proj`` the
+r → hidden projection (``proj.weight`` hidden × r). The table keeps the name ``weight`` on purpose: a
+tied output head declares its tie as ``"<head>.weight" → "<embedding>.weight"``, and with the same name the
 stock transformers tying keeps working on the factors (the tied head's logits are
-``(x @ proj.weight) @ weight.T``, both factors shared).
+``(x @ proj.weight) @ weight.T``, both factors shared). ``proj`` is an ``EmbeddingProjection``, not
+an ``nn.Linear``: a dense embedding is no linear layer to peft's ``"all-linear"`` or to a quantizer,
+and its factorization is none either (LoRA on the projection of an embedding tied to the head would
+reach the head only when merged).
 
 This file ships inside every compressed checkpoint (``modeling_wsvd.py`` imports it relatively, so
 ``save_pretrained`` copies it), so it may import only torch and transformers.
@@ -24,6 +27,22 @@ def _check_rank(rank: int, vocab: int, hidden: int) -> None:
             f"rank={rank} is invalid for a {vocab}x{hidden} embedding: it must be between 1 and "
             f"{min(hidden - 1, vocab)} (rank ≥ the hidden size {hidden} compresses nothing)"
         )
+
+
+class EmbeddingProjection(nn.Module):
+    """The r → hidden projection of a factorized embedding (``forward(x) = x @ weight.T``,
+    ``weight`` hidden × r), shared with a tied head."""
+
+    def __init__(self, rank: int, hidden: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.weight.shape[1]}, hidden={self.weight.shape[0]}"
 
 
 class FactorizedEmbedding(nn.Module):
@@ -54,7 +73,7 @@ class FactorizedEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
         # Not named like model projections ("*_proj"): peft matches name suffixes.
-        self.proj = nn.Linear(rank, embedding_dim, bias=False, device=device, dtype=dtype)
+        self.proj = EmbeddingProjection(rank, embedding_dim, device, dtype)
 
     @classmethod
     def from_factors(
@@ -119,7 +138,7 @@ class FactorizedTiedHead(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.proj = nn.Linear(rank, in_features, bias=False, device=device, dtype=dtype)
+        self.proj = EmbeddingProjection(rank, in_features, device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @property
