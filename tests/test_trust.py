@@ -83,6 +83,9 @@ CASES = [
      "has no place in this model .*'7.attention.self.query.weight'", "has no place in this model"),
     ("extra bias on a factor", None, lambda t: t.update({f"bert.{QUERY}.down.bias": torch.zeros(8)}),
      f"module '{QUERY}.down' has no 'bias'", "has no place in this model"),
+    ("extra tensor on a module left as it was", None,
+     lambda t: t.update({"bert.encoder.layer.0.attention.output.LayerNorm.scale": torch.ones(32)}),
+     "module 'encoder.layer.0.attention.output.LayerNorm' has no 'scale'", "has no place in this model"),
     # bitsandbytes 4-bit keeps its packed data under the weight's own name, its scales beside it
     ("4-bit tensors without a quantization_config", None,
      lambda t: t.update({f"bert.{QUERY}.down.weight": torch.zeros(128, 1, dtype=torch.uint8),

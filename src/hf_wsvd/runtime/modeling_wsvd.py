@@ -483,6 +483,12 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                    "load it as that class (its Auto class)")
         raise ValueError(f"the tensor {missing[0]!r} is missing from the checkpoint's weights{instead} ({len(missing)} "
                          f"tensors affected): {why}")
+    # A quantizer that loads its own tensors (torchao) replaces a weight whole, whatever its shape:
+    # the load's report then lists no mismatch for an edited rank or a damaged quantized tensor.
+    mismatched = mismatched or [(".".join(filter(None, (name, path, "weight"))), shape, (sub.out_features, sub.in_features))
+                                for name, module in factorized.items() for path, sub in module.named_modules()
+                                if isinstance(sub, nn.Linear) and sub.weight.device.type != "meta"
+                                and (shape := _logical_shape(sub.weight)) != (sub.out_features, sub.in_features)]
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
@@ -491,15 +497,18 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                "another size")
         raise ValueError(f"the tensor {key!r} has the wrong shape in the checkpoint's weights{found} "
                          f"({len(mismatched)} tensors affected); {why}")
-    modules = {relative_module_name(model, name) for name, _ in model.named_modules() if name}
+    modules = {relative_module_name(model, name): module for name, module in model.named_modules() if name}
     compressed = {relative_module_name(model, name) for name in factorized}
     for key in sorted(info["unexpected_keys"]):
         parts = relative_module_name(model, key).split(".")
         depth = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
         if depth is None:
             continue
-        owner = ".".join(parts[:depth])
-        if any(owner == c or owner.startswith(c + ".") for c in compressed) or len(parts) - depth > 2:
+        owner, rest = ".".join(parts[:depth]), parts[depth:]
+        # What a recipe's record makes: a linear's factors ("up.weight") or a cut attention's buffer.
+        linear = isinstance(modules[owner], nn.Linear) or type(modules[owner]).__name__ == "Conv1D"
+        recorded = (len(rest) == 2 and linear) or (len(rest) == 1 and rest[0].startswith("wsvd_"))
+        if any(owner == c or owner.startswith(c + ".") for c in compressed) or not recorded:
             # not a compressed layer's factors that the recipe lost: a tensor this model has no place for
             raise ValueError(f"the checkpoint's tensor {key!r} has no place in this model (module {owner!r} has no "
                              f"{'.'.join(parts[depth:])!r}): the weights file holds extra tensors, or config.json's "
@@ -537,6 +546,12 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
             # base (W + correction) it would be wrong.
             raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
                              "quantization: load the checkpoint with its own quantization_config")
+
+
+def _logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the matrix ``weight`` stands for (bitsandbytes' 4-bit weights are packed; their
+    quantization state keeps it)."""
+    return tuple(getattr(getattr(weight, "quant_state", None), "shape", None) or weight.shape)
 
 
 def _offloaded(model: nn.Module, name: str) -> bool:
