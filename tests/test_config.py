@@ -341,6 +341,20 @@ def test_statistics_of_another_model_are_named_by_layer():
         hf_wsvd.compress(wide, recipe, statistics=report.statistics, show_progress=False)
 
 
+def test_statistics_that_hold_none_of_the_targets_are_said_to_be_unused():
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    recipe = WSVDConfig(method="fisher_whiten", allocation="greedy", param_ratio=0.5)
+    _, report = hf_wsvd.compress(tiny.build("bert"), recipe, data, show_progress=False)
+    batch = tiny.inputs("llama", batch=4, length=8)
+    _, other = hf_wsvd.compress(tiny.build("llama"), recipe, [{**batch, "labels": batch["input_ids"]}],
+                                statistics=report.statistics, show_progress=False)
+    assert any(n.startswith("the statistics given hold none of this recipe's target layers (they hold "
+                            f"{len(report.statistics.values)}, such as 'encoder.layer.0.") and "computed anew" in n
+               for n in other.notices), other.notices
+    _, same = hf_wsvd.compress(tiny.build("bert"), recipe, data, statistics=report.statistics, show_progress=False)
+    assert not any("statistics given" in n for n in same.notices), same.notices
+
+
 def test_statistics_of_other_weights_of_the_same_shapes_are_refused():
     """Statistics record a sample of the weights they were taken on: another model of the same
     architecture is refused; the same model, even loaded in bf16, is not."""

@@ -263,6 +263,8 @@ def _batch(arch: str, **changes) -> dict:
      "holds no tokens (input_ids of shape (0, 8)): leave empty batches out"),
     ("bert", {"input_ids": torch.zeros(2, 0, dtype=torch.long), "attention_mask": None},
      "holds no tokens (input_ids of shape (2, 0))"),
+    ("llama", {"input_ids": torch.ones(2, 8, dtype=torch.long, device="meta")},
+     "input_ids are on the meta device (shapes without values): give the token ids"),
     ("llama", {"attention_mask": torch.ones(2, 5)}, "attention_mask is a torch.float32 tensor of shape (2, 5)"),
     ("llama", {"labels": torch.ones(2, 5, dtype=torch.long)}, "a causal LM's labels are its input ids ((2, 8) integers"),
     ("bert", {"labels": torch.tensor([0, 6])}, "label 6 is outside the model's 2 classes"),

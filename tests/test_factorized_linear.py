@@ -77,6 +77,14 @@ def test_from_factors_rejects_shapes_that_do_not_chain(up_shape, down_shape):
         FactorizedLinear.from_factors(torch.randn(*up_shape), torch.randn(*down_shape))
 
 
+def test_from_factors_takes_tensors_and_names_a_layer_given_instead():
+    up, down = torch.nn.Linear(3, 6), torch.nn.Linear(5, 3)
+    with pytest.raises(TypeError, match="up is a Linear: from_factors takes tensors"):
+        FactorizedLinear.from_factors(up, down)
+    with pytest.raises(TypeError, match="bias is a Linear"):
+        FactorizedLinear.from_factors(up.weight, down.weight, up)
+
+
 @pytest.mark.parametrize("bias_shape", [(5,), (7,), (1, 6), (6, 1), ()])
 def test_from_factors_rejects_a_bias_of_the_wrong_shape(bias_shape):
     up, down, _ = _factors()

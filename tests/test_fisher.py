@@ -188,3 +188,18 @@ def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message)
     model, _, modules, _ = case_inputs("bert_classification", 4, 2)
     with pytest.raises(ValueError, match=message):
         fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, lambda model, batch: returned)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_for_one_example_is_named_by_batch(bad):
+    model, _, modules, _ = case_inputs("bert_classification", 4, 2)
+
+    def loss_fn(model, batch):  # the second batch's first example goes bad
+        losses = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.sum(dim=-1)
+        calls.append(1)
+        return torch.cat([losses[:1] * bad, losses[1:]]) if len(calls) == 2 else losses
+
+    calls = []
+    with pytest.raises(ValueError, match=r"the importance loss is NaN or infinite for importance batch 1 \(of this "
+                                         r"process\): check that batch's labels"):
+        fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, loss_fn)

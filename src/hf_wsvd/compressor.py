@@ -285,6 +285,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     samples = _weight_samples(model, targets)
     if statistics is not None:
         _check_statistics(model, targets, statistics, samples)
+        if statistics.values and targets and not reused:  # given to be reused: said that none of them is
+            held = sorted(statistics.values)
+            notice = (f"the statistics given hold none of this recipe's target layers (they hold {len(held)}, such "
+                      f"as {held[0]!r}; the targets are such as {sorted(targets)[0]!r}): they are not used, and "
+                      "the statistics are computed anew")
+            logger.warning(notice)
+            notices.append(notice)
     statistics = (statistics or Statistics()).merged(Statistics(weights=samples))
     if not targets:
         raise ValueError(

@@ -501,6 +501,8 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         raise ValueError(f"{where}: input_ids must be a 2-D integer tensor (examples × tokens), not {_shown(ids)}")
     if not ids.numel():
         raise ValueError(f"{where} holds no tokens (input_ids of shape {tuple(ids.shape)}): leave empty batches out")
+    if ids.is_meta:
+        raise ValueError(f"{where}: input_ids are on the meta device (shapes without values): give the token ids")
     vocabulary = model.get_input_embeddings().num_embeddings
     if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
         raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "

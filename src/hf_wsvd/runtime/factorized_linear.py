@@ -107,6 +107,9 @@ class FactorizedLinear(_RankedFactors, nn.Module):
         cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
     ) -> "FactorizedLinear":
         """Build from ``up`` (out × r), ``down`` (r × in) and an optional ``bias`` (out)."""
+        for name, value in (("up", up), ("down", down), ("bias", bias)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} is a {type(value).__name__}: from_factors takes tensors (a layer's .weight)")
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
             raise ValueError(
                 f"factor shapes do not chain: up {tuple(up.shape)} and down {tuple(down.shape)}"

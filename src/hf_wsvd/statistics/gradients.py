@@ -210,7 +210,8 @@ def gradient_statistics(
                     lambda module, args, output: output.requires_grad_(True))
                 stack.callback(handle.remove)
             try:
-                for batch in batches(data, accelerator, input_device(model, device), "Fisher", show_progress):
+                for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
+                                                      show_progress)):
                     if "labels" not in batch:
                         raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
                                          "information needs the task loss; give labels (causal LMs: the input ids)")
@@ -219,6 +220,10 @@ def gradient_statistics(
                         shown = "a tensor without gradient" if isinstance(losses, torch.Tensor) else repr(losses)
                         raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
                                          "computed from the model's outputs")
+                    if not bool(torch.isfinite(losses.detach()).all()):  # it would spread to every statistic
+                        raise ValueError(f"the importance loss is NaN or infinite for importance batch {index} (of "
+                                         "this process): check that batch's labels and the model's outputs (or the "
+                                         "loss_fn given)")
                     losses = losses.sum()
                     replay.backward(losses) if streamed else losses.backward()
                     count += batch["labels"].shape[0]
