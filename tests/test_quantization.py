@@ -100,6 +100,23 @@ def test_a_quantized_factor_of_the_wrong_shape_is_refused(tmp_path, edit, messag
         CAUSAL.from_pretrained(tmp_path / "q")
 
 
+def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error(tmp_path, capsys):
+    """transformers raises a RuntimeError naming no tensor (after its load report names it); the CLI
+    reports it on one line."""
+    from hf_wsvd.cli import main
+
+    tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
+    CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(
+        tmp_path / "q")
+    _edit_keeping_metadata(tmp_path / "q", lambda t: t.pop(QDATA.replace("_weight_qdata", "_weight_scale")))
+    with pytest.raises(ValueError, match="transformers could not rebuild a weight from the checkpoint's stored "
+                                         "tensors .*does not match config.json's quantization_config"):
+        CAUSAL.from_pretrained(tmp_path / "q")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q")]) == 2
+    assert "hf-wsvd inspect: error: transformers could not rebuild a weight" in capsys.readouterr().err
+
+
 def test_all_finite_on_plain_and_quantized_tensors():
     plain = torch.ones(4, 8)
     assert all_finite(plain) and all_finite(torch.nn.Parameter(plain)) and all_finite(torch.ones(3, dtype=torch.int8))

@@ -824,8 +824,16 @@ class _WsvdModelMixin:
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         with readable_weights(path), held_records("transformers.modeling_utils") as drop:
-            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)
+            try:
+                model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                      **kwargs)
+            except RuntimeError as error:
+                if "conversion of the weights" not in str(error):
+                    raise
+                # a quantizer could not rebuild a weight from the stored tensors (one deleted or cut)
+                raise ValueError("transformers could not rebuild a weight from the checkpoint's stored tensors (its "
+                                 "load report, logged above, names the weight): the weights file is damaged, or does "
+                                 "not match config.json's quantization_config") from error
             try:
                 check_loaded(model, info, ignore)
             except ValueError as error:
