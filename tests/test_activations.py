@@ -72,3 +72,17 @@ def test_products_keep_float64_activations_in_float64_off_the_cpu():
                              (torch.zeros(2, dtype=torch.float64, device="meta"), torch.float64)):
         with exact_16bit_products(tensor) as dtype:
             assert dtype == expected, tensor
+
+
+def test_an_encoder_decoder_model_calibrated_on_labels_gets_its_decoder_inputs_built_from_them():
+    """T5 builds its decoder's inputs from the labels in its own forward, which the activation pass
+    calls without labels: they are built there as T5 would."""
+    import tiny
+    from hf_wsvd import FactorizedLinear, WSVDConfig, compress
+
+    model = tiny.build("t5", "AutoModelForSeq2SeqLM")
+    ids = torch.randint(5, tiny.VOCAB_SIZE, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, :5]}
+    compress(model, WSVDConfig(method="whiten", param_ratio=0.5), [batch], show_progress=False)
+    decoder = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n.startswith("decoder.")]
+    assert decoder

@@ -384,7 +384,7 @@ def test_offloaded_input_embeddings_are_refused_before_any_pass(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
                                                              offload_folder=tmp_path / "offload")
     with pytest.raises(ValueError, match="embeddings=True factorizes the input embeddings, which this model keeps "
-                                         r"offloaded \('model.embed_tokens', device_map\)"):
+                                         r"offloaded \('model.embed_tokens', by accelerate\): keep them in memory"):
         compress(model, WSVDConfig(method="svd", param_ratio=0.5, embeddings=True), None, show_progress=False)
 
 

@@ -300,3 +300,50 @@ def test_compress_leaves_the_callers_random_streams_as_they_were():
     torch.manual_seed(1234)
     compress(model, WSVDConfig(param_ratio=0.5, block_refine_steps=2), loader, show_progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("mlp_pruning", [True, False])
+def test_a_run_stopped_midway_leaves_a_model_that_saves_and_reloads_as_it_is(mlp_pruning, tmp_path, caplog):
+    """Ctrl-C (or an out-of-memory error) in the second block: the first block's layers stay
+    replaced, recorded in the recipe, so that a save reloads exactly (not a stock model whose dense
+    weights are missing from the file and load random)."""
+    from transformers import AutoModelForCausalLM
+
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    calls = []
+
+    def interrupt(module, args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, WSVDConfig(param_ratio=0.5, mlp_pruning=mlp_pruning), loader, show_progress=False)
+    handle.remove()
+    replaced = {n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    recipe = model.config.wsvd
+    assert replaced and {f"model.{n}" for n in recipe["ranks"]} == replaced
+    assert bool(recipe["pruned"]) == mlp_pruning
+    assert any("compress stopped midway" in r.getMessage() for r in caplog.records)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    inputs = tiny.inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_stopped_before_any_layer_was_replaced_leaves_the_model_as_it_was():
+    model, loader, _, _ = case_inputs("llama_causal_lm", 6, 3)
+    dense = copy.deepcopy(model)
+
+    def interrupt(module, args):
+        raise RuntimeError("out of memory")
+
+    handle = model.model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compress(model, WSVDConfig(param_ratio=0.5), loader, show_progress=False)
+    handle.remove()
+    assert type(model) is type(dense) and not hasattr(model.config, "wsvd")
+    for (name, value), expected in zip(model.state_dict().items(), dense.state_dict().values()):
+        assert torch.equal(value, expected), name

@@ -20,8 +20,9 @@ from .config import RESULT_FIELDS, WSVDConfig
 from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
-from .runtime.factorized_linear import linear_shape, share_input_factors
-from .runtime.modeling_wsvd import MODEL_TYPE, reshaped_layers
+from .runtime.factorized_embedding import FactorizedEmbedding
+from .runtime.factorized_linear import FactorizedLinear, linear_shape, share_input_factors
+from .runtime.modeling_wsvd import MODEL_TYPE, relative_module_name, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
 from .statistics import Statistics, default_accelerator
@@ -184,6 +185,29 @@ def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistic
                              "another model (reuse them only on the dense model they came from)")
 
 
+def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job) -> None:
+    """After a run stopped midway (an error, Ctrl-C): the layers it had replaced stay in ``model``,
+    recorded in its recipe, so that it computes, saves and reloads as it is — never a stock model
+    holding factors its class has no place for, which would reload with random weights."""
+    ranks = {name: module.rank for name, path in job.targets.items()
+             if isinstance(module := model.get_submodule(path), FactorizedLinear)}
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, FactorizedEmbedding):
+        ranks[relative_module_name(model, next(n for n, m in model.named_modules() if m is embedding))] = embedding.rank
+    if not ranks and not job.pruned and not job.attention:
+        return  # nothing was replaced: the model is as it was
+    try:
+        attach_recipe(model, replace(config, ranks=ranks, pruned=dict(job.pruned), attention=dict(job.attention),
+                                     refined=dict(job.refined)))
+    except Exception as error:  # the run's own error is the one to see
+        logger.warning(f"compress stopped midway, and recording the layers it had replaced failed too ({error}): "
+                       "do not save this model; load the dense model again")
+        return
+    logger.warning(f"compress stopped midway: {len(ranks)} factorized and {len(job.pruned)} pruned of the "
+                   f"{len(job.targets)} target layers stay in the model, recorded in its recipe (it saves and "
+                   "reloads as it is); load the dense model again to start over")
+
+
 def compress(
     model: PreTrainedModel,
     config: WSVDConfig,
@@ -217,7 +241,9 @@ def compress(
     model's) with a low-rank correction of each target's quantization error; no other method takes ``dtype``.
 
     The work is seeded by ``config.seed``: the CPU's random stream and the accelerator's, on a fork
-    of them (the caller's streams come back as they were; no other device's is touched).
+    of them (the caller's streams come back as they were; no other device's is touched). A run that
+    stops midway (an error, Ctrl-C) leaves the layers it had replaced in ``model``, recorded in its
+    recipe: the model saves and reloads as it is; load the dense model again to start over.
     """
     _check_arguments(model, config, data, accelerator, statistics, dtype)
     accelerator = accelerator or default_accelerator()
@@ -315,6 +341,9 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     try:
         with given_back(model):
             ranks = run(job)
+    except BaseException:
+        _record_replaced_layers(model, config, job)
+        raise
     finally:
         model.train(training)
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one

@@ -92,6 +92,17 @@ class InputHooks:
 
 
 @torch.no_grad()
+def _forward_inputs(model: nn.Module, batch: dict) -> dict:
+    """``batch`` without its labels (no loss is needed); an encoder-decoder model (T5) that builds
+    its decoder's inputs from the labels gets them built, as its own forward would."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if (getattr(model.config, "is_encoder_decoder", False) and prepare is not None and "labels" in batch
+            and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
+        inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
+    return inputs
+
+
 def input_statistics(
     model: nn.Module,
     data: Iterable[dict],
@@ -117,7 +128,7 @@ def input_statistics(
         try:
             for batch in batches(data, accelerator, device, "activations", show_progress):
                 hooks.new_batch(batch.get("attention_mask"))
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+                model(**_forward_inputs(model, batch))
         finally:
             hooks.remove()
             model.train(was_training)

@@ -30,7 +30,8 @@ class Embeddings(Modifier):
         embedding = job.model.get_submodule(name)
         if offloaded(embedding):
             raise ValueError(f"embeddings=True factorizes the input embeddings, which this model keeps offloaded "
-                             f"({name!r}, device_map): give them a device in the device_map, or leave embeddings off")
+                             f"({name!r}, by accelerate): keep them in memory (a device of their own in the "
+                             "device_map, or outside cpu_offload), or leave embeddings off")
         embedding_rank(job.config, *embedding.weight.shape)
 
     def on_end(self, job: Job) -> dict[str, int]:
