@@ -206,7 +206,8 @@ main(["export", sys.argv[1], sys.argv[2], "--dense", "--overwrite"])
 """
 
 
-def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys):
+@pytest.mark.parametrize("meanwhile", ["nothing", "made empty", "made with a file"])
+def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys, meanwhile):
     _checkpoint(tmp_path / "a", seed=0)
     _checkpoint(tmp_path / "b", seed=1)
     out = tmp_path / "dense"
@@ -222,6 +223,17 @@ def test_overwrite_killed_mid_replacement_keeps_the_old_output(tmp_path, capsys)
 
     leftovers = {_STAGING.fullmatch(p.name)["kind"]: p for p in tmp_path.iterdir() if p.name.startswith(".hf-wsvd-")}
     assert sorted(leftovers) == ["new", "old"] and snapshot(leftovers["old"]) == old
+    if meanwhile != "nothing":  # e.g. a script's mkdir -p before the next run
+        out.mkdir()
+    if meanwhile == "made with a file":
+        (out / "notes.txt").write_text("mine")
+        # the previous output goes where no run deletes it, the user's folder is left as it is
+        with pytest.raises(ValueError, match="holds files hf-wsvd did not write"):
+            check_output(str(tmp_path / "b"), str(out), overwrite=True)
+        kept = [p for p in tmp_path.iterdir() if ".hf-wsvd-previous-" in p.name]
+        assert len(kept) == 1 and snapshot(kept[0]) == old and snapshot(out) == {"notes.txt": b"mine"}
+        assert "its previous content is in" in capsys.readouterr().err
+        return
     # the next run for OUTPUT puts the old output back and removes the leftovers
     check_output(str(tmp_path / "b"), str(out), overwrite=True).release()
     assert snapshot(out) == old
@@ -930,3 +942,43 @@ def test_position_limit_reads_the_learned_table(arch, positions):
 
     assert position_limit(tiny.build(arch)) == positions
     assert position_limit(tiny.compressed(arch)[0]) == positions  # factorized models keep their table
+
+
+def test_an_output_folder_keeps_the_mode_and_group_the_user_gave_it(tmp_path):
+    out = tmp_path / "private"
+    out.mkdir()
+    os.chmod(out, 0o2750)
+    with check_output(None, str(out), overwrite=False) as claim, claim.write("test") as staging:
+        (tmp_path / "private.txt").write_text("x")
+        shutil.copy(tmp_path / "private.txt", staging)
+    assert (out / "private.txt").read_text() == "x"
+    assert oct(os.stat(out).st_mode & 0o7777) == oct(0o2750)
+    assert os.stat(out).st_gid == os.stat(tmp_path).st_gid or os.getuid() != 0
+
+
+def test_a_mount_point_is_refused_as_output_before_any_work(tmp_path, monkeypatch):
+    out = tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.path.abspath(path) == str(out) or real(path))
+    with pytest.raises(ValueError, match="output folder .*volume' is a mount point, which the finished result "
+                                         "cannot be moved onto: name a folder inside it"):
+        check_output(None, str(out), overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["volume"]  # no staging folder made beside it
+
+
+@pytest.mark.parametrize("environment, writes", [({"RANK": "1"}, True), ({"RANK": "1", "WORLD_SIZE": "1"}, True),
+                                                 ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+                                                 ({"RANK": "1", "WORLD_SIZE": "2"}, False)])
+def test_only_a_launch_s_other_ranks_do_not_write_and_say_so_in_one_line(tmp_path, monkeypatch, environment, writes):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with check_output(None, str(tmp_path / "out"), overwrite=False) as claim:
+        if writes:
+            claim.check_writer("export")
+        else:
+            with pytest.raises(ValueError, match=r"hf-wsvd export runs in one process, and this one is rank 1 of 2 "
+                                                 "processes \(torchrun or accelerate launch\): start it without"):
+                claim.check_writer("export")

@@ -270,6 +270,7 @@ def run_heal(args: argparse.Namespace) -> None:
                          "compressed by hf-wsvd compress toward its dense teacher")
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher, args.data], args.output, args.overwrite) as claim:
+        claim.check_writer("heal")  # before two models load and train
         config = HealConfig(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                             lora_rank=args.lora_rank, hidden_weight=args.hidden_weight, seed=args.seed,
                             evaluations=args.evaluations)

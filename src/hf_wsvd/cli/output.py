@@ -101,9 +101,18 @@ def recover(output: str | os.PathLike) -> None:
     is missing, and delete the staging folders of dead processes."""
     output = os.path.abspath(output)
     stale = _stale(output)
-    if stale["old"] and not os.path.lexists(output):
-        os.replace(stale["old"].pop(), output)
-        print(f"hf-wsvd: restored {output} from an interrupted --overwrite", file=sys.stderr)
+    if stale["old"]:
+        old = stale["old"].pop()
+        if os.path.isdir(output) and not os.path.islink(output) and not os.listdir(output):
+            os.rmdir(output)  # made again, empty, meanwhile (a script's mkdir -p): it holds nothing
+        if not os.path.lexists(output):
+            os.replace(old, output)
+            print(f"hf-wsvd: restored {output} from an interrupted --overwrite", file=sys.stderr)
+        else:  # something else took its place: the previous output goes where no run deletes it
+            kept = _kept_path(output, "previous")
+            os.replace(old, kept)
+            print(f"hf-wsvd: {output!r} was recreated after an interrupted --overwrite; its previous content is in "
+                  f"{kept!r}", file=sys.stderr)
     for path in stale["new"] + stale["old"]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -250,13 +259,20 @@ class OutputClaim:
                     break
             self.created = []
 
+    def check_writer(self, command: str) -> None:
+        """Refuse, in one line, a process that does not write the output: one of rank above 0 under a
+        distributed launch, where ``command`` runs in one process."""
+        if not self.staging:
+            raise ValueError(f"hf-wsvd {command} runs in one process, and this one is rank {os.environ.get('RANK')} "
+                             f"of {os.environ.get('WORLD_SIZE')} processes (torchrun or accelerate launch): start it "
+                             "without a launcher")
+
     @contextlib.contextmanager
     def write(self, command: str) -> Iterator[str]:
         """The staging folder to write the result into; when the block succeeds it gets the marker
         file and takes OUTPUT's place, atomically, if OUTPUT is still what was checked. Otherwise
         :class:`OutputChanged` is raised, OUTPUT is left untouched and the result kept beside it."""
-        if not self.staging:
-            raise RuntimeError("only the process that claimed the output (rank 0) writes it")
+        self.check_writer(command)
         try:
             yield self.staging
         except Exception as error:
@@ -268,6 +284,8 @@ class OutputClaim:
             raise OSError(code, f"{os.strerror(code)} while writing {self.output!r}") from error
         _usual_permissions(self.staging)
         _write_marker(self.staging, command)
+        if os.path.isdir(self.output):  # the folder the user made (or an earlier output) keeps its mode and group
+            _same_access(self.staging, self.output)
         self._swap_in()
 
     def _swap_in(self) -> None:
@@ -351,8 +369,13 @@ def _kept_path(output: str, what: str) -> str:
 
 
 def _is_writer() -> bool:
-    # Under torchrun / accelerate launch only rank 0 writes; the launcher sets RANK.
-    return os.environ.get("RANK", "0") == "0"
+    # Under torchrun / accelerate launch (WORLD_SIZE > 1) only rank 0 writes; a RANK left in the
+    # environment outside a launch makes no other process.
+    try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        processes = 1
+    return processes <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def check_output(sources: str | Sequence[str | None] | None, output: str | os.PathLike, overwrite: bool) -> OutputClaim:
@@ -381,6 +404,9 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
         raise ValueError(f"output {output!r} is a symbolic link; name the real folder")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"output {output!r} is a file, not a folder")
+    if os.path.ismount(path):  # the result is written beside OUTPUT and renamed onto it
+        raise ValueError(f"output folder {output!r} is a mount point, which the finished result cannot be moved "
+                         "onto: name a folder inside it")
     if os.path.isdir(path) and os.listdir(path):
         foreign = foreign_files(path)
         if foreign:
@@ -423,6 +449,20 @@ def _usual_permissions(folder: str) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~umask)
+
+
+def _same_access(folder: str, like: str) -> None:
+    """Give ``folder`` the mode bits (setgid included) and the group of the folder ``like``, where
+    this process may: a private folder (0700) or a team's (2770) stays so."""
+    try:
+        mode = os.stat(like)
+    except FileNotFoundError:  # gone meanwhile: the swap refuses it
+        return
+    os.chmod(folder, stat.S_IMODE(mode.st_mode))
+    try:
+        os.chown(folder, -1, mode.st_gid)
+    except OSError:  # a group this user is not in: the mode bits are kept all the same
+        pass
 
 
 def _umask() -> int:
