@@ -125,15 +125,20 @@ def test_a_staging_folder_that_cannot_be_made_is_named_by_output(project, monkey
     assert not (project / "new").exists()
 
 
-def test_a_full_disk_while_the_tokenizer_saves_is_one_line(project, monkeypatch, capsys):
-    """The tokenizers library reports a failed write as a plain Exception ending in "(os error N)"."""
-    import transformers
-
+@pytest.mark.parametrize("where, error", [
+    ("transformers.PreTrainedTokenizerBase.save_pretrained", Exception("No space left on device (os error 28)")),
+    ("transformers.PreTrainedModel.save_pretrained",
+     RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ("hf_wsvd.cli.output._write_marker", OSError(28, "No space left on device")),
+], ids=["tokenizers", "safetensors", "marker"])
+def test_a_full_disk_while_the_output_is_written_is_one_line(project, monkeypatch, capsys, where, error):
+    """The Rust libraries report a failed write as text ending in "(os error N)"; an OSError names
+    a file of the staging folder: each is said as the OUTPUT's."""
     def full_disk(*args, **kwargs):
-        raise Exception("No space left on device (os error 28)")
+        raise error
 
     monkeypatch.chdir(project)
-    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    monkeypatch.setattr(where, full_disk)
     assert run(["compress", "models/tiny", "out/a", "--method", "svd"]) == 2
     assert re.search(r"error: \[Errno 28\] No space left on device while writing '.*out/a'$", one_error(capsys))
     assert not (project / "out").exists()  # the staging folder and the parent the run made are gone

@@ -19,6 +19,7 @@ its name recovers what its killed run left).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +43,18 @@ _STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-(?:(?P
 _active: set[str] = set()  # staging folders of this process in use
 # How the tokenizers library ends the message of a failed system call: "... (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _full_disk(error: Exception) -> int | None:
+    """The error number of a write that ran out of room (a full disk or quota), however it was
+    reported: an OSError naming the staging folder's file, or the Rust libraries' (tokenizers,
+    safetensors) text ending in "(os error N)"; else None."""
+    if isinstance(error, OSError):
+        code = error.errno
+    else:
+        found = _RUST_OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else None
+    return code if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
 
 
 def _target_id(output: str) -> str:
@@ -275,15 +288,13 @@ class OutputClaim:
         self.check_writer(command)
         try:
             yield self.staging
+            _usual_permissions(self.staging)
+            _write_marker(self.staging, command)
         except Exception as error:
-            # The tokenizers library (Rust) reports a failed write (a full disk) as a plain Exception.
-            found = _RUST_OS_ERROR.search(str(error)) if type(error) is Exception else None
-            if found is None:
+            code = _full_disk(error)
+            if code is None:
                 raise
-            code = int(found.group(1))
             raise OSError(code, f"{os.strerror(code)} while writing {self.output!r}") from error
-        _usual_permissions(self.staging)
-        _write_marker(self.staging, command)
         if os.path.isdir(self.output):  # the folder the user made (or an earlier output) keeps its mode and group
             _same_access(self.staging, self.output)
         self._swap_in()
