@@ -337,23 +337,26 @@ import os, signal, sys, time
 import hf_wsvd.cli.output as output
 from hf_wsvd.cli import main
 
-def terminated(folder, command):  # the result is complete in the staging folder: SIGTERM now
-    os.kill(os.getpid(), signal.SIGTERM)
+def terminated(folder, command):  # the result is complete in the staging folder: the signal now
+    os.kill(os.getpid(), int(sys.argv[3]))
     time.sleep(60)
 
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever this test's parent ignores
 output._write_marker = terminated
 sys.exit(main(["export", sys.argv[1], sys.argv[2], "--dense"]))
 """
 
 
-def test_a_terminated_run_leaves_no_staging_folder_and_says_so(tmp_path):
-    """SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: exit 143, one line, nothing left."""
+@pytest.mark.parametrize("kind, said", [(signal.SIGTERM, "terminated"), (signal.SIGHUP, "hung up")])
+def test_a_terminated_run_leaves_no_staging_folder_and_says_so(tmp_path, kind, said):
+    """SIGTERM (kill, timeout, a scheduler) and SIGHUP (a closed terminal or ssh session) unwind like
+    Ctrl-C: exit 128 + the signal, one line, nothing left."""
     _checkpoint(tmp_path / "a")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
-    ended = subprocess.run([sys.executable, "-c", TERMINATE_WHEN_WRITTEN, str(tmp_path / "a"), str(tmp_path / "out")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert ended.returncode == 128 + signal.SIGTERM, ended.stderr[-2000:]
-    assert ended.stderr.strip().splitlines()[-1] == "hf-wsvd export: terminated"
+    ended = subprocess.run([sys.executable, "-c", TERMINATE_WHEN_WRITTEN, str(tmp_path / "a"), str(tmp_path / "out"),
+                            str(int(kind))], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 128 + kind, ended.stderr[-2000:]
+    assert ended.stderr.strip().splitlines()[-1] == f"hf-wsvd export: {said}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 

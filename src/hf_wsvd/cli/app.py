@@ -4,6 +4,7 @@ argument errors answer at once; the recipe options are generated from ``WSVDConf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -14,6 +15,7 @@ import threading
 
 from ..argtypes import comma_list, hub_dataset, hub_model_id
 from ..config import WSVDConfig
+from .output import ENDING_SIGNALS
 
 EXAMPLES = """examples:
   hf-wsvd compress ../shared/models/minilm-l6-sst2 out/sst2-fw --param-ratio 0.5 \\
@@ -344,12 +346,16 @@ def _linalg_errors() -> tuple[type[Exception], ...]:
 
 
 class _Terminated(BaseException):
-    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``), unwound like Ctrl-C so that the
-    run's staging folder is removed and OUTPUT left as it was."""
+    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``) or SIGHUP (a closed terminal),
+    unwound like Ctrl-C so that the run's staging folder is removed and OUTPUT left as it was."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,18 +365,24 @@ def main(argv: list[str] | None = None) -> int:
     unreadable = _not_utf8(args.argv)
     if unreadable:
         parser.error(unreadable)
-    # Only the main thread may set a handler; the previous one comes back when main returns.
-    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if previous is not None:
-        signal.signal(signal.SIGTERM, _terminate)
+    # Only the main thread may set a handler; the previous ones come back when main returns. A
+    # SIGHUP ignored by the parent (nohup) stays ignored.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {kind: handler for kind in ENDING_SIGNALS if main_thread
+                and (handler := signal.getsignal(kind)) is not None
+                and not (kind != signal.SIGTERM and handler == signal.SIG_IGN)}
+    for kind in previous:
+        signal.signal(kind, _terminate)
     try:
         return _run(args)
-    except _Terminated:  # before or after the command itself
-        print(f"hf-wsvd {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as ended:  # before or after the command itself
+        with contextlib.suppress(OSError):  # the terminal may be gone
+            print(f"hf-wsvd {args.command}: {'terminated' if ended.signum == signal.SIGTERM else 'hung up'}",
+                  file=sys.stderr)
+        return 128 + ended.signum
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
 
 
 def _not_utf8(argv: list[str]) -> str | None:

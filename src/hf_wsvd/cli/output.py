@@ -43,6 +43,8 @@ _STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-(?:(?P
 _active: set[str] = set()  # staging folders of this process in use
 # How the tokenizers library ends the message of a failed system call: "... (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# What ends a run besides Ctrl-C: kill, a scheduler, docker stop; a closed terminal or ssh session.
+ENDING_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 def _full_disk(error: Exception) -> int | None:
@@ -350,14 +352,14 @@ class OutputClaim:
 
 @contextlib.contextmanager
 def _signals_held(done: str | None = None) -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are held; when the block ends normally the one that came (SIGTERM if
-    both did) is raised again, after ``done`` is printed. Python runs signal handlers in the main
+    """Within: SIGINT, SIGTERM and SIGHUP are held; when the block ends normally the one that came
+    (SIGTERM first, then SIGHUP) is raised again, after ``done`` is printed. Python runs signal handlers in the main
     thread only, so elsewhere nothing is held (a thread's signal mask would not do: the kernel hands
     a process's signal to any thread that does not block it)."""
     caught: list[int] = []
     with contextlib.ExitStack() as restore:
         if threading.current_thread() is threading.main_thread():
-            for kind in (signal.SIGINT, signal.SIGTERM):
+            for kind in ENDING_SIGNALS + (signal.SIGINT,):
                 handler = signal.getsignal(kind)
                 if handler not in (None, signal.SIG_IGN):  # set outside Python, or ignored: left as it is
                     restore.callback(signal.signal, kind, handler)  # first: restored whatever comes next
@@ -366,7 +368,7 @@ def _signals_held(done: str | None = None) -> Iterator[None]:
     if caught:  # an error in the block ends the run anyway: its exception is not replaced
         if done:
             print(done, file=sys.stderr)
-        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in caught else signal.SIGINT)
+        signal.raise_signal(next((kind for kind in ENDING_SIGNALS if kind in caught), signal.SIGINT))
 
 
 def _kept_path(output: str, what: str) -> str:
