@@ -73,7 +73,10 @@ class FolderHub:
                 self.deleted.append(op.path_in_repo)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(op.path_or_fileobj, target)
+            if isinstance(op.path_or_fileobj, bytes):
+                target.write_bytes(op.path_or_fileobj)
+            else:
+                shutil.copyfile(op.path_or_fileobj, target)
             paths.append(op.path_in_repo)
         self.commits.append(paths)
         self.messages.append(kwargs.get("commit_message"))

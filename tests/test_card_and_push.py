@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,29 @@ def test_push_uploads_every_file_and_the_upload_loads(compressed, tmp_path, monk
         print("remote ok")
     """, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_push_uploads_the_files_it_checked_or_nothing(compressed, tmp_path, monkeypatch):
+    """A run writing the folder while push checks it (--overwrite of the same output): the small files
+    go up as read when checked, and a change since the check stops the push before the commit."""
+    out, _ = compressed
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder, copy_function=shutil.copy2)
+    api = FolderHub(tmp_path / "hub")
+    real = hub.check_auto_map
+
+    def written_meanwhile(path, config):  # during the load check, another run rewrites the weights
+        real(path, config)
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+
+    monkeypatch.setattr(hub, "check_auto_map", written_meanwhile)
+    with pytest.raises(ValueError, match=r"copy changed while push checked it \(is a run writing it\?\): push again"):
+        hub.push(folder, "user/raced", api=api)
+    assert api.commits == [] and api.repos == []  # nothing created on the Hub
+    monkeypatch.setattr(hub, "check_auto_map", real)
+    hub.push(folder, "user/raced", api=api)
+    (commit,) = api.commits
+    assert {"config.json", "model.safetensors"} <= set(commit)
 
 
 def test_push_refuses_incomplete_folders(compressed, tmp_path, capsys):

@@ -179,6 +179,7 @@ def push(
     substitute them."""
     folder = os.fspath(folder)
     plan = check_folder(folder)
+    checked = _stamps(folder, plan.files)
     load_card(os.path.join(folder, "README.md"))  # a card whose metadata does not parse fails here, offline
     # Nothing reaches the Hub that would not load: the load-time integrity checks (every tensor there,
     # at its shape, finite; the recipe readable), offline, before the repository is created.
@@ -189,8 +190,14 @@ def push(
     stale = [name for name in existing if name not in plan.files
              and (REPO_WEIGHTS.fullmatch(name) or name in MODEL_SPECIFIC
                   or tokenizer and (name in TOKENIZER_UPLOAD or name.startswith(f"{TEMPLATES_DIR}/")))]
-    operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+    # What is uploaded is what was checked: the small files as read now, the weights by path (hashed
+    # now; the Hub refuses an upload whose bytes do not match) — if nothing changed since the check
+    # (a run writing the folder meanwhile would otherwise mix two versions in one commit).
+    operations = [*(CommitOperationAdd(path_in_repo=name, path_or_fileobj=_content(os.path.join(folder, name)))
                     for name in plan.files), *(CommitOperationDelete(path_in_repo=name) for name in stale)]
+    if _stamps(folder, plan.files) != checked:
+        raise ValueError(f"{folder} changed while push checked it (is a run writing it?): push again once nothing "
+                         "writes it")
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     # parent_commit: a push that landed since the listing fails this commit instead of mixing with it
     info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", parent_commit=head,
@@ -202,6 +209,19 @@ def push(
         logger.warning("%s has no tokenizer (%s held none): AutoTokenizer and pipeline() cannot load the model from "
                        "it; save one into the folder (tokenizer.save_pretrained) and push again", repo_id, folder)
     return getattr(info, "commit_url", str(info))
+
+
+def _stamps(folder: str, files: list[str]) -> list[tuple[int, int, int]]:
+    """Each file's size, modification time and inode: what tells that it was written since."""
+    return [(info.st_size, info.st_mtime_ns, info.st_ino) for info in (os.stat(os.path.join(folder, f)) for f in files)]
+
+
+def _content(path: str) -> str | bytes:
+    """What an upload of ``path`` takes: a weights file by its path, anything else (small) read now."""
+    if path.endswith((".safetensors", ".bin")):
+        return path
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _repository(api: HfApi, repo_id: str, private: bool | None) -> tuple[list[str], str | None]:
