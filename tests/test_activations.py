@@ -86,3 +86,18 @@ def test_an_encoder_decoder_model_calibrated_on_labels_gets_its_decoder_inputs_b
     compress(model, WSVDConfig(method="whiten", param_ratio=0.5), [batch], show_progress=False)
     decoder = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear) and n.startswith("decoder.")]
     assert decoder
+
+
+def test_the_activation_pass_records_no_gradient_graph():
+    """Its outputs are read, never differentiated: a graph would hold every activation until the batch ends."""
+    import tiny
+    from hf_wsvd.statistics import input_statistics
+
+    model = tiny.build("llama")
+    seen = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, output: seen.append((torch.is_grad_enabled(), output.requires_grad)))
+    batch = tiny.inputs("llama")
+    input_statistics(model, [batch], {"down": model.model.layers[0].mlp.down_proj}, ["gram"], show_progress=False)
+    handle.remove()
+    assert seen == [(False, False)]

@@ -558,18 +558,19 @@ def test_heal_gives_both_models_back_in_their_modes_with_their_trainable_weights
     expected = random.random(), numpy.random.rand(), torch.rand(()).item()
     random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
     before = student.get_parameter(frozen).detach().clone()
-    healed, _ = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
-                     HealConfig(steps=3, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank), show_progress=False)
+    healed, report = heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
+                          HealConfig(steps=3, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank),
+                          show_progress=False)
     assert healed is student
-    assert not torch.equal(healed.get_parameter(frozen), before)  # trained all the same
+    assert torch.equal(healed.get_parameter(frozen), before) != report.kept  # trained all the same, where kept
     assert {n: p.requires_grad for n, p in healed.named_parameters()} == trainable
     assert {n: m.training for n, m in healed.named_modules()} == modes
     assert all(m.training for m in teacher.modules()) and all(p.requires_grad for p in teacher.parameters())
     assert (random.random(), numpy.random.rand(), torch.rand(()).item()) == expected
 
 
-@pytest.mark.parametrize("lora_rank", [None, 2])
-def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, monkeypatch):
+@pytest.mark.parametrize("lora_rank, bf16", [(None, False), (2, False), (None, True)])
+def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, bf16, monkeypatch):
     from hf_wsvd.integrations import healing
 
     teacher, student = _compressed()
@@ -587,8 +588,9 @@ def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, monkey
     monkeypatch.setattr(healing, "distillation_kl", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         heal(student, teacher, _blocks(8, seed=1), _blocks(4, seed=2),
-             HealConfig(steps=4, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank, evaluations=2),
+             HealConfig(steps=4, learning_rate=1e-2, batch_size=4, lora_rank=lora_rank, evaluations=2, bf16=bf16),
              show_progress=False)
+    assert "_original_forward" not in student.__dict__  # accelerate's mark of the training's autocast wrapper
     assert student.state_dict().keys() == weights.keys()  # no adapters left on it
     for name, value in student.state_dict().items():
         assert torch.equal(value, weights[name]), name
@@ -602,10 +604,11 @@ def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, monkey
                                                f"the model's {tiny.VOCAB_SIZE} token embeddings"),
     ([{"input_ids": [[5, 6]]}], "train_blocks[0]: input_ids must be one non-empty sequence of integer token ids, not "
                                 "torch.int64 of shape (1, 2)"),
-    ([{"input_ids": [5, 6], "attention_mask": [1, 2]}], "train_blocks[0]: attention_mask must hold a 0 or 1 for each "
-                                                        "of its 2 tokens"),
+    ([{"input_ids": [5, 6], "attention_mask": [1, 2]}], "train_blocks[0]: attention_mask holds 2; it must hold a 0 or "
+                                                        "1 for each token"),
+    ([{"input_ids": [5, 6], "attention_mask": [1]}], "train_blocks[0]: attention_mask has shape (1,), input_ids (2,)"),
     ([{"input_ids": [5, 6], "attention_mask": [0, 0]}], "train_blocks hold no real token"),
-], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "padding only"])
+], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "mask too short", "padding only"])
 def test_heal_names_bad_blocks_before_anything_trains(blocks, message):
     teacher, student = _compressed()
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):

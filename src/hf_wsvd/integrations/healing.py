@@ -403,8 +403,12 @@ def _check_blocks(model: PreTrainedModel, blocks: Sequence[dict], name: str) -> 
             raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
                              f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
         mask = torch.as_tensor(block.get("attention_mask", torch.ones_like(ids)))
-        if mask.shape != ids.shape or not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"{where}: attention_mask must hold a 0 or 1 for each of its {ids.numel()} tokens")
+        if mask.shape != ids.shape:
+            raise ValueError(f"{where}: attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: "
+                             "it must hold a 0 or 1 for each token")
+        odd = mask[(mask != 0) & (mask != 1)]
+        if odd.numel():
+            raise ValueError(f"{where}: attention_mask holds {odd[0].item()!r}; it must hold a 0 or 1 for each token")
         lengths.add(ids.numel())
         real += int(mask.sum())
     if len(lengths) > 1:
@@ -446,14 +450,28 @@ def _distill(trained: nn.Module, teacher: PreTrainedModel, train_blocks: Sequenc
             lowest = _KeepLowest(measured, [p for p in trained.parameters() if p.requires_grad],
                                  config.steps, config.evaluations)
             trainer.add_callback(lowest)
-        trainer.train()
-        # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
-        # healed model computes in its own precision again (evaluation, saving, later use).
-        trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
+        try:
+            trainer.train()
+        finally:
+            # accelerate wrapped the model's forward in the bf16 autocast of training; unwrapped, the
+            # model computes in its own precision again (evaluation, saving, later use; also after an error).
+            trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
     best_step = config.steps if lowest is None or not lowest.step else lowest.step
     if best_step < config.steps:
         lowest.restore()
     return lowest, best_step
+
+
+def _restore(student: PreTrainedModel, trained: nn.Module, initial: dict[str, torch.Tensor]) -> None:
+    """After a failed heal: the student without adapters, with its weights as they were (each step
+    tried on its own; the run's own error is the one raised)."""
+    steps = ([("remove the LoRA adapters", trained.unload)] if trained is not student else []) + [
+        ("restore the weights", lambda: student.load_state_dict(initial))]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as error:
+            logger.warning(f"healing failed, and so did the attempt to {what} ({error}): load the student again")
 
 
 def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Sequence[dict],
@@ -487,28 +505,25 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         for model in (student, teacher) if use_cuda else ():
             if not is_dispatched(model):  # accelerate's placement moves what it placed
                 model.to("cuda")
-        evaluation_batch = config.batch_size
-        before = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+        before = distillation_kl(student, teacher, heldout_blocks, config.batch_size, show_progress)
         # Kept aside (on the CPU) so that a run that makes the model worse, or fails, never replaces it.
         initial = {name: value.detach().to("cpu", copy=True) for name, value in student.state_dict().items()}
-        cpu = torch.device("cpu")  # peft draws LoRA's initial weights from the CPU's global stream
-        with forked_streams(cpu):
-            seed_streams(config.seed, cpu)
-            trained = _trainable_factors(student, config.lora_rank)
-        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        start = time.perf_counter()
+        start, trained = time.perf_counter(), student
         try:
+            cpu = torch.device("cpu")  # peft draws LoRA's initial weights from the CPU's global stream
+            with forked_streams(cpu):
+                seed_streams(config.seed, cpu)
+                trained = _trainable_factors(student, config.lora_rank)
+            trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
             lowest, best_step = _distill(trained, teacher, train_blocks, heldout_blocks, config, use_cuda,
                                          show_progress)
         except BaseException:
-            if trained is not student:  # the adapters come off
-                trained.unload()
-            student.load_state_dict(initial)
+            _restore(student, trained, initial)
             raise
         seconds = time.perf_counter() - start
         if config.lora_rank is not None:
             student = trained.merge_and_unload()
-        after = distillation_kl(student, teacher, heldout_blocks, evaluation_batch, show_progress)
+        after = distillation_kl(student, teacher, heldout_blocks, config.batch_size, show_progress)
         kept = after <= before
         if not kept:
             # Measured: a block-refined model starts close to its teacher and needed a third of the

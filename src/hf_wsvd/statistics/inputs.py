@@ -91,7 +91,6 @@ class InputHooks:
         return self.sums.statistics(list(self.modules))
 
 
-@torch.no_grad()
 def _forward_inputs(model: nn.Module, batch: dict) -> dict:
     """``batch`` without its labels (no loss is needed); an encoder-decoder model (T5) that builds
     its decoder's inputs from the labels gets them built, as its own forward would."""
@@ -103,6 +102,7 @@ def _forward_inputs(model: nn.Module, batch: dict) -> dict:
     return inputs
 
 
+@torch.no_grad()
 def input_statistics(
     model: nn.Module,
     data: Iterable[dict],
