@@ -191,6 +191,7 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
     holding factors its class has no place for, which would reload with random weights."""
     ranks = {name: module.rank for name, path in job.targets.items()
              if isinstance(module := model.get_submodule(path), FactorizedLinear)}
+    factorized = len(ranks)
     embedding = model.get_input_embeddings()
     if isinstance(embedding, FactorizedEmbedding):
         ranks[relative_module_name(model, next(n for n, m in model.named_modules() if m is embedding))] = embedding.rank
@@ -203,9 +204,10 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
         logger.warning(f"compress stopped midway, and recording the layers it had replaced failed too ({error}): "
                        "do not save this model; load the dense model again")
         return
-    logger.warning(f"compress stopped midway: {len(ranks)} factorized and {len(job.pruned)} pruned of the "
-                   f"{len(job.targets)} target layers stay in the model, recorded in its recipe (it saves and "
-                   "reloads as it is); load the dense model again to start over")
+    embeddings = " (and the factorized input embeddings)" if len(ranks) > factorized else ""
+    logger.warning(f"compress stopped midway: {factorized} factorized and {len(job.pruned)} pruned of the "
+                   f"{len(job.targets)} target layers{embeddings} stay in the model, recorded in its recipe (it "
+                   "saves and reloads as it is); load the dense model again to start over")
 
 
 def compress(

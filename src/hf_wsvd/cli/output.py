@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -43,20 +44,22 @@ _STAGING = re.compile(r"\.hf-wsvd-(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-(?:(?P
 _active: set[str] = set()  # staging folders of this process in use
 # How the tokenizers library ends the message of a failed system call: "... (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+logger = logging.getLogger(__name__)
 # What ends a run besides Ctrl-C: kill, a scheduler, docker stop; a closed terminal or ssh session.
 ENDING_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
-def _full_disk(error: Exception) -> int | None:
+def _full_disk(error: Exception, staging: str) -> int | None:
     """The error number of a write that ran out of room (a full disk or quota), however it was
-    reported: an OSError naming the staging folder's file, or the Rust libraries' (tokenizers,
-    safetensors) text ending in "(os error N)"; else None."""
-    if isinstance(error, OSError):
-        code = error.errno
+    reported: an OSError about a file of ``staging`` (or of no file), or the Rust libraries'
+    (tokenizers, safetensors) text ending in "(os error N)"; else None."""
+    if isinstance(error, OSError):  # about a file of the staging folder, not the cache or a temporary file
+        named = error.filename is None or _contains(staging, os.path.abspath(os.fsdecode(error.filename)))
+        code = error.errno if named else None
     else:
         found = _RUST_OS_ERROR.search(str(error))
         code = int(found.group(1)) if found else None
-    return code if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
+    return code if code in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def _target_id(output: str) -> str:
@@ -293,7 +296,7 @@ class OutputClaim:
             _usual_permissions(self.staging)
             _write_marker(self.staging, command)
         except Exception as error:
-            code = _full_disk(error)
+            code = _full_disk(error, self.staging)
             if code is None:
                 raise
             raise OSError(code, f"{os.strerror(code)} while writing {self.output!r}") from error
@@ -339,8 +342,9 @@ class OutputClaim:
         except OSError:
             kept = _kept_path(self.output, "previous")
             os.replace(aside, kept)
-            print(f"hf-wsvd: {self.output!r} was recreated meanwhile; its previous content is in {kept!r}",
-                  file=sys.stderr)
+            with contextlib.suppress(OSError):  # a hung-up terminal
+                print(f"hf-wsvd: {self.output!r} was recreated meanwhile; its previous content is in {kept!r}",
+                      file=sys.stderr)
 
     def _refuse(self, now: tuple) -> None:
         kept, staging, self.staging = _kept_path(self.output, "result"), self.staging, None
@@ -367,7 +371,8 @@ def _signals_held(done: str | None = None) -> Iterator[None]:
         yield
     if caught:  # an error in the block ends the run anyway: its exception is not replaced
         if done:
-            print(done, file=sys.stderr)
+            with contextlib.suppress(OSError):  # a hung-up terminal: the signal still comes
+                print(done, file=sys.stderr)
         signal.raise_signal(next((kind for kind in ENDING_SIGNALS if kind in caught), signal.SIGINT))
 
 
@@ -469,13 +474,14 @@ def _same_access(folder: str, like: str) -> None:
     this process may: a private folder (0700) or a team's (2770) stays so."""
     try:
         mode = os.stat(like)
+        if hasattr(os, "chown"):  # first: a change of group may clear the setgid bit the chmod then sets
+            with contextlib.suppress(PermissionError):  # a group this user is not in: the mode is kept all the same
+                os.chown(folder, -1, mode.st_gid)
+        os.chmod(folder, stat.S_IMODE(mode.st_mode))
     except FileNotFoundError:  # gone meanwhile: the swap refuses it
         return
-    os.chmod(folder, stat.S_IMODE(mode.st_mode))
-    try:
-        os.chown(folder, -1, mode.st_gid)
-    except OSError:  # a group this user is not in: the mode bits are kept all the same
-        pass
+    except OSError as error:  # a file system without modes (some network shares): the result is kept
+        logger.warning(f"could not give {folder!r} the mode and group of {like!r}: {error}")
 
 
 def _umask() -> int:

@@ -222,8 +222,9 @@ def gradient_statistics(
                                          "computed from the model's outputs")
                     if not bool(torch.isfinite(losses.detach()).all()):  # it would spread to every statistic
                         raise ValueError(f"the importance loss is NaN or infinite for importance batch {index} (of "
-                                         "this process): check that batch's labels and the model's outputs (or the "
-                                         "loss_fn given)")
+                                         "this process): check that batch's labels (an example whose labels are all "
+                                         "-100 has no loss to average) and the model's outputs (or the loss_fn "
+                                         "given)")
                     losses = losses.sum()
                     replay.backward(losses) if streamed else losses.backward()
                     count += batch["labels"].shape[0]
