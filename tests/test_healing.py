@@ -604,9 +604,10 @@ def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, bf16, 
                                                f"the model's {tiny.VOCAB_SIZE} token embeddings"),
     ([{"input_ids": [[5, 6]]}], "train_blocks[0]: input_ids must be one non-empty sequence of integer token ids, not "
                                 "torch.int64 of shape (1, 2)"),
-    ([{"input_ids": [5, 6], "attention_mask": [1, 2]}], "train_blocks[0]: attention_mask holds 2; it must hold a 0 or "
-                                                        "1 for each token"),
-    ([{"input_ids": [5, 6], "attention_mask": [1]}], "train_blocks[0]: attention_mask has shape (1,), input_ids (2,)"),
+    ([{"input_ids": [5, 6], "attention_mask": [1, 2]}], "train_blocks[0]: attention_mask holds 2; it marks each token 1 "
+                                                        "(real) or 0 (padding)"),
+    ([{"input_ids": [5, 6], "attention_mask": [1]}], "train_blocks[0]: attention_mask is a torch.int64 tensor of shape "
+                                                     "(1,), input_ids (2,): they must match"),
     ([{"input_ids": [5, 6], "attention_mask": [0, 0]}], "train_blocks hold no real token"),
 ], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "mask too short", "padding only"])
 def test_heal_names_bad_blocks_before_anything_trains(blocks, message):

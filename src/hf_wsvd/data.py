@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from .blocks import kept_flags
 from .runtime.modeling_wsvd import held_records
 from .tasks import CAUSAL_LM, CLASSIFICATION, task_of
 
@@ -427,11 +428,10 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
                                 max_new_tokens=length - prompt_length, min_new_tokens=length - prompt_length,
                                 eos_token_id=eos, pad_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
     saved, teacher.generation_config = teacher.generation_config, settings
-    was_training = teacher.training
     written = []
     try:
-        teacher.eval()
-        with forked_streams(device):
+        with kept_flags(teacher), forked_streams(device):  # written in eval mode
+            teacher.eval()
             starts = range(index * batch_size, count, processes * batch_size)
             for start in tqdm(starts, desc="writing blocks", disable=not show_progress):
                 seed_streams(random.Random(f"{seed}/{start // batch_size}").getrandbits(63), device)
@@ -445,7 +445,6 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
                                     "attention_mask": torch.ones_like(row) if as_tensors else [1] * length})
     finally:
         teacher.generation_config = saved
-        teacher.train(was_training)
     return written
 
 
@@ -481,6 +480,23 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
                          f"{positions} or less")
 
 
+def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int, where: str) -> None:
+    """Raise a one-line error naming the value (``where``: what holds them) unless the token ``ids``
+    have rows among ``vocabulary`` token embeddings and ``mask``, if any, is a tensor of their shape
+    marking each token 1 (real) or 0 (padding)."""
+    if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
+        raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                         f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+    if mask is None:
+        return
+    if not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
+        raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
+    odd = mask[(mask != 0) & (mask != 1)]
+    if odd.numel():  # block refinement and healing weigh each token's loss by it
+        raise ValueError(f"{where}: attention_mask holds {odd[0].item()!r}; it marks each token 1 (real) or 0 "
+                         "(padding)")
+
+
 def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = True) -> None:
     """Raise a one-line error naming the value unless ``batch`` (the ``index``-th calibration batch,
     from 0) is what the passes feed ``model``: a dict; its ``input_ids``, if any, 2-D integers inside
@@ -504,19 +520,11 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if ids.is_meta:
         raise ValueError(f"{where}: input_ids are on the meta device (shapes without values): give the token ids")
     vocabulary = model.get_input_embeddings().num_embeddings
-    if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
-        raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
-                         f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+    check_ids_and_mask(ids, batch.get("attention_mask"), vocabulary, where)
     positions = position_limit(model)
     if positions is not None and ids.shape[1] > positions:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
-    mask = batch.get("attention_mask")
-    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
-        raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
-    if mask is not None and not ((mask == 0) | (mask == 1)).all():  # refinement would weigh tokens by it
-        odd = mask[(mask != 0) & (mask != 1)][0].item()
-        raise ValueError(f"{where}: attention_mask holds {odd!r}; it marks each token 1 (real) or 0 (padding)")
     labels = batch.get("labels")
     if labels is None or not task_labels:
         return

@@ -34,7 +34,7 @@ from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArg
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched, kept_flags
-from ..data import forked_streams, position_limit, seed_streams
+from ..data import check_ids_and_mask, forked_streams, position_limit, seed_streams
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import check_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
@@ -399,18 +399,10 @@ def _check_blocks(model: PreTrainedModel, blocks: Sequence[dict], name: str) -> 
         if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool or not ids.numel():
             raise ValueError(f"{where}: input_ids must be one non-empty sequence of integer token ids, not "
                              f"{ids.dtype} of shape {tuple(ids.shape)}")
-        if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
-            raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
-                             f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
-        mask = torch.as_tensor(block.get("attention_mask", torch.ones_like(ids)))
-        if mask.shape != ids.shape:
-            raise ValueError(f"{where}: attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: "
-                             "it must hold a 0 or 1 for each token")
-        odd = mask[(mask != 0) & (mask != 1)]
-        if odd.numel():
-            raise ValueError(f"{where}: attention_mask holds {odd[0].item()!r}; it must hold a 0 or 1 for each token")
+        mask = torch.as_tensor(block["attention_mask"]) if block.get("attention_mask") is not None else None
+        check_ids_and_mask(ids, mask, vocabulary, where)
         lengths.add(ids.numel())
-        real += int(mask.sum())
+        real += ids.numel() if mask is None else int(mask.sum())
     if len(lengths) > 1:
         raise ValueError(f"{name} hold blocks of {sorted(lengths)} tokens: every block must have the same length "
                          "(text_blocks cuts text so)")

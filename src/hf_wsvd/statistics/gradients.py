@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..blocks import (
-    block_list, first_output, given_back, input_device, is_dispatched, outside_blocks_on, placed, split_hidden,
+    block_list, first_output, given_back, input_device, is_dispatched, kept_flags, outside_blocks_on, placed,
+    split_hidden,
     with_hidden,
     without_cache,
 )
@@ -192,14 +193,11 @@ def gradient_statistics(
     with given_back(model):  # a model moved to the accelerator goes back where it was
         if not streamed and not is_dispatched(model):
             model.to(device)
-        was_training = model.training
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
         hooks = GradientHooks(modules, needs)
         count = torch.zeros((), dtype=torch.float64, device=device)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(kept_flags(model))  # the pass runs in eval mode, no weight trainable
+            model.eval().requires_grad_(False)
             stack.callback(hooks.remove)
             if streamed:
                 stack.enter_context(outside_blocks_on(model, prefix, device))
@@ -209,29 +207,24 @@ def gradient_statistics(
                 handle = model.get_input_embeddings().register_forward_hook(
                     lambda module, args, output: output.requires_grad_(True))
                 stack.callback(handle.remove)
-            try:
-                for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
-                                                      show_progress)):
-                    if "labels" not in batch:
-                        raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
-                                         "information needs the task loss; give labels (causal LMs: the input ids)")
-                    losses = loss_fn(model, batch)
-                    if not isinstance(losses, torch.Tensor) or not losses.requires_grad:
-                        shown = "a tensor without gradient" if isinstance(losses, torch.Tensor) else repr(losses)
-                        raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
-                                         "computed from the model's outputs")
-                    if not bool(torch.isfinite(losses.detach()).all()):  # it would spread to every statistic
-                        raise ValueError(f"the importance loss is NaN or infinite for importance batch {index} (of "
-                                         "this process): check that batch's labels (an example whose labels are all "
-                                         "-100 has no loss to average) and the model's outputs (or the loss_fn "
-                                         "given)")
-                    losses = losses.sum()
-                    replay.backward(losses) if streamed else losses.backward()
-                    count += batch["labels"].shape[0]
-            finally:
-                for p, flag in requires_grad.items():
-                    p.requires_grad_(flag)
-                model.train(was_training)
+            for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
+                                                  show_progress)):
+                if "labels" not in batch:
+                    raise ValueError(f"the importance batches have no 'labels' (keys: {sorted(batch)}): the Fisher "
+                                     "information needs the task loss; give labels (causal LMs: the input ids)")
+                losses = loss_fn(model, batch)
+                if not isinstance(losses, torch.Tensor) or not losses.requires_grad:
+                    shown = "a tensor without gradient" if isinstance(losses, torch.Tensor) else repr(losses)
+                    raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
+                                     "computed from the model's outputs")
+                if not bool(torch.isfinite(losses.detach()).all()):  # it would spread to every statistic
+                    raise ValueError(f"the importance loss is NaN or infinite for importance batch {index} (of "
+                                     "this process): check that batch's labels (an example whose labels are all "
+                                     "-100 has no loss to average) and the model's outputs (or the loss_fn "
+                                     "given)")
+                losses = losses.sum()
+                replay.backward(losses) if streamed else losses.backward()
+                count += batch["labels"].shape[0]
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
         raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")

@@ -115,14 +115,13 @@ def input_statistics(
     in one forward pass of the whole model where it is placed (a model on one device visits the
     accelerator and goes back); across processes the sums and token counts are added before
     dividing, so the result equals a single-process run."""
-    from ..blocks import given_back, input_device, is_dispatched
+    from ..blocks import given_back, input_device, is_dispatched, kept_flags
 
     accelerator = accelerator or default_accelerator()
-    with given_back(model):
+    with given_back(model), kept_flags(model):  # the pass runs in eval mode
         if not is_dispatched(model):
             model.to(accelerator.device)
         device = input_device(model, accelerator.device)
-        was_training = model.training
         model.eval()
         hooks = InputHooks(modules, needs)
         try:
@@ -131,7 +130,6 @@ def input_statistics(
                 model(**_forward_inputs(model, batch))
         finally:
             hooks.remove()
-            model.train(was_training)
     hooks.reduce(accelerator, accelerator.device)
     stats = hooks.result()
     if not stats.tokens:
