@@ -169,6 +169,30 @@ def written_calibration() -> dict:
     return {"blocks": loader.dataset["input_ids"], "generate_calls": len(calls)}
 
 
+def failing_passes(accelerator) -> dict[str, str | None]:
+    """Each statistics pass run on data whose example 3 is bad (a NaN regression label, a token id
+    outside the vocabulary): pass → the error it ended with in this process."""
+    from hf_wsvd.statistics import token_counts
+
+    model, _, modules, loss_fn = case_inputs("bert_regression", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+    examples = make_examples("regression", DISTRIBUTED_EXAMPLES)
+    examples[3]["labels"] = torch.tensor(float("nan"))
+    bad_ids = make_examples("regression", DISTRIBUTED_EXAMPLES)
+    bad_ids[3]["input_ids"] = bad_ids[3]["input_ids"].clone().fill_(model.config.vocab_size)
+    passes = {"fisher": lambda: fisher_of(model, make_loader(examples, DISTRIBUTED_BATCH), modules, loss_fn, accelerator),
+              "activations": lambda: activations_of(model, make_loader(bad_ids, DISTRIBUTED_BATCH), modules, accelerator),
+              "token_counts": lambda: token_counts(make_loader(bad_ids, DISTRIBUTED_BATCH), model.config.vocab_size,
+                                                   accelerator)}
+    errors = {}
+    for name, run in passes.items():
+        try:
+            run()
+            errors[name] = None
+        except Exception as error:
+            errors[name] = f"{type(error).__name__}: {error}"
+    return errors
+
+
 def _run(outdir: Path) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -220,6 +244,10 @@ def _run(outdir: Path) -> None:
             result["no_data_error"] = None
         except ValueError as error:
             result["no_data_error"] = str(error)
+
+        # One process's share holds a bad example (the second process takes example 3): each pass ends
+        # in both processes, the bad share's with its own error, the other's naming it.
+        result["one_failing"] = failing_passes(accelerator)
 
         # An accelerator that would even out the last batch by repeating examples: its setting is not
         # used, no example counts twice.

@@ -88,6 +88,34 @@ def test_an_encoder_decoder_model_calibrated_on_labels_gets_its_decoder_inputs_b
     assert decoder
 
 
+def test_an_encoder_decoder_model_s_decoder_counts_its_own_real_positions():
+    """Encoder and decoder of one length: the decoder's modules count the positions whose label is not
+    -100, cross-attention's keys and values the encoder's real tokens, and the encoder its own."""
+    import tiny
+    from hf_wsvd.statistics import GRAM, input_statistics
+    from hf_wsvd.targets import select_targets
+
+    model = tiny.build("t5", "AutoModelForSeq2SeqLM")
+    ids = torch.randint(5, tiny.VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # 13 real encoder tokens
+    labels = ids.clone()
+    labels[0, -2:], labels[1, -5:] = -100, -100  # 9 real decoder positions
+    modules = {name: model.get_submodule(full) for name, full in select_targets(model).items()}
+    seen = {}
+    cross_k = modules["decoder.block.1.layer.1.EncDecAttention.k"]
+    handle = cross_k.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach().clone()))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    stats = input_statistics(model, [batch], modules, [GRAM], show_progress=False)
+    handle.remove()
+    for name in modules:
+        cross_attention_input = ".EncDecAttention.k" in name or ".EncDecAttention.v" in name
+        expected = 13 if name.startswith("encoder.") or cross_attention_input else 9
+        assert stats.tokens[name] == expected, name
+    rows = seen["x"][mask.bool()].double()
+    torch.testing.assert_close(stats.values["decoder.block.1.layer.1.EncDecAttention.k"][GRAM], rows.T @ rows / 13)
+
+
 def test_the_activation_pass_records_no_gradient_graph():
     """Its outputs are read, never differentiated: a graph would hold every activation until the batch ends."""
     import tiny

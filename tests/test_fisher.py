@@ -182,6 +182,19 @@ def test_two_processes_ignore_an_accelerator_that_evens_out_batches(two_process_
         assert max_relative_difference(r["even_batches"]["fisher"], single) < 1e-5
 
 
+def test_a_pass_that_fails_in_one_process_ends_in_every_process(two_process_results, one_process_result):
+    """A bad example in one process's share: that process raises its own error, the other one says
+    that a process failed, instead of waiting in the reduction of the sums until the timeout."""
+    own = {"fisher": "ValueError: the importance loss is NaN or infinite for importance batch 1",
+           "activations": "IndexError: index out of range", "token_counts": "ValueError: token id 64 of the data"}
+    desc = {"fisher": "Fisher", "activations": "activations", "token_counts": "token counts"}
+    bad, good = sorted(two_process_results, key=lambda r: r["rank"], reverse=True)  # rank 1 holds example 3
+    for name, message in own.items():
+        assert one_process_result["one_failing"][name].startswith(message)
+        assert bad["one_failing"][name].startswith(message), bad["one_failing"]
+        assert good["one_failing"][name] == f"RuntimeError: the {desc[name]} pass failed in 1 other process(es); their error says why"
+
+
 @pytest.mark.parametrize("returned, message", [(None, "loss_fn returned None"),
                                                (torch.ones(2), "loss_fn returned a tensor without gradient")])
 def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message):

@@ -360,6 +360,58 @@ def test_a_terminated_run_leaves_no_staging_folder_and_says_so(tmp_path, kind, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+INTERRUPTED_AGAIN_AT_EXIT = """
+import atexit, os, signal, sys, time
+import hf_wsvd.cli.app as app
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+app.main = lambda: 130  # a run that Ctrl-C ended
+
+
+@atexit.register
+def pressed_again():  # Ctrl-C pressed again while the interpreter shuts down
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+
+sys.exit(app.console())
+"""
+
+
+def test_ctrl_c_pressed_again_after_the_run_ended_is_ignored():
+    """After "interrupted", another Ctrl-C must not break into the interpreter's exit handlers (each
+    would print "Exception ignored ..." and a traceback) or change the exit status."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ended = subprocess.run([sys.executable, "-c", INTERRUPTED_AGAIN_AT_EXIT], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert ended.returncode == 130
+    assert "Exception ignored" not in ended.stderr and "KeyboardInterrupt" not in ended.stderr, ended.stderr[-2000:]
+
+
+def test_a_reader_that_leaves_the_output_ends_the_command_quietly(tmp_path, monkeypatch, capsys):
+    """``hf-wsvd inspect X | head``: when the reader of standard output has gone, the command ends as a
+    program killed by SIGPIPE does (status 141, nothing said); a broken pipe elsewhere is one error line."""
+    _checkpoint(tmp_path / "a")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
+    try:
+        ended = subprocess.run([sys.executable, "-c", "import sys; from hf_wsvd.cli import main; sys.exit(main(sys.argv[1:]))",
+                                "inspect", str(tmp_path / "a")], stdout=write, stderr=subprocess.PIPE, cwd=tmp_path,
+                               env=env, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert ended.returncode == 128 + signal.SIGPIPE, ended.stderr[-2000:]
+    assert not re.search(r"error|Traceback|Exception ignored", ended.stderr), ended.stderr[-2000:]
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("hf_wsvd.cli.app._inspect", broken)
+    assert run(["inspect", str(tmp_path / "a")]) == 2
+    assert one_error(capsys) == "hf-wsvd inspect: error: [Errno 32] Broken pipe"
+
+
 def test_stale_staging_folders_are_cleaned_and_live_ones_refuse_a_second_run(tmp_path, capsys):
     _checkpoint(tmp_path / "a")
     out = tmp_path / "dense"
@@ -950,6 +1002,27 @@ def test_position_limit_reads_the_learned_table(arch, positions):
 
     assert position_limit(tiny.build(arch)) == positions
     assert position_limit(tiny.compressed(arch)[0]) == positions  # factorized models keep their table
+
+
+def test_dot_dot_after_a_symbolic_link_is_read_as_the_system_reads_it(project, monkeypatch, capsys):
+    """``link/../out`` is ``out`` beside the link's target, not beside the link: taken textually, the
+    input's own folder would pass as a fresh output, and the result would land somewhere else."""
+    (project / "models" / "tiny" / "sub").mkdir()
+    (project / "into_input").symlink_to(project / "models" / "tiny" / "sub")
+    monkeypatch.chdir(project)
+    before = snapshot(project)
+    assert run(["compress", "models/tiny", "into_input/../out", "--method", "svd"]) == 2
+    assert "lies inside the input" in one_error(capsys)
+    assert snapshot(project) == before
+
+    elsewhere = project.parent / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    (project / "away").symlink_to(elsewhere / "deep")
+    with check_output(None, "away/../out", overwrite=False) as claim, claim.write("test") as staging:
+        with open(os.path.join(staging, "result.txt"), "w") as handle:
+            handle.write("x")
+    assert (elsewhere / "out" / "result.txt").read_text() == "x"
+    assert not (project / "out").exists()
 
 
 def test_an_output_folder_keeps_the_mode_and_group_the_user_gave_it(tmp_path):

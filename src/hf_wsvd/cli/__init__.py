@@ -8,9 +8,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import add_recipe_arguments, build_parser, main, recipe_from_args
+    from .app import add_recipe_arguments, build_parser, console, main, recipe_from_args
 
-__all__ = ["add_recipe_arguments", "build_parser", "main", "recipe_from_args"]
+__all__ = ["add_recipe_arguments", "build_parser", "console", "main", "recipe_from_args"]
 
 
 def __getattr__(name: str) -> Any:

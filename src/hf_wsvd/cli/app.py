@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -331,6 +332,16 @@ def _show_notices() -> None:
         logger.addHandler(_NoticeHandler(logging.WARNING))
 
 
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reading end is closed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll (Windows)
+        return False
+
+
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that are the input's fault, reported in one line. FloatingPointError: non-finite
     factors (a NaN weight); LinAlgError: a decomposition that did not converge (huge weights);
@@ -385,6 +396,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(kind, handler)
 
 
+def console() -> int:
+    """The ``hf-wsvd`` program: :func:`main` on the command line's arguments. Once it has returned the
+    process only ends, so Ctrl-C pressed again (after "interrupted") is ignored rather than breaking
+    into the interpreter's exit handlers with tracebacks."""
+    try:
+        return main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _not_utf8(argv: list[str]) -> str | None:
     """Why ``argv`` cannot be taken, naming its first argument that holds bytes that are not UTF-8
     (Python keeps them as lone surrogates), or None. The arguments are written into UTF-8 model cards,
@@ -407,6 +428,11 @@ def _run(args: argparse.Namespace) -> int:
         {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
          "heal": run_heal, "push": run_push}[args.command](args)
     except _input_errors() as error:
+        if isinstance(error, BrokenPipeError) and _reader_gone():
+            # The reader of the output left (``| head``): end quietly, as a program killed by SIGPIPE
+            # would, and keep the interpreter's last flush of the unwritten rest from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
         if isinstance(error, _linalg_errors()):
             message = (message.splitlines() or ["?"])[0] + " (a decomposition failed: are some weights huge or non-finite?)"

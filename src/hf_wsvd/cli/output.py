@@ -117,7 +117,7 @@ def _stale(output: str) -> dict[str, list[str]]:
 def recover(output: str | os.PathLike) -> None:
     """Finish what a killed replacement of ``output`` left: put the old output back if ``output``
     is missing, and delete the staging folders of dead processes."""
-    output = os.path.abspath(output)
+    output = _place(output)
     stale = _stale(output)
     if stale["old"]:
         old = stale["old"].pop()
@@ -133,6 +133,17 @@ def recover(output: str | os.PathLike) -> None:
                   f"{kept!r}", file=sys.stderr)
     for path in stale["new"] + stale["old"]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _place(output: str | os.PathLike) -> str:
+    """The absolute path of ``output`` as the system reads it: its parent's symbolic links and ``..``
+    resolved in order (``abspath`` alone takes ``link/../out`` as ``out`` beside ``link``), its last
+    name kept, so that a symbolic link named as OUTPUT stays one."""
+    raw = os.path.join(os.getcwd(), os.fspath(output))
+    parent, name = os.path.split(raw.rstrip(os.sep) or os.sep)
+    if name in ("", os.curdir, os.pardir):
+        return os.path.realpath(raw)
+    return os.path.join(os.path.realpath(parent), name)
 
 
 def _contains(outer: str, inner: str) -> bool:
@@ -405,7 +416,7 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
     output = str(output)
     if not output.strip():
         raise ValueError(f"output folder {output!r} is empty: name a folder")
-    path = os.path.abspath(output)
+    path = _place(output)
     real = os.path.realpath(path)
     named = [sources] if isinstance(sources, str) or sources is None else list(sources)
     guarded = [(s, f"the input {s!r}", True) for s in named if s] + [(os.getcwd(), "the current directory", False)]

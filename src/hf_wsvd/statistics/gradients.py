@@ -32,7 +32,7 @@ from ..blocks import (
 from ..runtime.factorized_linear import linear_shape
 from ..tasks import LossFn
 from .collectors import COLLECTORS, Collector, collectors_for
-from .passes import batches, default_accelerator, exact_16bit_products, sum_across_processes
+from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
 from .result import Statistics
 
 # Largest transient of the batched per-example gradients (examples × out × in) on accelerators:
@@ -207,6 +207,7 @@ def gradient_statistics(
                 handle = model.get_input_embeddings().register_forward_hook(
                     lambda module, args, output: output.requires_grad_(True))
                 stack.callback(handle.remove)
+            stack.enter_context(failing_together(accelerator, "Fisher"))
             for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
                                                   show_progress)):
                 if "labels" not in batch:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
 from .collectors import COLLECTORS, collectors_for
-from .passes import batches, default_accelerator, exact_16bit_products
+from .passes import batches, default_accelerator, exact_16bit_products, failing_together
 from .result import Statistics
 from .shared import TOKENS, SharedSums
 
@@ -31,28 +31,40 @@ class InputHooks:
     """Forward pre-hooks accumulating the input statistics ``needs`` of each module.
 
     Call ``new_batch(mask)`` (batch × tokens, 1 for real tokens) before each forward so padding is
-    excluded; inputs whose leading shape differs from the mask (e.g. a decoder's) count every
-    position. Modules reading the same tensor (q/k/v projections) share one computation of each
+    excluded; inputs whose leading shape differs from the mask count every position. Given the
+    whole ``model``, when it is an encoder-decoder one, its decoder's modules take ``new_batch``'s
+    ``decoder_mask`` instead, except where they read the encoder's output (cross-attention keys and
+    values). Modules reading the same tensor (q/k/v projections) share one computation of each
     contribution and one copy of the sums (``SharedSums``). Accumulators live on the device of the
     module's input.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str], model: nn.Module | None = None) -> None:
         self.modules = modules
         self.names = collectors_for(set(needs), gradients=False)
         self.sums = SharedSums()
         self.mask: torch.Tensor | None = None
+        self.decoder_mask: torch.Tensor | None = None
+        self.encoder_output: torch.Tensor | None = None
         self._last: tuple | None = None
+        encoder_decoder = model is not None and getattr(model.config, "is_encoder_decoder", False) \
+            and hasattr(model, "get_encoder") and hasattr(model, "get_decoder")
+        inside = {id(m) for m in model.get_decoder().modules()} if encoder_decoder else set()
+        self._in_decoder = {name for name, m in modules.items() if id(m) in inside}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        if self._in_decoder:  # the encoder's output tells cross-attention's inputs (encoder positions)
+            self._handles.append(model.get_encoder().register_forward_hook(self._seen_encoder_output))
 
+    def _seen_encoder_output(self, module: nn.Module, args: tuple, output) -> None:
+        self.encoder_output = output[0]
 
-    def _contributions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _contributions(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
         # Holding the tensor in ``_last`` keeps it alive, so ``is`` cannot match a newer tensor.
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             return self._last[2]
         with exact_16bit_products(x) as dtype:
-            rows = token_rows(x.detach(), self.mask, dtype)
+            rows = token_rows(x.detach(), mask, dtype)
             # One batch in ``dtype``, the running sums in float64.
             result = {n: COLLECTORS[n].reduce(rows).double() for n in self.names}
         result[TOKENS] = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
@@ -60,14 +72,18 @@ class InputHooks:
         return result
 
     def _hook(self, module_name: str):
+        decoder = module_name in self._in_decoder
+
         def hook(module, args):
-            self.sums.add(module_name, self._contributions(args[0]))
+            x = args[0]
+            mask = self.decoder_mask if decoder and x is not self.encoder_output else self.mask
+            self.sums.add(module_name, self._contributions(x, mask))
             # Returning None leaves the module input unchanged.
 
         return hook
 
-    def new_batch(self, mask: torch.Tensor | None) -> None:
-        self.mask = mask
+    def new_batch(self, mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None) -> None:
+        self.mask, self.decoder_mask, self.encoder_output = mask, decoder_mask, None
         self._last = None
         self.sums.finish()  # the last batch's contributions become sums (the first batch's, without a copy)
 
@@ -91,15 +107,20 @@ class InputHooks:
         return self.sums.statistics(list(self.modules))
 
 
-def _forward_inputs(model: nn.Module, batch: dict) -> dict:
-    """``batch`` without its labels (no loss is needed); an encoder-decoder model (T5) that builds
-    its decoder's inputs from the labels gets them built, as its own forward would."""
+def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
+    """``batch`` without its labels (no loss is needed), and the decoder's mask of real positions
+    (None: every position, or not an encoder-decoder model). An encoder-decoder model (T5) that
+    builds its decoder's inputs from the labels gets them built, as its own forward would; the
+    positions whose label is -100 (padding) are then not real."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return inputs, None
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if (getattr(model.config, "is_encoder_decoder", False) and prepare is not None and "labels" in batch
-            and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
+    if (prepare is not None and "labels" in batch and "decoder_input_ids" not in batch
+            and "decoder_inputs_embeds" not in batch):
         inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
-    return inputs
+        return inputs, batch.get("decoder_attention_mask", batch["labels"] != -100)
+    return inputs, batch.get("decoder_attention_mask")
 
 
 @torch.no_grad()
@@ -123,11 +144,13 @@ def input_statistics(
             model.to(accelerator.device)
         device = input_device(model, accelerator.device)
         model.eval()
-        hooks = InputHooks(modules, needs)
+        hooks = InputHooks(modules, needs, model)
         try:
-            for batch in batches(data, accelerator, device, "activations", show_progress):
-                hooks.new_batch(batch.get("attention_mask"))
-                model(**_forward_inputs(model, batch))
+            with failing_together(accelerator, "activations"):
+                for batch in batches(data, accelerator, device, "activations", show_progress):
+                    inputs, decoder_mask = _forward_inputs(model, batch)
+                    hooks.new_batch(batch.get("attention_mask"), decoder_mask)
+                    model(**inputs)
         finally:
             hooks.remove()
     hooks.reduce(accelerator, accelerator.device)

@@ -74,6 +74,26 @@ def exact_16bit_products(tensor: torch.Tensor) -> Iterator[torch.dtype]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@contextlib.contextmanager
+def failing_together(accelerator: Accelerator, desc: str) -> Iterator[None]:
+    """Run this process's share of a pass so that an error in any process ends the pass in all of
+    them: before the sums are reduced every process says whether it failed (one that raised alone
+    would leave the others waiting in the reduction until the timeout)."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    failed = torch.zeros((), device=accelerator.device)
+    try:
+        yield
+    except Exception:
+        failed += 1
+        torch.distributed.all_reduce(failed)
+        raise
+    torch.distributed.all_reduce(failed)
+    if failed.item():
+        raise RuntimeError(f"the {desc} pass failed in {int(failed.item())} other process(es); their error says why")
+
+
 def sum_across_processes(accelerator: Accelerator, tensors: Iterable[torch.Tensor]) -> None:
     """Add ``tensors`` (in place) over all processes; a tensor listed twice is reduced once."""
     if accelerator.num_processes == 1:

@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from accelerate import Accelerator
 
-from .passes import batches, sum_across_processes
+from .passes import batches, failing_together, sum_across_processes
 
 
 def token_counts(data: Iterable[dict], vocab_size: int, accelerator: Accelerator, show_progress: bool = False) -> torch.Tensor:
@@ -17,14 +17,15 @@ def token_counts(data: Iterable[dict], vocab_size: int, accelerator: Accelerator
     excluded by the ``attention_mask`` where there is one (float64, on the CPU)."""
     device = accelerator.device
     counts = torch.zeros(vocab_size, dtype=torch.float64, device=device)
-    for batch in batches(data, accelerator, device, "token counts", show_progress):
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        ids = ids[mask.bool()] if mask is not None else ids.reshape(-1)
-        if ids.numel():
-            low, high = int(ids.min()), int(ids.max())  # one device sync each
-            if low < 0 or high >= vocab_size:
-                raise ValueError(f"token id {high if high >= vocab_size else low} of the data is outside the "
-                                 f"embeddings' vocabulary of {vocab_size}: check the tokenizer")
-        counts += torch.bincount(ids, minlength=vocab_size).double()
+    with failing_together(accelerator, "token counts"):
+        for batch in batches(data, accelerator, device, "token counts", show_progress):
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+            ids = ids[mask.bool()] if mask is not None else ids.reshape(-1)
+            if ids.numel():
+                low, high = int(ids.min()), int(ids.max())  # one device sync each
+                if low < 0 or high >= vocab_size:
+                    raise ValueError(f"token id {high if high >= vocab_size else low} of the data is outside the "
+                                     f"embeddings' vocabulary of {vocab_size}: check the tokenizer")
+            counts += torch.bincount(ids, minlength=vocab_size).double()
     sum_across_processes(accelerator, [counts])
     return counts.cpu()
