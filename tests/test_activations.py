@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import transformers
 
 from stats_worker import DISTRIBUTED_CASES, activations_of, case_inputs
 
@@ -114,6 +116,66 @@ def test_an_encoder_decoder_model_s_decoder_counts_its_own_real_positions():
         assert stats.tokens[name] == expected, name
     rows = seen["x"][mask.bool()].double()
     torch.testing.assert_close(stats.values["decoder.block.1.layer.1.EncDecAttention.k"][GRAM], rows.T @ rows / 13)
+
+
+def _encoder_decoder(kind: str):
+    """A tiny encoder-decoder model: BART fed as ``DataCollatorForSeq2Seq`` feeds it (decoder inputs
+    given), M2M100 (only its forward builds decoder inputs from labels), or a BERT → BERT
+    ``EncoderDecoderModel`` whose wider decoder reads the encoder's output through a projection."""
+    torch.manual_seed(0)
+    if kind == "bert2bert":
+        common = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+        encoder = transformers.BertConfig(hidden_size=32, intermediate_size=64, **common)
+        decoder = transformers.BertConfig(hidden_size=48, intermediate_size=64, is_decoder=True, add_cross_attention=True,
+                                          **common)
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        config.decoder_start_token_id, config.pad_token_id = 2, 0
+        return transformers.EncoderDecoderModel(config=config)
+    config_class = transformers.BartConfig if kind == "bart" else transformers.M2M100Config
+    config = config_class(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                          pad_token_id=0, decoder_start_token_id=2)
+    return transformers.AutoModelForSeq2SeqLM.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["bart", "m2m100", "bert2bert"])
+def test_an_encoder_decoder_model_s_statistics_count_the_real_positions_of_each_side(kind):
+    """Whatever builds the decoder's inputs (the batch, the model's forward) and however the decoder
+    reads the encoder (directly, through a projection), its layers count the positions whose label is
+    not -100, cross-attention's keys and values the encoder's real tokens."""
+    from hf_wsvd.statistics import GRAM, input_statistics
+    from hf_wsvd.targets import select_targets
+
+    model = _encoder_decoder(kind)
+    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # 13 real encoder tokens
+    labels = ids.clone()
+    labels[0, -2:], labels[1, -5:] = -100, -100  # 9 real decoder positions
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if kind == "bart":
+        batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    modules = {name: model.get_submodule(full) for name, full in select_targets(model).items()}
+    stats = input_statistics(model, [batch], modules, [GRAM], show_progress=False)
+    cross = ("encoder_attn.k_proj", "encoder_attn.v_proj", "crossattention.self.key", "crossattention.self.value")
+    assert any(name.endswith(cross) for name in modules)
+    for name in modules:
+        encoder_side = name.startswith(("encoder.", "model.encoder.")) or name.endswith(cross)
+        assert stats.tokens[name] == (13 if encoder_side else 9), name
+
+
+def test_a_decoder_that_no_label_reaches_is_named():
+    from hf_wsvd.statistics import GRAM, input_statistics
+    from hf_wsvd.targets import select_targets
+
+    model = _encoder_decoder("bart")
+    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    modules = {name: model.get_submodule(full) for name, full in select_targets(model).items()}
+    with pytest.raises(ValueError, match=r"no token of the calibration data reached 'decoder\..*label is not -100"):
+        input_statistics(model, [batch], modules, [GRAM], show_progress=False)
+    with pytest.raises(ValueError, match="neither 'labels' nor 'decoder_input_ids'"):
+        input_statistics(model, [{"input_ids": ids}], modules, [GRAM], show_progress=False)
 
 
 def test_the_activation_pass_records_no_gradient_graph():

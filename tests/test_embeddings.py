@@ -215,6 +215,87 @@ def test_remote_code_loads_factorized_embeddings_without_hf_wsvd(tmp_path):
     assert result.stdout.count(" ok") == 2
 
 
+def _scaled_embedding_model(kind: str):
+    """A tiny model whose input embedding multiplies its output (transformers' ``*ScaledWordEmbedding``):
+    Gemma 3 (a tensor scale, rounded to the weights' dtype) or mBART (a float), its table of rank 4."""
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               max_position_embeddings=64, pad_token_id=0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    else:
+        config = transformers.MBartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                          decoder_ffn_dim=64, max_position_embeddings=64, scale_embedding=True,
+                                          pad_token_id=0)
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.randn(64, 4) @ torch.randn(4, 32))
+    return model.eval()
+
+
+def _scaled_inputs(model) -> dict:
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, **({"decoder_input_ids": ids} if model.config.is_encoder_decoder else {})}
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mbart"])
+def test_a_scaled_embedding_keeps_its_scale_through_compress_save_load_and_export(kind, tmp_path):
+    """Gemma 3, BART, mBART, ... multiply the looked-up rows by ``embed_scale`` inside the embedding
+    module: its factorized replacement must too, in every place the model is rebuilt (a lossless
+    rank here, so the outputs stay the dense ones)."""
+    from hf_wsvd import compress
+    from hf_wsvd.integrations.export import densify
+
+    model = _scaled_embedding_model(kind)
+    scaled_type = type(model.get_input_embeddings())
+    assert scaled_type is not torch.nn.Embedding and model.get_input_embeddings().embed_scale is not None
+    inputs = _scaled_inputs(model)
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    compressed, _ = compress(model, WSVDConfig(method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=0.5,
+                                               rank_multiple=1), None, show_progress=False)
+    assert isinstance(compressed.get_input_embeddings(), FactorizedEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs).logits, dense, atol=1e-4, rtol=0)
+    compressed.save_pretrained(tmp_path / "ckpt")
+    auto = transformers.AutoModelForCausalLM if kind == "gemma3" else transformers.AutoModelForSeq2SeqLM
+    loaded = auto.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, dense, atol=1e-4, rtol=0)
+    torch.save({"inputs": inputs, "dense": dense}, tmp_path / "saved.pt")
+    result = run_without_hf_wsvd(f"""
+        import torch, transformers
+        saved = torch.load("{tmp_path}/saved.pt")
+        model = transformers.{auto.__name__}.from_pretrained("{tmp_path}/ckpt", trust_remote_code=True).eval()
+        assert type(model.get_input_embeddings()).__name__ == "FactorizedEmbedding"
+        with torch.no_grad():
+            print((model(**saved["inputs"]).logits - saved["dense"]).abs().max().item())
+    """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) <= 1e-4
+    exported = densify(loaded)
+    assert type(exported.get_input_embeddings()) is scaled_type
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits, dense, atol=1e-4, rtol=0)
+
+
+def test_a_tensor_scale_is_rounded_to_the_weights_dtype_as_the_scaled_embedding_does():
+    """Gemma 3 holds its scale as a tensor cast to the weights' dtype before the product: in bfloat16
+    the factorized embedding's output equals the dense one bit for bit."""
+    from hf_wsvd.swap import replace_embedding_with_factors
+
+    model = _scaled_embedding_model("gemma3").to(torch.bfloat16)
+    table, projection = torch.randn(64, 4).bfloat16(), torch.randn(32, 4).bfloat16()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(table @ projection.T)
+        ids = _scaled_inputs(model)["input_ids"]
+        dense = model.get_input_embeddings()(ids)
+        replace_embedding_with_factors(model, "model.embed_tokens", table, projection)
+        assert torch.equal(model.get_input_embeddings()(ids), dense)
+
+
 def _without(folder, dropped: str, into):
     """A copy of the checkpoint ``folder`` in ``into`` whose weights lack the tensor ``dropped``."""
     import shutil

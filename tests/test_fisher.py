@@ -111,6 +111,37 @@ def test_matches_per_example_autograd_and_restores_model(case):
     assert not any(m.training for m in model.modules())
 
 
+def _seq2seq_loss(model, batch):
+    """Each example's mean token loss of an encoder-decoder model (labels of -100 not predicted)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100,
+                                              reduction="none")
+    return token.sum(1) / (batch["labels"] != -100).sum(1)
+
+
+@pytest.mark.parametrize("where", ["everywhere", "decoder"])
+def test_an_encoder_decoder_model_gets_the_fisher_of_a_loss_given_for_it(where):
+    """T5's encoder and decoder each look the tokens up through a module of their own sharing the
+    table, and the decoder's cross-attention reads the encoder's output: every layer's Fisher
+    (decoder targets alone too) equals per-example autograd."""
+    import tiny
+
+    model = tiny.build("t5", "AutoModelForSeq2SeqLM").double()
+    modules = {name: module for name, module in target_modules(model).items()
+               if where == "everywhere" or name.startswith("decoder.")}
+    examples = make_examples("causal_lm", 5)
+    for example in examples:
+        example["labels"] = example["labels"][:4]  # a target shorter than the input, padded by -100
+    result, examples_seen = fisher_of(model, make_loader(examples, 2), modules, _seq2seq_loss)
+    assert examples_seen == 5 and set(result) == set(modules)
+    model.requires_grad_(True)
+    expected = brute_force_fisher(model, examples, modules, _seq2seq_loss)
+    for name in modules:
+        assert expected[name].abs().max() > 0, name
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(result[name].double().cpu(), expected[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
 def test_batching_does_not_change_the_fisher():
     model, _, modules, loss_fn = case_inputs("llama_causal_lm", 5, 2)
     examples = make_examples("causal_lm", 5)

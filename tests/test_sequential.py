@@ -100,6 +100,10 @@ def test_sequential_mode_refuses_other_models_and_missing_data_before_any_statis
     _, loader, _, _ = case_inputs("bert_classification", 6, 3)
     with pytest.raises(ValueError, match="sequential mode is for causal LMs; BertForSequenceClassification"):
         compress(tiny.build("bert"), config, loader, show_progress=False)
+    ids = torch.randint(5, tiny.VOCAB_SIZE, (2, 6))
+    with pytest.raises(ValueError, match="sequential mode is for causal LMs; T5ForConditionalGeneration"):
+        compress(tiny.build("t5", "AutoModelForSeq2SeqLM"), config, [{"input_ids": ids, "labels": ids}],
+                 show_progress=False)
     with pytest.raises(ValueError, match="sequential mode needs calibration data"):
         compress(tiny.build("llama", "AutoModelForCausalLM"), config, None, show_progress=False)
 

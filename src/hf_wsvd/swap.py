@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .config import WSVDConfig
-from .runtime.factorized_embedding import FactorizedEmbedding
+from .runtime.factorized_embedding import FactorizedEmbedding, output_scale
 from .runtime.factorized_linear import FactorizedLinear
 from .runtime.modeling_wsvd import (
     BASE_TYPE_KEY,
@@ -35,13 +35,15 @@ def replace_embedding_with_factors(
     model: torch.nn.Module, full_name: str, table: torch.Tensor, projection: torch.Tensor
 ) -> FactorizedEmbedding:
     """Replace the ``nn.Embedding`` ``full_name`` by ``FactorizedEmbedding(table, projection)``
-    (``W ≈ table @ projection.T``), keeping its padding index, dtype and device; modules tied to
+    (``W ≈ table @ projection.T``), keeping its padding index, output scale, dtype and device; modules tied to
     it (an LM head) are rebuilt on the same factors, so the tie holds in the compressed model."""
     module = model.get_submodule(full_name)
     if not isinstance(module, torch.nn.Embedding):
         raise TypeError(f"{full_name!r} is a {type(module).__name__}, not an nn.Embedding")
     dtype, device = module.weight.dtype, module.weight.device
-    layer = FactorizedEmbedding.from_factors(table.to(device, dtype), projection.to(device, dtype), module.padding_idx)
+    embed_scale, scale_in_dtype = output_scale(module)
+    layer = FactorizedEmbedding.from_factors(table.to(device, dtype), projection.to(device, dtype), module.padding_idx,
+                                             embed_scale, scale_in_dtype)
     layer.train(module.training).requires_grad_(module.weight.requires_grad)
     model.set_submodule(full_name, layer)
     tie_to_factorized_embeddings(model)

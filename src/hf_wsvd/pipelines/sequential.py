@@ -43,7 +43,11 @@ class _Captured(Exception):
 
 def check_inputs(job: Job) -> None:
     """Raise unless sequential mode can run: a causal LM and calibration data."""
-    if task_of(job.model) != CAUSAL_LM:
+    try:
+        causal = task_of(job.model) == CAUSAL_LM
+    except ValueError:  # no task loss it knows (a loss_fn may be given): still no causal LM
+        causal = False
+    if not causal:
         raise ValueError(f"sequential mode is for causal LMs; {type(job.model).__name__} is not one")
     if job.data is None:
         raise ValueError("sequential mode needs calibration data")

@@ -29,6 +29,32 @@ def _check_rank(rank: int, vocab: int, hidden: int) -> None:
         )
 
 
+def output_scale(embedding: nn.Module) -> tuple[float | None, bool]:
+    """The factor an embedding module multiplies its output by (transformers' ``*ScaledWordEmbedding``
+    classes of BART, mBART, Gemma 3, ...: ``embed_scale``) and whether it rounds that factor to the
+    weights' dtype first (held as a tensor); ``(None, False)`` for a plain embedding."""
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is None:
+        return None, False
+    if isinstance(scale, torch.Tensor):
+        # Built on the meta device (an empty model about to load), the tensor holds no value; the
+        # classes that hold one keep the number beside it.
+        value = getattr(embedding, "scalar_embed_scale", None)
+        return float(value if value is not None else scale), True
+    return float(scale), False
+
+
+_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
+
+
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (a product by it then equals one by the rounded tensor)."""
+    key = (value, dtype)
+    if key not in _ROUNDED:
+        _ROUNDED[key] = torch.tensor(value, dtype=dtype).item()
+    return _ROUNDED[key]
+
+
 class EmbeddingProjection(nn.Module):
     """The r → hidden projection of a factorized embedding (``forward(x) = x @ weight.T``,
     ``weight`` hidden × r), shared with a tied head."""
@@ -51,6 +77,8 @@ class FactorizedEmbedding(nn.Module):
 
     ``padding_idx`` keeps its ``nn.Embedding`` meaning (no gradient to that row of the table).
     ``weight`` is the vocab × rank table (not vocab × hidden); the dense table is ``to_dense()``.
+    ``embed_scale``: the output is multiplied by it, as the scaled embedding it replaces did
+    (``scale_in_dtype``: rounded to the output's dtype first, as one holding it as a tensor does).
     """
 
     def __init__(
@@ -61,6 +89,8 @@ class FactorizedEmbedding(nn.Module):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        embed_scale: float | None = None,
+        scale_in_dtype: bool = False,
     ) -> None:
         super().__init__()
         _check_rank(rank, num_embeddings, embedding_dim)
@@ -71,13 +101,15 @@ class FactorizedEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
+        self.embed_scale, self.scale_in_dtype = embed_scale, scale_in_dtype
         self.weight = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
         # Not named like model projections ("*_proj"): peft matches name suffixes.
         self.proj = EmbeddingProjection(rank, embedding_dim, device, dtype)
 
     @classmethod
     def from_factors(
-        cls, table: torch.Tensor, projection: torch.Tensor, padding_idx: int | None = None
+        cls, table: torch.Tensor, projection: torch.Tensor, padding_idx: int | None = None,
+        embed_scale: float | None = None, scale_in_dtype: bool = False,
     ) -> "FactorizedEmbedding":
         """Build from ``table`` (vocab × r) and ``projection`` (hidden × r): ``W ≈ table @ projection.T``."""
         if table.dim() != 2 or projection.dim() != 2 or table.shape[1] != projection.shape[1]:
@@ -85,7 +117,7 @@ class FactorizedEmbedding(nn.Module):
                 f"factor shapes do not chain: table {tuple(table.shape)} and projection {tuple(projection.shape)}"
             )
         layer = cls(table.shape[0], projection.shape[0], table.shape[1], padding_idx,
-                    device=table.device, dtype=table.dtype)
+                    device=table.device, dtype=table.dtype, embed_scale=embed_scale, scale_in_dtype=scale_in_dtype)
         with torch.no_grad():
             layer.weight.copy_(table)
             layer.proj.weight.copy_(projection.to(table.dtype))
@@ -100,11 +132,14 @@ class FactorizedEmbedding(nn.Module):
         return self.weight.numel() + self.proj.weight.numel()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.embedding(input_ids, self.weight, self.padding_idx))
+        output = self.proj(F.embedding(input_ids, self.weight, self.padding_idx))
+        if self.embed_scale is None:
+            return output
+        return output * (_in_dtype(self.embed_scale, output.dtype) if self.scale_in_dtype else self.embed_scale)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Embedding:
-        """An ``nn.Embedding`` holding the product of the factors."""
+        """An ``nn.Embedding`` holding the product of the factors (without ``embed_scale``)."""
         dense = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
                              device=self.weight.device, dtype=self.weight.dtype)
         dense.weight.copy_(self.weight @ self.proj.weight.T)
@@ -112,7 +147,8 @@ class FactorizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
-        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{pad}"
+        scale = f", embed_scale={self.embed_scale:g}" if self.embed_scale is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{pad}{scale}"
 
 
 class FactorizedTiedHead(nn.Module):

@@ -189,7 +189,10 @@ def gradient_statistics(
         prefix, blocks = block_list(model)
     except ValueError:
         prefix, blocks = "", None
-    streamed = blocks is not None and _inside(modules, blocks)
+    # An encoder-decoder model's decoder blocks also read the encoder's output, which a walk back
+    # through one block list would not reach: its backward runs whole.
+    streamed = blocks is not None and _inside(modules, blocks) \
+        and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     with given_back(model):  # a model moved to the accelerator goes back where it was
         if not streamed and not is_dispatched(model):
             model.to(device)
@@ -203,10 +206,14 @@ def gradient_statistics(
                 stack.enter_context(outside_blocks_on(model, prefix, device))
                 replay = stack.enter_context(BlockwiseBackward(blocks, device))
             else:
-                # Activations must carry gradients although no parameter does.
-                handle = model.get_input_embeddings().register_forward_hook(
-                    lambda module, args, output: output.requires_grad_(True))
-                stack.callback(handle.remove)
+                # Activations must carry gradients although no parameter does: from every lookup of
+                # the input embeddings (an encoder-decoder model's encoder and decoder each hold a
+                # module of their own sharing its table).
+                embedding = model.get_input_embeddings()
+                for module in model.modules():
+                    if module is embedding or isinstance(module, nn.Embedding) and module.weight is embedding.weight:
+                        handle = module.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+                        stack.callback(handle.remove)
             stack.enter_context(failing_together(accelerator, "Fisher"))
             for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
                                                   show_progress)):

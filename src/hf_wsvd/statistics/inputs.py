@@ -45,18 +45,22 @@ class InputHooks:
         self.sums = SharedSums()
         self.mask: torch.Tensor | None = None
         self.decoder_mask: torch.Tensor | None = None
-        self.encoder_output: torch.Tensor | None = None
+        self._encoder_states: list[torch.Tensor] = []  # what the decoder's cross-attention reads
         self._last: tuple | None = None
         encoder_decoder = model is not None and getattr(model.config, "is_encoder_decoder", False) \
             and hasattr(model, "get_encoder") and hasattr(model, "get_decoder")
         inside = {id(m) for m in model.get_decoder().modules()} if encoder_decoder else set()
         self._in_decoder = {name for name, m in modules.items() if id(m) in inside}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-        if self._in_decoder:  # the encoder's output tells cross-attention's inputs (encoder positions)
-            self._handles.append(model.get_encoder().register_forward_hook(self._seen_encoder_output))
-
-    def _seen_encoder_output(self, module: nn.Module, args: tuple, output) -> None:
-        self.encoder_output = output[0]
+        if self._in_decoder:
+            # Cross-attention's keys and values read the encoder's positions: the encoder's output, or
+            # what the decoder is given as such (projected to its width by some models).
+            self._handles += [
+                model.get_encoder().register_forward_hook(
+                    lambda module, args, output: self._encoder_states.append(output[0])),
+                model.get_decoder().register_forward_pre_hook(
+                    lambda module, args, kwargs: self._encoder_states.append(kwargs.get("encoder_hidden_states")),
+                    with_kwargs=True)]
 
     def _contributions(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
@@ -76,14 +80,16 @@ class InputHooks:
 
         def hook(module, args):
             x = args[0]
-            mask = self.decoder_mask if decoder and x is not self.encoder_output else self.mask
+            encoder_side = not decoder or any(x is states for states in self._encoder_states)
+            mask = self.mask if encoder_side else self.decoder_mask
             self.sums.add(module_name, self._contributions(x, mask))
             # Returning None leaves the module input unchanged.
 
         return hook
 
     def new_batch(self, mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None) -> None:
-        self.mask, self.decoder_mask, self.encoder_output = mask, decoder_mask, None
+        self.mask, self.decoder_mask = mask, decoder_mask
+        self._encoder_states.clear()
         self._last = None
         self.sums.finish()  # the last batch's contributions become sums (the first batch's, without a copy)
 
@@ -108,19 +114,30 @@ class InputHooks:
 
 
 def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
-    """``batch`` without its labels (no loss is needed), and the decoder's mask of real positions
-    (None: every position, or not an encoder-decoder model). An encoder-decoder model (T5) that
-    builds its decoder's inputs from the labels gets them built, as its own forward would; the
-    positions whose label is -100 (padding) are then not real."""
+    """What the model is called with: ``batch`` without its labels (no loss is needed); and the
+    decoder's mask of real positions (None: every position, or not an encoder-decoder model). An
+    encoder-decoder model's decoder inputs are built from the labels where the batch has none, as
+    its own forward would (by the model's own method, else by that forward, given the labels); the
+    positions whose label is -100 (padding) are not real unless a ``decoder_attention_mask`` says."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if not getattr(model.config, "is_encoder_decoder", False):
         return inputs, None
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if (prepare is not None and "labels" in batch and "decoder_input_ids" not in batch
-            and "decoder_inputs_embeds" not in batch):
-        inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
-        return inputs, batch.get("decoder_attention_mask", batch["labels"] != -100)
-    return inputs, batch.get("decoder_attention_mask")
+    decoder_ids = batch.get("decoder_input_ids", batch.get("decoder_inputs_embeds"))
+    labels = batch.get("labels")
+    if decoder_ids is None:
+        if labels is None:
+            raise ValueError(f"the calibration batches of {type(model).__name__} (an encoder-decoder model) have "
+                             f"neither 'labels' nor 'decoder_input_ids' (keys: {sorted(batch)}): its decoder needs "
+                             "the target text's ids")
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None:
+            inputs["decoder_input_ids"] = prepare(labels=labels)
+        else:  # M2M100, Blenderbot: only forward shifts the labels
+            inputs["labels"] = labels
+    mask = batch.get("decoder_attention_mask")
+    if mask is None and labels is not None and (decoder_ids is None or decoder_ids.shape[:2] == labels.shape[:2]):
+        mask = labels != -100
+    return inputs, mask
 
 
 @torch.no_grad()
@@ -157,4 +174,9 @@ def input_statistics(
     stats = hooks.result()
     if not stats.tokens:
         raise ValueError(EMPTY_DATA_MESSAGE)
+    unreached = [name for name in modules if name not in stats.tokens]
+    if unreached:
+        raise ValueError(f"no token of the calibration data reached {unreached[0]!r} ({len(unreached)} target layers): "
+                         "is it used by the forward pass? (an encoder-decoder model's decoder reads the positions "
+                         "whose label is not -100)")
     return stats
