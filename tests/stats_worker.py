@@ -249,6 +249,25 @@ def _run(outdir: Path) -> None:
         # in both processes, the bad share's with its own error, the other's naming it.
         result["one_failing"] = failing_passes(accelerator)
 
+        # Processes that disagree (a recipe, a model) are refused in every process before any pass.
+        result["disagreeing"] = {}
+        for what, recipe, seed in (("recipe", {**PIPELINE_RECIPE, "param_ratio": 0.5 + 0.1 * rank}, 0),
+                                   ("model", PIPELINE_RECIPE, rank)):
+            model = tiny.build("llama", "AutoModelForCausalLM", seed=seed)
+            _, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+            try:
+                compress(model, WSVDConfig(**recipe), loader, accelerator=accelerator, show_progress=False)
+                result["disagreeing"][what] = None
+            except ValueError as error:
+                result["disagreeing"][what] = str(error)
+        # One-shot batches (a generator) cannot be split: named as given, not as the list compress makes.
+        try:
+            compress(tiny.build("llama", "AutoModelForCausalLM"), WSVDConfig(**PIPELINE_RECIPE),
+                     (batch for batch in loader), accelerator=accelerator, show_progress=False)
+            result["generator_error"] = None
+        except ValueError as error:
+            result["generator_error"] = str(error)
+
         # An accelerator that would even out the last batch by repeating examples: its setting is not
         # used, no example counts twice.
         even = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=True))

@@ -400,3 +400,74 @@ def test_inspect_shows_the_base_architecture_and_the_recipe_of_old_checkpoints_t
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "allocation=uniform pipeline=whole_model" in printed and "block refinement" not in printed
+
+
+def test_an_error_another_process_of_the_run_caused_is_one_line(tmp_path, monkeypatch, capsys):
+    """Under torchrun: a pass another process failed, or an exchange with the others that broke (one
+    ended), is said in one line; any other RuntimeError stays a traceback (a bug to report)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from hf_wsvd.statistics.passes import OtherProcessFailed
+
+    argv = ["compress", str(tmp_path / "model"), str(tmp_path / "out")]
+
+    def fails(error):
+        def command(args):
+            raise error() if isinstance(error, type) else error
+        return command
+
+    monkeypatch.setattr("hf_wsvd.cli.app._compress",
+                        fails(OtherProcessFailed("the Fisher pass failed in 1 other process(es); their error says why")))
+    capsys.readouterr()
+    assert run(argv) == 2
+    assert capsys.readouterr().err.strip() == ("hf-wsvd compress: error: the Fisher pass failed in 1 other process(es); "
+                                               "their error says why")
+
+    def exchange(args):
+        dist.broadcast(torch.zeros(1), src=1)  # fails inside torch.distributed, as a lost connection does
+
+    monkeypatch.setattr("hf_wsvd.cli.app._compress", fails(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run(argv)
+    monkeypatch.setattr("hf_wsvd.cli.app._compress", exchange)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        capsys.readouterr()
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hf-wsvd compress: error: an exchange with the other processes of this run failed "
+                              "(ProcessGroupGloo::broadcast: invalid root rank: 1)") and "\n" not in err, err
+        monkeypatch.setattr("hf_wsvd.cli.app._compress", fails(RuntimeError("a bug")))
+        with pytest.raises(RuntimeError, match="a bug"):
+            run(argv)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_compress_that_fails_midway_does_not_tell_the_command_line_user_about_the_model_object(
+        tmp_path, tokenizer, monkeypatch, capsys):
+    """The API's note on a run stopped midway (the replaced layers stay in the caller's model) means
+    nothing to a command-line user, who holds no model: only the error is said."""
+    import hf_wsvd.pipelines.step as step
+
+    dense, text = _causal_lm_and_text(tmp_path, tokenizer, "llama")
+    solve_and_swap, calls = step.solve_and_swap, []
+
+    def fails_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a decomposition failed")
+        return solve_and_swap(*args, **kwargs)
+
+    monkeypatch.setattr(step, "solve_and_swap", fails_the_second_time)
+    capsys.readouterr()
+    assert main(["compress", str(dense), str(tmp_path / "out"), "--data", str(text), "--max-length", "8",
+                 "--method", "whiten", "--sequential"]) == 2
+    err = capsys.readouterr().err
+    assert "hf-wsvd compress: error: a decomposition failed" in err and "midway" not in err, err
+    assert len(calls) == 2

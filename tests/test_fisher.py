@@ -223,7 +223,19 @@ def test_a_pass_that_fails_in_one_process_ends_in_every_process(two_process_resu
     for name, message in own.items():
         assert one_process_result["one_failing"][name].startswith(message)
         assert bad["one_failing"][name].startswith(message), bad["one_failing"]
-        assert good["one_failing"][name] == f"RuntimeError: the {desc[name]} pass failed in 1 other process(es); their error says why"
+        assert good["one_failing"][name] == f"OtherProcessFailed: the {desc[name]} pass failed in 1 other process(es); their error says why"
+
+
+def test_processes_that_disagree_are_refused_in_every_process_before_any_pass(two_process_results, one_process_result):
+    """Another recipe or another model in one process: said in both, instead of collectives that no
+    longer match waiting until the timeout. One process alone runs both."""
+    assert one_process_result["disagreeing"] == {"recipe": None, "model": None}
+    for result in two_process_results:
+        assert result["disagreeing"]["recipe"].startswith("the processes of this run differ in their recipe (process 1 "
+                                                          "against process 0)")
+        assert result["disagreeing"]["model"].startswith("the processes of this run differ in their model's weights")
+        assert result["generator_error"] == "several processes split a torch DataLoader among them; got a generator"
+    assert one_process_result["generator_error"] is None
 
 
 @pytest.mark.parametrize("returned, message", [(None, "loss_fn returned None"),

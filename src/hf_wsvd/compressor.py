@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from .runtime.modeling_wsvd import MODEL_TYPE, relative_module_name, reshaped_la
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
 from .statistics import Statistics, default_accelerator
+from .statistics.passes import check_processes_agree, check_shardable
 from .statistics.names import SHAPES
 from .swap import attach_recipe
 from .targets import select_targets
@@ -185,6 +187,11 @@ def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistic
                              "another model (reuse them only on the dense model they came from)")
 
 
+# Marks a notice about the model object the caller holds: the command line, which holds none after a
+# failure, does not print it.
+MODEL_IN_MEMORY = {"model_in_memory": True}
+
+
 def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job) -> None:
     """After a run stopped midway (an error, Ctrl-C): the layers it had replaced stay in ``model``,
     recorded in its recipe, so that it computes, saves and reloads as it is — never a stock model
@@ -202,12 +209,12 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
                                      refined=dict(job.refined)))
     except Exception as error:  # the run's own error is the one to see
         logger.warning(f"compress stopped midway, and recording the layers it had replaced failed too ({error}): "
-                       "do not save this model; load the dense model again")
+                       "do not save this model; load the dense model again", extra=MODEL_IN_MEMORY)
         return
     embeddings = " (and the factorized input embeddings)" if len(ranks) > factorized else ""
     logger.warning(f"compress stopped midway: {factorized} factorized and {len(job.pruned)} pruned of the "
                    f"{len(job.targets)} target layers{embeddings} stay in the model, recorded in its recipe (it "
-                   "saves and reloads as it is); load the dense model again to start over")
+                   "saves and reloads as it is); load the dense model again to start over", extra=MODEL_IN_MEMORY)
 
 
 def compress(
@@ -280,6 +287,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if config.quantize and config.method == "quantized_residual":  # it quantizes: refused now, not after the work
         check_quantizable(model, config.quantize, config.quantize_group_size)
     given = data  # data_loader marks the loader itself with what it sampled and wrote
+    if data is not None:
+        check_shardable(data, accelerator)  # before a one-shot iterable becomes a list
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
     examples = 0
@@ -311,6 +320,11 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         logger.warning(notice)
         notices.append(notice)
     samples = _weight_samples(model, targets)
+    check_processes_agree(accelerator, {
+        "recipe": json.dumps(config.to_dict(), sort_keys=True, default=str).encode(),
+        "target layers": json.dumps(sorted(targets.items())).encode(),
+        "model's weights (sampled)": b"".join(samples[name].numpy().tobytes() for name in sorted(samples)),
+        "number of calibration examples": str(examples).encode()})
     if statistics is not None:
         _check_statistics(model, targets, statistics, samples)
         if statistics.values and targets and not reused:  # given to be reused: said that none of them is

@@ -13,6 +13,7 @@ import select
 import signal
 import sys
 import threading
+import traceback
 
 from ..argtypes import comma_list, hub_dataset, hub_model_id
 from ..config import WSVDConfig
@@ -319,7 +320,8 @@ class _NoticeHandler(logging.Handler):
     current stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"hf-wsvd: note: {record.getMessage()}", file=sys.stderr)
+        if not getattr(record, "model_in_memory", False):  # about a model object the caller holds: none here
+            print(f"hf-wsvd: note: {record.getMessage()}", file=sys.stderr)
 
 
 def _show_notices() -> None:
@@ -340,6 +342,23 @@ def _reader_gone() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll (Windows)
         return False
+
+
+def _other_process_error(error: RuntimeError) -> str | None:
+    """The one line for an error another process of a distributed run caused (it failed, or was
+    stopped, and its own output says why), else None. Only modules already imported can have raised."""
+    passes = sys.modules.get("hf_wsvd.statistics.passes")
+    if passes is not None and isinstance(error, passes.OtherProcessFailed):
+        return str(error)
+    distributed = getattr(sys.modules.get("torch"), "distributed", None)
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames or f"{os.sep}torch{os.sep}distributed{os.sep}" not in frames[-1].filename:
+        return None
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    return (f"an exchange with the other processes of this run failed ({first}): another process failed or was "
+            "stopped, and its own output says why")
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -439,6 +458,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "compress":  # the recipe's checks inside compress name fields: said as the options
             message = _as_options(message)
         print(f"hf-wsvd {args.command}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        said = _other_process_error(error)
+        if said is None:
+            raise
+        print(f"hf-wsvd {args.command}: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: check_output left the output as it was (or, mid-swap, finished and said so)
         print(f"hf-wsvd {args.command}: interrupted", file=sys.stderr)

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class HealConfig:
-    """How to heal: optimizer ``steps`` of ``batch_size`` blocks at ``learning_rate`` (cosine decay
+    """How to heal: optimizer ``steps`` of ``batch_size`` blocks (per process: under ``torchrun`` the
+    Trainer's data-parallel step takes that many in each) at ``learning_rate`` (cosine decay
     after ``warmup_ratio`` of the steps); ``lora_rank``: train LoRA adapters of this rank on the
     factors instead of the factors themselves; ``temperature`` of the distillation; ``hidden_weight``:
     weight of the last-hidden-state MSE added to the KL (0: logits only); ``bf16``: mixed precision

@@ -4,6 +4,7 @@ and the one in-place reduction of the accumulated sums across processes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterable, Iterator
 
 import torch
@@ -26,11 +27,10 @@ def splits_batches(data: Iterable[dict], accelerator: Accelerator) -> bool:
             and data.batch_size % accelerator.num_processes == 0)
 
 
-def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
-    """This process's share of the batches (all of them in one process): a slice of every batch
-    where ``splits_batches`` (each slice collated on its own), else every P-th batch."""
+def check_shardable(data: Iterable[dict], accelerator: Accelerator) -> None:
+    """Raise unless ``data`` can be split between the processes (any data in one process)."""
     if accelerator.num_processes == 1:
-        return data
+        return
     if not isinstance(data, DataLoader):
         raise ValueError(f"several processes split a torch DataLoader among them; got a {type(data).__name__}")
     if getattr(data, "_is_accelerate_prepared", False):
@@ -39,6 +39,14 @@ def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
     if isinstance(data.dataset, IterableDataset):
         raise ValueError("several processes need a DataLoader over a map-style dataset: accelerate evens out an "
                          f"iterable one ({type(data.dataset).__name__}) by repeating examples, which would count twice")
+
+
+def shard(data: Iterable[dict], accelerator: Accelerator) -> Iterable[dict]:
+    """This process's share of the batches (all of them in one process): a slice of every batch
+    where ``splits_batches`` (each slice collated on its own), else every P-th batch."""
+    if accelerator.num_processes == 1:
+        return data
+    check_shardable(data, accelerator)
     # Slices of every batch where they can be even: then a step that reads one batch (block
     # refinement) keeps every process busy; the statistics are sums, the same in either layout. Never
     # the accelerator's even_batches: evening out the last batch repeats examples, counted twice.
@@ -74,6 +82,27 @@ def exact_16bit_products(tensor: torch.Tensor) -> Iterator[torch.dtype]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+class OtherProcessFailed(RuntimeError):
+    """A step of a run in several processes failed in another process, which says why."""
+
+
+def check_processes_agree(accelerator: Accelerator, parts: dict[str, bytes]) -> None:
+    """Raise, in every process, unless each of ``parts`` (what → its bytes) is the same in all
+    processes: ones that differ (another recipe, model or data) would go on to collectives that no
+    longer match and wait until the timeout."""
+    if accelerator.num_processes == 1:
+        return
+    digests = torch.tensor([int.from_bytes(hashlib.sha256(value).digest()[:7], "big") for value in parts.values()],
+                           dtype=torch.int64, device=accelerator.device)
+    gathered = [torch.empty_like(digests) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(gathered, digests)
+    for index, what in enumerate(parts):
+        other = next((process for process, theirs in enumerate(gathered) if theirs[index] != gathered[0][index]), None)
+        if other is not None:
+            raise ValueError(f"the processes of this run differ in their {what} (process {other} against process 0): "
+                             "each must compress the same model with the same recipe and calibration data")
+
+
 @contextlib.contextmanager
 def failing_together(accelerator: Accelerator, desc: str) -> Iterator[None]:
     """Run this process's share of a pass so that an error in any process ends the pass in all of
@@ -91,7 +120,8 @@ def failing_together(accelerator: Accelerator, desc: str) -> Iterator[None]:
         raise
     torch.distributed.all_reduce(failed)
     if failed.item():
-        raise RuntimeError(f"the {desc} pass failed in {int(failed.item())} other process(es); their error says why")
+        raise OtherProcessFailed(f"the {desc} pass failed in {int(failed.item())} other process(es); their error says "
+                                 "why")
 
 
 def sum_across_processes(accelerator: Accelerator, tensors: Iterable[torch.Tensor]) -> None:
