@@ -183,6 +183,24 @@ def failing_passes(accelerator) -> dict[str, str | None]:
               "activations": lambda: activations_of(model, make_loader(bad_ids, DISTRIBUTED_BATCH), modules, accelerator),
               "token_counts": lambda: token_counts(make_loader(bad_ids, DISTRIBUTED_BATCH), model.config.vocab_size,
                                                    accelerator)}
+    # The sequential pipeline: one process's first block fails as the inputs are captured (an
+    # out-of-memory error, say), then, in a second run, as its statistics are taken.
+    # (Capture runs the embeddings and no block; block 0 runs first when its statistics are taken.)
+    for stage, where in (("capture", "model.embed_tokens"), ("block_statistics", "model.layers.0")):
+        def sequential(where=where):
+            from hf_wsvd import WSVDConfig, compress
+
+            llama, loader, _, _ = case_inputs("llama_causal_lm", DISTRIBUTED_EXAMPLES, DISTRIBUTED_BATCH)
+
+            def fail(module, args):
+                if accelerator.process_index == 1:
+                    raise ValueError("block 0 failed in this process")
+
+            llama.get_submodule(where).register_forward_pre_hook(fail)
+            compress(llama, WSVDConfig(method="whiten", sequential=True, param_ratio=0.5, compute_dtype="float64"),
+                     loader, accelerator=accelerator, show_progress=False)
+
+        passes[stage] = sequential
     errors = {}
     for name, run in passes.items():
         try:

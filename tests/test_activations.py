@@ -164,18 +164,57 @@ def test_an_encoder_decoder_model_s_statistics_count_the_real_positions_of_each_
         assert stats.tokens[name] == (13 if encoder_side else 9), name
 
 
-def test_a_decoder_that_no_label_reaches_is_named():
+def _padded_batch() -> dict:
+    """Two rows of 8 ids: 13 real encoder tokens (the second row padded by 3), 9 real labels."""
+    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    labels = ids.clone()
+    labels[0, -2:], labels[1, -5:] = -100, -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _tokens(model, batch) -> dict[str, int]:
     from hf_wsvd.statistics import GRAM, input_statistics
     from hf_wsvd.targets import select_targets
 
-    model = _encoder_decoder("bart")
-    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
     modules = {name: model.get_submodule(full) for name, full in select_targets(model).items()}
+    return input_statistics(model, [batch], modules, [GRAM], show_progress=False).tokens
+
+
+@pytest.mark.parametrize("case", ["no labels", "classifier", "copied encoder states"])
+def test_bart_s_decoder_counts_its_shifted_ids_and_cross_attention_the_encoder_s_tokens(case):
+    """BART shifts its input ids into its decoder where no labels give it targets (and always as a
+    classifier, whose labels are classes): its decoder counts the attention mask shifted with them
+    (14 positions). Encoder states copied on their way (a model dispatched over devices) still count
+    as the encoder's (13)."""
+    model = _encoder_decoder("bart")
+    batch = _padded_batch()
+    if case == "no labels":
+        del batch["labels"]
+    elif case == "classifier":
+        config = model.config
+        config.num_labels = 2
+        model = transformers.BartForSequenceClassification(config)
+        batch["labels"] = torch.tensor([0, 1])
+        batch["input_ids"][0, 7], batch["input_ids"][1, 4] = 2, 2  # its pooling reads each row's last eos
+    else:
+        batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        model.model.decoder.register_forward_pre_hook(
+            lambda module, args, kwargs: (args, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()}),
+            with_kwargs=True)
+    tokens = _tokens(model, batch)
+    for name, count in tokens.items():
+        encoder_side = name.startswith(("encoder.", "model.encoder.")) or "encoder_attn.k_proj" in name \
+            or "encoder_attn.v_proj" in name
+        assert count == (13 if encoder_side else 9 if case == "copied encoder states" else 14), name
+
+
+def test_a_decoder_that_no_label_reaches_is_named():
+    model = _encoder_decoder("bart")
+    batch = {**_padded_batch(), "labels": torch.full((2, 8), -100)}
     with pytest.raises(ValueError, match=r"no token of the calibration data reached 'decoder\..*label is not -100"):
-        input_statistics(model, [batch], modules, [GRAM], show_progress=False)
-    with pytest.raises(ValueError, match="neither 'labels' nor 'decoder_input_ids'"):
-        input_statistics(model, [{"input_ids": ids}], modules, [GRAM], show_progress=False)
+        _tokens(model, batch)
 
 
 def test_the_activation_pass_records_no_gradient_graph():

@@ -10,11 +10,12 @@ import re
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 import tiny
-from hf_wsvd import WSVDConfig, compress
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress
 from hf_wsvd.data import load_table, read_texts, sample, teacher_samples, text_blocks, tokenize
 from hf_wsvd.tasks import CLASSIFICATION
 from hf_wsvd.cli.workflow import data_loader
@@ -287,6 +288,55 @@ def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, m
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [[good]], show_progress=False)
     with pytest.raises(ValueError, match="calibration batch 0 is an empty dict: each batch must hold the model's"):
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [{}], show_progress=False)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"labels": torch.full((2, 5), 64)}, "label 64 is outside the model's 64 tokens (-100 marks a label not predicted)"),
+    ({"labels": torch.full((2, 5), -3)}, "label -3 is outside the model's 64 tokens"),
+    ({"labels": torch.ones(2, 5)}, "an encoder-decoder model's labels are the target text's ids (2 rows of integers, "
+                                   "-100 where not predicted), not a torch.float32 tensor of shape (2, 5)"),
+    ({"labels": torch.ones(3, 5, dtype=torch.long)}, "not a torch.int64 tensor of shape (3, 5)"),
+    ({"decoder_input_ids": torch.full((2, 5), 70)}, "decoder_input_ids go from 70 to 70, outside the model's 64"),
+    ({"decoder_attention_mask": torch.ones(2, 4)}, "decoder_attention_mask is a torch.float32 tensor of shape (2, 4), "
+                                                   "labels (2, 5): they must match"),
+    ({"decoder_input_ids": torch.ones(2, 6, dtype=torch.long), "decoder_attention_mask": torch.full((2, 6), 2)},
+     "decoder_attention_mask holds 2; it marks each token"),
+])
+def test_an_encoder_decoder_model_s_targets_are_checked_before_any_work(changes, message):
+    """Its decoder reads the labels (or decoder_input_ids) whatever the loss: named, not an IndexError
+    deep inside the model."""
+    ids = torch.randint(5, tiny.VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, :5].clone(), **changes}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compress(tiny.build("t5", "AutoModelForSeq2SeqLM"), WSVDConfig(method="whiten", param_ratio=0.5), [batch],
+                 show_progress=False)
+
+
+def test_an_encoder_decoder_classifier_takes_one_class_per_example():
+    """BART's classifier: its labels are classes (its decoder reads the input ids), not target text."""
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=16, num_labels=2)
+    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = config.eos_token_id
+    model, _ = compress(transformers.BartForSequenceClassification(config), WSVDConfig(method="whiten", param_ratio=0.5),
+                        [{"input_ids": ids, "labels": torch.tensor([0, 1])}], show_progress=False)
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    with pytest.raises(ValueError, match=re.escape("label 5 is outside the model's 2 classes")):
+        compress(transformers.BartForSequenceClassification(config), WSVDConfig(method="whiten", param_ratio=0.5),
+                 [{"input_ids": ids, "labels": torch.tensor([0, 5])}], show_progress=False)
+
+
+def test_an_encoder_decoder_model_s_targets_longer_than_its_positions_are_named():
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=16)
+    ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.ones(2, 20, dtype=torch.long)}
+    with pytest.raises(ValueError, match=re.escape("labels hold sequences of 20 tokens, more than the model's 16 "
+                                                   "positions")):
+        compress(transformers.AutoModelForSeq2SeqLM.from_config(config), WSVDConfig(method="whiten", param_ratio=0.5),
+                 [batch], show_progress=False)
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -386,3 +386,39 @@ def test_mlp_pruning_says_once_when_it_finds_no_mlp_it_can_cut(caplog):
     assert said == ["mlp_pruning finds no layers of a layout it knows among the targets of GPT2LMHeadModel: they "
                     "are factorized instead"]
     assert said[0] in report.notices
+
+
+def test_an_mlp_whose_channels_are_read_together_is_not_pruned():
+    """BitNet normalizes the intermediate channels (ffn_sub_norm), Gemma 3n thresholds them by their
+    mean and spread (activation sparsity): dropping channels would change the kept ones, so these
+    MLPs are factorized instead; StableLM's q/k layer norms and BitNet's attn_sub_norm keep their
+    attentions whole the same way."""
+    import transformers
+
+    from hf_wsvd.methods.attention_pruning import unsupported
+    from hf_wsvd.methods.mlp_pruning import element_wise, find_pairs
+    from hf_wsvd.runtime.factorized_linear import linear_shape as shape_of
+    from hf_wsvd.targets import select_targets
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    bitnet = transformers.AutoModelForCausalLM.from_config(transformers.BitNetConfig(**common)).eval()
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    compressed, report = compress(bitnet, WSVDConfig(param_ratio=0.6), [{"input_ids": ids, "labels": ids}],
+                                  show_progress=False)
+    assert report.pruned == {} and torch.isfinite(compressed(input_ids=ids).logits).all()
+    torch.manual_seed(0)
+    dense_bitnet = transformers.AutoModelForCausalLM.from_config(transformers.BitNetConfig(**common))
+    assert "attn_sub_norm" in unsupported(dense_bitnet.model.layers[0].self_attn)
+
+    llama = tiny.build("llama", "AutoModelForCausalLM")
+    targets = select_targets(llama)
+    pairs = find_pairs({name: shape_of(llama.get_submodule(full)) for name, full in targets.items()})
+    assert pairs and all(element_wise(llama, targets, pair) for pair in pairs)
+    llama.model.layers[0].mlp.activation_sparsity = 0.95
+    assert [element_wise(llama, targets, pair) for pair in pairs] == [False, True]
+
+    stablelm = transformers.AutoModelForCausalLM.from_config(
+        transformers.StableLmConfig(**common, qk_layernorm=True, partial_rotary_factor=1.0))
+    assert "q_layernorm" in unsupported(stablelm.model.layers[0].self_attn)

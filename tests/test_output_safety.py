@@ -394,7 +394,9 @@ def test_a_reader_that_leaves_the_output_ends_the_command_quietly(tmp_path, monk
     _checkpoint(tmp_path / "a")
     read, write = os.pipe()
     os.close(read)  # the reader is gone before anything is written
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
+    # Buffered, as in a terminal session: the last block is written when the command ends.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path.parent), *sys.path])
     try:
         ended = subprocess.run([sys.executable, "-c", "import sys; from hf_wsvd.cli import main; sys.exit(main(sys.argv[1:]))",
                                 "inspect", str(tmp_path / "a")], stdout=write, stderr=subprocess.PIPE, cwd=tmp_path,
@@ -1014,6 +1016,10 @@ def test_dot_dot_after_a_symbolic_link_is_read_as_the_system_reads_it(project, m
     assert run(["compress", "models/tiny", "into_input/../out", "--method", "svd"]) == 2
     assert "lies inside the input" in one_error(capsys)
     assert snapshot(project) == before
+
+    (project / "loop").symlink_to(project / "loop")
+    with pytest.raises(ValueError, match="/loop' is a symbolic link that leads nowhere"):
+        check_output(None, "loop/out", overwrite=False)
 
     elsewhere = project.parent / "elsewhere"
     (elsewhere / "deep").mkdir(parents=True)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers
 
 import tiny
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress
@@ -351,3 +352,31 @@ def test_a_run_stopped_before_any_layer_was_replaced_leaves_the_model_as_it_was(
     assert type(model) is type(dense) and not hasattr(model.config, "wsvd")
     for (name, value), expected in zip(model.state_dict().items(), dense.state_dict().values()):
         assert torch.equal(value, expected), name
+
+
+def test_each_block_is_handed_its_own_mask_and_rotary_tables_as_in_the_model_s_forward():
+    """Gemma 3 gives its sliding-window layers and its full-attention layers masks and rotary tables
+    of their own: block 1 (full attention) must see during compression what the model's own forward
+    hands it, not block 0's sliding-window mask and local rotary table."""
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                                           layer_types=["sliding_attention", "full_attention"],
+                                           max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    seen = []
+    model.model.layers[1].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["attention_mask"], kwargs["position_embeddings"])),
+        with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)
+    (stock_mask, stock_rotary), = seen
+    compress(model, WSVDConfig(method="whiten", sequential=True, param_ratio=0.5), [batch], show_progress=False)
+    assert len(seen) > 1
+    for mask, rotary in seen[1:]:
+        torch.testing.assert_close(mask, stock_mask) if isinstance(mask, torch.Tensor) else None
+        assert (mask is None) == (stock_mask is None)
+        for table, stock in zip(rotary, stock_rotary):
+            torch.testing.assert_close(table, stock)

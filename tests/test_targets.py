@@ -238,3 +238,19 @@ def test_column_names_are_never_read_as_a_regex(command):
     args = build_parser().parse_args([*command, "--text-columns", "review (en)"])
     assert args.text_columns == ["review (en)"]
     assert build_parser().parse_args([*command, "--text-columns", "a,b"]).text_columns == ["a", "b"]
+
+
+def test_a_model_s_own_linear_subclass_that_computes_more_is_no_target():
+    """Llama 4's router is an nn.Linear whose forward also picks the top experts: factorized, the
+    routing would be gone."""
+    import transformers
+
+    config = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           intermediate_size_mlp=64, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                                           max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    routers = [name for name, module in model.named_modules() if type(module).__name__ == "Llama4Router"]
+    assert routers and isinstance(model.get_submodule(routers[0]), nn.Linear)
+    targets = set(select_targets(model).values())
+    assert targets and not targets & set(routers)

@@ -320,11 +320,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         logger.warning(notice)
         notices.append(notice)
     samples = _weight_samples(model, targets)
-    check_processes_agree(accelerator, {
-        "recipe": json.dumps(config.to_dict(), sort_keys=True, default=str).encode(),
-        "target layers": json.dumps(sorted(targets.items())).encode(),
-        "model's weights (sampled)": b"".join(samples[name].numpy().tobytes() for name in sorted(samples)),
-        "number of calibration examples": str(examples).encode()})
+    if accelerator.num_processes > 1:  # the data is a DataLoader over a map-style dataset (check_shardable)
+        check_processes_agree(accelerator, {
+            "recipe": json.dumps(config.to_dict(), sort_keys=True, default=str).encode(),
+            "target layers": json.dumps(sorted(targets.items())).encode(),
+            "model's weights (sampled)": b"".join(samples[name].numpy().tobytes() for name in sorted(samples)),
+            "calibration batches": f"{examples} examples, batch size {getattr(given, 'batch_size', None)}, "
+                                   f"{len(data) if data is not None else 0} batches".encode()})
     if statistics is not None:
         _check_statistics(model, targets, statistics, samples)
         if statistics.values and targets and not reused:  # given to be reused: said that none of them is

@@ -24,7 +24,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
 
 from .blocks import kept_flags
 from .runtime.modeling_wsvd import held_records
-from .tasks import CAUSAL_LM, CLASSIFICATION, task_of
+from .tasks import CAUSAL_LM, CLASSIFICATION, labels_feed_decoder, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
     from datasets import Dataset
@@ -450,12 +450,14 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
 
 def position_limit(model: nn.Module) -> int | None:
     """The longest sequence the model's learned position table takes (``max_position_embeddings``,
-    less RoBERTa's offset past its padding index); None without such a table (rotary or relative
-    positions)."""
+    less RoBERTa's offset past its padding index; BART's and OPT's tables hold their ``offset`` more
+    rows); None without such a table (rotary or relative positions)."""
     count = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for module in model.modules():
-        if (isinstance(module, nn.Embedding) and module.num_embeddings == count and module is not words
+        offset = getattr(module, "offset", 0)
+        if (isinstance(module, nn.Embedding) and isinstance(offset, int)
+                and module.num_embeddings - offset == count and module is not words
                 and module.weight is not getattr(words, "weight", None)):
             return count - (0 if module.padding_idx is None else module.padding_idx + 1)
     return None
@@ -480,20 +482,25 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
                          f"{positions} or less")
 
 
-def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int, where: str) -> None:
-    """Raise a one-line error naming the value (``where``: what holds them) unless the token ``ids``
-    have rows among ``vocabulary`` token embeddings and ``mask``, if any, is a tensor of their shape
-    marking each token 1 (real) or 0 (padding)."""
+def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int, where: str,
+                       names: tuple[str, str] = ("input_ids", "attention_mask")) -> None:
+    """Raise a one-line error naming the value (``where``: what holds them; ``names``: theirs) unless
+    the token ``ids`` have rows among ``vocabulary`` token embeddings and ``mask``, if any, is a
+    tensor of their shape marking each token 1 (real) or 0 (padding)."""
     if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
-        raise ValueError(f"{where}: input_ids go from {int(ids.min())} to {int(ids.max())}, outside the model's "
+        raise ValueError(f"{where}: {names[0]} go from {int(ids.min())} to {int(ids.max())}, outside the model's "
                          f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+    _check_mask(mask, ids, where, names)
+
+
+def _check_mask(mask: Any, ids: torch.Tensor, where: str, names: tuple[str, str]) -> None:
     if mask is None:
         return
     if not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
-        raise ValueError(f"{where}: attention_mask is {_shown(mask)}, input_ids {tuple(ids.shape)}: they must match")
+        raise ValueError(f"{where}: {names[1]} is {_shown(mask)}, {names[0]} {tuple(ids.shape)}: they must match")
     odd = mask[(mask != 0) & (mask != 1)]
     if odd.numel():  # block refinement and healing weigh each token's loss by it
-        raise ValueError(f"{where}: attention_mask holds {odd[0].item()!r}; it marks each token 1 (real) or 0 "
+        raise ValueError(f"{where}: {names[1]} holds {odd[0].item()!r}; it marks each token 1 (real) or 0 "
                          "(padding)")
 
 
@@ -526,6 +533,8 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
     labels = batch.get("labels")
+    if getattr(model.config, "is_encoder_decoder", False):  # its decoder reads them, whatever the loss
+        _check_decoder_targets(batch, ids, vocabulary, positions, where, labels_feed_decoder(model))
     if labels is None or not task_labels:
         return
     if not isinstance(labels, torch.Tensor):
@@ -551,6 +560,36 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         wrong = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
         if wrong.numel():
             raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {classes} classes")
+
+
+def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, positions: int | None,
+                           where: str, labels_are_targets: bool) -> None:
+    """An encoder-decoder model's ``decoder_input_ids`` and, where ``labels_are_targets`` (its decoder's
+    inputs are built from them where the batch has none), ``labels``: 2-D integers, one row per
+    example, inside the vocabulary (labels: or -100) and the position table, with a
+    ``decoder_attention_mask`` of their shape."""
+    labels = batch.get("labels") if labels_are_targets else None
+    decoder_ids = batch.get("decoder_input_ids")
+    for name, value in (("labels", labels), ("decoder_input_ids", decoder_ids)):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point() \
+                or value.dtype == torch.bool or value.shape[0] != ids.shape[0]:
+            raise ValueError(f"{where}: an encoder-decoder model's {name} are the target text's ids ({ids.shape[0]} "
+                             f"rows of integers, -100 where not predicted), not {_shown(value)}")
+        if positions is not None and value.shape[1] > positions:
+            raise ValueError(f"{where}: {name} hold sequences of {value.shape[1]} tokens, more than the model's "
+                             f"{positions} positions (max_position_embeddings): cut them shorter")
+    if labels is not None:
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= vocabulary))]
+        if wrong.numel():
+            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} tokens (-100 marks a "
+                             "label not predicted)")
+    names = ("decoder_input_ids", "decoder_attention_mask")
+    if decoder_ids is not None:
+        check_ids_and_mask(decoder_ids, batch.get("decoder_attention_mask"), vocabulary, where, names)
+    elif labels is not None:
+        _check_mask(batch.get("decoder_attention_mask"), labels, where, ("labels", names[1]))
 
 
 def _shown(value: Any) -> str:

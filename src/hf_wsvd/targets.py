@@ -12,12 +12,16 @@ from .runtime.modeling_wsvd import relative_module_name
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` or a transformers ``Conv1D`` (GPT-2), the layers hf_wsvd can factorize."""
+    """``nn.Linear`` or a transformers ``Conv1D`` (GPT-2), the layers hf_wsvd can factorize; not a
+    model's own ``nn.Linear`` subclass whose forward does more than the product (Llama 4's router
+    picks experts: its factors would drop that)."""
     try:
         linear_shape(module)
     except TypeError:
         return False
-    return not isinstance(module, (FactorizedLinear, LowRankCorrectedLinear))
+    own_forward = isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+        and type(module).__module__.startswith("transformers.models.")
+    return not own_forward and not isinstance(module, (FactorizedLinear, LowRankCorrectedLinear))
 
 
 def _tied_module_names(model: nn.Module) -> set[str]:

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
@@ -33,6 +34,15 @@ def _class_names(mapping: dict) -> set[str]:
 
 _CAUSAL_CLASSES = _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 _CLASSIFIER_CLASSES = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+_SEQ2SEQ_CLASSES = _class_names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
+def labels_feed_decoder(model: nn.Module) -> bool:
+    """Whether ``model``'s labels are the target text of its decoder (a sequence-to-sequence LM, which
+    builds its decoder's inputs from them), not a task's labels (BART's classifier reads one class
+    per example and builds its decoder's inputs from the input ids)."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
+        and type(model).__name__.removeprefix(CLASS_PREFIX) in _SEQ2SEQ_CLASSES
 
 
 def _architecture_task(architecture: str, config) -> str | None:

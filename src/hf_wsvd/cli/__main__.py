@@ -2,6 +2,6 @@
 
 import sys
 
-from .app import main
+from .app import console
 
-sys.exit(main())
+sys.exit(console())

@@ -338,8 +338,8 @@ def _reader_gone() -> bool:
     """Whether standard output is a pipe or socket whose reading end is closed."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLERR)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)  # a pipe's reader gone; a socket's peer
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll (Windows)
         return False
 
@@ -353,10 +353,15 @@ def _other_process_error(error: RuntimeError) -> str | None:
     distributed = getattr(sys.modules.get("torch"), "distributed", None)
     if distributed is None or not distributed.is_available() or not distributed.is_initialized():
         return None
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames or f"{os.sep}torch{os.sep}distributed{os.sep}" not in frames[-1].filename:
-        return None
     first = (str(error).splitlines() or [type(error).__name__])[0]
+    frames = traceback.extract_tb(error.__traceback__)
+    # torch's network and timeout errors, and gloo's plain RuntimeError for a peer gone; not a
+    # collective called wrongly here (a bug, which keeps its traceback).
+    lost = isinstance(error, (distributed.DistNetworkError, distributed.DistStoreError)) or (
+        frames and f"{os.sep}torch{os.sep}distributed{os.sep}" in frames[-1].filename
+        and re.search(r"peer|connection|timed out|timeout", first, re.IGNORECASE))
+    if not lost:
+        return None
     return (f"an exchange with the other processes of this run failed ({first}): another process failed or was "
             "stopped, and its own output says why")
 
@@ -417,12 +422,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> int:
     """The ``hf-wsvd`` program: :func:`main` on the command line's arguments. Once it has returned the
-    process only ends, so Ctrl-C pressed again (after "interrupted") is ignored rather than breaking
-    into the interpreter's exit handlers with tracebacks."""
+    process only ends, so Ctrl-C pressed again (after "interrupted") ends it at once, with status 130,
+    rather than breaking into the interpreter's exit handlers with tracebacks."""
     try:
         return main()
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    os._exit(130)
 
 
 def _not_utf8(argv: list[str]) -> str | None:
@@ -446,6 +456,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         {"compress": _compress, "inspect": _inspect, "eval": run_eval, "export": run_export,
          "heal": run_heal, "push": run_push}[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is said below, not as a traceback
     except _input_errors() as error:
         if isinstance(error, BrokenPipeError) and _reader_gone():
             # The reader of the output left (``| head``): end quietly, as a program killed by SIGPIPE

@@ -449,7 +449,9 @@ def check_output(sources: str | Sequence[str | None] | None, output: str | os.Pa
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"cannot create output folder {output!r}: {existing!r} is a file")
+        what = "a symbolic link that leads nowhere (a loop, or a missing target)" if os.path.islink(existing) \
+            else "a file"
+        raise ValueError(f"cannot create output folder {output!r}: {existing!r} is {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write output folder {output!r}: {existing!r} is not writable")
     _check_name_lengths(path, existing)

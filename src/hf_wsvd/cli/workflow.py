@@ -17,6 +17,7 @@ from ..integrations.checkpoint import check_model_files, check_no_adapter, check
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
+from ..statistics.passes import OtherProcessFailed
 from ..tasks import CAUSAL_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def written_blocks(model: PreTrainedModel, blocks: "Dataset | list[dict]", count
         raise failure
     for rank, (_, message) in enumerate(shares):
         if message is not None:
-            raise RuntimeError(f"process {rank} failed to write its calibration blocks ({message})")
+            raise OtherProcessFailed(f"process {rank} failed to write its calibration blocks ({message})")
     # Batch b is the (b // P)-th that process b % P wrote.
     return [row for b in range(-(-count // batch_size))
             for row in shares[b % processes][0][b // processes * batch_size : (b // processes + 1) * batch_size]]

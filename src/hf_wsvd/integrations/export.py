@@ -25,13 +25,15 @@ FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
 def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
     """The dense module of type ``stock_type`` computing what the factorized ``module`` does."""
     dense = module.to_dense()
-    if isinstance(module, FactorizedEmbedding) and stock_type is not torch.nn.Embedding:
-        # A scaled embedding (BART, Gemma 3, ...): its classes all take these four arguments.
-        scaled = stock_type(dense.num_embeddings, dense.embedding_dim, dense.padding_idx,
-                            embed_scale=module.embed_scale if module.embed_scale is not None else 1.0)
-        scaled.to(device=dense.weight.device, dtype=dense.weight.dtype)
-        with torch.no_grad():
-            scaled.weight.copy_(dense.weight)
+    if isinstance(module, FactorizedEmbedding) and module.embed_scale is not None:
+        # A scaled embedding (BART, Gemma 3, ...): its classes all take these four arguments. Built
+        # empty, then given the product and, where it holds one, its scale as a tensor.
+        with torch.device("meta"):
+            scaled = stock_type(dense.num_embeddings, dense.embedding_dim, dense.padding_idx,
+                                embed_scale=module.embed_scale)
+        scaled.weight = dense.weight
+        if isinstance(getattr(scaled, "embed_scale", None), torch.Tensor):
+            scaled.embed_scale = torch.tensor(module.embed_scale, device=dense.weight.device)
         return scaled
     if stock_type.__name__ != "Conv1D":  # GPT-2's Conv1D: the only stock type to_dense does not give
         return dense

@@ -94,6 +94,13 @@ def unsupported(module: nn.Module) -> str | None:
         return "its projections and head size attribute follow no known layout"
     if any(hasattr(module, norm) for norm in ("q_norm", "k_norm")):
         return "it normalizes queries/keys over the head dimension"
+    inside = [layout[1].format("").lstrip(".")] if layout[1].startswith("{}") else []  # the output, where a child
+    projections = {f"{name}." for name in (*layout[0], *inside)}
+    sizes = {getattr(module, layout[2]), getattr(module, layout[0][0]).out_features}  # a head, all heads
+    other = next((name for name, p in module.named_parameters()
+                  if not any(name.startswith(prefix) for prefix in projections) and sizes & set(p.shape)), None)
+    if other is not None:  # StableLM's q_layernorm, DiffLlama's lambdas, BitNet's attn_sub_norm: left whole by a cut
+        return f"it holds a weight over the heads' features besides its projections ({other})"
     if not _is_rotary(module):
         return None
     if getattr(module, layout[2]) % 2:

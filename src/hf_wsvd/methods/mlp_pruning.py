@@ -85,6 +85,20 @@ def find_pairs(shapes: dict[str, tuple[int, int]]) -> list[MlpPair]:
     return pairs
 
 
+def element_wise(model: nn.Module, targets: dict[str, str], pair: MlpPair) -> bool:
+    """Whether the MLP ``pair`` of ``model`` (``targets``: relative → full names) treats each
+    intermediate channel on its own, so that dropping some leaves the others as they were: no other
+    weight over its channels (BitNet's norm of them), no activation that reads them all (Gemma 3n's
+    sparsity threshold from their mean and spread)."""
+    paths = [targets[name].split(".") for name in pair.members]
+    common = next((i for i, parts in enumerate(zip(*paths)) if len(set(parts)) > 1), min(map(len, paths)))
+    parent = model.get_submodule(".".join(paths[0][:common]))  # the MLP (BERT: the layer)
+    own = {id(p) for name in pair.members for p in model.get_submodule(targets[name]).parameters()}
+    if any(id(p) not in own and pair.channels in p.shape for p in parent.parameters()):
+        return False
+    return not any(getattr(module, "activation_sparsity", 0) for module in parent.modules())
+
+
 def _channel_order(weight: torch.Tensor, gram: torch.Tensor, lam: float,
                    gains: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The channels in the order that lowers the consumer's output error most: at each step those

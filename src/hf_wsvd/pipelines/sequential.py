@@ -29,7 +29,7 @@ from ..blocks import (block_list, input_device, on_host, outside_blocks_on, plac
                       split_hidden, without_cache)
 from ..statistics import InputHooks, Statistics
 from ..statistics.inputs import EMPTY_DATA_MESSAGE
-from ..statistics.passes import batches
+from ..statistics.passes import batches, failing_together
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
 from .registry import register_pipeline
@@ -53,22 +53,89 @@ def check_inputs(job: Job) -> None:
         raise ValueError("sequential mode needs calibration data")
 
 
-def capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
+class _Recorder(torch.nn.Module):
+    """Stands in for block ``index`` while the inputs are captured: records the arguments the model
+    hands that block, then passes the hidden states on untouched (no block computes), or ends the
+    forward pass at the last block. Attributes the model's loop reads (a layer's attention type) are
+    the block's own."""
+
+    def __init__(self, block: torch.nn.Module, index: int, last: bool, record) -> None:
+        super().__init__()
+        self.block, self.index, self.last, self.record = block, index, last, record
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args, **kwargs):
+        self.record(self.index, self.block, args, kwargs)
+        if self.last:
+            raise _Captured
+        return args[0] if args else next(iter(kwargs.values()))
+
+
+_ABSENT = object()  # an argument the first block takes and this one does not
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+class BlockArguments:
+    """What each block is handed besides its hidden states, where blocks differ (Gemma 2/3 and GPT-OSS
+    give sliding-window and full-attention layers their own masks and rotary tables, a hybrid its
+    attention and convolution layers): per block, per batch, the arguments unlike the first block's.
+    ``use(inputs, index)`` puts block ``index``'s in place in the captured inputs' argument dicts (in
+    place: every stream holding them, the dense one too, follows)."""
+
+    def __init__(self, first: list[dict], others: list[list[dict]]) -> None:
+        self.first = [dict(kwargs) for kwargs in first]
+        self.others = others  # [block][batch] → the arguments that differ from the first block's
+        self.differ = any(any(batch) for block in others for batch in block)
+
+    def use(self, inputs: list | None, index: int) -> None:
+        if not self.differ or inputs is None:
+            return
+        for (_, kwargs, _), first, own in zip(inputs, self.first, self.others[index]):
+            kwargs.clear()
+            kwargs.update(first)
+            kwargs.update(own)
+            for key in [key for key, value in own.items() if value is _ABSENT]:
+                del kwargs[key]
+
+
+def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Tensor, dict, torch.Tensor | None]],
+                                                             BlockArguments]:
     """(hidden states, keyword arguments, 2-D attention mask) of the first block for each of this
-    process's batches."""
-    captured = []
+    process's batches, and what the other blocks are handed unlike it."""
+    hidden_states, arguments = [], [[] for _ in blocks]
 
-    def hook(module, args, kwargs):
-        hidden, kw = split_hidden(module, args, kwargs)
-        captured.append((on_host(hidden) if job.config.offload_activations else hidden,
-                         {**without_cache(kw), "use_cache": False}))
-        raise _Captured
+    def record(index, block, args, kwargs):
+        hidden, kw = split_hidden(block, args, kwargs)
+        kw = {**without_cache(kw), "use_cache": False}
+        if index == 0:
+            hidden_states.append(on_host(hidden) if job.config.offload_activations else hidden)
+            arguments[0].append(kw)
+        else:  # only what differs from the first block's: equal masks are not held twice
+            first = arguments[0][len(arguments[index])]
+            arguments[index].append({**{k: _ABSENT for k in first if k not in kw},
+                                     **{k: v for k, v in kw.items() if not _same(v, first.get(k))}})
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    originals = list(blocks)
     masks = []
     device = input_device(job.model, job.accelerator.device)
     try:
-        with torch.no_grad():
+        for index, block in enumerate(originals):
+            blocks[index] = _Recorder(block, index, index == len(originals) - 1, record)
+        with torch.no_grad(), failing_together(job.accelerator, "capture"):
             for batch in batches(job.data, job.accelerator, device, "capture", False):
                 masks.append(batch.get("attention_mask"))
                 try:
@@ -76,8 +143,10 @@ def capture(job: Job, block: torch.nn.Module) -> list[tuple[torch.Tensor, dict, 
                 except _Captured:
                     pass
     finally:
-        handle.remove()
-    return [(hidden, kwargs, mask) for (hidden, kwargs), mask in zip(captured, masks)]
+        for index, block in enumerate(originals):
+            blocks[index] = block
+    inputs = [(hidden, kwargs, mask) for hidden, kwargs, mask in zip(hidden_states, arguments[0], masks)]
+    return inputs, BlockArguments(arguments[0], arguments)
 
 
 def _next(blocks: torch.nn.ModuleList, index: int) -> torch.nn.Module | None:
@@ -92,12 +161,14 @@ def _stream(job: Job, groups: list[list[str]]) -> Iterator[tuple[list[str], Stat
     inputs advance through the block in the same pass."""
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
-    inputs = None
+    inputs, arguments = None, None
     if job.input_needs:
         with outside_blocks_on(job.model, prefix, device):
-            inputs = capture(job, blocks[0])
+            inputs, arguments = capture(job, blocks)
     show = job.show_progress and job.accelerator.is_local_main_process
     for index, (block, names) in enumerate(zip(tqdm(blocks, desc="planning", disable=not show), groups)):
+        if arguments is not None:
+            arguments.use(inputs, index)
         with placed(block, device, _next(blocks, index)) as block_device:
             if names and inputs is not None:
                 with job.timed("statistics"):
@@ -128,7 +199,8 @@ def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs
     ``inputs`` (``in_place``: its outputs replace them)."""
     hooks = InputHooks({n: job.module(n) for n in names}, job.input_needs)
     try:
-        run_block(block, inputs, device, hooks, in_place=in_place)
+        with failing_together(job.accelerator, "block statistics"):
+            run_block(block, inputs, device, hooks, in_place=in_place)
     finally:
         hooks.remove()
     hooks.reduce(job.accelerator, job.accelerator.device)
@@ -145,16 +217,18 @@ def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
     modifiers = job.modifiers
     prefix, blocks = block_list(job.model)
     device = job.accelerator.device
-    inputs = None
+    inputs, arguments = None, None
     if job.input_needs or any(m.needs_activations for m in modifiers):
         with outside_blocks_on(job.model, prefix, device):
-            inputs = capture(job, blocks[0])
+            inputs, arguments = capture(job, blocks)
     for modifier in modifiers:
         modifier.on_walk_start(job, inputs)
     labels = [m.walk_label for m in modifiers if m.walk_label]
     desc = "blocks" + "".join(f" ({label})" for label in labels)
     show = job.show_progress and job.accelerator.is_local_main_process
     for index, (module, names) in enumerate(zip(tqdm(blocks, desc=desc, disable=not show), groups)):
+        if arguments is not None:
+            arguments.use(inputs, index)
         with placed(module, device, _next(blocks, index)) as block_device:
             block = Block(index, module, block_device, {n: job.targets[n][len(f"{prefix}.{index}."):] for n in names},
                           inputs)

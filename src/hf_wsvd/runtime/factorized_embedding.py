@@ -44,17 +44,6 @@ def output_scale(embedding: nn.Module) -> tuple[float | None, bool]:
     return float(scale), False
 
 
-_ROUNDED: dict[tuple[float, torch.dtype], float] = {}
-
-
-def _in_dtype(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (a product by it then equals one by the rounded tensor)."""
-    key = (value, dtype)
-    if key not in _ROUNDED:
-        _ROUNDED[key] = torch.tensor(value, dtype=dtype).item()
-    return _ROUNDED[key]
-
-
 class EmbeddingProjection(nn.Module):
     """The r → hidden projection of a factorized embedding (``forward(x) = x @ weight.T``,
     ``weight`` hidden × r), shared with a tied head."""
@@ -102,6 +91,11 @@ class FactorizedEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.embed_scale, self.scale_in_dtype = embed_scale, scale_in_dtype
+        # The factor rounded to each floating dtype (a product by it equals one by the rounded tensor),
+        # found once here: no tensor is made in forward (CUDA graphs, torch.compile).
+        self._scales = {} if embed_scale is None or not scale_in_dtype else {
+            dtype: torch.tensor(embed_scale, dtype=dtype, device="cpu").item()
+            for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
         self.weight = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
         # Not named like model projections ("*_proj"): peft matches name suffixes.
         self.proj = EmbeddingProjection(rank, embedding_dim, device, dtype)
@@ -135,7 +129,7 @@ class FactorizedEmbedding(nn.Module):
         output = self.proj(F.embedding(input_ids, self.weight, self.padding_idx))
         if self.embed_scale is None:
             return output
-        return output * (_in_dtype(self.embed_scale, output.dtype) if self.scale_in_dtype else self.embed_scale)
+        return output * self._scales.get(output.dtype, self.embed_scale)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Embedding:

@@ -160,10 +160,13 @@ def refine_corrections(job: Any, quantized: PreTrainedModel) -> dict[str, list[f
         for model in (job.model, quantized):
             model.to(device)
         dense_blocks, blocks = block_list(job.model)[1], block_list(quantized)[1]
-        dense_stream, stream = capture(job, dense_blocks[0]), capture(dataclasses.replace(job, model=quantized), blocks[0])
+        (dense_stream, dense_arguments), (stream, arguments) = \
+            capture(job, dense_blocks), capture(dataclasses.replace(job, model=quantized), blocks)
         show = job.show_progress and job.accelerator.is_local_main_process
         for index, (dense_block, block) in enumerate(zip(dense_blocks, tqdm(blocks, desc="blocks (refining corrections)",
                                                                              disable=not show))):
+            dense_arguments.use(dense_stream, index)
+            arguments.use(stream, index)
             targets = list(dense_stream)
             run_block(dense_block, targets, device)
             layers = {path: m for path, m in block.named_modules() if isinstance(m, LowRankCorrectedLinear)}

@@ -206,12 +206,12 @@ def gradient_statistics(
                 stack.enter_context(outside_blocks_on(model, prefix, device))
                 replay = stack.enter_context(BlockwiseBackward(blocks, device))
             else:
-                # Activations must carry gradients although no parameter does: from every lookup of
-                # the input embeddings (an encoder-decoder model's encoder and decoder each hold a
-                # module of their own sharing its table).
+                # Activations must carry gradients although no parameter does: from every lookup (an
+                # encoder-decoder model's encoder and decoder each hold a module of their own, sharing
+                # the table or not; position tables too, which is harmless).
                 embedding = model.get_input_embeddings()
                 for module in model.modules():
-                    if module is embedding or isinstance(module, nn.Embedding) and module.weight is embedding.weight:
+                    if module is embedding or isinstance(module, nn.Embedding):
                         handle = module.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
                         stack.callback(handle.remove)
             stack.enter_context(failing_together(accelerator, "Fisher"))

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
+from ..tasks import labels_feed_decoder
 from .collectors import COLLECTORS, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together
 from .result import Statistics
@@ -32,12 +33,15 @@ class InputHooks:
 
     Call ``new_batch(mask)`` (batch × tokens, 1 for real tokens) before each forward so padding is
     excluded; inputs whose leading shape differs from the mask count every position. Given the
-    whole ``model``, when it is an encoder-decoder one, its decoder's modules take ``new_batch``'s
-    ``decoder_mask`` instead, except where they read the encoder's output (cross-attention keys and
-    values). Modules reading the same tensor (q/k/v projections) share one computation of each
-    contribution and one copy of the sums (``SharedSums``). Accumulators live on the device of the
-    module's input.
+    whole ``model``, when it is an encoder-decoder one, the modules outside its encoder (the
+    decoder, an output head) take ``new_batch``'s ``decoder_mask`` instead, except where they read
+    the encoder's states (cross-attention keys and values). Modules reading the same tensor (q/k/v
+    projections) share one computation of each contribution and one copy of the sums
+    (``SharedSums``). Accumulators live on the device of the module's input.
     """
+
+    # How a decoder's modules are handed the encoder's states (T5 and BART attention, BERT layers).
+    ENCODER_STATES = ("encoder_hidden_states", "key_value_states")
 
     def __init__(self, modules: dict[str, nn.Module], needs: Iterable[str], model: nn.Module | None = None) -> None:
         self.modules = modules
@@ -45,22 +49,23 @@ class InputHooks:
         self.sums = SharedSums()
         self.mask: torch.Tensor | None = None
         self.decoder_mask: torch.Tensor | None = None
-        self._encoder_states: list[torch.Tensor] = []  # what the decoder's cross-attention reads
+        self._encoder_states: list[torch.Tensor] = []  # this batch's, each copy that reached a decoder module
         self._last: tuple | None = None
         encoder_decoder = model is not None and getattr(model.config, "is_encoder_decoder", False) \
             and hasattr(model, "get_encoder") and hasattr(model, "get_decoder")
-        inside = {id(m) for m in model.get_decoder().modules()} if encoder_decoder else set()
-        self._in_decoder = {name for name, m in modules.items() if id(m) in inside}
+        inside = {id(m) for m in model.get_encoder().modules()} if encoder_decoder else set()
+        self._decoder_side = {name for name, m in modules.items() if encoder_decoder and id(m) not in inside}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-        if self._in_decoder:
-            # Cross-attention's keys and values read the encoder's positions: the encoder's output, or
-            # what the decoder is given as such (projected to its width by some models).
-            self._handles += [
-                model.get_encoder().register_forward_hook(
-                    lambda module, args, output: self._encoder_states.append(output[0])),
-                model.get_decoder().register_forward_pre_hook(
-                    lambda module, args, kwargs: self._encoder_states.append(kwargs.get("encoder_hidden_states")),
-                    with_kwargs=True)]
+        if self._decoder_side:
+            # The encoder's output, and what decoder modules are handed as such: projected to the
+            # decoder's width by some models, copied to another device by a dispatched one.
+            self._handles.append(model.get_encoder().register_forward_hook(
+                lambda module, args, output: self._encoder_states.append(output[0])))
+            self._handles += [module.register_forward_pre_hook(self._seen_encoder_states, with_kwargs=True)
+                              for module in model.get_decoder().modules()]
+
+    def _seen_encoder_states(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._encoder_states += [kwargs[key] for key in self.ENCODER_STATES if kwargs.get(key) is not None]
 
     def _contributions(self, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # Identity, not the data pointer: freed memory is reused by later tensors of the same shape.
@@ -76,7 +81,7 @@ class InputHooks:
         return result
 
     def _hook(self, module_name: str):
-        decoder = module_name in self._in_decoder
+        decoder = module_name in self._decoder_side
 
         def hook(module, args):
             x = args[0]
@@ -97,6 +102,7 @@ class InputHooks:
         for handle in self._handles:
             handle.remove()
         self._last = None
+        self._encoder_states.clear()
 
     def reduce(self, accelerator: Accelerator, device: torch.device) -> None:
         """Sum the accumulators and token counts over processes (one reduction for all modules)."""
@@ -114,30 +120,33 @@ class InputHooks:
 
 
 def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
-    """What the model is called with: ``batch`` without its labels (no loss is needed); and the
-    decoder's mask of real positions (None: every position, or not an encoder-decoder model). An
-    encoder-decoder model's decoder inputs are built from the labels where the batch has none, as
-    its own forward would (by the model's own method, else by that forward, given the labels); the
-    positions whose label is -100 (padding) are not real unless a ``decoder_attention_mask`` says."""
+    """What the model is called with: ``batch`` without its labels (no loss is needed); and the mask
+    of its decoder's real positions (None: every position, or not an encoder-decoder model). A
+    sequence-to-sequence LM's decoder inputs are built from the labels where the batch has none, as
+    its own forward would (by the model's own method, else by that forward, given the labels), and
+    the positions whose label is -100 are padding; a model that shifts its input ids into its decoder
+    (BART, without labels or as a classifier) has the attention mask shifted with them."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if not getattr(model.config, "is_encoder_decoder", False):
         return inputs, None
     decoder_ids = batch.get("decoder_input_ids", batch.get("decoder_inputs_embeds"))
-    labels = batch.get("labels")
-    if decoder_ids is None:
-        if labels is None:
-            raise ValueError(f"the calibration batches of {type(model).__name__} (an encoder-decoder model) have "
-                             f"neither 'labels' nor 'decoder_input_ids' (keys: {sorted(batch)}): its decoder needs "
-                             "the target text's ids")
+    labels = batch.get("labels") if labels_feed_decoder(model) else None
+    if decoder_ids is None and labels is not None:
         prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         if prepare is not None:
             inputs["decoder_input_ids"] = prepare(labels=labels)
         else:  # M2M100, Blenderbot: only forward shifts the labels
             inputs["labels"] = labels
     mask = batch.get("decoder_attention_mask")
-    if mask is None and labels is not None and (decoder_ids is None or decoder_ids.shape[:2] == labels.shape[:2]):
-        mask = labels != -100
-    return inputs, mask
+    if mask is not None:
+        return inputs, mask
+    if labels is not None and labels.dim() == 2 and (decoder_ids is None or decoder_ids.shape[:2] == labels.shape[:2]):
+        return inputs, labels != -100
+    encoder_mask = batch.get("attention_mask")
+    if decoder_ids is None and labels is None and encoder_mask is not None and encoder_mask.dim() == 2:
+        # the decoder start token, then the ids one place right
+        return inputs, torch.cat([torch.ones_like(encoder_mask[:, :1]), encoder_mask[:, :-1]], dim=1)
+    return inputs, None
 
 
 @torch.no_grad()

@@ -116,7 +116,8 @@ def failing_together(accelerator: Accelerator, desc: str) -> Iterator[None]:
         yield
     except Exception:
         failed += 1
-        torch.distributed.all_reduce(failed)
+        with contextlib.suppress(Exception):  # this process's own error is the one to see
+            torch.distributed.all_reduce(failed)
         raise
     torch.distributed.all_reduce(failed)
     if failed.item():

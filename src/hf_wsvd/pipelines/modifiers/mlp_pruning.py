@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ...allocation import Budgeted
-from ...methods.mlp_pruning import MlpPair, channel_spectrum, find_pairs, select_channels, shrunk
+from ...methods.mlp_pruning import MlpPair, channel_spectrum, element_wise, find_pairs, select_channels, shrunk
 from ...runtime.factorized_linear import linear_shape
 from ...statistics import GRAM, Statistics
 from ...statistics.names import CROSS
@@ -24,7 +24,7 @@ class MlpPruning(ChannelModifier):
     field = "mlp_pruning"
 
     def groups(self, job: Job) -> list[MlpPair]:
-        return find_pairs(job.shapes(job.targets))
+        return [pair for pair in find_pairs(job.shapes(job.targets)) if element_wise(job.model, job.targets, pair)]
 
     def budget(self, job: Job, group: MlpPair) -> Budgeted:
         """A channel costs its row of every producer and its column of the consumer."""
