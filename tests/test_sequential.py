@@ -380,3 +380,21 @@ def test_each_block_is_handed_its_own_mask_and_rotary_tables_as_in_the_model_s_f
         assert (mask is None) == (stock_mask is None)
         for table, stock in zip(rotary, stock_rotary):
             torch.testing.assert_close(table, stock)
+
+
+def test_blocks_handed_the_same_arguments_hold_no_copies(monkeypatch):
+    """Llama hands every block the same mask and rotary tables: nothing per block is held or put in
+    place."""
+    import hf_wsvd.pipelines.sequential as sequential_module
+
+    made = []
+
+    class Recorded(sequential_module.BlockArguments):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(sequential_module, "BlockArguments", Recorded)
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    compress(model, WSVDConfig(method="whiten", sequential=True, param_ratio=0.5), loader, show_progress=False)
+    assert made and not any(arguments.differ for arguments in made)

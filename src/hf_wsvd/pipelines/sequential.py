@@ -98,7 +98,8 @@ class BlockArguments:
 
     def __init__(self, first: list[dict], others: list[list[dict]]) -> None:
         self.first = [dict(kwargs) for kwargs in first]
-        self.others = others  # [block][batch] → the arguments that differ from the first block's
+        # [block][batch] → the arguments that differ from the first block's (none for the first)
+        self.others = [[{} for _ in first], *others]
         self.differ = any(any(batch) for block in others for batch in block)
 
     def use(self, inputs: list | None, index: int) -> None:
@@ -146,7 +147,7 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
         for index, block in enumerate(originals):
             blocks[index] = block
     inputs = [(hidden, kwargs, mask) for hidden, kwargs, mask in zip(hidden_states, arguments[0], masks)]
-    return inputs, BlockArguments(arguments[0], arguments)
+    return inputs, BlockArguments(arguments[0], arguments[1:])
 
 
 def _next(blocks: torch.nn.ModuleList, index: int) -> torch.nn.Module | None:
