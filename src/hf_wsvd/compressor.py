@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .blocks import given_back, is_dispatched
+from .blocks import block_list, given_back, is_dispatched
 from .integrations.checkpoint import parameter_counts, target_counts
 from .integrations.quantization import check_quantizable, is_quantized_tensor
 from .config import RESULT_FIELDS, WSVDConfig
@@ -153,6 +153,17 @@ def _recorded_calibration(config: WSVDConfig, data: Any, examples: int) -> WSVDC
     changed = {name: value for name, value in (("generated_samples", written), ("num_samples", sampled))
                if value != getattr(config, name)}
     return replace(config, **changed) if changed else config
+
+
+def _expert_parameters(model: PreTrainedModel) -> int:
+    """How many parameters of ``model``'s blocks are 3-D tensors (experts × out × in, as Mixtral,
+    OLMoE and Qwen3-MoE store their experts in transformers 5): none is a layer compress can cut."""
+    try:
+        prefix, blocks = block_list(model)
+    except ValueError:
+        return 0
+    return sum(p.numel() for module in blocks.modules() if not isinstance(module, torch.nn.modules.conv._ConvNd)
+               for p in module.parameters(recurse=False) if p.dim() == 3)
 
 
 def _weight_samples(model: PreTrainedModel, targets: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -317,6 +328,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"
                            for name, methods in unread.items()) + \
             f": method={config.method!r} does not read {'it' if len(unread) == 1 else 'them'}"
+        logger.warning(notice)
+        notices.append(notice)
+    experts = _expert_parameters(model)
+    if experts:  # said, not left to be found in the parameter count
+        notice = (f"{experts:,} parameters ({experts / sum(p.numel() for p in model.parameters()):.0%} of the model) are "
+                  "mixture-of-experts weights stored as 3-D tensors, not linear layers: they stay dense, and only "
+                  "the other layers are compressed")
         logger.warning(notice)
         notices.append(notice)
     samples = _weight_samples(model, targets)
