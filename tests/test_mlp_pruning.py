@@ -422,3 +422,24 @@ def test_an_mlp_whose_channels_are_read_together_is_not_pruned():
     stablelm = transformers.AutoModelForCausalLM.from_config(
         transformers.StableLmConfig(**common, qk_layernorm=True, partial_rotary_factor=1.0))
     assert "q_layernorm" in unsupported(stablelm.model.layers[0].self_attn)
+
+
+def test_an_opt_model_with_its_mlps_pruned_to_one_size_exports_dense():
+    """OPT calls its MLPs' width ffn_dim: the dense export sets it, as intermediate_size elsewhere."""
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    compressed, report = compress(model, WSVDConfig(method="whiten", param_ratio=0.6, mlp_pruning=True,
+                                                    allocation="uniform", sequential=True, rank_multiple=1),
+                                  [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
+                                  show_progress=False)
+    kept = compressed.model.decoder.layers[0].fc2.in_features
+    assert report.pruned and kept < 64
+    with torch.no_grad():
+        reference = compressed(input_ids=ids).logits
+    densify(compressed)
+    assert type(compressed).__name__ == "OPTForCausalLM" and compressed.config.ffn_dim == kept
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(input_ids=ids).logits, reference, rtol=1e-5, atol=1e-5)

@@ -45,15 +45,20 @@ def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
     return conv
 
 
+# What stock configs call their MLPs' width (OPT and XGLM: ffn_dim).
+_MLP_SIZE_KEYS = ("intermediate_size", "ffn_dim")
+
+
 def _pruned_sizes(config) -> dict[str, int]:
-    """The stock config value a model whose MLPs were all pruned to one size needs
-    (``intermediate_size``), else nothing."""
+    """The stock config value a model whose MLPs were all pruned to one size needs (its
+    ``intermediate_size`` or ``ffn_dim``), else nothing."""
     pruned = getattr(config, RECIPE_KEY).get("pruned", {})
-    if pruned and not isinstance(getattr(config, "intermediate_size", None), int):
+    key = next((key for key in _MLP_SIZE_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if pruned and key is None:
         raise ValueError(f"{type(config).__name__} has no intermediate_size to give the pruned MLPs' size: a dense "
                          "export cannot describe them; use the compressed checkpoint, which loads with the Auto classes")
     kept = {entry["shape"][0] for entry in pruned.values() if entry["shape"][0] < entry["dense_shape"][0]}
-    return {"intermediate_size": kept.pop()} if len(kept) == 1 else {}
+    return {key: kept.pop()} if len(kept) == 1 else {}
 
 
 def _check_pruned_shapes(model: PreTrainedModel, skeleton: PreTrainedModel) -> None:
