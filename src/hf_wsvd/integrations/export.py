@@ -22,22 +22,20 @@ _WSVD_KEYS = (RECIPE_KEY, BASE_TYPE_KEY, "auto_map")
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead)
 
 
-def _stock_module(module: torch.nn.Module, stock_type: type) -> torch.nn.Module:
-    """The dense module of type ``stock_type`` computing what the factorized ``module`` does."""
+def _stock_module(module: torch.nn.Module, stock: torch.nn.Module) -> torch.nn.Module:
+    """A dense module of the type of ``stock`` (the stock class's module there, built on the meta
+    device) computing what the factorized ``module`` does."""
     dense = module.to_dense()
-    if isinstance(module, FactorizedEmbedding) and module.embed_scale is not None:
-        # A scaled embedding (BART, Gemma 3, ...): its classes all take these four arguments. Built
-        # empty, then given the product and, where it holds one, its scale as a tensor.
-        with torch.device("meta"):
-            scaled = stock_type(dense.num_embeddings, dense.embedding_dim, dense.padding_idx,
-                                embed_scale=module.embed_scale)
-        scaled.weight = dense.weight
-        if isinstance(getattr(scaled, "embed_scale", None), torch.Tensor):
-            scaled.embed_scale = torch.tensor(module.embed_scale, device=dense.weight.device)
-        return scaled
-    if stock_type.__name__ != "Conv1D":  # GPT-2's Conv1D: the only stock type to_dense does not give
+    if isinstance(module, FactorizedEmbedding) and type(stock) is not torch.nn.Embedding:
+        # A scaled embedding (BART, Gemma 3, ...): the stock module itself, given the product and,
+        # where it holds its scale as a tensor (empty on the meta device), the scale.
+        stock.weight = dense.weight
+        if isinstance(getattr(stock, "embed_scale", None), torch.Tensor):
+            stock.embed_scale = torch.tensor(module.embed_scale, device=dense.weight.device)
+        return stock
+    if type(stock).__name__ != "Conv1D":  # GPT-2's Conv1D: the only other stock type to_dense does not give
         return dense
-    conv = stock_type(module.out_features, module.in_features)  # GPT-2 Conv1D(nf=out, nx=in), weight in × out
+    conv = type(stock)(module.out_features, module.in_features)  # GPT-2 Conv1D(nf=out, nx=in), weight in × out
     conv.to(device=dense.weight.device, dtype=dense.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(dense.weight.t())
@@ -145,7 +143,7 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     _check_pruned_shapes(model, skeleton)
     factorized = [(name, module) for name, module in model.named_modules() if isinstance(module, FACTORIZED)]
     for name, module in tqdm(factorized, desc="dense export", disable=not show_progress):
-        model.set_submodule(name, _stock_module(module, type(skeleton.get_submodule(name))))
+        model.set_submodule(name, _stock_module(module, skeleton.get_submodule(name)))
     for key, value in sizes.items():
         setattr(config, key, value)
     config.__class__ = stock_config_class

@@ -118,6 +118,12 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
     """(hidden states, keyword arguments, 2-D attention mask) of the first block for each of this
     process's batches, and what the other blocks are handed unlike it."""
     hidden_states, arguments = [], [[] for _ in blocks]
+    compared: dict[tuple[int, str], tuple[object, bool]] = {}  # this batch's: a layer type's mask, compared once
+
+    def differs(key: str, value, first) -> bool:
+        if (id(value), key) not in compared:  # the value is held with the answer, so its id is not reused
+            compared[id(value), key] = (value, not _same(value, first))
+        return compared[id(value), key][1]
 
     def record(index, block, args, kwargs):
         hidden, kw = split_hidden(block, args, kwargs)
@@ -125,10 +131,11 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
         if index == 0:
             hidden_states.append(on_host(hidden) if job.config.offload_activations else hidden)
             arguments[0].append(kw)
+            compared.clear()
         else:  # only what differs from the first block's: equal masks are not held twice
             first = arguments[0][len(arguments[index])]
             arguments[index].append({**{k: _ABSENT for k in first if k not in kw},
-                                     **{k: v for k, v in kw.items() if not _same(v, first.get(k))}})
+                                     **{k: v for k, v in kw.items() if differs(k, v, first.get(k))}})
 
     originals = list(blocks)
     masks = []

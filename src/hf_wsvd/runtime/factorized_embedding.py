@@ -33,6 +33,8 @@ def output_scale(embedding: nn.Module) -> tuple[float | None, bool]:
     """The factor an embedding module multiplies its output by (transformers' ``*ScaledWordEmbedding``
     classes of BART, mBART, Gemma 3, ...: ``embed_scale``) and whether it rounds that factor to the
     weights' dtype first (held as a tensor); ``(None, False)`` for a plain embedding."""
+    if isinstance(embedding, FactorizedEmbedding):
+        return embedding.embed_scale, embedding.scale_in_dtype
     scale = getattr(embedding, "embed_scale", None)
     if scale is None:
         return None, False
@@ -99,6 +101,15 @@ class FactorizedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
         # Not named like model projections ("*_proj"): peft matches name suffixes.
         self.proj = EmbeddingProjection(rank, embedding_dim, device, dtype)
+
+    @classmethod
+    def like(cls, embedding: nn.Module, rank: int, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> "FactorizedEmbedding":
+        """An uninitialised one at ``rank`` standing in for ``embedding`` (an ``nn.Embedding``, scaled
+        or not, or a factorized one): its sizes, padding index and output scale."""
+        embed_scale, scale_in_dtype = output_scale(embedding)
+        return cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx, device=device,
+                   dtype=dtype, embed_scale=embed_scale, scale_in_dtype=scale_in_dtype)
 
     @classmethod
     def from_factors(

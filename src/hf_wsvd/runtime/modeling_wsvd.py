@@ -52,7 +52,7 @@ import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead, output_scale
+from .factorized_embedding import FactorizedEmbedding, FactorizedTiedHead
 from .factorized_linear import (FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear, linear_shape,
                                 share_input_factors)
 
@@ -116,9 +116,7 @@ def empty_factorized(module: nn.Module, rank: int) -> nn.Module:
     a ``FactorizedEmbedding`` for an ``nn.Embedding``, else a ``FactorizedLinear``."""
     device, dtype = module.weight.device, module.weight.dtype
     if isinstance(module, nn.Embedding):
-        embed_scale, scale_in_dtype = output_scale(module)
-        return FactorizedEmbedding(module.num_embeddings, module.embedding_dim, rank, module.padding_idx,
-                                   device=device, dtype=dtype, embed_scale=embed_scale, scale_in_dtype=scale_in_dtype)
+        return FactorizedEmbedding.like(module, rank, device, dtype)
     in_features, out_features = linear_shape(module)
     return FactorizedLinear(in_features, out_features, rank, bias=module.bias is not None,
                             device=device, dtype=dtype)
@@ -142,11 +140,7 @@ def tie_to_factorized_embeddings(model: nn.Module) -> dict[str, str]:
         if not isinstance(embedding, FactorizedEmbedding) or module is embedding:
             continue
         if isinstance(module, (nn.Embedding, FactorizedEmbedding)):
-            embed_scale, scale_in_dtype = (module.embed_scale, module.scale_in_dtype) \
-                if isinstance(module, FactorizedEmbedding) else output_scale(module)
-            replacement = FactorizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, embedding.rank,
-                                              module.padding_idx, device="meta", dtype=embedding.weight.dtype,
-                                              embed_scale=embed_scale, scale_in_dtype=scale_in_dtype)
+            replacement = FactorizedEmbedding.like(module, embedding.rank, "meta", embedding.weight.dtype)
         else:
             replacement = FactorizedTiedHead(embedding.embedding_dim, embedding.num_embeddings, embedding.rank,
                                              device="meta", dtype=embedding.weight.dtype)
