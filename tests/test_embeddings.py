@@ -483,3 +483,25 @@ def test_a_tied_factorized_head_offloaded_to_disk_computes_with_its_weights(tmp_
         expected = model(**tiny.inputs("llama")).logits
         assert (offloaded(**tiny.inputs("llama")).logits - expected).abs().max().item() <= 1e-6
     assert offloaded.lm_head.proj.weight.is_meta  # and goes back there
+
+
+def test_a_seq2seq_model_s_token_counts_hold_what_its_decoder_reads_through_the_same_embeddings():
+    """T5's decoder reads the shared embeddings too (the decoder start token, then the labels one place
+    right; -100 is padding): the frequency weighting counts those tokens beside the encoder's."""
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[10, 11, 12, 1], [13, 1, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    counts = token_counts([batch], 32, default_accelerator(), model=model)
+    decoder_reads = torch.tensor([0, 10, 11, 12, 0, 13])  # start + labels[:-1] where a label is real
+    expected = torch.bincount(ids[ids != 0], minlength=32) + torch.bincount(decoder_reads, minlength=32)
+    assert torch.equal(counts, expected.double())
+    assert torch.equal(token_counts([batch], 32, default_accelerator()), torch.bincount(ids[ids != 0], minlength=32).double())
+    from hf_wsvd import compress
+
+    _, report = compress(model, WSVDConfig(method="whiten", param_ratio=1.0, embeddings=True, embedding_method="svd",
+                                           embedding_weighting="frequency", rank_multiple=1), [batch],
+                         show_progress=False)
+    assert torch.equal(report.statistics.get("shared", TOKEN_COUNTS), expected.double())

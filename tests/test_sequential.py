@@ -398,3 +398,34 @@ def test_blocks_handed_the_same_arguments_hold_no_copies(monkeypatch):
     model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
     compress(model, WSVDConfig(method="whiten", sequential=True, param_ratio=0.5), loader, show_progress=False)
     assert made and not any(arguments.differ for arguments in made)
+
+
+def test_a_model_that_keeps_state_from_its_forward_compresses_with_compensation():
+    """RecurrentGemma keeps its recurrent and convolution states as plain tensors set by each forward;
+    after the Fisher pass they carry autograd history, which ``copy.deepcopy`` refuses. The dense
+    copies compensation and refinement make take them detached, and the model compresses."""
+    config = transformers.RecurrentGemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, lru_width=32,
+                                               attention_window_size=8, conv1d_width=4,
+                                               block_types=["recurrent", "recurrent", "attention"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}] * 2
+    compressed, report = compress(model, WSVDConfig(param_ratio=0.5, allocation="uniform", block_refine_steps=2), batches,
+                                  show_progress=False)
+    assert report.params_after < report.params_before and any(isinstance(m, FactorizedLinear) for m in compressed.modules())
+    with torch.no_grad():
+        assert torch.isfinite(compressed(input_ids=ids).logits).all()
+
+
+def test_a_module_copy_takes_state_with_autograd_history_detached_and_leaves_the_original_alone():
+    from hf_wsvd.blocks import module_copy
+
+    module = torch.nn.Linear(3, 3)
+    module.state = module(torch.ones(1, 3))  # a forward's result, kept as a plain attribute
+    copied = module_copy(module)
+    assert copied.state.grad_fn is None and torch.equal(copied.state, module.state)
+    assert module.state.grad_fn is not None and copied.weight is not module.weight
+    with pytest.raises(RuntimeError, match="graph leaves"):  # what the plain deepcopy does
+        copy.deepcopy(module)

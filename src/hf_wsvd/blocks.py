@@ -260,6 +260,18 @@ def loaded(module: nn.Module, device: torch.device | None = None) -> Iterator[No
         yield
 
 
+def module_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)`` where a tensor a module keeps as a plain attribute (not a
+    parameter or buffer) may carry autograd history: such state is copied detached."""
+    memo = {} if memo is None else memo
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            # e.g. RecurrentGemma's recurrent and convolution states, left by the Fisher pass's forward
+            if torch.is_tensor(value) and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def detached_copy(block: nn.Module, device: torch.device, dtype: torch.dtype,
                   substitutes: dict[nn.Module, nn.Module] | None = None) -> nn.Module:
     """A copy of ``block`` on ``device`` in ``dtype`` holding its own weights, without accelerate's
@@ -269,7 +281,7 @@ def detached_copy(block: nn.Module, device: torch.device, dtype: torch.dtype,
     memo = {id(m._hf_hook): None for m in block.modules() if hasattr(m, "_hf_hook")}
     memo.update({id(module): substitute for module, substitute in (substitutes or {}).items()})
     with loaded(block):
-        copied = copy.deepcopy(block, memo)
+        copied = module_copy(block, memo)
     for module in copied.modules():
         module.__dict__.pop("_hf_hook", None)
         if "_old_forward" in module.__dict__:  # accelerate's wrapper around the module's own forward

@@ -149,6 +149,25 @@ def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor |
     return inputs, None
 
 
+def decoder_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The token ids an encoder-decoder ``model``'s decoder reads for ``batch`` and the mask of the
+    real ones (see ``_forward_inputs``): its decoder input ids, else the labels or (BART) the input
+    ids shifted one place right behind the decoder start token; None for a model of another kind or
+    decoder inputs given as embeddings."""
+    if not getattr(model.config, "is_encoder_decoder", False) or "decoder_inputs_embeds" in batch:
+        return None
+    inputs, mask = _forward_inputs(model, batch)
+    ids = inputs.get("decoder_input_ids")
+    if ids is None:
+        config = model.config
+        source = inputs.get("labels", batch["input_ids"])
+        if config.pad_token_id is not None:  # what the models' own shift reads where a label is -100
+            source = source.masked_fill(source == -100, config.pad_token_id)
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+        ids = torch.cat([torch.full_like(source[:, :1], start if start is not None else 0), source[:, :-1]], dim=1)
+    return ids, mask
+
+
 @torch.no_grad()
 def input_statistics(
     model: nn.Module,

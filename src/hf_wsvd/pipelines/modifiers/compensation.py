@@ -14,11 +14,10 @@ o, then gate/up, then down), each stage seeing the stages before it already comp
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import torch
 
-from ...blocks import host_clone, run_block
+from ...blocks import host_clone, module_copy, run_block
 from ...linalg import plus_diagonal, ridged
 from ...solvers import LayerProblem
 from ...statistics import GRAM, Statistics
@@ -118,7 +117,7 @@ class Compensation(Modifier):
 
     def on_block_start(self, job: Job, block: Block) -> None:
         if block.paths:  # the dense block, what every stage is fitted to (an offloaded block's copy
-            block.reference = copy.deepcopy(block.module)  # keeps its own copy of the offloaded weights)
+            block.reference = module_copy(block.module)  # keeps its own copy of the offloaded weights)
 
     def stages(self, job: Job, block: Block) -> list[list[str]]:
         hidden, kwargs, _ = block.inputs[0]
