@@ -151,6 +151,17 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
         read_texts(str(tmp_path / "mixed.jsonl"), "the data")
     (tmp_path / "good.csv").write_text("sentence,label\ngood film,1\nbad,0\n")
     assert load_table(tmp_path / "good.csv")["label"] == [1, 0]
+    (tmp_path / "marked.txt").write_bytes("\ufeffgood film\nbad\n".encode())  # a byte-order mark is no text
+    assert read_texts(str(tmp_path / "marked.txt"), "the data") == ["good film", "bad"]
+    import hf_wsvd.data as data_module
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as patched:  # what a file the user may not read gives (tests run as root here)
+        patched.setattr(data_module, "open", denied, raising=False)
+        with pytest.raises(ValueError, match=r"^the data cannot be read: Permission denied$"):
+            read_texts(str(tmp_path / "marked.txt"), "the data")
     logging.getLogger("datasets.packaged_modules.csv.csv").error("after the load")  # nothing held back any more
     assert [r.getMessage() for r in logged] == ["after the load"]
 
@@ -194,6 +205,25 @@ def test_a_bad_label_is_named_with_its_row(tokenizer, num_labels, labels, messag
     rows = Dataset.from_dict({"sentence": _sentences(2), "label": labels})
     with pytest.raises(ValueError, match=re.escape(message)):
         data_loader(tiny.build("bert", num_labels=num_labels), tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
+
+
+@pytest.mark.parametrize("labels", [[1, 2], ["1", "2"]])
+def test_a_label_that_is_both_a_class_index_and_a_numeric_class_name_of_another_class_is_refused(tokenizer, labels):
+    """Classes named "1", "2", "3" (indices 0, 1, 2): a file's numeric column reads as ints (indices), a
+    JSON string as a name, so the same labels meant other classes in a TSV and in a JSONL file."""
+    stars = tiny.build("bert", num_labels=3, id2label={0: "1", 1: "2", 2: "3"}, label2id={"1": 0, "2": 1, "3": 2})
+    rows = Dataset.from_dict({"sentence": _sentences(2), "label": labels})
+    with pytest.raises(ValueError, match=re.escape(f"label {labels[0]!r} (row 1 of the data) is ambiguous: the model names "
+                                                   "its classes by numbers that are not their indices")):
+        data_loader(stars, tokenizer, rows, WSVDConfig(max_length=8), shuffle=False)
+    # names that are their own indices, and a number that only one reading allows, stay as they were
+    rows = Dataset.from_dict({"sentence": _sentences(2), "label": ["3", "0"]})
+    assert [int(b["labels"][0]) for b in data_loader(stars, tokenizer, rows, WSVDConfig(max_length=8, batch_size=1),
+                                                   shuffle=False)] == [2, 0]
+    digits = tiny.build("bert", id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+    rows = Dataset.from_dict({"sentence": _sentences(2), "label": [1, 0]})
+    assert [int(b["labels"][0]) for b in data_loader(digits, tokenizer, rows, WSVDConfig(max_length=8, batch_size=1),
+                                                   shuffle=False)] == [1, 0]
 
 
 def test_a_bad_row_is_named_by_its_place_in_the_data_sampled_or_not(tokenizer):

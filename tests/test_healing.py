@@ -293,6 +293,27 @@ def test_cli_heal_refuses_a_teacher_of_another_architecture(tmp_path, capsys, te
         heal(student, teacher(), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
 
 
+def test_a_teacher_that_is_the_student_multiplied_out_or_no_causal_lm_is_refused():
+    """The student's own dense export passes the check of unchanged tensors, and distilling it would
+    change nothing; a model without a language-model head is named as such, not asked for a loss_fn."""
+    from hf_wsvd.integrations.export import densify
+    from hf_wsvd.integrations.healing import check_teacher
+
+    teacher, student = _compressed()
+    exported = densify(copy.deepcopy(student))
+    with pytest.raises(ValueError, match=re.escape("the teacher holds the compressed model's own factors multiplied out "
+                                                   "in 'model.layers.0.self_attn.q_proj'")):
+        heal(student, exported, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
+    with pytest.raises(ValueError, match=re.escape("the teacher holds the compressed model's own factors")):
+        check_teacher(student, exported.to(torch.bfloat16))  # to bf16 rounding
+    check_teacher(student, teacher)
+    base = transformers.AutoModel.from_config(teacher.config)
+    with pytest.raises(ValueError, match=re.escape("the teacher is a LlamaModel, not a causal LM")):
+        check_teacher(student, base)
+    with pytest.raises(ValueError, match=re.escape("heal works on causal LMs; LlamaModel is not one")):
+        heal(base, teacher, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
+
+
 @pytest.mark.parametrize("arch, recipe", [
     ("llama", dict(param_ratio=0.5, block_refine_steps=4, attention_pruning=True)),  # pruned, compensated, refined
     ("qwen2", dict(method="svd", param_ratio=0.5, embeddings=True)),  # factorized embeddings, an untied head
@@ -609,7 +630,10 @@ def test_a_heal_that_fails_midway_leaves_the_student_as_it_was(lora_rank, bf16, 
     ([{"input_ids": [5, 6], "attention_mask": [1]}], "train_blocks[0]: attention_mask is a torch.int64 tensor of shape "
                                                      "(1,), input_ids (2,): they must match"),
     ([{"input_ids": [5, 6], "attention_mask": [0, 0]}], "train_blocks hold no real token"),
-], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "mask too short", "padding only"])
+    ((block for block in _blocks(2)), "train_blocks must be a sequence of blocks (a list of dicts, or a Dataset), not a "
+                                      "generator: pass list(...) of it"),
+], ids=["tensor", "two lengths", "outside the vocabulary", "2-D", "mask of 2", "mask too short", "padding only",
+        "generator"])
 def test_heal_names_bad_blocks_before_anything_trains(blocks, message):
     teacher, student = _compressed()
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):

@@ -154,10 +154,12 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
     if split is not None or text_columns:
         raise ValueError(f"{source} is a plain text file: --split and --text-columns name parts of a table or dataset folder")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is no text (tables drop theirs too)
             return handle.read().splitlines()
-    except (UnicodeDecodeError, OSError) as error:
+    except UnicodeDecodeError as error:
         raise ValueError(f"{source} cannot be read as UTF-8 text ({error})") from None
+    except OSError as error:
+        raise ValueError(f"{source} cannot be read: {error.strerror or error}") from None
 
 
 def _check_text(column: str, source: str, values: list, missing: bool = False) -> None:
@@ -165,7 +167,8 @@ def _check_text(column: str, source: str, values: list, missing: bool = False) -
     for index, value in enumerate(values):
         if not isinstance(value, str) and not (missing and value is None):
             raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
-                             "the text columns (--text-columns)")
+                             "a column of text (--text-columns)" + ("; this one holds numbers" if isinstance(value, (int, float))
+                                                                    else ""))
 
 
 def _texts(dataset: "Dataset", column: str, source: str) -> list[str]:
@@ -240,6 +243,15 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
                 raise ValueError(f"{where} is not a finite number: fix or remove the row")
             ids.append(number)
             continue
+        number = value if isinstance(value, int) and not isinstance(value, bool) else \
+            int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else None
+        if number is not None and 0 <= number < num_labels and label2id.get(str(number), number) != number:
+            # A file's column of numbers reads as ints, a JSON string as a name: neither reading is safe.
+            named = {name: i for name, i in sorted(label2id.items(), key=lambda item: item[1])}
+            raise ValueError(f"{where} is ambiguous: the model names its classes by numbers that are not their indices "
+                             f"(label2id {named}), so it is both class {number} and the class named {str(number)!r}; "
+                             "rename the classes in the model's config (label2id, id2label), e.g. to 'class_1', and "
+                             "label the data with those names or with the class indices")
         if isinstance(value, int) and not isinstance(value, bool):
             label = value
         elif isinstance(value, str) and value in label2id:

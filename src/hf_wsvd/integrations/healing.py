@@ -225,14 +225,15 @@ _TEACHER_MATCH = {"vocab_size": "vocabulary size", "hidden_size": "hidden size",
 # How far (relative, in norm) a tensor that compression leaves as it is may differ from the teacher's:
 # bfloat16 rounding (one of the two stored or loaded in it) stays well below it.
 _UNCHANGED_TOLERANCE = 1e-2
+# How close a teacher's weights may come to the factorized layers' products before they are taken for
+# the products themselves (an export): bfloat16 rounding again.
+_EXPORT_TOLERANCE = 1e-2
 
 
 def check_student(student: PreTrainedModel) -> None:
     """Raise unless ``student`` is a causal LM, the models healing distills, and not quantized (its
     quantized weights cannot be trained here)."""
-    from ..tasks import CAUSAL_LM, task_of
-
-    if task_of(student) != CAUSAL_LM:
+    if not _causal_lm(student):
         raise ValueError(f"heal works on causal LMs; {type(student).__name__} is not one")
     if getattr(student.config, "quantization_config", None) is not None:
         raise ValueError("heal trains the compressed model's weights, which this checkpoint stores quantized: heal "
@@ -245,12 +246,11 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
     weights where compression left them as they were (embeddings, norms, layers kept dense): another
     model of the same architecture would be distilled into the student without a word."""
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
-    from ..tasks import CAUSAL_LM, task_of
 
     if teacher.config.model_type == MODEL_TYPE:
         raise ValueError(f"{name} is a compressed hf_wsvd checkpoint: the teacher must be the dense model it was "
                          "compressed from")
-    if task_of(teacher) != CAUSAL_LM:
+    if not _causal_lm(teacher):
         raise ValueError(f"{name} is a {type(teacher).__name__}, not a causal LM: the teacher must be the dense model "
                          "the student was compressed from")
 
@@ -269,6 +269,43 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
         raise ValueError(f"{name} differs from the compressed model in {tensor!r} (relative difference {distance:.2g}), "
                          "a tensor compression leaves as it was: the teacher must be the dense model it was compressed "
                          "from, not another model of its architecture")
+    exported = _factors_multiplied_out(student, teacher)
+    if exported is not None:
+        raise ValueError(f"{name} holds the compressed model's own factors multiplied out in {exported!r} (an "
+                         "`hf-wsvd export` of it?): distilling it would change nothing; the teacher must be the dense "
+                         "model it was compressed from")
+
+
+def _causal_lm(model: PreTrainedModel) -> bool:
+    from ..tasks import CAUSAL_LM, task_of
+
+    try:
+        return task_of(model) == CAUSAL_LM
+    except ValueError:  # a base model without a head, or another task hf_wsvd has no loss for
+        return False
+
+
+@torch.no_grad()
+def _factors_multiplied_out(student: PreTrainedModel, teacher: PreTrainedModel, layers: int = 8) -> str | None:
+    """The name of ``student``'s first factorized layer where ``teacher`` holds, as in each of its
+    first ``layers`` factorized layers, the factors' product (to bf16 rounding) instead of a dense
+    weight; None otherwise (one nearly lossless layer is no export; nor is an unreadable one)."""
+    theirs = dict(teacher.named_parameters())
+    matched = []
+    for name, module in student.named_modules():
+        if len(matched) == layers:
+            break
+        if isinstance(module, FactorizedLinear):
+            weight = theirs.get(f"{name}.weight")
+            if (weight is None or weight.is_meta or module.up.weight.is_meta or module.down.weight.is_meta
+                    or is_quantized_tensor(weight)):
+                return None
+            product = module.up.weight.float() @ module.down.weight.float()
+            # a dense weight is far from its low-rank factorization; an export differs by rounding only
+            if product.shape != weight.shape or not _relative_distance(product, weight) <= _EXPORT_TOLERANCE:
+                return None
+            matched.append(name)
+    return matched[0] if matched else None
 
 
 @torch.no_grad()
@@ -484,6 +521,10 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
     if offloaded is not None:
         raise ValueError(f"the student's weight {offloaded!r} is offloaded (on the meta device): heal trains weights "
                          "held in memory; load the student without CPU or disk offload (the teacher may be offloaded)")
+    for name, blocks in (("train_blocks", train_blocks), ("heldout_blocks", heldout_blocks)):
+        if not (hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__")):  # read more than once
+            raise TypeError(f"{name} must be a sequence of blocks (a list of dicts, or a Dataset), not a "
+                            f"{type(blocks).__name__}: pass list(...) of it")
     if not train_blocks or not heldout_blocks:
         raise ValueError(f"healing needs training blocks and held-out blocks, got {len(train_blocks)} and "
                          f"{len(heldout_blocks)}: the data holds too few tokens for its blocks")
