@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import json
 import re
 
 import pytest
@@ -151,6 +152,18 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
         read_texts(str(tmp_path / "mixed.jsonl"), "the data")
     (tmp_path / "good.csv").write_text("sentence,label\ngood film,1\nbad,0\n")
     assert load_table(tmp_path / "good.csv")["label"] == [1, 0]
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "fieldless.jsonl").write_text("{}\n{}\n")
+    (tmp_path / "number.json").write_text("42\n")
+    for name, said in (("blank.jsonl", "it holds no rows (no object with a field)"),
+                       ("fieldless.jsonl", "it holds no rows (no object with a field)"),
+                       ("number.json", "it holds a JSON int, not rows (one object per line, or a list of objects)")):
+        with pytest.raises(ValueError, match=re.escape(f"{name}' cannot be read as {name.split('.')[1]}: {said}")):
+            load_table(tmp_path / name)
+    (tmp_path / "columns.json").write_text(json.dumps({"text": ["good film " * 20] * 3}))
+    with pytest.raises(ValueError, match=r"is not text \(row 1: \['good film .{38}\.\.\.\): name a column of text "
+                                         r"\(--text-columns\); its cells are lists: write one object \(row\) per text"):
+        read_texts(str(tmp_path / "columns.json"), "the data", ["text"])
     (tmp_path / "marked.txt").write_bytes("\ufeffgood film\nbad\n".encode())  # a byte-order mark is no text
     assert read_texts(str(tmp_path / "marked.txt"), "the data") == ["good film", "bad"]
     import hf_wsvd.data as data_module

@@ -119,9 +119,11 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
 
 
 def _bad_json_line(path: str) -> str | None:
-    """Where ``path`` is JSON lines (its first line an object), its first line that is not a JSON
-    object, said with its number (from 1); else None."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    """What is wrong with JSON (lines) ``path`` whose reader failed, where it can be said: no rows
+    (blank lines, or objects without fields), a first value that is no table, or the first line
+    after the first that is not a JSON object (numbered from 1); else None."""
+    fields = False
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -129,9 +131,12 @@ def _bad_json_line(path: str) -> str | None:
                 value = json.loads(line)
             except ValueError as error:
                 return None if number == 1 else f"line {number} is not JSON ({error})"
+            if number == 1 and not isinstance(value, (dict, list)):
+                return f"it holds a JSON {type(value).__name__}, not rows (one object per line, or a list of objects)"
             if not isinstance(value, dict):
                 return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"
-    return None
+            fields = fields or bool(value)
+    return None if fields else "it holds no rows (no object with a field)"
 
 
 def _lines_at_most(path: str, count: int) -> bool:
@@ -166,9 +171,12 @@ def _check_text(column: str, source: str, values: list, missing: bool = False) -
     """Refuse a value of the text column ``column`` that is not a string (``None`` where ``missing``)."""
     for index, value in enumerate(values):
         if not isinstance(value, str) and not (missing and value is None):
-            raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {value!r}): name "
-                             "a column of text (--text-columns)" + ("; this one holds numbers" if isinstance(value, (int, float))
-                                                                    else ""))
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            hint = ("; this one holds numbers" if isinstance(value, (int, float)) else
+                    "; its cells are lists: write one object (row) per text, not one list per column"
+                    if isinstance(value, list) else "")
+            raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {shown}): name a column "
+                             f"of text (--text-columns){hint}")
 
 
 def _texts(dataset: "Dataset", column: str, source: str) -> list[str]:
