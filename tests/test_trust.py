@@ -503,3 +503,11 @@ def test_loading_info_is_still_returned_on_request(checkpoint):
     model, info = AUTO.from_pretrained(checkpoint, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     assert torch.isfinite(model.bert.encoder.layer[0].attention.self.query.up.weight).all()
+
+
+def test_a_recipe_section_of_the_wrong_type_is_shown_short(checkpoint, capsys):
+    """A hand-edited ``ranks`` holding every layer's name as a list: the error names it, cut short."""
+    edit_config(checkpoint, lambda config: config["wsvd"].update(ranks=[f"layers.{i}.mlp.down_proj" for i in range(40)]))
+    for error in cli_errors(capsys, checkpoint, "inspect", "export"):
+        assert "must map each factorized module to its rank" in error, error
+        assert "got ranks=['layers.0.mlp.down_proj'" in error and "layers.39" not in error and len(error) < 400, error

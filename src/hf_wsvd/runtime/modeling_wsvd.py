@@ -385,6 +385,12 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
     return pruned
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hand-edited list of every layer is no error message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_recipe(config: PreTrainedConfig
                  ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict], dict[str, int]]:
     """The ``ranks``, ``pruned`` shapes, cut ``attention`` and ``residual`` ranks of a factorized
@@ -396,16 +402,16 @@ def check_recipe(config: PreTrainedConfig
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
     if not isinstance(recipe, dict):
-        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {recipe!r}")
+        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {_short(recipe)}")
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
     attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
     residual = recipe.get("residual", {})
     if not isinstance(residual, dict):
-        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {residual!r}")
+        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {_short(residual)}")
     if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
-                         f"the pruned layers); got ranks={ranks!r}")
+                         f"the pruned layers); got ranks={_short(ranks)}")
     cut = {name: None for entry in attention.values() for name in entry["projections"]}
     sections = {"ranks": ranks, "pruned": pruned, ATTENTION_KEY: cut, "residual": residual}
     for first, second in (("ranks", "pruned"), ("ranks", ATTENTION_KEY), ("pruned", ATTENTION_KEY),
