@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -41,6 +42,14 @@ from hf_wsvd.cli.workflow import load_model_and_tokenizer
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
 PROBE_STEPS = 40  # healing steps timed to turn --heal-seconds into a step count
+
+
+def fingerprint(blocks: list[dict]) -> str:
+    """The sha256 of ``blocks``' token ids, in order (the first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(json.dumps(list(block["input_ids"])).encode())
+    return digest.hexdigest()[:16]
 
 
 def loader(blocks, tokenizer, batch_size):
@@ -126,9 +135,14 @@ def measure(args) -> dict:
         return {
             "rows": rows,
             "model": args.model,
-            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length, **written_record},
-            "validation": {"blocks": len(validation)},
-            "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw"},
+            # The blocks' token ids hashed: a tokenizer that changed between environments (its end-of-text
+            # token) cuts other blocks from the same file, and rows are comparable only on the same blocks.
+            "calibration": {"blocks": len(calibration), "tokens_per_block": args.calib_length,
+                            "sha256": fingerprint(calibration), **written_record},
+            "validation": {"blocks": len(validation), "sha256": fingerprint(validation)},
+            "evaluation": {"blocks": len(test), "tokens_per_block": args.eval_length, "file": "wiki.test.raw",
+                           "sha256": fingerprint(test)},
+            "tokenizer": {"eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id},
             "statistics_seconds": stats_seconds,
             "minutes": (time.perf_counter() - started) / 60,
             "prompt": PROMPT,

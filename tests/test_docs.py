@@ -197,6 +197,17 @@ def test_llm_benchmark_adds_teacher_written_calibration_blocks_and_records_them(
     assert calibration_data({"blocks": 4}) == 4
 
 
+def test_llm_benchmark_fingerprints_the_blocks_it_measured_on(benchmarks_on_path):
+    """Rows are comparable only on the same blocks: a tokenizer whose end-of-text token changed cuts
+    other blocks from the same file, which the payload's hashes tell apart."""
+    from llm import fingerprint
+
+    blocks = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9, 10]}]
+    assert fingerprint(blocks) == fingerprint([{"input_ids": torch.tensor(b["input_ids"]).tolist()} for b in blocks])
+    assert fingerprint(blocks) != fingerprint(blocks[::-1]) != fingerprint([{"input_ids": [5, 6]}, {"input_ids": [7, 8, 9, 10]}])
+    assert len(fingerprint(blocks)) == 16
+
+
 def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchmarks_on_path, monkeypatch, tmp_path):
     import speed_gpu
 
