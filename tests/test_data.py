@@ -155,9 +155,11 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
     (tmp_path / "blank.jsonl").write_text("\n\n")
     (tmp_path / "fieldless.jsonl").write_text("{}\n{}\n")
     (tmp_path / "number.json").write_text("42\n")
+    (tmp_path / "nothing.json").write_text("[]\n")
     for name, said in (("blank.jsonl", "it holds no rows (no object with a field)"),
                        ("fieldless.jsonl", "it holds no rows (no object with a field)"),
-                       ("number.json", "it holds a JSON int, not rows (one object per line, or a list of objects)")):
+                       ("number.json", "it holds a JSON number, not rows (one object per line, or a list of objects)"),
+                       ("nothing.json", "it holds an empty list, not rows")):
         with pytest.raises(ValueError, match=re.escape(f"{name}' cannot be read as {name.split('.')[1]}: {said}")):
             load_table(tmp_path / name)
     (tmp_path / "columns.json").write_text(json.dumps({"text": ["good film " * 20] * 3}))
@@ -233,6 +235,13 @@ def test_a_label_that_is_both_a_class_index_and_a_numeric_class_name_of_another_
     rows = Dataset.from_dict({"sentence": _sentences(2), "label": ["3", "0"]})
     assert [int(b["labels"][0]) for b in data_loader(stars, tokenizer, rows, WSVDConfig(max_length=8, batch_size=1),
                                                    shuffle=False)] == [2, 0]
+    # a ClassLabel column holds class indices, whatever the classes' names
+    from datasets import ClassLabel
+
+    rows = Dataset.from_dict({"sentence": _sentences(2), "label": [1, 2]}).cast_column(
+        "label", ClassLabel(names=["1", "2", "3"]))
+    assert [int(b["labels"][0]) for b in data_loader(stars, tokenizer, rows, WSVDConfig(max_length=8, batch_size=1),
+                                                   shuffle=False)] == [1, 2]
     digits = tiny.build("bert", id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
     rows = Dataset.from_dict({"sentence": _sentences(2), "label": [1, 0]})
     assert [int(b["labels"][0]) for b in data_loader(digits, tokenizer, rows, WSVDConfig(max_length=8, batch_size=1),

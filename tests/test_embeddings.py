@@ -505,3 +505,23 @@ def test_a_seq2seq_model_s_token_counts_hold_what_its_decoder_reads_through_the_
                                            embedding_weighting="frequency", rank_multiple=1), [batch],
                          show_progress=False)
     assert torch.equal(report.statistics.get("shared", TOKEN_COUNTS), expected.double())
+
+
+@pytest.mark.parametrize("given", ["nothing", "decoder ids"])
+def test_bart_s_token_counts_hold_what_its_decoder_reads(given):
+    """BART without labels shifts the input ids into its decoder; decoder ids given are read as they are
+    (both checked against the ids its decoder's embedding lookup receives)."""
+    config = transformers.BartConfig(vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                     decoder_ffn_dim=16, max_position_embeddings=32)
+    model = transformers.BartForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if given == "decoder ids":
+        batch["decoder_input_ids"] = torch.tensor([[2, 13, 14], [2, 15, 16]])
+    read = []
+    model.get_decoder().embed_tokens.register_forward_hook(lambda module, args, output: read.append(args[0]))
+    with torch.no_grad():
+        model(**batch)
+    expected = torch.bincount(ids.reshape(-1), minlength=32) + torch.bincount(read[0].reshape(-1), minlength=32)
+    assert torch.equal(token_counts([batch], 32, default_accelerator(), model=model), expected.double())

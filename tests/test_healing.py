@@ -302,11 +302,19 @@ def test_a_teacher_that_is_the_student_multiplied_out_or_no_causal_lm_is_refused
     teacher, student = _compressed()
     exported = densify(copy.deepcopy(student))
     with pytest.raises(ValueError, match=re.escape("the teacher holds the compressed model's own factors multiplied out "
-                                                   "in 'model.layers.0.self_attn.q_proj'")):
+                                                   "in every factorized layer (such as 'model.layers.0.self_attn.q_proj'")):
         heal(student, exported, _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)
     with pytest.raises(ValueError, match=re.escape("the teacher holds the compressed model's own factors")):
         check_teacher(student, exported.to(torch.bfloat16))  # to bf16 rounding
     check_teacher(student, teacher)
+    # one factorized layer whose teacher weight is the dense one: a teacher (the others are lossless)
+    hybrid = copy.deepcopy(exported)
+    hybrid.get_submodule("model.layers.1.mlp.down_proj").weight.data.copy_(
+        teacher.get_submodule("model.layers.1.mlp.down_proj").weight)
+    check_teacher(student, hybrid)
+    with pytest.raises(TypeError, match=re.escape("train_blocks must be a sequence of blocks (a list of dicts, or a "
+                                                  "Dataset), not a dict")):
+        heal(student, teacher, _blocks(1)[0], _blocks(2), HealConfig(steps=1), show_progress=False)
     base = transformers.AutoModel.from_config(teacher.config)
     with pytest.raises(ValueError, match=re.escape("the teacher is a LlamaModel, not a causal LM")):
         check_teacher(student, base)

@@ -415,6 +415,9 @@ def test_a_model_that_keeps_state_from_its_forward_compresses_with_compensation(
     compressed, report = compress(model, WSVDConfig(param_ratio=0.5, allocation="uniform", block_refine_steps=2), batches,
                                   show_progress=False)
     assert report.params_after < report.params_before and any(isinstance(m, FactorizedLinear) for m in compressed.modules())
+    # its gates are 3-D (one block-diagonal matrix per head), which are no mixture-of-experts weights
+    assert any(p.dim() == 3 for p in compressed.parameters())
+    assert not any("mixture-of-experts" in notice for notice in report.notices), report.notices
     with torch.no_grad():
         assert torch.isfinite(compressed(input_ids=ids).logits).all()
 

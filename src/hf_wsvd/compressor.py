@@ -156,14 +156,22 @@ def _recorded_calibration(config: WSVDConfig, data: Any, examples: int) -> WSVDC
 
 
 def _expert_parameters(model: PreTrainedModel) -> int:
-    """How many parameters of ``model``'s blocks are 3-D tensors (experts × out × in, as Mixtral,
-    OLMoE and Qwen3-MoE store their experts in transformers 5): none is a layer compress can cut."""
+    """How many parameters of ``model``'s blocks are 3-D tensors of one matrix per expert (experts ×
+    out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5): none is a layer
+    compress can cut. Other 3-D weights (RecurrentGemma's block-diagonal gates) are no experts."""
+    config = getattr(model, "config", None)
+    experts = {getattr(config, key, None) for key in _EXPERT_COUNT_KEYS} - {None}
     try:
         prefix, blocks = block_list(model)
     except ValueError:
         return 0
     return sum(p.numel() for module in blocks.modules() if not isinstance(module, torch.nn.modules.conv._ConvNd)
-               for p in module.parameters(recurse=False) if p.dim() == 3)
+               for p in module.parameters(recurse=False) if p.dim() == 3 and p.shape[0] in experts)
+
+
+# Where a config keeps its number of experts (Mixtral: num_local_experts; OLMoE, Qwen3-MoE: num_experts;
+# DeepSeek: n_routed_experts).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _weight_samples(model: PreTrainedModel, targets: dict[str, str]) -> dict[str, torch.Tensor]:

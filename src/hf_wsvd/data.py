@@ -23,7 +23,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
                           PreTrainedTokenizerBase)
 
 from .blocks import kept_flags
-from .runtime.modeling_wsvd import held_records
+from .runtime.modeling_wsvd import held_records, short_repr
 from .tasks import CAUSAL_LM, CLASSIFICATION, labels_feed_decoder, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
@@ -118,6 +118,9 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     return table
 
 
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "true or false", type(None): "null", list: "list"}
+
+
 def _bad_json_line(path: str) -> str | None:
     """What is wrong with JSON (lines) ``path`` whose reader failed, where it can be said: no rows
     (blank lines, or objects without fields), a first value that is no table, or the first line
@@ -131,8 +134,9 @@ def _bad_json_line(path: str) -> str | None:
                 value = json.loads(line)
             except ValueError as error:
                 return None if number == 1 else f"line {number} is not JSON ({error})"
-            if number == 1 and not isinstance(value, (dict, list)):
-                return f"it holds a JSON {type(value).__name__}, not rows (one object per line, or a list of objects)"
+            if number == 1 and not isinstance(value, dict) and not (isinstance(value, list) and value):
+                kind = "an empty list" if value == [] else f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}"
+                return f"it holds {kind}, not rows (one object per line, or a list of objects)"
             if not isinstance(value, dict):
                 return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"
             fields = fields or bool(value)
@@ -171,8 +175,8 @@ def _check_text(column: str, source: str, values: list, missing: bool = False) -
     """Refuse a value of the text column ``column`` that is not a string (``None`` where ``missing``)."""
     for index, value in enumerate(values):
         if not isinstance(value, str) and not (missing and value is None):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            hint = ("; this one holds numbers" if isinstance(value, (int, float)) else
+            shown = short_repr(value, 60)
+            hint = ("; this one holds numbers" if isinstance(value, (int, float)) and not isinstance(value, bool) else
                     "; its cells are lists: write one object (row) per text, not one list per column"
                     if isinstance(value, list) else "")
             raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {shown}): name a column "
@@ -237,8 +241,9 @@ def resolve_columns(
 
 
 def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_labels: int, task: str,
-               source: str) -> list:
-    """The task's labels of rows ``indices`` (class indices, or finite numbers for a regressor)."""
+               source: str, class_indices: bool = False) -> list:
+    """The task's labels of rows ``indices`` (class indices, or finite numbers for a regressor);
+    ``class_indices``: the values are indices whatever the class names (a ``ClassLabel`` column)."""
     ids = []
     for index, value in zip(indices, values):
         where = f"label {value!r} (row {index + 1} of {source})"
@@ -251,23 +256,22 @@ def _label_ids(values: list, indices: list[int], label2id: dict[str, int], num_l
                 raise ValueError(f"{where} is not a finite number: fix or remove the row")
             ids.append(number)
             continue
-        number = value if isinstance(value, int) and not isinstance(value, bool) else \
-            int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else None
-        if number is not None and 0 <= number < num_labels and label2id.get(str(number), number) != number:
+        number = (value if isinstance(value, int) and not isinstance(value, bool) else
+                  int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else None)
+        if isinstance(value, str) and value in label2id:
+            label = label2id[value]
+        elif number is not None:
+            label = number
+        else:
+            raise ValueError(f"{where} is neither a class index nor one of the model's labels {sorted(label2id)}")
+        if (not class_indices and number is not None and 0 <= number < num_labels
+                and label2id.get(str(number), number) != number):
             # A file's column of numbers reads as ints, a JSON string as a name: neither reading is safe.
-            named = {name: i for name, i in sorted(label2id.items(), key=lambda item: item[1])}
+            named = short_repr(dict(sorted(label2id.items(), key=lambda item: item[1])))
             raise ValueError(f"{where} is ambiguous: the model names its classes by numbers that are not their indices "
                              f"(label2id {named}), so it is both class {number} and the class named {str(number)!r}; "
                              "rename the classes in the model's config (label2id, id2label), e.g. to 'class_1', and "
                              "label the data with those names or with the class indices")
-        if isinstance(value, int) and not isinstance(value, bool):
-            label = value
-        elif isinstance(value, str) and value in label2id:
-            label = label2id[value]
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            label = int(value)
-        else:
-            raise ValueError(f"{where} is neither a class index nor one of the model's labels {sorted(label2id)}")
         if not 0 <= label < num_labels:
             raise ValueError(f"{where} is outside the model's {num_labels} classes")
         ids.append(label)
@@ -308,10 +312,12 @@ def _model_class_ids(dataset: "Dataset", label_column: str | None, label2id: dic
 
 
 def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_column: str | None,
-               label2id: dict[str, int] | None = None, num_labels: int = 2, source: str = "the data") -> None:
+               label2id: dict[str, int] | None = None, num_labels: int = 2, source: str = "the data",
+               class_indices: bool | None = None) -> None:
     """Refuse, naming its row, a classifier's or regressor's text that is not a string or label the
     model cannot take, and text columns that are blank in every row (``data_loader`` checks the whole
-    table before sampling, so that the row named is the file's)."""
+    table before sampling, so that the row named is the file's). ``class_indices``: whether the labels
+    are class indices (None: where the column is a ``ClassLabel``)."""
     texts = [dataset[column] for column in text_columns]
     for column, values in zip(text_columns, texts):
         _check_text(column, source, values)
@@ -321,7 +327,15 @@ def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_col
         raise ValueError(f"{source} holds no text in {', '.join(map(repr, text_columns))}: every row is empty or blank")
     if label_column is not None:
         values = dataset[label_column]
-        _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source)
+        _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source,
+                   _class_label(dataset, label_column) if class_indices is None else class_indices)
+
+
+def _class_label(dataset: "Dataset", column: str | None) -> bool:
+    """Whether ``column`` is a ``ClassLabel`` column (its values are class indices)."""
+    from datasets import ClassLabel
+
+    return column is not None and isinstance(dataset.features.get(column), ClassLabel)
 
 
 def tokenize(
@@ -350,8 +364,9 @@ def tokenize(
         raise ValueError(f"max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds {special} "
                          f"special tokens to each example; use at least {special + 1}")
 
+    class_indices = _class_label(dataset, label_column)  # before _model_class_ids renumbers it into plain ints
     dataset = _model_class_ids(dataset, label_column, label2id, source)
-    check_rows(dataset, task, text_columns, label_column, label2id, num_labels, source)
+    check_rows(dataset, task, text_columns, label_column, label2id, num_labels, source, class_indices)
     named = ", ".join(map(repr, text_columns))
 
     def encode(rows, indices):
@@ -359,7 +374,8 @@ def tokenize(
         for index, ids in zip(indices, encoded["input_ids"]):
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
-        encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source)
+        encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
+                                       class_indices)
         return encoded
 
     # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written

@@ -271,9 +271,9 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str 
                          "from, not another model of its architecture")
     exported = _factors_multiplied_out(student, teacher)
     if exported is not None:
-        raise ValueError(f"{name} holds the compressed model's own factors multiplied out in {exported!r} (an "
-                         "`hf-wsvd export` of it?): distilling it would change nothing; the teacher must be the dense "
-                         "model it was compressed from")
+        raise ValueError(f"{name} holds the compressed model's own factors multiplied out in every factorized layer "
+                         f"(such as {exported!r}), so distilling it would change nothing: is it the compressed model's "
+                         "`hf-wsvd export`? The teacher must be the dense model it was compressed from")
 
 
 def _causal_lm(model: PreTrainedModel) -> bool:
@@ -286,15 +286,16 @@ def _causal_lm(model: PreTrainedModel) -> bool:
 
 
 @torch.no_grad()
-def _factors_multiplied_out(student: PreTrainedModel, teacher: PreTrainedModel, layers: int = 8) -> str | None:
-    """The name of ``student``'s first factorized layer where ``teacher`` holds, as in each of its
-    first ``layers`` factorized layers, the factors' product (to bf16 rounding) instead of a dense
-    weight; None otherwise (one nearly lossless layer is no export; nor is an unreadable one)."""
+def _factors_multiplied_out(student: PreTrainedModel, teacher: PreTrainedModel) -> str | None:
+    """The name of ``student``'s first factorized layer where ``teacher`` holds, as in every one of
+    them, the factors' product (to bf16 rounding) instead of a dense weight, where the student has no
+    other compressed layer: the teacher computes what the student does, and distilling changes
+    nothing. None otherwise (a genuine teacher differs at its first factorized layer: one product)."""
+    if any(not name.endswith((".up", ".down")) for name in _compressed_modules(student)):
+        return None  # pruned or cut layers differ from any teacher's
     theirs = dict(teacher.named_parameters())
     matched = []
     for name, module in student.named_modules():
-        if len(matched) == layers:
-            break
         if isinstance(module, FactorizedLinear):
             weight = theirs.get(f"{name}.weight")
             if (weight is None or weight.is_meta or module.up.weight.is_meta or module.down.weight.is_meta
@@ -522,7 +523,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
         raise ValueError(f"the student's weight {offloaded!r} is offloaded (on the meta device): heal trains weights "
                          "held in memory; load the student without CPU or disk offload (the teacher may be offloaded)")
     for name, blocks in (("train_blocks", train_blocks), ("heldout_blocks", heldout_blocks)):
-        if not (hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__")):  # read more than once
+        # read more than once (a generator would be spent by the checks)
+        if isinstance(blocks, (str, bytes, Mapping)) or not (hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__")):
             raise TypeError(f"{name} must be a sequence of blocks (a list of dicts, or a Dataset), not a "
                             f"{type(blocks).__name__}: pass list(...) of it")
     if not train_blocks or not heldout_blocks:

@@ -325,12 +325,18 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
         )
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hand-edited list of every layer is no error message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_attention(attention: object, where: str) -> dict[str, dict]:
     """``attention`` after checking it maps names to ``{"head_dim": d', "dense_head_dim": d,
     "projections": [q, k, v, o names], "rotary": [d'/2 distinct pair indices, ascending] (rotary
     attentions only)}`` with 0 < d' ≤ d, even where rotary."""
     if not isinstance(attention, dict):
-        raise ValueError(f"{where} must map each cut attention to its head dimensions; got {attention!r}")
+        raise ValueError(f"{where} must map each cut attention to its head dimensions; got {short_repr(attention)}")
     for name, entry in attention.items():
         values = [entry.get(k) if isinstance(entry, dict) else None
                   for k in ("head_dim", "dense_head_dim", "projections", "rotary")]
@@ -343,7 +349,7 @@ def check_attention(attention: object, where: str) -> dict[str, dict]:
                 and all(type(r) is int and r >= 0 for r in rotary) and len(rotary) == head_dim // 2 \
                 and rotary == sorted(set(rotary))
         if not valid:
-            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'head_dim': d', 'dense_head_dim': d, 'projections': "
+            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'head_dim': d, 'dense_head_dim': d, 'projections': "
                              "[q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary attentions)}} with "
                              "0 < d' <= d, both even where rotary")
     return attention
@@ -375,20 +381,14 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
     """``pruned`` after checking it maps names to ``{"shape": [in, out], "dense_shape": [in, out]}``
     of positive integers, no side larger than dense."""
     if not isinstance(pruned, dict):
-        raise ValueError(f"{where} must map each pruned layer to its shapes; got {pruned!r}")
+        raise ValueError(f"{where} must map each pruned layer to its shapes; got {short_repr(pruned)}")
     for name, entry in pruned.items():
         shapes = [entry.get(k) if isinstance(entry, dict) else None for k in ("shape", "dense_shape")]
         valid = all(isinstance(s, list) and len(s) == 2 and all(type(v) is int and v > 0 for v in s) for s in shapes)
         if not valid or any(a > b for a, b in zip(*shapes)):
-            raise ValueError(f"{where}[{name!r}]={entry!r} is not {{'shape': [in, out], 'dense_shape': [in, out]}} "
+            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'shape': [in, out], 'dense_shape': [in, out]}} "
                              "of positive integers with shape <= dense_shape")
     return pruned
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a hand-edited list of every layer is no error message)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_recipe(config: PreTrainedConfig
@@ -402,16 +402,16 @@ def check_recipe(config: PreTrainedConfig
     recipe = getattr(config, RECIPE_KEY, None)
     where = f"config.json {RECIPE_KEY!r}"
     if not isinstance(recipe, dict):
-        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {_short(recipe)}")
+        raise ValueError(f"{where} must be the compression recipe (a dict with 'ranks'), not {short_repr(recipe)}")
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
     attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
     residual = recipe.get("residual", {})
     if not isinstance(residual, dict):
-        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {_short(residual)}")
+        raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {short_repr(residual)}")
     if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
-                         f"the pruned layers); got ranks={_short(ranks)}")
+                         f"the pruned layers); got ranks={short_repr(ranks)}")
     cut = {name: None for entry in attention.values() for name in entry["projections"]}
     sections = {"ranks": ranks, "pruned": pruned, ATTENTION_KEY: cut, "residual": residual}
     for first, second in (("ranks", "pruned"), ("ranks", ATTENTION_KEY), ("pruned", ATTENTION_KEY),

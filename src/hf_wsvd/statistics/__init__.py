@@ -5,7 +5,8 @@ collectors (``collectors.py``) to the target layers, accumulates them where each
 reduces them once across processes and returns their means (``Statistics``). Gradient statistics
 need the task loss (``gradient_statistics``); input statistics need only forward passes
 (``input_statistics``, or ``InputHooks`` on one block in sequential mode); an input embedding's
-token counts need only the data (``token_counts``).
+token counts need only the data (``token_counts``; a sequence-to-sequence model's config says what
+its decoder reads).
 """
 
 from .collectors import COLLECTORS, Collector, register_collector

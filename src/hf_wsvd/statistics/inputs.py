@@ -157,14 +157,18 @@ def decoder_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     if not getattr(model.config, "is_encoder_decoder", False) or "decoder_inputs_embeds" in batch:
         return None
     inputs, mask = _forward_inputs(model, batch)
-    ids = inputs.get("decoder_input_ids")
+    ids, config = inputs.get("decoder_input_ids"), model.config
     if ids is None:
-        config = model.config
         source = inputs.get("labels", batch["input_ids"])
         if config.pad_token_id is not None:  # what the models' own shift reads where a label is -100
             source = source.masked_fill(source == -100, config.pad_token_id)
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
-        ids = torch.cat([torch.full_like(source[:, :1], start if start is not None else 0), source[:, :-1]], dim=1)
+        if start is None:  # the model's own shift fails without one: nothing the decoder reads to count
+            return None
+        ids = torch.cat([torch.full_like(source[:, :1], start), source[:, :-1]], dim=1)
+    elif mask is None and config.pad_token_id is not None:  # decoder ids given alone: their padding is no token read
+        mask = ids != config.pad_token_id
+        mask[:, 0] = True  # the start token, which may be the padding token (T5)
     return ids, mask
 
 

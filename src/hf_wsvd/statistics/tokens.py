@@ -41,7 +41,10 @@ def token_counts(data: Iterable[dict], vocab_size: int, accelerator: Accelerator
 
 
 def _decoder_shares_embeddings(model: nn.Module) -> bool:
-    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "get_decoder"):
+    if not getattr(model.config, "is_encoder_decoder", False):
         return False
-    embeddings = model.get_decoder().get_input_embeddings()
-    return embeddings is not None and embeddings.weight is model.get_input_embeddings().weight
+    try:
+        embeddings = model.get_decoder().get_input_embeddings()
+        return embeddings is not None and embeddings.weight is model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # a custom model without them: its encoder's tokens alone
+        return False
