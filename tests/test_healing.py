@@ -278,16 +278,22 @@ def _one_error(capsys) -> str:
     (lambda: tiny.build("llama", seed=7, initializer_range=0.3),
      "differs from the compressed model in 'model.embed_tokens.weight' (relative difference 1."),
 ], ids=["vocabulary", "hidden size", "depth", "architecture", "heads", "mlp width", "other weights"])
-def test_cli_heal_refuses_a_teacher_of_another_architecture(tmp_path, capsys, teacher, message):
+def test_cli_heal_refuses_a_teacher_of_another_architecture(tmp_path, capsys, monkeypatch, teacher, message):
     """The teacher must be the dense model the student was compressed from: checked up front (the
     hidden-state term would otherwise crash, the logit term distill from another model silently),
-    its sizes and then the tensors compression leaves as they were."""
+    its sizes (from its config, before its weights load: a large GGUF takes minutes) and then the
+    tensors compression leaves as they were."""
+    import hf_wsvd.cli.workflow as workflow
+
     _, student = _compressed()
     _saved(tmp_path, other=teacher(), compressed=student)
     (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
+    loaded, load_model = [], workflow.load_model
+    monkeypatch.setattr(workflow, "load_model", lambda path, **kwargs: loaded.append(path) or load_model(path, **kwargs))
     assert _heal(tmp_path, "compressed", "other", "text.txt", "--hidden-weight", "1", "--max-length", "8") == 2
     error = _one_error(capsys)
     assert f"--teacher {str(tmp_path / 'other')!r} {message}" in error, error
+    assert (str(tmp_path / "other") in loaded) == ("differs from the compressed model" in message), loaded
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=re.escape(message)):  # the API checks the same
         heal(student, teacher(), _blocks(4), _blocks(2), HealConfig(steps=1), show_progress=False)

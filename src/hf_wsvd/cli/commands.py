@@ -252,7 +252,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from ..integrations.checkpoint import check_checkpoint_folder
     from ..data import check_block_length, check_fits, make_dataloader, read_texts, teacher_samples, text_blocks
     from ..evaluation import perplexity
-    from ..integrations.healing import HealConfig, check_student, check_teacher, heal
+    from ..integrations.healing import HealConfig, check_student, check_teacher, check_teacher_config, heal
     from .output import check_output
     from ..runtime.modeling_wsvd import MODEL_TYPE
     from ..tasks import CAUSAL_LM
@@ -276,6 +276,8 @@ def run_heal(args: argparse.Namespace) -> None:
                             evaluations=args.evaluations)
         student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
         check_student(student)
+        # its config first: a teacher of another architecture is refused before its weights load
+        check_teacher_config(student.config, stored_config(args.teacher), f"--teacher {args.teacher!r}")
         teacher, teacher_tokenizer = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
         check_teacher(student, teacher, f"--teacher {args.teacher!r}")
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():  # distilled toward other tokens' logits

@@ -30,7 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
+from transformers import (PreTrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched, kept_flags
@@ -240,29 +240,38 @@ def check_student(student: PreTrainedModel) -> None:
                          "the unquantized compressed checkpoint, then quantize it")
 
 
-def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
-    """Raise unless ``teacher`` (called ``name`` in the error) is a dense causal LM of the base
-    architecture of the compressed ``student`` (its model type and sizes) holding the student's
-    weights where compression left them as they were (embeddings, norms, layers kept dense): another
-    model of the same architecture would be distilled into the student without a word."""
+def check_teacher_config(student: PreTrainedConfig, teacher: PreTrainedConfig, name: str = "the teacher") -> None:
+    """Raise unless the config ``teacher`` (called ``name`` in the error) is a dense model's of the
+    base architecture of the compressed ``student`` config (its model type and sizes): what can be
+    refused before the teacher's weights are loaded."""
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, MODEL_TYPE
 
-    if teacher.config.model_type == MODEL_TYPE:
+    if teacher.model_type == MODEL_TYPE:
         raise ValueError(f"{name} is a compressed hf_wsvd checkpoint: the teacher must be the dense model it was "
                          "compressed from")
-    if not _causal_lm(teacher):
-        raise ValueError(f"{name} is a {type(teacher).__name__}, not a causal LM: the teacher must be the dense model "
-                         "the student was compressed from")
 
     def described(config) -> dict:
         return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,
                 **{label: getattr(config, key, None) for key, label in _TEACHER_MATCH.items()}}
 
-    ours, theirs = described(student.config), described(teacher.config)
+    ours, theirs = described(student), described(teacher)
     for label, value in ours.items():
         if theirs[label] != value:
             raise ValueError(f"{name} has {label} {theirs[label]!r}, the compressed model {value!r}: the teacher "
                              "must be the dense model it was compressed from")
+
+
+def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str = "the teacher") -> None:
+    """Raise unless ``teacher`` (called ``name`` in the error) is a dense causal LM of the base
+    architecture of the compressed ``student`` (``check_teacher_config``) holding the student's
+    weights where compression left them as they were (embeddings, norms, layers kept dense): another
+    model of the same architecture would be distilled into the student without a word."""
+    from ..runtime.modeling_wsvd import MODEL_TYPE
+
+    if teacher.config.model_type != MODEL_TYPE and not _causal_lm(teacher):
+        raise ValueError(f"{name} is a {type(teacher).__name__}, not a causal LM: the teacher must be the dense model "
+                         "the student was compressed from")
+    check_teacher_config(student.config, teacher.config, name)
     differs = _first_unchanged_tensor_that_differs(student, teacher)
     if differs is not None:
         tensor, distance = differs
