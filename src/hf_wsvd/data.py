@@ -135,7 +135,8 @@ def _bad_json_line(path: str) -> str | None:
             except ValueError as error:
                 return None if number == 1 else f"line {number} is not JSON ({error})"
             if number == 1 and not isinstance(value, dict) and not (isinstance(value, list) and value):
-                kind = "an empty list" if value == [] else f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}"
+                kind = ("an empty list" if value == [] else
+                        f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}")
                 return f"it holds {kind}, not rows (one object per line, or a list of objects)"
             if not isinstance(value, dict):
                 return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"

@@ -533,7 +533,8 @@ def heal(student: PreTrainedModel, teacher: PreTrainedModel, train_blocks: Seque
                          "held in memory; load the student without CPU or disk offload (the teacher may be offloaded)")
     for name, blocks in (("train_blocks", train_blocks), ("heldout_blocks", heldout_blocks)):
         # read more than once (a generator would be spent by the checks)
-        if isinstance(blocks, (str, bytes, Mapping)) or not (hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__")):
+        sequence = hasattr(blocks, "__len__") and hasattr(blocks, "__getitem__")
+        if isinstance(blocks, (str, bytes, Mapping)) or not sequence:
             raise TypeError(f"{name} must be a sequence of blocks (a list of dicts, or a Dataset), not a "
                             f"{type(blocks).__name__}: pass list(...) of it")
     if not train_blocks or not heldout_blocks:

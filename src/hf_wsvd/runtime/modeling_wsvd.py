@@ -349,9 +349,9 @@ def check_attention(attention: object, where: str) -> dict[str, dict]:
                 and all(type(r) is int and r >= 0 for r in rotary) and len(rotary) == head_dim // 2 \
                 and rotary == sorted(set(rotary))
         if not valid:
-            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'head_dim': d, 'dense_head_dim': d, 'projections': "
-                             "[q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary attentions)}} with "
-                             "0 < d' <= d, both even where rotary")
+            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'head_dim': d', 'dense_head_dim': d, "
+                             "'projections': [q, k, v, o], 'rotary': [d'/2 ascending distinct pair indices] (rotary "
+                             "attentions)}} with 0 < d' <= d, both even where rotary")
     return attention
 
 
@@ -386,8 +386,8 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
         shapes = [entry.get(k) if isinstance(entry, dict) else None for k in ("shape", "dense_shape")]
         valid = all(isinstance(s, list) and len(s) == 2 and all(type(v) is int and v > 0 for v in s) for s in shapes)
         if not valid or any(a > b for a, b in zip(*shapes)):
-            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'shape': [in, out], 'dense_shape': [in, out]}} "
-                             "of positive integers with shape <= dense_shape")
+            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'shape': [in, out], 'dense_shape': "
+                             "[in, out]}} of positive integers with shape <= dense_shape")
     return pruned
 
 
