@@ -64,7 +64,9 @@ def test_compress_writes_a_complete_card(compressed):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     now = sum(p.numel() for p in model.parameters())
     assert card.data.hf_wsvd["params"] == now and f"{now:,}" in text
-    assert "| base model | `dense` (a local checkpoint) |" in text and "`fwsvd`" in text
+    assert "| base model | `dense` (a local checkpoint) |" in text and "`fwsvd` (Fisher weights per output)" in text
+    factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+    assert f"| layers | {factorized} layers factorized, " in text and f": {factorized} layers factorized" in text
     assert "`train.tsv` (6 examples, local data)" in text
     # the exact command, its paths outside the working folder by their last part (the card is published)
     shown = [os.path.basename(a) if os.path.isabs(a) else a for a in argv]
@@ -353,3 +355,28 @@ def test_a_cards_command_shows_outside_paths_by_their_last_part(argument, shown)
     from hf_wsvd.cli.commands import card_command
 
     assert card_command(argparse.Namespace(argv=["compress", argument])) == f"hf-wsvd compress {shown}"
+
+
+@pytest.mark.parametrize("recipe, said, unsaid", [
+    (dict(method="whiten", sequential=True, allocation="uniform", attention_pruning=True, mlp_pruning=True,
+          block_refine_steps=0, rank_multiple=2, param_ratio=0.6),
+     r"0 layers factorized, 2 MLPs pruned to 64 -> \d+ channels, 2 attentions cut to head dim 8 -> \d+, 0 kept dense",
+     "Fisher weights"),
+    (dict(method="fwsvd", param_ratio=0.5, rank_multiple=1), r"(\d+) layers factorized, (\d+) kept dense", None),
+], ids=["pruned and cut", "factorized"])
+def test_the_card_says_what_the_model_holds(tmp_path, recipe, said, unsaid):
+    """The card counts what the model holds (pruned MLPs and cut attentions are no factorized layers),
+    and names Fisher weights only for a method that reads them."""
+    from hf_wsvd.integrations.card import build_card
+
+    ids = torch.randint(len(tiny.SPECIALS), tiny.VOCAB_SIZE, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]), "labels": ids[i:i + 4]}
+            for i in (0, 4)]
+    model, _ = tiny.compressed("llama", data=data, **recipe)
+    text = build_card(model, base_model="dense", command="hf-wsvd compress dense out").text
+    found = re.search(rf"\| layers \| {said} \|", text)
+    assert found, text
+    if found.groups():  # counted on the model: its factorized layers, and the rest of its 14 targets
+        factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+        assert [int(g) for g in found.groups()] == [factorized, 14 - factorized] and 0 < factorized < 14
+    assert unsaid is None or unsaid not in text

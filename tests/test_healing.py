@@ -668,3 +668,23 @@ def test_heal_names_blocks_longer_than_the_position_table():
 def test_heal_options_of_the_wrong_type_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
         HealConfig(**{field: value})
+
+
+def test_a_healed_card_keeps_no_score_of_the_model_before_healing_as_its_own(tmp_path):
+    """The compressed model's evaluation is the Hub's model-index of its card: the healed copy's card
+    drops it from the metadata and says whose scores its table holds."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from hf_wsvd.integrations.card import add_healing
+
+    data = ModelCardData(model_name="m", tags=["hf_wsvd"], eval_results=[EvalResult(
+        task_type="text-generation", dataset_type="wikitext", dataset_name="wikitext", metric_type="perplexity",
+        metric_value=267.3)])
+    source, folder = tmp_path / "compressed", tmp_path / "healed"
+    source.mkdir(), folder.mkdir()
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n# m\n\n## Evaluation\n\n| perplexity | 267.3 |\n").save(source / "README.md")
+    assert "model-index" in (source / "README.md").read_text()
+    add_healing(source, folder, "healed 30 steps", "hf-wsvd heal compressed healed")
+    text = (folder / "README.md").read_text()
+    assert "model-index" not in text and "healed" in ModelCard.load(folder / "README.md").data.tags
+    assert "## Evaluation\n\nOf the compressed model before the healing below" in text and "| perplexity | 267.3 |" in text

@@ -286,6 +286,19 @@ def test_quantized_residual_beats_quantization_alone(residual):
                                                   model.modules() if type(m).__name__ == "LowRankCorrectedLinear")
 
 
+def test_a_corrected_layer_counts_once_in_what_the_checkpoint_reports(residual):
+    """A corrected layer's own base and factors are linears inside a target: they are no dense target
+    of their own (they were counted twice, and the kept ratio came out 1.1 for 1.2)."""
+    from hf_wsvd.integrations.checkpoint import structure, target_counts
+
+    *_, model, _ = residual
+    corrected = [m for m in model.modules() if type(m).__name__ == "LowRankCorrectedLinear"]
+    now, dense = target_counts(model)
+    assert dense == sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in corrected)
+    assert now == dense + sum(m.rank * (m.in_features + m.out_features) for m in corrected)
+    assert structure(model) == "14 layers quantized with a low-rank correction, 0 kept dense"
+
+
 def test_quantized_residual_in_bfloat16_keeps_its_corrections_in_the_model_dtype():
     # The solver works in float32; a bf16 model whose layers have no bias once kept float32
     # corrections and failed at its first forward (a dtype mismatch in the correction).
@@ -369,7 +382,8 @@ def test_compress_quantize_writes_a_quantized_checkpoint_in_one_go(tmp_path, tok
     out = tmp_path / "lm"
     capsys.readouterr()
     assert main(["compress", str(dense), str(out), "--data", str(text), "--max-length", "8", *extra]) == 0
-    said = capsys.readouterr().out
+    said, noted = capsys.readouterr()
+    assert "returns the model unquantized" not in noted, noted  # the command line quantizes it
     model = CAUSAL.from_pretrained(out)
     assert f"\n  quantized with torchao: {weight_bits(model).describe()}\n  saved to" in said, said
     assert model.config.quantization_config.quant_method == "torchao"
@@ -557,3 +571,17 @@ def test_bits_per_weight_count_gpt2_conv1d_block_weights_and_leave_biases_out():
     assert quantized.full_weights == 0 and quantized.quantized_weights > 0  # every factor quantized
     assert is_quantized_tensor(torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float8_e4m3fn), requires_grad=False))
     assert not is_quantized_tensor(torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.bfloat16)))
+
+
+def test_compress_says_that_it_returns_the_model_unquantized_and_the_cli_does_not(caplog, tmp_path, capsys):
+    """``quantize`` shapes the ranks in ``compress``; the API returns the model unquantized (said, with
+    what to call), the command line quantizes it (nothing said)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        model, report = hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5,
+                                                                                rank_multiple=4, **QUANTIZE),
+                                         None, show_progress=False)
+    said = [n for n in report.notices if n.startswith("quantize='int3': compress shapes the ranks")]
+    assert said and "quantization_config('int3', 16)" in said[0] and said[0] in caplog.text
+    assert getattr(model.config, "quantization_config", None) is None

@@ -207,7 +207,7 @@ def _check_statistics(model: PreTrainedModel, targets: dict[str, str], statistic
 
 
 # Marks a notice about the model object the caller holds: the command line, which holds none after a
-# failure, does not print it.
+# failure (and quantizes what compress returns), does not print it.
 MODEL_IN_MEMORY = {"model_in_memory": True}
 
 
@@ -331,6 +331,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config = replace(config, block_refine_steps=residual_block_refine_steps(config, model, data,
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
+    if config.quantize and config.method != "quantized_residual":  # shaped for it, returned unquantized
+        notice = (f"quantize={config.quantize!r}: compress shapes the ranks for this quantizer and returns the model "
+                  "unquantized; quantize it with hf_wsvd.integrations.quantization.quantize(model, "
+                  f"quantization_config({config.quantize!r}, {config.quantize_group_size})) before saving (hf-wsvd "
+                  "compress --quantize does both)")
+        logger.warning(notice, extra=MODEL_IN_MEMORY)
+        notices.append(notice)
     unread = config.unread_options()
     if unread:  # set for another method: said, not silently recorded as if it had shaped the result
         notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"

@@ -165,7 +165,7 @@ def _compress(args: argparse.Namespace) -> None:
     from .. import compress
     from ..blocks import is_dispatched
     from ..compressor import recipe_targets
-    from ..integrations.checkpoint import quantization_summary
+    from ..integrations.checkpoint import quantization_summary, structure
     from .commands import card_evaluation, check_data, eval_folder_split, evaluate_path, write_compress_card
     from .output import check_output
     from ..solvers import solver_for
@@ -228,14 +228,8 @@ def _compress(args: argparse.Namespace) -> None:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             write_compress_card(staging, model, args, evaluation, len(loader.dataset) if loader else None)
-    print(compress_summary(report, args.output, dense_scores, evaluation.metrics if evaluation else None,
-                           quantization_summary(model)))
-
-
-def _channel_range(pruned: dict, consumers: list[str]) -> str:
-    kept = sorted({pruned[n]["shape"][0] for n in consumers})
-    dense = sorted({pruned[n]["dense_shape"][0] for n in consumers})
-    return "/".join(map(str, dense)) + " -> " + (f"{kept[0]}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}")
+    print(compress_summary(report, structure(model), args.output, dense_scores,
+                           evaluation.metrics if evaluation else None, quantization_summary(model)))
 
 
 def kept_ratios(target: float, model: float) -> str:
@@ -244,14 +238,11 @@ def kept_ratios(target: float, model: float) -> str:
     return f"target layers kept {target:.3f} of their parameters; whole model kept {model:.3f}"
 
 
-def compress_summary(report, output: str, dense: dict[str, float] | None = None,
+def compress_summary(report, layers: str, output: str, dense: dict[str, float] | None = None,
                      compressed: dict[str, float] | None = None, quantization: str | None = None) -> str:
-    """What ``compress`` did (a ``CompressionReport``): the resolved recipe, the layers factorized
-    and kept dense, the parameters before and after, the scores before and after, the quantization
-    (``quantization_summary``) and the output."""
-    pruned = report.pruned_mlps
-    mlps = f", {len(pruned)} MLPs pruned to {_channel_range(report.pruned, pruned)} channels" if pruned else ""
-    layers = f"{len(report.ranks)} layers factorized{mlps}, {len(report.dense_targets)} kept dense"
+    """What ``compress`` did (a ``CompressionReport``): the resolved recipe, what the model holds
+    (``layers``: ``structure`` of it), the parameters before and after, the scores before and after,
+    the quantization (``quantization_summary``) and the output."""
     if report.dense_targets and report.param_ratio == 1:
         layers += " (--param-ratio 1 keeps them whole)"
     elif report.dense_targets:
@@ -282,8 +273,8 @@ def compress_summary(report, output: str, dense: dict[str, float] | None = None,
 
 def _inspect(args: argparse.Namespace) -> None:
     from ..integrations.checkpoint import (check_checkpoint_folder, load_factorized, parameter_counts,
-                                           quantization_summary, recipe_of, refinement_summary, summarize,
-                                           target_counts)
+                                           quantization_summary, recipe_of, refinement_summary, structure,
+                                           summarize, target_counts)
     from ..runtime.modeling_wsvd import BASE_TYPE_KEY, CLASS_PREFIX
 
     check_checkpoint_folder(args.path)
@@ -308,6 +299,7 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{r.name:<{width}}  {shape:>11}  {r.kind:>6}  {r.params:>10,}  {r.dense_params:>10,}")
     now, dense = parameter_counts(model)
     target_now, target_dense = target_counts(model)
+    print(structure(model))
     print(f"total parameters: {now:,} (dense {dense:,})")
     print(kept_ratios(target_now / target_dense, now / dense))
     quantization = quantization_summary(model)

@@ -3,6 +3,7 @@ plot), evaluation results as a ``model-index``, the producing command, and how t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -11,8 +12,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .checkpoint import (parameter_counts, quantization_summary, recipe_of, refinement_summary, summarize,
-                         target_counts)
+from .checkpoint import (parameter_counts, quantization_summary, recipe_of, refinement_summary, structure,
+                         summarize, target_counts)
 from ..runtime.modeling_wsvd import CLASS_PREFIX, _supported_auto_classes
 
 PLOT_FILE = "rank_per_layer.png"
@@ -130,6 +131,18 @@ def _eval_table(evaluation: Evaluation | None) -> str:
     return "\n".join(lines)
 
 
+def _reads_fisher_axis(method: str) -> bool:
+    """Whether ``method``'s options (``hf_wsvd.solvers``) hold ``fisher_axis`` (a method that reads no
+    Fisher information has none to show)."""
+    from ..solvers import get_solver
+
+    try:
+        options = get_solver(method).options
+    except ValueError:  # a method registered by a plugin not installed here
+        return False
+    return any(f.name == "fisher_axis" for f in dataclasses.fields(options))
+
+
 def _allocation(recipe: dict) -> str:
     # Recipes saved before allocation was recorded were uniform.
     if (recipe.get("allocation") or "uniform") == "greedy":
@@ -200,10 +213,10 @@ def build_card(
     return ModelCard.from_template(
         card_data, template_path=str(template_path()), model_name=name, base_model=shown_base,
         hf_wsvd_version=__version__,
-        method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if recipe["method"] != "svd" else None,
+        method=recipe["method"], fisher_axis=recipe.get("fisher_axis") if _reads_fisher_axis(recipe["method"]) else None,
         importance_data=_importance_data(importance_data, importance_examples, recipe),
         allocation=_allocation(recipe), target_kept=f"{target_now / target_dense:.3f}", model_kept=f"{now / dense:.3f}",
-        params_after=f"{now:,}", params_before=f"{dense:,}", num_layers=len(summarize(model)),
+        params_after=f"{now:,}", params_before=f"{dense:,}", layers=structure(model),
         eval_table=_eval_table(evaluation),
         command=command, auto_class=auto_class_name(model), repo_id=repo_id or "path/to/this-folder",
         plot_file=PLOT_FILE, rank_table=_rank_table(model), quantization=quantization_summary(model),
@@ -248,6 +261,11 @@ def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: s
     # A card of no metadata block is parsed with a warning the user cannot act on: start from an empty one.
     card = load_card(source / "README.md") if (source / "README.md").is_file() else ModelCard("---\ntags: []\n---\n")
     card.data.tags = sorted(set(card.data.tags or []) | {"healed"})
+    # The compressed model's scores are not the healed model's: no longer its metadata, and said so.
+    card.data.eval_results = None
+    card.text = card.text.replace(
+        "## Evaluation\n\n", "## Evaluation\n\nOf the compressed model before the healing below (`hf-wsvd eval` "
+        "measures this one):\n\n", 1)
     card.text = card.text.rstrip() + f"\n\n## Healing\n\n{summary}.\n\n```bash\n{command}\n```\n"
     card.save(folder / "README.md")
     if (source / PLOT_FILE).is_file():

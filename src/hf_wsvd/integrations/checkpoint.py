@@ -95,22 +95,61 @@ def quantization_summary(model: nn.Module) -> str | None:
     return f"{getattr(method, 'value', method)}: {weight_bits(model).describe()}"
 
 
-def target_counts(model: nn.Module) -> tuple[int, int]:
-    """(parameters now, parameters when dense) of a compressed model's target layers: its
-    factorized and pruned linears, and the targets of its recipe (``target_modules`` /
-    ``exclude_modules``) that stayed dense. What ``param_ratio`` budgets, as kept."""
+def _dense_targets(model: nn.Module, rows: list[LayerSummary]) -> dict[str, str]:
+    """The targets of ``model``'s recipe (``target_modules`` / ``exclude_modules``) that stayed
+    dense (name → full name): neither a compressed layer (``rows``) nor a linear inside one (a
+    corrected layer's own base and factors)."""
     from ..targets import select_targets
 
     recipe = recipe_of(model.config) or {}
-    rows = [row for row in summarize(model) if not row.embedding]
     compressed = {row.name for row in rows}
+    inside = tuple(f"{name}." for name in compressed)
     try:
         targets = select_targets(model, recipe.get("target_modules"), recipe.get("exclude_modules"))
     except ValueError:  # named targets that are all factorized now: none stayed dense
-        targets = {}
-    dense = sum(p.numel() for name, full in targets.items() if name not in compressed
-                for p in model.get_submodule(full).parameters())
+        return {}
+    return {name: full for name, full in targets.items() if name not in compressed and not name.startswith(inside)}
+
+
+def target_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters now, parameters when dense) of a compressed model's target layers: its
+    factorized, pruned and corrected linears, and the targets of its recipe that stayed dense.
+    What ``param_ratio`` budgets, as kept."""
+    rows = [row for row in summarize(model) if not row.embedding]
+    dense = sum(p.numel() for full in _dense_targets(model, rows).values() for p in model.get_submodule(full).parameters())
     return sum(row.params for row in rows) + dense, sum(row.dense_params for row in rows) + dense
+
+
+def _span(values: set[int]) -> str:
+    ordered = sorted(values)
+    return f"{ordered[0]}" if len(ordered) == 1 else f"{ordered[0]}-{ordered[-1]}"
+
+
+def structure(model: nn.Module) -> str:
+    """What a compressed model holds, counted on it: its factorized linears, pruned MLPs (their
+    channels, dense -> kept), cut attentions (their head dimension), quantized layers with a
+    low-rank correction, factorized input embeddings, and the target layers kept dense."""
+    recipe = recipe_of(model.config) or {}
+    rows = summarize(model)
+    corrected = sum(isinstance(m, LowRankCorrectedLinear) for m in model.modules())
+    factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
+    pruned = recipe.get("pruned") or {}
+    consumers = [n for n, e in pruned.items() if e["shape"][0] < e["dense_shape"][0]]
+    attention = recipe.get("attention") or {}
+    parts = [f"{factorized} layers factorized"] if factorized or not corrected else []
+    if consumers:
+        parts.append(f"{len(consumers)} MLPs pruned to {_span({pruned[n]['dense_shape'][0] for n in consumers})} -> "
+                     f"{_span({pruned[n]['shape'][0] for n in consumers})} channels")
+    if attention:
+        parts.append(f"{len(attention)} attentions cut to head dim "
+                     f"{_span({e['dense_head_dim'] for e in attention.values()})} -> "
+                     f"{_span({e['head_dim'] for e in attention.values()})}")
+    if corrected:
+        parts.append(f"{corrected} layers quantized with a low-rank correction")
+    if any(row.embedding for row in rows):
+        parts.append("the input embeddings factorized")
+    parts.append(f"{len(_dense_targets(model, [r for r in rows if not r.embedding]))} kept dense")
+    return ", ".join(parts)
 
 
 def error_falls(refined: dict[str, list[float]]) -> list[float]:
