@@ -380,3 +380,5 @@ def test_the_card_says_what_the_model_holds(tmp_path, recipe, said, unsaid):
         factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
         assert [int(g) for g in found.groups()] == [factorized, 14 - factorized] and 0 < factorized < 14
     assert unsaid is None or unsaid not in text
+    if recipe.get("allocation") == "uniform":  # a rounded rank, not param_ratio of each layer exactly
+        assert "every target layer gets the rank (or channels) of param_ratio 0.6, rounded down to rank_multiple" in text

@@ -148,7 +148,8 @@ def _allocation(recipe: dict) -> str:
     if (recipe.get("allocation") or "uniform") == "greedy":
         return (f"`greedy`: one budget of param_ratio {recipe['param_ratio']} over all target layers, spent where "
                 "it removes the most loss (ranks differ per layer; some may stay dense)")
-    return f"`uniform`: every target layer keeps param_ratio {recipe['param_ratio']} of its parameters"
+    return (f"`uniform`: every target layer gets the rank (or channels) of param_ratio {recipe['param_ratio']}, "
+            "rounded down to rank_multiple (a layer whose rank would save nothing stays dense)")
 
 
 def _importance_data(data: str | None, examples: int | None, recipe: dict) -> str:
