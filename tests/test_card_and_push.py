@@ -66,7 +66,8 @@ def test_compress_writes_a_complete_card(compressed):
     assert card.data.hf_wsvd["params"] == now and f"{now:,}" in text
     assert "| base model | `dense` (a local checkpoint) |" in text and "`fwsvd` (Fisher weights per output)" in text
     factorized = sum(isinstance(m, FactorizedLinear) for m in model.modules())
-    assert f"| layers | {factorized} layers factorized, " in text and f": {factorized} layers factorized" in text
+    assert f"| layers | {factorized} layers factorized, " in text
+    assert f"Its target layers: {factorized} layers factorized, " in text and "two thin factors" in text
     assert "`train.tsv` (6 examples, local data)" in text
     # the exact command, its paths outside the working folder by their last part (the card is published)
     shown = [os.path.basename(a) if os.path.isabs(a) else a for a in argv]
@@ -360,7 +361,7 @@ def test_a_cards_command_shows_outside_paths_by_their_last_part(argument, shown)
 @pytest.mark.parametrize("recipe, said, unsaid", [
     (dict(method="whiten", sequential=True, allocation="uniform", attention_pruning=True, mlp_pruning=True,
           block_refine_steps=0, rank_multiple=2, param_ratio=0.6),
-     r"0 layers factorized, 2 MLPs pruned to 64 -> \d+ channels, 2 attentions cut to head dim 8 -> \d+, 0 kept dense",
+     r"2 MLPs pruned to 64 -> \d+ channels, 2 attentions cut to head dim 8 -> \d+, 0 kept dense",
      "Fisher weights"),
     (dict(method="fwsvd", param_ratio=0.5, rank_multiple=1), r"(\d+) layers factorized, (\d+) kept dense", None),
 ], ids=["pruned and cut", "factorized"])

@@ -682,9 +682,14 @@ def test_a_healed_card_keeps_no_score_of_the_model_before_healing_as_its_own(tmp
         metric_value=267.3)])
     source, folder = tmp_path / "compressed", tmp_path / "healed"
     source.mkdir(), folder.mkdir()
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n# m\n\n## Evaluation\n\n| perplexity | 267.3 |\n").save(source / "README.md")
+    table = "| dataset | split | metric | value |\n|---|---|---|---|\n| wikitext | test | perplexity | 267.3 |"
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n# m\n\n## Evaluation\n\n{table}\n").save(source / "README.md")
     assert "model-index" in (source / "README.md").read_text()
     add_healing(source, folder, "healed 30 steps", "hf-wsvd heal compressed healed")
     text = (folder / "README.md").read_text()
     assert "model-index" not in text and "healed" in ModelCard.load(folder / "README.md").data.tags
-    assert "## Evaluation\n\nOf the compressed model before the healing below" in text and "| perplexity | 267.3 |" in text
+    assert f"## Evaluation\n\nOf the compressed model before the healing below" in text and table in text
+    again = tmp_path / "healed-again"  # healed once more: said once
+    again.mkdir()
+    add_healing(folder, again, "healed 10 steps", "hf-wsvd heal healed healed-again")
+    assert (again / "README.md").read_text().count("Of the compressed model before the healing below") == 1

@@ -297,6 +297,12 @@ def test_a_corrected_layer_counts_once_in_what_the_checkpoint_reports(residual):
     assert dense == sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in corrected)
     assert now == dense + sum(m.rank * (m.in_features + m.out_features) for m in corrected)
     assert structure(model) == "14 layers quantized with a low-rank correction, 0 kept dense"
+    assert not any("returns the model unquantized" in notice for notice in residual[4].notices)  # it quantizes
+    from hf_wsvd.integrations.card import build_card
+
+    text = build_card(model, base_model="dense", command="hf-wsvd compress dense out").text
+    assert "| allocation | every target layer quantized, plus a rank-8 low-rank correction" in text
+    assert "Its target layers: 14 layers quantized with a low-rank correction, 0 kept dense." in text
 
 
 def test_quantized_residual_in_bfloat16_keeps_its_corrections_in_the_model_dtype():
@@ -582,6 +588,6 @@ def test_compress_says_that_it_returns_the_model_unquantized_and_the_cli_does_no
         model, report = hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="svd", param_ratio=0.5,
                                                                                 rank_multiple=4, **QUANTIZE),
                                          None, show_progress=False)
-    said = [n for n in report.notices if n.startswith("quantize='int3': compress shapes the ranks")]
+    said = [n for n in report.notices if n.startswith("quantize='int3': compress returns the model unquantized")]
     assert said and "quantization_config('int3', 16)" in said[0] and said[0] in caplog.text
     assert getattr(model.config, "quantization_config", None) is None

@@ -332,8 +332,8 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
                                                                                 accelerator.device),
                          rank_multiple=config.rank_multiple or default_rank_multiple(config))
     if config.quantize and config.method != "quantized_residual":  # shaped for it, returned unquantized
-        notice = (f"quantize={config.quantize!r}: compress shapes the ranks for this quantizer and returns the model "
-                  "unquantized; quantize it with hf_wsvd.integrations.quantization.quantize(model, "
+        notice = (f"quantize={config.quantize!r}: compress returns the model unquantized (with rank_multiple unset, "
+                  "its ranks step by what this quantizer needs); quantize it with hf_wsvd.integrations.quantization.quantize(model, "
                   f"quantization_config({config.quantize!r}, {config.quantize_group_size})) before saving (hf-wsvd "
                   "compress --quantize does both)")
         logger.warning(notice, extra=MODEL_IN_MEMORY)

@@ -144,12 +144,15 @@ def _reads_fisher_axis(method: str) -> bool:
 
 
 def _allocation(recipe: dict) -> str:
+    if recipe["method"] == "quantized_residual":
+        return (f"every target layer quantized, plus a rank-{recipe.get('residual_rank')} low-rank correction of its "
+                "quantization error")
     # Recipes saved before allocation was recorded were uniform.
     if (recipe.get("allocation") or "uniform") == "greedy":
         return (f"`greedy`: one budget of param_ratio {recipe['param_ratio']} over all target layers, spent where "
                 "it removes the most loss (ranks differ per layer; some may stay dense)")
     return (f"`uniform`: every target layer gets the rank (or channels) of param_ratio {recipe['param_ratio']}, "
-            "rounded down to rank_multiple (a layer whose rank would save nothing stays dense)")
+            "rounded down to rank_multiple (a layer whose rank would save nothing or run no faster stays dense)")
 
 
 def _importance_data(data: str | None, examples: int | None, recipe: dict) -> str:
@@ -263,10 +266,10 @@ def add_healing(source: str | os.PathLike, folder: str | os.PathLike, summary: s
     card = load_card(source / "README.md") if (source / "README.md").is_file() else ModelCard("---\ntags: []\n---\n")
     card.data.tags = sorted(set(card.data.tags or []) | {"healed"})
     # The compressed model's scores are not the healed model's: no longer its metadata, and said so.
-    card.data.eval_results = None
-    card.text = card.text.replace(
-        "## Evaluation\n\n", "## Evaluation\n\nOf the compressed model before the healing below (`hf-wsvd eval` "
-        "measures this one):\n\n", 1)
+    card.data.eval_results, card.data.datasets = None, None
+    said = "Of the compressed model before the healing below (`hf-wsvd eval` measures this one):"
+    if said not in card.text and "## Evaluation\n\n| dataset |" in card.text:
+        card.text = card.text.replace("## Evaluation\n\n", f"## Evaluation\n\n{said}\n\n", 1)
     card.text = card.text.rstrip() + f"\n\n## Healing\n\n{summary}.\n\n```bash\n{command}\n```\n"
     card.save(folder / "README.md")
     if (source / PLOT_FILE).is_file():

@@ -136,20 +136,26 @@ def structure(model: nn.Module) -> str:
     pruned = recipe.get("pruned") or {}
     consumers = [n for n, e in pruned.items() if e["shape"][0] < e["dense_shape"][0]]
     attention = recipe.get("attention") or {}
-    parts = [f"{factorized} layers factorized"] if factorized or not corrected else []
+    parts = [f"{_count(factorized, 'layer')} factorized"] if factorized else []
     if consumers:
-        parts.append(f"{len(consumers)} MLPs pruned to {_span({pruned[n]['dense_shape'][0] for n in consumers})} -> "
+        parts.append(f"{_count(len(consumers), 'MLP')} pruned to "
+                     f"{_span({pruned[n]['dense_shape'][0] for n in consumers})} -> "
                      f"{_span({pruned[n]['shape'][0] for n in consumers})} channels")
     if attention:
-        parts.append(f"{len(attention)} attentions cut to head dim "
+        parts.append(f"{_count(len(attention), 'attention')} cut to head dim "
                      f"{_span({e['dense_head_dim'] for e in attention.values()})} -> "
                      f"{_span({e['head_dim'] for e in attention.values()})}")
     if corrected:
-        parts.append(f"{corrected} layers quantized with a low-rank correction")
+        parts.append(f"{_count(corrected, 'layer')} quantized with a low-rank correction")
     if any(row.embedding for row in rows):
         parts.append("the input embeddings factorized")
-    parts.append(f"{len(_dense_targets(model, [r for r in rows if not r.embedding]))} kept dense")
+    dense = len(_dense_targets(model, [r for r in rows if not r.embedding]))
+    parts.append(f"{_count(dense, 'layer') if not parts else dense} kept dense")
     return ", ".join(parts)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def error_falls(refined: dict[str, list[float]]) -> list[float]:
