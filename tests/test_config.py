@@ -112,6 +112,10 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
     assert CalibrationConfig(num_samples=np.int32(8)).num_samples == 8
     with pytest.raises(ValueError, match=r"param_ratio=1.5 must be in \(0, 1\]"):
         WSVDConfig(param_ratio=np.float32(1.5))
+    # inside a dict too: a per-shape speed limit, a checkpoint's ranks
+    config = WSVDConfig(max_kept_ratio_for_speed={"32x64": np.float32(0.5)}, ranks={"layers.0.q": np.int64(3)})
+    assert config.max_kept_ratio_for_speed == {"32x64": 0.5} and config.ranks == {"layers.0.q": 3}
+    assert type(config.max_kept_ratio_for_speed["32x64"]) is float and type(config.ranks["layers.0.q"]) is int
 
 
 def test_param_ratio_1_without_embeddings_is_refused_as_nothing_to_compress():

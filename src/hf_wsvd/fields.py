@@ -54,18 +54,31 @@ def is_number(value: Any) -> bool:
 
 def plain_numbers(instance: Any) -> None:
     """Set each field of the dataclass ``instance`` holding another type's number or truth value (a
-    numpy scalar) to the built-in ``int``, ``float`` or ``bool`` of its value, which the checks and
-    the JSON recipe take; a float32 as it prints (0.8, not 0.800000011920929)."""
+    numpy scalar), alone or as a value of a dict (``max_kept_ratio_for_speed``, ``ranks``), to the
+    built-in ``int``, ``float`` or ``bool`` of its value, which the checks and the JSON recipe take;
+    a float32 as it prints (0.8, not 0.800000011920929)."""
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
-        if type(value) in (int, float, bool):
-            continue
-        if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0:
-            setattr(instance, f.name, bool(value))
-        elif isinstance(value, numbers.Integral):
-            setattr(instance, f.name, int(value))
-        elif isinstance(value, numbers.Real):
-            try:
-                setattr(instance, f.name, float(str(value)))
-            except ValueError:  # a Real whose text is no float literal (a Fraction's "1/2")
-                setattr(instance, f.name, float(value))
+        if isinstance(value, dict):
+            plain = {key: _plain(item) for key, item in value.items()}
+            if any(plain[key] is not item for key, item in value.items()):
+                setattr(instance, f.name, plain)
+        elif _plain(value) is not value:
+            setattr(instance, f.name, _plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a built-in ``int``, ``float`` or ``bool`` where it is another type's number or
+    truth value; else ``value`` itself."""
+    if type(value) in (int, float, bool):
+        return value
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0:
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        try:
+            return float(str(value))
+        except ValueError:  # a Real whose text is no float literal (a Fraction's "1/2")
+            return float(value)
+    return value
