@@ -445,13 +445,13 @@ class WSVDConfig:
         reads its own: its residual method runs with that method's defaults)."""
         if self.method is None:
             return {}
-        read = _option_names(self.method_options())
+        read = option_names(self.method_options())
         if self.embeddings:
-            read |= _option_names(SOLVERS[self.resolved_embedding_method].options.from_recipe(self))
+            read |= option_names(SOLVERS[self.resolved_embedding_method].options.from_recipe(self))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         readers: dict[str, list[str]] = {}
         for name, options in [*sorted((n, s.options()) for n, s in SOLVERS.items()), ("refine=True", ElementwiseOptions())]:
-            for option in _option_names(options) - read:
+            for option in option_names(options) - read:
                 if getattr(self, option) != defaults[option]:
                     readers.setdefault(option, []).append(name)
         return readers
@@ -519,12 +519,12 @@ def check_refined(refined: Any, where: str) -> dict[str, list[float]]:
     return refined
 
 
-def _option_names(options: MethodOptions) -> set[str]:
+def option_names(options: MethodOptions) -> set[str]:
     """The recipe fields ``options`` holds, through nested options (a refined method's)."""
     names = set()
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
-        names |= _option_names(value) if isinstance(value, MethodOptions) else {f.name}
+        names |= option_names(value) if isinstance(value, MethodOptions) else {f.name}
     return names
 
 

@@ -63,8 +63,8 @@ def plain_numbers(instance: Any) -> None:
             plain = {key: _plain(item) for key, item in value.items()}
             if any(plain[key] is not item for key, item in value.items()):
                 setattr(instance, f.name, plain)
-        elif _plain(value) is not value:
-            setattr(instance, f.name, _plain(value))
+        elif (plain := _plain(value)) is not value:
+            setattr(instance, f.name, plain)
 
 
 def _plain(value: Any) -> Any:

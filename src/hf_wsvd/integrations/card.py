@@ -3,7 +3,6 @@ plot), evaluation results as a ``model-index``, the producing command, and how t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -134,13 +133,14 @@ def _eval_table(evaluation: Evaluation | None) -> str:
 def _reads_fisher_axis(method: str) -> bool:
     """Whether ``method``'s options (``hf_wsvd.solvers``) hold ``fisher_axis`` (a method that reads no
     Fisher information has none to show)."""
+    from ..config import option_names
     from ..solvers import get_solver
 
     try:
-        options = get_solver(method).options
+        options = get_solver(method).options()
     except ValueError:  # a method registered by a plugin not installed here
         return False
-    return any(f.name == "fisher_axis" for f in dataclasses.fields(options))
+    return "fisher_axis" in option_names(options)
 
 
 def _allocation(recipe: dict) -> str:
