@@ -359,6 +359,30 @@ def test_statistics_that_hold_none_of_the_targets_are_said_to_be_unused():
     assert not any("statistics given" in n for n in same.notices), same.notices
 
 
+def test_data_left_unread_by_reused_statistics_is_said_and_not_recorded():
+    """Statistics holding all a whole-model method needs leave the data unread: the recipe records the
+    examples they were taken on, and a notice says the data was not read."""
+    labels = torch.tensor([0, 1, 1, 0])
+    recipe = WSVDConfig(method="fisher_whiten", allocation="greedy", param_ratio=0.5)
+    model, report = hf_wsvd.compress(tiny.build("bert"), recipe, [{**tiny.inputs("bert", batch=4, length=8),
+                                                                   "labels": labels}], show_progress=False)
+    other = [{**tiny.inputs("bert", batch=4, length=8, seed=2), "labels": labels}] * 3
+    again, second = hf_wsvd.compress(tiny.build("bert"), recipe, other, statistics=report.statistics,
+                                     show_progress=False)
+    assert again.config.wsvd["num_samples"] == report.importance_examples == second.importance_examples == 4
+    assert any(n.startswith("the data was not read: the given statistics hold everything method='fisher_whiten' "
+                            "needs for every target layer (taken on 4 examples)") for n in second.notices), second.notices
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # statistics of some layers only: the data is read for the rest, and recorded
+    some = Statistics({n: v for n, v in report.statistics.values.items() if n.startswith("encoder.layer.0.")},
+                      report.statistics.examples, weights=report.statistics.weights)
+    partly, third = hf_wsvd.compress(tiny.build("bert"), recipe, other, statistics=some, show_progress=False)
+    assert partly.config.wsvd["num_samples"] == 12 and not any("not read" in n for n in third.notices)
+    with pytest.raises(ValueError, match=r"^the statistics given hold \w.* for \d+ of the \d+ target layers, not for "
+                                         r"'encoder\.layer\.1\.[^']*': pass data too, or the target_modules they were "):
+        hf_wsvd.compress(tiny.build("bert"), recipe, statistics=some, show_progress=False)
+
+
 def test_statistics_of_other_weights_of_the_same_shapes_are_refused():
     """Statistics record a sample of the weights they were taken on: another model of the same
     architecture is refused; the same model, even loaded in bf16, is not."""

@@ -74,6 +74,14 @@ def test_causal_lm_blocks_of_one_token_are_refused_naming_the_option(tokenizer):
     assert all(len(block["input_ids"]) == 2 for block in text_blocks(_sentences(4), tokenizer, 2))
 
 
+@pytest.mark.parametrize("label_column", ["label", "stars"])
+def test_a_label_column_for_a_causal_lm_is_refused_as_such(tokenizer, label_column):
+    """Named as what it is whether or not the data has such a column: no column would do."""
+    table = Dataset.from_dict({"text": _sentences(4), "label": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match=f"^label column '{label_column}' given for a causal LM, which is trained on "):
+        data_loader(tiny.build("llama"), tokenizer, table, WSVDConfig(max_length=8), label_column=label_column)
+
+
 def test_two_text_columns_are_a_sentence_pair_for_a_classifier(tokenizer, caplog):
     first, second = _sentences(6), _sentences(6, offset=3)
     table = Dataset.from_dict({"sentence1": first, "sentence2": second, "label": ["yes", "no"] * 3})
@@ -156,7 +164,12 @@ def test_a_data_file_the_reader_cannot_parse_is_one_line_and_a_good_one_loads(tm
     (tmp_path / "fieldless.jsonl").write_text("{}\n{}\n")
     (tmp_path / "number.json").write_text("42\n")
     (tmp_path / "nothing.json").write_text("[]\n")
+    # a first null crashes datasets' reader (a segmentation fault): refused before it reads
+    (tmp_path / "null.json").write_text("null\n")
+    (tmp_path / "null.jsonl").write_text('\nnull\n{"text": "good film"}\n')
     for name, said in (("blank.jsonl", "it holds no rows (no object with a field)"),
+                       ("null.json", "it holds a JSON null, not rows (one object per line, or a list of objects)"),
+                       ("null.jsonl", "it holds a JSON null, not rows"),
                        ("fieldless.jsonl", "it holds no rows (no object with a field)"),
                        ("number.json", "it holds a JSON number, not rows (one object per line, or a list of objects)"),
                        ("nothing.json", "it holds an empty list, not rows")):

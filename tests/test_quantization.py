@@ -286,6 +286,14 @@ def test_quantized_residual_beats_quantization_alone(residual):
                                                   model.modules() if type(m).__name__ == "LowRankCorrectedLinear")
 
 
+def test_quantized_residual_without_data_names_the_statistics_it_needs():
+    with pytest.raises(ValueError, match=r"^quantized_residual with residual_method='fisher_whiten' needs \w.* "
+                                         "statistics: pass calibration data$"):
+        hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8,
+                                                                  residual_method="fisher_whiten", **QUANTIZE),
+                         show_progress=False)
+
+
 def test_a_corrected_layer_counts_once_in_what_the_checkpoint_reports(residual):
     """A corrected layer's own base and factors are linears inside a target: they are no dense target
     of their own (they were counted twice, and the kept ratio came out 1.1 for 1.2)."""

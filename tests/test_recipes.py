@@ -208,7 +208,13 @@ def test_a_result_far_above_the_budget_is_said():
                          show_progress=False)
     assert report.target_kept > 0.3
     assert any(n.startswith(f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio=0.01")
+               and n.endswith("; lower rank_multiple, or use allocation='greedy', which meets the budget")
                for n in report.notices), report.notices
+    # at rank_multiple=1 there is no lower one to advise
+    _, report = compress(case_inputs("llama_causal_lm", 4, 2)[0], WSVDConfig(
+        param_ratio=0.01, allocation="uniform", block_refine_steps=0, rank_multiple=1), loader, show_progress=False)
+    assert [n for n in report.notices if n.startswith("kept ")] and not any("lower rank_multiple" in n
+                                                                            for n in report.notices), report.notices
     _, report = compress(case_inputs("llama_causal_lm", 4, 2)[0], WSVDConfig(param_ratio=0.5), loader,
                          show_progress=False)
     assert report.target_kept <= 0.5 and report.notices == []

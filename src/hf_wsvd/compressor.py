@@ -316,6 +316,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         examples += len(batch["input_ids"]) if "input_ids" in batch else 0
     if data is None and statistics is not None:  # statistics given again: the examples they were taken on
         examples = statistics.examples
+    asked = config
     config = _recorded_calibration(config, given, examples)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = recipe_targets(model, config)  # before resolving the recipe, which reads the data
@@ -400,6 +401,11 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")
+    if data is not None and reused and not job.data_read:  # the statistics given held all it needed: said, recorded
+        job.notice(f"the data was not read: the given statistics hold everything method={config.method!r} "
+                   f"needs for every target layer (taken on {job.statistics.examples} examples); the recipe records "
+                   "those examples, not the data's")
+        config = replace(config, num_samples=job.statistics.examples or asked.num_samples, generated_samples=0)
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
                      refined=dict(job.refined))
     attach_recipe(model, recipe)
@@ -414,10 +420,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         *target_counts(model),
     )
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said
+        remedies = [config.rank_multiple_remedy()] if config.rank_multiple > 1 else []
+        if config.allocation != "greedy":
+            remedies.append("use allocation='greedy', which meets the budget")
         notice = (f"kept {report.target_kept:.1%} of the target layers' parameters for param_ratio="
                   f"{config.param_ratio}: a cut layer or MLP keeps at least rank_multiple={config.rank_multiple} "
-                  "ranks or channels, and a layer stays dense where a rank would save nothing or be slow; "
-                  f"{config.rank_multiple_remedy()}, or use allocation='greedy', which meets the budget")
+                  "ranks or channels, and a layer stays dense where a rank would save nothing or be slow"
+                  + (f"; {', or '.join(remedies)}" if remedies else ""))
         logger.warning(notice)
         report.notices.append(notice)
     return model, report

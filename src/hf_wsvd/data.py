@@ -98,6 +98,9 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     if os.path.getsize(path) == 0:
         raise ValueError(f"data file {path!r} is empty")
     builder, options = _BUILDERS[extension]
+    problem = _first_json_value(path) if builder == "json" else None
+    if problem:
+        raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {problem}")
     with held_records(f"datasets.packaged_modules.{builder}.{builder}") as drop:
         try:
             # escaped: datasets reads data_files as glob patterns, so 'dev?.tsv' would also read dev1.tsv
@@ -121,6 +124,27 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "true or false", type(None): "null", list: "list"}
 
 
+def _not_rows(value: Any) -> str | None:
+    """What the first JSON value of a file is, where it is no row nor list of rows; else None."""
+    if isinstance(value, dict) or (isinstance(value, list) and value):
+        return None
+    kind = "an empty list" if value == [] else f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}"
+    return f"it holds {kind}, not rows (one object per line, or a list of objects)"
+
+
+def _first_json_value(path: str) -> str | None:
+    """``_not_rows`` of a JSON (lines) file's first line where that line is short and a whole value:
+    asked before datasets reads the file, whose reader crashes the process on a first ``null``."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        for line in iter(lambda: handle.readline(1 << 16), ""):
+            if line.strip():
+                try:
+                    return _not_rows(json.loads(line))
+                except ValueError:  # a longer value, or no JSON: the reader's error says which
+                    return None
+    return None
+
+
 def _bad_json_line(path: str) -> str | None:
     """What is wrong with JSON (lines) ``path`` whose reader failed, where it can be said: no rows
     (blank lines, or objects without fields), a first value that is no table, or the first line
@@ -134,10 +158,8 @@ def _bad_json_line(path: str) -> str | None:
                 value = json.loads(line)
             except ValueError as error:
                 return None if number == 1 else f"line {number} is not JSON ({error})"
-            if number == 1 and not isinstance(value, dict) and not (isinstance(value, list) and value):
-                kind = ("an empty list" if value == [] else
-                        f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}")
-                return f"it holds {kind}, not rows (one object per line, or a list of objects)"
+            if number == 1 and _not_rows(value):
+                return _not_rows(value)
             if not isinstance(value, dict):
                 return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"
             fields = fields or bool(value)
@@ -204,13 +226,12 @@ def resolve_columns(
     repeated = sorted({c for c in text_columns or [] if text_columns.count(c) > 1})
     if repeated:
         raise ValueError(f"text_columns={text_columns} names {repeated[0]!r} twice: a sentence pair is two columns")
+    if task == CAUSAL_LM and label_column is not None:  # before the columns: no column of the data would do
+        raise ValueError(f"label column {label_column!r} given for a causal LM, which is trained on the text alone")
     for column in [*(text_columns or []), *([label_column] if label_column else [])]:
         if column not in columns:
             raise ValueError(f"unknown column {column!r}: {source} has columns {columns}")
-    if task == CAUSAL_LM:
-        if label_column is not None:
-            raise ValueError(f"label column {label_column!r} given for a causal LM, which is trained on the text alone")
-    elif label_column is None:
+    if task != CAUSAL_LM and label_column is None:
         if "label" not in columns:
             raise ValueError(f"no 'label' column in {source} (columns {columns}): name the label column (--label-column)")
         label_column = "label"

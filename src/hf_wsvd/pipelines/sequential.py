@@ -144,7 +144,7 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
         for index, block in enumerate(originals):
             blocks[index] = _Recorder(block, index, index == len(originals) - 1, record)
         with torch.no_grad(), failing_together(job.accelerator, "capture"):
-            for batch in batches(job.data, job.accelerator, device, "capture", False):
+            for batch in batches(job.read_data(), job.accelerator, device, "capture", False):
                 masks.append(batch.get("attention_mask"))
                 try:
                     job.model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}, use_cache=False)

@@ -64,6 +64,8 @@ class Job:
     refined: dict[str, list[float]] = field(default_factory=dict)
     # What the run did otherwise than the recipe asked, for the report (``notice``).
     notices: list[str] = field(default_factory=list)
+    # Whether a pass read ``data`` (``read_data``): reused statistics can leave it unread.
+    data_read: bool = False
     _open_stages: list[list[float]] = field(default_factory=list, repr=False)
 
     @functools.cached_property
@@ -93,6 +95,11 @@ class Job:
     def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         return {n: linear_shape(self.module(n)) for n in names}
 
+    def read_data(self) -> Iterable[dict] | None:
+        """``data``, for a pass over it (recorded as ``data_read``)."""
+        self.data_read = True
+        return self.data
+
     def notice(self, message: str) -> None:
         """Log ``message`` as a warning and keep it for the report's ``notices``."""
         logger.warning(message)
@@ -116,9 +123,18 @@ class Job:
                 self._open_stages[-1][1] += elapsed
 
 
-def require_data(job: Job) -> None:
-    if job.needs and job.data is None and not job.statistics.has(job.targets, job.needs):
-        raise ValueError(f"method={job.solver.name!r} needs {', '.join(sorted(job.needs))} statistics: pass importance data")
+def require_data(job: Job, method: str = "") -> None:
+    """Raise unless the statistics the method (``method`` names it, else the solver) needs can be had:
+    from ``data``, or given for every target layer."""
+    if not job.needs or job.data is not None or job.statistics.has(job.targets, job.needs):
+        return
+    needs = ", ".join(sorted(job.needs))
+    held = sorted(n for n in job.targets if job.statistics.has([n], job.needs))
+    if held:  # statistics of another selection of layers: say which are missing, not only that data is
+        missing = sorted(set(job.targets) - set(held))
+        raise ValueError(f"the statistics given hold {needs} for {len(held)} of the {len(job.targets)} target layers, "
+                         f"not for {missing[0]!r}: pass data too, or the target_modules they were taken for")
+    raise ValueError(f"{method or f'method={job.solver.name!r}'} needs {needs} statistics: pass calibration data")
 
 
 def gradient_pass(job: Job, names: Iterable[str]) -> None:
@@ -127,7 +143,7 @@ def gradient_pass(job: Job, names: Iterable[str]) -> None:
     if not job.gradient_needs or job.statistics.has(names, job.gradient_needs):
         return
     with job.timed("importance"):
-        stats = gradient_statistics(job.model, job.data, {n: job.module(n) for n in names}, job.gradient_needs,
+        stats = gradient_statistics(job.model, job.read_data(), {n: job.module(n) for n in names}, job.gradient_needs,
                                     job.loss_fn or per_example_loss(task_of(job.model)), job.accelerator,
                                     job.show_progress)
     job.statistics = job.statistics.merged(stats)

@@ -43,5 +43,5 @@ def collect(job: Job, names: Iterable[str]) -> None:
     if job.input_needs and not job.statistics.has(names, job.input_needs):
         with job.timed("activations"):
             job.statistics = job.statistics.merged(input_statistics(
-                job.model, job.data, {n: job.module(n) for n in names}, job.input_needs, job.accelerator,
+                job.model, job.read_data(), {n: job.module(n) for n in names}, job.input_needs, job.accelerator,
                 job.show_progress))

@@ -93,7 +93,7 @@ def quantized_residual(
     ``config.quantize`` the stock way in ``dtype`` (default: its own), each of ``targets``
     (base-model-relative name → module name) with its correction fitted on ``data``."""
     from ..blocks import given_back
-    from ..pipelines.step import Job, refuse_non_finite_weights
+    from ..pipelines.step import Job, refuse_non_finite_weights, require_data
     from ..config import GROUPED_QUANTIZE_SPECS
     from ..pipelines.whole_model import collect
     from ..integrations.quantization import dequantized_weight, is_quantized_tensor, quantization_config, quantize
@@ -115,9 +115,7 @@ def quantized_residual(
     job = Job(model, config, solver, config.method_options(), targets, data, loss_fn,
               accelerator or default_accelerator(), statistics or Statistics(), {}, show_progress)
     refuse_non_finite_weights(job)
-    if job.needs and data is None and not job.statistics.has(targets, job.needs):
-        raise ValueError(f"quantized_residual with residual_method={config.residual_method!r} needs "
-                         f"{', '.join(sorted(job.needs))} statistics: pass calibration data")
+    require_data(job, f"quantized_residual with residual_method={config.residual_method!r}")
     with given_back(model):  # statistics on the accelerator; quantized from the model's own device
         model.to(job.accelerator.device)
         collect(job, targets)

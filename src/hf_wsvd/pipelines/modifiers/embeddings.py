@@ -48,7 +48,7 @@ class Embeddings(Modifier):
             if config.embedding_weighting != "uniform":
                 counts = job.statistics.get(name, TOKEN_COUNTS)
                 if counts is None and job.data is not None:  # every process counts its share
-                    counts = token_counts(job.data, vocab_size, job.accelerator, job.show_progress, model)
+                    counts = token_counts(job.read_data(), vocab_size, job.accelerator, job.show_progress, model)
                     job.statistics = job.statistics.merged(Statistics({name: {TOKEN_COUNTS: counts}}))
             row_weights = embedding_row_weights(config, counts)
             table = down = None
