@@ -351,7 +351,7 @@ def test_misread_paths_are_named_for_what_they_are(tmp_path, classifier_dir, tsv
         capsys, ["eval", str(tmp_path / "empty.gguf"), "--data", str(tsv)])
     config = json.loads((classifier_dir / "config.json").read_text())
     (classifier_dir / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
-    assert "problem_type='multi_label_classification' is neither a causal LM nor a single-label sequence " \
-           "classifier" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
+    assert "problem_type='multi_label_classification' is neither a causal LM, a sequence-to-sequence LM nor a " \
+           "single-label sequence classifier" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
     assert "':::' is not a Hub dataset id" in one_error(
         capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--eval-dataset-id", ":::"])

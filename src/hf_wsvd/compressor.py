@@ -253,7 +253,7 @@ def compress(
     ``allocation``, ``sequential``) are resolved to the recommended recipe for ``model`` and
     ``data`` (``hf_wsvd.recipes``); the report and the saved checkpoint hold the resolved values.
     ``loss_fn(model, batch) -> per-example losses`` defaults to the model's task loss
-    (classification, regression or causal LM). ``statistics``
+    (classification, regression, causal or sequence-to-sequence LM). ``statistics``
     reuses statistics computed earlier on the same dense model (e.g. across ratios); sequential
     mode takes input statistics block by block whatever is given. Under ``accelerate launch`` /
     ``torchrun`` each process takes its share of ``data``, a plain ``DataLoader`` over a map-style

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
+                          GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from .blocks import kept_flags
 from .runtime.modeling_wsvd import held_records, short_repr
-from .tasks import CAUSAL_LM, CLASSIFICATION, labels_feed_decoder, task_of
+from .tasks import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ_LM, labels_feed_decoder, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
     from datasets import Dataset
@@ -194,8 +194,9 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
         raise ValueError(f"{source} cannot be read: {error.strerror or error}") from None
 
 
-def _check_text(column: str, source: str, values: list, missing: bool = False) -> None:
-    """Refuse a value of the text column ``column`` that is not a string (``None`` where ``missing``)."""
+def _check_text(column: str, source: str, values: list, missing: bool = False, option: str = "--text-columns") -> None:
+    """Refuse a value of the text column ``column`` (named by ``option``) that is not a string (``None``
+    where ``missing``)."""
     for index, value in enumerate(values):
         if not isinstance(value, str) and not (missing and value is None):
             shown = short_repr(value, 60)
@@ -203,7 +204,7 @@ def _check_text(column: str, source: str, values: list, missing: bool = False) -
                     "; its cells are lists: write one object (row) per text, not one list per column"
                     if isinstance(value, list) else "")
             raise ValueError(f"column {column!r} of {source} is not text (row {index + 1}: {shown}): name a column "
-                             f"of text (--text-columns){hint}")
+                             f"of text ({option}){hint}")
 
 
 def _texts(dataset: "Dataset", column: str, source: str) -> list[str]:
@@ -217,11 +218,11 @@ def resolve_columns(
     dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None,
     source: str = "the data",
 ) -> tuple[list[str], str | None]:
-    """Check the requested columns exist; default the label column to ``label`` and the text
-    columns to the string columns: for classifiers/regressors two of them (and no third) are a
-    sentence pair (``sentence1``/``sentence2``, MRPC's ``#1 String``/``#2 String``), else the
-    first one. A notice names the columns chosen when there was a choice. Causal LMs take no
-    label column. ``source`` names the data in errors."""
+    """Check the requested columns exist; default the label column to ``label`` (a sequence-to-sequence
+    LM's, its target text, to ``target``) and the text columns to the string columns: for
+    classifiers/regressors two of them (and no third) are a sentence pair (``sentence1``/``sentence2``,
+    MRPC's ``#1 String``/``#2 String``), else the first one. A notice names the columns chosen when
+    there was a choice. Causal LMs take no label column. ``source`` names the data in errors."""
     columns = dataset.column_names
     repeated = sorted({c for c in text_columns or [] if text_columns.count(c) > 1})
     if repeated:
@@ -232,9 +233,10 @@ def resolve_columns(
         if column not in columns:
             raise ValueError(f"unknown column {column!r}: {source} has columns {columns}")
     if task != CAUSAL_LM and label_column is None:
-        if "label" not in columns:
-            raise ValueError(f"no 'label' column in {source} (columns {columns}): name the label column (--label-column)")
-        label_column = "label"
+        default, what = ("target", "column of target text") if task == SEQ2SEQ_LM else ("label", "label column")
+        if default not in columns:
+            raise ValueError(f"no {default!r} column in {source} (columns {columns}): name the {what} (--label-column)")
+        label_column = default
     if label_column is not None and label_column in (text_columns or []):
         raise ValueError(f"column {label_column!r} is named both the label column and a text column: name each once")
     if not text_columns:
@@ -250,15 +252,19 @@ def resolve_columns(
                         _check_text(column, source, values, missing=True)
             besides = f" besides the label column {label_column!r}" if label_column in columns else ""
             raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
-        text_columns = strings[:2] if task != CAUSAL_LM and len(strings) == 2 else strings[:1]
+        pairs = task not in (CAUSAL_LM, SEQ2SEQ_LM)  # a language model reads one text
+        text_columns = strings[:2] if pairs and len(strings) == 2 else strings[:1]
         if len(text_columns) == 2:
             logger.warning("using the text columns %r and %r as a sentence pair (--text-columns to choose)",
                            *text_columns)
         elif len(strings) > 1:
-            logger.warning("using the text column %r; not using %s (--text-columns to choose, two for a pair)",
-                           text_columns[0], ", ".join(map(repr, strings[1:])))
+            logger.warning("using the text column %r; not using %s (--text-columns to choose%s)",
+                           text_columns[0], ", ".join(map(repr, strings[1:])), ", two for a pair" if pairs else "")
     if len(text_columns) > 2:
         raise ValueError(f"text_columns={text_columns}: at most two (a sentence pair) are supported")
+    if task == SEQ2SEQ_LM and len(text_columns) > 1:
+        raise ValueError(f"text_columns={text_columns}: a sequence-to-sequence LM reads one source text; name one "
+                         "column (its target text is --label-column)")
     return list(text_columns), label_column
 
 
@@ -347,7 +353,9 @@ def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_col
     # all blank would calibrate or score on nothing else.
     if not any(text.strip() for values in texts for text in values):
         raise ValueError(f"{source} holds no text in {', '.join(map(repr, text_columns))}: every row is empty or blank")
-    if label_column is not None:
+    if label_column is not None and task == SEQ2SEQ_LM:  # its target text
+        _check_text(label_column, source, dataset[label_column], option="--label-column")
+    elif label_column is not None:
         values = dataset[label_column]
         _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source,
                    _class_label(dataset, label_column) if class_indices is None else class_indices)
@@ -372,7 +380,8 @@ def tokenize(
     source: str = "the text",
 ) -> "Dataset":
     """Tokenize for the task. Classification/regression: one example per row (pairs supported; a
-    ClassLabel column's indices follow the model's class names, ``label2id``). Causal LM: rows are
+    ClassLabel column's indices follow the model's class names, ``label2id``). Sequence-to-sequence
+    LM: one example per row, its labels the target text's ids (``label_column``). Causal LM: rows are
     joined with EOS and cut into blocks of ``max_length`` tokens (no chat template), the standard
     language-modeling layout; ``source`` names the data in errors."""
     from datasets import Dataset
@@ -392,12 +401,18 @@ def tokenize(
     named = ", ".join(map(repr, text_columns))
 
     def encode(rows, indices):
-        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length)
+        target = {"text_target": rows[label_column]} if task == SEQ2SEQ_LM else {}  # tokenized as the labels
+        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length, **target)
         for index, ids in zip(indices, encoded["input_ids"]):
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
-        encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
-                                       class_indices)
+        for index, ids in zip(indices, encoded.get("labels", []) if target else []):
+            if not ids:
+                raise ValueError(f"row {index + 1} of {source} has no target text in {label_column!r}: remove the "
+                                 "empty rows")
+        if not target:
+            encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
+                                           class_indices)
         return encoded
 
     # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written
@@ -672,11 +687,14 @@ def subset(dataset: "Dataset", num_samples: int | None, seed: int, shuffle: bool
 
 
 def make_dataloader(dataset: "Dataset | list[dict]", tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int) -> DataLoader:
-    """Batches padded per batch; causal LM batches get ``labels`` = input ids (padding → -100)."""
+    """Batches padded per batch; causal LM batches get ``labels`` = input ids, a sequence-to-sequence
+    LM's its target text's (padding → -100)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == CAUSAL_LM:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    elif task == SEQ2SEQ_LM:  # the model builds its decoder's inputs from the labels
+        collator = DataCollatorForSeq2Seq(tokenizer)
     else:
         collator = DataCollatorWithPadding(tokenizer)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)

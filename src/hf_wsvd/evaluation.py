@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
-from .tasks import CAUSAL_LM, REGRESSION, causal_lm_nll, task_of
+from .tasks import CAUSAL_LM, REGRESSION, SEQ2SEQ_LM, causal_lm_nll, labels_feed_decoder, target_nll, task_of
 
 
 @torch.no_grad()
@@ -46,14 +46,19 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> d
 
 @torch.no_grad()
 def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> float:
-    """Token-level perplexity of a causal LM over ``loader`` (batches with ``labels``)."""
+    """Token-level perplexity of a causal LM over ``loader`` (batches with ``labels``), or of a
+    sequence-to-sequence LM's target text (its ``labels``)."""
     model.eval()
     device = next(model.parameters()).device
+    seq2seq = labels_feed_decoder(model)
     nll, tokens = [], []
     for batch in tqdm(loader, desc="perplexity", disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        sequence_nll, sequence_tokens = causal_lm_nll(logits, batch["labels"])
+        if seq2seq:  # its decoder reads the labels
+            sequence_nll, sequence_tokens = target_nll(model(**batch).logits.float(), batch["labels"])
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            sequence_nll, sequence_tokens = causal_lm_nll(logits, batch["labels"])
         nll += sequence_nll.tolist()
         tokens += sequence_tokens.tolist()
     return metrics.perplexity(nll, tokens)
@@ -68,11 +73,11 @@ def _not_finite(model: nn.Module) -> ValueError:
 def evaluate_model(model: nn.Module, loader: DataLoader, show_progress: bool = False) -> dict[str, float]:
     """The metrics of the model's task over ``loader``: accuracy, F1 (binary for two classes, else
     macro) and Matthews correlation for classifiers; Pearson and Spearman correlation for
-    regressors; perplexity for causal LMs."""
+    regressors; perplexity for causal LMs and of the target text for sequence-to-sequence LMs."""
     task = task_of(model)
     if len(loader) == 0:
         raise ValueError("no examples to evaluate: the data holds no rows (or no full block of max_length tokens)")
-    if task == CAUSAL_LM:
+    if task in (CAUSAL_LM, SEQ2SEQ_LM):
         value = perplexity(model, loader, show_progress)
         if not math.isfinite(value):  # float32 log-softmax of finite logits is finite
             raise _not_finite(model)

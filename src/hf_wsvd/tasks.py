@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          PreTrainedModel)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -19,6 +20,7 @@ from .runtime.modeling_wsvd import (CLASS_PREFIX, MODEL_TYPE, RECIPE_KEY, random
                                     unloaded)
 
 CAUSAL_LM = "causal_lm"
+SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder LM: its labels are the target text its decoder reads
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 
@@ -49,6 +51,8 @@ def _architecture_task(architecture: str, config) -> str | None:
     architecture = architecture.removeprefix(CLASS_PREFIX)
     if architecture in _CAUSAL_CLASSES:
         return CAUSAL_LM
+    if architecture in _SEQ2SEQ_CLASSES and getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ_LM
     if architecture in _CLASSIFIER_CLASSES:
         regression = config.problem_type == "regression" or (config.problem_type is None and config.num_labels == 1)
         if config.problem_type == "multi_label_classification":
@@ -63,19 +67,20 @@ def _architecture_task(architecture: str, config) -> str | None:
 
 
 def task_of(model: PreTrainedModel) -> str:
-    """``"causal_lm"``, ``"classification"`` or ``"regression"`` for a loaded model."""
+    """``"causal_lm"``, ``"seq2seq_lm"``, ``"classification"`` or ``"regression"`` for a loaded model."""
     task = _architecture_task(type(model).__name__, model.config)
     if task is None:
         raise ValueError(
             f"cannot derive a task loss for {type(model).__name__} (problem_type="
-            f"{model.config.problem_type!r}): hf_wsvd estimates importance for causal LMs and "
-            "single-label sequence classifiers/regressors; pass your own loss_fn"
+            f"{model.config.problem_type!r}): hf_wsvd estimates importance for causal and sequence-to-sequence "
+            "LMs and single-label sequence classifiers/regressors; pass your own loss_fn"
         )
     return task
 
 
 def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a checkpoint with the Auto class of its task (causal LM or sequence classifier),
+    """Load a checkpoint with the Auto class of its task (causal LM, sequence-to-sequence LM or sequence
+    classifier),
     read from ``config.architectures`` unless ``task`` is given. A folder's own code runs only under
     ``trust_remote_code=True`` (transformers would otherwise ask on a terminal)."""
     kwargs.setdefault("trust_remote_code", False)
@@ -90,9 +95,10 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
     if not tasks:
         what = (f"problem_type={config.problem_type!r}" if config.problem_type == "multi_label_classification"
                 else f"architectures={architectures}")
-        raise ValueError(f"{path}: {what} is neither a causal LM nor a single-label sequence classifier, the tasks "
-                         "the CLI can compute a loss for")
-    auto = AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSequenceClassification
+        raise ValueError(f"{path}: {what} is neither a causal LM, a sequence-to-sequence LM nor a single-label "
+                         "sequence classifier, the tasks the CLI can compute a loss for")
+    auto = (AutoModelForCausalLM if CAUSAL_LM in tasks else AutoModelForSeq2SeqLM if SEQ2SEQ_LM in tasks
+            else AutoModelForSequenceClassification)
     dense = config.model_type != MODEL_TYPE  # a compressed checkpoint's load checks its own shapes and tensors
     # A dense tensor of another shape than config.json says: named below, not transformers' RuntimeError.
     allowed = kwargs.pop("ignore_mismatched_sizes", False)
@@ -116,12 +122,14 @@ def per_example_loss(task: str) -> LossFn:
     gradient holds one per-example gradient per row of the batch."""
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         if "labels" not in batch:
             raise ValueError(f"importance batches need 'labels' (the task loss reads them); this batch has "
                              f"{sorted(batch)}: build it with hf_wsvd.cli.workflow.data_loader or add labels")
-        logits = model(**inputs).logits.float()
         labels = batch["labels"]
+        if task == SEQ2SEQ_LM:  # its decoder reads the labels (shifted right by the model): given to it
+            nll, tokens = target_nll(model(**batch).logits.float(), labels)
+            return nll / tokens.clamp_min(1)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         if task == CLASSIFICATION:
             return F.cross_entropy(logits, labels.long(), reduction="none")
         if task == REGRESSION:
@@ -135,6 +143,12 @@ def per_example_loss(task: str) -> LossFn:
 def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token negative log-likelihood, number of predicted tokens) of each sequence of a
     causal LM batch; labels of -100 are not predicted."""
-    targets = labels[:, 1:].long()  # any integer dtype (numpy's default is int32 on Windows)
-    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return target_nll(logits[:, :-1], labels[:, 1:])
+
+
+def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed negative log-likelihood of ``targets``, number of them) of each sequence, position by
+    position (a sequence-to-sequence LM's logits and labels; -100 is not predicted)."""
+    targets = targets.long()  # any integer dtype (numpy's default is int32 on Windows)
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return token_loss.sum(dim=1), (targets != -100).sum(dim=1)

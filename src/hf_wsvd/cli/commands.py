@@ -45,7 +45,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, columns, labels: bool = 
     parser.add_argument("--text-columns", type=columns, help="comma-separated text column(s) (default: the first text column; "
                         "for a classifier, the data's two text columns if it has exactly two: a sentence pair)")
     if labels:
-        parser.add_argument("--label-column", help="label column for classifiers (default: 'label'); none for causal LMs")
+        parser.add_argument("--label-column", help="label column for classifiers (default: 'label'), target text column "
+                            "for sequence-to-sequence LMs (default: 'target'); none for causal LMs")
 
 
 def _hub_model_id(text: str) -> str:
@@ -68,7 +69,8 @@ def add_commands(commands, columns) -> None:
     """Register ``eval``, ``export`` and ``push`` on the ``hf-wsvd`` subparsers."""
     e = commands.add_parser("eval", help="task metrics (or perplexity) of a model on a data file", epilog=EVAL_EXAMPLES,
                             description="Accuracy, F1 and MCC for classifiers, Pearson/Spearman for regressors, "
-                                        "perplexity for causal LMs; prints one JSON object.", **_formatter())
+                                        "perplexity for causal LMs (of the target text for sequence-to-sequence LMs); "
+                                        "prints one JSON object.", **_formatter())
     e.add_argument("path", help="model folder (compressed or dense), Hub id, or .gguf file (evaluated dense: a "
                                 "baseline for compress)")
     e.add_argument("--tokenizer", help="folder or Hub id of the tokenizer (default: the model's own)")

@@ -18,7 +18,7 @@ from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
                     teacher_samples, tokenize)
 from ..statistics.passes import OtherProcessFailed
-from ..tasks import CAUSAL_LM, load_task_model, task_of
+from ..tasks import CAUSAL_LM, SEQ2SEQ_LM, load_task_model, task_of
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -123,7 +123,7 @@ def load_tokenizer(path: str, option: str | None = None, what: str = "model") ->
 
 
 def load_model(path: str, **kwargs) -> PreTrainedModel:
-    """A causal LM or sequence classifier (its Auto class read from the config) from a folder, a
+    """A causal LM, sequence-to-sequence LM or sequence classifier (its Auto class read from the config) from a folder, a
     Hub id or a ``.gguf`` file (dequantized to a dense model); ``kwargs`` go to ``from_pretrained``."""
     location, extra = model_source(path)
     with load_errors(path):
@@ -216,7 +216,9 @@ def data_loader(
         written = written_blocks(model, encoded, generated, config.batch_size, config.seed)
         encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
     loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
-    check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
+    targets = list(encoded["labels"]) if task == SEQ2SEQ_LM else []  # its decoder's embeddings read them too
+    check_fits(model, [*encoded["input_ids"], *targets], config.max_length,
+               [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
     loader.num_samples, loader.generated_samples = sampled, len(written)
     return loader
 

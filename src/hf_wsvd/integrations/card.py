@@ -24,7 +24,7 @@ def template_path() -> Path:
 
 
 _PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
-                  "causal_lm": "text-generation"}
+                  "causal_lm": "text-generation", "seq2seq_lm": "text2text-generation"}
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Sequence-to-sequence LMs (T5, BART) as a task of their own: the importance loss and perplexity of
+their target text, data files of source and target columns, and the command line end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+import tiny
+from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.cli import main
+from hf_wsvd.cli.workflow import data_loader
+from hf_wsvd.evaluation import evaluate_model
+from hf_wsvd.tasks import SEQ2SEQ_LM, per_example_loss, task_of
+
+
+def _rows(count: int) -> list[dict[str, str]]:
+    words = tiny.WORDS
+    return [{"source": " ".join(words[i % 9: i % 9 + 4 + i % 3]), "target": " ".join(words[i % 5: i % 5 + 2 + i % 2])}
+            for i in range(count)]
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in _rows(24)))
+    return path
+
+
+def test_the_loss_of_each_example_is_the_model_s_own_loss_of_its_target_text():
+    model = tiny.build("t5")
+    assert task_of(model) == SEQ2SEQ_LM
+    ids = torch.randint(7, tiny.VOCAB_SIZE, (3, 6), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(7, tiny.VOCAB_SIZE, (3, 4), generator=torch.Generator().manual_seed(1))
+    labels[1, 2:] = -100  # a shorter target, padded
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    losses = per_example_loss(SEQ2SEQ_LM)(model, batch)
+    with torch.no_grad():
+        for row in range(3):  # the model's mean token loss of each example alone
+            alone = {k: v[row:row + 1] for k, v in batch.items()}
+            assert torch.allclose(losses[row], model(**alone).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
+    model = tiny.build("t5")
+    loader = data_loader(model, tokenizer, str(pairs), WSVDConfig(max_length=16, batch_size=4), shuffle=False)
+    rows = _rows(24)
+    assert loader.dataset["input_ids"] == tokenizer([r["source"] for r in rows], truncation=True,
+                                                    max_length=16)["input_ids"]
+    assert loader.dataset["labels"] == tokenizer(text_target=[r["target"] for r in rows], truncation=True,
+                                                 max_length=16)["input_ids"]
+    batch = next(iter(loader))
+    shortest = min(range(4), key=lambda i: len(loader.dataset["labels"][i]))
+    assert (batch["labels"][shortest] == -100).any()  # padding is not predicted
+    # named columns, and what is refused
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"text": r["source"], "summary": r["target"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"no 'target' column in data file .* \(columns \['text', 'summary'\]\): name "
+                                         r"the column of target text \(--label-column\)"):
+        data_loader(model, tokenizer, str(renamed), WSVDConfig())
+    named = data_loader(model, tokenizer, str(renamed), WSVDConfig(max_length=16), label_column="summary", shuffle=False)
+    assert named.dataset["labels"] == loader.dataset["labels"]
+    wide = tmp_path / "wide.jsonl"
+    wide.write_text("".join(json.dumps({**r, "context": r["source"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"text_columns=\['source', 'context'\]: a sequence-to-sequence LM reads one "):
+        data_loader(model, tokenizer, str(wide), WSVDConfig(), ["source", "context"])
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"source": r["source"], "target": 3}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"column 'target' of data file .* is not text \(row 1: 3\): name a column of "
+                                         r"text \(--label-column\); this one holds numbers"):
+        data_loader(model, tokenizer, str(numbers), WSVDConfig())
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"source": "the film", "target": "good"}) + "\n"
+                     + json.dumps({"source": "a plot", "target": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"row 2 of data file .* has no target text in 'target': remove the empty rows"):
+        data_loader(model, tokenizer, str(blank), WSVDConfig(max_length=16), shuffle=False)
+
+
+def test_the_recommended_recipe_compresses_with_the_fisher_of_the_target_text(tokenizer, pairs):
+    model = tiny.build("t5")
+    loader = data_loader(model, tokenizer, str(pairs), WSVDConfig(max_length=16, batch_size=4))
+    dense = evaluate_model(model, loader)["perplexity"]
+    with torch.no_grad():  # the perplexity of the target text: its tokens' mean loss, exponentiated
+        losses = [(model(**batch).loss * (batch["labels"] != -100).sum(), (batch["labels"] != -100).sum())
+                  for batch in loader]
+    assert math.isclose(dense, math.exp(sum(l for l, _ in losses) / sum(n for _, n in losses)), rel_tol=1e-5)
+    compressed, report = compress(model, WSVDConfig(param_ratio=0.6), loader, show_progress=False)
+    assert (report.method, report.allocation, report.pipeline) == ("fisher_whiten", "greedy", "whole_model")
+    assert report.importance_examples == 24 and report.ranks and report.notices == []
+    assert math.isfinite(evaluate_model(compressed, loader)["perplexity"])
+
+
+def test_the_command_line_compresses_and_evaluates_a_sequence_to_sequence_lm(tmp_path, tokenizer, pairs, capsys):
+    dense = tmp_path / "dense-t5"
+    tiny.build("t5").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    out = tmp_path / "compressed"
+    assert main(["compress", str(dense), str(out), "--param-ratio", "0.6", "--data", str(pairs), "--max-length", "16",
+                 "--batch-size", "4", "--eval-data", str(pairs)]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed with fisher_whiten: greedy allocation, whole_model pipeline" in printed
+    assert "  perplexity " in printed
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert model.config.wsvd["method"] == "fisher_whiten" and model.config.wsvd["num_samples"] == 24
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text2text-generation" in card
+    assert main(["eval", str(out), "--data", str(pairs), "--max-length", "16"]) == 0
+    measured = json.loads(capsys.readouterr().out)["perplexity"]
+    loader = data_loader(model, tokenizer, str(pairs), WSVDConfig(max_length=16), shuffle=False)
+    assert math.isclose(measured, evaluate_model(model, loader)["perplexity"], rel_tol=1e-5)
