@@ -194,6 +194,13 @@ def test_compensation_ridge_must_be_finite_and_positive(ridge):
     _assert_rejected(f"compensation_ridge={ridge!r} must be a finite number > 0", compensation_ridge=ridge)
 
 
+def test_a_compensation_ridge_below_float64_s_rounding_is_refused():
+    """1e-300 passed as > 0 and then failed in MLP pruning's Cholesky of a rank-deficient Gram."""
+    _assert_rejected("compensation_ridge=1e-300 must be at least 1e-06: a smaller ridge leaves a rank-deficient Gram "
+                     "singular in float64", compensation_ridge=1e-300)
+    assert WSVDConfig(compensation_ridge=1e-6).compensation_ridge == 1e-6
+
+
 def test_from_dict_rejects_an_unknown_key():
     data = WSVDConfig().to_dict()
     data["rank_ratio"] = 0.5

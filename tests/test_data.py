@@ -332,6 +332,8 @@ def _batch(arch: str, **changes) -> dict:
     ("llama", {"input_ids": torch.ones(2, 8, dtype=torch.long, device="meta")},
      "input_ids are on the meta device (shapes without values): give the token ids"),
     ("llama", {"attention_mask": torch.ones(2, 5)}, "attention_mask is a torch.float32 tensor of shape (2, 5)"),
+    ("bert", {"attention_mask": torch.zeros(2, 8, dtype=torch.long)},
+     "attention_mask marks no token as real (all 0): leave the batch out"),
     ("llama", {"labels": torch.ones(2, 5, dtype=torch.long)}, "a causal LM's labels are its input ids ((2, 8) integers"),
     ("bert", {"labels": torch.tensor([0, 6])}, "label 6 is outside the model's 2 classes"),
     ("bert", {"labels": torch.tensor([0.0, 1.0])}, "a classifier's labels are one class index per example"),

@@ -41,3 +41,32 @@ def test_api_keeps_the_dtype_of_the_replaced_layers_and_matches_the_cli(tmp_path
     assert all(api[k].dtype == dtype and torch.equal(api[k], cli[k]) for k in api)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "api")
     assert reloaded.dtype == dtype
+
+
+def _overflowing_half_llama() -> torch.nn.Module:
+    """A float16 Llama whose MLP activations pass float16's 65504 on the test batch."""
+    model = tiny.build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.mul_(3000)
+    return model.half()
+
+
+@pytest.mark.parametrize("method, allocation, statistic", [("whiten", "greedy", "gram"), ("asvd", "greedy", "mean_abs"),
+                                                           ("asvd", "uniform", "mean_abs")])
+def test_statistics_spoilt_by_a_float16_overflow_are_named_with_what_to_do(method, allocation, statistic):
+    """Said once for every method, as the overflow it is (asvd's greedy allocation raised a LinAlgError)."""
+    batch = tiny.inputs("llama", batch=4, length=8)
+    batch["labels"] = batch["input_ids"].clone()
+    with pytest.raises(ValueError, match=rf"^the {statistic} statistics of layer 'layers\.0\.mlp\.down_proj' hold NaN or "
+                                         r"inf values: the model's activations or gradients overflowed on the "
+                                         r"calibration data \(float16 activations overflow past 65504: load the model "
+                                         r"in bfloat16 or float32\)$"):
+        compress(_overflowing_half_llama(), WSVDConfig(method=method, allocation=allocation, sequential=False), [batch],
+                 show_progress=False)
+    with pytest.raises(ValueError, match=r"^the importance loss is NaN or infinite for importance batch 0 .*\(float16 "
+                                         r"activations overflow past 65504: load the model in bfloat16 or float32\)$"):
+        compress(_overflowing_half_llama(), WSVDConfig(method="fisher_whiten", sequential=False), [batch],
+                 show_progress=False)
+    compress(_overflowing_half_llama().float(), WSVDConfig(method=method, allocation=allocation, sequential=False),
+             [batch], show_progress=False)  # in float32 the same weights compress

@@ -3,6 +3,8 @@ gives the same result in two processes as in one."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -261,6 +263,20 @@ def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message)
     model, _, modules, _ = case_inputs("bert_classification", 4, 2)
     with pytest.raises(ValueError, match=message):
         fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, lambda model, batch: returned)
+
+
+@pytest.mark.parametrize("reduce, shape", [(lambda losses: losses.mean(), "()"), (lambda losses: losses[:1], "(1,)"),
+                                           (lambda losses: losses[:, None], "(2, 1)")])
+def test_a_loss_fn_that_returns_other_than_one_loss_per_example_is_refused(reduce, shape):
+    """A batch mean would scale the Fisher by 1/batch², fewer losses would drop examples: both silently."""
+    model, _, modules, _ = case_inputs("bert_classification", 4, 2)
+
+    def loss_fn(model, batch):
+        return reduce(per_example_loss(task_of(model))(model, batch))
+
+    with pytest.raises(ValueError, match=re.escape(f"loss_fn returned a tensor of shape {shape} for importance batch 0 "
+                                                   "of 2 examples: it must return one loss per example")):
+        fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, loss_fn)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -66,6 +66,25 @@ def test_gram_square_root_falls_back_for_indefinite_matrices():
         gram_square_root(torch.full((2, 2), float("nan")))
 
 
+@pytest.mark.parametrize("method", ["whiten", "fisher_whiten", None])
+def test_a_layer_that_never_gets_an_input_is_factorized_unweighted(method):
+    """An all-zero Gram (BERT layer 0's intermediate zeroed: its output layer reads GELU(0) = 0):
+    whitening weighs every direction alike instead of dividing by ~0 (its factors were inf)."""
+    model = tiny.build("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight.zero_()
+        model.bert.encoder.layer[0].intermediate.dense.bias.zero_()
+    data = [{**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}]
+    compressed, report = compress(model, WSVDConfig(method=method, param_ratio=0.5), data, show_progress=False)
+    assert all(torch.isfinite(p).all() for p in compressed.parameters()) and report.ranks
+    layer = compressed.bert.encoder.layer[0].output.dense
+    if method == "whiten":  # the best rank-r factors of W itself
+        assert isinstance(layer, FactorizedLinear)
+        up, down = truncated_svd(tiny.build("bert").bert.encoder.layer[0].output.dense.weight.detach().double(),
+                                 layer.rank)
+        torch.testing.assert_close((layer.up.weight @ layer.down.weight).double(), up @ down, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_truncated_svd_is_the_optimal_balanced_truncation(shape, dtype):

@@ -294,6 +294,19 @@ def test_quantized_residual_without_data_names_the_statistics_it_needs():
                          show_progress=False)
 
 
+def test_float64_weights_are_refused_before_quantizing():
+    """torchao asserts on float64 deep inside from_pretrained's conversion, under a report of hundreds of lines."""
+    message = re.escape("quantizes float32, float16 or bfloat16 weights, not torch.float64: cast the model")
+    with pytest.raises(ValueError, match="^quantize='int3' " + message):
+        hf_wsvd.compress(tiny.build("llama").double(), hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8,
+                                                                          **QUANTIZE), _lm_batches(2), show_progress=False)
+    with pytest.raises(ValueError, match="^quantize='int3' " + message):
+        hf_wsvd.compress(tiny.build("llama"), hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8, **QUANTIZE),
+                         _lm_batches(2), show_progress=False, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        quantize(tiny.build("llama").double(), quantization_config("int8"))
+
+
 def test_a_corrected_layer_counts_once_in_what_the_checkpoint_reports(residual):
     """A corrected layer's own base and factors are linears inside a target: they are no dense target
     of their own (they were counted twice, and the kept ratio came out 1.1 for 1.2)."""

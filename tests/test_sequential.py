@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import pytest
@@ -267,7 +268,12 @@ def test_the_model_comes_back_in_its_training_mode_and_a_frozen_one_stays_frozen
 
 
 @pytest.mark.parametrize("recipe, message", [
-    (dict(param_ratio=0.01), "param_ratio=0.01 is below the cost of rank 8"),
+    (dict(param_ratio=0.01), "param_ratio=0.01 is below the cost of rank 8 (8 channels for a pruned MLP or "
+                             "attention) for every target layer"),
+    (dict(param_ratio=0.01, mlp_pruning=False), "is below the cost of rank 8 for every target layer (8,192 "
+                                                "parameters for a budget of 184): raise param_ratio, or lower "
+                                                "rank_multiple"),
+    (dict(param_ratio=0.001, mlp_pruning=False, rank_multiple=1), "budget of 18): raise param_ratio"),
     (dict(param_ratio=0.5, rank_multiple=64), "below the cost of rank 64"),
     (dict(param_ratio=0.5, rank_multiple=10**9), "no target layer has a rank that is a multiple of rank_multiple"),
     (dict(param_ratio=0.5, sequential=False, rank_multiple=64), "rank_multiple=64"),
@@ -284,7 +290,7 @@ def test_what_the_shapes_alone_rule_out_is_refused_before_any_pass(recipe, messa
         calls.append(batch)
         return per_example_loss(task_of(model))(model, batch)
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         compress(model, WSVDConfig(method="fisher_whiten", allocation="greedy", **recipe), loader, loss_fn=loss_fn,
                  show_progress=False)
     assert calls == []

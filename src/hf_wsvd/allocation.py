@@ -117,10 +117,12 @@ def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multipl
     budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
     spent = sum(multiple * item.unit_params for item in items.values()) + sum(slow.values())
     if spent > budget:
+        cut = f" ({multiple} channels for a pruned MLP or attention)" if extra else ""
         raise ValueError(
-            f"param_ratio={param_ratio} is below the cost of rank {multiple} ({multiple} channels for a pruned MLP) for "
-            "every target layer" + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}"
-                                    if slow else "") + f" ({spent:,} parameters for a budget of {budget:,.0f})"
+            f"param_ratio={param_ratio} is below the cost of rank {multiple}{cut} for every target layer"
+            + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}" if slow else "")
+            + f" ({spent:,} parameters for a budget of {budget:,.0f}): raise param_ratio"
+            + (f", or {remedy}" if multiple > 1 else "")
         )
     return items, {n: limits[n] for n in items}, budget, spent
 

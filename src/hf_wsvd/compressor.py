@@ -304,7 +304,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         raise ValueError(f"the model's weights are not loaded ({unloaded!r} is on the meta device): load it with "
                          "from_pretrained (or dispatch it with a device_map) before compressing")
     if config.quantize and config.method == "quantized_residual":  # it quantizes: refused now, not after the work
-        check_quantizable(model, config.quantize, config.quantize_group_size)
+        check_quantizable(model, config.quantize, config.quantize_group_size, dtype)
     given = data  # data_loader marks the loader itself with what it sampled and wrote
     if data is not None:
         check_shardable(data, accelerator)  # before a one-shot iterable becomes a list

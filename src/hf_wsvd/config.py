@@ -38,6 +38,8 @@ QUANTIZE_SPECS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "int4-
 GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-gpu")
 # The version of the recipe's keys, saved with it: raise it whenever a release adds a key, so that
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
+# Below it, λ = ridge × mean diag C falls under float64's rounding of a wide Gram (n·eps·‖C‖).
+MIN_COMPENSATION_RIDGE = 1e-6
 RECIPE_VERSION = 4  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples
 VERSION_KEY = "recipe_version"
 # The fields compress fills with what it did (a checkpoint's record), never read as its input.
@@ -127,7 +129,7 @@ class WSVDConfig:
         "fisher_whiten). Unset (None): on in sequential mode with such a method", action=argparse.BooleanOptionalAction)
     compensation_ridge: float = recipe_field(
         0.1, "compensate and mlp_pruning: pull toward the dense weight, lambda = this x the mean diagonal of the "
-        "layer's input Gram, > 0 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
+        "layer's input Gram, at least 1e-6 (measured best at 0.01-0.1 on SmolLM2 and Qwen2.5; 1 and 0.001 were worse)", type=float)
     mlp_pruning: bool | None = recipe_field(
         None, "shrink each MLP (gate/up -> down, fc1 -> fc2, BERT's intermediate -> output) to its most useful "
         "intermediate channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of "
@@ -350,6 +352,9 @@ class WSVDConfig:
         ridge = self.compensation_ridge
         if not is_number(ridge) or not 0 < ridge < float("inf"):
             raise ValueError(f"compensation_ridge={ridge!r} must be a finite number > 0")
+        if ridge < MIN_COMPENSATION_RIDGE:
+            raise ValueError(f"compensation_ridge={ridge!r} must be at least {MIN_COMPENSATION_RIDGE:g}: a smaller ridge "
+                             "leaves a rank-deficient Gram singular in float64 (0.01-0.1 measured best)")
         if not self.compensate:
             return
         if self.sequential is False:

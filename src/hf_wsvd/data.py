@@ -601,6 +601,8 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         raise ValueError(f"{where}: input_ids are on the meta device (shapes without values): give the token ids")
     vocabulary = model.get_input_embeddings().num_embeddings
     check_ids_and_mask(ids, batch.get("attention_mask"), vocabulary, where)
+    if batch.get("attention_mask") is not None and not batch["attention_mask"].any():
+        raise ValueError(f"{where}: attention_mask marks no token as real (all 0): leave the batch out")
     positions = position_limit(model)
     if positions is not None and ids.shape[1] > positions:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "

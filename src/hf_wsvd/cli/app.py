@@ -194,7 +194,7 @@ def _compress(args: argparse.Namespace) -> None:
         if config.quantize:
             from ..integrations.quantization import check_quantizable
 
-            check_quantizable(model, config.quantize, config.quantize_group_size)
+            check_quantizable(model, config.quantize, config.quantize_group_size, save_dtype)
         loader = (data_loader(model, tokenizer, args.data, config.calibration, args.text_columns, args.label_column,
                               split=args.split)
                   if args.data else None)

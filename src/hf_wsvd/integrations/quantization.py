@@ -61,16 +61,25 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
                                               mapping_type=MappingType.ASYMMETRIC))
 
 
-def check_quantizable(model: nn.Module, spec: str, group_size: int = 64) -> None:
+# torchao's kernels assert on float64 deep inside from_pretrained's conversion: refused before it.
+NOT_FLOAT64 = ("quantizes float32, float16 or bfloat16 weights, not torch.float64: cast the model (model.float()) or pass "
+               "dtype=torch.float32")
+
+
+def check_quantizable(model: nn.Module, spec: str, group_size: int = 64, dtype: torch.dtype | None = None) -> None:
     """Raise a one-line ValueError, before any work, where ``spec`` could not quantize ``model``
-    (dense or about to be compressed): its package missing, a CUDA-only format without CUDA, or a
-    linear outside the repeated blocks and the output head (a classifier, a pooler) whose input size
-    the format's groups do not divide (a linear of the blocks, factor, pruned or dense, of such a
-    size is kept unquantized at load instead: ``keep_unquantizable``)."""
+    (dense or about to be compressed) in ``dtype`` (default: its own): its package missing, a CUDA-only
+    format without CUDA, float64 weights, or a linear outside the repeated blocks and the output head
+    (a classifier, a pooler) whose input size the format's groups do not divide (a linear of the
+    blocks, factor, pruned or dense, of such a size is kept unquantized at load instead:
+    ``keep_unquantizable``)."""
     try:
         quantization_config(spec, group_size)
     except ImportError as error:
         raise ValueError(str(error)) from None
+    dtype = dtype or next(model.parameters()).dtype
+    if dtype == torch.float64:
+        raise ValueError(f"quantize={spec!r} {NOT_FLOAT64}")
     if spec in ("nf4", "bnb-int8") and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"quantize={spec!r} needs bitsandbytes (pip install bitsandbytes; the devices its kernels run "
                          "on are in its documentation)")
@@ -107,6 +116,8 @@ def quantize(model: PreTrainedModel, config: Any, dtype: torch.dtype | None = No
     loaded back with its own class, in ``dtype`` (default: the model's), on the model's accelerator
     when it sits on one (else on the CPU); ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``).
     The result saves with ``save_pretrained``."""
+    if (dtype or model.dtype) == torch.float64:
+        raise ValueError(f"{type(config).__name__} {NOT_FLOAT64}")
     device = next(model.parameters()).device
     # from_pretrained loads on the CPU unless told; a dispatched or offloaded model is left to it
     if "device_map" not in kwargs and device.type not in ("cpu", "meta") and not getattr(model, "hf_device_map", None):

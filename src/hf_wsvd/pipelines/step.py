@@ -32,6 +32,7 @@ from ..runtime.modeling_wsvd import all_finite
 from ..solvers import LayerProblem, MethodOptions, Solver
 from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
+from ..statistics.result import FLOAT16_OVERFLOW
 from ..swap import factors_like
 from ..tasks import LossFn, per_example_loss, task_of
 from .modifiers import Block, ChannelGroup, ChannelModifier, Modifier, enabled_modifiers
@@ -216,6 +217,11 @@ def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProbl
     each modifier sets it (``Modifier.problem``: compensation's target in sequential mode)."""
     weight = layer_weight(job, name)
     values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
+    spoilt = next((k for k, value in sorted(values.items()) if not all_finite(value)), None)
+    if spoilt is not None:  # named here, once for every method, not as its decomposition's failure
+        half = FLOAT16_OVERFLOW if next(job.model.parameters()).dtype == torch.float16 else ""
+        raise ValueError(f"the {spoilt} statistics of layer {name!r} hold NaN or inf values: the model's activations "
+                         f"or gradients overflowed on the calibration data{half}")
     layer = LayerProblem(name, weight, rank, job.options, **values)
     for modifier in job.modifiers:
         layer = modifier.problem(job, layer, stats)
@@ -388,7 +394,7 @@ def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -
     impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank)."""
     config = job.config
     if config.allocation == "greedy":
-        greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
+        greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts) or None,
                      config.max_kept_ratio_for_speed, remedy=config.rank_multiple_remedy())
 
 

@@ -23,6 +23,8 @@ ACTIVATION_FLOOR = 1e-6
 
 
 def _whitening(problem: LayerProblem) -> Weighting:
+    if not problem.gram.diagonal().any():  # no input ever reached the layer: every direction weighs alike
+        return Weighting()  # (its square root is ~0, and the factors' unweighting would divide by it)
     root, lower = gram_square_root(problem.gram)
     return Weighting(right=root, lower=lower)
 

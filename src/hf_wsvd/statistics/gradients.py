@@ -33,7 +33,7 @@ from ..runtime.factorized_linear import linear_shape
 from ..tasks import LossFn
 from .collectors import COLLECTORS, Collector, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
-from .result import Statistics
+from .result import FLOAT16_OVERFLOW, Statistics
 
 # Largest transient of the batched per-example gradients (examples × out × in) on accelerators:
 # 2^28 elements (1 GiB in float32), whatever the layer and batch sizes.
@@ -225,14 +225,20 @@ def gradient_statistics(
                     shown = "a tensor without gradient" if isinstance(losses, torch.Tensor) else repr(losses)
                     raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
                                      "computed from the model's outputs")
+                examples = batch["labels"].shape[0]
+                if losses.shape != (examples,):  # a mean (or fewer losses) would scale or drop examples silently
+                    raise ValueError(f"loss_fn returned a tensor of shape {tuple(losses.shape)} for importance batch "
+                                     f"{index} of {examples} examples: it must return one loss per example "
+                                     "(reduction='none', averaged over each example's tokens)")
                 if not bool(torch.isfinite(losses.detach()).all()):  # it would spread to every statistic
+                    half = FLOAT16_OVERFLOW if next(model.parameters()).dtype == torch.float16 else ""
                     raise ValueError(f"the importance loss is NaN or infinite for importance batch {index} (of "
                                      "this process): check that batch's labels (an example whose labels are all "
                                      "-100 has no loss to average) and the model's outputs (or the loss_fn "
-                                     "given)")
+                                     f"given){half}")
                 losses = losses.sum()
                 replay.backward(losses) if streamed else losses.backward()
-                count += batch["labels"].shape[0]
+                count += examples
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
         raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")

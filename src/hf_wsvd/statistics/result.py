@@ -8,6 +8,9 @@ import torch
 
 from .names import FISHER, FISHER_COLS, FISHER_ROWS
 
+# What to do where a float16 model's statistics or loss came out NaN or inf (its range ends at 65504).
+FLOAT16_OVERFLOW = " (float16 activations overflow past 65504: load the model in bfloat16 or float32)"
+
 # Statistics that a per-entry Fisher holds too: the dimension it is summed over.
 SUMS_OF_ENTRIES = {FISHER_ROWS: 1, FISHER_COLS: 0}
 
