@@ -388,6 +388,15 @@ def test_data_left_unread_by_reused_statistics_is_said_and_not_recorded():
     with pytest.raises(ValueError, match=r"^the statistics given hold \w.* for \d+ of the \d+ target layers, not for "
                                          r"'encoder\.layer\.1\.[^']*': pass data too, or the target_modules they were "):
         hf_wsvd.compress(tiny.build("bert"), recipe, statistics=some, show_progress=False)
+    # statistics of activations alone (no Fisher pass) count their examples too, and what the model wrote among them
+    whitened, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), other,
+                                        show_progress=False)
+    assert report.statistics.examples == 12 and report.statistics.generated == 0
+    report.statistics.generated = 4  # as if 4 of the 12 had been written by the model (data_loader's loaders say so)
+    for data in (None, [{**tiny.inputs("bert", batch=2, length=8), "labels": labels[:2]}]):
+        again, _ = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), data,
+                                    statistics=report.statistics, show_progress=False)
+        assert (again.config.wsvd["num_samples"], again.config.wsvd["generated_samples"]) == (8, 4)
 
 
 def test_statistics_of_other_weights_of_the_same_shapes_are_refused():

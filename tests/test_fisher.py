@@ -266,17 +266,27 @@ def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message)
 
 
 @pytest.mark.parametrize("reduce, shape", [(lambda losses: losses.mean(), "()"), (lambda losses: losses[:1], "(1,)"),
-                                           (lambda losses: losses[:, None], "(2, 1)")])
+                                           (lambda losses: losses[None], "(1, 2)")])
 def test_a_loss_fn_that_returns_other_than_one_loss_per_example_is_refused(reduce, shape):
-    """A batch mean would scale the Fisher by 1/batch², fewer losses would drop examples: both silently."""
+    """A batch mean would scale the Fisher by 1/batch², fewer losses would drop examples: both silently.
+    One row per example passes, whatever follows it (summed), and so does a batch of one's scalar."""
     model, _, modules, _ = case_inputs("bert_classification", 4, 2)
+    loader = make_loader(make_examples(task_of(model), 4), 2)
 
     def loss_fn(model, batch):
         return reduce(per_example_loss(task_of(model))(model, batch))
 
     with pytest.raises(ValueError, match=re.escape(f"loss_fn returned a tensor of shape {shape} for importance batch 0 "
                                                    "of 2 examples: it must return one loss per example")):
-        fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, loss_fn)
+        fisher_of(model, loader, modules, loss_fn)
+    reference = fisher_of(model, loader, modules, per_example_loss(task_of(model)))[0]
+    loss = per_example_loss(task_of(model))
+    rows = fisher_of(model, loader, modules, lambda model, batch: loss(model, batch)[:, None])[0]
+    alone = fisher_of(model, make_loader(make_examples(task_of(model), 4), 1), modules,
+                      lambda model, batch: loss(model, batch)[0])[0]
+    for name in modules:
+        torch.testing.assert_close(rows[name], reference[name])
+        torch.testing.assert_close(alone[name], reference[name], rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -66,7 +66,7 @@ def test_gram_square_root_falls_back_for_indefinite_matrices():
         gram_square_root(torch.full((2, 2), float("nan")))
 
 
-@pytest.mark.parametrize("method", ["whiten", "fisher_whiten", None])
+@pytest.mark.parametrize("method", ["whiten", "fisher_whiten", "asvd", None])
 def test_a_layer_that_never_gets_an_input_is_factorized_unweighted(method):
     """An all-zero Gram (BERT layer 0's intermediate zeroed: its output layer reads GELU(0) = 0):
     whitening weighs every direction alike instead of dividing by ~0 (its factors were inf)."""
@@ -78,6 +78,8 @@ def test_a_layer_that_never_gets_an_input_is_factorized_unweighted(method):
     compressed, report = compress(model, WSVDConfig(method=method, param_ratio=0.5), data, show_progress=False)
     assert all(torch.isfinite(p).all() for p in compressed.parameters()) and report.ranks
     layer = compressed.bert.encoder.layer[0].output.dense
+    assert report.ranks["encoder.layer.0.output.dense"] == min(report.ranks.values())  # no rank loses anything there
+    assert max(float(p.detach().abs().max()) for p in layer.parameters()) < 10  # not split 1e-10 / 1e8 between the factors
     if method == "whiten":  # the best rank-r factors of W itself
         assert isinstance(layer, FactorizedLinear)
         up, down = truncated_svd(tiny.build("bert").bert.encoder.layer[0].output.dense.weight.detach().double(),

@@ -296,7 +296,7 @@ def test_quantized_residual_without_data_names_the_statistics_it_needs():
 
 def test_float64_weights_are_refused_before_quantizing():
     """torchao asserts on float64 deep inside from_pretrained's conversion, under a report of hundreds of lines."""
-    message = re.escape("quantizes float32, float16 or bfloat16 weights, not torch.float64: cast the model")
+    message = re.escape("quantizes float32, float16 or bfloat16 weights, not torch.float64: use the model in one of those")
     with pytest.raises(ValueError, match="^quantize='int3' " + message):
         hf_wsvd.compress(tiny.build("llama").double(), hf_wsvd.WSVDConfig(method="quantized_residual", residual_rank=8,
                                                                           **QUANTIZE), _lm_batches(2), show_progress=False)

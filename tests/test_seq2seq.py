@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import transformers
+from tokenizers import processors
 
 import tiny
 from hf_wsvd import WSVDConfig, compress
@@ -75,9 +76,25 @@ def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
         data_loader(model, tokenizer, str(numbers), WSVDConfig())
     blank = tmp_path / "blank.jsonl"
     blank.write_text(json.dumps({"source": "the film", "target": "good"}) + "\n"
-                     + json.dumps({"source": "a plot", "target": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"row 2 of data file .* has no target text in 'target': remove the empty rows"):
-        data_loader(model, tokenizer, str(blank), WSVDConfig(max_length=16), shuffle=False)
+                     + json.dumps({"source": "a plot", "target": " "}) + "\n")
+    closing = tiny.tokenizer()  # as T5's and BART's, it ends every text with </s>: a blank target is not empty
+    closing.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 6)])
+    for each in (tokenizer, closing):
+        with pytest.raises(ValueError, match=r"row 2 of data file .* has no target text in 'target': remove the empty "):
+            data_loader(model, each, str(blank), WSVDConfig(max_length=16), shuffle=False)
+
+
+def test_labels_are_padded_on_the_right_whatever_side_the_tokenizer_pads(tokenizer, pairs):
+    """The decoder reads the labels from the left: padded on the left, it would read padding first."""
+    model = tiny.build("t5")
+    config = WSVDConfig(max_length=16, batch_size=4)
+    right = data_loader(model, tokenizer, str(pairs), config, shuffle=False)
+    tokenizer.padding_side = "left"
+    left = data_loader(model, tokenizer, str(pairs), config, shuffle=False)
+    assert tokenizer.padding_side == "left"  # the user's tokenizer is left as it was
+    for a, b in zip(right, left):
+        assert torch.equal(a["labels"], b["labels"]) and (a["labels"][:, 0] != -100).all()
+    assert evaluate_model(model, left) == evaluate_model(model, right)
 
 
 def test_the_recommended_recipe_compresses_with_the_fisher_of_the_target_text(tokenizer, pairs):

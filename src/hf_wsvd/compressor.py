@@ -155,6 +155,14 @@ def _recorded_calibration(config: WSVDConfig, data: Any, examples: int) -> WSVDC
     return replace(config, **changed) if changed else config
 
 
+def _taken_on(config: WSVDConfig, statistics: Statistics) -> WSVDConfig:
+    """``config`` recording the calibration that reused ``statistics`` were taken on, where no data
+    given was read: the examples sampled, and those the model wrote (``Statistics.generated``)."""
+    sampled = statistics.examples - statistics.generated
+    return replace(config, num_samples=sampled if sampled > 0 else config.num_samples,
+                   generated_samples=statistics.generated)
+
+
 def _expert_parameters(model: PreTrainedModel) -> int:
     """How many parameters of ``model``'s blocks are 3-D tensors of one matrix per expert (experts ×
     out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5): none is a layer
@@ -314,10 +322,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
         check_batch(model, batch, index, task_labels=loss_fn is None)
         examples += len(batch["input_ids"]) if "input_ids" in batch else 0
-    if data is None and statistics is not None:  # statistics given again: the examples they were taken on
-        examples = statistics.examples
-    asked = config
-    config = _recorded_calibration(config, given, examples)
+    if data is None and statistics is not None:  # statistics given again: the calibration they were taken on
+        config = _taken_on(config, statistics)
+    else:
+        config = _recorded_calibration(config, given, examples)
     # The targets come from the recipe's patterns, which resolving leaves as they are: found once.
     targets = recipe_targets(model, config)  # before resolving the recipe, which reads the data
     reused = statistics is not None and bool(set(statistics.values) & set(targets))
@@ -381,6 +389,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
                                                       show_progress, dtype)
         attach_recipe(quantized, replace(config, param_ratio=1.0, residual=residual, refined=dict(job.refined)))
+        job.statistics.generated = config.generated_samples
         target_after, target_before = target_counts(quantized)
         report = CompressionReport(config.method, 1.0, dict(residual), [], params_before, parameter_counts(quantized)[0],
                                    job.statistics.examples, job.seconds, "uniform", "quantized_residual", job.statistics,
@@ -405,7 +414,9 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         job.notice(f"the data was not read: the given statistics hold everything method={config.method!r} "
                    f"needs for every target layer (taken on {job.statistics.examples} examples); the recipe records "
                    "those examples, not the data's")
-        config = replace(config, num_samples=job.statistics.examples or asked.num_samples, generated_samples=0)
+        config = _taken_on(config, job.statistics)
+    elif job.data_read:  # what the statistics were taken on, for a later reuse to record
+        job.statistics.generated = config.generated_samples
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
                      refined=dict(job.refined))
     attach_recipe(model, recipe)

@@ -4,6 +4,7 @@ tokenized for the model's task."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import glob
 import json
@@ -158,8 +159,8 @@ def _bad_json_line(path: str) -> str | None:
                 value = json.loads(line)
             except ValueError as error:
                 return None if number == 1 else f"line {number} is not JSON ({error})"
-            if number == 1 and _not_rows(value):
-                return _not_rows(value)
+            if number == 1 and (problem := _not_rows(value)):
+                return problem
             if not isinstance(value, dict):
                 return None if number == 1 else f"line {number} is a JSON {type(value).__name__}, not an object"
             fields = fields or bool(value)
@@ -353,8 +354,12 @@ def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_col
     # all blank would calibrate or score on nothing else.
     if not any(text.strip() for values in texts for text in values):
         raise ValueError(f"{source} holds no text in {', '.join(map(repr, text_columns))}: every row is empty or blank")
-    if label_column is not None and task == SEQ2SEQ_LM:  # its target text
-        _check_text(label_column, source, dataset[label_column], option="--label-column")
+    if label_column is not None and task == SEQ2SEQ_LM:  # its target text: a blank one would teach the end alone
+        targets = dataset[label_column]
+        _check_text(label_column, source, targets, option="--label-column")
+        blank = next((i for i, text in enumerate(targets) if not text.strip()), None)
+        if blank is not None:
+            raise ValueError(f"row {blank + 1} of {source} has no target text in {label_column!r}: remove the empty rows")
     elif label_column is not None:
         values = dataset[label_column]
         _label_ids(values, range(len(values)), label2id or {}, num_labels, task, source,
@@ -406,10 +411,6 @@ def tokenize(
         for index, ids in zip(indices, encoded["input_ids"]):
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
-        for index, ids in zip(indices, encoded.get("labels", []) if target else []):
-            if not ids:
-                raise ValueError(f"row {index + 1} of {source} has no target text in {label_column!r}: remove the "
-                                 "empty rows")
         if not target:
             encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
                                            class_indices)
@@ -695,7 +696,9 @@ def make_dataloader(dataset: "Dataset | list[dict]", tokenizer: PreTrainedTokeni
         tokenizer.pad_token = tokenizer.eos_token
     if task == CAUSAL_LM:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    elif task == SEQ2SEQ_LM:  # the model builds its decoder's inputs from the labels
+    elif task == SEQ2SEQ_LM:  # the model builds its decoder's inputs from the labels, read from the left
+        tokenizer = copy.copy(tokenizer)  # the collator pads the labels on its tokenizer's side, read at each batch
+        tokenizer.padding_side = "right"
         collator = DataCollatorForSeq2Seq(tokenizer)
     else:
         collator = DataCollatorWithPadding(tokenizer)

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the data: fisher_whiten with greedy ranks given labelled data (a classifier's labels, a\n"
                     "causal LM's text; block by block for a causal LM), whiten for unlabelled data, svd without.",
     )
-    c.add_argument("model", help="model folder, Hub id, or .gguf file (causal LM or sequence classifier)")
+    c.add_argument("model", help="model folder or Hub id (causal LM, sequence-to-sequence LM or sequence classifier), or "
+                                 "a causal LM's .gguf file")
     c.add_argument("output", help="folder to write the compressed checkpoint to (must not exist or be empty, or be "
                                   "an earlier hf-wsvd output with --overwrite)")
     c.add_argument("--data", help="importance data: TSV/CSV/JSON(L)/text/parquet file or save_to_disk folder "

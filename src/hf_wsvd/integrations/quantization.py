@@ -62,8 +62,8 @@ def quantization_config(spec: str, group_size: int = 64) -> Any:
 
 
 # torchao's kernels assert on float64 deep inside from_pretrained's conversion: refused before it.
-NOT_FLOAT64 = ("quantizes float32, float16 or bfloat16 weights, not torch.float64: cast the model (model.float()) or pass "
-               "dtype=torch.float32")
+NOT_FLOAT64 = ("quantizes float32, float16 or bfloat16 weights, not torch.float64: use the model in one of those (dtype=, "
+               "or --dtype)")
 
 
 def check_quantizable(model: nn.Module, spec: str, group_size: int = 64, dtype: torch.dtype | None = None) -> None:

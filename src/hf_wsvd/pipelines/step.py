@@ -212,17 +212,23 @@ def refuse_non_finite_weights(job: Job) -> None:
                 "intact copy")
 
 
+def layer_statistics(job: Job, name: str, stats: Statistics, device: torch.device) -> dict[str, torch.Tensor]:
+    """The statistics the method reads for layer ``name``, on ``device``; NaN or inf in one is named
+    here, once for every method, not as its decomposition's failure."""
+    values = {k: stats.get(name, k).to(device) for k in job.needs}
+    spoilt = next((k for k, value in sorted(values.items()) if not all_finite(value)), None)
+    if spoilt is not None:
+        half = FLOAT16_OVERFLOW if next(job.model.parameters()).dtype == torch.float16 else ""
+        raise ValueError(f"the {spoilt} statistics of layer {name!r} hold NaN or inf values: the model's activations "
+                         f"or gradients overflowed on the calibration data{half}")
+    return values
+
+
 def problem(job: Job, name: str, stats: Statistics, rank: int = 0) -> LayerProblem:
     """The factorization problem of one layer: ``layer_weight`` and the method's statistics, as
     each modifier sets it (``Modifier.problem``: compensation's target in sequential mode)."""
     weight = layer_weight(job, name)
-    values = {k: stats.get(name, k).to(weight.device) for k in job.needs}
-    spoilt = next((k for k, value in sorted(values.items()) if not all_finite(value)), None)
-    if spoilt is not None:  # named here, once for every method, not as its decomposition's failure
-        half = FLOAT16_OVERFLOW if next(job.model.parameters()).dtype == torch.float16 else ""
-        raise ValueError(f"the {spoilt} statistics of layer {name!r} hold NaN or inf values: the model's activations "
-                         f"or gradients overflowed on the calibration data{half}")
-    layer = LayerProblem(name, weight, rank, job.options, **values)
+    layer = LayerProblem(name, weight, rank, job.options, **layer_statistics(job, name, stats, weight.device))
     for modifier in job.modifiers:
         layer = modifier.problem(job, layer, stats)
     return layer
@@ -394,7 +400,7 @@ def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -
     impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank)."""
     config = job.config
     if config.allocation == "greedy":
-        greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts) or None,
+        greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
                      config.max_kept_ratio_for_speed, remedy=config.rank_multiple_remedy())
 
 

@@ -93,7 +93,7 @@ def quantized_residual(
     ``config.quantize`` the stock way in ``dtype`` (default: its own), each of ``targets``
     (base-model-relative name → module name) with its correction fitted on ``data``."""
     from ..blocks import given_back
-    from ..pipelines.step import Job, refuse_non_finite_weights, require_data
+    from ..pipelines.step import Job, layer_statistics, refuse_non_finite_weights, require_data
     from ..config import GROUPED_QUANTIZE_SPECS
     from ..pipelines.whole_model import collect
     from ..integrations.quantization import dequantized_weight, is_quantized_tensor, quantization_config, quantize
@@ -130,9 +130,9 @@ def quantized_residual(
                 raise ValueError(f"{config.quantize!r} left {name!r} unquantized (the quantization config skips it): "
                                  "exclude it from the targets (exclude_modules)")
             weight = linear_weight(model.get_submodule(targets[name])).detach().to(job.compute_dtype)
-            values = {k: job.statistics.get(name, k).to(weight.device) for k in job.needs}
             problem = LayerProblem(name, weight, config.residual_rank, job.options,
-                                   quantized=dequantized_weight(base).to(weight.device), **values)
+                                   quantized=dequantized_weight(base).to(weight.device),
+                                   **layer_statistics(job, name, job.statistics, weight.device))
             up, down = solver.finite_solve(problem)
             quantized.set_submodule(targets[name], corrected(base, up, down, quantized.dtype))
             ranks[name] = config.residual_rank

@@ -20,11 +20,14 @@ from .registry import LayerProblem, MethodOptions, Needs, register_solver
 @dataclass
 class Weighting:
     """``rows``: d, one positive weight per output row (or None); ``right``: R, a vector (a
-    diagonal) or an in × in matrix (or None); ``lower``: R is lower-triangular."""
+    diagonal) or an in × in matrix (or None); ``lower``: R is lower-triangular; ``unread``: no
+    input ever reached the layer, so no rank loses anything on the data (a zero spectrum) and the
+    factors are W's own (a weighting by ~0 could not be undone)."""
 
     rows: torch.Tensor | None = None
     right: torch.Tensor | None = None
     lower: bool = False
+    unread: bool = False
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         """diag(d)·W·R in the dtype of R (float64 for activation factors)."""
@@ -50,6 +53,13 @@ class Weighting:
         return up, down
 
 
+def weighted_spectrum(problem: LayerProblem, weighting: Weighting) -> torch.Tensor:
+    """The singular values of diag(d)·W·R (float64): what each rank's truncation loses."""
+    if weighting.unread:
+        return torch.zeros(min(problem.weight.shape), dtype=torch.float64, device=problem.weight.device)
+    return singular_values(weighting.apply(problem.weight))
+
+
 def weighted_svd(problem: LayerProblem, weighting: Weighting) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``problem.rank`` factors of W minimizing the weighted loss, in the weight's dtype.
 
@@ -70,7 +80,7 @@ def register_weighting(name: str, needs: Needs = (), description: str = "",
     def wrap(weighting: Callable[[LayerProblem], Weighting]):
         register_solver(
             name, needs, description or (weighting.__doc__ or "").strip(), options,
-            spectrum=lambda problem: singular_values(weighting(problem).apply(problem.weight)),
+            spectrum=lambda problem: weighted_spectrum(problem, weighting(problem)),
             loss_scale=loss_scale, embeddable=embeddable,
         )(lambda problem: weighted_svd(problem, weighting(problem)))
         return weighting

@@ -23,8 +23,8 @@ ACTIVATION_FLOOR = 1e-6
 
 
 def _whitening(problem: LayerProblem) -> Weighting:
-    if not problem.gram.diagonal().any():  # no input ever reached the layer: every direction weighs alike
-        return Weighting()  # (its square root is ~0, and the factors' unweighting would divide by it)
+    if not problem.gram.diagonal().any():  # no input ever reached the layer (its square root is ~0)
+        return Weighting(unread=True)
     root, lower = gram_square_root(problem.gram)
     return Weighting(right=root, lower=lower)
 
@@ -38,7 +38,9 @@ def whiten_weighting(problem: LayerProblem) -> Weighting:
                     description="ASVD: min ‖(W − AB)·diag(E|x|)^α‖_F")
 def asvd_weighting(problem: LayerProblem) -> Weighting:
     scale = problem.mean_abs.double()
-    scale = scale.clamp_min(ACTIVATION_FLOOR * scale.mean().clamp_min(1e-30))
+    if not scale.any():  # no input ever reached the layer: the floor alone would split the factors 1e-10 / 1e8
+        return Weighting(unread=True)
+    scale = scale.clamp_min(ACTIVATION_FLOOR * scale.mean())
     return Weighting(right=scale.pow(problem.options.asvd_alpha))
 
 

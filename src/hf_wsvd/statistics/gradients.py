@@ -226,7 +226,9 @@ def gradient_statistics(
                     raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
                                      "computed from the model's outputs")
                 examples = batch["labels"].shape[0]
-                if losses.shape != (examples,):  # a mean (or fewer losses) would scale or drop examples silently
+                # One row per example (its tokens' losses may follow: they are summed); a mean over several
+                # examples, or fewer rows, would scale or drop examples silently.
+                if losses.shape[:1] != (examples,) and not (losses.dim() == 0 and examples == 1):
                     raise ValueError(f"loss_fn returned a tensor of shape {tuple(losses.shape)} for importance batch "
                                      f"{index} of {examples} examples: it must return one loss per example "
                                      "(reduction='none', averaged over each example's tokens)")

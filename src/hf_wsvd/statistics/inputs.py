@@ -12,7 +12,7 @@ from torch import nn
 from ..runtime.factorized_linear import linear_shape
 from ..tasks import labels_feed_decoder
 from .collectors import COLLECTORS, collectors_for
-from .passes import batches, default_accelerator, exact_16bit_products, failing_together
+from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
 from .result import Statistics
 from .shared import TOKENS, SharedSums
 
@@ -194,16 +194,20 @@ def input_statistics(
         device = input_device(model, accelerator.device)
         model.eval()
         hooks = InputHooks(modules, needs, model)
+        examples = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         try:
             with failing_together(accelerator, "activations"):
                 for batch in batches(data, accelerator, device, "activations", show_progress):
+                    examples += len(batch["input_ids"]) if "input_ids" in batch else 0
                     inputs, decoder_mask = _forward_inputs(model, batch)
                     hooks.new_batch(batch.get("attention_mask"), decoder_mask)
                     model(**inputs)
         finally:
             hooks.remove()
     hooks.reduce(accelerator, accelerator.device)
+    sum_across_processes(accelerator, [examples])
     stats = hooks.result()
+    stats.examples = int(examples.item())
     if not stats.tokens:
         raise ValueError(EMPTY_DATA_MESSAGE)
     unreached = [name for name in modules if name not in stats.tokens]

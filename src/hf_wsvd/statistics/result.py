@@ -18,8 +18,9 @@ SUMS_OF_ENTRIES = {FISHER_ROWS: 1, FISHER_COLS: 0}
 @dataclass
 class Statistics:
     """``values[module][statistic]``: the mean of each collected statistic (base-model-relative
-    module names); ``examples``: how many examples the gradient statistics average over (all
-    processes); ``tokens[module]``: how many tokens its input statistics average over."""
+    module names); ``examples``: how many examples they were taken on (all processes; ``generated``
+    of them written by the model itself, as ``compress`` records); ``tokens[module]``: how many tokens
+    its input statistics average over."""
 
     values: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     examples: int = 0
@@ -27,6 +28,7 @@ class Statistics:
     # A fixed sample of each module's dense weight where they were taken (``compress`` records it), so
     # that statistics reused on another model of the same shapes are refused.
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    generated: int = 0
 
     def get(self, module: str, statistic: str) -> torch.Tensor | None:
         """The statistic, or None; Fisher row/column sums are derived from a per-entry Fisher."""
@@ -50,5 +52,6 @@ class Statistics:
         values = {m: dict(v) for m, v in self.values.items()}
         for module, stats in other.values.items():
             values.setdefault(module, {}).update(stats)
-        return Statistics(values, other.examples or self.examples, {**self.tokens, **other.tokens},
-                          {**self.weights, **other.weights})
+        source = other if other.examples else self  # the examples, and those written among them, of one run
+        return Statistics(values, source.examples, {**self.tokens, **other.tokens}, {**self.weights, **other.weights},
+                          source.generated)
