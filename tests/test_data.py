@@ -366,8 +366,10 @@ def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, m
     ({"decoder_input_ids": torch.full((2, 5), 70)}, "decoder_input_ids go from 70 to 70, outside the model's 64"),
     ({"decoder_attention_mask": torch.ones(2, 4)}, "decoder_attention_mask is a torch.float32 tensor of shape (2, 4), "
                                                    "labels (2, 5): they must match"),
-    ({"decoder_input_ids": torch.ones(2, 6, dtype=torch.long), "decoder_attention_mask": torch.full((2, 6), 2)},
+    ({"decoder_input_ids": torch.ones(2, 5, dtype=torch.long), "decoder_attention_mask": torch.full((2, 5), 2)},
      "decoder_attention_mask holds 2; it marks each token"),
+    ({"decoder_input_ids": torch.ones(2, 6, dtype=torch.long)}, "labels of shape (2, 5) and decoder_input_ids of shape "
+                                                                "(2, 6): the decoder predicts one label at each"),
 ])
 def test_an_encoder_decoder_model_s_targets_are_checked_before_any_work(changes, message):
     """Its decoder reads the labels (or decoder_input_ids) whatever the loss: named, not an IndexError

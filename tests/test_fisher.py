@@ -302,3 +302,19 @@ def test_a_loss_that_is_not_finite_for_one_example_is_named_by_batch(bad):
     with pytest.raises(ValueError, match=r"the importance loss is NaN or infinite for importance batch 1 \(of this "
                                          r"process\): check that batch's labels"):
         fisher_of(model, make_loader(make_examples(task_of(model), 4), 2), modules, loss_fn)
+
+
+def test_target_layers_the_forward_pass_does_not_use_are_named_with_what_to_do():
+    """LED's global-attention projections run only with a global_attention_mask: the recipe's Fisher pass
+    named them in a RuntimeError the CLI did not report in one line."""
+    import hf_wsvd
+    import tiny
+
+    model = tiny.build("llama")
+    for layer in model.model.layers:
+        layer.unused = torch.nn.Linear(32, 32)  # a linear of every block that the forward never calls
+    batch = tiny.inputs("llama", batch=2, length=8)
+    with pytest.raises(ValueError, match=re.escape("no gradient reached ['layers.0.unused', 'layers.1.unused'] (2 "
+                                                   "target layers): the forward pass does not use them on this data")):
+        hf_wsvd.compress(model, hf_wsvd.WSVDConfig(method="fisher_whiten", sequential=False, param_ratio=0.5),
+                         [{**batch, "labels": batch["input_ids"]}], show_progress=False)

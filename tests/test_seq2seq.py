@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.cli import main
 from hf_wsvd.cli.workflow import data_loader
 from hf_wsvd.evaluation import evaluate_model
+from hf_wsvd.linalg import truncated_svd
 from hf_wsvd.tasks import SEQ2SEQ_LM, per_example_loss, task_of
 
 
@@ -125,7 +127,106 @@ def test_the_command_line_compresses_and_evaluates_a_sequence_to_sequence_lm(tmp
     assert model.config.wsvd["method"] == "fisher_whiten" and model.config.wsvd["num_samples"] == 24
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text2text-generation" in card
+    assert "AutoModelForSeq2SeqLM.from_pretrained(" in card  # its task's class, not AutoModelForPreTraining
     assert main(["eval", str(out), "--data", str(pairs), "--max-length", "16"]) == 0
     measured = json.loads(capsys.readouterr().out)["perplexity"]
     loader = data_loader(model, tokenizer, str(pairs), WSVDConfig(max_length=16), shuffle=False)
     assert math.isclose(measured, evaluate_model(model, loader)["perplexity"], rel_tol=1e-5)
+
+
+_COMMON = dict(pad_token_id=0, bos_token_id=5, eos_token_id=6, decoder_start_token_id=6)
+_FAMILIES = {
+    # FSMT's forward shifts the source ids into its decoder where it is given none
+    "fsmt": lambda: transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=32,
+                                            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            max_position_embeddings=64, **_COMMON),
+    # ProphetNet's positional embeddings return a tuple
+    "prophetnet": lambda: transformers.ProphetNetConfig(vocab_size=64, hidden_size=32, num_encoder_layers=2,
+                                                        num_decoder_layers=2, num_encoder_attention_heads=4,
+                                                        num_decoder_attention_heads=4, encoder_ffn_dim=64,
+                                                        decoder_ffn_dim=64, max_position_embeddings=64, ngram=2,
+                                                        **_COMMON),
+    # Marian's encoder, decoder and shared embeddings are three modules of one table
+    "marian": lambda: transformers.MarianConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                encoder_attention_heads=4, decoder_attention_heads=4,
+                                                encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                                **_COMMON),
+}
+
+
+def _family(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForSeq2SeqLM.from_config(_FAMILIES[name]()).eval()
+
+
+def _batch(source: int = 6, target: int = 4) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, tiny.VOCAB_SIZE, (3, source), generator=generator)
+    labels = torch.randint(7, tiny.VOCAB_SIZE, (3, target), generator=generator)
+    labels[2, target // 2:] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("family", ["fsmt", "prophetnet"])
+def test_families_whose_forward_builds_other_decoder_inputs_score_their_target_text(family):
+    """The decoder reads the labels shifted by the model's own method; FSMT's forward would have read
+    the source (a wrong loss where both have one length, an error from torch where not)."""
+    model = _family(family)
+    batch = _batch()
+    losses = per_example_loss(SEQ2SEQ_LM)(model, batch)
+    with torch.no_grad():
+        for row in range(3):
+            alone = {k: v[row:row + 1] for k, v in batch.items()}
+            decoder = model.prepare_decoder_input_ids_from_labels(labels=alone["labels"])
+            logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"],
+                           decoder_input_ids=decoder).logits
+            expected = torch.nn.functional.cross_entropy(logits[0], alone["labels"][0], ignore_index=-100)
+            assert torch.allclose(losses[row], expected, rtol=1e-5, atol=1e-6)
+    _, report = compress(model, WSVDConfig(param_ratio=0.6), [_batch(), _batch(5, 5)], show_progress=False)
+    assert report.method == "fisher_whiten" and report.ranks
+
+
+def test_batches_a_seq2seq_lm_cannot_decode_are_named_before_any_work():
+    model = tiny.build("t5")
+    batch = _batch()
+    with pytest.raises(ValueError, match=re.escape("labels of shape (3, 4) and decoder_input_ids of shape (3, 7): the "
+                                                   "decoder predicts one label at each of its positions")):
+        compress(model, WSVDConfig(method="whiten", param_ratio=0.5),
+                 [{**batch, "decoder_input_ids": torch.ones(3, 7, dtype=torch.long)}], show_progress=False)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match=r"^T5ForConditionalGeneration needs each batch's labels \(the target text's "
+                                         r"ids\) or decoder_input_ids to run its decoder"):
+        compress(model, WSVDConfig(method="whiten", param_ratio=0.5), [unlabelled], show_progress=False)
+
+
+def test_input_embeddings_tied_to_a_table_of_their_own_factorize_that_table(tmp_path):
+    """Marian's input embeddings are the encoder's copy of model.shared (a declared tie): factorizing
+    the copy alone untied it and grew the model; the shared table is factorized, and every copy with it."""
+    model = _family("marian")
+    batch = _batch()
+    table = model.model.shared.weight.detach().clone().double()
+    recipe = WSVDConfig(method="svd", param_ratio=0.99, embeddings=True, embedding_method="svd", embedding_ratio=0.9)
+    compressed, report = compress(model, recipe, show_progress=False)
+    assert report.params_after < report.params_before
+    inner = compressed.model
+    assert type(inner.shared).__name__ == "FactorizedEmbedding"
+    assert inner.encoder.embed_tokens.weight is inner.shared.weight is inner.decoder.embed_tokens.weight
+    assert compressed.lm_head.weight is inner.shared.weight
+    up, down = truncated_svd(table, inner.shared.rank)  # the table's best factors (the encoder and decoder read it)
+    torch.testing.assert_close((inner.shared.weight @ inner.shared.proj.weight.T).double(), up @ down, atol=1e-5,
+                               rtol=1e-4)
+    with torch.no_grad():
+        logits = compressed(**batch).logits
+    compressed.save_pretrained(tmp_path / "marian")
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "marian")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits)
+    # a module sharing the table without a declared tie would be left dense, untied: refused
+    other = tiny.build("llama")
+    other.model.copy = torch.nn.Embedding(tiny.VOCAB_SIZE, 32)
+    other.model.copy.weight = other.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"factorizes the input embeddings 'model\.embed_tokens', whose table "
+                                         r"\['model\.copy'\] share without a declared tie"):
+        compress(other, WSVDConfig(method="svd", param_ratio=0.6, embeddings=True, embedding_method="svd"),
+                 show_progress=False)

@@ -661,6 +661,9 @@ def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, p
         if wrong.numel():
             raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} tokens (-100 marks a "
                              "label not predicted)")
+        if decoder_ids is not None and decoder_ids.shape[:2] != labels.shape:
+            raise ValueError(f"{where}: labels of shape {tuple(labels.shape)} and decoder_input_ids of shape "
+                             f"{tuple(decoder_ids.shape[:2])}: the decoder predicts one label at each of its positions")
     names = ("decoder_input_ids", "decoder_attention_mask")
     if decoder_ids is not None:
         check_ids_and_mask(decoder_ids, batch.get("decoder_attention_mask"), vocabulary, where, names)

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
-from .tasks import CAUSAL_LM, REGRESSION, SEQ2SEQ_LM, causal_lm_nll, labels_feed_decoder, target_nll, task_of
+from .tasks import (CAUSAL_LM, REGRESSION, SEQ2SEQ_LM, causal_lm_nll, labels_feed_decoder, scoring_inputs, target_nll,
+                    task_of)
 
 
 @torch.no_grad()
@@ -55,7 +56,8 @@ def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False
     for batch in tqdm(loader, desc="perplexity", disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         if seq2seq:  # its decoder reads the labels
-            sequence_nll, sequence_tokens = target_nll(model(**batch).logits.float(), batch["labels"])
+            logits = model(**scoring_inputs(model, batch)).logits.float()
+            sequence_nll, sequence_tokens = target_nll(logits, batch["labels"])
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             sequence_nll, sequence_tokens = causal_lm_nll(logits, batch["labels"])

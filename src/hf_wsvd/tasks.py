@@ -47,6 +47,24 @@ def labels_feed_decoder(model: nn.Module) -> bool:
         and type(model).__name__.removeprefix(CLASS_PREFIX) in _SEQ2SEQ_CLASSES
 
 
+def scoring_inputs(model: nn.Module, batch: dict) -> dict:
+    """What ``model`` is called with to score ``batch``: the batch without its labels, and a
+    sequence-to-sequence LM's decoder inputs built from them where the batch has none, by the model's
+    own method (FSMT's forward would shift the source ids into its decoder), else by its forward,
+    given the labels (M2M100, Blenderbot)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch.get("labels")
+    if labels is None or not labels_feed_decoder(model) or "decoder_input_ids" in inputs \
+            or "decoder_inputs_embeds" in inputs:
+        return inputs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        inputs["decoder_input_ids"] = prepare(labels=labels)
+    else:
+        inputs["labels"] = labels
+    return inputs
+
+
 def _architecture_task(architecture: str, config) -> str | None:
     architecture = architecture.removeprefix(CLASS_PREFIX)
     if architecture in _CAUSAL_CLASSES:
@@ -126,10 +144,10 @@ def per_example_loss(task: str) -> LossFn:
             raise ValueError(f"importance batches need 'labels' (the task loss reads them); this batch has "
                              f"{sorted(batch)}: build it with hf_wsvd.cli.workflow.data_loader or add labels")
         labels = batch["labels"]
-        if task == SEQ2SEQ_LM:  # its decoder reads the labels (shifted right by the model): given to it
-            nll, tokens = target_nll(model(**batch).logits.float(), labels)
+        logits = model(**scoring_inputs(model, batch)).logits.float()
+        if task == SEQ2SEQ_LM:  # its decoder read the labels, shifted right: position i predicts label i
+            nll, tokens = target_nll(logits, labels)
             return nll / tokens.clamp_min(1)
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         if task == CLASSIFICATION:
             return F.cross_entropy(logits, labels.long(), reduction="none")
         if task == REGRESSION:

@@ -86,11 +86,17 @@ def _task(model: PreTrainedModel) -> str | None:
         return None
 
 
+# Loading a model for its task, the generic Auto classes last (T5's and GPT-2's heads are also theirs).
+_GENERIC_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForPreTraining", "AutoModel")
+
+
 def auto_class_name(model: PreTrainedModel) -> str:
-    """The Auto class that loads the model as its own class (``AutoModel`` if none does)."""
+    """The Auto class that loads the model as its own class, one of its task where there is one
+    (``AutoModel`` if none does)."""
     stock = type(model).__bases__[-1] if type(model).__name__.startswith(CLASS_PREFIX) else type(model)
     found = _supported_auto_classes(type(model.config)._wsvd_base) if hasattr(type(model.config), "_wsvd_base") else {}
-    return next((name for name, cls in found.items() if cls is stock and name != "AutoModel"), "AutoModel")
+    loading = sorted((name for name, cls in found.items() if cls is stock), key=_GENERIC_AUTO_CLASSES.__contains__)
+    return next((name for name in loading if name != "AutoModel"), "AutoModel")
 
 
 def plot_ranks(model: PreTrainedModel, path: str | os.PathLike) -> None:

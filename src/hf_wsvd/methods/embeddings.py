@@ -15,14 +15,24 @@ from ..runtime.factorized_linear import saves_parameters
 
 
 def input_embedding_name(model: nn.Module) -> str:
-    """Full module name of ``model.get_input_embeddings()``, which must be an ``nn.Embedding``."""
+    """Full module name of the input embeddings' table: ``model.get_input_embeddings()``, which must be
+    an ``nn.Embedding``, or the embedding its weight is declared tied to (Marian's encoder copy of
+    ``model.shared``): factorizing the source of the tie rebuilds every copy on the factors."""
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(
             f"{type(model).__name__}'s input embeddings are a {type(embedding).__name__}, not an nn.Embedding; "
             "only nn.Embedding can be factorized"
         )
-    return next(name for name, module in model.named_modules() if module is embedding)
+    name = next(name for name, module in model.named_modules() if module is embedding)
+    source = tied_weights(model).get(f"{name}.weight", "").removesuffix(".weight")
+    return source if source and isinstance(model.get_submodule(source), nn.Embedding) else name
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """The weights ``model`` declares tied: target parameter name → source parameter name."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    return expand(all_submodels=True) if expand is not None else {}
 
 
 def embedding_row_weights(config: WSVDConfig, counts: torch.Tensor | None) -> torch.Tensor | None:

@@ -212,7 +212,10 @@ def gradient_statistics(
                 embedding = model.get_input_embeddings()
                 for module in model.modules():
                     if module is embedding or isinstance(module, nn.Embedding):
-                        handle = module.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+                        # (ProphetNet's positional embeddings return a tuple, and carry nothing to score)
+                        handle = module.register_forward_hook(
+                            lambda module, args, output: output.requires_grad_(True)
+                            if isinstance(output, torch.Tensor) and output.is_floating_point() else None)
                         stack.callback(handle.remove)
             stack.enter_context(failing_together(accelerator, "Fisher"))
             for index, batch in enumerate(batches(data, accelerator, input_device(model, device), "Fisher",
@@ -243,7 +246,9 @@ def gradient_statistics(
                 count += examples
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
-        raise RuntimeError(f"no gradient reached {missing[:3]}: are these modules used by the forward pass?")
+        raise ValueError(f"no gradient reached {missing[:3]} ({len(missing)} target layers): the forward pass does not "
+                         "use them on this data (LED's global attention without a global_attention_mask); leave them "
+                         "out (exclude_modules)")
     totals = []
     for name, module in modules.items():
         in_features, out_features = linear_shape(module)

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
-from ..tasks import labels_feed_decoder
+from ..tasks import labels_feed_decoder, scoring_inputs
 from .collectors import COLLECTORS, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
 from .result import Statistics
@@ -126,17 +126,11 @@ def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor |
     its own forward would (by the model's own method, else by that forward, given the labels), and
     the positions whose label is -100 are padding; a model that shifts its input ids into its decoder
     (BART, without labels or as a classifier) has the attention mask shifted with them."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = scoring_inputs(model, batch)
     if not getattr(model.config, "is_encoder_decoder", False):
         return inputs, None
     decoder_ids = batch.get("decoder_input_ids", batch.get("decoder_inputs_embeds"))
     labels = batch.get("labels") if labels_feed_decoder(model) else None
-    if decoder_ids is None and labels is not None:
-        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-        if prepare is not None:
-            inputs["decoder_input_ids"] = prepare(labels=labels)
-        else:  # M2M100, Blenderbot: only forward shifts the labels
-            inputs["labels"] = labels
     mask = batch.get("decoder_attention_mask")
     if mask is not None:
         return inputs, mask
@@ -201,7 +195,13 @@ def input_statistics(
                     examples += len(batch["input_ids"]) if "input_ids" in batch else 0
                     inputs, decoder_mask = _forward_inputs(model, batch)
                     hooks.new_batch(batch.get("attention_mask"), decoder_mask)
-                    model(**inputs)
+                    try:
+                        model(**inputs)
+                    except ValueError as error:  # T5, Marian: no decoder input without one of them
+                        if not labels_feed_decoder(model) or {"labels", "decoder_input_ids"} & set(batch):
+                            raise
+                        raise ValueError(f"{type(model).__name__} needs each batch's labels (the target text's ids) or "
+                                         f"decoder_input_ids to run its decoder ({error})") from error
         finally:
             hooks.remove()
     hooks.reduce(accelerator, accelerator.device)

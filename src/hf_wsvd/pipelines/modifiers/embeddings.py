@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...blocks import offloaded
-from ...methods.embeddings import embedding_rank, embedding_row_weights, input_embedding_name
+from ...methods.embeddings import embedding_rank, embedding_row_weights, input_embedding_name, tied_weights
 from ...runtime.modeling_wsvd import relative_module_name
 from ...solvers import LayerProblem, get_solver
 from ...statistics import TOKEN_COUNTS, Statistics, token_counts
@@ -32,6 +32,14 @@ class Embeddings(Modifier):
             raise ValueError(f"embeddings=True factorizes the input embeddings, which this model keeps offloaded "
                              f"({name!r}, by accelerate): keep them in memory (a device of their own in the "
                              "device_map, or outside cpu_offload), or leave embeddings off")
+        tied = {target.removesuffix(".weight") for target, source in tied_weights(job.model).items()
+                if source == f"{name}.weight"}
+        copies = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Embedding) and m is not embedding
+                  and m.weight is embedding.weight and n not in tied]
+        if copies:  # rebuilt on the factors only where the model declares the tie: others would stay dense, untied
+            raise ValueError(f"embeddings=True factorizes the input embeddings {name!r}, whose table {copies} share "
+                             "without a declared tie: they would be untied and kept dense; leave embeddings off for "
+                             "this model")
         embedding_rank(job.config, *embedding.weight.shape)
 
     def on_end(self, job: Job) -> dict[str, int]:
