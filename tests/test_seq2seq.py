@@ -71,6 +71,10 @@ def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
     wide.write_text("".join(json.dumps({**r, "context": r["source"]}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"text_columns=\['source', 'context'\]: a sequence-to-sequence LM reads one "):
         data_loader(model, tokenizer, str(wide), WSVDConfig(), ["source", "context"])
+    targets_only = tmp_path / "targets.jsonl"
+    targets_only.write_text("".join(json.dumps({"target": r["target"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"no text column in data file .* besides the target text column 'target': "):
+        data_loader(model, tokenizer, str(targets_only), WSVDConfig())
     numbers = tmp_path / "numbers.jsonl"
     numbers.write_text("".join(json.dumps({"source": r["source"], "target": 3}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"column 'target' of data file .* is not text \(row 1: 3\): name a column of "

@@ -251,7 +251,8 @@ def resolve_columns(
                     values = dataset[column]
                     if any(isinstance(value, str) for value in values):
                         _check_text(column, source, values, missing=True)
-            besides = f" besides the label column {label_column!r}" if label_column in columns else ""
+            kind = "target text column" if task == SEQ2SEQ_LM else "label column"
+            besides = f" besides the {kind} {label_column!r}" if label_column in columns else ""
             raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
         pairs = task not in (CAUSAL_LM, SEQ2SEQ_LM)  # a language model reads one text
         text_columns = strings[:2] if pairs and len(strings) == 2 else strings[:1]
