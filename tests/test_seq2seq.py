@@ -13,6 +13,7 @@ import transformers
 from tokenizers import processors
 
 import tiny
+from helpers import run_without_hf_wsvd
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.cli import main
 from hf_wsvd.cli.workflow import data_loader
@@ -226,6 +227,17 @@ def test_input_embeddings_tied_to_a_table_of_their_own_factorize_that_table(tmp_
     again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "marian")
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, logits)
+    torch.save({**batch, "logits": logits}, tmp_path / "expected.pt")
+    remote = run_without_hf_wsvd("""
+        import torch, transformers
+        expected = torch.load("expected.pt")
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained("marian", trust_remote_code=True)
+        logits = model(**{k: v for k, v in expected.items() if k != "logits"}).logits
+        torch.testing.assert_close(logits, expected["logits"])
+        assert model.model.encoder.embed_tokens.weight is model.model.shared.weight
+        print("same")
+    """, tmp_path)
+    assert remote.stdout.strip().endswith("same"), remote.stderr[-2000:]
     # a module sharing the table without a declared tie would be left dense, untied: refused
     other = tiny.build("llama")
     other.model.copy = torch.nn.Embedding(tiny.VOCAB_SIZE, 32)
