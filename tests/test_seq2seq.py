@@ -152,6 +152,11 @@ _FAMILIES = {
                                                         num_decoder_attention_heads=4, encoder_ffn_dim=64,
                                                         decoder_ffn_dim=64, max_position_embeddings=64, ngram=2,
                                                         **_COMMON),
+    # M2M100: only its forward builds the decoder inputs from the labels
+    "m2m100": lambda: transformers.M2M100Config(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                encoder_attention_heads=4, decoder_attention_heads=4,
+                                                encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                                **_COMMON),
     # Marian's encoder, decoder and shared embeddings are three modules of one table
     "marian": lambda: transformers.MarianConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
                                                 encoder_attention_heads=4, decoder_attention_heads=4,
@@ -173,17 +178,25 @@ def _batch(source: int = 6, target: int = 4) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-@pytest.mark.parametrize("family", ["fsmt", "prophetnet"])
+@pytest.mark.parametrize("family", ["fsmt", "prophetnet", "m2m100"])
 def test_families_whose_forward_builds_other_decoder_inputs_score_their_target_text(family):
     """The decoder reads the labels shifted by the model's own method; FSMT's forward would have read
     the source (a wrong loss where both have one length, an error from torch where not)."""
     model = _family(family)
     batch = _batch()
+    labels = batch["labels"].clone()
     losses = per_example_loss(SEQ2SEQ_LM)(model, batch)
+    assert torch.equal(batch["labels"], labels)  # FSMT's shift fills the -100 with padding in place: not ours
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     with torch.no_grad():
-        for row in range(3):
+        for row in range(3):  # teacher-forced on the target, shifted as the model shifts it
             alone = {k: v[row:row + 1] for k, v in batch.items()}
-            decoder = model.prepare_decoder_input_ids_from_labels(labels=alone["labels"])
+            if prepare is not None:
+                decoder = prepare(labels=alone["labels"].clone())
+            else:  # M2M100: only its forward shifts, given the labels
+                decoder = torch.cat([torch.tensor([[model.config.decoder_start_token_id]]), alone["labels"][:, :-1]], 1)
+                decoder = decoder.masked_fill(decoder == -100, model.config.pad_token_id)
+                assert torch.allclose(losses[row], model(**alone).loss, rtol=1e-5, atol=1e-6)
             logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"],
                            decoder_input_ids=decoder).logits
             expected = torch.nn.functional.cross_entropy(logits[0], alone["labels"][0], ignore_index=-100)

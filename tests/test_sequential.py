@@ -381,11 +381,11 @@ def test_each_block_is_handed_its_own_mask_and_rotary_tables_as_in_the_model_s_f
     (stock_mask, stock_rotary), = seen
     compress(model, WSVDConfig(method="whiten", sequential=True, param_ratio=0.5), [batch], show_progress=False)
     assert len(seen) > 1
-    for mask, rotary in seen[1:]:
-        torch.testing.assert_close(mask, stock_mask) if isinstance(mask, torch.Tensor) else None
+    for mask, rotary in seen[1:]:  # (on the accelerator, where compress runs the blocks)
+        torch.testing.assert_close(mask, stock_mask, check_device=False) if isinstance(mask, torch.Tensor) else None
         assert (mask is None) == (stock_mask is None)
         for table, stock in zip(rotary, stock_rotary):
-            torch.testing.assert_close(table, stock)
+            torch.testing.assert_close(table, stock, check_device=False)
 
 
 def test_blocks_handed_the_same_arguments_hold_no_copies(monkeypatch):

@@ -50,16 +50,20 @@ def labels_feed_decoder(model: nn.Module) -> bool:
 def scoring_inputs(model: nn.Module, batch: dict) -> dict:
     """What ``model`` is called with to score ``batch``: the batch without its labels, and a
     sequence-to-sequence LM's decoder inputs built from them where the batch has none, by the model's
-    own method (FSMT's forward would shift the source ids into its decoder), else by its forward,
-    given the labels (M2M100, Blenderbot)."""
+    own method (FSMT's forward would shift the source ids into its decoder), else as every such
+    model's forward shifts them (M2M100, Blenderbot; FSMT in older transformers), else by its forward."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch.get("labels")
     if labels is None or not labels_feed_decoder(model) or "decoder_input_ids" in inputs \
             or "decoder_inputs_embeds" in inputs:
         return inputs
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
     if prepare is not None:
-        inputs["decoder_input_ids"] = prepare(labels=labels)
+        inputs["decoder_input_ids"] = prepare(labels=labels.clone())  # FSMT's fills the -100 in place
+    elif start is not None:  # the start token, then the labels one place right (-100: padding)
+        shifted = torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], dim=1)
+        inputs["decoder_input_ids"] = shifted.masked_fill(shifted == -100, start if pad is None else pad)
     else:
         inputs["labels"] = labels
     return inputs
