@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 import tiny
 from helpers import FolderHub, run_without_hf_wsvd
-from hf_wsvd import FactorizedLinear, hub
+from hf_wsvd import FactorizedLinear, WSVDConfig, compress, hub
 from hf_wsvd.integrations.card import Evaluation, build_card
 from hf_wsvd.cli import main
 
@@ -383,3 +383,16 @@ def test_the_card_says_what_the_model_holds(tmp_path, recipe, said, unsaid):
     assert unsaid is None or unsaid not in text
     if recipe.get("allocation") == "uniform":  # a rounded rank, not param_ratio of each layer exactly
         assert "every target layer gets the rank (or channels) of param_ratio 0.6, rounded down to rank_multiple" in text
+
+
+@pytest.mark.parametrize("arch, auto_class, expected", [
+    ("gpt2", "AutoModelForCausalLM", "AutoModelForCausalLM"),  # also AutoModelForPreTraining's class
+    ("t5", None, "AutoModelForSeq2SeqLM"),
+    ("roberta", "AutoModelForMaskedLM", "AutoModelForMaskedLM"),  # generic, but before AutoModelForPreTraining
+    ("bert", "AutoModelForSequenceClassification", "AutoModelForSequenceClassification"),
+])
+def test_the_card_loads_a_model_with_the_auto_class_of_its_task(arch, auto_class, expected):
+    from hf_wsvd.integrations.card import auto_class_name
+
+    model, _ = compress(tiny.build(arch, auto_class), WSVDConfig(method="svd", param_ratio=0.5), show_progress=False)
+    assert auto_class_name(model) == expected

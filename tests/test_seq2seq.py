@@ -251,11 +251,30 @@ def test_input_embeddings_tied_to_a_table_of_their_own_factorize_that_table(tmp_
         print("same")
     """, tmp_path)
     assert remote.stdout.strip().endswith("same"), remote.stderr[-2000:]
+    # stopped right after the embeddings step, the table is recorded by the name it was factorized under
+    from hf_wsvd.pipelines.modifiers.embeddings import Embeddings
+
+    def stopped(self, job):
+        Embeddings_on_end(self, job)
+        raise KeyboardInterrupt
+
+    Embeddings_on_end = Embeddings.on_end
+    stopped_model = _family("marian")
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Embeddings, "on_end", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            compress(stopped_model, recipe, show_progress=False)
+    recorded = stopped_model.config.wsvd["ranks"]
+    assert "shared" in recorded and "encoder.embed_tokens" not in recorded
+    stopped_model.save_pretrained(tmp_path / "stopped")
+    reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "stopped")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, stopped_model(**batch).logits)
     # a module sharing the table without a declared tie would be left dense, untied: refused
     other = tiny.build("llama")
     other.model.copy = torch.nn.Embedding(tiny.VOCAB_SIZE, 32)
     other.model.copy.weight = other.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"factorizes the input embeddings 'model\.embed_tokens', whose table "
-                                         r"\['model\.copy'\] share without a declared tie"):
+    with pytest.raises(ValueError, match=r"factorizes the input embeddings 'model\.embed_tokens', whose table is "
+                                         r"shared by \['model\.copy'\] without a declared tie"):
         compress(other, WSVDConfig(method="svd", param_ratio=0.6, embeddings=True, embedding_method="svd"),
                  show_progress=False)

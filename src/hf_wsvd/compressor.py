@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from .blocks import block_list, given_back, is_dispatched
 from .integrations.checkpoint import parameter_counts, target_counts
 from .integrations.quantization import check_quantizable, is_quantized_tensor
+from .methods.embeddings import embedding_table_name
 from .config import RESULT_FIELDS, WSVDConfig
 from .data import check_batch, forked_streams, seed_streams
 from .pipelines.step import Job, run
@@ -227,8 +228,8 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
              if isinstance(module := model.get_submodule(path), FactorizedLinear)}
     factorized = len(ranks)
     embedding = model.get_input_embeddings()
-    if isinstance(embedding, FactorizedEmbedding):
-        ranks[relative_module_name(model, next(n for n, m in model.named_modules() if m is embedding))] = embedding.rank
+    if isinstance(embedding, FactorizedEmbedding):  # recorded by its table's name, as the modifier factorized it
+        ranks[relative_module_name(model, embedding_table_name(model))] = embedding.rank
     if not ranks and not job.pruned and not job.attention:
         return  # nothing was replaced: the model is as it was
     try:

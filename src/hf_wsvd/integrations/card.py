@@ -86,8 +86,9 @@ def _task(model: PreTrainedModel) -> str | None:
         return None
 
 
-# Loading a model for its task, the generic Auto classes last (T5's and GPT-2's heads are also theirs).
-_GENERIC_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForPreTraining", "AutoModel")
+# Loading a model for its task, the generic Auto classes last, in this order (T5's and GPT-2's heads
+# are also AutoModelForPreTraining's, RoBERTa's masked-LM head too).
+_GENERIC_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModelForPreTraining")
 
 
 def auto_class_name(model: PreTrainedModel) -> str:
@@ -95,8 +96,9 @@ def auto_class_name(model: PreTrainedModel) -> str:
     (``AutoModel`` if none does)."""
     stock = type(model).__bases__[-1] if type(model).__name__.startswith(CLASS_PREFIX) else type(model)
     found = _supported_auto_classes(type(model.config)._wsvd_base) if hasattr(type(model.config), "_wsvd_base") else {}
-    loading = sorted((name for name, cls in found.items() if cls is stock), key=_GENERIC_AUTO_CLASSES.__contains__)
-    return next((name for name in loading if name != "AutoModel"), "AutoModel")
+    loading = [name for name, cls in found.items() if cls is stock and name != "AutoModel"]
+    rank = {name: i + 1 for i, name in enumerate(_GENERIC_AUTO_CLASSES)}  # the task's classes first (0)
+    return min(loading, key=lambda name: rank.get(name, 0), default="AutoModel")
 
 
 def plot_ranks(model: PreTrainedModel, path: str | os.PathLike) -> None:

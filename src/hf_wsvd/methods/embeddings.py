@@ -11,22 +11,31 @@ from torch import nn
 
 from ..allocation import rank_for_ratio, round_rank
 from ..config import WSVDConfig
+from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import saves_parameters
 
 
 def input_embedding_name(model: nn.Module) -> str:
-    """Full module name of the input embeddings' table: ``model.get_input_embeddings()``, which must be
-    an ``nn.Embedding``, or the embedding its weight is declared tied to (Marian's encoder copy of
-    ``model.shared``): factorizing the source of the tie rebuilds every copy on the factors."""
+    """``embedding_table_name`` of a model whose input embeddings are an ``nn.Embedding`` (what can be
+    factorized)."""
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(
             f"{type(model).__name__}'s input embeddings are a {type(embedding).__name__}, not an nn.Embedding; "
             "only nn.Embedding can be factorized"
         )
+    return embedding_table_name(model)
+
+
+def embedding_table_name(model: nn.Module) -> str:
+    """Full module name of the input embeddings' table: ``model.get_input_embeddings()``, or the
+    embedding its weight is declared tied to (Marian's encoder copy of ``model.shared``), factorized
+    or not: factorizing the source of the tie rebuilds every copy on the factors."""
+    embedding = model.get_input_embeddings()
     name = next(name for name, module in model.named_modules() if module is embedding)
     source = tied_weights(model).get(f"{name}.weight", "").removesuffix(".weight")
-    return source if source and isinstance(model.get_submodule(source), nn.Embedding) else name
+    tables = (nn.Embedding, FactorizedEmbedding)
+    return source if source and isinstance(model.get_submodule(source), tables) else name
 
 
 def tied_weights(model: nn.Module) -> dict[str, str]:

@@ -247,7 +247,7 @@ def gradient_statistics(
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
         raise ValueError(f"no gradient reached {missing[:3]} ({len(missing)} target layers): the forward pass does not "
-                         "use them on this data (LED's global attention without a global_attention_mask); leave them "
+                         "use them on this data (e.g. LED's global attention without a global_attention_mask); leave them "
                          "out (exclude_modules)")
     totals = []
     for name, module in modules.items():

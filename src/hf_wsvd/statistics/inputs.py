@@ -122,9 +122,8 @@ class InputHooks:
 def _forward_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
     """What the model is called with: ``batch`` without its labels (no loss is needed); and the mask
     of its decoder's real positions (None: every position, or not an encoder-decoder model). A
-    sequence-to-sequence LM's decoder inputs are built from the labels where the batch has none, as
-    its own forward would (by the model's own method, else by that forward, given the labels), and
-    the positions whose label is -100 are padding; a model that shifts its input ids into its decoder
+    sequence-to-sequence LM's decoder inputs are built from the labels where the batch has none
+    (``tasks.scoring_inputs``), and the positions whose label is -100 are padding; a model that shifts its input ids into its decoder
     (BART, without labels or as a classifier) has the attention mask shifted with them."""
     inputs = scoring_inputs(model, batch)
     if not getattr(model.config, "is_encoder_decoder", False):
@@ -198,7 +197,8 @@ def input_statistics(
                     try:
                         model(**inputs)
                     except ValueError as error:  # T5, Marian: no decoder input without one of them
-                        if not labels_feed_decoder(model) or {"labels", "decoder_input_ids"} & set(batch):
+                        if not labels_feed_decoder(model) or {"labels", "decoder_input_ids",
+                                                              "decoder_inputs_embeds"} & set(batch):
                             raise
                         raise ValueError(f"{type(model).__name__} needs each batch's labels (the target text's ids) or "
                                          f"decoder_input_ids to run its decoder ({error})") from error

@@ -37,9 +37,9 @@ class Embeddings(Modifier):
         copies = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Embedding) and m is not embedding
                   and m.weight is embedding.weight and n not in tied]
         if copies:  # rebuilt on the factors only where the model declares the tie: others would stay dense, untied
-            raise ValueError(f"embeddings=True factorizes the input embeddings {name!r}, whose table {copies} share "
-                             "without a declared tie: they would be untied and kept dense; leave embeddings off for "
-                             "this model")
+            raise ValueError(f"embeddings=True factorizes the input embeddings {name!r}, whose table is shared by "
+                             f"{copies} without a declared tie: they would be untied and kept dense; leave embeddings "
+                             "off for this model")
         embedding_rank(job.config, *embedding.weight.shape)
 
     def on_end(self, job: Job) -> dict[str, int]:
