@@ -55,12 +55,9 @@ def perplexity(model: nn.Module, loader: DataLoader, show_progress: bool = False
     nll, tokens = [], []
     for batch in tqdm(loader, desc="perplexity", disable=not show_progress):
         batch = {k: v.to(device) for k, v in batch.items()}
-        if seq2seq:  # its decoder reads the labels
-            logits = model(**scoring_inputs(model, batch)).logits.float()
-            sequence_nll, sequence_tokens = target_nll(logits, batch["labels"])
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            sequence_nll, sequence_tokens = causal_lm_nll(logits, batch["labels"])
+        logits = model(**scoring_inputs(model, batch)).logits.float()
+        # causal: position i predicts label i + 1; seq2seq: decoder position i, fed the labels shifted, label i
+        sequence_nll, sequence_tokens = (target_nll if seq2seq else causal_lm_nll)(logits, batch["labels"])
         nll += sequence_nll.tolist()
         tokens += sequence_tokens.tolist()
     return metrics.perplexity(nll, tokens)

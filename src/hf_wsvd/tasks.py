@@ -58,15 +58,21 @@ def scoring_inputs(model: nn.Module, batch: dict) -> dict:
             or "decoder_inputs_embeds" in inputs:
         return inputs
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
+    start = model.config.decoder_start_token_id
     if prepare is not None:
         inputs["decoder_input_ids"] = prepare(labels=labels.clone())  # FSMT's fills the -100 in place
-    elif start is not None:  # the start token, then the labels one place right (-100: padding)
-        shifted = torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], dim=1)
-        inputs["decoder_input_ids"] = shifted.masked_fill(shifted == -100, start if pad is None else pad)
+    elif start is not None:
+        inputs["decoder_input_ids"] = shifted_right(labels, start, model.config.pad_token_id)
     else:
         inputs["labels"] = labels
     return inputs
+
+
+def shifted_right(ids: torch.Tensor, start: int, pad: int | None) -> torch.Tensor:
+    """``ids`` one place right behind the ``start`` token, as a sequence-to-sequence LM's decoder reads
+    its targets; a -100 (a label not predicted) read as ``pad`` (else ``start``)."""
+    shifted = torch.cat([ids.new_full((ids.shape[0], 1), start), ids[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, start if pad is None else pad)
 
 
 def _architecture_task(architecture: str, config) -> str | None:

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
-from ..tasks import labels_feed_decoder, scoring_inputs
+from ..tasks import labels_feed_decoder, scoring_inputs, shifted_right
 from .collectors import COLLECTORS, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
 from .result import Statistics
@@ -152,13 +152,10 @@ def decoder_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     inputs, mask = _forward_inputs(model, batch)
     ids, config = inputs.get("decoder_input_ids"), model.config
     if ids is None:
-        source = inputs.get("labels", batch["input_ids"])
-        if config.pad_token_id is not None:  # what the models' own shift reads where a label is -100
-            source = source.masked_fill(source == -100, config.pad_token_id)
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
         if start is None:  # the model's own shift fails without one: nothing the decoder reads to count
             return None
-        ids = torch.cat([torch.full_like(source[:, :1], start), source[:, :-1]], dim=1)
+        ids = shifted_right(inputs.get("labels", batch["input_ids"]), start, config.pad_token_id)
     elif mask is None and config.pad_token_id is not None:  # decoder ids given alone: their padding is no token read
         mask = ids != config.pad_token_id
         mask[:, 0] = True  # the start token, which may be the padding token (T5)
