@@ -34,6 +34,18 @@ def seeded():
 
 
 @pytest.fixture
+def cpu_accelerator():
+    """An accelerator on the CPU where the machine has an accelerator: accelerate's state is one per
+    process, so the state an earlier test set up on the GPU is reset before and after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
 def shared() -> Path:
     """The ../shared assets folder (real models and GLUE data). Tests that need it skip, saying so,
     where it is absent (a fresh clone); HF_WSVD_REQUIRE_SHARED=1 (CI, which has it) makes that a

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import tiny
@@ -111,7 +110,7 @@ def test_refinement_lowers_the_block_errors_and_the_heldout_perplexity_reproduci
         assert torch.equal(a, b), name
 
 
-def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens():
+def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens(cpu_accelerator):
     """``block_refine_batches=2`` over batches of 4 takes the steps that one batch of 8 a step takes
     (the same sequences, the same gradient: padded sequences of different lengths, so a mean of the
     batches' means would differ), and other steps than one batch of 4 a step."""
@@ -124,7 +123,7 @@ def test_a_step_reading_several_batches_takes_the_mean_gradient_of_their_tokens(
     def refined(batch_size: int, batches: int):  # float32 on the CPU: what is compared is the steps, not bf16 rounding
         config = WSVDConfig(**RECIPE, block_refine_steps=6, block_refine_batches=batches)
         compressed, report = compress(copy.deepcopy(model), config, DataLoader(data, batch_size=batch_size),
-                                      accelerator=Accelerator(cpu=True), show_progress=False)
+                                      accelerator=cpu_accelerator, show_progress=False)
         assert compressed.config.wsvd["block_refine_batches"] == batches
         return compressed.state_dict(), report.refined
 

@@ -198,11 +198,30 @@ def test_families_whose_forward_builds_other_decoder_inputs_score_their_target_t
                 decoder = decoder.masked_fill(decoder == -100, model.config.pad_token_id)
                 assert torch.allclose(losses[row], model(**alone).loss, rtol=1e-5, atol=1e-6)
             logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"],
-                           decoder_input_ids=decoder).logits
+                           decoder_input_ids=decoder, use_cache=False).logits
             expected = torch.nn.functional.cross_entropy(logits[0], alone["labels"][0], ignore_index=-100)
             assert torch.allclose(losses[row], expected, rtol=1e-5, atol=1e-6)
     _, report = compress(model, WSVDConfig(param_ratio=0.6), [_batch(), _batch(5, 5)], show_progress=False)
     assert report.method == "fisher_whiten" and report.ranks
+
+
+def test_the_target_is_scored_without_a_cache_a_decoder_may_read_only_its_last_input_with(monkeypatch):
+    """FSMT before transformers 5.25 decodes only the last decoder input where it keeps a cache (its
+    config's use_cache, unless told otherwise): a BART that does the same scores every target token."""
+    model = _family("m2m100")
+    forward = type(model).forward
+
+    def last_input_with_a_cache(self, *args, use_cache=None, decoder_input_ids=None, **kwargs):
+        if (self.config.use_cache if use_cache is None else use_cache) and decoder_input_ids is not None:
+            decoder_input_ids = decoder_input_ids[:, -1:]
+        return forward(self, *args, use_cache=use_cache, decoder_input_ids=decoder_input_ids, **kwargs)
+
+    expected = per_example_loss(SEQ2SEQ_LM)(model, _batch())
+    assert model.config.use_cache
+    monkeypatch.setattr(type(model), "forward", last_input_with_a_cache)
+    assert torch.allclose(per_example_loss(SEQ2SEQ_LM)(model, _batch()), expected, rtol=1e-6, atol=1e-7)
+    given = {**_batch(), "decoder_input_ids": torch.full((3, 4), model.config.decoder_start_token_id)}
+    assert torch.isfinite(per_example_loss(SEQ2SEQ_LM)(model, given)).all()
 
 
 def test_batches_a_seq2seq_lm_cannot_decode_are_named_before_any_work():

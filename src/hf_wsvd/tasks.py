@@ -51,11 +51,16 @@ def scoring_inputs(model: nn.Module, batch: dict) -> dict:
     """What ``model`` is called with to score ``batch``: the batch without its labels, and a
     sequence-to-sequence LM's decoder inputs built from them where the batch has none, by the model's
     own method (FSMT's forward would shift the source ids into its decoder), else as every such
-    model's forward shifts them (M2M100, Blenderbot; FSMT in older transformers), else by its forward."""
+    model's forward shifts them (M2M100, Blenderbot; FSMT in older transformers), else by its forward;
+    without a cache, which scoring does not use."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch.get("labels")
-    if labels is None or not labels_feed_decoder(model) or "decoder_input_ids" in inputs \
-            or "decoder_inputs_embeds" in inputs:
+    if labels is None or not labels_feed_decoder(model):
+        return inputs
+    if getattr(model.config, "use_cache", None) is not None:
+        # FSMT before transformers 5.25 decodes only the last decoder input when it keeps a cache
+        inputs.setdefault("use_cache", False)
+    if "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
         return inputs
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     start = model.config.decoder_start_token_id
