@@ -47,14 +47,15 @@ def test_only_the_sampled_rows_are_tokenized_and_they_are_the_same_rows_as_befor
     table = Dataset.from_dict({"sentence": _sentences(400), "label": [i % 2 for i in range(400)]})
     config = WSVDConfig(num_samples=16, max_length=16, seed=3)
     loader = data_loader(tiny.build("bert"), tokenizer, table, config)
-    assert len(seen) == 16 and len(loader.dataset) == 16
+    # the 16 sampled rows, each tokenized twice: cut, and one token longer to count the rows cut
+    assert len(seen) == 2 * 16 and len(loader.dataset) == 16
     # The seeded sample of the rows is the sample the tokenize-everything order drew.
     everything = tokenize(table, tokenizer, CLASSIFICATION, ["sentence"], "label", 16, num_labels=2)
     expected = sample(everything, 16, seed=3)
     assert loader.dataset["input_ids"] == expected["input_ids"] and loader.dataset["labels"] == expected["labels"]
     seen.clear()
     ordered = data_loader(tiny.build("bert"), tokenizer, table, config, num_samples=5, shuffle=False)
-    assert seen == table["sentence"][:5] and ordered.dataset["labels"] == table["label"][:5]
+    assert seen == 2 * table["sentence"][:5] and ordered.dataset["labels"] == table["label"][:5]
 
 
 def test_causal_lm_blocks_come_from_the_whole_text_then_are_sampled(tokenizer):
@@ -103,6 +104,31 @@ def test_two_text_columns_are_a_sentence_pair_for_a_classifier(tokenizer, caplog
     with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
         data_loader(model, tokenizer, table, WSVDConfig(max_length=32), ["sentence2"], shuffle=False)
     assert not caplog.records
+
+
+def test_text_cut_at_max_length_is_counted_in_a_notice(tokenizer, caplog):
+    """Rows longer than max_length are cut, as transformers cuts them; the notice counts the texts and
+    the targets cut (a text exactly max_length tokens long is not cut)."""
+    words = tiny.WORDS
+    lengths = [len(ids) for ids in tokenizer([" ".join(words[:n]) for n in (2, 6, 9, 14)])["input_ids"]]
+    limit = lengths[1]  # the second row fits exactly
+    rows = [{"source": " ".join(words[:n]), "target": " ".join(words[:m])} for n, m in ((2, 2), (6, 3), (9, 5), (14, 14))]
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        encoded = tokenize(Dataset.from_list(rows), tokenizer, "seq2seq_lm", ["source"], "target", limit,
+                           source="data file 'pairs.jsonl'")
+    assert [len(ids) for ids in encoded["input_ids"]] == [lengths[0], limit, limit, limit]
+    assert encoded.column_names == ["input_ids", "attention_mask", "labels"]
+    assert [r.message for r in caplog.records] == [
+        f"max_length={limit} (--max-length) cut the text of 2 and the target text of 1 of the 4 rows of data file "
+        "'pairs.jsonl'"]
+    caplog.clear()
+    table = Dataset.from_dict({"text": [row["source"] for row in rows], "label": [0, 1, 0, 1]})
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        tokenize(table, tokenizer, CLASSIFICATION, ["text"], "label", max(lengths))
+        assert not caplog.records  # nothing cut
+        tokenize(table, tokenizer, CLASSIFICATION, ["text"], "label", limit)
+    assert [r.message for r in caplog.records] == [
+        f"max_length={limit} (--max-length) cut the text of 2 of the 4 rows of the text"]
 
 
 def test_mrpc_pairs_are_found_without_text_columns(shared):

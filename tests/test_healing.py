@@ -426,7 +426,7 @@ def test_cli_heal_takes_a_split_and_a_text_column_as_compress_does(tmp_path, cap
 def test_cli_heal_of_a_classifier_says_it_works_on_causal_lms(tmp_path, capsys):
     student, _ = tiny.compressed("bert")
     _saved(tmp_path, dense=tiny.build("bert"), compressed=student)
-    (tmp_path / "text.txt").write_text("the movie was good\n" * 50)
+    (tmp_path / "text.txt").write_text("")  # said before the data is read (an empty file would be refused)
     assert _heal(tmp_path, "compressed", "dense", "text.txt", "--max-length", "8") == 2
     assert "heal works on causal LMs; WsvdBertForSequenceClassification is not one" in _one_error(capsys)
     with pytest.raises(ValueError, match="heal works on causal LMs"):

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import transformers
+from datasets import ClassLabel, Dataset, Features, Value
 from tokenizers import processors
 
 import tiny
@@ -81,6 +82,11 @@ def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
     with pytest.raises(ValueError, match=r"column 'target' of data file .* is not text \(row 1: 3\): name a column of "
                                          r"text \(--label-column\); this one holds numbers"):
         data_loader(model, tokenizer, str(numbers), WSVDConfig())
+    classes = Dataset.from_dict({"source": ["the film", "a plot"], "target": [1, 0]},
+                                features=Features({"source": Value("string"), "target": ClassLabel(names=["bad", "good"])}))
+    with pytest.raises(ValueError, match=re.escape("column 'target' of the data is a ClassLabel (class indices of "
+                                                   "['bad', 'good']), not text: a sequence-to-sequence LM's target is text")):
+        data_loader(model, tokenizer, classes, WSVDConfig())
     blank = tmp_path / "blank.jsonl"
     blank.write_text(json.dumps({"source": "the film", "target": "good"}) + "\n"
                      + json.dumps({"source": "a plot", "target": " "}) + "\n")

@@ -356,6 +356,11 @@ def check_rows(dataset: "Dataset", task: str, text_columns: list[str], label_col
     if not any(text.strip() for values in texts for text in values):
         raise ValueError(f"{source} holds no text in {', '.join(map(repr, text_columns))}: every row is empty or blank")
     if label_column is not None and task == SEQ2SEQ_LM:  # its target text: a blank one would teach the end alone
+        if _class_label(dataset, label_column):
+            names = dataset.features[label_column].names
+            raise ValueError(f"column {label_column!r} of {source} is a ClassLabel (class indices of "
+                             f"{short_repr(names, 60)}), not text: a sequence-to-sequence LM's target is text; "
+                             "name a column of text (--label-column), or write the class names out as text")
         targets = dataset[label_column]
         _check_text(label_column, source, targets, option="--label-column")
         blank = next((i for i, text in enumerate(targets) if not text.strip()), None)
@@ -407,11 +412,16 @@ def tokenize(
     named = ", ".join(map(repr, text_columns))
 
     def encode(rows, indices):
+        texts = [rows[c] for c in text_columns]
         target = {"text_target": rows[label_column]} if task == SEQ2SEQ_LM else {}  # tokenized as the labels
-        encoded = tokenizer(*(rows[c] for c in text_columns), truncation=True, max_length=max_length, **target)
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length, **target)
         for index, ids in zip(indices, encoded["input_ids"]):
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
+        # Cut at max_length exactly where one more token is kept when the limit is one higher.
+        longer = tokenizer(*texts, truncation=True, max_length=max_length + 1, **target)
+        encoded["cut_text"] = [len(ids) > max_length for ids in longer["input_ids"]]
+        encoded["cut_target"] = [len(ids) > max_length for ids in longer["labels"]] if target else [False] * len(indices)
         if not target:
             encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
                                            class_indices)
@@ -419,8 +429,14 @@ def tokenize(
 
     # In memory: a dataset read from a save_to_disk folder would otherwise get cache files written
     # into that folder, which is the user's.
-    return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                       keep_in_memory=True)
+    encoded = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                          keep_in_memory=True)
+    cut = {what: sum(encoded[column]) for what, column in (("text", "cut_text"), ("target text", "cut_target"))}
+    if any(cut.values()):
+        counts = " and ".join(f"the {what} of {count}" for what, count in cut.items() if count)
+        logger.warning("max_length=%d (--max-length) cut %s of the %d rows of %s", max_length, counts, len(encoded),
+                       source)
+    return encoded.remove_columns(["cut_text", "cut_target"])
 
 
 def check_block_length(max_length: int) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          PreTrainedModel)
+                          PreTrainedConfig, PreTrainedModel)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -111,6 +111,11 @@ def task_of(model: PreTrainedModel) -> str:
     return task
 
 
+def stored_tasks(config: PreTrainedConfig) -> set[str]:
+    """The tasks of the classes ``config.architectures`` names (empty where none is one of them)."""
+    return {_architecture_task(a, config) for a in config.architectures or []} - {None}
+
+
 def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedModel:
     """Load a checkpoint with the Auto class of its task (causal LM, sequence-to-sequence LM or sequence
     classifier),
@@ -124,7 +129,7 @@ def load_task_model(path: str, task: str | None = None, **kwargs) -> PreTrainedM
         raise ValueError(f"{path}: config.json records an hf_wsvd recipe but model_type={config.model_type!r}; "
                          f"restore \"model_type\": \"{MODEL_TYPE}\"")
     architectures = config.architectures or []
-    tasks = {task} if task else {_architecture_task(a, config) for a in architectures} - {None}
+    tasks = {task} if task else stored_tasks(config)
     if not tasks:
         what = (f"problem_type={config.problem_type!r}" if config.problem_type == "multi_label_classification"
                 else f"architectures={architectures}")

@@ -257,19 +257,21 @@ def run_heal(args: argparse.Namespace) -> None:
     from ..integrations.healing import HealConfig, check_student, check_teacher, check_teacher_config, heal
     from .output import check_output
     from ..runtime.modeling_wsvd import MODEL_TYPE
-    from ..tasks import CAUSAL_LM
+    from ..tasks import CAUSAL_LM, stored_tasks
     from .workflow import load_model_and_tokenizer, stored_config, stored_dtype
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
     check_block_length(args.max_length)
+    stored = stored_config(args.path)  # what it is, said before the data is read and two models load
+    if stored.model_type != MODEL_TYPE:
+        raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {stored.model_type!r}): heal trains a model "
+                         "compressed by hf-wsvd compress toward its dense teacher")
+    if stored.architectures and CAUSAL_LM not in stored_tasks(stored):
+        raise ValueError(f"heal works on causal LMs; {stored.architectures[0]} is not one")
     texts = read_texts(args.data, f"--data {args.data!r}", args.text_columns, args.split)  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training
         load_card(Path(args.path) / "README.md")
-    recorded = stored_config(args.path).model_type
-    if recorded != MODEL_TYPE:  # said before two models load and the teacher writes
-        raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {recorded!r}): heal trains a model "
-                         "compressed by hf-wsvd compress toward its dense teacher")
     # The teacher is an input too: OUTPUT may not be, contain or lie inside it.
     with check_output([args.path, args.teacher, args.data], args.output, args.overwrite) as claim:
         claim.check_writer("heal")  # before two models load and train
