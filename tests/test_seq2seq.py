@@ -69,6 +69,16 @@ def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
         data_loader(model, tokenizer, str(renamed), WSVDConfig())
     named = data_loader(model, tokenizer, str(renamed), WSVDConfig(max_length=16), label_column="summary", shuffle=False)
     assert named.dataset["labels"] == loader.dataset["labels"]
+    # a column of objects (the translation layout): its fields are columns of their own
+    nested = tmp_path / "translation.jsonl"
+    nested.write_text("".join(json.dumps({"translation": {"fr": r["target"], "en": r["source"]}}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=re.escape("(columns ['translation.fr', 'translation.en']): name the column of "
+                                                   "target text (--label-column)")):
+        data_loader(model, tokenizer, str(nested), WSVDConfig())
+    translated = data_loader(model, tokenizer, str(nested), WSVDConfig(max_length=16), ["translation.en"],
+                             label_column="translation.fr", shuffle=False)
+    assert translated.dataset["input_ids"] == loader.dataset["input_ids"]
+    assert translated.dataset["labels"] == loader.dataset["labels"]
     wide = tmp_path / "wide.jsonl"
     wide.write_text("".join(json.dumps({**r, "context": r["source"]}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"text_columns=\['source', 'context'\]: a sequence-to-sequence LM reads one "):

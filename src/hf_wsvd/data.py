@@ -54,9 +54,17 @@ TOKENIZER_FILES = (*TOKENIZER_VOCABULARY, "tokenizer_config.json")
 
 
 def load_table(source: str | os.PathLike | Dataset, split: str | None = None) -> Dataset:
-    """A ``datasets.Dataset`` from a Dataset (returned as is), a ``save_to_disk`` folder (of a
-    Dataset, or of a DatasetDict with ``split`` naming the split unless it has only one), or a
-    TSV/CSV/JSON(L)/text/parquet file."""
+    """A ``datasets.Dataset`` from a Dataset, a ``save_to_disk`` folder (of a Dataset, or of a
+    DatasetDict with ``split`` naming the split unless it has only one), or a TSV/CSV/JSON(L)/text/
+    parquet file; nested fields as columns of their own (``translation.en``)."""
+    from datasets import Dataset
+
+    table = _read_table(source, split)
+    # A column of objects (a translation pair, {"en": ..., "de": ...}) names its fields as columns.
+    return table.flatten() if any(isinstance(feature, dict) for feature in table.features.values()) else table
+
+
+def _read_table(source: str | os.PathLike | Dataset, split: str | None) -> Dataset:
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
     from datasets.exceptions import DatasetGenerationError
 
