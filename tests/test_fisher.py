@@ -3,10 +3,12 @@ gives the same result in two processes as in one."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
+import transformers
 from torch.utils.data import DataLoader
 
 from stats_worker import (
@@ -315,6 +317,29 @@ def test_target_layers_the_forward_pass_does_not_use_are_named_with_what_to_do()
         layer.unused = torch.nn.Linear(32, 32)  # a linear of every block that the forward never calls
     batch = tiny.inputs("llama", batch=2, length=8)
     with pytest.raises(ValueError, match=re.escape("no gradient reached ['layers.0.unused', 'layers.1.unused'] (2 "
-                                                   "target layers): the forward pass does not use them on this data")):
+                                                   "target layers): the forward pass does not call them; ")
+                       + r".*leave them out: exclude_modules=\['unused'\] \(--exclude-modules unused\)$"):
         hf_wsvd.compress(model, hf_wsvd.WSVDConfig(method="fisher_whiten", sequential=False, param_ratio=0.5),
                          [{**batch, "labels": batch["input_ids"]}], show_progress=False)
+
+
+@pytest.mark.parametrize("method", ["fisher_whiten", "whiten"])
+def test_a_layer_whose_weight_the_model_reads_itself_is_named_with_the_exclusion_that_compresses_the_rest(method):
+    """Mamba multiplies by dt_proj.weight without calling dt_proj: no factorized layer can stand in for it."""
+    import hf_wsvd
+
+    config = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                      intermediate_size=64, time_step_rank=8)
+    model = transformers.MambaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    # the sequential pipeline (whiten's default) names the first block's; the whole-model passes all
+    with pytest.raises(ValueError, match=r"reached \['layers\.0\.mixer\.dt_proj'(, 'layers\.1\.mixer\.dt_proj'\] \(2 "
+                                         r"target layers|\] \(1 target layers of this block)\): .*"
+                                         r"exclude_modules=\['dt_proj'\] \(--exclude-modules dt_proj\)$"):
+        hf_wsvd.compress(copy.deepcopy(model), hf_wsvd.WSVDConfig(method=method, param_ratio=0.6), data,
+                         show_progress=False)
+    compressed, report = hf_wsvd.compress(model, hf_wsvd.WSVDConfig(method=method, param_ratio=0.6,
+                                                                    exclude_modules=["dt_proj"]), data, show_progress=False)
+    assert report.ranks and not any("dt_proj" in name for name in report.ranks)
+    assert torch.isfinite(compressed(input_ids=ids).logits).all()

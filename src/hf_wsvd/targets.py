@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 from torch import nn
 
@@ -38,6 +39,16 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def unreached_advice(unreached: list[str], names: Iterable[str]) -> str:
+    """What to say of the target layers ``unreached`` (of all ``names``) that the forward pass never
+    called: why that happens, and the ``exclude_modules`` that leaves out exactly them."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in unreached})
+    exclude = suffixes if {n for n in names if _matches(n, suffixes)} == set(unreached) else sorted(unreached)
+    return ("a model may read a layer's weight itself (Mamba's dt_proj) or skip it on this data (LED's global "
+            "attention without a global_attention_mask); leave them out: "
+            f"exclude_modules={exclude!r} (--exclude-modules {','.join(exclude)})")
 
 
 def select_targets(

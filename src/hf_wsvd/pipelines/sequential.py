@@ -29,6 +29,7 @@ from ..blocks import (block_list, input_device, on_host, outside_blocks_on, plac
                       split_hidden, without_cache)
 from ..statistics import InputHooks, Statistics
 from ..statistics.inputs import EMPTY_DATA_MESSAGE
+from ..targets import unreached_advice
 from ..statistics.passes import batches, failing_together
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
@@ -212,9 +213,14 @@ def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs
     finally:
         hooks.remove()
     hooks.reduce(job.accelerator, job.accelerator.device)
-    stats = job.statistics.merged(hooks.result())
+    measured = hooks.result()
+    stats = job.statistics.merged(measured)
     if not stats.has(names, job.input_needs):
-        raise ValueError(EMPTY_DATA_MESSAGE)
+        unreached = [name for name in names if name not in measured.tokens]
+        if not measured.tokens or not unreached:
+            raise ValueError(EMPTY_DATA_MESSAGE)
+        raise ValueError(f"no token of the calibration data reached {unreached[:3]} ({len(unreached)} target layers "
+                         f"of this block): {unreached_advice(unreached, names)}")
     return stats
 
 

@@ -30,6 +30,7 @@ from ..blocks import (
     without_cache,
 )
 from ..runtime.factorized_linear import linear_shape
+from ..targets import unreached_advice
 from ..tasks import LossFn
 from .collectors import COLLECTORS, Collector, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
@@ -247,8 +248,7 @@ def gradient_statistics(
     missing = sorted(set(modules) - hooks.seen)
     if missing and count > 0:
         raise ValueError(f"no gradient reached {missing[:3]} ({len(missing)} target layers): the forward pass does not "
-                         "use them on this data (e.g. LED's global attention without a global_attention_mask); leave them "
-                         "out (exclude_modules)")
+                         f"call them; {unreached_advice(missing, modules)}")
     totals = []
     for name, module in modules.items():
         in_features, out_features = linear_shape(module)

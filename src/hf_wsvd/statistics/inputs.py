@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
+from ..targets import unreached_advice
 from ..tasks import labels_feed_decoder, scoring_inputs, shifted_right
 from .collectors import COLLECTORS, collectors_for
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
@@ -209,7 +210,8 @@ def input_statistics(
         raise ValueError(EMPTY_DATA_MESSAGE)
     unreached = [name for name in modules if name not in stats.tokens]
     if unreached:
-        raise ValueError(f"no token of the calibration data reached {unreached[0]!r} ({len(unreached)} target layers): "
-                         "is it used by the forward pass? (an encoder-decoder model's decoder reads the positions "
-                         "whose label is not -100)")
+        decoder = ("an encoder-decoder model's decoder reads the positions whose label is not -100; "
+                   if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "")
+        raise ValueError(f"no token of the calibration data reached {unreached[:3]} ({len(unreached)} target layers): "
+                         f"{decoder}{unreached_advice(unreached, modules)}")
     return stats
