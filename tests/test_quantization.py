@@ -83,19 +83,27 @@ def test_the_integrity_check_reads_quantized_factors(tmp_path):
 QDATA = "model.layers.0.self_attn.q_proj.down._weight_qdata"
 
 
-@pytest.mark.parametrize("edit, message", [
+SCALE = QDATA.replace("_weight_qdata", "_weight_scale")
+
+
+@pytest.mark.parametrize("edit, key, message", [
     (lambda path: edit_config(path, lambda c: c["wsvd"]["ranks"].update({"layers.0.self_attn.q_proj": 3})),
-     r"\(8, 32\) in the file, \(3, 32\) in the model"),
-    (lambda path: _edit_keeping_metadata(path, lambda t: t.update(
-        {QDATA: t[QDATA][:-1].clone()})), r"\(7, 32\) in the file, \(8, 32\) in the model"),
-], ids=["rank edited", "quantized rows cut"])
-def test_a_quantized_factor_of_the_wrong_shape_is_refused(tmp_path, edit, message):
+     "down.weight", r"\(8, 32\) in the file, \(3, 32\) in the model"),
+    (lambda path: _edit_keeping_metadata(path, lambda t: t.update({QDATA: t[QDATA][:-1].clone()})),
+     "down.weight", r"\(7, 32\) in the file, \(8, 32\) in the model"),
+    # one scale for every row would broadcast; twice the rows would fail in the first forward
+    (lambda path: _edit_keeping_metadata(path, lambda t: t.update({SCALE: t[SCALE][:1].clone()})),
+     "down._weight_scale", r"\(1, 1\) in the file, \(8, 1\) in the model"),
+    (lambda path: _edit_keeping_metadata(path, lambda t: t.update({SCALE: torch.cat([t[SCALE], t[SCALE]])})),
+     "down._weight_scale", r"\(16, 1\) in the file, \(8, 1\) in the model"),
+], ids=["rank edited", "quantized rows cut", "scales cut", "scales doubled"])
+def test_a_quantized_factor_of_the_wrong_shape_is_refused(tmp_path, edit, key, message):
     """torchao loads its own tensors whole, whatever their shape, so the load reports no mismatch."""
     tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
     CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(
         tmp_path / "q")
     edit(tmp_path / "q")
-    with pytest.raises(ValueError, match="'model.layers.0.self_attn.q_proj.down.weight' has the wrong shape in the "
+    with pytest.raises(ValueError, match=f"'model.layers.0.self_attn.q_proj.{key}' has the wrong shape in the "
                                          "checkpoint's weights: " + message):
         CAUSAL.from_pretrained(tmp_path / "q")
 

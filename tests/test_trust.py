@@ -92,6 +92,14 @@ CASES = [
                          f"bert.{QUERY}.down.weight.absmax": torch.ones(4)}),
      "holds quantized tensors \\(such as '.*down.weight.absmax'\\), but config.json has no quantization_config",
      "holds quantized tensors"),
+    # integers cast to floats at load: numbers that were never the weight's
+    ("factor stored as int8", None,
+     lambda t: t.update({f"bert.{QUERY}.up.weight": (t[f"bert.{QUERY}.up.weight"] * 100).to(torch.int8)}),
+     f"'bert.{QUERY}.up.weight' is stored as I8 in model.safetensors, but is a torch.float32 weight",
+     f"'bert.{QUERY}.up.weight' is stored as I8"),
+    ("norm stored as booleans", None,
+     lambda t: t.update({"bert.embeddings.LayerNorm.weight": t["bert.embeddings.LayerNorm.weight"] > 0}),
+     "'bert.embeddings.LayerNorm.weight' is stored as BOOL", "'bert.embeddings.LayerNorm.weight' is stored as BOOL"),
     ("NaN factor", None, _set_nan, "NaN or infinite", "NaN or infinite"),
     ("inf factor", None, _set_inf, "NaN or infinite", "NaN or infinite"),
     # Weights outside the compressed layers are checked as well: a NaN there spoils every output too.

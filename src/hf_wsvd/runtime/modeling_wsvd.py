@@ -493,6 +493,11 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                                 for name, module in factorized.items() for path, sub in module.named_modules()
                                 if isinstance(sub, nn.Linear) and sub.weight.device.type != "meta"
                                 and (shape := _logical_shape(sub.weight)) != (sub.out_features, sub.in_features)]
+    # A quantized weight's scales or zero points of another shape than its data and block size give
+    # would broadcast (one scale for every row) or fail in the first forward.
+    mismatched = mismatched or [(f"{name}._weight_{part}", found, expected) for name, module in model.named_modules()
+                                if isinstance(module, nn.Linear)
+                                for part, found, expected in [_misshapen_part(module.weight)] if part is not None]
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
@@ -550,6 +555,25 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
             # base (W + correction) it would be wrong.
             raise ValueError(f"{name}.base loaded unquantized, but its low-rank correction fits the error of its "
                              "quantization: load the checkpoint with its own quantization_config")
+
+
+def _misshapen_part(weight: torch.Tensor) -> tuple[str | None, tuple, tuple]:
+    """The part of a torchao quantized ``weight`` (its scale, zero point), its shape and the shape
+    the weight's data and block size give it, where the two differ; (None, (), ()) where none does."""
+    block = getattr(weight, "block_size", None)
+    if type(weight) in (torch.Tensor, nn.Parameter) or not hasattr(weight, "__tensor_flatten__") \
+            or block is None or len(block) != 2:
+        return None, (), ()
+    names, _ = weight.__tensor_flatten__()
+    data = getattr(weight, "qdata", None)
+    if data is None or tuple(data.shape) != tuple(weight.shape):  # packed data (int4-gpu): another layout
+        return None, (), ()
+    expected = (weight.shape[0] // block[0], weight.shape[1] // block[1])
+    for name in names:
+        part = getattr(weight, name)
+        if name != "qdata" and isinstance(part, torch.Tensor) and tuple(part.shape) != expected:
+            return name, tuple(part.shape), expected
+    return None, (), ()
 
 
 def _logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
@@ -713,6 +737,26 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def check_stored_dtypes(model: nn.Module, path: str | os.PathLike | None) -> None:
+    """Raise where a ``.safetensors`` file of the folder ``path`` stores a tensor of ``model`` that
+    is floating point (and not quantized) as integers or booleans: the load casts them to numbers
+    that were never the weight's (a raw quantized dump without its scales)."""
+    from safetensors import safe_open  # transformers' own dependency
+
+    if path is None or not os.path.isdir(path):
+        return
+    floats = {name: tensor for name, tensor in chain(model.named_parameters(), model.named_buffers())
+              if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point()}
+    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, name), "pt") as handle:
+            for key in handle.keys():
+                stored = handle.get_slice(key).get_dtype()
+                if key in floats and not stored.startswith(("F", "BF")):
+                    raise ValueError(f"the tensor {key!r} is stored as {stored} in {name}, but is a {floats[key].dtype} "
+                                     "weight of the model: the file is damaged, or holds quantized data without the "
+                                     "quantization_config that reads it")
+
+
 def _damaged_file(path: str) -> str | None:
     """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged (None:
     none is, or ``path`` is no folder here)."""
@@ -840,6 +884,7 @@ class _WsvdModelMixin:
                                  "not match config.json's quantization_config") from error
             try:
                 check_loaded(model, info, ignore)
+                check_stored_dtypes(model, path)
             except ValueError as error:
                 drop()
                 both = _both_weights_files(path)
