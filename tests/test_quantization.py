@@ -20,11 +20,12 @@ import tiny
 from helpers import main_output, run_cli, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear
 from hf_wsvd.cli import main
+from hf_wsvd.integrations.checkpoint import structure, summarize
 from hf_wsvd.integrations.export import densify
 from hf_wsvd.integrations.quantization import is_quantized_tensor, quantization_config, quantize, weight_bits
 from hf_wsvd.recipes import default_block_refine_steps
 from hf_wsvd.statistics import default_accelerator
-from hf_wsvd.runtime.modeling_wsvd import all_finite
+from hf_wsvd.runtime.modeling_wsvd import all_finite, relative_module_name
 from test_trust import edit_config, edit_weights
 
 CAUSAL = transformers.AutoModelForCausalLM
@@ -239,6 +240,14 @@ def test_pruned_layers_are_quantized(tmp_path):
     assert type(quantized.model.get_submodule(name).weight).__name__ == "Int8Tensor"
     quantized.save_pretrained(tmp_path)
     assert torch.equal(_outputs(CAUSAL.from_pretrained(tmp_path)), _outputs(quantized))
+    # What inspect counts is the structure, quantized or not: the pruned layers a group size leaves
+    # unquantized (another class) are pruned layers still.
+    model.save_pretrained(tmp_path / "bf")
+    grouped = CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=quantization_config("int4", group_size=64))
+    assert any(type(m).__name__ == "FullPrecisionLinear" for name, m in grouped.named_modules()
+               if relative_module_name(grouped, name) in report.pruned)
+    for each in (quantized, grouped):
+        assert summarize(each) == summarize(model) and structure(each) == structure(model)
 
 
 def test_cut_attentions_are_quantized_and_round_trip(tmp_path):

@@ -17,7 +17,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from ..config import check_refined
 from ..fields import is_integer
 from ..runtime.factorized_embedding import FactorizedEmbedding
-from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
+from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear
 from ..runtime.modeling_wsvd import (MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name, stock_model_class,
                                     wsvd_model_class)
 
@@ -47,12 +47,15 @@ def summarize(model: nn.Module) -> list[LayerSummary]:
     config = getattr(model, "config", None)
     recipe = (recipe_of(config) or {}) if config is not None else {}
     for name, module in model.named_modules():
-        shape = dense_shape(recipe, relative_module_name(model, name), module) if type(module) is nn.Linear else None
+        # a pruned layer quantized (bitsandbytes' own Linear class), or kept unquantized by its shape
+        plain = isinstance(module, (nn.Linear, FullPrecisionLinear))
+        shape = dense_shape(recipe, relative_module_name(model, name), module) if plain else None
         if shape is not None:
             (dense_in, dense_out), bias = shape, module.bias is not None
-            rows.append(LayerSummary(
+            rows.append(LayerSummary(  # counted from its shape: a quantizer's packed data has other sizes
                 relative_module_name(model, name), (module.out_features, module.in_features), None,
-                sum(p.numel() for p in module.parameters()), dense_in * dense_out + (dense_out if bias else 0),
+                module.in_features * module.out_features + (module.out_features if bias else 0),
+                dense_in * dense_out + (dense_out if bias else 0),
             ))
         # Embeddings tied to another (T5's per-stack token embeddings) share its table: one row.
         if isinstance(module, FactorizedEmbedding) and id(module.weight) not in tables:
