@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 import tiny
 from helpers import FolderHub, run_without_hf_wsvd
 from hf_wsvd import FactorizedLinear, WSVDConfig, compress, hub
-from hf_wsvd.integrations.card import Evaluation, build_card
+from hf_wsvd.integrations.card import Evaluation, build_card, write_card
 from hf_wsvd.cli import main
 
 ROWS = [("the movie was great", 1), ("awful plot", 0), ("really good story", 1), ("bad actor", 0),
@@ -125,6 +125,18 @@ def test_card_model_index_names_a_hub_dataset(compressed):
     [result] = loaded.eval_results
     assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("nyu-mll/glue", "sst2", "validation")
     assert (result.metric_type, result.metric_value, result.task_type) == ("accuracy", 0.875, "text-classification")
+
+
+def test_write_card_writes_beside_a_saved_checkpoint_and_names_a_folder_that_is_not_there(compressed, tmp_path):
+    out, _ = compressed
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    with pytest.raises(ValueError, match=re.escape(f"folder={str(tmp_path / 'elsewhere')!r} is not a folder: save the "
+                                                   "model there first")):
+        write_card(tmp_path / "elsewhere", model, base_model="user/dense", command="c")
+    assert not (tmp_path / "elsewhere").exists()
+    card = write_card(out, model, base_model="user/dense", command="c")
+    assert ModelCard.load(out / "README.md").data.base_model == "user/dense" == card.data.base_model
+    assert (out / "rank_per_layer.png").stat().st_size > 0
 
 
 def test_eval_dataset_id_turns_the_scores_into_model_index_metadata(tmp_path, capsys):

@@ -80,6 +80,19 @@ def test_the_readme_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "sst2-compressed" / "tokenizer.json").is_file()
 
 
+def test_the_recipe_table_names_every_field():
+    """The README sends users to this table for all of WSVDConfig's fields."""
+    import dataclasses
+
+    from hf_wsvd import WSVDConfig
+
+    page = (ROOT / "docs" / "methods.md").read_text()
+    table = page[page.index("| field | meaning |"):]
+    named = {name for row in table.splitlines() if row.startswith("|")
+             for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert {f.name for f in dataclasses.fields(WSVDConfig)} - named == set()
+
+
 def test_the_design_page_adds_a_method():
     (block,) = code_blocks(ROOT / "docs" / "design.md", "python", "## Extending hf_wsvd")
     scope = {}

@@ -459,6 +459,19 @@ def test_the_python_helper_refuses_int4_gpu_without_cuda(monkeypatch):
         quantization_config("int4-gpu", 32)
 
 
+def test_the_command_line_refuses_a_format_this_machine_cannot_run_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from hf_wsvd.cli import workflow
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(workflow, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    tiny.save_compressed(tmp_path / "model", "llama")  # dense or not: never read
+    assert main(["compress", str(tmp_path / "model"), str(tmp_path / "out"), "--method", "svd", "--param-ratio", "0.5",
+                 "--quantize", "int4-gpu"]) == 2
+    assert "error: --quantize='int4-gpu' runs torchao's packed int4 CUDA kernels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compress_refuses_a_quantization_that_quantizes_no_block_linear(tmp_path, tokenizer, capsys):
     """A group size that divides no input size of the blocks (ranks in steps of 4, sizes up to 64):
     the output would carry a quantization config and not one quantized weight."""

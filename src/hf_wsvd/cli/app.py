@@ -186,6 +186,10 @@ def _compress(args: argparse.Namespace) -> None:
             raise ValueError(f"--split {args.split} picks a split of --data's dataset folder: pass --data FOLDER")
         if args.eval_dataset_id and not args.eval_data:
             raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
+        if config.quantize:  # before the model loads (a large one, or a .gguf file, takes a while)
+            from ..integrations.quantization import check_format
+
+            check_format(config.quantize, config.quantize_group_size)
         save_dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.model)
         # Statistics and decompositions run in float32 whatever the checkpoint stores.
         placement = {"device_map": args.device_map} if args.device_map else {}

@@ -239,7 +239,10 @@ def build_card(
 
 def write_card(folder: str | os.PathLike, model: PreTrainedModel, **kwargs) -> ModelCard:
     """Write ``README.md`` (see :func:`build_card` for the arguments) and the rank plot into
-    ``folder``; returns the card."""
+    ``folder`` (the saved checkpoint's); returns the card."""
+    if not Path(folder).is_dir():
+        raise ValueError(f"folder={os.fspath(folder)!r} is not a folder: save the model there first "
+                         "(model.save_pretrained), then write its card beside it")
     card = build_card(model, **kwargs)
     plot_ranks(model, Path(folder) / PLOT_FILE)
     card.save(Path(folder) / "README.md")

@@ -89,8 +89,9 @@ class HealConfig:
 @dataclass
 class HealReport:
     """What healing did: the held-out distillation loss (mean token KL to the teacher, nats) before
-    and after, the steps taken, the trainable parameters and the seconds spent; ``kept``: whether
-    the trained weights were kept (False: they raised the held-out loss, so the student was restored);
+    and after training (``kl_after``: the trained weights', also where they were undone), the steps
+    taken, the trainable parameters and the seconds spent; ``kept``: whether the trained weights were
+    kept (False: they raised the held-out loss, so the student was restored, its loss ``kl_before``);
     ``best_step``: the step whose weights the healed student has (0: none, the student was restored);
     ``losses``: the held-out loss measured during training, by step (in the training's precision)."""
 

@@ -66,6 +66,18 @@ NOT_FLOAT64 = ("quantizes float32, float16 or bfloat16 weights, not torch.float6
                "or --dtype)")
 
 
+def check_format(spec: str, group_size: int = 64) -> None:
+    """Raise a one-line ValueError where this machine cannot quantize in ``spec`` at all (what can be
+    said before a model loads): an unknown format, its package missing, a CUDA-only format without CUDA."""
+    try:
+        quantization_config(spec, group_size)
+    except ImportError as error:
+        raise ValueError(str(error)) from None
+    if spec in ("nf4", "bnb-int8") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize={spec!r} needs bitsandbytes (pip install bitsandbytes; the devices its kernels run "
+                         "on are in its documentation)")
+
+
 def check_quantizable(model: nn.Module, spec: str, group_size: int = 64, dtype: torch.dtype | None = None) -> None:
     """Raise a one-line ValueError, before any work, where ``spec`` could not quantize ``model``
     (dense or about to be compressed) in ``dtype`` (default: its own): its package missing, a CUDA-only
@@ -73,16 +85,10 @@ def check_quantizable(model: nn.Module, spec: str, group_size: int = 64, dtype: 
     (a classifier, a pooler) whose input size the format's groups do not divide (a linear of the
     blocks, factor, pruned or dense, of such a size is kept unquantized at load instead:
     ``keep_unquantizable``)."""
-    try:
-        quantization_config(spec, group_size)
-    except ImportError as error:
-        raise ValueError(str(error)) from None
+    check_format(spec, group_size)
     dtype = dtype or next(model.parameters()).dtype
     if dtype == torch.float64:
         raise ValueError(f"quantize={spec!r} {NOT_FLOAT64}")
-    if spec in ("nf4", "bnb-int8") and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"quantize={spec!r} needs bitsandbytes (pip install bitsandbytes; the devices its kernels run "
-                         "on are in its documentation)")
     if spec not in GROUPED_QUANTIZE_SPECS:
         default = WSVDConfig.__dataclass_fields__["quantize_group_size"].default
         if group_size != default:  # the recipe would record a group size nothing used
