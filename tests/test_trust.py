@@ -66,6 +66,8 @@ CASES = [
     ("bogus method", lambda c: c["wsvd"].update(method="bogus"), None, "'bogus' is not one of", None),
     ("method not a string", lambda c: c["wsvd"].update(method=3), None, "method'\\]=3", "method'\\]=3"),
     ("param_ratio 7", lambda c: c["wsvd"].update(param_ratio=7), None, "param_ratio'\\]=7", "param_ratio'\\]=7"),
+    ("dtype edited to no dtype", lambda c: c.update(dtype="float17"), None,
+     "config.json dtype='float17' is not a torch dtype", "config.json dtype='float17' is not a torch dtype"),
     ("fractional rank", lambda c: c["wsvd"]["ranks"].update({QUERY: 8.5}), None,
      "=8.5 is not a positive integer", "=8.5 is not a positive integer"),
     ("string rank", lambda c: c["wsvd"]["ranks"].update({QUERY: "8"}), None,
@@ -392,6 +394,24 @@ def test_a_stale_single_weights_file_beside_a_sharded_save_is_named(tmp_path):
     ids = tiny.inputs("llama")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_a_sharded_save_s_index_that_is_not_json_is_named_through_both_paths(tmp_path):
+    model, _ = tiny.compressed("llama")
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-40])  # cut short
+    message = f"{index} is not valid JSON ("
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+    """, cwd=tmp_path)
+    assert result.returncode == 0 and message in result.stdout, result.stderr[-3000:]
 
 
 def test_other_safetensors_errors_pass_as_they_are(tmp_path):

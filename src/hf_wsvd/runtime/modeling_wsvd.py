@@ -39,6 +39,7 @@ This file ships inside every compressed checkpoint, so it may import only torch 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -757,6 +758,21 @@ def check_stored_dtypes(model: nn.Module, path: str | os.PathLike | None) -> Non
                                      "quantization_config that reads it")
 
 
+def _unparsed_json(path: str | os.PathLike | None) -> str | None:
+    """The first JSON file a load reads from the folder ``path`` that does not parse (None: none)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    for name in ("model.safetensors.index.json", "generation_config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as handle:
+                json.load(handle)
+        except FileNotFoundError:
+            continue
+        except (ValueError, OSError):
+            return os.path.join(os.fspath(path), name)
+    return None
+
+
 def _damaged_file(path: str) -> str | None:
     """The first ``.safetensors`` file of the folder ``path`` whose header or size is damaged (None:
     none is, or ``path`` is no folder here)."""
@@ -840,7 +856,18 @@ def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
 
 
 class _WsvdConfigMixin:
-    """Writes an ``auto_map`` covering every Auto class of the base architecture."""
+    """Writes an ``auto_map`` covering every Auto class of the base architecture; a recorded dtype
+    that names no torch dtype is refused by name (torch's AttributeError named neither)."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        for key in ("dtype", "torch_dtype"):
+            value = config_dict.get(key)
+            if value is not None and value != "auto" and not isinstance(
+                    value if isinstance(value, torch.dtype) else getattr(torch, str(value), None), torch.dtype):
+                raise ValueError(f"config.json {key}={value!r} is not a torch dtype (such as 'bfloat16'): the "
+                                 "checkpoint's config was edited; restore the dtype it was saved in")
+        return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -875,6 +902,12 @@ class _WsvdModelMixin:
             try:
                 model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
                                                       **kwargs)
+            except json.JSONDecodeError as error:  # json names no file: the folder's file that does not parse
+                damaged = _unparsed_json(path)
+                if damaged is None:
+                    raise
+                raise ValueError(f"{damaged} is not valid JSON ({error}): the file is damaged; write or download it "
+                                 "again") from error
             except RuntimeError as error:
                 if "conversion of the weights" not in str(error):
                     raise
