@@ -371,6 +371,19 @@ def test_a_truncated_weights_file_is_named_by_every_command(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def _remote_load_error(path) -> str:
+    """The ValueError a causal LM folder's load raises through its saved code, hf_wsvd not installed."""
+    result = run_without_hf_wsvd(f"""
+        import transformers
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)
+        except ValueError as error:
+            print(error)
+    """, cwd=path.parent)
+    assert result.returncode == 0 and result.stdout, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_a_stale_single_weights_file_beside_a_sharded_save_is_named(tmp_path):
     """An older save's model.safetensors left beside a sharded compressed save: transformers reads
     it, the factors are missing, and the error says that the folder holds both, through both paths."""
@@ -381,14 +394,7 @@ def test_a_stale_single_weights_file_beside_a_sharded_save_is_named(tmp_path):
     both = "the folder holds both model.safetensors and a sharded save's model.safetensors.index.json"
     with pytest.raises(ValueError, match=r"is missing from the checkpoint's weights .*; " + re.escape(both)):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    result = run_without_hf_wsvd(f"""
-        import transformers
-        try:
-            transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
-        except ValueError as error:
-            print(error)
-    """, cwd=tmp_path)
-    assert result.returncode == 0 and both in result.stdout, result.stderr[-3000:]
+    assert both in _remote_load_error(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").unlink()  # the sharded save alone loads
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     ids = tiny.inputs("llama")["input_ids"]
@@ -404,14 +410,7 @@ def test_a_sharded_save_s_index_that_is_not_json_is_named_through_both_paths(tmp
     message = f"{index} is not valid JSON ("
     with pytest.raises(ValueError, match=re.escape(message)):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    result = run_without_hf_wsvd(f"""
-        import transformers
-        try:
-            transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
-        except ValueError as error:
-            print(error)
-    """, cwd=tmp_path)
-    assert result.returncode == 0 and message in result.stdout, result.stderr[-3000:]
+    assert message in _remote_load_error(tmp_path / "ckpt")
 
 
 def test_other_safetensors_errors_pass_as_they_are(tmp_path):
