@@ -463,9 +463,9 @@ def test_the_command_line_refuses_a_format_this_machine_cannot_run_before_the_mo
                                                                                          capsys):
     from hf_wsvd.cli import workflow
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(workflow, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     tiny.save_compressed(tmp_path / "model", "llama")  # dense or not: never read
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # after the compression, which may use CUDA
+    monkeypatch.setattr(workflow, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["compress", str(tmp_path / "model"), str(tmp_path / "out"), "--method", "svd", "--param-ratio", "0.5",
                  "--quantize", "int4-gpu"]) == 2
     assert "error: --quantize='int4-gpu' runs torchao's packed int4 CUDA kernels" in capsys.readouterr().err
