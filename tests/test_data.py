@@ -47,15 +47,14 @@ def test_only_the_sampled_rows_are_tokenized_and_they_are_the_same_rows_as_befor
     table = Dataset.from_dict({"sentence": _sentences(400), "label": [i % 2 for i in range(400)]})
     config = WSVDConfig(num_samples=16, max_length=16, seed=3)
     loader = data_loader(tiny.build("bert"), tokenizer, table, config)
-    # the 16 sampled rows, each tokenized twice: cut, and one token longer to count the rows cut
-    assert len(seen) == 2 * 16 and len(loader.dataset) == 16
+    assert len(seen) == 16 and len(loader.dataset) == 16
     # The seeded sample of the rows is the sample the tokenize-everything order drew.
     everything = tokenize(table, tokenizer, CLASSIFICATION, ["sentence"], "label", 16, num_labels=2)
     expected = sample(everything, 16, seed=3)
     assert loader.dataset["input_ids"] == expected["input_ids"] and loader.dataset["labels"] == expected["labels"]
     seen.clear()
     ordered = data_loader(tiny.build("bert"), tokenizer, table, config, num_samples=5, shuffle=False)
-    assert seen == 2 * table["sentence"][:5] and ordered.dataset["labels"] == table["label"][:5]
+    assert seen == table["sentence"][:5] and ordered.dataset["labels"] == table["label"][:5]
 
 
 def test_causal_lm_blocks_come_from_the_whole_text_then_are_sampled(tokenizer):
@@ -129,6 +128,32 @@ def test_text_cut_at_max_length_is_counted_in_a_notice(tokenizer, caplog):
         tokenize(table, tokenizer, CLASSIFICATION, ["text"], "label", limit)
     assert [r.message for r in caplog.records] == [
         f"max_length={limit} (--max-length) cut the text of 2 of the 4 rows of the text"]
+
+
+def test_fields_of_a_column_of_objects_are_read_only_where_named(tmp_path, tokenizer):
+    """Metadata objects beside the text are never taken for text; a field named is read, and a field
+    whose name another column has is refused rather than read twice."""
+    sentences = _sentences(6)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"meta": {"url": f"http://x/{i}"}, "text": s, "label": i % 2}) + "\n"
+                            for i, s in enumerate(sentences)))
+    model = tiny.build("bert")
+    loader = data_loader(model, tokenizer, str(path), WSVDConfig(max_length=16), shuffle=False)
+    assert loader.dataset["input_ids"] == tokenizer(sentences, truncation=True, max_length=16)["input_ids"]
+    assert read_texts(str(path), "the corpus") == sentences
+    assert read_texts(str(path), "the corpus", ["meta.url"]) == [f"http://x/{i}" for i in range(6)]
+    named = data_loader(model, tokenizer, str(path), WSVDConfig(max_length=16), ["meta.url"], shuffle=False)
+    assert named.dataset["input_ids"] == tokenizer([f"http://x/{i}" for i in range(6)], truncation=True,
+                                                  max_length=16)["input_ids"]
+    with pytest.raises(ValueError, match=re.escape("unknown column 'meta.title': data file") + ".*"
+                       + re.escape("has columns ['meta', 'text', 'label']; fields ['meta.url']")):
+        data_loader(model, tokenizer, str(path), WSVDConfig(), ["meta.title"])
+    clash = Dataset.from_list([{"meta": {"url": "a", "title": "c"}, "meta.url": "b", "label": 0}] * 2)
+    exact = data_loader(model, tokenizer, clash, WSVDConfig(max_length=16), ["meta.url"], shuffle=False)
+    assert exact.dataset["input_ids"][0] == tokenizer("b", truncation=True, max_length=16)["input_ids"]
+    with pytest.raises(ValueError, match=re.escape("the data has a column 'meta.url' and a column of objects with a "
+                                                   "field of that name: rename one")):
+        data_loader(model, tokenizer, clash, WSVDConfig(), ["meta.title"])
 
 
 def test_mrpc_pairs_are_found_without_text_columns(shared):

@@ -548,8 +548,8 @@ def test_two_runs_into_one_output_do_not_both_succeed(tmp_path, capsys):
 
 
 def test_heal_never_writes_into_or_replaces_its_teacher(tmp_path, capsys):
-    _checkpoint(tmp_path / "student")
-    _checkpoint(tmp_path / "teacher", seed=1)
+    tiny.save_compressed(tmp_path / "student", "llama", with_tokenizer=False)  # heal takes causal LMs
+    tiny.save_compressed(tmp_path / "teacher", "llama", seed=1, with_tokenizer=False)
     (tmp_path / "text.txt").write_text("some words " * 100)
     before = snapshot(tmp_path / "teacher")
     for output, relation in [("teacher/healed", "lies inside"), ("teacher", "is")]:

@@ -109,6 +109,23 @@ def test_a_quantized_factor_of_the_wrong_shape_is_refused(tmp_path, edit, key, m
         CAUSAL.from_pretrained(tmp_path / "q")
 
 
+def test_the_scales_of_a_weight_s_activations_are_not_taken_for_its_own():
+    """An int8 weight with a static activation scale (one for the whole input) is of the right shape."""
+    from torchao.quantization import PerRow, PerTensor, quantize_
+    from torchao.quantization.quant_api import Int8StaticActivationInt8WeightConfig
+
+    from hf_wsvd.runtime.modeling_wsvd import _misshapen_part
+
+    linear = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    quantize_(linear, Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.tensor([[0.05]]),
+                                                            granularity=[PerTensor(), PerRow()]))
+    weight = linear[0].weight
+    assert tuple(weight.act_quant_scale.shape) == (1, 1) and tuple(weight.scale.shape) == (16, 1)
+    assert _misshapen_part(weight) == (None, (), ())
+    weight.scale = weight.scale[:1]
+    assert _misshapen_part(weight) == ("scale", (1, 1), (16, 1))
+
+
 def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error(tmp_path, capsys):
     """transformers raises a RuntimeError naming no tensor (after its load report names it); the CLI
     reports it on one line."""

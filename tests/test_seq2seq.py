@@ -72,8 +72,8 @@ def test_data_files_of_source_and_target_text(tmp_path, tokenizer, pairs):
     # a column of objects (the translation layout): its fields are columns of their own
     nested = tmp_path / "translation.jsonl"
     nested.write_text("".join(json.dumps({"translation": {"fr": r["target"], "en": r["source"]}}) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=re.escape("(columns ['translation.fr', 'translation.en']): name the column of "
-                                                   "target text (--label-column)")):
+    with pytest.raises(ValueError, match=re.escape("(columns ['translation']; fields ['translation.fr', "
+                                                   "'translation.en']): name the column of target text (--label-column)")):
         data_loader(model, tokenizer, str(nested), WSVDConfig())
     translated = data_loader(model, tokenizer, str(nested), WSVDConfig(max_length=16), ["translation.en"],
                              label_column="translation.fr", shuffle=False)

@@ -68,6 +68,8 @@ CASES = [
     ("param_ratio 7", lambda c: c["wsvd"].update(param_ratio=7), None, "param_ratio'\\]=7", "param_ratio'\\]=7"),
     ("dtype edited to no dtype", lambda c: c.update(dtype="float17"), None,
      "config.json dtype='float17' is not a torch dtype", "config.json dtype='float17' is not a torch dtype"),
+    ("dtype edited to auto", lambda c: c.update(dtype="auto"), None,  # a load's argument, never a stored dtype
+     "config.json dtype='auto' is not a torch dtype", "config.json dtype='auto' is not a torch dtype"),
     ("fractional rank", lambda c: c["wsvd"]["ranks"].update({QUERY: 8.5}), None,
      "=8.5 is not a positive integer", "=8.5 is not a positive integer"),
     ("string rank", lambda c: c["wsvd"]["ranks"].update({QUERY: "8"}), None,
@@ -411,6 +413,22 @@ def test_a_sharded_save_s_index_that_is_not_json_is_named_through_both_paths(tmp
     with pytest.raises(ValueError, match=re.escape(message)):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert message in _remote_load_error(tmp_path / "ckpt")
+
+
+def test_a_subfolder_s_own_weights_are_the_ones_checked(tmp_path):
+    """The integrity checks read the files the load reads: a checkpoint in a subfolder, beside other
+    weights in the folder above it (here stored as int8, which a float weight never is)."""
+    model, _ = tiny.compressed("llama")
+    model.save_pretrained(tmp_path / "repo" / "sub")
+    ints = {k: (v * 100).to(torch.int8) for k, v in load_file(tmp_path / "repo" / "sub" / "model.safetensors").items()}
+    save_file(ints, tmp_path / "repo" / "model.safetensors")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")
+    ids = tiny.inputs("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    save_file(ints, tmp_path / "repo" / "sub" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"is stored as I8 in model.safetensors, but is a torch.float32 weight"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")
 
 
 def test_other_safetensors_errors_pass_as_they_are(tmp_path):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
-                          GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (BatchEncoding, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
+                          DataCollatorWithPadding, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from .blocks import kept_flags
 from .runtime.modeling_wsvd import held_records, short_repr
@@ -54,17 +54,9 @@ TOKENIZER_FILES = (*TOKENIZER_VOCABULARY, "tokenizer_config.json")
 
 
 def load_table(source: str | os.PathLike | Dataset, split: str | None = None) -> Dataset:
-    """A ``datasets.Dataset`` from a Dataset, a ``save_to_disk`` folder (of a Dataset, or of a
-    DatasetDict with ``split`` naming the split unless it has only one), or a TSV/CSV/JSON(L)/text/
-    parquet file; nested fields as columns of their own (``translation.en``)."""
-    from datasets import Dataset
-
-    table = _read_table(source, split)
-    # A column of objects (a translation pair, {"en": ..., "de": ...}) names its fields as columns.
-    return table.flatten() if any(isinstance(feature, dict) for feature in table.features.values()) else table
-
-
-def _read_table(source: str | os.PathLike | Dataset, split: str | None) -> Dataset:
+    """A ``datasets.Dataset`` from a Dataset (returned as is), a ``save_to_disk`` folder (of a
+    Dataset, or of a DatasetDict with ``split`` naming the split unless it has only one), or a
+    TSV/CSV/JSON(L)/text/parquet file."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
     from datasets.exceptions import DatasetGenerationError
 
@@ -189,7 +181,7 @@ def read_texts(path: str, source: str, text_columns: list[str] | None = None, sp
     lines of any other file, read as UTF-8 text. ``source`` names it in errors."""
     extension = os.path.splitext(path)[1].lower()
     if os.path.isdir(path) or _BUILDERS.get(extension, ("text",))[0] != "text":
-        table = load_table(path, split)
+        table = with_named_fields(load_table(path, split), list(text_columns or []), source)
         (column, *_), _ = resolve_columns(table, CAUSAL_LM, text_columns, source=source)
         return _texts(table, column, source)
     if split is not None or text_columns:
@@ -223,6 +215,26 @@ def _texts(dataset: "Dataset", column: str, source: str) -> list[str]:
     return [value for value in values if value is not None]
 
 
+def _fields(dataset: "Dataset") -> list[str]:
+    """The fields of ``dataset``'s columns of objects, named as ``column.field``."""
+    return [f"{column}.{field}" for column, feature in dataset.features.items() if isinstance(feature, dict)
+            for field in feature]
+
+
+def with_named_fields(dataset: "Dataset", names: list[str | None], source: str = "the data") -> "Dataset":
+    """``dataset`` with the fields of its columns of objects as columns of their own where ``names``
+    name one (a translation pair ``{"translation": {"en": ..., "fr": ...}}``: ``translation.en``); else
+    as it is, so that no field is taken for text unnamed."""
+    fields = _fields(dataset)
+    if not any(name in fields and name not in dataset.column_names for name in names):
+        return dataset
+    clash = next((field for field in fields if field in dataset.column_names), None)
+    if clash is not None:
+        raise ValueError(f"{source} has a column {clash!r} and a column of objects with a field of that name: "
+                         "rename one")
+    return dataset.flatten()
+
+
 def resolve_columns(
     dataset: "Dataset", task: str, text_columns: list[str] | None = None, label_column: str | None = None,
     source: str = "the data",
@@ -233,6 +245,9 @@ def resolve_columns(
     MRPC's ``#1 String``/``#2 String``), else the first one. A notice names the columns chosen when
     there was a choice. Causal LMs take no label column. ``source`` names the data in errors."""
     columns = dataset.column_names
+    fields = _fields(dataset)
+    # a column of objects' fields are named to be read (with_named_fields)
+    shown = f"columns {columns}" + (f"; fields {fields}" if fields else "")
     repeated = sorted({c for c in text_columns or [] if text_columns.count(c) > 1})
     if repeated:
         raise ValueError(f"text_columns={text_columns} names {repeated[0]!r} twice: a sentence pair is two columns")
@@ -240,11 +255,11 @@ def resolve_columns(
         raise ValueError(f"label column {label_column!r} given for a causal LM, which is trained on the text alone")
     for column in [*(text_columns or []), *([label_column] if label_column else [])]:
         if column not in columns:
-            raise ValueError(f"unknown column {column!r}: {source} has columns {columns}")
+            raise ValueError(f"unknown column {column!r}: {source} has {shown}")
     if task != CAUSAL_LM and label_column is None:
         default, what = ("target", "column of target text") if task == SEQ2SEQ_LM else ("label", "label column")
         if default not in columns:
-            raise ValueError(f"no {default!r} column in {source} (columns {columns}): name the {what} (--label-column)")
+            raise ValueError(f"no {default!r} column in {source} ({shown}): name the {what} (--label-column)")
         label_column = default
     if label_column is not None and label_column in (text_columns or []):
         raise ValueError(f"column {label_column!r} is named both the label column and a text column: name each once")
@@ -261,7 +276,7 @@ def resolve_columns(
                         _check_text(column, source, values, missing=True)
             kind = "target text column" if task == SEQ2SEQ_LM else "label column"
             besides = f" besides the {kind} {label_column!r}" if label_column in columns else ""
-            raise ValueError(f"no text column in {source} (columns {columns}){besides}: name one (--text-columns)")
+            raise ValueError(f"no text column in {source} ({shown}){besides}: name one (--text-columns)")
         pairs = task not in (CAUSAL_LM, SEQ2SEQ_LM)  # a language model reads one text
         text_columns = strings[:2] if pairs and len(strings) == 2 else strings[:1]
         if len(text_columns) == 2:
@@ -419,18 +434,26 @@ def tokenize(
     check_rows(dataset, task, text_columns, label_column, label2id, num_labels, source, class_indices)
     named = ", ".join(map(repr, text_columns))
 
-    def encode(rows, indices):
-        texts = [rows[c] for c in text_columns]
-        target = {"text_target": rows[label_column]} if task == SEQ2SEQ_LM else {}  # tokenized as the labels
+    def cut(texts: list[list[str]], **target) -> tuple[BatchEncoding, list[bool]]:
+        """``texts`` (or the target text) tokenized and cut at max_length, and which rows were cut."""
         encoded = tokenizer(*texts, truncation=True, max_length=max_length, **target)
+        if encoded.encodings is not None:  # a fast tokenizer keeps what truncation cut
+            return encoded, [bool(each.overflowing) for each in encoded.encodings]
+        # else: cut exactly where one more token is kept when the limit is one higher
+        longer = tokenizer(*texts, truncation=True, max_length=max_length + 1, **target)["input_ids"]
+        return encoded, [len(ids) > max_length for ids in longer]
+
+    def encode(rows, indices):
+        encoded, cut_text = cut([rows[c] for c in text_columns])
+        encoded["cut_text"] = cut_text
         for index, ids in zip(indices, encoded["input_ids"]):
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
-        # Cut at max_length exactly where one more token is kept when the limit is one higher.
-        longer = tokenizer(*texts, truncation=True, max_length=max_length + 1, **target)
-        encoded["cut_text"] = [len(ids) > max_length for ids in longer["input_ids"]]
-        encoded["cut_target"] = [len(ids) > max_length for ids in longer["labels"]] if target else [False] * len(indices)
-        if not target:
+        if task == SEQ2SEQ_LM:  # its target text, tokenized as the labels
+            targets, encoded["cut_target"] = cut([], text_target=rows[label_column])
+            encoded["labels"] = targets["input_ids"]
+        else:
+            encoded["cut_target"] = [False] * len(indices)
             encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
                                            class_indices)
         return encoded

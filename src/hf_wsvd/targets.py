@@ -46,9 +46,11 @@ def unreached_advice(unreached: list[str], names: Iterable[str]) -> str:
     called: why that happens, and the ``exclude_modules`` that leaves out exactly them."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in unreached})
     exclude = suffixes if {n for n in names if _matches(n, suffixes)} == set(unreached) else sorted(unreached)
-    return ("a model may read a layer's weight itself (Mamba's dt_proj) or skip it on this data (LED's global "
-            "attention without a global_attention_mask); leave them out: "
-            f"exclude_modules={exclude!r} (--exclude-modules {','.join(exclude)})")
+    why = ("a model may read a layer's weight itself (Mamba's dt_proj) or skip it on this data (LED's global "
+           "attention without a global_attention_mask); leave them out")
+    if len(exclude) > 4:  # no short exclusion: rather the data than a list of every layer
+        return f"{why} (exclude_modules, --exclude-modules: {len(exclude)} names, such as {exclude[:2]!r})"
+    return f"{why}: exclude_modules={exclude!r} (--exclude-modules {','.join(exclude)})"
 
 
 def select_targets(

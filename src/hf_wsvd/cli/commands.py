@@ -267,7 +267,11 @@ def run_heal(args: argparse.Namespace) -> None:
     if stored.model_type != MODEL_TYPE:
         raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {stored.model_type!r}): heal trains a model "
                          "compressed by hf-wsvd compress toward its dense teacher")
-    if stored.architectures and CAUSAL_LM not in stored_tasks(stored):
+    try:
+        causal = not stored.architectures or CAUSAL_LM in stored_tasks(stored)
+    except ValueError:  # a regressor's config another task's loss refuses: no causal LM either
+        causal = False
+    if not causal:
         raise ValueError(f"heal works on causal LMs; {stored.architectures[0]} is not one")
     texts = read_texts(args.data, f"--data {args.data!r}", args.text_columns, args.split)  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training

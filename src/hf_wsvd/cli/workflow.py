@@ -16,7 +16,7 @@ from ..config import CalibrationConfig, WSVDConfig
 from ..integrations.checkpoint import check_model_files, check_no_adapter, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
-                    teacher_samples, tokenize)
+                    teacher_samples, tokenize, with_named_fields)
 from ..statistics.passes import OtherProcessFailed
 from ..tasks import CAUSAL_LM, SEQ2SEQ_LM, load_task_model, task_of
 
@@ -193,9 +193,9 @@ def data_loader(
     if generated and task != CAUSAL_LM:
         raise ValueError(f"generated_samples={generated} (--generated-samples): only a causal LM writes calibration "
                          f"text; {type(model).__name__} is not one (set it to 0)")
-    table = load_table(data_path, split)
     source = "the data" if not isinstance(data_path, (str, os.PathLike)) else (
         f"{'dataset folder' if os.path.isdir(data_path) else 'data file'} {os.fspath(data_path)!r}")
+    table = with_named_fields(load_table(data_path, split), [*(text_columns or []), label_column], source)
     text_columns, label_column = resolve_columns(table, task, text_columns, label_column, source)
     count = num_samples or config.num_samples if shuffle else num_samples
     if task != CAUSAL_LM:

@@ -29,8 +29,8 @@ from ..blocks import (block_list, input_device, on_host, outside_blocks_on, plac
                       split_hidden, without_cache)
 from ..statistics import InputHooks, Statistics
 from ..statistics.inputs import EMPTY_DATA_MESSAGE
-from ..targets import unreached_advice
 from ..statistics.passes import batches, failing_together
+from ..targets import unreached_advice
 from ..tasks import CAUSAL_LM, task_of
 from .modifiers import Block, first
 from .registry import register_pipeline

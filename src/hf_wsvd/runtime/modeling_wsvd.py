@@ -570,9 +570,9 @@ def _misshapen_part(weight: torch.Tensor) -> tuple[str | None, tuple, tuple]:
     if data is None or tuple(data.shape) != tuple(weight.shape):  # packed data (int4-gpu): another layout
         return None, (), ()
     expected = (weight.shape[0] // block[0], weight.shape[1] // block[1])
-    for name in names:
-        part = getattr(weight, name)
-        if name != "qdata" and isinstance(part, torch.Tensor) and tuple(part.shape) != expected:
+    for name in ("scale", "zero_point"):  # an activation's scales (act_quant_scale) have shapes of their own
+        part = getattr(weight, name, None) if name in names else None
+        if isinstance(part, torch.Tensor) and tuple(part.shape) != expected:
             return name, tuple(part.shape), expected
     return None, (), ()
 
@@ -738,18 +738,49 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def check_stored_dtypes(model: nn.Module, path: str | os.PathLike | None) -> None:
-    """Raise where a ``.safetensors`` file of the folder ``path`` stores a tensor of ``model`` that
-    is floating point (and not quantized) as integers or booleans: the load casts them to numbers
-    that were never the weight's (a raw quantized dump without its scales)."""
+def _local_folder(path: str | os.PathLike | None, kwargs: dict[str, Any]) -> str | None:
+    """The folder on this machine that ``from_pretrained(path, **kwargs)`` reads: a local folder (and its
+    ``subfolder``), or a Hub model's files in the local cache once downloaded (None: neither)."""
+    if path is None:
+        return None
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        return os.path.join(os.fspath(path), subfolder)
+    try:
+        from transformers.utils import cached_file
+
+        config = cached_file(os.fspath(path), "config.json", subfolder=subfolder, revision=kwargs.get("revision"),
+                             cache_dir=kwargs.get("cache_dir"), local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):
+        return None
+    return os.path.dirname(config) if config else None
+
+
+def _weights_files(folder: str | None) -> list[str]:
+    """The ``.safetensors`` files a load reads from ``folder``: ``model.safetensors``, else the shards
+    its index names (none where it has neither, or is no folder here)."""
+    if folder is None or not os.path.isdir(folder):
+        return []
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    try:
+        with open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8") as handle:
+            return sorted(set(json.load(handle)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no index, or one the load refused
+        return []
+
+
+def check_stored_dtypes(model: nn.Module, folder: str | None) -> None:
+    """Raise where a weights file the load read from ``folder`` stores a tensor of ``model`` that is
+    floating point (and not quantized) as integers or booleans: the load casts them to numbers that
+    were never the weight's (a raw quantized dump without its scales)."""
     from safetensors import safe_open  # transformers' own dependency
 
-    if path is None or not os.path.isdir(path):
-        return
     floats = {name: tensor for name, tensor in chain(model.named_parameters(), model.named_buffers())
               if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point()}
-    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(path, name), "pt") as handle:
+    for name in _weights_files(folder):
+        with safe_open(os.path.join(folder, name), "pt") as handle:
             for key in handle.keys():
                 stored = handle.get_slice(key).get_dtype()
                 if key in floats and not stored.startswith(("F", "BF")):
@@ -758,18 +789,18 @@ def check_stored_dtypes(model: nn.Module, path: str | os.PathLike | None) -> Non
                                      "quantization_config that reads it")
 
 
-def _unparsed_json(path: str | os.PathLike | None) -> str | None:
-    """The first JSON file a load reads from the folder ``path`` that does not parse (None: none)."""
-    if path is None or not os.path.isdir(path):
+def _unparsed_index(folder: str | None) -> str | None:
+    """The sharded save's index in ``folder`` where it does not parse (None: it does, or is not there);
+    the one JSON file a load reads that transformers does not report by name (a generation config
+    that does not parse is dropped with a warning)."""
+    index = os.path.join(folder, "model.safetensors.index.json") if folder and os.path.isdir(folder) else None
+    try:
+        with open(index, encoding="utf-8") as handle:
+            json.load(handle)
+    except (TypeError, OSError):  # no folder here, or no index in it
         return None
-    for name in ("model.safetensors.index.json", "generation_config.json"):
-        try:
-            with open(os.path.join(path, name), encoding="utf-8") as handle:
-                json.load(handle)
-        except FileNotFoundError:
-            continue
-        except (ValueError, OSError):
-            return os.path.join(os.fspath(path), name)
+    except ValueError:
+        return index
     return None
 
 
@@ -863,10 +894,11 @@ class _WsvdConfigMixin:
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         for key in ("dtype", "torch_dtype"):
             value = config_dict.get(key)
-            if value is not None and value != "auto" and not isinstance(
+            if value is not None and not isinstance(
                     value if isinstance(value, torch.dtype) else getattr(torch, str(value), None), torch.dtype):
                 raise ValueError(f"config.json {key}={value!r} is not a torch dtype (such as 'bfloat16'): the "
-                                 "checkpoint's config was edited; restore the dtype it was saved in")
+                                 "checkpoint's config was edited or written by another tool; restore the dtype "
+                                 "it was saved in")
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -898,12 +930,13 @@ class _WsvdModelMixin:
         # in place of the report.
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_weights(path), held_records("transformers.modeling_utils") as drop:
+        folder = _local_folder(path, kwargs)
+        with readable_weights(folder), held_records("transformers.modeling_utils") as drop:
             try:
                 model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
                                                       **kwargs)
-            except json.JSONDecodeError as error:  # json names no file: the folder's file that does not parse
-                damaged = _unparsed_json(path)
+            except json.JSONDecodeError as error:  # json names no file
+                damaged = _unparsed_index(folder)
                 if damaged is None:
                     raise
                 raise ValueError(f"{damaged} is not valid JSON ({error}): the file is damaged; write or download it "
@@ -917,10 +950,10 @@ class _WsvdModelMixin:
                                  "not match config.json's quantization_config") from error
             try:
                 check_loaded(model, info, ignore)
-                check_stored_dtypes(model, path)
+                check_stored_dtypes(model, folder)
             except ValueError as error:
                 drop()
-                both = _both_weights_files(path)
+                both = _both_weights_files(folder)
                 if both:
                     raise ValueError(f"{error}; {both}") from error
                 raise
