@@ -3,6 +3,7 @@ builds a checkpoint, edits it, and expects a clear error, with hf_wsvd and throu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -429,6 +430,25 @@ def test_a_subfolder_s_own_weights_are_the_ones_checked(tmp_path):
     save_file(ints, tmp_path / "repo" / "sub" / "model.safetensors")
     with pytest.raises(ValueError, match=r"is stored as I8 in model.safetensors, but is a torch.float32 weight"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")
+
+
+def test_a_hub_model_s_cached_weights_are_checked(tmp_path, monkeypatch):
+    """A model loaded by Hub id is read from the local cache: its files there are the ones checked."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model, _ = tiny.compressed("llama")
+    repo = tmp_path / "cache" / "models--user--tiny"
+    model.save_pretrained(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    load = functools.partial(transformers.AutoModelForCausalLM.from_pretrained, "user/tiny",
+                             cache_dir=tmp_path / "cache", local_files_only=True)
+    assert type(load()).__name__ == "WsvdLlamaForCausalLM"
+    edit_weights(repo / "snapshots" / ("a" * 40), lambda t: t.update(
+        {"model.layers.0.mlp.down_proj.up.weight": t["model.layers.0.mlp.down_proj.up.weight"].to(torch.int8)}))
+    with pytest.raises(ValueError, match=re.escape("'model.layers.0.mlp.down_proj.up.weight' is stored as I8")):
+        load()
 
 
 def test_other_safetensors_errors_pass_as_they_are(tmp_path):
