@@ -254,10 +254,11 @@ def run_heal(args: argparse.Namespace) -> None:
     from ..integrations.checkpoint import check_checkpoint_folder
     from ..data import check_block_length, check_fits, make_dataloader, read_texts, teacher_samples, text_blocks
     from ..evaluation import perplexity
-    from ..integrations.healing import HealConfig, check_student, check_teacher, check_teacher_config, heal
+    from ..integrations.healing import (HealConfig, check_student, check_teacher, check_teacher_config, heal,
+                                        is_causal_lm_config)
     from .output import check_output
     from ..runtime.modeling_wsvd import MODEL_TYPE
-    from ..tasks import CAUSAL_LM, stored_tasks
+    from ..tasks import CAUSAL_LM
     from .workflow import load_model_and_tokenizer, stored_config, stored_dtype
 
     check_checkpoint_folder(args.path)
@@ -267,11 +268,7 @@ def run_heal(args: argparse.Namespace) -> None:
     if stored.model_type != MODEL_TYPE:
         raise ValueError(f"{args.path!r} is a dense checkpoint (model_type {stored.model_type!r}): heal trains a model "
                          "compressed by hf-wsvd compress toward its dense teacher")
-    try:
-        causal = not stored.architectures or CAUSAL_LM in stored_tasks(stored)
-    except ValueError:  # a regressor's config another task's loss refuses: no causal LM either
-        causal = False
-    if not causal:
+    if stored.architectures and not is_causal_lm_config(stored):
         raise ValueError(f"heal works on causal LMs; {stored.architectures[0]} is not one")
     texts = read_texts(args.data, f"--data {args.data!r}", args.text_columns, args.split)  # before any model loads
     if (Path(args.path) / "README.md").is_file():  # the healed card extends it: read now, not after training

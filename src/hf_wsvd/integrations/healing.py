@@ -250,6 +250,9 @@ def check_teacher_config(student: PreTrainedConfig, teacher: PreTrainedConfig, n
     if teacher.model_type == MODEL_TYPE:
         raise ValueError(f"{name} is a compressed hf_wsvd checkpoint: the teacher must be the dense model it was "
                          "compressed from")
+    if teacher.architectures and not is_causal_lm_config(teacher):  # as check_teacher says of a loaded one
+        raise ValueError(f"{name} is a {teacher.architectures[0]}, not a causal LM: the teacher must be the dense "
+                         "model the student was compressed from")
 
     def described(config) -> dict:
         return {"model type": getattr(config, BASE_TYPE_KEY, None) or config.model_type,
@@ -292,6 +295,16 @@ def _causal_lm(model: PreTrainedModel) -> bool:
     try:
         return task_of(model) == CAUSAL_LM
     except ValueError:  # a base model without a head, or another task hf_wsvd has no loss for
+        return False
+
+
+def is_causal_lm_config(config: PreTrainedConfig) -> bool:
+    """Whether a class ``config.architectures`` names is a causal LM's."""
+    from ..tasks import CAUSAL_LM, stored_tasks
+
+    try:
+        return CAUSAL_LM in stored_tasks(config)
+    except ValueError:  # a regressor's config the regression loss refuses
         return False
 
 
