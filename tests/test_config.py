@@ -280,12 +280,29 @@ def test_the_shared_type_checks_refuse_bools_which_python_counts_as_ints():
     ("config", {"method": "svd"}, "config is a dict: pass a WSVDConfig"),
     ("config", None, "config is a NoneType"),
     ("accelerator", "cpu", "accelerator='cpu': pass an accelerate.Accelerator"),
+    ("loss_fn", "cross_entropy", "loss_fn='cross_entropy': pass a function loss_fn(model, batch) returning"),
     ("model", torch.nn.Linear(2, 2), "model is a Linear: compress takes a transformers PreTrainedModel"),
 ])
 def test_compress_refuses_arguments_of_the_wrong_kind(argument, value, message):
     arguments = {"model": tiny.build("bert"), "config": WSVDConfig(method="svd"), argument: value}
     with pytest.raises(TypeError, match=re.escape(message)):
         hf_wsvd.compress(**arguments, show_progress=False)
+
+
+def test_data_holding_no_batch_is_refused_and_a_loss_fn_no_method_reads_is_said(caplog):
+    """An exhausted generator is an empty list: said as such, not as data without labels."""
+    batch = {**tiny.inputs("bert", batch=4, length=8), "labels": torch.tensor([0, 1, 1, 0])}
+    used = iter([batch])
+    list(used)
+    for empty in ([], used):
+        with pytest.raises(ValueError, match=re.escape("data holds no batch (an empty list, or a generator already "
+                                                       "consumed)")):
+            hf_wsvd.compress(tiny.build("bert"), WSVDConfig(param_ratio=0.5), empty, show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="hf_wsvd"):
+        _, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="whiten", param_ratio=0.5), [batch],
+                                     loss_fn=lambda model, batch: pytest.fail("called"), show_progress=False)
+    said = "loss_fn is not used: method='whiten' reads no gradient statistics"
+    assert any(said in notice for notice in report.notices) and any(said in r.message for r in caplog.records)
 
 
 def test_statistics_without_data_need_the_method_they_were_computed_for():

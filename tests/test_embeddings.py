@@ -103,6 +103,25 @@ def test_tied_head_shares_the_factors(arch):
     assert torch.allclose(head(x), expected, atol=1e-5)
 
 
+def test_a_head_declared_tied_that_holds_a_weight_of_its_own_is_refused_not_retied():
+    """Rebuilt on the embeddings' factors, the head would lose its own values silently."""
+    from hf_wsvd import compress
+
+    model = tiny.build("llama", "AutoModelForCausalLM", seed=0)
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() * 2)  # untied by hand
+    ids = tiny.inputs("llama")["input_ids"]
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    recipe = WSVDConfig(method="svd", param_ratio=1.0, embeddings=True, embedding_ratio=0.9)
+    with pytest.raises(ValueError, match="the model declares 'lm_head' tied to the input embeddings "
+                                         "'model.embed_tokens' .*, but holds a weight of its own there"):
+        compress(model, recipe, data, show_progress=False)
+    model.config.tie_word_embeddings = False  # as the message says: its own head, kept
+    head = model.lm_head.weight.detach().clone()
+    compressed, _ = compress(model, recipe, data, show_progress=False)
+    assert isinstance(compressed.get_input_embeddings(), FactorizedEmbedding)
+    assert type(compressed.lm_head) is torch.nn.Linear and torch.equal(compressed.lm_head.weight, head)
+
+
 @pytest.mark.parametrize("arch", list(TIED))
 def test_tied_round_trip_is_exact(arch, tmp_path):
     auto_name, embedding_name, head_name = TIED[arch]

@@ -268,10 +268,12 @@ def test_a_loss_fn_that_returns_no_loss_of_the_model_is_named(returned, message)
 
 
 @pytest.mark.parametrize("reduce, shape", [(lambda losses: losses.mean(), "()"), (lambda losses: losses[:1], "(1,)"),
-                                           (lambda losses: losses[None], "(1, 2)")])
+                                           (lambda losses: losses[None], "(1, 2)"),
+                                           (lambda losses: losses[:, None].expand(2, 3), "(2, 3)")])
 def test_a_loss_fn_that_returns_other_than_one_loss_per_example_is_refused(reduce, shape):
-    """A batch mean would scale the Fisher by 1/batch², fewer losses would drop examples: both silently.
-    One row per example passes, whatever follows it (summed), and so does a batch of one's scalar."""
+    """A batch mean would scale the Fisher by 1/batch², fewer losses would drop examples, per-token
+    losses (or logits) summed would reweigh them: all silently. One loss per example passes, as a row
+    or a column, and so does a batch of one's scalar."""
     model, _, modules, _ = case_inputs("bert_classification", 4, 2)
     loader = make_loader(make_examples(task_of(model), 4), 2)
 

@@ -265,6 +265,12 @@ def test_the_model_comes_back_in_its_training_mode_and_a_frozen_one_stays_frozen
     model.eval()
     model, _ = compress(model, WSVDConfig(param_ratio=0.5, **recipe), loader, show_progress=False)
     assert not model.training and all(p.requires_grad for p in model.parameters())
+    # training, with its first block frozen in eval mode: each module as it came, a new layer as the one it replaced
+    model, loader, _, _ = case_inputs("llama_causal_lm", 4, 2)
+    model.train().model.layers[0].eval()
+    model, _ = compress(model, WSVDConfig(param_ratio=0.5, **recipe), loader, show_progress=False)
+    assert model.training and all(m.training != f"{name}.".startswith("model.layers.0.")
+                                  for name, m in model.named_modules() if name.startswith("model.layers."))
 
 
 @pytest.mark.parametrize("recipe, message", [
@@ -438,3 +444,20 @@ def test_a_module_copy_takes_state_with_autograd_history_detached_and_leaves_the
     assert module.state.grad_fn is not None and copied.weight is not module.weight
     with pytest.raises(RuntimeError, match="graph leaves"):  # what the plain deepcopy does
         copy.deepcopy(module)
+
+
+def test_batches_of_input_embeddings_compress_as_the_ids_they_embed():
+    """The sequential pipeline hands the model the batch as it is (but its labels): embeddings given
+    instead of ids are what the blocks read."""
+    model = tiny.build("llama", "AutoModelForCausalLM", seed=0)
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(7, tiny.VOCAB_SIZE, (2, 8), generator=generator) for _ in range(2)]
+    by_ids = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    with torch.no_grad():
+        by_embeddings = [{"inputs_embeds": model.get_input_embeddings()(i), "attention_mask": torch.ones_like(i),
+                          "labels": i} for i in ids]
+    expected, report = compress(copy.deepcopy(model), WSVDConfig(param_ratio=0.6), by_ids, show_progress=False)
+    got, embedded_report = compress(model, WSVDConfig(param_ratio=0.6), by_embeddings, show_progress=False)
+    assert report.pipeline == "sequential" and report.ranks == embedded_report.ranks
+    for (name, weight), other in zip(expected.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(weight, other), name

@@ -86,7 +86,8 @@ class CompressionReport:
         return [n for n, entry in self.pruned.items() if entry["shape"][0] < entry["dense_shape"][0]]
 
 
-def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, statistics: Any, dtype: Any) -> None:
+def _check_arguments(model: Any, config: Any, data: Any, loss_fn: Any, accelerator: Any, statistics: Any,
+                     dtype: Any) -> None:
     """Raise a one-line TypeError for an argument of the wrong kind (a ValueError for a ``dtype``
     the method would not read), before any work."""
     if not isinstance(model, PreTrainedModel):
@@ -109,6 +110,9 @@ def _check_arguments(model: Any, config: Any, data: Any, accelerator: Any, stati
     if torch.is_inference_mode_enabled():  # its tensors never take gradients, nor could the weights made there
         raise RuntimeError("compress was called under torch.inference_mode(): the Fisher pass and block refinement "
                            "take gradients, and the weights made there could never be trained; call it outside")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn={loss_fn!r}: pass a function loss_fn(model, batch) returning the batch's "
+                        "per-example losses, or None (the model's task loss)")
     if accelerator is not None and not isinstance(accelerator, Accelerator):
         raise TypeError(f"accelerator={accelerator!r}: pass an accelerate.Accelerator or None (the default one)")
     if statistics is not None and not isinstance(statistics, Statistics):
@@ -282,7 +286,7 @@ def compress(
     stops midway (an error, Ctrl-C) leaves the layers it had replaced in ``model``, recorded in its
     recipe: the model saves and reloads as it is; load the dense model again to start over.
     """
-    _check_arguments(model, config, data, accelerator, statistics, dtype)
+    _check_arguments(model, config, data, loss_fn, accelerator, statistics, dtype)
     accelerator = accelerator or default_accelerator()
     # The Fisher pass and block refinement take gradients, wherever compress is called from
     # (a caller's torch.no_grad() is a common habit around "inference-like" work).
@@ -319,10 +323,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         check_shardable(data, accelerator)  # before a one-shot iterable becomes a list
     if data is not None and iter(data) is data:
         data = list(data)  # one-shot: the recipe reads its first batch, and some pipelines pass twice
-    examples = 0
-    for index, batch in enumerate(data if data is not None else []):  # named now, not as an IndexError mid-pass
-        check_batch(model, batch, index, task_labels=loss_fn is None)
+    examples, count = 0, 0
+    for count, batch in enumerate(data if data is not None else [], 1):  # named now, not as an IndexError mid-pass
+        check_batch(model, batch, count - 1, task_labels=loss_fn is None)
         examples += len(batch["input_ids"]) if "input_ids" in batch else 0
+    if data is not None and count == 0:  # else a notice about labels, then a pass over nothing
+        raise ValueError("data holds no batch (an empty list, or a generator already consumed): pass the calibration "
+                         "batches, or data=None for a method that reads none (method='svd')")
     if data is None and statistics is not None:  # statistics given again: the calibration they were taken on
         config = _taken_on(config, statistics)
     else:
@@ -399,7 +406,12 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         return quantized, report
     job = Job(model, config, solver_for(config), config.method_options(), targets, data, loss_fn,
               accelerator, statistics, {}, show_progress)
-    training = model.training  # the walks run in eval mode: the model comes back in the mode it came in
+    if loss_fn is not None and not job.gradient_needs:  # said, not silently passed over
+        job.notice(f"loss_fn is not used: method={config.method!r} reads no gradient statistics (the Fisher-weighted "
+                   "methods do, such as fisher_whiten)")
+    # The walks run in eval mode: each module comes back in the mode it came in (a model in training
+    # with some blocks frozen in eval included); a layer made by the run, in the one it replaced.
+    modes = {name: module.training for name, module in model.named_modules()}
     try:
         with given_back(model):
             ranks = run(job)
@@ -407,7 +419,11 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         _record_replaced_layers(model, config, job)
         raise
     finally:
-        model.train(training)
+        for name, module in model.named_modules():
+            known = name
+            while known not in modes:
+                known = known.rpartition(".")[0]
+            module.training = modes[known]
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")

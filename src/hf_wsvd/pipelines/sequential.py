@@ -148,7 +148,8 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
             for batch in batches(job.read_data(), job.accelerator, device, "capture", False):
                 masks.append(batch.get("attention_mask"))
                 try:
-                    job.model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}, use_cache=False)
+                    # the batch as the model reads it (its position ids, or its embeddings instead of ids)
+                    job.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
                 except _Captured:
                     pass
     finally:

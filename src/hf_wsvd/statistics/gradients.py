@@ -230,9 +230,10 @@ def gradient_statistics(
                     raise ValueError(f"loss_fn returned {shown}: it must return the batch's per-example losses "
                                      "computed from the model's outputs")
                 examples = batch["labels"].shape[0]
-                # One row per example (its tokens' losses may follow: they are summed); a mean over several
-                # examples, or fewer rows, would scale or drop examples silently.
-                if losses.shape[:1] != (examples,) and not (losses.dim() == 0 and examples == 1):
+                # One loss per example (a row, or a column of them): a mean over several examples, fewer
+                # rows, or per-token losses (or logits) summed would scale, drop or reweigh examples silently.
+                if (losses.shape[:1] != (examples,) or losses.numel() != examples) \
+                        and not (losses.dim() == 0 and examples == 1):
                     raise ValueError(f"loss_fn returned a tensor of shape {tuple(losses.shape)} for importance batch "
                                      f"{index} of {examples} examples: it must return one loss per example "
                                      "(reduction='none', averaged over each example's tokens)")

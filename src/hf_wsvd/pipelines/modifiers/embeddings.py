@@ -34,6 +34,11 @@ class Embeddings(Modifier):
                              "device_map, or outside cpu_offload), or leave embeddings off")
         tied = {target.removesuffix(".weight") for target, source in tied_weights(job.model).items()
                 if source == f"{name}.weight"}
+        untied = next((n for n in sorted(tied) if job.model.get_submodule(n).weight is not embedding.weight), None)
+        if untied is not None:  # rebuilt on the factors, its own values would be lost
+            raise ValueError(f"the model declares {untied!r} tied to the input embeddings {name!r} (config."
+                             f"tie_word_embeddings), but holds a weight of its own there: tie them (model.tie_weights()) "
+                             "or set config.tie_word_embeddings=False before compressing with embeddings=True")
         copies = [n for n, m in job.model.named_modules() if isinstance(m, torch.nn.Embedding) and m is not embedding
                   and m.weight is embedding.weight and n not in tied]
         if copies:  # rebuilt on the factors only where the model declares the tie: others would stay dense, untied
