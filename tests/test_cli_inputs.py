@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -355,3 +356,34 @@ def test_misread_paths_are_named_for_what_they_are(tmp_path, classifier_dir, tsv
            "single-label sequence classifier" in one_error(capsys, ["eval", str(classifier_dir), "--data", str(tsv)])
     assert "':::' is not a Hub dataset id" in one_error(
         capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), "--eval-dataset-id", ":::"])
+    for command in ("compress", "eval"):  # a model folder, said as one (transformers asks for a model_type key)
+        assert f"model folder {str(tmp_path / 'empty')!r} holds no config.json: name a saved model's folder" in \
+            one_error(capsys, [command, str(tmp_path / "empty"), *([str(tmp_path / "out")] if command == "compress" else []),
+                               "--data", str(tsv)])
+    assert "model '/dev/null' is no folder" in one_error(capsys, ["eval", "/dev/null", "--data", str(tsv)])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--method", "svd", "--refine"], "--method svd --refine needs importance/calibration data: pass --data FILE"),
+    (["--method", "svd", "--eval-split", "dev"], "--eval-split dev picks a split of --eval-data's dataset folder: pass "
+                                                 "--eval-data FOLDER"),
+    (["--method", "svd", "--data", ""], "--data '' names no file: name a data file or dataset folder, or leave --data "
+                                        "out"),
+    (["--method", "svd", "--eval-data", "gone.tsv"], "--eval-data 'gone.tsv': data file or folder 'gone.tsv' does not "
+                                                     "exist"),
+], ids=["refine without data", "eval split without eval data", "empty data path", "missing eval data"])
+def test_options_that_need_another_or_name_nothing_are_refused(tmp_path, classifier_dir, capsys, arguments, message):
+    assert message in one_error(capsys, ["compress", str(classifier_dir), str(tmp_path / "out"), *arguments])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_causal_lm_reads_one_text_column(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from hf_wsvd import WSVDConfig
+    from hf_wsvd.cli.workflow import data_loader
+
+    table = Dataset.from_dict({"sentence": ["the film was good"] * 4, "other": ["a bad plot"] * 4})
+    with pytest.raises(ValueError, match=re.escape("text_columns=['sentence', 'other']: a causal LM reads one text "
+                                                   "column; name one")):
+        data_loader(tiny.build("llama"), tokenizer, table, WSVDConfig(max_length=8), ["sentence", "other"])

@@ -484,8 +484,15 @@ def test_an_option_of_another_method_is_said_not_read():
     """p, solver, ... set for a method that is not the one run were recorded as if they had shaped the result."""
     _, report = hf_wsvd.compress(tiny.build("bert"), WSVDConfig(method="svd", param_ratio=0.5, p=1.5, solver="als"),
                                  show_progress=False)
-    assert "p=1.5 is an option of lp; solver='als' is an option of rescue, tfwsvd, refine=True: method='svd' does not " \
-           "read them" in report.notices
+    assert "p=1.5 is an option of lp; solver='als' is an option of rescue, tfwsvd, refine=True: this recipe " \
+           "(method='svd') does not read them" in report.notices
+    # the options of a part of the recipe that is off
+    assert WSVDConfig(method="svd", embedding_ratio=0.3, embedding_method="lp", quantize_group_size=32,
+                      residual_rank=4).unread_options() == {
+        "embedding_ratio": ["embeddings=True"], "embedding_method": ["embeddings=True"],
+        "quantize_group_size": ["quantize"], "residual_rank": ["quantized_residual"]}
+    assert WSVDConfig(method="svd", embeddings=True, embedding_ratio=0.3, quantize="int4",
+                      quantize_group_size=32).unread_options() == {}
     # quantized_residual reads its own option only: its residual method runs with that method's defaults
     assert WSVDConfig(method="quantized_residual", quantize="int8", p=1.7,
                       residual_method="whiten").unread_options() == {"p": ["lp"]}

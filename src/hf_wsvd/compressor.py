@@ -359,7 +359,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if unread:  # set for another method: said, not silently recorded as if it had shaped the result
         notice = "; ".join(f"{name}={getattr(config, name)!r} is an option of {', '.join(methods)}"
                            for name, methods in unread.items()) + \
-            f": method={config.method!r} does not read {'it' if len(unread) == 1 else 'them'}"
+            f": this recipe (method={config.method!r}) does not read {'it' if len(unread) == 1 else 'them'}"
         logger.warning(notice)
         notices.append(notice)
     experts = _expert_parameters(model)

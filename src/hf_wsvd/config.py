@@ -43,6 +43,7 @@ MIN_COMPENSATION_RIDGE = 1e-6
 RECIPE_VERSION = 4  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples
 VERSION_KEY = "recipe_version"
 # The fields compress fills with what it did (a checkpoint's record), never read as its input.
+_EMBEDDING_FIELDS = ("embedding_ratio", "embedding_method", "embedding_weighting")  # read under embeddings=True
 RESULT_FIELDS = ("ranks", "pruned", "attention", "refined", "residual")
 
 
@@ -447,7 +448,8 @@ class WSVDConfig:
     def unread_options(self) -> dict[str, list[str]]:
         """The method options set away from their defaults that the resolved ``method`` (refined,
         and the embeddings' method) does not read → the methods that would read each (quantized_residual
-        reads its own: its residual method runs with that method's defaults)."""
+        reads its own: its residual method runs with that method's defaults); and the options of a part
+        of the recipe that is off (the embeddings', the quantization's) → that part."""
         if self.method is None:
             return {}
         read = option_names(self.method_options())
@@ -459,6 +461,13 @@ class WSVDConfig:
             for option in option_names(options) - read:
                 if getattr(self, option) != defaults[option]:
                     readers.setdefault(option, []).append(name)
+        switched_off = {"embeddings=True": () if self.embeddings else _EMBEDDING_FIELDS,
+                        "quantize": () if self.quantize else ("quantize_group_size",),
+                        "quantized_residual": () if self.method == "quantized_residual" else ("residual_rank",)}
+        for part, fields in switched_off.items():
+            for option in fields:
+                if getattr(self, option) != defaults[option] and part not in readers.get(option, []):
+                    readers.setdefault(option, []).append(part)
         return readers
 
     @property

@@ -290,6 +290,8 @@ def resolve_columns(
     if task == SEQ2SEQ_LM and len(text_columns) > 1:
         raise ValueError(f"text_columns={text_columns}: a sequence-to-sequence LM reads one source text; name one "
                          "column (its target text is --label-column)")
+    if task == CAUSAL_LM and len(text_columns) > 1:
+        raise ValueError(f"text_columns={text_columns}: a causal LM reads one text column; name one")
     return list(text_columns), label_column
 
 

@@ -176,14 +176,18 @@ def _compress(args: argparse.Namespace) -> None:
     with check_output([args.model, args.data, args.eval_data], args.output, args.overwrite) as claim:
         config = recipe_from_args(args)
         if config.method is not None and solver_for(config).needs and not args.data:
-            raise ValueError(f"--method {config.method} needs importance/calibration data: pass --data FILE")
+            refine = " --refine" if config.refine and not solver_for(dataclasses.replace(config, refine=False)).needs else ""
+            raise ValueError(f"--method {config.method}{refine} needs importance/calibration data: pass --data FILE")
         if config.generated_samples and not args.data:
             raise ValueError(f"--generated-samples {config.generated_samples} continues blocks of the calibration "
                              "text: pass --data FILE")
         check_data(args.data)
-        check_data(args.eval_data)
+        check_data(args.eval_data, "--eval-data")
         if args.split and not args.data:
             raise ValueError(f"--split {args.split} picks a split of --data's dataset folder: pass --data FOLDER")
+        if args.eval_split and not args.eval_data:
+            raise ValueError(f"--eval-split {args.eval_split} picks a split of --eval-data's dataset folder: pass "
+                             "--eval-data FOLDER")
         if args.eval_dataset_id and not args.eval_data:
             raise ValueError("--eval-dataset-id names the Hub dataset of --eval-data: pass --eval-data FILE too")
         if config.quantize:  # before the model loads (a large one, or a .gguf file, takes a while)

@@ -148,9 +148,12 @@ def evaluate_path(model, tokenizer, data, args: argparse.Namespace, split: str |
     return evaluate_model(model, loader, show_progress=True)
 
 
-def check_data(path: str | None) -> None:
+def check_data(path: str | None, flag: str = "--data") -> None:
+    """Raise unless ``path`` (given with ``flag``; None: not given) is a file or folder."""
+    if path is not None and not path.strip():
+        raise ValueError(f"{flag} {path!r} names no file: name a data file or dataset folder, or leave {flag} out")
     if path and not os.path.exists(path):
-        raise FileNotFoundError(f"data file or folder {path!r} does not exist")
+        raise FileNotFoundError(f"{flag} {path!r}: data file or folder {path!r} does not exist")
     if path and not (os.path.isfile(path) or os.path.isdir(path)):
         raise ValueError(f"data {path!r} is neither a file nor a folder (a device or a pipe): name a data file or "
                          "dataset folder")

@@ -49,8 +49,12 @@ def model_source(path: str, what: str = "model") -> tuple[str, dict]:
     if os.path.isdir(path):
         if what != "tokenizer":  # only its tokenizer files are read
             check_no_adapter(path)
+            if not os.path.isfile(os.path.join(path, "config.json")):  # transformers would ask for a model_type key
+                raise FileNotFoundError(f"{what} folder {path!r} holds no config.json: name a saved model's folder")
         check_model_files(path)
         return path, {}
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe
+        raise FileNotFoundError(f"{what} {path!r} is no folder: name the {what}'s folder (or a .gguf file)")
     if os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} is a file: name the {what}'s folder (or a .gguf file)")
     try:
