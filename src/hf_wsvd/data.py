@@ -452,8 +452,8 @@ def tokenize(
             if not ids:  # a tokenizer that adds no special tokens gives an empty text no token to run on
                 raise ValueError(f"row {index + 1} of {source} has no text in {named}: remove the empty rows")
         if task == SEQ2SEQ_LM:  # its target text, tokenized as the labels
-            targets, encoded["cut_target"] = cut([], text_target=rows[label_column])
-            encoded["labels"] = targets["input_ids"]
+            targets, cut_target = cut([], text_target=rows[label_column])
+            encoded["labels"], encoded["cut_target"] = targets["input_ids"], cut_target
         else:
             encoded["cut_target"] = [False] * len(indices)
             encoded["labels"] = _label_ids(rows[label_column], indices, label2id or {}, num_labels, task, source,
@@ -464,9 +464,9 @@ def tokenize(
     # into that folder, which is the user's.
     encoded = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                           keep_in_memory=True)
-    cut = {what: sum(encoded[column]) for what, column in (("text", "cut_text"), ("target text", "cut_target"))}
-    if any(cut.values()):
-        counts = " and ".join(f"the {what} of {count}" for what, count in cut.items() if count)
+    counted = {what: sum(encoded[column]) for what, column in (("text", "cut_text"), ("target text", "cut_target"))}
+    if any(counted.values()):
+        counts = " and ".join(f"the {what} of {count}" for what, count in counted.items() if count)
         logger.warning("max_length=%d (--max-length) cut %s of the %d rows of %s", max_length, counts, len(encoded),
                        source)
     return encoded.remove_columns(["cut_text", "cut_target"])
