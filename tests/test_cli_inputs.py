@@ -377,6 +377,15 @@ def test_options_that_need_another_or_name_nothing_are_refused(tmp_path, classif
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv", [["inspect", "model"], ["eval", "model", "--data", "text.txt"],
+                                  ["compress", "model", "out"], ["export", "model", "out"]])
+def test_an_unknown_option_is_named_by_the_command_it_was_given_to(argv, capsys):
+    """As argparse says a missing argument: by the command's name (one_error checks the prefix), before
+    anything is read."""
+    assert f"hf-wsvd {argv[0]}: error: unrecognized arguments: --param-rate 0.5" == one_error(
+        capsys, [*argv, "--param-rate", "0.5"])
+
+
 def test_a_causal_lm_reads_one_text_column(tmp_path, tokenizer):
     from datasets import Dataset
 

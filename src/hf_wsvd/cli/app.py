@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", help="compressed checkpoint folder")
     add_commands(commands, comma_list)
+    parser.set_defaults(commands=commands.choices)
     return parser
 
 
@@ -396,7 +397,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser (its usage, "hf-wsvd eval: error:"), not the top one
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
     unreadable = _not_utf8(args.argv)
     if unreadable:
