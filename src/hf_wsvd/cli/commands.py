@@ -284,8 +284,12 @@ def run_heal(args: argparse.Namespace) -> None:
                             evaluations=args.evaluations)
         student, tokenizer = load_model_and_tokenizer(args.path, dtype=torch.float32)
         check_student(student)
-        # its config first: a teacher of another architecture is refused before its weights load
-        check_teacher_config(student.config, stored_config(args.teacher), f"--teacher {args.teacher!r}")
+        # its config first: a teacher of another architecture or task is refused before its weights load
+        teacher_config = stored_config(args.teacher)
+        check_teacher_config(student.config, teacher_config, f"--teacher {args.teacher!r}")
+        if teacher_config.architectures and not is_causal_lm_config(teacher_config):  # as check_teacher says
+            raise ValueError(f"--teacher {args.teacher!r} is a {teacher_config.architectures[0]}, not a causal LM: the "
+                             "teacher must be the dense model the student was compressed from")
         teacher, teacher_tokenizer = load_model_and_tokenizer(args.teacher, dtype=torch.float32)
         check_teacher(student, teacher, f"--teacher {args.teacher!r}")
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():  # distilled toward other tokens' logits
