@@ -68,14 +68,19 @@ def given_back(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def kept_flags(model: nn.Module) -> Iterator[None]:
     """Each of ``model``'s modules comes back in the train or eval mode it had, and each of its
-    parameters with the ``requires_grad`` it had (also after an error), whatever the body set."""
-    modes = {module: module.training for module in model.modules()}
+    parameters with the ``requires_grad`` it had (also after an error), whatever the body set. A
+    module the body put in place of another takes the mode of the one it replaced (of its nearest
+    ancestor that was there: a factorized layer's factors, their layer's)."""
+    modes = {name: module.training for name, module in model.named_modules()}
     trainable = {param: param.requires_grad for param in model.parameters()}
     try:
         yield
     finally:
-        for module, mode in modes.items():
-            module.training = mode
+        for name, module in model.named_modules():
+            known = name
+            while known not in modes:
+                known = known.rpartition(".")[0]
+            module.training = modes[known]
         for param, flag in trainable.items():
             param.requires_grad_(flag)
 

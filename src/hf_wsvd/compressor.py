@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .blocks import block_list, given_back, is_dispatched
+from .blocks import block_list, given_back, is_dispatched, kept_flags
 from .integrations.checkpoint import parameter_counts, target_counts
 from .integrations.quantization import check_quantizable, is_quantized_tensor
 from .methods.embeddings import embedding_table_name
@@ -409,21 +409,14 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     if loss_fn is not None and not job.gradient_needs:  # said, not silently passed over
         job.notice(f"loss_fn is not used: method={config.method!r} reads no gradient statistics (the Fisher-weighted "
                    "methods do, such as fisher_whiten)")
-    # The walks run in eval mode: each module comes back in the mode it came in (a model in training
-    # with some blocks frozen in eval included); a layer made by the run, in the one it replaced.
-    modes = {name: module.training for name, module in model.named_modules()}
     try:
-        with given_back(model):
+        # The walks run in eval mode: each module comes back in the mode it came in (a model in training
+        # with some blocks frozen in eval included); a layer made by the run, in the one it replaced.
+        with kept_flags(model), given_back(model):
             ranks = run(job)
     except BaseException:
         _record_replaced_layers(model, config, job)
         raise
-    finally:
-        for name, module in model.named_modules():
-            known = name
-            while known not in modes:
-                known = known.rpartition(".")[0]
-            module.training = modes[known]
     if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")

@@ -177,8 +177,8 @@ def _compress(args: argparse.Namespace) -> None:
     with check_output([args.model, args.data, args.eval_data], args.output, args.overwrite) as claim:
         config = recipe_from_args(args)
         if config.method is not None and solver_for(config).needs and not args.data:
-            refine = " --refine" if config.refine and not solver_for(dataclasses.replace(config, refine=False)).needs else ""
-            raise ValueError(f"--method {config.method}{refine} needs importance/calibration data: pass --data FILE")
+            asked = f"--method {config.method}{' --refine' if config.refine else ''}"  # refine needs data too
+            raise ValueError(f"{asked} needs importance/calibration data: pass --data FILE")
         if config.generated_samples and not args.data:
             raise ValueError(f"--generated-samples {config.generated_samples} continues blocks of the calibration "
                              "text: pass --data FILE")

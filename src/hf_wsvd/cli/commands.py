@@ -262,7 +262,7 @@ def run_heal(args: argparse.Namespace) -> None:
     from .output import check_output
     from ..runtime.modeling_wsvd import MODEL_TYPE
     from ..tasks import CAUSAL_LM
-    from .workflow import load_model_and_tokenizer, stored_config, stored_dtype
+    from .workflow import load_model_and_tokenizer, stored_config
 
     check_checkpoint_folder(args.path)
     check_data(args.data)
@@ -313,7 +313,7 @@ def run_heal(args: argparse.Namespace) -> None:
         student, report = heal(student, teacher, train + written, heldout, config)
         after = perplexity(student, heldout_loader, show_progress=True)
         dense = perplexity(teacher, heldout_loader, show_progress=True)
-        save_dtype = stored_dtype(args.path)
+        save_dtype = stored.dtype  # the dtype the checkpoint records
         if save_dtype is not None:
             student.to(save_dtype)
         earlier = (f" (the weights of step {report.best_step}, where the held-out loss was lowest)"

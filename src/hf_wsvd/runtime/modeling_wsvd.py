@@ -496,9 +496,7 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                                 and (shape := _logical_shape(sub.weight)) != (sub.out_features, sub.in_features)]
     # A quantized weight's scales or zero points of another shape than its data and block size give
     # would broadcast (one scale for every row) or fail in the first forward.
-    mismatched = mismatched or [(f"{name}._weight_{part}", found, expected) for name, module in model.named_modules()
-                                if isinstance(module, nn.Linear)
-                                for part, found, expected in [_misshapen_part(module.weight)] if part is not None]
+    mismatched = mismatched or _misshapen_parts(model)
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
@@ -558,23 +556,34 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                              "quantization: load the checkpoint with its own quantization_config")
 
 
-def _misshapen_part(weight: torch.Tensor) -> tuple[str | None, tuple, tuple]:
+def _misshapen_part(weight: torch.Tensor) -> tuple[str, tuple, tuple] | None:
     """The part of a torchao quantized ``weight`` (its scale, zero point), its shape and the shape
-    the weight's data and block size give it, where the two differ; (None, (), ()) where none does."""
+    the weight's data and block size give it, where the two differ; None where none does."""
     block = getattr(weight, "block_size", None)
     if type(weight) in (torch.Tensor, nn.Parameter) or not hasattr(weight, "__tensor_flatten__") \
             or block is None or len(block) != 2:
-        return None, (), ()
+        return None
     names, _ = weight.__tensor_flatten__()
     data = getattr(weight, "qdata", None)
     if data is None or tuple(data.shape) != tuple(weight.shape):  # packed data (int4-gpu): another layout
-        return None, (), ()
+        return None
     expected = (weight.shape[0] // block[0], weight.shape[1] // block[1])
     for name in ("scale", "zero_point"):  # an activation's scales (act_quant_scale) have shapes of their own
         part = getattr(weight, name, None) if name in names else None
         if isinstance(part, torch.Tensor) and tuple(part.shape) != expected:
             return name, tuple(part.shape), expected
-    return None, (), ()
+    return None
+
+
+def _misshapen_parts(model: nn.Module) -> list[tuple[str, tuple, tuple]]:
+    """(stored key, shape, expected shape) of each linear's misshapen quantized part (``_misshapen_part``)."""
+    found = []
+    for name, module in model.named_modules():
+        misshapen = _misshapen_part(module.weight) if isinstance(module, nn.Linear) else None
+        if misshapen is not None:
+            part, shape, expected = misshapen
+            found.append((f"{name}._weight_{part}", shape, expected))
+    return found
 
 
 def _logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
