@@ -386,6 +386,16 @@ def test_an_unknown_option_is_named_by_the_command_it_was_given_to(argv, capsys)
         capsys, [*argv, "--param-rate", "0.5"])
 
 
+def test_an_abbreviated_option_is_refused_not_taken_for_the_option_it_starts():
+    """``--param`` would be ``--param-ratio`` only until another option starting so is added."""
+    from hf_wsvd.cli.app import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["compress", "model", "out", "--param-ratio", "0.5"]).param_ratio == 0.5
+    _, unknown = parser.parse_known_args(["compress", "model", "out", "--param", "0.5"])
+    assert unknown == ["--param", "0.5"]
+
+
 def test_a_causal_lm_reads_one_text_column(tmp_path, tokenizer):
     from datasets import Dataset
 

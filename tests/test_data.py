@@ -395,6 +395,13 @@ def _batch(arch: str, **changes) -> dict:
     # refinement weighs each token's error by its mask: a mask is 0 or 1
     ("llama", {"attention_mask": -torch.ones(2, 8, dtype=torch.long)}, "attention_mask holds -1; it marks each token"),
     ("llama", {"attention_mask": torch.full((2, 8), 0.5)}, "attention_mask holds 0.5; it marks each token"),
+    # rows of the model's other embedding tables (an IndexError inside torch otherwise)
+    ("bert", {"token_type_ids": torch.full((2, 8), 7)}, "token_type_ids go from 7 to 7, outside the model's 2 token "
+                                                        "types (type_vocab_size)"),
+    ("bert", {"token_type_ids": torch.ones(2, 8)}, "token_type_ids must be an integer tensor, not a torch.float32"),
+    ("bert", {"position_ids": torch.arange(60, 68).expand(2, 8)}, "position_ids go from 60 to 67, outside the "
+                                                                  "model's 64 positions (max_position_embeddings)"),
+    ("bert", {"position_ids": -torch.ones(1, 8, dtype=torch.long)}, "position_ids go from -1 to -1"),
 ])
 def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, message):
     good = _batch(arch)

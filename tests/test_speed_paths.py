@@ -236,3 +236,12 @@ def test_cli_passes_max_kept_ratio_for_speed():
     assert args.max_kept_ratio_for_speed == 0.7
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "m", "out", "--max-kept-ratio-for-speed", "1.5"])
+
+
+def test_a_speed_table_naming_no_target_shape_is_refused_and_unused_entries_are_said():
+    """A typo in a shape, or another model's table, would otherwise limit nothing, silently."""
+    with pytest.raises(ValueError, match=r"names no shape of the 12 target layers \(INxOUT: 32x32, 32x64, 64x32\)"):
+        tiny.compressed("bert", max_kept_ratio_for_speed={"32x33": 0.5})
+    _, report = tiny.compressed("bert", max_kept_ratio_for_speed={"32x64": 0.4, "4096x4096": 0.25})
+    assert any("no target layer has the shape 4096x4096" in notice for notice in report.notices)
+    assert not any("32x64" in notice for notice in report.notices)

@@ -112,6 +112,19 @@ def test_naming_a_tied_head_raises(model_name, request):
         select_targets(model, ["lm_head"])
 
 
+def test_one_linear_in_two_places_stays_dense_and_shared_and_naming_it_raises():
+    """A module reachable under two names is one layer: factorized under its first name it would leave
+    the other place holding the dense original, the two no longer one."""
+    model = tiny.build("llama", "AutoModelForCausalLM")
+    shared = model.model.layers[0].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = shared
+    targets = select_targets(model)
+    assert "layers.0.mlp.up_proj" not in targets and "layers.1.mlp.up_proj" not in targets
+    assert "layers.0.mlp.gate_proj" in targets
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.up_proj', whose weight is tied"):
+        select_targets(model, ["up_proj"])
+
+
 def test_already_factorized_layers_are_skipped():
     model = tiny.build("bert", "AutoModelForSequenceClassification")
     full = "bert.encoder.layer.0.attention.self.query"

@@ -658,6 +658,11 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if positions is not None and ids.shape[1] > positions:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
+    tables = (("token_type_ids", getattr(model.config, "type_vocab_size", None), "token types (type_vocab_size)"),
+              ("position_ids", positions and model.config.max_position_embeddings,
+               "positions (max_position_embeddings)"))
+    for name, rows, what in tables:
+        _check_table_ids(batch.get(name), name, rows, what, where)
     labels = batch.get("labels")
     if getattr(model.config, "is_encoder_decoder", False):  # its decoder reads them, whatever the loss
         _check_decoder_targets(batch, ids, vocabulary, positions, where, labels_feed_decoder(model))
@@ -686,6 +691,18 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         wrong = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
         if wrong.numel():
             raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {classes} classes")
+
+
+def _check_table_ids(value: Any, name: str, rows: int | None, what: str, where: str) -> None:
+    """A batch's ``name`` (token types, positions), if given: integers, each a row of the model's table
+    of ``rows`` ``what``."""
+    if value is None or not isinstance(rows, int):
+        return
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        raise ValueError(f"{where}: {name} must be an integer tensor, not {_shown(value)}")
+    if value.numel() and not 0 <= int(value.min()) <= int(value.max()) < rows:
+        raise ValueError(f"{where}: {name} go from {int(value.min())} to {int(value.max())}, outside the model's "
+                         f"{rows} {what}")
 
 
 def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, positions: int | None,

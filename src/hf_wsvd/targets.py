@@ -26,9 +26,11 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def _tied_module_names(model: nn.Module) -> set[str]:
-    """Modules whose weight is shared with another parameter (e.g. an LM head tied to embeddings)."""
+    """Modules whose weight is shared with another module (an LM head tied to embeddings) or that are
+    themselves reachable under several names (one module in two places: factorizing it under its first
+    name would leave the other a dense copy, the two no longer one)."""
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
             owners.setdefault(id(weight), []).append(name)

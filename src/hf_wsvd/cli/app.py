@@ -56,7 +56,12 @@ INSPECT_EXAMPLES = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line naming the problem (``--help`` shows the usage)."""
+    """Usage errors as one line naming the problem (``--help`` shows the usage). Options are taken by
+    their whole name only: an abbreviation would change meaning the day an option sharing its start
+    is added (``--param`` is ``--param-ratio`` until then)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

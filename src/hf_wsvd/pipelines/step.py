@@ -156,9 +156,26 @@ def uniform(job: Job, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed, config.rank_multiple)
 
 
+def check_speed_table(job: Job) -> None:
+    """Refuse a per-shape ``max_kept_ratio_for_speed`` none of whose shapes is a target layer's (a typo,
+    or another model's table, would limit nothing); a notice names the entries that match no layer."""
+    table = job.config.max_kept_ratio_for_speed
+    if not isinstance(table, dict) or not table:
+        return
+    present = sorted({f"{i}x{o}" for i, o in job.shapes(job.targets).values()})
+    unused = [shape for shape in table if shape not in present]
+    if len(unused) == len(table):
+        raise ValueError(f"max_kept_ratio_for_speed={table!r} names no shape of the {len(job.targets)} target layers "
+                         f"(INxOUT: {', '.join(present)}): key the limits by these")
+    if unused:
+        job.notice(f"max_kept_ratio_for_speed: no target layer has the shape {', '.join(unused)} (INxOUT); "
+                   "those limits apply to nothing")
+
+
 def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
     """Shapes of the targets (but ``skip``, layers compressed otherwise) that can be factorized: all
     (greedy), or those whose uniform rank saves parameters and passes the speed limit."""
+    check_speed_table(job)
     shapes = job.shapes(n for n in job.targets if n not in skip)
     if job.config.allocation == "uniform":
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
