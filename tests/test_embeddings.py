@@ -163,7 +163,9 @@ def test_lora_on_all_linear_layers_leaves_a_tied_factorized_embedding_alone_and_
     with torch.no_grad():
         before = adapted(**inputs).logits
         after = adapted.merge_and_unload()(**inputs).logits
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order once merged: 2.6e-6 on 2 cores, 2.8e-5 on a 16-core GPU host, where
+    # the random adapters move the logits by 0.5
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
 def test_tie_survives_training():

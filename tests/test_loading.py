@@ -43,14 +43,15 @@ def write_tiny_gguf(path) -> torch.nn.Module:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(config.vocab_size)
-    tokens = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + ["Ġ", "ab"]
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + ["Ġ", "ab", "abc"]
     tokens += [f"t{i}" for i in range(config.vocab_size - len(tokens))]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
     writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_merges(["a b"])
+    # two merges: transformers 5.17 reads an array of one string as the string itself
+    writer.add_token_merges(["a b", "ab c"])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)

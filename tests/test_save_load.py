@@ -204,10 +204,13 @@ def test_a_config_object_shared_with_another_model_stays_the_callers(tmp_path):
 
 @pytest.mark.parametrize("recipe", [dict(mlp_pruning=True, attention_pruning=True, rank_multiple=2, allocation="uniform",
                                          param_ratio=0.7), dict(mlp_pruning=False, param_ratio=0.5)])
-def test_a_disk_offloaded_model_compresses_saves_and_reloads_as_the_same_model_in_memory(tmp_path, recipe):
+def test_a_disk_offloaded_model_compresses_saves_and_reloads_as_the_same_model_in_memory(tmp_path, recipe,
+                                                                                       cpu_accelerator):
     """Layers replaced in offloaded blocks get one offload hook each, as device_map dispatch makes them:
     cpu_offload's pair of hooks on a pruned linear broke save_pretrained, and hid the layer's weights
-    from the attention cut's refit."""
+    from the attention cut's refit. Both runs compute on the CPU: where a GPU is present, the blocks
+    this device map offloads still run where their hooks say (the CPU), those of the model in memory
+    would visit the GPU, and refinement trains there under bf16 autocast."""
     from accelerate.hooks import AlignDevicesHook
 
     from hf_wsvd import WSVDConfig, compress
@@ -222,9 +225,9 @@ def test_a_disk_offloaded_model_compresses_saves_and_reloads_as_the_same_model_i
                   "model.layers.0": "cpu", "model.layers.1": "disk"}
     offloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
                                                                  offload_folder=tmp_path / "offload")
-    offloaded, report = compress(offloaded, config, data, show_progress=False)
+    offloaded, report = compress(offloaded, config, data, show_progress=False, accelerator=cpu_accelerator)
     plain, plain_report = compress(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), config, data,
-                                   show_progress=False)
+                                   show_progress=False, accelerator=cpu_accelerator)
     assert report.ranks == plain_report.ranks and report.pruned == plain_report.pruned
     assert report.attention == plain_report.attention and bool(report.pruned) == recipe["mlp_pruning"]
     assert bool(report.attention) == recipe.get("attention_pruning", False)

@@ -439,11 +439,17 @@ def tokenize(
     def cut(texts: list[list[str]], **target) -> tuple[BatchEncoding, list[bool]]:
         """``texts`` (or the target text) tokenized and cut at max_length, and which rows were cut."""
         encoded = tokenizer(*texts, truncation=True, max_length=max_length, **target)
-        if encoded.encodings is not None:  # a fast tokenizer keeps what truncation cut
-            return encoded, [bool(each.overflowing) for each in encoded.encodings]
-        # else: cut exactly where one more token is kept when the limit is one higher
-        longer = tokenizer(*texts, truncation=True, max_length=max_length + 1, **target)["input_ids"]
-        return encoded, [len(ids) > max_length for ids in longer]
+        # A row shorter than the limit was not cut; one at it was where a limit one higher keeps one more
+        # token (a fast tokenizer's ``overflowing`` would say so in one pass, but transformers 5.17 leaves
+        # it empty).
+        full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= max_length]
+        cut_rows = [False] * len(encoded["input_ids"])
+        if full:
+            longer = tokenizer(*([column[i] for i in full] for column in texts), truncation=True,
+                               max_length=max_length + 1, **{k: [v[i] for i in full] for k, v in target.items()})
+            for i, ids in zip(full, longer["input_ids"]):
+                cut_rows[i] = len(ids) > max_length
+        return encoded, cut_rows
 
     def encode(rows, indices):
         encoded, cut_text = cut([rows[c] for c in text_columns])
