@@ -18,7 +18,7 @@ import torch
 from hf_wsvd import parameter_counts
 
 from common import MINILM, ROOT, ratio_label, svd_variants
-from timing import add_json_arguments, measure_or_publish, verdict, with_key
+from timing import add_json_arguments, kept_fraction, measure_or_publish, verdict, with_key
 
 SIZE_TOLERANCE = 0.02  # issue #8: checkpoint size ratio vs kept parameter ratio
 
@@ -66,7 +66,7 @@ def render(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3], help="kept ratios")
+    parser.add_argument("--ratios", nargs="+", type=kept_fraction, default=[0.5, 0.3], help="kept ratios")
     add_json_arguments(parser)
     measure_or_publish("checkpoint_size", parser.parse_args(), measure, render)
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from common import MINILM, ROOT, SST2_TRAIN
+from hf_wsvd.argtypes import positive_int
 from timing import add_json_arguments, load_range, measure_or_publish, median, verdict, with_key
 
 CLI_TARGET_SECONDS = 60.0  # issue #8: hf-wsvd compress MiniLM fwsvd 512 samples, 2-core CPU
@@ -77,9 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
     parser.add_argument("--data", type=Path, default=SST2_TRAIN)
-    parser.add_argument("--cli-samples", type=int, default=512, help="Fisher samples of the timed CLI runs")
+    parser.add_argument("--cli-samples", type=positive_int, default=512, help="Fisher samples of the timed CLI runs")
     parser.add_argument("--cli-methods", nargs="+", default=["fwsvd", "fisher_whiten"])
-    parser.add_argument("--cli-repeats", type=int, default=1)
+    parser.add_argument("--cli-repeats", type=positive_int, default=1)
     parser.add_argument("--cli-threads", nargs="+", default=["default"],
                         help="OMP_NUM_THREADS of the timed CLI runs (\"default\": unset)")
     add_json_arguments(parser)

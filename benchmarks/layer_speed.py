@@ -19,8 +19,10 @@ import torch
 
 from hf_wsvd import FactorizedLinear
 from hf_wsvd.allocation import kept_ratio, uniform_ranks
+from hf_wsvd.argtypes import non_negative_int, positive_int
 from timing import (LLAMA_7B_LINEARS, MINILM_LINEARS, add_shape_arguments, cuda_graphed, device_label,
-                    interleaved_seconds, measure_or_publish, median, parse_shapes, run_header, speedup)
+                    interleaved_seconds, kept_fraction, measure_or_publish, median, parse_shapes, require_cuda, run_header,
+                    speedup)
 
 # Shapes are in_features x out_features. CPU: MiniLM-L6 (attention, FFN up, FFN down) at batch
 # 32 × 128 and 1 × 128 tokens; CUDA: Llama 7B (attention, gate/up, down) at prefill 8 × 2048 and
@@ -129,14 +131,16 @@ def render(payloads: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--tokens", nargs="+", type=int, help="rows of the input (batch × sequence length)")
-    parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
-    parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple of this")
+    parser.add_argument("--tokens", nargs="+", type=positive_int, help="rows of the input (batch × sequence length)")
+    parser.add_argument("--ratios", nargs="+", type=kept_fraction, default=RATIOS)
+    parser.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks down to a multiple of this")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time replays of captured CUDA graphs (kernel time without launch overhead)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     add_shape_arguments(parser, rounds=7, iters=10, shapes_help="in_featuresxout_features, e.g. 384x1536")
-    measure_or_publish("layer_speed", parser.parse_args(), measure, render)
+    args = parser.parse_args()
+    require_cuda(args)
+    measure_or_publish("layer_speed", args, measure, render)
 
 if __name__ == "__main__":
     main()

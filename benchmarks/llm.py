@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, pipeline
 
 from hf_wsvd import WSVDConfig, compress
-from hf_wsvd.argtypes import positive_int, speed_limit
+from hf_wsvd.argtypes import non_negative_int, positive_int, speed_limit
 from hf_wsvd.integrations.checkpoint import error_falls
 from hf_wsvd.data import teacher_samples, text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
@@ -38,6 +38,7 @@ from hf_wsvd.statistics import FISHER_ROWS, GRAM, MEAN_ABS, gradient_statistics,
 from hf_wsvd.targets import select_targets
 from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
 from hf_wsvd.cli.workflow import load_model_and_tokenizer
+from timing import listed, reduction
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
@@ -348,13 +349,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(DEMO_MODELS)}, a folder or a .gguf")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--test", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-length", type=int, default=512)
-    parser.add_argument("--validation-blocks", type=int, default=32)
-    parser.add_argument("--eval-length", type=int, default=512)
-    parser.add_argument("--eval-blocks", type=int, default=0, help="0: the whole test file")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
+    parser.add_argument("--calib-samples", type=positive_int, default=64)
+    parser.add_argument("--calib-length", type=positive_int, default=512)
+    parser.add_argument("--validation-blocks", type=positive_int, default=32)
+    parser.add_argument("--eval-length", type=positive_int, default=512)
+    parser.add_argument("--eval-blocks", type=non_negative_int, default=0, help="0: the whole test file")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--reductions", type=listed(reduction), default=[0.2, 0.4])
     parser.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x],
                         default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
     parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "greedy"])
@@ -365,7 +366,7 @@ def main() -> None:
     parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
                         help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning)")
     parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
-    parser.add_argument("--refine-steps", type=lambda s: [int(x) for x in s.split(",")],
+    parser.add_argument("--refine-steps", type=listed(non_negative_int),
                         default=[0, default_block_refine_steps(
                             torch.device("cuda" if torch.cuda.is_available() else "cpu"))],
                         help="block refinement steps of the compensated rows, each a row (0: without refinement)")
@@ -382,20 +383,20 @@ def main() -> None:
     parser.add_argument("--only-recommended", action="store_true",
                         help="only the recommended recipe's rows (fisher_whiten, greedy, sequential, compensated "
                              "λ=0.1, MLPs pruned) at each --refine-steps: the other recipe lists are emptied")
-    parser.add_argument("--heal-steps", type=int, default=0, help="heal the best recipe of each reduction (0: no)")
+    parser.add_argument("--heal-steps", type=non_negative_int, default=0, help="heal the best recipe of each reduction (0: no)")
     parser.add_argument("--heal-seconds", type=float, default=0,
                         help="heal for as many steps as fit in this many seconds (timed by a short probe; "
                              "overrides --heal-steps)")
     parser.add_argument("--heal-learning-rate", type=float, default=HealConfig.learning_rate)
-    parser.add_argument("--heal-batch-size", type=int, default=0, help="0: --batch-size")
+    parser.add_argument("--heal-batch-size", type=non_negative_int, default=0, help="0: --batch-size")
     parser.add_argument("--heal-hidden-weight", type=float, default=HealConfig.hidden_weight)
-    parser.add_argument("--heal-generated", type=int, default=0,
+    parser.add_argument("--heal-generated", type=non_negative_int, default=0,
                         help="add this many blocks written by the dense model (continuations of healing blocks) to the "
                              "healing text; their writing time counts as healing time")
-    parser.add_argument("--calib-generated", type=int, default=0,
+    parser.add_argument("--calib-generated", type=non_negative_int, default=0,
                         help="add this many blocks written by the dense model (continuations of calibration blocks) "
                              "to the calibration data")
-    parser.add_argument("--generation-batch-size", type=int, default=256)
+    parser.add_argument("--generation-batch-size", type=positive_int, default=256)
     parser.add_argument("--heal-seed", type=int, default=0)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
@@ -408,16 +409,18 @@ def main() -> None:
         args.pruned_methods, args.allocations, args.compensation_ridges = ["fisher_whiten"], ["greedy"], [0.1]
 
     from report import publish
+    from timing import read_fields, read_json
 
     if args.from_json:
-        loaded = [json.loads(Path(path).read_text()) for path in args.from_json]
-        payloads = merged([p for data in loaded for p in (data["models"] if "models" in data else [data])])
+        loaded = [read_json(path) for path in args.from_json]
+        payloads = read_fields(merged, [p for data in loaded for p in (data["models"] if "models" in data else [data])],
+                               "llm")
     else:
         payloads = [measure(args)]
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(payloads[0], indent=2))
             return
-    publish(args.name, {"models": payloads}, table(payloads))
+    publish(args.name, {"models": payloads}, read_fields(table, payloads, "llm"))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from hf_wsvd.tasks import CAUSAL_LM, per_example_loss
 from hf_wsvd.cli.workflow import load_model_and_tokenizer
 from llm import SHARED, loader
 from report import environment, markdown_table, page, publish
+from timing import listed, read_fields, read_json, reduction
 
 NAME = "quantization"
 PLOT = "quantization.png"
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 4, 3])
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.2, 0.4])
+    parser.add_argument("--reductions", type=listed(reduction), default=[0.2, 0.4])
     parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")
@@ -245,7 +246,7 @@ def main() -> None:
                              "again taken from the later file)")
     args = parser.parse_args()
     if args.from_json:
-        measured = combined([json.loads(Path(path).read_text()) for path in args.from_json])
+        measured = read_fields(combined, [read_json(path) for path in args.from_json], NAME)
     else:
         measured = measure(args)
         if args.json_out:
@@ -253,7 +254,7 @@ def main() -> None:
             print(render(measured))
             return
     plot(measured["rows"], page(NAME).parent / PLOT)
-    publish(NAME, measured, render(measured))
+    publish(NAME, measured, read_fields(render, measured, NAME))
 
 
 if __name__ == "__main__":

@@ -324,11 +324,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from report import environment, publish, republished
-    from timing import measured_runs
+    from timing import measured_runs, read_fields, require_cuda
+
+    require_cuda(args)  # before the model is built
 
     if args.from_json:  # measurement files, or the published results file (its "runs")
         payloads = measured_runs(args, measure)
-        publish("scale", {"environment": republished("scale"), "runs": payloads}, table(payloads))
+        publish("scale", {"environment": republished("scale"), "runs": payloads}, read_fields(table, payloads, "scale"))
         return
     if args.device == "cpu":
         args.shape, args.placement = "small" if args.shape == "7b" else args.shape, "gpu"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hf_wsvd.allocation import uniform_ranks
 from timing import (add_json_arguments, cuda_graphed, device_label, interleaved_seconds, measure_or_publish,
-                    median, run_header, speedup)
+                    median, require_cuda, run_header, speedup)
 
 # Llama 7B: q/k/v read the attention input (4096 → 4096 each), gate/up the MLP input (4096 → 11008)
 GROUPS = {"q/k/v": (4096, [4096, 4096, 4096]), "gate/up": (4096, [11008, 11008])}
@@ -179,6 +179,7 @@ def main() -> None:
             if any(n % block_n for n in widths):
                 parser.error(f"--triton-blocks {block_n}x…: every output width ({sorted(widths)}) must be a multiple "
                              f"of the tile's {block_n} columns")
+    require_cuda(args)  # after the options' own checks, which need no GPU
     measure_or_publish("sibling_speed", args, measure, render)
 
 

@@ -25,14 +25,15 @@ from hf_wsvd.statistics import FISHER  # noqa: E402
 
 from common import RESULTS, load_task  # noqa: E402
 from report import markdown_table, publish  # noqa: E402
+from timing import kept_fraction, positive_number  # noqa: E402
 
 LAYERS = ["encoder.layer.3.intermediate.dense", "encoder.layer.3.attention.self.query"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20.0, help="time budget per solver and layer")
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--seconds", type=positive_number, default=20.0, help="time budget per solver and layer")
+    parser.add_argument("--ratio", type=kept_fraction, default=0.5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
     args = parser.parse_args()

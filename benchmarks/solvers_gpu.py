@@ -19,6 +19,7 @@ import torch
 from hf_wsvd.solvers.elementwise import SOLVER_NAMES, solve_elementwise
 
 from report import environment, markdown_table, publish
+from timing import read_fields, read_json
 
 
 def measure(args) -> dict:
@@ -59,22 +60,30 @@ def main() -> None:
     parser.add_argument("--solvers", default=",".join(SOLVER_NAMES))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
-    parser.add_argument("--json-out", help="also write the measurement here (e.g. $OUT on the GPU machine)")
+    parser.add_argument("--json-out", help="measure and write the measurement here (no docs update; e.g. $OUT on the "
+                                           "GPU machine)")
     parser.add_argument("--from-json", help="publish a measurement taken earlier instead of measuring")
     args = parser.parse_args()
-    payload = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
+    payload = read_json(args.from_json) if args.from_json else measure(args)
+    table = read_fields(render, payload, "solvers_gpu")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
+        print(table)
+        return
+    publish("solvers_gpu_small" if payload["shape"][0] < 4096 else "solvers_gpu", payload, table)
+
+
+def render(payload: dict) -> str:
     rows = [[r["solver"], r["history"][0], min(r["history"]), min(r["history"]) / r["history"][0],
-             len(r["history"]) - 1, r["stopped"], r["seconds"], r["peak_gib"]] for r in payload["runs"]]
+             len(r["history"]) - 1, r.get("stopped", "-"), r["seconds"], r["peak_gib"]] for r in payload["runs"]]
     (out_features, in_features), rank = payload["shape"], payload["rank"]
     table = markdown_table(["solver", "FWSVD loss", "best loss", "ratio", "iterations", "stopped", "seconds",
                             "peak GPU GiB"], rows)
-    table += (f"\n\n{out_features}×{in_features} at rank {rank}, log-normal importance, up to "
-              f"{payload['max_iterations']} iterations or {payload['time_budget']:g} s per solver; measured on "
-              f"{payload['environment'].get('cuda') or 'CPU'}.")
-    small = out_features < 4096
-    publish("solvers_gpu_small" if small else "solvers_gpu", payload, table)
+    # runs published before the limits were recorded
+    limits = (f"up to {payload['max_iterations']} iterations or {payload['time_budget']:g} s per solver"
+              if "max_iterations" in payload else "iterations and time per solver not recorded")
+    return table + (f"\n\n{out_features}×{in_features} at rank {rank}, log-normal importance, {limits}; measured on "
+                    f"{payload['environment'].get('cuda') or 'CPU'}.")
 
 if __name__ == "__main__":
     main()

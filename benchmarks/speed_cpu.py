@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from common import MINILM, ROOT, SHARED, SST2_TRAIN
-from timing import (add_json_arguments, interleaved_seconds, load_range, measure_or_publish, median,
-                    shared_down_groups, speedup, token_batch, verdict, with_key)
+from hf_wsvd.argtypes import non_negative_int, positive_int
+from timing import (add_json_arguments, interleaved_seconds, kept_fraction, load_range, measure_or_publish, median,
+                    reduction, shared_down_groups, speedup, token_batch, verdict, with_key)
 
 CPU_TARGET = 1.6  # issue 21: MiniLM SST-2 throughput at kept ratio 0.5, 2 threads, ×dense
 
@@ -227,25 +228,25 @@ def render(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.3], help="kept ratios")
-    parser.add_argument("--samples", type=int, default=512, help="SST-2 training examples of the recipe")
+    parser.add_argument("--ratios", nargs="+", type=kept_fraction, default=[0.5, 0.3], help="kept ratios")
+    parser.add_argument("--samples", type=positive_int, default=512, help="SST-2 training examples of the recipe")
     parser.add_argument("--variants", nargs="+", default=["{}", '{"mlp_pruning": true, "attention_pruning": true}'],
                         help="WSVDConfig fields set on the recommended recipe, as JSON, one compression each ({}: "
                              "the recommended recipe)")
     parser.add_argument("--unshared", action="store_true",
                         help="time each factorized layer's own down matmul (compress shares query/key/value's)")
     parser.add_argument("--llm", help="also time a causal LM: a demo model name, folder or .gguf")
-    parser.add_argument("--reductions", nargs="+", type=float, default=[0.2, 0.4], help="of the LM's decoder linears")
+    parser.add_argument("--reductions", nargs="+", type=reduction, default=[0.2, 0.4], help="of the LM's decoder linears")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
-    parser.add_argument("--llm-samples", type=int, default=32, help="calibration blocks of 256 tokens")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (medians)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=3, help="throughput forwards per round")
-    parser.add_argument("--latency-iters", type=int, default=20, help="latency forwards per round")
-    parser.add_argument("--threads", nargs="+", type=int, help="torch threads of the timings (default: torch's)")
+    parser.add_argument("--llm-samples", type=positive_int, default=32, help="calibration blocks of 256 tokens")
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved timing rounds (medians)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=128)
+    parser.add_argument("--iters", type=positive_int, default=3, help="throughput forwards per round")
+    parser.add_argument("--latency-iters", type=positive_int, default=20, help="latency forwards per round")
+    parser.add_argument("--threads", nargs="+", type=positive_int, help="torch threads of the timings (default: torch's)")
     add_json_arguments(parser)
     measure_or_publish("speed_cpu", parser.parse_args(), measure, render)
 

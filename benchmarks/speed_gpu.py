@@ -40,7 +40,8 @@ import torch
 
 from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
 from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, kernel_times, matmul_shapes,
-                    measure_or_publish, median, shapes_profile, shared_down_groups, token_batch, verdict, with_key)
+                    measure_or_publish, median, require_cuda, shapes_profile, shared_down_groups, token_batch, verdict,
+                    with_key)
 
 # Issue 21: ×dense of the recommended recipe's output (the same-size structure of narrower dense MLPs).
 # Parts a note sets against another of the same model: (part, its counterpart, what the note calls them, whether
@@ -650,6 +651,7 @@ def main() -> None:
                          f"kernels (rank_multiple={multiple}): add \"rank_multiple\": 64 (or a multiple) to --recipe")
         if importlib.util.find_spec("bitsandbytes") is None:
             parser.error("--parts nf4_graph needs bitsandbytes: pip install -e '.[bnb]'")
+    require_cuda(args)  # after the options' own checks, which need no GPU
     measure_or_publish("speed_gpu", args, measure, render)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from hf_wsvd.allocation import rank_for_ratio
 from hf_wsvd.linalg import truncated_svd
-from timing import LLAMA_7B_LINEARS, add_json_arguments, measure_or_publish, synchronize, with_key
+from timing import LLAMA_7B_LINEARS, add_json_arguments, measure_or_publish, require_cuda, synchronize, with_key
 
 
 def time_svds(args) -> list[dict]:
@@ -128,7 +128,9 @@ def main() -> None:
     parser.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"], help="cuSOLVER driver (default: torch's)")
     parser.add_argument("--svd-chunk", type=int, help="batched/eigh: matrices per stacked call (default: 4)")
     add_json_arguments(parser)
-    measure_or_publish("speed_svd", parser.parse_args(), measure, render)
+    args = parser.parse_args()
+    require_cuda(args)
+    measure_or_publish("speed_svd", args, measure, render)
 
 
 if __name__ == "__main__":

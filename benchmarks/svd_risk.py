@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
 
 from hf_wsvd.allocation import rank_for_ratio  # noqa: E402
+from hf_wsvd.metrics import spearmanr  # noqa: E402
 from hf_wsvd.solvers.elementwise import single_threaded_lapack  # noqa: E402
 from hf_wsvd.solvers.fwsvd import solve_fwsvd  # noqa: E402
 from hf_wsvd.solvers.registry import LayerProblem  # noqa: E402
@@ -119,8 +119,8 @@ def main() -> None:
         task_rows = [r for r in rows if r["task"] == task]
         for metric, label in METRICS.items():
             values = [r[metric] for r in task_rows]
-            acc = spearmanr(values, [r["accuracy_drop"] for r in task_rows]).statistic
-            loss = spearmanr(values, [r["loss_increase"] for r in task_rows]).statistic
+            acc = spearmanr(values, [r["accuracy_drop"] for r in task_rows])
+            loss = spearmanr(values, [r["loss_increase"] for r in task_rows])
             correlations.append({"task": task, "metric": metric, "spearman_accuracy_drop": acc, "spearman_loss_increase": loss})
             table_rows.append([task, label, acc, loss])
     plot(rows, args.tasks.split(","))
@@ -142,7 +142,7 @@ def plot(rows: list[dict], tasks: list[str]) -> None:
                     sel = [r for r in task_rows if "attention" in r["module"]]
                 ax.scatter([r[metric] for r in sel], [100 * r["accuracy_drop"] for r in sel], marker=marker, s=18,
                            label={"intermediate": "FFN up", "output.dense": "FFN down", "attention": "attention"}[kind])
-            rho = spearmanr([r[metric] for r in task_rows], [r["accuracy_drop"] for r in task_rows]).statistic
+            rho = spearmanr([r[metric] for r in task_rows], [r["accuracy_drop"] for r in task_rows])
             ax.set_xscale("log")
             ax.set_title(f"{task}: ρ = {rho:.2f}", fontsize=9)
             ax.set_xlabel(METRICS[metric], fontsize=8)

@@ -3,13 +3,19 @@ machine slows every variant alike and ratios come from the same process and the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
+
+from hf_wsvd.argtypes import positive_int
+
+T = TypeVar("T")
 
 # The target linears (out × in) of one transformer block and how many of each it holds: MiniLM-L6
 # (query/key/value/output, FFN up, FFN down), SmolLM2-135M (the same roles; its key/value are
@@ -171,8 +177,8 @@ def add_shape_arguments(parser, rounds: int, iters: int, shapes_help: str) -> No
     ``--iters`` (and the JSON options)."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", nargs="+", help=shapes_help)
-    parser.add_argument("--rounds", type=int, default=rounds)
-    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
+    parser.add_argument("--iters", type=positive_int, default=iters)
     add_json_arguments(parser)
 
 
@@ -194,6 +200,69 @@ def add_json_arguments(parser) -> None:
     parser.add_argument("--from-json", nargs="+", help="render measurement files (or a published results file)")
 
 
+def _number(text: str, inside, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not inside(value):
+        raise argparse.ArgumentTypeError(f"{value:g} is not {what}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds, a step size)."""
+    return _number(text, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def kept_fraction(text: str) -> float:
+    """An argparse type: a fraction of a layer's parameters kept, in (0, 1]."""
+    return _number(text, lambda v: 0 < v <= 1, "a kept ratio in (0, 1]")
+
+
+def reduction(text: str) -> float:
+    """An argparse type: a fraction of the parameters removed, in (0, 1)."""
+    return _number(text, lambda v: 0 < v < 1, "a reduction in (0, 1)")
+
+
+def listed(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+    """An argparse type: comma-separated values of ``kind``."""
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def require_cuda(args, device: str = "cuda") -> None:
+    """Exit in one line, before any work, where the measurement would run on CUDA (``args.device``,
+    else ``device``) and this machine has none; rendering ``--from-json`` files needs no GPU."""
+    wanted = getattr(args, "device", None) or device
+    if not getattr(args, "from_json", None) and torch.device(wanted).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{Path(sys.argv[0]).name}: measuring on {wanted} needs a CUDA GPU and this machine has none: "
+                         "run it on one, or render earlier runs with --from-json")
+
+
+def read_json(path: str) -> dict:
+    """The measurement file ``path`` (a JSON object), or exit in one line naming what is wrong with it."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise SystemExit(f"--from-json {path!r}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise SystemExit(f"--from-json {path!r} is not JSON ({error}): pass a file a run wrote with --json-out") from None
+    if not isinstance(payload, dict):
+        raise SystemExit(f"--from-json {path!r} holds a JSON {type(payload).__name__}, not a run's object: pass a file "
+                         "a run wrote with --json-out")
+    return payload
+
+
+def read_fields(read: Callable[[Any], T], payloads: Any, name: str) -> T:
+    """``read(payloads)`` (a table, merged runs), or exit in one line where a run lacks a field it reads
+    (a file of another benchmark, or of an older layout)."""
+    try:
+        return read(payloads)
+    except KeyError as error:
+        raise SystemExit(f"a run lacks the field {error.args[0]!r} that {name}.py reads: pass files that {name}.py "
+                         "wrote") from None
+
+
 def with_key(runs: list[dict], key: str) -> list[dict]:
     """The runs that measured ``key`` (a ``--from-json`` file may hold other benchmarks' runs too,
     as the results of the former all-in-one ``speed.py`` do)."""
@@ -207,7 +276,7 @@ def measured_runs(args, measure) -> list[dict]:
     """``--from-json``: the measurements in those files (a published results file holds them under
     ``"runs"``); else ``[measure(args)]``, also written to ``--json-out`` when given."""
     if args.from_json:
-        loaded = [json.loads(Path(path).read_text()) for path in args.from_json]
+        loaded = [read_json(path) for path in args.from_json]
         return [run for payload in loaded for run in payload.get("runs", [payload])]
     payload = measure(args)
     if args.json_out:
@@ -223,11 +292,12 @@ def measure_or_publish(name: str, args, measure, render) -> None:
     from report import publish, republished
 
     payloads = measured_runs(args, measure)
+    table = read_fields(render, payloads, name)
     if args.json_out:
-        print(render(payloads))
+        print(table)
         return
     environment = republished(name) if args.from_json else payloads[0]["environment"]  # measured here: this run's
-    publish(name, {"environment": environment, "runs": payloads}, render(payloads))
+    publish(name, {"environment": environment, "runs": payloads}, table)
 
 
 def device_label(run: dict) -> str:

@@ -559,3 +559,28 @@ def test_scale_benchmark_publishes_from_its_published_results_and_new_runs(bench
     table = (tmp_path / "docs" / "benchmarks" / "scale.md").read_text()
     assert "| Llama 70b shape, 2 of 80 layers | offload, hidden states in CPU memory |" in table
     assert "Re-run: `python benchmarks/scale.py --from-json benchmarks/results/scale.json`" in table
+
+
+def test_benchmarks_refuse_bad_inputs_in_one_line(benchmarks_on_path, monkeypatch, tmp_path):
+    """A GPU measurement on a machine without one, unreadable --from-json files and a run of another
+    benchmark end in one line naming the problem, before any work (not a traceback, or a 7B model built
+    on the CPU first)."""
+    from timing import kept_fraction, read_fields, read_json, reduction, require_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="measuring on cuda needs a CUDA GPU and this machine has none"):
+        require_cuda(argparse.Namespace(device="cuda", from_json=None))
+    require_cuda(argparse.Namespace(device="cuda", from_json=["runs.json"]))  # rendering needs no GPU
+    require_cuda(argparse.Namespace(device="cpu", from_json=None))
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "list.json").write_text("[1]")
+    for path, says in ((tmp_path / "gone.json", "No such file or directory"), (tmp_path / "empty.json", "is not JSON"),
+                       (tmp_path / "list.json", "holds a JSON list, not a run's object")):
+        with pytest.raises(SystemExit, match=re.escape(f"--from-json {str(path)!r}") + ".*" + says):
+            read_json(str(path))
+    with pytest.raises(SystemExit, match="a run lacks the field 'rows' that llm.py reads"):
+        read_fields(lambda runs: runs[0]["rows"], [{}], "llm")
+    for kind, text in ((kept_fraction, "1.5"), (kept_fraction, "0"), (reduction, "1"), (reduction, "0")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+    assert kept_fraction("1") == 1.0 and reduction("0.4") == 0.4

@@ -1072,5 +1072,5 @@ def test_only_a_launch_s_other_ranks_do_not_write_and_say_so_in_one_line(tmp_pat
             claim.check_writer("export")
         else:
             with pytest.raises(ValueError, match=r"hf-wsvd export runs in one process, and this one is rank 1 of 2 "
-                                                 "processes \(torchrun or accelerate launch\): start it without"):
+                                                 r"processes \(torchrun or accelerate launch\): start it without"):
                 claim.check_writer("export")
