@@ -57,7 +57,8 @@ def render(runs: list[dict]) -> str:
         ["checkpoint", "parameters (whole model)", "parameters / dense", f"safetensors MiB ({p['checkpoint_dtype']})",
          "size / dense size", "size ratio vs parameter ratio"], rows)
     worst = max(abs(m["size_ratio"] / m["param_ratio"] - 1) for m in p["sizes"])
-    return text + (f"\n\nKept ratio 0.5/0.3 is the `param_ratio` of the target linears; the embeddings stay dense, so "
+    kept = "/".join(f"{m['ratio']:g}" for m in p["sizes"] if m["ratio"] < 1)
+    return text + (f"\n\nKept ratio {kept} is the `param_ratio` of the target linears; the embeddings stay dense, so "
                    f"the whole model keeps more. The size target compares the whole checkpoint (all `*.safetensors`, "
                    f"shipped dtype) relative to the dense one with the whole-model parameter ratio: worst deviation "
                    f"{worst:.2%} (target ≤{SIZE_TOLERANCE:.0%}: {verdict(worst <= SIZE_TOLERANCE)}).")

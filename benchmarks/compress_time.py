@@ -46,7 +46,9 @@ def time_cli(method: str, threads: str, workdir: Path, args) -> dict:
         runs.append(time.perf_counter() - start)
         if done.returncode:
             raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return {"method": method, "samples": args.cli_samples, "threads": threads, "seconds": median(runs), "runs": runs,
+    # "default" leaves OMP_NUM_THREADS as this process has it: a value set here is what the run used
+    used = os.environ.get("OMP_NUM_THREADS", threads) if threads == "default" else threads
+    return {"method": method, "samples": args.cli_samples, "threads": used, "seconds": median(runs), "runs": runs,
             "loadavg_1min": [load, os.getloadavg()[0]], "command": shlex.join(shown)}
 
 

@@ -419,6 +419,7 @@ def main() -> None:
         payloads = [measure(args)]
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(payloads[0], indent=2))
+            Path(args.json_out + ".partial").unlink(missing_ok=True)  # the rows so far, now all in the file
             return
     publish(args.name, {"models": payloads}, read_fields(table, payloads, "llm"))
 
