@@ -38,7 +38,10 @@ def time_cli(method: str, threads: str, workdir: Path, args) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if threads != "default":
         env["OMP_NUM_THREADS"] = threads
-        shown = [f"OMP_NUM_THREADS={threads}", *shown]
+    # "default" leaves OMP_NUM_THREADS as this process has it: a value set here is what the run used
+    used = env.get("OMP_NUM_THREADS", threads)
+    if used != "default":
+        shown = [f"OMP_NUM_THREADS={used}", *shown]
     runs, load = [], os.getloadavg()[0]
     for _ in range(args.cli_repeats):
         start = time.perf_counter()
@@ -46,8 +49,6 @@ def time_cli(method: str, threads: str, workdir: Path, args) -> dict:
         runs.append(time.perf_counter() - start)
         if done.returncode:
             raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    # "default" leaves OMP_NUM_THREADS as this process has it: a value set here is what the run used
-    used = os.environ.get("OMP_NUM_THREADS", threads) if threads == "default" else threads
     return {"method": method, "samples": args.cli_samples, "threads": used, "seconds": median(runs), "runs": runs,
             "loadavg_1min": [load, os.getloadavg()[0]], "command": shlex.join(shown)}
 

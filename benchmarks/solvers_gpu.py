@@ -65,9 +65,10 @@ def main() -> None:
     parser.add_argument("--from-json", help="publish a measurement taken earlier instead of measuring")
     args = parser.parse_args()
     payload = read_json(args.from_json) if args.from_json else measure(args)
-    table = read_fields(render, payload, "solvers_gpu")
-    if args.json_out:
+    if args.json_out:  # first: a measurement is kept whatever its rendering does
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
+    table = read_fields(render, payload, "solvers_gpu") if args.from_json else render(payload)
+    if args.json_out:
         print(table)
         return
     publish("solvers_gpu_small" if payload["shape"][0] < 4096 else "solvers_gpu", payload, table)

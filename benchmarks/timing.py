@@ -4,6 +4,7 @@ machine slows every variant alike and ratios come from the same process and the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -13,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from hf_wsvd.argtypes import positive_int
+from hf_wsvd.argtypes import fraction, positive_int
 
 T = TypeVar("T")
 
@@ -215,9 +216,7 @@ def positive_number(text: str) -> float:
     return _number(text, lambda v: 0 < v < float("inf"), "a number > 0")
 
 
-def kept_fraction(text: str) -> float:
-    """An argparse type: a fraction of a layer's parameters kept, in (0, 1]."""
-    return _number(text, lambda v: 0 < v <= 1, "a kept ratio in (0, 1]")
+kept_fraction = functools.partial(fraction, name="kept ratio")  # an argparse type: a number in (0, 1]
 
 
 def reduction(text: str) -> float:
@@ -226,8 +225,13 @@ def reduction(text: str) -> float:
 
 
 def listed(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
-    """An argparse type: comma-separated values of ``kind``."""
-    return lambda text: [kind(part) for part in text.split(",") if part]
+    """An argparse type: comma-separated values of ``kind``, at least one."""
+    def values(text: str) -> list[T]:
+        parts = [kind(part) for part in text.split(",") if part]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no value: give comma-separated values")
+        return parts
+    return values
 
 
 def require_cuda(args, device: str = "cuda") -> None:
@@ -292,7 +296,7 @@ def measure_or_publish(name: str, args, measure, render) -> None:
     from report import publish, republished
 
     payloads = measured_runs(args, measure)
-    table = read_fields(render, payloads, name)
+    table = read_fields(render, payloads, name) if args.from_json else render(payloads)
     if args.json_out:
         print(table)
         return

@@ -415,6 +415,27 @@ def test_compress_names_a_bad_calibration_batch_before_any_work(arch, changes, m
         compress(tiny.build(arch), WSVDConfig(method="fwsvd", param_ratio=0.5), [{}], show_progress=False)
 
 
+def test_token_types_and_positions_are_checked_against_the_tables_the_model_reads():
+    """DeBERTa has no token-type table (type_vocab_size 0) and ignores the zeros its tokenizer gives;
+    OPT adds 2 to position ids, so its padding's -1 is a row; one past the table is refused."""
+    import transformers
+
+    from hf_wsvd.data import check_batch
+
+    ids = torch.randint(5, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    deberta = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        type_vocab_size=0, max_position_embeddings=64))
+    check_batch(deberta, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "labels": torch.tensor([0, 1])}, 0)
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=32))
+    padded = torch.arange(-1, 7).expand(2, 8)
+    check_batch(opt, {"input_ids": ids, "position_ids": padded, "labels": ids}, 0)
+    with pytest.raises(ValueError, match=re.escape("position_ids go from 57 to 64, outside the model's 64 positions")):
+        check_batch(opt, {"input_ids": ids, "position_ids": padded + 58, "labels": ids}, 0)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"labels": torch.full((2, 5), 64)}, "label 64 is outside the model's 64 tokens (-100 marks a label not predicted)"),
     ({"labels": torch.full((2, 5), -3)}, "label -3 is outside the model's 64 tokens"),

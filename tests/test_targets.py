@@ -121,8 +121,18 @@ def test_one_linear_in_two_places_stays_dense_and_shared_and_naming_it_raises():
     targets = select_targets(model)
     assert "layers.0.mlp.up_proj" not in targets and "layers.1.mlp.up_proj" not in targets
     assert "layers.0.mlp.gate_proj" in targets
-    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.up_proj', whose weight is tied"):
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.up_proj', which is one with 'layers\.1\.mlp\.up_proj'"):
         select_targets(model, ["up_proj"])
+
+
+def test_the_layers_of_a_block_held_twice_are_targets_once():
+    """Zamba shares one block between places: a layer inside it has one place (the block's), and a
+    swap there reaches every place the block is."""
+    model = tiny.build("llama", "AutoModelForCausalLM")
+    model.model.layers[1] = model.model.layers[0]
+    targets = select_targets(model)
+    assert {n for n in targets if n.startswith("layers.0.")} == {f"layers.0.{n}" for n in LLAMA_LINEARS}
+    assert not any(n.startswith("layers.1.") for n in targets)
 
 
 def test_already_factorized_layers_are_skipped():

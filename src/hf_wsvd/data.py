@@ -578,10 +578,9 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     return written
 
 
-def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence the model's learned position table takes (``max_position_embeddings``,
-    less RoBERTa's offset past its padding index; BART's and OPT's tables hold their ``offset`` more
-    rows); None without such a table (rotary or relative positions)."""
+def _position_table(model: nn.Module) -> tuple[nn.Embedding, int] | None:
+    """The model's learned position table and the ``offset`` its forward adds to position ids (BART's
+    and OPT's tables hold that many more rows than ``max_position_embeddings``); None without one."""
     count = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for module in model.modules():
@@ -589,8 +588,19 @@ def position_limit(model: nn.Module) -> int | None:
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
                 and module.num_embeddings - offset == count and module is not words
                 and module.weight is not getattr(words, "weight", None)):
-            return count - (0 if module.padding_idx is None else module.padding_idx + 1)
+            return module, offset
     return None
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model's learned position table takes (``max_position_embeddings``,
+    less RoBERTa's offset past its padding index); None without such a table (rotary or relative
+    positions)."""
+    table = _position_table(model)
+    if table is None:
+        return None
+    module, offset = table
+    return module.num_embeddings - offset - (0 if module.padding_idx is None else module.padding_idx + 1)
 
 
 def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length: int,
@@ -637,7 +647,8 @@ def _check_mask(mask: Any, ids: torch.Tensor, where: str, names: tuple[str, str]
 def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = True) -> None:
     """Raise a one-line error naming the value unless ``batch`` (the ``index``-th calibration batch,
     from 0) is what the passes feed ``model``: a dict; its ``input_ids``, if any, 2-D integers inside
-    the vocabulary and position table, with a matching ``attention_mask``; where ``task_labels`` (the
+    the vocabulary and position table, with a matching ``attention_mask`` (and ``token_type_ids`` and
+    ``position_ids``, if given, inside their tables); where ``task_labels`` (the
     task's own loss reads them), ``labels`` of the model's task (a causal LM: the ids' shape; a
     classifier: one class index or -100 per example)."""
     where = f"calibration batch {index}"
@@ -664,11 +675,15 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if positions is not None and ids.shape[1] > positions:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
-    tables = (("token_type_ids", getattr(model.config, "type_vocab_size", None), "token types (type_vocab_size)"),
-              ("position_ids", positions and model.config.max_position_embeddings,
-               "positions (max_position_embeddings)"))
-    for name, rows, what in tables:
-        _check_table_ids(batch.get(name), name, rows, what, where)
+    types = getattr(model.config, "type_vocab_size", None)
+    if isinstance(types, int) and types > 0:  # DeBERTa's 0: no table, its token_type_ids go unread
+        _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, types, f"{types} token types (type_vocab_size)",
+                         where)
+    table = _position_table(model)
+    if table is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
+        module, offset = table
+        _check_table_ids(batch.get("position_ids"), "position_ids", -offset, module.num_embeddings - offset,
+                         f"{module.num_embeddings - offset} positions (max_position_embeddings)", where)
     labels = batch.get("labels")
     if getattr(model.config, "is_encoder_decoder", False):  # its decoder reads them, whatever the loss
         _check_decoder_targets(batch, ids, vocabulary, positions, where, labels_feed_decoder(model))
@@ -699,16 +714,16 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
             raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {classes} classes")
 
 
-def _check_table_ids(value: Any, name: str, rows: int | None, what: str, where: str) -> None:
-    """A batch's ``name`` (token types, positions), if given: integers, each a row of the model's table
-    of ``rows`` ``what``."""
-    if value is None or not isinstance(rows, int):
+def _check_table_ids(value: Any, name: str, low: int, high: int, what: str, where: str) -> None:
+    """A batch's ``name`` (token types, positions), if given: integers in [``low``, ``high``), the ids of
+    the rows of the model's table of ``what``."""
+    if value is None:
         return
     if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
         raise ValueError(f"{where}: {name} must be an integer tensor, not {_shown(value)}")
-    if value.numel() and not 0 <= int(value.min()) <= int(value.max()) < rows:
+    if value.numel() and not low <= int(value.min()) <= int(value.max()) < high:
         raise ValueError(f"{where}: {name} go from {int(value.min())} to {int(value.max())}, outside the model's "
-                         f"{rows} {what}")
+                         f"{what}")
 
 
 def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, positions: int | None,

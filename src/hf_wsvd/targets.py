@@ -25,16 +25,26 @@ def is_linear_like(module: nn.Module) -> bool:
     return not own_forward and not isinstance(module, (FactorizedLinear, LowRankCorrectedLinear))
 
 
-def _tied_module_names(model: nn.Module) -> set[str]:
-    """Modules whose weight is shared with another module (an LM head tied to embeddings) or that are
-    themselves reachable under several names (one module in two places: factorizing it under its first
-    name would leave the other a dense copy, the two no longer one)."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+def _tied_module_names(model: nn.Module) -> dict[str, str]:
+    """Each module that is one with another (name → the other's name): its weight shared with another
+    module (an LM head tied to embeddings), or the module itself held in two places of the model (one
+    linear under two attributes: factorized under its first name, it would leave the other place the
+    dense original). A module inside a block held twice is in one place (the block's), and a swap
+    there reaches both."""
+    places: dict[int, list[str]] = {}  # module → its (parent, attribute) places, by name
+    seen: set[tuple[int, str]] = set()
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attribute, child in parent._modules.items():
+            if child is not None and (id(parent), attribute) not in seen:
+                seen.add((id(parent), attribute))
+                places.setdefault(id(child), []).append(f"{parent_name}.{attribute}" if parent_name else attribute)
+    holders: dict[int, list[str]] = {}  # weight → the first name of each module holding it
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
-            owners.setdefault(id(weight), []).append(name)
-    return {name for names in owners.values() if len(names) > 1 for name in names}
+            holders.setdefault(id(weight), []).append(name)
+    groups = [names for names in (*places.values(), *holders.values()) if len(names) > 1]
+    return {name: next(other for other in names if other != name) for names in groups for name in names}
 
 
 def _matches(name: str, patterns: list[str] | str) -> bool:
@@ -93,7 +103,9 @@ def select_targets(
                 )
             continue
         elif full_name in tied:
-            raise ValueError(f"target_modules={target_modules!r} selects {name!r}, whose weight is tied to another module")
+            raise ValueError(f"target_modules={target_modules!r} selects {name!r}, which is one with "
+                             f"{relative_module_name(model, tied[full_name])!r} (a tied weight, or one module in two "
+                             "places); factorizing it would untie them")
         if exclude_modules is not None and _matches(name, exclude_modules):
             excluded = True
             continue

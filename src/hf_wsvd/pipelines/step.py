@@ -165,8 +165,8 @@ def check_speed_table(job: Job) -> None:
     present = sorted({f"{i}x{o}" for i, o in job.shapes(job.targets).values()})
     unused = [shape for shape in table if shape not in present]
     if len(unused) == len(table):
-        raise ValueError(f"max_kept_ratio_for_speed={table!r} names no shape of the {len(job.targets)} target layers "
-                         f"(INxOUT: {', '.join(present)}): key the limits by these")
+        raise ValueError(f"max_kept_ratio_for_speed={table!r} (--max-kept-ratio-for-speed) names no shape of the "
+                         f"{len(job.targets)} target layers (INxOUT: {', '.join(present)}): key the limits by these")
     if unused:
         job.notice(f"max_kept_ratio_for_speed: no target layer has the shape {', '.join(unused)} (INxOUT); "
                    "those limits apply to nothing")
