@@ -421,7 +421,7 @@ def main() -> None:
             Path(args.json_out).write_text(json.dumps(payloads[0], indent=2))
             Path(args.json_out + ".partial").unlink(missing_ok=True)  # the rows so far, now all in the file
             return
-    publish(args.name, {"models": payloads}, read_fields(table, payloads, "llm") if args.from_json else table(payloads))
+    publish(args.name, {"models": payloads}, read_fields(table, payloads, "llm", args.from_json))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def main() -> None:
             print(render(measured))
             return
     plot(measured["rows"], page(NAME).parent / PLOT)
-    publish(NAME, measured, read_fields(render, measured, NAME) if args.from_json else render(measured))
+    publish(NAME, measured, read_fields(render, measured, NAME, args.from_json))
 
 
 if __name__ == "__main__":

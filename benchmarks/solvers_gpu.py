@@ -67,7 +67,7 @@ def main() -> None:
     payload = read_json(args.from_json) if args.from_json else measure(args)
     if args.json_out:  # first: a measurement is kept whatever its rendering does
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
-    table = read_fields(render, payload, "solvers_gpu") if args.from_json else render(payload)
+    table = read_fields(render, payload, "solvers_gpu", args.from_json)
     if args.json_out:
         print(table)
         return

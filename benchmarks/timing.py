@@ -257,9 +257,12 @@ def read_json(path: str) -> dict:
     return payload
 
 
-def read_fields(read: Callable[[Any], T], payloads: Any, name: str) -> T:
-    """``read(payloads)`` (a table, merged runs), or exit in one line where a run lacks a field it reads
-    (a file of another benchmark, or of an older layout)."""
+def read_fields(read: Callable[[Any], T], payloads: Any, name: str, loaded: Any = True) -> T:
+    """``read(payloads)`` (a table, merged runs); where the runs were ``loaded`` from files, exit in one
+    line if one lacks a field it reads (a file of another benchmark, or of an older layout), where a
+    run just measured would raise as it is (a bug to see whole)."""
+    if not loaded:
+        return read(payloads)
     try:
         return read(payloads)
     except KeyError as error:
@@ -296,7 +299,7 @@ def measure_or_publish(name: str, args, measure, render) -> None:
     from report import publish, republished
 
     payloads = measured_runs(args, measure)
-    table = read_fields(render, payloads, name) if args.from_json else render(payloads)
+    table = read_fields(render, payloads, name, args.from_json)
     if args.json_out:
         print(table)
         return

@@ -596,7 +596,11 @@ def position_limit(model: nn.Module) -> int | None:
     """The longest sequence the model's learned position table takes (``max_position_embeddings``,
     less RoBERTa's offset past its padding index); None without such a table (rotary or relative
     positions)."""
-    table = _position_table(model)
+    return _longest(_position_table(model))
+
+
+def _longest(table: tuple[nn.Embedding, int] | None) -> int | None:
+    """``position_limit`` of a model whose ``_position_table`` is ``table``."""
     if table is None:
         return None
     module, offset = table
@@ -671,7 +675,8 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     check_ids_and_mask(ids, batch.get("attention_mask"), vocabulary, where)
     if batch.get("attention_mask") is not None and not batch["attention_mask"].any():
         raise ValueError(f"{where}: attention_mask marks no token as real (all 0): leave the batch out")
-    positions = position_limit(model)
+    table = _position_table(model)  # one walk of the model's modules for both checks
+    positions = _longest(table)
     if positions is not None and ids.shape[1] > positions:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
@@ -679,7 +684,6 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if isinstance(types, int) and types > 0:  # DeBERTa's 0: no table, its token_type_ids go unread
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, types, f"{types} token types (type_vocab_size)",
                          where)
-    table = _position_table(model)
     if table is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
         module, offset = table
         _check_table_ids(batch.get("position_ids"), "position_ids", -offset, module.num_embeddings - offset,

@@ -175,7 +175,6 @@ def check_speed_table(job: Job) -> None:
 def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
     """Shapes of the targets (but ``skip``, layers compressed otherwise) that can be factorized: all
     (greedy), or those whose uniform rank saves parameters and passes the speed limit."""
-    check_speed_table(job)
     shapes = job.shapes(n for n in job.targets if n not in skip)
     if job.config.allocation == "uniform":
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
@@ -414,7 +413,9 @@ def _budgeted(job: Job, cuts: Cuts) -> dict[str, Budgeted]:
 
 def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -> None:
     """Raise, before any pass over the data, where the layers' shapes alone make the greedy budget
-    impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank)."""
+    impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank),
+    or the speed table limits none of them (``check_speed_table``)."""
+    check_speed_table(job)
     config = job.config
     if config.allocation == "greedy":
         greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
