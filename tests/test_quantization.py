@@ -126,21 +126,33 @@ def test_the_scales_of_a_weight_s_activations_are_not_taken_for_its_own():
     assert _misshapen_part(weight) == ("scale", (1, 1), (16, 1))
 
 
-def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error(tmp_path, capsys):
-    """transformers raises a RuntimeError naming no tensor (after its load report names it); the CLI
-    reports it on one line."""
+def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error_naming_the_weight(tmp_path, capsys):
+    """transformers raises a RuntimeError naming no tensor (after its load report names it); the
+    error names the weight the report names, and the CLI reports it on one line."""
     from hf_wsvd.cli import main
 
     tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
     CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(
         tmp_path / "q")
     _edit_keeping_metadata(tmp_path / "q", lambda t: t.pop(QDATA.replace("_weight_qdata", "_weight_scale")))
-    with pytest.raises(ValueError, match="transformers could not rebuild a weight from the checkpoint's stored "
-                                         "tensors .*does not match config.json's quantization_config"):
+    weight = QDATA.replace("._weight_qdata", ".weight")
+    with pytest.raises(ValueError, match=f"transformers could not rebuild the weight '{re.escape(weight)}' from the "
+                                         "checkpoint's stored tensors: .*does not match config.json's quantization_config"):
         CAUSAL.from_pretrained(tmp_path / "q")
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "q")]) == 2
-    assert "hf-wsvd inspect: error: transformers could not rebuild a weight" in capsys.readouterr().err
+    assert f"hf-wsvd inspect: error: transformers could not rebuild the weight '{weight}'" in capsys.readouterr().err
+
+
+def test_a_load_report_naming_no_weight_leaves_the_error_pointing_to_it():
+    from hf_wsvd.runtime.modeling_wsvd import _unbuilt_weight
+
+    def record(message):
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, message, None, None)
+
+    said = "Error: TorchAoDeserialize on tensors destined for model.layers.0.mlp.up.weight. Ckpt contains: 2"
+    assert _unbuilt_weight([record("LOAD REPORT"), record(said)]) == "model.layers.0.mlp.up.weight"
+    assert _unbuilt_weight([record("LOAD REPORT without the line")]) is None
 
 
 def test_all_finite_on_plain_and_quantized_tensors():

@@ -328,9 +328,10 @@ def test_held_records_nest_and_hold_only_their_own_thread():
     try:
         with held_records(log.name):
             log.warning("outer")
-            with held_records(log.name) as drop:
+            with held_records(log.name) as held:
                 log.warning("inner, dropped")
-                drop()
+                assert [record.getMessage() for record in held] == ["inner, dropped"]
+                held.clear()
             with held_records(log.name):
                 log.warning("inner, kept")
             other = threading.Thread(target=log.warning, args=("another thread",))

@@ -102,14 +102,14 @@ def load_table(source: str | os.PathLike | Dataset, split: str | None = None) ->
     problem = _first_json_value(path) if builder == "json" else None
     if problem:
         raise ValueError(f"data file {path!r} cannot be read as {extension[1:]}: {problem}")
-    with held_records(f"datasets.packaged_modules.{builder}.{builder}") as drop:
+    with held_records(f"datasets.packaged_modules.{builder}.{builder}") as logged:
         try:
             # escaped: datasets reads data_files as glob patterns, so 'dev?.tsv' would also read dev1.tsv
             table = load_dataset(builder, data_files={"data": glob.escape(path)}, split="data", **options)
         # DatasetGenerationError wraps the reader's own error (a binary file, bad JSON); a file with a
         # header and no rows is a ValueError.
         except (DatasetGenerationError, ValueError) as error:
-            drop()  # the reader logged its failure, which the one line below says
+            logged.clear()  # the reader logged its failure, which the one line below says
             if builder == "csv" and _lines_at_most(path, 1):
                 raise ValueError(f"data file {path!r} holds no rows, only a header") from error
             cause = error.__cause__ or error

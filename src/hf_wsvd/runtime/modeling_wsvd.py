@@ -58,6 +58,8 @@ from .factorized_linear import (FactorizedLinear, FullPrecisionLinear, LowRankCo
                                 share_input_factors)
 
 logger = transformers.utils.logging.get_logger(__name__)
+# How transformers' load report names a weight its quantizer could not rebuild (5.x).
+_DESTINED = re.compile(r"on tensors destined for (\S+?)\.?(?:\s|$)")
 
 MODEL_TYPE = "hf_wsvd"
 CLASS_PREFIX = "Wsvd"
@@ -859,10 +861,10 @@ def _both_weights_files(path: str | os.PathLike | None) -> str | None:
 
 
 @contextmanager
-def held_records(name: str) -> Iterator[Callable[[], None]]:
-    """Within: the records the logger ``name`` logs from this thread are held back, and logged when
-    the block ends, unless the function yielded was called: a caller whose own one-line error says
-    what they would (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
+def held_records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Within: the records the logger ``name`` logs from this thread are held back in the list yielded,
+    and logged when the block ends, unless the caller cleared it: a caller whose own one-line error
+    says what they would (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
     log = logging.getLogger(name)
     held: list[logging.LogRecord] = []
     thread = threading.get_ident()
@@ -877,11 +879,21 @@ def held_records(name: str) -> Iterator[Callable[[], None]]:
     # and its records, logged at its end, pass through the outer block's.
     log.filters.insert(0, hold)
     try:
-        yield held.clear
+        yield held
     finally:
         log.removeFilter(hold)
         for record in held:
             log.handle(record)
+
+
+def _unbuilt_weight(records: list[logging.LogRecord]) -> str | None:
+    """The weight transformers' load report (among ``records``) says a quantizer could not rebuild
+    from the stored tensors ("... on tensors destined for NAME."), or None where it names none."""
+    for record in records:
+        match = _DESTINED.search(record.getMessage())
+        if match:
+            return match.group(1)
+    return None
 
 
 def _supported_auto_classes(base_config_class: type) -> dict[str, type]:
@@ -940,7 +952,7 @@ class _WsvdModelMixin:
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         folder = _local_folder(path, kwargs)
-        with readable_weights(folder), held_records("transformers.modeling_utils") as drop:
+        with readable_weights(folder), held_records("transformers.modeling_utils") as report:
             try:
                 model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
                                                       **kwargs)
@@ -954,14 +966,15 @@ class _WsvdModelMixin:
                 if "conversion of the weights" not in str(error):
                     raise
                 # a quantizer could not rebuild a weight from the stored tensors (one deleted or cut)
-                raise ValueError("transformers could not rebuild a weight from the checkpoint's stored tensors (its "
-                                 "load report, logged above, names the weight): the weights file is damaged, or does "
-                                 "not match config.json's quantization_config") from error
+                weight = _unbuilt_weight(report)
+                named = f"the weight {weight!r}" if weight else "a weight (its load report, logged above, names it)"
+                raise ValueError(f"transformers could not rebuild {named} from the checkpoint's stored tensors: the "
+                                 "weights file is damaged, or does not match config.json's quantization_config") from error
             try:
                 check_loaded(model, info, ignore)
                 check_stored_dtypes(model, folder)
             except ValueError as error:
-                drop()
+                report.clear()
                 both = _both_weights_files(folder)
                 if both:
                     raise ValueError(f"{error}; {both}") from error
