@@ -64,12 +64,12 @@ def render(runs: list[dict]) -> str:
                    f"{worst:.2%} (target ≤{SIZE_TOLERANCE:.0%}: {verdict(worst <= SIZE_TOLERANCE)}).")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
     parser.add_argument("--ratios", nargs="+", type=kept_fraction, default=[0.5, 0.3], help="kept ratios")
     add_json_arguments(parser)
-    measure_or_publish("checkpoint_size", parser.parse_args(), measure, render)
+    measure_or_publish("checkpoint_size", parser.parse_args(argv), measure, render)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def render(runs: list[dict]) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
     parser.add_argument("--data", type=Path, default=SST2_TRAIN)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--cli-threads", nargs="+", default=["default"],
                         help="OMP_NUM_THREADS of the timed CLI runs (\"default\": unset)")
     add_json_arguments(parser)
-    measure_or_publish("compress_time", parser.parse_args(), measure, render)
+    measure_or_publish("compress_time", parser.parse_args(argv), measure, render)
 
 
 if __name__ == "__main__":

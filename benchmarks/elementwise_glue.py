@@ -7,12 +7,16 @@ minimize, summed over the 36 layers: the Fisher-predicted loss increase ½ Σ F 
 solver that lowers the objective but not the task score shows it.
 
     python benchmarks/elementwise_glue.py [--max-iterations 3]
+    python benchmarks/elementwise_glue.py --variants tfwsvd-hybrid-8it --ratios 0.5 --append   # add rows
+    python benchmarks/elementwise_glue.py --json-out run.json   # measure, print (no docs update)
+    python benchmarks/elementwise_glue.py --from-json benchmarks/results/elementwise_glue.json run.json
+
+Several runs make one table: a (task, method, kept ratio) measured again is taken from the later run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -20,8 +24,9 @@ from hf_wsvd.runtime.factorized_linear import FactorizedLinear, linear_weight
 from hf_wsvd.solvers.risk import predicted_loss
 from hf_wsvd.statistics import FISHER
 
-from common import RESULTS, TASKS, compare_methods
-from report import markdown_table, publish
+from common import TASKS, compare_methods
+from hf_wsvd.argtypes import positive_int
+from timing import add_json_arguments, add_threads_argument, kept_fraction, listed, measure_or_publish
 
 # benchmark variant → WSVDConfig options
 VARIANTS = {
@@ -54,43 +59,57 @@ def method_order(method: str) -> int:
     return list(VARIANTS).index(method) if method in VARIANTS else -1
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="sst2,mrpc")
-    parser.add_argument("--ratios", default="0.5,0.3")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--max-iterations", type=int, default=3)
-    parser.add_argument("--importance-power", type=float, default=None, help="default: WSVDConfig's")
-    parser.add_argument("--risk-threshold", type=float, default=None, help="default: WSVDConfig's")
-    parser.add_argument("--rank-multiple", type=int, default=1,
-                        help="default 1 (exact ranks): the published table predates the rounding default")
-    parser.add_argument("--append", action="store_true",
-                        help="keep the published rows of other (task, method, ratio) and add/replace these")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
-    args = parser.parse_args()
+def measure(args) -> dict:
+    from report import environment
+
     torch.set_num_threads(args.threads)
     options = {"max_iterations": args.max_iterations, "rank_multiple": args.rank_multiple}
     for key in ("importance_power", "risk_threshold"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    runs = [(variant, ratio, {**options, **VARIANTS[variant]}) for ratio in ratios for variant in args.variants.split(",")]
+    runs = [(variant, ratio, {**options, **VARIANTS[variant]}) for ratio in args.ratios
+            for variant in args.variants.split(",")]
     rows = [row for task in args.tasks.split(",") for row in compare_methods(task, runs, measure=objective)]
-    if args.append:
-        key = lambda r: (r["task"], r["method"], r["param_ratio"])  # noqa: E731
-        new = {key(r) for r in rows}
-        old = json.loads((RESULTS / "elementwise_glue.json").read_text())["rows"]
-        rows = sorted([r for r in old if key(r) not in new] + rows,
-                      key=lambda r: (list(TASKS).index(r["task"]), -r["param_ratio"], method_order(r["method"])))
+    return {"environment": environment(), "options": options, "rows": rows}
+
+
+def render(runs: list[dict]) -> str:
+    """One table of the runs' rows: a (task, method, kept ratio) of a later run replaces an earlier
+    one's; by task, kept ratio (largest first) and method."""
+    from report import markdown_table
+
+    latest = {(r["task"], r["method"], r["param_ratio"]): r for run in runs for r in run["rows"]}
+    rows = sorted(latest.values(),
+                  key=lambda r: (list(TASKS).index(r["task"]), -r["param_ratio"], method_order(r["method"])))
     headers = ["task", "method", "kept ratio", "accuracy", "F1", "majority-class share",
                "predicted loss ½ΣF·ΔW²", "factorize s"]
-    table = markdown_table(headers, [
+    return markdown_table(headers, [
         [r["task"], r["method"], r["param_ratio"], r["accuracy"], r.get("f1", float("nan")), r["majority_share"],
          f"{r['predicted_loss']:.3g}" if "predicted_loss" in r else "-", r.get("factorize_seconds", 0.0)]
         for r in rows
     ])
-    publish("elementwise_glue", {"options": options, "rows": rows}, table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,mrpc")
+    parser.add_argument("--ratios", type=listed(kept_fraction), default=[0.5, 0.3], help="kept ratios, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--max-iterations", type=positive_int, default=3)
+    parser.add_argument("--importance-power", type=float, default=None, help="default: WSVDConfig's")
+    parser.add_argument("--risk-threshold", type=float, default=None, help="default: WSVDConfig's")
+    parser.add_argument("--rank-multiple", type=positive_int, default=1,
+                        help="default 1 (exact ranks): the published table predates the rounding default")
+    parser.add_argument("--append", action="store_true",
+                        help="publish this run after the published ones (its rows replace theirs of the same task, "
+                             "method and ratio)")
+    add_threads_argument(parser)
+    add_json_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.append and (args.json_out or args.from_json):
+        parser.error("--append publishes a run measured here after the published runs: not with --json-out or "
+                     "--from-json (give benchmarks/results/elementwise_glue.json first among the --from-json files)")
+    measure_or_publish("elementwise_glue", args, measure, render, append=args.append)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ The objective columns are Σ_rows dist(row, subspace)^q of each solution divided
 solution's, for q = 1 and 2. A last line times the solver alone on a 50k × 1024 matrix.
 
     python benchmarks/embeddings.py
+    python benchmarks/embeddings.py --json-out embeddings.json   # measure, print (no docs update)
+    python benchmarks/embeddings.py --from-json embeddings.json  # publish
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hf_wsvd.solvers.lp import lp_subspace
 from hf_wsvd.cli.workflow import data_loader, load_model_and_tokenizer
 
 from common import SHARED, TASKS
-from report import markdown_table, publish
+from timing import add_json_arguments, kept_fraction, listed, measure_or_publish
 
 # variant → (embedding_method, p, embedding_weighting)
 VARIANTS = {
@@ -73,8 +75,9 @@ def run_task(task: str, ratios: list[float], variants: list[str], shared: Path) 
             metrics = classification_metrics(*predict(model, dev))
             rows.append({
                 "task": task, "variant": variant, "embedding_ratio": ratio, "rank": next(iter(report.ranks.values())),
-                "p": p, **metrics, "objective": objective,
-                "objective_vs_svd": {q: objective[q] / svd_objective[q] for q in objective} if svd_objective else None,
+                "p": p, **metrics, "objective": {str(q): v for q, v in objective.items()},  # keyed as in JSON
+                "objective_vs_svd": ({str(q): objective[q] / svd_objective[q] for q in objective}
+                                     if svd_objective else None),
                 "embedding_params_kept": report.params_after - (report.params_before - weight.numel()),
                 "embedding_params_dense": weight.numel(), "solve_seconds": report.seconds["embeddings"],
             })
@@ -97,35 +100,50 @@ def large_matrix_timing(n: int = 50_000, d: int = 1024, rank: int = 512, p: floa
             "objective_end": result.objectives[-1]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="sst2,mrpc")
-    parser.add_argument("--ratios", default="0.72,0.5", help="kept fractions of the embedding matrix")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--shared", type=Path, default=SHARED)
-    args = parser.parse_args()
+def measure(args) -> dict:
+    from report import environment
+
     torch.manual_seed(0)
     rows = []
     for task in args.tasks.split(","):
-        rows += run_task(task, [float(r) for r in args.ratios.split(",")], args.variants.split(","), args.shared)
+        rows += run_task(task, args.ratios, args.variants.split(","), args.shared)
     timing = large_matrix_timing()
     print(timing, flush=True)
-    dense = {r["task"]: r for r in rows if r["variant"] == "dense"}
+    return {"environment": environment(), "rows": rows, "large_matrix": timing}
+
+
+def render(runs: list[dict]) -> str:
+    """Every run's rows (their accuracy loss against the dense row of their run), then the timing
+    of the solver alone of each run."""
+    from report import markdown_table
+
+    rows, notes = [], []
+    for run in runs:
+        dense = {r["task"]: r for r in run["rows"] if r["variant"] == "dense"}
+        rows += [[r["task"], r["variant"], r["embedding_ratio"], r.get("rank", "-"), r["accuracy"],
+                  r.get("f1", float("nan")), dense[r["task"]]["accuracy"] - r["accuracy"],
+                  r["objective_vs_svd"]["1.0"] if r.get("objective_vs_svd") else "-",
+                  r["objective_vs_svd"]["2.0"] if r.get("objective_vs_svd") else "-",
+                  r.get("solve_seconds", "-")] for r in run["rows"]]
+        timing = run["large_matrix"]
+        notes.append(f"Solver alone, {timing['shape'][0]}×{timing['shape'][1]} heavy-tailed rows, rank "
+                     f"{timing['rank']}, p = {timing['p']}: {timing['seconds']:.1f} s (one plain SVD of it: "
+                     f"{timing['svd_seconds']:.1f} s), {timing['iterations']} IRLS steps, objective "
+                     f"{timing['objective_start']:.4g} → {timing['objective_end']:.4g}.")
     headers = ["task", "embedding", "kept", "rank", "accuracy", "F1", "acc. loss", "ℓ1 obj. / SVD",
                "ℓ2 obj. / SVD", "solve s"]
-    table = markdown_table(headers, [
-        [r["task"], r["variant"], r["embedding_ratio"], r.get("rank", "-"), r["accuracy"], r.get("f1", float("nan")),
-         dense[r["task"]]["accuracy"] - r["accuracy"],
-         r["objective_vs_svd"][1.0] if r.get("objective_vs_svd") else "-",
-         r["objective_vs_svd"][2.0] if r.get("objective_vs_svd") else "-",
-         r.get("solve_seconds", "-")]
-        for r in rows
-    ])
-    table += (f"\n\nSolver alone, {timing['shape'][0]}×{timing['shape'][1]} heavy-tailed rows, rank {timing['rank']}, "
-              f"p = {timing['p']}: {timing['seconds']:.1f} s (one plain SVD of it: {timing['svd_seconds']:.1f} s), "
-              f"{timing['iterations']} IRLS steps, objective "
-              f"{timing['objective_start']:.4g} → {timing['objective_end']:.4g}.")
-    publish("embeddings", {"rows": rows, "large_matrix": timing}, table)
+    return "\n\n".join([markdown_table(headers, rows), *notes])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,mrpc")
+    parser.add_argument("--ratios", type=listed(kept_fraction), default=[0.72, 0.5],
+                        help="kept fractions of the embedding matrix, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--shared", type=Path, default=SHARED)
+    add_json_arguments(parser)
+    measure_or_publish("embeddings", parser.parse_args(argv), measure, render)
 
 
 if __name__ == "__main__":

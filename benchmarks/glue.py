@@ -7,15 +7,18 @@ them), dev scores. Suites:
               best of them refined by the element-wise ALS solver
 
     python benchmarks/glue.py --suite core
-    python benchmarks/glue.py --suite activation
+    python benchmarks/glue.py --suite activation --json-out activation.json   # measure (no docs update)
+    python benchmarks/glue.py --suite activation --from-json activation.json  # publish the suite's table
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 from common import compare_methods
-from report import markdown_table, publish
+from hf_wsvd.argtypes import positive_int
+from timing import add_json_arguments, measure_or_publish
 
 # benchmark variant → WSVDConfig settings
 VARIANTS = {
@@ -39,21 +42,40 @@ SUITES = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="core")
-    parser.add_argument("--tasks", default="sst2,mrpc")
-    parser.add_argument("--num-samples", type=int, default=512)
-    args = parser.parse_args()
+def measure(args) -> dict:
+    from report import environment
+
     runs = [(v, r, VARIANTS[v]) for variants, ratios in SUITES[args.suite] for v in variants for r in ratios]
     rows = [row for task in args.tasks.split(",")
             for row in compare_methods(task, runs, args.num_samples, activations=True)]
+    return {"environment": environment(), "suite": args.suite, "rows": rows}
+
+
+def render(runs: list[dict], suite: str) -> str:
+    """The table of every row of ``runs``, which must have measured ``suite`` (runs from before the
+    suite was recorded are taken as it)."""
+    from report import markdown_table
+
+    other = next((run["suite"] for run in runs if run.get("suite", suite) != suite), None)
+    if other:
+        raise SystemExit(f"these runs measured --suite {other}, not {suite}: pass --suite {other} to publish its table")
     headers = ["task", "method", "kept ratio", "accuracy", "F1", "majority-class share"]
-    table = markdown_table(headers, [
+    return markdown_table(headers, [
         [r["task"], r["method"], r["param_ratio"], r["accuracy"], r.get("f1", float("nan")), r["majority_share"]]
-        for r in rows
+        for run in runs for r in run["rows"]
     ])
-    publish("glue" if args.suite == "core" else f"glue_{args.suite}", {"rows": rows}, table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="core",
+                        help="with --from-json: the suite whose table the runs give")
+    parser.add_argument("--tasks", default="sst2,mrpc")
+    parser.add_argument("--num-samples", type=positive_int, default=512)
+    add_json_arguments(parser)
+    args = parser.parse_args(argv)
+    name = "glue" if args.suite == "core" else f"glue_{args.suite}"
+    measure_or_publish(name, args, measure, functools.partial(render, suite=args.suite))
 
 
 if __name__ == "__main__":

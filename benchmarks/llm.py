@@ -43,6 +43,13 @@ from timing import listed, reduction
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 PROMPT = "The history of the city"
 PROBE_STEPS = 40  # healing steps timed to turn --heal-seconds into a step count
+# The recipe lists (see recipes) by default, and as --only-recommended sets them: only the recommended
+# recipe's rows (fisher_whiten, greedy, sequential, compensated λ=0.1, MLPs pruned)
+RECIPE_LISTS = {"methods": ["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"], "allocations": ["uniform", "greedy"],
+                "sequential_methods": ["whiten", "fisher_whiten"], "compensated_methods": ["fisher_whiten"],
+                "pruned_methods": ["fisher_whiten"], "compensation_ridges": [1e-1]}
+RECOMMENDED_LISTS = {"methods": [], "allocations": ["greedy"], "sequential_methods": [], "compensated_methods": [],
+                     "pruned_methods": ["fisher_whiten"], "compensation_ridges": [0.1]}
 
 
 def fingerprint(blocks: list[dict]) -> str:
@@ -344,7 +351,7 @@ def table(payloads: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(DEMO_MODELS)}, a folder or a .gguf")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
@@ -356,16 +363,20 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=non_negative_int, default=0, help="0: the whole test file")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--reductions", type=listed(reduction), default=[0.2, 0.4])
-    parser.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x],
-                        default=["svd", "fwsvd", "asvd", "whiten", "fisher_whiten"])
-    parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "greedy"])
+    # the recipe lists default to None, to tell a list given from a default: filled in after parsing from
+    # RECIPE_LISTS (RECOMMENDED_LISTS with --only-recommended, which refuses them given)
+    shown = {name: f"default: {','.join(map(str, value))}" for name, value in RECIPE_LISTS.items()}
+    parser.add_argument("--methods", type=lambda s: [x for x in s.split(",") if x], help=shown["methods"])
+    parser.add_argument("--allocations", type=lambda s: s.split(","), help=shown["allocations"])
     parser.add_argument("--sequential-methods", type=lambda s: [x for x in s.split(",") if x],
-                        default=["whiten", "fisher_whiten"])
+                        help=shown["sequential_methods"])
     parser.add_argument("--compensated-methods", type=lambda s: [x for x in s.split(",") if x],
-                        default=["fisher_whiten"])
-    parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x], default=["fisher_whiten"],
-                        help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning)")
-    parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")], default=[1e-1])
+                        help=shown["compensated_methods"])
+    parser.add_argument("--pruned-methods", type=lambda s: [x for x in s.split(",") if x],
+                        help="compensated sequential methods with MLP pruning (hf_wsvd.methods.mlp_pruning; "
+                             f"{shown['pruned_methods']})")
+    parser.add_argument("--compensation-ridges", type=lambda s: [float(x) for x in s.split(",")],
+                        help=shown["compensation_ridges"])
     parser.add_argument("--refine-steps", type=listed(non_negative_int),
                         default=[0, default_block_refine_steps(
                             torch.device("cuda" if torch.cuda.is_available() else "cpu"))],
@@ -382,7 +393,8 @@ def main() -> None:
                         help="also the MLP-pruned rows with attention pruning (head dimensions cut)")
     parser.add_argument("--only-recommended", action="store_true",
                         help="only the recommended recipe's rows (fisher_whiten, greedy, sequential, compensated "
-                             "λ=0.1, MLPs pruned) at each --refine-steps: the other recipe lists are emptied")
+                             "λ=0.1, MLPs pruned) at each --refine-steps: it sets the recipe lists, so it refuses "
+                             "their flags (--methods, --allocations, ...)")
     parser.add_argument("--heal-steps", type=non_negative_int, default=0, help="heal the best recipe of each reduction (0: no)")
     parser.add_argument("--heal-seconds", type=float, default=0,
                         help="heal for as many steps as fit in this many seconds (timed by a short probe; "
@@ -397,16 +409,21 @@ def main() -> None:
                         help="add this many blocks written by the dense model (continuations of calibration blocks) "
                              "to the calibration data")
     parser.add_argument("--generation-batch-size", type=positive_int, default=256)
-    parser.add_argument("--heal-seed", type=int, default=0)
+    parser.add_argument("--heal-seed", type=non_negative_int, default=0)
     parser.add_argument("--name", default="llm", help="results name (benchmarks/results/NAME.json)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")
     parser.add_argument("--from-json", nargs="+",
                         help="publish measurements taken earlier (one file per run, or a published llm.json); the "
                              "runs of one model make one table")
-    args = parser.parse_args()
-    if args.only_recommended:
-        args.methods, args.sequential_methods, args.compensated_methods = [], [], []
-        args.pruned_methods, args.allocations, args.compensation_ridges = ["fisher_whiten"], ["greedy"], [0.1]
+    args = parser.parse_args(argv)
+    given = [name for name in RECIPE_LISTS if getattr(args, name) is not None]
+    if args.only_recommended and given:
+        parser.error(f"--only-recommended sets the recipe lists itself: drop --{given[0].replace('_', '-')} or "
+                     "--only-recommended")
+    lists = RECOMMENDED_LISTS if args.only_recommended else RECIPE_LISTS
+    for name, default in lists.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
     from report import publish
     from timing import read_fields, read_json

@@ -27,7 +27,8 @@ from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-from recover_glue import read_tsv  # noqa: E402
+from recover_glue import read_tsv  # noqa: E402  (it puts src/ on the path for a plain checkout)
+from hf_wsvd.argtypes import positive_int  # noqa: E402
 
 EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=str(ROOT.parent / "shared" / "models" / "minilm-l6-sst2"))
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue" / "SST-2"))
     parser.add_argument("--output", default=str(ROOT / ".device" / "recovery"))
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=positive_int, default=128)
     args = parser.parse_args()
     source, out = Path(args.model_dir), Path(args.output)
     if out.exists():

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.argtypes import non_negative_int, positive_int
 from hf_wsvd.config import GROUPED_QUANTIZE_SPECS
 from hf_wsvd.data import text_blocks
 from hf_wsvd.demo_models import DEMO_MODELS, demo_model
@@ -226,18 +227,19 @@ def main() -> None:
                         help=f"comma-separated: {sorted(DEMO_MODELS)}, folders or .gguf files")
     parser.add_argument("--calibration", default=str(SHARED / "data/wikitext-2/wiki.valid.tokens"))
     parser.add_argument("--test", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"))
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-length", type=int, default=512)
-    parser.add_argument("--eval-length", type=int, default=512)
-    parser.add_argument("--eval-blocks", type=int, default=0, help="0: the whole test file")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 4, 3])
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--calib-samples", type=positive_int, default=64)
+    parser.add_argument("--calib-length", type=positive_int, default=512)
+    parser.add_argument("--eval-length", type=positive_int, default=512)
+    parser.add_argument("--eval-blocks", type=non_negative_int, default=0, help="0: the whole test file")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--bits", type=lambda s: [positive_int(x) for x in s.split(",") if x], default=[8, 4, 3])
+    parser.add_argument("--group-size", type=positive_int, default=64)
     parser.add_argument("--reductions", type=listed(reduction), default=[0.2, 0.4])
-    parser.add_argument("--residual-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 3])
+    parser.add_argument("--residual-bits", type=lambda s: [positive_int(x) for x in s.split(",") if x], default=[4, 3])
     parser.add_argument("--residual-extra", type=float, default=0.10,
                         help="the corrections' bytes as a fraction of the quantized block linears' (default 0.10)")
-    parser.add_argument("--residual-refine-steps", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 64, 256],
+    parser.add_argument("--residual-refine-steps", type=lambda s: [non_negative_int(x) for x in s.split(",") if x],
+                        default=[0, 64, 256],
                         help="comma-separated block_refine_steps of the Q + L rows, one row each (0: per-layer "
                              "corrections only; default 0,64,256)")
     parser.add_argument("--json-out", help="write the measurements here instead of publishing them")

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,9 +33,34 @@ PAGES = {
 }
 
 
+# The script (and options) of each results name that is not its own benchmarks/<name>.py
+SCRIPTS = {"glue_activation": "glue.py --suite activation"}
+
+
 def page(name: str) -> Path:
     """The docs page that shows the table of results ``name``."""
     return ROOT / "docs" / PAGES.get(name, f"benchmarks/{name}.md")
+
+
+def results_file(name: str, suffix: str = ".json") -> Path:
+    """``benchmarks/results/<name>.json`` (``suffix``: a file beside it, such as the table's figure)."""
+    return ROOT / "benchmarks" / "results" / f"{name}{suffix}"
+
+
+def git_state() -> dict | None:
+    """The commit of this checkout of hf_wsvd and whether its tracked files differ from it (``dirty``);
+    None where ``ROOT`` is not the top of a git checkout (an unpacked copy) or git cannot say."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *words], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        top, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
+        if Path(top).resolve() != ROOT.resolve():  # a copy of benchmarks/ inside another repository
+            return None
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 def environment() -> dict:
@@ -45,6 +71,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "git": git_state(),
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
     }
 
@@ -73,7 +100,8 @@ def splice(path: Path, name: str, text: str) -> None:
 def republished(name: str) -> dict:
     """The environment of a table published from earlier runs (``--from-json``): this machine, and the
     command that gives the table again from ``benchmarks/results/<name>.json``, which then holds every run."""
-    return {**environment(), "command": f"python benchmarks/{name}.py --from-json benchmarks/results/{name}.json"}
+    script = SCRIPTS.get(name, f"{name}.py")
+    return {**environment(), "command": f"python benchmarks/{script} --from-json benchmarks/results/{name}.json"}
 
 
 def publish(name: str, payload: dict, table: str) -> None:
@@ -83,7 +111,7 @@ def publish(name: str, payload: dict, table: str) -> None:
     A payload with an environment of its own (measured on another machine, or :func:`republished`)
     keeps it; the table's Re-run line is its command."""
     payload = {"environment": environment(), **payload}
-    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out = results_file(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     text = f"{table}\n\nRe-run: `{payload['environment']['command']}` (results: `{out.relative_to(ROOT)}`)."

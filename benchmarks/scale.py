@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_wsvd import WSVDConfig, compress
+from hf_wsvd.argtypes import non_negative_int, positive_int
 from hf_wsvd.statistics import FISHER_ROWS, default_accelerator
 
 SHAPES = {
@@ -301,16 +302,16 @@ def _extrapolated(p: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--layers", type=int, help="a contiguous slice of this many layers (default: all)")
+    parser.add_argument("--layers", type=positive_int, help="a contiguous slice of this many layers (default: all)")
     parser.add_argument("--placement", choices=["gpu", "offload", "dispatch"], default="gpu")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--sequences", type=int, default=128)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sequences", type=positive_int, default=128)
+    parser.add_argument("--length", type=positive_int, default=2048)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--reduction", type=float, default=0.2)
-    parser.add_argument("--block-refine-steps", type=int,
+    parser.add_argument("--block-refine-steps", type=non_negative_int,
                         help="block refinement steps per block (0: off; default: the recommended recipe's)")
-    parser.add_argument("--extrapolate-sequences", type=int, default=128,
+    parser.add_argument("--extrapolate-sequences", type=positive_int, default=128,
                         help="extrapolate a slice, or a run with fewer sequences, to full depth and this many")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="offload: move each block when its visit starts (hf_wsvd.blocks.PREFETCH off), to compare")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_wsvd.allocation import uniform_ranks
+from hf_wsvd.argtypes import positive_int
 from timing import (add_json_arguments, cuda_graphed, device_label, interleaved_seconds, measure_or_publish,
                     median, require_cuda, run_header, speedup)
 
@@ -158,15 +159,15 @@ def render(payloads: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--tokens", nargs="+", type=positive_int, default=[1, 16])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--iters", type=positive_int, default=20)
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--streams", action="store_true",
                         help="also time the siblings' products on one CUDA stream each (dense, and the shared "
                              "down's ups): parallel branches of the captured graph")
-    parser.add_argument("--triton-blocks", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
+    parser.add_argument("--triton-blocks", nargs="+", type=lambda t: tuple(positive_int(v) for v in t.split("x")),
                         default=[(32, 128), (64, 64), (64, 128), (16, 256)], metavar="NxK")
     add_json_arguments(parser)
     args = parser.parse_args()

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from hf_wsvd.argtypes import positive_int
 from hf_wsvd.solvers.elementwise import SOLVER_NAMES, solve_elementwise
 
 from report import environment, markdown_table, publish
-from timing import read_fields, read_json
+from timing import add_threads_argument, read_fields, read_json
 
 
 def measure(args) -> dict:
@@ -54,12 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="512×1376 at rank 128 (a CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--max-iterations", type=int, default=8)
+    parser.add_argument("--max-iterations", type=positive_int, default=8)
     parser.add_argument("--time-budget", type=float, default=100.0,
                         help="seconds per solver (default 100: all four fit one 10-minute device command)")
     parser.add_argument("--solvers", default=",".join(SOLVER_NAMES))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
+    add_threads_argument(parser)
     parser.add_argument("--json-out", help="measure and write the measurement here (no docs update; e.g. $OUT on the "
                                            "GPU machine)")
     parser.add_argument("--from-json", help="publish a measurement taken earlier instead of measuring")

@@ -166,12 +166,25 @@ def measure(args) -> dict:
     return payload
 
 
-def _structure(structure: dict | None) -> str:
-    """What a compressed model's recipe chose, in words ("dense" for none)."""
+def _structure(structure: dict | None, dense: bool = True) -> str:
+    """What a compressed model's recipe chose, in words ("dense" for none; "-" for a compressed model
+    whose run did not record it)."""
     if structure is None:
-        return "dense"
+        return "dense" if dense else "-"
     return (f"{structure['pruned_mlps']} MLPs pruned, {structure['cut_attentions']} attentions cut, "
             f"{structure['factorized']} factorized ({structure.get('shared_down_groups', 0)} down groups shared)")
+
+
+def _bound(weight_bytes: dict | None, key: str) -> float | str:
+    """Dense weight bytes over the model's ("-": the run did not record them, as the former speed.py's)."""
+    return weight_bytes["1.0"] / weight_bytes[key] if weight_bytes else "-"
+
+
+def _timing_row(row: dict) -> dict:
+    """A MiniLM timing row in today's fields (the former speed.py wrote throughput_x and latency_ms)."""
+    if "latency_ms" not in row:
+        return row
+    return {"tokens_x": row["throughput_x"], "latency_per_s": 1e3 / row["latency_ms"], **row}
 
 
 def render(runs: list[dict]) -> str:
@@ -181,18 +194,18 @@ def render(runs: list[dict]) -> str:
     p = runs[0]
     rows, notes = [], []
     for run in runs:
-        dense_bytes = run["weight_bytes"]["1.0"]
         for timing in run["timings"]:
-            for m in timing["rows"]:
+            timed = [_timing_row(m) for m in timing["rows"]]
+            for m in timed:
                 key = str(m["ratio"])
-                structure = run.get("structures", {}).get(key)
-                shape = _structure(structure)
                 ratio, _, variant = str(m["ratio"]).partition(" ")
-                label = "dense" if float(ratio) == 1.0 else f"kept {float(ratio):g}" + (f", {variant}" if variant else "")
-                rows.append([timing["threads"], load_range(timing["loadavg_1min"]), label, shape,
-                             dense_bytes / run["weight_bytes"][key], m["tokens_per_s"], m["tokens_x"],
-                             1e3 / m["latency_per_s"], m["latency_x"], run.get("accuracy", {}).get(key, "—")])
-            half = next((m for m in timing["rows"] if m["ratio"] == 0.5), None)
+                dense = float(ratio) == 1.0
+                label = "dense" if dense else f"kept {float(ratio):g}" + (f", {variant}" if variant else "")
+                rows.append([timing["threads"], load_range(timing["loadavg_1min"]), label,
+                             _structure(run.get("structures", {}).get(key), dense), _bound(run.get("weight_bytes"), key),
+                             m["tokens_per_s"], m["tokens_x"], 1e3 / m["latency_per_s"], m["latency_x"],
+                             run.get("accuracy", {}).get(key, "—")])
+            half = next((m for m in timed if m["ratio"] == 0.5), None)
             if half and timing["threads"] == 2:
                 notes.append(f"Target ≥{CPU_TARGET}× dense throughput at kept ratio 0.5, 2 threads: "
                              f"{half['tokens_x']:.2f}× ({verdict(half['tokens_x'] >= CPU_TARGET)}).")
@@ -209,15 +222,12 @@ def render(runs: list[dict]) -> str:
         llm_rows = []
         for run in llm_runs:
             llm = run["llm"]
-            dense_bytes = llm["weight_bytes"]["1.0"]
             for timing in llm["timings"]:
                 for m in timing["rows"]:
                     key = str(m["ratio"])
-                    structure = llm["structures"].get(key)
-                    shape = _structure(structure)
                     llm_rows.append([timing["threads"], load_range(timing["loadavg_1min"]), f"{1 - m['ratio']:.0%}",
-                                     shape, dense_bytes / llm["weight_bytes"][key], m["prefill_per_s"], m["prefill_x"],
-                                     m["decode_per_s"], m["decode_x"]])
+                                     _structure(llm["structures"].get(key)), _bound(llm.get("weight_bytes"), key),
+                                     m["prefill_per_s"], m["prefill_x"], m["decode_per_s"], m["decode_x"]])
         text += "\n\n" + markdown_table(
             ["threads", "load (1 min)", f"{llm_runs[0]['llm']['model']}, float32, reduction", "structure",
              "bound (dense bytes/bytes)", "prefill tokens/s (4×256)", "×dense",
@@ -225,7 +235,7 @@ def render(runs: list[dict]) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MINILM)
     parser.add_argument("--ratios", nargs="+", type=kept_fraction, default=[0.5, 0.3], help="kept ratios")
@@ -248,7 +258,7 @@ def main() -> None:
     parser.add_argument("--latency-iters", type=positive_int, default=20, help="latency forwards per round")
     parser.add_argument("--threads", nargs="+", type=positive_int, help="torch threads of the timings (default: torch's)")
     add_json_arguments(parser)
-    measure_or_publish("speed_cpu", parser.parse_args(), measure, render)
+    measure_or_publish("speed_cpu", parser.parse_args(argv), measure, render)
 
 
 if __name__ == "__main__":

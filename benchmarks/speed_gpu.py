@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
+from hf_wsvd.argtypes import non_negative_int, positive_int
 from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, kernel_times, matmul_shapes,
                     measure_or_publish, median, require_cuda, shapes_profile, shared_down_groups, token_batch, verdict,
                     with_key)
@@ -607,7 +608,7 @@ def render(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved prefill timing rounds (medians)")
+    parser.add_argument("--rounds", type=positive_int, default=7, help="interleaved prefill timing rounds (medians)")
     parser.add_argument("--parts", nargs="+", default=["prefill", "graph", "decode", "compile", "int8"],
                         choices=["prefill", *DECODE_PARTS],
                         help="graph: decode replayed from a CUDA graph (static cache); graph_overlap: the same with "
@@ -621,23 +622,23 @@ def main() -> None:
     parser.add_argument("--int8-untuned", action="store_true",
                         help="the int8 parts without torchao's inductor settings (its coordinate-descent tuning of "
                              "each kernel shape, which makes the first compilation of a compressed model long)")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--layers", type=positive_int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")
     parser.add_argument("--recipe", default="{}", help="WSVDConfig fields set on top of the recommended recipe, as "
                                                        "JSON (e.g. '{\"attention_pruning\": false}')")
     parser.add_argument("--unshared", action="store_true",
                         help="time each factorized layer's own down matmul (compress shares q/k/v and gate/up's)")
-    parser.add_argument("--calibration", nargs=2, type=int, default=[16, 512], metavar=("SEQUENCES", "LENGTH"),
+    parser.add_argument("--calibration", nargs=2, type=positive_int, default=[16, 512], metavar=("SEQUENCES", "LENGTH"),
                         help="random calibration tokens of the recipe (default: 16 x 512)")
-    parser.add_argument("--calibration-batch", type=int, default=4)
-    parser.add_argument("--prefill-batch", type=int, default=8)
-    parser.add_argument("--prefill-length", type=int, default=2048)
-    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--decode-repeats", type=int, default=2)
-    parser.add_argument("--decode-warmup", type=int, default=1)
+    parser.add_argument("--calibration-batch", type=positive_int, default=4)
+    parser.add_argument("--prefill-batch", type=positive_int, default=8)
+    parser.add_argument("--prefill-length", type=positive_int, default=2048)
+    parser.add_argument("--decode-batches", nargs="+", type=positive_int, default=[1, 16])
+    parser.add_argument("--prompt-length", type=positive_int, default=128)
+    parser.add_argument("--new-tokens", type=positive_int, default=256)
+    parser.add_argument("--decode-repeats", type=positive_int, default=2)
+    parser.add_argument("--decode-warmup", type=non_negative_int, default=1)
     add_json_arguments(parser)
     args = parser.parse_args()
     if "nf4_graph" in args.parts and not args.from_json:

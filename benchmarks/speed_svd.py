@@ -16,6 +16,7 @@ import time
 import torch
 
 from hf_wsvd.allocation import rank_for_ratio
+from hf_wsvd.argtypes import positive_int
 from hf_wsvd.linalg import truncated_svd
 from timing import LLAMA_7B_LINEARS, add_json_arguments, measure_or_publish, require_cuda, synchronize, with_key
 
@@ -120,13 +121,13 @@ def render(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    parser.add_argument("--svd-layers", type=int, default=32, help="blocks whose target matrices are decomposed")
+    parser.add_argument("--svd-layers", type=positive_int, default=32, help="blocks whose target matrices are decomposed")
     parser.add_argument("--svd-methods", nargs="+", default=["loop", "solver", "eigh"],
                         choices=["loop", "batched", "solver", "eigh"])
     parser.add_argument("--svd-seconds", type=float, default=60.0,
                         help="time box (per-matrix times are extrapolated to all matrices)")
     parser.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"], help="cuSOLVER driver (default: torch's)")
-    parser.add_argument("--svd-chunk", type=int, help="batched/eigh: matrices per stacked call (default: 4)")
+    parser.add_argument("--svd-chunk", type=positive_int, help="batched/eigh: matrices per stacked call (default: 4)")
     add_json_arguments(parser)
     args = parser.parse_args()
     require_cuda(args)

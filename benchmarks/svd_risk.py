@@ -3,6 +3,8 @@
 and rank-correlate them (Spearman) with each metric computed from the Fisher.
 
     python benchmarks/svd_risk.py
+    python benchmarks/svd_risk.py --json-out svd_risk.json   # measure, print (no docs update)
+    python benchmarks/svd_risk.py --from-json svd_risk.json  # publish (the table and its figure)
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from hf_wsvd.solvers.risk import predicted_loss  # noqa: E402
 from hf_wsvd.statistics import FISHER  # noqa: E402
 from hf_wsvd.linalg import truncated_svd  # noqa: E402
 
-from common import RESULTS, load_task  # noqa: E402
-from report import markdown_table, publish  # noqa: E402
+from common import load_task  # noqa: E402
+from hf_wsvd.argtypes import positive_int  # noqa: E402
+from timing import add_json_arguments, add_threads_argument, kept_fraction, measure_or_publish  # noqa: E402
 
 METRICS = {
     "fisher_variance": "Fisher variance (study)",
@@ -104,32 +107,46 @@ def run_task(task: str, ratio: float, num_samples: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def measure(args) -> dict:
+    from report import environment
+
+    torch.set_num_threads(args.threads)
+    tasks = args.tasks.split(",")
+    rows = [r for task in tasks for r in run_task(task, args.ratio, args.num_samples)]
+    correlations = []
+    for task in tasks:
+        task_rows = [r for r in rows if r["task"] == task]
+        for metric in METRICS:
+            values = [r[metric] for r in task_rows]
+            correlations.append({"task": task, "metric": metric,
+                                 "spearman_accuracy_drop": spearmanr(values, [r["accuracy_drop"] for r in task_rows]),
+                                 "spearman_loss_increase": spearmanr(values, [r["loss_increase"] for r in task_rows])})
+    return {"environment": environment(), "ratio": args.ratio, "rows": rows, "correlations": correlations}
+
+
+def render(runs: list[dict]) -> str:
+    from report import markdown_table
+
+    table = markdown_table(["task", "metric", "Spearman ρ vs accuracy drop", "Spearman ρ vs dev-loss increase"],
+                           [[c["task"], METRICS[c["metric"]], c["spearman_accuracy_drop"], c["spearman_loss_increase"]]
+                            for run in runs for c in run["correlations"]])
+    return table + "\n\n![metric vs drop](../../benchmarks/results/svd_risk.png)"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2,mrpc")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--num-samples", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [r for task in args.tasks.split(",") for r in run_task(task, args.ratio, args.num_samples)]
-    correlations, table_rows = [], []
-    for task in args.tasks.split(","):
-        task_rows = [r for r in rows if r["task"] == task]
-        for metric, label in METRICS.items():
-            values = [r[metric] for r in task_rows]
-            acc = spearmanr(values, [r["accuracy_drop"] for r in task_rows])
-            loss = spearmanr(values, [r["loss_increase"] for r in task_rows])
-            correlations.append({"task": task, "metric": metric, "spearman_accuracy_drop": acc, "spearman_loss_increase": loss})
-            table_rows.append([task, label, acc, loss])
-    plot(rows, args.tasks.split(","))
-    table = markdown_table(["task", "metric", "Spearman ρ vs accuracy drop", "Spearman ρ vs dev-loss increase"], table_rows)
-    table += f"\n\n![metric vs drop](../../benchmarks/results/svd_risk.png)"
-    publish("svd_risk", {"ratio": args.ratio, "rows": rows, "correlations": correlations}, table)
+    parser.add_argument("--ratio", type=kept_fraction, default=0.3)
+    parser.add_argument("--num-samples", type=positive_int, default=512)
+    add_threads_argument(parser)
+    add_json_arguments(parser)
+    measure_or_publish("svd_risk", parser.parse_args(argv), measure, render, figure=plot)
 
 
-def plot(rows: list[dict], tasks: list[str]) -> None:
+def plot(runs: list[dict], path) -> None:
+    """Each metric against the accuracy drop, one panel per task and metric, at ``path``."""
+    rows = [r for run in runs for r in run["rows"]]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     shown = ["fisher_variance", "svd_risk", "svd_risk_relative"]
     fig, axes = plt.subplots(len(tasks), len(shown), figsize=(4.2 * len(shown), 3.4 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
@@ -148,9 +165,11 @@ def plot(rows: list[dict], tasks: list[str]) -> None:
             ax.set_xlabel(METRICS[metric], fontsize=8)
             ax.set_ylabel("dev accuracy drop (points)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("one matrix SVD-compressed at kept ratio 0.3: metric vs dev accuracy drop", fontsize=10)
+    ratios = " / ".join(dict.fromkeys(f"{run['ratio']:g}" for run in runs))
+    fig.suptitle(f"one matrix SVD-compressed at kept ratio {ratios}: metric vs dev accuracy drop", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "svd_risk.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,12 @@ def run_header(device: torch.device, args) -> dict:
             "environment": environment()}
 
 
+def add_threads_argument(parser) -> None:
+    """``--threads``: the torch CPU threads of a benchmark that computes on the CPU (default 1)."""
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (default 1: on the shared 2-core machine more threads spin against each other)")
+
+
 def add_json_arguments(parser) -> None:
     parser.add_argument("--json-out", help="measure and write the measurement here (no docs update)")
     parser.add_argument("--from-json", nargs="+", help="render measurement files (or a published results file)")
@@ -279,32 +285,45 @@ def with_key(runs: list[dict], key: str) -> list[dict]:
     return found
 
 
+def loaded_runs(paths: list[str]) -> list[dict]:
+    """The measurements in ``paths`` (a published results file holds them under ``"runs"``)."""
+    return [run for payload in (read_json(path) for path in paths) for run in payload.get("runs", [payload])]
+
+
 def measured_runs(args, measure) -> list[dict]:
-    """``--from-json``: the measurements in those files (a published results file holds them under
-    ``"runs"``); else ``[measure(args)]``, also written to ``--json-out`` when given."""
+    """``--from-json``: the measurements in those files; else ``[measure(args)]``, also written to
+    ``--json-out`` when given."""
     if args.from_json:
-        loaded = [read_json(path) for path in args.from_json]
-        return [run for payload in loaded for run in payload.get("runs", [payload])]
+        return loaded_runs(args.from_json)
     payload = measure(args)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
     return [payload]
 
 
-def measure_or_publish(name: str, args, measure, render) -> None:
+def measure_or_publish(name: str, args, measure, render, figure=None, append: bool = False) -> None:
     """The end of a measuring script: measure (or load ``--from-json``), then print the table
     (``--json-out``: a run made elsewhere, published later) or publish every run as ``name``. Each
     run keeps the environment (and command) it was measured in; a table published from files says
-    how to publish it again from its results file."""
-    from report import publish, republished
+    how to publish it again from its results file, and that file given alone is written back as it
+    is (its table rendered again: a faithful renderer changes nothing). ``figure(runs, path)`` draws
+    the table's figure at ``benchmarks/results/<name>.png`` where the table is published; with
+    ``append``, a run measured here is published after the runs already published as ``name``."""
+    from report import publish, republished, results_file
 
-    payloads = measured_runs(args, measure)
-    table = read_fields(render, payloads, name, args.from_json)
+    earlier = loaded_runs([str(results_file(name))]) if append and not (args.from_json or args.json_out) else []
+    runs = earlier + measured_runs(args, measure)  # read before measuring: a missing file stops no later
+    table = read_fields(render, runs, name, args.from_json or earlier)
     if args.json_out:
         print(table)
         return
-    environment = republished(name) if args.from_json else payloads[0]["environment"]  # measured here: this run's
-    publish(name, {"environment": environment, "runs": payloads}, table)
+    if figure:
+        figure(runs, results_file(name, ".png"))
+    if args.from_json and [Path(path).resolve() for path in args.from_json] == [results_file(name).resolve()]:
+        payload = read_json(args.from_json[0])
+    else:  # from files: the command that publishes them again; measured here: this run's
+        payload = {"environment": republished(name) if args.from_json else runs[-1]["environment"], "runs": runs}
+    publish(name, payload, table)
 
 
 def device_label(run: dict) -> str:
