@@ -436,6 +436,34 @@ def test_token_types_and_positions_are_checked_against_the_tables_the_model_read
         check_batch(opt, {"input_ids": ids, "position_ids": padded + 58, "labels": ids}, 0)
 
 
+def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
+    """DeBERTa-v3 reads positions through attention's relative table (2 x 256 buckets = 512 rows, as
+    many as max_position_embeddings): longer sequences and any position ids run, and are taken."""
+    import transformers
+
+    from hf_wsvd.data import check_batch, position_limit
+
+    model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=512, position_buckets=256, relative_attention=True, position_biased_input=False,
+        pos_att_type=["p2c", "c2p"], type_vocab_size=0, norm_rel_ebd="layer_norm")).eval()
+    assert model.deberta.encoder.rel_embeddings.num_embeddings == 512
+    assert position_limit(model) is None
+    long = torch.randint(5, 60, (1, 600), generator=torch.Generator().manual_seed(0))
+    check_batch(model, {"input_ids": long, "labels": torch.tensor([0])}, 0)
+    short = long[:, :8]
+    far = torch.arange(600, 608)[None]
+    check_batch(model, {"input_ids": short, "position_ids": far, "labels": torch.tensor([0])}, 0)
+    with torch.no_grad():  # what the check lets through runs
+        assert model(input_ids=long).logits.shape == (1, 2)
+        assert model(input_ids=short, position_ids=far).logits.shape == (1, 2)
+    biased = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=512, position_buckets=256, relative_attention=True, position_biased_input=True,
+        type_vocab_size=0))
+    assert position_limit(biased) == 512  # its absolute table, not the relative one of as many rows
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"labels": torch.full((2, 5), 64)}, "label 64 is outside the model's 64 tokens (-100 marks a label not predicted)"),
     ({"labels": torch.full((2, 5), -3)}, "label -3 is outside the model's 64 tokens"),

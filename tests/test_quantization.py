@@ -126,11 +126,22 @@ def test_the_scales_of_a_weight_s_activations_are_not_taken_for_its_own():
     assert _misshapen_part(weight) == ("scale", (1, 1), (16, 1))
 
 
-def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error_naming_the_weight(tmp_path, capsys):
+@pytest.mark.parametrize("verbosity", ["warning", "error"])
+def test_a_quantized_tensor_deleted_from_the_file_is_a_value_error_naming_the_weight(tmp_path, capsys, verbosity):
     """transformers raises a RuntimeError naming no tensor (after its load report names it); the
-    error names the weight the report names, and the CLI reports it on one line."""
+    error names the weight the report names, also where transformers logs errors only, and the CLI
+    reports it on one line."""
     from hf_wsvd.cli import main
 
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(getattr(transformers.logging, verbosity.upper()))
+    try:
+        _deleted_part_is_named(tmp_path, capsys, main)
+    finally:
+        transformers.logging.set_verbosity(before)
+
+
+def _deleted_part_is_named(tmp_path, capsys, main):
     tiny.save_compressed(tmp_path / "bf", "llama", with_tokenizer=False)
     CAUSAL.from_pretrained(tmp_path / "bf", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(
         tmp_path / "q")

@@ -105,10 +105,10 @@ def test_llama_defaults_include_gqa_projections_not_the_head(llama):
         assert linear_shape(llama.get_submodule(targets[f"layers.{i}.self_attn.q_proj"])) == (32, 32)
 
 
-@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
-def test_naming_a_tied_head_raises(model_name, request):
+@pytest.mark.parametrize("model_name, embedding", [("gpt2", "wte"), ("llama", "embed_tokens")])
+def test_naming_a_tied_head_raises(model_name, embedding, request):
     model = request.getfixturevalue(model_name)
-    with pytest.raises(ValueError, match="lm_head"):
+    with pytest.raises(ValueError, match=rf"'lm_head', which is one with '[\w.]*{embedding}'"):
         select_targets(model, ["lm_head"])
 
 

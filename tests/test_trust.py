@@ -313,6 +313,34 @@ def test_the_load_report_is_left_out_only_where_the_error_names_its_tensors(chec
     assert [r.getMessage() for r in logged] == ["after the load"]
 
 
+def test_held_records_hold_warnings_a_quieter_logger_would_not_make_and_log_only_what_its_level_shows():
+    """transformers set to errors only (TRANSFORMERS_VERBOSITY=error) still makes its load report for
+    the caller to read; it is not logged at the end, and the level is the user's again after."""
+    from hf_wsvd.runtime.modeling_wsvd import held_records
+
+    parent, log, seen = logging.getLogger("hf_wsvd.tests.quiet"), logging.getLogger("hf_wsvd.tests.quiet.child"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    parent.addHandler(handler)
+    parent.propagate = False
+    parent.setLevel(logging.ERROR)
+    try:
+        with held_records(log.name) as outer:
+            with held_records(log.name) as inner:
+                log.warning("a report")
+                log.info("detail")
+                assert [r.getMessage() for r in inner] == ["a report"]
+            log.error("a failure")
+            assert [r.getMessage() for r in outer] == ["a failure"]  # the inner block's warning: below the level
+        assert seen == ["a failure"]
+        assert log.level == logging.NOTSET and log.getEffectiveLevel() == logging.ERROR
+        log.warning("after")
+        assert seen == ["a failure"]
+    finally:
+        parent.removeHandler(handler)
+        parent.setLevel(logging.NOTSET)
+
+
 def test_held_records_nest_and_hold_only_their_own_thread():
     """An inner block's dropped records stay dropped under an outer block, its kept ones are held by
     the outer one in order; another thread's records (a load beside this one) pass at once."""

@@ -580,14 +580,19 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
 
 def _position_table(model: nn.Module) -> tuple[nn.Embedding, int] | None:
     """The model's learned position table and the ``offset`` its forward adds to position ids (BART's
-    and OPT's tables hold that many more rows than ``max_position_embeddings``); None without one."""
-    count = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    and OPT's tables hold that many more rows than ``max_position_embeddings``); None without one.
+    A table of relative positions (DeBERTa's ``rel_embeddings``, read by attention, as many rows as
+    positions in DeBERTa-v3) is none: it limits neither the length nor the position ids."""
+    config = getattr(model, "config", None)
+    count = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions alone
+        return None
     words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for module in model.modules():
+    for name, module in model.named_modules():
         offset = getattr(module, "offset", 0)
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
                 and module.num_embeddings - offset == count and module is not words
-                and module.weight is not getattr(words, "weight", None)):
+                and module.weight is not getattr(words, "weight", None) and not name.rpartition(".")[2].startswith("rel")):
             return module, offset
     return None
 

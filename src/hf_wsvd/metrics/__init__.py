@@ -78,7 +78,8 @@ def _ranks(values) -> np.ndarray:
 
 
 def spearmanr(predictions, references) -> float:
-    """Spearman rank correlation (ties get average ranks)."""
+    """Spearman rank correlation (ties get average ranks; 0 when either side is constant, as
+    :func:`pearsonr`: a collapsed model's constant scores rank as uncorrelated, not as a NaN row)."""
     return pearsonr(_ranks(predictions), _ranks(references))
 
 

@@ -864,14 +864,17 @@ def _both_weights_files(path: str | os.PathLike | None) -> str | None:
 def held_records(name: str) -> Iterator[list[logging.LogRecord]]:
     """Within: the records the logger ``name`` logs from this thread are held back in the list yielded,
     and logged when the block ends, unless the caller cleared it: a caller whose own one-line error
-    says what they would (transformers' load report, listing the tensors ``check_loaded`` names) drops them."""
+    says what they would (transformers' load report, listing the tensors ``check_loaded`` names) drops them.
+    Warnings are held even where the logger's level is higher (``TRANSFORMERS_VERBOSITY=error``), for the
+    caller to read; only those the level lets through are logged at the end."""
     log = logging.getLogger(name)
     held: list[logging.LogRecord] = []
     thread = threading.get_ident()
+    shown = _lower_level(log)
 
     def hold(record: logging.LogRecord) -> bool:
-        if record.thread != thread:  # another thread's load: not this block's to hold
-            return True
+        if record.thread != thread:  # another thread's: logged as the level the user set says
+            return record.levelno >= shown
         held.append(record)
         return False
 
@@ -882,8 +885,37 @@ def held_records(name: str) -> Iterator[list[logging.LogRecord]]:
         yield held
     finally:
         log.removeFilter(hold)
+        _restore_level(log)
         for record in held:
-            log.handle(record)
+            if record.levelno >= shown:
+                log.handle(record)
+
+
+_levels_lock = threading.Lock()
+_lowered: dict[str, list[int]] = {}  # logger name → [blocks holding it, the level its user set, the effective one]
+
+
+def _lower_level(log: logging.Logger) -> int:
+    """Let ``log`` make warnings while a block holds it; the effective level its user set (what the
+    blocks log at their end). The first block lowers it, the last one out restores it."""
+    with _levels_lock:
+        state = _lowered.get(log.name)
+        if state is None:
+            state = _lowered[log.name] = [0, log.level, log.getEffectiveLevel()]
+            if state[2] > logging.WARNING:
+                log.setLevel(logging.WARNING)
+        state[0] += 1
+        return state[2]
+
+
+def _restore_level(log: logging.Logger) -> None:
+    with _levels_lock:
+        state = _lowered[log.name]
+        state[0] -= 1
+        if not state[0]:
+            del _lowered[log.name]
+            if state[2] > logging.WARNING:
+                log.setLevel(state[1])
 
 
 def _unbuilt_weight(records: list[logging.LogRecord]) -> str | None:
