@@ -436,6 +436,22 @@ def test_token_types_and_positions_are_checked_against_the_tables_the_model_read
         check_batch(opt, {"input_ids": ids, "position_ids": padded + 58, "labels": ids}, 0)
 
 
+def test_token_types_of_a_model_without_a_type_table_are_checked_as_the_tokens_it_reads_them_as():
+    """GPT-2 has no type_vocab_size and looks token_type_ids up in its word table: one past it is
+    named, not an IndexError inside the model; types inside it run."""
+    from hf_wsvd.data import check_batch
+
+    model = tiny.build("gpt2")
+    ids = torch.randint(7, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    inside = {"input_ids": ids, "token_type_ids": torch.full_like(ids, tiny.VOCAB_SIZE - 1), "labels": ids}
+    check_batch(model, inside, 0)
+    with torch.no_grad():
+        model(**inside)
+    with pytest.raises(ValueError, match=re.escape(f"token_type_ids go from {tiny.VOCAB_SIZE} to {tiny.VOCAB_SIZE}, "
+                                                   f"outside the model's {tiny.VOCAB_SIZE} tokens")):
+        check_batch(model, {**inside, "token_type_ids": torch.full_like(ids, tiny.VOCAB_SIZE)}, 0)
+
+
 def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
     """DeBERTa-v3 reads positions through attention's relative table (2 x 256 buckets = 512 rows, as
     many as max_position_embeddings): longer sequences and any position ids run, and are taken."""

@@ -689,6 +689,9 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     if isinstance(types, int) and types > 0:  # DeBERTa's 0: no table, its token_type_ids go unread
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, types, f"{types} token types (type_vocab_size)",
                          where)
+    elif types is None:  # no table of their own: GPT-2 looks them up in its word table, as tokens
+        _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, vocabulary, f"{vocabulary} tokens "
+                         "(a model without type_vocab_size reads token types as tokens)", where)
     if table is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
         module, offset = table
         _check_table_ids(batch.get("position_ids"), "position_ids", -offset, module.num_embeddings - offset,
