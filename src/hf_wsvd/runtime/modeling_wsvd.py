@@ -46,7 +46,7 @@ import re
 import threading
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import transformers
@@ -999,7 +999,7 @@ class _WsvdModelMixin:
                     raise
                 # a quantizer could not rebuild a weight from the stored tensors (one deleted or cut)
                 weight = _unbuilt_weight(report)
-                named = f"the weight {weight!r}" if weight else "a weight (its load report, logged above, names it)"
+                named = f"the weight {weight!r}" if weight else "a weight (transformers' load report names it)"
                 raise ValueError(f"transformers could not rebuild {named} from the checkpoint's stored tensors: the "
                                  "weights file is damaged, or does not match config.json's quantization_config") from error
             try:
