@@ -147,6 +147,7 @@ def plot(runs: list[dict], path) -> None:
     """Each metric against the accuracy drop, one panel per task and metric, at ``path``."""
     rows = [r for run in runs for r in run["rows"]]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    rho = {(c["task"], c["metric"]): c["spearman_accuracy_drop"] for run in runs for c in run["correlations"]}
     shown = ["fisher_variance", "svd_risk", "svd_risk_relative"]
     fig, axes = plt.subplots(len(tasks), len(shown), figsize=(4.2 * len(shown), 3.4 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
@@ -159,9 +160,8 @@ def plot(runs: list[dict], path) -> None:
                     sel = [r for r in task_rows if "attention" in r["module"]]
                 ax.scatter([r[metric] for r in sel], [100 * r["accuracy_drop"] for r in sel], marker=marker, s=18,
                            label={"intermediate": "FFN up", "output.dense": "FFN down", "attention": "attention"}[kind])
-            rho = spearmanr([r[metric] for r in task_rows], [r["accuracy_drop"] for r in task_rows])
             ax.set_xscale("log")
-            ax.set_title(f"{task}: ρ = {rho:.2f}", fontsize=9)
+            ax.set_title(f"{task}: ρ = {rho[task, metric]:.2f}", fontsize=9)
             ax.set_xlabel(METRICS[metric], fontsize=8)
             ax.set_ylabel("dev accuracy drop (points)", fontsize=8)
     axes[0][0].legend(fontsize=7)
