@@ -480,9 +480,104 @@ def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
     assert position_limit(biased) == 512  # its absolute table, not the relative one of as many rows
 
 
+def test_packed_sequences_restarting_their_position_ids_may_be_longer_than_the_position_table():
+    """Two documents packed in one row restart position_ids: the row runs although it is longer
+    than the table, so only the ids' range is checked; without them its length is refused."""
+    import transformers
+
+    from hf_wsvd.data import check_batch
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).eval()
+    ids = torch.randint(5, 60, (1, 32), generator=torch.Generator().manual_seed(0))
+    packed = {"input_ids": ids, "position_ids": (torch.arange(32) % 16)[None], "labels": ids}
+    check_batch(model, packed, 0)
+    with torch.no_grad():
+        assert model(**packed).logits.shape == (1, 32, 64)
+    with pytest.raises(ValueError, match=re.escape("holds sequences of 32 tokens, more than the model's 16 positions")):
+        check_batch(model, {"input_ids": ids, "labels": ids}, 0)
+    with pytest.raises(ValueError, match=re.escape("position_ids go from 0 to 31, outside the model's 16 positions")):
+        check_batch(model, {**packed, "position_ids": torch.arange(32)[None]}, 0)
+
+
+def test_models_whose_input_table_is_no_plain_embedding_are_checked_without_crashing():
+    """Canine names no input embeddings (it hashes Unicode code points), Perceiver's are its latents,
+    I-BERT's a QuantEmbedding: batches they run pass; I-BERT's ids past its table are still named."""
+    import transformers
+
+    from hf_wsvd.data import check_batch, vocabulary_size
+
+    canine = transformers.CanineForSequenceClassification(transformers.CanineConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        num_labels=2)).eval()
+    code_points = torch.tensor([[0xE000, *map(ord, "hello world"), 0xE001]])
+    perceiver = transformers.PerceiverForSequenceClassification(transformers.PerceiverConfig(
+        d_model=32, d_latents=32, num_latents=8, num_blocks=1, num_self_attends_per_block=1, num_self_attention_heads=2,
+        num_cross_attention_heads=2, vocab_size=262, max_position_embeddings=64, num_labels=2)).eval()
+    ibert = transformers.IBertForSequenceClassification(transformers.IBertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+        max_position_embeddings=40, num_labels=2)).eval()
+    assert [vocabulary_size(m) for m in (canine, perceiver, ibert)] == [None, None, 128]
+    ids = torch.randint(5, 100, (1, 10), generator=torch.Generator().manual_seed(0))
+    for model, tokens in ((canine, code_points), (perceiver, ids), (ibert, ids)):
+        batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": torch.tensor([1])}
+        check_batch(model, batch, 0)
+        with torch.no_grad():
+            assert model(**batch).logits.shape == (1, 2)
+    with pytest.raises(ValueError, match=re.escape("input_ids go from 5 to 128, outside the model's 128 token")):
+        check_batch(ibert, {"input_ids": torch.tensor([[5, 128]]), "labels": torch.tensor([1])}, 0)
+
+
+@pytest.mark.parametrize("sources, targets", [(64, 128), (128, 64)])
+def test_a_target_vocabulary_of_its_own_bounds_the_target_ids(sources, targets):
+    """FSMT (and Marian without shared tables) reads its target text in a table of its own: target ids
+    past the source vocabulary but inside the target one run and are taken, those past the target
+    vocabulary are named, in the batch check and in the command line's check of the data."""
+    import transformers
+
+    from hf_wsvd.data import check_batch, check_fits
+
+    model = transformers.FSMTForConditionalGeneration(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=sources, tgt_vocab_size=targets, d_model=32, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=40)).eval()
+    source = torch.randint(5, 60, (1, 8), generator=torch.Generator().manual_seed(0))
+    inside, past = torch.tensor([[10, targets - 1, 20, 2]]), torch.tensor([[10, targets, 20, 2]])
+    check_batch(model, {"input_ids": source, "labels": inside}, 0)
+    check_fits(model, source.tolist(), 8, [1], inside.tolist())
+    with torch.no_grad():
+        assert model(input_ids=source, decoder_input_ids=inside).logits.shape == (1, 4, targets)
+    with pytest.raises(ValueError, match=re.escape(f"label {targets} is outside the model's {targets} target tokens")):
+        check_batch(model, {"input_ids": source, "labels": past}, 0)
+    with pytest.raises(ValueError, match=re.escape(f"ids go up to {targets} but the model has {targets} target tokens")):
+        check_fits(model, source.tolist(), 8, [1], past.tolist())
+
+
+@pytest.mark.parametrize("arch, labels", [("bert", torch.tensor([[1], [0]])), ("bert", torch.tensor([1, 0])),
+                                          ("regression", torch.tensor([[0.5], [-1.0]])),
+                                          ("regression", torch.tensor([0.5, -1.0]))])
+def test_one_label_per_example_may_come_as_a_column(arch, labels):
+    """transformers' losses flatten a column of labels (B × 1) as a row: so do the check and the
+    importance loss, one loss per example either way."""
+    from hf_wsvd.data import check_batch
+    from hf_wsvd.tasks import per_example_loss, task_of
+
+    model = tiny.build("bert", "AutoModelForSequenceClassification", **({"num_labels": 1} if arch == "regression" else {}))
+    ids = torch.randint(5, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    check_batch(model, batch, 0)
+    losses = per_example_loss(task_of(model))(model.eval(), batch)
+    row = per_example_loss(task_of(model))(model, {**batch, "labels": labels.reshape(-1)})
+    assert losses.shape == (2,)
+    torch.testing.assert_close(losses, row, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=re.escape("labels are one")):
+        check_batch(model, {**batch, "labels": labels.reshape(1, 2)}, 0)
+
+
 @pytest.mark.parametrize("changes, message", [
-    ({"labels": torch.full((2, 5), 64)}, "label 64 is outside the model's 64 tokens (-100 marks a label not predicted)"),
-    ({"labels": torch.full((2, 5), -3)}, "label -3 is outside the model's 64 tokens"),
+    ({"labels": torch.full((2, 5), 64)}, "label 64 is outside the model's 64 target tokens (-100 marks a label not "
+                                         "predicted)"),
+    ({"labels": torch.full((2, 5), -3)}, "label -3 is outside the model's 64 target tokens"),
     ({"labels": torch.ones(2, 5)}, "an encoder-decoder model's labels are the target text's ids (2 rows of integers, "
                                    "-100 where not predicted), not a torch.float32 tensor of shape (2, 5)"),
     ({"labels": torch.ones(3, 5, dtype=torch.long)}, "not a torch.int64 tensor of shape (3, 5)"),

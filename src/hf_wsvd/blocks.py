@@ -430,9 +430,21 @@ def outside_blocks_on(model: nn.Module, prefix: str, device: torch.device) -> It
                 module._buffers[key] = module._buffers[key].to(home)
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or None where the model names none (Canine hashes code points
+    into tables of its own; transformers' default raises NotImplementedError)."""
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+
+
 def input_device(model: nn.Module, device: torch.device) -> torch.device:
-    """Where a model's input ids go: the input embeddings' execution device."""
-    embeddings = model.get_input_embeddings()
+    """Where a model's input ids go: the input embeddings' execution device (without them, that of
+    the model's first module holding weights)."""
     if not is_dispatched(model):
         return torch.device(device)
+    embeddings = input_embeddings(model)
+    if not isinstance(embeddings, nn.Module):  # Perceiver's are a parameter, Canine names none
+        embeddings = next(m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
     return execution_device(embeddings, home_device(embeddings)) if hooked(embeddings) else home_device(embeddings)

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from .blocks import block_list, given_back, is_dispatched, kept_flags
+from .blocks import block_list, given_back, input_embeddings, is_dispatched, kept_flags
 from .integrations.checkpoint import parameter_counts, target_counts
 from .integrations.quantization import check_quantizable, is_quantized_tensor
 from .methods.embeddings import embedding_table_name
@@ -231,7 +231,7 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
     ranks = {name: module.rank for name, path in job.targets.items()
              if isinstance(module := model.get_submodule(path), FactorizedLinear)}
     factorized = len(ranks)
-    embedding = model.get_input_embeddings()
+    embedding = input_embeddings(model)
     if isinstance(embedding, FactorizedEmbedding):  # recorded by its table's name, as the modifier factorized it
         ranks[relative_module_name(model, embedding_table_name(model))] = embedding.rank
     if not ranks and not job.pruned and not job.attention:

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from transformers import (BatchEncoding, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
                           DataCollatorWithPadding, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
-from .blocks import kept_flags
+from .blocks import input_embeddings, kept_flags
 from .runtime.modeling_wsvd import held_records, short_repr
-from .tasks import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ_LM, labels_feed_decoder, task_of
+from .tasks import CAUSAL_LM, CLASSIFICATION, REGRESSION, SEQ2SEQ_LM, labels_feed_decoder, task_of
 
 if TYPE_CHECKING:  # datasets is imported where it is used, so text-only paths run without it
     from datasets import Dataset
@@ -587,7 +587,7 @@ def _position_table(model: nn.Module) -> tuple[nn.Embedding, int] | None:
     count = getattr(config, "max_position_embeddings", None)
     if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions alone
         return None
-    words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    words = input_embeddings(model)
     for name, module in model.named_modules():
         offset = getattr(module, "offset", 0)
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
@@ -612,33 +612,66 @@ def _longest(table: tuple[nn.Embedding, int] | None) -> int | None:
     return module.num_embeddings - offset - (0 if module.padding_idx is None else module.padding_idx + 1)
 
 
+def table_rows(table: Any) -> int | None:
+    """The rows of a token table (an ``nn.Embedding``, hf_wsvd's factorized one, or a module of one
+    2-D ``weight`` such as I-BERT's ``QuantEmbedding``); None for anything else."""
+    rows = getattr(table, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    weight = getattr(table, "weight", None)
+    return weight.shape[0] if isinstance(table, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+        else None
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The rows of ``model``'s input token table; None where it has none hf_wsvd can read (Canine
+    hashes code points, Perceiver's input embeddings are its latents): its ids go unchecked."""
+    return table_rows(input_embeddings(model))
+
+
+def target_vocabulary(model: nn.Module) -> int | None:
+    """The tokens an encoder-decoder model's target ids may take: the fewer of its decoder's input
+    table's rows and its output layer's scores (FSMT and Marian without shared tables have a target
+    vocabulary of their own); the input table's rows where it has neither."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    sizes = [vocabulary_size(decoder) if hasattr(decoder, "get_input_embeddings")
+             else table_rows(getattr(decoder, "embed_tokens", None)),  # FSMT's decoder names no table
+             getattr(output, "out_features", None) or table_rows(output)]  # FSMT's: the embedding it ties to
+    sizes = [size for size in sizes if isinstance(size, int)]
+    return min(sizes) if sizes else vocabulary_size(model)
+
+
 def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length: int,
-               extra_ids: Iterable[int | None] = ()) -> None:
+               extra_ids: Iterable[int | None] = (), target_ids: Iterable[Sequence[int]] = ()) -> None:
     """Raise unless every token id (of ``input_ids`` and ``extra_ids``, e.g. the padding id) has a
-    row in the model's token embeddings and every sequence fits its position table: a one-line
-    error naming the value rather than an IndexError deep in the forward pass."""
-    rows = [list(ids) for ids in input_ids]
-    largest = max((max(ids) for ids in rows if ids), default=-1)
-    largest = max([largest, *(i for i in extra_ids if i is not None)])
-    vocabulary = model.get_input_embeddings().num_embeddings
-    if largest >= vocabulary:
-        raise ValueError(f"the tokenizer's ids go up to {largest} but the model has {vocabulary} token embeddings: "
-                         "use the model's own tokenizer")
-    positions, longest = position_limit(model), max(map(len, rows), default=0)
+    row in the model's token embeddings, every target id of an encoder-decoder model (``target_ids``)
+    one among its target tokens, and every sequence fits its position table: a one-line error naming
+    the value rather than an IndexError deep in the forward pass."""
+    rows, targets = [list(ids) for ids in input_ids], [list(ids) for ids in target_ids]
+    extra = [i for i in extra_ids if i is not None]
+    for sequences, vocabulary in ((rows, vocabulary_size(model)), (targets, targets and target_vocabulary(model))):
+        largest = max([*(max(ids) for ids in sequences if ids), *extra], default=-1)
+        if vocabulary and largest >= vocabulary:
+            raise ValueError(f"the tokenizer's ids go up to {largest} but the model has {vocabulary} "
+                             f"{'target tokens' if sequences is targets else 'token embeddings'}: use the model's own "
+                             "tokenizer")
+    positions, longest = position_limit(model), max(map(len, rows + targets), default=0)
     if positions is not None and longest > positions:
         raise ValueError(f"--max-length {max_length} exceeds the model's {positions} positions "
                          f"(max_position_embeddings): the data holds sequences of {longest} tokens; lower it to "
                          f"{positions} or less")
 
 
-def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int, where: str,
+def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int | None, where: str,
                        names: tuple[str, str] = ("input_ids", "attention_mask")) -> None:
     """Raise a one-line error naming the value (``where``: what holds them; ``names``: theirs) unless
-    the token ``ids`` have rows among ``vocabulary`` token embeddings and ``mask``, if any, is a
-    tensor of their shape marking each token 1 (real) or 0 (padding)."""
-    if not 0 <= int(ids.min()) <= int(ids.max()) < vocabulary:
+    the token ``ids`` have rows among ``vocabulary`` token embeddings (None: any id from 0) and
+    ``mask``, if any, is a tensor of their shape marking each token 1 (real) or 0 (padding)."""
+    if not 0 <= int(ids.min()) or vocabulary is not None and int(ids.max()) >= vocabulary:
         raise ValueError(f"{where}: {names[0]} go from {int(ids.min())} to {int(ids.max())}, outside the model's "
-                         f"{vocabulary} token embeddings: tokenize with the model's own tokenizer")
+                         + (f"{vocabulary} token embeddings" if vocabulary is not None else "token ids (from 0)")
+                         + ": tokenize with the model's own tokenizer")
     _check_mask(mask, ids, where, names)
 
 
@@ -646,7 +679,9 @@ def _check_mask(mask: Any, ids: torch.Tensor, where: str, names: tuple[str, str]
     if mask is None:
         return
     if not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
-        raise ValueError(f"{where}: {names[1]} is {_shown(mask)}, {names[0]} {tuple(ids.shape)}: they must match")
+        # one 0/1 per token (not a 4-D attention mask): the losses weigh each token by it
+        raise ValueError(f"{where}: {names[1]} is {_shown(mask)}, {names[0]} {tuple(ids.shape)}: they must match "
+                         "(one 1 or 0 per token)")
     odd = mask[(mask != 0) & (mask != 1)]
     if odd.numel():  # block refinement and healing weigh each token's loss by it
         raise ValueError(f"{where}: {names[1]} holds {odd[0].item()!r}; it marks each token 1 (real) or 0 "
@@ -676,20 +711,21 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
         raise ValueError(f"{where} holds no tokens (input_ids of shape {tuple(ids.shape)}): leave empty batches out")
     if ids.is_meta:
         raise ValueError(f"{where}: input_ids are on the meta device (shapes without values): give the token ids")
-    vocabulary = model.get_input_embeddings().num_embeddings
+    vocabulary = vocabulary_size(model)
     check_ids_and_mask(ids, batch.get("attention_mask"), vocabulary, where)
     if batch.get("attention_mask") is not None and not batch["attention_mask"].any():
         raise ValueError(f"{where}: attention_mask marks no token as real (all 0): leave the batch out")
     table = _position_table(model)  # one walk of the model's modules for both checks
     positions = _longest(table)
-    if positions is not None and ids.shape[1] > positions:
+    # Given position_ids (packed sequences restart them), only their range is the table's to check.
+    if positions is not None and ids.shape[1] > positions and batch.get("position_ids") is None:
         raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
                          "positions (max_position_embeddings): cut them shorter")
     types = getattr(model.config, "type_vocab_size", None)
     if isinstance(types, int) and types > 0:  # DeBERTa's 0: no table, its token_type_ids go unread
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, types, f"{types} token types (type_vocab_size)",
                          where)
-    elif types is None:  # no table of their own: GPT-2 looks them up in its word table, as tokens
+    elif types is None and vocabulary is not None:  # no table of their own: GPT-2 looks them up in its word table
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, vocabulary, f"{vocabulary} tokens "
                          "(a model without type_vocab_size reads token types as tokens)", where)
     if table is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
@@ -698,7 +734,7 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
                          f"{module.num_embeddings - offset} positions (max_position_embeddings)", where)
     labels = batch.get("labels")
     if getattr(model.config, "is_encoder_decoder", False):  # its decoder reads them, whatever the loss
-        _check_decoder_targets(batch, ids, vocabulary, positions, where, labels_feed_decoder(model))
+        _check_decoder_targets(batch, ids, target_vocabulary(model), positions, where, labels_feed_decoder(model))
     if labels is None or not task_labels:
         return
     if not isinstance(labels, torch.Tensor):
@@ -712,13 +748,18 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
                          f"not predicted), not {_shown(labels)}")
     if task == CAUSAL_LM:
         scores = getattr(model.get_output_embeddings(), "out_features", None) or vocabulary  # what the loss reads
-        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= scores))]
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= (scores or torch.iinfo(torch.int64).max)))]
         if wrong.numel():
             raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {scores} output tokens (a causal "
                              "LM's labels are its input ids, -100 where not predicted)")
+    # One label per example, as a row or a column (transformers' losses flatten them too).
+    per_example = labels.shape in (ids.shape[:1], (ids.shape[0], 1))
+    if task == REGRESSION and (not per_example or labels.dtype == torch.bool):
+        raise ValueError(f"{where}: a regressor's labels are one number per example ({ids.shape[0]} numbers), not "
+                         f"{_shown(labels)}")
     if task == CLASSIFICATION:
         classes = model.config.num_labels
-        if labels.shape != ids.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+        if not per_example or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f"{where}: a classifier's labels are one class index per example ({ids.shape[0]} "
                              f"integers), not {_shown(labels)}")
         wrong = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
@@ -738,11 +779,11 @@ def _check_table_ids(value: Any, name: str, low: int, high: int, what: str, wher
                          f"{what}")
 
 
-def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, positions: int | None,
+def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int | None, positions: int | None,
                            where: str, labels_are_targets: bool) -> None:
     """An encoder-decoder model's ``decoder_input_ids`` and, where ``labels_are_targets`` (its decoder's
     inputs are built from them where the batch has none), ``labels``: 2-D integers, one row per
-    example, inside the vocabulary (labels: or -100) and the position table, with a
+    example, inside the target ``vocabulary`` (labels: or -100) and the position table, with a
     ``decoder_attention_mask`` of their shape."""
     labels = batch.get("labels") if labels_are_targets else None
     decoder_ids = batch.get("decoder_input_ids")
@@ -757,10 +798,10 @@ def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int, p
             raise ValueError(f"{where}: {name} hold sequences of {value.shape[1]} tokens, more than the model's "
                              f"{positions} positions (max_position_embeddings): cut them shorter")
     if labels is not None:
-        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= vocabulary))]
+        wrong = labels[(labels != -100) & ((labels < 0) | (labels >= (vocabulary or torch.iinfo(torch.int64).max)))]
         if wrong.numel():
-            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} tokens (-100 marks a "
-                             "label not predicted)")
+            raise ValueError(f"{where}: label {int(wrong[0])} is outside the model's {vocabulary} target tokens (-100 "
+                             "marks a label not predicted)")
         if decoder_ids is not None and decoder_ids.shape[:2] != labels.shape:
             raise ValueError(f"{where}: labels of shape {tuple(labels.shape)} and decoder_input_ids of shape "
                              f"{tuple(decoder_ids.shape[:2])}: the decoder predicts one label at each of its positions")

@@ -168,10 +168,10 @@ def per_example_loss(task: str) -> LossFn:
         if task == SEQ2SEQ_LM:  # its decoder read the labels, shifted right: position i predicts label i
             nll, tokens = target_nll(logits, labels)
             return nll / tokens.clamp_min(1)
-        if task == CLASSIFICATION:
-            return F.cross_entropy(logits, labels.long(), reduction="none")
+        if task == CLASSIFICATION:  # one label per example, a row or a column of them
+            return F.cross_entropy(logits, labels.long().reshape(-1), reduction="none")
         if task == REGRESSION:
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1), reduction="none")
         nll, tokens = causal_lm_nll(logits, labels)  # causal LM: mean token loss of each sequence
         return nll / tokens.clamp_min(1)
 

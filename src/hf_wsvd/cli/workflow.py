@@ -16,7 +16,7 @@ from ..config import CalibrationConfig, WSVDConfig
 from ..integrations.checkpoint import check_model_files, check_no_adapter, check_tokenizer_files, damaged_files_named
 from ..blocks import given_back, is_dispatched
 from ..data import (TOKENIZER_FILES, check_fits, check_rows, load_table, make_dataloader, resolve_columns, subset,
-                    teacher_samples, tokenize, with_named_fields)
+                    teacher_samples, tokenize, vocabulary_size, with_named_fields)
 from ..statistics.passes import OtherProcessFailed
 from ..tasks import CAUSAL_LM, SEQ2SEQ_LM, load_task_model, task_of
 
@@ -149,8 +149,7 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, option: st
     # First: a missing tokenizer fails before a long load. The option is a hint only where it was not given.
     loaded_tokenizer = (load_tokenizer(tokenizer, what="tokenizer") if tokenizer else load_tokenizer(path, option))
     model = load_model(path, **kwargs)
-    embeddings = model.get_input_embeddings()
-    rows = getattr(embeddings, "num_embeddings", None)
+    rows = vocabulary_size(model)
     # Fewer tokens than the table is common (tables padded to a round size), but not a quarter: a
     # tokenizer whose vocabulary files are gone loads with its few special tokens, and every word
     # would become the unknown token.
@@ -221,8 +220,8 @@ def data_loader(
         encoded = concatenate_datasets([encoded, Dataset.from_list(written)])
     loader = make_dataloader(encoded, tokenizer, task, config.batch_size)  # sets the padding token if missing
     targets = list(encoded["labels"]) if task == SEQ2SEQ_LM else []  # its decoder's embeddings read them too
-    check_fits(model, [*encoded["input_ids"], *targets], config.max_length,
-               [] if task == CAUSAL_LM else [tokenizer.pad_token_id])
+    check_fits(model, encoded["input_ids"], config.max_length, [] if task == CAUSAL_LM else [tokenizer.pad_token_id],
+               targets)
     loader.num_samples, loader.generated_samples = sampled, len(written)
     return loader
 

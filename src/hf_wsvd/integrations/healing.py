@@ -34,7 +34,7 @@ from transformers import (PreTrainedConfig, PreTrainedModel, Trainer, TrainerCal
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched, kept_flags
-from ..data import check_ids_and_mask, forked_streams, position_limit, seed_streams
+from ..data import check_ids_and_mask, forked_streams, position_limit, seed_streams, vocabulary_size
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import check_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
@@ -448,7 +448,7 @@ def _check_blocks(model: PreTrainedModel, blocks: Sequence[dict], name: str) -> 
     """Raise a one-line error naming the value unless ``blocks`` (the argument ``name``) are dicts
     of one sequence of ``input_ids`` each, all of one length, inside ``model``'s token embeddings and
     position table, with an ``attention_mask`` of 0s and 1s (if any) and at least one real token."""
-    vocabulary, lengths, real = model.get_input_embeddings().num_embeddings, set(), 0
+    vocabulary, lengths, real = vocabulary_size(model), set(), 0
     for index, block in enumerate(blocks):
         where = f"{name}[{index}]"
         if not isinstance(block, Mapping) or "input_ids" not in block:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..allocation import rank_for_ratio, round_rank
+from ..blocks import input_embeddings
 from ..config import WSVDConfig
 from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import saves_parameters
@@ -18,12 +19,11 @@ from ..runtime.factorized_linear import saves_parameters
 def input_embedding_name(model: nn.Module) -> str:
     """``embedding_table_name`` of a model whose input embeddings are an ``nn.Embedding`` (what can be
     factorized)."""
-    embedding = model.get_input_embeddings()
+    embedding = input_embeddings(model)
     if not isinstance(embedding, nn.Embedding):
-        raise ValueError(
-            f"{type(model).__name__}'s input embeddings are a {type(embedding).__name__}, not an nn.Embedding; "
-            "only nn.Embedding can be factorized"
-        )
+        found = "are not named by get_input_embeddings" if embedding is None else f"are a {type(embedding).__name__}"
+        raise ValueError(f"{type(model).__name__}'s input embeddings {found}, not an nn.Embedding; only nn.Embedding "
+                         "can be factorized")
     return embedding_table_name(model)
 
 

@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..blocks import (
-    block_list, first_output, given_back, input_device, is_dispatched, kept_flags, outside_blocks_on, placed,
-    split_hidden,
+    block_list, first_output, given_back, input_device, input_embeddings, is_dispatched, kept_flags, outside_blocks_on,
+    placed, split_hidden,
     with_hidden,
     without_cache,
 )
@@ -210,7 +210,7 @@ def gradient_statistics(
                 # Activations must carry gradients although no parameter does: from every lookup (an
                 # encoder-decoder model's encoder and decoder each hold a module of their own, sharing
                 # the table or not; position tables too, which is harmless).
-                embedding = model.get_input_embeddings()
+                embedding = input_embeddings(model)
                 for module in model.modules():
                     if module is embedding or isinstance(module, nn.Embedding):
                         # (ProphetNet's positional embeddings return a tuple, and carry nothing to score)
