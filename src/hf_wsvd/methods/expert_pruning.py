@@ -117,6 +117,7 @@ def _forward_differs(module: nn.Module) -> str | None:
     return None
 
 
+@torch.no_grad()
 def routed_grams(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                  real: torch.Tensor | None) -> torch.Tensor:
     """Σ over the token rows of ``hidden`` (tokens × H; ``real``: the rows that are no padding) of
