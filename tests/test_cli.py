@@ -196,7 +196,7 @@ def _recipe_fields() -> list:
     return [f for f in dataclasses.fields(WSVDConfig) if f.name not in FILLED]
 
 
-FILLED = ("ranks", "pruned", "attention", "refined", "residual")  # filled by the compressor, not options
+FILLED = ("ranks", "pruned", "attention", "experts", "refined", "residual")  # filled by the compressor, not options
 
 
 def test_every_recipe_field_is_a_compress_option_with_its_own_help(capsys):

@@ -167,7 +167,7 @@ def test_bad_ranks(ranks):
     _assert_rejected(repr(name), ranks=ranks)
 
 
-@pytest.mark.parametrize("field", ["ranks", "pruned", "attention", "refined", "residual"])
+@pytest.mark.parametrize("field", ["ranks", "pruned", "attention", "experts", "refined", "residual"])
 @pytest.mark.parametrize("value", [None, [1], "q_proj"])
 def test_recorded_entries_must_be_dicts(field, value):
     _assert_rejected(f"{field}={value!r} must be a dict", **{field: value})

@@ -280,8 +280,9 @@ def test_a_model_s_own_linear_subclass_that_computes_more_is_no_target():
 
 
 def test_experts_stored_as_3d_weights_are_said_to_stay_dense(caplog):
-    """Mixtral keeps its experts as (experts × out × in) parameters in transformers 5, which no
-    recipe cuts: compress says so, with their share of the model, instead of a smaller gain unexplained."""
+    """Mixtral keeps its experts as (experts × out × in) parameters in transformers 5, which only MLP
+    pruning cuts (tests/test_expert_pruning.py): without it (svd reads no Gram) compress says so, with
+    their share of the model, instead of a smaller gain unexplained."""
     import logging
 
     import torch

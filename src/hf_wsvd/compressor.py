@@ -66,6 +66,8 @@ class CompressionReport:
     attention: dict[str, dict] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative output error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
+    # Experts modules cut by MLP pruning: name → {"channels": kept per expert, "dense_channels"}.
+    experts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Parameters of the target layers (``hf_wsvd.integrations.checkpoint.target_counts``) after and before.
     target_params_after: int = 0
     target_params_before: int = 0
@@ -170,8 +172,8 @@ def _taken_on(config: WSVDConfig, statistics: Statistics) -> WSVDConfig:
 
 def _expert_parameters(model: PreTrainedModel) -> int:
     """How many parameters of ``model``'s blocks are 3-D tensors of one matrix per expert (experts ×
-    out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5): none is a layer
-    compress can cut. Other 3-D weights (RecurrentGemma's block-diagonal gates) are no experts."""
+    out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5): no linear
+    layer; only MLP pruning cuts them (``methods.expert_pruning``). Other 3-D weights (RecurrentGemma's block-diagonal gates) are no experts."""
     config = getattr(model, "config", None)
     experts = {getattr(config, key, None) for key in _EXPERT_COUNT_KEYS} - {None}
     try:
@@ -234,18 +236,19 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
     embedding = input_embeddings(model)
     if isinstance(embedding, FactorizedEmbedding):  # recorded by its table's name, as the modifier factorized it
         ranks[relative_module_name(model, embedding_table_name(model))] = embedding.rank
-    if not ranks and not job.pruned and not job.attention:
+    if not ranks and not job.pruned and not job.attention and not job.cut_experts:
         return  # nothing was replaced: the model is as it was
     try:
         attach_recipe(model, replace(config, ranks=ranks, pruned=dict(job.pruned), attention=dict(job.attention),
-                                     refined=dict(job.refined)))
+                                     experts=dict(job.cut_experts), refined=dict(job.refined)))
     except Exception as error:  # the run's own error is the one to see
         logger.warning(f"compress stopped midway, and recording the layers it had replaced failed too ({error}): "
                        "do not save this model; load the dense model again", extra=MODEL_IN_MEMORY)
         return
     embeddings = " (and the factorized input embeddings)" if len(ranks) > factorized else ""
+    experts = f" and {len(job.cut_experts)} cut experts modules" if job.cut_experts else ""
     logger.warning(f"compress stopped midway: {factorized} factorized and {len(job.pruned)} pruned of the "
-                   f"{len(job.targets)} target layers{embeddings} stay in the model, recorded in its recipe (it "
+                   f"{len(job.targets)} target layers{embeddings}{experts} stay in the model, recorded in its recipe (it "
                    "saves and reloads as it is); load the dense model again to start over", extra=MODEL_IN_MEMORY)
 
 
@@ -363,10 +366,11 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         logger.warning(notice)
         notices.append(notice)
     experts = _expert_parameters(model)
-    if experts:  # said, not left to be found in the parameter count
+    if experts and not config.mlp_pruning:  # said, not left to be found in the parameter count
+        # (with MLP pruning, the experts it cannot cut are named by it)
         notice = (f"{experts:,} parameters ({experts / sum(p.numel() for p in model.parameters()):.0%} of the model) are "
-                  "mixture-of-experts weights stored as 3-D tensors, not linear layers: they stay dense, and only "
-                  "the other layers are compressed")
+                  "mixture-of-experts weights stored as 3-D tensors, not linear layers: without mlp_pruning they stay "
+                  "dense, and only the other layers are compressed")
         logger.warning(notice)
         notices.append(notice)
     samples = _weight_samples(model, targets)
@@ -417,7 +421,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     except BaseException:
         _record_replaced_layers(model, config, job)
         raise
-    if not ranks and not job.pruned and not job.attention:  # nothing was swapped: the model is still the dense one
+    if not ranks and not job.pruned and not job.attention and not job.cut_experts:  # nothing was swapped: the model is still the dense one
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")
     if data is not None and reused and not job.data_read:  # the statistics given held all it needed: said, recorded
@@ -428,7 +432,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     elif job.data_read:  # what the statistics were taken on, for a later reuse to record
         job.statistics.generated = config.generated_samples
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
-                     refined=dict(job.refined))
+                     experts=dict(job.cut_experts), refined=dict(job.refined))
     attach_recipe(model, recipe)
     share_input_factors(model)
     params_after, _ = parameter_counts(model)
@@ -437,7 +441,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
         job.statistics, notices + job.notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
-        dict(job.refined),
+        dict(job.refined), dict(job.cut_experts),
         *target_counts(model),
     )
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said

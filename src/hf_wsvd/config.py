@@ -40,11 +40,11 @@ GROUPED_QUANTIZE_SPECS = ("int7", "int6", "int5", "int4", "int3", "int2", "int4-
 # an older release reading the recipe knows the keys it does not know are newer, not mistakes.
 # Below it, λ = ridge × mean diag C falls under float64's rounding of a wide Gram (n·eps·‖C‖).
 MIN_COMPENSATION_RIDGE = 1e-6
-RECIPE_VERSION = 4  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples
+RECIPE_VERSION = 5  # 2: offload_activations; 3: block_refine_batches; 4: generated_samples; 5: experts
 VERSION_KEY = "recipe_version"
 # The fields compress fills with what it did (a checkpoint's record), never read as its input.
 _EMBEDDING_FIELDS = ("embedding_ratio", "embedding_method", "embedding_weighting")  # read under embeddings=True
-RESULT_FIELDS = ("ranks", "pruned", "attention", "refined", "residual")
+RESULT_FIELDS = ("ranks", "pruned", "attention", "experts", "refined", "residual")
 
 
 @dataclass
@@ -134,7 +134,8 @@ class WSVDConfig:
     mlp_pruning: bool | None = recipe_field(
         None, "shrink each MLP (gate/up -> down, fc1 -> fc2, BERT's intermediate -> output) to its most useful "
         "intermediate channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of "
-        "factorizing its linears (greedy: one budget for ranks and channels; uniform: every MLP keeps param_ratio "
+        "factorizing its linears; the experts of a mixture-of-experts module (Mixtral, OLMoE, Qwen-MoE) each keep "
+        "as many channels of their own, chosen on the tokens routed to them (greedy: one budget for ranks and channels; uniform: every MLP keeps param_ratio "
         "of its channels). For the methods that read the activation Gram. Unset (None): on with such a method in "
         "sequential mode",
         action=argparse.BooleanOptionalAction)
@@ -230,6 +231,10 @@ class WSVDConfig:
         "help": "filled by the compressor: base-model-relative name of each attention cut by attention_pruning -> "
                 "{'head_dim': kept, 'dense_head_dim': dense, 'projections': [q, k, v, o], 'rotary': [kept rotary pair "
                 "indices] (rotary attentions)}", "cli": None})
+    experts: dict[str, dict[str, int]] = field(default_factory=dict, metadata={
+        "help": "filled by the compressor: base-model-relative name of each mixture-of-experts module whose experts "
+                "mlp_pruning cut -> {'channels': kept intermediate channels of every expert, 'dense_channels': n}",
+        "cli": None})
     refined: dict[str, list[float]] = field(default_factory=dict, metadata={
         "help": "filled by the compressor: index of each block trained by block refinement -> [error before, error "
                 "after], its relative output error against the dense block on the calibration data, the mean over tokens of "
@@ -327,11 +332,12 @@ class WSVDConfig:
         for module, rank in self.ranks.items():
             if not is_integer(rank) or rank < 1:
                 raise ValueError(f"ranks[{module!r}]={rank!r} must be a positive integer")
-        if self.pruned or self.attention:
-            from .runtime.modeling_wsvd import check_attention, check_pruned
+        if self.pruned or self.attention or self.experts:
+            from .runtime.modeling_wsvd import check_attention, check_experts, check_pruned
 
             check_pruned(self.pruned, "pruned")
             check_attention(self.attention, "attention")
+            check_experts(self.experts, "experts")
         self._validate_quantization()
 
     def _validate_quantization(self) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .blocks import block_list
 from .config import GROUPED_QUANTIZE_SPECS, WSVDConfig
+from .methods.expert_pruning import find_experts
 from .methods.mlp_pruning import find_pairs
 from .runtime.factorized_linear import linear_shape
 from .runtime.modeling_wsvd import TORCHAO_INT8_ALIGNMENT
@@ -165,7 +166,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def _has_cuttable_mlps(model: nn.Module, targets: dict[str, str]) -> bool:
     linears = {n: linear_shape(model.get_submodule(f)) for n, f in targets.items()
                if type(model.get_submodule(f)) is nn.Linear}
-    return bool(find_pairs(linears))
+    return bool(find_pairs(linears)) or bool(find_experts(model)[0])
 
 
 def resolve(config: WSVDConfig, model: nn.Module, data: Iterable[dict] | None, device: torch.device,

@@ -18,8 +18,8 @@ from ..config import check_refined
 from ..fields import is_integer
 from ..runtime.factorized_embedding import FactorizedEmbedding
 from ..runtime.factorized_linear import FactorizedLinear, FullPrecisionLinear, LowRankCorrectedLinear
-from ..runtime.modeling_wsvd import (MODEL_TYPE, RECIPE_KEY, dense_shape, relative_module_name, stock_model_class,
-                                    wsvd_model_class)
+from ..runtime.modeling_wsvd import (EXPERTS_KEY, MODEL_TYPE, RECIPE_KEY, dense_shape, experts_shape, is_experts,
+                                    relative_module_name, stock_model_class, wsvd_model_class)
 
 
 @dataclass
@@ -27,8 +27,8 @@ class LayerSummary:
     """One compressed layer of a model."""
 
     name: str
-    shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding
-    rank: int | None  # None: a dense layer cut by MLP or attention pruning (its shape is the cut one)
+    shape: tuple[int, int]  # (out, in); (vocab, hidden) for an embedding; (experts, channels) for an experts module
+    rank: int | None  # None: a dense layer (or experts module) cut by MLP or attention pruning (its shape is the cut one)
     params: int
     dense_params: int
     embedding: bool = False  # the input embeddings (not a target layer)
@@ -40,13 +40,19 @@ class LayerSummary:
 
 
 def summarize(model: nn.Module) -> list[LayerSummary]:
-    """One row per factorized or pruned layer of ``model`` (linears and the input embeddings; a
-    head tied to a factorized embedding shares its parameters and has no row): shape, rank (None:
-    a pruned dense layer), parameters now and when dense."""
+    """One row per factorized or pruned layer of ``model`` (linears, the input embeddings and the
+    experts modules MLP pruning cut; a head tied to a factorized embedding shares its parameters and
+    has no row): shape, rank (None: a pruned dense layer), parameters now and when dense."""
     rows, tables = [], set()
     config = getattr(model, "config", None)
     recipe = (recipe_of(config) or {}) if config is not None else {}
+    experts = recipe.get(EXPERTS_KEY) or {}
     for name, module in model.named_modules():
+        entry = experts.get(relative_module_name(model, name))
+        if entry is not None and is_experts(module):  # counted from the record: the 3-D weights of every expert
+            count, kept, hidden = experts_shape(module)
+            rows.append(LayerSummary(relative_module_name(model, name), (count, kept), None, 3 * count * kept * hidden,
+                                     3 * count * entry["dense_channels"] * hidden))
         # a pruned layer quantized (bitsandbytes' own Linear class), or kept unquantized by its shape
         plain = isinstance(module, (nn.Linear, FullPrecisionLinear))
         shape = dense_shape(recipe, relative_module_name(model, name), module) if plain else None
@@ -144,6 +150,11 @@ def structure(model: nn.Module) -> str:
         parts.append(f"{_count(len(consumers), 'MLP')} pruned to "
                      f"{_span({pruned[n]['dense_shape'][0] for n in consumers})} -> "
                      f"{_span({pruned[n]['shape'][0] for n in consumers})} channels")
+    experts = recipe.get(EXPERTS_KEY) or {}
+    if experts:
+        parts.append(f"{_count(len(experts), 'experts module')} pruned to "
+                     f"{_span({e['dense_channels'] for e in experts.values()})} -> "
+                     f"{_span({e['channels'] for e in experts.values()})} channels per expert")
     if attention:
         parts.append(f"{_count(len(attention), 'attention')} cut to head dim "
                      f"{_span({e['dense_head_dim'] for e in attention.values()})} -> "

@@ -13,7 +13,8 @@ from ..runtime.factorized_embedding import FactorizedEmbedding, FactorizedTiedHe
 from ..runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear
 from ..data import TOKENIZER_FILES
 from ..methods.attention_pruning import rotary_index
-from ..runtime.modeling_wsvd import ATTENTION_KEY, BASE_TYPE_KEY, MODEL_TYPE, RECIPE_KEY, attention_layout, cut_shape
+from ..runtime.modeling_wsvd import (ATTENTION_KEY, BASE_TYPE_KEY, EXPERTS_KEY, MODEL_TYPE, RECIPE_KEY, attention_layout,
+                                    cut_shape)
 
 # config attributes a factorized checkpoint adds to its base config
 _WSVD_KEYS = (RECIPE_KEY, BASE_TYPE_KEY, "auto_map")
@@ -131,6 +132,11 @@ def densify(model: PreTrainedModel, show_progress: bool = False) -> PreTrainedMo
     if config.model_type != MODEL_TYPE:
         raise ValueError(f"{type(model).__name__} is not an hf_wsvd model (model_type={config.model_type!r})")
     _refuse_quantized(model)
+    if getattr(config, RECIPE_KEY).get(EXPERTS_KEY):
+        # A stock config says one width for its experts (intermediate_size or moe_intermediate_size,
+        # depending on the model), which this export does not rewrite: refused, not saved unloadable.
+        raise ValueError("the model's mixture-of-experts experts were cut by mlp_pruning, which a dense export does not "
+                         "support: use the compressed checkpoint, which loads with the stock Auto classes")
     stock_class = type(model).__bases__[-1]
     stock_config_class = type(config)._wsvd_base
     sizes = _pruned_sizes(config)

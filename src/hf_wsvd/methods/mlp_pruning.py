@@ -179,13 +179,22 @@ def select_channels(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     return kept, refit
 
 
+def channel_gains(weight: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The output loss each channel removes when added in the kept order: with C + λI = L·Lᵀ in
+    that order, ‖W·L[:, i]‖², what channel i adds beyond the channels before it. Float64."""
+    symmetric, lam = ridged(gram, ridge, weight.device)
+    return _channel_order(weight, symmetric, lam, gains=True)[1]  # consumes the symmetrized copy
+
+
 def channel_spectrum(weight: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.Tensor:
     """√ of the output loss each channel removes when added in the kept order (what greedy
-    allocation reads, as it reads a layer's singular values): with C + λI = L·Lᵀ in that order,
-    ‖W·L[:, i]‖² is what channel i adds beyond the channels before it, made non-increasing (a
-    later channel never counts more than an earlier one). Float64."""
-    symmetric, lam = ridged(gram, ridge, weight.device)
-    _, gains = _channel_order(weight, symmetric, lam, gains=True)  # consumes the symmetrized copy
+    allocation reads, as it reads a layer's singular values): ``channel_gains`` made
+    non-increasing (a later channel never counts more than an earlier one). Float64."""
+    return as_spectrum(channel_gains(weight, gram, ridge))
+
+
+def as_spectrum(gains: torch.Tensor) -> torch.Tensor:
+    """√ of ``gains`` (losses removed, in the kept order) made non-increasing."""
     return gains.cummin(dim=0).values.sqrt()
 
 

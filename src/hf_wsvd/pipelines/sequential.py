@@ -216,7 +216,7 @@ def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs
     hooks.reduce(job.accelerator, job.accelerator.device)
     measured = hooks.result()
     stats = job.statistics.merged(measured)
-    if not stats.has(names, job.input_needs):
+    if not stats.has([n for n in names if n in job.targets], job.input_needs):  # an experts module has its own
         unreached = [name for name in names if name not in measured.tokens]
         if not measured.tokens or not unreached:
             raise ValueError(EMPTY_DATA_MESSAGE)
@@ -281,6 +281,8 @@ def run(job: Job) -> dict[str, int]:
     shapes = candidates(job, skip=frozenset(cuts.members))  # the layers to factorize
     check_allocation(job, shapes, cuts)
     in_block = [[n for n in sorted(job.targets) if job.targets[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+    # Planning also takes the experts modules' statistics (they are cut at the end of their block's walk).
+    experts = [[n for n in sorted(job.experts) if job.experts[n].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
     gradient_pass(job, [*shapes, *sorted(cuts.observed())])  # a consumer's loss weighs its MLP's channels
 
     with job.timed("allocate"):
@@ -290,7 +292,8 @@ def run(job: Job) -> dict[str, int]:
         else:
             values, weights, window = {}, {}, []
             observed_layers = cuts.observed()
-            planned = [[n for n in names if n in shapes or n in observed_layers] for names in in_block]
+            planned = [[n for n in names + more if n in shapes or n in observed_layers]
+                       for names, more in zip(in_block, experts)]
             for names, stats in _stream(job, planned):
                 # As many blocks as processes share one split of their solves: one block's largest solve
                 # (an MLP's channels) would otherwise keep the other processes waiting. Each process then

@@ -28,7 +28,7 @@ from ..allocation import (Budgeted, greedy_ranks, greedy_start, kept_channels, r
                           uniform_ranks)
 from ..blocks import execution_device, hooked, loaded, offloaded
 from ..runtime.factorized_linear import linear_shape, linear_weight
-from ..runtime.modeling_wsvd import all_finite
+from ..runtime.modeling_wsvd import all_finite, experts_shape, is_experts
 from ..solvers import LayerProblem, MethodOptions, Solver
 from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
@@ -61,6 +61,10 @@ class Job:
     pruned: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # Attentions cut by attention pruning: name → {"head_dim", "dense_head_dim", "projections", "rotary"}.
     attention: dict[str, dict] = field(default_factory=dict)
+    # Experts modules MLP pruning may cut (no target layers: 3-D weights): relative → full name.
+    experts: dict[str, str] = field(default_factory=dict)
+    # Experts modules cut by MLP pruning: name → {"channels", "dense_channels"}.
+    cut_experts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
     # What the run did otherwise than the recipe asked, for the report (``notice``).
@@ -91,7 +95,8 @@ class Job:
         return getattr(torch, self.config.compute_dtype)
 
     def module(self, name: str) -> torch.nn.Module:
-        return self.model.get_submodule(self.targets[name])
+        """The target layer or experts module ``name`` (base-model-relative)."""
+        return self.model.get_submodule(self.targets[name] if name in self.targets else self.experts[name])
 
     def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         return {n: linear_shape(self.module(n)) for n in names}
@@ -140,7 +145,7 @@ def require_data(job: Job, method: str = "") -> None:
 
 def gradient_pass(job: Job, names: Iterable[str]) -> None:
     """The gradient statistics the method needs, over the whole model (skipped when given)."""
-    names = list(names)
+    names = [n for n in names if n in job.targets]  # an experts module has no linear weight to score
     if not job.gradient_needs or job.statistics.has(names, job.gradient_needs):
         return
     with job.timed("importance"):
@@ -255,14 +260,23 @@ def _cost(shape: tuple[int, int]) -> float:
     return in_features ** 3 + min(in_features, out_features) ** 2 * max(in_features, out_features)
 
 
+def _module_cost(job: Job, name: str) -> float:
+    """The estimated cost of solving layer ``name``; an experts module's: one MLP's per expert."""
+    module = job.module(name)
+    if is_experts(module):
+        experts, channels, hidden = experts_shape(module)
+        return experts * _cost((channels, hidden))
+    return _cost(linear_shape(module))
+
+
 def owners(job: Job, names: list[str]) -> dict[str, int]:
     """Which process computes each layer: largest first onto the least loaded (deterministic)."""
     load = [0.0] * job.accelerator.num_processes
     owner = {}
-    for name in sorted(names, key=lambda n: (-_cost(linear_shape(job.module(n))), n)):
+    for name in sorted(names, key=lambda n: (-_module_cost(job, n), n)):
         process = min(range(len(load)), key=lambda p: (load[p], p))
         owner[name] = process
-        load[process] += _cost(linear_shape(job.module(name)))
+        load[process] += _module_cost(job, name)
     return owner
 
 
@@ -359,12 +373,13 @@ class Cuts:
 
     @classmethod
     def of(cls, job: Job) -> "Cuts":
-        """The groups the job's modifiers find among its targets whose layers are all ``nn.Linear``
-        (the others, e.g. GPT-2's ``Conv1D`` MLPs, are factorized instead, said once)."""
+        """The groups the job's modifiers find among its targets whose target layers are all
+        ``nn.Linear`` (the others, e.g. GPT-2's ``Conv1D`` MLPs, are factorized instead, said once;
+        an experts module is no target)."""
         owned = []
         for modifier in (m for m in job.modifiers if isinstance(m, ChannelModifier)):
             found = modifier.groups(job)
-            kept = [g for g in found if all(type(job.module(n)) is torch.nn.Linear for n in g.members)]
+            kept = [g for g in found if all(type(job.module(n)) is torch.nn.Linear for n in g.members if n in job.targets)]
             if not found:
                 job.notice(f"{modifier.name} finds {modifier.none_found(job)} among the targets of "
                            f"{type(job.model).__name__}: they are factorized instead")

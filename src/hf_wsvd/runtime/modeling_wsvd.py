@@ -18,6 +18,10 @@ attention, the kept rotary pairs): the projections are rebuilt at the cut size, 
 forward reshapes with set, and for a rotary attention a forward pre-hook cuts the rotary tables it
 receives to the kept pairs. (Kept apart from ``pruned`` so that a loader that does not know
 attention pruning fails on the shapes instead of running the dense head size.)
+A mixture-of-experts module whose experts were cut by MLP pruning is recorded under ``experts``
+(its kept intermediate channels, the same for every expert, and the dense number): its 3-D
+``gate_up_proj`` / ``down_proj`` are rebuilt at that width, so the stock experts forward (eager,
+grouped_mm, batched_mm) runs on the smaller tensors.
 Layers stored quantized with a low-rank correction of their quantization error (``residual``:
 name → rank) are rebuilt as ``LowRankCorrectedLinear``; such a checkpoint loads only with its
 quantization config and quantized base weights.
@@ -74,6 +78,9 @@ ATTENTION_LAYOUTS = (
     (("q_proj", "k_proj", "v_proj"), "{}.o_proj", "head_dim"),  # Llama, Mistral, Qwen2 (rotary)
     (("query", "key", "value"), "output.dense", "attention_head_size"),  # BERT, RoBERTa
 )
+# The recipe key of the experts modules whose experts keep fewer intermediate channels:
+# name → {"channels": kept, "dense_channels": dense}.
+EXPERTS_KEY = "experts"
 # Auto classes a factorized checkpoint can be loaded with, when its base architecture has them.
 AUTO_CLASSES = (
     "AutoModel",
@@ -256,11 +263,88 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
+def is_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module (``use_experts_implementation``: one 3-D
+    weight per projection, experts first)."""
+    down = getattr(module, "down_proj", None)
+    return hasattr(module, "has_gate") and isinstance(down, torch.Tensor) and down.dim() == 3
+
+
+def experts_unsupported(module: nn.Module) -> str | None:
+    """Why the experts of ``module`` (``is_experts``) cannot keep fewer intermediate channels, or
+    None: the layout cut is [gate; up] concatenated in one E × 2I × H ``gate_up_proj`` with the
+    default gate act(gate)·up, an E × H × I ``down_proj``, no bias, no norm after the experts."""
+    from transformers.integrations import moe
+
+    flags = {"has_bias": "biases", "is_transposed": "transposed weights", "has_post_expert_norm": "a norm after "
+             "the experts"}
+    found = next((why for flag, why in flags.items() if getattr(module, flag, False)), None)
+    if found is None and not getattr(module, "has_gate", False):
+        found = "no gate projection"
+    if found is None and not getattr(module, "is_concatenated", True):
+        found = "interleaved gate/up rows"
+    if found is None and getattr(type(module), "_apply_gate", None) is not getattr(moe, "_default_apply_gate", None):
+        found = "a gate of its own (_apply_gate)"
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if found is None and not (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and down.dim() == 3
+                              and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
+                              and gate_up.shape[2] == down.shape[1]):
+        found = "weights of another layout than gate_up_proj (E, 2I, H) and down_proj (E, H, I)"
+    return f"{type(module).__name__} has {found}" if found else None
+
+
+def experts_shape(module: nn.Module) -> tuple[int, int, int]:
+    """(experts, intermediate channels, hidden size) of a supported experts ``module``."""
+    experts, hidden, channels = module.down_proj.shape
+    return experts, channels, hidden
+
+
+def set_experts(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Give the experts ``module`` the weights ``gate_up`` (E × 2k × H) and ``down`` (E × H × k) of
+    k intermediate channels, trainable as its old ones were."""
+    trainable = module.down_proj.requires_grad
+    module.gate_up_proj = nn.Parameter(gate_up, requires_grad=trainable)
+    module.down_proj = nn.Parameter(down, requires_grad=trainable)
+    if hasattr(module, "intermediate_dim"):  # what the stock class records of its width (no forward reads it)
+        module.intermediate_dim = down.shape[2]
+
+
+def _cut_experts_module(module: nn.Module, key: str, entry: dict) -> None:
+    """Rebuild the experts ``module`` (config.json's ``experts`` names it ``key``) at the recorded
+    width, uninitialised, on its device and dtype."""
+    where = f"config.json {RECIPE_KEY}[{EXPERTS_KEY!r}][{key!r}]"
+    why = experts_unsupported(module) if is_experts(module) else f"{type(module).__name__} is no experts module"
+    if why is not None:
+        raise ValueError(f"{where} names a module whose experts cannot be cut ({why}): the config was edited or "
+                         "belongs to another architecture")
+    experts, channels, hidden = experts_shape(module)
+    if channels == entry["channels"]:
+        return
+    if channels != entry["dense_channels"]:
+        raise ValueError(f"{where} records experts of {entry['dense_channels']} intermediate channels, but "
+                         f"{type(module).__name__} there has {channels}: the config was edited or belongs to another "
+                         "architecture")
+    kept, like = entry["channels"], {"device": module.down_proj.device, "dtype": module.down_proj.dtype}
+    set_experts(module, torch.empty(experts, 2 * kept, hidden, **like), torch.empty(experts, hidden, kept, **like))
+
+
+def check_experts(experts: object, where: str) -> dict[str, dict]:
+    """``experts`` after checking it maps names to ``{"channels": k, "dense_channels": n}`` with 0 < k <= n."""
+    if not isinstance(experts, dict):
+        raise ValueError(f"{where} must map each cut experts module to its channels; got {short_repr(experts)}")
+    for name, entry in experts.items():
+        kept, dense = [entry.get(k) if isinstance(entry, dict) else None for k in ("channels", "dense_channels")]
+        if not (type(kept) is int and type(dense) is int and 0 < kept <= dense):
+            raise ValueError(f"{where}[{name!r}]={short_repr(entry)} is not {{'channels': k, 'dense_channels': n}} "
+                             "with 0 < k <= n")
+    return experts
+
+
 def reshaped_layers(recipe: dict) -> set[str]:
-    """The base-model-relative names of the plain linears whose shape the recipe changed: the
-    layers cut by MLP pruning and the projections of the cut attentions."""
+    """The base-model-relative names of the modules whose shape the recipe changed: the layers cut
+    by MLP pruning, the projections of the cut attentions and the cut experts modules."""
     cut = {name for entry in recipe.get(ATTENTION_KEY, {}).values() for name in entry["projections"]}
-    return set(recipe.get("pruned", {})) | cut
+    return set(recipe.get("pruned", {})) | cut | set(recipe.get(EXPERTS_KEY, {}))
 
 
 def dense_shape(recipe: dict, key: str, module: nn.Module) -> tuple[int, int] | None:
@@ -278,18 +362,22 @@ def dense_shape(recipe: dict, key: str, module: nn.Module) -> tuple[int, int] | 
 
 
 def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str, dict] | None = None,
-                      attention: dict[str, dict] | None = None, residual: dict[str, int] | None = None) -> None:
+                      attention: dict[str, dict] | None = None, residual: dict[str, int] | None = None,
+                      experts: dict[str, dict] | None = None) -> None:
     """Replace each module named in ``ranks`` (base-model-relative names) by an uninitialised
     ``FactorizedLinear`` or ``FactorizedEmbedding`` of that rank, each linear named in ``pruned``
     by an uninitialised ``nn.Linear`` of its recorded shape, cut the head dimension of each
     attention named in ``attention`` (its projections rebuilt at the cut size, ``cut_heads``) and
     replace each linear named in ``residual`` by an uninitialised ``LowRankCorrectedLinear`` of that
-    rank, on the module's device and dtype; then rebuild the modules tied to factorized embeddings
-    on their factors."""
-    pruned, attention, residual = pruned or {}, attention or {}, residual or {}
+    rank, and rebuild each experts module named in ``experts`` at its kept width, on the module's
+    device and dtype; then rebuild the modules tied to factorized embeddings on their factors."""
+    pruned, attention, residual, experts = pruned or {}, attention or {}, residual or {}, experts or {}
     matched = set()
     for name, module in list(model.named_modules()):
         key = relative_module_name(model, name)
+        if key in experts:
+            matched.add(key)
+            _cut_experts_module(module, key, experts[key])
         if key in attention:
             matched.add(key)
             _cut_attention_modules(model, name[: len(name) - len(key)], key, attention[key])
@@ -318,7 +406,8 @@ def factorize_modules(model: nn.Module, ranks: dict[str, int], pruned: dict[str,
     # another architecture.
     roots = {relative_module_name(model, name).split(".")[0] for name, _ in model.named_modules()}
     recorded = {**{n: "ranks" for n in ranks}, **{n: "pruned" for n in pruned},
-                **{n: ATTENTION_KEY for n in attention}, **{n: "residual" for n in residual}}
+                **{n: ATTENTION_KEY for n in attention}, **{n: "residual" for n in residual},
+                **{n: EXPERTS_KEY for n in experts}}
     unknown = sorted(name for name in set(recorded) - matched if name.split(".")[0] in roots)
     if unknown or (recorded and not matched):
         name = (unknown or sorted(recorded))[0]
@@ -395,11 +484,11 @@ def check_pruned(pruned: object, where: str) -> dict[str, dict]:
 
 
 def check_recipe(config: PreTrainedConfig
-                 ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict], dict[str, int]]:
-    """The ``ranks``, ``pruned`` shapes, cut ``attention`` and ``residual`` ranks of a factorized
+                 ) -> tuple[dict[str, int], dict[str, dict], dict[str, dict], dict[str, int], dict[str, dict]]:
+    """The ``ranks``, ``pruned`` shapes, cut ``attention``, ``residual`` ranks and cut ``experts`` of a factorized
     config after a minimal check of its recipe and base type (this file cannot import hf_wsvd's
     full recipe validation): ranks and residual name → positive int maps, pruned
-    (``check_pruned``), attention (``check_attention``), not all empty, ``method`` a string,
+    (``check_pruned``), attention (``check_attention``), experts (``check_experts``), not all empty, ``method`` a string,
     ``param_ratio`` in (0, 1], ``wsvd_base_model_type`` the config class's base, and a
     quantization config wherever ``residual`` is set."""
     recipe = getattr(config, RECIPE_KEY, None)
@@ -409,10 +498,11 @@ def check_recipe(config: PreTrainedConfig
     ranks = recipe.get("ranks")
     pruned = check_pruned(recipe.get("pruned", {}), f"{where}['pruned']")
     attention = check_attention(recipe.get(ATTENTION_KEY, {}), f"{where}[{ATTENTION_KEY!r}]")
+    experts = check_experts(recipe.get(EXPERTS_KEY, {}), f"{where}[{EXPERTS_KEY!r}]")
     residual = recipe.get("residual", {})
     if not isinstance(residual, dict):
         raise ValueError(f"{where}['residual'] must map each corrected layer to its rank; got {short_repr(residual)}")
-    if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual):
+    if not isinstance(ranks, dict) or not (ranks or pruned or attention or residual or experts):
         raise ValueError(f"{where}['ranks'] must map each factorized module to its rank (or {where}['pruned'] list "
                          f"the pruned layers); got ranks={short_repr(ranks)}")
     cut = {name: None for entry in attention.values() for name in entry["projections"]}
@@ -441,7 +531,7 @@ def check_recipe(config: PreTrainedConfig
     if base is not None and recorded != base.model_type:
         raise ValueError(f"config.json {BASE_TYPE_KEY}={recorded!r} does not match the checkpoint's architecture "
                          f"({type(config).__name__}, model type {base.model_type!r})")
-    return ranks, pruned, attention, residual
+    return ranks, pruned, attention, residual, experts
 
 
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
@@ -502,7 +592,8 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
     if mismatched:
         key, *shapes = mismatched[0]
         found = f": {tuple(shapes[0])} in the file, {tuple(shapes[1])} in the model" if len(shapes) == 2 else ""
-        why = (f"the file is damaged, or config.json's {RECIPE_KEY} ranks or pruned or attention shapes were edited"
+        why = (f"the file is damaged, or config.json's {RECIPE_KEY} ranks or pruned, attention or experts shapes were "
+               "edited"
                if key in owned or _in_base_model(model, key) else "pass ignore_mismatched_sizes=True to re-initialize a head of "
                "another size")
         raise ValueError(f"the tensor {key!r} has the wrong shape in the checkpoint's weights{found} "
@@ -524,7 +615,7 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                              f"{'.'.join(parts[depth:])!r}): the weights file holds extra tensors, or config.json's "
                              "sizes were edited")
         raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
-                         f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'] or "
+                         f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'], {RECIPE_KEY}[{EXPERTS_KEY!r}] or "
                          f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
     if absent:
         raise random_weights_error(absent)

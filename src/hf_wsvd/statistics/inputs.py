@@ -10,9 +10,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..runtime.factorized_linear import linear_shape
+from ..runtime.modeling_wsvd import experts_shape, is_experts
 from ..targets import unreached_advice
 from ..tasks import labels_feed_decoder, scoring_inputs, shifted_right
 from .collectors import COLLECTORS, collectors_for
+from .names import EXPERT_GRAM
 from .passes import batches, default_accelerator, exact_16bit_products, failing_together, sum_across_processes
 from .result import Statistics
 from .shared import TOKENS, SharedSums
@@ -38,7 +40,9 @@ class InputHooks:
     decoder, an output head) take ``new_batch``'s ``decoder_mask`` instead, except where they read
     the encoder's states (cross-attention keys and values). Modules reading the same tensor (q/k/v
     projections) share one computation of each contribution and one copy of the sums
-    (``SharedSums``). Accumulators live on the device of the module's input.
+    (``SharedSums``). Accumulators live on the device of the module's input. An experts module
+    (``runtime.modeling_wsvd.is_experts``) gets the per-expert Gram of its routed intermediate
+    channels instead (``EXPERT_GRAM``, ``methods.expert_pruning.routed_grams``), whatever ``needs``.
     """
 
     # How a decoder's modules are handed the encoder's states (T5 and BART attention, BERT layers).
@@ -56,7 +60,8 @@ class InputHooks:
             and hasattr(model, "get_encoder") and hasattr(model, "get_decoder")
         inside = {id(m) for m in model.get_encoder().modules()} if encoder_decoder else set()
         self._decoder_side = {name for name, m in modules.items() if encoder_decoder and id(m) not in inside}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self._handles = [m.register_forward_pre_hook(self._expert_hook(name), with_kwargs=True) if is_experts(m)
+                         else m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         if self._decoder_side:
             # The encoder's output, and what decoder modules are handed as such: projected to the
             # decoder's width by some models, copied to another device by a dispatched one.
@@ -93,6 +98,20 @@ class InputHooks:
 
         return hook
 
+    def _expert_hook(self, module_name: str):
+        from ..methods.expert_pruning import routed_grams
+
+        def hook(module, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            hidden, index, weights = [*args, *(kwargs[name] for name in names[len(args):])][:3]
+            mask = self.mask
+            real = mask.to(hidden.device).reshape(-1).bool() if mask is not None and mask.numel() == len(hidden) else None
+            tokens = float(real.sum()) if real is not None else float(len(hidden))
+            self.sums.add(module_name, {EXPERT_GRAM: routed_grams(module, hidden, index, weights, real),
+                                        TOKENS: torch.tensor(tokens, dtype=torch.float64, device=hidden.device)})
+
+        return hook
+
     def new_batch(self, mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None) -> None:
         self.mask, self.decoder_mask = mask, decoder_mask
         self._encoder_states.clear()
@@ -108,6 +127,10 @@ class InputHooks:
     def reduce(self, accelerator: Accelerator, device: torch.device) -> None:
         """Sum the accumulators and token counts over processes (one reduction for all modules)."""
         def zeros(name: str) -> dict[str, torch.Tensor]:
+            if is_experts(self.modules[name]):
+                experts, channels, _ = experts_shape(self.modules[name])
+                return {EXPERT_GRAM: torch.zeros(experts, channels, channels, dtype=torch.float64, device=device),
+                        TOKENS: torch.zeros((), dtype=torch.float64, device=device)}
             in_features, out_features = linear_shape(self.modules[name])
             return {**{n: COLLECTORS[n]().zeros(in_features, out_features, device) for n in self.names},
                     TOKENS: torch.zeros((), dtype=torch.float64, device=device)}

@@ -6,6 +6,9 @@ FISHER_COLS = "fisher_cols"  # summed over outputs: one value per input column, 
 GRAM = "gram"  # input second moment E[x xᵀ], in × in
 MEAN_ABS = "mean_abs"  # input E|x| per feature, O(in)
 TOKEN_COUNTS = "token_counts"  # how often each token id occurs in the data: vocab-sized, of an input embedding
+# An experts module's per-expert Gram of its intermediate channels, each routed token weighted by its
+# routing weight squared, over all the tokens reaching the module: experts × I × I (``methods.expert_pruning``).
+EXPERT_GRAM = "expert_gram"
 CROSS = "cross"  # E[x_dense x_compressedᵀ]: a layer's inputs in the dense and the compressed model, in × in
 
 # Statistics of per-example gradients (a forward and backward pass of the task loss) and of the
