@@ -191,6 +191,27 @@ def test_cut_experts_save_and_reload_with_hf_wsvd_and_with_the_saved_code(tmp_pa
     assert result.stdout.split() == ["WsvdMixtralForCausalLM", f"(4,", "32,", f"{keep})"]
 
 
+@pytest.mark.parametrize("mlp_pruning", [True, False])
+def test_a_model_loaded_from_the_hub_layout_saves_what_its_checkpoint_class_reloads(tmp_path, mlp_pruning):
+    """A Hub Mixtral stores each expert's weights on their own (w1/w2/w3), which transformers fuses
+    at load and would write back so at save; the compressed checkpoint keeps the layout it holds,
+    which its class (no conversion of its own) reloads, experts cut or not."""
+    _model().save_pretrained(tmp_path / "dense")
+    stored = load_file(tmp_path / "dense" / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in stored  # the Hub's layout, fused at load
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    data = _data()
+    model, report = compress(dense, WSVDConfig(param_ratio=0.7, method="whiten", mlp_pruning=mlp_pruning,
+                                               block_refine_steps=0), data, show_progress=False)
+    assert bool(report.experts) == mlp_pruning
+    model.save_pretrained(tmp_path / "compressed")
+    assert "model.layers.0.mlp.experts.down_proj" in load_file(tmp_path / "compressed" / "model.safetensors")
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed").eval()
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     _, model, _, _ = _compress(allocation="uniform", block_refine_steps=0)

@@ -73,4 +73,7 @@ def attach_recipe(model: PreTrainedModel, recipe: WSVDConfig) -> PreTrainedModel
     setattr(config, RECIPE_KEY, recipe.to_versioned_dict())
     if not type(model).__name__.startswith(CLASS_PREFIX):
         model.__class__ = wsvd_model_class(type(model))
+    # Saved as it is held: transformers would write back the layout of the file the dense model came
+    # from (a Hub Mixtral's experts one weight each), which no conversion turns back for this class.
+    model._weight_conversions = []
     return model
