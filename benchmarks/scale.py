@@ -44,7 +44,7 @@ from pathlib import Path
 import psutil
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from hf_wsvd import WSVDConfig, compress
 from hf_wsvd.argtypes import non_negative_int, positive_int
@@ -59,13 +59,22 @@ SHAPES = {
                   num_key_value_heads=12, vocab_size=32000),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=1000),
+    # OLMoE-1B-7B: 64 experts of 1024 channels a block, 8 of them a token
+    "olmoe-7b": dict(model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                     vocab_size=50304),
 }
+
+
+def shape_config(shape: str, **fields) -> PretrainedConfig:
+    """The config of ``shape`` (a Llama unless it names its model type), with ``fields`` on top."""
+    fields = {**SHAPES[shape], **fields}
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
 
 
 def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Random weights built directly on ``device`` (no init pass: N(0, 0.02) filled in place)."""
-    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}),
-                            "max_position_embeddings": 4096})
+    config = shape_config(shape, **({"num_hidden_layers": layers} if layers else {}), max_position_embeddings=4096)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device=device)
@@ -84,7 +93,7 @@ def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dty
 def full_depth_bytes(shape: str, dtype: torch.dtype) -> int:
     """The size of the shape's weights at full depth in ``dtype`` (counted on the meta device)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype)
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 

@@ -40,6 +40,7 @@ import torch
 
 from hf_wsvd import WSVDConfig, overlap_sibling_products, unshare_input_factors
 from hf_wsvd.argtypes import non_negative_int, positive_int
+from scale import SHAPES, build
 from timing import (add_json_arguments, cuda_kernels, interleaved_seconds, kernel_times, matmul_shapes,
                     measure_or_publish, median, require_cuda, shapes_profile, shared_down_groups, token_batch, verdict,
                     with_key)
@@ -116,15 +117,24 @@ def compress_with_recipe(model, reduction: float, args) -> dict:
     return {"compress_seconds": time.perf_counter() - start, "factorized_layers": len(report.ranks),
             "ranks": sorted(set(report.ranks.values())), "pruned_mlps": len(report.pruned_mlps),
             "mlp_channels": sorted({report.pruned[n]["shape"][0] for n in report.pruned_mlps}),
-            "cut_attentions": len(report.attention), "head_dims": head_dims,
+            "cut_attentions": len(report.attention), "head_dims": head_dims, "cut_experts": len(report.experts),
+            "expert_channels": sorted({entry["channels"] for entry in report.experts.values()}),
             "dense_layers": len(report.dense_targets), "shared_down_groups": shared_down_groups(model),
             "recipe": {k: v for k, v in config.to_dict().items() if k in ("param_ratio", *json.loads(args.recipe))}}
 
 
 def step_bytes(model, batch: int, context: int) -> int:
-    """The bytes one decode step reads: every weight once, and the KV cache of ``batch`` sequences
+    """The bytes one decode step reads: every weight once (of a mixture of experts, the experts the
+    step's tokens reach, expected under uniform routing), and the KV cache of ``batch`` sequences
     of ``context`` tokens (each layer's keys and values at its own head size)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = 0
+    for module in model.modules():
+        experts = getattr(module, "num_experts", None)
+        for p in module.parameters(recurse=False):
+            share = 1.0
+            if p.dim() == 3 and p.shape[0] == experts:  # each token reads top-k of the experts
+                share = 1 - (1 - model.config.num_experts_per_tok / experts) ** batch
+            weights += int(p.numel() * p.element_size() * share)
     cache = 0
     for layer in model.model.layers:
         attention = layer.self_attn
@@ -285,10 +295,8 @@ def guarded(result: dict, key: str, work) -> None:
 def measure_model(reduction: float, args, checkpoint: Callable[[dict], None] = lambda result: None) -> dict:
     """One model (dense, or compressed at ``reduction``), its parts in turn; ``checkpoint`` sees the
     result so far once the model is built (and compressed) and after each part."""
-    from scale import build
-
     device = torch.device("cuda")
-    model = build("7b", args.layers, device, torch.bfloat16)
+    model = build(args.shape, args.layers, device, torch.bfloat16)
     dense_params = sum(p.numel() for p in model.parameters())
     result = {"reduction": reduction}
     if reduction:
@@ -408,7 +416,7 @@ def measure(args) -> dict:
     leaves what it measured."""
     from report import environment
 
-    payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "layers": args.layers,
+    payload = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "shape": args.shape, "layers": args.layers,
                "parts": args.parts, "recipe": json.loads(args.recipe), "calibration": args.calibration,
                "prefill_shape": [args.prefill_batch, args.prefill_length], "prompt_length": args.prompt_length,
                "new_tokens": args.new_tokens, "int8_untuned": args.int8_untuned, "models": [],
@@ -505,7 +513,9 @@ def render(runs: list[dict]) -> str:
         base = next((m for m in run["models"] if m["reduction"] == 0), None)
         recipe = ", ".join(f"{k}={v}" for k, v in run.get("recipe", {}).items()) or "recommended"
         for m in run["models"]:
-            label = f"{m['reduction']:.0%}" + ("" if not m["reduction"] else f" ({recipe})")
+            shape = run.get("shape", "7b")  # runs before the option: the Llama 7B shape
+            label = ("" if shape == "7b" else f"{shape}: ") + f"{m['reduction']:.0%}" + (
+                "" if not m["reduction"] else f" ({recipe})")
             where = f"run {number}, {m['reduction']:.0%}"
             bounds = [base["step_bytes"][b] / m["step_bytes"][b] if base and b in m["step_bytes"] else "—"
                       for b in ("1", "16")]
@@ -515,7 +525,9 @@ def render(runs: list[dict]) -> str:
                 f"{m['cut_attentions']} attentions cut to head dim {'/'.join(map(str, m['head_dims'])) or '-'}, "
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
-                f"shared), {m['dense_layers']} dense")
+                f"shared), {m['dense_layers']} dense"
+                + (f", {m['cut_experts']} experts modules to {'-'.join(map(str, m['expert_channels'][:1] + m['expert_channels'][-1:]))} "
+                   "channels an expert" if m.get("cut_experts") else ""))
             models.append([number, run["environment"].get("cuda") or "—", label, structure, f"{m['params'] / 1e9:.2f}B",
                            m["param_ratio"],
                            "×".join(map(str, run["calibration"])), f"{run['prompt_length']} + {run['new_tokens']}", *bounds,
@@ -580,7 +592,7 @@ def render(runs: list[dict]) -> str:
                                   f"not judged, the eager runs of one model differ {spread:.1f}×")
                         note += f" (target: no lower: {judged})"
                     notes.append(note + ".")
-        for reduction, targets in TARGETS.items():
+        for reduction, targets in TARGETS.items() if run.get("shape", "7b") == "7b" else ():
             m = next((m for m in run["models"] if m["reduction"] == reduction), None)
             if m is None or base is None:
                 continue
@@ -592,7 +604,7 @@ def render(runs: list[dict]) -> str:
                     notes.append(f"{where}: {name} ×{now / dense:.3f} (target ≥{target}: "
                                  f"{verdict(now / dense >= target)}).")
     model_table = markdown_table(
-        ["run", "GPU", "Llama 7B shape, bf16, reduction (recipe)", "structure", "parameters", "size/dense",
+        ["run", "GPU", "shape (Llama 7B unless named), bf16, reduction (recipe)", "structure", "parameters", "size/dense",
          "calibration (random tokens)", "decode: prompt + new tokens", "bound b1 (dense bytes/bytes)", "bound b16",
          "peak GiB prefill", "peak GiB decode", "compress s"], models)
     timing_table = markdown_table(
@@ -622,6 +634,8 @@ def main() -> None:
     parser.add_argument("--int8-untuned", action="store_true",
                         help="the int8 parts without torchao's inductor settings (its coordinate-descent tuning of "
                              "each kernel shape, which makes the first compilation of a compressed model long)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b",
+                        help="the model's shape (benchmarks/scale.py; issue 21's targets are judged on 7b)")
     parser.add_argument("--layers", type=positive_int, default=32)
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, 0.2, 0.4],
                         help="fractions of the decoder-linear parameters removed (0: dense)")
