@@ -236,8 +236,9 @@ def test_gpu_speed_benchmark_keeps_each_measured_part_of_a_model_cut_off(benchma
     monkeypatch.setattr(speed_gpu, "measure_model", measure_model)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
     out = tmp_path / "speed.json"
-    args = argparse.Namespace(layers=2, parts=["compile", "int8"], recipe="{}", calibration=[1, 8], prefill_batch=1,
-                              prefill_length=8, prompt_length=4, new_tokens=4, reductions=[0.0, 0.5], json_out=str(out),
+    args = argparse.Namespace(shape="7b", layers=2, parts=["compile", "int8"], recipe="{}", calibration=[1, 8],
+                              prefill_batch=1, prefill_length=8, prompt_length=4, new_tokens=4, reductions=[0.0, 0.5],
+                              json_out=str(out),
                               int8_untuned=False)
     with pytest.raises(KeyboardInterrupt):
         speed_gpu.measure(args)
