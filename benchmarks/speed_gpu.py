@@ -114,11 +114,12 @@ def compress_with_recipe(model, reduction: float, args) -> dict:
     if args.unshared:
         unshare_input_factors(model)
     head_dims = sorted({entry["head_dim"] for entry in report.attention.values()})
+    cut = [e["channels"] for e in report.experts.values() if e["channels"] < e["dense_channels"]]
     return {"compress_seconds": time.perf_counter() - start, "factorized_layers": len(report.ranks),
             "ranks": sorted(set(report.ranks.values())), "pruned_mlps": len(report.pruned_mlps),
             "mlp_channels": sorted({report.pruned[n]["shape"][0] for n in report.pruned_mlps}),
-            "cut_attentions": len(report.attention), "head_dims": head_dims, "cut_experts": len(report.experts),
-            "expert_channels": sorted({entry["channels"] for entry in report.experts.values()}),
+            "cut_attentions": len(report.attention), "head_dims": head_dims,
+            "cut_experts": len(cut), "expert_channels": sorted(set(cut)),
             "dense_layers": len(report.dense_targets), "shared_down_groups": shared_down_groups(model),
             "recipe": {k: v for k, v in config.to_dict().items() if k in ("param_ratio", *json.loads(args.recipe))}}
 
@@ -526,8 +527,9 @@ def render(runs: list[dict]) -> str:
                 f"{m['pruned_mlps']} MLPs to {'-'.join(map(str, m['mlp_channels'][:1] + m['mlp_channels'][-1:])) or '-'} "
                 f"channels, {m['factorized_layers']} factorized ({m.get('shared_down_groups', 0)} down groups "
                 f"shared), {m['dense_layers']} dense"
-                + (f", {m['cut_experts']} experts modules to {'-'.join(map(str, m['expert_channels'][:1] + m['expert_channels'][-1:]))} "
-                   "channels an expert" if m.get("cut_experts") else ""))
+                + (f", {m['cut_experts']} experts modules to "
+                   f"{'-'.join(map(str, m['expert_channels'][:1] + m['expert_channels'][-1:]))} channels an expert"
+                   if m.get("cut_experts") else ""))
             models.append([number, run["environment"].get("cuda") or "—", label, structure, f"{m['params'] / 1e9:.2f}B",
                            m["param_ratio"],
                            "×".join(map(str, run["calibration"])), f"{run['prompt_length']} + {run['new_tokens']}", *bounds,

@@ -156,6 +156,56 @@ def test_each_experts_module_keeps_k_channels_per_expert_within_the_budget(kind,
     assert _relative_error(model, dense, data) < 1.0
 
 
+def test_an_expert_no_token_reaches_adds_no_loss_to_its_module():
+    """A dead expert's Gram is 0: only the ridge would price its channels, a loss the data never
+    shows, which outweighed the reached experts' and kept the whole module dense."""
+    from hf_wsvd.methods.expert_pruning import experts_gains
+
+    experts = _experts(_model())[0]
+    hidden, index, weights = _routed(experts)
+    index[index == 3] = 0  # expert 3 reached by no token
+    grams = routed_grams(experts, hidden, index, weights, None) / len(hidden)
+    assert not grams[3].any() and grams[:3].diagonal(dim1=1, dim2=2).gt(0).all()
+    down = experts.down_proj.detach().double()
+    torch.testing.assert_close(experts_gains(down, grams, 0.1), experts_gains(down[:3], grams[:3], 0.1))
+
+
+def test_experts_modules_the_budget_keeps_whole_are_recorded_and_counted():
+    """The budget spans the experts: one it keeps whole is recorded with all its channels, so the
+    target counts (report, card, inspect) hold what param_ratio budgeted, and the structure says it."""
+    _, model, report, _ = _compress(param_ratio=0.97, method="whiten", block_refine_steps=0)
+    names = {f"layers.{i}.mlp.experts" for i in range(2)}
+    assert set(report.experts) == names
+    whole = {n for n, e in report.experts.items() if e["channels"] == e["dense_channels"] == CHANNELS}
+    assert whole, report.experts  # at 0.97 the budget leaves some module whole
+    after, before = target_counts(model)
+    linears = sum(p.numel() for layer in model.model.layers for p in layer.self_attn.parameters())
+    assert before == linears + 2 * 3 * 4 * 32 * CHANNELS  # every experts module counted, cut or whole
+    assert f"{len(whole)} experts module{'s' if len(whole) > 1 else ''} kept whole" in structure(model)
+
+
+def test_uniform_allocation_cuts_experts_whose_block_leaves_its_o_proj_dense():
+    """Uniform allocation prices nothing: a Fisher-weighted method needs no o_proj to cut experts."""
+    _, _, report, _ = _compress(method="fisher_whiten", allocation="uniform", block_refine_steps=0,
+                                exclude_modules=["o_proj"])
+    assert set(report.experts) == {f"layers.{i}.mlp.experts" for i in range(2)}
+    assert all(e["channels"] < e["dense_channels"] for e in report.experts.values())
+
+
+def test_three_d_experts_outside_transformers_experts_modules_are_said_to_stay_dense():
+    """Llama 4's experts are 3-D weights of no experts module mlp_pruning reads: said, not silent."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=64, pad_token_id=0, moe_layers=[0, 1], interleave_moe_layer_step=1)).eval()
+    _, report = compress(model, WSVDConfig(param_ratio=0.6, method="whiten", mlp_pruning=True, block_refine_steps=0),
+                         _data(), show_progress=False)
+    assert any("3-D tensors of a layout mlp_pruning does not know: they stay dense" in n for n in report.notices)
+
+
 def test_the_recommended_recipe_prices_the_experts_with_the_other_layers():
     dense, model, report, data = _compress(param_ratio=0.5)  # fisher_whiten, greedy, sequential, compensation
     assert report.pipeline == "sequential" and report.allocation == "greedy" and report.compensated
@@ -210,6 +260,29 @@ def test_a_model_loaded_from_the_hub_layout_saves_what_its_checkpoint_class_relo
     with torch.no_grad():
         back = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed").eval()
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_a_checkpoint_saved_in_the_hub_s_per_expert_layout_is_refused_in_one_line(tmp_path):
+    """Before recipe_version 5, a compressed model loaded from the Hub saved its experts one weight
+    each, which the checkpoint class never fuses: said, not a missing-tensor puzzle."""
+    _, model, _, _ = _compress(mlp_pruning=False, block_refine_steps=0)
+    model.save_pretrained(tmp_path)
+    per_expert = {}
+    for key, tensor in load_file(tmp_path / "model.safetensors").items():
+        if key.endswith("experts.down_proj"):
+            per_expert.update({key.replace("mlp.experts.down_proj", f"block_sparse_moe.experts.{e}.w2.weight"): w
+                               for e, w in enumerate(tensor)})
+        elif key.endswith("experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            for e in range(len(tensor)):
+                stem = key.replace("mlp.experts.gate_up_proj", f"block_sparse_moe.experts.{e}")
+                per_expert.update({f"{stem}.w1.weight": gate[e], f"{stem}.w3.weight": up[e]})
+        else:
+            per_expert[key] = tensor
+    save_file({k: v.contiguous() for k, v in per_expert.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="stores each expert's weights on their own .*compress the dense model again"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +342,7 @@ def test_a_missing_or_truncated_expert_tensor_is_refused_in_one_line(saved, tmp_
 def test_a_checkpoint_without_the_experts_key_loads_as_before(tmp_path):
     """A recipe of before experts pruning (version 4, no 'experts'): its experts were dense."""
     _, model, report, data = _compress(mlp_pruning=False, block_refine_steps=0)
-    assert not report.experts and any("without mlp_pruning they stay dense" in n for n in report.notices)
+    assert not report.experts and any("which only mlp_pruning cuts: they stay dense" in n for n in report.notices)
     model.save_pretrained(tmp_path)
 
     def older(recipe):

@@ -24,7 +24,7 @@ from .pipelines.step import Job, run
 from .recipes import default_rank_multiple, residual_block_refine_steps, resolve
 from .runtime.factorized_embedding import FactorizedEmbedding
 from .runtime.factorized_linear import FactorizedLinear, linear_shape, share_input_factors
-from .runtime.modeling_wsvd import MODEL_TYPE, relative_module_name, reshaped_layers
+from .runtime.modeling_wsvd import MODEL_TYPE, is_experts, relative_module_name, reshaped_layers
 from .solvers import solver_for
 from .solvers.quantized_residual import quantized_residual
 from .statistics import Statistics, default_accelerator
@@ -66,7 +66,8 @@ class CompressionReport:
     attention: dict[str, dict] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative output error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
-    # Experts modules cut by MLP pruning: name → {"channels": kept per expert, "dense_channels"}.
+    # The experts modules of MLP pruning's budget: name → {"channels": kept per expert, "dense_channels"}
+    # (equal where the budget kept the module whole).
     experts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Parameters of the target layers (``hf_wsvd.integrations.checkpoint.target_counts``) after and before.
     target_params_after: int = 0
@@ -170,17 +171,20 @@ def _taken_on(config: WSVDConfig, statistics: Statistics) -> WSVDConfig:
                    generated_samples=statistics.generated)
 
 
-def _expert_parameters(model: PreTrainedModel) -> int:
+def _expert_parameters(model: PreTrainedModel, mlp_pruning: bool) -> int:
     """How many parameters of ``model``'s blocks are 3-D tensors of one matrix per expert (experts ×
-    out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5): no linear
-    layer; only MLP pruning cuts them (``methods.expert_pruning``). Other 3-D weights (RecurrentGemma's block-diagonal gates) are no experts."""
+    out × in, as Mixtral, OLMoE and Qwen3-MoE store their experts in transformers 5) that stay
+    dense: no linear layer; with ``mlp_pruning``, those outside transformers' experts modules (Llama
+    4's, JetMoE's), which it never reads (it names the experts modules it leaves dense itself).
+    Other 3-D weights (RecurrentGemma's block-diagonal gates) are no experts."""
     config = getattr(model, "config", None)
     experts = {getattr(config, key, None) for key in _EXPERT_COUNT_KEYS} - {None}
     try:
         prefix, blocks = block_list(model)
     except ValueError:
         return 0
-    return sum(p.numel() for module in blocks.modules() if not isinstance(module, torch.nn.modules.conv._ConvNd)
+    return sum(p.numel() for module in blocks.modules()
+               if not isinstance(module, torch.nn.modules.conv._ConvNd) and not (mlp_pruning and is_experts(module))
                for p in module.parameters(recurse=False) if p.dim() == 3 and p.shape[0] in experts)
 
 
@@ -240,7 +244,7 @@ def _record_replaced_layers(model: PreTrainedModel, config: WSVDConfig, job: Job
         return  # nothing was replaced: the model is as it was
     try:
         attach_recipe(model, replace(config, ranks=ranks, pruned=dict(job.pruned), attention=dict(job.attention),
-                                     experts=dict(job.cut_experts), refined=dict(job.refined)))
+                                     experts=job.experts_record(), refined=dict(job.refined)))
     except Exception as error:  # the run's own error is the one to see
         logger.warning(f"compress stopped midway, and recording the layers it had replaced failed too ({error}): "
                        "do not save this model; load the dense model again", extra=MODEL_IN_MEMORY)
@@ -365,12 +369,12 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
             f": this recipe (method={config.method!r}) does not read {'it' if len(unread) == 1 else 'them'}"
         logger.warning(notice)
         notices.append(notice)
-    experts = _expert_parameters(model)
-    if experts and not config.mlp_pruning:  # said, not left to be found in the parameter count
-        # (with MLP pruning, the experts it cannot cut are named by it)
+    experts = _expert_parameters(model, bool(config.mlp_pruning))
+    if experts:  # said, not left to be found in the parameter count
+        which = "of a layout mlp_pruning does not know" if config.mlp_pruning else "which only mlp_pruning cuts"
         notice = (f"{experts:,} parameters ({experts / sum(p.numel() for p in model.parameters()):.0%} of the model) are "
-                  "mixture-of-experts weights stored as 3-D tensors, not linear layers: without mlp_pruning they stay "
-                  "dense, and only the other layers are compressed")
+                  f"mixture-of-experts weights stored as 3-D tensors {which}: they stay dense, and only the other "
+                  "layers are compressed")
         logger.warning(notice)
         notices.append(notice)
     samples = _weight_samples(model, targets)
@@ -421,7 +425,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     except BaseException:
         _record_replaced_layers(model, config, job)
         raise
-    if not ranks and not job.pruned and not job.attention and not job.cut_experts:  # nothing was swapped: the model is still the dense one
+    if not ranks and not job.pruned and not job.attention and not job.cut_experts:  # nothing swapped: still the dense model
         raise ValueError(f"param_ratio={config.param_ratio} leaves every target layer dense, which saves "
                          "nothing: lower it to compress")
     if data is not None and reused and not job.data_read:  # the statistics given held all it needed: said, recorded
@@ -432,7 +436,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
     elif job.data_read:  # what the statistics were taken on, for a later reuse to record
         job.statistics.generated = config.generated_samples
     recipe = replace(config, ranks=dict(ranks), pruned=dict(job.pruned), attention=dict(job.attention),
-                     experts=dict(job.cut_experts), refined=dict(job.refined))
+                     experts=job.experts_record(), refined=dict(job.refined))
     attach_recipe(model, recipe)
     share_input_factors(model)
     params_after, _ = parameter_counts(model)
@@ -441,7 +445,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
         job.statistics, notices + job.notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
-        dict(job.refined), dict(job.cut_experts),
+        dict(job.refined), job.experts_record(),
         *target_counts(model),
     )
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said

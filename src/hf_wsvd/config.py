@@ -135,8 +135,9 @@ class WSVDConfig:
         None, "shrink each MLP (gate/up -> down, fc1 -> fc2, BERT's intermediate -> output) to its most useful "
         "intermediate channels, the consumer refitted on them (MoDeGPT's module-pair compression), instead of "
         "factorizing its linears; the experts of a mixture-of-experts module (Mixtral, OLMoE, Qwen-MoE) each keep "
-        "as many channels of their own, chosen on the tokens routed to them (greedy: one budget for ranks and channels; uniform: every MLP keeps param_ratio "
-        "of its channels). For the methods that read the activation Gram. Unset (None): on with such a method in "
+        "as many channels of their own, chosen on the tokens routed to them (greedy: one budget for ranks and "
+        "channels; uniform: every MLP keeps param_ratio of its channels). For the methods that read the activation "
+        "Gram. Unset (None): on with such a method in "
         "sequential mode",
         action=argparse.BooleanOptionalAction)
     attention_pruning: bool | None = recipe_field(

@@ -150,7 +150,8 @@ def structure(model: nn.Module) -> str:
         parts.append(f"{_count(len(consumers), 'MLP')} pruned to "
                      f"{_span({pruned[n]['dense_shape'][0] for n in consumers})} -> "
                      f"{_span({pruned[n]['shape'][0] for n in consumers})} channels")
-    experts = recipe.get(EXPERTS_KEY) or {}
+    recorded = recipe.get(EXPERTS_KEY) or {}
+    experts = {n: e for n, e in recorded.items() if e["channels"] < e["dense_channels"]}
     if experts:
         parts.append(f"{_count(len(experts), 'experts module')} pruned to "
                      f"{_span({e['dense_channels'] for e in experts.values()})} -> "
@@ -165,6 +166,8 @@ def structure(model: nn.Module) -> str:
         parts.append("the input embeddings factorized")
     dense = len(_dense_targets(model, [r for r in rows if not r.embedding]))
     parts.append(f"{_count(dense, 'layer') if not parts else dense} kept dense")
+    if len(recorded) > len(experts):
+        parts[-1] += f" and {_count(len(recorded) - len(experts), 'experts module')} kept whole"
     return ", ".join(parts)
 
 

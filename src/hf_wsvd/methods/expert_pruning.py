@@ -137,9 +137,12 @@ def routed_grams(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, w
 
 
 def experts_gains(down: torch.Tensor, grams: torch.Tensor, ridge: float) -> torch.Tensor:
-    """What each channel position removes of the module's output loss, summed over the experts
-    (each in its own kept order, ``mlp_pruning.channel_gains``); float64."""
-    return sum(channel_gains(down[expert], grams[expert], ridge) for expert in range(down.shape[0]))
+    """What each channel position removes of the module's output loss, summed over the experts the
+    calibration tokens reach (each in its own kept order, ``mlp_pruning.channel_gains``); float64.
+    An expert no token reached has no loss on the data (its ridge alone would price its channels)."""
+    reached = [expert for expert in range(down.shape[0]) if grams[expert].diagonal().any()]
+    return sum((channel_gains(down[expert], grams[expert], ridge) for expert in reached),
+               torch.zeros(down.shape[2], dtype=torch.float64, device=down.device))
 
 
 def select_experts(down: torch.Tensor, grams: torch.Tensor, keep: int, ridge: float,

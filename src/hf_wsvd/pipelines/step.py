@@ -63,8 +63,9 @@ class Job:
     attention: dict[str, dict] = field(default_factory=dict)
     # Experts modules MLP pruning may cut (no target layers: 3-D weights): relative → full name.
     experts: dict[str, str] = field(default_factory=dict)
-    # Experts modules cut by MLP pruning: name → {"channels", "dense_channels"}.
+    # Experts modules cut by MLP pruning: name → {"channels", "dense_channels"}; those its budget kept whole.
     cut_experts: dict[str, dict[str, int]] = field(default_factory=dict)
+    whole_experts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
     # What the run did otherwise than the recipe asked, for the report (``notice``).
@@ -97,6 +98,10 @@ class Job:
     def module(self, name: str) -> torch.nn.Module:
         """The target layer or experts module ``name`` (base-model-relative)."""
         return self.model.get_submodule(self.targets[name] if name in self.targets else self.experts[name])
+
+    def experts_record(self) -> dict[str, dict[str, int]]:
+        """Every experts module of MLP pruning's budget and the channels it keeps (the recipe's record)."""
+        return {**self.whole_experts, **self.cut_experts}
 
     def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         return {n: linear_shape(self.module(n)) for n in names}

@@ -537,6 +537,9 @@ def check_recipe(config: PreTrainedConfig
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
 # Names under which quantizers store a weight's parts: torchao (``_weight_qdata``), bitsandbytes
 # 4-bit (the weight's ``absmax``, ``quant_map``, ``quant_state.*``) and 8-bit (``SCB``).
+# An expert's own weight (the Hub's mixture-of-experts layout, "...experts.3.w1.weight"), which
+# transformers fuses into the experts module's 3-D tensors for the stock classes only.
+_PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 _QUANTIZED_KEY = re.compile(r"\._weight_qdata$|\.weight\.(absmax|nested_absmax|quant_map|quant_state\..+)$|\.SCB$")
 
 
@@ -566,6 +569,11 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
         raise ValueError(f"the weights file holds quantized tensors (such as {quantized!r}), but config.json has no "
                          "quantization_config that transformers reads them with (missing, or of an unknown "
                          "quant_method): the config was edited; restore its quantization_config")
+    per_expert = next((k for k in sorted(info["unexpected_keys"]) if _PER_EXPERT_KEY.search(k)), None)
+    if per_expert is not None and any(is_experts(module) for module in model.modules()):
+        raise ValueError(f"the weights file stores each expert's weights on their own (such as {per_expert!r}): the "
+                         "Hub's layout, in which hf_wsvd releases before recipe_version 5 saved a mixture-of-experts "
+                         "model loaded from the Hub and which this class does not fuse; compress the dense model again")
     if missing:
         stored = sorted(info["unexpected_keys"])
         # e.g. a file of another recipe, or with other names
@@ -615,7 +623,8 @@ def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bo
                              f"{'.'.join(parts[depth:])!r}): the weights file holds extra tensors, or config.json's "
                              "sizes were edited")
         raise ValueError(f"the checkpoint's tensor {key!r} was not loaded: module {owner!r} is not factorized "
-                         f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'], {RECIPE_KEY}[{EXPERTS_KEY!r}] or "
+                         f"in config.json {RECIPE_KEY}['ranks'] nor listed in {RECIPE_KEY}['pruned'], "
+                         f"{RECIPE_KEY}[{EXPERTS_KEY!r}] or "
                          f"{RECIPE_KEY}[{ATTENTION_KEY!r}] (edited, or another checkpoint's config)")
     if absent:
         raise random_weights_error(absent)

@@ -67,6 +67,15 @@ class MlpPruning(ChannelModifier):
             return channels
         return min(group.channels, max(EXPERTS_MULTIPLE, channels - channels % EXPERTS_MULTIPLE))
 
+    def on_allocated(self, job: Job, kept: list, channels: dict[str, int]) -> None:
+        super().on_allocated(job, kept, channels)
+        # The experts modules the budget kept whole are recorded whole: no target layers, the counts of
+        # what param_ratio budgeted (target_counts, the card, inspect) would leave them out.
+        cut = {group.name for group in kept if isinstance(group, ExpertsGroup)}
+        for name in sorted(set(job.experts) - cut):
+            _, dense, _ = experts_shape(job.module(name))
+            job.whole_experts[name] = {"channels": dense, "dense_channels": dense}
+
     def observed(self, names: Sequence[str]) -> list[str]:
         return [pair.consumer for pair in self._pairs() if pair.consumer in names]
 
@@ -111,7 +120,7 @@ def experts_groups(job: Job) -> list[ExpertsGroup]:
                       and path.endswith(".o_proj")), None)
         if hooked(module):
             dense.append(f"{full}: offloaded or dispatched by accelerate, which experts pruning does not handle")
-        elif job.solver.loss_scale is not None and probe is None:
+        elif job.solver.loss_scale is not None and probe is None and job.config.allocation == "greedy":
             dense.append(f"{full}: method={job.solver.name!r} prices it through its block's attention output projection "
                          "(o_proj), which is not a target layer")
         else:
