@@ -650,7 +650,7 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
     the value rather than an IndexError deep in the forward pass."""
     rows, targets = [list(ids) for ids in input_ids], [list(ids) for ids in target_ids]
     extra = [i for i in extra_ids if i is not None]
-    for sequences, vocabulary in ((rows, vocabulary_size(model)), (targets, targets and target_vocabulary(model))):
+    for sequences, vocabulary in ((rows, vocabulary_size(model)), (targets, target_vocabulary(model) if targets else None)):
         largest = max([*(max(ids) for ids in sequences if ids), *extra], default=-1)
         if vocabulary and largest >= vocabulary:
             raise ValueError(f"the tokenizer's ids go up to {largest} but the model has {vocabulary} "
