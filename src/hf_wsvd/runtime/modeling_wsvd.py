@@ -537,10 +537,10 @@ def check_recipe(config: PreTrainedConfig
 FACTORIZED = (FactorizedLinear, FactorizedEmbedding, FactorizedTiedHead, LowRankCorrectedLinear)
 # Names under which quantizers store a weight's parts: torchao (``_weight_qdata``), bitsandbytes
 # 4-bit (the weight's ``absmax``, ``quant_map``, ``quant_state.*``) and 8-bit (``SCB``).
+_QUANTIZED_KEY = re.compile(r"\._weight_qdata$|\.weight\.(absmax|nested_absmax|quant_map|quant_state\..+)$|\.SCB$")
 # An expert's own weight (the Hub's mixture-of-experts layout, "...experts.3.w1.weight"), which
 # transformers fuses into the experts module's 3-D tensors for the stock classes only.
 _PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
-_QUANTIZED_KEY = re.compile(r"\._weight_qdata$|\.weight\.(absmax|nested_absmax|quant_map|quant_state\..+)$|\.SCB$")
 
 
 def check_loaded(model: PreTrainedModel, info: dict, ignore_mismatched_sizes: bool = False) -> None:
