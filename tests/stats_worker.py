@@ -150,6 +150,25 @@ def modifiers_result(accelerator=None) -> dict:
             "pruned": report.pruned, "attention": report.attention, "refined": report.refined}
 
 
+def experts_result(accelerator=None) -> dict:
+    """The weights of a tiny Mixtral whose experts MLP pruning cut (sequential, greedy: each experts
+    module solved by one process and shared) and the recorded experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from hf_wsvd import WSVDConfig, compress
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=tiny.VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        pad_token_id=0)).eval()
+    loader = make_loader(make_examples("causal_lm", DISTRIBUTED_EXAMPLES), DISTRIBUTED_BATCH)
+    model, report = compress(model, WSVDConfig(method="whiten", param_ratio=0.5, mlp_pruning=True, block_refine_steps=0,
+                                               rank_multiple=1, compute_dtype="float64"),
+                             loader, accelerator=accelerator, show_progress=False)
+    return {"weights": {n: t.detach().clone() for n, t in model.state_dict().items()}, "experts": report.experts}
+
+
 def written_calibration() -> dict:
     """A causal LM's calibration blocks with 3 it writes itself, 2 at a time (``data_loader``), and
     how many times this process called ``generate``."""
@@ -246,6 +265,7 @@ def _run(outdir: Path) -> None:
         # the last block's alone.
         result["pipeline3"] = pipeline_result(accelerator, layers=3)
         result["modifiers"] = modifiers_result(accelerator)
+        result["experts"] = experts_result(accelerator)
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)

@@ -157,6 +157,18 @@ def test_compensation_with_a_process_without_data_is_refused_in_every_process(tw
         assert "needs calibration data in every process" in result["no_data_error"], result["no_data_error"]
 
 
+def test_two_processes_cut_experts_like_one(two_process_results, one_process_result):
+    """Each experts module is solved by one process and broadcast: both processes end with the same
+    weights, the experts one process cuts (the Grams summed across processes: float64 rounding)."""
+    single = one_process_result["experts"]
+    assert any(e["channels"] < e["dense_channels"] for e in single["experts"].values())
+    first, second = (result["experts"] for result in two_process_results)
+    assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
+    assert first["experts"] == single["experts"]
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(first["weights"][name], weight, rtol=1e-5, atol=1e-6 * float(weight.abs().max()))
+
+
 def test_two_processes_run_every_modifier_like_one(two_process_results, one_process_result):
     """Both prunings, compensation, refinement and the embeddings, each solved by one process and
     shared: both processes end with the very same weights, those one process computes."""
