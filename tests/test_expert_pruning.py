@@ -206,6 +206,20 @@ def test_three_d_experts_outside_transformers_experts_modules_are_said_to_stay_d
     assert any("3-D tensors of a layout mlp_pruning does not know: they stay dense" in n for n in report.notices)
 
 
+@pytest.mark.parametrize("selection, cut", [({"exclude_modules": ["experts"]}, set()),
+                                            ({"exclude_modules": r"layers\.0\.mlp\.experts"}, {"layers.1.mlp.experts"}),
+                                            ({"target_modules": ["q_proj", "o_proj"]}, set()),
+                                            ({"target_modules": ["o_proj", "experts"]}, {f"layers.{i}.mlp.experts"
+                                                                                        for i in range(2)})])
+def test_target_and_exclude_modules_choose_the_experts_modules_too(selection, cut):
+    """An experts module is no target layer, but the names that choose the layers choose it too: an
+    exclusion that names only experts is no typo."""
+    _, model, report, _ = _compress(method="whiten", block_refine_steps=0, **selection)
+    assert {n for n, e in report.experts.items() if e["channels"] < e["dense_channels"]} == cut
+    for index, layer in enumerate(model.model.layers):
+        assert (layer.mlp.experts.down_proj.shape[2] < CHANNELS) == (f"layers.{index}.mlp.experts" in cut)
+
+
 def test_the_recommended_recipe_prices_the_experts_with_the_other_layers():
     dense, model, report, data = _compress(param_ratio=0.5)  # fisher_whiten, greedy, sequential, compensation
     assert report.pipeline == "sequential" and report.allocation == "greedy" and report.compensated

@@ -9,7 +9,7 @@ from torch import nn
 
 from .blocks import block_prefixes
 from .runtime.factorized_linear import FactorizedLinear, LowRankCorrectedLinear, linear_shape
-from .runtime.modeling_wsvd import relative_module_name
+from .runtime.modeling_wsvd import is_experts, relative_module_name
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -53,6 +53,14 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def selects(name: str, target_modules: list[str] | str | None, exclude_modules: list[str] | str | None) -> bool:
+    """Whether the module of base-model-relative ``name`` that is no linear layer (a mixture-of-experts
+    module, which MLP pruning cuts) is compressed: named by ``target_modules`` where given, not by
+    ``exclude_modules``."""
+    return (target_modules is None or _matches(name, target_modules)) and not (
+        exclude_modules is not None and _matches(name, exclude_modules))
+
+
 def unreached_advice(unreached: list[str], names: Iterable[str]) -> str:
     """What to say of the target layers ``unreached`` (of all ``names``) that the forward pass never
     called: why that happens, and the ``exclude_modules`` that leaves out exactly them."""
@@ -86,6 +94,9 @@ def select_targets(
         if any(full_name.startswith(prefix) for prefix in factorized):
             continue
         name = relative_module_name(model, full_name)
+        if is_experts(module):  # no linear layer (MLP pruning cuts its experts, ``selects``), but excluded by name
+            excluded |= exclude_modules is not None and _matches(name, exclude_modules)
+            continue
         if target_modules is None:
             if not (is_linear_like(module) and full_name not in tied
                     and any(full_name.startswith(p) for p in blocks)):

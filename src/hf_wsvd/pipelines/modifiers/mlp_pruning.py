@@ -28,6 +28,7 @@ from ...runtime.factorized_linear import linear_shape
 from ...runtime.modeling_wsvd import all_finite, experts_shape
 from ...statistics import GRAM, InputHooks, Statistics
 from ...statistics.names import CROSS, EXPERT_GRAM
+from ...targets import selects
 from ..step import Job, broadcast, install, layer_spectrum, layer_weight, owners, problem
 from . import Block, ChannelModifier, register_modifier
 
@@ -114,6 +115,8 @@ def experts_groups(job: Job) -> list[ExpertsGroup]:
     groups, dense = [], list(refused)
     prefix, _ = block_list(job.model)
     for name, full in found.items():
+        if not selects(name, job.config.target_modules, job.config.exclude_modules):
+            continue
         module = job.model.get_submodule(full)
         block = f"{prefix}.{full[len(prefix) + 1:].split('.')[0]}."
         probe = next((n for n, path in sorted(job.targets.items()) if path.startswith(block)
