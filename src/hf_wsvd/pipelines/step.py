@@ -63,9 +63,8 @@ class Job:
     attention: dict[str, dict] = field(default_factory=dict)
     # Experts modules MLP pruning may cut (no target layers: 3-D weights): relative → full name.
     experts: dict[str, str] = field(default_factory=dict)
-    # Experts modules cut by MLP pruning: name → {"channels", "dense_channels"}; those its budget kept whole.
+    # Experts modules cut by MLP pruning: name → {"channels", "dense_channels"}.
     cut_experts: dict[str, dict[str, int]] = field(default_factory=dict)
-    whole_experts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Blocks trained by block refinement: index → [relative error before, after].
     refined: dict[str, list[float]] = field(default_factory=dict)
     # What the run did otherwise than the recipe asked, for the report (``notice``).
@@ -100,8 +99,13 @@ class Job:
         return self.model.get_submodule(self.targets[name] if name in self.targets else self.experts[name])
 
     def experts_record(self) -> dict[str, dict[str, int]]:
-        """Every experts module of MLP pruning's budget and the channels it keeps (the recipe's record)."""
-        return {**self.whole_experts, **self.cut_experts}
+        """Every experts module of MLP pruning's budget and the channels it keeps (the recipe's record:
+        the counts of what param_ratio budgeted hold those kept whole too, which are no target layers)."""
+        record = {}
+        for name in self.experts:
+            channels = experts_shape(self.module(name))[1]  # all of them, where not cut
+            record[name] = self.cut_experts.get(name, {"channels": channels, "dense_channels": channels})
+        return record
 
     def shapes(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         return {n: linear_shape(self.module(n)) for n in names}

@@ -68,15 +68,6 @@ class MlpPruning(ChannelModifier):
             return channels
         return min(group.channels, max(EXPERTS_MULTIPLE, channels - channels % EXPERTS_MULTIPLE))
 
-    def on_allocated(self, job: Job, kept: list, channels: dict[str, int]) -> None:
-        super().on_allocated(job, kept, channels)
-        # The experts modules the budget kept whole are recorded whole: no target layers, the counts of
-        # what param_ratio budgeted (target_counts, the card, inspect) would leave them out.
-        cut = {group.name for group in kept if isinstance(group, ExpertsGroup)}
-        for name in sorted(set(job.experts) - cut):
-            _, dense, _ = experts_shape(job.module(name))
-            job.whole_experts[name] = {"channels": dense, "dense_channels": dense}
-
     def observed(self, names: Sequence[str]) -> list[str]:
         return [pair.consumer for pair in self._pairs() if pair.consumer in names]
 
