@@ -222,6 +222,29 @@ def test_greedy_keeps_a_layer_dense_where_that_removes_the_most_loss_per_paramet
     assert sum(r * 128 if n in ranks else 64 * 64 for n, r in ranks.items()) <= 0.6 * 2 * 64 * 64
 
 
+@pytest.mark.parametrize("multiple", [1, 4, 12])
+def test_greedy_moves_a_stepped_group_in_steps_of_its_own_and_the_allocations_multiple(multiple):
+    """A group with ``Budgeted.step`` (an experts module: 8) keeps a multiple of its step and of
+    the allocation's multiple (their lcm), and the budget is spent in those steps rather than
+    rounded after: what is left is less than the cheapest step still open."""
+    import math
+
+    from hf_wsvd.allocation import Budgeted
+
+    shapes = {"layer": (96, 96)}
+    spectra = {"layer": torch.logspace(0, -3, 96), "experts": torch.logspace(0, -2, 200)}
+    experts = {"experts": Budgeted(50, 50 * 200, 200, step=8)}
+    step = math.lcm(multiple, 8)
+    for ratio in (0.3, 0.45, 0.6):
+        units = greedy_ranks(shapes, spectra, ratio, multiple=multiple, extra=experts)
+        assert units["experts"] % step == 0 and 0 < units["experts"] < 200, (ratio, units)
+        spent = units["experts"] * 50 + (units["layer"] * 192 if "layer" in units else 96 * 96)
+        budget = ratio * (96 * 96 + 50 * 200)
+        assert spent <= budget
+        open_steps = [50 * step] * (units["experts"] + step < 200) + [192 * multiple] * ("layer" in units)
+        assert budget - spent < max(open_steps), (ratio, units, budget - spent)
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_the_recommended_recipe_near_ratio_1_leaves_whole_layers_untouched(sequential):
     """Under greedy allocation a layer kept dense is the dense layer, bit for bit; and a ratio of

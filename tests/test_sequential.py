@@ -274,8 +274,8 @@ def test_the_model_comes_back_in_its_training_mode_and_a_frozen_one_stays_frozen
 
 
 @pytest.mark.parametrize("recipe, message", [
-    (dict(param_ratio=0.01), "param_ratio=0.01 is below the cost of rank 8 (8 channels for a pruned MLP or "
-                             "attention) for every target layer"),
+    (dict(param_ratio=0.01), "param_ratio=0.01 is below the cost of rank 8 (8 channels for a pruned MLP, "
+                             "attention or experts module) for every target layer"),
     (dict(param_ratio=0.01, mlp_pruning=False), "is below the cost of rank 8 for every target layer (8,192 "
                                                 "parameters for a budget of 184): raise param_ratio, or lower "
                                                 "rank_multiple"),

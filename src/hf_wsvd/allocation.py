@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,18 @@ def max_saving_rank(in_features: int, out_features: int) -> int:
 @dataclass(frozen=True)
 class Budgeted:
     """A layer as the greedy allocation sees it: the parameters one unit costs (a rank: in + out;
-    an MLP channel: its rows and column in the MLP's linears), its dense parameter count, and the
-    most units it may keep."""
+    an MLP channel: its rows and column in the MLP's linears), its dense parameter count, the
+    most units it may keep, and the units it keeps a multiple of (rotary pairs: 2; the experts'
+    aligned rows: 8), on top of the allocation's own multiple."""
 
     unit_params: int
     dense_params: int
     limit: int
+    step: int = 1
+
+    def steps(self, multiple: int) -> int:
+        """The units one allocation step adds: a multiple of both ``multiple`` and ``step``."""
+        return math.lcm(multiple, self.step)
 
 
 def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multiple: int = 1,
@@ -101,7 +108,8 @@ def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multipl
     items = {n: Budgeted(i + o, i * o, min(max_saving_rank(i, o), lengths.get(n, min(i, o))))
              for n, (i, o) in shapes.items()}
     items.update(extra or {})
-    limits = {n: item.limit // multiple * multiple for n, item in items.items()}
+    steps = {n: item.steps(multiple) for n, item in items.items()}
+    limits = {n: item.limit // steps[n] * steps[n] for n, item in items.items()}
     slow = {}  # layers that save parameters but whose speed limit allows no rank: dense, inside the budget
     for name, (i, o) in shapes.items():
         limit = speed_limit((i, o), max_kept_ratio)
@@ -115,9 +123,10 @@ def greedy_start(shapes: dict[str, tuple[int, int]], param_ratio: float, multipl
                          "parameters" + (f" and keeps at most max_kept_ratio_for_speed={max_kept_ratio}"
                                          if max_kept_ratio is not None else "") + f"; {remedy}")
     budget = param_ratio * (sum(item.dense_params for item in items.values()) + sum(slow.values()))
-    spent = sum(multiple * item.unit_params for item in items.values()) + sum(slow.values())
+    spent = sum(steps[n] * item.unit_params for n, item in items.items()) + sum(slow.values())
     if spent > budget:
-        cut = f" ({multiple} channels for a pruned MLP or attention)" if extra else ""
+        firsts = "/".join(str(n) for n in sorted({steps[n] for n in extra or {} if n in items}))
+        cut = f" ({firsts} channels for a pruned MLP, attention or experts module)" if firsts else ""
         raise ValueError(
             f"param_ratio={param_ratio} is below the cost of rank {multiple}{cut} for every target layer"
             + (f" with {len(slow)} kept dense by max_kept_ratio_for_speed={max_kept_ratio}" if slow else "")
@@ -138,7 +147,8 @@ def greedy_ranks(
 ) -> dict[str, int]:
     """Ranks, all multiples of ``multiple``, under one budget of ``param_ratio`` × (the weights of
     the layers that can be factorized), spent ``multiple`` ranks at a time where they remove the
-    most normalized truncation loss per parameter; layers left out stay dense.
+    most normalized truncation loss per parameter; layers left out stay dense. (An ``extra`` item
+    with a ``Budgeted.step`` moves in steps of both.)
 
     Ranks i of layer l remove σ_i² / Σσ² of its weighted loss (times ``layer_weights[l]``, default
     1) at a cost of in+out parameters each. Every layer keeps at least rank ``multiple`` and never
@@ -154,16 +164,18 @@ def greedy_ranks(
     """
     lengths = {n: len(values) for n, values in spectra.items()}
     items, limits, budget, spent = greedy_start(shapes, param_ratio, multiple, extra, max_kept_ratio, lengths)
-    costs = {n: multiple * item.unit_params for n, item in items.items()}  # one step of ``multiple`` units
-    ranks = {n: multiple for n in items}
+    steps = {n: item.steps(multiple) for n, item in items.items()}
+    costs = {n: steps[n] * item.unit_params for n, item in items.items()}  # the parameters of one step
+    ranks = dict(steps)
     candidates = []  # (sort key: minus the loss removed per parameter, layer, units before the step, its cost)
     for name in sorted(items):
         energy = spectra[name].double().square()
         total = energy.sum().item() or 1.0
         weight = (layer_weights or {}).get(name, 1.0)
         key = None
-        for start in range(multiple, limits[name], multiple):  # the step from rank ``start`` to start + multiple
-            key = -weight * energy[start:start + multiple].sum().item() / total / costs[name]
+        step = steps[name]
+        for start in range(step, limits[name], step):  # the step from rank ``start`` to start + step
+            key = -weight * energy[start:start + step].sum().item() / total / costs[name]
             candidates.append((key, name, start, costs[name]))
         # The dense step, never before the layer's last rank step (it needs that rank first).
         dense_cost = items[name].dense_params - limits[name] * items[name].unit_params
@@ -178,5 +190,5 @@ def greedy_ranks(
             if start == limits[name]:
                 dense.add(name)
             else:
-                ranks[name] += multiple
+                ranks[name] += steps[name]
     return {n: r for n, r in ranks.items() if n not in dense}

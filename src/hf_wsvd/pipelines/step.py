@@ -419,7 +419,7 @@ class Cuts:
     def uniform(self, job: Job) -> dict[str, int]:
         """The channels each group keeps under uniform allocation: ``param_ratio`` of them, rounded."""
         config = job.config
-        return {g.key: m.even(g, kept_channels(g.channels, config.param_ratio, config.rank_multiple))
+        return {g.key: kept_channels(g.channels, config.param_ratio, m.budget(job, g).steps(config.rank_multiple))
                 for m, g in self.owned}
 
     def hand_out(self, job: Job, channels: dict[str, int]) -> "Cuts":
@@ -454,7 +454,7 @@ def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
                          _budgeted(job, cuts), job.config.max_kept_ratio_for_speed)
     # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
-    channels = {g.key: m.even(g, units.pop(g.key, g.channels)) for m, g in cuts.owned}
+    channels = {g.key: units.pop(g.key, g.channels) for g in cuts.groups}
     return units, channels
 
 

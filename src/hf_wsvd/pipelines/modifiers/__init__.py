@@ -8,7 +8,7 @@ modifier, in ``MODIFIERS`` order, at each point of its walk:
 
 - ``problem(job, layer, stats)``: each layer's factorization problem, as the modifier sets it;
 - ``groups(job)``: the layer groups it compresses by keeping channels (``ChannelGroup``); the
-  allocation prices them with the layers' ranks (``budget``, ``spectrum``, ``even``) and hands the
+  allocation prices them with the layers' ranks (``budget``, ``spectrum``) and hands the
   kept ones back with their channels (``on_allocated``);
 - ``on_walk_start(job, inputs)``, ``on_block_start(job, block)``, ``stages(job, block)``,
   ``collect(job, block, names)``, ``on_block_end(job, block)``, ``on_walk_end(job)``: the
@@ -100,10 +100,6 @@ class Modifier:
         """``group``'s channel spectrum (float64, non-increasing, priced like singular values) and,
         for a method with a loss scale, its absolute loss."""
         raise NotImplementedError
-
-    def even(self, group: ChannelGroup, channels: int) -> int:
-        """The channels ``group`` may keep, given ``channels`` from the allocation."""
-        return channels
 
     def on_allocated(self, job: "Job", kept: list[ChannelGroup], channels: dict[str, int]) -> None:
         """The groups the allocation cuts (fewer channels than they have) and every group's channels."""

@@ -48,23 +48,20 @@ class AttentionPruning(ChannelModifier):
         return f"no attention it can cut ({reason})" if reason else super().none_found(job)
 
     def budget(self, job: Job, group: AttentionGroup) -> Budgeted:
-        """A head dimension costs its rows of q/k/v (with their biases) in every head and its columns of o."""
+        """A head dimension costs its rows of q/k/v (with their biases) in every head and its columns
+        of o; an attention keeps whole rotary pairs (an even number of head dimensions)."""
         unit = 0
         for name in group.members:
             module = job.module(name)
             bias = module.bias is not None and name != group.o  # o's bias does not shrink
             unit += (module.weight.numel() + (module.bias.numel() if bias else 0)) // group.head_dim
-        return Budgeted(unit, unit * group.head_dim, group.head_dim)
+        return Budgeted(unit, unit * group.head_dim, group.head_dim, step=2)
 
     def spectrum(self, job: Job, group: AttentionGroup, stats: Statistics) -> tuple[torch.Tensor, float | None]:
         """The head dimensions carry their predicted losses."""
         q, k, o = (problem(job, n, stats) for n in (group.q, group.k, group.o))
         values = head_spectrum(group, q, k, o, (loss_scale(job, q), loss_scale(job, k), loss_scale(job, o)))
         return values, float(values.square().sum()) if job.solver.loss_scale is not None else None
-
-    def even(self, group: AttentionGroup, channels: int) -> int:
-        """An attention keeps whole rotary pairs: an even number of head dimensions."""
-        return max(2, channels - channels % 2)
 
     def _cut_in(self, names: Sequence[str]) -> list[AttentionGroup]:
         return [group for group in self.kept if group.q in names]

@@ -48,11 +48,12 @@ class MlpPruning(ChannelModifier):
         return pairs + experts_groups(job)
 
     def budget(self, job: Job, group: MlpPair | ExpertsGroup) -> Budgeted:
-        """A channel costs its row of every producer and its column of the consumer (of every expert)."""
+        """A channel costs its row of every producer and its column of the consumer (of every expert);
+        an experts module keeps a multiple of ``EXPERTS_MULTIPLE`` channels (or all of them)."""
         if isinstance(group, ExpertsGroup):
             unit = group.experts * 3 * group.hidden
-        else:
-            unit = sum(linear_shape(job.module(n))[0] for n in group.producers) + linear_shape(job.module(group.consumer))[1]
+            return Budgeted(unit, unit * group.channels, group.channels, step=EXPERTS_MULTIPLE)
+        unit = sum(linear_shape(job.module(n))[0] for n in group.producers) + linear_shape(job.module(group.consumer))[1]
         return Budgeted(unit, unit * group.channels, group.channels)
 
     def spectrum(self, job: Job, group: MlpPair | ExpertsGroup, stats: Statistics) -> tuple[torch.Tensor, float | None]:
@@ -61,12 +62,6 @@ class MlpPruning(ChannelModifier):
         layer = problem(job, group.consumer, stats)
         values = channel_spectrum(layer.weight, stats.get(group.consumer, GRAM), job.config.compensation_ridge)
         return values, layer_spectrum(job.solver, layer)[1] if job.solver.loss_scale is not None else None
-
-    def even(self, group: MlpPair | ExpertsGroup, channels: int) -> int:
-        """An experts module keeps a multiple of ``EXPERTS_MULTIPLE`` channels (or all of them)."""
-        if not isinstance(group, ExpertsGroup) or channels >= group.channels:
-            return channels
-        return min(group.channels, max(EXPERTS_MULTIPLE, channels - channels % EXPERTS_MULTIPLE))
 
     def observed(self, names: Sequence[str]) -> list[str]:
         return [pair.consumer for pair in self._pairs() if pair.consumer in names]
