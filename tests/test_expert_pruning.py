@@ -229,6 +229,24 @@ def test_the_recommended_recipe_prices_the_experts_with_the_other_layers():
     assert _relative_error(model, dense, data) < 0.5
 
 
+def test_block_refinement_trains_the_cut_experts_with_the_blocks_other_layers():
+    """The cut experts are among the layers block refinement trains: the first block (whose inputs
+    refinement does not change) keeps the same channels with other weights, its router as it was,
+    and its recorded error falls."""
+    dense, plain, _, data = _compress(allocation="uniform", block_refine_steps=0)
+    _, refined, report, _ = _compress(allocation="uniform", block_refine_steps=8)
+    before, after = report.refined["0"]
+    assert after < before
+    ours, theirs = refined.model.layers[0].mlp, plain.model.layers[0].mlp
+    for name in ("gate_up_proj", "down_proj"):
+        assert getattr(ours.experts, name).shape == getattr(theirs.experts, name).shape
+        assert not torch.equal(getattr(ours.experts, name), getattr(theirs.experts, name)), name
+        # trainable (or frozen) as the model's weights were before
+        assert getattr(ours.experts, name).requires_grad == getattr(theirs.experts, name).requires_grad
+    torch.testing.assert_close(ours.gate.weight, dense.model.layers[0].mlp.gate.weight, rtol=0, atol=0)
+    assert _relative_error(refined, dense, data) < _relative_error(plain, dense, data)
+
+
 def test_cut_experts_save_and_reload_with_hf_wsvd_and_with_the_saved_code(tmp_path):
     _, model, report, data = _compress(allocation="uniform", block_refine_steps=0)
     model.save_pretrained(tmp_path)

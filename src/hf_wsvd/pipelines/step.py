@@ -94,9 +94,13 @@ class Job:
     def compute_dtype(self) -> torch.dtype:
         return getattr(torch, self.config.compute_dtype)
 
+    def path(self, name: str) -> str:
+        """The full module name of the target layer or experts module ``name`` (base-model-relative)."""
+        return self.targets[name] if name in self.targets else self.experts[name]
+
     def module(self, name: str) -> torch.nn.Module:
         """The target layer or experts module ``name`` (base-model-relative)."""
-        return self.model.get_submodule(self.targets[name] if name in self.targets else self.experts[name])
+        return self.model.get_submodule(self.path(name))
 
     def experts_record(self) -> dict[str, dict[str, int]]:
         """Every experts module of MLP pruning's budget and the channels it keeps (the recipe's record:
@@ -490,13 +494,13 @@ def swap(job: Job, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
 
 
 def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-    """Replace layer ``name`` by ``build(layer)`` where the layer lives: ``build`` sees the layer's
+    """Replace layer (or experts module) ``name`` by ``build(layer)`` where the layer lives: ``build`` sees the layer's
     weights in memory, and the replacement of an accelerate-offloaded layer is offloaded the same
     way."""
     module = job.module(name)
     trainable = next(module.parameters()).requires_grad  # a frozen layer's replacement stays frozen
     if not hooked(module):
-        job.model.set_submodule(job.targets[name], build(module).requires_grad_(trainable))
+        job.model.set_submodule(job.path(name), build(module).requires_grad_(trainable))
         return
     from accelerate.hooks import attach_align_device_hook, remove_hook_from_module
 
@@ -504,7 +508,7 @@ def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Mod
     with loaded(module, torch.device("cpu")):
         layer = build(module).requires_grad_(trainable)
     remove_hook_from_module(module, recurse=True)
-    job.model.set_submodule(job.targets[name], layer)
+    job.model.set_submodule(job.path(name), layer)
     if offload:
         # One offload hook per module holding weights, as device_map dispatch makes them (not
         # cpu_offload's pair of hooks on a plain linear, which transformers' save_pretrained cannot

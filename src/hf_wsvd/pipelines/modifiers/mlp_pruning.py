@@ -9,8 +9,8 @@ block (the sequential walk's ``on_block_end``, on the compressed model's inputs;
 whole-model pipeline with the other layers) on the Gram of each expert's routed channels alone:
 the compensated cross moment of a layer pairs each token of the dense stream with the same token
 of the compressed one, and the router may send a token to other experts in the two, so no
-per-expert pairing exists. Block refinement does not train the experts (they keep their refit);
-it trains the block's other compressed layers with the cut experts in place."""
+per-expert pairing exists. Block refinement then trains the cut experts with the block's other
+compressed layers."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ``block_refinement`` modifier (``WSVDConfig.block_refine_steps``, compensated sequential mode): after a block
-is compressed and compensated, its compressed layers — the factors of its factorized layers and its
-pruned linears, biases included — are trained with Adam so that the block's outputs on the
+is compressed and compensated, its compressed layers — the factors of its factorized layers, its
+pruned linears, biases included, and its cut experts — are trained with Adam so that the block's outputs on the
 *compressed* model's hidden states match the dense block's outputs on the *dense* model's hidden
 states (the same targets compensation fits layer by layer, here for the whole block at once: the
 layers learn to work together and to undo what the blocks before them left). Shapes and ranks do
@@ -56,7 +56,7 @@ class BlockRefinement(Modifier):
         return bool(config.block_refine_steps) and bool(config.compensate)
 
     def on_block_end(self, job: Job, block: Block) -> None:
-        layers = refined_layers(job, block.paths)
+        layers = refined_layers(job, block.paths) | cut_experts_in(job, block.module)
         if layers:
             with job.timed("refine"):
                 job.refined[str(block.index)] = refine_block(job, block.module, block.index, layers, block.inputs,
@@ -69,6 +69,13 @@ def refined_layers(job: Job, paths: dict[str, str]) -> dict[str, str]:
     cut = {name for entry in job.attention.values() for name in entry["projections"]}
     return {n: p for n, p in paths.items()
             if n in job.pruned or n in cut or isinstance(job.module(n), FactorizedLinear)}
+
+
+def cut_experts_in(job: Job, block: torch.nn.Module) -> dict[str, str]:
+    """The experts modules of ``block`` that MLP pruning cut (name → path inside ``block``): they
+    train with the block's other compressed layers (their router stays as it is)."""
+    inside = {id(module): path for path, module in block.named_modules()}
+    return {name: inside[id(job.module(name))] for name in job.cut_experts if id(job.module(name)) in inside}
 
 
 def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str, str], inputs: list, targets: list,
