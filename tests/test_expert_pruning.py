@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -245,6 +246,40 @@ def test_block_refinement_trains_the_cut_experts_with_the_blocks_other_layers():
         assert getattr(ours.experts, name).requires_grad == getattr(theirs.experts, name).requires_grad
     torch.testing.assert_close(ours.gate.weight, dense.model.layers[0].mlp.gate.weight, rtol=0, atol=0)
     assert _relative_error(refined, dense, data) < _relative_error(plain, dense, data)
+
+
+@pytest.mark.parametrize("recipe", [dict(target_modules=["experts"]),  # the recommended recipe: sequential, greedy
+                                    dict(target_modules=r".*mlp\.experts", method="whiten", pipeline="whole_model",
+                                         mlp_pruning=True)])
+def test_target_modules_naming_only_experts_cuts_them_alone(tmp_path, recipe):
+    """Experts modules named alone: MLP pruning cuts them, every linear layer stays as it was, and
+    the checkpoint reloads. In the compensated walk the dense stream still passes each block's dense
+    experts (block refinement starts from a real error and lowers it)."""
+    dense, model, report, data = _compress(**recipe)
+    assert not report.ranks and not report.pruned
+    assert all(e["channels"] < e["dense_channels"] for e in report.experts.values()) and len(report.experts) == 2
+    kept = dict(model.named_parameters())
+    for name, weight in dense.named_parameters():
+        if "experts" not in name:
+            assert torch.equal(kept[name], weight), name
+    assert all(0 < after < before for before, after in report.refined.values())
+    assert _relative_error(model, dense, data) < 0.05
+    model.save_pretrained(tmp_path)
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(target_modules=["experts"], mlp_pruning=False, method="whiten"),
+     "target_modules=['experts'] names only mixture-of-experts modules, which mlp_pruning cuts: set mlp_pruning=True"),
+    (dict(target_modules=["experts"], mlp_pruning=True, method="whiten", exclude_modules=["layers.0.mlp.experts",
+                                                                                         "layers.1.mlp.experts"]),
+     "excludes every layer target_modules=['experts'] selects: nothing is left to compress"),
+])
+def test_experts_named_alone_that_cannot_be_cut_are_refused(recipe, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _compress(**recipe)
 
 
 def test_cut_experts_save_and_reload_with_hf_wsvd_and_with_the_saved_code(tmp_path):

@@ -395,7 +395,10 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
             logger.warning(notice)
             notices.append(notice)
     statistics = (statistics or Statistics()).merged(Statistics(weights=samples))
-    if not targets:
+    if not targets and config.target_modules is not None and not config.mlp_pruning:  # experts modules alone
+        raise ValueError(f"target_modules={config.target_modules!r} names only mixture-of-experts modules, which "
+                         "mlp_pruning cuts: set mlp_pruning=True (--mlp-pruning), or name linear layers too")
+    if not targets and config.target_modules is None:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
             "to compress; name the layers with target_modules"

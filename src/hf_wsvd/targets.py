@@ -89,13 +89,14 @@ def select_targets(
     # The factors (``up``/``down``) of a layer that is already factorized are never targets.
     factorized = [f"{n}." for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
     selected: dict[str, str] = {}
-    excluded = False
+    excluded = experts = False  # whether exclude_modules names a layer; target_modules an experts module
     for full_name, module in model.named_modules():
         if any(full_name.startswith(prefix) for prefix in factorized):
             continue
         name = relative_module_name(model, full_name)
-        if is_experts(module):  # no linear layer (MLP pruning cuts its experts, ``selects``), but excluded by name
+        if is_experts(module):  # no linear layer (MLP pruning cuts its experts, ``selects``), but chosen by name
             excluded |= exclude_modules is not None and _matches(name, exclude_modules)
+            experts |= target_modules is not None and selects(name, target_modules, exclude_modules)
             continue
         if target_modules is None:
             if not (is_linear_like(module) and full_name not in tied
@@ -125,6 +126,8 @@ def select_targets(
         raise ValueError(f"exclude_modules={exclude_modules!r} matches none of the {len(selected)} target layers of "
                          f"{type(model).__name__} (e.g. {next(iter(selected), '-')!r}): names, suffixes, or one regex "
                          "over whole names")
+    if target_modules is not None and not selected and experts:  # MLP pruning cuts them (or says why not)
+        return selected
     if target_modules is not None and not selected and excluded:
         raise ValueError(f"exclude_modules={exclude_modules!r} excludes every layer target_modules={target_modules!r} "
                          "selects: nothing is left to compress; exclude fewer layers")

@@ -198,6 +198,9 @@ def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
     if not shapes and not skip:
         config = job.config
+        if not job.targets:  # experts modules alone were named
+            raise ValueError(f"target_modules={config.target_modules!r} names only mixture-of-experts modules and "
+                             "mlp_pruning can cut none of them (the notice before says why): name linear layers too")
         speed = config.max_kept_ratio_for_speed
         zero = [n for n, (i, o) in job.shapes(job.targets).items()
                 if round_rank(rank_for_ratio(i, o, config.param_ratio), config.rank_multiple) == 0]
@@ -491,6 +494,12 @@ def solve_and_swap(job: Job, ranks: dict[str, int], stats: Statistics, progress:
 def swap(job: Job, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
     """Install the factors of one layer where the layer lives."""
     install(job, name, lambda module: factors_like(module, up, down))
+
+
+def experts_in(job: Job, block: torch.nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The experts modules among ``names`` that lie inside ``block``: name → path inside it."""
+    inside = {id(module): path for path, module in block.named_modules()}
+    return {name: inside[id(job.module(name))] for name in names if id(job.module(name)) in inside}
 
 
 def install(job: Job, name: str, build: Callable[[torch.nn.Module], torch.nn.Module]) -> None:

@@ -23,7 +23,7 @@ from ...solvers import LayerProblem
 from ...statistics import GRAM, Statistics
 from ...statistics.names import CROSS
 from ...statistics.paired import PairedInputHooks
-from ..step import Job
+from ..step import Job, experts_in
 from . import Block, Modifier, register_modifier
 
 
@@ -116,8 +116,11 @@ class Compensation(Modifier):
         self.dense = [(host_clone(hidden), kwargs, mask) for hidden, kwargs, mask in inputs]
 
     def on_block_start(self, job: Job, block: Block) -> None:
-        if block.paths:  # the dense block, what every stage is fitted to (an offloaded block's copy
-            block.reference = module_copy(block.module)  # keeps its own copy of the offloaded weights)
+        # The dense block, what every stage is fitted to and what advances the dense stream (an
+        # offloaded block's copy keeps its own copy of the offloaded weights); a block whose only
+        # cut is its experts (at its end) needs one too.
+        if block.paths or experts_in(job, block.module, job.experts):
+            block.reference = module_copy(block.module)
 
     def stages(self, job: Job, block: Block) -> list[list[str]]:
         hidden, kwargs, _ = block.inputs[0]

@@ -29,7 +29,7 @@ from ...runtime.modeling_wsvd import all_finite, experts_shape
 from ...statistics import GRAM, InputHooks, Statistics
 from ...statistics.names import CROSS, EXPERT_GRAM
 from ...targets import selects
-from ..step import Job, broadcast, install, layer_spectrum, layer_weight, owners, problem
+from ..step import Job, broadcast, experts_in, install, layer_spectrum, layer_weight, owners, problem
 from . import Block, ChannelModifier, register_modifier
 
 
@@ -73,8 +73,8 @@ class MlpPruning(ChannelModifier):
                 prune_experts(job, [g for g in self.kept if isinstance(g, ExpertsGroup)], self.channels, stats)
 
     def on_block_end(self, job: Job, block: Block) -> None:
-        inside = {id(m) for m in block.module.modules()}
-        groups = [g for g in self.kept if isinstance(g, ExpertsGroup) and id(job.module(g.name)) in inside]
+        inside = experts_in(job, block.module, [g.name for g in self.kept if isinstance(g, ExpertsGroup)])
+        groups = [g for g in self.kept if isinstance(g, ExpertsGroup) and g.name in inside]
         if not groups:
             return
         with job.timed("statistics"):  # on the compressed model's inputs, the block's other layers compressed
@@ -109,7 +109,7 @@ def experts_groups(job: Job) -> list[ExpertsGroup]:
                       and path.endswith(".o_proj")), None)
         if hooked(module):
             dense.append(f"{full}: offloaded or dispatched by accelerate, which experts pruning does not handle")
-        elif job.solver.loss_scale is not None and probe is None and job.config.allocation == "greedy":
+        elif job.solver.loss_scale is not None and probe is None and job.config.allocation == "greedy" and job.targets:
             dense.append(f"{full}: method={job.solver.name!r} prices it through its block's attention output projection "
                          "(o_proj), which is not a target layer")
         else:

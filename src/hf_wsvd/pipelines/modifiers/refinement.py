@@ -39,7 +39,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ...blocks import detached_copy, first_output
 from ...runtime.factorized_linear import FactorizedLinear
 from ...statistics.passes import splits_batches
-from ..step import Job, install
+from ..step import Job, experts_in, install
 from . import Block, Modifier, register_modifier
 
 
@@ -56,7 +56,8 @@ class BlockRefinement(Modifier):
         return bool(config.block_refine_steps) and bool(config.compensate)
 
     def on_block_end(self, job: Job, block: Block) -> None:
-        layers = refined_layers(job, block.paths) | cut_experts_in(job, block.module)
+        # The cut experts train with the block's other compressed layers (their router as it is).
+        layers = refined_layers(job, block.paths) | experts_in(job, block.module, job.cut_experts)
         if layers:
             with job.timed("refine"):
                 job.refined[str(block.index)] = refine_block(job, block.module, block.index, layers, block.inputs,
@@ -69,13 +70,6 @@ def refined_layers(job: Job, paths: dict[str, str]) -> dict[str, str]:
     cut = {name for entry in job.attention.values() for name in entry["projections"]}
     return {n: p for n, p in paths.items()
             if n in job.pruned or n in cut or isinstance(job.module(n), FactorizedLinear)}
-
-
-def cut_experts_in(job: Job, block: torch.nn.Module) -> dict[str, str]:
-    """The experts modules of ``block`` that MLP pruning cut (name → path inside ``block``): they
-    train with the block's other compressed layers (their router stays as it is)."""
-    inside = {id(module): path for path, module in block.named_modules()}
-    return {name: inside[id(job.module(name))] for name in job.cut_experts if id(job.module(name)) in inside}
 
 
 def refine_block(job: Job, block: torch.nn.Module, index: int, layers: dict[str, str], inputs: list, targets: list,
