@@ -457,14 +457,14 @@ def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
     many as max_position_embeddings): longer sequences and any position ids run, and are taken."""
     import transformers
 
-    from hf_wsvd.data import check_batch, position_limit
+    from hf_wsvd.data import check_batch, positions
 
     model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=512, position_buckets=256, relative_attention=True, position_biased_input=False,
         pos_att_type=["p2c", "c2p"], type_vocab_size=0, norm_rel_ebd="layer_norm")).eval()
     assert model.deberta.encoder.rel_embeddings.num_embeddings == 512
-    assert position_limit(model) is None
+    assert positions(model) is None
     long = torch.randint(5, 60, (1, 600), generator=torch.Generator().manual_seed(0))
     check_batch(model, {"input_ids": long, "labels": torch.tensor([0])}, 0)
     short = long[:, :8]
@@ -477,7 +477,68 @@ def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=512, position_buckets=256, relative_attention=True, position_biased_input=True,
         type_vocab_size=0))
-    assert position_limit(biased) == 512  # its absolute table, not the relative one of as many rows
+    assert positions(biased).longest == 512  # its absolute table, not the relative one of as many rows
+
+
+def _bounded_models():
+    import transformers as t
+
+    mpt = t.MptForCausalLM(t.MptConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=16))
+    ctrl = t.CTRLLMHeadModel(t.CTRLConfig(n_embd=32, n_head=2, n_layer=1, vocab_size=64, n_positions=16, dff=64))
+    led = t.LEDForConditionalGeneration(t.LEDConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64, max_encoder_position_embeddings=32,
+        max_decoder_position_embeddings=16, attention_window=[8]))
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    bert2bert = t.EncoderDecoderModel(config=t.EncoderDecoderConfig.from_encoder_decoder_configs(
+        t.BertConfig(**bert, max_position_embeddings=32),
+        t.BertConfig(**bert, max_position_embeddings=16, is_decoder=True, add_cross_attention=True)))
+    bert2bert.config.decoder_start_token_id, bert2bert.config.pad_token_id = 2, 0
+    return {"mpt": (mpt, (16, "max_seq_len"), None), "ctrl": (ctrl, (16, "n_positions"), None),
+            "led": (led, (32, "max_encoder_position_embeddings"), (16, "max_decoder_position_embeddings")),
+            "bert2bert": (bert2bert, (32, "max_position_embeddings"), (16, "max_position_embeddings"))}
+
+
+@pytest.mark.parametrize("name", ["mpt", "ctrl", "led", "bert2bert"])
+def test_bounds_without_a_max_position_embeddings_table_are_read(name):
+    """MPT's ALiBi bias and CTRL's sinusoidal table are built to a config field's length; LED and
+    bert2bert bound their encoder and decoder apart. Each bound is read, named by its field, and
+    checked: what it refuses the model's forward could not run, what it lets through runs."""
+    from hf_wsvd.data import check_batch, check_fits, positions
+
+    model, (longest, field), target = _bounded_models()[name]
+    model.eval()
+    bound = positions(model)
+    assert (bound.longest, bound.field) == (longest, field)
+    decoder = positions(model, decoder=True) if target else None
+    assert (decoder and (decoder.longest, decoder.field)) == target
+
+    def batch(length: int, target_length: int = 4) -> dict:
+        ids = torch.randint(5, 60, (1, length + target_length), generator=torch.Generator().manual_seed(length))
+        return {"input_ids": ids[:, :length], **({"labels": ids[:, length:]} if target else {})}
+
+    check_batch(model, batch(longest), 0, task_labels=False)
+    with pytest.raises(ValueError, match=re.escape(f"--max-length 99 exceeds the model's {longest} positions ({field})")):
+        check_fits(model, [[5] * (longest + 1)], 99)
+    if target:
+        check_fits(model, [[5] * longest], 99, target_ids=[[5] * target[0]])
+        with pytest.raises(ValueError, match=re.escape(f"exceeds the model's {target[0]} target positions ({target[1]})")):
+            check_fits(model, [[5] * 4], 99, target_ids=[[5] * (target[0] + 1)])
+    with torch.no_grad():
+        model(**batch(longest))
+        with pytest.raises(ValueError, match=re.escape(f"more than the model's {longest} positions ({field})")):
+            check_batch(model, batch(longest + 1), 0, task_labels=False)
+        if target is None:
+            with pytest.raises((RuntimeError, IndexError)):
+                model(**batch(longest + 1))
+            return
+        check_batch(model, batch(8, target[0]), 0, task_labels=False)
+        model(**batch(8, target[0]))
+        with pytest.raises(ValueError, match=re.escape(f"more than the model's {target[0]} target positions "
+                                                       f"({target[1]})")):
+            check_batch(model, batch(8, target[0] + 1), 0, task_labels=False)
+        with pytest.raises((RuntimeError, IndexError)):
+            model(**batch(8, target[0] + 1))
 
 
 def test_packed_sequences_restarting_their_position_ids_may_be_longer_than_the_position_table():
@@ -621,7 +682,7 @@ def test_an_encoder_decoder_model_s_targets_longer_than_its_positions_are_named(
     ids = torch.randint(5, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": torch.ones(2, 20, dtype=torch.long)}
     with pytest.raises(ValueError, match=re.escape("labels hold sequences of 20 tokens, more than the model's 16 "
-                                                   "positions")):
+                                                   "target positions")):
         compress(transformers.AutoModelForSeq2SeqLM.from_config(config), WSVDConfig(method="whiten", param_ratio=0.5),
                  [batch], show_progress=False)
 

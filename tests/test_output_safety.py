@@ -998,12 +998,14 @@ def test_token_ids_beyond_the_embeddings_are_named(tmp_path, capsys):
     assert "but the model has 20 token embeddings: use the model's own tokenizer" in one_error(capsys)
 
 
-@pytest.mark.parametrize("arch, positions", [("bert", 64), ("roberta", 69), ("gpt2", 64), ("llama", None)])
-def test_position_limit_reads_the_learned_table(arch, positions):
-    from hf_wsvd.data import position_limit
+@pytest.mark.parametrize("arch, longest", [("bert", 64), ("roberta", 69), ("gpt2", 64), ("llama", None)])
+def test_the_position_bound_reads_the_learned_table(arch, longest):
+    from hf_wsvd.data import positions
 
-    assert position_limit(tiny.build(arch)) == positions
-    assert position_limit(tiny.compressed(arch)[0]) == positions  # factorized models keep their table
+    for model in (tiny.build(arch), tiny.compressed(arch)[0]):  # factorized models keep their table
+        bound = positions(model)
+        assert (bound.longest if bound else None) == longest
+        assert bound is None or bound.field == "max_position_embeddings"
 
 
 def test_dot_dot_after_a_symbolic_link_is_read_as_the_system_reads_it(project, monkeypatch, capsys):

@@ -13,6 +13,7 @@ import math
 import os
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -578,38 +579,54 @@ def teacher_samples(teacher: PreTrainedModel, blocks: Sequence[dict], count: int
     return written
 
 
-def _position_table(model: nn.Module) -> tuple[nn.Embedding, int] | None:
-    """The model's learned position table and the ``offset`` its forward adds to position ids (BART's
-    and OPT's tables hold that many more rows than ``max_position_embeddings``); None without one.
-    A table of relative positions (DeBERTa's ``rel_embeddings``, read by attention, as many rows as
-    positions in DeBERTa-v3) is none: it limits neither the length nor the position ids."""
-    config = getattr(model, "config", None)
-    count = getattr(config, "max_position_embeddings", None)
+@dataclass(frozen=True)
+class Positions:
+    """What bounds the sequences of a model (or of an encoder-decoder model's decoder): the longest
+    one it takes and the config field that says so, and the ids its ``position_ids`` may take
+    (``low`` to ``high``, exclusive): the rows of its learned table past the offset the forward adds
+    (BART's and OPT's tables hold that many more rows than ``max_position_embeddings``), or 0 to the
+    longest where the limit is no learned table (MPT's ALiBi bias, CTRL's sinusoidal table)."""
+
+    longest: int
+    field: str
+    low: int
+    high: int
+
+
+# Models whose forward takes no longer sequence than a config field, though they have no learned
+# position table: MPT builds its ALiBi bias that long, CTRL its sinusoidal table.
+_FIXED_LENGTH = {"mpt": "max_seq_len", "ctrl": "n_positions"}
+
+
+def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
+    """What bounds the sequences ``model`` takes (``decoder``: those of an encoder-decoder model's
+    decoder, which may have a table of its own: LED, bert2bert); None without a bound (rotary or
+    relative positions). A table of relative positions (DeBERTa's ``rel_embeddings``, read by
+    attention, as many rows as positions in DeBERTa-v3) is none: it limits neither the length nor
+    the position ids."""
+    part = model
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        part = model.get_decoder() if decoder else model.get_encoder()
+    config = getattr(part, "config", None) or getattr(model, "config", None)
+    fixed = _FIXED_LENGTH.get(getattr(config, "model_type", None))
+    if fixed is not None and isinstance(getattr(config, fixed, None), int):
+        return Positions(getattr(config, fixed), fixed, 0, getattr(config, fixed))
     if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions alone
         return None
-    words = input_embeddings(model)
-    for name, module in model.named_modules():
+    side = "max_decoder_position_embeddings" if decoder else "max_encoder_position_embeddings"  # LED's
+    field = next((f for f in ("max_position_embeddings", side) if isinstance(getattr(config, f, None), int)), None)
+    if field is None:
+        return None
+    count, words = getattr(config, field), input_embeddings(part)
+    for name, module in part.named_modules():
         offset = getattr(module, "offset", 0)
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
                 and module.num_embeddings - offset == count and module is not words
                 and module.weight is not getattr(words, "weight", None) and not name.rpartition(".")[2].startswith("rel")):
-            return module, offset
+            # RoBERTa's positions start past its padding index
+            longest = count - (0 if module.padding_idx is None else module.padding_idx + 1)
+            return Positions(longest, field, -offset, count)
     return None
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence the model's learned position table takes (``max_position_embeddings``,
-    less RoBERTa's offset past its padding index); None without such a table (rotary or relative
-    positions)."""
-    return _longest(_position_table(model))
-
-
-def _longest(table: tuple[nn.Embedding, int] | None) -> int | None:
-    """``position_limit`` of a model whose ``_position_table`` is ``table``."""
-    if table is None:
-        return None
-    module, offset = table
-    return module.num_embeddings - offset - (0 if module.padding_idx is None else module.padding_idx + 1)
 
 
 def table_rows(table: Any) -> int | None:
@@ -656,11 +673,12 @@ def check_fits(model: nn.Module, input_ids: Iterable[Sequence[int]], max_length:
             raise ValueError(f"the tokenizer's ids go up to {largest} but the model has {vocabulary} "
                              f"{'target tokens' if sequences is targets else 'token embeddings'}: use the model's own "
                              "tokenizer")
-    positions, longest = position_limit(model), max(map(len, rows + targets), default=0)
-    if positions is not None and longest > positions:
-        raise ValueError(f"--max-length {max_length} exceeds the model's {positions} positions "
-                         f"(max_position_embeddings): the data holds sequences of {longest} tokens; lower it to "
-                         f"{positions} or less")
+    for sequences, bound in ((rows, positions(model)), (targets, positions(model, decoder=True) if targets else None)):
+        longest = max(map(len, sequences), default=0)
+        if bound is not None and longest > bound.longest:
+            raise ValueError(f"--max-length {max_length} exceeds the model's {bound.longest} "
+                             f"{'target ' if sequences is targets else ''}positions ({bound.field}): the data holds "
+                             f"sequences of {longest} tokens; lower it to {bound.longest} or less")
 
 
 def check_ids_and_mask(ids: torch.Tensor, mask: Any, vocabulary: int | None, where: str,
@@ -715,12 +733,11 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     check_ids_and_mask(ids, batch.get("attention_mask"), vocabulary, where)
     if batch.get("attention_mask") is not None and not batch["attention_mask"].any():
         raise ValueError(f"{where}: attention_mask marks no token as real (all 0): leave the batch out")
-    table = _position_table(model)  # one walk of the model's modules for both checks
-    positions = _longest(table)
+    bound = positions(model)  # one walk of the model's modules for both checks
     # Given position_ids (packed sequences restart them), only their range is the table's to check.
-    if positions is not None and ids.shape[1] > positions and batch.get("position_ids") is None:
-        raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {positions} "
-                         "positions (max_position_embeddings): cut them shorter")
+    if bound is not None and ids.shape[1] > bound.longest and batch.get("position_ids") is None:
+        raise ValueError(f"{where} holds sequences of {ids.shape[1]} tokens, more than the model's {bound.longest} "
+                         f"positions ({bound.field}): cut them shorter")
     types = getattr(model.config, "type_vocab_size", None)
     if isinstance(types, int) and types > 0:  # DeBERTa's 0: no table, its token_type_ids go unread
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, types, f"{types} token types (type_vocab_size)",
@@ -728,13 +745,13 @@ def check_batch(model: nn.Module, batch: Any, index: int, task_labels: bool = Tr
     elif types is None and vocabulary is not None:  # no table of their own: GPT-2 looks them up in its word table
         _check_table_ids(batch.get("token_type_ids"), "token_type_ids", 0, vocabulary, f"{vocabulary} tokens "
                          "(a model without type_vocab_size reads token types as tokens)", where)
-    if table is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
-        module, offset = table
-        _check_table_ids(batch.get("position_ids"), "position_ids", -offset, module.num_embeddings - offset,
-                         f"{module.num_embeddings - offset} positions (max_position_embeddings)", where)
+    if bound is not None:  # ids index the table past the offset the forward adds (OPT's padding: -1)
+        _check_table_ids(batch.get("position_ids"), "position_ids", bound.low, bound.high,
+                         f"{bound.high} positions ({bound.field})", where)
     labels = batch.get("labels")
     if getattr(model.config, "is_encoder_decoder", False):  # its decoder reads them, whatever the loss
-        _check_decoder_targets(batch, ids, target_vocabulary(model), positions, where, labels_feed_decoder(model))
+        _check_decoder_targets(batch, ids, target_vocabulary(model), positions(model, decoder=True), where,
+                               labels_feed_decoder(model))
     if labels is None or not task_labels:
         return
     if not isinstance(labels, torch.Tensor):
@@ -779,7 +796,7 @@ def _check_table_ids(value: Any, name: str, low: int, high: int, what: str, wher
                          f"{what}")
 
 
-def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int | None, positions: int | None,
+def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int | None, bound: Positions | None,
                            where: str, labels_are_targets: bool) -> None:
     """An encoder-decoder model's ``decoder_input_ids`` and, where ``labels_are_targets`` (its decoder's
     inputs are built from them where the batch has none), ``labels``: 2-D integers, one row per
@@ -794,9 +811,9 @@ def _check_decoder_targets(batch: Mapping, ids: torch.Tensor, vocabulary: int | 
                 or value.dtype == torch.bool or value.shape[0] != ids.shape[0]:
             raise ValueError(f"{where}: an encoder-decoder model's {name} are the target text's ids ({ids.shape[0]} "
                              f"rows of integers, -100 where not predicted), not {_shown(value)}")
-        if positions is not None and value.shape[1] > positions:
+        if bound is not None and value.shape[1] > bound.longest:
             raise ValueError(f"{where}: {name} hold sequences of {value.shape[1]} tokens, more than the model's "
-                             f"{positions} positions (max_position_embeddings): cut them shorter")
+                             f"{bound.longest} target positions ({bound.field}): cut them shorter")
     if labels is not None:
         wrong = labels[(labels != -100) & ((labels < 0) | (labels >= (vocabulary or torch.iinfo(torch.int64).max)))]
         if wrong.numel():

@@ -34,7 +34,7 @@ from transformers import (PreTrainedConfig, PreTrainedModel, Trainer, TrainerCal
                           default_data_collator)
 
 from ..blocks import given_back, is_dispatched, kept_flags
-from ..data import check_ids_and_mask, forked_streams, position_limit, seed_streams, vocabulary_size
+from ..data import check_ids_and_mask, forked_streams, positions, seed_streams, vocabulary_size
 from ..data import teacher_samples  # noqa: F401  (its home before calibration used it too)
 from ..fields import check_count, is_integer, is_number, plain_numbers
 from ..runtime.factorized_linear import FactorizedLinear
@@ -465,10 +465,10 @@ def _check_blocks(model: PreTrainedModel, blocks: Sequence[dict], name: str) -> 
     if len(lengths) > 1:
         raise ValueError(f"{name} hold blocks of {sorted(lengths)} tokens: every block must have the same length "
                          "(text_blocks cuts text so)")
-    positions = position_limit(model)
-    if positions is not None and max(lengths) > positions:
-        raise ValueError(f"{name} hold blocks of {max(lengths)} tokens, more than the model's {positions} positions "
-                         "(max_position_embeddings): cut shorter blocks")
+    bound = positions(model)
+    if bound is not None and max(lengths) > bound.longest:
+        raise ValueError(f"{name} hold blocks of {max(lengths)} tokens, more than the model's {bound.longest} positions "
+                         f"({bound.field}): cut shorter blocks")
     if not real:
         raise ValueError(f"{name} hold no real token (every attention_mask is 0): there is nothing to distill")
 
