@@ -605,8 +605,12 @@ def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
     attention, as many rows as positions in DeBERTa-v3) is none: it limits neither the length nor
     the position ids."""
     part = model
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        part = model.get_decoder() if decoder else model.get_encoder()
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        try:
+            part = model.get_decoder() if decoder else model.get_encoder()
+        except (AttributeError, NotImplementedError):  # a model that names neither: its tables are found in it
+            pass
+        part = part if isinstance(part, nn.Module) else model
     config = getattr(part, "config", None) or getattr(model, "config", None)
     fixed = _FIXED_LENGTH.get(getattr(config, "model_type", None))
     if fixed is not None and isinstance(getattr(config, fixed, None), int):
