@@ -483,26 +483,30 @@ def test_a_table_of_relative_positions_limits_neither_length_nor_position_ids():
 def _bounded_models():
     import transformers as t
 
+    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
     mpt = t.MptForCausalLM(t.MptConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=16))
     ctrl = t.CTRLLMHeadModel(t.CTRLConfig(n_embd=32, n_head=2, n_layer=1, vocab_size=64, n_positions=16, dff=64))
     led = t.LEDForConditionalGeneration(t.LEDConfig(
         d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64, max_encoder_position_embeddings=32,
         max_decoder_position_embeddings=16, attention_window=[8]))
-    bert = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
     bert2bert = t.EncoderDecoderModel(config=t.EncoderDecoderConfig.from_encoder_decoder_configs(
         t.BertConfig(**bert, max_position_embeddings=32),
         t.BertConfig(**bert, max_position_embeddings=16, is_decoder=True, add_cross_attention=True)))
     bert2bert.config.decoder_start_token_id, bert2bert.config.pad_token_id = 2, 0
+    nystromformer = t.NystromformerForMaskedLM(t.NystromformerConfig(**bert, max_position_embeddings=16, num_landmarks=4,
+                                                                    segment_means_seq_len=16))
     return {"mpt": (mpt, (16, "max_seq_len"), None), "ctrl": (ctrl, (16, "n_positions"), None),
+            "nystromformer": (nystromformer, (16, "max_position_embeddings"), None),
             "led": (led, (32, "max_encoder_position_embeddings"), (16, "max_decoder_position_embeddings")),
             "bert2bert": (bert2bert, (32, "max_position_embeddings"), (16, "max_position_embeddings"))}
 
 
-@pytest.mark.parametrize("name", ["mpt", "ctrl", "led", "bert2bert"])
+@pytest.mark.parametrize("name", ["mpt", "ctrl", "nystromformer", "led", "bert2bert"])
 def test_bounds_without_a_max_position_embeddings_table_are_read(name):
-    """MPT's ALiBi bias and CTRL's sinusoidal table are built to a config field's length; LED and
-    bert2bert bound their encoder and decoder apart. Each bound is read, named by its field, and
+    """MPT's ALiBi bias and CTRL's sinusoidal table are built to a config field's length;
+    Nystromformer's table holds two more rows than the positions it takes; LED and bert2bert bound
+    their encoder and decoder apart. Each bound is read, named by its field, and
     checked: what it refuses the model's forward could not run, what it lets through runs."""
     from hf_wsvd.data import check_batch, check_fits, positions
 
@@ -526,6 +530,13 @@ def test_bounds_without_a_max_position_embeddings_table_are_read(name):
             check_fits(model, [[5] * 4], 99, target_ids=[[5] * (target[0] + 1)])
     with torch.no_grad():
         model(**batch(longest))
+        if name == "nystromformer":  # explicit position ids reach the table's two extra rows, not past them
+            last = {**batch(longest), "position_ids": torch.arange(bound.high - longest, bound.high)[None]}
+            check_batch(model, last, 0, task_labels=False)
+            model(**last)
+            with pytest.raises(ValueError, match=re.escape("position_ids go from 3 to 18, outside the model's 18 "
+                                                           "positions (max_position_embeddings)")):
+                check_batch(model, {**last, "position_ids": last["position_ids"] + 1}, 0, task_labels=False)
         with pytest.raises(ValueError, match=re.escape(f"more than the model's {longest} positions ({field})")):
             check_batch(model, batch(longest + 1), 0, task_labels=False)
         if target is None:

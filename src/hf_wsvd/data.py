@@ -596,6 +596,9 @@ class Positions:
 # Models whose forward takes no longer sequence than a config field, though they have no learned
 # position table: MPT builds its ALiBi bias that long, CTRL its sinusoidal table.
 _FIXED_LENGTH = {"mpt": "max_seq_len", "ctrl": "n_positions"}
+# Models whose learned table holds more rows than the positions their forward takes (their default
+# position ids start at 2): as many more.
+_EXTRA_ROWS = {"nystromformer": 2, "yoso": 2, "mra": 2}
 
 
 def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
@@ -622,14 +625,15 @@ def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
     if field is None:
         return None
     count, words = getattr(config, field), input_embeddings(part)
+    extra = _EXTRA_ROWS.get(getattr(config, "model_type", None), 0)
     for name, module in part.named_modules():
         offset = getattr(module, "offset", 0)
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
-                and module.num_embeddings - offset == count and module is not words
+                and module.num_embeddings - offset - extra == count and module is not words
                 and module.weight is not getattr(words, "weight", None) and not name.rpartition(".")[2].startswith("rel")):
             # RoBERTa's positions start past its padding index
             longest = count - (0 if module.padding_idx is None else module.padding_idx + 1)
-            return Positions(longest, field, -offset, count)
+            return Positions(longest, field, -offset, count + extra)
     return None
 
 
