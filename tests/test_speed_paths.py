@@ -245,3 +245,16 @@ def test_a_speed_table_naming_no_target_shape_is_refused_and_unused_entries_are_
     _, report = tiny.compressed("bert", max_kept_ratio_for_speed={"32x64": 0.4, "4096x4096": 0.25})
     assert any("no target layer has the shape 4096x4096" in notice for notice in report.notices)
     assert not any("32x64" in notice for notice in report.notices)
+
+
+def test_a_speed_table_entry_matching_only_pruned_layers_is_said():
+    """An MLP that pruning cuts is never factorized: a limit keyed by its shapes alone limits nothing."""
+    data = [{**tiny.inputs("bert", batch=4, length=8, seed=seed), "labels": torch.tensor([0, 1, 0, 1])}
+            for seed in range(3)]
+    _, report = tiny.compressed("bert", data=data, mlp_pruning=True, method="whiten", max_kept_ratio_for_speed={
+        "32x32": 0.9, "32x64": 0.4, "64x32": 0.4})
+    assert report.pruned
+    said = [notice for notice in report.notices if "only layers that pruning cuts" in notice]
+    assert len(said) == 1 and "32x64, 64x32 (INxOUT)" in said[0], report.notices
+    _, report = tiny.compressed("bert", data=data, method="whiten", max_kept_ratio_for_speed={"32x64": 0.9})
+    assert not report.pruned and not any("pruning cuts" in notice for notice in report.notices)

@@ -174,13 +174,16 @@ def uniform(job: Job, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     return uniform_ranks(shapes, config.param_ratio, config.max_kept_ratio_for_speed, config.rank_multiple)
 
 
-def check_speed_table(job: Job) -> None:
+def check_speed_table(job: Job, cut: set[str]) -> None:
     """Refuse a per-shape ``max_kept_ratio_for_speed`` none of whose shapes is a target layer's (a typo,
-    or another model's table, would limit nothing); a notice names the entries that match no layer."""
+    or another model's table, would limit nothing); a notice names the entries that match no layer,
+    and those that match only layers ``cut`` by a modifier (MLP or attention pruning), never factorized."""
     table = job.config.max_kept_ratio_for_speed
     if not isinstance(table, dict) or not table:
         return
-    present = sorted({f"{i}x{o}" for i, o in job.shapes(job.targets).values()})
+    shapes = job.shapes(job.targets)
+    present = sorted({f"{i}x{o}" for i, o in shapes.values()})
+    factorized = {f"{i}x{o}" for name, (i, o) in shapes.items() if name not in cut}
     unused = [shape for shape in table if shape not in present]
     if len(unused) == len(table):
         raise ValueError(f"max_kept_ratio_for_speed={table!r} (--max-kept-ratio-for-speed) names no shape of the "
@@ -188,6 +191,10 @@ def check_speed_table(job: Job) -> None:
     if unused:
         job.notice(f"max_kept_ratio_for_speed: no target layer has the shape {', '.join(unused)} (INxOUT); "
                    "those limits apply to nothing")
+    pruned = [shape for shape in table if shape in present and shape not in factorized]
+    if pruned:
+        job.notice(f"max_kept_ratio_for_speed: only layers that pruning cuts (not factorized) have the shape "
+                   f"{', '.join(pruned)} (INxOUT); those limits apply to nothing")
 
 
 def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
@@ -446,7 +453,7 @@ def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -
     """Raise, before any pass over the data, where the layers' shapes alone make the greedy budget
     impossible (``param_ratio`` below every layer's first step, ``rank_multiple`` above every rank),
     or the speed table limits none of them (``check_speed_table``)."""
-    check_speed_table(job)
+    check_speed_table(job, cuts.members)
     config = job.config
     if config.allocation == "greedy":
         greedy_start(shapes, config.param_ratio, config.rank_multiple, _budgeted(job, cuts),
