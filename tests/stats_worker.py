@@ -150,9 +150,9 @@ def modifiers_result(accelerator=None) -> dict:
             "pruned": report.pruned, "attention": report.attention, "refined": report.refined}
 
 
-def experts_result(accelerator=None) -> dict:
+def experts_result(accelerator=None, **recipe) -> dict:
     """The weights of a tiny Mixtral whose experts MLP pruning cut (sequential, greedy: each experts
-    module solved by one process and shared) and the recorded experts."""
+    module solved by one process and shared; ``recipe``: other fields) and the recorded experts."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from hf_wsvd import WSVDConfig, compress
@@ -163,8 +163,9 @@ def experts_result(accelerator=None) -> dict:
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
         pad_token_id=0)).eval()
     loader = make_loader(make_examples("causal_lm", DISTRIBUTED_EXAMPLES), DISTRIBUTED_BATCH)
-    model, report = compress(model, WSVDConfig(method="whiten", param_ratio=0.5, mlp_pruning=True, block_refine_steps=0,
-                                               rank_multiple=1, compute_dtype="float64"),
+    recipe = {"method": "whiten", **recipe}
+    model, report = compress(model, WSVDConfig(param_ratio=0.5, mlp_pruning=True, block_refine_steps=0,
+                                               rank_multiple=1, compute_dtype="float64", **recipe),
                              loader, accelerator=accelerator, show_progress=False)
     return {"weights": {n: t.detach().clone() for n, t in model.state_dict().items()}, "experts": report.experts}
 
@@ -266,6 +267,8 @@ def _run(outdir: Path) -> None:
         result["pipeline3"] = pipeline_result(accelerator, layers=3)
         result["modifiers"] = modifiers_result(accelerator)
         result["experts"] = experts_result(accelerator)
+        # the experts alone, priced by a loss-scaled method without a probe layer (their spectra's weights: none)
+        result["experts_alone"] = experts_result(accelerator, method="fisher_whiten", target_modules=["experts"])
 
         case = DISTRIBUTED_CASES[0]
         model, loader, modules, loss_fn = case_inputs(case, SINGLE_BATCH_EXAMPLES, SINGLE_BATCH)

@@ -249,6 +249,7 @@ def test_block_refinement_trains_the_cut_experts_with_the_blocks_other_layers():
 
 
 @pytest.mark.parametrize("recipe", [dict(target_modules=["experts"]),  # the recommended recipe: sequential, greedy
+                                    dict(exclude_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),  # every linear layer
                                     dict(target_modules=r".*mlp\.experts", method="whiten", pipeline="whole_model",
                                          mlp_pruning=True)])
 def test_target_modules_naming_only_experts_cuts_them_alone(tmp_path, recipe):
@@ -270,9 +271,19 @@ def test_target_modules_naming_only_experts_cuts_them_alone(tmp_path, recipe):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
 
 
+def test_experts_named_alone_and_partly_excluded_cut_the_others():
+    _, model, report, _ = _compress(target_modules=["experts"], exclude_modules=["layers.0.mlp.experts"],
+                                    block_refine_steps=0)
+    assert {n for n, e in report.experts.items() if e["channels"] < e["dense_channels"]} == {"layers.1.mlp.experts"}
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == CHANNELS
+
+
 @pytest.mark.parametrize("recipe, message", [
     (dict(target_modules=["experts"], mlp_pruning=False, method="whiten"),
-     "target_modules=['experts'] names only mixture-of-experts modules, which mlp_pruning cuts: set mlp_pruning=True"),
+     "target_modules=['experts'] leaves only mixture-of-experts modules, which mlp_pruning cuts: set mlp_pruning=True"),
+    (dict(exclude_modules=["q_proj", "k_proj", "v_proj", "o_proj"], mlp_pruning=False, method="whiten"),
+     "exclude_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] excludes every target layer of MixtralForCausalLM: "
+     "nothing is left to compress"),
     (dict(target_modules=["experts"], mlp_pruning=True, method="whiten", exclude_modules=["layers.0.mlp.experts",
                                                                                          "layers.1.mlp.experts"]),
      "excludes every layer target_modules=['experts'] selects: nothing is left to compress"),

@@ -157,12 +157,14 @@ def test_compensation_with_a_process_without_data_is_refused_in_every_process(tw
         assert "needs calibration data in every process" in result["no_data_error"], result["no_data_error"]
 
 
-def test_two_processes_cut_experts_like_one(two_process_results, one_process_result):
+@pytest.mark.parametrize("key", ["experts", "experts_alone"])
+def test_two_processes_cut_experts_like_one(two_process_results, one_process_result, key):
     """Each experts module is solved by one process and broadcast: both processes end with the same
-    weights, the experts one process cuts (the Grams summed across processes: float64 rounding)."""
-    single = one_process_result["experts"]
+    weights, the experts one process cuts (the Grams summed across processes: float64 rounding);
+    also experts named alone under a loss-scaled method, whose spectra carry no loss weight."""
+    single = one_process_result[key]
     assert any(e["channels"] < e["dense_channels"] for e in single["experts"].values())
-    first, second = (result["experts"] for result in two_process_results)
+    first, second = (result[key] for result in two_process_results)
     assert all(torch.equal(first["weights"][name], second["weights"][name]) for name in first["weights"])
     assert first["experts"] == single["experts"]
     for name, weight in single["weights"].items():

@@ -31,7 +31,7 @@ from .statistics import Statistics, default_accelerator
 from .statistics.passes import check_processes_agree, check_shardable
 from .statistics.names import SHAPES
 from .swap import attach_recipe
-from .targets import select_targets
+from .targets import experts_alone, select_targets, selected_experts
 from .tasks import LossFn
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ def recipe_targets(model: PreTrainedModel, config: WSVDConfig) -> dict[str, str]
     leaves none, or a target's weight is quantized (a checkpoint loaded with its quantization
     config: the solvers read float weights, and the result is quantized after)."""
     targets = select_targets(model, config.target_modules, config.exclude_modules)
-    if not targets and config.exclude_modules is not None:
+    # Experts modules left to MLP pruning are something to compress (``_compress`` checks it is on).
+    experts = config.mlp_pruning is not False and selected_experts(model, config.target_modules, config.exclude_modules)
+    if not targets and config.exclude_modules is not None and not experts:
         raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
                          f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     # The weights, not config.quantization_config: a GGUF checkpoint keeps its quantizer's record
@@ -395,10 +397,11 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
             logger.warning(notice)
             notices.append(notice)
     statistics = (statistics or Statistics()).merged(Statistics(weights=samples))
-    if not targets and config.target_modules is not None and not config.mlp_pruning:  # experts modules alone
-        raise ValueError(f"target_modules={config.target_modules!r} names only mixture-of-experts modules, which "
-                         "mlp_pruning cuts: set mlp_pruning=True (--mlp-pruning), or name linear layers too")
-    if not targets and config.target_modules is None:
+    if not targets and selected_experts(model, config.target_modules, config.exclude_modules):  # experts alone
+        if not config.mlp_pruning:
+            raise ValueError(f"{experts_alone(config.target_modules, config.exclude_modules)}, which mlp_pruning cuts: "
+                             "set mlp_pruning=True (--mlp-pruning), or name linear layers too")
+    elif not targets:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
             "to compress; name the layers with target_modules"

@@ -611,7 +611,7 @@ def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         try:
             part = model.get_decoder() if decoder else model.get_encoder()
-        except (AttributeError, NotImplementedError):  # a model that names neither: its tables are found in it
+        except Exception:  # noqa: BLE001 (a model, remote code included, that names neither: searched whole)
             pass
         part = part if isinstance(part, nn.Module) else model
     config = getattr(part, "config", None) or getattr(model, "config", None)
@@ -624,13 +624,14 @@ def positions(model: nn.Module, decoder: bool = False) -> Positions | None:
     field = next((f for f in ("max_position_embeddings", side) if isinstance(getattr(config, f, None), int)), None)
     if field is None:
         return None
-    count, words = getattr(config, field), input_embeddings(part)
-    extra = _EXTRA_ROWS.get(getattr(config, "model_type", None), 0)
+    count, extra = getattr(config, field), _EXTRA_ROWS.get(getattr(config, "model_type", None), 0)
+    # never a word table (one as long as the positions): the part's own, or the model's where the part names none
+    words = {id(getattr(table, "weight", table)) for table in (input_embeddings(part), input_embeddings(model))}
     for name, module in part.named_modules():
         offset = getattr(module, "offset", 0)
         if (isinstance(module, nn.Embedding) and isinstance(offset, int)
-                and module.num_embeddings - offset - extra == count and module is not words
-                and module.weight is not getattr(words, "weight", None) and not name.rpartition(".")[2].startswith("rel")):
+                and module.num_embeddings - offset - extra == count and id(module.weight) not in words
+                and not name.rpartition(".")[2].startswith("rel")):
             # RoBERTa's positions start past its padding index
             longest = count - (0 if module.padding_idx is None else module.padding_idx + 1)
             return Positions(longest, field, -offset, count + extra)

@@ -61,6 +61,21 @@ def selects(name: str, target_modules: list[str] | str | None, exclude_modules: 
         exclude_modules is not None and _matches(name, exclude_modules))
 
 
+def selected_experts(model: nn.Module, target_modules: list[str] | str | None,
+                     exclude_modules: list[str] | str | None) -> list[str]:
+    """The experts modules of ``model`` (base-model-relative names) that the patterns choose (``selects``)."""
+    names = (relative_module_name(model, n) for n, m in model.named_modules() if is_experts(m))
+    return [name for name in names if selects(name, target_modules, exclude_modules)]
+
+
+def experts_alone(target_modules: list[str] | str | None, exclude_modules: list[str] | str | None) -> str:
+    """How to say that the patterns leave experts modules alone (no linear layer): "target_modules=[...]
+    leaves", "target_modules=..., exclude_modules=... leave"."""
+    given = [f"{name}={value!r}" for name, value in (("target_modules", target_modules),
+                                                     ("exclude_modules", exclude_modules)) if value is not None]
+    return f"{', '.join(given)} {'leaves' if len(given) == 1 else 'leave'} only mixture-of-experts modules"
+
+
 def unreached_advice(unreached: list[str], names: Iterable[str]) -> str:
     """What to say of the target layers ``unreached`` (of all ``names``) that the forward pass never
     called: why that happens, and the ``exclude_modules`` that leaves out exactly them."""

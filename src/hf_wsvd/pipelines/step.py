@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -34,6 +35,7 @@ from ..solvers.registry import naming_the_layer
 from ..statistics import GRADIENT_STATISTICS, INPUT_STATISTICS, Statistics, gradient_statistics
 from ..statistics.result import FLOAT16_OVERFLOW
 from ..swap import factors_like
+from ..targets import experts_alone
 from ..tasks import LossFn, per_example_loss, task_of
 from .modifiers import Block, ChannelGroup, ChannelModifier, Modifier, enabled_modifiers
 from .registry import get_pipeline
@@ -205,9 +207,9 @@ def candidates(job: Job, skip: frozenset[str] = frozenset()) -> dict[str, tuple[
         shapes = {n: shapes[n] for n in uniform(job, shapes)}
     if not shapes and not skip:
         config = job.config
-        if not job.targets:  # experts modules alone were named
-            raise ValueError(f"target_modules={config.target_modules!r} names only mixture-of-experts modules and "
-                             "mlp_pruning can cut none of them (the notice before says why): name linear layers too")
+        if not job.targets:  # experts modules alone were chosen
+            raise ValueError(f"{experts_alone(config.target_modules, config.exclude_modules)} and mlp_pruning can cut "
+                             "none of them (the notice before says why): name linear layers too")
         speed = config.max_kept_ratio_for_speed
         zero = [n for n, (i, o) in job.shapes(job.targets).items()
                 if round_rank(rank_for_ratio(i, o, config.param_ratio), config.rank_multiple) == 0]
@@ -383,8 +385,11 @@ def _share_spectrum(job: Job, values: dict, weights: dict, key: str, length: int
     loss scale, ``weights[key]``, as process ``source`` computed them."""
     values[key] = broadcast(job, values.get(key), (length,), torch.float64, source)
     if job.solver.loss_scale is not None:
-        weight = torch.tensor(weights[key], dtype=torch.float64) if key in weights else None
-        weights[key] = float(broadcast(job, weight, (), torch.float64, source))
+        # A group priced without a loss weight (experts modules with no probe layer) travels as NaN.
+        weight = torch.tensor(math.nan if weights[key] is None else weights[key], dtype=torch.float64) \
+            if key in weights else None
+        shared = float(broadcast(job, weight, (), torch.float64, source))
+        weights[key] = None if math.isnan(shared) else shared
 
 
 class Cuts:
@@ -463,11 +468,12 @@ def check_allocation(job: Job, shapes: dict[str, tuple[int, int]], cuts: Cuts) -
 def greedy_allocation(job: Job, shapes: dict[str, tuple[int, int]], values: dict[str, torch.Tensor],
                       weights: dict[str, float] | None, cuts: Cuts) -> tuple[dict[str, int], dict[str, int]]:
     """(ranks, kept channels of each group of ``cuts`` by key) under one global budget
-    (``allocation="greedy"``) in steps of ``rank_multiple``, no rank above its speed limit. ``values`` holds
+    (``allocation="greedy"``) in steps of ``rank_multiple`` (a group: of it and its own step), no rank above its speed limit. ``values`` holds
     the layers' spectra and the groups' channel spectra."""
     units = greedy_ranks(shapes, values, job.config.param_ratio, weights, job.config.rank_multiple,
                          _budgeted(job, cuts), job.config.max_kept_ratio_for_speed)
-    # A group too small for one step of rank_multiple channels is not in ``units``: it stays whole.
+    # A group too small for one step (lcm of rank_multiple and its Budgeted.step) is not in ``units``: it
+    # stays whole, outside the budget.
     channels = {g.key: units.pop(g.key, g.channels) for g in cuts.groups}
     return units, channels
 
