@@ -458,3 +458,26 @@ def test_a_dense_export_of_cut_experts_is_refused(saved):
 
     with pytest.raises(ValueError, match="experts were cut by mlp_pruning, which a dense export does not support"):
         densify(AutoModelForCausalLM.from_pretrained(saved))
+
+
+def _jamba():
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    return JambaForCausalLM(JambaConfig(intermediate_size=CHANNELS, num_experts=4, attn_layer_period=2,
+                                        attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                                        mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False, **COMMON)).eval()
+
+
+def test_a_layer_the_model_never_calls_is_named_by_the_compensated_walk_too():
+    """Jamba's Mamba reads dt_proj's weight itself: uniform allocation plans no pass over the blocks,
+    so the compensated walk's paired run is the first to miss it, and names it (no AttributeError)."""
+    recipe = dict(param_ratio=0.6, rank_multiple=1, method="whiten", allocation="uniform", mlp_pruning=True,
+                  block_refine_steps=0)
+    with pytest.raises(ValueError, match=r"reached \['layers\.0\.mamba\.dt_proj'\] \(1 target layers of this "
+                                         r"block\): .*exclude_modules=\['dt_proj'\] \(--exclude-modules dt_proj\)$"):
+        compress(_jamba(), WSVDConfig(**recipe), _data(), show_progress=False)
+    _, report = compress(_jamba(), WSVDConfig(**recipe, exclude_modules=["dt_proj"]), _data(), show_progress=False)
+    assert report.compensated and not any("dt_proj" in name for name in report.ranks)
+    assert {n: e["channels"] < e["dense_channels"] for n, e in report.experts.items()} == {
+        f"layers.{i}.feed_forward.experts": True for i in range(2)}
