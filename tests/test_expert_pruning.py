@@ -481,3 +481,19 @@ def test_a_layer_the_model_never_calls_is_named_by_the_compensated_walk_too():
     assert report.compensated and not any("dt_proj" in name for name in report.ranks)
     assert {n: e["channels"] < e["dense_channels"] for n, e in report.experts.items()} == {
         f"layers.{i}.feed_forward.experts": True for i in range(2)}
+
+
+def test_a_hybrid_block_without_o_proj_prices_its_experts_through_its_out_proj():
+    """LFM2's blocks write the residual stream through a short convolution's or an attention's
+    out_proj (Qwen3-Next's, MiniMax's linear attention, Granite-4's Mamba too): no o_proj to price the
+    experts by, which left them dense under a Fisher-weighted greedy allocation."""
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Lfm2MoeForCausalLM(Lfm2MoeConfig(moe_intermediate_size=CHANNELS, num_experts=4, num_dense_layers=0,
+                                             layer_types=["conv", "full_attention"], **COMMON)).eval()
+    _, report = compress(model, WSVDConfig(param_ratio=0.6, rank_multiple=1, block_refine_steps=0), _data(),
+                         show_progress=False)
+    assert report.allocation == "greedy" and report.method == "fisher_whiten"
+    assert set(report.experts) == {f"layers.{i}.feed_forward.experts" for i in range(2)}
+    assert not any("dense (first" in notice for notice in report.notices)
