@@ -497,3 +497,20 @@ def test_a_hybrid_block_without_o_proj_prices_its_experts_through_its_out_proj()
     assert report.allocation == "greedy" and report.method == "fisher_whiten"
     assert set(report.experts) == {f"layers.{i}.feed_forward.experts" for i in range(2)}
     assert not any("dense (first" in notice for notice in report.notices)
+
+
+def test_blocks_handing_each_other_more_than_hidden_states_are_refused_by_the_sequential_walk_in_one_line():
+    """Zaya's blocks return (hidden states, router states), the next block's input: the walk's stand-in
+    for a block returns the hidden states alone, which the model's loop failed to unpack."""
+    from transformers import ZayaConfig, ZayaForCausalLM
+
+    torch.manual_seed(0)
+    model = ZayaForCausalLM(ZayaConfig(moe_intermediate_size=CHANNELS, num_experts=4, head_dim=8,
+                                       **{**COMMON, "num_experts_per_tok": 1})).eval()
+    recipe = dict(param_ratio=0.6, rank_multiple=1, method="whiten", allocation="uniform", mlp_pruning=True,
+                  block_refine_steps=0)
+    with pytest.raises(ValueError, match=r"^the sequential pipeline cannot walk ZayaForCausalLM's blocks: .*use "
+                                         r"pipeline='whole_model'$"):
+        compress(copy.deepcopy(model), WSVDConfig(**recipe), _data(), show_progress=False)
+    _, report = compress(model, WSVDConfig(**recipe, pipeline="whole_model"), _data(), show_progress=False)
+    assert all(e["channels"] < e["dense_channels"] for e in report.experts.values()) and len(report.experts) == 2

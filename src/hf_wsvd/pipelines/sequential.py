@@ -152,6 +152,12 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
                     job.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
                 except _Captured:
                     pass
+                except (ValueError, TypeError) as error:  # between the first two blocks: the model's own loop
+                    if len(originals) > 1 and len(arguments[0]) > len(arguments[1]):
+                        raise ValueError(f"the sequential pipeline cannot walk {type(job.model).__name__}'s blocks: each "
+                                         "hands the next more than its hidden states (Zaya's router states, HY-V4's "
+                                         "top-k indices); use pipeline='whole_model'") from error
+                    raise
     finally:
         for index, block in enumerate(originals):
             blocks[index] = block
