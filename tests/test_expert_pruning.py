@@ -469,3 +469,59 @@ def test_a_dense_export_of_cut_experts_is_refused(saved):
 
     with pytest.raises(ValueError, match="experts were cut by mlp_pruning, which a dense export does not support"):
         densify(AutoModelForCausalLM.from_pretrained(saved))
+
+
+def _jamba():
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    return JambaForCausalLM(JambaConfig(intermediate_size=CHANNELS, num_experts=4, attn_layer_period=2,
+                                        attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                                        mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False, **COMMON)).eval()
+
+
+def test_a_layer_the_model_never_calls_is_named_by_the_compensated_walk_too():
+    """Jamba's Mamba reads dt_proj's weight itself: uniform allocation plans no pass over the blocks,
+    so the compensated walk's paired run is the first to miss it, and names it (no AttributeError)."""
+    recipe = dict(param_ratio=0.6, rank_multiple=1, method="whiten", allocation="uniform", mlp_pruning=True,
+                  block_refine_steps=0)
+    with pytest.raises(ValueError, match=r"reached \['layers\.0\.mamba\.dt_proj'\] \(1 target layers of this "
+                                         r"block\): .*exclude_modules=\['dt_proj'\] \(--exclude-modules dt_proj\)$"):
+        compress(_jamba(), WSVDConfig(**recipe), _data(), show_progress=False)
+    _, report = compress(_jamba(), WSVDConfig(**recipe, exclude_modules=["dt_proj"]), _data(), show_progress=False)
+    assert report.compensated and not any("dt_proj" in name for name in report.ranks)
+    assert {n: e["channels"] < e["dense_channels"] for n, e in report.experts.items()} == {
+        f"layers.{i}.feed_forward.experts": True for i in range(2)}
+
+
+def test_a_hybrid_block_without_o_proj_prices_its_experts_through_its_out_proj():
+    """LFM2's blocks write the residual stream through a short convolution's or an attention's
+    out_proj (Qwen3-Next's, MiniMax's linear attention, Granite-4's Mamba too): no o_proj to price the
+    experts by, which left them dense under a Fisher-weighted greedy allocation."""
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Lfm2MoeForCausalLM(Lfm2MoeConfig(moe_intermediate_size=CHANNELS, num_experts=4, num_dense_layers=0,
+                                             layer_types=["conv", "full_attention"], **COMMON)).eval()
+    _, report = compress(model, WSVDConfig(param_ratio=0.6, rank_multiple=1, block_refine_steps=0), _data(),
+                         show_progress=False)
+    assert report.allocation == "greedy" and report.method == "fisher_whiten"
+    assert set(report.experts) == {f"layers.{i}.feed_forward.experts" for i in range(2)}
+    assert not any("dense (first" in notice for notice in report.notices)
+
+
+def test_blocks_handing_each_other_more_than_hidden_states_are_refused_by_the_sequential_walk_in_one_line():
+    """Zaya's blocks return (hidden states, router states), the next block's input: the walk's stand-in
+    for a block returns the hidden states alone, which the model's loop failed to unpack."""
+    from transformers import ZayaConfig, ZayaForCausalLM
+
+    torch.manual_seed(0)
+    model = ZayaForCausalLM(ZayaConfig(moe_intermediate_size=CHANNELS, num_experts=4, head_dim=8,
+                                       **{**COMMON, "num_experts_per_tok": 1})).eval()
+    recipe = dict(param_ratio=0.6, rank_multiple=1, method="whiten", allocation="uniform", mlp_pruning=True,
+                  block_refine_steps=0)
+    with pytest.raises(ValueError, match=r"^the sequential pipeline cannot walk ZayaForCausalLM's blocks: .*use "
+                                         r"pipeline='whole_model'$"):
+        compress(copy.deepcopy(model), WSVDConfig(**recipe), _data(), show_progress=False)
+    _, report = compress(model, WSVDConfig(**recipe, pipeline="whole_model"), _data(), show_progress=False)
+    assert all(e["channels"] < e["dense_channels"] for e in report.experts.values()) and len(report.experts) == 2

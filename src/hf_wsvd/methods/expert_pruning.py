@@ -36,8 +36,8 @@ class ExpertsGroup:
     """One experts module (base-model-relative ``name``): ``experts`` MLPs of ``channels``
     intermediate channels reading and writing ``hidden`` features. ``probe``: the layer of its
     block whose method's predicted loss per unit of output energy prices the module's output (the
-    attention's output projection, which writes the same residual stream), for methods with a loss
-    scale; None otherwise."""
+    attention's output projection, or a hybrid block's out_proj, which writes the same residual
+    stream: ``modifiers.mlp_pruning.PROBES``), for methods with a loss scale; None otherwise."""
 
     name: str
     experts: int

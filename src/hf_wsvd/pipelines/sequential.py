@@ -152,6 +152,12 @@ def capture(job: Job, blocks: torch.nn.ModuleList) -> tuple[list[tuple[torch.Ten
                     job.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
                 except _Captured:
                     pass
+                except (ValueError, TypeError) as error:  # between the first two blocks: the model's own loop
+                    if len(originals) > 1 and len(arguments[0]) > len(arguments[1]):
+                        raise ValueError(f"the sequential pipeline cannot walk {type(job.model).__name__}'s blocks: each "
+                                         "hands the next more than its hidden states (Zaya's router states, HY-V4's "
+                                         "top-k indices); use pipeline='whole_model'") from error
+                    raise
     finally:
         for index, block in enumerate(originals):
             blocks[index] = block
@@ -216,13 +222,22 @@ def _input_statistics(job: Job, block: torch.nn.Module, names: list[str], inputs
     hooks.reduce(job.accelerator, job.accelerator.device)
     measured = hooks.result()
     stats = job.statistics.merged(measured)
-    if not stats.has([n for n in names if n in job.targets], job.input_needs):  # an experts module has its own
-        unreached = [name for name in names if name not in measured.tokens]
-        if not measured.tokens or not unreached:
-            raise ValueError(EMPTY_DATA_MESSAGE)
-        raise ValueError(f"no token of the calibration data reached {unreached[:3]} ({len(unreached)} target layers "
-                         f"of this block): {unreached_advice(unreached, names)}")
+    if not measured.tokens and not stats.has([n for n in names if n in job.targets], job.input_needs):
+        raise ValueError(EMPTY_DATA_MESSAGE)
+    _check_reached(job, names, stats, measured)
     return stats
+
+
+def _check_reached(job: Job, names: list[str], stats: Statistics, measured: Statistics) -> None:
+    """Raise naming the layers of ``names`` whose block's run (``measured``) never called them, where
+    ``stats`` lack what the method reads of them (Mamba's dt_proj, whose weight the model reads itself)."""
+    if stats.has([n for n in names if n in job.targets], job.input_needs):  # an experts module has its own
+        return
+    unreached = [name for name in names if name not in measured.tokens]
+    if not unreached:
+        raise ValueError(EMPTY_DATA_MESSAGE)
+    raise ValueError(f"no token of the calibration data reached {unreached[:3]} ({len(unreached)} target layers "
+                     f"of this block): {unreached_advice(unreached, names)}")
 
 
 def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
@@ -259,6 +274,8 @@ def _walk(job: Job, groups: list[list[str]], ranks: dict[str, int]) -> None:
                     if stats is None:
                         stats = _input_statistics(job, module, layers, inputs, block_device, in_place=False) \
                             if inputs is not None else job.statistics
+                    else:  # a modifier's (compensation's paired run): checked as the block's own run is
+                        _check_reached(job, layers, stats, stats)
                 compress_group(job, ranks, stage, stats, block)
                 del stats  # this stage's Grams (and cross moments): not held through the next stage's
             for modifier in modifiers:

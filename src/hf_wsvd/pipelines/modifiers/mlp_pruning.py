@@ -36,6 +36,10 @@ from . import Block, ChannelModifier, register_modifier
 # The experts' grouped_mm kernel (transformers' default experts implementation, on CPU too) needs the
 # rows of each 3-D weight 16-byte aligned: k·itemsize a multiple of 16, so 8 channels in 16-bit.
 EXPERTS_MULTIPLE = 8
+# What prices an experts module's output (``ExpertsGroup.probe``): a layer of its block writing the same
+# residual stream, the attention's output projection, else a hybrid block's linear attention's, Mamba's
+# or short convolution's (Qwen3-Next, MiniMax, Granite-4 Hybrid, LFM2).
+PROBES = (".o_proj", ".out_proj")
 
 
 @register_modifier
@@ -105,13 +109,14 @@ def experts_groups(job: Job) -> list[ExpertsGroup]:
             continue
         module = job.model.get_submodule(full)
         block = f"{prefix}.{full[len(prefix) + 1:].split('.')[0]}."
-        probe = next((n for n, path in sorted(job.targets.items()) if path.startswith(block)
-                      and path.endswith(".o_proj")), None)
+        probe = next((n for suffix in PROBES for n, path in sorted(job.targets.items())
+                      if path.startswith(block) and path.endswith(suffix)), None)
         if hooked(module):
             dense.append(f"{full}: offloaded or dispatched by accelerate, which experts pruning does not handle")
         elif job.solver.loss_scale is not None and probe is None and job.config.allocation == "greedy" and job.targets:
             dense.append(f"{full}: method={job.solver.name!r} prices it through its block's attention output projection "
-                         "(o_proj), which is not a target layer")
+                         "(o_proj, or a linear attention's, Mamba's or a convolution's out_proj), which is not a "
+                         "target layer")
         else:
             experts, channels, hidden = experts_shape(module)
             job.experts[name] = full
