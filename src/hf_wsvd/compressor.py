@@ -135,8 +135,8 @@ def recipe_targets(model: PreTrainedModel, config: WSVDConfig) -> dict[str, str]
     config: the solvers read float weights, and the result is quantized after)."""
     targets = select_targets(model, config.target_modules, config.exclude_modules)
     # Experts modules left to MLP pruning are something to compress (``_compress`` checks it is on).
-    experts = config.mlp_pruning is not False and selected_experts(model, config.target_modules, config.exclude_modules)
-    if not targets and config.exclude_modules is not None and not experts:
+    if not targets and config.exclude_modules is not None and not (
+            config.mlp_pruning is not False and selected_experts(model, config.target_modules, config.exclude_modules)):
         raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every target layer of "
                          f"{type(model).__name__}: nothing is left to compress; exclude fewer layers")
     # The weights, not config.quantization_config: a GGUF checkpoint keeps its quantizer's record
@@ -397,15 +397,13 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
             logger.warning(notice)
             notices.append(notice)
     statistics = (statistics or Statistics()).merged(Statistics(weights=samples))
-    if not targets and selected_experts(model, config.target_modules, config.exclude_modules):  # experts alone
-        if not config.mlp_pruning:
+    if not targets:
+        if not selected_experts(model, config.target_modules, config.exclude_modules):
+            raise ValueError(f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
+                             "to compress; name the layers with target_modules")
+        if not config.mlp_pruning:  # experts modules alone
             raise ValueError(f"{experts_alone(config.target_modules, config.exclude_modules)}, which mlp_pruning cuts: "
                              "set mlp_pruning=True (--mlp-pruning), or name linear layers too")
-    elif not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear/Conv1D layer inside repeated transformer blocks "
-            "to compress; name the layers with target_modules"
-        )
     params_before = sum(p.numel() for p in model.parameters())
     if config.method == "quantized_residual":
         quantized, residual, job = quantized_residual(model, config, data, targets, loss_fn, accelerator, statistics,
@@ -451,7 +449,7 @@ def _compress(model: PreTrainedModel, config: WSVDConfig, data: Iterable[dict] |
         config.method, config.param_ratio, dict(ranks), sorted(set(targets) - changed),
         params_before, params_after, job.statistics.examples, job.seconds, config.allocation, config.pipeline,
         job.statistics, notices + job.notices, bool(config.compensate), dict(job.pruned), dict(job.attention),
-        dict(job.refined), job.experts_record(),
+        dict(job.refined), dict(recipe.experts),
         *target_counts(model),
     )
     if report.target_kept > 1.1 * config.param_ratio + 0.01:  # e.g. uniform rounding at a tiny ratio: said
